@@ -1,0 +1,156 @@
+"""Pure-torch implementation of every lora_ext op.
+
+This is the backend for every tensor that is not on a CUDA device, and it holds the backward formulas that
+all backends share. Arguments arrive validated (see ops.py). Conventions:
+
+- A is (n*r, K) and B is (n*Nb, r), n = len(block_ids): group j uses rows j*r:(j+1)*r of A and rows
+  j*Nb:(j+1)*Nb of B, and touches output block block_ids[j] of num_blocks blocks of Nb rows (columns
+  when `transposed`, i.e. fan_in_fan_out and Embedding storage).
+- Low-precision weights are updated in fp32 with one rounding per element, in row chunks, so no
+  weight-sized temporary is ever allocated.
+"""
+import torch
+import torch.nn.functional as F
+
+# Size of the fp32 staging buffer used to merge fp16/bf16 weights a few rows at a time.
+_STAGING_BYTES = 1 << 20
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _groups(lora_A, lora_B, block_ids):
+    n = len(block_ids)
+    r = lora_A.shape[0] // n
+    nb = lora_B.shape[0] // n
+    for j, e in enumerate(block_ids):
+        yield e, nb, lora_A[j * r:(j + 1) * r], lora_B[j * nb:(j + 1) * nb]
+
+
+def _block(t, e, nb, transposed):
+    return t[:, e * nb:(e + 1) * nb] if transposed else t[e * nb:(e + 1) * nb]
+
+
+def merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
+    """weight[block] += scale * (B_j @ A_j) (transposed: += scale * (B_j @ A_j)^T), in place."""
+    if not block_ids:
+        return
+    cd = compute_dtype(weight.dtype)
+    lora_A, lora_B = lora_A.to(cd), lora_B.to(cd)
+    for e, nb, a, b in _groups(lora_A, lora_B, block_ids):
+        w = _block(weight, e, nb, transposed)
+        left, right = (a.t(), b.t()) if transposed else (b, a)
+        if weight.dtype == cd:
+            w.addmm_(left, right, alpha=scale)
+            continue
+        step = max(1, _STAGING_BYTES // (4 * max(1, w.shape[1])))
+        for i in range(0, w.shape[0], step):
+            rows = w[i:i + step]
+            acc = rows.to(cd)
+            acc.addmm_(left[i:i + step], right, alpha=scale)
+            rows.copy_(acc)
+
+
+def delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype):
+    """The dense scale * delta-W in the weight's storage layout, zero outside the enabled blocks."""
+    n = len(block_ids)
+    nb = lora_B.shape[0] // n
+    k = lora_A.shape[1]
+    rows, cols = (k, num_blocks * nb) if transposed else (num_blocks * nb, k)
+    cd = compute_dtype(dtype)
+    out = torch.zeros(rows, cols, dtype=cd, device=lora_A.device)
+    merge_(out, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
+    return out.to(dtype)
+
+
+def delta_weight_backward(grad, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
+    """Gradients of delta_weight with respect to lora_A and lora_B."""
+    cd = compute_dtype(grad.dtype)
+    g = grad.to(cd)
+    g = g.t() if transposed else g
+    dA, dB = [], []
+    for e, nb, a, b in _groups(lora_A.to(cd), lora_B.to(cd), block_ids):
+        gj = g[e * nb:(e + 1) * nb]
+        dB.append(scale * (gj @ a.t()))
+        dA.append(scale * (b.t() @ gj))
+    return torch.cat(dA).to(lora_A.dtype), torch.cat(dB).to(lora_B.dtype)
+
+
+def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out):
+    """F.linear(x, W, bias) + scale * (x_lora A^T) B^T, the update landing only in the enabled blocks."""
+    out = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)
+    if not block_ids:
+        return out
+    n_out = out.shape[-1]
+    out2 = out.view(-1, n_out)
+    t = x_lora.reshape(-1, x_lora.shape[-1]) @ lora_A.to(out.dtype).t()
+    r = lora_A.shape[0] // len(block_ids)
+    for j, (e, nb, _, b) in enumerate(_groups(lora_A, lora_B.to(out.dtype), block_ids)):
+        out2[:, e * nb:(e + 1) * nb].addmm_(t[:, j * r:(j + 1) * r], b.t(), alpha=scale)
+    return out
+
+
+def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, fan_in_fan_out, needs):
+    """Gradients of `linear` for (x, x_lora, weight, bias, lora_A, lora_B); None where not needed."""
+    n_out = grad.shape[-1]
+    g2 = grad.reshape(-1, n_out)
+    w = weight.t() if fan_in_fan_out else weight
+    dx = dxl = dw = db = dA = dB = None
+    if needs[0]:
+        dx = (g2 @ w.to(g2.dtype)).view(x.shape)
+    if needs[2]:
+        dwl = g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)
+        dw = (dwl.t() if fan_in_fan_out else dwl).to(weight.dtype)
+    if needs[3]:
+        db = g2.sum(0)
+    if block_ids and (needs[1] or needs[4] or needs[5]):
+        cd = compute_dtype(grad.dtype)
+        xl = x_lora.reshape(-1, x_lora.shape[-1]).to(cd)
+        a_all = lora_A.to(cd)
+        t = xl @ a_all.t()
+        r = lora_A.shape[0] // len(block_ids)
+        dts, dBs = [], []
+        for j, (e, nb, _, b) in enumerate(_groups(a_all, lora_B.to(cd), block_ids)):
+            gj = g2[:, e * nb:(e + 1) * nb].to(cd)
+            dts.append(scale * (gj @ b))
+            dBs.append(scale * (gj.t() @ t[:, j * r:(j + 1) * r]))
+        dt = torch.cat(dts, dim=1)
+        if needs[1]:
+            dxl = (dt @ a_all).to(x_lora.dtype).view(x_lora.shape)
+        if needs[4]:
+            dA = (dt.t() @ xl).to(lora_A.dtype)
+        if needs[5]:
+            dB = torch.cat(dBs).to(lora_B.dtype)
+    return dx, dxl, dw, db, dA, dB
+
+
+def embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse):
+    """weight[ids] + scale * A^T[ids] B^T (A is (r, num_embeddings), B is (embedding_dim, r))."""
+    out = F.embedding(ids, weight, padding_idx, None, 2.0, scale_grad_by_freq, sparse)
+    dim = out.shape[-1]
+    t = F.embedding(ids.reshape(-1), lora_A.t()).to(out.dtype)
+    out.view(-1, dim).addmm_(t, lora_B.to(out.dtype).t(), alpha=scale)
+    return out
+
+
+def embedding_backward(grad, ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse,
+                       needs):
+    """Gradients of `embedding` for (weight, lora_A, lora_B); None where not needed."""
+    pad = -1 if padding_idx is None else padding_idx
+    num = weight.shape[0]
+    dw = dA = dB = None
+    if needs[0]:
+        dw = torch.ops.aten.embedding_backward(grad, ids, num, pad, scale_grad_by_freq, sparse)
+    if needs[1] or needs[2]:
+        cd = compute_dtype(grad.dtype)
+        g2 = grad.reshape(-1, grad.shape[-1]).to(cd)
+        flat = ids.reshape(-1)
+        if needs[2]:
+            t = F.embedding(flat, lora_A.t()).to(cd)
+            dB = (scale * (g2.t() @ t)).to(lora_B.dtype)
+        if needs[1]:
+            dt = scale * (g2 @ lora_B.to(cd))
+            dA = torch.ops.aten.embedding_backward(dt, flat, num, pad, scale_grad_by_freq, False)
+            dA = dA.t().to(lora_A.dtype)
+    return dw, dA, dB

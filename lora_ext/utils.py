@@ -1,0 +1,62 @@
+"""loralib's helpers: freeze all but LoRA, and the LoRA part of a state dict."""
+import torch.nn as nn
+
+from .layers import ConvLoRA, LoRALayer
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+def _check_bias(bias):
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}")
+
+
+def _lora_layers(model):
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALayer):
+            yield (name + "." if name else ""), module
+
+
+def _layer_bias(module):
+    """(key suffix, parameter) of a LoRA layer's own bias, or None."""
+    if isinstance(module, ConvLoRA):
+        return ("conv.bias", module.conv.bias) if module.conv.bias is not None else None
+    bias = getattr(module, "bias", None)
+    return ("bias", bias) if isinstance(bias, nn.Parameter) else None
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
+    """Freeze everything but the LoRA layers' lora_A/lora_B (which are made trainable).
+
+    bias: 'none' keeps every bias frozen, 'all' trains every parameter named bias, 'lora_only' trains the
+    biases of LoRA layers only.
+    """
+    _check_bias(bias)
+    lora = {id(p) for _, m in _lora_layers(model) if m.has_lora for p in (m.lora_A, m.lora_B)}
+    for name, p in model.named_parameters():
+        p.requires_grad = id(p) in lora or (bias == "all" and name.rsplit(".", 1)[-1] == "bias")
+    if bias == "lora_only":
+        for _, m in _lora_layers(model):
+            own = _layer_bias(m)
+            if own is not None:
+                own[1].requires_grad = True
+
+
+def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
+    """The LoRA layers' lora_A/lora_B (and biases, by the same modes as mark_only_lora_as_trainable),
+    keyed as in model.state_dict()."""
+    _check_bias(bias)
+    out = {}
+    for prefix, m in _lora_layers(model):
+        if m.has_lora:
+            out[prefix + "lora_A"] = m.lora_A.detach()
+            out[prefix + "lora_B"] = m.lora_B.detach()
+            if bias == "lora_only":
+                own = _layer_bias(m)
+                if own is not None:
+                    out[prefix + own[0]] = own[1].detach()
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                out[name] = p.detach()
+    return out
