@@ -238,7 +238,8 @@ class ConvLoRA(LoRALayer, nn.Module):
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights)
-        ks = _as_tuple(kernel_size, self.conv.weight.dim() - 2)
+        # torch expands int arguments such as dilation to one per spatial dimension
+        ks = _as_tuple(kernel_size, len(self.conv.dilation))
         if r > 0:
             k0, rest = ks[0], math.prod(ks[1:])
             self.lora_A = nn.Parameter(self.conv.weight.new_zeros((r * k0, in_channels * rest)))
