@@ -17,6 +17,20 @@ import sys
 
 from setuptools import setup
 
+
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`, which gives /usr/local where nvcc is a wrapper in
+    /usr/local/bin; prefer the toolkit's own directory."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    elif shutil.which("nvcc"):
+        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc"))))
+
+
+_find_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
@@ -62,7 +76,7 @@ def extensions():
                 "lora_ext._sim",
                 sim_sources,
                 include_dirs=include + [os.path.join(CUDA_HOME or "/usr/local/cuda", "include")],
-                extra_compile_args=["-O2", "-std=c++17"],
+                extra_compile_args=["-O2"],
             )
         )
     cuda_sources = _rel("csrc/ops/*.cu") + _rel("csrc/bindings.cpp")
@@ -74,8 +88,8 @@ def extensions():
                 cuda_sources,
                 include_dirs=include,
                 extra_compile_args={
-                    "cxx": ["-O3", "-std=c++17"],
-                    "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                    "cxx": ["-O3"],
+                    "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
                 },
             )
         )

@@ -78,17 +78,37 @@ def delta_weight_backward(grad, lora_A, lora_B, scale, num_blocks, block_ids, tr
 
 
 def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out):
-    """F.linear(x, W, bias) + scale * (x_lora A^T) B^T, the update landing only in the enabled blocks."""
-    out = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)
+    """F.linear(x, W, bias) + scale * (x_lora A^T) B^T, the update landing only in the enabled blocks.
+
+    The low-rank term (and the bias) is written first and the base GEMM accumulates onto it (beta=1):
+    the output is written once and the large GEMM reads it while it is compute-bound, so the LoRA
+    path costs little more than its own small products.
+    """
+    w = weight.t() if fan_in_fan_out else weight
     if not block_ids:
-        return out
-    n_out = out.shape[-1]
-    out2 = out.view(-1, n_out)
-    t = x_lora.reshape(-1, x_lora.shape[-1]) @ lora_A.to(out.dtype).t()
+        return F.linear(x, w, bias)
+    n_out, k = w.shape
+    dtype = x.dtype
+    x2 = x.reshape(-1, k)
+    t = x_lora.reshape(-1, k) @ lora_A.to(dtype).t()
     r = lora_A.shape[0] // len(block_ids)
-    for j, (e, nb, _, b) in enumerate(_groups(lora_A, lora_B.to(out.dtype), block_ids)):
-        out2[:, e * nb:(e + 1) * nb].addmm_(t[:, j * r:(j + 1) * r], b.t(), alpha=scale)
-    return out
+    b_all = lora_B.to(dtype)
+    if num_blocks == 1:
+        base = bias if bias is not None else x2.new_zeros(())
+        out = torch.addmm(base, t, b_all.t(), beta=1 if bias is not None else 0, alpha=scale)
+    else:
+        out = x2.new_empty(x2.shape[0], n_out)
+        nb = n_out // num_blocks
+        for e in range(num_blocks):
+            cols = out[:, e * nb:(e + 1) * nb]
+            if bias is None:
+                cols.zero_()
+            else:
+                cols.copy_(bias[e * nb:(e + 1) * nb].expand_as(cols))
+        for j, (e, nb, _, b) in enumerate(_groups(lora_A, b_all, block_ids)):
+            out[:, e * nb:(e + 1) * nb].addmm_(t[:, j * r:(j + 1) * r], b.t(), alpha=scale)
+    out.addmm_(x2, w.t())
+    return out.view(*x.shape[:-1], n_out)
 
 
 def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, fan_in_fan_out, needs):

@@ -1,0 +1,240 @@
+"""Side-by-side benchmarks: lora_ext against loralib and against the plain torch floor, same process, same
+shapes, interleaved repetitions, ratios to the floor. Run through `lora-ext bench`.
+
+Peak extra memory of a merge is measured in a fresh process per implementation: on the CPU the peak
+resident set (VmHWM, reset through /proc/self/clear_refs), on CUDA torch's peak allocated bytes.
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lora_ext
+
+try:
+    import loralib
+except ImportError:
+    loralib = None
+
+MiB = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def compare(candidates, device, repeats, inner=1, warmup=1):
+    """Median seconds per call of each candidate, the candidates interleaved in rotating order so that
+    drift on a shared machine hits them alike."""
+    names = list(candidates)
+    for _ in range(warmup):
+        for n in names:
+            candidates[n]()
+    _sync(device)
+    times = {n: [] for n in names}
+    for rep in range(repeats):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for n in order:
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                candidates[n]()
+            _sync(device)
+            times[n].append((time.perf_counter() - t0) / inner)
+    return {n: statistics.median(ts) for n, ts in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# cases
+
+
+def _randomized(module, dtype, device):
+    module = module.to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.02)
+    return module
+
+
+def _layer(lib, kind, dim, r, dtype, device):
+    if kind == "linear":
+        return _randomized(lib.Linear(dim, dim, r=r, lora_alpha=2 * r), dtype, device)
+    return _randomized(lib.MergedLinear(dim, 3 * dim, r=r, lora_alpha=2 * r, enable_lora=[True, False, True]),
+                       dtype, device)
+
+
+def _cycle(layer):
+    def run():
+        layer.eval()
+        layer.train()
+    return run
+
+
+def _addmm_cycle(layer):
+    """The floor for a merge+unmerge cycle: in-place addmm_ on the enabled row blocks, +s then -s."""
+    w, A, B, s = layer.weight.data, layer.lora_A.data, layer.lora_B.data, layer.scaling
+    blocks = getattr(layer, "_block_ids", [0])
+    groups = len(getattr(layer, "enable_lora", [True]))
+    n = len(blocks)
+    r, nb = A.shape[0] // n, w.shape[0] // groups
+
+    def run():
+        for sign in (1.0, -1.0):
+            for j, e in enumerate(blocks):
+                w[e * nb:(e + 1) * nb].addmm_(B[j * nb:(j + 1) * nb], A[j * r:(j + 1) * r], alpha=sign * s)
+    return run
+
+
+def merge_case(kind, dim, r, dtype, device, repeats):
+    ours = _layer(lora_ext, kind, dim, r, dtype, device)
+    candidates = {"addmm_": _addmm_cycle(ours), "lora_ext": _cycle(ours)}
+    if loralib is not None:
+        candidates["loralib"] = _cycle(_layer(loralib, kind, dim, r, dtype, device))
+    times = compare(candidates, device, repeats)
+    weight_bytes = ours.weight.numel() * ours.weight.element_size()
+    if kind == "merged":
+        weight_bytes = weight_bytes * 2 // 3  # two of three blocks are touched
+    return times, weight_bytes
+
+
+def forward_case(kind, dim, r, tokens, dtype, device, repeats):
+    ours = _layer(lora_ext, kind, dim, r, dtype, device)
+    x = torch.randn(tokens, dim, dtype=dtype, device=device)
+    w, b = ours.weight.detach(), ours.bias.detach()
+    candidates = {"plain": lambda: F.linear(x, w, b), "lora_ext": lambda: ours(x)}
+    if loralib is not None:
+        theirs = _layer(loralib, kind, dim, r, dtype, device)
+        candidates["loralib"] = lambda: theirs(x)
+    # several calls per sample where one call is too short to time on its own
+    inner = 1 if device == "cpu" and tokens > 1 else 5
+    with torch.no_grad():
+        return compare(candidates, device, repeats, inner=inner)
+
+
+# ---------------------------------------------------------------------------------------------------
+# peak memory, each measurement in a fresh process
+
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_child(impl, kind, dim, r, dtype_name, device):
+    dtype = getattr(torch, dtype_name)
+    lib = {"lora_ext": lora_ext, "loralib": loralib}.get(impl, lora_ext)
+    layer = _layer(lib, kind, dim, r, dtype, device)
+    warm = _layer(lib, kind, 64, 2, dtype, device)  # library start-up (BLAS buffers) outside the window
+    (_addmm_cycle(warm) if impl == "addmm_" else _cycle(warm))()
+    run = (lambda: _addmm_cycle(layer)()) if impl == "addmm_" else (lambda: layer.eval())
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident set size (VmHWM) to the current size
+    before = _rss_bytes("VmRSS")
+    run()
+    return _rss_bytes("VmHWM") - before
+
+
+def peak_extra_memory(impl, kind, dim, r, dtype, device):
+    args = [impl, kind, str(dim), str(r), str(dtype).replace("torch.", ""), device]
+    out = subprocess.run([sys.executable, "-m", "lora_ext.bench", "peak", *args], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------
+# the run
+
+
+def run(device="cpu", quick=False, dim=4096):
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    repeats = 5 if quick else 15
+    rows = []
+
+    def add(case, times, floor, target=None, **extra):
+        for impl, t in times.items():
+            ratio = t / times[floor]
+            row = dict(case=case, impl=impl, ms=t * 1e3, ratio=ratio, **extra)
+            if impl == "lora_ext" and target is not None:
+                row.update(target=target, met=ratio <= target)
+            rows.append(row)
+
+    for kind, r, target in (("linear", 16, 1.2), ("merged", 8, 1.2)):
+        times, nbytes = merge_case(kind, dim, r, dtype, device, repeats)
+        name = f"merge+unmerge {kind} {dim} r={r}"
+        add(name, times, "addmm_", target)
+        for row in rows[-len(times):]:
+            row["GB/s"] = 2 * 2 * nbytes / (row["ms"] * 1e-3) / 1e9  # read + write, twice
+        for impl in times:
+            if impl == "loralib" and loralib is None:
+                continue
+            extra = peak_extra_memory(impl, kind, dim, r, dtype, device)
+            rows.append(dict(case=f"peak extra MiB, merge {kind} {dim} r={r}", impl=impl, MiB=extra / MiB,
+                             **({"target": 4.0, "met": extra / MiB <= 4.0} if impl == "lora_ext" else {})))
+
+    forward = [("merged", 8, 1, 1.1), ("merged", 8, 64, 1.1), ("linear", 16, 1, None), ("linear", 16, 64, None),
+               ("linear", 16, 2048, 1.03)]
+    for kind, r, tokens, target in forward:
+        times = forward_case(kind, dim, r, tokens, dtype, device, repeats)
+        add(f"forward {kind} {dim} r={r} tokens={tokens}", times, "plain", target)
+
+    return dict(
+        device=device, dtype=str(dtype).replace("torch.", ""), dim=dim, quick=quick,
+        date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        machine=_machine(device), torch=torch.__version__, rows=rows,
+    )
+
+
+def _machine(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def format_table(result):
+    lines = [f"lora_ext bench: {result['device']} ({result['machine']}), {result['dtype']}, torch {result['torch']}, "
+             f"{result['date']}", "",
+             "| case | impl | time ms | ratio to floor | extra | target | met |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for row in result["rows"]:
+        ms = f"{row['ms']:.3f}" if "ms" in row else ""
+        ratio = f"{row['ratio']:.3f}" if "ratio" in row else ""
+        extra = f"{row['MiB']:.1f} MiB" if "MiB" in row else (f"{row['GB/s']:.1f} GB/s" if row.get("GB/s") else "")
+        target = f"<= {row['target']}" if "target" in row else ""
+        met = ("yes" if row["met"] else "NO") if "met" in row else ""
+        lines.append(f"| {row['case']} | {row['impl']} | {ms} | {ratio} | {extra} | {target} | {met} |")
+    return "\n".join(lines)
+
+
+def _main(argv):
+    if argv and argv[0] == "peak":
+        impl, kind, dim, r, dtype, device = argv[1:]
+        print(_peak_child(impl, kind, int(dim), int(r), dtype, device))
+        return 0
+    raise SystemExit("usage: python -m lora_ext.bench peak IMPL KIND DIM R DTYPE DEVICE")
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
