@@ -163,6 +163,89 @@ def peak_extra_memory(impl, kind, dim, r, dtype, device):
 
 
 # ---------------------------------------------------------------------------------------------------
+# merge kernels against the copy bandwidth (what the GPU check reports)
+
+
+def _rotation(nbytes, device):
+    """How many weight copies to cycle through so that the last-level cache does not serve them."""
+    if device != "cuda":
+        return 2
+    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * MiB)
+    return max(2, -(-4 * l2 // nbytes))
+
+
+def merge_kernel_case(kind, dim, r, dtype, device, repeats):
+    """One merge (not a cycle) of a dim x dim Linear or a MergedLinear(dim, 3*dim, [T,F,T]), over
+    rotating weights; plus the device-to-device copy of the same bytes, for the bandwidth ceiling."""
+    ours = _layer(lora_ext, kind, dim, r, dtype, device)
+    theirs = _layer(loralib, kind, dim, r, dtype, device) if loralib is not None else None
+    w0 = ours.weight.detach()
+    nrot = _rotation(w0.numel() * w0.element_size(), device)
+    weights = [w0.clone() for _ in range(nrot)]
+    copies = [w0.clone() for _ in range(nrot)]
+    A, B, s = ours.lora_A.detach(), ours.lora_B.detach(), ours.scaling
+    layout = ours._layout()
+    A_low, B_low = A.to(dtype), B.to(dtype)
+    blocks = layout.get("block_ids", [0])
+    groups = layout.get("num_blocks", 1)
+    n, nb = len(blocks), w0.shape[0] // groups
+    step = {"i": 0}
+
+    def nxt(seq):
+        step["i"] += 1
+        return seq[step["i"] % len(seq)]
+
+    def addmm():
+        w = nxt(weights)
+        for j, e in enumerate(blocks):
+            w[e * nb:(e + 1) * nb].addmm_(B_low[j * nb:(j + 1) * nb], A_low[j * r:(j + 1) * r], alpha=s)
+
+    def ours_merge():
+        lora_ext.ops.merge_(nxt(weights), A, B, s, **layout)
+
+    def copy():
+        i = step["i"] = step["i"] + 1
+        copies[i % nrot].copy_(weights[i % nrot])
+
+    candidates = {"copy": copy, "addmm_": addmm, "lora_ext": ours_merge}
+    if theirs is not None:
+        def loralib_merge():
+            theirs.merged = False  # merge again each time: we time one merge, not a cycle
+            theirs.train(False)
+        candidates["loralib"] = loralib_merge
+    with torch.no_grad():
+        times = compare(candidates, device, repeats, inner=5 if device == "cuda" else 1)
+    touched = w0.numel() * w0.element_size() * n // groups
+    return times, touched, w0.numel() * w0.element_size()
+
+
+def merge_kernel_rows(device, dtype, repeats, shapes):
+    rows = []
+    for kind, dim, r in shapes:
+        times, touched, full = merge_kernel_case(kind, dim, r, dtype, device, repeats)
+        copy_gbps = 2 * full / times["copy"] / 1e9
+        for impl, t in times.items():
+            nbytes = full if impl == "copy" else touched
+            gbps = 2 * nbytes / t / 1e9
+            row = dict(case=f"merge {kind} {dim} r={r}", impl=impl, ms=t * 1e3, ratio=t / times["lora_ext"],
+                       **{"GB/s": gbps, "of copy": gbps / copy_gbps})
+            if impl == "lora_ext" and kind == "linear":
+                row.update(target=">= 85% of copy", met=gbps >= 0.85 * copy_gbps)
+            rows.append(row)
+        speedup = {k: times[k] / times["lora_ext"] for k in times}
+        want = {"loralib": 5.0 if kind == "merged" else 3.0, "addmm_": 1.0}
+        for impl, goal in want.items():
+            if impl in speedup and (kind == "linear" or impl == "loralib"):
+                rows.append(dict(case=f"merge {kind} {dim} r={r}: lora_ext speed-up over {impl}",
+                                 impl="lora_ext", ratio=speedup[impl], target=f">= {goal}x",
+                                 met=speedup[impl] >= goal))
+    return rows
+
+
+GPU_MERGE_SHAPES = [("linear", d, r) for d in (4096, 8192) for r in (8, 16, 64)] + [("merged", 4096, 8)]
+
+
+# ---------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -200,6 +283,9 @@ def run(device="cpu", quick=False, dim=4096):
         times = forward_case(kind, dim, r, tokens, dtype, device, repeats)
         add(f"forward {kind} {dim} r={r} tokens={tokens}", times, "plain", target)
 
+    if device == "cuda":
+        rows.extend(merge_kernel_rows(device, dtype, repeats, GPU_MERGE_SHAPES))
+
     return dict(
         device=device, dtype=str(dtype).replace("torch.", ""), dim=dim, quick=quick,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -222,7 +308,10 @@ def format_table(result):
         ms = f"{row['ms']:.3f}" if "ms" in row else ""
         ratio = f"{row['ratio']:.3f}" if "ratio" in row else ""
         extra = f"{row['MiB']:.1f} MiB" if "MiB" in row else (f"{row['GB/s']:.1f} GB/s" if row.get("GB/s") else "")
-        target = f"<= {row['target']}" if "target" in row else ""
+        if "of copy" in row:
+            extra += f" ({row['of copy']:.0%} of copy)"
+        target = row["target"] if isinstance(row.get("target"), str) else (
+            f"<= {row['target']}" if "target" in row else "")
         met = ("yes" if row["met"] else "NO") if "met" in row else ""
         lines.append(f"| {row['case']} | {row['impl']} | {ms} | {ratio} | {extra} | {target} | {met} |")
     return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""The custom ops under torch.library.opcheck, and lora_ext layers under torch.compile(fullgraph=True)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_ext
+from lora_ext import ops
+from conftest import assert_close_rel
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _merge_samples(device):
+    for transposed in (False, True):
+        for num_blocks, ids in ((1, [0]), (3, [0, 2])):
+            k, nb, r = 10, 4, 3
+            shape = (k, num_blocks * nb) if transposed else (num_blocks * nb, k)
+            yield (torch.randn(shape, device=device), torch.randn(len(ids) * r, k, device=device),
+                   torch.randn(len(ids) * nb, r, device=device), 0.5, num_blocks, ids, transposed)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_merge(device):
+    for args in _merge_samples(device):
+        torch.library.opcheck(torch.ops.lora_ext.merge_.default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_delta_weight(device):
+    for w, A, B, s, g, ids, t in _merge_samples(device):
+        A.requires_grad_()
+        B.requires_grad_()
+        torch.library.opcheck(torch.ops.lora_ext.delta_weight.default, (A, B, s, g, ids, t, torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_opcheck_linear(device, bias):
+    for w, A, B, s, g, ids, t in _merge_samples(device):
+        k = A.shape[1]
+        x = torch.randn(2, 3, k, device=device, requires_grad=True)
+        b = torch.randn(w.shape[1] if t else w.shape[0], device=device) if bias else None
+        A.requires_grad_()
+        B.requires_grad_()
+        torch.library.opcheck(torch.ops.lora_ext.linear.default, (x, x, w, b, A, B, s, g, ids, t))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_embedding(device):
+    w = torch.randn(12, 6, device=device)
+    A = torch.randn(3, 12, device=device, requires_grad=True)
+    B = torch.randn(6, 3, device=device, requires_grad=True)
+    ids = torch.randint(0, 12, (4, 5), device=device)
+    for pad in (None, 2):
+        torch.library.opcheck(torch.ops.lora_ext.embedding.default, (ids, w, A, B, 0.5, pad, False, False))
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = lora_ext.Embedding(50, 16, r=4)
+        self.qkv = lora_ext.MergedLinear(16, 48, r=2, enable_lora=[True, False, True])
+        self.proj = lora_ext.Linear(48, 16, r=4, fan_in_fan_out=True)
+        self.conv = lora_ext.Conv1d(16, 16, 3, r=2, padding=1)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = self.proj(torch.relu(self.qkv(h)))
+        return self.conv(h.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("merged", [False, True])
+def test_model_compiles_fullgraph(device, merged):
+    torch._dynamo.reset()
+    model = Model().to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    if merged:
+        model.eval()
+    ids = torch.randint(0, 50, (2, 7), device=device)
+    want = model(ids)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    got = compiled(ids)
+    assert_close_rel(got, want, torch.float32)
+    if not merged:
+        got.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        model(ids).square().sum().backward()
+        assert grads and all(torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-5)
+                             for n, p in model.named_parameters() if p.grad is not None)
