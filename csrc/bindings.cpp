@@ -1,0 +1,17 @@
+// lora_ext._C: the CUDA kernels for CUDA tensors. lora_ext.ops wraps these as torch.library custom ops;
+// lora_ext._sim exposes the same functions, with the same signatures, through the CPU simulator.
+#include <torch/extension.h>
+
+#include "ops/merge.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "lora_ext's CUDA kernels";
+  m.def("merge_", &lora_ext::merge_cuda,
+        "W[blocks] += scale * B_j @ A_j in place (transposed: W[:, blocks] += scale * (B_j @ A_j)^T)",
+        py::arg("W"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"),
+        py::arg("transposed"));
+  m.def("delta_weight_", &lora_ext::delta_weight_cuda,
+        "out = the dense scale * delta that merge_ adds (zeros in disabled blocks)", py::arg("out"), py::arg("A"),
+        py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
+}

@@ -1,0 +1,41 @@
+// CUDA launchers for merge_ and delta_weight_: the checks and kernel selection are in ops/merge_host.h,
+// shared with the simulator module; this file only puts the chosen kernel on the current stream.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuBLAS/cuSPARSE headers
+
+#include "ops/merge.h"
+#include "ops/merge_host.h"
+
+namespace lora_ext {
+namespace {
+
+struct CudaLaunch {
+  template <typename Kernel, typename Args>
+  static void run(Kernel kernel, dim3 grid, dim3 block, size_t smem, const Args& args) {
+    kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+template <bool kDelta>
+void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+           int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
+  TORCH_CHECK_VALUE(w.is_cuda(), op, ": ", kDelta ? "out" : "W", " must be a CUDA tensor, got one on ", w.device());
+  const c10::cuda::CUDAGuard guard(w.device());
+  merge_host::apply<CudaLaunch, kDelta>(op, w, a, b, scale, num_blocks, block_ids, transposed, c10::DeviceType::CUDA);
+}
+
+}  // namespace
+
+void merge_cuda(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale, int64_t num_blocks,
+                const std::vector<int64_t>& block_ids, bool transposed) {
+  apply<false>("lora_ext._C.merge_", w, a, b, scale, num_blocks, block_ids, transposed);
+}
+
+void delta_weight_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale,
+                       int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
+  apply<true>("lora_ext._C.delta_weight_", out, a, b, scale, num_blocks, block_ids, transposed);
+}
+
+}  // namespace lora_ext

@@ -1,0 +1,172 @@
+// Host side of merge_ and delta_weight_: argument checks and kernel selection. The CUDA launcher
+// (ops/merge.cu) and the simulator module (sim/sim_module.cpp) both run this code and differ only in the
+// device their tensors must be on and in the Launch policy, which puts a kernel on the GPU or in the
+// simulator: what CI checks on the CPU is the same selection the GPU runs.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "dispatch.h"
+#include "kernels/merge.cuh"
+
+namespace lora_ext {
+namespace merge_host {
+
+namespace km = kernels::merge;
+
+// What an op was asked to do, after checking.
+struct Plan {
+  km::BlockMap map;
+  long long ldw;
+  int nb, k, r, n;
+  bool transposed;
+  bool tensor_core;  // fp16/bf16 operands of W's dtype at r >= 32: WMMA keeps the merge memory-bound
+  bool vector;       // 16-byte accesses: W's pointer, row stride and block offsets allow them
+};
+
+// Checks every argument before anything runs; `out_name` is "W" for merge_ and "out" for delta_weight_.
+inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
+                  int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed,
+                  c10::DeviceType device) {
+  TORCH_CHECK_VALUE(w.device().type() == device, op, ": ", w_name, " must be a ", c10::DeviceTypeName(device),
+                    " tensor, got one on ", w.device());
+  TORCH_CHECK_VALUE(a.device() == w.device(), op, ": A must be on ", w_name, "'s device (", w.device(),
+                    "), got ", a.device());
+  TORCH_CHECK_VALUE(b.device() == w.device(), op, ": B must be on ", w_name, "'s device (", w.device(),
+                    "), got ", b.device());
+
+  const auto wt = w.scalar_type();
+  TORCH_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16, op, ": ", w_name,
+                    " must be float32, float16 or bfloat16, got ", wt);
+  TORCH_CHECK_VALUE(a.scalar_type() == wt || a.scalar_type() == at::kFloat, op, ": A must be float32 or ", w_name,
+                    "'s dtype (", wt, "), got ", a.scalar_type());
+  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": B must have A's dtype (", a.scalar_type(), "), got ",
+                    b.scalar_type());
+
+  TORCH_CHECK_VALUE(w.dim() == 2, op, ": ", w_name, " must be 2-D, got ", w.dim(), " dimensions");
+  TORCH_CHECK_VALUE(a.dim() == 2, op, ": A must be 2-D, got ", a.dim(), " dimensions");
+  TORCH_CHECK_VALUE(b.dim() == 2, op, ": B must be 2-D, got ", b.dim(), " dimensions");
+  TORCH_CHECK_VALUE((w.size(1) <= 1 || w.stride(1) == 1) && (w.size(0) <= 1 || w.stride(0) >= w.size(1)), op,
+                    ": ", w_name, " must have column stride 1 and a row stride of at least its ", w.size(1),
+                    " columns (contiguous, or a row-slice of a wider tensor), got strides ", w.strides());
+
+  TORCH_CHECK_VALUE(num_blocks >= 1 && num_blocks <= km::kMaxBlocks, op, ": num_blocks must be in [1, ",
+                    km::kMaxBlocks, "], got ", num_blocks);
+  for (size_t i = 0; i < block_ids.size(); ++i) {
+    TORCH_CHECK_VALUE(block_ids[i] >= 0 && block_ids[i] < num_blocks, op, ": block_ids must lie in [0, num_blocks=",
+                      num_blocks, "), got ", block_ids[i]);
+    TORCH_CHECK_VALUE(i == 0 || block_ids[i] > block_ids[i - 1], op,
+                      ": block_ids must be strictly increasing, got ", c10::IntArrayRef(block_ids));
+  }
+
+  const int64_t n = (int64_t)block_ids.size();
+  const int64_t blocked = transposed ? w.size(1) : w.size(0);  // the dimension split into num_blocks blocks
+  const int64_t k = transposed ? w.size(0) : w.size(1);
+  TORCH_CHECK_VALUE(blocked % num_blocks == 0, op, ": ", w_name, " has ", blocked,
+                    transposed ? " columns" : " rows", ", not divisible by num_blocks=", num_blocks,
+                    " (transposed=", transposed, ")");
+  const int64_t nb = blocked / num_blocks;
+  TORCH_CHECK_VALUE(a.size(1) == k, op, ": A must have ", k, " columns (", w_name,
+                    transposed ? "'s rows, transposed" : "'s columns", "), got shape ", a.sizes());
+  int64_t r = b.size(1);
+  if (n == 0) {
+    TORCH_CHECK_VALUE(a.size(0) == 0 && b.size(0) == 0, op,
+                      ": with no enabled blocks A and B must have 0 rows, got A ", a.sizes(), " and B ", b.sizes());
+  } else {
+    TORCH_CHECK_VALUE(a.size(0) % n == 0 && a.size(0) > 0, op, ": A must have n*r rows for n=", n,
+                      " enabled blocks and rank r >= 1, got shape ", a.sizes());
+    r = a.size(0) / n;
+    TORCH_CHECK_VALUE(b.size(0) == n * nb && b.size(1) == r, op, ": B must have shape (n*nb, r) = (", n * nb, ", ",
+                      r, ") for n=", n, " enabled blocks of nb=", nb, " and rank r=", r, ", got ", b.sizes());
+  }
+  const int64_t int_max = 0x7fffffff;
+  TORCH_CHECK_VALUE(nb <= int_max && k <= int_max && r <= int_max, op, ": ", w_name, " and A/B sizes must fit in 32 bits");
+  const int64_t m_total = transposed ? k : nb;
+  TORCH_CHECK_VALUE((m_total + km::kTileM - 1) / km::kTileM <= 65535, op, ": ", w_name, " has too many ",
+                    transposed ? "rows" : "rows per block", " (", m_total, "; at most ", 65535LL * km::kTileM, ")");
+
+  Plan p{};
+  p.ldw = w.size(0) <= 1 ? w.size(1) : w.stride(0);
+  p.nb = (int)nb;
+  p.k = (int)k;
+  p.r = (int)r;
+  p.n = (int)n;
+  p.transposed = transposed;
+  p.map.count = (int)n;
+  for (int64_t e = 0; e < num_blocks; ++e) p.map.slot[e] = -1;
+  for (int64_t j = 0; j < n; ++j) {
+    p.map.id[j] = (short)block_ids[j];
+    p.map.slot[block_ids[j]] = (short)j;
+  }
+  p.map.count = (int)n;
+  const int64_t vec = 16 / w.element_size();
+  p.vector = reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && p.ldw % vec == 0 &&
+             (!transposed || num_blocks == 1 || nb % vec == 0);
+  p.tensor_core = wt != at::kFloat && a.scalar_type() == wt && r >= 32;
+  return p;
+}
+
+template <typename T, typename Tab, bool kTensorCore, bool kVector, bool kDelta>
+constexpr auto kernel_for() {
+  if constexpr (kDelta)
+    return &km::delta_weight_kernel<T, Tab, kTensorCore, kVector>;
+  else
+    return &km::merge_kernel<T, Tab, kTensorCore, kVector>;
+}
+
+template <class Launch, typename T, typename Tab, bool kDelta, bool kTensorCore>
+void launch(const Plan& plan, const km::Args<T, Tab>& args, dim3 grid) {
+  constexpr size_t smem = km::smem_bytes<T, kTensorCore>();
+  if (plan.vector)
+    Launch::run(kernel_for<T, Tab, kTensorCore, true, kDelta>(), grid, dim3(km::kThreads), smem, args);
+  else
+    Launch::run(kernel_for<T, Tab, kTensorCore, false, kDelta>(), grid, dim3(km::kThreads), smem, args);
+}
+
+template <class Launch, typename T, typename Tab, bool kDelta>
+void run(const Plan& plan, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+         int num_blocks) {
+  km::Args<T, Tab> args;
+  args.w = reinterpret_cast<T*>(w.data_ptr());
+  args.ldw = plan.ldw;
+  args.a = reinterpret_cast<const Tab*>(a.data_ptr());
+  args.b = reinterpret_cast<const Tab*>(b.data_ptr());
+  args.nb = plan.nb;
+  args.k = plan.k;
+  args.r = plan.r;
+  args.scale = (float)scale;
+  args.transposed = plan.transposed;
+  args.map = plan.map;
+  args.map.count = kDelta ? num_blocks : plan.n;
+  const int m_total = plan.transposed ? plan.k : plan.nb;
+  const int n_total = plan.transposed ? plan.nb : plan.k;
+  const dim3 grid((unsigned)((n_total + km::kTileN - 1) / km::kTileN), (unsigned)((m_total + km::kTileM - 1) / km::kTileM),
+                  (unsigned)args.map.count);
+  if constexpr (!std::is_same<T, float>::value && std::is_same<Tab, T>::value) {
+    if (plan.tensor_core) return launch<Launch, T, Tab, kDelta, true>(plan, args, grid);
+  }
+  launch<Launch, T, Tab, kDelta, false>(plan, args, grid);
+}
+
+// W[blocks] += scale * B_j @ A_j (kDelta false), or out = the dense scale * delta (kDelta true).
+template <class Launch, bool kDelta>
+void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+           int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed, c10::DeviceType device) {
+  const Plan plan = check(op, kDelta ? "out" : "W", w, a, b, num_blocks, block_ids, transposed, device);
+  if (w.numel() == 0 || (!kDelta && plan.n == 0)) return;
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  LORA_DISPATCH_WEIGHT_TYPES(w.scalar_type(), op, [&] {
+    if (ac.scalar_type() == at::kFloat)
+      run<Launch, scalar_t, float, kDelta>(plan, w, ac, bc, scale, (int)num_blocks);
+    else
+      run<Launch, scalar_t, scalar_t, kDelta>(plan, w, ac, bc, scale, (int)num_blocks);
+  });
+}
+
+}  // namespace merge_host
+}  // namespace lora_ext

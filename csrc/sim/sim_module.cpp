@@ -1,0 +1,68 @@
+// lora_ext._sim: the CUDA kernels run on CPU tensors through the SIMT simulator, with the same argument
+// checks and kernel selection as lora_ext._C. For tests: it is slow, and says nothing about speed.
+#include "sim/simt.h"  // first: see the note there
+
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "ops/merge_host.h"
+
+namespace {
+
+struct SimLaunch {
+  template <typename Kernel, typename Args>
+  static void run(Kernel kernel, dim3 grid, dim3 block, size_t smem, const Args& args) {
+    sim::launch(grid, block, smem, kernel, args);
+  }
+};
+
+template <bool kDelta>
+void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+           int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
+  pybind11::gil_scoped_release no_gil;
+  try {
+    lora_ext::merge_host::apply<SimLaunch, kDelta>(op, w, a, b, scale, num_blocks, block_ids, transposed,
+                                                  c10::DeviceType::CPU);
+  } catch (const sim::Error& e) {
+    throw std::runtime_error(std::string(op) + ": " + e.what());
+  }
+}
+
+void merge_(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale, int64_t num_blocks,
+            const std::vector<int64_t>& block_ids, bool transposed) {
+  apply<false>("lora_ext._sim.merge_", w, a, b, scale, num_blocks, block_ids, transposed);
+}
+
+void delta_weight_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale,
+                   int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
+  apply<true>("lora_ext._sim.delta_weight_", out, a, b, scale, num_blocks, block_ids, transposed);
+}
+
+void set_schedule(std::optional<int64_t> seed) {
+  TORCH_CHECK_VALUE(!seed || *seed >= 0, "set_schedule: seed must be None or >= 0, got ", *seed);
+  sim::options().seed = seed ? *seed : -1;
+}
+
+void set_workers(int64_t n) {
+  TORCH_CHECK_VALUE(n >= 0, "set_workers: n must be >= 0 (0: one per core), got ", n);
+  sim::options().workers = (int)n;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace py = pybind11;
+  m.doc() = "lora_ext's CUDA kernels on CPU tensors, through the SIMT simulator (for tests)";
+  m.def("merge_", &merge_,
+        "W[blocks] += scale * B_j @ A_j in place (transposed: W[:, blocks] += scale * (B_j @ A_j)^T)",
+        py::arg("W"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"),
+        py::arg("transposed"));
+  m.def("delta_weight_", &delta_weight_,
+        "out = the dense scale * delta that merge_ adds (zeros in disabled blocks)", py::arg("out"), py::arg("A"),
+        py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
+  m.def("set_schedule", &set_schedule,
+        "None: threads run in index order between barriers; an int: a fresh shuffled order per phase, seeded",
+        py::arg("seed"));
+  m.def("set_workers", &set_workers, "OS threads running blocks (0: one per core)", py::arg("n"));
+}

@@ -1,0 +1,345 @@
+// Tests of the SIMT simulator itself (barriers, shared memory, shuffles, deadlock detection, shuffled
+// order, WMMA subset), plus the merge kernels on a few shapes so the ASan/UBSan build covers their memory
+// accesses. Plain C++; exits non-zero on failure.
+#include "sim/simt.h"
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "kernels/merge.cuh"
+
+namespace {
+
+int failures = 0;
+
+#define CHECK(cond, ...)                                              \
+  do {                                                                \
+    if (!(cond)) {                                                    \
+      ++failures;                                                     \
+      std::printf("FAIL %s:%d: %s: ", __FILE__, __LINE__, #cond);     \
+      std::printf(__VA_ARGS__);                                       \
+      std::printf("\n");                                              \
+    }                                                                 \
+  } while (0)
+
+template <typename F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const sim::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+// ---- kernels under test ----
+
+__global__ void rotate_kernel(int* out) {
+  __shared__ int s[1024];
+  const int n = blockDim.x * blockDim.y;
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  s[t] = t + 1000 * (int)blockIdx.x;
+  __syncthreads();
+  out[blockIdx.x * n + t] = s[(t + 1) % n];
+}
+
+__global__ void block_sum_kernel(const int* in, int* out) {
+  __shared__ int total;
+  if (threadIdx.x == 0) total = 0;
+  __syncthreads();
+  for (unsigned i = 0; i < blockDim.x; ++i) {
+    if (threadIdx.x == i) total += in[blockIdx.x * blockDim.x + i];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = total;
+}
+
+__global__ void shuffle_kernel(int* out) {
+  const int t = threadIdx.x, lane = t % 32;
+  int v = t;
+  for (int m = 16; m; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+  out[t * 6 + 0] = v;                                            // warp sum
+  out[t * 6 + 1] = __shfl_sync(0xffffffffu, t * 10, 3);           // broadcast of lane 3
+  out[t * 6 + 2] = __shfl_down_sync(0xffffffffu, t, 1);           // next lane (or own)
+  out[t * 6 + 3] = __shfl_up_sync(0xffffffffu, t, 2);             // lane - 2 (or own)
+  out[t * 6 + 4] = __shfl_sync(0xffffffffu, t, 0, 16);            // first lane of each half-warp
+  out[t * 6 + 5] = (int)__ballot_sync(0xffffffffu, lane % 3 == 0);
+}
+
+__global__ void early_return_kernel(int* out) {
+  if (threadIdx.x >= 40) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+__global__ void warp_early_return_kernel(int* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_sync(0xffffffffu, (int)threadIdx.x, 0);
+}
+
+__global__ void divergent_barrier_kernel(int* out) {
+  if (threadIdx.x < 32) {
+    out[threadIdx.x] = __shfl_sync(0xffffffffu, (int)threadIdx.x, 0);
+  } else {
+    __syncthreads();
+  }
+  __syncthreads();
+}
+
+// A write-after-read race: each thread reads its right neighbour's slot, then overwrites its own, with no
+// barrier between. In thread order every read comes before the neighbour's write, so the race is hidden.
+__global__ void war_race_kernel(int* out) {
+  __shared__ int s[256];
+  const int t = threadIdx.x, n = blockDim.x;
+  s[t] = t;
+  __syncthreads();
+  const int right = s[(t + 1) % n];
+  s[t] = -1;  // missing __syncthreads() before this write
+  out[t] = right;
+}
+
+__global__ void poison_kernel(unsigned* out) {
+  LORA_DYNAMIC_SHARED(unsigned, s);
+  out[threadIdx.x] = s[threadIdx.x];
+}
+
+__global__ void misaligned_kernel(const float* p, float* out) {
+  const float4 v = lora_ext::kernels::load16<float4>(p + 1);
+  out[threadIdx.x] = v.x;
+}
+
+template <typename T>
+__global__ void wmma_kernel(const T* a, const T* b, float* c) {
+  namespace wmma = nvcuda::wmma;
+  __shared__ __align__(32) T sa[16 * 16];
+  __shared__ __align__(32) T sb[16 * 16];
+  __shared__ __align__(32) float sc[16 * 24];
+  for (int i = threadIdx.x; i < 256; i += 32) {
+    sa[i] = a[i];
+    sb[i] = b[i];
+  }
+  __syncthreads();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> fc;
+  wmma::fill_fragment(fc, 1.0f);
+  wmma::load_matrix_sync(fa, sa, 16);
+  wmma::load_matrix_sync(fb, sb, 16);
+  wmma::mma_sync(fc, fa, fb, fc);
+  wmma::store_matrix_sync(sc, fc, 24, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256; i += 32) c[i] = sc[(i / 16) * 24 + i % 16];
+}
+
+__global__ void wmma_divergent_kernel(const __half* a) {
+  nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, 16, __half, nvcuda::wmma::row_major> fa;
+  if (threadIdx.x < 16) nvcuda::wmma::load_matrix_sync(fa, a, 16);
+}
+
+// ---- tests ----
+
+void test_barrier_and_shared() {
+  std::vector<int> out(3 * 96);
+  sim::launch(dim3(3), dim3(32, 3), 0, rotate_kernel, out.data());
+  bool ok = true;
+  for (int b = 0; b < 3; ++b)
+    for (int t = 0; t < 96; ++t) ok &= out[b * 96 + t] == (t + 1) % 96 + 1000 * b;
+  CHECK(ok, "barrier/shared rotation wrong");
+
+  std::vector<int> in(5 * 64), sums(5);
+  for (size_t i = 0; i < in.size(); ++i) in[i] = (int)(i * 7 % 13);
+  sim::launch(dim3(5), dim3(64), 0, block_sum_kernel, in.data(), sums.data());
+  for (int b = 0; b < 5; ++b) {
+    int want = 0;
+    for (int i = 0; i < 64; ++i) want += in[b * 64 + i];
+    CHECK(sums[b] == want, "block %d: sum %d, want %d (one shared copy per block)", b, sums[b], want);
+  }
+}
+
+void test_shuffles() {
+  const int n = 48;  // a full warp and a partial one
+  std::vector<int> out(n * 6);
+  sim::launch(dim3(1), dim3(n), 0, shuffle_kernel, out.data());
+  for (int t = 0; t < n; ++t) {
+    const int lane = t % 32, base = t - lane, lanes = std::min(32, n - base);
+    int sum = 0;
+    for (int l = 0; l < lanes; ++l) sum += base + l;
+    // xor partners past the partial warp's end read their own value, as the simulator documents
+    if (lanes == 32) CHECK(out[t * 6] == sum, "xor reduction t=%d: %d want %d", t, out[t * 6], sum);
+    CHECK(out[t * 6 + 1] == (base + 3) * 10, "broadcast t=%d", t);
+    CHECK(out[t * 6 + 2] == (lane + 1 < lanes ? t + 1 : t), "shfl_down t=%d", t);
+    CHECK(out[t * 6 + 3] == (lane >= 2 ? t - 2 : t), "shfl_up t=%d", t);
+    CHECK(out[t * 6 + 4] == base + lane / 16 * 16, "width-16 shfl t=%d", t);
+    unsigned want = 0;
+    for (int l = 0; l < lanes; ++l) want |= (unsigned)(l % 3 == 0) << l;
+    CHECK((unsigned)out[t * 6 + 5] == want, "ballot t=%d", t);
+  }
+}
+
+void test_deadlocks() {
+  std::vector<int> out(64);
+  std::string e = error_of([&] { sim::launch(dim3(2), dim3(64), 0, early_return_kernel, out.data()); });
+  CHECK(e.find("deadlock") != std::string::npos && e.find("40 of 64") != std::string::npos, "got '%s'", e.c_str());
+  e = error_of([&] { sim::launch(dim3(1), dim3(32), 0, warp_early_return_kernel, out.data()); });
+  CHECK(e.find("deadlock") != std::string::npos && e.find("lane 5") != std::string::npos, "got '%s'", e.c_str());
+  e = error_of([&] { sim::launch(dim3(1), dim3(64), 0, divergent_barrier_kernel, out.data()); });
+  CHECK(e.find("deadlock") != std::string::npos, "got '%s'", e.c_str());
+  alignas(32) static __half a[256];
+  e = error_of([&] { sim::launch(dim3(1), dim3(32), 0, wmma_divergent_kernel, a); });
+  CHECK(e.find("deadlock") != std::string::npos, "got '%s'", e.c_str());
+  // The simulator recovers: the next launch runs normally.
+  test_barrier_and_shared();
+}
+
+void test_shuffled_order() {
+  const int n = 256;
+  auto run = [&](long long seed) {
+    sim::options().seed = seed;
+    std::vector<int> out(n);
+    sim::launch(dim3(1), dim3(n), 0, war_race_kernel, out.data());
+    sim::options().seed = -1;
+    return out;
+  };
+  std::vector<int> fixed = run(-1);
+  bool hidden = true;
+  for (int t = 0; t < n - 1; ++t) hidden &= fixed[t] == t + 1;
+  CHECK(hidden, "in thread order the race should be hidden");
+  std::vector<int> shuffled = run(7);
+  int exposed = 0;
+  for (int t = 0; t < n - 1; ++t) exposed += shuffled[t] == -1;
+  CHECK(exposed > 0, "a shuffled order should expose the write-after-read race");
+  CHECK(run(7) == shuffled, "the same seed should give the same order");
+  CHECK(run(8) != shuffled, "another seed should give another order");
+}
+
+void test_dynamic_shared_poison_and_alignment() {
+  std::vector<unsigned> out(64);
+  sim::launch(dim3(1), dim3(64), 256, poison_kernel, out.data());
+  bool all = true;
+  for (unsigned v : out) all &= v == 0xffffffffu;
+  CHECK(all, "dynamic shared memory should start poisoned");
+  std::string e = error_of([&] { sim::launch(dim3(1), dim3(1), 64 * 1024, poison_kernel, out.data()); });
+  CHECK(e.find("limit") != std::string::npos, "got '%s'", e.c_str());
+
+  alignas(16) float buf[16] = {};
+  float o[1];
+  e = error_of([&] { sim::launch(dim3(1), dim3(1), 0, misaligned_kernel, buf, o); });
+  CHECK(e.find("misaligned") != std::string::npos, "got '%s'", e.c_str());
+}
+
+template <typename T>
+void test_wmma(float (*to)(T), T (*from)(float)) {
+  std::vector<T> a(256), b(256);
+  std::vector<float> c(256);
+  for (int i = 0; i < 256; ++i) {
+    a[i] = from((float)((i * 37) % 11 - 5) / 4);
+    b[i] = from((float)((i * 53) % 13 - 6) / 8);
+  }
+  sim::launch(dim3(1), dim3(32), 0, wmma_kernel<T>, a.data(), b.data(), c.data());
+  double worst = 0;
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 16; ++j) {
+      double want = 1.0;
+      for (int k = 0; k < 16; ++k) want += (double)to(a[i * 16 + k]) * to(b[j * 16 + k]);  // b col-major
+      worst = std::max(worst, std::fabs(want - c[i * 16 + j]));
+    }
+  CHECK(worst < 1e-5, "wmma product error %g", worst);
+}
+
+float h2f(__half h) { return __half2float(h); }
+__half f2h(float f) { return __float2half_rn(f); }
+float b2f(__nv_bfloat16 h) { return __bfloat162float(h); }
+__nv_bfloat16 f2b(float f) { return __float2bfloat16_rn(f); }
+
+// Merge through the kernels directly (the Python tests cover the full op); here for ASan/UBSan coverage.
+template <typename T, typename Tab, bool kTC, bool kVec>
+void merge_case(int nb, int k, int r, bool transposed, int pad, float (*to)(T), T (*from)(float)) {
+  namespace km = lora_ext::kernels::merge;
+  const int G = 3, n = 2, ids[2] = {0, 2};
+  const int rows = transposed ? k : G * nb, cols = transposed ? G * nb : k, ldw = cols + pad;
+  std::vector<T> w((size_t)rows * ldw);
+  std::vector<Tab> a((size_t)n * r * k), b((size_t)n * nb * r);
+  unsigned s = 12345;
+  auto rnd = [&] { s = s * 1103515245u + 12345u; return (float)((s >> 8) % 2001) / 1000.f - 1.f; };
+  for (auto& x : w) x = from(rnd());
+  for (auto& x : a) x = Tab(rnd());
+  for (auto& x : b) x = Tab(rnd());
+  std::vector<T> w0 = w;
+  km::Args<T, Tab> p;
+  p.w = w.data();
+  p.ldw = ldw;
+  p.a = a.data();
+  p.b = b.data();
+  p.nb = nb;
+  p.k = k;
+  p.r = r;
+  p.scale = 0.5f;
+  p.transposed = transposed;
+  p.map.count = n;
+  for (int e = 0; e < G; ++e) p.map.slot[e] = -1;
+  for (int j = 0; j < n; ++j) {
+    p.map.id[j] = (short)ids[j];
+    p.map.slot[ids[j]] = (short)j;
+  }
+  const int m_total = transposed ? k : nb, n_total = transposed ? nb : k;
+  sim::launch(dim3((n_total + km::kTileN - 1) / km::kTileN, (m_total + km::kTileM - 1) / km::kTileM, n),
+              dim3(km::kThreads), km::smem_bytes<T, kTC>(), km::merge_kernel<T, Tab, kTC, kVec>, p);
+  double err = 0, ref = 0;
+  bool untouched = true;
+  for (int i = 0; i < rows; ++i)
+    for (int c = 0; c < ldw; ++c) {
+      const size_t at = (size_t)i * ldw + c;
+      const int blk = transposed ? c / nb : i / nb;
+      const int j = blk == 0 ? 0 : blk == 2 ? 1 : -1;
+      if (c >= cols || j < 0) {
+        untouched &= std::memcmp(&w[at], &w0[at], sizeof(T)) == 0;
+        continue;
+      }
+      const int row = transposed ? c % nb : i % nb, col = transposed ? i : c;
+      double d = 0;
+      for (int q = 0; q < r; ++q)
+        d += (double)(float)b[((size_t)j * nb + row) * r + q] * (double)(float)a[((size_t)j * r + q) * k + col];
+      const double want = to(w0[at]) + 0.5 * d;
+      err += (want - to(w[at])) * (want - to(w[at]));
+      ref += want * want;
+    }
+  const double rel = std::sqrt(err / ref);
+  CHECK(untouched, "merge wrote outside its blocks (nb=%d k=%d r=%d T=%d)", nb, k, r, (int)transposed);
+  CHECK(rel < (sizeof(T) == 4 ? 1e-5 : 1e-2), "merge rel error %g (nb=%d k=%d r=%d T=%d)", rel, nb, k, r,
+        (int)transposed);
+}
+
+void test_merge_kernels() {
+  float (*fid)(float) = [](float x) { return x; };
+  merge_case<float, float, false, true>(37, 53, 8, false, 3, fid, fid);
+  merge_case<float, float, false, false>(37, 53, 33, true, 1, fid, fid);
+  merge_case<__half, __half, true, true>(70, 140, 40, false, 4, h2f, f2h);
+  merge_case<__nv_bfloat16, __nv_bfloat16, true, false>(20, 67, 33, true, 1, b2f, f2b);
+  merge_case<__nv_bfloat16, float, false, true>(9, 130, 1, false, 6, b2f, f2b);
+}
+
+}  // namespace
+
+int main() {
+  try {
+    test_barrier_and_shared();
+    test_shuffles();
+    test_deadlocks();
+    test_shuffled_order();
+    test_dynamic_shared_poison_and_alignment();
+    test_wmma<__half>(h2f, f2h);
+    test_wmma<__nv_bfloat16>(b2f, f2b);
+    test_merge_kernels();
+  } catch (const std::exception& e) {
+    std::printf("FAIL: unexpected exception: %s\n", e.what());
+    return 1;
+  }
+  if (failures) {
+    std::printf("simt_test: %d failure(s)\n", failures);
+    return 1;
+  }
+  std::printf("simt_test: all passed\n");
+  return 0;
+}

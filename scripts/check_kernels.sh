@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds and runs the kernels' own checks (CMakeLists.txt): the nvcc compile check for every kernel
+# variant on sm_80 and sm_90 (warnings, spills and local memory are errors), then the simulator's tests,
+# plain and under ASan/UBSan. Prints ptxas's resource usage as a table. Exits non-zero on any failure.
+#
+#   scripts/check_kernels.sh [build-dir]      (default build/kernels; env: CUDA_ROOT, JOBS)
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+build="${1:-$root/build/kernels}"
+cuda="${CUDA_ROOT:-/usr/local/cuda}"
+jobs="${JOBS:-2}"
+
+mkdir -p "$build"
+cmake -S "$root" -B "$build" -DCUDA_ROOT="$cuda" -DCMAKE_BUILD_TYPE=Release > "$build.configure.log" 2>&1 \
+  || { cat "$build.configure.log"; exit 1; }
+rm -f "$build.configure.log"
+# Rebuild the compile check every time so its report is always printed.
+rm -rf "$build/kernel_check"
+cmake --build "$build" -j "$jobs"
+
+echo "== ptxas resource usage =="
+cat "$build"/kernel_check/*.ptxas.txt | python3 "$root/scripts/ptxas_table.py"
+
+echo "== simulator tests =="
+"$build/simt_test"
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$build/simt_test_asan"
+echo "check_kernels: all passed"

@@ -1,0 +1,296 @@
+"""The merge and delta-weight CUDA kernels, run on the CPU through the SIMT simulator (lora_ext._sim).
+
+Every case draws fresh random inputs, computes a float64 reference here with torch, poisons output
+buffers with NaN, and checks that everything the kernel must not touch is bit-for-bit unchanged.
+"""
+import importlib.util
+import zlib
+
+import pytest
+import torch
+
+# Skip only when the module was not built; one that is built but fails to load is an error.
+if importlib.util.find_spec("lora_ext._sim") is None:
+    pytestmark = pytest.mark.skip(
+        reason="lora_ext._sim is not built; build it with `pip install --no-build-isolation -e .`"
+    )
+    _sim = None
+else:
+    from lora_ext import _sim
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (num_blocks, enabled block ids, transposed): plain Linear/Conv, fan_in_fan_out/Embedding, MergedLinear
+PATTERNS = {
+    "plain": (1, [0], False),
+    "transposed": (1, [0], True),
+    "merged_TFT": (3, [0, 2], False),
+    "merged_FT": (2, [1], False),
+    "merged_TTT": (3, [0, 1, 2], False),
+    "merged_TFT_transposed": (3, [0, 2], True),
+}
+
+
+@pytest.fixture(autouse=True)
+def _thread_order():
+    yield
+    if _sim is not None:
+        _sim.set_schedule(None)
+
+
+def _gen(*key):
+    """A generator seeded per case: fresh inputs for every case, reproducible between runs."""
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def _storage_shape(num_blocks, nb, k, transposed):
+    return (k, num_blocks * nb) if transposed else (num_blocks * nb, k)
+
+
+def _view(buf, layout, shape):
+    """W's view of its buffer for each storage layout under test."""
+    rows, cols = shape
+    if layout == "contiguous":
+        return buf
+    if layout == "strided":  # a row-slice of a wider tensor, 16-byte aligned rows
+        return buf[:, :cols]
+    if layout == "misaligned":  # data pointer one element past a 16-byte boundary
+        return buf[1:].view(rows, cols)
+    if layout == "strided_misaligned":
+        return buf[:, 1 : 1 + cols]
+    raise AssertionError(layout)
+
+
+def _buffer(layout, shape, dtype, g):
+    rows, cols = shape
+    if layout == "contiguous":
+        size = (rows, cols)
+    elif layout == "strided":
+        size = (rows, cols + 8 + (-cols) % 8)
+    elif layout == "misaligned":
+        size = (rows * cols + 1,)
+    else:
+        size = (rows, cols + 3)
+    return torch.randn(size, generator=g).to(dtype)
+
+
+def _operands(num_blocks, ids, nb, k, r, dtype, g):
+    n = len(ids)
+    a = torch.randn(n * r, k, generator=g).to(dtype)
+    b = torch.randn(n * nb, r, generator=g).to(dtype)
+    return a, b
+
+
+def _reference_delta(a, b, scale, num_blocks, ids, nb, transposed):
+    """float64 dense delta in W's storage layout."""
+    k = a.shape[1]
+    r = a.shape[0] // len(ids) if ids else 0
+    delta = torch.zeros(num_blocks * nb, k, dtype=torch.float64)
+    for j, e in enumerate(ids):
+        delta[e * nb : (e + 1) * nb] = scale * (b[j * nb : (j + 1) * nb].double() @ a[j * r : (j + 1) * r].double())
+    return delta.t() if transposed else delta
+
+
+def _touched(buf, layout, shape, num_blocks, ids, nb, transposed):
+    mask = torch.zeros(buf.shape, dtype=torch.bool)
+    view = _view(mask, layout, shape)
+    for e in ids:
+        if transposed:
+            view[:, e * nb : (e + 1) * nb] = True
+        else:
+            view[e * nb : (e + 1) * nb] = True
+    return mask
+
+
+def _ulp(x, dtype):
+    """The spacing of `dtype` values around float64 x."""
+    info = torch.finfo(dtype)
+    exp = torch.floor(torch.log2(x.abs().clamp_min(info.smallest_normal)))
+    return torch.exp2(exp - {torch.float16: 10, torch.bfloat16: 7}[dtype])
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+def _check_merge(dtype, ab_dtype, pattern, nb, k, r, layout="contiguous", scale=0.75, seed=None, tag=""):
+    num_blocks, ids, transposed = PATTERNS[pattern] if isinstance(pattern, str) else pattern
+    g = _gen(str(dtype), str(ab_dtype), str(pattern), nb, k, r, layout, tag)
+    shape = _storage_shape(num_blocks, nb, k, transposed)
+    buf = _buffer(layout, shape, dtype, g)
+    w = _view(buf, layout, shape)
+    a, b = _operands(num_blocks, ids, nb, k, r, ab_dtype, g)
+    before = buf.clone()
+    w0 = w.clone()
+    ref = w0.double() + _reference_delta(a, b, scale, num_blocks, ids, nb, transposed)
+    if seed is not None:
+        _sim.set_schedule(seed)
+    _sim.merge_(w, a, b, scale, num_blocks, ids, transposed)
+
+    touched = _touched(buf, layout, shape, num_blocks, ids, nb, transposed)
+    assert torch.equal(_bits(buf)[~touched], _bits(before)[~touched]), "wrote outside the enabled blocks"
+    if not ids:
+        return
+    assert not torch.isnan(w).any()
+    wmask = _view(touched, layout, shape)
+    out, want = w[wmask], ref[wmask]
+    err = _rel_err(out, want)
+    assert err < TOL[dtype], f"relative error {err:.3g}"
+    if dtype != torch.float32:
+        # One rounding per element: within an ulp of the float64 result, plus what fp32 accumulation of
+        # the r products may add (it matters only where W and the delta nearly cancel).
+        size = w0.double().abs() + _reference_delta(a.abs(), b.abs(), abs(scale), num_blocks, ids, nb, transposed)
+        bound = _ulp(want, dtype) + (r + 2) * 2.0**-24 * size[wmask]
+        excess = ((out.double() - want).abs() / bound).max().item()
+        assert excess <= 1, f"an element is {excess:.3g}x the single-rounding bound from the float64 result"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("r", [1, 8, 33])
+def test_merge_patterns(dtype, pattern, r):
+    nb = 37 if PATTERNS[pattern][0] == 1 else 13
+    _check_merge(dtype, dtype, pattern, nb=nb, k=53, r=r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", ["plain", "transposed", "merged_TFT", "merged_TFT_transposed"])
+def test_merge_multi_tile_vector_path(dtype, pattern):
+    # sizes spanning several 64x128 tiles, with widths that allow 16-byte accesses, and r over two chunks
+    nb = 72 if PATTERNS[pattern][0] == 1 else 24
+    _check_merge(dtype, dtype, pattern, nb=nb, k=136, r=40)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("r", [8, 33])
+@pytest.mark.parametrize("pattern", ["plain", "merged_TFT_transposed"])
+def test_merge_fp32_operands_into_half_weight(dtype, r, pattern):
+    _check_merge(dtype, torch.float32, pattern, nb=37 if pattern == "plain" else 11, k=45, r=r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["strided", "misaligned", "strided_misaligned"])
+@pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_transposed"])
+@pytest.mark.parametrize("r", [8, 33])
+def test_merge_layouts(dtype, layout, pattern, r):
+    nb = 37 if PATTERNS[pattern][0] == 1 else 16
+    _check_merge(dtype, dtype, pattern, nb=nb, k=64 if layout == "strided" else 53, r=r, layout=layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_merge_no_enabled_block_is_a_noop(dtype):
+    _check_merge(dtype, dtype, (3, [], False), nb=13, k=53, r=4)
+    _check_merge(dtype, dtype, (3, [], True), nb=13, k=53, r=4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("pattern,r", [("plain", 8), ("merged_TFT_transposed", 33), ("plain", 70)])
+def test_merge_shuffled_schedule(dtype, seed, pattern, r):
+    _check_merge(dtype, dtype, pattern, nb=70 if pattern == "plain" else 20, k=140, r=r, seed=seed)
+
+
+def test_unmerge_restores_fp32_weight():
+    g = _gen("unmerge")
+    w = torch.randn(70, 45, generator=g)
+    a, b = _operands(1, [0], 70, 45, 8, torch.float32, g)
+    w0 = w.clone()
+    _sim.merge_(w, a, b, 0.5, 1, [0], False)
+    assert not torch.equal(w, w0)
+    _sim.merge_(w, a, b, -0.5, 1, [0], False)
+    assert _rel_err(w, w0.double()) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", ["plain", "transposed", "merged_TFT", "merged_FT", "merged_TFT_transposed"])
+@pytest.mark.parametrize("r", [1, 33])
+@pytest.mark.parametrize("layout", ["contiguous", "strided_misaligned"])
+def test_delta_weight(dtype, pattern, r, layout):
+    num_blocks, ids, transposed = PATTERNS[pattern]
+    nb = 37 if num_blocks == 1 else 13
+    k = 53
+    g = _gen("delta", str(dtype), pattern, r, layout)
+    shape = _storage_shape(num_blocks, nb, k, transposed)
+    buf = torch.full(_buffer(layout, shape, dtype, g).shape, float("nan"), dtype=dtype)
+    out = _view(buf, layout, shape)
+    a, b = _operands(num_blocks, ids, nb, k, r, dtype, g)
+    ref = _reference_delta(a, b, 0.6, num_blocks, ids, nb, transposed)
+    _sim.delta_weight_(out, a, b, 0.6, num_blocks, ids, transposed)
+
+    inside = torch.zeros(buf.shape, dtype=torch.bool)
+    _view(inside, layout, shape)[...] = True
+    assert torch.isnan(buf[~inside]).all(), "wrote outside out"
+    assert not torch.isnan(out).any(), "left elements of out unwritten"
+    disabled = ~_view(_touched(buf, layout, shape, num_blocks, ids, nb, transposed), layout, shape)
+    assert (out[disabled] == 0).all()
+    err = _rel_err(out, ref)
+    assert err < TOL[dtype], f"relative error {err:.3g}"
+
+
+def test_delta_weight_with_no_enabled_block_writes_zeros():
+    out = torch.full((39, 20), float("nan"))
+    _sim.delta_weight_(out, torch.empty(0, 20), torch.empty(0, 4), 1.0, 3, [], False)
+    assert (out == 0).all()
+
+
+def _args(**over):
+    g = _gen("args")
+    args = dict(
+        W=torch.randn(39, 20, generator=g),
+        A=torch.randn(8, 20, generator=g),
+        B=torch.randn(26, 4, generator=g),
+        scale=0.5,
+        num_blocks=3,
+        block_ids=[0, 2],
+        transposed=False,
+    )
+    args.update(over)
+    return args
+
+
+BAD_ARGS = {
+    "W 3-D": (dict(W=torch.randn(39, 20, 1)), "W must be 2-D"),
+    "W integer": (dict(W=torch.randint(1, 9, (39, 20), dtype=torch.int32)), "W must be float32"),
+    "W float64": (dict(W=torch.randn(39, 20, dtype=torch.float64)), "W must be float32"),
+    "W column stride": (dict(W=torch.randn(20, 39).t()), "W must have column stride 1"),
+    "W rows vs num_blocks": (dict(W=torch.randn(40, 20)), "not divisible by num_blocks"),
+    "W on another device": (dict(W=torch.empty(39, 20, device="meta")), "W must be a CPU tensor"),
+    "A on another device": (dict(A=torch.empty(8, 20, device="meta")), "A must be on W's device"),
+    "A dtype": (dict(A=torch.randn(8, 20, dtype=torch.float64)), "A must be float32 or W's dtype"),
+    "B dtype": (dict(B=torch.randn(26, 4).half()), "B must have A's dtype"),
+    "A columns": (dict(A=torch.randn(8, 21)), "A must have 20 columns"),
+    "A rows": (dict(A=torch.randn(7, 20)), "A must have n\\*r rows"),
+    "B shape": (dict(B=torch.randn(26, 5)), "B must have shape"),
+    "B rows": (dict(B=torch.randn(25, 4)), "B must have shape"),
+    "A 1-D": (dict(A=torch.randn(160)), "A must be 2-D"),
+    "num_blocks": (dict(num_blocks=0), "num_blocks must be in"),
+    "block_ids range": (dict(block_ids=[0, 3]), "block_ids must lie in"),
+    "block_ids order": (dict(block_ids=[2, 0]), "block_ids must be strictly increasing"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGS))
+def test_merge_argument_errors(case):
+    over, message = BAD_ARGS[case]
+    args = _args(**over)
+    w0 = args["W"].clone() if args["W"].device.type == "cpu" else None
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        _sim.merge_(**args)
+    if w0 is not None:
+        assert torch.equal(args["W"], w0), "W changed although the call was rejected"
+
+
+def test_delta_weight_argument_errors_name_out():
+    args = _args()
+    out = args.pop("W")
+    with pytest.raises(ValueError, match="out must be 2-D"):
+        _sim.delta_weight_(out[None], **args)
+    with pytest.raises(ValueError, match="out must have column stride 1"):
+        _sim.delta_weight_(torch.randn(20, 39).t(), **args)
