@@ -38,9 +38,29 @@ def _thread_order():
         _sim.set_schedule(None)
 
 
+BACKENDS = ["sim"] + (["cuda"] if torch.cuda.is_available() and _C is not None else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
 def _gen(*key):
-    """A generator seeded per case: fresh inputs for every case, reproducible between runs."""
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+    """A generator for one case, seeded from the global RNG (which conftest seeds afresh per test)."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+
+
+def _run(backend, name, out_buf, view, *args):
+    """Runs kernel `name` on the view of out_buf on the backend; returns out_buf as it is afterwards."""
+    if backend == "sim":
+        getattr(_sim, name)(view(out_buf), *args)
+        return out_buf
+    dev_buf = out_buf.cuda()
+    moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+    getattr(_C, name)(view(dev_buf), *moved)
+    torch.cuda.synchronize()
+    return dev_buf.cpu()
 
 
 def _storage_shape(num_blocks, nb, k, transposed):
@@ -120,7 +140,8 @@ def _rel_err(out, ref):
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-def _check_merge(dtype, ab_dtype, pattern, nb, k, r, layout="contiguous", scale=0.75, seed=None, tag=""):
+def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous", scale=0.75, seed=None,
+                 tag=""):
     num_blocks, ids, transposed = PATTERNS[pattern] if isinstance(pattern, str) else pattern
     g = _gen(str(dtype), str(ab_dtype), str(pattern), nb, k, r, layout, tag)
     shape = _storage_shape(num_blocks, nb, k, transposed)
@@ -132,7 +153,8 @@ def _check_merge(dtype, ab_dtype, pattern, nb, k, r, layout="contiguous", scale=
     ref = w0.double() + _reference_delta(a, b, scale, num_blocks, ids, nb, transposed)
     if seed is not None:
         _sim.set_schedule(seed)
-    _sim.merge_(w, a, b, scale, num_blocks, ids, transposed)
+    buf = _run(backend, "merge_", buf, lambda t: _view(t, layout, shape), a, b, scale, num_blocks, ids, transposed)
+    w = _view(buf, layout, shape)
 
     touched = _touched(buf, layout, shape, num_blocks, ids, nb, transposed)
     assert torch.equal(_bits(buf)[~touched], _bits(before)[~touched]), "wrote outside the enabled blocks"
@@ -155,46 +177,46 @@ def _check_merge(dtype, ab_dtype, pattern, nb, k, r, layout="contiguous", scale=
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("r", [1, 8, 33])
-def test_merge_patterns(dtype, pattern, r):
+def test_merge_patterns(backend, dtype, pattern, r):
     nb = 37 if PATTERNS[pattern][0] == 1 else 13
-    _check_merge(dtype, dtype, pattern, nb=nb, k=53, r=r)
+    _check_merge(backend, dtype, dtype, pattern, nb=nb, k=53, r=r)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", ["plain", "transposed", "merged_TFT", "merged_TFT_transposed"])
-def test_merge_multi_tile_vector_path(dtype, pattern):
+def test_merge_multi_tile_vector_path(backend, dtype, pattern):
     # sizes spanning several 64x128 tiles, with widths that allow 16-byte accesses, and r over two chunks
     nb = 72 if PATTERNS[pattern][0] == 1 else 24
-    _check_merge(dtype, dtype, pattern, nb=nb, k=136, r=40)
+    _check_merge(backend, dtype, dtype, pattern, nb=nb, k=136, r=40)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("r", [8, 33])
 @pytest.mark.parametrize("pattern", ["plain", "merged_TFT_transposed"])
-def test_merge_fp32_operands_into_half_weight(dtype, r, pattern):
-    _check_merge(dtype, torch.float32, pattern, nb=37 if pattern == "plain" else 11, k=45, r=r)
+def test_merge_fp32_operands_into_half_weight(backend, dtype, r, pattern):
+    _check_merge(backend, dtype, torch.float32, pattern, nb=37 if pattern == "plain" else 11, k=45, r=r)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["strided", "misaligned", "strided_misaligned"])
 @pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_transposed"])
 @pytest.mark.parametrize("r", [8, 33])
-def test_merge_layouts(dtype, layout, pattern, r):
+def test_merge_layouts(backend, dtype, layout, pattern, r):
     nb = 37 if PATTERNS[pattern][0] == 1 else 16
-    _check_merge(dtype, dtype, pattern, nb=nb, k=64 if layout == "strided" else 53, r=r, layout=layout)
+    _check_merge(backend, dtype, dtype, pattern, nb=nb, k=64 if layout == "strided" else 53, r=r, layout=layout)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_merge_no_enabled_block_is_a_noop(dtype):
-    _check_merge(dtype, dtype, (3, [], False), nb=13, k=53, r=4)
-    _check_merge(dtype, dtype, (3, [], True), nb=13, k=53, r=4)
+def test_merge_no_enabled_block_is_a_noop(backend, dtype):
+    _check_merge(backend, dtype, dtype, (3, [], False), nb=13, k=53, r=4)
+    _check_merge(backend, dtype, dtype, (3, [], True), nb=13, k=53, r=4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("pattern,r", [("plain", 8), ("merged_TFT_transposed", 33), ("plain", 70)])
 def test_merge_shuffled_schedule(dtype, seed, pattern, r):
-    _check_merge(dtype, dtype, pattern, nb=70 if pattern == "plain" else 20, k=140, r=r, seed=seed)
+    _check_merge("sim", dtype, dtype, pattern, nb=70 if pattern == "plain" else 20, k=140, r=r, seed=seed)
 
 
 def test_unmerge_restores_fp32_weight():
@@ -212,7 +234,7 @@ def test_unmerge_restores_fp32_weight():
 @pytest.mark.parametrize("pattern", ["plain", "transposed", "merged_TFT", "merged_FT", "merged_TFT_transposed"])
 @pytest.mark.parametrize("r", [1, 33])
 @pytest.mark.parametrize("layout", ["contiguous", "strided_misaligned"])
-def test_delta_weight(dtype, pattern, r, layout):
+def test_delta_weight(backend, dtype, pattern, r, layout):
     num_blocks, ids, transposed = PATTERNS[pattern]
     nb = 37 if num_blocks == 1 else 13
     k = 53
@@ -222,7 +244,9 @@ def test_delta_weight(dtype, pattern, r, layout):
     out = _view(buf, layout, shape)
     a, b = _operands(num_blocks, ids, nb, k, r, dtype, g)
     ref = _reference_delta(a, b, 0.6, num_blocks, ids, nb, transposed)
-    _sim.delta_weight_(out, a, b, 0.6, num_blocks, ids, transposed)
+    buf = _run(backend, "delta_weight_", buf, lambda t: _view(t, layout, shape), a, b, 0.6, num_blocks, ids,
+               transposed)
+    out = _view(buf, layout, shape)
 
     inside = torch.zeros(buf.shape, dtype=torch.bool)
     _view(inside, layout, shape)[...] = True

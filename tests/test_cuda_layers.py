@@ -1,0 +1,78 @@
+"""lora_ext layers and ops on CUDA tensors (through lora_ext._C), against float64 references.
+Runs where there is a GPU (bench/gpu_check.sh); skipped elsewhere."""
+import pytest
+import torch
+
+import lora_ext
+from lora_ext import ops
+from conftest import assert_close_rel, dense_delta64
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.cuda_kernels_available()),
+                                reason="needs a CUDA device and lora_ext built with its CUDA kernels")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYERS = {
+    "linear": lambda: lora_ext.Linear(96, 80, r=8, lora_alpha=16),
+    "linear_fan": lambda: lora_ext.Linear(96, 80, r=8, fan_in_fan_out=True),
+    "merged": lambda: lora_ext.MergedLinear(96, 120, r=4, enable_lora=[True, False, True]),
+    "merged_r64": lambda: lora_ext.MergedLinear(96, 192, r=64, enable_lora=[False, True, True]),
+    "embedding": lambda: lora_ext.Embedding(77, 40, r=8),
+    "conv2d": lambda: lora_ext.Conv2d(6, 8, 3, r=4),
+}
+
+
+def _weight_and_delta(m):
+    if isinstance(m, lora_ext.ConvLoRA):
+        w = m.conv.weight
+        return w, (m.lora_B.double() @ m.lora_A.double()).view(w.shape) * m.scaling
+    if isinstance(m, lora_ext.MergedLinear):
+        ids = [i for i, e in enumerate(m.enable_lora) if e]
+        d = dense_delta64(m.lora_A, m.lora_B, len(m.enable_lora), ids, m.out_features) * m.scaling
+        return m.weight, d.t() if m.fan_in_fan_out else d
+    d = (m.lora_B.double() @ m.lora_A.double()) * m.scaling
+    transposed = isinstance(m, lora_ext.Embedding) or m.fan_in_fan_out
+    return m.weight, d.t() if transposed else d
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_cuda_merge_and_unmerge(kind, dtype):
+    m = LAYERS[kind]().cuda()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    w, _ = _weight_and_delta(m)
+    with torch.no_grad():
+        w.data = w.data.to(dtype)  # low-precision base, fp32 LoRA factors
+    base = w.detach().double().clone()
+    _, delta = _weight_and_delta(m)
+    version = w._version
+    m.eval()
+    w, _ = _weight_and_delta(m)
+    assert w._version > version
+    assert_close_rel(w.cpu(), (base + delta).cpu(), dtype)
+    m.train()
+    assert_close_rel(w.cpu(), base.cpu(), dtype, factor=2)
+
+
+def test_cuda_merge_rejects_bad_input_before_writing():
+    w = torch.randn(64, 32, device="cuda")
+    w0 = w.clone()
+    with pytest.raises(ValueError, match="lora_B"):
+        ops.merge_(w, torch.randn(4, 32, device="cuda"), torch.randn(64, 5, device="cuda"), 1.0)
+    with pytest.raises(ValueError, match="device"):
+        ops.merge_(w, torch.randn(4, 32), torch.randn(64, 4, device="cuda"), 1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(w, w0)
+
+
+def test_cuda_merge_on_current_stream():
+    w = torch.randn(512, 256, device="cuda")
+    A, B = torch.randn(8, 256, device="cuda"), torch.randn(512, 8, device="cuda")
+    ref = w.double() + 0.5 * B.double() @ A.double()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.merge_(w, A, B, 0.5)
+    torch.cuda.current_stream().wait_stream(s)
+    assert_close_rel(w, ref, torch.float32)
