@@ -15,6 +15,25 @@ def _bench(args):
     return 0
 
 
+def _merge(args):
+    from .serving.merge_cli import merge_checkpoint
+
+    try:
+        n = merge_checkpoint(args.base, args.adapter, args.out, device=args.device, dtype=args.dtype,
+                             progress=not args.quiet)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"lora-ext merge: error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {n} weights into {args.out}")
+    return 0
+
+
+def _demo(args):
+    from .serving import demo
+
+    return demo.run(device=args.device, steps=args.steps, out=args.out, quiet=args.quiet)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="lora-ext", description="lora_ext: a drop-in, faster loralib")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +43,21 @@ def main(argv=None):
     b.add_argument("--dim", type=int, default=4096, help="layer width (default 4096)")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     b.set_defaults(func=_bench)
+    m = sub.add_parser("merge", help="merge a peft LoRA adapter into a safetensors checkpoint, streaming")
+    m.add_argument("--base", required=True, help="model directory (sharded or not) or a .safetensors file")
+    m.add_argument("--adapter", required=True, help="peft LoRA adapter directory")
+    m.add_argument("--out", required=True, help="output directory (or file, when --base is a file)")
+    m.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to merge (default cpu)")
+    m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="floating-point dtype of the output (default: as the input)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(func=_merge)
+    d = sub.add_parser("demo", help="inject, train, save/load a peft adapter, merge and swap on a small GPT-2")
+    d.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    d.add_argument("--steps", type=int, default=200, help="training steps per adapter (default 200)")
+    d.add_argument("--out", metavar="DIR", help="keep the saved adapters in DIR (default: a temporary directory)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

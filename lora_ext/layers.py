@@ -11,20 +11,30 @@ Differences from loralib 0.1.2 (its bugs, fixed):
 - MergedLinear with no enabled group, Conv1d/Conv3d with kernel_size > 1 and tuple kernel sizes work;
 - lora_dropout is an nn.Module (layers pickle and deepcopy) and ConvLoRA applies it;
 - low-precision base weights work with fp32 LoRA parameters.
+
+Serving additions: a layer holds named adapters (the active one is lora_A/lora_B, so state dicts keep
+loralib's keys; the others wait in `_adapters`, on the device or in host memory), `set_adapter` switches
+between them (one pass over the weight when merged), and a per-layer lock makes merge, unmerge and switch
+atomic with respect to forward calls of the same layer on other threads.
 """
+import contextlib
 import math
+import threading
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .swap import check_finite, swap_
 
 
 def _remerge_after_load(module, incompatible_keys):
-    if module._remerge_pending:
-        module._remerge_pending = False
-        module._merge()
+    with module._lock:
+        if module._remerge_pending:
+            module._remerge_pending = False
+            module._merge()
+            module.merged = True
 
 
 class LoRALayer:
@@ -49,7 +59,30 @@ class LoRALayer:
         self.register_buffer("_merged_A", None, persistent=False)
         self.register_buffer("_merged_B", None, persistent=False)
         self._merged_scaling = None
+        self.active_adapter = "default"
+        # Inactive named adapters: name -> (lora_A, lora_B, scaling), kept where they were given.
+        self._adapters = {}
+        self._active_home = None
+        self._lock = threading.RLock()
         self.register_load_state_dict_post_hook(_remerge_after_load)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_lock", None)  # locks do not pickle or deepcopy; each copy gets its own
+        return state
+
+    def __setstate__(self, state):
+        nn.Module.__setstate__(self, state)
+        self.__dict__.setdefault("active_adapter", "default")
+        self.__dict__.setdefault("_adapters", {})
+        self.__dict__.setdefault("_active_home", None)
+        self._lock = threading.RLock()
+
+    def _guard(self):
+        # Under torch.compile there is no other thread to exclude within the traced graph.
+        if torch.compiler.is_compiling():
+            return contextlib.nullcontext()
+        return self._lock
 
     @property
     def has_lora(self):
@@ -77,14 +110,124 @@ class LoRALayer:
         self._merged_A = self._merged_B = self._merged_scaling = None
 
     def train(self, mode=True):
-        nn.Module.train(self, mode)
-        if self.merge_weights and mode == self.merged:
-            if self.has_lora:
-                (self._unmerge if mode else self._merge)()
-            self.merged = not mode
+        with self._lock:
+            nn.Module.train(self, mode)
+            if self.merge_weights and mode == self.merged:
+                if self.has_lora:
+                    (self._unmerge if mode else self._merge)()
+                self.merged = not mode
         return self
 
+    def merge(self):
+        """Merges the active adapter into the weight now, whatever the train/eval mode."""
+        with self._lock:
+            if self.has_lora and not self.merged:
+                self._merge()
+            self.merged = True
+
+    def unmerge(self):
+        """Restores the base weight now (forwards then add the adapter on the fly)."""
+        with self._lock:
+            if self.merged and self._merged_A is not None:
+                self._unmerge()
+            self.merged = False
+
+    # -- named adapters ------------------------------------------------------------------------------
+
+    def _rank_of(self, lora_A):
+        """The adapter rank r of factors with lora_A's shape (lora_A has r * _rank_rows() rows)."""
+        return lora_A.shape[0] // self._rank_rows()
+
+    def _rank_rows(self):
+        return 1
+
+    def factor_shapes(self, r):
+        """(lora_A shape, lora_B shape) of a rank-r adapter for this layer."""
+        raise NotImplementedError
+
+    @property
+    def adapter_names(self):
+        return [self.active_adapter, *self._adapters]
+
+    def get_adapter(self, name):
+        """(lora_A, lora_B, scaling) of a named adapter; the active one's are the live parameters."""
+        if name == self.active_adapter:
+            return self.lora_A, self.lora_B, self.scaling
+        if name not in self._adapters:
+            raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+        return self._adapters[name]
+
+    def check_adapter(self, lora_A, lora_B, scaling, name="adapter", values=True):
+        """Raises ValueError unless the factors fit this layer and (values=True) all values are finite."""
+        if not self.has_lora:
+            raise ValueError(f"{name}: this layer was built with r=0 and holds no adapter")
+        for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"{name}: {what} must be a 2-D tensor, got {getattr(t, 'shape', type(t))}")
+        r = self._rank_of(lora_A)
+        want = self.factor_shapes(max(r, 1))
+        if r < 1 or (tuple(lora_A.shape), tuple(lora_B.shape)) != want:
+            raise ValueError(f"{name}: factors of shape {tuple(lora_A.shape)} and {tuple(lora_B.shape)} do not fit "
+                             f"this layer; a rank-{max(r, 1)} adapter needs {want[0]} and {want[1]}")
+        if values:
+            check_finite(name, lora_A, lora_B, scaling)
+
+    def add_adapter(self, name, lora_A, lora_B, scaling):
+        """Adds (or replaces) a named adapter. Replacing the active one changes the layer at once (in one
+        pass over the weight when merged); any other adapter is kept where it is (device or host memory)
+        until set_adapter makes it active."""
+        self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
+        with self._lock:
+            if name == self.active_adapter:
+                self._activate(lora_A, lora_B, float(scaling))
+            else:
+                self._adapters[name] = (lora_A.detach(), lora_B.detach(), float(scaling))
+
+    def delete_adapter(self, name):
+        if name == self.active_adapter:
+            raise ValueError(f"adapter {name!r} is active; set another adapter active before deleting it")
+        with self._lock:
+            del self._adapters[name]
+
+    def set_adapter(self, name):
+        """Makes a named adapter the active one; the previous one is kept under its name (moved back to
+        where it was given). Merged: one pass over the weight, W += s2 B2 A2 - s1 B1 A1."""
+        if name == self.active_adapter:
+            return
+        if name not in self._adapters:
+            raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+        lora_A, lora_B, scaling = self._adapters[name]
+        with self._lock:
+            # merged, swap_ checks every value (on the stacked factors) before it writes anything
+            self.check_adapter(lora_A, lora_B, scaling, name=repr(name), values=not self.merged)
+            home = lora_A.device
+            old = (self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+            old_home = self._active_home or old[0].device
+            self._activate(lora_A, lora_B, scaling)
+            del self._adapters[name]
+            self._adapters[self.active_adapter] = (old[0].to(old_home), old[1].to(old_home), old[2])
+            self.active_adapter, self._active_home = name, home
+
+    def _activate(self, lora_A, lora_B, scaling):
+        """Makes (lora_A, lora_B, scaling) the live factors; caller holds the lock and has checked them."""
+        lora_A = lora_A.detach().to(self.lora_A.device, self.lora_A.dtype)
+        lora_B = lora_B.detach().to(self.lora_B.device, self.lora_B.dtype)
+        if self.merged and self._merged_A is not None:
+            with torch.no_grad():
+                swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
+                      lora_A, lora_B, scaling, **self._layout())
+            self._merged_A, self._merged_B, self._merged_scaling = lora_A.clone(), lora_B.clone(), scaling
+        self.lora_A.data = lora_A
+        self.lora_B.data = lora_B
+        self.r = self._rank_of(lora_A)
+        self.scaling = scaling
+        self.lora_alpha = scaling * self.r
+
     def state_dict(self, *args, **kwargs):
+        with self._lock:
+            return self._state_dict(*args, **kwargs)
+
+    def _state_dict(self, *args, **kwargs):
         state = nn.Module.state_dict(self, *args, **kwargs)
         if self.merged and self._merged_A is not None:
             prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
@@ -99,9 +242,14 @@ class LoRALayer:
         return weight
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        with self._lock:
+            self._load_state(state_dict, prefix, *args, **kwargs)
+
+    def _load_state(self, state_dict, prefix, *args, **kwargs):
         if self.merged and self._merged_A is not None:
             # Loading brings a base weight and/or new factors: hold the base now, merge again after.
             self._unmerge()
+            self.merged = False  # until the post-load hook merges again: forwards in between stay right
             self._remerge_pending = True
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
@@ -119,14 +267,24 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def reset_parameters(self):
         nn.Embedding.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
         if hasattr(self, "lora_A"):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
+
+    def factor_shapes(self, r):
+        return (r, self.num_embeddings), (self.embedding_dim, r)
 
     def _layout(self):
         return {"transposed": True}
 
     def forward(self, x):
+        with self._guard():
+            return self._forward(x)
+
+    def _forward(self, x):
         if self.r > 0 and not self.merged:
             return ops.embedding(x, self.weight, self.lora_A, self.lora_B, self.scaling,
                                  padding_idx=self.padding_idx, max_norm=self.max_norm,
@@ -153,14 +311,24 @@ class Linear(LoRALayer, nn.Linear):
 
     def reset_parameters(self):
         nn.Linear.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
         if hasattr(self, "lora_A"):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+
+    def factor_shapes(self, r):
+        return (r, self.in_features), (self.out_features, r)
 
     def _layout(self):
         return {"transposed": self.fan_in_fan_out}
 
     def forward(self, x):
+        with self._guard():
+            return self._forward(x)
+
+    def _forward(self, x):
         if self.r > 0 and not self.merged:
             return ops.linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_A, self.lora_B,
                               self.scaling, fan_in_fan_out=self.fan_in_fan_out)
@@ -196,9 +364,19 @@ class MergedLinear(LoRALayer, nn.Linear):
 
     def reset_parameters(self):
         nn.Linear.reset_parameters(self)
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
         if hasattr(self, "lora_A"):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+
+    def _rank_rows(self):
+        return len(self._block_ids)
+
+    def factor_shapes(self, r):
+        n = len(self._block_ids)
+        return (r * n, self.in_features), (self.out_features // len(self.enable_lora) * n, r)
 
     def _layout(self):
         return {"num_blocks": len(self.enable_lora), "block_ids": self._block_ids,
@@ -210,6 +388,10 @@ class MergedLinear(LoRALayer, nn.Linear):
                                 dtype=self.weight.dtype, **self._layout())
 
     def forward(self, x):
+        with self._guard():
+            return self._forward(x)
+
+    def _forward(self, x):
         if self.has_lora and not self.merged:
             return ops.linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_A, self.lora_B,
                               self.scaling, num_blocks=len(self.enable_lora), block_ids=self._block_ids,
@@ -251,9 +433,20 @@ class ConvLoRA(LoRALayer, nn.Module):
 
     def reset_parameters(self):
         self.conv.reset_parameters()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
         if hasattr(self, "lora_A"):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
+
+    def _rank_rows(self):
+        return self.conv.kernel_size[0]
+
+    def factor_shapes(self, r):
+        c, k0 = self.conv, self.conv.kernel_size[0]
+        rest = math.prod(c.kernel_size[1:])
+        return (r * k0, c.in_channels * rest), (c.out_channels // c.groups * k0, r * k0)
 
     def _as_2d(self, weight):
         return weight.view(self.lora_B.shape[0], self.lora_A.shape[1])
@@ -269,6 +462,10 @@ class ConvLoRA(LoRALayer, nn.Module):
         LoRALayer._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
     def forward(self, x):
+        with self._guard():
+            return self._forward(x)
+
+    def _forward(self, x):
         if self.r > 0 and not self.merged:
             return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling)
         return self.conv(x)

@@ -1,0 +1,255 @@
+"""Put lora_ext layers into an existing model in place, and take them out again.
+
+A replaced module's parameters move into the new layer as they are (the same Parameter objects, so no copy
+of the base weights): nn.Linear -> Linear, transformers' Conv1D -> Linear(fan_in_fan_out=True),
+nn.Embedding -> Embedding, nn.Conv1d/2d/3d -> Conv1d/2d/3d (around the very same conv module), and a fused
+projection named in `fused` -> MergedLinear(enable_lora=...). The new layers are built on the meta device
+and only the LoRA factors are allocated.
+"""
+import math
+import re
+import sys
+
+import torch
+import torch.nn as nn
+
+from .. import layers
+from ..layers import LoRALayer
+
+_CONVS = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
+
+
+def _hf_conv1d():
+    """transformers' Conv1D class when transformers is loaded (a model holding one has loaded it)."""
+    mod = sys.modules.get("transformers.pytorch_utils")
+    return getattr(mod, "Conv1D", None)
+
+
+def is_conv1d(module):
+    cls = _hf_conv1d()
+    return cls is not None and isinstance(module, cls)
+
+
+def name_matches(spec, name):
+    """peft's rule: a string is a regex that must match the whole name; a collection matches a name equal
+    to one of its entries or ending in '.' + an entry."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return name in spec or any(name.endswith("." + t) for t in spec)
+
+
+def pattern_value(patterns, name, default):
+    """The value of the first key of a rank_pattern/alpha_pattern-style dict matching the module name
+    (the key as a regex matching the end of the name at a '.' boundary), else default."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def scaling_for(r, lora_alpha, use_rslora=False):
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _check_options(r, lora_alpha, lora_dropout):
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"r must be a positive integer, got {r!r}")
+    if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+
+
+def _lora_dtype(weight):
+    # Half-precision models get fp32 factors (merges still round once into the weight's dtype).
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable_lora):
+    """A lora_ext layer around `module`'s own parameters (built on meta, then given them)."""
+    common = dict(r=r, lora_alpha=lora_alpha, merge_weights=merge_weights, device="meta")
+    if enable_lora is not None:
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise ValueError(f"fused: module {name!r} is a {type(module).__name__}, not a linear projection")
+        fifo = is_conv1d(module)
+        in_f, out_f = module.weight.shape if fifo else module.weight.shape[::-1]
+        layer = layers.MergedLinear(in_f, out_f, lora_dropout=lora_dropout, enable_lora=enable_lora,
+                                    fan_in_fan_out=fifo, bias=module.bias is not None, **common)
+    elif is_conv1d(module):
+        in_f, out_f = module.weight.shape
+        layer = layers.Linear(in_f, out_f, lora_dropout=lora_dropout, fan_in_fan_out=True,
+                              bias=module.bias is not None, **common)
+    elif isinstance(module, nn.Linear):
+        layer = layers.Linear(module.in_features, module.out_features, lora_dropout=lora_dropout,
+                              bias=module.bias is not None, **common)
+    elif isinstance(module, nn.Embedding):
+        # loralib's Embedding has no LoRA dropout: lora_dropout does not apply to embeddings
+        layer = layers.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
+                                 max_norm=module.max_norm, norm_type=module.norm_type,
+                                 scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse, **common)
+    elif type(module) in _CONVS:
+        c = module
+        layer = _CONVS[type(c)](c.in_channels, c.out_channels, c.kernel_size, lora_dropout=lora_dropout,
+                                stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
+                                bias=c.bias is not None, padding_mode=c.padding_mode, **common)
+    else:
+        raise ValueError(f"target_modules: module {name!r} is a {type(module).__name__}; lora_ext injects into "
+                         f"nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d")
+    return layer
+
+
+def _adopt(layer, module):
+    """Gives the meta-built layer the module's parameters and real LoRA factors."""
+    if isinstance(layer, layers.ConvLoRA):
+        layer.conv = module
+        weight = module.weight
+    else:
+        weight = module.weight
+        layer.weight = weight
+        if getattr(module, "bias", None) is not None:
+            layer.bias = module.bias
+    for key in ("lora_A", "lora_B"):
+        meta = getattr(layer, key)
+        setattr(layer, key, nn.Parameter(torch.empty(meta.shape, device=weight.device, dtype=_lora_dtype(weight))))
+    if isinstance(layer, layers.MergedLinear):
+        layer.lora_ind = layer.lora_ind.to(weight.device)
+    layer.reset_lora_parameters()
+    layer._base_requires_grad = weight.requires_grad
+    layer._injected_from = type(module)
+    weight.requires_grad_(False)
+    return layer
+
+
+def _set_submodule(model, name, module):
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def inject(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, merge_weights=True, fused=None,
+           exclude_modules=None, rank_pattern=None, alpha_pattern=None, use_rslora=False):
+    """Replaces the matching modules of `model` by lora_ext layers, in place; returns their names.
+
+    target_modules: a regex matching whole module names, or a list of names / name suffixes (peft's rule).
+    fused: {name or suffix: enable_lora}, e.g. {"c_attn": [True, False, True]} for GPT-2's fused qkv: those
+      modules become MergedLinear (they need not be listed in target_modules).
+    rank_pattern / alpha_pattern: per-module r / lora_alpha overrides, keyed by name regexes (peft's rule);
+    use_rslora: scaling lora_alpha / sqrt(r) instead of lora_alpha / r.
+    Every check is made before the first module is replaced.
+    """
+    if target_modules is None and not fused:
+        raise ValueError("target_modules: give a regex or a list of module names (or fused)")
+    if isinstance(target_modules, str):
+        try:
+            re.compile(target_modules)
+        except re.error as e:
+            raise ValueError(f"target_modules: {target_modules!r} is not a valid regex ({e})") from None
+    _check_options(r, lora_alpha, lora_dropout)
+    fused = dict(fused or {})
+    plan = []
+    for name, module in model.named_modules():
+        if not name or name_matches(exclude_modules, name):
+            continue
+        enable = next((v for k, v in fused.items() if name_matches([k], name)), None)
+        if enable is None and not name_matches(target_modules, name):
+            continue
+        if isinstance(module, LoRALayer):
+            raise ValueError(f"target_modules: module {name!r} is already a lora_ext layer")
+        rr = pattern_value(rank_pattern, name, r)
+        alpha = pattern_value(alpha_pattern, name, lora_alpha)
+        _check_options(rr, alpha, lora_dropout)
+        plan.append((name, module, replacement(module, name, rr, alpha, lora_dropout, merge_weights, enable),
+                     scaling_for(rr, alpha, use_rslora)))
+    if not plan:
+        raise ValueError(f"target_modules: {target_modules!r} matches no module of the model")
+    owners = parameter_owners(model)
+    for name, module, layer, scaling in plan:
+        install(model, name, module, layer, scaling, owners)
+    return [name for name, *_ in plan]
+
+
+def parameter_owners(model):
+    """{id(parameter): names of the modules holding it directly}: tied weights have several."""
+    owners = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def install(model, name, module, layer, scaling, owners, adapter_name="default", factors=None):
+    """Puts the meta-built `layer` (from replacement()) in place of `module`, around its parameters, with
+    freshly initialised factors or the given (lora_A, lora_B) as adapter `adapter_name`.
+
+    A weight tied to another module (GPT-2's wte and lm_head) is never merged into: that would change the
+    other module too. The layer then always adds its adapter on the fly."""
+    tied = [n for n in owners.get(id(module.weight), []) if n != name]
+    _adopt(layer, module)
+    if tied:
+        layer.merge_weights = False
+        layer._tied_with = tied
+    layer.active_adapter = adapter_name
+    if factors is None:
+        layer.scaling = scaling
+        layer.lora_alpha = scaling * layer.r
+    else:
+        layer.add_adapter(adapter_name, *factors, scaling)
+    # The mode only: the layer starts unmerged and merges at the next eval(), as loralib's layers do.
+    nn.Module.train(layer, module.training)
+    _set_submodule(model, name, layer)
+    return layer
+
+
+def check_mergeable(name, layer):
+    tied = getattr(layer, "_tied_with", None)
+    if tied:
+        raise ValueError(f"merge: the weight of {name!r} is tied to {tied}; merging the adapter into it would "
+                         f"change those modules too (unload with merge=False, or untie the weights)")
+
+
+def _plain(layer):
+    """The plain module a LoRA layer stands for, around the layer's own parameters."""
+    if isinstance(layer, layers.ConvLoRA):
+        return layer.conv
+    origin = getattr(layer, "_injected_from", None)
+    weight, bias = layer.weight, layer.bias
+    with torch.device("meta"):
+        if isinstance(layer, layers.Embedding):
+            plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
+                                 max_norm=layer.max_norm, norm_type=layer.norm_type,
+                                 scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)
+        elif origin is not None and origin is _hf_conv1d():
+            plain = origin(layer.out_features, layer.in_features)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+    if layer.fan_in_fan_out and not (origin is not None and origin is _hf_conv1d()) \
+            and not isinstance(layer, layers.Embedding):
+        weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+    plain.weight = weight
+    if bias is not None:
+        plain.bias = bias
+    return plain
+
+
+def unload(model, merge=True):
+    """Puts plain modules back in place of every lora_ext layer (the inverse of inject); with merge=True
+    their weights keep the active adapter merged in, with merge=False they are the base weights. Returns
+    the names of the layers taken out."""
+    if isinstance(model, LoRALayer):
+        raise ValueError("unload: the model itself is a lora_ext layer; call unload on a model holding it")
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+    if merge:
+        for name, layer in found:
+            check_mergeable(name, layer)
+    names = []
+    for name, layer in found:
+        with layer._lock:
+            (layer.merge if merge else layer.unmerge)()
+            plain = _plain(layer)
+            plain.train(layer.training)
+            base = plain.weight
+            base.requires_grad_(getattr(layer, "_base_requires_grad", True))
+        _set_submodule(model, name, plain)
+        names.append(name)
+    return names

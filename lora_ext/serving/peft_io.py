@@ -1,0 +1,271 @@
+"""peft LoRA adapter directories: adapter_config.json + adapter_model.safetensors.
+
+Tensor keys are `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` (linear layers, transformers
+Conv1D, convolutions) and `.lora_embedding_A` / `.lora_embedding_B` (embeddings), <module> being the module's
+name in the model given to peft. peft's factors are loralib's: A is (r, in), B is (out, r) whatever the
+weight layout (fan_in_fan_out only says how the base weight is stored); embeddings: A (r, num), B (dim, r).
+Only safetensors files (or, for adapter_model.bin, torch.load with weights_only=True) are read; peft
+itself is not needed to read or write these files.
+"""
+import json
+import math
+import os
+import re
+
+import torch
+
+from .. import layers
+from ..layers import LoRALayer
+from . import injection as _inject
+from .adapters import lora_layers
+from .files import atomic_path
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+# Options lora_ext applies.
+HONOURED = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
+            "use_rslora", "fan_in_fan_out", "lora_dropout", "bias"}
+# Descriptive fields that do not change what the adapter computes.
+DESCRIPTIVE = {"base_model_name_or_path", "revision", "task_type", "peft_version", "auto_mapping", "inference_mode",
+               "megatron_core", "qalora_group_size"}
+# Variants and features lora_ext does not implement: accepted only when off (None, False, empty).
+UNSUPPORTED = {"use_dora", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "corda_config",
+               "eva_config", "kasa_config", "lora_ga_config", "monteclora_config", "velora_config",
+               "layer_replication", "layers_pattern", "layers_to_transform", "lora_bias", "megatron_config",
+               "modules_to_save", "target_parameters", "trainable_token_indices", "loftq_config",
+               "ensure_weight_tying"}
+# Initialisations that leave the base weights as they were (others, e.g. PiSSA or LoftQ, change them).
+PLAIN_INITS = (True, False, "gaussian", "orthogonal")
+
+BASE_SUFFIX = ".base_layer.weight"
+SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+
+
+def _is_off(value):
+    return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and not value)
+
+
+def read_config(path):
+    """The adapter_config.json of a peft LoRA adapter directory, checked: anything lora_ext cannot honour
+    raises ValueError naming the option."""
+    file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"adapter: no {CONFIG_NAME} in {path!r}")
+    with open(file) as f:
+        cfg = json.load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"adapter: {file} does not hold a JSON object")
+    where = f"adapter config {file}"
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only 'LORA')")
+    for key, value in cfg.items():
+        if key in HONOURED or key in DESCRIPTIVE:
+            continue
+        if key == "init_lora_weights":
+            if not any(value is v or value == v for v in PLAIN_INITS if type(v) is type(value)):
+                raise ValueError(f"{where}: init_lora_weights={value!r} changes the base weights; lora_ext "
+                                 f"supports adapters made with init_lora_weights in {PLAIN_INITS}")
+        elif key in UNSUPPORTED:
+            if not _is_off(value):
+                what = "DoRA" if key == "use_dora" else key
+                raise ValueError(f"{where}: {key}={value!r} ({what}) is not supported by lora_ext")
+        elif not _is_off(value):
+            raise ValueError(f"{where}: unknown option {key}={value!r}; lora_ext does not know how to honour it")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias={cfg['bias']!r} is not supported (only 'none': the adapter holds no biases)")
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise ValueError(f"{where}: r must be a positive integer, got {r!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise ValueError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(cfg.get(key) or {}, dict):
+            raise ValueError(f"{where}: {key} must be a mapping, got {cfg[key]!r}")
+    return cfg
+
+
+def read_tensors(path):
+    """{key: tensor} of the adapter's weights file (safetensors, or adapter_model.bin with weights_only)."""
+    st = os.path.join(path, WEIGHTS_NAME)
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        return load_file(st)
+    legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"adapter: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} in {path!r}")
+
+
+def module_factors(tensors, where="adapter"):
+    """({module name: (lora_A, lora_B, is_embedding)}, {module name: base weight}) from peft keys; other
+    keys raise ValueError. peft saves an embedding's whole base weight beside its factors
+    (`<module>.base_layer.weight`, for resized vocabularies): callers check it equals the model's."""
+    found, base_weights = {}, {}
+    for key, t in tensors.items():
+        if key.startswith(PREFIX) and key.endswith(BASE_SUFFIX):
+            base_weights[key[len(PREFIX):-len(BASE_SUFFIX)]] = t
+            continue
+        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        if suffix is None or not key.startswith(PREFIX):
+            raise ValueError(f"{where}: unexpected key {key!r} (lora_ext reads LoRA factors only: "
+                             f"{PREFIX}<module>{{{', '.join(SUFFIXES)}}})")
+        name = key[len(PREFIX):-len(suffix)]
+        entry = found.setdefault(name, {})
+        entry[SUFFIXES[suffix]] = t
+        entry["embedding"] = "embedding" in suffix
+    out = {}
+    for name, entry in found.items():
+        if "A" not in entry or "B" not in entry:
+            raise ValueError(f"{where}: module {name!r} has lora_{'B' if 'A' in entry else 'A'} but not "
+                             f"lora_{'A' if 'A' in entry else 'B'}")
+        out[name] = (entry["A"], entry["B"], entry["embedding"])
+    for name in base_weights:
+        if name not in out:
+            raise ValueError(f"{where}: unexpected key {PREFIX + name + BASE_SUFFIX!r} (a base weight without factors)")
+    return out, base_weights
+
+
+def check_base_weight(where, name, saved, current):
+    """An adapter's saved base weight must be the model's own: lora_ext does not replace base weights."""
+    if saved is not None and not (saved.shape == current.shape and torch.equal(saved.to(current), current)):
+        raise ValueError(f"{where}: module {name!r} carries a base weight ({PREFIX + name + BASE_SUFFIX}) that differs "
+                         f"from the model's (e.g. a resized vocabulary); lora_ext does not replace base weights")
+
+
+def module_rank_scaling(cfg, name):
+    """(r, scaling) of one module under the config's r, lora_alpha, rank/alpha patterns and use_rslora."""
+    r = _inject.pattern_value(cfg.get("rank_pattern"), name, cfg.get("r", 8))
+    alpha = _inject.pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8))
+    return r, _inject.scaling_for(r, alpha, bool(cfg.get("use_rslora", False)))
+
+
+def _to_layer_layout(layer, name, A, B):
+    """peft's factors in the layer's layout (2-D; convolutions only with kernel_size[0] == 1, groups == 1)."""
+    if isinstance(layer, layers.MergedLinear):
+        raise ValueError(f"adapter: module {name!r} is a MergedLinear (fused); a peft adapter holds one "
+                         f"factor pair for the whole projection, inject it as a plain Linear instead")
+    if isinstance(layer, layers.ConvLoRA):
+        c = layer.conv
+        if A.dim() != c.weight.dim() or c.groups != 1 or c.kernel_size[0] != 1:
+            raise ValueError(f"adapter: convolution {name!r} (kernel_size={c.kernel_size}, groups={c.groups}): "
+                             f"lora_ext's conv layout matches peft's only for kernel_size[0] == 1 and groups == 1")
+        return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+    return A, B
+
+
+def load_peft_adapter(model, path, adapter_name="default", *, device=None, merge_weights=True, activate=True):
+    """Loads a peft LoRA adapter directory into `model`, injecting lora_ext layers where the model still has
+    plain modules; returns the names of the modules it covers.
+
+    adapter_name: the name it is held under; with activate=True it becomes the active adapter everywhere
+    (one pass per weight when merged). device: where an inactive adapter waits (default: beside the
+    weight; "cpu" keeps it in host memory). Every check (config, keys, shapes, finite values) is made
+    before the first weight or layer changes.
+    """
+    cfg = read_config(path)
+    factors, base_weights = module_factors(read_tensors(path), where=f"adapter {path!r}")
+    if not factors:
+        raise ValueError(f"adapter {path!r}: the weights file holds no LoRA factors")
+    modules = dict(model.named_modules())
+    plan = []
+    for name, (A, B, _) in factors.items():
+        module = modules.get(name)
+        if module is None:
+            raise ValueError(f"adapter {path!r}: module {name!r} is not in the model")
+        r, scaling = module_rank_scaling(cfg, name)
+        if A.shape[0] != r:
+            raise ValueError(f"adapter {path!r}: module {name!r} has rank {A.shape[0]} but the config says r={r} "
+                             f"(r / rank_pattern)")
+        fresh = not isinstance(module, LoRALayer)
+        weight = module.conv.weight if isinstance(module, layers.ConvLoRA) else module.weight
+        check_base_weight(f"adapter {path!r}", name, base_weights.get(name), weight)
+        layer = _inject.replacement(module, name, r, scaling * r, cfg.get("lora_dropout", 0.0), merge_weights,
+                                    None) if fresh else module
+        A2, B2 = _to_layer_layout(layer, name, A, B)
+        layer.check_adapter(A2, B2, scaling, name=f"adapter {path!r} at {name!r}")
+        plan.append((name, module, layer, fresh, A2, B2, scaling))
+    targets = set(factors)
+    for name, m in lora_layers(model):
+        if name not in targets and activate:
+            raise ValueError(f"adapter {path!r} does not cover lora_ext layer {name!r}; every layer must hold the "
+                             f"active adapter (load it with the same target modules)")
+    owners = _inject.parameter_owners(model)
+    for name, module, layer, fresh, A2, B2, scaling in plan:
+        if fresh:
+            _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
+            continue
+        if adapter_name != layer.active_adapter:
+            home = device if device is not None else layer.lora_A.device
+            A2, B2 = A2.to(home, layer.lora_A.dtype), B2.to(home, layer.lora_B.dtype)
+        layer.add_adapter(adapter_name, A2, B2, scaling)
+    if activate:
+        from .adapters import set_adapter
+        set_adapter(model, adapter_name)
+    return sorted(targets)
+
+
+def _peft_factors(layer, name, A, B, r):
+    """(key suffix A, key suffix B, A, B, rank) in peft's layout for one layer's adapter."""
+    A, B = A.detach(), B.detach()
+    if isinstance(layer, layers.Embedding):
+        return ".lora_embedding_A", ".lora_embedding_B", A, B, r
+    if isinstance(layer, layers.MergedLinear):
+        # A fused layer's update is exactly a plain rank n*r one: B padded with zeros outside each group's
+        # output block.
+        n, nb = len(layer._block_ids), layer.out_features // len(layer.enable_lora)
+        full = B.new_zeros(layer.out_features, n * r)
+        for j, e in enumerate(layer._block_ids):
+            full[e * nb:(e + 1) * nb, j * r:(j + 1) * r] = B[j * nb:(j + 1) * nb]
+        return ".lora_A.weight", ".lora_B.weight", A, full, n * r
+    if isinstance(layer, layers.ConvLoRA):
+        c = layer.conv
+        if c.groups != 1 or c.kernel_size[0] != 1:
+            raise ValueError(f"save: convolution {name!r} (kernel_size={c.kernel_size}, groups={c.groups}) has no "
+                             f"peft equivalent (needs kernel_size[0] == 1 and groups == 1)")
+        ones = (1,) * (c.weight.dim() - 2)
+        return (".lora_A.weight", ".lora_B.weight", A.reshape(r, c.in_channels, *c.kernel_size),
+                B.reshape(c.out_channels, r, *ones), r)
+    return ".lora_A.weight", ".lora_B.weight", A, B, r
+
+
+def save_peft_adapter(model, path, adapter_name=None):
+    """Writes one adapter of the model's lora_ext layers (default: the active one) as a peft LoRA adapter
+    directory that peft's PeftModel.from_pretrained loads. Each file is written under a temporary name and
+    renamed when complete."""
+    from safetensors.torch import save_file
+
+    found = lora_layers(model)
+    if not found:
+        raise ValueError("save: model holds no lora_ext layer with an adapter")
+    tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
+    for name, layer in found:
+        adapter = adapter_name if adapter_name is not None else layer.active_adapter
+        if adapter not in layer.adapter_names:
+            raise KeyError(f"save: layer {name!r} holds no adapter {adapter!r} (it holds {layer.adapter_names})")
+        A, B, scaling = layer.get_adapter(adapter)
+        ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer._rank_of(A))
+        tensors[PREFIX + name + ka] = A.contiguous().cpu()
+        tensors[PREFIX + name + kb] = B.contiguous().cpu()
+        ranks[name], alphas[name] = rank, scaling * rank
+        dropout = getattr(layer.lora_dropout, "p", dropout)
+    first = found[0][0]
+    r, alpha = ranks[first], alphas[first]
+    cfg = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+        "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none", "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True,
+        "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in found),
+        "target_modules": sorted(ranks),
+        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
+    }
+    os.makedirs(path, exist_ok=True)
+    with atomic_path(os.path.join(path, WEIGHTS_NAME)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    with atomic_path(os.path.join(path, CONFIG_NAME)) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(cfg, f, indent=2)
+    return sorted(ranks)

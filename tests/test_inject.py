@@ -1,0 +1,128 @@
+"""lora_ext.inject / unload on real transformers models (GPT-2's Conv1D, Llama's nn.Linear) and torch modules."""
+import pytest
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+import lora_ext
+from tiny_models import gpt2, llama, randomize_lora, rel, snapshot, tokens, unchanged
+
+GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
+
+
+@pytest.mark.parametrize("build,targets,n", [(gpt2, GPT2_TARGETS, 8), (llama, LLAMA_TARGETS, 15)])
+def test_zero_adapter_gives_the_original_outputs_and_shares_weights(build, targets, n):
+    model, x = build(), tokens()
+    ref = model(x).logits
+    weights = {name: m.weight for name, m in model.named_modules() if hasattr(m, "weight")}
+    names = lora_ext.inject(model, targets, r=4, lora_alpha=8)
+    assert len(names) == n
+    for name in names:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, lora_ext.LoRALayer)
+        assert layer.weight is weights[name]  # the same Parameter: no copy of the base weight
+    assert rel(model(x).logits, ref) < 1e-6
+    model.eval()  # merges the (zero) adapters
+    assert rel(model(x).logits, ref) < 1e-6
+
+
+def test_conv1d_becomes_fan_in_fan_out_and_fused_qkv_a_merged_linear():
+    model, x = gpt2(), torch.randn(3, 64, dtype=torch.float32)
+    conv = model.transformer.h[0].attn.c_attn
+    lora_ext.inject(model, ["c_proj"], fused={"c_attn": [True, False, True]}, r=2, lora_alpha=3)
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, lora_ext.MergedLinear) and layer.fan_in_fan_out
+    assert layer.weight is conv.weight and layer.lora_A.shape == (4, 64) and layer.lora_B.shape == (128, 2)
+    proj = model.transformer.h[0].attn.c_proj
+    assert isinstance(proj, lora_ext.Linear) and proj.fan_in_fan_out
+    randomize_lora(model)
+    W, b = conv.weight.double(), conv.bias.double()
+    A, B = layer.lora_A.double(), layer.lora_B.double()
+    delta = torch.zeros(192, 64, dtype=torch.float64)
+    delta[:64] = B[:64] @ A[:2]
+    delta[128:] = B[64:] @ A[2:]
+    ref = x.double() @ (W + 1.5 * delta.t()) + b
+    assert rel(layer(x), ref) < 1e-5
+    layer.eval()
+    assert rel(layer(x), ref) < 1e-5
+
+
+def test_regex_and_exclude_follow_peft_rules():
+    model = llama()
+    names = lora_ext.inject(model, r"model\.layers\.\d+\.self_attn\.(q|v)_proj", exclude_modules=["layers.1.self_attn.v_proj"])
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                     "model.layers.1.self_attn.q_proj"]
+
+
+def test_rank_alpha_patterns_and_rslora():
+    model = llama()
+    lora_ext.inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, rank_pattern={"v_proj": 2},
+                    alpha_pattern={r"layers\.1\.self_attn\.q_proj": 2}, use_rslora=True)
+    layers = model.model.layers
+    assert layers[0].self_attn.v_proj.lora_A.shape[0] == 2
+    assert layers[0].self_attn.v_proj.scaling == pytest.approx(8 / 2 ** 0.5)
+    assert layers[1].self_attn.q_proj.scaling == pytest.approx(2 / 4 ** 0.5)
+
+
+def test_embedding_and_conv_modules():
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 6))
+    cnn = nn.Sequential(conv, nn.ReLU())
+    lora_ext.inject(model, ["0", "1"], r=2)
+    lora_ext.inject(cnn, ["0"], r=2)
+    assert isinstance(model[0], lora_ext.Embedding) and isinstance(model[1], lora_ext.Linear)
+    assert isinstance(cnn[0], lora_ext.Conv2d) and cnn[0].conv is conv
+    randomize_lora(cnn)
+    x = torch.randn(2, 3, 7, 7)
+    delta = (cnn[0].lora_B.double() @ cnn[0].lora_A.double()).view(conv.weight.shape) * cnn[0].scaling
+    ref = torch.nn.functional.conv2d(x.double(), conv.weight.double() + delta, conv.bias.double(), padding=1)
+    assert rel(cnn[0](x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_unload_puts_plain_modules_back(merge):
+    model, x = gpt2(), tokens()
+    ref = model(x).logits
+    lora_ext.inject(model, GPT2_TARGETS, r=4)
+    randomize_lora(model)
+    with_lora = model(x).logits
+    names = lora_ext.unload(model, merge=merge)
+    assert len(names) == 8
+    assert not any(isinstance(m, lora_ext.LoRALayer) for m in model.modules())
+    assert all(isinstance(model.get_submodule(n), Conv1D) for n in names)
+    assert rel(model(x).logits, with_lora if merge else ref) < 1e-5
+    if not merge:
+        assert torch.equal(model(x).logits, ref)
+
+
+def test_bad_input_is_refused_before_any_change():
+    model = gpt2()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="target_modules"):
+        lora_ext.inject(model, ["no_such_module"])
+    with pytest.raises(ValueError, match="ln_1"):  # a LayerNorm: not a supported module type
+        lora_ext.inject(model, ["c_attn", "ln_1"])
+    with pytest.raises(ValueError, match="r must be"):
+        lora_ext.inject(model, ["c_attn"], r=0)
+    with pytest.raises(ValueError, match="target_modules"):
+        lora_ext.inject(model, "c_attn[")
+    assert not any(isinstance(m, lora_ext.LoRALayer) for m in model.modules())
+    assert unchanged(model, snap)
+
+
+def test_tied_embedding_is_never_merged():
+    model, x = gpt2(), tokens()
+    lora_ext.inject(model, ["c_attn", "wte"], r=2)
+    randomize_lora(model)
+    lm_head = model.lm_head.weight.detach().clone()
+    expected = model(x).logits
+    model.eval()
+    assert not model.transformer.wte.merged and model.transformer.h[0].attn.c_attn.merged
+    assert torch.equal(model.lm_head.weight, lm_head)
+    assert rel(model(x).logits, expected) < 1e-5
+    with pytest.raises(ValueError, match="tied"):
+        lora_ext.merge_adapter(model)
+    with pytest.raises(ValueError, match="tied"):
+        lora_ext.unload(model, merge=True)
+    assert isinstance(model.transformer.h[0].attn.c_attn, lora_ext.LoRALayer)  # nothing was unloaded

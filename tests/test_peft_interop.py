@@ -1,0 +1,133 @@
+"""peft adapter directories both ways, against the real peft: the same adapter gives the same outputs."""
+import json
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import lora_ext
+from tiny_models import gpt2, llama, randomize_lora, rel, snapshot, tokens, unchanged
+
+CASES = {
+    "gpt2-rslora-patterns": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
+                                        rank_pattern={"h.1.attn.c_attn": 2}, alpha_pattern={"c_proj": 3},
+                                        use_rslora=True, fan_in_fan_out=True)),
+    "llama-embedding-regex": (llama, dict(r=3, lora_alpha=5, target_modules=r".*\.(q_proj|v_proj|down_proj|embed_tokens)",
+                                          rank_pattern={"down_proj": 6})),
+}
+
+
+def _peft_adapter(tmp_path, case):
+    build, kwargs = CASES[case]
+    peft_model = randomize_lora(get_peft_model(build(), LoraConfig(**kwargs)), names=("lora_",))
+    peft_model.eval()
+    path = str(tmp_path / "peft_adapter")
+    peft_model.save_pretrained(path)
+    return build, peft_model, path
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_adapter_loads_into_lora_ext(tmp_path, case):
+    build, peft_model, path = _peft_adapter(tmp_path, case)
+    x = tokens()
+    ref = peft_model(x).logits
+    model = build()
+    names = lora_ext.load_peft_adapter(model, path)
+    assert names and all(isinstance(model.get_submodule(n), lora_ext.LoRALayer) for n in names)
+    assert rel(model(x).logits, ref) < 1e-5
+    model.eval()  # merged in place
+    assert all(model.get_submodule(n).merged for n in names)
+    assert rel(model(x).logits, ref) < 1e-5
+
+
+@pytest.mark.parametrize("build,targets,fused", [
+    (llama, ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "embed_tokens"], None),
+    (gpt2, ["c_proj", "c_fc"], {"c_attn": [True, False, True]}),
+])
+def test_lora_ext_adapter_loads_in_peft(tmp_path, build, targets, fused):
+    model, x = build(), tokens()
+    lora_ext.inject(model, targets, r=4, lora_alpha=6, fused=fused, rank_pattern={"o_proj": 2})
+    randomize_lora(model)
+    expected = model(x).logits
+    path = str(tmp_path / "ours")
+    lora_ext.save_peft_adapter(model, path)
+    peft_model = PeftModel.from_pretrained(build(), path).eval()
+    assert rel(peft_model(x).logits, expected) < 1e-5
+    # and back into lora_ext (a fused layer comes back as a plain Linear of rank 2*r, the same update)
+    again = build()
+    lora_ext.load_peft_adapter(again, path)
+    assert rel(again(x).logits, expected) < 1e-5
+
+
+def _write_config(path, **changes):
+    file = os.path.join(path, "adapter_config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(file, "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(use_dora=True), "use_dora"),
+    (dict(some_new_option=3), "some_new_option"),
+    (dict(init_lora_weights="pissa"), "init_lora_weights"),
+    (dict(bias="all"), "bias"),
+    (dict(layers_to_transform=[0]), "layers_to_transform"),
+    (dict(peft_type="IA3"), "peft_type"),
+    (dict(r=5), "r=5"),
+])
+def test_configs_lora_ext_cannot_honour_are_refused(tmp_path, changes, match):
+    _, _, path = _peft_adapter(tmp_path, "gpt2-rslora-patterns")
+    _write_config(path, **changes)
+    model = gpt2()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        lora_ext.load_peft_adapter(model, path)
+    assert unchanged(model, snap) and not any(isinstance(m, lora_ext.LoRALayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("damage,match", [("shape", "do not fit"), ("nan", "non-finite"), ("key", "unexpected key")])
+def test_bad_weights_are_refused_before_any_weight_changes(tmp_path, damage, match):
+    _, _, path = _peft_adapter(tmp_path, "gpt2-rslora-patterns")
+    file = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(file)
+    key = "base_model.model.transformer.h.1.mlp.c_fc.lora_B.weight"
+    if damage == "shape":
+        tensors[key] = torch.randn(tensors[key].shape[0] + 1, tensors[key].shape[1])
+    elif damage == "nan":
+        tensors[key][3, 1] = float("nan")
+    else:
+        tensors["base_model.model.transformer.h.1.mlp.c_fc.bias"] = torch.zeros(3)
+    save_file(tensors, file)
+    # into a model that already holds a merged adapter: it must stay exactly as it was
+    model, x = gpt2(), tokens()
+    lora_ext.inject(model, ["c_attn", "c_proj", "c_fc"], r=4)
+    randomize_lora(model)
+    model.eval()
+    before, snap = model(x).logits, {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=match):
+        lora_ext.load_peft_adapter(model, path)
+    assert all(torch.equal(p, snap[n]) for n, p in model.named_parameters())
+    assert torch.equal(model(x).logits, before)
+
+
+def test_legacy_bin_is_read_with_weights_only(tmp_path):
+    _, peft_model, path = _peft_adapter(tmp_path, "gpt2-rslora-patterns")
+    file = os.path.join(path, "adapter_model.safetensors")
+    torch.save(load_file(file), os.path.join(path, "adapter_model.bin"))
+    os.remove(file)
+    x = tokens()
+    model = gpt2()
+    lora_ext.load_peft_adapter(model, path)
+    assert rel(model(x).logits, peft_model(x).logits) < 1e-5
+    # a pickle that is not plain tensors is refused by weights_only
+    torch.save({"k": _NotATensor()}, os.path.join(path, "adapter_model.bin"))
+    with pytest.raises(Exception, match="[Ww]eights only"):
+        lora_ext.load_peft_adapter(gpt2(), path)
+
+
+class _NotATensor:
+    pass
