@@ -4,6 +4,7 @@ shapes, interleaved repetitions, ratios to the floor. Run through `lora-ext benc
 Peak extra memory of a merge is measured in a fresh process per implementation: on the CPU the peak
 resident set (VmHWM, reset through /proc/self/clear_refs), on CUDA torch's peak allocated bytes.
 """
+import importlib.util
 import json
 import os
 import platform
@@ -246,6 +247,124 @@ GPU_MERGE_SHAPES = [("linear", d, r) for d in (4096, 8192) for r in (8, 16, 64)]
 
 
 # ---------------------------------------------------------------------------------------------------
+# forward kernels: unmerged LoRA layers against the merged plain layer, loralib and peft (issue 4)
+
+
+def _unmerged(lib, kind, dim, r, dtype, device):
+    if kind == "linear":
+        layer = lib.Linear(dim, dim, r=r, lora_alpha=2 * r, merge_weights=False)
+    else:
+        layer = lib.MergedLinear(dim, 3 * dim, r=r, lora_alpha=2 * r, enable_lora=[True, False, True],
+                                 merge_weights=False)
+    layer = _randomized(layer, dtype, device)
+    layer.eval()  # loralib's train() returns None: no chaining
+    return layer
+
+
+def _peft_linear(dim, r, dtype, device):
+    import peft  # installed on the GPU machine; the rows are skipped where it is not
+    model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(dim, dim)),
+                                peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+    return _randomized(model.base_model.model[0], dtype, device).eval()
+
+
+def _floor_linear(layer):
+    """The plain layer with the LoRA update merged in: what an unmerged forward is measured against."""
+    plain = torch.nn.Linear(layer.in_features, layer.out_features, device=layer.weight.device,
+                            dtype=layer.weight.dtype)
+    with torch.no_grad():
+        plain.weight.copy_(layer.weight)
+        plain.bias.copy_(layer.bias)
+        plain.weight.requires_grad_(False)
+        plain.bias.requires_grad_(False)
+    return plain
+
+
+def _rotating(make, nrot):
+    """One callable per candidate that steps through nrot copies, so the weights come from memory, not L2."""
+    copies = [make() for _ in range(nrot)]
+    state = {"i": 0}
+
+    def step(*args):
+        state["i"] = (state["i"] + 1) % nrot
+        return copies[state["i"]](*args)
+    return step, copies
+
+
+def _graph_replay(modules, x):
+    """A CUDA graph running every module once on x (no grad); returns its replay."""
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for m in modules:
+                m(x)  # warm up outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for m in modules:
+                m(x)
+    return graph.replay
+
+
+def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, tokens=(1, 16, 256, 4096)):
+    """Forward (no grad) and forward+backward of an unmerged lora_ext.Linear(dim, dim, r) against the plain
+    layer with merged weights (the floor), loralib and peft; the same for MergedLinear(dim, 3*dim,
+    merged_r, [T, F, T]) against plain; at M=1 also under CUDA graph replay. Targets from issue 4."""
+    rows = []
+    eager_target = {1: 1.5}
+    for kind, rank in (("linear", r), ("merged", merged_r)):
+        probe = _unmerged(lora_ext, kind, dim, rank, dtype, device)
+        nrot = _rotation(probe.weight.numel() * probe.weight.element_size(), device)
+        del probe
+        makers = {"lora_ext": lambda: _unmerged(lora_ext, kind, dim, rank, dtype, device)}
+        if loralib is not None:
+            makers["loralib"] = lambda: _unmerged(loralib, kind, dim, rank, dtype, device)
+        if kind == "linear" and importlib.util.find_spec("peft") is not None:
+            makers["peft"] = lambda: _peft_linear(dim, rank, dtype, device)
+        layers = {name: _rotating(make, nrot) for name, make in makers.items()}
+        layers = {"plain": _rotating(lambda: _floor_linear(_unmerged(lora_ext, kind, dim, rank, dtype, device)),
+                                     nrot), **layers}
+        name = (f"Linear({dim}, {dim}) r={rank}" if kind == "linear"
+                else f"MergedLinear({dim}, {3 * dim}) r={rank} [T,F,T]")
+        for m in tokens:
+            x = torch.randn(m, dim, dtype=dtype, device=device)
+            with torch.no_grad():
+                times = compare({k: (lambda f=f: f(x)) for k, (f, _) in layers.items()}, device, repeats,
+                                inner=5 if m < 256 else 1)
+            target = eager_target.get(m, 1.15) if kind == "linear" else 1.15
+            rows.extend(_forward_rows(f"forward {name} M={m}", times, target))
+            if m == 1 and device == "cuda":
+                graphs = {k: _graph_replay(mods, x) for k, (_, mods) in layers.items()}
+                times = compare(graphs, device, repeats, inner=5)
+                times = {k: t / nrot for k, t in times.items()}
+                rows.extend(_forward_rows(f"forward {name} M={m}, CUDA graph replay", times,
+                                          1.1 if kind == "linear" else 1.15))
+            if kind == "linear":
+                xg = x.clone().requires_grad_()
+                grad = torch.randn(m, dim, dtype=dtype, device=device)
+                times = compare({k: (lambda f=f: f(xg).backward(grad)) for k, (f, _) in layers.items()}, device,
+                                repeats, inner=5 if m < 256 else 1)
+                rows.extend(_forward_rows(f"forward+backward {name} M={m}", times, None))
+    return rows
+
+
+def _forward_rows(case, times, target):
+    rows = []
+    for impl, t in times.items():
+        row = dict(case=case, impl=impl, ms=t * 1e3, ratio=t / times["plain"])
+        if impl == "lora_ext" and target is not None:
+            row.update(target=target, met=row["ratio"] <= target)
+        rows.append(row)
+    for other in ("loralib", "peft"):
+        if other in times:
+            speedup = times[other] / times["lora_ext"]
+            rows.append(dict(case=f"{case}: lora_ext speed-up over {other}", impl="lora_ext", ratio=speedup,
+                             target="> 1x", met=speedup > 1.0))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------
 # the run
 
 
@@ -285,12 +404,70 @@ def run(device="cpu", quick=False, dim=4096):
 
     if device == "cuda":
         rows.extend(merge_kernel_rows(device, dtype, repeats, GPU_MERGE_SHAPES))
+        rows.extend(forward_kernel_rows(device, dtype, repeats))
 
+    rows += serving_rows(dim, dtype, device, repeats)
     return dict(
         device=device, dtype=str(dtype).replace("torch.", ""), dim=dim, quick=quick,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         machine=_machine(device), torch=torch.__version__, rows=rows,
     )
+
+
+def serving_rows(dim, dtype, device, repeats, r=16):
+    """Adapter switch on a merged Linear (one pass, rank 2r) against one merge pass (the floor, ops.merge_ of
+    rank r) and peft's unmerge + merge of the same adapters; injection into a stack of Linears vs peft."""
+    rows = []
+    layer = _layer(lora_ext, "linear", dim, r, dtype, device)
+    layer.add_adapter("b", torch.randn_like(layer.lora_A) * 0.02, torch.randn_like(layer.lora_B) * 0.02, 2.0)
+    layer.eval()
+    w, A, B = layer.weight.data, layer.lora_A.data, layer.lora_B.data
+    names = iter(["b", "default"] * (4 * repeats + 8))
+    signs = iter([1.0, -1.0] * (4 * repeats + 8))  # merge and take it out again: the weight stays as it was
+    candidates = {"one merge pass": lambda: lora_ext.ops.merge_(w, A, B, next(signs) * layer.scaling),
+                  "lora_ext swap": lambda: layer.set_adapter(next(names))}
+    try:
+        import peft
+    except ImportError:
+        peft = None
+    if peft is not None:
+        base = torch.nn.Sequential(torch.nn.Linear(dim, dim)).to(device=device, dtype=dtype)
+        model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+        model.add_adapter("b", peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+        theirs = model.base_model.model[0]
+        with torch.no_grad():
+            for n, p in theirs.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn_like(p) * 0.02)
+        theirs.merge(adapter_names=["default"])
+        state = {"active": "default"}
+
+        def peft_switch():
+            other = "b" if state["active"] == "default" else "default"
+            theirs.unmerge()
+            theirs.merge(adapter_names=[other])
+            state["active"] = other
+        candidates["peft unmerge+merge"] = peft_switch
+    times = compare(candidates, device, repeats)
+    for impl, t in times.items():
+        row = dict(case=f"adapter switch, merged linear {dim} r={r}", impl=impl, ms=t * 1e3,
+                   ratio=t / times["one merge pass"])
+        if impl == "lora_ext swap":
+            target = 1.2 if device == "cpu" else 1.1
+            row.update(target=target, met=row["ratio"] <= target)
+        rows.append(row)
+
+    def stack():
+        return torch.nn.Sequential(*[torch.nn.Linear(dim // 4, dim // 4) for _ in range(12)]).to(device, dtype)
+    inject = {"lora_ext inject": lambda: lora_ext.inject(stack(), r".*", r=r)}
+    if peft is not None:
+        inject["peft get_peft_model"] = lambda: peft.get_peft_model(stack(), peft.LoraConfig(r=r, target_modules=r".*"))
+    plain = {"build the model only": stack}
+    times = compare({**plain, **inject}, device, max(3, repeats // 3))
+    for impl, t in times.items():
+        rows.append(dict(case=f"inject 12 x Linear {dim // 4} r={r} (incl. building the model)", impl=impl,
+                         ms=t * 1e3, ratio=t / times["build the model only"]))
+    return rows
 
 
 def _machine(device):

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, HealthCheck, strategies as st
 
 import lora_ext
-from conftest import assert_close_rel, rel_err
+from conftest import assert_close_rel, dense_delta64, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -149,10 +149,17 @@ def test_merged_linear_property(shape):
         ref64 = loralib.MergedLinear(k, out, **kwargs).double()  # loralib is right when a group is on
         ref64.load_state_dict(ours.state_dict())
         ref = ref64(x.double())
-    assert rel_err(ours(x), ref) < 1e-5
+    # error bound from the magnitudes of the terms: a tiny output can be a near-cancellation
+    w_abs = ours.weight.detach().double().abs()
+    terms = w_abs.t() if fan else w_abs
+    if any(enable):
+        ids = [i for i, e in enumerate(enable) if e]
+        terms = terms + ours.scaling * dense_delta64(ours.lora_A.abs(), ours.lora_B.abs(), len(enable), ids, out)
+    bound = 1e-5 * (x.double().abs() @ terms.t() + ours.bias.detach().double().abs())
+    assert ((ours(x).double() - ref.double()).abs() <= bound).all()
     w0 = ours.weight.detach().clone()
     ours.eval()
-    assert rel_err(ours(x), ref) < 1e-5
+    assert ((ours(x).double() - ref.double()).abs() <= bound).all()
     ours.train()
     assert rel_err(ours.weight, w0) < 1e-6
 

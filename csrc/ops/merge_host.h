@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "dispatch.h"
+#include "ops/checks.h"
 #include "kernels/merge.cuh"
 
 namespace lora_ext {
@@ -35,10 +36,8 @@ inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const
                   c10::DeviceType device) {
   TORCH_CHECK_VALUE(w.device().type() == device, op, ": ", w_name, " must be a ", c10::DeviceTypeName(device),
                     " tensor, got one on ", w.device());
-  TORCH_CHECK_VALUE(a.device() == w.device(), op, ": A must be on ", w_name, "'s device (", w.device(),
-                    "), got ", a.device());
-  TORCH_CHECK_VALUE(b.device() == w.device(), op, ": B must be on ", w_name, "'s device (", w.device(),
-                    "), got ", b.device());
+  checks::on_device(op, "A", a, w_name, w);
+  checks::on_device(op, "B", b, w_name, w);
 
   const auto wt = w.scalar_type();
   TORCH_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16, op, ": ", w_name,
@@ -55,14 +54,7 @@ inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const
                     ": ", w_name, " must have column stride 1 and a row stride of at least its ", w.size(1),
                     " columns (contiguous, or a row-slice of a wider tensor), got strides ", w.strides());
 
-  TORCH_CHECK_VALUE(num_blocks >= 1 && num_blocks <= km::kMaxBlocks, op, ": num_blocks must be in [1, ",
-                    km::kMaxBlocks, "], got ", num_blocks);
-  for (size_t i = 0; i < block_ids.size(); ++i) {
-    TORCH_CHECK_VALUE(block_ids[i] >= 0 && block_ids[i] < num_blocks, op, ": block_ids must lie in [0, num_blocks=",
-                      num_blocks, "), got ", block_ids[i]);
-    TORCH_CHECK_VALUE(i == 0 || block_ids[i] > block_ids[i - 1], op,
-                      ": block_ids must be strictly increasing, got ", c10::IntArrayRef(block_ids));
-  }
+  checks::block_ids(op, num_blocks, block_ids, km::kMaxBlocks);
 
   const int64_t n = (int64_t)block_ids.size();
   const int64_t blocked = transposed ? w.size(1) : w.size(0);  // the dimension split into num_blocks blocks
@@ -78,11 +70,7 @@ inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const
     TORCH_CHECK_VALUE(a.size(0) == 0 && b.size(0) == 0, op,
                       ": with no enabled blocks A and B must have 0 rows, got A ", a.sizes(), " and B ", b.sizes());
   } else {
-    TORCH_CHECK_VALUE(a.size(0) % n == 0 && a.size(0) > 0, op, ": A must have n*r rows for n=", n,
-                      " enabled blocks and rank r >= 1, got shape ", a.sizes());
-    r = a.size(0) / n;
-    TORCH_CHECK_VALUE(b.size(0) == n * nb && b.size(1) == r, op, ": B must have shape (n*nb, r) = (", n * nb, ", ",
-                      r, ") for n=", n, " enabled blocks of nb=", nb, " and rank r=", r, ", got ", b.sizes());
+    r = checks::rank(op, a, b, n, nb);
   }
   const int64_t int_max = 0x7fffffff;
   TORCH_CHECK_VALUE(nb <= int_max && k <= int_max && r <= int_max, op, ": ", w_name, " and A/B sizes must fit in 32 bits");

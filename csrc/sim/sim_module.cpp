@@ -6,6 +6,7 @@
 
 #include <optional>
 
+#include "ops/forward_host.h"
 #include "ops/merge_host.h"
 
 namespace {
@@ -17,16 +18,27 @@ struct SimLaunch {
   }
 };
 
-template <bool kDelta>
-void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
-           int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
+// The simulator fills the split-K shrink as for a GPU of this many multiprocessors (an H100/H200), so that
+// CI runs the same kernel selection as the GPU.
+constexpr int kSimSmCount = 132;
+
+template <typename F>
+auto simulated(const char* op, F&& f) {
   pybind11::gil_scoped_release no_gil;
   try {
-    lora_ext::merge_host::apply<SimLaunch, kDelta>(op, w, a, b, scale, num_blocks, block_ids, transposed,
-                                                  c10::DeviceType::CPU);
+    return f();
   } catch (const sim::Error& e) {
     throw std::runtime_error(std::string(op) + ": " + e.what());
   }
+}
+
+template <bool kDelta>
+void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+           int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
+  simulated(op, [&] {
+    lora_ext::merge_host::apply<SimLaunch, kDelta>(op, w, a, b, scale, num_blocks, block_ids, transposed,
+                                                  c10::DeviceType::CPU);
+  });
 }
 
 void merge_(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale, int64_t num_blocks,
@@ -37,6 +49,25 @@ void merge_(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, doubl
 void delta_weight_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale,
                    int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
   apply<true>("lora_ext._sim.delta_weight_", out, a, b, scale, num_blocks, block_ids, transposed);
+}
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scale,
+                  int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out) {
+  const char* op = "lora_ext._sim.linear";
+  return simulated(op, [&] {
+    return lora_ext::forward_host::linear<SimLaunch>(op, x, x_lora, weight, bias, a, b, scale, num_blocks, block_ids,
+                                                     fan_in_fan_out, c10::DeviceType::CPU, kSimSmCount);
+  });
+}
+
+at::Tensor embedding(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
+                     double scale, std::optional<int64_t> padding_idx) {
+  const char* op = "lora_ext._sim.embedding";
+  return simulated(op, [&] {
+    return lora_ext::forward_host::embedding<SimLaunch>(op, ids, weight, a, b, scale, padding_idx,
+                                                        c10::DeviceType::CPU);
+  });
 }
 
 void set_schedule(std::optional<int64_t> seed) {
@@ -61,6 +92,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_weight_", &delta_weight_,
         "out = the dense scale * delta that merge_ adds (zeros in disabled blocks)", py::arg("out"), py::arg("A"),
         py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
+  m.def("linear", &linear,
+        "F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks (fan_in_fan_out: W is (in, out))",
+        py::arg("x"), py::arg("x_lora"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"),
+        py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("fan_in_fan_out"));
+  m.def("embedding", &embedding, "weight[ids] + scale * A[:, ids]^T B^T", py::arg("ids"), py::arg("weight"),
+        py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("padding_idx"));
   m.def("set_schedule", &set_schedule,
         "None: threads run in index order between barriers; an int: a fresh shuffled order per phase, seeded",
         py::arg("seed"));

@@ -1,0 +1,395 @@
+// The low-rank half of a LoRA layer's forward pass. For Linear / MergedLinear (x is (M, K), out is
+// (M, N), N = G*nb output features in G blocks of nb; block e is enabled with group j = slot[e] or
+// disabled with slot[e] = -1):
+//
+//   t = x A^T                       (M, R) in fp32, R = n*r, A = (n*r, K): group j owns ranks j*r..j*r+r
+//   out[:, block e] = bias + scale * t_j B_j^T      B = (n*nb, r): group j owns rows j*nb..j*nb+nb
+//   out[:, disabled block] = bias (or 0)
+//
+// The kernels write `out` once; the launcher then lets the base GEMM accumulate onto it (beta = 1), so the
+// output is never read back by a separate pass (bench/NOTES-forward.md counts the bytes). Embedding is the
+// same expand with the A columns of the token ids as t and the embedding rows as the base.
+//
+// Kernels:
+//   fused_linear_kernel  M <= kFusedMaxM (decode): one launch; each CTA recomputes its group's t from x and
+//                        A (read through L2), then expands its column tile
+//   shrink_kernel        larger M: 64 x 32 tiles of t, WMMA for fp16/bf16, split-K over grid z into fp32
+//                        partials (splits, M, R) so that small M still fills the GPU
+//   expand_kernel        sums the partials and expands a 32-row x (32 vectors) column tile
+//   embedding_kernel     gathers A's columns of the ids and expands onto the gathered embedding rows
+#pragma once
+
+#include "kernels/common.cuh"
+
+namespace lora_ext {
+namespace kernels {
+namespace forward {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxBlocks = 256;  // MergedLinear output blocks
+constexpr int kFusedMaxM = 8;    // rows handled by the fused decode kernel
+constexpr int kFusedMaxR = 256;  // ranks per group it stages in shared memory
+
+// expand tile: 32 column vectors (16 bytes each) x 8 row groups, kRowsPerThread rows per group
+constexpr int kColVecs = 32;
+constexpr int kRowGroups = kThreads / kColVecs;
+constexpr int kRChunk = 32;  // ranks staged per step
+constexpr int kExpandRowsPerThread = 4;
+constexpr int kExpandRows = kRowGroups * kExpandRowsPerThread;
+
+// shrink tile
+constexpr int kShrinkM = 64;
+constexpr int kShrinkJ = 32;
+constexpr int kShrinkK = 32;
+
+template <typename T>
+__host__ __device__ constexpr int tile_cols() {
+  return kColVecs * Vec16<T>::kN;
+}
+
+// Shared memory layouts, in floats (fp32 staging) or elements (WMMA staging); the kernels use them too.
+template <typename T>
+__host__ __device__ constexpr int ld_bs() {
+  return tile_cols<T>() + 4;  // B chunk transposed: [rank][column], rows 16-byte aligned
+}
+constexpr int kLdTs = kRChunk + 1;  // t chunk: [row][rank]
+
+template <typename T>
+__host__ __device__ constexpr size_t expand_smem_floats(int rows) {
+  return (size_t)kRChunk * ld_bs<T>() + (size_t)rows * kLdTs;
+}
+
+template <typename T>
+constexpr size_t expand_smem_bytes() {
+  return expand_smem_floats<T>(kExpandRows) * sizeof(float);
+}
+
+template <typename T>
+constexpr size_t fused_smem_bytes() {
+  return (expand_smem_floats<T>(kRowGroups) + (size_t)kFusedMaxM * kFusedMaxR) * sizeof(float);
+}
+
+constexpr int kLdXh = kShrinkK + 8;     // WMMA staging, elements (80 bytes for 16-bit types)
+constexpr int kLdAcc = kShrinkJ + 4;    // WMMA accumulator tile, floats
+constexpr int kLdXf = kShrinkK + 1;     // FFMA staging, floats
+
+template <typename T, bool kTensorCore>
+constexpr size_t shrink_smem_bytes() {
+  return kTensorCore ? (size_t)(kShrinkM + kShrinkJ) * kLdXh * sizeof(T) + (size_t)kShrinkM * kLdAcc * sizeof(float)
+                     : (size_t)(kShrinkM + kShrinkJ) * kLdXf * sizeof(float);
+}
+
+template <typename T>
+struct Args {
+  const T* x;                // (M, K): the LoRA path's input, contiguous
+  const T* a;                // linear: (R, K); embedding: (r, num)
+  const T* b;                // (n*nb, r)
+  const T* bias;             // (N,) or null
+  const T* table;            // embedding weight (num, N); null for linear
+  const long long* ids;      // embedding token ids (M,)
+  float* part;               // (splits, M, R) partial t
+  T* out;                    // (M, N), contiguous
+  int M, K, R, r, nb, N;
+  int splits, k_per_split;   // split-K of the shrink: split z covers [z*k_per_split, (z+1)*k_per_split)
+  long long num;             // embedding rows
+  float scale;
+  short slot[kMaxBlocks];    // output block -> group j, or -1 when disabled
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+  LORA_UNROLL
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float dot16(const Vec16<T>& a, const Vec16<T>& b, float acc) {
+  LORA_UNROLL
+  for (int v = 0; v < Vec16<T>::kN; ++v) acc = fmaf(to_float(a.v[v]), to_float(b.v[v]), acc);
+  return acc;
+}
+
+// A device-side argument error (an embedding id out of range): the launch fails, as nn.Embedding's does.
+__device__ __forceinline__ void device_fail(const char* what) {
+#if defined(LORA_SIM)
+  throw ::sim::Error(std::string("device-side check failed: ") + what);
+#else
+  (void)what;
+  __trap();
+#endif
+}
+
+// out[m0 + rows, e*nb + c0 + cols] = base + scale * t_j B_j^T for one tile of kRowGroups*kRowsPerThread
+// rows and tile_cols<T>() columns of output block e (group j, -1: disabled, base only).
+//   t(m, i):   rank i of group j for row m (fp32), only called for j >= 0
+//   base(m):   pointer to the base row at this block's column 0 (bias, an embedding row), or null for 0
+// Thread (g, v) owns column vector v (16 bytes of out) for rows g, g + 8, ...: the stores coalesce along rows.
+template <typename T, bool kVector, int kRowsPerThread, typename TSource, typename BaseRow>
+__device__ __forceinline__ void expand_tile(const Args<T>& p, float* smem, int e, int j, int m0, int c0,
+                                            const TSource& t_of, const BaseRow& base) {
+  constexpr int kVec = Vec16<T>::kN, kCols = tile_cols<T>(), kLdB = ld_bs<T>();
+  constexpr int kRows = kRowGroups * kRowsPerThread;
+  const int rows = imin(kRows, p.M - m0), cols = imin(kCols, p.nb - c0);
+  const int cv = threadIdx.x % kColVecs, g = threadIdx.x / kColVecs;
+  const int c = cv * kVec, valid = imin(cols - c, kVec);
+  float* bs = smem;                  // [rank][column]
+  float* ts = smem + kRChunk * kLdB; // [row][rank]
+
+  float acc[kRowsPerThread][kVec];
+  LORA_UNROLL
+  for (int q = 0; q < kRowsPerThread; ++q)
+    LORA_UNROLL
+    for (int v = 0; v < kVec; ++v) acc[q][v] = 0.f;
+
+  if (j >= 0) {  // uniform per CTA: the barriers below are reached by every thread or by none
+    const T* b_j = p.b + ((long long)j * p.nb + c0) * p.r;
+    for (int k0 = 0; k0 < p.r; k0 += kRChunk) {
+      const int kn = imin(kRChunk, p.r - k0);
+      if (k0) __syncthreads();
+      // B_j's rows are r contiguous ranks: walk the rank fastest so that the reads coalesce.
+      for (int idx = threadIdx.x; idx < kRChunk * kCols; idx += kThreads) {
+        const int cc = idx / kRChunk, i = idx % kRChunk;
+        bs[i * kLdB + cc] = cc < cols && i < kn ? to_float(b_j[(long long)cc * p.r + k0 + i]) : 0.f;
+      }
+      for (int idx = threadIdx.x; idx < kRows * kRChunk; idx += kThreads) {
+        const int mm = idx / kRChunk, i = idx % kRChunk;
+        ts[mm * kLdTs + i] = mm < rows && i < kn ? t_of(m0 + mm, k0 + i) : 0.f;
+      }
+      __syncthreads();
+      for (int i = 0; i < kn; ++i) {
+        float bv[kVec];
+        LORA_UNROLL
+        for (int v = 0; v < kVec; v += 4) {
+          const float4 f = load16<float4>(bs + i * kLdB + c + v);
+          bv[v] = f.x;
+          bv[v + 1] = f.y;
+          bv[v + 2] = f.z;
+          bv[v + 3] = f.w;
+        }
+        LORA_UNROLL
+        for (int q = 0; q < kRowsPerThread; ++q) {
+          const float tv = ts[(g + q * kRowGroups) * kLdTs + i];
+          LORA_UNROLL
+          for (int v = 0; v < kVec; ++v) acc[q][v] = fmaf(tv, bv[v], acc[q][v]);
+        }
+      }
+    }
+  }
+
+  if (valid <= 0) return;
+  const long long col = (long long)e * p.nb + c0 + c;
+  LORA_UNROLL
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    const int row = g + q * kRowGroups;
+    if (row >= rows) continue;
+    Vec16<T> bv;
+    const T* brow = base(m0 + row);
+    if (brow) {
+      load_elems<kVector>(bv, brow + col, valid);
+    } else {
+      LORA_UNROLL
+      for (int v = 0; v < kVec; ++v) bv.v[v] = from_float<T>(0.f);
+    }
+    Vec16<T> o;
+    LORA_UNROLL
+    for (int v = 0; v < kVec; ++v) o.v[v] = from_float<T>(fmaf(p.scale, acc[q][v], to_float(bv.v[v])));
+    store_elems<kVector>(p.out + (long long)(m0 + row) * p.N + col, o, valid);
+  }
+}
+
+// Decode: M <= kFusedMaxM rows. Grid: x = column tiles of one output block, y = output block.
+// Each CTA of an enabled block computes t_j = x A_j^T (its group's r ranks, full K; one warp per rank,
+// lanes along K with 16-byte loads, M accumulators per lane), then expands its column tile.
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T> p) {
+  constexpr int kVec = Vec16<T>::kN;
+  LORA_DYNAMIC_SHARED(float, smem);
+  float* t_s = smem + expand_smem_floats<T>(kRowGroups);  // [m][rank], r per row
+  const int e = blockIdx.y, j = p.slot[e];
+  if (j >= 0) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    for (int i = warp; i < p.r; i += kWarps) {
+      const T* a_row = p.a + (long long)(j * p.r + i) * p.K;
+      float acc[kFusedMaxM];
+      LORA_UNROLL
+      for (int m = 0; m < kFusedMaxM; ++m) acc[m] = 0.f;
+      for (int k = lane * kVec; k < p.K; k += 32 * kVec) {
+        const int valid = imin(kVec, p.K - k);
+        Vec16<T> av;
+        load_elems<kVector>(av, a_row + k, valid);
+        LORA_UNROLL
+        for (int m = 0; m < kFusedMaxM; ++m) {
+          if (m < p.M) {
+            Vec16<T> xv;
+            load_elems<kVector>(xv, p.x + (long long)m * p.K + k, valid);
+            acc[m] = dot16(av, xv, acc[m]);
+          }
+        }
+      }
+      LORA_UNROLL
+      for (int m = 0; m < kFusedMaxM; ++m) {
+        if (m < p.M) {  // uniform: every lane of the warp joins the shuffles
+          const float s = warp_sum(acc[m]);
+          if (lane == 0) t_s[m * p.r + i] = s;
+        }
+      }
+    }
+    __syncthreads();
+  }
+  const float* ts = t_s;
+  const int r = p.r;
+  const T* bias = p.bias;
+  expand_tile<T, kVector, 1>(
+      p, smem, e, j, 0, blockIdx.x * tile_cols<T>(), [&](int m, int i) { return ts[m * r + i]; },
+      [&](int) { return bias; });
+}
+
+// t partials: part[z, m, jj] = sum over split z's K range of x[m, k] * A[jj, k].
+// Grid: x = 64-row tiles of M, y = 32-column tiles of R, z = K splits. kTensorCore: WMMA m16n16k16 on
+// fp16/bf16 (8 warps = 4 row x 2 column fragments); otherwise each thread computes 2 rows x 4 columns.
+template <typename T, bool kTensorCore, bool kVector>
+__global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> p) {
+  constexpr int kVec = Vec16<T>::kN;
+  using S = typename std::conditional<kTensorCore, T, float>::type;
+  constexpr int kLd = kTensorCore ? kLdXh : kLdXf;
+  LORA_DYNAMIC_SHARED(unsigned char, smem);
+  S* xs = reinterpret_cast<S*>(smem);  // [row][k]
+  S* as = xs + kShrinkM * kLd;          // [column of t][k]
+  const int m0 = blockIdx.x * kShrinkM, j0 = blockIdx.y * kShrinkJ;
+  const int k_begin = blockIdx.z * p.k_per_split;
+  const int k_end = imin(p.K, k_begin + p.k_per_split);
+  const int rows = imin(kShrinkM, p.M - m0), cols = imin(kShrinkJ, p.R - j0);
+  constexpr int kVecPerRow = kShrinkK / kVec;
+
+  [[maybe_unused]] float acc[2][4];
+  if constexpr (!kTensorCore) {
+    LORA_UNROLL
+    for (int a = 0; a < 2; ++a)
+      LORA_UNROLL
+      for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
+  }
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  namespace wmma = nvcuda::wmma;
+  [[maybe_unused]] wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;
+  if constexpr (kTensorCore) wmma::fill_fragment(cf, 0.f);
+#endif
+  const int warp = threadIdx.x / 32;
+  const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
+
+  for (int k0 = k_begin; k0 < k_end; k0 += kShrinkK) {
+    if (k0 != k_begin) __syncthreads();
+    // Stage x rows and A rows of this K chunk, 16 bytes per access along K, zero-padded.
+    for (int idx = threadIdx.x; idx < (kShrinkM + kShrinkJ) * kVecPerRow; idx += kThreads) {
+      const int row = idx / kVecPerRow, kk = (idx % kVecPerRow) * kVec;
+      const bool is_x = row < kShrinkM;
+      const int rr = is_x ? row : row - kShrinkM;
+      const bool inside = rr < (is_x ? rows : cols);
+      const int valid = inside ? imin(kVec, k_end - (k0 + kk)) : 0;
+      const T* src = is_x ? p.x + (long long)(m0 + rr) * p.K : p.a + (long long)(j0 + rr) * p.K;
+      Vec16<T> v;
+      load_elems<kVector>(v, src + k0 + kk, valid);
+      S* dst = xs + row * kLd + kk;  // xs and as are one array of kShrinkM + kShrinkJ rows
+      LORA_UNROLL
+      for (int u = 0; u < kVec; ++u) {
+        if constexpr (kTensorCore)
+          dst[u] = v.v[u];
+        else
+          dst[u] = to_float(v.v[u]);
+      }
+    }
+    __syncthreads();
+    if constexpr (kTensorCore) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+      __trap();  // bf16 WMMA needs sm_80; the launcher builds for sm_80 and later only
+#else
+      const int fm = warp % 4, fn = warp / 4;
+      LORA_UNROLL
+      for (int s = 0; s < kShrinkK / 16; ++s) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> bf;  // A^T: (k, j) at as[j][k]
+        wmma::load_matrix_sync(af, xs + fm * 16 * kLd + s * 16, kLd);
+        wmma::load_matrix_sync(bf, as + fn * 16 * kLd + s * 16, kLd);
+        wmma::mma_sync(cf, af, bf, cf);
+      }
+#endif
+    } else {
+      LORA_UNROLL_BY(8)
+      for (int kk = 0; kk < kShrinkK; ++kk) {
+        const float x0 = xs[ty * kLd + kk], x1 = xs[(ty + 32) * kLd + kk];
+        LORA_UNROLL
+        for (int b = 0; b < 4; ++b) {
+          const float av = as[(tx * 4 + b) * kLd + kk];
+          acc[0][b] = fmaf(x0, av, acc[0][b]);
+          acc[1][b] = fmaf(x1, av, acc[1][b]);
+        }
+      }
+    }
+  }
+
+  float* out = p.part + ((long long)blockIdx.z * p.M + m0) * p.R + j0;
+  if constexpr (kTensorCore) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+    float* acc_s = reinterpret_cast<float*>(smem + (size_t)(kShrinkM + kShrinkJ) * kLdXh * sizeof(T));
+    const int fm = warp % 4, fn = warp / 4;
+    wmma::store_matrix_sync(acc_s + fm * 16 * kLdAcc + fn * 16, cf, kLdAcc, wmma::mem_row_major);
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kShrinkM * kShrinkJ; idx += kThreads) {
+      const int row = idx / kShrinkJ, col = idx % kShrinkJ;
+      if (row < rows && col < cols) out[(long long)row * p.R + col] = acc_s[row * kLdAcc + col];
+    }
+#endif
+  } else {
+    LORA_UNROLL
+    for (int a = 0; a < 2; ++a) {
+      const int row = ty + a * 32;
+      LORA_UNROLL
+      for (int b = 0; b < 4; ++b) {
+        const int col = tx * 4 + b;
+        if (row < rows && col < cols) out[(long long)row * p.R + col] = acc[a][b];
+      }
+    }
+  }
+}
+
+// Grid: x = kExpandRows-row tiles of M, y = column tiles of one output block, z = output block.
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kThreads) expand_kernel(Args<T> p) {
+  LORA_DYNAMIC_SHARED(float, smem);
+  const int e = blockIdx.z, j = p.slot[e];
+  const float* part = p.part;
+  const int splits = p.splits, M = p.M, R = p.R, base_col = j * p.r;
+  const T* bias = p.bias;
+  expand_tile<T, kVector, kExpandRowsPerThread>(
+      p, smem, e, j, blockIdx.x * kExpandRows, blockIdx.y * tile_cols<T>(),
+      [&](int m, int i) {
+        float s = 0.f;
+        for (int z = 0; z < splits; ++z) s += part[((long long)z * M + m) * R + base_col + i];
+        return s;
+      },
+      [&](int) { return bias; });
+}
+
+// out[m] = table[ids[m]] + scale * A[:, ids[m]] B^T (A is (r, num): the id's column holds its r ranks).
+// Grid: x = kExpandRows-row tiles of the ids, y = column tiles of the embedding dimension.
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kThreads) embedding_kernel(Args<T> p) {
+  LORA_DYNAMIC_SHARED(float, smem);
+  const long long* ids = p.ids;
+  const T* a = p.a;
+  const T* table = p.table;
+  const long long num = p.num, ld = p.N;
+  auto id_of = [&](int m) {
+    const long long id = ids[m];
+    if (id < 0 || id >= num) device_fail("embedding id out of range");
+    return id;
+  };
+  expand_tile<T, kVector, kExpandRowsPerThread>(
+      p, smem, 0, 0, blockIdx.x * kExpandRows, blockIdx.y * tile_cols<T>(),
+      [&](int m, int i) { return to_float(a[(long long)i * num + id_of(m)]); },
+      [&](int m) { return table + id_of(m) * ld; });
+}
+
+}  // namespace forward
+}  // namespace kernels
+}  // namespace lora_ext

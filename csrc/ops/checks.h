@@ -1,0 +1,44 @@
+// Argument checks shared by the host code of every op (ops/*_host.h), so that each rule and its message
+// exist once. They raise ValueError in Python (TORCH_CHECK_VALUE).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace lora_ext {
+namespace checks {
+
+// MergedLinear's output blocks: num_blocks in [1, max_blocks], block_ids strictly increasing in range.
+inline void block_ids(const char* op, int64_t num_blocks, const std::vector<int64_t>& ids, int64_t max_blocks) {
+  TORCH_CHECK_VALUE(num_blocks >= 1 && num_blocks <= max_blocks, op, ": num_blocks must be in [1, ", max_blocks,
+                    "], got ", num_blocks);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    TORCH_CHECK_VALUE(ids[i] >= 0 && ids[i] < num_blocks, op, ": block_ids must lie in [0, num_blocks=", num_blocks,
+                      "), got ", ids[i]);
+    TORCH_CHECK_VALUE(i == 0 || ids[i] > ids[i - 1], op, ": block_ids must be strictly increasing, got ",
+                      c10::IntArrayRef(ids));
+  }
+}
+
+// The rank r of factors A (n*r, k) and B (n*nb, r) for n >= 1 enabled blocks of nb features; their
+// column counts are checked by the caller, which knows what to name them after.
+inline int64_t rank(const char* op, const at::Tensor& a, const at::Tensor& b, int64_t n, int64_t nb) {
+  TORCH_CHECK_VALUE(a.size(0) % n == 0 && a.size(0) > 0, op, ": A must have n*r rows for n=", n,
+                    " enabled blocks and rank r >= 1, got shape ", a.sizes());
+  const int64_t r = a.size(0) / n;
+  TORCH_CHECK_VALUE(b.size(0) == n * nb && b.size(1) == r, op, ": B must have shape (n*nb, r) = (", n * nb, ", ", r,
+                    ") for n=", n, " enabled blocks of nb=", nb, " and rank r=", r, ", got ", b.sizes());
+  return r;
+}
+
+inline void on_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                      const at::Tensor& ref) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref_name, "'s device (", ref.device(),
+                    "), got ", t.device());
+}
+
+}  // namespace checks
+}  // namespace lora_ext

@@ -1,0 +1,51 @@
+// CUDA launchers for linear and embedding: the checks, kernel selection and base GEMM are in
+// ops/forward_host.h, shared with the simulator module; this file puts the chosen kernels on the current
+// stream.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuBLAS/cuSPARSE headers
+
+#include "ops/forward.h"
+#include "ops/forward_host.h"
+
+namespace lora_ext {
+namespace {
+
+struct CudaLaunch {
+  template <typename Kernel, typename Args>
+  static void run(Kernel kernel, dim3 grid, dim3 block, size_t smem, const Args& args) {
+    kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+// Multiprocessors of the current device, read once per device (the split-K fills them).
+int sm_count() {
+  static int counts[64] = {};
+  const int dev = c10::cuda::current_device();
+  if (dev < 0 || dev >= 64) return 132;
+  if (!counts[dev]) C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev));
+  return counts[dev];
+}
+
+}  // namespace
+
+at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scale,
+                       int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out) {
+  const char* op = "lora_ext._C.linear";
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return forward_host::linear<CudaLaunch>(op, x, x_lora, weight, bias, a, b, scale, num_blocks, block_ids,
+                                          fan_in_fan_out, c10::DeviceType::CUDA, sm_count());
+}
+
+at::Tensor embedding_cuda(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
+                          double scale, c10::optional<int64_t> padding_idx) {
+  const char* op = "lora_ext._C.embedding";
+  TORCH_CHECK_VALUE(weight.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight.device());
+  const c10::cuda::CUDAGuard guard(weight.device());
+  return forward_host::embedding<CudaLaunch>(op, ids, weight, a, b, scale, padding_idx, c10::DeviceType::CUDA);
+}
+
+}  // namespace lora_ext

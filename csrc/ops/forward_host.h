@@ -1,0 +1,242 @@
+// Host side of the forward ops, linear and embedding: argument checks, kernel selection and the base
+// GEMM / gather. The CUDA launcher (ops/forward.cu) and the simulator module (sim/sim_module.cpp) both run
+// this code and differ only in the device their tensors must be on and in the Launch policy, which puts a
+// kernel on the GPU or in the simulator and says how many multiprocessors there are to fill.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "dispatch.h"
+#include "kernels/forward.cuh"
+#include "ops/checks.h"
+
+namespace lora_ext {
+namespace forward_host {
+
+namespace kf = kernels::forward;
+
+constexpr int64_t kIntMax = 0x7fffffff;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool aligned16(const at::Tensor& t) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+inline void check_float(const char* op, const char* name, const at::Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
+                    " must be float32, float16 or bfloat16, got ", st);
+}
+
+inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(), " dimensions");
+}
+
+// What the linear op was asked to do, after checking.
+struct LinearPlan {
+  int64_t M, K, N, nb, r, n, num_blocks;
+  short slot[kf::kMaxBlocks];
+};
+
+inline LinearPlan check_linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
+                               int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out,
+                               c10::DeviceType device) {
+  TORCH_CHECK_VALUE(x.device().type() == device, op, ": x must be a ", c10::DeviceTypeName(device),
+                    " tensor, got one on ", x.device());
+  checks::on_device(op, "x_lora", x_lora, "x", x);
+  checks::on_device(op, "weight", weight, "x", x);
+  checks::on_device(op, "A", a, "x", x);
+  checks::on_device(op, "B", b, "x", x);
+  if (bias) checks::on_device(op, "bias", *bias, "x", x);
+
+  check_float(op, "x", x);
+  const auto dt = x.scalar_type();
+  TORCH_CHECK_VALUE(x_lora.scalar_type() == dt && weight.scalar_type() == dt && (!bias || bias->scalar_type() == dt),
+                    op, ": x_lora, weight and bias must have x's dtype (", dt, "), got ", x_lora.scalar_type(), ", ",
+                    weight.scalar_type(), (bias ? ", " : ""), (bias ? c10::toString(bias->scalar_type()) : ""));
+  check_float(op, "A", a);
+  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": B must have A's dtype (", a.scalar_type(), "), got ",
+                    b.scalar_type());
+
+  check_dim(op, "weight", weight, 2);
+  check_dim(op, "A", a, 2);
+  check_dim(op, "B", b, 2);
+  const int64_t N = fan_in_fan_out ? weight.size(1) : weight.size(0);
+  const int64_t K = fan_in_fan_out ? weight.size(0) : weight.size(1);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, op, ": x must have ", K, " features in its last dimension, got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x_lora.sizes() == x.sizes(), op, ": x_lora must have the shape of x ", x.sizes(), ", got ",
+                    x_lora.sizes());
+  TORCH_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == N), op, ": bias must have shape (", N, "), got ",
+                    bias ? bias->sizes() : c10::IntArrayRef());
+
+  checks::block_ids(op, num_blocks, block_ids, kf::kMaxBlocks);
+  TORCH_CHECK_VALUE(N % num_blocks == 0, op, ": num_blocks (", num_blocks, ") must divide the output features (", N,
+                    ")");
+  LinearPlan p{};
+  p.M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) p.M *= x.size(d);
+  p.K = K;
+  p.N = N;
+  p.num_blocks = num_blocks;
+  p.nb = N / num_blocks;
+  p.n = (int64_t)block_ids.size();
+  if (p.n) {
+    TORCH_CHECK_VALUE(a.size(1) == K, op, ": A must have ", K, " columns (the in-features), got shape ", a.sizes());
+    p.r = checks::rank(op, a, b, p.n, p.nb);
+  }
+  TORCH_CHECK_VALUE(p.M <= kIntMax && K <= kIntMax && N <= kIntMax && p.n * p.r <= kIntMax, op,
+                    ": sizes must fit in 32 bits, got x ", x.sizes(), " and A ", a.sizes());
+  for (int64_t e = 0; e < num_blocks; ++e) p.slot[e] = -1;
+  for (int64_t j = 0; j < p.n; ++j) p.slot[block_ids[j]] = (short)j;
+  return p;
+}
+
+// Split-K for the shrink: enough CTAs for two per multiprocessor, each with at least 256 of K.
+inline void choose_splits(int64_t tiles, int64_t K, int sm_count, int& splits, int& k_per_split) {
+  const int64_t want = ceil_div(2 * (int64_t)sm_count, tiles);
+  const int64_t s = std::max<int64_t>(1, std::min<int64_t>(want, ceil_div(K, 256)));
+  k_per_split = (int)(ceil_div(ceil_div(std::max<int64_t>(K, 1), s), kf::kShrinkK) * kf::kShrinkK);
+  splits = (int)std::max<int64_t>(1, ceil_div(K, k_per_split));
+}
+
+template <class Launch, typename T, bool kVector>
+void launch_linear(const LinearPlan& p, kf::Args<T>& args, const at::Tensor& x, int sm_count) {
+  const unsigned col_tiles = (unsigned)ceil_div(p.nb, kf::tile_cols<T>());
+  const dim3 block(kf::kThreads);
+  if (p.M <= kf::kFusedMaxM && p.r <= kf::kFusedMaxR) {
+    Launch::run(&kf::fused_linear_kernel<T, kVector>, dim3(col_tiles, (unsigned)p.num_blocks), block,
+                kf::fused_smem_bytes<T>(), args);
+    return;
+  }
+  const int64_t m_tiles = ceil_div(p.M, kf::kShrinkM), j_tiles = ceil_div(args.R, kf::kShrinkJ);
+  TORCH_CHECK_VALUE(j_tiles <= 65535, "lora_ext linear: too many LoRA ranks (", args.R, ")");
+  choose_splits(m_tiles * j_tiles, p.K, sm_count, args.splits, args.k_per_split);
+  const at::Tensor part = at::empty({args.splits, p.M, args.R}, x.options().dtype(at::kFloat));
+  args.part = part.data_ptr<float>();
+  constexpr bool kTensorCore = !std::is_same<T, float>::value;
+  Launch::run(&kf::shrink_kernel<T, kTensorCore, kVector>,
+              dim3((unsigned)m_tiles, (unsigned)j_tiles, (unsigned)args.splits), block,
+              kf::shrink_smem_bytes<T, kTensorCore>(), args);
+  Launch::run(&kf::expand_kernel<T, kVector>,
+              dim3((unsigned)ceil_div(p.M, kf::kExpandRows), col_tiles, (unsigned)p.num_blocks), block,
+              kf::expand_smem_bytes<T>(), args);
+}
+
+// F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks. The LoRA kernels write
+// out = bias + the low-rank term, then the base GEMM accumulates onto it (beta = 1).
+template <class Launch>
+at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
+                  const c10::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scale,
+                  int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out,
+                  c10::DeviceType device, int sm_count) {
+  const LinearPlan p = check_linear(op, x, x_lora, weight, bias, a, b, num_blocks, block_ids, fan_in_fan_out, device);
+  const at::Tensor w = fan_in_fan_out ? weight.t() : weight;  // (N, K)
+  if (p.n == 0 || p.M == 0) return at::linear(x, w, bias);
+  const auto dt = x.scalar_type();
+  const at::Tensor xl = x_lora.reshape({p.M, p.K}).contiguous();
+  const at::Tensor ac = a.to(dt).contiguous(), bc = b.to(dt).contiguous();
+  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({p.M, p.N}, x.options());
+
+  const int64_t vec = 16 / x.element_size();
+  const bool vector = aligned16(xl) && aligned16(ac) && aligned16(bias_c) && aligned16(out) && p.K % vec == 0 &&
+                      p.nb % vec == 0;
+  LORA_DISPATCH_WEIGHT_TYPES(dt, op, [&] {
+    kf::Args<scalar_t> args{};
+    args.x = reinterpret_cast<const scalar_t*>(xl.data_ptr());
+    args.a = reinterpret_cast<const scalar_t*>(ac.data_ptr());
+    args.b = reinterpret_cast<const scalar_t*>(bc.data_ptr());
+    args.bias = bias_c.defined() ? reinterpret_cast<const scalar_t*>(bias_c.data_ptr()) : nullptr;
+    args.out = reinterpret_cast<scalar_t*>(out.data_ptr());
+    args.M = (int)p.M;
+    args.K = (int)p.K;
+    args.R = (int)(p.n * p.r);
+    args.r = (int)p.r;
+    args.nb = (int)p.nb;
+    args.N = (int)p.N;
+    args.scale = (float)scale;
+    for (int64_t e = 0; e < p.num_blocks; ++e) args.slot[e] = p.slot[e];
+    if (vector)
+      launch_linear<Launch, scalar_t, true>(p, args, x, sm_count);
+    else
+      launch_linear<Launch, scalar_t, false>(p, args, x, sm_count);
+  });
+  out.addmm_(x.reshape({p.M, p.K}), w.t());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(p.N);
+  return out.view(shape);
+}
+
+// weight[ids] + scale * A[:, ids]^T B^T; A is (r, num_embeddings), B is (embedding_dim, r). padding_idx only
+// shapes the gradient (nn.Embedding's forward returns the padding row as stored); it is checked here.
+template <class Launch>
+at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a,
+                     const at::Tensor& b, double scale, c10::optional<int64_t> padding_idx, c10::DeviceType device) {
+  TORCH_CHECK_VALUE(weight.device().type() == device, op, ": weight must be a ", c10::DeviceTypeName(device),
+                    " tensor, got one on ", weight.device());
+  checks::on_device(op, "ids", ids, "weight", weight);
+  checks::on_device(op, "A", a, "weight", weight);
+  checks::on_device(op, "B", b, "weight", weight);
+  TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
+                    ": ids must be int32 or int64, got ", ids.scalar_type());
+  check_float(op, "weight", weight);
+  check_float(op, "A", a);
+  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": B must have A's dtype (", a.scalar_type(), "), got ",
+                    b.scalar_type());
+  check_dim(op, "weight", weight, 2);
+  check_dim(op, "A", a, 2);
+  check_dim(op, "B", b, 2);
+  const int64_t num = weight.size(0), dim = weight.size(1);
+  TORCH_CHECK_VALUE(a.size(1) == num, op, ": A must have ", num, " columns (the embeddings), got shape ", a.sizes());
+  const int64_t r = checks::rank(op, a, b, 1, dim);
+  TORCH_CHECK_VALUE(!padding_idx || (*padding_idx >= -num && *padding_idx < num), op,
+                    ": padding_idx must be within the ", num, " embeddings, got ", *padding_idx);
+  const int64_t M = ids.numel();
+  TORCH_CHECK_VALUE(M <= kIntMax && dim <= kIntMax && r <= kIntMax, op, ": sizes must fit in 32 bits");
+
+  std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+  shape.push_back(dim);
+  const auto dt = weight.scalar_type();
+  at::Tensor out = at::empty({M, dim}, weight.options());
+  if (M == 0 || dim == 0) return out.view(shape);
+  const at::Tensor ids64 = ids.reshape({M}).to(at::kLong).contiguous();
+  const at::Tensor table = weight.contiguous();
+  const at::Tensor ac = a.to(dt).contiguous(), bc = b.to(dt).contiguous();
+  const int64_t vec = 16 / weight.element_size();
+  const bool vector = aligned16(table) && aligned16(out) && dim % vec == 0;
+  LORA_DISPATCH_WEIGHT_TYPES(dt, op, [&] {
+    kf::Args<scalar_t> args{};
+    args.a = reinterpret_cast<const scalar_t*>(ac.data_ptr());
+    args.b = reinterpret_cast<const scalar_t*>(bc.data_ptr());
+    args.table = reinterpret_cast<const scalar_t*>(table.data_ptr());
+    args.ids = reinterpret_cast<const long long*>(ids64.data_ptr<int64_t>());
+    args.out = reinterpret_cast<scalar_t*>(out.data_ptr());
+    args.M = (int)M;
+    args.r = (int)r;
+    args.nb = (int)dim;
+    args.N = (int)dim;
+    args.num = num;
+    args.scale = (float)scale;
+    args.slot[0] = 0;
+    const dim3 grid((unsigned)ceil_div(M, kf::kExpandRows), (unsigned)ceil_div(dim, kf::tile_cols<scalar_t>()));
+    if (vector)
+      Launch::run(&kf::embedding_kernel<scalar_t, true>, grid, dim3(kf::kThreads), kf::expand_smem_bytes<scalar_t>(),
+                  args);
+    else
+      Launch::run(&kf::embedding_kernel<scalar_t, false>, grid, dim3(kf::kThreads), kf::expand_smem_bytes<scalar_t>(),
+                  args);
+  });
+  return out.view(shape);
+}
+
+}  // namespace forward_host
+}  // namespace lora_ext
