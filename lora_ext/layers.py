@@ -26,7 +26,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .swap import check_finite, swap_
 
 
 def _remerge_after_load(module, incompatible_keys):
@@ -170,7 +169,7 @@ class LoRALayer:
             raise ValueError(f"{name}: factors of shape {tuple(lora_A.shape)} and {tuple(lora_B.shape)} do not fit "
                              f"this layer; a rank-{max(r, 1)} adapter needs {want[0]} and {want[1]}")
         if values:
-            check_finite(name, lora_A, lora_B, scaling)
+            ops.check_finite(name, lora_A, lora_B, scaling)
 
     def add_adapter(self, name, lora_A, lora_B, scaling):
         """Adds (or replaces) a named adapter. Replacing the active one changes the layer at once (in one
@@ -214,7 +213,7 @@ class LoRALayer:
         lora_B = lora_B.detach().to(self.lora_B.device, self.lora_B.dtype)
         if self.merged and self._merged_A is not None:
             with torch.no_grad():
-                swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
+                ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
                       lora_A, lora_B, scaling, **self._layout())
             self._merged_A, self._merged_B, self._merged_scaling = lora_A.clone(), lora_B.clone(), scaling
         self.lora_A.data = lora_A

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora_ext
-from lora_ext import swap as swap_mod
+from lora_ext import ops as ops_mod
 from conftest import dense_delta64
 from tiny_models import gpt2, randomize_lora, rel, tokens
 
@@ -61,8 +61,8 @@ def test_merged_swap_is_one_pass_and_exact(monkeypatch, name, make, inputs):
     layer.eval()  # merge the default adapter
     A1, B1, s1 = (t.detach().clone() if torch.is_tensor(t) else t for t in layer.get_adapter("default"))
     calls = []
-    real = swap_mod.ops.merge_
-    monkeypatch.setattr(swap_mod.ops, "merge_", lambda w, a, b, s, **kw: calls.append((a.shape, b.shape, s)) or real(w, a, b, s, **kw))
+    real = ops_mod.merge_
+    monkeypatch.setattr(ops_mod, "merge_", lambda w, a, b, s, **kw: calls.append((a.shape, b.shape, s)) or real(w, a, b, s, **kw))
     layer.set_adapter("second")
     n = len(layer._block_ids) if isinstance(layer, lora_ext.MergedLinear) else layer._rank_rows()
     assert len(calls) == 1 and calls[0][0][0] == n * (r1 + r2) and calls[0][2] == 1.0

@@ -14,7 +14,6 @@ import struct
 import torch
 
 from .. import ops
-from ..swap import check_finite
 from .files import Progress, atomic_path
 from .peft_io import check_base_weight, module_factors, module_rank_scaling, read_config, read_tensors
 
@@ -107,7 +106,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
             with safe_open(where[key], framework="pt") as h:
                 check_base_weight("--adapter", name, base_weights[name], h.get_tensor(key))
         A2, B2, transposed = _layout(name, A, B, shapes[key], embedding, bool(cfg.get("fan_in_fan_out")))
-        check_finite(f"--adapter module {name!r}", A2, B2, scaling)
+        ops.check_finite(f"--adapter module {name!r}", A2, B2, scaling)
         plan[key] = (A2.to(device), B2.to(device), scaling, transposed)
 
     total = sum(len(entries) for _, entries in headers.values())
