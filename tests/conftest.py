@@ -37,3 +37,14 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.fixture(autouse=True)
+def _default_sim_schedule():
+    # A test may shuffle the simulator's thread order; the next one starts from the default order.
+    yield
+    try:
+        from lora_ext import _sim
+    except ImportError:
+        return
+    _sim.set_schedule(None)

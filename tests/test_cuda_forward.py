@@ -4,6 +4,8 @@ layers, gradients, and a CUDA graph capture of an unmerged layer. Skipped withou
 import pytest
 import torch
 
+from kernel_cases import KERNEL_DTYPES, PATTERNS
+
 import lora_ext
 from lora_ext import ops
 from conftest import assert_close_rel, dense_delta64
@@ -11,14 +13,6 @@ from conftest import assert_close_rel, dense_delta64
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.cuda_kernels_available()),
                                 reason="needs a CUDA device and lora_ext built with its CUDA kernels")
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-PATTERNS = {
-    "plain": (1, [0], False),
-    "fan_in_fan_out": (1, [0], True),
-    "merged_TFT": (3, [0, 2], False),
-    "merged_FT": (2, [1], False),
-    "merged_TTT": (3, [0, 1, 2], False),
-}
 
 
 def _linear64(x, x_lora, w, bias, A, B, scale, num_blocks, ids, fan):
@@ -38,7 +32,7 @@ def _layer(pattern, k, nb, r, dtype):
             torch.randn(len(ids) * nb, r, device="cuda").to(dtype), num_blocks, ids, fan)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("lead", [(1,), (7,), (2, 40), (300,)])
 @pytest.mark.parametrize("k,nb,r", [(53, 37, 4), (256, 264, 16)])
@@ -51,7 +45,7 @@ def test_cuda_linear_kernels(dtype, pattern, lead, k, nb, r):
     assert_close_rel(y, _linear64(x, x, w, b, A, B, 0.75, g, ids, fan), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "misaligned"])
 def test_cuda_linear_input_layouts(dtype, layout):
     w, b, A, B, g, ids, fan = _layer("merged_TFT", 64, 24, 8, dtype)
@@ -63,7 +57,7 @@ def test_cuda_linear_input_layouts(dtype, layout):
     assert_close_rel(y, _linear64(x, x, w, None, A, B, 0.5, g, ids, fan), dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("ids_shape", [(1,), (4, 33)])
 def test_cuda_embedding_kernel(dtype, ids_shape):
     num, dim, r = 70, 264, 8
@@ -89,7 +83,7 @@ LAYERS = {
 }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("m", [1, 50])
 def test_cuda_layers_forward_and_gradients(kind, dtype, m):

@@ -9,6 +9,8 @@ import zlib
 import pytest
 import torch
 
+from kernel_cases import KERNEL_DTYPES, PATTERNS
+
 # Skip only when the module was not built; one that is built but fails to load is an error.
 if importlib.util.find_spec("lora_ext._sim") is None:
     pytestmark = pytest.mark.skip(
@@ -18,24 +20,8 @@ if importlib.util.find_spec("lora_ext._sim") is None:
 else:
     from lora_ext import _sim
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-# (num_blocks, enabled block ids, transposed): plain Linear/Conv, fan_in_fan_out/Embedding, MergedLinear
-PATTERNS = {
-    "plain": (1, [0], False),
-    "transposed": (1, [0], True),
-    "merged_TFT": (3, [0, 2], False),
-    "merged_FT": (2, [1], False),
-    "merged_TTT": (3, [0, 1, 2], False),
-    "merged_TFT_transposed": (3, [0, 2], True),
-}
 
 
-@pytest.fixture(autouse=True)
-def _thread_order():
-    yield
-    if _sim is not None:
-        _sim.set_schedule(None)
 
 
 BACKENDS = ["sim"] + (["cuda"] if torch.cuda.is_available() and _C is not None else [])
@@ -174,7 +160,7 @@ def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous
         assert excess <= 1, f"an element is {excess:.3g}x the single-rounding bound from the float64 result"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("r", [1, 8, 33])
 def test_merge_patterns(backend, dtype, pattern, r):
@@ -182,7 +168,7 @@ def test_merge_patterns(backend, dtype, pattern, r):
     _check_merge(backend, dtype, dtype, pattern, nb=nb, k=53, r=r)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", ["plain", "transposed", "merged_TFT", "merged_TFT_transposed"])
 def test_merge_multi_tile_vector_path(backend, dtype, pattern):
     # sizes spanning several 64x128 tiles, with widths that allow 16-byte accesses, and r over two chunks
@@ -197,7 +183,7 @@ def test_merge_fp32_operands_into_half_weight(backend, dtype, r, pattern):
     _check_merge(backend, dtype, torch.float32, pattern, nb=37 if pattern == "plain" else 11, k=45, r=r)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["strided", "misaligned", "strided_misaligned"])
 @pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_transposed"])
 @pytest.mark.parametrize("r", [8, 33])
@@ -206,13 +192,13 @@ def test_merge_layouts(backend, dtype, layout, pattern, r):
     _check_merge(backend, dtype, dtype, pattern, nb=nb, k=64 if layout == "strided" else 53, r=r, layout=layout)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_merge_no_enabled_block_is_a_noop(backend, dtype):
     _check_merge(backend, dtype, dtype, (3, [], False), nb=13, k=53, r=4)
     _check_merge(backend, dtype, dtype, (3, [], True), nb=13, k=53, r=4)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("pattern,r", [("plain", 8), ("merged_TFT_transposed", 33), ("plain", 70)])
 def test_merge_shuffled_schedule(dtype, seed, pattern, r):
@@ -230,7 +216,7 @@ def test_unmerge_restores_fp32_weight():
     assert _rel_err(w, w0.double()) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", ["plain", "transposed", "merged_TFT", "merged_FT", "merged_TFT_transposed"])
 @pytest.mark.parametrize("r", [1, 33])
 @pytest.mark.parametrize("layout", ["contiguous", "strided_misaligned"])

@@ -10,6 +10,8 @@ import importlib.util
 import pytest
 import torch
 
+from kernel_cases import KERNEL_DTYPES, PATTERNS
+
 from lora_ext import ops
 
 if importlib.util.find_spec("lora_ext._sim") is None:
@@ -20,25 +22,9 @@ if importlib.util.find_spec("lora_ext._sim") is None:
 else:
     from lora_ext import _sim
 
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
-# (num_blocks, enabled block ids, fan_in_fan_out)
-PATTERNS = {
-    "plain": (1, [0], False),
-    "fan_in_fan_out": (1, [0], True),
-    "merged_TFT": (3, [0, 2], False),
-    "merged_FT": (2, [1], False),
-    "merged_TTT": (3, [0, 1, 2], False),
-    "merged_TFT_fan": (3, [0, 2], True),
-}
 
-
-@pytest.fixture(autouse=True)
-def _thread_order():
-    yield
-    if _sim is not None:
-        _sim.set_schedule(None)
 
 
 def _rel_err(out, ref):
@@ -105,7 +91,7 @@ def _check_linear(dtype, pattern, lead, k, nb, r, layout="contiguous", bias=True
 
 
 # M = 1 and 5 take the fused decode kernel, 9 and 70 the split-K shrink and the expand.
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("m", [1, 5, 9, 70])
 def test_linear_patterns(dtype, pattern, m):
@@ -113,7 +99,7 @@ def test_linear_patterns(dtype, pattern, m):
     _check_linear(dtype, pattern, (m,), k=53, nb=nb, r=4)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("r", [1, 40])
 @pytest.mark.parametrize("m", [1, 33])
 def test_linear_ranks(dtype, r, m):
@@ -121,8 +107,8 @@ def test_linear_ranks(dtype, r, m):
     _check_linear(dtype, "merged_TFT", (m,), k=45, nb=11, r=r)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_fan"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_transposed"])
 @pytest.mark.parametrize("m", [2, 40])
 def test_linear_vector_path_multi_tile(dtype, pattern, m):
     # K, nb multiples of 8: 16-byte accesses; nb over one column tile (256 bf16 / 128 fp32 columns)
@@ -130,27 +116,27 @@ def test_linear_vector_path_multi_tile(dtype, pattern, m):
     _check_linear(dtype, pattern, (m,), k=96, nb=nb, r=8)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("k", [600, 1024])
 def test_linear_split_k(dtype, k):
     # a 64-row tile with K >= 512: the shrink splits K over several CTAs and the expand sums the partials
     _check_linear(dtype, "merged_TFT", (24,), k=k, nb=16, r=8)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("lead", [(), (2, 3), (3, 1, 4)])
 def test_linear_leading_dims(dtype, lead):
     _check_linear(dtype, "plain", lead if lead else (), k=24, nb=19, r=3)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "strided", "misaligned"])
 @pytest.mark.parametrize("m", [3, 20])
 def test_linear_input_layouts(dtype, layout, m):
     _check_linear(dtype, "merged_TFT", (m,), k=64, nb=24, r=4, layout=layout)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 12])
 def test_linear_without_bias_and_separate_lora_input(dtype, m):
     _check_linear(dtype, "merged_FT", (m,), k=31, nb=17, r=5, bias=False, separate_lora_input=True)
@@ -195,7 +181,7 @@ def _embedding64(ids, w, A, B, scale):
     return w.double()[ids] + scale * A.double().t()[ids] @ B.double().t()
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("dim,r", [(24, 1), (37, 5), (272, 40)])
 @pytest.mark.parametrize("ids_shape", [(1,), (3, 11), (45,)])
 def test_embedding(dtype, dim, r, ids_shape):
@@ -209,7 +195,7 @@ def test_embedding(dtype, dim, r, ids_shape):
     assert _rel_err(y, _embedding64(ids, w, A, B, 0.6)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_embedding_padding_idx_and_int32_ids(dtype):
     num, dim, r = 20, 16, 3
     w, A, B = torch.randn(num, dim).to(dtype), torch.randn(r, num).to(dtype), torch.randn(dim, r).to(dtype)
@@ -258,7 +244,7 @@ class _SimEmbedding(torch.autograd.Function):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_fan"])
+@pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_transposed"])
 @pytest.mark.parametrize("m", [1, 20])
 def test_linear_gradients_match_reference(dtype, pattern, m):
     w, b, A, B, g, ids, fan = _layer(pattern, 24, 10, 3, dtype)
