@@ -3,21 +3,13 @@
 // stream.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuBLAS/cuSPARSE headers
 
+#include "ops/cuda_launch.cuh"
 #include "ops/forward.h"
 #include "ops/forward_host.h"
 
 namespace lora_ext {
 namespace {
-
-struct CudaLaunch {
-  template <typename Kernel, typename Args>
-  static void run(Kernel kernel, dim3 grid, dim3 block, size_t smem, const Args& args) {
-    kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 // Multiprocessors of the current device, read once per device (the split-K fills them).
 int sm_count() {

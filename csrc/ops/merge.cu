@@ -2,21 +2,13 @@
 // shared with the simulator module; this file only puts the chosen kernel on the current stream.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuBLAS/cuSPARSE headers
 
+#include "ops/cuda_launch.cuh"
 #include "ops/merge.h"
 #include "ops/merge_host.h"
 
 namespace lora_ext {
 namespace {
-
-struct CudaLaunch {
-  template <typename Kernel, typename Args>
-  static void run(Kernel kernel, dim3 grid, dim3 block, size_t smem, const Args& args) {
-    kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-};
 
 template <bool kDelta>
 void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
