@@ -38,7 +38,7 @@ tail -5 "$OUT/tests.log"
 [ $rc -eq 0 ] || { status=1; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; }
 
 step "benchmarks"
-timeout 240 "$PY" -m lora_ext.cli bench --device cuda --json "$OUT/bench.json" > "$OUT/bench.md" 2>"$OUT/bench.err" \
+timeout 270 "$PY" -m lora_ext.cli bench --device cuda --quick --json "$OUT/bench.json" > "$OUT/bench.md" 2>"$OUT/bench.err" \
   || { status=1; tail -20 "$OUT/bench.err"; }
 
 step "results (full table in $OUT/bench.md)"
