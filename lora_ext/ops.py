@@ -35,6 +35,13 @@ def _backend_for(t):
     return _C if t.is_cuda and _C is not None and t.dtype is not torch.float64 else reference
 
 
+def _kernel_factors(dtype, lora_A, lora_B):
+    """The CUDA merge kernels read the factors in float32 or in the weight's dtype, both the same."""
+    if lora_A.dtype == lora_B.dtype and lora_A.dtype in (torch.float32, dtype):
+        return lora_A, lora_B
+    return lora_A.float(), lora_B.float()
+
+
 def _eager_backend(t):
     """The backend module to call directly for tensor t in eager mode; None while tracing/compiling."""
     if torch.compiler.is_compiling():
@@ -141,6 +148,8 @@ def merge_(weight, lora_A, lora_B, scale, *, num_blocks=1, block_ids=(0,), trans
     if backend is None:
         _merge_op(*args)
         return
+    if backend is _C:
+        args = (weight, *_kernel_factors(weight.dtype, lora_A, lora_B), *args[3:])
     backend.merge_(*args)
     torch.autograd.graph.increment_version(weight)
 
@@ -401,13 +410,18 @@ def conv(conv_module, x, x_lora, lora_A, lora_B, scale):
 def _register_cuda_kernels():
     @_merge_op.register_kernel("cuda")
     def _(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
-        _C.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
+        if _backend_for(weight) is reference:
+            reference.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
+            return
+        _C.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), scale, num_blocks, block_ids, transposed)
 
     @_delta_weight_op.register_kernel("cuda")
     def _(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return reference.delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
         shape = _delta_shape(lora_A, lora_B, num_blocks, block_ids, transposed)
         out = lora_A.new_empty(shape, dtype=dtype)
-        _C.delta_weight_(out, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
+        _C.delta_weight_(out, *_kernel_factors(dtype, lora_A, lora_B), scale, num_blocks, block_ids, transposed)
         return out
 
     @_linear_op.register_kernel("cuda")

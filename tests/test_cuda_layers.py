@@ -76,3 +76,16 @@ def test_cuda_merge_on_current_stream():
         ops.merge_(w, A, B, 0.5)
     torch.cuda.current_stream().wait_stream(s)
     assert_close_rel(w, ref, torch.float32)
+
+
+@pytest.mark.parametrize("w_dtype,f_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                             (torch.float64, torch.float32)])
+def test_cuda_merge_and_delta_take_any_float_factors(w_dtype, f_dtype):
+    w = torch.randn(48, 40, device="cuda").to(w_dtype)
+    A = torch.randn(6, 40, device="cuda").to(f_dtype)
+    B = torch.randn(48, 6, device="cuda").to(f_dtype)
+    ref = w.double() + 0.5 * B.double() @ A.double()
+    ops.merge_(w, A, B, 0.5)
+    assert_close_rel(w, ref, w_dtype, factor=2)
+    d = ops.delta_weight(A, B, 0.5, out_features=48, dtype=w_dtype)
+    assert_close_rel(d, 0.5 * B.double() @ A.double(), w_dtype, factor=2)

@@ -39,6 +39,16 @@ inline void check_dim(const char* op, const char* name, const at::Tensor& t, int
   TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got ", t.dim(), " dimensions");
 }
 
+// The factors' dtypes (A float, B as A) and every matrix 2-D: what linear and embedding both require.
+inline void check_operands(const char* op, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b) {
+  check_float(op, "A", a);
+  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": B must have A's dtype (", a.scalar_type(), "), got ",
+                    b.scalar_type());
+  check_dim(op, "weight", weight, 2);
+  check_dim(op, "A", a, 2);
+  check_dim(op, "B", b, 2);
+}
+
 // What the linear op was asked to do, after checking.
 struct LinearPlan {
   int64_t M, K, N, nb, r, n, num_blocks;
@@ -62,13 +72,7 @@ inline LinearPlan check_linear(const char* op, const at::Tensor& x, const at::Te
   TORCH_CHECK_VALUE(x_lora.scalar_type() == dt && weight.scalar_type() == dt && (!bias || bias->scalar_type() == dt),
                     op, ": x_lora, weight and bias must have x's dtype (", dt, "), got ", x_lora.scalar_type(), ", ",
                     weight.scalar_type(), (bias ? ", " : ""), (bias ? c10::toString(bias->scalar_type()) : ""));
-  check_float(op, "A", a);
-  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": B must have A's dtype (", a.scalar_type(), "), got ",
-                    b.scalar_type());
-
-  check_dim(op, "weight", weight, 2);
-  check_dim(op, "A", a, 2);
-  check_dim(op, "B", b, 2);
+  check_operands(op, weight, a, b);
   const int64_t N = fan_in_fan_out ? weight.size(1) : weight.size(0);
   const int64_t K = fan_in_fan_out ? weight.size(0) : weight.size(1);
   TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, op, ": x must have ", K, " features in its last dimension, got ",
@@ -189,12 +193,7 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
   TORCH_CHECK_VALUE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
                     ": ids must be int32 or int64, got ", ids.scalar_type());
   check_float(op, "weight", weight);
-  check_float(op, "A", a);
-  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": B must have A's dtype (", a.scalar_type(), "), got ",
-                    b.scalar_type());
-  check_dim(op, "weight", weight, 2);
-  check_dim(op, "A", a, 2);
-  check_dim(op, "B", b, 2);
+  check_operands(op, weight, a, b);
   const int64_t num = weight.size(0), dim = weight.size(1);
   TORCH_CHECK_VALUE(a.size(1) == num, op, ": A must have ", num, " columns (the embeddings), got shape ", a.sizes());
   const int64_t r = checks::rank(op, a, b, 1, dim);
