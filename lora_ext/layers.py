@@ -144,6 +144,27 @@ class LoRALayer:
         """(lora_A shape, lora_B shape) of a rank-r adapter for this layer."""
         raise NotImplementedError
 
+    def _add_factors(self, weight):
+        """Creates lora_A/lora_B of rank self.r beside `weight` (same dtype and device) and freezes it."""
+        a_shape, b_shape = self.factor_shapes(self.r)
+        self.lora_A = nn.Parameter(weight.new_zeros(a_shape))
+        self.lora_B = nn.Parameter(weight.new_zeros(b_shape))
+        self.scaling = self.lora_alpha / self.r
+        weight.requires_grad = False
+
+    def reset_parameters(self):
+        super().reset_parameters()
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self):
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        with self._guard():
+            return self._forward(x)
+
     @property
     def adapter_names(self):
         return [self.active_adapter, *self._adapters]
@@ -258,15 +279,8 @@ class Embedding(LoRALayer, nn.Embedding):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0, merge_weights=merge_weights)
         if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r, num_embeddings)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((embedding_dim, r)))
-            self.scaling = self.lora_alpha / self.r
-            self.weight.requires_grad = False
+            self._add_factors(self.weight)
         self.reset_parameters()
-
-    def reset_parameters(self):
-        nn.Embedding.reset_parameters(self)
-        self.reset_lora_parameters()
 
     def reset_lora_parameters(self):
         if hasattr(self, "lora_A"):
@@ -278,10 +292,6 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def _layout(self):
         return {"transposed": True}
-
-    def forward(self, x):
-        with self._guard():
-            return self._forward(x)
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
@@ -300,32 +310,16 @@ class Linear(LoRALayer, nn.Linear):
                            merge_weights=merge_weights)
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0:
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features, r)))
-            self.scaling = self.lora_alpha / self.r
-            self.weight.requires_grad = False
+            self._add_factors(self.weight)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1).contiguous()
-
-    def reset_parameters(self):
-        nn.Linear.reset_parameters(self)
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self):
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
 
     def factor_shapes(self, r):
         return (r, self.in_features), (self.out_features, r)
 
     def _layout(self):
         return {"transposed": self.fan_in_fan_out}
-
-    def forward(self, x):
-        with self._guard():
-            return self._forward(x)
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
@@ -349,26 +343,13 @@ class MergedLinear(LoRALayer, nn.Linear):
         self.fan_in_fan_out = fan_in_fan_out
         self._block_ids = [i for i, e in enumerate(enable_lora) if e]
         if r > 0 and any(enable_lora):
-            n = len(self._block_ids)
-            self.lora_A = nn.Parameter(self.weight.new_zeros((r * n, in_features)))
-            self.lora_B = nn.Parameter(self.weight.new_zeros((out_features // len(enable_lora) * n, r)))
-            self.scaling = self.lora_alpha / self.r
-            self.weight.requires_grad = False
+            self._add_factors(self.weight)
             mask = torch.zeros(len(enable_lora), out_features // len(enable_lora), dtype=torch.bool)
             mask[self._block_ids] = True
             self.register_buffer("lora_ind", mask.view(-1), persistent=False)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1).contiguous()
-
-    def reset_parameters(self):
-        nn.Linear.reset_parameters(self)
-        self.reset_lora_parameters()
-
-    def reset_lora_parameters(self):
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
 
     def _rank_rows(self):
         return len(self._block_ids)
@@ -386,10 +367,6 @@ class MergedLinear(LoRALayer, nn.Linear):
         return ops.delta_weight(self.lora_A, self.lora_B, 1.0, out_features=self.out_features,
                                 dtype=self.weight.dtype, **self._layout())
 
-    def forward(self, x):
-        with self._guard():
-            return self._forward(x)
-
     def _forward(self, x):
         if self.has_lora and not self.merged:
             return ops.linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_A, self.lora_B,
@@ -398,12 +375,11 @@ class MergedLinear(LoRALayer, nn.Linear):
         return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
 
 
-def _as_tuple(kernel_size, dims):
+def _check_kernel_size(kernel_size, dims):
     ks = (kernel_size,) * dims if isinstance(kernel_size, int) else tuple(kernel_size)
     if len(ks) != dims or not all(isinstance(k, int) and k > 0 for k in ks):
         raise ValueError(f"kernel_size must be a positive int or a tuple of {dims} positive ints, "
                          f"got {kernel_size!r}")
-    return ks
 
 
 class ConvLoRA(LoRALayer, nn.Module):
@@ -420,24 +396,14 @@ class ConvLoRA(LoRALayer, nn.Module):
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights)
         # torch expands int arguments such as dilation to one per spatial dimension
-        ks = _as_tuple(kernel_size, len(self.conv.dilation))
+        _check_kernel_size(kernel_size, len(self.conv.dilation))
         if r > 0:
-            k0, rest = ks[0], math.prod(ks[1:])
-            self.lora_A = nn.Parameter(self.conv.weight.new_zeros((r * k0, in_channels * rest)))
-            self.lora_B = nn.Parameter(
-                self.conv.weight.new_zeros((out_channels // self.conv.groups * k0, r * k0)))
-            self.scaling = self.lora_alpha / self.r
-            self.conv.weight.requires_grad = False
+            self._add_factors(self.conv.weight)
         self.reset_parameters()
 
     def reset_parameters(self):
         self.conv.reset_parameters()
         self.reset_lora_parameters()
-
-    def reset_lora_parameters(self):
-        if hasattr(self, "lora_A"):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
 
     def _rank_rows(self):
         return self.conv.kernel_size[0]
@@ -459,10 +425,6 @@ class ConvLoRA(LoRALayer, nn.Module):
             if prefix + name in state_dict and prefix + "conv." + name not in state_dict:
                 state_dict[prefix + "conv." + name] = state_dict.pop(prefix + name)
         LoRALayer._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
-
-    def forward(self, x):
-        with self._guard():
-            return self._forward(x)
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
