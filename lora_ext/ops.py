@@ -1,8 +1,9 @@
 """The lora_ext op surface: one function per operation.
 
 Each operation is a torch.library custom op with its fake (meta) implementation and its autograd formula
-beside it. The dispatcher picks the backend per call from the tensors' device: the CUDA kernels of
-lora_ext._C for CUDA tensors when the extension is built, the pure-torch reference everywhere else.
+beside it. Its implementation picks the backend per call from the tensors' device (_backend_for): the CUDA
+kernels of lora_ext._C for CUDA tensors when the extension is built, the pure-torch reference everywhere
+else. Eager calls that need no autograd run that implementation directly, skipping the dispatcher.
 The public functions validate their arguments first, so a bad call raises before anything is written.
 
 Layout shared by every op (see reference.py): lora_A is (n*r, K), lora_B is (n*Nb, r) for the n enabled
@@ -40,13 +41,6 @@ def _kernel_factors(dtype, lora_A, lora_B):
     if lora_A.dtype == lora_B.dtype and lora_A.dtype in (torch.float32, dtype):
         return lora_A, lora_B
     return lora_A.float(), lora_B.float()
-
-
-def _eager_backend(t):
-    """The backend module to call directly for tensor t in eager mode; None while tracing/compiling."""
-    if torch.compiler.is_compiling():
-        return None
-    return _backend_for(t)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -116,10 +110,18 @@ def _layer_shape(weight, transposed):
 # merge_: weight += scale * delta-W, in place
 
 
+def _merge(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
+    """merge_ on the backend for weight's device (checked arguments)."""
+    if _backend_for(weight) is _C:
+        _C.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), scale, num_blocks, block_ids, transposed)
+    else:
+        reference.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
+
+
 @torch.library.custom_op("lora_ext::merge_", mutates_args=("weight",))
 def _merge_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, num_blocks: int,
               block_ids: list[int], transposed: bool) -> None:
-    reference.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
+    _merge(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
 
 
 @_merge_op.register_fake
@@ -144,13 +146,10 @@ def merge_(weight, lora_A, lora_B, scale, *, num_blocks=1, block_ids=(0,), trans
     if not ids:
         return
     args = (weight, lora_A, lora_B, float(scale), num_blocks, ids, bool(transposed))
-    backend = _eager_backend(weight)
-    if backend is None:
+    if torch.compiler.is_compiling():
         _merge_op(*args)
         return
-    if backend is _C:
-        args = (weight, *_kernel_factors(weight.dtype, lora_A, lora_B), *args[3:])
-    backend.merge_(*args)
+    _merge(*args)
     torch.autograd.graph.increment_version(weight)
 
 
@@ -168,10 +167,14 @@ def unmerge_(weight, lora_A, lora_B, scale, **layout):
 # element once, with one rounding, as for a merge.
 
 
+def _check_finite_scaling(label, scaling):
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise ValueError(f"{label} must be a finite number, got {scaling!r}")
+
+
 def check_finite(name, lora_A, lora_B, scaling):
     """Raises ValueError naming `name` unless the scaling and every factor value are finite."""
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
-        raise ValueError(f"{name}: scaling must be a finite number, got {scaling!r}")
+    _check_finite_scaling(f"{name}: scaling", scaling)
     for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         # one reduction (NaN propagates through min and max, inf shows in one of them) and one sync
         if t.numel() and not all(math.isfinite(v) for v in torch.stack(torch.aminmax(t)).tolist()):
@@ -200,8 +203,7 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, num_block
     raise before anything is written: the check runs on the stacked factors, which hold every value.
     """
     for what, scale in (("new", new_scale), ("old", old_scale)):
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-            raise ValueError(f"swap_: the {what} adapter's scaling must be a finite number, got {scale!r}")
+        _check_finite_scaling(f"swap_: the {what} adapter's scaling", scale)
     a_cat, b_cat = stacked_factors(old_A, old_B, float(old_scale), new_A, new_B, float(new_scale),
                                    num_blocks, block_ids)
     check_finite("swap_", a_cat, b_cat, 1.0)
@@ -215,7 +217,11 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, num_block
 @torch.library.custom_op("lora_ext::delta_weight", mutates_args=())
 def _delta_weight_op(lora_A: Tensor, lora_B: Tensor, scale: float, num_blocks: int, block_ids: list[int],
                      transposed: bool, dtype: torch.dtype) -> Tensor:
-    return reference.delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
+    if not (lora_A.is_cuda and _C is not None and dtype in (torch.float32, torch.float16, torch.bfloat16)):
+        return reference.delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
+    out = lora_A.new_empty(_delta_shape(lora_A, lora_B, num_blocks, block_ids, transposed), dtype=dtype)
+    _C.delta_weight_(out, *_kernel_factors(dtype, lora_A, lora_B), scale, num_blocks, block_ids, transposed)
+    return out
 
 
 def _delta_shape(lora_A, lora_B, num_blocks, block_ids, transposed):
@@ -267,8 +273,8 @@ def delta_weight(lora_A, lora_B, scale, *, out_features, num_blocks=1, block_ids
 def _linear_op(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                lora_B: Tensor, scale: float, num_blocks: int, block_ids: list[int],
                fan_in_fan_out: bool) -> Tensor:
-    return reference.linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids,
-                            fan_in_fan_out)
+    return _backend_for(x).linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids,
+                                  fan_in_fan_out)
 
 
 @_linear_op.register_fake
@@ -337,10 +343,18 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, *, num_blocks=1, bloc
 # embedding: weight[ids] + scale * A^T[ids] B^T
 
 
+def _embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse):
+    """embedding on the backend for weight's device (checked arguments). scale_grad_by_freq and sparse
+    shape only the gradient, so the kernel does not take them."""
+    if _backend_for(weight) is _C:
+        return _C.embedding(ids, weight, lora_A, lora_B, scale, padding_idx)
+    return reference.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
+
+
 @torch.library.custom_op("lora_ext::embedding", mutates_args=())
 def _embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
                   padding_idx: Optional[int], scale_grad_by_freq: bool, sparse: bool) -> Tensor:
-    return reference.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
+    return _embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
 
 
 @_embedding_op.register_fake
@@ -382,9 +396,7 @@ def embedding(ids, weight, lora_A, lora_B, scale, *, padding_idx=None, max_norm=
     args = (ids, weight, lora_A, lora_B, float(scale), padding_idx, bool(scale_grad_by_freq), bool(sparse))
     if torch.compiler.is_compiling() or _needs_grad(weight, lora_A, lora_B):
         return _embedding_op(*args)
-    if _backend_for(weight) is _C:
-        return _C.embedding(ids, weight, lora_A, lora_B, float(scale), padding_idx)
-    return reference.embedding(*args)
+    return _embedding(*args)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -401,41 +413,3 @@ def conv(conv_module, x, x_lora, lora_A, lora_B, scale):
     if x_lora is x:
         return conv_module._conv_forward(x, w + delta, conv_module.bias)
     return conv_module._conv_forward(x, w, conv_module.bias) + conv_module._conv_forward(x_lora, delta, None)
-
-
-# ---------------------------------------------------------------------------------------------------
-# CUDA backend
-
-
-def _register_cuda_kernels():
-    @_merge_op.register_kernel("cuda")
-    def _(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
-        if _backend_for(weight) is reference:
-            reference.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
-            return
-        _C.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), scale, num_blocks, block_ids, transposed)
-
-    @_delta_weight_op.register_kernel("cuda")
-    def _(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype):
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return reference.delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
-        shape = _delta_shape(lora_A, lora_B, num_blocks, block_ids, transposed)
-        out = lora_A.new_empty(shape, dtype=dtype)
-        _C.delta_weight_(out, *_kernel_factors(dtype, lora_A, lora_B), scale, num_blocks, block_ids, transposed)
-        return out
-
-    @_linear_op.register_kernel("cuda")
-    def _(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out):
-        return _backend_for(x).linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids,
-                                      fan_in_fan_out)
-
-    @_embedding_op.register_kernel("cuda")
-    def _(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse):
-        if _backend_for(weight) is reference:
-            return reference.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq,
-                                       sparse)
-        return _C.embedding(ids, weight, lora_A, lora_B, scale, padding_idx)
-
-
-if _C is not None:
-    _register_cuda_kernels()
