@@ -68,11 +68,11 @@ def _randomized(module, dtype, device):
     return module
 
 
-def _layer(lib, kind, dim, r, dtype, device):
+def _layer(lib, kind, dim, r, dtype, device, **kwargs):
     if kind == "linear":
-        return _randomized(lib.Linear(dim, dim, r=r, lora_alpha=2 * r), dtype, device)
-    return _randomized(lib.MergedLinear(dim, 3 * dim, r=r, lora_alpha=2 * r, enable_lora=[True, False, True]),
-                       dtype, device)
+        return _randomized(lib.Linear(dim, dim, r=r, lora_alpha=2 * r, **kwargs), dtype, device)
+    return _randomized(lib.MergedLinear(dim, 3 * dim, r=r, lora_alpha=2 * r, enable_lora=[True, False, True],
+                                        **kwargs), dtype, device)
 
 
 def _cycle(layer):
@@ -251,12 +251,7 @@ GPU_MERGE_SHAPES = [("linear", d, r) for d in (4096, 8192) for r in (8, 16, 64)]
 
 
 def _unmerged(lib, kind, dim, r, dtype, device):
-    if kind == "linear":
-        layer = lib.Linear(dim, dim, r=r, lora_alpha=2 * r, merge_weights=False)
-    else:
-        layer = lib.MergedLinear(dim, 3 * dim, r=r, lora_alpha=2 * r, enable_lora=[True, False, True],
-                                 merge_weights=False)
-    layer = _randomized(layer, dtype, device)
+    layer = _layer(lib, kind, dim, r, dtype, device, merge_weights=False)
     layer.eval()  # loralib's train() returns None: no chaining
     return layer
 
@@ -349,13 +344,19 @@ def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, toke
     return rows
 
 
-def _forward_rows(case, times, target):
+def _ratio_rows(case, times, floor, target=None, ours="lora_ext"):
+    """One row per candidate: its time and its ratio to the floor's; our candidate's row carries the target."""
     rows = []
     for impl, t in times.items():
-        row = dict(case=case, impl=impl, ms=t * 1e3, ratio=t / times["plain"])
-        if impl == "lora_ext" and target is not None:
+        row = dict(case=case, impl=impl, ms=t * 1e3, ratio=t / times[floor])
+        if impl == ours and target is not None:
             row.update(target=target, met=row["ratio"] <= target)
         rows.append(row)
+    return rows
+
+
+def _forward_rows(case, times, target):
+    rows = _ratio_rows(case, times, "plain", target)
     for other in ("loralib", "peft"):
         if other in times:
             speedup = times[other] / times["lora_ext"]
@@ -375,13 +376,8 @@ def run(device="cpu", quick=False, dim=4096):
     repeats = 5 if quick else 15
     rows = []
 
-    def add(case, times, floor, target=None, **extra):
-        for impl, t in times.items():
-            ratio = t / times[floor]
-            row = dict(case=case, impl=impl, ms=t * 1e3, ratio=ratio, **extra)
-            if impl == "lora_ext" and target is not None:
-                row.update(target=target, met=ratio <= target)
-            rows.append(row)
+    def add(case, times, floor, target=None):
+        rows.extend(_ratio_rows(case, times, floor, target))
 
     for kind, r, target in (("linear", 16, 1.2), ("merged", 8, 1.2)):
         times, nbytes = merge_case(kind, dim, r, dtype, device, repeats)
@@ -449,13 +445,8 @@ def serving_rows(dim, dtype, device, repeats, r=16):
             state["active"] = other
         candidates["peft unmerge+merge"] = peft_switch
     times = compare(candidates, device, repeats)
-    for impl, t in times.items():
-        row = dict(case=f"adapter switch, merged linear {dim} r={r}", impl=impl, ms=t * 1e3,
-                   ratio=t / times["one merge pass"])
-        if impl == "lora_ext swap":
-            target = 1.2 if device == "cpu" else 1.1
-            row.update(target=target, met=row["ratio"] <= target)
-        rows.append(row)
+    rows += _ratio_rows(f"adapter switch, merged linear {dim} r={r}", times, "one merge pass",
+                        target=1.2 if device == "cpu" else 1.1, ours="lora_ext swap")
 
     def stack():
         return torch.nn.Sequential(*[torch.nn.Linear(dim // 4, dim // 4) for _ in range(12)]).to(device, dtype)
@@ -464,9 +455,8 @@ def serving_rows(dim, dtype, device, repeats, r=16):
         inject["peft get_peft_model"] = lambda: peft.get_peft_model(stack(), peft.LoraConfig(r=r, target_modules=r".*"))
     plain = {"build the model only": stack}
     times = compare({**plain, **inject}, device, max(3, repeats // 3))
-    for impl, t in times.items():
-        rows.append(dict(case=f"inject 12 x Linear {dim // 4} r={r} (incl. building the model)", impl=impl,
-                         ms=t * 1e3, ratio=t / times["build the model only"]))
+    rows += _ratio_rows(f"inject 12 x Linear {dim // 4} r={r} (incl. building the model)", times,
+                        "build the model only")
     return rows
 
 
