@@ -20,6 +20,7 @@ atomic with respect to forward calls of the same layer on other threads.
 import contextlib
 import math
 import threading
+import weakref
 
 import torch
 import torch.nn as nn
@@ -28,12 +29,27 @@ import torch.nn.functional as F
 from . import ops
 
 
+def _stamp(tensors):
+    """What identifies the values of `tensors` until one is written in place or given other storage (weak
+    references: a stamp keeps nothing alive)."""
+    return tuple((weakref.ref(t), t._version, t.data_ptr()) for t in tensors)
+
+
+def _unchanged(stamp, tensors):
+    """Whether `tensors` are the stamped ones, unwritten since."""
+    return stamp is not None and len(stamp) == len(tensors) and all(
+        ref() is t and version == t._version and ptr == t.data_ptr() for (ref, version, ptr), t in zip(stamp, tensors))
+
+
 def _remerge_after_load(module, incompatible_keys):
     with module._lock:
         if module._remerge_pending:
             module._remerge_pending = False
             module._merge()
             module.merged = True
+
+
+_MERGED = object()  # the key of the merged snapshot's stamp
 
 
 class LoRALayer:
@@ -62,12 +78,14 @@ class LoRALayer:
         # Inactive named adapters: name -> (lora_A, lora_B, scaling), kept where they were given.
         self._adapters = {}
         self._active_home = None
+        self._finite_stamps = {}
         self._lock = threading.RLock()
         self.register_load_state_dict_post_hook(_remerge_after_load)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_lock", None)  # locks do not pickle or deepcopy; each copy gets its own
+        state["_finite_stamps"] = {}  # copies have new tensors: their values are checked again when used
         return state
 
     def __setstate__(self, state):
@@ -75,6 +93,7 @@ class LoRALayer:
         self.__dict__.setdefault("active_adapter", "default")
         self.__dict__.setdefault("_adapters", {})
         self.__dict__.setdefault("_active_home", None)
+        self.__dict__.setdefault("_finite_stamps", {})
         self._lock = threading.RLock()
 
     def _guard(self):
@@ -96,9 +115,11 @@ class LoRALayer:
     def _merge(self):
         with torch.no_grad():
             ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, **self._layout())
+        known = self._known_finite(self.active_adapter)
         self._merged_A = self.lora_A.detach().clone()
         self._merged_B = self.lora_B.detach().clone()
         self._merged_scaling = self.scaling
+        self._stamp_finite(_MERGED, known)
 
     def _unmerge_from(self, weight_2d):
         ops.unmerge_(weight_2d, self._merged_A, self._merged_B, self._merged_scaling, **self._layout())
@@ -107,6 +128,7 @@ class LoRALayer:
         with torch.no_grad():
             self._unmerge_from(self._weight_2d())
         self._merged_A = self._merged_B = self._merged_scaling = None
+        self._finite_stamps.pop(_MERGED, None)
 
     def train(self, mode=True):
         with self._lock:
@@ -192,22 +214,58 @@ class LoRALayer:
         if values:
             ops.check_finite(name, lora_A, lora_B, scaling)
 
+    # Adapter values are checked for non-finite values when they come in and again only after they changed:
+    # a check costs a device sync, more than a switch's pass over a 4096 x 4096 weight on a GPU. What was
+    # found finite is stamped with the tensors' version counters and storage (in-place writes and new
+    # storage void the stamp). Added adapters are copied, and the live factors get storage of their own when
+    # they become active, so no tensor outside the layer shares storage with them under another version
+    # counter. Writes through `.data` bypass version counters, as they bypass autograd's checks: after
+    # such writes, call check_values.
+
+    def _finite_tensors(self, key):
+        if key is _MERGED:
+            return (self._merged_A, self._merged_B)
+        if key == self.active_adapter:
+            return (self.lora_A, self.lora_B)
+        return self._adapters[key][:2]
+
+    def _known_finite(self, key):
+        return _unchanged(self._finite_stamps.get(key), self._finite_tensors(key))
+
+    def _stamp_finite(self, key, known=True):
+        if known:
+            self._finite_stamps[key] = _stamp(self._finite_tensors(key))
+        else:
+            self._finite_stamps.pop(key, None)
+
+    def check_values(self, name, label=None):
+        """Raises ValueError unless adapter `name` (and its scaling) is finite; remembers the answer until
+        its factors are written in place."""
+        with self._lock:
+            if self._known_finite(name):
+                return
+            ops.check_finite(label or repr(name), *self.get_adapter(name))
+            self._stamp_finite(name)
+
     def add_adapter(self, name, lora_A, lora_B, scaling):
-        """Adds (or replaces) a named adapter. Replacing the active one changes the layer at once (in one
-        pass over the weight when merged); any other adapter is kept where it is (device or host memory)
-        until set_adapter makes it active."""
+        """Adds (or replaces) a named adapter, copying its factors. Replacing the active one changes the
+        layer at once (in one pass over the weight when merged); any other adapter is kept where it was
+        given (device or host memory) until set_adapter makes it active."""
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
+        lora_A, lora_B = lora_A.detach().clone(), lora_B.detach().clone()
         with self._lock:
             if name == self.active_adapter:
-                self._activate(lora_A, lora_B, float(scaling))
+                self._activate(name, lora_A, lora_B, float(scaling))
             else:
-                self._adapters[name] = (lora_A.detach(), lora_B.detach(), float(scaling))
+                self._adapters[name] = (lora_A, lora_B, float(scaling))
+                self._stamp_finite(name)
 
     def delete_adapter(self, name):
         if name == self.active_adapter:
             raise ValueError(f"adapter {name!r} is active; set another adapter active before deleting it")
         with self._lock:
             del self._adapters[name]
+            self._finite_stamps.pop(name, None)
 
     def set_adapter(self, name):
         """Makes a named adapter the active one; the previous one is kept under its name (moved back to
@@ -216,32 +274,45 @@ class LoRALayer:
             return
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
-        lora_A, lora_B, scaling = self._adapters[name]
         with self._lock:
-            # merged, swap_ checks every value (on the stacked factors) before it writes anything
-            self.check_adapter(lora_A, lora_B, scaling, name=repr(name), values=not self.merged)
+            lora_A, lora_B, scaling = self._adapters[name]
+            self.check_adapter(lora_A, lora_B, scaling, name=repr(name), values=False)
+            self.check_values(name)
             home = lora_A.device
+            old_name, old_known = self.active_adapter, self._known_finite(self.active_adapter)
             old = (self.lora_A.detach(), self.lora_B.detach(), self.scaling)
             old_home = self._active_home or old[0].device
-            self._activate(lora_A, lora_B, scaling)
+            self._activate(name, lora_A, lora_B, scaling)
             del self._adapters[name]
-            self._adapters[self.active_adapter] = (old[0].to(old_home), old[1].to(old_home), old[2])
+            self._adapters[old_name] = (old[0].to(old_home), old[1].to(old_home), old[2])
             self.active_adapter, self._active_home = name, home
+            self._stamp_finite(old_name, old_known)
 
-    def _activate(self, lora_A, lora_B, scaling):
-        """Makes (lora_A, lora_B, scaling) the live factors; caller holds the lock and has checked them."""
-        lora_A = lora_A.detach().to(self.lora_A.device, self.lora_A.dtype)
-        lora_B = lora_B.detach().to(self.lora_B.device, self.lora_B.dtype)
+    def _activate(self, name, lora_A, lora_B, scaling):
+        """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and
+        has checked them (shapes and values)."""
+        lora_A, lora_B = (self._own(t, p) for t, p in ((lora_A, self.lora_A), (lora_B, self.lora_B)))
         if self.merged and self._merged_A is not None:
+            if not self._known_finite(_MERGED):
+                ops.check_finite("the merged adapter", self._merged_A, self._merged_B, self._merged_scaling)
             with torch.no_grad():
                 ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
-                      lora_A, lora_B, scaling, **self._layout())
+                          lora_A, lora_B, scaling, check_values=False, **self._layout())
             self._merged_A, self._merged_B, self._merged_scaling = lora_A.clone(), lora_B.clone(), scaling
+            self._stamp_finite(_MERGED)
         self.lora_A.data = lora_A
         self.lora_B.data = lora_B
         self.r = self._rank_of(lora_A)
         self.scaling = scaling
         self.lora_alpha = scaling * self.r
+        self._finite_stamps[name] = _stamp((self.lora_A, self.lora_B))
+
+    @staticmethod
+    def _own(t, param):
+        """t on param's device and dtype, in storage no other tensor holds (a stored adapter's tensor may be
+        held by a caller of get_adapter)."""
+        moved = t.detach().to(param.device, param.dtype)
+        return moved.clone() if moved.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else moved
 
     def state_dict(self, *args, **kwargs):
         with self._lock:

@@ -36,11 +36,12 @@ def _backend_for(t):
     return _C if t.is_cuda and _C is not None and t.dtype is not torch.float64 else reference
 
 
-def _kernel_factors(dtype, lora_A, lora_B):
-    """The CUDA merge kernels read the factors in float32 or in the weight's dtype, both the same."""
-    if lora_A.dtype == lora_B.dtype and lora_A.dtype in (torch.float32, dtype):
-        return lora_A, lora_B
-    return lora_A.float(), lora_B.float()
+def _kernel_factors(dtype, *factors):
+    """The CUDA merge kernels read the factors in float32 or in the weight's dtype, all the same one."""
+    first = factors[0].dtype
+    if first in (torch.float32, dtype) and all(f.dtype == first for f in factors):
+        return factors
+    return tuple(f.float() for f in factors)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -81,22 +82,23 @@ def _check_blocks(num_blocks, block_ids, out_features):
     return ids
 
 
-def _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_ids):
+def _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_ids, a_name="lora_A",
+                   b_name="lora_B"):
     """Checks lora_A/lora_B against a layer of out_features x in_features; returns the block ids."""
     ids = _check_blocks(num_blocks, block_ids, out_features)
     if not ids:
         return ids
-    _check_tensor("lora_A", lora_A)
-    _check_tensor("lora_B", lora_B)
+    _check_tensor(a_name, lora_A)
+    _check_tensor(b_name, lora_B)
     n, nb = len(ids), out_features // num_blocks
     if lora_A.shape[1] != in_features or lora_A.shape[0] == 0 or lora_A.shape[0] % n:
         raise ValueError(
-            f"lora_A must have shape ({n}*r, {in_features}) for {n} enabled block(s), "
+            f"{a_name} must have shape ({n}*r, {in_features}) for {n} enabled block(s), "
             f"got {tuple(lora_A.shape)}")
     r = lora_A.shape[0] // n
     if tuple(lora_B.shape) != (n * nb, r):
         raise ValueError(
-            f"lora_B must have shape ({n * nb}, {r}) to match lora_A {tuple(lora_A.shape)} and "
+            f"{b_name} must have shape ({n * nb}, {r}) to match {a_name} {tuple(lora_A.shape)} and "
             f"{n} enabled block(s) of {nb} features, got {tuple(lora_B.shape)}")
     return ids
 
@@ -161,10 +163,9 @@ def unmerge_(weight, lora_A, lora_B, scale, **layout):
 # ---------------------------------------------------------------------------------------------------
 # swap_: replace one merged adapter by another in a single pass over the weight
 #
-# W += s2 * B2 @ A2 - s1 * B1 @ A1 is one update of rank r1 + r2, so it goes through merge_ once with the
-# factors stacked along the rank, group by group for MergedLinear's layout (A: (n*r, K), B: (n*Nb, r)):
-# A_cat = [A2; A1], B_cat = [s2*B2 | -s1*B1], scale 1. Every backend then reads and writes each weight
-# element once, with one rounding, as for a merge.
+# W += s2 * B2 @ A2 - s1 * B1 @ A1 is one update of rank r1 + r2. On CUDA one kernel reads both factor pairs
+# (no stacked copy, nothing else launched); the reference stacks them along the rank and merges once. Each
+# weight element is read and written once, with one rounding, as for a merge.
 
 
 def _check_finite_scaling(label, scaling):
@@ -173,41 +174,66 @@ def _check_finite_scaling(label, scaling):
 
 
 def check_finite(name, lora_A, lora_B, scaling):
-    """Raises ValueError naming `name` unless the scaling and every factor value are finite."""
+    """Raises ValueError naming `name` unless the scaling and every factor value are finite, and
+    scaling * lora_B stays finite in the compute precision."""
     _check_finite_scaling(f"{name}: scaling", scaling)
-    for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        # one reduction (NaN propagates through min and max, inf shows in one of them) and one sync
-        if t.numel() and not all(math.isfinite(v) for v in torch.stack(torch.aminmax(t)).tolist()):
-            raise ValueError(f"{name}: {what} holds non-finite values (inf or NaN)")
+    _check_values([(name, lora_A, lora_B, scaling)])
 
 
-def stacked_factors(old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks=1, block_ids=(0,)):
-    """(A_cat, B_cat) with B_cat @ A_cat = new_scale*B2@A2 - old_scale*B1@A1 group by group, in the
-    compute precision (fp32, or fp64 for fp64 factors)."""
-    n = len(block_ids)
-    cd = torch.promote_types(torch.promote_types(old_A.dtype, new_A.dtype), torch.float32)
-    k, r1, r2 = old_A.shape[1], old_A.shape[0] // n, new_A.shape[0] // n
-    nb = old_B.shape[0] // n
-    a_cat = torch.cat((new_A.to(cd).reshape(n, r2, k), old_A.to(cd).reshape(n, r1, k)), dim=1).reshape(-1, k)
-    b_cat = torch.empty(n, nb, r1 + r2, dtype=cd, device=old_B.device)
-    torch.mul(new_B.reshape(n, nb, r2), new_scale, out=b_cat[:, :, :r2])
-    torch.mul(old_B.reshape(n, nb, r1), -old_scale, out=b_cat[:, :, r2:])
-    return a_cat, b_cat.reshape(n * nb, r1 + r2)
+def _check_values(adapters):
+    """check_finite's value checks for several (name, lora_A, lora_B, scaling), with one device sync per
+    device: NaN propagates through min and max, and inf shows in one of them."""
+    tensors = [t for _, a, b, _ in adapters for t in (a, b) if t.numel()]
+    by_device = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(t)
+    extremes = {}
+    for group in by_device.values():
+        values = torch.stack([torch.stack(torch.aminmax(t)).double() for t in group]).tolist()
+        extremes.update((id(t), v) for t, v in zip(group, values))
+    for name, lora_A, lora_B, scaling in adapters:
+        for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not t.numel():
+                continue
+            lo, hi = extremes[id(t)]
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError(f"{name}: {what} holds non-finite values (inf or NaN)")
+        if lora_B.numel():
+            lo, hi = extremes[id(lora_B)]
+            cd = reference.compute_dtype(lora_B.dtype)
+            if abs(scaling) * max(-lo, hi) > torch.finfo(cd).max:
+                raise ValueError(f"{name}: scaling {scaling!r} times lora_B (up to {max(-lo, hi):.3g}) "
+                                 f"overflows {cd}")
 
 
 def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, num_blocks=1, block_ids=(0,),
-          transposed=False):
+          transposed=False, check_values=True):
     """weight += new_scale * delta(new_A, new_B) - old_scale * delta(old_A, old_B), in place, in one pass.
 
-    Layout arguments as for ops.merge_. Non-finite factors or scales (or scaled factors that overflow)
-    raise before anything is written: the check runs on the stacked factors, which hold every value.
+    Layout arguments as for ops.merge_; the two adapters may differ in rank. Non-finite scales, and with
+    check_values non-finite factor values (or a scaled lora_B that overflows), raise before anything is
+    written. check_values=False is for callers that know the values are finite: the check costs a device
+    sync, more than the pass itself for a 4096 x 4096 weight on a GPU.
     """
     for what, scale in (("new", new_scale), ("old", old_scale)):
         _check_finite_scaling(f"swap_: the {what} adapter's scaling", scale)
-    a_cat, b_cat = stacked_factors(old_A, old_B, float(old_scale), new_A, new_B, float(new_scale),
-                                   num_blocks, block_ids)
-    check_finite("swap_", a_cat, b_cat, 1.0)
-    merge_(weight, a_cat, b_cat, 1.0, num_blocks=num_blocks, block_ids=block_ids, transposed=transposed)
+    _check_tensor("weight", weight)
+    out_features, in_features = _layer_shape(weight, transposed)
+    ids = _check_factors(new_A, new_B, out_features, in_features, num_blocks, block_ids, "new_A", "new_B")
+    _check_factors(old_A, old_B, out_features, in_features, num_blocks, block_ids, "old_A", "old_B")
+    _check_same_device(weight=weight, old_A=old_A, old_B=old_B, new_A=new_A, new_B=new_B)
+    if not ids:
+        return
+    if check_values:
+        _check_values([("swap_: the new adapter", new_A, new_B, new_scale),
+                       ("swap_: the old adapter", old_A, old_B, old_scale)])
+    layout = (num_blocks, ids, bool(transposed))
+    if _backend_for(weight) is _C:
+        old_A, old_B, new_A, new_B = _kernel_factors(weight.dtype, old_A, old_B, new_A, new_B)
+        _C.swap_(weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), *layout)
+    else:
+        reference.swap_(weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), *layout)
+    torch.autograd.graph.increment_version(weight)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -52,6 +52,21 @@ def merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
             rows.copy_(acc)
 
 
+def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):
+    """weight += new_scale * delta(new) - old_scale * delta(old) as one merge of rank r1 + r2: the factors
+    stacked along the rank group by group, A_cat = [A2; A1] and B_cat = [s2*B2 | -s1*B1], in the compute
+    precision."""
+    n = len(block_ids)
+    cd = torch.promote_types(compute_dtype(old_A.dtype), compute_dtype(new_A.dtype))
+    k, r1, r2 = old_A.shape[1], old_A.shape[0] // n, new_A.shape[0] // n
+    nb = old_B.shape[0] // n
+    a_cat = torch.cat((new_A.to(cd).reshape(n, r2, k), old_A.to(cd).reshape(n, r1, k)), dim=1).reshape(-1, k)
+    b_cat = torch.empty(n, nb, r1 + r2, dtype=cd, device=old_B.device)
+    torch.mul(new_B.reshape(n, nb, r2), new_scale, out=b_cat[:, :, :r2])
+    torch.mul(old_B.reshape(n, nb, r1), -old_scale, out=b_cat[:, :, r2:])
+    merge_(weight, a_cat, b_cat.reshape(n * nb, r1 + r2), 1.0, num_blocks, block_ids, transposed)
+
+
 def delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype):
     """The dense scale * delta-W in the weight's storage layout, zero outside the enabled blocks."""
     n = len(block_ids)

@@ -9,6 +9,7 @@ import torch
 
 import lora_ext
 from lora_ext import ops as ops_mod
+from lora_ext import reference
 from conftest import dense_delta64
 from tiny_models import gpt2, randomize_lora, rel, tokens
 
@@ -61,8 +62,8 @@ def test_merged_swap_is_one_pass_and_exact(monkeypatch, name, make, inputs):
     layer.eval()  # merge the default adapter
     A1, B1, s1 = (t.detach().clone() if torch.is_tensor(t) else t for t in layer.get_adapter("default"))
     calls = []
-    real = ops_mod.merge_
-    monkeypatch.setattr(ops_mod, "merge_", lambda w, a, b, s, **kw: calls.append((a.shape, b.shape, s)) or real(w, a, b, s, **kw))
+    real = reference.merge_
+    monkeypatch.setattr(reference, "merge_", lambda w, a, b, s, *lay: calls.append((a.shape, b.shape, s)) or real(w, a, b, s, *lay))
     layer.set_adapter("second")
     n = len(layer._block_ids) if isinstance(layer, lora_ext.MergedLinear) else layer._rank_rows()
     assert len(calls) == 1 and calls[0][0][0] == n * (r1 + r2) and calls[0][2] == 1.0
@@ -77,24 +78,97 @@ def test_merged_swap_is_one_pass_and_exact(monkeypatch, name, make, inputs):
     assert set(layer.state_dict()) == set(make().state_dict())  # loralib's keys, no new persistent state
 
 
-@pytest.mark.parametrize("bad", ["nan_B", "inf_A", "inf_scale"])
+@pytest.mark.parametrize("bad", ["nan_B", "inf_A", "inf_scale", "overflowing_scale", "nan_added"])
 def test_non_finite_adapters_are_refused_before_anything_is_written(bad):
     layer = _random_layer(lambda: lora_ext.Linear(32, 24, r=4, lora_alpha=8))
     layer.eval()
     A2, B2 = torch.randn(3, 32), torch.randn(24, 3)
     layer.add_adapter("second", A2, B2, 0.5)
+    stored_A, stored_B, _ = layer.get_adapter("second")
     if bad == "nan_B":
-        B2[1, 2] = float("nan")  # changed after it was added: caught at switch time
+        stored_B[1, 2] = float("nan")  # changed in place after it was added: caught at switch time
     elif bad == "inf_A":
-        A2[0, 0] = float("inf")
+        stored_A[0, 0] = float("inf")
     weight, state = layer.weight.detach().clone(), copy.deepcopy(layer.state_dict())
-    with pytest.raises(ValueError, match="non-finite|finite"):
+    with pytest.raises(ValueError, match="non-finite|finite|overflows"):
         if bad == "inf_scale":
             layer.add_adapter("third", A2, B2, float("inf"))
+        elif bad == "overflowing_scale":
+            layer.add_adapter("third", A2, B2 * 1e36, 1e3)  # finite factors, but scaling * B is inf in fp32
+        elif bad == "nan_added":
+            layer.add_adapter("third", A2, torch.full_like(B2, float("nan")), 1.0)
         else:
             layer.set_adapter("second")
     assert torch.equal(layer.weight, weight) and layer.active_adapter == "default"
     assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+
+
+def test_added_factors_are_copied():
+    layer = _random_layer(lambda: lora_ext.Linear(32, 24, r=4, lora_alpha=8))
+    A2, B2 = torch.randn(3, 32), torch.randn(24, 3)
+    layer.add_adapter("second", A2, B2, 0.5)
+    want = B2.clone()
+    B2.fill_(float("nan"))  # the caller's tensor, not the layer's
+    layer.eval()
+    held_A, _, _ = layer.get_adapter("second")
+    layer.set_adapter("second")
+    held_A.fill_(float("inf"))  # a stored tensor a caller still holds: the live factors have their own
+    assert torch.equal(layer.lora_B, want) and torch.isfinite(layer.lora_A).all()
+    layer.set_adapter("default")
+    layer.set_adapter("second")
+    assert torch.isfinite(layer.weight).all()
+
+
+def _count_value_checks(monkeypatch):
+    calls = []
+    real = ops_mod._check_values
+    monkeypatch.setattr(ops_mod, "_check_values", lambda adapters: calls.append(len(adapters)) or real(adapters))
+    return calls
+
+
+def test_switching_back_and_forth_checks_values_once(monkeypatch):
+    # a value check is a device sync: a merged switch between known adapters must not need one
+    layer = _random_layer(lambda: lora_ext.Linear(32, 24, r=4, lora_alpha=8))
+    layer.add_adapter("b", torch.randn(3, 32), torch.randn(24, 3), 0.5)
+    layer.eval()
+    calls = _count_value_checks(monkeypatch)
+    for name in ["b", "default"] * 4:
+        layer.set_adapter(name)
+    # "b" was checked when it was added; the default adapter never was: its merged copy is checked before
+    # the first switch takes it out, its factors before the second puts them back; nothing after that
+    assert len(calls) == 2
+    calls.clear()
+    for name in ["b", "default"] * 3:
+        lora_ext.set_adapter(nn_wrap(layer), name)
+    assert calls == []
+
+
+def nn_wrap(layer):
+    return torch.nn.Sequential(layer)
+
+
+@pytest.mark.parametrize("how", ["live_parameter", "training", "new_data"])
+def test_values_written_after_a_check_are_checked_again(how):
+    layer = _random_layer(lambda: lora_ext.Linear(32, 24, r=4, lora_alpha=8))
+    layer.add_adapter("b", torch.randn(3, 32), torch.randn(24, 3), 0.5)
+    layer.eval()
+    for name in ["b", "default", "b"]:
+        layer.set_adapter(name)  # "b" is live and known finite
+    if how == "live_parameter":
+        with torch.no_grad():
+            layer.lora_A[0, 0] = float("nan")
+    elif how == "training":
+        layer.train()  # unmerged from here on
+        (layer(torch.randn(2, 32)).sum() * float("inf")).backward()
+        torch.optim.SGD([layer.lora_A, layer.lora_B], lr=1.0).step()
+    else:
+        layer.lora_B.data = torch.full_like(layer.lora_B, float("nan"))
+    layer.set_adapter("default")  # merged: the merged copy of "b" is what leaves the weight
+    weight = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.set_adapter("b")  # the changed "b" is checked before it goes back in
+    assert layer.active_adapter == "default" and torch.equal(layer.weight, weight)
+    assert torch.isfinite(weight).all()
 
 
 def test_model_level_switch_checks_every_layer_first():
@@ -186,6 +260,43 @@ def test_bench_has_the_switch_and_inject_cases():
 
     rows = bench.serving_rows(64, torch.float32, "cpu", repeats=3, r=4)
     impls = {(row["case"].split(",")[0].split()[0], row["impl"]) for row in rows}
-    assert {("adapter", "one merge pass"), ("adapter", "lora_ext swap"), ("adapter", "peft unmerge+merge"),
+    assert {("adapter", "one merge pass"), ("adapter", "lora_ext ops.swap_"), ("adapter", "lora_ext set_adapter"),
+            ("adapter", "peft unmerge+merge"),
             ("inject", "lora_ext inject"), ("inject", "peft get_peft_model")} <= impls
     assert all(row["ms"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_swap_op_matches_float64(dtype):
+    w = torch.randn(39, 20).to(dtype)
+    A1, B1, A2, B2 = (torch.randn(shape).to(dtype) for shape in [(6, 20), (26, 3), (8, 20), (26, 4)])
+    want = w.double() + 1.5 * dense_delta64(A2, B2, 3, [0, 2], 39) - 0.5 * dense_delta64(A1, B1, 3, [0, 2], 39)
+    ops_mod.swap_(w, A1, B1, 0.5, A2, B2, 1.5, num_blocks=3, block_ids=[0, 2])
+    assert rel(w, want) < {torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+
+
+@pytest.mark.parametrize("over,message", [
+    (dict(new_B=torch.randn(26, 5)), "new_B must have shape"),
+    (dict(old_A=torch.randn(6, 21)), "old_A must have shape"),
+    (dict(old_scale=float("nan")), "old adapter's scaling must be a finite number"),
+    (dict(old_A=torch.full((6, 20), float("inf"))), "the old adapter: lora_A holds non-finite"),
+    (dict(new_B=torch.full((26, 4), 1e30), new_scale=1e10), "the new adapter: scaling .* overflows"),
+])
+def test_swap_op_refuses_bad_arguments_before_writing(over, message):
+    args = dict(weight=torch.randn(39, 20), old_A=torch.randn(6, 20), old_B=torch.randn(26, 3), old_scale=0.5,
+                new_A=torch.randn(8, 20), new_B=torch.randn(26, 4), new_scale=1.5)
+    args.update(over)
+    w0 = args["weight"].clone()
+    with pytest.raises(ValueError, match=message):
+        ops_mod.swap_(**args, num_blocks=3, block_ids=[0, 2])
+    assert torch.equal(args["weight"], w0)
+
+
+def test_swap_op_without_value_check_makes_no_check(monkeypatch):
+    calls = _count_value_checks(monkeypatch)
+    w = torch.randn(24, 32)
+    ops_mod.swap_(w, torch.randn(3, 32), torch.randn(24, 3), 0.5, torch.randn(2, 32), torch.randn(24, 2), 1.0,
+                  check_values=False)
+    assert calls == []
+    ops_mod.swap_(w, torch.randn(3, 32), torch.randn(24, 3), 0.5, torch.randn(2, 32), torch.randn(24, 2), 1.0)
+    assert calls == [2]

@@ -127,19 +127,27 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
 def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous", scale=0.75, seed=None,
-                 tag=""):
+                 tag="", r_old=0, old_scale=1.25):
+    """merge_ of a rank-r adapter, or (r_old > 0) swap_ from a rank-r_old adapter to it, against float64."""
     num_blocks, ids, transposed = PATTERNS[pattern] if isinstance(pattern, str) else pattern
     g = _gen(str(dtype), str(ab_dtype), str(pattern), nb, k, r, layout, tag)
     shape = _storage_shape(num_blocks, nb, k, transposed)
     buf = _buffer(layout, shape, dtype, g)
     w = _view(buf, layout, shape)
     a, b = _operands(num_blocks, ids, nb, k, r, ab_dtype, g)
+    updates = [(a, b, scale)]
+    if r_old:
+        a1, b1 = _operands(num_blocks, ids, nb, k, r_old, ab_dtype, g)
+        updates.append((a1, b1, -old_scale))
+        args = ("swap_", a1, b1, old_scale, a, b, scale)
+    else:
+        args = ("merge_", a, b, scale)
     before = buf.clone()
     w0 = w.clone()
-    ref = w0.double() + _reference_delta(a, b, scale, num_blocks, ids, nb, transposed)
+    ref = w0.double() + sum(_reference_delta(x, y, s, num_blocks, ids, nb, transposed) for x, y, s in updates)
     if seed is not None:
         _sim.set_schedule(seed)
-    buf = _run(backend, "merge_", buf, lambda t: _view(t, layout, shape), a, b, scale, num_blocks, ids, transposed)
+    buf = _run(backend, args[0], buf, lambda t: _view(t, layout, shape), *args[1:], num_blocks, ids, transposed)
     w = _view(buf, layout, shape)
 
     touched = _touched(buf, layout, shape, num_blocks, ids, nb, transposed)
@@ -153,9 +161,10 @@ def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous
     assert err < TOL[dtype], f"relative error {err:.3g}"
     if dtype != torch.float32:
         # One rounding per element: within an ulp of the float64 result, plus what fp32 accumulation of
-        # the r products may add (it matters only where W and the delta nearly cancel).
-        size = w0.double().abs() + _reference_delta(a.abs(), b.abs(), abs(scale), num_blocks, ids, nb, transposed)
-        bound = _ulp(want, dtype) + (r + 2) * 2.0**-24 * size[wmask]
+        # the products may add (it matters only where W and the delta nearly cancel).
+        size = w0.double().abs() + sum(_reference_delta(x.abs(), y.abs(), abs(s), num_blocks, ids, nb, transposed)
+                                       for x, y, s in updates)
+        bound = _ulp(want, dtype) + (r + r_old + 2) * 2.0**-24 * size[wmask]
         excess = ((out.double() - want).abs() / bound).max().item()
         assert excess <= 1, f"an element is {excess:.3g}x the single-rounding bound from the float64 result"
 
@@ -214,6 +223,95 @@ def test_unmerge_restores_fp32_weight():
     assert not torch.equal(w, w0)
     _sim.merge_(w, a, b, -0.5, 1, [0], False)
     assert _rel_err(w, w0.double()) < 1e-6
+
+
+# swap_: one kernel reads both adapters; the ranks' boundary falls inside a staged chunk of 32 (5 + 8,
+# 20 + 25), on one (32 + 7), and the total spans several chunks (40 + 33).
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("r_old,r_new", [(5, 8), (20, 25), (32, 7)])
+def test_swap_patterns(backend, dtype, pattern, r_old, r_new):
+    nb = 37 if PATTERNS[pattern][0] == 1 else 13
+    _check_merge(backend, dtype, dtype, pattern, nb=nb, k=53, r=r_new, r_old=r_old, tag="swap")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "misaligned", "strided_misaligned"])
+@pytest.mark.parametrize("pattern", ["plain", "merged_TFT_transposed"])
+def test_swap_layouts_and_tiles(backend, dtype, layout, pattern):
+    nb = 72 if pattern == "plain" else 24
+    _check_merge(backend, dtype, dtype, pattern, nb=nb, k=136 if layout == "strided" else 133, r=33, r_old=40,
+                 layout=layout, tag="swap")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_swap_fp32_operands_into_half_weight(backend, dtype):
+    _check_merge(backend, dtype, torch.float32, "merged_TFT", nb=11, k=45, r=16, r_old=16, tag="swap")
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_swap_shuffled_schedule(seed):
+    _check_merge("sim", torch.bfloat16, torch.bfloat16, "plain", nb=70, k=140, r=20, r_old=30, seed=seed,
+                 tag="swap")
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("scales", [(0.0, 1.25), (0.75, 0.0), (0.75, 300.0), (-200.0, 1.25)])
+def test_swap_scales(backend, dtype, scales):
+    # the kernel sums scale * (mult * x + y) with y the pair of the larger scale: zero and lopsided scales
+    new, old = scales
+    _check_merge(backend, dtype, dtype, "plain", nb=37, k=53, r=20, r_old=20, scale=new, old_scale=old,
+                 tag="swap scales")
+
+
+def test_swap_with_both_scales_zero_writes_nothing():
+    g = _gen("swap zero")
+    w = torch.randn(39, 20, generator=g).bfloat16()
+    w0 = w.clone()
+    _sim.swap_(w, torch.randn(6, 20).bfloat16(), torch.randn(26, 3).bfloat16(), 0.0, torch.randn(8, 20).bfloat16(),
+               torch.randn(26, 4).bfloat16(), 0.0, 3, [0, 2], False)
+    assert torch.equal(_bits(w), _bits(w0))
+
+
+def test_swap_back_restores_fp32_weight():
+    g = _gen("swap back")
+    w = torch.randn(70, 45, generator=g)
+    a1, b1 = _operands(1, [0], 70, 45, 8, torch.float32, g)
+    a2, b2 = _operands(1, [0], 70, 45, 5, torch.float32, g)
+    w0 = w.clone()
+    _sim.swap_(w, a1, b1, 0.5, a2, b2, 2.0, 1, [0], False)
+    assert _rel_err(w, w0.double() + _reference_delta(a2, b2, 2.0, 1, [0], 70, False)
+                    - _reference_delta(a1, b1, 0.5, 1, [0], 70, False)) < 1e-6
+    _sim.swap_(w, a2, b2, 2.0, a1, b1, 0.5, 1, [0], False)
+    assert _rel_err(w, w0.double()) < 1e-6
+
+
+SWAP_BAD_ARGS = {
+    "new_A columns": (dict(new_A=torch.randn(8, 21)), "new_A must have 20 columns"),
+    "old_B shape": (dict(old_B=torch.randn(26, 2)), "old_B must have shape"),
+    "old_A device": (dict(old_A=torch.empty(6, 20, device="meta")), "old_A must be on W's device"),
+    "pairs' dtypes": (dict(old_A=torch.randn(6, 20).half(), old_B=torch.randn(26, 3).half()),
+                      "old_A must be float32 or W's dtype"),
+    "mixed pair dtypes": (dict(W=torch.randn(39, 20).half(), old_A=torch.randn(6, 20).half(),
+                               old_B=torch.randn(26, 3).half()), "old_A and new_A must share one dtype"),
+    "old_scale": (dict(old_scale=float("inf")), "old_scale and new_scale must be finite"),
+    "new_scale": (dict(new_scale=float("nan")), "old_scale and new_scale must be finite"),
+}
+
+
+@pytest.mark.parametrize("case", list(SWAP_BAD_ARGS))
+def test_swap_argument_errors(case):
+    g = _gen("swap args")
+    args = dict(W=torch.randn(39, 20, generator=g), old_A=torch.randn(6, 20, generator=g),
+                old_B=torch.randn(26, 3, generator=g), old_scale=0.5, new_A=torch.randn(8, 20, generator=g),
+                new_B=torch.randn(26, 4, generator=g), new_scale=1.5, num_blocks=3, block_ids=[0, 2],
+                transposed=False)
+    over, message = SWAP_BAD_ARGS[case]
+    args.update(over)
+    w0 = args["W"].clone()
+    with pytest.raises(ValueError, match=message):
+        _sim.swap_(**args)
+    assert torch.equal(args["W"], w0), "W changed although the call was rejected"
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)

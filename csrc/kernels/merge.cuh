@@ -11,6 +11,12 @@
 // Memory-bound: each block of 256 threads owns a 64 x 128 tile of W, issues its reads of W first (16-byte
 // accesses, coalesced along rows), then computes the tile's delta from A/B chunks staged in shared memory
 // (fp32 FMAs, or WMMA tensor cores for fp16/bf16 operands at r >= 32), then writes W once.
+//
+// swap_kernel replaces one merged adapter by another in the same single pass:
+// W += scale * (mult * B @ A + B2 @ A2), one update of rank r + r2 whose rank columns come from two factor
+// pairs. The fp32 path folds mult into (A, B)'s L values as they are staged; the tensor-core path sums
+// B @ A, multiplies the accumulators by mult, then adds B2 @ A2. No stacked copy of the factors is made and
+// nothing but the kernel is launched.
 #pragma once
 
 #include "kernels/common.cuh"
@@ -41,6 +47,11 @@ struct Args {
   const Tab* b;   // (n*nb, r)
   int nb, k, r;
   float scale;
+  // swap_kernel only: the second factor pair, of rank r2 (same layout), and the first pair's multiplier
+  const Tab* a2;
+  const Tab* b2;
+  int r2;
+  float mult;
   bool transposed;
   BlockMap map;
 };
@@ -72,33 +83,74 @@ constexpr size_t smem_bytes() {
                      : (kTileM * kLdLf + kChunk * kLdRf) * sizeof(float);
 }
 
-// Copies chunk [k0, k0+kn) of the tile's L (rows x r) and R (r x cols) into shared memory as S, zero-padded
-// to kChunk and to the full tile. Threads walk each source's contiguous dimension so reads coalesce.
-template <typename S, int kLdL, int kLdR, typename Tab>
-__device__ __forceinline__ void stage(S* ls, S* rs, const Tab* lsrc, long long l_si, long long l_sk, const Tab* rsrc,
-                                      long long r_sk, long long r_sc, int rows, int cols, int k0, int kn) {
+// Where a tile's L (rows x rank) and R (rank x cols) values come from, for one factor pair:
+// L(i, kk) = l[i * l_si + kk * l_sk] and R(kk, c) = r[c * r_sc + kk * r_sk].
+template <typename Tab>
+struct Operands {
+  const Tab* l;
+  const Tab* r;
+  int l_si, l_sk, r_sk, r_sc;  // 32-bit to save registers; products are taken in 64 bits
+  int rank;
+};
+
+// Block j's operands of factors (a, b) of rank r for the tile at (m0, n0): L = B_j rows, R = A_j columns
+// (transposed storage: L = A_j^T, R = B_j^T).
+template <typename Tab>
+__device__ __forceinline__ Operands<Tab> operands(const Tab* a, const Tab* b, int r, int j, int nb, int k,
+                                                  bool transposed, int m0, int n0) {
+  const Tab* a_j = a + (long long)j * r * k;
+  const Tab* b_j = b + (long long)j * nb * r;
+  Operands<Tab> o;
+  o.l_si = transposed ? 1 : r;
+  o.l_sk = transposed ? k : 1;
+  o.r_sk = transposed ? 1 : k;
+  o.r_sc = transposed ? r : 1;
+  o.l = (transposed ? a_j : b_j) + (long long)m0 * o.l_si;
+  o.r = (transposed ? b_j : a_j) + (long long)n0 * o.r_sc;
+  o.rank = r;
+  return o;
+}
+
+// Copies chunk [k0, k0+kn) of the tile's L and R into shared memory as S, zero-padded to kChunk and to the
+// full tile. Threads walk each source's contiguous dimension so reads coalesce. kTwo: rank columns below
+// x.rank come from x, their L values multiplied by x_mult, the rest from y (merge: x alone, unscaled).
+template <typename S, int kLdL, int kLdR, bool kTwo, typename Tab>
+__device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, const Operands<Tab>& y, float x_mult,
+                                      int rows, int cols, int k0, int kn) {
   constexpr int kLIters = kTileM * kChunk / kThreads;
   constexpr int kRIters = kChunk * kTileN / kThreads;
-  const bool l_k_fast = l_sk == 1;
-  lsrc += k0 * l_sk;
+  const bool l_k_fast = x.l_sk == 1;
   LORA_UNROLL_BY(4)
   for (int t = 0; t < kLIters; ++t) {
     const int idx = threadIdx.x + t * kThreads;
     const int i = l_k_fast ? idx / kChunk : idx % kTileM;
     const int kk = l_k_fast ? idx % kChunk : idx / kTileM;
     float v = 0.f;
-    if (i < rows && kk < kn) v = to_float(lsrc[i * l_si + kk * l_sk]);
+    if (i < rows && kk < kn) {
+      const int kr = k0 + kk;
+      if (kTwo && kr >= x.rank) {
+        v = to_float(y.l[(long long)i * y.l_si + (long long)(kr - x.rank) * y.l_sk]);
+      } else {
+        v = to_float(x.l[(long long)i * x.l_si + (long long)kr * x.l_sk]);
+        if (kTwo) v *= x_mult;
+      }
+    }
     ls[i * kLdL + kk] = from_float<S>(v);
   }
-  const bool r_c_fast = r_sc == 1;
-  rsrc += k0 * r_sk;
+  const bool r_c_fast = x.r_sc == 1;
   LORA_UNROLL_BY(4)
   for (int t = 0; t < kRIters; ++t) {
     const int idx = threadIdx.x + t * kThreads;
     const int kk = r_c_fast ? idx / kTileN : idx % kChunk;
     const int cc = r_c_fast ? idx % kTileN : idx / kChunk;
     float v = 0.f;
-    if (cc < cols && kk < kn) v = to_float(rsrc[cc * r_sc + kk * r_sk]);
+    if (cc < cols && kk < kn) {
+      const int kr = k0 + kk;
+      if (kTwo && kr >= x.rank)
+        v = to_float(y.r[(long long)cc * y.r_sc + (long long)(kr - x.rank) * y.r_sk]);
+      else
+        v = to_float(x.r[(long long)cc * x.r_sc + (long long)kr * x.r_sk]);
+    }
     rs[kk * kLdR + cc] = from_float<S>(v);
   }
 }
@@ -116,7 +168,7 @@ __device__ __forceinline__ void load_floats(float (&out)[kN], const float* p) {
   }
 }
 
-template <typename T, typename Tab, bool kTensorCore, bool kVector, bool kDelta>
+template <typename T, typename Tab, bool kTensorCore, bool kVector, bool kDelta, bool kTwo = false>
 __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
   using M = ThreadMap<T>;
   constexpr int kVec = M::kVec, kPasses = M::kPasses, kRowsPerPass = M::kRowsPerPass;
@@ -156,13 +208,8 @@ __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
     return;
   }
 
-  // This tile's delta is L @ R: L = B_j rows, R = A_j columns (transposed storage: L = A_j^T, R = B_j^T).
-  const Tab* a_j = p.a + (long long)j * p.r * p.k;
-  const Tab* b_j = p.b + (long long)j * p.nb * p.r;
-  const long long l_si = p.transposed ? 1 : p.r, l_sk = p.transposed ? p.k : 1;
-  const long long r_sk = p.transposed ? 1 : p.k, r_sc = p.transposed ? p.r : 1;
-  const Tab* lsrc = (p.transposed ? a_j : b_j) + m0 * l_si;
-  const Tab* rsrc = (p.transposed ? b_j : a_j) + n0 * r_sc;
+  // This tile's delta is L @ R over the rank (merge: r; swap: r + r2).
+  const Operands<Tab> x = operands(p.a, p.b, p.r, j, p.nb, p.k, p.transposed, m0, n0);
 
   // The delta of this thread's vector in pass q is acc[q] (fp32 path) or a row of acc_tile (tensor cores).
   [[maybe_unused]] float acc[kTensorCore ? 1 : kPasses][kVec];
@@ -174,10 +221,12 @@ __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
     for (int q = 0; q < kPasses; ++q)
       LORA_UNROLL
       for (int v = 0; v < kVec; ++v) acc[q][v] = 0.f;
-    for (int k0 = 0; k0 < p.r; k0 += kChunk) {
-      const int kn = imin(kChunk, p.r - k0);
+    const Operands<Tab> y = kTwo ? operands(p.a2, p.b2, p.r2, j, p.nb, p.k, p.transposed, m0, n0) : x;
+    const int rank = kTwo ? p.r + p.r2 : p.r;
+    for (int k0 = 0; k0 < rank; k0 += kChunk) {
+      const int kn = imin(kChunk, rank - k0);
       if (k0) __syncthreads();  // everyone is done reading the previous chunk
-      stage<float, kLdLf, kLdRf>(ls, rs, lsrc, l_si, l_sk, rsrc, r_sk, r_sc, rows, cols, k0, kn);
+      stage<float, kLdLf, kLdRf, kTwo>(ls, rs, x, y, p.mult, rows, cols, k0, kn);
       __syncthreads();
       LORA_UNROLL_BY(4)
       for (int kk = 0; kk < kn; ++kk) {
@@ -205,22 +254,34 @@ __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf[4];
     LORA_UNROLL
     for (int f = 0; f < 4; ++f) wmma::fill_fragment(cf[f], 0.f);
-    for (int k0 = 0; k0 < p.r; k0 += kChunk) {
-      const int kn = imin(kChunk, p.r - k0);
-      if (k0) __syncthreads();
-      stage<T, kLdLh, kLdRh>(ls, rs, lsrc, l_si, l_sk, rsrc, r_sk, r_sc, rows, cols, k0, kn);
-      __syncthreads();
-      const int steps = (kn + 15) / 16;
-      for (int s = 0; s < steps; ++s) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
-        wmma::load_matrix_sync(af, ls + fm * 16 * kLdLh + s * 16, kLdLh);
-        LORA_UNROLL
-        for (int f = 0; f < 4; ++f) {
-          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-          wmma::load_matrix_sync(bf, rs + s * 16 * kLdRh + (fn0 + f) * 16, kLdRh);
-          wmma::mma_sync(cf[f], af, bf, cf[f]);
+    auto accumulate = [&](const Operands<Tab>& o, bool after_other) {
+      for (int k0 = 0; k0 < o.rank; k0 += kChunk) {
+        const int kn = imin(kChunk, o.rank - k0);
+        if (k0 || after_other) __syncthreads();  // everyone is done reading the previous chunk
+        stage<T, kLdLh, kLdRh, false>(ls, rs, o, o, 1.f, rows, cols, k0, kn);
+        __syncthreads();
+        const int steps = (kn + 15) / 16;
+        for (int s = 0; s < steps; ++s) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+          wmma::load_matrix_sync(af, ls + fm * 16 * kLdLh + s * 16, kLdLh);
+          LORA_UNROLL
+          for (int f = 0; f < 4; ++f) {
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
+            wmma::load_matrix_sync(bf, rs + s * 16 * kLdRh + (fn0 + f) * 16, kLdRh);
+            wmma::mma_sync(cf[f], af, bf, cf[f]);
+          }
         }
       }
+    };
+    accumulate(x, false);
+    if constexpr (kTwo) {
+      // Operands in T cannot carry a multiplier exactly, so a swap sums each pair apart: x's sum is scaled
+      // by mult in the fp32 accumulators before y's is added.
+      LORA_UNROLL
+      for (int f = 0; f < 4; ++f)
+        LORA_UNROLL
+        for (int e = 0; e < cf[f].num_elements; ++e) cf[f].x[e] *= p.mult;
+      accumulate(operands(p.a2, p.b2, p.r2, j, p.nb, p.k, p.transposed, m0, n0), true);
     }
     __syncthreads();
     LORA_UNROLL
@@ -259,6 +320,11 @@ __global__ void __launch_bounds__(kThreads, 2) merge_kernel(Args<T, Tab> p) {
 template <typename T, typename Tab, bool kTensorCore, bool kVector>
 __global__ void __launch_bounds__(kThreads, 2) delta_weight_kernel(Args<T, Tab> p) {
   merge_tile<T, Tab, kTensorCore, kVector, true>(p);
+}
+
+template <typename T, typename Tab, bool kTensorCore, bool kVector>
+__global__ void __launch_bounds__(kThreads, 2) swap_kernel(Args<T, Tab> p) {
+  merge_tile<T, Tab, kTensorCore, kVector, false, true>(p);
 }
 
 }  // namespace merge

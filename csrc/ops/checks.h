@@ -25,12 +25,13 @@ inline void block_ids(const char* op, int64_t num_blocks, const std::vector<int6
 
 // The rank r of factors A (n*r, k) and B (n*nb, r) for n >= 1 enabled blocks of nb features; their
 // column counts are checked by the caller, which knows what to name them after.
-inline int64_t rank(const char* op, const at::Tensor& a, const at::Tensor& b, int64_t n, int64_t nb) {
-  TORCH_CHECK_VALUE(a.size(0) % n == 0 && a.size(0) > 0, op, ": A must have n*r rows for n=", n,
+inline int64_t rank(const char* op, const at::Tensor& a, const at::Tensor& b, int64_t n, int64_t nb,
+                    const char* a_name = "A", const char* b_name = "B") {
+  TORCH_CHECK_VALUE(a.size(0) % n == 0 && a.size(0) > 0, op, ": ", a_name, " must have n*r rows for n=", n,
                     " enabled blocks and rank r >= 1, got shape ", a.sizes());
   const int64_t r = a.size(0) / n;
-  TORCH_CHECK_VALUE(b.size(0) == n * nb && b.size(1) == r, op, ": B must have shape (n*nb, r) = (", n * nb, ", ", r,
-                    ") for n=", n, " enabled blocks of nb=", nb, " and rank r=", r, ", got ", b.sizes());
+  TORCH_CHECK_VALUE(b.size(0) == n * nb && b.size(1) == r, op, ": ", b_name, " must have shape (n*nb, r) = (", n * nb,
+                    ", ", r, ") for n=", n, " enabled blocks of nb=", nb, " and rank r=", r, ", got ", b.sizes());
   return r;
 }
 

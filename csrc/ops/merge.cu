@@ -1,4 +1,4 @@
-// CUDA launchers for merge_ and delta_weight_: the checks and kernel selection are in ops/merge_host.h,
+// CUDA launchers for merge_, delta_weight_ and swap_: the checks and kernel selection are in ops/merge_host.h,
 // shared with the simulator module; this file only puts the chosen kernel on the current stream.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,6 +28,16 @@ void merge_cuda(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, d
 void delta_weight_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale,
                        int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
   apply<true>("lora_ext._C.delta_weight_", out, a, b, scale, num_blocks, block_ids, transposed);
+}
+
+void swap_cuda(const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b, double old_scale,
+               const at::Tensor& new_a, const at::Tensor& new_b, double new_scale, int64_t num_blocks,
+               const std::vector<int64_t>& block_ids, bool transposed) {
+  const char* op = "lora_ext._C.swap_";
+  TORCH_CHECK_VALUE(w.is_cuda(), op, ": W must be a CUDA tensor, got one on ", w.device());
+  const c10::cuda::CUDAGuard guard(w.device());
+  merge_host::apply_swap<CudaLaunch>(op, w, old_a, old_b, old_scale, new_a, new_b, new_scale, num_blocks, block_ids,
+                                     transposed, c10::DeviceType::CUDA);
 }
 
 }  // namespace lora_ext

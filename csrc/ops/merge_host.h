@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -30,26 +31,27 @@ struct Plan {
   bool vector;       // 16-byte accesses: W's pointer, row stride and block offsets allow them
 };
 
-// Checks every argument before anything runs; `out_name` is "W" for merge_ and "out" for delta_weight_.
+// Checks every argument before anything runs; `w_name` is "W" for merge_ and "out" for delta_weight_,
+// a_name/b_name name the factors in messages (swap_ has two pairs).
 inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
                   int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed,
-                  c10::DeviceType device) {
+                  c10::DeviceType device, const char* a_name = "A", const char* b_name = "B") {
   TORCH_CHECK_VALUE(w.device().type() == device, op, ": ", w_name, " must be a ", c10::DeviceTypeName(device),
                     " tensor, got one on ", w.device());
-  checks::on_device(op, "A", a, w_name, w);
-  checks::on_device(op, "B", b, w_name, w);
+  checks::on_device(op, a_name, a, w_name, w);
+  checks::on_device(op, b_name, b, w_name, w);
 
   const auto wt = w.scalar_type();
   TORCH_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16, op, ": ", w_name,
                     " must be float32, float16 or bfloat16, got ", wt);
-  TORCH_CHECK_VALUE(a.scalar_type() == wt || a.scalar_type() == at::kFloat, op, ": A must be float32 or ", w_name,
-                    "'s dtype (", wt, "), got ", a.scalar_type());
-  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": B must have A's dtype (", a.scalar_type(), "), got ",
-                    b.scalar_type());
+  TORCH_CHECK_VALUE(a.scalar_type() == wt || a.scalar_type() == at::kFloat, op, ": ", a_name,
+                    " must be float32 or ", w_name, "'s dtype (", wt, "), got ", a.scalar_type());
+  TORCH_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": ", b_name, " must have ", a_name, "'s dtype (",
+                    a.scalar_type(), "), got ", b.scalar_type());
 
   TORCH_CHECK_VALUE(w.dim() == 2, op, ": ", w_name, " must be 2-D, got ", w.dim(), " dimensions");
-  TORCH_CHECK_VALUE(a.dim() == 2, op, ": A must be 2-D, got ", a.dim(), " dimensions");
-  TORCH_CHECK_VALUE(b.dim() == 2, op, ": B must be 2-D, got ", b.dim(), " dimensions");
+  TORCH_CHECK_VALUE(a.dim() == 2, op, ": ", a_name, " must be 2-D, got ", a.dim(), " dimensions");
+  TORCH_CHECK_VALUE(b.dim() == 2, op, ": ", b_name, " must be 2-D, got ", b.dim(), " dimensions");
   TORCH_CHECK_VALUE((w.size(1) <= 1 || w.stride(1) == 1) && (w.size(0) <= 1 || w.stride(0) >= w.size(1)), op,
                     ": ", w_name, " must have column stride 1 and a row stride of at least its ", w.size(1),
                     " columns (contiguous, or a row-slice of a wider tensor), got strides ", w.strides());
@@ -63,17 +65,18 @@ inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const
                     transposed ? " columns" : " rows", ", not divisible by num_blocks=", num_blocks,
                     " (transposed=", transposed, ")");
   const int64_t nb = blocked / num_blocks;
-  TORCH_CHECK_VALUE(a.size(1) == k, op, ": A must have ", k, " columns (", w_name,
+  TORCH_CHECK_VALUE(a.size(1) == k, op, ": ", a_name, " must have ", k, " columns (", w_name,
                     transposed ? "'s rows, transposed" : "'s columns", "), got shape ", a.sizes());
   int64_t r = b.size(1);
   if (n == 0) {
-    TORCH_CHECK_VALUE(a.size(0) == 0 && b.size(0) == 0, op,
-                      ": with no enabled blocks A and B must have 0 rows, got A ", a.sizes(), " and B ", b.sizes());
+    TORCH_CHECK_VALUE(a.size(0) == 0 && b.size(0) == 0, op, ": with no enabled blocks ", a_name, " and ", b_name,
+                      " must have 0 rows, got ", a_name, " ", a.sizes(), " and ", b_name, " ", b.sizes());
   } else {
-    r = checks::rank(op, a, b, n, nb);
+    r = checks::rank(op, a, b, n, nb, a_name, b_name);
   }
   const int64_t int_max = 0x7fffffff;
-  TORCH_CHECK_VALUE(nb <= int_max && k <= int_max && r <= int_max, op, ": ", w_name, " and A/B sizes must fit in 32 bits");
+  TORCH_CHECK_VALUE(nb <= int_max && k <= int_max && r <= int_max, op, ": ", w_name, ", ", a_name, " and ", b_name,
+                    " sizes must fit in 32 bits");
   const int64_t m_total = transposed ? k : nb;
   TORCH_CHECK_VALUE((m_total + km::kTileM - 1) / km::kTileM <= 65535, op, ": ", w_name, " has too many ",
                     transposed ? "rows" : "rows per block", " (", m_total, "; at most ", 65535LL * km::kTileM, ")");
@@ -99,26 +102,39 @@ inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const
   return p;
 }
 
-template <typename T, typename Tab, bool kTensorCore, bool kVector, bool kDelta>
+// Which kernel: merge_ (W += ...), delta_weight_ (out = ...) or swap_ (W += two factor pairs' updates).
+enum class Kind { kMerge, kDelta, kSwap };
+
+template <typename T, typename Tab, bool kTensorCore, bool kVector, Kind kKind>
 constexpr auto kernel_for() {
-  if constexpr (kDelta)
+  if constexpr (kKind == Kind::kDelta)
     return &km::delta_weight_kernel<T, Tab, kTensorCore, kVector>;
+  else if constexpr (kKind == Kind::kSwap)
+    return &km::swap_kernel<T, Tab, kTensorCore, kVector>;
   else
     return &km::merge_kernel<T, Tab, kTensorCore, kVector>;
 }
 
-template <class Launch, typename T, typename Tab, bool kDelta, bool kTensorCore>
+template <class Launch, typename T, typename Tab, Kind kKind, bool kTensorCore>
 void launch(const Plan& plan, const km::Args<T, Tab>& args, dim3 grid) {
   constexpr size_t smem = km::smem_bytes<T, kTensorCore>();
   if (plan.vector)
-    Launch::run(kernel_for<T, Tab, kTensorCore, true, kDelta>(), grid, dim3(km::kThreads), smem, args);
+    Launch::run(kernel_for<T, Tab, kTensorCore, true, kKind>(), grid, dim3(km::kThreads), smem, args);
   else
-    Launch::run(kernel_for<T, Tab, kTensorCore, false, kDelta>(), grid, dim3(km::kThreads), smem, args);
+    Launch::run(kernel_for<T, Tab, kTensorCore, false, kKind>(), grid, dim3(km::kThreads), smem, args);
 }
 
-template <class Launch, typename T, typename Tab, bool kDelta>
+// The second factor pair of a swap, (a2, b2) of rank r2, and the first pair's multiplier.
+struct Second {
+  const at::Tensor* a2 = nullptr;
+  const at::Tensor* b2 = nullptr;
+  int r2 = 0;
+  double mult = 1.0;
+};
+
+template <class Launch, typename T, typename Tab, Kind kKind>
 void run(const Plan& plan, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
-         int num_blocks) {
+         int num_blocks, const Second& second = {}) {
   km::Args<T, Tab> args;
   args.w = reinterpret_cast<T*>(w.data_ptr());
   args.ldw = plan.ldw;
@@ -128,17 +144,21 @@ void run(const Plan& plan, const at::Tensor& w, const at::Tensor& a, const at::T
   args.k = plan.k;
   args.r = plan.r;
   args.scale = (float)scale;
+  args.a2 = second.a2 ? reinterpret_cast<const Tab*>(second.a2->data_ptr()) : nullptr;
+  args.b2 = second.b2 ? reinterpret_cast<const Tab*>(second.b2->data_ptr()) : nullptr;
+  args.r2 = second.r2;
+  args.mult = (float)second.mult;
   args.transposed = plan.transposed;
   args.map = plan.map;
-  args.map.count = kDelta ? num_blocks : plan.n;
+  args.map.count = kKind == Kind::kDelta ? num_blocks : plan.n;
   const int m_total = plan.transposed ? plan.k : plan.nb;
   const int n_total = plan.transposed ? plan.nb : plan.k;
   const dim3 grid((unsigned)((n_total + km::kTileN - 1) / km::kTileN), (unsigned)((m_total + km::kTileM - 1) / km::kTileM),
                   (unsigned)args.map.count);
   if constexpr (!std::is_same<T, float>::value && std::is_same<Tab, T>::value) {
-    if (plan.tensor_core) return launch<Launch, T, Tab, kDelta, true>(plan, args, grid);
+    if (plan.tensor_core) return launch<Launch, T, Tab, kKind, true>(plan, args, grid);
   }
-  launch<Launch, T, Tab, kDelta, false>(plan, args, grid);
+  launch<Launch, T, Tab, kKind, false>(plan, args, grid);
 }
 
 // W[blocks] += scale * B_j @ A_j (kDelta false), or out = the dense scale * delta (kDelta true).
@@ -148,11 +168,47 @@ void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::T
   const Plan plan = check(op, kDelta ? "out" : "W", w, a, b, num_blocks, block_ids, transposed, device);
   if (w.numel() == 0 || (!kDelta && plan.n == 0)) return;
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  constexpr Kind kKind = kDelta ? Kind::kDelta : Kind::kMerge;
   LORA_DISPATCH_WEIGHT_TYPES(w.scalar_type(), op, [&] {
     if (ac.scalar_type() == at::kFloat)
-      run<Launch, scalar_t, float, kDelta>(plan, w, ac, bc, scale, (int)num_blocks);
+      run<Launch, scalar_t, float, kKind>(plan, w, ac, bc, scale, (int)num_blocks);
     else
-      run<Launch, scalar_t, scalar_t, kDelta>(plan, w, ac, bc, scale, (int)num_blocks);
+      run<Launch, scalar_t, scalar_t, kKind>(plan, w, ac, bc, scale, (int)num_blocks);
+  });
+}
+
+// W[blocks] += new_scale * B2_j @ A2_j - old_scale * B1_j @ A1_j in one pass (one rounding per element).
+// Both pairs are checked against W like merge_'s operands (named new_A/new_B, old_A/old_B) before anything
+// runs; they must share one dtype (float32 or W's). The kernel computes W + scale * (mult * x + y) for the
+// pairs' products x and y: y is the pair with the larger multiplier, so mult = m_x / m_y is at most 1 in size.
+template <class Launch>
+void apply_swap(const char* op, const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b,
+                double old_scale, const at::Tensor& new_a, const at::Tensor& new_b, double new_scale,
+                int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed, c10::DeviceType device) {
+  const Plan new_plan = check(op, "W", w, new_a, new_b, num_blocks, block_ids, transposed, device, "new_A", "new_B");
+  const Plan old_plan = check(op, "W", w, old_a, old_b, num_blocks, block_ids, transposed, device, "old_A", "old_B");
+  TORCH_CHECK_VALUE(old_a.scalar_type() == new_a.scalar_type(), op, ": old_A and new_A must share one dtype, got ",
+                    old_a.scalar_type(), " and ", new_a.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(old_scale) && std::isfinite(new_scale), op,
+                    ": old_scale and new_scale must be finite, got ", old_scale, " and ", new_scale);
+  if (w.numel() == 0 || new_plan.n == 0 || (old_scale == 0 && new_scale == 0)) return;
+  const bool new_is_y = std::abs(new_scale) >= std::abs(old_scale);
+  const at::Tensor ax = (new_is_y ? old_a : new_a).contiguous(), bx = (new_is_y ? old_b : new_b).contiguous();
+  const at::Tensor ay = (new_is_y ? new_a : old_a).contiguous(), by = (new_is_y ? new_b : old_b).contiguous();
+  const double m_x = new_is_y ? -old_scale : new_scale, m_y = new_is_y ? new_scale : -old_scale;
+  Plan plan = new_is_y ? old_plan : new_plan;
+  plan.tensor_core = w.scalar_type() != at::kFloat && ax.scalar_type() == w.scalar_type() &&
+                     new_plan.r + old_plan.r >= 32;
+  Second second;
+  second.a2 = &ay;
+  second.b2 = &by;
+  second.r2 = (new_is_y ? new_plan : old_plan).r;
+  second.mult = m_x / m_y;
+  LORA_DISPATCH_WEIGHT_TYPES(w.scalar_type(), op, [&] {
+    if (ax.scalar_type() == at::kFloat)
+      run<Launch, scalar_t, float, Kind::kSwap>(plan, w, ax, bx, m_y, 0, second);
+    else
+      run<Launch, scalar_t, scalar_t, Kind::kSwap>(plan, w, ax, bx, m_y, 0, second);
   });
 }
 

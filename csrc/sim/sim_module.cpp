@@ -51,6 +51,16 @@ void delta_weight_(const at::Tensor& out, const at::Tensor& a, const at::Tensor&
   apply<true>("lora_ext._sim.delta_weight_", out, a, b, scale, num_blocks, block_ids, transposed);
 }
 
+void swap_(const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b, double old_scale,
+           const at::Tensor& new_a, const at::Tensor& new_b, double new_scale, int64_t num_blocks,
+           const std::vector<int64_t>& block_ids, bool transposed) {
+  const char* op = "lora_ext._sim.swap_";
+  simulated(op, [&] {
+    lora_ext::merge_host::apply_swap<SimLaunch>(op, w, old_a, old_b, old_scale, new_a, new_b, new_scale, num_blocks,
+                                               block_ids, transposed, c10::DeviceType::CPU);
+  });
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scale,
                   int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out) {
@@ -92,6 +102,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("delta_weight_", &delta_weight_,
         "out = the dense scale * delta that merge_ adds (zeros in disabled blocks)", py::arg("out"), py::arg("A"),
         py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
+  m.def("swap_", &swap_,
+        "W[blocks] += new_scale * B2_j @ A2_j - old_scale * B1_j @ A1_j in place, in one pass",
+        py::arg("W"), py::arg("old_A"), py::arg("old_B"), py::arg("old_scale"), py::arg("new_A"), py::arg("new_B"),
+        py::arg("new_scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
   m.def("linear", &linear,
         "F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks (fan_in_fan_out: W is (in, out))",
         py::arg("x"), py::arg("x_lora"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"),

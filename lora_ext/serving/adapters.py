@@ -39,7 +39,7 @@ def set_adapter(model, name):
             raise KeyError(f"set_adapter: layer {layer_name!r} holds no adapter {name!r} "
                            f"(it holds {m.adapter_names})")
         if name != m.active_adapter:
-            m.check_adapter(*m.get_adapter(name), name=f"adapter {name!r} at {layer_name!r}")
+            m.check_values(name, label=f"adapter {name!r} at {layer_name!r}")
     for _, m in found:
         m.set_adapter(name)
 

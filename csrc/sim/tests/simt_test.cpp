@@ -253,19 +253,22 @@ __half f2h(float f) { return __float2half_rn(f); }
 float b2f(__nv_bfloat16 h) { return __bfloat162float(h); }
 __nv_bfloat16 f2b(float f) { return __float2bfloat16_rn(f); }
 
-// Merge through the kernels directly (the Python tests cover the full op); here for ASan/UBSan coverage.
+// Merge (r2 == 0) or swap (a second pair of rank r2) through the kernels directly (the Python tests cover
+// the full ops); here for ASan/UBSan coverage.
 template <typename T, typename Tab, bool kTC, bool kVec>
-void merge_case(int nb, int k, int r, bool transposed, int pad, float (*to)(T), T (*from)(float)) {
+void merge_case(int nb, int k, int r, bool transposed, int pad, float (*to)(T), T (*from)(float), int r2 = 0) {
   namespace km = lora_ext::kernels::merge;
   const int G = 3, n = 2, ids[2] = {0, 2};
   const int rows = transposed ? k : G * nb, cols = transposed ? G * nb : k, ldw = cols + pad;
   std::vector<T> w((size_t)rows * ldw);
-  std::vector<Tab> a((size_t)n * r * k), b((size_t)n * nb * r);
+  std::vector<Tab> a((size_t)n * r * k), b((size_t)n * nb * r), a2((size_t)n * r2 * k), b2((size_t)n * nb * r2);
   unsigned s = 12345;
   auto rnd = [&] { s = s * 1103515245u + 12345u; return (float)((s >> 8) % 2001) / 1000.f - 1.f; };
   for (auto& x : w) x = from(rnd());
   for (auto& x : a) x = Tab(rnd());
   for (auto& x : b) x = Tab(rnd());
+  for (auto& x : a2) x = Tab(rnd());
+  for (auto& x : b2) x = Tab(rnd());
   std::vector<T> w0 = w;
   km::Args<T, Tab> p;
   p.w = w.data();
@@ -275,7 +278,11 @@ void merge_case(int nb, int k, int r, bool transposed, int pad, float (*to)(T), 
   p.nb = nb;
   p.k = k;
   p.r = r;
-  p.scale = 0.5f;
+  p.scale = r2 ? -0.75f : 0.5f;  // a swap adds scale * (mult * B @ A + B2 @ A2)
+  p.a2 = a2.data();
+  p.b2 = b2.data();
+  p.r2 = r2;
+  p.mult = 0.5f / -0.75f;
   p.transposed = transposed;
   p.map.count = n;
   for (int e = 0; e < G; ++e) p.map.slot[e] = -1;
@@ -284,8 +291,11 @@ void merge_case(int nb, int k, int r, bool transposed, int pad, float (*to)(T), 
     p.map.slot[ids[j]] = (short)j;
   }
   const int m_total = transposed ? k : nb, n_total = transposed ? nb : k;
-  sim::launch(dim3((n_total + km::kTileN - 1) / km::kTileN, (m_total + km::kTileM - 1) / km::kTileM, n),
-              dim3(km::kThreads), km::smem_bytes<T, kTC>(), km::merge_kernel<T, Tab, kTC, kVec>, p);
+  const dim3 grid((n_total + km::kTileN - 1) / km::kTileN, (m_total + km::kTileM - 1) / km::kTileM, n);
+  if (r2)
+    sim::launch(grid, dim3(km::kThreads), km::smem_bytes<T, kTC>(), km::swap_kernel<T, Tab, kTC, kVec>, p);
+  else
+    sim::launch(grid, dim3(km::kThreads), km::smem_bytes<T, kTC>(), km::merge_kernel<T, Tab, kTC, kVec>, p);
   double err = 0, ref = 0;
   bool untouched = true;
   for (int i = 0; i < rows; ++i)
@@ -301,13 +311,16 @@ void merge_case(int nb, int k, int r, bool transposed, int pad, float (*to)(T), 
       double d = 0;
       for (int q = 0; q < r; ++q)
         d += (double)(float)b[((size_t)j * nb + row) * r + q] * (double)(float)a[((size_t)j * r + q) * k + col];
-      const double want = to(w0[at]) + 0.5 * d;
+      double d2 = 0;
+      for (int q = 0; q < r2; ++q)
+        d2 += (double)(float)b2[((size_t)j * nb + row) * r2 + q] * (double)(float)a2[((size_t)j * r2 + q) * k + col];
+      const double want = to(w0[at]) + 0.5 * d - 0.75 * d2;
       err += (want - to(w[at])) * (want - to(w[at]));
       ref += want * want;
     }
   const double rel = std::sqrt(err / ref);
-  CHECK(untouched, "merge wrote outside its blocks (nb=%d k=%d r=%d T=%d)", nb, k, r, (int)transposed);
-  CHECK(rel < (sizeof(T) == 4 ? 1e-5 : 1e-2), "merge rel error %g (nb=%d k=%d r=%d T=%d)", rel, nb, k, r,
+  CHECK(untouched, "merge wrote outside its blocks (nb=%d k=%d r=%d r2=%d T=%d)", nb, k, r, r2, (int)transposed);
+  CHECK(rel < (sizeof(T) == 4 ? 1e-5 : 1e-2), "merge rel error %g (nb=%d k=%d r=%d r2=%d T=%d)", rel, nb, k, r, r2,
         (int)transposed);
 }
 
@@ -318,6 +331,12 @@ void test_merge_kernels() {
   merge_case<__half, __half, true, true>(70, 140, 40, false, 4, h2f, f2h);
   merge_case<__nv_bfloat16, __nv_bfloat16, true, false>(20, 67, 33, true, 1, b2f, f2b);
   merge_case<__nv_bfloat16, float, false, true>(9, 130, 1, false, 6, b2f, f2b);
+  // swaps: the pair boundary inside a staged chunk (20 + 25) and on one (32 + 7)
+  merge_case<float, float, false, true>(37, 53, 20, false, 3, fid, fid, 25);
+  merge_case<__half, __half, false, false>(70, 140, 32, true, 1, h2f, f2h, 7);
+  merge_case<__nv_bfloat16, __nv_bfloat16, true, true>(70, 140, 16, false, 4, b2f, f2b, 16);
+  merge_case<__half, __half, true, false>(20, 67, 40, true, 1, h2f, f2h, 33);
+  merge_case<__nv_bfloat16, float, false, true>(9, 130, 3, false, 6, b2f, f2b, 2);
 }
 
 }  // namespace
