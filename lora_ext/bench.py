@@ -4,7 +4,6 @@ shapes, interleaved repetitions, ratios to the floor. Run through `lora-ext benc
 Peak extra memory of a merge is measured in a fresh process per implementation: on the CPU the peak
 resident set (VmHWM, reset through /proc/self/clear_refs), on CUDA torch's peak allocated bytes.
 """
-import importlib.util
 import json
 import os
 import platform
@@ -256,8 +255,18 @@ def _unmerged(lib, kind, dim, r, dtype, device):
     return layer
 
 
+def _peft():
+    """peft, or None where it is not installed (the rows comparing with it are left out); imported on first
+    use: it imports transformers, which takes seconds."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    return peft
+
+
 def _peft_linear(dim, r, dtype, device):
-    import peft  # installed on the GPU machine; the rows are skipped where it is not
+    peft = _peft()
     model = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(dim, dim)),
                                 peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
     return _randomized(model.base_model.model[0], dtype, device).eval()
@@ -315,7 +324,7 @@ def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, toke
         makers = {"lora_ext": lambda: _unmerged(lora_ext, kind, dim, rank, dtype, device)}
         if loralib is not None:
             makers["loralib"] = lambda: _unmerged(loralib, kind, dim, rank, dtype, device)
-        if kind == "linear" and importlib.util.find_spec("peft") is not None:
+        if kind == "linear" and _peft() is not None:
             makers["peft"] = lambda: _peft_linear(dim, rank, dtype, device)
         layers = {name: _rotating(make, nrot) for name, make in makers.items()}
         layers = {"plain": _rotating(lambda: _floor_linear(_unmerged(lora_ext, kind, dim, rank, dtype, device)),
@@ -405,6 +414,8 @@ def run(device="cpu", quick=False, dim=4096):
         rows.extend(forward_kernel_rows(device, dtype, repeats))
 
     rows += serving_rows(dim, dtype, device, repeats)
+    if device == "cuda":  # at 4096 a 16 us pass may leave the layer call host-bound; 8192 shows the kernel
+        rows += switch_rows(2 * dim, dtype, device, repeats)
     return dict(
         device=device, dtype=str(dtype).replace("torch.", ""), dim=dim, quick=quick,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -413,11 +424,14 @@ def run(device="cpu", quick=False, dim=4096):
 
 
 def serving_rows(dim, dtype, device, repeats, r=16):
+    """The adapter switch (switch_rows) and injection into a stack of Linears vs peft."""
+    return switch_rows(dim, dtype, device, repeats, r) + inject_rows(dim, dtype, device, repeats, r)
+
+
+def switch_rows(dim, dtype, device, repeats, r=16):
     """Adapter switch on a merged Linear (one pass, rank 2r) against one merge pass (the floor, ops.merge_ of
     rank r) and peft's unmerge + merge of the same adapters: the op alone (ops.swap_ on its own copy of the
-    weight, values known finite) and the layer's set_adapter (lock, bookkeeping, the merged copy);
-    injection into a stack of Linears vs peft."""
-    rows = []
+    weight, values known finite) and the layer's set_adapter (lock, bookkeeping, the merged copy)."""
     layer = _layer(lora_ext, "linear", dim, r, dtype, device)
     layer.add_adapter("b", torch.randn_like(layer.lora_A) * 0.02, torch.randn_like(layer.lora_B) * 0.02, 2.0)
     layer.eval()
@@ -435,10 +449,7 @@ def serving_rows(dim, dtype, device, repeats, r=16):
     candidates = {"one merge pass": lambda: lora_ext.ops.merge_(w, A, B, next(signs) * layer.scaling),
                   "lora_ext ops.swap_": op_swap,
                   "lora_ext set_adapter": lambda: layer.set_adapter(next(names))}
-    try:
-        import peft
-    except ImportError:
-        peft = None
+    peft = _peft()
     if peft is not None:
         base = torch.nn.Sequential(torch.nn.Linear(dim, dim)).to(device=device, dtype=dtype)
         model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
@@ -458,19 +469,22 @@ def serving_rows(dim, dtype, device, repeats, r=16):
             state["active"] = other
         candidates["peft unmerge+merge"] = peft_switch
     times = compare(candidates, device, repeats)
-    rows += _ratio_rows(f"adapter switch, merged linear {dim} r={r}", times, "one merge pass",
-                        target=1.2 if device == "cpu" else 1.1, ours=("lora_ext ops.swap_", "lora_ext set_adapter"))
+    return _ratio_rows(f"adapter switch, merged linear {dim} r={r}", times, "one merge pass",
+                       target=1.2 if device == "cpu" else 1.1, ours=("lora_ext ops.swap_", "lora_ext set_adapter"))
 
+
+def inject_rows(dim, dtype, device, repeats, r=16):
+    """Injection into a stack of 12 Linears (model construction included) against building it, and peft."""
     def stack():
         return torch.nn.Sequential(*[torch.nn.Linear(dim // 4, dim // 4) for _ in range(12)]).to(device, dtype)
     inject = {"lora_ext inject": lambda: lora_ext.inject(stack(), r".*", r=r)}
+    peft = _peft()
     if peft is not None:
         inject["peft get_peft_model"] = lambda: peft.get_peft_model(stack(), peft.LoraConfig(r=r, target_modules=r".*"))
     plain = {"build the model only": stack}
     times = compare({**plain, **inject}, device, max(3, repeats // 3))
-    rows += _ratio_rows(f"inject 12 x Linear {dim // 4} r={r} (incl. building the model)", times,
-                        "build the model only")
-    return rows
+    return _ratio_rows(f"inject 12 x Linear {dim // 4} r={r} (incl. building the model)", times,
+                       "build the model only")
 
 
 def _machine(device):

@@ -116,10 +116,14 @@ class LoRALayer:
         with torch.no_grad():
             ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, **self._layout())
         known = self._known_finite(self.active_adapter)
-        self._merged_A = self.lora_A.detach().clone()
-        self._merged_B = self.lora_B.detach().clone()
-        self._merged_scaling = self.scaling
+        self._set_merged(self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
         self._stamp_finite(_MERGED, known)
+
+    def _set_merged(self, lora_A, lora_B, scaling):
+        """Records what is merged now. The factors are buffers (they follow .to()); they are set in _buffers
+        directly because nn.Module.__setattr__ costs tens of microseconds here, more than a switch's kernel."""
+        self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
+        self._merged_scaling = scaling
 
     def _unmerge_from(self, weight_2d):
         ops.unmerge_(weight_2d, self._merged_A, self._merged_B, self._merged_scaling, **self._layout())
@@ -127,7 +131,7 @@ class LoRALayer:
     def _unmerge(self):
         with torch.no_grad():
             self._unmerge_from(self._weight_2d())
-        self._merged_A = self._merged_B = self._merged_scaling = None
+        self._set_merged(None, None, None)
         self._finite_stamps.pop(_MERGED, None)
 
     def train(self, mode=True):
@@ -275,8 +279,7 @@ class LoRALayer:
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
         with self._lock:
-            lora_A, lora_B, scaling = self._adapters[name]
-            self.check_adapter(lora_A, lora_B, scaling, name=repr(name), values=False)
+            lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
             self.check_values(name)
             home = lora_A.device
             old_name, old_known = self.active_adapter, self._known_finite(self.active_adapter)
@@ -285,7 +288,7 @@ class LoRALayer:
             self._activate(name, lora_A, lora_B, scaling)
             del self._adapters[name]
             self._adapters[old_name] = (old[0].to(old_home), old[1].to(old_home), old[2])
-            self.active_adapter, self._active_home = name, home
+            self.__dict__.update(active_adapter=name, _active_home=home)  # plain attributes, as in _activate
             self._stamp_finite(old_name, old_known)
 
     def _activate(self, name, lora_A, lora_B, scaling):
@@ -298,13 +301,13 @@ class LoRALayer:
             with torch.no_grad():
                 ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
                           lora_A, lora_B, scaling, check_values=False, **self._layout())
-            self._merged_A, self._merged_B, self._merged_scaling = lora_A.clone(), lora_B.clone(), scaling
+            self._set_merged(lora_A.clone(), lora_B.clone(), scaling)
             self._stamp_finite(_MERGED)
         self.lora_A.data = lora_A
         self.lora_B.data = lora_B
-        self.r = self._rank_of(lora_A)
-        self.scaling = scaling
-        self.lora_alpha = scaling * self.r
+        r = self._rank_of(lora_A)
+        # plain attributes: straight into __dict__, which is where nn.Module.__setattr__ would put them
+        self.__dict__.update(r=r, scaling=scaling, lora_alpha=scaling * r)
         self._finite_stamps[name] = _stamp((self.lora_A, self.lora_B))
 
     @staticmethod
