@@ -22,6 +22,12 @@ LAYERS = {
 
 
 def _weight_and_delta(m):
+    """The layer's weight and its scaled float64 delta, the delta on the CPU."""
+    w, d = _weight_and_delta_on_device(m)
+    return w, d.cpu()
+
+
+def _weight_and_delta_on_device(m):
     if isinstance(m, lora_ext.ConvLoRA):
         w = m.conv.weight
         return w, (m.lora_B.double() @ m.lora_A.double()).view(w.shape) * m.scaling
@@ -44,15 +50,15 @@ def test_cuda_merge_and_unmerge(kind, dtype):
     w, _ = _weight_and_delta(m)
     with torch.no_grad():
         w.data = w.data.to(dtype)  # low-precision base, fp32 LoRA factors
-    base = w.detach().double().clone()
+    base = w.detach().double().cpu()
     _, delta = _weight_and_delta(m)
     version = w._version
     m.eval()
     w, _ = _weight_and_delta(m)
     assert w._version > version
-    assert_close_rel(w.cpu(), (base + delta).cpu(), dtype)
+    assert_close_rel(w.cpu(), base + delta, dtype)
     m.train()
-    assert_close_rel(w.cpu(), base.cpu(), dtype, factor=2)
+    assert_close_rel(w.cpu(), base, dtype, factor=2)
 
 
 def test_cuda_merge_rejects_bad_input_before_writing():
@@ -89,3 +95,57 @@ def test_cuda_merge_and_delta_take_any_float_factors(w_dtype, f_dtype):
     assert_close_rel(w, ref, w_dtype, factor=2)
     d = ops.delta_weight(A, B, 0.5, out_features=48, dtype=w_dtype)
     assert_close_rel(d, 0.5 * B.double() @ A.double(), w_dtype, factor=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["linear", "linear_fan", "merged", "merged_r64", "embedding", "conv2d"])
+@pytest.mark.parametrize("home", ["cuda", "cpu"])
+def test_cuda_merged_switch(kind, dtype, home):
+    # one swap kernel pass each way (fp32-staged or WMMA by dtype and rank), adapters on the GPU or in host memory
+    m = LAYERS[kind]().cuda().to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    w, delta1 = _weight_and_delta(m)
+    base = w.detach().double().cpu()
+    a_shape, b_shape = m.factor_shapes(m.r + 3)
+    A2 = (torch.randn(a_shape) * 0.5).to(home, dtype)
+    B2 = (torch.randn(b_shape) * 0.5).to(home, dtype)
+    m.add_adapter("other", A2, B2, 0.7)
+    m.eval()
+    m.set_adapter("other")
+    w, delta2 = _weight_and_delta(m)
+    assert m.lora_A.device.type == "cuda" and m.get_adapter("default")[0].device.type == "cuda"
+    assert_close_rel(w.cpu(), base + delta2, dtype, factor=2)
+    m.set_adapter("default")
+    assert m.get_adapter("other")[0].device.type == home
+    assert_close_rel(w.cpu(), base + delta1, dtype, factor=2)
+    m.train()
+    assert_close_rel(w.cpu(), base, dtype, factor=4)
+
+
+def test_cuda_switch_refuses_non_finite_values_before_writing():
+    m = lora_ext.Linear(64, 48, r=4).cuda()
+    with torch.no_grad():
+        m.lora_B.normal_()
+    A2, B2 = torch.randn(4, 64, device="cuda"), torch.randn(48, 4, device="cuda")
+    m.add_adapter("other", A2, B2, 1.0)
+    m.eval()
+    with torch.no_grad():
+        m.get_adapter("other")[1][3, 1] = float("nan")
+    w0 = m.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        m.set_adapter("other")
+    torch.cuda.synchronize()
+    assert torch.equal(m.weight, w0) and m.active_adapter == "default"
+
+
+@pytest.mark.parametrize("w_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_swap_op_with_factors_of_two_dtypes(w_dtype):
+    w = torch.randn(96, 80, device="cuda").to(w_dtype)
+    A1, B1 = torch.randn(8, 80, device="cuda"), torch.randn(96, 8, device="cuda")  # fp32
+    A2 = torch.randn(24, 80, device="cuda").to(w_dtype)
+    B2 = torch.randn(96, 24, device="cuda").to(w_dtype)
+    ref = w.double() + 1.5 * B2.double() @ A2.double() - 0.5 * B1.double() @ A1.double()
+    ops.swap_(w, A1, B1, 0.5, A2, B2, 1.5)
+    assert_close_rel(w, ref, w_dtype, factor=2)
