@@ -294,7 +294,10 @@ class LoRALayer:
     def _activate(self, name, lora_A, lora_B, scaling):
         """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and
         has checked them (shapes and values)."""
-        lora_A, lora_B = (self._own(t, p) for t, p in ((lora_A, self.lora_A), (lora_B, self.lora_B)))
+        # copies on the live parameters' device and dtype: storage no other tensor holds (a caller of
+        # get_adapter may hold the stored tensors)
+        lora_A = lora_A.detach().to(self.lora_A.device, self.lora_A.dtype, copy=True)
+        lora_B = lora_B.detach().to(self.lora_B.device, self.lora_B.dtype, copy=True)
         if self.merged and self._merged_A is not None:
             if not self._known_finite(_MERGED):
                 ops.check_finite("the merged adapter", self._merged_A, self._merged_B, self._merged_scaling)
@@ -309,13 +312,6 @@ class LoRALayer:
         # plain attributes: straight into __dict__, which is where nn.Module.__setattr__ would put them
         self.__dict__.update(r=r, scaling=scaling, lora_alpha=scaling * r)
         self._finite_stamps[name] = _stamp((self.lora_A, self.lora_B))
-
-    @staticmethod
-    def _own(t, param):
-        """t on param's device and dtype, in storage no other tensor holds (a stored adapter's tensor may be
-        held by a caller of get_adapter)."""
-        moved = t.detach().to(param.device, param.dtype)
-        return moved.clone() if moved.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() else moved
 
     def state_dict(self, *args, **kwargs):
         with self._lock:
