@@ -61,6 +61,42 @@ def test_lora_ext_adapter_loads_in_peft(tmp_path, build, targets, fused):
     assert rel(again(x).logits, expected) < 1e-5
 
 
+@pytest.mark.parametrize("enable", [[True, True, True], [True, False, True]], ids=["qkv", "q_v"])
+def test_peft_adapter_loads_into_a_fused_layer(tmp_path, enable):
+    peft_model = randomize_lora(get_peft_model(gpt2(), LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn"],
+                                                                  fan_in_fan_out=True)), names=("lora_",))
+    blocks = [m.lora_B["default"].weight for n, m in peft_model.named_modules() if n.endswith("c_attn")]
+    with torch.no_grad():
+        for w in blocks:  # peft's B spans q, k and v; the adapter must leave the disabled blocks alone
+            for e, on in enumerate(enable):
+                if not on:
+                    w[e * 64:(e + 1) * 64].zero_()
+    path = str(tmp_path / "peft_adapter")
+    peft_model.eval().save_pretrained(path)
+    x = tokens()
+    model = gpt2()
+    lora_ext.inject(model, [], fused={"c_attn": enable})
+    lora_ext.load_peft_adapter(model, path)
+    assert all(isinstance(m, lora_ext.MergedLinear) for n, m in model.named_modules() if n.endswith("c_attn"))
+    assert rel(model(x).logits, peft_model(x).logits) < 1e-5
+    model.eval()
+    assert rel(model(x).logits, peft_model(x).logits) < 1e-5
+
+
+def test_peft_adapter_touching_a_disabled_block_is_refused(tmp_path):
+    peft_model = randomize_lora(get_peft_model(gpt2(), LoraConfig(r=3, target_modules=["c_attn"],
+                                                                  fan_in_fan_out=True)), names=("lora_",))
+    path = str(tmp_path / "peft_adapter")
+    peft_model.save_pretrained(path)
+    model = gpt2()
+    lora_ext.inject(model, [], fused={"c_attn": [True, False, True]})
+    randomize_lora(model)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"also changes block\(s\) \[1\]"):
+        lora_ext.load_peft_adapter(model, path)
+    assert unchanged(model, snap)
+
+
 def _write_config(path, **changes):
     file = os.path.join(path, "adapter_config.json")
     with open(file) as f:

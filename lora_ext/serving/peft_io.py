@@ -145,8 +145,16 @@ def module_rank_scaling(cfg, name):
 def _to_layer_layout(layer, name, A, B):
     """peft's factors in the layer's layout (2-D; convolutions only with kernel_size[0] == 1, groups == 1)."""
     if isinstance(layer, layers.MergedLinear):
-        raise ValueError(f"adapter: module {name!r} is a MergedLinear (fused); a peft adapter holds one "
-                         f"factor pair for the whole projection, inject it as a plain Linear instead")
+        # peft's one pair (A, B) over the whole fused projection is, group by group, A with B's rows of that
+        # group's output block: exact where the blocks the layer leaves alone get no update from B.
+        groups, ids = len(layer.enable_lora), layer._block_ids
+        blocks = B.reshape(groups, layer.out_features // groups, B.shape[1])
+        off = [e for e in range(groups) if e not in ids]
+        if off and bool(blocks[off].any()):
+            raise ValueError(f"adapter: module {name!r} is a MergedLinear adapting output blocks {ids} of {groups} "
+                             f"(enable_lora={layer.enable_lora}), but the adapter also changes block(s) {off}; "
+                             f"inject it with every block enabled, or as a plain Linear")
+        return A.repeat(len(ids), 1), blocks[ids].reshape(-1, B.shape[1])
     if isinstance(layer, layers.ConvLoRA):
         c = layer.conv
         if A.dim() != c.weight.dim() or c.groups != 1 or c.kernel_size[0] != 1:
