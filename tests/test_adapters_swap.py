@@ -300,3 +300,41 @@ def test_swap_op_without_value_check_makes_no_check(monkeypatch):
     assert calls == []
     ops_mod.swap_(w, torch.randn(3, 32), torch.randn(24, 3), 0.5, torch.randn(2, 32), torch.randn(24, 2), 1.0)
     assert calls == [2]
+
+
+@pytest.fixture
+def sim_as_cuda(monkeypatch):
+    """Routes ops' CUDA branch to the simulator (same signatures, same C++ checks) for CPU tensors."""
+    sim = pytest.importorskip("lora_ext._sim")
+    monkeypatch.setattr(ops_mod, "_C", sim)
+    monkeypatch.setattr(ops_mod, "_backend_for", lambda t: sim if t.dtype is not torch.float64 else reference)
+    return sim
+
+
+@pytest.mark.parametrize("check_values", [True, False])
+def test_swap_op_kernel_branch(sim_as_cuda, check_values):
+    w = torch.randn(39, 20).bfloat16()
+    A1, B1 = torch.randn(6, 20), torch.randn(26, 3)  # fp32 and bf16 pairs: both go to the kernel in fp32
+    A2, B2 = torch.randn(8, 20).bfloat16(), torch.randn(26, 4).bfloat16()
+    want = w.double() + 1.5 * dense_delta64(A2, B2, 3, [0, 2], 39) - 0.5 * dense_delta64(A1, B1, 3, [0, 2], 39)
+    ops_mod.swap_(w, A1, B1, 0.5, A2, B2, 1.5, num_blocks=3, block_ids=(0, 2), check_values=check_values)
+    assert rel(w, want) < 1e-2
+    w0 = w.clone()
+    with pytest.raises(ValueError, match="new_B must have shape"):
+        ops_mod.swap_(w, A1, B1, 0.5, A2, torch.randn(26, 5), 1.5, num_blocks=3, block_ids=(0, 2),
+                      check_values=check_values)
+    assert torch.equal(w, w0)
+
+
+def test_merged_switch_through_the_kernel_branch(sim_as_cuda):
+    layer = _random_layer(lambda: lora_ext.MergedLinear(48, 36, r=2, lora_alpha=3, enable_lora=[True, False, True]))
+    w0 = layer.weight.detach().double().clone()
+    A2, B2 = torch.randn(6, 48), torch.randn(24, 3)
+    layer.add_adapter("b", A2, B2, 0.7)
+    layer.eval()
+    A1, B1, s1 = (t.detach().clone() if torch.is_tensor(t) else t for t in layer.get_adapter("default"))
+    for _ in range(2):
+        layer.set_adapter("b")
+        assert rel(layer.weight, w0 + 0.7 * dense_delta64(A2, B2, 3, [0, 2], 36)) < 1e-5
+        layer.set_adapter("default")
+        assert rel(layer.weight, w0 + s1 * dense_delta64(A1, B1, 3, [0, 2], 36)) < 1e-5
