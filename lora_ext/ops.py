@@ -4,7 +4,9 @@ Each operation is a torch.library custom op with its fake (meta) implementation 
 beside it. Its implementation picks the backend per call from the tensors' device (_backend_for): the CUDA
 kernels of lora_ext._C for CUDA tensors when the extension is built, the pure-torch reference everywhere
 else. Eager calls that need no autograd run that implementation directly, skipping the dispatcher.
-The public functions validate their arguments first, so a bad call raises before anything is written.
+The public functions validate their arguments first, so a bad call raises before anything is written; on
+CUDA, merge_ and swap_ leave that to the launchers' C++ checks (which run before any launch) and run the
+Python checks only to word a refusal in this API's names.
 
 Layout shared by every op (see reference.py): lora_A is (n*r, K), lora_B is (n*Nb, r) for the n enabled
 blocks `block_ids` out of `num_blocks` output blocks of Nb features each; plain layers use num_blocks=1,
@@ -131,6 +133,25 @@ def _(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
     return None
 
 
+def _straight_to_kernels(weight, *factors):
+    """Whether an eager call goes straight to the CUDA launcher. Its C++ checks cover every argument before
+    anything is launched, so the Python checks run only when it refuses (for messages in this API's names):
+    they cost several microseconds per call, host time that a 4096 x 4096 merge or switch on a GPU (~16 us)
+    does not have."""
+    return (isinstance(weight, Tensor) and _backend_for(weight) is _C
+            and all(isinstance(t, Tensor) and t.dtype in FLOAT_DTYPES for t in factors)
+            and not torch.compiler.is_compiling())
+
+
+def _check_merge_args(weight, lora_A, lora_B, num_blocks, block_ids, transposed):
+    """merge_'s argument checks (scale apart); returns the block ids."""
+    _check_tensor("weight", weight)
+    out_features, in_features = _layer_shape(weight, transposed)
+    ids = _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_ids)
+    _check_same_device(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    return ids
+
+
 def merge_(weight, lora_A, lora_B, scale, *, num_blocks=1, block_ids=(0,), transposed=False):
     """Adds scale * B @ A into the 2-D `weight` in place (one rounding per element).
 
@@ -140,11 +161,17 @@ def merge_(weight, lora_A, lora_B, scale, *, num_blocks=1, block_ids=(0,), trans
     In eager mode the backend is called directly: the custom-op dispatcher costs about 50 us per call in
     Python, more than a 4096 x 4096 merge takes on a GPU. Under torch.compile the custom op is used.
     """
-    _check_tensor("weight", weight)
     _check_scale(scale)
-    out_features, in_features = _layer_shape(weight, transposed)
-    ids = _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_ids)
-    _check_same_device(weight=weight, lora_A=lora_A, lora_B=lora_B)
+    if block_ids and _straight_to_kernels(weight, lora_A, lora_B):
+        try:
+            _C.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), float(scale), num_blocks,
+                      list(block_ids), bool(transposed))
+        except (ValueError, TypeError):
+            _check_merge_args(weight, lora_A, lora_B, num_blocks, block_ids, transposed)
+            raise
+        torch.autograd.graph.increment_version(weight)
+        return
+    ids = _check_merge_args(weight, lora_A, lora_B, num_blocks, block_ids, transposed)
     if not ids:
         return
     args = (weight, lora_A, lora_B, float(scale), num_blocks, ids, bool(transposed))
@@ -218,33 +245,34 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, num_block
     for what, scale in (("new", new_scale), ("old", old_scale)):
         _check_finite_scaling(f"swap_: the {what} adapter's scaling", scale)
     factors = (old_A, old_B, new_A, new_B)
-    if (not check_values and isinstance(weight, Tensor) and _backend_for(weight) is _C
-            and all(isinstance(t, Tensor) for t in factors)):
-        # A switch between adapters known to be finite (set_adapter): the launcher checks every argument in
-        # C++, naming it, before it launches; Python checks would repeat them at several microseconds per
-        # switch, which is host time a 4096 x 4096 switch on a GPU does not have.
-        old_A, old_B, new_A, new_B = _kernel_factors(weight.dtype, *factors)
-        _C.swap_(weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), num_blocks,
-                 list(block_ids), bool(transposed))
-        torch.autograd.graph.increment_version(weight)
-        return
+    unchecked = bool(block_ids) and _straight_to_kernels(weight, *factors)
+    if not unchecked and not _check_swap_args(weight, *factors, num_blocks, block_ids, transposed):
+        return  # no enabled block
+    if check_values:
+        _check_values([("swap_: the new adapter", new_A, new_B, new_scale),
+                       ("swap_: the old adapter", old_A, old_B, old_scale)])
+    layout = (num_blocks, list(block_ids), bool(transposed))
+    if _backend_for(weight) is _C:
+        a1, b1, a2, b2 = _kernel_factors(weight.dtype, *factors)
+        try:
+            _C.swap_(weight, a1, b1, float(old_scale), a2, b2, float(new_scale), *layout)
+        except (ValueError, TypeError):
+            if unchecked:
+                _check_swap_args(weight, *factors, num_blocks, block_ids, transposed)  # in this API's names
+            raise
+    else:
+        reference.swap_(weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), *layout)
+    torch.autograd.graph.increment_version(weight)
+
+
+def _check_swap_args(weight, old_A, old_B, new_A, new_B, num_blocks, block_ids, transposed):
+    """swap_'s argument checks (scales apart); returns the block ids."""
     _check_tensor("weight", weight)
     out_features, in_features = _layer_shape(weight, transposed)
     ids = _check_factors(new_A, new_B, out_features, in_features, num_blocks, block_ids, "new_A", "new_B")
     _check_factors(old_A, old_B, out_features, in_features, num_blocks, block_ids, "old_A", "old_B")
     _check_same_device(weight=weight, old_A=old_A, old_B=old_B, new_A=new_A, new_B=new_B)
-    if not ids:
-        return
-    if check_values:
-        _check_values([("swap_: the new adapter", new_A, new_B, new_scale),
-                       ("swap_: the old adapter", old_A, old_B, old_scale)])
-    layout = (num_blocks, ids, bool(transposed))
-    if _backend_for(weight) is _C:
-        old_A, old_B, new_A, new_B = _kernel_factors(weight.dtype, old_A, old_B, new_A, new_B)
-        _C.swap_(weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), *layout)
-    else:
-        reference.swap_(weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), *layout)
-    torch.autograd.graph.increment_version(weight)
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,3 +48,14 @@ def _default_sim_schedule():
     except ImportError:
         return
     _sim.set_schedule(None)
+
+
+@pytest.fixture
+def sim_as_cuda(monkeypatch):
+    """Routes lora_ext.ops' CUDA branch to the simulator (the same functions and C++ checks as lora_ext._C)
+    for CPU tensors, so that CI runs the code a GPU runs between ops and the launchers."""
+    from lora_ext import ops, reference
+    sim = pytest.importorskip("lora_ext._sim")
+    monkeypatch.setattr(ops, "_C", sim)
+    monkeypatch.setattr(ops, "_backend_for", lambda t: sim if t.dtype is not torch.float64 else reference)
+    return sim

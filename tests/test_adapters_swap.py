@@ -302,15 +302,6 @@ def test_swap_op_without_value_check_makes_no_check(monkeypatch):
     assert calls == [2]
 
 
-@pytest.fixture
-def sim_as_cuda(monkeypatch):
-    """Routes ops' CUDA branch to the simulator (same signatures, same C++ checks) for CPU tensors."""
-    sim = pytest.importorskip("lora_ext._sim")
-    monkeypatch.setattr(ops_mod, "_C", sim)
-    monkeypatch.setattr(ops_mod, "_backend_for", lambda t: sim if t.dtype is not torch.float64 else reference)
-    return sim
-
-
 @pytest.mark.parametrize("check_values", [True, False])
 def test_swap_op_kernel_branch(sim_as_cuda, check_values):
     w = torch.randn(39, 20).bfloat16()

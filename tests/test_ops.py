@@ -195,8 +195,11 @@ BAD_MERGES = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["reference", "kernel"])
 @pytest.mark.parametrize("change,needle", BAD_MERGES)
-def test_merge_rejects_bad_input_before_writing(change, needle):
+def test_merge_rejects_bad_input_before_writing(change, needle, backend, request):
+    if backend == "kernel":  # the CUDA branch (C++ checks first), through the simulator
+        request.getfixturevalue("sim_as_cuda")
     args = dict(lora_A=torch.randn(2, 8), lora_B=torch.randn(4, 2), scale=1.0, num_blocks=1, block_ids=[0])
     args.update(change)
     w = torch.randn(4, 8)
@@ -204,6 +207,29 @@ def test_merge_rejects_bad_input_before_writing(change, needle):
     with pytest.raises((ValueError, TypeError), match=needle):
         ops.merge_(w, args["lora_A"], args["lora_B"], args["scale"], num_blocks=args["num_blocks"],
                    block_ids=args["block_ids"])
+    assert torch.equal(w, w0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_blocks,block_ids,transposed", [(1, [0], False), (3, [0, 2], True)])
+def test_merge_through_the_kernel_branch(sim_as_cuda, dtype, num_blocks, block_ids, transposed):
+    nb, k, r = 12, 20, 3
+    w = torch.randn(num_blocks * nb, k).to(dtype)
+    A, B = torch.randn(len(block_ids) * r, k), torch.randn(len(block_ids) * nb, r)
+    delta = dense_delta64(A, B, num_blocks, block_ids, num_blocks * nb)
+    w = w.t().contiguous() if transposed else w
+    want = w.double() + 0.5 * (delta.t() if transposed else delta)
+    version = w._version
+    ops.merge_(w, A, B, 0.5, num_blocks=num_blocks, block_ids=block_ids, transposed=transposed)
+    assert_close_rel(w, want, dtype)
+    assert w._version > version
+
+
+def test_kernel_branch_passes_on_what_only_the_launcher_checks(sim_as_cuda):
+    w = torch.randn(8, 4).t()  # column stride 4: the kernels need stride-1 rows
+    w0 = w.clone()
+    with pytest.raises(ValueError, match="column stride 1"):
+        ops.merge_(w, torch.randn(2, 8), torch.randn(4, 2), 1.0)
     assert torch.equal(w, w0)
 
 
