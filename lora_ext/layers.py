@@ -29,16 +29,18 @@ import torch.nn.functional as F
 from . import ops
 
 
-def _stamp(tensors):
-    """What identifies the values of `tensors` until one is written in place or given other storage (weak
-    references: a stamp keeps nothing alive)."""
-    return tuple((weakref.ref(t), t._version, t.data_ptr()) for t in tensors)
+def _stamp(lora_A, lora_B):
+    """What identifies the values of a factor pair until one is written in place or given other storage
+    (weak references: a stamp keeps nothing alive). Spelled out for two tensors: it runs on every switch."""
+    return (weakref.ref(lora_A), lora_A._version, lora_A.data_ptr(),
+            weakref.ref(lora_B), lora_B._version, lora_B.data_ptr())
 
 
-def _unchanged(stamp, tensors):
-    """Whether `tensors` are the stamped ones, unwritten since."""
-    return stamp is not None and len(stamp) == len(tensors) and all(
-        ref() is t and version == t._version and ptr == t.data_ptr() for (ref, version, ptr), t in zip(stamp, tensors))
+def _unchanged(stamp, lora_A, lora_B):
+    """Whether (lora_A, lora_B) are the stamped pair, unwritten since."""
+    return (stamp is not None and stamp[0]() is lora_A and stamp[3]() is lora_B
+            and stamp[1] == lora_A._version and stamp[4] == lora_B._version
+            and stamp[2] == lora_A.data_ptr() and stamp[5] == lora_B.data_ptr())
 
 
 def _remerge_after_load(module, incompatible_keys):
@@ -234,11 +236,11 @@ class LoRALayer:
         return self._adapters[key][:2]
 
     def _known_finite(self, key):
-        return _unchanged(self._finite_stamps.get(key), self._finite_tensors(key))
+        return _unchanged(self._finite_stamps.get(key), *self._finite_tensors(key))
 
     def _stamp_finite(self, key, known=True):
         if known:
-            self._finite_stamps[key] = _stamp(self._finite_tensors(key))
+            self._finite_stamps[key] = _stamp(*self._finite_tensors(key))
         else:
             self._finite_stamps.pop(key, None)
 
@@ -311,7 +313,7 @@ class LoRALayer:
         r = self._rank_of(lora_A)
         # plain attributes: straight into __dict__, which is where nn.Module.__setattr__ would put them
         self.__dict__.update(r=r, scaling=scaling, lora_alpha=scaling * r)
-        self._finite_stamps[name] = _stamp((self.lora_A, self.lora_B))
+        self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
 
     def state_dict(self, *args, **kwargs):
         with self._lock:
