@@ -97,6 +97,63 @@ def test_peft_adapter_touching_a_disabled_block_is_refused(tmp_path):
     assert unchanged(model, snap)
 
 
+class _Convs(torch.nn.Module):
+    """Convolutions of every rank peft adapts, with kernels taller than 1 (loralib's layout differs there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(3, 6, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(6, 8, (3, 2), padding=1)
+        self.c3 = torch.nn.Conv3d(8, 4, (2, 1, 3))
+
+    def forward(self, x):
+        y = self.c2(self.c1(x)[:, :, None, :].expand(-1, -1, 5, -1))
+        return self.c3(y[:, :, None].expand(-1, -1, 3, -1, -1))
+
+
+def _convs():
+    torch.manual_seed(0)
+    return _Convs().eval()
+
+
+CONV_TARGETS = ["c1", "c2", "c3"]
+
+
+def test_peft_conv_adapters_of_any_kernel_load_into_lora_ext_and_back(tmp_path):
+    peft_model = randomize_lora(get_peft_model(_convs(), LoraConfig(r=2, lora_alpha=3, target_modules=CONV_TARGETS)))
+    path = str(tmp_path / "peft_adapter")
+    peft_model.eval().save_pretrained(path)
+    x = torch.randn(2, 3, 7)
+    ref = peft_model(x)
+    model = _convs()
+    lora_ext.load_peft_adapter(model, path)
+    assert all(isinstance(model.get_submodule(n), lora_ext.ConvLoRA) for n in CONV_TARGETS)
+    assert rel(model(x), ref) < 1e-5
+    model.eval()
+    assert rel(model(x), ref) < 1e-5
+    # saved again, the loaded adapter keeps peft's rank (B is X (x) I_k0) and loads in peft as it was
+    again = str(tmp_path / "again")
+    lora_ext.save_peft_adapter(model, again)
+    with open(os.path.join(again, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["r"] == 2 and not cfg["rank_pattern"]
+    assert rel(PeftModel.from_pretrained(_convs(), again).eval()(x), ref) < 1e-5
+
+
+def test_lora_ext_conv_adapters_of_any_kernel_load_in_peft(tmp_path):
+    model = _convs()
+    lora_ext.inject(model, CONV_TARGETS, r=2, lora_alpha=3)
+    randomize_lora(model)  # a general B: saved as the exact rank-r*k0*k0 pair
+    x = torch.randn(2, 3, 7)
+    expected = model(x)
+    path = str(tmp_path / "ours")
+    lora_ext.save_peft_adapter(model, path)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    assert (cfg["r"], cfg["rank_pattern"]) == (2 * 3 * 3, {"c3": 2 * 2 * 2})  # r * k0 * k0 per layer
+    assert rel(PeftModel.from_pretrained(_convs(), path).eval()(x), expected) < 1e-5
+
+
 def _write_config(path, **changes):
     file = os.path.join(path, "adapter_config.json")
     with open(file) as f:

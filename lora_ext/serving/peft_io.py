@@ -143,7 +143,7 @@ def module_rank_scaling(cfg, name):
 
 
 def _to_layer_layout(layer, name, A, B):
-    """peft's factors in the layer's layout (2-D; convolutions only with kernel_size[0] == 1, groups == 1)."""
+    """peft's factors in the layer's layout (2-D; convolutions with groups == 1)."""
     if isinstance(layer, layers.MergedLinear):
         # peft's one pair (A, B) over the whole fused projection is, group by group, A with B's rows of that
         # group's output block: exact where the blocks the layer leaves alone get no update from B.
@@ -157,10 +157,15 @@ def _to_layer_layout(layer, name, A, B):
         return A.repeat(len(ids), 1), blocks[ids].reshape(-1, B.shape[1])
     if isinstance(layer, layers.ConvLoRA):
         c = layer.conv
-        if A.dim() != c.weight.dim() or c.groups != 1 or c.kernel_size[0] != 1:
-            raise ValueError(f"adapter: convolution {name!r} (kernel_size={c.kernel_size}, groups={c.groups}): "
-                             f"lora_ext's conv layout matches peft's only for kernel_size[0] == 1 and groups == 1")
-        return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+        if A.dim() != c.weight.dim() or c.groups != 1:
+            raise ValueError(f"adapter: convolution {name!r} (groups={c.groups}, weight {c.weight.dim()}-D, adapter "
+                             f"{A.dim()}-D): peft's conv adapters map onto lora_ext's layout for groups == 1 only")
+        # lora_ext keeps loralib's conv layout: delta-W viewed as (out*k0, in*k1*...), whose row o*k0+q is the q-th
+        # of k0 equal chunks of output channel o's flattened filter. peft's rank-r pair (A: r filters, B: 1x1)
+        # is exactly the rank-r*k0 pair A' = A's filters cut into those chunks, B' = B (x) I_k0.
+        k0, r = c.kernel_size[0], A.shape[0]
+        eye = torch.eye(k0, dtype=B.dtype, device=B.device)
+        return A.reshape(r * k0, -1), torch.kron(B.reshape(B.shape[0], r), eye)
     return A, B
 
 
@@ -229,14 +234,30 @@ def _peft_factors(layer, name, A, B, r):
             full[e * nb:(e + 1) * nb, j * r:(j + 1) * r] = B[j * nb:(j + 1) * nb]
         return ".lora_A.weight", ".lora_B.weight", A, full, n * r
     if isinstance(layer, layers.ConvLoRA):
-        c = layer.conv
-        if c.groups != 1 or c.kernel_size[0] != 1:
-            raise ValueError(f"save: convolution {name!r} (kernel_size={c.kernel_size}, groups={c.groups}) has no "
-                             f"peft equivalent (needs kernel_size[0] == 1 and groups == 1)")
-        ones = (1,) * (c.weight.dim() - 2)
-        return (".lora_A.weight", ".lora_B.weight", A.reshape(r, c.in_channels, *c.kernel_size),
-                B.reshape(c.out_channels, r, *ones), r)
+        return (".lora_A.weight", ".lora_B.weight", *_peft_conv_factors(layer, name, A, B, r))
     return ".lora_A.weight", ".lora_B.weight", A, B, r
+
+
+def _peft_conv_factors(layer, name, A, B, r):
+    """(A, B, rank) of a conv adapter in peft's layout (see _to_layer_layout). B = X (x) I_k0, as a loaded peft
+    adapter is, saves as X at rank r; any other B as the exact rank-r*k0*k0 pair whose filter (j, q) holds A's row j
+    in chunk q and zeros elsewhere."""
+    c = layer.conv
+    if c.groups != 1:
+        raise ValueError(f"save: convolution {name!r} (groups={c.groups}) has no peft equivalent (needs groups == 1)")
+    k0, out = c.kernel_size[0], c.out_channels
+    ones = (1,) * (c.weight.dim() - 2)
+    blocks = B.reshape(out, k0, r, k0)  # [o, q, t, q']
+    diagonal = torch.stack([blocks[:, q, :, q] for q in range(k0)])
+    off_diagonal = blocks.masked_fill(torch.eye(k0, dtype=torch.bool, device=B.device)[None, :, None, :], 0)
+    if not off_diagonal.any() and bool((diagonal == diagonal[0]).all()):
+        return A.reshape(r, c.in_channels, *c.kernel_size), diagonal[0].reshape(out, r, *ones), r
+    rank = r * k0 * k0
+    spread = A.new_zeros(r * k0, k0, k0, A.shape[1])  # [j, q, chunk, :]
+    for q in range(k0):
+        spread[:, q, q] = A
+    return (spread.reshape(rank, c.in_channels, *c.kernel_size),
+            B.reshape(out, k0, r * k0).transpose(1, 2).reshape(out, rank, *ones), rank)
 
 
 def save_peft_adapter(model, path, adapter_name=None):
