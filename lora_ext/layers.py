@@ -258,12 +258,11 @@ class LoRALayer:
         layer at once (in one pass over the weight when merged); any other adapter is kept where it was
         given (device or host memory) until set_adapter makes it active."""
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
-        lora_A, lora_B = lora_A.detach().clone(), lora_B.detach().clone()
         with self._lock:
             if name == self.active_adapter:
-                self._activate(name, lora_A, lora_B, float(scaling))
+                self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy
             else:
-                self._adapters[name] = (lora_A, lora_B, float(scaling))
+                self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
                 self._stamp_finite(name)
 
     def delete_adapter(self, name):

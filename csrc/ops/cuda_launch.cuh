@@ -1,8 +1,11 @@
 // How the CUDA launchers start a kernel chosen by the shared host code (merge_host.h, forward_host.h):
-// on the current stream, with the launch checked. The simulator module has its own launch policy.
+// on the current stream, with the launch checked, on the device of the tensor the op is about. The
+// simulator module has its own launch policy.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuBLAS/cuSPARSE headers
 
 namespace lora_ext {
@@ -14,5 +17,14 @@ struct CudaLaunch {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
+
+// Runs f() on t's device, after checking that t (called `name` in messages) is a CUDA tensor: the CUDA
+// launchers' counterpart of the simulator module's simulated().
+template <typename F>
+auto on_cuda(const char* op, const char* name, const at::Tensor& t, F&& f) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  const c10::cuda::CUDAGuard guard(t.device());
+  return f();
+}
 
 }  // namespace lora_ext

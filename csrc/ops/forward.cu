@@ -2,7 +2,6 @@
 // ops/forward_host.h, shared with the simulator module; this file puts the chosen kernels on the current
 // stream.
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 
 #include "ops/cuda_launch.cuh"
 #include "ops/forward.h"
@@ -26,18 +25,18 @@ at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& x_lora, const at::
                        const c10::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scale,
                        int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out) {
   const char* op = "lora_ext._C.linear";
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x must be a CUDA tensor, got one on ", x.device());
-  const c10::cuda::CUDAGuard guard(x.device());
-  return forward_host::linear<CudaLaunch>(op, x, x_lora, weight, bias, a, b, scale, num_blocks, block_ids,
-                                          fan_in_fan_out, c10::DeviceType::CUDA, sm_count());
+  return on_cuda(op, "x", x, [&] {
+    return forward_host::linear<CudaLaunch>(op, x, x_lora, weight, bias, a, b, scale, num_blocks, block_ids,
+                                            fan_in_fan_out, c10::DeviceType::CUDA, sm_count());
+  });
 }
 
 at::Tensor embedding_cuda(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
                           double scale, c10::optional<int64_t> padding_idx) {
   const char* op = "lora_ext._C.embedding";
-  TORCH_CHECK_VALUE(weight.is_cuda(), op, ": weight must be a CUDA tensor, got one on ", weight.device());
-  const c10::cuda::CUDAGuard guard(weight.device());
-  return forward_host::embedding<CudaLaunch>(op, ids, weight, a, b, scale, padding_idx, c10::DeviceType::CUDA);
+  return on_cuda(op, "weight", weight, [&] {
+    return forward_host::embedding<CudaLaunch>(op, ids, weight, a, b, scale, padding_idx, c10::DeviceType::CUDA);
+  });
 }
 
 }  // namespace lora_ext

@@ -1,8 +1,5 @@
 // CUDA launchers for merge_, delta_weight_ and swap_: the checks and kernel selection are in ops/merge_host.h,
 // shared with the simulator module; this file only puts the chosen kernel on the current stream.
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-
 #include "ops/cuda_launch.cuh"
 #include "ops/merge.h"
 #include "ops/merge_host.h"
@@ -13,9 +10,9 @@ namespace {
 template <bool kDelta>
 void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
            int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
-  TORCH_CHECK_VALUE(w.is_cuda(), op, ": ", kDelta ? "out" : "W", " must be a CUDA tensor, got one on ", w.device());
-  const c10::cuda::CUDAGuard guard(w.device());
-  merge_host::apply<CudaLaunch, kDelta>(op, w, a, b, scale, num_blocks, block_ids, transposed, c10::DeviceType::CUDA);
+  on_cuda(op, kDelta ? "out" : "W", w, [&] {
+    merge_host::apply<CudaLaunch, kDelta>(op, w, a, b, scale, num_blocks, block_ids, transposed, c10::DeviceType::CUDA);
+  });
 }
 
 }  // namespace
@@ -34,10 +31,10 @@ void swap_cuda(const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& o
                const at::Tensor& new_a, const at::Tensor& new_b, double new_scale, int64_t num_blocks,
                const std::vector<int64_t>& block_ids, bool transposed) {
   const char* op = "lora_ext._C.swap_";
-  TORCH_CHECK_VALUE(w.is_cuda(), op, ": W must be a CUDA tensor, got one on ", w.device());
-  const c10::cuda::CUDAGuard guard(w.device());
-  merge_host::apply_swap<CudaLaunch>(op, w, old_a, old_b, old_scale, new_a, new_b, new_scale, num_blocks, block_ids,
-                                     transposed, c10::DeviceType::CUDA);
+  on_cuda(op, "W", w, [&] {
+    merge_host::apply_swap<CudaLaunch>(op, w, old_a, old_b, old_scale, new_a, new_b, new_scale, num_blocks, block_ids,
+                                       transposed, c10::DeviceType::CUDA);
+  });
 }
 
 }  // namespace lora_ext

@@ -248,10 +248,10 @@ def _peft_conv_factors(layer, name, A, B, r):
     k0, out = c.kernel_size[0], c.out_channels
     ones = (1,) * (c.weight.dim() - 2)
     blocks = B.reshape(out, k0, r, k0)  # [o, q, t, q']
-    diagonal = torch.stack([blocks[:, q, :, q] for q in range(k0)])
+    diagonal = blocks.diagonal(dim1=1, dim2=3)  # [o, t, q]
     off_diagonal = blocks.masked_fill(torch.eye(k0, dtype=torch.bool, device=B.device)[None, :, None, :], 0)
-    if not off_diagonal.any() and bool((diagonal == diagonal[0]).all()):
-        return A.reshape(r, c.in_channels, *c.kernel_size), diagonal[0].reshape(out, r, *ones), r
+    if not off_diagonal.any() and bool((diagonal == diagonal[..., :1]).all()):
+        return A.reshape(r, c.in_channels, *c.kernel_size), diagonal[..., 0].reshape(out, r, *ones), r
     rank = r * k0 * k0
     spread = A.new_zeros(r * k0, k0, k0, A.shape[1])  # [j, q, chunk, :]
     for q in range(k0):
