@@ -1,19 +1,31 @@
 """The lora_ext op surface: one function per operation.
 
-Each operation is a torch.library custom op with its fake (meta) implementation and its autograd formula
-beside it. Its implementation picks the backend per call from the tensors' device (_backend_for): the CUDA
-kernels of lora_ext._C for CUDA tensors when the extension is built, the pure-torch reference everywhere
-else. Eager calls that need no autograd run that implementation directly, skipping the dispatcher.
-The public functions validate their arguments first, so a bad call raises before anything is written; on
-CUDA, merge_ and swap_ leave that to the launchers' C++ checks (which run before any launch) and run the
-Python checks only to word a refusal in this API's names.
+Every public op reads the same way:
+
+1. its checks that cost nothing (scales, flags);
+2. the fast path (`_fast_path`): an eager call on tensors the kernels take, with no autograd graph to
+   record, goes straight to the kernels. Their C++ launchers check every argument before anything is
+   launched; the Python checks run only when a launcher refuses, to word the refusal in this API's names
+   (`_launch`). The Python checks cost several microseconds per call, and the custom-op dispatcher about
+   50 us: more than a decode-size forward or a 4096 x 4096 merge takes on a GPU;
+3. otherwise the Python checks, then the torch.library custom op (under torch.compile, or when autograd
+   records the call) or the op's implementation directly.
+
+Each op has one implementation (`_merge_impl`, `_swap_impl`, `_delta_impl`, `_linear_impl`,
+`_embedding_impl`) that chooses the backend per call: `_kernels` (lora_ext._C for CUDA tensors when the
+extension is built) for the tensors it takes, the pure-torch `reference` for everything else. The custom
+ops (with their fake implementations and autograd formulas) call the same implementation. `_kernels` is the
+one name a stand-in replaces: tests route CPU tensors to the SIMT simulator (lora_ext._sim, the same
+launchers and C++ checks) with `use_kernels(_sim, "cpu")`.
 
 Layout shared by every op (see reference.py): lora_A is (n*r, K), lora_B is (n*Nb, r) for the n enabled
 blocks `block_ids` out of `num_blocks` output blocks of Nb features each; plain layers use num_blocks=1,
 block_ids=[0].
 """
+import contextlib
 import math
-from typing import Optional, Sequence
+from types import ModuleType
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -26,20 +38,66 @@ except ImportError:
     _C = None
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def cuda_kernels_available():
+class Kernels:
+    """A kernel backend: a module with lora_ext._C's functions, and the device type of the tensors it takes."""
+
+    def __init__(self, module: Optional[ModuleType], device_type: str):
+        self.module = module
+        self.device_type = device_type
+
+    def takes(self, t) -> bool:
+        """Whether tensor t goes to these kernels (float64 and other devices go to the reference)."""
+        return (self.module is not None and isinstance(t, Tensor) and t.device.type == self.device_type
+                and t.dtype in KERNEL_DTYPES)
+
+
+_kernels = Kernels(_C, "cuda")
+
+
+def cuda_kernels_available() -> bool:
     """True when lora_ext was built with its CUDA kernels."""
     return _C is not None
 
 
-def _backend_for(t):
-    """The backend module for tensor t: the CUDA kernels for CUDA tensors of the dtypes they take."""
-    return _C if t.is_cuda and _C is not None and t.dtype is not torch.float64 else reference
+@contextlib.contextmanager
+def use_kernels(module: Optional[ModuleType], device_type: str) -> Iterator[Kernels]:
+    """Routes tensors of `device_type` to `module`'s kernels while the context is open (for instance the
+    simulator, lora_ext._sim, for CPU tensors). Not thread-safe: for tests and rehearsals."""
+    global _kernels
+    saved, _kernels = _kernels, Kernels(module, device_type)
+    try:
+        yield _kernels
+    finally:
+        _kernels = saved
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+def _fast_path(t, differentiable=()):
+    """The one fast-path predicate: an eager call (torch.compile is not tracing it) whose tensor t the
+    kernels take and whose differentiable inputs need no gradient."""
+    return _kernels.takes(t) and not torch.compiler.is_compiling() and not _needs_grad(*differentiable)
+
+
+def _launch(impl: Callable, args: tuple, check: Callable):
+    """impl(*args) without the Python checks; when the launcher refuses, `check(*args)` words the refusal
+    in this API's names (it raises when it sees the problem; else the launcher's own message stands)."""
+    try:
+        return impl(*args)
+    except (ValueError, TypeError):
+        check(*args)
+        raise
 
 
 def _kernel_factors(dtype, *factors):
     """The CUDA merge kernels read the factors in float32 or in the weight's dtype, all the same one."""
+    if not all(isinstance(f, Tensor) and f.dtype in FLOAT_DTYPES for f in factors):
+        raise TypeError("the factors must be float tensors")  # _launch's checks name the argument
     first = factors[0].dtype
     if first in (torch.float32, dtype) and all(f.dtype == first for f in factors):
         return factors
@@ -114,10 +172,10 @@ def _layer_shape(weight, transposed):
 # merge_: weight += scale * delta-W, in place
 
 
-def _merge(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
-    """merge_ on the backend for weight's device (checked arguments)."""
-    if _backend_for(weight) is _C:
-        _C.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), scale, num_blocks, block_ids, transposed)
+def _merge_impl(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
+    if _kernels.takes(weight):
+        _kernels.module.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), scale, num_blocks,
+                               block_ids, transposed)
     else:
         reference.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
 
@@ -125,7 +183,7 @@ def _merge(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
 @torch.library.custom_op("lora_ext::merge_", mutates_args=("weight",))
 def _merge_op(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, num_blocks: int,
               block_ids: list[int], transposed: bool) -> None:
-    _merge(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
+    _merge_impl(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
 
 
 @_merge_op.register_fake
@@ -133,18 +191,8 @@ def _(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
     return None
 
 
-def _straight_to_kernels(weight, *factors):
-    """Whether an eager call goes straight to the CUDA launcher. Its C++ checks cover every argument before
-    anything is launched, so the Python checks run only when it refuses (for messages in this API's names):
-    they cost several microseconds per call, host time that a 4096 x 4096 merge or switch on a GPU (~16 us)
-    does not have."""
-    return (isinstance(weight, Tensor) and _backend_for(weight) is _C
-            and all(isinstance(t, Tensor) and t.dtype in FLOAT_DTYPES for t in factors)
-            and not torch.compiler.is_compiling())
-
-
-def _check_merge_args(weight, lora_A, lora_B, num_blocks, block_ids, transposed):
-    """merge_'s argument checks (scale apart); returns the block ids."""
+def _check_merge_args(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
+    """merge_'s argument checks; returns the block ids."""
     _check_tensor("weight", weight)
     out_features, in_features = _layer_shape(weight, transposed)
     ids = _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_ids)
@@ -152,37 +200,28 @@ def _check_merge_args(weight, lora_A, lora_B, num_blocks, block_ids, transposed)
     return ids
 
 
-def merge_(weight, lora_A, lora_B, scale, *, num_blocks=1, block_ids=(0,), transposed=False):
+def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_blocks: int = 1,
+           block_ids: Sequence[int] = (0,), transposed: bool = False) -> None:
     """Adds scale * B @ A into the 2-D `weight` in place (one rounding per element).
 
     transposed: weight is stored (in_features, out_features) (fan_in_fan_out, Embedding).
     num_blocks/block_ids: MergedLinear's output blocks; only the enabled ones are written.
-
-    In eager mode the backend is called directly: the custom-op dispatcher costs about 50 us per call in
-    Python, more than a 4096 x 4096 merge takes on a GPU. Under torch.compile the custom op is used.
     """
     _check_scale(scale)
-    if block_ids and _straight_to_kernels(weight, lora_A, lora_B):
-        try:
-            _C.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), float(scale), num_blocks,
-                      list(block_ids), bool(transposed))
-        except (ValueError, TypeError):
-            _check_merge_args(weight, lora_A, lora_B, num_blocks, block_ids, transposed)
-            raise
-        torch.autograd.graph.increment_version(weight)
-        return
-    ids = _check_merge_args(weight, lora_A, lora_B, num_blocks, block_ids, transposed)
-    if not ids:
-        return
-    args = (weight, lora_A, lora_B, float(scale), num_blocks, ids, bool(transposed))
-    if torch.compiler.is_compiling():
-        _merge_op(*args)
-        return
-    _merge(*args)
+    args = (weight, lora_A, lora_B, float(scale), num_blocks, list(block_ids), bool(transposed))
+    if args[5] and _fast_path(weight):
+        _launch(_merge_impl, args, _check_merge_args)
+    else:
+        if not _check_merge_args(*args):
+            return  # no enabled block
+        if torch.compiler.is_compiling():
+            _merge_op(*args)
+            return
+        _merge_impl(*args)
     torch.autograd.graph.increment_version(weight)
 
 
-def unmerge_(weight, lora_A, lora_B, scale, **layout):
+def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, **layout) -> None:
     """Subtracts what merge_ with the same arguments added (the same arithmetic with -scale)."""
     merge_(weight, lora_A, lora_B, -scale, **layout)
 
@@ -200,7 +239,7 @@ def _check_finite_scaling(label, scaling):
         raise ValueError(f"{label} must be a finite number, got {scaling!r}")
 
 
-def check_finite(name, lora_A, lora_B, scaling):
+def check_finite(name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
     """Raises ValueError naming `name` unless the scaling and every factor value are finite, and
     scaling * lora_B stays finite in the compute precision."""
     _check_finite_scaling(f"{name}: scaling", scaling)
@@ -233,39 +272,17 @@ def _check_values(adapters):
                                  f"overflows {cd}")
 
 
-def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, num_blocks=1, block_ids=(0,),
-          transposed=False, check_values=True):
-    """weight += new_scale * delta(new_A, new_B) - old_scale * delta(old_A, old_B), in place, in one pass.
-
-    Layout arguments as for ops.merge_; the two adapters may differ in rank. Non-finite scales, and with
-    check_values non-finite factor values (or a scaled lora_B that overflows), raise before anything is
-    written. check_values=False is for callers that know the values are finite: the check costs a device
-    sync, more than the pass itself for a 4096 x 4096 weight on a GPU.
-    """
-    for what, scale in (("new", new_scale), ("old", old_scale)):
-        _check_finite_scaling(f"swap_: the {what} adapter's scaling", scale)
-    factors = (old_A, old_B, new_A, new_B)
-    unchecked = bool(block_ids) and _straight_to_kernels(weight, *factors)
-    if not unchecked and not _check_swap_args(weight, *factors, num_blocks, block_ids, transposed):
-        return  # no enabled block
-    if check_values:
-        _check_values([("swap_: the new adapter", new_A, new_B, new_scale),
-                       ("swap_: the old adapter", old_A, old_B, old_scale)])
-    layout = (num_blocks, list(block_ids), bool(transposed))
-    if _backend_for(weight) is _C:
-        a1, b1, a2, b2 = _kernel_factors(weight.dtype, *factors)
-        try:
-            _C.swap_(weight, a1, b1, float(old_scale), a2, b2, float(new_scale), *layout)
-        except (ValueError, TypeError):
-            if unchecked:
-                _check_swap_args(weight, *factors, num_blocks, block_ids, transposed)  # in this API's names
-            raise
+def _swap_impl(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):
+    if _kernels.takes(weight):
+        a1, b1, a2, b2 = _kernel_factors(weight.dtype, old_A, old_B, new_A, new_B)
+        _kernels.module.swap_(weight, a1, b1, old_scale, a2, b2, new_scale, num_blocks, block_ids, transposed)
     else:
-        reference.swap_(weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), *layout)
-    torch.autograd.graph.increment_version(weight)
+        reference.swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids,
+                        transposed)
 
 
-def _check_swap_args(weight, old_A, old_B, new_A, new_B, num_blocks, block_ids, transposed):
+def _check_swap_args(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids,
+                     transposed):
     """swap_'s argument checks (scales apart); returns the block ids."""
     _check_tensor("weight", weight)
     out_features, in_features = _layer_shape(weight, transposed)
@@ -275,24 +292,57 @@ def _check_swap_args(weight, old_A, old_B, new_A, new_B, num_blocks, block_ids, 
     return ids
 
 
+def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A: Tensor, new_B: Tensor,
+          new_scale: float, *, num_blocks: int = 1, block_ids: Sequence[int] = (0,), transposed: bool = False,
+          check_values: bool = True) -> None:
+    """weight += new_scale * delta(new_A, new_B) - old_scale * delta(old_A, old_B), in place, in one pass.
+
+    Layout arguments as for ops.merge_; the two adapters may differ in rank. Non-finite scales, and with
+    check_values non-finite factor values (or a scaled lora_B that overflows), raise before anything is
+    written. check_values=False is for callers that know the values are finite: the check costs a device
+    sync, more than the pass itself for a 4096 x 4096 weight on a GPU.
+    """
+    for what, scale in (("new", new_scale), ("old", old_scale)):
+        _check_finite_scaling(f"swap_: the {what} adapter's scaling", scale)
+    args = (weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), num_blocks,
+            list(block_ids), bool(transposed))
+    fast = bool(args[8]) and _fast_path(weight)
+    if not fast and not _check_swap_args(*args):
+        return  # no enabled block
+    if check_values:
+        _check_values([("swap_: the new adapter", new_A, new_B, new_scale),
+                       ("swap_: the old adapter", old_A, old_B, old_scale)])
+    # No custom op: a switch is a serving-time operation, outside any traced graph or autograd record.
+    if fast:
+        _launch(_swap_impl, args, _check_swap_args)
+    else:
+        _swap_impl(*args)
+    torch.autograd.graph.increment_version(weight)
+
+
 # ---------------------------------------------------------------------------------------------------
 # delta_weight: the dense scale * delta-W (MergedLinear: zero outside the enabled blocks)
-
-
-@torch.library.custom_op("lora_ext::delta_weight", mutates_args=())
-def _delta_weight_op(lora_A: Tensor, lora_B: Tensor, scale: float, num_blocks: int, block_ids: list[int],
-                     transposed: bool, dtype: torch.dtype) -> Tensor:
-    if not (lora_A.is_cuda and _C is not None and dtype in (torch.float32, torch.float16, torch.bfloat16)):
-        return reference.delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
-    out = lora_A.new_empty(_delta_shape(lora_A, lora_B, num_blocks, block_ids, transposed), dtype=dtype)
-    _C.delta_weight_(out, *_kernel_factors(dtype, lora_A, lora_B), scale, num_blocks, block_ids, transposed)
-    return out
 
 
 def _delta_shape(lora_A, lora_B, num_blocks, block_ids, transposed):
     nb = lora_B.shape[0] // len(block_ids)
     rows, cols = num_blocks * nb, lora_A.shape[1]
     return (cols, rows) if transposed else (rows, cols)
+
+
+def _delta_impl(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype):
+    if not (_kernels.takes(lora_A) and dtype in KERNEL_DTYPES):
+        return reference.delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
+    out = lora_A.new_empty(_delta_shape(lora_A, lora_B, num_blocks, block_ids, transposed), dtype=dtype)
+    _kernels.module.delta_weight_(out, *_kernel_factors(dtype, lora_A, lora_B), scale, num_blocks, block_ids,
+                                  transposed)
+    return out
+
+
+@torch.library.custom_op("lora_ext::delta_weight", mutates_args=())
+def _delta_weight_op(lora_A: Tensor, lora_B: Tensor, scale: float, num_blocks: int, block_ids: list[int],
+                     transposed: bool, dtype: torch.dtype) -> Tensor:
+    return _delta_impl(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
 
 
 @_delta_weight_op.register_fake
@@ -316,8 +366,9 @@ def _delta_backward(ctx, grad):
 _delta_weight_op.register_autograd(_delta_backward, setup_context=_delta_setup)
 
 
-def delta_weight(lora_A, lora_B, scale, *, out_features, num_blocks=1, block_ids=(0,), transposed=False,
-                 dtype=None):
+def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, *, out_features: int, num_blocks: int = 1,
+                 block_ids: Sequence[int] = (0,), transposed: bool = False,
+                 dtype: Optional[torch.dtype] = None) -> Tensor:
     """scale * B @ A as a dense weight in storage layout (transposed: (in, out)), zero-padded for
     MergedLinear's disabled blocks; differentiable with respect to lora_A and lora_B."""
     _check_scale(scale)
@@ -326,20 +377,26 @@ def delta_weight(lora_A, lora_B, scale, *, out_features, num_blocks=1, block_ids
     if not ids:
         raise ValueError("delta_weight needs at least one enabled block in block_ids")
     _check_same_device(lora_A=lora_A, lora_B=lora_B)
-    dtype = dtype or lora_A.dtype
-    return _delta_weight_op(lora_A, lora_B, float(scale), num_blocks, ids, bool(transposed), dtype)
+    args = (lora_A, lora_B, float(scale), num_blocks, ids, bool(transposed), dtype or lora_A.dtype)
+    if _fast_path(lora_A, (lora_A, lora_B)):
+        return _delta_impl(*args)  # checked above: this op's checks cost little beside a dense output
+    return _delta_weight_op(*args)
 
 
 # ---------------------------------------------------------------------------------------------------
 # linear: F.linear(x, W, bias) + scale * (x_lora A^T) B^T, into the enabled column blocks
 
 
+def _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out):
+    backend = _kernels.module if _kernels.takes(x) else reference
+    return backend.linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out)
+
+
 @torch.library.custom_op("lora_ext::linear", mutates_args=())
 def _linear_op(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                lora_B: Tensor, scale: float, num_blocks: int, block_ids: list[int],
                fan_in_fan_out: bool) -> Tensor:
-    return _backend_for(x).linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids,
-                                  fan_in_fan_out)
+    return _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out)
 
 
 @_linear_op.register_fake
@@ -366,25 +423,9 @@ def _linear_backward(ctx, grad):
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, *, num_blocks=1, block_ids=(0,),
-           fan_in_fan_out=False):
-    """A LoRA linear layer's output. x_lora is the input of the low-rank path (x after lora_dropout;
-    pass x itself when there is no dropout).
-
-    Inference on CUDA tensors (no gradient needed, not compiling) calls the kernels directly: the custom-op
-    dispatcher costs about 50 us per call in Python, more than a decode-size forward takes on a GPU, and
-    the C++ launcher checks the arguments itself. Everything else goes through the custom op.
-    """
-    if (_C is not None and x.is_cuda and x.dtype is not torch.float64 and not torch.compiler.is_compiling()
-            and not _needs_grad(x, x_lora, weight, bias, lora_A, lora_B)):
-        return _C.linear(x, x_lora, weight, bias, lora_A, lora_B, float(scale), num_blocks, block_ids,
-                         bool(fan_in_fan_out))
+def _check_linear_args(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out):
+    """linear's argument checks (scale apart); returns the block ids."""
     _check_tensor("weight", weight)
-    _check_scale(scale)
     out_features, in_features = _layer_shape(weight, fan_in_fan_out)
     for name, t in (("x", x), ("x_lora", x_lora)):
         if not isinstance(t, Tensor) or t.dim() < 1 or t.shape[-1] != in_features:
@@ -396,30 +437,41 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, *, num_blocks=1, bloc
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
     ids = _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_ids)
     _check_same_device(x=x, x_lora=x_lora, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    if not ids:
+    return ids
+
+
+def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+           scale: float, *, num_blocks: int = 1, block_ids: Sequence[int] = (0,),
+           fan_in_fan_out: bool = False) -> Tensor:
+    """A LoRA linear layer's output. x_lora is the input of the low-rank path (x after lora_dropout;
+    pass x itself when there is no dropout)."""
+    _check_scale(scale)
+    args = (x, x_lora, weight, bias, lora_A, lora_B, float(scale), num_blocks, list(block_ids),
+            bool(fan_in_fan_out))
+    if _fast_path(x, args[:6]):
+        return _launch(_linear_impl, args, _check_linear_args)
+    if not _check_linear_args(*args):
         return torch.nn.functional.linear(x, weight.t() if fan_in_fan_out else weight, bias)
-    args = (x, x_lora, weight, bias, lora_A, lora_B, float(scale), num_blocks, ids, bool(fan_in_fan_out))
-    if torch.compiler.is_compiling() or _needs_grad(x, x_lora, weight, bias, lora_A, lora_B):
+    if torch.compiler.is_compiling() or _needs_grad(*args[:6]):
         return _linear_op(*args)
-    return _backend_for(x).linear(*args)
+    return _linear_impl(*args)
 
 
 # ---------------------------------------------------------------------------------------------------
 # embedding: weight[ids] + scale * A^T[ids] B^T
 
 
-def _embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse):
-    """embedding on the backend for weight's device (checked arguments). scale_grad_by_freq and sparse
-    shape only the gradient, so the kernel does not take them."""
-    if _backend_for(weight) is _C:
-        return _C.embedding(ids, weight, lora_A, lora_B, scale, padding_idx)
+def _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse):
+    """scale_grad_by_freq and sparse shape only the gradient, so the kernel does not take them."""
+    if _kernels.takes(weight):
+        return _kernels.module.embedding(ids, weight, lora_A, lora_B, scale, padding_idx)
     return reference.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
 
 
 @torch.library.custom_op("lora_ext::embedding", mutates_args=())
 def _embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
                   padding_idx: Optional[int], scale_grad_by_freq: bool, sparse: bool) -> Tensor:
-    return _embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
+    return _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
 
 
 @_embedding_op.register_fake
@@ -443,25 +495,34 @@ def _embedding_backward(ctx, grad):
 _embedding_op.register_autograd(_embedding_backward, setup_context=_embedding_setup)
 
 
-def embedding(ids, weight, lora_A, lora_B, scale, *, padding_idx=None, max_norm=None, norm_type=2.0,
-              scale_grad_by_freq=False, sparse=False):
-    """A LoRA embedding's output. max_norm renormalises rows of `weight` in place (as nn.Embedding
-    does); lora_A is never renormalised."""
+def _check_embedding_args(ids, weight, lora_A, lora_B, *_):
     _check_tensor("weight", weight)
-    _check_scale(scale)
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids must be an int32 or int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
     num, dim = weight.shape
     # Embedding storage is the transposed layout: lora_A is (r, num_embeddings), lora_B (dim, r).
     _check_factors(lora_A, lora_B, dim, num, 1, [0])
     _check_same_device(ids=ids, weight=weight, lora_A=lora_A, lora_B=lora_B)
+
+
+def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *,
+              padding_idx: Optional[int] = None, max_norm: Optional[float] = None, norm_type: float = 2.0,
+              scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
+    """A LoRA embedding's output. max_norm renormalises rows of `weight` in place (as nn.Embedding
+    does); lora_A is never renormalised."""
+    _check_scale(scale)
+    args = (ids, weight, lora_A, lora_B, float(scale), padding_idx, bool(scale_grad_by_freq), bool(sparse))
+    # max_norm writes the weight before the lookup: checked first, whatever the path.
+    fast = max_norm is None and _fast_path(weight, (weight, lora_A, lora_B))
+    if fast:
+        return _launch(_embedding_impl, args, _check_embedding_args)
+    _check_embedding_args(*args)
     if max_norm is not None:
         with torch.no_grad():
             torch.embedding_renorm_(weight, ids.contiguous(), max_norm, norm_type)
-    args = (ids, weight, lora_A, lora_B, float(scale), padding_idx, bool(scale_grad_by_freq), bool(sparse))
     if torch.compiler.is_compiling() or _needs_grad(weight, lora_A, lora_B):
         return _embedding_op(*args)
-    return _embedding(*args)
+    return _embedding_impl(*args)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ and only the LoRA factors are allocated.
 import math
 import re
 import sys
+from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -127,8 +128,11 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def inject(model, target_modules, r=8, lora_alpha=8, lora_dropout=0.0, merge_weights=True, fused=None,
-           exclude_modules=None, rank_pattern=None, alpha_pattern=None, use_rslora=False):
+def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int = 8, lora_alpha: float = 8,
+           lora_dropout: float = 0.0, merge_weights: bool = True,
+           fused: Optional[Mapping[str, Sequence[bool]]] = None,
+           exclude_modules: Union[str, Sequence[str], None] = None, rank_pattern: Optional[Mapping[str, int]] = None,
+           alpha_pattern: Optional[Mapping[str, float]] = None, use_rslora: bool = False) -> List[str]:
     """Replaces the matching modules of `model` by lora_ext layers, in place; returns their names.
 
     target_modules: a regex matching whole module names, or a list of names / name suffixes (peft's rule).
@@ -232,7 +236,7 @@ def _plain(layer):
     return plain
 
 
-def unload(model, merge=True):
+def unload(model: nn.Module, merge: bool = True) -> List[str]:
     """Puts plain modules back in place of every lora_ext layer (the inverse of inject); with merge=True
     their weights keep the active adapter merged in, with merge=False they are the base weights. Returns
     the names of the layers taken out."""

@@ -11,8 +11,10 @@ import json
 import math
 import os
 import re
+from typing import List, Optional, Union
 
 import torch
+import torch.nn as nn
 
 from .. import layers
 from ..layers import LoRALayer
@@ -147,7 +149,7 @@ def _to_layer_layout(layer, name, A, B):
     if isinstance(layer, layers.MergedLinear):
         # peft's one pair (A, B) over the whole fused projection is, group by group, A with B's rows of that
         # group's output block: exact where the blocks the layer leaves alone get no update from B.
-        groups, ids = len(layer.enable_lora), layer._block_ids
+        groups, ids = len(layer.enable_lora), layer.block_ids
         blocks = B.reshape(groups, layer.out_features // groups, B.shape[1])
         off = [e for e in range(groups) if e not in ids]
         if off and bool(blocks[off].any()):
@@ -169,7 +171,9 @@ def _to_layer_layout(layer, name, A, B):
     return A, B
 
 
-def load_peft_adapter(model, path, adapter_name="default", *, device=None, merge_weights=True, activate=True):
+def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
+                      device: Union[str, torch.device, None] = None, merge_weights: bool = True,
+                      activate: bool = True) -> List[str]:
     """Loads a peft LoRA adapter directory into `model`, injecting lora_ext layers where the model still has
     plain modules; returns the names of the modules it covers.
 
@@ -228,9 +232,9 @@ def _peft_factors(layer, name, A, B, r):
     if isinstance(layer, layers.MergedLinear):
         # A fused layer's update is exactly a plain rank n*r one: B padded with zeros outside each group's
         # output block.
-        n, nb = len(layer._block_ids), layer.out_features // len(layer.enable_lora)
+        n, nb = len(layer.block_ids), layer.out_features // len(layer.enable_lora)
         full = B.new_zeros(layer.out_features, n * r)
-        for j, e in enumerate(layer._block_ids):
+        for j, e in enumerate(layer.block_ids):
             full[e * nb:(e + 1) * nb, j * r:(j + 1) * r] = B[j * nb:(j + 1) * nb]
         return ".lora_A.weight", ".lora_B.weight", A, full, n * r
     if isinstance(layer, layers.ConvLoRA):
@@ -260,7 +264,7 @@ def _peft_conv_factors(layer, name, A, B, r):
             B.reshape(out, k0, r * k0).transpose(1, 2).reshape(out, rank, *ones), rank)
 
 
-def save_peft_adapter(model, path, adapter_name=None):
+def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
     """Writes one adapter of the model's lora_ext layers (default: the active one) as a peft LoRA adapter
     directory that peft's PeftModel.from_pretrained loads. Each file is written under a temporary name and
     renamed when complete."""
@@ -275,7 +279,7 @@ def save_peft_adapter(model, path, adapter_name=None):
         if adapter not in layer.adapter_names:
             raise KeyError(f"save: layer {name!r} holds no adapter {adapter!r} (it holds {layer.adapter_names})")
         A, B, scaling = layer.get_adapter(adapter)
-        ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer._rank_of(A))
+        ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
         tensors[PREFIX + name + ka] = A.contiguous().cpu()
         tensors[PREFIX + name + kb] = B.contiguous().cpu()
         ranks[name], alphas[name] = rank, scaling * rank

@@ -1,0 +1,210 @@
+"""Named adapters of one LoRA layer: the registry, its finite-value stamps, and activation.
+
+A layer holds one active adapter, whose factors are the live parameters `lora_A`/`lora_B` (so state dicts keep
+loralib's keys), and any number of inactive ones, kept where they were given (on the device or in host memory).
+`NamedAdapters` is a mixin of `layers.LoRALayer`: it owns which adapters exist and which is active; the layer
+owns the merge state and is asked to replace a merged adapter (`_swap_merged`) when the active one changes
+while merged.
+
+Adapter values are checked for non-finite values when they come in and again only after they changed: a check
+costs a device sync, more than a switch's pass over a 4096 x 4096 weight on a GPU. What was found finite is
+stamped with the tensors' version counters and storage (in-place writes and new storage void the stamp). Added
+adapters are copied, and the live factors get storage of their own when they become active, so no tensor
+outside the layer shares storage with them under another version counter. Writes through `.data` bypass
+version counters, as they bypass autograd's checks: after such writes, call `check_values`.
+"""
+import math
+import weakref
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from . import ops
+
+Adapter = Tuple[Tensor, Tensor, float]  # (lora_A, lora_B, scaling)
+
+MERGED = object()  # the stamp key of the merged snapshot (the factors the weight holds now)
+
+
+def _stamp(lora_A, lora_B):
+    """What identifies the values of a factor pair until one is written in place or given other storage
+    (weak references: a stamp keeps nothing alive). Spelled out for two tensors: it runs on every switch."""
+    return (weakref.ref(lora_A), lora_A._version, lora_A.data_ptr(),
+            weakref.ref(lora_B), lora_B._version, lora_B.data_ptr())
+
+
+def _unchanged(stamp, lora_A, lora_B):
+    """Whether (lora_A, lora_B) are the stamped pair, unwritten since."""
+    return (stamp is not None and stamp[0]() is lora_A and stamp[3]() is lora_B
+            and stamp[1] == lora_A._version and stamp[4] == lora_B._version
+            and stamp[2] == lora_A.data_ptr() and stamp[5] == lora_B.data_ptr())
+
+
+class NamedAdapters:
+    """The named-adapter surface of a LoRA layer: adapter_names, has_adapter, get_adapter, add_adapter,
+    delete_adapter, set_adapter, check_values; and the layer's geometry for callers that build factors
+    (factor_shapes, rank_of, block_ids). The host class provides `_lock`, `lora_A`/`lora_B`, `scaling`, `r`,
+    `factor_shapes`, `_rank_rows` and `_swap_merged`."""
+
+    def _init_adapters(self) -> None:
+        self.active_adapter = "default"
+        self._adapters: Dict[str, Adapter] = {}  # inactive adapters, kept where they were given
+        self._active_home = None  # where the active adapter goes back to when another becomes active
+        self._finite_stamps = {}
+
+    def _restore_adapters(self, state) -> None:
+        """Defaults for pickles of older layers; stamps never survive a copy (its tensors are new)."""
+        for key, value in (("active_adapter", "default"), ("_adapters", {}), ("_active_home", None)):
+            self.__dict__.setdefault(key, value)
+        self._finite_stamps = {}
+
+    # -- geometry ---------------------------------------------------------------------------------------
+
+    @property
+    def has_lora(self) -> bool:
+        return getattr(self, "lora_A", None) is not None
+
+    def factor_shapes(self, r: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        """(lora_A shape, lora_B shape) of a rank-r adapter for this layer."""
+        raise NotImplementedError
+
+    def _rank_rows(self) -> int:
+        return 1
+
+    def rank_of(self, lora_A: Tensor) -> int:
+        """The adapter rank r of factors with lora_A's shape (lora_A has r * (rows per rank) rows)."""
+        return lora_A.shape[0] // self._rank_rows()
+
+    @property
+    def block_ids(self) -> List[int]:
+        """The enabled output blocks ([0] for a layer that is not a MergedLinear)."""
+        return list(self.layout()["block_ids"])
+
+    def _create_factors(self, weight: Tensor) -> None:
+        """Creates lora_A/lora_B of rank self.r beside `weight` (same dtype and device) and freezes it."""
+        a_shape, b_shape = self.factor_shapes(self.r)
+        self.lora_A = nn.Parameter(weight.new_zeros(a_shape))
+        self.lora_B = nn.Parameter(weight.new_zeros(b_shape))
+        self.scaling = self.lora_alpha / self.r
+        weight.requires_grad = False
+
+    def reset_lora_parameters(self) -> None:
+        if hasattr(self, "lora_A"):
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    # -- the registry -----------------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return [self.active_adapter, *self._adapters]
+
+    def has_adapter(self, name: str) -> bool:
+        return name == self.active_adapter or name in self._adapters
+
+    def get_adapter(self, name: str) -> Adapter:
+        """(lora_A, lora_B, scaling) of a named adapter; the active one's are the live parameters."""
+        if name == self.active_adapter:
+            return self.lora_A, self.lora_B, self.scaling
+        if name not in self._adapters:
+            raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+        return self._adapters[name]
+
+    def check_adapter(self, lora_A: Tensor, lora_B: Tensor, scaling: float, name: str = "adapter",
+                      values: bool = True) -> None:
+        """Raises ValueError unless the factors fit this layer and (values=True) all values are finite."""
+        if not self.has_lora:
+            raise ValueError(f"{name}: this layer was built with r=0 and holds no adapter")
+        for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2:
+                raise ValueError(f"{name}: {what} must be a 2-D tensor, got {getattr(t, 'shape', type(t))}")
+        r = self.rank_of(lora_A)
+        want = self.factor_shapes(max(r, 1))
+        if r < 1 or (tuple(lora_A.shape), tuple(lora_B.shape)) != want:
+            raise ValueError(f"{name}: factors of shape {tuple(lora_A.shape)} and {tuple(lora_B.shape)} do not fit "
+                             f"this layer; a rank-{max(r, 1)} adapter needs {want[0]} and {want[1]}")
+        if values:
+            ops.check_finite(name, lora_A, lora_B, scaling)
+
+    def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+        """Adds (or replaces) a named adapter, copying its factors. Replacing the active one changes the
+        layer at once (in one pass over the weight when merged); any other adapter is kept where it was
+        given (device or host memory) until set_adapter makes it active."""
+        self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
+        with self._lock:
+            if name == self.active_adapter:
+                self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy
+            else:
+                self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
+                self._stamp_finite(name)
+
+    def delete_adapter(self, name: str) -> None:
+        if name == self.active_adapter:
+            raise ValueError(f"adapter {name!r} is active; set another adapter active before deleting it")
+        with self._lock:
+            del self._adapters[name]
+            self._finite_stamps.pop(name, None)
+
+    def set_adapter(self, name: str) -> None:
+        """Makes a named adapter the active one; the previous one is kept under its name (moved back to
+        where it was given). Merged: one pass over the weight, W += s2 B2 A2 - s1 B1 A1."""
+        if name == self.active_adapter:
+            return
+        if name not in self._adapters:
+            raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+        with self._lock:
+            lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
+            self.check_values(name)
+            home = lora_A.device
+            old_name, old_known = self.active_adapter, self._known_finite(self.active_adapter)
+            old = (self.lora_A.detach(), self.lora_B.detach(), self.scaling)
+            old_home = self._active_home or old[0].device
+            self._activate(name, lora_A, lora_B, scaling)
+            del self._adapters[name]
+            self._adapters[old_name] = (old[0].to(old_home), old[1].to(old_home), old[2])
+            # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
+            self.__dict__.update(active_adapter=name, _active_home=home)
+            self._stamp_finite(old_name, old_known)
+
+    def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+        """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and
+        has checked them (shapes and values)."""
+        # copies on the live parameters' device and dtype: storage no other tensor holds (a caller of
+        # get_adapter may hold the stored tensors)
+        lora_A = lora_A.detach().to(self.lora_A.device, self.lora_A.dtype, copy=True)
+        lora_B = lora_B.detach().to(self.lora_B.device, self.lora_B.dtype, copy=True)
+        self._swap_merged(lora_A, lora_B, scaling)
+        self.lora_A.data = lora_A
+        self.lora_B.data = lora_B
+        r = self.rank_of(lora_A)
+        self.__dict__.update(r=r, scaling=scaling, lora_alpha=scaling * r)
+        self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+
+    # -- finite-value stamps ----------------------------------------------------------------------------
+
+    def _finite_tensors(self, key) -> Sequence[Tensor]:
+        if key is MERGED:
+            return (self._merged_A, self._merged_B)
+        if key == self.active_adapter:
+            return (self.lora_A, self.lora_B)
+        return self._adapters[key][:2]
+
+    def _known_finite(self, key) -> bool:
+        return _unchanged(self._finite_stamps.get(key), *self._finite_tensors(key))
+
+    def _stamp_finite(self, key, known: bool = True) -> None:
+        if known:
+            self._finite_stamps[key] = _stamp(*self._finite_tensors(key))
+        else:
+            self._finite_stamps.pop(key, None)
+
+    def check_values(self, name: str, label: str = None) -> None:
+        """Raises ValueError unless adapter `name` (and its scaling) is finite; remembers the answer until
+        its factors are written in place."""
+        with self._lock:
+            if self._known_finite(name):
+                return
+            ops.check_finite(label or repr(name), *self.get_adapter(name))
+            self._stamp_finite(name)
