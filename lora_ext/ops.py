@@ -306,7 +306,8 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
         _check_finite_scaling(f"swap_: the {what} adapter's scaling", scale)
     args = (weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), num_blocks,
             list(block_ids), bool(transposed))
-    fast = bool(args[8]) and _fast_path(weight)
+    # the value checks below read the factors before any launcher sees them
+    fast = bool(args[8]) and _fast_path(weight) and all(isinstance(t, Tensor) for t in (old_A, old_B, new_A, new_B))
     if not fast and not _check_swap_args(*args):
         return  # no enabled block
     if check_values:

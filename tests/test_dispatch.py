@@ -128,3 +128,10 @@ def test_integer_factors_are_refused_not_converted(kernels):
     with pytest.raises(ValueError, match="lora_A must be float16, bfloat16, float32 or float64"):
         ops.merge_(w, A.to(torch.int32), B, 1.0)
     assert torch.equal(w, w0)
+
+
+def test_swap_with_a_missing_factor_names_it(kernels):
+    w, A, B = _factors(12, 8, 2)
+    with pytest.raises(TypeError, match="new_B must be a torch.Tensor"):
+        ops.swap_(w, A, B, 1.0, A, None, 1.0)
+    assert kernels.calls == []
