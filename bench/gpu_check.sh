@@ -32,7 +32,7 @@ fi
 "$PY" -c "import lora_ext.ops as o; assert o.cuda_kernels_available(), 'lora_ext._C missing'; print('lora_ext._C loaded')" || exit 1
 
 step "CUDA tests"
-timeout 150 "$PY" -m pytest -q -x --junitxml="$OUT/tests.xml" -k "cuda" tests > "$OUT/tests.log" 2>&1
+timeout 150 "$PY" -m pytest -q -x --junitxml="$OUT/tests.xml" -m gpu tests > "$OUT/tests.log" 2>&1
 rc=$?
 tail -5 "$OUT/tests.log"
 [ $rc -eq 0 ] || { status=1; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; }

@@ -5,9 +5,9 @@ import torch.nn as nn
 
 import lora_ext
 from lora_ext import ops
-from conftest import assert_close_rel
+from helpers import assert_close_rel
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def _merge_samples(device):

@@ -5,7 +5,8 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 import lora_ext
-from tiny_models import gpt2, llama, randomize_lora, rel, snapshot, tokens, unchanged
+from helpers import rel_err
+from tiny_models import gpt2, llama, randomize_lora, snapshot, tokens, unchanged
 
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
@@ -22,9 +23,9 @@ def test_zero_adapter_gives_the_original_outputs_and_shares_weights(build, targe
         layer = model.get_submodule(name)
         assert isinstance(layer, lora_ext.LoRALayer)
         assert layer.weight is weights[name]  # the same Parameter: no copy of the base weight
-    assert rel(model(x).logits, ref) < 1e-6
+    assert rel_err(model(x).logits, ref) < 1e-6
     model.eval()  # merges the (zero) adapters
-    assert rel(model(x).logits, ref) < 1e-6
+    assert rel_err(model(x).logits, ref) < 1e-6
 
 
 def test_conv1d_becomes_fan_in_fan_out_and_fused_qkv_a_merged_linear():
@@ -43,9 +44,9 @@ def test_conv1d_becomes_fan_in_fan_out_and_fused_qkv_a_merged_linear():
     delta[:64] = B[:64] @ A[:2]
     delta[128:] = B[64:] @ A[2:]
     ref = x.double() @ (W + 1.5 * delta.t()) + b
-    assert rel(layer(x), ref) < 1e-5
+    assert rel_err(layer(x), ref) < 1e-5
     layer.eval()
-    assert rel(layer(x), ref) < 1e-5
+    assert rel_err(layer(x), ref) < 1e-5
 
 
 def test_regex_and_exclude_follow_peft_rules():
@@ -77,7 +78,7 @@ def test_embedding_and_conv_modules():
     x = torch.randn(2, 3, 7, 7)
     delta = (cnn[0].lora_B.double() @ cnn[0].lora_A.double()).view(conv.weight.shape) * cnn[0].scaling
     ref = torch.nn.functional.conv2d(x.double(), conv.weight.double() + delta, conv.bias.double(), padding=1)
-    assert rel(cnn[0](x), ref) < 1e-5
+    assert rel_err(cnn[0](x), ref) < 1e-5
 
 
 @pytest.mark.parametrize("merge", [False, True])
@@ -91,7 +92,7 @@ def test_unload_puts_plain_modules_back(merge):
     assert len(names) == 8
     assert not any(isinstance(m, lora_ext.LoRALayer) for m in model.modules())
     assert all(isinstance(model.get_submodule(n), Conv1D) for n in names)
-    assert rel(model(x).logits, with_lora if merge else ref) < 1e-5
+    assert rel_err(model(x).logits, with_lora if merge else ref) < 1e-5
     if not merge:
         assert torch.equal(model(x).logits, ref)
 
@@ -120,7 +121,7 @@ def test_tied_embedding_is_never_merged():
     model.eval()
     assert not model.transformer.wte.merged and model.transformer.h[0].attn.c_attn.merged
     assert torch.equal(model.lm_head.weight, lm_head)
-    assert rel(model(x).logits, expected) < 1e-5
+    assert rel_err(model(x).logits, expected) < 1e-5
     with pytest.raises(ValueError, match="tied"):
         lora_ext.merge_adapter(model)
     with pytest.raises(ValueError, match="tied"):

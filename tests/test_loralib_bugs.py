@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora_ext
-from conftest import assert_close_rel, dense_delta64
+from helpers import assert_close_rel, dense_delta64
 
 LIBS = [
     pytest.param(lora_ext, id="lora_ext"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lora_ext import ops
-from conftest import assert_close_rel, dense_delta64, TOL
+from helpers import assert_close_rel, dense_delta64, embedding64, linear64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = [  # (num_blocks, block_ids)
@@ -90,13 +90,6 @@ def test_delta_weight_matches_float64(dtype, num_blocks, block_ids, transposed):
     assert_close_rel(d, ref.t() if transposed else ref, dtype)
 
 
-def _linear_ref(x, w, bias, A, B, s, num_blocks, block_ids, fan):
-    n_out = w.shape[1] if fan else w.shape[0]
-    wl = (w.t() if fan else w).double()
-    y = x.double() @ wl.t() + (0 if bias is None else bias.double())
-    return y + s * x.double() @ dense_delta64(A, B, num_blocks, block_ids, n_out).t()
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_blocks,block_ids", LAYOUTS)
 @pytest.mark.parametrize("fan", [False, True])
@@ -110,14 +103,14 @@ def test_linear_matches_float64(dtype, num_blocks, block_ids, fan, lead):
     x = torch.randn(*lead, k).to(dtype)
     y = ops.linear(x, x, w, bias, A, B, 0.5, num_blocks=num_blocks, block_ids=block_ids, fan_in_fan_out=fan)
     assert y.shape == (*lead, n_out) and y.dtype == dtype
-    assert_close_rel(y, _linear_ref(x, w, bias, A, B, 0.5, num_blocks, block_ids, fan), dtype)
+    assert_close_rel(y, linear64(x, x, w, bias, A, B, 0.5, num_blocks, block_ids, fan), dtype)
 
 
 def test_linear_non_contiguous_input():
     A, B = _factors(1, 3, 16, 12)
     w, x = torch.randn(12, 16), torch.randn(16, 7).t()  # (7, 16), non-contiguous
     y = ops.linear(x, x, w, None, A, B, 1.0)
-    assert_close_rel(y, _linear_ref(x, w, None, A, B, 1.0, 1, [0], False), torch.float32)
+    assert_close_rel(y, linear64(x, x, w, None, A, B, 1.0, 1, [0], False), torch.float32)
 
 
 @pytest.mark.parametrize("num_blocks,block_ids", LAYOUTS)
@@ -154,7 +147,7 @@ def test_embedding_matches_float64(dtype):
     A, B = torch.randn(r, num), torch.randn(dim, r)
     ids = torch.randint(0, num, (4, 5))
     y = ops.embedding(ids, w, A, B, 0.5)
-    ref = w.double()[ids] + 0.5 * A.double().t()[ids] @ B.double().t()
+    ref = embedding64(ids, w, A, B, 0.5)
     assert_close_rel(y, ref, dtype)
 
 

@@ -37,12 +37,6 @@ def randomize_lora(model, names=("lora_",)):
     return model
 
 
-def rel(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    assert not torch.isnan(out).any()
-    return ((out - ref).norm() / ref.norm()).item()
-
-
 def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -8,7 +8,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import lora_ext
-from tiny_models import gpt2, llama, randomize_lora, rel, snapshot, tokens, unchanged
+from helpers import rel_err
+from tiny_models import gpt2, llama, randomize_lora, snapshot, tokens, unchanged
 
 CASES = {
     "gpt2-rslora-patterns": (gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"],
@@ -36,10 +37,10 @@ def test_peft_adapter_loads_into_lora_ext(tmp_path, case):
     model = build()
     names = lora_ext.load_peft_adapter(model, path)
     assert names and all(isinstance(model.get_submodule(n), lora_ext.LoRALayer) for n in names)
-    assert rel(model(x).logits, ref) < 1e-5
+    assert rel_err(model(x).logits, ref) < 1e-5
     model.eval()  # merged in place
     assert all(model.get_submodule(n).merged for n in names)
-    assert rel(model(x).logits, ref) < 1e-5
+    assert rel_err(model(x).logits, ref) < 1e-5
 
 
 @pytest.mark.parametrize("build,targets,fused", [
@@ -54,11 +55,11 @@ def test_lora_ext_adapter_loads_in_peft(tmp_path, build, targets, fused):
     path = str(tmp_path / "ours")
     lora_ext.save_peft_adapter(model, path)
     peft_model = PeftModel.from_pretrained(build(), path).eval()
-    assert rel(peft_model(x).logits, expected) < 1e-5
+    assert rel_err(peft_model(x).logits, expected) < 1e-5
     # and back into lora_ext (a fused layer comes back as a plain Linear of rank 2*r, the same update)
     again = build()
     lora_ext.load_peft_adapter(again, path)
-    assert rel(again(x).logits, expected) < 1e-5
+    assert rel_err(again(x).logits, expected) < 1e-5
 
 
 @pytest.mark.parametrize("enable", [[True, True, True], [True, False, True]], ids=["qkv", "q_v"])
@@ -78,9 +79,9 @@ def test_peft_adapter_loads_into_a_fused_layer(tmp_path, enable):
     lora_ext.inject(model, [], fused={"c_attn": enable})
     lora_ext.load_peft_adapter(model, path)
     assert all(isinstance(m, lora_ext.MergedLinear) for n, m in model.named_modules() if n.endswith("c_attn"))
-    assert rel(model(x).logits, peft_model(x).logits) < 1e-5
+    assert rel_err(model(x).logits, peft_model(x).logits) < 1e-5
     model.eval()
-    assert rel(model(x).logits, peft_model(x).logits) < 1e-5
+    assert rel_err(model(x).logits, peft_model(x).logits) < 1e-5
 
 
 def test_peft_adapter_touching_a_disabled_block_is_refused(tmp_path):
@@ -128,16 +129,16 @@ def test_peft_conv_adapters_of_any_kernel_load_into_lora_ext_and_back(tmp_path):
     model = _convs()
     lora_ext.load_peft_adapter(model, path)
     assert all(isinstance(model.get_submodule(n), lora_ext.ConvLoRA) for n in CONV_TARGETS)
-    assert rel(model(x), ref) < 1e-5
+    assert rel_err(model(x), ref) < 1e-5
     model.eval()
-    assert rel(model(x), ref) < 1e-5
+    assert rel_err(model(x), ref) < 1e-5
     # saved again, the loaded adapter keeps peft's rank (B is X (x) I_k0) and loads in peft as it was
     again = str(tmp_path / "again")
     lora_ext.save_peft_adapter(model, again)
     with open(os.path.join(again, "adapter_config.json")) as f:
         cfg = json.load(f)
     assert cfg["r"] == 2 and not cfg["rank_pattern"]
-    assert rel(PeftModel.from_pretrained(_convs(), again).eval()(x), ref) < 1e-5
+    assert rel_err(PeftModel.from_pretrained(_convs(), again).eval()(x), ref) < 1e-5
 
 
 def test_lora_ext_conv_adapters_of_any_kernel_load_in_peft(tmp_path):
@@ -151,7 +152,7 @@ def test_lora_ext_conv_adapters_of_any_kernel_load_in_peft(tmp_path):
     with open(os.path.join(path, "adapter_config.json")) as f:
         cfg = json.load(f)
     assert (cfg["r"], cfg["rank_pattern"]) == (2 * 3 * 3, {"c3": 2 * 2 * 2})  # r * k0 * k0 per layer
-    assert rel(PeftModel.from_pretrained(_convs(), path).eval()(x), expected) < 1e-5
+    assert rel_err(PeftModel.from_pretrained(_convs(), path).eval()(x), expected) < 1e-5
 
 
 def _write_config(path, **changes):
@@ -215,7 +216,7 @@ def test_legacy_bin_is_read_with_weights_only(tmp_path):
     x = tokens()
     model = gpt2()
     lora_ext.load_peft_adapter(model, path)
-    assert rel(model(x).logits, peft_model(x).logits) < 1e-5
+    assert rel_err(model(x).logits, peft_model(x).logits) < 1e-5
     # a pickle that is not plain tensors is refused by weights_only
     torch.save({"k": _NotATensor()}, os.path.join(path, "adapter_model.bin"))
     with pytest.raises(Exception, match="[Ww]eights only"):

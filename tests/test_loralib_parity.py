@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, HealthCheck, strategies as st
 
 import lora_ext
-from conftest import assert_close_rel, dense_delta64, rel_err
+from helpers import assert_close_rel, dense_delta64, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -1,59 +1,30 @@
-"""The forward CUDA kernels (linear: fused decode, split-K shrink + expand; embedding), run on the CPU
-through the SIMT simulator (lora_ext._sim), against float64 references computed here.
+"""The forward ops' kernels (linear: fused decode, split-K shrink + expand; embedding) against float64
+references computed here: on the CPU through the SIMT simulator (lora_ext._sim), and on a GPU through
+lora_ext._C directly, the ops and the layers, with gradients and a CUDA graph capture of an unmerged layer
+(the tests marked `gpu`: bench/gpu_check.sh runs them).
 
 Inputs are fresh random draws from the global RNG (conftest.py seeds it afresh per test). The LoRA factors
 are drawn at unit scale, so the low-rank term dominates every enabled output and an error in it cannot hide
 under the base GEMM; disabled blocks must equal the base GEMM plus bias.
 """
-import importlib.util
-
 import pytest
 import torch
 
-from kernel_cases import KERNEL_DTYPES, PATTERNS
-
+import lora_ext
 from lora_ext import ops
+from helpers import (KERNEL_DTYPES, PATTERNS, TOL, assert_close_rel, embedding64, linear64, load_sim, rel_err,
+                     requires_cuda_kernels, requires_sim)
 
-if importlib.util.find_spec("lora_ext._sim") is None:
-    pytestmark = pytest.mark.skip(
-        reason="lora_ext._sim is not built; build it with `pip install --no-build-isolation -e .`"
-    )
-    _sim = None
-else:
-    from lora_ext import _sim
-
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+_sim = load_sim()
 
 
-
-
-def _rel_err(out, ref):
-    assert not torch.isnan(out).any(), "output holds NaN"
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-def _linear64(x, x_lora, w, bias, A, B, scale, num_blocks, ids, fan):
-    """F.linear(x, W, bias) + scale * (x_lora A_j^T) B_j^T in block ids[j], all in float64."""
-    wl = (w.t() if fan else w).double()
-    n_out, k = wl.shape
-    nb, n = n_out // num_blocks, len(ids)
-    r = A.shape[0] // n
-    y = x.double().reshape(-1, k) @ wl.t()
-    if bias is not None:
-        y = y + bias.double()
-    t = x_lora.double().reshape(-1, k) @ A.double().t()
-    for j, e in enumerate(ids):
-        y[:, e * nb:(e + 1) * nb] += scale * t[:, j * r:(j + 1) * r] @ B[j * nb:(j + 1) * nb].double().t()
-    return y.reshape(*x.shape[:-1], n_out)
-
-
-def _layer(pattern, k, nb, r, dtype, bias=True):
+def _layer(pattern, k, nb, r, dtype, bias=True, device="cpu"):
     num_blocks, ids, fan = PATTERNS[pattern]
     n_out = num_blocks * nb
-    w = torch.randn((k, n_out) if fan else (n_out, k)).to(dtype)
-    b = torch.randn(n_out).to(dtype) if bias else None
-    A = torch.randn(len(ids) * r, k).to(dtype)
-    B = torch.randn(len(ids) * nb, r).to(dtype)
+    w = torch.randn((k, n_out) if fan else (n_out, k), device=device).to(dtype)
+    b = torch.randn(n_out, device=device).to(dtype) if bias else None
+    A = torch.randn(len(ids) * r, k, device=device).to(dtype)
+    B = torch.randn(len(ids) * nb, r, device=device).to(dtype)
     return w, b, A, B, num_blocks, ids, fan
 
 
@@ -74,23 +45,24 @@ def _check_linear(dtype, pattern, lead, k, nb, r, layout="contiguous", bias=True
     w, b, A, B, num_blocks, ids, fan = _layer(pattern, k, nb, r, dtype, bias)
     x = _x((*lead, k), dtype, layout)
     x_lora = _x((*lead, k), dtype) if separate_lora_input else x
-    ref = _linear64(x, x_lora, w, b, A, B, scale, num_blocks, ids, fan)
+    ref = linear64(x, x_lora, w, b, A, B, scale, num_blocks, ids, fan)
     if seed is not None:
         _sim.set_schedule(seed)
     y = _sim.linear(x, x_lora, w, b, A, B, scale, num_blocks, ids, fan)
     assert y.shape == ref.shape and y.dtype == dtype
-    err = _rel_err(y, ref)
+    err = rel_err(y, ref)
     assert err < TOL[dtype], f"relative error {err:.3g}"
     # Disabled blocks hold the base GEMM plus bias only.
     n_out = num_blocks * nb
     y2, ref2 = y.reshape(-1, n_out), ref.reshape(-1, n_out)
     for e in set(range(num_blocks)) - set(ids):
         cols = slice(e * nb, (e + 1) * nb)
-        assert _rel_err(y2[:, cols], ref2[:, cols]) < TOL[dtype]
+        assert rel_err(y2[:, cols], ref2[:, cols]) < TOL[dtype]
     return y
 
 
 # M = 1 and 5 take the fused decode kernel, 9 and 70 the split-K shrink and the expand.
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("m", [1, 5, 9, 70])
@@ -99,6 +71,7 @@ def test_linear_patterns(dtype, pattern, m):
     _check_linear(dtype, pattern, (m,), k=53, nb=nb, r=4)
 
 
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("r", [1, 40])
 @pytest.mark.parametrize("m", [1, 33])
@@ -107,6 +80,7 @@ def test_linear_ranks(dtype, r, m):
     _check_linear(dtype, "merged_TFT", (m,), k=45, nb=11, r=r)
 
 
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_transposed"])
 @pytest.mark.parametrize("m", [2, 40])
@@ -116,6 +90,7 @@ def test_linear_vector_path_multi_tile(dtype, pattern, m):
     _check_linear(dtype, pattern, (m,), k=96, nb=nb, r=8)
 
 
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("k", [600, 1024])
 def test_linear_split_k(dtype, k):
@@ -123,12 +98,14 @@ def test_linear_split_k(dtype, k):
     _check_linear(dtype, "merged_TFT", (24,), k=k, nb=16, r=8)
 
 
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("lead", [(), (2, 3), (3, 1, 4)])
 def test_linear_leading_dims(dtype, lead):
     _check_linear(dtype, "plain", lead if lead else (), k=24, nb=19, r=3)
 
 
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "strided", "misaligned"])
 @pytest.mark.parametrize("m", [3, 20])
@@ -136,51 +113,54 @@ def test_linear_input_layouts(dtype, layout, m):
     _check_linear(dtype, "merged_TFT", (m,), k=64, nb=24, r=4, layout=layout)
 
 
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 12])
 def test_linear_without_bias_and_separate_lora_input(dtype, m):
     _check_linear(dtype, "merged_FT", (m,), k=31, nb=17, r=5, bias=False, separate_lora_input=True)
 
 
+@requires_sim
 def test_linear_rank_over_fused_limit():
     # r > 256: the decode shape falls back to shrink + expand
     _check_linear(torch.float32, "plain", (1,), k=40, nb=9, r=260)
 
 
+@requires_sim
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("dtype,m", [(torch.bfloat16, 1), (torch.float32, 70), (torch.float16, 9)])
 def test_linear_shuffled_schedule(dtype, m, seed):
     _check_linear(dtype, "merged_TFT", (m,), k=72, nb=24, r=40, seed=seed)
 
 
+@requires_sim
 def test_linear_no_enabled_block_is_plain_linear():
     x, w, b = torch.randn(5, 12), torch.randn(9, 12), torch.randn(9)
     y = _sim.linear(x, x, w, b, torch.empty(0, 12), torch.empty(0, 4), 1.0, 3, [], False)
     assert torch.allclose(y, torch.nn.functional.linear(x, w, b))
 
 
+@requires_sim
 def test_linear_empty_input():
     w, b, A, B, g, ids, fan = _layer("plain", 12, 9, 2, torch.float32)
     y = _sim.linear(torch.randn(0, 12), torch.randn(0, 12), w, b, A, B, 1.0, g, ids, fan)
     assert y.shape == (0, 9)
 
 
+@requires_sim
 def test_linear_factors_of_another_dtype_are_cast():
     w, b, A, B, g, ids, fan = _layer("plain", 16, 8, 2, torch.bfloat16)
     x = torch.randn(3, 16).to(torch.bfloat16)
     A32, B32 = A.float(), B.float()
     y = _sim.linear(x, x, w, b, A32, B32, 0.5, g, ids, fan)
-    assert _rel_err(y, _linear64(x, x, w, b, A, B, 0.5, g, ids, fan)) < TOL[torch.bfloat16]
+    assert rel_err(y, linear64(x, x, w, b, A, B, 0.5, g, ids, fan)) < TOL[torch.bfloat16]
 
 
 # ---------------------------------------------------------------------------------------------------
 # embedding
 
 
-def _embedding64(ids, w, A, B, scale):
-    return w.double()[ids] + scale * A.double().t()[ids] @ B.double().t()
-
-
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("dim,r", [(24, 1), (37, 5), (272, 40)])
 @pytest.mark.parametrize("ids_shape", [(1,), (3, 11), (45,)])
@@ -192,9 +172,10 @@ def test_embedding(dtype, dim, r, ids_shape):
     ids = torch.randint(0, num, ids_shape)
     y = _sim.embedding(ids, w, A, B, 0.6, None)
     assert y.shape == (*ids_shape, dim) and y.dtype == dtype
-    assert _rel_err(y, _embedding64(ids, w, A, B, 0.6)) < TOL[dtype]
+    assert rel_err(y, embedding64(ids, w, A, B, 0.6)) < TOL[dtype]
 
 
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 def test_embedding_padding_idx_and_int32_ids(dtype):
     num, dim, r = 20, 16, 3
@@ -203,9 +184,10 @@ def test_embedding_padding_idx_and_int32_ids(dtype):
     ids[0, 0] = 2
     y = _sim.embedding(ids, w, A, B, 0.5, 2)
     # padding_idx shapes only the gradient: the forward of row 2 is its stored value plus the LoRA term
-    assert _rel_err(y, _embedding64(ids.long(), w, A, B, 0.5)) < TOL[dtype]
+    assert rel_err(y, embedding64(ids.long(), w, A, B, 0.5)) < TOL[dtype]
 
 
+@requires_sim
 def test_embedding_rejects_out_of_range_ids():
     w, A, B = torch.randn(10, 8), torch.randn(2, 10), torch.randn(8, 2)
     with pytest.raises(RuntimeError, match="embedding id out of range"):
@@ -243,6 +225,7 @@ class _SimEmbedding(torch.autograd.Function):
         return ops._embedding_backward(ctx, grad)
 
 
+@requires_sim
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_transposed"])
 @pytest.mark.parametrize("m", [1, 20])
@@ -265,6 +248,7 @@ def test_linear_gradients_match_reference(dtype, pattern, m):
         assert o is not None and torch.equal(o, e), f"{name} differs from the reference path's"
 
 
+@requires_sim
 def test_embedding_gradients_match_reference():
     num, dim, r = 30, 12, 4
     w, A, B = torch.randn(num, dim), torch.randn(r, num), torch.randn(dim, r)
@@ -315,8 +299,143 @@ BAD_ARGS = {
 }
 
 
+@requires_sim
 @pytest.mark.parametrize("case", list(BAD_ARGS))
 def test_linear_argument_errors(case):
     over, message = BAD_ARGS[case]
     with pytest.raises(ValueError, match=message):
         _sim.linear(**_args(**over))
+
+
+# ---------------------------------------------------------------------------------------------------
+# on CUDA tensors: lora_ext._C.linear / embedding directly, through the ops and the layers, gradients, and a
+# CUDA graph capture of an unmerged layer
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("lead", [(1,), (7,), (2, 40), (300,)])
+@pytest.mark.parametrize("k,nb,r", [(53, 37, 4), (256, 264, 16)])
+def test_cuda_linear_kernels(dtype, pattern, lead, k, nb, r):
+    w, b, A, B, g, ids, fan = _layer(pattern, k, nb, r, dtype, device="cuda")
+    x = torch.randn(*lead, k, device="cuda").to(dtype)
+    y = lora_ext._C.linear(x, x, w, b, A, B, 0.75, g, ids, fan)
+    torch.cuda.synchronize()
+    assert y.shape == (*lead, g * nb) and y.dtype == dtype
+    assert_close_rel(y, linear64(x, x, w, b, A, B, 0.75, g, ids, fan), dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "misaligned"])
+def test_cuda_linear_input_layouts(dtype, layout):
+    w, b, A, B, g, ids, fan = _layer("merged_TFT", 64, 24, 8, dtype, device="cuda")
+    if layout == "transposed":
+        x = torch.randn(64, 9, device="cuda").to(dtype).t()
+    else:
+        x = torch.randn(9 * 64 + 1, device="cuda").to(dtype)[1:].view(9, 64)
+    y = lora_ext._C.linear(x, x, w, None, A, B, 0.5, g, ids, fan)
+    assert_close_rel(y, linear64(x, x, w, None, A, B, 0.5, g, ids, fan), dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("ids_shape", [(1,), (4, 33)])
+def test_cuda_embedding_kernel(dtype, ids_shape):
+    num, dim, r = 70, 264, 8
+    w = torch.randn(num, dim, device="cuda").to(dtype)
+    A, B = torch.randn(r, num, device="cuda").to(dtype), torch.randn(dim, r, device="cuda").to(dtype)
+    ids = torch.randint(0, num, ids_shape, device="cuda")
+    y = lora_ext._C.embedding(ids, w, A, B, 0.5, 3)
+    ref = embedding64(ids, w, A, B, 0.5)
+    assert_close_rel(y, ref, dtype)
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return module
+
+
+LAYERS = {
+    "linear": lambda: lora_ext.Linear(96, 80, r=8, lora_alpha=16, merge_weights=False),
+    "linear_fan": lambda: lora_ext.Linear(96, 80, r=8, fan_in_fan_out=True, merge_weights=False),
+    "merged": lambda: lora_ext.MergedLinear(96, 120, r=4, enable_lora=[True, False, True], merge_weights=False),
+}
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(LAYERS))
+@pytest.mark.parametrize("m", [1, 50])
+def test_cuda_layers_forward_and_gradients(kind, dtype, m):
+    layer = _randomize(LAYERS[kind]()).to(device="cuda", dtype=dtype)
+    cpu = _randomize(LAYERS[kind]()).double()
+    cpu.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
+    x = torch.randn(2, m, 96, device="cuda").to(dtype)
+    with torch.no_grad():  # the eager fast path straight into _C
+        assert_close_rel(layer(x), cpu(x.double().cpu()), dtype)
+    xg = x.clone().requires_grad_()
+    xr = x.double().cpu().requires_grad_()
+    grad = torch.randn(2, m, layer.out_features, device="cuda").to(dtype)
+    layer(xg).backward(grad)  # the custom op with its autograd formula
+    cpu(xr).backward(grad.double().cpu())
+    assert_close_rel(xg.grad, xr.grad, dtype)
+    assert_close_rel(layer.lora_A.grad, cpu.lora_A.grad, dtype)
+    assert_close_rel(layer.lora_B.grad, cpu.lora_B.grad, dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_embedding_layer_gradients(dtype):
+    layer = _randomize(lora_ext.Embedding(60, 40, r=8, padding_idx=2, merge_weights=False)).to("cuda", dtype)
+    layer.weight.requires_grad_(True)
+    cpu = lora_ext.Embedding(60, 40, r=8, padding_idx=2, merge_weights=False).double()
+    cpu.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
+    cpu.weight.requires_grad_(True)
+    ids = torch.randint(0, 60, (3, 9), device="cuda")
+    ids[0, 0] = 2
+    grad = torch.randn(3, 9, 40, device="cuda").to(dtype)
+    layer(ids).backward(grad)
+    cpu(ids.cpu()).backward(grad.double().cpu())
+    for p, q in ((layer.weight, cpu.weight), (layer.lora_A, cpu.lora_A), (layer.lora_B, cpu.lora_B)):
+        assert_close_rel(p.grad, q.grad, dtype)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+def test_cuda_graph_replay_of_unmerged_linear_equals_eager():
+    layer = _randomize(lora_ext.MergedLinear(256, 3 * 256, r=8, enable_lora=[True, False, True],
+                                             merge_weights=False)).to("cuda", torch.bfloat16).eval()
+    static_x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            layer(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        for _ in range(3):
+            static_x.copy_(torch.randn_like(static_x))
+            graph.replay()
+            assert torch.equal(static_y, layer(static_x))
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+def test_cuda_linear_runs_on_the_current_stream():
+    w, b, A, B, g, ids, fan = _layer("plain", 128, 128, 8, torch.float32, device="cuda")
+    x = torch.randn(3, 128, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        y = lora_ext._C.linear(x, x, w, b, A, B, 0.5, g, ids, fan)
+    stream.synchronize()
+    assert_close_rel(y, linear64(x, x, w, b, A, B, 0.5, g, ids, fan), torch.float32)

@@ -1,30 +1,24 @@
-"""The merge and delta-weight CUDA kernels, run on the CPU through the SIMT simulator (lora_ext._sim).
+"""merge_, swap_ and delta_weight: the kernels on every backend, and lora_ext layers' merge and switch on CUDA.
 
-Every case draws fresh random inputs, computes a float64 reference here with torch, poisons output
-buffers with NaN, and checks that everything the kernel must not touch is bit-for-bit unchanged.
+The kernels run on the CPU through the SIMT simulator (lora_ext._sim) and, on a GPU, through lora_ext._C
+(the `backend` parameter "cuda", marked `gpu`). Every case draws fresh random inputs, computes a float64
+reference here with torch, poisons output buffers with NaN, and checks that everything the kernel must not
+touch is bit-for-bit unchanged. The tests at the end run lora_ext layers and ops on CUDA tensors against
+float64 references (marked `gpu`: bench/gpu_check.sh runs them).
 """
-import importlib.util
-import zlib
-
 import pytest
 import torch
 
-from kernel_cases import KERNEL_DTYPES, PATTERNS
+import lora_ext
+from lora_ext import ops
+from lora_ext.ops import _C  # None when lora_ext was built without its CUDA kernels
+from helpers import (KERNEL_DTYPES, PATTERNS, TOL, assert_close_rel, dense_delta64, load_sim, rel_err,
+                     requires_cuda_kernels, requires_sim)
 
-# Skip only when the module was not built; one that is built but fails to load is an error.
-if importlib.util.find_spec("lora_ext._sim") is None:
-    pytestmark = pytest.mark.skip(
-        reason="lora_ext._sim is not built; build it with `pip install --no-build-isolation -e .`"
-    )
-    _sim = None
-else:
-    from lora_ext import _sim
+_sim = load_sim()
 
-
-
-
-
-BACKENDS = ["sim"] + (["cuda"] if torch.cuda.is_available() and _C is not None else [])
+BACKENDS = [pytest.param("sim", marks=requires_sim),
+            pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda_kernels])]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -119,13 +113,6 @@ def _bits(t):
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def _rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
-
-
 def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous", scale=0.75, seed=None,
                  tag="", r_old=0, old_scale=1.25):
     """merge_ of a rank-r adapter, or (r_old > 0) swap_ from a rank-r_old adapter to it, against float64."""
@@ -157,7 +144,7 @@ def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous
     assert not torch.isnan(w).any()
     wmask = _view(touched, layout, shape)
     out, want = w[wmask], ref[wmask]
-    err = _rel_err(out, want)
+    err = rel_err(out, want)
     assert err < TOL[dtype], f"relative error {err:.3g}"
     if dtype != torch.float32:
         # One rounding per element: within an ulp of the float64 result, plus what fp32 accumulation of
@@ -207,6 +194,7 @@ def test_merge_no_enabled_block_is_a_noop(backend, dtype):
     _check_merge(backend, dtype, dtype, (3, [], True), nb=13, k=53, r=4)
 
 
+@requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("seed", [1, 2])
 @pytest.mark.parametrize("pattern,r", [("plain", 8), ("merged_TFT_transposed", 33), ("plain", 70)])
@@ -214,6 +202,7 @@ def test_merge_shuffled_schedule(dtype, seed, pattern, r):
     _check_merge("sim", dtype, dtype, pattern, nb=70 if pattern == "plain" else 20, k=140, r=r, seed=seed)
 
 
+@requires_sim
 def test_unmerge_restores_fp32_weight():
     g = _gen("unmerge")
     w = torch.randn(70, 45, generator=g)
@@ -222,7 +211,7 @@ def test_unmerge_restores_fp32_weight():
     _sim.merge_(w, a, b, 0.5, 1, [0], False)
     assert not torch.equal(w, w0)
     _sim.merge_(w, a, b, -0.5, 1, [0], False)
-    assert _rel_err(w, w0.double()) < 1e-6
+    assert rel_err(w, w0.double()) < 1e-6
 
 
 # swap_: one kernel reads both adapters; the ranks' boundary falls inside a staged chunk of 32 (5 + 8,
@@ -249,6 +238,7 @@ def test_swap_fp32_operands_into_half_weight(backend, dtype):
     _check_merge(backend, dtype, torch.float32, "merged_TFT", nb=11, k=45, r=16, r_old=16, tag="swap")
 
 
+@requires_sim
 @pytest.mark.parametrize("seed", [1, 2])
 def test_swap_shuffled_schedule(seed):
     _check_merge("sim", torch.bfloat16, torch.bfloat16, "plain", nb=70, k=140, r=20, r_old=30, seed=seed,
@@ -264,6 +254,7 @@ def test_swap_scales(backend, dtype, scales):
                  tag="swap scales")
 
 
+@requires_sim
 def test_swap_with_both_scales_zero_writes_nothing():
     g = _gen("swap zero")
     w = torch.randn(39, 20, generator=g).bfloat16()
@@ -273,6 +264,7 @@ def test_swap_with_both_scales_zero_writes_nothing():
     assert torch.equal(_bits(w), _bits(w0))
 
 
+@requires_sim
 def test_swap_back_restores_fp32_weight():
     g = _gen("swap back")
     w = torch.randn(70, 45, generator=g)
@@ -280,10 +272,10 @@ def test_swap_back_restores_fp32_weight():
     a2, b2 = _operands(1, [0], 70, 45, 5, torch.float32, g)
     w0 = w.clone()
     _sim.swap_(w, a1, b1, 0.5, a2, b2, 2.0, 1, [0], False)
-    assert _rel_err(w, w0.double() + _reference_delta(a2, b2, 2.0, 1, [0], 70, False)
+    assert rel_err(w, w0.double() + _reference_delta(a2, b2, 2.0, 1, [0], 70, False)
                     - _reference_delta(a1, b1, 0.5, 1, [0], 70, False)) < 1e-6
     _sim.swap_(w, a2, b2, 2.0, a1, b1, 0.5, 1, [0], False)
-    assert _rel_err(w, w0.double()) < 1e-6
+    assert rel_err(w, w0.double()) < 1e-6
 
 
 SWAP_BAD_ARGS = {
@@ -299,6 +291,7 @@ SWAP_BAD_ARGS = {
 }
 
 
+@requires_sim
 @pytest.mark.parametrize("case", list(SWAP_BAD_ARGS))
 def test_swap_argument_errors(case):
     g = _gen("swap args")
@@ -338,10 +331,11 @@ def test_delta_weight(backend, dtype, pattern, r, layout):
     assert not torch.isnan(out).any(), "left elements of out unwritten"
     disabled = ~_view(_touched(buf, layout, shape, num_blocks, ids, nb, transposed), layout, shape)
     assert (out[disabled] == 0).all()
-    err = _rel_err(out, ref)
+    err = rel_err(out, ref)
     assert err < TOL[dtype], f"relative error {err:.3g}"
 
 
+@requires_sim
 def test_delta_weight_with_no_enabled_block_writes_zeros():
     out = torch.full((39, 20), float("nan"))
     _sim.delta_weight_(out, torch.empty(0, 20), torch.empty(0, 4), 1.0, 3, [], False)
@@ -384,6 +378,7 @@ BAD_ARGS = {
 }
 
 
+@requires_sim
 @pytest.mark.parametrize("case", list(BAD_ARGS))
 def test_merge_argument_errors(case):
     over, message = BAD_ARGS[case]
@@ -395,6 +390,7 @@ def test_merge_argument_errors(case):
         assert torch.equal(args["W"], w0), "W changed although the call was rejected"
 
 
+@requires_sim
 def test_delta_weight_argument_errors_name_out():
     args = _args()
     out = args.pop("W")
@@ -402,3 +398,160 @@ def test_delta_weight_argument_errors_name_out():
         _sim.delta_weight_(out[None], **args)
     with pytest.raises(ValueError, match="out must have column stride 1"):
         _sim.delta_weight_(torch.randn(20, 39).t(), **args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# lora_ext layers and ops on CUDA tensors (through lora_ext._C), against float64 references
+
+LAYERS = {
+    "linear": lambda: lora_ext.Linear(96, 80, r=8, lora_alpha=16),
+    "linear_fan": lambda: lora_ext.Linear(96, 80, r=8, fan_in_fan_out=True),
+    "merged": lambda: lora_ext.MergedLinear(96, 120, r=4, enable_lora=[True, False, True]),
+    "merged_r64": lambda: lora_ext.MergedLinear(96, 192, r=64, enable_lora=[False, True, True]),
+    "embedding": lambda: lora_ext.Embedding(77, 40, r=8),
+    "conv2d": lambda: lora_ext.Conv2d(6, 8, 3, r=4),
+}
+
+
+def _weight_and_delta(m):
+    """The layer's weight and its scaled float64 delta, the delta on the CPU."""
+    w, d = _weight_and_delta_on_device(m)
+    return w, d.cpu()
+
+
+def _weight_and_delta_on_device(m):
+    if isinstance(m, lora_ext.ConvLoRA):
+        w = m.conv.weight
+        return w, (m.lora_B.double() @ m.lora_A.double()).view(w.shape) * m.scaling
+    if isinstance(m, lora_ext.MergedLinear):
+        ids = [i for i, e in enumerate(m.enable_lora) if e]
+        d = dense_delta64(m.lora_A, m.lora_B, len(m.enable_lora), ids, m.out_features) * m.scaling
+        return m.weight, d.t() if m.fan_in_fan_out else d
+    d = (m.lora_B.double() @ m.lora_A.double()) * m.scaling
+    transposed = isinstance(m, lora_ext.Embedding) or m.fan_in_fan_out
+    return m.weight, d.t() if transposed else d
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_cuda_merge_and_unmerge(kind, dtype):
+    m = LAYERS[kind]().cuda()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    w, _ = _weight_and_delta(m)
+    with torch.no_grad():
+        w.data = w.data.to(dtype)  # low-precision base, fp32 LoRA factors
+    base = w.detach().double().cpu()
+    _, delta = _weight_and_delta(m)
+    version = w._version
+    m.eval()
+    w, _ = _weight_and_delta(m)
+    assert w._version > version
+    assert_close_rel(w.cpu(), base + delta, dtype)
+    m.train()
+    assert_close_rel(w.cpu(), base, dtype, factor=2)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+def test_cuda_merge_rejects_bad_input_before_writing():
+    w = torch.randn(64, 32, device="cuda")
+    w0 = w.clone()
+    with pytest.raises(ValueError, match="lora_B"):
+        ops.merge_(w, torch.randn(4, 32, device="cuda"), torch.randn(64, 5, device="cuda"), 1.0)
+    with pytest.raises(ValueError, match="device"):
+        ops.merge_(w, torch.randn(4, 32), torch.randn(64, 4, device="cuda"), 1.0)
+    torch.cuda.synchronize()
+    assert torch.equal(w, w0)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+def test_cuda_merge_on_current_stream():
+    w = torch.randn(512, 256, device="cuda")
+    A, B = torch.randn(8, 256, device="cuda"), torch.randn(512, 8, device="cuda")
+    ref = w.double() + 0.5 * B.double() @ A.double()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.merge_(w, A, B, 0.5)
+    torch.cuda.current_stream().wait_stream(s)
+    assert_close_rel(w, ref, torch.float32)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+@pytest.mark.parametrize("w_dtype,f_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                             (torch.float64, torch.float32)])
+def test_cuda_merge_and_delta_take_any_float_factors(w_dtype, f_dtype):
+    w = torch.randn(48, 40, device="cuda").to(w_dtype)
+    A = torch.randn(6, 40, device="cuda").to(f_dtype)
+    B = torch.randn(48, 6, device="cuda").to(f_dtype)
+    ref = w.double() + 0.5 * B.double() @ A.double()
+    ops.merge_(w, A, B, 0.5)
+    assert_close_rel(w, ref, w_dtype, factor=2)
+    d = ops.delta_weight(A, B, 0.5, out_features=48, dtype=w_dtype)
+    assert_close_rel(d, 0.5 * B.double() @ A.double(), w_dtype, factor=2)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["linear", "linear_fan", "merged", "merged_r64", "embedding", "conv2d"])
+@pytest.mark.parametrize("home", ["cuda", "cpu"])
+def test_cuda_merged_switch(kind, dtype, home):
+    # one swap kernel pass each way (fp32-staged or WMMA by dtype and rank), adapters on the GPU or in host memory
+    m = LAYERS[kind]().cuda().to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    w, delta1 = _weight_and_delta(m)
+    base = w.detach().double().cpu()
+    a_shape, b_shape = m.factor_shapes(m.r + 3)
+    A2 = (torch.randn(a_shape) * 0.5).to(home, dtype)
+    B2 = (torch.randn(b_shape) * 0.5).to(home, dtype)
+    m.add_adapter("other", A2, B2, 0.7)
+    m.eval()
+    m.set_adapter("other")
+    w, delta2 = _weight_and_delta(m)
+    assert m.lora_A.device.type == "cuda" and m.get_adapter("default")[0].device.type == "cuda"
+    assert_close_rel(w.cpu(), base + delta2, dtype, factor=2)
+    m.set_adapter("default")
+    assert m.get_adapter("other")[0].device.type == home
+    assert_close_rel(w.cpu(), base + delta1, dtype, factor=2)
+    m.train()
+    assert_close_rel(w.cpu(), base, dtype, factor=4)
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+def test_cuda_switch_refuses_non_finite_values_before_writing():
+    m = lora_ext.Linear(64, 48, r=4).cuda()
+    with torch.no_grad():
+        m.lora_B.normal_()
+    A2, B2 = torch.randn(4, 64, device="cuda"), torch.randn(48, 4, device="cuda")
+    m.add_adapter("other", A2, B2, 1.0)
+    m.eval()
+    with torch.no_grad():
+        m.get_adapter("other")[1][3, 1] = float("nan")
+    w0 = m.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        m.set_adapter("other")
+    torch.cuda.synchronize()
+    assert torch.equal(m.weight, w0) and m.active_adapter == "default"
+
+
+@pytest.mark.gpu
+@requires_cuda_kernels
+@pytest.mark.parametrize("w_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_swap_op_with_factors_of_two_dtypes(w_dtype):
+    w = torch.randn(96, 80, device="cuda").to(w_dtype)
+    A1, B1 = torch.randn(8, 80, device="cuda"), torch.randn(96, 8, device="cuda")  # fp32
+    A2 = torch.randn(24, 80, device="cuda").to(w_dtype)
+    B2 = torch.randn(96, 24, device="cuda").to(w_dtype)
+    ref = w.double() + 1.5 * B2.double() @ A2.double() - 0.5 * B1.double() @ A1.double()
+    ops.swap_(w, A1, B1, 0.5, A2, B2, 1.5)
+    assert_close_rel(w, ref, w_dtype, factor=2)

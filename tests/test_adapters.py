@@ -10,8 +10,8 @@ import torch
 import lora_ext
 from lora_ext import ops as ops_mod
 from lora_ext import reference
-from conftest import dense_delta64
-from tiny_models import gpt2, randomize_lora, rel, tokens
+from helpers import dense_delta64, rel_err
+from tiny_models import gpt2, randomize_lora, tokens
 
 
 def _layers():
@@ -37,19 +37,19 @@ def _random_layer(make):
 def _logical_delta64(layer, A, B):
     """float64 delta-W of factors (A, B) in the layer's weight storage layout."""
     if isinstance(layer, lora_ext.MergedLinear):
-        d = dense_delta64(A, B, len(layer.enable_lora), layer._block_ids, layer.out_features)
+        d = dense_delta64(A, B, len(layer.enable_lora), layer.block_ids, layer.out_features)
     else:
         d = B.double() @ A.double()
     if isinstance(layer, lora_ext.Embedding) or getattr(layer, "fan_in_fan_out", False):
         d = d.t()
-    return d.reshape(layer._weight_2d().shape)
+    return d.reshape(layer.weight_2d().shape)
 
 
 @pytest.mark.parametrize("name,make,inputs", _layers(), ids=[c[0] for c in _layers()])
 def test_merged_swap_is_one_pass_and_exact(monkeypatch, name, make, inputs):
     layer = _random_layer(make)
     x = inputs()
-    w0 = layer._weight_2d().detach().double().clone()
+    w0 = layer.weight_2d().detach().double().clone()
     r1 = layer.r
     r2 = r1 + 1  # a different rank
     shape_a, shape_b = layer.factor_shapes(r2)
@@ -65,16 +65,16 @@ def test_merged_swap_is_one_pass_and_exact(monkeypatch, name, make, inputs):
     real = reference.merge_
     monkeypatch.setattr(reference, "merge_", lambda w, a, b, s, *lay: calls.append((a.shape, b.shape, s)) or real(w, a, b, s, *lay))
     layer.set_adapter("second")
-    n = len(layer._block_ids) if isinstance(layer, lora_ext.MergedLinear) else layer._rank_rows()
+    n = layer.factor_shapes(1)[0][0]  # lora_A's rows per unit of rank
     assert len(calls) == 1 and calls[0][0][0] == n * (r1 + r2) and calls[0][2] == 1.0
     ref = w0 + 0.7 * _logical_delta64(layer, A2, B2)
-    assert rel(layer._weight_2d(), ref) < 1e-6
-    assert rel(layer(x), y2) < 1e-5
+    assert rel_err(layer.weight_2d(), ref) < 1e-6
+    assert rel_err(layer(x), y2) < 1e-5
     layer.set_adapter("default")
-    assert rel(layer._weight_2d(), w0 + s1 * _logical_delta64(layer, A1, B1)) < 1e-6
-    assert rel(layer(x), y1) < 1e-5
+    assert rel_err(layer.weight_2d(), w0 + s1 * _logical_delta64(layer, A1, B1)) < 1e-6
+    assert rel_err(layer(x), y1) < 1e-5
     layer.train()
-    assert rel(layer._weight_2d(), w0) < 1e-6
+    assert rel_err(layer.weight_2d(), w0) < 1e-6
     assert set(layer.state_dict()) == set(make().state_dict())  # loralib's keys, no new persistent state
 
 
@@ -194,7 +194,7 @@ def test_inactive_adapters_survive_pickle_and_deepcopy():
     for other in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
         other.set_adapter("b")
         layer.set_adapter("b")
-        assert rel(other(x), layer(x)) < 1e-6  # layer has switched back and forth once more: rounding only
+        assert rel_err(other(x), layer(x)) < 1e-6  # layer has switched back and forth once more: rounding only
         layer.set_adapter("default")
 
 
@@ -232,7 +232,7 @@ def _race(locked):
     def forwards():
         while not stop.is_set():
             y = layer(x).detach()
-            errs = {n: rel(y, v) for n, v in valid.items()}
+            errs = {n: rel_err(y, v) for n, v in valid.items()}
             best = min(errs, key=errs.get)
             if errs[best] < 1e-5:
                 seen[best] += 1
@@ -269,7 +269,7 @@ def test_swap_op_matches_float64(dtype):
     A1, B1, A2, B2 = (torch.randn(shape).to(dtype) for shape in [(6, 20), (26, 3), (8, 20), (26, 4)])
     want = w.double() + 1.5 * dense_delta64(A2, B2, 3, [0, 2], 39) - 0.5 * dense_delta64(A1, B1, 3, [0, 2], 39)
     ops_mod.swap_(w, A1, B1, 0.5, A2, B2, 1.5, num_blocks=3, block_ids=[0, 2])
-    assert rel(w, want) < {torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    assert rel_err(w, want) < {torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
 
 
 @pytest.mark.parametrize("over,message", [
@@ -306,7 +306,7 @@ def test_swap_op_kernel_branch(sim_as_cuda, check_values):
     A2, B2 = torch.randn(8, 20).bfloat16(), torch.randn(26, 4).bfloat16()
     want = w.double() + 1.5 * dense_delta64(A2, B2, 3, [0, 2], 39) - 0.5 * dense_delta64(A1, B1, 3, [0, 2], 39)
     ops_mod.swap_(w, A1, B1, 0.5, A2, B2, 1.5, num_blocks=3, block_ids=(0, 2), check_values=check_values)
-    assert rel(w, want) < 1e-2
+    assert rel_err(w, want) < 1e-2
     w0 = w.clone()
     with pytest.raises(ValueError, match="new_B must have shape"):
         ops_mod.swap_(w, A1, B1, 0.5, A2, torch.randn(26, 5), 1.5, num_blocks=3, block_ids=(0, 2),
@@ -323,6 +323,6 @@ def test_merged_switch_through_the_kernel_branch(sim_as_cuda):
     A1, B1, s1 = (t.detach().clone() if torch.is_tensor(t) else t for t in layer.get_adapter("default"))
     for _ in range(2):
         layer.set_adapter("b")
-        assert rel(layer.weight, w0 + 0.7 * dense_delta64(A2, B2, 3, [0, 2], 36)) < 1e-5
+        assert rel_err(layer.weight, w0 + 0.7 * dense_delta64(A2, B2, 3, [0, 2], 36)) < 1e-5
         layer.set_adapter("default")
-        assert rel(layer.weight, w0 + s1 * dense_delta64(A1, B1, 3, [0, 2], 36)) < 1e-5
+        assert rel_err(layer.weight, w0 + s1 * dense_delta64(A1, B1, 3, [0, 2], 36)) < 1e-5

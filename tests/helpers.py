@@ -1,0 +1,96 @@
+"""Shared test support: float64 oracles written independently of lora_ext, the relative-error measure and its
+tolerances, the kernel cases, and the markers for tests that need lora_ext._sim or lora_ext._C.
+(conftest.py holds only fixtures and hooks.)"""
+import importlib.util
+
+import pytest
+import torch
+
+from lora_ext import ops
+
+# ||out - ref|| / ||ref|| bounds by dtype, against a float64 oracle.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64 on the CPU (a CUDA result against a CPU oracle is fine)."""
+    out = out.detach().to("cpu", torch.float64)
+    ref = ref.detach().to("cpu", torch.float64)
+    assert not torch.isnan(out).any(), "output holds NaN"
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def assert_close_rel(out, ref, dtype, factor=1.0):
+    err = rel_err(out, ref)
+    assert err < TOL[dtype] * factor, f"relative error {err:.3g} over {TOL[dtype] * factor:.3g} ({dtype})"
+
+
+# ---------------------------------------------------------------------------------------------------
+# float64 oracles
+
+
+def dense_delta64(lora_A, lora_B, num_blocks, block_ids, out_features):
+    """scale-free delta-W in the layer's logical (out, in) layout, float64, zero outside enabled blocks."""
+    A = lora_A.detach().to(torch.float64)
+    B = lora_B.detach().to(torch.float64)
+    n = len(block_ids)
+    r, nb = A.shape[0] // n, out_features // num_blocks
+    delta = torch.zeros(out_features, A.shape[1], dtype=torch.float64)
+    for j, e in enumerate(block_ids):
+        delta[e * nb:(e + 1) * nb] = B[j * nb:(j + 1) * nb] @ A[j * r:(j + 1) * r]
+    return delta
+
+
+def linear64(x, x_lora, w, bias, A, B, scale, num_blocks, ids, fan):
+    """F.linear(x, W, bias) + scale * (x_lora A_j^T) B_j^T in block ids[j], in float64 on the CPU."""
+    wl = (w.t() if fan else w).double().cpu()
+    n_out, k = wl.shape
+    y = x.double().cpu().reshape(-1, k) @ wl.t() + (0 if bias is None else bias.double().cpu())
+    delta = dense_delta64(A.cpu(), B.cpu(), num_blocks, ids, n_out)
+    y = y + scale * x_lora.double().cpu().reshape(-1, k) @ delta.t()
+    return y.reshape(*x.shape[:-1], n_out)
+
+
+def embedding64(ids, w, A, B, scale):
+    """W[ids] + scale * A^T[ids] B^T in float64, on the tensors' device."""
+    return w.double()[ids] + scale * A.double().t()[ids] @ B.double().t()
+
+
+# ---------------------------------------------------------------------------------------------------
+# kernel cases, shared by the merge and forward kernel tests on the simulator and on CUDA
+
+KERNEL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# (num_blocks, enabled block ids, transposed): plain Linear/Conv; transposed storage (fan_in_fan_out,
+# Embedding); MergedLinear's enable_lora patterns
+PATTERNS = {
+    "plain": (1, [0], False),
+    "transposed": (1, [0], True),
+    "merged_TFT": (3, [0, 2], False),
+    "merged_FT": (2, [1], False),
+    "merged_TTT": (3, [0, 1, 2], False),
+    "merged_TFT_transposed": (3, [0, 2], True),
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# what a test needs built: the simulator (lora_ext._sim) or the CUDA kernels (lora_ext._C). Tests that need
+# a CUDA device carry the `gpu` marker, which conftest.py skips where torch.cuda.is_available() is False.
+
+# Skip only when the module was not built; one that is built but fails to load is an error (load_sim raises).
+SIM_BUILT = importlib.util.find_spec("lora_ext._sim") is not None
+requires_sim = pytest.mark.skipif(
+    not SIM_BUILT, reason="lora_ext._sim is not built; build it with `pip install --no-build-isolation -e .`"
+)
+
+
+def load_sim():
+    """lora_ext._sim, or None when it was not built."""
+    if not SIM_BUILT:
+        return None
+    from lora_ext import _sim
+    return _sim
+
+
+requires_cuda_kernels = pytest.mark.skipif(not ops.cuda_kernels_available(),
+                                           reason="needs lora_ext built with its CUDA kernels (lora_ext._C)")
