@@ -161,7 +161,13 @@ def test_merged_linear_property(shape):
     ours.eval()
     assert ((ours(x).double() - ref.double()).abs() <= bound).all()
     ours.train()
-    assert rel_err(ours.weight, w0) < 1e-6
+    # merge then unmerge rounds twice in fp32: each element within a few ulps of the larger of |W| and |delta|
+    # (a relative norm bound fails on tiny weights where the delta dominates)
+    w_abs = w0.double().abs()
+    if any(enable):
+        d_abs = ours.scaling * dense_delta64(ours.lora_A.abs(), ours.lora_B.abs(), len(enable), ids, out)
+        w_abs = w_abs + (d_abs.t() if fan else d_abs)
+    assert ((ours.weight.double() - w0.double()).abs() <= 4 * torch.finfo(torch.float32).eps * w_abs).all()
 
 
 @settings(max_examples=25, deadline=None)
