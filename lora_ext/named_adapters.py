@@ -159,28 +159,45 @@ class NamedAdapters:
             self.check_values(name)
             home = lora_A.device
             old_name, old_known = self.active_adapter, self._known_finite(self.active_adapter)
-            old = (self.lora_A.detach(), self.lora_B.detach(), self.scaling)
-            old_home = self._active_home or old[0].device
+            old_home = self._active_home or self.lora_A.device
+            # copies: a serving switch writes the new factors into the live storage
+            old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
+                   self.scaling)
             self._activate(name, lora_A, lora_B, scaling)
             del self._adapters[name]
-            self._adapters[old_name] = (old[0].to(old_home), old[1].to(old_home), old[2])
+            self._adapters[old_name] = old
             # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
             self.__dict__.update(active_adapter=name, _active_home=home)
             self._stamp_finite(old_name, old_known)
 
     def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and
-        has checked them (shapes and values)."""
+        has checked them (shapes and values).
+
+        Serving switches (live factors that do not require grad, new factors of the same shapes) copy into
+        the live storage, so a captured CUDA graph of a forward reads the new adapter on its next replay.
+        Otherwise the live parameters get new storage: an optimizer's state never follows a trainable
+        factor into another adapter, and captures of this layer must be redone after a rank change."""
         # copies on the live parameters' device and dtype: storage no other tensor holds (a caller of
         # get_adapter may hold the stored tensors)
         lora_A = lora_A.detach().to(self.lora_A.device, self.lora_A.dtype, copy=True)
         lora_B = lora_B.detach().to(self.lora_B.device, self.lora_B.dtype, copy=True)
         self._swap_merged(lora_A, lora_B, scaling)
-        self.lora_A.data = lora_A
-        self.lora_B.data = lora_B
+        if self._serving_switch(lora_A, lora_B):
+            with torch.no_grad():
+                self.lora_A.copy_(lora_A)
+                self.lora_B.copy_(lora_B)
+        else:
+            self.lora_A.data = lora_A
+            self.lora_B.data = lora_B
         r = self.rank_of(lora_A)
         self.__dict__.update(r=r, scaling=scaling, lora_alpha=scaling * r)
         self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+
+    def _serving_switch(self, lora_A: Tensor, lora_B: Tensor) -> bool:
+        live_A, live_B = self.lora_A, self.lora_B
+        return (not live_A.requires_grad and not live_B.requires_grad
+                and live_A.shape == lora_A.shape and live_B.shape == lora_B.shape)
 
     # -- finite-value stamps ----------------------------------------------------------------------------
 

@@ -326,3 +326,47 @@ def test_merged_switch_through_the_kernel_branch(sim_as_cuda):
         assert rel_err(layer.weight, w0 + 0.7 * dense_delta64(A2, B2, 3, [0, 2], 36)) < 1e-5
         layer.set_adapter("default")
         assert rel_err(layer.weight, w0 + s1 * dense_delta64(A1, B1, 3, [0, 2], 36)) < 1e-5
+
+
+@pytest.mark.parametrize("kind,make,inputs", _layers(), ids=[k for k, _, _ in _layers()])
+@pytest.mark.parametrize("merged", [False, True])
+def test_serving_switch_keeps_the_live_storage(kind, make, inputs, merged):
+    """Factors that do not require grad, adapters of one shape: a switch writes into the live storage (a
+    captured forward reads the new adapter), and every stored adapter keeps its own values exactly."""
+    layer = _random_layer(make)
+    layer.requires_grad_(False)
+    x = inputs()
+    A1, B1, s1 = (t.clone() if torch.is_tensor(t) else t for t in layer.get_adapter("default"))
+    A2, B2 = torch.randn_like(A1), torch.randn_like(B1)
+    layer.add_adapter("second", A2, B2, s1)
+    layer.train(not merged)
+    y1 = layer(x)
+    ptrs = (layer.lora_A.data_ptr(), layer.lora_B.data_ptr())
+    layer.set_adapter("second")
+    assert (layer.lora_A.data_ptr(), layer.lora_B.data_ptr()) == ptrs
+    assert torch.equal(layer.lora_A, A2) and torch.equal(layer.lora_B, B2)
+    stored = layer.get_adapter("default")
+    assert torch.equal(stored[0], A1) and torch.equal(stored[1], B1)
+    layer.set_adapter("default")
+    assert (layer.lora_A.data_ptr(), layer.lora_B.data_ptr()) == ptrs
+    assert torch.equal(layer.lora_A, A1) and torch.equal(layer.lora_B, B1)
+    stored = layer.get_adapter("second")
+    assert torch.equal(stored[0], A2) and torch.equal(stored[1], B2)
+    assert rel_err(layer(x), y1) < 1e-5
+
+
+@pytest.mark.parametrize("trainable,rank", [(True, 4), (False, 6)], ids=["trainable", "rank-change"])
+def test_other_switches_give_the_live_factors_new_storage(trainable, rank):
+    layer = _random_layer(lambda: lora_ext.Linear(48, 40, r=4, lora_alpha=8))
+    layer.requires_grad_(False)
+    layer.lora_A.requires_grad_(trainable)
+    layer.lora_B.requires_grad_(trainable)
+    A1, B1, _ = (t.clone() if torch.is_tensor(t) else t for t in layer.get_adapter("default"))
+    A2, B2 = torch.randn(rank, 48), torch.randn(40, rank)
+    layer.add_adapter("second", A2, B2, 1.5)
+    ptrs = (layer.lora_A.data_ptr(), layer.lora_B.data_ptr())
+    layer.set_adapter("second")
+    assert layer.lora_A.data_ptr() != ptrs[0] and layer.lora_B.data_ptr() != ptrs[1]
+    assert torch.equal(layer.lora_A, A2) and torch.equal(layer.lora_B, B2) and layer.r == rank
+    stored = layer.get_adapter("default")
+    assert torch.equal(stored[0], A1) and torch.equal(stored[1], B1)
