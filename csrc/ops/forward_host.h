@@ -1,7 +1,8 @@
-// Host side of the forward ops, linear and embedding: argument checks, kernel selection and the base
-// GEMM / gather. The CUDA launcher (ops/forward.cu) and the simulator module (sim/sim_module.cpp) both run
-// this code and differ only in the device their tensors must be on and in the Launch policy, which puts a
-// kernel on the GPU or in the simulator and says how many multiprocessors there are to fill.
+// Host side of the forward ops, linear and embedding: argument checks, kernel selection (an entry of
+// LORA_FORWARD_VARIANTS in kernels/variants.cuh) and the base GEMM / gather. The CUDA launcher
+// (ops/forward.cu) and the simulator module (sim/sim_module.cpp) both run this code and differ only in the
+// device their tensors must be on and in the Launch policy, which puts a kernel on the GPU or in the
+// simulator and says how many multiprocessors there are to fill.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -14,6 +15,7 @@
 
 #include "dispatch.h"
 #include "kernels/forward.cuh"
+#include "kernels/variants.cuh"
 #include "ops/checks.h"
 
 namespace lora_ext {
@@ -104,6 +106,52 @@ inline LinearPlan check_linear(const char* op, const at::Tensor& x, const at::Te
   return p;
 }
 
+// One entry of LORA_FORWARD_VARIANTS (kernels/variants.cuh), as a type.
+template <typename T_, bool kTensorCore_, bool kVector_>
+struct Variant {
+  using T = T_;
+  static constexpr bool kTensorCore = kTensorCore_;  // the shrink's path for T
+  static constexpr bool kVector = kVector_;
+};
+
+// The variants the host can select: float32, fp16 or bf16, with the shrink on tensor cores for fp16/bf16;
+// 16-byte accesses or not.
+template <typename T, bool kTensorCore, bool kVector>
+constexpr bool selectable() {
+  constexpr bool fp32 = std::is_same<T, float>::value;
+  return (fp32 || std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) && kTensorCore == !fp32;
+}
+
+template <typename T, bool kTensorCore, bool kVector>
+constexpr bool listed() {
+#define LORA_FORWARD_LISTED(T_, TC_, VEC_) || (std::is_same<T, T_>::value && kTensorCore == TC_ && kVector == VEC_)
+  return false LORA_FORWARD_VARIANTS(LORA_FORWARD_LISTED);
+#undef LORA_FORWARD_LISTED
+}
+
+// LORA_FORWARD_VARIANTS lists exactly the selectable variants (over the three dtypes), so select_variant
+// below finds one for every checked call, and no kernel is compiled that nothing selects.
+template <typename T>
+constexpr bool list_matches() {
+  return listed<T, false, false>() == selectable<T, false, false>() &&
+         listed<T, false, true>() == selectable<T, false, true>() &&
+         listed<T, true, false>() == selectable<T, true, false>() &&
+         listed<T, true, true>() == selectable<T, true, true>();
+}
+static_assert(list_matches<float>() && list_matches<__half>() && list_matches<__nv_bfloat16>(),
+              "LORA_FORWARD_VARIANTS (kernels/variants.cuh) must list exactly the variants the host can select");
+
+// Calls f(Variant<...>{}) for the entry of LORA_FORWARD_VARIANTS that matches the dtype and the vector
+// choice: the list is all the host instantiates.
+template <typename F>
+void select_variant(const char* op, at::ScalarType dtype, bool vector, F&& f) {
+#define LORA_FORWARD_SELECT(T, TC, VEC) \
+  if (dtype == scalar_type_of<T> && vector == VEC) return f(Variant<T, TC, VEC>{});
+  LORA_FORWARD_VARIANTS(LORA_FORWARD_SELECT)
+#undef LORA_FORWARD_SELECT
+  TORCH_CHECK(false, op, ": no kernel variant for ", dtype, " (vector=", vector, ") in LORA_FORWARD_VARIANTS");
+}
+
 // Split-K for the shrink: enough CTAs for two per multiprocessor, each with at least 256 of K.
 inline void choose_splits(int64_t tiles, int64_t K, int sm_count, int& splits, int& k_per_split) {
   const int64_t want = ceil_div(2 * (int64_t)sm_count, tiles);
@@ -112,7 +160,7 @@ inline void choose_splits(int64_t tiles, int64_t K, int sm_count, int& splits, i
   splits = (int)std::max<int64_t>(1, ceil_div(K, k_per_split));
 }
 
-template <class Launch, typename T, bool kVector>
+template <class Launch, typename T, bool kTensorCore, bool kVector>
 void launch_linear(const LinearPlan& p, kf::Args<T>& args, const at::Tensor& x, int sm_count) {
   const unsigned col_tiles = (unsigned)ceil_div(p.nb, kf::tile_cols<T>());
   const dim3 block(kf::kThreads);
@@ -126,7 +174,6 @@ void launch_linear(const LinearPlan& p, kf::Args<T>& args, const at::Tensor& x, 
   choose_splits(m_tiles * j_tiles, p.K, sm_count, args.splits, args.k_per_split);
   const at::Tensor part = at::empty({args.splits, p.M, args.R}, x.options().dtype(at::kFloat));
   args.part = part.data_ptr<float>();
-  constexpr bool kTensorCore = !std::is_same<T, float>::value;
   Launch::run(&kf::shrink_kernel<T, kTensorCore, kVector>,
               dim3((unsigned)m_tiles, (unsigned)j_tiles, (unsigned)args.splits), block,
               kf::shrink_smem_bytes<T, kTensorCore>(), args);
@@ -154,7 +201,9 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
   const int64_t vec = 16 / x.element_size();
   const bool vector = aligned16(xl) && aligned16(ac) && aligned16(bias_c) && aligned16(out) && p.K % vec == 0 &&
                       p.nb % vec == 0;
-  LORA_DISPATCH_WEIGHT_TYPES(dt, op, [&] {
+  select_variant(op, dt, vector, [&](auto variant) {
+    using V = decltype(variant);
+    using scalar_t = typename V::T;
     kf::Args<scalar_t> args{};
     args.x = reinterpret_cast<const scalar_t*>(xl.data_ptr());
     args.a = reinterpret_cast<const scalar_t*>(ac.data_ptr());
@@ -169,10 +218,7 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
     args.N = (int)p.N;
     args.scale = (float)scale;
     for (int64_t e = 0; e < p.num_blocks; ++e) args.slot[e] = p.slot[e];
-    if (vector)
-      launch_linear<Launch, scalar_t, true>(p, args, x, sm_count);
-    else
-      launch_linear<Launch, scalar_t, false>(p, args, x, sm_count);
+    launch_linear<Launch, scalar_t, V::kTensorCore, V::kVector>(p, args, x, sm_count);
   });
   out.addmm_(x.reshape({p.M, p.K}), w.t());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
@@ -212,7 +258,9 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
   const at::Tensor ac = a.to(dt).contiguous(), bc = b.to(dt).contiguous();
   const int64_t vec = 16 / weight.element_size();
   const bool vector = aligned16(table) && aligned16(out) && dim % vec == 0;
-  LORA_DISPATCH_WEIGHT_TYPES(dt, op, [&] {
+  select_variant(op, dt, vector, [&](auto variant) {
+    using V = decltype(variant);
+    using scalar_t = typename V::T;
     kf::Args<scalar_t> args{};
     args.a = reinterpret_cast<const scalar_t*>(ac.data_ptr());
     args.b = reinterpret_cast<const scalar_t*>(bc.data_ptr());
@@ -227,12 +275,8 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
     args.scale = (float)scale;
     args.slot[0] = 0;
     const dim3 grid((unsigned)ceil_div(M, kf::kExpandRows), (unsigned)ceil_div(dim, kf::tile_cols<scalar_t>()));
-    if (vector)
-      Launch::run(&kf::embedding_kernel<scalar_t, true>, grid, dim3(kf::kThreads), kf::expand_smem_bytes<scalar_t>(),
-                  args);
-    else
-      Launch::run(&kf::embedding_kernel<scalar_t, false>, grid, dim3(kf::kThreads), kf::expand_smem_bytes<scalar_t>(),
-                  args);
+    Launch::run(&kf::embedding_kernel<scalar_t, V::kVector>, grid, dim3(kf::kThreads),
+                kf::expand_smem_bytes<scalar_t>(), args);
   });
   return out.view(shape);
 }

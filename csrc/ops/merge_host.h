@@ -1,7 +1,8 @@
-// Host side of merge_ and delta_weight_: argument checks and kernel selection. The CUDA launcher
-// (ops/merge.cu) and the simulator module (sim/sim_module.cpp) both run this code and differ only in the
-// device their tensors must be on and in the Launch policy, which puts a kernel on the GPU or in the
-// simulator: what CI checks on the CPU is the same selection the GPU runs.
+// Host side of merge_, delta_weight_ and swap_: argument checks and kernel selection (an entry of
+// LORA_MERGE_VARIANTS in kernels/variants.cuh). The CUDA launcher (ops/merge.cu) and the simulator module
+// (sim/sim_module.cpp) both run this code and differ only in the device their tensors must be on and in
+// the Launch policy, which puts a kernel on the GPU or in the simulator: what CI checks on the CPU is the
+// same selection the GPU runs.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,6 +16,7 @@
 #include "dispatch.h"
 #include "ops/checks.h"
 #include "kernels/merge.cuh"
+#include "kernels/variants.cuh"
 
 namespace lora_ext {
 namespace merge_host {
@@ -115,13 +117,61 @@ constexpr auto kernel_for() {
     return &km::merge_kernel<T, Tab, kTensorCore, kVector>;
 }
 
-template <class Launch, typename T, typename Tab, Kind kKind, bool kTensorCore>
-void launch(const Plan& plan, const km::Args<T, Tab>& args, dim3 grid) {
-  constexpr size_t smem = km::smem_bytes<T, kTensorCore>();
-  if (plan.vector)
-    Launch::run(kernel_for<T, Tab, kTensorCore, true, kKind>(), grid, dim3(km::kThreads), smem, args);
-  else
-    Launch::run(kernel_for<T, Tab, kTensorCore, false, kKind>(), grid, dim3(km::kThreads), smem, args);
+// One entry of LORA_MERGE_VARIANTS (kernels/variants.cuh), as a type.
+template <typename T_, typename Tab_, bool kTensorCore_, bool kVector_>
+struct Variant {
+  using T = T_;
+  using Tab = Tab_;
+  static constexpr bool kTensorCore = kTensorCore_;
+  static constexpr bool kVector = kVector_;
+};
+
+// The variants check() can lead to: W float32, fp16 or bf16; factors float32 or W's dtype; tensor cores only
+// for fp16/bf16 factors of W's dtype; 16-byte accesses or not.
+template <typename T, typename Tab, bool kTensorCore, bool kVector>
+constexpr bool selectable() {
+  constexpr bool weight = std::is_same<T, float>::value || std::is_same<T, __half>::value ||
+                          std::is_same<T, __nv_bfloat16>::value;
+  constexpr bool factors = std::is_same<Tab, float>::value || std::is_same<Tab, T>::value;
+  return weight && factors && (!kTensorCore || (!std::is_same<T, float>::value && std::is_same<Tab, T>::value));
+}
+
+template <typename T, typename Tab, bool kTensorCore, bool kVector>
+constexpr bool listed() {
+#define LORA_MERGE_LISTED(T_, TAB_, TC_, VEC_) \
+  || (std::is_same<T, T_>::value && std::is_same<Tab, TAB_>::value && kTensorCore == TC_ && kVector == VEC_)
+  return false LORA_MERGE_VARIANTS(LORA_MERGE_LISTED);
+#undef LORA_MERGE_LISTED
+}
+
+// LORA_MERGE_VARIANTS lists exactly the selectable variants (over the three dtypes), so select_variant
+// below finds one for every checked call, and no kernel is compiled that nothing selects.
+template <typename T, typename Tab>
+constexpr bool list_matches() {
+  return listed<T, Tab, false, false>() == selectable<T, Tab, false, false>() &&
+         listed<T, Tab, false, true>() == selectable<T, Tab, false, true>() &&
+         listed<T, Tab, true, false>() == selectable<T, Tab, true, false>() &&
+         listed<T, Tab, true, true>() == selectable<T, Tab, true, true>();
+}
+template <typename T>
+constexpr bool list_matches() {
+  return list_matches<T, float>() && list_matches<T, __half>() && list_matches<T, __nv_bfloat16>();
+}
+static_assert(list_matches<float>() && list_matches<__half>() && list_matches<__nv_bfloat16>(),
+              "LORA_MERGE_VARIANTS (kernels/variants.cuh) must list exactly the variants the host can select");
+
+// Calls f(Variant<...>{}) for the entry of LORA_MERGE_VARIANTS that matches W's dtype, the factors' dtype and
+// the plan's tensor-core and vector choices: the list is all the host instantiates.
+template <typename F>
+void select_variant(const char* op, const Plan& plan, at::ScalarType w_type, at::ScalarType ab_type, F&& f) {
+#define LORA_MERGE_SELECT(T, TAB, TC, VEC)                                                    \
+  if (w_type == scalar_type_of<T> && ab_type == scalar_type_of<TAB> && plan.tensor_core == TC && \
+      plan.vector == VEC)                                                                       \
+    return f(Variant<T, TAB, TC, VEC>{});
+  LORA_MERGE_VARIANTS(LORA_MERGE_SELECT)
+#undef LORA_MERGE_SELECT
+  TORCH_CHECK(false, op, ": no kernel variant for W ", w_type, " with factors ", ab_type,
+              " (tensor_core=", plan.tensor_core, ", vector=", plan.vector, ") in LORA_MERGE_VARIANTS");
 }
 
 // The second factor pair of a swap, (a2, b2) of rank r2, and the first pair's multiplier.
@@ -132,33 +182,36 @@ struct Second {
   double mult = 1.0;
 };
 
-template <class Launch, typename T, typename Tab, Kind kKind>
-void run(const Plan& plan, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
-         int num_blocks, const Second& second = {}) {
-  km::Args<T, Tab> args;
-  args.w = reinterpret_cast<T*>(w.data_ptr());
-  args.ldw = plan.ldw;
-  args.a = reinterpret_cast<const Tab*>(a.data_ptr());
-  args.b = reinterpret_cast<const Tab*>(b.data_ptr());
-  args.nb = plan.nb;
-  args.k = plan.k;
-  args.r = plan.r;
-  args.scale = (float)scale;
-  args.a2 = second.a2 ? reinterpret_cast<const Tab*>(second.a2->data_ptr()) : nullptr;
-  args.b2 = second.b2 ? reinterpret_cast<const Tab*>(second.b2->data_ptr()) : nullptr;
-  args.r2 = second.r2;
-  args.mult = (float)second.mult;
-  args.transposed = plan.transposed;
-  args.map = plan.map;
-  args.map.count = kKind == Kind::kDelta ? num_blocks : plan.n;
-  const int m_total = plan.transposed ? plan.k : plan.nb;
-  const int n_total = plan.transposed ? plan.nb : plan.k;
-  const dim3 grid((unsigned)((n_total + km::kTileN - 1) / km::kTileN), (unsigned)((m_total + km::kTileM - 1) / km::kTileM),
-                  (unsigned)args.map.count);
-  if constexpr (!std::is_same<T, float>::value && std::is_same<Tab, T>::value) {
-    if (plan.tensor_core) return launch<Launch, T, Tab, kKind, true>(plan, args, grid);
-  }
-  launch<Launch, T, Tab, kKind, false>(plan, args, grid);
+template <class Launch, Kind kKind>
+void run(const char* op, const Plan& plan, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
+         double scale, int num_blocks, const Second& second = {}) {
+  select_variant(op, plan, w.scalar_type(), a.scalar_type(), [&](auto variant) {
+    using V = decltype(variant);
+    using T = typename V::T;
+    using Tab = typename V::Tab;
+    km::Args<T, Tab> args;
+    args.w = reinterpret_cast<T*>(w.data_ptr());
+    args.ldw = plan.ldw;
+    args.a = reinterpret_cast<const Tab*>(a.data_ptr());
+    args.b = reinterpret_cast<const Tab*>(b.data_ptr());
+    args.nb = plan.nb;
+    args.k = plan.k;
+    args.r = plan.r;
+    args.scale = (float)scale;
+    args.a2 = second.a2 ? reinterpret_cast<const Tab*>(second.a2->data_ptr()) : nullptr;
+    args.b2 = second.b2 ? reinterpret_cast<const Tab*>(second.b2->data_ptr()) : nullptr;
+    args.r2 = second.r2;
+    args.mult = (float)second.mult;
+    args.transposed = plan.transposed;
+    args.map = plan.map;
+    args.map.count = kKind == Kind::kDelta ? num_blocks : plan.n;
+    const int m_total = plan.transposed ? plan.k : plan.nb;
+    const int n_total = plan.transposed ? plan.nb : plan.k;
+    const dim3 grid((unsigned)((n_total + km::kTileN - 1) / km::kTileN),
+                    (unsigned)((m_total + km::kTileM - 1) / km::kTileM), (unsigned)args.map.count);
+    Launch::run(kernel_for<T, Tab, V::kTensorCore, V::kVector, kKind>(), grid, dim3(km::kThreads),
+                km::smem_bytes<T, V::kTensorCore>(), args);
+  });
 }
 
 // W[blocks] += scale * B_j @ A_j (kDelta false), or out = the dense scale * delta (kDelta true).
@@ -168,13 +221,7 @@ void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::T
   const Plan plan = check(op, kDelta ? "out" : "W", w, a, b, num_blocks, block_ids, transposed, device);
   if (w.numel() == 0 || (!kDelta && plan.n == 0)) return;
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-  constexpr Kind kKind = kDelta ? Kind::kDelta : Kind::kMerge;
-  LORA_DISPATCH_WEIGHT_TYPES(w.scalar_type(), op, [&] {
-    if (ac.scalar_type() == at::kFloat)
-      run<Launch, scalar_t, float, kKind>(plan, w, ac, bc, scale, (int)num_blocks);
-    else
-      run<Launch, scalar_t, scalar_t, kKind>(plan, w, ac, bc, scale, (int)num_blocks);
-  });
+  run<Launch, kDelta ? Kind::kDelta : Kind::kMerge>(op, plan, w, ac, bc, scale, (int)num_blocks);
 }
 
 // W[blocks] += new_scale * B2_j @ A2_j - old_scale * B1_j @ A1_j in one pass (one rounding per element).
@@ -204,12 +251,7 @@ void apply_swap(const char* op, const at::Tensor& w, const at::Tensor& old_a, co
   second.b2 = &by;
   second.r2 = (new_is_y ? new_plan : old_plan).r;
   second.mult = m_x / m_y;
-  LORA_DISPATCH_WEIGHT_TYPES(w.scalar_type(), op, [&] {
-    if (ax.scalar_type() == at::kFloat)
-      run<Launch, scalar_t, float, Kind::kSwap>(plan, w, ax, bx, m_y, 0, second);
-    else
-      run<Launch, scalar_t, scalar_t, Kind::kSwap>(plan, w, ax, bx, m_y, 0, second);
-  });
+  run<Launch, Kind::kSwap>(op, plan, w, ax, bx, m_y, 0, second);
 }
 
 }  // namespace merge_host

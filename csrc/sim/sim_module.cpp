@@ -6,6 +6,7 @@
 
 #include <optional>
 
+#include "ops/bindings_table.h"
 #include "ops/forward_host.h"
 #include "ops/merge_host.h"
 
@@ -41,44 +42,49 @@ void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::T
   });
 }
 
-void merge_(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale, int64_t num_blocks,
-            const std::vector<int64_t>& block_ids, bool transposed) {
-  apply<false>("lora_ext._sim.merge_", w, a, b, scale, num_blocks, block_ids, transposed);
-}
+// The ops through the simulator, as bindings_table.h's Ops.
+struct SimOps {
+  static void merge_(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                     int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
+    apply<false>("lora_ext._sim.merge_", w, a, b, scale, num_blocks, block_ids, transposed);
+  }
 
-void delta_weight_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale,
-                   int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
-  apply<true>("lora_ext._sim.delta_weight_", out, a, b, scale, num_blocks, block_ids, transposed);
-}
+  static void delta_weight_(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double scale,
+                            int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed) {
+    apply<true>("lora_ext._sim.delta_weight_", out, a, b, scale, num_blocks, block_ids, transposed);
+  }
 
-void swap_(const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b, double old_scale,
-           const at::Tensor& new_a, const at::Tensor& new_b, double new_scale, int64_t num_blocks,
-           const std::vector<int64_t>& block_ids, bool transposed) {
-  const char* op = "lora_ext._sim.swap_";
-  simulated(op, [&] {
-    lora_ext::merge_host::apply_swap<SimLaunch>(op, w, old_a, old_b, old_scale, new_a, new_b, new_scale, num_blocks,
-                                               block_ids, transposed, c10::DeviceType::CPU);
-  });
-}
+  static void swap_(const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b, double old_scale,
+                    const at::Tensor& new_a, const at::Tensor& new_b, double new_scale, int64_t num_blocks,
+                    const std::vector<int64_t>& block_ids, bool transposed) {
+    const char* op = "lora_ext._sim.swap_";
+    simulated(op, [&] {
+      lora_ext::merge_host::apply_swap<SimLaunch>(op, w, old_a, old_b, old_scale, new_a, new_b, new_scale,
+                                                 num_blocks, block_ids, transposed, c10::DeviceType::CPU);
+    });
+  }
 
-at::Tensor linear(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scale,
-                  int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out) {
-  const char* op = "lora_ext._sim.linear";
-  return simulated(op, [&] {
-    return lora_ext::forward_host::linear<SimLaunch>(op, x, x_lora, weight, bias, a, b, scale, num_blocks, block_ids,
-                                                     fan_in_fan_out, c10::DeviceType::CPU, kSimSmCount);
-  });
-}
+  static at::Tensor linear(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
+                           double scale, int64_t num_blocks, const std::vector<int64_t>& block_ids,
+                           bool fan_in_fan_out) {
+    const char* op = "lora_ext._sim.linear";
+    return simulated(op, [&] {
+      return lora_ext::forward_host::linear<SimLaunch>(op, x, x_lora, weight, bias, a, b, scale, num_blocks,
+                                                       block_ids, fan_in_fan_out, c10::DeviceType::CPU,
+                                                       kSimSmCount);
+    });
+  }
 
-at::Tensor embedding(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
-                     double scale, std::optional<int64_t> padding_idx) {
-  const char* op = "lora_ext._sim.embedding";
-  return simulated(op, [&] {
-    return lora_ext::forward_host::embedding<SimLaunch>(op, ids, weight, a, b, scale, padding_idx,
-                                                        c10::DeviceType::CPU);
-  });
-}
+  static at::Tensor embedding(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a,
+                              const at::Tensor& b, double scale, std::optional<int64_t> padding_idx) {
+    const char* op = "lora_ext._sim.embedding";
+    return simulated(op, [&] {
+      return lora_ext::forward_host::embedding<SimLaunch>(op, ids, weight, a, b, scale, padding_idx,
+                                                          c10::DeviceType::CPU);
+    });
+  }
+};
 
 void set_schedule(std::optional<int64_t> seed) {
   TORCH_CHECK_VALUE(!seed || *seed >= 0, "set_schedule: seed must be None or >= 0, got ", *seed);
@@ -95,23 +101,7 @@ void set_workers(int64_t n) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.doc() = "lora_ext's CUDA kernels on CPU tensors, through the SIMT simulator (for tests)";
-  m.def("merge_", &merge_,
-        "W[blocks] += scale * B_j @ A_j in place (transposed: W[:, blocks] += scale * (B_j @ A_j)^T)",
-        py::arg("W"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"),
-        py::arg("transposed"));
-  m.def("delta_weight_", &delta_weight_,
-        "out = the dense scale * delta that merge_ adds (zeros in disabled blocks)", py::arg("out"), py::arg("A"),
-        py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
-  m.def("swap_", &swap_,
-        "W[blocks] += new_scale * B2_j @ A2_j - old_scale * B1_j @ A1_j in place, in one pass",
-        py::arg("W"), py::arg("old_A"), py::arg("old_B"), py::arg("old_scale"), py::arg("new_A"), py::arg("new_B"),
-        py::arg("new_scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
-  m.def("linear", &linear,
-        "F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks (fan_in_fan_out: W is (in, out))",
-        py::arg("x"), py::arg("x_lora"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"),
-        py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("fan_in_fan_out"));
-  m.def("embedding", &embedding, "weight[ids] + scale * A[:, ids]^T B^T", py::arg("ids"), py::arg("weight"),
-        py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("padding_idx"));
+  lora_ext::bindings::define_ops<SimOps>(m);
   m.def("set_schedule", &set_schedule,
         "None: threads run in index order between barriers; an int: a fresh shuffled order per phase, seeded",
         py::arg("seed"));

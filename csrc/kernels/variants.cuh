@@ -1,0 +1,41 @@
+// The kernel variants, one list per kernel family: the template instantiations that exist. Both sides expand
+// these lists, so they cannot drift apart:
+//   - the host code (ops/merge_host.h, ops/forward_host.h) selects a kernel by matching the checked
+//     arguments against the list's entries (select_variant) and instantiates nothing else; a static_assert
+//     there holds each list to exactly the variants the host's checks can lead to (selectable());
+//   - the nvcc compile check (kernels/check/*.cu) instantiates every entry for each GPU architecture.
+// A new variant is a line here, plus selectable() and the argument checks where they must admit it.
+//
+// Plain X-macros, torch-free: X is called once per entry with the CUDA element types (float, __half,
+// __nv_bfloat16); a file expanding a list includes the kernel headers first.
+#pragma once
+
+// merge_kernel, delta_weight_kernel and swap_kernel<T, Tab, kTensorCore, kVector>: W (or out) of type T,
+// factors of type Tab (float32, or W's dtype); tensor cores (WMMA) only for fp16/bf16 factors of W's dtype;
+// kVector (16-byte accesses) or element-wise, as W's pointer, row stride and block offsets allow.
+#define LORA_MERGE_VARIANTS(X)                  \
+  X(float, float, false, true)                  \
+  X(float, float, false, false)                 \
+  X(__half, float, false, true)                 \
+  X(__half, float, false, false)                \
+  X(__half, __half, false, true)                \
+  X(__half, __half, false, false)               \
+  X(__half, __half, true, true)                 \
+  X(__half, __half, true, false)                \
+  X(__nv_bfloat16, float, false, true)          \
+  X(__nv_bfloat16, float, false, false)         \
+  X(__nv_bfloat16, __nv_bfloat16, false, true)  \
+  X(__nv_bfloat16, __nv_bfloat16, false, false) \
+  X(__nv_bfloat16, __nv_bfloat16, true, true)   \
+  X(__nv_bfloat16, __nv_bfloat16, true, false)
+
+// The forward kernels of one dtype T: fused_linear_kernel, expand_kernel and embedding_kernel<T, kVector>
+// and shrink_kernel<T, kTensorCore, kVector>. kTensorCore is the shrink's path for T (WMMA for fp16/bf16),
+// so each (T, kVector) appears once.
+#define LORA_FORWARD_VARIANTS(X) \
+  X(float, false, true)          \
+  X(float, false, false)         \
+  X(__half, true, true)          \
+  X(__half, true, false)         \
+  X(__nv_bfloat16, true, true)   \
+  X(__nv_bfloat16, true, false)

@@ -1,0 +1,55 @@
+// The Python bindings of the ops, in one table shared by lora_ext._C (bindings.cpp: the CUDA launchers of
+// ops/*.cu) and lora_ext._sim (sim/sim_module.cpp: the same host code run through the simulator), so that
+// both modules have the same names, signatures, argument names and docstrings. Adding an op is one m.def
+// here (and its function in both Ops types; the signature types below make a mismatch a compile error).
+// Host compiler only (pybind11): the .cu files never include it.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace lora_ext {
+namespace bindings {
+
+// Each op's signature: a backend's function must have exactly this type.
+using MergeFn = void(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                     int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed);
+using SwapFn = void(const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b, double old_scale,
+                    const at::Tensor& new_a, const at::Tensor& new_b, double new_scale, int64_t num_blocks,
+                    const std::vector<int64_t>& block_ids, bool transposed);
+using LinearFn = at::Tensor(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
+                            double scale, int64_t num_blocks, const std::vector<int64_t>& block_ids,
+                            bool fan_in_fan_out);
+using EmbeddingFn = at::Tensor(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a,
+                               const at::Tensor& b, double scale, std::optional<int64_t> padding_idx);
+
+// Defines the ops on m. Ops names the backend's functions: merge_, delta_weight_, swap_, linear and embedding
+// (static member functions, or static constexpr pointers to functions), of the types above.
+template <typename Ops>
+void define_ops(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("merge_", static_cast<MergeFn*>(Ops::merge_),
+        "W[blocks] += scale * B_j @ A_j in place (transposed: W[:, blocks] += scale * (B_j @ A_j)^T)",
+        py::arg("W"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"),
+        py::arg("transposed"));
+  m.def("delta_weight_", static_cast<MergeFn*>(Ops::delta_weight_),
+        "out = the dense scale * delta that merge_ adds (zeros in disabled blocks)", py::arg("out"), py::arg("A"),
+        py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
+  m.def("swap_", static_cast<SwapFn*>(Ops::swap_),
+        "W[blocks] += new_scale * B2_j @ A2_j - old_scale * B1_j @ A1_j in place, in one pass",
+        py::arg("W"), py::arg("old_A"), py::arg("old_B"), py::arg("old_scale"), py::arg("new_A"), py::arg("new_B"),
+        py::arg("new_scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
+  m.def("linear", static_cast<LinearFn*>(Ops::linear),
+        "F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks (fan_in_fan_out: W is (in, out))",
+        py::arg("x"), py::arg("x_lora"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"),
+        py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("fan_in_fan_out"));
+  m.def("embedding", static_cast<EmbeddingFn*>(Ops::embedding), "weight[ids] + scale * A[:, ids]^T B^T",
+        py::arg("ids"), py::arg("weight"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("padding_idx"));
+}
+
+}  // namespace bindings
+}  // namespace lora_ext
