@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import ops
 from .named_adapters import MERGED, NamedAdapters
+from .streams import StreamOrder
 
 
 def _remerge_after_load(module, incompatible_keys):
@@ -62,11 +63,13 @@ class LoRALayer(NamedAdapters):
         self._merged_scaling = None
         self._init_adapters()
         self._lock = threading.RLock()
+        self._streams = StreamOrder()
         self.register_load_state_dict_post_hook(_remerge_after_load)
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.pop("_lock", None)  # locks do not pickle or deepcopy; each copy gets its own
+        state.pop("_lock", None)  # locks and streams do not pickle or deepcopy; each copy gets its own
+        state.pop("_streams", None)
         state.pop("_finite_stamps", None)
         return state
 
@@ -74,6 +77,7 @@ class LoRALayer(NamedAdapters):
         nn.Module.__setstate__(self, state)
         self._restore_adapters(state)
         self._lock = threading.RLock()
+        self._streams = StreamOrder()
 
     def _guard(self):
         # Under torch.compile there is no other thread to exclude within the traced graph.
@@ -81,6 +85,8 @@ class LoRALayer(NamedAdapters):
 
     def forward(self, x: Tensor) -> Tensor:
         with self._guard():
+            if x.is_cuda and not torch.compiler.is_compiling():
+                self._streams.read(x.device)
             return self._forward(x)
 
     def reset_parameters(self) -> None:
@@ -111,10 +117,12 @@ class LoRALayer(NamedAdapters):
     def _set_merged(self, lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: Optional[float]):
         """Records what is merged now. The factors are buffers (they follow .to()); they are set in _buffers
         directly because nn.Module.__setattr__ costs tens of microseconds here, more than a switch's kernel."""
+        self._streams.retire(self._merged_A, self._merged_B)
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
         self._merged_scaling = scaling
 
     def _merge(self):
+        self._streams.write(self._weight_2d().device)
         with torch.no_grad():
             ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, **self._layout())
         known = self._known_finite(self.active_adapter)
@@ -125,6 +133,7 @@ class LoRALayer(NamedAdapters):
         ops.unmerge_(weight_2d, self._merged_A, self._merged_B, self._merged_scaling, **self._layout())
 
     def _unmerge(self):
+        self._streams.write(self._weight_2d().device)
         with torch.no_grad():
             self._unmerge_from(self._weight_2d())
         self._set_merged(None, None, None)
@@ -137,6 +146,7 @@ class LoRALayer(NamedAdapters):
             return
         if not self._known_finite(MERGED):
             ops.check_finite("the merged adapter", self._merged_A, self._merged_B, self._merged_scaling)
+        self._streams.write(self._weight_2d().device)
         with torch.no_grad():
             ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
                       lora_A, lora_B, scaling, check_values=False, **self._layout())
@@ -170,6 +180,7 @@ class LoRALayer(NamedAdapters):
 
     def state_dict(self, *args, **kwargs):
         with self._lock:
+            self._streams.read(self.get_parameter(self._weight_key).device)
             state = nn.Module.state_dict(self, *args, **kwargs)
             if self.merged and self._merged_A is not None:
                 prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
@@ -182,6 +193,7 @@ class LoRALayer(NamedAdapters):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         with self._lock:
+            self._streams.write(self.get_parameter(self._weight_key).device)
             if self.merged and self._merged_A is not None:
                 # Loading brings a base weight and/or new factors: hold the base now, merge again after.
                 self._unmerge()

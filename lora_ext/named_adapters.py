@@ -164,6 +164,7 @@ class NamedAdapters:
             old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
                    self.scaling)
             self._activate(name, lora_A, lora_B, scaling)
+            self._streams.retire(lora_A, lora_B)
             del self._adapters[name]
             self._adapters[old_name] = old
             # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
@@ -183,11 +184,13 @@ class NamedAdapters:
         lora_A = lora_A.detach().to(self.lora_A.device, self.lora_A.dtype, copy=True)
         lora_B = lora_B.detach().to(self.lora_B.device, self.lora_B.dtype, copy=True)
         self._swap_merged(lora_A, lora_B, scaling)
+        self._streams.write(self.lora_A.device)
         if self._serving_switch(lora_A, lora_B):
             with torch.no_grad():
                 self.lora_A.copy_(lora_A)
                 self.lora_B.copy_(lora_B)
         else:
+            self._streams.retire(self.lora_A.data, self.lora_B.data)
             self.lora_A.data = lora_A
             self.lora_B.data = lora_B
         r = self.rank_of(lora_A)
