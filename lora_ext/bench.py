@@ -3,6 +3,8 @@ shapes, interleaved repetitions, ratios to the floor. Run through `lora-ext benc
 
 Peak extra memory of a merge is measured in a fresh process per implementation: on the CPU the peak
 resident set (VmHWM, reset through /proc/self/clear_refs), on CUDA torch's peak allocated bytes.
+
+Every target (the floor each case is measured against, the bound, why) is in lora_ext/bench_targets.py.
 """
 import json
 import os
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_ext
+from lora_ext import bench_targets as targets
 
 try:
     import loralib
@@ -81,22 +84,22 @@ def _cycle(layer):
     return run
 
 
-def _addmm_cycle(layer):
-    """The floor for a merge+unmerge cycle: in-place addmm_ on the enabled row blocks, +s then -s."""
-    w, A, B, s = layer.weight.data, layer.lora_A.data, layer.lora_B.data, layer.scaling
-    blocks = getattr(layer, "_block_ids", [0])
-    groups = len(getattr(layer, "enable_lora", [True]))
-    n = len(blocks)
-    r, nb = A.shape[0] // n, w.shape[0] // groups
+def _addmm_cycle(layer, signs=(1.0, -1.0)):
+    """The floor for a merge+unmerge cycle: in-place rank-r addmm_ on the enabled row blocks, +s then -s
+    (signs=(1.0,): one merge's passes)."""
+    w, A, B, s = layer.weight_2d().detach(), layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling
+    blocks = layer.block_ids
+    r, nb = layer.rank_of(A), w.shape[0] // layer.layout()["num_blocks"]
 
     def run():
-        for sign in (1.0, -1.0):
+        for sign in signs:
             for j, e in enumerate(blocks):
                 w[e * nb:(e + 1) * nb].addmm_(B[j * nb:(j + 1) * nb], A[j * r:(j + 1) * r], alpha=sign * s)
     return run
 
 
 def merge_case(kind, dim, r, dtype, device, repeats):
+    """A merge+unmerge cycle (eval() then train()) against two in-place rank-r addmm_ passes, and loralib's."""
     ours = _layer(lora_ext, kind, dim, r, dtype, device)
     candidates = {"addmm_": _addmm_cycle(ours), "lora_ext": _cycle(ours)}
     if loralib is not None:
@@ -140,7 +143,8 @@ def _peak_child(impl, kind, dim, r, dtype_name, device):
     layer = _layer(lib, kind, dim, r, dtype, device)
     warm = _layer(lib, kind, 64, 2, dtype, device)  # library start-up (BLAS buffers) outside the window
     (_addmm_cycle(warm) if impl == "addmm_" else _cycle(warm))()
-    run = (lambda: _addmm_cycle(layer)()) if impl == "addmm_" else (lambda: layer.eval())
+    # the floor of one merge (eval()) is one in-place pass: addmm_ with +s only
+    run = _addmm_cycle(layer, signs=(1.0,)) if impl == "addmm_" else (lambda: layer.eval())
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -179,15 +183,15 @@ def merge_kernel_case(kind, dim, r, dtype, device, repeats):
     rotating weights; plus the device-to-device copy of the same bytes, for the bandwidth ceiling."""
     ours = _layer(lora_ext, kind, dim, r, dtype, device)
     theirs = _layer(loralib, kind, dim, r, dtype, device) if loralib is not None else None
-    w0 = ours.weight.detach()
+    w0 = ours.weight_2d().detach()
     nrot = _rotation(w0.numel() * w0.element_size(), device)
     weights = [w0.clone() for _ in range(nrot)]
     copies = [w0.clone() for _ in range(nrot)]
     A, B, s = ours.lora_A.detach(), ours.lora_B.detach(), ours.scaling
-    layout = ours._layout()
+    layout = ours.layout()
     A_low, B_low = A.to(dtype), B.to(dtype)
-    blocks = layout.get("block_ids", [0])
-    groups = layout.get("num_blocks", 1)
+    blocks = ours.block_ids
+    groups = layout["num_blocks"]
     n, nb = len(blocks), w0.shape[0] // groups
     step = {"i": 0}
 
@@ -230,15 +234,14 @@ def merge_kernel_rows(device, dtype, repeats, shapes):
             row = dict(case=f"merge {kind} {dim} r={r}", impl=impl, ms=t * 1e3, ratio=t / times["lora_ext"],
                        **{"GB/s": gbps, "of copy": gbps / copy_gbps})
             if impl == "lora_ext" and kind == "linear":
-                row.update(target=">= 85% of copy", met=gbps >= 0.85 * copy_gbps)
+                row.update(targets.fields("merge_kernel.of_copy", gbps / copy_gbps))
             rows.append(row)
         speedup = {k: times[k] / times["lora_ext"] for k in times}
-        want = {"loralib": 5.0 if kind == "merged" else 3.0, "addmm_": 1.0}
-        for impl, goal in want.items():
+        want = {"loralib": f"merge_kernel.vs_loralib.{kind}", "addmm_": "merge_kernel.vs_addmm"}
+        for impl, key in want.items():
             if impl in speedup and (kind == "linear" or impl == "loralib"):
                 rows.append(dict(case=f"merge {kind} {dim} r={r}: lora_ext speed-up over {impl}",
-                                 impl="lora_ext", ratio=speedup[impl], target=f">= {goal}x",
-                                 met=speedup[impl] >= goal))
+                                 impl="lora_ext", ratio=speedup[impl], **targets.fields(key, speedup[impl])))
     return rows
 
 
@@ -246,7 +249,7 @@ GPU_MERGE_SHAPES = [("linear", d, r) for d in (4096, 8192) for r in (8, 16, 64)]
 
 
 # ---------------------------------------------------------------------------------------------------
-# forward kernels: unmerged LoRA layers against the merged plain layer, loralib and peft (issue 4)
+# forward kernels: unmerged LoRA layers against the merged plain layer, loralib and peft
 
 
 def _unmerged(lib, kind, dim, r, dtype, device):
@@ -314,9 +317,9 @@ def _graph_replay(modules, x):
 def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, tokens=(1, 16, 256, 4096)):
     """Forward (no grad) and forward+backward of an unmerged lora_ext.Linear(dim, dim, r) against the plain
     layer with merged weights (the floor), loralib and peft; the same for MergedLinear(dim, 3*dim,
-    merged_r, [T, F, T]) against plain; at M=1 also under CUDA graph replay. Targets from issue 4."""
+    merged_r, [T, F, T]) against plain; at M=1 also under CUDA graph replay. Targets: forward_kernel.* in
+    bench_targets."""
     rows = []
-    eager_target = {1: 1.5}
     for kind, rank in (("linear", r), ("merged", merged_r)):
         probe = _unmerged(lora_ext, kind, dim, rank, dtype, device)
         nrot = _rotation(probe.weight.numel() * probe.weight.element_size(), device)
@@ -336,14 +339,14 @@ def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, toke
             with torch.no_grad():
                 times = compare({k: (lambda f=f: f(x)) for k, (f, _) in layers.items()}, device, repeats,
                                 inner=5 if m < 256 else 1)
-            target = eager_target.get(m, 1.15) if kind == "linear" else 1.15
+            target = f"forward_kernel.{kind}.eager" + (".M1" if kind == "linear" and m == 1 else "")
             rows.extend(_forward_rows(f"forward {name} M={m}", times, target))
             if m == 1 and device == "cuda":
                 graphs = {k: _graph_replay(mods, x) for k, (_, mods) in layers.items()}
                 times = compare(graphs, device, repeats, inner=5)
                 times = {k: t / nrot for k, t in times.items()}
                 rows.extend(_forward_rows(f"forward {name} M={m}, CUDA graph replay", times,
-                                          1.1 if kind == "linear" else 1.15))
+                                          f"forward_kernel.{kind}.graph.M1"))
             if kind == "linear":
                 xg = x.clone().requires_grad_()
                 grad = torch.randn(m, dim, dtype=dtype, device=device)
@@ -355,13 +358,13 @@ def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, toke
 
 def _ratio_rows(case, times, floor, target=None, ours="lora_ext"):
     """One row per candidate: its time and its ratio to the floor's; our candidates' rows (ours: one name or
-    a tuple of names) carry the target."""
+    a tuple of names) carry the target (a key of bench_targets.TARGETS)."""
     ours = (ours,) if isinstance(ours, str) else ours
     rows = []
     for impl, t in times.items():
         row = dict(case=case, impl=impl, ms=t * 1e3, ratio=t / times[floor])
         if impl in ours and target is not None:
-            row.update(target=target, met=row["ratio"] <= target)
+            row.update(targets.fields(target, row["ratio"]))
         rows.append(row)
     return rows
 
@@ -372,7 +375,7 @@ def _forward_rows(case, times, target):
         if other in times:
             speedup = times[other] / times["lora_ext"]
             rows.append(dict(case=f"{case}: lora_ext speed-up over {other}", impl="lora_ext", ratio=speedup,
-                             target="> 1x", met=speedup > 1.0))
+                             **targets.fields("forward_kernel.vs_others", speedup)))
     return rows
 
 
@@ -390,10 +393,10 @@ def run(device="cpu", quick=False, dim=4096):
     def add(case, times, floor, target=None):
         rows.extend(_ratio_rows(case, times, floor, target))
 
-    for kind, r, target in (("linear", 16, 1.2), ("merged", 8, 1.2)):
+    for kind, r in (("linear", 16), ("merged", 8)):
         times, nbytes = merge_case(kind, dim, r, dtype, device, repeats)
         name = f"merge+unmerge {kind} {dim} r={r}"
-        add(name, times, "addmm_", target)
+        add(name, times, "addmm_", f"merge_cycle.{kind}")
         for row in rows[-len(times):]:
             row["GB/s"] = 2 * 2 * nbytes / (row["ms"] * 1e-3) / 1e9  # read + write, twice
         for impl in times:
@@ -401,10 +404,10 @@ def run(device="cpu", quick=False, dim=4096):
                 continue
             extra = peak_extra_memory(impl, kind, dim, r, dtype, device)
             rows.append(dict(case=f"peak extra MiB, merge {kind} {dim} r={r}", impl=impl, MiB=extra / MiB,
-                             **({"target": 4.0, "met": extra / MiB <= 4.0} if impl == "lora_ext" else {})))
+                             **(targets.fields("merge_peak", extra / MiB) if impl == "lora_ext" else {})))
 
-    forward = [("merged", 8, 1, 1.1), ("merged", 8, 64, 1.1), ("linear", 16, 1, None), ("linear", 16, 64, None),
-               ("linear", 16, 2048, 1.03)]
+    forward = [("merged", 8, 1, "forward.merged.tokens1"), ("merged", 8, 64, "forward.merged.tokens64"),
+               ("linear", 16, 1, None), ("linear", 16, 64, None), ("linear", 16, 2048, "forward.linear.tokens2048")]
     for kind, r, tokens, target in forward:
         times = forward_case(kind, dim, r, tokens, dtype, device, repeats)
         add(f"forward {kind} {dim} r={r} tokens={tokens}", times, "plain", target)
@@ -429,24 +432,35 @@ def serving_rows(dim, dtype, device, repeats, r=16):
 
 
 def switch_rows(dim, dtype, device, repeats, r=16):
-    """Adapter switch on a merged Linear (one pass, rank 2r) against one merge pass (the floor, ops.merge_ of
-    rank r) and peft's unmerge + merge of the same adapters: the op alone (ops.swap_ on its own copy of the
-    weight, values known finite) and the layer's set_adapter (lock, bookkeeping, the merged copy)."""
+    """Adapter switch on a merged Linear, r=16 out, r=16 in: the op alone (ops.swap_ on its own copy of the
+    weight, values known finite) and the layer's set_adapter (lock, bookkeeping, the merged copy), beside
+    peft's unmerge + merge of the same adapters. A switch is one update of rank r1 + r2, so its floor is one
+    in-place addmm_ of rank r1 + r2 (the factors stacked once, outside the timing); the rows against one
+    rank-r merge (ops.merge_, half the flops) are reported too, without a target."""
     layer = _layer(lora_ext, "linear", dim, r, dtype, device)
     layer.add_adapter("b", torch.randn_like(layer.lora_A) * 0.02, torch.randn_like(layer.lora_B) * 0.02, 2.0)
     layer.eval()
-    w, A, B = layer.weight.data, layer.lora_A.data, layer.lora_B.data
-    w_op = w.clone()
-    pairs = [(A, B, layer.scaling), (*layer.get_adapter("b")[:2], 2.0)]
-    names = iter(["b", "default"] * (4 * repeats + 8))
-    signs = iter([1.0, -1.0] * (4 * repeats + 8))  # merge and take it out again: the weight stays as it was
-    flips = iter([0, 1] * (4 * repeats + 8))
+    w, A, B = layer.weight_2d().detach(), layer.lora_A.detach(), layer.lora_B.detach()
+    w_op, w_floor = w.clone(), w.clone()
+    A_b, B_b = layer.get_adapter("b")[:2]
+    pairs = [(A, B, layer.scaling), (A_b, B_b, 2.0)]
+    r_sum = layer.rank_of(A) + layer.rank_of(A_b)
+    # the switch default -> b as one rank-(r1 + r2) update; applied with alpha -1 it is the switch back
+    A_cat = torch.cat((A_b.detach(), A)).to(w.dtype)
+    B_cat = torch.cat((B_b.detach() * 2.0, B * -layer.scaling), dim=1).to(w.dtype)
+    calls = 4 * repeats + 8
+    names = iter(["b", "default"] * calls)
+    signs = iter([1.0, -1.0] * calls)  # merge and take it out again: the weight stays as it was
+    floor_signs = iter([1.0, -1.0] * calls)
+    flips = iter([0, 1] * calls)
 
     def op_swap():
         i = next(flips)
         lora_ext.ops.swap_(w_op, *pairs[i], *pairs[1 - i], check_values=False)
 
-    candidates = {"one merge pass": lambda: lora_ext.ops.merge_(w, A, B, next(signs) * layer.scaling),
+    floor = f"addmm_ rank {r_sum}"
+    candidates = {floor: lambda: w_floor.addmm_(B_cat, A_cat, alpha=next(floor_signs)),
+                  "one merge pass": lambda: lora_ext.ops.merge_(w, A, B, next(signs) * layer.scaling),
                   "lora_ext ops.swap_": op_swap,
                   "lora_ext set_adapter": lambda: layer.set_adapter(next(names))}
     peft = _peft()
@@ -469,8 +483,10 @@ def switch_rows(dim, dtype, device, repeats, r=16):
             state["active"] = other
         candidates["peft unmerge+merge"] = peft_switch
     times = compare(candidates, device, repeats)
-    return _ratio_rows(f"adapter switch, merged linear {dim} r={r}", times, "one merge pass",
-                       target=1.2 if device == "cpu" else 1.1, ours=("lora_ext ops.swap_", "lora_ext set_adapter"))
+    case = f"adapter switch, merged linear {dim} r={r}"
+    ours = ("lora_ext ops.swap_", "lora_ext set_adapter")
+    return (_ratio_rows(f"{case}, against one rank-{r_sum} addmm_ (floor)", times, floor, "switch", ours=ours)
+            + _ratio_rows(f"{case}, against one rank-{r} merge", times, "one merge pass", ours=ours))
 
 
 def inject_rows(dim, dtype, device, repeats, r=16):
