@@ -10,11 +10,13 @@ import json
 import os
 import shutil
 import struct
+import sys
 
 import torch
+from tqdm import tqdm
 
 from .. import ops
-from .files import Progress, atomic_path
+from .files import atomic_path
 from .peft_io import check_base_weight, module_factors, module_rank_scaling, read_config, read_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -110,8 +112,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         plan[key] = (A2.to(device), B2.to(device), scaling, transposed)
 
     total = sum(len(entries) for _, entries in headers.values())
-    bar = Progress(total, desc="merge", enabled=progress)
-    with atomic_path(out, directory=base_dir is not None) as tmp:
+    # on stderr, nothing at all when progress is off; "merge [####....] n/total elapsed, tensor name"
+    bar = tqdm(total=total, desc="merge", file=sys.stderr, disable=not progress, ascii=".#",
+               bar_format="{desc} [{bar:28}] {n_fmt}/{total_fmt} {elapsed}{postfix}")
+    with bar, atomic_path(out, directory=base_dir is not None) as tmp:
         sizes = {}
         for path, (meta, entries) in headers.items():
             target = os.path.join(tmp, os.path.basename(path)) if base_dir is not None else tmp
@@ -122,7 +126,6 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                 new_index = dict(index, metadata=dict(index.get("metadata") or {}, total_size=sum(sizes.values())))
                 with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                     json.dump(new_index, f, indent=2)
-    bar.close()
     return len(plan)
 
 
@@ -165,5 +168,6 @@ def _write_shard(src, dst, meta, entries, plan, device, out_dtype, bar):
                 t = t.to(device=device, dtype=work)
                 ops.merge_(t.view(t.shape[0], -1), A, B, scaling, transposed=transposed)
             f.write(memoryview(t.to(dt).cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-            bar.update(extra=key if len(key) < 48 else "..." + key[-45:])
+            bar.set_postfix_str(key if len(key) < 48 else "..." + key[-45:], refresh=False)
+            bar.update()
     return offset
