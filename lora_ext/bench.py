@@ -6,7 +6,6 @@ resident set (VmHWM, reset through /proc/self/clear_refs), on CUDA torch's peak 
 
 Every target (the floor each case is measured against, the bound, why) is in lora_ext/bench_targets.py.
 """
-import json
 import os
 import platform
 import statistics
