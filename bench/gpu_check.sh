@@ -6,41 +6,106 @@
 #
 # From this machine:  bash bench/fetch_wheels.sh   (once; the test wheels travel in .wheels/)
 # then with the device tool:  run(command="bash bench/gpu_check.sh", carry=[".wheels"], timeout_s=540)
+#
+# Dry run, on a machine without a GPU (CI runs it):  bash bench/gpu_check.sh --dry   (or LORA_EXT_GPU_DRY=1)
+# Every step runs with CPU stand-ins for what needs the GPU: no nvidia-smi; the build step checks that lora_ext
+# imports (builds it only when it does not); the CUDA tests run with --sim-as-cuda (lora_ext._sim standing in
+# for lora_ext._C; tests marked hardware are skipped); the benchmarks run with --device cpu at a small width.
+# Python is $PYTHON, else .venv/bin/python when there is one, else python3. Exits non-zero if any step fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+DRY=0
+case "${1:-}" in
+  --dry) DRY=1 ;;
+  "") ;;
+  *) echo "usage: bash bench/gpu_check.sh [--dry]" >&2; exit 2 ;;
+esac
+case "${LORA_EXT_GPU_DRY:-}" in
+  1) DRY=1 ;;
+  ""|0) ;;
+  *) echo "LORA_EXT_GPU_DRY must be 1 or 0" >&2; exit 2 ;;
+esac
 OUT=${LORA_EXT_GPU_OUT:-${OUT:-./gpu_out}}
 mkdir -p "$OUT"
+if [ $DRY = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python3}
 status=0
 step() { echo "== $(date +%T) $*"; }
+failed() { echo "$*"; status=1; }  # dry run: a step that fails makes the run fail
 
 step "machine"
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+if [ $DRY = 1 ]; then
+  echo "DRY RUN: no GPU, no nvidia-smi; CPU stand-ins for the GPU steps ($(uname -m), $(nproc) cores)" | tee "$OUT/gpu.txt"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt" \
+    || failed "torch does not import with $PY"
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+fi
 
 step "test dependencies from .wheels"
-if [ -d .wheels ]; then
+if [ $DRY = 1 ]; then
+  # The wheels install into a throwaway folder, from .wheels alone (so a missing one shows); the test
+  # dependencies must import here.
+  if [ -d .wheels ]; then
+    target=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --find-links .wheels --target "$target" loralib pytest hypothesis \
+      > "$OUT/pip.log" 2>&1 || { failed "wheel install failed"; tail -20 "$OUT/pip.log"; }
+    rm -rf "$target"
+  else
+    echo "no .wheels/ here (bash bench/fetch_wheels.sh fills it before a GPU run)"
+  fi
+  "$PY" -c "import loralib, pytest, hypothesis; print('test dependencies import')" || failed "test dependencies missing"
+elif [ -d .wheels ]; then
   "$PY" -m pip install -q --no-index --find-links .wheels loralib pytest hypothesis > "$OUT/pip.log" 2>&1 \
     || { echo "wheel install failed"; tail -20 "$OUT/pip.log"; }
 fi
 
-step "build (sm_90)"
-if ! timeout 300 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 LORA_EXT_CUDA=1 \
-    "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1
+if [ $DRY = 1 ]; then
+  step "build (dry run: lora_ext must import; built only if it does not)"
+  if "$PY" -c "import lora_ext._sim" 2> /dev/null; then
+    echo "lora_ext is built; not rebuilt in a dry run"
+  elif ! timeout 1200 env MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install --no-build-isolation --no-deps -e . \
+      > "$OUT/build.log" 2>&1; then
+    echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1
+  fi
+  "$PY" -c "import lora_ext.ops as o, lora_ext._sim; print('lora_ext._sim loaded; lora_ext._C', 'loaded' if o.cuda_kernels_available() else 'not built')" || exit 1
+else
+  step "build (sm_90)"
+  if ! timeout 300 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 LORA_EXT_CUDA=1 \
+      "$PY" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1
+  fi
+  "$PY" -c "import lora_ext.ops as o; assert o.cuda_kernels_available(), 'lora_ext._C missing'; print('lora_ext._C loaded')" || exit 1
 fi
-"$PY" -c "import lora_ext.ops as o; assert o.cuda_kernels_available(), 'lora_ext._C missing'; print('lora_ext._C loaded')" || exit 1
 
-step "CUDA tests"
-timeout 150 "$PY" -m pytest -q -x --junitxml="$OUT/tests.xml" -m gpu tests > "$OUT/tests.log" 2>&1
-rc=$?
-tail -5 "$OUT/tests.log"
+# (pyproject.toml's addopts already has -q; a second -q would drop pytest's closing count line)
+if [ $DRY = 1 ]; then
+  step "CUDA tests, rehearsed on the CPU (--sim-as-cuda)"
+  timeout 600 "$PY" -m pytest -x -rs --junitxml="$OUT/tests.xml" -m gpu --sim-as-cuda tests > "$OUT/tests.log" 2>&1
+  rc=$?
+  grep "^SKIPPED" "$OUT/tests.log"
+  tail -1 "$OUT/tests.log"
+else
+  step "CUDA tests"
+  timeout 150 "$PY" -m pytest -x --junitxml="$OUT/tests.xml" -m gpu tests > "$OUT/tests.log" 2>&1
+  rc=$?
+  tail -5 "$OUT/tests.log"
+fi
 [ $rc -eq 0 ] || { status=1; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; }
 
 step "benchmarks"
-timeout 270 "$PY" -m lora_ext.cli bench --device cuda --quick --json "$OUT/bench.json" > "$OUT/bench.md" 2>"$OUT/bench.err" \
+if [ $DRY = 1 ]; then
+  bench=(--device cpu --quick --dim 256) limit=300
+else
+  bench=(--device cuda --quick) limit=270
+fi
+timeout $limit "$PY" -m lora_ext.cli bench "${bench[@]}" --json "$OUT/bench.json" > "$OUT/bench.md" 2>"$OUT/bench.err" \
   || { status=1; tail -20 "$OUT/bench.err"; }
 
 step "results (full table in $OUT/bench.md)"
 cat "$OUT/bench.md"
+if [ $DRY = 1 ]; then
+  echo "== dry run: $([ $status = 0 ] && echo every step passed || echo FAILED) in ${SECONDS}s"
+fi
 exit $status

@@ -1,6 +1,43 @@
-"""Fixtures and hooks only; the shared helpers (oracles, tolerances, kernel cases, markers) are in helpers.py."""
+"""Fixtures and hooks only; the shared helpers (oracles, tolerances, kernel cases, markers) are in helpers.py.
+
+Tests that need a CUDA device carry the `gpu` marker and reach the device through the `cuda` fixture. With
+`--sim-as-cuda` (or LORA_EXT_SIM_AS_CUDA=1) they rehearse on the CPU: `cuda.device` is the CPU and the
+simulator lora_ext._sim stands in for lora_ext._C, so their bodies run before a GPU is ever booked. Those
+that need the hardware itself (streams, graphs, memory statistics, timing) also carry
+`@pytest.mark.hardware("why")` and are skipped in a rehearsal, saying why, though still collected.
+"""
+import os
+
 import pytest
 import torch
+
+SIM_AS_CUDA_ENV = "LORA_EXT_SIM_AS_CUDA"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--sim-as-cuda", action="store_true", default=False,
+        help="run the tests marked gpu on the CPU, with the simulator lora_ext._sim standing in for lora_ext._C "
+             f"(tests also marked hardware are skipped); the same as {SIM_AS_CUDA_ENV}=1",
+    )
+
+
+def sim_as_cuda_requested(config) -> bool:
+    """--sim-as-cuda, or LORA_EXT_SIM_AS_CUDA=1 (0 or empty: off)."""
+    value = os.environ.get(SIM_AS_CUDA_ENV, "")
+    if value not in ("", "0", "1"):
+        raise pytest.UsageError(f"{SIM_AS_CUDA_ENV} must be 1 (on) or 0 (off), not {value!r}")
+    return config.getoption("--sim-as-cuda") or value == "1"
+
+
+def pytest_configure(config):
+    config._lora_ext_sim_as_cuda = sim_as_cuda_requested(config)
+
+
+def pytest_report_header(config):
+    if config._lora_ext_sim_as_cuda:
+        return "lora_ext: --sim-as-cuda: gpu tests run on the CPU through lora_ext._sim (hardware tests skipped)"
+    return None
 
 
 @pytest.fixture(autouse=True)
@@ -33,12 +70,57 @@ def sim_as_cuda():
         yield sim
 
 
+class CudaTarget:
+    """Where a `gpu` test runs. On a GPU: `device` is cuda, `kernels` is lora_ext._C, `synchronize()` waits
+    for the device. In a rehearsal (--sim-as-cuda): `device` is the CPU, `kernels` is lora_ext._sim (routed to
+    by lora_ext.ops for CPU tensors while the test runs) and `synchronize()` does nothing. `other` is a device
+    the kernels do not take (the CPU on a GPU, `meta` in a rehearsal), for tests of device mismatches."""
+
+    def __init__(self, device, kernels, other, rehearsal):
+        self.device = torch.device(device)
+        self.kernels = kernels
+        self.other = torch.device(other)
+        self.rehearsal = rehearsal
+
+    def synchronize(self):
+        if not self.rehearsal:
+            torch.cuda.synchronize()
+
+    def __repr__(self):
+        return f"CudaTarget({self.device}, {self.kernels.__name__}, rehearsal={self.rehearsal})"
+
+
+@pytest.fixture
+def cuda(request):
+    """The device of a `gpu` test (see CudaTarget); skips when the kernels it stands for were not built."""
+    from lora_ext import ops
+    if request.config._lora_ext_sim_as_cuda:
+        sim = pytest.importorskip("lora_ext._sim", reason="--sim-as-cuda needs lora_ext._sim (not built)")
+        with ops.use_kernels(sim, "cpu"):
+            yield CudaTarget("cpu", sim, "meta", rehearsal=True)
+        return
+    if not ops.cuda_kernels_available():
+        pytest.skip("needs lora_ext built with its CUDA kernels (lora_ext._C)")
+    yield CudaTarget("cuda", ops._C, "cpu", rehearsal=False)
+
+
 def pytest_collection_modifyitems(config, items):
-    # One place for the `gpu` marker (registered in pyproject.toml): where there is no CUDA device, every test
-    # that needs one is skipped, and says why. bench/gpu_check.sh selects them with `-m gpu`.
+    # One place for the `gpu` and `hardware` markers (registered in pyproject.toml). bench/gpu_check.sh selects
+    # the gpu tests with `-m gpu`, and its dry run rehearses them with `-m gpu --sim-as-cuda`.
+    for item in items:
+        if item.get_closest_marker("hardware") is not None and item.get_closest_marker("gpu") is None:
+            raise pytest.UsageError(f"{item.nodeid}: the hardware marker goes with the gpu marker")
+    if config._lora_ext_sim_as_cuda:
+        for item in items:
+            hardware = item.get_closest_marker("hardware")
+            if hardware is not None:
+                why = hardware.args[0] if hardware.args else "needs a real CUDA device"
+                item.add_marker(pytest.mark.skip(reason=f"hardware: {why}; not rehearsed by --sim-as-cuda"))
+        return
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="gpu: needs a CUDA device (torch.cuda.is_available() is False)")
+    skip = pytest.mark.skip(reason="gpu: needs a CUDA device (torch.cuda.is_available() is False); "
+                                   "--sim-as-cuda rehearses it on the CPU")
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)

@@ -1,12 +1,10 @@
 """Shared test support: float64 oracles written independently of lora_ext, the relative-error measure and its
-tolerances, the kernel cases, and the markers for tests that need lora_ext._sim or lora_ext._C.
-(conftest.py holds only fixtures and hooks.)"""
+tolerances, the kernel cases, and the marker for tests that need lora_ext._sim. (conftest.py holds the fixtures
+and hooks, among them `cuda`, the device of the tests marked `gpu`.)"""
 import importlib.util
 
 import pytest
 import torch
-
-from lora_ext import ops
 
 # ||out - ref|| / ||ref|| bounds by dtype, against a float64 oracle.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
@@ -75,7 +73,8 @@ PATTERNS = {
 
 # ---------------------------------------------------------------------------------------------------
 # what a test needs built: the simulator (lora_ext._sim) or the CUDA kernels (lora_ext._C). Tests that need
-# a CUDA device carry the `gpu` marker, which conftest.py skips where torch.cuda.is_available() is False.
+# a CUDA device carry the `gpu` marker and take the `cuda` fixture (conftest.py): it gives them CUDA and
+# lora_ext._C, or with --sim-as-cuda the CPU and lora_ext._sim, and skips when those kernels were not built.
 
 # Skip only when the module was not built; one that is built but fails to load is an error (load_sim raises).
 SIM_BUILT = importlib.util.find_spec("lora_ext._sim") is not None
@@ -90,7 +89,3 @@ def load_sim():
         return None
     from lora_ext import _sim
     return _sim
-
-
-requires_cuda_kernels = pytest.mark.skipif(not ops.cuda_kernels_available(),
-                                           reason="needs lora_ext built with its CUDA kernels (lora_ext._C)")

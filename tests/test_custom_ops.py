@@ -1,13 +1,17 @@
-"""The custom ops under torch.library.opcheck, and lora_ext layers under torch.compile(fullgraph=True)."""
+"""The custom ops under torch.library.opcheck, and lora_ext layers under torch.compile(fullgraph=True), on the
+CPU (the reference backend) and on CUDA (the kernels; marked `gpu`, through the `cuda` fixture, so that
+--sim-as-cuda rehearses them on the CPU with lora_ext._sim as the kernels)."""
 import pytest
 import torch
 import torch.nn as nn
 
 import lora_ext
-from lora_ext import ops
 from helpers import assert_close_rel
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    return torch.device("cpu") if request.param == "cpu" else request.getfixturevalue("cuda").device
 
 
 def _merge_samples(device):
@@ -19,13 +23,11 @@ def _merge_samples(device):
                    torch.randn(len(ids) * nb, r, device=device), 0.5, num_blocks, ids, transposed)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_merge(device):
     for args in _merge_samples(device):
         torch.library.opcheck(torch.ops.lora_ext.merge_.default, args)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_delta_weight(device):
     for w, A, B, s, g, ids, t in _merge_samples(device):
         A.requires_grad_()
@@ -33,7 +35,6 @@ def test_opcheck_delta_weight(device):
         torch.library.opcheck(torch.ops.lora_ext.delta_weight.default, (A, B, s, g, ids, t, torch.float32))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_opcheck_linear(device, bias):
     for w, A, B, s, g, ids, t in _merge_samples(device):
@@ -45,7 +46,6 @@ def test_opcheck_linear(device, bias):
         torch.library.opcheck(torch.ops.lora_ext.linear.default, (x, x, w, b, A, B, s, g, ids, t))
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_embedding(device):
     w = torch.randn(12, 6, device=device)
     A = torch.randn(3, 12, device=device, requires_grad=True)
@@ -69,7 +69,6 @@ class Model(nn.Module):
         return self.conv(h.transpose(1, 2)).transpose(1, 2)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("merged", [False, True])
 def test_model_compiles_fullgraph(device, merged):
     torch._dynamo.reset()

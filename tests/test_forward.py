@@ -1,7 +1,8 @@
 """The forward ops' kernels (linear: fused decode, split-K shrink + expand; embedding) against float64
 references computed here: on the CPU through the SIMT simulator (lora_ext._sim), and on a GPU through
 lora_ext._C directly, the ops and the layers, with gradients and a CUDA graph capture of an unmerged layer
-(the tests marked `gpu`: bench/gpu_check.sh runs them).
+(the tests marked `gpu`, through the `cuda` fixture: bench/gpu_check.sh runs them, and its dry run rehearses
+them on the CPU with --sim-as-cuda, lora_ext._sim standing in for lora_ext._C).
 
 Inputs are fresh random draws from the global RNG (conftest.py seeds it afresh per test). The LoRA factors
 are drawn at unit scale, so the low-rank term dominates every enabled output and an error in it cannot hide
@@ -13,7 +14,7 @@ import torch
 import lora_ext
 from lora_ext import ops
 from helpers import (KERNEL_DTYPES, PATTERNS, TOL, assert_close_rel, embedding64, linear64, load_sim, rel_err,
-                     requires_cuda_kernels, requires_sim)
+                     requires_sim)
 
 _sim = load_sim()
 
@@ -309,47 +310,44 @@ def test_linear_argument_errors(case):
 
 # ---------------------------------------------------------------------------------------------------
 # on CUDA tensors: lora_ext._C.linear / embedding directly, through the ops and the layers, gradients, and a
-# CUDA graph capture of an unmerged layer
+# CUDA graph capture of an unmerged layer (with --sim-as-cuda: CPU tensors through lora_ext._sim, no graph)
 
 @pytest.mark.gpu
-@requires_cuda_kernels
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 @pytest.mark.parametrize("lead", [(1,), (7,), (2, 40), (300,)])
 @pytest.mark.parametrize("k,nb,r", [(53, 37, 4), (256, 264, 16)])
-def test_cuda_linear_kernels(dtype, pattern, lead, k, nb, r):
-    w, b, A, B, g, ids, fan = _layer(pattern, k, nb, r, dtype, device="cuda")
-    x = torch.randn(*lead, k, device="cuda").to(dtype)
-    y = lora_ext._C.linear(x, x, w, b, A, B, 0.75, g, ids, fan)
-    torch.cuda.synchronize()
+def test_cuda_linear_kernels(cuda, dtype, pattern, lead, k, nb, r):
+    w, b, A, B, g, ids, fan = _layer(pattern, k, nb, r, dtype, device=cuda.device)
+    x = torch.randn(*lead, k, device=cuda.device).to(dtype)
+    y = cuda.kernels.linear(x, x, w, b, A, B, 0.75, g, ids, fan)
+    cuda.synchronize()
     assert y.shape == (*lead, g * nb) and y.dtype == dtype
     assert_close_rel(y, linear64(x, x, w, b, A, B, 0.75, g, ids, fan), dtype)
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["transposed", "misaligned"])
-def test_cuda_linear_input_layouts(dtype, layout):
-    w, b, A, B, g, ids, fan = _layer("merged_TFT", 64, 24, 8, dtype, device="cuda")
+def test_cuda_linear_input_layouts(cuda, dtype, layout):
+    w, b, A, B, g, ids, fan = _layer("merged_TFT", 64, 24, 8, dtype, device=cuda.device)
     if layout == "transposed":
-        x = torch.randn(64, 9, device="cuda").to(dtype).t()
+        x = torch.randn(64, 9, device=cuda.device).to(dtype).t()
     else:
-        x = torch.randn(9 * 64 + 1, device="cuda").to(dtype)[1:].view(9, 64)
-    y = lora_ext._C.linear(x, x, w, None, A, B, 0.5, g, ids, fan)
+        x = torch.randn(9 * 64 + 1, device=cuda.device).to(dtype)[1:].view(9, 64)
+    y = cuda.kernels.linear(x, x, w, None, A, B, 0.5, g, ids, fan)
     assert_close_rel(y, linear64(x, x, w, None, A, B, 0.5, g, ids, fan), dtype)
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("ids_shape", [(1,), (4, 33)])
-def test_cuda_embedding_kernel(dtype, ids_shape):
+def test_cuda_embedding_kernel(cuda, dtype, ids_shape):
     num, dim, r = 70, 264, 8
-    w = torch.randn(num, dim, device="cuda").to(dtype)
-    A, B = torch.randn(r, num, device="cuda").to(dtype), torch.randn(dim, r, device="cuda").to(dtype)
-    ids = torch.randint(0, num, ids_shape, device="cuda")
-    y = lora_ext._C.embedding(ids, w, A, B, 0.5, 3)
+    w = torch.randn(num, dim, device=cuda.device).to(dtype)
+    A, B = torch.randn(r, num, device=cuda.device).to(dtype), torch.randn(dim, r, device=cuda.device).to(dtype)
+    ids = torch.randint(0, num, ids_shape, device=cuda.device)
+    y = cuda.kernels.embedding(ids, w, A, B, 0.5, 3)
     ref = embedding64(ids, w, A, B, 0.5)
     assert_close_rel(y, ref, dtype)
 
@@ -369,20 +367,19 @@ LAYERS = {
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", list(LAYERS))
 @pytest.mark.parametrize("m", [1, 50])
-def test_cuda_layers_forward_and_gradients(kind, dtype, m):
-    layer = _randomize(LAYERS[kind]()).to(device="cuda", dtype=dtype)
+def test_cuda_layers_forward_and_gradients(cuda, kind, dtype, m):
+    layer = _randomize(LAYERS[kind]()).to(device=cuda.device, dtype=dtype)
     cpu = _randomize(LAYERS[kind]()).double()
     cpu.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
-    x = torch.randn(2, m, 96, device="cuda").to(dtype)
+    x = torch.randn(2, m, 96, device=cuda.device).to(dtype)
     with torch.no_grad():  # the eager fast path straight into _C
         assert_close_rel(layer(x), cpu(x.double().cpu()), dtype)
     xg = x.clone().requires_grad_()
     xr = x.double().cpu().requires_grad_()
-    grad = torch.randn(2, m, layer.out_features, device="cuda").to(dtype)
+    grad = torch.randn(2, m, layer.out_features, device=cuda.device).to(dtype)
     layer(xg).backward(grad)  # the custom op with its autograd formula
     cpu(xr).backward(grad.double().cpu())
     assert_close_rel(xg.grad, xr.grad, dtype)
@@ -391,17 +388,16 @@ def test_cuda_layers_forward_and_gradients(kind, dtype, m):
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_embedding_layer_gradients(dtype):
-    layer = _randomize(lora_ext.Embedding(60, 40, r=8, padding_idx=2, merge_weights=False)).to("cuda", dtype)
+def test_cuda_embedding_layer_gradients(cuda, dtype):
+    layer = _randomize(lora_ext.Embedding(60, 40, r=8, padding_idx=2, merge_weights=False)).to(cuda.device, dtype)
     layer.weight.requires_grad_(True)
     cpu = lora_ext.Embedding(60, 40, r=8, padding_idx=2, merge_weights=False).double()
     cpu.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
     cpu.weight.requires_grad_(True)
-    ids = torch.randint(0, 60, (3, 9), device="cuda")
+    ids = torch.randint(0, 60, (3, 9), device=cuda.device)
     ids[0, 0] = 2
-    grad = torch.randn(3, 9, 40, device="cuda").to(dtype)
+    grad = torch.randn(3, 9, 40, device=cuda.device).to(dtype)
     layer(ids).backward(grad)
     cpu(ids.cpu()).backward(grad.double().cpu())
     for p, q in ((layer.weight, cpu.weight), (layer.lora_A, cpu.lora_A), (layer.lora_B, cpu.lora_B)):
@@ -409,11 +405,11 @@ def test_cuda_embedding_layer_gradients(dtype):
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
-def test_cuda_graph_replay_of_unmerged_linear_equals_eager():
+@pytest.mark.hardware("CUDA graph capture and replay, on a side stream")
+def test_cuda_graph_replay_of_unmerged_linear_equals_eager(cuda):
     layer = _randomize(lora_ext.MergedLinear(256, 3 * 256, r=8, enable_lora=[True, False, True],
-                                             merge_weights=False)).to("cuda", torch.bfloat16).eval()
-    static_x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+                                             merge_weights=False)).to(cuda.device, torch.bfloat16).eval()
+    static_x = torch.randn(4, 256, device=cuda.device, dtype=torch.bfloat16)
     with torch.no_grad():
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -430,12 +426,12 @@ def test_cuda_graph_replay_of_unmerged_linear_equals_eager():
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
-def test_cuda_linear_runs_on_the_current_stream():
-    w, b, A, B, g, ids, fan = _layer("plain", 128, 128, 8, torch.float32, device="cuda")
-    x = torch.randn(3, 128, device="cuda")
+@pytest.mark.hardware("CUDA streams")
+def test_cuda_linear_runs_on_the_current_stream(cuda):
+    w, b, A, B, g, ids, fan = _layer("plain", 128, 128, 8, torch.float32, device=cuda.device)
+    x = torch.randn(3, 128, device=cuda.device)
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        y = lora_ext._C.linear(x, x, w, b, A, B, 0.5, g, ids, fan)
+        y = cuda.kernels.linear(x, x, w, b, A, B, 0.5, g, ids, fan)
     stream.synchronize()
     assert_close_rel(y, linear64(x, x, w, b, A, B, 0.5, g, ids, fan), torch.float32)

@@ -2,7 +2,6 @@
 expected to fail (strict xfail: if loralib ever passes, the test says so)."""
 import copy
 import io
-import math
 
 import loralib
 import pytest

@@ -1,29 +1,29 @@
 """merge_, swap_ and delta_weight: the kernels on every backend, and lora_ext layers' merge and switch on CUDA.
 
 The kernels run on the CPU through the SIMT simulator (lora_ext._sim) and, on a GPU, through lora_ext._C
-(the `backend` parameter "cuda", marked `gpu`). Every case draws fresh random inputs, computes a float64
-reference here with torch, poisons output buffers with NaN, and checks that everything the kernel must not
-touch is bit-for-bit unchanged. The tests at the end run lora_ext layers and ops on CUDA tensors against
-float64 references (marked `gpu`: bench/gpu_check.sh runs them).
+(the `backend` parameter "cuda", marked `gpu`, through the `cuda` fixture). Every case draws fresh random
+inputs, computes a float64 reference here with torch, poisons output buffers with NaN, and checks that
+everything the kernel must not touch is bit-for-bit unchanged. The tests at the end run lora_ext layers and
+ops on CUDA tensors against float64 references (marked `gpu`: bench/gpu_check.sh runs them, and its dry run
+rehearses them on the CPU with --sim-as-cuda).
 """
 import pytest
 import torch
 
 import lora_ext
 from lora_ext import ops
-from lora_ext.ops import _C  # None when lora_ext was built without its CUDA kernels
 from helpers import (KERNEL_DTYPES, PATTERNS, TOL, assert_close_rel, dense_delta64, load_sim, rel_err,
-                     requires_cuda_kernels, requires_sim)
+                     requires_sim)
 
 _sim = load_sim()
 
-BACKENDS = [pytest.param("sim", marks=requires_sim),
-            pytest.param("cuda", marks=[pytest.mark.gpu, requires_cuda_kernels])]
+BACKENDS = [pytest.param("sim", marks=requires_sim), pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
-    return request.param
+    """"sim" (lora_ext._sim called directly), or the `cuda` fixture (lora_ext._C on CUDA tensors)."""
+    return request.param if request.param == "sim" else request.getfixturevalue("cuda")
 
 
 def _gen(*key):
@@ -33,13 +33,13 @@ def _gen(*key):
 
 def _run(backend, name, out_buf, view, *args):
     """Runs kernel `name` on the view of out_buf on the backend; returns out_buf as it is afterwards."""
-    if backend == "sim":
+    if isinstance(backend, str):
         getattr(_sim, name)(view(out_buf), *args)
         return out_buf
-    dev_buf = out_buf.cuda()
-    moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-    getattr(_C, name)(view(dev_buf), *moved)
-    torch.cuda.synchronize()
+    dev_buf = out_buf.to(backend.device)
+    moved = [a.to(backend.device) if isinstance(a, torch.Tensor) else a for a in args]
+    getattr(backend.kernels, name)(view(dev_buf), *moved)
+    backend.synchronize()
     return dev_buf.cpu()
 
 
@@ -401,7 +401,8 @@ def test_delta_weight_argument_errors_name_out():
 
 
 # ---------------------------------------------------------------------------------------------------
-# lora_ext layers and ops on CUDA tensors (through lora_ext._C), against float64 references
+# lora_ext layers and ops on CUDA tensors (through lora_ext._C; rehearsed on the CPU through lora_ext._sim with
+# --sim-as-cuda), against float64 references
 
 LAYERS = {
     "linear": lambda: lora_ext.Linear(96, 80, r=8, lora_alpha=16),
@@ -433,11 +434,10 @@ def _weight_and_delta_on_device(m):
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("kind", list(LAYERS))
-def test_cuda_merge_and_unmerge(kind, dtype):
-    m = LAYERS[kind]().cuda()
+def test_cuda_merge_and_unmerge(cuda, kind, dtype):
+    m = LAYERS[kind]().to(cuda.device)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
@@ -456,23 +456,22 @@ def test_cuda_merge_and_unmerge(kind, dtype):
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
-def test_cuda_merge_rejects_bad_input_before_writing():
-    w = torch.randn(64, 32, device="cuda")
+def test_cuda_merge_rejects_bad_input_before_writing(cuda):
+    w = torch.randn(64, 32, device=cuda.device)
     w0 = w.clone()
     with pytest.raises(ValueError, match="lora_B"):
-        ops.merge_(w, torch.randn(4, 32, device="cuda"), torch.randn(64, 5, device="cuda"), 1.0)
+        ops.merge_(w, torch.randn(4, 32, device=cuda.device), torch.randn(64, 5, device=cuda.device), 1.0)
     with pytest.raises(ValueError, match="device"):
-        ops.merge_(w, torch.randn(4, 32), torch.randn(64, 4, device="cuda"), 1.0)
-    torch.cuda.synchronize()
+        ops.merge_(w, torch.randn(4, 32, device=cuda.other), torch.randn(64, 4, device=cuda.device), 1.0)
+    cuda.synchronize()
     assert torch.equal(w, w0)
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
-def test_cuda_merge_on_current_stream():
-    w = torch.randn(512, 256, device="cuda")
-    A, B = torch.randn(8, 256, device="cuda"), torch.randn(512, 8, device="cuda")
+@pytest.mark.hardware("CUDA streams")
+def test_cuda_merge_on_current_stream(cuda):
+    w = torch.randn(512, 256, device=cuda.device)
+    A, B = torch.randn(8, 256, device=cuda.device), torch.randn(512, 8, device=cuda.device)
     ref = w.double() + 0.5 * B.double() @ A.double()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -483,13 +482,12 @@ def test_cuda_merge_on_current_stream():
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
 @pytest.mark.parametrize("w_dtype,f_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16),
                                              (torch.float64, torch.float32)])
-def test_cuda_merge_and_delta_take_any_float_factors(w_dtype, f_dtype):
-    w = torch.randn(48, 40, device="cuda").to(w_dtype)
-    A = torch.randn(6, 40, device="cuda").to(f_dtype)
-    B = torch.randn(48, 6, device="cuda").to(f_dtype)
+def test_cuda_merge_and_delta_take_any_float_factors(cuda, w_dtype, f_dtype):
+    w = torch.randn(48, 40, device=cuda.device).to(w_dtype)
+    A = torch.randn(6, 40, device=cuda.device).to(f_dtype)
+    B = torch.randn(48, 6, device=cuda.device).to(f_dtype)
     ref = w.double() + 0.5 * B.double() @ A.double()
     ops.merge_(w, A, B, 0.5)
     assert_close_rel(w, ref, w_dtype, factor=2)
@@ -498,13 +496,14 @@ def test_cuda_merge_and_delta_take_any_float_factors(w_dtype, f_dtype):
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["linear", "linear_fan", "merged", "merged_r64", "embedding", "conv2d"])
 @pytest.mark.parametrize("home", ["cuda", "cpu"])
-def test_cuda_merged_switch(kind, dtype, home):
+def test_cuda_merged_switch(cuda, kind, dtype, home):
     # one swap kernel pass each way (fp32-staged or WMMA by dtype and rank), adapters on the GPU or in host memory
-    m = LAYERS[kind]().cuda().to(dtype)
+    # (in a rehearsal both homes are the CPU)
+    home = cuda.device if home == "cuda" else torch.device("cpu")
+    m = LAYERS[kind]().to(cuda.device).to(dtype)
     with torch.no_grad():
         for p in m.parameters():
             p.copy_(torch.randn_like(p) * 0.5)
@@ -517,22 +516,21 @@ def test_cuda_merged_switch(kind, dtype, home):
     m.eval()
     m.set_adapter("other")
     w, delta2 = _weight_and_delta(m)
-    assert m.lora_A.device.type == "cuda" and m.get_adapter("default")[0].device.type == "cuda"
+    assert m.lora_A.device.type == cuda.device.type and m.get_adapter("default")[0].device.type == cuda.device.type
     assert_close_rel(w.cpu(), base + delta2, dtype, factor=2)
     m.set_adapter("default")
-    assert m.get_adapter("other")[0].device.type == home
+    assert m.get_adapter("other")[0].device.type == home.type
     assert_close_rel(w.cpu(), base + delta1, dtype, factor=2)
     m.train()
     assert_close_rel(w.cpu(), base, dtype, factor=4)
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
-def test_cuda_switch_refuses_non_finite_values_before_writing():
-    m = lora_ext.Linear(64, 48, r=4).cuda()
+def test_cuda_switch_refuses_non_finite_values_before_writing(cuda):
+    m = lora_ext.Linear(64, 48, r=4).to(cuda.device)
     with torch.no_grad():
         m.lora_B.normal_()
-    A2, B2 = torch.randn(4, 64, device="cuda"), torch.randn(48, 4, device="cuda")
+    A2, B2 = torch.randn(4, 64, device=cuda.device), torch.randn(48, 4, device=cuda.device)
     m.add_adapter("other", A2, B2, 1.0)
     m.eval()
     with torch.no_grad():
@@ -540,18 +538,17 @@ def test_cuda_switch_refuses_non_finite_values_before_writing():
     w0 = m.weight.detach().clone()
     with pytest.raises(ValueError, match="non-finite"):
         m.set_adapter("other")
-    torch.cuda.synchronize()
+    cuda.synchronize()
     assert torch.equal(m.weight, w0) and m.active_adapter == "default"
 
 
 @pytest.mark.gpu
-@requires_cuda_kernels
 @pytest.mark.parametrize("w_dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_cuda_swap_op_with_factors_of_two_dtypes(w_dtype):
-    w = torch.randn(96, 80, device="cuda").to(w_dtype)
-    A1, B1 = torch.randn(8, 80, device="cuda"), torch.randn(96, 8, device="cuda")  # fp32
-    A2 = torch.randn(24, 80, device="cuda").to(w_dtype)
-    B2 = torch.randn(96, 24, device="cuda").to(w_dtype)
+def test_cuda_swap_op_with_factors_of_two_dtypes(cuda, w_dtype):
+    w = torch.randn(96, 80, device=cuda.device).to(w_dtype)
+    A1, B1 = torch.randn(8, 80, device=cuda.device), torch.randn(96, 8, device=cuda.device)  # fp32
+    A2 = torch.randn(24, 80, device=cuda.device).to(w_dtype)
+    B2 = torch.randn(96, 24, device=cuda.device).to(w_dtype)
     ref = w.double() + 1.5 * B2.double() @ A2.double() - 0.5 * B1.double() @ A1.double()
     ops.swap_(w, A1, B1, 0.5, A2, B2, 1.5)
     assert_close_rel(w, ref, w_dtype, factor=2)

@@ -1,5 +1,4 @@
 """The op surface on the reference backend, against float64 oracles."""
-import math
 
 import pytest
 import torch
