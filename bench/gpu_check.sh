@@ -45,12 +45,13 @@ fi
 
 step "test dependencies from .wheels"
 if [ $DRY = 1 ]; then
-  # The wheels install into a throwaway folder, from .wheels alone (so a missing one shows); the test
-  # dependencies must import here.
+  # The three wheels install into a throwaway folder, from .wheels alone and for the GPU machine's Python
+  # (their own dependencies come from its image there, so not here); the test dependencies must import here.
   if [ -d .wheels ]; then
     target=$(mktemp -d)
-    "$PY" -m pip install -q --no-index --find-links .wheels --target "$target" loralib pytest hypothesis \
-      > "$OUT/pip.log" 2>&1 || { failed "wheel install failed"; tail -20 "$OUT/pip.log"; }
+    "$PY" -m pip install -q --no-index --find-links .wheels --no-deps --target "$target" --only-binary=:all: \
+      --python-version 3.12 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any \
+      loralib pytest hypothesis > "$OUT/pip.log" 2>&1 || { failed "wheel install failed"; tail -20 "$OUT/pip.log"; }
     rm -rf "$target"
   else
     echo "no .wheels/ here (bash bench/fetch_wheels.sh fills it before a GPU run)"
