@@ -22,6 +22,21 @@ cmake --build "$build" -j "$jobs"
 echo "== ptxas resource usage =="
 cat "$build"/kernel_check/*.ptxas.txt | python3 "$root/scripts/ptxas_table.py"
 
+echo "== device-side asserts under NDEBUG =="
+# Torch's builds define NDEBUG; the kernels' LORA_KERNEL_ASSERT (kernels/common.cuh) must still call
+# __assertfail in every embedding kernel variant.
+ptx="$build/forward_ndebug.ptx"
+"$cuda/bin/nvcc" -std=c++17 -O3 -DNDEBUG -I"$root/csrc" -arch=compute_80 -ptx \
+  "$root/csrc/kernels/check/forward_check.cu" -o "$ptx"
+entries=$(grep -c '^.visible .entry .*embedding_kernel' "$ptx" || true)
+asserting=$(awk '/^.visible .entry/ { name = $3 } /call.uni/ { getline; if ($0 ~ /__assertfail/) print name }' "$ptx" \
+  | { grep embedding_kernel || true; } | sort -u | wc -l)
+if [ "$entries" -eq 0 ] || [ "$asserting" -ne "$entries" ]; then
+  echo "check_kernels: $asserting of $entries embedding_kernel variants call __assertfail under NDEBUG" >&2
+  exit 1
+fi
+echo "$asserting of $entries embedding_kernel variants keep their device-side assert"
+
 echo "== simulator tests =="
 "$build/simt_test"
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 "$build/simt_test_asan"

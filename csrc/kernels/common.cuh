@@ -12,6 +12,41 @@
 #error "kernels are compiled by nvcc, or on the host after sim/simt.h"
 #endif
 
+// Compute capability 8.0 or later only. The host selects the fp16/bf16 tensor-core (WMMA) paths and the bf16
+// conversions from the dtype alone, without asking the device, so a build for an older architecture would
+// hold kernels that cannot run. setup.py refuses such a TORCH_CUDA_ARCH_LIST with a message saying what to
+// set; this stops any other build (CMake's KERNEL_ARCHS, a hand-written nvcc line) at compile time.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "lora_ext's kernels need compute capability 8.0 or later: build for sm_80+ (TORCH_CUDA_ARCH_LIST=\"8.0;9.0\")"
+#endif
+
+// LORA_KERNEL_ASSERT(cond, message parts...): a device-side check of an argument the host cannot see without a
+// device sync (an embedding id out of range), the way nn.Embedding's kernels check theirs (CUDA_KERNEL_ASSERT):
+//   - on a GPU a failed condition calls __assert_fail, which prints the condition, file, line, block and
+//     thread, and fails the kernel with cudaErrorAssert ("device-side assert triggered"). It does not depend on
+//     NDEBUG, which torch's builds define: nvcc declares __assert_fail for device code (crt/common_functions.h,
+//     included in every .cu) whatever NDEBUG says, and this macro calls it directly (scripts/check_kernels.sh
+//     compiles with NDEBUG and checks that the call is there). The message parts are not evaluated there;
+//   - in the simulator it throws sim::Error with the condition and the message parts streamed together (the
+//     values and bounds), which lora_ext._sim raises as a Python RuntimeError.
+#if defined(LORA_SIM)
+#define LORA_KERNEL_ASSERT(cond, ...)                             \
+  do {                                                            \
+    if (!(cond)) ::sim::device_assert_failed(#cond, __VA_ARGS__); \
+  } while (0)
+#elif defined(__CUDA_ARCH__)
+#define LORA_KERNEL_ASSERT(cond, ...)                                                 \
+  do {                                                                                \
+    if (__builtin_expect(!(cond), 0))                                                 \
+      __assert_fail(#cond, __FILE__, static_cast<unsigned int>(__LINE__), __func__); \
+  } while (0)
+#else  // nvcc's host pass parses device code but compiles none of it (and glibc hides __assert_fail under NDEBUG)
+#define LORA_KERNEL_ASSERT(cond, ...) \
+  do {                                \
+    (void)sizeof(cond);               \
+  } while (0)
+#endif
+
 // Loop unrolling hints: nvcc's pragma, spelled so that a host compiler need not know it.
 #if defined(__CUDACC__)
 #define LORA_UNROLL _Pragma("unroll")
@@ -26,6 +61,10 @@ namespace lora_ext {
 namespace kernels {
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+
+// A float a kernel reads from device memory at run time instead of taking it as an argument (a scale that a
+// captured CUDA graph must not freeze): one read-only load per thread, or `fallback` when p is null.
+__device__ __forceinline__ float load_or(const float* p, float fallback) { return p ? __ldg(p) : fallback; }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -94,6 +94,8 @@ struct Args {
   int splits, k_per_split;   // split-K of the shrink: split z covers [z*k_per_split, (z+1)*k_per_split)
   long long num;             // embedding rows
   float scale;
+  const float* scale_ptr;    // or, when not null, the scale in device memory, read at run time (a captured
+                             // CUDA graph then follows the value, not the launch argument); scale is unused
   short slot[kMaxBlocks];    // output block -> group j, or -1 when disabled
 };
 
@@ -110,18 +112,9 @@ __device__ __forceinline__ float dot16(const Vec16<T>& a, const Vec16<T>& b, flo
   return acc;
 }
 
-// A device-side argument error (an embedding id out of range): the launch fails, as nn.Embedding's does.
-__device__ __forceinline__ void device_fail(const char* what) {
-#if defined(LORA_SIM)
-  throw ::sim::Error(std::string("device-side check failed: ") + what);
-#else
-  (void)what;
-  __trap();
-#endif
-}
-
 // out[m0 + rows, e*nb + c0 + cols] = base + scale * t_j B_j^T for one tile of kRowGroups*kRowsPerThread
-// rows and tile_cols<T>() columns of output block e (group j, -1: disabled, base only).
+// rows and tile_cols<T>() columns of output block e (group j, -1: disabled, base only); scale is p.scale, or
+// *p.scale_ptr read once per thread.
 //   t(m, i):   rank i of group j for row m (fp32), only called for j >= 0
 //   base(m):   pointer to the base row at this block's column 0 (bias, an embedding row), or null for 0
 // Thread (g, v) owns column vector v (16 bytes of out) for rows g, g + 8, ...: the stores coalesce along rows.
@@ -178,6 +171,7 @@ __device__ __forceinline__ void expand_tile(const Args<T>& p, float* smem, int e
   }
 
   if (valid <= 0) return;
+  const float scale = load_or(p.scale_ptr, p.scale);
   const long long col = (long long)e * p.nb + c0 + c;
   LORA_UNROLL
   for (int q = 0; q < kRowsPerThread; ++q) {
@@ -193,7 +187,7 @@ __device__ __forceinline__ void expand_tile(const Args<T>& p, float* smem, int e
     }
     Vec16<T> o;
     LORA_UNROLL
-    for (int v = 0; v < kVec; ++v) o.v[v] = from_float<T>(fmaf(p.scale, acc[q][v], to_float(bv.v[v])));
+    for (int v = 0; v < kVec; ++v) o.v[v] = from_float<T>(fmaf(scale, acc[q][v], to_float(bv.v[v])));
     store_elems<kVector>(p.out + (long long)(m0 + row) * p.N + col, o, valid);
   }
 }
@@ -269,11 +263,9 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> p) {
       LORA_UNROLL
       for (int b = 0; b < 4; ++b) acc[a][b] = 0.f;
   }
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   namespace wmma = nvcuda::wmma;
   [[maybe_unused]] wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;
   if constexpr (kTensorCore) wmma::fill_fragment(cf, 0.f);
-#endif
   const int warp = threadIdx.x / 32;
   const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
 
@@ -300,9 +292,6 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> p) {
     }
     __syncthreads();
     if constexpr (kTensorCore) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-      __trap();  // bf16 WMMA needs sm_80; the launcher builds for sm_80 and later only
-#else
       const int fm = warp % 4, fn = warp / 4;
       LORA_UNROLL
       for (int s = 0; s < kShrinkK / 16; ++s) {
@@ -312,7 +301,6 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> p) {
         wmma::load_matrix_sync(bf, as + fn * 16 * kLd + s * 16, kLd);
         wmma::mma_sync(cf, af, bf, cf);
       }
-#endif
     } else {
       LORA_UNROLL_BY(8)
       for (int kk = 0; kk < kShrinkK; ++kk) {
@@ -329,7 +317,6 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> p) {
 
   float* out = p.part + ((long long)blockIdx.z * p.M + m0) * p.R + j0;
   if constexpr (kTensorCore) {
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
     float* acc_s = reinterpret_cast<float*>(smem + (size_t)(kShrinkM + kShrinkJ) * kLdXh * sizeof(T));
     const int fm = warp % 4, fn = warp / 4;
     wmma::store_matrix_sync(acc_s + fm * 16 * kLdAcc + fn * 16, cf, kLdAcc, wmma::mem_row_major);
@@ -338,7 +325,6 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> p) {
       const int row = idx / kShrinkJ, col = idx % kShrinkJ;
       if (row < rows && col < cols) out[(long long)row * p.R + col] = acc_s[row * kLdAcc + col];
     }
-#endif
   } else {
     LORA_UNROLL
     for (int a = 0; a < 2; ++a) {
@@ -372,21 +358,40 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(Args<T> p) {
 
 // out[m] = table[ids[m]] + scale * A[:, ids[m]] B^T (A is (r, num): the id's column holds its r ranks).
 // Grid: x = kExpandRows-row tiles of the ids, y = column tiles of the embedding dimension.
+// An id outside [0, num_embeddings) fails the kernel with a device-side assert, as nn.Embedding's does (the
+// host cannot look at the ids without a device sync). Each id of the tile is checked once, up front, by one
+// thread (a check at every use costs registers in the expand's loops); the uses clamp the id into range so
+// that no thread reads outside A or the table while the assert stops the kernel (an id out of range reads
+// row 0). The launch bound keeps the registers where they were before the assert's call: float32 48 (five
+// blocks per multiprocessor), fp16/bf16 64 (four, as their shared memory allows); unbounded, fp16/bf16 take 74
+// registers and three blocks.
+template <typename T>
+constexpr int embedding_min_blocks() {
+  return sizeof(T) == 4 ? 5 : 4;
+}
+
 template <typename T, bool kVector>
-__global__ void __launch_bounds__(kThreads) embedding_kernel(Args<T> p) {
+__global__ void __launch_bounds__(kThreads, embedding_min_blocks<T>()) embedding_kernel(Args<T> p) {
+  static_assert(kExpandRows <= kThreads, "one thread per id of the tile");
   LORA_DYNAMIC_SHARED(float, smem);
   const long long* ids = p.ids;
   const T* a = p.a;
   const T* table = p.table;
-  const long long num = p.num, ld = p.N;
+  const long long num_embeddings = p.num, ld = p.N;
+  const int m0 = blockIdx.x * kExpandRows;
+  if (threadIdx.x < kExpandRows && m0 + (int)threadIdx.x < p.M) {
+    const int m = m0 + threadIdx.x;
+    const long long id = ids[m];
+    LORA_KERNEL_ASSERT(0 <= id && id < num_embeddings, "embedding id out of range: ids[", m, "] = ", id,
+                       ", not in [0, num_embeddings=", num_embeddings, ")");
+  }
   auto id_of = [&](int m) {
     const long long id = ids[m];
-    if (id < 0 || id >= num) device_fail("embedding id out of range");
-    return id;
+    return (unsigned long long)id < (unsigned long long)num_embeddings ? id : 0LL;  // row 0 exists (host check)
   };
   expand_tile<T, kVector, kExpandRowsPerThread>(
-      p, smem, 0, 0, blockIdx.x * kExpandRows, blockIdx.y * tile_cols<T>(),
-      [&](int m, int i) { return to_float(a[(long long)i * num + id_of(m)]); },
+      p, smem, 0, 0, m0, blockIdx.y * tile_cols<T>(),
+      [&](int m, int i) { return to_float(a[(long long)i * num_embeddings + id_of(m)]); },
       [&](int m) { return table + id_of(m) * ld; });
 }
 

@@ -241,9 +241,6 @@ __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
       }
     }
   } else {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();  // bf16 WMMA needs sm_80; the launcher never selects this path below it
-#else
     static_assert(!std::is_same<T, float>::value, "tensor-core path is for fp16/bf16");
     namespace wmma = nvcuda::wmma;
     T* ls = reinterpret_cast<T*>(smem);
@@ -288,7 +285,6 @@ __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
     for (int f = 0; f < 4; ++f)
       wmma::store_matrix_sync(acc_tile + fm * 16 * kLdAcc + (fn0 + f) * 16, cf[f], kLdAcc, wmma::mem_row_major);
     __syncthreads();
-#endif
   }
 
   LORA_UNROLL

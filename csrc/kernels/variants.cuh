@@ -31,7 +31,9 @@
 
 // The forward kernels of one dtype T: fused_linear_kernel, expand_kernel and embedding_kernel<T, kVector>
 // and shrink_kernel<T, kTensorCore, kVector>. kTensorCore is the shrink's path for T (WMMA for fp16/bf16),
-// so each (T, kVector) appears once.
+// so each (T, kVector) appears once. kVector (16-byte accesses) or element-wise, as x_lora's pointer (linear),
+// the table's (embedding), K and the features per block allow; a misaligned A or bias is copied to aligned
+// storage rather than costing the vector variant (ops/forward_host.h).
 #define LORA_FORWARD_VARIANTS(X) \
   X(float, false, true)          \
   X(float, false, false)         \

@@ -23,9 +23,10 @@ using SwapFn = void(const at::Tensor& w, const at::Tensor& old_a, const at::Tens
 using LinearFn = at::Tensor(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
                             double scale, int64_t num_blocks, const std::vector<int64_t>& block_ids,
-                            bool fan_in_fan_out);
+                            bool fan_in_fan_out, const std::optional<at::Tensor>& scale_tensor);
 using EmbeddingFn = at::Tensor(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a,
-                               const at::Tensor& b, double scale, std::optional<int64_t> padding_idx);
+                               const at::Tensor& b, double scale, std::optional<int64_t> padding_idx,
+                               const std::optional<at::Tensor>& scale_tensor);
 
 // Defines the ops on m. Ops names the backend's functions: merge_, delta_weight_, swap_, linear and embedding
 // (static member functions, or static constexpr pointers to functions), of the types above.
@@ -44,11 +45,18 @@ void define_ops(pybind11::module_& m) {
         py::arg("W"), py::arg("old_A"), py::arg("old_B"), py::arg("old_scale"), py::arg("new_A"), py::arg("new_B"),
         py::arg("new_scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
   m.def("linear", static_cast<LinearFn*>(Ops::linear),
-        "F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks (fan_in_fan_out: W is (in, out))",
+        "F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks "
+        "(fan_in_fan_out: W is (in, out)). "
+        "scale_tensor: None, or a float32 tensor of one element on x's device whose value the kernels read when "
+        "they run (a captured CUDA graph follows it); scale is then unused",
         py::arg("x"), py::arg("x_lora"), py::arg("weight"), py::arg("bias"), py::arg("A"), py::arg("B"),
-        py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("fan_in_fan_out"));
-  m.def("embedding", static_cast<EmbeddingFn*>(Ops::embedding), "weight[ids] + scale * A[:, ids]^T B^T",
-        py::arg("ids"), py::arg("weight"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("padding_idx"));
+        py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("fan_in_fan_out"),
+        py::arg("scale_tensor") = py::none());
+  m.def("embedding", static_cast<EmbeddingFn*>(Ops::embedding),
+        "weight[ids] + scale * A[:, ids]^T B^T (an id out of range fails the kernel: a device-side assert). "
+        "scale_tensor: as for linear, on weight's device",
+        py::arg("ids"), py::arg("weight"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("padding_idx"),
+        py::arg("scale_tensor") = py::none());
 }
 
 }  // namespace bindings

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <vector>
@@ -39,6 +40,23 @@ inline void on_device(const char* op, const char* name, const at::Tensor& t, con
                       const at::Tensor& ref) {
   TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " must be on ", ref_name, "'s device (", ref.device(),
                     "), got ", t.device());
+}
+
+// The forward ops' scale_tensor: None, or a float32 tensor of exactly one element on the op's device (that of
+// `ref`, called ref_name), whose value the kernels read when they run rather than when they are launched, so
+// that a captured CUDA graph follows it. Returns its data pointer, or null for None.
+inline const float* scale_pointer(const char* op, const c10::optional<at::Tensor>& scale_tensor,
+                                  const char* ref_name, const at::Tensor& ref) {
+  if (!scale_tensor || !scale_tensor->defined()) return nullptr;
+  const at::Tensor& s = *scale_tensor;
+  TORCH_CHECK_VALUE(s.scalar_type() == at::kFloat, op, ": scale_tensor must be a float32 tensor, got ",
+                    s.scalar_type());
+  TORCH_CHECK_VALUE(s.numel() == 1, op, ": scale_tensor must have exactly one element, got shape ", s.sizes());
+  on_device(op, "scale_tensor", s, ref_name, ref);
+  const float* ptr = s.data_ptr<float>();
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(ptr) % alignof(float) == 0, op,
+                    ": scale_tensor's element must be 4-byte aligned");
+  return ptr;
 }
 
 }  // namespace checks

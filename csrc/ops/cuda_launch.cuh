@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuBLAS/cuSPARSE headers
 
+#include <string>
+
 namespace lora_ext {
 
 struct CudaLaunch {
@@ -16,6 +18,10 @@ struct CudaLaunch {
     kernel<<<grid, block, smem, c10::cuda::getCurrentCUDAStream()>>>(args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+
+  // The host code reports each kernel variant it selects (a function describing it); the simulator keeps the
+  // description for tests (lora_ext._sim.last_variant()), a GPU launch has no use for it.
+  static void selected(std::string (*)()) {}
 };
 
 // Runs f() on t's device, after checking that t (called `name` in messages) is a CUDA tensor: the CUDA

@@ -23,19 +23,22 @@ int sm_count() {
 
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scale,
-                       int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out) {
+                       int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out,
+                       const c10::optional<at::Tensor>& scale_tensor) {
   const char* op = "lora_ext._C.linear";
   return on_cuda(op, "x", x, [&] {
     return forward_host::linear<CudaLaunch>(op, x, x_lora, weight, bias, a, b, scale, num_blocks, block_ids,
-                                            fan_in_fan_out, c10::DeviceType::CUDA, sm_count());
+                                            fan_in_fan_out, scale_tensor, c10::DeviceType::CUDA, sm_count());
   });
 }
 
 at::Tensor embedding_cuda(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b,
-                          double scale, c10::optional<int64_t> padding_idx) {
+                          double scale, c10::optional<int64_t> padding_idx,
+                          const c10::optional<at::Tensor>& scale_tensor) {
   const char* op = "lora_ext._C.embedding";
   return on_cuda(op, "weight", weight, [&] {
-    return forward_host::embedding<CudaLaunch>(op, ids, weight, a, b, scale, padding_idx, c10::DeviceType::CUDA);
+    return forward_host::embedding<CudaLaunch>(op, ids, weight, a, b, scale, padding_idx, scale_tensor,
+                                               c10::DeviceType::CUDA);
   });
 }
 

@@ -10,6 +10,7 @@
 #include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +25,7 @@ namespace forward_host {
 namespace kf = kernels::forward;
 
 constexpr int64_t kIntMax = 0x7fffffff;
+constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -112,6 +114,12 @@ struct Variant {
   using T = T_;
   static constexpr bool kTensorCore = kTensorCore_;  // the shrink's path for T
   static constexpr bool kVector = kVector_;
+
+  // e.g. "forward<Half, tensor_core=1, vector=1>" (lora_ext._sim.last_variant())
+  static std::string describe() {
+    return std::string("forward<") + c10::toString(scalar_type_of<T>) + ", tensor_core=" + (kTensorCore ? "1" : "0") +
+           ", vector=" + (kVector ? "1" : "0") + ">";
+  }
 };
 
 // The variants the host can select: float32, fp16 or bf16, with the shrink on tensor cores for fp16/bf16;
@@ -142,11 +150,14 @@ static_assert(list_matches<float>() && list_matches<__half>() && list_matches<__
               "LORA_FORWARD_VARIANTS (kernels/variants.cuh) must list exactly the variants the host can select");
 
 // Calls f(Variant<...>{}) for the entry of LORA_FORWARD_VARIANTS that matches the dtype and the vector
-// choice: the list is all the host instantiates.
-template <typename F>
+// choice: the list is all the host instantiates. The Launch policy hears which one.
+template <class Launch, typename F>
 void select_variant(const char* op, at::ScalarType dtype, bool vector, F&& f) {
-#define LORA_FORWARD_SELECT(T, TC, VEC) \
-  if (dtype == scalar_type_of<T> && vector == VEC) return f(Variant<T, TC, VEC>{});
+#define LORA_FORWARD_SELECT(T, TC, VEC)                      \
+  if (dtype == scalar_type_of<T> && vector == VEC) {         \
+    Launch::selected(&Variant<T, TC, VEC>::describe);        \
+    return f(Variant<T, TC, VEC>{});                         \
+  }
   LORA_FORWARD_VARIANTS(LORA_FORWARD_SELECT)
 #undef LORA_FORWARD_SELECT
   TORCH_CHECK(false, op, ": no kernel variant for ", dtype, " (vector=", vector, ") in LORA_FORWARD_VARIANTS");
@@ -160,17 +171,28 @@ inline void choose_splits(int64_t tiles, int64_t K, int sm_count, int& splits, i
   splits = (int)std::max<int64_t>(1, ceil_div(K, k_per_split));
 }
 
+// The decode shapes take the fused kernel; the others the shrink and the expand.
+inline bool fused(const LinearPlan& p) { return p.M <= kf::kFusedMaxM && p.r <= kf::kFusedMaxR; }
+
+// Column tiles of one output block (of nb features of `element_size` bytes): the expand and embedding kernels
+// put them on gridDim.y, so there may be at most 65535 (8.4M float32 or 16.8M fp16/bf16 features).
+inline void check_col_tiles(const char* op, const char* what, int64_t nb, int64_t element_size) {
+  const int64_t cols = (int64_t)kf::kColVecs * (16 / element_size);
+  TORCH_CHECK_VALUE(ceil_div(nb, cols) <= kMaxGridYZ, op, ": too many ", what, " (", nb, "; at most ",
+                    kMaxGridYZ * cols, " for this dtype)");
+}
+
 template <class Launch, typename T, bool kTensorCore, bool kVector>
 void launch_linear(const LinearPlan& p, kf::Args<T>& args, const at::Tensor& x, int sm_count) {
   const unsigned col_tiles = (unsigned)ceil_div(p.nb, kf::tile_cols<T>());
   const dim3 block(kf::kThreads);
-  if (p.M <= kf::kFusedMaxM && p.r <= kf::kFusedMaxR) {
+  if (fused(p)) {
     Launch::run(&kf::fused_linear_kernel<T, kVector>, dim3(col_tiles, (unsigned)p.num_blocks), block,
                 kf::fused_smem_bytes<T>(), args);
     return;
   }
   const int64_t m_tiles = ceil_div(p.M, kf::kShrinkM), j_tiles = ceil_div(args.R, kf::kShrinkJ);
-  TORCH_CHECK_VALUE(j_tiles <= 65535, "lora_ext linear: too many LoRA ranks (", args.R, ")");
+  TORCH_CHECK_VALUE(j_tiles <= kMaxGridYZ, "lora_ext linear: too many LoRA ranks (", args.R, ")");
   choose_splits(m_tiles * j_tiles, p.K, sm_count, args.splits, args.k_per_split);
   const at::Tensor part = at::empty({args.splits, p.M, args.R}, x.options().dtype(at::kFloat));
   args.part = part.data_ptr<float>();
@@ -183,25 +205,38 @@ void launch_linear(const LinearPlan& p, kf::Args<T>& args, const at::Tensor& x, 
 }
 
 // F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks. The LoRA kernels write
-// out = bias + the low-rank term, then the base GEMM accumulates onto it (beta = 1).
+// out = bias + the low-rank term, then the base GEMM accumulates onto it (beta = 1). scale_tensor (checks.h):
+// when given, the kernels read the scale from it at run time and `scale` is unused.
 template <class Launch>
 at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
                   const c10::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scale,
                   int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out,
-                  c10::DeviceType device, int sm_count) {
+                  const c10::optional<at::Tensor>& scale_tensor, c10::DeviceType device, int sm_count) {
   const LinearPlan p = check_linear(op, x, x_lora, weight, bias, a, b, num_blocks, block_ids, fan_in_fan_out, device);
+  const float* scale_ptr = checks::scale_pointer(op, scale_tensor, "x", x);
   const at::Tensor w = fan_in_fan_out ? weight.t() : weight;  // (N, K)
-  if (p.n == 0 || p.M == 0) return at::linear(x, w, bias);
+  // Nothing for the kernels to write (no enabled block, no rows, no output features): a zero-size grid is
+  // an invalid launch configuration on CUDA.
+  if (p.n == 0 || p.M == 0 || p.N == 0) return at::linear(x, w, bias);
+  if (!fused(p)) check_col_tiles(op, "output features per block", p.nb, x.element_size());
   const auto dt = x.scalar_type();
   const at::Tensor xl = x_lora.reshape({p.M, p.K}).contiguous();
-  const at::Tensor ac = a.to(dt).contiguous(), bc = b.to(dt).contiguous();
-  const at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor ac = a.to(dt).contiguous();
+  const at::Tensor bc = b.to(dt).contiguous();
+  at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({p.M, p.N}, x.options());
 
+  // 16-byte accesses need 16-byte aligned rows of x_lora and A (K a multiple of the vector) and of the output
+  // and bias blocks (nb a multiple of it). x_lora is the large operand, the caller's activations: when its
+  // data pointer is misaligned the whole call is element-wise (copying it would cost another pass over it).
+  // A and bias are small: a misaligned one (a view at an odd offset) is copied into fresh, aligned storage
+  // so that the vector variant stays selectable. B is read element by element and needs no alignment; out
+  // is fresh.
   const int64_t vec = 16 / x.element_size();
-  const bool vector = aligned16(xl) && aligned16(ac) && aligned16(bias_c) && aligned16(out) && p.K % vec == 0 &&
-                      p.nb % vec == 0;
-  select_variant(op, dt, vector, [&](auto variant) {
+  const bool vector = aligned16(xl) && aligned16(out) && p.K % vec == 0 && p.nb % vec == 0;
+  if (vector && !aligned16(ac)) ac = ac.clone(at::MemoryFormat::Contiguous);
+  if (vector && !aligned16(bias_c)) bias_c = bias_c.clone(at::MemoryFormat::Contiguous);
+  select_variant<Launch>(op, dt, vector, [&](auto variant) {
     using V = decltype(variant);
     using scalar_t = typename V::T;
     kf::Args<scalar_t> args{};
@@ -217,6 +252,7 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
     args.nb = (int)p.nb;
     args.N = (int)p.N;
     args.scale = (float)scale;
+    args.scale_ptr = scale_ptr;
     for (int64_t e = 0; e < p.num_blocks; ++e) args.slot[e] = p.slot[e];
     launch_linear<Launch, scalar_t, V::kTensorCore, V::kVector>(p, args, x, sm_count);
   });
@@ -228,9 +264,11 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
 
 // weight[ids] + scale * A[:, ids]^T B^T; A is (r, num_embeddings), B is (embedding_dim, r). padding_idx only
 // shapes the gradient (nn.Embedding's forward returns the padding row as stored); it is checked here.
+// scale_tensor as for linear. The ids are checked by the kernel (a device-side assert).
 template <class Launch>
 at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a,
-                     const at::Tensor& b, double scale, c10::optional<int64_t> padding_idx, c10::DeviceType device) {
+                     const at::Tensor& b, double scale, c10::optional<int64_t> padding_idx,
+                     const c10::optional<at::Tensor>& scale_tensor, c10::DeviceType device) {
   TORCH_CHECK_VALUE(weight.device().type() == device, op, ": weight must be a ", c10::DeviceTypeName(device),
                     " tensor, got one on ", weight.device());
   checks::on_device(op, "ids", ids, "weight", weight);
@@ -247,18 +285,22 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
                     ": padding_idx must be within the ", num, " embeddings, got ", *padding_idx);
   const int64_t M = ids.numel();
   TORCH_CHECK_VALUE(M <= kIntMax && dim <= kIntMax && r <= kIntMax, op, ": sizes must fit in 32 bits");
+  TORCH_CHECK_VALUE(num > 0 || M == 0, op, ": embedding id out of range: weight has no rows (num_embeddings=0) and ",
+                    M, " ids");
+  const float* scale_ptr = checks::scale_pointer(op, scale_tensor, "weight", weight);
+  check_col_tiles(op, "embedding features", dim, weight.element_size());
 
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(dim);
   const auto dt = weight.scalar_type();
   at::Tensor out = at::empty({M, dim}, weight.options());
-  if (M == 0 || dim == 0) return out.view(shape);
+  if (M == 0 || dim == 0) return out.view(shape);  // nothing to write: a zero-size grid is an invalid launch
   const at::Tensor ids64 = ids.reshape({M}).to(at::kLong).contiguous();
   const at::Tensor table = weight.contiguous();
   const at::Tensor ac = a.to(dt).contiguous(), bc = b.to(dt).contiguous();
   const int64_t vec = 16 / weight.element_size();
   const bool vector = aligned16(table) && aligned16(out) && dim % vec == 0;
-  select_variant(op, dt, vector, [&](auto variant) {
+  select_variant<Launch>(op, dt, vector, [&](auto variant) {
     using V = decltype(variant);
     using scalar_t = typename V::T;
     kf::Args<scalar_t> args{};
@@ -273,6 +315,7 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
     args.N = (int)dim;
     args.num = num;
     args.scale = (float)scale;
+    args.scale_ptr = scale_ptr;
     args.slot[0] = 0;
     const dim3 grid((unsigned)ceil_div(M, kf::kExpandRows), (unsigned)ceil_div(dim, kf::tile_cols<scalar_t>()));
     Launch::run(&kf::embedding_kernel<scalar_t, V::kVector>, grid, dim3(kf::kThreads),

@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -124,6 +125,13 @@ struct Variant {
   using Tab = Tab_;
   static constexpr bool kTensorCore = kTensorCore_;
   static constexpr bool kVector = kVector_;
+
+  // e.g. "merge<W=Half, factors=Float, tensor_core=0, vector=1>" (lora_ext._sim.last_variant())
+  static std::string describe() {
+    return std::string("merge<W=") + c10::toString(scalar_type_of<T>) + ", factors=" +
+           c10::toString(scalar_type_of<Tab>) + ", tensor_core=" + (kTensorCore ? "1" : "0") +
+           ", vector=" + (kVector ? "1" : "0") + ">";
+  }
 };
 
 // The variants check() can lead to: W float32, fp16 or bf16; factors float32 or W's dtype; tensor cores only
@@ -161,13 +169,16 @@ static_assert(list_matches<float>() && list_matches<__half>() && list_matches<__
               "LORA_MERGE_VARIANTS (kernels/variants.cuh) must list exactly the variants the host can select");
 
 // Calls f(Variant<...>{}) for the entry of LORA_MERGE_VARIANTS that matches W's dtype, the factors' dtype and
-// the plan's tensor-core and vector choices: the list is all the host instantiates.
-template <typename F>
+// the plan's tensor-core and vector choices: the list is all the host instantiates. The Launch policy hears
+// which one.
+template <class Launch, typename F>
 void select_variant(const char* op, const Plan& plan, at::ScalarType w_type, at::ScalarType ab_type, F&& f) {
 #define LORA_MERGE_SELECT(T, TAB, TC, VEC)                                                    \
   if (w_type == scalar_type_of<T> && ab_type == scalar_type_of<TAB> && plan.tensor_core == TC && \
-      plan.vector == VEC)                                                                       \
-    return f(Variant<T, TAB, TC, VEC>{});
+      plan.vector == VEC) {                                                                     \
+    Launch::selected(&Variant<T, TAB, TC, VEC>::describe);                                      \
+    return f(Variant<T, TAB, TC, VEC>{});                                                       \
+  }
   LORA_MERGE_VARIANTS(LORA_MERGE_SELECT)
 #undef LORA_MERGE_SELECT
   TORCH_CHECK(false, op, ": no kernel variant for W ", w_type, " with factors ", ab_type,
@@ -185,7 +196,7 @@ struct Second {
 template <class Launch, Kind kKind>
 void run(const char* op, const Plan& plan, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
          double scale, int num_blocks, const Second& second = {}) {
-  select_variant(op, plan, w.scalar_type(), a.scalar_type(), [&](auto variant) {
+  select_variant<Launch>(op, plan, w.scalar_type(), a.scalar_type(), [&](auto variant) {
     using V = decltype(variant);
     using T = typename V::T;
     using Tab = typename V::Tab;
@@ -219,6 +230,8 @@ template <class Launch, bool kDelta>
 void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
            int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed, c10::DeviceType device) {
   const Plan plan = check(op, kDelta ? "out" : "W", w, a, b, num_blocks, block_ids, transposed, device);
+  // An empty W (no rows, columns or features per block) would be a zero-size grid, an invalid launch
+  // configuration on CUDA; with no enabled block a merge adds nothing.
   if (w.numel() == 0 || (!kDelta && plan.n == 0)) return;
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   run<Launch, kDelta ? Kind::kDelta : Kind::kMerge>(op, plan, w, ac, bc, scale, (int)num_blocks);
@@ -238,7 +251,7 @@ void apply_swap(const char* op, const at::Tensor& w, const at::Tensor& old_a, co
                     old_a.scalar_type(), " and ", new_a.scalar_type());
   TORCH_CHECK_VALUE(std::isfinite(old_scale) && std::isfinite(new_scale), op,
                     ": old_scale and new_scale must be finite, got ", old_scale, " and ", new_scale);
-  if (w.numel() == 0 || new_plan.n == 0 || (old_scale == 0 && new_scale == 0)) return;
+  if (w.numel() == 0 || new_plan.n == 0 || (old_scale == 0 && new_scale == 0)) return;  // as in apply
   const bool new_is_y = std::abs(new_scale) >= std::abs(old_scale);
   const at::Tensor ax = (new_is_y ? old_a : new_a).contiguous(), bx = (new_is_y ? old_b : new_b).contiguous();
   const at::Tensor ay = (new_is_y ? new_a : old_a).contiguous(), by = (new_is_y ? new_b : old_b).contiguous();

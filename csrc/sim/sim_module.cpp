@@ -4,7 +4,9 @@
 
 #include <torch/extension.h>
 
+#include <mutex>
 #include <optional>
+#include <string>
 
 #include "ops/bindings_table.h"
 #include "ops/forward_host.h"
@@ -12,11 +14,37 @@
 
 namespace {
 
+// The kernel variant the host code selected in the latest op call (empty when it launched nothing), for
+// tests: last_variant().
+struct LastVariant {
+  std::mutex mu;
+  std::string name;
+};
+
+LastVariant& last_variant_store() {
+  static LastVariant v;
+  return v;
+}
+
+void set_last_variant(std::string name) {
+  LastVariant& v = last_variant_store();
+  std::lock_guard<std::mutex> lock(v.mu);
+  v.name = std::move(name);
+}
+
+std::string last_variant() {
+  LastVariant& v = last_variant_store();
+  std::lock_guard<std::mutex> lock(v.mu);
+  return v.name;
+}
+
 struct SimLaunch {
   template <typename Kernel, typename Args>
   static void run(Kernel kernel, dim3 grid, dim3 block, size_t smem, const Args& args) {
     sim::launch(grid, block, smem, kernel, args);
   }
+
+  static void selected(std::string (*describe)()) { set_last_variant(describe()); }
 };
 
 // The simulator fills the split-K shrink as for a GPU of this many multiprocessors (an H100/H200), so that
@@ -26,6 +54,7 @@ constexpr int kSimSmCount = 132;
 template <typename F>
 auto simulated(const char* op, F&& f) {
   pybind11::gil_scoped_release no_gil;
+  set_last_variant("");
   try {
     return f();
   } catch (const sim::Error& e) {
@@ -67,20 +96,21 @@ struct SimOps {
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
                            double scale, int64_t num_blocks, const std::vector<int64_t>& block_ids,
-                           bool fan_in_fan_out) {
+                           bool fan_in_fan_out, const std::optional<at::Tensor>& scale_tensor) {
     const char* op = "lora_ext._sim.linear";
     return simulated(op, [&] {
       return lora_ext::forward_host::linear<SimLaunch>(op, x, x_lora, weight, bias, a, b, scale, num_blocks,
-                                                       block_ids, fan_in_fan_out, c10::DeviceType::CPU,
+                                                       block_ids, fan_in_fan_out, scale_tensor, c10::DeviceType::CPU,
                                                        kSimSmCount);
     });
   }
 
   static at::Tensor embedding(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a,
-                              const at::Tensor& b, double scale, std::optional<int64_t> padding_idx) {
+                              const at::Tensor& b, double scale, std::optional<int64_t> padding_idx,
+                              const std::optional<at::Tensor>& scale_tensor) {
     const char* op = "lora_ext._sim.embedding";
     return simulated(op, [&] {
-      return lora_ext::forward_host::embedding<SimLaunch>(op, ids, weight, a, b, scale, padding_idx,
+      return lora_ext::forward_host::embedding<SimLaunch>(op, ids, weight, a, b, scale, padding_idx, scale_tensor,
                                                           c10::DeviceType::CPU);
     });
   }
@@ -106,4 +136,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "None: threads run in index order between barriers; an int: a fresh shuffled order per phase, seeded",
         py::arg("seed"));
   m.def("set_workers", &set_workers, "OS threads running blocks (0: one per core)", py::arg("n"));
+  m.def("last_variant", &last_variant,
+        "The kernel variant the host code selected in the latest op call, e.g. "
+        "'forward<Float, tensor_core=0, vector=1>' or 'merge<W=Half, factors=Half, tensor_core=1, vector=0>'; "
+        "'' when that call launched no kernel");
 }

@@ -28,6 +28,7 @@
 #include <functional>
 #include <mutex>
 #include <random>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -360,14 +361,25 @@ inline Worker& active() {
   return *w;
 }
 
-inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+inline std::string dims(dim3 d) {
+  return std::to_string(d.x) + "x" + std::to_string(d.y) + "x" + std::to_string(d.z);
+}
+
+// The launch configurations CUDA accepts (compute capability 8.0 and later): every dimension at least 1;
+// a block of at most 1024 threads, 1024 in x and y and 64 in z; a grid of at most 2^31 - 1 in x and 65535
+// in y and z. Anything else fails the launch with cudaErrorInvalidConfiguration, so it throws here: a
+// launcher must not launch an empty grid for an empty output, or one too large in y or z.
+inline void check_config(dim3 grid, dim3 block) {
   const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
-  if (threads == 0 || threads > 1024 || block.z > 64)
-    throw Error("simulator: invalid block size " + std::to_string(block.x) + "x" + std::to_string(block.y) + "x" +
-                std::to_string(block.z));
-  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
-    throw Error("simulator: invalid grid size " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" +
-                std::to_string(grid.z));
+  if (threads == 0 || threads > 1024 || block.x > 1024 || block.y > 1024 || block.z > 64)
+    throw Error("simulator: invalid block size " + dims(block) + " (CUDA: invalid configuration argument)");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535)
+    throw Error("simulator: invalid grid size " + dims(grid) + " (CUDA: invalid configuration argument)");
+}
+
+inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+  check_config(grid, block);
+  const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
   if (smem_bytes > kMaxDynamicShared)
     throw Error("simulator: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory exceed the default " +
                 std::to_string(kMaxDynamicShared) + "-byte limit");
@@ -517,6 +529,19 @@ inline unsigned ballot(bool pred) {
   unsigned m = 0;
   for (int l = 0; l < warp_lanes(); ++l) m |= (unsigned)slot_value<bool>(s, l) << l;
   return m;
+}
+
+// A failed LORA_KERNEL_ASSERT (kernels/common.cuh): where a GPU stops the kernel with a device-side assert,
+// the launch throws, saying the condition and what the kernel adds (values, bounds).
+template <class... Parts>
+[[noreturn]] void device_assert_failed(const char* cond, const Parts&... parts) {
+  std::ostringstream msg;
+  msg << "device-side assertion `" << cond << "` failed";
+  if constexpr (sizeof...(Parts) > 0) {
+    msg << ": ";
+    (msg << ... << parts);
+  }
+  throw Error(msg.str());
 }
 
 // Checked 16-byte accesses: a misaligned one faults on a GPU, so it throws here.
@@ -673,6 +698,12 @@ inline void mma_sync(fragment<accumulator, 16, 16, 16, float>& d, const fragment
 #define __shfl_down_sync(mask, v, d, ...) ::sim::shfl_down((v), (d), ::sim::detail_width(__VA_ARGS__ + 0))
 #define __shfl_up_sync(mask, v, d, ...) ::sim::shfl_up((v), (d), ::sim::detail_width(__VA_ARGS__ + 0))
 #define __ballot_sync(mask, pred) ::sim::ballot(pred)
+
+// The read-only data cache load: a plain load here.
+template <typename T>
+inline T __ldg(const T* p) {
+  return *p;
+}
 
 namespace sim {
 // The optional width argument of the shuffles: absent means the whole warp.

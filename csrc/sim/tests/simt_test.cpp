@@ -1,6 +1,6 @@
 // Tests of the SIMT simulator itself (barriers, shared memory, shuffles, deadlock detection, shuffled
-// order, WMMA subset), plus the merge kernels on a few shapes so the ASan/UBSan build covers their memory
-// accesses. Plain C++; exits non-zero on failure.
+// order, WMMA subset, launch configurations, device-side asserts, __ldg), plus the merge kernels on a few
+// shapes so the ASan/UBSan build covers their memory accesses. Plain C++; exits non-zero on failure.
 #include "sim/simt.h"
 
 #include <cmath>
@@ -108,6 +108,22 @@ __global__ void poison_kernel(unsigned* out) {
 __global__ void misaligned_kernel(const float* p, float* out) {
   const float4 v = lora_ext::kernels::load16<float4>(p + 1);
   out[threadIdx.x] = v.x;
+}
+
+__global__ void noop_kernel(int* out) {
+  if (out) out[0] = 1;
+}
+
+// Each thread checks its value, as LORA_KERNEL_ASSERT checks an embedding id.
+__global__ void assert_kernel(const long long* v, long long bound, int* out) {
+  const int t = threadIdx.x;
+  LORA_KERNEL_ASSERT(0 <= v[t] && v[t] < bound, "v[", t, "] = ", v[t], ", bound ", bound);
+  out[t] = 1;
+}
+
+// A value read at run time through the read-only path.
+__global__ void ldg_kernel(const float* p, float* out) {
+  out[threadIdx.x] = lora_ext::kernels::load_or(p, -1.f) * (float)threadIdx.x;
 }
 
 template <typename T>
@@ -229,6 +245,56 @@ void test_dynamic_shared_poison_and_alignment() {
   CHECK(e.find("misaligned") != std::string::npos, "got '%s'", e.c_str());
 }
 
+void test_launch_config() {
+  int out = 0;
+  // CUDA's limits: every dimension >= 1; grid x < 2^31, y and z <= 65535; block <= 1024 threads, z <= 64.
+  const dim3 bad_grids[] = {dim3(0), dim3(1, 0), dim3(1, 1, 0), dim3(1, 65536), dim3(1, 1, 65536),
+                            dim3(0x80000000u)};
+  for (const dim3& g : bad_grids) {
+    std::string e = error_of([&] { sim::launch(g, dim3(32), 0, noop_kernel, &out); });
+    CHECK(e.find("invalid grid size") != std::string::npos && e.find("invalid configuration") != std::string::npos,
+          "grid %ux%ux%u: got '%s'", g.x, g.y, g.z, e.c_str());
+  }
+  const dim3 bad_blocks[] = {dim3(0), dim3(1025), dim3(32, 33), dim3(1, 1, 65), dim3(1, 0)};
+  for (const dim3& b : bad_blocks) {
+    std::string e = error_of([&] { sim::launch(dim3(1), b, 0, noop_kernel, &out); });
+    CHECK(e.find("invalid block size") != std::string::npos, "block %ux%ux%u: got '%s'", b.x, b.y, b.z, e.c_str());
+  }
+  // The limits themselves are valid (a null output: nothing is written).
+  const dim3 good[][2] = {{dim3(1, 65535), dim3(1)}, {dim3(1, 1, 65535), dim3(1)}, {dim3(1), dim3(1024)},
+                          {dim3(1), dim3(1, 1024)}, {dim3(1), dim3(16, 1, 64)}};
+  for (const auto& gb : good) {
+    std::string e = error_of([&] { sim::launch(gb[0], gb[1], 0, noop_kernel, (int*)nullptr); });
+    CHECK(e.empty(), "grid %ux%ux%u, block %ux%ux%u: got '%s'", gb[0].x, gb[0].y, gb[0].z, gb[1].x, gb[1].y, gb[1].z,
+          e.c_str());
+  }
+}
+
+void test_kernel_assert() {
+  std::vector<long long> v = {0, 3, 9, 2};
+  std::vector<int> out(4);
+  CHECK(error_of([&] { sim::launch(dim3(1), dim3(4), 0, assert_kernel, v.data(), 10LL, out.data()); }).empty(),
+        "values in range should pass");
+  CHECK(out == std::vector<int>(4, 1), "every thread should have run");
+  v[2] = 10;
+  std::string e = error_of([&] { sim::launch(dim3(1), dim3(4), 0, assert_kernel, v.data(), 10LL, out.data()); });
+  CHECK(e.find("device-side assertion") != std::string::npos && e.find("v[2] = 10, bound 10") != std::string::npos,
+        "got '%s'", e.c_str());
+  v[2] = 2;
+  v[0] = -1;
+  e = error_of([&] { sim::launch(dim3(1), dim3(4), 0, assert_kernel, v.data(), 10LL, out.data()); });
+  CHECK(e.find("v[0] = -1") != std::string::npos, "got '%s'", e.c_str());
+}
+
+void test_ldg() {
+  float scale = 2.5f;
+  std::vector<float> out(8);
+  sim::launch(dim3(1), dim3(8), 0, ldg_kernel, (const float*)&scale, out.data());
+  CHECK(out[3] == 7.5f, "got %g", out[3]);
+  sim::launch(dim3(1), dim3(8), 0, ldg_kernel, (const float*)nullptr, out.data());
+  CHECK(out[3] == -3.f, "got %g", out[3]);
+}
+
 template <typename T>
 void test_wmma(float (*to)(T), T (*from)(float)) {
   std::vector<T> a(256), b(256);
@@ -348,6 +414,9 @@ int main() {
     test_deadlocks();
     test_shuffled_order();
     test_dynamic_shared_poison_and_alignment();
+    test_launch_config();
+    test_kernel_assert();
+    test_ldg();
     test_wmma<__half>(h2f, f2h);
     test_wmma<__nv_bfloat16>(b2f, f2b);
     test_merge_kernels();
