@@ -97,7 +97,7 @@ fi
 
 step "benchmarks"
 if [ $DRY = 1 ]; then
-  bench=(--device cpu --quick --dim 256) limit=300
+  bench=(--device cuda --quick --rehearse) limit=120  # the CUDA run's every row on the CPU, lora_ext._sim for _C
 else
   bench=(--device cuda --quick) limit=270
 fi

@@ -5,7 +5,14 @@ Peak extra memory of a merge is measured in a fresh process per implementation: 
 resident set (VmHWM, reset through /proc/self/clear_refs), on CUDA torch's peak allocated bytes.
 
 Every target (the floor each case is measured against, the bound, why) is in lora_ext/bench_targets.py.
+
+A rehearsal (`lora-ext bench --rehearse`, `run(device="cuda", rehearse=True)`) runs the CUDA run's code on
+the CPU, every row function and branch of it, with tiny shapes and one repeat: lora_ext._sim stands in for
+lora_ext._C (lora_ext.ops routes CPU tensors to it) and `CudaShim` does the CPU's equivalent of each
+CUDA-only torch call. It finds on any machine what would otherwise break only on a GPU (a NameError, a
+shape mistake, a row left out of the table); its numbers mean nothing, and it says so.
 """
+import contextlib
 import os
 import platform
 import statistics
@@ -28,12 +35,110 @@ MiB = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------------
+# every CUDA-only torch call of the bench, and its stand-in on a rehearsal
+
+
+class CudaShim:
+    """The bench's CUDA-only torch calls, in one place. On a GPU each is the torch.cuda call. On a rehearsal of
+    the CUDA run on the CPU each does the CPU's equivalent, or nothing where the CPU has nothing to do, so
+    that the rest of the CUDA-only code really runs:
+
+    - `place`: tensors the run puts on "cuda" go to the CPU (where lora_ext.ops sends them to lora_ext._sim);
+    - `synchronize`: nothing (CPU ops have finished when they return; the timing is perf_counter either way);
+    - `on_side_stream`, `capture`: the function is called on the CPU's one stream; a CUDA graph's capture is
+      one eager call and its replay another (under no_grad, as captured);
+    - `reset_peak_memory_stats`, `memory_allocated`, `max_memory_allocated`: the process's resident set
+      (VmRSS, VmHWM reset through /proc/self/clear_refs), as the CPU run measures its peak;
+    - `l2_cache_size`: 0, so that rotations keep their minimum of two copies;
+    - `is_available`, `device_name`: True, and a name that says it is a rehearsal.
+    """
+
+    def __init__(self, rehearsal=False):
+        self.rehearsal = rehearsal
+
+    def place(self, device):
+        return "cpu" if self.rehearsal and device == "cuda" else device
+
+    def is_available(self):
+        return self.rehearsal or torch.cuda.is_available()
+
+    def device_name(self):
+        if self.rehearsal:
+            return f"REHEARSAL on the CPU ({_machine('cpu')}), lora_ext._sim for lora_ext._C"
+        return torch.cuda.get_device_name()
+
+    def synchronize(self):
+        if not self.rehearsal:
+            torch.cuda.synchronize()
+
+    def l2_cache_size(self):
+        if self.rehearsal:
+            return 0
+        return getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * MiB)
+
+    def on_side_stream(self, fn):
+        """fn() on a side stream that waits for the current one, which then waits for it."""
+        if self.rehearsal:
+            fn()
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, fn):
+        """fn() captured into a CUDA graph under no_grad; returns the graph's replay."""
+        if self.rehearsal:
+            with torch.no_grad():
+                fn()
+            return torch.no_grad()(fn)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            fn()
+        return graph.replay
+
+    def reset_peak_memory_stats(self):
+        if self.rehearsal:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets the peak resident set size (VmHWM) to the current size
+            return
+        torch.cuda.reset_peak_memory_stats()
+
+    def memory_allocated(self):
+        return _rss_bytes("VmRSS") if self.rehearsal else torch.cuda.memory_allocated()
+
+    def max_memory_allocated(self):
+        return _rss_bytes("VmHWM") if self.rehearsal else torch.cuda.max_memory_allocated()
+
+
+_cuda = CudaShim()
+
+REHEARSAL_NOTE = ("REHEARSAL: not a measurement. The CUDA run's code on the CPU, lora_ext._sim standing in for "
+                  "lora_ext._C, tiny shapes, one repeat: the numbers mean nothing and no target is checked.")
+
+
+@contextlib.contextmanager
+def rehearsing():
+    """While open, the bench's CUDA run runs on the CPU (see CudaShim). Not thread-safe."""
+    global _cuda
+    from lora_ext import _sim
+
+    saved, _cuda = _cuda, CudaShim(rehearsal=True)
+    try:
+        with lora_ext.ops.use_kernels(_sim, "cpu"):
+            yield _cuda
+    finally:
+        _cuda = saved
+
+
+# ---------------------------------------------------------------------------------------------------
 # timing
 
 
 def _sync(device):
     if device == "cuda":
-        torch.cuda.synchronize()
+        _cuda.synchronize()
 
 
 def compare(candidates, device, repeats, inner=1, warmup=1):
@@ -62,7 +167,7 @@ def compare(candidates, device, repeats, inner=1, warmup=1):
 
 
 def _randomized(module, dtype, device):
-    module = module.to(device=device, dtype=dtype)
+    module = module.to(device=_cuda.place(device), dtype=dtype)
     with torch.no_grad():
         for p in module.parameters():
             p.copy_(torch.randn_like(p) * 0.02)
@@ -112,7 +217,7 @@ def merge_case(kind, dim, r, dtype, device, repeats):
 
 def forward_case(kind, dim, r, tokens, dtype, device, repeats):
     ours = _layer(lora_ext, kind, dim, r, dtype, device)
-    x = torch.randn(tokens, dim, dtype=dtype, device=device)
+    x = torch.randn(tokens, dim, dtype=dtype, device=_cuda.place(device))
     w, b = ours.weight.detach(), ours.bias.detach()
     candidates = {"plain": lambda: F.linear(x, w, b), "lora_ext": lambda: ours(x)}
     if loralib is not None:
@@ -145,12 +250,12 @@ def _peak_child(impl, kind, dim, r, dtype_name, device):
     # the floor of one merge (eval()) is one in-place pass: addmm_ with +s only
     run = _addmm_cycle(layer, signs=(1.0,)) if impl == "addmm_" else (lambda: layer.eval())
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        _cuda.synchronize()
+        _cuda.reset_peak_memory_stats()
+        before = _cuda.memory_allocated()
         run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
+        _cuda.synchronize()
+        return _cuda.max_memory_allocated() - before
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets the peak resident set size (VmHWM) to the current size
     before = _rss_bytes("VmRSS")
@@ -160,8 +265,12 @@ def _peak_child(impl, kind, dim, r, dtype_name, device):
 
 def peak_extra_memory(impl, kind, dim, r, dtype, device):
     args = [impl, kind, str(dim), str(r), str(dtype).replace("torch.", ""), device]
+    if _cuda.rehearsal:
+        args.append("--rehearse")  # the child rehearses too
     out = subprocess.run([sys.executable, "-m", "lora_ext.bench", "peak", *args], capture_output=True,
-                         text=True, check=True)
+                         text=True)
+    if out.returncode:
+        raise RuntimeError(f"peak memory child {' '.join(args)} failed:\n{out.stderr}")
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -173,7 +282,7 @@ def _rotation(nbytes, device):
     """How many weight copies to cycle through so that the last-level cache does not serve them."""
     if device != "cuda":
         return 2
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * MiB)
+    l2 = _cuda.l2_cache_size()
     return max(2, -(-4 * l2 // nbytes))
 
 
@@ -244,7 +353,15 @@ def merge_kernel_rows(device, dtype, repeats, shapes):
     return rows
 
 
-GPU_MERGE_SHAPES = [("linear", d, r) for d in (4096, 8192) for r in (8, 16, 64)] + [("merged", 4096, 8)]
+GPU_KERNEL_DIM = 4096  # the width of the CUDA-only kernel rows on a GPU, whatever --dim is
+
+
+def gpu_merge_shapes(dim=GPU_KERNEL_DIM):
+    """The merge kernel rows' shapes: Linear dim and 2*dim at ranks 8, 16, 64, and MergedLinear(dim, 3*dim)."""
+    return [("linear", d, r) for d in (dim, 2 * dim) for r in (8, 16, 64)] + [("merged", dim, 8)]
+
+
+GPU_MERGE_SHAPES = gpu_merge_shapes()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -299,18 +416,12 @@ def _rotating(make, nrot):
 
 def _graph_replay(modules, x):
     """A CUDA graph running every module once on x (no grad); returns its replay."""
+    def run_all():
+        for m in modules:
+            m(x)
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for m in modules:
-                m(x)  # warm up outside the capture
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for m in modules:
-                m(x)
-    return graph.replay
+        _cuda.on_side_stream(run_all)  # warm up outside the capture
+    return _cuda.capture(run_all)
 
 
 def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, tokens=(1, 16, 256, 4096)):
@@ -334,7 +445,7 @@ def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, toke
         name = (f"Linear({dim}, {dim}) r={rank}" if kind == "linear"
                 else f"MergedLinear({dim}, {3 * dim}) r={rank} [T,F,T]")
         for m in tokens:
-            x = torch.randn(m, dim, dtype=dtype, device=device)
+            x = torch.randn(m, dim, dtype=dtype, device=_cuda.place(device))
             with torch.no_grad():
                 times = compare({k: (lambda f=f: f(x)) for k, (f, _) in layers.items()}, device, repeats,
                                 inner=5 if m < 256 else 1)
@@ -348,7 +459,7 @@ def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, toke
                                           f"forward_kernel.{kind}.graph.M1"))
             if kind == "linear":
                 xg = x.clone().requires_grad_()
-                grad = torch.randn(m, dim, dtype=dtype, device=device)
+                grad = torch.randn(m, dim, dtype=dtype, device=_cuda.place(device))
                 times = compare({k: (lambda f=f: f(xg).backward(grad)) for k, (f, _) in layers.items()}, device,
                                 repeats, inner=5 if m < 256 else 1)
                 rows.extend(_forward_rows(f"forward+backward {name} M={m}", times, None))
@@ -382,11 +493,27 @@ def _forward_rows(case, times, target):
 # the run
 
 
-def run(device="cpu", quick=False, dim=4096):
-    if device == "cuda" and not torch.cuda.is_available():
+REHEARSAL_DIM = 32  # a rehearsal's default width (the merge kernel rows go to twice it, at rank 64)
+
+
+def run(device="cpu", quick=False, dim=4096, rehearse=False):
+    """The benchmark rows of `device`, as a dict (format_table prints it). rehearse=True rehearses the CUDA run
+    on the CPU (see CudaShim): every row function and branch of it at width `dim` (use a tiny one, e.g.
+    REHEARSAL_DIM), one repeat, marked as a rehearsal, no target checked."""
+    if rehearse:
+        if device != "cuda":
+            raise ValueError("a rehearsal rehearses the CUDA run: device must be 'cuda'")
+        with rehearsing():
+            result = run(device, quick, dim)
+        for row in result["rows"]:
+            if "met" in row:
+                row["met"] = None  # numbers from a rehearsal are met by nothing, missed by nothing
+        return dict(rehearsal=True, note=REHEARSAL_NOTE, **result)
+    if device == "cuda" and not _cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    repeats = 5 if quick else 15
+    repeats = 1 if _cuda.rehearsal else 5 if quick else 15
+    kernel_dim = dim if _cuda.rehearsal else GPU_KERNEL_DIM
     rows = []
 
     def add(case, times, floor, target=None):
@@ -412,8 +539,8 @@ def run(device="cpu", quick=False, dim=4096):
         add(f"forward {kind} {dim} r={r} tokens={tokens}", times, "plain", target)
 
     if device == "cuda":
-        rows.extend(merge_kernel_rows(device, dtype, repeats, GPU_MERGE_SHAPES))
-        rows.extend(forward_kernel_rows(device, dtype, repeats))
+        rows.extend(merge_kernel_rows(device, dtype, repeats, gpu_merge_shapes(kernel_dim)))
+        rows.extend(forward_kernel_rows(device, dtype, repeats, dim=kernel_dim))
 
     rows += serving_rows(dim, dtype, device, repeats)
     if device == "cuda":  # at 4096 a 16 us pass may leave the layer call host-bound; 8192 shows the kernel
@@ -464,7 +591,7 @@ def switch_rows(dim, dtype, device, repeats, r=16):
                   "lora_ext set_adapter": lambda: layer.set_adapter(next(names))}
     peft = _peft()
     if peft is not None:
-        base = torch.nn.Sequential(torch.nn.Linear(dim, dim)).to(device=device, dtype=dtype)
+        base = torch.nn.Sequential(torch.nn.Linear(dim, dim)).to(device=_cuda.place(device), dtype=dtype)
         model = peft.get_peft_model(base, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
         model.add_adapter("b", peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
         theirs = model.base_model.model[0]
@@ -491,7 +618,8 @@ def switch_rows(dim, dtype, device, repeats, r=16):
 def inject_rows(dim, dtype, device, repeats, r=16):
     """Injection into a stack of 12 Linears (model construction included) against building it, and peft."""
     def stack():
-        return torch.nn.Sequential(*[torch.nn.Linear(dim // 4, dim // 4) for _ in range(12)]).to(device, dtype)
+        return torch.nn.Sequential(*[torch.nn.Linear(dim // 4, dim // 4) for _ in range(12)]).to(
+            _cuda.place(device), dtype)
     inject = {"lora_ext inject": lambda: lora_ext.inject(stack(), r".*", r=r)}
     peft = _peft()
     if peft is not None:
@@ -504,15 +632,17 @@ def inject_rows(dim, dtype, device, repeats, r=16):
 
 def _machine(device):
     if device == "cuda":
-        return torch.cuda.get_device_name()
+        return _cuda.device_name()
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
 def format_table(result):
-    lines = [f"lora_ext bench: {result['device']} ({result['machine']}), {result['dtype']}, torch {result['torch']}, "
-             f"{result['date']}", "",
-             "| case | impl | time ms | ratio to floor | extra | target | met |",
-             "|---|---|---:|---:|---:|---:|---|"]
+    rehearsal = result.get("rehearsal", False)
+    lines = [REHEARSAL_NOTE, ""] if rehearsal else []
+    lines += [f"lora_ext bench: {result['device']} ({result['machine']}), {result['dtype']}, torch {result['torch']}, "
+              f"{result['date']}", "",
+              "| case | impl | time ms | ratio to floor | extra | target | met |",
+              "|---|---|---:|---:|---:|---:|---|"]
     for row in result["rows"]:
         ms = f"{row['ms']:.3f}" if "ms" in row else ""
         ratio = f"{row['ratio']:.3f}" if "ratio" in row else ""
@@ -521,17 +651,18 @@ def format_table(result):
             extra += f" ({row['of copy']:.0%} of copy)"
         target = row["target"] if isinstance(row.get("target"), str) else (
             f"<= {row['target']}" if "target" in row else "")
-        met = ("yes" if row["met"] else "NO") if "met" in row else ""
+        met = "" if "met" not in row else "-" if rehearsal or row["met"] is None else "yes" if row["met"] else "NO"
         lines.append(f"| {row['case']} | {row['impl']} | {ms} | {ratio} | {extra} | {target} | {met} |")
     return "\n".join(lines)
 
 
 def _main(argv):
-    if argv and argv[0] == "peak":
-        impl, kind, dim, r, dtype, device = argv[1:]
-        print(_peak_child(impl, kind, int(dim), int(r), dtype, device))
+    if argv and argv[0] == "peak" and len(argv) in (7, 8) and argv[7:] in ([], ["--rehearse"]):
+        impl, kind, dim, r, dtype, device = argv[1:7]
+        with rehearsing() if argv[7:] else contextlib.nullcontext():
+            print(_peak_child(impl, kind, int(dim), int(r), dtype, device))
         return 0
-    raise SystemExit("usage: python -m lora_ext.bench peak IMPL KIND DIM R DTYPE DEVICE")
+    raise SystemExit("usage: python -m lora_ext.bench peak IMPL KIND DIM R DTYPE DEVICE [--rehearse]")
 
 
 if __name__ == "__main__":

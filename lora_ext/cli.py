@@ -7,7 +7,14 @@ import sys
 def _bench(args):
     from . import bench
 
-    result = bench.run(device=args.device, quick=args.quick, dim=args.dim)
+    if args.rehearse:
+        if args.device == "cpu":
+            print("lora-ext bench: error: --rehearse rehearses the CUDA run (--device cuda), not --device cpu",
+                  file=sys.stderr)
+            return 2
+        result = bench.run(device="cuda", quick=args.quick, dim=args.dim or bench.REHEARSAL_DIM, rehearse=True)
+    else:
+        result = bench.run(device=args.device or "cpu", quick=args.quick, dim=args.dim or 4096)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -38,9 +45,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="lora-ext", description="lora_ext: a drop-in, faster loralib")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="side-by-side benchmark: lora_ext vs loralib vs plain torch")
-    b.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    b.add_argument("--device", choices=["cpu", "cuda"], help="where to run (default cpu)")
     b.add_argument("--quick", action="store_true", help="fewer repetitions")
-    b.add_argument("--dim", type=int, default=4096, help="layer width (default 4096)")
+    b.add_argument("--dim", type=int, help="layer width (default 4096; with --rehearse, a tiny one)")
+    b.add_argument("--rehearse", action="store_true",
+                   help="rehearse the CUDA run on the CPU: all its rows, lora_ext._sim standing in for the CUDA "
+                        "kernels, tiny shapes, one repeat; checks the code, measures nothing")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     b.set_defaults(func=_bench)
     m = sub.add_parser("merge", help="merge a peft LoRA adapter into a safetensors checkpoint, streaming")

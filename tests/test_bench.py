@@ -1,7 +1,12 @@
-"""lora_ext.bench.forward_kernel_rows (the GPU forward benchmark) runs end to end on tiny CPU layers."""
+"""lora_ext.bench: the GPU forward benchmark on tiny CPU layers, and the rehearsal of the whole CUDA run on the
+CPU (`lora-ext bench --rehearse`), which must run every row the GPU run would."""
+import functools
+import json
+
+import pytest
 import torch
 
-from lora_ext import bench
+from lora_ext import bench, bench_targets, cli, ops
 
 
 def test_forward_kernel_rows_run_on_cpu():
@@ -16,3 +21,91 @@ def test_forward_kernel_rows_run_on_cpu():
             assert "met" in row
     bench.format_table(dict(device="cpu", machine="test", dtype="float32", torch=torch.__version__, date="",
                             rows=rows))
+
+
+def _spy(monkeypatch, module, name, calls):
+    """Replaces module.name by a wrapper that records (args, kwargs, result) of every call in calls[name]."""
+    real = getattr(module, name)
+    calls[name] = []
+
+    @functools.wraps(real)
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls[name].append((args, kwargs, result))
+        return result
+    monkeypatch.setattr(module, name, spy)
+
+
+def test_rehearsal_runs_every_cuda_row(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("lora_ext._sim", reason="a rehearsal needs lora_ext._sim")
+    dim = 16
+    calls = {}
+    # every public row function of the bench, and every target check, spied on: the CUDA run must call
+    # each, and every row each returned must be in the table and the JSON
+    row_functions = sorted(n for n in dir(bench) if n.endswith("_rows") and not n.startswith("_")
+                           and callable(getattr(bench, n)))
+    assert {"merge_kernel_rows", "forward_kernel_rows", "switch_rows"} <= set(row_functions)
+    for name in row_functions:
+        _spy(monkeypatch, bench, name, calls)
+    _spy(monkeypatch, bench_targets, "fields", calls)
+    kernels = ops._kernels
+
+    path = tmp_path / "bench.json"
+    # a CUDA-only row that raises fails here
+    assert cli.main(["bench", "--device", "cuda", "--quick", "--rehearse", "--dim", str(dim),
+                     "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(path.read_text())
+
+    # it says it is a rehearsal, and judges nothing
+    assert out.startswith("REHEARSAL: not a measurement")
+    assert result["rehearsal"] is True and result["note"].startswith("REHEARSAL: not a measurement")
+    assert result["device"] == "cuda" and "REHEARSAL" in result["machine"]
+    assert result["dtype"] == "bfloat16"
+    table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| case ")]
+    assert len(table) == len(result["rows"])
+    for row, line in zip(result["rows"], table):
+        assert line.startswith(f"| {row['case']} | {row['impl']} |")
+        met = line.strip().strip("|").split("|")[-1].strip()
+        if "target" in row:
+            assert row["met"] is None and met == "-", line
+        else:
+            assert "met" not in row and met == "", line
+
+    # every row function ran, and every row it returned is in the output
+    cases = {(row["case"], row["impl"]) for row in result["rows"]}
+    for name in row_functions:
+        assert calls[name], f"the rehearsed CUDA run did not call bench.{name}"
+        for _, _, rows in calls[name]:
+            assert rows
+            missing = {(row["case"], row["impl"]) for row in rows} - cases
+            assert not missing, f"rows of bench.{name} missing from the output: {sorted(missing)}"
+    # the CUDA-only rows: CUDA graph replay, the merge kernels at both widths, the switch at twice the width
+    assert any(case.endswith(", CUDA graph replay") for case, _ in cases)
+    assert {shape for args, _, _ in calls["merge_kernel_rows"] for shape in args[3]} == set(
+        bench.gpu_merge_shapes(dim))
+    assert {args[0] for args, _, _ in calls["switch_rows"]} == {dim, 2 * dim}
+    # every target of the table was checked by the CUDA run
+    assert {args[0] for args, _, _ in calls["fields"]} == {
+        key for key, t in bench_targets.TARGETS.items() if "cuda" in t.devices}
+
+    # the rehearsal is over: the shim and the kernels are the real ones again
+    assert bench._cuda.rehearsal is False and ops._kernels is kernels
+
+
+def test_rehearsal_is_of_the_cuda_run(capsys):
+    assert cli.main(["bench", "--device", "cpu", "--rehearse"]) == 2
+    assert "--rehearse rehearses the CUDA run" in capsys.readouterr().err
+    with pytest.raises(ValueError):
+        bench.run(device="cpu", rehearse=True)
+
+
+def test_the_shim_off_a_rehearsal_is_torch_cuda():
+    shim = bench.CudaShim()
+    assert shim.place("cuda") == "cuda" and shim.place("cpu") == "cpu"
+    assert shim.is_available() == torch.cuda.is_available()
+    pytest.importorskip("lora_ext._sim", reason="a rehearsal needs lora_ext._sim")
+    with bench.rehearsing() as rehearsal:
+        assert bench._cuda is rehearsal and rehearsal.place("cuda") == "cpu" and rehearsal.is_available()
+        assert rehearsal.capture(lambda: torch.is_grad_enabled())() is False  # replays run under no_grad
+    assert bench._cuda is not rehearsal and not bench._cuda.rehearsal
