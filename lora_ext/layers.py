@@ -79,6 +79,17 @@ class LoRALayer(NamedAdapters):
         self._lock = threading.RLock()
         self._streams = StreamOrder()
 
+    def _apply(self, fn, recurse=True):
+        module = super()._apply(fn, recurse)
+        if self.has_lora:
+            self._scaling_follow()
+        return module
+
+    def _scale_tensor_for(self, x: Tensor) -> Optional[Tensor]:
+        """The scale tensor the forward kernels read, when it lies on x's device."""
+        t = self.__dict__.get("_scaling_t")
+        return t if t is not None and t.device == x.device else None
+
     def _guard(self):
         # Under torch.compile there is no other thread to exclude within the traced graph.
         return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
@@ -225,6 +236,7 @@ class Embedding(LoRALayer, nn.Embedding):
     def _forward(self, x):
         if self.r > 0 and not self.merged:
             return ops.embedding(x, self.weight, self.lora_A, self.lora_B, self.scaling,
+                                 scale_tensor=self._scale_tensor_for(x),
                                  padding_idx=self.padding_idx, max_norm=self.max_norm,
                                  norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
                                  sparse=self.sparse)
@@ -253,7 +265,8 @@ class Linear(LoRALayer, nn.Linear):
     def _forward(self, x):
         if self.r > 0 and not self.merged:
             return ops.linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_A, self.lora_B,
-                              self.scaling, fan_in_fan_out=self.fan_in_fan_out)
+                              self.scaling, fan_in_fan_out=self.fan_in_fan_out,
+                              scale_tensor=self._scale_tensor_for(x))
         return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
 
 
@@ -301,6 +314,7 @@ class MergedLinear(LoRALayer, nn.Linear):
         if self.has_lora and not self.merged:
             return ops.linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_A, self.lora_B,
                               self.scaling, num_blocks=len(self.enable_lora), block_ids=self._block_ids,
+                              scale_tensor=self._scale_tensor_for(x),
                               fan_in_fan_out=self.fan_in_fan_out)
         return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
 
@@ -359,7 +373,9 @@ class ConvLoRA(LoRALayer, nn.Module):
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
-            return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling)
+            # on CUDA the scale is read at run time (CUDA graphs); elsewhere it is folded into the delta
+            scale_tensor = self._scale_tensor_for(x) if x.is_cuda else None
+            return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling, scale_tensor)
         return self.conv(x)
 
 

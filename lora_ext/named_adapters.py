@@ -59,6 +59,35 @@ class NamedAdapters:
         for key, value in (("active_adapter", "default"), ("_adapters", {}), ("_active_home", None)):
             self.__dict__.setdefault(key, value)
         self._finite_stamps = {}
+        if "scaling" in self.__dict__:  # older layers kept the scaling as a plain attribute
+            self.scaling = self.__dict__.pop("scaling")
+
+    # -- the active adapter's scaling ---------------------------------------------------------------------
+    #
+    # A float, and the same value in a one-element float32 tensor beside the factors (`_scaling_t`) that the
+    # CUDA forward kernels read when they run: a captured CUDA graph of an unmerged forward then follows a
+    # switch to an adapter with another scaling. Setting `scaling` updates both (in place: no new storage).
+
+    @property
+    def scaling(self) -> float:
+        return self.__dict__["_scaling"]
+
+    @scaling.setter
+    def scaling(self, value: float) -> None:
+        self.__dict__["_scaling"] = value
+        t = self.__dict__.get("_scaling_t")
+        if t is not None:
+            t.fill_(float(value))
+        elif getattr(self, "lora_A", None) is not None:
+            self.__dict__["_scaling_t"] = torch.full((1,), float(value), dtype=torch.float32,
+                                                     device=self.lora_A.device)
+
+    def _scaling_follow(self) -> None:
+        """After the factors moved (module.to(...)): the scale tensor goes where lora_A is, in float32."""
+        t = self.__dict__.get("_scaling_t")
+        if t is not None and (t.device != self.lora_A.device or t.dtype != torch.float32):
+            self.__dict__["_scaling_t"] = torch.full((1,), float(self._scaling), dtype=torch.float32,
+                                                     device=self.lora_A.device)
 
     # -- geometry ---------------------------------------------------------------------------------------
 
@@ -194,7 +223,8 @@ class NamedAdapters:
             self.lora_A.data = lora_A
             self.lora_B.data = lora_B
         r = self.rank_of(lora_A)
-        self.__dict__.update(r=r, scaling=scaling, lora_alpha=scaling * r)
+        self.__dict__.update(r=r, lora_alpha=scaling * r)
+        self.scaling = scaling
         self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
 
     def _serving_switch(self, lora_A: Tensor, lora_B: Tensor) -> bool:

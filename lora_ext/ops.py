@@ -388,9 +388,12 @@ def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, *, out_features: 
 # linear: F.linear(x, W, bias) + scale * (x_lora A^T) B^T, into the enabled column blocks
 
 
-def _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out):
-    backend = _kernels.module if _kernels.takes(x) else reference
-    return backend.linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out)
+def _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
+                 scale_tensor=None):
+    if _kernels.takes(x):
+        return _kernels.module.linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids,
+                                      fan_in_fan_out, scale_tensor)
+    return reference.linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out)
 
 
 @torch.library.custom_op("lora_ext::linear", mutates_args=())
@@ -424,7 +427,17 @@ def _linear_backward(ctx, grad):
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
-def _check_linear_args(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out):
+def _check_scale_tensor(scale_tensor, device, where):
+    if scale_tensor is not None and not (isinstance(scale_tensor, Tensor) and scale_tensor.dtype == torch.float32
+                                         and scale_tensor.numel() == 1 and scale_tensor.device == device):
+        got = (f"{scale_tensor.dtype} of {scale_tensor.numel()} element(s) on {scale_tensor.device}"
+               if isinstance(scale_tensor, Tensor) else type(scale_tensor).__name__)
+        raise ValueError(f"scale_tensor must be None or a float32 tensor of one element on {where}'s device "
+                         f"({device}), got {got}")
+
+
+def _check_linear_args(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
+                       scale_tensor=None):
     """linear's argument checks (scale apart); returns the block ids."""
     _check_tensor("weight", weight)
     out_features, in_features = _layer_shape(weight, fan_in_fan_out)
@@ -438,19 +451,24 @@ def _check_linear_args(x, x_lora, weight, bias, lora_A, lora_B, scale, num_block
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
     ids = _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_ids)
     _check_same_device(x=x, x_lora=x_lora, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
+    _check_scale_tensor(scale_tensor, x.device, "x")
     return ids
 
 
 def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
            scale: float, *, num_blocks: int = 1, block_ids: Sequence[int] = (0,),
-           fan_in_fan_out: bool = False) -> Tensor:
+           fan_in_fan_out: bool = False, scale_tensor: Optional[Tensor] = None) -> Tensor:
     """A LoRA linear layer's output. x_lora is the input of the low-rank path (x after lora_dropout;
-    pass x itself when there is no dropout)."""
+    pass x itself when there is no dropout).
+
+    scale_tensor: optionally `scale` again, as a one-element float32 tensor on x's device; the kernels read
+    it when they run, so a captured CUDA graph follows later in-place changes of it. The other paths use
+    `scale`: the caller keeps the two equal."""
     _check_scale(scale)
     args = (x, x_lora, weight, bias, lora_A, lora_B, float(scale), num_blocks, list(block_ids),
             bool(fan_in_fan_out))
     if _fast_path(x, args[:6]):
-        return _launch(_linear_impl, args, _check_linear_args)
+        return _launch(_linear_impl, (*args, scale_tensor), _check_linear_args)
     if not _check_linear_args(*args):
         return torch.nn.functional.linear(x, weight.t() if fan_in_fan_out else weight, bias)
     if torch.compiler.is_compiling() or _needs_grad(*args[:6]):
@@ -462,10 +480,11 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
 # embedding: weight[ids] + scale * A^T[ids] B^T
 
 
-def _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse):
+def _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse,
+                    scale_tensor=None):
     """scale_grad_by_freq and sparse shape only the gradient, so the kernel does not take them."""
     if _kernels.takes(weight):
-        return _kernels.module.embedding(ids, weight, lora_A, lora_B, scale, padding_idx)
+        return _kernels.module.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_tensor)
     return reference.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
 
 
@@ -496,7 +515,8 @@ def _embedding_backward(ctx, grad):
 _embedding_op.register_autograd(_embedding_backward, setup_context=_embedding_setup)
 
 
-def _check_embedding_args(ids, weight, lora_A, lora_B, *_):
+def _check_embedding_args(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse,
+                          scale_tensor=None):
     _check_tensor("weight", weight)
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids must be an int32 or int64 tensor, got {getattr(ids, 'dtype', type(ids))}")
@@ -504,19 +524,21 @@ def _check_embedding_args(ids, weight, lora_A, lora_B, *_):
     # Embedding storage is the transposed layout: lora_A is (r, num_embeddings), lora_B (dim, r).
     _check_factors(lora_A, lora_B, dim, num, 1, [0])
     _check_same_device(ids=ids, weight=weight, lora_A=lora_A, lora_B=lora_B)
+    _check_scale_tensor(scale_tensor, weight.device, "weight")
 
 
 def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *,
               padding_idx: Optional[int] = None, max_norm: Optional[float] = None, norm_type: float = 2.0,
-              scale_grad_by_freq: bool = False, sparse: bool = False) -> Tensor:
+              scale_grad_by_freq: bool = False, sparse: bool = False,
+              scale_tensor: Optional[Tensor] = None) -> Tensor:
     """A LoRA embedding's output. max_norm renormalises rows of `weight` in place (as nn.Embedding
-    does); lora_A is never renormalised."""
+    does); lora_A is never renormalised. scale_tensor: as for linear, on weight's device."""
     _check_scale(scale)
     args = (ids, weight, lora_A, lora_B, float(scale), padding_idx, bool(scale_grad_by_freq), bool(sparse))
     # max_norm writes the weight before the lookup: checked first, whatever the path.
     fast = max_norm is None and _fast_path(weight, (weight, lora_A, lora_B))
     if fast:
-        return _launch(_embedding_impl, args, _check_embedding_args)
+        return _launch(_embedding_impl, (*args, scale_tensor), _check_embedding_args)
     _check_embedding_args(*args)
     if max_norm is not None:
         with torch.no_grad():
@@ -530,13 +552,20 @@ def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale
 # convolution: the conv's weight plus its LoRA delta (the low-rank factors do not factor the conv itself)
 
 
-def conv(conv_module, x, x_lora, lora_A, lora_B, scale):
+def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+         scale_tensor: Optional[Tensor] = None) -> Tensor:
     """A ConvLoRA layer's output: conv(x, W + scale * (B A).view(W.shape)); with dropout on the LoRA
-    path, conv(x, W) + conv(x_lora, scale * (B A).view(W.shape))."""
+    path, conv(x, W) + conv(x_lora, scale * (B A).view(W.shape)). scale_tensor: as for linear (the delta is
+    then computed unscaled and multiplied by it, so a captured CUDA graph follows it)."""
     w = conv_module.weight
     if x_lora.shape != x.shape:
         raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
-    delta = delta_weight(lora_A, lora_B, scale, out_features=lora_B.shape[0], dtype=w.dtype).view(w.shape)
+    _check_scale_tensor(scale_tensor, w.device, "the conv weight")
+    if scale_tensor is None:
+        delta = delta_weight(lora_A, lora_B, scale, out_features=lora_B.shape[0], dtype=w.dtype)
+    else:
+        delta = delta_weight(lora_A, lora_B, 1.0, out_features=lora_B.shape[0], dtype=w.dtype) * scale_tensor
+    delta = delta.to(w.dtype).view(w.shape)
     if x_lora is x:
         return conv_module._conv_forward(x, w + delta, conv_module.bias)
     return conv_module._conv_forward(x, w, conv_module.bias) + conv_module._conv_forward(x_lora, delta, None)
