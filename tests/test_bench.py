@@ -109,3 +109,27 @@ def test_the_shim_off_a_rehearsal_is_torch_cuda():
         assert bench._cuda is rehearsal and rehearsal.place("cuda") == "cpu" and rehearsal.is_available()
         assert rehearsal.capture(lambda: torch.is_grad_enabled())() is False  # replays run under no_grad
     assert bench._cuda is not rehearsal and not bench._cuda.rehearsal
+
+
+def test_the_sanitizer_suite_reaches_every_forward_variant_and_the_tensor_core_merges():
+    """bench/sanitize_cases.py (gpu_check.sh runs it under compute-sanitizer), rehearsed through the simulator:
+    every case passes and the suite reaches the kernel variants a sanitizer pass must cover."""
+    import importlib.util
+    import pathlib
+    sim = pytest.importorskip("lora_ext._sim")
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "sanitize_cases.py"
+    spec = importlib.util.spec_from_file_location("sanitize_cases", path)
+    sc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sc)
+    assert sc.main(["--rehearse"]) == 0
+    seen = set()
+    from lora_ext import ops
+    with ops.use_kernels(sim, "cpu"):
+        for _, fn in sc.cases("cpu"):
+            fn()
+            seen.add(sim.last_variant())
+    for t in ("Float", "Half", "BFloat16"):
+        for vec in (0, 1):
+            assert any(v.startswith(f"forward<{t},") and v.endswith(f"vector={vec}>") for v in seen), (t, vec, seen)
+    for t in ("Half", "BFloat16"):
+        assert f"merge<W={t}, factors={t}, tensor_core=1, vector=1>" in seen

@@ -1,0 +1,112 @@
+"""A reduced kernel suite for compute-sanitizer (memcheck, racecheck): every kernel family once per dtype path,
+at small shapes with ragged edges, so that a run under the sanitizer takes seconds, not minutes.
+
+    compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_cases.py
+    python bench/sanitize_cases.py --rehearse      (the CPU, lora_ext._sim standing in for lora_ext._C)
+
+Each case also checks its result against float64, so a run that the sanitizer passes is also right.
+"""
+import argparse
+import contextlib
+import sys
+
+import torch
+
+from lora_ext import ops
+
+
+def _close(out, ref, dtype):
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    if not err < bound:
+        raise AssertionError(f"relative error {err:.3g} over {bound} ({dtype})")
+
+
+def cases(device):
+    """(name, function) for each case; each function raises on a wrong result."""
+    out = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for r in (4, 32):  # r = 32 takes the tensor-core paths for 16-bit factors
+            def merge(dtype=dtype, r=r):
+                A = torch.randn(2 * r, 136, device=device).to(dtype)
+                B = torch.randn(2 * 67, r, device=device).to(dtype)
+                w = torch.randn(201, 136, device=device).to(dtype)  # 3 blocks of 67 rows
+                w0 = w.double().clone()
+                ops.merge_(w, A, B, 0.5, num_blocks=3, block_ids=[0, 2])
+                ref = w0.clone()
+                ref[:67] += 0.5 * B[:67].double() @ A[:r].double()
+                ref[134:] += 0.5 * B[67:].double() @ A[r:].double()
+                _close(w, ref, dtype)
+
+            def swap(dtype=dtype, r=r):
+                w = torch.randn(130, 72, device=device).to(dtype)
+                A1, B1 = torch.randn(r, 72, device=device), torch.randn(130, r, device=device)
+                A2 = torch.randn(r + 3, 72, device=device).to(dtype)
+                B2 = torch.randn(130, r + 3, device=device).to(dtype)
+                w0 = w.double().clone()
+                ops.swap_(w, A1, B1, 0.5, A2, B2, 2.0, transposed=False)
+                _close(w, w0 + 2.0 * B2.double() @ A2.double() - 0.5 * B1.double() @ A1.double(), dtype)
+
+            def delta(dtype=dtype, r=r):
+                A = torch.randn(r, 40, device=device).to(dtype)
+                B = torch.randn(36, r, device=device).to(dtype)
+                d = ops.delta_weight(A, B, 0.25, out_features=36, transposed=True)
+                _close(d, 0.25 * (B.double() @ A.double()).t(), dtype)
+
+            out += [(f"merge_ {dtype} r={r}", merge), (f"swap_ {dtype} r={r}", swap),
+                    (f"delta_weight {dtype} r={r}", delta)]
+        for m in (1, 3, 97):  # decode (fused) and prefill (shrink + expand)
+            def linear(dtype=dtype, m=m):
+                x = torch.randn(m, 72, device=device).to(dtype)
+                w = torch.randn(99, 72, device=device).to(dtype)
+                b = torch.randn(99, device=device).to(dtype)
+                A = torch.randn(6, 72, device=device).to(dtype)
+                B = torch.randn(66, 3, device=device).to(dtype)
+                y = ops.linear(x, x, w, b, A, B, 0.5, num_blocks=3, block_ids=[0, 2])
+                delta = torch.zeros(99, 72, dtype=torch.float64, device=device)
+                delta[:33] = B[:33].double() @ A[:3].double()
+                delta[66:] = B[33:].double() @ A[3:].double()
+                _close(y, x.double() @ (w.double() + 0.5 * delta).t() + b.double(), dtype)
+            out.append((f"linear {dtype} M={m}", linear))
+
+        def embedding(dtype=dtype):
+            ids = torch.randint(0, 50, (5, 9), device=device)
+            w = torch.randn(50, 40, device=device).to(dtype)
+            A = torch.randn(4, 50, device=device).to(dtype)
+            B = torch.randn(40, 4, device=device).to(dtype)
+            y = ops.embedding(ids, w, A, B, 0.5)
+            _close(y, (w.double() + 0.5 * (B.double() @ A.double()).t())[ids], dtype)
+        out.append((f"embedding {dtype}", embedding))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rehearse", action="store_true", help="run on the CPU through lora_ext._sim")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    if args.rehearse:
+        from lora_ext import _sim
+        context, device = ops.use_kernels(_sim, "cpu"), "cpu"
+    else:
+        if not ops.cuda_kernels_available() or not torch.cuda.is_available():
+            print("sanitize_cases: needs a GPU and lora_ext._C (or --rehearse)", file=sys.stderr)
+            return 2
+        context, device = contextlib.nullcontext(), "cuda"
+    failed = 0
+    with context:
+        for name, fn in cases(device):
+            try:
+                fn()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                print(f"ok   {name}")
+            except Exception as e:  # report every case, then fail
+                failed += 1
+                print(f"FAIL {name}: {type(e).__name__}: {e}")
+    print(f"sanitize_cases: {failed} failed" if failed else "sanitize_cases: all passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
