@@ -99,18 +99,16 @@ if [ $DRY = 1 ]; then
   tail -1 "$OUT/tests.log"
 else
   # What every later result depends on first; then what only the hardware can show (graphs, streams, sizes).
+  gpu_tests() {  # name, time cap, marker expression
+    timeout "$(capped "$2")" "$PY" -m pytest --maxfail=25 --junitxml="$OUT/$1.xml" -m "$3" tests > "$OUT/$1.log" 2>&1
+    local rc=$?
+    tail -3 "$OUT/$1.log"
+    [ $rc -eq 0 ] || { status=1; grep -E "^(FAILED|ERROR)" "$OUT/$1.log" | head -20; }
+  }
   step "CUDA tests (kernels and layers against float64)"
-  timeout "$(capped 150)" "$PY" -m pytest --maxfail=25 --junitxml="$OUT/tests.xml" -m "gpu and not hardware" tests \
-    > "$OUT/tests.log" 2>&1
-  rc=$?
-  tail -3 "$OUT/tests.log"
-  [ $rc -eq 0 ] || { status=1; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; }
+  gpu_tests tests 150 "gpu and not hardware"
   step "CUDA tests that need the hardware (graphs, streams, large sizes, autocast)"
-  timeout "$(capped 120)" "$PY" -m pytest --maxfail=25 --junitxml="$OUT/tests-hardware.xml" -m "gpu and hardware" tests \
-    > "$OUT/tests-hardware.log" 2>&1
-  rc=$?
-  tail -3 "$OUT/tests-hardware.log"
-  [ $rc -eq 0 ] || { status=1; grep -E "^(FAILED|ERROR)" "$OUT/tests-hardware.log" | head -20; }
+  gpu_tests tests-hardware 120 "gpu and hardware"
   rc=0
 fi
 [ $rc -eq 0 ] || { status=1; grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20; }

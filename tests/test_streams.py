@@ -91,19 +91,24 @@ def test_nothing_waits_inside_a_capture(streams, monkeypatch):
     assert s2.waited == []
 
 
+def _served_layer(dim, rows):
+    """A merged Linear on the GPU serving two adapters ("default", "other"), and an input."""
+    torch.manual_seed(0)
+    layer = lora_ext.Linear(dim, dim, r=8, lora_alpha=16).cuda().requires_grad_(False)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    layer.add_adapter("other", torch.randn(8, dim).cuda(), torch.randn(dim, 8).cuda(), 2.0)
+    layer.eval()
+    return layer, torch.randn(rows, dim, device="cuda")
+
+
 @pytest.mark.gpu
 @pytest.mark.hardware
 def test_switch_on_another_stream_waits_for_a_queued_forward():
     """A forward queued behind a long sleep on stream 1, then a switch on stream 2 with no host sync: the
     forward must still see the adapter that was active when it was called."""
-    torch.manual_seed(0)
-    layer = lora_ext.Linear(256, 256, r=8, lora_alpha=16).cuda().requires_grad_(False)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    layer.add_adapter("other", torch.randn(8, 256).cuda(), torch.randn(256, 8).cuda(), 2.0)
-    layer.eval()
-    x = torch.randn(4, 256, device="cuda")
+    layer, x = _served_layer(256, 4)
     want = layer(x).clone()
     torch.cuda.synchronize()
     s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
@@ -119,14 +124,7 @@ def test_switch_on_another_stream_waits_for_a_queued_forward():
 @pytest.mark.gpu
 @pytest.mark.hardware
 def test_threads_on_two_streams_switching_while_forwarding():
-    torch.manual_seed(0)
-    layer = lora_ext.Linear(512, 512, r=8, lora_alpha=16).cuda().requires_grad_(False)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
-    layer.add_adapter("other", torch.randn(8, 512).cuda(), torch.randn(512, 8).cuda(), 2.0)
-    layer.eval()
-    x = torch.randn(16, 512, device="cuda")
+    layer, x = _served_layer(512, 16)
     outs = {}
     for name in ("default", "other", "default"):
         layer.set_adapter(name)
