@@ -298,3 +298,19 @@ def test_setup_refuses_old_arch_before_building():
     assert proc.returncode != 0
     assert "names 7.5, sm_75, below compute capability 8.0" in proc.stderr
     assert 'TORCH_CUDA_ARCH_LIST="8.0"' in proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.hardware
+def test_cuda_embedding_id_out_of_range_is_a_device_assert():
+    """On hardware an out-of-range id stops the kernel with a device-side assert that names the condition
+    (the CUDA context is then unusable, hence a subprocess)."""
+    import subprocess
+    import sys
+    code = ("import torch, lora_ext\n"
+            "m = lora_ext.Embedding(10, 16, r=4).cuda()\n"
+            "m(torch.tensor([[1, 10]], device='cuda'))\n"
+            "torch.cuda.synchronize()\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "device-side assert" in run.stderr or "Assertion" in run.stderr, run.stderr[-2000:]
