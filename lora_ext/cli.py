@@ -23,16 +23,9 @@ def _bench(args):
 
 
 def _merge(args):
-    from .serving.merge_cli import merge_checkpoint
+    from .serving.merge_cli import run
 
-    try:
-        n = merge_checkpoint(args.base, args.adapter, args.out, device=args.device, dtype=args.dtype,
-                             progress=not args.quiet)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"lora-ext merge: error: {e}", file=sys.stderr)
-        return 2
-    print(f"merged {n} weights into {args.out}")
-    return 0
+    return run(args)
 
 
 def _demo(args):
@@ -60,6 +53,10 @@ def main(argv=None):
     m.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to merge (default cpu)")
     m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="floating-point dtype of the output (default: as the input)")
+    m.add_argument("--force", action="store_true",
+                   help="replace an existing --out (file or directory); never the base or anything inside it")
+    m.add_argument("--allow-inf", action="store_true",
+                   help="write values that became inf/NaN in the output dtype (counted on stderr) instead of failing")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
     d = sub.add_parser("demo", help="inject, train, save/load a peft adapter, merge and swap on a small GPT-2")

@@ -73,7 +73,7 @@ def test_a_failed_write_leaves_no_output(tmp_path, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(merge_cli, "_write_shard", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(merge_cli.MergeError, match="disk full"):
         merge_cli.merge_checkpoint(base, adapter, out, progress=False)
     assert not os.path.exists(out)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".merged")]  # no temporary left either

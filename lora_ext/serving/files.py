@@ -1,20 +1,82 @@
-"""Writing files so that a half-written one never carries the final name, and a small progress bar."""
+"""Writing files so that a half-written one never carries the final name, and a small progress bar.
+
+A temporary is named `.<final name>.tmp-<pid>-<random>` beside the final path, so that one left by a killed
+run (kill -9, power loss) is recognisable: `stale_temporaries(path)` lists those whose process is gone and
+`remove_stale_temporaries(path)` removes them."""
 import contextlib
+import errno
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 
 
+def _tmp_prefix(path):
+    return "." + os.path.basename(path) + ".tmp-"
+
+
+def _pid_alive(pid):
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid < 2 ** 31  # another user's live process (or a number no pid can be)
+    return True
+
+
+def stale_temporaries(path):
+    """Temporaries of `path` (atomic_path's names) whose writer is no longer running on this machine:
+    `.<name>.tmp-<pid>-...` with a dead pid, or the older `.<name>.tmp-<random>` that carries no pid."""
+    path = os.path.abspath(path)
+    parent, prefix = os.path.dirname(path), _tmp_prefix(path)
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return []
+    stale = []
+    for entry in sorted(entries):
+        if not entry.startswith(prefix):
+            continue
+        m = re.match(r"(\d+)-", entry[len(prefix):])
+        if m is None or not _pid_alive(int(m.group(1))):
+            stale.append(os.path.join(parent, entry))
+    return stale
+
+
+def _remove(p):
+    if os.path.isdir(p) and not os.path.islink(p):
+        shutil.rmtree(p, ignore_errors=True)
+    elif os.path.lexists(p):
+        with contextlib.suppress(OSError):
+            os.remove(p)
+
+
+def remove_stale_temporaries(path):
+    """Removes stale_temporaries(path); returns the paths removed."""
+    removed = []
+    for p in stale_temporaries(path):
+        _remove(p)
+        if not os.path.lexists(p):
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
-def atomic_path(path, directory=False):
+def atomic_path(path, directory=False, overwrite=False):
     """Yields a temporary path beside `path` (a file, or a directory when directory=True) to write into;
-    on success it is renamed to `path` (os.replace), on any error it is removed."""
+    on success it is renamed to `path` (os.replace), on any error it is removed.
+
+    overwrite=True: an existing `path` of any kind (a non-empty directory too) is replaced; it is moved aside
+    under a temporary name first and removed once the new one is in place (moved back if that fails)."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    base = "." + os.path.basename(path) + ".tmp-"
+    base = _tmp_prefix(path) + f"{os.getpid()}-"
     if directory:
         tmp = tempfile.mkdtemp(prefix=base, dir=parent)
     else:
@@ -23,13 +85,30 @@ def atomic_path(path, directory=False):
     try:
         yield tmp
         os.chmod(tmp, 0o755 if directory else 0o644)  # mkstemp/mkdtemp make them private
+        if overwrite and os.path.lexists(path):
+            _replace_existing(tmp, path, base)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _replace_existing(tmp, path, base):
+    try:
+        os.replace(tmp, path)  # a file over a file or a link, a directory over an empty directory
+        return
+    except OSError as e:
+        if e.errno not in (errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    aside = tempfile.mktemp(prefix=base + "old-", dir=os.path.dirname(path))
+    os.replace(path, aside)
+    try:
         os.replace(tmp, path)
     except BaseException:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.lexists(tmp):
-            os.remove(tmp)
+        os.replace(aside, path)
         raise
+    _remove(aside)
 
 
 class Progress:

@@ -3,61 +3,321 @@
 The output is written in safetensors format directly: its header is known before any data (names, dtypes,
 shapes come from the input's headers), so each tensor is read, merged in place (ops.merge_, on the GPU when
 asked) and written before the next is read. Peak memory is about one tensor plus the adapter. Sharded
-inputs give sharded outputs with the same file names and index; other files of a model directory
-(config.json, tokenizer files) are copied. The output appears under its final name only when complete.
+inputs give sharded outputs with the same relative file names (subdirectories too) and index; other files
+of a model directory (config.json, tokenizer files) are copied. The output appears under its final name
+only when complete; temporaries left by killed runs are removed by the next run into the same place.
+
+Safety: the output may never be the base, lie inside the base directory or hold the base or the adapter;
+an existing output is replaced only with force=True (--force). Every failure is a MergeError, one line
+naming the file and the cause. Values that become inf/NaN in the output dtype (an overflowing merge or
+--dtype float16) are refused unless allow_inf=True (--allow-inf).
 """
+import errno
 import json
+import math
 import os
 import shutil
+import signal
 import struct
 import sys
+import time
 
 import torch
 from tqdm import tqdm
 
 from .. import ops
-from .files import atomic_path
+from .files import atomic_path, remove_stale_temporaries
 from .peft_io import check_base_weight, module_factors, module_rank_scaling, read_config, read_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+MAX_HEADER = 100_000_000  # the safetensors library's own limit on a header's length
 
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 _FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# tests only: seconds to sleep after each written tensor, so that a run can be killed mid-way
+DELAY_ENV = "LORA_EXT_MERGE_TEST_DELAY"
+
+
+class MergeError(ValueError):
+    """A refusal or failure of `lora-ext merge`: one line naming the file (or option) and the cause."""
+
+
+def _os_error(what, e):
+    """MergeError for an OSError met while `what` (e.g. "writing /out/x.safetensors")."""
+    cause = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        cause += " (the disk is full)"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        cause += " (no permission to write there)" if e.errno != errno.EROFS else " (a read-only file system)"
+    name = f" {e.filename}" if e.filename and str(e.filename) not in what else ""
+    return MergeError(f"{what}{name}: {cause}")
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def read_header(path):
+    """(metadata, [(key, st dtype, shape, start, end)] in storage order, data start) of a safetensors file.
+
+    The 8-byte little-endian header length is checked against the file size before anything else is read,
+    and every entry against the file (dtype, shape, offsets contiguous and inside the file). Raises
+    MergeError and nothing else."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise MergeError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                raise MergeError(f"{path}: not a safetensors file, or truncated: its header length {n} exceeds "
+                                 f"the file's {size} bytes")
+            if n > MAX_HEADER:
+                raise MergeError(f"{path}: header length {n} is over the {MAX_HEADER}-byte limit of safetensors")
+            raw = f.read(n)
+    except OSError as e:
+        raise _os_error(f"reading {path}", e) from None
+    if len(raw) < n:
+        raise MergeError(f"{path}: truncated while reading its {n}-byte header")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MergeError(f"{path}: not a safetensors file: its header is not valid JSON "
+                         f"({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise MergeError(f"{path}: not a safetensors file: its header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise MergeError(f"{path}: __metadata__ is not a mapping of strings")
+    entries = []
+    for key, v in header.items():
+        if not isinstance(v, dict):
+            raise MergeError(f"{path}: tensor {key!r}: its header entry is not an object")
+        dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _FROM_ST:
+            raise MergeError(f"{path}: tensor {key!r}: unknown dtype {dtype!r} (known: {', '.join(_FROM_ST)})")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise MergeError(f"{path}: tensor {key!r}: bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise MergeError(f"{path}: tensor {key!r}: bad data_offsets {offsets!r}")
+        nbytes = math.prod(shape) * _FROM_ST[dtype].itemsize
+        if offsets[1] - offsets[0] != nbytes:
+            raise MergeError(f"{path}: tensor {key!r}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, "
+                             f"but a {dtype} tensor of shape {shape} needs {nbytes}")
+        entries.append((key, dtype, tuple(shape), offsets[0], offsets[1]))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    end = 0
+    for key, _, _, start, stop in entries:
+        if start != end:
+            raise MergeError(f"{path}: tensor {key!r}: data starts at {start}, expected {end} (overlapping or "
+                             f"gapped offsets)")
+        end = stop
+    data = 8 + n
+    if data + end != size:
+        what = "truncated" if data + end > size else "longer than its header says"
+        raise MergeError(f"{path}: {what}: the header describes {data + end} bytes, the file has {size}")
+    return meta, entries, data
+
+
+def _read_tensor(f, path, entry, data_start):
+    key, dtype, shape, start, stop = entry
+    dt = _FROM_ST[dtype]
+    if stop == start:
+        return torch.empty(shape, dtype=dt)
+    try:
+        f.seek(data_start + start)
+        buf = bytearray(stop - start)
+        got = f.readinto(buf)
+    except OSError as e:
+        raise _os_error(f"reading {path}", e) from None
+    if got != len(buf):
+        raise MergeError(f"{path}: truncated: tensor {key!r} needs {len(buf)} bytes, {got} are left")
+    return torch.frombuffer(buf, dtype=dt).reshape(shape)
+
+
+def _get_tensor(path, header, key):
+    _, entries, data_start = header
+    entry = next(e for e in entries if e[0] == key)
+    try:
+        with open(path, "rb") as f:
+            return _read_tensor(f, path, entry, data_start)
+    except OSError as e:
+        raise _os_error(f"reading {path}", e) from None
 
 
 def _input_files(base):
-    """(shard paths, index dict or None, directory or None) of a model directory or a .safetensors file."""
+    """([(shard path, path relative to the base directory or None)], index or None, base directory or None)."""
     if os.path.isfile(base):
-        return [base], None, None
+        return [(base, None)], None, None
     if not os.path.isdir(base):
-        raise FileNotFoundError(f"--base: {base!r} is neither a directory nor a file")
+        raise MergeError(f"--base: {base!r} is neither a directory nor a file")
     index_path = os.path.join(base, INDEX_NAME)
     if os.path.isfile(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
-        shards = sorted(set(index["weight_map"].values()))
-        return [os.path.join(base, s) for s in shards], index, base
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        except OSError as e:
+            raise _os_error(f"reading {index_path}", e) from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise MergeError(f"{index_path}: not valid JSON ({type(e).__name__})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(weight_map, dict) and weight_map
+                and all(isinstance(v, str) and v for v in weight_map.values())):
+            raise MergeError(f"{index_path}: no weight_map of tensor names to shard files")
+        shards = []
+        for rel in sorted(set(weight_map.values())):
+            norm = os.path.normpath(rel)
+            if os.path.isabs(rel) or norm == os.pardir or norm.startswith(os.pardir + os.sep) or norm == ".":
+                raise MergeError(f"{index_path}: shard {rel!r} lies outside the model directory")
+            path = os.path.join(base, norm)
+            if not os.path.isfile(path):
+                raise MergeError(f"{index_path}: names shard {rel!r}, which is not a file in {base!r}")
+            shards.append((path, norm))
+        return shards, index, base
     single = os.path.join(base, SINGLE_NAME)
     if os.path.isfile(single):
-        return [single], None, base
-    raise FileNotFoundError(f"--base: {base!r} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
+        return [(single, SINGLE_NAME)], None, base
+    raise MergeError(f"--base: {base!r} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
 
 
-def _headers(files):
-    """{file: (metadata, [(key, st dtype, shape)] in storage order)}."""
-    out = {}
-    for path in files:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        meta = header.pop("__metadata__", None)
-        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        out[path] = (meta, [(k, v["dtype"], tuple(v["shape"])) for k, v in entries])
+def _headers(files, index, index_path):
+    """{shard path: read_header(path)}; the index's weight_map checked against the shards' contents."""
+    out = {path: read_header(path) for path, _ in files}
+    if index is not None:
+        rel_of = {rel: path for path, rel in files}
+        for key, rel in index["weight_map"].items():
+            path = rel_of[os.path.normpath(rel)]
+            if not any(e[0] == key for e in out[path][1]):
+                raise MergeError(f"{index_path}: maps tensor {key!r} to {rel!r}, which does not hold it")
     return out
+
+
+# ---------------------------------------------------------------------------------------------- the output
+
+def _inside(path, parent):
+    """Whether `path` is `parent` or lies under it (both already resolved)."""
+    try:
+        return os.path.commonpath([path, parent]) == parent
+    except ValueError:
+        return False
+
+
+def check_output(base, adapter, out, force, base_is_file):
+    """Refuses an output that is the base, lies inside the base directory, holds the base or the adapter,
+    or already exists (unless force; never for the base). Reads nothing but directory entries."""
+    rb, ro, ra = os.path.realpath(base), os.path.realpath(out), os.path.realpath(adapter)
+    if ro == rb or (os.path.exists(out) and os.path.exists(base) and os.path.samefile(out, base)):
+        raise MergeError(f"--out: {out!r} is --base; the merge never overwrites its input (not even with --force)")
+    if not base_is_file and _inside(ro, rb):
+        raise MergeError(f"--out: {out!r} lies inside the --base directory {base!r}; choose a path outside it")
+    if _inside(rb, ro):
+        raise MergeError(f"--out: {out!r} holds --base {base!r}; writing there would delete the input")
+    if ro == ra or _inside(ra, ro):
+        raise MergeError(f"--out: {out!r} is or holds --adapter {adapter!r}; choose another path")
+    if _inside(ro, ra):
+        raise MergeError(f"--out: {out!r} lies inside the --adapter directory {adapter!r}; choose another path")
+    if not os.path.lexists(out):
+        return
+    if os.path.isdir(out) and not os.path.islink(out):
+        try:
+            empty = not os.listdir(out)
+        except OSError as e:
+            raise _os_error(f"--out: listing {out}", e) from None
+        if base_is_file and not force:
+            raise MergeError(f"--out: {out!r} is a directory; --base is a file, so give a file path "
+                             f"(or --force to replace the directory)")
+        if not empty and not force:
+            raise MergeError(f"--out: {out!r} exists and is not an empty directory (--force replaces it)")
+    elif not force:
+        raise MergeError(f"--out: {out!r} exists (--force replaces it)")
+
+
+def _write_path(root, rel):
+    return root if rel is None else os.path.join(root, rel)
+
+
+def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True, force=False, allow_inf=False,
+                     log=None):
+    """Writes base + adapter (merged) to `out`; returns the number of merged weights.
+
+    Raises MergeError (one line, naming the file and the cause) for every failure it foresees; with
+    allow_inf, values that became inf/NaN in the output dtype are written and counted on `log` (stderr)."""
+    log = log or sys.stderr
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MergeError("--device cuda: no CUDA device is visible to torch")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    out_dtype = DTYPES.get(dtype)
+    if not os.path.exists(base):
+        raise MergeError(f"--base: {base!r} is neither a directory nor a file")
+    check_output(base, adapter, out, force, base_is_file=os.path.isfile(base))
+    files, index, base_dir = _input_files(base)
+
+    cfg = read_config(adapter)
+    try:
+        tensors = read_tensors(adapter)
+    except (MergeError, FileNotFoundError):
+        raise
+    except OSError as e:
+        raise _os_error(f"--adapter: reading {adapter}", e) from None
+    except Exception as e:  # a damaged weights file: the safetensors or pickle readers' own errors
+        raise MergeError(f"--adapter {adapter!r}: cannot read its weights file: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from None
+    factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}")
+    headers = _headers(files, index, os.path.join(base, INDEX_NAME))
+    where = {e[0]: path for path, (_, entries, _) in headers.items() for e in entries}
+    shapes = {e[0]: e[2] for _, (_, entries, _) in headers.items() for e in entries}
+    plan = {}
+    for name, (A, B, embedding) in factors.items():
+        key = name + ".weight"
+        if key not in where:
+            raise MergeError(f"--adapter: module {name!r} has no weight {key!r} in --base {base!r}")
+        r, scaling = module_rank_scaling(cfg, name)
+        if A.shape[0] != r:
+            raise MergeError(f"--adapter: module {name!r} has rank {A.shape[0]} but the config says r={r}")
+        if name in base_weights:
+            check_base_weight("--adapter", name, base_weights[name], _get_tensor(where[key], headers[where[key]], key))
+        A2, B2, transposed = _layout(name, A, B, shapes[key], embedding, bool(cfg.get("fan_in_fan_out")))
+        ops.check_finite(f"--adapter module {name!r}", A2, B2, scaling)
+        plan[key] = (A2.to(device), B2.to(device), scaling, transposed)
+
+    for p in remove_stale_temporaries(out):
+        print(f"lora-ext merge: removed {p}, the leftover temporary of an interrupted run", file=log)
+    delay = float(os.environ.get(DELAY_ENV) or 0)
+    total = sum(len(entries) for _, entries, _ in headers.values())
+    # on stderr, nothing at all when progress is off; "merge [####....] n/total elapsed, tensor name"
+    bar = tqdm(total=total, desc="merge", file=sys.stderr, disable=not progress, ascii=".#",
+               bar_format="{desc} [{bar:28}] {n_fmt}/{total_fmt} {elapsed}{postfix}")
+    nonfinite = {}
+    try:
+        with bar, atomic_path(out, directory=base_dir is not None, overwrite=force) as tmp:
+            sizes = {}
+            for path, rel in files:
+                target = _write_path(tmp, rel)
+                if rel is not None and os.path.dirname(rel):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                sizes[path] = _write_shard(path, target, headers[path], plan, device, out_dtype, bar,
+                                           nonfinite, allow_inf, delay)
+            if base_dir is not None:
+                _copy_side_files(base_dir, tmp, files)
+                if index is not None:
+                    new_index = dict(index, metadata=dict(index.get("metadata") or {},
+                                                          total_size=sum(sizes.values())))
+                    with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                        json.dump(new_index, f, indent=2)
+    except OSError as e:
+        raise _os_error(f"--out {out!r}: writing", e) from None
+    if nonfinite:
+        n = sum(nonfinite.values())
+        names = ", ".join(f"{k} ({v})" for k, v in list(nonfinite.items())[:5])
+        more = f" and {len(nonfinite) - 5} more tensors" if len(nonfinite) > 5 else ""
+        print(f"lora-ext merge: warning: --allow-inf: wrote {n} inf/NaN values the merge produced in "
+              f"{len(nonfinite)} tensors: {names}{more}", file=log)
+    return len(plan)
 
 
 def _layout(name, A, B, shape, embedding, fan_in_fan_out):
@@ -73,101 +333,127 @@ def _layout(name, A, B, shape, embedding, fan_in_fan_out):
         transposed = shape == in_out and (shape != out_in or fan_in_fan_out)
         want = in_out if transposed else out_in
     if tuple(shape) != want:
-        raise ValueError(f"--adapter: module {name!r} has factors {tuple(A.shape)} and {tuple(B.shape)}, which do "
+        raise MergeError(f"--adapter: module {name!r} has factors {tuple(A.shape)} and {tuple(B.shape)}, which do "
                          f"not fit its weight of shape {tuple(shape)}")
     return A, B, transposed
 
 
-def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True):
-    """Writes base + adapter (merged) to `out`; returns the number of merged weights."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to torch")
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    out_dtype = DTYPES.get(dtype)
-    cfg = read_config(adapter)
-    factors, base_weights = module_factors(read_tensors(adapter), where=f"--adapter {adapter!r}")
-    files, index, base_dir = _input_files(base)
-    if base_dir is not None and os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise ValueError(f"--out: {out!r} exists and is not an empty directory")
-    if base_dir is None and os.path.isdir(out):
-        raise ValueError(f"--out: {out!r} is a directory; --base is a file, so give a file path")
-    headers = _headers(files)
-    where = {key: path for path, (_, entries) in headers.items() for key, _, _ in entries}
-    shapes = {key: shape for _, (_, entries) in headers.items() for key, _, shape in entries}
-    plan = {}
-    for name, (A, B, embedding) in factors.items():
-        key = name + ".weight"
-        if key not in where:
-            raise ValueError(f"--adapter: module {name!r} has no weight {key!r} in --base {base!r}")
-        r, scaling = module_rank_scaling(cfg, name)
-        if A.shape[0] != r:
-            raise ValueError(f"--adapter: module {name!r} has rank {A.shape[0]} but the config says r={r}")
-        if name in base_weights:
-            from safetensors import safe_open
-            with safe_open(where[key], framework="pt") as h:
-                check_base_weight("--adapter", name, base_weights[name], h.get_tensor(key))
-        A2, B2, transposed = _layout(name, A, B, shapes[key], embedding, bool(cfg.get("fan_in_fan_out")))
-        ops.check_finite(f"--adapter module {name!r}", A2, B2, scaling)
-        plan[key] = (A2.to(device), B2.to(device), scaling, transposed)
-
-    total = sum(len(entries) for _, entries in headers.values())
-    # on stderr, nothing at all when progress is off; "merge [####....] n/total elapsed, tensor name"
-    bar = tqdm(total=total, desc="merge", file=sys.stderr, disable=not progress, ascii=".#",
-               bar_format="{desc} [{bar:28}] {n_fmt}/{total_fmt} {elapsed}{postfix}")
-    with bar, atomic_path(out, directory=base_dir is not None) as tmp:
-        sizes = {}
-        for path, (meta, entries) in headers.items():
-            target = os.path.join(tmp, os.path.basename(path)) if base_dir is not None else tmp
-            sizes[path] = _write_shard(path, target, meta, entries, plan, device, out_dtype, bar)
-        if base_dir is not None:
-            _copy_side_files(base_dir, tmp, files)
-            if index is not None:
-                new_index = dict(index, metadata=dict(index.get("metadata") or {}, total_size=sum(sizes.values())))
-                with open(os.path.join(tmp, INDEX_NAME), "w") as f:
-                    json.dump(new_index, f, indent=2)
-    return len(plan)
-
-
 def _copy_side_files(base_dir, tmp, files):
-    skip = {os.path.abspath(f) for f in files} | {os.path.abspath(os.path.join(base_dir, INDEX_NAME))}
+    skip = {os.path.abspath(f) for f, _ in files} | {os.path.abspath(os.path.join(base_dir, INDEX_NAME))}
     for entry in os.listdir(base_dir):
         src = os.path.join(base_dir, entry)
         if os.path.isfile(src) and os.path.abspath(src) not in skip:
             shutil.copy2(src, os.path.join(tmp, entry))
 
 
-def _write_shard(src, dst, meta, entries, plan, device, out_dtype, bar):
-    """Streams one safetensors file to `dst`, merging the planned weights; returns its data size."""
-    from safetensors import safe_open
+def _nonfinite(t):
+    return int(t.numel() - torch.isfinite(t).sum()) if t.is_floating_point() else 0
+
+
+def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allow_inf, delay=0.0):
+    """Streams one safetensors file to `dst`, merging the planned weights; returns its data size. Values that
+    become non-finite in the output (finite in the input) raise MergeError unless allow_inf (then counted
+    in `nonfinite`)."""
+    meta, entries, data_start = header
 
     def stored(st_dtype):
         dt = _FROM_ST[st_dtype]
         return out_dtype if out_dtype is not None and dt.is_floating_point and dt.itemsize > 1 else dt
 
-    header, offset = {}, 0
-    for key, st_dtype, shape in entries:
+    out_header, offset = {}, 0
+    for key, st_dtype, shape, _, _ in entries:
         dt = stored(st_dtype)
-        size = int(torch.Size(shape).numel()) * dt.itemsize
-        header[key] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        size = math.prod(shape) * dt.itemsize
+        out_header[key] = {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     if meta is not None:
-        header["__metadata__"] = meta
-    raw = json.dumps(header, separators=(",", ":")).encode()
+        out_header["__metadata__"] = meta
+    raw = json.dumps(out_header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with safe_open(src, framework="pt", device="cpu") as h, open(dst, "wb") as f:
+    try:
+        fin = open(src, "rb")
+    except OSError as e:
+        raise _os_error(f"reading {src}", e) from None
+    with fin, open(dst, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for key, st_dtype, shape in entries:
-            t = h.get_tensor(key)
+        for entry in entries:
+            key, st_dtype = entry[0], entry[1]
+            t = _read_tensor(fin, src, entry, data_start)
             dt = stored(st_dtype)
+            bad_in = _nonfinite(t)
             if key in plan:
                 A, B, scaling, transposed = plan[key]
                 # merge in the wider of the input and output precisions, then round to the output's
                 work = torch.promote_types(t.dtype, dt)
                 t = t.to(device=device, dtype=work)
                 ops.merge_(t.view(t.shape[0], -1), A, B, scaling, transposed=transposed)
-            f.write(memoryview(t.to(dt).cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            t = t.to(dt)
+            made = _nonfinite(t) - bad_in
+            if made > 0:
+                if not allow_inf:
+                    why = "the merge overflowed" if key in plan else "the conversion overflowed"
+                    raise MergeError(f"{src}: tensor {key!r}: {made} values became inf/NaN in {dt} ({why} its range); "
+                                     f"nothing was written (--allow-inf writes them anyway)")
+                nonfinite[key] = made
+            try:
+                f.write(memoryview(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            except OSError as e:
+                raise _os_error(f"writing {dst}", e) from None
             bar.set_postfix_str(key if len(key) < 48 else "..." + key[-45:], refresh=False)
             bar.update()
+            if delay:
+                time.sleep(delay)
     return offset
+
+
+# ------------------------------------------------------------------------------------------------- the CLI
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like SIGINT's KeyboardInterrupt so that the same cleanup runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def run(args, err=None):
+    """`lora-ext merge` from parsed arguments: the exit code; every failure is one line on stderr."""
+    err = err or sys.stderr
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        n = merge_checkpoint(args.base, args.adapter, args.out, device=args.device, dtype=args.dtype,
+                             progress=not args.quiet, force=getattr(args, "force", False),
+                             allow_inf=getattr(args, "allow_inf", False), log=err)
+    except Terminated:
+        print(f"lora-ext merge: terminated (SIGTERM); nothing was written to {args.out}", file=err)
+        return 128 + signal.SIGTERM
+    except KeyboardInterrupt:
+        print(f"lora-ext merge: interrupted; nothing was written to {args.out}", file=err)
+        return 128 + signal.SIGINT
+    except (ValueError, KeyError) as e:  # MergeError and the adapter readers' refusals
+        print(f"lora-ext merge: error: {_one_line(e)}", file=err)
+        return 2
+    except OSError as e:
+        print(f"lora-ext merge: error: {_one_line(_os_error('', e)).lstrip()}", file=err)
+        return 1
+    except MemoryError:
+        print("lora-ext merge: error: out of memory", file=err)
+        return 1
+    except Exception as e:  # a bug: still one line, with its type
+        print(f"lora-ext merge: error: unexpected {type(e).__name__}: {_one_line(e)}", file=err)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(f"merged {n} weights into {args.out}")
+    return 0
+
+
+def _one_line(e):
+    text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else str(e)
+    return " ".join(str(text).splitlines())
