@@ -41,6 +41,103 @@ def name_matches(spec, name):
     return name in spec or any(name.endswith("." + t) for t in spec)
 
 
+def _compile(option, pattern):
+    try:
+        return re.compile(pattern)
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
+        raise ValueError(f"{option}: invalid regular expression {pattern!r} ({e})") from e
+
+
+def check_name_spec(option, spec, allow_none=True):
+    """Raises ValueError naming `option` unless `spec` is a valid regex (a string), a list of names, or None."""
+    if spec is None and allow_none:
+        return
+    if isinstance(spec, str):
+        _compile(option, spec)
+    elif not (isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in spec)):
+        raise ValueError(f"{option}: expected a regular expression (a string) or a list of module names, "
+                         f"got {spec!r}")
+
+
+def check_patterns(option, patterns, rank):
+    """Raises ValueError naming `option` unless `patterns` is a rank_pattern (rank=True: positive integers) or
+    alpha_pattern (finite numbers) mapping of valid regexes."""
+    if patterns is None:
+        return
+    if not isinstance(patterns, Mapping):
+        raise ValueError(f"{option}: expected a mapping of module-name regexes to values, got {patterns!r}")
+    for key, value in patterns.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{option}: keys must be strings (regexes of module names), got {key!r}")
+        _compile(f"{option} key {key!r}", rf"(.*\.)?({key})$")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if rank and not (number and isinstance(value, int) and value >= 1):
+            raise ValueError(f"{option}: {key!r} must map to a positive integer rank, got {value!r}")
+        if not rank and not (number and math.isfinite(value)):
+            raise ValueError(f"{option}: {key!r} must map to a finite number, got {value!r}")
+
+
+ALL_LINEAR = "all-linear"
+_SEQ_CLS_HEADS = ("score", "classifier")  # peft's names of sequence-classification heads
+
+
+def is_supported(module):
+    """A module lora_ext injects into (or already a lora_ext layer)."""
+    return (isinstance(module, (LoRALayer, nn.Linear, nn.Embedding)) or is_conv1d(module)
+            or type(module) in _CONVS)
+
+
+def unsupported_message(option, name, module):
+    return (f"{option}: module {name!r} is a {type(module).__name__}, not a Linear/Conv1D/Embedding/Conv layer "
+            f"(nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d); name those layers instead")
+
+
+def _all_linear(model, task_type=None):
+    """peft's 'all-linear': every nn.Linear / Conv1D (or lora_ext linear layer) but the output head."""
+    names = {n for n, m in model.named_modules()
+             if n and (isinstance(m, (nn.Linear, layers.Linear, layers.MergedLinear)) or is_conv1d(m))}
+    head = None
+    pretrained = getattr(sys.modules.get("transformers"), "PreTrainedModel", None)
+    if pretrained is not None and isinstance(model, pretrained):
+        head = model.get_output_embeddings()
+        if head is None and str(task_type) in ("SEQ_CLS", "TaskType.SEQ_CLS"):
+            head = next((getattr(model, h) for h in _SEQ_CLS_HEADS if getattr(model, h, None) is not None), None)
+    if head is not None:
+        names -= {n for n, m in model.named_modules() if m is head}
+    return names
+
+
+def select_targets(model, target_modules, exclude_modules=None, option="target_modules", task_type=None):
+    """[(name, module)] that peft chooses for target_modules / exclude_modules ('all-linear' included), skipping
+    the insides of lora_ext layers; raises ValueError, naming `option`, when none is chosen or a chosen module
+    is not a layer lora_ext adapts."""
+    check_name_spec(f"{option}: target_modules", target_modules, allow_none=False)
+    check_name_spec(f"{option}: exclude_modules", exclude_modules)
+    spec = target_modules
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+        spec = _all_linear(model, task_type)
+    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer)]
+    chosen, excluded, unmatched = [], [], []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p) for p in inner):
+            continue
+        if exclude_modules and name_matches(exclude_modules, name):
+            excluded.append(name)
+        elif name_matches(spec, name):
+            chosen.append((name, module))
+        else:
+            unmatched.append(name)
+    if not chosen:
+        if excluded and not unmatched:
+            raise ValueError(f"{option}: exclude_modules {exclude_modules!r} excludes every module")
+        raise ValueError(f"{option}: target_modules {target_modules!r} matches no module of the model"
+                         + (f" (after exclude_modules {exclude_modules!r})" if excluded else ""))
+    for name, module in chosen:
+        if not is_supported(module):
+            raise ValueError(unsupported_message(f"{option}: target_modules", name, module))
+    return chosen
+
+
 def pattern_value(patterns, name, default):
     """The value of the first key of a rank_pattern/alpha_pattern-style dict matching the module name
     (the key as a regex matching the end of the name at a '.' boundary), else default."""
@@ -96,8 +193,7 @@ def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable
                                 stride=c.stride, padding=c.padding, dilation=c.dilation, groups=c.groups,
                                 bias=c.bias is not None, padding_mode=c.padding_mode, **common)
     else:
-        raise ValueError(f"target_modules: module {name!r} is a {type(module).__name__}; lora_ext injects into "
-                         f"nn.Linear, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d")
+        raise ValueError(unsupported_message("target_modules", name, module))
     return layer
 
 
@@ -144,11 +240,10 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     """
     if target_modules is None and not fused:
         raise ValueError("target_modules: give a regex or a list of module names (or fused)")
-    if isinstance(target_modules, str):
-        try:
-            re.compile(target_modules)
-        except re.error as e:
-            raise ValueError(f"target_modules: {target_modules!r} is not a valid regex ({e})") from None
+    check_name_spec("target_modules", target_modules)
+    check_name_spec("exclude_modules", exclude_modules)
+    check_patterns("rank_pattern", rank_pattern, rank=True)
+    check_patterns("alpha_pattern", alpha_pattern, rank=False)
     _check_options(r, lora_alpha, lora_dropout)
     fused = dict(fused or {})
     plan = []

@@ -50,17 +50,30 @@ def _is_off(value):
     return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and not value)
 
 
+def _config_file(path):
+    return os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+
+
 def read_config(path):
-    """The adapter_config.json of a peft LoRA adapter directory, checked: anything lora_ext cannot honour
-    raises ValueError naming the option."""
-    file = os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
+    """The adapter_config.json of a peft LoRA adapter directory, checked: anything lora_ext cannot honour (or
+    cannot read) raises ValueError naming the file and the option."""
+    file = _config_file(path)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"adapter: no {CONFIG_NAME} in {path!r}")
-    with open(file) as f:
-        cfg = json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{file}: invalid JSON: not UTF-8 text ({e})") from e
+    except RecursionError as e:
+        raise ValueError(f"{file}: invalid JSON: nested too deeply") from e
+    except OSError as e:
+        raise ValueError(f"{file}: cannot be read ({e})") from e
     if not isinstance(cfg, dict):
-        raise ValueError(f"adapter: {file} does not hold a JSON object")
-    where = f"adapter config {file}"
+        raise ValueError(f"{file}: does not hold a JSON object")
+    where = file
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only 'LORA')")
     for key, value in cfg.items():
@@ -83,22 +96,44 @@ def read_config(path):
         raise ValueError(f"{where}: r must be a positive integer, got {r!r}")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
         raise ValueError(f"{where}: lora_alpha must be a finite number, got {alpha!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(cfg.get(key) or {}, dict):
-            raise ValueError(f"{where}: {key} must be a mapping, got {cfg[key]!r}")
+    dropout = cfg.get("lora_dropout", 0.0)
+    if not isinstance(dropout, (int, float)) or isinstance(dropout, bool) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise ValueError(f"{where}: {key} must be true or false, got {cfg[key]!r}")
+    _inject.check_patterns(f"{where}: rank_pattern", cfg.get("rank_pattern"), rank=True)
+    _inject.check_patterns(f"{where}: alpha_pattern", cfg.get("alpha_pattern"), rank=False)
+    _inject.check_name_spec(f"{where}: target_modules", cfg.get("target_modules"))
+    _inject.check_name_spec(f"{where}: exclude_modules", cfg.get("exclude_modules"))
     return cfg
 
 
 def read_tensors(path):
-    """{key: tensor} of the adapter's weights file (safetensors, or adapter_model.bin with weights_only)."""
+    """{key: tensor} of the adapter's weights file (safetensors, or adapter_model.bin with weights_only);
+    a file that cannot be read raises ValueError naming it."""
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(st):
         from safetensors.torch import load_file
-        return load_file(st)
-    legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
-    if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"adapter: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} in {path!r}")
+        try:
+            tensors = load_file(st)
+        except Exception as e:  # safetensors' SafetensorError, OSError, ...
+            raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+        file = st
+    else:
+        legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
+        if not os.path.isfile(legacy):
+            raise FileNotFoundError(f"adapter: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} in {path!r}")
+        try:
+            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors, the weights_only refusal, truncation
+            raise ValueError(f"{legacy}: cannot be read with torch.load(weights_only=True) "
+                             f"({type(e).__name__}: {e})") from e
+        file = legacy
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                for k, v in tensors.items()):
+        raise ValueError(f"{file}: does not hold a mapping of names to tensors")
+    return tensors
 
 
 def module_factors(tensors, where="adapter"):
@@ -116,8 +151,11 @@ def module_factors(tensors, where="adapter"):
                              f"{PREFIX}<module>{{{', '.join(SUFFIXES)}}})")
         name = key[len(PREFIX):-len(suffix)]
         entry = found.setdefault(name, {})
+        embedding = "embedding" in suffix
+        if entry.get("embedding", embedding) != embedding:
+            raise ValueError(f"{where}: module {name!r} has both lora_A/lora_B.weight and lora_embedding_A/B keys")
         entry[SUFFIXES[suffix]] = t
-        entry["embedding"] = "embedding" in suffix
+        entry["embedding"] = embedding
     out = {}
     for name, entry in found.items():
         if "A" not in entry or "B" not in entry:
@@ -144,7 +182,7 @@ def module_rank_scaling(cfg, name):
     return r, _inject.scaling_for(r, alpha, bool(cfg.get("use_rslora", False)))
 
 
-def _to_layer_layout(layer, name, A, B):
+def _to_layer_layout(layer, name, A, B, where="adapter"):
     """peft's factors in the layer's layout (2-D; convolutions with groups == 1)."""
     if isinstance(layer, layers.MergedLinear):
         # peft's one pair (A, B) over the whole fused projection is, group by group, A with B's rows of that
@@ -153,14 +191,14 @@ def _to_layer_layout(layer, name, A, B):
         blocks = B.reshape(groups, layer.out_features // groups, B.shape[1])
         off = [e for e in range(groups) if e not in ids]
         if off and bool(blocks[off].any()):
-            raise ValueError(f"adapter: module {name!r} is a MergedLinear adapting output blocks {ids} of {groups} "
+            raise ValueError(f"{where}: module {name!r} is a MergedLinear adapting output blocks {ids} of {groups} "
                              f"(enable_lora={layer.enable_lora}), but the adapter also changes block(s) {off}; "
                              f"inject it with every block enabled, or as a plain Linear")
         return A.repeat(len(ids), 1), blocks[ids].reshape(-1, B.shape[1])
     if isinstance(layer, layers.ConvLoRA):
         c = layer.conv
         if A.dim() != c.weight.dim() or c.groups != 1:
-            raise ValueError(f"adapter: convolution {name!r} (groups={c.groups}, weight {c.weight.dim()}-D, adapter "
+            raise ValueError(f"{where}: convolution {name!r} (groups={c.groups}, weight {c.weight.dim()}-D, adapter "
                              f"{A.dim()}-D): peft's conv adapters map onto lora_ext's layout for groups == 1 only")
         # lora_ext keeps loralib's conv layout: delta-W viewed as (out*k0, in*k1*...), whose row o*k0+q is the q-th
         # of k0 equal chunks of output channel o's flattened filter. peft's rank-r pair (A: r filters, B: 1x1)
@@ -171,57 +209,151 @@ def _to_layer_layout(layer, name, A, B):
     return A, B
 
 
+def _peft_shapes(module, r):
+    """(lora_A shape, lora_B shape, embedding keys?) of peft's rank-r adapter of `module` (a plain module or a
+    lora_ext layer)."""
+    if isinstance(module, layers.ConvLoRA):
+        module = module.conv
+    if isinstance(module, (nn.Embedding, layers.Embedding)):
+        return (r, module.num_embeddings), (module.embedding_dim, r), True
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        ones = (1,) * len(module.kernel_size)
+        return (r, module.in_channels, *module.kernel_size), (module.out_channels, r, *ones), False
+    if _inject.is_conv1d(module):
+        n_in, n_out = module.weight.shape
+        return (r, n_in), (n_out, r), False
+    return (r, module.in_features), (module.out_features, r), False
+
+
+def check_device(device):
+    """None, or the torch.device `device` names when it is usable here; ValueError naming the option otherwise."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"device: {device!r} is not a device ({e})") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r}, but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "meta":
+        raise ValueError("device: 'meta' holds no values; give the device an adapter waits on")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:
+            raise ValueError(f"device: {device!r} is not available on this machine ({e})") from e
+    return dev
+
+
+def _check_arguments(model, path, adapter_name, merge_weights, activate):
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path: expected a directory path, got {path!r}")
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ValueError(f"adapter_name: expected a non-empty string, got {adapter_name!r}")
+    for option, value in (("merge_weights", merge_weights), ("activate", activate)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{option}: expected True or False, got {value!r}")
+
+
+def _names(names, most=6):
+    names = sorted(names)
+    return ", ".join(map(repr, names[:most])) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
                       device: Union[str, torch.device, None] = None, merge_weights: bool = True,
                       activate: bool = True) -> List[str]:
     """Loads a peft LoRA adapter directory into `model`, injecting lora_ext layers where the model still has
     plain modules; returns the names of the modules it covers.
 
+    The modules are the ones peft chooses from the config's target_modules / exclude_modules (a regex matching
+    the whole name, or a list of names or name suffixes; 'all-linear'); the weights file must hold the factors
+    of exactly those modules (peft would silently ignore others: lora_ext refuses them).
     adapter_name: the name it is held under; with activate=True it becomes the active adapter everywhere
     (one pass per weight when merged). device: where an inactive adapter waits (default: beside the
-    weight; "cpu" keeps it in host memory). Every check (config, keys, shapes, finite values) is made
-    before the first weight or layer changes.
+    weight; "cpu" keeps it in host memory). Every check (arguments, device, config, targets, keys, shapes,
+    finite values) is made before the first weight or layer changes: a refused load (ValueError, KeyError,
+    FileNotFoundError, naming the file and option) leaves the model as it was.
     """
+    _check_arguments(model, path, adapter_name, merge_weights, activate)
+    path = os.fspath(path)
+    home = check_device(device)
     cfg = read_config(path)
-    factors, base_weights = module_factors(read_tensors(path), where=f"adapter {path!r}")
+    cfg_file = _config_file(path)
+    weights_file = os.path.join(path, WEIGHTS_NAME if os.path.isfile(os.path.join(path, WEIGHTS_NAME))
+                                else LEGACY_WEIGHTS_NAME)
+    factors, base_weights = module_factors(read_tensors(path), where=weights_file)
     if not factors:
-        raise ValueError(f"adapter {path!r}: the weights file holds no LoRA factors")
-    modules = dict(model.named_modules())
+        raise ValueError(f"{weights_file}: holds no LoRA factors")
+    if cfg.get("target_modules") is None:
+        raise ValueError(f"{cfg_file}: target_modules is missing (peft would pick per-architecture defaults); "
+                         f"lora_ext needs the adapted modules named")
+    targets = _inject.select_targets(model, cfg["target_modules"], cfg.get("exclude_modules"), option=cfg_file,
+                                     task_type=cfg.get("task_type"))
+    chosen = {name for name, _ in targets}
+    extra, missing = set(factors) - chosen, chosen - set(factors)
+    if extra:
+        raise ValueError(f"{weights_file}: holds factors of module(s) {_names(extra)} that the config's "
+                         f"target_modules / exclude_modules do not select ({cfg_file}); peft would ignore them, "
+                         f"lora_ext refuses the mismatch")
+    if missing:
+        raise ValueError(f"{weights_file}: holds no factors for module(s) {_names(missing)}, which the config's "
+                         f"target_modules / exclude_modules select ({cfg_file})")
     plan = []
-    for name, (A, B, _) in factors.items():
-        module = modules.get(name)
-        if module is None:
-            raise ValueError(f"adapter {path!r}: module {name!r} is not in the model")
+    for name, module in targets:
+        A, B, embedding = factors[name]
+        label = f"{weights_file}: module {name!r}"
         r, scaling = module_rank_scaling(cfg, name)
-        if A.shape[0] != r:
-            raise ValueError(f"adapter {path!r}: module {name!r} has rank {A.shape[0]} but the config says r={r} "
-                             f"(r / rank_pattern)")
+        for what, t in (("lora_A", A), ("lora_B", B)):
+            if not t.is_floating_point():
+                raise ValueError(f"{label}: {what} has dtype {t.dtype}; LoRA factors must be floating point")
+        if A.dim() < 1 or A.shape[0] != r:
+            raise ValueError(f"{label} has rank {A.shape[0] if A.dim() else None} (lora_A of shape "
+                             f"{tuple(A.shape)}) but the config says r={r} (r / rank_pattern in {cfg_file})")
+        a_shape, b_shape, want_embedding = _peft_shapes(module, r)
+        if embedding != want_embedding:
+            keys = "lora_embedding_A/B" if want_embedding else "lora_A.weight/lora_B.weight"
+            raise ValueError(f"{label} is a {type(module).__name__}: its factors must be saved as {keys}")
+        if (tuple(A.shape), tuple(B.shape)) != (a_shape, b_shape):
+            raise ValueError(f"{label}: factors of shape {tuple(A.shape)} and {tuple(B.shape)} do not fit its "
+                             f"{type(module).__name__}; a rank-{r} peft adapter has {a_shape} and {b_shape}")
         fresh = not isinstance(module, LoRALayer)
         weight = module.conv.weight if isinstance(module, layers.ConvLoRA) else module.weight
-        check_base_weight(f"adapter {path!r}", name, base_weights.get(name), weight)
+        check_base_weight(weights_file, name, base_weights.get(name), weight)
         layer = _inject.replacement(module, name, r, scaling * r, cfg.get("lora_dropout", 0.0), merge_weights,
                                     None) if fresh else module
-        A2, B2 = _to_layer_layout(layer, name, A, B)
-        layer.check_adapter(A2, B2, scaling, name=f"adapter {path!r} at {name!r}")
+        A2, B2 = _to_layer_layout(layer, name, A, B, where=weights_file)
+        # the factors as the layer will hold them (device, dtype), so that the value checks see what is stored
+        if fresh:
+            to = (weight.device, _inject._lora_dtype(weight))
+        elif adapter_name == layer.active_adapter:
+            to = (layer.lora_A.device, layer.lora_A.dtype)
+        else:
+            to = (home if home is not None else layer.lora_A.device, layer.lora_A.dtype)
+        A2, B2 = A2.to(*to), B2.to(*to)
+        layer.check_adapter(A2, B2, scaling, name=label)
         plan.append((name, module, layer, fresh, A2, B2, scaling))
-    targets = set(factors)
-    for name, m in lora_layers(model):
-        if name not in targets and activate:
-            raise ValueError(f"adapter {path!r} does not cover lora_ext layer {name!r}; every layer must hold the "
-                             f"active adapter (load it with the same target modules)")
+    if activate:
+        for name, m in lora_layers(model):
+            if name not in chosen:
+                raise ValueError(f"{cfg_file}: the adapter does not cover lora_ext layer {name!r}; every layer must "
+                                 f"hold the active adapter (load it with the same target modules, or activate=False)")
+    # nothing can fail from here on: the model changes
     owners = _inject.parameter_owners(model)
     for name, module, layer, fresh, A2, B2, scaling in plan:
         if fresh:
             _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
-            continue
-        if adapter_name != layer.active_adapter:
-            home = device if device is not None else layer.lora_A.device
-            A2, B2 = A2.to(home, layer.lora_A.dtype), B2.to(home, layer.lora_B.dtype)
-        layer.add_adapter(adapter_name, A2, B2, scaling)
+        else:
+            layer.add_adapter(adapter_name, A2, B2, scaling)
     if activate:
         from .adapters import set_adapter
         set_adapter(model, adapter_name)
-    return sorted(targets)
+    return sorted(chosen)
 
 
 def _peft_factors(layer, name, A, B, r):
