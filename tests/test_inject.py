@@ -112,6 +112,27 @@ def test_bad_input_is_refused_before_any_change():
     assert unchanged(model, snap)
 
 
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(target_modules=["h.0"]), "'transformer.h.0' is a GPT2Block, not a Linear/Conv1D/Embedding/Conv layer"),
+    (dict(target_modules=r"transformer\.h\.\d"), "is a GPT2Block, not a Linear/Conv1D/Embedding/Conv layer"),
+    (dict(target_modules=["c_attn"], exclude_modules="(["), "exclude_modules: invalid regular expression"),
+    (dict(target_modules="c_attn["), "target_modules: invalid regular expression"),
+    (dict(target_modules=["c_attn"], rank_pattern={"c_(": 2}), "rank_pattern key 'c_(': invalid regular expression"),
+    (dict(target_modules=["c_attn"], rank_pattern={"c_attn": 0}), "rank_pattern: 'c_attn' must map to a positive"),
+    (dict(target_modules=["c_attn"], alpha_pattern={"c_attn": float("nan")}), "alpha_pattern: 'c_attn' must map"),
+    (dict(target_modules=["c_attn"], exclude_modules=5), "exclude_modules: expected a regular expression"),
+    (dict(target_modules=["c_attn", None]), "target_modules: expected a regular expression"),
+])
+def test_non_leaf_targets_and_bad_options_are_refused_naming_them(kwargs, match):
+    model = gpt2()
+    snap = snapshot(model)
+    with pytest.raises(ValueError) as info:
+        lora_ext.inject(model, **kwargs)
+    assert match in str(info.value)
+    assert not any(isinstance(m, lora_ext.LoRALayer) for m in model.modules())
+    assert unchanged(model, snap)
+
 def test_tied_embedding_is_never_merged():
     model, x = gpt2(), tokens()
     lora_ext.inject(model, ["c_attn", "wte"], r=2)
