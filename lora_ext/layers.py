@@ -79,17 +79,6 @@ class LoRALayer(NamedAdapters):
         self._lock = threading.RLock()
         self._streams = StreamOrder()
 
-    def _apply(self, fn, recurse=True):
-        module = super()._apply(fn, recurse)
-        if self.has_lora:
-            self._scaling_follow()
-        return module
-
-    def _scale_tensor_for(self, x: Tensor) -> Optional[Tensor]:
-        """The scale tensor the forward kernels read, when it lies on x's device."""
-        t = self.__dict__.get("_scaling_t")
-        return t if t is not None and t.device == x.device else None
-
     def _guard(self):
         # Under torch.compile there is no other thread to exclude within the traced graph.
         return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
@@ -132,7 +121,11 @@ class LoRALayer(NamedAdapters):
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
         self._merged_scaling = scaling
 
+    def _describe(self) -> str:
+        return f"{type(self).__name__}{tuple(self._weight_2d().shape)}"
+
     def _merge(self):
+        self.check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         self._streams.write(self._weight_2d().device)
         with torch.no_grad():
             ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, **self._layout())
@@ -166,11 +159,11 @@ class LoRALayer(NamedAdapters):
 
     def train(self, mode: bool = True):
         with self._lock:
-            nn.Module.train(self, mode)
             if self.merge_weights and mode == self.merged:
                 if self.has_lora:
-                    (self._unmerge if mode else self._merge)()
+                    (self._unmerge if mode else self._merge)()  # a refused merge changes nothing
                 self.merged = not mode
+            nn.Module.train(self, mode)
         return self
 
     def merge(self) -> None:
@@ -206,6 +199,11 @@ class LoRALayer(NamedAdapters):
         with self._lock:
             self._streams.write(self.get_parameter(self._weight_key).device)
             if self.merged and self._merged_A is not None:
+                incoming = [state_dict.get(prefix + k) for k in ("lora_A", "lora_B")]
+                if any(isinstance(t, Tensor) for t in incoming):  # refused before the base is touched
+                    A, B = (t if isinstance(t, Tensor) else p for t, p in zip(incoming, (self.lora_A, self.lora_B)))
+                    ops.check_finite(f"loading {self._describe()} adapter {self.active_adapter!r}", A, B,
+                                     self.scaling, weight_dtype=self._weight_2d().dtype)
                 # Loading brings a base weight and/or new factors: hold the base now, merge again after.
                 self._unmerge()
                 self.merged = False  # until the post-load hook merges again: forwards in between stay right

@@ -15,7 +15,7 @@ version counters, as they bypass autograd's checks: after such writes, call `che
 """
 import math
 import weakref
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,6 +40,19 @@ def _unchanged(stamp, lora_A, lora_B):
     return (stamp is not None and stamp[0]() is lora_A and stamp[3]() is lora_B
             and stamp[1] == lora_A._version and stamp[4] == lora_B._version
             and stamp[2] == lora_A.data_ptr() and stamp[5] == lora_B.data_ptr())
+
+
+MAX_NAME = 255  # a file name's limit on common file systems: peft saves an adapter under its name
+
+
+def check_adapter_name(name) -> None:
+    """Adapter names are non-empty strings without "." (peft's rule: names become parts of module paths) and
+    without "/", of at most MAX_NAME characters."""
+    if (not isinstance(name, str) or not name or "." in name or "/" in name or "\0" in name
+            or len(name) > MAX_NAME):
+        shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else repr(name[:60]) + "..."
+        raise ValueError(f"adapter names must be non-empty strings of at most {MAX_NAME} characters without "
+                         f"'.' or '/', got {shown}")
 
 
 class NamedAdapters:
@@ -74,6 +87,8 @@ class NamedAdapters:
 
     @scaling.setter
     def scaling(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"scaling must be a finite number, got {value!r}")
         self.__dict__["_scaling"] = value
         t = self.__dict__.get("_scaling_t")
         if t is not None:
@@ -82,12 +97,19 @@ class NamedAdapters:
             self.__dict__["_scaling_t"] = torch.full((1,), float(value), dtype=torch.float32,
                                                      device=self.lora_A.device)
 
-    def _scaling_follow(self) -> None:
-        """After the factors moved (module.to(...)): the scale tensor goes where lora_A is, in float32."""
+    def _apply(self, fn, recurse=True):
+        """After module.to(...) and the like: the scale tensor goes where lora_A is, in float32."""
+        module = super()._apply(fn, recurse)
         t = self.__dict__.get("_scaling_t")
-        if t is not None and (t.device != self.lora_A.device or t.dtype != torch.float32):
+        if t is not None and self.has_lora and (t.device != self.lora_A.device or t.dtype != torch.float32):
             self.__dict__["_scaling_t"] = torch.full((1,), float(self._scaling), dtype=torch.float32,
                                                      device=self.lora_A.device)
+        return module
+
+    def _scale_tensor_for(self, x: Tensor) -> Optional[Tensor]:
+        """The scale tensor the forward kernels read, when it lies on x's device."""
+        t = self.__dict__.get("_scaling_t")
+        return t if t is not None and t.device == x.device else None
 
     # -- geometry ---------------------------------------------------------------------------------------
 
@@ -155,12 +177,13 @@ class NamedAdapters:
             raise ValueError(f"{name}: factors of shape {tuple(lora_A.shape)} and {tuple(lora_B.shape)} do not fit "
                              f"this layer; a rank-{max(r, 1)} adapter needs {want[0]} and {want[1]}")
         if values:
-            ops.check_finite(name, lora_A, lora_B, scaling)
+            ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype)
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Adds (or replaces) a named adapter, copying its factors. Replacing the active one changes the
         layer at once (in one pass over the weight when merged); any other adapter is kept where it was
         given (device or host memory) until set_adapter makes it active."""
+        check_adapter_name(name)
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
         with self._lock:
             if name == self.active_adapter:
@@ -173,6 +196,8 @@ class NamedAdapters:
         if name == self.active_adapter:
             raise ValueError(f"adapter {name!r} is active; set another adapter active before deleting it")
         with self._lock:
+            if name not in self._adapters:
+                raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
             del self._adapters[name]
             self._finite_stamps.pop(name, None)
 
@@ -256,5 +281,6 @@ class NamedAdapters:
         with self._lock:
             if self._known_finite(name):
                 return
-            ops.check_finite(label or repr(name), *self.get_adapter(name))
+            ops.check_finite(label or f"{self._describe()} adapter {name!r}", *self.get_adapter(name),
+                             weight_dtype=self._weight_2d().dtype)
             self._stamp_finite(name)

@@ -125,6 +125,10 @@ def _check_same_device(**tensors):
 
 
 def _check_scale(scale):
+    if torch.compiler.is_compiling():
+        # After a recompile for a new value, dynamo may trace the scale as a symbolic float, which
+        # math.isfinite cannot take; layers check their scaling when it is set, and eager calls check here.
+        return
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
@@ -239,14 +243,17 @@ def _check_finite_scaling(label, scaling):
         raise ValueError(f"{label} must be a finite number, got {scaling!r}")
 
 
-def check_finite(name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+def check_finite(name: str, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                 weight_dtype: Optional[torch.dtype] = None) -> None:
     """Raises ValueError naming `name` unless the scaling and every factor value are finite, and
-    scaling * lora_B stays finite in the compute precision."""
+    scaling * lora_B stays finite in the compute precision. With weight_dtype, also unless the update
+    scaling * B @ A is bounded within that dtype's range (|update| <= |scaling| * r * max|A| * max|B|, a bound
+    that can refuse an update whose true values would fit)."""
     _check_finite_scaling(f"{name}: scaling", scaling)
-    _check_values([(name, lora_A, lora_B, scaling)])
+    _check_values([(name, lora_A, lora_B, scaling)], weight_dtype)
 
 
-def _check_values(adapters):
+def _check_values(adapters, weight_dtype=None):
     """check_finite's value checks for several (name, lora_A, lora_B, scaling), with one device sync per
     device: NaN propagates through min and max, and inf shows in one of them."""
     tensors = [t for _, a, b, _ in adapters for t in (a, b) if t.numel()]
@@ -270,6 +277,12 @@ def _check_values(adapters):
             if abs(scaling) * max(-lo, hi) > torch.finfo(cd).max:
                 raise ValueError(f"{name}: scaling {scaling!r} times lora_B (up to {max(-lo, hi):.3g}) "
                                  f"overflows {cd}")
+            if weight_dtype is not None and lora_A.numel():
+                a_lo, a_hi = extremes[id(lora_A)]
+                bound = abs(scaling) * lora_B.shape[1] * max(-a_lo, a_hi) * max(-lo, hi)
+                if bound > torch.finfo(weight_dtype).max:
+                    raise ValueError(f"{name}: the update scaling * B @ A can reach {bound:.3g}, beyond "
+                                     f"{weight_dtype}'s range ({torch.finfo(weight_dtype).max:.3g})")
 
 
 def _swap_impl(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):

@@ -90,3 +90,26 @@ def test_model_compiles_fullgraph(device, merged):
         model(ids).square().sum().backward()
         assert grads and all(torch.allclose(grads[n], p.grad, rtol=1e-4, atol=1e-5)
                              for n, p in model.named_parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged", "embedding", "conv2d"])
+def test_fullgraph_compile_survives_switches_between_scalings(kind):
+    """A switch to an adapter with another scaling recompiles (the scaling is a Python float) and must not
+    break the graph: after a recompile dynamo may trace the scale symbolically."""
+    torch._dynamo.reset()  # each case starts from dynamo's recompile budget, not the previous cases' leftovers
+    if kind == "linear":
+        layer, x = lora_ext.Linear(16, 8, r=4, lora_alpha=8), torch.randn(3, 16)
+    elif kind == "merged":
+        layer, x = lora_ext.MergedLinear(16, 12, r=2, enable_lora=[True, False, True]), torch.randn(3, 16)
+    elif kind == "embedding":
+        layer, x = lora_ext.Embedding(20, 8, r=4), torch.randint(0, 20, (2, 5))
+    else:
+        layer, x = lora_ext.Conv2d(3, 4, 3, r=2), torch.randn(2, 3, 6, 6)
+    layer.requires_grad_(False)
+    A, B, _ = layer.get_adapter("default")
+    for i, s in enumerate([1.0, 2.5, 3.5, 0.7]):
+        layer.add_adapter(f"a{i}", torch.randn_like(A), torch.randn_like(B), s)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for i in range(4):
+        layer.set_adapter(f"a{i}")
+        assert_close_rel(compiled(x), layer(x), torch.float32)

@@ -1,0 +1,178 @@
+"""What lora_ext guarantees under bad values, bad names and concurrency: every path that writes a weight
+refuses non-finite factors or an update that overflows the weight's dtype before writing, adapter names
+follow peft's rule, and a model-level switch is atomic with respect to forwards on other threads."""
+import threading
+import time
+
+import pytest
+import torch
+
+import lora_ext
+from helpers import rel_err
+from tiny_models import gpt2, llama, randomize_lora, tokens
+
+
+def _layer(dtype=torch.float32):
+    layer = lora_ext.Linear(32, 24, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return layer.to(dtype)
+
+
+def test_eval_after_a_diverged_step_refuses_to_merge():
+    layer = _layer()
+    (layer(torch.randn(2, 32)).sum() * float("inf")).backward()
+    torch.optim.SGD(layer.parameters(), lr=1.0).step()  # lora_B now holds non-finite values
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"Linear\(24, 32\) adapter 'default': lora_. holds non-finite"):
+        layer.eval()
+    assert torch.equal(layer.weight, w0) and not layer.merged and layer.training
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_an_update_beyond_the_weights_range_is_refused(dtype):
+    layer = _layer(dtype)
+    w0 = layer.weight.detach().clone()
+    A, B = torch.full((4, 32), 100.0), torch.full((24, 4), 1e37 if dtype == torch.float32 else 1e3)
+    with pytest.raises(ValueError, match="beyond"):
+        layer.add_adapter("big", A.to(dtype), B.to(dtype), 1.0)
+    with pytest.raises(ValueError, match="beyond"):
+        layer.add_adapter("default", A.to(dtype), B.to(dtype), 1.0)
+    assert torch.equal(layer.weight, w0) and layer.adapter_names == ["default"]
+
+
+def test_a_huge_alpha_on_a_half_weight_is_refused_before_merging():
+    layer = _layer(torch.float16)
+    layer.scaling = 1e8 / 4
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="beyond"):
+        layer.eval()
+    assert torch.equal(layer.weight, w0) and not layer.merged
+
+
+def test_loading_non_finite_factors_into_a_merged_layer_is_refused_before_writing():
+    layer = _layer().eval()
+    merged_w = layer.weight.detach().clone()
+    state = layer.state_dict()
+    state["lora_B"] = state["lora_B"].clone()
+    state["lora_B"][3, 1] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.load_state_dict(state)
+    assert layer.merged and torch.equal(layer.weight, merged_w)
+    layer.train()
+    assert torch.isfinite(layer.weight).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "2", None, True])
+def test_scaling_must_be_a_finite_number(value):
+    layer = _layer()
+    with pytest.raises(ValueError, match="scaling must be a finite number"):
+        layer.scaling = value
+    assert layer.scaling == 2.0 and layer._scaling_t.item() == 2.0
+
+
+@pytest.mark.parametrize("name", [None, "", 123, ("a", "b"), "a.b", "a/b", "x" * 10_000])
+def test_adapter_names_follow_peft_rule(name):
+    layer = _layer()
+    with pytest.raises(ValueError, match="adapter names must be non-empty strings"):
+        layer.add_adapter(name, torch.randn(4, 32), torch.randn(24, 4), 1.0)
+    assert layer.adapter_names == ["default"]
+
+
+def test_deleting_an_unknown_adapter_raises():
+    layer = _layer()
+    with pytest.raises(KeyError, match="'nope'"):
+        layer.delete_adapter("nope")
+    with pytest.raises(KeyError, match="'nope'"):
+        lora_ext.delete_adapter(torch.nn.Sequential(layer), "nope")
+
+
+def _served_model(kind):
+    model = (gpt2 if kind == "gpt2" else llama)()
+    targets = ["c_attn", "c_proj", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    lora_ext.inject(model, targets, r=4, lora_alpha=8)
+    randomize_lora(model)
+    for name in ("b", "c"):
+        for _, layer in lora_ext.serving.lora_layers(model):
+            A, B, _ = layer.get_adapter("default")
+            layer.add_adapter(name, torch.randn_like(A) * 0.5, torch.randn_like(B) * 0.5, 1.5)
+    return model.requires_grad_(False)
+
+
+def _hammer(model, x, want, switch, seconds):
+    """Threads forwarding while `switch(name)` cycles the adapters; returns (forwards, torn outputs)."""
+    outputs, stop, errors = [], threading.Event(), []
+
+    def forwards():
+        try:
+            while not stop.is_set():
+                with torch.no_grad():
+                    outputs.append(model(x).logits)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=forwards) for _ in range(3)]
+    for t in threads:
+        t.start()
+    end, i = time.monotonic() + seconds, 0
+    while time.monotonic() < end:
+        switch(("b", "c", "default")[i % 3])
+        i += 1
+        time.sleep(0.002)  # let forwards through: a waiting switch holds new forwards back
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # A torn output (layers on different adapters) is off by O(1) here. 1e-3, not 1e-5: hundreds of merged
+    # switches accumulate fp32 rounding in the weights (about 4e-4 relative after 300 switches).
+    torn = [y for y in outputs if not any(rel_err(y, w) < 1e-3 for w in want.values())]
+    return len(outputs), len(torn)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "unmerged"])
+def test_model_level_switch_is_atomic_under_concurrent_forwards(kind, merged):
+    model = _served_model(kind)
+    (lora_ext.merge_adapter if merged else lora_ext.unmerge_adapter)(model)
+    x = tokens()
+    want = {}
+    for name in ("b", "c", "default"):
+        lora_ext.set_adapter(model, name)
+        with torch.no_grad():
+            want[name] = model(x).logits
+    assert min(rel_err(want["b"], want["c"]), rel_err(want["b"], want["default"])) > 1e-2
+    n, torn = _hammer(model, x, want, lambda name: lora_ext.set_adapter(model, name), 1.5)
+    assert n > 10 and torn == 0, f"{torn} of {n} outputs match no adapter"
+
+
+@pytest.mark.xfail(strict=True, reason="switching layer by layer without the model lock tears forwards")
+def test_the_stress_test_sees_torn_forwards_without_the_model_lock():
+    model = _served_model("llama")
+    lora_ext.merge_adapter(model)
+    x = tokens()
+    want = {}
+    for name in ("b", "c", "default"):
+        lora_ext.set_adapter(model, name)
+        with torch.no_grad():
+            want[name] = model(x).logits
+    layers = [m for _, m in lora_ext.serving.lora_layers(model)]
+
+    def unlocked(name):
+        for m in layers:
+            m.set_adapter(name)
+    n, torn = _hammer(model, x, want, unlocked, 3.0)
+    assert torn == 0, f"{torn} of {n} outputs match no adapter"
+
+
+def test_concurrent_model_level_switches_leave_the_layers_agreeing():
+    model = _served_model("gpt2")
+    lora_ext.merge_adapter(model)
+    threads = [threading.Thread(target=lambda n=n: [lora_ext.set_adapter(model, n) for _ in range(20)])
+               for n in ("b", "c", "default")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({m.active_adapter for _, m in lora_ext.serving.lora_layers(model)}) == 1
+    lora_ext.active_adapter(model)  # raises when layers disagree
