@@ -395,3 +395,16 @@ def test_the_header_reader_agrees_with_safetensors(ws):
     t = load_file(str(src))
     assert meta == {"format": "pt"} and {e[0] for e in entries} == set(t)
     assert all(tuple(t[k].shape) == shape for k, _, shape, _, _ in entries)
+
+
+def test_float8_and_integer_tensors_are_copied_as_they_are(ws, capsys):
+    src = ws / "single" / "model.safetensors"
+    t = load_file(str(src))
+    t["extra.f8"] = torch.tensor([1.0, float("nan"), -2.0]).to(torch.float8_e4m3fn)
+    t["extra.i64"] = torch.arange(5)
+    save_file(t, str(src), metadata={"format": "pt"})
+    out = ws / "merged.safetensors"
+    assert _run(capsys, "--base", src, "--adapter", ws / "adapter", "--out", out, "--dtype", "bfloat16")[0] == 0
+    got = load_file(str(out))
+    assert got["extra.f8"].dtype == torch.float8_e4m3fn and torch.equal(got["extra.i64"], t["extra.i64"])
+    assert got["extra.f8"].view(torch.uint8).tolist() == t["extra.f8"].view(torch.uint8).tolist()

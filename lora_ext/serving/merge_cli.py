@@ -347,7 +347,11 @@ def _copy_side_files(base_dir, tmp, files):
 
 
 def _nonfinite(t):
-    return int(t.numel() - torch.isfinite(t).sum()) if t.is_floating_point() else 0
+    if not t.is_floating_point():
+        return 0
+    if t.element_size() == 1:  # float8: isfinite is not implemented for every format
+        t = t.float()
+    return int(t.numel() - torch.isfinite(t).sum())
 
 
 def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allow_inf, delay=0.0):
@@ -381,7 +385,8 @@ def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allo
             key, st_dtype = entry[0], entry[1]
             t = _read_tensor(fin, src, entry, data_start)
             dt = stored(st_dtype)
-            bad_in = _nonfinite(t)
+            changes = key in plan or t.dtype != dt  # a copy as it is makes no new inf/NaN
+            bad_in = _nonfinite(t) if changes else 0
             if key in plan:
                 A, B, scaling, transposed = plan[key]
                 # merge in the wider of the input and output precisions, then round to the output's
@@ -389,7 +394,7 @@ def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allo
                 t = t.to(device=device, dtype=work)
                 ops.merge_(t.view(t.shape[0], -1), A, B, scaling, transposed=transposed)
             t = t.to(dt)
-            made = _nonfinite(t) - bad_in
+            made = _nonfinite(t) - bad_in if changes else 0
             if made > 0:
                 if not allow_inf:
                     why = "the merge overflowed" if key in plan else "the conversion overflowed"
