@@ -209,6 +209,7 @@ def test_malformed_config_files_name_the_file(adapter_dir, tmp_path, text, match
     (dict(target_modules=5), "target_modules: expected a regular expression"),
     (dict(target_modules=["c_attn", 3]), "target_modules: expected a regular expression"),
     (dict(target_modules=None), "target_modules is missing"),
+    (dict(peft_type=None), "peft_type"),
     (dict(r="2"), "r must be a positive integer"),
     (dict(r=True), "r must be a positive integer"),
     (dict(lora_alpha=[4]), "lora_alpha must be a finite number"),
@@ -222,6 +223,19 @@ def test_bad_options_name_the_file_and_option(adapter_dir, tmp_path, changes, ma
     err = _refused(_served(), path, match)
     assert CONFIG in str(err) and type(err) is ValueError
 
+
+
+def test_a_config_without_peft_type_is_refused_as_peft_does(adapter_dir, tmp_path):
+    path = _copy(adapter_dir, tmp_path)
+    file = os.path.join(path, CONFIG)
+    with open(file) as f:
+        cfg = json.load(f)
+    del cfg["peft_type"]
+    with open(file, "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(KeyError):
+        PeftModel.from_pretrained(gpt2(), path)
+    _refused(_served(), path, f"{CONFIG}: peft_type is missing")
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "header"])
 def test_unreadable_weights_name_the_file(adapter_dir, tmp_path, damage):

@@ -285,6 +285,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     home = check_device(device)
     cfg = read_config(path)
     cfg_file = _config_file(path)
+    if "peft_type" not in cfg:
+        raise ValueError(f"{cfg_file}: peft_type is missing (peft refuses such a config; a LoRA adapter's is 'LORA')")
     weights_file = os.path.join(path, WEIGHTS_NAME if os.path.isfile(os.path.join(path, WEIGHTS_NAME))
                                 else LEGACY_WEIGHTS_NAME)
     factors, base_weights = module_factors(read_tensors(path), where=weights_file)
