@@ -408,3 +408,11 @@ def test_float8_and_integer_tensors_are_copied_as_they_are(ws, capsys):
     got = load_file(str(out))
     assert got["extra.f8"].dtype == torch.float8_e4m3fn and torch.equal(got["extra.i64"], t["extra.i64"])
     assert got["extra.f8"].view(torch.uint8).tolist() == t["extra.f8"].view(torch.uint8).tolist()
+
+
+def test_a_missing_adapter_is_one_line_naming_the_option(ws, capsys):
+    rc, err = _run(capsys, "--base", ws / "base", "--adapter", ws / "nowhere", "--out", ws / "merged")
+    assert rc == 2 and err.startswith("lora-ext merge: error: --adapter: no adapter_config.json") and "nowhere" in err
+    os.remove(ws / "adapter" / "adapter_model.safetensors")
+    rc, err = _run(capsys, "--base", ws / "base", "--adapter", ws / "adapter", "--out", ws / "merged")
+    assert rc == 2 and "--adapter: neither adapter_model.safetensors" in err

@@ -257,12 +257,14 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     check_output(base, adapter, out, force, base_is_file=os.path.isfile(base))
     files, index, base_dir = _input_files(base)
 
-    cfg = read_config(adapter)
     try:
+        cfg = read_config(adapter)
         tensors = read_tensors(adapter)
-    except (MergeError, FileNotFoundError):
+    except MergeError:
         raise
     except OSError as e:
+        if e.errno is None:  # the readers' own refusals ("no adapter_config.json in ...")
+            raise MergeError(f"--{e}") from None
         raise _os_error(f"--adapter: reading {adapter}", e) from None
     except Exception as e:  # a damaged weights file: the safetensors or pickle readers' own errors
         raise MergeError(f"--adapter {adapter!r}: cannot read its weights file: {type(e).__name__}: "
@@ -419,6 +421,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
     raise Terminated()
 
 
@@ -444,8 +447,9 @@ def run(args, err=None):
         print(f"lora-ext merge: error: {_one_line(e)}", file=err)
         return 2
     except OSError as e:
-        print(f"lora-ext merge: error: {_one_line(_os_error('', e)).lstrip()}", file=err)
-        return 1
+        text = _one_line(e if e.errno is None else _os_error("", e)).lstrip(": ")
+        print(f"lora-ext merge: error: {text}", file=err)
+        return 2 if e.errno is None else 1
     except MemoryError:
         print("lora-ext merge: error: out of memory", file=err)
         return 1
