@@ -49,10 +49,10 @@ class MergeError(ValueError):
 def _os_error(what, e):
     """MergeError for an OSError met while `what` (e.g. "writing /out/x.safetensors")."""
     cause = e.strerror or str(e) or type(e).__name__
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    if e.errno == errno.ENOSPC:
         cause += " (the disk is full)"
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        cause += " (no permission to write there)" if e.errno != errno.EROFS else " (a read-only file system)"
+    elif e.errno in (errno.EACCES, errno.EPERM):
+        cause += " (no permission)"
     name = f" {e.filename}" if e.filename and str(e.filename) not in what else ""
     return MergeError(f"{what}{name}: {cause}")
 
