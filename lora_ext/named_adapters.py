@@ -214,9 +214,12 @@ class NamedAdapters:
             home = lora_A.device
             old_name, old_known = self.active_adapter, self._known_finite(self.active_adapter)
             old_home = self._active_home or self.lora_A.device
-            # copies: a serving switch writes the new factors into the live storage
-            old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
-                   self.scaling)
+            if self._trainable():
+                # the Parameter objects themselves, where they are: an optimizer's state stays with them
+                old = (self.lora_A, self.lora_B, self.scaling)
+            else:  # copies: a serving switch writes the new factors into the live storage
+                old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
+                       self.scaling)
             self._activate(name, lora_A, lora_B, scaling)
             self._streams.retire(lora_A, lora_B)
             del self._adapters[name]
@@ -231,18 +234,31 @@ class NamedAdapters:
 
         Serving switches (live factors that do not require grad, new factors of the same shapes) copy into
         the live storage, so a captured CUDA graph of a forward reads the new adapter on its next replay.
-        Otherwise the live parameters get new storage: an optimizer's state never follows a trainable
-        factor into another adapter, and captures of this layer must be redone after a rank change."""
-        # copies on the live parameters' device and dtype: storage no other tensor holds (a caller of
-        # get_adapter may hold the stored tensors)
-        lora_A = lora_A.detach().to(self.lora_A.device, self.lora_A.dtype, copy=True)
-        lora_B = lora_B.detach().to(self.lora_B.device, self.lora_B.dtype, copy=True)
-        self._swap_merged(lora_A, lora_B, scaling)
-        self._streams.write(self.lora_A.device)
-        if self._serving_switch(lora_A, lora_B):
+        Trainable factors: each adapter has its own Parameter pair, and a switch registers the new adapter's
+        pair as lora_A/lora_B (an adapter that was trained before gets its own Parameter objects back), so an
+        optimizer's state never follows one adapter into another, and a rank change never reaches it.
+        Otherwise (a rank change while serving) the live factors get new storage: captures of this layer
+        must be redone."""
+        live_A, live_B = self.lora_A, self.lora_B
+        own = (isinstance(lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
+               and lora_A.device == live_A.device and lora_A.dtype == live_A.dtype
+               and lora_B.device == live_B.device and lora_B.dtype == live_B.dtype)
+        if not own:
+            # copies on the live parameters' device and dtype: storage no other tensor holds (a caller of
+            # get_adapter may hold the stored tensors)
+            lora_A = lora_A.detach().to(live_A.device, live_A.dtype, copy=True)
+            lora_B = lora_B.detach().to(live_B.device, live_B.dtype, copy=True)
+        self._swap_merged(lora_A.detach(), lora_B.detach(), scaling)
+        self._streams.write(live_A.device)
+        if not own and self._serving_switch(lora_A, lora_B):
             with torch.no_grad():
-                self.lora_A.copy_(lora_A)
-                self.lora_B.copy_(lora_B)
+                live_A.copy_(lora_A)
+                live_B.copy_(lora_B)
+        elif own or self._trainable():
+            if not own:
+                lora_A = nn.Parameter(lora_A, requires_grad=live_A.requires_grad)
+                lora_B = nn.Parameter(lora_B, requires_grad=live_B.requires_grad)
+            self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
         else:
             self._streams.retire(self.lora_A.data, self.lora_B.data)
             self.lora_A.data = lora_A
@@ -251,6 +267,9 @@ class NamedAdapters:
         self.__dict__.update(r=r, lora_alpha=scaling * r)
         self.scaling = scaling
         self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+
+    def _trainable(self) -> bool:
+        return self.lora_A.requires_grad or self.lora_B.requires_grad
 
     def _serving_switch(self, lora_A: Tensor, lora_B: Tensor) -> bool:
         live_A, live_B = self.lora_A, self.lora_B

@@ -176,3 +176,44 @@ def test_concurrent_model_level_switches_leave_the_layers_agreeing():
         t.join()
     assert len({m.active_adapter for _, m in lora_ext.serving.lora_layers(model)}) == 1
     lora_ext.active_adapter(model)  # raises when layers disagree
+
+
+def test_training_several_adapters_keeps_each_optimizer_state_with_its_adapter():
+    """Each adapter has its own Parameter pair while training: an Adam built while one adapter was active
+    never moves another (its moments stay with their Parameters), a rank change never reaches it, and an
+    adapter switched back in gets its own Parameter objects, and so its optimizer state, back."""
+    torch.manual_seed(0)
+    layer = lora_ext.Linear(32, 24, r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.add_adapter("b", torch.randn(4, 32), torch.randn(24, 4), 2.0)
+    layer.add_adapter("c", torch.randn(6, 32), torch.randn(24, 6), 2.0)  # another rank
+    x = torch.randn(8, 32)
+
+    def steps(opt, n=3):
+        for _ in range(n):
+            opt.zero_grad()
+            layer(x).square().mean().backward()
+            opt.step()
+
+    opt_default = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    steps(opt_default)
+    pA, pB = layer.lora_A, layer.lora_B
+    trained = (pA.detach().clone(), pB.detach().clone())
+    layer.set_adapter("b")
+    b_before = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+    steps(opt_default)  # holds only the default adapter's Parameters: moves nothing now
+    assert torch.equal(layer.lora_A, b_before[0]) and torch.equal(layer.lora_B, b_before[1])
+    assert torch.equal(pA, trained[0]) and torch.equal(pB, trained[1])
+    opt_b = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    steps(opt_b)
+    assert not torch.equal(layer.lora_A, b_before[0])
+    layer.set_adapter("c")  # rank 6: neither optimizer crashes
+    steps(opt_default)
+    steps(opt_b)
+    layer.set_adapter("default")
+    assert layer.lora_A is pA and layer.lora_B is pB
+    assert opt_default.state[pA]["step"].item() == 3
+    steps(opt_default)
+    assert not torch.equal(pA, trained[0])
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
