@@ -189,9 +189,9 @@ def _headers(files, index, index_path):
     out = {path: read_header(path) for path, _ in files}
     if index is not None:
         rel_of = {rel: path for path, rel in files}
+        keys = {path: {e[0] for e in entries} for path, (_, entries, _) in out.items()}
         for key, rel in index["weight_map"].items():
-            path = rel_of[os.path.normpath(rel)]
-            if not any(e[0] == key for e in out[path][1]):
+            if key not in keys[rel_of[os.path.normpath(rel)]]:
                 raise MergeError(f"{index_path}: maps tensor {key!r} to {rel!r}, which does not hold it")
     return out
 
@@ -307,8 +307,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
             if base_dir is not None:
                 _copy_side_files(base_dir, tmp, files)
                 if index is not None:
-                    new_index = dict(index, metadata=dict(index.get("metadata") or {},
-                                                          total_size=sum(sizes.values())))
+                    meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+                    new_index = dict(index, metadata=dict(meta, total_size=sum(sizes.values())))
                     with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                         json.dump(new_index, f, indent=2)
     except OSError as e:
