@@ -416,3 +416,27 @@ def test_a_missing_adapter_is_one_line_naming_the_option(ws, capsys):
     os.remove(ws / "adapter" / "adapter_model.safetensors")
     rc, err = _run(capsys, "--base", ws / "base", "--adapter", ws / "adapter", "--out", ws / "merged")
     assert rc == 2 and "--adapter: neither adapter_model.safetensors" in err
+
+
+def test_an_index_mapping_a_tensor_to_the_wrong_shard_is_refused(ws, capsys):
+    index_path = ws / "base" / merge_cli.INDEX_NAME
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    key = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][key] = shards[1]
+    index_path.write_text(json.dumps(index))
+    rc, err = _run(capsys, "--base", ws / "base", "--adapter", ws / "adapter", "--out", ws / "merged")
+    assert rc == 2 and key in err and shards[1] in err and "does not hold it" in err
+
+
+def test_stale_temporaries_are_those_of_dead_writers(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(proc.stdout)
+    names = [f".out.tmp-{dead}-abc", ".out.tmp-k2j_x9",  # a dead writer; an older name without a pid
+             f".out.tmp-{os.getpid()}-live", ".other.tmp-1-x", "out.tmp-1-x"]  # alive; other outputs
+    for n in names:
+        (tmp_path / n).mkdir()
+    assert files_mod.stale_temporaries(out) == sorted(str(tmp_path / n) for n in names[:2])
+    assert files_mod.remove_stale_temporaries(out) == sorted(str(tmp_path / n) for n in names[:2])
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
