@@ -29,6 +29,15 @@ def _save_peft(model, path, **kwargs):
 
 
 def _peft_outputs(build, path, x):
+    """peft's outputs for the adapter at `path`. peft crashes (AttributeError) on a null rank_pattern or
+    alpha_pattern, which lora_ext reads as empty: peft is given {} there."""
+    with open(os.path.join(path, CONFIG)) as f:
+        cfg = json.load(f)
+    if any(k in cfg and cfg[k] is None for k in ("rank_pattern", "alpha_pattern")):
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(path, os.path.join(tmp, "a"))
+            _edit_config(os.path.join(tmp, "a"), **{k: cfg.get(k) or {} for k in ("rank_pattern", "alpha_pattern")})
+            return _peft_outputs(build, os.path.join(tmp, "a"), x)
     return PeftModel.from_pretrained(build(), path).eval()(x).logits
 
 
