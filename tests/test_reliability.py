@@ -217,3 +217,20 @@ def test_training_several_adapters_keeps_each_optimizer_state_with_its_adapter()
     steps(opt_default)
     assert not torch.equal(pA, trained[0])
     assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+
+
+def test_loading_an_adapter_takes_the_model_lock_and_checks_the_name_first(tmp_path, monkeypatch):
+    model = _served_model("gpt2")
+    with pytest.raises(ValueError, match="adapter_name: adapter names must be non-empty strings"):
+        lora_ext.load_peft_adapter(model, tmp_path, "a.b")
+    lora_ext.save_peft_adapter(model, tmp_path / "b", "b")
+    lock = lora_ext.serving.adapters.model_lock(model)
+    held = []
+    real = lock.write
+
+    def spy():
+        held.append(True)
+        return real()
+    monkeypatch.setattr(lock, "write", spy)
+    lora_ext.load_peft_adapter(model, tmp_path / "b", "b2")
+    assert held and lora_ext.active_adapter(model) == "b2"

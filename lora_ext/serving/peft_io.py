@@ -18,8 +18,9 @@ import torch.nn as nn
 
 from .. import layers
 from ..layers import LoRALayer
+from ..named_adapters import check_adapter_name
 from . import injection as _inject
-from .adapters import lora_layers
+from .adapters import lora_layers, model_lock, set_adapter
 from .files import atomic_path
 
 CONFIG_NAME = "adapter_config.json"
@@ -253,8 +254,10 @@ def _check_arguments(model, path, adapter_name, merge_weights, activate):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"path: expected a directory path, got {path!r}")
-    if not isinstance(adapter_name, str) or not adapter_name:
-        raise ValueError(f"adapter_name: expected a non-empty string, got {adapter_name!r}")
+    try:
+        check_adapter_name(adapter_name)
+    except ValueError as e:
+        raise ValueError(f"adapter_name: {e}") from None
     for option, value in (("merge_weights", merge_weights), ("activate", activate)):
         if not isinstance(value, bool):
             raise ValueError(f"{option}: expected True or False, got {value!r}")
@@ -345,16 +348,16 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             if name not in chosen:
                 raise ValueError(f"{cfg_file}: the adapter does not cover lora_ext layer {name!r}; every layer must "
                                  f"hold the active adapter (load it with the same target modules, or activate=False)")
-    # nothing can fail from here on: the model changes
-    owners = _inject.parameter_owners(model)
-    for name, module, layer, fresh, A2, B2, scaling in plan:
-        if fresh:
-            _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
-        else:
-            layer.add_adapter(adapter_name, A2, B2, scaling)
-    if activate:
-        from .adapters import set_adapter
-        set_adapter(model, adapter_name)
+    # nothing can fail from here on: the model changes, atomically for forwards on other threads
+    with model_lock(model).write():
+        owners = _inject.parameter_owners(model)
+        for name, module, layer, fresh, A2, B2, scaling in plan:
+            if fresh:
+                _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
+            else:
+                layer.add_adapter(adapter_name, A2, B2, scaling)
+        if activate:
+            set_adapter(model, adapter_name)
     return sorted(chosen)
 
 
