@@ -234,3 +234,21 @@ def test_loading_an_adapter_takes_the_model_lock_and_checks_the_name_first(tmp_p
     monkeypatch.setattr(lock, "write", spy)
     lora_ext.load_peft_adapter(model, tmp_path / "b", "b2")
     assert held and lora_ext.active_adapter(model) == "b2"
+
+
+def test_a_model_with_its_lock_still_copies_and_pickles():
+    import copy
+    import io
+    model = _served_model("gpt2")
+    lora_ext.set_adapter(model, "b")  # creates the model lock and its hooks
+    x = tokens()
+    with torch.no_grad():
+        want = model(x).logits
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        with torch.no_grad():
+            assert rel_err(other(x).logits, want) < 1e-6
+        lora_ext.set_adapter(other, "c")  # its own, free lock
+        assert lora_ext.active_adapter(other) == "c" and lora_ext.active_adapter(model) == "b"

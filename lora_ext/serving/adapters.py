@@ -29,6 +29,13 @@ class ModelLock:
         self._write_depth = 0
         self._waiting_writers = 0
         self._local = threading.local()
+        self._held = threading.local()  # reads taken by this thread's forward hooks
+
+    def __getstate__(self):
+        return {}  # a copied or unpickled model starts with a free lock
+
+    def __setstate__(self, state):
+        self.__init__()
 
     def _depth(self) -> int:
         return getattr(self._local, "depth", 0)
@@ -75,26 +82,31 @@ class ModelLock:
                     self._cond.notify_all()
 
 
+def _read_before(module, args):
+    if not torch.compiler.is_compiling():
+        lock = module.__dict__["_lora_ext_model_lock"]
+        lock.acquire_read()
+        lock._held.n = getattr(lock._held, "n", 0) + 1
+
+
+def _read_after(module, args, output):
+    # only what this thread's pre-hook took (the hooks may have been added while a forward was running)
+    if not torch.compiler.is_compiling():
+        lock = module.__dict__["_lora_ext_model_lock"]
+        if getattr(lock._held, "n", 0):
+            lock._held.n -= 1
+            lock.release_read()
+
+
 def model_lock(model: nn.Module) -> ModelLock:
-    """The model's lock, created (with its forward hooks) on first use."""
+    """The model's lock, created (with its forward hooks, module-level functions: the model still pickles)
+    on first use."""
     lock = model.__dict__.get("_lora_ext_model_lock")
     if lock is None:
         lock = ModelLock()
         model.__dict__["_lora_ext_model_lock"] = lock
-        held = threading.local()  # whether this thread's current forward took the lock (hooks added mid-forward)
-
-        def before(module, args):
-            if not torch.compiler.is_compiling():
-                lock.acquire_read()
-                held.n = getattr(held, "n", 0) + 1
-
-        def after(module, args, output):
-            if not torch.compiler.is_compiling() and getattr(held, "n", 0):
-                held.n -= 1
-                lock.release_read()
-
-        model.register_forward_pre_hook(before)
-        model.register_forward_hook(after, always_call=True)
+        model.register_forward_pre_hook(_read_before)
+        model.register_forward_hook(_read_after, always_call=True)
     return lock
 
 
