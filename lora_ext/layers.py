@@ -121,6 +121,11 @@ class LoRALayer(NamedAdapters):
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
         self._merged_scaling = scaling
 
+    def _weight_absmax(self) -> Optional[float]:
+        """max |W| for a float16 weight (its range is narrow enough for W + update to leave it), else None."""
+        w = self._weight_2d()
+        return w.detach().abs().max().item() if w.dtype == torch.float16 and w.numel() else None
+
     def _describe(self) -> str:
         return f"{type(self).__name__}{tuple(self._weight_2d().shape)}"
 

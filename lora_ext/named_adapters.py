@@ -14,6 +14,7 @@ outside the layer shares storage with them under another version counter. Writes
 version counters, as they bypass autograd's checks: after such writes, call `check_values`.
 """
 import math
+import numbers
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,7 +31,11 @@ MERGED = object()  # the stamp key of the merged snapshot (the factors the weigh
 
 def _stamp(lora_A, lora_B):
     """What identifies the values of a factor pair until one is written in place or given other storage
-    (weak references: a stamp keeps nothing alive). Spelled out for two tensors: it runs on every switch."""
+    (weak references: a stamp keeps nothing alive). Spelled out for two tensors: it runs on every switch.
+    None for inference tensors (made under torch.inference_mode), which have no version counter: their
+    values are checked again at each use."""
+    if lora_A.is_inference() or lora_B.is_inference():
+        return None
     return (weakref.ref(lora_A), lora_A._version, lora_A.data_ptr(),
             weakref.ref(lora_B), lora_B._version, lora_B.data_ptr())
 
@@ -83,19 +88,27 @@ class NamedAdapters:
 
     @property
     def scaling(self) -> float:
-        return self.__dict__["_scaling"]
+        try:
+            return self.__dict__["_scaling"]
+        except KeyError:
+            raise AttributeError(f"{type(self).__name__} has no scaling (it was built with r=0)") from None
 
     @scaling.setter
     def scaling(self, value: float) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"scaling must be a finite number, got {value!r}")
+        value = float(value)
         self.__dict__["_scaling"] = value
+        # the active adapter's values were checked with the old scaling: check again before the next write
+        self.__dict__.get("_finite_stamps", {}).pop(self.__dict__.get("active_adapter"), None)
         t = self.__dict__.get("_scaling_t")
-        if t is not None:
-            t.fill_(float(value))
-        elif getattr(self, "lora_A", None) is not None:
-            self.__dict__["_scaling_t"] = torch.full((1,), float(value), dtype=torch.float32,
-                                                     device=self.lora_A.device)
+        live = getattr(self, "lora_A", None)
+        if t is not None and (live is None or t.device == live.device):
+            t.fill_(value)
+        elif live is not None:
+            self.__dict__["_scaling_t"] = torch.full((1,), value, dtype=torch.float32, device=live.device)
 
     def _apply(self, fn, recurse=True):
         """After module.to(...) and the like: the scale tensor goes where lora_A is, in float32."""
@@ -177,7 +190,10 @@ class NamedAdapters:
             raise ValueError(f"{name}: factors of shape {tuple(lora_A.shape)} and {tuple(lora_B.shape)} do not fit "
                              f"this layer; a rank-{max(r, 1)} adapter needs {want[0]} and {want[1]}")
         if values:
-            ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype)
+            if self.has_lora and (lora_A.dtype != self.lora_A.dtype or lora_B.dtype != self.lora_B.dtype):
+                lora_A, lora_B = lora_A.detach().to(self.lora_A.dtype), lora_B.detach().to(self.lora_B.dtype)
+            ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype,
+                             weight_absmax=self._weight_absmax())
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Adds (or replaces) a named adapter, copying its factors. Replacing the active one changes the
@@ -240,7 +256,8 @@ class NamedAdapters:
         Otherwise (a rank change while serving) the live factors get new storage: captures of this layer
         must be redone."""
         live_A, live_B = self.lora_A, self.lora_B
-        own = (isinstance(lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
+        own = (self._trainable() and name in self._adapters  # an adapter trained before: its own Parameters
+               and isinstance(lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
                and lora_A.device == live_A.device and lora_A.dtype == live_A.dtype
                and lora_B.device == live_B.device and lora_B.dtype == live_B.dtype)
         if not own:
@@ -258,6 +275,9 @@ class NamedAdapters:
             if not own:
                 lora_A = nn.Parameter(lora_A, requires_grad=live_A.requires_grad)
                 lora_B = nn.Parameter(lora_B, requires_grad=live_B.requires_grad)
+            else:  # the live factors' trainability, whatever the stored pair's was
+                lora_A.requires_grad_(live_A.requires_grad)
+                lora_B.requires_grad_(live_B.requires_grad)
             self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
         else:
             self._streams.retire(self.lora_A.data, self.lora_B.data)
@@ -300,6 +320,9 @@ class NamedAdapters:
         with self._lock:
             if self._known_finite(name):
                 return
-            ops.check_finite(label or f"{self._describe()} adapter {name!r}", *self.get_adapter(name),
-                             weight_dtype=self._weight_2d().dtype)
+            A, B, scaling = self.get_adapter(name)
+            if A.dtype != self.lora_A.dtype or B.dtype != self.lora_B.dtype:  # as the live factors will hold them
+                A, B = A.detach().to(self.lora_A.dtype), B.detach().to(self.lora_B.dtype)
+            ops.check_finite(label or f"{self._describe()} adapter {name!r}", A, B, scaling,
+                             weight_dtype=self._weight_2d().dtype, weight_absmax=self._weight_absmax())
             self._stamp_finite(name)

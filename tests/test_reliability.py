@@ -252,3 +252,104 @@ def test_a_model_with_its_lock_still_copies_and_pickles():
             assert rel_err(other(x).logits, want) < 1e-6
         lora_ext.set_adapter(other, "c")  # its own, free lock
         assert lora_ext.active_adapter(other) == "c" and lora_ext.active_adapter(model) == "b"
+
+
+def test_an_interrupted_forward_does_not_leave_the_model_locked():
+    """A KeyboardInterrupt skips torch's forward hooks: the read it took must not block switches."""
+    model = _served_model("gpt2")
+    lora_ext.set_adapter(model, "b")
+    mlp = model.transformer.h[0].mlp
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    mlp.forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        with torch.no_grad():
+            model(tokens())
+    del mlp.forward
+    lora_ext.set_adapter(model, "c")  # the same thread
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (lora_ext.set_adapter(model, "b"), done.set()), daemon=True)
+    t.start()
+    t.join(10)
+    assert done.is_set() and lora_ext.active_adapter(model) == "b"
+
+
+def test_inference_mode_switches_and_merges_stay_consistent():
+    layer = _layer()
+    layer.requires_grad_(False)
+    layer.add_adapter("b", torch.randn(4, 32), torch.randn(24, 4), 1.0)
+    base = layer.weight.detach().clone()
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        layer.eval()
+        layer.set_adapter("b")
+        y = layer(x)
+    assert layer.merged and layer.active_adapter == "b"
+    A, B, s = layer.get_adapter("b")
+    assert rel_err(y, x.double() @ (base.double() + s * B.double() @ A.double()).t() + layer.bias.double()) < 1e-5
+    layer.train()
+    assert rel_err(layer.weight, base) < 1e-5  # fp32 rounding of an adapter larger than the weight
+
+
+def test_values_are_checked_as_the_layer_will_hold_them():
+    layer = _layer(torch.float16)
+    # fits float32, not float16: B becomes inf when cast to the live factors' dtype
+    with pytest.raises(ValueError, match="non-finite"):
+        layer.add_adapter("big", torch.full((4, 32), 1e-6), torch.full((24, 4), 1e5), 1.0)
+    layer.eval()
+    layer.scaling = 1e7  # a new scaling voids the earlier check of the active adapter
+    layer.train()
+    w1 = layer.weight.detach().clone()  # (merge and unmerge rounded fp16 twice: not w0 bit for bit)
+    with pytest.raises(ValueError, match="beyond"):
+        layer.eval()
+    assert torch.equal(layer.weight, w1) and not layer.merged
+
+
+def test_an_update_on_a_large_half_weight_is_bounded_with_the_weight():
+    layer = lora_ext.Linear(4, 4, r=1, lora_alpha=1).half()
+    with torch.no_grad():
+        layer.weight.fill_(6e4)
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(1e4)
+    with pytest.raises(ValueError, match="on a weight of up to"):
+        layer.eval()
+    assert (layer.weight == 6e4).all()
+
+
+def test_a_frozen_layer_stays_frozen_and_keeps_its_storage_after_training():
+    layer = _layer()
+    layer.add_adapter("b", torch.randn(4, 32), torch.randn(24, 4), 1.0)
+    layer.set_adapter("b")  # trainable: b gets its own Parameter pair
+    layer.set_adapter("default")
+    layer.requires_grad_(False)
+    ptr = layer.lora_A.data_ptr()
+    layer.set_adapter("b")
+    assert not layer.lora_A.requires_grad and layer.lora_A.data_ptr() == ptr
+    src = torch.nn.Parameter(torch.randn(4, 32)), torch.nn.Parameter(torch.randn(24, 4))
+    layer.add_adapter("b", *src, 1.0)  # copied, never aliased
+    assert layer.lora_A is not src[0] and not layer.lora_A.requires_grad
+
+
+def test_reloading_an_adapter_name_must_cover_every_layer_that_holds_it(tmp_path):
+    model = _served_model("llama")
+    lora_ext.save_peft_adapter(model, tmp_path / "b", "b")
+    partial = llama()
+    lora_ext.inject(partial, ["q_proj"], r=4, lora_alpha=8)
+    lora_ext.save_peft_adapter(partial, tmp_path / "q_only")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="does not cover"):
+        lora_ext.load_peft_adapter(model, tmp_path / "q_only", "b", activate=False)
+    with pytest.raises(ValueError, match="is the active adapter"):
+        lora_ext.load_peft_adapter(model, tmp_path / "b", "default", activate=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("value", [0.5, 2])
+def test_numeric_scalings_of_other_types(value):
+    np = pytest.importorskip("numpy")
+    layer = _layer()
+    for v in (np.float32(value), np.int64(value) if value == 2 else np.float64(value), torch.tensor(float(value))):
+        layer.scaling = v
+        assert layer.scaling == float(value) and type(layer.scaling) is float
+    assert not hasattr(lora_ext.Linear(4, 4, r=0), "scaling")

@@ -8,7 +8,9 @@ runs even when the forward raises) and for writing by those changes, which wait 
 and hold new ones back until every layer has changed. Forwards run concurrently with each other; changes
 serialise. Under torch.compile the hooks do nothing (a compiled graph takes no Python locks)."""
 import contextlib
+import sys
 import threading
+import weakref
 from typing import Iterator, List, Tuple
 
 import torch
@@ -20,40 +22,59 @@ from .injection import check_mergeable
 
 class ModelLock:
     """Many readers (forwards) or one writer (a model-level change); waiting writers go first. Reads are
-    re-entrant per thread (a forward inside a forward), and the writer's thread may read."""
+    re-entrant per thread (a forward inside a forward), and the writer's thread may read.
 
-    def __init__(self):
+    A forward stopped by a BaseException that is not an Exception (KeyboardInterrupt, SystemExit) skips
+    torch's forward hooks, so its read is never released: a writer that waits finds such reads (threads that
+    are no longer inside a forward of the model, read off their stacks) and drops them."""
+
+    def __init__(self, model: nn.Module = None):
         self._cond = threading.Condition()
-        self._readers = 0
+        self._reads = {}  # thread id -> reads it holds
         self._writer = None
         self._write_depth = 0
         self._waiting_writers = 0
-        self._local = threading.local()
-        self._held = threading.local()  # reads taken by this thread's forward hooks
+        self._model = weakref.ref(model) if model is not None else None
 
     def __getstate__(self):
-        return {}  # a copied or unpickled model starts with a free lock
+        return {}  # a copied or unpickled model starts with a free lock (model_lock() ties it to its model)
 
     def __setstate__(self, state):
         self.__init__()
 
-    def _depth(self) -> int:
-        return getattr(self._local, "depth", 0)
+    def _in_forward(self, frame) -> bool:
+        model = self._model() if self._model is not None else None
+        while frame is not None:
+            if frame.f_code.co_name in ("_call_impl", "_wrapped_call_impl") and frame.f_locals.get("self") is model:
+                return True
+            frame = frame.f_back
+        return False
+
+    def _drop_left_reads(self) -> None:
+        frames = sys._current_frames()
+        for ident in list(self._reads):
+            frame = frames.get(ident)
+            if frame is None or not self._in_forward(frame):
+                del self._reads[ident]
 
     def acquire_read(self) -> None:
         me = threading.get_ident()
         with self._cond:
-            if not self._depth() and self._writer != me:
+            if me not in self._reads and self._writer != me:
                 while self._writer is not None or self._waiting_writers:
                     self._cond.wait()
-            self._readers += 1
-        self._local.depth = self._depth() + 1
+            self._reads[me] = self._reads.get(me, 0) + 1
+
+    def holds_read(self) -> bool:
+        return threading.get_ident() in self._reads
 
     def release_read(self) -> None:
+        me = threading.get_ident()
         with self._cond:
-            self._readers -= 1
+            n = self._reads.pop(me, 0)
+            if n > 1:
+                self._reads[me] = n - 1
             self._cond.notify_all()
-        self._local.depth = self._depth() - 1
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -62,13 +83,16 @@ class ModelLock:
             if self._writer == me:
                 self._write_depth += 1
             else:
-                if self._depth():
-                    raise RuntimeError("a model-level adapter change from inside a forward of the same model "
-                                       "would wait for itself; make it outside the forward")
+                if me in self._reads:
+                    if self._in_forward(sys._getframe()):
+                        raise RuntimeError("a model-level adapter change from inside a forward of the same model "
+                                           "would wait for itself; make it outside the forward")
+                    del self._reads[me]  # left by a forward of this thread that was interrupted
                 self._waiting_writers += 1
                 try:
-                    while self._writer is not None or self._readers:
-                        self._cond.wait()
+                    while self._writer is not None or self._reads:
+                        if not self._cond.wait(timeout=0.1):
+                            self._drop_left_reads()
                 finally:
                     self._waiting_writers -= 1
                 self._writer, self._write_depth = me, 1
@@ -84,17 +108,14 @@ class ModelLock:
 
 def _read_before(module, args):
     if not torch.compiler.is_compiling():
-        lock = module.__dict__["_lora_ext_model_lock"]
-        lock.acquire_read()
-        lock._held.n = getattr(lock._held, "n", 0) + 1
+        module.__dict__["_lora_ext_model_lock"].acquire_read()
 
 
 def _read_after(module, args, output):
-    # only what this thread's pre-hook took (the hooks may have been added while a forward was running)
+    # only a read this thread's pre-hook took (the hooks may have been added while a forward was running)
     if not torch.compiler.is_compiling():
         lock = module.__dict__["_lora_ext_model_lock"]
-        if getattr(lock._held, "n", 0):
-            lock._held.n -= 1
+        if lock.holds_read():
             lock.release_read()
 
 
@@ -102,8 +123,10 @@ def model_lock(model: nn.Module) -> ModelLock:
     """The model's lock, created (with its forward hooks, module-level functions: the model still pickles)
     on first use."""
     lock = model.__dict__.get("_lora_ext_model_lock")
+    if lock is not None and lock._model is None:  # unpickled or copied with the model
+        lock._model = weakref.ref(model)
     if lock is None:
-        lock = ModelLock()
+        lock = ModelLock(model)
         model.__dict__["_lora_ext_model_lock"] = lock
         model.register_forward_pre_hook(_read_before)
         model.register_forward_hook(_read_after, always_call=True)
@@ -139,9 +162,8 @@ def active_adapter(model: nn.Module) -> str:
 def set_adapter(model: nn.Module, name: str) -> None:
     """Makes adapter `name` active in every lora_ext layer. All layers are checked (they hold it, its
     values are finite) before the first one changes."""
-    found = _layers_or_raise(model)
-    with model_lock(model).write():
-        _set_adapter(found, name)
+    with model_lock(model).write():  # the layers listed inside: a concurrent load may inject more
+        _set_adapter(_layers_or_raise(model), name)
 
 
 def _set_adapter(found, name):
@@ -156,11 +178,11 @@ def _set_adapter(found, name):
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    found = _layers_or_raise(model)
-    if not any(m.has_adapter(name) for _, m in found):
-        raise KeyError(f"delete_adapter: no lora_ext layer holds an adapter {name!r} "
-                       f"(the model holds {adapter_names(model)})")
     with model_lock(model).write():
+        found = _layers_or_raise(model)
+        if not any(m.has_adapter(name) for _, m in found):
+            raise KeyError(f"delete_adapter: no lora_ext layer holds an adapter {name!r} "
+                           f"(the model holds {adapter_names(model)})")
         for layer_name, m in found:
             if name == m.active_adapter:
                 raise ValueError(f"delete_adapter: {name!r} is active at {layer_name!r}; set another adapter first")
@@ -172,8 +194,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def merge_adapter(model: nn.Module) -> None:
     """Merges the active adapter into the weights of every lora_ext layer, whatever the train/eval mode.
     Every layer is checked (mergeable, finite values within the weight's range) before the first changes."""
-    found = _layers_or_raise(model)
     with model_lock(model).write():
+        found = _layers_or_raise(model)
         for name, m in found:
             check_mergeable(name, m)
             if not m.merged:
@@ -184,7 +206,6 @@ def merge_adapter(model: nn.Module) -> None:
 
 def unmerge_adapter(model: nn.Module) -> None:
     """Restores the base weights of every lora_ext layer (forwards then add the adapter on the fly)."""
-    found = _layers_or_raise(model)
     with model_lock(model).write():
-        for _, m in found:
+        for _, m in _layers_or_raise(model):
             m.unmerge()

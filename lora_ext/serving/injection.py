@@ -262,9 +262,11 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
                      scaling_for(rr, alpha, use_rslora)))
     if not plan:
         raise ValueError(f"target_modules: {target_modules!r} matches no module of the model")
-    owners = parameter_owners(model)
-    for name, module, layer, scaling in plan:
-        install(model, name, module, layer, scaling, owners)
+    from .adapters import model_lock  # (adapters imports this module)
+    with model_lock(model).write():  # the lock exists before the first switch: forwards in flight hold it
+        owners = parameter_owners(model)
+        for name, module, layer, scaling in plan:
+            install(model, name, module, layer, scaling, owners)
     return [name for name, *_ in plan]
 
 

@@ -348,6 +348,15 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             if name not in chosen:
                 raise ValueError(f"{cfg_file}: the adapter does not cover lora_ext layer {name!r}; every layer must "
                                  f"hold the active adapter (load it with the same target modules, or activate=False)")
+    held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name)]
+    uncovered = [n for n, _ in held if n not in chosen]
+    if uncovered:
+        raise ValueError(f"{cfg_file}: lora_ext layers {uncovered} already hold an adapter {adapter_name!r} that "
+                         f"this file does not cover; a load would leave it half replaced (load it under another "
+                         f"name, or delete it first)")
+    if not activate and any(m.active_adapter == adapter_name for _, m in held):
+        raise ValueError(f"adapter_name: {adapter_name!r} is the active adapter; replacing it would change what the "
+                         f"model serves although activate=False (load it under another name, or with activate=True)")
     # nothing can fail from here on: the model changes, atomically for forwards on other threads
     with model_lock(model).write():
         owners = _inject.parameter_owners(model)
