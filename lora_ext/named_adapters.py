@@ -15,6 +15,7 @@ version counters, as they bypass autograd's checks: after such writes, call `che
 """
 import math
 import numbers
+import unicodedata
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -51,13 +52,14 @@ MAX_NAME = 255  # a file name's limit on common file systems: peft saves an adap
 
 
 def check_adapter_name(name) -> None:
-    """Adapter names are non-empty strings without "." (peft's rule: names become parts of module paths) and
-    without "/", of at most MAX_NAME characters."""
-    if (not isinstance(name, str) or not name or "." in name or "/" in name or "\0" in name
-            or len(name) > MAX_NAME):
+    """Adapter names are non-empty strings without "." (peft's rule: names become parts of module paths),
+    path separators or control characters, not only white space, of at most MAX_NAME bytes in UTF-8."""
+    if (not isinstance(name, str) or not name.strip() or any(c in name for c in "./\\")
+            or any(unicodedata.category(c) in ("Cc", "Cf") for c in name)
+            or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME):
         shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else repr(name[:60]) + "..."
-        raise ValueError(f"adapter names must be non-empty strings of at most {MAX_NAME} characters without "
-                         f"'.' or '/', got {shown}")
+        raise ValueError(f"adapter names must be non-empty strings of at most {MAX_NAME} UTF-8 bytes without "
+                         f"'.', '/', '\\' or control characters, got {shown}")
 
 
 class NamedAdapters:

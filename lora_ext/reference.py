@@ -104,8 +104,9 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
         return F.linear(x, w, bias)
     n_out, k = w.shape
     dtype = x.dtype
-    x2 = x.reshape(-1, k)
-    t = x_lora.reshape(-1, k) @ lora_A.to(dtype).t()
+    rows = x.shape[:-1].numel()  # not reshape(-1, k): k may be 0
+    x2 = x.reshape(rows, k)
+    t = x_lora.reshape(rows, k) @ lora_A.to(dtype).t()
     r = lora_A.shape[0] // len(block_ids)
     b_all = lora_B.to(dtype)
     if num_blocks == 1:

@@ -72,7 +72,8 @@ def test_scaling_must_be_a_finite_number(value):
     assert layer.scaling == 2.0 and layer._scaling_t.item() == 2.0
 
 
-@pytest.mark.parametrize("name", [None, "", 123, ("a", "b"), "a.b", "a/b", "x" * 10_000])
+@pytest.mark.parametrize("name", [None, "", 123, ("a", "b"), "a.b", "a/b", "a\\b", "x" * 10_000, "ü" * 128, " ",
+                                  "\t", "a\x01", "\u200b"])
 def test_adapter_names_follow_peft_rule(name):
     layer = _layer()
     with pytest.raises(ValueError, match="adapter names must be non-empty strings"):
@@ -353,3 +354,33 @@ def test_numeric_scalings_of_other_types(value):
         layer.scaling = v
         assert layer.scaling == float(value) and type(layer.scaling) is float
     assert not hasattr(lora_ext.Linear(4, 4, r=0), "scaling")
+
+
+def test_hold_keeps_one_adapter_for_a_whole_generation():
+    model = _served_model("gpt2")
+    lora_ext.set_adapter(model, "b")
+    x = tokens(1, 4)
+    with torch.no_grad():
+        want = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    switched = threading.Event()
+
+    def switch():
+        lora_ext.set_adapter(model, "c")
+        switched.set()
+    with lora_ext.hold(model):
+        t = threading.Thread(target=switch)
+        t.start()
+        time.sleep(0.2)
+        assert not switched.is_set()  # waits for the hold
+        with torch.no_grad():
+            got = model.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with pytest.raises(RuntimeError, match="would wait for itself"):
+            lora_ext.set_adapter(model, "default")
+    t.join(10)
+    assert switched.is_set() and torch.equal(got, want) and lora_ext.active_adapter(model) == "c"
+
+
+def test_zero_input_features_give_the_bias():
+    x, w, b = torch.randn(4, 0), torch.randn(6, 0), torch.randn(6)
+    y = lora_ext.ops.linear(x, x, w, b, torch.randn(3, 0), torch.randn(6, 3), 0.7)
+    assert torch.equal(y, b.expand(4, 6))

@@ -31,6 +31,7 @@ class ModelLock:
     def __init__(self, model: nn.Module = None):
         self._cond = threading.Condition()
         self._reads = {}  # thread id -> reads it holds
+        self._holds = {}  # thread id -> reads held by hold(): never taken for left behind
         self._writer = None
         self._write_depth = 0
         self._waiting_writers = 0
@@ -53,6 +54,8 @@ class ModelLock:
     def _drop_left_reads(self) -> None:
         frames = sys._current_frames()
         for ident in list(self._reads):
+            if self._holds.get(ident):
+                continue
             frame = frames.get(ident)
             if frame is None or not self._in_forward(frame):
                 del self._reads[ident]
@@ -84,9 +87,9 @@ class ModelLock:
                 self._write_depth += 1
             else:
                 if me in self._reads:
-                    if self._in_forward(sys._getframe()):
+                    if self._holds.get(me) or self._in_forward(sys._getframe()):
                         raise RuntimeError("a model-level adapter change from inside a forward of the same model "
-                                           "would wait for itself; make it outside the forward")
+                                           "(or a hold() of it) would wait for itself; make it outside")
                     del self._reads[me]  # left by a forward of this thread that was interrupted
                 self._waiting_writers += 1
                 try:
@@ -104,6 +107,23 @@ class ModelLock:
                 if not self._write_depth:
                     self._writer = None
                     self._cond.notify_all()
+
+
+@contextlib.contextmanager
+def hold(model: nn.Module) -> Iterator[None]:
+    """Holds the model's current adapter for a block of forwards (a whole `generate()`, say): model-level
+    changes on other threads wait until the block ends. Changes from this thread inside it are refused."""
+    lock = model_lock(model)
+    lock.acquire_read()
+    me = threading.get_ident()
+    lock._holds[me] = lock._holds.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        lock._holds[me] -= 1
+        if not lock._holds[me]:
+            del lock._holds[me]
+        lock.release_read()
 
 
 def _read_before(module, args):
