@@ -131,17 +131,22 @@ def _hammer(model, x, want, switch, seconds):
     return len(outputs), len(torn)
 
 
+def _outputs_per_adapter(model, x):
+    want = {}
+    for name in ("b", "c", "default"):
+        lora_ext.set_adapter(model, name)
+        with torch.no_grad():
+            want[name] = model(x).logits
+    return want
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("merged", [True, False], ids=["merged", "unmerged"])
 def test_model_level_switch_is_atomic_under_concurrent_forwards(kind, merged):
     model = _served_model(kind)
     (lora_ext.merge_adapter if merged else lora_ext.unmerge_adapter)(model)
     x = tokens()
-    want = {}
-    for name in ("b", "c", "default"):
-        lora_ext.set_adapter(model, name)
-        with torch.no_grad():
-            want[name] = model(x).logits
+    want = _outputs_per_adapter(model, x)
     assert min(rel_err(want["b"], want["c"]), rel_err(want["b"], want["default"])) > 1e-2
     n, torn = _hammer(model, x, want, lambda name: lora_ext.set_adapter(model, name), 1.5)
     assert n > 10 and torn == 0, f"{torn} of {n} outputs match no adapter"
@@ -152,11 +157,7 @@ def test_the_stress_test_sees_torn_forwards_without_the_model_lock():
     model = _served_model("llama")
     lora_ext.merge_adapter(model)
     x = tokens()
-    want = {}
-    for name in ("b", "c", "default"):
-        lora_ext.set_adapter(model, name)
-        with torch.no_grad():
-            want[name] = model(x).logits
+    want = _outputs_per_adapter(model, x)
     layers = [m for _, m in lora_ext.serving.lora_layers(model)]
 
     def unlocked(name):
