@@ -104,14 +104,6 @@ class LoRALayer(NamedAdapters):
     def _layout(self) -> Dict[str, Any]:
         return {}
 
-    def layout(self) -> Dict[str, Any]:
-        """This layer's layout arguments for lora_ext.ops (num_blocks, block_ids, transposed)."""
-        return {"num_blocks": 1, "block_ids": [0], "transposed": False, **self._layout()}
-
-    def weight_2d(self) -> Tensor:
-        """The weight as the 2-D matrix the ops write (a view; a convolution's weight is reshaped)."""
-        return self._weight_2d()
-
     # -- merge state ------------------------------------------------------------------------------------
 
     def _set_merged(self, lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: Optional[float]):
@@ -120,14 +112,6 @@ class LoRALayer(NamedAdapters):
         self._streams.retire(self._merged_A, self._merged_B)
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
         self._merged_scaling = scaling
-
-    def _weight_absmax(self) -> Optional[float]:
-        """max |W| for a float16 weight (its range is narrow enough for W + update to leave it), else None."""
-        w = self._weight_2d()
-        return w.detach().abs().max().item() if w.dtype == torch.float16 and w.numel() else None
-
-    def _describe(self) -> str:
-        return f"{type(self).__name__}{tuple(self._weight_2d().shape)}"
 
     def _merge(self):
         self.check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused

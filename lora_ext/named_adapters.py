@@ -17,7 +17,7 @@ import math
 import numbers
 import unicodedata
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -64,9 +64,11 @@ def check_adapter_name(name) -> None:
 
 class NamedAdapters:
     """The named-adapter surface of a LoRA layer: adapter_names, has_adapter, get_adapter, add_adapter,
-    delete_adapter, set_adapter, check_values; and the layer's geometry for callers that build factors
-    (factor_shapes, rank_of, block_ids). The host class provides `_lock`, `lora_A`/`lora_B`, `scaling`, `r`,
-    `factor_shapes`, `_rank_rows` and `_swap_merged`."""
+    delete_adapter, set_adapter, check_values; the active adapter's `scaling` (with its tensor for the
+    kernels); and the layer's geometry for callers that build factors or call lora_ext.ops (factor_shapes,
+    rank_of, block_ids, layout(), weight_2d()). The host class (layers.LoRALayer) provides `_lock`,
+    `_streams`, `lora_A`/`lora_B`, `r`, `factor_shapes`, `_rank_rows`, `_weight_2d`, `_layout` and
+    `_swap_merged`."""
 
     def _init_adapters(self) -> None:
         self.active_adapter = "default"
@@ -142,6 +144,22 @@ class NamedAdapters:
     def rank_of(self, lora_A: Tensor) -> int:
         """The adapter rank r of factors with lora_A's shape (lora_A has r * (rows per rank) rows)."""
         return lora_A.shape[0] // self._rank_rows()
+
+    def layout(self) -> Dict[str, Any]:
+        """This layer's layout arguments for lora_ext.ops (num_blocks, block_ids, transposed)."""
+        return {"num_blocks": 1, "block_ids": [0], "transposed": False, **self._layout()}
+
+    def weight_2d(self) -> Tensor:
+        """The weight as the 2-D matrix the ops write (a view; a convolution's weight is reshaped)."""
+        return self._weight_2d()
+
+    def _weight_absmax(self) -> Optional[float]:
+        """max |W| for a float16 weight (its range is narrow enough for W + update to leave it), else None."""
+        w = self._weight_2d()
+        return w.detach().abs().max().item() if w.dtype == torch.float16 and w.numel() else None
+
+    def _describe(self) -> str:
+        return f"{type(self).__name__}{tuple(self._weight_2d().shape)}"
 
     @property
     def block_ids(self) -> List[int]:
