@@ -113,8 +113,23 @@ class LoRALayer(NamedAdapters):
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
         self._merged_scaling = scaling
 
+    def _fp16_room(self, *adapters):
+        """A float16 weight's range, checked at every write against what the weight holds now: max|W| plus
+        the bounds |s| r max|A| max|B| of the adapters the write adds or takes out (stamps do not see W)."""
+        w = self._weight_2d()
+        if w.dtype != torch.float16 or not w.numel():
+            return
+        need = w.detach().abs().max().item()
+        for A, B, s in adapters:
+            if A.numel() and B.numel():
+                need += abs(s) * B.shape[1] * A.detach().abs().max().item() * B.detach().abs().max().item()
+        if not need <= torch.finfo(torch.float16).max:
+            raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the weight and the update can "
+                             f"reach {need:.3g}, beyond torch.float16's range (6.55e+04)")
+
     def _merge(self):
         self.check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
+        self._fp16_room((self.lora_A, self.lora_B, self.scaling))
         self._streams.write(self._weight_2d().device)
         with torch.no_grad():
             ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, **self._layout())
@@ -139,6 +154,7 @@ class LoRALayer(NamedAdapters):
             return
         if not self._known_finite(MERGED):
             ops.check_finite("the merged adapter", self._merged_A, self._merged_B, self._merged_scaling)
+        self._fp16_room((self._merged_A, self._merged_B, self._merged_scaling), (lora_A, lora_B, scaling))
         self._streams.write(self._weight_2d().device)
         with torch.no_grad():
             ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,

@@ -55,7 +55,7 @@ def check_adapter_name(name) -> None:
     """Adapter names are non-empty strings without "." (peft's rule: names become parts of module paths),
     path separators or control characters, not only white space, of at most MAX_NAME bytes in UTF-8."""
     if (not isinstance(name, str) or not name.strip() or any(c in name for c in "./\\")
-            or any(unicodedata.category(c) in ("Cc", "Cf") for c in name)
+            or any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in name)
             or len(name.encode("utf-8", "surrogatepass")) > MAX_NAME):
         shown = repr(name) if not isinstance(name, str) or len(name) <= 60 else repr(name[:60]) + "..."
         raise ValueError(f"adapter names must be non-empty strings of at most {MAX_NAME} UTF-8 bytes without "
@@ -275,6 +275,10 @@ class NamedAdapters:
         optimizer's state never follows one adapter into another, and a rank change never reaches it.
         Otherwise (a rank change while serving) the live factors get new storage: captures of this layer
         must be redone."""
+        with torch.inference_mode(False):  # the live factors must stay usable for training afterwards
+            self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
+
+    def _activate_as_normal_tensors(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         live_A, live_B = self.lora_A, self.lora_B
         own = (self._trainable() and name in self._adapters  # an adapter trained before: its own Parameters
                and isinstance(lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)

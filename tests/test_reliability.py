@@ -385,3 +385,67 @@ def test_zero_input_features_give_the_bias():
     x, w, b = torch.randn(4, 0), torch.randn(6, 0), torch.randn(6)
     y = lora_ext.ops.linear(x, x, w, b, torch.randn(3, 0), torch.randn(6, 3), 0.7)
     assert torch.equal(y, b.expand(4, 6))
+
+
+def test_an_interrupted_model_level_switch_puts_every_layer_back():
+    model = _served_model("gpt2")
+    layers = [m for _, m in lora_ext.serving.lora_layers(model)]
+    victim = layers[len(layers) // 2]
+    real = victim.set_adapter
+
+    def interrupted(name):
+        raise KeyboardInterrupt
+    victim.set_adapter = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        lora_ext.set_adapter(model, "b")
+    victim.set_adapter = real
+    assert {m.active_adapter for m in layers} == {"default"}
+
+
+def test_a_merged_half_switch_is_bounded_by_what_the_weight_holds():
+    """fp16: the old adapter hid a base outlier; the new one would push it past the range."""
+    layer = lora_ext.Linear(4, 4, r=1, lora_alpha=1).half().requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.fill_(0.0)
+        layer.weight[0, 0] = 64900.0
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(-600.0)
+    layer.eval()
+    layer.add_adapter("up", torch.ones(1, 4).half(), torch.full((4, 1), 1150.0).half(), 1.0)
+    w = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="beyond torch.float16"):
+        layer.set_adapter("up")
+    assert torch.equal(layer.weight, w) and layer.active_adapter == "default"
+
+
+def test_a_hold_lets_its_own_worker_threads_forward_while_a_switch_waits():
+    model = _served_model("gpt2")
+    x = tokens(1, 4)
+    done, switched = threading.Event(), threading.Event()
+
+    def worker():
+        for _ in range(5):
+            with torch.no_grad():
+                model(x)
+            time.sleep(0.05)
+        done.set()
+    with lora_ext.hold(model):
+        w = threading.Thread(target=worker)
+        w.start()
+        time.sleep(0.02)
+        s = threading.Thread(target=lambda: (lora_ext.set_adapter(model, "b"), switched.set()))
+        s.start()
+        w.join(20)
+        assert done.is_set() and not switched.is_set()
+    s.join(10)
+    assert switched.is_set()
+
+
+def test_switches_under_inference_mode_leave_trainable_factors():
+    layer = _layer()
+    layer.add_adapter("b", torch.randn(4, 32), torch.randn(24, 4), 1.0)
+    with torch.inference_mode():
+        layer.set_adapter("b")
+    assert not layer.lora_A.is_inference()
+    layer(torch.randn(2, 32)).sum().backward()
+    assert layer.lora_A.grad is not None

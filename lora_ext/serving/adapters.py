@@ -10,7 +10,6 @@ serialise. Under torch.compile the hooks do nothing (a compiled graph takes no P
 import contextlib
 import sys
 import threading
-import weakref
 from typing import Iterator, List, Tuple
 
 import torch
@@ -28,26 +27,28 @@ class ModelLock:
     torch's forward hooks, so its read is never released: a writer that waits finds such reads (threads that
     are no longer inside a forward of the model, read off their stacks) and drops them."""
 
-    def __init__(self, model: nn.Module = None):
+    def __init__(self):
         self._cond = threading.Condition()
         self._reads = {}  # thread id -> reads it holds
         self._holds = {}  # thread id -> reads held by hold(): never taken for left behind
         self._writer = None
         self._write_depth = 0
         self._waiting_writers = 0
-        self._model = weakref.ref(model) if model is not None else None
 
     def __getstate__(self):
-        return {}  # a copied or unpickled model starts with a free lock (model_lock() ties it to its model)
+        return {}  # a deep-copied or unpickled model (its own layers) starts with a free lock
 
     def __setstate__(self, state):
         self.__init__()
 
     def _in_forward(self, frame) -> bool:
-        model = self._model() if self._model is not None else None
+        """Whether the stack holds a forward of a module with this lock (the model, or a shallow copy of it,
+        which shares its layers and so its lock)."""
         while frame is not None:
-            if frame.f_code.co_name in ("_call_impl", "_wrapped_call_impl") and frame.f_locals.get("self") is model:
-                return True
+            if frame.f_code.co_name in ("_call_impl", "_wrapped_call_impl"):
+                owner = getattr(frame.f_locals.get("self"), "__dict__", {})
+                if owner.get("_lora_ext_model_lock") is self:
+                    return True
             frame = frame.f_back
         return False
 
@@ -64,7 +65,9 @@ class ModelLock:
         me = threading.get_ident()
         with self._cond:
             if me not in self._reads and self._writer != me:
-                while self._writer is not None or self._waiting_writers:
+                # waiting writers go first, except while a hold() is open: its forwards may run on other
+                # threads (a streamer's worker), and the writer waits for the hold anyway
+                while self._writer is not None or (self._waiting_writers and not self._holds):
                     self._cond.wait()
             self._reads[me] = self._reads.get(me, 0) + 1
 
@@ -143,10 +146,8 @@ def model_lock(model: nn.Module) -> ModelLock:
     """The model's lock, created (with its forward hooks, module-level functions: the model still pickles)
     on first use."""
     lock = model.__dict__.get("_lora_ext_model_lock")
-    if lock is not None and lock._model is None:  # unpickled or copied with the model
-        lock._model = weakref.ref(model)
     if lock is None:
-        lock = ModelLock(model)
+        lock = ModelLock()
         model.__dict__["_lora_ext_model_lock"] = lock
         model.register_forward_pre_hook(_read_before)
         model.register_forward_hook(_read_after, always_call=True)
@@ -187,6 +188,17 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 
 def _set_adapter(found, name):
+    before = [m.active_adapter for _, m in found]
+    try:
+        _switch_all(found, name)
+    except BaseException:  # KeyboardInterrupt included: every layer back on its adapter, never a mix
+        for (_, m), old in zip(found, before):
+            if m.active_adapter != old:
+                m.set_adapter(old)
+        raise
+
+
+def _switch_all(found, name):
     for layer_name, m in found:
         if name not in m.adapter_names:
             raise KeyError(f"set_adapter: layer {layer_name!r} holds no adapter {name!r} "
