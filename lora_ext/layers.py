@@ -114,18 +114,20 @@ class LoRALayer(NamedAdapters):
         self._merged_scaling = scaling
 
     def _fp16_room(self, *adapters):
-        """A float16 weight's range, checked at every write against what the weight holds now: max|W| plus
-        the bounds |s| r max|A| max|B| of the adapters the write adds or takes out (stamps do not see W)."""
+        """A float16 weight's range, checked at every write against what the weight holds now (value stamps
+        do not see W): max|W| plus the bounds |s| r max|A| max|B| of the adapters the write adds or takes out.
+        One device sync; float16 only, the one weight dtype narrow enough for realistic updates to leave."""
         w = self._weight_2d()
         if w.dtype != torch.float16 or not w.numel():
             return
-        need = w.detach().abs().max().item()
-        for A, B, s in adapters:
-            if A.numel() and B.numel():
-                need += abs(s) * B.shape[1] * A.detach().abs().max().item() * B.detach().abs().max().item()
-        if not need <= torch.finfo(torch.float16).max:
-            raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the weight and the update can "
-                             f"reach {need:.3g}, beyond torch.float16's range (6.55e+04)")
+        tensors = [w] + [t for A, B, _ in adapters for t in (A, B)]
+        maxes = torch.stack([t.detach().abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+                             for t in tensors]).tolist()
+        update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[1::2], maxes[2::2]))
+        if not maxes[0] + update <= torch.finfo(torch.float16).max:
+            raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
+                             f"reach {update:.3g} on a weight of up to {maxes[0]:.3g}, beyond torch.float16's "
+                             f"range (6.55e+04)")
 
     def _merge(self):
         self.check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused

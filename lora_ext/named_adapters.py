@@ -14,7 +14,6 @@ outside the layer shares storage with them under another version counter. Writes
 version counters, as they bypass autograd's checks: after such writes, call `check_values`.
 """
 import math
-import numbers
 import unicodedata
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -99,11 +98,7 @@ class NamedAdapters:
 
     @scaling.setter
     def scaling(self, value: float) -> None:
-        if isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
-            value = value.item()
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"scaling must be a finite number, got {value!r}")
-        value = float(value)
+        value = ops.finite_real("scaling", value)
         self.__dict__["_scaling"] = value
         # the active adapter's values were checked with the old scaling: check again before the next write
         self.__dict__.get("_finite_stamps", {}).pop(self.__dict__.get("active_adapter"), None)
@@ -112,15 +107,17 @@ class NamedAdapters:
         if t is not None and (live is None or t.device == live.device):
             t.fill_(value)
         elif live is not None:
-            self.__dict__["_scaling_t"] = torch.full((1,), value, dtype=torch.float32, device=live.device)
+            self._new_scale_tensor()
+
+    def _new_scale_tensor(self) -> None:
+        self.__dict__["_scaling_t"] = torch.full((1,), self.scaling, dtype=torch.float32, device=self.lora_A.device)
 
     def _apply(self, fn, recurse=True):
         """After module.to(...) and the like: the scale tensor goes where lora_A is, in float32."""
         module = super()._apply(fn, recurse)
         t = self.__dict__.get("_scaling_t")
         if t is not None and self.has_lora and (t.device != self.lora_A.device or t.dtype != torch.float32):
-            self.__dict__["_scaling_t"] = torch.full((1,), float(self._scaling), dtype=torch.float32,
-                                                     device=self.lora_A.device)
+            self._new_scale_tensor()
         return module
 
     def _scale_tensor_for(self, x: Tensor) -> Optional[Tensor]:
@@ -152,11 +149,6 @@ class NamedAdapters:
     def weight_2d(self) -> Tensor:
         """The weight as the 2-D matrix the ops write (a view; a convolution's weight is reshaped)."""
         return self._weight_2d()
-
-    def _weight_absmax(self) -> Optional[float]:
-        """max |W| for a float16 weight (its range is narrow enough for W + update to leave it), else None."""
-        w = self._weight_2d()
-        return w.detach().abs().max().item() if w.dtype == torch.float16 and w.numel() else None
 
     def _describe(self) -> str:
         return f"{type(self).__name__}{tuple(self._weight_2d().shape)}"
@@ -212,8 +204,7 @@ class NamedAdapters:
         if values:
             if self.has_lora and (lora_A.dtype != self.lora_A.dtype or lora_B.dtype != self.lora_B.dtype):
                 lora_A, lora_B = lora_A.detach().to(self.lora_A.dtype), lora_B.detach().to(self.lora_B.dtype)
-            ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype,
-                             weight_absmax=self._weight_absmax())
+            ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype)
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Adds (or replaces) a named adapter, copying its factors. Replacing the active one changes the
@@ -348,5 +339,5 @@ class NamedAdapters:
             if A.dtype != self.lora_A.dtype or B.dtype != self.lora_B.dtype:  # as the live factors will hold them
                 A, B = A.detach().to(self.lora_A.dtype), B.detach().to(self.lora_B.dtype)
             ops.check_finite(label or f"{self._describe()} adapter {name!r}", A, B, scaling,
-                             weight_dtype=self._weight_2d().dtype, weight_absmax=self._weight_absmax())
+                             weight_dtype=self._weight_2d().dtype)
             self._stamp_finite(name)

@@ -125,15 +125,21 @@ def _check_same_device(**tensors):
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
+def finite_real(label: str, value) -> float:
+    """value as a float; ValueError naming `label` unless it is a finite real number (bools refused; numpy
+    scalars and one-element float tensors that need no grad taken)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point() and not value.requires_grad:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{label} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _check_scale(scale):
-    if isinstance(scale, Tensor) and scale.numel() == 1 and scale.is_floating_point() and not scale.requires_grad:
-        scale = scale.item()
-    if torch.compiler.is_compiling():
-        # After a recompile for a new value, dynamo may trace the scale as a symbolic float, which
-        # math.isfinite cannot take; layers check their scaling when it is set, and eager calls check here.
-        return
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    # While tracing, after a recompile for a new value, dynamo may make the scale a symbolic float, which
+    # math.isfinite cannot take; layers check their scaling when it is set, and eager calls check here.
+    if not torch.compiler.is_compiling():
+        finite_real("scale", scale)
 
 
 def _check_blocks(num_blocks, block_ids, out_features):
@@ -247,16 +253,17 @@ def _check_finite_scaling(label, scaling):
 
 
 def check_finite(name: str, lora_A: Tensor, lora_B: Tensor, scaling: float,
-                 weight_dtype: Optional[torch.dtype] = None, weight_absmax: Optional[float] = None) -> None:
+                 weight_dtype: Optional[torch.dtype] = None) -> None:
     """Raises ValueError naming `name` unless the scaling and every factor value are finite, and
     scaling * lora_B stays finite in the compute precision. With weight_dtype, also unless the update
     scaling * B @ A is bounded within that dtype's range (|update| <= |scaling| * r * max|A| * max|B|, a bound
-    that can refuse an update whose true values would fit); weight_absmax (max |W|) is added to that bound."""
+    that can refuse an update whose true values would fit). What the weight itself holds is the layers'
+    check at write time (layers.LoRALayer._fp16_room)."""
     _check_finite_scaling(f"{name}: scaling", scaling)
-    _check_values([(name, lora_A, lora_B, scaling)], weight_dtype, weight_absmax or 0.0)
+    _check_values([(name, lora_A, lora_B, scaling)], weight_dtype)
 
 
-def _check_values(adapters, weight_dtype=None, weight_absmax=0.0):
+def _check_values(adapters, weight_dtype=None):
     """check_finite's value checks for several (name, lora_A, lora_B, scaling), with one device sync per
     device: NaN propagates through min and max, and inf shows in one of them."""
     tensors = [t for _, a, b, _ in adapters for t in (a, b) if t.numel()]
@@ -283,9 +290,8 @@ def _check_values(adapters, weight_dtype=None, weight_absmax=0.0):
             if weight_dtype is not None and lora_A.numel():
                 a_lo, a_hi = extremes[id(lora_A)]
                 bound = abs(scaling) * lora_B.shape[1] * max(-a_lo, a_hi) * max(-lo, hi)
-                if bound + weight_absmax > torch.finfo(weight_dtype).max:
-                    held = f" on a weight of up to {weight_absmax:.3g}" if weight_absmax else ""
-                    raise ValueError(f"{name}: the update scaling * B @ A can reach {bound:.3g}{held}, beyond "
+                if bound > torch.finfo(weight_dtype).max:
+                    raise ValueError(f"{name}: the update scaling * B @ A can reach {bound:.3g}, beyond "
                                      f"{weight_dtype}'s range ({torch.finfo(weight_dtype).max:.3g})")
 
 
