@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops
+from . import lossless, ops
 from .named_adapters import MERGED, NamedAdapters
 from .streams import StreamOrder
 
@@ -47,7 +47,8 @@ class LoRALayer(NamedAdapters):
 
     _weight_key = "weight"
 
-    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool):
+    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
+                 lossless: Optional[bool] = None):
         if not isinstance(r, int) or isinstance(r, bool) or r < 0:
             raise ValueError(f"r must be a non-negative integer, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
@@ -57,6 +58,8 @@ class LoRALayer(NamedAdapters):
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.merged = False
         self.merge_weights = merge_weights
+        self.lossless = lossless
+        self._merged_record = None  # the lossless record of the merge the weight holds (None: lossy or unmerged)
         self._remerge_pending = False
         self.register_buffer("_merged_A", None, persistent=False)  # the snapshot follows .to()
         self.register_buffer("_merged_B", None, persistent=False)
@@ -106,12 +109,26 @@ class LoRALayer(NamedAdapters):
 
     # -- merge state ------------------------------------------------------------------------------------
 
-    def _set_merged(self, lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: Optional[float]):
+    def _set_merged(self, lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: Optional[float],
+                    record: Optional[lossless.MergeRecord] = None):
         """Records what is merged now. The factors are buffers (they follow .to()); they are set in _buffers
         directly because nn.Module.__setattr__ costs tens of microseconds here, more than a switch's kernel."""
         self._streams.retire(self._merged_A, self._merged_B)
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
         self._merged_scaling = scaling
+        self.__dict__["_merged_record"] = record
+
+    def _lossless_now(self) -> bool:
+        """Whether the next merge writes a lossless record: `lossless` if set, else on for float16/bfloat16
+        weights (their merges round at 8-11 bits; a float32 merge loses ~1e-7 relative per switch, and its
+        record would cost half the weight again)."""
+        dtype = self._weight_2d().dtype
+        if self.lossless is None:
+            return lossless.default_lossless(dtype)
+        if self.lossless and dtype not in lossless.RECORD_DTYPES:
+            raise ValueError(f"{self._describe()}: lossless=True takes float16, bfloat16 or float32 weights, "
+                             f"this one is {dtype} (set lossless=False or None)")
+        return bool(self.lossless)
 
     def _fp16_room(self, *adapters):
         """A float16 weight's range, checked at every write against what the weight holds now (value stamps
@@ -132,15 +149,18 @@ class LoRALayer(NamedAdapters):
     def _merge(self):
         self.check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         self._fp16_room((self.lora_A, self.lora_B, self.scaling))
+        exact = self._lossless_now()
         self._streams.write(self._weight_2d().device)
         with torch.no_grad():
-            ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, **self._layout())
+            record = ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, lossless=exact,
+                                **self._layout())
         known = self._known_finite(self.active_adapter)
-        self._set_merged(self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
+        self._set_merged(self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling, record)
         self._stamp_finite(MERGED, known)
 
     def _unmerge_from(self, weight_2d: Tensor):
-        ops.unmerge_(weight_2d, self._merged_A, self._merged_B, self._merged_scaling, **self._layout())
+        ops.unmerge_(weight_2d, self._merged_A, self._merged_B, self._merged_scaling, record=self._merged_record,
+                     **self._layout())
 
     def _unmerge(self):
         self._streams.write(self._weight_2d().device)
@@ -151,18 +171,46 @@ class LoRALayer(NamedAdapters):
 
     def _swap_merged(self, lora_A: Tensor, lora_B: Tensor, scaling: float):
         """When merged, replaces the merged adapter by (lora_A, lora_B, scaling) in one pass over the weight
-        (the caller holds the lock and has checked the new factors)."""
+        (the caller holds the lock and has checked the new factors). A lossless merge stays lossless: the
+        weight is then bit-identical to merging the new adapter once into the base."""
         if not (self.merged and self._merged_A is not None):
             return
         if not self._known_finite(MERGED):
             ops.check_finite("the merged adapter", self._merged_A, self._merged_B, self._merged_scaling)
         self._fp16_room((self._merged_A, self._merged_B, self._merged_scaling), (lora_A, lora_B, scaling))
         self._streams.write(self._weight_2d().device)
-        with torch.no_grad():
-            ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
-                      lora_A, lora_B, scaling, check_values=False, **self._layout())
-        self._set_merged(lora_A.clone(), lora_B.clone(), scaling)
+        try:
+            with torch.no_grad():
+                record = ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
+                                   lora_A, lora_B, scaling, check_values=False, record=self._merged_record,
+                                   **self._layout())
+        except lossless.ExceptionOverflow as err:  # the old merge is back, bit for bit
+            self.__dict__["_merged_record"] = getattr(err, "record", self._merged_record)
+            raise ValueError(f"{self._describe()}: {err}") from None
+        self._set_merged(lora_A.clone(), lora_B.clone(), scaling, record)
         self._stamp_finite(MERGED)
+
+    def _apply(self, fn, recurse=True):
+        """module.to(...) and the like on a losslessly merged layer: the base is given back exactly, converted
+        or moved, and the snapshot merged again, losslessly (a record for the weight's new dtype and device;
+        also for float32, so that .float() then .bfloat16() gives back the exact base)."""
+        if self.__dict__.get("_merged_record") is None:
+            return super()._apply(fn, recurse)
+        with self._lock:
+            self._unmerge_from(self._weight_2d())
+            snapshot = (self._merged_A, self._merged_B, self._merged_scaling)
+            self._set_merged(None, None, None)
+            module = super()._apply(fn, recurse)
+            A, B, s = fn(snapshot[0]), fn(snapshot[1]), snapshot[2]
+            w = self._weight_2d()
+            if w.is_meta:
+                self.merged = False  # nothing to merge into: forwards add the adapter on the fly
+                return module
+            exact = self.lossless is not False and w.dtype in lossless.RECORD_DTYPES  # stays lossless
+            with torch.no_grad():
+                record = ops.merge_(w, A, B, s, lossless=exact, **self._layout())
+            self._set_merged(A, B, s, record)
+            return module
 
     def train(self, mode: bool = True):
         with self._lock:
@@ -220,9 +268,11 @@ class LoRALayer(NamedAdapters):
 
 class Embedding(LoRALayer, nn.Embedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
-                 merge_weights: bool = True, **kwargs):
+                 merge_weights: bool = True, lossless: Optional[bool] = None,
+                 **kwargs):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0, merge_weights=merge_weights)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0, merge_weights=merge_weights,
+                           lossless=lossless)
         if r > 0:
             self._create_factors(self.weight)
         self.reset_parameters()
@@ -250,10 +300,11 @@ class Embedding(LoRALayer, nn.Embedding):
 
 class Linear(LoRALayer, nn.Linear):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True, **kwargs):
+                 lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
+                 lossless: Optional[bool] = None, **kwargs):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           merge_weights=merge_weights)
+                           merge_weights=merge_weights, lossless=lossless)
         self.fan_in_fan_out = fan_in_fan_out
         if r > 0:
             self._create_factors(self.weight)
@@ -278,10 +329,11 @@ class Linear(LoRALayer, nn.Linear):
 class MergedLinear(LoRALayer, nn.Linear):
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
-                 merge_weights: bool = True, **kwargs):
+                 merge_weights: bool = True, lossless: Optional[bool] = None,
+                 **kwargs):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           merge_weights=merge_weights)
+                           merge_weights=merge_weights, lossless=lossless)
         enable_lora = [bool(e) for e in enable_lora]
         if not enable_lora or out_features % len(enable_lora):
             raise ValueError(
@@ -340,11 +392,12 @@ class ConvLoRA(LoRALayer, nn.Module):
 
     def __init__(self, conv_module: type, in_channels: int, out_channels: int,
                  kernel_size: Union[int, Tuple[int, ...]], r: int = 0, lora_alpha: float = 1,
-                 lora_dropout: float = 0.0, merge_weights: bool = True, **kwargs):
+                 lora_dropout: float = 0.0, merge_weights: bool = True, lossless: Optional[bool] = None,
+                 **kwargs):
         nn.Module.__init__(self)
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                           merge_weights=merge_weights)
+                           merge_weights=merge_weights, lossless=lossless)
         # torch expands int arguments such as dilation to one per spatial dimension
         _check_kernel_size(kernel_size, len(self.conv.dilation))
         if r > 0:

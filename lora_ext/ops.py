@@ -31,7 +31,8 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import reference
+from . import lossless, reference
+from .lossless import MergeRecord
 
 try:
     from . import _C
@@ -214,29 +215,107 @@ def _check_merge_args(weight, lora_A, lora_B, scale, num_blocks, block_ids, tran
 
 
 def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_blocks: int = 1,
-           block_ids: Sequence[int] = (0,), transposed: bool = False) -> None:
+           block_ids: Sequence[int] = (0,), transposed: bool = False,
+           lossless: bool = False) -> Optional[MergeRecord]:
     """Adds scale * B @ A into the 2-D `weight` in place (one rounding per element).
 
     transposed: weight is stored (in_features, out_features) (fan_in_fan_out, Embedding).
     num_blocks/block_ids: MergedLinear's output blocks; only the enabled ones are written.
+    lossless: also return the record (lossless.MergeRecord, written in the same pass) with which unmerge_ and
+    swap_ give the weight back bit for bit (docs/LOSSLESS.md); refused with lossless.ExceptionOverflow, the
+    weight unchanged, when too many elements would need exceptions.
     """
     _check_scale(scale)
     args = (weight, lora_A, lora_B, float(scale), num_blocks, list(block_ids), bool(transposed))
+    if lossless:
+        _check_merge_args(*args)
+        return _lossless_pass(weight, None, None, args[1:4], *args[4:], "merge_")
     if args[5] and _fast_path(weight):
         _launch(_merge_impl, args, _check_merge_args)
     else:
         if not _check_merge_args(*args):
-            return  # no enabled block
+            return None  # no enabled block
         if torch.compiler.is_compiling():
             _merge_op(*args)
-            return
+            return None
         _merge_impl(*args)
     torch.autograd.graph.increment_version(weight)
+    return None
 
 
-def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, **layout) -> None:
-    """Subtracts what merge_ with the same arguments added (the same arithmetic with -scale)."""
-    merge_(weight, lora_A, lora_B, -scale, **layout)
+def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *,
+             record: Optional[MergeRecord] = None, **layout) -> None:
+    """Subtracts what merge_ with the same arguments added (the same arithmetic with -scale); with the
+    `record` a lossless merge_ returned, gives back the weight merge_ started from, bit for bit."""
+    if record is None:
+        merge_(weight, lora_A, lora_B, -scale, **layout)
+        return
+    _check_scale(scale)
+    args = (weight, lora_A, lora_B, float(scale), layout.get("num_blocks", 1), list(layout.get("block_ids", (0,))),
+            bool(layout.get("transposed", False)))
+    _check_merge_args(*args)
+    _lossless_pass(weight, args[1:4], record, None, *args[4:], "unmerge_")
+
+
+def _lossless_pass(weight, old, record, new, num_blocks, block_ids, transposed, where):
+    """A lossless merge (old None), unmerge (new None) or switch: checks, then the backend; the new record."""
+    if weight.dtype not in lossless.RECORD_DTYPES:
+        raise ValueError(f"{where}: lossless merges take float16, bfloat16 or float32 weights, got {weight.dtype}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{where}: an in-place lossless merge into a weight that requires grad needs "
+                           f"torch.no_grad()")
+    if record is not None:
+        record.check_for(weight, num_blocks, block_ids, transposed, where)
+    n, rows, cols, _ = lossless.region(weight, num_blocks, block_ids, transposed)
+    limit = lossless.exception_limit(n * rows * cols)
+    if _kernels.takes(weight):
+        rec = _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
+    elif new is None:
+        lossless.unmerge_(weight, *old, record, num_blocks, block_ids, transposed)
+        rec = None
+    elif old is None:
+        rec = lossless.merge_(weight, *new, num_blocks, block_ids, transposed, limit, where)
+    else:
+        rec = lossless.swap_(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
+    torch.autograd.graph.increment_version(weight)
+    return rec
+
+
+def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
+    """The kernels' lossless merge, unmerge or swap (one launch over W); the exception list sorted after."""
+    mod = _kernels.module
+    pairs = [p for p in (old, new) if p is not None]
+    factors = _kernel_factors(weight.dtype, *(t for p in pairs for t in p[:2]))
+    layout = (num_blocks, block_ids, transposed)
+    f_old = (factors[0], factors[1], old[2]) if old is not None else None
+    f_new = (factors[-2], factors[-1], new[2]) if new is not None else None
+    if f_new is None:
+        mod.unmerge_lossless_(weight, *f_old, *layout, record.codes, record.exc_index, record.exc_bits)
+        return None
+    n, rows, cols, _ = lossless.region(weight, *layout)
+    ln, rn = lossless.norms(f_new[0], f_new[1], n, transposed)
+    codes = lossless.empty_codes(weight, n, rows, cols)
+    exc_index = torch.empty(limit, dtype=torch.int64, device=weight.device)
+    exc_bits = torch.empty(limit, dtype=torch.int32, device=weight.device)
+    counter = torch.zeros(1, dtype=torch.int64, device=weight.device)
+    g = lossless.gamma(f_new[0].shape[0] // max(n, 1))
+    if f_old is None:
+        mod.merge_lossless_(weight, *f_new, *layout, ln, rn, g, codes, exc_index, exc_bits, counter)
+    else:
+        mod.swap_lossless_(weight, *f_old, record.codes, record.exc_index, record.exc_bits, *f_new, *layout, ln, rn,
+                           g, codes, exc_index, exc_bits, counter)
+    count = int(counter.item())
+    order = torch.argsort(exc_index[:min(count, limit)])
+    rec = MergeRecord(codes, exc_index[order], exc_bits[order], weight.dtype, tuple(weight.shape), num_blocks,
+                      tuple(block_ids), bool(transposed))
+    if count > limit:
+        # the overflowing elements kept their base and an escape with no entry: unmerge leaves them alone
+        mod.unmerge_lossless_(weight, *f_new, *layout, rec.codes, rec.exc_index, rec.exc_bits)
+        err = lossless.ExceptionOverflow(lossless.overflow_message(where, count, limit, n * rows * cols))
+        if f_old is not None:  # the old adapter merged back: the same bits and record as before the swap
+            err.record = _kernel_lossless(weight, None, None, old, *layout, max(limit, record.exceptions), where)
+        raise err
+    return rec
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,8 +396,13 @@ def _check_swap_args(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, n
 
 def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A: Tensor, new_B: Tensor,
           new_scale: float, *, num_blocks: int = 1, block_ids: Sequence[int] = (0,), transposed: bool = False,
-          check_values: bool = True) -> None:
+          check_values: bool = True, record: Optional[MergeRecord] = None) -> Optional[MergeRecord]:
     """weight += new_scale * delta(new_A, new_B) - old_scale * delta(old_A, old_B), in place, in one pass.
+
+    record: the lossless record of the old adapter's merge (merge_(..., lossless=True)); the switch then gives
+    the base back exactly and merges the new adapter from it, returning the new record: the weight is
+    bit-identical to merging the new adapter once into the base. On lossless.ExceptionOverflow the old merge
+    is back, bit for bit, and the error's `record` attribute is its record.
 
     Layout arguments as for ops.merge_; the two adapters may differ in rank. Non-finite scales, and with
     check_values non-finite factor values (or a scaled lora_B that overflows), raise before anything is
@@ -331,17 +415,22 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
             list(block_ids), bool(transposed))
     # the value checks below read the factors before any launcher sees them
     fast = bool(args[8]) and _fast_path(weight) and all(isinstance(t, Tensor) for t in (old_A, old_B, new_A, new_B))
+    if record is not None:
+        fast = False
     if not fast and not _check_swap_args(*args):
-        return  # no enabled block
+        return record  # no enabled block
     if check_values:
         _check_values([("swap_: the new adapter", new_A, new_B, new_scale),
                        ("swap_: the old adapter", old_A, old_B, old_scale)])
+    if record is not None:
+        return _lossless_pass(weight, args[1:4], record, args[4:7], *args[7:], "swap_")
     # No custom op: a switch is a serving-time operation, outside any traced graph or autograd record.
     if fast:
         _launch(_swap_impl, args, _check_swap_args)
     else:
         _swap_impl(*args)
     torch.autograd.graph.increment_version(weight)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------

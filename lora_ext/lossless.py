@@ -1,0 +1,336 @@
+"""Lossless in-place merges: the record that gives the base weight back bit for bit, and its reference
+arithmetic (the CPU backend; the CUDA kernels and the simulator implement the same rules, docs/LOSSLESS.md).
+
+A merge writes W' = round(W + s B A) and, in the same pass, one code per weight element:
+
+- the element's *ordinal* o(W) (its bit pattern read as a monotone integer: non-negative patterns as they are,
+  negative ones as pattern ^ 0x7FFF..., so -0 is -1 and +0 is 0) modulo M, M = 3 for float16/bfloat16 weights
+  (2-bit codes, four to a byte: 1/8 of the weight) and M = 65535 for float32 (16-bit codes: 1/2 of the weight);
+- or the escape code M, when the element goes to the exception list: (canonical index, original bits).
+
+Restoring from c = W' - d (in float64, d the update as the backend computed it) takes y = o(round(c)) and the
+one ordinal x with x = code (mod M) in [y - M//2, y + M//2]. The merge pass keeps a code only if that gives W
+back for every c within delta of its own, delta = (8r + 8) 2^-24 |s| |B[m]| |A[:, n]| + 2^-50 |c| (a bound on
+how far another backend's fp32 update, summed in another order, can be from this one's); otherwise (non-finite
+W or W', |s B A| much larger than |W|, zeros under a nonzero update) the element is an exception. So the
+restore is exact on every backend, and a restore then a merge of the same adapter on the same backend gives the
+very bits a fresh merge gives.
+
+The record covers the enabled blocks only, in the canonical order index = (j * M_rows + m) * N + n: block j
+(block_ids order) seen as an M_rows x N matrix (rows of W, or for transposed storage columns of W, as
+ops.merge_'s `transposed` says), its rows padded to a multiple of 4 codes.
+"""
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+LOSSY_DTYPES = (torch.float16, torch.bfloat16)  # lossless by default (their merges round at 8-11 bits)
+RECORD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+_MAG = {torch.int16: 0x7FFF, torch.int32: 0x7FFFFFFF}
+
+# Exceptions allowed per merge: 1/32 of the recorded elements (at least 1024); a merge that needs more is
+# refused and the weight given back as it was.
+EXCEPTION_FRACTION = 32
+MIN_EXCEPTIONS = 1024
+_STAGING_BYTES = 1 << 20  # fp32 bytes of weight per row chunk
+
+
+def modulus(dtype: torch.dtype) -> int:
+    """M for a weight dtype; the escape code is M."""
+    return 65535 if dtype == torch.float32 else 3
+
+
+def gamma(rank: int) -> float:
+    """The relative bound on the difference between two backends' fp32 updates of rank `rank`."""
+    return (8 * rank + 8) * 2.0 ** -24
+
+
+def exception_limit(elements: int) -> int:
+    return max(MIN_EXCEPTIONS, elements // EXCEPTION_FRACTION)
+
+
+def default_lossless(dtype: torch.dtype) -> bool:
+    return dtype in LOSSY_DTYPES
+
+
+@dataclass(eq=False)
+class MergeRecord:
+    """What a lossless merge threw away. codes: (n, M_rows, ceil(N/4)) uint8 for 16-bit weights, or
+    (n, M_rows, ceil(N/4)*4) int16 (uint16 bits) for float32; exc_index: int64, sorted; exc_bits: int32 (the
+    original bit pattern, zero-extended). dtype, shape and layout are what the record was made for."""
+    codes: Tensor
+    exc_index: Tensor
+    exc_bits: Tensor
+    dtype: torch.dtype
+    shape: tuple
+    num_blocks: int
+    block_ids: tuple
+    transposed: bool
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.exc_index, self.exc_bits))
+
+    @property
+    def exceptions(self) -> int:
+        return self.exc_index.numel()
+
+    def to(self, device) -> "MergeRecord":
+        return MergeRecord(self.codes.to(device), self.exc_index.to(device), self.exc_bits.to(device), self.dtype,
+                           self.shape, self.num_blocks, self.block_ids, self.transposed)
+
+    def check_for(self, weight: Tensor, num_blocks: int, block_ids: Sequence[int], transposed: bool,
+                  where: str) -> None:
+        """Refuses (before anything is written) a record made for another weight or layout."""
+        want = (weight.dtype, tuple(weight.shape), num_blocks, tuple(block_ids), bool(transposed))
+        got = (self.dtype, self.shape, self.num_blocks, self.block_ids, self.transposed)
+        if want != got:
+            raise ValueError(f"{where}: the record was made for a {self.dtype} weight of shape {self.shape} "
+                             f"(num_blocks={self.num_blocks}, block_ids={list(self.block_ids)}, "
+                             f"transposed={self.transposed}), not this {weight.dtype} weight of shape "
+                             f"{tuple(weight.shape)} (num_blocks={num_blocks}, block_ids={list(block_ids)}, "
+                             f"transposed={transposed})")
+        if self.codes.device != weight.device:
+            raise ValueError(f"{where}: the record is on {self.codes.device}, the weight on {weight.device}")
+
+
+class ExceptionOverflow(ValueError):
+    pass
+
+
+def overflow_message(where: str, needed: int, limit: int, elements: int) -> str:
+    return (f"{where}: a lossless merge would need {needed} exceptions (elements whose base value the 2-bit code "
+            f"cannot give back: |scale * B @ A| far above |W|, zeros under a nonzero update, non-finite values) "
+            f"of {elements} elements, over the limit of {limit} (1/{EXCEPTION_FRACTION}); nothing was changed. "
+            f"Merge with lossless=False, or serve this adapter unmerged")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# shared by every backend's wrapper
+
+
+def region(weight: Tensor, num_blocks: int, block_ids: Sequence[int], transposed: bool):
+    """(n, M_rows, N, nb) of the recorded region."""
+    n = len(block_ids)
+    blocked = weight.shape[1] if transposed else weight.shape[0]
+    nb = blocked // num_blocks
+    k = weight.shape[0] if transposed else weight.shape[1]
+    return (n, k, nb, nb) if transposed else (n, nb, k, nb)
+
+
+def empty_codes(weight: Tensor, n: int, rows: int, cols: int) -> Tensor:
+    pad = -(-cols // 4)
+    if weight.dtype == torch.float32:
+        return torch.zeros(n, rows, pad * 4, dtype=torch.int16, device=weight.device)
+    return torch.zeros(n, rows, pad, dtype=torch.uint8, device=weight.device)
+
+
+def norms(lora_A: Tensor, lora_B: Tensor, n: int, transposed: bool):
+    """(lnorm (n, M_rows), rnorm (n, N)) float32: the 2-norms of the rows of each block's left operand and of the
+    columns of its right one (B_j's rows and A_j's columns; transposed, A_j's columns and B_j's rows), rounded
+    up, so |sum_i l_i r_i| <= lnorm * rnorm."""
+    a = lora_A.detach().double().reshape(n, -1, lora_A.shape[1])  # (n, r, k)
+    b = lora_B.detach().double().reshape(n, lora_B.shape[0] // n, -1)  # (n, nb, r)
+    a_cols = a.norm(dim=1)  # (n, k)
+    b_rows = b.norm(dim=2)  # (n, nb)
+    up = 1 + 2.0 ** -20
+    left, right = (a_cols, b_rows) if transposed else (b_rows, a_cols)
+    return (left * up).float(), (right * up).float()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the reference arithmetic (CPU)
+
+
+def _ord(bits: Tensor) -> Tensor:
+    """Ordinals of signed bit patterns (int16/int32), as int64."""
+    return torch.where(bits >= 0, bits, bits ^ _MAG[bits.dtype]).long()
+
+
+def _bits(ords: Tensor, int_dtype) -> Tensor:
+    o = ords.to(int_dtype)
+    return torch.where(o >= 0, o, o ^ _MAG[int_dtype])
+
+
+def _restore(c: Tensor, code: Tensor, dtype, m: int) -> Tensor:
+    y = _ord(c.float().to(dtype).view(_INT[dtype]))
+    t = torch.remainder(code - y, m)
+    return y + torch.where(t > m // 2, t - m, t)
+
+
+def _pack(code: Tensor, dtype, width: int) -> Tensor:
+    rows, cols = code.shape
+    if dtype == torch.float32:
+        out = torch.zeros(rows, width, dtype=torch.int32)
+        out[:, :cols] = code
+        return out.to(torch.int16)
+    p = torch.zeros(rows, width * 4, dtype=torch.uint8)
+    p[:, :cols] = code
+    p = p.view(rows, width, 4)
+    return p[..., 0] | (p[..., 1] << 2) | (p[..., 2] << 4) | (p[..., 3] << 6)
+
+
+_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+
+
+def _unpack(packed: Tensor, dtype, cols: int) -> Tensor:
+    if dtype == torch.float32:
+        return packed[:, :cols].long() & 0xFFFF
+    rows = packed.shape[0]
+    return ((packed.unsqueeze(-1) >> _SHIFTS) & 3).view(rows, -1)[:, :cols].long()
+
+
+class _Pair:
+    """One adapter's operands on one block: left (M_rows, r), right (r, N), fp32, the float32 scale."""
+
+    def __init__(self, lora_A, lora_B, scale, n, j, transposed):
+        r = lora_A.shape[0] // n
+        nb = lora_B.shape[0] // n
+        a = lora_A[j * r:(j + 1) * r].float()
+        b = lora_B[j * nb:(j + 1) * nb].float()
+        self.left, self.right = (a.t(), b.t()) if transposed else (b, a)
+        self.scale = torch.tensor(scale, dtype=torch.float32).item()
+        self.rank = r
+
+    def update(self, i, h):
+        """The fp32 update s * (L @ R) of rows i:i+h."""
+        return (self.left[i:i + h] @ self.right).mul_(self.scale)
+
+
+def _merge_rows(w, d, dtype, m, delta_scale, ln, rn):
+    """(W', codes, bad mask) for rows w (the base, in dtype) and their fp32 update d."""
+    wp = (w.float() + d).to(dtype)
+    c = wp.double() - d.double()
+    delta = (ln.double()[:, None] * rn.double()[None, :]).mul_(delta_scale).add_(c.abs() * 2.0 ** -50)
+    o = _ord(w.view(_INT[dtype]))
+    code = torch.remainder(o, m)
+    ok = torch.isfinite(w) & torch.isfinite(c)
+    ok &= _restore(c - delta, code, dtype, m) == o
+    ok &= _restore(c + delta, code, dtype, m) == o
+    return wp, torch.where(ok, code, m), ~ok
+
+
+def _restore_rows(wp, d, packed, dtype, m, base_index, exc_index, exc_bits):
+    """The base rows from merged rows wp, their fp32 update d and their codes (escapes looked up by index;
+    an escape not in the list holds its base already)."""
+    cols = wp.shape[1]
+    code = _unpack(packed, dtype, cols)
+    c = wp.double() - d.double()
+    it = _INT[dtype]
+    bits = _bits(_restore(c, code, dtype, m), it)
+    esc = code == m
+    if bool(esc.any()):
+        flat = esc.reshape(-1).nonzero().squeeze(1)
+        idx = base_index + flat
+        pos = torch.searchsorted(exc_index, idx).clamp_(max=max(exc_index.numel() - 1, 0))
+        found = exc_index.numel() > 0 and (exc_index[pos] == idx)
+        orig = wp.view(it).reshape(-1)[flat]
+        if exc_index.numel():
+            orig = torch.where(found, exc_bits[pos].to(it), orig)
+        bits.view(-1)[flat] = orig
+    return bits.view(dtype)
+
+
+def _blocks(weight, num_blocks, block_ids, transposed):
+    n, rows, cols, nb = region(weight, num_blocks, block_ids, transposed)
+    for j, e in enumerate(block_ids):
+        yield j, reference._block(weight, e, nb, transposed)
+
+
+def _chunk(cols):
+    return max(1, _STAGING_BYTES // (4 * max(1, cols)))
+
+
+def merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed, limit=None,
+           where="merge_") -> MergeRecord:
+    """Lossless weight[blocks] += scale * B_j @ A_j; returns the record. Refused (ExceptionOverflow, the weight
+    given back bit for bit) when more than `limit` elements need exceptions."""
+    return _pass(weight, None, None, (lora_A, lora_B, scale), num_blocks, block_ids, transposed, limit, where)
+
+
+def unmerge_(weight, lora_A, lora_B, scale, record, num_blocks, block_ids, transposed) -> None:
+    """Gives back, bit for bit, the base that merge_ with these arguments recorded in `record`."""
+    _pass(weight, (lora_A, lora_B, scale), record, None, num_blocks, block_ids, transposed, None, "unmerge_")
+
+
+def swap_(weight, old, record, new, num_blocks, block_ids, transposed, limit=None, where="swap_") -> MergeRecord:
+    """Restores the base from (old adapter, record) and merges the new adapter, row chunk by row chunk: one pass.
+    On an exception overflow the old merge is put back (bit for bit, with `record`) and ExceptionOverflow raised."""
+    try:
+        return _pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
+    except ExceptionOverflow as err:
+        err.record = merge_(weight, *old, num_blocks, block_ids, transposed, limit=math.inf, where=where)
+        raise
+
+
+def _pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
+    dtype = weight.dtype
+    m = modulus(dtype)
+    n, rows, cols, _ = region(weight, num_blocks, block_ids, transposed)
+    codes = empty_codes(weight, n, rows, cols) if new is not None else None
+    width = codes.shape[2] if codes is not None else 0
+    if new is not None:
+        ln_all, rn_all = norms(new[0], new[1], n, transposed)
+    exc_i, exc_b = [], []
+    step = _chunk(cols)
+    for j, blk in _blocks(weight, num_blocks, block_ids, transposed):
+        p_old = _Pair(*old, n, j, transposed) if old is not None else None
+        p_new = _Pair(*new, n, j, transposed) if new is not None else None
+        if p_new is not None:
+            delta_scale = gamma(p_new.rank) * abs(p_new.scale)
+        for i in range(0, rows, step):
+            h = min(step, rows - i)
+            w = blk[i:i + h]
+            base_index = (j * rows + i) * cols
+            if p_old is not None:
+                base = _restore_rows(w, p_old.update(i, h), record.codes[j, i:i + h], dtype, m, base_index,
+                                     record.exc_index, record.exc_bits)
+            else:
+                base = w
+            if p_new is None:
+                w.copy_(base)
+                continue
+            wp, code, bad = _merge_rows(base, p_new.update(i, h), dtype, m, delta_scale, ln_all[j, i:i + h],
+                                        rn_all[j])
+            codes[j, i:i + h] = _pack(code, dtype, width)
+            if bool(bad.any()):
+                flat = bad.reshape(-1).nonzero().squeeze(1)
+                exc_i.append(flat + base_index)
+                exc_b.append(base.view(_INT[dtype]).reshape(-1)[flat].int() & (0xFFFF if dtype != torch.float32
+                                                                                 else -1))
+            w.copy_(wp)
+    if new is None:
+        return None
+    rec = MergeRecord(codes, torch.cat(exc_i) if exc_i else torch.zeros(0, dtype=torch.long),
+                      torch.cat(exc_b) if exc_b else torch.zeros(0, dtype=torch.int32), dtype, tuple(weight.shape),
+                      num_blocks, tuple(block_ids), bool(transposed))
+    limit = exception_limit(n * rows * cols) if limit is None else limit
+    if rec.exceptions > limit:
+        unmerge_(weight, *new, rec, num_blocks, block_ids, transposed)
+        raise ExceptionOverflow(overflow_message(where, rec.exceptions, limit, n * rows * cols))
+    return rec
+
+
+def restore_into(out: Tensor, weight: Tensor, lora_A, lora_B, scale, record: MergeRecord, num_blocks, block_ids,
+                 transposed) -> None:
+    """out (a copy of the merged weight, any device) becomes the exact base (state_dict of a merged layer)."""
+    if out.device != record.codes.device:
+        record = record.to(out.device)
+    if out.device.type == "cpu":
+        unmerge_(out, lora_A.to(out.device), lora_B.to(out.device), scale, record, num_blocks, block_ids,
+                 transposed)
+    else:
+        from . import ops
+        ops.unmerge_(out, lora_A, lora_B, scale, record=record, num_blocks=num_blocks, block_ids=block_ids,
+                     transposed=transposed)
+
+
+def describe(record: Optional[MergeRecord]) -> str:
+    if record is None:
+        return "no record"
+    return f"{record.nbytes()} bytes, {record.exceptions} exceptions"
