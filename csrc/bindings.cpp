@@ -14,6 +14,9 @@ struct CudaOps {
   static constexpr auto merge_ = &lora_ext::merge_cuda;
   static constexpr auto delta_weight_ = &lora_ext::delta_weight_cuda;
   static constexpr auto swap_ = &lora_ext::swap_cuda;
+  static constexpr auto merge_lossless_ = &lora_ext::merge_lossless_cuda;
+  static constexpr auto unmerge_lossless_ = &lora_ext::unmerge_lossless_cuda;
+  static constexpr auto swap_lossless_ = &lora_ext::swap_lossless_cuda;
   static constexpr auto linear = &lora_ext::linear_cuda;
   static constexpr auto embedding = &lora_ext::embedding_cuda;
 };

@@ -41,3 +41,18 @@
   X(__half, true, false)         \
   X(__nv_bfloat16, true, true)   \
   X(__nv_bfloat16, true, false)
+
+// merge_lossless_kernel, unmerge_lossless_kernel and swap_lossless_kernel<T, Tab, kVector> (kernels/lossless.cuh):
+// W of type T, factors of type Tab (float32, or W's dtype), always the fp32 FMA sum (no tensor-core entries);
+// kVector (16-byte accesses of W) or element-wise, as for LORA_MERGE_VARIANTS.
+#define LORA_LOSSLESS_VARIANTS(X)        \
+  X(float, float, true)                  \
+  X(float, float, false)                 \
+  X(__half, float, true)                 \
+  X(__half, float, false)                \
+  X(__half, __half, true)                \
+  X(__half, __half, false)               \
+  X(__nv_bfloat16, float, true)          \
+  X(__nv_bfloat16, float, false)         \
+  X(__nv_bfloat16, __nv_bfloat16, true)  \
+  X(__nv_bfloat16, __nv_bfloat16, false)

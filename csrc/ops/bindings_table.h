@@ -20,6 +20,20 @@ using MergeFn = void(const at::Tensor& w, const at::Tensor& a, const at::Tensor&
 using SwapFn = void(const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b, double old_scale,
                     const at::Tensor& new_a, const at::Tensor& new_b, double new_scale, int64_t num_blocks,
                     const std::vector<int64_t>& block_ids, bool transposed);
+using MergeLosslessFn = void(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                             int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed,
+                             const at::Tensor& lnorm, const at::Tensor& rnorm, double gamma, const at::Tensor& codes,
+                             const at::Tensor& exc_index, const at::Tensor& exc_bits, const at::Tensor& counter);
+using UnmergeLosslessFn = void(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                               int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed,
+                               const at::Tensor& codes, const at::Tensor& exc_index, const at::Tensor& exc_bits);
+using SwapLosslessFn = void(const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b, double old_scale,
+                            const at::Tensor& old_codes, const at::Tensor& old_exc_index,
+                            const at::Tensor& old_exc_bits, const at::Tensor& new_a, const at::Tensor& new_b,
+                            double new_scale, int64_t num_blocks, const std::vector<int64_t>& block_ids,
+                            bool transposed, const at::Tensor& lnorm, const at::Tensor& rnorm, double gamma,
+                            const at::Tensor& codes, const at::Tensor& exc_index, const at::Tensor& exc_bits,
+                            const at::Tensor& counter);
 using LinearFn = at::Tensor(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
                             double scale, int64_t num_blocks, const std::vector<int64_t>& block_ids,
@@ -28,7 +42,8 @@ using EmbeddingFn = at::Tensor(const at::Tensor& ids, const at::Tensor& weight, 
                                const at::Tensor& b, double scale, std::optional<int64_t> padding_idx,
                                const std::optional<at::Tensor>& scale_tensor);
 
-// Defines the ops on m. Ops names the backend's functions: merge_, delta_weight_, swap_, linear and embedding
+// Defines the ops on m. Ops names the backend's functions: merge_, delta_weight_, swap_, merge_lossless_,
+// unmerge_lossless_, swap_lossless_, linear and embedding
 // (static member functions, or static constexpr pointers to functions), of the types above.
 template <typename Ops>
 void define_ops(pybind11::module_& m) {
@@ -44,6 +59,26 @@ void define_ops(pybind11::module_& m) {
         "W[blocks] += new_scale * B2_j @ A2_j - old_scale * B1_j @ A1_j in place, in one pass",
         py::arg("W"), py::arg("old_A"), py::arg("old_B"), py::arg("old_scale"), py::arg("new_A"), py::arg("new_B"),
         py::arg("new_scale"), py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"));
+  m.def("merge_lossless_", static_cast<MergeLosslessFn*>(Ops::merge_lossless_),
+        "merge_ that also writes the lossless record (docs/LOSSLESS.md): codes (n, M_rows, ceil(N/4)) uint8 for a "
+        "16-bit W or (n, M_rows, 4*ceil(N/4)) int16 for float32, the exceptions (exc_index int64, exc_bits int32, "
+        "capacity exc_index.numel(); past it the element keeps its base) counted in counter (int64 (1,), zeroed); "
+        "lnorm (n, M_rows) and rnorm (n, N) float32 the factors' rounded-up norms, gamma the rank's bound",
+        py::arg("W"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"),
+        py::arg("transposed"), py::arg("lnorm"), py::arg("rnorm"), py::arg("gamma"), py::arg("codes"),
+        py::arg("exc_index"), py::arg("exc_bits"), py::arg("counter"));
+  m.def("unmerge_lossless_", static_cast<UnmergeLosslessFn*>(Ops::unmerge_lossless_),
+        "the base back, bit for bit, from W merged by merge_lossless_ with these factors, scale and layout, and its "
+        "record (exc_index: the exact list, sorted; an escape not in it is left as it is)",
+        py::arg("W"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("num_blocks"), py::arg("block_ids"),
+        py::arg("transposed"), py::arg("codes"), py::arg("exc_index"), py::arg("exc_bits"));
+  m.def("swap_lossless_", static_cast<SwapLosslessFn*>(Ops::swap_lossless_),
+        "unmerge_lossless_ of the old adapter and merge_lossless_ of the new one in one pass (bit-identical to a "
+        "fresh merge_lossless_ of the new adapter into the base)",
+        py::arg("W"), py::arg("old_A"), py::arg("old_B"), py::arg("old_scale"), py::arg("old_codes"),
+        py::arg("old_exc_index"), py::arg("old_exc_bits"), py::arg("new_A"), py::arg("new_B"), py::arg("new_scale"),
+        py::arg("num_blocks"), py::arg("block_ids"), py::arg("transposed"), py::arg("lnorm"), py::arg("rnorm"),
+        py::arg("gamma"), py::arg("codes"), py::arg("exc_index"), py::arg("exc_bits"), py::arg("counter"));
   m.def("linear", static_cast<LinearFn*>(Ops::linear),
         "F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks "
         "(fan_in_fan_out: W is (in, out)). "

@@ -1,4 +1,5 @@
-// Host side of merge_, delta_weight_ and swap_: argument checks and kernel selection (an entry of
+// Host side of merge_, delta_weight_ and swap_ (and of their lossless forms, merge_lossless_, unmerge_lossless_
+// and swap_lossless_: the same checks and layout plus the record's tensors, an entry of LORA_LOSSLESS_VARIANTS): argument checks and kernel selection (an entry of
 // LORA_MERGE_VARIANTS in kernels/variants.cuh). The CUDA launcher (ops/merge.cu) and the simulator module
 // (sim/sim_module.cpp) both run this code and differ only in the device their tensors must be on and in
 // the Launch policy, which puts a kernel on the GPU or in the simulator: what CI checks on the CPU is the
@@ -16,6 +17,7 @@
 
 #include "dispatch.h"
 #include "ops/checks.h"
+#include "kernels/lossless.cuh"
 #include "kernels/merge.cuh"
 #include "kernels/variants.cuh"
 
@@ -265,6 +267,237 @@ void apply_swap(const char* op, const at::Tensor& w, const at::Tensor& old_a, co
   second.r2 = (new_is_y ? new_plan : old_plan).r;
   second.mult = m_x / m_y;
   run<Launch, Kind::kSwap>(op, plan, w, ax, bx, m_y, 0, second);
+}
+
+// ---- lossless merge, unmerge and swap (docs/LOSSLESS.md; kernels/lossless.cuh) -----------------------------
+
+namespace kl = kernels::lossless;
+
+// One entry of LORA_LOSSLESS_VARIANTS (kernels/variants.cuh), as a type. The lossless kernels always take the
+// fp32 FMA sum, so the plan's tensor-core choice does not enter.
+template <typename T_, typename Tab_, bool kVector_>
+struct LosslessVariant {
+  using T = T_;
+  using Tab = Tab_;
+  static constexpr bool kVector = kVector_;
+
+  // e.g. "lossless<W=Half, factors=Float, vector=1>" (lora_ext._sim.last_variant())
+  static std::string describe() {
+    return std::string("lossless<W=") + c10::toString(scalar_type_of<T>) + ", factors=" +
+           c10::toString(scalar_type_of<Tab>) + ", vector=" + (kVector ? "1" : "0") + ">";
+  }
+};
+
+template <typename T, typename Tab, bool kVector>
+constexpr bool lossless_listed() {
+#define LORA_LOSSLESS_LISTED(T_, TAB_, VEC_) \
+  || (std::is_same<T, T_>::value && std::is_same<Tab, TAB_>::value && kVector == VEC_)
+  return false LORA_LOSSLESS_VARIANTS(LORA_LOSSLESS_LISTED);
+#undef LORA_LOSSLESS_LISTED
+}
+
+template <typename T, typename Tab>
+constexpr bool lossless_list_matches() {
+  return lossless_listed<T, Tab, false>() == selectable<T, Tab, false, false>() &&
+         lossless_listed<T, Tab, true>() == selectable<T, Tab, false, true>();
+}
+template <typename T>
+constexpr bool lossless_list_matches() {
+  return lossless_list_matches<T, float>() && lossless_list_matches<T, __half>() &&
+         lossless_list_matches<T, __nv_bfloat16>();
+}
+static_assert(lossless_list_matches<float>() && lossless_list_matches<__half>() &&
+                  lossless_list_matches<__nv_bfloat16>(),
+              "LORA_LOSSLESS_VARIANTS (kernels/variants.cuh) must list exactly the variants the host can select");
+
+template <class Launch, typename F>
+void select_lossless_variant(const char* op, bool vector, at::ScalarType w_type, at::ScalarType ab_type, F&& f) {
+#define LORA_LOSSLESS_SELECT(T, TAB, VEC)                                                        \
+  if (w_type == scalar_type_of<T> && ab_type == scalar_type_of<TAB> && vector == VEC) {         \
+    Launch::selected(&LosslessVariant<T, TAB, VEC>::describe);                                  \
+    return f(LosslessVariant<T, TAB, VEC>{});                                                   \
+  }
+  LORA_LOSSLESS_VARIANTS(LORA_LOSSLESS_SELECT)
+#undef LORA_LOSSLESS_SELECT
+  TORCH_CHECK(false, op, ": no kernel variant for W ", w_type, " with factors ", ab_type, " (vector=", vector,
+              ") in LORA_LOSSLESS_VARIANTS");
+}
+
+// A factor pair and its scale, as given.
+struct Pair {
+  const at::Tensor* a;
+  const at::Tensor* b;
+  double scale;
+  const char* a_name;
+  const char* b_name;
+  const char* scale_name;
+};
+
+// A record's tensors, as given: codes, and the exception list (index, bits); `prefix` names them ("" or "old_").
+struct Record {
+  const at::Tensor* codes;
+  const at::Tensor* exc_index;
+  const at::Tensor* exc_bits;
+  const char* prefix;
+};
+
+// What a record written by merge/swap also needs: the norms, gamma and the exception counter.
+struct Output {
+  const at::Tensor* lnorm;
+  const at::Tensor* rnorm;
+  double gamma;
+  const at::Tensor* counter;
+};
+
+inline void check_tensor(const char* op, const std::string& name, const at::Tensor& t, at::ScalarType dtype,
+                         std::vector<int64_t> shape, const at::Tensor& w, const char* what) {
+  TORCH_CHECK_VALUE(t.device() == w.device(), op, ": ", name, " must be on W's device (", w.device(), "), got ",
+                    t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " (", what, "), got ",
+                    t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == c10::IntArrayRef(shape), op, ": ", name, " must have shape ",
+                    c10::IntArrayRef(shape), " (", what, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+// The record's tensors for a region of n blocks of rows x cols elements; list_name: the exception list is the
+// sorted list a merge wrote (read) or the capacity of the one to write.
+inline void check_record(const char* op, const Record& rec, const at::Tensor& w, int64_t n, int64_t rows,
+                         int64_t cols, const char* list_what) {
+  const std::string pre = rec.prefix;
+  const bool wide = w.scalar_type() == at::kFloat;
+  const int64_t groups = (cols + 3) / 4;
+  check_tensor(op, pre + "codes", *rec.codes, wide ? at::kShort : at::kByte, {n, rows, wide ? 4 * groups : groups},
+               w,
+               wide ? "one uint16 code per element of a float32 W, rows padded to a multiple of 4"
+                    : "four 2-bit codes a byte for a 16-bit W, rows padded to a multiple of 4 codes");
+  const at::Tensor& idx = *rec.exc_index;
+  TORCH_CHECK_VALUE(idx.dim() == 1, op, ": ", pre, "exc_index must be 1-D, got shape ", idx.sizes());
+  check_tensor(op, pre + "exc_index", idx, at::kLong, {idx.size(0)}, w, list_what);
+  check_tensor(op, pre + "exc_bits", *rec.exc_bits, at::kInt, {idx.size(0)}, w,
+               "the base bits of each exception, as many as exc_index");
+}
+
+template <class Launch, kl::Mode kMode>
+void lossless(const char* op, const at::Tensor& w, const Pair* old, const Record* old_rec, const Pair* fresh,
+              const Record* rec, const Output* out, int64_t num_blocks, const std::vector<int64_t>& block_ids,
+              bool transposed, c10::DeviceType device) {
+  const Pair& first = fresh ? *fresh : *old;
+  const Plan plan =
+      check(op, "W", w, *first.a, *first.b, num_blocks, block_ids, transposed, device, first.a_name, first.b_name);
+  Plan old_plan = plan;
+  if (fresh && old) {
+    old_plan = check(op, "W", w, *old->a, *old->b, num_blocks, block_ids, transposed, device, old->a_name,
+                     old->b_name);
+    TORCH_CHECK_VALUE(old->a->scalar_type() == fresh->a->scalar_type(), op, ": ", old->a_name, " and ",
+                      fresh->a_name, " must share one dtype, got ", old->a->scalar_type(), " and ",
+                      fresh->a->scalar_type());
+  }
+  for (const Pair* pr : {old, fresh})
+    if (pr)
+      TORCH_CHECK_VALUE(std::isfinite(pr->scale) && std::isfinite((float)pr->scale), op, ": ", pr->scale_name,
+                        " must be finite (as a float32), got ", pr->scale);
+  const int64_t n = plan.n;
+  const int64_t rows = transposed ? plan.k : plan.nb;
+  const int64_t cols = transposed ? plan.nb : plan.k;
+  if (old_rec) check_record(op, *old_rec, w, n, rows, cols, "the sorted exception list of the merge");
+  if (rec) {
+    check_record(op, *rec, w, n, rows, cols, "the exception list's capacity");
+    check_tensor(op, "lnorm", *out->lnorm, at::kFloat, {n, rows}, w, "the left operand's row norms");
+    check_tensor(op, "rnorm", *out->rnorm, at::kFloat, {n, cols}, w, "the right operand's column norms");
+    check_tensor(op, "counter", *out->counter, at::kLong, {1}, w, "the exception count, zeroed");
+    TORCH_CHECK_VALUE(std::isfinite(out->gamma) && out->gamma >= 0, op, ": gamma must be finite and >= 0, got ",
+                      out->gamma);
+  }
+  if (n == 0 || rows == 0 || cols == 0) return;  // nothing recorded (and no zero-size grid)
+
+  const at::Tensor a = first.a->contiguous(), b = first.b->contiguous();
+  const at::Tensor oa = (fresh && old) ? old->a->contiguous() : a, ob = (fresh && old) ? old->b->contiguous() : b;
+  select_lossless_variant<Launch>(op, plan.vector, w.scalar_type(), a.scalar_type(), [&](auto variant) {
+    using V = decltype(variant);
+    using T = typename V::T;
+    using Tab = typename V::Tab;
+    using Code = kl::Code<T>;
+    kl::Args<T, Tab> args{};
+    args.w = reinterpret_cast<T*>(w.data_ptr());
+    args.ldw = plan.ldw;
+    args.nb = plan.nb;
+    args.k = plan.k;
+    args.transposed = plan.transposed;
+    args.map = plan.map;
+    if (fresh) {
+      args.a = reinterpret_cast<const Tab*>(a.data_ptr());
+      args.b = reinterpret_cast<const Tab*>(b.data_ptr());
+      args.r = plan.r;
+      args.scale = (float)fresh->scale;
+      args.lnorm = out->lnorm->data_ptr<float>();
+      args.rnorm = out->rnorm->data_ptr<float>();
+      args.delta_scale = out->gamma * std::fabs((double)args.scale);
+      args.codes = reinterpret_cast<Code*>(rec->codes->data_ptr());
+      args.exc_index = reinterpret_cast<long long*>(rec->exc_index->data_ptr());
+      args.exc_bits = rec->exc_bits->data_ptr<int>();
+      args.cap = rec->exc_index->numel();
+      args.counter = reinterpret_cast<unsigned long long*>(out->counter->data_ptr());
+    }
+    if (old) {
+      args.old_a = reinterpret_cast<const Tab*>((fresh ? oa : a).data_ptr());
+      args.old_b = reinterpret_cast<const Tab*>((fresh ? ob : b).data_ptr());
+      args.old_r = old_plan.r;
+      args.old_scale = (float)old->scale;
+      args.old_codes = reinterpret_cast<const Code*>(old_rec->codes->data_ptr());
+      args.old_exc_index = reinterpret_cast<const long long*>(old_rec->exc_index->data_ptr());
+      args.old_exc_bits = old_rec->exc_bits->data_ptr<int>();
+      args.old_count = old_rec->exc_index->numel();
+    }
+    const dim3 grid((unsigned)((cols + km::kTileN - 1) / km::kTileN), (unsigned)((rows + km::kTileM - 1) / km::kTileM),
+                    (unsigned)n);
+    constexpr auto kernel = kMode == kl::Mode::kMerge     ? &kl::merge_lossless_kernel<T, Tab, V::kVector>
+                            : kMode == kl::Mode::kUnmerge ? &kl::unmerge_lossless_kernel<T, Tab, V::kVector>
+                                                          : &kl::swap_lossless_kernel<T, Tab, V::kVector>;
+    Launch::run(kernel, grid, dim3(km::kThreads), kl::smem_bytes<T>(), args);
+  });
+}
+
+// merge_lossless_: W[blocks] += scale * B_j @ A_j, writing the record (codes, exceptions, counter).
+template <class Launch>
+void merge_lossless(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                    int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed, const at::Tensor& lnorm,
+                    const at::Tensor& rnorm, double gamma, const at::Tensor& codes, const at::Tensor& exc_index,
+                    const at::Tensor& exc_bits, const at::Tensor& counter, c10::DeviceType device) {
+  const Pair fresh{&a, &b, scale, "A", "B", "scale"};
+  const Record rec{&codes, &exc_index, &exc_bits, ""};
+  const Output out{&lnorm, &rnorm, gamma, &counter};
+  lossless<Launch, kl::Mode::kMerge>(op, w, nullptr, nullptr, &fresh, &rec, &out, num_blocks, block_ids, transposed,
+                                     device);
+}
+
+// unmerge_lossless_: the base back from W', the pair and the record merge_lossless_ wrote (its list sorted).
+template <class Launch>
+void unmerge_lossless(const char* op, const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                      int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed,
+                      const at::Tensor& codes, const at::Tensor& exc_index, const at::Tensor& exc_bits,
+                      c10::DeviceType device) {
+  const Pair old{&a, &b, scale, "A", "B", "scale"};
+  const Record rec{&codes, &exc_index, &exc_bits, ""};
+  lossless<Launch, kl::Mode::kUnmerge>(op, w, &old, &rec, nullptr, nullptr, nullptr, num_blocks, block_ids,
+                                       transposed, device);
+}
+
+// swap_lossless_: the base restored with the old pair and its record, then the new pair merged, in one pass.
+template <class Launch>
+void swap_lossless(const char* op, const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b,
+                   double old_scale, const at::Tensor& old_codes, const at::Tensor& old_exc_index,
+                   const at::Tensor& old_exc_bits, const at::Tensor& new_a, const at::Tensor& new_b, double new_scale,
+                   int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed, const at::Tensor& lnorm,
+                   const at::Tensor& rnorm, double gamma, const at::Tensor& codes, const at::Tensor& exc_index,
+                   const at::Tensor& exc_bits, const at::Tensor& counter, c10::DeviceType device) {
+  const Pair old{&old_a, &old_b, old_scale, "old_A", "old_B", "old_scale"};
+  const Pair fresh{&new_a, &new_b, new_scale, "new_A", "new_B", "new_scale"};
+  const Record old_rec{&old_codes, &old_exc_index, &old_exc_bits, "old_"};
+  const Record rec{&codes, &exc_index, &exc_bits, ""};
+  const Output out{&lnorm, &rnorm, gamma, &counter};
+  lossless<Launch, kl::Mode::kSwap>(op, w, &old, &old_rec, &fresh, &rec, &out, num_blocks, block_ids, transposed,
+                                    device);
 }
 
 }  // namespace merge_host

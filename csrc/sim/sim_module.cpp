@@ -93,6 +93,44 @@ struct SimOps {
     });
   }
 
+  static void merge_lossless_(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                              int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed,
+                              const at::Tensor& lnorm, const at::Tensor& rnorm, double gamma, const at::Tensor& codes,
+                              const at::Tensor& exc_index, const at::Tensor& exc_bits, const at::Tensor& counter) {
+    const char* op = "lora_ext._sim.merge_lossless_";
+    simulated(op, [&] {
+      lora_ext::merge_host::merge_lossless<SimLaunch>(op, w, a, b, scale, num_blocks, block_ids, transposed, lnorm,
+                                                      rnorm, gamma, codes, exc_index, exc_bits, counter,
+                                                      c10::DeviceType::CPU);
+    });
+  }
+
+  static void unmerge_lossless_(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, double scale,
+                                int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed,
+                                const at::Tensor& codes, const at::Tensor& exc_index, const at::Tensor& exc_bits) {
+    const char* op = "lora_ext._sim.unmerge_lossless_";
+    simulated(op, [&] {
+      lora_ext::merge_host::unmerge_lossless<SimLaunch>(op, w, a, b, scale, num_blocks, block_ids, transposed, codes,
+                                                        exc_index, exc_bits, c10::DeviceType::CPU);
+    });
+  }
+
+  static void swap_lossless_(const at::Tensor& w, const at::Tensor& old_a, const at::Tensor& old_b, double old_scale,
+                             const at::Tensor& old_codes, const at::Tensor& old_exc_index,
+                             const at::Tensor& old_exc_bits, const at::Tensor& new_a, const at::Tensor& new_b,
+                             double new_scale, int64_t num_blocks, const std::vector<int64_t>& block_ids,
+                             bool transposed, const at::Tensor& lnorm, const at::Tensor& rnorm, double gamma,
+                             const at::Tensor& codes, const at::Tensor& exc_index, const at::Tensor& exc_bits,
+                             const at::Tensor& counter) {
+    const char* op = "lora_ext._sim.swap_lossless_";
+    simulated(op, [&] {
+      lora_ext::merge_host::swap_lossless<SimLaunch>(op, w, old_a, old_b, old_scale, old_codes, old_exc_index,
+                                                     old_exc_bits, new_a, new_b, new_scale, num_blocks, block_ids,
+                                                     transposed, lnorm, rnorm, gamma, codes, exc_index, exc_bits,
+                                                     counter, c10::DeviceType::CPU);
+    });
+  }
+
   static at::Tensor linear(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b,
                            double scale, int64_t num_blocks, const std::vector<int64_t>& block_ids,

@@ -705,6 +705,12 @@ inline T __ldg(const T* p) {
   return *p;
 }
 
+// Atomic add on device memory (the lossless kernels' exception counter): workers run blocks on several OS
+// threads, so it is a real atomic here too. Returns the old value.
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+
 namespace sim {
 // The optional width argument of the shuffles: absent means the whole warp.
 inline int detail_width(int w) { return w > 0 ? w : kWarpSize; }
