@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_ext
+from lora_ext import bench_lossless
 from lora_ext import bench_targets as targets
 
 try:
@@ -543,6 +544,7 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False):
         rows.extend(forward_kernel_rows(device, dtype, repeats, dim=kernel_dim))
 
     rows += serving_rows(dim, dtype, device, repeats)
+    rows += bench_lossless.timing_rows(dim, device, repeats, compare, _cuda.place)
     if device == "cuda":  # at 4096 a 16 us pass may leave the layer call host-bound; 8192 shows the kernel
         rows += switch_rows(2 * dim, dtype, device, repeats)
     return dict(

@@ -142,6 +142,40 @@ TARGETS = {
         floor="loralib's and peft's layers (a comparison, not a floor)",
         bound=1.0, kind="speedup>", devices=("cuda",),
         why="A drop-in replacement must not be slower than what it replaces."),
+    # -- lossless merges (docs/LOSSLESS.md) --------------------------------------------------------------
+    "lossless.merge": Target(
+        case="lossless merge, {float32, bfloat16} weight d r=16: ops.merge_(lossless=True) and its unmerge_",
+        floor="the lossy ops.merge_ pass (the in-place addmm_ floor is reported beside it)",
+        bound=1.3, kind="ratio<=", devices=("cpu",),
+        why="One pass over W as the lossy merge, plus the codes (1/8 of a 16-bit weight) and, per element, the "
+            "ordinal, its residue and two trial restores (docs/LOSSLESS.md)."),
+    "lossless.switch": Target(
+        case="lossless switch, {float32, bfloat16} weight d r=16: ops.swap_(record=...)",
+        floor="the lossy ops.swap_ (one pass, one rank-32 update)",
+        bound=1.3, kind="ratio<=", devices=("cpu",),
+        why="Still one pass over W: restore with the old adapter's record, merge the new one, write W and the "
+            "new codes; the same bytes as the lossy switch plus the codes read and written."),
+    "lossless.merge.cuda": Target(
+        case="lossless merge, {float32, bfloat16} weight d r=16 on a GPU",
+        floor="the lossy ops.merge_ kernel",
+        bound=1.2, kind="ratio<=", devices=("cuda",),
+        why="Memory-bound: the lossless pass moves W twice plus 1/8 of W (the codes), the lossy one W twice."),
+    "lossless.switch.cuda": Target(
+        case="lossless switch, {float32, bfloat16} weight d r=16 on a GPU",
+        floor="the lossy ops.swap_ kernel",
+        bound=1.2, kind="ratio<=", devices=("cuda",),
+        why="As the merge: W twice plus the old and the new codes (1/4 of a 16-bit W)."),
+    "lossless.record": Target(
+        case="record: code bytes per weight element (the exceptions' 12 bytes each reported beside them)",
+        floor="none (absolute)",
+        bound=0.25, kind="ratio<=", devices=("cpu",),
+        why="2-bit codes are 0.25 byte per element of a 16-bit weight; exceptions come on top (reported: their "
+            "rate is the design's cost, high only where the update dwarfs the weight)."),
+    "lossless.drift": Target(
+        case="drift: share of base elements changed after n switches, lora_ext lossless",
+        floor="none (absolute: the base must come back bit for bit)",
+        bound=0.0, kind="ratio<=", devices=("cpu",),
+        why="The issue's promise: 0 base bits changed after any sequence of merges, unmerges and switches."),
 }
 
 

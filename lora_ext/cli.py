@@ -7,6 +7,8 @@ import sys
 def _bench(args):
     from . import bench
 
+    if args.lossless:
+        return _bench_lossless(args)
     if args.rehearse:
         if args.device == "cpu":
             print("lora-ext bench: error: --rehearse rehearses the CUDA run (--device cuda), not --device cpu",
@@ -20,6 +22,27 @@ def _bench(args):
             json.dump(result, f, indent=1)
     print(bench.format_table(result))
     return 0
+
+
+def _bench_lossless(args):
+    """The record's size and exception rate, and the drift table (CPU)."""
+    from . import bench, bench_lossless
+
+    checkpoints = tuple(args.switches or (10, 100, 1000, 5000))
+    record = bench_lossless.record_rows(dim=args.dim or 1024, demo_steps=args.steps)
+    drift = bench_lossless.drift_rows(dim=args.dim or 1024, checkpoints=checkpoints)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(record=record, drift=drift), f, indent=1)
+    print("| case | code bytes per element | target | met | exception rate | + exception bytes per element |\n"
+          "|---|---:|---:|---|---:|---:|")
+    for row in record:
+        print(f"| {row['case']} | {row['value']:.4f} | <= {row['target']} | {'yes' if row['met'] else 'NO'} | "
+              f"{row['exceptions']:.3%} | {row['exception_bytes']:.4f} |")
+    print()
+    print(bench_lossless.format_drift(drift))
+    missed = [row for row in record + drift if row.get("met") is False]
+    return 1 if missed else 0
 
 
 def _merge(args):
@@ -45,6 +68,13 @@ def main(argv=None):
                    help="rehearse the CUDA run on the CPU: all its rows, lora_ext._sim standing in for the CUDA "
                         "kernels, tiny shapes, one repeat; checks the code, measures nothing")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    b.add_argument("--lossless", action="store_true",
+                   help="lossless merges: the record's bytes and exception rate, and the drift of the base weight "
+                        "under in-place switches (lora_ext lossless and lossy, peft, loralib); CPU")
+    b.add_argument("--switches", type=int, nargs="+", metavar="N",
+                   help="with --lossless: the switch counts of the drift table (default 10 100 1000 5000)")
+    b.add_argument("--steps", type=int, default=100,
+                   help="with --lossless: training steps of the demo's adapters (default 100)")
     b.set_defaults(func=_bench)
     m = sub.add_parser("merge", help="merge a peft LoRA adapter into a safetensors checkpoint, streaming")
     m.add_argument("--base", required=True, help="model directory (sharded or not) or a .safetensors file")

@@ -34,9 +34,9 @@ RECORD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 _MAG = {torch.int16: 0x7FFF, torch.int32: 0x7FFFFFFF}
 
-# Exceptions allowed per merge: 1/32 of the recorded elements (at least 1024); a merge that needs more is
+# Exceptions allowed per merge: 1/4 of the recorded elements (at least 1024); a merge that needs more is
 # refused and the weight given back as it was.
-EXCEPTION_FRACTION = 32
+EXCEPTION_FRACTION = 4
 MIN_EXCEPTIONS = 1024
 _STAGING_BYTES = 1 << 20  # fp32 bytes of weight per row chunk
 

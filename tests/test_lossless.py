@@ -290,3 +290,55 @@ def test_lossless_true_on_float64_is_refused_with_the_layer_named():
     with pytest.raises(ValueError, match="lossless=True takes float16, bfloat16 or float32"):
         lin.eval()
     assert not lin.merged
+
+
+# -------------------------------------------------------------------------------------------------------------
+# inject, load_peft_adapter, unload
+
+
+def _tiny_model(dtype):
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8)).to(dtype)
+    return model
+
+
+@pytest.mark.parametrize("flag", [None, True, False])
+def test_inject_and_unload_follow_the_lossless_switch(flag):
+    model = _tiny_model(torch.bfloat16)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lora.inject(model, ["0", "2"], r=4, lora_alpha=8, lossless=flag)
+    for m in model.modules():
+        if isinstance(m, lora.LoRALayer):
+            torch.nn.init.normal_(m.lora_B, std=0.3)
+    model.eval()
+    records = [m._merged_record for m in model.modules() if isinstance(m, lora.LoRALayer)]
+    assert all((r is not None) == (flag is not False) for r in records)
+    lora.unload(model, merge=False)
+    if flag is not False:
+        for n, p in model.named_parameters():
+            assert_same_bits(p, base[n], n)
+    with pytest.raises(ValueError, match="lossless must be None, True or False"):
+        lora.inject(_tiny_model(torch.float32), ["0"], lossless="yes")
+
+
+def test_load_peft_adapter_sets_lossless_and_switches_exactly(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = _tiny_model(torch.float32)
+    paths = []
+    for i in range(2):
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False)
+        pm = peft.get_peft_model(copy.deepcopy(model), cfg)
+        pm.save_pretrained(tmp_path / f"a{i}")
+        paths.append(tmp_path / f"a{i}")
+    served = model.to(torch.float16)
+    base = {n: p.detach().clone() for n, p in served.named_parameters()}
+    lora.load_peft_adapter(served, paths[0], "a0", lossless=True)
+    lora.load_peft_adapter(served, paths[1], "a1", activate=False)
+    served.eval()
+    for name in ["a1", "a0", "a1"] * 5:
+        lora.set_adapter(served, name)
+    lora.set_adapter(served, "a0")
+    served.train()
+    for n, p in served.named_parameters():
+        if n in base:
+            assert_same_bits(p, base[n], n)

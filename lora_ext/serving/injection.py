@@ -160,14 +160,19 @@ def _check_options(r, lora_alpha, lora_dropout):
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
 
+def check_lossless(lossless):
+    if lossless not in (None, True, False):
+        raise ValueError(f"lossless must be None, True or False, got {lossless!r}")
+
+
 def _lora_dtype(weight):
     # Half-precision models get fp32 factors (merges still round once into the weight's dtype).
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable_lora):
+def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable_lora, lossless=None):
     """A lora_ext layer around `module`'s own parameters (built on meta, then given them)."""
-    common = dict(r=r, lora_alpha=lora_alpha, merge_weights=merge_weights, device="meta")
+    common = dict(r=r, lora_alpha=lora_alpha, merge_weights=merge_weights, lossless=lossless, device="meta")
     if enable_lora is not None:
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise ValueError(f"fused: module {name!r} is a {type(module).__name__}, not a linear projection")
@@ -228,7 +233,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
            lora_dropout: float = 0.0, merge_weights: bool = True,
            fused: Optional[Mapping[str, Sequence[bool]]] = None,
            exclude_modules: Union[str, Sequence[str], None] = None, rank_pattern: Optional[Mapping[str, int]] = None,
-           alpha_pattern: Optional[Mapping[str, float]] = None, use_rslora: bool = False) -> List[str]:
+           alpha_pattern: Optional[Mapping[str, float]] = None, use_rslora: bool = False,
+           lossless: Optional[bool] = None) -> List[str]:
     """Replaces the matching modules of `model` by lora_ext layers, in place; returns their names.
 
     target_modules: a regex matching whole module names, or a list of names / name suffixes (peft's rule).
@@ -236,6 +242,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
       modules become MergedLinear (they need not be listed in target_modules).
     rank_pattern / alpha_pattern: per-module r / lora_alpha overrides, keyed by name regexes (peft's rule);
     use_rslora: scaling lora_alpha / sqrt(r) instead of lora_alpha / r.
+    lossless: the layers' lossless merges (docs/LOSSLESS.md): None (the default) for float16/bfloat16
+      weights and not for float32, True or False for every weight.
     Every check is made before the first module is replaced.
     """
     if target_modules is None and not fused:
@@ -245,6 +253,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     check_patterns("rank_pattern", rank_pattern, rank=True)
     check_patterns("alpha_pattern", alpha_pattern, rank=False)
     _check_options(r, lora_alpha, lora_dropout)
+    check_lossless(lossless)
     fused = dict(fused or {})
     plan = []
     for name, module in model.named_modules():
@@ -258,7 +267,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         rr = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)
         _check_options(rr, alpha, lora_dropout)
-        plan.append((name, module, replacement(module, name, rr, alpha, lora_dropout, merge_weights, enable),
+        plan.append((name, module, replacement(module, name, rr, alpha, lora_dropout, merge_weights, enable, lossless),
                      scaling_for(rr, alpha, use_rslora)))
     if not plan:
         raise ValueError(f"target_modules: {target_modules!r} matches no module of the model")

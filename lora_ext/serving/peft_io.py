@@ -270,7 +270,7 @@ def _names(names, most=6):
 
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
                       device: Union[str, torch.device, None] = None, merge_weights: bool = True,
-                      activate: bool = True) -> List[str]:
+                      activate: bool = True, lossless: Optional[bool] = None) -> List[str]:
     """Loads a peft LoRA adapter directory into `model`, injecting lora_ext layers where the model still has
     plain modules; returns the names of the modules it covers.
 
@@ -279,11 +279,14 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     of exactly those modules (peft would silently ignore others: lora_ext refuses them).
     adapter_name: the name it is held under; with activate=True it becomes the active adapter everywhere
     (one pass per weight when merged). device: where an inactive adapter waits (default: beside the
-    weight; "cpu" keeps it in host memory). Every check (arguments, device, config, targets, keys, shapes,
+    weight; "cpu" keeps it in host memory). lossless: the lossless-merge switch of the layers (None: on for
+    float16/bfloat16 weights; docs/LOSSLESS.md), set on the layers this load creates and, when given, on the
+    layers already there (from their next merge on). Every check (arguments, device, config, targets, keys, shapes,
     finite values) is made before the first weight or layer changes: a refused load (ValueError, KeyError,
     FileNotFoundError, naming the file and option) leaves the model as it was.
     """
     _check_arguments(model, path, adapter_name, merge_weights, activate)
+    _inject.check_lossless(lossless)
     path = os.fspath(path)
     home = check_device(device)
     cfg = read_config(path)
@@ -331,7 +334,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         weight = module.conv.weight if isinstance(module, layers.ConvLoRA) else module.weight
         check_base_weight(weights_file, name, base_weights.get(name), weight)
         layer = _inject.replacement(module, name, r, scaling * r, cfg.get("lora_dropout", 0.0), merge_weights,
-                                    None) if fresh else module
+                                    None, lossless) if fresh else module
         A2, B2 = _to_layer_layout(layer, name, A, B, where=weights_file)
         # the factors as the layer will hold them (device, dtype), so that the value checks see what is stored
         if fresh:
@@ -364,6 +367,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             if fresh:
                 _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
             else:
+                if lossless is not None:
+                    layer.lossless = lossless  # from the next merge on
                 layer.add_adapter(adapter_name, A2, B2, scaling)
         if activate:
             set_adapter(model, adapter_name)
