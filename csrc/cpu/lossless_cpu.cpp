@@ -1,0 +1,530 @@
+// The lossless merge / unmerge / swap pass (docs/LOSSLESS.md) on CPU tensors, bit-identical to the pure-torch
+// reference lora_ext/lossless.py (_pass): the same row chunks (lossless._chunk), the same fp32 update
+// D = at::mm(left[i:i+h], right) (the same torch matmul on the same views), d = fl32(D * s), W' = T(W + d),
+// c = (double)W' - (double)d, delta = ((double)ln * (double)rn) * delta_scale + |c| * 2^-50, the same codes and
+// the same exception list (ascending). Everything after the matmul is one fused loop per row, parallel over the
+// chunk's rows.
+//
+// Build flags: -O3 -ffp-contract=off. The contraction flag is required: the reference rounds every product and
+// sum separately, and the hot loops are compiled (target_clones) for AVX-512/AVX2 too, where GCC would otherwise
+// fuse a*b+c into an FMA and change delta's last bit.
+//
+// Decisions are made as the reference makes them, reformulated: with code = o(W) mod M the reference's
+// restore(c', code) == o(W) holds iff |o(T(float(c'))) - o(W)| <= M/2, and o(T(float(.))) is monotone, so for
+// finite W, c and delta "restore(c - delta) and restore(c + delta) give o(W)" is
+// o(T(float(c - delta))) >= o(W) - M/2 and o(T(float(c + delta))) <= o(W) + M/2. A non-finite delta makes the
+// reference fail (NaN ordinals lie far from every finite one; +inf cannot be near both ends), so it fails here.
+//
+// NaN bit patterns written into a 16-bit weight follow torch's float -> bf16/fp16 conversion on this machine
+// (the wrapper probes it): bf16 NaNs become one constant pattern, fp16 NaNs keep their payload (F16C) or become
+// sign | 0x7E00 (torch's scalar path).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+enum Kind { F32 = 0, BF16 = 1, F16 = 2 };
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LORA_CLONES
+#endif
+#define LORA_INLINE inline __attribute__((always_inline))
+
+LORA_INLINE uint32_t fbits(float f) { return std::bit_cast<uint32_t>(f); }
+LORA_INLINE float bitsf(uint32_t u) { return std::bit_cast<float>(u); }
+
+struct Conv {
+  uint32_t nan_bf16;     // the bf16 pattern torch writes for every NaN
+  uint32_t f16_payload;  // 1: fp16 NaNs keep their payload (F16C), 0: sign | 0x7E00
+};
+
+// float -> the weight's bits (round to nearest even), as torch converts
+template <int K>
+LORA_INLINE uint32_t from_float(float f, const Conv& cv) {
+  uint32_t u = fbits(f);
+  if constexpr (K == F32) {
+    return u;
+  } else if constexpr (K == BF16) {
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? cv.nan_bf16 : (r & 0xFFFFu);
+  } else {
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7FFFFFFFu;
+    uint32_t nanv = 0x7E00u | (cv.f16_payload ? ((a >> 13) & 0x3FFu) : 0u);
+    uint32_t normal = (a - 0x38000000u + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+    uint32_t subn = fbits(bitsf(a) + 0.5f) - 0x3F000000u;
+    uint32_t h = a > 0x7F800000u ? nanv : (a >= 0x477FF000u ? 0x7C00u : (a >= 0x38800000u ? normal : subn));
+    return h | sign;
+  }
+}
+
+// the weight's bits -> float (exact)
+template <int K>
+LORA_INLINE float to_float(uint32_t b) {
+  if constexpr (K == F32) {
+    return bitsf(b);
+  } else if constexpr (K == BF16) {
+    return bitsf(b << 16);
+  } else {
+    uint32_t sign = (b & 0x8000u) << 16;
+    uint32_t e = (b >> 10) & 0x1Fu;
+    uint32_t m = b & 0x3FFu;
+    uint32_t big = e == 31u ? (0x7F800000u | (m << 13)) : (((e + 112u) << 23) | (m << 13));
+    uint32_t small = fbits(static_cast<float>(static_cast<int32_t>(m)) * 5.9604644775390625e-8f);
+    return bitsf(sign | (e == 0u ? small : big));
+  }
+}
+
+// ordinal of a bit pattern (int16 / int32 semantics); its own inverse
+template <int K>
+LORA_INLINE int32_t ord(uint32_t b) {
+  if constexpr (K == F32) {
+    int32_t v = static_cast<int32_t>(b);
+    return v ^ ((v >> 31) & 0x7FFFFFFF);
+  } else {
+    int32_t v = static_cast<int32_t>(static_cast<int16_t>(static_cast<uint16_t>(b)));
+    return v ^ ((v >> 31) & 0x7FFF);
+  }
+}
+
+template <int K>
+LORA_INLINE bool finite(uint32_t b) {
+  if constexpr (K == F32) return (b & 0x7F800000u) != 0x7F800000u;
+  if constexpr (K == BF16) return (b & 0x7F80u) != 0x7F80u;
+  return (b & 0x7C00u) != 0x7C00u;
+}
+
+template <int K>
+LORA_INLINE bool is_nan(uint32_t b) {
+  if constexpr (K == F32) return (b & 0x7FFFFFFFu) > 0x7F800000u;
+  if constexpr (K == BF16) return (b & 0x7FFFu) > 0x7F80u;
+  return (b & 0x7FFFu) > 0x7C00u;
+}
+
+// non-negative remainders
+LORA_INLINE uint32_t mod3(uint32_t u) {  // u < 2^17
+  uint32_t q = (u * 43691u) >> 17;
+  return u - 3u * q;
+}
+LORA_INLINE uint32_t mod65535(int32_t y) {  // any int32
+  int32_t hi = y >> 16;                     // y = hi * 65536 + lo == hi + lo (mod 65535)
+  uint32_t u = static_cast<uint32_t>(hi + static_cast<int32_t>(static_cast<uint32_t>(y) & 0xFFFFu) + 65535);
+  uint32_t s = (u >> 16) + (u & 0xFFFFu);  // u < 2^18: s <= 65538
+  return s >= 65535u ? s - 65535u : s;
+}
+
+template <int K>
+LORA_INLINE uint32_t code_of(int32_t o) {
+  if constexpr (K == F32) return mod65535(o);
+  return mod3(static_cast<uint32_t>(o + 32769));
+}
+
+// restore: the bits of the ordinal x == code (mod M) nearest o(T(float(c)))
+template <int K>
+LORA_INLINE uint32_t restore_bits(double c, uint32_t code, const Conv& cv) {
+  int32_t y = ord<K>(from_float<K>(static_cast<float>(c), cv));
+  if constexpr (K == F32) {
+    uint32_t ym = mod65535(y);
+    int32_t t = static_cast<int32_t>(code) - static_cast<int32_t>(ym);
+    t = t < 0 ? t + 65535 : t;
+    int32_t adj = t > 32767 ? t - 65535 : t;
+    uint32_t x = static_cast<uint32_t>(y) + static_cast<uint32_t>(adj);  // int64 -> int32 wraps
+    return static_cast<uint32_t>(ord<F32>(x));
+  } else {
+    int32_t t = static_cast<int32_t>(mod3(static_cast<uint32_t>(static_cast<int32_t>(code) - y + 32769)));
+    int32_t x = y + (t > 1 ? t - 3 : t);
+    return static_cast<uint32_t>(ord<K>(static_cast<uint32_t>(x))) & 0xFFFFu;  // int64 -> int16 wraps
+  }
+}
+
+template <int K>
+struct Tr {
+  using S = std::conditional_t<K == F32, uint32_t, uint16_t>;
+  static constexpr uint32_t M = K == F32 ? 65535u : 3u;
+  static constexpr int32_t H = K == F32 ? 32767 : 1;
+};
+
+// One row of a merge. base: the base row (the weight row itself, or the restored row of a swap); out: the weight
+// row; W' for kept elements, the base for exceptions (wp_tmp holds their W'). code: one code per element.
+template <int K>
+struct MergeArgs {
+  const typename Tr<K>::S* base;
+  typename Tr<K>::S* out;
+  typename Tr<K>::S* wp_tmp;
+  const float* D;
+  const float* rn;
+  typename std::conditional_t<K == F32, uint16_t, uint8_t>* code;
+  float s;
+  double ln;
+  double ds;
+  int64_t N;
+  Conv cv;
+};
+
+template <int K>
+LORA_INLINE int64_t merge_row(const MergeArgs<K>& a) {
+  using S = typename Tr<K>::S;
+  const S* __restrict base = a.base;
+  S* __restrict out = a.out;
+  S* __restrict wp_tmp = a.wp_tmp;
+  const float* __restrict D = a.D;
+  const float* __restrict rn = a.rn;
+  auto* __restrict code = a.code;
+  const float s = a.s;
+  const double ln = a.ln, ds = a.ds;
+  const Conv cv = a.cv;
+  const int64_t N = a.N;
+  int64_t bad = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    uint32_t wb = base[n];
+    float df = D[n] * s;
+    float wpf = to_float<K>(wb) + df;
+    uint32_t wpb = from_float<K>(wpf, cv);
+    double c = static_cast<double>(to_float<K>(wpb)) - static_cast<double>(df);
+    double delta = (ln * static_cast<double>(rn[n])) * ds + std::fabs(c) * 0x1p-50;
+    double lo = c - delta, hi = c + delta;
+    int32_t ylo = ord<K>(from_float<K>(static_cast<float>(lo), cv));
+    int32_t yhi = ord<K>(from_float<K>(static_cast<float>(hi), cv));
+    int32_t ow = ord<K>(wb);
+    int32_t lo_b = static_cast<int32_t>(static_cast<uint32_t>(ow) - static_cast<uint32_t>(Tr<K>::H));
+    int32_t hi_b = static_cast<int32_t>(static_cast<uint32_t>(ow) + static_cast<uint32_t>(Tr<K>::H));
+    bool ok = finite<K>(wb) & (std::fabs(c) < HUGE_VAL) & (delta < HUGE_VAL) & (ylo >= lo_b) & (yhi <= hi_b);
+    uint32_t cd = ok ? code_of<K>(ow) : Tr<K>::M;
+    out[n] = static_cast<S>(ok ? wpb : wb);
+    wp_tmp[n] = static_cast<S>(wpb);
+    code[n] = static_cast<std::remove_reference_t<decltype(code[n])>>(cd);
+    bad += ok ? 0 : 1;
+  }
+  return bad;
+}
+
+// One row of an unmerge: out = the base restored from wp (merged), the old update and the codes; escapes keep
+// wp (the caller looks them up). Returns the number of escapes.
+template <int K>
+struct RestoreArgs {
+  const typename Tr<K>::S* wp;
+  typename Tr<K>::S* out;
+  const float* D;
+  const typename std::conditional_t<K == F32, uint16_t, uint8_t>* code;
+  float s;
+  int64_t N;
+  Conv cv;
+};
+
+template <int K>
+LORA_INLINE int64_t restore_row(const RestoreArgs<K>& a) {
+  using S = typename Tr<K>::S;
+  const S* wp = a.wp;  // may alias out (unmerge in place): same element read then written
+  S* out = a.out;
+  const float* __restrict D = a.D;
+  const auto* __restrict code = a.code;
+  const float s = a.s;
+  const Conv cv = a.cv;
+  const int64_t N = a.N;
+  int64_t esc = 0;
+#pragma GCC ivdep
+  for (int64_t n = 0; n < N; ++n) {
+    uint32_t wpb = wp[n];
+    uint32_t cd = code[n];
+    float df = D[n] * s;
+    double c = static_cast<double>(to_float<K>(wpb)) - static_cast<double>(df);
+    uint32_t bits = restore_bits<K>(c, cd, cv);
+    bool e = cd == Tr<K>::M;
+    out[n] = static_cast<S>(e ? wpb : bits);
+    esc += e ? 1 : 0;
+  }
+  return esc;
+}
+
+LORA_CLONES int64_t merge_row_f32(const MergeArgs<F32>& a) { return merge_row<F32>(a); }
+LORA_CLONES int64_t merge_row_bf16(const MergeArgs<BF16>& a) { return merge_row<BF16>(a); }
+LORA_CLONES int64_t merge_row_f16(const MergeArgs<F16>& a) { return merge_row<F16>(a); }
+LORA_CLONES int64_t restore_row_f32(const RestoreArgs<F32>& a) { return restore_row<F32>(a); }
+LORA_CLONES int64_t restore_row_bf16(const RestoreArgs<BF16>& a) { return restore_row<BF16>(a); }
+LORA_CLONES int64_t restore_row_f16(const RestoreArgs<F16>& a) { return restore_row<F16>(a); }
+
+template <int K>
+int64_t merge_row_any(const MergeArgs<K>& a) {
+  if constexpr (K == F32) return merge_row_f32(a);
+  else if constexpr (K == BF16) return merge_row_bf16(a);
+  else return merge_row_f16(a);
+}
+template <int K>
+int64_t restore_row_any(const RestoreArgs<K>& a) {
+  if constexpr (K == F32) return restore_row_f32(a);
+  else if constexpr (K == BF16) return restore_row_bf16(a);
+  else return restore_row_f16(a);
+}
+
+LORA_CLONES void unpack2(const uint8_t* __restrict p, uint8_t* __restrict c, int64_t width) {
+  for (int64_t i = 0; i < width; ++i) {
+    uint8_t b = p[i];
+    c[4 * i] = b & 3;
+    c[4 * i + 1] = (b >> 2) & 3;
+    c[4 * i + 2] = (b >> 4) & 3;
+    c[4 * i + 3] = (b >> 6) & 3;
+  }
+}
+LORA_CLONES void pack2(const uint8_t* __restrict c, uint8_t* __restrict p, int64_t width) {
+  for (int64_t i = 0; i < width; ++i)
+    p[i] = static_cast<uint8_t>(c[4 * i] | (c[4 * i + 1] << 2) | (c[4 * i + 2] << 4) | (c[4 * i + 3] << 6));
+}
+
+// one adapter on one block: left (M_rows, r), right (r, N) fp32, as lossless._Pair builds them
+struct Pair {
+  at::Tensor left, right;
+  float s;
+  at::Tensor update(int64_t i, int64_t h) const { return at::mm(left.slice(0, i, i + h), right).contiguous(); }
+};
+
+Pair make_pair(const at::Tensor& A, const at::Tensor& B, double scale, int64_t n, int64_t j, bool transposed) {
+  int64_t r = A.size(0) / n, nb = B.size(0) / n;
+  at::Tensor a = A.slice(0, j * r, (j + 1) * r).to(at::kFloat);
+  at::Tensor b = B.slice(0, j * nb, (j + 1) * nb).to(at::kFloat);
+  Pair p;
+  if (transposed) {
+    p.left = a.t();
+    p.right = b.t();
+  } else {
+    p.left = b;
+    p.right = a;
+  }
+  p.s = static_cast<float>(scale);
+  return p;
+}
+
+struct Exc {
+  int64_t n;
+  uint32_t base, wp;
+};
+
+template <int K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
+    at::Tensor weight, const c10::optional<at::Tensor>& old_A, const c10::optional<at::Tensor>& old_B,
+    double old_scale, const c10::optional<at::Tensor>& rec_codes, const c10::optional<at::Tensor>& rec_index,
+    const c10::optional<at::Tensor>& rec_bits, const c10::optional<at::Tensor>& new_A,
+    const c10::optional<at::Tensor>& new_B, double new_scale, const c10::optional<at::Tensor>& lnorm,
+    const c10::optional<at::Tensor>& rnorm, double delta_scale, int64_t num_blocks,
+    const std::vector<int64_t>& block_ids, bool transposed, int64_t step, int64_t cap, Conv cv) {
+  using S = typename Tr<K>::S;
+  using CodeT = std::conditional_t<K == F32, uint16_t, uint8_t>;
+  constexpr uint32_t M = Tr<K>::M;
+  const bool has_old = old_A.has_value(), has_new = new_A.has_value();
+  const int64_t n = static_cast<int64_t>(block_ids.size());
+  const int64_t blocked = transposed ? weight.size(1) : weight.size(0);
+  const int64_t nb = blocked / num_blocks;
+  const int64_t k = transposed ? weight.size(0) : weight.size(1);
+  const int64_t rows = transposed ? k : nb, cols = transposed ? nb : k;
+  const int64_t ld = weight.stride(0);
+  const int64_t width = (cols + 3) / 4;
+  S* W = reinterpret_cast<S*>(weight.data_ptr());
+
+  at::Tensor codes, exc_index_t, exc_bits_t;
+  std::vector<int64_t> exc_i;
+  std::vector<int32_t> exc_b;
+  int64_t total = 0;
+  if (has_new) {
+    codes = K == F32 ? at::zeros({n, rows, width * 4}, weight.options().dtype(at::kShort))
+                     : at::zeros({n, rows, width}, weight.options().dtype(at::kByte));
+  }
+  const int64_t* old_idx = nullptr;
+  const int32_t* old_bits = nullptr;
+  int64_t old_count = 0;
+  const uint8_t* old_codes = nullptr;
+  int64_t old_row_bytes = 0;
+  if (has_old) {
+    old_idx = rec_index->data_ptr<int64_t>();
+    old_bits = rec_bits->data_ptr<int32_t>();
+    old_count = rec_index->numel();
+    old_codes = reinterpret_cast<const uint8_t*>(rec_codes->data_ptr());
+    old_row_bytes = rec_codes->size(2) * rec_codes->element_size();
+  }
+  const float* ln_p = has_new ? lnorm->data_ptr<float>() : nullptr;
+  const float* rn_p = has_new ? rnorm->data_ptr<float>() : nullptr;
+  uint8_t* new_codes = has_new ? reinterpret_cast<uint8_t*>(codes.data_ptr()) : nullptr;
+  const int64_t new_row_bytes = has_new ? codes.size(2) * codes.element_size() : 0;
+
+  std::vector<std::vector<Exc>> row_exc;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t e = block_ids[j];
+    Pair p_old, p_new;
+    if (has_old) p_old = make_pair(*old_A, *old_B, old_scale, n, j, transposed);
+    if (has_new) p_new = make_pair(*new_A, *new_B, new_scale, n, j, transposed);
+    for (int64_t i = 0; i < rows; i += step) {
+      const int64_t h = std::min(step, rows - i);
+      at::Tensor d_old, d_new;
+      if (has_old) d_old = p_old.update(i, h);
+      if (has_new) d_new = p_new.update(i, h);
+      const float* Do = has_old ? d_old.data_ptr<float>() : nullptr;
+      const float* Dn = has_new ? d_new.data_ptr<float>() : nullptr;
+      row_exc.assign(has_new ? h : 0, {});
+      at::parallel_for(0, h, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<S> base_buf(has_old && has_new ? cols : 0), wp_buf(has_new ? cols : 0);
+        std::vector<uint8_t> cbuf(K == F32 ? 0 : width * 4 + 64, 0);
+        for (int64_t mm = b0; mm < b1; ++mm) {
+          const int64_t m = i + mm;
+          S* wrow = W + (transposed ? m * ld + e * nb : (e * nb + m) * ld);
+          const int64_t row_index = (j * rows + m) * cols;
+          const S* base = wrow;
+          if (has_old) {
+            const uint8_t* crow = old_codes + (j * rows + m) * old_row_bytes;
+            const CodeT* cp;
+            if constexpr (K == F32) {
+              cp = reinterpret_cast<const uint16_t*>(crow);
+            } else {
+              unpack2(crow, cbuf.data(), width);
+              cp = cbuf.data();
+            }
+            S* dst = has_new ? base_buf.data() : wrow;
+            RestoreArgs<K> ra{wrow, dst, Do + mm * cols, cp, p_old.s, cols, cv};
+            if (restore_row_any<K>(ra) > 0) {
+              // escapes: the original bits from the list (searchsorted, as the reference), else left as they are
+              const int64_t* lo = std::lower_bound(old_idx, old_idx + old_count, row_index);
+              for (int64_t c = 0; c < cols; ++c) {
+                if (cp[c] != M) continue;
+                const int64_t idx = row_index + c;
+                const int64_t* q = std::lower_bound(lo, old_idx + old_count, idx);
+                int64_t pos = q - old_idx;
+                if (old_count == 0) continue;
+                if (pos > old_count - 1) pos = old_count - 1;
+                if (old_idx[pos] == idx) dst[c] = static_cast<S>(static_cast<uint32_t>(old_bits[pos]));
+              }
+            }
+            base = dst;
+          }
+          if (!has_new) continue;
+          uint8_t* crow = new_codes + (j * rows + m) * new_row_bytes;
+          CodeT* cdst = K == F32 ? reinterpret_cast<CodeT*>(crow) : reinterpret_cast<CodeT*>(cbuf.data());
+          MergeArgs<K> ma{base, wrow, wp_buf.data(), Dn + mm * cols, rn_p + j * cols, cdst, p_new.s,
+                          static_cast<double>(ln_p[j * rows + m]), delta_scale, cols, cv};
+          const int64_t bad = merge_row_any<K>(ma);
+          if constexpr (K != F32) {
+            std::fill(cbuf.begin() + cols, cbuf.begin() + width * 4, 0);
+            pack2(cbuf.data(), crow, width);
+          }
+          if (bad > 0) {
+            auto& list = row_exc[mm];
+            list.reserve(bad);
+            for (int64_t c = 0; c < cols; ++c)
+              if (cdst[c] == M) list.push_back({c, static_cast<uint32_t>(wrow[c]), static_cast<uint32_t>(wp_buf[c])});
+          }
+        }
+      });
+      if (!has_new) continue;
+      // in order: list the exceptions (up to cap entries) and write their W'; past the cap an exception keeps
+      // its base and is not listed (the refused pass's unmerge leaves it alone)
+      // a NaN W' takes its bits from torch's own ops on the reference's tensors (torch writes NaN payloads
+      // differently in its vector loops and their scalar tails, e.g. fp16 -> fp32 in a tail gives 0x7FFFFFFF)
+      bool nan_wp = false;
+      for (int64_t mm = 0; mm < h && !nan_wp; ++mm)
+        for (const Exc& x : row_exc[mm]) nan_wp = nan_wp || is_nan<K>(x.wp);
+      at::Tensor wp_ref;
+      const S* wp_ref_p = nullptr;
+      if (nan_wp) {
+        at::Tensor view = transposed ? weight.slice(1, e * nb, (e + 1) * nb).slice(0, i, i + h)
+                                     : weight.slice(0, e * nb, (e + 1) * nb).slice(0, i, i + h);
+        // what the view holds now at an exception is its base; elsewhere W' (same shape, strides and NaNs)
+        at::Tensor basev = has_old ? view.contiguous() : view;
+        wp_ref = (basev.to(at::kFloat) + d_new.mul(static_cast<double>(p_new.s))).to(weight.scalar_type())
+                     .contiguous();
+        wp_ref_p = reinterpret_cast<const S*>(wp_ref.data_ptr());
+      }
+      for (int64_t mm = 0; mm < h; ++mm) {
+        const auto& list = row_exc[mm];
+        if (list.empty()) continue;
+        const int64_t m = i + mm;
+        S* wrow = W + (transposed ? m * ld + e * nb : (e * nb + m) * ld);
+        const int64_t row_index = (j * rows + m) * cols;
+        for (const Exc& x : list) {
+          ++total;
+          if (static_cast<int64_t>(exc_i.size()) >= cap) continue;
+          exc_i.push_back(row_index + x.n);
+          exc_b.push_back(static_cast<int32_t>(x.base));
+          wrow[x.n] = wp_ref_p != nullptr && is_nan<K>(x.wp) ? wp_ref_p[mm * cols + x.n] : static_cast<S>(x.wp);
+        }
+      }
+    }
+  }
+  if (has_new) {
+    exc_index_t = at::empty({static_cast<int64_t>(exc_i.size())}, at::kLong);
+    exc_bits_t = at::empty({static_cast<int64_t>(exc_b.size())}, at::kInt);
+    if (!exc_i.empty()) {
+      std::memcpy(exc_index_t.data_ptr<int64_t>(), exc_i.data(), exc_i.size() * sizeof(int64_t));
+      std::memcpy(exc_bits_t.data_ptr<int32_t>(), exc_b.data(), exc_b.size() * sizeof(int32_t));
+    }
+  }
+  return {codes, exc_index_t, exc_bits_t, total};
+}
+
+}  // namespace
+
+// One pass over the enabled blocks of `weight` (CPU, row-major rows with unit column stride): restore the base
+// with (old_A, old_B, old_scale) and the record (rec_codes, rec_index sorted, rec_bits) when old_A is given, then
+// merge (new_A, new_B, new_scale) with the norms lnorm (n, M_rows), rnorm (n, N) and delta_scale =
+// gamma(r) * |new_scale| when new_A is given. Scales are the float32 values (as doubles). step: rows per chunk
+// (lossless._chunk). cap: at most this many exceptions are listed (and their W' written); the count is returned
+// in full. Returns (codes, exc_index, exc_bits, exceptions); undefined tensors for an unmerge.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> lossless_pass_(
+    at::Tensor weight, c10::optional<at::Tensor> old_A, c10::optional<at::Tensor> old_B, double old_scale,
+    c10::optional<at::Tensor> rec_codes, c10::optional<at::Tensor> rec_index, c10::optional<at::Tensor> rec_bits,
+    c10::optional<at::Tensor> new_A, c10::optional<at::Tensor> new_B, double new_scale,
+    c10::optional<at::Tensor> lnorm, c10::optional<at::Tensor> rnorm, double delta_scale, int64_t num_blocks,
+    std::vector<int64_t> block_ids, bool transposed, int64_t step, int64_t cap, int64_t nan_bf16,
+    bool f16_payload) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2, "lossless_pass_: a 2-D CPU weight");
+  TORCH_CHECK(weight.size(1) <= 1 || weight.stride(1) == 1, "lossless_pass_: the weight's columns must be unit-stride");
+  TORCH_CHECK(num_blocks >= 1 && step >= 1, "lossless_pass_: bad num_blocks / step");
+  TORCH_CHECK(old_A.has_value() == old_B.has_value() && new_A.has_value() == new_B.has_value(),
+              "lossless_pass_: factors come in pairs");
+  const int64_t n = static_cast<int64_t>(block_ids.size());
+  const int64_t blocked = transposed ? weight.size(1) : weight.size(0);
+  const int64_t k = transposed ? weight.size(0) : weight.size(1);
+  const int64_t nb = blocked / num_blocks;
+  const int64_t rows = transposed ? k : nb, cols = transposed ? nb : k;
+  for (int64_t e : block_ids) TORCH_CHECK(e >= 0 && e < num_blocks, "lossless_pass_: block id out of range");
+  const bool f32 = weight.scalar_type() == at::kFloat;
+  if (old_A.has_value()) {
+    TORCH_CHECK(rec_codes.has_value() && rec_index.has_value() && rec_bits.has_value(), "lossless_pass_: record");
+    TORCH_CHECK(rec_codes->is_contiguous() && rec_codes->dim() == 3 && rec_codes->size(0) == n &&
+                    rec_codes->size(1) == rows && rec_codes->size(2) == (f32 ? 4 : 1) * ((cols + 3) / 4) &&
+                    rec_codes->scalar_type() == (f32 ? at::kShort : at::kByte),
+                "lossless_pass_: the record's codes do not fit this weight");
+    TORCH_CHECK(rec_index->is_contiguous() && rec_index->scalar_type() == at::kLong && rec_bits->is_contiguous() &&
+                    rec_bits->scalar_type() == at::kInt && rec_bits->numel() == rec_index->numel(),
+                "lossless_pass_: the record's exception list");
+  }
+  if (new_A.has_value()) {
+    TORCH_CHECK(lnorm.has_value() && rnorm.has_value() && lnorm->is_contiguous() && rnorm->is_contiguous() &&
+                    lnorm->scalar_type() == at::kFloat && rnorm->scalar_type() == at::kFloat &&
+                    lnorm->numel() == n * rows && rnorm->numel() == n * cols,
+                "lossless_pass_: norms");
+  }
+  Conv cv{static_cast<uint32_t>(nan_bf16) & 0xFFFFu, f16_payload ? 1u : 0u};
+  switch (weight.scalar_type()) {
+    case at::kFloat:
+      return run<F32>(weight, old_A, old_B, old_scale, rec_codes, rec_index, rec_bits, new_A, new_B, new_scale,
+                      lnorm, rnorm, delta_scale, num_blocks, block_ids, transposed, step, cap, cv);
+    case at::kBFloat16:
+      return run<BF16>(weight, old_A, old_B, old_scale, rec_codes, rec_index, rec_bits, new_A, new_B, new_scale,
+                       lnorm, rnorm, delta_scale, num_blocks, block_ids, transposed, step, cap, cv);
+    case at::kHalf:
+      return run<F16>(weight, old_A, old_B, old_scale, rec_codes, rec_index, rec_bits, new_A, new_B, new_scale,
+                      lnorm, rnorm, delta_scale, num_blocks, block_ids, transposed, step, cap, cv);
+    default:
+      TORCH_CHECK(false, "lossless_pass_: float16, bfloat16 or float32 weights");
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lossless_pass_", &lossless_pass_, "the lossless merge / unmerge / swap pass on CPU (docs/LOSSLESS.md)");
+}

@@ -1,0 +1,92 @@
+"""The C++ CPU backend of the lossless merge / unmerge / swap pass (csrc/cpu/lossless_cpu.cpp): what
+lossless._pass computes, bit for bit (weight bits, codes, exception list, the refusal and its rollback), in one
+fused pass per row chunk. `run_pass(module, ...)` takes the compiled module (lora_ext._cpu once setup.py builds
+it; `build()` compiles it with torch.utils.cpp_extension.load for development and tests).
+"""
+import functools
+import math
+import os
+
+import torch
+
+from . import lossless
+
+SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu",
+                      "lossless_cpu.cpp")
+# -ffp-contract=off is required for bit-identity (no a*b+c fused into an FMA in the AVX2/AVX-512 clones).
+CFLAGS = ["-O3", "-ffp-contract=off"]
+
+
+def build(build_directory="/tmp/lora_cpu_build", verbose=False):
+    """Compiles (or loads the cached build of) the module with torch.utils.cpp_extension.load."""
+    from torch.utils import cpp_extension
+    os.makedirs(build_directory, exist_ok=True)
+    return cpp_extension.load(name="lora_ext_cpu", sources=[SOURCE], build_directory=build_directory,
+                              extra_cflags=CFLAGS, verbose=verbose)
+
+
+@functools.lru_cache(maxsize=None)
+def nan_modes():
+    """How torch's float32 -> bfloat16 / float16 conversion writes NaNs on this machine (it depends on the
+    vector path torch dispatches to): (the bf16 pattern of every NaN, fp16 keeps the payload); None when torch's
+    behaviour is neither of the two the C++ pass implements."""
+    pats = torch.tensor([0x7FC00000, 0x7FFFFFFF, 0x7FA00001, -0x400000, -1] * 16, dtype=torch.int32)
+    x = pats.view(torch.float32)
+    bf = {int(v) & 0xFFFF for v in x.to(torch.bfloat16).view(torch.int16)}
+    if len(bf) != 1:
+        return None
+    got = [int(v) & 0xFFFF for v in x[:5].contiguous().to(torch.float16).view(torch.int16)]
+    payload = [0x7E00, 0x7FFF, 0x7F00, 0xFE00, 0xFFFF]
+    plain = [0x7E00, 0x7E00, 0x7E00, 0xFE00, 0xFE00]
+    if got not in (payload, plain):
+        return None
+    return bf.pop(), got == payload
+
+
+def supported(weight) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype in lossless.RECORD_DTYPES and weight.dim() == 2
+            and weight.numel() > 0 and (weight.shape[1] <= 1 or weight.stride(1) == 1) and nan_modes() is not None)
+
+
+def _f32(scale) -> float:
+    return torch.tensor(scale, dtype=torch.float32).item()
+
+
+def run_pass(module, weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
+    """lossless._pass(weight, old, record, new, ...) with the compiled module: the new MergeRecord (None for an
+    unmerge); on an exception overflow the weight is given back as the reference gives it back and
+    lossless.ExceptionOverflow raised with the reference's message."""
+    block_ids = list(block_ids)
+    if not block_ids or not supported(weight):
+        return lossless._pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
+    nan_bf16, f16_payload = nan_modes()
+    n, rows, cols, _ = lossless.region(weight, num_blocks, block_ids, transposed)
+    step = lossless._chunk(cols)
+    elements = n * rows * cols
+    lim = lossless.exception_limit(elements) if limit is None else limit
+    cap = int(min(lim, 1 << 62)) if not math.isinf(lim) else 1 << 62
+    layout = (num_blocks, block_ids, bool(transposed), step)
+    if old is not None:
+        o_args = (old[0], old[1], _f32(old[2]), record.codes.contiguous(), record.exc_index.contiguous(),
+                  record.exc_bits.contiguous())
+    else:
+        o_args = (None, None, 0.0, None, None, None)
+    if new is not None:
+        ln, rn = lossless.norms(new[0], new[1], n, bool(transposed))
+        s_new = _f32(new[2])
+        ds = lossless.gamma(new[0].shape[0] // n) * abs(s_new)
+        n_args = (new[0], new[1], s_new, ln.contiguous(), rn.contiguous(), ds)
+    else:
+        n_args = (None, None, 0.0, None, None, 0.0)
+    codes, exc_index, exc_bits, total = module.lossless_pass_(weight, *o_args, *n_args, *layout, cap, nan_bf16,
+                                                              f16_payload)
+    if new is None:
+        return None
+    rec = lossless.MergeRecord(codes, exc_index, exc_bits, weight.dtype, tuple(weight.shape), num_blocks,
+                               tuple(block_ids), bool(transposed))
+    if total > lim:
+        # the reference's rollback: unmerge with the record (escapes past the cap hold their base already)
+        module.lossless_pass_(weight, new[0], new[1], _f32(new[2]), codes, exc_index, exc_bits,
+                              None, None, 0.0, None, None, 0.0, *layout, cap, nan_bf16, f16_payload)
+        raise lossless.ExceptionOverflow(lossless.overflow_message(where, total, lim, elements))
+    return rec
