@@ -143,13 +143,7 @@ __device__ __forceinline__ long long restore(double c, int code) {
 
 __device__ __forceinline__ bool finite(double x) { return x - x == 0.0; }
 
-// The position of `index` in the sorted exception list (binary search), or -1 when it is not there. Not
-// inlined: escapes are rare, and one copy of the loop serves the whole unrolled epilogue.
-#if defined(__CUDACC__)
-#define LORA_NOINLINE __noinline__
-#else
-#define LORA_NOINLINE __attribute__((noinline))
-#endif
+// The position of `index` in the sorted exception list (binary search), or -1 when it is not there.
 __device__ __forceinline__ long long lookup(const long long* list, long long count, long long index) {
   long long lo = 0, hi = count;
   while (lo < hi) {

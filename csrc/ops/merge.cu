@@ -1,5 +1,6 @@
-// CUDA launchers for merge_, delta_weight_ and swap_ and their lossless forms: the checks and kernel selection are in ops/merge_host.h,
-// shared with the simulator module; this file only puts the chosen kernel on the current stream.
+// CUDA launchers for merge_, delta_weight_ and swap_ and their lossless forms (merge_lossless_,
+// unmerge_lossless_, swap_lossless_): the checks and kernel selection are in ops/merge_host.h, shared with the
+// simulator module; this file only puts the chosen kernel on the current stream.
 #include "ops/cuda_launch.cuh"
 #include "ops/merge.h"
 #include "ops/merge_host.h"

@@ -1,9 +1,9 @@
-// Host side of merge_, delta_weight_ and swap_ (and of their lossless forms, merge_lossless_, unmerge_lossless_
-// and swap_lossless_: the same checks and layout plus the record's tensors, an entry of LORA_LOSSLESS_VARIANTS): argument checks and kernel selection (an entry of
-// LORA_MERGE_VARIANTS in kernels/variants.cuh). The CUDA launcher (ops/merge.cu) and the simulator module
-// (sim/sim_module.cpp) both run this code and differ only in the device their tensors must be on and in
-// the Launch policy, which puts a kernel on the GPU or in the simulator: what CI checks on the CPU is the
-// same selection the GPU runs.
+// Host side of merge_, delta_weight_ and swap_, and of their lossless forms merge_lossless_, unmerge_lossless_
+// and swap_lossless_ (the same checks plus the record's tensors): argument checks and kernel selection (an entry
+// of LORA_MERGE_VARIANTS or LORA_LOSSLESS_VARIANTS in kernels/variants.cuh). The CUDA launcher (ops/merge.cu)
+// and the simulator module (sim/sim_module.cpp) both run this code and differ only in the device their tensors
+// must be on and in the Launch policy, which puts a kernel on the GPU or in the simulator: what CI checks on the
+// CPU is the same selection the GPU runs.
 #pragma once
 
 #include <ATen/ATen.h>
