@@ -26,7 +26,7 @@ def _bench(args):
 
 def _bench_lossless(args):
     """The record's size and exception rate, and the drift table (CPU)."""
-    from . import bench, bench_lossless
+    from . import bench_lossless
 
     checkpoints = tuple(args.switches or (10, 100, 1000, 5000))
     record = bench_lossless.record_rows(dim=args.dim or 1024, demo_steps=args.steps)

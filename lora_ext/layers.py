@@ -77,6 +77,8 @@ class LoRALayer(NamedAdapters):
         return state
 
     def __setstate__(self, state):
+        state.setdefault("lossless", None)  # layers pickled before lossless merges
+        state.setdefault("_merged_record", None)
         nn.Module.__setstate__(self, state)
         self._restore_adapters(state)
         self._lock = threading.RLock()
