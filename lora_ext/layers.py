@@ -153,9 +153,12 @@ class LoRALayer(NamedAdapters):
         self._fp16_room((self.lora_A, self.lora_B, self.scaling))
         exact = self._lossless_now()
         self._streams.write(self._weight_2d().device)
-        with torch.no_grad():
-            record = ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, lossless=exact,
-                                **self._layout())
+        try:
+            with torch.no_grad():
+                record = ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, lossless=exact,
+                                    **self._layout())
+        except lossless.ExceptionOverflow as err:  # nothing was written
+            raise lossless.ExceptionOverflow(f"{self._describe()} adapter {self.active_adapter!r}: {err}") from None
         known = self._known_finite(self.active_adapter)
         self._set_merged(self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling, record)
         self._stamp_finite(MERGED, known)
@@ -188,7 +191,8 @@ class LoRALayer(NamedAdapters):
                                    **self._layout())
         except lossless.ExceptionOverflow as err:  # the old merge is back, bit for bit
             self.__dict__["_merged_record"] = getattr(err, "record", self._merged_record)
-            raise ValueError(f"{self._describe()}: {err}") from None
+            raise lossless.ExceptionOverflow(f"{self._describe()}, switching from adapter {self.active_adapter!r}: "
+                                             f"{err}") from None
         self._set_merged(lora_A.clone(), lora_B.clone(), scaling, record)
         self._stamp_finite(MERGED)
 

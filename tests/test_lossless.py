@@ -341,3 +341,29 @@ def test_load_peft_adapter_sets_lossless_and_switches_exactly(tmp_path):
     for n, p in served.named_parameters():
         if n in base:
             assert_same_bits(p, base[n], n)
+
+
+def test_a_refused_lossless_merge_names_the_layer_and_changes_nothing():
+    lin = lora.Linear(40, 32, r=2, lora_alpha=2).to(torch.bfloat16)
+    lin.requires_grad_(False)
+    lin.weight.zero_()  # every element is an exception under a nonzero update
+    lin.lora_B.normal_()
+    before = lin.weight.clone()
+    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(32, 40\) adapter 'default': merge_: a lossless "
+                                                         r"merge would need 1280 exceptions"):
+        lin.eval()
+    assert not lin.merged and lin._merged_record is None
+    assert_same_bits(lin.weight, before, "refused merge")
+    out = lin(torch.randn(3, 40).bfloat16())  # unmerged: forwards add the adapter on the fly
+    assert torch.isfinite(out).all()
+    # a switch to such an adapter, merged, is refused and keeps the old one merged
+    lin2 = lora.Linear(40, 32, r=2, lora_alpha=2).to(torch.bfloat16)
+    lin2.requires_grad_(False)
+    lin2.lora_B.normal_(std=0.01)
+    lin2.add_adapter("huge", lin2.lora_A * 1e4, torch.randn(32, 2), 1.0)
+    lin2.eval()
+    merged = lin2.weight.clone()
+    with pytest.raises(lossless.ExceptionOverflow, match=r"switching from adapter 'default'"):
+        lin2.set_adapter("huge")
+    assert lin2.active_adapter == "default" and lin2.merged
+    assert_same_bits(lin2.weight, merged, "refused switch")
