@@ -367,3 +367,75 @@ def test_a_refused_lossless_merge_names_the_layer_and_changes_nothing():
         lin2.set_adapter("huge")
     assert lin2.active_adapter == "default" and lin2.merged
     assert_same_bits(lin2.weight, merged, "refused switch")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# on the kernels (a GPU, or the simulator standing in with --sim-as-cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["Linear", "Linear fan_in_fan_out", "MergedLinear", "Embedding", "Conv2d"])
+def test_cuda_every_layer_kind_switches_and_unmerges_exactly(cuda, name, dtype):
+    layer = _layers(dtype)[name].to(cuda.device, dtype)
+    layer.requires_grad_(False)
+    W0 = _weight(layer).detach().clone()
+    ads = [(A.to(cuda.device), B.to(cuda.device), s) for A, B, s in _adapters(layer, 3, 5)]
+    for i, ad in enumerate(ads):
+        layer.add_adapter(f"a{i}", *ad)
+    layer.set_adapter("a0")
+    layer.eval()
+    assert layer._merged_record is not None and layer._merged_record.codes.device == W0.device
+    for name_ in ["a1", "a2", "a0", "a2"] * 5:
+        layer.set_adapter(name_)
+    assert_same_bits(_weight(layer).cpu(), _fresh(layer, W0, ads[2]).cpu(), "switched vs fresh merge")
+    assert_same_bits(layer.state_dict()[layer._weight_key].cpu(), layer._as_2d(W0).cpu().view_as(
+        layer.state_dict()[layer._weight_key].cpu()), "state_dict while merged")
+    layer.train()
+    cuda.synchronize()
+    assert_same_bits(_weight(layer).cpu(), W0.cpu(), "base after 20 switches")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["plain", "transposed", "blocks"])
+def test_cuda_records_cross_backends(cuda, kind, dtype):
+    """A record the kernels write is read exactly by the CPU reference, and the reverse."""
+    W0, layout, adapter = make(kind, 45, 70, 5, dtype, torch.float32, 0.02, 0.05, 7)
+    A, B, s = adapter()
+    num_blocks, ids, tr = layout.get("num_blocks", 1), layout.get("block_ids", [0]), layout.get("transposed", False)
+    # kernels -> CPU
+    W = W0.to(cuda.device)
+    rec = ops.merge_(W, A.to(cuda.device), B.to(cuda.device), s, lossless=True, **layout)
+    cuda.synchronize()
+    W_cpu = W.cpu()
+    lossless.unmerge_(W_cpu, A, B, s, rec.to("cpu"), num_blocks, ids, tr)
+    assert_same_bits(W_cpu, W0, "kernel record read by the CPU")
+    # CPU -> kernels
+    W_cpu = W0.clone()
+    rec = lossless.merge_(W_cpu, A, B, s, num_blocks, ids, tr)
+    W = W_cpu.to(cuda.device)
+    ops.unmerge_(W, A.to(cuda.device), B.to(cuda.device), s, record=rec.to(cuda.device), **layout)
+    cuda.synchronize()
+    assert_same_bits(W.cpu(), W0, "CPU record read by the kernels")
+
+
+@pytest.mark.gpu
+def test_cuda_random_walk_of_switches(cuda):
+    switches = 200 if cuda.rehearsal else 10_000
+    torch.manual_seed(2)
+    lin = lora.Linear(40, 24, r=4, lora_alpha=8).to(cuda.device, torch.bfloat16)
+    lin.requires_grad_(False)
+    W0 = lin.weight.detach().clone()
+    ads = [(A.to(cuda.device) / 30, B.to(cuda.device) / 30, s) for A, B, s in _adapters(lin, 8, 3)]
+    for i, ad in enumerate(ads):
+        lin.add_adapter(f"a{i}", *ad)
+    lin.set_adapter("a0")
+    lin.eval()
+    rng = random.Random(5)
+    for step in range(1, switches + 1):
+        lin.set_adapter(f"a{rng.randrange(8)}")
+    i = int(lin.active_adapter[1:])
+    assert_same_bits(lin.weight.cpu(), _fresh(lin, W0, ads[i]).cpu(), f"after {switches} switches")
+    lin.train()
+    assert_same_bits(lin.weight.cpu(), W0.cpu(), "the base")
