@@ -197,13 +197,21 @@ class LoRALayer(NamedAdapters):
         self._stamp_finite(MERGED)
 
     def _apply(self, fn, recurse=True):
-        """module.to(...) and the like on a losslessly merged layer: the base is given back exactly, converted
-        or moved, and the snapshot merged again, losslessly (a record for the weight's new dtype and device;
-        also for float32, so that .float() then .bfloat16() gives back the exact base)."""
-        if self.__dict__.get("_merged_record") is None:
+        """module.to(...) and the like on a losslessly merged layer. A move keeps the merge and moves the record
+        (records are exact on every backend). A dtype change gives the base back exactly, converts it and merges
+        the snapshot again, losslessly (also into float32, so that .float() then .bfloat16() gives back the
+        exact base)."""
+        record = self.__dict__.get("_merged_record")
+        if record is None:
             return super()._apply(fn, recurse)
         with self._lock:
-            self._unmerge_from(self._weight_2d())
+            w = self._weight_2d()
+            probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
+            if probe.dtype == w.dtype:
+                module = super()._apply(fn, recurse)
+                self.__dict__["_merged_record"] = record.to(self._weight_2d().device)
+                return module
+            self._unmerge_from(w)
             snapshot = (self._merged_A, self._merged_B, self._merged_scaling)
             self._set_merged(None, None, None)
             module = super()._apply(fn, recurse)
