@@ -5,9 +5,10 @@
 // the same exception list (ascending). Everything after the matmul is one fused loop per row, parallel over the
 // chunk's rows.
 //
-// Build flags: -O3 -ffp-contract=off. The contraction flag is required: the reference rounds every product and
+// Build flags: -O3 -ffp-contract=off -fno-trapping-math. The contraction flag is required: the reference rounds every product and
 // sum separately, and the hot loops are compiled (target_clones) for AVX-512/AVX2 too, where GCC would otherwise
-// fuse a*b+c into an FMA and change delta's last bit.
+// fuse a*b+c into an FMA and change delta's last bit. -fno-trapping-math (as torch is built) lets GCC
+// if-convert, hence vectorize, the float16 conversions (it changes no rounding).
 //
 // Decisions are made as the reference makes them, reformulated: with code = o(W) mod M the reference's
 // restore(c', code) == o(W) holds iff |o(T(float(c'))) - o(W)| <= M/2, and o(T(float(.))) is monotone, so for
@@ -18,8 +19,11 @@
 // NaN bit patterns written into a 16-bit weight follow torch's float -> bf16/fp16 conversion on this machine
 // (the wrapper probes it): bf16 NaNs become one constant pattern, fp16 NaNs keep their payload (F16C) or become
 // sign | 0x7E00 (torch's scalar path).
+#ifndef LORA_KERNELS_ONLY  // (a standalone build of the row kernels, for benchmarks)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <bit>
@@ -280,6 +284,7 @@ LORA_CLONES void pack2(const uint8_t* __restrict c, uint8_t* __restrict p, int64
     p[i] = static_cast<uint8_t>(c[4 * i] | (c[4 * i + 1] << 2) | (c[4 * i + 2] << 4) | (c[4 * i + 3] << 6));
 }
 
+#ifndef LORA_KERNELS_ONLY
 // one adapter on one block: left (M_rows, r), right (r, N) fp32, as lossless._Pair builds them
 struct Pair {
   at::Tensor left, right;
@@ -301,6 +306,24 @@ Pair make_pair(const at::Tensor& A, const at::Tensor& B, double scale, int64_t n
   }
   p.s = static_cast<float>(scale);
   return p;
+}
+
+// The codes, every byte of which the pass writes. Large ones on transparent huge pages where the kernel allows
+// them (madvise mode): a fresh 32 MB tensor costs ~4x less in page faults than at::zeros/at::empty.
+at::Tensor alloc_codes(std::vector<int64_t> shape, at::ScalarType dt) {
+  int64_t count = 1;
+  for (int64_t d : shape) count *= d;
+  const size_t bytes = static_cast<size_t>(count) * (dt == at::kShort ? 2 : 1);
+  constexpr size_t kHuge = size_t(1) << 21;
+  if (bytes >= kHuge) {
+    const size_t size = (bytes + kHuge - 1) / kHuge * kHuge;
+    void* p = nullptr;
+    if (posix_memalign(&p, kHuge, size) == 0) {
+      madvise(p, size, MADV_HUGEPAGE);  // advice only: its failure changes nothing
+      return at::from_blob(p, shape, [](void* q) { free(q); }, at::TensorOptions().dtype(dt));
+    }
+  }
+  return at::empty(shape, at::TensorOptions().dtype(dt));
 }
 
 struct Exc {
@@ -334,8 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
   std::vector<int32_t> exc_b;
   int64_t total = 0;
   if (has_new) {
-    codes = K == F32 ? at::zeros({n, rows, width * 4}, weight.options().dtype(at::kShort))
-                     : at::zeros({n, rows, width}, weight.options().dtype(at::kByte));
+    codes = K == F32 ? alloc_codes({n, rows, width * 4}, at::kShort) : alloc_codes({n, rows, width}, at::kByte);
   }
   const int64_t* old_idx = nullptr;
   const int32_t* old_bits = nullptr;
@@ -408,6 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
           MergeArgs<K> ma{base, wrow, wp_buf.data(), Dn + mm * cols, rn_p + j * cols, cdst, p_new.s,
                           static_cast<double>(ln_p[j * rows + m]), delta_scale, cols, cv};
           const int64_t bad = merge_row_any<K>(ma);
+          if constexpr (K == F32) std::fill(cdst + cols, cdst + width * 4, CodeT(0));  // padding codes 0
           if constexpr (K != F32) {
             std::fill(cbuf.begin() + cols, cbuf.begin() + width * 4, 0);
             pack2(cbuf.data(), crow, width);
@@ -466,7 +489,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
   return {codes, exc_index_t, exc_bits_t, total};
 }
 
+#endif  // LORA_KERNELS_ONLY
 }  // namespace
+#ifndef LORA_KERNELS_ONLY
 
 // One pass over the enabled blocks of `weight` (CPU, row-major rows with unit column stride): restore the base
 // with (old_A, old_B, old_scale) and the record (rec_codes, rec_index sorted, rec_bits) when old_A is given, then
@@ -528,3 +553,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> lossless_pass_(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lossless_pass_", &lossless_pass_, "the lossless merge / unmerge / swap pass on CPU (docs/LOSSLESS.md)");
 }
+#endif  // LORA_KERNELS_ONLY
