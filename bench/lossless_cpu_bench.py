@@ -1,5 +1,5 @@
 """Lossy ops.merge_ / ops.swap_ against the C++ lossless pass (lora_ext.lossless_cpu) on a CPU weight:
-best of 5, side by side in one run. Usage: python bench/lossless_cpu_bench.py [size] [rank]"""
+best of 5, side by side in one run. Usage: python bench/lossless_cpu_bench.py [size] [rank] [threads]"""
 import sys
 import time
 
@@ -21,6 +21,8 @@ def best(fn, reps=5):
 def main():
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
     r = int(sys.argv[2]) if len(sys.argv) > 2 else 16
+    if len(sys.argv) > 3:
+        torch.set_num_threads(int(sys.argv[3]))
     mod = lossless_cpu.build()
     torch.manual_seed(0)
     print(f"{size}x{size}, r={r}, scale 2, threads {torch.get_num_threads()}")

@@ -159,57 +159,93 @@ struct Tr {
 };
 
 // One row of a merge. base: the base row (the weight row itself, or the restored row of a swap); out: the weight
-// row; W' for kept elements, the base for exceptions (wp_tmp holds their W'). code: one code per element.
+// row. The vector pass decides with a float-only sufficient condition (below); an element it cannot prove gets
+// code M and keeps its base in `out`, and merge_exact then decides it as the reference does.
 template <int K>
 struct MergeArgs {
   const typename Tr<K>::S* base;
   typename Tr<K>::S* out;
-  typename Tr<K>::S* wp_tmp;
   const float* D;
   const float* rn;
   typename std::conditional_t<K == F32, uint16_t, uint8_t>* code;
   float s;
+  float lnds;  // >= ln * delta_scale, at least 2^-100 (an upper bound, safe from underflow)
   double ln;
   double ds;
   int64_t N;
   Conv cv;
 };
 
+// The reference's decision for one element: (kept, W' bits).
+template <int K>
+LORA_INLINE bool merge_exact(uint32_t wb, float D, float s, float rn, double ln, double ds, const Conv& cv,
+                             uint32_t* wp_out) {
+  float df = D * s;
+  float wpf = to_float<K>(wb) + df;
+  uint32_t wpb = from_float<K>(wpf, cv);
+  double c = static_cast<double>(to_float<K>(wpb)) - static_cast<double>(df);
+  double delta = (ln * static_cast<double>(rn)) * ds + std::fabs(c) * 0x1p-50;
+  double lo = c - delta, hi = c + delta;
+  int32_t ylo = ord<K>(from_float<K>(static_cast<float>(lo), cv));
+  int32_t yhi = ord<K>(from_float<K>(static_cast<float>(hi), cv));
+  int32_t ow = ord<K>(wb);
+  int32_t lo_b = static_cast<int32_t>(static_cast<uint32_t>(ow) - static_cast<uint32_t>(Tr<K>::H));
+  int32_t hi_b = static_cast<int32_t>(static_cast<uint32_t>(ow) + static_cast<uint32_t>(Tr<K>::H));
+  *wp_out = wpb;
+  return finite<K>(wb) & (std::fabs(c) < HUGE_VAL) & (delta < HUGE_VAL) & (ylo >= lo_b) & (yhi <= hi_b);
+}
+
+// The vector pass. Sufficient condition for the reference's "kept" (proof in docs terms):
+// E = c_exact - W = (W' - W) - d; with t1 = fl32(W' - W), t2 = fl32(t1 - d): |E| <= |t2|(1 + 2^-23) + |t1| 2^-23.
+// The reference's hi = fl64(c + delta), lo = fl64(c - delta) satisfy |hi - W|, |W - lo| <= Q with
+// Q = |E| + ln rn ds (1 + 2^-49) + (|W'| + |d|) 2^-49. L below is computed in float and bounds Q from above
+// (every float rounding (<= 2^-24 relative each, a handful of them) is covered by the factor 1 + 2^-18; underflow
+// (<= 2^-150 absolute per operation) by + 2^-140; overflow or NaN fail the test). If L < G, with G at most the
+// distance from W to the values whose ordinals are o(W) -+ M/2 (16-bit: the exact gaps to the neighbours; fp32:
+// |W| 2^-11, for 2^-100 <= |W| < 2^120), then lo > value(o(W) - M/2) and hi < value(o(W) + M/2) strictly, so
+// (monotone rounding; strictness settles +-0) both restores give o(W): kept, with the same W' and code.
 template <int K>
 LORA_INLINE int64_t merge_row(const MergeArgs<K>& a) {
   using S = typename Tr<K>::S;
   const S* __restrict base = a.base;
   S* __restrict out = a.out;
-  S* __restrict wp_tmp = a.wp_tmp;
   const float* __restrict D = a.D;
   const float* __restrict rn = a.rn;
   auto* __restrict code = a.code;
-  const float s = a.s;
-  const double ln = a.ln, ds = a.ds;
+  const float s = a.s, lnds = a.lnds;
   const Conv cv = a.cv;
   const int64_t N = a.N;
-  int64_t bad = 0;
+  int64_t fails = 0;
   for (int64_t n = 0; n < N; ++n) {
     uint32_t wb = base[n];
+    float wf = to_float<K>(wb);
     float df = D[n] * s;
-    float wpf = to_float<K>(wb) + df;
+    float wpf = wf + df;
     uint32_t wpb = from_float<K>(wpf, cv);
-    double c = static_cast<double>(to_float<K>(wpb)) - static_cast<double>(df);
-    double delta = (ln * static_cast<double>(rn[n])) * ds + std::fabs(c) * 0x1p-50;
-    double lo = c - delta, hi = c + delta;
-    int32_t ylo = ord<K>(from_float<K>(static_cast<float>(lo), cv));
-    int32_t yhi = ord<K>(from_float<K>(static_cast<float>(hi), cv));
+    float wpff = to_float<K>(wpb);
+    float t1 = wpff - wf;
+    float t2 = t1 - df;
+    float L = (std::fabs(t2) + std::fabs(t1) * 0x1p-22f) + rn[n] * lnds +
+              (std::fabs(wf) + std::fabs(wpff) + std::fabs(df)) * 0x1p-46f;
+    L = L * (1.0f + 0x1p-18f) + 0x1p-140f;
     int32_t ow = ord<K>(wb);
-    int32_t lo_b = static_cast<int32_t>(static_cast<uint32_t>(ow) - static_cast<uint32_t>(Tr<K>::H));
-    int32_t hi_b = static_cast<int32_t>(static_cast<uint32_t>(ow) + static_cast<uint32_t>(Tr<K>::H));
-    bool ok = finite<K>(wb) & (std::fabs(c) < HUGE_VAL) & (delta < HUGE_VAL) & (ylo >= lo_b) & (yhi <= hi_b);
+    float G;
+    if constexpr (K == F32) {
+      float aw = std::fabs(wf);
+      G = (aw >= 0x1p-100f) & (aw < 0x1p120f) ? aw * 0x1p-11f : 0.0f;
+    } else {
+      float pf = to_float<K>(static_cast<uint32_t>(ord<K>(static_cast<uint32_t>(ow - 1))));
+      float nf = to_float<K>(static_cast<uint32_t>(ord<K>(static_cast<uint32_t>(ow + 1))));
+      float gl = wf - pf, gh = nf - wf;
+      G = gl < gh ? gl : gh;
+    }
+    bool ok = finite<K>(wb) & (L < G);
     uint32_t cd = ok ? code_of<K>(ow) : Tr<K>::M;
     out[n] = static_cast<S>(ok ? wpb : wb);
-    wp_tmp[n] = static_cast<S>(wpb);
     code[n] = static_cast<std::remove_reference_t<decltype(code[n])>>(cd);
-    bad += ok ? 0 : 1;
+    fails += ok ? 0 : 1;
   }
-  return bad;
+  return fails;
 }
 
 // One row of an unmerge: out = the base restored from wp (merged), the old update and the codes; escapes keep
@@ -391,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
       const float* Dn = has_new ? d_new.data_ptr<float>() : nullptr;
       row_exc.assign(has_new ? h : 0, {});
       at::parallel_for(0, h, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<S> base_buf(has_old && has_new ? cols : 0), wp_buf(has_new ? cols : 0);
+        std::vector<S> base_buf(has_old && has_new ? cols : 0);
         std::vector<uint8_t> cbuf(K == F32 ? 0 : width * 4 + 64, 0);
         for (int64_t mm = b0; mm < b1; ++mm) {
           const int64_t m = i + mm;
@@ -427,19 +463,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
           if (!has_new) continue;
           uint8_t* crow = new_codes + (j * rows + m) * new_row_bytes;
           CodeT* cdst = K == F32 ? reinterpret_cast<CodeT*>(crow) : reinterpret_cast<CodeT*>(cbuf.data());
-          MergeArgs<K> ma{base, wrow, wp_buf.data(), Dn + mm * cols, rn_p + j * cols, cdst, p_new.s,
-                          static_cast<double>(ln_p[j * rows + m]), delta_scale, cols, cv};
-          const int64_t bad = merge_row_any<K>(ma);
+          const double ln = static_cast<double>(ln_p[j * rows + m]);
+          float lnds = static_cast<float>(ln * delta_scale * (1.0 + 0x1p-40));
+          lnds = lnds < 0x1p-100f ? 0x1p-100f : lnds;  // (a NaN stays NaN and fails every test)
+          MergeArgs<K> ma{base, wrow, Dn + mm * cols, rn_p + j * cols, cdst, p_new.s, lnds, ln, delta_scale,
+                          cols, cv};
+          const int64_t fails = merge_row_any<K>(ma);
           if constexpr (K == F32) std::fill(cdst + cols, cdst + width * 4, CodeT(0));  // padding codes 0
+          if (fails > 0) {
+            // the elements the vector pass could not prove: the reference's decision
+            auto& list = row_exc[mm];
+            const float* Drow = Dn + mm * cols;
+            const float* rrow = rn_p + j * cols;
+            for (int64_t c = 0; c < cols; ++c) {
+              if (cdst[c] != M) continue;
+              const uint32_t wb = base[c];
+              uint32_t wpb;
+              if (merge_exact<K>(wb, Drow[c], p_new.s, rrow[c], ln, delta_scale, cv, &wpb)) {
+                cdst[c] = static_cast<CodeT>(code_of<K>(ord<K>(wb)));
+                wrow[c] = static_cast<S>(wpb);
+              } else {
+                list.push_back({c, wb, wpb});
+              }
+            }
+          }
           if constexpr (K != F32) {
             std::fill(cbuf.begin() + cols, cbuf.begin() + width * 4, 0);
             pack2(cbuf.data(), crow, width);
-          }
-          if (bad > 0) {
-            auto& list = row_exc[mm];
-            list.reserve(bad);
-            for (int64_t c = 0; c < cols; ++c)
-              if (cdst[c] == M) list.push_back({c, static_cast<uint32_t>(wrow[c]), static_cast<uint32_t>(wp_buf[c])});
           }
         }
       });
