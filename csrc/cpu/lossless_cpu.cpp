@@ -306,6 +306,27 @@ int64_t restore_row_any(const RestoreArgs<K>& a) {
   else return restore_row_f16(a);
 }
 
+// the first c >= from with code[c] == M, else N (blocks of 64 tested with a vectorized OR first)
+template <typename T>
+LORA_INLINE int64_t next_escape_t(const T* __restrict c, int64_t i, int64_t N, uint32_t M) {
+  for (; i < N && (i & 63); ++i)
+    if (c[i] == M) return i;
+  for (; i + 64 <= N; i += 64) {
+    uint32_t acc = 0;
+    for (int q = 0; q < 64; ++q) acc |= static_cast<uint32_t>(c[i + q] == M);
+    if (acc) break;
+  }
+  for (; i < N; ++i)
+    if (c[i] == M) return i;
+  return N;
+}
+LORA_CLONES int64_t next_escape(const uint16_t* c, int64_t i, int64_t N, uint32_t M) {
+  return next_escape_t(c, i, N, M);
+}
+LORA_CLONES int64_t next_escape(const uint8_t* c, int64_t i, int64_t N, uint32_t M) {
+  return next_escape_t(c, i, N, M);
+}
+
 LORA_CLONES void unpack2(const uint8_t* __restrict p, uint8_t* __restrict c, int64_t width) {
   for (int64_t i = 0; i < width; ++i) {
     uint8_t b = p[i];
@@ -448,8 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
             if (restore_row_any<K>(ra) > 0) {
               // escapes: the original bits from the list (searchsorted, as the reference), else left as they are
               const int64_t* lo = std::lower_bound(old_idx, old_idx + old_count, row_index);
-              for (int64_t c = 0; c < cols; ++c) {
-                if (cp[c] != M) continue;
+              for (int64_t c = next_escape(cp, 0, cols, M); c < cols; c = next_escape(cp, c + 1, cols, M)) {
                 const int64_t idx = row_index + c;
                 const int64_t* q = std::lower_bound(lo, old_idx + old_count, idx);
                 int64_t pos = q - old_idx;
@@ -475,8 +495,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
             auto& list = row_exc[mm];
             const float* Drow = Dn + mm * cols;
             const float* rrow = rn_p + j * cols;
-            for (int64_t c = 0; c < cols; ++c) {
-              if (cdst[c] != M) continue;
+            for (int64_t c = next_escape(cdst, 0, cols, M); c < cols; c = next_escape(cdst, c + 1, cols, M)) {
               const uint32_t wb = base[c];
               uint32_t wpb;
               if (merge_exact<K>(wb, Drow[c], p_new.s, rrow[c], ln, delta_scale, cv, &wpb)) {
