@@ -203,7 +203,9 @@ LORA_INLINE bool merge_exact(uint32_t wb, float D, float s, float rn, double ln,
 // (<= 2^-150 absolute per operation) by + 2^-140; overflow or NaN fail the test). If L < G, with G at most the
 // distance from W to the values whose ordinals are o(W) -+ M/2 (16-bit: the exact gaps to the neighbours; fp32:
 // |W| 2^-11, for 2^-100 <= |W| < 2^120), then lo > value(o(W) - M/2) and hi < value(o(W) + M/2) strictly, so
-// (monotone rounding; strictness settles +-0) both restores give o(W): kept, with the same W' and code.
+// (monotone rounding; strictness settles +-0) both restores give o(W): kept, with the same W' and code. For 16-bit
+// weights away from zero G extends to 1.25 gaps: it suffices that lo, hi round (double -> float -> T) to the
+// neighbours or nearer, i.e. lie strictly inside the rounding midpoints beyond them.
 template <int K>
 LORA_INLINE int64_t merge_row(const MergeArgs<K>& a) {
   using S = typename Tr<K>::S;
@@ -238,6 +240,11 @@ LORA_INLINE int64_t merge_row(const MergeArgs<K>& a) {
       float nf = to_float<K>(static_cast<uint32_t>(ord<K>(static_cast<uint32_t>(ow + 1))));
       float gl = wf - pf, gh = nf - wf;
       G = gl < gh ? gl : gh;
+      // away from zero the window reaches past the neighbours to the rounding midpoints beyond them: at least
+      // 1.25 G from W (the spacing at most halves once on the way), less a float ulp of slack so that float(lo)
+      // lies strictly past the midpoint (a tie there could round to the far side)
+      const float near_zero = K == BF16 ? 0x1p-130f : 0x1p-21f;
+      G = std::fabs(wf) < near_zero ? G : G * 1.25f - std::fabs(wf) * 0x1p-20f;
     }
     bool ok = finite<K>(wb) & (L < G);
     uint32_t cd = ok ? code_of<K>(ow) : Tr<K>::M;
