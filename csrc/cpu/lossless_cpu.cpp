@@ -313,25 +313,31 @@ int64_t restore_row_any(const RestoreArgs<K>& a) {
   else return restore_row_f16(a);
 }
 
-// the first c >= from with code[c] == M, else N (blocks of 64 tested with a vectorized OR first)
-template <typename T>
-LORA_INLINE int64_t next_escape_t(const T* __restrict c, int64_t i, int64_t N, uint32_t M) {
-  for (; i < N && (i & 63); ++i)
-    if (c[i] == M) return i;
-  for (; i + 64 <= N; i += 64) {
-    uint32_t acc = 0;
-    for (int q = 0; q < 64; ++q) acc |= static_cast<uint32_t>(c[i + q] == M);
-    if (acc) break;
+// calls fn(c) for every c < N with code[c] == M, in order: 8 (uint8 codes 0..3, M = 3) or 4 (uint16, M = 0xFFFF)
+// codes per 64-bit word, set lanes found with exact lane tests and ctz
+template <typename T, typename F>
+LORA_INLINE void for_each_escape(const T* code, int64_t N, F&& fn) {
+  constexpr int64_t L = 8 / sizeof(T);
+  int64_t i = 0;
+  for (; i + L <= N; i += L) {
+    uint64_t w;
+    std::memcpy(&w, code + i, 8);
+    uint64_t hit;
+    if constexpr (sizeof(T) == 1) {
+      hit = w & (w >> 1) & 0x0101010101010101ull;  // both bits set: code 3
+    } else {
+      const uint64_t t = ~w;  // lanes of 0xFFFF become 0: exact zero-lane test
+      const uint64_t lo = 0x7FFF7FFF7FFF7FFFull;
+      hit = ~(((t & lo) + lo) | t | lo);
+    }
+    while (hit) {
+      const int b = __builtin_ctzll(hit);
+      fn(i + b / (8 * static_cast<int>(sizeof(T))));
+      hit &= hit - 1;
+    }
   }
   for (; i < N; ++i)
-    if (c[i] == M) return i;
-  return N;
-}
-LORA_CLONES int64_t next_escape(const uint16_t* c, int64_t i, int64_t N, uint32_t M) {
-  return next_escape_t(c, i, N, M);
-}
-LORA_CLONES int64_t next_escape(const uint8_t* c, int64_t i, int64_t N, uint32_t M) {
-  return next_escape_t(c, i, N, M);
+    if (code[i] == (sizeof(T) == 1 ? 3u : 0xFFFFu)) fn(i);
 }
 
 LORA_CLONES void unpack2(const uint8_t* __restrict p, uint8_t* __restrict c, int64_t width) {
@@ -476,14 +482,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
             if (restore_row_any<K>(ra) > 0) {
               // escapes: the original bits from the list (searchsorted, as the reference), else left as they are
               const int64_t* lo = std::lower_bound(old_idx, old_idx + old_count, row_index);
-              for (int64_t c = next_escape(cp, 0, cols, M); c < cols; c = next_escape(cp, c + 1, cols, M)) {
+              for_each_escape(cp, cols, [&](int64_t c) {
                 const int64_t idx = row_index + c;
                 const int64_t* q = std::lower_bound(lo, old_idx + old_count, idx);
                 int64_t pos = q - old_idx;
-                if (old_count == 0) continue;
+                if (old_count == 0) return;
                 if (pos > old_count - 1) pos = old_count - 1;
                 if (old_idx[pos] == idx) dst[c] = static_cast<S>(static_cast<uint32_t>(old_bits[pos]));
-              }
+              });
             }
             base = dst;
           }
@@ -502,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
             auto& list = row_exc[mm];
             const float* Drow = Dn + mm * cols;
             const float* rrow = rn_p + j * cols;
-            for (int64_t c = next_escape(cdst, 0, cols, M); c < cols; c = next_escape(cdst, c + 1, cols, M)) {
+            for_each_escape(cdst, cols, [&](int64_t c) {
               const uint32_t wb = base[c];
               uint32_t wpb;
               if (merge_exact<K>(wb, Drow[c], p_new.s, rrow[c], ln, delta_scale, cv, &wpb)) {
@@ -511,7 +517,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
               } else {
                 list.push_back({c, wb, wpb});
               }
-            }
+            });
           }
           if constexpr (K != F32) {
             std::fill(cbuf.begin() + cols, cbuf.begin() + width * 4, 0);
