@@ -359,7 +359,14 @@ LORA_CLONES void pack2(const uint8_t* __restrict c, uint8_t* __restrict p, int64
 struct Pair {
   at::Tensor left, right;
   float s;
-  at::Tensor update(int64_t i, int64_t h) const { return at::mm(left.slice(0, i, i + h), right).contiguous(); }
+  // the reference's left[i:i+h] @ right (at::mm, i.e. mm_out into a fresh tensor), into a reused buffer
+  at::Tensor update(int64_t i, int64_t h, at::Tensor& buf) const {
+    if (!buf.defined() || buf.size(0) < h || buf.size(1) != right.size(1))
+      buf = at::empty({h, right.size(1)}, right.options());
+    at::Tensor out = buf.narrow(0, 0, h);
+    at::mm_out(out, left.slice(0, i, i + h), right);
+    return out;
+  }
 };
 
 Pair make_pair(const at::Tensor& A, const at::Tensor& B, double scale, int64_t n, int64_t j, bool transposed) {
@@ -447,6 +454,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
   const int64_t new_row_bytes = has_new ? codes.size(2) * codes.element_size() : 0;
 
   std::vector<std::vector<Exc>> row_exc;
+  at::Tensor buf_old, buf_new;
   for (int64_t j = 0; j < n; ++j) {
     const int64_t e = block_ids[j];
     Pair p_old, p_new;
@@ -455,8 +463,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
     for (int64_t i = 0; i < rows; i += step) {
       const int64_t h = std::min(step, rows - i);
       at::Tensor d_old, d_new;
-      if (has_old) d_old = p_old.update(i, h);
-      if (has_new) d_new = p_new.update(i, h);
+      if (has_old) d_old = p_old.update(i, h, buf_old);
+      if (has_new) d_new = p_new.update(i, h, buf_new);
       const float* Do = has_old ? d_old.data_ptr<float>() : nullptr;
       const float* Dn = has_new ? d_new.data_ptr<float>() : nullptr;
       row_exc.assign(has_new ? h : 0, {});
