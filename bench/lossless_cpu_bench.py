@@ -1,12 +1,13 @@
 """Lossy ops.merge_ / ops.swap_ against the C++ lossless pass (lora_ext.lossless_cpu) on a CPU weight:
 best of 5, side by side in one run. Usage: python bench/lossless_cpu_bench.py [size] [rank] [threads]"""
+import os
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__))))
-from lora_ext import lossless, lossless_cpu, ops  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lora_ext import lossless_cpu, ops  # noqa: E402
 
 
 def best(fn, reps=5):

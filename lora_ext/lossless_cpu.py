@@ -53,13 +53,25 @@ def _f32(scale) -> float:
     return torch.tensor(scale, dtype=torch.float32).item()
 
 
+def reference_pass():
+    """The pure-torch pass: lossless._pass_reference once lossless._pass dispatches to this backend (its body
+    renamed), else lossless._pass itself."""
+    return getattr(lossless, "_pass_reference", lossless._pass)
+
+
 def run_pass(module, weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
     """lossless._pass(weight, old, record, new, ...) with the compiled module: the new MergeRecord (None for an
     unmerge); on an exception overflow the weight is given back as the reference gives it back and
-    lossless.ExceptionOverflow raised with the reference's message."""
+    lossless.ExceptionOverflow raised with the reference's message. What the module does not take (no enabled
+    block, a weight off the CPU or with strided columns) goes to the reference pass."""
     block_ids = list(block_ids)
     if not block_ids or not supported(weight):
-        return lossless._pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
+        return reference_pass()(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
+    with torch.no_grad():
+        return _run(module, weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
+
+
+def _run(module, weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
     nan_bf16, f16_payload = nan_modes()
     n, rows, cols, _ = lossless.region(weight, num_blocks, block_ids, transposed)
     step = lossless._chunk(cols)

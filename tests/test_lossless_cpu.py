@@ -12,6 +12,7 @@ import torch
 from lora_ext import lossless, lossless_cpu
 
 INF = math.inf
+REF = lossless_cpu.reference_pass()  # the pure-torch pass, also once lossless._pass dispatches to the C++ one
 
 
 @pytest.fixture(scope="module")
@@ -76,17 +77,17 @@ def _round_trip(mod, W, layout, fdt, special, limit, gen, r=3):
     A2, B2 = _factors(W, nbk, bids, tr, r + 2, fdt, gen)
     w1, w2 = W.clone(), W.clone()
     # merge
-    r1 = lossless._pass(w1, None, None, (A1, B1, 1.7), nbk, bids, tr, limit, "merge_")
+    r1 = REF(w1, None, None, (A1, B1, 1.7), nbk, bids, tr, limit, "merge_")
     r2 = lossless_cpu.run_pass(mod, w2, None, None, (A1, B1, 1.7), nbk, bids, tr, limit, "merge_")
     assert _same(w1, w2)
     _assert_same_record(r1, r2)
     # swap
-    s1 = lossless._pass(w1, (A1, B1, 1.7), r1, (A2, B2, -0.6), nbk, bids, tr, limit, "swap_")
+    s1 = REF(w1, (A1, B1, 1.7), r1, (A2, B2, -0.6), nbk, bids, tr, limit, "swap_")
     s2 = lossless_cpu.run_pass(mod, w2, (A1, B1, 1.7), r2, (A2, B2, -0.6), nbk, bids, tr, limit, "swap_")
     assert _same(w1, w2)
     _assert_same_record(s1, s2)
     # unmerge
-    assert lossless._pass(w1, (A2, B2, -0.6), s1, None, nbk, bids, tr, None, "unmerge_") is None
+    assert REF(w1, (A2, B2, -0.6), s1, None, nbk, bids, tr, None, "unmerge_") is None
     assert lossless_cpu.run_pass(mod, w2, (A2, B2, -0.6), s2, None, nbk, bids, tr, None, "unmerge_") is None
     assert _same(w1, w2)
     assert _same(w2, W)
@@ -124,11 +125,11 @@ def test_large_updates_and_nonfinite_factors(mod, dtype):
     A[1, 5] = float("inf")
     B[7, 2] = float("nan")
     w1, w2 = W.clone(), W.clone()
-    r1 = lossless._pass(w1, None, None, (A, B, 2.0), 1, [0], False, INF, "merge_")
+    r1 = REF(w1, None, None, (A, B, 2.0), 1, [0], False, INF, "merge_")
     r2 = lossless_cpu.run_pass(mod, w2, None, None, (A, B, 2.0), 1, [0], False, INF, "merge_")
     assert _same(w1, w2)
     _assert_same_record(r1, r2)
-    lossless._pass(w1, (A, B, 2.0), r1, None, 1, [0], False, None, "unmerge_")
+    REF(w1, (A, B, 2.0), r1, None, 1, [0], False, None, "unmerge_")
     lossless_cpu.run_pass(mod, w2, (A, B, 2.0), r2, None, 1, [0], False, None, "unmerge_")
     assert _same(w1, w2) and _same(w2, W)
 
@@ -145,7 +146,7 @@ def test_overflow_refused(mod, dtype, transposed):
         w = W.clone()
         with pytest.raises(lossless.ExceptionOverflow) as err:
             if impl == "ref":
-                lossless._pass(w, None, None, (A, B, 1.0), 1, [0], transposed, None, "merge_")
+                REF(w, None, None, (A, B, 1.0), 1, [0], transposed, None, "merge_")
             else:
                 lossless_cpu.run_pass(mod, w, None, None, (A, B, 1.0), 1, [0], transposed, None, "merge_")
         assert _same(w, W)  # nothing changed (+0 bits included)
@@ -165,10 +166,10 @@ def test_swap_overflow_gives_the_base(mod, dtype):
     out, msgs = [], []
     for impl in ("ref", "cpu"):
         w = W.clone()
-        rec = lossless._pass(w, None, None, (A1, B1, 1.0), 1, [0], False, None, "merge_")
+        rec = REF(w, None, None, (A1, B1, 1.0), 1, [0], False, None, "merge_")
         with pytest.raises(lossless.ExceptionOverflow) as err:
             if impl == "ref":
-                lossless._pass(w, (A1, B1, 1.0), rec, (A2, B2, 1.0), 1, [0], False, None, "swap_")
+                REF(w, (A1, B1, 1.0), rec, (A2, B2, 1.0), 1, [0], False, None, "swap_")
             else:
                 lossless_cpu.run_pass(mod, w, (A1, B1, 1.0), rec, (A2, B2, 1.0), 1, [0], False, None, "swap_")
         out.append(w)
@@ -183,11 +184,11 @@ def test_record_from_the_reference_is_read(mod):
     W = _weight((50, 70), torch.bfloat16, True, gen)
     A, B = _factors(W, 1, [0], False, 4, torch.float32, gen)
     w = W.clone()
-    rec = lossless._pass(w, None, None, (A, B, 1.3), 1, [0], False, INF, "merge_")
+    rec = REF(w, None, None, (A, B, 1.3), 1, [0], False, INF, "merge_")
     lossless_cpu.run_pass(mod, w, (A, B, 1.3), rec, None, 1, [0], False, None, "unmerge_")
     assert _same(w, W)
     rec = lossless_cpu.run_pass(mod, w, None, None, (A, B, 1.3), 1, [0], False, INF, "merge_")
-    lossless._pass(w, (A, B, 1.3), rec, None, 1, [0], False, None, "unmerge_")
+    REF(w, (A, B, 1.3), rec, None, 1, [0], False, None, "unmerge_")
     assert _same(w, W)
 
 
@@ -199,7 +200,7 @@ def test_fallback_for_what_it_does_not_take(mod):
     w1 = W.clone()
     w2 = W.t().contiguous().t()
     assert w2.stride(1) != 1
-    r1 = lossless._pass(w1, None, None, (A, B, 1.0), 1, [0], False, None, "merge_")
+    r1 = REF(w1, None, None, (A, B, 1.0), 1, [0], False, None, "merge_")
     r2 = lossless_cpu.run_pass(mod, w2, None, None, (A, B, 1.0), 1, [0], False, None, "merge_")
     assert torch.equal(w1.view(torch.int32), w2.contiguous().view(torch.int32))
     _assert_same_record(r1, r2)
