@@ -1,7 +1,8 @@
 """Build lora_ext.
 
 Without torch visible to the build (a plain `pip install .` runs in an isolated build environment) this
-stops with instructions. With torch it always builds the CPU simulator module lora_ext._sim (g++ only),
+stops with instructions. With torch it always builds the CPU simulator module lora_ext._sim and the CPU
+lossless pass lora_ext._cpu (g++ only),
 and builds the CUDA kernels as lora_ext._C when torch has CUDA and nvcc is found.
 
 Environment:
@@ -141,6 +142,18 @@ def extensions(torch, cpp_extension):
                 sim_sources,
                 include_dirs=include + [os.path.join(cuda_home or "/usr/local/cuda", "include")],
                 extra_compile_args=["-O2"],
+            )
+        )
+    cpu_sources = _rel("csrc/cpu/*.cpp")
+    if cpu_sources:
+        # The CPU lossless pass (lora_ext/lossless_cpu.py). -ffp-contract=off keeps a*b+c unfused in the
+        # AVX2/AVX-512 clones (bit-identity with the pure-torch reference); -fno-trapping-math lets the float16
+        # loops vectorize without changing any rounding.
+        exts.append(
+            cpp_extension.CppExtension(
+                "lora_ext._cpu",
+                cpu_sources,
+                extra_compile_args=["-O3", "-ffp-contract=off", "-fno-trapping-math"],
             )
         )
     cuda_sources = _rel("csrc/ops/*.cu") + _rel("csrc/bindings.cpp")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import lossless, ops
-from .named_adapters import MERGED, NamedAdapters
+from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
 from .streams import StreamOrder
 
 
@@ -140,8 +140,10 @@ class LoRALayer(NamedAdapters):
         if w.dtype != torch.float16 or not w.numel():
             return
         tensors = [w] + [t for A, B, _ in adapters for t in (A, B)]
-        maxes = torch.stack([t.detach().abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
-                             for t in tensors]).tolist()
+        # W's finite elements: what is inf or NaN already stays so (a lossless merge keeps it as an exception)
+        maxes = torch.stack([w.detach().abs().nan_to_num_(0.0, 0.0, 0.0).amax().float()] + [
+            t.detach().abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
+            for t in tensors[1:]]).tolist()
         update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[1::2], maxes[2::2]))
         if not maxes[0] + update <= torch.finfo(torch.float16).max:
             raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
@@ -153,15 +155,17 @@ class LoRALayer(NamedAdapters):
         self._fp16_room((self.lora_A, self.lora_B, self.scaling))
         exact = self._lossless_now()
         self._streams.write(self._weight_2d().device)
-        try:
-            with torch.no_grad():
-                record = ops.merge_(self._weight_2d(), self.lora_A, self.lora_B, self.scaling, lossless=exact,
-                                    **self._layout())
-        except lossless.ExceptionOverflow as err:  # nothing was written
-            raise lossless.ExceptionOverflow(f"{self._describe()} adapter {self.active_adapter!r}: {err}") from None
         known = self._known_finite(self.active_adapter)
-        self._set_merged(self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling, record)
-        self._stamp_finite(MERGED, known)
+        snapshot = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
+        with deferred_interrupt():
+            try:
+                with torch.no_grad():
+                    record = ops.merge_(self._weight_2d(), *snapshot, lossless=exact, **self._layout())
+            except lossless.ExceptionOverflow as err:  # nothing was written
+                raise lossless.ExceptionOverflow(f"{self._describe()} adapter {self.active_adapter!r}: "
+                                                 f"{err}") from None
+            self._set_merged(*snapshot, record)
+            self._stamp_finite(MERGED, known)
 
     def _unmerge_from(self, weight_2d: Tensor):
         ops.unmerge_(weight_2d, self._merged_A, self._merged_B, self._merged_scaling, record=self._merged_record,
@@ -169,10 +173,11 @@ class LoRALayer(NamedAdapters):
 
     def _unmerge(self):
         self._streams.write(self._weight_2d().device)
-        with torch.no_grad():
-            self._unmerge_from(self._weight_2d())
-        self._set_merged(None, None, None)
-        self._finite_stamps.pop(MERGED, None)
+        with deferred_interrupt():
+            with torch.no_grad():
+                self._unmerge_from(self._weight_2d())
+            self._set_merged(None, None, None)
+            self._finite_stamps.pop(MERGED, None)
 
     def _swap_merged(self, lora_A: Tensor, lora_B: Tensor, scaling: float):
         """When merged, replaces the merged adapter by (lora_A, lora_B, scaling) in one pass over the weight
@@ -184,46 +189,78 @@ class LoRALayer(NamedAdapters):
             ops.check_finite("the merged adapter", self._merged_A, self._merged_B, self._merged_scaling)
         self._fp16_room((self._merged_A, self._merged_B, self._merged_scaling), (lora_A, lora_B, scaling))
         self._streams.write(self._weight_2d().device)
-        try:
-            with torch.no_grad():
-                record = ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
-                                   lora_A, lora_B, scaling, check_values=False, record=self._merged_record,
-                                   **self._layout())
-        except lossless.ExceptionOverflow as err:  # the old merge is back, bit for bit
-            self.__dict__["_merged_record"] = getattr(err, "record", self._merged_record)
-            raise lossless.ExceptionOverflow(f"{self._describe()}, switching from adapter {self.active_adapter!r}: "
-                                             f"{err}") from None
-        self._set_merged(lora_A.clone(), lora_B.clone(), scaling, record)
-        self._stamp_finite(MERGED)
+        snapshot = (lora_A.clone(), lora_B.clone(), scaling)
+        with deferred_interrupt():
+            try:
+                with torch.no_grad():
+                    record = ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
+                                       *snapshot, check_values=False, record=self._merged_record, **self._layout())
+            except lossless.ExceptionOverflow as err:  # the old merge is back, bit for bit
+                self.__dict__["_merged_record"] = getattr(err, "record", self._merged_record)
+                raise lossless.ExceptionOverflow(f"{self._describe()}, switching from adapter "
+                                                 f"{self.active_adapter!r}: {err}") from None
+            self._set_merged(*snapshot, record)
+            self._stamp_finite(MERGED)
 
     def _apply(self, fn, recurse=True):
-        """module.to(...) and the like on a losslessly merged layer. A move keeps the merge and moves the record
-        (records are exact on every backend). A dtype change gives the base back exactly, converts it and merges
-        the snapshot again, losslessly (also into float32, so that .float() then .bfloat16() gives back the
-        exact base)."""
-        record = self.__dict__.get("_merged_record")
-        if record is None:
+        """module.to(...) and the like on a merged layer. A move keeps the merge, the snapshot of what is merged
+        (in its own dtype) and the record (records are exact on every backend). A dtype change gives the base
+        back (exactly when there is a record), converts it and merges the snapshot again, losslessly where the
+        layer was lossless or its new dtype is by default (so .float() then .bfloat16() gives back the exact
+        base). To meta, or to a layout the merge cannot write (a channels_last convolution), the layer is left
+        unmerged: forwards add the adapter on the fly."""
+        if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return super()._apply(fn, recurse)
         with self._lock:
             w = self._weight_2d()
-            probe = fn(torch.empty(0, dtype=w.dtype, device=w.device))
-            if probe.dtype == w.dtype:
-                module = super()._apply(fn, recurse)
-                self.__dict__["_merged_record"] = record.to(self._weight_2d().device)
-                return module
-            self._unmerge_from(w)
+            new_dtype = fn(torch.empty(0, dtype=w.dtype, device=w.device)).dtype
+            record = self._merged_record
+            if new_dtype != w.dtype and self.lossless and new_dtype not in lossless.RECORD_DTYPES:
+                raise ValueError(f"{self._describe()}: lossless=True takes float16, bfloat16 or float32 weights, "
+                                 f"not {new_dtype} (unmerge first, or set lossless=False or None)")
             snapshot = (self._merged_A, self._merged_B, self._merged_scaling)
+            if new_dtype == w.dtype:
+                module = super()._apply(fn, recurse)
+                weight = self.get_parameter(self._weight_key)
+                if weight.is_meta or weight.is_contiguous():
+                    device = weight.device
+                    self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(device) for t in snapshot[:2])
+                    if record is not None:
+                        self.__dict__["_merged_record"] = record.to(device)
+                    if weight.is_meta:
+                        self._set_merged(None, None, None)
+                        self.merged = False
+                    return module
+                # a layout the merge cannot write in place: unmerge on a contiguous copy
+                with torch.no_grad():
+                    base = weight.contiguous()
+                    self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(base.device) for t in snapshot[:2])
+                    if record is not None:
+                        self.__dict__["_merged_record"] = record.to(base.device)
+                    self._unmerge_from(self._as_2d(base))
+                    weight.copy_(base)
+                self._set_merged(None, None, None)
+                self.merged = False
+                return module
+            with torch.no_grad():
+                self._unmerge_from(w)
             self._set_merged(None, None, None)
+            self.merged = False  # until the merge below: a refused one leaves the layer unmerged, consistently
             module = super()._apply(fn, recurse)
-            A, B, s = fn(snapshot[0]), fn(snapshot[1]), snapshot[2]
             w = self._weight_2d()
             if w.is_meta:
-                self.merged = False  # nothing to merge into: forwards add the adapter on the fly
                 return module
-            exact = self.lossless is not False and w.dtype in lossless.RECORD_DTYPES  # stays lossless
-            with torch.no_grad():
-                record = ops.merge_(w, A, B, s, lossless=exact, **self._layout())
+            A, B, s = fn(snapshot[0]), fn(snapshot[1]), snapshot[2]
+            exact = (self.lossless is not False and (record is not None or self._lossless_now())
+                     and w.dtype in lossless.RECORD_DTYPES)
+            try:
+                with torch.no_grad():
+                    record = ops.merge_(w, A, B, s, lossless=exact, **self._layout())
+            except lossless.ExceptionOverflow as err:
+                raise lossless.ExceptionOverflow(f"{self._describe()} adapter {self.active_adapter!r}, merged again "
+                                                 f"into {w.dtype}: {err}; the layer is left unmerged") from None
             self._set_merged(A, B, s, record)
+            self.merged = True
             return module
 
     def train(self, mode: bool = True):
@@ -258,7 +295,7 @@ class LoRALayer(NamedAdapters):
             if self.merged and self._merged_A is not None:
                 prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
                 key = prefix + self._weight_key
-                base = state[key].detach().clone()
+                base = state[key].detach().clone(memory_format=torch.contiguous_format)
                 with torch.no_grad():
                     self._unmerge_from(self._as_2d(base))
                 state[key] = base
@@ -431,6 +468,11 @@ class ConvLoRA(LoRALayer, nn.Module):
         return (r * k0, c.in_channels * rest), (c.out_channels // c.groups * k0, r * k0)
 
     def _as_2d(self, weight):
+        if not weight.is_contiguous():
+            raise ValueError(f"{type(self).__name__}: a merge writes the conv weight as a ({self.lora_B.shape[0]}, "
+                             f"{self.lora_A.shape[1]}) matrix in place, which needs it contiguous; this one has "
+                             f"strides {weight.stride()} (channels_last?): convert it with "
+                             f".to(memory_format=torch.contiguous_format) to merge, or keep it unmerged")
         return weight.view(self.lora_B.shape[0], self.lora_A.shape[1])
 
     def _weight_2d(self):

@@ -29,6 +29,11 @@ from torch import Tensor
 
 from . import reference
 
+try:
+    from . import _cpu
+except ImportError:
+    _cpu = None
+
 LOSSY_DTYPES = (torch.float16, torch.bfloat16)  # lossless by default (their merges round at 8-11 bits)
 RECORD_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
@@ -268,7 +273,48 @@ def swap_(weight, old, record, new, num_blocks, block_ids, transposed, limit=Non
         raise
 
 
+def _undo(weight, done, old, new, codes, exc_i, exc_b, n, num_blocks, block_ids, transposed):
+    """Puts back the row chunks a pass wrote before it was interrupted: each is restored with the new adapter's
+    codes (a merge or a switch) and merged again with the old adapter (an unmerge or a switch), which gives its
+    bits as they were (the same arithmetic on the same backend). The last chunk may or may not have been
+    written when the interruption came: it is put back only if it holds what was to be written."""
+    dtype = weight.dtype
+    m = modulus(dtype)
+    _, rows, cols, _ = region(weight, num_blocks, block_ids, transposed)
+    blocks = dict(_blocks(weight, num_blocks, block_ids, transposed))
+    exc_index = torch.cat(exc_i) if exc_i else torch.zeros(0, dtype=torch.long)
+    exc_bits = torch.cat(exc_b) if exc_b else torch.zeros(0, dtype=torch.int32)
+    if old is not None:
+        ln_all, rn_all = norms(old[0], old[1], n, transposed)
+    for k, (j, i, h, written) in enumerate(done):
+        w = blocks[j][i:i + h]
+        if k == len(done) - 1 and not torch.equal(w.view(_INT[dtype]), written.view(_INT[dtype])):
+            continue  # interrupted before this chunk's write
+        base = w
+        if new is not None:
+            p_new = _Pair(*new, n, j, transposed)
+            base = _restore_rows(w, p_new.update(i, h), codes[j, i:i + h], dtype, m, (j * rows + i) * cols,
+                                 exc_index, exc_bits)
+        if old is not None:
+            p_old = _Pair(*old, n, j, transposed)
+            base, _, _ = _merge_rows(base, p_old.update(i, h), dtype, m, gamma(p_old.rank) * abs(p_old.scale),
+                                     ln_all[j, i:i + h], rn_all[j])
+        w.copy_(base)
+
+
 def _pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
+    """One lossless merge (old None), unmerge (new None) or switch over the enabled blocks of a CPU weight: the
+    C++ pass (lora_ext._cpu, lossless_cpu.py: the same bits, one fused loop per row chunk) where it is built,
+    else the pure-torch reference below."""
+    if _cpu is not None:
+        from . import lossless_cpu
+        return lossless_cpu.run_pass(_cpu, weight, old, record, new, num_blocks, block_ids, transposed, limit,
+                                     where)
+    return _pass_reference(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
+
+
+def _pass_reference(weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
+    """The pure-torch pass, row chunk by row chunk; an error or Ctrl-C part way puts the written chunks back."""
     dtype = weight.dtype
     m = modulus(dtype)
     n, rows, cols, _ = region(weight, num_blocks, block_ids, transposed)
@@ -278,32 +324,39 @@ def _pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, wh
         ln_all, rn_all = norms(new[0], new[1], n, transposed)
     exc_i, exc_b = [], []
     step = _chunk(cols)
-    for j, blk in _blocks(weight, num_blocks, block_ids, transposed):
-        p_old = _Pair(*old, n, j, transposed) if old is not None else None
-        p_new = _Pair(*new, n, j, transposed) if new is not None else None
-        if p_new is not None:
-            delta_scale = gamma(p_new.rank) * abs(p_new.scale)
-        for i in range(0, rows, step):
-            h = min(step, rows - i)
-            w = blk[i:i + h]
-            base_index = (j * rows + i) * cols
-            if p_old is not None:
-                base = _restore_rows(w, p_old.update(i, h), record.codes[j, i:i + h], dtype, m, base_index,
-                                     record.exc_index, record.exc_bits)
-            else:
-                base = w
-            if p_new is None:
-                w.copy_(base)
-                continue
-            wp, code, bad = _merge_rows(base, p_new.update(i, h), dtype, m, delta_scale, ln_all[j, i:i + h],
-                                        rn_all[j])
-            codes[j, i:i + h] = _pack(code, dtype, width)
-            if bool(bad.any()):
-                flat = bad.reshape(-1).nonzero().squeeze(1)
-                exc_i.append(flat + base_index)
-                exc_b.append(base.view(_INT[dtype]).reshape(-1)[flat].int() & (0xFFFF if dtype != torch.float32
-                                                                                 else -1))
-            w.copy_(wp)
+    done = []  # the row chunks written: an error or Ctrl-C part way puts them back (see _undo)
+    try:
+        for j, blk in _blocks(weight, num_blocks, block_ids, transposed):
+            p_old = _Pair(*old, n, j, transposed) if old is not None else None
+            p_new = _Pair(*new, n, j, transposed) if new is not None else None
+            if p_new is not None:
+                delta_scale = gamma(p_new.rank) * abs(p_new.scale)
+            for i in range(0, rows, step):
+                h = min(step, rows - i)
+                w = blk[i:i + h]
+                base_index = (j * rows + i) * cols
+                if p_old is not None:
+                    base = _restore_rows(w, p_old.update(i, h), record.codes[j, i:i + h], dtype, m, base_index,
+                                         record.exc_index, record.exc_bits)
+                else:
+                    base = w
+                if p_new is None:
+                    done.append((j, i, h, base))
+                    w.copy_(base)
+                    continue
+                wp, code, bad = _merge_rows(base, p_new.update(i, h), dtype, m, delta_scale, ln_all[j, i:i + h],
+                                            rn_all[j])
+                codes[j, i:i + h] = _pack(code, dtype, width)
+                if bool(bad.any()):
+                    flat = bad.reshape(-1).nonzero().squeeze(1)
+                    exc_i.append(flat + base_index)
+                    exc_b.append(base.view(_INT[dtype]).reshape(-1)[flat].int() & (0xFFFF if dtype != torch.float32
+                                                                                     else -1))
+                done.append((j, i, h, wp))
+                w.copy_(wp)
+    except BaseException:
+        _undo(weight, done, old, new, codes, exc_i, exc_b, n, num_blocks, block_ids, transposed)
+        raise
     if new is None:
         return None
     rec = MergeRecord(codes, torch.cat(exc_i) if exc_i else torch.zeros(0, dtype=torch.long),
@@ -314,20 +367,6 @@ def _pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, wh
         unmerge_(weight, *new, rec, num_blocks, block_ids, transposed)
         raise ExceptionOverflow(overflow_message(where, rec.exceptions, limit, n * rows * cols))
     return rec
-
-
-def restore_into(out: Tensor, weight: Tensor, lora_A, lora_B, scale, record: MergeRecord, num_blocks, block_ids,
-                 transposed) -> None:
-    """out (a copy of the merged weight, any device) becomes the exact base (state_dict of a merged layer)."""
-    if out.device != record.codes.device:
-        record = record.to(out.device)
-    if out.device.type == "cpu":
-        unmerge_(out, lora_A.to(out.device), lora_B.to(out.device), scale, record, num_blocks, block_ids,
-                 transposed)
-    else:
-        from . import ops
-        ops.unmerge_(out, lora_A, lora_B, scale, record=record, num_blocks=num_blocks, block_ids=block_ids,
-                     transposed=transposed)
 
 
 def describe(record: Optional[MergeRecord]) -> str:

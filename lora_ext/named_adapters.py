@@ -13,7 +13,10 @@ adapters are copied, and the live factors get storage of their own when they bec
 outside the layer shares storage with them under another version counter. Writes through `.data` bypass
 version counters, as they bypass autograd's checks: after such writes, call `check_values`.
 """
+import contextlib
 import math
+import signal
+import threading
 import unicodedata
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -45,6 +48,31 @@ def _unchanged(stamp, lora_A, lora_B):
     return (stamp is not None and stamp[0]() is lora_A and stamp[3]() is lora_B
             and stamp[1] == lora_A._version and stamp[4] == lora_B._version
             and stamp[2] == lora_A.data_ptr() and stamp[5] == lora_B.data_ptr())
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Holds back Ctrl-C (SIGINT) while a weight and its bookkeeping are written, and delivers it right after:
+    a KeyboardInterrupt then lands between whole merges or switches, never inside one (the model-level switch
+    puts every layer back when it does). Only the main thread receives signals; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(frame))
+    except ValueError:  # not the main interpreter
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            if callable(previous):
+                previous(signal.SIGINT, caught[0])
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
 
 
 MAX_NAME = 255  # a file name's limit on common file systems: peft saves an adapter under its name
@@ -214,7 +242,8 @@ class NamedAdapters:
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
         with self._lock:
             if name == self.active_adapter:
-                self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy
+                with deferred_interrupt():
+                    self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy
             else:
                 self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
                 self._stamp_finite(name)
@@ -247,13 +276,14 @@ class NamedAdapters:
             else:  # copies: a serving switch writes the new factors into the live storage
                 old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
                        self.scaling)
-            self._activate(name, lora_A, lora_B, scaling)
-            self._streams.retire(lora_A, lora_B)
-            del self._adapters[name]
-            self._adapters[old_name] = old
-            # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
-            self.__dict__.update(active_adapter=name, _active_home=home)
-            self._stamp_finite(old_name, old_known)
+            with deferred_interrupt():  # Ctrl-C lands before or after the whole switch
+                self._activate(name, lora_A, lora_B, scaling)
+                self._streams.retire(lora_A, lora_B)
+                del self._adapters[name]
+                self._adapters[old_name] = old
+                # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
+                self.__dict__.update(active_adapter=name, _active_home=home)
+                self._stamp_finite(old_name, old_known)
 
     def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and

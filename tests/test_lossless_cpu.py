@@ -1,8 +1,7 @@
 """The C++ CPU lossless pass (csrc/cpu/lossless_cpu.cpp via lora_ext.lossless_cpu.run_pass) against the
 pure-torch reference lossless._pass: the same weight bits, codes, exception list and refusals.
 
-The module is compiled here with torch.utils.cpp_extension.load (cached in /tmp/lora_cpu_build; a cold build
-takes about 40-60 s on two cores)."""
+The module is lora_ext._cpu, which setup.py always builds (beside lora_ext._sim)."""
 import math
 import zlib
 
@@ -17,7 +16,8 @@ REF = lossless_cpu.reference_pass()  # the pure-torch pass, also once lossless._
 
 @pytest.fixture(scope="module")
 def mod():
-    return lossless_cpu.build()
+    from lora_ext import _cpu
+    return _cpu
 
 
 def _bits(t):

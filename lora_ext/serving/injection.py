@@ -323,7 +323,7 @@ def _plain(layer):
     if isinstance(layer, layers.ConvLoRA):
         return layer.conv
     origin = getattr(layer, "_injected_from", None)
-    weight, bias = layer.weight, layer.bias
+    weight, bias = layer.weight, getattr(layer, "bias", None)
     with torch.device("meta"):
         if isinstance(layer, layers.Embedding):
             plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
@@ -333,8 +333,8 @@ def _plain(layer):
             plain = origin(layer.out_features, layer.in_features)
         else:
             plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
-    if layer.fan_in_fan_out and not (origin is not None and origin is _hf_conv1d()) \
-            and not isinstance(layer, layers.Embedding):
+    if not isinstance(layer, layers.Embedding) and layer.fan_in_fan_out \
+            and not (origin is not None and origin is _hf_conv1d()):
         weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
     plain.weight = weight
     if bias is not None:
