@@ -539,6 +539,48 @@ def _linear_backward(ctx, grad):
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
 
 
+# ---------------------------------------------------------------------------------------------------
+# autocast: lora_ext.linear follows autocast as F.linear does (its floating inputs in autocast's dtype, the op
+# with autocast off). The rule is registered for the custom op (torch.compile and autograd reach the op through
+# the dispatcher) and applied by ops.linear itself on the paths that call the implementation directly.
+# embedding and delta_weight need none: an embedding lookup is not autocast (loralib's result stays in the
+# weight's dtype), and a convolution casts its own inputs.
+
+
+def _autocast_dtype(t) -> Optional[torch.dtype]:
+    """The dtype autocast gives matmuls on t's device now, or None where autocast is off."""
+    if not isinstance(t, Tensor):
+        return None
+    device_type = t.device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(dtype, tensors):
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
+_autocast_lib = torch.library.Library("lora_ext", "FRAGMENT")
+
+
+def _register_autocast(op_name: str, device_type: str) -> None:
+    key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    excluded = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+    overload = getattr(torch.ops.lora_ext, op_name).default
+
+    def rule(_keyset, *args):
+        cast = _autocast_cast(torch.get_autocast_dtype(device_type), args)
+        with torch._C._ExcludeDispatchKeyGuard(excluded):
+            return overload(*cast)
+
+    _autocast_lib.impl(op_name, rule, key, with_keyset=True)
+
+
+for _device_type in ("cpu", "cuda"):
+    _register_autocast("linear", _device_type)
+
+
 def _check_scale_tensor(scale_tensor, device, where):
     if scale_tensor is not None and not (isinstance(scale_tensor, Tensor) and scale_tensor.dtype == torch.float32
                                          and scale_tensor.numel() == 1 and scale_tensor.device == device):
@@ -577,6 +619,14 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     it when they run, so a captured CUDA graph follows later in-place changes of it. The other paths use
     `scale`: the caller keeps the two equal."""
     _check_scale(scale)
+    cast = _autocast_dtype(x)
+    if cast is not None and not torch.compiler.is_compiling():
+        # as the registered autocast rule (below) does for the custom op, on every path: the floating inputs in
+        # autocast's dtype, the op itself with autocast off
+        tensors = _autocast_cast(cast, (x, x_lora, weight, bias, lora_A, lora_B))
+        with torch.autocast(x.device.type, enabled=False):
+            return linear(*tensors, scale, num_blocks=num_blocks, block_ids=block_ids,
+                          fan_in_fan_out=fan_in_fan_out, scale_tensor=scale_tensor)
     args = (x, x_lora, weight, bias, lora_A, lora_B, float(scale), num_blocks, list(block_ids),
             bool(fan_in_fan_out))
     if _fast_path(x, args[:6]):
