@@ -42,10 +42,26 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
                 own[1].requires_grad = True
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers (as torch.distributed.checkpoint's
+    get_model_state_dict sees it)."""
+    from torch.nn.parallel import DistributedDataParallel
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     """The LoRA layers' lora_A/lora_B (and biases, by the same modes as mark_only_lora_as_trainable),
-    keyed as in model.state_dict()."""
+    keyed as in model.state_dict() of the model inside DistributedDataParallel and torch.compile wrappers (no
+    "module." or "_orig_mod." prefix, as torch.distributed.checkpoint's get_model_state_dict): it loads into the
+    plain model (load into a wrapped one through its .module)."""
     _check_bias(bias)
+    model = unwrap(model)
     out = {}
     for prefix, m in _lora_layers(model):
         if m.has_lora:

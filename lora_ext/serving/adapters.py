@@ -184,7 +184,33 @@ def set_adapter(model: nn.Module, name: str) -> None:
     """Makes adapter `name` active in every lora_ext layer. All layers are checked (they hold it, its
     values are finite) before the first one changes."""
     with model_lock(model).write():  # the layers listed inside: a concurrent load may inject more
-        _set_adapter(_layers_or_raise(model), name)
+        found = _layers_or_raise(model)
+        _check_ddp_switch(model, found, name)
+        _set_adapter(found, name)
+
+
+def _check_ddp_switch(model, found, name):
+    """DistributedDataParallel holds the Parameters it was built with and synchronises only their gradients. A
+    switch of trainable factors registers the new adapter's own Parameter pair (of its rank): refused under DDP,
+    before anything changes, with what to rebuild. Serving switches (factors that do not require grad) are not
+    DDP's business and go through."""
+    from torch.nn.parallel import DistributedDataParallel
+    wrapped = model
+    while not isinstance(wrapped, DistributedDataParallel) and isinstance(getattr(wrapped, "_orig_mod", None),
+                                                                          nn.Module):
+        wrapped = wrapped._orig_mod
+    if not isinstance(wrapped, DistributedDataParallel):
+        return
+    for layer_name, m in found:
+        if name != m.active_adapter and m.has_adapter(name) and m._trainable():
+            A = m.get_adapter(name)[0]
+            raise ValueError(
+                f"set_adapter: the model is wrapped in DistributedDataParallel, which synchronises the gradients of "
+                f"the Parameters it was built with; switching the trainable factors of {layer_name!r} from "
+                f"{m.active_adapter!r} (rank {m.r}) to {name!r} (rank {m.rank_of(A)}) gives the layer other "
+                f"Parameters, whose gradients it would not synchronise. Switch the inner model and wrap it again: "
+                f"lora.set_adapter(ddp.module, {name!r}); ddp = DistributedDataParallel(ddp.module, ...) (and an "
+                f"optimizer over the new adapter's parameters)")
 
 
 def _set_adapter(found, name):
