@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import lossless, ops
+from . import lossless, ops, sharded
 from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
 from .streams import StreamOrder
 
@@ -120,6 +120,9 @@ class LoRALayer(NamedAdapters):
         self._merged_scaling = scaling
         self.__dict__["_merged_record"] = record
 
+    def _sharded(self) -> bool:
+        return sharded.is_dtensor(self._weight_param())
+
     def _lossless_now(self) -> bool:
         """Whether the next merge writes a lossless record: `lossless` if set, else on for float16/bfloat16
         weights (their merges round at 8-11 bits; a float32 merge loses ~1e-7 relative per switch, and its
@@ -141,9 +144,9 @@ class LoRALayer(NamedAdapters):
             return
         tensors = [w] + [t for A, B, _ in adapters for t in (A, B)]
         # W's finite elements: what is inf or NaN already stays so (a lossless merge keeps it as an exception)
-        maxes = torch.stack([w.detach().abs().nan_to_num_(0.0, 0.0, 0.0).amax().float()] + [
-            t.detach().abs().amax().float() if t.numel() else t.new_zeros((), dtype=torch.float32)
-            for t in tensors[1:]]).tolist()
+        maxes = torch.stack([sharded.full(w.detach().abs().nan_to_num_(0.0, 0.0, 0.0).amax()).float()] + [
+            sharded.full(t.detach().abs().amax()).float() if t.numel()
+            else sharded.local(t).new_zeros((), dtype=torch.float32) for t in tensors[1:]]).tolist()
         update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[1::2], maxes[2::2]))
         if not maxes[0] + update <= torch.finfo(torch.float16).max:
             raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
@@ -160,22 +163,36 @@ class LoRALayer(NamedAdapters):
         with deferred_interrupt():
             try:
                 with torch.no_grad():
-                    record = ops.merge_(self._weight_2d(), *snapshot, lossless=exact, **self._layout())
+                    record = self._merge_into(self._weight_param(), *snapshot, exact)
             except lossless.ExceptionOverflow as err:  # nothing was written
                 raise lossless.ExceptionOverflow(f"{self._describe()} adapter {self.active_adapter!r}: "
                                                  f"{err}") from None
             self._set_merged(*snapshot, record)
             self._stamp_finite(MERGED, known)
 
-    def _unmerge_from(self, weight_2d: Tensor):
-        ops.unmerge_(weight_2d, self._merged_A, self._merged_B, self._merged_scaling, record=self._merged_record,
-                     **self._layout())
+    def _weight_param(self) -> Tensor:
+        return self.get_parameter(self._weight_key)
+
+    def _merge_into(self, weight: Tensor, A: Tensor, B: Tensor, s: float, exact: bool):
+        """(A, B, s) merged into `weight` (the weight parameter, or a tensor of its shape): the record of a
+        lossless merge (a list of them for a sharded weight: one per part of the local shard), else None."""
+        if sharded.is_dtensor(weight):
+            return sharded.merge_(weight, A, B, s, lossless=exact, where=self._describe(), **self._layout())
+        return ops.merge_(self._as_2d(weight), A, B, s, lossless=exact, **self._layout())
+
+    def _unmerge_from(self, weight: Tensor):
+        """What is merged taken out of `weight` (the weight parameter, or a copy of it)."""
+        args = (self._merged_A, self._merged_B, self._merged_scaling)
+        if sharded.is_dtensor(weight):
+            sharded.unmerge_(weight, *args, record=self._merged_record, where=self._describe(), **self._layout())
+        else:
+            ops.unmerge_(self._as_2d(weight), *args, record=self._merged_record, **self._layout())
 
     def _unmerge(self):
         self._streams.write(self._weight_2d().device)
         with deferred_interrupt():
             with torch.no_grad():
-                self._unmerge_from(self._weight_2d())
+                self._unmerge_from(self._weight_param())
             self._set_merged(None, None, None)
             self._finite_stamps.pop(MERGED, None)
 
@@ -193,8 +210,13 @@ class LoRALayer(NamedAdapters):
         with deferred_interrupt():
             try:
                 with torch.no_grad():
-                    record = ops.swap_(self._weight_2d(), self._merged_A, self._merged_B, self._merged_scaling,
-                                       *snapshot, check_values=False, record=self._merged_record, **self._layout())
+                    old = (self._merged_A, self._merged_B, self._merged_scaling)
+                    if self._sharded():
+                        record = sharded.swap_(self._weight_param(), *old, *snapshot, record=self._merged_record,
+                                               where=self._describe(), **self._layout())
+                    else:
+                        record = ops.swap_(self._weight_2d(), *old, *snapshot, check_values=False,
+                                           record=self._merged_record, **self._layout())
             except lossless.ExceptionOverflow as err:  # the old merge is back, bit for bit
                 self.__dict__["_merged_record"] = getattr(err, "record", self._merged_record)
                 raise lossless.ExceptionOverflow(f"{self._describe()}, switching from adapter "
@@ -237,13 +259,13 @@ class LoRALayer(NamedAdapters):
                     self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(base.device) for t in snapshot[:2])
                     if record is not None:
                         self.__dict__["_merged_record"] = record.to(base.device)
-                    self._unmerge_from(self._as_2d(base))
+                    self._unmerge_from(base)
                     weight.copy_(base)
                 self._set_merged(None, None, None)
                 self.merged = False
                 return module
             with torch.no_grad():
-                self._unmerge_from(w)
+                self._unmerge_from(self._weight_param())
             self._set_merged(None, None, None)
             self.merged = False  # until the merge below: a refused one leaves the layer unmerged, consistently
             module = super()._apply(fn, recurse)
@@ -255,7 +277,7 @@ class LoRALayer(NamedAdapters):
                      and w.dtype in lossless.RECORD_DTYPES)
             try:
                 with torch.no_grad():
-                    record = ops.merge_(w, A, B, s, lossless=exact, **self._layout())
+                    record = self._merge_into(self._weight_param(), A, B, s, exact)
             except lossless.ExceptionOverflow as err:
                 raise lossless.ExceptionOverflow(f"{self._describe()} adapter {self.active_adapter!r}, merged again "
                                                  f"into {w.dtype}: {err}; the layer is left unmerged") from None
@@ -297,7 +319,7 @@ class LoRALayer(NamedAdapters):
                 key = prefix + self._weight_key
                 base = state[key].detach().clone(memory_format=torch.contiguous_format)
                 with torch.no_grad():
-                    self._unmerge_from(self._as_2d(base))
+                    self._unmerge_from(base)
                 state[key] = base
             return state
 
@@ -476,7 +498,8 @@ class ConvLoRA(LoRALayer, nn.Module):
         return weight.view(self.lora_B.shape[0], self.lora_A.shape[1])
 
     def _weight_2d(self):
-        return self._as_2d(self.conv.weight)
+        w = self.conv.weight
+        return w if sharded.is_dtensor(w) else self._as_2d(w)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Accept a plain nn.Conv*'s checkpoint (weight, bias) as well as our own (conv.weight, conv.bias).

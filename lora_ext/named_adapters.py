@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import ops
+from . import ops, sharded
 
 Adapter = Tuple[Tensor, Tensor, float]  # (lora_A, lora_B, scaling)
 
@@ -39,15 +39,19 @@ def _stamp(lora_A, lora_B):
     values are checked again at each use."""
     if lora_A.is_inference() or lora_B.is_inference():
         return None
-    return (weakref.ref(lora_A), lora_A._version, lora_A.data_ptr(),
-            weakref.ref(lora_B), lora_B._version, lora_B.data_ptr())
+    return (weakref.ref(lora_A), lora_A._version, _data_ptr(lora_A),
+            weakref.ref(lora_B), lora_B._version, _data_ptr(lora_B))
+
+
+def _data_ptr(t):
+    return sharded.local(t).data_ptr()  # a DTensor's storage is its local shard
 
 
 def _unchanged(stamp, lora_A, lora_B):
     """Whether (lora_A, lora_B) are the stamped pair, unwritten since."""
     return (stamp is not None and stamp[0]() is lora_A and stamp[3]() is lora_B
             and stamp[1] == lora_A._version and stamp[4] == lora_B._version
-            and stamp[2] == lora_A.data_ptr() and stamp[5] == lora_B.data_ptr())
+            and stamp[2] == _data_ptr(lora_A) and stamp[5] == _data_ptr(lora_B))
 
 
 @contextlib.contextmanager
@@ -270,9 +274,12 @@ class NamedAdapters:
             home = lora_A.device
             old_name, old_known = self.active_adapter, self._known_finite(self.active_adapter)
             old_home = self._active_home or self.lora_A.device
-            if self._trainable():
+            if self._trainable() and not sharded.is_dtensor(self.lora_A):
                 # the Parameter objects themselves, where they are: an optimizer's state stays with them
                 old = (self.lora_A, self.lora_B, self.scaling)
+            elif sharded.is_dtensor(self.lora_A):  # FSDP2 holds the live Parameters: the old values, gathered
+                old = (sharded.full(self.lora_A).detach().clone(), sharded.full(self.lora_B).detach().clone(),
+                       self.scaling)
             else:  # copies: a serving switch writes the new factors into the live storage
                 old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
                        self.scaling)
@@ -301,6 +308,9 @@ class NamedAdapters:
 
     def _activate_as_normal_tensors(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         live_A, live_B = self.lora_A, self.lora_B
+        if sharded.is_dtensor(live_A):
+            self._activate_sharded(name, lora_A, lora_B, scaling)
+            return
         own = (self._trainable() and name in self._adapters  # an adapter trained before: its own Parameters
                and isinstance(lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
                and lora_A.device == live_A.device and lora_A.dtype == live_A.dtype
@@ -330,6 +340,24 @@ class NamedAdapters:
             self.lora_B.data = lora_B
         r = self.rank_of(lora_A)
         self.__dict__.update(r=r, lora_alpha=scaling * r)
+        self.scaling = scaling
+        self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+
+    def _activate_sharded(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+        """FSDP2 holds the live factors (sharded DTensor Parameters it all-gathers in every forward): a switch
+        writes the new adapter's values into their local shards, so it needs the live shapes (other ranks are
+        refused before anything changes). An optimizer built over them keeps its state across the switch:
+        build one per adapter you train."""
+        live_A, live_B = self.lora_A, self.lora_B
+        lora_A, lora_B = sharded.full(lora_A).detach(), sharded.full(lora_B).detach()
+        if lora_A.shape != live_A.shape or lora_B.shape != live_B.shape:
+            raise ValueError(f"{self._describe()}: the live factors are sharded (FSDP2's fully_shard) with shapes "
+                             f"{tuple(live_A.shape)} and {tuple(live_B.shape)}; adapter {name!r} has "
+                             f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)} (rank {self.rank_of(lora_A)}, live "
+                             f"rank {self.r}). Pad the adapters to a common rank, or switch before fully_shard")
+        self._swap_merged(lora_A, lora_B, scaling)
+        sharded.copy_into(live_A, lora_A)
+        sharded.copy_into(live_B, lora_B)
         self.scaling = scaling
         self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
 

@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import lossless, reference
+from . import lossless, reference, sharded
 from .lossless import MergeRecord
 
 try:
@@ -348,10 +348,10 @@ def _check_values(adapters, weight_dtype=None):
     tensors = [t for _, a, b, _ in adapters for t in (a, b) if t.numel()]
     by_device = {}
     for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
+        by_device.setdefault(sharded.local(t).device, []).append(t)
     extremes = {}
     for group in by_device.values():
-        values = torch.stack([torch.stack(torch.aminmax(t)).double() for t in group]).tolist()
+        values = torch.stack([torch.stack(torch.aminmax(sharded.full(t))).double() for t in group]).tolist()
         extremes.update((id(t), v) for t, v in zip(group, values))
     for name, lora_A, lora_B, scaling in adapters:
         for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):

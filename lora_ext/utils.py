@@ -1,6 +1,7 @@
 """loralib's helpers: freeze all but LoRA, and the LoRA part of a state dict."""
 import torch.nn as nn
 
+from . import sharded
 from .layers import ConvLoRA, LoRALayer
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -65,8 +66,8 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     out = {}
     for prefix, m in _lora_layers(model):
         if m.has_lora:
-            out[prefix + "lora_A"] = m.lora_A.detach()
-            out[prefix + "lora_B"] = m.lora_B.detach()
+            out[prefix + "lora_A"] = sharded.full(m.lora_A.detach())  # FSDP2: gathered (every rank calls)
+            out[prefix + "lora_B"] = sharded.full(m.lora_B.detach())
             if bias == "lora_only":
                 own = _layer_bias(m)
                 if own is not None:

@@ -119,8 +119,14 @@ def test_merge_unmerge_swap_give_the_base_back_bit_for_bit(kind, dtype, same_dty
     fresh = W0.clone()
     try:
         ops.merge_(fresh, A2, B2, s2, lossless=True, **layout)
+        fresh_refused = False
+    except lossless.ExceptionOverflow:
+        fresh_refused = True  # then the swap (the same base, the same new adapter) is refused too
+    try:
         rec2 = ops.swap_(W, A1, B1, s1, A2, B2, s2, record=rec, **layout)
+        assert not fresh_refused, "a swap merged what a fresh merge refuses"
     except lossless.ExceptionOverflow as err:
+        assert fresh_refused, "a swap refused what a fresh merge takes"
         assert_same_bits(W, W0.clone().copy_(W), "a refused swap")  # (shape check)
         fresh1 = W0.clone()
         ops.merge_(fresh1, A1, B1, s1, lossless=True, **layout)

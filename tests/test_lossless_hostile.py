@@ -479,8 +479,13 @@ def test_keyboard_interrupt_after_a_layers_pass_wrote_the_weight(monkeypatch):
         return real(t)
 
     monkeypatch.setattr(torch.autograd.graph, "increment_version", inc)
-    with pytest.raises(KeyboardInterrupt):
-        lora.set_adapter(model, "a1")
+    # Python's own Ctrl-C handler, whatever the runner installed (a background job ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lora.set_adapter(model, "a1")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(torch.autograd.graph, "increment_version", real)
     _check_model_on(model, pristine, "default", base, "interrupted after layer 2's pass")
 

@@ -186,7 +186,21 @@ def set_adapter(model: nn.Module, name: str) -> None:
     with model_lock(model).write():  # the layers listed inside: a concurrent load may inject more
         found = _layers_or_raise(model)
         _check_ddp_switch(model, found, name)
+        reshard_fsdp(model)
         _set_adapter(found, name)
+
+
+def reshard_fsdp(model: nn.Module) -> None:
+    """FSDP2 (fully_shard) modules of the model back to their sharded parameters before a merge or a switch
+    writes them: a write into all-gathered parameters (reshard_after_forward=False, or after unshard()) would be
+    lost at the next reshard. A reshard only frees the gathered copies."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def _check_ddp_switch(model, found, name):
@@ -254,6 +268,7 @@ def merge_adapter(model: nn.Module) -> None:
     Every layer is checked (mergeable, finite values within the weight's range) before the first changes."""
     with model_lock(model).write():
         found = _layers_or_raise(model)
+        reshard_fsdp(model)
         for name, m in found:
             check_mergeable(name, m)
             if not m.merged:
@@ -265,5 +280,7 @@ def merge_adapter(model: nn.Module) -> None:
 def unmerge_adapter(model: nn.Module) -> None:
     """Restores the base weights of every lora_ext layer (forwards then add the adapter on the fly)."""
     with model_lock(model).write():
-        for _, m in _layers_or_raise(model):
+        found = _layers_or_raise(model)
+        reshard_fsdp(model)
+        for _, m in found:
             m.unmerge()

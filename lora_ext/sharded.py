@@ -1,0 +1,125 @@
+"""Merges, unmerges and switches of layers whose parameters are sharded DTensors (FSDP2's fully_shard shards each
+parameter along dim 0 over a 1-D mesh).
+
+A merge never writes into a copy: each rank updates its local shard of the weight in place, at its offset,
+with the small factors gathered (`full`). The weight's logical 2-D matrix (the one ops.merge_ writes) is
+cut into the parts that lie in the local shard:
+
+- transposed storage (fan_in_fan_out, Embedding): the shard holds input rows r0:r1, so one part, with the
+  columns r0:r1 of lora_A;
+- otherwise the shard holds output rows r0:r1 (a convolution: output channels, f rows of the 2-D view each), so
+  one part per enabled block that meets them, with those rows of that block's lora_B.
+
+Each part is an ordinary ops call (lossless ones return a record each: the layer keeps the list). Nothing moves
+between ranks but the factors. Placements other than Shard(0) or Replicate on a 1-D mesh are refused.
+"""
+from typing import List, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+except ImportError:  # torch without distributed
+    DTensor = None
+
+
+def is_dtensor(t) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def full(t: Tensor) -> Tensor:
+    """The whole tensor (a collective for a sharded DTensor: every rank must call it)."""
+    return t.full_tensor() if is_dtensor(t) else t
+
+
+def local(t: Tensor) -> Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+class Part(NamedTuple):
+    weight: Tensor  # a 2-D view into the local shard
+    lora_A: Tensor
+    lora_B: Tensor
+    layout: dict
+
+
+def _row_range(weight: Tensor, where: str):
+    """(local shard, first dim-0 index it holds, how many)."""
+    placements = tuple(weight.placements)
+    if weight.device_mesh.ndim != 1 or len(placements) != 1 or not (
+            isinstance(placements[0], Replicate) or (isinstance(placements[0], Shard) and placements[0].dim == 0)):
+        raise ValueError(f"{where}: merging a DTensor weight sharded as {placements} on a {weight.device_mesh.ndim}-D "
+                         f"mesh is not supported (Shard(0) or Replicate on a 1-D mesh: FSDP2's fully_shard)")
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, placements)
+    return weight.to_local(), offset[0], shape[0]
+
+
+def parts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, num_blocks: int = 1, block_ids=(0,),
+          transposed: bool = False, where: str = "merge") -> List[Part]:
+    """The ops calls that apply (lora_A, lora_B) (whole tensors) to this rank's shard of `weight` (a DTensor
+    holding the layer's weight in its own shape; its 2-D view has lora_A.shape[1] columns, or for transposed
+    storage lora_B's rows)."""
+    shard, off, n = _row_range(weight, where)
+    if n == 0:
+        return []
+    block_ids = list(block_ids)
+    g = len(block_ids)
+    if transposed:
+        cols = weight.numel() // weight.shape[0]
+        w2 = shard.reshape(n, cols) if n else shard
+        return [Part(w2, lora_A[:, off:off + n].contiguous(), lora_B,
+                     dict(num_blocks=num_blocks, block_ids=block_ids, transposed=True))]
+    rows2d = (lora_B.shape[0] // g) * num_blocks if g else weight.shape[0]
+    f = rows2d // weight.shape[0]  # rows of the 2-D view per dim-0 index (a convolution's kernel factor)
+    cols = weight.numel() // rows2d
+    w2 = shard.view(n * f, cols)
+    r0, r1 = off * f, (off + n) * f
+    nb = rows2d // num_blocks
+    r = lora_A.shape[0] // g if g else 0
+    out = []
+    for j, e in enumerate(block_ids):
+        a, b = max(r0, e * nb), min(r1, (e + 1) * nb)
+        if a >= b:
+            continue
+        out.append(Part(w2[a - r0:b - r0], lora_A[j * r:(j + 1) * r],
+                        lora_B[j * nb + a - e * nb:j * nb + b - e * nb].contiguous(), {}))
+    return out
+
+
+def merge_(weight, lora_A, lora_B, scale, *, lossless=False, where="merge", **layout) -> Optional[list]:
+    """ops.merge_ on this rank's shard; the records of a lossless merge (one per part), else None."""
+    from . import ops
+    records = [ops.merge_(p.weight, p.lora_A, p.lora_B, scale, lossless=lossless, **p.layout)
+               for p in parts(weight, full(lora_A), full(lora_B), where=where, **layout)]
+    return records if lossless else None
+
+
+def unmerge_(weight, lora_A, lora_B, scale, *, record=None, where="unmerge", **layout) -> None:
+    from . import ops
+    ps = parts(weight, full(lora_A), full(lora_B), where=where, **layout)
+    records = record if record is not None else [None] * len(ps)
+    for p, rec in zip(ps, records):
+        ops.unmerge_(p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
+
+
+def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=None, where="switch",
+          **layout) -> Optional[list]:
+    from . import ops
+    old = parts(weight, full(old_A), full(old_B), where=where, **layout)
+    new = parts(weight, full(new_A), full(new_B), where=where, **layout)
+    records = record if record is not None else [None] * len(old)
+    out = []
+    for po, pn, rec in zip(old, new, records):
+        out.append(ops.swap_(po.weight, po.lora_A, po.lora_B, old_scale, pn.lora_A, pn.lora_B, new_scale,
+                             check_values=False, record=rec, **po.layout))
+    return out if record is not None else None
+
+
+def copy_into(param: Tensor, value: Tensor) -> None:
+    """Writes the whole tensor `value` into the DTensor parameter `param`'s local shard (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+    with torch.no_grad():
+        param.to_local().copy_(distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
+                                                 src_data_rank=None).to_local())

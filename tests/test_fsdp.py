@@ -1,0 +1,176 @@
+"""lora_ext under FSDP2 (fully_shard) on 2 gloo ranks (127.0.0.1, spawned by the test), against one process on
+the same data: merges, unmerges and switches write each rank's local shard (never a copy), training steps,
+the gathered lora_state_dict, get/set_model_state_dict while merged, and refusals with a message."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+import lora_ext as lora
+from dist import run_ranks
+
+STEPS, BATCH, LR = 3, 8, 0.5
+
+
+class Net(nn.Module):
+    """Every layer kind and both fan_in_fan_out values, each fully_shard'ed (sizes that do not split evenly);
+    lossless merges, so that merge cycles give the base back bit for bit."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        kw = dict(r=2, lora_alpha=4, lossless=True)
+        self.emb = lora.Embedding(21, 16, **kw)
+        self.fifo = lora.Linear(16, 15, fan_in_fan_out=True, **kw)
+        self.qkv = lora.MergedLinear(15, 27, enable_lora=[True, False, True], **kw)
+        self.qkv_fifo = lora.MergedLinear(27, 24, enable_lora=[True, False, True], fan_in_fan_out=True, **kw)
+        self.conv = lora.Conv1d(24, 7, kernel_size=3, padding=1, **kw)
+        self.out = lora.Linear(7, 5, **kw)
+
+    def forward(self, ids):
+        h = self.qkv_fifo(self.qkv(torch.tanh(self.fifo(self.emb(ids)))))
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.out(torch.tanh(h))
+
+
+def layers(net):
+    return [m for m in net.modules() if isinstance(m, lora.LoRALayer)]
+
+
+def build(seed=0):
+    torch.manual_seed(seed)
+    net = Net()
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in layers(net):
+        nn.init.normal_(m.lora_B, std=0.2)
+        (ra, ca), (rb, cb) = m.factor_shapes(m.r)
+        m.add_adapter("b", torch.randn(ra, ca, generator=g) * 0.2, torch.randn(rb, cb, generator=g) * 0.2, 0.7)
+        (ra, ca), (rb, cb) = m.factor_shapes(4)
+        m.add_adapter("wide", torch.randn(ra, ca, generator=g) * 0.2, torch.randn(rb, cb, generator=g) * 0.2, 1.0)
+    lora.mark_only_lora_as_trainable(net)
+    return net
+
+
+def data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 21, (STEPS, BATCH, 6), generator=g), torch.randn(STEPS, BATCH, 6, 5, generator=g)
+
+
+def shard(net):
+    for m in layers(net):
+        fully_shard(m)
+    fully_shard(net)
+    return net
+
+
+def base_of(net):
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+            for k, v in get_model_state_dict(net).items() if "lora_" not in k}
+
+
+def serve(net, ids, full):
+    """Outputs of the serving sequence, on one process or sharded (full: gathers sharded tensors)."""
+    out = {}
+    with torch.no_grad():
+        out["unmerged"] = net(ids)
+        net.eval()
+        out["merged_flags"] = [m.merged for m in layers(net)]
+        out["merged"] = net(ids)
+        lora.set_adapter(net, "b")
+        out["merged_b"] = net(ids)
+        out["state_base"] = {k: full(v) for k, v in get_model_state_dict(net).items() if "lora_" not in k}
+        net.train()
+        out["unmerged_b"] = net(ids)
+        lora.set_adapter(net, "default")
+        out["back"] = net(ids)
+    return out
+
+
+def fsdp_cases(rank, world):
+    ids, target = data()
+    net = shard(build())
+    base0 = base_of(net)
+    out = serve(net, ids[0], lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v)
+    out["base_back"] = all(torch.equal(v, base0[k]) for k, v in base_of(net).items())
+    try:
+        lora.set_adapter(net, "wide")
+        out["refusal"] = None
+    except ValueError as e:
+        out["refusal"] = str(e)
+    out["still_default"] = all(m.active_adapter == "default" for m in layers(net))
+    # training steps
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=LR)
+    per = BATCH // world
+    for step in range(STEPS):
+        opt.zero_grad()
+        x, y = ids[step, rank * per:(rank + 1) * per], target[step, rank * per:(rank + 1) * per]
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    out["trained"] = lora.lora_state_dict(net)
+    # a merged state dict round trip: get_model_state_dict holds the base; loading it into a merged model re-merges
+    net.eval()
+    with torch.no_grad():
+        out["trained_merged"] = net(ids[0])
+    sd = get_model_state_dict(net)
+    set_model_state_dict(net, sd)
+    with torch.no_grad():
+        out["reloaded_merged"] = net(ids[0])
+    out["reloaded_flags"] = [m.merged for m in layers(net)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def single():
+    ids, target = data()
+    net = build()
+    base0 = {k: v.clone() for k, v in net.state_dict().items() if "lora_" not in k}
+    ref = serve(net, ids[0], lambda v: v)
+    ref["base0"] = base0
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=LR)
+    for step in range(STEPS):
+        opt.zero_grad()
+        nn.functional.mse_loss(net(ids[step]), target[step]).backward()
+        opt.step()
+    ref["trained"] = lora.lora_state_dict(net)
+    net.eval()
+    with torch.no_grad():
+        ref["trained_merged"] = net(ids[0])
+    return ref
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return run_ranks(fsdp_cases)
+
+
+def test_fsdp_merges_and_switches_write_the_local_shards(ranks, single):
+    for r in ranks:
+        assert r["merged_flags"] == [True] * 6
+        for key in ("unmerged", "merged", "merged_b", "unmerged_b", "back"):
+            assert _rel(r[key], single[key]) < 1e-5, f"{key}: {_rel(r[key], single[key]):.3g} from one process"
+        assert r["base_back"], "train() after merges and switches must give the base back bit for bit"
+        for k, v in single["base0"].items():
+            assert torch.equal(r["state_base"][k], v), f"{k}: the state dict of a merged model must hold the base"
+    assert torch.equal(ranks[0]["merged_b"], ranks[1]["merged_b"])
+
+
+def test_fsdp_switch_to_another_rank_is_refused_before_anything_changes(ranks):
+    for r in ranks:
+        assert r["refusal"] is not None and "fully_shard" in r["refusal"] and "rank 4" in r["refusal"]
+        assert r["still_default"]
+
+
+def test_fsdp_training_and_state_dicts_match_one_process(ranks, single):
+    r0, r1 = ranks
+    assert sorted(r0["trained"]) == sorted(single["trained"])
+    for k, v in single["trained"].items():
+        assert torch.equal(r0["trained"][k], r1["trained"][k]), k
+        assert _rel(r0["trained"][k], v) < 1e-5, k
+    for r in ranks:
+        assert _rel(r["trained_merged"], single["trained_merged"]) < 1e-5
+        assert r["reloaded_flags"] == [True] * 6
+        assert _rel(r["reloaded_merged"], r["trained_merged"]) < 1e-6
