@@ -92,6 +92,11 @@ class LoRALayer(NamedAdapters):
         with self._guard():
             if x.is_cuda and not torch.compiler.is_compiling():
                 self._streams.read(x.device)
+            if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_param()):
+                from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
+                if self.__dict__.get("_tp") is None:
+                    parallel.check_stock_style(self)
+                return parallel.forward(self, x)
             return self._forward(x)
 
     def reset_parameters(self) -> None:

@@ -1,5 +1,6 @@
-"""Merges, unmerges and switches of layers whose parameters are sharded DTensors (FSDP2's fully_shard shards each
-parameter along dim 0 over a 1-D mesh).
+"""Merges, unmerges and switches of layers whose parameters are DTensors: FSDP2's fully_shard shards each
+parameter along dim 0 over a 1-D mesh; lora_ext.parallel's tensor-parallel styles shard the weight along its
+output (column parallel) or input (row parallel) features and replicate the factors.
 
 A merge never writes into a copy: each rank updates its local shard of the weight in place, at its offset,
 with the small factors gathered (`full`). The weight's logical 2-D matrix (the one ops.merge_ writes) is
@@ -44,47 +45,69 @@ class Part(NamedTuple):
     layout: dict
 
 
-def _row_range(weight: Tensor, where: str):
-    """(local shard, first dim-0 index it holds, how many)."""
+def _local_range(weight: Tensor, where: str):
+    """(local shard, the dimension it is cut along (None: replicated), first index it holds, how many)."""
     placements = tuple(weight.placements)
-    if weight.device_mesh.ndim != 1 or len(placements) != 1 or not (
-            isinstance(placements[0], Replicate) or (isinstance(placements[0], Shard) and placements[0].dim == 0)):
+    ok = weight.device_mesh.ndim == 1 and len(placements) == 1 and (
+        isinstance(placements[0], Replicate) or (isinstance(placements[0], Shard) and placements[0].dim in (0, 1)))
+    if not ok:
         raise ValueError(f"{where}: merging a DTensor weight sharded as {placements} on a {weight.device_mesh.ndim}-D "
-                         f"mesh is not supported (Shard(0) or Replicate on a 1-D mesh: FSDP2's fully_shard)")
+                         f"mesh is not supported (Shard(0), Shard(1) or Replicate on a 1-D mesh: FSDP2's "
+                         f"fully_shard, lora_ext.parallel's styles)")
+    if isinstance(placements[0], Replicate):
+        return weight.to_local(), None, 0, weight.shape[0]
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    d = placements[0].dim
     shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, placements)
-    return weight.to_local(), offset[0], shape[0]
+    return weight.to_local(), d, offset[d], shape[d]
 
 
 def parts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, num_blocks: int = 1, block_ids=(0,),
           transposed: bool = False, where: str = "merge") -> List[Part]:
     """The ops calls that apply (lora_A, lora_B) (whole tensors) to this rank's shard of `weight` (a DTensor
     holding the layer's weight in its own shape; its 2-D view has lora_A.shape[1] columns, or for transposed
-    storage lora_B's rows)."""
-    shard, off, n = _row_range(weight, where)
-    if n == 0:
-        return []
+    storage lora_B's rows). A shard cut along the input features is one call with those columns of lora_A; a
+    shard cut along the output features is one call per enabled block it meets, with those rows of lora_B."""
+    shard, d, off, n = _local_range(weight, where)
     block_ids = list(block_ids)
+    layout = dict(num_blocks=num_blocks, block_ids=block_ids, transposed=transposed)
+    if n == 0 or not block_ids:
+        return []
     g = len(block_ids)
-    if transposed:
-        cols = weight.numel() // weight.shape[0]
-        w2 = shard.reshape(n, cols) if n else shard
-        return [Part(w2, lora_A[:, off:off + n].contiguous(), lora_B,
-                     dict(num_blocks=num_blocks, block_ids=block_ids, transposed=True))]
-    rows2d = (lora_B.shape[0] // g) * num_blocks if g else weight.shape[0]
+    r = lora_A.shape[0] // g
+    k = lora_A.shape[1]
+    if transposed:  # storage (k, num_blocks * nb): dim 0 the input features, dim 1 the output ones
+        w2 = shard
+        if d is None:
+            return [Part(w2, lora_A, lora_B, layout)]
+        if d == 0:
+            return [Part(w2, lora_A[:, off:off + n].contiguous(), lora_B, layout)]
+        nb = weight.shape[1] // num_blocks
+        out = []
+        for j, e in enumerate(block_ids):
+            a, b = max(off, e * nb), min(off + n, (e + 1) * nb)
+            if a < b:
+                out.append(Part(w2[:, a - off:b - off], lora_A[j * r:(j + 1) * r],
+                                lora_B[j * nb + a - e * nb:j * nb + b - e * nb].contiguous(),
+                                dict(transposed=True)))
+        return out
+    rows2d = (lora_B.shape[0] // g) * num_blocks
     f = rows2d // weight.shape[0]  # rows of the 2-D view per dim-0 index (a convolution's kernel factor)
-    cols = weight.numel() // rows2d
-    w2 = shard.view(n * f, cols)
+    if d is None:
+        return [Part(shard.reshape(rows2d, k), lora_A, lora_B, layout)]
+    if d == 1:
+        if weight.dim() != 2:
+            raise ValueError(f"{where}: a {weight.dim()}-D weight sharded along dim 1 is not supported")
+        return [Part(shard, lora_A[:, off:off + n].contiguous(), lora_B, layout)]
+    w2 = shard.view(n * f, k)
     r0, r1 = off * f, (off + n) * f
     nb = rows2d // num_blocks
-    r = lora_A.shape[0] // g if g else 0
     out = []
     for j, e in enumerate(block_ids):
         a, b = max(r0, e * nb), min(r1, (e + 1) * nb)
-        if a >= b:
-            continue
-        out.append(Part(w2[a - r0:b - r0], lora_A[j * r:(j + 1) * r],
-                        lora_B[j * nb + a - e * nb:j * nb + b - e * nb].contiguous(), {}))
+        if a < b:
+            out.append(Part(w2[a - r0:b - r0], lora_A[j * r:(j + 1) * r],
+                            lora_B[j * nb + a - e * nb:j * nb + b - e * nb].contiguous(), {}))
     return out
 
 
