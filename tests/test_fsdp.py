@@ -174,3 +174,79 @@ def test_fsdp_training_and_state_dicts_match_one_process(ranks, single):
         assert _rel(r["trained_merged"], single["trained_merged"]) < 1e-5
         assert r["reloaded_flags"] == [True] * 6
         assert _rel(r["reloaded_merged"], r["trained_merged"]) < 1e-6
+
+
+# -------------------------------------------------------------------------------------------------------------
+# transformers GPT-2 and Llama from small configs
+
+
+def hf_model(kind):
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=16,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(cfg)
+        lora.inject(model, ["c_proj", "c_fc"], r=2, lora_alpha=4, fused={"c_attn": [True, False, True]},
+                    lossless=True)
+    else:
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
+                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
+                                       max_position_embeddings=16)
+        model = transformers.LlamaForCausalLM(cfg)
+        lora.inject(model, ["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=4, lossless=True)
+    g = torch.Generator().manual_seed(3)
+    for m in layers(model):
+        nn.init.normal_(m.lora_B, std=0.1)
+        (ra, ca), (rb, cb) = m.factor_shapes(m.r)
+        m.add_adapter("b", torch.randn(ra, ca, generator=g) * 0.1, torch.randn(rb, cb, generator=g) * 0.1, 0.7)
+    lora.mark_only_lora_as_trainable(model)
+    return model
+
+
+def hf_run(model, ids):
+    out = {}
+    with torch.no_grad():
+        out["unmerged"] = model(ids).logits
+        model.eval()
+        out["merged"] = model(ids).logits
+        lora.set_adapter(model, "b")
+        out["merged_b"] = model(ids).logits
+        model.train()
+        lora.set_adapter(model, "default")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+    out["trained"] = lora.lora_state_dict(model)
+    return out
+
+
+def hf_case(rank, world, kind):
+    model = hf_model(kind)
+    blocks = model.transformer.h if kind == "gpt2" else model.model.layers
+    base0 = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(5))
+    out = hf_run(model, ids)
+    base = base_of(model)
+    common = [k for k in base0 if k in base]
+    out["base_back"] = len(common) == len(base0) and all(torch.equal(base[k], base0[k]) for k in common)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_fsdp_on_transformers_models(kind):
+    pytest.importorskip("transformers")
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(5))
+    single = hf_run(hf_model(kind), ids)
+    for r in run_ranks(hf_case, kind):
+        for key in ("unmerged", "merged", "merged_b"):
+            assert _rel(r[key], single[key]) < 1e-5, f"{kind} {key}: {_rel(r[key], single[key]):.3g}"
+        for k, v in single["trained"].items():
+            assert _rel(r["trained"][k], v) < 1e-5, f"{kind} {k}"
+        assert r["base_back"]
