@@ -89,3 +89,21 @@ def load_sim():
         return None
     from lora_ext import _sim
     return _sim
+
+
+# ---------------------------------------------------------------------------------------------------
+# models for the multi-process tests (DDP, FSDP2, tensor parallel)
+
+
+def lora_layers_of(net):
+    import lora_ext
+    return [m for m in net.modules() if isinstance(m, lora_ext.LoRALayer)]
+
+
+def seed_adapters(net, name, gen, std=0.2, scaling=0.7):
+    """Gives every lora_ext layer of net a random live lora_B (std) and a random adapter `name` of its rank."""
+    for m in lora_layers_of(net):
+        torch.nn.init.normal_(m.lora_B, std=std)
+        (ra, ca), (rb, cb) = m.factor_shapes(m.r)
+        m.add_adapter(name, torch.randn(ra, ca, generator=gen) * std, torch.randn(rb, cb, generator=gen) * std,
+                      scaling)

@@ -9,6 +9,7 @@ from torch.distributed.fsdp import fully_shard
 
 import lora_ext as lora
 from dist import run_ranks
+from helpers import lora_layers_of, seed_adapters
 
 STEPS, BATCH, LR = 3, 8, 0.5
 
@@ -33,18 +34,15 @@ class Net(nn.Module):
         return self.out(torch.tanh(h))
 
 
-def layers(net):
-    return [m for m in net.modules() if isinstance(m, lora.LoRALayer)]
+layers = lora_layers_of
 
 
 def build(seed=0):
     torch.manual_seed(seed)
     net = Net()
     g = torch.Generator().manual_seed(seed + 1)
-    for m in layers(net):
-        nn.init.normal_(m.lora_B, std=0.2)
-        (ra, ca), (rb, cb) = m.factor_shapes(m.r)
-        m.add_adapter("b", torch.randn(ra, ca, generator=g) * 0.2, torch.randn(rb, cb, generator=g) * 0.2, 0.7)
+    seed_adapters(net, "b", g)
+    for m in layers(net):  # and one of another rank
         (ra, ca), (rb, cb) = m.factor_shapes(4)
         m.add_adapter("wide", torch.randn(ra, ca, generator=g) * 0.2, torch.randn(rb, cb, generator=g) * 0.2, 1.0)
     lora.mark_only_lora_as_trainable(net)
@@ -196,11 +194,7 @@ def hf_model(kind):
                                        max_position_embeddings=16)
         model = transformers.LlamaForCausalLM(cfg)
         lora.inject(model, ["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=4, lossless=True)
-    g = torch.Generator().manual_seed(3)
-    for m in layers(model):
-        nn.init.normal_(m.lora_B, std=0.1)
-        (ra, ca), (rb, cb) = m.factor_shapes(m.r)
-        m.add_adapter("b", torch.randn(ra, ca, generator=g) * 0.1, torch.randn(rb, cb, generator=g) * 0.1, 0.7)
+    seed_adapters(model, "b", torch.Generator().manual_seed(3), std=0.1)
     lora.mark_only_lora_as_trainable(model)
     return model
 

@@ -8,6 +8,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_modul
 
 import lora_ext as lora
 from dist import run_ranks
+from helpers import lora_layers_of, seed_adapters
 from lora_ext.parallel import ColwiseLoRA, RowwiseLoRA
 
 STEPS, LR = 3, 0.5
@@ -37,18 +38,14 @@ PLAN = {"emb": ColwiseLoRA(), "down": RowwiseLoRA(), "up": ColwiseLoRA(), "mix":
         "qkv": ColwiseLoRA(), "out": RowwiseLoRA()}
 
 
-def layers(net):
-    return [m for m in net.modules() if isinstance(m, lora.LoRALayer)]
+layers = lora_layers_of
 
 
 def build(seed=0):
     torch.manual_seed(seed)
     net = Net()
     g = torch.Generator().manual_seed(seed + 1)
-    for m in layers(net):
-        nn.init.normal_(m.lora_B, std=0.2)
-        (ra, ca), (rb, cb) = m.factor_shapes(m.r)
-        m.add_adapter("b", torch.randn(ra, ca, generator=g) * 0.2, torch.randn(rb, cb, generator=g) * 0.2, 0.7)
+    seed_adapters(net, "b", g)
     lora.mark_only_lora_as_trainable(net)
     return net
 
