@@ -176,7 +176,7 @@ class LoRALayer(NamedAdapters):
             self._stamp_finite(MERGED, known)
 
     def _weight_param(self) -> Tensor:
-        return self.get_parameter(self._weight_key)
+        return self._parameters["weight"]  # ConvLoRA: its conv's
 
     def _merge_into(self, weight: Tensor, A: Tensor, B: Tensor, s: float, exact: bool):
         """(A, B, s) merged into `weight` (the weight parameter, or a tensor of its shape): the record of a
@@ -501,6 +501,9 @@ class ConvLoRA(LoRALayer, nn.Module):
                              f"strides {weight.stride()} (channels_last?): convert it with "
                              f".to(memory_format=torch.contiguous_format) to merge, or keep it unmerged")
         return weight.view(self.lora_B.shape[0], self.lora_A.shape[1])
+
+    def _weight_param(self):
+        return self.conv.weight
 
     def _weight_2d(self):
         w = self.conv.weight

@@ -19,6 +19,8 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import lossless
+
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
 except ImportError:  # torch without distributed
@@ -134,9 +136,15 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=No
     new = parts(weight, full(new_A), full(new_B), where=where, **layout)
     records = record if record is not None else [None] * len(old)
     out = []
-    for po, pn, rec in zip(old, new, records):
-        out.append(ops.swap_(po.weight, po.lora_A, po.lora_B, old_scale, pn.lora_A, pn.lora_B, new_scale,
-                             check_values=False, record=rec, **po.layout))
+    try:
+        for po, pn, rec in zip(old, new, records):
+            out.append(ops.swap_(po.weight, po.lora_A, po.lora_B, old_scale, pn.lora_A, pn.lora_B, new_scale,
+                                 check_values=False, record=rec, **po.layout))
+    except lossless.ExceptionOverflow as err:  # the parts switched already go back: the old merge everywhere
+        back = [ops.swap_(pn.weight, pn.lora_A, pn.lora_B, new_scale, po.lora_A, po.lora_B, old_scale,
+                          check_values=False, record=rec, **po.layout) for po, pn, rec in zip(old, new, out)]
+        err.record = back + [getattr(err, "record", None)] + list(records[len(out) + 1:])
+        raise
     return out if record is not None else None
 
 
