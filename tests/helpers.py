@@ -107,3 +107,28 @@ def seed_adapters(net, name, gen, std=0.2, scaling=0.7):
         (ra, ca), (rb, cb) = m.factor_shapes(m.r)
         m.add_adapter(name, torch.randn(ra, ca, generator=gen) * std, torch.randn(rb, cb, generator=gen) * std,
                       scaling)
+
+
+def hf_model(kind):
+    """GPT-2 (fused c_attn as MergedLinear) or Llama from a small config, with lora_ext injected (lossless merges),
+    a random live adapter and a second one, "b"; only the LoRA factors trainable."""
+    import transformers
+
+    import lora_ext
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=16,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(cfg)
+        lora_ext.inject(model, ["c_proj", "c_fc"], r=2, lora_alpha=4, fused={"c_attn": [True, False, True]},
+                        lossless=True)
+    else:
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
+                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
+                                       max_position_embeddings=16)
+        model = transformers.LlamaForCausalLM(cfg)
+        lora_ext.inject(model, ["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=4, lossless=True)
+    seed_adapters(model, "b", torch.Generator().manual_seed(3), std=0.1)
+    lora_ext.mark_only_lora_as_trainable(model)
+    return model

@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import lora_ext as lora
 from dist import run_ranks
+from helpers import hf_model
 from lora_ext.serving.adapters import lora_layers
 
 STEPS, BATCH, LR = 3, 8, 0.5
@@ -154,3 +155,40 @@ def test_lora_state_dict_of_wrapped_models_has_the_inner_keys():
     missing, unexpected = fresh.load_state_dict(lora.lora_state_dict(compiled), strict=False)
     assert not unexpected
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in lora.lora_state_dict(net).items())
+
+
+def hf_steps(model, ids, rank=0, world=1):
+    """Two training steps (each rank its half of the batch), then a merge cycle: the trained factors, the merged
+    logits and whether train() gave the base back bit for bit."""
+    inner = model.module if isinstance(model, DDP) else model
+    base = {k: v.clone() for k, v in inner.state_dict().items() if "lora_" not in k}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    per = ids.shape[0] // world
+    for _ in range(2):
+        opt.zero_grad()
+        x = ids[rank * per:(rank + 1) * per]
+        model(x, labels=x).loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.train()
+    back = all(torch.equal(inner.state_dict()[k], v) for k, v in base.items())
+    return {"trained": lora.lora_state_dict(model), "merged": logits, "base_back": back}
+
+
+def hf_ddp_case(rank, world, kind):
+    ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(5))
+    return hf_steps(DDP(hf_model(kind)), ids, rank, world)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_ddp_on_transformers_models(kind):
+    pytest.importorskip("transformers")
+    ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(5))
+    single = hf_steps(hf_model(kind), ids)
+    for r in run_ranks(hf_ddp_case, kind):
+        for k, v in single["trained"].items():
+            assert _rel(r["trained"][k], v) < 1e-5, f"{kind} {k}"
+        assert _rel(r["merged"], single["merged"]) < 1e-5
+        assert r["base_back"] and single["base_back"]

@@ -9,7 +9,7 @@ from torch.distributed.fsdp import fully_shard
 
 import lora_ext as lora
 from dist import run_ranks
-from helpers import lora_layers_of, seed_adapters
+from helpers import hf_model, lora_layers_of, seed_adapters
 
 STEPS, BATCH, LR = 3, 8, 0.5
 
@@ -176,27 +176,6 @@ def test_fsdp_training_and_state_dicts_match_one_process(ranks, single):
 
 # -------------------------------------------------------------------------------------------------------------
 # transformers GPT-2 and Llama from small configs
-
-
-def hf_model(kind):
-    import transformers
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    if kind == "gpt2":
-        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=40, n_positions=16,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-        model = transformers.GPT2LMHeadModel(cfg)
-        lora.inject(model, ["c_proj", "c_fc"], r=2, lora_alpha=4, fused={"c_attn": [True, False, True]},
-                    lossless=True)
-    else:
-        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
-                                       num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
-                                       max_position_embeddings=16)
-        model = transformers.LlamaForCausalLM(cfg)
-        lora.inject(model, ["q_proj", "v_proj", "down_proj"], r=2, lora_alpha=4, lossless=True)
-    seed_adapters(model, "b", torch.Generator().manual_seed(3), std=0.1)
-    lora.mark_only_lora_as_trainable(model)
-    return model
 
 
 def hf_run(model, ids):
