@@ -351,10 +351,11 @@ class NamedAdapters:
         live_A, live_B = self.lora_A, self.lora_B
         lora_A, lora_B = sharded.full(lora_A).detach(), sharded.full(lora_B).detach()
         if lora_A.shape != live_A.shape or lora_B.shape != live_B.shape:
-            raise ValueError(f"{self._describe()}: the live factors are sharded (FSDP2's fully_shard) with shapes "
-                             f"{tuple(live_A.shape)} and {tuple(live_B.shape)}; adapter {name!r} has "
+            raise ValueError(f"{self._describe()}: the live factors are DTensors (FSDP2's fully_shard, or "
+                             f"lora_ext.parallel's styles) of shapes {tuple(live_A.shape)} and "
+                             f"{tuple(live_B.shape)}, which a switch writes in place; adapter {name!r} has "
                              f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)} (rank {self.rank_of(lora_A)}, live "
-                             f"rank {self.r}). Pad the adapters to a common rank, or switch before fully_shard")
+                             f"rank {self.r}). Pad the adapters to a common rank, or switch before sharding")
         self._swap_merged(lora_A, lora_B, scaling)
         sharded.copy_into(live_A, lora_A)
         sharded.copy_into(live_B, lora_B)

@@ -32,9 +32,13 @@ from .layers import Embedding, Linear, LoRALayer, MergedLinear
 
 class Spec(NamedTuple):
     style: str      # "colwise" or "rowwise"
-    group: object   # the mesh's process group
+    mesh: object    # the 1-D device mesh (a deepcopy of the layer shares it)
     lo: int         # the features this rank holds: output ones (colwise), input ones (rowwise)
     hi: int
+
+    @property
+    def group(self):
+        return self.mesh.get_group()
 
 
 class _CopyToParallel(torch.autograd.Function):
@@ -50,6 +54,23 @@ class _CopyToParallel(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
+
+
+class _SliceOfWhole(torch.autograd.Function):
+    """This rank's features lo:hi of a whole (replicated) input; the gradient of the whole input assembled from
+    every rank's slice (an all-reduce of the zero-padded slices)."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi, group):
+        ctx.lo, ctx.hi, ctx.width, ctx.group = lo, hi, x.shape[-1], group
+        return x[..., lo:hi]
+
+    @staticmethod
+    def backward(ctx, grad):
+        whole = grad.new_zeros(*grad.shape[:-1], ctx.width)
+        whole[..., ctx.lo:ctx.hi] = grad
+        dist.all_reduce(whole, group=ctx.group)
+        return whole, None, None, None
 
 
 class _ReduceFromParallel(torch.autograd.Function):
@@ -83,6 +104,9 @@ class _LoRAStyle(ParallelStyle):
                              f"got {type(module).__name__}")
         if device_mesh.ndim != 1:
             raise ValueError(f"{type(self).__name__}: a 1-D device mesh, got {device_mesh.ndim}-D")
+        if isinstance(module, Embedding) and module.max_norm is not None:
+            raise ValueError(f"{type(self).__name__}: {module._describe()} has max_norm={module.max_norm}: each rank "
+                             f"would renormalise its slice of the embedding by that slice's norm; not supported")
         with module._lock:
             if module.merged and module._merged_A is not None:
                 raise ValueError(f"{type(self).__name__}: {module._describe()} is merged; unmerge it (train()) "
@@ -102,7 +126,7 @@ class _LoRAStyle(ParallelStyle):
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
             w = module.weight
             shape, offset = compute_local_shape_and_global_offset(w.shape, device_mesh, w.placements)
-            module.__dict__["_tp"] = Spec(self.style, device_mesh.get_group(), offset[dim], offset[dim] + shape[dim])
+            module.__dict__["_tp"] = Spec(self.style, device_mesh, offset[dim], offset[dim] + shape[dim])
         return module
 
 
@@ -137,7 +161,7 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
         if lora_on:
             A = layer.lora_A.to_local(grad_placements=[Partial()])
             B = layer.lora_B.to_local(grad_placements=[Partial()])
-            y = y + s * (F.embedding(x, A.t()) @ B[spec.lo:spec.hi].t())
+            y = y + s * (F.embedding(x, A.t(), layer.padding_idx) @ B[spec.lo:spec.hi].t())
         return y
     wl = w.t() if layer.fan_in_fan_out else w
     if spec.style == "colwise":
@@ -160,13 +184,13 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
     # rowwise
     width = layer.in_features
     if x.shape[-1] == width and spec.hi - spec.lo != width:
-        x = x[..., spec.lo:spec.hi]
+        x = _SliceOfWhole.apply(x, spec.lo, spec.hi, spec.group)
     elif x.shape[-1] != spec.hi - spec.lo:
         raise ValueError(f"RowwiseLoRA: {layer._describe()} takes the whole input ({width} features) or this rank's "
                          f"{spec.hi - spec.lo} of them, got {x.shape[-1]}")
     y = _ReduceFromParallel.apply(F.linear(x, wl), spec.group)
     if layer.bias is not None:
-        y = y + layer.bias.to_local()
+        y = y + layer.bias.to_local().to(y.dtype)  # (under autocast y is in autocast's dtype, as F.linear's)
     if lora_on:
         A = layer.lora_A.to_local(grad_placements=[Partial()])
         B = layer.lora_B.to_local()

@@ -19,7 +19,7 @@ from typing import List, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from . import lossless
+from . import lossless as lossless_module
 
 try:
     from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -113,38 +113,92 @@ def parts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, num_blocks: int = 1, b
     return out
 
 
+def _agree(weight: Tensor, ok: bool) -> bool:
+    """Whether every rank of the weight's mesh succeeded (a collective: a refusal on one rank is a refusal on all,
+    so that no rank goes on with another adapter than the others)."""
+    import torch.distributed as dist
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+    if weight.device.type != "cpu":
+        flag = flag.to(weight.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=weight.device_mesh.get_group())
+    return bool(flag.item())
+
+
+def _refused_elsewhere(where: str):
+    return lossless_module.ExceptionOverflow(f"{where}: refused on another rank (a lossless merge there needs too many "
+                                      f"exceptions); nothing was changed on any rank")
+
+
+def _whole(weight: Tensor, op) -> object:
+    """op(the whole weight) for a layer whose record was made before its weight was sharded (one record for the
+    whole weight): every rank applies it to the gathered weight and keeps its shard (one weight-sized gather)."""
+    whole = weight.full_tensor()
+    result = op(whole)
+    copy_into(weight, whole)
+    return result
+
+
 def merge_(weight, lora_A, lora_B, scale, *, lossless=False, where="merge", **layout) -> Optional[list]:
-    """ops.merge_ on this rank's shard; the records of a lossless merge (one per part), else None."""
+    """ops.merge_ on this rank's shard; the records of a lossless merge (one per part), else None. A refusal on
+    any rank is a refusal on every rank, with nothing changed."""
     from . import ops
-    records = [ops.merge_(p.weight, p.lora_A, p.lora_B, scale, lossless=lossless, **p.layout)
-               for p in parts(weight, full(lora_A), full(lora_B), where=where, **layout)]
+    ps = parts(weight, full(lora_A), full(lora_B), where=where, **layout)
+    records, err = [], None
+    try:
+        for p in ps:
+            records.append(ops.merge_(p.weight, p.lora_A, p.lora_B, scale, lossless=lossless, **p.layout))
+    except lossless_module.ExceptionOverflow as e:
+        err = e
+    if not _agree(weight, err is None):
+        for p, rec in zip(ps, records):  # the parts merged here go back
+            ops.unmerge_(p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
+        raise err if err is not None else _refused_elsewhere(where)
     return records if lossless else None
 
 
 def unmerge_(weight, lora_A, lora_B, scale, *, record=None, where="unmerge", **layout) -> None:
     from . import ops
+    if isinstance(record, lossless_module.MergeRecord):
+        return _whole(weight, lambda w: ops.unmerge_(_view2d(w, lora_A), full(lora_A), full(lora_B), scale,
+                                                     record=record, **layout))
     ps = parts(weight, full(lora_A), full(lora_B), where=where, **layout)
     records = record if record is not None else [None] * len(ps)
     for p, rec in zip(ps, records):
         ops.unmerge_(p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
 
 
+def _view2d(w: Tensor, lora_A: Tensor) -> Tensor:
+    """The 2-D matrix the ops write: the weight itself, or a convolution's weight viewed (out * k0, in * k)."""
+    return w if w.dim() == 2 else w.view(-1, lora_A.shape[1])
+
+
 def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=None, where="switch",
           **layout) -> Optional[list]:
+    """Replaces the merged adapter on this rank's shard, part by part; a refusal on any rank puts every part
+    back on every rank (the old merge, bit for bit) and raises, with the old records in the error's `record`."""
     from . import ops
+    if isinstance(record, lossless_module.MergeRecord):
+        return _whole(weight, lambda w: ops.swap_(_view2d(w, old_A), full(old_A), full(old_B),
+                                                  old_scale, full(new_A), full(new_B), new_scale,
+                                                  check_values=False, record=record, **layout))
     old = parts(weight, full(old_A), full(old_B), where=where, **layout)
     new = parts(weight, full(new_A), full(new_B), where=where, **layout)
     records = record if record is not None else [None] * len(old)
-    out = []
+    out, err = [], None
     try:
         for po, pn, rec in zip(old, new, records):
             out.append(ops.swap_(po.weight, po.lora_A, po.lora_B, old_scale, pn.lora_A, pn.lora_B, new_scale,
                                  check_values=False, record=rec, **po.layout))
-    except lossless.ExceptionOverflow as err:  # the parts switched already go back: the old merge everywhere
+    except lossless_module.ExceptionOverflow as e:
+        err = e
+    if not _agree(weight, err is None):
         back = [ops.swap_(pn.weight, pn.lora_A, pn.lora_B, new_scale, po.lora_A, po.lora_B, old_scale,
                           check_values=False, record=rec, **po.layout) for po, pn, rec in zip(old, new, out)]
-        err.record = back + [getattr(err, "record", None)] + list(records[len(out) + 1:])
-        raise
+        err = err if err is not None else _refused_elsewhere(where)
+        if record is not None:
+            failed = [getattr(err, "record", None)] if len(out) < len(old) else []
+            err.record = back + failed + list(records[len(back) + len(failed):])
+        raise err
     return out if record is not None else None
 
 

@@ -71,9 +71,9 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
             if bias == "lora_only":
                 own = _layer_bias(m)
                 if own is not None:
-                    out[prefix + own[0]] = own[1].detach()
+                    out[prefix + own[0]] = sharded.full(own[1].detach())
     if bias == "all":
         for name, p in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
-                out[name] = p.detach()
+                out[name] = sharded.full(p.detach())
     return out

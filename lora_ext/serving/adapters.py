@@ -273,8 +273,18 @@ def merge_adapter(model: nn.Module) -> None:
             check_mergeable(name, m)
             if not m.merged:
                 m.check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")
-        for _, m in found:
-            m.merge()
+        done = []
+        try:
+            for _, m in found:
+                if not m.merged:
+                    m.merge()
+                    done.append(m)
+                else:
+                    m.merge()
+        except BaseException:  # a refusal while writing (a lossless merge's exceptions): all merged or none
+            for m in done:
+                m.unmerge()
+            raise
 
 
 def unmerge_adapter(model: nn.Module) -> None:
