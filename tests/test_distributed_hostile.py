@@ -578,7 +578,6 @@ def test_cpu_autocast_compiled_inductor_matches_oracle():
 # into a merged sharded model
 
 def merged_first_case(rank, world, lossless_flag):
-    from torch.distributed.fsdp import fully_shard
     out = {}
     net = small_build()
     for m in net.modules():
