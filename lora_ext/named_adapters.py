@@ -39,6 +39,8 @@ def _stamp(lora_A, lora_B):
     values are checked again at each use."""
     if lora_A.is_inference() or lora_B.is_inference():
         return None
+    if sharded.is_dtensor(lora_A) or sharded.is_dtensor(lora_B):
+        return None  # checked at every use: a check is a collective, and every rank must make the same ones
     return (weakref.ref(lora_A), lora_A._version, _data_ptr(lora_A),
             weakref.ref(lora_B), lora_B._version, _data_ptr(lora_B))
 

@@ -29,6 +29,7 @@ def _entry(rank, world, port, fn, args, outdir):
     try:
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(outdir, f"{rank}.pt"))
+        dist.barrier()  # every rank's collectives done before any tears its process group down
     finally:
         dist.destroy_process_group()
 
