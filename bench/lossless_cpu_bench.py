@@ -24,7 +24,7 @@ def main():
     r = int(sys.argv[2]) if len(sys.argv) > 2 else 16
     if len(sys.argv) > 3:
         torch.set_num_threads(int(sys.argv[3]))
-    mod = lossless_cpu.build()
+    from lora_ext import _cpu as mod  # built by setup.py
     torch.manual_seed(0)
     print(f"{size}x{size}, r={r}, scale 2, threads {torch.get_num_threads()}")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

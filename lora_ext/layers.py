@@ -125,9 +125,6 @@ class LoRALayer(NamedAdapters):
         self._merged_scaling = scaling
         self.__dict__["_merged_record"] = record
 
-    def _sharded(self) -> bool:
-        return sharded.is_dtensor(self._weight_param())
-
     def _lossless_now(self) -> bool:
         """Whether the next merge writes a lossless record: `lossless` if set, else on for float16/bfloat16
         weights (their merges round at 8-11 bits; a float32 merge loses ~1e-7 relative per switch, and its
@@ -185,6 +182,15 @@ class LoRALayer(NamedAdapters):
             return sharded.merge_(weight, A, B, s, lossless=exact, where=self._describe(), **self._layout())
         return ops.merge_(self._as_2d(weight), A, B, s, lossless=exact, **self._layout())
 
+    def _swap_into(self, weight: Tensor, A: Tensor, B: Tensor, s: float):
+        """What is merged in `weight` replaced by (A, B, s) in one pass; the new record (as _merge_into's)."""
+        old = (self._merged_A, self._merged_B, self._merged_scaling)
+        if sharded.is_dtensor(weight):
+            return sharded.swap_(weight, *old, A, B, s, record=self._merged_record, where=self._describe(),
+                                 **self._layout())
+        return ops.swap_(self._as_2d(weight), *old, A, B, s, check_values=False, record=self._merged_record,
+                         **self._layout())
+
     def _unmerge_from(self, weight: Tensor):
         """What is merged taken out of `weight` (the weight parameter, or a copy of it)."""
         args = (self._merged_A, self._merged_B, self._merged_scaling)
@@ -215,13 +221,7 @@ class LoRALayer(NamedAdapters):
         with deferred_interrupt():
             try:
                 with torch.no_grad():
-                    old = (self._merged_A, self._merged_B, self._merged_scaling)
-                    if self._sharded():
-                        record = sharded.swap_(self._weight_param(), *old, *snapshot, record=self._merged_record,
-                                               where=self._describe(), **self._layout())
-                    else:
-                        record = ops.swap_(self._weight_2d(), *old, *snapshot, check_values=False,
-                                           record=self._merged_record, **self._layout())
+                    record = self._swap_into(self._weight_param(), *snapshot)
             except lossless.ExceptionOverflow as err:  # the old merge is back, bit for bit
                 self.__dict__["_merged_record"] = getattr(err, "record", self._merged_record)
                 raise lossless.ExceptionOverflow(f"{self._describe()}, switching from adapter "
@@ -248,7 +248,7 @@ class LoRALayer(NamedAdapters):
             snapshot = (self._merged_A, self._merged_B, self._merged_scaling)
             if new_dtype == w.dtype:
                 module = super()._apply(fn, recurse)
-                weight = self.get_parameter(self._weight_key)
+                weight = self._weight_param()
                 if weight.is_meta or weight.is_contiguous():
                     device = weight.device
                     self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(device) for t in snapshot[:2])
@@ -317,7 +317,7 @@ class LoRALayer(NamedAdapters):
 
     def state_dict(self, *args, **kwargs):
         with self._lock:
-            self._streams.read(self.get_parameter(self._weight_key).device)
+            self._streams.read(self._weight_param().device)
             state = nn.Module.state_dict(self, *args, **kwargs)
             if self.merged and self._merged_A is not None:
                 prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
@@ -330,7 +330,7 @@ class LoRALayer(NamedAdapters):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         with self._lock:
-            self._streams.write(self.get_parameter(self._weight_key).device)
+            self._streams.write(self._weight_param().device)
             if self.merged and self._merged_A is not None:
                 incoming = [state_dict.get(prefix + k) for k in ("lora_A", "lora_B")]
                 if any(isinstance(t, Tensor) for t in incoming):  # refused before the base is touched

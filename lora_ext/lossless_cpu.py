@@ -1,30 +1,14 @@
 """The C++ CPU backend of the lossless merge / unmerge / swap pass (csrc/cpu/lossless_cpu.cpp): what
 lossless._pass computes, bit for bit (weight bits, codes, exception list, the refusal and its rollback), in one
-fused pass per row chunk. `run_pass(module, ...)` takes the compiled module (lora_ext._cpu once setup.py builds
-it; `build()` compiles it with torch.utils.cpp_extension.load for development and tests).
+fused pass per row chunk. `run_pass(module, ...)` takes the compiled module (lora_ext._cpu, which setup.py builds
+with -ffp-contract=off, required for bit-identity).
 """
 import functools
 import math
-import os
 
 import torch
 
 from . import lossless
-
-SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu",
-                      "lossless_cpu.cpp")
-# -ffp-contract=off is required for bit-identity (no a*b+c fused into an FMA in the AVX2/AVX-512 clones);
-# -fno-trapping-math lets the float16 loops vectorize (no rounding changes).
-CFLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math"]
-
-
-def build(build_directory="/tmp/lora_cpu_build", verbose=False):
-    """Compiles (or loads the cached build of) the module with torch.utils.cpp_extension.load."""
-    from torch.utils import cpp_extension
-    os.makedirs(build_directory, exist_ok=True)
-    return cpp_extension.load(name="lora_ext_cpu", sources=[SOURCE], build_directory=build_directory,
-                              extra_cflags=CFLAGS, verbose=verbose)
-
 
 @functools.lru_cache(maxsize=None)
 def nan_modes():
@@ -53,12 +37,6 @@ def _f32(scale) -> float:
     return torch.tensor(scale, dtype=torch.float32).item()
 
 
-def reference_pass():
-    """The pure-torch pass: lossless._pass_reference once lossless._pass dispatches to this backend (its body
-    renamed), else lossless._pass itself."""
-    return getattr(lossless, "_pass_reference", lossless._pass)
-
-
 def run_pass(module, weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
     """lossless._pass(weight, old, record, new, ...) with the compiled module: the new MergeRecord (None for an
     unmerge); on an exception overflow the weight is given back as the reference gives it back and
@@ -66,7 +44,8 @@ def run_pass(module, weight, old, record, new, num_blocks, block_ids, transposed
     block, a weight off the CPU or with strided columns) goes to the reference pass."""
     block_ids = list(block_ids)
     if not block_ids or not supported(weight):
-        return reference_pass()(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
+        return lossless._pass_reference(weight, old, record, new, num_blocks, block_ids, transposed, limit,
+                                         where)
     with torch.no_grad():
         return _run(module, weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
 
