@@ -15,8 +15,17 @@ shard of the weight with the matching rows or columns of the factors (lora_ext/s
 communication. The forward computes on the local shards with explicit collectives (Megatron's pattern: the
 input copied into the parallel region with its gradient all-reduced, partial outputs all-reduced with the
 gradient passed through), and the factors' gradients are partial sums that torch.distributed.tensor reduces when
-the optimizer applies them. torch's stock ColwiseParallel / RowwiseParallel are refused at the first forward,
-with a message naming these styles.
+the optimizer applies them.
+
+Fused layers whose consumer splits the output into blocks (GPT-2's c_attn: q, k, v) take
+`ColwiseLoRA(blocks=3)`: each block is sharded by rows, so each rank holds its rows of every block (its heads of
+q, k and v; a `_StridedShard` placement); merges write the local shard with the matching rows of lora_B.
+`gpt2_plan(model, mesh)` and `llama_plan(model, mesh)` give whole plans for transformers' GPT-2 and Llama
+(attention heads and MLPs), with the attention modules' head counts fixed up when the plan is applied.
+
+torch's stock ColwiseParallel / RowwiseParallel (and distribute_module) on a lora_ext layer are refused when they
+are applied, with a message naming these styles (once this module is imported); a DTensor weight that reaches a
+forward some other way is refused there.
 """
 from typing import NamedTuple
 
@@ -27,14 +36,17 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
+from . import lossless as lossless_module
+from . import ops, sharded
 from .layers import Embedding, Linear, LoRALayer, MergedLinear
 
 
 class Spec(NamedTuple):
     style: str      # "colwise" or "rowwise"
     mesh: object    # the 1-D device mesh (a deepcopy of the layer shares it)
-    lo: int         # the features this rank holds: output ones (colwise), input ones (rowwise)
-    hi: int
+    lo: int         # the features this rank holds: output ones (colwise), input ones (rowwise); with blocks > 1,
+    hi: int         # the rows lo:hi of each of the `blocks` equal chunks of the output features
+    blocks: int = 1
 
     @property
     def group(self):
@@ -97,7 +109,16 @@ def _feature_dims(layer):
 class _LoRAStyle(ParallelStyle):
     style = ""
 
-    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+    def __init__(self, blocks: int = 1):
+        super().__init__()
+        if not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"{type(self).__name__}: blocks is a positive int, got {blocks!r}")
+        if blocks > 1 and self.style != "colwise":
+            raise ValueError(f"{type(self).__name__}: blocks is for column-parallel fused layers (ColwiseLoRA)")
+        self.blocks = blocks
+
+    def _check(self, module: nn.Module, device_mesh) -> None:
+        """Every refusal, before anything changes."""
         kinds = (Linear, MergedLinear, Embedding) if self.style == "colwise" else (Linear, MergedLinear)
         if not isinstance(module, kinds):
             raise ValueError(f"{type(self).__name__} takes lora_ext {', '.join(k.__name__ for k in kinds)} layers, "
@@ -107,10 +128,26 @@ class _LoRAStyle(ParallelStyle):
         if isinstance(module, Embedding) and module.max_norm is not None:
             raise ValueError(f"{type(self).__name__}: {module._describe()} has max_norm={module.max_norm}: each rank "
                              f"would renormalise its slice of the embedding by that slice's norm; not supported")
+        if module.merged and module._merged_A is not None:
+            raise ValueError(f"{type(self).__name__}: {module._describe()} is merged; unmerge it (train()) "
+                             f"before parallelize_module")
+        if self.blocks > 1:
+            if isinstance(module, Embedding):
+                raise ValueError(f"{type(self).__name__}(blocks={self.blocks}) takes Linear / MergedLinear layers, "
+                                 f"got {module._describe()}")
+            if type(module) not in _STRIDED:
+                raise ValueError(f"{type(self).__name__}(blocks={self.blocks}) takes lora_ext Linear / MergedLinear "
+                                 f"layers, got {type(module).__name__}")
+            n, out = device_mesh.size(), module.out_features
+            nb = len(module.enable_lora) if isinstance(module, MergedLinear) else 1
+            if self.blocks % nb or out % (self.blocks * n):
+                raise ValueError(f"{type(self).__name__}(blocks={self.blocks}): {module._describe()} has {out} output "
+                                 f"features in {nb} LoRA block(s); each of {self.blocks} chunks must split evenly over "
+                                 f"{n} ranks and the chunks must tile the LoRA blocks")
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         with module._lock:
-            if module.merged and module._merged_A is not None:
-                raise ValueError(f"{type(self).__name__}: {module._describe()} is merged; unmerge it (train()) "
-                                 f"before parallelize_module")
+            self._check(module, device_mesh)
             out_dim, in_dim = _feature_dims(module)
             dim = out_dim if self.style == "colwise" else in_dim
 
@@ -120,9 +157,20 @@ class _LoRAStyle(ParallelStyle):
                     module._parameters[name] = nn.Parameter(distribute_tensor(p.detach(), device_mesh, placements),
                                                             requires_grad=p.requires_grad)
 
-            place("weight", [Shard(dim)])
+            if self.blocks > 1:
+                from torch.distributed.tensor.placement_types import _StridedShard
+                place("weight", [_StridedShard(dim, split_factor=self.blocks)])
+            else:
+                place("weight", [Shard(dim)])
             for name in ("bias", "lora_A", "lora_B"):
                 place(name, [Replicate()])
+            if self.blocks > 1:
+                chunk = module.out_features // self.blocks
+                per = chunk // device_mesh.size()
+                rank = device_mesh.get_local_rank()
+                module.__dict__["_tp"] = Spec(self.style, device_mesh, rank * per, (rank + 1) * per, self.blocks)
+                module.__class__ = _STRIDED[type(module)]
+                return module
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
             w = module.weight
             shape, offset = compute_local_shape_and_global_offset(w.shape, device_mesh, w.placements)
@@ -131,13 +179,108 @@ class _LoRAStyle(ParallelStyle):
 
 
 class ColwiseLoRA(_LoRAStyle):
-    """Column-parallel lora_ext Linear / MergedLinear / Embedding (see the module's docstring)."""
+    """Column-parallel lora_ext Linear / MergedLinear / Embedding (see the module's docstring). blocks=k: the output
+    features are k equal chunks (a fused qkv: 3), each sharded over the ranks."""
     style = "colwise"
 
 
 class RowwiseLoRA(_LoRAStyle):
     """Row-parallel lora_ext Linear / MergedLinear (see the module's docstring)."""
     style = "rowwise"
+
+    def __init__(self):
+        super().__init__()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# fused layers sharded by blocks (ColwiseLoRA(blocks=k)): each rank holds rows lo:hi of each of the k chunks
+
+
+def _strided_rows(layer, spec):
+    """(the layout of the local shard's 2-D matrix for lora_ext.ops, [(j, rows of lora_B)] for each enabled
+    block j, [(block id, local rows in that block)]): the local shard is itself a fused weight with the layer's
+    blocks, each holding its chunks' rows lo:hi."""
+    nb = len(layer.enable_lora) if isinstance(layer, MergedLinear) else 1
+    ids = list(layer._block_ids) if isinstance(layer, MergedLinear) else [0]
+    per_block = layer.out_features // nb
+    m = spec.blocks // nb              # chunks per LoRA block
+    c = layer.out_features // spec.blocks
+    rows = [torch.cat([torch.arange(j * per_block + t * c + spec.lo, j * per_block + t * c + spec.hi)
+                       for t in range(m)]) for j in range(len(ids))]
+    layout = dict(num_blocks=nb, block_ids=ids, transposed=layer.fan_in_fan_out)
+    return layout, list(enumerate(rows)), ids, nb, m * (spec.hi - spec.lo)
+
+
+def _local_B(layer, B):
+    rows = _strided_rows(layer, layer.__dict__["_tp"])[1]
+    B = sharded.full(B)
+    return torch.cat([B.index_select(0, r.to(B.device)) for _, r in rows]) if rows else B[:0]
+
+
+class _StridedMerges:
+    """Merges, unmerges and switches of a layer sharded by ColwiseLoRA(blocks=k): one ops call on the local shard
+    with the matching rows of lora_B, no communication but the agreement on a lossless refusal (as
+    lora_ext.sharded's)."""
+
+    def _merge_into(self, weight, A, B, s, exact):
+        if not sharded.is_dtensor(weight):
+            return super()._merge_into(weight, A, B, s, exact)
+        layout = _strided_rows(self, self.__dict__["_tp"])[0]
+        w, A, B = weight.to_local(), sharded.full(A), _local_B(self, B)
+        record, err = None, None
+        try:
+            record = ops.merge_(w, A, B, s, lossless=exact, **layout)
+            done = True
+        except lossless_module.ExceptionOverflow as e:
+            err, done = e, False
+        if not sharded._agree(weight, err is None):
+            if done:
+                ops.unmerge_(w, A, B, s, record=record, **layout)
+            raise err if err is not None else sharded._refused_elsewhere(self._describe())
+        return record
+
+    def _swap_into(self, weight, A, B, s):
+        if not sharded.is_dtensor(weight):
+            return super()._swap_into(weight, A, B, s)
+        layout = _strided_rows(self, self.__dict__["_tp"])[0]
+        w = weight.to_local()
+        oA, oB, os_ = sharded.full(self._merged_A), _local_B(self, self._merged_B), self._merged_scaling
+        nA, nB = sharded.full(A), _local_B(self, B)
+        rec = self._merged_record
+        out, err = None, None
+        try:
+            out = ops.swap_(w, oA, oB, os_, nA, nB, s, check_values=False, record=rec, **layout)
+            done = True
+        except lossless_module.ExceptionOverflow as e:
+            err, done = e, False
+        if not sharded._agree(weight, err is None):
+            err = err if err is not None else sharded._refused_elsewhere(self._describe())
+            if done:
+                back = ops.swap_(w, nA, nB, s, oA, oB, os_, check_values=False, record=out, **layout)
+                if rec is not None:
+                    err.record = back
+            raise err
+        return out
+
+    def _unmerge_from(self, weight):
+        if not sharded.is_dtensor(weight):
+            return super()._unmerge_from(weight)
+        layout = _strided_rows(self, self.__dict__["_tp"])[0]
+        ops.unmerge_(weight.to_local(), sharded.full(self._merged_A), _local_B(self, self._merged_B),
+                     self._merged_scaling, record=self._merged_record, **layout)
+
+
+class _StridedLinear(_StridedMerges, Linear):
+    pass
+
+
+class _StridedMergedLinear(_StridedMerges, MergedLinear):
+    pass
+
+
+_StridedLinear.__name__, _StridedMergedLinear.__name__ = "Linear", "MergedLinear"  # in messages, the layer's kind
+_STRIDED = {Linear: _StridedLinear, MergedLinear: _StridedMergedLinear,
+            _StridedLinear: _StridedLinear, _StridedMergedLinear: _StridedMergedLinear}
 
 
 def _blocks(layer):
@@ -164,6 +307,8 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
             y = y + s * (F.embedding(x, A.t(), layer.padding_idx) @ B[spec.lo:spec.hi].t())
         return y
     wl = w.t() if layer.fan_in_fan_out else w
+    if spec.style == "colwise" and spec.blocks > 1:
+        return _strided_forward(layer, spec, x, wl, s, lora_on)
     if spec.style == "colwise":
         x = _CopyToParallel.apply(x, spec.group)
         bias = None if layer.bias is None else layer.bias.to_local(grad_placements=[Partial()])[spec.lo:spec.hi]
@@ -207,6 +352,30 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _strided_forward(layer, spec, x, wl, s, lora_on):
+    """ColwiseLoRA(blocks=k): the output holds rows lo:hi of each chunk, in order (a fused qkv: this rank's heads of
+    q, then of k, then of v)."""
+    x = _CopyToParallel.apply(x, spec.group)
+    _, rows, ids, nb, nbl = _strided_rows(layer, spec)
+    bias = None
+    if layer.bias is not None:
+        c = layer.out_features // spec.blocks
+        idx = torch.cat([torch.arange(t * c + spec.lo, t * c + spec.hi) for t in range(spec.blocks)])
+        bias = layer.bias.to_local(grad_placements=[Partial()]).index_select(0, idx.to(x.device))
+    y = F.linear(x, wl, bias)
+    if not lora_on:
+        return y
+    A = layer.lora_A.to_local(grad_placements=[Partial()])
+    B = layer.lora_B.to_local(grad_placements=[Partial()])
+    xl = layer.lora_dropout(x)
+    r = A.shape[0] // len(ids)
+    parts = [y[..., e * nbl:(e + 1) * nbl] for e in range(nb)]
+    for (j, rj), e in zip(rows, ids):
+        t = xl @ A[j * r:(j + 1) * r].t()
+        parts[e] = parts[e] + s * (t @ B.index_select(0, rj.to(B.device)).t())
+    return torch.cat(parts, dim=-1)
+
+
 def check_stock_style(layer: LoRALayer) -> None:
     """A DTensor weight in a forward without lora_ext.parallel's style: torch's stock styles do not know the
     factors (the custom op has no sharding rule); refused with what to use instead."""
@@ -214,3 +383,121 @@ def check_stock_style(layer: LoRALayer) -> None:
                      f"layer was not parallelized with lora_ext.parallel's styles: torch's ColwiseParallel / "
                      f"RowwiseParallel shard the weight without the LoRA factors. Use "
                      f"lora_ext.parallel.ColwiseLoRA() / RowwiseLoRA() in the parallelize_module plan")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# torch's stock styles on a lora_ext layer: refused when they are applied
+
+
+def _refuse_distribute_module(layer):
+    """Read by torch's distribute_module (which ColwiseParallel / RowwiseParallel call on the module they shard)
+    before it changes anything: a lora_ext layer is refused there, with what to use instead."""
+    raise ValueError(f"{layer._describe()}: torch's ColwiseParallel / RowwiseParallel (distribute_module) shard the "
+                     f"weight without the LoRA factors (and RowwiseParallel fails on the layer's lora_dropout child). "
+                     f"Use lora_ext.parallel.ColwiseLoRA() / RowwiseLoRA() in the parallelize_module plan (or "
+                     f"lora_ext.parallel.gpt2_plan / llama_plan)")
+
+
+LoRALayer._distribute_module_applied = property(_refuse_distribute_module)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# plans for transformers' GPT-2 and Llama
+
+
+def _is_lora_linear(m):
+    return isinstance(m, (Linear, MergedLinear))
+
+
+class GPT2AttentionLoRA(ParallelStyle):
+    """transformers' GPT2Attention: the fused c_attn column-parallel by heads (ColwiseLoRA(blocks=3): each rank
+    holds its heads of q, k and v), c_proj row-parallel; the module's num_heads, embed_dim and split_size become
+    this rank's, so that its forward splits and reshapes the local q, k, v. Both projections must be lora_ext
+    layers (inject c_attn, fused or not, and c_proj)."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        _check_gpt2_attention(module, device_mesh.size(), type(module).__name__)
+        col, row = ColwiseLoRA(blocks=3), RowwiseLoRA()
+        with module.c_attn._lock, module.c_proj._lock:
+            col._check(module.c_attn, device_mesh)
+            row._check(module.c_proj, device_mesh)
+        col._apply(module.c_attn, device_mesh)
+        row._apply(module.c_proj, device_mesh)
+        n = device_mesh.size()
+        module.num_heads //= n
+        module.embed_dim //= n
+        module.split_size //= n
+        return module
+
+
+def _check_gpt2_attention(attn, n, where):
+    if getattr(attn, "is_cross_attention", False):
+        raise ValueError(f"gpt2_plan: {where} is a cross-attention (q_attn and a 2-block c_attn); not supported")
+    if not (_is_lora_linear(getattr(attn, "c_attn", None)) and _is_lora_linear(getattr(attn, "c_proj", None))):
+        raise ValueError(f"gpt2_plan: {where}: c_attn and c_proj must be lora_ext layers (inject them, e.g. "
+                         f"lora_ext.inject(model, ['c_proj', 'c_fc'], fused={{'c_attn': [True, False, True]}}, ...)), "
+                         f"got {type(getattr(attn, 'c_attn', None)).__name__} / "
+                         f"{type(getattr(attn, 'c_proj', None)).__name__}")
+    if attn.num_heads % n or attn.split_size != attn.embed_dim or attn.c_attn.out_features != 3 * attn.embed_dim:
+        raise ValueError(f"gpt2_plan: {where} has {attn.num_heads} heads (embed_dim {attn.embed_dim}, split_size "
+                         f"{attn.split_size}): the heads must split evenly over {n} ranks (and the module must not "
+                         f"be parallelized already)")
+
+
+def gpt2_plan(model: nn.Module, device_mesh) -> dict:
+    """A parallelize_module plan for a transformers GPT-2 model with lora_ext injected into c_attn, c_proj and
+    c_fc: each block's attention by heads (GPT2AttentionLoRA), its MLP's c_fc column- and c_proj row-parallel.
+    Embeddings, layer norms and the head stay replicated. Every module is checked before the plan is returned."""
+    n, plan = device_mesh.size(), {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "GPT2Attention":
+            _check_gpt2_attention(m, n, name)
+            plan[name] = GPT2AttentionLoRA()
+        elif type(m).__name__ == "GPT2MLP":
+            for child, style in (("c_fc", ColwiseLoRA()), ("c_proj", RowwiseLoRA())):
+                c = getattr(m, child)
+                if not _is_lora_linear(c):
+                    raise ValueError(f"gpt2_plan: {name}.{child} must be a lora_ext layer, got {type(c).__name__}")
+                style._check(c, device_mesh)
+                plan[f"{name}.{child}"] = style
+    if not plan:
+        raise ValueError(f"gpt2_plan: no GPT2Attention / GPT2MLP modules in {type(model).__name__}")
+    return plan
+
+
+def llama_plan(model: nn.Module, device_mesh) -> dict:
+    """A parallelize_module plan for a transformers Llama model: q, k, v, gate and up column-parallel, o and down
+    row-parallel; lora_ext layers get ColwiseLoRA / RowwiseLoRA, plain nn.Linear ones torch's ColwiseParallel /
+    RowwiseParallel. LlamaAttention reshapes with -1 heads and keeps its query/key-value group count, so its
+    attributes need no change; the attention and key-value heads must split evenly over the ranks."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    n, plan = device_mesh.size(), {}
+    cols = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+    for name, m in model.named_modules():
+        kind = type(m).__name__
+        if kind == "LlamaAttention":
+            cfg = m.config
+            if cfg.num_attention_heads % n or cfg.num_key_value_heads % n:
+                raise ValueError(f"llama_plan: {name} has {cfg.num_attention_heads} attention heads and "
+                                 f"{cfg.num_key_value_heads} key-value heads: both must split evenly over {n} ranks")
+            children = ("q_proj", "k_proj", "v_proj", "o_proj")
+        elif kind == "LlamaMLP":
+            children = ("gate_proj", "up_proj", "down_proj")
+        else:
+            continue
+        for child in children:
+            c = getattr(m, child)
+            col = child in cols
+            if isinstance(c, LoRALayer):
+                style = ColwiseLoRA() if col else RowwiseLoRA()
+                with c._lock:
+                    style._check(c, device_mesh)
+            elif type(c) is nn.Linear:
+                style = ColwiseParallel() if col else RowwiseParallel()
+            else:
+                raise ValueError(f"llama_plan: {name}.{child} is a {type(c).__name__}: a lora_ext layer or an "
+                                 f"nn.Linear expected")
+            plan[f"{name}.{child}"] = style
+    if not plan:
+        raise ValueError(f"llama_plan: no LlamaAttention / LlamaMLP modules in {type(model).__name__}")
+    return plan

@@ -1,9 +1,11 @@
 """lora_ext.parallel's tensor-parallel styles on 2 gloo ranks (127.0.0.1, spawned by the test), against one
 process: forward, training steps, merges and switches local to each rank, lora_state_dict; torch's stock
-ColwiseParallel refused with a message."""
+ColwiseParallel refused with a message; transformers' GPT-2 and Llama through gpt2_plan / llama_plan."""
+import pytest
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
 import lora_ext as lora
@@ -86,12 +88,13 @@ def tp_case(rank, world):
     out["base_back"] = all(torch.equal(m.weight.full_tensor(), base0[n]) for n, m in net.named_children())
     out["local_rows"] = tuple(net.down.weight.to_local().shape)
     stock = build()
-    parallelize_module(stock.emb, init_device_mesh("cpu", (world,)), ColwiseParallel())
-    try:
+    try:  # refused when applied, before anything changes
+        parallelize_module(stock.emb, init_device_mesh("cpu", (world,)), ColwiseParallel())
         stock.emb(torch.zeros(2, 3, dtype=torch.long))
         out["stock"] = None
     except ValueError as e:
         out["stock"] = str(e)
+    out["stock_untouched"] = not isinstance(stock.emb.weight, DTensor)
     return out
 
 
@@ -110,3 +113,135 @@ def test_tensor_parallel_matches_one_process():
         assert r["base_back"], "merges and switches on the shards must give the base back bit for bit"
         assert r["local_rows"] == (12, 8), "the row-parallel weight holds half the input features"
         assert r["stock"] is not None and "ColwiseLoRA" in r["stock"]
+        assert r["stock_untouched"], "a refused stock style must leave the layer as it was"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# transformers GPT-2 and Llama from small configs: lora_ext.parallel.gpt2_plan / llama_plan
+
+HF_STEPS, HF_LR = 2, 0.1
+
+
+def tp_hf_model(kind):
+    """GPT-2: c_attn fused (MergedLinear, fan_in_fan_out) in block 0 and a plain LoRA Linear in block 1 (peft's
+    c_attn), c_proj and c_fc; 4 heads. Llama: LoRA in q, v, o, gate, down (k and up stay nn.Linear: torch's own
+    styles), 4 attention and 2 key-value heads. Lossless merges; a second adapter "b"; only LoRA trainable."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=40, n_positions=16,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = transformers.GPT2LMHeadModel(cfg)
+        lora.inject(model, ["h.1.attn.c_attn", "c_proj", "c_fc"], r=2, lora_alpha=4,
+                    fused={"h.0.attn.c_attn": [True, False, True]}, lossless=True)
+    else:
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=40,
+                                       max_position_embeddings=16)
+        model = transformers.LlamaForCausalLM(cfg)
+        lora.inject(model, ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], r=2, lora_alpha=4,
+                    lossless=True)
+    seed_adapters(model, "b", torch.Generator().manual_seed(3), std=0.1)
+    lora.mark_only_lora_as_trainable(model)
+    return model
+
+
+def hf_ids():
+    return torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(5))
+
+
+def _whole(v):
+    return v.full_tensor() if isinstance(v, DTensor) else v
+
+
+def base_weights(model):
+    """The base (non-LoRA) state, whole tensors; the state dict of a merged model holds the base."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    return {k: _whole(v).clone() for k, v in get_model_state_dict(model).items() if "lora_" not in k}
+
+
+def hf_tp_run(model):
+    ids, out = hf_ids(), {}
+    with torch.no_grad():
+        out["unmerged"] = model(ids).logits
+        model.eval()
+        out["merged"] = model(ids).logits
+        lora.set_adapter(model, "b")
+        out["merged_b"] = model(ids).logits
+        out["merged_state"] = base_weights(model)
+        model.train()
+        out["unmerged_b"] = model(ids).logits
+        lora.set_adapter(model, "default")
+        out["back"] = model(ids).logits
+    out["base"] = base_weights(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=HF_LR)
+    for step in range(HF_STEPS):
+        opt.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        if step == 0:
+            out["grads"] = {n: _whole(p.grad).clone() for n, p in model.named_parameters() if p.requires_grad}
+        opt.step()
+    out["trained"] = lora.lora_state_dict(model)
+    model.eval()
+    with torch.no_grad():
+        out["trained_merged"] = model(ids).logits
+    return out
+
+
+def hf_tp_case(rank, world):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from lora_ext.parallel import gpt2_plan, llama_plan
+    mesh = init_device_mesh("cpu", (world,))
+    res = {}
+    for kind, plan in (("gpt2", gpt2_plan), ("llama", llama_plan)):
+        model = tp_hf_model(kind)
+        parallelize_module(model, mesh, plan(model, mesh))
+        out = hf_tp_run(model)
+        attn = model.transformer.h[0].attn if kind == "gpt2" else model.model.layers[0].self_attn
+        out["local_qkv"] = tuple(attn.c_attn.weight.to_local().shape) if kind == "gpt2" else \
+            tuple(attn.q_proj.weight.to_local().shape)
+        # the trained adapter into a fresh parallelized model, merged: the same outputs
+        fresh = tp_hf_model(kind)
+        parallelize_module(fresh, mesh, plan(fresh, mesh))
+        fresh.eval()
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(fresh, dict(out["trained"]), options=opts)  # (it adds keys to the dict it is given)
+        with torch.no_grad():
+            out["reloaded_merged"] = fresh(hf_ids()).logits
+        out["reloaded_sd"] = lora.lora_state_dict(fresh)
+        res[kind] = out
+    return res
+
+
+@pytest.fixture(scope="module")
+def hf_ranks():
+    pytest.importorskip("transformers")
+    return run_ranks(hf_tp_case, timeout=180)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_tensor_parallel_on_transformers_models(kind, hf_ranks):
+    model = tp_hf_model(kind)
+    base0 = base_weights(model)
+    single = hf_tp_run(model)
+    for rank, res in enumerate(hf_ranks):
+        r = res[kind]
+        for key in ("unmerged", "merged", "merged_b", "unmerged_b", "back", "trained_merged"):
+            assert _rel(r[key], single[key]) < 1e-5, f"{kind} rank {rank} {key}: {_rel(r[key], single[key]):.3g}"
+        assert _rel(r["reloaded_merged"], single["trained_merged"]) < 1e-5, f"{kind}: the reloaded adapter"
+        assert sorted(r["grads"]) == sorted(single["grads"])
+        for k, v in single["grads"].items():
+            assert _rel(r["grads"][k], v) < 1e-5, f"{kind} gradient {k}: {_rel(r['grads'][k], v):.3g}"
+        assert sorted(r["trained"]) == sorted(single["trained"])
+        for k, v in single["trained"].items():
+            assert _rel(r["trained"][k], v) < 1e-5, f"{kind} trained {k}"
+            assert torch.equal(r["reloaded_sd"][k], r["trained"][k]), f"{kind} lora_state_dict round trip {k}"
+        for k, v in base0.items():  # lossless merges on the shards: the base back bit for bit
+            assert torch.equal(r["merged_state"][k], v), f"{kind} state dict of the merged model {k}"
+            assert torch.equal(r["base"][k], v), f"{kind} base after merge cycles {k}"
+    # each rank holds half the heads of q, k and v (GPT-2's fused c_attn: (in, 3 * 32 / 2), fan_in_fan_out)
+    assert hf_ranks[0][kind]["local_qkv"] == ((32, 48) if kind == "gpt2" else (16, 32))
+    for k in single["trained"]:
+        assert torch.equal(hf_ranks[0][kind]["trained"][k], hf_ranks[1][kind]["trained"][k]), k
