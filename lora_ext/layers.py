@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import lossless, ops, sharded
+from . import batched, lossless, ops, sharded
 from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
 from .streams import StreamOrder
 
@@ -89,9 +89,12 @@ class LoRALayer(NamedAdapters):
         return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
 
     def forward(self, x: Tensor) -> Tensor:
+        batches = batched.ACTIVE.get()  # mixed batches (lora_ext.batch_adapters) open in this context
         with self._guard():
             if x.is_cuda and not torch.compiler.is_compiling():
                 self._streams.read(x.device)
+            if batches is not None and self in batches:
+                return batches[self].forward(self, x)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_param()):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
                 if self.__dict__.get("_tp") is None:
@@ -345,6 +348,8 @@ class LoRALayer(NamedAdapters):
 
 
 class Embedding(LoRALayer, nn.Embedding):
+    _batch_kind = "embedding"  # what lora_ext.batched serves it as
+
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
                  merge_weights: bool = True, lossless: Optional[bool] = None,
                  **kwargs):
@@ -373,10 +378,16 @@ class Embedding(LoRALayer, nn.Embedding):
                                  padding_idx=self.padding_idx, max_norm=self.max_norm,
                                  norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
                                  sparse=self.sparse)
+        return self._weight_forward(x)
+
+    def _weight_forward(self, x):
+        """The layer's output from its weight alone (the base, or the merged adapter with it)."""
         return nn.Embedding.forward(self, x)
 
 
 class Linear(LoRALayer, nn.Linear):
+    _batch_kind = "linear"
+
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, fan_in_fan_out: bool = False, merge_weights: bool = True,
                  lossless: Optional[bool] = None, **kwargs):
@@ -401,10 +412,16 @@ class Linear(LoRALayer, nn.Linear):
             return ops.linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_A, self.lora_B,
                               self.scaling, fan_in_fan_out=self.fan_in_fan_out,
                               scale_tensor=self._scale_tensor_for(x))
+        return self._weight_forward(x)
+
+    def _weight_forward(self, x):
+        """The layer's output from its weight alone (the base, or the merged adapter with it)."""
         return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
 
 
 class MergedLinear(LoRALayer, nn.Linear):
+    _batch_kind = "linear"
+
     def __init__(self, in_features: int, out_features: int, r: int = 0, lora_alpha: float = 1,
                  lora_dropout: float = 0.0, enable_lora: Sequence[bool] = (False,), fan_in_fan_out: bool = False,
                  merge_weights: bool = True, lossless: Optional[bool] = None,
@@ -451,7 +468,9 @@ class MergedLinear(LoRALayer, nn.Linear):
                               self.scaling, num_blocks=len(self.enable_lora), block_ids=self._block_ids,
                               scale_tensor=self._scale_tensor_for(x),
                               fan_in_fan_out=self.fan_in_fan_out)
-        return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
+        return self._weight_forward(x)
+
+    _weight_forward = Linear._weight_forward
 
 
 def _check_kernel_size(kernel_size, dims):

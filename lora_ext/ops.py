@@ -23,6 +23,7 @@ blocks `block_ids` out of `num_blocks` output blocks of Nb features each; plain 
 block_ids=[0].
 """
 import contextlib
+import functools
 import math
 import numbers
 from types import ModuleType
@@ -38,6 +39,10 @@ try:
     from . import _C
 except ImportError:
     _C = None
+try:
+    from . import _cpu
+except ImportError:
+    _cpu = None
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -708,6 +713,122 @@ def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale
     if torch.compiler.is_compiling() or _needs_grad(weight, lora_A, lora_B):
         return _embedding_op(*args)
     return _embedding_impl(*args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# mixed batches: out[m] += scales[i] * (x[m] @ a_slots[i]) @ b_slots[i], i = index[m // tokens_per_index], for
+# rows whose group has a slot (i >= 0); the adapters live in slots stacked per layer (lora_ext.batched). In
+# place on `out` (the base layer's output), inference only.
+
+
+def _batched_impl(kind, out, x, a_slots, b_slots, scales, index, tokens_per_index):
+    if _kernels.takes(out):
+        return getattr(_kernels.module, f"batched_{kind}_")(out, x, a_slots, b_slots, scales, index,
+                                                           tokens_per_index)
+    cpu = _cpu_batched(out, x, kind)
+    if cpu is not None:
+        return cpu(out, x, a_slots, b_slots, scales, index, tokens_per_index)
+    return getattr(reference, f"batched_{kind}_")(out, x, a_slots, b_slots, scales, index, tokens_per_index)
+
+
+def _cpu_batched(out, x, kind):
+    """The C++ CPU loops (lora_ext._cpu) for CPU tensors they take, else None."""
+    if _cpu is None or out.device.type != "cpu" or out.dtype not in KERNEL_DTYPES:
+        return None
+    return getattr(_cpu, f"batched_{kind}_", None)
+
+
+@torch.library.custom_op("lora_ext::batched_linear_", mutates_args=("out",))
+def _batched_linear_op(out: Tensor, x: Tensor, a_slots: Tensor, b_slots: Tensor, scales: Tensor, index: Tensor,
+                       tokens_per_index: int) -> None:
+    _batched_impl("linear", out, x, a_slots, b_slots, scales, index, tokens_per_index)
+
+
+@torch.library.custom_op("lora_ext::batched_embedding_", mutates_args=("out",))
+def _batched_embedding_op(out: Tensor, ids: Tensor, a_slots: Tensor, b_slots: Tensor, scales: Tensor,
+                          index: Tensor, tokens_per_index: int) -> None:
+    _batched_impl("embedding", out, ids, a_slots, b_slots, scales, index, tokens_per_index)
+
+
+@_batched_linear_op.register_fake
+def _(out, x, a_slots, b_slots, scales, index, tokens_per_index):
+    return None
+
+
+@_batched_embedding_op.register_fake
+def _(out, ids, a_slots, b_slots, scales, index, tokens_per_index):
+    return None
+
+
+def _check_batched_args(kind, out, x, a_slots, b_slots, scales, index, tokens_per_index):
+    x_name = "ids" if kind == "embedding" else "x"
+    for name, t, dim in (("out", out, 2), ("a_slots", a_slots, 3), ("b_slots", b_slots, 3)):
+        _check_tensor(name, t, dim)
+        if t.dtype != out.dtype:
+            raise ValueError(f"{name} must have out's dtype {out.dtype}, got {t.dtype}")
+    if kind == "embedding":
+        if not isinstance(x, Tensor) or x.dim() != 1 or x.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"ids must be a 1-D int32 or int64 tensor, got "
+                             f"{getattr(x, 'dtype', type(x))} of shape {tuple(getattr(x, 'shape', ()))}")
+    else:
+        _check_tensor("x", x)
+        if x.dtype != out.dtype:
+            raise ValueError(f"x must have out's dtype {out.dtype}, got {x.dtype}")
+        if x.shape[1] != a_slots.shape[1]:
+            raise ValueError(f"x has {x.shape[1]} features, a_slots holds factors of {a_slots.shape[1]}")
+    slots, _, rank = a_slots.shape
+    if tuple(b_slots.shape) != (slots, rank, out.shape[1]):
+        raise ValueError(f"b_slots must have shape {(slots, rank, out.shape[1])} (slots, rank, out features) for "
+                         f"a_slots {tuple(a_slots.shape)} and out {tuple(out.shape)}, got {tuple(b_slots.shape)}")
+    if x.shape[0] != out.shape[0]:
+        raise ValueError(f"{x_name} has {x.shape[0]} rows and out {out.shape[0]}")
+    if not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (slots,):
+        raise ValueError(f"scales must be a float32 tensor of shape ({slots},), got "
+                         f"{getattr(scales, 'dtype', type(scales))} {tuple(getattr(scales, 'shape', ()))}")
+    if isinstance(tokens_per_index, bool) or not isinstance(tokens_per_index, int) or tokens_per_index < 1:
+        raise ValueError(f"tokens_per_index must be a positive int, got {tokens_per_index!r}")
+    if (not isinstance(index, Tensor) or index.dtype != torch.int32 or index.dim() != 1
+            or index.numel() * tokens_per_index != out.shape[0]):
+        raise ValueError(f"index must be a 1-D int32 tensor of {out.shape[0]} // {tokens_per_index} entries (one per "
+                         f"group of tokens_per_index rows), got {getattr(index, 'dtype', type(index))} of shape "
+                         f"{tuple(getattr(index, 'shape', ()))}")
+    for name, t in (("out", out), ("a_slots", a_slots), ("b_slots", b_slots), (x_name, x)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    _check_same_device(out=out, **{x_name: x}, a_slots=a_slots, b_slots=b_slots, scales=scales, index=index)
+
+
+def _batched(kind, out, x, a_slots, b_slots, scales, index, tokens_per_index):
+    args = (out, x, a_slots, b_slots, scales, index, tokens_per_index)
+    if _needs_grad(out, x, a_slots, b_slots):
+        raise RuntimeError(f"lora_ext.ops.batched_{kind}_ serves inference and records no gradient: call it under "
+                           f"torch.no_grad() or torch.inference_mode(), on tensors that do not require grad")
+    if _fast_path(out):
+        return _launch(functools.partial(_batched_impl, kind), args, functools.partial(_check_batched_args, kind))
+    _check_batched_args(kind, *args)
+    if torch.compiler.is_compiling():
+        op = _batched_linear_op if kind == "linear" else _batched_embedding_op
+        return op(*args)
+    return _batched_impl(kind, *args)
+
+
+def batched_linear_(out: Tensor, x: Tensor, a_slots: Tensor, b_slots: Tensor, scales: Tensor, index: Tensor,
+                    tokens_per_index: int = 1) -> None:
+    """Mixed-batch LoRA update, in place: out[m] += scales[i] * (x[m] @ a_slots[i]) @ b_slots[i] with
+    i = index[m // tokens_per_index], for every row whose i >= 0; rows with i = -1 are left as they are.
+
+    out (M, d) and x (M, k) of one dtype; a_slots (S, k, R): each slot holds an adapter's A^T, b_slots (S, R, d)
+    its B^T, zero-padded to the common rank R; scales (S,) float32; index (M // tokens_per_index,) int32. The
+    shrink accumulates in float32 (float64 for float64), and each element of out is rounded once. Inference
+    only (no autograd)."""
+    _batched("linear", out, x, a_slots, b_slots, scales, index, tokens_per_index)
+
+
+def batched_embedding_(out: Tensor, ids: Tensor, a_slots: Tensor, b_slots: Tensor, scales: Tensor, index: Tensor,
+                       tokens_per_index: int = 1) -> None:
+    """batched_linear_ for an Embedding: ids (M,) int64/int32, a_slots (S, num_embeddings, R) (an adapter's A^T
+    per slot); row m gets scales[i] * a_slots[i, ids[m]] @ b_slots[i]."""
+    _batched("embedding", out, ids, a_slots, b_slots, scales, index, tokens_per_index)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -190,3 +190,47 @@ def embedding_backward(grad, ids, weight, lora_A, lora_B, scale, padding_idx, sc
             dA = torch.ops.aten.embedding_backward(dt, flat, num, pad, scale_grad_by_freq, False)
             dA = dA.t().to(lora_A.dtype)
     return dw, dA, dB
+
+
+# ---------------------------------------------------------------------------------------------------
+# mixed batches (lora_ext.batched): every group of rows with its own adapter slot
+
+
+def _live_groups(index):
+    """The groups (entries of index) that have a slot, and their slots as int64."""
+    groups = (index >= 0).nonzero().view(-1)
+    return groups, index.index_select(0, groups).long()
+
+
+def _expand_(out, t, b_slots, scales, groups, slots, tokens_per_index):
+    """out[rows of groups] = round(out + scales[slot] * t @ b_slots[slot]), accumulated in float32 (float64
+    for float64), one rounding per element."""
+    cd = compute_dtype(out.dtype)
+    n, d = groups.numel(), out.shape[1]
+    t = t * scales.index_select(0, slots).to(cd).view(n, 1, 1)
+    delta = torch.bmm(t, b_slots.index_select(0, slots).to(cd))  # (n, tokens, d)
+    out3 = out.view(-1, tokens_per_index, d)
+    out3.index_copy_(0, groups, (out3.index_select(0, groups).to(cd) + delta).to(out.dtype))
+
+
+def batched_linear_(out, x, a_slots, b_slots, scales, index, tokens_per_index):
+    """out[m] += scales[i] * (x[m] @ a_slots[i]) @ b_slots[i] for each row m with i = index[m //
+    tokens_per_index] >= 0; rows with index -1 are not touched. Batched matmuls over the rows' gathered slots
+    (no loop over adapters)."""
+    groups, slots = _live_groups(index)
+    if not groups.numel():
+        return
+    cd = compute_dtype(out.dtype)
+    x3 = x.view(-1, tokens_per_index, x.shape[1]).index_select(0, groups).to(cd)
+    t = torch.bmm(x3, a_slots.index_select(0, slots).to(cd))  # (n, tokens, R)
+    _expand_(out, t, b_slots, scales, groups, slots, tokens_per_index)
+
+
+def batched_embedding_(out, ids, a_slots, b_slots, scales, index, tokens_per_index):
+    """batched_linear_ for an Embedding: the shrink is the gather a_slots[i, ids[m]]."""
+    groups, slots = _live_groups(index)
+    if not groups.numel():
+        return
+    ids2 = ids.view(-1, tokens_per_index).index_select(0, groups)  # (n, tokens)
+    t = a_slots[slots.view(-1, 1), ids2].to(compute_dtype(out.dtype))  # (n, tokens, R)
+    _expand_(out, t, b_slots, scales, groups, slots, tokens_per_index)

@@ -1,0 +1,217 @@
+"""Mixed batches: every row of a batch served by its own adapter, in one forward (lora.batch_adapters).
+
+Each lora_ext layer keeps the adapters a batch needs in fixed slots, stacked per layer (`LayerSlots`): slot s
+holds an adapter's A^T (k, R) and B^T (R, d), zero-padded to the slots' rank R, and its scaling in a float32
+tensor. A forward computes the layer's output from its weight (the base, or the merged adapter) and adds each
+row's update with lora_ext.ops.batched_linear_ / batched_embedding_, one gather pass per stage over all rows
+whatever their adapters (CUDA kernels, the C++ CPU loops, or batched matmuls). A MergedLinear's slots hold its
+groups side by side (rank n*R, B^T block by block in its output columns), an Embedding's A^T is its lookup
+table.
+
+A merged layer serves mixed batches relative to the adapter its weight holds: rows of that adapter take the
+merged output as it is, every other row adds its own update and subtracts the merged one (a second pass with
+the negated scales). Rows whose adapter a layer lacks (a peft adapter that does not target it) get that
+layer's base, as in peft.
+
+The slot index of each row lives in device buffers that are written in place for each batch (one per thread,
+device, merged adapter and batch length), and the slots are never reallocated while the pool lasts, so a CUDA
+graph captured inside batch_adapters replays with the slots and indices of the batch open at replay time.
+
+Which adapter goes to which slot, paging and the model-level checks are lora_ext.serving.batches'; this module
+is the per-layer part: a layer's slots, and its forward in a batch.
+"""
+import contextvars
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .named_adapters import _stamp, _unchanged
+
+# The batches open in this context: {layer: LayerBatch}; None when none is (a thread starts with none).
+ACTIVE: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ext_batches", default=None)
+
+
+def kind(layer) -> Optional[str]:
+    """"linear" (Linear, MergedLinear), "embedding", or None for layers mixed batches do not serve."""
+    return getattr(layer, "_batch_kind", None)
+
+
+def rank_groups(layer) -> int:
+    """The rank groups of the layer's slots (a MergedLinear's enabled blocks, else 1)."""
+    return len(layer.block_ids)
+
+
+class LayerSlots:
+    """One layer's slot stacks: a (S, k, n*R), b (S, n*R, d) in the layer weight's dtype and device, the
+    scalings (S,) float32 and their negation. `keys[s]` says what slot s holds (adapter name, the layer's
+    registry version, the factors' stamp and the scaling), so a slot is rewritten only when its adapter
+    changed."""
+
+    def __init__(self, layer, capacity: int, max_rank: int):
+        weight = layer.weight_2d()
+        a_shape, _ = layer.factor_shapes(1)
+        self.k = a_shape[1]
+        self.d = layer.out_features if kind(layer) == "linear" else layer.embedding_dim
+        self.groups = rank_groups(layer)
+        self.max_rank = max_rank
+        rank = max_rank * self.groups
+        self.dtype, self.device = weight.dtype, weight.device
+        self.a = torch.zeros(capacity, self.k, rank, dtype=self.dtype, device=self.device)
+        self.b = torch.zeros(capacity, rank, self.d, dtype=self.dtype, device=self.device)
+        self.scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
+        self.neg_scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
+        self.keys = [None] * capacity
+        self.events = [None] * capacity  # CUDA: the last batch's use of each slot, waited for before a rewrite
+
+    def fits(self, layer) -> bool:
+        weight = layer.weight_2d()
+        return weight.dtype == self.dtype and weight.device == self.device
+
+    def current(self, slot: int, layer, name: str) -> bool:
+        key = self.keys[slot]
+        if key is None or key[0] != name:
+            return False
+        if not layer.has_adapter(name):
+            return key[1] == "absent"
+        A, B, s = layer.get_adapter(name)
+        if key[3] != s:
+            return False
+        if key[1] == layer.registry_version and name != layer.active_adapter:
+            return True  # the registry's inactive adapters change only through it
+        return _unchanged(key[2], A, B)
+
+    def load(self, slot: int, layer, name: str) -> None:
+        """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it)."""
+        if self.current(slot, layer, name):
+            return
+        self.keys[slot] = None
+        if not layer.has_adapter(name):
+            at = torch.zeros(self.k, self.a.shape[2], dtype=self.dtype)
+            bt = torch.zeros(self.b.shape[1], self.d, dtype=self.dtype)
+            key, s = (name, "absent", None, 0.0), 0.0
+        else:
+            A, B, s = layer.get_adapter(name)
+            at, bt = self._padded(layer, A.detach(), B.detach())
+            key = (name, layer.registry_version, _stamp(A, B), s)
+        self._write(slot, at, bt, float(s))
+        if key[1] == "absent" or key[2] is not None:  # inference tensors have no stamp: loaded at every use
+            self.keys[slot] = key
+
+    def _padded(self, layer, A: Tensor, B: Tensor):
+        """A^T (k, n*R) and B^T (n*R, d) of the adapter, zero-padded, in the slots' dtype, where A lies."""
+        r = layer.rank_of(A)
+        rank = self.max_rank
+        at = torch.zeros(self.k, self.groups * rank, dtype=self.dtype, device=A.device)
+        bt = torch.zeros(self.groups * rank, self.d, dtype=self.dtype, device=A.device)
+        if not hasattr(layer, "enable_lora"):  # Linear, Embedding
+            at[:, :r] = A.t()
+            bt[:r] = B.t()
+            return at, bt
+        nb = layer.out_features // len(layer.enable_lora)
+        for g, e in enumerate(layer.block_ids):
+            at[:, g * rank:g * rank + r] = A[g * r:(g + 1) * r].t()
+            bt[g * rank:g * rank + r, e * nb:(e + 1) * nb] = B[g * nb:(g + 1) * nb].t()
+        return at, bt
+
+    def _write(self, slot: int, at: Tensor, bt: Tensor, s: float) -> None:
+        if self.device.type != "cuda":
+            self.a[slot].copy_(at)
+            self.b[slot].copy_(bt)
+            self.scales[slot] = s
+            self.neg_scales[slot] = -s
+            return
+        # CUDA: wait for the last batch that read this slot; a copy from host memory goes through pinned
+        # memory on a side stream, which the current stream then waits for
+        current = torch.cuda.current_stream(self.device)
+        stream = _side_stream(self.device) if at.device.type == "cpu" else current
+        if at.device.type == "cpu":
+            at, bt = at.pin_memory(), bt.pin_memory()
+            stream.wait_stream(current)
+        scales = torch.tensor([s, -s], dtype=torch.float32).pin_memory()
+        with torch.cuda.stream(stream):
+            if self.events[slot] is not None:
+                stream.wait_event(self.events[slot])
+            self.a[slot].copy_(at, non_blocking=True)
+            self.b[slot].copy_(bt, non_blocking=True)
+            self.scales[slot:slot + 1].copy_(scales[:1], non_blocking=True)
+            self.neg_scales[slot:slot + 1].copy_(scales[1:], non_blocking=True)
+        if stream is not current:
+            current.wait_stream(stream)
+
+    def used(self, slots) -> None:
+        """After a batch: marks its slots as read by the work queued on the current stream."""
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            for s in slots:
+                self.events[s] = event
+
+
+_SIDE_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _side_stream(device):
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
+def batch_shape(shape, n: int):
+    """tokens per batch row for a layer input of leading shape `shape` in a batch of n rows: the first
+    dimension is the row (any further leading dimensions are its tokens), or the flattened tokens are the rows
+    (a serving engine's layout); None when neither fits."""
+    total = 1
+    for s in shape:
+        total *= s
+    if len(shape) and shape[0] == n and n:
+        return total // n
+    if total == n:
+        return 1
+    return None
+
+
+class LayerBatch:
+    """A layer's view of an open batch: its slots and the batch's index buffers."""
+
+    def __init__(self, batch, slots: LayerSlots):
+        self.batch = batch
+        self.slots = slots
+
+    def forward(self, layer, x: Tensor) -> Tensor:
+        batch = self.batch
+        where = batch.where(layer)
+        if layer.training:
+            raise ValueError(f"batch_adapters: {where} is in training mode; mixed batches serve inference "
+                             f"(call model.eval(); peft's adapter_names refuses training mode too)")
+        if not self.slots.fits(layer):
+            raise ValueError(f"batch_adapters: the weight of {where} moved to {layer.weight_2d().device} / "
+                             f"{layer.weight_2d().dtype} after the batch was opened; open it again")
+        lead = x.shape[:-1] if kind(layer) == "linear" else x.shape
+        tokens = batch_shape(lead, batch.n)
+        if tokens is None:
+            raise ValueError(f"batch_adapters: {batch.n} rows were given, but {where} got an input of shape "
+                             f"{tuple(x.shape)}: its first dimension must be the batch row (or its tokens, "
+                             f"flattened, the rows)")
+        merged = layer.active_adapter if layer.merged else None
+        add, sub = batch.index(layer, x.device, merged)
+        out = layer._weight_forward(x)
+        slots = self.slots
+        a, b = slots.a, slots.b
+        if out.dtype != a.dtype:  # autocast, or a weight of another dtype than the activations
+            a, b = a.to(out.dtype), b.to(out.dtype)
+        out2 = out.view(-1, out.shape[-1])
+        if kind(layer) == "linear":
+            x2 = x.reshape(-1, x.shape[-1])
+            x2 = x2.to(out.dtype).contiguous()
+            op = ops.batched_linear_
+        else:
+            x2 = x.reshape(-1).contiguous()
+            op = ops.batched_embedding_
+        op(out2, x2, a, b, slots.scales, add, tokens)
+        if sub is not None:
+            op(out2, x2, a, b, slots.neg_scales, sub, tokens)
+        return out
+

@@ -1,0 +1,346 @@
+"""Mixed batches across a model: `batch_adapters(model, names)` serves each batch row with its own adapter in one
+forward, and `configure_slots(model, slots, max_rank)` sizes the slots that hold the adapters a batch needs.
+
+The adapters stay where the registry keeps them (device or host memory: `load_peft_adapter(..., device="cpu")`
+keeps inactive adapters in host memory). Each model has a pool of `slots` slot numbers, the same in every layer;
+a batch gets a slot for each adapter it needs (the rows' adapters, and the adapter a merged layer holds),
+reusing the slot an adapter already has, else a free one, else the least recently used one that no open batch
+holds, and copies the adapter into it in every layer (only where it changed). A batch that needs more slots than
+are free is refused before anything is written, with the numbers.
+
+Everything a batch needs is checked when it is opened, before the first write: the names (each held by some
+layer of the model; None is the base model), the rows, the ranks (at most the slots' max_rank), the layers
+(Linear, MergedLinear and Embedding; not under FSDP2 or tensor parallel). The model's first input is checked
+against the number of rows when the model is called. The open batch holds the model's adapters (like `hold`):
+model-level switches, merges and loads on other threads wait until it closes.
+
+Which batch is open is a context variable: each thread (and each asyncio task) sees only its own, so threads
+serving different batches of one model run concurrently. A thread started inside the block does not see it.
+"""
+import contextlib
+import contextvars
+import threading
+import weakref
+from typing import Dict, Iterator, List, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .. import batched, sharded
+from .adapters import _layers_or_raise, hold, model_lock
+
+DEFAULT_SLOTS = 8
+
+# the batch open for each model in this context: {model: Batch}
+_MODELS: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ext_batch_models", default=None)
+
+
+class SlotPool:
+    """A model's slots: which adapter each holds, which open batches hold it (pins), when it was last used, and
+    each layer's slot stacks. The index buffers are kept per (thread, device, merged adapter, rows): written in
+    place for every batch, never reallocated, so a CUDA graph captured in a batch reads the next batch's."""
+
+    def __init__(self, capacity: int, max_rank: int):
+        self.capacity, self.max_rank = capacity, max_rank
+        self.names: List[Optional[str]] = [None] * capacity
+        self.pins = [0] * capacity
+        self.last_use = [0] * capacity
+        self.clock = 0
+        self.lock = threading.Lock()
+        self.layers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> LayerSlots
+        self.buffers: Dict[tuple, tuple] = {}
+
+    def busy(self) -> int:
+        return sum(1 for p in self.pins if p)
+
+    def assign(self, need: Sequence[str]) -> Dict[str, int]:
+        """A slot for each adapter in `need` (the caller holds self.lock), pinned until release()."""
+        slot_of = {n: self.names.index(n) for n in need if n in self.names}
+        missing = [n for n in need if n not in slot_of]
+        free = [s for s in range(self.capacity) if self.names[s] is None]
+        evictable = sorted((s for s in range(self.capacity)
+                            if self.names[s] is not None and not self.pins[s] and self.names[s] not in need),
+                           key=lambda s: self.last_use[s])
+        if len(missing) > len(free) + len(evictable):
+            raise ValueError(
+                f"batch_adapters: the batch needs {len(need)} distinct adapters ({len(missing)} of them not in a "
+                f"slot now) but the model has {self.capacity} slots, {self.busy()} of them held by other open "
+                f"batches: split the batch, or give the model more slots with lora.configure_slots(model, "
+                f"slots={max(len(need) + self.busy(), self.capacity + 1)})")
+        spare = free + evictable
+        for name in missing:
+            s = spare.pop(0)
+            self.names[s] = name
+            slot_of[name] = s
+        self.clock += 1
+        for s in slot_of.values():
+            self.pins[s] += 1
+            self.last_use[s] = self.clock
+        return slot_of
+
+    def release(self, slots) -> None:
+        with self.lock:
+            for s in slots:
+                self.pins[s] -= 1
+
+    def stacks(self, layer) -> batched.LayerSlots:
+        """The layer's slot stacks (made, or made again after the weight moved, when no batch holds them)."""
+        stacks = self.layers.get(layer)
+        if stacks is None or not stacks.fits(layer):
+            if stacks is not None and self.busy():
+                raise ValueError(f"batch_adapters: the weight of {layer._describe()} moved to another device or "
+                                 f"dtype while other batches are open; open this batch after they close")
+            stacks = self.layers[layer] = batched.LayerSlots(layer, self.capacity, self.max_rank)
+        return stacks
+
+
+def _pool(model: nn.Module, found) -> SlotPool:
+    pool = model.__dict__.get("_lora_ext_slot_pool")
+    if pool is None:
+        names = {n for _, m in found for n in m.adapter_names}
+        pool = SlotPool(max(DEFAULT_SLOTS, len(names)), _max_rank(found))
+        model.__dict__["_lora_ext_slot_pool"] = pool
+    return pool
+
+
+def _max_rank(found) -> int:
+    return max((m.rank_of(m.get_adapter(n)[0]) for _, m in found for n in m.adapter_names), default=1)
+
+
+def configure_slots(model: nn.Module, slots: int, max_rank: Optional[int] = None) -> None:
+    """Gives the model `slots` adapter slots of rank up to `max_rank` (default: the largest rank the model holds
+    now) for mixed batches. Slots cost slots * max_rank * (in + out features) elements of the weight's dtype per
+    layer (a MergedLinear's enabled blocks each count). Replaces the slots the model had: a CUDA graph captured
+    in a batch before must be captured again. Refused while a batch of the model is open."""
+    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+        raise ValueError(f"configure_slots: slots must be a positive int, got {slots!r}")
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+        raise ValueError(f"configure_slots: max_rank must be a positive int or None, got {max_rank!r}")
+    with model_lock(model).write():
+        found = _layers_or_raise(model)
+        old = model.__dict__.get("_lora_ext_slot_pool")
+        if old is not None and old.busy():
+            raise ValueError(f"configure_slots: {old.busy()} slots are held by open batches of this model; "
+                             f"configure the slots when they are closed")
+        model.__dict__["_lora_ext_slot_pool"] = SlotPool(slots, max_rank or _max_rank(found))
+
+
+def slot_config(model: nn.Module) -> Optional[Dict[str, object]]:
+    """The model's slots: {"slots", "max_rank", "adapters" (what each slot holds)}, or None before the first
+    batch or configure_slots."""
+    pool = model.__dict__.get("_lora_ext_slot_pool")
+    if pool is None:
+        return None
+    return {"slots": pool.capacity, "max_rank": pool.max_rank, "adapters": list(pool.names)}
+
+
+class Batch:
+    """An open mixed batch: the rows (`table[rows[i]]` is row i's adapter, -1 the base), each adapter's slot,
+    and the index buffers of the layers' forwards."""
+
+    def __init__(self, pool: SlotPool, table: List[Optional[str]], rows: Tensor, slot_of: Dict[str, int],
+                 paths: Dict[nn.Module, str]):
+        self.pool, self.table, self.slot_of, self.paths = pool, table, slot_of, paths
+        self.rows = torch.where(rows < 0, len(table), rows)  # -1 (the base) -> the maps' last entry, -1
+        self.n = rows.numel()
+        self.thread = threading.get_ident()
+        self.filled = set()
+
+    def where(self, layer) -> str:
+        return f"layer {self.paths.get(layer, '?')!r} ({type(layer).__name__})"
+
+    def _map(self, merged: Optional[str], subtract: bool) -> Tensor:
+        """The slot of each table entry for the adding pass (-1: the base, or the merged adapter itself) or
+        the subtracting one (the merged adapter's slot, -1 for its own rows)."""
+        if subtract:
+            values = [-1 if name == merged else self.slot_of[merged] for name in self.table]
+        else:
+            values = [-1 if name is None or name == merged else self.slot_of[name] for name in self.table]
+        return torch.tensor(values + [-1 if subtract and merged is None else
+                                      (self.slot_of[merged] if subtract else -1)], dtype=torch.int32)
+
+    def _fill(self, key, buffers) -> None:
+        merged = key[2]
+        for buf, subtract in zip(buffers, (False, True)):
+            if buf is None:
+                continue
+            values = self._map(merged, subtract)
+            if self.rows.device.type == "cpu":
+                values = values.index_select(0, self.rows)
+                if buf.device.type == "cuda":
+                    values = values.pin_memory()
+                buf.copy_(values, non_blocking=True)
+            else:
+                torch.index_select(values.to(self.rows.device), 0, self.rows, out=buf)
+        self.filled.add(key)
+
+    def fill_existing(self) -> None:
+        """Writes this batch's indices into the buffers earlier batches of this thread and size made (a
+        CUDA graph captured then reads them on replay)."""
+        for key, buffers in list(self.pool.buffers.items()):
+            if key[0] == self.thread and key[3] == self.n and (key[2] is None or key[2] in self.slot_of):
+                self._fill(key, buffers)
+
+    def index(self, layer, device, merged: Optional[str]):
+        """(adding index, subtracting index or None) for a layer on `device` whose weight holds `merged`."""
+        if merged is not None and merged not in self.slot_of:
+            raise ValueError(f"batch_adapters: {self.where(layer)} was merged with adapter {merged!r} after the "
+                             f"batch was opened; merge (eval()) before opening it")
+        key = (self.thread, device, merged, self.n)
+        buffers = self.pool.buffers.get(key)
+        if buffers is None:
+            make = lambda: torch.empty(self.n, dtype=torch.int32, device=device)  # noqa: E731
+            buffers = self.pool.buffers[key] = (make(), make() if merged is not None else None)
+        if key not in self.filled:
+            self._fill(key, buffers)
+        return buffers
+
+
+def _rows(adapters, rows, held) -> tuple:
+    """(table, rows as an int64 tensor, n) from batch_adapters' arguments, checked."""
+    if isinstance(adapters, (str, Tensor)) or not isinstance(adapters, Sequence):
+        raise TypeError(f"batch_adapters: adapters must be a list of adapter names (None for the base model), "
+                        f"got {type(adapters).__name__}")
+    for i, name in enumerate(adapters):
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"batch_adapters: entry {i} must be an adapter name or None, got {name!r}")
+    if rows is None:
+        table = list(dict.fromkeys(adapters))
+        position = {name: i for i, name in enumerate(table)}
+        index = torch.tensor([position[name] for name in adapters], dtype=torch.int64)
+        label = lambda i: f"row {i}"  # noqa: E731
+    else:
+        table = list(adapters)
+        if isinstance(rows, Tensor):
+            if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64) or rows.is_floating_point():
+                raise ValueError(f"batch_adapters: rows must be a 1-D int32/int64 tensor or a list of ints, got "
+                                 f"{rows.dtype} of shape {tuple(rows.shape)}")
+            index = rows.long()
+        else:
+            if any(isinstance(i, bool) or not isinstance(i, int) for i in rows):
+                raise TypeError("batch_adapters: rows must be a 1-D int tensor or a list of ints")
+            index = torch.tensor(list(rows), dtype=torch.int64)
+        label = lambda i: f"rows entry {i}"  # noqa: E731
+        host = index.cpu()  # one sync, before anything is written
+        bad = ((host < -1) | (host >= len(table))).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise ValueError(f"batch_adapters: {label(i)} is {int(host[i])}; entries index the {len(table)} "
+                             f"adapters given (-1: the base model)")
+    n = index.numel()
+    if not n:
+        raise ValueError("batch_adapters: the batch has no rows")
+    for j, name in enumerate(table):
+        if name is not None and name not in held:
+            first = int((index == j).nonzero()[0]) if (index == j).any() else None
+            who = label(first) if first is not None else f"adapters entry {j}"
+            raise ValueError(f"batch_adapters: {who}: adapter {name!r} is not loaded in the model (it holds "
+                             f"{sorted(held)})")
+    return table, index, n, label
+
+
+def _first_row(index, table, name) -> Optional[int]:
+    if name not in table:
+        return None
+    hits = (index == table.index(name)).nonzero()
+    return int(hits[0]) if hits.numel() else None
+
+
+def _check_layers(found) -> None:
+    for path, m in found:
+        if batched.kind(m) is None:
+            raise ValueError(f"batch_adapters: layer {path!r} is a {type(m).__name__}; mixed batches serve Linear, "
+                             f"MergedLinear and Embedding layers (serve convolutions one adapter at a time)")
+        if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_param()) or sharded.is_dtensor(m.lora_A):
+            raise ValueError(f"batch_adapters: layer {path!r} is sharded (FSDP2 or tensor parallel); mixed batches "
+                             f"serve unsharded layers")
+
+
+def _check_input(module, args, kwargs):
+    """Forward pre-hook of a model with batches: its first input must have the batch's rows."""
+    models = _MODELS.get()
+    batch = models.get(module) if models else None
+    if batch is None:
+        return
+    x = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "x") if isinstance(kwargs.get(k), Tensor)), None)
+    if x is None and args and isinstance(args[0], Tensor):
+        x = args[0]
+    if x is None:
+        return
+    lead = x.shape[:-1] if x.is_floating_point() else x.shape
+    if batched.batch_shape(lead, batch.n) is None:
+        raise ValueError(f"batch_adapters: {batch.n} rows were given for an input of shape {tuple(x.shape)} (the "
+                         f"first dimension is the batch row; with tokens flattened, one entry per token)")
+
+
+@contextlib.contextmanager
+def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
+                   rows: Union[Sequence[int], Tensor, None] = None) -> Iterator[Batch]:
+    """Serves each batch row with its own adapter inside the block: `adapters[i]` is row i's adapter name (None:
+    the base model). With `rows` (ints or an int tensor, one per row), `adapters` lists the distinct adapters and
+    `rows[i]` indexes it (-1: the base model), the form for long per-token lists (a serving engine's flattened
+    layout, where each token is a row).
+
+    The batch row is the first dimension of each layer's input (a flattened (tokens, features) input takes one
+    entry per token). Works for any module holding lora_ext layers (a single layer too), and for generate().
+    Inference only: the model in eval mode, under torch.no_grad() or torch.inference_mode(). Merged layers serve
+    each row relative to the adapter they hold (see lora_ext.batched). Everything is checked before anything is
+    written; see lora_ext/serving/batches.py for slots and paging."""
+    if model in (_MODELS.get() or {}):
+        raise ValueError("batch_adapters: a batch of this model is already open in this context; close it first")
+    found = _layers_or_raise(model)
+    _check_layers(found)
+    held = {n for _, m in found for n in m.adapter_names}
+    table, index, n, label = _rows(adapters, rows, held)
+    with hold(model):
+        found = _layers_or_raise(model)  # as of now: a load may have added layers before the hold
+        merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
+        need = list(dict.fromkeys([t for t in table if t is not None] + merged))
+        pool = _pool(model, found)
+        for name in need:
+            for path, m in found:
+                if m.has_adapter(name) and m.rank_of(m.get_adapter(name)[0]) > pool.max_rank:
+                    row = _first_row(index, table, name)
+                    who = label(row) if row is not None else f"the merged adapter {name!r}"
+                    raise ValueError(
+                        f"batch_adapters: {who}: adapter {name!r} has rank {m.rank_of(m.get_adapter(name)[0])} at "
+                        f"layer {path!r}, more than the model's slots hold ({pool.max_rank}): "
+                        f"lora.configure_slots(model, slots={pool.capacity}, max_rank="
+                        f"{m.rank_of(m.get_adapter(name)[0])})")
+        with pool.lock:
+            slot_of = pool.assign(need)
+            try:
+                views = {}
+                for _, m in found:
+                    stacks = pool.stacks(m)
+                    for name in need:
+                        stacks.load(slot_of[name], m, name)
+                    views[m] = stacks
+            except BaseException:
+                for s in slot_of.values():
+                    pool.pins[s] -= 1
+                raise
+        batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
+                      else index, slot_of, {m: path for path, m in found})
+        try:
+            batch.fill_existing()
+            layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
+            token = batched.ACTIVE.set({**(batched.ACTIVE.get() or {}), **layers})
+            model_token = _MODELS.set({**(_MODELS.get() or {}), model: batch})
+            _install_check(model)
+            try:
+                yield batch
+            finally:
+                _MODELS.reset(model_token)
+                batched.ACTIVE.reset(token)
+                for stacks in views.values():
+                    stacks.used(slot_of.values())
+        finally:
+            pool.release(slot_of.values())
+
+
+def _install_check(model: nn.Module) -> None:
+    if not model.__dict__.get("_lora_ext_batch_hook"):
+        model.register_forward_pre_hook(_check_input, with_kwargs=True)
+        model.__dict__["_lora_ext_batch_hook"] = True

@@ -1,0 +1,430 @@
+"""Mixed batches (lora.batch_adapters): each layer kind against a float64 oracle per row, merged and unmerged,
+the ops against float64 with untouched rows checked bit for bit, the simulator's kernels through the layers,
+and the refusals (before anything is written)."""
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_ext as lora
+from lora_ext import ops
+from helpers import TOL, dense_delta64, rel_err
+
+RANKS = {"a": 2, "b": 5, "c": 3}
+SCALES = {"a": 0.5, "b": 1.75, "c": -0.8}
+
+
+def make_layer(kind, dtype=torch.float32, fan=False):
+    if kind == "linear":
+        layer = lora.Linear(24, 20, r=4, fan_in_fan_out=fan)
+    elif kind == "merged":
+        layer = lora.MergedLinear(24, 21, r=4, enable_lora=[True, False, True], fan_in_fan_out=fan)
+    else:
+        layer = lora.Embedding(30, 20, r=4)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    for name, r in RANKS.items():
+        a_shape, b_shape = layer.factor_shapes(r)
+        layer.add_adapter(name, torch.randn(a_shape) * 0.3, torch.randn(b_shape) * 0.3, SCALES[name])
+    return layer.to(dtype)
+
+
+def make_input(kind, lead, dtype=torch.float32):
+    if kind == "embedding":
+        return torch.randint(0, 30, lead)
+    return torch.randn(*lead, 24).to(dtype)
+
+
+def oracle(layer, x, names, base_weight):
+    """float64, per row: the base weight's output plus the row's adapter's update (written independently of
+    lora_ext: dense delta-W from the factors)."""
+    w = base_weight.double()
+    if isinstance(layer, lora.Embedding):
+        base = w[x]
+    else:
+        wl = w.t() if layer.fan_in_fan_out else w
+        base = x.double() @ wl.t() + layer.bias.double()
+    outs = []
+    for i, name in enumerate(names):
+        row = base[i]
+        if name is not None:
+            A, B, s = layer.get_adapter(name)
+            if isinstance(layer, lora.Embedding):
+                row = row + s * A.double().t()[x[i]] @ B.double().t()
+            else:
+                layout = layer.layout()
+                delta = dense_delta64(A, B, layout["num_blocks"], layout["block_ids"], row.shape[-1])
+                row = row + s * x[i].double() @ delta.t()
+        outs.append(row)
+    return torch.stack(outs)
+
+
+def base_of(layer):
+    """The base weight (an unmerged copy when the layer is merged)."""
+    return layer.state_dict()["weight"]  # state_dict always holds the base
+
+
+@pytest.mark.parametrize("kind,fan", [("linear", False), ("linear", True), ("merged", False), ("merged", True),
+                                      ("embedding", False)])
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("lead", [(6,), (6, 3)])
+def test_rows_match_their_adapters(kind, fan, merged, lead):
+    layer = make_layer(kind, fan=fan)
+    layer.set_adapter("b")
+    layer.eval()
+    if not merged:
+        layer.unmerge()
+    assert layer.merged == merged
+    names = ["a", None, "c", "b", "a", None]
+    x = make_input(kind, lead)
+    base = base_of(layer)
+    with torch.no_grad(), lora.batch_adapters(layer, names):
+        got = layer(x)
+    ref = oracle(layer, x, names, base)
+    for i in range(len(names)):
+        assert rel_err(got[i], ref[i]) < TOL[torch.float32], f"row {i} ({names[i]})"
+    if not merged:  # rows of the base are the weight's own output, bit for bit
+        plain = layer._weight_forward(x)
+        assert torch.equal(got[1], plain[1]) and torch.equal(got[5], plain[5])
+    # the layer serves its active adapter again after the block
+    with torch.no_grad():
+        again = layer(x)
+    ref_b = oracle(layer, x, ["b"] * len(names), base)
+    assert rel_err(again, ref_b) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged", "embedding"])
+def test_bfloat16_rows(kind):
+    layer = make_layer(kind, dtype=torch.bfloat16).eval()
+    names = ["c", "a", None, "b"]
+    x = make_input(kind, (4, 5), torch.bfloat16)
+    with torch.no_grad(), lora.batch_adapters(layer, names):
+        got = layer(x)
+    assert got.dtype == torch.bfloat16
+    ref = oracle(layer, x, names, base_of(layer))
+    for i in range(4):
+        assert rel_err(got[i], ref[i]) < TOL[torch.bfloat16], f"row {i}"
+
+
+def test_flattened_tokens_with_a_row_index():
+    layer = make_layer("linear").eval()
+    layer.unmerge()
+    x = make_input("linear", (7,))
+    rows = torch.tensor([1, 0, -1, 2, 1, 1, -1])
+    table = ["b", "a", "c"]
+    with torch.no_grad(), lora.batch_adapters(layer, table, rows=rows):
+        got = layer(x)
+    names = [table[i] if i >= 0 else None for i in rows.tolist()]
+    ref = oracle(layer, x, names, base_of(layer))
+    assert rel_err(got, ref) < TOL[torch.float32]
+    # one entry per token of a (batch, tokens) input flattened by the layer's caller
+    x3 = make_input("linear", (1, 7))
+    with torch.no_grad(), lora.batch_adapters(layer, table, rows=rows):
+        got3 = layer(x3)
+    assert rel_err(got3[0], oracle(layer, x3[0], names, base_of(layer))) < TOL[torch.float32]
+
+
+def test_autocast_rows_follow_autocast():
+    layer = make_layer("linear").eval()
+    layer.unmerge()
+    names = ["a", "b", None]
+    x = make_input("linear", (3, 4))
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16), lora.batch_adapters(layer, names):
+        got = layer(x)
+    assert got.dtype == torch.bfloat16
+    ref = oracle(layer, x, names, base_of(layer))
+    assert rel_err(got, ref) < 2 * TOL[torch.bfloat16]
+
+
+def test_sequential_model_and_threads():
+    net = torch.nn.Sequential(make_layer("linear"), torch.nn.ReLU(), torch.nn.Linear(20, 24), make_layer("linear"))
+    net.eval()
+    batches = [["a", "b", None, "c"], ["c", "c", "a", "b"], [None, None, "b", "a"], ["b", "a", "c", None]]
+    x = torch.randn(4, 24)
+    expected = []
+    with torch.no_grad():
+        for names in batches:
+            rows = []
+            for i, name in enumerate(names):
+                if name is None:
+                    lora.unmerge_adapter(net)
+                    saved = [m.scaling for m in (net[0], net[3])]
+                    for m in (net[0], net[3]):
+                        m.scaling = 0.0
+                    rows.append(net(x[i:i + 1]))
+                    for m, s in zip((net[0], net[3]), saved):
+                        m.scaling = s
+                else:
+                    lora.set_adapter(net, name)
+                    rows.append(net(x[i:i + 1]))
+            expected.append(torch.cat(rows))
+        lora.set_adapter(net, "default")
+        for names, ref in zip(batches, expected):
+            with lora.batch_adapters(net, names):
+                assert rel_err(net(x), ref) < TOL[torch.float32]
+        # four threads, each its own batch, concurrently: each gets exactly its own results
+        alone = []
+        for names in batches:
+            with lora.batch_adapters(net, names):
+                alone.append(net(x))
+    errors = []
+
+    def serve(names, want):
+        try:
+            for _ in range(15):
+                with torch.no_grad(), lora.batch_adapters(net, names):
+                    got = net(x)
+                if not torch.equal(got, want):
+                    errors.append(f"{names}: got another batch's output")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=serve, args=(n, w)) for n, w in zip(batches, alone)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    # a thread without a batch serves the active adapter while another thread has one open
+    with torch.no_grad():
+        plain = net(x)
+        seen = []
+        with lora.batch_adapters(net, batches[0]):
+            t = threading.Thread(target=lambda: seen.append(net(x)))
+            t.start()
+            t.join(30)
+    assert torch.equal(seen[0], plain)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the ops
+
+
+def ops_case(dtype, kind="linear", tokens=1, groups=6, slots=5, rank=4, k=19, d=13):
+    m = groups * tokens
+    out = torch.randn(m, d).to(dtype)
+    x = torch.randint(0, k, (m,)) if kind == "embedding" else torch.randn(m, k).to(dtype)
+    a = (torch.randn(slots, k, rank) * 0.5).to(dtype)
+    b = (torch.randn(slots, rank, d) * 0.5).to(dtype)
+    scales = torch.randn(slots)
+    index = torch.randint(-1, slots, (groups,), dtype=torch.int32)
+    index[0] = -1
+    index[1] = slots - 1
+    return out, x, a, b, scales, index
+
+
+def ops_oracle(kind, out, x, a, b, scales, index, tokens):
+    ref = out.double().clone()
+    for m in range(out.shape[0]):
+        i = int(index[m // tokens])
+        if i < 0:
+            continue
+        t = a[i, x[m]].double() if kind == "embedding" else x[m].double() @ a[i].double()
+        ref[m] += scales[i].double() * t @ b[i].double()
+    return ref
+
+
+def check_ops(kind, dtype, tokens, run):
+    out, x, a, b, scales, index = ops_case(dtype, kind, tokens)
+    before = out.clone()
+    run(out, x, a, b, scales, index, tokens)
+    ref = ops_oracle(kind, before, x, a, b, scales, index, tokens)
+    live = (index >= 0).repeat_interleave(tokens)
+    assert torch.equal(out[~live], before[~live]), "rows without a slot were written"
+    assert rel_err(out[live], ref[live]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_ops_against_float64(dtype, kind, tokens):
+    op = ops.batched_linear_ if kind == "linear" else ops.batched_embedding_
+    with torch.no_grad():
+        check_ops(kind, dtype, tokens, op)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_reference_backend_against_float64(kind):
+    from lora_ext import reference
+    with torch.no_grad():
+        check_ops(kind, torch.float32, 2, getattr(reference, f"batched_{kind}_"))
+
+
+def test_ops_refusals():
+    out, x, a, b, scales, index = ops_case(torch.float32)
+    with pytest.raises(ValueError, match="index"):
+        ops.batched_linear_(out, x, a, b, scales, index.long())
+    with pytest.raises(ValueError, match="scales"):
+        ops.batched_linear_(out, x, a, b, scales.double(), index)
+    with pytest.raises(ValueError, match="b_slots"):
+        ops.batched_linear_(out, x, a, b[:, :2], scales, index)
+    with pytest.raises(ValueError, match="tokens_per_index"):
+        ops.batched_linear_(out, x, a, b, scales, index, 0)
+    with pytest.raises(ValueError, match="x must have out's dtype"):
+        ops.batched_linear_(out, x.double(), a, b, scales, index)
+    x.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        ops.batched_linear_(out, x, a, b, scales, index)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the kernels (the simulator standing in for lora_ext._C) through the layers
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged", "embedding"])
+@pytest.mark.parametrize("lead", [(5,), (2, 20)])
+def test_layers_through_the_kernels(sim_as_cuda, kind, lead):
+    layer = make_layer(kind).eval()
+    names = ["a", None, "b", "c", "a"][:lead[0]]
+    x = make_input(kind, lead)
+    with torch.no_grad(), lora.batch_adapters(layer, names):
+        got = layer(x)
+    ref = oracle(layer, x, names, base_of(layer))
+    assert rel_err(got, ref) < TOL[torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_on_cuda(cuda, dtype):
+    layer = make_layer("merged", dtype=dtype).to(cuda.device).eval()
+    names = ["a", None, "b", "c", "a", "b"]
+    x = make_input("merged", (6, 4), dtype).to(cuda.device)
+    with torch.no_grad(), lora.batch_adapters(layer, names):
+        got = layer(x)
+    cuda.synchronize()
+    ref = oracle(layer.cpu(), x.cpu(), names, base_of(layer).cpu())
+    for i in range(6):
+        assert rel_err(got[i], ref[i]) < TOL[dtype], f"row {i}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# refusals, before anything is written
+
+
+def snapshot(layer):
+    return layer.weight.detach().clone(), lora.slot_config(layer)
+
+
+def assert_unchanged(layer, snap):
+    assert torch.equal(layer.weight, snap[0])
+    assert lora.slot_config(layer) == snap[1]
+
+
+def test_refusals_name_the_row():
+    layer = make_layer("linear").eval()
+    x = make_input("linear", (3,))
+    with torch.no_grad():
+        with lora.batch_adapters(layer, ["a", "b", "c"]):
+            layer(x)
+        snap = snapshot(layer)
+        with pytest.raises(ValueError, match=r"row 2: adapter 'nope' is not loaded"):
+            with lora.batch_adapters(layer, ["a", "b", "nope"]):
+                pass
+        assert_unchanged(layer, snap)
+        with pytest.raises(ValueError, match=r"4 rows were given for an input of shape \(3, 24\)"):
+            with lora.batch_adapters(layer, ["a", "b", "c", "a"]):
+                layer(x)
+        with pytest.raises(ValueError, match=r"rows entry 1 is 7"):
+            with lora.batch_adapters(layer, ["a"], rows=[0, 7, -1]):
+                pass
+        with pytest.raises(TypeError, match="entry 1"):
+            with lora.batch_adapters(layer, ["a", 3]):
+                pass
+        with pytest.raises(ValueError, match="already open"):
+            with lora.batch_adapters(layer, ["a", "b", "c"]), lora.batch_adapters(layer, ["a", "b", "c"]):
+                pass
+        assert_unchanged(layer, snap)
+
+
+def test_rank_and_slot_limits():
+    layer = make_layer("linear").eval()
+    lora.configure_slots(layer, slots=2, max_rank=3)
+    x = make_input("linear", (3,))
+    snap = snapshot(layer)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"row 1: adapter 'b' has rank 5 .* \(3\)"):
+            with lora.batch_adapters(layer, ["a", "b", None]):
+                pass
+        assert_unchanged(layer, snap)
+        lora.configure_slots(layer, slots=2, max_rank=5)
+        # the merged adapter ("default") needs a slot too: 3 adapters for 2 slots
+        with pytest.raises(ValueError, match=r"needs 3 distinct adapters .* 2 slots"):
+            with lora.batch_adapters(layer, ["a", "c", None]):
+                pass
+        with lora.batch_adapters(layer, ["a", "default", None]):
+            with pytest.raises(ValueError, match="already open"):
+                with lora.batch_adapters(layer, ["c", "c", "c"]):
+                    pass
+            got = layer(x)
+    ref = oracle(layer, x, ["a", "default", None], base_of(layer))
+    assert rel_err(got, ref) < TOL[torch.float32]
+
+
+def test_slots_are_paged_least_recently_used():
+    layer = make_layer("linear").eval()
+    layer.unmerge()
+    lora.configure_slots(layer, slots=2)
+    x = make_input("linear", (2,))
+    with torch.no_grad():
+        for names, holds in ((["a", "b"], ["a", "b"]), (["c", "a"], ["a", "c"]), (["b", "b"], ["b", "c"]),
+                             (["a", None], ["b", "a"])):
+            with lora.batch_adapters(layer, names):
+                got = layer(x)
+            assert sorted(n for n in lora.slot_config(layer)["adapters"] if n) == sorted(holds), names
+            assert rel_err(got, oracle(layer, x, names, base_of(layer))) < TOL[torch.float32]
+
+
+def test_a_changed_adapter_is_served_with_its_new_values():
+    layer = make_layer("linear").eval()
+    x = make_input("linear", (2,))
+    with torch.no_grad():
+        with lora.batch_adapters(layer, ["a", "default"]):
+            layer(x)
+        a_shape, b_shape = layer.factor_shapes(2)
+        layer.add_adapter("a", torch.randn(a_shape), torch.randn(b_shape), 0.25)
+        layer.unmerge()
+        layer.lora_B.mul_(3.0)  # the active adapter's live factors, in place
+        with lora.batch_adapters(layer, ["a", "default"]):
+            got = layer(x)
+    assert rel_err(got, oracle(layer, x, ["a", "default"], base_of(layer))) < TOL[torch.float32]
+
+
+def test_training_grad_and_conv_refused():
+    layer = make_layer("linear")
+    x = make_input("linear", (2,))
+    with torch.no_grad(), lora.batch_adapters(layer, ["a", "b"]):
+        with pytest.raises(ValueError, match="training mode"):
+            layer(x)
+    layer.eval()
+    with lora.batch_adapters(layer, ["a", "b"]):
+        with pytest.raises(RuntimeError, match="no_grad"):
+            layer(x.requires_grad_(True))
+    conv = torch.nn.Sequential(lora.Conv2d(3, 4, 3, r=2), make_layer("linear"))
+    with pytest.raises(ValueError, match="layer '0' is a Conv2d"):
+        with lora.batch_adapters(conv, ["default"]):
+            pass
+
+
+def test_torch_compile_of_a_batched_layer():
+    layer = make_layer("linear").eval()
+    layer.unmerge()
+    names = ["a", "c", None, "b"]
+    x = make_input("linear", (4,))
+    compiled = torch.compile(layer, backend="eager")
+    with torch.no_grad(), lora.batch_adapters(layer, names):
+        got = compiled(x)
+    assert rel_err(got, oracle(layer, x, names, base_of(layer))) < TOL[torch.float32]
+    with torch.no_grad():
+        plain = compiled(x)  # outside the block: the active adapter, not the batch (no stale graph)
+    assert rel_err(plain, oracle(layer, x, ["default"] * 4, base_of(layer))) < TOL[torch.float32]
+
+
+def test_linear_oracle_is_independent():
+    # the oracle's base path agrees with F.linear on the base weight (guards the oracle itself)
+    layer = make_layer("linear", fan=True).eval()
+    x = make_input("linear", (3,))
+    base = base_of(layer)
+    ref = oracle(layer, x, [None] * 3, base)
+    assert rel_err(F.linear(x, base.t(), layer.bias), ref) < 1e-6
