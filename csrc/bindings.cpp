@@ -3,13 +3,14 @@
 // bindings themselves are the shared table in ops/bindings_table.h.
 #include <torch/extension.h>
 
+#include "ops/batched.h"
 #include "ops/bindings_table.h"
 #include "ops/forward.h"
 #include "ops/merge.h"
 
 namespace {
 
-// The CUDA launchers (ops/merge.cu, ops/forward.cu) as bindings_table.h's Ops.
+// The CUDA launchers (ops/merge.cu, ops/forward.cu, ops/batched.cu) as bindings_table.h's Ops.
 struct CudaOps {
   static constexpr auto merge_ = &lora_ext::merge_cuda;
   static constexpr auto delta_weight_ = &lora_ext::delta_weight_cuda;
@@ -19,6 +20,8 @@ struct CudaOps {
   static constexpr auto swap_lossless_ = &lora_ext::swap_lossless_cuda;
   static constexpr auto linear = &lora_ext::linear_cuda;
   static constexpr auto embedding = &lora_ext::embedding_cuda;
+  static constexpr auto batched_linear_ = &lora_ext::batched_linear_cuda;
+  static constexpr auto batched_embedding_ = &lora_ext::batched_embedding_cuda;
 };
 
 }  // namespace

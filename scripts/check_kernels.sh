@@ -24,18 +24,26 @@ cat "$build"/kernel_check/*.ptxas.txt | python3 "$root/scripts/ptxas_table.py"
 
 echo "== device-side asserts under NDEBUG =="
 # Torch's builds define NDEBUG; the kernels' LORA_KERNEL_ASSERT (kernels/common.cuh) must still call
-# __assertfail in every embedding kernel variant.
-ptx="$build/forward_ndebug.ptx"
-"$cuda/bin/nvcc" -std=c++17 -O3 -DNDEBUG -I"$root/csrc" -arch=compute_80 -ptx \
-  "$root/csrc/kernels/check/forward_check.cu" -o "$ptx"
-entries=$(grep -c '^.visible .entry .*embedding_kernel' "$ptx" || true)
-asserting=$(awk '/^.visible .entry/ { name = $3 } /call.uni/ { getline; if ($0 ~ /__assertfail/) print name }' "$ptx" \
-  | { grep embedding_kernel || true; } | sort -u | wc -l)
-if [ "$entries" -eq 0 ] || [ "$asserting" -ne "$entries" ]; then
-  echo "check_kernels: $asserting of $entries embedding_kernel variants call __assertfail under NDEBUG" >&2
-  exit 1
-fi
-echo "$asserting of $entries embedding_kernel variants keep their device-side assert"
+# __assertfail in every variant of the kernels that check their arguments on the device: the embedding kernels
+# (ids), the batched shrink (slots) and the batched embedding expand (slots and ids; kEmbedding, the last
+# template argument, true).
+# asserting CHECK_SOURCE ENTRY_REGEX: every .entry whose mangled name matches calls __assertfail.
+asserting() {
+  local ptx="$build/$(basename "$1" .cu)_ndebug.ptx"
+  "$cuda/bin/nvcc" -std=c++17 -O3 -DNDEBUG -I"$root/csrc" -arch=compute_80 -ptx "$root/csrc/kernels/check/$1" -o "$ptx"
+  local entries calling
+  entries=$(grep -E '^.visible .entry' "$ptx" | grep -cE "$2" || true)
+  calling=$(awk '/^.visible .entry/ { name = $3 } /call.uni/ { getline; if ($0 ~ /__assertfail/) print name }' "$ptx" \
+    | { grep -E "$2" || true; } | sort -u | wc -l)
+  if [ "$entries" -eq 0 ] || [ "$calling" -ne "$entries" ]; then
+    echo "check_kernels: $calling of $entries kernels matching $2 ($1) call __assertfail under NDEBUG" >&2
+    exit 1
+  fi
+  echo "$calling of $entries kernels matching $2 keep their device-side assert"
+}
+asserting forward_check.cu 'embedding_kernel'
+asserting batched_check.cu 'batched13shrink_kernel'
+asserting batched_check.cu 'batched13expand_kernelI.*Lb[01]ELb[01]ELb1EE'
 
 echo "== simulator tests =="
 "$build/simt_test"

@@ -1,7 +1,7 @@
 // The kernel variants, one list per kernel family: the template instantiations that exist. Both sides expand
 // these lists, so they cannot drift apart:
-//   - the host code (ops/merge_host.h, ops/forward_host.h) selects a kernel by matching the checked
-//     arguments against the list's entries (select_variant) and instantiates nothing else; a static_assert
+//   - the host code (ops/merge_host.h, ops/forward_host.h, ops/batched_host.h) selects a kernel by matching the
+//     checked arguments against the list's entries (select_variant) and instantiates nothing else; a static_assert
 //     there holds each list to exactly the variants the host's checks can lead to (selectable());
 //   - the nvcc compile check (kernels/check/*.cu) instantiates every entry for each GPU architecture.
 // A new variant is a line here, plus selectable() and the argument checks where they must admit it.
@@ -56,3 +56,22 @@
   X(__nv_bfloat16, float, false)         \
   X(__nv_bfloat16, __nv_bfloat16, true)  \
   X(__nv_bfloat16, __nv_bfloat16, false)
+
+// The batched (multi-adapter) forward kernels of one dtype T (kernels/batched.cuh): shrink_kernel<T, kSegment,
+// kVector> and expand_kernel<T, kSegment, kVector, kEmbedding> for both kEmbedding values. kSegment: the
+// segment variant (tiles of rows of one adapter group; tokens_per_index >= kSegmentMinTokens) or the decode
+// variant (a row per CTA); kVector (16-byte accesses) or element-wise, as out's and b_slots' pointers and d
+// allow (and x's pointer and k, for linear).
+#define LORA_BATCHED_VARIANTS(X) \
+  X(float, false, true)          \
+  X(float, false, false)         \
+  X(float, true, true)           \
+  X(float, true, false)          \
+  X(__half, false, true)         \
+  X(__half, false, false)        \
+  X(__half, true, true)          \
+  X(__half, true, false)         \
+  X(__nv_bfloat16, false, true)  \
+  X(__nv_bfloat16, false, false) \
+  X(__nv_bfloat16, true, true)   \
+  X(__nv_bfloat16, true, false)

@@ -41,9 +41,12 @@ using LinearFn = at::Tensor(const at::Tensor& x, const at::Tensor& x_lora, const
 using EmbeddingFn = at::Tensor(const at::Tensor& ids, const at::Tensor& weight, const at::Tensor& a,
                                const at::Tensor& b, double scale, std::optional<int64_t> padding_idx,
                                const std::optional<at::Tensor>& scale_tensor);
+using BatchedFn = void(const at::Tensor& out, const at::Tensor& input, const at::Tensor& a_slots,
+                       const at::Tensor& b_slots, const at::Tensor& scales, const at::Tensor& index,
+                       int64_t tokens_per_index);
 
 // Defines the ops on m. Ops names the backend's functions: merge_, delta_weight_, swap_, merge_lossless_,
-// unmerge_lossless_, swap_lossless_, linear and embedding
+// unmerge_lossless_, swap_lossless_, linear, embedding, batched_linear_ and batched_embedding_
 // (static member functions, or static constexpr pointers to functions), of the types above.
 template <typename Ops>
 void define_ops(pybind11::module_& m) {
@@ -92,6 +95,20 @@ void define_ops(pybind11::module_& m) {
         "scale_tensor: as for linear, on weight's device",
         py::arg("ids"), py::arg("weight"), py::arg("A"), py::arg("B"), py::arg("scale"), py::arg("padding_idx"),
         py::arg("scale_tensor") = py::none());
+  m.def("batched_linear_", static_cast<BatchedFn*>(Ops::batched_linear_),
+        "Multi-adapter LoRA forward in place: out[m] = out[m] + scales[i] * (x[m] a_slots[i]) b_slots[i] (fp32 "
+        "accumulation, one rounding) with i = index[m // tokens_per_index]; rows of slot -1 are left as they are. "
+        "out (M, d), x (M, k), a_slots (S, k, R) (A^T per slot), b_slots (S, R, d) (B^T per slot), all of one dtype "
+        "and contiguous; scales (S,) float32 and index (M // tokens_per_index,) int32 are read on the device (a "
+        "slot outside [-1, S) fails the kernel: a device-side assert)",
+        py::arg("out"), py::arg("x"), py::arg("a_slots"), py::arg("b_slots"), py::arg("scales"), py::arg("index"),
+        py::arg("tokens_per_index"));
+  m.def("batched_embedding_", static_cast<BatchedFn*>(Ops::batched_embedding_),
+        "batched_linear_ for Embedding adapters: out[m] += scales[i] * a_slots[i, ids[m]] b_slots[i], ids (M,) "
+        "int64 or int32, a_slots (S, num_embeddings, R); an id out of range in an updated row fails the kernel (a "
+        "device-side assert)",
+        py::arg("out"), py::arg("ids"), py::arg("a_slots"), py::arg("b_slots"), py::arg("scales"), py::arg("index"),
+        py::arg("tokens_per_index"));
 }
 
 }  // namespace bindings

@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 
+#include "ops/batched_host.h"
 #include "ops/bindings_table.h"
 #include "ops/forward_host.h"
 #include "ops/merge_host.h"
@@ -152,6 +153,26 @@ struct SimOps {
                                                           c10::DeviceType::CPU);
     });
   }
+
+  static void batched_linear_(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a_slots,
+                              const at::Tensor& b_slots, const at::Tensor& scales, const at::Tensor& index,
+                              int64_t tokens_per_index) {
+    const char* op = "lora_ext._sim.batched_linear_";
+    simulated(op, [&] {
+      lora_ext::batched_host::linear<SimLaunch>(op, out, x, a_slots, b_slots, scales, index, tokens_per_index,
+                                                c10::DeviceType::CPU);
+    });
+  }
+
+  static void batched_embedding_(const at::Tensor& out, const at::Tensor& ids, const at::Tensor& a_slots,
+                                 const at::Tensor& b_slots, const at::Tensor& scales, const at::Tensor& index,
+                                 int64_t tokens_per_index) {
+    const char* op = "lora_ext._sim.batched_embedding_";
+    simulated(op, [&] {
+      lora_ext::batched_host::embedding<SimLaunch>(op, out, ids, a_slots, b_slots, scales, index, tokens_per_index,
+                                                   c10::DeviceType::CPU);
+    });
+  }
 };
 
 void set_schedule(std::optional<int64_t> seed) {
@@ -176,6 +197,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_workers", &set_workers, "OS threads running blocks (0: one per core)", py::arg("n"));
   m.def("last_variant", &last_variant,
         "The kernel variant the host code selected in the latest op call, e.g. "
-        "'forward<Float, tensor_core=0, vector=1>' or 'merge<W=Half, factors=Half, tensor_core=1, vector=0>'; "
+        "'forward<Float, tensor_core=0, vector=1>', 'merge<W=Half, factors=Half, tensor_core=1, vector=0>' or "
+        "'batched<BFloat16, segment=1, vector=1>'; "
         "'' when that call launched no kernel");
 }
