@@ -26,6 +26,8 @@ if not rows:
 names = subprocess.run(["c++filt"], input="\n".join(r[1] for r in rows), capture_output=True, text=True).stdout.split("\n")
 print(f"{'arch':7} {'regs':>4} {'stack':>5} {'spill st/ld':>11}  kernel")
 for (arch, _, regs, frame, st, ld), name in zip(rows, names):
-    name = re.sub(r"lora_ext::kernels::(merge|forward|lossless|batched)::", "", name)
-    name = re.sub(r"\(lora_ext.*", "", name).replace("__nv_bfloat16", "bf16").replace("__half", "half")
+    name = re.sub(r"\(lora_ext.*", "", name)
+    name = re.sub(r"lora_ext::kernels::(merge|forward|lossless)::", "", name)
+    name = name.replace("lora_ext::kernels::batched::", "batched::")  # its kernel names repeat forward's
+    name = name.replace("__nv_bfloat16", "bf16").replace("__half", "half")
     print(f"{arch:7} {regs:4d} {frame:>5} {st + '/' + ld:>11}  {name}")
