@@ -1,5 +1,5 @@
 """lora_ext: a drop-in, faster loralib. `import lora_ext as lora`."""
-from . import ops, parallel  # parallel: refuses torch's stock TP styles on lora_ext layers
+from . import ops, parallel  # noqa: F401 (parallel: refuses torch's stock TP styles on lora_ext layers)
 from .layers import Conv1d, Conv2d, Conv3d, ConvLoRA, Embedding, Linear, LoRALayer, MergedLinear
 from .utils import lora_state_dict, mark_only_lora_as_trainable
 from .serving import (active_adapter, adapter_names, batch_adapters, configure_slots, delete_adapter, hold, inject,

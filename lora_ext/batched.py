@@ -45,9 +45,8 @@ def rank_groups(layer) -> int:
 
 class LayerSlots:
     """One layer's slot stacks: a (S, k, n*R), b (S, n*R, d) in the layer weight's dtype and device, the
-    scalings (S,) float32 and their negation. `keys[s]` says what slot s holds (adapter name, the layer's
-    registry version, the factors' stamp and the scaling), so a slot is rewritten only when its adapter
-    changed."""
+    scalings (S,) float32 and their negation. `keys[s]` says what slot s holds (adapter name, the factors'
+    stamp and the scaling), so a slot is rewritten only when its adapter changed."""
 
     def __init__(self, layer, capacity: int, max_rank: int):
         weight = layer.weight_2d()
@@ -70,17 +69,15 @@ class LayerSlots:
         return weight.dtype == self.dtype and weight.device == self.device
 
     def current(self, slot: int, layer, name: str) -> bool:
+        """Whether `slot` holds the layer's adapter `name` as it is now: the same tensors, unwritten since (their
+        version counters and storage, as the finite-value stamps), and the same scaling."""
         key = self.keys[slot]
         if key is None or key[0] != name:
             return False
         if not layer.has_adapter(name):
             return key[1] == "absent"
         A, B, s = layer.get_adapter(name)
-        if key[3] != s:
-            return False
-        if key[1] == layer.registry_version and name != layer.active_adapter:
-            return True  # the registry's inactive adapters change only through it
-        return _unchanged(key[2], A, B)
+        return key[1] != "absent" and key[2] == s and _unchanged(key[1], A, B)
 
     def load(self, slot: int, layer, name: str) -> None:
         """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it)."""
@@ -90,14 +87,14 @@ class LayerSlots:
         if not layer.has_adapter(name):
             at = torch.zeros(self.k, self.a.shape[2], dtype=self.dtype)
             bt = torch.zeros(self.b.shape[1], self.d, dtype=self.dtype)
-            key, s = (name, "absent", None, 0.0), 0.0
+            key, s = (name, "absent"), 0.0
         else:
             A, B, s = layer.get_adapter(name)
             at, bt = self._padded(layer, A.detach(), B.detach())
-            key = (name, layer.registry_version, _stamp(A, B), s)
+            stamp = _stamp(A, B)
+            key = (name, stamp, s) if stamp is not None else None  # inference tensors: loaded at every use
         self._write(slot, at, bt, float(s))
-        if key[1] == "absent" or key[2] is not None:  # inference tensors have no stamp: loaded at every use
-            self.keys[slot] = key
+        self.keys[slot] = key
 
     def _padded(self, layer, A: Tensor, B: Tensor):
         """A^T (k, n*R) and B^T (n*R, d) of the adapter, zero-padded, in the slots' dtype, where A lies."""

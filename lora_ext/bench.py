@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_ext
-from lora_ext import bench_lossless
+from lora_ext import bench_batched, bench_lossless
 from lora_ext import bench_targets as targets
 
 try:
@@ -497,15 +497,16 @@ def _forward_rows(case, times, target):
 REHEARSAL_DIM = 32  # a rehearsal's default width (the merge kernel rows go to twice it, at rank 64)
 
 
-def run(device="cpu", quick=False, dim=4096, rehearse=False):
+def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False):
     """The benchmark rows of `device`, as a dict (format_table prints it). rehearse=True rehearses the CUDA run
     on the CPU (see CudaShim): every row function and branch of it at width `dim` (use a tiny one, e.g.
-    REHEARSAL_DIM), one repeat, marked as a rehearsal, no target checked."""
+    REHEARSAL_DIM), one repeat, marked as a rehearsal, no target checked. batched=True: only the mixed-batch
+    rows, the whole grid (widths 1024 and 4096, or `dim` when given)."""
     if rehearse:
         if device != "cuda":
             raise ValueError("a rehearsal rehearses the CUDA run: device must be 'cuda'")
         with rehearsing():
-            result = run(device, quick, dim)
+            result = run(device, quick, dim, batched=batched)
         for row in result["rows"]:
             if "met" in row:
                 row["met"] = None  # numbers from a rehearsal are met by nothing, missed by nothing
@@ -516,6 +517,10 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False):
     repeats = 1 if _cuda.rehearsal else 5 if quick else 15
     kernel_dim = dim if _cuda.rehearsal else GPU_KERNEL_DIM
     rows = []
+    if batched:
+        rows += bench_batched.rows(device, quick=False, repeats=repeats, compare=compare, shim=_cuda,
+                                   dim=dim if _cuda.rehearsal or dim != 4096 else None, dtype=dtype)
+        return _result(device, dtype, dim, quick, rows)
 
     def add(case, times, floor, target=None):
         rows.extend(_ratio_rows(case, times, floor, target))
@@ -547,6 +552,13 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False):
     rows += bench_lossless.timing_rows(dim, device, repeats, compare, _cuda.place)
     if device == "cuda":  # at 4096 a 16 us pass may leave the layer call host-bound; 8192 shows the kernel
         rows += switch_rows(2 * dim, dtype, device, repeats)
+    # the mixed-batch targets' cases (`lora-ext bench --batched`: the whole grid)
+    rows += bench_batched.rows(device, quick=True, repeats=repeats, compare=compare, shim=_cuda,
+                               dim=dim if _cuda.rehearsal else None, dtype=dtype)
+    return _result(device, dtype, dim, quick, rows)
+
+
+def _result(device, dtype, dim, quick, rows):
     return dict(
         device=device, dtype=str(dtype).replace("torch.", ""), dim=dim, quick=quick,
         date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

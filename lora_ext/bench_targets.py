@@ -176,6 +176,38 @@ TARGETS = {
         floor="none (absolute: the base must come back bit for bit)",
         bound=0.0, kind="ratio<=", devices=("cpu",),
         why="The issue's promise: 0 base bits changed after any sequence of merges, unmerges and switches."),
+    # -- mixed batches (lora.batch_adapters) ------------------------------------------------------------
+    "batched.decode.1024": Target(
+        case="mixed batch decode 1024 rows=32x1 adapters=32 r=16: lora_ext mixed (forward)",
+        floor="plain: F.linear on the layer's weight (no LoRA)",
+        bound=1.3, kind="ratio<=", devices=("cpu",),
+        why="One pass per stage over the rows reads each row's adapter (32 x 2 x 16 x 1024 values, as much as W "
+            "itself) with no per-adapter launches or Python loop; peft's adapter_names loop measured 3.6x."),
+    "batched.decode.4096": Target(
+        case="mixed batch decode 4096 rows=32x1 adapters=8 r=16: lora_ext mixed (forward)",
+        floor="plain: F.linear on the layer's weight (no LoRA)",
+        bound=1.1, kind="ratio<=", devices=("cpu",),
+        why="At 4096 the adapters' bytes are 1/16 of W's: the update should cost about that (peft: 1.16x)."),
+    "batched.vs_one": Target(
+        case="mixed batch ...: lora_ext mixed (forward) / one adapter (lora_ext) for the whole batch",
+        floor="one adapter for the whole batch: the same layer unmerged, its active adapter",
+        bound=1.1, kind="ratio<=", devices=("cpu",),
+        why="Serving each row its own adapter must not cost more than 10% over one shared adapter."),
+    "batched.decode.graph.cuda": Target(
+        case="mixed batch decode 4096 rows=64x1 adapters=64 r=16 on a GPU under CUDA graph replay",
+        floor="plain: F.linear on the layer's weight",
+        bound=1.3, kind="ratio<=", devices=("cuda",),
+        why="Two gather launches read 64 x 2 x 16 x 4096 x 2 B = 16 MiB against W's 32 MiB (bench/NOTES-batched.md)."),
+    "batched.vs_one.cuda": Target(
+        case="mixed batch ... on a GPU: lora_ext mixed (forward) / one adapter (lora_ext)",
+        floor="one adapter for the whole batch",
+        bound=1.1, kind="ratio<=", devices=("cuda",),
+        why="As on the CPU."),
+    "batched.vs_peft.cuda": Target(
+        case="mixed batch ... on a GPU: peft adapter_names / lora_ext mixed (forward)",
+        floor="peft's adapter_names (a comparison, not a floor)",
+        bound=10.0, kind="speedup>=", devices=("cuda",),
+        why="peft launches several kernels per distinct adapter; lora_ext two per layer whatever the mix."),
 }
 
 

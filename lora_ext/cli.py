@@ -14,9 +14,10 @@ def _bench(args):
             print("lora-ext bench: error: --rehearse rehearses the CUDA run (--device cuda), not --device cpu",
                   file=sys.stderr)
             return 2
-        result = bench.run(device="cuda", quick=args.quick, dim=args.dim or bench.REHEARSAL_DIM, rehearse=True)
+        result = bench.run(device="cuda", quick=args.quick, dim=args.dim or bench.REHEARSAL_DIM, rehearse=True,
+                           batched=args.batched)
     else:
-        result = bench.run(device=args.device or "cpu", quick=args.quick, dim=args.dim or 4096)
+        result = bench.run(device=args.device or "cpu", quick=args.quick, dim=args.dim or 4096, batched=args.batched)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
@@ -71,6 +72,10 @@ def main(argv=None):
     b.add_argument("--lossless", action="store_true",
                    help="lossless merges: the record's bytes and exception rate, and the drift of the base weight "
                         "under in-place switches (lora_ext lossless and lossy, peft, loralib); CPU")
+    b.add_argument("--batched", action="store_true",
+                   help="mixed batches only (lora.batch_adapters): decode 32/64 rows x 1 token and prefill 8 x 128, "
+                        "8 and 32 adapters, r 16 and 64, widths 1024 and 4096 (or --dim), against the plain layer, "
+                        "one adapter for the batch and peft's adapter_names")
     b.add_argument("--switches", type=int, nargs="+", metavar="N",
                    help="with --lossless: the switch counts of the drift table (default 10 100 1000 5000)")
     b.add_argument("--steps", type=int, default=100,

@@ -208,16 +208,6 @@ class NamedAdapters:
     # -- the registry -----------------------------------------------------------------------------------
 
     @property
-    def registry_version(self) -> int:
-        """A count of the registry's changes (an adapter added, deleted or made active): what was read from
-        the registry at version v (lora_ext.batched's slots) is still current while it reads v, except the
-        active adapter's live factors, which can be written in place (check them with their stamps)."""
-        return self.__dict__.get("_registry_version", 0)
-
-    def _registry_changed(self) -> None:
-        self.__dict__["_registry_version"] = self.registry_version + 1
-
-    @property
     def adapter_names(self) -> List[str]:
         return [self.active_adapter, *self._adapters]
 
@@ -263,7 +253,6 @@ class NamedAdapters:
             else:
                 self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
                 self._stamp_finite(name)
-                self._registry_changed()
 
     def delete_adapter(self, name: str) -> None:
         if name == self.active_adapter:
@@ -273,7 +262,6 @@ class NamedAdapters:
                 raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
             del self._adapters[name]
             self._finite_stamps.pop(name, None)
-            self._registry_changed()
 
     def set_adapter(self, name: str) -> None:
         """Makes a named adapter the active one; the previous one is kept under its name (moved back to
@@ -305,7 +293,6 @@ class NamedAdapters:
                 # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
                 self.__dict__.update(active_adapter=name, _active_home=home)
                 self._stamp_finite(old_name, old_known)
-                self._registry_changed()
 
     def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and
@@ -319,10 +306,7 @@ class NamedAdapters:
         Otherwise (a rank change while serving) the live factors get new storage: captures of this layer
         must be redone."""
         with torch.inference_mode(False):  # the live factors must stay usable for training afterwards
-            try:
-                self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
-            finally:
-                self._registry_changed()
+            self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
 
     def _activate_as_normal_tensors(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         live_A, live_B = self.lora_A, self.lora_B

@@ -733,7 +733,7 @@ def _batched_impl(kind, out, x, a_slots, b_slots, scales, index, tokens_per_inde
 
 def _cpu_batched(out, x, kind):
     """The C++ CPU loops (lora_ext._cpu) for CPU tensors they take, else None."""
-    if _cpu is None or out.device.type != "cpu" or out.dtype not in KERNEL_DTYPES:
+    if _cpu is None or not isinstance(out, Tensor) or out.device.type != "cpu" or out.dtype not in KERNEL_DTYPES:
         return None
     return getattr(_cpu, f"batched_{kind}_", None)
 
@@ -803,7 +803,8 @@ def _batched(kind, out, x, a_slots, b_slots, scales, index, tokens_per_index):
     if _needs_grad(out, x, a_slots, b_slots):
         raise RuntimeError(f"lora_ext.ops.batched_{kind}_ serves inference and records no gradient: call it under "
                            f"torch.no_grad() or torch.inference_mode(), on tensors that do not require grad")
-    if _fast_path(out):
+    if _fast_path(out) or (_cpu_batched(out, x, kind) is not None and not torch.compiler.is_compiling()):
+        # the CUDA launchers and the C++ CPU loops check every argument themselves
         return _launch(functools.partial(_batched_impl, kind), args, functools.partial(_check_batched_args, kind))
     _check_batched_args(kind, *args)
     if torch.compiler.is_compiling():

@@ -428,3 +428,14 @@ def test_linear_oracle_is_independent():
     base = base_of(layer)
     ref = oracle(layer, x, [None] * 3, base)
     assert rel_err(F.linear(x, base.t(), layer.bias), ref) < 1e-6
+
+
+def test_cpu_tensors_take_the_cpp_loops():
+    # the float64-checked CPU results above come from lora_ext._cpu's loops, not the reference, where built
+    from lora_ext import _cpu
+    out, x, a, b, scales, index = ops_case(torch.bfloat16)
+    assert ops._cpu_batched(out, x, "linear") is _cpu.batched_linear_
+    assert ops._cpu_batched(out.double(), x, "linear") is None  # float64: the reference
+    with pytest.raises(IndexError, match=r"index\[0\] = 9 is not a slot"):
+        index[0] = 9
+        ops.batched_linear_(out, x, a, b, scales, index)

@@ -640,7 +640,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> lossless_pass_(
   }
 }
 
+namespace lora_ext_cpu {
+void register_batched(pybind11::module_& m);  // batched_cpu.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lossless_pass_", &lossless_pass_, "the lossless merge / unmerge / swap pass on CPU (docs/LOSSLESS.md)");
+  lora_ext_cpu::register_batched(m);
 }
 #endif  // LORA_KERNELS_ONLY

@@ -20,6 +20,7 @@ serving different batches of one model run concurrently. A thread started inside
 import contextlib
 import contextvars
 import threading
+import time
 import weakref
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
@@ -31,6 +32,7 @@ from .. import batched, sharded
 from .adapters import _layers_or_raise, hold, model_lock
 
 DEFAULT_SLOTS = 8
+WAIT_SECONDS = 30.0  # how long a batch waits for slots held by other threads' open batches
 
 # the batch open for each model in this context: {model: Batch}
 _MODELS: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ext_batch_models", default=None)
@@ -47,27 +49,38 @@ class SlotPool:
         self.pins = [0] * capacity
         self.last_use = [0] * capacity
         self.clock = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()  # notified when a batch releases its slots
+        self.holders: Dict[int, int] = {}  # thread id -> open batches of this pool on that thread
         self.layers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # layer -> LayerSlots
         self.buffers: Dict[tuple, tuple] = {}
+        self.owners: Dict[tuple, "Batch"] = {}  # buffer key -> the open batch using it
 
     def busy(self) -> int:
         return sum(1 for p in self.pins if p)
 
     def assign(self, need: Sequence[str]) -> Dict[str, int]:
-        """A slot for each adapter in `need` (the caller holds self.lock), pinned until release()."""
-        slot_of = {n: self.names.index(n) for n in need if n in self.names}
-        missing = [n for n in need if n not in slot_of]
-        free = [s for s in range(self.capacity) if self.names[s] is None]
-        evictable = sorted((s for s in range(self.capacity)
-                            if self.names[s] is not None and not self.pins[s] and self.names[s] not in need),
-                           key=lambda s: self.last_use[s])
-        if len(missing) > len(free) + len(evictable):
-            raise ValueError(
-                f"batch_adapters: the batch needs {len(need)} distinct adapters ({len(missing)} of them not in a "
-                f"slot now) but the model has {self.capacity} slots, {self.busy()} of them held by other open "
-                f"batches: split the batch, or give the model more slots with lora.configure_slots(model, "
-                f"slots={max(len(need) + self.busy(), self.capacity + 1)})")
+        """A slot for each adapter in `need` (the caller holds self.lock), pinned until release(). When the
+        slots are enough but other threads' open batches hold too many of them, waits up to WAIT_SECONDS for
+        them to close; refuses at once when the model has too few slots, or when this thread holds the others."""
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            slot_of = {n: self.names.index(n) for n in need if n in self.names}
+            missing = [n for n in need if n not in slot_of]
+            free = [s for s in range(self.capacity) if self.names[s] is None]
+            evictable = sorted((s for s in range(self.capacity)
+                                if self.names[s] is not None and not self.pins[s] and self.names[s] not in need),
+                               key=lambda s: self.last_use[s])
+            if len(missing) <= len(free) + len(evictable):
+                break
+            left = deadline - time.monotonic()
+            if len(need) > self.capacity or threading.get_ident() in self.holders or left <= 0:
+                raise ValueError(
+                    f"batch_adapters: the batch needs {len(need)} distinct adapters ({len(missing)} of them not in "
+                    f"a slot now) but the model has {self.capacity} slots, {self.busy()} of them held by other open "
+                    f"batches{' (waited ' + str(WAIT_SECONDS) + ' s)' if left <= 0 else ''}: split the batch, or "
+                    f"give the model more slots with lora.configure_slots(model, slots="
+                    f"{max(len(need) + self.busy(), self.capacity + 1)})")
+            self.lock.wait(left)
         spare = free + evictable
         for name in missing:
             s = spare.pop(0)
@@ -77,12 +90,19 @@ class SlotPool:
         for s in slot_of.values():
             self.pins[s] += 1
             self.last_use[s] = self.clock
+        me = threading.get_ident()
+        self.holders[me] = self.holders.get(me, 0) + 1
         return slot_of
 
     def release(self, slots) -> None:
         with self.lock:
             for s in slots:
                 self.pins[s] -= 1
+            me = threading.get_ident()
+            self.holders[me] -= 1
+            if not self.holders[me]:
+                del self.holders[me]
+            self.lock.notify_all()
 
     def stacks(self, layer) -> batched.LayerSlots:
         """The layer's slot stacks (made, or made again after the weight moved, when no batch holds them)."""
@@ -146,9 +166,11 @@ class Batch:
         self.n = rows.numel()
         self.thread = threading.get_ident()
         self.filled = set()
+        self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds
 
     def where(self, layer) -> str:
-        return f"layer {self.paths.get(layer, '?')!r} ({type(layer).__name__})"
+        path = self.paths.get(layer, "?")
+        return f"layer {path!r} ({type(layer).__name__})" if path else f"the {type(layer).__name__} layer"
 
     def _map(self, merged: Optional[str], subtract: bool) -> Tensor:
         """The slot of each table entry for the adding pass (-1: the base, or the merged adapter itself) or
@@ -179,8 +201,13 @@ class Batch:
         """Writes this batch's indices into the buffers earlier batches of this thread and size made (a
         CUDA graph captured then reads them on replay)."""
         for key, buffers in list(self.pool.buffers.items()):
-            if key[0] == self.thread and key[3] == self.n and (key[2] is None or key[2] in self.slot_of):
+            if (key[0] == self.thread and key[3] == self.n and (key[2] is None or key[2] in self.slot_of)
+                    and self.pool.owners.setdefault(key, self) is self):
                 self._fill(key, buffers)
+
+    def close(self) -> None:
+        for key in [k for k, owner in self.pool.owners.items() if owner is self]:
+            del self.pool.owners[key]
 
     def index(self, layer, device, merged: Optional[str]):
         """(adding index, subtracting index or None) for a layer on `device` whose weight holds `merged`."""
@@ -188,12 +215,17 @@ class Batch:
             raise ValueError(f"batch_adapters: {self.where(layer)} was merged with adapter {merged!r} after the "
                              f"batch was opened; merge (eval()) before opening it")
         key = (self.thread, device, merged, self.n)
-        buffers = self.pool.buffers.get(key)
-        if buffers is None:
-            make = lambda: torch.empty(self.n, dtype=torch.int32, device=device)  # noqa: E731
-            buffers = self.pool.buffers[key] = (make(), make() if merged is not None else None)
-        if key not in self.filled:
-            self._fill(key, buffers)
+        if key in self.filled:
+            return self.private.get(key) or self.pool.buffers[key]
+        make = lambda: (torch.empty(self.n, dtype=torch.int32, device=device),  # noqa: E731
+                        torch.empty(self.n, dtype=torch.int32, device=device) if merged is not None else None)
+        if self.pool.owners.setdefault(key, self) is self:
+            buffers = self.pool.buffers.get(key)
+            if buffers is None:
+                buffers = self.pool.buffers[key] = make()
+        else:  # another open batch of this thread (an asyncio task) uses the pooled buffers: own ones
+            buffers = self.private[key] = make()
+        self._fill(key, buffers)
         return buffers
 
 
@@ -309,17 +341,14 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                         f"lora.configure_slots(model, slots={pool.capacity}, max_rank="
                         f"{m.rank_of(m.get_adapter(name)[0])})")
         with pool.lock:
+            views = {m: pool.stacks(m) for _, m in found}  # (made again after a move, before this batch pins)
             slot_of = pool.assign(need)
             try:
-                views = {}
-                for _, m in found:
-                    stacks = pool.stacks(m)
+                for m, stacks in views.items():
                     for name in need:
                         stacks.load(slot_of[name], m, name)
-                    views[m] = stacks
             except BaseException:
-                for s in slot_of.values():
-                    pool.pins[s] -= 1
+                pool.release(slot_of.values())
                 raise
         batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
                       else index, slot_of, {m: path for path, m in found})
@@ -337,6 +366,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 for stacks in views.values():
                     stacks.used(slot_of.values())
         finally:
+            batch.close()
             pool.release(slot_of.values())
 
 
