@@ -159,6 +159,7 @@ class LoRALayer(NamedAdapters):
                              f"range (6.55e+04)")
 
     def _merge(self):
+        sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         self.check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         self._fp16_room((self.lora_A, self.lora_B, self.scaling))
         exact = self._lossless_now()
@@ -203,6 +204,7 @@ class LoRALayer(NamedAdapters):
             ops.unmerge_(self._as_2d(weight), *args, record=self._merged_record, **self._layout())
 
     def _unmerge(self):
+        sharded.reshard_if_gathered(self)
         self._streams.write(self._weight_2d().device)
         with deferred_interrupt():
             with torch.no_grad():

@@ -271,6 +271,7 @@ class NamedAdapters:
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
         with self._lock:
+            sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
             self.check_values(name)
             home = lora_A.device
@@ -305,6 +306,7 @@ class NamedAdapters:
         optimizer's state never follows one adapter into another, and a rank change never reaches it.
         Otherwise (a rank change while serving) the live factors get new storage: captures of this layer
         must be redone."""
+        sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         with torch.inference_mode(False):  # the live factors must stay usable for training afterwards
             self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
 

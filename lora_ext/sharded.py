@@ -40,6 +40,34 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def reshard_if_gathered(layer) -> None:
+    """FSDP2 (fully_shard) swaps a module's parameters for all-gathered plain ones while it is unsharded (after
+    a forward with reshard_after_forward=False, the root after any forward, after unshard()); a merge or a
+    switch written into them would be dropped at the next reshard. Before a layer writes its parameters, this
+    reshards the FSDP module whose parameters of this layer are gathered now, so the write goes to the local
+    shards (lora_ext.serving's model-level calls reshard the whole model first). A layer's own train()/eval(),
+    merge(), set_adapter() and add_adapter() call it. Costs a look over the process's FSDP states, only when
+    torch.distributed is initialised."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:
+        return
+    mine = {id(m) for m in layer.modules()}
+    for module in list(_module_state_mapping):  # every module with a composable state (FSDP2's among them)
+        if not (hasattr(module, "reshard") and hasattr(module, "_get_fsdp_state")):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)  # a list since torch 2.10; before, one group
+        if groups is None:
+            groups = [g for g in (getattr(state, "_fsdp_param_group", None),) if g is not None]
+        if any(id(p._module_info.module) in mine and p.sharded_state.name != "SHARDED"
+               for g in groups for p in g.fsdp_params):
+            module.reshard()
+
+
 class Part(NamedTuple):
     weight: Tensor  # a 2-D view into the local shard
     lora_A: Tensor

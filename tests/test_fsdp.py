@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 import lora_ext as lora
 from dist import run_ranks
@@ -52,6 +52,12 @@ def build(seed=0):
 def data(seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 21, (STEPS, BATCH, 6), generator=g), torch.randn(STEPS, BATCH, 6, 5, generator=g)
+
+
+def reshard_all(net):
+    for m in net.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def shard(net):
@@ -114,6 +120,27 @@ def fsdp_cases(rank, world):
     with torch.no_grad():
         out["reloaded_merged"] = net(ids[0])
     out["reloaded_flags"] = [m.merged for m in layers(net)]
+    # reshard_after_forward=False: after a forward every parameter stays all-gathered; a layer's own eval(),
+    # train() and set_adapter() must write the shards (not the gathered copies the next reshard drops)
+    kept = build()
+    for m in layers(kept):
+        fully_shard(m, reshard_after_forward=False)
+    fully_shard(kept, reshard_after_forward=False)
+    base1 = base_of(kept)
+    with torch.no_grad():
+        kept(ids[0])
+        kept.eval()
+        reshard_all(kept)  # a write into the gathered copies would be gone now
+        out["gathered_eval"] = kept(ids[0])
+        for m in layers(kept):
+            m.set_adapter("b")
+        reshard_all(kept)
+        out["gathered_switch"] = kept(ids[0])
+        kept.train()
+        reshard_all(kept)
+        out["gathered_train"] = kept(ids[0])
+        reshard_all(kept)
+    out["gathered_base_back"] = all(torch.equal(v, base1[k]) for k, v in base_of(kept).items())
     return out
 
 
@@ -154,6 +181,13 @@ def test_fsdp_merges_and_switches_write_the_local_shards(ranks, single):
         for k, v in single["base0"].items():
             assert torch.equal(r["state_base"][k], v), f"{k}: the state dict of a merged model must hold the base"
     assert torch.equal(ranks[0]["merged_b"], ranks[1]["merged_b"])
+
+
+def test_fsdp_layer_level_writes_while_parameters_are_gathered(ranks, single):
+    for r in ranks:
+        for key, ref in (("gathered_eval", "merged"), ("gathered_switch", "merged_b"), ("gathered_train", "unmerged_b")):
+            assert _rel(r[key], single[ref]) < 1e-5, f"{key}: {_rel(r[key], single[ref]):.3g} from one process"
+        assert r["gathered_base_back"], "merges into all-gathered parameters must reach the shards and come back out"
 
 
 def test_fsdp_switch_to_another_rank_is_refused_before_anything_changes(ranks):
