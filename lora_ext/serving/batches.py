@@ -55,6 +55,12 @@ class SlotPool:
         self.buffers: Dict[tuple, tuple] = {}
         self.owners: Dict[tuple, "Batch"] = {}  # buffer key -> the open batch using it
 
+    def __getstate__(self):
+        return {"capacity": self.capacity, "max_rank": self.max_rank}  # a copied model gets empty slots
+
+    def __setstate__(self, state):
+        self.__init__(state["capacity"], state["max_rank"])
+
     def busy(self) -> int:
         return sum(1 for p in self.pins if p)
 

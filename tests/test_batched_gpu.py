@@ -1,0 +1,121 @@
+"""Mixed batches on CUDA: adapters paged in from host memory, a CUDA graph captured inside batch_adapters
+replayed with the next batch's rows and slots (no re-capture), and two threads on two streams. The tests not
+marked hardware also run in the CPU rehearsal (--sim-as-cuda: the simulator's kernels)."""
+import threading
+
+import pytest
+import torch
+
+import lora_ext as lora
+from helpers import TOL, rel_err
+from test_batched import RANKS, SCALES, base_of, make_input, oracle
+
+
+def cuda_layer(cuda, dtype=torch.float32, host_adapters=True):
+    """A Linear on the device whose inactive adapters wait in host memory (when host_adapters)."""
+    layer = lora.Linear(24, 20, r=4)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    layer = layer.to(cuda.device, dtype).eval()
+    for name, r in RANKS.items():
+        a_shape, b_shape = layer.factor_shapes(r)
+        A, B = torch.randn(a_shape) * 0.3, torch.randn(b_shape) * 0.3
+        if not host_adapters:
+            A, B = A.to(cuda.device), B.to(cuda.device)
+        layer.add_adapter(name, A.to(dtype), B.to(dtype), SCALES[name])
+    layer.unmerge()
+    return layer
+
+
+def check(layer, x, names, got, dtype=torch.float32):
+    """Each row against the float64 oracle, on a CPU copy of the layer (the layer itself stays where it is)."""
+    cpu = _cpu_copy(layer)
+    ref = oracle(cpu, x.cpu(), names, base_of(cpu))
+    for i in range(len(names)):
+        assert rel_err(got[i], ref[i]) < TOL[dtype], f"row {i} ({names[i]})"
+
+
+def _cpu_copy(layer):
+    import copy
+    cpu = copy.deepcopy(layer).cpu()
+    for name in list(cpu._adapters):  # deepcopy keeps inactive adapters where they were: bring them over
+        A, B, s = cpu._adapters[name]
+        cpu._adapters[name] = (A.cpu(), B.cpu(), s)
+    return cpu
+
+
+@pytest.mark.gpu
+def test_adapters_paged_in_from_host_memory(cuda):
+    layer = cuda_layer(cuda)
+    lora.configure_slots(layer, slots=2, max_rank=5)
+    x = make_input("linear", (4,)).to(cuda.device)
+    with torch.no_grad():
+        for names in (["a", "b", None, "a"], ["c", "c", "a", None], ["b", None, "b", "c"], ["a", "default", "a", None]):
+            with lora.batch_adapters(layer, names):
+                got = layer(x)
+            cuda.synchronize()
+            check(layer, x, names, got)
+
+
+@pytest.mark.gpu
+@pytest.mark.hardware("CUDA graph capture and replay")
+def test_a_graph_captured_in_a_batch_replays_the_next_batch(cuda):
+    layer = cuda_layer(cuda, torch.bfloat16)
+    lora.configure_slots(layer, slots=3, max_rank=5)
+    x = make_input("linear", (4, 3)).to(cuda.device, torch.bfloat16)
+    first = ["a", "b", None, "c"]
+    with torch.no_grad():
+        with lora.batch_adapters(layer, first):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                layer(x)  # warm-up: the index buffers of this thread and size are made here
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = layer(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            check(layer, x, first, out.clone(), torch.bfloat16)
+        # other rows, and "default" paged into the least recently used slot: replayed without capturing again
+        for names in (["c", None, "a", "b"], ["default", "default", None, "a"]):
+            with lora.batch_adapters(layer, names):
+                graph.replay()
+                torch.cuda.synchronize()
+                check(layer, x, names, out.clone(), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.hardware("two CUDA streams")
+def test_two_threads_on_two_streams(cuda):
+    layer = cuda_layer(cuda, host_adapters=False)
+    x = make_input("linear", (4,)).to(cuda.device)
+    batches = (["a", "b", None, "c"], ["c", "a", "a", None])
+    expected = []
+    with torch.no_grad():
+        for names in batches:
+            with lora.batch_adapters(layer, names):
+                expected.append(layer(x).clone())
+    errors = []
+
+    def serve(names, want):
+        stream = torch.cuda.Stream()
+        try:
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(50):
+                    with lora.batch_adapters(layer, names):
+                        got = layer(x)
+                    stream.synchronize()
+                    if not torch.equal(got, want):
+                        errors.append(f"{names}: another batch's rows")
+                        return
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=serve, args=(n, w)) for n, w in zip(batches, expected)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
