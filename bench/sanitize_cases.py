@@ -77,6 +77,24 @@ def cases(device):
             y = ops.embedding(ids, w, A, B, 0.5)
             _close(y, (w.double() + 0.5 * (B.double() @ A.double()).t())[ids], dtype)
         out.append((f"embedding {dtype}", embedding))
+        for tokens in (1, 16):  # mixed batches: decode and segment variants
+            def batched(dtype=dtype, tokens=tokens):
+                groups, slots, k, d, rank = 5, 3, 72, 66, 5
+                x = torch.randn(groups * tokens, k, device=device).to(dtype)
+                y = torch.randn(groups * tokens, d, device=device).to(dtype)
+                a = torch.randn(slots, k, rank, device=device).to(dtype)
+                b = torch.randn(slots, rank, d, device=device).to(dtype)
+                scales = torch.randn(slots, device=device)
+                index = torch.tensor([2, -1, 0, 1, 2], dtype=torch.int32, device=device)
+                ref = y.double().clone()
+                for m in range(groups * tokens):
+                    i = int(index[m // tokens])
+                    if i >= 0:
+                        ref[m] += scales[i].double() * (x[m].double() @ a[i].double()) @ b[i].double()
+                with torch.no_grad():
+                    ops.batched_linear_(y, x, a, b, scales, index, tokens)
+                _close(y, ref, dtype)
+            out.append((f"batched_linear_ {dtype} tokens={tokens}", batched))
     return out
 
 
