@@ -439,3 +439,78 @@ def test_cpu_tensors_take_the_cpp_loops():
     with pytest.raises(IndexError, match=r"index\[0\] = 9 is not a slot"):
         index[0] = 9
         ops.batched_linear_(out, x, a, b, scales, index)
+
+
+# the C++ CPU loops' paths: rows grouped by slot into tiles of up to 8 rows (sub-tiles 4/2/1), the shrink in
+# chunks of 64/32/16 ranks and a scalar tail, the expand in blocks of 256 columns with 16/8/scalar tails, zero-
+# padded ranks trimmed, threads split by cost
+
+
+GROUPED = [  # (groups, tokens, slots, rank, k, d)
+    (40, 1, 3, 16, 33, 1030),   # many rows per slot (tiles of 8 + 4/2/1); d: 4 blocks of 256 + 6 scalar columns
+    (64, 1, 8, 64, 70, 300),    # rank 64: the shrink's 64-wide chunk in two 4-row halves of an 8-row tile; d: one
+                                # block, 16 / 8 / scalar column tails
+    (5, 9, 4, 24, 70, 77),      # tokens >= 8 per group; rank 24: a 16-chunk and a scalar tail
+    (3, 17, 2, 136, 65, 129),   # tokens >= 8, rank 136 = 2 x 64 + 8
+    (12, 2, 4, 40, 50, 45),     # rank 40 = 32 + 8
+    (33, 1, 33, 8, 64, 16),     # one row per slot, rank 8 (scalar shrink)
+    (2, 128, 3, 16, 96, 264),   # prefill-like: 128 tokens per group
+]
+
+
+def grouped_case(dtype, kind, groups, tokens, slots, rank, k, d, seed):
+    gen = torch.Generator().manual_seed(seed)
+    m = groups * tokens
+    out = torch.randn(m, d, generator=gen).to(dtype)
+    x = torch.randint(0, k, (m,), generator=gen) if kind == "embedding" else torch.randn(m, k, generator=gen).to(dtype)
+    a = (torch.randn(slots, k, rank, generator=gen) * 0.5).to(dtype)
+    b = (torch.randn(slots, rank, d, generator=gen) * 0.5).to(dtype)
+    if rank > 3:  # slot 0 holds a lower-rank adapter, zero-padded
+        a[0, :, rank - 3:] = 0
+        b[0, rank - 3:] = 0
+    scales = torch.randn(slots, generator=gen)
+    index = torch.randint(-1, slots, (groups,), generator=gen, dtype=torch.int32)
+    index[0] = -1
+    index[-1] = 0
+    if groups > 2:
+        index[1] = slots - 1
+    return out, x, a, b, scales, index
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+@pytest.mark.parametrize("shape", GROUPED, ids=lambda s: "x".join(map(str, s)))
+def test_ops_grouped_rows_against_float64(dtype, kind, shape):
+    out, x, a, b, scales, index = grouped_case(dtype, kind, *shape, seed=sum(shape))
+    tokens = shape[1]
+    before = out.clone()
+    op = ops.batched_linear_ if kind == "linear" else ops.batched_embedding_
+    with torch.no_grad():
+        op(out, x, a, b, scales, index, tokens)
+    ref = ops_oracle(kind, before, x, a, b, scales, index, tokens)
+    live = (index >= 0).repeat_interleave(tokens)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(out[~live].view(bits), before[~live].view(bits)), "rows without a slot were written"
+    assert rel_err(out[live], ref[live]) < TOL[dtype]
+    if dtype == torch.float32:  # the update itself, not only the sum
+        assert rel_err(out[live].double() - before[live].double(), ref[live] - before[live].double()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_loops_do_not_depend_on_the_thread_count(dtype):
+    # each element's sums are formed in one order whatever the split between threads
+    cpu = ops._cpu_batched(torch.empty(1, 1, dtype=dtype), None, "linear")
+    if cpu is None:
+        pytest.skip("lora_ext._cpu is not built")
+    out, x, a, b, scales, index = grouped_case(dtype, "linear", 24, 3, 5, 32, 300, 520, seed=7)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            o = out.clone()
+            cpu(o, x, a, b, scales, index, 3)
+            results.append(o)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])

@@ -1,48 +1,414 @@
 // Mixed batches on the CPU (lora_ext.ops.batched_linear_ / batched_embedding_; reference.py has their
 // definition in pure torch): for each row m whose group has a slot i = index[m / tokens] >= 0,
-//   t = x[m] @ a[i]            (shrink: a[i] is the adapter's A^T, (k, R), fp32 accumulation)
-//   out[m] = T(out[m] + scales[i] * t @ b[i])   (expand: b[i] is B^T, (R, d); one rounding per element)
-// reading each row's slot where it lies: no gathered copies of the factors, one pass over the rows, parallel
-// over rows. The loops are compiled for AVX-512 / AVX2 too (target_clones) and vectorize along R (shrink)
-// and d (expand). Arguments arrive checked by lora_ext/ops.py; slot and id ranges are checked here.
+//   t = scales[i] * (x[m] @ a[i])          (shrink: a[i] is the adapter's A^T, (k, R), fp32 accumulation)
+//   out[m] = T(out[m] + t @ b[i])          (expand: b[i] is B^T, (R, d); one rounding per element)
+// The live rows are grouped by slot first (a counting sort of the groups), so that each slot's factors are
+// read once per tile of up to 8 of its rows rather than once per row: the shrink and the expand are small
+// register-tiled GEMMs (a tile of rows x a chunk of R, resp. x a chunk of d, accumulated in fp32 registers)
+// that read the slots where they lie, with no gathered copies of the factors. Two parallel phases (shrink
+// into an fp32 buffer t, then the expand over (slot, d-block, row tile) items), each split between the
+// threads by cost. The tiles are compiled for AVX-512 / AVX2 too (target_clones) on GCC vector extensions:
+// the shrink vectorizes along R, the expand along d, with software prefetches ahead of the factors' streams
+// (the expand reads R rows of b d apart at once). Arguments arrive checked by lora_ext/ops.py; slot and id
+// ranges are checked here.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstring>
+#include <exception>
+#include <type_traits>
 #include <vector>
 
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP) && defined(__linux__)
+#include <dlfcn.h>
+#define LORA_GOMP 1
+#endif
+
 namespace {
+
+// the vector helpers are always inlined into the clones: no vector crosses a call boundary
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define LORA_CLONES
 #endif
+#define LORA_INLINE inline __attribute__((always_inline))
 
-// t[0:R] = sum_k x[k] * a[k, 0:R]
+// ---------------------------------------------------------------------------------------------------
+// fp32 vectors of N lanes (GCC vector extensions: one zmm on AVX-512, split into ymm / xmm below), loads of
+// float / bfloat16 / float16 into them and the rounded stores
+
+template <int N>
+struct V;
+template <>
+struct V<16> {
+  typedef float f __attribute__((vector_size(64)));
+  typedef uint32_t u __attribute__((vector_size(64)));
+  typedef uint16_t h __attribute__((vector_size(32)));
+#ifdef __FLT16_MAX__
+  typedef _Float16 hf __attribute__((vector_size(32)));
+#endif
+};
+template <>
+struct V<8> {
+  typedef float f __attribute__((vector_size(32)));
+  typedef uint32_t u __attribute__((vector_size(32)));
+  typedef uint16_t h __attribute__((vector_size(16)));
+#ifdef __FLT16_MAX__
+  typedef _Float16 hf __attribute__((vector_size(16)));
+#endif
+};
+
+LORA_INLINE float to_f(float v) { return v; }
+LORA_INLINE float to_f(at::BFloat16 v) { return static_cast<float>(v); }
+LORA_INLINE float to_f(at::Half v) { return static_cast<float>(v); }
+
+template <int N>
+LORA_INLINE typename V<N>::f vload(const float* p) {
+  typename V<N>::f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <int N>
+LORA_INLINE typename V<N>::f vload(const at::BFloat16* p) {
+  typename V<N>::h h;
+  std::memcpy(&h, p, sizeof h);
+  const typename V<N>::u w = __builtin_convertvector(h, typename V<N>::u) << 16;
+  typename V<N>::f v;
+  std::memcpy(&v, &w, sizeof v);
+  return v;
+}
+template <int N>
+LORA_INLINE typename V<N>::f vload(const at::Half* p) {
+#ifdef __FLT16_MAX__
+  typename V<N>::hf h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, typename V<N>::f);
+#else
+  typename V<N>::f v;
+  for (int i = 0; i < N; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+#endif
+}
+
+// *p = T(*p + acc), each lane rounded once (round to nearest even, as c10's conversions)
+template <int N>
+LORA_INLINE void vadd_store(float* p, typename V<N>::f acc) {
+  const typename V<N>::f v = vload<N>(p) + acc;
+  std::memcpy(p, &v, sizeof v);
+}
+template <int N>
+LORA_INLINE void vadd_store(at::BFloat16* p, typename V<N>::f acc) {
+  using U = typename V<N>::u;
+  const typename V<N>::f v = vload<N>(p) + acc;
+  U w;
+  std::memcpy(&w, &v, sizeof w);
+  const U nan = (U)((w & 0x7fffffffu) > 0x7f800000u);  // all ones where NaN
+  const U rounded = (w + (0x7fffu + ((w >> 16) & 1u))) >> 16;
+  const U bits = (nan & 0x7fc0u) | (~nan & rounded);
+  const typename V<N>::h h = __builtin_convertvector(bits, typename V<N>::h);
+  std::memcpy(p, &h, sizeof h);
+}
+template <int N>
+LORA_INLINE void vadd_store(at::Half* p, typename V<N>::f acc) {
+  const typename V<N>::f v = vload<N>(p) + acc;
+#ifdef __FLT16_MAX__
+  const typename V<N>::hf h = __builtin_convertvector(v, typename V<N>::hf);
+  std::memcpy(p, &h, sizeof h);
+#else
+  for (int i = 0; i < N; ++i) p[i] = static_cast<at::Half>(v[i]);
+#endif
+}
+
+// The tiles contract a * b + c into fused multiply-adds (one rounding instead of two: fewer instructions, the
+// same or better accuracy); the build's -ffp-contract=off is for lora_ext._cpu's lossless pass, which needs the
+// unfused products of the torch reference, not for these fp32 accumulations.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+// ---------------------------------------------------------------------------------------------------
+// shrink: t[r, 0:NV*N] = scale * sum_c x[r][c] * a[c, 0:NV*N] for RB rows; a points at the chunk's first
+// column, rows R apart. U interleaved partial sums over c break the add chains of small tiles.
+
+template <int RB, int NV, int U, typename T>
+LORA_CLONES void shrink_tile(const float* const* xr, const T* __restrict a, int64_t k, int64_t R, float scale,
+                             float* const* tr) {
+  constexpr int N = 16;
+  using F = typename V<N>::f;
+  const float* x[RB];
+  for (int r = 0; r < RB; ++r) x[r] = xr[r];
+  F acc[U][RB][NV];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < NV; ++v) acc[u][r][v] = F{};
+  int64_t c = 0;
+  for (; c + U <= k; c += U) {
+    for (int u = 0; u < U; ++u) {
+      F av[NV];
+      for (int v = 0; v < NV; ++v) {
+        if (N * sizeof(T) >= 64 || v % 2 == 0) __builtin_prefetch(a + (c + u + 16) * R + v * N);
+        av[v] = vload<N>(a + (c + u) * R + v * N);
+      }
+      for (int r = 0; r < RB; ++r) {
+        const float xv = x[r][c + u];
+        for (int v = 0; v < NV; ++v) acc[u][r][v] += xv * av[v];
+      }
+    }
+  }
+  for (; c < k; ++c) {
+    F av[NV];
+    for (int v = 0; v < NV; ++v) av[v] = vload<N>(a + c * R + v * N);
+    for (int r = 0; r < RB; ++r) {
+      const float xv = x[r][c];
+      for (int v = 0; v < NV; ++v) acc[0][r][v] += xv * av[v];
+    }
+  }
+  for (int u = 1; u < U; ++u)
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < NV; ++v) acc[0][r][v] += acc[u][r][v];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const F s = acc[0][r][v] * scale;
+      std::memcpy(tr[r] + v * N, &s, sizeof s);
+    }
+}
+
+// the columns [j0, j1) of R left over by the vector chunks (fewer than 16), for rb <= 8 rows
 template <typename T>
-LORA_CLONES void shrink_row(const T* __restrict x, const T* __restrict a, int64_t k, int64_t R,
-                            float* __restrict t) {
-  for (int64_t j = 0; j < R; ++j) t[j] = 0.f;
-  for (int64_t c = 0; c < k; ++c) {
-    const float xv = static_cast<float>(x[c]);
-    const T* __restrict row = a + c * R;
-    for (int64_t j = 0; j < R; ++j) t[j] += xv * static_cast<float>(row[j]);
+LORA_CLONES void shrink_cols(const float* const* xr, int rb, const T* __restrict a, int64_t k, int64_t R,
+                             int64_t j0, int64_t j1, float scale, float* const* tr) {
+  for (int r = 0; r < rb; ++r) {
+    float acc[16] = {};
+    const int64_t n = j1 - j0;
+    const float* x = xr[r];
+    for (int64_t c = 0; c < k; ++c) {
+      const float xv = x[c];
+      const T* row = a + c * R + j0;
+      for (int64_t j = 0; j < n; ++j) acc[j] += xv * to_f(row[j]);
+    }
+    for (int64_t j = 0; j < n; ++j) tr[r][j0 + j] = acc[j] * scale;
   }
 }
 
-// out[0:d] = T(out + sum_j t[j] * b[j, 0:d]), acc the fp32 staging row
-template <typename T>
-LORA_CLONES void expand_row(const float* __restrict t, const T* __restrict b, int64_t R, int64_t d,
-                            float* __restrict acc, T* __restrict out) {
-  for (int64_t c = 0; c < d; ++c) acc[c] = 0.f;
-  for (int64_t j = 0; j < R; ++j) {
-    const float tv = t[j];
-    if (tv == 0.f) continue;  // zero-padded ranks
-    const T* __restrict row = b + j * d;
-    for (int64_t c = 0; c < d; ++c) acc[c] += tv * static_cast<float>(row[c]);
+template <int RB, typename T>
+void shrink_rows_rb(const float* const* xr, const T* a, int64_t k, int64_t R, float scale, float* const* tr) {
+  const float* x[RB];
+  float* t[RB];
+  int64_t j = 0;
+  auto at_col = [&](int64_t j0) {
+    for (int r = 0; r < RB; ++r) t[r] = tr[r] + j0;
+  };
+  for (int r = 0; r < RB; ++r) x[r] = xr[r];
+  // 64 columns per pass in tiles of at most 4 rows (16 accumulators), narrower chunks in tiles of RB
+  if constexpr (RB <= 4) {
+    for (; j + 64 <= R; j += 64) {
+      at_col(j);
+      shrink_tile<RB, 4, 1, T>(x, a + j, k, R, scale, t);
+    }
+  } else {
+    for (; j + 64 <= R; j += 64) {
+      for (int h = 0; h < RB; h += 4) {
+        at_col(j);
+        shrink_tile<4, 4, 1, T>(x + h, a + j, k, R, scale, t + h);
+      }
+    }
   }
-  for (int64_t c = 0; c < d; ++c) out[c] = static_cast<T>(static_cast<float>(out[c]) + acc[c]);
+  if (j + 32 <= R) {
+    at_col(j);
+    shrink_tile<RB, 2, (RB >= 4 ? 1 : 4 / RB), T>(x, a + j, k, R, scale, t);
+    j += 32;
+  }
+  if (j + 16 <= R) {
+    at_col(j);
+    shrink_tile<RB, 1, (RB >= 8 ? 1 : 8 / RB), T>(x, a + j, k, R, scale, t);
+    j += 16;
+  }
+  if (j < R) shrink_cols<T>(x, RB, a, k, R, j, R, scale, tr);
+}
+
+// t rows of n <= 8 rows of one slot
+template <typename T>
+void shrink_rows(const float* const* xr, int n, const T* a, int64_t k, int64_t R, float scale, float* const* tr) {
+  int h = 0;
+  if (n - h >= 8) shrink_rows_rb<8, T>(xr + h, a, k, R, scale, tr + h), h += 8;
+  if (n - h >= 4) shrink_rows_rb<4, T>(xr + h, a, k, R, scale, tr + h), h += 4;
+  if (n - h >= 2) shrink_rows_rb<2, T>(xr + h, a, k, R, scale, tr + h), h += 2;
+  if (n - h >= 1) shrink_rows_rb<1, T>(xr + h, a, k, R, scale, tr + h), h += 1;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// expand: out[r][0:DC*N] = T(out + sum_j t[r][j] * b[j, 0:DC*N]) for RB rows; b points at the block's first
+// column, rows d apart; R: the tile's ranks up to its last nonzero t (zero-padded ranks are trimmed).
+
+template <int RB, int DC, int N, typename T>
+LORA_CLONES void expand_tile(const float* const* tr, const T* __restrict b, int64_t R, int64_t d, int64_t cols,
+                             T* const* outr) {
+  using F = typename V<N>::f;
+  const float* t[RB];
+  T* o[RB];
+  for (int r = 0; r < RB; ++r) t[r] = tr[r], o[r] = outr[r];
+  for (int64_t c0 = 0; c0 + DC * N <= cols; c0 += DC * N) {
+    F acc[RB][DC];
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < DC; ++v) acc[r][v] = F{};
+    for (int64_t j = 0; j < R; ++j) {
+      F bv[DC];
+      for (int v = 0; v < DC; ++v) {
+        // the rows of b are d apart: more streams than the hardware prefetchers follow, so two chunks ahead
+        if (N * sizeof(T) >= 64 || v % 2 == 0) __builtin_prefetch(b + j * d + c0 + (2 * DC + v) * N);
+        bv[v] = vload<N>(b + j * d + c0 + v * N);
+      }
+      for (int r = 0; r < RB; ++r) {
+        const float tv = t[r][j];
+        for (int v = 0; v < DC; ++v) acc[r][v] += tv * bv[v];
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < DC; ++v) vadd_store<N>(o[r] + c0 + v * N, acc[r][v]);
+  }
+}
+
+template <typename T>
+LORA_CLONES void expand_cols(const float* const* tr, int rb, const T* __restrict b, int64_t R, int64_t d,
+                             int64_t c0, int64_t c1, T* const* outr) {
+  for (int r = 0; r < rb; ++r) {
+    const float* t = tr[r];
+    for (int64_t c = c0; c < c1; ++c) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < R; ++j) acc += t[j] * to_f(b[j * d + c]);
+      outr[r][c] = static_cast<T>(to_f(outr[r][c]) + acc);
+    }
+  }
+}
+
+template <int RB, typename T>
+void expand_rows_rb(const float* const* tr, const T* b, int64_t R, int64_t d, int64_t cols, T* const* outr) {
+  constexpr int DC = RB >= 8 ? 2 : RB >= 4 ? 4 : 8;  // RB x DC <= 16 accumulators
+  constexpr int W = DC * 16;
+  const int64_t main = cols / W * W;
+  if (main) expand_tile<RB, DC, 16, T>(tr, b, R, d, main, outr);
+  int64_t c = main;
+  T* o[RB];
+  auto at_col = [&](int64_t c0) {
+    for (int r = 0; r < RB; ++r) o[r] = outr[r] + c0;
+  };
+  if (cols - c >= 16) {
+    at_col(c);
+    const int64_t n = (cols - c) / 16 * 16;
+    expand_tile<RB, 1, 16, T>(tr, b + c, R, d, n, o);
+    c += n;
+  }
+  if (cols - c >= 8) {
+    at_col(c);
+    expand_tile<RB, 1, 8, T>(tr, b + c, R, d, 8, o);
+    c += 8;
+  }
+  if (c < cols) expand_cols<T>(tr, RB, b, R, d, c, cols, outr);
+}
+
+template <typename T>
+void expand_rows(const float* const* tr, int n, const T* b, int64_t R, int64_t d, int64_t cols, T* const* outr) {
+  int h = 0;
+  if (n - h >= 8) expand_rows_rb<8, T>(tr + h, b, R, d, cols, outr + h), h += 8;
+  if (n - h >= 4) expand_rows_rb<4, T>(tr + h, b, R, d, cols, outr + h), h += 4;
+  if (n - h >= 2) expand_rows_rb<2, T>(tr + h, b, R, d, cols, outr + h), h += 2;
+  if (n - h >= 1) expand_rows_rb<1, T>(tr + h, b, R, d, cols, outr + h), h += 1;
+}
+
+#pragma GCC pop_options
+// ---------------------------------------------------------------------------------------------------
+// the driver
+
+constexpr int kTile = 8;  // rows of one slot per work item
+
+struct Item {
+  int64_t slot;
+  int64_t r0, r1;  // positions in the slot-sorted row list
+  int64_t c0, c1;  // columns of out (expand)
+};
+
+// Threads. at::parallel_for is inline and runs serially in a translation unit built without -fopenmp (as
+// setup.py builds lora_ext._cpu) when torch's backend is OpenMP; there the team comes from the libgomp that
+// torch itself loaded (the entry point `#pragma omp parallel` lowers to), so these loops share torch's
+// threads (and their spin-waits) rather than starting their own. Elsewhere at::parallel_for.
+#ifdef LORA_GOMP
+struct Gomp {
+  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
+  int (*thread_num)() = nullptr;
+  int (*num_threads)() = nullptr;
+  Gomp() {
+    void* h = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
+    if (!h) return;
+    parallel = reinterpret_cast<decltype(parallel)>(dlsym(h, "GOMP_parallel"));
+    thread_num = reinterpret_cast<decltype(thread_num)>(dlsym(h, "omp_get_thread_num"));
+    num_threads = reinterpret_cast<decltype(num_threads)>(dlsym(h, "omp_get_num_threads"));
+    if (!parallel || !thread_num || !num_threads) parallel = nullptr;
+  }
+};
+
+const Gomp& gomp() {
+  static const Gomp g;
+  return g;
+}
+#endif
+
+// fn(p, parts) for p in [0, parts), one part per thread of torch's intra-op team (parts = 1: serially)
+template <typename Fn>
+void parallel_parts(bool parallel, const Fn& fn) {
+  if (parallel && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+#ifdef LORA_GOMP
+    const Gomp& g = gomp();
+    if (g.parallel) {
+      struct Ctx {
+        const Fn* fn;
+        const Gomp* g;
+        std::atomic_flag failed = ATOMIC_FLAG_INIT;
+        std::exception_ptr error;
+      } ctx{&fn, &g};
+      g.parallel(
+          [](void* data) {
+            Ctx& c = *static_cast<Ctx*>(data);
+            try {
+              (*c.fn)(c.g->thread_num(), c.g->num_threads());
+            } catch (...) {  // no exception may leave a thread of the team
+              if (!c.failed.test_and_set()) c.error = std::current_exception();
+            }
+          },
+          &ctx, 0, 0);  // 0: the team torch sized (at::set_num_threads)
+      if (ctx.error) std::rethrow_exception(ctx.error);
+      return;
+    }
+#else
+    const int parts = at::get_num_threads();
+    at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t p = lo; p < hi; ++p) fn(static_cast<int>(p), parts);
+    });
+    return;
+#endif
+  }
+  fn(0, 1);
+}
+
+// fn(item) over the items, split between the threads at equal shares of the summed cost
+template <typename Fn>
+void run_items(const std::vector<Item>& items, const std::vector<double>& cost, bool parallel, const Fn& fn) {
+  const int64_t n = static_cast<int64_t>(items.size());
+  if (!n) return;
+  std::vector<double> before(n + 1, 0.0);
+  for (int64_t i = 0; i < n; ++i) before[i + 1] = before[i] + cost[i];
+  const double total = before[n];
+  parallel_parts(parallel && n > 1, [&](int p, int parts) {
+    const double from = total * p / parts, to = total * (p + 1) / parts;
+    for (int64_t i = 0; i < n; ++i) {
+      // item i belongs to the share holding its midpoint
+      const double mid = 0.5 * (before[i] + before[i + 1]);
+      if (mid >= from && (mid < to || p == parts - 1)) fn(items[i]);
+    }
+  });
 }
 
 template <typename T, bool kEmbedding>
@@ -66,28 +432,97 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const 
     ids = ids64.data_ptr<int64_t>();
     for (int64_t m = 0; m < M; ++m) {
       TORCH_CHECK_INDEX(ids[m] >= 0 && ids[m] < k, "ids[", m, "] = ", ids[m], " is out of range for ", k,
-                  " embeddings");
+                        " embeddings");
     }
   } else {
     xp = x.data_ptr<T>();
   }
-  const int64_t work = (kEmbedding ? R : k * R) + R * d;
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, work));
-  at::parallel_for(0, M, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<float> t(R), acc(d);
-    for (int64_t m = lo; m < hi; ++m) {
-      const int32_t s = ip[m / tokens];
+  if (M == 0 || d == 0 || R == 0) return;
+  // the live rows grouped by slot (a counting sort of the groups; rows keep their order within a slot)
+  std::vector<int64_t> start(S + 1, 0);
+  for (int64_t g = 0; g < groups; ++g)
+    if (ip[g] >= 0) start[ip[g] + 1] += tokens;
+  for (int64_t s = 0; s < S; ++s) start[s + 1] += start[s];
+  const int64_t live = start[S];
+  if (live == 0) return;
+  std::vector<int64_t> rows(live);
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int32_t s = ip[g];
       if (s < 0) continue;
-      if constexpr (kEmbedding) {
-        const T* row = ap + (s * k + ids[m]) * R;
-        for (int64_t j = 0; j < R; ++j) t[j] = static_cast<float>(row[j]);
-      } else {
-        shrink_row<T>(xp + m * k, ap + s * k * R, k, R, t.data());
-      }
-      const float scale = sp[s];
-      for (int64_t j = 0; j < R; ++j) t[j] *= scale;
-      expand_row<T>(t.data(), bp + s * R * d, R, d, acc.data(), op + m * d);
+      for (int64_t m = g * tokens; m < (g + 1) * tokens; ++m) rows[next[s]++] = m;
     }
+  }
+  std::vector<float> tbuf(live * R);
+  const bool parallel = live * ((kEmbedding ? 1 : k * R) + R * d) >= (1 << 16);
+
+  // shrink: items of up to kTile rows of one slot
+  std::vector<Item> items;
+  std::vector<double> cost;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t p = start[s]; p < start[s + 1]; p += kTile) {
+      const int64_t q = std::min(p + kTile, start[s + 1]);
+      items.push_back({s, p, q, 0, 0});
+      cost.push_back(static_cast<double>(q - p) * (kEmbedding ? R : k * R) + 64.0);
+    }
+  run_items(items, cost, parallel, [&](const Item& it) {
+    const int n = static_cast<int>(it.r1 - it.r0);
+    const float scale = sp[it.slot];
+    float* tr[kTile];
+    for (int i = 0; i < n; ++i) tr[i] = tbuf.data() + (it.r0 + i) * R;
+    if constexpr (kEmbedding) {
+      for (int i = 0; i < n; ++i) {
+        const T* row = ap + (it.slot * k + ids[rows[it.r0 + i]]) * R;
+        for (int64_t j = 0; j < R; ++j) tr[i][j] = to_f(row[j]) * scale;
+      }
+    } else {
+      const float* xr[kTile];
+      if constexpr (std::is_same_v<T, float>) {
+        for (int i = 0; i < n; ++i) xr[i] = xp + rows[it.r0 + i] * k;
+      } else {
+        thread_local std::vector<float> xf;  // 16-bit x rows in fp32, once per item
+        if (xf.size() < static_cast<size_t>(n * k)) xf.resize(n * k);
+        for (int i = 0; i < n; ++i) {
+          const T* src = xp + rows[it.r0 + i] * k;
+          float* dst = xf.data() + i * k;
+          for (int64_t c = 0; c < k; ++c) dst[c] = to_f(src[c]);
+          xr[i] = dst;
+        }
+      }
+      shrink_rows<T>(xr, n, ap + it.slot * k * R, k, R, scale, tr);
+    }
+  });
+
+  // expand: items of (slot, block of columns, up to kTile rows), a slot's rows next to each other so that a
+  // thread keeps the block of b in cache across them
+  const int64_t block = d <= 384 ? d : 256;
+  items.clear();
+  cost.clear();
+  for (int64_t s = 0; s < S; ++s) {
+    if (start[s] == start[s + 1]) continue;
+    for (int64_t c0 = 0; c0 < d; c0 += block)
+      for (int64_t p = start[s]; p < start[s + 1]; p += kTile) {
+        const int64_t q = std::min(p + kTile, start[s + 1]);
+        items.push_back({s, p, q, c0, std::min(c0 + block, d)});
+        cost.push_back(static_cast<double>(q - p + 2) * R * (std::min(c0 + block, d) - c0));
+      }
+  }
+  run_items(items, cost, parallel, [&](const Item& it) {
+    const int n = static_cast<int>(it.r1 - it.r0);
+    const float* tr[kTile];
+    T* outr[kTile];
+    int64_t ranks = 0;  // up to the last nonzero t of the item's rows (slots hold lower ranks zero-padded)
+    for (int i = 0; i < n; ++i) {
+      tr[i] = tbuf.data() + (it.r0 + i) * R;
+      outr[i] = op + rows[it.r0 + i] * d + it.c0;
+      for (int64_t j = R; j > ranks; --j)
+        if (tr[i][j - 1] != 0.f) {
+          ranks = j;
+          break;
+        }
+    }
+    expand_rows<T>(tr, n, bp + it.slot * R * d + it.c0, ranks, d, it.c1 - it.c0, outr);
   });
 }
 
