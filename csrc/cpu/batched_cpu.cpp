@@ -24,6 +24,8 @@
 
 #if AT_PARALLEL_OPENMP && !defined(_OPENMP) && defined(__linux__)
 #include <dlfcn.h>
+
+#include "clones.h"
 #define LORA_GOMP 1
 #endif
 
@@ -31,13 +33,6 @@ namespace {
 
 // the vector helpers are always inlined into the clones: no vector crosses a call boundary
 #pragma GCC diagnostic ignored "-Wpsabi"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LORA_CLONES
-#endif
-#define LORA_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------------------------------------------
 // fp32 vectors of N lanes (GCC vector extensions: one zmm on AVX-512, split into ymm / xmm below), loads of

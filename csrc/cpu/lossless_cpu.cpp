@@ -33,16 +33,12 @@
 #include <limits>
 #include <vector>
 
+#include "clones.h"
+
 namespace {
 
 enum Kind { F32 = 0, BF16 = 1, F16 = 2 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LORA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LORA_CLONES
-#endif
-#define LORA_INLINE inline __attribute__((always_inline))
 
 LORA_INLINE uint32_t fbits(float f) { return std::bit_cast<uint32_t>(f); }
 LORA_INLINE float bitsf(uint32_t u) { return std::bit_cast<float>(u); }
