@@ -156,18 +156,26 @@ def _side_stream(device):
     return stream
 
 
-def batch_shape(shape, n: int):
+def batch_shape(shape, n: int, layout: Optional[str] = None):
     """tokens per batch row for a layer input of leading shape `shape` in a batch of n rows: the first
-    dimension is the row (any further leading dimensions are its tokens), or the flattened tokens are the rows
-    (a serving engine's layout); None when neither fits."""
+    dimension is the row (any further leading dimensions are its tokens: layout "rows"), or the flattened
+    tokens are the rows (a serving engine's layout: "tokens"); None when it does not fit. Without a layout
+    (the model's input did not say) either, rows first."""
     total = 1
     for s in shape:
         total *= s
-    if len(shape) and shape[0] == n and n:
+    if layout != "tokens" and len(shape) and shape[0] == n and n:
         return total // n
-    if total == n:
+    if layout != "rows" and total == n:
         return 1
     return None
+
+
+def layout_of(shape, n: int) -> Optional[str]:
+    """The layout a model input of leading shape `shape` gives a batch of n rows (see batch_shape)."""
+    if batch_shape(shape, n, "rows") is not None:
+        return "rows"
+    return "tokens" if batch_shape(shape, n, "tokens") is not None else None
 
 
 class LayerBatch:
@@ -187,11 +195,14 @@ class LayerBatch:
             raise ValueError(f"batch_adapters: the weight of {where} moved to {layer.weight_2d().device} / "
                              f"{layer.weight_2d().dtype} after the batch was opened; open it again")
         lead = x.shape[:-1] if kind(layer) == "linear" else x.shape
-        tokens = batch_shape(lead, batch.n)
+        tokens = batch_shape(lead, batch.n, batch.layout)
         if tokens is None:
+            how = {"rows": "its first dimension must be the batch row, as in the model's input",
+                   "tokens": "its tokens, flattened, must be the rows, as in the model's input"}.get(
+                       batch.layout, "its first dimension must be the batch row (or its tokens, flattened, the rows)")
             raise ValueError(f"batch_adapters: {batch.n} rows were given, but {where} got an input of shape "
-                             f"{tuple(x.shape)}: its first dimension must be the batch row (or its tokens, "
-                             f"flattened, the rows)")
+                             f"{tuple(x.shape)}: {how} (a broadcast input, such as position ids of shape (1, T), "
+                             f"cannot carry per-row adapters)")
         merged = layer.active_adapter if layer.merged else None
         add, sub = batch.index(layer, x.device, merged)
         out = layer._weight_forward(x)

@@ -334,6 +334,10 @@ class LoRALayer(NamedAdapters):
             return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.__dict__.get("_open_batches"):
+            raise RuntimeError(f"{self._describe()}: load_state_dict while a mixed batch (lora.batch_adapters) "
+                               f"serves this layer would change it under the batch's rows; load after the block "
+                               f"closes")
         with self._lock:
             self._streams.write(self._weight_param().device)
             if self.merged and self._merged_A is not None:

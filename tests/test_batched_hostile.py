@@ -109,3 +109,115 @@ def test_unsupported_dtype_of_rows_and_names():
     with pytest.raises(ValueError, match="no rows"):
         with lora.batch_adapters(layer, []):
             pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a second hostile pass (its findings, each fixed)
+
+
+def test_a_slot_another_batch_serves_is_never_rewritten():
+    import threading
+    layer = make_layer("linear").eval()
+    layer.unmerge()
+    x = make_input("linear", (2,))
+    opened, changed = threading.Event(), threading.Event()
+    first = {}
+
+    def serve():
+        with torch.no_grad(), lora.batch_adapters(layer, ["a", None]):
+            first["r1"] = layer(x)
+            opened.set()
+            changed.wait(30)
+            first["r2"] = layer(x)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    opened.wait(30)
+    A, B, s = layer.get_adapter("a")
+    layer.add_adapter("a", A * 3, B, s)  # "a" changes while the other thread's batch serves it
+    changed.set()
+    with torch.no_grad(), lora.batch_adapters(layer, ["a", None]):  # waits for that batch to close
+        got = layer(x)
+    t.join(30)
+    assert torch.equal(first["r1"], first["r2"]), "an open batch's slot was rewritten under it"
+    assert rel_err(got, oracle(layer, x, ["a", None], base_of(layer))) < TOL[torch.float32]
+
+
+def test_ctrl_c_while_the_block_is_set_up(monkeypatch):
+    from lora_ext.serving import batches
+    layer = make_layer("linear").eval()
+    x = make_input("linear", (2,))
+    with torch.no_grad():
+        plain = layer(x)
+
+    def interrupted(model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batches, "_install_check", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with lora.batch_adapters(layer, ["a", "b"]):
+            pass
+    monkeypatch.undo()
+    assert not batched.ACTIVE.get() and not layer.__dict__["_lora_ext_slot_pool"].busy()
+    with torch.no_grad():
+        assert torch.equal(layer(x), plain)  # no batch left behind
+        with lora.batch_adapters(layer, ["a", "b"]):  # and the model takes a new one
+            layer(x)
+
+
+def test_generators_whose_blocks_close_out_of_order():
+    l1, l2 = make_layer("linear").eval(), make_layer("linear").eval()
+    x = make_input("linear", (2,))
+
+    def gen(layer, names):
+        with lora.batch_adapters(layer, names):
+            for _ in range(3):
+                yield layer(x)
+
+    with torch.no_grad():  # (grad mode is thread state: a generator's own no_grad would leak across them)
+        g1, g2 = gen(l1, ["a", "b"]), gen(l2, ["c", "a"])
+        next(g1), next(g2), next(g1)
+        for _ in g1:
+            pass
+        got = next(g2)  # g1 closed first: g2's batch must still be there
+    assert rel_err(got, oracle(l2, x, ["c", "a"], base_of(l2))) < TOL[torch.float32]
+
+
+def test_batches_sharing_a_layer_are_refused():
+    layer = make_layer("linear").eval()
+    inner = torch.nn.Sequential(layer)
+    outer = torch.nn.Sequential(inner, torch.nn.ReLU())
+    with lora.batch_adapters(outer, ["a", "b"]):
+        with pytest.raises(ValueError, match="already in an open batch"):
+            with lora.batch_adapters(inner, ["c", None]):
+                pass
+
+
+def test_load_state_dict_while_a_batch_is_open_is_refused():
+    layer = make_layer("linear").eval()
+    state = {k: v.clone() * 2 for k, v in layer.state_dict().items()}
+    before = layer.weight.detach().clone()
+    with lora.batch_adapters(layer, ["a", "b"]):
+        with pytest.raises(RuntimeError, match="load_state_dict while a mixed batch"):
+            layer.load_state_dict(state)
+    assert torch.equal(layer.weight, before)
+    layer.load_state_dict(state)  # after the block: fine
+
+
+def test_broadcast_position_ids_are_refused_when_the_batch_equals_the_length():
+    # a LoRA embedding over GPT-2-style position ids (1, T) while the batch has B == T rows
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = make_layer("embedding")
+            self.pos = make_layer("embedding")
+
+        def forward(self, ids):
+            pos = torch.arange(ids.shape[1]).unsqueeze(0)
+            return self.tok(ids) + self.pos(pos)
+
+    model = Model().eval()
+    ids = torch.randint(0, 30, (4, 4))
+    with torch.no_grad(), lora.batch_adapters(model, ["a", "b", "c", None]):
+        with pytest.raises(ValueError, match=r"shape \(1, 4\).*broadcast"):
+            model(ids)

@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import batched, sharded
+from ..named_adapters import deferred_interrupt
 from .adapters import _layers_or_raise, hold, model_lock
 
 DEFAULT_SLOTS = 8
@@ -40,8 +41,10 @@ _MODELS: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_e
 
 class SlotPool:
     """A model's slots: which adapter each holds, which open batches hold it (pins), when it was last used, and
-    each layer's slot stacks. The index buffers are kept per (thread, device, merged adapter, rows): written in
-    place for every batch, never reallocated, so a CUDA graph captured in a batch reads the next batch's."""
+    each layer's slot stacks. On CUDA the index buffers are kept per (thread, device, merged adapter, rows):
+    written in place for every batch, never reallocated, so a CUDA graph captured in a batch reads the next
+    batch's (4 bytes per row, twice for a merged layer, for each batch size a thread uses: bucket the sizes, as
+    graph capture needs anyway)."""
 
     def __init__(self, capacity: int, max_rank: int):
         self.capacity, self.max_rank = capacity, max_rank
@@ -100,15 +103,17 @@ class SlotPool:
         self.holders[me] = self.holders.get(me, 0) + 1
         return slot_of
 
-    def release(self, slots) -> None:
+    def release(self, slots, thread: Optional[int] = None, notify: bool = True) -> None:
+        """Unpins what assign() pinned for a batch opened on `thread` (default: this one)."""
         with self.lock:
             for s in slots:
                 self.pins[s] -= 1
-            me = threading.get_ident()
-            self.holders[me] -= 1
-            if not self.holders[me]:
-                del self.holders[me]
-            self.lock.notify_all()
+            thread = threading.get_ident() if thread is None else thread
+            self.holders[thread] -= 1
+            if not self.holders[thread]:
+                del self.holders[thread]
+            if notify:
+                self.lock.notify_all()
 
     def stacks(self, layer) -> batched.LayerSlots:
         """The layer's slot stacks (made, or made again after the weight moved, when no batch holds them)."""
@@ -173,6 +178,7 @@ class Batch:
         self.thread = threading.get_ident()
         self.filled = set()
         self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds
+        self.layout: Optional[str] = None  # "rows" or "tokens", from the model's input when it is called
 
     def where(self, layer) -> str:
         path = self.paths.get(layer, "?")
@@ -225,7 +231,9 @@ class Batch:
             return self.private.get(key) or self.pool.buffers[key]
         make = lambda: (torch.empty(self.n, dtype=torch.int32, device=device),  # noqa: E731
                         torch.empty(self.n, dtype=torch.int32, device=device) if merged is not None else None)
-        if self.pool.owners.setdefault(key, self) is self:
+        if device.type != "cuda":  # no graph to replay: buffers of this batch's own (nothing kept per size)
+            buffers = self.private[key] = make()
+        elif self.pool.owners.setdefault(key, self) is self:
             buffers = self.pool.buffers.get(key)
             if buffers is None:
                 buffers = self.pool.buffers[key] = make()
@@ -307,7 +315,8 @@ def _check_input(module, args, kwargs):
     if x is None:
         return
     lead = x.shape[:-1] if x.is_floating_point() else x.shape
-    if batched.batch_shape(lead, batch.n) is None:
+    batch.layout = batched.layout_of(lead, batch.n)  # the layers' inputs must follow it (no broadcast rows)
+    if batch.layout is None:
         raise ValueError(f"batch_adapters: {batch.n} rows were given for an input of shape {tuple(x.shape)} (the "
                          f"first dimension is the batch row; with tokens flattened, one entry per token)")
 
@@ -346,34 +355,64 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                         f"layer {path!r}, more than the model's slots hold ({pool.max_rank}): "
                         f"lora.configure_slots(model, slots={pool.capacity}, max_rank="
                         f"{m.rank_of(m.get_adapter(name)[0])})")
-        with pool.lock:
-            views = {m: pool.stacks(m) for _, m in found}  # (made again after a move, before this batch pins)
-            slot_of = pool.assign(need)
-            try:
-                for m, stacks in views.items():
-                    for name in need:
-                        stacks.load(slot_of[name], m, name)
-            except BaseException:
-                pool.release(slot_of.values())
-                raise
-        batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
-                      else index, slot_of, {m: path for path, m in found})
+        open_now = batched.ACTIVE.get() or {}
+        for path, m in found:
+            if m in open_now:
+                raise ValueError(f"batch_adapters: layer {path!r} is already in an open batch (of another model "
+                                 f"holding it) in this context; batches may not share layers")
+        batch, tokens, slot_of, views, thread = None, [], {}, {}, threading.get_ident()
         try:
-            batch.fill_existing()
-            layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
-            token = batched.ACTIVE.set({**(batched.ACTIVE.get() or {}), **layers})
-            model_token = _MODELS.set({**(_MODELS.get() or {}), model: batch})
-            _install_check(model)
-            try:
-                yield batch
-            finally:
-                _MODELS.reset(model_token)
-                batched.ACTIVE.reset(token)
-                for stacks in views.values():
-                    stacks.used(slot_of.values())
+            # Ctrl-C is held back while the slots are pinned and the block is set up: it lands before or after
+            with deferred_interrupt():
+                with pool.lock:
+                    views = {m: pool.stacks(m) for _, m in found}  # made again after a move, before this pins
+                    slot_of = _assign_current(pool, views, need)
+                    for m, stacks in views.items():
+                        for name in need:
+                            stacks.load(slot_of[name], m, name)
+                batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
+                              else index, slot_of, {m: path for path, m in found})
+                for m in views:
+                    m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
+                batch.fill_existing()
+                layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
+                tokens.append(batched.ACTIVE.set({**(batched.ACTIVE.get() or {}), **layers}))
+                tokens.append(_MODELS.set({**(_MODELS.get() or {}), model: batch}))
+                _install_check(model)
+            yield batch
         finally:
-            batch.close()
-            pool.release(slot_of.values())
+            # this batch's entries only (another block of this context may have closed or opened in between, as
+            # generators that yield inside their blocks do), rather than the values from before it opened
+            if tokens:
+                batched.ACTIVE.set({m: v for m, v in (batched.ACTIVE.get() or {}).items() if v.batch is not batch}
+                                   or None)
+                _MODELS.set({k: v for k, v in (_MODELS.get() or {}).items() if v is not batch} or None)
+            if batch is not None:
+                for m, stacks in views.items():
+                    stacks.used(slot_of.values())
+                    m.__dict__["_open_batches"] -= 1
+                batch.close()
+            if slot_of:
+                pool.release(slot_of.values(), thread)
+
+
+def _assign_current(pool: SlotPool, views, need) -> Dict[str, int]:
+    """pool.assign(need), except that a slot another open batch serves is never rewritten: when one of the
+    adapters changed since it went into its slot (a reload, add_adapter, a write in place) while another batch
+    holds that slot, this batch waits for it (as for free slots), or is refused if this thread holds it."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        slot_of = pool.assign(need)
+        stale = [n for n in need if pool.pins[slot_of[n]] > 1
+                 and any(not stacks.current(slot_of[n], m, n) for m, stacks in views.items())]
+        if not stale:
+            return slot_of
+        pool.release(slot_of.values(), notify=False)
+        left = deadline - time.monotonic()
+        if threading.get_ident() in pool.holders or left <= 0:
+            raise ValueError(f"batch_adapters: adapter {stale[0]!r} changed since another open batch put it in its "
+                             f"slot, and that batch still serves it; open this batch after it closes")
+        pool.lock.wait(left)
 
 
 def _install_check(model: nn.Module) -> None:
