@@ -244,7 +244,8 @@ class Batch:
 
 
 def _rows(adapters, rows, held) -> tuple:
-    """(table, rows as an int64 tensor, n) from batch_adapters' arguments, checked."""
+    """(table, rows as an int64 tensor, n, label: how a message names row i) from batch_adapters' arguments,
+    checked."""
     if isinstance(adapters, (str, Tensor)) or not isinstance(adapters, Sequence):
         raise TypeError(f"batch_adapters: adapters must be a list of adapter names (None for the base model), "
                         f"got {type(adapters).__name__}")
@@ -259,7 +260,7 @@ def _rows(adapters, rows, held) -> tuple:
     else:
         table = list(adapters)
         if isinstance(rows, Tensor):
-            if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64) or rows.is_floating_point():
+            if rows.dim() != 1 or rows.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"batch_adapters: rows must be a 1-D int32/int64 tensor or a list of ints, got "
                                  f"{rows.dtype} of shape {tuple(rows.shape)}")
             index = rows.long()
@@ -279,7 +280,7 @@ def _rows(adapters, rows, held) -> tuple:
         raise ValueError("batch_adapters: the batch has no rows")
     for j, name in enumerate(table):
         if name is not None and name not in held:
-            first = int((index == j).nonzero()[0]) if (index == j).any() else None
+            first = _first_row(index, table, name)
             who = label(first) if first is not None else f"adapters entry {j}"
             raise ValueError(f"batch_adapters: {who}: adapter {name!r} is not loaded in the model (it holds "
                              f"{sorted(held)})")
@@ -287,9 +288,9 @@ def _rows(adapters, rows, held) -> tuple:
 
 
 def _first_row(index, table, name) -> Optional[int]:
-    if name not in table:
-        return None
-    hits = (index == table.index(name)).nonzero()
+    """The first row whose adapter is `name` (any table entry of that name), or None."""
+    entries = [j for j, t in enumerate(table) if t == name]
+    hits = torch.isin(index, torch.tensor(entries, dtype=index.dtype, device=index.device)).nonzero()
     return int(hits[0]) if hits.numel() else None
 
 
@@ -347,14 +348,14 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         pool = _pool(model, found)
         for name in need:
             for path, m in found:
-                if m.has_adapter(name) and m.rank_of(m.get_adapter(name)[0]) > pool.max_rank:
+                rank = m.rank_of(m.get_adapter(name)[0]) if m.has_adapter(name) else 0
+                if rank > pool.max_rank:
                     row = _first_row(index, table, name)
                     who = label(row) if row is not None else f"the merged adapter {name!r}"
                     raise ValueError(
-                        f"batch_adapters: {who}: adapter {name!r} has rank {m.rank_of(m.get_adapter(name)[0])} at "
-                        f"layer {path!r}, more than the model's slots hold ({pool.max_rank}): "
-                        f"lora.configure_slots(model, slots={pool.capacity}, max_rank="
-                        f"{m.rank_of(m.get_adapter(name)[0])})")
+                        f"batch_adapters: {who}: adapter {name!r} has rank {rank} at layer {path!r}, more than the "
+                        f"model's slots hold ({pool.max_rank}): lora.configure_slots(model, slots={pool.capacity}, "
+                        f"max_rank={rank})")
         open_now = batched.ACTIVE.get() or {}
         for path, m in found:
             if m in open_now:
