@@ -19,6 +19,7 @@ calls of the same layer on other threads.
 import contextlib
 import math
 import threading
+import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import batched, lossless, ops, sharded
+from . import batched, lossless, ops, sharded, ties
 from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
 from .streams import StreamOrder
 
@@ -83,6 +84,15 @@ class LoRALayer(NamedAdapters):
         self._restore_adapters(state)
         self._lock = threading.RLock()
         self._streams = StreamOrder()
+        try:  # a deepcopy or unpickle of tied layers: the copies are tied
+            ties.note(self._weight_param(), self)
+        except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
+            pass
+
+    def register_parameter(self, name: str, param) -> None:
+        super().register_parameter(name, param)
+        if name == "weight":
+            ties.note(param, self)  # `l2.weight = l1.weight` lands here: merges then see the tie
 
     def _guard(self):
         # Under torch.compile there is no other thread to exclude within the traced graph.
@@ -158,7 +168,16 @@ class LoRALayer(NamedAdapters):
                              f"reach {update:.3g} on a weight of up to {maxes[0]:.3g}, beyond torch.float16's "
                              f"range (6.55e+04)")
 
+    def _check_untied(self):
+        """Refuses a merge into a weight other modules compute with (lora_ext.ties), before anything is written."""
+        tied = ties.names(self)
+        if tied:
+            raise ValueError(f"{self._describe()}: its weight is shared with {', '.join(tied)}; merging adapter "
+                             f"{self.active_adapter!r} into it would change their outputs too (the layer adds its "
+                             f"adapter on the fly when unmerged; untie the weights to merge)")
+
     def _merge(self):
+        self._check_untied()
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         self.check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         self._fp16_room((self.lora_A, self.lora_B, self.scaling))
@@ -298,9 +317,15 @@ class LoRALayer(NamedAdapters):
     def train(self, mode: bool = True):
         with self._lock:
             if self.merge_weights and mode == self.merged:
-                if self.has_lora:
-                    (self._unmerge if mode else self._merge)()  # a refused merge changes nothing
-                self.merged = not mode
+                if not mode and self.has_lora and ties.names(self):
+                    # eval() of a model must not stop halfway: a tied weight stays unmerged (merge() refuses)
+                    warnings.warn(f"{self._describe()}: its weight is shared with {', '.join(ties.names(self))}; "
+                                  f"eval() leaves adapter {self.active_adapter!r} unmerged (merging would change "
+                                  f"their outputs too)", stacklevel=2)
+                else:
+                    if self.has_lora:
+                        (self._unmerge if mode else self._merge)()  # a refused merge changes nothing
+                    self.merged = not mode
             nn.Module.train(self, mode)
         return self
 
@@ -501,6 +526,7 @@ class ConvLoRA(LoRALayer, nn.Module):
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, lossless=lossless)
+        ties.note(self.conv.weight, self)  # the conv's own register_parameter is torch's
         # torch expands int arguments such as dilation to one per spatial dimension
         _check_kernel_size(kernel_size, len(self.conv.dilation))
         if r > 0:

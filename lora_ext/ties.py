@@ -1,0 +1,58 @@
+"""Weights shared by several LoRA layers (`l2.weight = l1.weight`, transformers' tie_weights()).
+
+A merge writes the adapter into the weight. When another lora_ext layer computes with the same weight
+Parameter, that layer's output changes too: merging both adds both updates to both layers, and merging one
+gives the other a base it never had. So a layer whose weight another live layer holds never merges: merge()
+refuses (naming both layers) and eval() leaves it unmerged with a warning; forwards add the adapter on the fly,
+which is right for every holder. Injection marks weights tied to plain modules (GPT-2's lm_head) itself
+(`_tied_with`, injection.install); this registry finds the ties between lora_ext layers, however they were made.
+
+The registry maps a weight Parameter (by identity) to the layers that took it: a layer's register_parameter
+("weight") and every merge attempt note it. An entry ends with its Parameter; a layer that later took another
+weight is filtered out when checked (its weight is no longer the same object). A weight shared as two
+Parameter objects over one storage (`nn.Parameter(l1.weight.data)`) is not seen: that is not a tie torch or
+transformers make."""
+
+import threading
+import weakref
+from typing import List
+
+_lock = threading.RLock()
+_holders = {}  # id(weight) -> (weakref to the weight, WeakSet of the layers that took it)
+
+
+def note(weight, layer) -> None:
+    """Records that `layer` computes with the Parameter `weight`."""
+    if weight is None:
+        return
+    key = id(weight)
+    with _lock:
+        entry = _holders.get(key)
+        if entry is None or entry[0]() is not weight:
+
+            def _drop(ref, key=key):  # the weight is gone: its entry (not a later weight's with its id)
+                current = _holders.get(key)
+                if current is not None and current[0] is ref:
+                    _holders.pop(key, None)
+
+            entry = (weakref.ref(weight, _drop), weakref.WeakSet())
+            _holders[key] = entry
+        entry[1].add(layer)
+
+
+def others(layer, weight) -> List:
+    """The live lora_ext layers other than `layer` whose weight is the Parameter `weight` now."""
+    with _lock:
+        entry = _holders.get(id(weight))
+        if entry is None or entry[0]() is not weight:
+            return []
+        layers = list(entry[1])
+    return [other for other in layers if other is not layer and other._weight_param() is weight]
+
+
+def names(layer) -> List[str]:
+    """What `layer`'s weight is tied to: injection's plain modules, then other lora_ext layers (described)."""
+    weight = layer._weight_param()
+    note(weight, layer)
+    tied = list(layer.__dict__.get("_tied_with") or ())
+    return tied + [other._describe() + f" at 0x{id(other):x}" for other in others(layer, weight)]
