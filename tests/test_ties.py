@@ -99,3 +99,18 @@ def test_injected_embedding_tied_to_the_lm_head_refuses_merge():
         wte.merge()  # the layer's own merge(): it wrote into lm_head's weight before
     assert not wte.merged and torch.equal(wte.weight, before)
     torch.testing.assert_close(model(ids).logits, logits, rtol=0, atol=0)
+
+
+def test_model_level_merge_refuses_tied_layers_before_writing():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(lora.Linear(16, 16, r=4), lora.Linear(16, 16, r=4), lora.Linear(16, 16, r=4))
+    tiny_models.randomize_lora(model)
+    model[2].weight = model[1].weight  # layer 0 is untied and comes first: it must not be merged either
+    before = [layer.weight.detach().clone() for layer in model]
+    with pytest.raises(ValueError, match=r"the weight of '1' is tied to"):
+        lora.merge_adapter(model)
+    assert not any(layer.merged for layer in model)
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(model, before))
+    with pytest.raises(ValueError, match=r"the weight of '1' is tied to"):
+        lora.unload(model, merge=True)
+    assert all(isinstance(layer, lora.Linear) for layer in model)

@@ -14,7 +14,7 @@ from typing import List, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .. import layers
+from .. import layers, ties
 from ..layers import LoRALayer
 
 _CONVS = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
@@ -312,7 +312,7 @@ def install(model, name, module, layer, scaling, owners, adapter_name="default",
 
 
 def check_mergeable(name, layer):
-    tied = getattr(layer, "_tied_with", None)
+    tied = ties.names(layer)  # plain modules (install's _tied_with) and other lora_ext layers
     if tied:
         raise ValueError(f"merge: the weight of {name!r} is tied to {tied}; merging the adapter into it would "
                          f"change those modules too (unload with merge=False, or untie the weights)")
