@@ -94,6 +94,17 @@ class LoRALayer(NamedAdapters):
         if name == "weight":
             ties.note(param, self)  # `l2.weight = l1.weight` lands here: merges then see the tie
 
+    def _describe(self) -> str:
+        """The layer as its constructor reads (in messages): Linear(in, out), Embedding(num, dim),
+        Conv2d(in, out, kernel_size=k)."""
+        name = type(self).__name__
+        if hasattr(self, "in_features"):
+            return f"{name}({self.in_features}, {self.out_features})"
+        conv = self.__dict__.get("_modules", {}).get("conv")
+        if conv is not None:
+            return f"{name}({conv.in_channels}, {conv.out_channels}, kernel_size={tuple(conv.kernel_size)})"
+        return super()._describe()
+
     def _guard(self):
         # Under torch.compile there is no other thread to exclude within the traced graph.
         return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
@@ -149,6 +160,10 @@ class LoRALayer(NamedAdapters):
             raise ValueError(f"{self._describe()}: lossless=True takes float16, bfloat16 or float32 weights, "
                              f"this one is {dtype} (set lossless=False or None)")
         return bool(self.lossless)
+
+    def merge_refusal(self) -> Optional[str]:
+        """Why the active adapter cannot be merged into this layer's weight, or None (Embedding: max_norm)."""
+        return None
 
     def _fp16_room(self, *adapters):
         """A float16 weight's range, checked at every write against what the weight holds now (value stamps
@@ -385,8 +400,9 @@ class Embedding(LoRALayer, nn.Embedding):
                  merge_weights: bool = True, lossless: Optional[bool] = None,
                  **kwargs):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0, merge_weights=merge_weights,
-                           lossless=lossless)
+        # max_norm: eval() leaves the layer unmerged (merge_refusal says why; explicit merges are refused)
+        LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0,
+                           merge_weights=merge_weights and self.max_norm is None, lossless=lossless)
         if r > 0:
             self._create_factors(self.weight)
         self.reset_parameters()
@@ -401,6 +417,22 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def _layout(self):
         return {"transposed": True}
+
+    def merge_refusal(self) -> Optional[str]:
+        """Why the adapter cannot be merged into this weight (None: it can). max_norm renormalises, in place, the
+        rows a lookup reads: merged, those would be rows of W + s B A, not of the base W as unmerged (other
+        outputs), and unmerging would not give the base back."""
+        if self.max_norm is None:
+            return None
+        return (f"{self._describe()} has max_norm={self.max_norm}, which renormalises in place the rows a lookup "
+                f"reads: merged, it would renormalise the rows of W + scaling * B @ A instead of the base's (other "
+                f"outputs than unmerged) and unmerging would not give the base back; serve this layer unmerged")
+
+    def _merge_into(self, weight, A, B, s, exact):
+        refusal = self.merge_refusal()
+        if refusal is not None:  # before anything is written
+            raise ValueError(refusal)
+        return super()._merge_into(weight, A, B, s, exact)
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:

@@ -355,7 +355,7 @@ def test_a_refused_lossless_merge_names_the_layer_and_changes_nothing():
     lin.weight.zero_()  # every element is an exception under a nonzero update
     lin.lora_B.normal_()
     before = lin.weight.clone()
-    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(32, 40\) adapter 'default': merge_: a lossless "
+    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(40, 32\) adapter 'default': merge_: a lossless "
                                                          r"merge would need 1280 exceptions"):
         lin.eval()
     assert not lin.merged and lin._merged_record is None

@@ -229,17 +229,17 @@ def test_exception_overflow_mid_sequence_names_the_layer_and_keeps_the_old_merge
     layer.eval()
     layer.set_adapter("small")
     before = layer.weight.detach().clone()
-    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(40, 48\).*'small'"):
+    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(48, 40\).*'small'"):
         layer.set_adapter("huge")
     assert layer.active_adapter == "small" and layer.merged
     assert_same_bits(layer.weight, before, "after the refused switch")
     # model-level: refused too, everything back
-    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(40, 48\)"):
+    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(48, 40\)"):
         lora.set_adapter(nn.Sequential(layer), "huge")
     assert_same_bits(layer.weight, before, "after the refused model-level switch")
     # the huge adapter as the active one (add_adapter while merged): refused, unchanged
     A, B, s = layer.get_adapter("huge")
-    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(40, 48\)"):
+    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(48, 40\)"):
         layer.add_adapter("small", A, B, s)
     assert_same_bits(layer.weight, before, "after the refused add_adapter")
     sm = pristine  # the oracle: never merged
@@ -255,7 +255,7 @@ def test_refused_merge_via_train_eval_names_layer_and_changes_nothing_then_unmer
     layer = _overflow_layer()
     layer.set_adapter("huge")
     W0 = layer.weight.detach().clone()
-    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(40, 48\) adapter 'huge'"):
+    with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(48, 40\) adapter 'huge'"):
         layer.eval()
     assert not layer.merged
     assert_same_bits(layer.weight, W0, "refused eval")
@@ -316,7 +316,7 @@ def test_double_then_back_to_half_keeps_the_base(flag):
     try:
         layer.double()
     except ValueError as err:  # a refusal is acceptable (lossless=True on float64 must refuse) if it names the layer
-        assert flag is True and "Linear(20, 24)" in str(err)
+        assert flag is True and "Linear(24, 20)" in str(err)
         assert layer.weight.dtype == torch.float16 and layer.merged
         layer.train()
         assert_same_bits(layer.weight, W0, "base after a refused .double()")
@@ -330,7 +330,7 @@ def test_lossless_true_layer_moved_to_float64_refuses_like_a_merge_does():
     """A lossless=True layer merged in float64 is refused with the layer named; _apply merges float64 lossy."""
     layer, W0 = _merged_linear16()
     layer.lossless = True
-    with pytest.raises(ValueError, match=r"Linear\(20, 24\).*lossless=True"):
+    with pytest.raises(ValueError, match=r"Linear\(24, 20\).*lossless=True"):
         layer.double()
 
 
@@ -339,7 +339,7 @@ def test_eval_of_a_float64_lossless_true_layer_refuses_naming_the_layer_and_chan
     layer.requires_grad_(False)
     layer.lora_B.normal_(std=0.3)
     W0 = layer.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"Linear\(20, 24\).*lossless=True"):
+    with pytest.raises(ValueError, match=r"Linear\(24, 20\).*lossless=True"):
         layer.eval()
     assert not layer.merged
     assert_same_bits(layer.weight, W0, "refused float64 merge")
@@ -363,7 +363,7 @@ def test_dtype_change_whose_new_merge_overflows_names_the_layer_and_keeps_the_la
     try:
         layer.bfloat16()
     except lossless.ExceptionOverflow as err:
-        assert "Linear(40, 48)" in str(err), f"refusal does not name the layer: {err}"
+        assert "Linear(48, 40)" in str(err), f"refusal does not name the layer: {err}"
         assert not layer.merged and layer._merged_record is None, "a refused re-merge must leave it unmerged"
     else:
         assert layer.merged and layer._merged_record is not None
@@ -583,7 +583,7 @@ def test_simulated_kernel_swap_overflow_puts_the_old_merge_back():
     with ops.use_kernels(_sim, "cpu"):
         layer.eval()
         merged = layer.weight.detach().clone()
-        with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(40, 48\)"):
+        with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(48, 40\)"):
             layer.set_adapter("huge")
         assert_same_bits(layer.weight, merged, "kernels: refused switch")
         layer.train()

@@ -25,7 +25,7 @@ def test_eval_after_a_diverged_step_refuses_to_merge():
     (layer(torch.randn(2, 32)).sum() * float("inf")).backward()
     torch.optim.SGD(layer.parameters(), lr=1.0).step()  # lora_B now holds non-finite values
     w0 = layer.weight.detach().clone()
-    with pytest.raises(ValueError, match=r"Linear\(24, 32\) adapter 'default': lora_. holds non-finite"):
+    with pytest.raises(ValueError, match=r"Linear\(32, 24\) adapter 'default': lora_. holds non-finite"):
         layer.eval()
     assert torch.equal(layer.weight, w0) and not layer.merged and layer.training
 
