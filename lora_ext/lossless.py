@@ -237,7 +237,7 @@ def _restore_rows(wp, d, packed, dtype, m, base_index, exc_index, exc_bits):
         orig = wp.view(it).reshape(-1)[flat]
         if exc_index.numel():
             orig = torch.where(found, exc_bits[pos].to(it), orig)
-        bits.view(-1)[flat] = orig
+        bits[esc] = orig  # row-major order, as flat: bits has wp's strides (a column-major weight too)
     return bits.view(dtype)
 
 

@@ -26,16 +26,23 @@ def _layer_bias(module):
     return ("bias", bias) if isinstance(bias, nn.Parameter) else None
 
 
+def _is_bias(name):
+    """Whether a parameter is a bias for bias='all': its own name says so (bias, nn.MultiheadAttention's
+    in_proj_bias, bias_k and bias_v, as loralib's rule picks them), whatever its modules are named."""
+    return "bias" in name.rsplit(".", 1)[-1]
+
+
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """Freeze everything but the LoRA layers' lora_A/lora_B (which are made trainable).
 
-    bias: 'none' keeps every bias frozen, 'all' trains every parameter named bias, 'lora_only' trains the
-    biases of LoRA layers only.
+    bias: 'none' keeps every bias frozen, 'all' trains every parameter whose own name holds "bias" (bias,
+    in_proj_bias, bias_k...), 'lora_only' trains the biases of LoRA layers only (of every LoRA layer, r=0 too, as
+    loralib; lora_state_dict saves the same biases).
     """
     _check_bias(bias)
     lora = {id(p) for _, m in _lora_layers(model) if m.has_lora for p in (m.lora_A, m.lora_B)}
     for name, p in model.named_parameters():
-        p.requires_grad = id(p) in lora or (bias == "all" and name.rsplit(".", 1)[-1] == "bias")
+        p.requires_grad = id(p) in lora or (bias == "all" and _is_bias(name))
     if bias == "lora_only":
         for _, m in _lora_layers(model):
             own = _layer_bias(m)
@@ -68,12 +75,12 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
         if m.has_lora:
             out[prefix + "lora_A"] = sharded.full(m.lora_A.detach())  # FSDP2: gathered (every rank calls)
             out[prefix + "lora_B"] = sharded.full(m.lora_B.detach())
-            if bias == "lora_only":
-                own = _layer_bias(m)
-                if own is not None:
-                    out[prefix + own[0]] = sharded.full(own[1].detach())
+        if bias == "lora_only":  # every LoRA layer's, as mark_only_lora_as_trainable trains them
+            own = _layer_bias(m)
+            if own is not None:
+                out[prefix + own[0]] = sharded.full(own[1].detach())
     if bias == "all":
         for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias":
+            if _is_bias(name):
                 out[name] = sharded.full(p.detach())
     return out

@@ -316,6 +316,9 @@ def check_mergeable(name, layer):
     if tied:
         raise ValueError(f"merge: the weight of {name!r} is tied to {tied}; merging the adapter into it would "
                          f"change those modules too (unload with merge=False, or untie the weights)")
+    refusal = layer.merge_refusal() if layer.has_lora else None
+    if refusal is not None:
+        raise ValueError(f"merge: {name!r}: {refusal} (unload with merge=False)")
 
 
 def _plain(layer):

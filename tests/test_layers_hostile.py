@@ -1,0 +1,179 @@
+"""Hostile use of the layers, named adapters, lossless merges and the loralib helpers: silent failures found by
+acting as a user who does unusual but legal things (each test says what it did before its fix).
+
+Oracles: float64 arithmetic on the original base weight (taken before anything ran), the original weight's bits,
+and real loralib where lora_ext promises its behaviour.
+"""
+import loralib
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_ext as lora
+
+_INT = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
+def rel(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and torch.equal(a.detach().contiguous().view(_INT[a.dtype]),
+                                              b.detach().contiguous().view(_INT[b.dtype]))
+
+
+def add_random_adapter(layer, name, r, scaling, g, std=0.5):
+    (ra, ca), (rb, cb) = layer.factor_shapes(r)
+    layer.add_adapter(name, torch.randn(ra, ca, generator=g) * std, torch.randn(rb, cb, generator=g) * std, scaling)
+
+
+# -- lossless merges into a weight that is not row-major contiguous -----------------------------------------
+
+
+def _linear64(x, w0, fan, bias, A, B, s):
+    w = w0.double().t() if fan else w0.double()
+    return x.double() @ (w + s * B.double() @ A.double()).t() + bias.double()
+
+
+@pytest.mark.parametrize("dtype,lossless_flag", [(torch.bfloat16, None), (torch.float16, None),
+                                                 (torch.float32, True)])
+@pytest.mark.parametrize("fan", [False, True])
+def test_lossless_cycles_on_a_column_major_weight_give_the_base_back(dtype, lossless_flag, fan):
+    """A weight loaded with load_state_dict(assign=True) from a transposed tensor is column-major. Its lossless
+    merge went through (the reference pass), but the unmerge of any element held as an exception failed inside
+    the restore (RuntimeError: view size is not compatible...), leaving the layer merged and its base out of
+    reach; every later train(), switch or state_dict() failed the same way."""
+    g = torch.Generator().manual_seed(11)
+    layer = lora.Linear(24, 20, r=4, lora_alpha=8, fan_in_fan_out=fan, lossless=lossless_flag)
+    layer.requires_grad_(False)
+    add_random_adapter(layer, "b", 2, 3.0, g)
+    add_random_adapter(layer, "c", 5, 0.7, g)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=g)
+    layer = layer.to(dtype)
+    state = layer.state_dict()
+    w = state["weight"]
+    with torch.no_grad():
+        w.view(-1)[:: 7] = 0  # zeros under a nonzero update: exceptions in every merge
+    state["weight"] = w.t().contiguous().t()
+    layer.load_state_dict(state, assign=True)
+    assert not layer.weight.is_contiguous()
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(6, 24, generator=g).to(dtype)
+    for step, name in enumerate(["default", "b", "c", "b", "default", "c", "c", "default"]):
+        layer.set_adapter(name)
+        (layer.eval if step % 3 else layer.train)()
+        A, B, s = layer.get_adapter(name)
+        assert rel(layer(x), _linear64(x, w0, fan, layer.bias, A, B, s)) < 1e-2, (step, name)
+        assert same_bits(layer.state_dict()["weight"], w0), f"state_dict's base after step {step}"
+    layer.train()
+    assert same_bits(layer.weight, w0), "the base after the cycles"
+
+
+# -- Embedding with max_norm ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_with_max_norm_merged_serves_what_unmerged_serves(dtype):
+    """max_norm renormalises the rows a lookup reads, in place. Merged (eval()), the lookup renormalised rows of
+    W + s B A: outputs 61% (relative) from the unmerged ones, and after train() the base rows were off by up
+    to 1.75, with merged=True and lossless records saying all was well. Now eval() leaves such a layer unmerged
+    and an explicit merge is refused, naming max_norm, before anything is written."""
+    g = torch.Generator().manual_seed(3)
+    e = lora.Embedding(10, 6, r=2, lora_alpha=2, max_norm=1.0)
+    with torch.no_grad():
+        e.lora_A.normal_(generator=g)
+        e.weight.mul_(3.0)  # rows above max_norm
+    e = e.to(dtype)
+    ids = torch.tensor([[1, 2, 3], [3, 7, 1]])
+    e_ref = e.weight.detach().double().clone()
+    norms = e_ref.norm(dim=1, keepdim=True)
+    renormed = torch.where(norms > 1.0, e_ref / (norms + 1e-7), e_ref)
+    touched = torch.zeros(10, 1, dtype=torch.bool)
+    touched[ids.unique()] = True
+    base64 = torch.where(touched, renormed, e_ref)
+    want = base64[ids] + e.scaling * (e.lora_A.double().t()[ids] @ e.lora_B.double().t())
+    w_before = e.weight.detach().clone()
+    e.eval()
+    assert not e.merged
+    out = e(ids)
+    assert rel(out, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+    w_after = e.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"Embedding\(10, 6\).*max_norm=1.0"):
+        e.merge()
+    assert not e.merged and torch.equal(e.weight, w_after)
+    e.train()
+    assert torch.equal(e.weight, w_after)
+    assert rel(e.weight[~touched.squeeze(1)], w_before[~touched.squeeze(1)]) == 0
+
+
+def test_model_level_merge_refuses_an_embedding_with_max_norm_before_any_write():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = lora.Linear(6, 6, r=2)
+            self.e = lora.Embedding(10, 6, r=2, max_norm=1.0)
+    net = Net()
+    w = {k: v.clone() for k, v in net.state_dict(keep_vars=False).items()}
+    with pytest.raises(ValueError, match=r"'e'.*max_norm"):
+        lora.merge_adapter(net)
+    assert not net.a.merged and not net.e.merged
+    assert all(torch.equal(v, w[k]) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match=r"'e'.*max_norm"):
+        lora.unload(net, merge=True)
+    assert isinstance(net.a, lora.Linear) and isinstance(net.e, lora.Embedding)
+
+
+# -- mark_only_lora_as_trainable / lora_state_dict against loralib ------------------------------------------
+
+
+class _BiasNet(nn.Module):
+    def __init__(self, lib):
+        super().__init__()
+        self.emb = lib.Embedding(10, 8, r=2)
+        self.attn = nn.MultiheadAttention(8, 2, add_bias_kv=True)
+        self.q = lib.Linear(8, 8, r=2)
+        self.q0 = lib.Linear(8, 8, r=0)  # a LoRA layer without an adapter
+        self.norm = nn.LayerNorm(8)
+        self.rel_bias = nn.Embedding(4, 2)  # a module named *bias*: its weight is no bias
+        self.lora_head = nn.Linear(8, 3)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.lora_head(self.norm(self.q0(self.q(h))))
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_train_and_save_what_loralib_trains(bias):
+    """bias='all' froze nn.MultiheadAttention's in_proj_bias, bias_k and bias_v (loralib trains and saves them:
+    a migrated model trained other parameters, silently); bias='lora_only' trained the bias of a LoRA layer with
+    r=0 (as loralib does) but lora_state_dict did not save it, so the trained bias was lost on reload."""
+    torch.manual_seed(0)
+    theirs = _BiasNet(loralib)
+    loralib.mark_only_lora_as_trainable(theirs, bias=bias)
+    torch.manual_seed(0)
+    ours = _BiasNet(lora)
+    lora.mark_only_lora_as_trainable(ours, bias=bias)
+    # loralib's substring rules also pick lora_head.* ('lora_' in the name) and rel_bias.weight ('bias' in a module
+    # name): its bugs, not what lora_ext promises
+    loralib_trained = {n for n, p in theirs.named_parameters() if p.requires_grad} - {
+        "lora_head.weight", "lora_head.bias", "rel_bias.weight"}
+    trained = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trained == loralib_trained | ({"lora_head.bias"} if bias == "all" else set())
+    # a training step, then the LoRA state dict into a fresh model: the same outputs
+    ids = torch.randint(0, 10, (5, 3))
+    with torch.no_grad():
+        ours.q.lora_B.normal_()
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.1)
+    ours(ids).square().sum().backward()
+    opt.step()
+    saved = lora.lora_state_dict(ours, bias=bias)
+    assert set(saved) == trained
+    torch.manual_seed(0)
+    fresh = _BiasNet(lora)
+    fresh.load_state_dict(saved, strict=False)
+    with torch.no_grad():
+        assert rel(fresh(ids), ours(ids)) == 0
