@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 from .. import ops
 from .files import atomic_path, remove_stale_temporaries
-from .peft_io import check_base_weight, module_factors, module_rank_scaling, read_config, read_tensors
+from . import injection as _inject
+from .peft_io import (CONFIG_NAME, check_base_weight, module_factors, module_rank_scaling, read_config,
+                      read_tensors)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -270,6 +272,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         raise MergeError(f"--adapter {adapter!r}: cannot read its weights file: {type(e).__name__}: "
                          f"{' '.join(str(e).split())}") from None
     factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}")
+    _check_targets(adapter, cfg, factors)
+    _check_tied(base_dir, factors)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     where = {e[0]: path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {e[0]: e[2] for _, (_, entries, _) in headers.items() for e in entries}
@@ -320,6 +324,47 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         print(f"lora-ext merge: warning: --allow-inf: wrote {n} inf/NaN values the merge produced in "
               f"{len(nonfinite)} tensors: {names}{more}", file=log)
     return len(plan)
+
+
+def _check_targets(adapter, cfg, factors):
+    """Refuses factors of modules the config's target_modules / exclude_modules do not select: peft ignores them
+    (as load_peft_adapter refuses them), so merging them would not give the model peft serves."""
+    cfg_file = os.path.join(adapter, CONFIG_NAME)
+    spec, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
+    if spec is None:
+        raise MergeError(f"{cfg_file}: target_modules is missing (peft would pick per-architecture defaults); "
+                         f"the merge needs the adapted modules named")
+    if isinstance(spec, str) and spec.lower() == _inject.ALL_LINEAR:
+        return  # the model's linear layers but its head: no model here to resolve it against
+    ignored = sorted(n for n in factors if not _inject.name_matches(spec, n)
+                     or (exclude and _inject.name_matches(exclude, n)))
+    if ignored:
+        more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
+        raise MergeError(f"{cfg_file}: the weights file holds factors of module(s) "
+                         f"{', '.join(map(repr, ignored[:5]))}{more} that target_modules / exclude_modules do not "
+                         f"select; peft ignores them, so the merge refuses the mismatch")
+
+
+def _check_tied(base_dir, factors):
+    """Refuses an adapter of the input embeddings of a model whose config.json ties them to the output head
+    (tie_word_embeddings, true unless it says otherwise): the checkpoint holds one tensor for both, so the merge
+    would change the head too, which peft (and lora_ext) serve unchanged."""
+    if base_dir is None:
+        return
+    try:
+        with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return
+    if not isinstance(config, dict) or config.get("tie_word_embeddings", True) is not True:
+        return
+    vocab = config.get("vocab_size")
+    for name, (A, B, embedding) in sorted(factors.items()):
+        if embedding and (type(vocab) is not int or A.shape[1] == vocab):
+            raise MergeError(f"--adapter: module {name!r} adapts the input embeddings, which {base_dir}/config.json "
+                             f"ties to the output head (tie_word_embeddings): the merged tensor would change the "
+                             f"head too, unlike the adapter; untie them first (save the model with "
+                             f"tie_word_embeddings=false and the head's own weight)")
 
 
 def _layout(name, A, B, shape, embedding, fan_in_fan_out):

@@ -16,11 +16,11 @@ from typing import List, Optional, Union
 import torch
 import torch.nn as nn
 
-from .. import layers
+from .. import layers, ops
 from ..layers import LoRALayer
 from ..named_adapters import check_adapter_name
 from . import injection as _inject
-from .adapters import lora_layers, model_lock, set_adapter
+from .adapters import hold, lora_layers, model_lock, set_adapter
 from .files import atomic_path
 
 CONFIG_NAME = "adapter_config.json"
@@ -415,41 +415,64 @@ def _peft_conv_factors(layer, name, A, B, r):
             B.reshape(out, k0, r * k0).transpose(1, 2).reshape(out, rank, *ones), rank)
 
 
+def _plain_names(model):
+    """The model's module names as a model without lora_ext layers has them (the insides of its layers left out)."""
+    inner = tuple(n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer))
+    return [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
+
+
 def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
     """Writes one adapter of the model's lora_ext layers (default: the active one) as a peft LoRA adapter
-    directory that peft's PeftModel.from_pretrained loads. Each file is written under a temporary name and
-    renamed when complete."""
+    directory that peft's PeftModel.from_pretrained loads. Both files are written under temporary names and
+    renamed when both are complete; model-level changes on other threads wait while the factors are read."""
     from safetensors.torch import save_file
 
-    found = lora_layers(model)
-    if not found:
-        raise ValueError("save: model holds no lora_ext layer with an adapter")
-    tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
-    for name, layer in found:
-        adapter = adapter_name if adapter_name is not None else layer.active_adapter
-        if adapter not in layer.adapter_names:
-            raise KeyError(f"save: layer {name!r} holds no adapter {adapter!r} (it holds {layer.adapter_names})")
-        A, B, scaling = layer.get_adapter(adapter)
-        ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
-        tensors[PREFIX + name + ka] = A.contiguous().cpu()
-        tensors[PREFIX + name + kb] = B.contiguous().cpu()
-        ranks[name], alphas[name] = rank, scaling * rank
-        dropout = getattr(layer.lora_dropout, "p", dropout)
+    with hold(model):  # one adapter throughout: model-level switches on other threads wait
+        found = lora_layers(model)
+        if not found:
+            raise ValueError("save: model holds no lora_ext layer with an adapter")
+        if adapter_name is None:
+            actives = {m.active_adapter for _, m in found}
+            if len(actives) != 1:
+                raise ValueError(f"save: the lora_ext layers disagree on the active adapter ({sorted(actives)}); "
+                                 f"name the adapter to save (adapter_name=) or set_adapter the model first")
+        tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
+        for name, layer in found:
+            adapter = adapter_name if adapter_name is not None else layer.active_adapter
+            if adapter not in layer.adapter_names:
+                raise KeyError(f"save: layer {name!r} holds no adapter {adapter!r} (it holds {layer.adapter_names})")
+            A, B, scaling = layer.get_adapter(adapter)
+            ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
+            ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
+            tensors[PREFIX + name + ka] = A.contiguous().cpu()
+            tensors[PREFIX + name + kb] = B.contiguous().cpu()
+            ranks[name], alphas[name] = rank, scaling * rank
+            dropout = getattr(layer.lora_dropout, "p", dropout)
     first = found[0][0]
     r, alpha = ranks[first], alphas[first]
+    # peft matches a pattern key, and a target_modules entry, at the end of a module name at a '.' boundary
+    # (`out` also matches `blocks.0.out`): keys that would reach another module are anchored with '^', and
+    # target_modules is a regex of the exact names (peft matches a string whole) when a list would reach
+    # a module the adapter leaves alone
+    every = _plain_names(model)
+    keys = {n: ("^" if any(o.endswith("." + n) for o in every) else "") + re.escape(n) for n in ranks}
+    targets = sorted(ranks)
+    if any(o not in ranks and _inject.name_matches(targets, o) for o in every):
+        targets = "(" + "|".join(map(re.escape, targets)) + ")"
     cfg = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
         "r": r, "lora_alpha": alpha, "lora_dropout": dropout, "bias": "none", "use_rslora": False,
         "use_dora": False, "init_lora_weights": True,
         "fan_in_fan_out": any(getattr(m, "fan_in_fan_out", False) for _, m in found),
-        "target_modules": sorted(ranks),
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
+        "target_modules": targets,
+        "rank_pattern": {keys[n]: v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {keys[n]: v for n, v in alphas.items() if v != alpha},
     }
     os.makedirs(path, exist_ok=True)
-    with atomic_path(os.path.join(path, WEIGHTS_NAME)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-    with atomic_path(os.path.join(path, CONFIG_NAME)) as tmp:
-        with open(tmp, "w") as f:
+    # both files complete before either is renamed: a failure leaves the directory's old pair as it was
+    with atomic_path(os.path.join(path, WEIGHTS_NAME)) as tmp_weights, \
+            atomic_path(os.path.join(path, CONFIG_NAME)) as tmp_config:
+        save_file(tensors, tmp_weights, metadata={"format": "pt"})
+        with open(tmp_config, "w") as f:
             json.dump(cfg, f, indent=2)
     return sorted(ranks)

@@ -1,0 +1,234 @@
+"""Adapter files and the lora-ext command against a hostile user: saved adapters whose options would reach other
+modules in peft, saves that mix adapters or half-replace a directory, merges that silently differ from what
+peft serves. Every case here passed (exit 0, a file written) with different outputs before its fix."""
+import errno
+import json
+import os
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import GPT2LMHeadModel
+
+import lora_ext
+from lora_ext.cli import main
+from lora_ext.serving import peft_io
+from helpers import rel_err
+from tiny_models import gpt2, llama, randomize_lora, tokens
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return x + torch.tanh(self.out(x))
+
+
+class Nested(nn.Module):
+    """A root `out` and blocks holding their own `out`: peft's `out` (list entry or pattern key) reaches all."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(16, 16)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.out = nn.Linear(16, 16)
+
+    def forward(self, x):
+        x = self.inp(x)
+        for b in self.blocks:
+            x = b(x)
+        return self.out(x)
+
+
+def _nested():
+    return Nested().double()
+
+
+def _float64_reference(model, x):
+    """The lora_ext model's output computed by hand in float64: W x + b + s B A x at every adapted layer."""
+    def run(name, layer, h):
+        if isinstance(layer, lora_ext.LoRALayer):
+            return h @ layer.weight.T + layer.bias + layer.scaling * (h @ layer.lora_A.T @ layer.lora_B.T)
+        return h @ layer.weight.T + layer.bias
+    h = run("inp", model.inp, x)
+    for i, b in enumerate(model.blocks):
+        h = h + torch.tanh(run(f"blocks.{i}.out", b.out, h))
+    return run("out", model.out, h)
+
+
+def _peft_load(path):
+    return PeftModel.from_pretrained(_nested(), path).eval()
+
+
+@pytest.mark.parametrize("kwargs", [dict(lora_alpha=8, alpha_pattern={"^out": 32}),
+                                    dict(rank_pattern={"^out": 6}),
+                                    dict(rank_pattern={"^out": 2}, alpha_pattern={"^inp": 3, "^out": 24})])
+def test_saved_patterns_reach_only_their_own_modules(tmp_path, kwargs):
+    model = _nested()
+    lora_ext.inject(model, ["inp", "out"], r=4, **kwargs)  # ^out: the root's only; the blocks' keep r / alpha
+    randomize_lora(model)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref = _float64_reference(model, x)
+        assert rel_err(model(x), ref) < 1e-12
+    path = str(tmp_path / "a")
+    lora_ext.save_peft_adapter(model, path)
+    with torch.no_grad():
+        assert rel_err(_peft_load(path)(x), ref) < 1e-12  # was: alpha 32 on the blocks too (or a size mismatch)
+        again = _nested()
+        lora_ext.load_peft_adapter(again, path)
+        assert rel_err(again(x), ref) < 1e-12
+        assert {n: m.scaling for n, m in lora_ext.serving.adapters.lora_layers(again)} == \
+               {n: m.scaling for n, m in lora_ext.serving.adapters.lora_layers(model)}
+
+
+def test_saved_targets_reach_only_the_adapted_modules(tmp_path):
+    model = _nested()
+    lora_ext.inject(model, r"(inp|out)", r=4, lora_alpha=8)  # the root's out only, not the blocks'
+    randomize_lora(model)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref = _float64_reference(model, x)
+    path = str(tmp_path / "a")
+    lora_ext.save_peft_adapter(model, path)
+    peft_model = _peft_load(path)
+    assert {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)} \
+        == {"inp", "out"}
+    again = _nested()
+    assert lora_ext.load_peft_adapter(again, path) == ["inp", "out"]  # was refused: no factors for blocks.*.out
+    with torch.no_grad():
+        assert rel_err(peft_model(x), ref) < 1e-12
+        assert rel_err(again(x), ref) < 1e-12
+
+
+def _two_adapters(tmp_path):
+    """A Llama holding adapters "a" (active) and "b", both loaded from peft files."""
+    model = llama()
+    for seed, name in ((1, "a"), (2, "b")):
+        peft_model = get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        torch.manual_seed(seed)  # llama() seeds: a and b must differ
+        randomize_lora(peft_model)
+        peft_model.save_pretrained(str(tmp_path / name))
+        lora_ext.load_peft_adapter(model, str(tmp_path / name), name, activate=False)
+    lora_ext.set_adapter(model, "a")
+    return model
+
+
+def test_save_refuses_layers_that_disagree_on_the_active_adapter(tmp_path):
+    model = _two_adapters(tmp_path)
+    model.model.layers[1].self_attn.v_proj.set_adapter("b")  # one layer switched on its own
+    out = tmp_path / "mixed"
+    with pytest.raises(ValueError, match=r"disagree on the active adapter \(\['a', 'b'\]\).*adapter_name"):
+        lora_ext.save_peft_adapter(model, str(out))
+    assert not out.exists()  # refused before writing (was: a file mixing a and b)
+    lora_ext.save_peft_adapter(model, str(out), "b")  # naming it saves b everywhere
+    again = llama()
+    lora_ext.load_peft_adapter(again, str(out))
+    ref = PeftModel.from_pretrained(llama(), str(tmp_path / "b")).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert rel_err(again(x).logits, ref(x).logits) < 1e-5
+
+
+def test_a_failed_save_leaves_the_directory_s_previous_adapter(tmp_path, monkeypatch):
+    model = _two_adapters(tmp_path)
+    path = tmp_path / "out"
+    lora_ext.save_peft_adapter(model, str(path), "a")
+    before = {f: (path / f).read_bytes() for f in os.listdir(path)}
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(peft_io.json, "dump", full_disk)  # the config's write fails, after the weights'
+    with pytest.raises(OSError, match="No space"):
+        lora_ext.save_peft_adapter(model, str(path), "b")
+    # was: b's weights beside a's config
+    assert {f: (path / f).read_bytes() for f in os.listdir(path)} == before
+
+
+def test_save_refuses_non_finite_factors_before_writing(tmp_path):
+    model = _two_adapters(tmp_path)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B[3, 1] = float("nan")  # a training step that diverged
+    out = tmp_path / "nan"
+    with pytest.raises(ValueError, match=r"save: layer 'model.layers.0.self_attn.q_proj', adapter 'a'"):
+        lora_ext.save_peft_adapter(model, str(out))
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------- lora-ext merge
+
+def _merge(capsys, base, adapter, out):
+    capsys.readouterr()  # what building the checkpoints printed
+    rc = main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+def _edit_config(adapter, **changes):
+    file = os.path.join(adapter, "adapter_config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(file, "w") as f:
+        json.dump(cfg, f)
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(target_modules=["c_attn"]), r"'transformer.h.0.mlp.c_fc', 'transformer.h.1.mlp.c_fc' that target_modules"),
+    (dict(exclude_modules=["transformer.h.1.attn.c_attn"]), r"'transformer.h.1.attn.c_attn' that target_modules"),
+    (dict(target_modules=r".*\.0\..*"), r"'transformer.h.1.attn.c_attn', 'transformer.h.1.mlp.c_fc' that"),
+    (dict(target_modules=None), "target_modules is missing"),
+])
+def test_merge_refuses_factors_peft_would_ignore(tmp_path, capsys, changes, match):
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    gpt2().save_pretrained(str(base))
+    peft_model = randomize_lora(get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn", "c_fc"])))
+    peft_model.save_pretrained(str(adapter))
+    _edit_config(str(adapter), **changes)  # peft would serve the adapter without those factors
+    rc, err = _merge(capsys, base, adapter, out)
+    assert rc == 2 and "adapter_config.json" in err and len(err.strip().splitlines()) == 1
+    assert re.search(match, err), err
+    assert not out.exists()
+
+
+def _untied_gpt2():
+    """The tiny GPT-2 with its head a weight of its own (equal to wte), saved as such."""
+    model = gpt2()
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = nn.Parameter(model.transformer.wte.weight.detach().clone())
+    return model
+
+
+@pytest.mark.parametrize("tie", [True, None, False])
+def test_merge_refuses_an_adapter_of_embeddings_tied_to_the_head(tmp_path, capsys, tie):
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    (_untied_gpt2() if tie is False else gpt2()).save_pretrained(str(base))
+    with open(base / "config.json") as f:
+        config = json.load(f)
+    assert config["tie_word_embeddings"] is (tie is not False)
+    if tie is None:
+        del config["tie_word_embeddings"]  # transformers' default: tied
+        with open(base / "config.json", "w") as f:
+            json.dump(config, f)
+    peft_model = randomize_lora(get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["wte", "c_attn"]))).eval()
+    peft_model.save_pretrained(str(adapter))
+    rc, err = _merge(capsys, base, adapter, out)
+    if tie is False:  # a head of its own: the merge gives what peft serves
+        assert rc == 0, err
+        x = tokens()
+        merged = GPT2LMHeadModel.from_pretrained(str(out)).eval()
+        served = PeftModel.from_pretrained(_untied_gpt2(), str(adapter)).eval()
+        with torch.no_grad():
+            assert rel_err(merged(x).logits, served(x).logits) < 1e-5
+        return
+    # was: exit 0, the head changed with wte (logits off by ~80x their size against the adapter peft serves)
+    assert rc == 2 and "'transformer.wte'" in err and "tie_word_embeddings" in err, err
+    assert not out.exists()
