@@ -313,9 +313,10 @@ class LoRALayer(NamedAdapters):
             self._set_merged(None, None, None)
             self.merged = False  # until the merge below: a refused one leaves the layer unmerged, consistently
             module = super()._apply(fn, recurse)
-            w = self._weight_2d()
-            if w.is_meta:
+            weight = self._weight_param()
+            if weight.is_meta or not weight.is_contiguous():  # as above: left unmerged
                 return module
+            w = self._weight_2d()
             A, B, s = fn(snapshot[0]), fn(snapshot[1]), snapshot[2]
             exact = (self.lossless is not False and (record is not None or self._lossless_now())
                      and w.dtype in lossless.RECORD_DTYPES)

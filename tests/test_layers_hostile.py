@@ -177,3 +177,39 @@ def test_bias_modes_train_and_save_what_loralib_trains(bias):
     fresh.load_state_dict(saved, strict=False)
     with torch.no_grad():
         assert rel(fresh(ids), ours(ids)) == 0
+
+
+# -- .to() of a merged model -----------------------------------------------------------------------------------
+
+
+def test_dtype_and_channels_last_conversion_of_a_merged_model_completes():
+    """model.to(torch.float16, memory_format=torch.channels_last) with a merged ConvLoRA raised ValueError (the
+    merge again needs the weight contiguous) after that layer was converted, so the modules after it were never
+    converted: a model of mixed dtypes. A layout the merge cannot write leaves the layer unmerged, as a move to
+    channels_last without a dtype change already did; the base comes back bit for bit (its lossless record)."""
+    g = torch.Generator().manual_seed(4)
+    conv = lora.Conv2d(3, 4, 3, r=2, lora_alpha=4, padding=1)
+    lin = lora.Linear(4 * 36, 5, r=2, lora_alpha=4)
+    for m in (conv, lin):
+        with torch.no_grad():
+            m.lora_B.normal_(0, 0.1, generator=g)
+    model = nn.Sequential(conv, nn.Flatten(), lin).to(torch.bfloat16).requires_grad_(False)
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 6, 6, generator=g)
+
+    def ref(sd):
+        y = torch.nn.functional.conv2d(x.double(), sd["0.conv.weight"].double() + conv.scaling * (
+            sd["0.lora_B"].double() @ sd["0.lora_A"].double()).view(4, 3, 3, 3), sd["0.conv.bias"].double(),
+            padding=1).flatten(1)
+        w = sd["2.weight"].double() + lin.scaling * sd["2.lora_B"].double() @ sd["2.lora_A"].double()
+        return y @ w.t() + sd["2.bias"].double()
+
+    model.eval()
+    assert conv.merged and lin.merged
+    model.to(torch.float16, memory_format=torch.channels_last)
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    assert not conv.merged and lin.merged
+    assert rel(model(x.half()), ref(w0)) < 1e-2
+    model.train()
+    for k, v in model.state_dict().items():
+        assert same_bits(v, w0[k].half()), k
