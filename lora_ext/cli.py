@@ -1,12 +1,52 @@
 """The lora-ext command."""
 import argparse
 import json
+import os
 import sys
+
+
+def _bench_refusal(args):
+    """The message refusing options that would be ignored or could not be honoured, or None; checked before
+    anything runs (a bench takes minutes)."""
+    if args.dim is not None and args.dim < 1:
+        return f"--dim must be a positive width, got {args.dim}"
+    if args.lossless:
+        ignored = [o for o, on in (("--batched", args.batched), ("--rehearse", args.rehearse),
+                                   ("--device cuda", args.device == "cuda")) if on]
+        if ignored:
+            return f"--lossless runs on the CPU only; it cannot honour {', '.join(ignored)}"
+        if args.steps is not None and args.steps < 1:
+            return f"--steps must be positive, got {args.steps}"
+        if args.switches is not None and min(args.switches) < 1:
+            return f"--switches must be positive counts, got {args.switches}"
+    else:
+        given = [o for o, v in (("--switches", args.switches), ("--steps", args.steps)) if v is not None]
+        if given:
+            return f"{' and '.join(given)} only apply with --lossless"
+    if args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json):
+            return f"--json: {args.json!r} is a directory; give a file path"
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            return f"--json: cannot write {args.json!r} (its directory {parent!r} is missing or not writable)"
+    return None
+
+
+def _write_json(path, obj):
+    from .serving.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
 
 
 def _bench(args):
     from . import bench
 
+    refusal = _bench_refusal(args)
+    if refusal:
+        print(f"lora-ext bench: error: {refusal}", file=sys.stderr)
+        return 2
     if args.lossless:
         return _bench_lossless(args)
     if args.rehearse:
@@ -19,8 +59,7 @@ def _bench(args):
     else:
         result = bench.run(device=args.device or "cpu", quick=args.quick, dim=args.dim or 4096, batched=args.batched)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        _write_json(args.json, result)
     print(bench.format_table(result))
     return 0
 
@@ -30,11 +69,10 @@ def _bench_lossless(args):
     from . import bench_lossless
 
     checkpoints = tuple(args.switches or (10, 100, 1000, 5000))
-    record = bench_lossless.record_rows(dim=args.dim or 1024, demo_steps=args.steps)
+    record = bench_lossless.record_rows(dim=args.dim or 1024, demo_steps=args.steps or 100)
     drift = bench_lossless.drift_rows(dim=args.dim or 1024, checkpoints=checkpoints)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(record=record, drift=drift), f, indent=1)
+        _write_json(args.json, dict(record=record, drift=drift))
     print("| case | code bytes per element | target | met | exception rate | + exception bytes per element |\n"
           "|---|---:|---:|---|---:|---:|")
     for row in record:
@@ -78,7 +116,7 @@ def main(argv=None):
                         "one adapter for the batch and peft's adapter_names")
     b.add_argument("--switches", type=int, nargs="+", metavar="N",
                    help="with --lossless: the switch counts of the drift table (default 10 100 1000 5000)")
-    b.add_argument("--steps", type=int, default=100,
+    b.add_argument("--steps", type=int,
                    help="with --lossless: training steps of the demo's adapters (default 100)")
     b.set_defaults(func=_bench)
     m = sub.add_parser("merge", help="merge a peft LoRA adapter into a safetensors checkpoint, streaming")

@@ -232,3 +232,60 @@ def test_merge_refuses_an_adapter_of_embeddings_tied_to_the_head(tmp_path, capsy
     # was: exit 0, the head changed with wte (logits off by ~80x their size against the adapter peft serves)
     assert rc == 2 and "'transformer.wte'" in err and "tie_word_embeddings" in err, err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------ lora-ext bench / demo
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """bench.run / bench_lossless / demo._run replaced by a refusal to run: a check must come first."""
+    from lora_ext import bench, bench_lossless
+    from lora_ext.serving import demo
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the bench or demo ran instead of refusing its options")
+
+    for module, name in ((bench, "run"), (bench_lossless, "record_rows"), (bench_lossless, "drift_rows"),
+                         (demo, "_run")):
+        monkeypatch.setattr(module, name, ran)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--switches", "5"], "--switches only apply with --lossless"),
+    (["--steps", "3", "--quick"], "--steps only apply with --lossless"),
+    (["--lossless", "--batched"], "--lossless runs on the CPU only; it cannot honour --batched"),
+    (["--lossless", "--device", "cuda"], "cannot honour --device cuda"),
+    (["--lossless", "--rehearse"], "cannot honour --rehearse"),
+    (["--lossless", "--steps", "0"], "--steps must be positive, got 0"),
+    (["--lossless", "--switches", "10", "0"], r"--switches must be positive counts, got \[10, 0\]"),
+    (["--dim", "0"], "--dim must be a positive width, got 0"),
+    (["--dim", "-4", "--quick"], "--dim must be a positive width, got -4"),
+    (["--json", "{tmp}/missing/bench.json"], "--json: cannot write .*missing/bench.json"),
+    (["--json", "{tmp}"], "--json: .* is a directory"),
+])
+def test_bench_refuses_options_before_running(tmp_path, capsys, nothing_runs, argv, match):
+    rc = main(["bench", *(a.format(tmp=tmp_path) for a in argv)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lora-ext bench: error: ") and re.search(match, lines[0]), err
+
+
+def test_bench_json_is_written_whole(tmp_path, capsys, monkeypatch):
+    from lora_ext import bench
+
+    monkeypatch.setattr(bench, "run", lambda **kwargs: {"rows": [], "kwargs": kwargs})
+    monkeypatch.setattr(bench, "format_table", lambda result: "table")
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--dim", "8", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["kwargs"]["dim"] == 8
+    assert [e for e in os.listdir(tmp_path) if e != "bench.json"] == []  # no temporary left
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_file"])
+def test_demo_refuses_an_unusable_out_before_training(tmp_path, nothing_runs, where):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "adapters" if where == "under_a_file" else tmp_path / "file"
+    with pytest.raises(SystemExit, match=f"--out: .*{re.escape(str(out))}"):
+        main(["demo", "--out", str(out), "--steps", "1", "--quiet"])
+    assert (tmp_path / "file").read_text() == "x"

@@ -82,6 +82,13 @@ def run(device="cpu", steps=200, out=None, quiet=False):
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
     if steps < 1:
         raise SystemExit(f"--steps must be positive, got {steps}")
+    if out is not None:  # before the training: the adapters are saved there after it
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise SystemExit(f"--out: cannot create the directory {out!r} ({e.strerror or e})") from None
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise SystemExit(f"--out: the directory {out!r} is not writable")
     threads = torch.get_num_threads()
     # The model is tiny: its ops are too small to share out, and on a busy machine every parallel region
     # waits for a core.
