@@ -204,3 +204,23 @@ def test_fallback_for_what_it_does_not_take(mod):
     r2 = lossless_cpu.run_pass(mod, w2, None, None, (A, B, 1.0), 1, [0], False, None, "merge_")
     assert torch.equal(w1.view(torch.int32), w2.contiguous().view(torch.int32))
     _assert_same_record(r1, r2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_row_loop_runs_on_torchs_threads_with_the_same_bits(mod, threads):
+    # lora_ext._cpu is built without -fopenmp, where at::parallel_for runs serially: the row loop takes torch's
+    # OpenMP team itself (csrc/cpu/team.h). The bits do not depend on how the rows are split.
+    gen = torch.Generator().manual_seed(11)
+    W = _weight((96, 80), torch.bfloat16, True, gen)
+    A, B = _factors(W, 1, [0], False, 4, torch.float32, gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w_ref, w = W.clone(), W.clone()
+        r_ref = REF(w_ref, None, None, (A, B, 1.1), 1, [0], False, INF, "merge_")
+        r = lossless_cpu.run_pass(mod, w, None, None, (A, B, 1.1), 1, [0], False, INF, "merge_")
+        assert mod.last_parallel_parts() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert _same(w, w_ref)
+    _assert_same_record(r, r_ref)

@@ -12,22 +12,15 @@
 // (the expand reads R rows of b d apart at once). Arguments arrive checked by lora_ext/ops.py; slot and id
 // ranges are checked here.
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <exception>
 #include <type_traits>
 #include <vector>
 
-#if AT_PARALLEL_OPENMP && !defined(_OPENMP) && defined(__linux__)
-#include <dlfcn.h>
-
 #include "clones.h"
-#define LORA_GOMP 1
-#endif
+#include "team.h"
 
 namespace {
 
@@ -326,68 +319,6 @@ struct Item {
   int64_t c0, c1;  // columns of out (expand)
 };
 
-// Threads. at::parallel_for is inline and runs serially in a translation unit built without -fopenmp (as
-// setup.py builds lora_ext._cpu) when torch's backend is OpenMP; there the team comes from the libgomp that
-// torch itself loaded (the entry point `#pragma omp parallel` lowers to), so these loops share torch's
-// threads (and their spin-waits) rather than starting their own. Elsewhere at::parallel_for.
-#ifdef LORA_GOMP
-struct Gomp {
-  void (*parallel)(void (*)(void*), void*, unsigned, unsigned) = nullptr;
-  int (*thread_num)() = nullptr;
-  int (*num_threads)() = nullptr;
-  Gomp() {
-    void* h = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
-    if (!h) return;
-    parallel = reinterpret_cast<decltype(parallel)>(dlsym(h, "GOMP_parallel"));
-    thread_num = reinterpret_cast<decltype(thread_num)>(dlsym(h, "omp_get_thread_num"));
-    num_threads = reinterpret_cast<decltype(num_threads)>(dlsym(h, "omp_get_num_threads"));
-    if (!parallel || !thread_num || !num_threads) parallel = nullptr;
-  }
-};
-
-const Gomp& gomp() {
-  static const Gomp g;
-  return g;
-}
-#endif
-
-// fn(p, parts) for p in [0, parts), one part per thread of torch's intra-op team (parts = 1: serially)
-template <typename Fn>
-void parallel_parts(bool parallel, const Fn& fn) {
-  if (parallel && at::get_num_threads() > 1 && !at::in_parallel_region()) {
-#ifdef LORA_GOMP
-    const Gomp& g = gomp();
-    if (g.parallel) {
-      struct Ctx {
-        const Fn* fn;
-        const Gomp* g;
-        std::atomic_flag failed = ATOMIC_FLAG_INIT;
-        std::exception_ptr error;
-      } ctx{&fn, &g};
-      g.parallel(
-          [](void* data) {
-            Ctx& c = *static_cast<Ctx*>(data);
-            try {
-              (*c.fn)(c.g->thread_num(), c.g->num_threads());
-            } catch (...) {  // no exception may leave a thread of the team
-              if (!c.failed.test_and_set()) c.error = std::current_exception();
-            }
-          },
-          &ctx, 0, 0);  // 0: the team torch sized (at::set_num_threads)
-      if (ctx.error) std::rethrow_exception(ctx.error);
-      return;
-    }
-#else
-    const int parts = at::get_num_threads();
-    at::parallel_for(0, parts, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t p = lo; p < hi; ++p) fn(static_cast<int>(p), parts);
-    });
-    return;
-#endif
-  }
-  fn(0, 1);
-}
-
 // fn(item) over the items, split between the threads at equal shares of the summed cost
 template <typename Fn>
 void run_items(const std::vector<Item>& items, const std::vector<double>& cost, bool parallel, const Fn& fn) {
@@ -396,7 +327,7 @@ void run_items(const std::vector<Item>& items, const std::vector<double>& cost, 
   std::vector<double> before(n + 1, 0.0);
   for (int64_t i = 0; i < n; ++i) before[i + 1] = before[i] + cost[i];
   const double total = before[n];
-  parallel_parts(parallel && n > 1, [&](int p, int parts) {
+  lora_cpu::parallel_parts(parallel && n > 1, [&](int p, int parts) {
     const double from = total * p / parts, to = total * (p + 1) / parts;
     for (int64_t i = 0; i < n; ++i) {
       // item i belongs to the share holding its midpoint

@@ -21,8 +21,9 @@
 // sign | 0x7E00 (torch's scalar path).
 #ifndef LORA_KERNELS_ONLY  // (a standalone build of the row kernels, for benchmarks)
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
 #include <sys/mman.h>
+
+#include "team.h"
 #endif
 
 #include <algorithm>
@@ -464,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
       const float* Do = has_old ? d_old.data_ptr<float>() : nullptr;
       const float* Dn = has_new ? d_new.data_ptr<float>() : nullptr;
       row_exc.assign(has_new ? h : 0, {});
-      at::parallel_for(0, h, 1, [&](int64_t b0, int64_t b1) {
+      lora_cpu::parallel_range(0, h, 1, [&](int64_t b0, int64_t b1) {
         std::vector<S> base_buf(has_old && has_new ? cols : 0);
         std::vector<uint8_t> cbuf(K == F32 ? 0 : width * 4 + 64, 0);
         for (int64_t mm = b0; mm < b1; ++mm) {
@@ -642,6 +643,8 @@ void register_batched(pybind11::module_& m);  // batched_cpu.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lossless_pass_", &lossless_pass_, "the lossless merge / unmerge / swap pass on CPU (docs/LOSSLESS.md)");
+  m.def("last_parallel_parts", [] { return lora_cpu::last_parts().load(); },
+        "how many threads the last parallel loop of this module ran on (1: serially; a test hook)");
   lora_ext_cpu::register_batched(m);
 }
 #endif  // LORA_KERNELS_ONLY
