@@ -162,6 +162,55 @@ def test_save_refuses_non_finite_factors_before_writing(tmp_path):
     assert not out.exists()
 
 
+class Doubled(nn.Linear):
+    """A Linear subclass with a forward of its own: peft runs it under the adapter; a replacement would not."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class WithSubclass(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = Doubled(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+    torch.manual_seed(0)
+    return OPTForCausalLM(OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2,
+                                    vocab_size=100, max_position_embeddings=32, word_embed_proj_dim=32)).eval()
+
+
+@pytest.mark.parametrize("build,targets,cls", [(WithSubclass, ["a", "b"], "Doubled"),
+                                               (_opt, ["q_proj", "embed_positions"], "OPTLearnedPositionalEmbedding")])
+def test_a_subclass_with_its_own_forward_is_refused_before_any_change(tmp_path, build, targets, cls):
+    peft_model = randomize_lora(get_peft_model(build(), LoraConfig(r=2, target_modules=targets)))
+    peft_model.save_pretrained(str(tmp_path / "a"))
+    model = build()
+    modules, state = dict(model.named_modules()), {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"is a {cls}, a subclass of (Linear|Embedding) with a forward of its own"):
+        lora_ext.load_peft_adapter(model, str(tmp_path / "a"))  # was: replaced, the subclass's forward dropped
+    assert dict(model.named_modules()) == modules
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    if build is WithSubclass:  # the plain Linear beside it still loads, as peft serves it
+        only_b = randomize_lora(get_peft_model(build(), LoraConfig(r=2, target_modules=["b"])))
+        only_b.save_pretrained(str(tmp_path / "b"))
+        lora_ext.load_peft_adapter(model, str(tmp_path / "b"))
+        x = torch.randn(4, 8, dtype=torch.float64)
+        model.double()
+        served = PeftModel.from_pretrained(build().double(), str(tmp_path / "b")).eval()
+        with torch.no_grad():
+            b = model.b
+            ref = 2 * (x @ model.a.weight.T + model.a.bias)
+            ref = ref @ b.weight.T + b.bias + b.scaling * (ref @ b.lora_A.T @ b.lora_B.T)
+            assert rel_err(model(x), ref) < 1e-12 and rel_err(served(x), ref) < 1e-12
+
+
 # ------------------------------------------------------------------------------------------- lora-ext merge
 
 def _merge(capsys, base, adapter, out):

@@ -226,6 +226,15 @@ def _peft_shapes(module, r):
     return (r, module.in_features), (module.out_features, r), False
 
 
+def _overridden_base(module):
+    """The plain class (nn.Linear, nn.Embedding, ...) a lora_ext layer would replace `module` as, when `module`
+    is a subclass of it with a forward of its own (OPT's positional embedding, a scaled Linear); else None."""
+    for base in (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, _inject._hf_conv1d()):
+        if base is not None and isinstance(module, base) and type(module).forward is not base.forward:
+            return base
+    return None
+
+
 def check_device(device):
     """None, or the torch.device `device` names when it is usable here; ValueError naming the option otherwise."""
     if device is None:
@@ -331,6 +340,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"{label}: factors of shape {tuple(A.shape)} and {tuple(B.shape)} do not fit its "
                              f"{type(module).__name__}; a rank-{r} peft adapter has {a_shape} and {b_shape}")
         fresh = not isinstance(module, LoRALayer)
+        base = _overridden_base(module) if fresh else None
+        if base is not None:
+            raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of its "
+                             f"own, which the lora_ext layer put in its place would not run (peft keeps it); "
+                             f"lora_ext adapts {base.__name__} itself only")
         weight = module.conv.weight if isinstance(module, layers.ConvLoRA) else module.weight
         check_base_weight(weights_file, name, base_weights.get(name), weight)
         layer = _inject.replacement(module, name, r, scaling * r, cfg.get("lora_dropout", 0.0), merge_weights,
