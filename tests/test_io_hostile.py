@@ -338,3 +338,65 @@ def test_demo_refuses_an_unusable_out_before_training(tmp_path, nothing_runs, wh
     with pytest.raises(SystemExit, match=f"--out: .*{re.escape(str(out))}"):
         main(["demo", "--out", str(out), "--steps", "1", "--quiet"])
     assert (tmp_path / "file").read_text() == "x"
+
+
+_SLOW_SAVE = """
+import sys, time
+import torch, torch.nn as nn
+import safetensors.torch
+import lora_ext
+real = safetensors.torch.save_file
+def slow(tensors, path, metadata=None):
+    real(tensors, path, metadata=metadata)
+    print("written", flush=True)
+    time.sleep(60)  # killed here: the weights complete under their temporary name, not yet renamed
+safetensors.torch.save_file = slow
+torch.manual_seed(2)
+model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+lora_ext.inject(model, ["0", "1"], r=4)
+for m in model:
+    nn.init.normal_(m.lora_B)
+lora_ext.save_peft_adapter(model, sys.argv[1])
+"""
+
+
+def test_a_save_killed_mid_write_leaves_the_old_adapter_and_its_temporary_goes_next_time(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
+    lora_ext.inject(model, ["0", "1"], r=4)
+    randomize_lora(model)
+    path = tmp_path / "adapter"
+    lora_ext.save_peft_adapter(model, str(path))
+    before = {f: (path / f).read_bytes() for f in os.listdir(path)}
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_SAVE, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "written"
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    left = sorted(set(os.listdir(path)) - set(before))
+    assert [e.split(".tmp-")[0] for e in left] == [".adapter_config.json", ".adapter_model.safetensors"], left
+    assert {f: (path / f).read_bytes() for f in before} == before  # the old pair, whole
+    lora_ext.save_peft_adapter(model, str(path))  # the next save into the directory removes the leftover
+    assert sorted(os.listdir(path)) == sorted(before)
+
+
+@pytest.mark.parametrize("dtype,st", [(torch.int8, "I8"), (torch.float8_e4m3fn, "F8_E4M3")])
+def test_merge_refuses_a_weight_it_cannot_write_into_naming_the_file(tmp_path, capsys, dtype, st):
+    from safetensors.torch import save_file
+
+    base, adapter = tmp_path / "base.safetensors", tmp_path / "adapter"
+    save_file({"l.weight": (torch.randn(8, 8) * 4).to(dtype), "m.weight": torch.randn(8, 8)}, str(base))
+    adapter.mkdir()
+    save_file({"base_model.model.l.lora_A.weight": torch.randn(2, 8),
+               "base_model.model.l.lora_B.weight": torch.randn(8, 2)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(peft_type="LORA", r=2, lora_alpha=2,
+                                                                 target_modules=["l"])))
+    rc, err = _merge(capsys, base, adapter, tmp_path / "out.safetensors")
+    assert rc == 2 and f"{base}: tensor 'l.weight' is {st}" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "base.safetensors"]

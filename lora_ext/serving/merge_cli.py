@@ -282,6 +282,11 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         key = name + ".weight"
         if key not in where:
             raise MergeError(f"--adapter: module {name!r} has no weight {key!r} in --base {base!r}")
+        st_dtype = next(e[1] for e in headers[where[key]][1] if e[0] == key)
+        if _FROM_ST[st_dtype] not in DTYPES.values() and _FROM_ST[st_dtype] is not torch.float64:
+            raise MergeError(f"{where[key]}: tensor {key!r} is {st_dtype}, which the merge cannot write into "
+                             f"(float16, bfloat16, float32 or float64 weights only; a quantized weight needs its "
+                             f"scales)")
         r, scaling = module_rank_scaling(cfg, name)
         if A.shape[0] != r:
             raise MergeError(f"--adapter: module {name!r} has rank {A.shape[0]} but the config says r={r}")

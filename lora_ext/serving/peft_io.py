@@ -21,7 +21,7 @@ from ..layers import LoRALayer
 from ..named_adapters import check_adapter_name
 from . import injection as _inject
 from .adapters import hold, lora_layers, model_lock, set_adapter
-from .files import atomic_path
+from .files import atomic_path, remove_stale_temporaries
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -483,6 +483,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         "alpha_pattern": {keys[n]: v for n, v in alphas.items() if v != alpha},
     }
     os.makedirs(path, exist_ok=True)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):  # left by a killed save
+        remove_stale_temporaries(os.path.join(path, name))
     # both files complete before either is renamed: a failure leaves the directory's old pair as it was
     with atomic_path(os.path.join(path, WEIGHTS_NAME)) as tmp_weights, \
             atomic_path(os.path.join(path, CONFIG_NAME)) as tmp_config:
