@@ -400,3 +400,21 @@ def test_merge_refuses_a_weight_it_cannot_write_into_naming_the_file(tmp_path, c
     rc, err = _merge(capsys, base, adapter, tmp_path / "out.safetensors")
     assert rc == 2 and f"{base}: tensor 'l.weight' is {st}" in err, err
     assert sorted(os.listdir(tmp_path)) == ["adapter", "base.safetensors"]
+
+
+def test_merge_weights_is_honoured_or_refused(tmp_path):
+    peft_model = randomize_lora(get_peft_model(llama(), LoraConfig(r=2, target_modules=["q_proj"])))
+    peft_model.save_pretrained(str(tmp_path / "a"))
+    fresh = llama()
+    lora_ext.load_peft_adapter(fresh, str(tmp_path / "a"), merge_weights=False)
+    fresh.eval()
+    assert not any(m.merged for _, m in lora_ext.serving.adapters.lora_layers(fresh))
+    injected = llama()
+    lora_ext.inject(injected, ["q_proj"], r=2)  # merge_weights=True, loralib's default
+    with pytest.raises(ValueError, match=r"merge_weights: False for 'model.layers.0.self_attn.q_proj'.*"
+                                         r"merge_weights=True"):
+        lora_ext.load_peft_adapter(injected, str(tmp_path / "a"), "a", merge_weights=False)  # was: ignored
+    assert lora_ext.adapter_names(injected) == ["default"]
+    lora_ext.load_peft_adapter(injected, str(tmp_path / "a"), "a")  # left out: the layers keep theirs
+    injected.eval()
+    assert all(m.merged for _, m in lora_ext.serving.adapters.lora_layers(injected))

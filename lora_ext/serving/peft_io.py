@@ -267,7 +267,9 @@ def _check_arguments(model, path, adapter_name, merge_weights, activate):
         check_adapter_name(adapter_name)
     except ValueError as e:
         raise ValueError(f"adapter_name: {e}") from None
-    for option, value in (("merge_weights", merge_weights), ("activate", activate)):
+    if merge_weights is not None and not isinstance(merge_weights, bool):
+        raise ValueError(f"merge_weights: expected True, False or None, got {merge_weights!r}")
+    for option, value in (("activate", activate),):
         if not isinstance(value, bool):
             raise ValueError(f"{option}: expected True or False, got {value!r}")
 
@@ -278,7 +280,7 @@ def _names(names, most=6):
 
 
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
-                      device: Union[str, torch.device, None] = None, merge_weights: bool = True,
+                      device: Union[str, torch.device, None] = None, merge_weights: Optional[bool] = None,
                       activate: bool = True, lossless: Optional[bool] = None) -> List[str]:
     """Loads a peft LoRA adapter directory into `model`, injecting lora_ext layers where the model still has
     plain modules; returns the names of the modules it covers.
@@ -288,7 +290,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     of exactly those modules (peft would silently ignore others: lora_ext refuses them).
     adapter_name: the name it is held under; with activate=True it becomes the active adapter everywhere
     (one pass per weight when merged). device: where an inactive adapter waits (default: beside the
-    weight; "cpu" keeps it in host memory). lossless: the lossless-merge switch of the layers (None: on for
+    weight; "cpu" keeps it in host memory). merge_weights: whether eval() merges, for the layers this load
+    creates (None: True); a value that differs from a layer already there is refused (that layer keeps its
+    own, set when it was injected). lossless: the lossless-merge switch of the layers (None: on for
     float16/bfloat16 weights; docs/LOSSLESS.md), set on the layers this load creates and, when given, on the
     layers already there (from their next merge on). Every check (arguments, device, config, targets, keys, shapes,
     finite values) is made before the first weight or layer changes: a refused load (ValueError, KeyError,
@@ -340,15 +344,19 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"{label}: factors of shape {tuple(A.shape)} and {tuple(B.shape)} do not fit its "
                              f"{type(module).__name__}; a rank-{r} peft adapter has {a_shape} and {b_shape}")
         fresh = not isinstance(module, LoRALayer)
+        if not fresh and merge_weights is not None and module.merge_weights != merge_weights:
+            raise ValueError(f"merge_weights: {merge_weights} for {name!r}, a lora_ext layer already there with "
+                             f"merge_weights={module.merge_weights} (set when it was injected); a load does not "
+                             f"change it (leave merge_weights out, or inject with the value you want)")
         base = _overridden_base(module) if fresh else None
         if base is not None:
-            raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of its "
-                             f"own, which the lora_ext layer put in its place would not run (peft keeps it); "
+            raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of "
+                             f"its own, which the lora_ext layer put in its place would not run (peft keeps it); "
                              f"lora_ext adapts {base.__name__} itself only")
         weight = module.conv.weight if isinstance(module, layers.ConvLoRA) else module.weight
         check_base_weight(weights_file, name, base_weights.get(name), weight)
-        layer = _inject.replacement(module, name, r, scaling * r, cfg.get("lora_dropout", 0.0), merge_weights,
-                                    None, lossless) if fresh else module
+        layer = _inject.replacement(module, name, r, scaling * r, cfg.get("lora_dropout", 0.0),
+                                    merge_weights is not False, None, lossless) if fresh else module
         A2, B2 = _to_layer_layout(layer, name, A, B, where=weights_file)
         # the factors as the layer will hold them (device, dtype), so that the value checks see what is stored
         if fresh:
