@@ -418,3 +418,19 @@ def test_merge_weights_is_honoured_or_refused(tmp_path):
     lora_ext.load_peft_adapter(injected, str(tmp_path / "a"), "a")  # left out: the layers keep theirs
     injected.eval()
     assert all(m.merged for _, m in lora_ext.serving.adapters.lora_layers(injected))
+
+
+def test_a_wrapped_model_saves_the_plain_model_s_names(tmp_path):
+    model = _nested()
+    lora_ext.inject(model, ["inp", "out"], r=4)
+    randomize_lora(model)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref = _float64_reference(model, x)
+    lora_ext.save_peft_adapter(torch.compile(model), str(tmp_path / "a"))  # was: "_orig_mod.inp", ...
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert not any("_orig_mod" in n for n in cfg["target_modules"])
+    again = _nested()
+    lora_ext.load_peft_adapter(again, str(tmp_path / "a"))
+    with torch.no_grad():
+        assert rel_err(again(x), ref) < 1e-12 and rel_err(_peft_load(str(tmp_path / "a"))(x), ref) < 1e-12

@@ -19,6 +19,7 @@ import torch.nn as nn
 from .. import layers, ops
 from ..layers import LoRALayer
 from ..named_adapters import check_adapter_name
+from ..utils import unwrap
 from . import injection as _inject
 from .adapters import hold, lora_layers, model_lock, set_adapter
 from .files import atomic_path, remove_stale_temporaries
@@ -445,12 +446,14 @@ def _plain_names(model):
 
 def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
     """Writes one adapter of the model's lora_ext layers (default: the active one) as a peft LoRA adapter
-    directory that peft's PeftModel.from_pretrained loads. Both files are written under temporary names and
+    directory that peft's PeftModel.from_pretrained loads into the plain model (DistributedDataParallel and
+    torch.compile wrappers are looked through). Both files are written under temporary names and
     renamed when both are complete; model-level changes on other threads wait while the factors are read."""
     from safetensors.torch import save_file
 
+    inner = unwrap(model)  # names as the plain model has them (no "module." / "_orig_mod." prefix)
     with hold(model):  # one adapter throughout: model-level switches on other threads wait
-        found = lora_layers(model)
+        found = lora_layers(inner)
         if not found:
             raise ValueError("save: model holds no lora_ext layer with an adapter")
         if adapter_name is None:
@@ -476,7 +479,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # (`out` also matches `blocks.0.out`): keys that would reach another module are anchored with '^', and
     # target_modules is a regex of the exact names (peft matches a string whole) when a list would reach
     # a module the adapter leaves alone
-    every = _plain_names(model)
+    every = _plain_names(inner)
     keys = {n: ("^" if any(o.endswith("." + n) for o in every) else "") + re.escape(n) for n in ranks}
     targets = sorted(ranks)
     if any(o not in ranks and _inject.name_matches(targets, o) for o in every):
