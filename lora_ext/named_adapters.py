@@ -108,10 +108,16 @@ class NamedAdapters:
         self._adapters: Dict[str, Adapter] = {}  # inactive adapters, kept where they were given
         self._active_home = None  # where the active adapter goes back to when another becomes active
         self._finite_stamps = {}
+        # Parameter identity across serving switches, which write other adapters into the live Parameters: the
+        # inactive adapter whose own Parameters the live ones are (None: the active adapter's), and the active
+        # adapter's own Parameter pair while it is served from someone else's (see _activate)
+        self._owner = None
+        self._active_own = None
 
     def _restore_adapters(self, state) -> None:
         """Defaults for pickles of older layers; stamps never survive a copy (its tensors are new)."""
-        for key, value in (("active_adapter", "default"), ("_adapters", {}), ("_active_home", None)):
+        for key, value in (("active_adapter", "default"), ("_adapters", {}), ("_active_home", None),
+                           ("_owner", None), ("_active_own", None)):
             self.__dict__.setdefault(key, value)
         self._finite_stamps = {}
         if "scaling" in self.__dict__:  # older layers kept the scaling as a plain attribute
@@ -262,11 +268,14 @@ class NamedAdapters:
                 raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
             del self._adapters[name]
             self._finite_stamps.pop(name, None)
+            if self._owner == name:  # the live Parameters are the active adapter's from now on
+                self._owner = None
 
     def set_adapter(self, name: str) -> None:
         """Makes a named adapter the active one; the previous one is kept under its name (moved back to
         where it was given). Merged: one pass over the weight, W += s2 B2 A2 - s1 B1 A1."""
         if name == self.active_adapter:
+            self.settle_parameters()
             return
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
@@ -277,12 +286,14 @@ class NamedAdapters:
             home = lora_A.device
             old_name, old_known = self.active_adapter, self._known_finite(self.active_adapter)
             old_home = self._active_home or self.lora_A.device
-            if self._trainable() and not sharded.is_dtensor(self.lora_A):
-                # the Parameter objects themselves, where they are: an optimizer's state stays with them
-                old = (self.lora_A, self.lora_B, self.scaling)
-            elif sharded.is_dtensor(self.lora_A):  # FSDP2 holds the live Parameters: the old values, gathered
+            if sharded.is_dtensor(self.lora_A):  # FSDP2 holds the live Parameters: the old values, gathered
                 old = (sharded.full(self.lora_A).detach().clone(), sharded.full(self.lora_B).detach().clone(),
                        self.scaling)
+            elif self._active_own is not None:  # its own Parameters, idle while it was served: its values back
+                old = (*self._take_values(self._active_own, self.lora_A, self.lora_B), self.scaling)
+            elif self._trainable() and self._owner is None:
+                # the Parameter objects themselves, where they are: an optimizer's state stays with them
+                old = (self.lora_A, self.lora_B, self.scaling)
             else:  # copies: a serving switch writes the new factors into the live storage
                 old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
                        self.scaling)
@@ -305,7 +316,12 @@ class NamedAdapters:
         pair as lora_A/lora_B (an adapter that was trained before gets its own Parameter objects back), so an
         optimizer's state never follows one adapter into another, and a rank change never reaches it.
         Otherwise (a rank change while serving) the live factors get new storage: captures of this layer
-        must be redone."""
+        must be redone.
+
+        A serving switch lends the live Parameter objects to the new adapter: the layer remembers whose own they
+        are (`_owner`) and keeps the new adapter's own pair aside (`_active_own`), so that the next trainable
+        switch, or settle_parameters (mark_only_lora_as_trainable), gives each adapter its own Parameters back
+        with its values: an optimizer built for an adapter keeps training it after serving in between."""
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         with torch.inference_mode(False):  # the live factors must stay usable for training afterwards
             self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
@@ -315,10 +331,13 @@ class NamedAdapters:
         if sharded.is_dtensor(live_A):
             self._activate_sharded(name, lora_A, lora_B, scaling)
             return
-        own = (self._trainable() and name in self._adapters  # an adapter trained before: its own Parameters
-               and isinstance(lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
-               and lora_A.device == live_A.device and lora_A.dtype == live_A.dtype
-               and lora_B.device == live_B.device and lora_B.dtype == live_B.dtype)
+        # an adapter trained before: its own Parameters (registered when trainable, else kept for when it is)
+        has_own = (name in self._adapters and isinstance(lora_A, nn.Parameter) and isinstance(lora_B, nn.Parameter)
+                   and lora_A.device == live_A.device and lora_A.dtype == live_A.dtype
+                   and lora_B.device == live_B.device and lora_B.dtype == live_B.dtype)
+        stored = (lora_A, lora_B) if has_own else None
+        own = has_own and self._trainable()
+        owner, home = self._owner, name == self._owner  # home: the live Parameters are this adapter's own
         if not own:
             # copies on the live parameters' device and dtype: storage no other tensor holds (a caller of
             # get_adapter may hold the stored tensors)
@@ -326,11 +345,18 @@ class NamedAdapters:
             lora_B = lora_B.detach().to(live_B.device, live_B.dtype, copy=True)
         self._swap_merged(lora_A.detach(), lora_B.detach(), scaling)
         self._streams.write(live_A.device)
-        if not own and self._serving_switch(lora_A, lora_B):
+        if not own and (home or not self._trainable()) and live_A.shape == lora_A.shape \
+                and live_B.shape == lora_B.shape:  # a serving switch (or the live Parameters' own adapter)
             with torch.no_grad():
                 live_A.copy_(lora_A)
                 live_B.copy_(lora_B)
-        elif own or self._trainable():
+        elif own or (self._trainable() and not home):
+            if owner is not None and owner in self._adapters:
+                # the live Parameters go back to their adapter (an optimizer built for it holds them)
+                oA, oB, o_scaling = self._adapters[owner]
+                self._adapters[owner] = (*self._take_values((live_A, live_B), oA, oB), o_scaling)
+                self._finite_stamps.pop(owner, None)
+            owner = None
             if not own:
                 lora_A = nn.Parameter(lora_A, requires_grad=live_A.requires_grad)
                 lora_B = nn.Parameter(lora_B, requires_grad=live_B.requires_grad)
@@ -342,6 +368,12 @@ class NamedAdapters:
             self._streams.retire(self.lora_A.data, self.lora_B.data)
             self.lora_A.data = lora_A
             self.lora_B.data = lora_B
+        if home:
+            owner = None
+        elif owner is None and name != self.active_adapter and self._parameters["lora_A"] is live_A:
+            owner = self.active_adapter  # its own Parameters now serve `name`
+        # the adapter's own Parameter pair, idle while its values are served from another's Parameters
+        self.__dict__.update(_owner=owner, _active_own=stored if self._parameters["lora_A"] is live_A else None)
         r = self.rank_of(lora_A)
         self.__dict__.update(r=r, lora_alpha=scaling * r)
         self.scaling = scaling
@@ -365,6 +397,44 @@ class NamedAdapters:
         sharded.copy_into(live_B, lora_B)
         self.scaling = scaling
         self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+
+    def settle_parameters(self) -> None:
+        """When the factors are trainable but the live Parameters are another adapter's own (lent to the active
+        adapter by a serving switch): the active adapter gets its own Parameter pair back (or a new one) with
+        the live values, and the lent pair goes back to its adapter, so that an optimizer built for either holds
+        the right one. mark_only_lora_as_trainable and set_adapter call it; nothing to do otherwise."""
+        if (self.__dict__.get("_owner") is None and self.__dict__.get("_active_own") is None) \
+                or not self._trainable() or sharded.is_dtensor(self.lora_A):
+            return
+        with self._lock, deferred_interrupt():
+            live_A, live_B = self.lora_A, self.lora_B
+            known = self._known_finite(self.active_adapter)
+            own = self._active_own
+            if own is not None and all(p.device == t.device and p.dtype == t.dtype
+                                       for p, t in zip(own, (live_A, live_B))):  # not after a .to(): a new pair
+                pair = self._take_values(own, live_A, live_B)
+                for p, live in zip(pair, (live_A, live_B)):
+                    p.requires_grad_(live.requires_grad)
+            else:
+                pair = tuple(nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) for t in (live_A, live_B))
+            if self._owner in self._adapters:
+                oA, oB, o_scaling = self._adapters[self._owner]
+                self._adapters[self._owner] = (*self._take_values((live_A, live_B), oA, oB), o_scaling)
+                self._finite_stamps.pop(self._owner, None)
+            self._parameters["lora_A"], self._parameters["lora_B"] = pair
+            self.__dict__.update(_owner=None, _active_own=None)
+            self._stamp_finite(self.active_adapter, known)
+
+    def _take_values(self, pair, lora_A, lora_B):
+        """`pair` (a Parameter pair) given the values of (lora_A, lora_B), in place where the shapes allow."""
+        with torch.no_grad():
+            for p, t in zip(pair, (lora_A, lora_B)):
+                if p.shape == t.shape:
+                    p.copy_(t)
+                else:
+                    self._streams.retire(p.data)
+                    p.data = t.detach().to(p.device, p.dtype, copy=True)
+        return pair
 
     def _trainable(self) -> bool:
         return self.lora_A.requires_grad or self.lora_B.requires_grad

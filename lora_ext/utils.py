@@ -48,6 +48,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
             own = _layer_bias(m)
             if own is not None:
                 own[1].requires_grad = True
+    for _, m in _lora_layers(model):
+        if m.has_lora:
+            m.settle_parameters()  # each adapter trains its own Parameters (serving switches lend them)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

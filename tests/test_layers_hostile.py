@@ -213,3 +213,90 @@ def test_dtype_and_channels_last_conversion_of_a_merged_model_completes():
     model.train()
     for k, v in model.state_dict().items():
         assert same_bits(v, w0[k].half()), k
+
+
+# -- optimizers across serving switches -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_each_adapters_optimizer_keeps_training_it_across_serving_switches(seed):
+    """The optimizer rule (one optimizer per adapter, built while it is active and trainable) with serving in
+    between (factors frozen, switches written into the live storage). Before the fix: train b with opt_b, freeze,
+    switch to default and back (or the reverse), unfreeze, switch to b: opt_b held Parameters that were no longer
+    b's, and opt_b.step() trained nothing, silently (or the default adapter's Parameters, lent to another adapter
+    by a serving switch, were registered as that adapter's at the next trainable switch). Every adapter's values
+    are checked against a shadow copy after each step, so lending never loses or mixes values either."""
+    import random
+    rnd = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    layer = lora.Linear(8, 6, r=2, lora_alpha=2)
+    add_random_adapter(layer, "b", 2, 1.0, g)
+    add_random_adapter(layer, "c", 3, 0.5, g)  # another rank: serving switches to it give new storage
+    names = ["default", "b", "c"]
+    shadow = {n: tuple(t.detach().clone() for t in layer.get_adapter(n)[:2]) for n in names}
+    opts = {}
+    x = torch.randn(5, 8, generator=g)
+    w0 = layer.weight.detach().clone()
+    for step in range(60):
+        name = rnd.choice(names)
+        if rnd.random() < 0.5:  # serve, merged or not
+            layer.requires_grad_(False)
+            layer.train(rnd.random() < 0.5)
+            layer.set_adapter(name)
+            A, B, s = layer.get_adapter(name)
+            with torch.no_grad():
+                assert rel(layer(x), _linear64(x, w0, False, layer.bias, A, B, s)) < 1e-5
+        else:  # train: unfreeze, switch, step the adapter's own optimizer
+            lora.mark_only_lora_as_trainable(layer)
+            layer.train()
+            layer.set_adapter(name)
+            if name not in opts:
+                opts[name] = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
+            held = opts[name].param_groups[0]["params"]
+            assert held[0] is layer.lora_A and held[1] is layer.lora_B, f"step {step}: opt_{name} holds others"
+            before = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+            opts[name].zero_grad()
+            layer(x).square().mean().backward()
+            opts[name].step()
+            assert not (torch.equal(layer.lora_A, before[0]) and torch.equal(layer.lora_B, before[1])), (
+                f"step {step}: opt_{name} trained nothing")
+            shadow[name] = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+        for n in names:
+            A, B, _ = layer.get_adapter(n)
+            assert torch.equal(A, shadow[n][0]) and torch.equal(B, shadow[n][1]), f"step {step}: adapter {n}"
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_resuming_training_after_serving_uses_the_adapters_own_optimizer(convert):
+    """The shortest repro of the silent no-training: train b with opt_b, switch to default, freeze, serve b
+    (written into the live Parameters, default's), unfreeze (mark_only_lora_as_trainable) and train b: opt_b.step()
+    left b's live factors unchanged. With a .to(float64) in between, b's own pair (left in float32, as inactive
+    adapters are) is not registered: the live factors stay float64 with b's values (README: move the model
+    before training several adapters)."""
+    g = torch.Generator().manual_seed(7)
+    layer = lora.Linear(8, 6, r=2)
+    add_random_adapter(layer, "b", 2, 1.0, g)
+    lora.mark_only_lora_as_trainable(layer)
+    layer.set_adapter("b")
+    opt_b = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
+    x = torch.randn(4, 8, generator=g)
+    layer(x).square().sum().backward()
+    opt_b.step()
+    layer.set_adapter("default")
+    layer.requires_grad_(False)
+    layer.set_adapter("b")
+    if convert:
+        layer.double()
+        x = x.double()
+    values = (layer.lora_A.detach().clone(), layer.lora_B.detach().clone())
+    lora.mark_only_lora_as_trainable(layer)
+    assert torch.equal(layer.lora_A, values[0]) and torch.equal(layer.lora_B, values[1])
+    assert layer.lora_A.dtype == (torch.float64 if convert else torch.float32) and layer.lora_A.requires_grad
+    opt_b.zero_grad()
+    layer(x).square().sum().backward()
+    opt_b.step()
+    if convert:
+        assert torch.equal(layer.lora_A, values[0])  # opt_b's pair is float32: not the live one
+    else:
+        assert not torch.equal(layer.lora_A, values[0]), "opt_b trained nothing"
+        assert opt_b.param_groups[0]["params"][0] is layer.lora_A
