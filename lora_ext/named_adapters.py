@@ -236,12 +236,17 @@ class NamedAdapters:
         for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2:
                 raise ValueError(f"{name}: {what} must be a 2-D tensor, got {getattr(t, 'shape', type(t))}")
+            if not t.is_floating_point():  # a complex factor would lose its imaginary part in the switch
+                raise ValueError(f"{name}: {what} must be a floating-point tensor, got {t.dtype}")
         r = self.rank_of(lora_A)
         want = self.factor_shapes(max(r, 1))
         if r < 1 or (tuple(lora_A.shape), tuple(lora_B.shape)) != want:
             raise ValueError(f"{name}: factors of shape {tuple(lora_A.shape)} and {tuple(lora_B.shape)} do not fit "
                              f"this layer; a rank-{max(r, 1)} adapter needs {want[0]} and {want[1]}")
         if values:
+            for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+                if t.is_meta:
+                    raise ValueError(f"{name}: {what} is on the meta device: it holds no values to add")
             if self.has_lora and (lora_A.dtype != self.lora_A.dtype or lora_B.dtype != self.lora_B.dtype):
                 lora_A, lora_B = lora_A.detach().to(self.lora_A.dtype), lora_B.detach().to(self.lora_B.dtype)
             ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype)

@@ -300,3 +300,21 @@ def test_resuming_training_after_serving_uses_the_adapters_own_optimizer(convert
     else:
         assert not torch.equal(layer.lora_A, values[0]), "opt_b trained nothing"
         assert opt_b.param_groups[0]["params"][0] is layer.lora_A
+
+
+# -- add_adapter arguments ----------------------------------------------------------------------------------------
+
+
+def test_add_adapter_refuses_factors_it_cannot_hold_naming_them():
+    """A complex adapter was accepted (its check cast it to float with a warning) and its imaginary part dropped
+    silently at the switch; meta factors failed inside the value check (NotImplementedError: Cannot copy out of
+    meta tensor) without naming the argument."""
+    layer = lora.Linear(8, 6, r=2)
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"'c': lora_A must be a floating-point tensor, got torch.complex64"):
+        layer.add_adapter("c", torch.ones(2, 8, dtype=torch.complex64) * (1 + 1j), torch.ones(6, 2), 1.0)
+    with pytest.raises(ValueError, match=r"'i': lora_B must be a floating-point tensor, got torch.int64"):
+        layer.add_adapter("i", torch.ones(2, 8), torch.ones(6, 2, dtype=torch.int64), 1.0)
+    with pytest.raises(ValueError, match=r"'m': lora_A is on the meta device"):
+        layer.add_adapter("m", torch.empty(2, 8, device="meta"), torch.empty(6, 2, device="meta"), 1.0)
+    assert layer.adapter_names == ["default"] and torch.equal(layer.weight, w0)
