@@ -434,3 +434,26 @@ def test_a_wrapped_model_saves_the_plain_model_s_names(tmp_path):
     lora_ext.load_peft_adapter(again, str(tmp_path / "a"))
     with torch.no_grad():
         assert rel_err(again(x), ref) < 1e-12 and rel_err(_peft_load(str(tmp_path / "a"))(x), ref) < 1e-12
+
+
+@pytest.mark.parametrize("single_file", [False, True])
+def test_merge_of_a_square_conv1d_weight_follows_the_model_not_the_config(tmp_path, capsys, single_file):
+    base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    _untied_gpt2().save_pretrained(str(base))
+    # peft writes fan_in_fan_out as its last-created layer (lm_head, an nn.Linear) left it: false, although
+    # the square attn.c_proj is a Conv1D
+    peft_model = randomize_lora(get_peft_model(_untied_gpt2(), LoraConfig(r=2, target_modules=["c_proj", "lm_head"])))
+    peft_model.save_pretrained(str(adapter))
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is False
+    src = base / "model.safetensors" if single_file else base
+    target = tmp_path / "merged.safetensors" if single_file else out
+    rc, err = _merge(capsys, src, adapter, target)
+    assert rc == 0, err
+    if single_file:
+        out.mkdir()
+        (out / "model.safetensors").write_bytes(target.read_bytes())
+        (out / "config.json").write_bytes((base / "config.json").read_bytes())
+    x = tokens()
+    served = PeftModel.from_pretrained(_untied_gpt2(), str(adapter)).eval()
+    with torch.no_grad():
+        assert rel_err(GPT2LMHeadModel.from_pretrained(str(out)).eval()(x).logits, served(x).logits) < 1e-5  # was 1.3

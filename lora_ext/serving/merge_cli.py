@@ -277,7 +277,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     where = {e[0]: path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {e[0]: e[2] for _, (_, entries, _) in headers.items() for e in entries}
-    plan = {}
+    plan, kinds = {}, None
+    if any(not e and len(shapes.get(n + ".weight", ())) == 2 and len(set(shapes[n + ".weight"])) == 1
+           for n, (_, _, e) in factors.items()):
+        kinds = _module_kinds(base, base_dir)  # a square weight: its layout is not in its shape
     for name, (A, B, embedding) in factors.items():
         key = name + ".weight"
         if key not in where:
@@ -292,7 +295,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
             raise MergeError(f"--adapter: module {name!r} has rank {A.shape[0]} but the config says r={r}")
         if name in base_weights:
             check_base_weight("--adapter", name, base_weights[name], _get_tensor(where[key], headers[where[key]], key))
-        A2, B2, transposed = _layout(name, A, B, shapes[key], embedding, bool(cfg.get("fan_in_fan_out")))
+        # peft saves fan_in_fan_out as its last-created layer set it: a GPT-2 adapter of c_proj and lm_head says
+        # false, though c_proj is a Conv1D; the model's own classes decide where they can be built
+        fan_in_fan_out = kinds[name] if kinds and name in kinds else bool(cfg.get("fan_in_fan_out"))
+        A2, B2, transposed = _layout(name, A, B, shapes[key], embedding, fan_in_fan_out)
         ops.check_finite(f"--adapter module {name!r}", A2, B2, scaling)
         plan[key] = (A2.to(device), B2.to(device), scaling, transposed)
 
@@ -370,6 +376,32 @@ def _check_tied(base_dir, factors):
                              f"ties to the output head (tie_word_embeddings): the merged tensor would change the "
                              f"head too, unlike the adapter; untie them first (save the model with "
                              f"tie_word_embeddings=false and the head's own weight)")
+
+
+def _module_kinds(base, base_dir):
+    """{module name: whether it is a transformers Conv1D} for the Linear and Conv1D modules of the checkpoint's
+    model, built on the meta device (no memory, nothing read but config.json) from the config.json beside it
+    with transformers' own class; None where that cannot be told (no config.json, remote code, an error)."""
+    folder = base_dir or os.path.dirname(os.path.abspath(base))
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        return None
+    try:
+        import transformers
+        from transformers.pytorch_utils import Conv1D
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+            cls = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+            if cls is None:
+                return None
+            with torch.device("meta"):
+                model = cls(config)
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+    except Exception:
+        return None
+    return {n: isinstance(m, Conv1D) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
 
 
 def _layout(name, A, B, shape, embedding, fan_in_fan_out):
