@@ -101,6 +101,17 @@ def test_linear_split_k(dtype, k):
 
 @requires_sim
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("k", [1096, 2048, 1037])
+def test_linear_fused_long_k(dtype, m, k):
+    # the fused kernel's x A^T takes four vectors per lane per iteration while whole groups of four fit in K
+    # (K >= 776 for bf16, 388 for float32), then the rest one vector at a time: 1096 has both, 2048 only whole
+    # groups for every lane, 1037 (odd) both on the element-wise variant
+    _check_linear(dtype, "merged_TFT", (m,), k=k, nb=16, r=3)
+
+
+@requires_sim
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("lead", [(), (2, 3), (3, 1, 4)])
 def test_linear_leading_dims(dtype, lead):
     _check_linear(dtype, "plain", lead if lead else (), k=24, nb=19, r=3)

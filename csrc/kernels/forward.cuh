@@ -194,10 +194,42 @@ __device__ __forceinline__ void expand_tile(const Args<T>& p, float* smem, int e
 
 // Decode: M <= kFusedMaxM rows. Grid: x = column tiles of one output block, y = output block.
 // Each CTA of an enabled block computes t_j = x A_j^T (its group's r ranks, full K; one warp per rank,
-// lanes along K with 16-byte loads, M accumulators per lane), then expands its column tile.
+// lanes along K with 16-byte loads, M accumulators per lane), then expands its column tile. A lane's vectors
+// along K are kStride = 32 vectors apart; it takes kFusedSteps of them per iteration, every load issued
+// before the first FMA and each step into its own accumulators, so that kFusedSteps * (1 + M) independent
+// loads are in flight rather than one dependent load per iteration. The vectors that do not fill a whole
+// group of kFusedSteps (the end of K) take a second loop, one vector at a time.
+constexpr int kFusedSteps = 4;
+
+// acc[s][m] += A_row[k_s, k_s + kVec) . x[m][k_s, k_s + kVec) for s < kSteps, k_s = k + s * 32 * kVec.
+// kFull: every one of the vectors lies inside K (no bounds checks); otherwise elements past K read as zeros.
+template <int kSteps, bool kFull, bool kVector, typename T>
+__device__ __forceinline__ void fused_dot(float (&acc)[kFusedSteps][kFusedMaxM], const T* a_row, const T* x,
+                                          int K, int M, int k) {
+  constexpr int kVec = Vec16<T>::kN, kStride = 32 * kVec;
+  Vec16<T> av[kSteps];
+  LORA_UNROLL
+  for (int s = 0; s < kSteps; ++s) {
+    const int ks = k + s * kStride;
+    load_elems<kVector>(av[s], a_row + ks, kFull ? kVec : imin(kVec, K - ks));
+  }
+  LORA_UNROLL
+  for (int m = 0; m < kFusedMaxM; ++m) {
+    if (m < M) {
+      LORA_UNROLL
+      for (int s = 0; s < kSteps; ++s) {
+        const int ks = k + s * kStride;
+        Vec16<T> xv;
+        load_elems<kVector>(xv, x + (long long)m * K + ks, kFull ? kVec : imin(kVec, K - ks));
+        acc[s][m] = dot16(av[s], xv, acc[s][m]);
+      }
+    }
+  }
+}
+
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T> p) {
-  constexpr int kVec = Vec16<T>::kN;
+  constexpr int kVec = Vec16<T>::kN, kStride = 32 * kVec;
   LORA_DYNAMIC_SHARED(float, smem);
   float* t_s = smem + expand_smem_floats<T>(kRowGroups);  // [m][rank], r per row
   const int e = blockIdx.y, j = p.slot[e];
@@ -205,27 +237,23 @@ __global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T> p) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int i = warp; i < p.r; i += kWarps) {
       const T* a_row = p.a + (long long)(j * p.r + i) * p.K;
-      float acc[kFusedMaxM];
+      float acc[kFusedSteps][kFusedMaxM];
       LORA_UNROLL
-      for (int m = 0; m < kFusedMaxM; ++m) acc[m] = 0.f;
-      for (int k = lane * kVec; k < p.K; k += 32 * kVec) {
-        const int valid = imin(kVec, p.K - k);
-        Vec16<T> av;
-        load_elems<kVector>(av, a_row + k, valid);
+      for (int s = 0; s < kFusedSteps; ++s)
         LORA_UNROLL
-        for (int m = 0; m < kFusedMaxM; ++m) {
-          if (m < p.M) {
-            Vec16<T> xv;
-            load_elems<kVector>(xv, p.x + (long long)m * p.K + k, valid);
-            acc[m] = dot16(av, xv, acc[m]);
-          }
-        }
-      }
+        for (int m = 0; m < kFusedMaxM; ++m) acc[s][m] = 0.f;
+      int k = lane * kVec;
+      for (; k + (kFusedSteps - 1) * kStride + kVec <= p.K; k += kFusedSteps * kStride)
+        fused_dot<kFusedSteps, true, kVector>(acc, a_row, p.x, p.K, p.M, k);
+      for (; k < p.K; k += kStride) fused_dot<1, false, kVector>(acc, a_row, p.x, p.K, p.M, k);
       LORA_UNROLL
       for (int m = 0; m < kFusedMaxM; ++m) {
         if (m < p.M) {  // uniform: every lane of the warp joins the shuffles
-          const float s = warp_sum(acc[m]);
-          if (lane == 0) t_s[m * p.r + i] = s;
+          float sum = acc[0][m];
+          LORA_UNROLL
+          for (int s = 1; s < kFusedSteps; ++s) sum += acc[s][m];
+          const float tot = warp_sum(sum);
+          if (lane == 0) t_s[m * p.r + i] = tot;
         }
       }
     }
