@@ -318,3 +318,29 @@ def test_add_adapter_refuses_factors_it_cannot_hold_naming_them():
     with pytest.raises(ValueError, match=r"'m': lora_A is on the meta device"):
         layer.add_adapter("m", torch.empty(2, 8, device="meta"), torch.empty(6, 2, device="meta"), 1.0)
     assert layer.adapter_names == ["default"] and torch.equal(layer.weight, w0)
+
+
+# -- inject ----------------------------------------------------------------------------------------------------------
+
+
+def test_inject_never_targets_the_insides_of_lora_ext_layers():
+    """inject(model, ["conv"]) on a model holding a lora_ext Conv2d replaced that layer's own nn.Conv2d (its child
+    `conv`) by another Conv2d LoRA layer, returned its name as injected, and left a model whose forward failed
+    (AttributeError: no attribute 'weight'). load_peft_adapter's target selection already skipped such modules."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = lora.Conv2d(3, 4, 3, r=2)
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(self.c(x))
+    net = Net()
+    inner = net.c.conv
+    assert lora.inject(net, ["conv"], r=2) == ["conv"]
+    assert net.c.conv is inner and isinstance(net.conv, lora.Conv2d)
+    x = torch.randn(2, 3, 5, 5)
+    assert net(x).shape == (2, 4, 3, 3)
+    with pytest.raises(ValueError, match="matches no module"):
+        lora.inject(net, r"c\.conv", r=2)
+    assert net.c.conv is inner

@@ -256,8 +256,10 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     check_lossless(lossless)
     fused = dict(fused or {})
     plan = []
+    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer)]
     for name, module in model.named_modules():
-        if not name or name_matches(exclude_modules, name):
+        # the insides of lora_ext layers (a ConvLoRA's conv) are never targets, as in select_targets
+        if not name or name_matches(exclude_modules, name) or any(name.startswith(p) for p in inner):
             continue
         enable = next((v for k, v in fused.items() if name_matches([k], name)), None)
         if enable is None and not name_matches(target_modules, name):
