@@ -457,3 +457,38 @@ def test_merge_of_a_square_conv1d_weight_follows_the_model_not_the_config(tmp_pa
     served = PeftModel.from_pretrained(_untied_gpt2(), str(adapter)).eval()
     with torch.no_grad():
         assert rel_err(GPT2LMHeadModel.from_pretrained(str(out)).eval()(x).logits, served(x).logits) < 1e-5  # was 1.3
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self, **kwargs):
+        super().__init__()
+        torch.manual_seed(0)
+        self.e, self.l = nn.Embedding(20, 8, **kwargs), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.l(self.e(x))
+
+
+def test_an_embedding_with_max_norm_is_refused_both_ways(tmp_path):
+    peft_model = randomize_lora(get_peft_model(WithEmbedding(max_norm=1.0), LoraConfig(r=2, target_modules=["e"])))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    model = WithEmbedding(max_norm=1.0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="module 'e' is an Embedding with max_norm=1.0: peft renormalises"):
+        lora_ext.load_peft_adapter(model, str(tmp_path / "peft"))  # was: loaded, outputs 7 off peft's
+    assert isinstance(model.e, nn.Embedding) and not isinstance(model.e, lora_ext.LoRALayer)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    lora_ext.inject(model, ["e"], r=2)
+    randomize_lora(model)
+    with pytest.raises(ValueError, match="save: layer 'e' is an Embedding with max_norm=1.0"):
+        lora_ext.save_peft_adapter(model, str(tmp_path / "ours"))
+    assert not (tmp_path / "ours").exists()
+    # without max_norm (padding_idx as well): peft's outputs
+    plain = randomize_lora(get_peft_model(WithEmbedding(padding_idx=1), LoraConfig(r=2, target_modules=["e"])))
+    plain.save_pretrained(str(tmp_path / "plain"))
+    model = WithEmbedding(padding_idx=1)
+    lora_ext.load_peft_adapter(model, str(tmp_path / "plain"))
+    x = torch.randint(0, 20, (3, 5))
+    x[0, 0] = 1
+    with torch.no_grad():
+        assert rel_err(model(x), plain.eval()(x)) < 1e-6

@@ -349,6 +349,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"merge_weights: {merge_weights} for {name!r}, a lora_ext layer already there with "
                              f"merge_weights={module.merge_weights} (set when it was injected); a load does not "
                              f"change it (leave merge_weights out, or inject with the value you want)")
+        if embedding and getattr(module, "max_norm", None) is not None:
+            raise ValueError(f"{label} is an Embedding with max_norm={module.max_norm}: peft renormalises the "
+                             f"adapter's per-token vectors (columns of lora_embedding_A) too, lora_ext's Embedding "
+                             f"(loralib's) does not, so the outputs would differ; lora_ext refuses it")
         base = _overridden_base(module) if fresh else None
         if base is not None:
             raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of "
@@ -466,6 +470,10 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             adapter = adapter_name if adapter_name is not None else layer.active_adapter
             if adapter not in layer.adapter_names:
                 raise KeyError(f"save: layer {name!r} holds no adapter {adapter!r} (it holds {layer.adapter_names})")
+            if isinstance(layer, layers.Embedding) and layer.max_norm is not None:
+                raise ValueError(f"save: layer {name!r} is an Embedding with max_norm={layer.max_norm}: peft would "
+                                 f"renormalise the adapter's per-token vectors (columns of lora_embedding_A) too, and "
+                                 f"serve other outputs")
             A, B, scaling = layer.get_adapter(adapter)
             ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
             ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
