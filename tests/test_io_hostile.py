@@ -492,3 +492,29 @@ def test_an_embedding_with_max_norm_is_refused_both_ways(tmp_path):
     x[0, 0] = 1
     with torch.no_grad():
         assert rel_err(model(x), plain.eval()(x)) < 1e-6
+
+
+class WithConv(nn.Module):
+    def __init__(self, padding_mode):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c = nn.Conv2d(4, 6, 3, padding=1, padding_mode=padding_mode)
+
+    def forward(self, x):
+        return self.c(x)
+
+
+@pytest.mark.parametrize("padding_mode", ["reflect", "circular", "replicate"])
+def test_a_convolution_padded_other_than_with_zeros_is_refused_both_ways(tmp_path, padding_mode):
+    peft_model = randomize_lora(get_peft_model(WithConv(padding_mode), LoraConfig(r=2, target_modules=["c"])))
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    model = WithConv(padding_mode)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"module 'c' is a convolution with padding_mode='{padding_mode}'"):
+        lora_ext.load_peft_adapter(model, str(tmp_path / "peft"))  # was: loaded, outputs ~100 off peft's
+    assert type(model.c) is nn.Conv2d and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    lora_ext.inject(model, ["c"], r=2)
+    randomize_lora(model)
+    with pytest.raises(ValueError, match=f"save: layer 'c' is a convolution with padding_mode='{padding_mode}'"):
+        lora_ext.save_peft_adapter(model, str(tmp_path / "ours"))
+    assert not (tmp_path / "ours").exists()

@@ -353,6 +353,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"{label} is an Embedding with max_norm={module.max_norm}: peft renormalises the "
                              f"adapter's per-token vectors (columns of lora_embedding_A) too, lora_ext's Embedding "
                              f"(loralib's) does not, so the outputs would differ; lora_ext refuses it")
+        conv = module.conv if isinstance(module, layers.ConvLoRA) else module
+        if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and conv.padding_mode != "zeros":
+            raise ValueError(f"{label} is a convolution with padding_mode={conv.padding_mode!r}: peft pads its lora_A "
+                             f"convolution with zeros, lora_ext merges the adapter into the layer's own padding, so "
+                             f"the outputs would differ; lora_ext refuses it")
         base = _overridden_base(module) if fresh else None
         if base is not None:
             raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of "
@@ -474,6 +479,10 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: layer {name!r} is an Embedding with max_norm={layer.max_norm}: peft would "
                                  f"renormalise the adapter's per-token vectors (columns of lora_embedding_A) too, and "
                                  f"serve other outputs")
+            if isinstance(layer, layers.ConvLoRA) and layer.conv.padding_mode != "zeros":
+                raise ValueError(f"save: layer {name!r} is a convolution with padding_mode="
+                                 f"{layer.conv.padding_mode!r}: peft would pad the adapter's lora_A convolution with "
+                                 f"zeros, and serve other outputs")
             A, B, scaling = layer.get_adapter(adapter)
             ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
             ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
