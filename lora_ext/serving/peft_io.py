@@ -236,6 +236,13 @@ def _overridden_base(module):
     return None
 
 
+def _read_without_call(model, name):
+    """Whether module `name` is the out_proj of an nn.MultiheadAttention, which reads its weight and bias directly
+    (F.multi_head_attention_forward) and never calls it: an adapter there does nothing unmerged, everything merged."""
+    parent, _, child = name.rpartition(".")
+    return child == "out_proj" and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+
+
 def check_device(device):
     """None, or the torch.device `device` names when it is usable here; ValueError naming the option otherwise."""
     if device is None:
@@ -358,6 +365,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"{label} is a convolution with padding_mode={conv.padding_mode!r}: peft pads its lora_A "
                              f"convolution with zeros, lora_ext merges the adapter into the layer's own padding, so "
                              f"the outputs would differ; lora_ext refuses it")
+        if _read_without_call(model, name):
+            raise ValueError(f"{label} is the out_proj of a MultiheadAttention, which reads its weight without "
+                             f"calling it: the adapter changes nothing unmerged (as in peft) and the outputs once "
+                             f"merged; lora_ext refuses it")
         base = _overridden_base(module) if fresh else None
         if base is not None:
             raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of "
@@ -479,6 +490,9 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: layer {name!r} is an Embedding with max_norm={layer.max_norm}: peft would "
                                  f"renormalise the adapter's per-token vectors (columns of lora_embedding_A) too, and "
                                  f"serve other outputs")
+            if _read_without_call(inner, name):
+                raise ValueError(f"save: layer {name!r} is the out_proj of a MultiheadAttention, which reads its "
+                                 f"weight without calling it: peft would serve the model without the adapter")
             if isinstance(layer, layers.ConvLoRA) and layer.conv.padding_mode != "zeros":
                 raise ValueError(f"save: layer {name!r} is a convolution with padding_mode="
                                  f"{layer.conv.padding_mode!r}: peft would pad the adapter's lora_A convolution with "
