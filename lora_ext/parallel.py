@@ -225,6 +225,8 @@ class _StridedMerges:
     def _merge_into(self, weight, A, B, s, exact):
         if not sharded.is_dtensor(weight):
             return super()._merge_into(weight, A, B, s, exact)
+        if isinstance(weight, nn.Parameter):  # the live weight: every rank merges the same adapter, or none does
+            sharded.consensus(weight, "merge", self._describe(), (A, B), (s,))
         layout = _strided_rows(self, self.__dict__["_tp"])[0]
         w, A, B = weight.to_local(), sharded.full(A), _local_B(self, B)
         record, err = None, None
@@ -242,6 +244,9 @@ class _StridedMerges:
     def _swap_into(self, weight, A, B, s):
         if not sharded.is_dtensor(weight):
             return super()._swap_into(weight, A, B, s)
+        if isinstance(weight, nn.Parameter):
+            sharded.consensus(weight, "switch", self._describe(), (self._merged_A, self._merged_B, A, B),
+                              (self._merged_scaling, s))
         layout = _strided_rows(self, self.__dict__["_tp"])[0]
         w = weight.to_local()
         oA, oB, os_ = sharded.full(self._merged_A), _local_B(self, self._merged_B), self._merged_scaling
@@ -265,6 +270,9 @@ class _StridedMerges:
     def _unmerge_from(self, weight):
         if not sharded.is_dtensor(weight):
             return super()._unmerge_from(weight)
+        if isinstance(weight, nn.Parameter):
+            sharded.consensus(weight, "unmerge", self._describe(), (self._merged_A, self._merged_B),
+                              (self._merged_scaling,))
         layout = _strided_rows(self, self.__dict__["_tp"])[0]
         ops.unmerge_(weight.to_local(), sharded.full(self._merged_A), _local_B(self, self._merged_B),
                      self._merged_scaling, record=self._merged_record, **layout)

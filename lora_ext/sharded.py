@@ -141,15 +141,65 @@ def parts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, num_blocks: int = 1, b
     return out
 
 
+_OPS = {"merge": 1.0, "unmerge": 2.0, "switch": 3.0, "copy": 4.0}
+_WIDTH = 4  # numbers per fingerprint: every agreement below is one all-reduce of the same size and kind, so two
+            # ranks that reach different ones pair up and see the difference (instead of mismatched collectives)
+
+
+def _fingerprint(op: str, tensors, scales) -> Tensor:
+    """A few float64 numbers that tell an op and the values it writes from another (with overwhelming odds): the
+    op's code, two weighted sums of every element and the sizes and scales."""
+    dev = local(tensors[0]).device if tensors else torch.device("cpu")
+    acc = torch.zeros(_WIDTH, dtype=torch.float64, device=dev)
+    acc[0] = _OPS[op]
+    extra = 0.0
+    for i, t in enumerate(tensors):
+        v = local(t).detach().reshape(-1).to(dev, torch.float64)
+        w = torch.arange(v.numel(), dtype=torch.float64, device=dev)
+        acc[1] += v.sum()
+        acc[2] += (v * torch.cos(w * 0.7071 + i)).sum()
+        extra += v.numel() * (i + 1)
+    for j, sc in enumerate(scales):
+        extra += float(sc) * (j + 1) * 1.618034
+    acc[3] = extra
+    return acc.nan_to_num(0.0, 0.0, 0.0)
+
+
+def _all_agree(weight: Tensor, fingerprint: Tensor, ok: bool = True):
+    """(whether every rank of the weight's mesh passed the same fingerprint, whether every rank was ok): one
+    all-reduce (MAX of the fingerprint and of its negation, so the maximum and the minimum of each number)."""
+    import torch.distributed as dist
+    dev = weight.device if weight.device.type != "cpu" else torch.device("cpu")
+    v = fingerprint.to(dev)
+    t = torch.cat([v, -v, v.new_tensor([0.0 if ok else 1.0])])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=weight.device_mesh.get_group())
+    hi, lo, bad = t[:_WIDTH], -t[_WIDTH:2 * _WIDTH], t[-1]
+    same = bool(((hi - lo).abs() <= 1e-9 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)).all())
+    return same, not bool(bad > 0)
+
+
+def consensus(weight: Tensor, op: str, where: str, tensors, scales=()) -> None:
+    """Refuses, on every rank of `weight`'s mesh and before anything is written, a write that not every rank makes
+    with the same values: a merge, unmerge, switch or load called on one rank only, in another order, or with other
+    adapters (tensor parallel: the replicated factors would differ between ranks, each rank computing its part of
+    every output with its own adapter, silently; FSDP2: each rank's shard written from another adapter). A
+    collective: a rank that calls it alone waits for the others' next collective (the process group's timeout)."""
+    if not (weight is not None and is_dtensor(weight)):
+        return
+    same, _ = _all_agree(weight, _fingerprint(op, [full(t) for t in tensors], scales))
+    if not same:
+        raise RuntimeError(f"{where}: the ranks of its device mesh disagree on this {op} (another op, or other "
+                           f"factors or scaling on another rank: set_adapter, merge/unmerge, eval()/train() or "
+                           f"load_state_dict called on some ranks only, in another order, or with other adapters); "
+                           f"refused on every rank, nothing was written. Call them on every rank, in the same order")
+
+
 def _agree(weight: Tensor, ok: bool) -> bool:
     """Whether every rank of the weight's mesh succeeded (a collective: a refusal on one rank is a refusal on all,
-    so that no rank goes on with another adapter than the others)."""
-    import torch.distributed as dist
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-    if weight.device.type != "cpu":
-        flag = flag.to(weight.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=weight.device_mesh.get_group())
-    return bool(flag.item())
+    so that no rank goes on with another adapter than the others). Paired with another rank's `consensus` (a rank
+    that went on to another write), a refusal too."""
+    same, ok = _all_agree(weight, torch.zeros(_WIDTH, dtype=torch.float64), ok)
+    return same and ok
 
 
 def _refused_elsewhere(where: str):
@@ -162,7 +212,7 @@ def _whole(weight: Tensor, op) -> object:
     whole weight): every rank applies it to the gathered weight and keeps its shard (one weight-sized gather)."""
     whole = weight.full_tensor()
     result = op(whole)
-    copy_into(weight, whole)
+    copy_into(weight, whole, check=False)
     return result
 
 
@@ -170,7 +220,10 @@ def merge_(weight, lora_A, lora_B, scale, *, lossless=False, where="merge", **la
     """ops.merge_ on this rank's shard; the records of a lossless merge (one per part), else None. A refusal on
     any rank is a refusal on every rank, with nothing changed."""
     from . import ops
-    ps = parts(weight, full(lora_A), full(lora_B), where=where, **layout)
+    A, B = full(lora_A), full(lora_B)
+    if isinstance(weight, torch.nn.Parameter):  # the live weight (a state dict's copy is each rank's own business)
+        consensus(weight, "merge", where, (A, B), (scale,))
+    ps = parts(weight, A, B, where=where, **layout)
     records, err = [], None
     try:
         for p in ps:
@@ -186,6 +239,8 @@ def merge_(weight, lora_A, lora_B, scale, *, lossless=False, where="merge", **la
 
 def unmerge_(weight, lora_A, lora_B, scale, *, record=None, where="unmerge", **layout) -> None:
     from . import ops
+    if isinstance(weight, torch.nn.Parameter):
+        consensus(weight, "unmerge", where, (lora_A, lora_B), (scale,))
     if isinstance(record, lossless_module.MergeRecord):
         return _whole(weight, lambda w: ops.unmerge_(_view2d(w, lora_A), full(lora_A), full(lora_B), scale,
                                                      record=record, **layout))
@@ -205,6 +260,8 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=No
     """Replaces the merged adapter on this rank's shard, part by part; a refusal on any rank puts every part
     back on every rank (the old merge, bit for bit) and raises, with the old records in the error's `record`."""
     from . import ops
+    if isinstance(weight, torch.nn.Parameter):
+        consensus(weight, "switch", where, (old_A, old_B, new_A, new_B), (old_scale, new_scale))
     if isinstance(record, lossless_module.MergeRecord):
         return _whole(weight, lambda w: ops.swap_(_view2d(w, old_A), full(old_A), full(old_B),
                                                   old_scale, full(new_A), full(new_B), new_scale,
@@ -230,9 +287,14 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=No
     return out if record is not None else None
 
 
-def copy_into(param: Tensor, value: Tensor) -> None:
-    """Writes the whole tensor `value` into the DTensor parameter `param`'s local shard (no communication)."""
+def copy_into(param: Tensor, value: Tensor, *, check: bool = True, where: Optional[str] = None) -> None:
+    """Writes the whole tensor `value` into the DTensor parameter `param`'s local shard. check (a switch writing
+    the live factors): refused on every rank before writing unless every rank writes the same value (`consensus`:
+    one small all-reduce)."""
     from torch.distributed.tensor import distribute_tensor
+    if check:
+        consensus(param, "copy", where or f"a switch writing a sharded LoRA factor of shape {tuple(param.shape)}",
+                  (value,))
     with torch.no_grad():
         param.to_local().copy_(distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
                                                  src_data_rank=None).to_local())

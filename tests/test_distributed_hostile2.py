@@ -1,0 +1,231 @@
+"""A second hostile pass over lora_ext under torch.distributed (2 gloo ranks, 127.0.0.1): ranks that switch, merge
+or unmerge differently (one rank only, another order, other adapters), torch.distributed.checkpoint's state-dict
+helpers and DCP save/load of merged sharded models. Expectations come from one process on the same seeds, in
+float64."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+import lora_ext as lora
+from dist import run_ranks
+from helpers import lora_layers_of, seed_adapters
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - recorded for the assertions in the parent
+        return f"RAISED {type(e).__name__}: {e}"
+
+
+class Net(nn.Module):
+    """Every layer kind the tensor-parallel styles take, column- and row-parallel in pairs; `fused` (a qkv-like
+    MergedLinear sharded by blocks) reads the same input and its output (this rank's rows of each block under
+    tensor parallel) is returned beside the main one."""
+
+    def __init__(self):
+        super().__init__()
+        kw = dict(r=2, lora_alpha=4)
+        self.emb = lora.Embedding(20, 16, **kw)
+        self.down = lora.Linear(16, 12, **kw)
+        self.up = lora.Linear(12, 18, fan_in_fan_out=True, **kw)
+        self.mix = lora.MergedLinear(18, 6, enable_lora=[True, False, True], **kw)
+        self.qkv = lora.MergedLinear(6, 9, enable_lora=[True, False, True], fan_in_fan_out=True, **kw)
+        self.out = lora.Linear(9, 4, fan_in_fan_out=True, **kw)
+        self.fused = lora.MergedLinear(6, 12, enable_lora=[True, False, True], **kw)
+
+    def forward(self, ids):
+        h = torch.tanh(self.down(self.emb(ids)))
+        h = self.mix(torch.tanh(self.up(h)))
+        return self.out(torch.tanh(self.qkv(h))), self.fused(h)
+
+
+def build(seed=0):
+    torch.manual_seed(seed)
+    net = Net().double()
+    g = torch.Generator().manual_seed(seed + 1)
+    seed_adapters(net, "h", g)  # float32 factors (the layers' are float64)
+    for m in lora_layers_of(net):  # two float64 adapters of the same rank and scaling
+        (ra, ca), (rb, cb) = m.factor_shapes(m.r)
+        for name in ("b", "c"):
+            m.add_adapter(name, torch.randn(ra, ca, generator=g).double() * 0.2,
+                          torch.randn(rb, cb, generator=g).double() * 0.2, 0.7)
+    lora.mark_only_lora_as_trainable(net)
+    return net
+
+
+def ids():
+    return torch.randint(0, 20, (4, 5), generator=torch.Generator().manual_seed(3))
+
+
+def shard(kind, net, world):
+    if kind == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        for m in net.children():
+            fully_shard(m)
+        fully_shard(net)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        from lora_ext.parallel import ColwiseLoRA, RowwiseLoRA
+        plan = {"emb": ColwiseLoRA(), "down": RowwiseLoRA(), "up": ColwiseLoRA(), "mix": RowwiseLoRA(),
+                "qkv": ColwiseLoRA(), "out": RowwiseLoRA(), "fused": ColwiseLoRA(blocks=3)}
+        parallelize_module(net, init_device_mesh("cpu", (world,)), plan)
+    return net
+
+
+def fused_rows(kind, rank, world):
+    """The output features of `fused` this rank returns (all of them under FSDP2)."""
+    if kind == "fsdp":
+        return torch.arange(12)
+    per = 4 // world
+    return torch.cat([torch.arange(t * 4 + rank * per, t * 4 + (rank + 1) * per) for t in range(3)])
+
+
+def outputs(net):
+    with torch.no_grad():
+        y, f = net(ids())
+    return y, f
+
+
+def reference():
+    net = build()
+    ref = {}
+    ref["default"] = outputs(net)
+    lora.set_adapter(net, "b")
+    ref["b"] = outputs(net)
+    lora.set_adapter(net, "h")
+    ref["h"] = outputs(net)
+    return ref
+
+
+def _matches(got, want, rows):
+    return max(_rel(got[0], want[0]), _rel(got[1], want[1][..., rows]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ranks that disagree: other adapters, another order. Before: tensor parallel's replicated factors (and FSDP2's
+# shards) were written from each rank's own adapter, silently (outputs matching no adapter, ranks differing).
+
+def disagree_case(rank, world, kind):
+    out = {}
+    for merged in (False, True):
+        net = shard(kind, build(), world)
+        if merged:
+            net.eval()
+        out[f"other_adapters_{merged}"] = _try(lambda: lora.set_adapter(net, ["b", "c"][rank]))
+        out[f"actives_{merged}"] = sorted({m.active_adapter for m in lora_layers_of(net)})
+        out[f"flags_{merged}"] = [m.merged for m in lora_layers_of(net)]
+        out[f"after_{merged}"] = outputs(net)
+    net = shard(kind, build(), world)
+    if kind == "tp":  # another order: rank 0 merges then switches, rank 1 switches then merges
+        # (FSDP2: each path's own all-gathers of the factors come before the agreement; the ranks' collectives
+        # mismatch and gloo times out: loud, nothing changed, but after the process group's timeout)
+        steps = [lambda: net.eval(), lambda: lora.set_adapter(net, "b")]
+        out["order"] = [_try(step) for step in (steps if rank == 0 else steps[::-1])]
+        out["order_after"] = outputs(net)
+    # the same calls in the same order on every rank afterwards: right
+    net.train()
+    net.eval()
+    lora.set_adapter(net, "b")
+    out["consistent"] = outputs(net)
+    out["consistent_flags"] = [m.merged for m in lora_layers_of(net)]
+    # a merged switch to an adapter stored in float32 (live factors float64)
+    lora.set_adapter(net, "h")
+    out["h"] = outputs(net)
+    out["h_snapshot"] = sorted({str(m._merged_A.dtype) for m in lora_layers_of(net)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return reference()
+
+
+@pytest.fixture(scope="module", params=["tp", "fsdp"])
+def disagree(request):
+    return request.param, run_ranks(disagree_case, request.param, timeout=300)
+
+
+def test_ranks_switching_to_other_adapters_or_in_another_order_are_refused(disagree, ref):
+    kind, ranks = disagree
+    for rank, r in enumerate(ranks):
+        rows = fused_rows(kind, rank, 2)
+        for merged in (False, True):
+            msg = r[f"other_adapters_{merged}"]
+            assert isinstance(msg, str) and "RuntimeError" in msg and "disagree" in msg, (rank, merged, msg)
+            assert r[f"actives_{merged}"] == ["default"], (rank, merged)
+            assert r[f"flags_{merged}"] == [merged] * 7
+            assert _matches(r[f"after_{merged}"], ref["default"], rows) < 1e-12, (rank, merged)
+        if kind == "tp":
+            assert all(isinstance(m, str) and "disagree" in m for m in r["order"]), (rank, r["order"])
+            assert _matches(r["order_after"], ref["default"], rows) < 1e-12, rank
+        assert r["consistent_flags"] == [True] * 7
+        assert _matches(r["consistent"], ref["b"], rows) < 1e-12, rank
+
+
+@pytest.mark.xfail(strict=True, reason="lora_ext/named_adapters.py NamedAdapters._activate_sharded merges the stored "
+                                       "adapter in its own dtype (the unsharded switch converts it to the live "
+                                       "factors' first); named_adapters.py is not this pass's file (see the report)")
+def test_sharded_merged_switch_to_a_float32_adapter_merges_it_as_one_process_does(disagree, ref):
+    """One process converts a stored float32 adapter to the live float64 factors before a merged switch; the
+    sharded switch merged the float32 factors (B @ A rounded to float32: 6e-9 relative here) and kept a float32
+    snapshot of what is merged."""
+    kind, ranks = disagree
+    for rank, r in enumerate(ranks):
+        assert r["h_snapshot"] == ["torch.float64"], r["h_snapshot"]
+        assert _matches(r["h"], ref["h"], fused_rows(kind, rank, 2)) < 1e-12
+
+
+def one_rank_case(rank, world, merged):
+    net = shard("tp", build(), world)
+    if merged:
+        net.eval()
+    if rank == 0:
+        lora.set_adapter(net, "b")
+    return outputs(net)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_switch_on_one_rank_only_fails_loudly(merged):
+    """A switch on rank 0 only, then a forward on both: before, the unmerged tensor-parallel model went on with
+    each rank computing with its own adapter (outputs matching neither, no error); now the switch's agreement is a
+    collective the other rank never joins, and the run fails (gloo's mismatch, or the process group's timeout)
+    instead of returning numbers."""
+    with pytest.raises(Exception) as info:
+        run_ranks(one_rank_case, merged, timeout=300)
+    assert not isinstance(info.value, TimeoutError), "never a hang past the process group's timeout"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.distributed.checkpoint's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True) copies each
+# rank's part of rank 0's checkpoint into the live parameters *before* it calls load_state_dict: into a merged
+# layer's weight, which then unmerges (subtracts the adapter from the base it was just given) and merges again: the
+# layers say merged and serve the bare base weight (off by 0.88 relative on this model, silently).
+
+def broadcast_case(rank, world, kind):
+    net = shard(kind, build(), world)
+    net.eval()
+    full = build().state_dict() if rank == 0 else {}
+    set_model_state_dict(net, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return outputs(net), [m.merged for m in lora_layers_of(net)]
+
+
+@pytest.mark.xfail(strict=True, reason="lora_ext/layers.py LoRALayer._load_from_state_dict: a merged layer whose "
+                                       "weight the loader wrote in place (the incoming tensor is the live weight, its "
+                                       "version moved since the merge) must drop the merge without unmerging; "
+                                       "layers.py is not this pass's file (see the report)")
+@pytest.mark.parametrize("kind", ["tp", "fsdp"])
+def test_broadcast_from_rank0_into_a_merged_model(kind):
+    net = build()
+    net.eval()
+    want = outputs(net)
+    for rank, (got, flags) in enumerate(run_ranks(broadcast_case, kind, timeout=300)):
+        assert flags == [True] * 7
+        assert _matches(got, want, fused_rows(kind, rank, 2)) < 1e-12, _matches(got, want, fused_rows(kind, rank, 2))
