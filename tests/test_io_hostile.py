@@ -545,3 +545,20 @@ def test_the_out_proj_of_a_multihead_attention_is_refused_both_ways(tmp_path):
     with pytest.raises(ValueError, match="save: layer 'att.out_proj' is the out_proj of a MultiheadAttention"):
         lora_ext.save_peft_adapter(model, str(tmp_path / "ours"))
     assert not (tmp_path / "ours").exists()
+
+
+def test_merge_refuses_an_adapter_of_a_head_tied_to_the_embeddings(tmp_path, capsys):
+    """A tied checkpoint that stores the head's tensor as well (transformers ties them again at load)."""
+    from safetensors.torch import load_file
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    _untied_gpt2().save_pretrained(str(base))
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=True)))
+    assert "lm_head.weight" in load_file(str(base / "model.safetensors"))
+    peft_model = randomize_lora(get_peft_model(_untied_gpt2(), LoraConfig(r=2, target_modules=["lm_head", "c_fc"])))
+    peft_model.save_pretrained(str(adapter))
+    rc, err = _merge(capsys, base / "model.safetensors", adapter, tmp_path / "merged.safetensors")
+    # was: exit 0, and transformers, tying the head to wte again at load, dropped the merged head
+    assert rc == 2 and "module 'lm_head' adapts the output head" in err and "tie_word_embeddings" in err, err
+    assert not (tmp_path / "merged.safetensors").exists()

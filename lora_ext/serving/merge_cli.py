@@ -273,10 +273,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                          f"{' '.join(str(e).split())}") from None
     factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}")
     _check_targets(adapter, cfg, factors)
-    _check_tied(base_dir, factors)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     where = {e[0]: path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {e[0]: e[2] for _, (_, entries, _) in headers.items() for e in entries}
+    _check_tied(base, base_dir, factors, shapes)
     plan, kinds = {}, None
     if any(not e and len(shapes.get(n + ".weight", ())) == 2 and len(set(shapes[n + ".weight"])) == 1
            for n, (_, _, e) in factors.items()):
@@ -356,14 +356,14 @@ def _check_targets(adapter, cfg, factors):
                          f"select; peft ignores them, so the merge refuses the mismatch")
 
 
-def _check_tied(base_dir, factors):
-    """Refuses an adapter of the input embeddings of a model whose config.json ties them to the output head
-    (tie_word_embeddings, true unless it says otherwise): the checkpoint holds one tensor for both, so the merge
-    would change the head too, which peft (and lora_ext) serve unchanged."""
-    if base_dir is None:
-        return
+def _check_tied(base, base_dir, factors, shapes):
+    """Refuses an adapter of the input embeddings or the output head of a model whose config.json (beside the
+    checkpoint) ties them (tie_word_embeddings, true unless it says otherwise): one tensor serves both, so the
+    merge would change the other too, which peft (and lora_ext) serve unchanged. The tied pair: the weights of
+    vocab_size rows (any embedding where config.json does not say vocab_size)."""
+    folder = base_dir or os.path.dirname(os.path.abspath(base))
     try:
-        with open(os.path.join(base_dir, "config.json"), encoding="utf-8") as f:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return
@@ -371,10 +371,14 @@ def _check_tied(base_dir, factors):
         return
     vocab = config.get("vocab_size")
     for name, (A, B, embedding) in sorted(factors.items()):
-        if embedding and (type(vocab) is not int or A.shape[1] == vocab):
-            raise MergeError(f"--adapter: module {name!r} adapts the input embeddings, which {base_dir}/config.json "
-                             f"ties to the output head (tie_word_embeddings): the merged tensor would change the "
-                             f"head too, unlike the adapter; untie them first (save the model with "
+        shape = shapes.get(name + ".weight")
+        if (embedding and type(vocab) is not int) or (type(vocab) is int and shape is not None and len(shape) == 2
+                                                      and shape[0] == vocab):
+            what, other = (("the input embeddings", "output head") if embedding
+                           else ("the output head", "input embeddings"))
+            raise MergeError(f"--adapter: module {name!r} adapts {what}, which {os.path.join(folder, 'config.json')} "
+                             f"ties to the {other} (tie_word_embeddings): the merged tensor would change the {other} "
+                             f"too, unlike the adapter; untie them first (save the model with "
                              f"tie_word_embeddings=false and the head's own weight)")
 
 
