@@ -376,10 +376,12 @@ def _check_tied(base, base_dir, factors, shapes):
                                                       and shape[0] == vocab):
             what, other = (("the input embeddings", "output head") if embedding
                            else ("the output head", "input embeddings"))
+            both = sum(1 for t in shapes.values() if t == shape) > 1
+            fix = ("the checkpoint stores both tensors: set tie_word_embeddings to false in config.json" if both
+                   else "untie them first (save the model with tie_word_embeddings=false and the head's own weight)")
             raise MergeError(f"--adapter: module {name!r} adapts {what}, which {os.path.join(folder, 'config.json')} "
-                             f"ties to the {other} (tie_word_embeddings): the merged tensor would change the {other} "
-                             f"too, unlike the adapter; untie them first (save the model with "
-                             f"tie_word_embeddings=false and the head's own weight)")
+                             f"ties to the {other} (tie_word_embeddings): the merged model would load with the "
+                             f"{other} tied to it, unlike the adapter; {fix}")
 
 
 def _module_kinds(base, base_dir):
