@@ -148,3 +148,39 @@ def test_tied_embedding_is_never_merged():
     with pytest.raises(ValueError, match="tied"):
         lora_ext.unload(model, merge=True)
     assert isinstance(model.transformer.h[0].attn.c_attn, lora_ext.LoRALayer)  # nothing was unloaded
+
+
+class _ScaledEmbedding(nn.Embedding):  # as Gemma's scaled word embedding: the forward multiplies the rows
+    def forward(self, ids):
+        return super().forward(ids) * 8.0
+
+
+class _Quiet(nn.Linear):  # a subclass without a forward of its own stands for nn.Linear
+    pass
+
+
+def test_inject_refuses_a_subclass_with_a_forward_of_its_own_before_any_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(_Quiet(6, 10), nn.Linear(10, 4))
+    model.emb = _ScaledEmbedding(10, 6)
+    with pytest.raises(ValueError, match=r"'emb' is a _ScaledEmbedding, a subclass of Embedding with a forward"):
+        lora_ext.inject(model, r=2, target_modules=["0", "emb", "1"])
+    assert type(model[0]) is _Quiet and type(model.emb) is _ScaledEmbedding  # nothing replaced
+    assert lora_ext.inject(model, r=2, target_modules=["0", "1"]) == ["0", "1"]
+
+
+def test_inject_refuses_multihead_attentions_out_proj():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2)
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(self.att(x, x, x)[0])
+
+    model = Attention()
+    with pytest.raises(ValueError, match=r"'att.out_proj' is the out_proj of a MultiheadAttention"):
+        lora_ext.inject(model, r=2, target_modules=["out_proj", "proj"])
+    assert type(model.proj) is nn.Linear
+    assert lora_ext.inject(model, r=2, target_modules=["proj"]) == ["proj"]

@@ -170,6 +170,36 @@ def _lora_dtype(weight):
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def overridden_base(module):
+    """The plain class (nn.Linear, nn.Embedding, ...) a lora_ext layer would replace `module` as, when `module`
+    is a subclass of it with a forward of its own (OPT's positional embedding, Gemma's scaled embedding, a scaled
+    Linear): the layer put in its place would not run that forward. None otherwise."""
+    for base in (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, _hf_conv1d()):
+        if base is not None and isinstance(module, base) and type(module).forward is not base.forward:
+            return base
+    return None
+
+
+def read_without_call(model, name):
+    """Whether module `name` is the out_proj of an nn.MultiheadAttention, which reads its weight and bias directly
+    (F.multi_head_attention_forward) and never calls it: an adapter there does nothing unmerged, everything merged."""
+    parent, _, child = name.rpartition(".")
+    return child == "out_proj" and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+
+
+def check_replaceable(model, name, module, option="target_modules"):
+    """Refuses a module that a lora_ext layer in its place would not stand for (see the two functions above)."""
+    base = overridden_base(module)
+    if base is not None:
+        raise ValueError(f"{option}: module {name!r} is a {type(module).__name__}, a subclass of {base.__name__} "
+                         f"with a forward of its own, which a lora_ext layer in its place would not run; lora_ext "
+                         f"adapts {base.__name__} itself only")
+    if read_without_call(model, name):
+        raise ValueError(f"{option}: module {name!r} is the out_proj of a MultiheadAttention, which reads its weight "
+                         f"without calling it: an adapter there would change nothing unmerged and the outputs once "
+                         f"merged")
+
+
 def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable_lora, lossless=None):
     """A lora_ext layer around `module`'s own parameters (built on meta, then given them)."""
     common = dict(r=r, lora_alpha=lora_alpha, merge_weights=merge_weights, lossless=lossless, device="meta")
@@ -266,6 +296,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
             continue
         if isinstance(module, LoRALayer):
             raise ValueError(f"target_modules: module {name!r} is already a lora_ext layer")
+        check_replaceable(model, name, module, "fused" if enable is not None else "target_modules")
         rr = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)
         _check_options(rr, alpha, lora_dropout)
