@@ -563,3 +563,42 @@ def test_merge_refuses_an_adapter_of_a_head_tied_to_the_embeddings(tmp_path, cap
     # leaves them untied because their values now differ
     assert rc == 2 and "module 'lm_head' adapts the output head" in err and "stores both tensors" in err, err
     assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_a_save_waits_for_a_switch_in_progress_on_another_thread(tmp_path):
+    import threading
+
+    model = _two_adapters(tmp_path)
+    found = lora_ext.serving.adapters.lora_layers(model)
+    halfway, go, saved = threading.Event(), threading.Event(), {}
+
+    def switch():  # set_adapter's write lock, held across the layers as set_adapter holds it
+        with lora_ext.serving.adapters.model_lock(model).write():
+            found[0][1].set_adapter("b")
+            halfway.set()
+            go.wait(30)
+            for _, layer in found[1:]:
+                layer.set_adapter("b")
+
+    def save():
+        try:
+            lora_ext.save_peft_adapter(model, str(tmp_path / "saved"))
+        except Exception as e:  # noqa: BLE001 - reported below
+            saved["error"] = e
+
+    switcher = threading.Thread(target=switch)
+    switcher.start()
+    assert halfway.wait(30)
+    saver = threading.Thread(target=save)
+    saver.start()
+    saver.join(0.5)  # a save that does not wait for the switch is done (or refused) by now
+    go.set()
+    switcher.join(30)
+    saver.join(30)
+    assert "error" not in saved, saved  # was: a file holding b in one layer and a in the others
+    again = llama()
+    lora_ext.load_peft_adapter(again, str(tmp_path / "saved"))
+    ref = PeftModel.from_pretrained(llama(), str(tmp_path / "b")).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert rel_err(again(x).logits, ref(x).logits) < 1e-5

@@ -7,6 +7,7 @@ weight layout (fan_in_fan_out only says how the base weight is stored); embeddin
 Only safetensors files (or, for adapter_model.bin, torch.load with weights_only=True) are read; peft
 itself is not needed to read or write these files.
 """
+import contextlib
 import json
 import math
 import os
@@ -472,7 +473,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     from safetensors.torch import save_file
 
     inner = unwrap(model)  # names as the plain model has them (no "module." / "_orig_mod." prefix)
-    with hold(model):  # one adapter throughout: model-level switches on other threads wait
+    # one adapter throughout: model-level switches on other threads (through the wrapper or the model) wait
+    with hold(model), (hold(inner) if inner is not model else contextlib.nullcontext()):
         found = lora_layers(inner)
         if not found:
             raise ValueError("save: model holds no lora_ext layer with an adapter")
