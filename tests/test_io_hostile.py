@@ -540,7 +540,8 @@ def test_the_out_proj_of_a_multihead_attention_is_refused_both_ways(tmp_path):
         lora_ext.load_peft_adapter(model, str(tmp_path / "peft"))
     assert type(model.att.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    lora_ext.inject(model, ["out_proj", "l"], r=2)
+    # inject refuses it too; a layer put there by hand
+    model.att.out_proj = lora_ext.Linear(8, 8, r=2)
     randomize_lora(model)
     with pytest.raises(ValueError, match="save: layer 'att.out_proj' is the out_proj of a MultiheadAttention"):
         lora_ext.save_peft_adapter(model, str(tmp_path / "ours"))

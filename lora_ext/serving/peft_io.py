@@ -228,22 +228,6 @@ def _peft_shapes(module, r):
     return (r, module.in_features), (module.out_features, r), False
 
 
-def _overridden_base(module):
-    """The plain class (nn.Linear, nn.Embedding, ...) a lora_ext layer would replace `module` as, when `module`
-    is a subclass of it with a forward of its own (OPT's positional embedding, a scaled Linear); else None."""
-    for base in (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, _inject._hf_conv1d()):
-        if base is not None and isinstance(module, base) and type(module).forward is not base.forward:
-            return base
-    return None
-
-
-def _read_without_call(model, name):
-    """Whether module `name` is the out_proj of an nn.MultiheadAttention, which reads its weight and bias directly
-    (F.multi_head_attention_forward) and never calls it: an adapter there does nothing unmerged, everything merged."""
-    parent, _, child = name.rpartition(".")
-    return child == "out_proj" and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
-
-
 def check_device(device):
     """None, or the torch.device `device` names when it is usable here; ValueError naming the option otherwise."""
     if device is None:
@@ -366,11 +350,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"{label} is a convolution with padding_mode={conv.padding_mode!r}: peft pads its lora_A "
                              f"convolution with zeros, lora_ext merges the adapter into the layer's own padding, so "
                              f"the outputs would differ; lora_ext refuses it")
-        if _read_without_call(model, name):
+        if _inject.read_without_call(model, name):
             raise ValueError(f"{label} is the out_proj of a MultiheadAttention, which reads its weight without "
                              f"calling it: the adapter changes nothing unmerged (as in peft) and the outputs once "
                              f"merged; lora_ext refuses it")
-        base = _overridden_base(module) if fresh else None
+        base = _inject.overridden_base(module) if fresh else None
         if base is not None:
             raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of "
                              f"its own, which the lora_ext layer put in its place would not run (peft keeps it); "
@@ -492,7 +476,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: layer {name!r} is an Embedding with max_norm={layer.max_norm}: peft would "
                                  f"renormalise the adapter's per-token vectors (columns of lora_embedding_A) too, and "
                                  f"serve other outputs")
-            if _read_without_call(inner, name):
+            if _inject.read_without_call(inner, name):
                 raise ValueError(f"save: layer {name!r} is the out_proj of a MultiheadAttention, which reads its "
                                  f"weight without calling it: peft would serve the model without the adapter")
             if isinstance(layer, layers.ConvLoRA) and layer.conv.padding_mode != "zeros":
