@@ -125,6 +125,19 @@ class _LoRAStyle(ParallelStyle):
                              f"got {type(module).__name__}")
         if device_mesh.ndim != 1:
             raise ValueError(f"{type(self).__name__}: a 1-D device mesh, got {device_mesh.ndim}-D")
+        spec = module.__dict__.get("_tp")
+        if spec is not None and (spec.style, spec.blocks, spec.mesh) != (self.style, self.blocks, device_mesh):
+            # the weight keeps its first sharding (place() skips DTensors): the new spec would cut the wrong features
+            raise ValueError(f"{type(self).__name__}(blocks={self.blocks}): {module._describe()} is parallelized "
+                             f"already ({spec.style}, blocks={spec.blocks}, on {spec.mesh}); a plan applies once "
+                             f"(the same style again changes nothing)")
+        if spec is None:
+            held = [n for n in ("weight", "bias", "lora_A", "lora_B")
+                    if isinstance(module._parameters.get(n), DTensor)]
+            if held:
+                raise ValueError(f"{type(self).__name__}: {module._describe()}'s {', '.join(held)} are DTensors "
+                                 f"already (fully_shard, distribute_module); tensor parallel takes a layer with plain "
+                                 f"parameters (parallelize_module before fully_shard, on a 1-D mesh)")
         if isinstance(module, Embedding) and module.max_norm is not None:
             raise ValueError(f"{type(self).__name__}: {module._describe()} has max_norm={module.max_norm}: each rank "
                              f"would renormalise its slice of the embedding by that slice's norm; not supported")
@@ -303,6 +316,11 @@ def _blocks(layer):
 def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
     """A tensor-parallel layer's forward on the local shards (layer.__dict__["_tp"] set by a style)."""
     spec = layer.__dict__["_tp"]
+    if isinstance(x, DTensor):  # the local ops below would fail inside torch, without saying which layer
+        raise ValueError(f"{'ColwiseLoRA' if spec.style == 'colwise' else 'RowwiseLoRA'}: {layer._describe()} takes "
+                         f"a plain tensor (the whole activation, or for RowwiseLoRA this rank's slice of its "
+                         f"features), got a DTensor placed as {tuple(x.placements)} (a sequence-parallel or "
+                         f"use_local_output=False style before it); pass x.full_tensor()")
     lora_on = layer.has_lora and not layer.merged
     s = layer.scaling if layer.has_lora else 0.0
     w = layer.weight.to_local()

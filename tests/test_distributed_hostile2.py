@@ -229,3 +229,80 @@ def test_broadcast_from_rank0_into_a_merged_model(kind):
     for rank, (got, flags) in enumerate(run_ranks(broadcast_case, kind, timeout=300)):
         assert flags == [True] * 7
         assert _matches(got, want, fused_rows(kind, rank, 2)) < 1e-12, _matches(got, want, fused_rows(kind, rank, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensor parallel: a plan applied twice. The styles skip parameters that are DTensors already, so a second style
+# kept the first sharding but recorded the new features: RowwiseLoRA after ColwiseLoRA on one layer summed
+# different output rows over the ranks (one rank failed with a shape error, the other went on: the next
+# collective mismatched). Also a layer fully_shard'ed before, and a DTensor input (a sequence-parallel style).
+
+class Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = lora.Linear(8, 9, r=2, lora_alpha=4)   # 9 features: 5 / 4 rows
+        self.b = lora.Linear(9, 5, r=2, lora_alpha=4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def pair_build():
+    torch.manual_seed(0)
+    net = Pair().double()
+    for m in (net.a, net.b):
+        nn.init.normal_(m.lora_B, std=0.3)
+    return net
+
+
+def pair_x():
+    return torch.randn(3, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+
+def twice_case(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from lora_ext.parallel import ColwiseLoRA, RowwiseLoRA
+    mesh = init_device_mesh("cpu", (world,))
+    out = {}
+
+    def fresh():
+        net = pair_build()
+        parallelize_module(net, mesh, {"a": ColwiseLoRA(), "b": RowwiseLoRA()})
+        return net
+
+    def forward(net):
+        with torch.no_grad():
+            return _try(lambda: net(pair_x()))
+
+    net = fresh()
+    out["same"] = _try(lambda: parallelize_module(net, mesh, {"a": ColwiseLoRA(), "b": RowwiseLoRA()}) and None)
+    out["same_y"] = forward(net)
+    for key, plan in (("b_colwise", {"b": ColwiseLoRA()}), ("a_rowwise", {"a": RowwiseLoRA()})):
+        net = fresh()
+        out[key] = _try(lambda: parallelize_module(net, mesh, plan))
+        out[key + "_y"] = forward(net)
+    net = pair_build()
+    fully_shard(net.a)
+    out["fsdp_first"] = _try(lambda: parallelize_module(net.a, mesh, ColwiseLoRA()))
+    net = fresh()
+    for key, placement in (("seq_input", Shard(1)), ("replicated_input", Replicate())):
+        out[key] = _try(lambda: net(distribute_tensor(pair_x(), mesh, [placement])))
+    return out
+
+
+def test_tensor_parallel_plan_applied_twice_or_over_fully_shard_is_refused():
+    net = pair_build()
+    with torch.no_grad():
+        want = net(pair_x())
+    for r in run_ranks(twice_case, timeout=300):
+        assert r["same"] is None and _rel(r["same_y"], want) < 1e-12
+        for key, was in (("b_colwise", "rowwise"), ("a_rowwise", "colwise")):
+            assert isinstance(r[key], str) and "parallelized already" in r[key] and was in r[key], r[key]
+            assert _rel(r[key + "_y"], want) < 1e-12, key
+        assert isinstance(r["fsdp_first"], str) and "DTensors already" in r["fsdp_first"], r["fsdp_first"]
+        for key in ("seq_input", "replicated_input"):
+            assert isinstance(r[key], str) and "ValueError" in r[key] and "Linear(8, 9)" in r[key], r[key]
