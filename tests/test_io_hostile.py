@@ -603,3 +603,32 @@ def test_a_save_waits_for_a_switch_in_progress_on_another_thread(tmp_path):
     x = tokens()
     with torch.no_grad():
         assert rel_err(again(x).logits, ref(x).logits) < 1e-5
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_non_active_adapter_of_a_merged_fused_model_round_trips_through_peft(tmp_path, merged):
+    """GPT-2 with a fused c_attn (q and v), c_proj (fan_in_fan_out), wte and wpe: adapter "b" saved while "a" is
+    active (merged or not) loads in peft and in lora_ext with b's outputs (float64 reference: b active, unmerged)."""
+    model = gpt2()
+    lora_ext.inject(model, ["c_proj", "wte", "wpe"], r=3, lora_alpha=5, fused={"c_attn": [True, False, True]},
+                    rank_pattern={"wpe": 2})
+    randomize_lora(model)
+    lora_ext.save_peft_adapter(model, str(tmp_path / "b0"))
+    lora_ext.load_peft_adapter(model, str(tmp_path / "b0"), "b", activate=False)
+    randomize_lora(model)  # "default" changes; "b" keeps the first values
+    x = tokens()
+    reference = gpt2().double()
+    lora_ext.load_peft_adapter(reference, str(tmp_path / "b0"))
+    with torch.no_grad():
+        ref = reference(x).logits
+    model.train(not merged)
+    state = {n: m.merged for n, m in lora_ext.serving.adapters.lora_layers(model)}
+    assert state.pop("transformer.wte") is False  # tied to lm_head: never merged into
+    assert set(state.values()) == {merged}
+    lora_ext.save_peft_adapter(model, str(tmp_path / "b"), "b")
+    served = PeftModel.from_pretrained(gpt2(), str(tmp_path / "b")).eval()
+    again = gpt2()
+    lora_ext.load_peft_adapter(again, str(tmp_path / "b"))
+    with torch.no_grad():
+        assert rel_err(served(x).logits, ref) < 1e-5 and rel_err(again(x).logits, ref) < 1e-5
+        assert rel_err(model(x).logits, ref) > 1e-2  # the model still serves "default"
