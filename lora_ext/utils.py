@@ -48,9 +48,20 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
             own = _layer_bias(m)
             if own is not None:
                 own[1].requires_grad = True
-    for _, m in _lora_layers(model):
-        if m.has_lora:
-            m.settle_parameters()  # each adapter trains its own Parameters (serving switches lend them)
+    if not under_ddp(model):  # DDP holds the Parameters it was built with: those stay
+        for _, m in _lora_layers(model):
+            if m.has_lora:
+                m.settle_parameters()  # each adapter trains its own Parameters (serving switches lend them)
+
+
+def under_ddp(model: nn.Module) -> bool:
+    """Whether the model is a DistributedDataParallel, or a torch.compile wrapper of one."""
+    from torch.nn.parallel import DistributedDataParallel
+    while not isinstance(model, DistributedDataParallel):
+        if not isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            return False
+        model = model._orig_mod
+    return True
 
 
 def unwrap(model: nn.Module) -> nn.Module:

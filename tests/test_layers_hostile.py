@@ -344,3 +344,44 @@ def test_inject_never_targets_the_insides_of_lora_ext_layers():
     with pytest.raises(ValueError, match="matches no module"):
         lora.inject(net, r"c\.conv", r=2)
     assert net.c.conv is inner
+
+
+def _ddp_serve_then_train(rank, world):
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(lora.Linear(8, 6, r=2))
+    add_random_adapter(net[0], "b", 2, 1.0, g)
+    with torch.no_grad():
+        net[0].lora_B.normal_(generator=g)
+    lora.mark_only_lora_as_trainable(net)
+    ddp = DistributedDataParallel(net)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    net.requires_grad_(False)  # serve b for a while: written into the live Parameters, which DDP holds
+    lora.set_adapter(ddp, "b")
+    with torch.no_grad():
+        ddp(torch.randn(3, 8))
+    lora.mark_only_lora_as_trainable(ddp)  # train b again: the Parameters DDP holds must stay
+    lora.set_adapter(ddp, "b")
+    before = net[0].lora_B.detach().clone()
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(10 + rank))  # each rank its own data
+    for _ in range(2):
+        opt.zero_grad()
+        ddp(x).square().mean().backward()
+        opt.step()
+    held = {id(p) for p in opt.param_groups[0]["params"]}  # the Parameters DDP was built with
+    out = {"held": id(net[0].lora_A) in held and id(net[0].lora_B) in held,
+           "trained": not torch.equal(net[0].lora_B, before),
+           "A": net[0].lora_A.detach().clone(), "B": net[0].lora_B.detach().clone()}
+    del ddp, opt  # DDP's reducer gone before the process group
+    return out
+
+
+def test_serving_then_training_under_ddp_keeps_the_parameters_ddp_synchronises():
+    """Each adapter getting its own Parameters back (mark_only_lora_as_trainable, set_adapter) must not happen
+    under DistributedDataParallel, which synchronises the Parameters it was built with: the ranks would train
+    unsynchronised copies (2 gloo ranks, different data: the factors must agree after the steps)."""
+    from dist import run_ranks
+    results = run_ranks(_ddp_serve_then_train)
+    assert all(r["held"] and r["trained"] for r in results), results
+    assert torch.equal(results[0]["A"], results[1]["A"]) and torch.equal(results[0]["B"], results[1]["B"])

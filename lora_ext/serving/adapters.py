@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import LoRALayer
+from ..utils import under_ddp
 from .injection import check_mergeable
 
 
@@ -187,7 +188,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
         found = _layers_or_raise(model)
         _check_ddp_switch(model, found, name)
         reshard_fsdp(model)
-        _set_adapter(found, name)
+        _set_adapter(found, name, settle=not under_ddp(model))
 
 
 def reshard_fsdp(model: nn.Module) -> None:
@@ -208,12 +209,7 @@ def _check_ddp_switch(model, found, name):
     switch of trainable factors registers the new adapter's own Parameter pair (of its rank): refused under DDP,
     before anything changes, with what to rebuild. Serving switches (factors that do not require grad) are not
     DDP's business and go through."""
-    from torch.nn.parallel import DistributedDataParallel
-    wrapped = model
-    while not isinstance(wrapped, DistributedDataParallel) and isinstance(getattr(wrapped, "_orig_mod", None),
-                                                                          nn.Module):
-        wrapped = wrapped._orig_mod
-    if not isinstance(wrapped, DistributedDataParallel):
+    if not under_ddp(model):
         return
     for layer_name, m in found:
         if name != m.active_adapter and m.has_adapter(name) and m._trainable():
@@ -227,10 +223,10 @@ def _check_ddp_switch(model, found, name):
                 f"optimizer over the new adapter's parameters)")
 
 
-def _set_adapter(found, name):
+def _set_adapter(found, name, settle=True):
     before = [m.active_adapter for _, m in found]
     try:
-        _switch_all(found, name)
+        _switch_all(found, name, settle)
     except BaseException:  # KeyboardInterrupt included: every layer back on its adapter, never a mix
         for (_, m), old in zip(found, before):
             if m.active_adapter != old:
@@ -238,7 +234,7 @@ def _set_adapter(found, name):
         raise
 
 
-def _switch_all(found, name):
+def _switch_all(found, name, settle=True):
     for layer_name, m in found:
         if name not in m.adapter_names:
             raise KeyError(f"set_adapter: layer {layer_name!r} holds no adapter {name!r} "
@@ -246,7 +242,8 @@ def _switch_all(found, name):
         if name != m.active_adapter:
             m.check_values(name, label=f"adapter {name!r} at {layer_name!r}")
     for _, m in found:
-        m.set_adapter(name)
+        if settle or name != m.active_adapter:  # set_adapter of the active name may settle its Parameters
+            m.set_adapter(name)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
