@@ -306,3 +306,91 @@ def test_tensor_parallel_plan_applied_twice_or_over_fully_shard_is_refused():
         assert isinstance(r["fsdp_first"], str) and "DTensors already" in r["fsdp_first"], r["fsdp_first"]
         for key in ("seq_input", "replicated_input"):
             assert isinstance(r[key], str) and "ValueError" in r[key] and "Linear(8, 9)" in r[key], r[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tensor parallel: training steps, then merges, switches and unmerges, against one process (the fused layer sharded
+# by blocks included)
+
+def tp_train_case(rank, world):
+    net = shard("tp", build(), world)
+    return _train_then_serve(net)
+
+
+def _train_then_serve(net):
+    g = torch.Generator().manual_seed(9)
+    x = torch.randint(0, 20, (3, 4, 5), generator=g)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.3)
+    for step in range(3):
+        opt.zero_grad()
+        y, f = net(x[step])
+        # f: this rank's rows of `fused` under tensor parallel (the ranks' losses add up to one process's)
+        (y.pow(2).mean() + f.pow(2).sum() / (f.numel() // f.shape[-1] * 12)).backward()
+        opt.step()
+    out = {"trained": lora.lora_state_dict(net)}
+    net.eval()
+    out["merged"] = outputs(net)
+    lora.set_adapter(net, "b")
+    out["merged_b"] = outputs(net)
+    lora.set_adapter(net, "default")
+    net.train()
+    out["unmerged"] = outputs(net)
+    return out
+
+
+def test_tensor_parallel_training_then_merging_matches_one_process():
+    want = _train_then_serve(build())
+    for rank, r in enumerate(run_ranks(tp_train_case, timeout=300)):
+        rows = fused_rows("tp", rank, 2)
+        for k, v in want["trained"].items():
+            assert _rel(r["trained"][k], v) < 1e-12, k
+        for key in ("merged", "merged_b", "unmerged"):
+            assert _matches(r[key], want[key], rows) < 1e-12, key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DDP: the README's own first step for a trainable switch, lora.set_adapter(ddp.module, name), without the
+# re-wrap it asks for: the layers get the new adapter's Parameters, DDP keeps reducing the old ones, and the ranks
+# train apart (0.15 apart after two steps here, no error, with or without find_unused_parameters)
+
+class DNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = lora.Linear(8, 10, r=2, lora_alpha=4)
+        self.b = lora.Linear(10, 5, r=2, lora_alpha=4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def ddp_inner_switch_case(rank, world, find_unused):
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    net = DNet().double()
+    seed_adapters(net, "b", torch.Generator().manual_seed(1))
+    lora.mark_only_lora_as_trainable(net)
+    ddp = DistributedDataParallel(net, find_unused_parameters=find_unused)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(4, 6, 8, generator=g).double(), torch.randn(4, 6, 5, generator=g).double()
+
+    def go():
+        lora.set_adapter(ddp.module, "b")
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.mse_loss(ddp(x[rank * 2:(rank + 1) * 2]), y[rank * 2:(rank + 1) * 2]).backward()
+            opt.step()
+        return lora.lora_state_dict(net)
+    return _try(go)
+
+
+@pytest.mark.xfail(strict=True, reason="lora_ext/serving/adapters.py _check_ddp_switch only looks at the model it is "
+                                       "given (a DDP or a compiled DDP), not at a module some DDP wraps; "
+                                       "adapters.py / named_adapters.py are not this pass's files (see the report)")
+@pytest.mark.parametrize("find_unused", [False, True])
+def test_ddp_trainable_switch_of_the_inner_module_is_refused_or_synchronised(find_unused):
+    r0, r1 = run_ranks(ddp_inner_switch_case, find_unused, timeout=300)
+    if isinstance(r0, str) or isinstance(r1, str):  # refused (on every rank)
+        assert isinstance(r0, str) and isinstance(r1, str) and "DistributedDataParallel" in r0, (r0, r1)
+        return
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "the ranks trained apart"
