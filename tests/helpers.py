@@ -2,6 +2,8 @@
 tolerances, the kernel cases, and the marker for tests that need lora_ext._sim. (conftest.py holds the fixtures
 and hooks, among them `cuda`, the device of the tests marked `gpu`.)"""
 import importlib.util
+import json
+import os
 
 import pytest
 import torch
@@ -132,3 +134,13 @@ def hf_model(kind):
     seed_adapters(model, "b", torch.Generator().manual_seed(3), std=0.1)
     lora_ext.mark_only_lora_as_trainable(model)
     return model
+
+
+def edit_adapter_config(adapter_dir, **changes):
+    """Rewrites adapter_dir/adapter_config.json with `changes` applied (a peft adapter made malformed on purpose)."""
+    file = os.path.join(adapter_dir, "adapter_config.json")
+    with open(file) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(file, "w") as f:
+        json.dump(cfg, f)

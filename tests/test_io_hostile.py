@@ -16,7 +16,7 @@ from transformers import GPT2LMHeadModel
 import lora_ext
 from lora_ext.cli import main
 from lora_ext.serving import peft_io
-from helpers import rel_err
+from helpers import edit_adapter_config, rel_err
 from tiny_models import gpt2, llama, randomize_lora, tokens
 
 
@@ -221,15 +221,6 @@ def _merge(capsys, base, adapter, out):
     return rc, err
 
 
-def _edit_config(adapter, **changes):
-    file = os.path.join(adapter, "adapter_config.json")
-    with open(file) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(file, "w") as f:
-        json.dump(cfg, f)
-
-
 @pytest.mark.parametrize("changes,match", [
     (dict(target_modules=["c_attn"]), r"'transformer.h.0.mlp.c_fc', 'transformer.h.1.mlp.c_fc' that target_modules"),
     (dict(exclude_modules=["transformer.h.1.attn.c_attn"]), r"'transformer.h.1.attn.c_attn' that target_modules"),
@@ -241,7 +232,7 @@ def test_merge_refuses_factors_peft_would_ignore(tmp_path, capsys, changes, matc
     gpt2().save_pretrained(str(base))
     peft_model = randomize_lora(get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn", "c_fc"])))
     peft_model.save_pretrained(str(adapter))
-    _edit_config(str(adapter), **changes)  # peft would serve the adapter without those factors
+    edit_adapter_config(str(adapter), **changes)  # peft would serve the adapter without those factors
     rc, err = _merge(capsys, base, adapter, out)
     assert rc == 2 and "adapter_config.json" in err and len(err.strip().splitlines()) == 1
     assert re.search(match, err), err

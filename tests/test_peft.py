@@ -8,7 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import lora_ext
-from helpers import rel_err
+from helpers import edit_adapter_config, rel_err
 from tiny_models import gpt2, llama, randomize_lora, snapshot, tokens, unchanged
 
 CASES = {
@@ -155,15 +155,6 @@ def test_lora_ext_conv_adapters_of_any_kernel_load_in_peft(tmp_path):
     assert rel_err(PeftModel.from_pretrained(_convs(), path).eval()(x), expected) < 1e-5
 
 
-def _write_config(path, **changes):
-    file = os.path.join(path, "adapter_config.json")
-    with open(file) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(file, "w") as f:
-        json.dump(cfg, f)
-
-
 @pytest.mark.parametrize("changes,match", [
     (dict(use_dora=True), "use_dora"),
     (dict(some_new_option=3), "some_new_option"),
@@ -175,7 +166,7 @@ def _write_config(path, **changes):
 ])
 def test_configs_lora_ext_cannot_honour_are_refused(tmp_path, changes, match):
     _, _, path = _peft_adapter(tmp_path, "gpt2-rslora-patterns")
-    _write_config(path, **changes)
+    edit_adapter_config(path, **changes)
     model = gpt2()
     snap = snapshot(model)
     with pytest.raises(ValueError, match=match):
