@@ -68,6 +68,18 @@ def cases(device):
                 delta[66:] = B[33:].double() @ A[3:].double()
                 _close(y, x.double() @ (w.double() + 0.5 * delta).t() + b.double(), dtype)
             out.append((f"linear {dtype} M={m}", linear))
+            if dtype != torch.float32:  # float32 factors on a 16-bit model: the kernels read them as stored
+                def linear_fp32_factors(dtype=dtype, m=m):
+                    x = torch.randn(m, 72, device=device).to(dtype)
+                    w = torch.randn(99, 72, device=device).to(dtype)
+                    A = torch.randn(6, 72, device=device)
+                    B = torch.randn(66, 3, device=device)
+                    y = ops.linear(x, x, w, None, A, B, 0.5, num_blocks=3, block_ids=[0, 2])
+                    delta = torch.zeros(99, 72, dtype=torch.float64, device=device)
+                    delta[:33] = B[:33].double() @ A[:3].double()
+                    delta[66:] = B[33:].double() @ A[3:].double()
+                    _close(y, x.double() @ (w.double() + 0.5 * delta).t(), dtype)
+                out.append((f"linear {dtype} float32 factors M={m}", linear_fp32_factors))
 
         def embedding(dtype=dtype):
             ids = torch.randint(0, 50, (5, 9), device=device)
@@ -77,6 +89,14 @@ def cases(device):
             y = ops.embedding(ids, w, A, B, 0.5)
             _close(y, (w.double() + 0.5 * (B.double() @ A.double()).t())[ids], dtype)
         out.append((f"embedding {dtype}", embedding))
+        if dtype != torch.float32:
+            def embedding_fp32_factors(dtype=dtype):
+                ids = torch.randint(0, 50, (5, 9), device=device)
+                w = torch.randn(50, 40, device=device).to(dtype)
+                A, B = torch.randn(4, 50, device=device), torch.randn(40, 4, device=device)
+                y = ops.embedding(ids, w, A, B, 0.5)
+                _close(y, (w.double() + 0.5 * (B.double() @ A.double()).t())[ids], dtype)
+            out.append((f"embedding {dtype} float32 factors", embedding_fp32_factors))
         for tokens in (1, 16):  # mixed batches: decode and segment variants
             def batched(dtype=dtype, tokens=tokens):
                 groups, slots, k, d, rank = 5, 3, 72, 66, 5

@@ -160,11 +160,13 @@ def test_linear_empty_input():
 
 
 @requires_sim
-def test_linear_factors_of_another_dtype_are_cast():
+def test_linear_float32_factors_are_read_as_stored():
+    # no cast to the activations' dtype: the kernels take float32 factors (tests/test_forward_factors.py)
     w, b, A, B, g, ids, fan = _layer("plain", 16, 8, 2, torch.bfloat16)
     x = torch.randn(3, 16).to(torch.bfloat16)
     A32, B32 = A.float(), B.float()
     y = _sim.linear(x, x, w, b, A32, B32, 0.5, g, ids, fan)
+    assert _sim.last_variant() == "forward<BFloat16, factors=Float, tensor_core=1, vector=1>"
     assert rel_err(y, linear64(x, x, w, b, A, B, 0.5, g, ids, fan)) < TOL[torch.bfloat16]
 
 
@@ -335,6 +337,32 @@ def test_cuda_linear_kernels(cuda, dtype, pattern, lead, k, nb, r):
     cuda.synchronize()
     assert y.shape == (*lead, g * nb) and y.dtype == dtype
     assert_close_rel(y, linear64(x, x, w, b, A, B, 0.75, g, ids, fan), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", ["plain", "transposed", "merged_TFT"])
+@pytest.mark.parametrize("lead", [(1,), (7,), (300,)])
+@pytest.mark.parametrize("k,nb,r", [(53, 37, 4), (1096, 264, 16)])
+def test_cuda_linear_kernels_float32_factors(cuda, dtype, pattern, lead, k, nb, r):
+    # the layers' default: float32 factors on a 16-bit model, read by the kernels as stored (no cast)
+    w, b, A, B, g, ids, fan = _layer(pattern, k, nb, r, dtype, device=cuda.device)
+    A, B = torch.randn(A.shape, device=cuda.device), torch.randn(B.shape, device=cuda.device)
+    x = torch.randn(*lead, k, device=cuda.device).to(dtype)
+    y = cuda.kernels.linear(x, x, w, b, A, B, 0.75, g, ids, fan)
+    cuda.synchronize()
+    assert y.shape == (*lead, g * nb) and y.dtype == dtype
+    assert_close_rel(y, linear64(x, x, w, b, A, B, 0.75, g, ids, fan), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_embedding_kernel_float32_factors(cuda, dtype):
+    num, dim, r = 70, 264, 8
+    w = torch.randn(num, dim, device=cuda.device).to(dtype)
+    A, B = torch.randn(r, num, device=cuda.device), torch.randn(dim, r, device=cuda.device)
+    ids = torch.randint(0, num, (4, 33), device=cuda.device)
+    assert_close_rel(cuda.kernels.embedding(ids, w, A, B, 0.5, None), embedding64(ids, w, A, B, 0.5), dtype)
 
 
 @pytest.mark.gpu

@@ -239,7 +239,7 @@ def test_linear_misaligned_x_is_element_wise(m):
     x, w, b, A, B, g, ids, fan = _linear_case(torch.float16, m)
     x = _misaligned(x)
     y = _sim.linear(x, x, w, b, A, B, 0.75, g, ids, fan)
-    assert _sim.last_variant() == "forward<Half, tensor_core=1, vector=0>"
+    assert _sim.last_variant() == "forward<Half, factors=Half, tensor_core=1, vector=0>"
     assert rel_err(y, linear64(x, x, w, b, A, B, 0.75, g, ids, fan)) < TOL[torch.float16]
 
 

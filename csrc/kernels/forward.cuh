@@ -10,6 +10,12 @@
 // output is never read back by a separate pass (bench/NOTES-forward.md counts the bytes). Embedding is the
 // same expand with the A columns of the token ids as t and the embedding rows as the base.
 //
+// The factors A and B are float32 or of the activations' dtype T (Tab, a template argument, as for the merge
+// kernels): float32 factors on a fp16/bf16 model, the layers' default, are read as they are stored, with no
+// cast launched per call. The FFMA paths (the fused kernel's x A^T, every expand, the embedding's gather)
+// compute with their float32 values; the WMMA shrink rounds A to T while staging it in shared memory (the
+// rounding a cast to T would make), keeping the tensor cores (see shrink_kernel).
+//
 // Kernels:
 //   fused_linear_kernel  M <= kFusedMaxM (decode): one launch; each CTA recomputes its group's t from x and
 //                        A (read through L2), then expands its column tile
@@ -80,11 +86,11 @@ constexpr size_t shrink_smem_bytes() {
                      : (size_t)(kShrinkM + kShrinkJ) * kLdXf * sizeof(float);
 }
 
-template <typename T>
+template <typename T, typename Tab>
 struct Args {
   const T* x;                // (M, K): the LoRA path's input, contiguous
-  const T* a;                // linear: (R, K); embedding: (r, num)
-  const T* b;                // (n*nb, r)
+  const Tab* a;              // linear: (R, K); embedding: (r, num)
+  const Tab* b;              // (n*nb, r)
   const T* bias;             // (N,) or null
   const T* table;            // embedding weight (num, N); null for linear
   const long long* ids;      // embedding token ids (M,)
@@ -105,10 +111,48 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <typename T>
-__device__ __forceinline__ float dot16(const Vec16<T>& a, const Vec16<T>& b, float acc) {
+// Vec16<T>::kN consecutive factor elements (Tab: float32, or T itself): what a 16-byte vector of T meets in the
+// factors. Kept in Tab until used, so that 16-bit factors stay packed in registers.
+template <typename T, typename Tab>
+struct alignas(16) FactorVec {
+  static constexpr int kN = Vec16<T>::kN;
+  Tab v[kN];
+};
+
+// Loads a FactorVec; elements past `valid` read as zero. kVector: whole 16-byte accesses when all kN are valid
+// (the caller guarantees the alignment): one when Tab is T, two for float32 factors of a 16-bit T.
+template <bool kVector, typename T, typename Tab>
+__device__ __forceinline__ void load_factors(FactorVec<T, Tab>& out, const Tab* p, int valid) {
+  constexpr int kN = Vec16<T>::kN, kPer = Vec16<Tab>::kN;
+  static_assert(kN % kPer == 0, "whole 16-byte vectors of Tab");
+  if (kVector && valid >= kN) {
+    LORA_UNROLL
+    for (int h = 0; h < kN / kPer; ++h) {
+      const Vec16<Tab> v = load16<Vec16<Tab>>(p + h * kPer);
+      LORA_UNROLL
+      for (int u = 0; u < kPer; ++u) out.v[h * kPer + u] = v.v[u];
+    }
+    return;
+  }
   LORA_UNROLL
-  for (int v = 0; v < Vec16<T>::kN; ++v) acc = fmaf(to_float(a.v[v]), to_float(b.v[v]), acc);
+  for (int i = 0; i < kN; ++i) out.v[i] = i < valid ? p[i] : from_float<Tab>(0.f);
+}
+
+// An element as type U: itself when it is a U, else through float32 (exact to float32; rounded to nearest even
+// to a 16-bit U, as a cast rounds).
+template <typename U, typename V>
+__device__ __forceinline__ U as_type(V v) {
+  if constexpr (std::is_same<U, V>::value)
+    return v;
+  else
+    return from_float<U>(to_float(v));
+}
+
+// acc + a . x over one 16-byte vector of x, in float32 (factors unrounded).
+template <typename T, typename Tab>
+__device__ __forceinline__ float dot16(const FactorVec<T, Tab>& a, const Vec16<T>& x, float acc) {
+  LORA_UNROLL
+  for (int v = 0; v < Vec16<T>::kN; ++v) acc = fmaf(to_float(a.v[v]), to_float(x.v[v]), acc);
   return acc;
 }
 
@@ -118,8 +162,8 @@ __device__ __forceinline__ float dot16(const Vec16<T>& a, const Vec16<T>& b, flo
 //   t(m, i):   rank i of group j for row m (fp32), only called for j >= 0
 //   base(m):   pointer to the base row at this block's column 0 (bias, an embedding row), or null for 0
 // Thread (g, v) owns column vector v (16 bytes of out) for rows g, g + 8, ...: the stores coalesce along rows.
-template <typename T, bool kVector, int kRowsPerThread, typename TSource, typename BaseRow>
-__device__ __forceinline__ void expand_tile(const Args<T>& p, float* smem, int e, int j, int m0, int c0,
+template <typename T, typename Tab, bool kVector, int kRowsPerThread, typename TSource, typename BaseRow>
+__device__ __forceinline__ void expand_tile(const Args<T, Tab>& p, float* smem, int e, int j, int m0, int c0,
                                             const TSource& t_of, const BaseRow& base) {
   constexpr int kVec = Vec16<T>::kN, kCols = tile_cols<T>(), kLdB = ld_bs<T>();
   constexpr int kRows = kRowGroups * kRowsPerThread;
@@ -136,7 +180,7 @@ __device__ __forceinline__ void expand_tile(const Args<T>& p, float* smem, int e
     for (int v = 0; v < kVec; ++v) acc[q][v] = 0.f;
 
   if (j >= 0) {  // uniform per CTA: the barriers below are reached by every thread or by none
-    const T* b_j = p.b + ((long long)j * p.nb + c0) * p.r;
+    const Tab* b_j = p.b + ((long long)j * p.nb + c0) * p.r;
     for (int k0 = 0; k0 < p.r; k0 += kRChunk) {
       const int kn = imin(kRChunk, p.r - k0);
       if (k0) __syncthreads();
@@ -203,15 +247,16 @@ constexpr int kFusedSteps = 4;
 
 // acc[s][m] += A_row[k_s, k_s + kVec) . x[m][k_s, k_s + kVec) for s < kSteps, k_s = k + s * 32 * kVec.
 // kFull: every one of the vectors lies inside K (no bounds checks); otherwise elements past K read as zeros.
-template <int kSteps, bool kFull, bool kVector, typename T>
-__device__ __forceinline__ void fused_dot(float (&acc)[kFusedSteps][kFusedMaxM], const T* a_row, const T* x,
+// A is read in Tab's precision (float32 factors unrounded).
+template <int kSteps, bool kFull, bool kVector, typename T, typename Tab>
+__device__ __forceinline__ void fused_dot(float (&acc)[kFusedSteps][kFusedMaxM], const Tab* a_row, const T* x,
                                           int K, int M, int k) {
   constexpr int kVec = Vec16<T>::kN, kStride = 32 * kVec;
-  Vec16<T> av[kSteps];
+  FactorVec<T, Tab> av[kSteps];
   LORA_UNROLL
   for (int s = 0; s < kSteps; ++s) {
     const int ks = k + s * kStride;
-    load_elems<kVector>(av[s], a_row + ks, kFull ? kVec : imin(kVec, K - ks));
+    load_factors<kVector>(av[s], a_row + ks, kFull ? kVec : imin(kVec, K - ks));
   }
   LORA_UNROLL
   for (int m = 0; m < kFusedMaxM; ++m) {
@@ -227,8 +272,8 @@ __device__ __forceinline__ void fused_dot(float (&acc)[kFusedSteps][kFusedMaxM],
   }
 }
 
-template <typename T, bool kVector>
-__global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T> p) {
+template <typename T, typename Tab, bool kVector>
+__global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T, Tab> p) {
   constexpr int kVec = Vec16<T>::kN, kStride = 32 * kVec;
   LORA_DYNAMIC_SHARED(float, smem);
   float* t_s = smem + expand_smem_floats<T>(kRowGroups);  // [m][rank], r per row
@@ -236,7 +281,7 @@ __global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T> p) {
   if (j >= 0) {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     for (int i = warp; i < p.r; i += kWarps) {
-      const T* a_row = p.a + (long long)(j * p.r + i) * p.K;
+      const Tab* a_row = p.a + (long long)(j * p.r + i) * p.K;
       float acc[kFusedSteps][kFusedMaxM];
       LORA_UNROLL
       for (int s = 0; s < kFusedSteps; ++s)
@@ -262,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T> p) {
   const float* ts = t_s;
   const int r = p.r;
   const T* bias = p.bias;
-  expand_tile<T, kVector, 1>(
+  expand_tile<T, Tab, kVector, 1>(
       p, smem, e, j, 0, blockIdx.x * tile_cols<T>(), [&](int m, int i) { return ts[m * r + i]; },
       [&](int) { return bias; });
 }
@@ -270,8 +315,13 @@ __global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T> p) {
 // t partials: part[z, m, jj] = sum over split z's K range of x[m, k] * A[jj, k].
 // Grid: x = 64-row tiles of M, y = 32-column tiles of R, z = K splits. kTensorCore: WMMA m16n16k16 on
 // fp16/bf16 (8 warps = 4 row x 2 column fragments); otherwise each thread computes 2 rows x 4 columns.
-template <typename T, bool kTensorCore, bool kVector>
-__global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> p) {
+// float32 factors with fp16/bf16 activations (Tab float, T 16-bit) take the WMMA path: A is rounded to T as
+// it is staged, the rounding the per-call cast this replaced made (the MMA sees the same operands, so t is as
+// before), and the shrink keeps the tensor cores. The FFMA path would keep A exact but do the shrink's
+// 2*M*K*R flops at the FFMA rate, several times the tensor cores' time at r >= 32. A is then read in float32,
+// twice its 16-bit bytes, mostly from L2 (every row tile of M reads it again), and is small beside x.
+template <typename T, typename Tab, bool kTensorCore, bool kVector>
+__global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
   constexpr int kVec = Vec16<T>::kN;
   using S = typename std::conditional<kTensorCore, T, float>::type;
   constexpr int kLd = kTensorCore ? kLdXh : kLdXf;
@@ -306,16 +356,22 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> p) {
       const int rr = is_x ? row : row - kShrinkM;
       const bool inside = rr < (is_x ? rows : cols);
       const int valid = inside ? imin(kVec, k_end - (k0 + kk)) : 0;
-      const T* src = is_x ? p.x + (long long)(m0 + rr) * p.K : p.a + (long long)(j0 + rr) * p.K;
-      Vec16<T> v;
-      load_elems<kVector>(v, src + k0 + kk, valid);
+      // (a warp's 32 accesses cover whole rows, 8 or 4 of them, and 64 is a multiple: is_x is uniform per warp)
+      const T* x_src = p.x + (long long)(m0 + rr) * p.K + k0 + kk;
+      const Tab* a_src = p.a + (long long)(j0 + rr) * p.K + k0 + kk;
       S* dst = xs + row * kLd + kk;  // xs and as are one array of kShrinkM + kShrinkJ rows
-      LORA_UNROLL
-      for (int u = 0; u < kVec; ++u) {
-        if constexpr (kTensorCore)
-          dst[u] = v.v[u];
-        else
-          dst[u] = to_float(v.v[u]);
+      // A (Tab) meets T here: the tensor cores take it rounded to T (as_type: to nearest even, as a cast to T
+      // rounds), the FFMA path (S = T = Tab = float32) as it is
+      if (is_x) {
+        Vec16<T> v;
+        load_elems<kVector>(v, x_src, valid);
+        LORA_UNROLL
+        for (int u = 0; u < kVec; ++u) dst[u] = as_type<S>(v.v[u]);
+      } else {
+        FactorVec<T, Tab> v;
+        load_factors<kVector>(v, a_src, valid);
+        LORA_UNROLL
+        for (int u = 0; u < kVec; ++u) dst[u] = as_type<S>(v.v[u]);
       }
     }
     __syncthreads();
@@ -367,14 +423,14 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T> p) {
 }
 
 // Grid: x = kExpandRows-row tiles of M, y = column tiles of one output block, z = output block.
-template <typename T, bool kVector>
-__global__ void __launch_bounds__(kThreads) expand_kernel(Args<T> p) {
+template <typename T, typename Tab, bool kVector>
+__global__ void __launch_bounds__(kThreads) expand_kernel(Args<T, Tab> p) {
   LORA_DYNAMIC_SHARED(float, smem);
   const int e = blockIdx.z, j = p.slot[e];
   const float* part = p.part;
   const int splits = p.splits, M = p.M, R = p.R, base_col = j * p.r;
   const T* bias = p.bias;
-  expand_tile<T, kVector, kExpandRowsPerThread>(
+  expand_tile<T, Tab, kVector, kExpandRowsPerThread>(
       p, smem, e, j, blockIdx.x * kExpandRows, blockIdx.y * tile_cols<T>(),
       [&](int m, int i) {
         float s = 0.f;
@@ -392,18 +448,19 @@ __global__ void __launch_bounds__(kThreads) expand_kernel(Args<T> p) {
 // that no thread reads outside A or the table while the assert stops the kernel (an id out of range reads
 // row 0). The launch bound keeps the registers where they were before the assert's call: float32 48 (five
 // blocks per multiprocessor), fp16/bf16 64 (four, as their shared memory allows); unbounded, fp16/bf16 take 74
-// registers and three blocks.
-template <typename T>
+// registers and three blocks. float32 factors with fp16/bf16 activations spill at 64 on sm_80 (8 bytes), so
+// they take three blocks (77-80 registers).
+template <typename T, typename Tab>
 constexpr int embedding_min_blocks() {
-  return sizeof(T) == 4 ? 5 : 4;
+  return sizeof(T) == 4 ? 5 : std::is_same<T, Tab>::value ? 4 : 3;
 }
 
-template <typename T, bool kVector>
-__global__ void __launch_bounds__(kThreads, embedding_min_blocks<T>()) embedding_kernel(Args<T> p) {
+template <typename T, typename Tab, bool kVector>
+__global__ void __launch_bounds__(kThreads, embedding_min_blocks<T, Tab>()) embedding_kernel(Args<T, Tab> p) {
   static_assert(kExpandRows <= kThreads, "one thread per id of the tile");
   LORA_DYNAMIC_SHARED(float, smem);
   const long long* ids = p.ids;
-  const T* a = p.a;
+  const Tab* a = p.a;
   const T* table = p.table;
   const long long num_embeddings = p.num, ld = p.N;
   const int m0 = blockIdx.x * kExpandRows;
@@ -417,7 +474,7 @@ __global__ void __launch_bounds__(kThreads, embedding_min_blocks<T>()) embedding
     const long long id = ids[m];
     return (unsigned long long)id < (unsigned long long)num_embeddings ? id : 0LL;  // row 0 exists (host check)
   };
-  expand_tile<T, kVector, kExpandRowsPerThread>(
+  expand_tile<T, Tab, kVector, kExpandRowsPerThread>(
       p, smem, 0, 0, m0, blockIdx.y * tile_cols<T>(),
       [&](int m, int i) { return to_float(a[(long long)i * num_embeddings + id_of(m)]); },
       [&](int m) { return table + id_of(m) * ld; });

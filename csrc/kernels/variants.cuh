@@ -29,18 +29,24 @@
   X(__nv_bfloat16, __nv_bfloat16, true, true)   \
   X(__nv_bfloat16, __nv_bfloat16, true, false)
 
-// The forward kernels of one dtype T: fused_linear_kernel, expand_kernel and embedding_kernel<T, kVector>
-// and shrink_kernel<T, kTensorCore, kVector>. kTensorCore is the shrink's path for T (WMMA for fp16/bf16),
-// so each (T, kVector) appears once. kVector (16-byte accesses) or element-wise, as x_lora's pointer (linear),
-// the table's (embedding), K and the features per block allow; a misaligned A or bias is copied to aligned
-// storage rather than costing the vector variant (ops/forward_host.h).
-#define LORA_FORWARD_VARIANTS(X) \
-  X(float, false, true)          \
-  X(float, false, false)         \
-  X(__half, true, true)          \
-  X(__half, true, false)         \
-  X(__nv_bfloat16, true, true)   \
-  X(__nv_bfloat16, true, false)
+// The forward kernels of activations of type T and factors of type Tab (float32, or T: read as stored, no
+// per-call cast): fused_linear_kernel, expand_kernel and embedding_kernel<T, Tab, kVector> and
+// shrink_kernel<T, Tab, kTensorCore, kVector>. kTensorCore is the shrink's path for T (WMMA for fp16/bf16,
+// float32 A rounded to T as it is staged), so each (T, Tab, kVector) appears once. kVector (16-byte accesses)
+// or element-wise, as x_lora's pointer (linear), the table's (embedding), K and the features per block allow;
+// a misaligned A or bias is copied to aligned storage rather than costing the vector variant
+// (ops/forward_host.h).
+#define LORA_FORWARD_VARIANTS(X)                \
+  X(float, float, false, true)                  \
+  X(float, float, false, false)                 \
+  X(__half, float, true, true)                  \
+  X(__half, float, true, false)                 \
+  X(__half, __half, true, true)                 \
+  X(__half, __half, true, false)                \
+  X(__nv_bfloat16, float, true, true)           \
+  X(__nv_bfloat16, float, true, false)          \
+  X(__nv_bfloat16, __nv_bfloat16, true, true)   \
+  X(__nv_bfloat16, __nv_bfloat16, true, false)
 
 // merge_lossless_kernel, unmerge_lossless_kernel and swap_lossless_kernel<T, Tab, kVector> (kernels/lossless.cuh):
 // W of type T, factors of type Tab (float32, or W's dtype), always the fp32 FMA sum (no tensor-core entries);

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "dispatch.h"
@@ -109,58 +110,88 @@ inline LinearPlan check_linear(const char* op, const at::Tensor& x, const at::Te
 }
 
 // One entry of LORA_FORWARD_VARIANTS (kernels/variants.cuh), as a type.
-template <typename T_, bool kTensorCore_, bool kVector_>
+template <typename T_, typename Tab_, bool kTensorCore_, bool kVector_>
 struct Variant {
   using T = T_;
+  using Tab = Tab_;                                  // the factors' type: float32, or T
   static constexpr bool kTensorCore = kTensorCore_;  // the shrink's path for T
   static constexpr bool kVector = kVector_;
 
-  // e.g. "forward<Half, tensor_core=1, vector=1>" (lora_ext._sim.last_variant())
+  // e.g. "forward<BFloat16, factors=Float, tensor_core=1, vector=1>" (lora_ext._sim.last_variant())
   static std::string describe() {
-    return std::string("forward<") + c10::toString(scalar_type_of<T>) + ", tensor_core=" + (kTensorCore ? "1" : "0") +
+    return std::string("forward<") + c10::toString(scalar_type_of<T>) + ", factors=" +
+           c10::toString(scalar_type_of<Tab>) + ", tensor_core=" + (kTensorCore ? "1" : "0") +
            ", vector=" + (kVector ? "1" : "0") + ">";
   }
 };
 
-// The variants the host can select: float32, fp16 or bf16, with the shrink on tensor cores for fp16/bf16;
-// 16-byte accesses or not.
-template <typename T, bool kTensorCore, bool kVector>
+// The variants the host can select: activations float32, fp16 or bf16; factors float32 or the activations'
+// dtype (factor_type below); the shrink on tensor cores for fp16/bf16 activations, whichever the factors
+// (float32 A is rounded to T as the shrink stages it); 16-byte accesses or not.
+template <typename T, typename Tab, bool kTensorCore, bool kVector>
 constexpr bool selectable() {
   constexpr bool fp32 = std::is_same<T, float>::value;
-  return (fp32 || std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) && kTensorCore == !fp32;
+  constexpr bool factors = std::is_same<Tab, float>::value || std::is_same<Tab, T>::value;
+  return (fp32 || std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value) && factors &&
+         kTensorCore == !fp32;
 }
 
-template <typename T, bool kTensorCore, bool kVector>
+template <typename T, typename Tab, bool kTensorCore, bool kVector>
 constexpr bool listed() {
-#define LORA_FORWARD_LISTED(T_, TC_, VEC_) || (std::is_same<T, T_>::value && kTensorCore == TC_ && kVector == VEC_)
+#define LORA_FORWARD_LISTED(T_, TAB_, TC_, VEC_) \
+  || (std::is_same<T, T_>::value && std::is_same<Tab, TAB_>::value && kTensorCore == TC_ && kVector == VEC_)
   return false LORA_FORWARD_VARIANTS(LORA_FORWARD_LISTED);
 #undef LORA_FORWARD_LISTED
 }
 
-// LORA_FORWARD_VARIANTS lists exactly the selectable variants (over the three dtypes), so select_variant
-// below finds one for every checked call, and no kernel is compiled that nothing selects.
+// LORA_FORWARD_VARIANTS lists exactly the selectable variants (over the three dtypes for each of T and Tab), so
+// select_variant below finds one for every checked call, and no kernel is compiled that nothing selects.
+template <typename T, typename Tab>
+constexpr bool list_matches() {
+  return listed<T, Tab, false, false>() == selectable<T, Tab, false, false>() &&
+         listed<T, Tab, false, true>() == selectable<T, Tab, false, true>() &&
+         listed<T, Tab, true, false>() == selectable<T, Tab, true, false>() &&
+         listed<T, Tab, true, true>() == selectable<T, Tab, true, true>();
+}
 template <typename T>
 constexpr bool list_matches() {
-  return listed<T, false, false>() == selectable<T, false, false>() &&
-         listed<T, false, true>() == selectable<T, false, true>() &&
-         listed<T, true, false>() == selectable<T, true, false>() &&
-         listed<T, true, true>() == selectable<T, true, true>();
+  return list_matches<T, float>() && list_matches<T, __half>() && list_matches<T, __nv_bfloat16>();
 }
 static_assert(list_matches<float>() && list_matches<__half>() && list_matches<__nv_bfloat16>(),
               "LORA_FORWARD_VARIANTS (kernels/variants.cuh) must list exactly the variants the host can select");
 
-// Calls f(Variant<...>{}) for the entry of LORA_FORWARD_VARIANTS that matches the dtype and the vector
-// choice: the list is all the host instantiates. The Launch policy hears which one.
+// The dtype the kernels read the factors in: theirs when it is float32 or the activations' dtype (no copy);
+// otherwise (16-bit factors of the other 16-bit dtype, or 16-bit factors of a float32 model) float32, which
+// holds either exactly (one cast, as before; the layers never make such factors).
+inline at::ScalarType factor_type(at::ScalarType factors, at::ScalarType activations) {
+  return factors == at::kFloat || factors == activations ? factors : at::kFloat;
+}
+
+// Calls f(Variant<...>{}) for the entry of LORA_FORWARD_VARIANTS that matches the activations' dtype, the
+// factors' dtype and the vector choice: the list is all the host instantiates. The Launch policy hears which one.
 template <class Launch, typename F>
-void select_variant(const char* op, at::ScalarType dtype, bool vector, F&& f) {
-#define LORA_FORWARD_SELECT(T, TC, VEC)                      \
-  if (dtype == scalar_type_of<T> && vector == VEC) {         \
-    Launch::selected(&Variant<T, TC, VEC>::describe);        \
-    return f(Variant<T, TC, VEC>{});                         \
+void select_variant(const char* op, at::ScalarType dtype, at::ScalarType ab_type, bool vector, F&& f) {
+#define LORA_FORWARD_SELECT(T, TAB, TC, VEC)                                            \
+  if (dtype == scalar_type_of<T> && ab_type == scalar_type_of<TAB> && vector == VEC) { \
+    Launch::selected(&Variant<T, TAB, TC, VEC>::describe);                              \
+    return f(Variant<T, TAB, TC, VEC>{});                                               \
   }
   LORA_FORWARD_VARIANTS(LORA_FORWARD_SELECT)
 #undef LORA_FORWARD_SELECT
-  TORCH_CHECK(false, op, ": no kernel variant for ", dtype, " (vector=", vector, ") in LORA_FORWARD_VARIANTS");
+  TORCH_CHECK(false, op, ": no kernel variant for ", dtype, " with factors ", ab_type, " (vector=", vector,
+              ") in LORA_FORWARD_VARIANTS");
+}
+
+// A Launch policy may poison the outputs the op allocates (poison(at::Tensor&)): the simulator fills them with
+// NaN, so that an element no kernel writes fails every test that reads it. The CUDA launcher has none.
+template <class Launch, class = void>
+struct HasPoison : std::false_type {};
+template <class Launch>
+struct HasPoison<Launch, decltype(Launch::poison(std::declval<at::Tensor&>()))> : std::true_type {};
+
+template <class Launch>
+void poison_fresh(at::Tensor& out) {
+  if constexpr (HasPoison<Launch>::value) Launch::poison(out);
 }
 
 // Split-K for the shrink: enough CTAs for two per multiprocessor, each with at least 256 of K.
@@ -182,12 +213,12 @@ inline void check_col_tiles(const char* op, const char* what, int64_t nb, int64_
                     kMaxGridYZ * cols, " for this dtype)");
 }
 
-template <class Launch, typename T, bool kTensorCore, bool kVector>
-void launch_linear(const LinearPlan& p, kf::Args<T>& args, const at::Tensor& x, int sm_count) {
+template <class Launch, typename T, typename Tab, bool kTensorCore, bool kVector>
+void launch_linear(const LinearPlan& p, kf::Args<T, Tab>& args, const at::Tensor& x, int sm_count) {
   const unsigned col_tiles = (unsigned)ceil_div(p.nb, kf::tile_cols<T>());
   const dim3 block(kf::kThreads);
   if (fused(p)) {
-    Launch::run(&kf::fused_linear_kernel<T, kVector>, dim3(col_tiles, (unsigned)p.num_blocks), block,
+    Launch::run(&kf::fused_linear_kernel<T, Tab, kVector>, dim3(col_tiles, (unsigned)p.num_blocks), block,
                 kf::fused_smem_bytes<T>(), args);
     return;
   }
@@ -196,10 +227,10 @@ void launch_linear(const LinearPlan& p, kf::Args<T>& args, const at::Tensor& x, 
   choose_splits(m_tiles * j_tiles, p.K, sm_count, args.splits, args.k_per_split);
   const at::Tensor part = at::empty({args.splits, p.M, args.R}, x.options().dtype(at::kFloat));
   args.part = part.data_ptr<float>();
-  Launch::run(&kf::shrink_kernel<T, kTensorCore, kVector>,
+  Launch::run(&kf::shrink_kernel<T, Tab, kTensorCore, kVector>,
               dim3((unsigned)m_tiles, (unsigned)j_tiles, (unsigned)args.splits), block,
               kf::shrink_smem_bytes<T, kTensorCore>(), args);
-  Launch::run(&kf::expand_kernel<T, kVector>,
+  Launch::run(&kf::expand_kernel<T, Tab, kVector>,
               dim3((unsigned)ceil_div(p.M, kf::kExpandRows), col_tiles, (unsigned)p.num_blocks), block,
               kf::expand_smem_bytes<T>(), args);
 }
@@ -220,11 +251,15 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
   if (p.n == 0 || p.M == 0 || p.N == 0) return at::linear(x, w, bias);
   if (!fused(p)) check_col_tiles(op, "output features per block", p.nb, x.element_size());
   const auto dt = x.scalar_type();
+  // The factors as they are stored when float32 or x's dtype (the layers' cases: no copy, no launch); the
+  // kernels read float32 factors directly (Tab, kernels/forward.cuh).
+  const auto ft = factor_type(a.scalar_type(), dt);
   const at::Tensor xl = x_lora.reshape({p.M, p.K}).contiguous();
-  at::Tensor ac = a.to(dt).contiguous();
-  const at::Tensor bc = b.to(dt).contiguous();
+  at::Tensor ac = a.to(ft).contiguous();
+  const at::Tensor bc = b.to(ft).contiguous();
   at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({p.M, p.N}, x.options());
+  poison_fresh<Launch>(out);
 
   // 16-byte accesses need 16-byte aligned rows of x_lora and A (K a multiple of the vector) and of the output
   // and bias blocks (nb a multiple of it). x_lora is the large operand, the caller's activations: when its
@@ -236,13 +271,14 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
   const bool vector = aligned16(xl) && aligned16(out) && p.K % vec == 0 && p.nb % vec == 0;
   if (vector && !aligned16(ac)) ac = ac.clone(at::MemoryFormat::Contiguous);
   if (vector && !aligned16(bias_c)) bias_c = bias_c.clone(at::MemoryFormat::Contiguous);
-  select_variant<Launch>(op, dt, vector, [&](auto variant) {
+  select_variant<Launch>(op, dt, ft, vector, [&](auto variant) {
     using V = decltype(variant);
     using scalar_t = typename V::T;
-    kf::Args<scalar_t> args{};
+    using Tab = typename V::Tab;
+    kf::Args<scalar_t, Tab> args{};
     args.x = reinterpret_cast<const scalar_t*>(xl.data_ptr());
-    args.a = reinterpret_cast<const scalar_t*>(ac.data_ptr());
-    args.b = reinterpret_cast<const scalar_t*>(bc.data_ptr());
+    args.a = reinterpret_cast<const Tab*>(ac.data_ptr());
+    args.b = reinterpret_cast<const Tab*>(bc.data_ptr());
     args.bias = bias_c.defined() ? reinterpret_cast<const scalar_t*>(bias_c.data_ptr()) : nullptr;
     args.out = reinterpret_cast<scalar_t*>(out.data_ptr());
     args.M = (int)p.M;
@@ -254,7 +290,7 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
     args.scale = (float)scale;
     args.scale_ptr = scale_ptr;
     for (int64_t e = 0; e < p.num_blocks; ++e) args.slot[e] = p.slot[e];
-    launch_linear<Launch, scalar_t, V::kTensorCore, V::kVector>(p, args, x, sm_count);
+    launch_linear<Launch, scalar_t, Tab, V::kTensorCore, V::kVector>(p, args, x, sm_count);
   });
   out.addmm_(x.reshape({p.M, p.K}), w.t());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
@@ -295,17 +331,20 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
   const auto dt = weight.scalar_type();
   at::Tensor out = at::empty({M, dim}, weight.options());
   if (M == 0 || dim == 0) return out.view(shape);  // nothing to write: a zero-size grid is an invalid launch
+  poison_fresh<Launch>(out);
   const at::Tensor ids64 = ids.reshape({M}).to(at::kLong).contiguous();
   const at::Tensor table = weight.contiguous();
-  const at::Tensor ac = a.to(dt).contiguous(), bc = b.to(dt).contiguous();
+  const auto ft = factor_type(a.scalar_type(), dt);  // as for linear: float32 factors are read as stored
+  const at::Tensor ac = a.to(ft).contiguous(), bc = b.to(ft).contiguous();
   const int64_t vec = 16 / weight.element_size();
   const bool vector = aligned16(table) && aligned16(out) && dim % vec == 0;
-  select_variant<Launch>(op, dt, vector, [&](auto variant) {
+  select_variant<Launch>(op, dt, ft, vector, [&](auto variant) {
     using V = decltype(variant);
     using scalar_t = typename V::T;
-    kf::Args<scalar_t> args{};
-    args.a = reinterpret_cast<const scalar_t*>(ac.data_ptr());
-    args.b = reinterpret_cast<const scalar_t*>(bc.data_ptr());
+    using Tab = typename V::Tab;
+    kf::Args<scalar_t, Tab> args{};
+    args.a = reinterpret_cast<const Tab*>(ac.data_ptr());
+    args.b = reinterpret_cast<const Tab*>(bc.data_ptr());
     args.table = reinterpret_cast<const scalar_t*>(table.data_ptr());
     args.ids = reinterpret_cast<const long long*>(ids64.data_ptr<int64_t>());
     args.out = reinterpret_cast<scalar_t*>(out.data_ptr());
@@ -318,7 +357,7 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
     args.scale_ptr = scale_ptr;
     args.slot[0] = 0;
     const dim3 grid((unsigned)ceil_div(M, kf::kExpandRows), (unsigned)ceil_div(dim, kf::tile_cols<scalar_t>()));
-    Launch::run(&kf::embedding_kernel<scalar_t, V::kVector>, grid, dim3(kf::kThreads),
+    Launch::run(&kf::embedding_kernel<scalar_t, Tab, V::kVector>, grid, dim3(kf::kThreads),
                 kf::expand_smem_bytes<scalar_t>(), args);
   });
   return out.view(shape);

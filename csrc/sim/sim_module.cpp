@@ -4,6 +4,7 @@
 
 #include <torch/extension.h>
 
+#include <limits>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -46,7 +47,17 @@ struct SimLaunch {
   }
 
   static void selected(std::string (*describe)()) { set_last_variant(describe()); }
+
+  // The outputs the forward ops allocate start as NaN (ops/forward_host.h, poison_fresh): an element that no
+  // kernel writes is NaN in the result (the base GEMM adds onto it), where a GPU's fresh memory could hold
+  // anything, zeros included.
+  static void poison(at::Tensor& out) {
+    if (out.is_floating_point()) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
 };
+
+// The poison hook must be seen by forward_host.h's detection, or the outputs would silently go unpoisoned.
+static_assert(lora_ext::forward_host::HasPoison<SimLaunch>::value, "SimLaunch::poison is not detected");
 
 // The simulator fills the split-K shrink as for a GPU of this many multiprocessors (an H100/H200), so that
 // CI runs the same kernel selection as the GPU.
@@ -197,7 +208,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_workers", &set_workers, "OS threads running blocks (0: one per core)", py::arg("n"));
   m.def("last_variant", &last_variant,
         "The kernel variant the host code selected in the latest op call, e.g. "
-        "'forward<Float, tensor_core=0, vector=1>', 'merge<W=Half, factors=Half, tensor_core=1, vector=0>' or "
+        "'forward<Float, factors=Float, tensor_core=0, vector=1>', 'merge<W=Half, factors=Half, tensor_core=1, vector=0>' or "
         "'batched<BFloat16, segment=1, vector=1>'; "
         "'' when that call launched no kernel");
 }

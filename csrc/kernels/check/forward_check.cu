@@ -6,10 +6,10 @@
 
 namespace kf = lora_ext::kernels::forward;
 
-#define LORA_INSTANTIATE(T, TC, VEC)                                      \
-  template __global__ void kf::fused_linear_kernel<T, VEC>(kf::Args<T>); \
-  template __global__ void kf::shrink_kernel<T, TC, VEC>(kf::Args<T>);   \
-  template __global__ void kf::expand_kernel<T, VEC>(kf::Args<T>);       \
-  template __global__ void kf::embedding_kernel<T, VEC>(kf::Args<T>);
+#define LORA_INSTANTIATE(T, TAB, TC, VEC)                                                \
+  template __global__ void kf::fused_linear_kernel<T, TAB, VEC>(kf::Args<T, TAB>);     \
+  template __global__ void kf::shrink_kernel<T, TAB, TC, VEC>(kf::Args<T, TAB>);       \
+  template __global__ void kf::expand_kernel<T, TAB, VEC>(kf::Args<T, TAB>);           \
+  template __global__ void kf::embedding_kernel<T, TAB, VEC>(kf::Args<T, TAB>);
 
 LORA_FORWARD_VARIANTS(LORA_INSTANTIATE)
