@@ -148,6 +148,22 @@ class LoRALayer(NamedAdapters):
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
         self._merged_scaling = scaling
         self.__dict__["_merged_record"] = record
+        self._note_written()
+
+    def _note_written(self) -> None:
+        """Records the weight's storage and version counter as this layer's last write left them, so that a load
+        that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place)."""
+        w = sharded.local(self._weight_param())
+        self.__dict__["_written"] = (w.untyped_storage().data_ptr(), w._version)
+
+    def _written_in_place(self, state_dict, prefix) -> bool:
+        """Whether `state_dict` hands this layer its own live weight, written in place since the layer's last write
+        (torch.distributed.checkpoint's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True) copies
+        rank 0's values into the live parameters, then loads them into themselves). False when unknown."""
+        if state_dict.get(prefix + self._weight_key) is not self._weight_param():
+            return False
+        w, record = sharded.local(self._weight_param()), self.__dict__.get("_written")
+        return record is not None and record[0] == w.untyped_storage().data_ptr() and record[1] != w._version
 
     def _lossless_now(self) -> bool:
         """Whether the next merge writes a lossless record: `lossless` if set, else on for float16/bfloat16
@@ -388,7 +404,12 @@ class LoRALayer(NamedAdapters):
                     ops.check_finite(f"loading {self._describe()} adapter {self.active_adapter!r}", A, B,
                                      self.scaling, weight_dtype=self._weight_2d().dtype)
                 # Loading brings a base weight and/or new factors: hold the base now, merge again after.
-                self._unmerge()
+                if self._written_in_place(state_dict, prefix):
+                    # the loader wrote the live weight already: it holds the loaded base, nothing to take out
+                    self._set_merged(None, None, None)
+                    self._finite_stamps.pop(MERGED, None)
+                else:
+                    self._unmerge()
                 self.merged = False  # until the post-load hook merges again: forwards in between stay right
                 self._remerge_pending = True
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)

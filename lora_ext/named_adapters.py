@@ -390,7 +390,10 @@ class NamedAdapters:
         refused before anything changes). An optimizer built over them keeps its state across the switch:
         build one per adapter you train."""
         live_A, live_B = self.lora_A, self.lora_B
-        lora_A, lora_B = sharded.full(lora_A).detach(), sharded.full(lora_B).detach()
+        # in the live factors' dtype, as an unsharded switch makes them: a merged switch adds what the layer holds
+        device = sharded.local(live_A).device
+        lora_A = sharded.full(lora_A).detach().to(device, live_A.dtype)
+        lora_B = sharded.full(lora_B).detach().to(device, live_B.dtype)
         if lora_A.shape != live_A.shape or lora_B.shape != live_B.shape:
             raise ValueError(f"{self._describe()}: the live factors are DTensors (FSDP2's fully_shard, or "
                              f"lora_ext.parallel's styles) of shapes {tuple(live_A.shape)} and "
@@ -398,8 +401,9 @@ class NamedAdapters:
                              f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)} (rank {self.rank_of(lora_A)}, live "
                              f"rank {self.r}). Pad the adapters to a common rank, or switch before sharding")
         self._swap_merged(lora_A, lora_B, scaling)
-        sharded.copy_into(live_A, lora_A)
-        sharded.copy_into(live_B, lora_B)
+        where = f"{self._describe()} adapter {name!r}"
+        sharded.copy_into(live_A, lora_A, where=where, scales=(scaling,))
+        sharded.copy_into(live_B, lora_B, where=where, scales=(scaling,))
         self.scaling = scaling
         self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
 

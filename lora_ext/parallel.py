@@ -183,6 +183,7 @@ class _LoRAStyle(ParallelStyle):
                 rank = device_mesh.get_local_rank()
                 module.__dict__["_tp"] = Spec(self.style, device_mesh, rank * per, (rank + 1) * per, self.blocks)
                 module.__class__ = _STRIDED[type(module)]
+                module._note_written()  # a loader writing the shard in place is seen (_load_from_state_dict)
                 return module
             from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
             w = module.weight
@@ -234,6 +235,19 @@ class _StridedMerges:
     """Merges, unmerges and switches of a layer sharded by ColwiseLoRA(blocks=k): one ops call on the local shard
     with the matching rows of lora_B, no communication but the agreement on a lossless refusal (as
     lora_ext.sharded's)."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._written_in_place(state_dict, prefix):
+            # torch.distributed.checkpoint's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)
+            # copies each rank's slice of rank 0's tensors into the live parameters, then loads them into
+            # themselves; it slices a _StridedShard as one contiguous chunk, so this rank's shard holds other rows
+            spec = self.__dict__["_tp"]
+            raise RuntimeError(f"ColwiseLoRA(blocks={spec.blocks}) {self._describe()} at {prefix!r}: a loader wrote "
+                               f"its weight shard in place (set_model_state_dict with broadcast_from_rank0=True), "
+                               f"cutting the block-strided shard as one contiguous chunk: this rank's shard now "
+                               f"holds rows of other ranks. Load it again with full_state_dict=True and "
+                               f"broadcast_from_rank0=False, or model.load_state_dict(full_state_dict)")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _merge_into(self, weight, A, B, s, exact):
         if not sharded.is_dtensor(weight):

@@ -287,14 +287,15 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=No
     return out if record is not None else None
 
 
-def copy_into(param: Tensor, value: Tensor, *, check: bool = True, where: Optional[str] = None) -> None:
+def copy_into(param: Tensor, value: Tensor, *, check: bool = True, where: Optional[str] = None,
+              scales=()) -> None:
     """Writes the whole tensor `value` into the DTensor parameter `param`'s local shard. check (a switch writing
     the live factors): refused on every rank before writing unless every rank writes the same value (`consensus`:
-    one small all-reduce)."""
+    one small all-reduce; `scales`, the scaling that goes with the value, agreed on too)."""
     from torch.distributed.tensor import distribute_tensor
     if check:
         consensus(param, "copy", where or f"a switch writing a sharded LoRA factor of shape {tuple(param.shape)}",
-                  (value,))
+                  (value,), scales)
     with torch.no_grad():
         param.to_local().copy_(distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements,
                                                  src_data_rank=None).to_local())
