@@ -412,7 +412,11 @@ class LoRALayer(NamedAdapters):
                     self._unmerge()
                 self.merged = False  # until the post-load hook merges again: forwards in between stay right
                 self._remerge_pending = True
+            live = (self._parameters.get("lora_A"), self._parameters.get("lora_B"))
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+            if any(self._parameters.get(k) is not p for k, p in zip(("lora_A", "lora_B"), live)):
+                # assign=True: the loaded tensors are the active adapter's own Parameters now, lent to no one
+                self.__dict__.update(_owner=None, _active_own=None)
 
 
 class Embedding(LoRALayer, nn.Embedding):

@@ -385,3 +385,25 @@ def test_serving_then_training_under_ddp_keeps_the_parameters_ddp_synchronises()
     results = run_ranks(_ddp_serve_then_train)
     assert all(r["held"] and r["trained"] for r in results), results
     assert torch.equal(results[0]["A"], results[1]["A"]) and torch.equal(results[0]["B"], results[1]["B"])
+
+
+def test_load_state_dict_assign_while_parameters_are_lent_keeps_every_adapter():
+    """A serving switch lends b's own Parameters to `default`; load_state_dict(assign=True) then puts new tensors
+    in their place. The layer must forget the loan: before, the next trainable switch wrote b's values into the
+    assigned tensors (default's loaded factors lost, silently)."""
+    g = torch.Generator().manual_seed(3)
+    layer = lora.Linear(8, 6, r=2)
+    add_random_adapter(layer, "b", 2, 1.0, g)
+    lora.mark_only_lora_as_trainable(layer)
+    layer.set_adapter("b")  # b's own Parameters, trainable
+    b_values = tuple(t.detach().clone() for t in layer.get_adapter("b")[:2])
+    layer.requires_grad_(False)
+    layer.set_adapter("default")  # a serving switch: b's Parameters now serve default
+    loaded = {k: v.clone() for k, v in layer.state_dict().items()}
+    loaded["lora_A"], loaded["lora_B"] = torch.randn(2, 8, generator=g), torch.randn(6, 2, generator=g)
+    layer.load_state_dict(loaded, assign=True)
+    lora.mark_only_lora_as_trainable(layer)
+    layer.set_adapter("b")
+    assert torch.equal(layer.lora_A, b_values[0]) and torch.equal(layer.lora_B, b_values[1])
+    A, B, _ = layer.get_adapter("default")
+    assert torch.equal(A, loaded["lora_A"]) and torch.equal(B, loaded["lora_B"])
