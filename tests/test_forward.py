@@ -331,7 +331,13 @@ def test_linear_argument_errors(case):
 @pytest.mark.parametrize("lead", [(1,), (7,), (2, 40), (300,)])
 @pytest.mark.parametrize("k,nb,r", [(53, 37, 4), (256, 264, 16)])
 def test_cuda_linear_kernels(cuda, dtype, pattern, lead, k, nb, r):
+    _check_cuda_linear(cuda, dtype, pattern, lead, k, nb, r, float32_factors=False)
+
+
+def _check_cuda_linear(cuda, dtype, pattern, lead, k, nb, r, float32_factors):
     w, b, A, B, g, ids, fan = _layer(pattern, k, nb, r, dtype, device=cuda.device)
+    if float32_factors:
+        A, B = torch.randn(A.shape, device=cuda.device), torch.randn(B.shape, device=cuda.device)
     x = torch.randn(*lead, k, device=cuda.device).to(dtype)
     y = cuda.kernels.linear(x, x, w, b, A, B, 0.75, g, ids, fan)
     cuda.synchronize()
@@ -346,13 +352,7 @@ def test_cuda_linear_kernels(cuda, dtype, pattern, lead, k, nb, r):
 @pytest.mark.parametrize("k,nb,r", [(53, 37, 4), (1096, 264, 16)])
 def test_cuda_linear_kernels_float32_factors(cuda, dtype, pattern, lead, k, nb, r):
     # the layers' default: float32 factors on a 16-bit model, read by the kernels as stored (no cast)
-    w, b, A, B, g, ids, fan = _layer(pattern, k, nb, r, dtype, device=cuda.device)
-    A, B = torch.randn(A.shape, device=cuda.device), torch.randn(B.shape, device=cuda.device)
-    x = torch.randn(*lead, k, device=cuda.device).to(dtype)
-    y = cuda.kernels.linear(x, x, w, b, A, B, 0.75, g, ids, fan)
-    cuda.synchronize()
-    assert y.shape == (*lead, g * nb) and y.dtype == dtype
-    assert_close_rel(y, linear64(x, x, w, b, A, B, 0.75, g, ids, fan), dtype)
+    _check_cuda_linear(cuda, dtype, pattern, lead, k, nb, r, float32_factors=True)
 
 
 @pytest.mark.gpu

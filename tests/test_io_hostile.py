@@ -583,7 +583,8 @@ def test_a_save_waits_for_a_switch_in_progress_on_another_thread(tmp_path):
     assert halfway.wait(30)
     saver = threading.Thread(target=save)
     saver.start()
-    saver.join(0.5)  # a save that does not wait for the switch is done (or refused) by now
+    saver.join(0.5)
+    assert saver.is_alive(), saved  # waiting for the switch's lock (a save that does not wait may be done by now)
     go.set()
     switcher.join(30)
     saver.join(30)
