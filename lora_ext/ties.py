@@ -9,7 +9,9 @@ which is right for every holder. Injection marks weights tied to plain modules (
 
 The registry maps a weight Parameter (by identity) to the layers that took it: a layer's register_parameter
 ("weight") and every merge attempt note it. An entry ends with its Parameter; a layer that later took another
-weight is filtered out when checked (its weight is no longer the same object). A weight shared as two
+weight is filtered out when checked (its weight is no longer the same object). Layers that ever took one weight
+stay each other's peers: a tied weight that is replaced in both modules' _parameters without register_parameter
+(FSDP2's fully_shard puts one DTensor Parameter there) is still seen as shared when both hold the new one. A weight shared as two
 Parameter objects over one storage (`nn.Parameter(l1.weight.data)`) is not seen: that is not a tie torch or
 transformers make."""
 
@@ -19,6 +21,7 @@ from typing import List
 
 _lock = threading.RLock()
 _holders = {}  # id(weight) -> (weakref to the weight, WeakSet of the layers that took it)
+_peers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the layers that took a weight it took
 
 
 def note(weight, layer) -> None:
@@ -37,6 +40,10 @@ def note(weight, layer) -> None:
 
             entry = (weakref.ref(weight, _drop), weakref.WeakSet())
             _holders[key] = entry
+        for other in list(entry[1]):
+            if other is not layer:
+                _peers.setdefault(layer, weakref.WeakSet()).add(other)
+                _peers.setdefault(other, weakref.WeakSet()).add(layer)
         entry[1].add(layer)
 
 
@@ -44,9 +51,8 @@ def others(layer, weight) -> List:
     """The live lora_ext layers other than `layer` whose weight is the Parameter `weight` now."""
     with _lock:
         entry = _holders.get(id(weight))
-        if entry is None or entry[0]() is not weight:
-            return []
-        layers = list(entry[1])
+        layers = list(entry[1]) if entry is not None and entry[0]() is weight else []
+        layers += [peer for peer in _peers.get(layer, ()) if peer not in layers]
     return [other for other in layers if other is not layer and other._weight_param() is weight]
 
 

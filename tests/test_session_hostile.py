@@ -1,0 +1,71 @@
+"""A hostile look at the session's ties, adapters-switch and refusal changes: each test failed before its fix."""
+import warnings
+
+import torch
+import torch.nn as nn
+
+import lora_ext as lora
+from dist import run_ranks
+
+
+class TiedPair(nn.Module):
+    """Two lora_ext Linears computing with one weight Parameter (`l2.weight = l1.weight`), each with its adapter."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)  # the base weights too: every rank builds the same model
+        g = torch.Generator().manual_seed(0)
+        self.l1 = lora.Linear(8, 8, r=2)
+        self.l2 = lora.Linear(8, 8, r=2)
+        self.l2.weight = self.l1.weight
+        with torch.no_grad():
+            for layer in (self.l1, self.l2):
+                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+        self.double()
+
+    def forward(self, x):
+        return self.l2(self.l1(x))
+
+
+def _x():
+    return torch.randn(3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _eval_outputs(net):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net.eval()
+    with torch.no_grad():
+        return net(_x()), [net.l1.merged, net.l2.merged]
+
+
+def test_tie_seen_after_parameters_replaced_in_place():
+    """What FSDP2 (unsafe_setattr_param) does to a tied weight: one new Parameter set into both modules'
+    _parameters, bypassing register_parameter. eval() merged l1's adapter into the shared weight (l2 then computed
+    with l1's update in its base, 0.8 off), with only l2 warning that it stayed unmerged."""
+    net = TiedPair()
+    with torch.no_grad():
+        ref = net(_x())
+    p = nn.Parameter(net.l1.weight.detach().clone())
+    net.l1._parameters["weight"] = p
+    net.l2._parameters["weight"] = p
+    y, merged = _eval_outputs(net)
+    assert merged == [False, False]
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+def _fsdp_tied(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    net = TiedPair()
+    with torch.no_grad():
+        ref = net(_x())
+    fully_shard(net)
+    y, merged = _eval_outputs(net)
+    return ref, y, merged
+
+
+def test_fsdp2_tied_lora_layers_not_merged():
+    for ref, y, merged in run_ranks(_fsdp_tied):
+        assert merged == [False, False]
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
