@@ -19,9 +19,12 @@ import threading
 import weakref
 from typing import List
 
+from torch.nn.modules import module as _torch_module
+
 _lock = threading.RLock()
 _holders = {}  # id(weight) -> (weakref to the weight, WeakSet of the layers that took it)
 _peers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the layers that took a weight it took
+_convs = weakref.WeakKeyDictionary()  # a ConvLoRA's inner conv -> WeakSet of the ConvLoRA layers holding it
 
 
 def note(weight, layer) -> None:
@@ -62,3 +65,34 @@ def names(layer) -> List[str]:
     note(weight, layer)
     tied = list(layer.__dict__.get("_tied_with") or ())
     return tied + [other._describe() + f" at 0x{id(other):x}" for other in others(layer, weight)]
+
+
+def _is_conv_layer(module) -> bool:
+    return getattr(type(module), "_weight_key", None) == "conv.weight"  # layers.ConvLoRA (no import cycle)
+
+
+def _on_module(module, name, submodule):
+    """A ConvLoRA's conv set (`c2.conv = c1.conv`, injection's adoption): the layer takes its conv's weight."""
+    if name == "conv" and submodule is not None and _is_conv_layer(module):
+        with _lock:
+            try:
+                _convs.setdefault(submodule, weakref.WeakSet()).add(module)
+            except TypeError:  # a conv class without hashing: its weight is noted at each merge only
+                pass
+        note(submodule._parameters.get("weight"), module)
+
+
+def _on_parameter(module, name, param):
+    """A conv's weight set (`c2.conv.weight = c1.conv.weight`): torch's register_parameter, not the layer's."""
+    if name == "weight" and param is not None and _convs:
+        try:
+            layers = list(_convs.get(module, ()))
+        except TypeError:
+            return
+        for layer in layers:
+            if layer._modules.get("conv") is module:
+                note(param, layer)
+
+
+_torch_module.register_module_module_registration_hook(_on_module)
+_torch_module.register_module_parameter_registration_hook(_on_parameter)

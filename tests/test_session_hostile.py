@@ -1,6 +1,7 @@
 """A hostile look at the session's ties, adapters-switch and refusal changes: each test failed before its fix."""
 import warnings
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -69,3 +70,42 @@ def test_fsdp2_tied_lora_layers_not_merged():
     for ref, y, merged in run_ranks(_fsdp_tied):
         assert merged == [False, False]
         torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+
+
+class TiedConvs(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.c1 = lora.Conv2d(3, 3, 3, r=2, padding=1)
+        self.c2 = lora.Conv2d(3, 3, 3, r=2, padding=1)
+        if how == "weight":
+            self.c2.conv.weight = self.c1.conv.weight  # torch's register_parameter, on the inner conv
+        else:
+            self.c2.conv = self.c1.conv
+        with torch.no_grad():
+            for layer in (self.c1, self.c2):
+                layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g))
+                layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
+        self.double()
+
+    def forward(self, x):
+        return self.c2(self.c1(x))
+
+
+@pytest.mark.parametrize("how", ["weight", "conv"])
+def test_tied_conv_layers_not_merged(how):
+    """Two lora_ext Conv2d tied through their inner conv's weight (or the same conv): eval() merged the first one
+    into the shared weight (4.3 off, silently) and c1.merge() was accepted."""
+    net = TiedConvs(how)
+    x = torch.randn(1, 3, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net.eval()
+    assert [net.c1.merged, net.c2.merged] == [False, False]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref, rtol=1e-12, atol=1e-12)
+    net.train()
+    with pytest.raises(ValueError, match="its weight is shared with Conv2d"):
+        net.c1.merge()
