@@ -11,9 +11,11 @@ The registry maps a weight Parameter (by identity) to the layers that took it: a
 ("weight") and every merge attempt note it. An entry ends with its Parameter; a layer that later took another
 weight is filtered out when checked (its weight is no longer the same object). Layers that ever took one weight
 stay each other's peers: a tied weight that is replaced in both modules' _parameters without register_parameter
-(FSDP2's fully_shard puts one DTensor Parameter there) is still seen as shared when both hold the new one. A weight shared as two
-Parameter objects over one storage (`nn.Parameter(l1.weight.data)`) is not seen: that is not a tie torch or
-transformers make."""
+(FSDP2's fully_shard puts one DTensor Parameter there) is still seen as shared when both hold the new one. Weights that are two
+Parameter objects over the same memory (load_state_dict(assign=True) of a tied model's saved state dict: torch.save
+keeps the one storage, assign wraps each key in a Parameter of its own) are seen too: layers are also indexed by
+their weight's storage, and two weights tie when their bytes overlap (views of one flat buffer that do not overlap
+do not tie)."""
 
 import threading
 import weakref
@@ -24,7 +26,27 @@ from torch.nn.modules import module as _torch_module
 _lock = threading.RLock()
 _holders = {}  # id(weight) -> (weakref to the weight, WeakSet of the layers that took it)
 _peers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the layers that took a weight it took
+_by_storage = {}  # (device, storage address) -> WeakSet of the layers whose weight lay there when noted
 _convs = weakref.WeakKeyDictionary()  # a ConvLoRA's inner conv -> WeakSet of the ConvLoRA layers holding it
+
+
+def _span(weight):
+    """(device, storage address, first byte, end byte) of a plain tensor's elements; None for DTensors, meta and
+    empty tensors (nothing shared to write into)."""
+    try:
+        if type(weight).__name__ == "DTensor" or weight.is_meta or not weight.numel():
+            return None
+        address = weight.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
+    size = weight.element_size()
+    first = weight.storage_offset() * size
+    last = first + (sum((n - 1) * abs(st) for n, st in zip(weight.shape, weight.stride())) + 1) * size
+    return (str(weight.device), address, first, last) if address else None
+
+
+def _overlap(a, b) -> bool:
+    return a is not None and b is not None and a[:2] == b[:2] and a[2] < b[3] and b[2] < a[3]
 
 
 def note(weight, layer) -> None:
@@ -43,6 +65,12 @@ def note(weight, layer) -> None:
 
             entry = (weakref.ref(weight, _drop), weakref.WeakSet())
             _holders[key] = entry
+        span = _span(weight)
+        if span is not None:
+            if len(_by_storage) > 4096:  # addresses whose layers are all gone
+                for key in [k for k, v in _by_storage.items() if not len(v)]:
+                    del _by_storage[key]
+            _by_storage.setdefault(span[:2], weakref.WeakSet()).add(layer)
         for other in list(entry[1]):
             if other is not layer:
                 _peers.setdefault(layer, weakref.WeakSet()).add(other)
@@ -56,7 +84,11 @@ def others(layer, weight) -> List:
         entry = _holders.get(id(weight))
         layers = list(entry[1]) if entry is not None and entry[0]() is weight else []
         layers += [peer for peer in _peers.get(layer, ()) if peer not in layers]
-    return [other for other in layers if other is not layer and other._weight_param() is weight]
+        span = _span(weight)
+        if span is not None:
+            layers += [same for same in _by_storage.get(span[:2], ()) if same not in layers]
+    return [other for other in layers if other is not layer
+            and (other._weight_param() is weight or _overlap(span, _span(other._weight_param())))]
 
 
 def names(layer) -> List[str]:

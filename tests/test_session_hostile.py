@@ -109,3 +109,51 @@ def test_tied_conv_layers_not_merged(how):
     net.train()
     with pytest.raises(ValueError, match="its weight is shared with Conv2d"):
         net.c1.merge()
+
+
+def _tied_linears():
+    m = nn.Sequential(lora.Linear(8, 8, r=2), lora.Linear(8, 8, r=2))
+    m[1].weight = m[0].weight
+    return m
+
+
+def test_tie_seen_after_an_assign_load_of_a_saved_tied_model(tmp_path):
+    """torch.save keeps the tied weight's one storage; load_state_dict(assign=True) (a model built on meta) wraps
+    each key in a Parameter of its own over it. eval() merged both adapters into the one storage (2.4 off, no
+    warning)."""
+    torch.manual_seed(0)
+    m = _tied_linears().double()
+    for layer in m:
+        nn.init.normal_(layer.lora_B)
+    torch.save(m.state_dict(), tmp_path / "sd.pt")
+    with torch.device("meta"):
+        m2 = _tied_linears().double()
+    m2.load_state_dict(torch.load(tmp_path / "sd.pt"), assign=True)
+    x = _x()
+    with torch.no_grad():
+        ref = m2(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m2.eval()
+    assert [m2[0].merged, m2[1].merged] == [False, False]
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_weights_in_one_flat_buffer_without_overlap_still_merge():
+    """Views of one flat buffer (FSDP1's use_orig_params, flat-parameter arenas) that do not overlap are not tied."""
+    torch.manual_seed(0)
+    m = nn.Sequential(lora.Linear(8, 8, r=2), lora.Linear(8, 8, r=2)).double()
+    flat = torch.cat([layer.weight.detach().reshape(-1) for layer in m])
+    for i, layer in enumerate(m):
+        nn.init.normal_(layer.lora_B)
+        layer.weight = nn.Parameter(flat[i * 64:(i + 1) * 64].view(8, 8), requires_grad=False)
+    x = _x()
+    with torch.no_grad():
+        ref = m(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.eval()
+    assert [m[0].merged, m[1].merged] == [True, True]
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, rtol=1e-12, atol=1e-12)
