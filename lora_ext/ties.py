@@ -65,6 +65,12 @@ def note(weight, layer) -> None:
 
             entry = (weakref.ref(weight, _drop), weakref.WeakSet())
             _holders[key] = entry
+        conv = layer.__dict__.get("_modules", {}).get("conv") if _is_conv_layer(layer) else None
+        if conv is not None:  # a later `layer.conv.weight = ...` is seen too (also for unpickled layers)
+            try:
+                _convs.setdefault(conv, weakref.WeakSet()).add(layer)
+            except TypeError:
+                pass
         span = _span(weight)
         if span is not None:
             if len(_by_storage) > 4096:  # addresses whose layers are all gone

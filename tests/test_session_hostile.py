@@ -157,3 +157,15 @@ def test_weights_in_one_flat_buffer_without_overlap_still_merge():
     assert [m[0].merged, m[1].merged] == [True, True]
     with torch.no_grad():
         torch.testing.assert_close(m(x), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_tied_conv_after_a_pickle_round_trip():
+    """A ConvLoRA unpickled (torch.save of the model) and then tied through its conv's weight."""
+    import io
+    buf = io.BytesIO()
+    torch.save(nn.Sequential(lora.Conv2d(3, 3, 3, r=2), lora.Conv2d(3, 3, 3, r=2)), buf)
+    buf.seek(0)
+    m = torch.load(buf, weights_only=False)
+    m[1].conv.weight = m[0].conv.weight
+    with pytest.raises(ValueError, match="its weight is shared with Conv2d"):
+        m[0].merge()
