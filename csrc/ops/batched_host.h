@@ -23,12 +23,10 @@ namespace batched_host {
 
 namespace kb = kernels::batched;
 
-constexpr int64_t kIntMax = 0x7fffffff;
-constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+using checks::aligned16;
+using checks::ceil_div;
+using checks::kIntMax;
+using checks::kMaxGridYZ;
 
 // The variant a call with this many tokens per index takes: segment (tiles of rows sharing a slot) from
 // kb::kSegmentMinTokens on, decode (a row per CTA) below.

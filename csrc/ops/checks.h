@@ -12,6 +12,16 @@
 namespace lora_ext {
 namespace checks {
 
+constexpr int64_t kIntMax = 0x7fffffff;  // sizes the kernels index with int
+constexpr int64_t kMaxGridYZ = 65535;    // CUDA's limit on gridDim.y and gridDim.z
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Data a kernel's 16-byte vector variant can read (an undefined tensor, e.g. no bias, counts as aligned).
+inline bool aligned16(const at::Tensor& t) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
 // MergedLinear's output blocks: num_blocks in [1, max_blocks], block_ids strictly increasing in range.
 inline void block_ids(const char* op, int64_t num_blocks, const std::vector<int64_t>& ids, int64_t max_blocks) {
   TORCH_CHECK_VALUE(num_blocks >= 1 && num_blocks <= max_blocks, op, ": num_blocks must be in [1, ", max_blocks,

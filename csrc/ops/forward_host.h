@@ -25,14 +25,10 @@ namespace forward_host {
 
 namespace kf = kernels::forward;
 
-constexpr int64_t kIntMax = 0x7fffffff;
-constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-inline bool aligned16(const at::Tensor& t) {
-  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-}
+using checks::aligned16;
+using checks::ceil_div;
+using checks::kIntMax;
+using checks::kMaxGridYZ;
 
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
   const auto st = t.scalar_type();

@@ -79,12 +79,12 @@ inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const
   } else {
     r = checks::rank(op, a, b, n, nb, a_name, b_name);
   }
-  const int64_t int_max = 0x7fffffff;
-  TORCH_CHECK_VALUE(nb <= int_max && k <= int_max && r <= int_max, op, ": ", w_name, ", ", a_name, " and ", b_name,
-                    " sizes must fit in 32 bits");
+  TORCH_CHECK_VALUE(nb <= checks::kIntMax && k <= checks::kIntMax && r <= checks::kIntMax, op, ": ", w_name, ", ",
+                    a_name, " and ", b_name, " sizes must fit in 32 bits");
   const int64_t m_total = transposed ? k : nb;
-  TORCH_CHECK_VALUE((m_total + km::kTileM - 1) / km::kTileM <= 65535, op, ": ", w_name, " has too many ",
-                    transposed ? "rows" : "rows per block", " (", m_total, "; at most ", 65535LL * km::kTileM, ")");
+  TORCH_CHECK_VALUE(checks::ceil_div(m_total, km::kTileM) <= checks::kMaxGridYZ, op, ": ", w_name, " has too many ",
+                    transposed ? "rows" : "rows per block", " (", m_total, "; at most ",
+                    checks::kMaxGridYZ * km::kTileM, ")");
 
   Plan p{};
   p.ldw = w.size(0) <= 1 ? w.size(1) : w.stride(0);
