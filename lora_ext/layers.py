@@ -349,9 +349,10 @@ class LoRALayer(NamedAdapters):
     def train(self, mode: bool = True):
         with self._lock:
             if self.merge_weights and mode == self.merged:
-                if not mode and self.has_lora and ties.names(self):
+                tied = ties.names(self) if not mode and self.has_lora else None
+                if tied:
                     # eval() of a model must not stop halfway: a tied weight stays unmerged (merge() refuses)
-                    warnings.warn(f"{self._describe()}: its weight is shared with {', '.join(ties.names(self))}; "
+                    warnings.warn(f"{self._describe()}: its weight is shared with {', '.join(tied)}; "
                                   f"eval() leaves adapter {self.active_adapter!r} unmerged (merging would change "
                                   f"their outputs too)", stacklevel=2)
                 else:

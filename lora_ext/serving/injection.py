@@ -187,17 +187,18 @@ def read_without_call(model, name):
     return child == "out_proj" and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
 
 
-def check_replaceable(model, name, module, option="target_modules"):
-    """Refuses a module that a lora_ext layer in its place would not stand for (see the two functions above)."""
-    base = overridden_base(module)
+def check_replaceable(model, name, module, label=None):
+    """Refuses a module that a lora_ext layer in its place (or an adapter of it) would not stand for (see the two
+    functions above). label: what the message starts with (default: "target_modules: module 'name'")."""
+    label = label or f"target_modules: module {name!r}"
+    base = None if isinstance(module, LoRALayer) else overridden_base(module)
     if base is not None:
-        raise ValueError(f"{option}: module {name!r} is a {type(module).__name__}, a subclass of {base.__name__} "
-                         f"with a forward of its own, which a lora_ext layer in its place would not run; lora_ext "
-                         f"adapts {base.__name__} itself only")
+        raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of its "
+                         f"own, which a lora_ext layer in its place would not run (peft keeps it); lora_ext adapts "
+                         f"{base.__name__} itself only")
     if read_without_call(model, name):
-        raise ValueError(f"{option}: module {name!r} is the out_proj of a MultiheadAttention, which reads its weight "
-                         f"without calling it: an adapter there would change nothing unmerged and the outputs once "
-                         f"merged")
+        raise ValueError(f"{label} is the out_proj of a MultiheadAttention, which reads its weight without calling "
+                         f"it: an adapter there would change nothing unmerged (as in peft) and the outputs once merged")
 
 
 def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable_lora, lossless=None):
@@ -296,7 +297,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
             continue
         if isinstance(module, LoRALayer):
             raise ValueError(f"target_modules: module {name!r} is already a lora_ext layer")
-        check_replaceable(model, name, module, "fused" if enable is not None else "target_modules")
+        check_replaceable(model, name, module, f"{'fused' if enable is not None else 'target_modules'}: module {name!r}")
         rr = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)
         _check_options(rr, alpha, lora_dropout)

@@ -350,15 +350,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"{label} is a convolution with padding_mode={conv.padding_mode!r}: peft pads its lora_A "
                              f"convolution with zeros, lora_ext merges the adapter into the layer's own padding, so "
                              f"the outputs would differ; lora_ext refuses it")
-        if _inject.read_without_call(model, name):
-            raise ValueError(f"{label} is the out_proj of a MultiheadAttention, which reads its weight without "
-                             f"calling it: the adapter changes nothing unmerged (as in peft) and the outputs once "
-                             f"merged; lora_ext refuses it")
-        base = _inject.overridden_base(module) if fresh else None
-        if base is not None:
-            raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of "
-                             f"its own, which the lora_ext layer put in its place would not run (peft keeps it); "
-                             f"lora_ext adapts {base.__name__} itself only")
+        _inject.check_replaceable(model, name, module, label)
         weight = module.conv.weight if isinstance(module, layers.ConvLoRA) else module.weight
         check_base_weight(weights_file, name, base_weights.get(name), weight)
         layer = _inject.replacement(module, name, r, scaling * r, cfg.get("lora_dropout", 0.0),
