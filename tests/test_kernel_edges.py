@@ -1,7 +1,7 @@
 """Edges of the kernels' host code and launches, through the SIMT simulator (lora_ext._sim), which runs the same
 host code as lora_ext._C: a scale read at run time (scale_tensor, for captured CUDA graphs), embedding ids out of
 range (a device-side assert), zero-size outputs and over-limit grids (invalid launch configurations on CUDA),
-misaligned small operands (copied so that the 16-byte variant stays selected), and the build's refusal of GPU
+misaligned operands (small ones copied, large ones read element by element, the 16-byte variant kept), and the build's refusal of GPU
 architectures below sm_80 (setup.py)."""
 import importlib.util
 import os
@@ -213,7 +213,7 @@ def test_embedding_too_wide_for_the_grid_is_refused():
 
 # ---------------------------------------------------------------------------------------------------
 # alignment: a misaligned small operand (A, bias) is copied, so the 16-byte variant stays selected; a
-# misaligned x_lora (the large operand) makes the call element-wise
+# misaligned x_lora or embedding table (the large operands) is read element by element within that variant
 
 
 @requires_sim
@@ -233,14 +233,37 @@ def test_linear_misaligned_small_operand_keeps_vector_variant(dtype, m, which):
     assert rel_err(y, linear64(x, x, w, b, A, B, 0.75, g, ids, fan)) < TOL[dtype]
 
 
+_NAMES = {torch.float32: "Float", torch.float16: "Half", torch.bfloat16: "BFloat16"}
+
+
 @requires_sim
-@pytest.mark.parametrize("m", [3, 20])
-def test_linear_misaligned_x_is_element_wise(m):
-    x, w, b, A, B, g, ids, fan = _linear_case(torch.float16, m)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("factors", ["same", "float32"])
+@pytest.mark.parametrize("m", [3, 20])  # the fused decode kernel; the shrink + expand
+def test_linear_misaligned_x_keeps_vector_variant(dtype, factors, m):
+    # x_lora's own pointer decides only its own reads (element by element: the simulator raises on a misaligned
+    # 16-byte access); A, bias and out keep the 16-byte variant.
+    x, w, b, A, B, g, ids, fan = _linear_case(dtype, m)
+    if factors == "float32":
+        A, B = A.float(), B.float()
     x = _misaligned(x)
     y = _sim.linear(x, x, w, b, A, B, 0.75, g, ids, fan)
-    assert _sim.last_variant() == "forward<Half, factors=Half, tensor_core=1, vector=0>"
-    assert rel_err(y, linear64(x, x, w, b, A, B, 0.75, g, ids, fan)) < TOL[torch.float16]
+    tc = int(dtype != torch.float32)
+    fac = _NAMES[A.dtype]
+    assert _sim.last_variant() == f"forward<{_NAMES[dtype]}, factors={fac}, tensor_core={tc}, vector=1>"
+    assert rel_err(y, linear64(x, x, w, b, A, B, 0.75, g, ids, fan)) < TOL[dtype]
+
+
+@requires_sim
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_embedding_misaligned_table_keeps_vector_variant(dtype):
+    # a table at an odd offset is read element by element; out (fresh) keeps its 16-byte stores
+    w = _misaligned(torch.randn(50, 64).to(dtype))
+    A, B = torch.randn(4, 50).to(dtype), torch.randn(64, 4).to(dtype)
+    ids = torch.randint(0, 50, (5, 7))
+    y = _sim.embedding(ids, w, A, B, 0.5, None)
+    assert _sim.last_variant().endswith("vector=1>"), _sim.last_variant()
+    assert rel_err(y, embedding64(ids, w, A, B, 0.5)) < TOL[dtype]
 
 
 @requires_sim

@@ -102,6 +102,12 @@ def _touched(buf, layout, shape, num_blocks, ids, nb, transposed):
     return mask
 
 
+# float32 factors on a 16-bit W at rank >= 32 take tensor cores as bf16 pairs v = hi + lo (kernels/merge.cuh):
+# each product x*y is summed as hi*hi + hi*lo + lo*hi; the dropped lo*lo and the roundings of the two lo parts
+# are each at most 2^-16 |x y|.
+_SPLIT_REL = 3 * 2.0**-16
+
+
 def _ulp(x, dtype):
     """The spacing of `dtype` values around float64 x."""
     info = torch.finfo(dtype)
@@ -149,9 +155,12 @@ def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous
     if dtype != torch.float32:
         # One rounding per element: within an ulp of the float64 result, plus what fp32 accumulation of
         # the products may add (it matters only where W and the delta nearly cancel).
-        size = w0.double().abs() + sum(_reference_delta(x.abs(), y.abs(), abs(s), num_blocks, ids, nb, transposed)
-                                       for x, y, s in updates)
+        products = sum(_reference_delta(x.abs(), y.abs(), abs(s), num_blocks, ids, nb, transposed)
+                       for x, y, s in updates)
+        size = w0.double().abs() + products
         bound = _ulp(want, dtype) + (r + r_old + 2) * 2.0**-24 * size[wmask]
+        if ab_dtype == torch.float32 and r + r_old >= 32:  # tensor cores on bf16 hi/lo pairs
+            bound = bound + _SPLIT_REL * products[wmask]
         excess = ((out.double() - want).abs() / bound).max().item()
         assert excess <= 1, f"an element is {excess:.3g}x the single-rounding bound from the float64 result"
 
@@ -179,6 +188,39 @@ def test_merge_fp32_operands_into_half_weight(backend, dtype, r, pattern):
     _check_merge(backend, dtype, torch.float32, pattern, nb=37 if pattern == "plain" else 11, k=45, r=r)
 
 
+@requires_sim
+@pytest.mark.parametrize("kind", ["merge_", "delta_weight_", "swap_"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_fp32_factors_on_half_weight_take_split_tensor_cores(kind, transposed):
+    """float32 factors into a float16 W at r >= 32 run on tensor cores (the layers' default dtypes) and stay
+    within one rounding of the float64 result plus the split's 3 * 2^-16 per product; factors merely rounded
+    to bf16 (one MMA per step, no lo parts) would be about 2^-8 per product: the check below tells them apart."""
+    g = _gen("split", kind, transposed)
+    nb, k, r = (72, 136, 40) if kind != "swap_" else (72, 136, 20)
+    shape = _storage_shape(1, nb, k, transposed)
+    a, b = _operands(1, [0], nb, k, r, torch.float32, g)
+    a2, b2 = _operands(1, [0], nb, k, r, torch.float32, g)
+    w = torch.zeros(shape, dtype=torch.float16) if kind == "delta_weight_" else torch.randn(shape, generator=g).half()
+    w0 = w.clone()
+    if kind == "swap_":
+        pairs = [(a, b, -0.5), (a2, b2, 0.75)]
+        getattr(_sim, kind)(w, a, b, 0.5, a2, b2, 0.75, 1, [0], transposed)
+    else:
+        pairs = [(a, b, 0.75)]
+        getattr(_sim, kind)(w, a, b, 0.75, 1, [0], transposed)
+    assert _sim.last_variant() == "merge<W=Half, factors=Float, tensor_core=1, vector=1>"
+    want = w0.double() + sum(_reference_delta(x, y, s, 1, [0], nb, transposed) for x, y, s in pairs)
+    products = sum(_reference_delta(x.abs(), y.abs(), abs(s), 1, [0], nb, transposed) for x, y, s in pairs)
+    bound = _ulp(want, torch.float16) + (2 * r + 2) * 2.0**-24 * (w0.double().abs() + products)
+    excess = ((w.double() - want).abs() / (bound + _SPLIT_REL * products)).max().item()
+    assert excess <= 1, f"an element is {excess:.3g}x the bound"
+    # The bound is tight enough to fail a kernel that only rounds the factors to bf16.
+    bf = lambda t: t.bfloat16().double()  # noqa: E731
+    rounded = w0.double() + sum(_reference_delta(bf(x), bf(y), s, 1, [0], nb, transposed) for x, y, s in pairs)
+    rounded = rounded.half().double()
+    assert ((rounded - want).abs() / (bound + _SPLIT_REL * products)).max().item() > 1
+
+
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["strided", "misaligned", "strided_misaligned"])
 @pytest.mark.parametrize("pattern", ["plain", "merged_TFT", "merged_TFT_transposed"])
@@ -200,6 +242,22 @@ def test_merge_no_enabled_block_is_a_noop(backend, dtype):
 @pytest.mark.parametrize("pattern,r", [("plain", 8), ("merged_TFT_transposed", 33), ("plain", 70)])
 def test_merge_shuffled_schedule(dtype, seed, pattern, r):
     _check_merge("sim", dtype, dtype, pattern, nb=70 if pattern == "plain" else 20, k=140, r=r, seed=seed)
+
+
+# With 16-byte accesses merge and swap blocks are persistent and prefetch their next tile's W through cp.async
+# (kernels/merge.cuh); the simulator gives them 3 blocks, so each block walks 5-6 of these 16 tiles (partial
+# ones at both edges), and its copies land only at its waits (a read before the wait sees NaN poison).
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("pattern,nb", [("plain", 200), ("merged_TFT_transposed", 24)])
+@pytest.mark.parametrize("r,r_old", [(8, 0), (40, 0), (20, 30)])
+@pytest.mark.parametrize("seed", [None, 3])
+def test_persistent_blocks_walk_many_tiles(backend, dtype, pattern, nb, r, r_old, seed):
+    if seed is not None and not isinstance(backend, str):
+        pytest.skip("a shuffled schedule is the simulator's")
+    _check_merge(backend, dtype, dtype, pattern, nb=nb, k=392 if pattern == "plain" else 200, r=r, r_old=r_old,
+                 seed=seed, tag="persistent")
+    if isinstance(backend, str):
+        assert _sim.last_variant().endswith("vector=1>"), _sim.last_variant()
 
 
 @requires_sim
@@ -234,8 +292,9 @@ def test_swap_layouts_and_tiles(backend, dtype, layout, pattern):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_swap_fp32_operands_into_half_weight(backend, dtype):
-    _check_merge(backend, dtype, torch.float32, "merged_TFT", nb=11, k=45, r=16, r_old=16, tag="swap")
+@pytest.mark.parametrize("r_old,r_new", [(16, 16), (5, 8), (40, 33)])
+def test_swap_fp32_operands_into_half_weight(backend, dtype, r_old, r_new):
+    _check_merge(backend, dtype, torch.float32, "merged_TFT", nb=11, k=45, r=r_new, r_old=r_old, tag="swap")
 
 
 @requires_sim

@@ -117,6 +117,38 @@ __device__ __forceinline__ void store16(void* p, const V& v) {
 #endif
 }
 
+// Asynchronous copies from global to shared memory (cp.async, sm_80+), in groups: async_copy16 starts a copy
+// of `bytes` (0..16) bytes from src into the 16 bytes at dst, the rest of which read as zero; async_commit closes
+// the calling thread's group of copies started since the last one; async_wait<N>() returns once at most N of
+// the thread's groups are still in flight. Only the issuing thread may read dst without a __syncthreads() after
+// its wait. Both pointers 16-byte aligned. The simulator poisons dst when the copy starts and copies at the wait,
+// so a read before the wait sees the poison.
+__device__ __forceinline__ void async_copy16(void* dst, const void* src, int bytes) {
+#if defined(LORA_SIM)
+  ::sim::async_copy16(dst, src, bytes);
+#else
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src), "r"(bytes) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void async_commit() {
+#if defined(LORA_SIM)
+  ::sim::async_commit();
+#else
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void async_wait() {
+#if defined(LORA_SIM)
+  ::sim::async_wait(N);
+#else
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
 // Loads up to Vec16<T>::kN consecutive elements; elements past `valid` read as zero. kVector: the whole
 // vector in one 16-byte access when all of it is valid (the caller guarantees alignment).
 template <bool kVector, typename T>
@@ -128,6 +160,17 @@ __device__ __forceinline__ void load_elems(Vec16<T>& out, const T* p, int valid)
   }
 LORA_UNROLL
   for (int i = 0; i < kN; ++i) out.v[i] = i < valid ? p[i] : from_float<T>(0.f);
+}
+
+// load_elems with 16-byte accesses only where the variant (kVector) and this operand's own alignment (`aligned`,
+// uniform across the launch) both allow them: a misaligned operand is read element by element without costing
+// the other operands their vector accesses.
+template <bool kVector, typename T>
+__device__ __forceinline__ void load_elems_if(Vec16<T>& out, const T* p, int valid, bool aligned) {
+  if (kVector && aligned)
+    load_elems<true>(out, p, valid);
+  else
+    load_elems<false>(out, p, valid);
 }
 
 template <bool kVector, typename T>

@@ -102,6 +102,9 @@ struct Args {
   float scale;
   const float* scale_ptr;    // or, when not null, the scale in device memory, read at run time (a captured
                              // CUDA graph then follows the value, not the launch argument); scale is unused
+  bool x_aligned;            // x's data pointer is 16-byte aligned (kVector variants read it with 16-byte
+                             // accesses only then; the other operands are aligned whenever kVector is chosen)
+  bool base_aligned;         // the same for the base rows: bias (linear) or the table (embedding)
   short slot[kMaxBlocks];    // output block -> group j, or -1 when disabled
 };
 
@@ -162,7 +165,10 @@ __device__ __forceinline__ float dot16(const FactorVec<T, Tab>& a, const Vec16<T
 //   t(m, i):   rank i of group j for row m (fp32), only called for j >= 0
 //   base(m):   pointer to the base row at this block's column 0 (bias, an embedding row), or null for 0
 // Thread (g, v) owns column vector v (16 bytes of out) for rows g, g + 8, ...: the stores coalesce along rows.
-template <typename T, typename Tab, bool kVector, int kRowsPerThread, typename TSource, typename BaseRow>
+// kBaseFlag: the base rows' 16-byte accesses also depend on p.base_aligned (the embedding table; a linear
+// layer's bias is always aligned when kVector, see ops/forward_host.h, and the flag would cost registers).
+template <typename T, typename Tab, bool kVector, int kRowsPerThread, bool kBaseFlag = false, typename TSource,
+          typename BaseRow>
 __device__ __forceinline__ void expand_tile(const Args<T, Tab>& p, float* smem, int e, int j, int m0, int c0,
                                             const TSource& t_of, const BaseRow& base) {
   constexpr int kVec = Vec16<T>::kN, kCols = tile_cols<T>(), kLdB = ld_bs<T>();
@@ -224,7 +230,7 @@ __device__ __forceinline__ void expand_tile(const Args<T, Tab>& p, float* smem, 
     Vec16<T> bv;
     const T* brow = base(m0 + row);
     if (brow) {
-      load_elems<kVector>(bv, brow + col, valid);
+      load_elems_if<kVector>(bv, brow + col, valid, !kBaseFlag || p.base_aligned);
     } else {
       LORA_UNROLL
       for (int v = 0; v < kVec; ++v) bv.v[v] = from_float<T>(0.f);
@@ -250,7 +256,7 @@ constexpr int kFusedSteps = 4;
 // A is read in Tab's precision (float32 factors unrounded).
 template <int kSteps, bool kFull, bool kVector, typename T, typename Tab>
 __device__ __forceinline__ void fused_dot(float (&acc)[kFusedSteps][kFusedMaxM], const Tab* a_row, const T* x,
-                                          int K, int M, int k) {
+                                          int K, int M, int k, bool x_aligned) {
   constexpr int kVec = Vec16<T>::kN, kStride = 32 * kVec;
   FactorVec<T, Tab> av[kSteps];
   LORA_UNROLL
@@ -265,7 +271,7 @@ __device__ __forceinline__ void fused_dot(float (&acc)[kFusedSteps][kFusedMaxM],
       for (int s = 0; s < kSteps; ++s) {
         const int ks = k + s * kStride;
         Vec16<T> xv;
-        load_elems<kVector>(xv, x + (long long)m * K + ks, kFull ? kVec : imin(kVec, K - ks));
+        load_elems_if<kVector>(xv, x + (long long)m * K + ks, kFull ? kVec : imin(kVec, K - ks), x_aligned);
         acc[s][m] = dot16(av[s], xv, acc[s][m]);
       }
     }
@@ -289,8 +295,8 @@ __global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T, Tab> p) 
         for (int m = 0; m < kFusedMaxM; ++m) acc[s][m] = 0.f;
       int k = lane * kVec;
       for (; k + (kFusedSteps - 1) * kStride + kVec <= p.K; k += kFusedSteps * kStride)
-        fused_dot<kFusedSteps, true, kVector>(acc, a_row, p.x, p.K, p.M, k);
-      for (; k < p.K; k += kStride) fused_dot<1, false, kVector>(acc, a_row, p.x, p.K, p.M, k);
+        fused_dot<kFusedSteps, true, kVector>(acc, a_row, p.x, p.K, p.M, k, p.x_aligned);
+      for (; k < p.K; k += kStride) fused_dot<1, false, kVector>(acc, a_row, p.x, p.K, p.M, k, p.x_aligned);
       LORA_UNROLL
       for (int m = 0; m < kFusedMaxM; ++m) {
         if (m < p.M) {  // uniform: every lane of the warp joins the shuffles
@@ -364,7 +370,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
       // rounds), the FFMA path (S = T = Tab = float32) as it is
       if (is_x) {
         Vec16<T> v;
-        load_elems<kVector>(v, x_src, valid);
+        load_elems_if<kVector>(v, x_src, valid, p.x_aligned);
         LORA_UNROLL
         for (int u = 0; u < kVec; ++u) dst[u] = as_type<S>(v.v[u]);
       } else {
@@ -474,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, embedding_min_blocks<T, Tab>()) embe
     const long long id = ids[m];
     return (unsigned long long)id < (unsigned long long)num_embeddings ? id : 0LL;  // row 0 exists (host check)
   };
-  expand_tile<T, Tab, kVector, kExpandRowsPerThread>(
+  expand_tile<T, Tab, kVector, kExpandRowsPerThread, true>(
       p, smem, 0, 0, m0, blockIdx.y * tile_cols<T>(),
       [&](int m, int i) { return to_float(a[(long long)i * num_embeddings + id_of(m)]); },
       [&](int m) { return table + id_of(m) * ld; });

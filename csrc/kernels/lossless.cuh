@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(mk::kThreads, 2) swap_lossless_kernel(Args<T, 
 // Shared memory: merge.cuh's fp32 staging.
 template <typename T>
 constexpr size_t smem_bytes() {
-  return mk::smem_bytes<T, false>();
+  return mk::smem_bytes<T, float, false>();
 }
 
 }  // namespace lossless

@@ -10,7 +10,22 @@
 //
 // Memory-bound: each block of 256 threads owns a 64 x 128 tile of W, issues its reads of W first (16-byte
 // accesses, coalesced along rows), then computes the tile's delta from A/B chunks staged in shared memory
-// (fp32 FMAs, or WMMA tensor cores for fp16/bf16 operands at r >= 32), then writes W once.
+// (fp32 FMAs, or WMMA tensor cores at r >= 32 for a 16-bit W), then writes W once.
+//
+// Tensor cores take fp16/bf16 factors of W's dtype as stored. float32 factors on a 16-bit W (the layers'
+// default) are split as they are staged into bf16 pairs, v = hi + lo with hi = bf16(v), lo = bf16(v - hi),
+// and each product is summed as hi*hi + hi*lo + lo*hi in fp32 accumulators (three MMAs per step, the
+// dropped lo*lo and the rounding of lo are about 2^-16 of each product: far under the 2^-9 / 2^-11 of the
+// 16-bit W the result is rounded to once). bf16, not fp16, for the split: fp32's exponent range, so no
+// factor overflows or loses its lo part to fp16's subnormals.
+//
+// With 16-byte accesses (kVector) merge and swap blocks are persistent: the host launches as many as fit on the
+// GPU at once (Launch::resident) and each walks the tiles blockIdx.x, blockIdx.x + gridDim.x, ... The reads of W
+// go to shared memory by cp.async, and a block starts the reads of its next tile before it computes the delta of
+// this one, so each SM keeps two tiles of W reads in flight (bf16: 2 x 16 KB per block) where one tile per block
+// ran dry while the block computed. Each thread copies, and later reads, only its own 16-byte slots: no barrier
+// orders them. The element-wise variant (misaligned W) and the dense delta (no reads of W) run one block per
+// tile and load W into registers as before.
 //
 // swap_kernel replaces one merged adapter by another in the same single pass:
 // W += scale * (mult * B @ A + B2 @ A2), one update of rank r + r2 whose rank columns come from two factor
@@ -31,7 +46,7 @@ constexpr int kTileN = 128;  // tile columns
 constexpr int kChunk = 32;   // rank columns staged per step
 constexpr int kMaxBlocks = 256;
 
-// Which block each grid z-slice handles: merge walks the enabled blocks (id), delta walks all G blocks
+// Which blocks a launch's tiles cover: merge walks the enabled blocks (id), delta walks all G blocks
 // and needs the operand block of each (slot, -1 for a disabled block).
 struct BlockMap {
   int count;
@@ -75,12 +90,44 @@ constexpr int kLdLh = kChunk + 8;
 constexpr int kLdRh = kTileN + 8;
 constexpr int kLdAcc = kTileN + 4;
 
-template <typename T, bool kTensorCore>
-constexpr size_t smem_bytes() {
-  return kTensorCore ? ((kTileM * kLdLh + kChunk * kLdRh) * sizeof(T) > kTileM * kLdAcc * sizeof(float)
-                            ? (kTileM * kLdLh + kChunk * kLdRh) * sizeof(T)
-                            : kTileM * kLdAcc * sizeof(float))
-                     : (kTileM * kLdLf + kChunk * kLdRf) * sizeof(float);
+// The tensor-core path's operand type: W's for factors of W's dtype, bf16 (hi/lo pairs) for float32 factors.
+template <typename T, typename Tab>
+using MmaType = typename std::conditional<std::is_same<Tab, float>::value, __nv_bfloat16, T>::type;
+template <typename Tab>
+constexpr bool kSplit = std::is_same<Tab, float>::value;
+
+// Tensor-core staging: L (64 x kLdLh) then R (kChunk x kLdRh) of the MMA type, then (split) their lo parts.
+constexpr size_t kStageHalfElems = kTileM * kLdLh + kChunk * kLdRh;
+
+// The operand staging (and the tensor-core path's accumulator tile, which reuses it), in bytes.
+template <typename T, typename Tab, bool kTensorCore>
+__host__ __device__ constexpr size_t smem_bytes() {
+  constexpr size_t staged = kStageHalfElems * 2 * (kSplit<Tab> ? 2 : 1);
+  constexpr size_t acc = kTileM * kLdAcc * sizeof(float);
+  return kTensorCore ? (staged > acc ? staged : acc) : (kTileM * kLdLf + kChunk * kLdRf) * sizeof(float);
+}
+static_assert(smem_bytes<float, float, false>() % 16 == 0 && smem_bytes<__half, float, true>() % 16 == 0 &&
+                  smem_bytes<__half, __half, true>() % 16 == 0,
+              "the prefetch buffers after the staging must be 16-byte aligned");
+
+// Whether a kernel prefetches W through shared memory: 16-byte accesses, and a W to read.
+template <bool kVector, bool kDelta>
+constexpr bool kPrefetch = kVector && !kDelta;
+
+// A launch's dynamic shared memory: the staging, then (prefetching) two tiles of W, one per thread and pass:
+// bf16/fp16 W with tensor cores 33 + 32 KB, float32 W 25 + 64 KB; over the 48 KB default, so the launch
+// policies opt in (at most 99 KB, what sm_86/sm_89 allow).
+template <typename T, typename Tab, bool kTensorCore, bool kVector, bool kDelta>
+constexpr size_t launch_smem_bytes() {
+  return smem_bytes<T, Tab, kTensorCore>() + (kPrefetch<kVector, kDelta> ? 2 * kTileM * kTileN * sizeof(T) : 0);
+}
+static_assert(launch_smem_bytes<float, float, false, true, false>() <= 99 * 1024, "over sm_86's opt-in limit");
+
+// The tiles of a launch: 64 x 128 tiles of each of map.count blocks' regions, column tiles fastest.
+template <typename T, typename Tab>
+__host__ __device__ inline long long tile_count(const Args<T, Tab>& p) {
+  const long long m_total = p.transposed ? p.k : p.nb, n_total = p.transposed ? p.nb : p.k;
+  return ((n_total + kTileN - 1) / kTileN) * ((m_total + kTileM - 1) / kTileM) * p.map.count;
 }
 
 // Where a tile's L (rows x rank) and R (rank x cols) values come from, for one factor pair:
@@ -111,12 +158,21 @@ __device__ __forceinline__ Operands<Tab> operands(const Tab* a, const Tab* b, in
   return o;
 }
 
+// Stores v as S at ls[at]; kLo: also v's remainder after that rounding, as S, at lo[at] (the hi/lo split).
+template <typename S, bool kLo>
+__device__ __forceinline__ void put(S* hi, S* lo, int at, float v) {
+  const S h = from_float<S>(v);
+  hi[at] = h;
+  if (kLo) lo[at] = from_float<S>(v - to_float(h));
+}
+
 // Copies chunk [k0, k0+kn) of the tile's L and R into shared memory as S, zero-padded to kChunk and to the
 // full tile. Threads walk each source's contiguous dimension so reads coalesce. kTwo: rank columns below
 // x.rank come from x, their L values multiplied by x_mult, the rest from y (merge: x alone, unscaled).
-template <typename S, int kLdL, int kLdR, bool kTwo, typename Tab>
+// kLo: the hi/lo split, each value's remainder stored at the same place of ls_lo / rs_lo.
+template <typename S, int kLdL, int kLdR, bool kTwo, bool kLo = false, typename Tab>
 __device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, const Operands<Tab>& y, float x_mult,
-                                      int rows, int cols, int k0, int kn) {
+                                      int rows, int cols, int k0, int kn, S* ls_lo = nullptr, S* rs_lo = nullptr) {
   constexpr int kLIters = kTileM * kChunk / kThreads;
   constexpr int kRIters = kChunk * kTileN / kThreads;
   const bool l_k_fast = x.l_sk == 1;
@@ -135,7 +191,7 @@ __device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, cons
         if (kTwo) v *= x_mult;
       }
     }
-    ls[i * kLdL + kk] = from_float<S>(v);
+    put<S, kLo>(ls, ls_lo, i * kLdL + kk, v);
   }
   const bool r_c_fast = x.r_sc == 1;
   LORA_UNROLL_BY(4)
@@ -151,7 +207,7 @@ __device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, cons
       else
         v = to_float(x.r[(long long)cc * x.r_sc + (long long)kr * x.r_sk]);
     }
-    rs[kk * kLdR + cc] = from_float<S>(v);
+    put<S, kLo>(rs, rs_lo, kk * kLdR + cc, v);
   }
 }
 
@@ -168,35 +224,75 @@ __device__ __forceinline__ void load_floats(float (&out)[kN], const float* p) {
   }
 }
 
-template <typename T, typename Tab, bool kTensorCore, bool kVector, bool kDelta, bool kTwo = false>
-__device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
-  using M = ThreadMap<T>;
-  constexpr int kVec = M::kVec, kPasses = M::kPasses, kRowsPerPass = M::kRowsPerPass;
-  LORA_DYNAMIC_SHARED(unsigned char, smem);
+// Where tile t of a launch lies: its block (e: position in W, j: operand block, -1 for a disabled one in the
+// dense delta), its first row and column in the block's region, its size, and its first element of W.
+template <typename T>
+struct TileAt {
+  int e, j, m0, n0, rows, cols;
+  T* w;
+};
 
-  const int z = blockIdx.z;
-  const int e = kDelta ? z : p.map.id[z];
-  const int j = kDelta ? p.map.slot[z] : z;
+template <typename T, typename Tab, bool kDelta>
+__device__ __forceinline__ TileAt<T> locate(const Args<T, Tab>& p, long long t) {
   const int m_total = p.transposed ? p.k : p.nb;
   const int n_total = p.transposed ? p.nb : p.k;
-  const int m0 = blockIdx.y * kTileM, n0 = blockIdx.x * kTileN;
-  const int rows = imin(kTileM, m_total - m0), cols = imin(kTileN, n_total - n0);
-  const long long row0 = (p.transposed ? 0LL : (long long)e * p.nb) + m0;
-  const long long col0 = (p.transposed ? (long long)e * p.nb : 0LL) + n0;
-  T* tile = p.w + row0 * p.ldw + col0;
+  const int tiles_x = (n_total + kTileN - 1) / kTileN, tiles_y = (m_total + kTileM - 1) / kTileM;
+  TileAt<T> at;
+  const int z = (int)(t / ((long long)tiles_x * tiles_y));
+  const long long in_block = t - (long long)z * tiles_x * tiles_y;
+  at.e = kDelta ? z : p.map.id[z];
+  at.j = kDelta ? p.map.slot[z] : z;
+  at.m0 = (int)(in_block / tiles_x) * kTileM;
+  at.n0 = (int)(in_block % tiles_x) * kTileN;
+  at.rows = imin(kTileM, m_total - at.m0);
+  at.cols = imin(kTileN, n_total - at.n0);
+  const long long row0 = (p.transposed ? 0LL : (long long)at.e * p.nb) + at.m0;
+  const long long col0 = (p.transposed ? (long long)at.e * p.nb : 0LL) + at.n0;
+  at.w = p.w + row0 * p.ldw + col0;
+  return at;
+}
+
+// Starts the copies of this thread's vectors of tile `at` of W into its slots of `buf` (slot q * kThreads +
+// threadIdx.x for pass q) and closes the group.
+template <typename T>
+__device__ __forceinline__ void prefetch(const TileAt<T>& at, long long ldw, Vec16<T>* buf) {
+  using M = ThreadMap<T>;
+  const int c = (threadIdx.x % M::kVecPerRow) * M::kVec, ty = threadIdx.x / M::kVecPerRow;
+  const int valid = imin(at.cols - c, M::kVec);
+  LORA_UNROLL
+  for (int q = 0; q < M::kPasses; ++q) {
+    const int row = ty + q * M::kRowsPerPass;
+    if (row < at.rows && valid > 0)
+      async_copy16(buf + q * kThreads + threadIdx.x, at.w + row * ldw + c, valid * (int)sizeof(T));
+  }
+  async_commit();
+}
+
+// One tile: W += scale * delta (or out = scale * delta). `mine`: this thread's prefetched slots of the tile
+// (kPrefetch), whose group is the older of the two in flight.
+template <typename T, typename Tab, bool kTensorCore, bool kVector, bool kDelta, bool kTwo>
+__device__ __forceinline__ void merge_tile(const Args<T, Tab>& p, const TileAt<T>& at, const Vec16<T>* mine) {
+  using M = ThreadMap<T>;
+  constexpr int kVec = M::kVec, kPasses = M::kPasses, kRowsPerPass = M::kRowsPerPass;
+  constexpr bool kFetched = kPrefetch<kVector, kDelta>;
+  LORA_DYNAMIC_SHARED(unsigned char, smem);
+
+  const int j = at.j, m0 = at.m0, n0 = at.n0, rows = at.rows, cols = at.cols;
+  T* tile = at.w;
   const int tx = threadIdx.x % M::kVecPerRow, ty = threadIdx.x / M::kVecPerRow;
   const int c = tx * kVec;
   const int valid = imin(cols - c, kVec);
 
-  // W's reads go out first: they are the traffic that matters, and stay in flight during the delta.
+  // W's reads go out first: they are the traffic that matters, and stay in flight during the delta (prefetched:
+  // they went out during the previous tile).
   Vec16<T> w[kPasses];
-  if (!kDelta) {
+  if (!kDelta && !kFetched) {
     LORA_UNROLL
     for (int q = 0; q < kPasses; ++q) {
       const int row = ty + q * kRowsPerPass;
       if (row < rows) load_elems<kVector>(w[q], tile + row * p.ldw + c, valid);
     }
-  } else if (j < 0) {  // a disabled block in the dense delta: zeros (uniform per block, before any barrier)
+  } else if (kDelta && j < 0) {  // a disabled block in the dense delta: zeros (uniform per tile, before any barrier)
     Vec16<T> zero;
     LORA_UNROLL
     for (int v = 0; v < kVec; ++v) zero.v[v] = from_float<T>(0.f);
@@ -241,10 +337,14 @@ __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
       }
     }
   } else {
-    static_assert(!std::is_same<T, float>::value, "tensor-core path is for fp16/bf16");
+    static_assert(!std::is_same<T, float>::value, "tensor-core path is for a 16-bit W");
     namespace wmma = nvcuda::wmma;
-    T* ls = reinterpret_cast<T*>(smem);
-    T* rs = ls + kTileM * kLdLh;
+    using F = MmaType<T, Tab>;
+    constexpr bool kLo = kSplit<Tab>;
+    F* ls = reinterpret_cast<F*>(smem);
+    F* rs = ls + kTileM * kLdLh;
+    F* ls_lo = ls + kStageHalfElems;  // split only
+    F* rs_lo = ls_lo + kTileM * kLdLh;
     // acc_tile reuses the staging space once the products are done
     const int warp = threadIdx.x / 32;
     const int fm = warp % 4, fn0 = (warp / 4) * 4;  // 8 warps: 4 row fragments x 2 groups of 4 column fragments
@@ -255,16 +355,25 @@ __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
       for (int k0 = 0; k0 < o.rank; k0 += kChunk) {
         const int kn = imin(kChunk, o.rank - k0);
         if (k0 || after_other) __syncthreads();  // everyone is done reading the previous chunk
-        stage<T, kLdLh, kLdRh, false>(ls, rs, o, o, 1.f, rows, cols, k0, kn);
+        stage<F, kLdLh, kLdRh, false, kLo>(ls, rs, o, o, 1.f, rows, cols, k0, kn, ls_lo, rs_lo);
         __syncthreads();
         const int steps = (kn + 15) / 16;
         for (int s = 0; s < steps; ++s) {
-          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> af;
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, F, wmma::row_major> af, af_lo;
           wmma::load_matrix_sync(af, ls + fm * 16 * kLdLh + s * 16, kLdLh);
+          if constexpr (kLo) wmma::load_matrix_sync(af_lo, ls_lo + fm * 16 * kLdLh + s * 16, kLdLh);
           LORA_UNROLL
           for (int f = 0; f < 4; ++f) {
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> bf;
-            wmma::load_matrix_sync(bf, rs + s * 16 * kLdRh + (fn0 + f) * 16, kLdRh);
+            const int at = s * 16 * kLdRh + (fn0 + f) * 16;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, F, wmma::row_major> bf;
+            if constexpr (kLo) {  // the small terms first: hi*lo, lo*hi, then hi*hi
+              wmma::load_matrix_sync(bf, rs_lo + at, kLdRh);
+              wmma::mma_sync(cf[f], af, bf, cf[f]);
+              wmma::load_matrix_sync(bf, rs + at, kLdRh);
+              wmma::mma_sync(cf[f], af_lo, bf, cf[f]);
+            } else {
+              wmma::load_matrix_sync(bf, rs + at, kLdRh);
+            }
             wmma::mma_sync(cf[f], af, bf, cf[f]);
           }
         }
@@ -287,6 +396,11 @@ __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
     __syncthreads();
   }
 
+  if constexpr (kFetched) {  // this tile's copies; the next tile's stay in flight
+    async_wait<1>();
+    LORA_UNROLL
+    for (int q = 0; q < kPasses; ++q) w[q] = load16<Vec16<T>>(mine + q * kThreads + threadIdx.x);
+  }
   LORA_UNROLL
   for (int q = 0; q < kPasses; ++q) {
     const int row = ty + q * kRowsPerPass;
@@ -306,21 +420,44 @@ __device__ __forceinline__ void merge_tile(const Args<T, Tab>& p) {
   }
 }
 
+// The persistent walk over a launch's tiles (see the top of this file).
+template <typename T, typename Tab, bool kTensorCore, bool kVector, bool kDelta, bool kTwo = false>
+__device__ __forceinline__ void merge_tiles(const Args<T, Tab>& p) {
+  constexpr int kSlots = ThreadMap<T>::kPasses * kThreads;
+  LORA_DYNAMIC_SHARED(unsigned char, shared);  // (a name other than smem: the macro declares name##_bytes)
+  Vec16<T>* bufs = reinterpret_cast<Vec16<T>*>(shared + smem_bytes<T, Tab, kTensorCore>());
+  if constexpr (!kPrefetch<kVector, kDelta>) {  // one tile per block: no walk to keep in registers
+    merge_tile<T, Tab, kTensorCore, kVector, kDelta, kTwo>(p, locate<T, Tab, kDelta>(p, blockIdx.x), nullptr);
+    return;
+  }
+  const long long total = tile_count(p);
+  long long t = blockIdx.x;
+  if (t < total) prefetch(locate<T, Tab, kDelta>(p, t), p.ldw, bufs);
+  for (int i = 0; t < total; t += gridDim.x, ++i) {
+    if (i) __syncthreads();  // everyone is done with the previous tile's staging and accumulators
+    if (t + gridDim.x < total)
+      prefetch(locate<T, Tab, kDelta>(p, t + gridDim.x), p.ldw, bufs + ((i + 1) & 1) * kSlots);
+    else
+      async_commit();  // an empty group: the wait below still leaves one group in flight at most
+    merge_tile<T, Tab, kTensorCore, kVector, kDelta, kTwo>(p, locate<T, Tab, kDelta>(p, t), bufs + (i & 1) * kSlots);
+  }
+}
+
 // kVector: W's data pointer, row stride and block offsets are multiples of 16 bytes, so every full vector
 // of a tile row is one aligned 16-byte access; otherwise elements are accessed one by one.
 template <typename T, typename Tab, bool kTensorCore, bool kVector>
 __global__ void __launch_bounds__(kThreads, 2) merge_kernel(Args<T, Tab> p) {
-  merge_tile<T, Tab, kTensorCore, kVector, false>(p);
+  merge_tiles<T, Tab, kTensorCore, kVector, false>(p);
 }
 
 template <typename T, typename Tab, bool kTensorCore, bool kVector>
 __global__ void __launch_bounds__(kThreads, 2) delta_weight_kernel(Args<T, Tab> p) {
-  merge_tile<T, Tab, kTensorCore, kVector, true>(p);
+  merge_tiles<T, Tab, kTensorCore, kVector, true>(p);
 }
 
 template <typename T, typename Tab, bool kTensorCore, bool kVector>
 __global__ void __launch_bounds__(kThreads, 2) swap_kernel(Args<T, Tab> p) {
-  merge_tile<T, Tab, kTensorCore, kVector, false, true>(p);
+  merge_tiles<T, Tab, kTensorCore, kVector, false, true>(p);
 }
 
 }  // namespace merge

@@ -11,19 +11,24 @@
 #pragma once
 
 // merge_kernel, delta_weight_kernel and swap_kernel<T, Tab, kTensorCore, kVector>: W (or out) of type T,
-// factors of type Tab (float32, or W's dtype); tensor cores (WMMA) only for fp16/bf16 factors of W's dtype;
+// factors of type Tab (float32, or W's dtype); tensor cores (WMMA) only for a 16-bit W (float32 factors as bf16
+// hi/lo pairs);
 // kVector (16-byte accesses) or element-wise, as W's pointer, row stride and block offsets allow.
 #define LORA_MERGE_VARIANTS(X)                  \
   X(float, float, false, true)                  \
   X(float, float, false, false)                 \
   X(__half, float, false, true)                 \
   X(__half, float, false, false)                \
+  X(__half, float, true, true)                  \
+  X(__half, float, true, false)                 \
   X(__half, __half, false, true)                \
   X(__half, __half, false, false)               \
   X(__half, __half, true, true)                 \
   X(__half, __half, true, false)                \
   X(__nv_bfloat16, float, false, true)          \
   X(__nv_bfloat16, float, false, false)         \
+  X(__nv_bfloat16, float, true, true)           \
+  X(__nv_bfloat16, float, true, false)          \
   X(__nv_bfloat16, __nv_bfloat16, false, true)  \
   X(__nv_bfloat16, __nv_bfloat16, false, false) \
   X(__nv_bfloat16, __nv_bfloat16, true, true)   \
@@ -33,9 +38,10 @@
 // per-call cast): fused_linear_kernel, expand_kernel and embedding_kernel<T, Tab, kVector> and
 // shrink_kernel<T, Tab, kTensorCore, kVector>. kTensorCore is the shrink's path for T (WMMA for fp16/bf16,
 // float32 A rounded to T as it is staged), so each (T, Tab, kVector) appears once. kVector (16-byte accesses)
-// or element-wise, as x_lora's pointer (linear), the table's (embedding), K and the features per block allow;
-// a misaligned A or bias is copied to aligned storage rather than costing the vector variant
-// (ops/forward_host.h).
+// or element-wise, as K and the features per block allow; within a kVector launch a misaligned x_lora or
+// embedding table is read element by element (a run-time flag, Args::x_aligned / base_aligned) and a
+// misaligned A or bias is copied to aligned storage, so one operand never costs the others their vector
+// accesses (ops/forward_host.h).
 #define LORA_FORWARD_VARIANTS(X)                \
   X(float, float, false, true)                  \
   X(float, float, false, false)                 \

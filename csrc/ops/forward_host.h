@@ -258,13 +258,13 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
   poison_fresh<Launch>(out);
 
   // 16-byte accesses need 16-byte aligned rows of x_lora and A (K a multiple of the vector) and of the output
-  // and bias blocks (nb a multiple of it). x_lora is the large operand, the caller's activations: when its
-  // data pointer is misaligned the whole call is element-wise (copying it would cost another pass over it).
-  // A and bias are small: a misaligned one (a view at an odd offset) is copied into fresh, aligned storage
-  // so that the vector variant stays selectable. B is read element by element and needs no alignment; out
-  // is fresh.
+  // and bias blocks (nb a multiple of it). Each operand's own pointer decides only its own accesses: x_lora,
+  // the large operand (the caller's activations), is read element by element when its data pointer is
+  // misaligned (Args::x_aligned; copying it would cost another pass over it) while A, bias and out keep their
+  // 16-byte accesses. A and bias are small: a misaligned one (a view at an odd offset) is copied into fresh,
+  // aligned storage. B is read element by element and needs no alignment; out is fresh.
   const int64_t vec = 16 / x.element_size();
-  const bool vector = aligned16(xl) && aligned16(out) && p.K % vec == 0 && p.nb % vec == 0;
+  const bool vector = aligned16(out) && p.K % vec == 0 && p.nb % vec == 0;
   if (vector && !aligned16(ac)) ac = ac.clone(at::MemoryFormat::Contiguous);
   if (vector && !aligned16(bias_c)) bias_c = bias_c.clone(at::MemoryFormat::Contiguous);
   select_variant<Launch>(op, dt, ft, vector, [&](auto variant) {
@@ -285,6 +285,8 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
     args.N = (int)p.N;
     args.scale = (float)scale;
     args.scale_ptr = scale_ptr;
+    args.x_aligned = aligned16(xl);
+    args.base_aligned = true;  // bias: copied above when misaligned
     for (int64_t e = 0; e < p.num_blocks; ++e) args.slot[e] = p.slot[e];
     launch_linear<Launch, scalar_t, Tab, V::kTensorCore, V::kVector>(p, args, x, sm_count);
   });
@@ -333,7 +335,9 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
   const auto ft = factor_type(a.scalar_type(), dt);  // as for linear: float32 factors are read as stored
   const at::Tensor ac = a.to(ft).contiguous(), bc = b.to(ft).contiguous();
   const int64_t vec = 16 / weight.element_size();
-  const bool vector = aligned16(table) && aligned16(out) && dim % vec == 0;
+  // The table's own pointer decides only its reads (Args::base_aligned): a misaligned table (a view at an odd
+  // offset) is read element by element and out, fresh, keeps its 16-byte stores.
+  const bool vector = aligned16(out) && dim % vec == 0;
   select_variant<Launch>(op, dt, ft, vector, [&](auto variant) {
     using V = decltype(variant);
     using scalar_t = typename V::T;
@@ -351,6 +355,7 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
     args.num = num;
     args.scale = (float)scale;
     args.scale_ptr = scale_ptr;
+    args.base_aligned = aligned16(table);
     args.slot[0] = 0;
     const dim3 grid((unsigned)ceil_div(M, kf::kExpandRows), (unsigned)ceil_div(dim, kf::tile_cols<scalar_t>()));
     Launch::run(&kf::embedding_kernel<scalar_t, Tab, V::kVector>, grid, dim3(kf::kThreads),

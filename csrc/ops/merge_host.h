@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -32,9 +33,13 @@ struct Plan {
   long long ldw;
   int nb, k, r, n;
   bool transposed;
-  bool tensor_core;  // fp16/bf16 operands of W's dtype at r >= 32: WMMA keeps the merge memory-bound
+  bool tensor_core;  // a 16-bit W at r >= 32: WMMA keeps the merge memory-bound (float32 factors as bf16 hi/lo)
   bool vector;       // 16-byte accesses: W's pointer, row stride and block offsets allow them
 };
+
+// Tensor cores for a 16-bit W from rank 32 on, whatever the factors' dtype (kernels/merge.cuh): below that the
+// fp32 FMAs stay under the memory floor; a float32 W has no 16-bit operands to give them.
+inline bool tensor_core(at::ScalarType w_type, int64_t rank) { return w_type != at::kFloat && rank >= 32; }
 
 // Checks every argument before anything runs; `w_name` is "W" for merge_ and "out" for delta_weight_,
 // a_name/b_name name the factors in messages (swap_ has two pairs).
@@ -103,7 +108,7 @@ inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const
   const int64_t vec = 16 / w.element_size();
   p.vector = reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0 && p.ldw % vec == 0 &&
              (!transposed || num_blocks == 1 || nb % vec == 0);
-  p.tensor_core = wt != at::kFloat && a.scalar_type() == wt && r >= 32;
+  p.tensor_core = tensor_core(wt, r);
   return p;
 }
 
@@ -137,13 +142,13 @@ struct Variant {
 };
 
 // The variants check() can lead to: W float32, fp16 or bf16; factors float32 or W's dtype; tensor cores only
-// for fp16/bf16 factors of W's dtype; 16-byte accesses or not.
+// for a 16-bit W; 16-byte accesses or not.
 template <typename T, typename Tab, bool kTensorCore, bool kVector>
 constexpr bool selectable() {
   constexpr bool weight = std::is_same<T, float>::value || std::is_same<T, __half>::value ||
                           std::is_same<T, __nv_bfloat16>::value;
   constexpr bool factors = std::is_same<Tab, float>::value || std::is_same<Tab, T>::value;
-  return weight && factors && (!kTensorCore || (!std::is_same<T, float>::value && std::is_same<Tab, T>::value));
+  return weight && factors && (!kTensorCore || !std::is_same<T, float>::value);
 }
 
 template <typename T, typename Tab, bool kTensorCore, bool kVector>
@@ -218,12 +223,18 @@ void run(const char* op, const Plan& plan, const at::Tensor& w, const at::Tensor
     args.transposed = plan.transposed;
     args.map = plan.map;
     args.map.count = kKind == Kind::kDelta ? num_blocks : plan.n;
-    const int m_total = plan.transposed ? plan.k : plan.nb;
-    const int n_total = plan.transposed ? plan.nb : plan.k;
-    const dim3 grid((unsigned)((n_total + km::kTileN - 1) / km::kTileN),
-                    (unsigned)((m_total + km::kTileM - 1) / km::kTileM), (unsigned)args.map.count);
-    Launch::run(kernel_for<T, Tab, V::kTensorCore, V::kVector, kKind>(), grid, dim3(km::kThreads),
-                km::smem_bytes<T, V::kTensorCore>(), args);
+    // Prefetching kernels (kernels/merge.cuh) walk the tiles with as many blocks as are resident at once (or one
+    // per tile when fewer); the others take one block per tile.
+    const auto kernel = kernel_for<T, Tab, V::kTensorCore, V::kVector, kKind>();
+    constexpr bool kDelta = kKind == Kind::kDelta;
+    constexpr size_t smem = km::launch_smem_bytes<T, Tab, V::kTensorCore, V::kVector, kDelta>();
+    const long long tiles = km::tile_count(args);
+    TORCH_CHECK_VALUE(tiles <= checks::kIntMax, op, ": ", kDelta ? "out" : "W", " has too many 64 x 128 tiles (",
+                      tiles, "; at most ", checks::kIntMax, ")");
+    const long long blocks =
+        km::kPrefetch<V::kVector, kDelta> ? std::min<long long>(tiles, Launch::resident(kernel, km::kThreads, smem))
+                                          : tiles;
+    Launch::run(kernel, dim3((unsigned)blocks), dim3(km::kThreads), smem, args);
   });
 }
 
@@ -259,8 +270,7 @@ void apply_swap(const char* op, const at::Tensor& w, const at::Tensor& old_a, co
   const at::Tensor ay = (new_is_y ? new_a : old_a).contiguous(), by = (new_is_y ? new_b : old_b).contiguous();
   const double m_x = new_is_y ? -old_scale : new_scale, m_y = new_is_y ? new_scale : -old_scale;
   Plan plan = new_is_y ? old_plan : new_plan;
-  plan.tensor_core = w.scalar_type() != at::kFloat && ax.scalar_type() == w.scalar_type() &&
-                     new_plan.r + old_plan.r >= 32;
+  plan.tensor_core = tensor_core(w.scalar_type(), new_plan.r + old_plan.r);
   Second second;
   second.a2 = &ay;
   second.b2 = &by;

@@ -43,7 +43,19 @@ std::string last_variant() {
 struct SimLaunch {
   template <typename Kernel, typename Args>
   static void run(Kernel kernel, dim3 grid, dim3 block, size_t smem, const Args& args) {
-    sim::launch(grid, block, smem, kernel, args);
+    // Over 48 KB a CUDA launch opts in first (ops/cuda_launch.cuh); the simulator then allows what every
+    // architecture lora_ext builds for does.
+    if (smem > sim::kMaxDynamicShared)
+      sim::launch_opted_in(grid, block, smem, kernel, args);
+    else
+      sim::launch(grid, block, smem, kernel, args);
+  }
+
+  // Persistent kernels get this many blocks: few, and odd, so that blocks walk several tiles each and the
+  // tiles do not divide evenly among them (as on a GPU, where the count is blocks per SM x SMs).
+  template <typename Kernel>
+  static long long resident(Kernel, int, size_t) {
+    return 3;
   }
 
   static void selected(std::string (*describe)()) { set_last_variant(describe()); }

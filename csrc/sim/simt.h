@@ -60,6 +60,9 @@ struct Error : std::runtime_error {
 constexpr int kWarpSize = 32;
 // The default per-block dynamic shared memory limit: more needs cudaFuncSetAttribute on a GPU.
 constexpr size_t kMaxDynamicShared = 48 * 1024;
+// What a kernel may opt into above that (cudaFuncSetAttribute, which the launch policies call): the smallest
+// opt-in limit of the architectures lora_ext builds for (99 KB on sm_86/sm_89; sm_80 163 KB, sm_90 227 KB).
+constexpr size_t kMaxOptInShared = 99 * 1024;
 
 struct Options {
   int workers = 0;          // OS threads running blocks; 0: one per core
@@ -91,6 +94,14 @@ struct Fiber {
   int linear = 0;
   State state = State::Done;
   int warp_phase = 0;
+  // cp.async: the copies of the open group, and the committed groups still in flight (oldest first)
+  struct Copy {
+    void* dst;
+    const void* src;
+    int bytes;
+  };
+  std::vector<Copy> open_group;
+  std::vector<std::vector<Copy>> in_flight;
 #ifdef LORA_SIM_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -257,6 +268,8 @@ struct Worker {
     for (Fiber& f : fibers) {
       f.state = State::Runnable;
       f.warp_phase = 0;
+      f.open_group.clear();
+      f.in_flight.clear();
     }
     if (smem_bytes) std::memset(smem, 0xff, smem_bytes);  // poison: shared memory starts undefined on a GPU
     const bool shuffle = options().seed >= 0;
@@ -377,12 +390,14 @@ inline void check_config(dim3 grid, dim3 block) {
     throw Error("simulator: invalid grid size " + dims(grid) + " (CUDA: invalid configuration argument)");
 }
 
-inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body) {
+inline void run_grid(dim3 grid, dim3 block, size_t smem_bytes, const std::function<void()>& body,
+                     size_t max_shared = kMaxDynamicShared) {
   check_config(grid, block);
   const unsigned long long threads = (unsigned long long)block.x * block.y * block.z;
-  if (smem_bytes > kMaxDynamicShared)
-    throw Error("simulator: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory exceed the default " +
-                std::to_string(kMaxDynamicShared) + "-byte limit");
+  if (smem_bytes > max_shared)
+    throw Error("simulator: " + std::to_string(smem_bytes) + " bytes of dynamic shared memory exceed the " +
+                std::string(max_shared == kMaxDynamicShared ? "default " : "opt-in ") + std::to_string(max_shared) +
+                "-byte limit");
   const unsigned long long blocks = (unsigned long long)grid.x * grid.y * grid.z;
   int nworkers = options().workers > 0 ? options().workers : (int)std::max(1u, std::thread::hardware_concurrency());
   nworkers = (int)std::min<unsigned long long>(nworkers, blocks);
@@ -550,12 +565,48 @@ inline void check_aligned16(const void* p) {
     throw Error("simulator: misaligned 16-byte access at " + std::to_string(reinterpret_cast<uintptr_t>(p)));
 }
 
+// cp.async (kernels/common.cuh): the destination is poisoned when the copy starts and written at the wait that
+// completes its group, so a thread reading it early, or another thread reading it without a barrier after that
+// wait, sees the poison. The source is read at the wait: no kernel may write it in between.
+inline void async_copy16(void* dst, const void* src, int bytes) {
+  check_aligned16(dst);
+  check_aligned16(src);
+  if (bytes < 0 || bytes > 16) throw Error("simulator: cp.async of " + std::to_string(bytes) + " bytes (0..16)");
+  std::memset(dst, 0xff, 16);
+  detail::active().current->open_group.push_back({dst, src, bytes});
+}
+
+inline void async_commit() {
+  detail::Fiber& f = *detail::active().current;
+  f.in_flight.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+inline void async_wait(int pending) {
+  detail::Fiber& f = *detail::active().current;
+  while ((int)f.in_flight.size() > pending) {
+    for (const auto& c : f.in_flight.front()) {
+      std::memset(c.dst, 0, 16);
+      std::memcpy(c.dst, c.src, (size_t)c.bytes);
+    }
+    f.in_flight.erase(f.in_flight.begin());
+  }
+}
+
 template <class... P, class... A>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
   // Arguments are converted to the parameter types once, as a launch copies them into parameter space.
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
   std::function<void()> body = [&] { std::apply(kernel, params); };
   detail::run_grid(grid, block, smem_bytes, body);
+}
+
+// A launch of a kernel that opted into more than 48 KB of dynamic shared memory (cudaFuncSetAttribute).
+template <class... P, class... A>
+void launch_opted_in(dim3 grid, dim3 block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  std::function<void()> body = [&] { std::apply(kernel, params); };
+  detail::run_grid(grid, block, smem_bytes, body, kMaxOptInShared);
 }
 
 }  // namespace sim

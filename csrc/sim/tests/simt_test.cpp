@@ -295,6 +295,59 @@ void test_ldg() {
   CHECK(out[3] == -3.f, "got %g", out[3]);
 }
 
+// cp.async: each thread copies 16 bytes (the last thread 6 of them) into its own shared slot, in two groups;
+// it records what the slot holds before the first wait, after waiting for the first group, and after all.
+__global__ void async_copy_kernel(const float* src, float* seen) {
+  LORA_DYNAMIC_SHARED(float, buf);
+  const int t = threadIdx.x;
+  using lora_ext::kernels::async_commit;
+  using lora_ext::kernels::async_copy16;
+  using lora_ext::kernels::async_wait;
+  async_copy16(buf + 8 * t, src + 8 * t, t == 7 ? 6 : 16);
+  async_commit();
+  async_copy16(buf + 8 * t + 4, src + 8 * t + 4, 16);
+  async_commit();
+  seen[12 * t] = buf[8 * t];  // before any wait: poison
+  async_wait<1>();
+  for (int i = 0; i < 4; ++i) seen[12 * t + 1 + i] = buf[8 * t + i];  // the first group landed
+  seen[12 * t + 5] = buf[8 * t + 4];                                  // the second is still in flight
+  async_wait<0>();
+  for (int i = 0; i < 4; ++i) seen[12 * t + 6 + i] = buf[8 * t + 4 + i];
+}
+
+void test_async_copy() {
+  std::vector<float> src(64), seen(96, 0.f);
+  for (int i = 0; i < 64; ++i) src[i] = (float)i + 0.5f;
+  sim::launch(dim3(1), dim3(8), 8 * 8 * sizeof(float), async_copy_kernel, (const float*)src.data(), seen.data());
+  for (int t = 0; t < 8; ++t) {
+    CHECK(std::isnan(seen[12 * t]), "thread %d read its slot before the wait and saw %g, not the poison", t,
+          seen[12 * t]);
+    CHECK(seen[12 * t + 1] == src[8 * t], "thread %d: first group not landed", t);
+    CHECK(std::isnan(seen[12 * t + 5]), "thread %d: the second group landed before its wait", t);
+    for (int i = 0; i < 4; ++i)
+      CHECK(seen[12 * t + 6 + i] == src[8 * t + 4 + i], "thread %d: second group element %d", t, i);
+  }
+  // the last thread's first copy read 6 bytes: element 0 and half of element 1; the rest of the 16 reads zero
+  CHECK(seen[12 * 7 + 3] == 0.f && seen[12 * 7 + 4] == 0.f, "zero fill past the bytes read");
+  CHECK(seen[12 * 6 + 4] == src[8 * 6 + 3], "a full copy");
+  // the opt-in launch: past 48 KB only through it, and 99 KB at most
+  bool refused = false;
+  try {
+    sim::launch(dim3(1), dim3(8), 64 * 1024, async_copy_kernel, (const float*)src.data(), seen.data());
+  } catch (const sim::Error&) {
+    refused = true;
+  }
+  CHECK(refused, "64 KB of dynamic shared memory without opting in");
+  sim::launch_opted_in(dim3(1), dim3(8), 64 * 1024, async_copy_kernel, (const float*)src.data(), seen.data());
+  refused = false;
+  try {
+    sim::launch_opted_in(dim3(1), dim3(8), 100 * 1024, async_copy_kernel, (const float*)src.data(), seen.data());
+  } catch (const sim::Error&) {
+    refused = true;
+  }
+  CHECK(refused, "100 KB of dynamic shared memory, over the opt-in limit");
+}
+
 template <typename T>
 void test_wmma(float (*to)(T), T (*from)(float)) {
   std::vector<T> a(256), b(256);
@@ -356,12 +409,13 @@ void merge_case(int nb, int k, int r, bool transposed, int pad, float (*to)(T), 
     p.map.id[j] = (short)ids[j];
     p.map.slot[ids[j]] = (short)j;
   }
-  const int m_total = transposed ? k : nb, n_total = transposed ? nb : k;
-  const dim3 grid((n_total + km::kTileN - 1) / km::kTileN, (m_total + km::kTileM - 1) / km::kTileM, n);
+  // persistent blocks (16-byte accesses): two, so that each walks several tiles; otherwise one per tile
+  const dim3 grid((unsigned)(kVec ? std::min<long long>(2, km::tile_count(p)) : km::tile_count(p)));
+  constexpr size_t smem = km::launch_smem_bytes<T, Tab, kTC, kVec, false>();
   if (r2)
-    sim::launch(grid, dim3(km::kThreads), km::smem_bytes<T, kTC>(), km::swap_kernel<T, Tab, kTC, kVec>, p);
+    sim::launch_opted_in(grid, dim3(km::kThreads), smem, km::swap_kernel<T, Tab, kTC, kVec>, p);
   else
-    sim::launch(grid, dim3(km::kThreads), km::smem_bytes<T, kTC>(), km::merge_kernel<T, Tab, kTC, kVec>, p);
+    sim::launch_opted_in(grid, dim3(km::kThreads), smem, km::merge_kernel<T, Tab, kTC, kVec>, p);
   double err = 0, ref = 0;
   bool untouched = true;
   for (int i = 0; i < rows; ++i)
@@ -397,12 +451,16 @@ void test_merge_kernels() {
   merge_case<__half, __half, true, true>(70, 140, 40, false, 4, h2f, f2h);
   merge_case<__nv_bfloat16, __nv_bfloat16, true, false>(20, 67, 33, true, 1, b2f, f2b);
   merge_case<__nv_bfloat16, float, false, true>(9, 130, 1, false, 6, b2f, f2b);
+  // float32 factors on tensor cores, as bf16 hi/lo pairs
+  merge_case<__half, float, true, true>(70, 140, 40, false, 4, h2f, f2h);
+  merge_case<__nv_bfloat16, float, true, false>(20, 67, 33, true, 1, b2f, f2b);
   // swaps: the pair boundary inside a staged chunk (20 + 25) and on one (32 + 7)
   merge_case<float, float, false, true>(37, 53, 20, false, 3, fid, fid, 25);
   merge_case<__half, __half, false, false>(70, 140, 32, true, 1, h2f, f2h, 7);
   merge_case<__nv_bfloat16, __nv_bfloat16, true, true>(70, 140, 16, false, 4, b2f, f2b, 16);
   merge_case<__half, __half, true, false>(20, 67, 40, true, 1, h2f, f2h, 33);
   merge_case<__nv_bfloat16, float, false, true>(9, 130, 3, false, 6, b2f, f2b, 2);
+  merge_case<__half, float, true, true>(70, 140, 20, false, 4, h2f, f2h, 25);
 }
 
 }  // namespace
@@ -417,6 +475,7 @@ int main() {
     test_launch_config();
     test_kernel_assert();
     test_ldg();
+    test_async_copy();
     test_wmma<__half>(h2f, f2h);
     test_wmma<__nv_bfloat16>(b2f, f2b);
     test_merge_kernels();
