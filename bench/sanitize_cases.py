@@ -55,6 +55,21 @@ def cases(device):
 
             out += [(f"merge_ {dtype} r={r}", merge), (f"swap_ {dtype} r={r}", swap),
                     (f"delta_weight {dtype} r={r}", delta)]
+
+        def merge_many_tiles(dtype=dtype):
+            # more 64 x 128 tiles (65 x 9 = 585) than an H200 holds blocks at once (2 per SM): each persistent
+            # block walks two or more and prefetches its next tile's W by cp.async (kernels/merge.cuh); float32
+            # factors at r = 40 (16-bit W: tensor cores on bf16 hi/lo pairs), ragged last row and column tiles.
+            # The simulator holds 3 blocks, so 5 x 3 tiles walk there.
+            rows, cols = (4160, 1032) if device == "cuda" else (260, 264)
+            A, B = torch.randn(40, cols, device=device), torch.randn(rows, 40, device=device)
+            w = torch.randn(rows, cols, device=device).to(dtype)
+            w0 = w.double()
+            ops.merge_(w, A, B, 0.25)
+            _close(w, w0 + 0.25 * B.double() @ A.double(), dtype)
+            ops.swap_(w, A, B, 0.25, A[:20], B[:, :20], -0.5)
+            _close(w, w0 - 0.5 * B[:, :20].double() @ A[:20].double(), dtype)
+        out.append((f"merge_ and swap_ {dtype} many tiles, float32 factors", merge_many_tiles))
         for m in (1, 3, 97):  # decode (fused) and prefill (shrink + expand)
             def linear(dtype=dtype, m=m):
                 x = torch.randn(m, 72, device=device).to(dtype)

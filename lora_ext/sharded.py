@@ -165,6 +165,21 @@ def _fingerprint(op: str, tensors, scales) -> Tensor:
     return acc.nan_to_num(0.0, 0.0, 0.0)
 
 
+def _header(op: str, tensors, scales) -> Tensor:
+    """What a write is, as every rank can say it without communicating: the op (coded apart from _fingerprint's
+    codes, so that a header never agrees with another rank's fingerprint), the tensors' global shapes and dtypes,
+    and the scales."""
+    acc = torch.zeros(_WIDTH, dtype=torch.float64)
+    acc[0] = 10.0 + _OPS[op]
+    for i, t in enumerate(tensors):
+        acc[1] += t.numel() * (i + 1)
+        acc[2] += sum((d + 1.5) * n * 0.6180339 for d, n in enumerate(t.shape)) * (i + 1) + len(t.shape) * 7.0
+        acc[3] += sum(map(ord, str(t.dtype))) * (i + 1)  # (not hash(): str hashes differ between processes)
+    for j, sc in enumerate(scales):
+        acc[3] += float(sc) * (j + 1) * 1.618034
+    return acc.nan_to_num(0.0, 0.0, 0.0)
+
+
 def _all_agree(weight: Tensor, fingerprint: Tensor, ok: bool = True):
     """(whether every rank of the weight's mesh passed the same fingerprint, whether every rank was ok): one
     all-reduce (MAX of the fingerprint and of its negation, so the maximum and the minimum of each number)."""
@@ -178,20 +193,36 @@ def _all_agree(weight: Tensor, fingerprint: Tensor, ok: bool = True):
     return same, not bool(bad > 0)
 
 
-def consensus(weight: Tensor, op: str, where: str, tensors, scales=()) -> None:
+def consensus(weight: Tensor, op: str, where: str, tensors, scales=()) -> list:
     """Refuses, on every rank of `weight`'s mesh and before anything is written, a write that not every rank makes
     with the same values: a merge, unmerge, switch or load called on one rank only, in another order, or with other
     adapters (tensor parallel: the replicated factors would differ between ranks, each rank computing its part of
-    every output with its own adapter, silently; FSDP2: each rank's shard written from another adapter). A
-    collective: a rank that calls it alone waits for the others' next collective (the process group's timeout)."""
+    every output with its own adapter, silently; FSDP2: each rank's shard written from another adapter). Returns
+    the tensors whole (gathered), for the write. A collective: a rank that calls it alone waits for the others'
+    next collective (the process group's timeout).
+
+    Sharded tensors (FSDP2's factors) must be gathered for their values to be compared, and gathers of different
+    tensors on two ranks would pair up wrongly (a hang, or garbage): so what every rank knows without
+    communicating (the op, the tensors' global shapes and dtypes, the scales) is agreed on first, and ranks at
+    different writes refuse there, before any gather."""
     if not (weight is not None and is_dtensor(weight)):
-        return
-    same, _ = _all_agree(weight, _fingerprint(op, [full(t) for t in tensors], scales))
+        return [full(t) for t in tensors]
+    if any(is_dtensor(t) for t in tensors):
+        same, _ = _all_agree(weight, _header(op, tensors, scales))
+        if not same:
+            raise _disagree(where, op)
+    whole = [full(t) for t in tensors]
+    same, _ = _all_agree(weight, _fingerprint(op, whole, scales))
     if not same:
-        raise RuntimeError(f"{where}: the ranks of its device mesh disagree on this {op} (another op, or other "
-                           f"factors or scaling on another rank: set_adapter, merge/unmerge, eval()/train() or "
-                           f"load_state_dict called on some ranks only, in another order, or with other adapters); "
-                           f"refused on every rank, nothing was written. Call them on every rank, in the same order")
+        raise _disagree(where, op)
+    return whole
+
+
+def _disagree(where: str, op: str) -> RuntimeError:
+    return RuntimeError(f"{where}: the ranks of its device mesh disagree on this {op} (another op, or other "
+                        f"factors or scaling on another rank: set_adapter, merge/unmerge, eval()/train() or "
+                        f"load_state_dict called on some ranks only, in another order, or with other adapters); "
+                        f"refused on every rank, nothing was written. Call them on every rank, in the same order")
 
 
 def _agree(weight: Tensor, ok: bool) -> bool:
@@ -220,9 +251,10 @@ def merge_(weight, lora_A, lora_B, scale, *, lossless=False, where="merge", **la
     """ops.merge_ on this rank's shard; the records of a lossless merge (one per part), else None. A refusal on
     any rank is a refusal on every rank, with nothing changed."""
     from . import ops
-    A, B = full(lora_A), full(lora_B)
     if isinstance(weight, torch.nn.Parameter):  # the live weight (a state dict's copy is each rank's own business)
-        consensus(weight, "merge", where, (A, B), (scale,))
+        A, B = consensus(weight, "merge", where, (lora_A, lora_B), (scale,))
+    else:
+        A, B = full(lora_A), full(lora_B)
     ps = parts(weight, A, B, where=where, **layout)
     records, err = [], None
     try:
@@ -240,11 +272,12 @@ def merge_(weight, lora_A, lora_B, scale, *, lossless=False, where="merge", **la
 def unmerge_(weight, lora_A, lora_B, scale, *, record=None, where="unmerge", **layout) -> None:
     from . import ops
     if isinstance(weight, torch.nn.Parameter):
-        consensus(weight, "unmerge", where, (lora_A, lora_B), (scale,))
+        A, B = consensus(weight, "unmerge", where, (lora_A, lora_B), (scale,))
+    else:
+        A, B = full(lora_A), full(lora_B)
     if isinstance(record, lossless_module.MergeRecord):
-        return _whole(weight, lambda w: ops.unmerge_(_view2d(w, lora_A), full(lora_A), full(lora_B), scale,
-                                                     record=record, **layout))
-    ps = parts(weight, full(lora_A), full(lora_B), where=where, **layout)
+        return _whole(weight, lambda w: ops.unmerge_(_view2d(w, A), A, B, scale, record=record, **layout))
+    ps = parts(weight, A, B, where=where, **layout)
     records = record if record is not None else [None] * len(ps)
     for p, rec in zip(ps, records):
         ops.unmerge_(p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
@@ -261,13 +294,15 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=No
     back on every rank (the old merge, bit for bit) and raises, with the old records in the error's `record`."""
     from . import ops
     if isinstance(weight, torch.nn.Parameter):
-        consensus(weight, "switch", where, (old_A, old_B, new_A, new_B), (old_scale, new_scale))
+        old_A, old_B, new_A, new_B = consensus(weight, "switch", where, (old_A, old_B, new_A, new_B),
+                                               (old_scale, new_scale))
+    else:
+        old_A, old_B, new_A, new_B = (full(t) for t in (old_A, old_B, new_A, new_B))
     if isinstance(record, lossless_module.MergeRecord):
-        return _whole(weight, lambda w: ops.swap_(_view2d(w, old_A), full(old_A), full(old_B),
-                                                  old_scale, full(new_A), full(new_B), new_scale,
-                                                  check_values=False, record=record, **layout))
-    old = parts(weight, full(old_A), full(old_B), where=where, **layout)
-    new = parts(weight, full(new_A), full(new_B), where=where, **layout)
+        return _whole(weight, lambda w: ops.swap_(_view2d(w, old_A), old_A, old_B, old_scale, new_A, new_B,
+                                                  new_scale, check_values=False, record=record, **layout))
+    old = parts(weight, old_A, old_B, where=where, **layout)
+    new = parts(weight, new_A, new_B, where=where, **layout)
     records = record if record is not None else [None] * len(old)
     out, err = [], None
     try:

@@ -56,6 +56,22 @@ def test_regex_and_exclude_follow_peft_rules():
                      "model.layers.1.self_attn.q_proj"]
 
 
+@pytest.mark.parametrize("build", [llama, gpt2], ids=["llama", "gpt2"])
+def test_all_linear_chooses_what_peft_chooses(build):
+    # peft's "all-linear": every Linear / Conv1D but the output head; inject used to refuse it as matching nothing
+    from peft import LoraConfig, get_peft_model
+    ours = build()
+    names = lora_ext.inject(ours, "ALL-linear", r=2)
+    peft_model = get_peft_model(build(), LoraConfig(r=2, target_modules="all-linear"))
+    want = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    assert sorted(names) == want and want
+    assert "lm_head" not in names
+    # the modules already adapted are not chosen again
+    with pytest.raises(ValueError, match="matches no module"):
+        lora_ext.inject(ours, "all-linear")
+
+
 def test_rank_alpha_patterns_and_rslora():
     model = llama()
     lora_ext.inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, rank_pattern={"v_proj": 2},

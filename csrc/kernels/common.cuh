@@ -117,6 +117,18 @@ __device__ __forceinline__ void store16(void* p, const V& v) {
 #endif
 }
 
+// A staging walk that writes a shared tile across its rows: element idx of a walk over kAcross runs of kRun
+// source-contiguous elements, each run stored down one column of the tile (row = position in the run). A warp
+// (32 consecutive idx) takes 8 neighbours of a run (lane % 8) in 4 columns (lane / 8): with rows 4 mod 32 words
+// apart its stores hit 32 distinct banks (4 * row + column), where a whole run of 32 down one column hits 8
+// banks 4 ways; its reads are 4 runs of 8 elements. idx in [0, kRun * kAcross).
+template <int kRun, int kAcross>
+struct Block8x4 {
+  static_assert(kRun % 8 == 0 && kAcross % 4 == 0, "whole 8 x 4 blocks");
+  __host__ __device__ static constexpr int along(int idx) { return (idx / 32) % (kRun / 8) * 8 + idx % 8; }
+  __host__ __device__ static constexpr int across(int idx) { return (idx / 32) / (kRun / 8) * 4 + idx % 32 / 8; }
+};
+
 // Asynchronous copies from global to shared memory (cp.async, sm_80+), in groups: async_copy16 starts a copy
 // of `bytes` (0..16) bytes from src into the 16 bytes at dst, the rest of which read as zero; async_commit closes
 // the calling thread's group of copies started since the last one; async_wait<N>() returns once at most N of

@@ -170,17 +170,29 @@ __device__ __forceinline__ void put(S* hi, S* lo, int at, float v) {
 // full tile. Threads walk each source's contiguous dimension so reads coalesce. kTwo: rank columns below
 // x.rank come from x, their L values multiplied by x_mult, the rest from y (merge: x alone, unscaled).
 // kLo: the hi/lo split, each value's remainder stored at the same place of ls_lo / rs_lo.
+//
+// Shared-memory banks: where the source's contiguous dimension is the one along a shared row (L's rank when
+// not transposed, R's column when not), a warp writes 32 neighbours of one row: no conflict. Otherwise a warp
+// walking one source run would write 32 rows of one column, and rows kLdL / kLdR elements apart share banks
+// (R: 132 floats or 68 words of 16-bit values, 4 mod 32: 8 banks for 32 lanes, 4-way; 16-bit L: 20 words, the
+// same). There a warp takes an 8 x 4 block instead, 8 neighbours along the source run (lane % 8) in 4 shared
+// columns (lane / 8): the rows' banks 4 * row + column (R), or 20 * row + column / 2 words (16-bit L) are
+// distinct or shared by one 32-bit word, and the reads are 4 runs of 8 elements. float32 L (kLdLf = 33, odd)
+// is conflict-free walking its run.
 template <typename S, int kLdL, int kLdR, bool kTwo, bool kLo = false, typename Tab>
 __device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, const Operands<Tab>& y, float x_mult,
                                       int rows, int cols, int k0, int kn, S* ls_lo = nullptr, S* rs_lo = nullptr) {
   constexpr int kLIters = kTileM * kChunk / kThreads;
   constexpr int kRIters = kChunk * kTileN / kThreads;
+  constexpr bool kLBlocks = sizeof(S) == 2;  // 16-bit L rows share banks 4 ways; float32 L rows (odd) do not
+  using LB = Block8x4<kTileM, kChunk>;       // L transposed: runs along i (A_j's columns), ranks across
+  using RB = Block8x4<kChunk, kTileN>;       // R transposed: runs along the rank (B_j's rows), columns across
   const bool l_k_fast = x.l_sk == 1;
   LORA_UNROLL_BY(4)
   for (int t = 0; t < kLIters; ++t) {
     const int idx = threadIdx.x + t * kThreads;
-    const int i = l_k_fast ? idx / kChunk : idx % kTileM;
-    const int kk = l_k_fast ? idx % kChunk : idx / kTileM;
+    const int i = l_k_fast ? idx / kChunk : kLBlocks ? LB::along(idx) : idx % kTileM;
+    const int kk = l_k_fast ? idx % kChunk : kLBlocks ? LB::across(idx) : idx / kTileM;
     float v = 0.f;
     if (i < rows && kk < kn) {
       const int kr = k0 + kk;
@@ -197,8 +209,8 @@ __device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, cons
   LORA_UNROLL_BY(4)
   for (int t = 0; t < kRIters; ++t) {
     const int idx = threadIdx.x + t * kThreads;
-    const int kk = r_c_fast ? idx / kTileN : idx % kChunk;
-    const int cc = r_c_fast ? idx % kTileN : idx / kChunk;
+    const int kk = r_c_fast ? idx / kTileN : RB::along(idx);
+    const int cc = r_c_fast ? idx % kTileN : RB::across(idx);
     float v = 0.f;
     if (cc < cols && kk < kn) {
       const int kr = k0 + kk;

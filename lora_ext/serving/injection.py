@@ -268,7 +268,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
            lossless: Optional[bool] = None) -> List[str]:
     """Replaces the matching modules of `model` by lora_ext layers, in place; returns their names.
 
-    target_modules: a regex matching whole module names, or a list of names / name suffixes (peft's rule).
+    target_modules: a regex matching whole module names, or a list of names / name suffixes (peft's rule), or
+      "all-linear": every nn.Linear / Conv1D but a transformers model's output head, as peft chooses them.
     fused: {name or suffix: enable_lora}, e.g. {"c_attn": [True, False, True]} for GPT-2's fused qkv: those
       modules become MergedLinear (they need not be listed in target_modules).
     rank_pattern / alpha_pattern: per-module r / lora_alpha overrides, keyed by name regexes (peft's rule);
@@ -288,12 +289,15 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     fused = dict(fused or {})
     plan = []
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer)]
+    spec = target_modules
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:  # the modules not adapted yet
+        spec = {n for n in _all_linear(model) if not isinstance(model.get_submodule(n), LoRALayer)}
     for name, module in model.named_modules():
         # the insides of lora_ext layers (a ConvLoRA's conv) are never targets, as in select_targets
         if not name or name_matches(exclude_modules, name) or any(name.startswith(p) for p in inner):
             continue
         enable = next((v for k, v in fused.items() if name_matches([k], name)), None)
-        if enable is None and not name_matches(target_modules, name):
+        if enable is None and not (name in spec if isinstance(spec, set) else name_matches(spec, name)):
             continue
         if isinstance(module, LoRALayer):
             raise ValueError(f"target_modules: module {name!r} is already a lora_ext layer")
