@@ -104,7 +104,8 @@ def _touched(buf, layout, shape, num_blocks, ids, nb, transposed):
 
 # float32 factors on a 16-bit W at rank >= 32 take tensor cores as bf16 pairs v = hi + lo (kernels/merge.cuh):
 # each product x*y is summed as hi*hi + hi*lo + lo*hi; the dropped lo*lo and the roundings of the two lo parts
-# are each at most 2^-16 |x y|.
+# are each at most 2^-16 |x y| (values under 2^-118 add an absolute 2^-134 (|x| + |y|), which these tests'
+# normal-sized values never reach: tests/test_merge_hostile3.py checks it).
 _SPLIT_REL = 3 * 2.0**-16
 
 

@@ -17,7 +17,11 @@
 // and each product is summed as hi*hi + hi*lo + lo*hi in fp32 accumulators (three MMAs per step, the
 // dropped lo*lo and the rounding of lo are about 2^-16 of each product: far under the 2^-9 / 2^-11 of the
 // 16-bit W the result is rounded to once). bf16, not fp16, for the split: fp32's exponent range, so no
-// factor overflows or loses its lo part to fp16's subnormals.
+// factor overflows (the few float32 values above bf16's largest finite keep it as hi, see put()). Below
+// 2^-118 in magnitude a value's lo part falls among bf16's subnormals, spaced 2^-133 where float32's are
+// 2^-149: such a value is held to an absolute 2^-134 rather than 2^-16 of itself, so a product of x and y
+// is off by at most 3 * 2^-16 |x y| + 2^-134 (|x| + |y|) (tests/test_merge.py). Only factors that small
+// (under 3.3e-36) beside partners over ~2^100 show it; the FFMA path (r < 32) has no such term.
 //
 // With 16-byte accesses (kVector) merge and swap blocks are persistent: the host launches as many as fit on the
 // GPU at once (Launch::resident) and each walks the tiles blockIdx.x, blockIdx.x + gridDim.x, ... The reads of W
@@ -158,12 +162,24 @@ __device__ __forceinline__ Operands<Tab> operands(const Tab* a, const Tab* b, in
   return o;
 }
 
-// Stores v as S at ls[at]; kLo: also v's remainder after that rounding, as S, at lo[at] (the hi/lo split).
+// The largest finite bf16, 0x7F7F.
+constexpr float kBf16Max = 3.38953139e38f;
+
+// Stores v as S at hi[at]; kLo (S is bf16): v as the pair hi + lo, hi the nearest bf16 and lo the nearest bf16
+// to what is left. A finite v whose nearest bf16 is infinite (|v| >= 0x7F7F8000, 3.3962e38) takes the largest
+// finite bf16 as hi instead (inf - v would make lo infinite and the sum NaN); an infinite v, lo = 0.
 template <typename S, bool kLo>
 __device__ __forceinline__ void put(S* hi, S* lo, int at, float v) {
-  const S h = from_float<S>(v);
+  S h = from_float<S>(v);
+  if (kLo) {
+    float hf = to_float(h);
+    if (fabsf(hf) > kBf16Max && fabsf(v) <= 3.40282347e38f) {
+      hf = copysignf(kBf16Max, v);
+      h = from_float<S>(hf);
+    }
+    lo[at] = from_float<S>(fabsf(v) > 3.40282347e38f ? 0.f : v - hf);
+  }
   hi[at] = h;
-  if (kLo) lo[at] = from_float<S>(v - to_float(h));
 }
 
 // Copies chunk [k0, k0+kn) of the tile's L and R into shared memory as S, zero-padded to kChunk and to the
