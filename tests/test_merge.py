@@ -261,6 +261,25 @@ def test_persistent_blocks_walk_many_tiles(backend, dtype, pattern, nb, r, r_old
         assert _sim.last_variant().endswith("vector=1>"), _sim.last_variant()
 
 
+@pytest.mark.parametrize("backend_name", [pytest.param("sim", marks=requires_sim), "reference"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_merge_at_scale_zero_writes_nothing(backend_name, dtype):
+    # W + 0 * delta would turn -0 into +0 and a NaN or inf factor value into NaN; the CPU's addmm_(alpha=0) writes
+    # nothing, and so does the kernel (as swap_ with both scales 0)
+    g = _gen("scale zero", str(dtype))
+    w = torch.randn(70, 136, generator=g).to(dtype)
+    w[::3] = -0.0
+    a, b = torch.randn(40, 136, generator=g).to(dtype), torch.randn(70, 40, generator=g).to(dtype)
+    a[1, 5], b[2, 7] = float("nan"), float("inf")
+    before = w.clone()
+    if backend_name == "sim":
+        _sim.merge_(w, a, b, 0.0, 1, [0], False)
+        _sim.merge_(w, a, b, -0.0, 1, [0], False)
+    else:
+        ops.merge_(w, a, b, 0.0)
+    assert torch.equal(_bits(w), _bits(before))
+
+
 @requires_sim
 def test_unmerge_restores_fp32_weight():
     g = _gen("unmerge")

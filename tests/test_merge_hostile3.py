@@ -236,7 +236,7 @@ def test_merge_then_unmerge_restores(dtype, r):
 # scales and value ranges
 
 
-@pytest.mark.parametrize("scale", [0.0, -0.0, 1e-30, 1e4, -3e3])
+@pytest.mark.parametrize("scale", [1e-30, 1e4, -3e3])  # (scale 0 launches nothing: the test below)
 def test_scales_on_split_path(scale):
     small = abs(scale) > 1  # keep the result in float16 range
     fill = (lambda s, g: torch.randn(s, generator=g) * 1e-3) if small else None
@@ -247,8 +247,11 @@ def test_scale_zero_leaves_w_equal():
     g = _gen()
     w = torch.randn(100, 136, generator=g).bfloat16()
     w0 = w.clone()
+    w[::7] = -0.0
+    w0 = w.clone()
     _sim.merge_(w, torch.randn(32, 136, generator=g), torch.randn(100, 32, generator=g), 0.0, 1, [0], False)
-    assert torch.equal(w, w0)  # == (a -0.0 may become +0.0)
+    assert torch.equal(_bits(w), _bits(w0))  # a -0.0 stays -0.0: nothing is written
+    assert _sim.last_variant() == ""
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

@@ -244,8 +244,10 @@ void apply(const char* op, const at::Tensor& w, const at::Tensor& a, const at::T
            int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed, c10::DeviceType device) {
   const Plan plan = check(op, kDelta ? "out" : "W", w, a, b, num_blocks, block_ids, transposed, device);
   // An empty W (no rows, columns or features per block) would be a zero-size grid, an invalid launch
-  // configuration on CUDA; with no enabled block a merge adds nothing.
-  if (w.numel() == 0 || (!kDelta && plan.n == 0)) return;
+  // configuration on CUDA; with no enabled block a merge adds nothing. A merge at scale 0 adds nothing either
+  // and writes nothing, as the CPU's addmm_(alpha=0) (and swap_ with both scales 0): W + 0 * delta would turn
+  // -0 into +0 and non-finite factor values into NaN.
+  if (w.numel() == 0 || (!kDelta && (plan.n == 0 || scale == 0))) return;
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   run<Launch, kDelta ? Kind::kDelta : Kind::kMerge>(op, plan, w, ac, bc, scale, (int)num_blocks);
 }
