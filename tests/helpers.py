@@ -29,6 +29,31 @@ def assert_close_rel(out, ref, dtype, factor=1.0):
 # float64 oracles
 
 
+def fresh_generator(*label):
+    """A generator for one case, seeded from the global RNG (which conftest seeds afresh per test); `label` only
+    names the case for a reader."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+
+
+def bits(t):
+    """t's bits as integers of its size, for comparisons that tell -0.0 from 0.0 and NaN payloads apart."""
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def ulp(x, dtype):
+    """The spacing of `dtype` values around float64 x."""
+    info = torch.finfo(dtype)
+    exp = torch.floor(torch.log2(x.abs().clamp_min(info.smallest_normal)))
+    return torch.exp2(exp - {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dtype])
+
+
+# float32 factors on a 16-bit W at rank >= 32 take tensor cores as bf16 pairs v = hi + lo (kernels/merge.cuh):
+# each product x*y is summed as hi*hi + hi*lo + lo*hi; the dropped lo*lo and the roundings of the two lo parts
+# are each at most 2^-16 |x y| (values under 2^-118 add an absolute 2^-134 (|x| + |y|), which normal-sized values
+# never reach: tests/test_merge_hostile3.py checks it).
+SPLIT_REL = 3 * 2.0**-16
+
+
 def dense_delta64(lora_A, lora_B, num_blocks, block_ids, out_features):
     """scale-free delta-W in the layer's logical (out, in) layout, float64, zero outside enabled blocks."""
     A = lora_A.detach().to(torch.float64)
@@ -39,6 +64,16 @@ def dense_delta64(lora_A, lora_B, num_blocks, block_ids, out_features):
     for j, e in enumerate(block_ids):
         delta[e * nb:(e + 1) * nb] = B[j * nb:(j + 1) * nb] @ A[j * r:(j + 1) * r]
     return delta
+
+
+def delta64(a, b, scale, num_blocks, ids, nb, transposed):
+    """float64 scale * B_j @ A_j in block ids[j], zero elsewhere, in W's storage layout (the ops' arguments)."""
+    k = a.shape[1]
+    r = a.shape[0] // len(ids) if ids else 0
+    delta = torch.zeros(num_blocks * nb, k, dtype=torch.float64)
+    for j, e in enumerate(ids):
+        delta[e * nb : (e + 1) * nb] = scale * (b[j * nb : (j + 1) * nb].double() @ a[j * r : (j + 1) * r].double())
+    return delta.t() if transposed else delta
 
 
 def linear64(x, x_lora, w, bias, A, B, scale, num_blocks, ids, fan):

@@ -12,8 +12,8 @@ import torch
 
 import lora_ext
 from lora_ext import ops
-from helpers import (KERNEL_DTYPES, PATTERNS, TOL, assert_close_rel, dense_delta64, load_sim, rel_err,
-                     requires_sim)
+from helpers import (KERNEL_DTYPES, PATTERNS, SPLIT_REL, TOL, assert_close_rel, bits, delta64, dense_delta64,
+                     fresh_generator, load_sim, rel_err, requires_sim, ulp)
 
 _sim = load_sim()
 
@@ -24,11 +24,6 @@ BACKENDS = [pytest.param("sim", marks=requires_sim), pytest.param("cuda", marks=
 def backend(request):
     """"sim" (lora_ext._sim called directly), or the `cuda` fixture (lora_ext._C on CUDA tensors)."""
     return request.param if request.param == "sim" else request.getfixturevalue("cuda")
-
-
-def _gen(*key):
-    """A generator for one case, seeded from the global RNG (which conftest seeds afresh per test)."""
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
 
 
 def _run(backend, name, out_buf, view, *args):
@@ -81,16 +76,6 @@ def _operands(num_blocks, ids, nb, k, r, dtype, g):
     return a, b
 
 
-def _reference_delta(a, b, scale, num_blocks, ids, nb, transposed):
-    """float64 dense delta in W's storage layout."""
-    k = a.shape[1]
-    r = a.shape[0] // len(ids) if ids else 0
-    delta = torch.zeros(num_blocks * nb, k, dtype=torch.float64)
-    for j, e in enumerate(ids):
-        delta[e * nb : (e + 1) * nb] = scale * (b[j * nb : (j + 1) * nb].double() @ a[j * r : (j + 1) * r].double())
-    return delta.t() if transposed else delta
-
-
 def _touched(buf, layout, shape, num_blocks, ids, nb, transposed):
     mask = torch.zeros(buf.shape, dtype=torch.bool)
     view = _view(mask, layout, shape)
@@ -102,29 +87,11 @@ def _touched(buf, layout, shape, num_blocks, ids, nb, transposed):
     return mask
 
 
-# float32 factors on a 16-bit W at rank >= 32 take tensor cores as bf16 pairs v = hi + lo (kernels/merge.cuh):
-# each product x*y is summed as hi*hi + hi*lo + lo*hi; the dropped lo*lo and the roundings of the two lo parts
-# are each at most 2^-16 |x y| (values under 2^-118 add an absolute 2^-134 (|x| + |y|), which these tests'
-# normal-sized values never reach: tests/test_merge_hostile3.py checks it).
-_SPLIT_REL = 3 * 2.0**-16
-
-
-def _ulp(x, dtype):
-    """The spacing of `dtype` values around float64 x."""
-    info = torch.finfo(dtype)
-    exp = torch.floor(torch.log2(x.abs().clamp_min(info.smallest_normal)))
-    return torch.exp2(exp - {torch.float16: 10, torch.bfloat16: 7}[dtype])
-
-
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
 def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous", scale=0.75, seed=None,
                  tag="", r_old=0, old_scale=1.25):
     """merge_ of a rank-r adapter, or (r_old > 0) swap_ from a rank-r_old adapter to it, against float64."""
     num_blocks, ids, transposed = PATTERNS[pattern] if isinstance(pattern, str) else pattern
-    g = _gen(str(dtype), str(ab_dtype), str(pattern), nb, k, r, layout, tag)
+    g = fresh_generator(str(dtype), str(ab_dtype), str(pattern), nb, k, r, layout, tag)
     shape = _storage_shape(num_blocks, nb, k, transposed)
     buf = _buffer(layout, shape, dtype, g)
     w = _view(buf, layout, shape)
@@ -138,14 +105,14 @@ def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous
         args = ("merge_", a, b, scale)
     before = buf.clone()
     w0 = w.clone()
-    ref = w0.double() + sum(_reference_delta(x, y, s, num_blocks, ids, nb, transposed) for x, y, s in updates)
+    ref = w0.double() + sum(delta64(x, y, s, num_blocks, ids, nb, transposed) for x, y, s in updates)
     if seed is not None:
         _sim.set_schedule(seed)
     buf = _run(backend, args[0], buf, lambda t: _view(t, layout, shape), *args[1:], num_blocks, ids, transposed)
     w = _view(buf, layout, shape)
 
     touched = _touched(buf, layout, shape, num_blocks, ids, nb, transposed)
-    assert torch.equal(_bits(buf)[~touched], _bits(before)[~touched]), "wrote outside the enabled blocks"
+    assert torch.equal(bits(buf)[~touched], bits(before)[~touched]), "wrote outside the enabled blocks"
     if not ids:
         return
     assert not torch.isnan(w).any()
@@ -156,12 +123,12 @@ def _check_merge(backend, dtype, ab_dtype, pattern, nb, k, r, layout="contiguous
     if dtype != torch.float32:
         # One rounding per element: within an ulp of the float64 result, plus what fp32 accumulation of
         # the products may add (it matters only where W and the delta nearly cancel).
-        products = sum(_reference_delta(x.abs(), y.abs(), abs(s), num_blocks, ids, nb, transposed)
+        products = sum(delta64(x.abs(), y.abs(), abs(s), num_blocks, ids, nb, transposed)
                        for x, y, s in updates)
         size = w0.double().abs() + products
-        bound = _ulp(want, dtype) + (r + r_old + 2) * 2.0**-24 * size[wmask]
+        bound = ulp(want, dtype) + (r + r_old + 2) * 2.0**-24 * size[wmask]
         if ab_dtype == torch.float32 and r + r_old >= 32:  # tensor cores on bf16 hi/lo pairs
-            bound = bound + _SPLIT_REL * products[wmask]
+            bound = bound + SPLIT_REL * products[wmask]
         excess = ((out.double() - want).abs() / bound).max().item()
         assert excess <= 1, f"an element is {excess:.3g}x the single-rounding bound from the float64 result"
 
@@ -196,7 +163,7 @@ def test_fp32_factors_on_half_weight_take_split_tensor_cores(kind, transposed):
     """float32 factors into a float16 W at r >= 32 run on tensor cores (the layers' default dtypes) and stay
     within one rounding of the float64 result plus the split's 3 * 2^-16 per product; factors merely rounded
     to bf16 (one MMA per step, no lo parts) would be about 2^-8 per product: the check below tells them apart."""
-    g = _gen("split", kind, transposed)
+    g = fresh_generator("split", kind, transposed)
     nb, k, r = (72, 136, 40) if kind != "swap_" else (72, 136, 20)
     shape = _storage_shape(1, nb, k, transposed)
     a, b = _operands(1, [0], nb, k, r, torch.float32, g)
@@ -210,16 +177,16 @@ def test_fp32_factors_on_half_weight_take_split_tensor_cores(kind, transposed):
         pairs = [(a, b, 0.75)]
         getattr(_sim, kind)(w, a, b, 0.75, 1, [0], transposed)
     assert _sim.last_variant() == "merge<W=Half, factors=Float, tensor_core=1, vector=1>"
-    want = w0.double() + sum(_reference_delta(x, y, s, 1, [0], nb, transposed) for x, y, s in pairs)
-    products = sum(_reference_delta(x.abs(), y.abs(), abs(s), 1, [0], nb, transposed) for x, y, s in pairs)
-    bound = _ulp(want, torch.float16) + (2 * r + 2) * 2.0**-24 * (w0.double().abs() + products)
-    excess = ((w.double() - want).abs() / (bound + _SPLIT_REL * products)).max().item()
+    want = w0.double() + sum(delta64(x, y, s, 1, [0], nb, transposed) for x, y, s in pairs)
+    products = sum(delta64(x.abs(), y.abs(), abs(s), 1, [0], nb, transposed) for x, y, s in pairs)
+    bound = ulp(want, torch.float16) + (2 * r + 2) * 2.0**-24 * (w0.double().abs() + products)
+    excess = ((w.double() - want).abs() / (bound + SPLIT_REL * products)).max().item()
     assert excess <= 1, f"an element is {excess:.3g}x the bound"
     # The bound is tight enough to fail a kernel that only rounds the factors to bf16.
     bf = lambda t: t.bfloat16().double()  # noqa: E731
-    rounded = w0.double() + sum(_reference_delta(bf(x), bf(y), s, 1, [0], nb, transposed) for x, y, s in pairs)
+    rounded = w0.double() + sum(delta64(bf(x), bf(y), s, 1, [0], nb, transposed) for x, y, s in pairs)
     rounded = rounded.half().double()
-    assert ((rounded - want).abs() / (bound + _SPLIT_REL * products)).max().item() > 1
+    assert ((rounded - want).abs() / (bound + SPLIT_REL * products)).max().item() > 1
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
@@ -266,7 +233,7 @@ def test_persistent_blocks_walk_many_tiles(backend, dtype, pattern, nb, r, r_old
 def test_merge_at_scale_zero_writes_nothing(backend_name, dtype):
     # W + 0 * delta would turn -0 into +0 and a NaN or inf factor value into NaN; the CPU's addmm_(alpha=0) writes
     # nothing, and so does the kernel (as swap_ with both scales 0)
-    g = _gen("scale zero", str(dtype))
+    g = fresh_generator("scale zero", str(dtype))
     w = torch.randn(70, 136, generator=g).to(dtype)
     w[::3] = -0.0
     a, b = torch.randn(40, 136, generator=g).to(dtype), torch.randn(70, 40, generator=g).to(dtype)
@@ -277,12 +244,12 @@ def test_merge_at_scale_zero_writes_nothing(backend_name, dtype):
         _sim.merge_(w, a, b, -0.0, 1, [0], False)
     else:
         ops.merge_(w, a, b, 0.0)
-    assert torch.equal(_bits(w), _bits(before))
+    assert torch.equal(bits(w), bits(before))
 
 
 @requires_sim
 def test_unmerge_restores_fp32_weight():
-    g = _gen("unmerge")
+    g = fresh_generator("unmerge")
     w = torch.randn(70, 45, generator=g)
     a, b = _operands(1, [0], 70, 45, 8, torch.float32, g)
     w0 = w.clone()
@@ -335,24 +302,24 @@ def test_swap_scales(backend, dtype, scales):
 
 @requires_sim
 def test_swap_with_both_scales_zero_writes_nothing():
-    g = _gen("swap zero")
+    g = fresh_generator("swap zero")
     w = torch.randn(39, 20, generator=g).bfloat16()
     w0 = w.clone()
     _sim.swap_(w, torch.randn(6, 20).bfloat16(), torch.randn(26, 3).bfloat16(), 0.0, torch.randn(8, 20).bfloat16(),
                torch.randn(26, 4).bfloat16(), 0.0, 3, [0, 2], False)
-    assert torch.equal(_bits(w), _bits(w0))
+    assert torch.equal(bits(w), bits(w0))
 
 
 @requires_sim
 def test_swap_back_restores_fp32_weight():
-    g = _gen("swap back")
+    g = fresh_generator("swap back")
     w = torch.randn(70, 45, generator=g)
     a1, b1 = _operands(1, [0], 70, 45, 8, torch.float32, g)
     a2, b2 = _operands(1, [0], 70, 45, 5, torch.float32, g)
     w0 = w.clone()
     _sim.swap_(w, a1, b1, 0.5, a2, b2, 2.0, 1, [0], False)
-    assert rel_err(w, w0.double() + _reference_delta(a2, b2, 2.0, 1, [0], 70, False)
-                    - _reference_delta(a1, b1, 0.5, 1, [0], 70, False)) < 1e-6
+    assert rel_err(w, w0.double() + delta64(a2, b2, 2.0, 1, [0], 70, False)
+                    - delta64(a1, b1, 0.5, 1, [0], 70, False)) < 1e-6
     _sim.swap_(w, a2, b2, 2.0, a1, b1, 0.5, 1, [0], False)
     assert rel_err(w, w0.double()) < 1e-6
 
@@ -373,7 +340,7 @@ SWAP_BAD_ARGS = {
 @requires_sim
 @pytest.mark.parametrize("case", list(SWAP_BAD_ARGS))
 def test_swap_argument_errors(case):
-    g = _gen("swap args")
+    g = fresh_generator("swap args")
     args = dict(W=torch.randn(39, 20, generator=g), old_A=torch.randn(6, 20, generator=g),
                 old_B=torch.randn(26, 3, generator=g), old_scale=0.5, new_A=torch.randn(8, 20, generator=g),
                 new_B=torch.randn(26, 4, generator=g), new_scale=1.5, num_blocks=3, block_ids=[0, 2],
@@ -394,12 +361,12 @@ def test_delta_weight(backend, dtype, pattern, r, layout):
     num_blocks, ids, transposed = PATTERNS[pattern]
     nb = 37 if num_blocks == 1 else 13
     k = 53
-    g = _gen("delta", str(dtype), pattern, r, layout)
+    g = fresh_generator("delta", str(dtype), pattern, r, layout)
     shape = _storage_shape(num_blocks, nb, k, transposed)
     buf = torch.full(_buffer(layout, shape, dtype, g).shape, float("nan"), dtype=dtype)
     out = _view(buf, layout, shape)
     a, b = _operands(num_blocks, ids, nb, k, r, dtype, g)
-    ref = _reference_delta(a, b, 0.6, num_blocks, ids, nb, transposed)
+    ref = delta64(a, b, 0.6, num_blocks, ids, nb, transposed)
     buf = _run(backend, "delta_weight_", buf, lambda t: _view(t, layout, shape), a, b, 0.6, num_blocks, ids,
                transposed)
     out = _view(buf, layout, shape)
@@ -422,7 +389,7 @@ def test_delta_weight_with_no_enabled_block_writes_zeros():
 
 
 def _args(**over):
-    g = _gen("args")
+    g = fresh_generator("args")
     args = dict(
         W=torch.randn(39, 20, generator=g),
         A=torch.randn(8, 20, generator=g),

@@ -10,45 +10,19 @@ import pytest
 import torch
 
 import lora_ext
-from helpers import TOL, embedding64, linear64, load_sim, rel_err, requires_sim
+from helpers import (SPLIT_REL, TOL, bits, delta64, embedding64, fresh_generator, linear64, load_sim, rel_err,
+                     requires_sim, ulp)
 
 _sim = load_sim()
 pytestmark = requires_sim
 
-_SPLIT_REL = 3 * 2.0**-16
 HALF = [torch.float16, torch.bfloat16]
-
-
-def _gen():
-    """A generator for one case, seeded from the global RNG (which conftest seeds afresh per test)."""
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-
-
-def _bits(t):
-    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def _ulp(x, dtype):
-    """Spacing of `dtype` values around float64 x (float32: 2^-23 relative)."""
-    info = torch.finfo(dtype)
-    exp = torch.floor(torch.log2(x.abs().clamp_min(info.smallest_normal)))
-    return torch.exp2(exp - {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}[dtype])
-
-
-def _delta64(a, b, scale, num_blocks, ids, nb, transposed):
-    """float64 scale * B_j @ A_j in block ids[j], zero elsewhere, in W's storage layout."""
-    k = a.shape[1]
-    r = a.shape[0] // len(ids)
-    d = torch.zeros(num_blocks * nb, k, dtype=torch.float64)
-    for j, e in enumerate(ids):
-        d[e * nb:(e + 1) * nb] = scale * (b[j * nb:(j + 1) * nb].double() @ a[j * r:(j + 1) * r].double())
-    return d.t() if transposed else d
 
 
 def _bound(want, w0, products, dtype, rank, split):
     """The per-element bound of tests/test_merge.py for a result of float64 value `want`."""
-    bound = _ulp(want, dtype) + (rank + 2) * 2.0**-24 * (w0.double().abs() + products)
-    return bound + _SPLIT_REL * products if split else bound
+    bound = ulp(want, dtype) + (rank + 2) * 2.0**-24 * (w0.double().abs() + products)
+    return bound + SPLIT_REL * products if split else bound
 
 
 def _split_expected(w_dtype, ab_dtype, rank):
@@ -75,7 +49,7 @@ def _check(dtype, ab_dtype, num_blocks, ids, nb, k, r, transposed=False, r_old=0
            layout="contiguous", seed=None, factor=None, vector=None):
     """merge_ (r_old == 0) or swap_ (old rank r_old -> new rank r) on a fresh W, against float64; checks that
     nothing outside the enabled blocks changes. factor(shape, g): how factor values are drawn. Returns W."""
-    g = _gen()
+    g = fresh_generator()
     factor = factor or (lambda shape, g: torch.randn(shape, generator=g))
     n = len(ids)
     rows, cols = (k, num_blocks * nb) if transposed else (num_blocks * nb, k)
@@ -90,8 +64,8 @@ def _check(dtype, ab_dtype, num_blocks, ids, nb, k, r, transposed=False, r_old=0
         pairs.append((a1, b1, -old_scale))
     before = buf.clone()
     w0 = w.clone()
-    want = w0.double() + sum(_delta64(x, y, s, num_blocks, ids, nb, transposed) for x, y, s in pairs)
-    products = sum(_delta64(x.abs(), y.abs(), abs(s), num_blocks, ids, nb, transposed) for x, y, s in pairs)
+    want = w0.double() + sum(delta64(x, y, s, num_blocks, ids, nb, transposed) for x, y, s in pairs)
+    products = sum(delta64(x.abs(), y.abs(), abs(s), num_blocks, ids, nb, transposed) for x, y, s in pairs)
     if seed is not None:
         _sim.set_schedule(seed)
     if r_old:
@@ -112,7 +86,7 @@ def _check(dtype, ab_dtype, num_blocks, ids, nb, k, r, transposed=False, r_old=0
             tv[:, e * nb:(e + 1) * nb] = True
         else:
             tv[e * nb:(e + 1) * nb] = True
-    assert torch.equal(_bits(buf)[~touched], _bits(before)[~touched]), "wrote outside the enabled blocks"
+    assert torch.equal(bits(buf)[~touched], bits(before)[~touched]), "wrote outside the enabled blocks"
     mask = _w_view(touched, layout, rows, cols)
     assert not torch.isnan(w).any(), "NaN in W"
     bound = _bound(want, w0, products, dtype, r + r_old, split)
@@ -171,7 +145,7 @@ def test_one_row_one_column_and_odd_layouts(shape, layout):
 @pytest.mark.parametrize("seed", [1, 7])
 def test_shuffled_schedule_is_bitwise_the_default(seed):
     # each element is one fixed sum: the thread order (and the cp.async landing at the waits) cannot change it
-    g = _gen()
+    g = fresh_generator()
     w = torch.randn(300, 264, generator=g).bfloat16()
     a, b = torch.randn(33, 264, generator=g), torch.randn(300, 33, generator=g)
     a2, b2 = torch.randn(7, 264, generator=g), torch.randn(300, 7, generator=g)
@@ -179,11 +153,11 @@ def test_shuffled_schedule_is_bitwise_the_default(seed):
     _sim.swap_(ref, a2, b2, 0.3, a, b, 0.9, 1, [0], False)
     _sim.set_schedule(seed)
     _sim.swap_(w, a2, b2, 0.3, a, b, 0.9, 1, [0], False)
-    assert torch.equal(_bits(w), _bits(ref))
+    assert torch.equal(bits(w), bits(ref))
 
 
 def test_python_threads_merging_different_weights_concurrently():
-    g = _gen()
+    g = fresh_generator()
     cases = []
     for i in range(6):
         dtype = HALF[i % 2]
@@ -211,13 +185,13 @@ def test_python_threads_merging_different_weights_concurrently():
         t.join()
     assert errors == []
     for got, want in zip(shared, alone):
-        assert torch.equal(_bits(got), _bits(want))
+        assert torch.equal(bits(got), bits(want))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("r", [32, 64])
 def test_merge_then_unmerge_restores(dtype, r):
-    g = _gen()
+    g = fresh_generator()
     nb, k = 150, 200
     w = torch.randn(nb, k, generator=g).to(dtype)
     a, b = torch.randn(r, k, generator=g) * 0.3, torch.randn(nb, r, generator=g) * 0.3
@@ -228,7 +202,7 @@ def test_merge_then_unmerge_restores(dtype, r):
     products = 0.8 * (b.double().abs() @ a.double().abs())
     size = w0.double().abs() + products
     # two roundings (each at most half a spacing at |W| + |delta|) plus each pass's accumulation and split error
-    bound = _ulp(size, dtype) + 2 * ((r + 2) * 2.0**-24 * size + _SPLIT_REL * products)
+    bound = ulp(size, dtype) + 2 * ((r + 2) * 2.0**-24 * size + SPLIT_REL * products)
     assert ((w.double() - w0.double()).abs() / bound).max().item() <= 1
 
 
@@ -244,13 +218,13 @@ def test_scales_on_split_path(scale):
 
 
 def test_scale_zero_leaves_w_equal():
-    g = _gen()
+    g = fresh_generator()
     w = torch.randn(100, 136, generator=g).bfloat16()
     w0 = w.clone()
     w[::7] = -0.0
     w0 = w.clone()
     _sim.merge_(w, torch.randn(32, 136, generator=g), torch.randn(100, 32, generator=g), 0.0, 1, [0], False)
-    assert torch.equal(_bits(w), _bits(w0))  # a -0.0 stays -0.0: nothing is written
+    assert torch.equal(bits(w), bits(w0))  # a -0.0 stays -0.0: nothing is written
     assert _sim.last_variant() == ""
 
 
@@ -282,7 +256,7 @@ def test_factors_spanning_wide_exponent_ranges(dtype, kind):
 def test_split_of_tiny_factors_stays_within_the_documented_absolute_term():
     tiny = lambda s, g: torch.randn(s, generator=g) * 2.0**-130  # noqa: E731 (fp32 subnormals)
     big = lambda s, g: torch.randn(s, generator=g) * 2.0**125  # noqa: E731
-    g = _gen()
+    g = fresh_generator()
     a, b = tiny((32, 128), g), big((64, 32), g)
     for r in (31, 32):  # the fp32 path; the split path
         w = torch.zeros(64, 128, dtype=torch.float16)
@@ -328,7 +302,7 @@ def _misaligned(t, off):
 @pytest.mark.parametrize("m", [1, 17, 130])
 @pytest.mark.parametrize("factors", ["same", "float32"])
 def test_linear_misaligned_separate_x_lora(dtype, m, factors):
-    g = _gen()
+    g = fresh_generator()
     k, nb, r, G, ids, fan = (136, 16, 33, 2, [1], True) if m != 17 else (64, 24, 4, 3, [0, 2], False)
     n_out = G * nb
     w = torch.randn((k, n_out) if fan else (n_out, k), generator=g).to(dtype)
@@ -347,7 +321,7 @@ def test_linear_misaligned_separate_x_lora(dtype, m, factors):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("off", [1, 2])
 def test_embedding_misaligned_table_float32_factors(dtype, off):
-    g = _gen()
+    g = fresh_generator()
     num, dim, r = 300, 136, 40
     w = _misaligned(torch.randn(num, dim, generator=g).to(dtype), off)
     A, B = torch.randn(r, num, generator=g), torch.randn(dim, r, generator=g)
@@ -365,7 +339,7 @@ def _layer_weight_delta(m):
     if isinstance(m, lora_ext.MergedLinear):
         ids = [i for i, e in enumerate(m.enable_lora) if e]
         G = len(m.enable_lora)
-        d = _delta64(m.lora_A.detach(), m.lora_B.detach(), m.scaling, G, ids, m.out_features // G, False)
+        d = delta64(m.lora_A.detach(), m.lora_B.detach(), m.scaling, G, ids, m.out_features // G, False)
         return m.weight, d.t() if m.fan_in_fan_out else d
     d = m.scaling * (m.lora_B.detach().double() @ m.lora_A.detach().double())
     transposed = isinstance(m, lora_ext.Embedding) or m.fan_in_fan_out
@@ -382,7 +356,7 @@ _LAYERS = {
 
 @pytest.mark.parametrize("kind", list(_LAYERS))
 def test_layer_cycles_and_switches_bf16_weight_fp32_factors(sim_as_cuda, kind):
-    g = _gen()
+    g = fresh_generator()
     m = _LAYERS[kind]()
     with torch.no_grad():
         for p in m.parameters():

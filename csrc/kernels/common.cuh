@@ -62,6 +62,9 @@ namespace kernels {
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
 
+// The largest finite float32 (FLT_MAX, spelled here so that no header is needed on either compiler).
+constexpr float kFloatMax = 3.40282347e38f;
+
 // A float a kernel reads from device memory at run time instead of taking it as an argument (a scale that a
 // captured CUDA graph must not freeze): one read-only load per thread, or `fallback` when p is null.
 __device__ __forceinline__ float load_or(const float* p, float fallback) { return p ? __ldg(p) : fallback; }

@@ -290,7 +290,7 @@ __device__ __forceinline__ void lossless_tile(const Args<T, Tab>& p) {
         const int o = ordinal<T>(bits);
         int code = o % kM;
         if (code < 0) code += kM;
-        const bool ok = fabsf(wf) <= 3.402823466e38f && finite(cc) && restore<T>(cc - delta, code) == o &&
+        const bool ok = fabsf(wf) <= kFloatMax && finite(cc) && restore<T>(cc - delta, code) == o &&
                         restore<T>(cc + delta, code) == o;
         if (ok) {
           out.v[v] = wp;

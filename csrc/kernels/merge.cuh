@@ -173,11 +173,11 @@ __device__ __forceinline__ void put(S* hi, S* lo, int at, float v) {
   S h = from_float<S>(v);
   if (kLo) {
     float hf = to_float(h);
-    if (fabsf(hf) > kBf16Max && fabsf(v) <= 3.40282347e38f) {
+    if (fabsf(hf) > kBf16Max && fabsf(v) <= kFloatMax) {
       hf = copysignf(kBf16Max, v);
       h = from_float<S>(hf);
     }
-    lo[at] = from_float<S>(fabsf(v) > 3.40282347e38f ? 0.f : v - hf);
+    lo[at] = from_float<S>(fabsf(v) > kFloatMax ? 0.f : v - hf);
   }
   hi[at] = h;
 }
@@ -252,11 +252,11 @@ __device__ __forceinline__ void load_floats(float (&out)[kN], const float* p) {
   }
 }
 
-// Where tile t of a launch lies: its block (e: position in W, j: operand block, -1 for a disabled one in the
-// dense delta), its first row and column in the block's region, its size, and its first element of W.
+// Where tile t of a launch lies: its operand block (j, -1 for a disabled one in the dense delta), its first row
+// and column in the block's region, its size, and its first element of W.
 template <typename T>
 struct TileAt {
-  int e, j, m0, n0, rows, cols;
+  int j, m0, n0, rows, cols;
   T* w;
 };
 
@@ -268,14 +268,14 @@ __device__ __forceinline__ TileAt<T> locate(const Args<T, Tab>& p, long long t) 
   TileAt<T> at;
   const int z = (int)(t / ((long long)tiles_x * tiles_y));
   const long long in_block = t - (long long)z * tiles_x * tiles_y;
-  at.e = kDelta ? z : p.map.id[z];
+  const int e = kDelta ? z : p.map.id[z];  // the block's position in W
   at.j = kDelta ? p.map.slot[z] : z;
   at.m0 = (int)(in_block / tiles_x) * kTileM;
   at.n0 = (int)(in_block % tiles_x) * kTileN;
   at.rows = imin(kTileM, m_total - at.m0);
   at.cols = imin(kTileN, n_total - at.n0);
-  const long long row0 = (p.transposed ? 0LL : (long long)at.e * p.nb) + at.m0;
-  const long long col0 = (p.transposed ? (long long)at.e * p.nb : 0LL) + at.n0;
+  const long long row0 = (p.transposed ? 0LL : (long long)e * p.nb) + at.m0;
+  const long long col0 = (p.transposed ? (long long)e * p.nb : 0LL) + at.n0;
   at.w = p.w + row0 * p.ldw + col0;
   return at;
 }

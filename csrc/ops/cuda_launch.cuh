@@ -12,12 +12,23 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <utility>
 
 namespace lora_ext {
 
+// Multiprocessors of the current device, read once per device (the forward's split-K and the persistent merge
+// kernels fill them).
+inline int sm_count() {
+  static int counts[64] = {};
+  const int dev = c10::cuda::current_device();
+  if (dev < 0 || dev >= 64) return 132;
+  if (!counts[dev]) C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev));
+  return counts[dev];
+}
+
 struct CudaLaunch {
-  // Above 48 KB of dynamic shared memory a kernel must opt in first (the merge kernels' prefetch buffers); the
-  // attribute is the kernel's, so setting it before each such launch is cheap and right on every device.
+  // Above 48 KB of dynamic shared memory a kernel must opt in first (the merge kernels' prefetch buffers), once
+  // per device (opt_in remembers).
   template <typename Kernel, typename Args>
   static void run(Kernel kernel, dim3 grid, dim3 block, size_t smem, const Args& args) {
     if (smem > kDefaultShared) opt_in(reinterpret_cast<const void*>(kernel), smem);
@@ -40,12 +51,11 @@ struct CudaLaunch {
       if (it != cache.end()) return it->second;
     }
     if (smem > kDefaultShared) opt_in(fn, smem);
-    int per_sm = 0, sms = 0;
+    int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     TORCH_CHECK(per_sm > 0, "lora_ext: a kernel needing ", smem, " bytes of shared memory and ", threads,
                 " threads per block does not fit on CUDA device ", dev);
-    const long long n = (long long)per_sm * sms;
+    const long long n = (long long)per_sm * sm_count();
     std::lock_guard<std::mutex> lock(mu);
     cache[key] = n;
     return n;
@@ -58,7 +68,14 @@ struct CudaLaunch {
  private:
   static constexpr size_t kDefaultShared = 48 * 1024;
   static void opt_in(const void* fn, size_t smem) {
+    static std::mutex mu;
+    static std::map<std::pair<const void*, int>, size_t> done;  // (kernel, device) -> the size opted into
+    const auto key = std::make_pair(fn, (int)c10::cuda::current_device());
+    std::lock_guard<std::mutex> lock(mu);
+    size_t& have = done[key];
+    if (have >= smem) return;
     C10_CUDA_CHECK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    have = smem;
   }
 };
 

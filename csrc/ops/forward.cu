@@ -8,18 +8,6 @@
 #include "ops/forward_host.h"
 
 namespace lora_ext {
-namespace {
-
-// Multiprocessors of the current device, read once per device (the split-K fills them).
-int sm_count() {
-  static int counts[64] = {};
-  const int dev = c10::cuda::current_device();
-  if (dev < 0 || dev >= 64) return 132;
-  if (!counts[dev]) C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[dev], cudaDevAttrMultiProcessorCount, dev));
-  return counts[dev];
-}
-
-}  // namespace
 
 at::Tensor linear_cuda(const at::Tensor& x, const at::Tensor& x_lora, const at::Tensor& weight,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b, double scale,

@@ -593,20 +593,25 @@ inline void async_wait(int pending) {
   }
 }
 
+namespace detail {
 template <class... P, class... A>
-void launch(dim3 grid, dim3 block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
+void launch_within(size_t max_shared, dim3 grid, dim3 block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
   // Arguments are converted to the parameter types once, as a launch copies them into parameter space.
   std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
   std::function<void()> body = [&] { std::apply(kernel, params); };
-  detail::run_grid(grid, block, smem_bytes, body);
+  run_grid(grid, block, smem_bytes, body, max_shared);
+}
+}  // namespace detail
+
+template <class... P, class... A>
+void launch(dim3 grid, dim3 block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
+  detail::launch_within(kMaxDynamicShared, grid, block, smem_bytes, kernel, std::forward<A>(args)...);
 }
 
 // A launch of a kernel that opted into more than 48 KB of dynamic shared memory (cudaFuncSetAttribute).
 template <class... P, class... A>
 void launch_opted_in(dim3 grid, dim3 block, size_t smem_bytes, void (*kernel)(P...), A&&... args) {
-  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
-  std::function<void()> body = [&] { std::apply(kernel, params); };
-  detail::run_grid(grid, block, smem_bytes, body, kMaxOptInShared);
+  detail::launch_within(kMaxOptInShared, grid, block, smem_bytes, kernel, std::forward<A>(args)...);
 }
 
 }  // namespace sim

@@ -107,15 +107,20 @@ def _all_linear(model, task_type=None):
     return names
 
 
+def resolve_targets(model, target_modules, task_type=None):
+    """target_modules as name_matches takes it: peft's 'all-linear' (any case) becomes the names it chooses."""
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        return _all_linear(model, task_type)
+    return target_modules
+
+
 def select_targets(model, target_modules, exclude_modules=None, option="target_modules", task_type=None):
     """[(name, module)] that peft chooses for target_modules / exclude_modules ('all-linear' included), skipping
     the insides of lora_ext layers; raises ValueError, naming `option`, when none is chosen or a chosen module
     is not a layer lora_ext adapts."""
     check_name_spec(f"{option}: target_modules", target_modules, allow_none=False)
     check_name_spec(f"{option}: exclude_modules", exclude_modules)
-    spec = target_modules
-    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        spec = _all_linear(model, task_type)
+    spec = resolve_targets(model, target_modules, task_type)
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer)]
     chosen, excluded, unmatched = [], [], []
     for name, module in model.named_modules():
@@ -289,15 +294,15 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     fused = dict(fused or {})
     plan = []
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer)]
-    spec = target_modules
-    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:  # the modules not adapted yet
-        spec = {n for n in _all_linear(model) if not isinstance(model.get_submodule(n), LoRALayer)}
+    spec = resolve_targets(model, target_modules)
+    if isinstance(spec, set):  # 'all-linear': the modules not adapted yet
+        spec = {n for n in spec if not isinstance(model.get_submodule(n), LoRALayer)}
     for name, module in model.named_modules():
         # the insides of lora_ext layers (a ConvLoRA's conv) are never targets, as in select_targets
         if not name or name_matches(exclude_modules, name) or any(name.startswith(p) for p in inner):
             continue
         enable = next((v for k, v in fused.items() if name_matches([k], name)), None)
-        if enable is None and not (name in spec if isinstance(spec, set) else name_matches(spec, name)):
+        if enable is None and not name_matches(spec, name):
             continue
         if isinstance(module, LoRALayer):
             raise ValueError(f"target_modules: module {name!r} is already a lora_ext layer")
