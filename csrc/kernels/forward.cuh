@@ -167,8 +167,13 @@ __device__ __forceinline__ float dot16(const FactorVec<T, Tab>& a, const Vec16<T
 // Thread (g, v) owns column vector v (16 bytes of out) for rows g, g + 8, ...: the stores coalesce along rows.
 // kBaseFlag: the base rows' 16-byte accesses also depend on p.base_aligned (the embedding table; a linear
 // layer's bias is always aligned when kVector, see ops/forward_host.h, and the flag would cost registers).
-template <typename T, typename Tab, bool kVector, int kRowsPerThread, bool kBaseFlag = false, typename TSource,
-          typename BaseRow>
+// kBlockWalkB: how B_j's chunk is staged into bs[rank][column] (rows 4 mod 32 words apart). true: the Block8x4
+// walk (a warp stores 8 ranks x 4 columns: 32 banks, no conflict; its rank is fixed per thread, its column
+// steps by kBStep). false: a warp stores the 32 ranks of one column (8 banks, 4-way conflicts), kept for the
+// embedding kernels, where the block walk spills at their occupancy bounds (bench/NOTES-forward.md).
+// Either walk reads B_j's rows rank-fastest, so that the global reads coalesce.
+template <typename T, typename Tab, bool kVector, int kRowsPerThread, bool kBaseFlag = false,
+          bool kBlockWalkB = true, typename TSource, typename BaseRow>
 __device__ __forceinline__ void expand_tile(const Args<T, Tab>& p, float* smem, int e, int j, int m0, int c0,
                                             const TSource& t_of, const BaseRow& base) {
   constexpr int kVec = Vec16<T>::kN, kCols = tile_cols<T>(), kLdB = ld_bs<T>();
@@ -187,13 +192,23 @@ __device__ __forceinline__ void expand_tile(const Args<T, Tab>& p, float* smem, 
 
   if (j >= 0) {  // uniform per CTA: the barriers below are reached by every thread or by none
     const Tab* b_j = p.b + ((long long)j * p.nb + c0) * p.r;
+    using BWalk = Block8x4<kRChunk, kCols>;
+    constexpr int kBStep = BWalk::across(kThreads);
+    static_assert(kWarps % (kRChunk / 8) == 0 && kCols % kBStep == 0,
+                  "kThreads elements of the B walk keep each thread's rank and advance whole columns");
+    const int bi = BWalk::along(threadIdx.x);  // the block walk's rank: the same at every step
     for (int k0 = 0; k0 < p.r; k0 += kRChunk) {
       const int kn = imin(kRChunk, p.r - k0);
       if (k0) __syncthreads();
-      // B_j's rows are r contiguous ranks: walk the rank fastest so that the reads coalesce.
-      for (int idx = threadIdx.x; idx < kRChunk * kCols; idx += kThreads) {
-        const int cc = idx / kRChunk, i = idx % kRChunk;
-        bs[i * kLdB + cc] = cc < cols && i < kn ? to_float(b_j[(long long)cc * p.r + k0 + i]) : 0.f;
+      // B_j's rows are r contiguous ranks, stored transposed (see kBlockWalkB above).
+      if (kBlockWalkB) {
+        for (int cc = BWalk::across(threadIdx.x); cc < kCols; cc += kBStep)
+          bs[bi * kLdB + cc] = cc < cols && bi < kn ? to_float(b_j[(long long)cc * p.r + k0 + bi]) : 0.f;
+      } else {
+        for (int idx = threadIdx.x; idx < kRChunk * kCols; idx += kThreads) {
+          const int cc = idx / kRChunk, i = idx % kRChunk;
+          bs[i * kLdB + cc] = cc < cols && i < kn ? to_float(b_j[(long long)cc * p.r + k0 + i]) : 0.f;
+        }
       }
       for (int idx = threadIdx.x; idx < kRows * kRChunk; idx += kThreads) {
         const int mm = idx / kRChunk, i = idx % kRChunk;
@@ -428,9 +443,22 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
   }
 }
 
+// The expand's occupancy bound, CTAs per multiprocessor, per architecture as the CUDA programming guide's
+// __launch_bounds__ example does: with the block walk of B (expand_tile) ptxas fits the 16-bit variants in 64
+// registers (4 CTAs) on sm_90 but spills 16-24 bytes there on sm_80/86/89, which take 80 (3 CTAs; sm_90 ran
+// 80 before that walk); float32 keeps 48 (5 CTAs) everywhere. scripts/check_kernels.sh shows the counts.
+template <typename T>
+__host__ __device__ constexpr int expand_min_blocks() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  return sizeof(T) == 4 ? 5 : 3;
+#else
+  return sizeof(T) == 4 ? 5 : 4;
+#endif
+}
+
 // Grid: x = kExpandRows-row tiles of M, y = column tiles of one output block, z = output block.
 template <typename T, typename Tab, bool kVector>
-__global__ void __launch_bounds__(kThreads) expand_kernel(Args<T, Tab> p) {
+__global__ void __launch_bounds__(kThreads, expand_min_blocks<T>()) expand_kernel(Args<T, Tab> p) {
   LORA_DYNAMIC_SHARED(float, smem);
   const int e = blockIdx.z, j = p.slot[e];
   const float* part = p.part;
@@ -480,7 +508,7 @@ __global__ void __launch_bounds__(kThreads, embedding_min_blocks<T, Tab>()) embe
     const long long id = ids[m];
     return (unsigned long long)id < (unsigned long long)num_embeddings ? id : 0LL;  // row 0 exists (host check)
   };
-  expand_tile<T, Tab, kVector, kExpandRowsPerThread, true>(
+  expand_tile<T, Tab, kVector, kExpandRowsPerThread, true, false>(
       p, smem, 0, 0, m0, blockIdx.y * tile_cols<T>(),
       [&](int m, int i) { return to_float(a[(long long)i * num_embeddings + id_of(m)]); },
       [&](int m) { return table + id_of(m) * ld; });

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/forward.cuh"
 #include "kernels/merge.cuh"
 
 namespace {
@@ -518,6 +519,42 @@ void test_staging_banks() {
   CHECK(old_ways == 4, "a 32-rank run down one column: %d-way, expected 4", old_ways);
 }
 
+// The forward expand's staging of B_j into bs[rank][column] (kernels/forward.cuh, expand_tile): the block walk
+// as the kernel runs it (rank fixed per thread, column stepping by kBStep per kThreads elements) must be the
+// Block8x4 walk, cover the chunk once and be conflict-free; the column walk the embedding kernels keep is 4-way.
+template <typename T>
+void expand_staging_case(const char* type) {
+  namespace kf = lora_ext::kernels::forward;
+  constexpr int R = kf::kRChunk, C = kf::tile_cols<T>(), ld = kf::ld_bs<T>();
+  using W = lora_ext::kernels::Block8x4<R, C>;
+  constexpr int step = W::across(kf::kThreads);
+  std::vector<int> walk(R * C), seen(R * C, 0);  // walk[idx]: offset stored by element idx
+  bool same = true;
+  for (int t = 0; t < kf::kThreads; ++t) {
+    const int bi = W::along(t);
+    for (int cc = W::across(t), it = 0; cc < C; cc += step, ++it) {
+      const int idx = t + it * kf::kThreads;
+      same = same && idx < R * C && W::along(idx) == bi && W::across(idx) == cc;
+      if (idx < R * C) {
+        walk[idx] = bi * ld + cc;
+        ++seen[bi * C + cc];
+      }
+    }
+  }
+  CHECK(same, "expand B walk (%s): the hoisted walk is not Block8x4's", type);
+  CHECK(std::all_of(seen.begin(), seen.end(), [](int n) { return n == 1; }), "expand B walk (%s): coverage", type);
+  const int ways = worst_ways(R * C, 4, [&](int i) { return walk[i]; });
+  CHECK(ways == 1, "expand B block walk (%s): %d-way", type, ways);
+  const int column = worst_ways(R * C, 4, [&](int i) { return i % R * ld + i / R; });
+  CHECK(column == 4, "expand B column walk (%s): %d-way, expected 4", type, column);
+}
+
+void test_expand_staging_banks() {
+  expand_staging_case<__nv_bfloat16>("bf16");
+  expand_staging_case<__half>("fp16");
+  expand_staging_case<float>("fp32");
+}
+
 }  // namespace
 
 int main() {
@@ -535,6 +572,7 @@ int main() {
     test_wmma<__nv_bfloat16>(b2f, f2b);
     test_merge_kernels();
     test_staging_banks();
+    test_expand_staging_banks();
   } catch (const std::exception& e) {
     std::printf("FAIL: unexpected exception: %s\n", e.what());
     return 1;
