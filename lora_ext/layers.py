@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
 
 from . import batched, lossless, ops, sharded, ties
 from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
@@ -112,8 +113,12 @@ class LoRALayer(NamedAdapters):
     def forward(self, x: Tensor) -> Tensor:
         batches = batched.ACTIVE.get()  # mixed batches (lora_ext.batch_adapters) open in this context
         with self._guard():
-            if x.is_cuda and not torch.compiler.is_compiling():
-                self._streams.read(x.device)
+            if not torch.compiler.is_compiling():
+                ddp = DistributedDataParallel._active_ddp_module  # the DDP whose forward runs this one, if any
+                if ddp is not None:
+                    self._check_ddp_forward(ddp)
+                if x.is_cuda:
+                    self._streams.read(x.device)
             if batches is not None and self in batches:
                 return batches[self].forward(self, x)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_param()):
@@ -122,6 +127,28 @@ class LoRALayer(NamedAdapters):
                     parallel.check_stock_style(self)
                 return parallel.forward(self, x)
             return self._forward(x)
+
+    def _check_ddp_forward(self, ddp: DistributedDataParallel) -> None:
+        """A forward inside DistributedDataParallel's that would give gradients to trainable factors DDP was not
+        built with (a trainable switch of the inner module, `set_adapter(ddp.module, name)`, or layers injected
+        after the wrap): DDP would not synchronise them and the ranks would train apart in silence. Refused before
+        anything is computed. Serving factors, forwards without grad and Parameters DDP was told to ignore pass."""
+        if not torch.is_grad_enabled() or not self._trainable():
+            return
+        known = ddp.__dict__.get("_lora_ext_param_ids")
+        if known is None:  # DDP's Parameters are fixed at its construction: their ids, once per DDP
+            params = getattr(ddp, "_module_parameters", None)
+            if params is None:  # a torch whose DDP keeps them elsewhere: nothing to check against
+                return
+            known = ddp.__dict__["_lora_ext_param_ids"] = frozenset(id(p) for p in params)
+        for p in (self.lora_A, self.lora_B):
+            if p.requires_grad and id(p) not in known and not getattr(p, "_ddp_ignored", False):
+                raise RuntimeError(
+                    f"{self._describe()} (adapter {self.active_adapter!r}) runs inside a DistributedDataParallel "
+                    f"forward with trainable factors that DDP was not built with (a trainable set_adapter of the "
+                    f"wrapped module, or layers added after the wrap): DDP would not synchronise their gradients "
+                    f"and the ranks would train apart. Wrap the module again after the switch: ddp = "
+                    f"DistributedDataParallel(ddp.module, ...) (and an optimizer over the new adapter's parameters)")
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
