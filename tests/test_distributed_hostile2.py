@@ -419,3 +419,18 @@ def test_ddp_trainable_switch_of_the_inner_module_is_refused_at_the_forward(find
     assert not isinstance(trained0, str) and not isinstance(trained1, str), (trained0, trained1)
     assert trained0.keys() == trained1.keys() and all(torch.equal(trained0[k], trained1[k]) for k in trained0), \
         "the ranks trained apart"
+
+
+def ddp_inject_after_wrap_case(rank, world):
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 5)).double()
+    ddp = DistributedDataParallel(net)
+    lora.inject(ddp.module, ["0"], r=2, lora_alpha=4)  # after the wrap: lora_A/lora_B unknown to DDP
+    x = torch.randn(2, 8, generator=torch.Generator().manual_seed(3 + rank)).double()
+    return _try(lambda: ddp(x).sum().backward())
+
+
+def test_ddp_refuses_layers_injected_after_the_wrap():
+    for result in run_ranks(ddp_inject_after_wrap_case):
+        assert isinstance(result, str) and "DistributedDataParallel" in result and "Linear(8, 10)" in result, result
