@@ -4,12 +4,16 @@
 
 fn must be a module-level function of an importable module (the tests' directory is on the children's path).
 A rank that raises fails the caller with the rank's traceback; a run past `timeout` seconds is killed and fails.
+One death is tolerated, with a warning: a rank killed by a signal after every rank saved its result and passed
+the final barrier (torch's own teardown of the gloo process group has been seen to abort there, "terminate
+called without an active exception", on the 2-core CI machine); whatever fn did is complete and saved by then.
 """
 import datetime
 import os
 import socket
 import tempfile
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -22,6 +26,10 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _synced(outdir, rank):
+    return os.path.join(outdir, f"{rank}.synced")
+
+
 def _entry(rank, world, port, fn, args, outdir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -30,6 +38,7 @@ def _entry(rank, world, port, fn, args, outdir):
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(outdir, f"{rank}.pt"))
         dist.barrier()  # every rank's collectives done before any tears its process group down
+        open(_synced(outdir, rank), "w").close()
     finally:
         dist.destroy_process_group()
 
@@ -39,9 +48,15 @@ def run_ranks(fn, *args, world=2, timeout=240):
         ctx = mp.start_processes(_entry, args=(world, _free_port(), fn, args, outdir), nprocs=world, join=False,
                                  start_method="spawn")
         deadline = time.monotonic() + timeout
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                for p in ctx.processes:
-                    p.kill()
-                raise TimeoutError(f"{fn.__name__} on {world} ranks ran past {timeout} s")
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        p.kill()
+                    raise TimeoutError(f"{fn.__name__} on {world} ranks ran past {timeout} s")
+        except mp.ProcessExitedException as e:
+            if e.exit_code >= 0 or not all(os.path.exists(_synced(outdir, r)) for r in range(world)):
+                raise
+            warnings.warn(f"{fn.__name__}: rank {e.error_index} died of {e.signal_name} in the process group's "
+                          f"teardown, after every rank had saved its result and passed the final barrier")
         return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=False) for r in range(world)]
