@@ -21,13 +21,14 @@ Which adapter goes to which slot, paging and the model-level checks are lora_ext
 is the per-layer part: a layer's slots, and its forward in a batch.
 """
 import contextvars
+import weakref
 from typing import Dict, Optional
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .named_adapters import _stamp, _unchanged
+from .named_adapters import _data_ptr, _stamp, _unchanged
 
 # The batches open in this context: {layer: LayerBatch}; None when none is (a thread starts with none).
 ACTIVE: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ext_batches", default=None)
@@ -41,6 +42,22 @@ def kind(layer) -> Optional[str]:
 def rank_groups(layer) -> int:
     """The rank groups of the layer's slots (a MergedLinear's enabled blocks, else 1)."""
     return len(layer.block_ids)
+
+
+def _identity(A: Tensor, B: Tensor):
+    """What identifies a factor pair's values in a slot's key: their stamp (version counters and storage), or for
+    inference tensors, which have no version counter, the tensors and their storage (in-place writes under
+    inference_mode are then seen only after layer.check_values, as writes through .data)."""
+    stamp = _stamp(A, B)
+    if stamp is not None:
+        return stamp
+    return ("inference", weakref.ref(A), _data_ptr(A), weakref.ref(B), _data_ptr(B))
+
+
+def _holds(identity, A: Tensor, B: Tensor) -> bool:
+    if identity[0] == "inference":
+        return identity[1]() is A and identity[3]() is B and identity[2] == _data_ptr(A) and identity[4] == _data_ptr(B)
+    return _unchanged(identity, A, B)
 
 
 class LayerSlots:
@@ -68,16 +85,26 @@ class LayerSlots:
         weight = layer.weight_2d()
         return weight.dtype == self.dtype and weight.device == self.device
 
+    @staticmethod
+    def source(layer, name: str):
+        """(A, B, scaling) that the slot of adapter `name` must hold: for the adapter a merged layer's weight holds,
+        the snapshot of what was merged (the batch subtracts exactly that from the weight for the other rows; the
+        live factors may have been written since), else the registry's."""
+        if layer.merged and name == layer.active_adapter and layer._merged_A is not None:
+            return layer._merged_A, layer._merged_B, layer._merged_scaling
+        return layer.get_adapter(name)
+
     def current(self, slot: int, layer, name: str) -> bool:
         """Whether `slot` holds the layer's adapter `name` as it is now: the same tensors, unwritten since (their
-        version counters and storage, as the finite-value stamps), and the same scaling."""
+        version counters and storage, as the finite-value stamps; inference tensors, which have no counter: the
+        same tensors), the same scaling, and no check_values on the layer since (writes the counters miss)."""
         key = self.keys[slot]
         if key is None or key[0] != name:
             return False
         if not layer.has_adapter(name):
             return key[1] == "absent"
-        A, B, s = layer.get_adapter(name)
-        return key[1] != "absent" and key[2] == s and _unchanged(key[1], A, B)
+        A, B, s = self.source(layer, name)
+        return key[1] != "absent" and key[2] == s and key[3] == layer.value_epoch() and _holds(key[1], A, B)
 
     def load(self, slot: int, layer, name: str) -> None:
         """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it)."""
@@ -89,10 +116,9 @@ class LayerSlots:
             bt = torch.zeros(self.b.shape[1], self.d, dtype=self.dtype)
             key, s = (name, "absent"), 0.0
         else:
-            A, B, s = layer.get_adapter(name)
+            A, B, s = self.source(layer, name)
             at, bt = self._padded(layer, A.detach(), B.detach())
-            stamp = _stamp(A, B)
-            key = (name, stamp, s) if stamp is not None else None  # inference tensors: loaded at every use
+            key = (name, _identity(A, B), s, layer.value_epoch())
         self._write(slot, at, bt, float(s))
         self.keys[slot] = key
 
@@ -191,6 +217,11 @@ class LayerBatch:
         if layer.training:
             raise ValueError(f"batch_adapters: {where} is in training mode; mixed batches serve inference "
                              f"(call model.eval(); peft's adapter_names refuses training mode too)")
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in layer.parameters(False))):
+            what = "an input that requires" if x.requires_grad else "parameters that require"
+            raise RuntimeError(f"batch_adapters: {where} runs with gradients enabled and {what} grad; mixed batches "
+                               f"serve inference from copies of the adapters, which no gradient would reach: run "
+                               f"the batch under torch.no_grad() or torch.inference_mode()")
         if not self.slots.fits(layer):
             raise ValueError(f"batch_adapters: the weight of {where} moved to {layer.weight_2d().device} / "
                              f"{layer.weight_2d().dtype} after the batch was opened; open it again")

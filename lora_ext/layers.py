@@ -26,9 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.parallel import DistributedDataParallel
 
-from . import batched, lossless, ops, sharded, ties
+from . import batched, ddp_guard, lossless, ops, sharded, ties
 from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
 from .streams import StreamOrder
 
@@ -114,41 +113,20 @@ class LoRALayer(NamedAdapters):
         batches = batched.ACTIVE.get()  # mixed batches (lora_ext.batch_adapters) open in this context
         with self._guard():
             if not torch.compiler.is_compiling():
-                ddp = DistributedDataParallel._active_ddp_module  # the DDP whose forward runs this one, if any
+                ddp = ddp_guard.running()  # the DDP whose forward runs this one on this thread, if any
                 if ddp is not None:
-                    self._check_ddp_forward(ddp)
+                    ddp_guard.check(self, ddp)
                 if x.is_cuda:
                     self._streams.read(x.device)
-            if batches is not None and self in batches:
-                return batches[self].forward(self, x)
+            served = batches.get(self) if batches is not None else None
+            if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
+                return served.forward(self, x)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_param()):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
                 if self.__dict__.get("_tp") is None:
                     parallel.check_stock_style(self)
                 return parallel.forward(self, x)
             return self._forward(x)
-
-    def _check_ddp_forward(self, ddp: DistributedDataParallel) -> None:
-        """A forward inside DistributedDataParallel's that would give gradients to trainable factors DDP was not
-        built with (a trainable switch of the inner module, `set_adapter(ddp.module, name)`, or layers injected
-        after the wrap): DDP would not synchronise them and the ranks would train apart in silence. Refused before
-        anything is computed. Serving factors, forwards without grad and Parameters DDP was told to ignore pass."""
-        if not torch.is_grad_enabled() or not self._trainable():
-            return
-        known = ddp.__dict__.get("_lora_ext_param_ids")
-        if known is None:  # DDP's Parameters are fixed at its construction: their ids, once per DDP
-            params = getattr(ddp, "_module_parameters", None)
-            if params is None:  # a torch whose DDP keeps them elsewhere: nothing to check against
-                return
-            known = ddp.__dict__["_lora_ext_param_ids"] = frozenset(id(p) for p in params)
-        for p in (self.lora_A, self.lora_B):
-            if p.requires_grad and id(p) not in known and not getattr(p, "_ddp_ignored", False):
-                raise RuntimeError(
-                    f"{self._describe()} (adapter {self.active_adapter!r}) runs inside a DistributedDataParallel "
-                    f"forward with trainable factors that DDP was not built with (a trainable set_adapter of the "
-                    f"wrapped module, or layers added after the wrap): DDP would not synchronise their gradients "
-                    f"and the ranks would train apart. Wrap the module again after the switch: ddp = "
-                    f"DistributedDataParallel(ddp.module, ...) (and an optimizer over the new adapter's parameters)")
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -237,7 +215,7 @@ class LoRALayer(NamedAdapters):
     def _merge(self):
         self._check_untied()
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
-        self.check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
+        self._check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         self._fp16_room((self.lora_A, self.lora_B, self.scaling))
         exact = self._lossless_now()
         self._streams.write(self._weight_2d().device)

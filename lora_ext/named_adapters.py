@@ -258,6 +258,11 @@ class NamedAdapters:
         check_adapter_name(name)
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
         with self._lock:
+            if self.__dict__.get("_open_batches") and name == self.active_adapter and self.merged:
+                # (other replacements leave an open batch its slots' copies; this one rewrites the weight it reads)
+                raise RuntimeError(f"{self._describe()}: add_adapter would replace adapter {name!r}, which the weight "
+                                   f"holds merged, while a mixed batch (lora.batch_adapters) serves this layer: the "
+                                   f"weight would change under the batch's rows; replace it after the block closes")
             if name == self.active_adapter:
                 with deferred_interrupt():
                     self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy
@@ -287,7 +292,7 @@ class NamedAdapters:
         with self._lock:
             sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
-            self.check_values(name)
+            self._check_values(name)
             home = lora_A.device
             old_name, old_known = self.active_adapter, self._known_finite(self.active_adapter)
             old_home = self._active_home or self.lora_A.device
@@ -472,8 +477,22 @@ class NamedAdapters:
             self._finite_stamps.pop(key, None)
 
     def check_values(self, name: str, label: str = None) -> None:
-        """Raises ValueError unless adapter `name` (and its scaling) is finite; remembers the answer until
-        its factors are written in place."""
+        """Checks adapter `name` (and its scaling) again and raises ValueError unless it is finite: the call to make
+        after writing its factors through `.data` (or in place under torch.inference_mode), which version counters
+        do not see. It also tells the layer's other caches of the values (mixed batches' slots) to take them again.
+        The ops themselves check an adapter when it comes in and after in-place writes (_check_values)."""
+        with self._lock:
+            self._finite_stamps.pop(name, None)
+            self.__dict__["_value_epoch"] = self.value_epoch() + 1
+            self._check_values(name, label)
+
+    def value_epoch(self) -> int:
+        """How many times check_values was called on this layer: a cache of adapter values keyed by version
+        counters also keys on this, so that writes the counters miss reach it after check_values."""
+        return self.__dict__.get("_value_epoch", 0)
+
+    def _check_values(self, name: str, label: str = None) -> None:
+        """check_values without forgetting: nothing to do while the factors are unwritten since the last check."""
         with self._lock:
             if self._known_finite(name):
                 return

@@ -41,27 +41,49 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """
     _check_bias(bias)
     lora = {id(p) for _, m in _lora_layers(model) if m.has_lora for p in (m.lora_A, m.lora_B)}
-    for name, p in model.named_parameters():
-        p.requires_grad = id(p) in lora or (bias == "all" and _is_bias(name))
     if bias == "lora_only":
-        for _, m in _lora_layers(model):
-            own = _layer_bias(m)
-            if own is not None:
-                own[1].requires_grad = True
+        lora |= {id(own[1]) for _, m in _lora_layers(model) for own in [_layer_bias(m)] if own is not None}
+    flags = [(name, p, id(p) in lora or (bias == "all" and _is_bias(name))) for name, p in model.named_parameters()]
+    _check_ddp_flags(model, {id(p): trained for _, p, trained in flags}, bias)
+    for _, p, trained in flags:
+        p.requires_grad = trained
     if not under_ddp(model):  # DDP holds the Parameters it was built with: those stay
         for _, m in _lora_layers(model):
             if m.has_lora:
                 m.settle_parameters()  # each adapter trains its own Parameters (serving switches lend them)
 
 
-def under_ddp(model: nn.Module) -> bool:
-    """Whether the model is a DistributedDataParallel, or a torch.compile wrapper of one."""
+def _check_ddp_flags(model: nn.Module, trained: dict, bias: str) -> None:
+    """Refuses, before any flag changes, requires_grad flags under DistributedDataParallel that train another
+    number of Parameters than DDP's reducer took at construction (it synchronises those only: factors unfrozen
+    after the wrap would train apart). Back to the flags of the construction (after serving frozen) is fine."""
+    from . import ddp_guard
+    ddp = _ddp_of(model)
+    params = getattr(ddp, "_module_parameters", None) if ddp is not None else None
+    built = ddp_guard.reducer_count(ddp) if params is not None else None
+    if built is None:
+        return
+    after = sum(1 for p in params if trained.get(id(p), p.requires_grad))
+    if after != built:
+        raise ValueError(f"mark_only_lora_as_trainable: the model is wrapped in DistributedDataParallel, which "
+                         f"synchronises the {built} Parameters that required grad when it was built; this would "
+                         f"train {after}. Mark the inner model and wrap it again: lora.mark_only_lora_as_trainable("
+                         f"ddp.module, {bias!r}); ddp = DistributedDataParallel(ddp.module, ...)")
+
+
+def _ddp_of(model: nn.Module):
+    """The DistributedDataParallel that `model` is or that a torch.compile wrapper of it holds, else None."""
     from torch.nn.parallel import DistributedDataParallel
     while not isinstance(model, DistributedDataParallel):
-        if not isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            return False
-        model = model._orig_mod
-    return True
+        model = getattr(model, "_orig_mod", None)
+        if not isinstance(model, nn.Module):
+            return None
+    return model
+
+
+def under_ddp(model: nn.Module) -> bool:
+    """Whether the model is a DistributedDataParallel, or a torch.compile wrapper of one."""
+    return _ddp_of(model) is not None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -399,8 +399,10 @@ def test_training_grad_and_conv_refused():
             layer(x)
     layer.eval()
     with lora.batch_adapters(layer, ["a", "b"]):
-        with pytest.raises(RuntimeError, match="no_grad"):
+        with pytest.raises(RuntimeError, match="an input that requires grad.*no_grad"):
             layer(x.requires_grad_(True))
+        with pytest.raises(RuntimeError, match="parameters that require grad.*no_grad"):
+            layer(x.detach())  # the factors require grad
     conv = torch.nn.Sequential(lora.Conv2d(3, 4, 3, r=2), make_layer("linear"))
     with pytest.raises(ValueError, match="layer '0' is a Conv2d"):
         with lora.batch_adapters(conv, ["default"]):

@@ -240,7 +240,7 @@ def _switch_all(found, name, settle=True):
             raise KeyError(f"set_adapter: layer {layer_name!r} holds no adapter {name!r} "
                            f"(it holds {m.adapter_names})")
         if name != m.active_adapter:
-            m.check_values(name, label=f"adapter {name!r} at {layer_name!r}")
+            m._check_values(name, label=f"adapter {name!r} at {layer_name!r}")
     for _, m in found:
         if settle or name != m.active_adapter:  # set_adapter of the active name may settle its Parameters
             m.set_adapter(name)
@@ -269,7 +269,7 @@ def merge_adapter(model: nn.Module) -> None:
         for name, m in found:
             check_mergeable(name, m)
             if not m.merged:
-                m.check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")
+                m._check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")
         done = []
         try:
             for _, m in found:

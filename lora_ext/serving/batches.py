@@ -179,6 +179,9 @@ class Batch:
         self.filled = set()
         self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds
         self.layout: Optional[str] = None  # "rows" or "tokens", from the model's input when it is called
+        # Set when the block closes. A generator's block closed on another thread than the one it opened on
+        # leaves its entries in the opening thread's context, where they must then count for nothing.
+        self.closed = False
 
     def where(self, layer) -> str:
         path = self.paths.get(layer, "?")
@@ -218,6 +221,7 @@ class Batch:
                 self._fill(key, buffers)
 
     def close(self) -> None:
+        self.closed = True
         for key in [k for k, owner in self.pool.owners.items() if owner is self]:
             del self.pool.owners[key]
 
@@ -306,8 +310,7 @@ def _check_layers(found) -> None:
 
 def _check_input(module, args, kwargs):
     """Forward pre-hook of a model with batches: its first input must have the batch's rows."""
-    models = _MODELS.get()
-    batch = models.get(module) if models else None
+    batch = _open(_MODELS.get()).get(module)
     if batch is None:
         return
     x = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "x") if isinstance(kwargs.get(k), Tensor)), None)
@@ -335,7 +338,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
     Inference only: the model in eval mode, under torch.no_grad() or torch.inference_mode(). Merged layers serve
     each row relative to the adapter they hold (see lora_ext.batched). Everything is checked before anything is
     written; see lora_ext/serving/batches.py for slots and paging."""
-    if model in (_MODELS.get() or {}):
+    if model in _open(_MODELS.get()):
         raise ValueError("batch_adapters: a batch of this model is already open in this context; close it first")
     found = _layers_or_raise(model)
     _check_layers(found)
@@ -356,7 +359,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                         f"batch_adapters: {who}: adapter {name!r} has rank {rank} at layer {path!r}, more than the "
                         f"model's slots hold ({pool.max_rank}): lora.configure_slots(model, slots={pool.capacity}, "
                         f"max_rank={rank})")
-        open_now = batched.ACTIVE.get() or {}
+        open_now = _open(batched.ACTIVE.get(), lambda v: v.batch)
         for path, m in found:
             if m in open_now:
                 raise ValueError(f"batch_adapters: layer {path!r} is already in an open batch (of another model "
@@ -377,8 +380,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                     m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
                 batch.fill_existing()
                 layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
-                tokens.append(batched.ACTIVE.set({**(batched.ACTIVE.get() or {}), **layers}))
-                tokens.append(_MODELS.set({**(_MODELS.get() or {}), model: batch}))
+                tokens.append(batched.ACTIVE.set({**_open(batched.ACTIVE.get(), lambda v: v.batch), **layers}))
+                tokens.append(_MODELS.set({**_open(_MODELS.get()), model: batch}))
                 _install_check(model)
             yield batch
         finally:
@@ -395,6 +398,11 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 batch.close()
             if slot_of:
                 pool.release(slot_of.values(), thread)
+
+
+def _open(entries: Optional[Dict], batch_of=lambda v: v) -> Dict:
+    """A context variable's {key: entry} without the entries of closed batches (see Batch.closed)."""
+    return {k: v for k, v in (entries or {}).items() if not batch_of(v).closed}
 
 
 def _assign_current(pool: SlotPool, views, need) -> Dict[str, int]:

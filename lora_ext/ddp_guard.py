@@ -1,0 +1,129 @@
+"""The forward-time guard against LoRA factors that DistributedDataParallel does not synchronise.
+
+DDP synchronises the gradients of the Parameters that required grad when it was built. A LoRA layer can come to
+train others: a trainable switch of the wrapped module (`lora.set_adapter(ddp.module, name)`: each adapter has its
+own Parameter pair), an adapter loaded or layers injected after the wrap, factors unfrozen after it. Nothing
+refuses those writes (the README's flow switches the inner module and then wraps it again, while the old DDP is
+still alive), so the layer checks at its forward, when it runs inside a DDP forward with gradients enabled.
+
+Which DDP runs this thread's forward: DDP announces itself only in a class attribute
+(`DistributedDataParallel._active_ddp_module`, set for torch.compile's DDP optimizer), which every thread shares.
+So the first time a layer sees a DDP there, the guard confirms on the Python stack that this thread is inside that
+DDP's forward (for every layer of that first forward), and hooks the DDP: from its next forward on, its pre- and
+post-forward hooks keep a per-thread stack of the DDPs whose forwards are running, and the class attribute no
+longer counts for that DDP (another thread's forward, or a value left behind by two threads' forwards
+interleaving). The first forwards of two DDPs interleaved on two threads can pass unchecked: the attribute names
+one of them at a time.
+
+What DDP synchronises: the Parameters in `ddp._module_parameters` that require grad the first time the guard
+sees that DDP (DDP's reducer took those that required grad at construction and keeps no list of them: when
+their number, in DDP's logging data, differs from the number now, every trainable LoRA layer in its forward is
+refused), those of `delay_all_reduce_named_params`, and those marked `_ddp_ignored` (the user's own business).
+Not seen: forwards traced by torch.compile (the guard does not run there); a set of trainable Parameters
+changed after the wrap to another of the same number.
+"""
+import sys
+import threading
+import weakref
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+_LOCAL = threading.local()  # .stack: the hooked DDPs whose forwards run on this thread, innermost last
+_HOOKED: "weakref.WeakSet" = weakref.WeakSet()
+_HOOK_LOCK = threading.Lock()
+
+
+def running() -> "DistributedDataParallel | None":
+    """The DDP whose forward this thread is running (the innermost), or None."""
+    stack = getattr(_LOCAL, "stack", None)
+    if stack:
+        return stack[-1]
+    ddp = DistributedDataParallel._active_ddp_module
+    if ddp is None or ddp.__dict__.get("_lora_ext_entered") or not _inside(ddp):
+        return None  # (once a hooked DDP's forward has entered through its hook, its forwards are on the stacks)
+    _hook(ddp)  # the rest of this forward walks the stack again; the next one enters through the hook
+    return ddp
+
+
+def _inside(ddp) -> bool:
+    """Whether this thread's Python stack is inside ddp's forward (used once per DDP, before it is hooked)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name in ("forward", "_run_ddp_forward") and frame.f_locals.get("self") is ddp:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _enter(ddp, args):
+    ddp.__dict__["_lora_ext_entered"] = True
+    stack = _LOCAL.__dict__.setdefault("stack", [])
+    stack.append(ddp)
+
+
+def _leave(ddp, args, output):
+    stack = getattr(_LOCAL, "stack", None)
+    if stack and ddp in stack:  # (the forward that hooked it did not enter)
+        del stack[len(stack) - 1 - stack[::-1].index(ddp)]
+
+
+def _hook(ddp) -> None:
+    with _HOOK_LOCK:
+        if ddp in _HOOKED:
+            return
+        ddp.register_forward_pre_hook(_enter)
+        ddp.register_forward_hook(_leave, always_call=True)
+        _HOOKED.add(ddp)
+
+
+def reducer_count(ddp):
+    """How many Parameters ddp's reducer took at construction (those that required grad then), from DDP's
+    logging data; None where this torch's DDP does not say."""
+    try:
+        built = ddp._get_ddp_logging_data().get("num_parameter_tensors")
+    except Exception:  # noqa: BLE001 - private API: without it, the flags now stand for the flags then
+        return None
+    return built if isinstance(built, int) else None
+
+
+def synchronised(ddp):
+    """(ids of the Parameters ddp synchronises, or None when this torch's DDP does not say; (how many Parameters
+    its reducer took at construction, how many require grad now) when they differ). Kept per DDP once the two
+    agree (the flags then are taken for the flags at construction); computed again at each call until then."""
+    known = ddp.__dict__.get("_lora_ext_synchronised")
+    if known is None:
+        params = getattr(ddp, "_module_parameters", None)
+        if params is None:  # a torch whose DDP keeps them elsewhere: nothing to check against
+            return None, None
+        trained = [p for p in params if p.requires_grad]
+        built = reducer_count(ddp)
+        if built is not None and built != len(trained):
+            return frozenset(), (built, len(trained))
+        delayed = getattr(ddp, "_delay_all_reduce_params", [])
+        known = ddp.__dict__["_lora_ext_synchronised"] = (
+            frozenset([id(p) for p in trained] + [id(p) for p in delayed]), None)
+    return known
+
+
+def check(layer, ddp) -> None:
+    """Raises when `layer`'s forward would give gradients to trainable factors that `ddp` does not synchronise."""
+    if not torch.is_grad_enabled() or not layer.has_lora or layer.merged or not layer._trainable():
+        return  # (merged: the output does not reach the factors)
+    known, changed = synchronised(ddp)
+    if known is None:
+        return
+    if changed is not None:
+        raise RuntimeError(
+            f"{layer._describe()} (adapter {layer.active_adapter!r}) runs inside a DistributedDataParallel forward "
+            f"whose Parameters that require grad changed since it was built ({changed[0]} then, {changed[1]} now, "
+            f"e.g. factors unfrozen after the wrap): DDP synchronises those of its construction, so the ranks would "
+            f"train apart. Set requires_grad (mark_only_lora_as_trainable) before wrapping, or wrap again")
+    for p in (layer.lora_A, layer.lora_B):
+        if p.requires_grad and id(p) not in known and not getattr(p, "_ddp_ignored", False):
+            raise RuntimeError(
+                f"{layer._describe()} (adapter {layer.active_adapter!r}) runs inside a DistributedDataParallel "
+                f"forward with trainable factors that DDP does not synchronise (a trainable set_adapter of the "
+                f"wrapped module, an adapter or layers added after the wrap, or factors unfrozen after it): the "
+                f"ranks would train apart. Wrap the module again after such a change: ddp = "
+                f"DistributedDataParallel(ddp.module, ...) (and an optimizer over the new adapter's parameters)")
