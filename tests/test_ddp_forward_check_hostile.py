@@ -22,6 +22,7 @@ import lora_ext as lora
 from lora_ext import ddp_guard
 from dist import run_ranks
 from helpers import lora_layers_of, seed_adapters
+from test_distributed_hostile2 import DNet
 
 WORLD = 2
 
@@ -198,20 +199,20 @@ def sc_second_ddp(wrap, ranks):
     return _state(one)
 
 
-def sc_bias_all(wrap, ranks):
+def _bias_mode(bias, wrap, ranks):
     net = build()
-    lora.mark_only_lora_as_trainable(net, bias="all")
+    lora.mark_only_lora_as_trainable(net, bias=bias)
     m = wrap(net)
     _train(m, ranks)
     return _state(m)
+
+
+def sc_bias_all(wrap, ranks):
+    return _bias_mode("all", wrap, ranks)
 
 
 def sc_bias_lora_only(wrap, ranks):
-    net = build()
-    lora.mark_only_lora_as_trainable(net, bias="lora_only")
-    m = wrap(net)
-    _train(m, ranks)
-    return _state(m)
+    return _bias_mode("lora_only", wrap, ranks)
 
 
 def sc_frozen_layer_serving_switch(wrap, ranks):
@@ -391,14 +392,7 @@ def test_delay_all_reduce_named_lora_factors_train(legit):
 # ---------------------------------------------------------------------------------------------------------------
 # what would let the ranks train apart: refused, on every rank, before anything is computed
 
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = lora.Linear(8, 10, r=2, lora_alpha=4)
-        self.b = lora.Linear(10, 5, r=2, lora_alpha=4)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
+Small = DNet  # two Linear layers, 8 -> 10 -> 5
 
 
 def small(freeze_factors=False):
