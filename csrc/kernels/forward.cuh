@@ -167,13 +167,8 @@ __device__ __forceinline__ float dot16(const FactorVec<T, Tab>& a, const Vec16<T
 // Thread (g, v) owns column vector v (16 bytes of out) for rows g, g + 8, ...: the stores coalesce along rows.
 // kBaseFlag: the base rows' 16-byte accesses also depend on p.base_aligned (the embedding table; a linear
 // layer's bias is always aligned when kVector, see ops/forward_host.h, and the flag would cost registers).
-// kBlockWalkB: how B_j's chunk is staged into bs[rank][column] (rows 4 mod 32 words apart). true: the Block8x4
-// walk (a warp stores 8 ranks x 4 columns: 32 banks, no conflict; its rank is fixed per thread, its column
-// steps by kBStep). false: a warp stores the 32 ranks of one column (8 banks, 4-way conflicts), kept for the
-// embedding kernels, where the block walk spills at their occupancy bounds (bench/NOTES-forward.md).
-// Either walk reads B_j's rows rank-fastest, so that the global reads coalesce.
-template <typename T, typename Tab, bool kVector, int kRowsPerThread, bool kBaseFlag = false,
-          bool kBlockWalkB = true, typename TSource, typename BaseRow>
+template <typename T, typename Tab, bool kVector, int kRowsPerThread, bool kBaseFlag = false, typename TSource,
+          typename BaseRow>
 __device__ __forceinline__ void expand_tile(const Args<T, Tab>& p, float* smem, int e, int j, int m0, int c0,
                                             const TSource& t_of, const BaseRow& base) {
   constexpr int kVec = Vec16<T>::kN, kCols = tile_cols<T>(), kLdB = ld_bs<T>();
@@ -200,16 +195,11 @@ __device__ __forceinline__ void expand_tile(const Args<T, Tab>& p, float* smem, 
     for (int k0 = 0; k0 < p.r; k0 += kRChunk) {
       const int kn = imin(kRChunk, p.r - k0);
       if (k0) __syncthreads();
-      // B_j's rows are r contiguous ranks, stored transposed (see kBlockWalkB above).
-      if (kBlockWalkB) {
-        for (int cc = BWalk::across(threadIdx.x); cc < kCols; cc += kBStep)
-          bs[bi * kLdB + cc] = cc < cols && bi < kn ? to_float(b_j[(long long)cc * p.r + k0 + bi]) : 0.f;
-      } else {
-        for (int idx = threadIdx.x; idx < kRChunk * kCols; idx += kThreads) {
-          const int cc = idx / kRChunk, i = idx % kRChunk;
-          bs[i * kLdB + cc] = cc < cols && i < kn ? to_float(b_j[(long long)cc * p.r + k0 + i]) : 0.f;
-        }
-      }
+      // B_j's rows are r contiguous ranks (read rank-fastest, so that the reads coalesce), stored transposed with
+      // the Block8x4 walk: a warp stores 8 ranks x 4 columns, 32 banks (rows 4 mod 32 words apart), where a warp
+      // storing the 32 ranks of one column hit 8 banks 4 ways. A thread's rank is the same at every step.
+      for (int cc = BWalk::across(threadIdx.x); cc < kCols; cc += kBStep)
+        bs[bi * kLdB + cc] = cc < cols && bi < kn ? to_float(b_j[(long long)cc * p.r + k0 + bi]) : 0.f;
       for (int idx = threadIdx.x; idx < kRows * kRChunk; idx += kThreads) {
         const int mm = idx / kRChunk, i = idx % kRChunk;
         ts[mm * kLdTs + i] = mm < rows && i < kn ? t_of(m0 + mm, k0 + i) : 0.f;
@@ -477,41 +467,49 @@ __global__ void __launch_bounds__(kThreads, expand_min_blocks<T>()) expand_kerne
 // out[m] = table[ids[m]] + scale * A[:, ids[m]] B^T (A is (r, num): the id's column holds its r ranks).
 // Grid: x = kExpandRows-row tiles of the ids, y = column tiles of the embedding dimension.
 // An id outside [0, num_embeddings) fails the kernel with a device-side assert, as nn.Embedding's does (the
-// host cannot look at the ids without a device sync). Each id of the tile is checked once, up front, by one
-// thread (a check at every use costs registers in the expand's loops); the uses clamp the id into range so
-// that no thread reads outside A or the table while the assert stops the kernel (an id out of range reads
-// row 0). The launch bound keeps the registers where they were before the assert's call: float32 48 (five
-// blocks per multiprocessor), fp16/bf16 64 (four, as their shared memory allows); unbounded, fp16/bf16 take 74
-// registers and three blocks. float32 factors with fp16/bf16 activations spill at 64 on sm_80 (8 bytes), so
-// they take three blocks (77-80 registers).
+// host cannot look at the ids without a device sync). Each id of the tile is read once, by one thread, checked,
+// clamped into range (an id out of range reads row 0, so that no thread reads outside A or the table while the
+// assert stops the kernel) and kept in shared memory (embedding_smem_bytes), where the expand's gathers of A's
+// columns and of the table rows read it.
+// The launch bound: with the expand's conflict-free staging of B (expand_tile's block walk), fp16/bf16 tables
+// take 80 registers and three blocks per multiprocessor (they ran four at 64 with the 4-way column walk, which
+// the block walk spills at), float32 64 and four (five at 48 before; 4-12 bytes spilled at 48).
 template <typename T, typename Tab>
 constexpr int embedding_min_blocks() {
-  return sizeof(T) == 4 ? 5 : std::is_same<T, Tab>::value ? 4 : 3;
+  return sizeof(T) == 4 ? 4 : 3;
+}
+
+template <typename T>
+constexpr size_t embedding_smem_bytes() {
+  static_assert(expand_smem_floats<T>(kExpandRows) * sizeof(float) % alignof(long long) == 0, "ids aligned");
+  return expand_smem_bytes<T>() + kExpandRows * sizeof(long long);
 }
 
 template <typename T, typename Tab, bool kVector>
 __global__ void __launch_bounds__(kThreads, embedding_min_blocks<T, Tab>()) embedding_kernel(Args<T, Tab> p) {
   static_assert(kExpandRows <= kThreads, "one thread per id of the tile");
   LORA_DYNAMIC_SHARED(float, smem);
-  const long long* ids = p.ids;
+  long long* ids = reinterpret_cast<long long*>(smem + expand_smem_floats<T>(kExpandRows));  // [row of the tile]
+  const int m0 = blockIdx.x * kExpandRows;
+  if (threadIdx.x < kExpandRows) {
+    const int m = m0 + threadIdx.x;
+    long long id = 0;
+    if (m < p.M) {
+      id = p.ids[m];
+      LORA_KERNEL_ASSERT(0 <= id && id < p.num, "embedding id out of range: ids[", m, "] = ", id,
+                         ", not in [0, num_embeddings=", p.num, ")");
+      if ((unsigned long long)id >= (unsigned long long)p.num) id = 0;  // row 0 exists (host check)
+    }
+    ids[threadIdx.x] = id;
+  }
+  __syncthreads();  // every thread of the tile reads the ids from here on
   const Tab* a = p.a;
   const T* table = p.table;
   const long long num_embeddings = p.num, ld = p.N;
-  const int m0 = blockIdx.x * kExpandRows;
-  if (threadIdx.x < kExpandRows && m0 + (int)threadIdx.x < p.M) {
-    const int m = m0 + threadIdx.x;
-    const long long id = ids[m];
-    LORA_KERNEL_ASSERT(0 <= id && id < num_embeddings, "embedding id out of range: ids[", m, "] = ", id,
-                       ", not in [0, num_embeddings=", num_embeddings, ")");
-  }
-  auto id_of = [&](int m) {
-    const long long id = ids[m];
-    return (unsigned long long)id < (unsigned long long)num_embeddings ? id : 0LL;  // row 0 exists (host check)
-  };
-  expand_tile<T, Tab, kVector, kExpandRowsPerThread, true, false>(
+  expand_tile<T, Tab, kVector, kExpandRowsPerThread, true>(
       p, smem, 0, 0, m0, blockIdx.y * tile_cols<T>(),
-      [&](int m, int i) { return to_float(a[(long long)i * num_embeddings + id_of(m)]); },
-      [&](int m) { return table + id_of(m) * ld; });
+      [&](int m, int i) { return to_float(a[(long long)i * num_embeddings + ids[m - m0]]); },
+      [&](int m) { return table + ids[m - m0] * ld; });
 }
 
 }  // namespace forward

@@ -359,7 +359,7 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
     args.slot[0] = 0;
     const dim3 grid((unsigned)ceil_div(M, kf::kExpandRows), (unsigned)ceil_div(dim, kf::tile_cols<scalar_t>()));
     Launch::run(&kf::embedding_kernel<scalar_t, Tab, V::kVector>, grid, dim3(kf::kThreads),
-                kf::expand_smem_bytes<scalar_t>(), args);
+                kf::embedding_smem_bytes<scalar_t>(), args);
   });
   return out.view(shape);
 }

@@ -521,7 +521,7 @@ void test_staging_banks() {
 
 // The forward expand's staging of B_j into bs[rank][column] (kernels/forward.cuh, expand_tile): the block walk
 // as the kernel runs it (rank fixed per thread, column stepping by kBStep per kThreads elements) must be the
-// Block8x4 walk, cover the chunk once and be conflict-free; the column walk the embedding kernels keep is 4-way.
+// Block8x4 walk, cover the chunk once and be conflict-free; the column walk it replaced measures 4-way.
 template <typename T>
 void expand_staging_case(const char* type) {
   namespace kf = lora_ext::kernels::forward;
