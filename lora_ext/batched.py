@@ -97,14 +97,14 @@ class LayerSlots:
     def current(self, slot: int, layer, name: str) -> bool:
         """Whether `slot` holds the layer's adapter `name` as it is now: the same tensors, unwritten since (their
         version counters and storage, as the finite-value stamps; inference tensors, which have no counter: the
-        same tensors), the same scaling, and no check_values on the layer since (writes the counters miss)."""
+        same tensors), the same scaling, and no check_values(name) since (writes the counters miss)."""
         key = self.keys[slot]
         if key is None or key[0] != name:
             return False
         if not layer.has_adapter(name):
             return key[1] == "absent"
         A, B, s = self.source(layer, name)
-        return key[1] != "absent" and key[2] == s and key[3] == layer.value_epoch() and _holds(key[1], A, B)
+        return key[1] != "absent" and key[2] == s and key[3] == layer.value_epoch(name) and _holds(key[1], A, B)
 
     def load(self, slot: int, layer, name: str) -> None:
         """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it)."""
@@ -118,7 +118,7 @@ class LayerSlots:
         else:
             A, B, s = self.source(layer, name)
             at, bt = self._padded(layer, A.detach(), B.detach())
-            key = (name, _identity(A, B), s, layer.value_epoch())
+            key = (name, _identity(A, B), s, layer.value_epoch(name))
         self._write(slot, at, bt, float(s))
         self.keys[slot] = key
 

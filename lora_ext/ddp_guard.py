@@ -13,7 +13,9 @@ DDP's forward (for every layer of that first forward), and hooks the DDP: from i
 post-forward hooks keep a per-thread stack of the DDPs whose forwards are running, and the class attribute no
 longer counts for that DDP (another thread's forward, or a value left behind by two threads' forwards
 interleaving). The first forwards of two DDPs interleaved on two threads can pass unchecked: the attribute names
-one of them at a time.
+one of them at a time. A forward that a BaseException ends (Ctrl-C) skips the post-forward hook (torch runs
+always_call hooks for Exception only): its entry goes when a DDP forward next enters on that thread outside any
+other, or when a layer runs with the attribute unset and the stack walk shows that forward is over.
 
 What DDP synchronises: the Parameters in `ddp._module_parameters` that require grad the first time the guard
 sees that DDP (DDP's reducer took those that required grad at construction and keeps no list of them: when
@@ -37,13 +39,17 @@ _HOOK_LOCK = threading.Lock()
 def running() -> "DistributedDataParallel | None":
     """The DDP whose forward this thread is running (the innermost), or None."""
     stack = getattr(_LOCAL, "stack", None)
-    if stack:
-        return stack[-1]
-    ddp = DistributedDataParallel._active_ddp_module
-    if ddp is None or ddp.__dict__.get("_lora_ext_entered") or not _inside(ddp):
-        return None  # (once a hooked DDP's forward has entered through its hook, its forwards are on the stacks)
-    _hook(ddp)  # the rest of this forward walks the stack again; the next one enters through the hook
-    return ddp
+    active = DistributedDataParallel._active_ddp_module
+    while stack and active is None and not _inside(stack[-1]):
+        # an entry whose forward a BaseException ended (KeyboardInterrupt: torch runs always_call hooks for
+        # Exception only); the attribute alone cannot say (two threads' forwards interleaved leave it None)
+        stack.pop()
+    if active is not None and not active.__dict__.get("_lora_ext_entered") and _inside(active):
+        # the first forward of this DDP (maybe inside a hooked one): the rest of it walks the stack again, the
+        # next one enters through the hook
+        _hook(active)
+        return active
+    return stack[-1] if stack else None
 
 
 def _inside(ddp) -> bool:
@@ -59,6 +65,8 @@ def _inside(ddp) -> bool:
 def _enter(ddp, args):
     ddp.__dict__["_lora_ext_entered"] = True
     stack = _LOCAL.__dict__.setdefault("stack", [])
+    if DistributedDataParallel._active_ddp_module is None:  # no DDP forward around this one on this thread: any
+        stack.clear()  # entries were left by forwards a BaseException ended
     stack.append(ddp)
 
 
@@ -92,6 +100,8 @@ def synchronised(ddp):
     its reducer took at construction, how many require grad now) when they differ). Kept per DDP once the two
     agree (the flags then are taken for the flags at construction); computed again at each call until then."""
     known = ddp.__dict__.get("_lora_ext_synchronised")
+    if known is not None and known[0] != id(ddp):  # a copy's (deepcopy, pickle): its Parameters are others
+        known = None
     if known is None:
         params = getattr(ddp, "_module_parameters", None)
         if params is None:  # a torch whose DDP keeps them elsewhere: nothing to check against
@@ -102,8 +112,8 @@ def synchronised(ddp):
             return frozenset(), (built, len(trained))
         delayed = getattr(ddp, "_delay_all_reduce_params", [])
         known = ddp.__dict__["_lora_ext_synchronised"] = (
-            frozenset([id(p) for p in trained] + [id(p) for p in delayed]), None)
-    return known
+            id(ddp), frozenset([id(p) for p in trained] + [id(p) for p in delayed]), None)
+    return known[1:]
 
 
 def check(layer, ddp) -> None:

@@ -483,13 +483,14 @@ class NamedAdapters:
         The ops themselves check an adapter when it comes in and after in-place writes (_check_values)."""
         with self._lock:
             self._finite_stamps.pop(name, None)
-            self.__dict__["_value_epoch"] = self.value_epoch() + 1
+            epochs = self.__dict__.setdefault("_value_epochs", {})
+            epochs[name] = epochs.get(name, 0) + 1
             self._check_values(name, label)
 
-    def value_epoch(self) -> int:
-        """How many times check_values was called on this layer: a cache of adapter values keyed by version
-        counters also keys on this, so that writes the counters miss reach it after check_values."""
-        return self.__dict__.get("_value_epoch", 0)
+    def value_epoch(self, name: str) -> int:
+        """How many times check_values(name) was called on this layer: a cache of adapter `name`'s values keyed by
+        version counters also keys on this, so that writes the counters miss reach it after check_values."""
+        return self.__dict__.get("_value_epochs", {}).get(name, 0)
 
     def _check_values(self, name: str, label: str = None) -> None:
         """check_values without forgetting: nothing to do while the factors are unwritten since the last check."""

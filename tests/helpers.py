@@ -1,6 +1,7 @@
 """Shared test support: float64 oracles written independently of lora_ext, the relative-error measure and its
 tolerances, the kernel cases, and the marker for tests that need lora_ext._sim. (conftest.py holds the fixtures
 and hooks, among them `cuda`, the device of the tests marked `gpu`.)"""
+import contextlib
 import importlib.util
 import json
 import os
@@ -179,3 +180,16 @@ def edit_adapter_config(adapter_dir, **changes):
     cfg.update(changes)
     with open(file, "w") as f:
         json.dump(cfg, f)
+
+
+@contextlib.contextmanager
+def ddp_guard_off():
+    """lora_ext's DDP forward check switched off in this process (the control runs that show what DDP itself
+    does without it)."""
+    from lora_ext import ddp_guard
+    saved = ddp_guard.check
+    ddp_guard.check = lambda layer, ddp: None
+    try:
+        yield
+    finally:
+        ddp_guard.check = saved

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 import lora_ext as lora
 from lora_ext import ddp_guard
 from dist import run_ranks
-from helpers import lora_layers_of, seed_adapters
+from helpers import ddp_guard_off, lora_layers_of, seed_adapters
 from test_distributed_hostile2 import DNet
 
 WORLD = 2
@@ -338,12 +338,8 @@ def sc_delay_all_reduce(wrap, ranks):
 def sc_delay_all_reduce_unchecked(wrap, ranks):
     """The same with the forward check switched off in this process: DDP's delayed all-reduce keeps the ranks in
     step by itself (the control for the xfail below)."""
-    saved = ddp_guard.check
-    ddp_guard.check = lambda layer, ddp: None
-    try:
+    with ddp_guard_off():
         return _delay_train(wrap, ranks)
-    finally:
-        ddp_guard.check = saved
 
 
 LEGIT = {f.__name__[3:]: f for f in (
