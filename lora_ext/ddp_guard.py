@@ -53,7 +53,8 @@ def running() -> "DistributedDataParallel | None":
 
 
 def _inside(ddp) -> bool:
-    """Whether this thread's Python stack is inside ddp's forward (used once per DDP, before it is hooked)."""
+    """Whether this thread's Python stack is inside ddp's forward: for the layers of a DDP's first forward, before
+    its hook, and for an entry that may be stale (see running()); never on the path of a hooked DDP's forwards."""
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_name in ("forward", "_run_ddp_forward") and frame.f_locals.get("self") is ddp:
