@@ -472,7 +472,7 @@ __global__ void __launch_bounds__(kThreads, expand_min_blocks<T>()) expand_kerne
 // assert stops the kernel) and kept in shared memory (embedding_smem_bytes), where the expand's gathers of A's
 // columns and of the table rows read it.
 // The launch bound: with the expand's conflict-free staging of B (expand_tile's block walk), fp16/bf16 tables
-// take 80 registers and three blocks per multiprocessor (they ran four at 64 with the 4-way column walk, which
+// take 78 registers and three blocks per multiprocessor (they ran four at 64 with the 4-way column walk, which
 // the block walk spills at), float32 64 and four (five at 48 before; 4-12 bytes spilled at 48).
 template <typename T, typename Tab>
 constexpr int embedding_min_blocks() {
