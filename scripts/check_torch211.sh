@@ -17,7 +17,7 @@ PYINC=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 PB=$("$PY" -c "import pybind11; print(pybind11.get_include())")
 INC=(-I csrc -I "$T" -I "$T/torch/csrc/api/include" -I "$PYINC" -I "$PB" -I /usr/local/cuda/include)
 DEFS=(-DTORCH_EXTENSION_NAME=check -DTORCH_API_INCLUDE_EXTENSION_H)
-for f in csrc/bindings.cpp csrc/sim/*.cpp; do
+for f in csrc/bindings.cpp csrc/sim/*.cpp csrc/cpu/*.cpp; do
   echo "c++17 + torch 2.11 headers: $f"
   g++ -std=c++17 -fsyntax-only "${DEFS[@]}" "${INC[@]}" "$f"
 done

@@ -27,7 +27,6 @@
 #endif
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,8 +40,17 @@ namespace {
 enum Kind { F32 = 0, BF16 = 1, F16 = 2 };
 
 
-LORA_INLINE uint32_t fbits(float f) { return std::bit_cast<uint32_t>(f); }
-LORA_INLINE float bitsf(uint32_t u) { return std::bit_cast<float>(u); }
+// (memcpy, not C++20's std::bit_cast: torch 2.11's extensions build as C++17)
+LORA_INLINE uint32_t fbits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+LORA_INLINE float bitsf(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 struct Conv {
   uint32_t nan_bf16;     // the bf16 pattern torch writes for every NaN
