@@ -21,6 +21,7 @@ Which adapter goes to which slot, paging and the model-level checks are lora_ext
 is the per-layer part: a layer's slots, and its forward in a batch.
 """
 import contextvars
+import threading
 import weakref
 from typing import Dict, Optional
 
@@ -32,6 +33,22 @@ from .named_adapters import _data_ptr, _stamp, _unchanged
 
 # The batches open in this context: {layer: LayerBatch}; None when none is (a thread starts with none).
 ACTIVE: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ext_batches", default=None)
+
+# True while a mixed batch is open anywhere (any thread, any context); a layer's forward reads ACTIVE only then.
+# A plain module global so that torch.compile guards on its value: a forward traced with no batch open is traced
+# again when one opens. Dynamo before torch 2.12 cannot trace ContextVar.get (a graph break, an error under
+# fullgraph=True), so compiled models that never open a batch must not reach it.
+ANY_OPEN = False
+_open_count = 0
+_open_count_lock = threading.Lock()
+
+
+def note_batch(opened: bool) -> None:
+    """Counts the batches open in the process (lora_ext.serving.batches calls it once each way per batch)."""
+    global ANY_OPEN, _open_count
+    with _open_count_lock:
+        _open_count += 1 if opened else -1
+        ANY_OPEN = _open_count > 0
 
 
 def kind(layer) -> Optional[str]:

@@ -110,7 +110,8 @@ class LoRALayer(NamedAdapters):
         return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
 
     def forward(self, x: Tensor) -> Tensor:
-        batches = batched.ACTIVE.get()  # mixed batches (lora_ext.batch_adapters) open in this context
+        # mixed batches (lora_ext.batch_adapters) open in this context (ANY_OPEN first: see its comment)
+        batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
         with self._guard():
             if not torch.compiler.is_compiling():
                 ddp = ddp_guard.running()  # the DDP whose forward runs this one on this thread, if any

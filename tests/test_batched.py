@@ -423,6 +423,65 @@ def test_torch_compile_of_a_batched_layer():
     assert rel_err(plain, oracle(layer, x, ["default"] * 4, base_of(layer))) < TOL[torch.float32]
 
 
+def test_compiled_before_a_batch_opens_is_traced_again_inside_one():
+    # traced with no batch open anywhere (the forward then never reads the context variable: fullgraph holds on
+    # every torch), then used inside a block: the batch is served (the graph is guarded on batched.ANY_OPEN), and
+    # after the block the active adapter again
+    from lora_ext import batched
+    layer = make_layer("linear").eval()
+    layer.unmerge()
+    names = ["b", None, "a", "c"]
+    x = make_input("linear", (4,))
+    assert batched.ANY_OPEN is False
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        before = compiled(x)
+    assert rel_err(before, oracle(layer, x, ["default"] * 4, base_of(layer))) < TOL[torch.float32]
+    plain = torch.compile(layer, backend="eager")
+    with torch.no_grad(), lora.batch_adapters(layer, names):
+        assert batched.ANY_OPEN is True
+        got = plain(x)
+    assert rel_err(got, oracle(layer, x, names, base_of(layer))) < TOL[torch.float32]
+    assert batched.ANY_OPEN is False
+    with torch.no_grad():
+        after = compiled(x)
+    assert torch.equal(after, before)
+
+
+def test_open_batch_count_balances_on_errors_and_refusals():
+    from lora_ext import batched
+    layer = make_layer("linear").eval()
+    with pytest.raises(ValueError):
+        with torch.no_grad(), lora.batch_adapters(layer, ["nope"]):  # refused before anything opens
+            pass
+    assert batched.ANY_OPEN is False and batched._open_count == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with torch.no_grad(), lora.batch_adapters(layer, ["a"]):
+            with lora.batch_adapters(torch.nn.Sequential(make_layer("linear").eval()), ["b"]):
+                assert batched._open_count == 2
+                raise RuntimeError("boom")
+    assert batched.ANY_OPEN is False and batched._open_count == 0
+    seen = []
+    opened, release = threading.Event(), threading.Event()
+
+    def other():
+        with torch.no_grad(), lora.batch_adapters(layer, ["a"]):
+            opened.set()
+            release.wait(30)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert opened.wait(30)
+    x = make_input("linear", (1,))
+    with torch.no_grad():
+        seen.append(layer(x))  # this thread has no batch: the active adapter, although ANY_OPEN is True
+        assert batched.ANY_OPEN is True
+    release.set()
+    t.join(30)
+    assert batched.ANY_OPEN is False
+    assert rel_err(seen[0], oracle(layer, x, ["default"], base_of(layer))) < TOL[torch.float32]
+
+
 def test_linear_oracle_is_independent():
     # the oracle's base path agrees with F.linear on the base weight (guards the oracle itself)
     layer = make_layer("linear", fan=True).eval()

@@ -364,7 +364,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
             if m in open_now:
                 raise ValueError(f"batch_adapters: layer {path!r} is already in an open batch (of another model "
                                  f"holding it) in this context; batches may not share layers")
-        batch, tokens, slot_of, views, thread = None, [], {}, {}, threading.get_ident()
+        batch, tokens, slot_of, views, thread, counted = None, [], {}, {}, threading.get_ident(), False
         try:
             # Ctrl-C is held back while the slots are pinned and the block is set up: it lands before or after
             with deferred_interrupt():
@@ -378,6 +378,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                               else index, slot_of, {m: path for path, m in found})
                 for m in views:
                     m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
+                batched.note_batch(opened=True)
+                counted = True
                 batch.fill_existing()
                 layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
                 tokens.append(batched.ACTIVE.set({**_open(batched.ACTIVE.get(), lambda v: v.batch), **layers}))
@@ -396,6 +398,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                     stacks.used(slot_of.values())
                     m.__dict__["_open_batches"] -= 1
                 batch.close()
+            if counted:
+                batched.note_batch(opened=False)
             if slot_of:
                 pool.release(slot_of.values(), thread)
 
