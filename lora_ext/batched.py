@@ -36,8 +36,8 @@ ACTIVE: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ex
 
 # True while a mixed batch is open anywhere (any thread, any context); a layer's forward reads ACTIVE only then.
 # A plain module global so that torch.compile guards on its value: a forward traced with no batch open is traced
-# again when one opens. Dynamo before torch 2.12 cannot trace ContextVar.get (a graph break, an error under
-# fullgraph=True), so compiled models that never open a batch must not reach it.
+# again when one opens. torch 2.11's dynamo cannot trace ContextVar.get (2.14's can): a graph break there, an error
+# under fullgraph=True, so a compiled forward must not reach it while no batch is open.
 ANY_OPEN = False
 _open_count = 0
 _open_count_lock = threading.Lock()

@@ -19,7 +19,8 @@ the optimizer applies them.
 
 Fused layers whose consumer splits the output into blocks (GPT-2's c_attn: q, k, v) take
 `ColwiseLoRA(blocks=3)`: each block is sharded by rows, so each rank holds its rows of every block (its heads of
-q, k and v; a `_StridedShard` placement); merges write the local shard with the matching rows of lora_B.
+q, k and v; a `_StridedShard` placement); merges write the local shard with the matching rows of lora_B. torch
+2.11's DTensor.full_tensor() cannot gather that placement (2.14's can): lora_ext.sharded.full gathers it on both.
 `gpt2_plan(model, mesh)` and `llama_plan(model, mesh)` give whole plans for transformers' GPT-2 and Llama
 (attention heads and MLPs), with the attention modules' head counts fixed up when the plan is applied.
 

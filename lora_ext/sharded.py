@@ -32,8 +32,41 @@ def is_dtensor(t) -> bool:
 
 
 def full(t: Tensor) -> Tensor:
-    """The whole tensor (a collective for a sharded DTensor: every rank must call it)."""
-    return t.full_tensor() if is_dtensor(t) else t
+    """The whole tensor (a collective for a sharded DTensor: every rank must call it). A weight sharded by blocks
+    (lora_ext.parallel.ColwiseLoRA(blocks=k): a lone _StridedShard on a 1-D mesh) is gathered here, since torch
+    2.11's DTensor.full_tensor() cannot plan that placement (a ValueError from its redistribute planner)."""
+    if not is_dtensor(t):
+        return t
+    strided = _lone_strided_shard(t)
+    return t.full_tensor() if strided is None else _gather_strided(t, *strided)
+
+
+def _lone_strided_shard(t) -> Optional[tuple]:
+    """(dim, split_factor) of a DTensor placed as one _StridedShard on a 1-D mesh, else None."""
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:
+        return None
+    if t.device_mesh.ndim != 1 or len(t.placements) != 1 or not isinstance(t.placements[0], _StridedShard):
+        return None
+    return t.placements[0].dim, t.placements[0].split_factor
+
+
+def _gather_strided(t, dim: int, blocks: int) -> Tensor:
+    """The whole tensor of a _StridedShard(dim, split_factor=blocks) DTensor on a 1-D mesh of n ranks: the tensor
+    is `blocks` equal chunks along dim, each split evenly over the ranks, and rank r holds its piece of every chunk
+    in chunk order (ColwiseLoRA's check keeps the splits even). One all_gather of the local shards."""
+    import torch.distributed as dist
+    mesh = t.device_mesh
+    local = t.to_local().detach().contiguous()
+    n = mesh.size()
+    if local.shape[dim] * n != t.shape[dim] or local.shape[dim] % blocks:
+        raise ValueError(f"lora_ext.sharded.full: a {tuple(t.shape)} tensor placed {t.placements} on {n} ranks has a "
+                         f"local shard of {tuple(local.shape)}, not an even split into {blocks} blocks")
+    shards = [torch.empty_like(local) for _ in range(n)]
+    dist.all_gather(shards, local, group=mesh.get_group())
+    pieces = [s.chunk(blocks, dim) for s in shards]  # pieces[r][b]: rank r's rows of chunk b
+    return torch.cat([pieces[r][b] for b in range(blocks) for r in range(n)], dim)
 
 
 def local(t: Tensor) -> Tensor:
@@ -241,7 +274,7 @@ def _refused_elsewhere(where: str):
 def _whole(weight: Tensor, op) -> object:
     """op(the whole weight) for a layer whose record was made before its weight was sharded (one record for the
     whole weight): every rank applies it to the gathered weight and keeps its shard (one weight-sized gather)."""
-    whole = weight.full_tensor()
+    whole = full(weight)
     result = op(whole)
     copy_into(weight, whole, check=False)
     return result

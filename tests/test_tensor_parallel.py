@@ -152,7 +152,10 @@ def hf_ids():
 
 
 def _whole(v):
-    return v.full_tensor() if isinstance(v, DTensor) else v
+    # lora_ext's gather: GPT-2's c_attn (ColwiseLoRA(blocks=3), a lone _StridedShard) has no DTensor.full_tensor()
+    # on torch 2.11; the callers compare what it gives with the unsharded model's weights bit for bit
+    from lora_ext import sharded
+    return sharded.full(v)
 
 
 def base_weights(model):
