@@ -10,8 +10,13 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$root/build/r211"
-PY312=${PY312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}
-[ -x "$PY312" ] || { echo "rehearse_torch211: no Python 3.12 (set PY312)"; exit 2; }
+is312() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' > /dev/null 2>&1; }
+if [ -z "${PY312:-}" ]; then  # (pyenv's python3.12 shim exists but fails unless 3.12 is selected: try each)
+  for c in python3.12 /root/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
+    if is312 "$c"; then PY312=$c; break; fi
+  done
+fi
+is312 "${PY312:-none}" || { echo "rehearse_torch211: no Python 3.12 found (set PY312)"; exit 2; }
 mkdir -p "$work"
 if [ ! -x "$work/venv/bin/python" ]; then
   "$PY312" -m venv "$work/venv"
