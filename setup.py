@@ -1,13 +1,16 @@
 """Build lora_ext.
 
 Without torch visible to the build (a plain `pip install .` runs in an isolated build environment) this
-stops with instructions. With torch it always builds the CPU simulator module lora_ext._sim and the CPU
-lossless pass lora_ext._cpu (g++ only),
+stops with instructions. With torch it builds the CPU simulator module lora_ext._sim (unless LORA_EXT_SIM=0)
+and the CPU lossless pass lora_ext._cpu (g++ only),
 and builds the CUDA kernels as lora_ext._C when torch has CUDA and nvcc is found.
 
 Environment:
   LORA_EXT_CUDA=auto|1|0   build the CUDA extension: when possible (default), always (fail if not
                            possible), never
+  LORA_EXT_SIM=1|0         build the SIMT simulator lora_ext._sim (default 1): the CPU tests of the kernels
+                           need it; a GPU machine does not (bench/gpu_check.sh builds with 0: it is one large
+                           translation unit, the longest compile of the build)
   TORCH_CUDA_ARCH_LIST     GPU architectures, default "8.0;9.0"; each must be 8.0 or later
   MAX_JOBS                 parallel compile jobs (ninja)
 
@@ -134,7 +137,10 @@ def extensions(torch, cpp_extension):
     cuda_home = cpp_extension.CUDA_HOME
     include = [os.path.join(_here(), "csrc")]
     exts = []
-    sim_sources = _rel("csrc/sim/*.cpp")
+    sim = os.environ.get("LORA_EXT_SIM", "1")
+    if sim not in ("1", "0"):
+        sys.exit(f"LORA_EXT_SIM must be 1 or 0, got {sim!r}")
+    sim_sources = _rel("csrc/sim/*.cpp") if sim == "1" else []
     if sim_sources:
         exts.append(
             cpp_extension.CppExtension(

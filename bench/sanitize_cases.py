@@ -122,14 +122,35 @@ def cases(device):
                 scales = torch.randn(slots, device=device)
                 index = torch.tensor([2, -1, 0, 1, 2], dtype=torch.int32, device=device)
                 ref = y.double().clone()
+                rows = index.tolist()  # (one copy to the host, not one per row: the sanitizer slows each)
                 for m in range(groups * tokens):
-                    i = int(index[m // tokens])
+                    i = rows[m // tokens]
                     if i >= 0:
                         ref[m] += scales[i].double() * (x[m].double() @ a[i].double()) @ b[i].double()
                 with torch.no_grad():
                     ops.batched_linear_(y, x, a, b, scales, index, tokens)
                 _close(y, ref, dtype)
             out.append((f"batched_linear_ {dtype} tokens={tokens}", batched))
+        if dtype != torch.float32:
+            def lossless(dtype=dtype):
+                # the lossless merge / swap / unmerge kernels: merged values as a plain merge's, the base back bit
+                # for bit (fan_in_fan_out layout, two of three blocks)
+                w = torch.randn(72, 201, device=device).to(dtype)
+                base = w.clone()
+                # factors of LoRA's usual size next to W (a large update needs more exceptions than the limit)
+                A1, B1 = (0.1 * torch.randn(shape, device=device).to(dtype) for shape in ((8, 72), (134, 4)))
+                A2, B2 = (0.1 * torch.randn(shape, device=device).to(dtype) for shape in ((6, 72), (134, 3)))
+                layout = {"num_blocks": 3, "block_ids": [0, 2], "transposed": True}
+                record = ops.merge_(w, A1, B1, 0.5, lossless=True, **layout)
+                ref = base.double().clone()
+                ref[:, :67] += 0.5 * (B1[:67].double() @ A1[:4].double()).t()
+                ref[:, 134:] += 0.5 * (B1[67:].double() @ A1[4:].double()).t()
+                _close(w, ref, dtype)
+                record = ops.swap_(w, A1, B1, 0.5, A2, B2, -1.5, record=record, **layout)
+                ops.unmerge_(w, A2, B2, -1.5, record=record, **layout)
+                if not torch.equal(w, base):
+                    raise AssertionError(f"lossless merge, swap, unmerge: the base is not back bit for bit ({dtype})")
+            out.append((f"lossless merge_/swap_/unmerge_ {dtype}", lossless))
     return out
 
 

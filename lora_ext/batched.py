@@ -97,6 +97,7 @@ class LayerSlots:
         self.neg_scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
         self.keys = [None] * capacity
         self.events = [None] * capacity  # CUDA: the last batch's use of each slot, waited for before a rewrite
+        self.written = [None] * capacity  # CUDA: each slot's last write, until it is seen complete (see _ready)
 
     def fits(self, layer) -> bool:
         weight = layer.weight_2d()
@@ -126,6 +127,7 @@ class LayerSlots:
     def load(self, slot: int, layer, name: str) -> None:
         """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it)."""
         if self.current(slot, layer, name):
+            self._ready(slot)
             return
         self.keys[slot] = None
         if not layer.has_adapter(name):
@@ -177,8 +179,23 @@ class LayerSlots:
             self.b[slot].copy_(bt, non_blocking=True)
             self.scales[slot:slot + 1].copy_(scales[:1], non_blocking=True)
             self.neg_scales[slot:slot + 1].copy_(scales[1:], non_blocking=True)
+            written = torch.cuda.Event()
+            written.record(stream)
+        self.written[slot] = written
         if stream is not current:
             current.wait_stream(stream)
+
+    def _ready(self, slot: int) -> None:
+        """A batch found `slot` already holding its adapter: on CUDA its stream waits for that write, which
+        another thread may have queued on its own stream and which may not have run yet. Once the write is seen
+        complete it is forgotten, so that batches of loaded adapters queue no waits."""
+        written = self.written[slot]
+        if written is None:
+            return
+        if written.query():
+            self.written[slot] = None
+        elif not torch.cuda.is_current_stream_capturing():  # (a capture cannot wait on an outside event)
+            torch.cuda.current_stream(self.device).wait_event(written)
 
     def used(self, slots) -> None:
         """After a batch: marks its slots as read by the work queued on the current stream."""

@@ -98,6 +98,7 @@ def test_two_threads_on_two_streams(cuda):
             with lora.batch_adapters(layer, names):
                 expected.append(layer(x).clone())
     errors = []
+    torch.cuda.synchronize()  # the slots and `expected` written on this stream, before the threads' streams read them
 
     def serve(names, want):
         stream = torch.cuda.Stream()
@@ -118,4 +119,30 @@ def test_two_threads_on_two_streams(cuda):
         t.start()
     for t in threads:
         t.join(120)
+    assert not any(t.is_alive() for t in threads), "a serving thread did not finish in 120 s"
     assert not errors, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.hardware("two CUDA streams, one held back by a sleeping kernel")
+def test_a_slot_written_on_another_stream_is_waited_for(cuda):
+    # A batch that finds its adapters already in their slots must not read them before the write, queued on the
+    # stream of the batch that loaded them, has run: stream 1 sleeps, then loads the slots (device-resident
+    # adapters: written on the current stream); stream 2's batch of the same adapters reads them at once.
+    layer = cuda_layer(cuda, host_adapters=False)
+    lora.configure_slots(layer, slots=4, max_rank=5)
+    x = make_input("linear", (4,)).to(cuda.device)
+    names = ["b", "a", None, "c"]
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.no_grad():
+        with torch.cuda.stream(s1):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s at the H200's clock: the loads below queue behind it
+            with lora.batch_adapters(layer, names):
+                pass
+        with torch.cuda.stream(s2):
+            with lora.batch_adapters(layer, names):
+                got = layer(x)
+        s2.synchronize()
+    torch.cuda.synchronize()
+    check(layer, x, names, got.cpu())

@@ -470,6 +470,7 @@ def test_cuda_linear_runs_on_the_current_stream(cuda):
     w, b, A, B, g, ids, fan = _layer("plain", 128, 128, 8, torch.float32, device=cuda.device)
     x = torch.randn(3, 128, device=cuda.device)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the inputs, written on the default stream
     with torch.cuda.stream(stream):
         y = cuda.kernels.linear(x, x, w, b, A, B, 0.5, g, ids, fan)
     stream.synchronize()

@@ -323,6 +323,28 @@ def test_setup_refuses_old_arch_before_building():
     assert 'TORCH_CUDA_ARCH_LIST="8.0"' in proc.stderr
 
 
+@pytest.mark.parametrize("sim,built", [(None, True), ("1", True), ("0", False)])
+def test_setup_builds_the_simulator_unless_told_not_to(monkeypatch, sim, built):
+    # bench/gpu_check.sh builds with LORA_EXT_SIM=0 on the GPU machine (the simulator is its longest compile)
+    from torch.utils import cpp_extension
+    monkeypatch.setenv("LORA_EXT_CUDA", "0")
+    if sim is None:
+        monkeypatch.delenv("LORA_EXT_SIM", raising=False)
+    else:
+        monkeypatch.setenv("LORA_EXT_SIM", sim)
+    names = [e.name for e in _load_setup().extensions(torch, cpp_extension)]
+    assert ("lora_ext._sim" in names) == built
+    assert "lora_ext._cpu" in names
+
+
+def test_setup_refuses_a_bad_sim_switch(monkeypatch):
+    from torch.utils import cpp_extension
+    monkeypatch.setenv("LORA_EXT_CUDA", "0")
+    monkeypatch.setenv("LORA_EXT_SIM", "no")
+    with pytest.raises(SystemExit, match="LORA_EXT_SIM must be 1 or 0, got 'no'"):
+        _load_setup().extensions(torch, cpp_extension)
+
+
 @pytest.mark.gpu
 @pytest.mark.hardware
 def test_cuda_embedding_id_out_of_range_is_a_device_assert():

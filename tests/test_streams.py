@@ -135,7 +135,7 @@ def test_threads_on_two_streams_switching_while_forwarding():
     def forward():
         s = torch.cuda.Stream()
         with torch.cuda.stream(s):
-            while not stop.is_set():
+            while not stop.is_set() and len(results) < 5000:  # (bounded: the check below costs a sync each)
                 results.append(layer(x))
         s.synchronize()
 
@@ -151,7 +151,8 @@ def test_threads_on_two_streams_switching_while_forwarding():
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish in 120 s"
     torch.cuda.synchronize()
     assert results
     torn = [y for y in results if not any(torch.allclose(y, o, rtol=1e-4, atol=1e-4) for o in outs.values())]
