@@ -94,7 +94,7 @@ if [ $DRY = 1 ]; then
   "$PY" -c "import lora_ext.ops as o, lora_ext._sim; print('lora_ext._sim loaded; lora_ext._C', 'loaded' if o.cuda_kernels_available() else 'not built')" || exit 1
 else
   step "build (sm_90; without the simulator, LORA_EXT_SIM=0: nothing here needs it)"
-  if ! timeout "$(capped 240)" env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 LORA_EXT_CUDA=1 LORA_EXT_SIM=0 \
+  if ! timeout "$(capped 240)" env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST=9.0 LORA_EXT_CUDA=1 LORA_EXT_SIM=0 \
       "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1; then
     echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1
   fi
