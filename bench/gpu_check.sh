@@ -96,7 +96,7 @@ else
   step "build (sm_90; without the simulator, LORA_EXT_SIM=0: nothing here needs it)"
   if ! timeout "$(capped 240)" env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST=9.0 LORA_EXT_CUDA=1 LORA_EXT_SIM=0 \
       "$PY" -m pip install --no-build-isolation --no-deps -e . >> "$OUT/build.log" 2>&1; then
-    echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1
+    echo "BUILD FAILED (or timed out) after ${SECONDS}s of the ${BUDGET} s budget"; tail -40 "$OUT/build.log"; exit 1
   fi
   "$PY" -c "import lora_ext.ops as o; assert o.cuda_kernels_available(), 'lora_ext._C missing'; print('lora_ext._C loaded')" || exit 1
   echo "built in ${SECONDS}s from the start; $((BUDGET - SECONDS)) s left of ${BUDGET} s"
