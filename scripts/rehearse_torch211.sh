@@ -4,8 +4,9 @@
 # TORCH_CUDA_ARCH_LIST=9.0), then `bench/gpu_check.sh --dry` and the whole test suite against that torch.
 # check_torch211.sh (in CI) only compiles against torch 2.11's headers; this also runs the Python side, where
 # an API that torch 2.14 has and 2.11 lacks shows (the first run found dynamo's ContextVar and DTensor's
-# _StridedShard gather). By hand, not in CI: about 3 GB of downloads the first time, then a clone of HEAD,
-# a 4-minute build and a 6-minute test run on 2 cores.
+# _StridedShard gather). Last, gpu_check.sh's own GPU flow with stand-ins for nvidia-smi and compute-sanitizer.
+# By hand, not in CI: about 3 GB of downloads the first time, then a clone of HEAD, a 4-minute build, a
+# 6-minute test run and a 3-minute GPU-flow build on 2 cores.
 #   bash scripts/rehearse_torch211.sh [--dry-only]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -42,6 +43,26 @@ if [ "${1:-}" != "--dry-only" ]; then
   "$V" -m pytest -p no:warnings -rf tests > "$work/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$work/tests.log" | head -30 || true
   tail -1 "$work/tests.log"
+fi
+if [ "${1:-}" != "--dry-only" ]; then
+  # gpu_check.sh's GPU-machine flow (never run by its dry mode), with stand-ins for nvidia-smi and
+  # compute-sanitizer: the LORA_EXT_SIM=0 sm_90 build must load lora_ext._C, the test steps run (their tests
+  # skip: no GPU), and the benchmark and sanitizer steps must fail for want of a GPU, not of a script error
+  echo "== bench/gpu_check.sh's GPU flow with stand-ins (log: $work/flow.log)"
+  fake="$work/fakebin"; mkdir -p "$fake"
+  printf '#!/bin/sh\necho "name, driver_version"\necho "stand-in (no GPU), 0"\n' > "$fake/nvidia-smi"
+  printf '#!/bin/sh\nshift 4\n"$@"\nrc=$?\necho "ERROR SUMMARY: 0 errors"\nexit $rc\n' > "$fake/compute-sanitizer"
+  chmod +x "$fake/nvidia-smi" "$fake/compute-sanitizer"
+  rm -rf "$work/flow"
+  PATH="$fake:$PATH" MAX_JOBS=${MAX_JOBS:-2} PYTHON="$V" OUT="$work/flow" LORA_EXT_GPU_BUDGET=400 \
+    bash bench/gpu_check.sh > "$work/flow.log" 2>&1 && { echo "the GPU flow passed without a GPU?"; status=1; }
+  for want in "lora_ext._C loaded" "no CUDA device is visible to torch" "memcheck: FAILED" "racecheck: FAILED" \
+      "== FAILED in"; do
+    grep -q "$want" "$work/flow.log" || { echo "the GPU flow's log lacks: $want"; status=1; }
+  done
+  n=$(find "$work/flow" -type f | wc -l)
+  [ "$n" -le 8 ] || { echo "the GPU flow left $n files in \$OUT: the device tool brings back 8"; status=1; }
+  grep -E "^(== |built in|SKIPPED for)" "$work/flow.log"
 fi
 echo "rehearse_torch211: $([ $status = 0 ] && echo passed || echo FAILED) (HEAD $(git rev-parse --short HEAD))"
 exit $status
