@@ -23,7 +23,7 @@ is the per-layer part: a layer's slots, and its forward in a batch.
 import contextvars
 import threading
 import weakref
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -96,8 +96,10 @@ class LayerSlots:
         self.scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
         self.neg_scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
         self.keys = [None] * capacity
-        self.events = [None] * capacity  # CUDA: the last batch's use of each slot, waited for before a rewrite
-        self.written = [None] * capacity  # CUDA: each slot's last write, until it is seen complete (see _ready)
+        # CUDA: for each slot, the uses by closed batches not yet seen complete (one stream's each), waited for
+        # before the slot is rewritten, and its last write, until that is seen complete (see _ready)
+        self.events: List[List] = [[] for _ in range(capacity)]
+        self.written = [None] * capacity
 
     def fits(self, layer) -> bool:
         weight = layer.weight_2d()
@@ -164,23 +166,29 @@ class LayerSlots:
             self.scales[slot] = s
             self.neg_scales[slot] = -s
             return
-        # CUDA: wait for the last batch that read this slot; a copy from host memory goes through pinned
-        # memory on a side stream, which the current stream then waits for
+        # CUDA: wait for the batches that read this slot; a copy from host memory goes through pinned memory on a
+        # side stream, which the current stream then waits for
         current = torch.cuda.current_stream(self.device)
         stream = _side_stream(self.device) if at.device.type == "cpu" else current
         if at.device.type == "cpu":
             at, bt = at.pin_memory(), bt.pin_memory()
             stream.wait_stream(current)
         scales = torch.tensor([s, -s], dtype=torch.float32).pin_memory()
+        capturing = torch.cuda.is_current_stream_capturing()
         with torch.cuda.stream(stream):
-            if self.events[slot] is not None:
-                stream.wait_event(self.events[slot])
+            # the batches that read this slot, and its last write (both maybe queued on other threads' streams)
+            for event in self.events[slot] + [self.written[slot]]:
+                if event is not None:
+                    stream.wait_event(event)
+            self.events[slot] = []
             self.a[slot].copy_(at, non_blocking=True)
             self.b[slot].copy_(bt, non_blocking=True)
             self.scales[slot:slot + 1].copy_(scales[:1], non_blocking=True)
             self.neg_scales[slot:slot + 1].copy_(scales[1:], non_blocking=True)
-            written = torch.cuda.Event()
-            written.record(stream)
+            written = None
+            if not capturing:  # (inside a capture the graph orders the write; a captured event cannot be queried)
+                written = torch.cuda.Event()
+                written.record(stream)
         self.written[slot] = written
         if stream is not current:
             current.wait_stream(stream)
@@ -190,20 +198,23 @@ class LayerSlots:
         another thread may have queued on its own stream and which may not have run yet. Once the write is seen
         complete it is forgotten, so that batches of loaded adapters queue no waits."""
         written = self.written[slot]
-        if written is None:
+        if written is None or torch.cuda.is_current_stream_capturing():
+            # (a capture can neither query nor wait on an outside event: a batch opened inside one relies on the
+            # slots' writes having been ordered before it, as README's CUDA graph section says)
             return
         if written.query():
             self.written[slot] = None
-        elif not torch.cuda.is_current_stream_capturing():  # (a capture cannot wait on an outside event)
+        else:
             torch.cuda.current_stream(self.device).wait_event(written)
 
     def used(self, slots) -> None:
         """After a batch: marks its slots as read by the work queued on the current stream."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
             for s in slots:
-                self.events[s] = event
+                # every stream's last use is kept until it is seen complete (the last closer may not be the slowest)
+                self.events[s] = [e for e in self.events[s] if not e.query()] + [event]
 
 
 _SIDE_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}

@@ -309,7 +309,10 @@ def _check_layers(found) -> None:
 
 
 def _check_input(module, args, kwargs):
-    """Forward pre-hook of a model with batches: its first input must have the batch's rows."""
+    """Forward pre-hook of a model with batches: its first input must have the batch's rows. It stays on the model
+    after its batches close, so it reads the context only while one is open somewhere (see batched.ANY_OPEN)."""
+    if not batched.ANY_OPEN:
+        return
     batch = _open(_MODELS.get()).get(module)
     if batch is None:
         return
@@ -387,21 +390,25 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 _install_check(model)
             yield batch
         finally:
-            # this batch's entries only (another block of this context may have closed or opened in between, as
-            # generators that yield inside their blocks do), rather than the values from before it opened
-            if tokens:
-                batched.ACTIVE.set({m: v for m, v in (batched.ACTIVE.get() or {}).items() if v.batch is not batch}
-                                   or None)
-                _MODELS.set({k: v for k, v in (_MODELS.get() or {}).items() if v is not batch} or None)
-            if batch is not None:
-                for m, stacks in views.items():
-                    stacks.used(slot_of.values())
-                    m.__dict__["_open_batches"] -= 1
-                batch.close()
-            if counted:
-                batched.note_batch(opened=False)
-            if slot_of:
-                pool.release(slot_of.values(), thread)
+            # Ctrl-C is held back here too: the count of open batches and the slots' pins must come back whole
+            with deferred_interrupt():
+                try:
+                    # this batch's entries only (another block of this context may have closed or opened in between,
+                    # as generators that yield inside their blocks do), rather than the values from before it opened
+                    if tokens:
+                        batched.ACTIVE.set({m: v for m, v in (batched.ACTIVE.get() or {}).items()
+                                            if v.batch is not batch} or None)
+                        _MODELS.set({k: v for k, v in (_MODELS.get() or {}).items() if v is not batch} or None)
+                    if batch is not None:
+                        for m, stacks in views.items():
+                            stacks.used(slot_of.values())
+                            m.__dict__["_open_batches"] -= 1
+                        batch.close()
+                finally:
+                    if counted:
+                        batched.note_batch(opened=False)
+                    if slot_of:
+                        pool.release(slot_of.values(), thread)
 
 
 def _open(entries: Optional[Dict], batch_of=lambda v: v) -> Dict:
