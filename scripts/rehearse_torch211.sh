@@ -54,7 +54,8 @@ if [ "${1:-}" != "--dry-only" ]; then
   printf '#!/bin/sh\nshift 4\n"$@"\nrc=$?\necho "ERROR SUMMARY: 0 errors"\nexit $rc\n' > "$fake/compute-sanitizer"
   chmod +x "$fake/nvidia-smi" "$fake/compute-sanitizer"
   rm -rf "$work/flow"
-  PATH="$fake:$PATH" MAX_JOBS=${MAX_JOBS:-2} PYTHON="$V" OUT="$work/flow" LORA_EXT_GPU_BUDGET=400 \
+  PATH="$fake:$PATH" MAX_JOBS=${MAX_JOBS:-2} PYTHON="$V" OUT="$work/flow" LORA_EXT_GPU_BUDGET=1500 \
+    LORA_EXT_GPU_BUILD_CAP=1200 \
     bash bench/gpu_check.sh > "$work/flow.log" 2>&1 && { echo "the GPU flow passed without a GPU?"; status=1; }
   for want in "lora_ext._C loaded" "no CUDA device is visible to torch" "memcheck: FAILED" "racecheck: FAILED" \
       "== FAILED in"; do
