@@ -5,7 +5,7 @@
 # tool's output folder), else ./gpu_out.
 #
 # From this machine:  bash bench/fetch_wheels.sh   (once; the test wheels travel in .wheels/)
-# then with the device tool:  run(command="bash bench/gpu_check.sh", carry=[".wheels"], timeout_s=600)
+# then with the device tool:  run(command="bash bench/gpu_check.sh", carry=[".wheels"], timeout_s=510)
 #
 # Dry run, on a machine without a GPU (CI runs it):  bash bench/gpu_check.sh --dry   (or LORA_EXT_GPU_DRY=1)
 # Every step runs with CPU stand-ins for what needs the GPU: no nvidia-smi; the build step checks that lora_ext
@@ -34,7 +34,7 @@ if [ $DRY = 1 ] && [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=
 PY=${PYTHON:-python3}
 status=0
 step() { echo "== $(date +%T) $*"; }
-BUDGET=${LORA_EXT_GPU_BUDGET:-570}  # seconds for the whole script (the device tool's run: timeout_s=600)
+BUDGET=${LORA_EXT_GPU_BUDGET:-480}  # 8 minutes for the whole script (issue 10), run with timeout_s=510; a rerun fits
 # The build's own cap. Measured on this project's 2-core machine, one file at a time: merge.cu 60 s, forward.cu
 # 34 s, batched.cu 30 s (sm_90), batched_cpu.cpp 52 s, the simulator 73 s; the first device run compiled about
 # 1.8x slower per file (the simulator took most of its 150 s). With 16 jobs and without the simulator the
