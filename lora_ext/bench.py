@@ -506,16 +506,17 @@ def _forward_rows(case, times, target):
 REHEARSAL_DIM = 32  # a rehearsal's default width (the merge kernel rows go to twice it, at rank 64)
 
 
-def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False):
+def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink=None):
     """The benchmark rows of `device`, as a dict (format_table prints it). rehearse=True rehearses the CUDA run
     on the CPU (see CudaShim): every row function and branch of it at width `dim` (use a tiny one, e.g.
     REHEARSAL_DIM), one repeat, marked as a rehearsal, no target checked. batched=True: only the mixed-batch
-    rows, the whole grid (widths 1024 and 4096, or `dim` when given)."""
+    rows, the whole grid (widths 1024 and 4096, or `dim` when given). sink: a list the rows are appended to as
+    they are measured (what a run stopped part way has: see `partial`)."""
     if rehearse:
         if device != "cuda":
             raise ValueError("a rehearsal rehearses the CUDA run: device must be 'cuda'")
         with rehearsing():
-            result = run(device, quick, dim, batched=batched)
+            result = run(device, quick, dim, batched=batched, sink=sink)
         for row in result["rows"]:
             if "met" in row:
                 row["met"] = None  # numbers from a rehearsal are met by nothing, missed by nothing
@@ -525,7 +526,7 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     repeats = 1 if _cuda.rehearsal else 5 if quick else 15
     kernel_dim = dim if _cuda.rehearsal else GPU_KERNEL_DIM
-    rows = []
+    rows = [] if sink is None else sink  # (extended in place from here on)
     if batched:
         rows += bench_batched.rows(device, quick=False, repeats=repeats, compare=compare, shim=_cuda,
                                    dim=dim if _cuda.rehearsal or dim != 4096 else None, dtype=dtype)
@@ -565,6 +566,19 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False):
     rows += bench_batched.rows(device, quick=True, repeats=repeats, compare=compare, shim=_cuda,
                                dim=dim if _cuda.rehearsal else None, dtype=dtype)
     return _result(device, dtype, dim, quick, rows)
+
+
+def partial(device, quick, dim, rows, why, rehearse=False):
+    """The result of a run stopped part way (`why`), with the rows its sink holds."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    with rehearsing() if rehearse else contextlib.nullcontext():  # (the machine's description: the rehearsal's)
+        result = dict(_result(device, dtype, dim, quick, list(rows)), incomplete=f"{why}, after {len(rows)} rows")
+    if not rehearse:
+        return result
+    for row in result["rows"]:
+        if "met" in row:
+            row["met"] = None  # (as run's rehearsal: met by nothing, missed by nothing)
+    return dict(rehearsal=True, note=REHEARSAL_NOTE, **result)
 
 
 def _result(device, dtype, dim, quick, rows):
@@ -664,6 +678,7 @@ def format_table(result):
     lines = [REHEARSAL_NOTE, ""] if rehearsal else []
     lines += [f"lora_ext bench: {result['device']} ({result['machine']}), {result['dtype']}, torch {result['torch']}, "
               f"{result['date']}", "",
+              *([f"INCOMPLETE: {result['incomplete']}", ""] if result.get("incomplete") else []),
               "| case | impl | time ms | ratio to floor | extra | target | met |",
               "|---|---|---:|---:|---:|---:|---|"]
     for row in result["rows"]:

@@ -2,7 +2,9 @@
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 
 def _bench_refusal(args):
@@ -49,19 +51,38 @@ def _bench(args):
         return 2
     if args.lossless:
         return _bench_lossless(args)
-    if args.rehearse:
-        if args.device == "cpu":
-            print("lora-ext bench: error: --rehearse rehearses the CUDA run (--device cuda), not --device cpu",
-                  file=sys.stderr)
-            return 2
-        result = bench.run(device="cuda", quick=args.quick, dim=args.dim or bench.REHEARSAL_DIM, rehearse=True,
-                           batched=args.batched)
-    else:
-        result = bench.run(device=args.device or "cpu", quick=args.quick, dim=args.dim or 4096, batched=args.batched)
+    if args.rehearse and args.device == "cpu":
+        print("lora-ext bench: error: --rehearse rehearses the CUDA run (--device cuda), not --device cpu",
+              file=sys.stderr)
+        return 2
+    device = "cuda" if args.rehearse else args.device or "cpu"
+    dim = args.dim or (bench.REHEARSAL_DIM if args.rehearse else 4096)
+    rows, status = [], 0
+    # a run stopped by SIGTERM (`timeout`, as bench/gpu_check.sh stops a step) or Ctrl-C keeps what it measured
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        result = bench.run(device=device, quick=args.quick, dim=dim, rehearse=args.rehearse, batched=args.batched,
+                           sink=rows)
+    except (KeyboardInterrupt, _Terminated) as e:
+        why = "stopped by SIGTERM" if isinstance(e, _Terminated) else "stopped by Ctrl-C"
+        result, status = bench.partial(device, args.quick, dim, rows, why, rehearse=args.rehearse), 1
+        print(f"lora-ext bench: {why} after {len(rows)} rows; the table and the JSON hold those", file=sys.stderr)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if args.json:
         _write_json(args.json, result)
     print(bench.format_table(result))
-    return 0
+    return status
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _terminated(signum, frame):
+    raise _Terminated()
 
 
 def _bench_lossless(args):

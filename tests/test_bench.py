@@ -127,6 +127,34 @@ def test_a_comparison_that_cannot_be_captured_is_a_row_not_the_end(monkeypatch):
         bench.forward_kernel_rows("cuda", torch.float32, 1, dim=16, r=2, merged_r=2, tokens=(1,))
 
 
+def test_a_run_stopped_by_sigterm_keeps_its_rows(tmp_path, capsys, monkeypatch):
+    # bench/gpu_check.sh stops the benchmark step with `timeout` (SIGTERM): the rows measured so far go to the
+    # JSON and the table, marked incomplete, and the exit status says it did not finish
+    import os
+    import signal
+    pytest.importorskip("lora_ext._sim", reason="a rehearsal needs lora_ext._sim")
+    real = bench.forward_kernel_rows
+
+    def killed(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at the next bytecode
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "forward_kernel_rows", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--device", "cuda", "--quick", "--rehearse", "--dim", "16", "--json", str(path)]) == 1
+    assert signal.getsignal(signal.SIGTERM) is before
+    result = json.loads(path.read_text())
+    n = len(result["rows"])
+    assert n > 0 and result["incomplete"] == f"stopped by SIGTERM, after {n} rows" and result["rehearsal"]
+    assert any(r["case"].startswith("merge ") or "merge" in r["case"] for r in result["rows"])
+    assert not any("CUDA graph replay" in r["case"] for r in result["rows"])  # nothing after the stop
+    assert all(r.get("met") is None for r in result["rows"] if "met" in r)
+    captured = capsys.readouterr()
+    assert f"INCOMPLETE: stopped by SIGTERM, after {n} rows" in captured.out
+    assert "stopped by SIGTERM" in captured.err
+
+
 def test_the_shim_off_a_rehearsal_is_torch_cuda():
     shim = bench.CudaShim()
     assert shim.place("cuda") == "cuda" and shim.place("cpu") == "cpu"
