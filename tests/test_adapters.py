@@ -67,14 +67,18 @@ def test_merged_swap_is_one_pass_and_exact(monkeypatch, name, make, inputs):
     layer.set_adapter("second")
     n = layer.factor_shapes(1)[0][0]  # lora_A's rows per unit of rank
     assert len(calls) == 1 and calls[0][0][0] == n * (r1 + r2) and calls[0][2] == 1.0
-    ref = w0 + 0.7 * _logical_delta64(layer, A2, B2)
-    assert rel_err(layer.weight_2d(), ref) < 1e-6
+    d1, d2 = s1 * _logical_delta64(layer, A1, B1), 0.7 * _logical_delta64(layer, A2, B2)
+    # float32 passes (merge, swap, swap back, unmerge), each rounding at the size of W plus both updates: the
+    # bound grows with the updates' norm relative to W's (randn factors make them larger than W here)
+    size = float((w0.norm() + d1.norm() + d2.norm()) / w0.norm())
+    ref = w0 + d2
+    assert rel_err(layer.weight_2d(), ref) < 1e-6 * size
     assert rel_err(layer(x), y2) < 1e-5
     layer.set_adapter("default")
-    assert rel_err(layer.weight_2d(), w0 + s1 * _logical_delta64(layer, A1, B1)) < 1e-6
+    assert rel_err(layer.weight_2d(), w0 + d1) < 1e-6 * size
     assert rel_err(layer(x), y1) < 1e-5
     layer.train()
-    assert rel_err(layer.weight_2d(), w0) < 1e-6
+    assert rel_err(layer.weight_2d(), w0) < 1e-6 * size
     assert set(layer.state_dict()) == set(make().state_dict())  # loralib's keys, no new persistent state
 
 
