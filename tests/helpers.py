@@ -193,3 +193,27 @@ def ddp_guard_off():
         yield
     finally:
         ddp_guard.check = saved
+
+
+@contextlib.contextmanager
+def batch_open_on_another_thread(model, names, timeout=60):
+    """A mixed batch of `model` held open on another thread for the block (under no_grad there); closed after."""
+    import threading
+
+    import lora_ext
+    opened, release = threading.Event(), threading.Event()
+
+    def hold():
+        with torch.no_grad(), lora_ext.batch_adapters(model, names):
+            opened.set()
+            release.wait(timeout)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert opened.wait(timeout), "the other thread's batch did not open"
+        yield
+    finally:
+        release.set()
+        t.join(timeout)
+    assert not t.is_alive(), "the other thread's batch did not close"

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import lora_ext as lora
 from lora_ext import ops
-from helpers import TOL, dense_delta64, rel_err
+from helpers import TOL, batch_open_on_another_thread, dense_delta64, rel_err
 
 RANKS = {"a": 2, "b": 5, "c": 3}
 SCALES = {"a": 0.5, "b": 1.75, "c": -0.8}
@@ -462,22 +462,10 @@ def test_open_batch_count_balances_on_errors_and_refusals():
                 raise RuntimeError("boom")
     assert batched.ANY_OPEN is False and batched._open_count == 0
     seen = []
-    opened, release = threading.Event(), threading.Event()
-
-    def other():
-        with torch.no_grad(), lora.batch_adapters(layer, ["a"]):
-            opened.set()
-            release.wait(30)
-
-    t = threading.Thread(target=other)
-    t.start()
-    assert opened.wait(30)
     x = make_input("linear", (1,))
-    with torch.no_grad():
+    with batch_open_on_another_thread(layer, ["a"]), torch.no_grad():
         seen.append(layer(x))  # this thread has no batch: the active adapter, although ANY_OPEN is True
         assert batched.ANY_OPEN is True
-    release.set()
-    t.join(30)
     assert batched.ANY_OPEN is False
     assert rel_err(seen[0], oracle(layer, x, ["default"], base_of(layer))) < TOL[torch.float32]
 

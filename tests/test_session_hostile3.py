@@ -16,7 +16,7 @@ import torch.nn as nn
 import lora_ext as lora
 from lora_ext import batched
 from dist import run_ranks
-from helpers import dense_delta64
+from helpers import batch_open_on_another_thread, dense_delta64
 
 RANKS = {"a": 2, "b": 5, "c": 3}
 SCALES = {"a": 0.5, "b": 1.75, "c": -0.8}
@@ -675,22 +675,8 @@ def test_emulated_211_fullgraph_on_a_thread_without_a_batch_while_another_holds_
     layer, other = make_linear(20).eval(), make_linear(21).eval()
     x = torch.randn(2, 24)
     comp = torch.compile(layer, backend="eager", fullgraph=True)
-    opened, release = threading.Event(), threading.Event()
-
-    def hold():
-        with torch.no_grad(), lora.batch_adapters(other, ["a"]):
-            opened.set()
-            release.wait(60)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    try:
-        assert opened.wait(60)
-        with torch.no_grad():
-            out = comp(x)
-    finally:
-        release.set()
-        t.join(60)
+    with batch_open_on_another_thread(other, ["a"]), torch.no_grad():
+        out = comp(x)
     assert err(out, expect(layer, x, ["default"] * 2)) < TOL
 
 
