@@ -161,7 +161,7 @@ else
       log=$(mktemp) nocache=()
       [ $tool = memcheck ] && nocache=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)  # (torch reads it as set or not)
       if timeout "$(capped 60)" env "${nocache[@]}" "$SAN" --tool $tool --error-exitcode 9 "$PY" bench/sanitize_cases.py \
-          > "$log" 2>&1 && grep -q "^sanitize_cases: all passed" "$log" && grep -q "ERROR SUMMARY: 0 errors" "$log"; then
+          > "$log" 2>&1 && grep -q "^sanitize_cases: all passed" "$log" && grep -qE "(ERROR|RACECHECK) SUMMARY: 0 (errors|hazards displayed \(0 errors)" "$log"; then
         # (the suite's own verdict too: whether the sanitizer passes the program's exit code on is not relied on)
         echo "$tool: clean ($(tail -1 "$log"))"
       else
