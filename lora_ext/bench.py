@@ -517,13 +517,10 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
             raise ValueError("a rehearsal rehearses the CUDA run: device must be 'cuda'")
         with rehearsing():
             result = run(device, quick, dim, batched=batched, sink=sink)
-        for row in result["rows"]:
-            if "met" in row:
-                row["met"] = None  # numbers from a rehearsal are met by nothing, missed by nothing
-        return dict(rehearsal=True, note=REHEARSAL_NOTE, **result)
+        return _as_rehearsal(result)
     if device == "cuda" and not _cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = _dtype(device)
     repeats = 1 if _cuda.rehearsal else 5 if quick else 15
     kernel_dim = dim if _cuda.rehearsal else GPU_KERNEL_DIM
     rows = [] if sink is None else sink  # (extended in place from here on)
@@ -570,14 +567,22 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
 
 def partial(device, quick, dim, rows, why, rehearse=False):
     """The result of a run stopped part way (`why`), with the rows its sink holds."""
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     with rehearsing() if rehearse else contextlib.nullcontext():  # (the machine's description: the rehearsal's)
-        result = dict(_result(device, dtype, dim, quick, list(rows)), incomplete=f"{why}, after {len(rows)} rows")
-    if not rehearse:
-        return result
+        result = dict(_result(device, _dtype(device), dim, quick, list(rows)),
+                      incomplete=f"{why}, after {len(rows)} rows")
+    return _as_rehearsal(result) if rehearse else result
+
+
+def _dtype(device):
+    """The dtype a run measures on `device`."""
+    return torch.float32 if device == "cpu" else torch.bfloat16
+
+
+def _as_rehearsal(result):
+    """A rehearsal's result: marked so, and its numbers meet no target and miss none."""
     for row in result["rows"]:
         if "met" in row:
-            row["met"] = None  # (as run's rehearsal: met by nothing, missed by nothing)
+            row["met"] = None
     return dict(rehearsal=True, note=REHEARSAL_NOTE, **result)
 
 
