@@ -212,9 +212,16 @@ class LayerSlots:
         if self.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
+            done = {}  # id(event): complete; each event queried once per call (a batch's slots share their events)
+
+            def pending(e):
+                if id(e) not in done:
+                    done[id(e)] = e.query()
+                return not done[id(e)]
+
             for s in slots:
                 # every stream's last use is kept until it is seen complete (the last closer may not be the slowest)
-                self.events[s] = [e for e in self.events[s] if not e.query()] + [event]
+                self.events[s] = [e for e in self.events[s] if pending(e)] + [event]
 
 
 _SIDE_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
