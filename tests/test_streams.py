@@ -91,16 +91,58 @@ def test_nothing_waits_inside_a_capture(streams, monkeypatch):
     assert s2.waited == []
 
 
-def _served_layer(dim, rows):
-    """A merged Linear on the GPU serving two adapters ("default", "other"), and an input."""
+def _served_layer(dim, rows, device="cuda"):
+    """A merged float32 Linear serving two adapters ("default", "other"), and an input. Its merges are lossless
+    (float32 is lossy by default): after any number of switches the weight is bit for bit what one merge of the
+    active adapter gives, so every output must match that adapter's, whatever the switches before it. A lossy
+    float32 round trip of these updates (|s B A| about 50 times |W|) drifts by 1e-4 within a few switches, which
+    a tolerance would have to mistake for tearing (test_switches_alone_do_not_drift)."""
     torch.manual_seed(0)
-    layer = lora_ext.Linear(dim, dim, r=8, lora_alpha=16).cuda().requires_grad_(False)
+    layer = lora_ext.Linear(dim, dim, r=8, lora_alpha=16, lossless=True).to(device).requires_grad_(False)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
-    layer.add_adapter("other", torch.randn(8, dim).cuda(), torch.randn(dim, 8).cuda(), 2.0)
+    layer.add_adapter("other", torch.randn(8, dim).to(device), torch.randn(dim, 8).to(device), 2.0)
     layer.eval()
-    return layer, torch.randn(rows, dim, device="cuda")
+    return layer, torch.randn(rows, dim, device=device)
+
+
+def _adapter_outputs(layer, x):
+    """Each adapter's output, and the weight each one merged gives (switching back and forth once)."""
+    outs, weights = {}, {}
+    for name in ("default", "other", "default"):
+        layer.set_adapter(name)
+        outs[name], weights[name] = layer(x).clone(), layer.weight.detach().clone()
+    return outs, weights
+
+
+def _matches(y, outs):
+    """Whether y is one adapter's output: a torn forward (a weight half switched) is off by about the
+    adapters' difference, 1e2 here, against 1e-5 of |y| allowed for the GEMM's own run-to-run variation."""
+    return any(torch.allclose(y, o, rtol=0, atol=1e-5 * o.abs().max().item()) for o in outs.values())
+
+
+def test_switches_alone_do_not_drift():
+    """The premise of the thread test below, on the CPU with no thread: 200 lossless switches leave each
+    adapter's weight bit for bit as it was and its output matching; lossy ones do drift (so the test would
+    otherwise report drift as tearing)."""
+    layer, x = _served_layer(512, 16, device="cpu")
+    outs, weights = _adapter_outputs(layer, x)
+    for i in range(200):
+        name = ("other", "default")[i % 2]
+        layer.set_adapter(name)
+        assert torch.equal(layer.weight, weights[name]), f"switch {i}"
+        assert _matches(layer(x), outs), f"switch {i}"
+    lossy, x = _served_layer(512, 16, device="cpu")
+    lossy.lossless = False
+    lossy.train()
+    lossy.eval()
+    outs, _ = _adapter_outputs(lossy, x)
+    drifted = 0
+    for i in range(200):
+        lossy.set_adapter(("other", "default")[i % 2])
+        drifted += not _matches(lossy(x), outs)
+    assert drifted > 20, drifted
 
 
 @pytest.mark.gpu
@@ -125,10 +167,7 @@ def test_switch_on_another_stream_waits_for_a_queued_forward():
 @pytest.mark.hardware
 def test_threads_on_two_streams_switching_while_forwarding():
     layer, x = _served_layer(512, 16)
-    outs = {}
-    for name in ("default", "other", "default"):
-        layer.set_adapter(name)
-        outs[name] = layer(x).clone()
+    outs, weights = _adapter_outputs(layer, x)
     torch.cuda.synchronize()
     results, stop = [], threading.Event()
 
@@ -155,5 +194,6 @@ def test_threads_on_two_streams_switching_while_forwarding():
     assert not any(t.is_alive() for t in threads), "a thread did not finish in 120 s"
     torch.cuda.synchronize()
     assert results
-    torn = [y for y in results if not any(torch.allclose(y, o, rtol=1e-4, atol=1e-4) for o in outs.values())]
+    assert torch.equal(layer.weight, weights[layer.active_adapter])  # 200 switches, no drift
+    torn = [y for y in results if not _matches(y, outs)]
     assert not torn, f"{len(torn)} of {len(results)} outputs match no adapter"
