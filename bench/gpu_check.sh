@@ -49,6 +49,11 @@ time_for() {  # step name, seconds it needs at least: false (and noted) when les
     echo "SKIPPED for time: $1 needs >= $2 s, $((BUDGET - SECONDS)) s left of ${BUDGET} s"; skipped+=("$1"); return 1
   fi
 }
+# pytest that survives a crash: the crashing test named, the tests after it run (bench/crash_safe.sh)
+source bench/crash_safe.sh
+# cuda-gdb (the GPU machine has it) gives a crash's C++ backtrace
+GDB=""
+[ $DRY = 1 ] || GDB=$(command -v cuda-gdb || ls "${CUDA_HOME:-/usr/local/cuda}/bin/cuda-gdb" 2> /dev/null || true)
 # The device tool brings back at most 8 files from $OUT: a GPU run writes gpu.txt, build.log (the wheels' pip
 # output too), tests.log, tests-hardware.log, bench.md, bench.json, bench.err and sanitize.log, no more.
 
@@ -110,7 +115,7 @@ fi
 # (pyproject.toml's addopts already has -q; a second -q would drop pytest's closing count line)
 if [ $DRY = 1 ]; then
   step "CUDA tests, rehearsed on the CPU (--sim-as-cuda)"
-  timeout 600 "$PY" -m pytest -x -rs --junitxml="$OUT/tests.xml" -m gpu --sim-as-cuda tests > "$OUT/tests.log" 2>&1
+  crash_safe_pytest "$OUT/tests.log" 600 -x -rs --junitxml="$OUT/tests.xml" -m gpu --sim-as-cuda tests
   rc=$?
   grep "^SKIPPED" "$OUT/tests.log"
   tail -1 "$OUT/tests.log"
@@ -118,7 +123,7 @@ else
   # What every later result depends on first; then what only the hardware can show (graphs, streams, sizes).
   gpu_tests() {  # name, time cap, marker expression
     time_for "$1" 30 || return 0
-    timeout "$(capped "$2")" "$PY" -m pytest --maxfail=25 -rfEs -m "$3" tests > "$OUT/$1.log" 2>&1
+    crash_safe_pytest "$OUT/$1.log" "$2" --maxfail=25 -rfEs -m "$3" tests
     local rc=$?
     tail -3 "$OUT/$1.log"
     [ $rc -eq 0 ] || { status=1; grep -E "^(FAILED|ERROR)" "$OUT/$1.log" | head -20; }

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_ext
-from lora_ext import bench_batched, bench_lossless
+from lora_ext import bench_batched, bench_lossless, lossless
 from lora_ext import bench_targets as targets
 
 try:
@@ -203,10 +203,17 @@ def _addmm_cycle(layer, signs=(1.0, -1.0)):
     return run
 
 
+# lora_ext with lossy merges (lossless=False): beside the default (lossless for float16/bfloat16 weights), what
+# the record costs in time and memory
+LOSSY = "lora_ext lossy"
+
+
 def merge_case(kind, dim, r, dtype, device, repeats):
     """A merge+unmerge cycle (eval() then train()) against two in-place rank-r addmm_ passes, and loralib's."""
     ours = _layer(lora_ext, kind, dim, r, dtype, device)
     candidates = {"addmm_": _addmm_cycle(ours), "lora_ext": _cycle(ours)}
+    if lossless.default_lossless(dtype):
+        candidates[LOSSY] = _cycle(_layer(lora_ext, kind, dim, r, dtype, device, lossless=False))
     if loralib is not None:
         candidates["loralib"] = _cycle(_layer(loralib, kind, dim, r, dtype, device))
     times = compare(candidates, device, repeats)
@@ -245,8 +252,9 @@ def _rss_bytes(field):
 def _peak_child(impl, kind, dim, r, dtype_name, device):
     dtype = getattr(torch, dtype_name)
     lib = {"lora_ext": lora_ext, "loralib": loralib}.get(impl, lora_ext)
-    layer = _layer(lib, kind, dim, r, dtype, device)
-    warm = _layer(lib, kind, 64, 2, dtype, device)  # library start-up (BLAS buffers) outside the window
+    kwargs = {"lossless": False} if impl == LOSSY else {}
+    layer = _layer(lib, kind, dim, r, dtype, device, **kwargs)
+    warm = _layer(lib, kind, 64, 2, dtype, device, **kwargs)  # library start-up (BLAS buffers) outside the window
     (_addmm_cycle(warm) if impl == "addmm_" else _cycle(warm))()
     # the floor of one merge (eval()) is one in-place pass: addmm_ with +s only
     run = _addmm_cycle(layer, signs=(1.0,)) if impl == "addmm_" else (lambda: layer.eval())

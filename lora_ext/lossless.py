@@ -60,6 +60,17 @@ def exception_limit(elements: int) -> int:
     return max(MIN_EXCEPTIONS, elements // EXCEPTION_FRACTION)
 
 
+# The exception list a kernel pass is first given room for: 1/256 of the elements (12 bytes an entry, 3/64 of a
+# byte per element: under half the codes of a 16-bit weight). A list at the limit (1/4) would be 1.5 times a 16-bit
+# weight's size, allocated on every merge for what is rare. A pass that needs more (up to the limit) is undone
+# exactly and run again with the room it counted (ops._kernel_lossless).
+FIRST_CAPACITY_FRACTION = 256
+
+
+def first_capacity(elements: int, limit: int) -> int:
+    return min(limit, max(MIN_EXCEPTIONS, elements // FIRST_CAPACITY_FRACTION))
+
+
 def default_lossless(dtype: torch.dtype) -> bool:
     return dtype in LOSSY_DTYPES
 

@@ -286,8 +286,14 @@ def _lossless_pass(weight, old, record, new, num_blocks, block_ids, transposed, 
     return rec
 
 
-def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
-    """The kernels' lossless merge, unmerge or swap (one launch over W); the exception list sorted after."""
+def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed, limit, where, capacity=None):
+    """The kernels' lossless merge, unmerge or swap (one launch over W); the exception list sorted after.
+
+    The list is first given room for lossless.first_capacity entries, not the limit: a pass that counts more
+    exceptions than it had room for kept the base (and an escape) in the elements past the room, so the unmerge
+    pass with what it did record gives the base back bit for bit; the merge then runs again from the base with
+    room for exactly what it counted (a swap from the base is bit for bit a merge of the new adapter). Past the
+    limit the op is refused instead, the weight as it was."""
     mod = _kernels.module
     pairs = [p for p in (old, new) if p is not None]
     factors = _kernel_factors(weight.dtype, *(t for p in pairs for t in p[:2]))
@@ -298,10 +304,11 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
         mod.unmerge_lossless_(weight, *f_old, *layout, record.codes, record.exc_index, record.exc_bits)
         return None
     n, rows, cols, _ = lossless.region(weight, *layout)
+    cap = lossless.first_capacity(n * rows * cols, limit) if capacity is None else capacity
     ln, rn = lossless.norms(f_new[0], f_new[1], n, transposed)
     codes = lossless.empty_codes(weight, n, rows, cols)
-    exc_index = torch.empty(limit, dtype=torch.int64, device=weight.device)
-    exc_bits = torch.empty(limit, dtype=torch.int32, device=weight.device)
+    exc_index = torch.empty(cap, dtype=torch.int64, device=weight.device)
+    exc_bits = torch.empty(cap, dtype=torch.int32, device=weight.device)
     counter = torch.zeros(1, dtype=torch.int64, device=weight.device)
     g = lossless.gamma(f_new[0].shape[0] // max(n, 1))
     if f_old is None:
@@ -310,17 +317,20 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
         mod.swap_lossless_(weight, *f_old, record.codes, record.exc_index, record.exc_bits, *f_new, *layout, ln, rn,
                            g, codes, exc_index, exc_bits, counter)
     count = int(counter.item())
-    order = torch.argsort(exc_index[:min(count, limit)])
+    order = torch.argsort(exc_index[:min(count, cap)])
     rec = MergeRecord(codes, exc_index[order], exc_bits[order], weight.dtype, tuple(weight.shape), num_blocks,
                       tuple(block_ids), bool(transposed))
-    if count > limit:
-        # the overflowing elements kept their base and an escape with no entry: unmerge leaves them alone
-        mod.unmerge_lossless_(weight, *f_new, *layout, rec.codes, rec.exc_index, rec.exc_bits)
-        err = lossless.ExceptionOverflow(lossless.overflow_message(where, count, limit, n * rows * cols))
-        if f_old is not None:  # the old adapter merged back: the same bits and record as before the swap
-            err.record = _kernel_lossless(weight, None, None, old, *layout, max(limit, record.exceptions), where)
-        raise err
-    return rec
+    if count <= cap:
+        return rec
+    # the elements past the room kept their base and an escape with no entry: unmerge leaves them alone
+    mod.unmerge_lossless_(weight, *f_new, *layout, rec.codes, rec.exc_index, rec.exc_bits)
+    del rec, codes, exc_index, exc_bits, order  # (before the next pass allocates its own)
+    if count <= limit:  # the weight is the base now, a swap's old adapter taken out too
+        return _kernel_lossless(weight, None, None, new, *layout, limit, where, capacity=count)
+    err = lossless.ExceptionOverflow(lossless.overflow_message(where, count, limit, n * rows * cols))
+    if f_old is not None:  # the old adapter merged back: the same bits and record as before the swap
+        err.record = _kernel_lossless(weight, None, None, old, *layout, max(limit, record.exceptions), where)
+    raise err
 
 
 # ---------------------------------------------------------------------------------------------------

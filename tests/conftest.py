@@ -20,6 +20,11 @@ def pytest_addoption(parser):
         help="run the tests marked gpu on the CPU, with the simulator lora_ext._sim standing in for lora_ext._C "
              f"(tests also marked hardware are skipped); the same as {SIM_AS_CUDA_ENV}=1",
     )
+    parser.addoption(
+        "--resume-after", metavar="NODEID", default=None,
+        help="run only the tests collected after NODEID (tests/file.py::test_name, every parametrized case of it "
+             "included): bench/crash_safe.sh resumes a run that a crash in that test ended",
+    )
 
 
 def sim_as_cuda_requested(config) -> bool:
@@ -104,7 +109,20 @@ def cuda(request):
     yield CudaTarget("cuda", ops._C, "cpu", rehearsal=False)
 
 
+def _resume_after(config, items):
+    """--resume-after: drops every test up to the last case of the one named (collection order is the run's)."""
+    name = config.getoption("--resume-after")
+    if name is None:
+        return
+    hits = [i for i, item in enumerate(items) if item.nodeid == name or item.nodeid.startswith(name + "[")]
+    if not hits:
+        raise pytest.UsageError(f"--resume-after {name}: no such test was collected")
+    config.hook.pytest_deselected(items=items[:hits[-1] + 1])
+    del items[:hits[-1] + 1]
+
+
 def pytest_collection_modifyitems(config, items):
+    _resume_after(config, items)
     # One place for the `gpu` and `hardware` markers (registered in pyproject.toml). bench/gpu_check.sh selects
     # the gpu tests with `-m gpu`, and its dry run rehearses them with `-m gpu --sim-as-cuda`.
     for item in items:
