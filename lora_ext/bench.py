@@ -540,6 +540,12 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
     def add(case, times, floor, target=None):
         rows.extend(_ratio_rows(case, times, floor, target))
 
+    if device == "cuda":
+        # the kernels against the copy bandwidth and the plain GEMM first: a GPU run stopped by its time limit
+        # (the second device run kept 27 layer-level rows, none of these) still says where the time goes
+        rows.extend(merge_kernel_rows(device, dtype, repeats, gpu_merge_shapes(kernel_dim)))
+        rows.extend(forward_kernel_rows(device, dtype, repeats, dim=kernel_dim))
+
     for kind, r in (("linear", 16), ("merged", 8)):
         times, nbytes = merge_case(kind, dim, r, dtype, device, repeats)
         name = f"merge+unmerge {kind} {dim} r={r}"
@@ -558,10 +564,6 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
     for kind, r, tokens, target in forward:
         times = forward_case(kind, dim, r, tokens, dtype, device, repeats)
         add(f"forward {kind} {dim} r={r} tokens={tokens}", times, "plain", target)
-
-    if device == "cuda":
-        rows.extend(merge_kernel_rows(device, dtype, repeats, gpu_merge_shapes(kernel_dim)))
-        rows.extend(forward_kernel_rows(device, dtype, repeats, dim=kernel_dim))
 
     rows += serving_rows(dim, dtype, device, repeats)
     rows += bench_lossless.timing_rows(dim, device, repeats, compare, _cuda.place)
