@@ -545,6 +545,8 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
         # (the second device run kept 27 layer-level rows, none of these) still says where the time goes
         rows.extend(merge_kernel_rows(device, dtype, repeats, gpu_merge_shapes(kernel_dim)))
         rows.extend(forward_kernel_rows(device, dtype, repeats, dim=kernel_dim))
+        # the lossless merge against the lossy one at the op level: what the layers' default costs
+        rows += bench_lossless.timing_rows(dim, device, repeats, compare, _cuda.place)
 
     for kind, r in (("linear", 16), ("merged", 8)):
         times, nbytes = merge_case(kind, dim, r, dtype, device, repeats)
@@ -566,7 +568,8 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
         add(f"forward {kind} {dim} r={r} tokens={tokens}", times, "plain", target)
 
     rows += serving_rows(dim, dtype, device, repeats)
-    rows += bench_lossless.timing_rows(dim, device, repeats, compare, _cuda.place)
+    if device != "cuda":
+        rows += bench_lossless.timing_rows(dim, device, repeats, compare, _cuda.place)
     if device == "cuda":  # at 4096 a 16 us pass may leave the layer call host-bound; 8192 shows the kernel
         rows += switch_rows(2 * dim, dtype, device, repeats)
     # the mixed-batch targets' cases (`lora-ext bench --batched`: the whole grid)
