@@ -283,10 +283,17 @@ class LoRALayer(NamedAdapters):
             try:
                 with torch.no_grad():
                     record = self._swap_into(self._weight_param(), *snapshot)
-            except lossless.ExceptionOverflow as err:  # the old merge is back, bit for bit
+            except BaseException as err:
+                # the old adapter merged back, with the record the error carries (ops.swap_) ...
                 self.__dict__["_merged_record"] = getattr(err, "record", self._merged_record)
-                raise lossless.ExceptionOverflow(f"{self._describe()}, switching from adapter "
-                                                 f"{self.active_adapter!r}: {err}") from None
+                if getattr(err, "weight_is_base", False):  # ... or, that failing too, the base: unmerged now
+                    self._set_merged(None, None, None)
+                    self._finite_stamps.pop(MERGED, None)
+                    self.merged = False
+                if isinstance(err, lossless.ExceptionOverflow):
+                    raise lossless.ExceptionOverflow(f"{self._describe()}, switching from adapter "
+                                                     f"{self.active_adapter!r}: {err}") from None
+                raise
             self._set_merged(*snapshot, record)
             self._stamp_finite(MERGED)
 

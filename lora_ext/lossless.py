@@ -276,7 +276,8 @@ def unmerge_(weight, lora_A, lora_B, scale, record, num_blocks, block_ids, trans
 
 def swap_(weight, old, record, new, num_blocks, block_ids, transposed, limit=None, where="swap_") -> MergeRecord:
     """Restores the base from (old adapter, record) and merges the new adapter, row chunk by row chunk: one pass.
-    On an exception overflow the old merge is put back (bit for bit, with `record`) and ExceptionOverflow raised."""
+    On an exception overflow the old adapter is merged back and ExceptionOverflow raised, its `record` the
+    record of that merge (bit for bit the weight before when `record` was made on this backend; ops.swap_)."""
     try:
         return _pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
     except ExceptionOverflow as err:

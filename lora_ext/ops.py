@@ -325,12 +325,30 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
     # the elements past the room kept their base and an escape with no entry: unmerge leaves them alone
     mod.unmerge_lossless_(weight, *f_new, *layout, rec.codes, rec.exc_index, rec.exc_bits)
     del rec, codes, exc_index, exc_bits, order  # (before the next pass allocates its own)
-    if count <= limit:  # the weight is the base now, a swap's old adapter taken out too
-        return _kernel_lossless(weight, None, None, new, *layout, limit, where, capacity=count)
-    err = lossless.ExceptionOverflow(lossless.overflow_message(where, count, limit, n * rows * cols))
-    if f_old is not None:  # the old adapter merged back: the same bits and record as before the swap
-        err.record = _kernel_lossless(weight, None, None, old, *layout, max(limit, record.exceptions), where)
-    raise err
+    # The weight is the base now (a swap's old adapter taken out too).
+    try:
+        if count <= limit:
+            return _kernel_lossless(weight, None, None, new, *layout, limit, where, capacity=count)
+        raise lossless.ExceptionOverflow(lossless.overflow_message(where, count, limit, n * rows * cols))
+    except BaseException as err:  # refused, or the rerun failed (out of memory, Ctrl-C): a merge leaves the base
+        if f_old is not None:
+            _merge_back(err, weight, old, layout, max(limit, record.exceptions), where)
+        raise
+
+
+def _merge_back(err, weight, old, layout, limit, where):
+    """A swap that failed after its pass was undone (the weight holds the base): the old adapter merged back, as
+    a lossless merge on this backend, and `err.record` set to its record. Bit for bit the weight before the swap
+    when the old merge was made on this backend too (another backend's rounds some elements by an ulp: the
+    weight and err.record then agree with each other, not with the old record). If that merge fails as well,
+    `err.weight_is_base` is True: the weight holds the base, no adapter merged."""
+    from .named_adapters import deferred_interrupt  # (named_adapters imports this module)
+    try:
+        with deferred_interrupt():
+            err.record = _kernel_lossless(weight, None, None, old, *layout, limit, where)
+    except BaseException as again:
+        err.weight_is_base = True
+        err.__context__ = again
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -416,8 +434,12 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
 
     record: the lossless record of the old adapter's merge (merge_(..., lossless=True)); the switch then gives
     the base back exactly and merges the new adapter from it, returning the new record: the weight is
-    bit-identical to merging the new adapter once into the base. On lossless.ExceptionOverflow the old merge
-    is back, bit for bit, and the error's `record` attribute is its record.
+    bit-identical to merging the new adapter once into the base. On lossless.ExceptionOverflow (or another
+    error the kernels' pass met after undoing its first try: out of memory, Ctrl-C) the old adapter is merged
+    back and the error's `record` attribute is its record: the weight is bit for bit what it was when the old
+    merge was made on the same backend (CPU or kernels; the other rounds some elements by an ulp, the weight
+    then agreeing with the new record). `weight_is_base` True on the error: that merge failed too, and the
+    weight holds the base.
 
     Layout arguments as for ops.merge_; the two adapters may differ in rank. Non-finite scales, and with
     check_values non-finite factor values (or a scaled lora_B that overflows), raise before anything is

@@ -22,8 +22,8 @@ def pytest_addoption(parser):
     )
     parser.addoption(
         "--resume-after", metavar="NODEID", default=None,
-        help="run only the tests collected after NODEID (tests/file.py::test_name, every parametrized case of it "
-             "included): bench/crash_safe.sh resumes a run that a crash in that test ended",
+        help="run only the tests collected after NODEID (a test's node id; a parametrized test's without its "
+             "parameters: after every case): bench/crash_safe.sh resumes a run that a crash in that test ended",
     )
 
 
@@ -109,8 +109,21 @@ def cuda(request):
     yield CudaTarget("cuda", ops._C, "cpu", rehearsal=False)
 
 
+CURRENT_TEST_ENV = "LORA_EXT_CURRENT_TEST"
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """With LORA_EXT_CURRENT_TEST set to a file: the node id of the test starting (set-up, call and teardown
+    to come) written there, so that bench/crash_safe.sh can name a test that crashes pytest."""
+    path = os.environ.get(CURRENT_TEST_ENV)
+    if path:
+        with open(path, "w") as f:
+            f.write(nodeid)
+
+
 def _resume_after(config, items):
-    """--resume-after: drops every test up to the last case of the one named (collection order is the run's)."""
+    """--resume-after: drops every test up to the one named, or up to the last case of a parametrized test named
+    without its parameters (collection order is the run's)."""
     name = config.getoption("--resume-after")
     if name is None:
         return

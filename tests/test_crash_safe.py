@@ -1,5 +1,6 @@
-"""bench/crash_safe.sh (sourced by bench/gpu_check.sh): a test that kills pytest with a segfault is named, the
-tests collected after it still run (conftest.py's --resume-after), and the crash stays a failure. Run for real:
+"""bench/crash_safe.sh (sourced by bench/gpu_check.sh): a test that kills pytest with a segfault is named (from
+the node id conftest.py records as each test starts), the tests collected after it still run (conftest.py's
+--resume-after), and the crash stays a failure. Run for real:
 a throwaway project whose conftest is this suite's, a test that segfaults (faulthandler._sigsegv) between
 tests that pass, and the function sourced into bash."""
 import os
@@ -25,7 +26,7 @@ def _project(tmp_path, body):
 def _run(project, *pytest_args, budget=600):
     script = f"""
         PY={sys.executable}; BUDGET={budget}; SECONDS=0
-        capped() {{ echo "$1"; }}
+        capped() {{ local left=$((BUDGET - SECONDS)); echo $(($1 < left ? $1 : left)); }}
         source {ROOT / "bench" / "crash_safe.sh"}
         crash_safe_pytest out.log 120 -q -p no:cacheprovider {" ".join(pytest_args)} tests
         echo "rc=$?"
@@ -59,8 +60,8 @@ CRASHING = """
 def test_a_crash_is_named_and_the_tests_after_it_run(tmp_path):
     project = _project(tmp_path, CRASHING)
     out, log = _run(project)
-    assert "CRASHED (exit 139) in tests/test_a.py::test_crash" in out
-    assert "== the tests after tests/test_a.py::test_crash" in out
+    assert "CRASHED (exit 139) in tests/test_a.py::test_crash[1]\n" in out  # the case, from conftest's record
+    assert "== the tests after tests/test_a.py::test_crash[1]\n" in out
     # the rerun started after every case of the crashing test: only the four after it ran (test_crash_not too)
     assert log.rstrip().splitlines()[-1].startswith("1 failed, 3 passed, 3 deselected")
     assert "a failure after the crash is still reported" in log
@@ -84,7 +85,7 @@ def test_no_crash_passes_through(tmp_path):
 def test_no_time_left_stops_after_the_crash(tmp_path):
     project = _project(tmp_path, CRASHING)
     out, log = _run(project, budget=10)
-    assert "not rerun" in out and "the tests after tests/test_a.py::test_crash did not run" in out
+    assert "not rerun" in out and "the tests after tests/test_a.py::test_crash[1] did not run" in out
     assert "rc=139" in out
 
 
