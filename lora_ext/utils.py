@@ -71,14 +71,18 @@ def _check_ddp_flags(model: nn.Module, trained: dict, bias: str) -> None:
                          f"ddp.module, {bias!r}); ddp = DistributedDataParallel(ddp.module, ...)")
 
 
+def _wrapped(model: nn.Module):
+    """model, then each model inside it: DistributedDataParallel's .module, torch.compile's ._orig_mod."""
+    from torch.nn.parallel import DistributedDataParallel
+    while isinstance(model, nn.Module):
+        yield model
+        model = model.module if isinstance(model, DistributedDataParallel) else getattr(model, "_orig_mod", None)
+
+
 def _ddp_of(model: nn.Module):
     """The DistributedDataParallel that `model` is or that a torch.compile wrapper of it holds, else None."""
     from torch.nn.parallel import DistributedDataParallel
-    while not isinstance(model, DistributedDataParallel):
-        model = getattr(model, "_orig_mod", None)
-        if not isinstance(model, nn.Module):
-            return None
-    return model
+    return next((m for m in _wrapped(model) if isinstance(m, DistributedDataParallel)), None)
 
 
 def under_ddp(model: nn.Module) -> bool:
@@ -89,14 +93,8 @@ def under_ddp(model: nn.Module) -> bool:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel and torch.compile wrappers (as torch.distributed.checkpoint's
     get_model_state_dict sees it)."""
-    from torch.nn.parallel import DistributedDataParallel
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
-            model = model._orig_mod
-        else:
-            return model
+    *_, inner = _wrapped(model)
+    return inner
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
