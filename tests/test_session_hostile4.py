@@ -486,43 +486,33 @@ def _bf16_layer(w0, adapters, cls="linear"):
 
 
 @requires_sim
-def test_a_layer_switch_failing_in_its_rerun_then_unmerged_gives_the_base():
-    """Found by this file: the layer then 'unmerged' the old adapter from the base, off by the whole update."""
+@pytest.mark.parametrize("back", [True, False], ids=["merged_back", "merge_back_fails"])
+def test_a_layer_switch_failing_in_its_rerun_leaves_a_consistent_layer(back):
+    """Found by this file: the layer then 'unmerged' the old adapter from the base, off by the whole update. Now:
+    the old adapter merged back (the layer still merged, with the record of that merge), or, that failing too,
+    the layer unmerged on the base."""
     dtype = torch.bfloat16
     w0, _ = _weight(dtype, "plain", infs=1200)
     ads = [_adapter(dtype, "plain", dtype, seed=41) + (1.0,), _adapter(dtype, "plain", dtype, seed=42) + (2.0,)]
     layer = _bf16_layer(w0, ads)
     with ops.use_kernels(_sim, "cpu"):
         layer.eval()
-    seen = Recording(fail_at=3, exc=RuntimeError("CUDA out of memory"))
+    seen = Recording(fail_at=3 if back else {3, 4}, exc=RuntimeError("CUDA out of memory"))
     with ops.use_kernels(seen, "cpu"), pytest.raises(RuntimeError):
         layer.set_adapter("a1")
-    assert seen.calls == ["swap_lossless_", "unmerge_lossless_", "merge_lossless_",
-                          "merge_lossless_", "unmerge_lossless_", "merge_lossless_"]  # (put back: past the room too)
-    assert layer.merged and layer.active_adapter == "default"
+    assert layer.active_adapter == "default"
+    if back:
+        assert seen.calls == ["swap_lossless_", "unmerge_lossless_", "merge_lossless_",
+                              "merge_lossless_", "unmerge_lossless_", "merge_lossless_"]  # (put back: past the room)
+        assert layer.merged
+    else:
+        assert not layer.merged and _same(layer.weight.detach(), w0)
+        with ops.use_kernels(_sim, "cpu"):
+            layer.eval()  # merges again
     with ops.use_kernels(_sim, "cpu"):
         layer.train()
     assert not layer.merged
     assert _same(layer.weight.detach(), w0), float((layer.weight.float() - w0.float()).abs().nan_to_num().max())
-
-
-@requires_sim
-def test_a_layer_switch_whose_merge_back_fails_leaves_the_layer_unmerged_on_the_base():
-    dtype = torch.bfloat16
-    w0, _ = _weight(dtype, "plain", infs=1200)
-    ads = [_adapter(dtype, "plain", dtype, seed=41) + (1.0,), _adapter(dtype, "plain", dtype, seed=42) + (2.0,)]
-    layer = _bf16_layer(w0, ads)
-    with ops.use_kernels(_sim, "cpu"):
-        layer.eval()
-    seen = Recording(fail_at={3, 4}, exc=RuntimeError("CUDA out of memory"))
-    with ops.use_kernels(seen, "cpu"), pytest.raises(RuntimeError):
-        layer.set_adapter("a1")
-    assert not layer.merged and layer.active_adapter == "default"
-    assert _same(layer.weight.detach(), w0)
-    with ops.use_kernels(_sim, "cpu"):
-        layer.eval()  # merges again
-        layer.train()
-    assert _same(layer.weight.detach(), w0)
 
 
 # -- layers under the simulator
@@ -746,8 +736,9 @@ def test_os_exit_and_a_crash_at_collection_are_failures(tmp_path):
     assert rc == 139
 
 
-def test_a_crash_in_a_test_class(tmp_path):
-    project = _crash_project(tmp_path, '''
+_NAMED_CRASHES = {  # found by this file: the script once named a crash from faulthandler's frames
+    # a test in a class: once named file::test_y, which --resume-after refused (no test after it ran)
+    "class": ('''
         def test_before():
             pass
 
@@ -760,16 +751,9 @@ def test_a_crash_in_a_test_class(tmp_path):
 
         def test_after():
             pass
-    ''')
-    out, log, ran, rc = _crash_run(project)
-    assert rc != 0
-    assert ran == ["tests/test_a.py::test_before", "tests/test_a.py::TestX::test_y", "tests/test_a.py::TestX::test_z",
-                   "tests/test_a.py::test_after"], (out, ran)
-    assert _crashes(out) == ["CRASHED (exit 139) in tests/test_a.py::TestX::test_y"]
-
-
-def test_a_crash_in_a_fixture(tmp_path):
-    project = _crash_project(tmp_path, '''
+    ''', ["test_before", "TestX::test_y", "TestX::test_z", "test_after"], "TestX::test_y"),
+    # a fixture: no test_ frame in the dump ("outside any test", nothing after it run)
+    "fixture": ('''
         @pytest.fixture
         def device():
             faulthandler._sigsegv()
@@ -782,14 +766,9 @@ def test_a_crash_in_a_fixture(tmp_path):
 
         def test_after():
             pass
-    ''')
-    out, log, ran, rc = _crash_run(project)
-    assert rc != 0
-    assert ran == ["tests/test_a.py::test_before", "tests/test_a.py::test_c", "tests/test_a.py::test_after"], out
-
-
-def test_a_crash_deep_in_a_test(tmp_path):
-    project = _crash_project(tmp_path, '''
+    ''', ["test_before", "test_c", "test_after"], "test_c"),
+    # deeper than the 100 frames faulthandler dumps: the test's frame lost
+    "deep": ('''
         def _down(n):
             if n == 0:
                 faulthandler._sigsegv()
@@ -800,10 +779,17 @@ def test_a_crash_deep_in_a_test(tmp_path):
 
         def test_after():
             pass
-    ''')
-    out, log, ran, rc = _crash_run(project)
+    ''', ["test_deep", "test_after"], "test_deep"),
+}
+
+
+@pytest.mark.parametrize("case", list(_NAMED_CRASHES))
+def test_a_crash_is_named_by_its_node_id(tmp_path, case):
+    source, ran_names, crashed = _NAMED_CRASHES[case]
+    out, log, ran, rc = _crash_run(_crash_project(tmp_path, source))
     assert rc != 0
-    assert ran == ["tests/test_a.py::test_deep", "tests/test_a.py::test_after"], out
+    assert ran == ["tests/test_a.py::" + name for name in ran_names], (out, ran)
+    assert _crashes(out) == [f"CRASHED (exit 139) in tests/test_a.py::{crashed}"]
 
 
 def test_a_second_crash_is_not_blamed_on_the_first(tmp_path):
