@@ -6,9 +6,10 @@ checks, raised ValueError; and the batched launcher's refusal, earlier in the sa
 not known (the same checks compiled here, against torch 2.11 too, raise: a CUDA device was stood in for).
 Here each refusal of each launcher runs in a child that prints the call's name before it and the error after:
 a crash fails this test naming the call, instead of ending the whole pytest run, and the calls that did
-raise show which refusals work. In a rehearsal (--sim-as-cuda) the child calls lora_ext._sim with CPU tensors:
+raise show which refusals work; where cuda-gdb is (the GPU machine), the crash's C++ backtrace is added. In a rehearsal (--sim-as-cuda) the child calls lora_ext._sim with CPU tensors:
 the same host checks, so the messages are checked there before a GPU is booked."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -81,16 +82,30 @@ CHILD = textwrap.dedent('''
 ''')
 
 
+def _backtrace(args):
+    """The C++ backtrace of a child that crashed, from cuda-gdb (the GPU machine has it), else ''."""
+    gdb = shutil.which("cuda-gdb") or "/usr/local/cuda/bin/cuda-gdb"
+    if not os.path.exists(gdb):
+        return ""
+    try:
+        done = subprocess.run([gdb, "-q", "-batch", "-ex", "run", "-ex", "bt", "--args", *args], capture_output=True,
+                              text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    except subprocess.TimeoutExpired:
+        return "(cuda-gdb: timed out)"
+    return "\n".join(ln for ln in done.stdout.splitlines() if ln.startswith(("#", "Thread", "Program")))[:6000]  # the innermost frames
+
+
 @pytest.mark.gpu
 def test_each_launcher_refuses_bad_arguments_with_a_value_error(cuda):
-    done = subprocess.run([sys.executable, "-c", CHILD, cuda.kernels.__name__, str(cuda.device), str(cuda.other)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+    args = [sys.executable, "-c", CHILD, cuda.kernels.__name__, str(cuda.device), str(cuda.other)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     lines = done.stdout.splitlines()
     calls = [ln[5:] for ln in lines if ln.startswith("CALL ")]
     refused = [ln.split(" | ")[0][8:] for ln in lines if ln.startswith("REFUSED ")]
     assert done.returncode == 0 and lines[-1:] == ["DONE"], (
         f"the child ended with {done.returncode} in {calls[-1] if calls else 'its set-up'!r} "
-        f"(refused before it: {refused})\n{done.stderr[-3000:]}")
+        f"(refused before it: {refused})\n{done.stderr[-3000:]}\n"
+        + (_backtrace(args) if done.returncode < 0 else ""))
     assert refused == calls, [ln for ln in lines if not ln.startswith(("CALL", "REFUSED"))]
     assert not [ln for ln in lines if ln.startswith("WRONG MESSAGE")], done.stdout
