@@ -568,10 +568,10 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
         add(f"forward {kind} {dim} r={r} tokens={tokens}", times, "plain", target)
 
     rows += serving_rows(dim, dtype, device, repeats)
-    if device != "cuda":
-        rows += bench_lossless.timing_rows(dim, device, repeats, compare, _cuda.place)
     if device == "cuda":  # at 4096 a 16 us pass may leave the layer call host-bound; 8192 shows the kernel
         rows += switch_rows(2 * dim, dtype, device, repeats)
+    else:  # (on CUDA these come after the kernel rows, above)
+        rows += bench_lossless.timing_rows(dim, device, repeats, compare, _cuda.place)
     # the mixed-batch targets' cases (`lora-ext bench --batched`: the whole grid)
     rows += bench_batched.rows(device, quick=True, repeats=repeats, compare=compare, shim=_cuda,
                                dim=dim if _cuda.rehearsal else None, dtype=dtype)

@@ -129,6 +129,32 @@ def load_sim():
     return _sim
 
 
+class RecordingKernels:
+    """lora_ext._sim for ops.use_kernels, recording each call's name (calls), the exception list's room of each
+    lossless merge or swap (rooms) and `weight` after each call (after); failing with `exc` at call number
+    `fail_at` (an int, or a set of them)."""
+
+    def __init__(self, weight=None, fail_at=None, exc=None):
+        self.calls, self.rooms, self.after = [], [], []
+        self.weight, self.exc = weight, exc
+        self.fail_at = fail_at if isinstance(fail_at, (set, frozenset)) else {fail_at}
+
+    def __getattr__(self, name):
+        fn = getattr(load_sim(), name)
+
+        def call(*args):
+            self.calls.append(name)
+            if len(self.calls) in self.fail_at:
+                raise self.exc
+            if name in ("merge_lossless_", "swap_lossless_"):
+                self.rooms.append(args[-3].numel())  # exc_index
+            out = fn(*args)
+            if self.weight is not None:
+                self.after.append(self.weight.clone())
+            return out
+        return call
+
+
 # ---------------------------------------------------------------------------------------------------
 # models for the multi-process tests (DDP, FSDP2, tensor parallel)
 
@@ -217,3 +243,43 @@ def batch_open_on_another_thread(model, names, timeout=60):
         release.set()
         t.join(timeout)
     assert not t.is_alive(), "the other thread's batch did not close"
+
+
+# ---------------------------------------------------------------------------------------------------
+# bench/crash_safe.sh in a throwaway project (tests/test_crash_safe.py, tests/test_session_hostile4.py)
+
+
+def crash_project(tmp_path, body, prelude="", markers=False):
+    """A project in tmp_path whose tests/conftest.py is this suite's and whose tests/test_a.py is prelude + body."""
+    import shutil
+    import textwrap
+    from pathlib import Path
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    shutil.copy(Path(__file__).with_name("conftest.py"), tests / "conftest.py")
+    (tests / "test_a.py").write_text(prelude + textwrap.dedent(body))
+    if markers:
+        (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: g\n    hardware(why): h\n")
+    return tmp_path
+
+
+def run_crash_safe(project, *pytest_args, cap=120, budget=600, min_rerun=None):
+    """crash_safe_pytest sourced as bench/gpu_check.sh does, over project's tests, with a `capped` that cuts a cap
+    to what is left of `budget`: (stdout, the log, the exit status). min_rerun: CRASH_SAFE_MIN_RERUN_S."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    script = f"""
+        PY={sys.executable}; BUDGET={budget}; SECONDS=0
+        capped() {{ local left=$((BUDGET - SECONDS)); echo $(($1 < left ? $1 : left)); }}
+        source {root / "bench" / "crash_safe.sh"}
+        crash_safe_pytest out.log {cap} -q -p no:cacheprovider {" ".join(pytest_args)} tests
+        echo "rc=$?"
+    """
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    if min_rerun is not None:
+        env["CRASH_SAFE_MIN_RERUN_S"] = str(min_rerun)
+    done = subprocess.run(["bash", "-c", script], cwd=project, capture_output=True, text=True, timeout=300, env=env)
+    rc = int(done.stdout.strip().splitlines()[-1].removeprefix("rc="))
+    return done.stdout, (project / "out.log").read_text(), rc

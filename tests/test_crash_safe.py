@@ -4,36 +4,24 @@ the node id conftest.py records as each test starts), the tests collected after 
 a throwaway project whose conftest is this suite's, a test that segfaults (faulthandler._sigsegv) between
 tests that pass, and the function sourced into bash."""
 import os
-import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
+
+from helpers import crash_project, run_crash_safe
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _project(tmp_path, body):
-    tests = tmp_path / "tests"
-    tests.mkdir()
-    shutil.copy(ROOT / "tests" / "conftest.py", tests / "conftest.py")
-    (tests / "test_a.py").write_text(textwrap.dedent(body))
-    return tmp_path
+    return crash_project(tmp_path, body)
 
 
 def _run(project, *pytest_args, budget=600):
-    script = f"""
-        PY={sys.executable}; BUDGET={budget}; SECONDS=0
-        capped() {{ local left=$((BUDGET - SECONDS)); echo $(($1 < left ? $1 : left)); }}
-        source {ROOT / "bench" / "crash_safe.sh"}
-        crash_safe_pytest out.log 120 -q -p no:cacheprovider {" ".join(pytest_args)} tests
-        echo "rc=$?"
-    """
-    done = subprocess.run(["bash", "-c", script], cwd=project, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return done.stdout, (project / "out.log").read_text()
+    out, log, rc = run_crash_safe(project, *pytest_args, budget=budget)
+    return out + f"rc={rc}\n", log
 
 
 CRASHING = """

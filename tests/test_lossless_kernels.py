@@ -6,7 +6,7 @@ shapes: the simulator is slow."""
 import pytest
 import torch
 
-from helpers import load_sim, requires_sim
+from helpers import RecordingKernels, load_sim, requires_sim
 from lora_ext import lossless, ops
 
 _sim = load_sim()
@@ -244,16 +244,10 @@ def test_more_exceptions_than_the_first_room_are_rerun_exactly(dtype):
     a1, b1 = _adapter(dtype, "plain", torch.float32, nb=rows, k=cols, seed=7)
     a2, b2 = _adapter(dtype, "plain", torch.float32, nb=rows, k=cols, seed=8, r=6)
     w, w_ref = w0.clone(), w0.clone()
-    calls = []
-
-    class Counting:  # lora_ext._sim, counting the passes
-        def __getattr__(self, name):
-            fn = getattr(_sim, name)
-            return lambda *args: (calls.append(name), fn(*args))[1]
-
-    with ops.use_kernels(Counting(), "cpu"):
+    seen = RecordingKernels()  # lora_ext._sim, counting the passes
+    with ops.use_kernels(seen, "cpu"):
         rec = ops.merge_(w, a1, b1, 0.5, lossless=True)
-    assert calls == ["merge_lossless_", "unmerge_lossless_", "merge_lossless_"]  # out of room: undone, rerun
+    assert seen.calls == ["merge_lossless_", "unmerge_lossless_", "merge_lossless_"]  # out of room: undone, rerun
     rec_ref = ops.merge_(w_ref, a1, b1, 0.5, lossless=True)
     assert rec.exceptions >= zeros and rec.exceptions == rec_ref.exceptions
     assert _same(w, w_ref)

@@ -14,22 +14,17 @@ finite weights |W| >= ~0.1 whose updates are ~1% of |W| (no other exceptions).
 """
 import copy
 import os
-import shutil
 import subprocess
-import sys
-import textwrap
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 import lora_ext
-from helpers import load_sim, requires_sim
+from helpers import RecordingKernels, crash_project, load_sim, requires_sim, run_crash_safe
 from lora_ext import lossless, ops
 
 _sim = load_sim()
-ROOT = Path(__file__).resolve().parents[1]
 
 _INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -112,29 +107,6 @@ def _adapter(dtype, layout, fdtype, r=4, seed=1, mag=0.05, zero_b=False):
     return a, b
 
 
-class Recording:
-    """lora_ext._sim, recording each call's name, its exception list's room, W after it; optionally failing."""
-
-    def __init__(self, weight=None, fail_at=None, exc=None):
-        self.calls, self.rooms, self.after = [], [], []
-        self.weight, self.fail_at, self.exc = weight, fail_at, exc
-
-    def __getattr__(self, name):
-        fn = getattr(_sim, name)
-
-        def call(*args):
-            self.calls.append(name)
-            if len(self.calls) in (self.fail_at if isinstance(self.fail_at, (set, frozenset)) else {self.fail_at}):
-                raise self.exc
-            if name in ("merge_lossless_", "swap_lossless_"):
-                self.rooms.append(args[-3].numel())  # exc_index
-            out = fn(*args)
-            if self.weight is not None:
-                self.after.append(self.weight.clone())
-            return out
-        return call
-
-
 def _one_full_pass(w, a, b, s, layout):
     """The oracle for a kernel merge: one direct simulator pass with room for every element (the pre-session
     behaviour), its list sorted; the weight it writes."""
@@ -166,7 +138,7 @@ def test_merge_at_the_room_past_it_at_the_limit_and_past_it(dtype, layout, fdtyp
     for count in (ROOM, ROOM + 1, LIMIT, LIMIT + 1):
         w0, mask = _weight(dtype, layout, infs=count, seed=count)
         w, w_cpu, w_full = w0.clone(), w0.clone(), w0.clone()
-        seen = Recording(weight=w)
+        seen = RecordingKernels(weight=w)
         if count > LIMIT:
             with ops.use_kernels(seen, "cpu"), pytest.raises(lossless.ExceptionOverflow, match=str(count)):
                 ops.merge_(w, a, b, 0.5, lossless=True, **_lay(layout))
@@ -216,7 +188,7 @@ def test_a_room_above_the_minimum_is_1_256_of_the_region():
         w0 = base.clone()
         w0.view(-1)[pick[:count]] = float("inf")
         w = w0.clone()
-        seen = Recording()
+        seen = RecordingKernels()
         with ops.use_kernels(seen, "cpu"):
             rec = ops.merge_(w, a, b, 0.5, lossless=True)
         assert seen.calls == calls and seen.rooms[0] == 1040 and rec.exceptions == count
@@ -236,7 +208,7 @@ def test_a_misaligned_weight_is_undone_and_rerun_exactly():
     big0 = big.clone()
     w = big[:, :IN]
     a, b = _adapter(dtype, "plain", torch.float32)
-    seen = Recording()
+    seen = RecordingKernels()
     with ops.use_kernels(seen, "cpu"):
         rec = ops.merge_(w, a, b, 0.5, lossless=True)
     assert seen.calls == ["merge_lossless_", "unmerge_lossless_", "merge_lossless_"]
@@ -270,7 +242,7 @@ def test_odd_sizes_and_nan_payloads_through_the_undo_and_the_rerun(dtype, transp
     a = torch.randn(4, shape[0] if transposed else 149, generator=gen) * 0.05
     b = torch.randn(41, 4, generator=gen) * 0.05
     w = w0.clone()
-    seen = Recording(weight=w)
+    seen = RecordingKernels(weight=w)
     with ops.use_kernels(seen, "cpu"):
         rec = ops.merge_(w, a, b, 0.5, lossless=True, transposed=transposed)
     assert seen.calls == ["merge_lossless_", "unmerge_lossless_", "merge_lossless_"] and seen.rooms == [1024, 1200]
@@ -318,7 +290,7 @@ def test_swap_from_a_cpu_record_past_the_room(dtype, direction, layout):
     rec_old = ops.merge_(w, *old, lossless=True, **_lay(layout))  # the CPU backend
     assert rec_old.exceptions == n_old
     w_cpu = w.clone()
-    seen = Recording(weight=w)
+    seen = RecordingKernels(weight=w)
     with ops.use_kernels(seen, "cpu"):
         rec = ops.swap_(w, *old, *new, record=rec_old, **_lay(layout))
     if n_new > ROOM:
@@ -356,7 +328,7 @@ def test_a_refused_swap_from_an_old_merge_past_the_room_puts_it_back(dtype):
     with ops.use_kernels(_sim, "cpu"):
         rec_old = ops.merge_(w, *old, lossless=True, **_lay(layout))
     merged = w.clone()
-    seen = Recording()
+    seen = RecordingKernels()
     with ops.use_kernels(seen, "cpu"), pytest.raises(lossless.ExceptionOverflow) as err:
         ops.swap_(w, *old, *over, record=rec_old, **_lay(layout))
     assert seen.calls == ["swap_lossless_", "unmerge_lossless_", "merge_lossless_", "unmerge_lossless_",
@@ -423,7 +395,7 @@ def test_a_merge_failing_in_its_rerun_leaves_the_base(exc):
     w0, _ = _weight(torch.bfloat16, "plain", infs=1200)
     a, b = _adapter(torch.bfloat16, "plain", torch.float32)
     w = w0.clone()
-    seen = Recording(fail_at=3, exc=exc)
+    seen = RecordingKernels(fail_at=3, exc=exc)
     with ops.use_kernels(seen, "cpu"), pytest.raises(type(exc)):
         ops.merge_(w, a, b, 0.5, lossless=True)
     assert seen.calls == ["merge_lossless_", "unmerge_lossless_", "merge_lossless_"]
@@ -440,7 +412,7 @@ def test_a_swap_failing_in_its_rerun_merges_the_old_adapter_back(exc):
     fresh = w0.clone()
     with ops.use_kernels(_sim, "cpu"):
         rec_fresh = ops.merge_(fresh, *old, lossless=True)
-    seen = Recording(fail_at=3, exc=exc)
+    seen = RecordingKernels(fail_at=3, exc=exc)
     with ops.use_kernels(seen, "cpu"), pytest.raises(type(exc)) as err:
         ops.swap_(w, *old, *new, record=rec)
     assert seen.calls == ["swap_lossless_", "unmerge_lossless_", "merge_lossless_",
@@ -459,7 +431,7 @@ def test_a_swap_whose_merge_back_fails_too_says_the_weight_is_the_base(refused):
     w0, old, w, rec, new = _merged_past_the_room()
     if refused:
         new = _adapter(torch.bfloat16, "plain", torch.float32, seed=33, mag=1.0) + (1e4,)
-    seen = Recording(fail_at={3} if refused else {3, 4}, exc=RuntimeError("CUDA out of memory"))
+    seen = RecordingKernels(fail_at={3} if refused else {3, 4}, exc=RuntimeError("CUDA out of memory"))
     with ops.use_kernels(seen, "cpu"), pytest.raises((RuntimeError, lossless.ExceptionOverflow)) as err:
         ops.swap_(w, *old, *new, record=rec)
     assert err.value.weight_is_base is True
@@ -497,7 +469,7 @@ def test_a_layer_switch_failing_in_its_rerun_leaves_a_consistent_layer(back):
     layer = _bf16_layer(w0, ads)
     with ops.use_kernels(_sim, "cpu"):
         layer.eval()
-    seen = Recording(fail_at=3 if back else {3, 4}, exc=RuntimeError("CUDA out of memory"))
+    seen = RecordingKernels(fail_at=3 if back else {3, 4}, exc=RuntimeError("CUDA out of memory"))
     with ops.use_kernels(seen, "cpu"), pytest.raises(RuntimeError):
         layer.set_adapter("a1")
     assert layer.active_adapter == "default"
@@ -604,32 +576,14 @@ def _log_run(request):
 
 
 def _crash_project(tmp_path, body, markers=False):
-    tests = tmp_path / "tests"
-    tests.mkdir()
-    shutil.copy(ROOT / "tests" / "conftest.py", tests / "conftest.py")
-    (tests / "test_a.py").write_text(_LOG_RUNS + textwrap.dedent(body))
-    if markers:
-        (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: g\n    hardware(why): h\n")
-    return tmp_path
+    return crash_project(tmp_path, body, prelude=_LOG_RUNS, markers=markers)
 
 
 def _crash_run(project, *pytest_args, cap=120, min_rerun=None):
-    """crash_safe_pytest sourced as bench/gpu_check.sh does; (stdout, log, tests run in order, exit status).
-    cap: the time cap of all its runs together; min_rerun: CRASH_SAFE_MIN_RERUN_S."""
-    script = f"""
-        PY={sys.executable}; BUDGET=600; SECONDS=0
-        capped() {{ echo "$1"; }}
-        source {ROOT / "bench" / "crash_safe.sh"}
-        crash_safe_pytest out.log {cap} -q -p no:cacheprovider {" ".join(pytest_args)} tests
-        echo "rc=$?"
-    """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if min_rerun is not None:
-        env["CRASH_SAFE_MIN_RERUN_S"] = str(min_rerun)
-    done = subprocess.run(["bash", "-c", script], cwd=project, capture_output=True, text=True, timeout=150, env=env)
+    """(stdout, log, tests run in order, exit status); cap: the time cap of all its runs together."""
+    out, log, rc = run_crash_safe(project, *pytest_args, cap=cap, min_rerun=min_rerun)
     ran = (project / "ran.txt").read_text().splitlines() if (project / "ran.txt").exists() else []
-    rc = int(done.stdout.strip().splitlines()[-1].removeprefix("rc="))
-    return done.stdout, (project / "out.log").read_text(), ran, rc
+    return out, log, ran, rc
 
 
 def _crashes(out):
