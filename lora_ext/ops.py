@@ -228,7 +228,8 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_
     num_blocks/block_ids: MergedLinear's output blocks; only the enabled ones are written.
     lossless: also return the record (lossless.MergeRecord, written in the same pass) with which unmerge_ and
     swap_ give the weight back bit for bit (docs/LOSSLESS.md); refused with lossless.ExceptionOverflow, the
-    weight unchanged, when too many elements would need exceptions.
+    weight unchanged, when too many elements would need exceptions. Another error (out of memory, Ctrl-C) also
+    leaves the weight unchanged, unless a note on it says otherwise.
     """
     _check_scale(scale)
     args = (weight, lora_A, lora_B, float(scale), num_blocks, list(block_ids), bool(transposed))
@@ -293,7 +294,8 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
     exceptions than it had room for kept the base (and an escape) in the elements past the room, so the unmerge
     pass with what it did record gives the base back bit for bit; the merge then runs again from the base with
     room for exactly what it counted (a swap from the base is bit for bit a merge of the new adapter). Past the
-    limit the op is refused instead, the weight as it was."""
+    limit the op is refused instead, the weight as it was. An error before the record exists takes the pass
+    back (_take_back)."""
     mod = _kernels.module
     pairs = [p for p in (old, new) if p is not None]
     factors = _kernel_factors(weight.dtype, *(t for p in pairs for t in p[:2]))
@@ -316,10 +318,15 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
     else:
         mod.swap_lossless_(weight, *f_old, record.codes, record.exc_index, record.exc_bits, *f_new, *layout, ln, rn,
                            g, codes, exc_index, exc_bits, counter)
-    count = int(counter.item())
-    order = torch.argsort(exc_index[:min(count, cap)])
-    rec = MergeRecord(codes, exc_index[order], exc_bits[order], weight.dtype, tuple(weight.shape), num_blocks,
-                      tuple(block_ids), bool(transposed))
+    try:  # the pass wrote W: an error from here on (out of memory in the sort, Ctrl-C) takes it back first
+        count = int(counter.item())
+        order = torch.argsort(exc_index[:min(count, cap)])
+        rec = MergeRecord(codes, exc_index[order], exc_bits[order], weight.dtype, tuple(weight.shape), num_blocks,
+                          tuple(block_ids), bool(transposed))
+    except BaseException as err:
+        if _take_back(err, weight, f_new, layout, codes, exc_index, exc_bits, counter, where) and f_old is not None:
+            _merge_back(err, weight, old, layout, max(limit, record.exceptions), where)
+        raise
     if count <= cap:
         return rec
     # the elements past the room kept their base and an escape with no entry: unmerge leaves them alone
@@ -334,6 +341,27 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
         if f_old is not None:
             _merge_back(err, weight, old, layout, max(limit, record.exceptions), where)
         raise
+
+
+def _take_back(err, weight, f_new, layout, codes, exc_index, exc_bits, counter, where) -> bool:
+    """A pass that wrote W and whose record could not be built (`err`): W given back as it was before the pass (the
+    base, for a swap), with the pass's codes and its exception list sorted on the host, in place (no device memory:
+    out of memory may be why `err` came). False, with a note on `err`, when that fails too: W then holds the new
+    merge without a record."""
+    from .named_adapters import deferred_interrupt  # (named_adapters imports this module)
+    try:
+        with deferred_interrupt():
+            kept = min(int(counter.item()), exc_index.numel())
+            index, bits = exc_index[:kept], exc_bits[:kept]
+            on_host, order = index.cpu().sort()
+            index.copy_(on_host)
+            bits.copy_(bits.cpu()[order])
+            _kernels.module.unmerge_lossless_(weight, *f_new, *layout, codes, index, bits)
+        return True
+    except BaseException as again:
+        err.add_note(f"lora_ext {where}: the weight could not be given back after this error ({again!r}); it holds "
+                     f"the new adapter's merge without a lossless record")
+        return False
 
 
 def _merge_back(err, weight, old, layout, limit, where):
