@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from . import lossless as lossless_module
 from . import ops, sharded
 from .layers import Embedding, Linear, LoRALayer, MergedLinear
 
@@ -256,18 +255,8 @@ class _StridedMerges:
         if isinstance(weight, nn.Parameter):  # the live weight: every rank merges the same adapter, or none does
             sharded.consensus(weight, "merge", self._describe(), (A, B), (s,))
         layout = _strided_rows(self, self.__dict__["_tp"])[0]
-        w, A, B = weight.to_local(), sharded.full(A), _local_B(self, B)
-        record, err = None, None
-        try:
-            record = ops.merge_(w, A, B, s, lossless=exact, **layout)
-            done = True
-        except lossless_module.ExceptionOverflow as e:
-            err, done = e, False
-        if not sharded._agree(weight, err is None):
-            if done:
-                ops.unmerge_(w, A, B, s, record=record, **layout)
-            raise err if err is not None else sharded._refused_elsewhere(self._describe())
-        return record
+        part = sharded.Part(weight.to_local(), sharded.full(A), _local_B(self, B), layout)
+        return sharded.merge_parts(weight, [part], s, exact, self._describe())[0]
 
     def _swap_into(self, weight, A, B, s):
         if not sharded.is_dtensor(weight):
@@ -276,24 +265,16 @@ class _StridedMerges:
             sharded.consensus(weight, "switch", self._describe(), (self._merged_A, self._merged_B, A, B),
                               (self._merged_scaling, s))
         layout = _strided_rows(self, self.__dict__["_tp"])[0]
-        w = weight.to_local()
-        oA, oB, os_ = sharded.full(self._merged_A), _local_B(self, self._merged_B), self._merged_scaling
-        nA, nB = sharded.full(A), _local_B(self, B)
-        rec = self._merged_record
-        out, err = None, None
+        w, rec = weight.to_local(), self._merged_record
+        old = sharded.Part(w, sharded.full(self._merged_A), _local_B(self, self._merged_B), layout)
+        new = sharded.Part(w, sharded.full(A), _local_B(self, B), layout)
         try:
-            out = ops.swap_(w, oA, oB, os_, nA, nB, s, check_values=False, record=rec, **layout)
-            done = True
-        except lossless_module.ExceptionOverflow as e:
-            err, done = e, False
-        if not sharded._agree(weight, err is None):
-            err = err if err is not None else sharded._refused_elsewhere(self._describe())
-            if done:
-                back = ops.swap_(w, nA, nB, s, oA, oB, os_, check_values=False, record=out, **layout)
-                if rec is not None:
-                    err.record = back
-            raise err
-        return out
+            return sharded.swap_parts(weight, [old], [new], self._merged_scaling, s,
+                                      None if rec is None else [rec], self._describe())[0]
+        except BaseException as err:
+            if isinstance(getattr(err, "record", None), list):  # the layer keeps one record, not a list of parts'
+                err.record = err.record[0]
+            raise
 
     def _unmerge_from(self, weight):
         if not sharded.is_dtensor(weight):

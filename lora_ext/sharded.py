@@ -213,17 +213,20 @@ def _header(op: str, tensors, scales) -> Tensor:
     return acc.nan_to_num(0.0, 0.0, 0.0)
 
 
-def _all_agree(weight: Tensor, fingerprint: Tensor, ok: bool = True):
-    """(whether every rank of the weight's mesh passed the same fingerprint, whether every rank was ok): one
+_OK, _REFUSED, _FAILED = 0, 1, 2  # a rank's outcome of its part of a write, agreed on as the worst (MAX)
+
+
+def _all_agree(weight: Tensor, fingerprint: Tensor, outcome: int = _OK):
+    """(whether every rank of the weight's mesh passed the same fingerprint, the worst of the ranks' outcomes): one
     all-reduce (MAX of the fingerprint and of its negation, so the maximum and the minimum of each number)."""
     import torch.distributed as dist
     dev = weight.device if weight.device.type != "cpu" else torch.device("cpu")
     v = fingerprint.to(dev)
-    t = torch.cat([v, -v, v.new_tensor([0.0 if ok else 1.0])])
+    t = torch.cat([v, -v, v.new_tensor([float(outcome)])])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=weight.device_mesh.get_group())
-    hi, lo, bad = t[:_WIDTH], -t[_WIDTH:2 * _WIDTH], t[-1]
+    hi, lo, worst = t[:_WIDTH], -t[_WIDTH:2 * _WIDTH], t[-1]
     same = bool(((hi - lo).abs() <= 1e-9 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)).all())
-    return same, not bool(bad > 0)
+    return same, int(worst)
 
 
 def consensus(weight: Tensor, op: str, where: str, tensors, scales=()) -> list:
@@ -258,17 +261,82 @@ def _disagree(where: str, op: str) -> RuntimeError:
                         f"refused on every rank, nothing was written. Call them on every rank, in the same order")
 
 
-def _agree(weight: Tensor, ok: bool) -> bool:
-    """Whether every rank of the weight's mesh succeeded (a collective: a refusal on one rank is a refusal on all,
-    so that no rank goes on with another adapter than the others). Paired with another rank's `consensus` (a rank
-    that went on to another write), a refusal too."""
-    same, ok = _all_agree(weight, torch.zeros(_WIDTH, dtype=torch.float64), ok)
-    return same and ok
+def _settle(weight: Tensor, err: Optional[BaseException], where: str) -> Optional[BaseException]:
+    """After every rank of the weight's mesh tried its part of a write (`err`: this rank's error, or None), a
+    collective: None when every rank succeeded; else the error this rank raises once it has put its parts back:
+    its own, or one saying another rank refused (lossless.ExceptionOverflow) or failed (RuntimeError: out of
+    memory, Ctrl-C). A refusal or failure on one rank is one on all, so that no rank goes on with another adapter
+    than the others, and no rank waits in a collective that a failed rank never reaches. Paired with another
+    rank's `consensus` (a rank that went on to another write), a refusal too."""
+    outcome = _OK if err is None else _REFUSED if isinstance(err, lossless_module.ExceptionOverflow) else _FAILED
+    same, worst = _all_agree(weight, torch.zeros(_WIDTH, dtype=torch.float64), outcome)
+    if same and worst == _OK:
+        return None
+    if err is not None:
+        return err
+    if worst == _FAILED:
+        return RuntimeError(f"{where}: failed on another rank (its error is in that rank's output); the parts written "
+                            f"here were put back")
+    return _refused_elsewhere(where)
 
 
 def _refused_elsewhere(where: str):
     return lossless_module.ExceptionOverflow(f"{where}: refused on another rank (a lossless merge there needs too many "
                                       f"exceptions); nothing was changed on any rank")
+
+
+def merge_parts(weight: Tensor, ps: List[Part], scale: float, lossless: bool, where: str) -> list:
+    """ops.merge_ of each part of this rank's shard of `weight`; their records (None each for a lossy merge). An
+    error in any part on any rank (a refusal, out of memory, Ctrl-C) puts every merged part back on every rank
+    (`_settle`) and raises."""
+    from . import ops
+    records, err = [], None
+    try:
+        for p in ps:
+            records.append(ops.merge_(p.weight, p.lora_A, p.lora_B, scale, lossless=lossless, **p.layout))
+    except BaseException as e:  # (the failing part: as it was, ops.merge_'s promise)
+        err = e
+    err = _settle(weight, err, where)
+    if err is not None:
+        for p, rec in zip(ps, records):
+            ops.unmerge_(p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
+        raise err
+    return records
+
+
+def swap_parts(weight: Tensor, old: List[Part], new: List[Part], old_scale: float, new_scale: float,
+               records: Optional[list], where: str) -> list:
+    """ops.swap_ of each part of this rank's shard from the old adapter (`records`: its lossless records, one per
+    part, or None) to the new one; the new records. An error in any part on any rank puts every part back on every
+    rank and raises, with the old adapter's records in the error's `record` (lossless), or, where some part could
+    only be given back as the base (ops.swap_'s `weight_is_base`), with every part on every rank unmerged to the
+    base and `weight_is_base` set."""
+    from . import ops
+    out, err = [], None
+    try:
+        for po, pn, rec in zip(old, new, records or [None] * len(old)):
+            out.append(ops.swap_(po.weight, po.lora_A, po.lora_B, old_scale, pn.lora_A, pn.lora_B, new_scale,
+                                 check_values=False, record=rec, **po.layout))
+    except BaseException as e:  # (the failing part: the old adapter merged back, ops.swap_'s promise)
+        err = e
+    settled = _settle(weight, err, where)
+    if settled is None:
+        return out
+    back = [ops.swap_(pn.weight, pn.lora_A, pn.lora_B, new_scale, po.lora_A, po.lora_B, old_scale,
+                      check_values=False, record=rec, **po.layout) for po, pn, rec in zip(old, new, out)]
+    if records is not None:
+        base_here = err is not None and getattr(err, "weight_is_base", False)
+        # the failing part: the base, or the old adapter merged back (its record on the error), or as it was
+        failed = [] if len(out) == len(old) else [None if base_here else getattr(err, "record", records[len(out)])]
+        now = back + failed + list(records[len(back) + len(failed):])
+        settled.record = now
+        _, worst = _all_agree(weight, torch.zeros(_WIDTH, dtype=torch.float64), _FAILED if base_here else _OK)
+        if worst == _FAILED:  # a part somewhere holds the base: every part everywhere goes to the base
+            for po, rec in zip(old, now):
+                if rec is not None:
+                    ops.unmerge_(po.weight, po.lora_A, po.lora_B, old_scale, record=rec, **po.layout)
+            settled.weight_is_base = True
+    raise settled
 
 
 def _whole(weight: Tensor, op) -> object:
@@ -281,24 +349,13 @@ def _whole(weight: Tensor, op) -> object:
 
 
 def merge_(weight, lora_A, lora_B, scale, *, lossless=False, where="merge", **layout) -> Optional[list]:
-    """ops.merge_ on this rank's shard; the records of a lossless merge (one per part), else None. A refusal on
-    any rank is a refusal on every rank, with nothing changed."""
-    from . import ops
+    """ops.merge_ on this rank's shard; the records of a lossless merge (one per part), else None. A refusal or
+    failure on any rank is one on every rank, with nothing changed (merge_parts)."""
     if isinstance(weight, torch.nn.Parameter):  # the live weight (a state dict's copy is each rank's own business)
         A, B = consensus(weight, "merge", where, (lora_A, lora_B), (scale,))
     else:
         A, B = full(lora_A), full(lora_B)
-    ps = parts(weight, A, B, where=where, **layout)
-    records, err = [], None
-    try:
-        for p in ps:
-            records.append(ops.merge_(p.weight, p.lora_A, p.lora_B, scale, lossless=lossless, **p.layout))
-    except lossless_module.ExceptionOverflow as e:
-        err = e
-    if not _agree(weight, err is None):
-        for p, rec in zip(ps, records):  # the parts merged here go back
-            ops.unmerge_(p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
-        raise err if err is not None else _refused_elsewhere(where)
+    records = merge_parts(weight, parts(weight, A, B, where=where, **layout), scale, lossless, where)
     return records if lossless else None
 
 
@@ -323,8 +380,9 @@ def _view2d(w: Tensor, lora_A: Tensor) -> Tensor:
 
 def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=None, where="switch",
           **layout) -> Optional[list]:
-    """Replaces the merged adapter on this rank's shard, part by part; a refusal on any rank puts every part
-    back on every rank (the old merge, bit for bit) and raises, with the old records in the error's `record`."""
+    """Replaces the merged adapter on this rank's shard, part by part; a refusal or failure on any rank puts every
+    part back on every rank (the old merge, bit for bit) and raises, with the old records in the error's `record`
+    (swap_parts)."""
     from . import ops
     if isinstance(weight, torch.nn.Parameter):
         old_A, old_B, new_A, new_B = consensus(weight, "switch", where, (old_A, old_B, new_A, new_B),
@@ -334,24 +392,8 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=No
     if isinstance(record, lossless_module.MergeRecord):
         return _whole(weight, lambda w: ops.swap_(_view2d(w, old_A), old_A, old_B, old_scale, new_A, new_B,
                                                   new_scale, check_values=False, record=record, **layout))
-    old = parts(weight, old_A, old_B, where=where, **layout)
-    new = parts(weight, new_A, new_B, where=where, **layout)
-    records = record if record is not None else [None] * len(old)
-    out, err = [], None
-    try:
-        for po, pn, rec in zip(old, new, records):
-            out.append(ops.swap_(po.weight, po.lora_A, po.lora_B, old_scale, pn.lora_A, pn.lora_B, new_scale,
-                                 check_values=False, record=rec, **po.layout))
-    except lossless_module.ExceptionOverflow as e:
-        err = e
-    if not _agree(weight, err is None):
-        back = [ops.swap_(pn.weight, pn.lora_A, pn.lora_B, new_scale, po.lora_A, po.lora_B, old_scale,
-                          check_values=False, record=rec, **po.layout) for po, pn, rec in zip(old, new, out)]
-        err = err if err is not None else _refused_elsewhere(where)
-        if record is not None:
-            failed = [getattr(err, "record", None)] if len(out) < len(old) else []
-            err.record = back + failed + list(records[len(back) + len(failed):])
-        raise err
+    out = swap_parts(weight, parts(weight, old_A, old_B, where=where, **layout),
+                     parts(weight, new_A, new_B, where=where, **layout), old_scale, new_scale, record, where)
     return out if record is not None else None
 
 

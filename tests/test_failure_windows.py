@@ -218,3 +218,102 @@ def test_a_layer_switch_whose_record_fails_keeps_the_old_adapter_merged(monkeypa
         layer.set_adapter("a1")  # works now
         layer.train()
     assert _same(layer.weight.detach(), w0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sharded weights on 2 gloo ranks: an error (not a refusal) in one part on one rank. Before: that rank raised
+# without reaching the agreement the other ranks waited in (they hung until the process group's timeout, or paired
+# it with the failed rank's next collective), and the parts it had written stayed written while its layer counted
+# itself unmerged. Now every rank puts its parts back and raises; its own error, or one naming the other rank.
+
+
+def _sharded_layer(style):
+    """A lossless float32 MergedLinear whose local shard holds several parts (FSDP2: rows 0:12 and 12:24 each meet
+    two of the 8-row blocks), or one strided part (ColwiseLoRA(blocks=3)); an adapter "b" beside the live one."""
+    torch.manual_seed(0)
+    layer = lora_ext.MergedLinear(16, 24, r=2, lora_alpha=2, enable_lora=[True, True, True], lossless=True)
+    torch.nn.init.normal_(layer.lora_B, std=0.2)
+    g = torch.Generator().manual_seed(3)
+    (ra, ca), (rb, cb) = layer.factor_shapes(2)
+    layer.add_adapter("b", torch.randn(ra, ca, generator=g) * 0.3, torch.randn(rb, cb, generator=g) * 0.3, 1.5)
+    if style == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(layer)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        from lora_ext.parallel import ColwiseLoRA
+        layer = parallelize_module(layer, init_device_mesh("cpu", (2,)), ColwiseLoRA(blocks=3))
+    return layer
+
+
+def _local_bits(layer):
+    return layer.weight.detach().to_local().clone().view(torch.int32)
+
+
+def sharded_failure_case(rank, world, style, op, fail_rank, mode):
+    layer = _sharded_layer(style)
+    base = _local_bits(layer)
+    if op == "switch":
+        layer.eval()
+    before = _local_bits(layer)
+    real = ops.swap_ if op == "switch" else ops.merge_
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if rank == fail_rank and len(calls) == (2 if style == "fsdp" else 1):
+            err = RuntimeError("CUDA out of memory (injected)")
+            if mode == "base":  # ops.swap_ whose merge-back failed too: this part holds the base
+                w, oA, oB, os_ = args[:4]
+                layout = {k: v for k, v in kwargs.items() if k in ("num_blocks", "block_ids", "transposed")}
+                ops.unmerge_(w, oA, oB, os_, record=kwargs["record"], **layout)
+                err.weight_is_base = True
+            raise err
+        return real(*args, **kwargs)
+
+    name = "swap_" if op == "switch" else "merge_"
+    setattr(ops, name, failing)
+    out = {}
+    try:
+        if op == "switch":
+            layer.set_adapter("b")
+        else:
+            layer.eval()
+        out["error"] = None
+    except BaseException as e:  # noqa: BLE001
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["weight_is_base"] = getattr(e, "weight_is_base", False)
+    finally:
+        setattr(ops, name, real)
+    out.update(calls=len(calls), merged=layer.merged, active=layer.active_adapter,
+               is_before=torch.equal(_local_bits(layer), before), is_base=torch.equal(_local_bits(layer), base))
+    layer.train()  # and the layer goes on: unmerged, the base bit for bit; a merge and a switch work
+    out["train_base"] = torch.equal(_local_bits(layer), base)
+    layer.eval()
+    layer.set_adapter("b")
+    layer.train()
+    out["cycle_base"] = torch.equal(_local_bits(layer), base)
+    return out
+
+
+@pytest.mark.parametrize("style,op,mode", [("fsdp", "merge", "back"), ("fsdp", "switch", "back"),
+                                           ("fsdp", "switch", "base"), ("tp", "merge", "back"),
+                                           ("tp", "switch", "back"), ("tp", "switch", "base")])
+def test_an_error_in_one_part_on_one_rank_puts_every_rank_back(style, op, mode):
+    from dist import run_ranks
+    results = run_ranks(sharded_failure_case, style, op, 1, mode, timeout=150)
+    for rank, r in enumerate(results):
+        assert r["error"] is not None, f"rank {rank}: no error"
+        if rank == 1:
+            assert r["error"].startswith("RuntimeError: CUDA out of memory (injected)"), r["error"]
+        else:
+            assert r["error"].startswith("RuntimeError:") and "failed on another rank" in r["error"], r["error"]
+        assert r["active"] == "default", (rank, r)
+        if op == "merge" or mode == "base":
+            assert not r["merged"] and r["is_base"], (rank, r)
+        else:
+            assert r["merged"] and r["is_before"], (rank, r)
+        assert r["weight_is_base"] == (mode == "base"), (rank, r)
+        assert r["train_base"] and r["cycle_base"], (rank, r)
