@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.modules import module as _nn_module
 
 from . import batched, ddp_guard, lossless, ops, sharded, ties
 from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
@@ -38,6 +39,17 @@ def _remerge_after_load(module, incompatible_keys):
             module._remerge_pending = False
             module._merge()
             module.merged = True
+
+
+_OPERANDS = ("weight", "bias", "lora_A", "lora_B")
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run any hook (nn.Module._call_impl's own test)."""
+    m = _nn_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
 class LoRALayer(NamedAdapters):
@@ -234,6 +246,17 @@ class LoRALayer(NamedAdapters):
 
     def _weight_param(self) -> Tensor:
         return self._parameters["weight"]  # ConvLoRA: its conv's
+
+    def _operands(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor]:
+        """(x after lora_dropout, weight, bias, lora_A, lora_B) for an unmerged forward, read from the module's
+        own dicts. nn.Module's attribute lookup costs about 0.5 us of host time per name and calling the identity
+        dropout about 1 us: together as much host time as a small GPU forward takes (bench/NOTES-forward.md).
+        A name that is not a registered parameter (torch.nn.utils.parametrize, weight_norm) is read as an
+        attribute; an identity dropout with hooks is called."""
+        params = self._parameters
+        drop = self._modules["lora_dropout"]
+        x_lora = x if type(drop) is nn.Identity and not _hooked(drop) else drop(x)
+        return (x_lora, *(params[n] if n in params else getattr(self, n) for n in _OPERANDS))
 
     def _merge_into(self, weight: Tensor, A: Tensor, B: Tensor, s: float, exact: bool):
         """(A, B, s) merged into `weight` (the weight parameter, or a tensor of its shape): the record of a
@@ -512,8 +535,7 @@ class Linear(LoRALayer, nn.Linear):
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
-            return ops.linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_A, self.lora_B,
-                              self.scaling, fan_in_fan_out=self.fan_in_fan_out,
+            return ops.linear(x, *self._operands(x), self.scaling, fan_in_fan_out=self.fan_in_fan_out,
                               scale_tensor=self._scale_tensor_for(x))
         return self._weight_forward(x)
 
@@ -567,9 +589,8 @@ class MergedLinear(LoRALayer, nn.Linear):
 
     def _forward(self, x):
         if self.has_lora and not self.merged:
-            return ops.linear(x, self.lora_dropout(x), self.weight, self.bias, self.lora_A, self.lora_B,
-                              self.scaling, num_blocks=len(self.enable_lora), block_ids=self._block_ids,
-                              scale_tensor=self._scale_tensor_for(x),
+            return ops.linear(x, *self._operands(x), self.scaling, num_blocks=len(self.enable_lora),
+                              block_ids=self._block_ids, scale_tensor=self._scale_tensor_for(x),
                               fan_in_fan_out=self.fan_in_fan_out)
         return self._weight_forward(x)
 

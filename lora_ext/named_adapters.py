@@ -169,7 +169,7 @@ class NamedAdapters:
 
     @property
     def has_lora(self) -> bool:
-        return getattr(self, "lora_A", None) is not None
+        return self._parameters.get("lora_A") is not None or getattr(self, "lora_A", None) is not None
 
     def factor_shapes(self, r: int) -> Tuple[Tuple[int, int], Tuple[int, int]]:
         """(lora_A shape, lora_B shape) of a rank-r adapter for this layer."""

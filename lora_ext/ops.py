@@ -54,11 +54,15 @@ class Kernels:
     def __init__(self, module: Optional[ModuleType], device_type: str):
         self.module = module
         self.device_type = device_type
+        # (Tensor.is_cuda / is_cpu: a quarter of the host time of t.device.type, on every forward)
+        self._flag = {"cuda": "is_cuda", "cpu": "is_cpu"}.get(device_type)
 
     def takes(self, t) -> bool:
         """Whether tensor t goes to these kernels (float64 and other devices go to the reference)."""
-        return (self.module is not None and isinstance(t, Tensor) and t.device.type == self.device_type
-                and t.dtype in KERNEL_DTYPES)
+        if self.module is None or not isinstance(t, Tensor):
+            return False
+        here = getattr(t, self._flag) if self._flag is not None else t.device.type == self.device_type
+        return here and t.dtype in KERNEL_DTYPES
 
 
 _kernels = Kernels(_C, "cuda")
@@ -134,6 +138,8 @@ def _check_same_device(**tensors):
 def finite_real(label: str, value) -> float:
     """value as a float; ValueError naming `label` unless it is a finite real number (bools refused; numpy
     scalars and one-element float tensors that need no grad taken)."""
+    if type(value) is float and math.isfinite(value):  # (the common case, first: it runs on every forward)
+        return value
     if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point() and not value.requires_grad:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -616,8 +622,8 @@ def _autocast_dtype(t) -> Optional[torch.dtype]:
     """The dtype autocast gives matmuls on t's device now, or None where autocast is off."""
     if not isinstance(t, Tensor):
         return None
-    device_type = t.device.type
-    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else None  # (not t.device.type: see Kernels)
+    if device_type is None or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
@@ -695,7 +701,7 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     args = (x, x_lora, weight, bias, lora_A, lora_B, float(scale), num_blocks, list(block_ids),
             bool(fan_in_fan_out))
     if _fast_path(x, args[:6]):
-        return _launch(_linear_impl, (*args, scale_tensor), _check_linear_args)
+        return _launch(_kernels.module.linear, (*args, scale_tensor), _check_linear_args)
     if not _check_linear_args(*args):
         return torch.nn.functional.linear(x, weight.t() if fan_in_fan_out else weight, bias)
     if torch.compiler.is_compiling() or _needs_grad(*args[:6]):

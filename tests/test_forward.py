@@ -475,3 +475,82 @@ def test_cuda_linear_runs_on_the_current_stream(cuda):
         y = cuda.kernels.linear(x, x, w, b, A, B, 0.5, g, ids, fan)
     stream.synchronize()
     assert_close_rel(y, linear64(x, x, w, b, A, B, 0.5, g, ids, fan), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the layers read their operands from the module's dicts (LoRALayer._operands): what nn.Module's lookups and an
+# identity dropout's call did before must still happen when it matters
+
+
+def _linear_layers():
+    return [lora_ext.Linear(8, 6, r=2, lora_alpha=3), lora_ext.Linear(8, 6, r=2, lora_alpha=3, fan_in_fan_out=True),
+            lora_ext.MergedLinear(8, 9, r=2, lora_alpha=3, enable_lora=[True, False, True])]
+
+
+def _expected64(layer, x, lora_in=None, A=None):
+    """The layer's output in float64 from its tensors: x @ W^T + b + s * (lora_in @ A^T) @ B^T (MergedLinear: B's
+    rows scattered to the enabled blocks' rows)."""
+    w = layer.weight.detach().double()
+    w = w.t() if layer.fan_in_fan_out else w
+    A = (layer.lora_A if A is None else A).detach().double()
+    B = layer.lora_B.detach().double()
+    lora_in = (x if lora_in is None else lora_in).double()
+    update = torch.zeros(x.shape[0], w.shape[0], dtype=torch.float64)
+    if isinstance(layer, lora_ext.MergedLinear):
+        ids, nb, r = layer._block_ids, w.shape[0] // len(layer.enable_lora), layer.r
+        for j, e in enumerate(ids):
+            update[:, e * nb:(e + 1) * nb] = lora_in @ A[j * r:(j + 1) * r].t() @ B[j * nb:(j + 1) * nb].t()
+    else:
+        update = lora_in @ A.t() @ B.t()
+    return x.double() @ w.t() + layer.bias.detach().double() + layer.scaling * update
+
+
+@pytest.mark.parametrize("which", range(3))
+def test_hooks_on_the_identity_dropout_still_run(which):
+    layer = _linear_layers()[which]
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(5, 8)
+    calls = []
+    handle = layer.lora_dropout.register_forward_hook(lambda m, args, out: calls.append(1) or out * 0.5)
+    try:
+        torch.testing.assert_close(layer(x).double(), _expected64(layer, x, lora_in=0.5 * x), atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+    assert calls == [1]
+    from torch.nn.modules.module import register_module_forward_hook
+    handle = register_module_forward_hook(lambda m, args, out: out * 0.25 if isinstance(m, torch.nn.Identity)
+                                          else None)
+    try:
+        torch.testing.assert_close(layer(x).double(), _expected64(layer, x, lora_in=0.25 * x), atol=1e-5, rtol=1e-5)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(layer(x).double(), _expected64(layer, x), atol=1e-5, rtol=1e-5)
+
+
+class _Scaled(torch.nn.Module):
+    def forward(self, t):
+        return 3.0 * t
+
+
+@pytest.mark.parametrize("which", range(3))
+def test_a_dropout_module_replaced_after_construction_is_used(which):
+    layer = _linear_layers()[which]
+    torch.nn.init.normal_(layer.lora_B)
+    layer.lora_dropout = _Scaled()
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(layer(x).double(), _expected64(layer, x, lora_in=3.0 * x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", range(3))
+def test_a_parametrized_factor_is_read_through_its_parametrization(which):
+    from torch.nn.utils import parametrize
+    layer = _linear_layers()[which]
+    torch.nn.init.normal_(layer.lora_B)
+    A = layer.lora_A.detach().clone()
+    parametrize.register_parametrization(layer, "lora_A", _Scaled())
+    x = torch.randn(5, 8)
+    out = layer(x)
+    torch.testing.assert_close(out.double(), _expected64(layer, x, A=3.0 * A), atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    grad = layer.parametrizations.lora_A.original.grad
+    assert grad is not None and grad.abs().sum() > 0
