@@ -366,14 +366,14 @@ def _pass_reference(weight, old, record, new, num_blocks, block_ids, transposed,
                                                                                      else -1))
                 done.append((j, i, h, wp))
                 w.copy_(wp)
-    except BaseException:
+        if new is None:
+            return None
+        rec = MergeRecord(codes, torch.cat(exc_i) if exc_i else torch.zeros(0, dtype=torch.long),
+                          torch.cat(exc_b) if exc_b else torch.zeros(0, dtype=torch.int32), dtype,
+                          tuple(weight.shape), num_blocks, tuple(block_ids), bool(transposed))
+    except BaseException:  # (the record too: until it exists, the written chunks go back)
         _undo(weight, done, old, new, codes, exc_i, exc_b, n, num_blocks, block_ids, transposed)
         raise
-    if new is None:
-        return None
-    rec = MergeRecord(codes, torch.cat(exc_i) if exc_i else torch.zeros(0, dtype=torch.long),
-                      torch.cat(exc_b) if exc_b else torch.zeros(0, dtype=torch.int32), dtype, tuple(weight.shape),
-                      num_blocks, tuple(block_ids), bool(transposed))
     limit = exception_limit(n * rows * cols) if limit is None else limit
     if rec.exceptions > limit:
         unmerge_(weight, *new, rec, num_blocks, block_ids, transposed)

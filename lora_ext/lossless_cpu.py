@@ -50,6 +50,24 @@ def run_pass(module, weight, old, record, new, num_blocks, block_ids, transposed
         return _run(module, weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
 
 
+def _take_back(err, module, weight, old, new, made, num_blocks, block_ids, transposed, layout, cap, where):
+    """A pass that wrote W and whose record was not made (`err`): the new adapter taken out with what the pass made
+    (W the base), and a swap's old adapter merged back, its record in `err.record` (bit for bit the weight before
+    when the old merge was made on this backend); that failing too, `err.weight_is_base` (as ops.swap_ says)."""
+    from .named_adapters import deferred_interrupt  # (named_adapters imports lossless, which imports this module)
+    nan_bf16, f16_payload = nan_modes()
+    with deferred_interrupt():
+        module.lossless_pass_(weight, new[0], new[1], _f32(new[2]), *made, None, None, 0.0, None, None, 0.0,
+                              *layout, cap, nan_bf16, f16_payload)
+        if old is not None:
+            try:
+                err.record = _run(module, weight, None, None, old, num_blocks, block_ids, transposed, math.inf,
+                                  where)
+            except BaseException as again:  # (its own pass taken back: W the base)
+                err.weight_is_base = True
+                err.__context__ = again
+
+
 def _run(module, weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
     nan_bf16, f16_payload = nan_modes()
     n, rows, cols, _ = lossless.region(weight, num_blocks, block_ids, transposed)
@@ -74,8 +92,13 @@ def _run(module, weight, old, record, new, num_blocks, block_ids, transposed, li
                                                               f16_payload)
     if new is None:
         return None
-    rec = lossless.MergeRecord(codes, exc_index, exc_bits, weight.dtype, tuple(weight.shape), num_blocks,
-                               tuple(block_ids), bool(transposed))
+    try:  # W is written: an error from here on (Ctrl-C held back by the pass lands here) takes the pass back first
+        rec = lossless.MergeRecord(codes, exc_index, exc_bits, weight.dtype, tuple(weight.shape), num_blocks,
+                                   tuple(block_ids), bool(transposed))
+    except BaseException as err:
+        _take_back(err, module, weight, old, new, (codes, exc_index, exc_bits), num_blocks, block_ids, transposed,
+                   layout, cap, where)
+        raise
     if total > lim:
         # the reference's rollback: unmerge with the record (escapes past the cap hold their base already)
         module.lossless_pass_(weight, new[0], new[1], _f32(new[2]), codes, exc_index, exc_bits,

@@ -352,8 +352,8 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
 def _take_back(err, weight, f_new, layout, codes, exc_index, exc_bits, counter, where) -> bool:
     """A pass that wrote W and whose record could not be built (`err`): W given back as it was before the pass (the
     base, for a swap), with the pass's codes and its exception list sorted on the host, in place (no device memory:
-    out of memory may be why `err` came). False, with a note on `err`, when that fails too: W then holds the new
-    merge without a record."""
+    out of memory may be why `err` came). False, with a note on `err` and `err.weight_written` True, when that fails
+    too: W then holds the new merge without a record."""
     from .named_adapters import deferred_interrupt  # (named_adapters imports this module)
     try:
         with deferred_interrupt():
@@ -367,6 +367,7 @@ def _take_back(err, weight, f_new, layout, codes, exc_index, exc_bits, counter, 
     except BaseException as again:
         err.add_note(f"lora_ext {where}: the weight could not be given back after this error ({again!r}); it holds "
                      f"the new adapter's merge without a lossless record")
+        err.weight_written = True
         return False
 
 
@@ -375,13 +376,19 @@ def _merge_back(err, weight, old, layout, limit, where):
     a lossless merge on this backend, and `err.record` set to its record. Bit for bit the weight before the swap
     when the old merge was made on this backend too (another backend's rounds some elements by an ulp: the
     weight and err.record then agree with each other, not with the old record). If that merge fails as well,
-    `err.weight_is_base` is True: the weight holds the base, no adapter merged."""
+    `err.weight_is_base` is True: the weight holds the base, no adapter merged; unless that merge wrote the weight
+    and could not take its pass back (`weight_written`): the weight then holds the old merge, without a new record
+    (the old record still gives the base back when the old merge was made on this backend), as a note on `err` says."""
     from .named_adapters import deferred_interrupt  # (named_adapters imports this module)
     try:
         with deferred_interrupt():
             err.record = _kernel_lossless(weight, None, None, old, *layout, limit, where)
     except BaseException as again:
-        err.weight_is_base = True
+        if getattr(again, "weight_written", False):
+            err.add_note(f"lora_ext {where}: the old adapter was merged back, but its record could not be made "
+                         f"({again!r})")
+        else:
+            err.weight_is_base = True
         err.__context__ = again
 
 
