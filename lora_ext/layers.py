@@ -286,8 +286,13 @@ class LoRALayer(NamedAdapters):
         sharded.reshard_if_gathered(self)
         self._streams.write(self._weight_2d().device)
         with deferred_interrupt():
-            with torch.no_grad():
-                self._unmerge_from(self._weight_param())
+            try:
+                with torch.no_grad():
+                    self._unmerge_from(self._weight_param())
+            except BaseException as err:  # still merged; a sharded weight's parts merged again (sharded.unmerge_parts)
+                if hasattr(err, "record"):
+                    self.__dict__["_merged_record"] = err.record
+                raise
             self._set_merged(None, None, None)
             self._finite_stamps.pop(MERGED, None)
 

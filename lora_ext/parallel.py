@@ -28,6 +28,7 @@ torch's stock ColwiseParallel / RowwiseParallel (and distribute_module) on a lor
 are applied, with a message naming these styles (once this module is imported); a DTensor weight that reaches a
 forward some other way is refused there.
 """
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -231,6 +232,18 @@ def _local_B(layer, B):
     return torch.cat([B.index_select(0, r.to(B.device)) for _, r in rows]) if rows else B[:0]
 
 
+@contextlib.contextmanager
+def _one_record():
+    """sharded's part functions put a list of records (one per part) on their errors; a strided layer has one part
+    and keeps one record."""
+    try:
+        yield
+    except BaseException as err:
+        if isinstance(getattr(err, "record", None), list):
+            err.record = err.record[0]
+        raise
+
+
 class _StridedMerges:
     """Merges, unmerges and switches of a layer sharded by ColwiseLoRA(blocks=k): one ops call on the local shard
     with the matching rows of lora_B, no communication but the agreement on a lossless refusal (as
@@ -268,13 +281,9 @@ class _StridedMerges:
         w, rec = weight.to_local(), self._merged_record
         old = sharded.Part(w, sharded.full(self._merged_A), _local_B(self, self._merged_B), layout)
         new = sharded.Part(w, sharded.full(A), _local_B(self, B), layout)
-        try:
+        with _one_record():
             return sharded.swap_parts(weight, [old], [new], self._merged_scaling, s,
                                       None if rec is None else [rec], self._describe())[0]
-        except BaseException as err:
-            if isinstance(getattr(err, "record", None), list):  # the layer keeps one record, not a list of parts'
-                err.record = err.record[0]
-            raise
 
     def _unmerge_from(self, weight):
         if not sharded.is_dtensor(weight):
@@ -283,8 +292,13 @@ class _StridedMerges:
             sharded.consensus(weight, "unmerge", self._describe(), (self._merged_A, self._merged_B),
                               (self._merged_scaling,))
         layout = _strided_rows(self, self.__dict__["_tp"])[0]
-        ops.unmerge_(weight.to_local(), sharded.full(self._merged_A), _local_B(self, self._merged_B),
-                     self._merged_scaling, record=self._merged_record, **layout)
+        part = sharded.Part(weight.to_local(), sharded.full(self._merged_A), _local_B(self, self._merged_B), layout)
+        rec = self._merged_record
+        if not isinstance(weight, nn.Parameter):  # a copy (a state dict's): each rank's own business
+            return ops.unmerge_(*part[:3], self._merged_scaling, record=rec, **layout)
+        with _one_record():
+            sharded.unmerge_parts(weight, [part], self._merged_scaling, None if rec is None else [rec],
+                                  self._describe())
 
 
 class _StridedLinear(_StridedMerges, Linear):

@@ -14,6 +14,7 @@ cut into the parts that lie in the local shard:
 Each part is an ordinary ops call (lossless ones return a record each: the layer keeps the list). Nothing moves
 between ranks but the factors. Placements other than Shard(0) or Replicate on a 1-D mesh are refused.
 """
+import functools
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -285,10 +286,23 @@ def _refused_elsewhere(where: str):
                                       f"exceptions); nothing was changed on any rank")
 
 
+def _put_back(settled: BaseException, steps, where: str) -> List[int]:
+    """Runs every put-back step (callables, one per part) even when one fails; each failure is noted on the error
+    being raised (`settled`). The indices of the steps that failed."""
+    failed = []
+    for i, step in enumerate(steps):
+        try:
+            step()
+        except BaseException as e:
+            failed.append(i)
+            settled.add_note(f"lora_ext {where}: part {i} of this rank's shard could not be put back ({e!r})")
+    return failed
+
+
 def merge_parts(weight: Tensor, ps: List[Part], scale: float, lossless: bool, where: str) -> list:
     """ops.merge_ of each part of this rank's shard of `weight`; their records (None each for a lossy merge). An
     error in any part on any rank (a refusal, out of memory, Ctrl-C) puts every merged part back on every rank
-    (`_settle`) and raises."""
+    (`_settle`) and raises (a part that cannot be put back is named in a note: it holds the merge)."""
     from . import ops
     records, err = [], None
     try:
@@ -298,23 +312,49 @@ def merge_parts(weight: Tensor, ps: List[Part], scale: float, lossless: bool, wh
         err = e
     err = _settle(weight, err, where)
     if err is not None:
-        for p, rec in zip(ps, records):
-            ops.unmerge_(p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
+        _put_back(err, [functools.partial(ops.unmerge_, p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
+                        for p, rec in zip(ps, records)], where)
         raise err
     return records
+
+
+def unmerge_parts(weight: Tensor, ps: List[Part], scale: float, records: Optional[list], where: str) -> None:
+    """ops.unmerge_ of each part of this rank's shard (`records`: the merge's lossless records, or None). An error in
+    any part on any rank merges the unmerged parts again on every rank and raises, the records of the weight as it
+    is now in the error's `record` (lossless): the layer stays merged everywhere."""
+    from . import ops
+    recs = list(records) if records is not None else [None] * len(ps)
+    done, err = 0, None
+    try:
+        for p, rec in zip(ps, recs):
+            ops.unmerge_(p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
+            done += 1
+    except BaseException as e:  # (the failing part: as it was)
+        err = e
+    settled = _settle(weight, err, where)
+    if settled is None:
+        return
+
+    def again(i, p):
+        recs[i] = ops.merge_(p.weight, p.lora_A, p.lora_B, scale, lossless=records is not None, **p.layout)
+    _put_back(settled, [functools.partial(again, i, p) for i, p in enumerate(ps[:done])], where)
+    if records is not None:
+        settled.record = recs
+    raise settled
 
 
 def swap_parts(weight: Tensor, old: List[Part], new: List[Part], old_scale: float, new_scale: float,
                records: Optional[list], where: str) -> list:
     """ops.swap_ of each part of this rank's shard from the old adapter (`records`: its lossless records, one per
     part, or None) to the new one; the new records. An error in any part on any rank puts every part back on every
-    rank and raises, with the old adapter's records in the error's `record` (lossless), or, where some part could
-    only be given back as the base (ops.swap_'s `weight_is_base`), with every part on every rank unmerged to the
-    base and `weight_is_base` set."""
+    rank and raises, with the old adapter's records in the error's `record` (lossless); where some part anywhere
+    could not be put back (ops.swap_'s `weight_is_base`, or a put-back that failed), every part on every rank is
+    unmerged to the base instead and `weight_is_base` set (a second agreement, on this path only)."""
     from . import ops
+    recs = list(records) if records is not None else [None] * len(old)
     out, err = [], None
     try:
-        for po, pn, rec in zip(old, new, records or [None] * len(old)):
+        for po, pn, rec in zip(old, new, recs):
             out.append(ops.swap_(po.weight, po.lora_A, po.lora_B, old_scale, pn.lora_A, pn.lora_B, new_scale,
                                  check_values=False, record=rec, **po.layout))
     except BaseException as e:  # (the failing part: the old adapter merged back, ops.swap_'s promise)
@@ -322,28 +362,58 @@ def swap_parts(weight: Tensor, old: List[Part], new: List[Part], old_scale: floa
     settled = _settle(weight, err, where)
     if settled is None:
         return out
-    back = [ops.swap_(pn.weight, pn.lora_A, pn.lora_B, new_scale, po.lora_A, po.lora_B, old_scale,
-                      check_values=False, record=rec, **po.layout) for po, pn, rec in zip(old, new, out)]
-    if records is not None:
-        base_here = err is not None and getattr(err, "weight_is_base", False)
-        # the failing part: the base, or the old adapter merged back (its record on the error), or as it was
-        failed = [] if len(out) == len(old) else [None if base_here else getattr(err, "record", records[len(out)])]
-        now = back + failed + list(records[len(back) + len(failed):])
-        settled.record = now
-        _, worst = _all_agree(weight, torch.zeros(_WIDTH, dtype=torch.float64), _FAILED if base_here else _OK)
-        if worst == _FAILED:  # a part somewhere holds the base: every part everywhere goes to the base
-            for po, rec in zip(old, now):
-                if rec is not None:
-                    ops.unmerge_(po.weight, po.lora_A, po.lora_B, old_scale, record=rec, **po.layout)
-            settled.weight_is_base = True
+    # what each part holds: (0 the old adapter, 1 the new one or None the base; its record)
+    held = [(1, rec) for rec in out]
+    if len(out) < len(old):
+        held.append((None, None) if getattr(err, "weight_is_base", False)
+                    else (0, getattr(err, "record", recs[len(out)])))  # (no record on the error: as it was)
+        held += [(0, rec) for rec in recs[len(held):]]
+    pairs = list(zip(old, new))
+
+    def back(i):
+        po, pn = pairs[i]
+        try:
+            held[i] = (0, ops.swap_(pn.weight, pn.lora_A, pn.lora_B, new_scale, po.lora_A, po.lora_B, old_scale,
+                                    check_values=False, record=held[i][1], **po.layout))
+        except BaseException as e:  # ops.swap_'s promise: the new adapter merged back, or the base
+            held[i] = (None, None) if getattr(e, "weight_is_base", False) else (1, getattr(e, "record", held[i][1]))
+            raise
+    _put_back(settled, [functools.partial(back, i) for i in range(len(out))], where)
+    stuck = any(k != 0 for k, _ in held)
+    _, worst = _all_agree(weight, torch.zeros(_WIDTH, dtype=torch.float64), _FAILED if stuck else _OK)
+    if worst != _FAILED:
+        if records is not None:
+            settled.record = [rec for _, rec in held]
+        raise settled
+
+    def to_base(i):
+        k, rec = held[i]
+        if k is not None:
+            p, s = pairs[i][k], (old_scale, new_scale)[k]
+            ops.unmerge_(p.weight, p.lora_A, p.lora_B, s, record=rec, **p.layout)
+    # a part somewhere holds another than the old adapter: every part everywhere goes to the base
+    _put_back(settled, [functools.partial(to_base, i) for i in range(len(held))], where)
+    settled.weight_is_base = True
     raise settled
 
 
-def _whole(weight: Tensor, op) -> object:
+def _whole(weight: Tensor, op, where: str, record=None) -> object:
     """op(the whole weight) for a layer whose record was made before its weight was sharded (one record for the
-    whole weight): every rank applies it to the gathered weight and keeps its shard (one weight-sized gather)."""
+    whole weight): every rank applies it to the gathered weight and keeps its shard (one weight-sized gather). An
+    error on any rank (`_settle`) leaves every shard as it was: the error's `record` is `record` again (the one the
+    shard still goes with), whatever the op said of the gathered copy."""
     whole = full(weight)
-    result = op(whole)
+    result, err = None, None
+    try:
+        result = op(whole)
+    except BaseException as e:
+        err = e
+    settled = _settle(weight, err, where)
+    if settled is not None:
+        settled.weight_is_base = False
+        if record is not None:
+            settled.record = record
+        raise settled
     copy_into(weight, whole, check=False)
     return result
 
@@ -366,10 +436,12 @@ def unmerge_(weight, lora_A, lora_B, scale, *, record=None, where="unmerge", **l
     else:
         A, B = full(lora_A), full(lora_B)
     if isinstance(record, lossless_module.MergeRecord):
-        return _whole(weight, lambda w: ops.unmerge_(_view2d(w, A), A, B, scale, record=record, **layout))
+        return _whole(weight, lambda w: ops.unmerge_(_view2d(w, A), A, B, scale, record=record, **layout), where,
+                      record)
     ps = parts(weight, A, B, where=where, **layout)
-    records = record if record is not None else [None] * len(ps)
-    for p, rec in zip(ps, records):
+    if isinstance(weight, torch.nn.Parameter):  # the live weight: every rank unmerges, or none does
+        return unmerge_parts(weight, ps, scale, record, where)
+    for p, rec in zip(ps, record if record is not None else [None] * len(ps)):
         ops.unmerge_(p.weight, p.lora_A, p.lora_B, scale, record=rec, **p.layout)
 
 
@@ -391,7 +463,8 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, *, record=No
         old_A, old_B, new_A, new_B = (full(t) for t in (old_A, old_B, new_A, new_B))
     if isinstance(record, lossless_module.MergeRecord):
         return _whole(weight, lambda w: ops.swap_(_view2d(w, old_A), old_A, old_B, old_scale, new_A, new_B,
-                                                  new_scale, check_values=False, record=record, **layout))
+                                                  new_scale, check_values=False, record=record, **layout), where,
+                      record)
     out = swap_parts(weight, parts(weight, old_A, old_B, where=where, **layout),
                      parts(weight, new_A, new_B, where=where, **layout), old_scale, new_scale, record, where)
     return out if record is not None else None

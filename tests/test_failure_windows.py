@@ -255,10 +255,11 @@ def _local_bits(layer):
 def sharded_failure_case(rank, world, style, op, fail_rank, mode):
     layer = _sharded_layer(style)
     base = _local_bits(layer)
-    if op == "switch":
+    if op in ("switch", "unmerge"):
         layer.eval()
     before = _local_bits(layer)
-    real = ops.swap_ if op == "switch" else ops.merge_
+    name = {"switch": "swap_", "merge": "merge_", "unmerge": "unmerge_"}[op]
+    real = getattr(ops, name)
     calls = []
 
     def failing(*args, **kwargs):
@@ -273,12 +274,13 @@ def sharded_failure_case(rank, world, style, op, fail_rank, mode):
             raise err
         return real(*args, **kwargs)
 
-    name = "swap_" if op == "switch" else "merge_"
     setattr(ops, name, failing)
     out = {}
     try:
         if op == "switch":
             layer.set_adapter("b")
+        elif op == "unmerge":
+            layer.train()
         else:
             layer.eval()
         out["error"] = None
@@ -299,8 +301,9 @@ def sharded_failure_case(rank, world, style, op, fail_rank, mode):
 
 
 @pytest.mark.parametrize("style,op,mode", [("fsdp", "merge", "back"), ("fsdp", "switch", "back"),
-                                           ("fsdp", "switch", "base"), ("tp", "merge", "back"),
-                                           ("tp", "switch", "back"), ("tp", "switch", "base")])
+                                           ("fsdp", "switch", "base"), ("fsdp", "unmerge", "back"),
+                                           ("tp", "merge", "back"), ("tp", "switch", "back"),
+                                           ("tp", "switch", "base"), ("tp", "unmerge", "back")])
 def test_an_error_in_one_part_on_one_rank_puts_every_rank_back(style, op, mode):
     from dist import run_ranks
     results = run_ranks(sharded_failure_case, style, op, 1, mode, timeout=150)
@@ -313,7 +316,7 @@ def test_an_error_in_one_part_on_one_rank_puts_every_rank_back(style, op, mode):
         assert r["active"] == "default", (rank, r)
         if op == "merge" or mode == "base":
             assert not r["merged"] and r["is_base"], (rank, r)
-        else:
+        else:  # a switch put back, or an unmerge merged again: still merged, bit for bit as before
             assert r["merged"] and r["is_before"], (rank, r)
         assert r["weight_is_base"] == (mode == "base"), (rank, r)
         assert r["train_base"] and r["cycle_base"], (rank, r)
