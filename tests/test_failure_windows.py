@@ -167,6 +167,29 @@ def test_a_take_back_that_fails_too_says_so_on_the_error(monkeypatch):
     assert "illegal memory access" in notes[0]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["merge", "swap"])
+def test_cuda_a_pass_whose_record_fails_is_taken_back(cuda, monkeypatch, op):
+    """On the device: the take-back sorts the pass's exception list on the host and copies it back in place (no
+    device memory); the weight, bit for bit as before (a swap: the old merge, made on this backend)."""
+    w0 = _weight(1200).to(cuda.device)
+    (a1, b1), (a2, b2) = _adapter(1), _adapter(2)
+    old = (a1.to(cuda.device), b1.to(cuda.device), 0.5)
+    new = (a2.to(cuda.device), b2.to(cuda.device), -0.75)
+    w = w0.clone()
+    rec = ops.merge_(w, *old, lossless=True) if op == "swap" else None
+    before = w.clone()
+    monkeypatch.setattr(ops, "MergeRecord", _FailingRecord(RuntimeError("CUDA out of memory (injected)")))
+    with pytest.raises(RuntimeError, match="injected"):
+        if op == "swap":
+            ops.swap_(w, *old, *new, record=rec)
+        else:
+            ops.merge_(w, *new, lossless=True)
+    monkeypatch.undo()
+    cuda.synchronize()
+    assert _same(w.cpu(), before.cpu())
+
+
 def _layer(w0, adapters):
     layer = lora_ext.Linear(IN, OUT, r=4, lora_alpha=4, lossless=True).to(w0.dtype).requires_grad_(False)
     (a, b, s), rest = adapters[0], adapters[1:]
