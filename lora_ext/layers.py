@@ -45,11 +45,12 @@ _OPERANDS = ("weight", "bias", "lora_A", "lora_B")
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` would run any hook (nn.Module._call_impl's own test)."""
+    """Whether calling `module` would run more than its class's forward: any hook (nn.Module._call_impl's own
+    test), or a `forward` set on the instance (accelerate's add_hook_to_module wraps it there)."""
     m = _nn_module
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
-                or m._global_backward_hooks or m._global_backward_pre_hooks)
+    return bool("forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks
+                or module._backward_hooks or module._backward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
 class LoRALayer(NamedAdapters):
@@ -134,7 +135,7 @@ class LoRALayer(NamedAdapters):
             served = batches.get(self) if batches is not None else None
             if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
                 return served.forward(self, x)
-            if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_param()):
+            if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_or_none()):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
                 if self.__dict__.get("_tp") is None:
                     parallel.check_stock_style(self)
@@ -178,7 +179,7 @@ class LoRALayer(NamedAdapters):
         """Whether `state_dict` hands this layer its own live weight, written in place since the layer's last write
         (torch.distributed.checkpoint's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True) copies
         rank 0's values into the live parameters, then loads them into themselves). False when unknown."""
-        if state_dict.get(prefix + self._weight_key) is not self._weight_param():
+        if state_dict.get(prefix + self._weight_key) is not self._weight_or_none():
             return False
         w, record = sharded.local(self._weight_param()), self.__dict__.get("_written")
         return record is not None and record[0] == w.untyped_storage().data_ptr() and record[1] != w._version
@@ -245,17 +246,40 @@ class LoRALayer(NamedAdapters):
             self._stamp_finite(MERGED, known)
 
     def _weight_param(self) -> Tensor:
-        return self._parameters["weight"]  # ConvLoRA: its conv's
+        """The weight parameter, which merges write in place (ConvLoRA: its conv's). A KeyError naming the layer
+        when the weight is not a registered parameter (a parametrization, weight_norm or pruning put a computed
+        tensor in its place: a merge into that would write a temporary)."""
+        owner = self._weight_owner()
+        if "weight" not in owner._parameters:
+            raise KeyError(f"{self._describe()}: its weight is not a registered parameter (a parametrization, "
+                           f"weight_norm or pruning computes it); merges write the weight in place and cannot "
+                           f"write through that: remove it first (e.g. torch.nn.utils.parametrize."
+                           f"remove_parametrizations(layer, 'weight'))")
+        return owner._parameters["weight"]
+
+    def _weight_owner(self) -> nn.Module:
+        return self
+
+    def _weight_or_none(self) -> Optional[Tensor]:
+        """The weight parameter, or None where it is not a registered parameter (forwards read it as an
+        attribute then)."""
+        return self._weight_owner()._parameters.get("weight")
 
     def _operands(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor]:
         """(x after lora_dropout, weight, bias, lora_A, lora_B) for an unmerged forward, read from the module's
         own dicts. nn.Module's attribute lookup costs about 0.5 us of host time per name and calling the identity
         dropout about 1 us: together as much host time as a small GPU forward takes (bench/NOTES-forward.md).
         A name that is not a registered parameter (torch.nn.utils.parametrize, weight_norm) is read as an
-        attribute; an identity dropout with hooks is called."""
+        attribute; an identity dropout with hooks, or whose instance `forward` was replaced (accelerate's
+        add_hook_to_module), is called."""
         params = self._parameters
-        drop = self._modules["lora_dropout"]
-        x_lora = x if type(drop) is nn.Identity and not _hooked(drop) else drop(x)
+        drop = self._modules.get("lora_dropout")
+        if drop is None:
+            x_lora = self.lora_dropout(x)  # a plain callable (loralib's `lambda x: x`)
+        elif type(drop) is nn.Identity and not _hooked(drop):
+            x_lora = x
+        else:
+            x_lora = drop(x)
         return (x_lora, *(params[n] if n in params else getattr(self, n) for n in _OPERANDS))
 
     def _merge_into(self, weight: Tensor, A: Tensor, B: Tensor, s: float, exact: bool):
@@ -421,7 +445,7 @@ class LoRALayer(NamedAdapters):
 
     def state_dict(self, *args, **kwargs):
         with self._lock:
-            self._streams.read(self._weight_param().device)
+            self._streams.read(self._weight_owner().weight.device)
             state = nn.Module.state_dict(self, *args, **kwargs)
             if self.merged and self._merged_A is not None:
                 prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
@@ -438,7 +462,7 @@ class LoRALayer(NamedAdapters):
                                f"serves this layer would change it under the batch's rows; load after the block "
                                f"closes")
         with self._lock:
-            self._streams.write(self._weight_param().device)
+            self._streams.write(self._weight_owner().weight.device)
             if self.merged and self._merged_A is not None:
                 incoming = [state_dict.get(prefix + k) for k in ("lora_A", "lora_B")]
                 if any(isinstance(t, Tensor) for t in incoming):  # refused before the base is touched
@@ -651,8 +675,8 @@ class ConvLoRA(LoRALayer, nn.Module):
                              f".to(memory_format=torch.contiguous_format) to merge, or keep it unmerged")
         return weight.view(self.lora_B.shape[0], self.lora_A.shape[1])
 
-    def _weight_param(self):
-        return self.conv.weight
+    def _weight_owner(self):
+        return self.conv
 
     def _weight_2d(self):
         w = self.conv.weight

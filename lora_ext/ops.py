@@ -57,12 +57,23 @@ class Kernels:
         # (Tensor.is_cuda / is_cpu: a quarter of the host time of t.device.type, on every forward)
         self._flag = {"cuda": "is_cuda", "cpu": "is_cpu"}.get(device_type)
 
-    def takes(self, t) -> bool:
-        """Whether tensor t goes to these kernels (float64 and other devices go to the reference)."""
-        if self.module is None or not isinstance(t, Tensor):
+    def takes(self, t, *others) -> bool:
+        """Whether an op on tensor t (with the tensors `others` beside it) goes to these kernels: float64 and other
+        devices go to the reference, and so do tensor subclasses (a wrapper such as DTensor's has no storage the
+        kernels could read: the launchers crashed the process on one) and every tensor under a torch.func transform
+        (vmap, functionalize: the same, for their wrapped tensors)."""
+        if self.module is None or not isinstance(t, Tensor) or torch._C._are_functorch_transforms_active():
             return False
         here = getattr(t, self._flag) if self._flag is not None else t.device.type == self.device_type
-        return here and t.dtype in KERNEL_DTYPES
+        if not (here and t.dtype in KERNEL_DTYPES and type(t) in _PLAIN):
+            return False
+        for o in others:
+            if type(o) not in _PLAIN and isinstance(o, Tensor):
+                return False
+        return True
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)  # the tensor types the kernels take (type(t) in it: subclasses not)
 
 
 _kernels = Kernels(_C, "cuda")
@@ -89,10 +100,11 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def _fast_path(t, differentiable=()):
+def _fast_path(t, differentiable=(), also=()):
     """The one fast-path predicate: an eager call (torch.compile is not tracing it) whose tensor t the
-    kernels take and whose differentiable inputs need no gradient."""
-    return _kernels.takes(t) and not torch.compiler.is_compiling() and not _needs_grad(*differentiable)
+    kernels take (with the tensors in `differentiable` and `also` beside it) and whose differentiable inputs
+    need no gradient."""
+    return _kernels.takes(t, *differentiable, *also) and not torch.compiler.is_compiling() and not _needs_grad(*differentiable)
 
 
 def _launch(impl: Callable, args: tuple, check: Callable):
@@ -198,7 +210,7 @@ def _layer_shape(weight, transposed):
 
 
 def _merge_impl(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
-    if _kernels.takes(weight):
+    if _kernels.takes(weight, lora_A, lora_B):
         _kernels.module.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), scale, num_blocks,
                                block_ids, transposed)
     else:
@@ -242,7 +254,7 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_
     if lossless:
         _check_merge_args(*args)
         return _lossless_pass(weight, None, None, args[1:4], *args[4:], "merge_")
-    if args[5] and _fast_path(weight):
+    if args[5] and _fast_path(weight, also=(lora_A, lora_B)):
         _launch(_merge_impl, args, _check_merge_args)
     else:
         if not _check_merge_args(*args):
@@ -280,7 +292,7 @@ def _lossless_pass(weight, old, record, new, num_blocks, block_ids, transposed, 
         record.check_for(weight, num_blocks, block_ids, transposed, where)
     n, rows, cols, _ = lossless.region(weight, num_blocks, block_ids, transposed)
     limit = lossless.exception_limit(n * rows * cols)
-    if _kernels.takes(weight):
+    if _kernels.takes(weight, *(t for pair in (old, new) if pair is not None for t in pair[:2])):
         rec = _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
     elif new is None:
         lossless.unmerge_(weight, *old, record, num_blocks, block_ids, transposed)
@@ -449,7 +461,7 @@ def _check_values(adapters, weight_dtype=None):
 
 
 def _swap_impl(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):
-    if _kernels.takes(weight):
+    if _kernels.takes(weight, old_A, old_B, new_A, new_B):
         a1, b1, a2, b2 = _kernel_factors(weight.dtype, old_A, old_B, new_A, new_B)
         _kernels.module.swap_(weight, a1, b1, old_scale, a2, b2, new_scale, num_blocks, block_ids, transposed)
     else:
@@ -492,7 +504,8 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
     args = (weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), num_blocks,
             list(block_ids), bool(transposed))
     # the value checks below read the factors before any launcher sees them
-    fast = bool(args[8]) and _fast_path(weight) and all(isinstance(t, Tensor) for t in (old_A, old_B, new_A, new_B))
+    fast = (bool(args[8]) and all(isinstance(t, Tensor) for t in (old_A, old_B, new_A, new_B))
+            and _fast_path(weight, also=(old_A, old_B, new_A, new_B)))
     if record is not None:
         fast = False
     if not fast and not _check_swap_args(*args):
@@ -522,7 +535,7 @@ def _delta_shape(lora_A, lora_B, num_blocks, block_ids, transposed):
 
 
 def _delta_impl(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype):
-    if not (_kernels.takes(lora_A) and dtype in KERNEL_DTYPES):
+    if not (_kernels.takes(lora_A, lora_B) and dtype in KERNEL_DTYPES):
         return reference.delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
     out = lora_A.new_empty(_delta_shape(lora_A, lora_B, num_blocks, block_ids, transposed), dtype=dtype)
     _kernels.module.delta_weight_(out, *_kernel_factors(dtype, lora_A, lora_B), scale, num_blocks, block_ids,
@@ -580,7 +593,7 @@ def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, *, out_features: 
 
 def _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
                  scale_tensor=None):
-    if _kernels.takes(x):
+    if _kernels.takes(x, x_lora, weight, bias, lora_A, lora_B, scale_tensor):
         return _kernels.module.linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids,
                                       fan_in_fan_out, scale_tensor)
     return reference.linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out)
@@ -707,7 +720,7 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
                           fan_in_fan_out=fan_in_fan_out, scale_tensor=scale_tensor)
     args = (x, x_lora, weight, bias, lora_A, lora_B, float(scale), num_blocks, list(block_ids),
             bool(fan_in_fan_out))
-    if _fast_path(x, args[:6]):
+    if _fast_path(x, args[:6], also=(scale_tensor,)):
         return _launch(_kernels.module.linear, (*args, scale_tensor), _check_linear_args)
     if not _check_linear_args(*args):
         return torch.nn.functional.linear(x, weight.t() if fan_in_fan_out else weight, bias)
@@ -723,7 +736,7 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
 def _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse,
                     scale_tensor=None):
     """scale_grad_by_freq and sparse shape only the gradient, so the kernel does not take them."""
-    if _kernels.takes(weight):
+    if _kernels.takes(weight, ids, lora_A, lora_B, scale_tensor):
         return _kernels.module.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_tensor)
     return reference.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
 
@@ -776,7 +789,7 @@ def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale
     _check_scale(scale)
     args = (ids, weight, lora_A, lora_B, float(scale), padding_idx, bool(scale_grad_by_freq), bool(sparse))
     # max_norm writes the weight before the lookup: checked first, whatever the path.
-    fast = max_norm is None and _fast_path(weight, (weight, lora_A, lora_B))
+    fast = max_norm is None and _fast_path(weight, (weight, lora_A, lora_B), also=(ids, scale_tensor))
     if fast:
         return _launch(_embedding_impl, (*args, scale_tensor), _check_embedding_args)
     _check_embedding_args(*args)
@@ -795,7 +808,7 @@ def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale
 
 
 def _batched_impl(kind, out, x, a_slots, b_slots, scales, index, tokens_per_index):
-    if _kernels.takes(out):
+    if _kernels.takes(out, x, a_slots, b_slots, scales, index, tokens_per_index):
         return getattr(_kernels.module, f"batched_{kind}_")(out, x, a_slots, b_slots, scales, index,
                                                            tokens_per_index)
     cpu = _cpu_batched(out, x, kind)
@@ -876,7 +889,8 @@ def _batched(kind, out, x, a_slots, b_slots, scales, index, tokens_per_index):
     if _needs_grad(out, x, a_slots, b_slots):
         raise RuntimeError(f"lora_ext.ops.batched_{kind}_ serves inference and records no gradient: call it under "
                            f"torch.no_grad() or torch.inference_mode(), on tensors that do not require grad")
-    if _fast_path(out) or (_cpu_batched(out, x, kind) is not None and not torch.compiler.is_compiling()):
+    if (_fast_path(out, also=(x, a_slots, b_slots, scales, index, tokens_per_index))
+            or (_cpu_batched(out, x, kind) is not None and not torch.compiler.is_compiling())):
         # the CUDA launchers and the C++ CPU loops check every argument themselves
         return _launch(functools.partial(_batched_impl, kind), args, functools.partial(_check_batched_args, kind))
     _check_batched_args(kind, *args)

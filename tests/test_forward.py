@@ -554,3 +554,96 @@ def test_a_parametrized_factor_is_read_through_its_parametrization(which):
     out.sum().backward()
     grad = layer.parametrizations.lora_A.original.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch.func transforms: their wrapped tensors have no storage the kernels could read (functionalize's crashed the
+# process in the launcher, vmap's raised "Cannot access data pointer"); under a transform every op takes the
+# reference path
+
+
+def _func_cases(device):
+    torch.manual_seed(5)
+    layers = [lora_ext.Linear(8, 6, r=2, lora_alpha=3), lora_ext.Linear(8, 6, r=2, lora_alpha=3, fan_in_fan_out=True),
+              lora_ext.MergedLinear(8, 9, r=2, lora_alpha=3, enable_lora=[True, False, True])]
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B)
+        layer.requires_grad_(False).to(device)
+    return layers
+
+
+def _check_func_transforms(device):
+    for layer in _func_cases(device):
+        x = torch.randn(5, 8, device=device)
+        want = _expected64(layer.cpu(), x.cpu())
+        layer.to(device)
+        with torch.no_grad():
+            got = {"functionalize": torch.func.functionalize(layer)(x), "vmap": torch.func.vmap(layer)(x),
+                   "eager": layer(x)}
+        for how, out in got.items():
+            torch.testing.assert_close(out.cpu().double(), want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{how}: {m}")
+
+
+@requires_sim
+def test_func_transforms_of_the_layers_under_the_simulator():
+    with ops.use_kernels(_sim, "cpu"):
+        _check_func_transforms("cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_func_transforms_of_the_layers(cuda):
+    _check_func_transforms(cuda.device)
+
+
+class _Calls:
+    """Stands in for a kernels module, recording the names of the functions called on it."""
+
+    def __init__(self, module):
+        self.module, self.names = module, []
+
+    def __getattr__(self, name):
+        self.names.append(name)
+        return getattr(self.module, name)
+
+
+def _check_subclass_operands(device, kernels):
+    """Operands that are wrapper subclasses (TwoTensor: two plain tensors behind a storage-less wrapper, as a
+    DTensor is) go to the reference: the launchers read storage such a tensor does not have (a segfault before).
+    All operands wrapped: the result matches float64. One operand wrapped (TwoTensor's mixed in-place semantics
+    are its own): the kernels are not called, and the call returns."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    torch.manual_seed(6)
+    w, b = torch.randn(6, 8, device=device), torch.randn(6, device=device)
+    A, B = torch.randn(2, 8, device=device), torch.randn(6, 2, device=device)
+    x = torch.randn(5, 8, device=device)
+    want = (x.double() @ w.double().t() + b.double() + 0.5 * (x.double() @ A.double().t() @ B.double().t())).cpu()
+    merged = (w.double() + 0.5 * B.double() @ A.double()).cpu()
+
+    def two(t):
+        return TwoTensor(t, t.clone())
+    calls = _Calls(kernels)
+    with torch.no_grad(), ops.use_kernels(calls, device.type if isinstance(device, torch.device) else device):
+        out = ops.linear(*(two(t) for t in (x, x, w, b, A, B)), 0.5)
+        torch.testing.assert_close(out.a.cpu().double(), want, atol=1e-5, rtol=1e-5)
+        W = two(w.clone())
+        ops.merge_(W, two(A), two(B), 0.5)
+        torch.testing.assert_close(W.a.cpu().double(), merged, atol=1e-5, rtol=1e-5)
+        for i in range(6):
+            args = [x, x, w, b, A, B]
+            args[i] = two(args[i])
+            assert ops.linear(*args, 0.5).shape == (5, 6)
+        for i in range(3):
+            args = [w.clone(), A, B]
+            args[i] = two(args[i])
+            ops.merge_(*args, 0.5)
+    assert calls.names == [], calls.names
+
+
+@requires_sim
+def test_tensor_subclass_operands_go_to_the_reference_under_the_simulator():
+    _check_subclass_operands("cpu", _sim)
+
+
+@pytest.mark.gpu
+def test_cuda_tensor_subclass_operands_go_to_the_reference(cuda):
+    _check_subclass_operands(cuda.device, cuda.kernels)
