@@ -107,6 +107,13 @@ def _fast_path(t, differentiable=(), also=()):
     return _kernels.takes(t, *differentiable, *also) and not torch.compiler.is_compiling() and not _needs_grad(*differentiable)
 
 
+def _functorch() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, functionalize) runs this eager call: the custom ops'
+    autograd is not functorch-aware ("an autograd.Function ... must override setup_context"), so the ops run the
+    reference's torch ops, which functorch transforms itself."""
+    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+
+
 def _launch(impl: Callable, args: tuple, check: Callable):
     """impl(*args) without the Python checks; when the launcher refuses, `check(*args)` words the refusal
     in this API's names (it raises when it sees the problem; else the launcher's own message stands)."""
@@ -584,6 +591,8 @@ def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, *, out_features: 
     args = (lora_A, lora_B, float(scale), num_blocks, ids, bool(transposed), dtype or lora_A.dtype)
     if _fast_path(lora_A, (lora_A, lora_B)):
         return _delta_impl(*args)  # checked above: this op's checks cost little beside a dense output
+    if _functorch():
+        return reference.delta_weight(*args)
     return _delta_weight_op(*args)
 
 
@@ -725,6 +734,8 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     if not _check_linear_args(*args):
         return torch.nn.functional.linear(x, weight.t() if fan_in_fan_out else weight, bias)
     if torch.compiler.is_compiling() or _needs_grad(*args[:6]):
+        if _functorch():
+            return reference.linear(*args)
         return _linear_op(*args)
     return _linear_impl(*args)
 
@@ -797,6 +808,8 @@ def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale
         with torch.no_grad():
             torch.embedding_renorm_(weight, ids.contiguous(), max_norm, norm_type)
     if torch.compiler.is_compiling() or _needs_grad(weight, lora_A, lora_B):
+        if _functorch():
+            return reference.embedding(*args)
         return _embedding_op(*args)
     return _embedding_impl(*args)
 

@@ -647,3 +647,70 @@ def test_tensor_subclass_operands_go_to_the_reference_under_the_simulator():
 @pytest.mark.gpu
 def test_cuda_tensor_subclass_operands_go_to_the_reference(cuda):
     _check_subclass_operands(cuda.device, cuda.kernels)
+
+
+def _loss64(layer, x, g, A, B):
+    """sum(layer(x) * g) in float64 from the layer's weight and bias and the factors A, B (differentiable in them):
+    x W^T + b + s (x A^T) B^T (MergedLinear: B's rows to the enabled blocks), or for an Embedding
+    W[x] + s A^T[x] B^T."""
+    w = layer.weight.detach().double()
+    A, B = A.double(), B.double()
+    if isinstance(layer, lora_ext.Embedding):
+        out = w[x] + layer.scaling * A.t()[x] @ B.t()
+        return (out * g.double()).sum()
+    w = w.t() if layer.fan_in_fan_out else w
+    x = x.double()
+    if isinstance(layer, lora_ext.MergedLinear):
+        nb, r = w.shape[0] // len(layer.enable_lora), layer.r
+        parts = []
+        for e in range(len(layer.enable_lora)):
+            if e in layer._block_ids:
+                j = layer._block_ids.index(e)
+                parts.append(x @ A[j * r:(j + 1) * r].t() @ B[j * nb:(j + 1) * nb].t())
+            else:
+                parts.append(x.new_zeros(x.shape[0], nb))
+        update = torch.cat(parts, dim=1)
+    else:
+        update = x @ A.t() @ B.t()
+    out = x @ w.t() + layer.bias.detach().double() + layer.scaling * update
+    return (out * g.double()).sum()
+
+
+@pytest.mark.parametrize("which", ["linear", "linear_t", "merged", "embedding"])
+def test_func_grad_and_per_sample_grads_of_the_factors(which):
+    """torch.func.grad and vmap(grad) (per-sample gradients, as DP-SGD takes them) through a layer: before, the
+    custom ops' autograd raised ("an autograd.Function ... must override setup_context"); under a transform the ops
+    run the reference's torch ops. Against float64 autograd of the layer's formula written out here."""
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(7)
+    if which == "embedding":
+        layer = lora_ext.Embedding(10, 6, r=2, lora_alpha=3)
+        x = torch.randint(0, 10, (4, 3))
+        shape = (4, 3, 6)
+    else:
+        layer = {"linear": lambda: lora_ext.Linear(8, 6, r=2, lora_alpha=3),
+                 "linear_t": lambda: lora_ext.Linear(8, 6, r=2, lora_alpha=3, fan_in_fan_out=True),
+                 "merged": lambda: lora_ext.MergedLinear(8, 9, r=2, lora_alpha=3, enable_lora=[True, False, True]),
+                 }[which]()
+        x = torch.randn(4, 8)
+        shape = (4, layer.out_features)
+    torch.nn.init.normal_(layer.lora_B)
+    torch.nn.init.normal_(layer.lora_A)
+    g = torch.randn(shape)
+    params = {"lora_A": layer.lora_A.detach(), "lora_B": layer.lora_B.detach()}
+
+    def loss(p, xs, gs):
+        return (functional_call(layer, p, (xs,)) * gs).sum()
+    got = grad(loss)(params, x, g)
+    A = params["lora_A"].double().requires_grad_()
+    B = params["lora_B"].double().requires_grad_()
+    want = torch.autograd.grad(_loss64(layer, x, g, A, B), (A, B))
+    for name, w in zip(("lora_A", "lora_B"), want):
+        torch.testing.assert_close(got[name].double(), w, atol=1e-4, rtol=1e-4)
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.unsqueeze(1), g.unsqueeze(1))
+    for i in range(x.shape[0]):
+        A = params["lora_A"].double().requires_grad_()
+        B = params["lora_B"].double().requires_grad_()
+        want = torch.autograd.grad(_loss64(layer, x[i:i + 1], g[i:i + 1], A, B), (A, B))
+        for name, w in zip(("lora_A", "lora_B"), want):
+            torch.testing.assert_close(per_sample[name][i].double(), w, atol=1e-4, rtol=1e-4)
