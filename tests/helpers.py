@@ -129,6 +129,31 @@ def load_sim():
     return _sim
 
 
+def same_bits(a, b) -> bool:
+    """Whether two float tensors are the same bit for bit: dtype, shape and every bit pattern (NaN payloads, -0.0)."""
+    def bits(t):
+        return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def weight_with_infs(rows, cols, infs, dtype=torch.bfloat16, seed=0):
+    """A (rows, cols) weight of +-(0.2 +- 0.02) with `infs` +-inf at random places: under an update of ~1% of |W|
+    each inf needs a lossless exception and the finite values none, so the exception count is known."""
+    gen = torch.Generator().manual_seed(seed)
+    w = ((torch.randn(rows, cols, generator=gen) * 0.02 + 0.2)
+         * (torch.randint(0, 2, (rows, cols), generator=gen) * 2 - 1))
+    pick = torch.randperm(w.numel(), generator=gen)[:infs]
+    w.view(-1)[pick[::2]] = float("inf")
+    w.view(-1)[pick[1::2]] = float("-inf")
+    return w.to(dtype)
+
+
+def small_adapter(rows, cols, seed, r=4, mag=0.05):
+    """(lora_A (r, cols), lora_B (rows, r)) of float32 values ~ mag: updates ~1% of weight_with_infs' values."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(r, cols, generator=gen) * mag, torch.randn(rows, r, generator=gen) * mag
+
+
 class RecordingKernels:
     """lora_ext._sim for ops.use_kernels, recording each call's name (calls), the exception list's room of each
     lossless merge or swap (rooms) and `weight` after each call (after); failing with `exc` at call number

@@ -6,38 +6,22 @@ merge leaves the base, a swap merges the old adapter back) before the error goes
 The kernel backend is the simulator (lora_ext._sim) on the CPU. Exceptions are made certain without the code under
 test: +-inf weights always need one. Expected weights are the inputs themselves or a fresh simulator merge.
 """
+import functools
+
 import pytest
 import torch
 
 import lora_ext
-from helpers import RecordingKernels, load_sim, requires_sim
+from helpers import RecordingKernels, load_sim, requires_sim, same_bits, small_adapter, weight_with_infs
 from lora_ext import lossless, ops
 
 _sim = load_sim()
 OUT, IN = 40, 148  # 5920 elements: the kernels' first room is 1024 exceptions, the limit 1480
 
 
-def _bits(t):
-    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
-
-
-def _same(a, b):
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
-
-
-def _weight(infs, dtype=torch.bfloat16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    w = ((torch.randn(OUT, IN, generator=gen) * 0.02 + 0.2) * (torch.randint(0, 2, (OUT, IN), generator=gen) * 2 - 1))
-    flat = w.view(-1)
-    pick = torch.randperm(w.numel(), generator=gen)[:infs]
-    flat[pick[::2]] = float("inf")
-    flat[pick[1::2]] = float("-inf")
-    return w.to(dtype)
-
-
-def _adapter(seed, r=4, mag=0.05):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(r, IN, generator=gen) * mag, torch.randn(OUT, r, generator=gen) * mag
+_same = same_bits
+_weight = functools.partial(weight_with_infs, OUT, IN)  # (infs, dtype=bfloat16, seed=0)
+_adapter = functools.partial(small_adapter, OUT, IN)  # (seed, r=4, mag=0.05)
 
 
 class _FailingRecord:
