@@ -173,7 +173,10 @@ class LoRALayer(NamedAdapters):
         """Records the weight's storage and version counter as this layer's last write left them, so that a load
         that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place)."""
         w = sharded.local(self._weight_param())
-        self.__dict__["_written"] = (w.untyped_storage().data_ptr(), w._version)
+        try:
+            self.__dict__["_written"] = (w.untyped_storage().data_ptr(), w._version)
+        except RuntimeError:  # a wrapper subclass has no storage of its own: unknown (_written_in_place: False)
+            self.__dict__["_written"] = None
 
     def _written_in_place(self, state_dict, prefix) -> bool:
         """Whether `state_dict` hands this layer its own live weight, written in place since the layer's last write

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .readable import readable
 
 try:
     from . import _cpu
@@ -318,7 +319,10 @@ def _pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, wh
     """One lossless merge (old None), unmerge (new None) or switch over the enabled blocks of a CPU weight: the
     C++ pass (lora_ext._cpu, lossless_cpu.py: the same bits, one fused loop per row chunk) where it is built,
     else the pure-torch reference below."""
-    if _cpu is not None:
+    tensors = [weight] + [t for pair in (old, new) if pair is not None for t in pair[:2]]
+    if record is not None:
+        tensors += [record.codes, record.exc_index, record.exc_bits]
+    if _cpu is not None and readable(*tensors):
         from . import lossless_cpu
         return lossless_cpu.run_pass(_cpu, weight, old, record, new, num_blocks, block_ids, transposed, limit,
                                      where)

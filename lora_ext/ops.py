@@ -34,6 +34,7 @@ from torch import Tensor
 
 from . import lossless, reference, sharded
 from .lossless import MergeRecord
+from .readable import readable, transformed
 
 try:
     from . import _C
@@ -59,21 +60,12 @@ class Kernels:
 
     def takes(self, t, *others) -> bool:
         """Whether an op on tensor t (with the tensors `others` beside it) goes to these kernels: float64 and other
-        devices go to the reference, and so do tensor subclasses (a wrapper such as DTensor's has no storage the
-        kernels could read: the launchers crashed the process on one) and every tensor under a torch.func transform
-        (vmap, functionalize: the same, for their wrapped tensors)."""
-        if self.module is None or not isinstance(t, Tensor) or torch._C._are_functorch_transforms_active():
+        devices go to the reference, and so does whatever the kernels may not read (lora_ext.readable: tensor
+        subclasses, negative-bit views, tensors under a torch.func transform or forward-mode AD)."""
+        if self.module is None or not isinstance(t, Tensor):
             return False
         here = getattr(t, self._flag) if self._flag is not None else t.device.type == self.device_type
-        if not (here and t.dtype in KERNEL_DTYPES and type(t) in _PLAIN):
-            return False
-        for o in others:
-            if type(o) not in _PLAIN and isinstance(o, Tensor):
-                return False
-        return True
-
-
-_PLAIN = (Tensor, torch.nn.Parameter)  # the tensor types the kernels take (type(t) in it: subclasses not)
+        return here and t.dtype in KERNEL_DTYPES and readable(t, *others)
 
 
 _kernels = Kernels(_C, "cuda")
@@ -108,10 +100,10 @@ def _fast_path(t, differentiable=(), also=()):
 
 
 def _functorch() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, functionalize) runs this eager call: the custom ops'
-    autograd is not functorch-aware ("an autograd.Function ... must override setup_context"), so the ops run the
-    reference's torch ops, which functorch transforms itself."""
-    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+    """Whether a torch.func transform (grad, vmap, jacrev, functionalize) or forward-mode AD runs this eager call:
+    the custom ops' autograd is not functorch-aware ("an autograd.Function ... must override setup_context") and
+    has no forward-mode formula, so the ops run the reference's torch ops, which those see through."""
+    return transformed() and not torch.compiler.is_compiling()
 
 
 def _launch(impl: Callable, args: tuple, check: Callable):
@@ -832,7 +824,8 @@ def _batched_impl(kind, out, x, a_slots, b_slots, scales, index, tokens_per_inde
 
 def _cpu_batched(out, x, kind):
     """The C++ CPU loops (lora_ext._cpu) for CPU tensors they take, else None."""
-    if _cpu is None or not isinstance(out, Tensor) or out.device.type != "cpu" or out.dtype not in KERNEL_DTYPES:
+    if (_cpu is None or not isinstance(out, Tensor) or out.device.type != "cpu" or out.dtype not in KERNEL_DTYPES
+            or not readable(out, x)):
         return None
     return getattr(_cpu, f"batched_{kind}_", None)
 

@@ -165,7 +165,9 @@ def embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_fre
     """weight[ids] + scale * A^T[ids] B^T (A is (r, num_embeddings), B is (embedding_dim, r))."""
     out = F.embedding(ids, weight, padding_idx, None, 2.0, scale_grad_by_freq, sparse)
     dim = out.shape[-1]
-    t = F.embedding(ids.reshape(-1), lora_A.t()).to(out.dtype)
+    # (padding_idx and scale_grad_by_freq shape only lora_A's gradient: autograd through here, under torch.func,
+    # then matches embedding_backward's, as loralib's does)
+    t = F.embedding(ids.reshape(-1), lora_A.t(), padding_idx, None, 2.0, scale_grad_by_freq).to(out.dtype)
     out.view(-1, dim).addmm_(t, lora_B.to(out.dtype).t(), alpha=scale)
     return out
 
