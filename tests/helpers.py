@@ -154,6 +154,17 @@ def small_adapter(rows, cols, seed, r=4, mag=0.05):
     return torch.randn(r, cols, generator=gen) * mag, torch.randn(rows, r, generator=gen) * mag
 
 
+class CalledNames:
+    """Stands in for a kernels module (ops.use_kernels), recording the names of the functions looked up on it."""
+
+    def __init__(self, module):
+        self.module, self.names = module, []
+
+    def __getattr__(self, name):
+        self.names.append(name)
+        return getattr(self.module, name)
+
+
 class RecordingKernels:
     """lora_ext._sim for ops.use_kernels, recording each call's name (calls), the exception list's room of each
     lossless merge or swap (rooms) and `weight` after each call (after); failing with `exc` at call number

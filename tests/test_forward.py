@@ -13,8 +13,8 @@ import torch
 
 import lora_ext
 from lora_ext import ops
-from helpers import (KERNEL_DTYPES, PATTERNS, TOL, assert_close_rel, embedding64, linear64, load_sim, rel_err,
-                     requires_sim)
+from helpers import (KERNEL_DTYPES, PATTERNS, TOL, CalledNames, assert_close_rel, embedding64, linear64, load_sim,
+                     rel_err, requires_sim)
 
 _sim = load_sim()
 
@@ -595,17 +595,6 @@ def test_cuda_func_transforms_of_the_layers(cuda):
     _check_func_transforms(cuda.device)
 
 
-class _Calls:
-    """Stands in for a kernels module, recording the names of the functions called on it."""
-
-    def __init__(self, module):
-        self.module, self.names = module, []
-
-    def __getattr__(self, name):
-        self.names.append(name)
-        return getattr(self.module, name)
-
-
 def _check_subclass_operands(device, kernels):
     """Operands that are wrapper subclasses (TwoTensor: two plain tensors behind a storage-less wrapper, as a
     DTensor is) go to the reference: the launchers read storage such a tensor does not have (a segfault before).
@@ -621,7 +610,7 @@ def _check_subclass_operands(device, kernels):
 
     def two(t):
         return TwoTensor(t, t.clone())
-    calls = _Calls(kernels)
+    calls = CalledNames(kernels)
     with torch.no_grad(), ops.use_kernels(calls, device.type if isinstance(device, torch.device) else device):
         out = ops.linear(*(two(t) for t in (x, x, w, b, A, B)), 0.5)
         torch.testing.assert_close(out.a.cpu().double(), want, atol=1e-5, rtol=1e-5)

@@ -35,7 +35,7 @@ from torch.func import functional_call, grad, hessian, jacrev, jvp, vmap
 
 import lora_ext
 from lora_ext import ops, reference
-from helpers import load_sim, requires_sim
+from helpers import CalledNames, load_sim, requires_sim
 
 ROOT = Path(__file__).resolve().parent.parent
 _sim = load_sim()
@@ -50,17 +50,6 @@ def _run(code: str) -> subprocess.CompletedProcess:
     """Runs `code` in a fresh interpreter (a crash must not take the test process down)."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
-
-
-class _Calls:
-    """Stands in for a kernels module, recording the names of the functions called on it."""
-
-    def __init__(self, module):
-        self.module, self.names = module, []
-
-    def __getattr__(self, name):
-        self.names.append(name)
-        return getattr(self.module, name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -169,7 +158,7 @@ def test_wrapper_operands_of_delta_swap_and_plain_merge_never_reach_the_kernels(
     torch.manual_seed(8)
     w = torch.randn(6, 8)
     A, B, A2, B2 = torch.randn(2, 8) * 0.1, torch.randn(6, 2) * 0.1, torch.randn(3, 8) * 0.1, torch.randn(6, 3) * 0.1
-    calls = _Calls(_sim)
+    calls = CalledNames(_sim)
     with torch.no_grad(), ops.use_kernels(calls, "cpu"):
         for i in range(2):
             args = [A, B]
