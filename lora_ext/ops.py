@@ -96,7 +96,8 @@ def _fast_path(t, differentiable=(), also=()):
     """The one fast-path predicate: an eager call (torch.compile is not tracing it) whose tensor t the
     kernels take (with the tensors in `differentiable` and `also` beside it) and whose differentiable inputs
     need no gradient."""
-    return _kernels.takes(t, *differentiable, *also) and not torch.compiler.is_compiling() and not _needs_grad(*differentiable)
+    return (_kernels.takes(t, *differentiable, *also) and not torch.compiler.is_compiling()
+            and not _needs_grad(*differentiable))
 
 
 def _functorch() -> bool:
