@@ -96,7 +96,8 @@ def _fast_path(t, differentiable=(), also=()):
     """The one fast-path predicate: an eager call (torch.compile is not tracing it) whose tensor t the
     kernels take (with the tensors in `differentiable` and `also` beside it) and whose differentiable inputs
     need no gradient."""
-    return (_kernels.takes(t, *differentiable, *also) and not torch.compiler.is_compiling()
+    # (is_compiling first: dynamo cannot trace the transform query in lora_ext.readable)
+    return (not torch.compiler.is_compiling() and _kernels.takes(t, *differentiable, *also)
             and not _needs_grad(*differentiable))
 
 
@@ -104,7 +105,7 @@ def _functorch() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, functionalize) or forward-mode AD runs this eager call:
     the custom ops' autograd is not functorch-aware ("an autograd.Function ... must override setup_context") and
     has no forward-mode formula, so the ops run the reference's torch ops, which those see through."""
-    return transformed() and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and transformed()
 
 
 def _launch(impl: Callable, args: tuple, check: Callable):
@@ -897,7 +898,7 @@ def _batched(kind, out, x, a_slots, b_slots, scales, index, tokens_per_index):
         raise RuntimeError(f"lora_ext.ops.batched_{kind}_ serves inference and records no gradient: call it under "
                            f"torch.no_grad() or torch.inference_mode(), on tensors that do not require grad")
     if (_fast_path(out, also=(x, a_slots, b_slots, scales, index, tokens_per_index))
-            or (_cpu_batched(out, x, kind) is not None and not torch.compiler.is_compiling())):
+            or (not torch.compiler.is_compiling() and _cpu_batched(out, x, kind) is not None)):
         # the CUDA launchers and the C++ CPU loops check every argument themselves
         return _launch(functools.partial(_batched_impl, kind), args, functools.partial(_check_batched_args, kind))
     _check_batched_args(kind, *args)
