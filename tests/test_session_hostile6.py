@@ -125,6 +125,11 @@ def test_load_state_dict_assign_then_forward_and_grads(which):
     assert layer.lora_A.grad.abs().sum() > 0
 
 
+@pytest.mark.xfail(tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14), strict=False,
+                   raises=AssertionError,
+                   reason="torch 2.11's dynamo (the GPU machine's; rehearse_torch211.sh) installs no guard on a hook "
+                          "added after compiling: the compiled forward does not see it, as before 07db2f1 everywhere; "
+                          "2.12 and 2.13 not checked")
 @pytest.mark.parametrize("which", [0, 2], ids=["linear", "merged"])
 def test_hooks_added_after_compile_on_the_identity_dropout_are_seen(which):
     # (07db2f1 reads the hook dicts in the forward itself, so dynamo guards on them: before it, dynamo's
