@@ -252,13 +252,13 @@ class LoRALayer(NamedAdapters):
         """The weight parameter, which merges write in place (ConvLoRA: its conv's). A KeyError naming the layer
         when the weight is not a registered parameter (a parametrization, weight_norm or pruning put a computed
         tensor in its place: a merge into that would write a temporary)."""
-        owner = self._weight_owner()
-        if "weight" not in owner._parameters:
+        weight = self._weight_or_none()
+        if weight is None:
             raise KeyError(f"{self._describe()}: its weight is not a registered parameter (a parametrization, "
                            f"weight_norm or pruning computes it); merges write the weight in place and cannot "
                            f"write through that: remove it first (e.g. torch.nn.utils.parametrize."
                            f"remove_parametrizations(layer, 'weight'))")
-        return owner._parameters["weight"]
+        return weight
 
     def _weight_owner(self) -> nn.Module:
         return self

@@ -55,10 +55,8 @@ def _take_back(err, module, weight, old, new, made, num_blocks, block_ids, trans
     (W the base), and a swap's old adapter merged back, its record in `err.record` (bit for bit the weight before
     when the old merge was made on this backend); that failing too, `err.weight_is_base` (as ops.swap_ says)."""
     from .named_adapters import deferred_interrupt  # (named_adapters imports lossless, which imports this module)
-    nan_bf16, f16_payload = nan_modes()
     with deferred_interrupt():
-        module.lossless_pass_(weight, new[0], new[1], _f32(new[2]), *made, None, None, 0.0, None, None, 0.0,
-                              *layout, cap, nan_bf16, f16_payload)
+        _unmerge_pass(module, weight, new, made, layout, cap)
         if old is not None:
             try:
                 err.record = _run(module, weight, None, None, old, num_blocks, block_ids, transposed, math.inf,
@@ -66,6 +64,14 @@ def _take_back(err, module, weight, old, new, made, num_blocks, block_ids, trans
             except BaseException as again:  # (its own pass taken back: W the base)
                 err.weight_is_base = True
                 err.__context__ = again
+
+
+def _unmerge_pass(module, weight, adapter, made, layout, cap):
+    """The C++ pass that takes `adapter` back out of W with what its merge pass made (codes, exception list):
+    the base, bit for bit (escapes past the cap hold their base already)."""
+    nan_bf16, f16_payload = nan_modes()
+    module.lossless_pass_(weight, adapter[0], adapter[1], _f32(adapter[2]), *made, None, None, 0.0, None, None, 0.0,
+                          *layout, cap, nan_bf16, f16_payload)
 
 
 def _run(module, weight, old, record, new, num_blocks, block_ids, transposed, limit, where):
@@ -99,9 +105,7 @@ def _run(module, weight, old, record, new, num_blocks, block_ids, transposed, li
         _take_back(err, module, weight, old, new, (codes, exc_index, exc_bits), num_blocks, block_ids, transposed,
                    layout, cap, where)
         raise
-    if total > lim:
-        # the reference's rollback: unmerge with the record (escapes past the cap hold their base already)
-        module.lossless_pass_(weight, new[0], new[1], _f32(new[2]), codes, exc_index, exc_bits,
-                              None, None, 0.0, None, None, 0.0, *layout, cap, nan_bf16, f16_payload)
+    if total > lim:  # the reference's rollback: unmerge with the record
+        _unmerge_pass(module, weight, new, (codes, exc_index, exc_bits), layout, cap)
         raise lossless.ExceptionOverflow(lossless.overflow_message(where, total, lim, elements))
     return rec
