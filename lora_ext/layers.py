@@ -60,6 +60,7 @@ class LoRALayer(NamedAdapters):
     active adapter, and the snapshot of what it holds (`_merged_A`, `_merged_B`, `_merged_scaling`)."""
 
     _weight_key = "weight"
+    _broken: Optional[str] = None  # why the weight is unknown (see _writing); set in the instance's __dict__
 
     def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
                  lossless: Optional[bool] = None):
@@ -126,6 +127,8 @@ class LoRALayer(NamedAdapters):
         # mixed batches (lora_ext.batch_adapters) open in this context (ANY_OPEN first: see its comment)
         batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
         with self._guard():
+            if self._broken is not None:  # (under the lock; an attribute, not __dict__.get: dynamo guards on it)
+                self._check_sound()
             if not torch.compiler.is_compiling():
                 ddp = ddp_guard.running()  # the DDP whose forward runs this one on this thread, if any
                 if ddp is not None:
@@ -168,6 +171,37 @@ class LoRALayer(NamedAdapters):
         self._merged_scaling = scaling
         self.__dict__["_merged_record"] = record
         self._note_written()
+
+    def _check_sound(self) -> None:
+        """Refuses to go on with a weight that a failed write left unknown (see _writing)."""
+        broken = self.__dict__.get("_broken")
+        if broken is not None:
+            raise RuntimeError(broken)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """Around a write of the weight (`what`: merge, unmerge, switch). An error that says the weight holds what
+        no record describes (`weight_written`: the op failed, then so did putting the weight back) leaves the layer
+        broken: unmerged in its bookkeeping, and refusing forwards, merges, switches and state_dict, naming this
+        error, until load_state_dict brings the weight again. Without this it would serve, merge again or save a
+        weight it cannot describe."""
+        self._check_sound()
+        try:
+            yield
+        except BaseException as err:
+            if getattr(err, "weight_written", False):
+                msg = (f"{self._describe()}: a failed {what} left its weight unknown (an error, then another while "
+                       f"putting the weight back: {err!r}); the layer refuses forwards, merges, switches and "
+                       f"state_dict until its weight is loaded again (load_state_dict with the base weight)")
+                self.__dict__["_broken"] = msg
+                self._streams.retire(self._merged_A, self._merged_B)
+                self._buffers["_merged_A"], self._buffers["_merged_B"] = None, None
+                self._merged_scaling = None
+                self.__dict__["_merged_record"] = None
+                self._finite_stamps.pop(MERGED, None)
+                self.merged = False
+                err.add_note(f"lora_ext: {msg}")
+            raise
 
     def _note_written(self) -> None:
         """Records the weight's storage and version counter as this layer's last write left them, so that a load
@@ -238,7 +272,7 @@ class LoRALayer(NamedAdapters):
         self._streams.write(self._weight_2d().device)
         known = self._known_finite(self.active_adapter)
         snapshot = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
-        with deferred_interrupt():
+        with deferred_interrupt(), self._writing("merge"):
             try:
                 with torch.no_grad():
                     record = self._merge_into(self._weight_param(), *snapshot, exact)
@@ -312,7 +346,7 @@ class LoRALayer(NamedAdapters):
     def _unmerge(self):
         sharded.reshard_if_gathered(self)
         self._streams.write(self._weight_2d().device)
-        with deferred_interrupt():
+        with deferred_interrupt(), self._writing("unmerge"):
             try:
                 with torch.no_grad():
                     self._unmerge_from(self._weight_param())
@@ -334,7 +368,7 @@ class LoRALayer(NamedAdapters):
         self._fp16_room((self._merged_A, self._merged_B, self._merged_scaling), (lora_A, lora_B, scaling))
         self._streams.write(self._weight_2d().device)
         snapshot = (lora_A.clone(), lora_B.clone(), scaling)
-        with deferred_interrupt():
+        with deferred_interrupt(), self._writing("switch"):
             try:
                 with torch.no_grad():
                     record = self._swap_into(self._weight_param(), *snapshot)
@@ -361,7 +395,7 @@ class LoRALayer(NamedAdapters):
         unmerged: forwards add the adapter on the fly."""
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return super()._apply(fn, recurse)
-        with self._lock:
+        with self._lock, self._writing("move or dtype change"):
             w = self._weight_2d()
             new_dtype = fn(torch.empty(0, dtype=w.dtype, device=w.device)).dtype
             record = self._merged_record
@@ -448,6 +482,7 @@ class LoRALayer(NamedAdapters):
 
     def state_dict(self, *args, **kwargs):
         with self._lock:
+            self._check_sound()  # (a weight no record describes would be saved as the base)
             self._streams.read(self._weight_owner().weight.device)
             state = nn.Module.state_dict(self, *args, **kwargs)
             if self.merged and self._merged_A is not None:
@@ -483,6 +518,10 @@ class LoRALayer(NamedAdapters):
                 self._remerge_pending = True
             live = (self._parameters.get("lora_A"), self._parameters.get("lora_B"))
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+            loaded = state_dict.get(prefix + self._weight_key)
+            if self.__dict__.get("_broken") is not None and isinstance(loaded, Tensor) \
+                    and loaded.shape == self._weight_param().shape:
+                self.__dict__["_broken"] = None  # the weight is loaded (ConvLoRA: its conv loads it next)
             if any(self._parameters.get(k) is not p for k, p in zip(("lora_A", "lora_B"), live)):
                 # assign=True: the loaded tensors are the active adapter's own Parameters now, lent to no one
                 self.__dict__.update(_owner=None, _active_own=None)

@@ -375,14 +375,26 @@ def _pass_reference(weight, old, record, new, num_blocks, block_ids, transposed,
         rec = MergeRecord(codes, torch.cat(exc_i) if exc_i else torch.zeros(0, dtype=torch.long),
                           torch.cat(exc_b) if exc_b else torch.zeros(0, dtype=torch.int32), dtype,
                           tuple(weight.shape), num_blocks, tuple(block_ids), bool(transposed))
-    except BaseException:  # (the record too: until it exists, the written chunks go back)
-        _undo(weight, done, old, new, codes, exc_i, exc_b, n, num_blocks, block_ids, transposed)
+    except BaseException as err:  # (the record too: until it exists, the written chunks go back)
+        try:
+            _undo(weight, done, old, new, codes, exc_i, exc_b, n, num_blocks, block_ids, transposed)
+        except BaseException as again:
+            written_without_record(err, where, again, "chunks of this pass")
         raise
     limit = exception_limit(n * rows * cols) if limit is None else limit
     if rec.exceptions > limit:
         unmerge_(weight, *new, rec, num_blocks, block_ids, transposed)
         raise ExceptionOverflow(overflow_message(where, rec.exceptions, limit, n * rows * cols))
     return rec
+
+
+def written_without_record(err: BaseException, where: str, again: BaseException, holds: str) -> None:
+    """An op that wrote the weight failed (`err`), and giving the weight back failed too (`again`): the weight holds
+    `holds`, which no record describes. Says so in a note on `err` and sets `err.weight_written`, which a layer reads
+    to refuse its forwards and merges until its weight is loaded again (LoRALayer._writing)."""
+    err.add_note(f"lora_ext {where}: the weight could not be given back after this error ({again!r}); it holds "
+                 f"{holds} without a lossless record")
+    err.weight_written = True
 
 
 def describe(record: Optional[MergeRecord]) -> str:

@@ -53,10 +53,15 @@ def run_pass(module, weight, old, record, new, num_blocks, block_ids, transposed
 def _take_back(err, module, weight, old, new, made, num_blocks, block_ids, transposed, layout, cap, where):
     """A pass that wrote W and whose record was not made (`err`): the new adapter taken out with what the pass made
     (W the base), and a swap's old adapter merged back, its record in `err.record` (bit for bit the weight before
-    when the old merge was made on this backend); that failing too, `err.weight_is_base` (as ops.swap_ says)."""
+    when the old merge was made on this backend); that failing too, `err.weight_is_base` (as ops.swap_ says). If the
+    unmerge fails, `err.weight_written` and a note (lossless.written_without_record)."""
     from .named_adapters import deferred_interrupt  # (named_adapters imports lossless, which imports this module)
     with deferred_interrupt():
-        _unmerge_pass(module, weight, new, made, layout, cap)
+        try:
+            _unmerge_pass(module, weight, new, made, layout, cap)
+        except BaseException as again:
+            lossless.written_without_record(err, where, again, "the new adapter's merge")
+            return
         if old is not None:
             try:
                 err.record = _run(module, weight, None, None, old, num_blocks, block_ids, transposed, math.inf,

@@ -378,9 +378,7 @@ def _take_back(err, weight, f_new, layout, codes, exc_index, exc_bits, counter, 
             _kernels.module.unmerge_lossless_(weight, *f_new, *layout, codes, index, bits)
         return True
     except BaseException as again:
-        err.add_note(f"lora_ext {where}: the weight could not be given back after this error ({again!r}); it holds "
-                     f"the new adapter's merge without a lossless record")
-        err.weight_written = True
+        lossless.written_without_record(err, where, again, "the new adapter's merge")
         return False
 
 

@@ -286,9 +286,11 @@ def _refused_elsewhere(where: str):
                                       f"exceptions); nothing was changed on any rank")
 
 
-def _put_back(settled: BaseException, steps, where: str) -> List[int]:
+def _put_back(settled: BaseException, steps, where: str, last: bool = True) -> List[int]:
     """Runs every put-back step (callables, one per part) even when one fails; each failure is noted on the error
-    being raised (`settled`). The indices of the steps that failed."""
+    being raised (`settled`). The indices of the steps that failed. When this is the last resort (`last`), or a
+    step's own error says its part holds what no record describes, `settled.weight_written` is set: a layer then
+    refuses to go on with this weight (LoRALayer._writing)."""
     failed = []
     for i, step in enumerate(steps):
         try:
@@ -296,6 +298,8 @@ def _put_back(settled: BaseException, steps, where: str) -> List[int]:
         except BaseException as e:
             failed.append(i)
             settled.add_note(f"lora_ext {where}: part {i} of this rank's shard could not be put back ({e!r})")
+            if last or getattr(e, "weight_written", False):
+                settled.weight_written = True
     return failed
 
 
@@ -378,7 +382,7 @@ def swap_parts(weight: Tensor, old: List[Part], new: List[Part], old_scale: floa
         except BaseException as e:  # ops.swap_'s promise: the new adapter merged back, or the base
             held[i] = (None, None) if getattr(e, "weight_is_base", False) else (1, getattr(e, "record", held[i][1]))
             raise
-    _put_back(settled, [functools.partial(back, i) for i in range(len(out))], where)
+    _put_back(settled, [functools.partial(back, i) for i in range(len(out))], where, last=False)  # (else: to_base)
     stuck = any(k != 0 for k, _ in held)
     _, worst = _all_agree(weight, torch.zeros(_WIDTH, dtype=torch.float64), _FAILED if stuck else _OK)
     if worst != _FAILED:

@@ -1,4 +1,6 @@
 """lora_ext.inject / unload on real transformers models (GPT-2's Conv1D, Llama's nn.Linear) and torch modules."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -154,11 +156,15 @@ def test_tied_embedding_is_never_merged():
     lora_ext.inject(model, ["c_attn", "wte"], r=2)
     randomize_lora(model)
     lm_head = model.lm_head.weight.detach().clone()
+    truth = copy.deepcopy(model).double()(x).logits  # the unmerged model in float64
     expected = model(x).logits
     model.eval()
     assert not model.transformer.wte.merged and model.transformer.h[0].attn.c_attn.merged
     assert torch.equal(model.lm_head.weight, lm_head)
-    assert rel_err(model(x).logits, expected) < 1e-5
+    # float32 through this model is ill-conditioned: the unmerged float32 forward itself is 1.1e-5 from float64 at
+    # this seed (5e-7 at others); an adapter merged into the tied lm_head too would be off by O(1)
+    assert rel_err(expected, truth) < 5e-5
+    assert rel_err(model(x).logits, truth) < 5e-5
     with pytest.raises(ValueError, match="tied"):
         lora_ext.merge_adapter(model)
     with pytest.raises(ValueError, match="tied"):

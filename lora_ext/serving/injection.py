@@ -395,6 +395,8 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     if isinstance(model, LoRALayer):
         raise ValueError("unload: the model itself is a lora_ext layer; call unload on a model holding it")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+    for name, layer in found:  # (a weight a failed write left unknown would become the plain module's)
+        layer._check_sound()
     if merge:
         for name, layer in found:
             check_mergeable(name, layer)
