@@ -345,14 +345,23 @@ LORA_INLINE void for_each_escape(const T* code, int64_t N, F&& fn) {
     if (code[i] == (sizeof(T) == 1 ? 3u : 0xFFFFu)) fn(i);
 }
 
-LORA_CLONES void unpack2(const uint8_t* __restrict p, uint8_t* __restrict c, int64_t width) {
-  for (int64_t i = 0; i < width; ++i) {
-    uint8_t b = p[i];
-    c[4 * i] = b & 3;
-    c[4 * i + 1] = (b >> 2) & 3;
-    c[4 * i + 2] = (b >> 4) & 3;
-    c[4 * i + 3] = (b >> 6) & 3;
+// the four 2-bit codes of each byte value, one per byte (a table: the shifts and masks per code do not vectorize
+// and cost 4x more)
+struct Unpacked {
+  uint8_t codes[256][4];
+  Unpacked() {
+    for (int b = 0; b < 256; ++b)
+      for (int q = 0; q < 4; ++q) codes[b][q] = static_cast<uint8_t>((b >> (2 * q)) & 3);
   }
+};
+inline const Unpacked& unpacked() {
+  static const Unpacked table;
+  return table;
+}
+
+LORA_INLINE void unpack2(const uint8_t* __restrict p, uint8_t* __restrict c, int64_t width) {
+  const Unpacked& t = unpacked();
+  for (int64_t i = 0; i < width; ++i) std::memcpy(c + 4 * i, t.codes[p[i]], 4);
 }
 LORA_CLONES void pack2(const uint8_t* __restrict c, uint8_t* __restrict p, int64_t width) {
   for (int64_t i = 0; i < width; ++i)
@@ -496,14 +505,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
             RestoreArgs<K> ra{wrow, dst, Do + mm * cols, cp, p_old.s, cols, cv};
             if (restore_row_any<K>(ra) > 0) {
               // escapes: the original bits from the list (searchsorted, as the reference), else left as they are
-              const int64_t* lo = std::lower_bound(old_idx, old_idx + old_count, row_index);
+              // (the escapes come in increasing order: one walk through the row's part of the list, from its first
+              // entry, finds each one's first entry at or past it, as searchsorted does)
+              const int64_t* const end = old_idx + old_count;
+              const int64_t* q = std::lower_bound(old_idx, end, row_index);
               for_each_escape(cp, cols, [&](int64_t c) {
                 const int64_t idx = row_index + c;
-                const int64_t* q = std::lower_bound(lo, old_idx + old_count, idx);
-                int64_t pos = q - old_idx;
-                if (old_count == 0) return;
-                if (pos > old_count - 1) pos = old_count - 1;
-                if (old_idx[pos] == idx) dst[c] = static_cast<S>(static_cast<uint32_t>(old_bits[pos]));
+                while (q < end && *q < idx) ++q;
+                if (q < end && *q == idx) dst[c] = static_cast<S>(static_cast<uint32_t>(old_bits[q - old_idx]));
               });
             }
             base = dst;
