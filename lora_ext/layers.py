@@ -35,6 +35,15 @@ from .streams import StreamOrder
 
 def _remerge_after_load(module, incompatible_keys):
     with module._lock:
+        loading = module.__dict__.pop("_loading_broken", None)
+        if loading is not None:
+            # a broken layer (see _writing) whose weight this load was to bring: sound again only if it did (the
+            # Parameter replaced, assign=True, or written; ConvLoRA's conv writes it after the layer's
+            # _load_from_state_dict, before this hook)
+            param, version = loading
+            weight = module._weight_or_none()
+            if weight is not None and (weight is not param or weight._version != version):
+                module.__dict__["_broken"] = None
         if module._remerge_pending:
             module._remerge_pending = False
             module._merge()
@@ -42,6 +51,13 @@ def _remerge_after_load(module, incompatible_keys):
 
 
 _OPERANDS = ("weight", "bias", "lora_A", "lora_B")
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    a, b = sharded.local(a), sharded.local(b)
+    if a.is_meta or b.is_meta:
+        return a is b
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -276,9 +292,10 @@ class LoRALayer(NamedAdapters):
             try:
                 with torch.no_grad():
                     record = self._merge_into(self._weight_param(), *snapshot, exact)
-            except lossless.ExceptionOverflow as err:  # nothing was written
-                raise lossless.ExceptionOverflow(f"{self._describe()} adapter {self.active_adapter!r}: "
-                                                 f"{err}") from None
+            except lossless.ExceptionOverflow as err:  # nothing was written (unless it says weight_written)
+                # (the same error, renamed: its marks and notes go on to _writing and the caller)
+                err.args = (f"{self._describe()} adapter {self.active_adapter!r}: {err}",)
+                raise
             self._set_merged(*snapshot, record)
             self._stamp_finite(MERGED, known)
 
@@ -380,8 +397,7 @@ class LoRALayer(NamedAdapters):
                     self._finite_stamps.pop(MERGED, None)
                     self.merged = False
                 if isinstance(err, lossless.ExceptionOverflow):
-                    raise lossless.ExceptionOverflow(f"{self._describe()}, switching from adapter "
-                                                     f"{self.active_adapter!r}: {err}") from None
+                    err.args = (f"{self._describe()}, switching from adapter {self.active_adapter!r}: {err}",)
                 raise
             self._set_merged(*snapshot, record)
             self._stamp_finite(MERGED)
@@ -442,8 +458,9 @@ class LoRALayer(NamedAdapters):
                 with torch.no_grad():
                     record = self._merge_into(self._weight_param(), A, B, s, exact)
             except lossless.ExceptionOverflow as err:
-                raise lossless.ExceptionOverflow(f"{self._describe()} adapter {self.active_adapter!r}, merged again "
-                                                 f"into {w.dtype}: {err}; the layer is left unmerged") from None
+                err.args = (f"{self._describe()} adapter {self.active_adapter!r}, merged again into {w.dtype}: "
+                            f"{err}; the layer is left unmerged",)
+                raise
             self._set_merged(A, B, s, record)
             self.merged = True
             return module
@@ -516,12 +533,15 @@ class LoRALayer(NamedAdapters):
                     self._unmerge()
                 self.merged = False  # until the post-load hook merges again: forwards in between stay right
                 self._remerge_pending = True
+            loaded = state_dict.get(prefix + self._weight_key)
+            weight = self._weight_or_none()
+            if self.__dict__.get("_broken") is not None and isinstance(loaded, Tensor) and weight is not None \
+                    and not _same_storage(loaded, weight):  # (its own unknown weight brings nothing)
+                # judged after the load (_remerge_after_load): a copy that fails (a size mismatch, a meta tensor)
+                # is only reported at the end, by load_state_dict
+                self.__dict__["_loading_broken"] = (weight, weight._version)
             live = (self._parameters.get("lora_A"), self._parameters.get("lora_B"))
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
-            loaded = state_dict.get(prefix + self._weight_key)
-            if self.__dict__.get("_broken") is not None and isinstance(loaded, Tensor) \
-                    and loaded.shape == self._weight_param().shape:
-                self.__dict__["_broken"] = None  # the weight is loaded (ConvLoRA: its conv loads it next)
             if any(self._parameters.get(k) is not p for k, p in zip(("lora_A", "lora_B"), live)):
                 # assign=True: the loaded tensors are the active adapter's own Parameters now, lent to no one
                 self.__dict__.update(_owner=None, _active_own=None)

@@ -282,7 +282,16 @@ def swap_(weight, old, record, new, num_blocks, block_ids, transposed, limit=Non
     try:
         return _pass(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
     except ExceptionOverflow as err:
-        err.record = merge_(weight, *old, num_blocks, block_ids, transposed, limit=math.inf, where=where)
+        if getattr(err, "weight_written", False):
+            raise
+        try:
+            err.record = merge_(weight, *old, num_blocks, block_ids, transposed, limit=math.inf, where=where)
+        except BaseException as again:  # as ops._merge_back: its own pass taken back, W the base; or unknown
+            if getattr(again, "weight_written", False):
+                written_without_record(err, where, "the old adapter's merge, or part of it", again)
+            else:
+                err.weight_is_base = True
+            err.__context__ = again
         raise
 
 
@@ -379,22 +388,38 @@ def _pass_reference(weight, old, record, new, num_blocks, block_ids, transposed,
         try:
             _undo(weight, done, old, new, codes, exc_i, exc_b, n, num_blocks, block_ids, transposed)
         except BaseException as again:
-            written_without_record(err, where, again, "chunks of this pass")
+            written_without_record(err, where, "chunks of this pass", again)
         raise
     limit = exception_limit(n * rows * cols) if limit is None else limit
     if rec.exceptions > limit:
-        unmerge_(weight, *new, rec, num_blocks, block_ids, transposed)
-        raise ExceptionOverflow(overflow_message(where, rec.exceptions, limit, n * rows * cols))
+        message = overflow_message(where, rec.exceptions, limit, n * rows * cols)
+        _give_back(lambda: unmerge_(weight, *new, rec, num_blocks, block_ids, transposed), where,
+                   "the refused pass", message)
+        raise ExceptionOverflow(message)
     return rec
 
 
-def written_without_record(err: BaseException, where: str, again: BaseException, holds: str) -> None:
-    """An op that wrote the weight failed (`err`), and giving the weight back failed too (`again`): the weight holds
-    `holds`, which no record describes. Says so in a note on `err` and sets `err.weight_written`, which a layer reads
-    to refuse its forwards and merges until its weight is loaded again (LoRALayer._writing)."""
-    err.add_note(f"lora_ext {where}: the weight could not be given back after this error ({again!r}); it holds "
-                 f"{holds} without a lossless record")
+def written_without_record(err: BaseException, where: str, holds: str, again: Optional[BaseException] = None) -> None:
+    """An op that wrote the weight failed (`err`), and giving the weight back failed too (`again`; None: `err` is
+    that failure): the weight holds `holds`, which no record describes. Says so in a note on `err` and sets
+    `err.weight_written`, which a layer reads to refuse its forwards and merges until its weight is loaded again
+    (LoRALayer._writing)."""
+    why = (f"the weight could not be given back after this error ({again!r})" if again is not None
+           else "this error came while the weight was being given back")
+    err.add_note(f"lora_ext {where}: {why}; it holds {holds} without a lossless record")
     err.weight_written = True
+
+
+def _give_back(fn, where: str, holds: str, refusal: Optional[str] = None) -> None:
+    """fn() gives the weight back after a pass (a refused one: `refusal`, its message); an error in it is marked
+    (written_without_record) and raised."""
+    try:
+        fn()
+    except BaseException as again:
+        written_without_record(again, where, holds)
+        if refusal is not None:
+            again.add_note(f"lora_ext {where}: (it was giving back a refused pass: {refusal})")
+        raise
 
 
 def describe(record: Optional[MergeRecord]) -> str:

@@ -60,7 +60,7 @@ def _take_back(err, module, weight, old, new, made, num_blocks, block_ids, trans
         try:
             _unmerge_pass(module, weight, new, made, layout, cap)
         except BaseException as again:
-            lossless.written_without_record(err, where, again, "the new adapter's merge")
+            lossless.written_without_record(err, where, "the new adapter's merge", again)
             return
         if old is not None:
             try:
@@ -111,6 +111,8 @@ def _run(module, weight, old, record, new, num_blocks, block_ids, transposed, li
                    layout, cap, where)
         raise
     if total > lim:  # the reference's rollback: unmerge with the record
-        _unmerge_pass(module, weight, new, (codes, exc_index, exc_bits), layout, cap)
-        raise lossless.ExceptionOverflow(lossless.overflow_message(where, total, lim, elements))
+        message = lossless.overflow_message(where, total, lim, elements)
+        lossless._give_back(lambda: _unmerge_pass(module, weight, new, (codes, exc_index, exc_bits), layout, cap),
+                            where, "the refused pass", message)
+        raise lossless.ExceptionOverflow(message)
     return rec

@@ -349,7 +349,8 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
     if count <= cap:
         return rec
     # the elements past the room kept their base and an escape with no entry: unmerge leaves them alone
-    mod.unmerge_lossless_(weight, *f_new, *layout, rec.codes, rec.exc_index, rec.exc_bits)
+    lossless._give_back(functools.partial(mod.unmerge_lossless_, weight, *f_new, *layout, rec.codes, rec.exc_index,
+                                          rec.exc_bits), where, "the first pass, past its room")
     del rec, codes, exc_index, exc_bits, order  # (before the next pass allocates its own)
     # The weight is the base now (a swap's old adapter taken out too).
     try:
@@ -357,7 +358,7 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
             return _kernel_lossless(weight, None, None, new, *layout, limit, where, capacity=count)
         raise lossless.ExceptionOverflow(lossless.overflow_message(where, count, limit, n * rows * cols))
     except BaseException as err:  # refused, or the rerun failed (out of memory, Ctrl-C): a merge leaves the base
-        if f_old is not None:
+        if f_old is not None and not getattr(err, "weight_written", False):  # (else W is not the base: as it is)
             _merge_back(err, weight, old, layout, max(limit, record.exceptions), where)
         raise
 
@@ -378,7 +379,7 @@ def _take_back(err, weight, f_new, layout, codes, exc_index, exc_bits, counter, 
             _kernels.module.unmerge_lossless_(weight, *f_new, *layout, codes, index, bits)
         return True
     except BaseException as again:
-        lossless.written_without_record(err, where, again, "the new adapter's merge")
+        lossless.written_without_record(err, where, "the new adapter's merge", again)
         return False
 
 
@@ -388,8 +389,9 @@ def _merge_back(err, weight, old, layout, limit, where):
     when the old merge was made on this backend too (another backend's rounds some elements by an ulp: the
     weight and err.record then agree with each other, not with the old record). If that merge fails as well,
     `err.weight_is_base` is True: the weight holds the base, no adapter merged; unless that merge wrote the weight
-    and could not take its pass back (`weight_written`): the weight then holds the old merge, without a new record
-    (the old record still gives the base back when the old merge was made on this backend), as a note on `err` says."""
+    and could not take its pass back: the weight then holds the old merge, or part of it, without a new record, as
+    a note on `err` says, and `err.weight_written` is set (the old record gives that back only when the old merge
+    was made on this backend and the pass was whole: a layer does not count on it)."""
     from .named_adapters import deferred_interrupt  # (named_adapters imports this module)
     try:
         with deferred_interrupt():
@@ -398,6 +400,7 @@ def _merge_back(err, weight, old, layout, limit, where):
         if getattr(again, "weight_written", False):
             err.add_note(f"lora_ext {where}: the old adapter was merged back, but its record could not be made "
                          f"({again!r})")
+            err.weight_written = True
         else:
             err.weight_is_base = True
         err.__context__ = again

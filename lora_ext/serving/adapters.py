@@ -268,6 +268,7 @@ def merge_adapter(model: nn.Module) -> None:
         reshard_fsdp(model)
         for name, m in found:
             check_mergeable(name, m)
+            m._check_sound()  # (a broken layer: refused before the others merge and unmerge again)
             if not m.merged:
                 m._check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")
         done = []
