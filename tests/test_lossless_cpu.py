@@ -206,12 +206,13 @@ def test_fallback_for_what_it_does_not_take(mod):
     _assert_same_record(r1, r2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_the_row_loop_runs_on_torchs_threads_with_the_same_bits(mod, threads):
+def test_the_row_loop_runs_on_torchs_threads_with_the_same_bits(mod, threads, dtype):
     # lora_ext._cpu is built without -fopenmp, where at::parallel_for runs serially: the row loop takes torch's
-    # OpenMP team itself (csrc/cpu/team.h). The bits do not depend on how the rows are split.
+    # OpenMP team itself (csrc/cpu/team.h), for every dtype. The bits do not depend on how the rows are split.
     gen = torch.Generator().manual_seed(11)
-    W = _weight((96, 80), torch.bfloat16, True, gen)
+    W = _weight((96, 80), dtype, True, gen)
     A, B = _factors(W, 1, [0], False, 4, torch.float32, gen)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

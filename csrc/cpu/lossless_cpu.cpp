@@ -482,9 +482,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> run(
       const float* Do = has_old ? d_old.data_ptr<float>() : nullptr;
       const float* Dn = has_new ? d_new.data_ptr<float>() : nullptr;
       row_exc.assign(has_new ? h : 0, {});
-      // rows on torch's threads for 16-bit weights; float32 ones stay serial (measured on 2 cores, 4096^2
-      // merge+unmerge: bf16 50 -> 34 ms with the team, float32 54 -> 60-72 ms: its row work is too light)
-      lora_cpu::parallel_range(0, h, K == F32 ? h : 1, [&](int64_t b0, int64_t b1) {
+      // rows on torch's threads, every dtype (2 cores, 4096^2, r=16, side by side in one process, best of 5:
+      // float32 merge 26 -> 18 ms, switch 40 -> 27 ms with the team; an earlier serial choice for float32 had
+      // timed the first passes of a fresh process, which a fresh record's page faults dominate)
+      lora_cpu::parallel_range(0, h, 1, [&](int64_t b0, int64_t b1) {
         std::vector<S> base_buf(has_old && has_new ? cols : 0);
         std::vector<uint8_t> cbuf(K == F32 ? 0 : width * 4 + 64, 0);
         for (int64_t mm = b0; mm < b1; ++mm) {
