@@ -154,6 +154,24 @@ def small_adapter(rows, cols, seed, r=4, mag=0.05):
     return torch.randn(r, cols, generator=gen) * mag, torch.randn(rows, r, generator=gen) * mag
 
 
+class FailingRecord:
+    """Stands in for lossless.MergeRecord (patched in lossless, or in ops, which imports it): its `fail_at`-th
+    construction raises `exc`; the others make real records (the class as it was when the stand-in was made, so
+    that it never calls itself)."""
+
+    def __init__(self, exc, fail_at=1):
+        from lora_ext import lossless
+        real = lossless.MergeRecord
+        self.real = real.real if isinstance(real, FailingRecord) else real
+        self.exc, self.fail_at, self.made = exc, fail_at, 0
+
+    def __call__(self, *args):
+        self.made += 1
+        if self.made == self.fail_at:
+            raise self.exc
+        return self.real(*args)
+
+
 class CalledNames:
     """Stands in for a kernels module (ops.use_kernels), recording the names of the functions looked up on it."""
 

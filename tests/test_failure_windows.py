@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lora_ext
-from helpers import RecordingKernels, load_sim, requires_sim, same_bits, small_adapter, weight_with_infs
+from helpers import FailingRecord, RecordingKernels, load_sim, requires_sim, same_bits, small_adapter, weight_with_infs
 from lora_ext import lossless, ops
 
 _sim = load_sim()
@@ -24,17 +24,7 @@ _weight = functools.partial(weight_with_infs, OUT, IN)  # (infs, dtype=bfloat16,
 _adapter = functools.partial(small_adapter, OUT, IN)  # (seed, r=4, mag=0.05)
 
 
-class _FailingRecord:
-    """Stands in for ops.MergeRecord: its `fail_at`-th construction raises `exc` (the step after the sort)."""
-
-    def __init__(self, exc, fail_at=1):
-        self.exc, self.fail_at, self.made = exc, fail_at, 0
-
-    def __call__(self, *args):
-        self.made += 1
-        if self.made == self.fail_at:
-            raise self.exc
-        return lossless.MergeRecord(*args)
+_FailingRecord = FailingRecord  # (ops.MergeRecord: the step after the sort)
 
 
 def _failing_argsort(exc):

@@ -36,24 +36,11 @@ import torch
 import torch.nn.functional as F
 
 import lora_ext
-from helpers import RecordingKernels, dense_delta64, requires_sim, same_bits, small_adapter, weight_with_infs
+from helpers import (FailingRecord, RecordingKernels, dense_delta64, requires_sim,
+                     same_bits, small_adapter, weight_with_infs)
 from lora_ext import lossless, lossless_cpu, ops
 
-REAL_RECORD = lossless.MergeRecord
 BROKEN = "left its weight unknown"
-
-
-class FailingRecord:
-    """Stands in for lossless.MergeRecord: its `fail_at`-th construction raises `exc`; the others make real ones."""
-
-    def __init__(self, exc, fail_at=1):
-        self.exc, self.fail_at, self.made = exc, fail_at, 0
-
-    def __call__(self, *args):
-        self.made += 1
-        if self.made == self.fail_at:
-            raise self.exc
-        return REAL_RECORD(*args)
 
 
 def _fails(*args, **kwargs):
