@@ -18,6 +18,7 @@ calls of the same layer on other threads.
 """
 import contextlib
 import math
+import numbers
 import threading
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -548,11 +549,16 @@ class LoRALayer(NamedAdapters):
 
 
 class Embedding(LoRALayer, nn.Embedding):
+    """loralib's Embedding. embed_scale (not in loralib) multiplies the output, adapter included, as the scaled
+    word embeddings of transformers models do (Gemma's, BART's; peft scales its adapter's output alike): None (no
+    scale), a number (output * embed_scale, as BART's), or a one-element tensor, kept as a non-persistent buffer
+    that follows .to() (output * embed_scale.to(the output's dtype), as Gemma's). Merges are unaffected: the
+    merged weight is W + scaling * (B A)^T, scaled at every lookup as the base is."""
     _batch_kind = "embedding"  # what lora_ext.batched serves it as
 
     def __init__(self, num_embeddings: int, embedding_dim: int, r: int = 0, lora_alpha: float = 1,
                  merge_weights: bool = True, lossless: Optional[bool] = None,
-                 **kwargs):
+                 embed_scale: Union[None, float, Tensor] = None, **kwargs):
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
         # max_norm: eval() leaves the layer unmerged (merge_refusal says why; explicit merges are refused)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=0.0,
@@ -560,6 +566,33 @@ class Embedding(LoRALayer, nn.Embedding):
         if r > 0:
             self._create_factors(self.weight)
         self.reset_parameters()
+        if isinstance(embed_scale, Tensor):
+            if embed_scale.numel() != 1 or not embed_scale.is_floating_point():
+                raise ValueError(f"embed_scale must be a number or a floating-point tensor of one element, got "
+                                 f"a {embed_scale.dtype} tensor of shape {tuple(embed_scale.shape)}")
+            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+        elif embed_scale is None or (isinstance(embed_scale, numbers.Real) and not isinstance(embed_scale, bool)
+                                     and math.isfinite(embed_scale)):
+            self.embed_scale = None if embed_scale is None else float(embed_scale)
+        else:
+            raise ValueError(f"embed_scale must be None, a finite number or a one-element tensor, got "
+                             f"{embed_scale!r}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        scale = self._buffers.get("embed_scale")
+        if scale is not None:
+            return out * scale.to(out.dtype)
+        scale = self.__dict__.get("embed_scale")
+        return out if scale is None else out * scale
+
+    def extra_repr(self) -> str:
+        scale = self._buffers.get("embed_scale")
+        if scale is not None:
+            scale = "a tensor" if scale.is_meta else f"tensor({scale.item():g})"
+        else:
+            scale = self.__dict__.get("embed_scale")
+        return super().extra_repr() + ("" if scale is None else f", embed_scale={scale}")
 
     def reset_lora_parameters(self):
         if hasattr(self, "lora_A"):

@@ -1,5 +1,6 @@
 """Mixed batches (lora_ext.batch_adapters) on whole models, against the real peft and transformers: transformers
-GPT-2 (fan_in_fan_out Linear, and the fused c_attn as a MergedLinear) and Llama (with an Embedding) from small
+GPT-2 (fan_in_fan_out Linear, and the fused c_attn as a MergedLinear), Llama (with an Embedding) and Gemma 3 (with
+its scaled word embedding) from small
 configs, three peft adapters of different ranks and scalings (one covering only some modules) saved with
 save_pretrained and loaded with lora_ext.load_peft_adapter. Every row is checked against peft's adapter_names
 path, against the row's adapter served alone, and None rows against the base model; merged and unmerged; forward
@@ -14,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 
 import lora_ext as lora
 from helpers import dense_delta64, lora_layers_of, rel_err
-from tiny_models import VOCAB, gpt2, llama
+from tiny_models import VOCAB, gemma3, gpt2, llama
 
 TOL = 1e-5  # fp32, relative, per row
 NAMES = ["a", None, "b", "a", "c", None]
@@ -52,6 +53,12 @@ ARCHS = {
     "llama": (llama, llama, dict(
         a=dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL),
         b=dict(r=8, lora_alpha=4, target_modules=LLAMA_ALL + ["embed_tokens"], use_rslora=True),
+        c=dict(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"]),
+    )),
+    # Gemma 3's embed_tokens scales its lookup (peft scales the adapter's part alike)
+    "gemma3": (gemma3, gemma3, dict(
+        a=dict(r=4, lora_alpha=8, target_modules=LLAMA_ALL + ["embed_tokens"]),
+        b=dict(r=8, lora_alpha=4, target_modules=["embed_tokens", "v_proj"]),
         c=dict(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"]),
     )),
 }

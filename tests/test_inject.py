@@ -172,7 +172,7 @@ def test_tied_embedding_is_never_merged():
     assert isinstance(model.transformer.h[0].attn.c_attn, lora_ext.LoRALayer)  # nothing was unloaded
 
 
-class _ScaledEmbedding(nn.Embedding):  # as Gemma's scaled word embedding: the forward multiplies the rows
+class _ScaledEmbedding(nn.Embedding):  # a scale in its code, no embed_scale (tests/test_scaled_embedding.py: those)
     def forward(self, ids):
         return super().forward(ids) * 8.0
 

@@ -18,12 +18,13 @@ STEPS, LR = 3, 0.5
 
 class Net(nn.Module):
     """Column- and row-parallel layers in pairs (a column-parallel output is a row-parallel input): every kind,
-    both fan_in_fan_out values; lossless merges (float32), so merge cycles give the base back bit for bit."""
+    both fan_in_fan_out values, a scaled embedding; lossless merges (float32), so merge cycles give the base back
+    bit for bit."""
 
     def __init__(self):
         super().__init__()
         kw = dict(r=2, lora_alpha=4, lossless=True)
-        self.emb = lora.Embedding(20, 16, **kw)                                            # colwise
+        self.emb = lora.Embedding(20, 16, embed_scale=torch.tensor(1.5), **kw)  # colwise (scaled, as Gemma's)
         self.down = lora.Linear(16, 12, **kw)                                              # rowwise
         self.up = lora.Linear(12, 18, fan_in_fan_out=True, **kw)                           # colwise
         self.mix = lora.MergedLinear(18, 6, enable_lora=[True, False, True], **kw)         # rowwise

@@ -2,7 +2,7 @@
 import torch
 
 import transformers
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 transformers.logging.set_verbosity_error()
 
@@ -22,6 +22,16 @@ def llama(seed=0):
                       num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=False, bos_token_id=0,
                       eos_token_id=0, pad_token_id=0)
     return LlamaForCausalLM(cfg).eval()
+
+
+def gemma3(seed=0, tie=False):
+    """Gemma 3: its embed_tokens is a Gemma3TextScaledWordEmbedding (the lookup times sqrt(hidden_size), a
+    buffer); 8 here, with hidden_size 64."""
+    torch.manual_seed(seed)
+    cfg = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, tie_word_embeddings=tie,
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=4)
+    return Gemma3ForCausalLM(cfg).eval()
 
 
 def tokens(batch=2, seq=12):

@@ -2,17 +2,21 @@
 
 A replaced module's parameters move into the new layer as they are (the same Parameter objects, so no copy
 of the base weights): nn.Linear -> Linear, transformers' Conv1D -> Linear(fan_in_fan_out=True),
-nn.Embedding -> Embedding, nn.Conv1d/2d/3d -> Conv1d/2d/3d (around the very same conv module), and a fused
+nn.Embedding -> Embedding (a scaled word embedding, as Gemma's or BART's, -> Embedding with its embed_scale),
+nn.Conv1d/2d/3d -> Conv1d/2d/3d (around the very same conv module), and a fused
 projection named in `fused` -> MergedLinear(enable_lora=...). The new layers are built on the meta device
 and only the LoRA factors are allocated.
 """
+import inspect
 import math
+import numbers
 import re
 import sys
 from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import layers, ties
 from ..layers import LoRALayer
@@ -185,6 +189,57 @@ def overridden_base(module):
     return None
 
 
+def scaled_embedding(module):
+    """(embed_scale for lora_ext's Embedding, the number its class is built with) when `module` is an nn.Embedding
+    subclass whose forward is the lookup times its `embed_scale`, as transformers' scaled word embeddings are
+    (Gemma's: `* embed_scale.to(weight.dtype)`, a one-element buffer; BART's: `* embed_scale`, a number); None for
+    any other module. The forward is checked, not assumed: its class's forward (no hooks) on up to 16 ids spread
+    over the table must equal F.embedding's lookup times the scale bit for bit, with some element not zero. Where
+    that cannot show it (a meta weight, all-zero rows), transformers' own *ScaledWordEmbedding classes qualify by
+    name alone. The class must also build again from (num_embeddings, embedding_dim, padding_idx,
+    embed_scale=number): unload puts one back."""
+    cls = type(module)
+    if not isinstance(module, nn.Embedding) or cls.forward is nn.Embedding.forward or module.max_norm is not None:
+        return None  # (a lookup with max_norm would renormalise the probed rows in place)
+    scale = getattr(module, "embed_scale", None)
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point() or scale.is_meta:
+            return None
+        number = getattr(module, "scalar_embed_scale", None)  # (Gemma's: the exact value, whatever the dtype)
+        number = float(number if isinstance(number, numbers.Real) and not isinstance(number, bool) else scale)
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale):
+        number = float(scale)
+    else:
+        return None
+    if not math.isfinite(number):
+        return None
+    try:
+        if "embed_scale" not in inspect.signature(cls.__init__).parameters:
+            return None
+        with torch.device("meta"):
+            cls(module.num_embeddings, module.embedding_dim, module.padding_idx, embed_scale=number)
+    except Exception:  # (a class that does not build so: unload could not put it back)
+        return None
+    known = cls.__module__.startswith("transformers.") and cls.__name__.endswith("ScaledWordEmbedding")
+    weight = module._parameters.get("weight")
+    if weight is None or weight.is_meta or not module.num_embeddings or type(weight).__name__ == "DTensor":
+        return (scale, number) if known else None
+    ids = torch.linspace(0, module.num_embeddings - 1, min(16, module.num_embeddings), device=weight.device).long()
+    try:
+        with torch.no_grad():
+            got = cls.forward(module, ids)
+            base = F.embedding(ids, weight)
+            want = base * (scale.to(weight.dtype) if isinstance(scale, torch.Tensor) else scale)
+    except Exception:
+        return None
+    if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
+        return None
+    same = bool(((got == want) | (got.isnan() & want.isnan())).all())
+    if same and bool((base != 0).any()):
+        return scale, number
+    return (scale, number) if same and known else None
+
+
 def read_without_call(model, name):
     """Whether module `name` is the out_proj of an nn.MultiheadAttention, which reads its weight and bias directly
     (F.multi_head_attention_forward) and never calls it: an adapter there does nothing unmerged, everything merged."""
@@ -196,11 +251,12 @@ def check_replaceable(model, name, module, label=None):
     """Refuses a module that a lora_ext layer in its place (or an adapter of it) would not stand for (see the two
     functions above). label: what the message starts with (default: "target_modules: module 'name'")."""
     label = label or f"target_modules: module {name!r}"
-    base = None if isinstance(module, LoRALayer) else overridden_base(module)
+    base = None if isinstance(module, LoRALayer) or scaled_embedding(module) is not None else overridden_base(module)
     if base is not None:
         raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of its "
                          f"own, which a lora_ext layer in its place would not run (peft keeps it); lora_ext adapts "
-                         f"{base.__name__} itself only")
+                         f"{base.__name__} itself only, and a scaled word embedding whose forward is the lookup "
+                         f"times its embed_scale")
     if read_without_call(model, name):
         raise ValueError(f"{label} is the out_proj of a MultiheadAttention, which reads its weight without calling "
                          f"it: an adapter there would change nothing unmerged (as in peft) and the outputs once merged")
@@ -225,9 +281,13 @@ def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable
                               bias=module.bias is not None, **common)
     elif isinstance(module, nn.Embedding):
         # loralib's Embedding has no LoRA dropout: lora_dropout does not apply to embeddings
+        scaled = scaled_embedding(module) if type(module) is not nn.Embedding else None
         layer = layers.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
                                  max_norm=module.max_norm, norm_type=module.norm_type,
-                                 scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse, **common)
+                                 scale_grad_by_freq=module.scale_grad_by_freq, sparse=module.sparse,
+                                 embed_scale=scaled[0] if scaled else None, **common)
+        if scaled:
+            layer._embed_scale_init = scaled[1]  # what unload builds the class again with
     elif type(module) in _CONVS:
         c = module
         layer = _CONVS[type(c)](c.in_channels, c.out_channels, c.kernel_size, lora_dropout=lora_dropout,
@@ -371,7 +431,13 @@ def _plain(layer):
     origin = getattr(layer, "_injected_from", None)
     weight, bias = layer.weight, getattr(layer, "bias", None)
     with torch.device("meta"):
-        if isinstance(layer, layers.Embedding):
+        if isinstance(layer, layers.Embedding) and layer.__dict__.get("_embed_scale_init") is not None:
+            # a scaled word embedding (scaled_embedding): its class again, with the layer's scale
+            plain = origin(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
+                           embed_scale=layer._embed_scale_init)
+            plain.max_norm, plain.norm_type = layer.max_norm, layer.norm_type
+            plain.scale_grad_by_freq, plain.sparse = layer.scale_grad_by_freq, layer.sparse
+        elif isinstance(layer, layers.Embedding):
             plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
                                  max_norm=layer.max_norm, norm_type=layer.norm_type,
                                  scale_grad_by_freq=layer.scale_grad_by_freq, sparse=layer.sparse)
@@ -385,6 +451,9 @@ def _plain(layer):
     plain.weight = weight
     if bias is not None:
         plain.bias = bias
+    scale = layer._buffers.get("embed_scale") if isinstance(layer, layers.Embedding) else None
+    if scale is not None and isinstance(getattr(plain, "embed_scale", None), torch.Tensor):
+        plain.embed_scale = scale  # (the class's own buffer was built on meta: the layer's, moved and cast with it)
     return plain
 
 
