@@ -308,10 +308,13 @@ def test_what_a_lookup_cannot_show_is_refused_unless_transformers_own():
     assert model.emb.embed_scale.item() == 3.0 and model.emb.weight.is_meta
 
 
-def test_a_scale_on_meta_or_max_norm_is_refused():
+def test_a_scale_on_meta_a_trainable_scale_or_max_norm_is_refused():
     with torch.device("meta"):
         gemma = Gemma3TextScaledWordEmbedding(20, 4, 0, embed_scale=3.0)
     _refused(gemma)  # (its buffer on meta too: a value nothing could read)
+    trainable = Gemma3TextScaledWordEmbedding(20, 4, 0, embed_scale=3.0)
+    trainable.embed_scale = nn.Parameter(torch.tensor(3.0))  # the layer's copy would not train
+    _refused(trainable)
     normed = _MyScaled(20, 4, embed_scale=3.0)
     normed.max_norm = 1.0  # a lookup would renormalise rows in place: not probed
     _refused(normed)

@@ -203,8 +203,8 @@ def scaled_embedding(module):
         return None  # (a lookup with max_norm would renormalise the probed rows in place)
     scale = getattr(module, "embed_scale", None)
     if isinstance(scale, torch.Tensor):
-        if scale.numel() != 1 or not scale.is_floating_point() or scale.is_meta:
-            return None
+        if scale.numel() != 1 or not scale.is_floating_point() or scale.is_meta or scale.requires_grad:
+            return None  # (a trainable scale: the layer's copy would not train)
         number = getattr(module, "scalar_embed_scale", None)  # (Gemma's: the exact value, whatever the dtype)
         number = float(number if isinstance(number, numbers.Real) and not isinstance(number, bool) else scale)
     elif isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale):
