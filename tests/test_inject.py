@@ -74,6 +74,49 @@ def test_all_linear_chooses_what_peft_chooses(build):
         lora_ext.inject(ours, "all-linear")
 
 
+class _Experts(nn.Module):
+    """Names peft's layer filter reads differently: a number under a pattern, a deeper expert index, a module in no
+    numbered layer, and numbers under two patterns."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict({"fc": nn.Linear(4, 4), "experts": nn.ModuleList(
+            nn.ModuleDict({"fc": nn.Linear(4, 4)}) for _ in range(3))}) for _ in range(3))
+        self.layer = nn.ModuleList(nn.ModuleDict({"fc": nn.Linear(4, 4)}) for _ in range(2))
+        self.fc = nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("targets,layers,pattern", [
+    (["fc"], [1], None), (["fc"], 0, None), (["fc"], [0, 2], "blocks"), (["fc"], [1], ["experts"]),
+    (["fc"], [1], ["layer", "blocks"]), (["fc"], [], None), (["fc", "blocks.2.fc"], [1], None),
+])
+def test_layers_to_transform_chooses_what_peft_chooses(targets, layers, pattern):
+    from peft import LoraConfig, get_peft_model
+    ours = _Experts()
+    names = lora_ext.inject(ours, targets, r=2, layers_to_transform=layers, layers_pattern=pattern)
+    peft_model = get_peft_model(_Experts(), LoraConfig(r=2, target_modules=targets, layers_to_transform=layers,
+                                                       layers_pattern=pattern))
+    want = sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    assert sorted(names) == want and want
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(layers_to_transform="1"), "layers_to_transform must be"), (dict(layers_to_transform=[True]), "must be"),
+    (dict(layers_to_transform=[0], layers_pattern="(x"), "layers_pattern"),
+    (dict(layers_to_transform=[0], layers_pattern=3), "layers_pattern must be"),
+    (dict(target_modules=["experts.1.fc"], layers_to_transform=[9]), "matches no module"),
+    (dict(layers_pattern="blocks"), "without layers_to_transform"),
+    (dict(target_modules=r".*fc", layers_to_transform=[1]), "not the regular expression"),
+])
+def test_bad_layers_to_transform_is_refused_before_any_change(kwargs, match):
+    model = _Experts()
+    kwargs.setdefault("target_modules", ["fc"])
+    with pytest.raises(ValueError, match=match):
+        lora_ext.inject(model, r=2, **kwargs)
+    assert not any(isinstance(m, lora_ext.LoRALayer) for m in model.modules())
+
+
 def test_rank_alpha_patterns_and_rslora():
     model = llama()
     lora_ext.inject(model, ["q_proj", "v_proj"], r=4, lora_alpha=8, rank_pattern={"v_proj": 2},

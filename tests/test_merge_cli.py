@@ -12,15 +12,16 @@ from transformers import AutoModelForCausalLM
 
 from lora_ext.cli import main
 from lora_ext.serving import merge_cli
-from helpers import rel_err
+from helpers import edit_adapter_config, rel_err
 from tiny_models import gpt2, llama, randomize_lora, tokens
 
 
-def _setup(tmp_path, build, targets, shard="60KB"):
+def _setup(tmp_path, build, targets, shard="60KB", **config):
     model = build()
     base = str(tmp_path / "base")
     model.save_pretrained(base, max_shard_size=shard)
-    peft_model = randomize_lora(get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets)))
+    peft_model = randomize_lora(get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                 **config)))
     adapter = str(tmp_path / "adapter")
     peft_model.save_pretrained(adapter)
     x = tokens()
@@ -28,10 +29,13 @@ def _setup(tmp_path, build, targets, shard="60KB"):
     return base, adapter, x, ref
 
 
-@pytest.mark.parametrize("build,targets", [(gpt2, ["c_attn", "c_proj", "c_fc", "wpe"]),  # wte: tied, refused
-                                           (llama, ["q_proj", "v_proj", "down_proj", "embed_tokens"])])
-def test_sharded_merge_matches_peft_merge_and_unload(tmp_path, capsys, build, targets):
-    base, adapter, x, ref = _setup(tmp_path, build, targets)
+@pytest.mark.parametrize("build,targets,config", [
+    (gpt2, ["c_attn", "c_proj", "c_fc", "wpe"], {}),  # wte: tied, refused
+    (llama, ["q_proj", "v_proj", "down_proj", "embed_tokens"], {}),
+    (llama, ["q_proj", "down_proj"], dict(layers_to_transform=[1], layers_pattern="layers")),  # peft's layer filter
+], ids=["gpt2", "llama", "llama-layer-1"])
+def test_sharded_merge_matches_peft_merge_and_unload(tmp_path, capsys, build, targets, config):
+    base, adapter, x, ref = _setup(tmp_path, build, targets, **config)
     out = str(tmp_path / "merged")
     assert main(["merge", "--base", base, "--adapter", adapter, "--out", out]) == 0
     shards = sorted(f for f in os.listdir(base) if f.endswith(".safetensors"))
@@ -43,6 +47,14 @@ def test_sharded_merge_matches_peft_merge_and_unload(tmp_path, capsys, build, ta
     assert "merge [" in capsys.readouterr().err  # the progress bar
     base_logits = AutoModelForCausalLM.from_pretrained(base).eval()(x).logits
     assert rel_err(base_logits, ref) > 1e-2  # the adapter did change the model
+
+
+def test_factors_outside_layers_to_transform_are_refused(tmp_path, capsys):
+    base, adapter, _, _ = _setup(tmp_path, llama, ["q_proj"])  # factors in layers 0 and 1
+    edit_adapter_config(adapter, layers_to_transform=[0])  # peft would leave layer 1's alone
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--base", base, "--adapter", adapter, "--out", out]) != 0
+    assert "layers.1.self_attn.q_proj" in capsys.readouterr().err and not os.path.exists(out)
 
 
 def test_single_file_and_dtype(tmp_path):

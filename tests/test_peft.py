@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 import lora_ext
@@ -17,7 +18,18 @@ CASES = {
                                         use_rslora=True, fan_in_fan_out=True)),
     "llama-embedding-regex": (llama, dict(r=3, lora_alpha=5, target_modules=r".*\.(q_proj|v_proj|down_proj|embed_tokens)",
                                           rank_pattern={"down_proj": 6})),
+    # peft's layer filter: the index after the first name part (transformer.h.1...), or after layers_pattern
+    "gpt2-layers": (gpt2, dict(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], layers_to_transform=[1],
+                               fan_in_fan_out=True)),
+    "llama-layers-pattern": (llama, dict(r=2, lora_alpha=3, target_modules=["q_proj", "down_proj", "embed_tokens"],
+                                         layers_to_transform=0, layers_pattern="layers")),
 }
+
+
+def _peft_adapted(peft_model):
+    """The names of the modules peft adapted, as the plain model names them."""
+    return sorted(n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                  if isinstance(m, LoraLayer))
 
 
 def _peft_adapter(tmp_path, case):
@@ -37,6 +49,7 @@ def test_peft_adapter_loads_into_lora_ext(tmp_path, case):
     model = build()
     names = lora_ext.load_peft_adapter(model, path)
     assert names and all(isinstance(model.get_submodule(n), lora_ext.LoRALayer) for n in names)
+    assert sorted(names) == _peft_adapted(peft_model)
     assert rel_err(model(x).logits, ref) < 1e-5
     model.eval()  # merged in place
     assert all(model.get_submodule(n).merged for n in names)
@@ -160,11 +173,14 @@ def test_lora_ext_conv_adapters_of_any_kernel_load_in_peft(tmp_path):
     (dict(some_new_option=3), "some_new_option"),
     (dict(init_lora_weights="pissa"), "init_lora_weights"),
     (dict(bias="all"), "bias"),
-    (dict(layers_to_transform=[0]), "layers_to_transform"),
+    (dict(lora_bias=True), "lora_bias"),
+    (dict(layers_to_transform=[0]), "do not select"),  # honoured: the file's layer-1 factors are then extra
+    (dict(layers_to_transform=["0"]), "layers_to_transform must be"),
+    (dict(layers_to_transform=[0], layers_pattern="(h"), "layers_pattern"),
     (dict(peft_type="IA3"), "peft_type"),
     (dict(r=5), "r=5"),
 ])
-def test_configs_lora_ext_cannot_honour_are_refused(tmp_path, changes, match):
+def test_configs_lora_ext_cannot_honour_or_that_do_not_fit_are_refused(tmp_path, changes, match):
     _, _, path = _peft_adapter(tmp_path, "gpt2-rslora-patterns")
     edit_adapter_config(path, **changes)
     model = gpt2()

@@ -45,6 +45,60 @@ def name_matches(spec, name):
     return name in spec or any(name.endswith("." + t) for t in spec)
 
 
+def check_layers(option, target_modules, layers_to_transform, layers_pattern):
+    """Refuses what peft's LoraConfig refuses of layers_to_transform / layers_pattern: other than an int or a list of
+    ints, and a regex or a list of them; either with target_modules a regex (a string); a pattern without layers.
+    None for either: unset. `option` names them in messages."""
+    lt = layers_to_transform
+    if isinstance(target_modules, str) and (lt is not None or layers_pattern is not None):
+        raise ValueError(f"{option}: layers_to_transform and layers_pattern take a list of target_modules, not the "
+                         f"regular expression {target_modules!r} (peft refuses it too)")
+    if layers_pattern and lt is None:
+        raise ValueError(f"{option}: layers_pattern {layers_pattern!r} without layers_to_transform (peft refuses it "
+                         f"too)")
+    if not (lt is None or (isinstance(lt, int) and not isinstance(lt, bool)) or (
+            isinstance(lt, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in lt))):
+        raise ValueError(f"{option}: layers_to_transform must be a layer index or a list of them, got {lt!r}")
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if patterns is not None:
+        if not (isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns)):
+            raise ValueError(f"{option}: layers_pattern must be a regular expression or a list of them, got "
+                             f"{layers_pattern!r}")
+        for p in patterns:
+            _compile(f"{option}: layers_pattern", p)
+
+
+def in_layers(name, layers_to_transform, layers_pattern=None):
+    """peft's layers_to_transform: whether module `name` lies in one of the layers (an index or a list of them;
+    None or [] for every layer). The index is the first number segment after `layers_pattern` ('layers', 'h' or
+    a list of such regexes), or with no pattern the first number that a name part follows ('model.layers.3.mlp':
+    3; an expert index deeper in the name is not it); a name without one is in no layer."""
+    lt = layers_to_transform
+    if lt is None or (isinstance(lt, (list, tuple)) and not lt):
+        return True
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == lt if isinstance(lt, int) else index in lt
+
+
+def target_matches(spec, name, layers_to_transform=None, layers_pattern=None):
+    """name_matches(spec, name), and for a list of names, peft's layer filter on the names matched as a suffix
+    (peft takes a name listed whole, as 'all-linear' lists them, in every layer)."""
+    if not name_matches(spec, name):
+        return False
+    return isinstance(spec, str) or name in spec or in_layers(name, layers_to_transform, layers_pattern)
+
+
 def _compile(option, pattern):
     try:
         return re.compile(pattern)
@@ -118,12 +172,14 @@ def resolve_targets(model, target_modules, task_type=None):
     return target_modules
 
 
-def select_targets(model, target_modules, exclude_modules=None, option="target_modules", task_type=None):
-    """[(name, module)] that peft chooses for target_modules / exclude_modules ('all-linear' included), skipping
-    the insides of lora_ext layers; raises ValueError, naming `option`, when none is chosen or a chosen module
-    is not a layer lora_ext adapts."""
+def select_targets(model, target_modules, exclude_modules=None, option="target_modules", task_type=None,
+                   layers_to_transform=None, layers_pattern=None):
+    """[(name, module)] that peft chooses for target_modules / exclude_modules ('all-linear' included) and
+    layers_to_transform / layers_pattern, skipping the insides of lora_ext layers; raises ValueError, naming
+    `option`, when none is chosen or a chosen module is not a layer lora_ext adapts."""
     check_name_spec(f"{option}: target_modules", target_modules, allow_none=False)
     check_name_spec(f"{option}: exclude_modules", exclude_modules)
+    check_layers(option, target_modules, layers_to_transform, layers_pattern)
     spec = resolve_targets(model, target_modules, task_type)
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer)]
     chosen, excluded, unmatched = [], [], []
@@ -132,7 +188,7 @@ def select_targets(model, target_modules, exclude_modules=None, option="target_m
             continue
         if exclude_modules and name_matches(exclude_modules, name):
             excluded.append(name)
-        elif name_matches(spec, name):
+        elif target_matches(spec, name, layers_to_transform, layers_pattern):
             chosen.append((name, module))
         else:
             unmatched.append(name)
@@ -140,7 +196,9 @@ def select_targets(model, target_modules, exclude_modules=None, option="target_m
         if excluded and not unmatched:
             raise ValueError(f"{option}: exclude_modules {exclude_modules!r} excludes every module")
         raise ValueError(f"{option}: target_modules {target_modules!r} matches no module of the model"
-                         + (f" (after exclude_modules {exclude_modules!r})" if excluded else ""))
+                         + (f" (after exclude_modules {exclude_modules!r})" if excluded else "")
+                         + (f" in layers_to_transform {layers_to_transform!r}" if not in_layers("", layers_to_transform)
+                            else ""))
     for name, module in chosen:
         if not is_supported(module):
             raise ValueError(unsupported_message(f"{option}: target_modules", name, module))
@@ -330,7 +388,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
            fused: Optional[Mapping[str, Sequence[bool]]] = None,
            exclude_modules: Union[str, Sequence[str], None] = None, rank_pattern: Optional[Mapping[str, int]] = None,
            alpha_pattern: Optional[Mapping[str, float]] = None, use_rslora: bool = False,
-           lossless: Optional[bool] = None) -> List[str]:
+           lossless: Optional[bool] = None, layers_to_transform: Union[int, Sequence[int], None] = None,
+           layers_pattern: Union[str, Sequence[str], None] = None) -> List[str]:
     """Replaces the matching modules of `model` by lora_ext layers, in place; returns their names.
 
     target_modules: a regex matching whole module names, or a list of names / name suffixes (peft's rule), or
@@ -339,6 +398,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
       modules become MergedLinear (they need not be listed in target_modules).
     rank_pattern / alpha_pattern: per-module r / lora_alpha overrides, keyed by name regexes (peft's rule);
     use_rslora: scaling lora_alpha / sqrt(r) instead of lora_alpha / r.
+    layers_to_transform / layers_pattern: peft's, for a list of target_modules: only the modules in these layers
+      (an index or a list; the index follows layers_pattern, e.g. 'layers', or else the first name part).
     lossless: the layers' lossless merges (docs/LOSSLESS.md): None (the default) for float16/bfloat16
       weights and not for float32, True or False for every weight.
     Every check is made before the first module is replaced.
@@ -349,6 +410,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     check_name_spec("exclude_modules", exclude_modules)
     check_patterns("rank_pattern", rank_pattern, rank=True)
     check_patterns("alpha_pattern", alpha_pattern, rank=False)
+    check_layers("inject", target_modules, layers_to_transform, layers_pattern)
     _check_options(r, lora_alpha, lora_dropout)
     check_lossless(lossless)
     fused = dict(fused or {})
@@ -362,7 +424,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         if not name or name_matches(exclude_modules, name) or any(name.startswith(p) for p in inner):
             continue
         enable = next((v for k, v in fused.items() if name_matches([k], name)), None)
-        if enable is None and not name_matches(spec, name):
+        if enable is None and not target_matches(spec, name, layers_to_transform, layers_pattern):
             continue
         if isinstance(module, LoRALayer):
             raise ValueError(f"target_modules: module {name!r} is already a lora_ext layer")
@@ -373,7 +435,9 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         plan.append((name, module, replacement(module, name, rr, alpha, lora_dropout, merge_weights, enable, lossless),
                      scaling_for(rr, alpha, use_rslora)))
     if not plan:
-        raise ValueError(f"target_modules: {target_modules!r} matches no module of the model")
+        raise ValueError(f"target_modules: {target_modules!r} matches no module of the model"
+                         + (f" in layers_to_transform {layers_to_transform!r}"
+                            if not in_layers("", layers_to_transform) else ""))
     from .adapters import model_lock  # (adapters imports this module)
     with model_lock(model).write():  # the lock exists before the first switch: forwards in flight hold it
         owners = parameter_owners(model)

@@ -338,8 +338,9 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
 
 
 def _check_targets(adapter, cfg, factors):
-    """Refuses factors of modules the config's target_modules / exclude_modules do not select: peft ignores them
-    (as load_peft_adapter refuses them), so merging them would not give the model peft serves."""
+    """Refuses factors of modules the config's target_modules / exclude_modules (and layers_to_transform) do not
+    select: peft ignores them (as load_peft_adapter refuses them), so merging them would not give the model peft
+    serves."""
     cfg_file = os.path.join(adapter, CONFIG_NAME)
     spec, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
     if spec is None:
@@ -347,7 +348,8 @@ def _check_targets(adapter, cfg, factors):
                          f"the merge needs the adapted modules named")
     if isinstance(spec, str) and spec.lower() == _inject.ALL_LINEAR:
         return  # the model's linear layers but its head: no model here to resolve it against
-    ignored = sorted(n for n in factors if not _inject.name_matches(spec, n)
+    layers = (cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
+    ignored = sorted(n for n in factors if not _inject.target_matches(spec, n, *layers)
                      or (exclude and _inject.name_matches(exclude, n)))
     if ignored:
         more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""

@@ -32,14 +32,14 @@ PREFIX = "base_model.model."
 
 # Options lora_ext applies.
 HONOURED = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
-            "use_rslora", "fan_in_fan_out", "lora_dropout", "bias"}
+            "use_rslora", "fan_in_fan_out", "lora_dropout", "bias", "layers_to_transform", "layers_pattern"}
 # Descriptive fields that do not change what the adapter computes.
 DESCRIPTIVE = {"base_model_name_or_path", "revision", "task_type", "peft_version", "auto_mapping", "inference_mode",
                "megatron_core", "qalora_group_size"}
 # Variants and features lora_ext does not implement: accepted only when off (None, False, empty).
 UNSUPPORTED = {"use_dora", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "corda_config",
                "eva_config", "kasa_config", "lora_ga_config", "monteclora_config", "velora_config",
-               "layer_replication", "layers_pattern", "layers_to_transform", "lora_bias", "megatron_config",
+               "layer_replication", "lora_bias", "megatron_config",
                "modules_to_save", "target_parameters", "trainable_token_indices", "loftq_config",
                "ensure_weight_tying"}
 # Initialisations that leave the base weights as they were (others, e.g. PiSSA or LoftQ, change them).
@@ -109,6 +109,7 @@ def read_config(path):
     _inject.check_patterns(f"{where}: alpha_pattern", cfg.get("alpha_pattern"), rank=False)
     _inject.check_name_spec(f"{where}: target_modules", cfg.get("target_modules"))
     _inject.check_name_spec(f"{where}: exclude_modules", cfg.get("exclude_modules"))
+    _inject.check_layers(where, cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
     return cfg
 
 
@@ -308,16 +309,17 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         raise ValueError(f"{cfg_file}: target_modules is missing (peft would pick per-architecture defaults); "
                          f"lora_ext needs the adapted modules named")
     targets = _inject.select_targets(model, cfg["target_modules"], cfg.get("exclude_modules"), option=cfg_file,
-                                     task_type=cfg.get("task_type"))
+                                     task_type=cfg.get("task_type"), layers_to_transform=cfg.get("layers_to_transform"),
+                                     layers_pattern=cfg.get("layers_pattern"))
     chosen = {name for name, _ in targets}
     extra, missing = set(factors) - chosen, chosen - set(factors)
     if extra:
         raise ValueError(f"{weights_file}: holds factors of module(s) {_names(extra)} that the config's "
-                         f"target_modules / exclude_modules do not select ({cfg_file}); peft would ignore them, "
-                         f"lora_ext refuses the mismatch")
+                         f"target_modules / exclude_modules / layers_to_transform do not select ({cfg_file}); peft "
+                         f"would ignore them, lora_ext refuses the mismatch")
     if missing:
         raise ValueError(f"{weights_file}: holds no factors for module(s) {_names(missing)}, which the config's "
-                         f"target_modules / exclude_modules select ({cfg_file})")
+                         f"target_modules / exclude_modules / layers_to_transform select ({cfg_file})")
     plan = []
     for name, module in targets:
         A, B, embedding = factors[name]
