@@ -350,7 +350,11 @@ def _check_outcome(path, served):
         event(f"refused: {type(e).__name__}")
         return False
     event("loaded")
-    assert rel_err(model(x).logits, _peft_outputs(gpt2, path, x)) < 1e-5
+    ref = _peft_outputs(gpt2, path, x)
+    if not torch.isfinite(ref).all():  # a huge lora_alpha (from _JSON's floats) overflows float32 in peft too: its
+        event("overflows in float32")  # rows are then inf/NaN or 0 depending on the order of the ops
+        return True
+    assert rel_err(model(x).logits, ref) < 1e-5
     return True
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
 from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+from transformers.models.t5gemma2.modeling_t5gemma2 import T5Gemma2TextScaledWordEmbedding
 
 import lora_ext
 from helpers import assert_close_rel, embedding64, rel_err, same_bits
@@ -328,3 +329,56 @@ def test_the_check_runs_no_hooks_and_writes_nothing():
     model = _Holder(module)
     lora_ext.inject(model, ["emb"], r=2)
     assert calls == [] and module.weight._version == version
+
+
+# ---------------------------------------------------------------------------------------------------
+# a hostile pass (each failed before its fix: accepted or unloaded into other outputs)
+
+
+def test_t5gemma2s_end_of_image_embedding_is_refused_on_any_device():
+    # transformers' own *ScaledWordEmbedding, but its forward also puts eoi_embedding (a Parameter) at
+    # eoi_token_index: a lookup of 16 ids never met that row of a 262144-row table, and on meta the name sufficed
+    emb = T5Gemma2TextScaledWordEmbedding(300, 2, 0, embed_scale=8.0, eoi_token_index=299)
+    _refused(emb)
+    with torch.device("meta"):
+        on_meta = T5Gemma2TextScaledWordEmbedding(300, 2, 0, embed_scale=8.0)
+    on_meta.embed_scale = torch.tensor(8.0)
+    _refused(on_meta)
+
+
+class _TrainDropout(_MyScaled):  # the scaled lookup in eval mode only
+    def forward(self, ids):
+        return F.dropout(super().forward(ids), 0.5, self.training)
+
+
+def test_a_forward_that_differs_in_the_other_mode_is_refused():
+    emb = _TrainDropout(30, 8, embed_scale=3.0).eval()  # (from_pretrained's mode)
+    _refused(emb)
+    assert not emb.training  # the probe put the mode back
+
+
+@pytest.mark.parametrize("scale", [8.0, torch.tensor(3.0)], ids=["number", "tensor"])
+def test_unload_refuses_a_scale_no_plain_module_holds(scale):
+    model = _Holder(lora_ext.Embedding(50, 8, r=2, embed_scale=scale))
+    with pytest.raises(ValueError, match="'emb' is an Embedding with embed_scale"):
+        lora_ext.unload(model)
+    assert isinstance(model.emb, lora_ext.Embedding)
+
+
+def test_unload_builds_the_class_with_the_scale_the_layer_has_now():
+    model = _Holder(BartScaledWordEmbedding(30, 8, 1, embed_scale=2.75))
+    lora_ext.inject(model, ["emb"], r=2)
+    model.emb.embed_scale = 4.0
+    ids = _ids(20, 30)
+    with torch.no_grad():
+        want = model(ids)
+    lora_ext.unload(model, merge=False)
+    assert type(model.emb) is BartScaledWordEmbedding and model.emb.embed_scale == 4.0
+    with torch.no_grad():
+        assert torch.equal(model(ids), want)
+    gemma = _Holder(Gemma3TextScaledWordEmbedding(30, 8, 0, embed_scale=8.0))
+    lora_ext.inject(gemma, ["emb"], r=2)
+    gemma.emb.embed_scale.fill_(5.0)
+    lora_ext.unload(gemma, merge=False)
+    # transformers' _init_weights sets the buffer from scalar_embed_scale again: both must say 5
+    assert gemma.emb.scalar_embed_scale == 5.0 and gemma.emb.embed_scale.item() == 5.0

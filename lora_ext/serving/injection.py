@@ -7,11 +7,13 @@ nn.Conv1d/2d/3d -> Conv1d/2d/3d (around the very same conv module), and a fused
 projection named in `fused` -> MergedLinear(enable_lora=...). The new layers are built on the meta device
 and only the LoRA factors are allocated.
 """
+import ast
 import inspect
 import math
 import numbers
 import re
 import sys
+import textwrap
 from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -247,15 +249,67 @@ def overridden_base(module):
     return None
 
 
+def _scaled_source(cls, tensor: bool) -> Optional[bool]:
+    """Whether cls.forward reads, its docstring aside, `return super().forward(ids) * self.embed_scale` (a number)
+    or `... * self.embed_scale.to(self.weight.dtype)` (a tensor), as transformers' scaled word embeddings do; None
+    when its source cannot be read."""
+    try:
+        fn = ast.parse(textwrap.dedent(inspect.getsource(cls.forward))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    if not isinstance(fn, ast.FunctionDef) or fn.decorator_list:
+        return False
+    a = fn.args
+    if len(a.args) != 2 or a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults:
+        return False
+    body = fn.body[1:] if fn.body and isinstance(fn.body[0], ast.Expr) and isinstance(
+        getattr(fn.body[0], "value", None), ast.Constant) else fn.body
+    if len(body) != 1 or not isinstance(body[0], ast.Return) or body[0].value is None:
+        return False
+    me, ids = a.args[0].arg, a.args[1].arg
+    scale = f"{me}.embed_scale.to({me}.weight.dtype)" if tensor else f"{me}.embed_scale"
+    want = ast.parse(f"super().forward({ids}) * {scale}", mode="eval").body
+    return ast.dump(body[0].value) == ast.dump(want)
+
+
+def _scaled_lookup(module, cls, scale) -> Optional[bool]:
+    """Whether cls.forward (no hooks) on up to 16 ids spread over the table equals F.embedding times `scale` bit for
+    bit, in the module's train and eval modes both; None when a lookup cannot show it (no real weight, or every
+    probed element zero)."""
+    weight = module._parameters.get("weight")
+    if weight is None or weight.is_meta or not module.num_embeddings or type(weight).__name__ == "DTensor":
+        return None
+    ids = torch.linspace(0, module.num_embeddings - 1, min(16, module.num_embeddings), device=weight.device).long()
+    training = module.training
+    try:
+        with torch.no_grad():
+            base = F.embedding(ids, weight)
+            want = base * (scale.to(weight.dtype) if isinstance(scale, torch.Tensor) else scale)
+            for mode in (training, not training):
+                module.training = mode
+                got = cls.forward(module, ids)
+                if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
+                    return False
+                if not bool(((got == want) | (got.isnan() & want.isnan())).all()):
+                    return False
+    except Exception:
+        return False
+    finally:
+        module.training = training
+    return True if bool((base != 0).any()) else None
+
+
 def scaled_embedding(module):
     """(embed_scale for lora_ext's Embedding, the number its class is built with) when `module` is an nn.Embedding
     subclass whose forward is the lookup times its `embed_scale`, as transformers' scaled word embeddings are
     (Gemma's: `* embed_scale.to(weight.dtype)`, a one-element buffer; BART's: `* embed_scale`, a number); None for
-    any other module. The forward is checked, not assumed: its class's forward (no hooks) on up to 16 ids spread
-    over the table must equal F.embedding's lookup times the scale bit for bit, with some element not zero. Where
-    that cannot show it (a meta weight, all-zero rows), transformers' own *ScaledWordEmbedding classes qualify by
-    name alone. The class must also build again from (num_embeddings, embedding_dim, padding_idx,
-    embed_scale=number): unload puts one back."""
+    any other module. Checked, not assumed:
+    - its state is a table and its scale only: the weight its one parameter, embed_scale its one buffer if any, no
+      submodules, and a constructor of exactly (num_embeddings, embedding_dim, padding_idx, embed_scale) (the first
+      three by position), which unload calls to put one back (T5Gemma2's, which also holds an end-of-image embedding, is refused);
+    - a lookup: its class's forward (no hooks), in train and eval mode, on up to 16 ids spread over the table, must
+      equal F.embedding times the scale bit for bit with some element not zero; where a lookup cannot show it (a
+      meta weight, zero rows), the forward's source must read as transformers' does."""
     cls = type(module)
     if not isinstance(module, nn.Embedding) or cls.forward is nn.Embedding.forward or module.max_norm is not None:
         return None  # (a lookup with max_norm would renormalise the probed rows in place)
@@ -271,31 +325,21 @@ def scaled_embedding(module):
         return None
     if not math.isfinite(number):
         return None
+    if set(module._parameters) != {"weight"} or set(module._buffers) - {"embed_scale"} or module._modules:
+        return None
     try:
-        if "embed_scale" not in inspect.signature(cls.__init__).parameters:
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if len(params) != 4 or params[3].name != "embed_scale" or any(
+                p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params):
             return None
         with torch.device("meta"):
             cls(module.num_embeddings, module.embedding_dim, module.padding_idx, embed_scale=number)
     except Exception:  # (a class that does not build so: unload could not put it back)
         return None
-    known = cls.__module__.startswith("transformers.") and cls.__name__.endswith("ScaledWordEmbedding")
-    weight = module._parameters.get("weight")
-    if weight is None or weight.is_meta or not module.num_embeddings or type(weight).__name__ == "DTensor":
-        return (scale, number) if known else None
-    ids = torch.linspace(0, module.num_embeddings - 1, min(16, module.num_embeddings), device=weight.device).long()
-    try:
-        with torch.no_grad():
-            got = cls.forward(module, ids)
-            base = F.embedding(ids, weight)
-            want = base * (scale.to(weight.dtype) if isinstance(scale, torch.Tensor) else scale)
-    except Exception:
-        return None
-    if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.shape != want.shape:
-        return None
-    same = bool(((got == want) | (got.isnan() & want.isnan())).all())
-    if same and bool((base != 0).any()):
-        return scale, number
-    return (scale, number) if same and known else None
+    looked = _scaled_lookup(module, cls, scale)
+    if looked is None:
+        looked = _scaled_source(cls, isinstance(scale, torch.Tensor))
+    return (scale, number) if looked else None
 
 
 def read_without_call(model, name):
@@ -488,6 +532,25 @@ def check_mergeable(name, layer):
         raise ValueError(f"merge: {name!r}: {refusal} (unload with merge=False)")
 
 
+def _scaled_origin(layer) -> bool:
+    """Whether `layer` was injected in place of a scaled word embedding (scaled_embedding), whose class unload
+    builds again."""
+    origin = getattr(layer, "_injected_from", None)
+    return (isinstance(layer, layers.Embedding) and isinstance(origin, type) and issubclass(origin, nn.Embedding)
+            and origin is not nn.Embedding and layer.__dict__.get("_embed_scale_init") is not None)
+
+
+def _scale_number(layer) -> float:
+    """The number a scaled embedding's class is built with for `layer`'s scale as it is now: the one it was
+    injected with while its buffer still holds that (Gemma's exact sqrt(hidden_size), beside a bfloat16 buffer),
+    else the buffer's or the number's value (1.0 for none)."""
+    buf, first = layer._buffers.get("embed_scale"), layer._embed_scale_init
+    if buf is not None:
+        return first if bool(buf == torch.tensor(first, dtype=buf.dtype, device=buf.device)) else float(buf)
+    scale = layer.__dict__.get("embed_scale")
+    return 1.0 if scale is None else float(scale)
+
+
 def _plain(layer):
     """The plain module a LoRA layer stands for, around the layer's own parameters."""
     if isinstance(layer, layers.ConvLoRA):
@@ -495,10 +558,10 @@ def _plain(layer):
     origin = getattr(layer, "_injected_from", None)
     weight, bias = layer.weight, getattr(layer, "bias", None)
     with torch.device("meta"):
-        if isinstance(layer, layers.Embedding) and layer.__dict__.get("_embed_scale_init") is not None:
-            # a scaled word embedding (scaled_embedding): its class again, with the layer's scale
+        if _scaled_origin(layer):
+            # a scaled word embedding (scaled_embedding): its class again, with the layer's scale as it is now
             plain = origin(layer.num_embeddings, layer.embedding_dim, layer.padding_idx,
-                           embed_scale=layer._embed_scale_init)
+                           embed_scale=_scale_number(layer))
             plain.max_norm, plain.norm_type = layer.max_norm, layer.norm_type
             plain.scale_grad_by_freq, plain.sparse = layer.scale_grad_by_freq, layer.sparse
         elif isinstance(layer, layers.Embedding):
@@ -530,6 +593,12 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     for name, layer in found:  # (a weight a failed write left unknown would become the plain module's)
         layer._check_sound()
+        scaled = isinstance(layer, layers.Embedding) and (
+            layer._buffers.get("embed_scale") is not None or layer.__dict__.get("embed_scale") is not None)
+        if scaled and not _scaled_origin(layer):
+            raise ValueError(f"unload: layer {name!r} is an Embedding with embed_scale, which no plain torch module "
+                             f"holds (a plain nn.Embedding would drop the scale); only a layer injected in place of a "
+                             f"scaled word embedding unloads, as that class")
     if merge:
         for name, layer in found:
             check_mergeable(name, layer)
