@@ -350,11 +350,13 @@ def _check_outcome(path, served):
         event(f"refused: {type(e).__name__}")
         return False
     event("loaded")
-    ref = _peft_outputs(gpt2, path, x)
-    if not torch.isfinite(ref).all():  # a huge lora_alpha (from _JSON's floats) overflows float32 in peft too: its
-        event("overflows in float32")  # rows are then inf/NaN or 0 depending on the order of the ops
+    with open(os.path.join(path, CONFIG)) as f:
+        cfg = json.load(f)
+    alphas = [cfg.get("lora_alpha", 8), *(cfg.get("alpha_pattern") or {}).values()]
+    if any(abs(a) > 1e4 for a in alphas):  # a huge lora_alpha (from _JSON's floats) overflows float32, in peft too:
+        event("overflows float32")  # its rows are then inf, NaN or 0 depending on the order of the ops
         return True
-    assert rel_err(model(x).logits, ref) < 1e-5
+    assert rel_err(model(x).logits, _peft_outputs(gpt2, path, x)) < 1e-5
     return True
 
 

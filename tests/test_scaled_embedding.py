@@ -382,3 +382,16 @@ def test_unload_builds_the_class_with_the_scale_the_layer_has_now():
     lora_ext.unload(gemma, merge=False)
     # transformers' _init_weights sets the buffer from scalar_embed_scale again: both must say 5
     assert gemma.emb.scalar_embed_scale == 5.0 and gemma.emb.embed_scale.item() == 5.0
+
+
+def test_unload_after_the_scale_was_taken_away_builds_a_real_one():
+    gemma = _Holder(Gemma3TextScaledWordEmbedding(30, 8, 0, embed_scale=8.0))
+    lora_ext.inject(gemma, ["emb"], r=2)
+    gemma.emb.embed_scale = None  # no scale from here on (a buffer set to None)
+    ids = _ids(20, 30)
+    with torch.no_grad():
+        want = gemma(ids)
+    lora_ext.unload(gemma, merge=False)
+    assert not gemma.emb.embed_scale.is_meta and gemma.emb.scalar_embed_scale == 1.0
+    with torch.no_grad():
+        assert torch.equal(gemma(ids), want)

@@ -578,9 +578,9 @@ def _plain(layer):
     plain.weight = weight
     if bias is not None:
         plain.bias = bias
-    scale = layer._buffers.get("embed_scale") if isinstance(layer, layers.Embedding) else None
-    if scale is not None and isinstance(getattr(plain, "embed_scale", None), torch.Tensor):
-        plain.embed_scale = scale  # (the class's own buffer was built on meta: the layer's, moved and cast with it)
+    if isinstance(getattr(plain, "embed_scale", None), torch.Tensor):  # (the class's own buffer, built on meta)
+        scale = layer._buffers.get("embed_scale")  # the layer's, moved and cast with it; or none set since: 1
+        plain.embed_scale = scale if scale is not None else torch.tensor(_scale_number(layer), device=weight.device)
     return plain
 
 
