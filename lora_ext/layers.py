@@ -280,8 +280,10 @@ class LoRALayer(NamedAdapters):
                              f"{self.active_adapter!r} into it would change their outputs too (the layer adds its "
                              f"adapter on the fly when unmerged; untie the weights to merge)")
 
-    def _merge(self):
-        self._check_untied()
+    def _merge(self, untied: bool = False):
+        """Merges the active adapter (untied=True: the caller, holding the lock, has just asked ties.names)."""
+        if not untied:
+            self._check_untied()
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         self._check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         self._fp16_room((self.lora_A, self.lora_B, self.scaling))
@@ -476,8 +478,8 @@ class LoRALayer(NamedAdapters):
                                   f"eval() leaves adapter {self.active_adapter!r} unmerged (merging would change "
                                   f"their outputs too)", stacklevel=2)
                 else:
-                    if self.has_lora:
-                        (self._unmerge if mode else self._merge)()  # a refused merge changes nothing
+                    if self.has_lora:  # a refused merge changes nothing
+                        self._unmerge() if mode else self._merge(untied=True)
                     self.merged = not mode
             nn.Module.train(self, mode)
         return self

@@ -13,8 +13,8 @@ adapters are copied, and the live factors get storage of their own when they bec
 outside the layer shares storage with them under another version counter. Writes through `.data` bypass
 version counters, as they bypass autograd's checks: after such writes, call `check_values`.
 """
-import contextlib
 import math
+import _signal
 import signal
 import threading
 import unicodedata
@@ -56,29 +56,43 @@ def _unchanged(stamp, lora_A, lora_B):
             and stamp[2] == _data_ptr(lora_A) and stamp[5] == _data_ptr(lora_B))
 
 
-@contextlib.contextmanager
-def deferred_interrupt():
+class deferred_interrupt:
     """Holds back Ctrl-C (SIGINT) while a weight and its bookkeeping are written, and delivers it right after:
     a KeyboardInterrupt then lands between whole merges or switches, never inside one (the model-level switch
-    puts every layer back when it does). Only the main thread receives signals; elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda sig, frame: caught.append(frame))
-    except ValueError:  # not the main interpreter
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    puts every layer back when it does). Only the main thread receives signals; elsewhere this does nothing.
+    Inside another one (a switch holds one around its merge pass, which holds its own) it does nothing: the
+    outermost delivers at its end. A class over _signal, signal's C module: signal.signal's enum conversions cost
+    ten times the call itself, and a merge cycle enters two of these (bench/NOTES-merge.md, host time)."""
+
+    __slots__ = ("_caught", "_previous")
+    _open = False  # one is open (only the main thread gets that far)
+
+    def __enter__(self):
+        self._caught = None
+        if deferred_interrupt._open or threading.current_thread() is not threading.main_thread():
+            return self
+        caught = []
+        try:
+            self._previous = _signal.signal(signal.SIGINT, lambda sig, frame: caught.append(frame))
+        except ValueError:  # not the main interpreter
+            return self
+        self._caught = caught
+        deferred_interrupt._open = True
+        return self
+
+    def __exit__(self, *exc):
+        caught = self._caught
+        if caught is None:
+            return False
+        deferred_interrupt._open = False
+        previous = self._previous
+        _signal.signal(signal.SIGINT, previous)
         if caught:
             if callable(previous):
                 previous(signal.SIGINT, caught[0])
             elif previous == signal.SIG_DFL:
                 raise KeyboardInterrupt
+        return False
 
 
 MAX_NAME = 255  # a file name's limit on common file systems: peft saves an adapter under its name

@@ -1,6 +1,7 @@
 """What lora_ext guarantees under bad values, bad names and concurrency: every path that writes a weight
 refuses non-finite factors or an update that overflows the weight's dtype before writing, adapter names
 follow peft's rule, and a model-level switch is atomic with respect to forwards on other threads."""
+import contextlib
 import threading
 import time
 
@@ -449,3 +450,35 @@ def test_switches_under_inference_mode_leave_trainable_factors():
     assert not layer.lora_A.is_inference()
     layer(torch.randn(2, 32)).sum().backward()
     assert layer.lora_A.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# deferred_interrupt: a Ctrl-C inside nested blocks lands once, when the outermost ends
+
+
+@pytest.mark.parametrize("handler", ["python", "custom", "ignore"])
+def test_deferred_interrupt_nested_delivers_once_at_the_outermost_end(handler):
+    import signal
+
+    from lora_ext.named_adapters import deferred_interrupt
+    seen = []
+    own = {"python": signal.default_int_handler, "custom": lambda sig, frame: seen.append(sig),
+           "ignore": signal.SIG_IGN}[handler]
+    previous = signal.signal(signal.SIGINT, own)
+    steps = []
+    try:
+        with pytest.raises(KeyboardInterrupt) if handler == "python" else contextlib.nullcontext():
+            with deferred_interrupt():
+                with deferred_interrupt():
+                    signal.raise_signal(signal.SIGINT)
+                    steps.append("inner body")
+                steps.append("after the inner block")  # (not interrupted there)
+                with deferred_interrupt():
+                    steps.append("second inner")
+            steps.append("after the outer block")
+        assert signal.getsignal(signal.SIGINT) is own  # the runner's handler is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    want = ["inner body", "after the inner block", "second inner"]
+    assert steps == (want if handler == "python" else want + ["after the outer block"])
+    assert seen == ([signal.SIGINT] if handler == "custom" else [])
