@@ -469,7 +469,8 @@ class LoRALayer(NamedAdapters):
             return module
 
     def train(self, mode: bool = True):
-        with self._lock:
+        # (Ctrl-C held back to the end, so that it lands with `merged` saying what the weight holds)
+        with self._lock, deferred_interrupt():
             if self.merge_weights and mode == self.merged:
                 tied = ties.names(self) if not mode and self.has_lora else None
                 if tied:
@@ -486,14 +487,14 @@ class LoRALayer(NamedAdapters):
 
     def merge(self) -> None:
         """Merges the active adapter into the weight now, whatever the train/eval mode."""
-        with self._lock:
+        with self._lock, deferred_interrupt():  # (as in train())
             if self.has_lora and not self.merged:
                 self._merge()
             self.merged = True
 
     def unmerge(self) -> None:
         """Restores the base weight now (forwards then add the adapter on the fly)."""
-        with self._lock:
+        with self._lock, deferred_interrupt():  # (as in train())
             if self.merged and self._merged_A is not None:
                 self._unmerge()
             self.merged = False

@@ -81,9 +81,18 @@ class deferred_interrupt:
         return self
 
     def __exit__(self, *exc):
+        self.deliver()
+        return False
+
+    def deliver(self) -> None:
+        """Ends the hold now (the handler back) and delivers a Ctrl-C caught meanwhile, here: the model-level
+        operations call it inside their try, so that a KeyboardInterrupt rolls the whole operation back and a
+        handler that returns (or that itself switches adapters) runs after the operation, never between two
+        layers. Nothing when this one is nested in another (that one delivers) or already delivered."""
         caught = self._caught
         if caught is None:
-            return False
+            return
+        self._caught = None
         deferred_interrupt._open = False
         previous = self._previous
         _signal.signal(signal.SIGINT, previous)
@@ -92,7 +101,6 @@ class deferred_interrupt:
                 previous(signal.SIGINT, caught[0])
             elif previous == signal.SIG_DFL:
                 raise KeyboardInterrupt
-        return False
 
 
 MAX_NAME = 255  # a file name's limit on common file systems: peft saves an adapter under its name

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import LoRALayer
+from ..named_adapters import deferred_interrupt
 from ..utils import under_ddp
 from .injection import check_mergeable
 
@@ -226,11 +227,14 @@ def _check_ddp_switch(model, found, name):
 def _set_adapter(found, name, settle=True):
     before = [m.active_adapter for _, m in found]
     try:
-        _switch_all(found, name, settle)
+        with deferred_interrupt() as held:  # a Ctrl-C lands after the last layer, inside this try
+            _switch_all(found, name, settle)
+            held.deliver()
     except BaseException:  # KeyboardInterrupt included: every layer back on its adapter, never a mix
-        for (_, m), old in zip(found, before):
-            if m.active_adapter != old:
-                m.set_adapter(old)
+        with deferred_interrupt():  # (a second Ctrl-C waits for the way back)
+            for (_, m), old in zip(found, before):
+                if m.active_adapter != old:
+                    m.set_adapter(old)
         raise
 
 
@@ -255,9 +259,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         for layer_name, m in found:
             if name == m.active_adapter:
                 raise ValueError(f"delete_adapter: {name!r} is active at {layer_name!r}; set another adapter first")
-        for _, m in found:
-            if m.has_adapter(name):
-                m.delete_adapter(name)
+        with deferred_interrupt():  # a Ctrl-C lands when every layer has dropped it
+            for _, m in found:
+                if m.has_adapter(name):
+                    m.delete_adapter(name)
 
 
 def merge_adapter(model: nn.Module) -> None:
@@ -273,15 +278,18 @@ def merge_adapter(model: nn.Module) -> None:
                 m._check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")
         done = []
         try:
-            for _, m in found:
-                if not m.merged:
-                    m.merge()
-                    done.append(m)
-                else:
-                    m.merge()
+            with deferred_interrupt() as held:  # (as in _set_adapter)
+                for _, m in found:
+                    if not m.merged:
+                        m.merge()
+                        done.append(m)
+                    else:
+                        m.merge()
+                held.deliver()
         except BaseException:  # a refusal while writing (a lossless merge's exceptions): all merged or none
-            for m in done:
-                m.unmerge()
+            with deferred_interrupt():
+                for m in done:
+                    m.unmerge()
             raise
 
 
@@ -290,5 +298,6 @@ def unmerge_adapter(model: nn.Module) -> None:
     with model_lock(model).write():
         found = _layers_or_raise(model)
         reshard_fsdp(model)
-        for _, m in found:
-            m.unmerge()
+        with deferred_interrupt():  # a Ctrl-C lands when every layer is unmerged
+            for _, m in found:
+                m.unmerge()

@@ -66,8 +66,8 @@ def check_layers(option, target_modules, layers_to_transform, layers_pattern):
         if not (isinstance(patterns, (list, tuple)) and all(isinstance(p, str) for p in patterns)):
             raise ValueError(f"{option}: layers_pattern must be a regular expression or a list of them, got "
                              f"{layers_pattern!r}")
-        for p in patterns:
-            _compile(f"{option}: layers_pattern", p)
+        for p in patterns:  # (compiled as in_layers uses it: a pattern naming a group idx breaks that regex)
+            _compile(f"{option}: layers_pattern", _layer_regex(p))
 
 
 def in_layers(name, layers_to_transform, layers_pattern=None):
@@ -78,19 +78,22 @@ def in_layers(name, layers_to_transform, layers_pattern=None):
     lt = layers_to_transform
     if lt is None or (isinstance(lt, (list, tuple)) and not lt):
         return True
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-    if not patterns:
+    if not layers_pattern:  # (None, "" or []: peft's default rule)
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
         match = None
-        for pattern in patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+        for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+            match = re.match(_layer_regex(pattern), name)
             if match is not None:
                 break
-    if match is None:
+    index = match.group("idx") if match is not None else None
+    if index is None:  # (also a pattern whose alternation matched without the number: "layers|h")
         return False
-    index = int(match.group("idx"))
-    return index == lt if isinstance(lt, int) else index in lt
+    return int(index) == lt if isinstance(lt, int) else int(index) in lt
+
+
+def _layer_regex(pattern):
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
 
 
 def target_matches(spec, name, layers_to_transform=None, layers_pattern=None):
@@ -467,7 +470,9 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         # the insides of lora_ext layers (a ConvLoRA's conv) are never targets, as in select_targets
         if not name or name_matches(exclude_modules, name) or any(name.startswith(p) for p in inner):
             continue
-        enable = next((v for k, v in fused.items() if name_matches([k], name)), None)
+        # (fused entries: the same layer filter as target_modules' names)
+        enable = next((v for k, v in fused.items()
+                       if target_matches([k], name, layers_to_transform, layers_pattern)), None)
         if enable is None and not target_matches(spec, name, layers_to_transform, layers_pattern):
             continue
         if isinstance(module, LoRALayer):
