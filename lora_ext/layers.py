@@ -414,7 +414,8 @@ class LoRALayer(NamedAdapters):
         unmerged: forwards add the adapter on the fly."""
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return super()._apply(fn, recurse)
-        with self._lock, self._writing("move or dtype change"):
+        # (Ctrl-C held back to the end: the weight and `merged` change together, as in train())
+        with self._lock, deferred_interrupt(), self._writing("move or dtype change"):
             w = self._weight_2d()
             new_dtype = fn(torch.empty(0, dtype=w.dtype, device=w.device)).dtype
             record = self._merged_record

@@ -289,3 +289,29 @@ def test_layers_to_transform_applies_to_fused_modules(targets, pattern):
     except ValueError:
         return  # a refusal of the combination is fine
     assert all(".h.0." in n for n in names), names  # now: 'transformer.h.1.attn.c_attn' too
+
+
+# ---------------------------------------------------------------------------------------------------
+# 7 (found reading 1-2's fix): a dtype change of a merged layer unmerges, converts and merges again
+
+
+def test_sigint_during_a_merged_layers_dtype_change_keeps_outputs(python_sigint):
+    layer = _layer()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    layer.eval()
+    real = layer._unmerge_from
+
+    def unmerge_from(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    layer._unmerge_from = unmerge_from
+    with pytest.raises(KeyboardInterrupt):
+        layer.double()
+    del layer._unmerge_from
+    assert layer.weight.dtype == torch.float64 and layer.merged and layer._merged_A is not None
+    with torch.no_grad():
+        merged = layer(x)
+    layer.train()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), merged, atol=1e-6, rtol=1e-6)
