@@ -46,9 +46,10 @@ def _remerge_after_load(module, incompatible_keys):
             if weight is not None and (weight is not param or weight._version != version):
                 module.__dict__["_broken"] = None
         if module._remerge_pending:
-            module._remerge_pending = False
-            module._merge()
-            module.merged = True
+            with deferred_interrupt():  # (as in train())
+                module._remerge_pending = False
+                module._merge()
+                module.merged = True
 
 
 _OPERANDS = ("weight", "bias", "lora_A", "lora_B")
@@ -530,14 +531,15 @@ class LoRALayer(NamedAdapters):
                     ops.check_finite(f"loading {self._describe()} adapter {self.active_adapter!r}", A, B,
                                      self.scaling, weight_dtype=self._weight_2d().dtype)
                 # Loading brings a base weight and/or new factors: hold the base now, merge again after.
-                if self._written_in_place(state_dict, prefix):
-                    # the loader wrote the live weight already: it holds the loaded base, nothing to take out
-                    self._set_merged(None, None, None)
-                    self._finite_stamps.pop(MERGED, None)
-                else:
-                    self._unmerge()
-                self.merged = False  # until the post-load hook merges again: forwards in between stay right
-                self._remerge_pending = True
+                with deferred_interrupt():  # (the weight and `merged` change together, as in train())
+                    if self._written_in_place(state_dict, prefix):
+                        # the loader wrote the live weight already: it holds the loaded base, nothing to take out
+                        self._set_merged(None, None, None)
+                        self._finite_stamps.pop(MERGED, None)
+                    else:
+                        self._unmerge()
+                    self.merged = False  # until the post-load hook merges again: forwards in between stay right
+                    self._remerge_pending = True
             loaded = state_dict.get(prefix + self._weight_key)
             weight = self._weight_or_none()
             if self.__dict__.get("_broken") is not None and isinstance(loaded, Tensor) and weight is not None \

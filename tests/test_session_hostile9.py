@@ -315,3 +315,30 @@ def test_sigint_during_a_merged_layers_dtype_change_keeps_outputs(python_sigint)
     layer.train()
     with torch.no_grad():
         torch.testing.assert_close(layer(x), merged, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("where", ["_unmerge_from", "_merge_into"], ids=["unmerge", "merge again"])
+def test_sigint_during_a_merged_layers_load_keeps_outputs(python_sigint, where):
+    layer = _layer()
+    x = torch.randn(3, 8)
+    layer.eval()
+    with torch.no_grad():
+        want = layer(x)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}  # the base and the same factors
+    real = getattr(layer, where)
+
+    def hooked(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    setattr(layer, where, hooked)
+    with pytest.raises(KeyboardInterrupt):
+        layer.load_state_dict(state)
+    delattr(layer, where)
+    assert layer.merged == (layer._merged_A is not None)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-6)
+    layer.train()
+    layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-6)
