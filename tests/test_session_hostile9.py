@@ -4,6 +4,7 @@ layers_pattern) and the Ctrl-C hold (named_adapters.deferred_interrupt). Each te
 `merged` said so (older than this session); 3 a SIGINT handler that switches adapters ran between two layers of a
 model-level switch, leaving a mix; 4 layers_pattern "" is peft's default rule; 5 an alternation in layers_pattern
 raised TypeError; 6 fused modules skipped the layer filter."""
+import contextlib
 import json
 import os
 import signal
@@ -27,15 +28,32 @@ def python_sigint():
 
 # ---------------------------------------------------------------------------------------------------
 # 1
-def _interrupt_during_merge(layer):
-    real = layer._merge_into
+@contextlib.contextmanager
+def _sigint_in(layer, method):
+    """A real SIGINT sent as the layer's `method` starts (the instance's method replaced while open): a Ctrl-C while
+    the weight is being written."""
+    real = getattr(layer, method)
 
-    def merge_into(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the weight is being written
+    def hooked(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    layer._merge_into = merge_into
-    return lambda: layer.__dict__.pop("_merge_into")
+    setattr(layer, method, hooked)
+    try:
+        yield
+    finally:
+        layer.__dict__.pop(method, None)
+
+
+def _still_right(layer, x, ref, *steps, tol=1e-5):
+    """Whatever the interrupt left: `merged` says what the weight holds, and the outputs are the adapter's, once,
+    now and after each of `steps` (layer methods: "train", "eval", "unmerge")."""
+    assert layer.merged == (layer._merged_A is not None), "merged does not say what the weight holds"
+    for step in (None, *steps):
+        if step is not None:
+            getattr(layer, step)()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), ref, atol=tol, rtol=tol)
 
 
 def _layer():
@@ -51,18 +69,9 @@ def test_sigint_during_layer_merge_keeps_outputs(python_sigint, how):
     x = torch.randn(3, 8)
     with torch.no_grad():
         ref = layer(x).clone()
-    restore = _interrupt_during_merge(layer)
-    with pytest.raises(KeyboardInterrupt):
+    with _sigint_in(layer, "_merge_into"), pytest.raises(KeyboardInterrupt):
         layer.eval() if how == "eval" else layer.merge()
-    restore()
-    # whatever state the interrupt left, the layer must compute base + adapter once
-    assert layer.merged == (layer._merged_A is not None), "weight holds the adapter but merged is False"
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
-    layer.train()
-    layer.unmerge()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+    _still_right(layer, x, ref, "train", "unmerge")
 
 
 def test_sigint_during_merge_adapter_all_or_none(python_sigint):
@@ -73,10 +82,8 @@ def test_sigint_during_merge_adapter_all_or_none(python_sigint):
     x = torch.randn(3, 8)
     with torch.no_grad():
         ref = model(x).clone()
-    restore = _interrupt_during_merge(model[1])
-    with pytest.raises(KeyboardInterrupt):
+    with _sigint_in(model[1], "_merge_into"), pytest.raises(KeyboardInterrupt):
         lora.merge_adapter(model)
-    restore()
     states = [(m.merged, m._merged_A is not None) for m in model]
     assert all(s == states[0] for s in states) and all(a == b for a, b in states), states
     with torch.no_grad():
@@ -89,10 +96,8 @@ def test_sigint_during_lossless_bf16_merge_gives_the_base_back(python_sigint):
     layer = lora.Linear(16, 16, r=2, lora_alpha=4).bfloat16()
     nn.init.normal_(layer.lora_B)
     base = layer.weight.detach().clone()
-    restore = _interrupt_during_merge(layer)
-    with pytest.raises(KeyboardInterrupt):
+    with _sigint_in(layer, "_merge_into"), pytest.raises(KeyboardInterrupt):
         layer.eval()
-    restore()
     layer.train()
     assert torch.equal(layer.weight, base)  # now: the adapter stays in the weight for good
 
@@ -108,23 +113,9 @@ def test_sigint_during_layer_unmerge_keeps_outputs(python_sigint, how):
     with torch.no_grad():
         ref = layer(x).clone()
     layer.eval()
-    real = layer._unmerge_from
-
-    def unmerge_from(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    layer._unmerge_from = unmerge_from
-    with pytest.raises(KeyboardInterrupt):
+    with _sigint_in(layer, "_unmerge_from"), pytest.raises(KeyboardInterrupt):
         layer.train() if how == "train" else layer.unmerge()
-    del layer._unmerge_from
-    assert layer.merged == (layer._merged_A is not None), "merged is True but nothing is merged"
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
-    layer.train()  # TypeError now
-    layer.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
+    _still_right(layer, x, ref, "train", "eval")  # (train() raised TypeError before)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -180,10 +171,24 @@ def test_sigint_handler_switching_adapters_leaves_one_adapter():
 # ---------------------------------------------------------------------------------------------------
 # 4
 def _peft_choice(targets, **kw):
+    """The modules the real peft adapts in a tiny Llama for these target_modules and options."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
     model = get_peft_model(tiny_models.llama(), LoraConfig(r=2, target_modules=targets, **kw))
     return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+
+def _base_and_adapter(tmp_path, **layers):
+    """A tiny Llama saved as the base, and a peft adapter of its q_proj with `layers` (layers_to_transform,
+    layers_pattern) saved by peft: (base dir, adapter dir, the peft model)."""
+    from peft import LoraConfig, get_peft_model
+    base = str(tmp_path / "base")
+    tiny_models.llama().save_pretrained(base)
+    peft_model = tiny_models.randomize_lora(get_peft_model(tiny_models.llama(), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"], **layers)))
+    adapter = str(tmp_path / "adapter")
+    peft_model.save_pretrained(adapter)
+    return base, adapter, peft_model.eval()
 
 
 @pytest.mark.parametrize("targets", [["q_proj"], ["lm_head", "q_proj"]])
@@ -196,31 +201,21 @@ def test_empty_layers_pattern_chooses_what_peft_chooses(targets):
 
 
 def test_peft_adapter_with_empty_layers_pattern_loads(tmp_path):
-    from peft import LoraConfig, get_peft_model
-    peft_model = get_peft_model(tiny_models.llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
-                                                                layers_to_transform=[0], layers_pattern=""))
-    tiny_models.randomize_lora(peft_model)
-    peft_model.save_pretrained(tmp_path)
+    _, adapter, peft_model = _base_and_adapter(tmp_path, layers_to_transform=[0], layers_pattern="")
     x = tiny_models.tokens()
     with torch.no_grad():
         want = peft_model(x).logits
     model = tiny_models.llama()
-    lora_ext.load_peft_adapter(model, tmp_path)  # ValueError now
+    lora_ext.load_peft_adapter(model, adapter)  # ValueError before
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, want, atol=1e-5, rtol=1e-5)
 
 
 def test_cli_merges_peft_adapter_with_empty_layers_pattern(tmp_path):
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from lora_ext.cli import main
-    base = str(tmp_path / "base")
-    tiny_models.llama().save_pretrained(base)
-    peft_model = tiny_models.randomize_lora(get_peft_model(tiny_models.llama(), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="")))
-    adapter = str(tmp_path / "adapter")
-    peft_model.save_pretrained(adapter)
+    base, adapter, peft_model = _base_and_adapter(tmp_path, layers_to_transform=[0], layers_pattern="")
     x = tiny_models.tokens()
     with torch.no_grad():
         ref = peft_model.merge_and_unload()(x).logits
@@ -233,16 +228,12 @@ def test_cli_merges_peft_adapter_with_empty_layers_pattern(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # 5
-def _peft_choice_of(model, targets, **kw):
-    from peft import LoraConfig, get_peft_model
-    from peft.tuners.lora import LoraLayer
-    model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, **kw))
-    return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
 
 
 def test_alternation_in_layers_pattern_chooses_what_peft_chooses():
     targets = ["lm_head", "q_proj"]
-    want = _peft_choice_of(tiny_models.llama(), targets, layers_to_transform=[0], layers_pattern="layers|h")
+    want = _peft_choice(targets, layers_to_transform=[0], layers_pattern="layers|h")
     assert want == ["lm_head"]  # peft: the name listed whole; no q_proj lies in a layer by that pattern
     ours = sorted(n for n, _ in injection.select_targets(tiny_models.llama(), targets, layers_to_transform=[0],
                                                          layers_pattern="layers|h"))  # TypeError now
@@ -254,17 +245,8 @@ def test_alternation_in_layers_pattern_in_layers_does_not_raise_type_error():
 
 
 def test_cli_with_alternation_in_layers_pattern_fails_cleanly(tmp_path, capsys):
-    import os
-
-    from peft import LoraConfig, get_peft_model
-
     from lora_ext.cli import main
-    base = str(tmp_path / "base")
-    tiny_models.llama().save_pretrained(base)
-    peft_model = tiny_models.randomize_lora(get_peft_model(tiny_models.llama(), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj"], layers_to_transform=[0], layers_pattern="layers")))
-    adapter = str(tmp_path / "adapter")
-    peft_model.save_pretrained(adapter)
+    base, adapter, _ = _base_and_adapter(tmp_path, layers_to_transform=[0], layers_pattern="layers")
     cfg_file = os.path.join(adapter, "adapter_config.json")
     with open(cfg_file) as f:
         cfg = json.load(f)
@@ -299,16 +281,8 @@ def test_sigint_during_a_merged_layers_dtype_change_keeps_outputs(python_sigint)
     layer = _layer()
     x = torch.randn(3, 8, dtype=torch.float64)
     layer.eval()
-    real = layer._unmerge_from
-
-    def unmerge_from(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    layer._unmerge_from = unmerge_from
-    with pytest.raises(KeyboardInterrupt):
+    with _sigint_in(layer, "_unmerge_from"), pytest.raises(KeyboardInterrupt):
         layer.double()
-    del layer._unmerge_from
     assert layer.weight.dtype == torch.float64 and layer.merged and layer._merged_A is not None
     with torch.no_grad():
         merged = layer(x)
@@ -325,20 +299,6 @@ def test_sigint_during_a_merged_layers_load_keeps_outputs(python_sigint, where):
     with torch.no_grad():
         want = layer(x)
     state = {k: v.clone() for k, v in layer.state_dict().items()}  # the base and the same factors
-    real = getattr(layer, where)
-
-    def hooked(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    setattr(layer, where, hooked)
-    with pytest.raises(KeyboardInterrupt):
+    with _sigint_in(layer, where), pytest.raises(KeyboardInterrupt):
         layer.load_state_dict(state)
-    delattr(layer, where)
-    assert layer.merged == (layer._merged_A is not None)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-6)
-    layer.train()
-    layer.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-6)
+    _still_right(layer, x, want, "train", "eval", tol=1e-6)
