@@ -182,6 +182,11 @@ def test_linear_property(k, n, r, fan):
     ref64.double()
     x = torch.randn(3, k)
     assert rel_err(ours(x), ref64(x.double())) < 1e-5
+    w0 = ours.weight.detach().double()
     ours.eval()
     ref64.eval()
-    assert rel_err(ours.weight, ref64.weight) < 1e-5
+    # the merged weight's fp32 error is bounded by the magnitudes of its terms, |W| + s |B| |A| (a relative norm
+    # bound failed on a 1 x 1 weight where W and the delta nearly cancel: 1.03e-5)
+    terms = ours.scaling * ours.lora_B.detach().double().abs() @ ours.lora_A.detach().double().abs()
+    terms = w0.abs() + (terms.t() if fan else terms)
+    assert ((ours.weight.double() - ref64.weight).abs() <= (r + 2) * torch.finfo(torch.float32).eps * terms).all()
