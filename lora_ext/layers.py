@@ -18,7 +18,6 @@ calls of the same layer on other threads.
 """
 import contextlib
 import math
-import numbers
 import threading
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -577,27 +576,26 @@ class Embedding(LoRALayer, nn.Embedding):
                 raise ValueError(f"embed_scale must be a number or a floating-point tensor of one element, got "
                                  f"a {embed_scale.dtype} tensor of shape {tuple(embed_scale.shape)}")
             self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
-        elif embed_scale is None or (isinstance(embed_scale, numbers.Real) and not isinstance(embed_scale, bool)
-                                     and math.isfinite(embed_scale)):
-            self.embed_scale = None if embed_scale is None else float(embed_scale)
         else:
-            raise ValueError(f"embed_scale must be None, a finite number or a one-element tensor, got "
-                             f"{embed_scale!r}")
+            self.embed_scale = None if embed_scale is None else ops.finite_real("embed_scale", embed_scale)
+
+    def output_scale(self) -> Union[None, float, Tensor]:
+        """What the output is multiplied by: the embed_scale buffer, the number, or None (also for a layer
+        pickled before embed_scale existed)."""
+        scale = self._buffers.get("embed_scale")
+        return scale if scale is not None else self.__dict__.get("embed_scale")
 
     def forward(self, x: Tensor) -> Tensor:
         out = super().forward(x)
-        scale = self._buffers.get("embed_scale")
-        if scale is not None:
-            return out * scale.to(out.dtype)
-        scale = self.__dict__.get("embed_scale")
-        return out if scale is None else out * scale
+        scale = self.output_scale()
+        if scale is None:
+            return out
+        return out * (scale.to(out.dtype) if isinstance(scale, Tensor) else scale)
 
     def extra_repr(self) -> str:
-        scale = self._buffers.get("embed_scale")
-        if scale is not None:
+        scale = self.output_scale()
+        if isinstance(scale, Tensor):
             scale = "a tensor" if scale.is_meta else f"tensor({scale.item():g})"
-        else:
-            scale = self.__dict__.get("embed_scale")
         return super().extra_repr() + ("" if scale is None else f", embed_scale={scale}")
 
     def reset_lora_parameters(self):

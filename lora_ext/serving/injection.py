@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import layers, ties
+from .. import layers, ops, ties
 from ..layers import LoRALayer
 
 _CONVS = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
@@ -76,7 +76,7 @@ def in_layers(name, layers_to_transform, layers_pattern=None):
     a list of such regexes), or with no pattern the first number that a name part follows ('model.layers.3.mlp':
     3; an expert index deeper in the name is not it); a name without one is in no layer."""
     lt = layers_to_transform
-    if lt is None or (isinstance(lt, (list, tuple)) and not lt):
+    if not filters_layers(lt):
         return True
     if not layers_pattern:  # (None, "" or []: peft's default rule)
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
@@ -90,6 +90,12 @@ def in_layers(name, layers_to_transform, layers_pattern=None):
     if index is None:  # (also a pattern whose alternation matched without the number: "layers|h")
         return False
     return int(index) == lt if isinstance(lt, int) else int(index) in lt
+
+
+def filters_layers(layers_to_transform) -> bool:
+    """Whether peft's layers_to_transform restricts anything: set, and not an empty list."""
+    lt = layers_to_transform
+    return not (lt is None or (isinstance(lt, (list, tuple)) and not lt))
 
 
 def _layer_regex(pattern):
@@ -202,7 +208,7 @@ def select_targets(model, target_modules, exclude_modules=None, option="target_m
             raise ValueError(f"{option}: exclude_modules {exclude_modules!r} excludes every module")
         raise ValueError(f"{option}: target_modules {target_modules!r} matches no module of the model"
                          + (f" (after exclude_modules {exclude_modules!r})" if excluded else "")
-                         + (f" in layers_to_transform {layers_to_transform!r}" if not in_layers("", layers_to_transform)
+                         + (f" in layers_to_transform {layers_to_transform!r}" if filters_layers(layers_to_transform)
                             else ""))
     for name, module in chosen:
         if not is_supported(module):
@@ -317,16 +323,15 @@ def scaled_embedding(module):
     if not isinstance(module, nn.Embedding) or cls.forward is nn.Embedding.forward or module.max_norm is not None:
         return None  # (a lookup with max_norm would renormalise the probed rows in place)
     scale = getattr(module, "embed_scale", None)
+    exact = None
     if isinstance(scale, torch.Tensor):
         if scale.numel() != 1 or not scale.is_floating_point() or scale.is_meta or scale.requires_grad:
             return None  # (a trainable scale: the layer's copy would not train)
-        number = getattr(module, "scalar_embed_scale", None)  # (Gemma's: the exact value, whatever the dtype)
-        number = float(number if isinstance(number, numbers.Real) and not isinstance(number, bool) else scale)
-    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool) and math.isfinite(scale):
-        number = float(scale)
-    else:
-        return None
-    if not math.isfinite(number):
+        exact = getattr(module, "scalar_embed_scale", None)  # (Gemma's: the exact value, whatever the dtype)
+    try:
+        number = ops.finite_real("embed_scale", exact if isinstance(exact, numbers.Real) and not isinstance(exact, bool)
+                                 else scale)
+    except ValueError:  # (no scale, or not a finite number)
         return None
     if set(module._parameters) != {"weight"} or set(module._buffers) - {"embed_scale"} or module._modules:
         return None
@@ -486,7 +491,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     if not plan:
         raise ValueError(f"target_modules: {target_modules!r} matches no module of the model"
                          + (f" in layers_to_transform {layers_to_transform!r}"
-                            if not in_layers("", layers_to_transform) else ""))
+                            if filters_layers(layers_to_transform) else ""))
     from .adapters import model_lock  # (adapters imports this module)
     with model_lock(model).write():  # the lock exists before the first switch: forwards in flight hold it
         owners = parameter_owners(model)
@@ -549,10 +554,9 @@ def _scale_number(layer) -> float:
     """The number a scaled embedding's class is built with for `layer`'s scale as it is now: the one it was
     injected with while its buffer still holds that (Gemma's exact sqrt(hidden_size), beside a bfloat16 buffer),
     else the buffer's or the number's value (1.0 for none)."""
-    buf, first = layer._buffers.get("embed_scale"), layer._embed_scale_init
-    if buf is not None:
-        return first if bool(buf == torch.tensor(first, dtype=buf.dtype, device=buf.device)) else float(buf)
-    scale = layer.__dict__.get("embed_scale")
+    scale, first = layer.output_scale(), layer._embed_scale_init
+    if isinstance(scale, torch.Tensor):
+        return first if bool(scale == torch.tensor(first, dtype=scale.dtype, device=scale.device)) else float(scale)
     return 1.0 if scale is None else float(scale)
 
 
@@ -598,9 +602,7 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     for name, layer in found:  # (a weight a failed write left unknown would become the plain module's)
         layer._check_sound()
-        scaled = isinstance(layer, layers.Embedding) and (
-            layer._buffers.get("embed_scale") is not None or layer.__dict__.get("embed_scale") is not None)
-        if scaled and not _scaled_origin(layer):
+        if isinstance(layer, layers.Embedding) and layer.output_scale() is not None and not _scaled_origin(layer):
             raise ValueError(f"unload: layer {name!r} is an Embedding with embed_scale, which no plain torch module "
                              f"holds (a plain nn.Embedding would drop the scale); only a layer injected in place of a "
                              f"scaled word embedding unloads, as that class")
