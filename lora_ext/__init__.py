@@ -5,6 +5,7 @@ from .utils import lora_state_dict, mark_only_lora_as_trainable
 from .serving import (active_adapter, adapter_names, batch_adapters, configure_slots, delete_adapter, hold, inject,
                       load_peft_adapter, merge_adapter, save_peft_adapter, set_adapter, slot_config, unload,
                       unmerge_adapter)
+from .serving.saved_modules import ModulesToSave
 
 __version__ = "0.1.0"
 
@@ -13,4 +14,5 @@ __all__ = [
     "mark_only_lora_as_trainable", "lora_state_dict", "ops",
     "inject", "unload", "load_peft_adapter", "save_peft_adapter", "set_adapter", "active_adapter", "adapter_names",
     "delete_adapter", "merge_adapter", "unmerge_adapter", "hold", "batch_adapters", "configure_slots", "slot_config",
+    "ModulesToSave",
 ]

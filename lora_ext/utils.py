@@ -18,6 +18,15 @@ def _lora_layers(model):
             yield (name + "." if name else ""), module
 
 
+def _active_copies(model):
+    """(name prefix, module) of the active adapter's copy of every module saved whole (peft's modules_to_save):
+    trained and saved with the factors, as peft does."""
+    from .serving.saved_modules import ModulesToSave
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave) and module.active_adapter is not None:
+            yield f"{name + '.' if name else ''}modules_to_save.{module.active_adapter}.", module.served()
+
+
 def _layer_bias(module):
     """(key suffix, parameter) of a LoRA layer's own bias, or None."""
     if isinstance(module, ConvLoRA):
@@ -33,7 +42,8 @@ def _is_bias(name):
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
-    """Freeze everything but the LoRA layers' lora_A/lora_B (which are made trainable).
+    """Freeze everything but the LoRA layers' lora_A/lora_B (which are made trainable), and the active adapter's
+    copies of modules saved whole (peft's modules_to_save), which peft trains too.
 
     bias: 'none' keeps every bias frozen, 'all' trains every parameter whose own name holds "bias" (bias,
     in_proj_bias, bias_k...), 'lora_only' trains the biases of LoRA layers only (of every LoRA layer, r=0 too, as
@@ -41,6 +51,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """
     _check_bias(bias)
     lora = {id(p) for _, m in _lora_layers(model) if m.has_lora for p in (m.lora_A, m.lora_B)}
+    lora |= {id(p) for _, copy in _active_copies(model) for p in copy.parameters()}
     if bias == "lora_only":
         lora |= {id(own[1]) for _, m in _lora_layers(model) for own in [_layer_bias(m)] if own is not None}
     flags = [(name, p, id(p) in lora or (bias == "all" and _is_bias(name))) for name, p in model.named_parameters()]
@@ -101,7 +112,8 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     """The LoRA layers' lora_A/lora_B (and biases, by the same modes as mark_only_lora_as_trainable),
     keyed as in model.state_dict() of the model inside DistributedDataParallel and torch.compile wrappers (no
     "module." or "_orig_mod." prefix, as torch.distributed.checkpoint's get_model_state_dict): it loads into the
-    plain model (load into a wrapped one through its .module)."""
+    plain model (load into a wrapped one through its .module). The active adapter's copies of modules saved whole
+    (peft's modules_to_save) are part of it: their whole state, under their keys in the model."""
     _check_bias(bias)
     model = unwrap(model)
     out = {}
@@ -117,4 +129,6 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
         for name, p in model.named_parameters():
             if _is_bias(name):
                 out[name] = sharded.full(p.detach())
+    for prefix, copy in _active_copies(model):
+        out.update({prefix + k: sharded.full(t.detach()) for k, t in copy.state_dict().items()})
     return out

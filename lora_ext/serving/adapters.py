@@ -19,6 +19,7 @@ from ..layers import LoRALayer
 from ..named_adapters import deferred_interrupt
 from ..utils import under_ddp
 from .injection import check_mergeable
+from .saved_modules import wrappers
 
 
 class ModelLock:
@@ -189,7 +190,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
         found = _layers_or_raise(model)
         _check_ddp_switch(model, found, name)
         reshard_fsdp(model)
-        _set_adapter(found, name, settle=not under_ddp(model))
+        _set_adapter(found, name, settle=not under_ddp(model), saved=wrappers(model))
 
 
 def reshard_fsdp(model: nn.Module) -> None:
@@ -224,17 +225,23 @@ def _check_ddp_switch(model, found, name):
                 f"optimizer over the new adapter's parameters)")
 
 
-def _set_adapter(found, name, settle=True):
+def _set_adapter(found, name, settle=True, saved=()):
+    """Switches the layers `found` and the modules to save `saved` (peft's modules_to_save) to adapter `name`."""
     before = [m.active_adapter for _, m in found]
+    saved_before = [w.active_adapter for _, w in saved]
     try:
         with deferred_interrupt() as held:  # a Ctrl-C lands after the last layer, inside this try
             _switch_all(found, name, settle)
+            for _, w in saved:
+                w.set_adapter(name)
             held.deliver()
     except BaseException:  # KeyboardInterrupt included: every layer back on its adapter, never a mix
         with deferred_interrupt():  # (a second Ctrl-C waits for the way back)
             for (_, m), old in zip(found, before):
                 if m.active_adapter != old:
                     m.set_adapter(old)
+            for (_, w), old in zip(saved, saved_before):
+                w.set_adapter(old)
         raise
 
 
@@ -263,6 +270,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             for _, m in found:
                 if m.has_adapter(name):
                     m.delete_adapter(name)
+            for _, w in wrappers(model):  # its copies of modules to save
+                w.delete(name)
 
 
 def merge_adapter(model: nn.Module) -> None:

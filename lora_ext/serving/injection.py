@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .. import layers, ops, ties
 from ..layers import LoRALayer
+from .saved_modules import ModulesToSave, keeps_lora_off, wrappers
 
 _CONVS = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
 
@@ -184,20 +185,22 @@ def resolve_targets(model, target_modules, task_type=None):
 
 
 def select_targets(model, target_modules, exclude_modules=None, option="target_modules", task_type=None,
-                   layers_to_transform=None, layers_pattern=None):
-    """[(name, module)] that peft chooses for target_modules / exclude_modules ('all-linear' included) and
-    layers_to_transform / layers_pattern, skipping the insides of lora_ext layers; raises ValueError, naming
+                   layers_to_transform=None, layers_pattern=None, modules_to_save=None):
+    """[(name, module)] that peft chooses for target_modules / exclude_modules ('all-linear' included),
+    layers_to_transform / layers_pattern and modules_to_save (whose modules, and all inside them, LoRA leaves
+    alone), skipping the insides of lora_ext layers and of modules saved whole; raises ValueError, naming
     `option`, when none is chosen or a chosen module is not a layer lora_ext adapts."""
     check_name_spec(f"{option}: target_modules", target_modules, allow_none=False)
     check_name_spec(f"{option}: exclude_modules", exclude_modules)
     check_layers(option, target_modules, layers_to_transform, layers_pattern)
     spec = resolve_targets(model, target_modules, task_type)
-    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer)]
+    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, (LoRALayer, ModulesToSave))]
     chosen, excluded, unmatched = [], [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in inner):
             continue
-        if exclude_modules and name_matches(exclude_modules, name):
+        if (exclude_modules and name_matches(exclude_modules, name)) or isinstance(module, ModulesToSave) \
+                or (modules_to_save and keeps_lora_off(modules_to_save, name)):
             excluded.append(name)
         elif target_matches(spec, name, layers_to_transform, layers_pattern):
             chosen.append((name, module))
@@ -595,10 +598,12 @@ def _plain(layer):
 
 def unload(model: nn.Module, merge: bool = True) -> List[str]:
     """Puts plain modules back in place of every lora_ext layer (the inverse of inject); with merge=True
-    their weights keep the active adapter merged in, with merge=False they are the base weights. Returns
-    the names of the layers taken out."""
-    if isinstance(model, LoRALayer):
-        raise ValueError("unload: the model itself is a lora_ext layer; call unload on a model holding it")
+    their weights keep the active adapter merged in, with merge=False they are the base weights. Modules saved
+    whole (peft's modules_to_save) go back as the module that computes now (merge=True: the active adapter's
+    copy, as peft's merge_and_unload) or as the model's own (merge=False, as peft's unload). Returns the names
+    of the layers and modules taken out."""
+    if isinstance(model, (LoRALayer, ModulesToSave)):
+        raise ValueError(f"unload: the model itself is a {type(model).__name__}; call unload on a model holding it")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     for name, layer in found:  # (a weight a failed write left unknown would become the plain module's)
         layer._check_sound()
@@ -618,5 +623,8 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
             base = plain.weight
             base.requires_grad_(getattr(layer, "_base_requires_grad", True))
         _set_submodule(model, name, plain)
+        names.append(name)
+    for name, wrapper in wrappers(model):
+        _set_submodule(model, name, wrapper.served() if merge else wrapper.original_module)
         names.append(name)
     return names

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from .. import ops
 from .files import atomic_path, remove_stale_temporaries
 from . import injection as _inject
-from .peft_io import (CONFIG_NAME, check_base_weight, module_factors, module_rank_scaling, read_config,
-                      read_tensors)
+from . import saved_modules as _saved
+from .peft_io import (BASE_SUFFIX, CONFIG_NAME, PREFIX, SUFFIXES, check_base_weight, module_factors,
+                      module_rank_scaling, read_config, read_tensors)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -271,12 +272,15 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     except Exception as e:  # a damaged weights file: the safetensors or pickle readers' own errors
         raise MergeError(f"--adapter {adapter!r}: cannot read its weights file: {type(e).__name__}: "
                          f"{' '.join(str(e).split())}") from None
+    entries = _saved.check_entries(os.path.join(adapter, CONFIG_NAME), cfg.get("modules_to_save"))
+    states, tensors = _saved.split_state(tensors, _saved_names(tensors, entries), PREFIX)
     factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}")
     _check_targets(adapter, cfg, factors)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     where = {e[0]: path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {e[0]: e[2] for _, (_, entries, _) in headers.items() for e in entries}
     _check_tied(base, base_dir, factors, shapes)
+    replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where)
     plan, kinds = {}, None
     if any(not e and len(shapes.get(n + ".weight", ())) == 2 and len(set(shapes[n + ".weight"])) == 1
            for n, (_, _, e) in factors.items()):
@@ -318,7 +322,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                 if rel is not None and os.path.dirname(rel):
                     os.makedirs(os.path.dirname(target), exist_ok=True)
                 sizes[path] = _write_shard(path, target, headers[path], plan, device, out_dtype, bar,
-                                           nonfinite, allow_inf, delay)
+                                           nonfinite, allow_inf, delay, replace)
             if base_dir is not None:
                 _copy_side_files(base_dir, tmp, files)
                 if index is not None:
@@ -328,6 +332,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                         json.dump(new_index, f, indent=2)
     except OSError as e:
         raise _os_error(f"--out {out!r}: writing", e) from None
+    if replace:
+        modules = sorted(states)
+        print(f"lora-ext merge: wrote the adapter's own {len(replace)} tensors of {len(modules)} module(s) saved whole "
+              f"(modules_to_save): {', '.join(modules[:5])}{' ...' if len(modules) > 5 else ''}", file=log)
     if nonfinite:
         n = sum(nonfinite.values())
         names = ", ".join(f"{k} ({v})" for k, v in list(nonfinite.items())[:5])
@@ -335,6 +343,57 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         print(f"lora-ext merge: warning: --allow-inf: wrote {n} inf/NaN values the merge produced in "
               f"{len(nonfinite)} tensors: {names}{more}", file=log)
     return len(plan)
+
+
+def _saved_names(tensors, entries):
+    """The modules a peft file saves whole: for each key that is not a LoRA factor, its shortest leading part
+    (at a '.') that peft's modules_to_save chooses (its name ends with an entry)."""
+    names = set()
+    for key in tensors:
+        if not key.startswith(PREFIX) or key.endswith(BASE_SUFFIX) or any(key.endswith(s) for s in SUFFIXES):
+            continue
+        parts = key[len(PREFIX):].split(".")
+        name = next((".".join(parts[:i]) for i in range(1, len(parts)) if _saved.saved_match(entries, ".".join(parts[:i]))),
+                    None)
+        if name is not None:
+            names.add(name)
+    return sorted(names)
+
+
+def _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where):
+    """{checkpoint key: tensor} that replace the base's tensors for the modules the adapter saves whole (peft's
+    modules_to_save), each checked: the module's every tensor in the checkpoint, nothing else, the same shapes,
+    finite values, no LoRA inside it, not one of tied embeddings."""
+    replace = {}
+    for name, state in sorted(states.items()):
+        lora = sorted(n for n in factors if _saved.keeps_lora_off(entries, n))
+        if lora:
+            raise MergeError(f"--adapter: module(s) {', '.join(map(repr, lora[:3]))} have LoRA factors, but "
+                             f"modules_to_save {entries!r} keeps LoRA off them (peft ignores those factors)")
+        in_base = sorted(k for k in shapes if k.startswith(name + "."))
+        if not in_base:
+            raise MergeError(f"--adapter: module {name!r} is saved whole (modules_to_save) but --base {base!r} has no "
+                             f"tensor under {name + '.'!r}")
+        missing = [k for k in in_base if k[len(name) + 1:] not in state]
+        if missing:
+            raise MergeError(f"--adapter: module {name!r} is saved whole (modules_to_save) but the adapter holds no "
+                             f"{PREFIX + missing[0]!r}, which --base has; the merge refuses the incomplete module")
+        for k, t in sorted(state.items()):
+            key = name + "." + k
+            if key not in shapes:
+                raise MergeError(f"--adapter: unexpected key {PREFIX + key!r}: --base {base!r} has no tensor {key!r}")
+            if tuple(t.shape) != tuple(shapes[key]):
+                raise MergeError(f"--adapter: {PREFIX + key!r} has shape {tuple(t.shape)}, but --base's {key!r} has "
+                                 f"{tuple(shapes[key])}")
+            st_dtype = next(e[1] for e in headers[where[key]][1] if e[0] == key)
+            if t.is_floating_point() != _FROM_ST[st_dtype].is_floating_point:
+                raise MergeError(f"--adapter: {PREFIX + key!r} is {t.dtype}, but --base's {key!r} is {st_dtype}")
+            if t.is_floating_point() and _nonfinite(t):
+                raise MergeError(f"--adapter: {PREFIX + key!r} holds non-finite values (inf/NaN)")
+            replace[key] = t.to(_FROM_ST[st_dtype])
+    _check_tied(base, base_dir, {n.rsplit(".", 1)[0]: (None, None, False) for n in replace
+                                 if len(shapes[n]) == 2}, shapes, saved=True)
+    return replace
 
 
 def _check_targets(adapter, cfg, factors):
@@ -358,11 +417,12 @@ def _check_targets(adapter, cfg, factors):
                          f"select; peft ignores them, so the merge refuses the mismatch")
 
 
-def _check_tied(base, base_dir, factors, shapes):
+def _check_tied(base, base_dir, factors, shapes, saved=False):
     """Refuses an adapter of the input embeddings or the output head of a model whose config.json (beside the
     checkpoint) ties them (tie_word_embeddings, true unless it says otherwise): one tensor serves both, so the
     merge would change the other too, which peft (and lora_ext) serve unchanged. The tied pair: the weights of
-    vocab_size rows (any embedding where config.json does not say vocab_size)."""
+    vocab_size rows (any embedding where config.json does not say vocab_size). saved: `factors` are modules saved
+    whole (modules_to_save), which peft copies untied."""
     folder = base_dir or os.path.dirname(os.path.abspath(base))
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
@@ -381,6 +441,11 @@ def _check_tied(base, base_dir, factors, shapes):
             both = sum(1 for t in shapes.values() if t == shape) > 1
             fix = ("the checkpoint stores both tensors: set tie_word_embeddings to false in config.json" if both
                    else "untie them first (save the model with tie_word_embeddings=false and the head's own weight)")
+            if saved:
+                raise MergeError(f"--adapter: {name!r} is saved whole (modules_to_save) with a weight of {vocab} rows, "
+                                 f"which {os.path.join(folder, 'config.json')} ties between the input embeddings and the "
+                                 f"output head (tie_word_embeddings): the merged model would load with both tied to it, "
+                                 f"unlike the adapter (peft's copy is not tied); {fix}")
             raise MergeError(f"--adapter: module {name!r} adapts {what}, which {os.path.join(folder, 'config.json')} "
                              f"ties to the {other} (tie_word_embeddings): the merged model would load with the "
                              f"{other} tied to it, unlike the adapter; {fix}")
@@ -446,10 +511,11 @@ def _nonfinite(t):
     return int(t.numel() - torch.isfinite(t).sum())
 
 
-def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allow_inf, delay=0.0):
-    """Streams one safetensors file to `dst`, merging the planned weights; returns its data size. Values that
-    become non-finite in the output (finite in the input) raise MergeError unless allow_inf (then counted
-    in `nonfinite`)."""
+def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allow_inf, delay=0.0, replace=None):
+    """Streams one safetensors file to `dst`, merging the planned weights and writing the tensors of `replace`
+    (modules saved whole) instead of the base's; returns its data size. Values that become non-finite in the output
+    (finite in the input) raise MergeError unless allow_inf (then counted in `nonfinite`)."""
+    replace = replace or {}
     meta, entries, data_start = header
 
     def stored(st_dtype):
@@ -477,6 +543,8 @@ def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allo
             key, st_dtype = entry[0], entry[1]
             t = _read_tensor(fin, src, entry, data_start)
             dt = stored(st_dtype)
+            if key in replace:
+                t = replace[key]
             changes = key in plan or t.dtype != dt  # a copy as it is makes no new inf/NaN
             bad_in = _nonfinite(t) if changes else 0
             if key in plan:

@@ -22,6 +22,7 @@ from ..layers import LoRALayer
 from ..named_adapters import check_adapter_name
 from ..utils import unwrap
 from . import injection as _inject
+from . import saved_modules as _saved
 from .adapters import hold, lora_layers, model_lock, set_adapter
 from .files import atomic_path, remove_stale_temporaries
 
@@ -32,7 +33,8 @@ PREFIX = "base_model.model."
 
 # Options lora_ext applies.
 HONOURED = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
-            "use_rslora", "fan_in_fan_out", "lora_dropout", "bias", "layers_to_transform", "layers_pattern"}
+            "use_rslora", "fan_in_fan_out", "lora_dropout", "bias", "layers_to_transform", "layers_pattern",
+            "modules_to_save"}
 # Descriptive fields that do not change what the adapter computes.
 DESCRIPTIVE = {"base_model_name_or_path", "revision", "task_type", "peft_version", "auto_mapping", "inference_mode",
                "megatron_core", "qalora_group_size"}
@@ -40,7 +42,7 @@ DESCRIPTIVE = {"base_model_name_or_path", "revision", "task_type", "peft_version
 UNSUPPORTED = {"use_dora", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "corda_config",
                "eva_config", "kasa_config", "lora_ga_config", "monteclora_config", "velora_config",
                "layer_replication", "lora_bias", "megatron_config",
-               "modules_to_save", "target_parameters", "trainable_token_indices", "loftq_config",
+               "target_parameters", "trainable_token_indices", "loftq_config",
                "ensure_weight_tying"}
 # Initialisations that leave the base weights as they were (others, e.g. PiSSA or LoftQ, change them).
 PLAIN_INITS = (True, False, "gaussian", "orthogonal")
@@ -110,6 +112,7 @@ def read_config(path):
     _inject.check_name_spec(f"{where}: target_modules", cfg.get("target_modules"))
     _inject.check_name_spec(f"{where}: exclude_modules", cfg.get("exclude_modules"))
     _inject.check_layers(where, cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
+    _saved.check_entries(where, cfg.get("modules_to_save"))
     return cfg
 
 
@@ -302,7 +305,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         raise ValueError(f"{cfg_file}: peft_type is missing (peft refuses such a config; a LoRA adapter's is 'LORA')")
     weights_file = os.path.join(path, WEIGHTS_NAME if os.path.isfile(os.path.join(path, WEIGHTS_NAME))
                                 else LEGACY_WEIGHTS_NAME)
-    factors, base_weights = module_factors(read_tensors(path), where=weights_file)
+    entries = _saved.check_entries(cfg_file, cfg.get("modules_to_save"))
+    to_save = _saved.find(model, entries, cfg_file)
+    states, rest = _saved.split_state(read_tensors(path), [n for n, _ in to_save], PREFIX)
+    factors, base_weights = module_factors(rest, where=weights_file)
     if not factors:
         raise ValueError(f"{weights_file}: holds no LoRA factors")
     if cfg.get("target_modules") is None:
@@ -310,8 +316,14 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                          f"lora_ext needs the adapted modules named")
     targets = _inject.select_targets(model, cfg["target_modules"], cfg.get("exclude_modules"), option=cfg_file,
                                      task_type=cfg.get("task_type"), layers_to_transform=cfg.get("layers_to_transform"),
-                                     layers_pattern=cfg.get("layers_pattern"))
+                                     layers_pattern=cfg.get("layers_pattern"), modules_to_save=entries)
     chosen = {name for name, _ in targets}
+    saved_plan = [(name, module, _saved.check_state(weights_file, name, module, states.get(name), PREFIX))
+                  for name, module in to_save]
+    if to_save and hasattr(nn.ModuleDict(), adapter_name):
+        raise ValueError(f"adapter_name: {adapter_name!r} is an attribute of torch's ModuleDict, which holds the "
+                         f"copies of the modules this adapter saves whole ({_names(n for n, _ in to_save)}); load it "
+                         f"under another name")
     extra, missing = set(factors) - chosen, chosen - set(factors)
     if extra:
         raise ValueError(f"{weights_file}: holds factors of module(s) {_names(extra)} that the config's "
@@ -375,10 +387,12 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                                  f"hold the active adapter (load it with the same target modules, or activate=False)")
     held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name)]
     uncovered = [n for n, _ in held if n not in chosen]
+    uncovered += [n for n, w in _saved.wrappers(model) if adapter_name in w.adapter_names
+                  and n not in {name for name, _ in to_save}]
     if uncovered:
-        raise ValueError(f"{cfg_file}: lora_ext layers {uncovered} already hold an adapter {adapter_name!r} that "
-                         f"this file does not cover; a load would leave it half replaced (load it under another "
-                         f"name, or delete it first)")
+        raise ValueError(f"{cfg_file}: lora_ext layers or modules to save {uncovered} already hold an adapter "
+                         f"{adapter_name!r} that this file does not cover; a load would leave it half replaced (load "
+                         f"it under another name, or delete it first)")
     if not activate and any(m.active_adapter == adapter_name for _, m in held):
         raise ValueError(f"adapter_name: {adapter_name!r} is the active adapter; replacing it would change what the "
                          f"model serves although activate=False (load it under another name, or with activate=True)")
@@ -392,9 +406,15 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 if lossless is not None:
                     layer.lossless = lossless  # from the next merge on
                 layer.add_adapter(adapter_name, A2, B2, scaling)
+        for name, module, state in saved_plan:
+            if not isinstance(module, _saved.ModulesToSave):
+                wrapper = _saved.ModulesToSave(module)
+                _inject._set_submodule(model, name, wrapper)
+                module = wrapper
+            module.add(adapter_name, state)
         if activate:
             set_adapter(model, adapter_name)
-    return sorted(chosen)
+    return sorted(chosen | {name for name, _ in to_save})
 
 
 def _peft_factors(layer, name, A, B, r):
@@ -439,8 +459,29 @@ def _peft_conv_factors(layer, name, A, B, r):
 
 def _plain_names(model):
     """The model's module names as a model without lora_ext layers has them (the insides of its layers left out)."""
-    inner = tuple(n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer))
+    inner = tuple(n + "." for n, m in model.named_modules() if n and isinstance(m, (LoRALayer, _saved.ModulesToSave)))
     return [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
+
+
+def _saved_copies(model, found, adapter, tensors):
+    """Puts adapter `adapter`'s copies of modules saved whole into `tensors` (peft's keys: the module's state
+    under its name); returns their names, the modules_to_save peft needs to choose exactly those modules (by its
+    string-suffix rule) and keep LoRA off them, refusing where no such list exists."""
+    saved = [(n, w) for n, w in _saved.wrappers(model) if adapter in w.adapter_names]
+    names = [n for n, _ in saved]
+    every = _plain_names(model)
+    for name, wrapper in saved:
+        others = [o for o in every if o != name and _saved.saved_match([name], o)]
+        if others:
+            raise ValueError(f"save: module {name!r} is saved whole by adapter {adapter!r}, but peft's modules_to_save "
+                             f"{name!r} would also save {_names(others)} (its names end with it)")
+        for key, t in wrapper.modules_to_save[adapter].state_dict().items():
+            tensors[PREFIX + name + "." + key] = t.detach().contiguous().cpu()
+    off = [n for n, _ in found if _saved.keeps_lora_off(names, n)]
+    if off:
+        raise ValueError(f"save: peft would keep LoRA off layer(s) {_names(off)}, whose names contain a module that "
+                         f"adapter {adapter!r} saves whole ({_names(names)})")
+    return names
 
 
 def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
@@ -484,6 +525,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             tensors[PREFIX + name + kb] = B.contiguous().cpu()
             ranks[name], alphas[name] = rank, scaling * rank
             dropout = getattr(layer.lora_dropout, "p", dropout)
+        saved = _saved_copies(inner, found, adapter_name if adapter_name is not None else found[0][1].active_adapter,
+                              tensors)
     first = found[0][0]
     r, alpha = ranks[first], alphas[first]
     # peft matches a pattern key, and a target_modules entry, at the end of a module name at a '.' boundary
@@ -503,6 +546,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         "target_modules": targets,
         "rank_pattern": {keys[n]: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {keys[n]: v for n, v in alphas.items() if v != alpha},
+        "modules_to_save": saved or None,
     }
     os.makedirs(path, exist_ok=True)
     for name in (WEIGHTS_NAME, CONFIG_NAME):  # left by a killed save

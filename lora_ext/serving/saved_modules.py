@@ -1,0 +1,197 @@
+"""peft's modules_to_save: modules an adapter replaces whole (a classification head: `score`, `classifier`), one
+copy per adapter beside the model's own.
+
+`ModulesToSave` takes the module's place in the model, with the names peft's ModulesToSaveWrapper uses
+(`original_module`, and `modules_to_save.<adapter>` for each adapter's copy), so state_dict keys read as peft's.
+Its forward runs the active adapter's copy, or the original module when the active adapter brought none. The
+model-level set_adapter / delete_adapter and unload of lora_ext.serving keep the copies in step with the LoRA
+layers, under the model's lock. A switch writes nothing: it only changes which module computes. So a CUDA graph
+captured before a switch that changes the module replays the old one: capture again (as after a rank change).
+
+Which modules: peft's rules, mirrored. A module is saved when its name ends with an entry of modules_to_save (a
+plain string suffix, as peft's `key.endswith(entry)`); LoRA targets skip every module whose name has an entry as a
+whole part, and everything inside it (peft's `(^|.*\\.)entry($|\\..*)`).
+"""
+import copy
+import re
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..layers import LoRALayer
+
+# containers peft refuses to wrap (they have no forward of their own)
+_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
+class ModulesToSave(nn.Module):
+    """A module that adapters replace whole: `original_module` (the model's own, never written) and one copy per
+    adapter in `modules_to_save`; forward runs the active adapter's copy, else the original. Attributes the
+    wrapper lacks are read from the module that computes (the head's `.weight`, say), as peft's wrapper does."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.original_module = module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None  # whose copy computes; None: the original module
+
+    def served(self) -> nn.Module:
+        """The module that computes now."""
+        copies = self._modules["modules_to_save"]._modules
+        name = self.__dict__["active_adapter"]
+        return copies[name] if name is not None and name in copies else self._modules["original_module"]
+
+    def module_for(self, adapter: Optional[str]) -> nn.Module:
+        """The module that computes while `adapter` is active (None: no adapter, the original)."""
+        copies = self._modules["modules_to_save"]._modules
+        return copies[adapter] if adapter is not None and adapter in copies else self._modules["original_module"]
+
+    def forward(self, *args, **kwargs):
+        return self.served()(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if "_modules" not in self.__dict__ or "active_adapter" not in self.__dict__:
+                raise
+        return getattr(self.served(), name)
+
+    @property
+    def adapter_names(self) -> List[str]:
+        """The adapters that hold a copy of this module."""
+        return list(self._modules["modules_to_save"]._modules)
+
+    def set_adapter(self, name: Optional[str]) -> None:
+        """The copy of adapter `name` computes from now on; the original module when it has none."""
+        self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
+
+    def add(self, name: str, state: Dict[str, Tensor]) -> None:
+        """Adds (or replaces) adapter `name`'s copy: the original module copied, with `state` (its whole state_dict,
+        checked by check_state) loaded into it in the original's dtypes. The active copy keeps serving until
+        set_adapter: a replaced active copy is replaced in place of the old one."""
+        new = copy.deepcopy(self._modules["original_module"])
+        new.load_state_dict(state, strict=True)
+        self._modules["modules_to_save"][name] = new
+        if self.__dict__["active_adapter"] == name:
+            self.set_adapter(name)
+
+    def delete(self, name: str) -> None:
+        if name in self._modules["modules_to_save"]._modules:
+            del self._modules["modules_to_save"][name]
+        if self.__dict__["active_adapter"] == name:
+            self.__dict__["active_adapter"] = None
+
+    def extra_repr(self) -> str:
+        return f"active_adapter={self.__dict__['active_adapter']!r}"
+
+
+def wrappers(model: nn.Module) -> List[Tuple[str, ModulesToSave]]:
+    """(name, wrapper) for every ModulesToSave of the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+
+
+def check_entries(option: str, entries) -> List[str]:
+    """modules_to_save as a list of names (None: none); ValueError naming `option` for anything else."""
+    if entries is None:
+        return []
+    if isinstance(entries, str) or not isinstance(entries, (list, tuple)) \
+            or not all(isinstance(e, str) and e for e in entries):
+        raise ValueError(f"{option}: modules_to_save must be a list of module names, got {entries!r}")
+    for e in entries:
+        try:
+            re.compile(rf"(^|.*\.){e}($|\..*)")
+        except re.error as err:
+            raise ValueError(f"{option}: modules_to_save entry {e!r} breaks peft's regex that keeps LoRA off the "
+                             f"modules to save ({err})") from None
+    return list(entries)
+
+
+def saved_match(entries, name: str) -> bool:
+    """Whether peft saves module `name` whole: its name ends with an entry (a plain string suffix)."""
+    return any(name.endswith(e) for e in entries)
+
+
+def keeps_lora_off(entries, name: str) -> bool:
+    """Whether peft keeps LoRA off module `name`: an entry is a whole part of its name."""
+    return any(re.match(rf"(^|.*\.){e}($|\..*)", name) for e in entries)
+
+
+def _inside(name: str, prefixes) -> bool:
+    return any(name.startswith(p) for p in prefixes)
+
+
+def find(model: nn.Module, entries, option: str) -> List[Tuple[str, nn.Module]]:
+    """[(name, module)] that peft saves whole for `entries`: plain modules, or wrappers already there (the
+    insides of wrappers and of lora_ext layers are skipped). A match inside another, a lora_ext layer and a
+    container are refused (ValueError naming `option` and the module)."""
+    if not entries:
+        return []
+    skip = [n + "." for n, m in model.named_modules() if n and isinstance(m, (LoRALayer, ModulesToSave))]
+    found = []
+    for name, module in model.named_modules():
+        if not name or _inside(name, skip) or not saved_match(entries, name):
+            continue
+        if isinstance(module, LoRALayer):
+            raise ValueError(f"{option}: modules_to_save matches {name!r}, a lora_ext layer (an adapter's LoRA "
+                             f"target); peft saves only plain modules whole")
+        if isinstance(module, _CONTAINERS):
+            raise ValueError(f"{option}: modules_to_save matches {name!r}, a {type(module).__name__}, which has no "
+                             f"forward to replace")
+        outer = next((n for n, _ in found if name.startswith(n + ".")), None)
+        if outer is not None:
+            raise ValueError(f"{option}: modules_to_save matches {name!r} inside {outer!r}, which it also matches; "
+                             f"peft's result for nested modules to save is not well defined: lora_ext refuses it")
+        found.append((name, module))
+    return found
+
+
+def original(module: nn.Module) -> nn.Module:
+    return module._modules["original_module"] if isinstance(module, ModulesToSave) else module
+
+
+def split_state(tensors: Dict[str, Tensor], names, prefix: str) -> Tuple[Dict[str, Dict[str, Tensor]], Dict]:
+    """({module name: {key inside it: tensor}}, the other tensors) for keys `prefix + name + "." + key`."""
+    states, rest = {}, {}
+    heads = sorted(((prefix + n + ".", n) for n in names), key=lambda p: -len(p[0]))
+    for key, t in tensors.items():
+        head = next((h for h in heads if key.startswith(h[0])), None)
+        if head is None:
+            rest[key] = t
+        else:
+            states.setdefault(head[1], {})[key[len(head[0]):]] = t
+    return states, rest
+
+
+def check_state(where: str, name: str, module: nn.Module, state: Optional[Dict[str, Tensor]], prefix: str):
+    """{key: tensor} of a saved module's state, on the module's devices and in its dtypes, checked against
+    `module` (its whole state_dict, same shapes, finite floating values); ValueError naming `where` and the key."""
+    want = original(module).state_dict()
+    state = state or {}
+    missing = [k for k in want if k not in state]
+    extra = [k for k in state if k not in want]
+    if extra:
+        raise ValueError(f"{where}: unexpected key {prefix + name + '.' + extra[0]!r}: module {name!r} (saved whole: "
+                         f"modules_to_save) has no {extra[0]!r} (it has {sorted(want)})")
+    if missing:
+        raise ValueError(f"{where}: module {name!r} is saved whole (modules_to_save) but the file holds no "
+                         f"{prefix + name + '.' + missing[0]!r}; peft would keep the base model's value there, "
+                         f"lora_ext refuses the incomplete module")
+    out = {}
+    for k, current in want.items():
+        t = state[k]
+        label = f"{where}: {prefix + name + '.' + k!r}"
+        if current.is_meta:
+            raise ValueError(f"{label}: module {name!r} is on the meta device; load the model's weights first")
+        if tuple(t.shape) != tuple(current.shape):
+            raise ValueError(f"{label} has shape {tuple(t.shape)}, but the model's {name}.{k} has "
+                             f"{tuple(current.shape)}")
+        if t.is_floating_point() != current.is_floating_point() or t.is_complex() != current.is_complex():
+            raise ValueError(f"{label} is {t.dtype}, but the model's {name}.{k} is {current.dtype}")
+        t = t.to(current.device, current.dtype)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{label} holds non-finite values (inf/NaN)")
+        out[k] = t
+    return out
