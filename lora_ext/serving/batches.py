@@ -309,19 +309,6 @@ def _check_layers(found) -> None:
                              f"serve unsharded layers")
 
 
-def _check_saved(model, table) -> None:
-    """Modules saved whole (peft's modules_to_save) compute with one module for the whole batch: the rows' adapters
-    must all have that module (the active adapter's)."""
-    for path, w in saved_modules.wrappers(model):
-        serving = w.served()
-        other = next((t for t in table if w.module_for(t) is not serving), False)
-        if other is not False:
-            raise ValueError(f"batch_adapters: module {path!r} is saved whole (modules_to_save) and computes with "
-                             f"{w.active_adapter or 'the base model'}'s module; rows of "
-                             f"{'the base model' if other is None else repr(other)} need another: mixed batches "
-                             f"serve rows whose adapters share every module saved whole")
-
-
 def _check_input(module, args, kwargs):
     """Forward pre-hook of a model with batches: its first input must have the batch's rows. It stays on the model
     after its batches close, so it reads the context only while one is open somewhere (see batched.ANY_OPEN)."""
@@ -365,7 +352,6 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         found = _layers_or_raise(model)  # as of now: a load may have added layers before the hold
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
-        _check_saved(model, table)
         pool = _pool(model, found)
         for name in need:
             for path, m in found:
@@ -400,6 +386,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 counted = True
                 batch.fill_existing()
                 layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
+                layers.update({w: saved_modules.SavedBatch(batch, path) for path, w in saved_modules.wrappers(model)})
                 tokens.append(batched.ACTIVE.set({**_open(batched.ACTIVE.get(), lambda v: v.batch), **layers}))
                 tokens.append(_MODELS.set({**_open(_MODELS.get()), model: batch}))
                 _install_check(model)

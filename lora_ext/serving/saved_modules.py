@@ -7,6 +7,7 @@ Its forward runs the active adapter's copy, or the original module when the acti
 model-level set_adapter / delete_adapter and unload of lora_ext.serving keep the copies in step with the LoRA
 layers, under the model's lock. A switch writes nothing: it only changes which module computes. So a CUDA graph
 captured before a switch that changes the module replays the old one: capture again (as after a rank change).
+In a mixed batch (batch_adapters) each row computes with its own adapter's module (`SavedBatch`).
 
 Which modules: peft's rules, mirrored. A module is saved when its name ends with an entry of modules_to_save (a
 plain string suffix, as peft's `key.endswith(entry)`); LoRA targets skip every module whose name has an entry as a
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from .. import batched
 from ..layers import LoRALayer
 
 # containers peft refuses to wrap (they have no forward of their own)
@@ -49,6 +51,11 @@ class ModulesToSave(nn.Module):
         return copies[adapter] if adapter is not None and adapter in copies else self._modules["original_module"]
 
     def forward(self, *args, **kwargs):
+        # mixed batches (lora_ext.batch_adapters) open in this context: each row computes with its adapter's module
+        batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
+        served = batches.get(self) if batches is not None else None
+        if served is not None and not served.batch.closed:
+            return served.forward(self, args, kwargs)
         return self.served()(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -86,6 +93,46 @@ class ModulesToSave(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active_adapter={self.__dict__['active_adapter']!r}"
+
+
+class SavedBatch:
+    """A module saved whole in an open mixed batch: the rows are split by the module their adapter computes with
+    (its copy; the original for rows of the base model or of adapters without one), each part runs through its
+    module, and the outputs go back to their rows (peft's mixed batches do the same). The module's first input
+    must have the batch's rows as its first dimension."""
+
+    def __init__(self, batch, path: str):
+        self.batch, self.path = batch, path
+
+    def forward(self, wrapper: ModulesToSave, args, kwargs):
+        batch = self.batch
+        x = args[0] if args else None
+        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch.n:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"batch_adapters: module {self.path!r} is saved whole (modules_to_save) and computes each "
+                             f"row with its adapter's copy: its first input's first dimension must be the batch's "
+                             f"{batch.n} rows, got {got}")
+        groups: Dict[int, Tuple[nn.Module, List[int]]] = {}
+        for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
+            module = wrapper.module_for(name)
+            groups.setdefault(id(module), (module, []))[1].append(entry)
+        rows = batch.rows.to(x.device)
+        parts = [(module, torch.isin(rows, torch.tensor(entries, device=x.device)).nonzero().squeeze(1))
+                 for module, entries in groups.values()]
+        parts = [(module, idx) for module, idx in parts if idx.numel()]
+        if len(parts) == 1:
+            return parts[0][0](*args, **kwargs)
+        out = None
+        for module, idx in parts:
+            y = module(x.index_select(0, idx), *args[1:], **kwargs)
+            if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != idx.numel():
+                raise ValueError(f"batch_adapters: module {self.path!r} is saved whole (modules_to_save) and returned "
+                                 f"{type(y).__name__ if not isinstance(y, Tensor) else tuple(y.shape)} for "
+                                 f"{idx.numel()} rows; mixed batches split its rows, so it must return a tensor of rows")
+            if out is None:
+                out = y.new_empty((batch.n, *y.shape[1:]))
+            out.index_copy_(0, idx, y)
+        return out
 
 
 def wrappers(model: nn.Module) -> List[Tuple[str, ModulesToSave]]:
