@@ -470,3 +470,28 @@ def test_lora_ext_merge_refuses_a_saved_module_tied_to_the_other_end(tmp_path):
         json.dump({"vocab_size": 5, "tie_word_embeddings": True}, f)  # head.weight has 5 rows
     with pytest.raises(MergeError, match="saved whole .* ties"):
         merge_checkpoint(str(folder), path, str(tmp_path / "out"), progress=False)
+
+
+def test_a_module_under_two_names_is_saved_at_both_as_in_peft(tmp_path):
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+            self.head2 = self.head  # one module, two names: peft wraps (and saves) each name
+
+        def forward(self, x):
+            h = self.proj(x)
+            return self.head(h) + 2 * self.head2(h)
+
+    path = _peft_file(tmp_path, Shared, "shared", 4, r=2, target_modules=["proj"], modules_to_save=["head", "head2"])
+    x = torch.randn(3, 8)
+    ref = _out(PeftModel.from_pretrained(Shared(), path).eval(), x)
+    model = Shared()
+    assert lora_ext.load_peft_adapter(model, path) == ["head", "head2", "proj"]
+    assert model.head is not model.head2  # two wrappers, each with its own copy
+    torch.testing.assert_close(_out(model, x), ref, rtol=1e-5, atol=1e-5)
+    out = str(tmp_path / "again")
+    lora_ext.save_peft_adapter(model, out)
+    torch.testing.assert_close(_out(PeftModel.from_pretrained(Shared(), out).eval(), x), ref, rtol=1e-5, atol=1e-5)

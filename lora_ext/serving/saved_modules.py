@@ -137,7 +137,7 @@ class SavedBatch:
 
 def wrappers(model: nn.Module) -> List[Tuple[str, ModulesToSave]]:
     """(name, wrapper) for every ModulesToSave of the model."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+    return [(n, m) for n, m in model.named_modules(remove_duplicate=False) if isinstance(m, ModulesToSave)]
 
 
 def check_entries(option: str, entries) -> List[str]:
@@ -176,9 +176,10 @@ def find(model: nn.Module, entries, option: str) -> List[Tuple[str, nn.Module]]:
     container are refused (ValueError naming `option` and the module)."""
     if not entries:
         return []
-    skip = [n + "." for n, m in model.named_modules() if n and isinstance(m, (LoRALayer, ModulesToSave))]
+    skip = [n + "." for n, m in model.named_modules(remove_duplicate=False)
+            if n and isinstance(m, (LoRALayer, ModulesToSave))]
     found = []
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=False):  # a module under two names: saved at both
         if not name or _inside(name, skip) or not saved_match(entries, name):
             continue
         if isinstance(module, LoRALayer):
