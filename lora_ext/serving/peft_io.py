@@ -284,7 +284,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
 
     The modules are the ones peft chooses from the config's target_modules / exclude_modules (a regex matching
     the whole name, or a list of names or name suffixes; 'all-linear'); the weights file must hold the factors
-    of exactly those modules (peft would silently ignore others: lora_ext refuses them).
+    of exactly those modules (peft would silently ignore others: lora_ext refuses them). Modules the config's
+    modules_to_save names (peft's rule: the module's name ends with an entry) are saved whole: each becomes a
+    ModulesToSave holding the model's module and this adapter's copy, and the file must hold its whole state.
+    The names returned include them.
     adapter_name: the name it is held under; with activate=True it becomes the active adapter everywhere
     (one pass per weight when merged). device: where an inactive adapter waits (default: beside the
     weight; "cpu" keeps it in host memory). merge_weights: whether eval() merges, for the layers this load
