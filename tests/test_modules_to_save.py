@@ -12,7 +12,8 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, RobertaConfig,
+                          RobertaForSequenceClassification)
 
 import lora_ext
 from helpers import edit_adapter_config
@@ -174,6 +175,39 @@ def test_round_trip_through_save_peft_adapter(tmp_path):
     torch.testing.assert_close(_out(again, x), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_saved_adapter_reaches_no_module_inside_another_adapters_saved_module(tmp_path):
+    """save_peft_adapter lists the plain model's names inside a module another adapter saves whole (`classifier.dense`
+    beside the top-level `dense`): the written target_modules must not reach it (a hostile pass found one that did)."""
+    import collections
+
+    class Cls(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.dense = nn.Linear(16, 16)
+            self.classifier = nn.Sequential(collections.OrderedDict(dense=nn.Linear(16, 16), out=nn.Linear(16, 3)))
+
+        def forward(self, x):
+            return self.classifier(torch.relu(self.dense(x)))
+
+    a = _peft_file(tmp_path, Cls, "a", 1, r=2, target_modules="dense", modules_to_save=["classifier"])
+    b = _peft_file(tmp_path, Cls, "b", 2, r=2, target_modules="dense")
+    model = Cls()
+    lora_ext.load_peft_adapter(model, a, "a")
+    lora_ext.load_peft_adapter(model, b, "b")
+    x = torch.randn(3, 16)
+    lora_ext.set_adapter(model, "b")
+    expected = _out(model, x)
+    out = str(tmp_path / "out")
+    lora_ext.save_peft_adapter(model, out, "b")
+    peft_model = PeftModel.from_pretrained(Cls(), out).eval()
+    assert not any(n.endswith("classifier.dense") and hasattr(m, "lora_A") for n, m in peft_model.named_modules())
+    torch.testing.assert_close(_out(peft_model, x), expected, rtol=1e-5, atol=1e-6)
+    again = Cls()
+    lora_ext.load_peft_adapter(again, out)
+    torch.testing.assert_close(_out(again, x), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_save_refuses_a_module_name_peft_would_match_elsewhere(tmp_path):
     class Two(Net):
         def __init__(self):
@@ -194,22 +228,49 @@ def test_save_refuses_a_module_name_peft_would_match_elsewhere(tmp_path):
         lora_ext.save_peft_adapter(model, str(tmp_path / "out"))
 
 
-def test_unload_merged_keeps_the_active_copy_unmerged_the_original(tmp_path):
+@pytest.mark.parametrize("merge", [True, False])
+def test_unload_puts_back_the_active_copy_as_peft_does(tmp_path, merge):
+    """peft's merge_and_unload and unload both keep the active adapter's copy of a module saved whole (a hostile
+    pass found unload(merge=False) putting back the original)."""
     path = _net_adapter(tmp_path)
     x = _x()
-    ref = _out(PeftModel.from_pretrained(Net(), path).eval().merge_and_unload(), x)
+    peft_model = PeftModel.from_pretrained(Net(), path).eval()
+    ref = _out(peft_model.merge_and_unload() if merge else peft_model.unload(), x)
     model = Net()
     head = model.head
     lora_ext.load_peft_adapter(model, path)
-    names = lora_ext.unload(model, merge=True)
+    names = lora_ext.unload(model, merge=merge)
     assert "head" in names and type(model.head) is nn.Linear and model.head is not head
     torch.testing.assert_close(_out(model, x), ref, rtol=1e-5, atol=1e-6)
-    base = Net()
-    plain = Net()
-    lora_ext.load_peft_adapter(plain, path)
-    lora_ext.unload(plain, merge=False)
-    assert type(plain.head) is nn.Linear
-    assert torch.equal(_out(plain, x), _out(base, x))
+    # an adapter without a copy active: the model's own module goes back
+    other = Net()
+    lora_ext.load_peft_adapter(other, path, adapter_name="a")
+    lora_ext.load_peft_adapter(other, _net_adapter(tmp_path, "c", seed=3, modules_to_save=None), adapter_name="c")
+    own = other.head.original_module
+    lora_ext.unload(other, merge=merge)
+    assert other.head is own
+
+
+def test_unload_merged_unties_the_config_when_a_copy_took_an_embeddings_place(tmp_path):
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                                            tie_word_embeddings=True)).eval()
+
+    path = _peft_file(tmp_path, llama, "emb", 2, r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    ref = PeftModel.from_pretrained(llama(), path).merge_and_unload()
+    model = llama()
+    lora_ext.load_peft_adapter(model, path)
+    lora_ext.unload(model, merge=True)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    assert model.config.tie_word_embeddings is False and ref.config.tie_word_embeddings is False
+    ids = torch.randint(0, 50, (2, 6))
+    torch.testing.assert_close(_logits(model, ids), _logits(ref, ids), rtol=1e-5, atol=1e-5)
+    plain = llama()  # no copy: the flag stays
+    lora_ext.load_peft_adapter(plain, _peft_file(tmp_path, llama, "q", 2, r=2, target_modules=["q_proj"]))
+    lora_ext.unload(plain, merge=True)
+    assert plain.config.tie_word_embeddings is True
 
 
 # ------------------------------------------------------------------------------------------- refusals
@@ -273,6 +334,26 @@ def test_an_adapter_name_moduledict_cannot_hold_is_refused(tmp_path):
     with pytest.raises(ValueError, match="attribute of torch's ModuleDict"):
         lora_ext.load_peft_adapter(model, _net_adapter(tmp_path), adapter_name="keys")
     assert type(model.head) is nn.Linear
+
+
+def test_a_copy_that_cannot_be_made_is_refused_before_anything_changes(tmp_path):
+    class Head(nn.Linear):
+        def __init__(self):
+            super().__init__(32, 5)
+            self.lock = threading.Lock()  # deepcopy cannot copy it (an out-of-memory copy fails at the same point)
+
+    def net():
+        model = Net()
+        model.head = Head()
+        return model
+
+    path = _net_adapter(tmp_path)
+    model = net()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="module 'head' .* cannot be copied"):
+        lora_ext.load_peft_adapter(model, path)
+    assert unchanged(model, snap) and type(model.head) is Head
+    assert not any(isinstance(m, lora_ext.LoRALayer) for m in model.modules())
 
 
 def test_a_file_that_leaves_a_held_copy_half_replaced_is_refused(tmp_path):
@@ -375,9 +456,7 @@ def test_mixed_batches_serve_each_row_with_its_adapters_module_as_peft(tmp_path,
     # each row is its adapter's (or the base model's) alone
     for i, name in enumerate(rows):
         lora_ext.set_adapter(model, name or "a")
-        if name is None:
-            lora_ext.unload(plain := copy.deepcopy(model), merge=False)
-        single = _out(plain if name is None else model, x[i:i + 1])
+        single = _out(build() if name is None else model, x[i:i + 1])  # the base model: built afresh
         single = single if build is Net else single.logits
         torch.testing.assert_close(out[i:i + 1], single, rtol=1e-5, atol=1e-5)
 
@@ -457,6 +536,25 @@ def test_lora_ext_merge_refuses_a_bad_saved_module(tmp_path, damage, match):
     save_file(Net().state_dict(), base)
     out = str(tmp_path / "out.safetensors")
     with pytest.raises(MergeError, match=match):
+        merge_checkpoint(base, path, out, progress=False)
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("targets", [["proj"], ["proj", "head"]])
+def test_lora_ext_merge_refuses_a_saved_module_the_file_lacks(tmp_path, targets):
+    """modules_to_save names a module of the base, but the file holds none of its tensors (peft and load_peft_adapter
+    refuse the file); with LoRA factors on that module too, which peft keeps LoRA off (a hostile pass found both
+    written with exit 0)."""
+    path = _peft_file(tmp_path, Net, "a", 1, r=2, target_modules=targets)
+    edit_adapter_config(path, modules_to_save=["head"])
+    with pytest.raises(Exception):
+        PeftModel.from_pretrained(Net(), path)
+    with pytest.raises(ValueError):
+        lora_ext.load_peft_adapter(Net(), path)
+    base = str(tmp_path / "base.safetensors")
+    save_file(Net().state_dict(), base)
+    out = str(tmp_path / "out.safetensors")
+    with pytest.raises(MergeError, match="holds none of its tensors" if targets == ["proj"] else "keeps LoRA off"):
         merge_checkpoint(base, path, out, progress=False)
     assert not os.path.exists(out)
 

@@ -599,9 +599,11 @@ def _plain(layer):
 def unload(model: nn.Module, merge: bool = True) -> List[str]:
     """Puts plain modules back in place of every lora_ext layer (the inverse of inject); with merge=True
     their weights keep the active adapter merged in, with merge=False they are the base weights. Modules saved
-    whole (peft's modules_to_save) go back as the module that computes now (merge=True: the active adapter's
-    copy, as peft's merge_and_unload) or as the model's own (merge=False, as peft's unload). Returns the names
-    of the layers and modules taken out."""
+    whole (peft's modules_to_save) go back as the module that computes now, the active adapter's copy (or the
+    model's own where it has none), whatever `merge` says: peft's unload and merge_and_unload both do so. With
+    merge=True, a transformers config that says tie_word_embeddings is set to False when the input and output
+    embeddings no longer share a weight (peft's merge_and_unload does the same). Returns the names of the layers
+    and modules taken out."""
     if isinstance(model, (LoRALayer, ModulesToSave)):
         raise ValueError(f"unload: the model itself is a {type(model).__name__}; call unload on a model holding it")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
@@ -625,6 +627,23 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
         _set_submodule(model, name, plain)
         names.append(name)
     for name, wrapper in wrappers(model):
-        _set_submodule(model, name, wrapper.served() if merge else wrapper.original_module)
+        _set_submodule(model, name, wrapper.served())
         names.append(name)
+    if merge:
+        _untie_config(model)
     return names
+
+
+def _untie_config(model):
+    """A transformers config's tie_word_embeddings set to False when the embeddings no longer share a weight (a
+    copy of a module saved whole took one's place), so that a reload does not tie them again."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        ends = [getattr(model, f)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    except (AttributeError, NotImplementedError):
+        return
+    weights = [getattr(m, "weight", None) for m in ends]
+    if all(isinstance(w, torch.Tensor) for w in weights) and weights[0].data_ptr() != weights[1].data_ptr():
+        config.tie_word_embeddings = False

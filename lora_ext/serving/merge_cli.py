@@ -345,19 +345,19 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     return len(plan)
 
 
+def _saved_module(key, entries):
+    """The module tensor `key` belongs to that peft's modules_to_save chooses (the shortest leading part, at a '.',
+    whose name ends with an entry), or None."""
+    parts = key.split(".")
+    return next((".".join(parts[:i]) for i in range(1, len(parts)) if _saved.saved_match(entries, ".".join(parts[:i]))),
+                None)
+
+
 def _saved_names(tensors, entries):
-    """The modules a peft file saves whole: for each key that is not a LoRA factor, its shortest leading part
-    (at a '.') that peft's modules_to_save chooses (its name ends with an entry)."""
-    names = set()
-    for key in tensors:
-        if not key.startswith(PREFIX) or key.endswith(BASE_SUFFIX) or any(key.endswith(s) for s in SUFFIXES):
-            continue
-        parts = key[len(PREFIX):].split(".")
-        name = next((".".join(parts[:i]) for i in range(1, len(parts)) if _saved.saved_match(entries, ".".join(parts[:i]))),
-                    None)
-        if name is not None:
-            names.add(name)
-    return sorted(names)
+    """The modules a peft file saves whole, from its keys that are not LoRA factors."""
+    names = {_saved_module(key[len(PREFIX):], entries) for key in tensors
+             if key.startswith(PREFIX) and not key.endswith(BASE_SUFFIX) and not any(key.endswith(s) for s in SUFFIXES)}
+    return sorted(n for n in names if n is not None)
 
 
 def _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where):
@@ -365,11 +365,15 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
     modules_to_save), each checked: the module's every tensor in the checkpoint, nothing else, the same shapes,
     finite values, no LoRA inside it, not one of tied embeddings."""
     replace = {}
+    lora = sorted(n for n in factors if _saved.keeps_lora_off(entries, n))
+    if lora:
+        raise MergeError(f"--adapter: module(s) {', '.join(map(repr, lora[:3]))} have LoRA factors, but "
+                         f"modules_to_save {entries!r} keeps LoRA off them (peft ignores those factors)")
+    in_base = sorted({m for m in (_saved_module(k, entries) for k in shapes) if m is not None} - set(states))
+    if in_base:
+        raise MergeError(f"--adapter: modules_to_save {entries!r} chooses module {in_base[0]!r} of --base {base!r}, "
+                         f"but the adapter holds none of its tensors (peft refuses such an adapter too)")
     for name, state in sorted(states.items()):
-        lora = sorted(n for n in factors if _saved.keeps_lora_off(entries, n))
-        if lora:
-            raise MergeError(f"--adapter: module(s) {', '.join(map(repr, lora[:3]))} have LoRA factors, but "
-                             f"modules_to_save {entries!r} keeps LoRA off them (peft ignores those factors)")
         in_base = sorted(k for k in shapes if k.startswith(name + "."))
         if not in_base:
             raise MergeError(f"--adapter: module {name!r} is saved whole (modules_to_save) but --base {base!r} has no "

@@ -399,6 +399,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     if not activate and any(m.active_adapter == adapter_name for _, m in held):
         raise ValueError(f"adapter_name: {adapter_name!r} is the active adapter; replacing it would change what the "
                          f"model serves although activate=False (load it under another name, or with activate=True)")
+    # the adapter's copies of the modules it saves whole, made before the model changes (a copy can fail: memory)
+    saved_plan = [(name, module, _saved.make_copy(weights_file, name, module, state))
+                  for name, module, state in saved_plan]
     # nothing can fail from here on: the model changes, atomically for forwards on other threads
     with model_lock(model).write():
         owners = _inject.parameter_owners(model)
@@ -409,12 +412,12 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 if lossless is not None:
                     layer.lossless = lossless  # from the next merge on
                 layer.add_adapter(adapter_name, A2, B2, scaling)
-        for name, module, state in saved_plan:
+        for name, module, new in saved_plan:
             if not isinstance(module, _saved.ModulesToSave):
                 wrapper = _saved.ModulesToSave(module)
                 _inject._set_submodule(model, name, wrapper)
                 module = wrapper
-            module.add(adapter_name, state)
+            module.add(adapter_name, new)
         if activate:
             set_adapter(model, adapter_name)
     return sorted(chosen | {name for name, _ in to_save})
@@ -461,9 +464,13 @@ def _peft_conv_factors(layer, name, A, B, r):
 
 
 def _plain_names(model):
-    """The model's module names as a model without lora_ext layers has them (the insides of its layers left out)."""
+    """The model's module names as a model without lora_ext layers has them (the insides of its layers left out;
+    a module saved whole (ModulesToSave) has its original module's insides)."""
     inner = tuple(n + "." for n, m in model.named_modules() if n and isinstance(m, (LoRALayer, _saved.ModulesToSave)))
-    return [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
+    names = [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
+    for n, wrapper in _saved.wrappers(model):
+        names += [f"{n}.{c}" for c, _ in wrapper.original_module.named_modules() if c]
+    return names
 
 
 def _saved_copies(model, found, adapter, tensors):

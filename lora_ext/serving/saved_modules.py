@@ -75,12 +75,8 @@ class ModulesToSave(nn.Module):
         """The copy of adapter `name` computes from now on; the original module when it has none."""
         self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
 
-    def add(self, name: str, state: Dict[str, Tensor]) -> None:
-        """Adds (or replaces) adapter `name`'s copy: the original module copied, with `state` (its whole state_dict,
-        checked by check_state) loaded into it in the original's dtypes. The active copy keeps serving until
-        set_adapter: a replaced active copy is replaced in place of the old one."""
-        new = copy.deepcopy(self._modules["original_module"])
-        new.load_state_dict(state, strict=True)
+    def add(self, name: str, new: nn.Module) -> None:
+        """Adds (or replaces) adapter `name`'s copy (from make_copy). A replaced active copy serves at once."""
         self._modules["modules_to_save"][name] = new
         if self.__dict__["active_adapter"] == name:
             self.set_adapter(name)
@@ -211,6 +207,19 @@ def split_state(tensors: Dict[str, Tensor], names, prefix: str) -> Tuple[Dict[st
         else:
             states.setdefault(head[1], {})[key[len(head[0]):]] = t
     return states, rest
+
+
+def make_copy(where: str, name: str, module: nn.Module, state: Dict[str, Tensor]) -> nn.Module:
+    """An adapter's copy of module `name` (a plain module or a ModulesToSave): the model's module copied, with
+    `state` (checked by check_state) loaded into it in the module's dtypes; a failure (a module deepcopy cannot
+    copy, out of memory) raises ValueError naming `where` and the module. Nothing in the model changes."""
+    try:
+        new = copy.deepcopy(original(module))
+        new.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise ValueError(f"{where}: module {name!r} (saved whole: modules_to_save) cannot be copied for the adapter "
+                         f"({type(e).__name__}: {' '.join(str(e).split())})") from e
+    return new
 
 
 def check_state(where: str, name: str, module: nn.Module, state: Optional[Dict[str, Tensor]], prefix: str):
