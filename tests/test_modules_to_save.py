@@ -593,3 +593,45 @@ def test_a_module_under_two_names_is_saved_at_both_as_in_peft(tmp_path):
     out = str(tmp_path / "again")
     lora_ext.save_peft_adapter(model, out)
     torch.testing.assert_close(_out(PeftModel.from_pretrained(Shared(), out).eval(), x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_moves_with_a_switch_as_in_peft(tmp_path):
+    model = Net()
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "a", seed=1), adapter_name="a")
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "b", seed=2), adapter_name="b", activate=False)
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "c", seed=3, modules_to_save=None), adapter_name="c",
+                               activate=False)
+    lora_ext.mark_only_lora_as_trainable(model)
+
+    def trained():
+        return {n for n, p in model.head.named_parameters() if p.requires_grad}
+
+    assert trained() == {"modules_to_save.a.weight", "modules_to_save.a.bias"}
+    lora_ext.set_adapter(model, "b")  # peft: b's copy trains, a's is frozen
+    assert trained() == {"modules_to_save.b.weight", "modules_to_save.b.bias"}
+    assert model.proj.lora_A.requires_grad
+    lora_ext.set_adapter(model, "c")  # no copy: the model's own head, frozen by mark_only_lora_as_trainable
+    assert trained() == set()
+
+
+def _ddp_switch_case(rank, world, a, b):
+    from torch.nn.parallel import DistributedDataParallel
+    model = Net()
+    lora_ext.load_peft_adapter(model, a, adapter_name="a")
+    lora_ext.load_peft_adapter(model, b, adapter_name="b", activate=False)
+    model.requires_grad_(False)
+    model.head.modules_to_save.a.requires_grad_(True)  # only the head's copy trains
+    ddp = DistributedDataParallel(model)
+    try:
+        lora_ext.set_adapter(ddp, "b")
+    except ValueError as e:
+        return str(e), model.head.active_adapter, lora_ext.active_adapter(model)
+    return None, model.head.active_adapter, lora_ext.active_adapter(model)
+
+
+def test_a_switch_of_trainable_copies_under_ddp_is_refused(tmp_path):
+    from dist import run_ranks
+    a, b = _net_adapter(tmp_path, "a", seed=1), _net_adapter(tmp_path, "b", seed=2)
+    for message, head, active in run_ranks(_ddp_switch_case, a, b):
+        assert message is not None and "module 'module.head' (saved whole" in message, message
+        assert (head, active) == ("a", "a")

@@ -223,6 +223,13 @@ def _check_ddp_switch(model, found, name):
                 f"Parameters, whose gradients it would not synchronise. Switch the inner model and wrap it again: "
                 f"lora.set_adapter(ddp.module, {name!r}); ddp = DistributedDataParallel(ddp.module, ...) (and an "
                 f"optimizer over the new adapter's parameters)")
+    for path, w in wrappers(model):
+        if w.trains_on_switch(name):
+            raise ValueError(
+                f"set_adapter: the model is wrapped in DistributedDataParallel, and module {path!r} (saved whole: "
+                f"modules_to_save) would compute with other trainable parameters for {name!r}, whose gradients DDP "
+                f"would not synchronise. Switch the inner model and wrap it again: lora.set_adapter(ddp.module, "
+                f"{name!r}); ddp = DistributedDataParallel(ddp.module, ...)")
 
 
 def _set_adapter(found, name, settle=True, saved=()):

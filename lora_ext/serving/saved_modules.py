@@ -72,8 +72,23 @@ class ModulesToSave(nn.Module):
         return list(self._modules["modules_to_save"]._modules)
 
     def set_adapter(self, name: Optional[str]) -> None:
-        """The copy of adapter `name` computes from now on; the original module when it has none."""
+        """The copy of adapter `name` computes from now on; the original module when it has none. Training moves
+        with the switch, as peft's and the LoRA factors' does: when the copy that computed had trainable
+        parameters, it is frozen and the new adapter's copy is made trainable."""
+        old, new = self.served(), self.module_for(name)
+        if old is not new and old is not self._modules["original_module"] \
+                and any(p.requires_grad for p in old.parameters()):
+            old.requires_grad_(False)
+            if new is not self._modules["original_module"]:
+                for p in new.parameters():
+                    p.requires_grad_(p.is_floating_point() or p.is_complex())
         self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
+
+    def trains_on_switch(self, name: Optional[str]) -> bool:
+        """Whether a switch to `name` changes which trainable parameters compute (DistributedDataParallel cannot
+        follow that)."""
+        old, new = self.served(), self.module_for(name)
+        return old is not new and any(p.requires_grad for m in (old, new) for p in m.parameters())
 
     def add(self, name: str, new: nn.Module) -> None:
         """Adds (or replaces) adapter `name`'s copy (from make_copy). A replaced active copy serves at once."""
