@@ -635,3 +635,27 @@ def test_a_switch_of_trainable_copies_under_ddp_is_refused(tmp_path):
     for message, head, active in run_ranks(_ddp_switch_case, a, b):
         assert message is not None and "module 'module.head' (saved whole" in message, message
         assert (head, active) == ("a", "a")
+
+
+def _sharded_load_case(rank, world, path):
+    from torch.distributed.fsdp import fully_shard
+    model = Net()
+    fully_shard(model.head)
+    snap = {k: v.full_tensor().clone() if hasattr(v, "full_tensor") else v.clone() for k, v in model.state_dict().items()}
+    try:
+        lora_ext.load_peft_adapter(model, path)
+    except ValueError as e:
+        message = str(e)
+    else:
+        message = None
+    same = all(torch.equal(v.full_tensor() if hasattr(v, "full_tensor") else v, snap[k])
+               for k, v in model.state_dict().items())
+    return message, same, type(model.head).__name__
+
+
+def test_a_sharded_module_to_save_is_refused(tmp_path):
+    from dist import run_ranks
+    path = _net_adapter(tmp_path)
+    for message, same, kind in run_ranks(_sharded_load_case, path):
+        assert message is not None and "is sharded" in message and "load the adapter before sharding" in message
+        assert same and kind != "ModulesToSave"

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .. import batched
+from .. import batched, sharded
 from ..layers import LoRALayer
 
 # containers peft refuses to wrap (they have no forward of their own)
@@ -257,6 +257,9 @@ def check_state(where: str, name: str, module: nn.Module, state: Optional[Dict[s
         label = f"{where}: {prefix + name + '.' + k!r}"
         if current.is_meta:
             raise ValueError(f"{label}: module {name!r} is on the meta device; load the model's weights first")
+        if sharded.is_dtensor(current):
+            raise ValueError(f"{label}: module {name!r} is sharded (a DTensor: FSDP2 or tensor parallel); its copy "
+                             f"for the adapter would not be: load the adapter before sharding the model")
         if tuple(t.shape) != tuple(current.shape):
             raise ValueError(f"{label} has shape {tuple(t.shape)}, but the model's {name}.{k} has "
                              f"{tuple(current.shape)}")
