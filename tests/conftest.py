@@ -7,6 +7,7 @@ that need the hardware itself (streams, graphs, memory statistics, timing) also 
 `@pytest.mark.hardware("why")` and are skipped in a rehearsal, saying why, though still collected.
 """
 import os
+import signal
 
 import pytest
 import torch
@@ -155,3 +156,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler for the test (a KeyboardInterrupt), whatever the runner installed (a background
+    job ignores SIGINT); the runner's handler back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

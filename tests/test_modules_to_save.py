@@ -367,13 +367,6 @@ def test_a_file_that_leaves_a_held_copy_half_replaced_is_refused(tmp_path):
 # --------------------------------------------------------------------------------- switches under stress
 
 
-@pytest.fixture
-def python_sigint():
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 def test_a_ctrl_c_during_a_switch_takes_the_saved_modules_back_too(tmp_path, python_sigint):
     model = Net()
     lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "a", seed=1), adapter_name="a")

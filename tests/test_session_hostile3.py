@@ -118,14 +118,7 @@ def test_keyboard_interrupt_from_a_layer_forward_inside_the_block():
     assert closed_ok()
 
 
-@pytest.fixture
-def default_sigint():
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-def test_ctrl_c_while_the_slots_are_loaded_is_deferred_and_balanced(monkeypatch, default_sigint):
+def test_ctrl_c_while_the_slots_are_loaded_is_deferred_and_balanced(monkeypatch, python_sigint):
     # a real SIGINT landing during the block's setup (held back by deferred_interrupt, then delivered)
     layer = make_linear().eval()
     load = batched.LayerSlots.load
@@ -150,7 +143,7 @@ def test_ctrl_c_while_the_slots_are_loaded_is_deferred_and_balanced(monkeypatch,
 
 # (was a bug: batch_adapters' closing was not under deferred_interrupt, so a Ctrl-C landing in Batch.close skipped
 # note_batch(False) and pool.release: ANY_OPEN stayed True for the life of the process)
-def test_ctrl_c_while_the_block_closes_leaves_the_count_balanced(monkeypatch, default_sigint):
+def test_ctrl_c_while_the_block_closes_leaves_the_count_balanced(monkeypatch, python_sigint):
     from lora_ext.serving import batches
     layer = make_linear().eval()
     close = batches.Batch.close

@@ -19,13 +19,6 @@ import tiny_models
 from lora_ext.serving import injection
 
 
-@pytest.fixture
-def python_sigint():
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 # ---------------------------------------------------------------------------------------------------
 # 1
 @contextlib.contextmanager
