@@ -652,3 +652,70 @@ def test_a_sharded_module_to_save_is_refused(tmp_path):
     for message, same, kind in run_ranks(_sharded_load_case, path):
         assert message is not None and "is sharded" in message and "load the adapter before sharding" in message
         assert same and kind != "ModulesToSave"
+
+
+# ------------------------------------------------------------------- a second hostile pass's findings, each fixed
+
+
+def test_lora_ext_merge_refuses_a_saved_tensor_that_overflows_the_base_dtype(tmp_path):
+    """The adapter's float32 copy holds 1e5; the base is float16: inf in the output, refused (it was written)."""
+    path = _net_adapter(tmp_path)
+    file = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(file)
+    tensors[KEY + "head.weight"][0, 0] = 1e5
+    save_file(tensors, file, metadata={"format": "pt"})
+    base = str(tmp_path / "base.safetensors")
+    save_file({k: v.half() for k, v in Net().state_dict().items()}, base)
+    out = str(tmp_path / "out.safetensors")
+    with pytest.raises(MergeError, match="head.weight.*inf/NaN in torch.float16 \\(the adapter's tensor"):
+        merge_checkpoint(base, path, out, progress=False)
+    assert not os.path.exists(out)
+    merge_checkpoint(base, path, out, progress=False, allow_inf=True)
+    assert torch.isinf(load_file(out)["head.weight"][0, 0])
+
+
+def test_a_copy_trains_again_after_a_round_trip_through_an_adapter_without_one(tmp_path):
+    model = Net()
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "a", seed=1), adapter_name="a")
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "c", seed=3, modules_to_save=None), adapter_name="c",
+                               activate=False)
+    lora_ext.mark_only_lora_as_trainable(model)
+    for name in ("c", "a"):
+        lora_ext.set_adapter(model, name)
+    assert all(p.requires_grad for p in model.head.modules_to_save.a.parameters())  # peft: trainable again
+    assert not any(p.requires_grad for p in model.head.original_module.parameters())
+
+
+def test_a_saved_module_shared_by_two_models_cannot_join_two_open_batches(tmp_path):
+    model = Net()
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "a", seed=1), adapter_name="a")
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "b", seed=2), adapter_name="b", activate=False)
+    other = Net()
+    lora_ext.load_peft_adapter(other, _net_adapter(tmp_path, "b2", seed=2, modules_to_save=None), adapter_name="b")
+    other.head = model.head
+    model.eval()
+    other.eval()
+    x = _x()
+    with torch.no_grad(), lora_ext.batch_adapters(model, ["a", "b", "a", "b"]):
+        expected = model(x)
+        with pytest.raises(ValueError, match="module 'head' is already in an open batch"):
+            with lora_ext.batch_adapters(other, ["b"] * 4):
+                pass
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_a_token_layout_batch_splits_a_saved_linear_by_token(tmp_path):
+    model = Net()
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "a", seed=1), adapter_name="a")
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "b", seed=2), adapter_name="b", activate=False)
+    model.eval()
+    x = torch.randn(1, 4, 16)  # one sequence, a row per token (a serving engine's flattened layout)
+    rows = ["a", "b", None, "b"]
+    with torch.no_grad(), lora_ext.batch_adapters(model, rows):
+        out = model(x)
+    assert out.shape == (1, 4, 5)
+    for t, name in enumerate(rows):
+        if name is not None:
+            lora_ext.set_adapter(model, name)
+        single = _out(model if name is not None else Net(), x[:, t])
+        torch.testing.assert_close(out[:, t], single, rtol=1e-5, atol=1e-5)

@@ -364,10 +364,11 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                         f"model's slots hold ({pool.max_rank}): lora.configure_slots(model, slots={pool.capacity}, "
                         f"max_rank={rank})")
         open_now = _open(batched.ACTIVE.get(), lambda v: v.batch)
-        for path, m in found:
+        for path, m in [*found, *saved_modules.wrappers(model)]:
             if m in open_now:
-                raise ValueError(f"batch_adapters: layer {path!r} is already in an open batch (of another model "
-                                 f"holding it) in this context; batches may not share layers")
+                raise ValueError(f"batch_adapters: {'layer' if m in dict(found).values() else 'module'} {path!r} is "
+                                 f"already in an open batch (of another model holding it) in this context; batches "
+                                 f"may not share layers or modules saved whole")
         batch, tokens, slot_of, views, thread, counted = None, [], {}, {}, threading.get_ident(), False
         try:
             # Ctrl-C is held back while the slots are pinned and the block is set up: it lands before or after

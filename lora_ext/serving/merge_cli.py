@@ -394,7 +394,7 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
                 raise MergeError(f"--adapter: {PREFIX + key!r} is {t.dtype}, but --base's {key!r} is {st_dtype}")
             if t.is_floating_point() and _nonfinite(t):
                 raise MergeError(f"--adapter: {PREFIX + key!r} holds non-finite values (inf/NaN)")
-            replace[key] = t.to(_FROM_ST[st_dtype])
+            replace[key] = t  # cast when written: the overflow check sees it
     _check_tied(base, base_dir, {n.rsplit(".", 1)[0]: (None, None, False) for n in replace
                                  if len(shapes[n]) == 2}, shapes, saved=True)
     return replace
@@ -549,7 +549,7 @@ def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allo
             dt = stored(st_dtype)
             if key in replace:
                 t = replace[key]
-            changes = key in plan or t.dtype != dt  # a copy as it is makes no new inf/NaN
+            changes = key in plan or key in replace or t.dtype != dt  # a copy as it is makes no new inf/NaN
             bad_in = _nonfinite(t) if changes else 0
             if key in plan:
                 A, B, scaling, transposed = plan[key]
@@ -561,7 +561,8 @@ def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allo
             made = _nonfinite(t) - bad_in if changes else 0
             if made > 0:
                 if not allow_inf:
-                    why = "the merge overflowed" if key in plan else "the conversion overflowed"
+                    why = ("the merge overflowed" if key in plan else "the adapter's tensor (modules_to_save) "
+                           "overflowed" if key in replace else "the conversion overflowed")
                     raise MergeError(f"{src}: tensor {key!r}: {made} values became inf/NaN in {dt} ({why} its range); "
                                      f"nothing was written (--allow-inf writes them anyway)")
                 nonfinite[key] = made

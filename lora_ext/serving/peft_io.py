@@ -414,7 +414,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 layer.add_adapter(adapter_name, A2, B2, scaling)
         for name, module, new in saved_plan:
             if not isinstance(module, _saved.ModulesToSave):
-                wrapper = _saved.ModulesToSave(module)
+                wrapper = _saved.ModulesToSave(module).train(module.training)
                 _inject._set_submodule(model, name, wrapper)
                 module = wrapper
             module.add(adapter_name, new)

@@ -14,6 +14,7 @@ plain string suffix, as peft's `key.endswith(entry)`); LoRA targets skip every m
 whole part, and everything inside it (peft's `(^|.*\\.)entry($|\\..*)`).
 """
 import copy
+import math
 import re
 from typing import Dict, List, Optional, Tuple
 
@@ -24,6 +25,8 @@ from torch import Tensor
 from .. import batched, sharded
 from ..layers import LoRALayer
 
+# modules that compute each token alone: a token layout's leading dimensions may be flattened for them
+_TOKENWISE = (nn.Linear,)
 # containers peft refuses to wrap (they have no forward of their own)
 _CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
@@ -75,13 +78,16 @@ class ModulesToSave(nn.Module):
         """The copy of adapter `name` computes from now on; the original module when it has none. Training moves
         with the switch, as peft's and the LoRA factors' does: when the copy that computed had trainable
         parameters, it is frozen and the new adapter's copy is made trainable."""
-        old, new = self.served(), self.module_for(name)
-        if old is not new and old is not self._modules["original_module"] \
-                and any(p.requires_grad for p in old.parameters()):
-            old.requires_grad_(False)
-            if new is not self._modules["original_module"]:
+        old, new, own = self.served(), self.module_for(name), self._modules["original_module"]
+        if old is not new:
+            # whether the computing copy trains: read off it, or remembered while the original computes
+            trains = any(p.requires_grad for p in old.parameters()) if old is not own else self.__dict__.get("_trains")
+            if old is not own and trains:
+                old.requires_grad_(False)
+            if new is not own and trains is not None:
                 for p in new.parameters():
-                    p.requires_grad_(p.is_floating_point() or p.is_complex())
+                    p.requires_grad_(bool(trains) and (p.is_floating_point() or p.is_complex()))
+            self.__dict__["_trains"] = trains
         self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
 
     def trains_on_switch(self, name: Optional[str]) -> bool:
@@ -118,11 +124,16 @@ class SavedBatch:
     def forward(self, wrapper: ModulesToSave, args, kwargs):
         batch = self.batch
         x = args[0] if args else None
+        lead = None  # the leading dimensions a token layout flattens
+        if isinstance(x, Tensor) and x.dim() > 1 and x.shape[0] != batch.n and batch.layout == "tokens" \
+                and math.prod(x.shape[:-1]) == batch.n and isinstance(wrapper.original_module, _TOKENWISE):
+            lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
+            args = (x, *args[1:])
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch.n:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"batch_adapters: module {self.path!r} is saved whole (modules_to_save) and computes each "
                              f"row with its adapter's copy: its first input's first dimension must be the batch's "
-                             f"{batch.n} rows, got {got}")
+                             f"{batch.n} rows (or, for a Linear, its tokens flattened), got {got}")
         groups: Dict[int, Tuple[nn.Module, List[int]]] = {}
         for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
             module = wrapper.module_for(name)
@@ -132,7 +143,8 @@ class SavedBatch:
                  for module, entries in groups.values()]
         parts = [(module, idx) for module, idx in parts if idx.numel()]
         if len(parts) == 1:
-            return parts[0][0](*args, **kwargs)
+            out = parts[0][0](*args, **kwargs)
+            return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
         out = None
         for module, idx in parts:
             y = module(x.index_select(0, idx), *args[1:], **kwargs)
@@ -143,7 +155,7 @@ class SavedBatch:
             if out is None:
                 out = y.new_empty((batch.n, *y.shape[1:]))
             out.index_copy_(0, idx, y)
-        return out
+        return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
 
 
 def wrappers(model: nn.Module) -> List[Tuple[str, ModulesToSave]]:
