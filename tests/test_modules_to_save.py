@@ -719,3 +719,14 @@ def test_a_token_layout_batch_splits_a_saved_linear_by_token(tmp_path):
             lora_ext.set_adapter(model, name)
         single = _out(model if name is not None else Net(), x[:, t])
         torch.testing.assert_close(out[:, t], single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trained", [True, False])
+def test_a_replaced_active_copy_trains_as_the_one_it_replaces(tmp_path, trained):
+    model = Net()
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "a", seed=1))
+    lora_ext.mark_only_lora_as_trainable(model)
+    model.head.modules_to_save.default.requires_grad_(trained)
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "a2", seed=5))  # "default" again: a new copy
+    assert all(p.requires_grad == trained for p in model.head.modules_to_save.default.parameters())
+    assert not any(p.requires_grad for p in model.head.original_module.parameters())

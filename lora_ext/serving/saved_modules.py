@@ -97,7 +97,13 @@ class ModulesToSave(nn.Module):
         return old is not new and any(p.requires_grad for m in (old, new) for p in m.parameters())
 
     def add(self, name: str, new: nn.Module) -> None:
-        """Adds (or replaces) adapter `name`'s copy (from make_copy). A replaced active copy serves at once."""
+        """Adds (or replaces) adapter `name`'s copy (from make_copy). A replaced active copy serves at once, and
+        trains when the copy it replaces did."""
+        old = self._modules["modules_to_save"]._modules.get(name)
+        if old is not None and self.__dict__["active_adapter"] == name:
+            trains = any(p.requires_grad for p in old.parameters())
+            for p in new.parameters():
+                p.requires_grad_(trains and (p.is_floating_point() or p.is_complex()))
         self._modules["modules_to_save"][name] = new
         if self.__dict__["active_adapter"] == name:
             self.set_adapter(name)
