@@ -29,8 +29,8 @@ from .. import ops
 from .files import atomic_path, remove_stale_temporaries
 from . import injection as _inject
 from . import saved_modules as _saved
-from .peft_io import (BASE_SUFFIX, CONFIG_NAME, PREFIX, SUFFIXES, check_base_weight, module_factors,
-                      module_rank_scaling, read_config, read_tensors)
+from .peft_io import (CONFIG_NAME, PREFIX, check_base_weight, is_lora_key, module_factors, module_rank_scaling,
+                      read_config, read_tensors)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -356,7 +356,7 @@ def _saved_module(key, entries):
 def _saved_names(tensors, entries):
     """The modules a peft file saves whole, from its keys that are not LoRA factors."""
     names = {_saved_module(key[len(PREFIX):], entries) for key in tensors
-             if key.startswith(PREFIX) and not key.endswith(BASE_SUFFIX) and not any(key.endswith(s) for s in SUFFIXES)}
+             if key.startswith(PREFIX) and not is_lora_key(key)}
     return sorted(n for n in names if n is not None)
 
 
@@ -369,9 +369,9 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
     if lora:
         raise MergeError(f"--adapter: module(s) {', '.join(map(repr, lora[:3]))} have LoRA factors, but "
                          f"modules_to_save {entries!r} keeps LoRA off them (peft ignores those factors)")
-    in_base = sorted({m for m in (_saved_module(k, entries) for k in shapes) if m is not None} - set(states))
-    if in_base:
-        raise MergeError(f"--adapter: modules_to_save {entries!r} chooses module {in_base[0]!r} of --base {base!r}, "
+    lacking = sorted({m for m in (_saved_module(k, entries) for k in shapes) if m is not None} - set(states))
+    if lacking:
+        raise MergeError(f"--adapter: modules_to_save {entries!r} chooses module {lacking[0]!r} of --base {base!r}, "
                          f"but the adapter holds none of its tensors (peft refuses such an adapter too)")
     for name, state in sorted(states.items()):
         in_base = sorted(k for k in shapes if k.startswith(name + "."))

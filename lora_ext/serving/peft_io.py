@@ -143,6 +143,16 @@ def read_tensors(path):
     return tensors
 
 
+def _factor_suffix(key):
+    """The LoRA factor suffix `key` ends with (SUFFIXES), or None."""
+    return next((s for s in SUFFIXES if key.endswith(s)), None)
+
+
+def is_lora_key(key) -> bool:
+    """Whether module_factors reads `key`: a LoRA factor, or the base weight peft saves beside an embedding's."""
+    return key.startswith(PREFIX) and (key.endswith(BASE_SUFFIX) or _factor_suffix(key) is not None)
+
+
 def module_factors(tensors, where="adapter"):
     """({module name: (lora_A, lora_B, is_embedding)}, {module name: base weight}) from peft keys; other
     keys raise ValueError. peft saves an embedding's whole base weight beside its factors
@@ -152,7 +162,7 @@ def module_factors(tensors, where="adapter"):
         if key.startswith(PREFIX) and key.endswith(BASE_SUFFIX):
             base_weights[key[len(PREFIX):-len(BASE_SUFFIX)]] = t
             continue
-        suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
+        suffix = _factor_suffix(key)
         if suffix is None or not key.startswith(PREFIX):
             raise ValueError(f"{where}: unexpected key {key!r} (lora_ext reads LoRA factors only: "
                              f"{PREFIX}<module>{{{', '.join(SUFFIXES)}}})")
@@ -473,13 +483,13 @@ def _plain_names(model):
     return names
 
 
-def _saved_copies(model, found, adapter, tensors):
+def _saved_copies(model, found, adapter, tensors, every):
     """Puts adapter `adapter`'s copies of modules saved whole into `tensors` (peft's keys: the module's state
     under its name); returns their names, the modules_to_save peft needs to choose exactly those modules (by its
-    string-suffix rule) and keep LoRA off them, refusing where no such list exists."""
+    string-suffix rule) among `every` (the plain model's names) and keep LoRA off them, refusing where no such
+    list exists."""
     saved = [(n, w) for n, w in _saved.wrappers(model) if adapter in w.adapter_names]
     names = [n for n, _ in saved]
-    every = _plain_names(model)
     for name, wrapper in saved:
         others = [o for o in every if o != name and _saved.saved_match([name], o)]
         if others:
@@ -535,15 +545,15 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             tensors[PREFIX + name + kb] = B.contiguous().cpu()
             ranks[name], alphas[name] = rank, scaling * rank
             dropout = getattr(layer.lora_dropout, "p", dropout)
+        every = _plain_names(inner)
         saved = _saved_copies(inner, found, adapter_name if adapter_name is not None else found[0][1].active_adapter,
-                              tensors)
+                              tensors, every)
     first = found[0][0]
     r, alpha = ranks[first], alphas[first]
     # peft matches a pattern key, and a target_modules entry, at the end of a module name at a '.' boundary
     # (`out` also matches `blocks.0.out`): keys that would reach another module are anchored with '^', and
     # target_modules is a regex of the exact names (peft matches a string whole) when a list would reach
     # a module the adapter leaves alone
-    every = _plain_names(inner)
     keys = {n: ("^" if any(o.endswith("." + n) for o in every) else "") + re.escape(n) for n in ranks}
     targets = sorted(ranks)
     if any(o not in ranks and _inject.name_matches(targets, o) for o in every):

@@ -44,9 +44,7 @@ class ModulesToSave(nn.Module):
 
     def served(self) -> nn.Module:
         """The module that computes now."""
-        copies = self._modules["modules_to_save"]._modules
-        name = self.__dict__["active_adapter"]
-        return copies[name] if name is not None and name in copies else self._modules["original_module"]
+        return self.module_for(self.__dict__["active_adapter"])
 
     def module_for(self, adapter: Optional[str]) -> nn.Module:
         """The module that computes while `adapter` is active (None: no adapter, the original)."""
@@ -85,8 +83,7 @@ class ModulesToSave(nn.Module):
             if old is not own and trains:
                 old.requires_grad_(False)
             if new is not own and trains is not None:
-                for p in new.parameters():
-                    p.requires_grad_(bool(trains) and (p.is_floating_point() or p.is_complex()))
+                _train(new, trains)
             self.__dict__["_trains"] = trains
         self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
 
@@ -101,12 +98,8 @@ class ModulesToSave(nn.Module):
         trains when the copy it replaces did."""
         old = self._modules["modules_to_save"]._modules.get(name)
         if old is not None and self.__dict__["active_adapter"] == name:
-            trains = any(p.requires_grad for p in old.parameters())
-            for p in new.parameters():
-                p.requires_grad_(trains and (p.is_floating_point() or p.is_complex()))
+            _train(new, any(p.requires_grad for p in old.parameters()))
         self._modules["modules_to_save"][name] = new
-        if self.__dict__["active_adapter"] == name:
-            self.set_adapter(name)
 
     def delete(self, name: str) -> None:
         if name in self._modules["modules_to_save"]._modules:
@@ -116,6 +109,12 @@ class ModulesToSave(nn.Module):
 
     def extra_repr(self) -> str:
         return f"active_adapter={self.__dict__['active_adapter']!r}"
+
+
+def _train(module: nn.Module, trains: bool) -> None:
+    """The module's parameters trainable (those that can be: floating point) or frozen."""
+    for p in module.parameters():
+        p.requires_grad_(bool(trains) and (p.is_floating_point() or p.is_complex()))
 
 
 class SavedBatch:
