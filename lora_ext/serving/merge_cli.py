@@ -29,8 +29,8 @@ from .. import ops
 from .files import atomic_path, remove_stale_temporaries
 from . import injection as _inject
 from . import saved_modules as _saved
-from .peft_io import (CONFIG_NAME, PREFIX, check_base_weight, is_lora_key, module_factors, module_rank_scaling,
-                      read_config, read_tensors)
+from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, check_base_weight, is_lora_key, module_factors,
+                      module_rank_scaling, read_config, read_tensors)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -261,7 +261,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     files, index, base_dir = _input_files(base)
 
     try:
-        cfg = read_config(adapter)
+        cfg = read_config(adapter, dora=True)
         tensors = read_tensors(adapter)
     except MergeError:
         raise
@@ -274,8 +274,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                          f"{' '.join(str(e).split())}") from None
     entries = _saved.check_entries(os.path.join(adapter, CONFIG_NAME), cfg.get("modules_to_save"))
     states, tensors = _saved.split_state(tensors, _saved_names(tensors, entries), PREFIX)
-    factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}")
+    magnitudes = {}
+    factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
     _check_targets(adapter, cfg, factors)
+    _check_dora(adapter, cfg, factors, magnitudes)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     where = {e[0]: path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {e[0]: e[2] for _, (_, entries, _) in headers.items() for e in entries}
@@ -304,7 +306,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         fan_in_fan_out = kinds[name] if kinds and name in kinds else bool(cfg.get("fan_in_fan_out"))
         A2, B2, transposed = _layout(name, A, B, shapes[key], embedding, fan_in_fan_out)
         ops.check_finite(f"--adapter module {name!r}", A2, B2, scaling)
-        plan[key] = (A2.to(device), B2.to(device), scaling, transposed)
+        magnitude = _magnitude(name, magnitudes.get(name), shapes[key], B2.shape[0])
+        plan[key] = (A2.to(device), B2.to(device), scaling, transposed, magnitude)
 
     for p in remove_stale_temporaries(out):
         print(f"lora-ext merge: removed {p}, the leftover temporary of an interrupted run", file=log)
@@ -419,6 +422,45 @@ def _check_targets(adapter, cfg, factors):
         raise MergeError(f"{cfg_file}: the weights file holds factors of module(s) "
                          f"{', '.join(map(repr, ignored[:5]))}{more} that target_modules / exclude_modules do not "
                          f"select; peft ignores them, so the merge refuses the mismatch")
+
+
+def _check_dora(adapter, cfg, factors, magnitudes):
+    """A DoRA adapter (use_dora) holds a magnitude for each module with factors, and only then: peft would
+    ignore magnitudes without use_dora, and give a module without one a magnitude made from the base weight."""
+    cfg_file = os.path.join(adapter, CONFIG_NAME)
+    if cfg.get("use_dora") is not True:
+        if magnitudes:
+            raise MergeError(f"{cfg_file}: use_dora is off, but the weights file holds DoRA magnitudes "
+                             f"({PREFIX + min(magnitudes) + MAGNITUDE_SUFFIX!r}); peft would ignore them")
+        return
+    lacking = sorted(set(factors) - set(magnitudes))
+    if lacking:
+        raise MergeError(f"{cfg_file}: use_dora is on, but the weights file holds no DoRA magnitude for module "
+                         f"{lacking[0]!r} ({PREFIX + lacking[0] + MAGNITUDE_SUFFIX!r})")
+
+
+def _magnitude(name, m, shape, rows):
+    """A DoRA magnitude checked against its module's weight (peft's shapes: one value per output feature, (d,) for
+    a Linear or an embedding's dimensions, (1, d, 1, ...) for a convolution), as float32 on the CPU; None without."""
+    if m is None:
+        return None
+    want = (1, rows) + (1,) * (len(shape) - 2) if len(shape) > 2 else (rows,)
+    key = PREFIX + name + MAGNITUDE_SUFFIX
+    if tuple(m.shape) != want:
+        raise MergeError(f"--adapter: {key!r} has shape {tuple(m.shape)}, but module {name!r} (weight "
+                         f"{tuple(shape)}) needs {want}")
+    if not m.is_floating_point() or _nonfinite(m):
+        raise MergeError(f"--adapter: {key!r} must hold finite floating-point values")
+    return m.reshape(-1)
+
+
+def _dora_scale(w2, transposed, magnitude):
+    """W' = m / ||W + dW|| (W + dW), in place on the merged 2-D weight `w2`: the norm of each output feature's
+    weights (a row; a column of a transposed weight: fan_in_fan_out, or an embedding's dimension, as peft takes
+    them)."""
+    dim = 0 if transposed else 1
+    factor = magnitude.to(device=w2.device, dtype=w2.dtype) / torch.linalg.vector_norm(w2, dim=dim)
+    w2.mul_(factor.view(1, -1) if transposed else factor.view(-1, 1))
 
 
 def _check_tied(base, base_dir, factors, shapes, saved=False):
@@ -552,16 +594,22 @@ def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allo
             changes = key in plan or key in replace or t.dtype != dt  # a copy as it is makes no new inf/NaN
             bad_in = _nonfinite(t) if changes else 0
             if key in plan:
-                A, B, scaling, transposed = plan[key]
-                # merge in the wider of the input and output precisions, then round to the output's
+                A, B, scaling, transposed, magnitude = plan[key]
+                # merge in the wider of the input and output precisions (DoRA: at least float32, for the norms and
+                # the scale), then round to the output's
                 work = torch.promote_types(t.dtype, dt)
+                if magnitude is not None:
+                    work = torch.promote_types(work, torch.float32)
                 t = t.to(device=device, dtype=work)
                 ops.merge_(t.view(t.shape[0], -1), A, B, scaling, transposed=transposed)
+                if magnitude is not None:
+                    _dora_scale(t.view(t.shape[0], -1), transposed, magnitude)
             t = t.to(dt)
             made = _nonfinite(t) - bad_in if changes else 0
             if made > 0:
                 if not allow_inf:
-                    why = ("the merge overflowed" if key in plan else "the adapter's tensor (modules_to_save) "
+                    why = ("the DoRA merge (magnitude / norm) overflowed" if key in plan and plan[key][4] is not None
+                           else "the merge overflowed" if key in plan else "the adapter's tensor (modules_to_save) "
                            "overflowed" if key in replace else "the conversion overflowed")
                     raise MergeError(f"{src}: tensor {key!r}: {made} values became inf/NaN in {dt} ({why} its range); "
                                      f"nothing was written (--allow-inf writes them anyway)")

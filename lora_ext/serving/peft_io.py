@@ -48,6 +48,7 @@ UNSUPPORTED = {"use_dora", "use_qalora", "use_bdlora", "alora_invocation_tokens"
 PLAIN_INITS = (True, False, "gaussian", "orthogonal")
 
 BASE_SUFFIX = ".base_layer.weight"
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA's magnitude of a module (peft's key; `lora-ext merge` reads it)
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
 
 
@@ -59,9 +60,10 @@ def _config_file(path):
     return os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
 
 
-def read_config(path):
+def read_config(path, dora=False):
     """The adapter_config.json of a peft LoRA adapter directory, checked: anything lora_ext cannot honour (or
-    cannot read) raises ValueError naming the file and the option."""
+    cannot read) raises ValueError naming the file and the option. dora: use_dora may be true (`lora-ext merge`
+    merges DoRA adapters; the layers do not serve them)."""
     file = _config_file(path)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"adapter: no {CONFIG_NAME} in {path!r}")
@@ -88,10 +90,15 @@ def read_config(path):
             if not any(value is v or value == v for v in PLAIN_INITS if type(v) is type(value)):
                 raise ValueError(f"{where}: init_lora_weights={value!r} changes the base weights; lora_ext "
                                  f"supports adapters made with init_lora_weights in {PLAIN_INITS}")
+        elif key == "use_dora" and dora:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: use_dora must be true or false, got {value!r}")
         elif key in UNSUPPORTED:
             if not _is_off(value):
-                what = "DoRA" if key == "use_dora" else key
-                raise ValueError(f"{where}: {key}={value!r} ({what}) is not supported by lora_ext")
+                if key == "use_dora":
+                    raise ValueError(f"{where}: use_dora={value!r} (DoRA) is not supported by lora_ext's layers; "
+                                     f"`lora-ext merge` merges a DoRA adapter into a checkpoint")
+                raise ValueError(f"{where}: {key}={value!r} ({key}) is not supported by lora_ext")
         elif not _is_off(value):
             raise ValueError(f"{where}: unknown option {key}={value!r}; lora_ext does not know how to honour it")
     if cfg.get("bias", "none") != "none":
@@ -149,18 +156,28 @@ def _factor_suffix(key):
 
 
 def is_lora_key(key) -> bool:
-    """Whether module_factors reads `key`: a LoRA factor, or the base weight peft saves beside an embedding's."""
-    return key.startswith(PREFIX) and (key.endswith(BASE_SUFFIX) or _factor_suffix(key) is not None)
+    """Whether module_factors reads `key`: a LoRA factor, a DoRA magnitude, or the base weight peft saves beside
+    an embedding's."""
+    return key.startswith(PREFIX) and (key.endswith(BASE_SUFFIX) or key.endswith(MAGNITUDE_SUFFIX)
+                                       or _factor_suffix(key) is not None)
 
 
-def module_factors(tensors, where="adapter"):
+def module_factors(tensors, where="adapter", magnitudes=None):
     """({module name: (lora_A, lora_B, is_embedding)}, {module name: base weight}) from peft keys; other
     keys raise ValueError. peft saves an embedding's whole base weight beside its factors
-    (`<module>.base_layer.weight`, for resized vocabularies): callers check it equals the model's."""
+    (`<module>.base_layer.weight`, for resized vocabularies): callers check it equals the model's. DoRA's
+    magnitudes (`<module>.lora_magnitude_vector`) go into the dict `magnitudes` by module name; without one they
+    are refused."""
     found, base_weights = {}, {}
     for key, t in tensors.items():
         if key.startswith(PREFIX) and key.endswith(BASE_SUFFIX):
             base_weights[key[len(PREFIX):-len(BASE_SUFFIX)]] = t
+            continue
+        if key.startswith(PREFIX) and key.endswith(MAGNITUDE_SUFFIX):
+            if magnitudes is None:
+                raise ValueError(f"{where}: unexpected key {key!r}: a DoRA magnitude (lora_ext's layers do not serve "
+                                 f"DoRA; `lora-ext merge` merges a DoRA adapter whose config says use_dora)")
+            magnitudes[key[len(PREFIX):-len(MAGNITUDE_SUFFIX)]] = t
             continue
         suffix = _factor_suffix(key)
         if suffix is None or not key.startswith(PREFIX):
@@ -182,6 +199,10 @@ def module_factors(tensors, where="adapter"):
     for name in base_weights:
         if name not in out:
             raise ValueError(f"{where}: unexpected key {PREFIX + name + BASE_SUFFIX!r} (a base weight without factors)")
+    for name in magnitudes or ():
+        if name not in out:
+            raise ValueError(f"{where}: unexpected key {PREFIX + name + MAGNITUDE_SUFFIX!r} (a DoRA magnitude "
+                             f"without factors)")
     return out, base_weights
 
 
