@@ -242,6 +242,17 @@ class NamedAdapters:
     def has_adapter(self, name: str) -> bool:
         return name == self.active_adapter or name in self._adapters
 
+    def is_placeholder(self, name: str) -> bool:
+        """Whether adapter `name` is a stand-in of zeros: the model's active adapter in a layer injected for another
+        adapter loaded with activate=False (load_peft_adapter), so that this layer serves the base for it, as peft's
+        layers do for an adapter that does not target them. Saves skip it; a load of `name` replaces it."""
+        return name in self.__dict__.get("_placeholders", ())
+
+    def add_placeholder(self, name: str) -> None:
+        """Adapter `name` as zeros of the active adapter's shapes (see is_placeholder); scaling 1."""
+        self.add_adapter(name, torch.zeros_like(self.lora_A.detach()), torch.zeros_like(self.lora_B.detach()), 1.0)
+        self.__dict__.setdefault("_placeholders", set()).add(name)
+
     def get_adapter(self, name: str) -> Adapter:
         """(lora_A, lora_B, scaling) of a named adapter; the active one's are the live parameters."""
         if name == self.active_adapter:
@@ -291,6 +302,7 @@ class NamedAdapters:
             else:
                 self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
                 self._stamp_finite(name)
+            self.__dict__.get("_placeholders", set()).discard(name)  # a real adapter from now on
 
     def delete_adapter(self, name: str) -> None:
         if name == self.active_adapter:
@@ -300,6 +312,7 @@ class NamedAdapters:
                 raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
             del self._adapters[name]
             self._finite_stamps.pop(name, None)
+            self.__dict__.get("_placeholders", set()).discard(name)
             if self._owner == name:  # the live Parameters are the active adapter's from now on
                 self._owner = None
 

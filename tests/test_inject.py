@@ -245,7 +245,7 @@ def test_inject_refuses_multihead_attentions_out_proj():
             return self.proj(self.att(x, x, x)[0])
 
     model = Attention()
-    with pytest.raises(ValueError, match=r"'att.out_proj' is the out_proj of a MultiheadAttention"):
+    with pytest.raises(ValueError, match=r"'att.out_proj': its parent 'att' \(MultiheadAttention\) reads its weight without calling it"):
         lora_ext.inject(model, r=2, target_modules=["out_proj", "proj"])
     assert type(model.proj) is nn.Linear
     assert lora_ext.inject(model, r=2, target_modules=["proj"]) == ["proj"]

@@ -224,8 +224,13 @@ def test_save_refuses_a_module_name_peft_would_match_elsewhere(tmp_path):
     x = _x()
     torch.testing.assert_close(_out(model, x), _out(PeftModel.from_pretrained(Two(), path).eval(), x),
                                rtol=1e-5, atol=1e-6)
+    out = str(tmp_path / "out")
+    lora_ext.save_peft_adapter(model, out)  # both saved: peft's rule over ["head", "subhead"] chooses the same two
+    torch.testing.assert_close(_out(PeftModel.from_pretrained(Two(), out).eval(), x), _out(model, x),
+                               rtol=1e-5, atol=1e-6)
+    model.subhead = model.subhead.original_module  # now the adapter saves head alone: peft's "head" would take both
     with pytest.raises(ValueError, match="would also save 'subhead'"):
-        lora_ext.save_peft_adapter(model, str(tmp_path / "out"))
+        lora_ext.save_peft_adapter(model, str(tmp_path / "out2"))
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -8,6 +8,7 @@ projection named in `fused` -> MergedLinear(enable_lora=...). The new layers are
 and only the LoRA factors are allocated.
 """
 import ast
+import functools
 import inspect
 import math
 import numbers
@@ -354,10 +355,46 @@ def scaled_embedding(module):
 
 
 def read_without_call(model, name):
-    """Whether module `name` is the out_proj of an nn.MultiheadAttention, which reads its weight and bias directly
-    (F.multi_head_attention_forward) and never calls it: an adapter there does nothing unmerged, everything merged."""
+    """Whether the module that holds module `name` reads its weight or bias (other than their dtype, device or shape)
+    and never calls it: nn.MultiheadAttention's out_proj, WavLM's attention projections, Mamba's dt_proj, ... An
+    adapter there does nothing unmerged and everything merged (peft's too). Told from the source of the parent's
+    classes (read_not_called); a class whose source cannot be read counts as calling its modules."""
     parent, _, child = name.rpartition(".")
-    return child == "out_proj" and isinstance(model.get_submodule(parent), nn.MultiheadAttention)
+    holder = model.get_submodule(parent)
+    return child in read_not_called(type(holder))
+
+
+_HARMLESS = {"dtype", "device", "shape", "size", "ndim", "dim", "numel", "is_cuda", "requires_grad", "is_meta"}
+_INITIALISER = re.compile(r"(^|_)(init|reset|tie)")
+
+
+@functools.lru_cache(maxsize=None)
+def read_not_called(cls) -> frozenset:
+    """Names x of `self.x` whose `.weight` or `.bias` the methods of `cls` (its own and its bases', nn.Module's
+    aside; initialisers aside) read for their values, where no method calls `self.x(...)`."""
+    reads, calls = set(), set()
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError, SyntaxError, IndentationError):
+            continue
+        for fn in ast.walk(tree):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or _INITIALISER.search(fn.name):
+                continue
+            parents = {id(c): n for n in ast.walk(fn) for c in ast.iter_child_nodes(n)}
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call) and _self_attribute(node.func):
+                    calls.add(node.func.attr)
+                if (isinstance(node, ast.Attribute) and node.attr in ("weight", "bias") and _self_attribute(node.value)
+                        and getattr(parents.get(id(node)), "attr", None) not in _HARMLESS):
+                    reads.add(node.value.attr)
+    return frozenset(reads - calls)
+
+
+def _self_attribute(node):
+    return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
 
 
 def check_replaceable(model, name, module, label=None):
@@ -371,8 +408,10 @@ def check_replaceable(model, name, module, label=None):
                          f"{base.__name__} itself only, and a scaled word embedding whose forward is the lookup "
                          f"times its embed_scale")
     if read_without_call(model, name):
-        raise ValueError(f"{label} is the out_proj of a MultiheadAttention, which reads its weight without calling "
-                         f"it: an adapter there would change nothing unmerged (as in peft) and the outputs once merged")
+        parent = name.rpartition(".")[0]
+        raise ValueError(f"{label}: its parent {parent!r} ({type(model.get_submodule(parent)).__name__}) reads its "
+                         f"weight without calling it: an adapter there would change nothing unmerged (as in peft) and "
+                         f"the outputs once merged")
 
 
 def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable_lora, lossless=None):

@@ -416,10 +416,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         plan.append((name, module, layer, fresh, A2, B2, scaling))
     if activate:
         for name, m in lora_layers(model):
-            if name not in chosen:
+            if name not in chosen and not m.is_placeholder(adapter_name):
                 raise ValueError(f"{cfg_file}: the adapter does not cover lora_ext layer {name!r}; every layer must "
                                  f"hold the active adapter (load it with the same target modules, or activate=False)")
-    held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name)]
+    held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name) and not m.is_placeholder(adapter_name)]
     uncovered = [n for n, _ in held if n not in chosen]
     uncovered += [n for n, w in _saved.wrappers(model) if adapter_name in w.adapter_names
                   and n not in {name for name, _ in to_save}]
@@ -430,6 +430,16 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     if not activate and any(m.active_adapter == adapter_name for _, m in held):
         raise ValueError(f"adapter_name: {adapter_name!r} is the active adapter; replacing it would change what the "
                          f"model serves although activate=False (load it under another name, or with activate=True)")
+    # activate=False: a layer injected now serves the model's active adapter as zeros (the base, as peft's layers do
+    # for an adapter that does not target them), not the adapter loaded
+    placeholder = None
+    if not activate and any(fresh for _, _, _, fresh, *_ in plan):
+        actives = {m.active_adapter for _, m in lora_layers(model)}
+        if len(actives) > 1:
+            raise ValueError(f"activate=False: the model's lora_ext layers disagree on the active adapter "
+                             f"({sorted(actives)}), so the layers this load injects cannot follow it; set_adapter the "
+                             f"model first")
+        placeholder = actives.pop() if actives else None
     # the adapter's copies of the modules it saves whole, made before the model changes (a copy can fail: memory)
     saved_plan = [(name, module, _saved.make_copy(weights_file, name, module, state))
                   for name, module, state in saved_plan]
@@ -439,6 +449,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         for name, module, layer, fresh, A2, B2, scaling in plan:
             if fresh:
                 _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
+                if placeholder is not None:
+                    layer.add_placeholder(placeholder)
+                    layer.set_adapter(placeholder)
             else:
                 if lossless is not None:
                     layer.lossless = lossless  # from the next merge on
@@ -512,7 +525,8 @@ def _saved_copies(model, found, adapter, tensors, every):
     saved = [(n, w) for n, w in _saved.wrappers(model) if adapter in w.adapter_names]
     names = [n for n, _ in saved]
     for name, wrapper in saved:
-        others = [o for o in every if o != name and _saved.saved_match([name], o)]
+        # (a module the adapter saves whole too is one peft would save anyway: DistilBERT's pre_classifier)
+        others = [o for o in every if o not in names and _saved.saved_match([name], o)]
         if others:
             raise ValueError(f"save: module {name!r} is saved whole by adapter {adapter!r}, but peft's modules_to_save "
                              f"{name!r} would also save {_names(others)} (its names end with it)")
@@ -544,6 +558,11 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: the lora_ext layers disagree on the active adapter ({sorted(actives)}); "
                                  f"name the adapter to save (adapter_name=) or set_adapter the model first")
         tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
+        found = [(n, m) for n, m in found
+                 if not m.is_placeholder(adapter_name if adapter_name is not None else m.active_adapter)]
+        if not found:
+            raise ValueError(f"save: no lora_ext layer holds adapter {adapter_name!r} (only stand-ins of zeros, "
+                             f"where the model serves the base for it)")
         for name, layer in found:
             adapter = adapter_name if adapter_name is not None else layer.active_adapter
             if adapter not in layer.adapter_names:
@@ -553,8 +572,10 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                                  f"renormalise the adapter's per-token vectors (columns of lora_embedding_A) too, and "
                                  f"serve other outputs")
             if _inject.read_without_call(inner, name):
-                raise ValueError(f"save: layer {name!r} is the out_proj of a MultiheadAttention, which reads its "
-                                 f"weight without calling it: peft would serve the model without the adapter")
+                parent = name.rpartition(".")[0]
+                raise ValueError(f"save: layer {name!r}: its parent {parent!r} "
+                                 f"({type(inner.get_submodule(parent)).__name__}) reads its weight without calling it: "
+                                 f"peft would serve the model without the adapter")
             if isinstance(layer, layers.ConvLoRA) and layer.conv.padding_mode != "zeros":
                 raise ValueError(f"save: layer {name!r} is a convolution with padding_mode="
                                  f"{layer.conv.padding_mode!r}: peft would pad the adapter's lora_A convolution with "
