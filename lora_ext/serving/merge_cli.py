@@ -187,6 +187,24 @@ def _input_files(base):
     raise MergeError(f"--base: {base!r} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
 
 
+def _check_other_weights(base_dir, files):
+    """Refuses a base directory holding weights besides the ones merged (a model.safetensors beside an index, a
+    consolidated.safetensors, pytorch_model*.bin): they would be copied unmerged, and transformers reads
+    model.safetensors before an index."""
+    merged = {os.path.abspath(p) for p, _ in files}
+    others = sorted(e for e in os.listdir(base_dir)
+                    if (e.endswith(".safetensors") or (e.startswith("pytorch_model") and e.endswith(".bin"))
+                        or (e.startswith("consolidated") and e.endswith((".pth", ".pt"))))
+                    and os.path.isfile(os.path.join(base_dir, e))
+                    and os.path.abspath(os.path.join(base_dir, e)) not in merged)
+    if others:
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        reads = SINGLE_NAME if [rel for _, rel in files] == [SINGLE_NAME] else f"the {len(files)} shards of {INDEX_NAME}"
+        raise MergeError(f"--base {base_dir!r} holds weights besides {reads}, which the merge reads: "
+                         f"{', '.join(others[:5])}{more}; they would be copied unmerged (and a loader may read them "
+                         f"instead). Move them out, or point --base at a directory with one set of weights")
+
+
 def _headers(files, index, index_path):
     """{shard path: read_header(path)}; the index's weight_map checked against the shards' contents."""
     out = {path: read_header(path) for path, _ in files}
@@ -259,6 +277,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         raise MergeError(f"--base: {base!r} is neither a directory nor a file")
     check_output(base, adapter, out, force, base_is_file=os.path.isfile(base))
     files, index, base_dir = _input_files(base)
+    if base_dir is not None:
+        _check_other_weights(base_dir, files)
 
     try:
         cfg = read_config(adapter, dora=True)
@@ -276,17 +296,16 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     states, tensors = _saved.split_state(tensors, _saved_names(tensors, entries), PREFIX)
     magnitudes = {}
     factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
-    _check_targets(adapter, cfg, factors)
+    meta = _meta_model(base, base_dir)
+    _check_targets(adapter, cfg, factors, meta, entries)
     _check_dora(adapter, cfg, factors, magnitudes)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     where = {e[0]: path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {e[0]: e[2] for _, (_, entries, _) in headers.items() for e in entries}
     _check_tied(base, base_dir, factors, shapes)
     replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where)
-    plan, kinds = {}, None
-    if any(not e and len(shapes.get(n + ".weight", ())) == 2 and len(set(shapes[n + ".weight"])) == 1
-           for n, (_, _, e) in factors.items()):
-        kinds = _module_kinds(base, base_dir)  # a square weight: its layout is not in its shape
+    plan = {}
+    kinds = _module_kinds(meta)  # a Linear or Conv1D's layout is not in its shape
     for name, (A, B, embedding) in factors.items():
         key = name + ".weight"
         if key not in where:
@@ -303,8 +322,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
             check_base_weight("--adapter", name, base_weights[name], _get_tensor(where[key], headers[where[key]], key))
         # peft saves fan_in_fan_out as its last-created layer set it: a GPT-2 adapter of c_proj and lm_head says
         # false, though c_proj is a Conv1D; the model's own classes decide where they can be built
-        fan_in_fan_out = kinds[name] if kinds and name in kinds else bool(cfg.get("fan_in_fan_out"))
-        A2, B2, transposed = _layout(name, A, B, shapes[key], embedding, fan_in_fan_out)
+        kind = kinds.get(name) if kinds else None
+        A2, B2, transposed = _layout(name, A, B, shapes[key], embedding, bool(cfg.get("fan_in_fan_out")), kind)
         ops.check_finite(f"--adapter module {name!r}", A2, B2, scaling)
         magnitude = _magnitude(name, magnitudes.get(name), shapes[key], B2.shape[0])
         plan[key] = (A2.to(device), B2.to(device), scaling, transposed, magnitude)
@@ -327,7 +346,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                 sizes[path] = _write_shard(path, target, headers[path], plan, device, out_dtype, bar,
                                            nonfinite, allow_inf, delay, replace)
             if base_dir is not None:
-                _copy_side_files(base_dir, tmp, files)
+                _copy_side_files(base_dir, tmp, files, dtype, log)
                 if index is not None:
                     meta = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
                     new_index = dict(index, metadata=dict(meta, total_size=sum(sizes.values())))
@@ -403,19 +422,24 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
     return replace
 
 
-def _check_targets(adapter, cfg, factors):
+def _check_targets(adapter, cfg, factors, meta=None, entries=None):
     """Refuses factors of modules the config's target_modules / exclude_modules (and layers_to_transform) do not
     select: peft ignores them (as load_peft_adapter refuses them), so merging them would not give the model peft
-    serves."""
+    serves. 'all-linear' is resolved against the model's classes (`meta`: its Linear / Conv1D modules but the output
+    head); without them only exclude_modules and the layer filter are checked."""
     cfg_file = os.path.join(adapter, CONFIG_NAME)
     spec, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
     if spec is None:
         raise MergeError(f"{cfg_file}: target_modules is missing (peft would pick per-architecture defaults); "
                          f"the merge needs the adapted modules named")
-    if isinstance(spec, str) and spec.lower() == _inject.ALL_LINEAR:
-        return  # the model's linear layers but its head: no model here to resolve it against
     layers = (cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
-    ignored = sorted(n for n in factors if not _inject.target_matches(spec, n, *layers)
+    if isinstance(spec, str) and spec.lower() == _inject.ALL_LINEAR:
+        if meta is not None:
+            spec = _inject.resolve_targets(meta, spec, cfg.get("task_type"))
+            spec = sorted(n for n in spec if not (entries and _saved.keeps_lora_off(entries, n)))
+        else:
+            spec = None  # the model's linear layers but its head: no model here to resolve it against
+    ignored = sorted(n for n in factors if (spec is not None and not _inject.target_matches(spec, n, *layers))
                      or (exclude and _inject.name_matches(exclude, n)))
     if ignored:
         more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
@@ -497,16 +521,15 @@ def _check_tied(base, base_dir, factors, shapes, saved=False):
                              f"{other} tied to it, unlike the adapter; {fix}")
 
 
-def _module_kinds(base, base_dir):
-    """{module name: whether it is a transformers Conv1D} for the Linear and Conv1D modules of the checkpoint's
-    model, built on the meta device (no memory, nothing read but config.json) from the config.json beside it
-    with transformers' own class; None where that cannot be told (no config.json, remote code, an error)."""
+def _meta_model(base, base_dir):
+    """The checkpoint's model built on the meta device (no memory, nothing read but config.json) from the
+    config.json beside it with transformers' own class; None where that cannot be done (no config.json, no
+    `architectures`, remote code, an error)."""
     folder = base_dir or os.path.dirname(os.path.abspath(base))
     if not os.path.isfile(os.path.join(folder, "config.json")):
         return None
     try:
         import transformers
-        from transformers.pytorch_utils import Conv1D
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()
         try:
@@ -515,16 +538,27 @@ def _module_kinds(base, base_dir):
             if cls is None:
                 return None
             with torch.device("meta"):
-                model = cls(config)
+                return cls(config)
         finally:
             transformers.logging.set_verbosity(verbosity)
     except Exception:
         return None
-    return {n: isinstance(m, Conv1D) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
 
 
-def _layout(name, A, B, shape, embedding, fan_in_fan_out):
-    """(A2, B2, transposed) to merge peft factors into a weight of `shape` (N-D conv weights: as (out, -1))."""
+def _module_kinds(model):
+    """{module name: whether it is a transformers Conv1D (stored transposed)} for the Linear and Conv1D modules of
+    the meta-built model; None without one."""
+    if model is None:
+        return None
+    return {n: _inject.is_conv1d(m) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) or _inject.is_conv1d(m)}
+
+
+def _layout(name, A, B, shape, embedding, fan_in_fan_out, kind=None):
+    """(A2, B2, transposed) to merge peft factors into a weight of `shape` (N-D conv weights: as (out, -1)). A 2-D
+    weight is stored transposed when the model's class says it is a Conv1D (`kind`), else when the adapter's
+    fan_in_fan_out says so; factors that fit only the other way are refused (an adapter of another model size, or
+    a fan_in_fan_out that peft saved from another layer), never merged transposed on a guess."""
     if embedding:
         want, transposed = (A.shape[1], B.shape[0]), True
     elif len(shape) > 2:
@@ -533,20 +567,65 @@ def _layout(name, A, B, shape, embedding, fan_in_fan_out):
         shape = (shape[0], int(torch.Size(shape[1:]).numel()))
     else:
         out_in, in_out = (B.shape[0], A.shape[1]), (A.shape[1], B.shape[0])
-        transposed = shape == in_out and (shape != out_in or fan_in_fan_out)
+        transposed = kind if kind is not None else fan_in_fan_out
         want = in_out if transposed else out_in
+        if tuple(shape) != want and tuple(shape) == (out_in if transposed else in_out):
+            told = (f"the model's class has it as a {'Conv1D (stored transposed)' if kind else 'Linear'}"
+                    if kind is not None else f"the adapter's fan_in_fan_out is {str(fan_in_fan_out).lower()} and "
+                    f"the model's classes cannot be built to tell (a config.json with `architectures` beside "
+                    f"the checkpoint)")
+            raise MergeError(f"--adapter: module {name!r} has factors {tuple(A.shape)} and {tuple(B.shape)}, which "
+                             f"fit its weight of shape {tuple(shape)} only {'un' if transposed else ''}transposed, "
+                             f"but {told}: an adapter made for another model?")
     if tuple(shape) != want:
         raise MergeError(f"--adapter: module {name!r} has factors {tuple(A.shape)} and {tuple(B.shape)}, which do "
                          f"not fit its weight of shape {tuple(shape)}")
     return A, B, transposed
 
 
-def _copy_side_files(base_dir, tmp, files):
+def _copy_side_files(base_dir, tmp, files, dtype=None, log=None):
+    """Copies the base directory's other files; with --dtype, config.json's dtype fields (`dtype`, `torch_dtype`,
+    in sub-configs too) say the new dtype, so that from_pretrained loads the output in it."""
     skip = {os.path.abspath(f) for f, _ in files} | {os.path.abspath(os.path.join(base_dir, INDEX_NAME))}
     for entry in os.listdir(base_dir):
         src = os.path.join(base_dir, entry)
         if os.path.isfile(src) and os.path.abspath(src) not in skip:
+            if entry == "config.json" and dtype is not None and _config_with_dtype(src, os.path.join(tmp, entry),
+                                                                                   dtype):
+                print(f"lora-ext merge: config.json's dtype set to {dtype} (--dtype)", file=log or sys.stderr)
+                continue
             shutil.copy2(src, os.path.join(tmp, entry))
+
+
+def _config_with_dtype(src, dst, dtype):
+    """Writes config.json with its dtype fields set to `dtype`; False (nothing written) when it is not a JSON
+    object or names no dtype."""
+    try:
+        with open(src, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    changed = []
+
+    def visit(node):
+        if isinstance(node, dict):
+            for key in ("dtype", "torch_dtype"):
+                if isinstance(node.get(key), str) and node[key] != dtype:
+                    node[key] = dtype
+                    changed.append(key)
+                elif node.get(key) == dtype:
+                    changed.append(key)
+            for value in node.values():
+                visit(value)
+
+    visit(config)
+    if not isinstance(config, dict) or not changed:
+        return False
+    with open(dst, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+    shutil.copystat(src, dst)
+    return True
 
 
 def _nonfinite(t):

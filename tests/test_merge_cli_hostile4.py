@@ -1,0 +1,165 @@
+"""`lora-ext merge`, a hostile pass across architectures (helper, 2026-12-01): five ways it exited 0 over a checkpoint
+that was not peft's merge, each failing before its fix.
+
+- A square GPT-2 Conv1D (attn.c_proj) merged untransposed when the model's classes could not be built (a lone file,
+  a config.json without `architectures`): peft saved fan_in_fan_out=false from the last layer it made (lm_head).
+  Factors that fit only the other layout are now refused, never merged on a guess.
+- An adapter of another model size whose factors fit transposed (a Linear is never stored transposed).
+- A directory with an index and a model.safetensors: the shards merged, model.safetensors (which transformers reads
+  first) copied unmerged.
+- target_modules "all-linear" skipped the target check: factors of the output head or of exclude_modules merged.
+- --dtype left config.json's dtype as it was: from_pretrained loaded the output in the old dtype.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import transformers as T
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from lora_ext.cli import main
+from helpers import rel_err
+from tiny_models import randomize_lora
+
+T.logging.set_verbosity_error()
+
+
+def _merge(base, adapter, out, *extra):
+    return main(["merge", "--base", base, "--adapter", adapter, "--out", out, "--quiet", *extra])
+
+
+def _refused(capsys, base, adapter, out, *words):
+    assert _merge(base, adapter, out) == 2
+    err = capsys.readouterr().err
+    assert not os.path.exists(out), "a refused merge wrote its output"
+    for w in words:
+        assert w in err, (w, err)
+
+
+@pytest.fixture
+def gpt2_c_proj(tmp_path):
+    """GPT-2 (untied) with an adapter of c_proj (Conv1D, square in attention) and lm_head (Linear): peft's config
+    says fan_in_fan_out=false."""
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                   tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
+    peft_model = randomize_lora(get_peft_model(T.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                               LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj", "lm_head"])))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["fan_in_fan_out"] is False
+    return tmp_path, peft_model.merge_and_unload().state_dict()
+
+
+def test_conv1d_layout_from_the_model_or_refused(gpt2_c_proj, capsys):
+    d, ref = gpt2_c_proj
+    assert _merge(str(d / "base"), str(d / "adapter"), str(d / "out")) == 0  # config.json: the classes tell
+    merged = load_file(d / "out" / "model.safetensors")
+    assert all((merged[k] - ref[k]).abs().max() <= 1e-6 * ref[k].abs().max() for k in merged)
+    os.makedirs(d / "lone")
+    shutil.copy(d / "base" / "model.safetensors", d / "lone" / "model.safetensors")
+    _refused(capsys, str(d / "lone" / "model.safetensors"), str(d / "adapter"), str(d / "lone_out.safetensors"),
+             "c_proj", "only transposed", "fan_in_fan_out is false", "architectures")
+    shutil.copytree(d / "base", d / "noarch")
+    with open(d / "noarch" / "config.json") as f:
+        config = json.load(f)
+    config.pop("architectures")
+    with open(d / "noarch" / "config.json", "w") as f:
+        json.dump(config, f)
+    _refused(capsys, str(d / "noarch"), str(d / "adapter"), str(d / "noarch_out"), "only transposed")
+
+
+def _llama(hidden, inter):
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=inter,
+                                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                            tie_word_embeddings=False))
+
+
+def test_an_adapter_of_another_model_size_that_fits_transposed_is_refused(tmp_path, capsys):
+    _llama(32, 64).save_pretrained(tmp_path / "base")
+    randomize_lora(get_peft_model(_llama(64, 32), LoraConfig(r=4, target_modules=["down_proj"]))).save_pretrained(
+        tmp_path / "adapter")
+    _refused(capsys, str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"),
+             "down_proj", "only transposed", "as a Linear")
+
+
+@pytest.mark.parametrize("extra", ["model.safetensors", "consolidated.safetensors", "pytorch_model.bin"])
+def test_a_base_directory_with_other_weights_is_refused(tmp_path, capsys, extra):
+    model = _llama(32, 64)
+    model.save_pretrained(tmp_path / "base", max_shard_size="20KB")
+    assert os.path.isfile(tmp_path / "base" / "model.safetensors.index.json")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "base" / extra)
+    randomize_lora(get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))).save_pretrained(
+        tmp_path / "adapter")
+    _refused(capsys, str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), extra,
+             "copied unmerged")
+    os.remove(tmp_path / "base" / extra)
+    open(tmp_path / "base" / "training_args.bin", "wb").close()  # a side file, not weights: copied as it is
+    assert _merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")) == 0
+    assert os.path.isfile(tmp_path / "out" / "training_args.bin")
+
+
+@pytest.fixture
+def all_linear(tmp_path):
+    model = _llama(32, 64)
+    model.save_pretrained(tmp_path / "base")
+    full = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    randomize_lora(get_peft_model(model, LoraConfig(r=4, target_modules=full))).save_pretrained(tmp_path / "full")
+    return tmp_path
+
+
+def _all_linear_adapter(d, name, drop=(), **config):
+    shutil.copytree(d / "full", d / name)
+    file = d / name / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(file).items() if not any(p in k for p in drop)}, file)
+    with open(d / name / "adapter_config.json") as f:
+        cfg = json.load(f)
+    cfg.update(target_modules="all-linear", **config)
+    with open(d / name / "adapter_config.json", "w") as f:
+        json.dump(cfg, f)
+    return str(d / name)
+
+
+def test_all_linear_factors_peft_ignores_are_refused(all_linear, capsys):
+    d = all_linear
+    head = _all_linear_adapter(d, "head")  # lm_head factors: peft's all-linear leaves the output head alone
+    _refused(capsys, str(d / "base"), head, str(d / "out1"), "'lm_head'", "do not select")
+    excluded = _all_linear_adapter(d, "excluded", drop=("lm_head",), exclude_modules=["o_proj"])
+    _refused(capsys, str(d / "base"), excluded, str(d / "out2"), "self_attn.o_proj", "do not select")
+    good = _all_linear_adapter(d, "good", drop=("lm_head",))
+    assert _merge(str(d / "base"), good, str(d / "out3")) == 0
+    x = torch.arange(12)[None]
+    with torch.no_grad():
+        want = PeftModel.from_pretrained(T.LlamaForCausalLM.from_pretrained(d / "base"), good).merge_and_unload()(x)
+        got = T.LlamaForCausalLM.from_pretrained(d / "out3")(x)
+    assert rel_err(got.logits, want.logits) < 1e-5
+
+
+def test_all_linear_without_the_models_classes_still_honours_exclude_modules(all_linear, capsys):
+    d = all_linear
+    os.makedirs(d / "lone")
+    shutil.copy(d / "base" / "model.safetensors", d / "lone" / "model.safetensors")
+    excluded = _all_linear_adapter(d, "excluded", drop=("lm_head",), exclude_modules=["o_proj"])
+    _refused(capsys, str(d / "lone" / "model.safetensors"), excluded, str(d / "out.safetensors"), "o_proj")
+
+
+@pytest.mark.parametrize("to", ["float32", "float16"])
+def test_dtype_conversion_rewrites_the_configs_dtype(tmp_path, capsys, to):
+    model = _llama(32, 64).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "base")
+    randomize_lora(get_peft_model(_llama(32, 64), LoraConfig(r=4, target_modules=["q_proj"]))).save_pretrained(
+        tmp_path / "adapter")
+    with open(tmp_path / "base" / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    assert _merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), "--dtype", to) == 0
+    assert f"config.json's dtype set to {to}" in capsys.readouterr().err
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["dtype"] == to
+    assert T.LlamaForCausalLM.from_pretrained(tmp_path / "out").dtype == getattr(torch, to)
+    assert _merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "same")) == 0  # no --dtype
+    with open(tmp_path / "same" / "config.json", "rb") as f, open(tmp_path / "base" / "config.json", "rb") as g:
+        assert f.read() == g.read()
