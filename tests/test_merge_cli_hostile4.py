@@ -163,3 +163,61 @@ def test_dtype_conversion_rewrites_the_configs_dtype(tmp_path, capsys, to):
     assert _merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "same")) == 0  # no --dtype
     with open(tmp_path / "same" / "config.json", "rb") as f, open(tmp_path / "base" / "config.json", "rb") as g:
         assert f.read() == g.read()
+
+
+def test_tied_pair_is_the_models_own_not_any_weight_of_vocab_rows(tmp_path, capsys):
+    """Falcon ties its embeddings, and vocab_size = 4 x hidden gives its MLP's dense_h_to_4h vocab_size rows: it was
+    refused as "the output head". The meta-built model names the pair; its input embeddings stay refused."""
+    torch.manual_seed(0)
+    base = T.FalconForCausalLM(T.FalconConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                                              num_attention_heads=4))
+    base.save_pretrained(tmp_path / "base")
+    peft_model = randomize_lora(get_peft_model(T.FalconForCausalLM.from_pretrained(tmp_path / "base"),
+                                               LoraConfig(r=4, target_modules=["dense_h_to_4h"])))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert _merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")) == 0
+    x = torch.arange(10)[None]
+    with torch.no_grad():
+        want = peft_model.merge_and_unload()(x).logits
+        got = T.FalconForCausalLM.from_pretrained(tmp_path / "out")(x).logits
+    assert rel_err(got, want) < 1e-5
+    randomize_lora(get_peft_model(T.FalconForCausalLM.from_pretrained(tmp_path / "base"),
+                                  LoraConfig(r=4, target_modules=["word_embeddings"]))).save_pretrained(tmp_path / "emb")
+    _refused(capsys, str(tmp_path / "base"), str(tmp_path / "emb"), str(tmp_path / "out2"), "word_embeddings",
+             "tie_word_embeddings")
+
+
+@pytest.fixture
+def gptj(tmp_path):
+    """GPT-J (untied, a biased lm_head) with an adapter of q_proj, wte and lm_head: peft saves the head's base bias
+    (`lm_head.base_layer.bias`) beside its factors."""
+    torch.manual_seed(0)
+    T.GPTJForCausalLM(T.GPTJConfig(vocab_size=100, n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=64,
+                                   tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
+    peft_model = randomize_lora(get_peft_model(T.GPTJForCausalLM.from_pretrained(tmp_path / "base"),
+                                               LoraConfig(r=4, target_modules=["q_proj", "wte", "lm_head"])))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.lm_head.base_layer.bias" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    x = torch.arange(10)[None]
+    with torch.no_grad():
+        want = peft_model.merge_and_unload()(x).logits
+    return tmp_path, x, want
+
+
+def test_a_saved_head_bias_is_checked_not_refused(gptj, capsys):
+    d, x, want = gptj
+    assert _merge(str(d / "base"), str(d / "adapter"), str(d / "out")) == 0
+    with torch.no_grad():
+        assert rel_err(T.GPTJForCausalLM.from_pretrained(d / "out")(x).logits, want) < 1e-5
+    import lora_ext
+    model = T.GPTJForCausalLM.from_pretrained(d / "base").eval()
+    lora_ext.load_peft_adapter(model, str(d / "adapter"))
+    with torch.no_grad():
+        assert rel_err(model(x).logits, want) < 1e-5
+    file = d / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors["base_model.model.lm_head.base_layer.bias"] += 1  # not this base's head
+    save_file(tensors, file)
+    _refused(capsys, str(d / "base"), str(d / "adapter"), str(d / "out2"), "lm_head.base_layer.bias", "differs")
+    with pytest.raises(ValueError, match="carries a base bias"):
+        lora_ext.load_peft_adapter(T.GPTJForCausalLM.from_pretrained(d / "base"), str(d / "adapter"))

@@ -302,8 +302,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     where = {e[0]: path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {e[0]: e[2] for _, (_, entries, _) in headers.items() for e in entries}
-    _check_tied(base, base_dir, factors, shapes)
-    replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where)
+    _check_tied(base, base_dir, factors, shapes, meta=meta)
+    replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta)
     plan = {}
     kinds = _module_kinds(meta)  # a Linear or Conv1D's layout is not in its shape
     for name, (A, B, embedding) in factors.items():
@@ -320,6 +320,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
             raise MergeError(f"--adapter: module {name!r} has rank {A.shape[0]} but the config says r={r}")
         if name in base_weights:
             check_base_weight("--adapter", name, base_weights[name], _get_tensor(where[key], headers[where[key]], key))
+        if (name, "bias") in base_weights:
+            bias = name + ".bias"
+            check_base_weight("--adapter", name, base_weights[name, "bias"],
+                              _get_tensor(where[bias], headers[where[bias]], bias) if bias in where else None, bias=True)
         # peft saves fan_in_fan_out as its last-created layer set it: a GPT-2 adapter of c_proj and lm_head says
         # false, though c_proj is a Conv1D; the model's own classes decide where they can be built
         kind = kinds.get(name) if kinds else None
@@ -382,7 +386,7 @@ def _saved_names(tensors, entries):
     return sorted(n for n in names if n is not None)
 
 
-def _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where):
+def _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta=None):
     """{checkpoint key: tensor} that replace the base's tensors for the modules the adapter saves whole (peft's
     modules_to_save), each checked: the module's every tensor in the checkpoint, nothing else, the same shapes,
     finite values, no LoRA inside it, not one of tied embeddings."""
@@ -418,7 +422,7 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
                 raise MergeError(f"--adapter: {PREFIX + key!r} holds non-finite values (inf/NaN)")
             replace[key] = t  # cast when written: the overflow check sees it
     _check_tied(base, base_dir, {n.rsplit(".", 1)[0]: (None, None, False) for n in replace
-                                 if len(shapes[n]) == 2}, shapes, saved=True)
+                                 if len(shapes[n]) == 2}, shapes, saved=True, meta=meta)
     return replace
 
 
@@ -487,12 +491,27 @@ def _dora_scale(w2, transposed, magnitude):
     w2.mul_(factor.view(1, -1) if transposed else factor.view(-1, 1))
 
 
-def _check_tied(base, base_dir, factors, shapes, saved=False):
+def _tied_pair(meta):
+    """The names of the meta-built model's input embeddings and output head (empty without a head); None without a
+    model (or when it cannot tell)."""
+    if meta is None:
+        return None
+    try:
+        modules = [meta.get_input_embeddings(), meta.get_output_embeddings()]
+    except Exception:
+        return None
+    if modules[1] is None:
+        return set()
+    return {n for n, m in meta.named_modules() if any(m is t for t in modules)}
+
+
+def _check_tied(base, base_dir, factors, shapes, saved=False, meta=None):
     """Refuses an adapter of the input embeddings or the output head of a model whose config.json (beside the
     checkpoint) ties them (tie_word_embeddings, true unless it says otherwise): one tensor serves both, so the
-    merge would change the other too, which peft (and lora_ext) serve unchanged. The tied pair: the weights of
-    vocab_size rows (any embedding where config.json does not say vocab_size). saved: `factors` are modules saved
-    whole (modules_to_save), which peft copies untied."""
+    merge would change the other too, which peft (and lora_ext) serve unchanged. The tied pair: the model's own
+    (get_input_embeddings / get_output_embeddings of the meta-built model); without one, the weights of vocab_size
+    rows (any embedding where config.json does not say vocab_size). saved: `factors` are modules saved whole
+    (modules_to_save), which peft copies untied."""
     folder = base_dir or os.path.dirname(os.path.abspath(base))
     try:
         with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
@@ -502,13 +521,19 @@ def _check_tied(base, base_dir, factors, shapes, saved=False):
     if not isinstance(config, dict) or config.get("tie_word_embeddings", True) is not True:
         return
     vocab = config.get("vocab_size")
+    pair = _tied_pair(meta)
     for name, (A, B, embedding) in sorted(factors.items()):
         shape = shapes.get(name + ".weight")
-        if (embedding and type(vocab) is not int) or (type(vocab) is int and shape is not None and len(shape) == 2
-                                                      and shape[0] == vocab):
+        if pair is not None:
+            tied = name in pair
+        else:
+            tied = (embedding and type(vocab) is not int) or (type(vocab) is int and shape is not None
+                                                              and len(shape) == 2 and shape[0] == vocab)
+        if tied:
             what, other = (("the input embeddings", "output head") if embedding
                            else ("the output head", "input embeddings"))
-            both = sum(1 for t in shapes.values() if t == shape) > 1
+            both = (all(n + ".weight" in shapes for n in pair) if pair
+                    else sum(1 for t in shapes.values() if t == shape) > 1)
             fix = ("the checkpoint stores both tensors: set tie_word_embeddings to false in config.json" if both
                    else "untie them first (save the model with tie_word_embeddings=false and the head's own weight)")
             if saved:

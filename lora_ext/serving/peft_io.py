@@ -48,6 +48,7 @@ UNSUPPORTED = {"use_dora", "use_qalora", "use_bdlora", "alora_invocation_tokens"
 PLAIN_INITS = (True, False, "gaussian", "orthogonal")
 
 BASE_SUFFIX = ".base_layer.weight"
+BASE_BIAS_SUFFIX = ".base_layer.bias"  # saved beside an output head's (GPT-J's lm_head) with save_embedding_layers
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA's magnitude of a module (peft's key; `lora-ext merge` reads it)
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
 
@@ -158,20 +159,24 @@ def _factor_suffix(key):
 def is_lora_key(key) -> bool:
     """Whether module_factors reads `key`: a LoRA factor, a DoRA magnitude, or the base weight peft saves beside
     an embedding's."""
-    return key.startswith(PREFIX) and (key.endswith(BASE_SUFFIX) or key.endswith(MAGNITUDE_SUFFIX)
+    return key.startswith(PREFIX) and (key.endswith((BASE_SUFFIX, BASE_BIAS_SUFFIX, MAGNITUDE_SUFFIX))
                                        or _factor_suffix(key) is not None)
 
 
 def module_factors(tensors, where="adapter", magnitudes=None):
     """({module name: (lora_A, lora_B, is_embedding)}, {module name: base weight}) from peft keys; other
-    keys raise ValueError. peft saves an embedding's whole base weight beside its factors
-    (`<module>.base_layer.weight`, for resized vocabularies): callers check it equals the model's. DoRA's
-    magnitudes (`<module>.lora_magnitude_vector`) go into the dict `magnitudes` by module name; without one they
-    are refused."""
+    keys raise ValueError. peft saves an embedding's (or output head's) whole base weight beside its factors
+    (`<module>.base_layer.weight`, for resized vocabularies), and a head's bias (`.base_layer.bias`): callers check
+    they equal the model's (the bias under (module name, "bias") in the second dict). DoRA's magnitudes
+    (`<module>.lora_magnitude_vector`) go into the dict `magnitudes` by module name; without one they are
+    refused."""
     found, base_weights = {}, {}
     for key, t in tensors.items():
         if key.startswith(PREFIX) and key.endswith(BASE_SUFFIX):
             base_weights[key[len(PREFIX):-len(BASE_SUFFIX)]] = t
+            continue
+        if key.startswith(PREFIX) and key.endswith(BASE_BIAS_SUFFIX):
+            base_weights[key[len(PREFIX):-len(BASE_BIAS_SUFFIX)], "bias"] = t
             continue
         if key.startswith(PREFIX) and key.endswith(MAGNITUDE_SUFFIX):
             if magnitudes is None:
@@ -197,8 +202,9 @@ def module_factors(tensors, where="adapter", magnitudes=None):
                              f"lora_{'A' if 'A' in entry else 'B'}")
         out[name] = (entry["A"], entry["B"], entry["embedding"])
     for name in base_weights:
-        if name not in out:
-            raise ValueError(f"{where}: unexpected key {PREFIX + name + BASE_SUFFIX!r} (a base weight without factors)")
+        module, suffix = (name[0], BASE_BIAS_SUFFIX) if isinstance(name, tuple) else (name, BASE_SUFFIX)
+        if module not in out:
+            raise ValueError(f"{where}: unexpected key {PREFIX + module + suffix!r} (a base tensor without factors)")
     for name in magnitudes or ():
         if name not in out:
             raise ValueError(f"{where}: unexpected key {PREFIX + name + MAGNITUDE_SUFFIX!r} (a DoRA magnitude "
@@ -206,10 +212,13 @@ def module_factors(tensors, where="adapter", magnitudes=None):
     return out, base_weights
 
 
-def check_base_weight(where, name, saved, current):
-    """An adapter's saved base weight must be the model's own: lora_ext does not replace base weights."""
-    if saved is not None and not (saved.shape == current.shape and torch.equal(saved.to(current), current)):
-        raise ValueError(f"{where}: module {name!r} carries a base weight ({PREFIX + name + BASE_SUFFIX}) that differs "
+def check_base_weight(where, name, saved, current, bias=False):
+    """An adapter's saved base weight (or bias) must be the model's own: lora_ext does not replace base weights."""
+    if saved is None:
+        return
+    key = PREFIX + name + (BASE_BIAS_SUFFIX if bias else BASE_SUFFIX)
+    if current is None or not (saved.shape == current.shape and torch.equal(saved.to(current), current)):
+        raise ValueError(f"{where}: module {name!r} carries a base {'bias' if bias else 'weight'} ({key}) that differs "
                          f"from the model's (e.g. a resized vocabulary); lora_ext does not replace base weights")
 
 
@@ -401,6 +410,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         _inject.check_replaceable(model, name, module, label)
         weight = module.conv.weight if isinstance(module, layers.ConvLoRA) else module.weight
         check_base_weight(weights_file, name, base_weights.get(name), weight)
+        bias = module.conv.bias if isinstance(module, layers.ConvLoRA) else getattr(module, "bias", None)
+        check_base_weight(weights_file, name, base_weights.get((name, "bias")), bias, bias=True)
         layer = _inject.replacement(module, name, r, scaling * r, cfg.get("lora_dropout", 0.0),
                                     merge_weights is not False, None, lossless) if fresh else module
         A2, B2 = _to_layer_layout(layer, name, A, B, where=weights_file)
