@@ -243,14 +243,17 @@ class NamedAdapters:
         return name == self.active_adapter or name in self._adapters
 
     def is_placeholder(self, name: str) -> bool:
-        """Whether adapter `name` is a stand-in of zeros: the model's active adapter in a layer injected for another
-        adapter loaded with activate=False (load_peft_adapter), so that this layer serves the base for it, as peft's
-        layers do for an adapter that does not target them. Saves skip it; a load of `name` replaces it."""
+        """Whether adapter `name` is a stand-in of zeros in a layer the adapter does not target, so that the layer
+        serves the base for it, as peft's layers do for an adapter that does not target them: made by the model-level
+        set_adapter for the layers that lack the adapter, and by load_peft_adapter(activate=False) for the model's
+        active adapter in the layers it injects. Saves skip it; a load of `name` replaces it."""
         return name in self.__dict__.get("_placeholders", ())
 
     def add_placeholder(self, name: str) -> None:
-        """Adapter `name` as zeros of the active adapter's shapes (see is_placeholder); scaling 1."""
-        self.add_adapter(name, torch.zeros_like(self.lora_A.detach()), torch.zeros_like(self.lora_B.detach()), 1.0)
+        """Adapter `name` as zeros of the active adapter's (full) shapes (see is_placeholder); scaling 1."""
+        A, B = self.lora_A, self.lora_B
+        self.add_adapter(name, torch.zeros(A.shape, dtype=A.dtype, device=A.device),
+                         torch.zeros(B.shape, dtype=B.dtype, device=B.device), 1.0)
         self.__dict__.setdefault("_placeholders", set()).add(name)
 
     def get_adapter(self, name: str) -> Adapter:

@@ -179,13 +179,19 @@ def test_model_level_switch_checks_every_layer_first():
     randomize_lora(model)
     model.eval()
     layers = [m for m in model.modules() if isinstance(m, lora_ext.LoRALayer)]
-    for m in layers[:-1]:
+    for m in layers[:-2]:
         a, b = m.factor_shapes(2)
         m.add_adapter("other", torch.randn(a), torch.randn(b), 1.0)
+    a, b = layers[-2].factor_shapes(2)
+    layers[-2].add_adapter("other", torch.randn(a), torch.randn(b), 1.0)
+    layers[-2].get_adapter("other")[0][0, 0] = float("nan")  # written in place after the check: seen at the switch
     before = model(x).logits
-    with pytest.raises(KeyError, match="other"):
+    with pytest.raises(ValueError, match="other"):
         lora_ext.set_adapter(model, "other")
     assert torch.equal(model(x).logits, before) and lora_ext.active_adapter(model) == "default"
+    assert not layers[-1].has_adapter("other")  # (the stand-in made for the last layer went with the refusal)
+    with pytest.raises(KeyError, match="'nope'"):  # no layer holds it
+        lora_ext.set_adapter(model, "nope")
 
 
 def test_inactive_adapters_survive_pickle_and_deepcopy():

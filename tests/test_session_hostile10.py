@@ -3,6 +3,8 @@ fix.
 
 - load_peft_adapter(activate=False) of an adapter that needs new layers: they came up serving it while the rest of
   the model served the active adapter (a silent mix); now they serve the active one as zeros (the base, as peft).
+  set_adapter to an adapter some layers lack (other target modules) serves those layers' base, as peft does, where
+  it raised KeyError.
 - Modules whose parent reads their weight without calling them (Mamba's dt_proj, WavLM's attention projections):
   the adapter did nothing unmerged and everything after eval() merged it; now refused, as MultiheadAttention's out_proj
   was. Parents that read a weight on one path and call the module on another (Bloom, DeBERTa) stay accepted.
@@ -111,6 +113,34 @@ def test_stand_ins_are_not_saved_and_a_reload_keeps_them(differing, tmp_path):
     assert not model.model.layers[1].self_attn.v_proj.is_placeholder("a")
     with torch.no_grad():
         assert rel_err(model(input_ids=x).logits, _peft_out(base, paths, "c", x)) < 1e-6
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_switching_between_adapters_of_different_targets_matches_peft(differing, merged, tmp_path):
+    """peft's set_adapter serves the layers an adapter does not target at their base; lora_ext's refused (KeyError)
+    unless every layer held the adapter. Now those layers get a stand-in of zeros."""
+    base, paths = differing
+    x = _ids()
+    model = copy.deepcopy(base)
+    lora_ext.load_peft_adapter(model, paths["a"], "a")
+    lora_ext.load_peft_adapter(model, paths["b"], "b")  # activate=True: layer 0's q_proj, layer 1's q_proj: stand-ins
+    if merged:
+        model.eval()
+    with torch.no_grad():
+        assert rel_err(model(input_ids=x).logits, _peft_out(base, {"a": paths["a"], "b": paths["b"]}, "b", x)) < 1e-6
+        lora_ext.load_peft_adapter(model, paths["c"], "c", activate=False)
+        for name in ("a", "c", "b", "a"):
+            lora_ext.set_adapter(model, name)
+            assert lora_ext.active_adapter(model) == name
+            assert rel_err(model(input_ids=x).logits, _peft_out(base, paths, name, x)) < 1e-6, name
+    q0 = model.model.layers[0].self_attn.q_proj
+    assert q0.is_placeholder("b") and not q0.is_placeholder("a")
+    lora_ext.save_peft_adapter(model, str(tmp_path / "b"), "b")  # b's own layer only
+    torch.testing.assert_close(_peft_out(base, {"b": str(tmp_path / "b")}, "b", x), _peft_out(base, paths, "b", x))
+    lora_ext.delete_adapter(model, "b")
+    assert not q0.has_adapter("b")
+    with pytest.raises(KeyError, match="no lora_ext layer holds an adapter 'b'"):
+        lora_ext.set_adapter(model, "b")
 
 
 def _mamba():

@@ -1,5 +1,6 @@
-"""Named adapters across a whole model: every lora_ext layer holds the same names; set_adapter switches them
-all, each layer in one pass over its weight when merged.
+"""Named adapters across a whole model: every lora_ext layer holds the same names (a layer an adapter does not
+target holds a stand-in of zeros for it, NamedAdapters.is_placeholder); set_adapter switches them all, each layer in
+one pass over its weight when merged.
 
 Model-level changes (set_adapter, merge_adapter, unmerge_adapter, delete_adapter, and loading an adapter
 with activate=True) are atomic with respect to forwards of the model on other threads: the model gets a
@@ -184,13 +185,31 @@ def active_adapter(model: nn.Module) -> str:
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
-    """Makes adapter `name` active in every lora_ext layer. All layers are checked (they hold it, its
-    values are finite) before the first one changes."""
+    """Makes adapter `name` active in every lora_ext layer. A layer the adapter does not target (an adapter of other
+    target modules) gets a stand-in of zeros (is_placeholder) and serves its base, as peft's set_adapter leaves
+    such layers. All layers are checked (values finite) before the first one changes; an adapter no layer holds
+    raises KeyError."""
     with model_lock(model).write():  # the layers listed inside: a concurrent load may inject more
         found = _layers_or_raise(model)
+        saved = wrappers(model)
+        if not any(m.has_adapter(name) and not m.is_placeholder(name) for _, m in found) \
+                and not any(name in w.adapter_names for _, w in saved):
+            held = sorted({n for _, m in found for n in m.adapter_names if not m.is_placeholder(n)})
+            raise KeyError(f"set_adapter: no lora_ext layer holds an adapter {name!r} (they hold {held})")
         _check_ddp_switch(model, found, name)
         reshard_fsdp(model)
-        _set_adapter(found, name, settle=not under_ddp(model), saved=wrappers(model))
+        lacking = [m for _, m in found if not m.has_adapter(name)]
+        try:
+            with deferred_interrupt():
+                for m in lacking:
+                    m.add_placeholder(name)
+            _set_adapter(found, name, settle=not under_ddp(model), saved=saved)
+        except BaseException:  # the stand-ins go with the switch (a refusal, Ctrl-C)
+            with deferred_interrupt():
+                for m in lacking:
+                    if m.is_placeholder(name) and m.active_adapter != name:
+                        m.delete_adapter(name)
+            raise
 
 
 def reshard_fsdp(model: nn.Module) -> None:
@@ -214,8 +233,8 @@ def _check_ddp_switch(model, found, name):
     if not under_ddp(model):
         return
     for layer_name, m in found:
-        if name != m.active_adapter and m.has_adapter(name) and m._trainable():
-            A = m.get_adapter(name)[0]
+        if name != m.active_adapter and m._trainable():
+            A = m.get_adapter(name)[0] if m.has_adapter(name) else m.lora_A  # (a stand-in: the live rank)
             raise ValueError(
                 f"set_adapter: the model is wrapped in DistributedDataParallel, which synchronises the gradients of "
                 f"the Parameters it was built with; switching the trainable factors of {layer_name!r} from "

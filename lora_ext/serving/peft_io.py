@@ -425,11 +425,6 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         A2, B2 = A2.to(*to), B2.to(*to)
         layer.check_adapter(A2, B2, scaling, name=label)
         plan.append((name, module, layer, fresh, A2, B2, scaling))
-    if activate:
-        for name, m in lora_layers(model):
-            if name not in chosen and not m.is_placeholder(adapter_name):
-                raise ValueError(f"{cfg_file}: the adapter does not cover lora_ext layer {name!r}; every layer must "
-                                 f"hold the active adapter (load it with the same target modules, or activate=False)")
     held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name) and not m.is_placeholder(adapter_name)]
     uncovered = [n for n, _ in held if n not in chosen]
     uncovered += [n for n, w in _saved.wrappers(model) if adapter_name in w.adapter_names
