@@ -221,3 +221,12 @@ def test_a_saved_head_bias_is_checked_not_refused(gptj, capsys):
     _refused(capsys, str(d / "base"), str(d / "adapter"), str(d / "out2"), "lm_head.base_layer.bias", "differs")
     with pytest.raises(ValueError, match="carries a base bias"):
         lora_ext.load_peft_adapter(T.GPTJForCausalLM.from_pretrained(d / "base"), str(d / "adapter"))
+
+
+def test_a_config_refusal_is_not_called_an_unreadable_weights_file(all_linear, capsys):
+    """peft 0.21 writes target_parameters for MoE experts: refused naming the option (it read "cannot read its weights
+    file")."""
+    d = all_linear
+    adapter = _all_linear_adapter(d, "experts", drop=("lm_head",), target_parameters=["mlp.experts.gate_up_proj"])
+    _refused(capsys, str(d / "base"), adapter, str(d / "out"), "target_parameters")
+    assert "cannot read its weights file" not in capsys.readouterr().err

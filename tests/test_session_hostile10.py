@@ -270,3 +270,20 @@ def test_distilbert_head_and_pre_classifier_save_round_trip(tmp_path):
         got = PeftModel.from_pretrained(copy.deepcopy(base), out).eval()(input_ids=x).logits
         assert rel_err(model(input_ids=x).logits, want) < 1e-6 and rel_err(got, want) < 1e-6
     assert os.path.isfile(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_time_major_models_are_refused_in_mixed_batches(tmp_path):
+    """XLNet runs its FFN on (T, B, d): with T equal to the batch, row i's adapter went to token i of every row
+    (peft's adapter_names does the same). Refused by name, before anything is written."""
+    torch.manual_seed(0)
+    base = T.XLNetModel(T.XLNetConfig(vocab_size=97, d_model=32, n_layer=1, n_head=4, d_inner=48,
+                                      dropout=0.0)).eval()
+    model = copy.deepcopy(base)
+    lora_ext.load_peft_adapter(model, _peft_adapter(base, str(tmp_path / "a"), 1, target_modules=["layer_1"]), "a")
+    x = _ids(4, 4)
+    with torch.no_grad():
+        want = model(input_ids=x).last_hidden_state
+        with pytest.raises(ValueError, match="XLNetModel, whose layers take time-major inputs"):
+            with lora_ext.batch_adapters(model, ["a", None, "a", None]):
+                pass
+        assert torch.equal(model(input_ids=x).last_hidden_state, want)

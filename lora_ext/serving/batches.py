@@ -329,6 +329,19 @@ def _check_input(module, args, kwargs):
                          f"first dimension is the batch row; with tokens flattened, one entry per token)")
 
 
+# transformers models whose layers take time-major inputs, (T, B, d): a row check by the first dimension cannot tell
+# T from B when they are equal (rows would be mixed up silently, as with peft's adapter_names)
+_TIME_MAJOR = {"XLNetModel", "FSMTModel"}
+
+
+def _check_batch_major(model):
+    for path, m in model.named_modules():
+        if type(m).__name__ in _TIME_MAJOR:
+            raise ValueError(f"batch_adapters: {path or 'the model'!r} is a {type(m).__name__}, whose layers take "
+                             f"time-major inputs (tokens first, then rows): a row of the batch cannot be told from a "
+                             f"token there; serve it one adapter at a time")
+
+
 @contextlib.contextmanager
 def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                    rows: Union[Sequence[int], Tensor, None] = None) -> Iterator[Batch]:
@@ -346,6 +359,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         raise ValueError("batch_adapters: a batch of this model is already open in this context; close it first")
     found = _layers_or_raise(model)
     _check_layers(found)
+    _check_batch_major(model)
     held = {n for _, m in found for n in m.adapter_names}
     table, index, n, label = _rows(adapters, rows, held)
     with hold(model):

@@ -283,7 +283,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     try:
         cfg = read_config(adapter, dora=True)
         tensors = read_tensors(adapter)
-    except MergeError:
+    except ValueError:  # MergeError, and the readers' refusals, which name the file and the option
         raise
     except OSError as e:
         if e.errno is None:  # the readers' own refusals ("no adapter_config.json in ...")
