@@ -62,14 +62,14 @@ def test_conv1d_layout_from_the_model_or_refused(gpt2_c_proj, capsys):
     os.makedirs(d / "lone")
     shutil.copy(d / "base" / "model.safetensors", d / "lone" / "model.safetensors")
     _refused(capsys, str(d / "lone" / "model.safetensors"), str(d / "adapter"), str(d / "lone_out.safetensors"),
-             "c_proj", "only transposed", "fan_in_fan_out is false", "architectures")
+             "c_proj", "fan_in_fan_out", "architectures")
     shutil.copytree(d / "base", d / "noarch")
     with open(d / "noarch" / "config.json") as f:
         config = json.load(f)
     config.pop("architectures")
     with open(d / "noarch" / "config.json", "w") as f:
         json.dump(config, f)
-    _refused(capsys, str(d / "noarch"), str(d / "adapter"), str(d / "noarch_out"), "only transposed")
+    _refused(capsys, str(d / "noarch"), str(d / "adapter"), str(d / "noarch_out"), "c_proj", "architectures")
 
 
 def _llama(hidden, inter):
@@ -230,3 +230,32 @@ def test_a_config_refusal_is_not_called_an_unreadable_weights_file(all_linear, c
     adapter = _all_linear_adapter(d, "experts", drop=("lm_head",), target_parameters=["mlp.experts.gate_up_proj"])
     _refused(capsys, str(d / "base"), adapter, str(d / "out"), "target_parameters")
     assert "cannot read its weights file" not in capsys.readouterr().err
+
+
+def test_a_square_conv1d_alone_with_the_head_is_refused_without_the_models_classes(tmp_path, capsys):
+    """Only GPT-2's square attention c_proj and lm_head: no non-square Conv1D gives the layout away, and peft's
+    fan_in_fan_out=false is the head's. Merged untransposed before (2.27 off peft); refused now."""
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                   tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
+    randomize_lora(get_peft_model(T.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                  LoraConfig(r=4, target_modules=r".*attn\.c_proj|lm_head"))).save_pretrained(
+        tmp_path / "adapter")
+    os.makedirs(tmp_path / "lone")
+    shutil.copy(tmp_path / "base" / "model.safetensors", tmp_path / "lone" / "model.safetensors")
+    _refused(capsys, str(tmp_path / "lone" / "model.safetensors"), str(tmp_path / "adapter"),
+             str(tmp_path / "out.safetensors"), "attn.c_proj", "square", "Conv1D")
+    assert _merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")) == 0  # classes: merged
+
+
+def test_a_non_square_conv1d_fitting_only_transposed_is_refused_without_the_models_classes(tmp_path, capsys):
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                   tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
+    randomize_lora(get_peft_model(T.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                  LoraConfig(r=4, target_modules=r".*mlp\.c_fc|lm_head"))).save_pretrained(
+        tmp_path / "adapter")
+    os.makedirs(tmp_path / "lone")
+    shutil.copy(tmp_path / "base" / "model.safetensors", tmp_path / "lone" / "model.safetensors")
+    _refused(capsys, str(tmp_path / "lone" / "model.safetensors"), str(tmp_path / "adapter"),
+             str(tmp_path / "out.safetensors"), "mlp.c_fc", "only transposed", "fan_in_fan_out is false")

@@ -287,3 +287,64 @@ def test_time_major_models_are_refused_in_mixed_batches(tmp_path):
             with lora_ext.batch_adapters(model, ["a", None, "a", None]):
                 pass
         assert torch.equal(model(input_ids=x).last_hidden_state, want)
+
+
+# -------------------------------------------------------- a second hostile pass, over the changes above, each fixed
+
+
+def test_a_stand_in_given_values_is_saved_as_the_layer_serves_it(differing, tmp_path):
+    """load_state_dict of another model's LoRA factors (loralib's way) writes into a live stand-in: the layer serves
+    them, so save_peft_adapter must write them too (it skipped the layer by its stand-in mark: 0.137 off)."""
+    base, paths = differing
+    x = _ids()
+    model = copy.deepcopy(base)
+    lora_ext.load_peft_adapter(model, paths["a"], "a")
+    lora_ext.load_peft_adapter(model, paths["b"], "b")  # q_proj: stand-ins of "b"
+    source = copy.deepcopy(base)
+    lora_ext.load_peft_adapter(source, paths["c"], "c")  # q_proj and v_proj
+    model.load_state_dict(lora_ext.lora_state_dict(source), strict=False)
+    q0 = model.model.layers[0].self_attn.q_proj
+    assert q0.is_placeholder("b") and bool(q0.lora_B.any())  # (the mark stays; the values are the layer's now)
+    lora_ext.save_peft_adapter(model, str(tmp_path / "b"), "b")
+    with torch.no_grad():
+        served = model(input_ids=x).logits
+    assert rel_err(_peft_out(base, {"b": str(tmp_path / "b")}, "b", x), served) < 1e-6
+
+
+def _fsdp_inject_case(rank, world, path):
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    fully_shard(model[2])
+    fully_shard(model)
+    snap = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
+    try:
+        lora_ext.load_peft_adapter(model, path)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    same = all(torch.equal(v.full_tensor(), snap[k]) for k, v in model.state_dict().items())
+    return message, same, any(isinstance(m, lora_ext.LoRALayer) for m in model.modules())
+
+
+def test_injecting_into_a_sharded_weight_is_refused_before_anything_changes(tmp_path):
+    """A load that injected a layer into a fully_shard model succeeded; every forward then raised a tensor-parallel
+    message."""
+    from dist import run_ranks
+    torch.manual_seed(0)
+    path = _peft_adapter(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)), str(tmp_path / "a"), 1,
+                         target_modules=["2"])
+    for message, same, injected in run_ranks(_fsdp_inject_case, path):
+        assert message is not None and "has a sharded weight (a DTensor" in message and "first, then" in message
+        assert same and not injected
+
+
+def test_the_state_space_mixers_kernel_path_reads_are_refused():
+    """Mamba's CUDA kernel path (mamba_ssm) reads x_proj/out_proj's weights where the torch path calls them: the
+    adapter would be served on a CPU and not on a GPU (peft refuses out_proj for Mamba models too)."""
+    model = _mamba()
+    for target in (["x_proj"], ["out_proj"]):
+        with pytest.raises(ValueError, match="MambaMixer\\) reads its weight without calling it"):
+            lora_ext.inject(copy.deepcopy(model), target)
+    lora_ext.inject(model, ["in_proj"])  # called on every path
+    assert isinstance(model.backbone.layers[0].mixer.in_proj, lora_ext.Linear)

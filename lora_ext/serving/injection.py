@@ -361,7 +361,17 @@ def read_without_call(model, name):
     classes (read_not_called); a class whose source cannot be read counts as calling its modules."""
     parent, _, child = name.rpartition(".")
     holder = model.get_submodule(parent)
-    return child in read_not_called(type(holder))
+    return child in read_not_called(type(holder)) or child in _KERNEL_PATH_READS.get(type(holder).__name__, ())
+
+
+# transformers' state-space mixers whose CUDA kernel path (mamba_ssm) reads these modules' weights, where the torch
+# path calls them: an adapter there would be served on a CPU and not on a GPU unmerged (peft refuses out_proj too)
+_KERNEL_PATH_READS = {
+    "MambaMixer": {"x_proj", "dt_proj", "out_proj"}, "FalconMambaMixer": {"x_proj", "dt_proj", "out_proj"},
+    "JambaMambaMixer": {"dt_proj"}, "Mamba2Mixer": {"out_proj"}, "BambaMixer": {"out_proj"},
+    "FalconH1Mixer": {"out_proj"}, "NemotronHMamba2Mixer": {"out_proj"}, "Zamba2MambaMixer": {"out_proj"},
+    "GraniteMoeHybridMambaLayer": {"out_proj"},
+}
 
 
 _HARMLESS = {"dtype", "device", "shape", "size", "ndim", "dim", "numel", "is_cuda", "requires_grad", "is_meta"}
@@ -401,6 +411,11 @@ def check_replaceable(model, name, module, label=None):
     """Refuses a module that a lora_ext layer in its place (or an adapter of it) would not stand for (see the two
     functions above). label: what the message starts with (default: "target_modules: module 'name'")."""
     label = label or f"target_modules: module {name!r}"
+    weight = getattr(module, "weight", None)
+    if not isinstance(module, LoRALayer) and type(weight).__name__ == "DTensor":
+        raise ValueError(f"{label} has a sharded weight (a DTensor: fully_shard or tensor parallel was applied); "
+                         f"a lora_ext layer must be in place before sharding: inject (or load the adapter) first, then "
+                         f"shard (lora_ext.parallel's styles for tensor parallel)")
     base = None if isinstance(module, LoRALayer) or scaled_embedding(module) is not None else overridden_base(module)
     if base is not None:
         raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of its "

@@ -283,8 +283,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     try:
         cfg = read_config(adapter, dora=True)
         tensors = read_tensors(adapter)
-    except ValueError:  # MergeError, and the readers' refusals, which name the file and the option
+    except MergeError:
         raise
+    except ValueError as e:  # the readers' refusals, which name the file and the option
+        raise MergeError(f"--adapter: {e}") from None
     except OSError as e:
         if e.errno is None:  # the readers' own refusals ("no adapter_config.json in ...")
             raise MergeError(f"--{e}") from None
@@ -366,8 +368,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         n = sum(nonfinite.values())
         names = ", ".join(f"{k} ({v})" for k, v in list(nonfinite.items())[:5])
         more = f" and {len(nonfinite) - 5} more tensors" if len(nonfinite) > 5 else ""
-        print(f"lora-ext merge: warning: --allow-inf: wrote {n} inf/NaN values the merge produced in "
-              f"{len(nonfinite)} tensors: {names}{more}", file=log)
+        print(f"lora-ext merge: warning: --allow-inf: wrote {n} inf/NaN values (made by the merge or the dtype "
+              f"conversion) in {len(nonfinite)} tensors: {names}{more}", file=log)
     return len(plan)
 
 
@@ -579,6 +581,9 @@ def _module_kinds(model):
             if isinstance(m, torch.nn.Linear) or _inject.is_conv1d(m)}
 
 
+_CONV1D_NAMES = {"c_attn", "c_proj", "c_fc", "q_attn"}  # transformers' Conv1D modules (GPT-2 and its kin)
+
+
 def _layout(name, A, B, shape, embedding, fan_in_fan_out, kind=None):
     """(A2, B2, transposed) to merge peft factors into a weight of `shape` (N-D conv weights: as (out, -1)). A 2-D
     weight is stored transposed when the model's class says it is a Conv1D (`kind`), else when the adapter's
@@ -592,6 +597,11 @@ def _layout(name, A, B, shape, embedding, fan_in_fan_out, kind=None):
         shape = (shape[0], int(torch.Size(shape[1:]).numel()))
     else:
         out_in, in_out = (B.shape[0], A.shape[1]), (A.shape[1], B.shape[0])
+        if kind is None and out_in == in_out and not fan_in_fan_out and name.rpartition(".")[2] in _CONV1D_NAMES:
+            raise MergeError(f"--adapter: module {name!r} is square and named as transformers' Conv1D layers are "
+                             f"(stored transposed), but the model's classes cannot be built to tell (a config.json "
+                             f"with `architectures` beside the checkpoint), and the adapter's fan_in_fan_out=false "
+                             f"may be peft's from another layer (the head): refused rather than merged on a guess")
         transposed = kind if kind is not None else fan_in_fan_out
         want = in_out if transposed else out_in
         if tuple(shape) != want and tuple(shape) == (out_in if transposed else in_out):
