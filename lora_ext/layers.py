@@ -732,10 +732,6 @@ def _check_kernel_size(kernel_size, dims):
                          f"got {kernel_size!r}")
 
 
-def _conv_attribute(name):
-    return property(lambda self: getattr(self.conv, name), doc=f"The wrapped convolution's `{name}` (read-only).")
-
-
 class ConvLoRA(LoRALayer, nn.Module):
     """LoRA around a torch convolution. delta-W = B @ A viewed as the conv weight, with
     A: (r * k0, in_channels * k1 * ... ) and B: (out_channels // groups * k0, r * k0), k = kernel size;
@@ -761,21 +757,6 @@ class ConvLoRA(LoRALayer, nn.Module):
     def reset_parameters(self):
         self.conv.reset_parameters()
         self.reset_lora_parameters()
-
-    # The conv's own attributes, read through (transformers' ViT and CLIP read `patch_embedding.weight.dtype`,
-    # Whisper `conv1.stride`): the layer stands where the conv stood. Read-only: the conv holds them.
-    weight = _conv_attribute("weight")
-    bias = _conv_attribute("bias")
-    in_channels = _conv_attribute("in_channels")
-    out_channels = _conv_attribute("out_channels")
-    kernel_size = _conv_attribute("kernel_size")
-    stride = _conv_attribute("stride")
-    padding = _conv_attribute("padding")
-    dilation = _conv_attribute("dilation")
-    groups = _conv_attribute("groups")
-    padding_mode = _conv_attribute("padding_mode")
-    output_padding = _conv_attribute("output_padding")
-    transposed = _conv_attribute("transposed")
 
     def _rank_rows(self):
         return self.conv.kernel_size[0]
@@ -813,6 +794,18 @@ class ConvLoRA(LoRALayer, nn.Module):
             scale_tensor = self._scale_tensor_for(x) if x.is_cuda else None
             return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling, scale_tensor)
         return self.conv(x)
+
+
+# The conv's own attributes, read through (transformers' ViT and CLIP read `patch_embedding.weight.dtype`, Whisper
+# `conv1.stride`): the layer stands where the conv stood. Read-only properties: the conv holds them.
+def _conv_attribute(name):
+    return property(lambda self: getattr(self.conv, name), doc=f"The wrapped convolution's `{name}` (read-only).")
+
+
+for _name in ("weight", "bias", "in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+              "padding_mode", "output_padding", "transposed"):
+    setattr(ConvLoRA, _name, _conv_attribute(_name))
+del _name
 
 
 class Conv1d(ConvLoRA):

@@ -232,30 +232,28 @@ def test_a_config_refusal_is_not_called_an_unreadable_weights_file(all_linear, c
     assert "cannot read its weights file" not in capsys.readouterr().err
 
 
+def _gpt2_lone(tmp_path, targets):
+    """A GPT-2 (untied) checkpoint, a peft adapter of `targets` (a regex), and a copy of the checkpoint's file alone
+    (no config.json beside it: no model classes to tell a Conv1D's layout)."""
+    torch.manual_seed(0)
+    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64,
+                                   tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
+    randomize_lora(get_peft_model(T.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                  LoraConfig(r=4, target_modules=targets))).save_pretrained(tmp_path / "adapter")
+    os.makedirs(tmp_path / "lone")
+    shutil.copy(tmp_path / "base" / "model.safetensors", tmp_path / "lone" / "model.safetensors")
+    return str(tmp_path / "lone" / "model.safetensors"), str(tmp_path / "adapter")
+
+
 def test_a_square_conv1d_alone_with_the_head_is_refused_without_the_models_classes(tmp_path, capsys):
     """Only GPT-2's square attention c_proj and lm_head: no non-square Conv1D gives the layout away, and peft's
     fan_in_fan_out=false is the head's. Merged untransposed before (2.27 off peft); refused now."""
-    torch.manual_seed(0)
-    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64,
-                                   tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
-    randomize_lora(get_peft_model(T.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
-                                  LoraConfig(r=4, target_modules=r".*attn\.c_proj|lm_head"))).save_pretrained(
-        tmp_path / "adapter")
-    os.makedirs(tmp_path / "lone")
-    shutil.copy(tmp_path / "base" / "model.safetensors", tmp_path / "lone" / "model.safetensors")
-    _refused(capsys, str(tmp_path / "lone" / "model.safetensors"), str(tmp_path / "adapter"),
-             str(tmp_path / "out.safetensors"), "attn.c_proj", "square", "Conv1D")
-    assert _merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")) == 0  # classes: merged
+    lone, adapter = _gpt2_lone(tmp_path, r".*attn\.c_proj|lm_head")
+    _refused(capsys, lone, adapter, str(tmp_path / "out.safetensors"), "attn.c_proj", "square", "Conv1D")
+    assert _merge(str(tmp_path / "base"), adapter, str(tmp_path / "out")) == 0  # with the classes: merged
 
 
 def test_a_non_square_conv1d_fitting_only_transposed_is_refused_without_the_models_classes(tmp_path, capsys):
-    torch.manual_seed(0)
-    T.GPT2LMHeadModel(T.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64,
-                                   tie_word_embeddings=False)).save_pretrained(tmp_path / "base")
-    randomize_lora(get_peft_model(T.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
-                                  LoraConfig(r=4, target_modules=r".*mlp\.c_fc|lm_head"))).save_pretrained(
-        tmp_path / "adapter")
-    os.makedirs(tmp_path / "lone")
-    shutil.copy(tmp_path / "base" / "model.safetensors", tmp_path / "lone" / "model.safetensors")
-    _refused(capsys, str(tmp_path / "lone" / "model.safetensors"), str(tmp_path / "adapter"),
-             str(tmp_path / "out.safetensors"), "mlp.c_fc", "only transposed", "fan_in_fan_out is false")
+    lone, adapter = _gpt2_lone(tmp_path, r".*mlp\.c_fc|lm_head")
+    _refused(capsys, lone, adapter, str(tmp_path / "out.safetensors"), "mlp.c_fc", "only transposed",
+             "fan_in_fan_out is false")
