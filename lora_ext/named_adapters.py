@@ -250,10 +250,12 @@ class NamedAdapters:
         return name in self.__dict__.get("_placeholders", ())
 
     def add_placeholder(self, name: str) -> None:
-        """Adapter `name` as zeros of the active adapter's (full) shapes (see is_placeholder); scaling 1."""
+        """Adapter `name` as zeros of rank 1 (see is_placeholder; a mixed batch's slots need no more rank for it),
+        of the live factors' full shapes where they are sharded (a rank change there is refused); scaling 1."""
         A, B = self.lora_A, self.lora_B
-        self.add_adapter(name, torch.zeros(A.shape, dtype=A.dtype, device=A.device),
-                         torch.zeros(B.shape, dtype=B.dtype, device=B.device), 1.0)
+        shapes = (A.shape, B.shape) if sharded.is_dtensor(A) else self.factor_shapes(1)
+        self.add_adapter(name, torch.zeros(shapes[0], dtype=A.dtype, device=A.device),
+                         torch.zeros(shapes[1], dtype=B.dtype, device=B.device), 1.0)
         self.__dict__.setdefault("_placeholders", set()).add(name)
 
     def get_adapter(self, name: str) -> Adapter:

@@ -257,3 +257,41 @@ def test_a_non_square_conv1d_fitting_only_transposed_is_refused_without_the_mode
     lone, adapter = _gpt2_lone(tmp_path, r".*mlp\.c_fc|lm_head")
     _refused(capsys, lone, adapter, str(tmp_path / "out.safetensors"), "mlp.c_fc", "only transposed",
              "fan_in_fan_out is false")
+
+
+# ------------------------------------------------------------------ a third hostile pass (helper), each fixed
+
+
+def test_a_tie_made_by_a_sub_config_is_refused(tmp_path, capsys):
+    """A VisionEncoderDecoderModel whose GPT-2 decoder ties its head (the decoder's config; the top-level one says
+    false): the merge exited 0 and the head, loaded tied to the merged wte, served 139x off the adapter."""
+    torch.manual_seed(0)
+    enc = T.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16,
+                      patch_size=8)
+    dec = T.GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=64, add_cross_attention=True,
+                       is_decoder=True, tie_word_embeddings=True)
+    model = T.VisionEncoderDecoderModel(T.VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
+    model.save_pretrained(tmp_path / "base")
+    randomize_lora(get_peft_model(model, LoraConfig(r=4, target_modules=["wte", "c_attn"]))).save_pretrained(
+        tmp_path / "adapter")
+    _refused(capsys, str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"),
+             "decoder.transformer.wte", "ties to decoder.lm_head")
+
+
+def test_subfolders_are_copied_and_their_weights_refused(tmp_path, capsys):
+    model = _llama(32, 64)
+    model.save_pretrained(tmp_path / "base")
+    randomize_lora(get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))).save_pretrained(
+        tmp_path / "adapter")
+    os.makedirs(tmp_path / "base" / "tokenizer")
+    (tmp_path / "base" / "tokenizer" / "tokenizer.json").write_text("{}")
+    os.makedirs(tmp_path / "base" / ".git" / "lfs")  # hidden folders are not the model's
+    (tmp_path / "base" / ".git" / "lfs" / "blob").write_text("x")
+    os.makedirs(tmp_path / "base" / "original")
+    shutil.copy(tmp_path / "base" / "model.safetensors", tmp_path / "base" / "original" / "model.safetensors")
+    _refused(capsys, str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"),
+             os.path.join("original", "model.safetensors"), "copied unmerged")
+    shutil.rmtree(tmp_path / "base" / "original")
+    assert _merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")) == 0
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").read_text() == "{}"
+    assert not (tmp_path / "out" / ".git").exists()

@@ -31,7 +31,7 @@ T.logging.set_verbosity_error()
 
 def _peft_adapter(base, path, seed, **config):
     """A peft adapter of `base` (deep-copied) with random factors (and copies), saved at `path`."""
-    model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, **config))
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(**{"r": 4, "lora_alpha": 8, **config}))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -293,18 +293,23 @@ def test_time_major_models_are_refused_in_mixed_batches(tmp_path):
 
 
 def test_a_stand_in_given_values_is_saved_as_the_layer_serves_it(differing, tmp_path):
-    """load_state_dict of another model's LoRA factors (loralib's way) writes into a live stand-in: the layer serves
-    them, so save_peft_adapter must write them too (it skipped the layer by its stand-in mark: 0.137 off)."""
+    """Values written into a live stand-in (in place; load_state_dict of another model's factors, which now must
+    have the stand-in's rank 1): the layer serves them, so save_peft_adapter must write them too (it skipped the layer
+    by its stand-in mark: 0.137 off)."""
     base, paths = differing
     x = _ids()
     model = copy.deepcopy(base)
     lora_ext.load_peft_adapter(model, paths["a"], "a")
     lora_ext.load_peft_adapter(model, paths["b"], "b")  # q_proj: stand-ins of "b"
     source = copy.deepcopy(base)
-    lora_ext.load_peft_adapter(source, paths["c"], "c")  # q_proj and v_proj
-    model.load_state_dict(lora_ext.lora_state_dict(source), strict=False)
+    lora_ext.load_peft_adapter(source, paths["c"], "c")  # rank 4 at q_proj and v_proj
+    with pytest.raises(RuntimeError, match="size mismatch"):  # a stand-in is rank 1: refused loudly
+        model.load_state_dict(lora_ext.lora_state_dict(source), strict=False)
     q0 = model.model.layers[0].self_attn.q_proj
-    assert q0.is_placeholder("b") and bool(q0.lora_B.any())  # (the mark stays; the values are the layer's now)
+    with torch.no_grad():
+        q0.lora_A.normal_(0, 0.3)
+        q0.lora_B.normal_(0, 0.3)
+    assert q0.is_placeholder("b")  # (the mark stays; the values are the layer's now)
     lora_ext.save_peft_adapter(model, str(tmp_path / "b"), "b")
     with torch.no_grad():
         served = model(input_ids=x).logits
@@ -348,3 +353,25 @@ def test_the_state_space_mixers_kernel_path_reads_are_refused():
             lora_ext.inject(copy.deepcopy(model), target)
     lora_ext.inject(model, ["in_proj"])  # called on every path
     assert isinstance(model.backbone.layers[0].mixer.in_proj, lora_ext.Linear)
+
+
+def test_stand_ins_fit_small_slots_and_every_adapter_is_listed(tmp_path):
+    """Stand-ins took the live adapter's rank (16): a batch of the rank-4 adapter was refused for slots of rank 4
+    ("rank 16 at q_proj"); and adapter_names listed only the adapters every layer held (not "a" before a switch)."""
+    base = _qwen2()
+    a = _peft_adapter(base, str(tmp_path / "a"), 1, target_modules=["q_proj"], r=16)
+    b = _peft_adapter(base, str(tmp_path / "b"), 2, target_modules=["v_proj"])
+    model = copy.deepcopy(base)
+    lora_ext.load_peft_adapter(model, a, "a")
+    assert lora_ext.adapter_names(model) == ["a"]
+    lora_ext.load_peft_adapter(model, b, "b")
+    assert lora_ext.adapter_names(model) == ["b", "a"]
+    q0 = model.model.layers[0].self_attn.q_proj
+    assert q0.is_placeholder("b") and q0.r == 1
+    model.eval()
+    lora_ext.configure_slots(model, slots=4, max_rank=4)
+    x = _ids(2)
+    with torch.no_grad(), lora_ext.batch_adapters(model, ["b", None]):
+        out = model(input_ids=x).logits
+    ref = _peft_out(base, {"a": a, "b": b}, "b", x, ["b", "__base__"])
+    assert rel_err(out, ref) < 1e-5

@@ -171,10 +171,13 @@ def _layers_or_raise(model):
 
 
 def adapter_names(model: nn.Module) -> List[str]:
-    """The adapter names every lora_ext layer of the model holds, active one first."""
+    """The adapters the model holds (each in the layers it targets, or in a module saved whole), the active one
+    first, as peft lists its adapters: set_adapter takes any of them."""
     found = _layers_or_raise(model)
-    names = found[0][1].adapter_names
-    return [n for n in names if all(n in m.adapter_names for _, m in found)]
+    names = [n for _, m in found for n in m.adapter_names if not m.is_placeholder(n)]
+    names += [n for _, w in wrappers(model) for n in w.adapter_names]
+    active = [m.active_adapter for _, m in found]
+    return list(dict.fromkeys([*(n for n in active if n in names), *names]))
 
 
 def active_adapter(model: nn.Module) -> str:

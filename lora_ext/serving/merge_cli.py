@@ -187,16 +187,28 @@ def _input_files(base):
     raise MergeError(f"--base: {base!r} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
 
 
+def _side_files(base_dir):
+    """Every file under the base directory (subfolders too: tokenizer/, original/; not hidden ones: .git, .cache),
+    symbolic links followed."""
+    for root, dirs, names in os.walk(base_dir, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(names):
+            if os.path.isfile(os.path.join(root, name)):
+                yield os.path.join(root, name)
+
+
+def _is_weights(name):
+    return (name.endswith(".safetensors") or (name.startswith("pytorch_model") and name.endswith(".bin"))
+            or (name.startswith("consolidated") and name.endswith((".pth", ".pt"))))
+
+
 def _check_other_weights(base_dir, files):
     """Refuses a base directory holding weights besides the ones merged (a model.safetensors beside an index, a
     consolidated.safetensors, pytorch_model*.bin): they would be copied unmerged, and transformers reads
     model.safetensors before an index."""
     merged = {os.path.abspath(p) for p, _ in files}
-    others = sorted(e for e in os.listdir(base_dir)
-                    if (e.endswith(".safetensors") or (e.startswith("pytorch_model") and e.endswith(".bin"))
-                        or (e.startswith("consolidated") and e.endswith((".pth", ".pt"))))
-                    and os.path.isfile(os.path.join(base_dir, e))
-                    and os.path.abspath(os.path.join(base_dir, e)) not in merged)
+    others = sorted(os.path.relpath(p, base_dir) for p in _side_files(base_dir)
+                    if _is_weights(os.path.basename(p)) and os.path.abspath(p) not in merged)
     if others:
         more = f" and {len(others) - 5} more" if len(others) > 5 else ""
         reads = SINGLE_NAME if [rel for _, rel in files] == [SINGLE_NAME] else f"the {len(files)} shards of {INDEX_NAME}"
@@ -493,59 +505,71 @@ def _dora_scale(w2, transposed, magnitude):
     w2.mul_(factor.view(1, -1) if transposed else factor.view(-1, 1))
 
 
-def _tied_pair(meta):
-    """The names of the meta-built model's input embeddings and output head (empty without a head); None without a
-    model (or when it cannot tell)."""
+def _shared_weights(meta):
+    """{module name: the other module names whose weight is the same Parameter} in the meta-built model (tied
+    weights as transformers ties them: tie_word_embeddings, in the config or a sub-config's); None without a model."""
     if meta is None:
         return None
+    holders = {}
+    for n, m in meta.named_modules(remove_duplicate=False):
+        w = m.__dict__.get("_parameters", {}).get("weight")
+        if w is not None:
+            holders.setdefault(id(w), []).append(n)
+    return {n: sorted(set(names) - {n}) for names in holders.values() if len(set(names)) > 1 for n in names}
+
+
+def _roles(meta):
+    """{module name: "the input embeddings" / "the output head"} of the meta-built model (empty without one)."""
     try:
-        modules = [meta.get_input_embeddings(), meta.get_output_embeddings()]
+        pairs = [(meta.get_input_embeddings(), "the input embeddings"), (meta.get_output_embeddings(), "the output head")]
     except Exception:
-        return None
-    if modules[1] is None:
-        return set()
-    return {n for n, m in meta.named_modules() if any(m is t for t in modules)}
+        return {}
+    return {n: role for n, m in meta.named_modules(remove_duplicate=False) for t, role in pairs if m is t}
 
 
 def _check_tied(base, base_dir, factors, shapes, saved=False, meta=None):
-    """Refuses an adapter of the input embeddings or the output head of a model whose config.json (beside the
-    checkpoint) ties them (tie_word_embeddings, true unless it says otherwise): one tensor serves both, so the
-    merge would change the other too, which peft (and lora_ext) serve unchanged. The tied pair: the model's own
-    (get_input_embeddings / get_output_embeddings of the meta-built model); without one, the weights of vocab_size
-    rows (any embedding where config.json does not say vocab_size). saved: `factors` are modules saved whole
+    """Refuses an adapter of a weight the model ties to another module's (the input embeddings and the output head):
+    one tensor serves both, so the merge would change the other too, which peft (and lora_ext) serve unchanged. The
+    ties are the meta-built model's own (transformers ties by the config and its sub-configs); without one, those of
+    config.json (tie_word_embeddings, true unless it says otherwise) between the weights of vocab_size rows (any
+    embedding where config.json does not say vocab_size). saved: `factors` are modules saved whole
     (modules_to_save), which peft copies untied."""
     folder = base_dir or os.path.dirname(os.path.abspath(base))
-    try:
-        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return
-    if not isinstance(config, dict) or config.get("tie_word_embeddings", True) is not True:
-        return
-    vocab = config.get("vocab_size")
-    pair = _tied_pair(meta)
+    cfg_file = os.path.join(folder, "config.json")
+    shared = _shared_weights(meta)
+    if shared is None:
+        try:
+            with open(cfg_file, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            return
+        if not isinstance(config, dict) or config.get("tie_word_embeddings", True) is not True:
+            return
+        vocab = config.get("vocab_size")
     for name, (A, B, embedding) in sorted(factors.items()):
         shape = shapes.get(name + ".weight")
-        if pair is not None:
-            tied = name in pair
+        if shared is not None:
+            others = shared.get(name, [])
+            both = bool(others) and all(n + ".weight" in shapes for n in [name, *others])
         else:
             tied = (embedding and type(vocab) is not int) or (type(vocab) is int and shape is not None
                                                               and len(shape) == 2 and shape[0] == vocab)
-        if tied:
-            what, other = (("the input embeddings", "output head") if embedding
-                           else ("the output head", "input embeddings"))
-            both = (all(n + ".weight" in shapes for n in pair) if pair
-                    else sum(1 for t in shapes.values() if t == shape) > 1)
-            fix = ("the checkpoint stores both tensors: set tie_word_embeddings to false in config.json" if both
-                   else "untie them first (save the model with tie_word_embeddings=false and the head's own weight)")
-            if saved:
-                raise MergeError(f"--adapter: {name!r} is saved whole (modules_to_save) with a weight of {vocab} rows, "
-                                 f"which {os.path.join(folder, 'config.json')} ties between the input embeddings and the "
-                                 f"output head (tie_word_embeddings): the merged model would load with both tied to it, "
-                                 f"unlike the adapter (peft's copy is not tied); {fix}")
-            raise MergeError(f"--adapter: module {name!r} adapts {what}, which {os.path.join(folder, 'config.json')} "
-                             f"ties to the {other} (tie_word_embeddings): the merged model would load with the "
-                             f"{other} tied to it, unlike the adapter; {fix}")
+            others = ["the input embeddings" if not embedding else "the output head"] if tied else []
+            both = tied and sum(1 for t in shapes.values() if t == shape) > 1
+        if not others:
+            continue
+        what = (("the input embeddings" if embedding else "the output head") if shared is None
+                else _roles(meta).get(name, "a weight"))
+        fix = ("the checkpoint stores both tensors: set tie_word_embeddings to false in config.json (or the "
+               "sub-config that ties them)" if both
+               else "untie them first (save the model with tie_word_embeddings=false and the head's own weight)")
+        if saved:
+            raise MergeError(f"--adapter: {name!r} is saved whole (modules_to_save) with a weight that {cfg_file} ties "
+                             f"to {', '.join(others)} (tie_word_embeddings): the merged model would load with both tied "
+                             f"to it, unlike the adapter (peft's copy is not tied); {fix}")
+        raise MergeError(f"--adapter: module {name!r} adapts {what}, which {cfg_file} ties to {', '.join(others)} "
+                         f"(tie_word_embeddings): the merged model would load with {others[0]} tied to it, unlike the "
+                         f"adapter; {fix}")
 
 
 def _meta_model(base, base_dir):
@@ -622,14 +646,16 @@ def _copy_side_files(base_dir, tmp, files, dtype=None, log=None):
     """Copies the base directory's other files; with --dtype, config.json's dtype fields (`dtype`, `torch_dtype`,
     in sub-configs too) say the new dtype, so that from_pretrained loads the output in it."""
     skip = {os.path.abspath(f) for f, _ in files} | {os.path.abspath(os.path.join(base_dir, INDEX_NAME))}
-    for entry in os.listdir(base_dir):
-        src = os.path.join(base_dir, entry)
-        if os.path.isfile(src) and os.path.abspath(src) not in skip:
-            if entry == "config.json" and dtype is not None and _config_with_dtype(src, os.path.join(tmp, entry),
-                                                                                   dtype):
-                print(f"lora-ext merge: config.json's dtype set to {dtype} (--dtype)", file=log or sys.stderr)
-                continue
-            shutil.copy2(src, os.path.join(tmp, entry))
+    for src in _side_files(base_dir):
+        if os.path.abspath(src) in skip:
+            continue
+        rel = os.path.relpath(src, base_dir)
+        dst = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if rel == "config.json" and dtype is not None and _config_with_dtype(src, dst, dtype):
+            print(f"lora-ext merge: config.json's dtype set to {dtype} (--dtype)", file=log or sys.stderr)
+            continue
+        shutil.copy2(src, dst)
 
 
 def _config_with_dtype(src, dst, dtype):
