@@ -295,3 +295,29 @@ def test_subfolders_are_copied_and_their_weights_refused(tmp_path, capsys):
     assert _merge(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out")) == 0
     assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").read_text() == "{}"
     assert not (tmp_path / "out" / ".git").exists()
+
+
+class _LinearThenConv1D(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.proj = torch.nn.Linear(8, 8)
+        self.c_fc = Conv1D(8, 8)
+
+    def forward(self, x):
+        return self.c_fc(torch.tanh(self.proj(x)))
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_a_square_linear_under_fan_in_fan_out_true_is_refused_without_the_models_classes(tmp_path, capsys, dora):
+    """A square nn.Linear made before a Conv1D: peft saves fan_in_fan_out=true (the Conv1D's). With no model classes
+    the merge took the flag for the Linear too and merged it transposed (exit 0, 1.09 off peft; DoRA 1.30)."""
+    torch.manual_seed(0)
+    model = _LinearThenConv1D()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "base.safetensors")
+    peft_model = randomize_lora(get_peft_model(model, LoraConfig(r=2, target_modules=["proj", "c_fc"], use_dora=dora)))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        assert json.load(f)["fan_in_fan_out"] is True
+    _refused(capsys, str(tmp_path / "base.safetensors"), str(tmp_path / "adapter"), str(tmp_path / "out.safetensors"),
+             "'proj' is square and not named as transformers' Conv1D", "fan_in_fan_out is true")

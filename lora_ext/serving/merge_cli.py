@@ -621,11 +621,14 @@ def _layout(name, A, B, shape, embedding, fan_in_fan_out, kind=None):
         shape = (shape[0], int(torch.Size(shape[1:]).numel()))
     else:
         out_in, in_out = (B.shape[0], A.shape[1]), (A.shape[1], B.shape[0])
-        if kind is None and out_in == in_out and not fan_in_fan_out and name.rpartition(".")[2] in _CONV1D_NAMES:
-            raise MergeError(f"--adapter: module {name!r} is square and named as transformers' Conv1D layers are "
-                             f"(stored transposed), but the model's classes cannot be built to tell (a config.json "
-                             f"with `architectures` beside the checkpoint), and the adapter's fan_in_fan_out=false "
-                             f"may be peft's from another layer (the head): refused rather than merged on a guess")
+        conv_named = name.rpartition(".")[2] in _CONV1D_NAMES
+        if kind is None and out_in == in_out and conv_named != bool(fan_in_fan_out):
+            raise MergeError(f"--adapter: module {name!r} is square and {'' if conv_named else 'not '}named as "
+                             f"transformers' Conv1D layers are (stored transposed), but the adapter's fan_in_fan_out "
+                             f"is {str(bool(fan_in_fan_out)).lower()} (peft saves the flag of the last layer it made, "
+                             f"which may be of the other kind) and the model's classes cannot be built to tell (a "
+                             f"config.json with `architectures` beside the checkpoint): refused rather than merged on "
+                             f"a guess")
         transposed = kind if kind is not None else fan_in_fan_out
         want = in_out if transposed else out_in
         if tuple(shape) != want and tuple(shape) == (out_in if transposed else in_out):
