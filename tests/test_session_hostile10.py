@@ -375,3 +375,20 @@ def test_stand_ins_fit_small_slots_and_every_adapter_is_listed(tmp_path):
         out = model(input_ids=x).logits
     ref = _peft_out(base, {"a": a, "b": b}, "b", x, ["b", "__base__"])
     assert rel_err(out, ref) < 1e-5
+
+
+class _CallsForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 99:  # a fast path reading the weight, beside the call below
+            return torch.nn.functional.linear(x, self.proj.weight)
+        return self.proj.forward(x)
+
+
+def test_a_module_called_through_its_forward_method_is_accepted():
+    model = _CallsForward()
+    lora_ext.inject(model, ["proj"])
+    assert isinstance(model.proj, lora_ext.Linear)

@@ -396,7 +396,10 @@ def read_not_called(cls) -> frozenset:
             parents = {id(c): n for n in ast.walk(fn) for c in ast.iter_child_nodes(n)}
             for node in ast.walk(fn):
                 if isinstance(node, ast.Call) and _self_attribute(node.func):
-                    calls.add(node.func.attr)
+                    calls.add(node.func.attr)  # self.x(...)
+                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                      and node.func.attr in ("forward", "__call__") and _self_attribute(node.func.value)):
+                    calls.add(node.func.value.attr)  # self.x.forward(...)
                 if (isinstance(node, ast.Attribute) and node.attr in ("weight", "bias") and _self_attribute(node.value)
                         and getattr(parents.get(id(node)), "attr", None) not in _HARMLESS):
                     reads.add(node.value.attr)
