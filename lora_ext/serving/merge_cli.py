@@ -444,7 +444,7 @@ def _check_targets(adapter, cfg, factors, meta=None, entries=None):
     """Refuses factors of modules the config's target_modules / exclude_modules (and layers_to_transform) do not
     select: peft ignores them (as load_peft_adapter refuses them), so merging them would not give the model peft
     serves. 'all-linear' is resolved against the model's classes (`meta`: its Linear / Conv1D modules but the output
-    head); without them only exclude_modules and the layer filter are checked."""
+    head; peft takes those names whole, in every layer); without them only exclude_modules is checked."""
     cfg_file = os.path.join(adapter, CONFIG_NAME)
     spec, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
     if spec is None:
