@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import layers, ops, ties
+from .. import layers, ops, sharded, ties
 from ..layers import LoRALayer
 from .saved_modules import ModulesToSave, keeps_lora_off, wrappers
 
@@ -290,7 +290,7 @@ def _scaled_lookup(module, cls, scale) -> Optional[bool]:
     bit, in the module's train and eval modes both; None when a lookup cannot show it (no real weight, or every
     probed element zero)."""
     weight = module._parameters.get("weight")
-    if weight is None or weight.is_meta or not module.num_embeddings or type(weight).__name__ == "DTensor":
+    if weight is None or weight.is_meta or not module.num_embeddings or sharded.is_dtensor(weight):
         return None
     ids = torch.linspace(0, module.num_embeddings - 1, min(16, module.num_embeddings), device=weight.device).long()
     training = module.training
@@ -415,7 +415,7 @@ def check_replaceable(model, name, module, label=None):
     functions above). label: what the message starts with (default: "target_modules: module 'name'")."""
     label = label or f"target_modules: module {name!r}"
     weight = getattr(module, "weight", None)
-    if not isinstance(module, LoRALayer) and type(weight).__name__ == "DTensor":
+    if not isinstance(module, LoRALayer) and sharded.is_dtensor(weight):
         raise ValueError(f"{label} has a sharded weight (a DTensor: fully_shard or tensor parallel was applied); "
                          f"a lora_ext layer must be in place before sharding: inject (or load the adapter) first, then "
                          f"shard (lora_ext.parallel's styles for tensor parallel)")

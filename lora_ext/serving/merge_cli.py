@@ -483,7 +483,8 @@ def _check_dora(adapter, cfg, factors, magnitudes):
 
 def _magnitude(name, m, shape, rows):
     """A DoRA magnitude checked against its module's weight (peft's shapes: one value per output feature, (d,) for
-    a Linear or an embedding's dimensions, (1, d, 1, ...) for a convolution), as float32 on the CPU; None without."""
+    a Linear or an embedding's dimensions, (1, d, 1, ...) for a convolution), flattened to (d,) as stored (the merge
+    casts it to its working dtype and device); None without."""
     if m is None:
         return None
     want = (1, rows) + (1,) * (len(shape) - 2) if len(shape) > 2 else (rows,)
