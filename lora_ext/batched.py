@@ -278,16 +278,17 @@ class LayerBatch:
             raise ValueError(f"batch_adapters: the weight of {where} moved to {layer.weight_2d().device} / "
                              f"{layer.weight_2d().dtype} after the batch was opened; open it again")
         lead = x.shape[:-1] if kind(layer) == "linear" else x.shape
-        tokens = batch_shape(lead, batch.n, batch.layout)
-        if tokens is None:
+        fit = batch.fit(lead)
+        if fit is None:
             how = {"rows": "its first dimension must be the batch row, as in the model's input",
                    "tokens": "its tokens, flattened, must be the rows, as in the model's input"}.get(
                        batch.layout, "its first dimension must be the batch row (or its tokens, flattened, the rows)")
-            raise ValueError(f"batch_adapters: {batch.n} rows were given, but {where} got an input of shape "
+            raise ValueError(f"batch_adapters: {batch.rows_text()}, but {where} got an input of shape "
                              f"{tuple(x.shape)}: {how} (a broadcast input, such as position ids of shape (1, T), "
-                             f"cannot carry per-row adapters)")
+                             f"cannot carry per-row adapters){batch.hint(lead[0]) if len(lead) else ''}")
+        size, tokens = fit
         merged = layer.active_adapter if layer.merged else None
-        add, sub = batch.index(layer, x.device, merged)
+        add, sub = batch.index(layer, x.device, merged, size)
         out = layer._weight_forward(x)
         slots = self.slots
         a, b = slots.a, slots.b

@@ -87,6 +87,45 @@ def test_a_graph_captured_in_a_batch_replays_the_next_batch(cuda):
 
 
 @pytest.mark.gpu
+def test_beams_serve_the_rows_and_their_repeats_in_one_batch(cuda):
+    """batch_adapters(..., expand=3): inputs of the rows and of each row repeated 3 times (generate()'s beams),
+    each with its own index buffers (on a GPU, the pool's, kept per size)."""
+    layer = cuda_layer(cuda)
+    lora.configure_slots(layer, slots=2, max_rank=5)
+    names = ["a", None, "c"]
+    x, xx = make_input("linear", (3, 2)).to(cuda.device), make_input("linear", (9, 2)).to(cuda.device)
+    with torch.no_grad(), lora.batch_adapters(layer, names, expand=3):
+        got, got_beams = layer(x), layer(xx)
+    cuda.synchronize()
+    check(layer, x, names, got)
+    check(layer, xx, [n for n in names for _ in range(3)], got_beams)
+
+
+@pytest.mark.gpu
+@pytest.mark.hardware("CUDA graph capture and replay")
+def test_a_graph_captured_with_beams_replays_the_next_batch(cuda):
+    layer = cuda_layer(cuda)
+    lora.configure_slots(layer, slots=3, max_rank=5)
+    x, xx = make_input("linear", (2,)).to(cuda.device), make_input("linear", (6,)).to(cuda.device)
+    with torch.no_grad():
+        with lora.batch_adapters(layer, ["a", "b"], expand=3):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                layer(x), layer(xx)  # warm-up: the index buffers of both sizes are made here
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out, out_beams = layer(x), layer(xx)
+        for names in (["c", None], ["b", "a"]):  # replayed without capturing again: both sizes follow the batch
+            with lora.batch_adapters(layer, names, expand=3):
+                graph.replay()
+                torch.cuda.synchronize()
+                check(layer, x, names, out.clone())
+                check(layer, xx, [n for n in names for _ in range(3)], out_beams.clone())
+
+
+@pytest.mark.gpu
 @pytest.mark.hardware("two CUDA streams")
 def test_two_threads_on_two_streams(cuda):
     layer = cuda_layer(cuda, host_adapters=False)

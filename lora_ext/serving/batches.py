@@ -172,10 +172,15 @@ class Batch:
     and the index buffers of the layers' forwards."""
 
     def __init__(self, pool: SlotPool, table: List[Optional[str]], rows: Tensor, slot_of: Dict[str, int],
-                 paths: Dict[nn.Module, str]):
+                 paths: Dict[nn.Module, str], expand: int = 1):
         self.pool, self.table, self.slot_of, self.paths = pool, table, slot_of, paths
         self.rows = torch.where(rows < 0, len(table), rows)  # -1 (the base) -> the maps' last entry, -1
         self.n = rows.numel()
+        # generate()'s beams: an input of n * expand rows holds each row `expand` times in a run (the encoder of an
+        # encoder-decoder model still sees the n rows)
+        self.expand = expand
+        self.sizes = (self.n,) if expand == 1 else (self.n, self.n * expand)
+        self._rows_of = {self.n: self.rows}
         self.thread = threading.get_ident()
         self.filled = set()
         self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds
@@ -183,6 +188,37 @@ class Batch:
         # Set when the block closes. A generator's block closed on another thread than the one it opened on
         # leaves its entries in the opening thread's context, where they must then count for nothing.
         self.closed = False
+
+    def rows_for(self, size: int) -> Tensor:
+        """Each row's table entry for an input of `size` rows (one of self.sizes): the rows, or each repeated
+        `expand` times in a run."""
+        rows = self._rows_of.get(size)
+        if rows is None:
+            rows = self._rows_of[size] = self.rows.repeat_interleave(self.expand)
+        return rows
+
+    def fit(self, lead) -> Optional[tuple]:
+        """(rows, tokens per row) of a layer input of leading shape `lead` (batched.batch_shape), or None. With
+        beams only the row layout: a flattened input of n * expand tokens is n rows of `expand` tokens, which
+        repeating each row's entry `expand` times serves alike."""
+        layout = "rows" if self.expand > 1 else self.layout
+        for size in self.sizes:
+            tokens = batched.batch_shape(lead, size, layout)
+            if tokens is not None:
+                return size, tokens
+        return None
+
+    def rows_text(self) -> str:
+        return f"{self.n} rows were given" + (f" (expand={self.expand}: {self.n * self.expand} with each row "
+                                               f"repeated)" if self.expand > 1 else "")
+
+    def hint(self, first: int) -> str:
+        """For an input whose first dimension is a multiple of the rows (generate() with beams): how to say so."""
+        if self.expand == 1 and first > self.n and first % self.n == 0:
+            k = first // self.n
+            return (f"; generate() with num_beams={k} (or num_return_sequences={k}) repeats each row {k} times: "
+                    f"batch_adapters(..., expand={k})")
+        return ""
 
     def where(self, layer) -> str:
         path = self.paths.get(layer, "?")
@@ -204,20 +240,21 @@ class Batch:
             if buf is None:
                 continue
             values = self._map(merged, subtract)
-            if self.rows.device.type == "cpu":
-                values = values.index_select(0, self.rows)
+            rows = self.rows_for(key[3])
+            if rows.device.type == "cpu":
+                values = values.index_select(0, rows)
                 if buf.device.type == "cuda":
                     values = values.pin_memory()
                 buf.copy_(values, non_blocking=True)
             else:
-                torch.index_select(values.to(self.rows.device), 0, self.rows, out=buf)
+                torch.index_select(values.to(rows.device), 0, rows, out=buf)
         self.filled.add(key)
 
     def fill_existing(self) -> None:
         """Writes this batch's indices into the buffers earlier batches of this thread and size made (a
         CUDA graph captured then reads them on replay)."""
         for key, buffers in list(self.pool.buffers.items()):
-            if (key[0] == self.thread and key[3] == self.n and (key[2] is None or key[2] in self.slot_of)
+            if (key[0] == self.thread and key[3] in self.sizes and (key[2] is None or key[2] in self.slot_of)
                     and self.pool.owners.setdefault(key, self) is self):
                 self._fill(key, buffers)
 
@@ -226,16 +263,18 @@ class Batch:
         for key in [k for k, owner in self.pool.owners.items() if owner is self]:
             del self.pool.owners[key]
 
-    def index(self, layer, device, merged: Optional[str]):
-        """(adding index, subtracting index or None) for a layer on `device` whose weight holds `merged`."""
+    def index(self, layer, device, merged: Optional[str], size: Optional[int] = None):
+        """(adding index, subtracting index or None) for a layer on `device` whose weight holds `merged`, for an
+        input of `size` rows (one of self.sizes; default the batch's)."""
         if merged is not None and merged not in self.slot_of:
             raise ValueError(f"batch_adapters: {self.where(layer)} was merged with adapter {merged!r} after the "
                              f"batch was opened; merge (eval()) before opening it")
-        key = (self.thread, device, merged, self.n)
+        size = self.n if size is None else size
+        key = (self.thread, device, merged, size)
         if key in self.filled:
             return self.private.get(key) or self.pool.buffers[key]
-        make = lambda: (torch.empty(self.n, dtype=torch.int32, device=device),  # noqa: E731
-                        torch.empty(self.n, dtype=torch.int32, device=device) if merged is not None else None)
+        make = lambda: (torch.empty(size, dtype=torch.int32, device=device),  # noqa: E731
+                        torch.empty(size, dtype=torch.int32, device=device) if merged is not None else None)
         if device.type != "cuda":  # no graph to replay: buffers of this batch's own (nothing kept per size)
             buffers = self.private[key] = make()
         elif self.pool.owners.setdefault(key, self) is self:
@@ -323,10 +362,15 @@ def _check_input(module, args, kwargs):
     if x is None:
         return
     lead = x.shape[:-1] if x.is_floating_point() else x.shape
-    batch.layout = batched.layout_of(lead, batch.n)  # the layers' inputs must follow it (no broadcast rows)
+    if batch.expand > 1:  # beams: the row layout, the model's input holding the rows or each repeated
+        batch.layout = "rows" if any(batched.batch_shape(lead, size, "rows") for size in batch.sizes) else None
+    else:
+        batch.layout = batched.layout_of(lead, batch.n)  # the layers' inputs must follow it (no broadcast rows)
     if batch.layout is None:
-        raise ValueError(f"batch_adapters: {batch.n} rows were given for an input of shape {tuple(x.shape)} (the "
-                         f"first dimension is the batch row; with tokens flattened, one entry per token)")
+        how = ("the first dimension is the batch row, or each row repeated" if batch.expand > 1 else
+               "the first dimension is the batch row; with tokens flattened, one entry per token")
+        raise ValueError(f"batch_adapters: {batch.rows_text()} for an input of shape {tuple(x.shape)} ({how})"
+                         f"{batch.hint(x.shape[0]) if x.dim() else ''}")
 
 
 # transformers models whose layers take time-major inputs, (T, B, d): a row check by the first dimension cannot tell
@@ -344,11 +388,15 @@ def _check_batch_major(model):
 
 @contextlib.contextmanager
 def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
-                   rows: Union[Sequence[int], Tensor, None] = None) -> Iterator[Batch]:
+                   rows: Union[Sequence[int], Tensor, None] = None, expand: int = 1) -> Iterator[Batch]:
     """Serves each batch row with its own adapter inside the block: `adapters[i]` is row i's adapter name (None:
     the base model). With `rows` (ints or an int tensor, one per row), `adapters` lists the distinct adapters and
     `rows[i]` indexes it (-1: the base model), the form for long per-token lists (a serving engine's flattened
     layout, where each token is a row).
+
+    `expand=k` for generate() with num_beams=k (or num_return_sequences=k when sampling), which repeats each row
+    k times in a run: a layer whose input has n * k rows serves each of them with its row's adapter, one with n
+    rows (an encoder-decoder model's encoder) the n rows, as peft's adapter_names does with num_beams.
 
     The batch row is the first dimension of each layer's input (a flattened (tokens, features) input takes one
     entry per token). Works for any module holding lora_ext layers (a single layer too), and for generate().
@@ -361,6 +409,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
     _check_layers(found)
     _check_batch_major(model)
     held = {n for _, m in found for n in m.adapter_names}
+    if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
+        raise ValueError(f"batch_adapters: expand must be a positive int (generate()'s num_beams), got {expand!r}")
     table, index, n, label = _rows(adapters, rows, held)
     with hold(model):
         found = _layers_or_raise(model)  # as of now: a load may have added layers before the hold
@@ -394,7 +444,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                         for name in need:
                             stacks.load(slot_of[name], m, name)
                 batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
-                              else index, slot_of, {m: path for path, m in found})
+                              else index, slot_of, {m: path for path, m in found}, expand)
                 for m in views:
                     m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
                 batched.note_batch(opened=True)

@@ -134,16 +134,17 @@ class SavedBatch:
                 and math.prod(x.shape[:-1]) == batch.n and isinstance(wrapper.original_module, _TOKENWISE):
             lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
             args = (x, *args[1:])
-        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] != batch.n:
+        if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] not in batch.sizes:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"batch_adapters: module {self.path!r} is saved whole (modules_to_save) and computes each "
                              f"row with its adapter's copy: its first input's first dimension must be the batch's "
-                             f"{batch.n} rows (or, for a Linear, its tokens flattened), got {got}")
+                             f"rows (or, for a Linear, its tokens flattened); {batch.rows_text()}, got {got}"
+                             f"{batch.hint(x.shape[0]) if isinstance(x, Tensor) and x.dim() else ''}")
         groups: Dict[int, Tuple[nn.Module, List[int]]] = {}
         for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
             module = wrapper.module_for(name)
             groups.setdefault(id(module), (module, []))[1].append(entry)
-        rows = batch.rows.to(x.device)
+        rows = batch.rows_for(x.shape[0]).to(x.device)
         parts = [(module, torch.isin(rows, torch.tensor(entries, device=x.device)).nonzero().squeeze(1))
                  for module, entries in groups.values()]
         parts = [(module, idx) for module, idx in parts if idx.numel()]
@@ -158,7 +159,7 @@ class SavedBatch:
                                  f"{type(y).__name__ if not isinstance(y, Tensor) else tuple(y.shape)} for "
                                  f"{idx.numel()} rows; mixed batches split its rows, so it must return a tensor of rows")
             if out is None:
-                out = y.new_empty((batch.n, *y.shape[1:]))
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
             out.index_copy_(0, idx, y)
         return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
 
