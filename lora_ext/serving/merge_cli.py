@@ -314,37 +314,49 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     _check_targets(adapter, cfg, factors, meta, entries)
     _check_dora(adapter, cfg, factors, magnitudes)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
-    where = {e[0]: path for path, (_, entries, _) in headers.items() for e in entries}
-    shapes = {e[0]: e[2] for _, (_, entries, _) in headers.items() for e in entries}
+    # the checkpoint's keys as the model names them (transformers renames some when it loads them: a VLM's
+    # language_model.model.* is model.language_model.*); `stored` gives a model name's key in the checkpoint
+    names, converted = _model_names(meta, [e[0] for _, entries, _ in headers.values() for e in entries])
+    stored = {v: k for k, v in names.items()}
+    ck = lambda key: stored.get(key, key)  # noqa: E731
+    where = {names.get(e[0], e[0]): path for path, (_, entries, _) in headers.items() for e in entries}
+    shapes = {names.get(e[0], e[0]): e[2] for _, (_, entries, _) in headers.items() for e in entries}
     _check_tied(base, base_dir, factors, shapes, meta=meta)
-    replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta)
+    replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta, ck)
     plan = {}
     kinds = _module_kinds(meta)  # a Linear or Conv1D's layout is not in its shape
     for name, (A, B, embedding) in factors.items():
         key = name + ".weight"
         if key not in where:
+            if key in converted:
+                raise MergeError(f"--adapter: module {name!r}'s weight is not stored as it is in --base {base!r}: "
+                                 f"transformers makes it from {', '.join(map(repr, converted[key][:3]))} when it loads "
+                                 f"the checkpoint (a conversion, not a renaming), which the merge cannot write into; "
+                                 f"merge with peft (merge_and_unload) instead")
             raise MergeError(f"--adapter: module {name!r} has no weight {key!r} in --base {base!r}")
-        st_dtype = next(e[1] for e in headers[where[key]][1] if e[0] == key)
+        st_dtype = next(e[1] for e in headers[where[key]][1] if e[0] == ck(key))
         if _FROM_ST[st_dtype] not in DTYPES.values() and _FROM_ST[st_dtype] is not torch.float64:
-            raise MergeError(f"{where[key]}: tensor {key!r} is {st_dtype}, which the merge cannot write into "
+            raise MergeError(f"{where[key]}: tensor {ck(key)!r} is {st_dtype}, which the merge cannot write into "
                              f"(float16, bfloat16, float32 or float64 weights only; a quantized weight needs its "
                              f"scales)")
         r, scaling = module_rank_scaling(cfg, name)
         if A.shape[0] != r:
             raise MergeError(f"--adapter: module {name!r} has rank {A.shape[0]} but the config says r={r}")
         if name in base_weights:
-            check_base_weight("--adapter", name, base_weights[name], _get_tensor(where[key], headers[where[key]], key))
+            check_base_weight("--adapter", name, base_weights[name],
+                              _get_tensor(where[key], headers[where[key]], ck(key)))
         if (name, "bias") in base_weights:
             bias = name + ".bias"
             check_base_weight("--adapter", name, base_weights[name, "bias"],
-                              _get_tensor(where[bias], headers[where[bias]], bias) if bias in where else None, bias=True)
+                              _get_tensor(where[bias], headers[where[bias]], ck(bias)) if bias in where else None,
+                              bias=True)
         # peft saves fan_in_fan_out as its last-created layer set it: a GPT-2 adapter of c_proj and lm_head says
         # false, though c_proj is a Conv1D; the model's own classes decide where they can be built
         kind = kinds.get(name) if kinds else None
         A2, B2, transposed = _layout(name, A, B, shapes[key], embedding, bool(cfg.get("fan_in_fan_out")), kind)
         ops.check_finite(f"--adapter module {name!r}", A2, B2, scaling)
         magnitude = _magnitude(name, magnitudes.get(name), shapes[key], B2.shape[0])
-        plan[key] = (A2.to(device), B2.to(device), scaling, transposed, magnitude)
+        plan[ck(key)] = (A2.to(device), B2.to(device), scaling, transposed, magnitude)
 
     for p in remove_stale_temporaries(out):
         print(f"lora-ext merge: removed {p}, the leftover temporary of an interrupted run", file=log)
@@ -400,10 +412,12 @@ def _saved_names(tensors, entries):
     return sorted(n for n in names if n is not None)
 
 
-def _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta=None):
+def _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta=None,
+                  ck=lambda key: key):
     """{checkpoint key: tensor} that replace the base's tensors for the modules the adapter saves whole (peft's
     modules_to_save), each checked: the module's every tensor in the checkpoint, nothing else, the same shapes,
-    finite values, no LoRA inside it, not one of tied embeddings."""
+    finite values, no LoRA inside it, not one of tied embeddings. `shapes` and `where` are keyed by the model's
+    names, `ck` gives a name's key in the checkpoint."""
     replace = {}
     lora = sorted(n for n in factors if _saved.keeps_lora_off(entries, n))
     if lora:
@@ -429,15 +443,15 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
             if tuple(t.shape) != tuple(shapes[key]):
                 raise MergeError(f"--adapter: {PREFIX + key!r} has shape {tuple(t.shape)}, but --base's {key!r} has "
                                  f"{tuple(shapes[key])}")
-            st_dtype = next(e[1] for e in headers[where[key]][1] if e[0] == key)
+            st_dtype = next(e[1] for e in headers[where[key]][1] if e[0] == ck(key))
             if t.is_floating_point() != _FROM_ST[st_dtype].is_floating_point:
-                raise MergeError(f"--adapter: {PREFIX + key!r} is {t.dtype}, but --base's {key!r} is {st_dtype}")
+                raise MergeError(f"--adapter: {PREFIX + key!r} is {t.dtype}, but --base's {ck(key)!r} is {st_dtype}")
             if t.is_floating_point() and _nonfinite(t):
                 raise MergeError(f"--adapter: {PREFIX + key!r} holds non-finite values (inf/NaN)")
             replace[key] = t  # cast when written: the overflow check sees it
     _check_tied(base, base_dir, {n.rsplit(".", 1)[0]: (None, None, False) for n in replace
                                  if len(shapes[n]) == 2}, shapes, saved=True, meta=meta)
-    return replace
+    return {ck(key): t for key, t in replace.items()}
 
 
 def _check_targets(adapter, cfg, factors, meta=None, entries=None):
@@ -595,6 +609,47 @@ def _meta_model(base, base_dir):
             transformers.logging.set_verbosity(verbosity)
     except Exception:
         return None
+
+
+def _model_names(meta, keys):
+    """({checkpoint key: the model's name for it}, {model name: [checkpoint keys]}) for the keys transformers renames
+    (first) or converts (second: fuses, splits, permutes: no tensor of the checkpoint is that weight) when it loads
+    the checkpoint into the meta-built model: its own rules (transformers' conversion mapping, as from_pretrained
+    applies them; transformers 5 saves such models under the checkpoint's names again). Keys it leaves alone are in
+    neither; ({}, {}) without a model or without those rules (older transformers)."""
+    if meta is None:
+        return {}, {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        transforms = get_model_conversion_mapping(meta)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        if not renamings and not converters:
+            return {}, {}
+        model_keys = meta.state_dict(keep_vars=True)  # meta tensors: nothing is allocated
+        prefix = getattr(meta, "base_model_prefix", None) or None
+        names, converted, seen = {}, {}, {}
+        for key in keys:
+            new, pattern = rename_source_key(key, renamings, converters, prefix, model_keys)
+            if new not in model_keys and key in model_keys:  # the loader keeps such a key (its prefix aside)
+                new, pattern = rename_source_key(key, [], [], prefix, model_keys)
+            if new not in model_keys:
+                continue
+            if pattern is not None:
+                converted.setdefault(new, []).append(key)
+            elif new != key:
+                names[key] = new
+            seen.setdefault(new, []).append(key)
+    except Exception:  # rules this transformers does not have, or that fail on this model: names as they are
+        return {}, {}
+    # two keys for one name (a renaming and a key already under that name): neither is the weight for sure
+    for new, found in seen.items():
+        if len(found) > 1:
+            converted[new] = found
+            for key in found:
+                names.pop(key, None)
+    return names, converted
 
 
 def _module_kinds(model):

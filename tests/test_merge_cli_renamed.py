@@ -1,0 +1,160 @@
+"""`lora-ext merge` into checkpoints whose keys transformers renames when it loads them (and transformers 5 saves
+them under those names again): the Gemma 3 and Llava vision-language models (`language_model.model.*` on disk,
+`model.language_model.*` in the model peft names), NomicBert (`encoder.layers.*.attn.out_proj` on disk,
+`layers.*.self_attn.o_proj` in the model). Against the real peft's merge_and_unload: the output is read back by
+transformers' from_pretrained and compared tensor by tensor; the output keeps the checkpoint's own key names.
+A weight transformers makes by a conversion (NomicBert's q/k/v projections split from the stored `Wqkv`) is
+refused with nothing written."""
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, NomicBertConfig, NomicBertModel, SiglipVisionConfig)
+
+from lora_ext.cli import main
+from lora_ext.serving import merge_cli
+from tiny_models import randomize_lora
+
+transformers.logging.set_verbosity_error()
+
+
+def gemma3_vlm():
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=16, vocab_size=300, sliding_window=4)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                       image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
+def llava():
+    torch.manual_seed(0)
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=300, tie_word_embeddings=False)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                image_size=28, patch_size=14)
+    cfg = LlavaConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_token_index=299,
+                      vision_feature_layer=-1)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def nomic_bert():
+    torch.manual_seed(0)
+    return NomicBertModel(NomicBertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, max_position_embeddings=64)).eval()
+
+
+CASES = {
+    # name: (build, LoraConfig kwargs)
+    "gemma3-vlm": (gemma3_vlm, dict(target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")),
+    # the vision tower's attention too, and the projector saved whole
+    "gemma3-vlm-vision-saved": (gemma3_vlm, dict(target_modules=["q_proj", "out_proj", "fc1"],
+                                                 modules_to_save=["multi_modal_projector"])),
+    "gemma3-vlm-dora": (gemma3_vlm, dict(target_modules=["q_proj", "v_proj"], use_dora=True)),
+    "llava": (llava, dict(target_modules=["q_proj", "v_proj", "linear_1", "linear_2", "lm_head"])),
+    "nomic-bert": (nomic_bert, dict(target_modules=["o_proj", "up_proj", "down_proj"])),
+}
+
+
+def _checkpoint_keys(path):
+    keys = set()
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            with safe_open(os.path.join(path, f), "pt") as st:
+                keys |= set(st.keys())
+    return keys
+
+
+def _setup(tmp_path, build, shard=None, **config):
+    base = str(tmp_path / "base")
+    build().save_pretrained(base, **({"max_shard_size": shard} if shard else {}))
+    peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8, **config))
+    randomize_lora(peft_model, names=("lora_A", "lora_B", "lora_magnitude_vector"))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    adapter = str(tmp_path / "adapter")
+    peft_model.save_pretrained(adapter)
+    return base, adapter
+
+
+def _peft_merged(build, base, adapter):
+    return PeftModel.from_pretrained(type(build()).from_pretrained(base), adapter).merge_and_unload().state_dict()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_merge_into_renamed_checkpoints_matches_peft(tmp_path, case):
+    build, config = CASES[case]
+    base, adapter = _setup(tmp_path, build, shard="100KB" if case == "llava" else None, **config)
+    stored = _checkpoint_keys(base)
+    names = {n for n, _ in build().named_parameters()}
+    assert stored - names, "the checkpoint must hold keys the model renames (else this test tests nothing)"
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--base", base, "--adapter", adapter, "--out", out, "--quiet"]) == 0
+    assert _checkpoint_keys(out) == stored  # written under the checkpoint's own names
+    cls = type(build())
+    ours = cls.from_pretrained(out).state_dict()
+    before = cls.from_pretrained(base).state_dict()
+    ref = _peft_merged(build, base, adapter)
+    assert set(ours) == set(ref)
+    changed = {k for k in ours if not torch.equal(ours[k], before[k])}
+    assert changed == {k for k in ref if not torch.equal(ref[k], before[k])}, "merged other tensors than peft"
+    assert changed
+    for k, t in ours.items():  # float32: peft's merge to rounding, the rest bit for bit
+        if k in changed:
+            assert (t - ref[k]).abs().max() <= 1e-6 * ref[k].abs().max() + 1e-12, k
+        else:
+            assert torch.equal(t, before[k]), k
+
+
+def test_a_weight_transformers_converts_is_refused_with_nothing_written(tmp_path):
+    # NomicBert stores q, k and v as one Wqkv, which transformers splits when it loads it
+    base, adapter = _setup(tmp_path, nomic_bert, target_modules=["q_proj", "o_proj"])
+    out = str(tmp_path / "merged")
+    with pytest.raises(merge_cli.MergeError, match=r"module 'layers\.\d\.self_attn\.q_proj''s weight is not stored "
+                                                   r"as it is.*'encoder\.layers\.\d\.attn\.Wqkv\.weight'.*conversion"):
+        merge_cli.merge_checkpoint(base, adapter, out, progress=False)
+    assert not os.path.exists(out) and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_a_tied_embedding_under_a_renamed_key_is_still_refused(tmp_path):
+    # Gemma 3's head is tied to language_model.model.embed_tokens on disk (model.language_model.embed_tokens)
+    base, adapter = _setup(tmp_path, gemma3_vlm, target_modules=["embed_tokens"])
+    with pytest.raises(merge_cli.MergeError, match=r"'model\.language_model\.embed_tokens' adapts the input "
+                                                   r"embeddings.*tied"):
+        merge_cli.merge_checkpoint(base, adapter, str(tmp_path / "merged"), progress=False)
+
+
+def test_without_the_models_classes_renamed_keys_are_refused_by_name(tmp_path):
+    # config.json without `architectures`: no rules to rename by, so the module's weight is not found (loud)
+    base, adapter = _setup(tmp_path, gemma3_vlm, target_modules=["q_proj"])
+    with open(os.path.join(base, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.pop("architectures")
+    with open(os.path.join(base, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(merge_cli.MergeError, match=r"has no weight 'model\.language_model\.layers\.0\.self_attn"):
+        merge_cli.merge_checkpoint(base, adapter, str(tmp_path / "merged"), progress=False)
+
+
+def test_model_names_maps_only_what_transformers_renames():
+    keys = ["language_model.model.layers.0.self_attn.q_proj.weight", "vision_tower.encoder.layers.0.mlp.fc1.bias",
+            "language_model.model.norm.weight", "not.a.weight.of.the.model"]
+    with torch.device("meta"):
+        meta = gemma3_vlm()
+    names, converted = merge_cli._model_names(meta, keys)
+    assert names == {"language_model.model.layers.0.self_attn.q_proj.weight":
+                     "model.language_model.layers.0.self_attn.q_proj.weight",
+                     "vision_tower.encoder.layers.0.mlp.fc1.bias":
+                     "model.vision_tower.encoder.layers.0.mlp.fc1.bias",
+                     "language_model.model.norm.weight": "model.language_model.norm.weight"}
+    assert converted == {}
+    assert merge_cli._model_names(None, keys) == ({}, {})
