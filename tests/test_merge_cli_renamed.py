@@ -13,6 +13,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, LlamaConfig, LlavaConfig,
                           LlavaForConditionalGeneration, NomicBertConfig, NomicBertModel, SiglipVisionConfig)
 
@@ -158,3 +159,43 @@ def test_model_names_maps_only_what_transformers_renames():
                      "language_model.model.norm.weight": "model.language_model.norm.weight"}
     assert converted == {}
     assert merge_cli._model_names(None, keys) == ({}, {})
+
+
+def _as_transformers4(adapter, old, new, keep=False):
+    """The adapter as transformers 4 named its modules (the checkpoint's names): keys under `new` renamed to `old`
+    (keep: both kept, the module then held twice)."""
+    path = os.path.join(adapter, "adapter_model.safetensors")
+    sd = load_file(path)
+    renamed = {k.replace(new, old): v.clone() for k, v in sd.items()}
+    save_file({**(sd if keep else {}), **renamed}, path)
+    assert set(renamed) != set(sd)
+
+
+def test_an_adapter_named_as_transformers_4_named_the_modules_merges_as_peft_loads_it(tmp_path):
+    # Gemma 3 adapters made before transformers renamed its modules say language_model.model.*; peft renames them
+    # when it loads them (its transformers-conversion step); the merge must too
+    base, adapter = _setup(tmp_path, gemma3_vlm, target_modules=["q_proj", "v_proj"], use_dora=True)
+    out5 = str(tmp_path / "merged5")
+    assert main(["merge", "--base", base, "--adapter", adapter, "--out", out5, "--quiet"]) == 0
+    _as_transformers4(adapter, "base_model.model.language_model.model.", "base_model.model.model.language_model.")
+    out4 = str(tmp_path / "merged4")
+    assert main(["merge", "--base", base, "--adapter", adapter, "--out", out4, "--quiet"]) == 0
+    merged4, merged5 = load_file(os.path.join(out4, "model.safetensors")), load_file(os.path.join(out5, "model.safetensors"))
+    assert set(merged4) == set(merged5) and all(torch.equal(merged4[k], merged5[k]) for k in merged5)
+    ours = Gemma3ForConditionalGeneration.from_pretrained(out4).state_dict()
+    ref = _peft_merged(gemma3_vlm, base, adapter)  # peft loading the transformers-4 names
+    before = Gemma3ForConditionalGeneration.from_pretrained(base).state_dict()
+    assert any(not torch.equal(ref[k], before[k]) for k in ref)
+    for k, t in ours.items():
+        assert (t - ref[k]).abs().max() <= 1e-6 * ref[k].abs().max() + 1e-12, k
+
+
+def test_an_adapter_holding_a_module_under_both_names_is_refused(tmp_path):
+    base, adapter = _setup(tmp_path, gemma3_vlm, target_modules=["q_proj"])
+    _as_transformers4(adapter, "base_model.model.language_model.model.", "base_model.model.model.language_model.",
+                      keep=True)
+    out = str(tmp_path / "merged")
+    with pytest.raises(merge_cli.MergeError, match=r"modules 'model\.language_model\.layers\.0\.self_attn\.q_proj' and "
+                                                   r"'language_model\.model\.layers\.0\.self_attn\.q_proj' are the same"):
+        merge_cli.merge_checkpoint(base, adapter, out, progress=False)
+    assert not os.path.exists(out)

@@ -311,6 +311,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     magnitudes = {}
     factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
     meta = _meta_model(base, base_dir)
+    factors, base_weights, magnitudes = _rename_adapter(adapter, meta, factors, base_weights, magnitudes)
     _check_targets(adapter, cfg, factors, meta, entries)
     _check_dora(adapter, cfg, factors, magnitudes)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
@@ -650,6 +651,28 @@ def _model_names(meta, keys):
             for key in found:
                 names.pop(key, None)
     return names, converted
+
+
+def _rename_adapter(adapter, meta, factors, base_weights, magnitudes):
+    """The adapter's module names as the model names them: an adapter made with transformers 4 names modules as its
+    classes did, which are the checkpoint's names that transformers 5 renames on load (a VLM's
+    language_model.model.*); peft renames them alike when it loads such an adapter. Names the model has stay."""
+    if meta is None:
+        return factors, base_weights, magnitudes
+    model_keys = meta.state_dict(keep_vars=True)
+    names, _ = _model_names(meta, [n + ".weight" for n in factors if n + ".weight" not in model_keys])
+    renamed = {k[:-len(".weight")]: v[:-len(".weight")] for k, v in names.items() if v.endswith(".weight")}
+    if not renamed:
+        return factors, base_weights, magnitudes
+    new = lambda n: renamed.get(n, n)  # noqa: E731
+    for old, name in sorted(renamed.items()):
+        if name in factors or sum(1 for v in renamed.values() if v == name) > 1:
+            twin = next(n for n in [*factors, *renamed] if n != old and new(n) == name)
+            raise MergeError(f"--adapter {adapter!r}: modules {twin!r} and {old!r} are the same module of the model "
+                             f"({name!r}, transformers renames one to the other); the adapter must hold it once")
+    return ({new(n): v for n, v in factors.items()},
+            {(new(k[0]), k[1]) if isinstance(k, tuple) else new(k): v for k, v in base_weights.items()},
+            {new(n): v for n, v in magnitudes.items()})
 
 
 def _module_kinds(model):
