@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .. import ops
 from .files import atomic_path, remove_stale_temporaries
+from . import checkpoint_names as _names
 from . import injection as _inject
 from . import saved_modules as _saved
 from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, check_base_weight, is_lora_key, module_factors,
@@ -311,13 +312,17 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     magnitudes = {}
     factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
     meta = _meta_model(base, base_dir)
-    factors, base_weights, magnitudes = _rename_adapter(adapter, meta, factors, base_weights, magnitudes)
+    try:
+        factors, base_weights, magnitudes = _names.rename_adapter(f"--adapter {adapter!r}", meta, factors, base_weights,
+                                                                  magnitudes)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
     _check_targets(adapter, cfg, factors, meta, entries)
     _check_dora(adapter, cfg, factors, magnitudes)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     # the checkpoint's keys as the model names them (transformers renames some when it loads them: a VLM's
     # language_model.model.* is model.language_model.*); `stored` gives a model name's key in the checkpoint
-    names, converted = _model_names(meta, [e[0] for _, entries, _ in headers.values() for e in entries])
+    names, converted = _names.model_names(meta, [e[0] for _, entries, _ in headers.values() for e in entries])
     stored = {v: k for k, v in names.items()}
     ck = lambda key: stored.get(key, key)  # noqa: E731
     where = {names.get(e[0], e[0]): path for path, (_, entries, _) in headers.items() for e in entries}
@@ -610,69 +615,6 @@ def _meta_model(base, base_dir):
             transformers.logging.set_verbosity(verbosity)
     except Exception:
         return None
-
-
-def _model_names(meta, keys):
-    """({checkpoint key: the model's name for it}, {model name: [checkpoint keys]}) for the keys transformers renames
-    (first) or converts (second: fuses, splits, permutes: no tensor of the checkpoint is that weight) when it loads
-    the checkpoint into the meta-built model: its own rules (transformers' conversion mapping, as from_pretrained
-    applies them; transformers 5 saves such models under the checkpoint's names again). Keys it leaves alone are in
-    neither; ({}, {}) without a model or without those rules (older transformers)."""
-    if meta is None:
-        return {}, {}
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        transforms = get_model_conversion_mapping(meta)
-        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-        converters = [t for t in transforms if isinstance(t, WeightConverter)]
-        if not renamings and not converters:
-            return {}, {}
-        model_keys = meta.state_dict(keep_vars=True)  # meta tensors: nothing is allocated
-        prefix = getattr(meta, "base_model_prefix", None) or None
-        names, converted, seen = {}, {}, {}
-        for key in keys:
-            new, pattern = rename_source_key(key, renamings, converters, prefix, model_keys)
-            if new not in model_keys and key in model_keys:  # the loader keeps such a key (its prefix aside)
-                new, pattern = rename_source_key(key, [], [], prefix, model_keys)
-            if new not in model_keys:
-                continue
-            if pattern is not None:
-                converted.setdefault(new, []).append(key)
-            elif new != key:
-                names[key] = new
-            seen.setdefault(new, []).append(key)
-    except Exception:  # rules this transformers does not have, or that fail on this model: names as they are
-        return {}, {}
-    # two keys for one name (a renaming and a key already under that name): neither is the weight for sure
-    for new, found in seen.items():
-        if len(found) > 1:
-            converted[new] = found
-            for key in found:
-                names.pop(key, None)
-    return names, converted
-
-
-def _rename_adapter(adapter, meta, factors, base_weights, magnitudes):
-    """The adapter's module names as the model names them: an adapter made with transformers 4 names modules as its
-    classes did, which are the checkpoint's names that transformers 5 renames on load (a VLM's
-    language_model.model.*); peft renames them alike when it loads such an adapter. Names the model has stay."""
-    if meta is None:
-        return factors, base_weights, magnitudes
-    model_keys = meta.state_dict(keep_vars=True)
-    names, _ = _model_names(meta, [n + ".weight" for n in factors if n + ".weight" not in model_keys])
-    renamed = {k[:-len(".weight")]: v[:-len(".weight")] for k, v in names.items() if v.endswith(".weight")}
-    if not renamed:
-        return factors, base_weights, magnitudes
-    new = lambda n: renamed.get(n, n)  # noqa: E731
-    for old, name in sorted(renamed.items()):
-        if name in factors or sum(1 for v in renamed.values() if v == name) > 1:
-            twin = next(n for n in [*factors, *renamed] if n != old and new(n) == name)
-            raise MergeError(f"--adapter {adapter!r}: modules {twin!r} and {old!r} are the same module of the model "
-                             f"({name!r}, transformers renames one to the other); the adapter must hold it once")
-    return ({new(n): v for n, v in factors.items()},
-            {(new(k[0]), k[1]) if isinstance(k, tuple) else new(k): v for k, v in base_weights.items()},
-            {new(n): v for n, v in magnitudes.items()})
 
 
 def _module_kinds(model):

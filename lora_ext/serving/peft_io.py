@@ -21,6 +21,7 @@ from .. import layers, ops, sharded
 from ..layers import LoRALayer
 from ..named_adapters import check_adapter_name
 from ..utils import unwrap
+from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
 from . import saved_modules as _saved
 from .adapters import hold, lora_layers, model_lock, set_adapter
@@ -354,6 +355,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     factors, base_weights = module_factors(rest, where=weights_file)
     if not factors:
         raise ValueError(f"{weights_file}: holds no LoRA factors")
+    # an adapter made with transformers 4 may name modules as the checkpoint does (peft renames them alike)
+    factors, base_weights, _ = _ckpt_names.rename_adapter(weights_file, model, factors, base_weights)
     if cfg.get("target_modules") is None:
         raise ValueError(f"{cfg_file}: target_modules is missing (peft would pick per-architecture defaults); "
                          f"lora_ext needs the adapted modules named")

@@ -4,7 +4,9 @@ them under those names again): the Gemma 3 and Llava vision-language models (`la
 `layers.*.self_attn.o_proj` in the model). Against the real peft's merge_and_unload: the output is read back by
 transformers' from_pretrained and compared tensor by tensor; the output keeps the checkpoint's own key names.
 A weight transformers makes by a conversion (NomicBert's q/k/v projections split from the stored `Wqkv`) is
-refused with nothing written."""
+refused with nothing written. Adapters made with transformers 4, which named the modules as the checkpoint does,
+are renamed alike by the merge and by load_peft_adapter, as peft renames them when it loads them
+(lora_ext/serving/checkpoint_names.py)."""
 import json
 import os
 
@@ -18,7 +20,7 @@ from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Te
                           LlavaForConditionalGeneration, NomicBertConfig, NomicBertModel, SiglipVisionConfig)
 
 from lora_ext.cli import main
-from lora_ext.serving import merge_cli
+from lora_ext.serving import checkpoint_names, merge_cli
 from tiny_models import randomize_lora
 
 transformers.logging.set_verbosity_error()
@@ -151,14 +153,14 @@ def test_model_names_maps_only_what_transformers_renames():
             "language_model.model.norm.weight", "not.a.weight.of.the.model"]
     with torch.device("meta"):
         meta = gemma3_vlm()
-    names, converted = merge_cli._model_names(meta, keys)
+    names, converted = checkpoint_names.model_names(meta, keys)
     assert names == {"language_model.model.layers.0.self_attn.q_proj.weight":
                      "model.language_model.layers.0.self_attn.q_proj.weight",
                      "vision_tower.encoder.layers.0.mlp.fc1.bias":
                      "model.vision_tower.encoder.layers.0.mlp.fc1.bias",
                      "language_model.model.norm.weight": "model.language_model.norm.weight"}
     assert converted == {}
-    assert merge_cli._model_names(None, keys) == ({}, {})
+    assert checkpoint_names.model_names(None, keys) == ({}, {})
 
 
 def _as_transformers4(adapter, old, new, keep=False):
@@ -199,3 +201,29 @@ def test_an_adapter_holding_a_module_under_both_names_is_refused(tmp_path):
                                                    r"'language_model\.model\.layers\.0\.self_attn\.q_proj' are the same"):
         merge_cli.merge_checkpoint(base, adapter, out, progress=False)
     assert not os.path.exists(out)
+
+
+def test_load_peft_adapter_renames_transformers_4_names_as_peft_does(tmp_path):
+    import lora_ext
+    from tiny_models import snapshot, unchanged
+    base, adapter = _setup(tmp_path, gemma3_vlm, target_modules=["q_proj", "v_proj", "fc1"])
+    _as_transformers4(adapter, "base_model.model.language_model.model.", "base_model.model.model.language_model.")
+    ids = torch.randint(0, 290, (2, 7))
+    peft_model = PeftModel.from_pretrained(Gemma3ForConditionalGeneration.from_pretrained(base), adapter).eval()
+    model = Gemma3ForConditionalGeneration.from_pretrained(base).eval()
+    with torch.no_grad():
+        ref, plain = peft_model(input_ids=ids).logits, model(input_ids=ids).logits
+    loaded = lora_ext.load_peft_adapter(model, adapter, "x")
+    assert "model.language_model.layers.0.self_attn.q_proj" in loaded
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits
+    assert (ours - ref).norm() <= 1e-6 * ref.norm()
+    assert (plain - ref).norm() > 1e-3 * ref.norm()  # the language model's adapter matters
+    # the module under both names: refused, the model unchanged
+    other = Gemma3ForConditionalGeneration.from_pretrained(base).eval()
+    snap = snapshot(other)
+    _as_transformers4(adapter, "base_model.model.model.language_model.", "base_model.model.language_model.model.",
+                      keep=True)
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors: modules .* are the same module of the model"):
+        lora_ext.load_peft_adapter(other, adapter, "y")
+    assert unchanged(other, snap) and not any(isinstance(m, lora_ext.LoRALayer) for m in other.modules())
