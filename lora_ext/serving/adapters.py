@@ -11,7 +11,7 @@ serialise. Under torch.compile the hooks do nothing (a compiled graph takes no P
 import contextlib
 import sys
 import threading
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from ..named_adapters import deferred_interrupt
 from ..utils import under_ddp
 from .injection import check_mergeable
 from .saved_modules import wrappers
+from . import weighted
 
 
 class ModelLock:
@@ -339,3 +340,16 @@ def unmerge_adapter(model: nn.Module) -> None:
         with deferred_interrupt():  # a Ctrl-C lands when every layer is unmerged
             for _, m in found:
                 m.unmerge()
+
+
+def add_weighted_adapter(model: nn.Module, adapters: List[str], weights: List[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: Optional[int] = None) -> None:
+    """Adds adapter `adapter_name`, made from the model's `adapters` weighted by `weights`, as peft's
+    add_weighted_adapter: "svd" (peft's default: the weighted update truncated to `svd_rank`, by default the largest
+    rank of the adapters), "cat" (exact: the ranks stacked) or "linear" (the factors summed, equal ranks; exact for
+    one adapter). Scaling 1; not made active. Every layer is planned (and checked) before the first one changes; see
+    lora_ext/serving/weighted.py."""
+    with model_lock(model).write():
+        found = _layers_or_raise(model)
+        weighted.apply(weighted.plan(model, found, adapters, weights, adapter_name, combination_type, svd_rank),
+                       adapter_name)
