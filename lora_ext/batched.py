@@ -280,12 +280,15 @@ class LayerBatch:
         lead = x.shape[:-1] if kind(layer) == "linear" else x.shape
         fit = batch.fit(lead)
         if fit is None:
-            how = {"rows": "its first dimension must be the batch row, as in the model's input",
-                   "tokens": "its tokens, flattened, must be the rows, as in the model's input"}.get(
-                       batch.layout, "its first dimension must be the batch row (or its tokens, flattened, the rows)")
+            if batch.expand > 1:
+                how = (f"its first dimension must be the {batch.n} rows or their {batch.n * batch.expand} repeats "
+                       f"(expand={batch.expand})")
+            else:
+                how = {"rows": "its first dimension must be the batch row, as in the model's input",
+                       "tokens": "its tokens, flattened, must be the rows, as in the model's input"}.get(
+                    batch.layout, "its first dimension must be the batch row (or its tokens, flattened, the rows)")
             raise ValueError(f"batch_adapters: {batch.rows_text()}, but {where} got an input of shape "
-                             f"{tuple(x.shape)}: {how} (a broadcast input, such as position ids of shape (1, T), "
-                             f"cannot carry per-row adapters){batch.hint(lead[0]) if len(lead) else ''}")
+                             f"{tuple(x.shape)}: {how}{batch.hint(lead[0]) if len(lead) else ''}")
         size, tokens = fit
         merged = layer.active_adapter if layer.merged else None
         add, sub = batch.index(layer, x.device, merged, size)

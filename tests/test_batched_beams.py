@@ -233,3 +233,57 @@ def test_a_model_input_of_the_wrong_size_is_refused_with_the_hint(setup):
     with torch.no_grad(), lora.batch_adapters(model, NAMES, expand=2):
         with pytest.raises(ValueError, match=r"expand=2: 6 with each row repeated"):
             model.generate(input_ids=x, max_new_tokens=2, num_beams=K, do_sample=False, pad_token_id=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# what expand cannot serve: refused before anything is written (found by a hostile pass)
+
+
+def test_layers_inside_mixture_of_experts_experts_are_refused():
+    # a router gives an expert a subset of the tokens: when the count equals the rows (or their repeats) they were
+    # served as rows, silently wrong (SwitchTransformers: 0.11-0.52 relative off each row served alone)
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = SwitchTransformersConfig(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, expert_capacity=1000, num_layers=2,
+                                   num_sparse_encoder_layers=1, num_decoder_layers=2, num_sparse_decoder_layers=1,
+                                   num_heads=4, num_experts=2, relative_attention_num_buckets=8, pad_token_id=0,
+                                   eos_token_id=1, decoder_start_token_id=0)
+    model = SwitchTransformersForConditionalGeneration(cfg).eval()
+    lora.inject(model, r".*decoder.*experts.*\.wi$", r=2)
+    for expand in (1, 2):
+        with pytest.raises(ValueError, match=r"layer 'decoder\.block\.\d\.layer\.\d\.mlp\.experts\.expert_0\.wi' is "
+                                             r"inside a mixture of experts' experts"):
+            with lora.batch_adapters(model, ["default", None], expand=expand):
+                pass
+    assert not batched.ANY_OPEN
+
+
+def test_a_model_that_tiles_its_batch_is_refused_with_expand():
+    # MusicGen's guidance stacks [rows; rows]: expand (repeats in a run) served the copies with the wrong adapters
+    from transformers import MusicgenDecoderConfig, MusicgenForCausalLM
+    torch.manual_seed(0)
+    cfg = MusicgenDecoderConfig(vocab_size=VOCAB, num_codebooks=1, hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=4, ffn_dim=64, max_position_embeddings=64, pad_token_id=VOCAB,
+                                bos_token_id=VOCAB)
+    model = MusicgenForCausalLM(cfg).eval()
+    lora.inject(model, ["q_proj"], r=2)
+    with pytest.raises(ValueError, match=r"expand=2: 'the model' is a MusicgenForCausalLM.*\[rows; rows\]"):
+        with lora.batch_adapters(model, ["default", None], expand=2):
+            pass
+    with torch.no_grad(), lora.batch_adapters(model, ["default", None]):  # without expand: served as before
+        model(torch.randint(0, VOCAB, (2, 3)))
+
+
+def test_messages_under_expand_name_the_sizes_and_the_right_expand():
+    layer, _ = _layer_and_oracle()
+    with torch.no_grad(), lora.batch_adapters(layer, ["a", "b"], expand=2):
+        with pytest.raises(ValueError, match=r"must be the 2 rows or their 4 repeats \(expand=2\); generate\(\) with "
+                                             r"num_beams=3 .*expand=3\) serves \(a model that repeats the batch "
+                                             r"otherwise, such as \[rows; rows\], cannot be served so\)$"):
+            layer(torch.randn(6, 16))
+        with pytest.raises(ValueError, match=r"\(1, 16\).*cannot carry per-row adapters\)$"):  # a broadcast input
+            layer(torch.randn(1, 16))
+    with pytest.raises(ValueError, match=r"layer \(the module given\) is already in an open batch"):
+        with torch.no_grad(), lora.batch_adapters(torch.nn.Sequential(layer), ["a"]):
+            with lora.batch_adapters(layer, ["b"]):
+                pass

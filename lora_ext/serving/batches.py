@@ -213,11 +213,14 @@ class Batch:
                                                f"repeated)" if self.expand > 1 else "")
 
     def hint(self, first: int) -> str:
-        """For an input whose first dimension is a multiple of the rows (generate() with beams): how to say so."""
-        if self.expand == 1 and first > self.n and first % self.n == 0:
+        """For an input whose first dimension is another multiple of the rows (generate() with beams): how to say so."""
+        if first > self.n and first % self.n == 0 and first // self.n != self.expand:
             k = first // self.n
-            return (f"; generate() with num_beams={k} (or num_return_sequences={k}) repeats each row {k} times: "
-                    f"batch_adapters(..., expand={k})")
+            return (f"; generate() with num_beams={k} (or num_return_sequences={k}) repeats each row {k} times in a "
+                    f"run, which batch_adapters(..., expand={k}) serves (a model that repeats the batch otherwise, "
+                    f"such as [rows; rows], cannot be served so)")
+        if first < self.n:
+            return " (a broadcast input, such as position ids of shape (1, T), cannot carry per-row adapters)"
         return ""
 
     def where(self, layer) -> str:
@@ -340,6 +343,10 @@ def _first_row(index, table, name) -> Optional[int]:
 
 def _check_layers(found) -> None:
     for path, m in found:
+        if "experts" in path.split(".")[:-1]:
+            raise ValueError(f"batch_adapters: layer {path!r} is inside a mixture of experts' experts: a router gives it "
+                             f"a subset of the tokens, which cannot be told from the batch rows (when their counts agree "
+                             f"they would be served as rows, silently wrong); serve it one adapter at a time")
         if batched.kind(m) is None:
             raise ValueError(f"batch_adapters: layer {path!r} is a {type(m).__name__}; mixed batches serve Linear, "
                              f"MergedLinear and Embedding layers (serve convolutions one adapter at a time)")
@@ -367,9 +374,10 @@ def _check_input(module, args, kwargs):
     else:
         batch.layout = batched.layout_of(lead, batch.n)  # the layers' inputs must follow it (no broadcast rows)
     if batch.layout is None:
-        how = ("the first dimension is the batch row, or each row repeated" if batch.expand > 1 else
+        how = (f"its first dimension must be the {batch.n} rows or their {batch.n * batch.expand} repeats "
+               f"(expand={batch.expand})" if batch.expand > 1 else
                "the first dimension is the batch row; with tokens flattened, one entry per token")
-        raise ValueError(f"batch_adapters: {batch.rows_text()} for an input of shape {tuple(x.shape)} ({how})"
+        raise ValueError(f"batch_adapters: {batch.rows_text()} for an input of shape {tuple(x.shape)}: {how}"
                          f"{batch.hint(x.shape[0]) if x.dim() else ''}")
 
 
@@ -378,12 +386,22 @@ def _check_input(module, args, kwargs):
 _TIME_MAJOR = {"XLNetModel", "FSMTModel"}
 
 
-def _check_batch_major(model):
+# transformers models whose generate() tiles the batch ([rows; rows]: MusicGen's classifier-free guidance) rather than
+# repeating each row in a run, which is what expand assumes
+_TILING = {"MusicgenForCausalLM", "MusicgenForConditionalGeneration", "MusicgenMelodyForCausalLM",
+           "MusicgenMelodyForConditionalGeneration"}
+
+
+def _check_batch_major(model, expand=1):
     for path, m in model.named_modules():
         if type(m).__name__ in _TIME_MAJOR:
             raise ValueError(f"batch_adapters: {path or 'the model'!r} is a {type(m).__name__}, whose layers take "
                              f"time-major inputs (tokens first, then rows): a row of the batch cannot be told from a "
                              f"token there; serve it one adapter at a time")
+        if expand > 1 and type(m).__name__ in _TILING:
+            raise ValueError(f"batch_adapters: expand={expand}: {path or 'the model'!r} is a {type(m).__name__}, whose "
+                             f"generate() stacks the batch twice for classifier-free guidance ([rows; rows]) rather "
+                             f"than repeating each row in a run, as expand assumes; serve it one adapter at a time")
 
 
 @contextlib.contextmanager
@@ -407,10 +425,10 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         raise ValueError("batch_adapters: a batch of this model is already open in this context; close it first")
     found = _layers_or_raise(model)
     _check_layers(found)
-    _check_batch_major(model)
-    held = {n for _, m in found for n in m.adapter_names}
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
         raise ValueError(f"batch_adapters: expand must be a positive int (generate()'s num_beams), got {expand!r}")
+    _check_batch_major(model, expand)
+    held = {n for _, m in found for n in m.adapter_names}
     table, index, n, label = _rows(adapters, rows, held)
     with hold(model):
         found = _layers_or_raise(model)  # as of now: a load may have added layers before the hold
@@ -430,7 +448,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         open_now = _open(batched.ACTIVE.get(), lambda v: v.batch)
         for path, m in [*found, *saved_modules.wrappers(model)]:
             if m in open_now:
-                raise ValueError(f"batch_adapters: {'layer' if m in dict(found).values() else 'module'} {path!r} is "
+                raise ValueError(f"batch_adapters: {'layer' if m in dict(found).values() else 'module'} "
+                                 f"{repr(path) if path else '(the module given)'} is "
                                  f"already in an open batch (of another model holding it) in this context; batches "
                                  f"may not share layers or modules saved whole")
         batch, tokens, slot_of, views, thread, counted = None, [], {}, {}, threading.get_ident(), False
