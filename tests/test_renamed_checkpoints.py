@@ -153,14 +153,17 @@ def test_model_names_maps_only_what_transformers_renames():
             "language_model.model.norm.weight", "not.a.weight.of.the.model"]
     with torch.device("meta"):
         meta = gemma3_vlm()
-    names, converted = checkpoint_names.model_names(meta, keys)
+    names, converted, twice = checkpoint_names.model_names(meta, keys)
     assert names == {"language_model.model.layers.0.self_attn.q_proj.weight":
                      "model.language_model.layers.0.self_attn.q_proj.weight",
                      "vision_tower.encoder.layers.0.mlp.fc1.bias":
                      "model.vision_tower.encoder.layers.0.mlp.fc1.bias",
                      "language_model.model.norm.weight": "model.language_model.norm.weight"}
-    assert converted == {}
-    assert checkpoint_names.model_names(None, keys) == ({}, {})
+    assert converted == {} and twice == {}
+    assert checkpoint_names.model_names(None, keys) == ({}, {}, {})
+    # a key under the model's name and another renamed to it: neither is the weight for sure
+    both = ["language_model.model.norm.weight", "model.language_model.norm.weight"]
+    assert checkpoint_names.model_names(meta, both) == ({}, {}, {"model.language_model.norm.weight": both})
 
 
 def _as_transformers4(adapter, old, new, keep=False):
@@ -227,3 +230,48 @@ def test_load_peft_adapter_renames_transformers_4_names_as_peft_does(tmp_path):
     with pytest.raises(ValueError, match=r"adapter_model\.safetensors: modules .* are the same module of the model"):
         lora_ext.load_peft_adapter(other, adapter, "y")
     assert unchanged(other, snap) and not any(isinstance(m, lora_ext.LoRALayer) for m in other.modules())
+
+
+def test_a_weight_stored_under_both_names_is_refused(tmp_path):
+    # transformers loads both keys into the one weight; merging into either could leave the one it keeps unmerged
+    # (it was: exit 0, layer 0's q_proj served unmerged, 4.4 off peft's merge)
+    base, adapter = _setup(tmp_path, llava, target_modules=["q_proj"])
+    path = os.path.join(base, "model.safetensors")
+    sd = load_file(path)
+    old, new = "language_model.model.layers.0.self_attn.q_proj.weight", "model.language_model.layers.0.self_attn.q_proj.weight"
+    sd[new] = sd[old] * 2
+    save_file(sd, path, metadata={"format": "pt"})
+    out = str(tmp_path / "merged")
+    with pytest.raises(merge_cli.MergeError, match=rf"'{new[:-7]}'.s weight is stored more than once .*'{old}', '{new}'"):
+        merge_cli.merge_checkpoint(base, adapter, out, progress=False)
+    assert not os.path.exists(out)
+
+
+def exaone():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.ExaoneConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, tie_word_embeddings=False))
+
+
+def test_a_checkpoint_naming_a_remote_code_class_is_built_by_the_auto_class(tmp_path):
+    # EXAONE's published config.json names ExaoneForCausalLM (remote code); transformers builds it from model_type
+    # "exaone" (AutoModelForCausalLM: a Llama), renaming transformer.h.* to model.layers.*; the merge did not rename
+    # (no model to read the rules from) and refused every module
+    base, adapter = _setup(tmp_path, exaone, target_modules=["q_proj", "o_proj", "down_proj"])
+    cfg_path = os.path.join(base, "config.json")
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    cfg["architectures"] = ["ExaoneForCausalLM"]
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    assert any(k.startswith("transformer.h.") for k in _checkpoint_keys(base))
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--base", base, "--adapter", adapter, "--out", out, "--quiet"]) == 0
+    auto = transformers.AutoModelForCausalLM
+    ours = auto.from_pretrained(out).state_dict()
+    ref = PeftModel.from_pretrained(auto.from_pretrained(base), adapter).merge_and_unload().state_dict()
+    before = auto.from_pretrained(base).state_dict()
+    assert any(not torch.equal(ours[k], before[k]) for k in ours)
+    for k, t in ours.items():
+        assert (t - ref[k]).abs().max() <= 1e-6 * ref[k].abs().max() + 1e-12, k

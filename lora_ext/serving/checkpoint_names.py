@@ -18,13 +18,16 @@ def _keys(model: nn.Module) -> Dict[str, bool]:
             for n, _ in it}
 
 
-def model_names(model: nn.Module, keys: Sequence[str]) -> Tuple[Dict[str, str], Dict[str, List[str]]]:
-    """({checkpoint key: the model's name for it}, {model name: [checkpoint keys]}) for the keys transformers renames
-    (first) or converts (second) when it loads them into `model` (a transformers model, meta-built or real): its own
-    rules, as from_pretrained applies them. Keys it leaves alone, or that name nothing of the model, are in neither;
-    ({}, {}) without a model or without those rules."""
+def model_names(model: nn.Module, keys: Sequence[str]
+                ) -> Tuple[Dict[str, str], Dict[str, List[str]], Dict[str, List[str]]]:
+    """({checkpoint key: the model's name for it}, {model name: [checkpoint keys]} twice) for the keys transformers
+    renames (first) or converts (second) when it loads them into `model` (a transformers model, meta-built or real):
+    its own rules, as from_pretrained applies them. Third: model names two or more keys load into (a key under the
+    model's name and another renamed to it): which one the model ends up with is the loader's order, so neither is
+    the weight for sure. Keys it leaves alone, or that name nothing of the model, are in none; ({}, {}, {}) without a
+    model or without those rules."""
     if model is None:
-        return {}, {}
+        return {}, {}, {}
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -32,7 +35,7 @@ def model_names(model: nn.Module, keys: Sequence[str]) -> Tuple[Dict[str, str], 
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         if not renamings and not converters:
-            return {}, {}
+            return {}, {}, {}
         model_keys = _keys(model)
         prefix = getattr(model, "base_model_prefix", None) or None
         names, converted, seen = {}, {}, {}
@@ -48,14 +51,12 @@ def model_names(model: nn.Module, keys: Sequence[str]) -> Tuple[Dict[str, str], 
                 names[key] = new
             seen.setdefault(new, []).append(key)
     except Exception:  # rules this transformers does not have, or that fail on this model: names as they are
-        return {}, {}
-    # two keys for one name (a renaming and a key already under that name): neither is the weight for sure
-    for new, found in seen.items():
-        if len(found) > 1:
-            converted[new] = found
-            for key in found:
-                names.pop(key, None)
-    return names, converted
+        return {}, {}, {}
+    ambiguous = {new: found for new, found in seen.items() if len(found) > 1}
+    for found in ambiguous.values():
+        for key in found:
+            names.pop(key, None)
+    return names, converted, ambiguous
 
 
 def rename_adapter(where: str, model: nn.Module, factors: dict, base_weights: dict, magnitudes: dict = None):
@@ -70,7 +71,7 @@ def rename_adapter(where: str, model: nn.Module, factors: dict, base_weights: di
     stale = [n + ".weight" for n in factors if n + ".weight" not in model_keys]
     if not stale:
         return factors, base_weights, magnitudes
-    names, _ = model_names(model, stale)
+    names, _, _ = model_names(model, stale)
     renamed = {k[:-len(".weight")]: v[:-len(".weight")] for k, v in names.items() if v.endswith(".weight")}
     if not renamed:
         return factors, base_weights, magnitudes

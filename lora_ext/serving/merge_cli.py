@@ -322,17 +322,21 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     # the checkpoint's keys as the model names them (transformers renames some when it loads them: a VLM's
     # language_model.model.* is model.language_model.*); `stored` gives a model name's key in the checkpoint
-    names, converted = _names.model_names(meta, [e[0] for _, entries, _ in headers.values() for e in entries])
+    names, converted, twice = _names.model_names(meta, [e[0] for _, entries, _ in headers.values() for e in entries])
     stored = {v: k for k, v in names.items()}
     ck = lambda key: stored.get(key, key)  # noqa: E731
     where = {names.get(e[0], e[0]): path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {names.get(e[0], e[0]): e[2] for _, (_, entries, _) in headers.items() for e in entries}
     _check_tied(base, base_dir, factors, shapes, meta=meta)
-    replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta, ck)
+    replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta, ck, twice)
     plan = {}
     kinds = _module_kinds(meta)  # a Linear or Conv1D's layout is not in its shape
     for name, (A, B, embedding) in factors.items():
         key = name + ".weight"
+        if key in twice:
+            raise MergeError(f"--adapter: module {name!r}'s weight is stored more than once in --base {base!r}: as "
+                             f"{', '.join(map(repr, twice[key]))}, which transformers all loads into that one weight, so "
+                             f"the merge cannot tell which the model serves; keep one of them")
         if key not in where:
             if key in converted:
                 raise MergeError(f"--adapter: module {name!r}'s weight is not stored as it is in --base {base!r}: "
@@ -419,7 +423,7 @@ def _saved_names(tensors, entries):
 
 
 def _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta=None,
-                  ck=lambda key: key):
+                  ck=lambda key: key, twice=()):
     """{checkpoint key: tensor} that replace the base's tensors for the modules the adapter saves whole (peft's
     modules_to_save), each checked: the module's every tensor in the checkpoint, nothing else, the same shapes,
     finite values, no LoRA inside it, not one of tied embeddings. `shapes` and `where` are keyed by the model's
@@ -446,6 +450,9 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
             key = name + "." + k
             if key not in shapes:
                 raise MergeError(f"--adapter: unexpected key {PREFIX + key!r}: --base {base!r} has no tensor {key!r}")
+            if key in twice:
+                raise MergeError(f"--adapter: {PREFIX + key!r}: --base {base!r} stores that tensor more than once "
+                                 f"({', '.join(map(repr, twice[key]))}); the merge cannot tell which the model serves")
             if tuple(t.shape) != tuple(shapes[key]):
                 raise MergeError(f"--adapter: {PREFIX + key!r} has shape {tuple(t.shape)}, but --base's {key!r} has "
                                  f"{tuple(shapes[key])}")
@@ -593,6 +600,13 @@ def _check_tied(base, base_dir, factors, shapes, saved=False, meta=None):
                          f"adapter; {fix}")
 
 
+# (the end of a config's architectures name, the transformers Auto class that builds that head from its model_type)
+_AUTO_HEADS = (("ForCausalLM", "AutoModelForCausalLM"), ("ForConditionalGeneration", "AutoModelForImageTextToText"),
+               ("ForConditionalGeneration", "AutoModelForSeq2SeqLM"),
+               ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+               ("ForTokenClassification", "AutoModelForTokenClassification"), ("ForMaskedLM", "AutoModelForMaskedLM"))
+
+
 def _meta_model(base, base_dir):
     """The checkpoint's model built on the meta device (no memory, nothing read but config.json) from the
     config.json beside it with transformers' own class; None where that cannot be done (no config.json, no
@@ -606,11 +620,20 @@ def _meta_model(base, base_dir):
         transformers.logging.set_verbosity_error()
         try:
             config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-            cls = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
-            if cls is None:
-                return None
+            arch = (getattr(config, "architectures", None) or [""])[0]
+            cls = getattr(transformers, arch, None)
             with torch.device("meta"):
-                return cls(config)
+                if cls is not None:
+                    return cls(config)
+                # a class of remote code (EXAONE's checkpoints name ExaoneForCausalLM) that transformers now has
+                # under the config's model_type: the Auto class for the head the name says, as from_pretrained of it
+                for suffix, auto in _AUTO_HEADS:
+                    if arch.endswith(suffix):
+                        try:
+                            return getattr(transformers, auto).from_config(config)
+                        except Exception:
+                            continue
+                return None
         finally:
             transformers.logging.set_verbosity(verbosity)
     except Exception:
