@@ -142,7 +142,9 @@ def main(argv=None):
     b.set_defaults(func=_bench)
     m = sub.add_parser("merge", help="merge a peft LoRA adapter into a safetensors checkpoint, streaming")
     m.add_argument("--base", required=True, help="model directory (sharded or not) or a .safetensors file")
-    m.add_argument("--adapter", required=True, help="peft LoRA adapter directory")
+    m.add_argument("--adapter", required=True,
+                   help="peft LoRA adapter directory, or a Hugging Face Hub repo id (owner/name) to fetch")
+    m.add_argument("--revision", help="with a Hub repo id: the branch, tag or commit of the adapter")
     m.add_argument("--out", required=True, help="output directory (or file, when --base is a file)")
     m.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to merge (default cpu)")
     m.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],

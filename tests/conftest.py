@@ -9,8 +9,12 @@ that need the hardware itself (streams, graphs, memory statistics, timing) also 
 import os
 import signal
 
-import pytest
-import torch
+# the tests never reach the network: a Hub id (lora_ext/serving/hub.py) resolves from the cache or fails at once
+# (huggingface_hub reads this when it is first imported)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 SIM_AS_CUDA_ENV = "LORA_EXT_SIM_AS_CUDA"
 

@@ -412,7 +412,10 @@ def test_float8_and_integer_tensors_are_copied_as_they_are(ws, capsys):
 
 def test_a_missing_adapter_is_one_line_naming_the_option(ws, capsys):
     rc, err = _run(capsys, "--base", ws / "base", "--adapter", ws / "nowhere", "--out", ws / "merged")
-    assert rc == 2 and err.startswith("lora-ext merge: error: --adapter: no adapter_config.json") and "nowhere" in err
+    assert rc == 2 and err.startswith("lora-ext merge: error: --adapter: ") and "nowhere' does not exist" in err
+    (ws / "empty").mkdir()  # a folder without the config
+    rc, err = _run(capsys, "--base", ws / "base", "--adapter", ws / "empty", "--out", ws / "merged")
+    assert rc == 2 and err.startswith("lora-ext merge: error: --adapter: no adapter_config.json") and "empty" in err
     os.remove(ws / "adapter" / "adapter_model.safetensors")
     rc, err = _run(capsys, "--base", ws / "base", "--adapter", ws / "adapter", "--out", ws / "merged")
     assert rc == 2 and "--adapter: neither adapter_model.safetensors" in err

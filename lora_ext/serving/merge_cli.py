@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .. import ops
 from .files import atomic_path, remove_stale_temporaries
 from . import checkpoint_names as _names
+from . import hub as _hub
 from . import injection as _inject
 from . import saved_modules as _saved
 from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, check_base_weight, is_lora_key, module_factors,
@@ -275,8 +276,9 @@ def _write_path(root, rel):
 
 
 def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True, force=False, allow_inf=False,
-                     log=None):
-    """Writes base + adapter (merged) to `out`; returns the number of merged weights.
+                     log=None, revision=None):
+    """Writes base + adapter (merged) to `out`; returns the number of merged weights. `adapter` may be a Hugging
+    Face Hub repo id where no such local path exists (fetched into the Hub cache, at `revision`).
 
     Raises MergeError (one line, naming the file and the cause) for every failure it foresees; with
     allow_inf, values that became inf/NaN in the output dtype are written and counted on `log` (stderr)."""
@@ -288,6 +290,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     out_dtype = DTYPES.get(dtype)
     if not os.path.exists(base):
         raise MergeError(f"--base: {base!r} is neither a directory nor a file")
+    try:
+        adapter = _hub.resolve(adapter, revision, option="--adapter")
+    except (OSError, ValueError) as e:
+        raise MergeError(str(e) if str(e).startswith("--") else f"--{e}") from None
     check_output(base, adapter, out, force, base_is_file=os.path.isfile(base))
     files, index, base_dir = _input_files(base)
     if base_dir is not None:
@@ -834,7 +840,8 @@ def run(args, err=None):
     try:
         n = merge_checkpoint(args.base, args.adapter, args.out, device=args.device, dtype=args.dtype,
                              progress=not args.quiet, force=getattr(args, "force", False),
-                             allow_inf=getattr(args, "allow_inf", False), log=err)
+                             allow_inf=getattr(args, "allow_inf", False), log=err,
+                             revision=getattr(args, "revision", None))
     except Terminated:
         print(f"lora-ext merge: terminated (SIGTERM); nothing was written to {args.out}", file=err)
         return 128 + signal.SIGTERM

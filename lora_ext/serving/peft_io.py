@@ -319,9 +319,12 @@ def _names(names, most=6):
 
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
                       device: Union[str, torch.device, None] = None, merge_weights: Optional[bool] = None,
-                      activate: bool = True, lossless: Optional[bool] = None) -> List[str]:
+                      activate: bool = True, lossless: Optional[bool] = None, revision: Optional[str] = None,
+                      subfolder: Optional[str] = None) -> List[str]:
     """Loads a peft LoRA adapter directory into `model`, injecting lora_ext layers where the model still has
-    plain modules; returns the names of the modules it covers.
+    plain modules; returns the names of the modules it covers. `path` may be a Hugging Face Hub repo id
+    ("owner/name", at `revision`) where no such local path exists: its files are fetched into the Hub cache, as
+    peft's from_pretrained does; `subfolder`: the adapter's folder inside the path or repo.
 
     The modules are the ones peft chooses from the config's target_modules / exclude_modules (a regex matching
     the whole name, or a list of names or name suffixes; 'all-linear'); the weights file must hold the factors
@@ -341,7 +344,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     """
     _check_arguments(model, path, adapter_name, merge_weights, activate)
     _inject.check_lossless(lossless)
-    path = os.fspath(path)
+    from . import hub
+    path = hub.resolve(path, revision, subfolder)
     home = check_device(device)
     cfg = read_config(path)
     cfg_file = _config_file(path)

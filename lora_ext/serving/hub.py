@@ -1,0 +1,62 @@
+"""An adapter given by its Hugging Face Hub id ("owner/name"), as peft's from_pretrained / load_adapter take one: its
+adapter_config.json and weights file (adapter_model.safetensors, else adapter_model.bin) fetched into the Hub cache
+(huggingface_hub, which transformers brings; HF_TOKEN, HF_HUB_OFFLINE and the cache settings apply), and the local
+directory that holds them returned. A path that exists is used as it is; nothing is fetched for it."""
+import os
+import re
+from typing import Optional
+
+# a Hub repo id: "name" or "owner/name", letters, digits, '-', '_', '.' (not starting with '.' or '-', no '..')
+_REPO_ID = re.compile(r"^(?!\.)(?!.*\.\.)[\w][\w.-]{0,95}(/[\w][\w.-]{0,95})?$")
+
+
+def resolve(path, revision: Optional[str] = None, subfolder: Optional[str] = None, option: str = "path") -> str:
+    """The local adapter directory for `path`: an existing path (its `subfolder`), or a Hub repo id whose files are
+    fetched. FileNotFoundError naming the path and why it is neither (the Hub's own reason)."""
+    path = os.fspath(path)
+    if subfolder is not None and (not isinstance(subfolder, str) or os.path.isabs(subfolder)
+                                  or ".." in subfolder.replace("\\", "/").split("/")):
+        raise ValueError(f"subfolder: expected a relative folder name, got {subfolder!r}")
+    if revision is not None and not isinstance(revision, str):
+        raise ValueError(f"revision: expected a branch, tag or commit name, got {revision!r}")
+    if os.path.exists(path):
+        if revision is not None:
+            raise ValueError(f"revision: {revision!r} was given for {path!r}, a local path (revisions are the Hub's)")
+        return os.path.join(path, subfolder) if subfolder else path
+    if not _REPO_ID.match(path):
+        raise FileNotFoundError(f"{option}: {path!r} does not exist (and is not a Hub repo id: 'owner/name')")
+    from .peft_io import CONFIG_NAME, LEGACY_WEIGHTS_NAME, WEIGHTS_NAME
+    try:
+        from huggingface_hub import errors, hf_hub_download
+    except ImportError:  # pragma: no cover - transformers brings huggingface_hub
+        raise FileNotFoundError(f"{option}: {path!r} does not exist locally, and huggingface_hub (to fetch it from "
+                                f"the Hub) is not installed") from None
+    where = f"{path!r}" + (f" (revision {revision!r})" if revision else "") + (f", subfolder {subfolder!r}"
+                                                                             if subfolder else "")
+    # the repo answered that it has no such file (huggingface_hub 1.x: EntryNotFoundError, which its
+    # LocalEntryNotFoundError, "not in the cache and the Hub not reachable", also is)
+    missing = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
+    unreachable = errors.LocalEntryNotFoundError
+    fetch = lambda name: hf_hub_download(path, name, subfolder=subfolder, revision=revision)  # noqa: E731
+    try:
+        config = fetch(CONFIG_NAME)
+        try:
+            fetch(WEIGHTS_NAME)
+        except missing as e:
+            if isinstance(e, unreachable):
+                raise
+            fetch(LEGACY_WEIGHTS_NAME)
+    except missing as e:
+        if isinstance(e, unreachable):
+            raise FileNotFoundError(f"{option}: {where} is not a local path, and it is neither in the Hub cache nor "
+                                    f"reachable on the Hub ({_reason(e)})") from None
+        raise FileNotFoundError(f"{option}: {where} is not a local path; on the Hub it holds no peft adapter files "
+                                f"({_reason(e)})") from None
+    except Exception as e:  # not found, gated, offline without the files in the cache, no network
+        raise FileNotFoundError(f"{option}: {where} is not a local path, and fetching it from the Hub failed: "
+                                f"{type(e).__name__}: {_reason(e)}") from None
+    return os.path.dirname(config)
+
+
+def _reason(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
