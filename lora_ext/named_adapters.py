@@ -249,6 +249,15 @@ class NamedAdapters:
         active adapter in the layers it injects. Saves skip it; a load of `name` replaces it."""
         return name in self.__dict__.get("_placeholders", ())
 
+    def is_stand_in(self, name: str) -> bool:
+        """Whether the layer serves adapter `name` as a stand-in of zeros: is_placeholder, and its factors still all
+        zeros (values written into one since, by load_state_dict or an optimizer, make it the layer's own adapter,
+        which saves and combinations take as the layer serves it). Reads the factors (a device sync)."""
+        if not self.is_placeholder(name):
+            return False
+        A, B, _ = self.get_adapter(name)
+        return not any(bool(sharded.local(t).detach().any()) for t in (A, B))  # (a shard: no collective)
+
     def add_placeholder(self, name: str) -> None:
         """Adapter `name` as zeros of rank 1 (see is_placeholder; a mixed batch's slots need no more rank for it),
         of the live factors' full shapes where they are sharded (a rank change there is refused); scaling 1."""

@@ -58,11 +58,11 @@ def _logits(model, x):
 
 @pytest.mark.parametrize("combo,adapters,weights,kwargs", [
     ("cat", ["a", "b"], [0.7, -1.3], {}),
-    ("svd", ["a", "b"], [1.0, 0.5], {}),  # rank: the largest, 6
+    ("svd", ["a", "b"], [1.0, 0.5], dict(svd_rank=10)),  # the exact update's rank (peft's default truncates to 6)
     ("svd", ["a", "b"], [1.0, 0.5], dict(svd_rank=3)),  # truncated
     ("linear", ["a", "c"], [0.5, -1.5], {}),  # (equal ranks)
     ("svd", ["b"], [2.5], {}),  # one adapter: linear (exact) in both
-], ids=["cat", "svd", "svd-rank3", "linear", "one"])
+], ids=["cat", "svd-rank10", "svd-rank3", "linear", "one"])
 @pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
 def test_matches_peft(saved, combo, adapters, weights, kwargs, merged):
     x = torch.randint(0, VOCAB, (2, 7))
@@ -225,3 +225,80 @@ def test_an_adapter_with_a_module_saved_whole_is_refused(tmp_path):
         lora.load_peft_adapter(model, str(tmp_path / name), name, activate=False)
     with pytest.raises(ValueError, match="adapter 's' saves module 'lm_head' whole"):
         lora.add_weighted_adapter(model, ["s", "t"], [1.0, 1.0], "w")
+
+
+def test_svd_without_a_rank_keeps_the_exact_update(saved):
+    # peft truncates to the largest r of the configs (rank_pattern can make that smaller than the layers' update:
+    # a hostile pass found the layers' largest rank truncating where peft was exact); here the default never truncates
+    model = _ours(saved)
+    lora.add_weighted_adapter(model, ["a", "b"], [1.0, 0.5], "svd")
+    lora.add_weighted_adapter(model, ["a", "b"], [1.0, 0.5], "cat", combination_type="cat")
+    for m in lora_layers_of(model):
+        if m.has_adapter("cat"):
+            A, B, _ = m.get_adapter("svd")
+            Ac, Bc, _ = m.get_adapter("cat")
+            assert m.rank_of(A) == m.rank_of(Ac)  # 4 + 6 where both are, else the one's rank
+            assert rel_err(B.double() @ A.double(), Bc.double() @ Ac.double()) < 1e-5
+
+
+def test_a_stand_in_given_values_counts_as_the_adapter(saved):
+    # a stand-in of b (zeros: set_adapter to b in a layer b does not target) that load_state_dict gave values is
+    # served and saved as b's: a combination must take it too (it was skipped: 1.23 off b as served)
+    model = _ours(saved)
+    lora.set_adapter(model, "b")
+    v = model.model.layers[0].self_attn.v_proj  # b targets q_proj and o_proj only
+    assert v.is_placeholder("b") and v.is_stand_in("b")
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        v.lora_A.copy_(torch.randn(v.lora_A.shape, generator=g))
+        v.lora_B.copy_(torch.randn(v.lora_B.shape, generator=g))
+    assert v.is_placeholder("b") and not v.is_stand_in("b")
+    x = torch.randint(0, VOCAB, (2, 5))
+    served = _logits(model, x)
+    lora.add_weighted_adapter(model, ["b"], [1.0], "w")
+    lora.set_adapter(model, "w")
+    assert rel_err(_logits(model, x), served) < 1e-5
+
+
+def test_a_subclass_of_merged_linear_combines_block_by_block():
+    class Fused(lora.MergedLinear):
+        pass
+    layer = Fused(8, 12, r=2, enable_lora=[True, False, True])
+    g = torch.Generator().manual_seed(5)
+    for name, r, s in (("p", 3, 0.5), ("q", 2, 2.0)):
+        a, b = layer.factor_shapes(r)
+        layer.add_adapter(name, torch.randn(a, generator=g), torch.randn(b, generator=g), s)
+    exact = sum(w * layer.get_adapter(n)[2] * _update64(layer, *layer.get_adapter(n)[:2]) for n, w in (("p", 1.0), ("q", -1.0)))
+    for combo in ("cat", "svd"):
+        lora.add_weighted_adapter(layer, ["p", "q"], [1.0, -1.0], combo, combination_type=combo)
+        assert rel_err(_update64(layer, *layer.get_adapter(combo)[:2]), exact) < 1e-5, combo
+
+
+def test_a_large_weight_on_float16_factors_does_not_overflow_one_side():
+    # w s went all on lora_A: at w = 3e4 a float16 lora_A overflowed, refused as "non-finite" for a finite update
+    layer = lora.Linear(16, 12, r=2).half()
+    g = torch.Generator().manual_seed(6)
+    a, b = layer.factor_shapes(2)
+    layer.add_adapter("p", (torch.randn(a, generator=g) * 0.1).half(), (torch.randn(b, generator=g) * 0.1).half(), 1.0)
+    lora.add_weighted_adapter(layer, ["p"], [3e4], "big", combination_type="cat")
+    A, B, _ = layer.get_adapter("p")
+    want = 3e4 * (B.double() @ A.double())
+    Ab, Bb, _ = layer.get_adapter("big")
+    assert torch.isfinite(Ab).all() and torch.isfinite(Bb).all()
+    assert rel_err(Bb.double() @ Ab.double(), want) < 2e-3  # float16 factors, each rounded once
+
+
+def test_numpy_and_tensor_weights_are_numbers():
+    import numpy as np
+    layer = _layers()[0]
+    lora.add_weighted_adapter(layer, ["p", "q"], [np.float32(0.5), torch.tensor(2.0)], "w", combination_type="cat")
+    exact = sum(w * layer.get_adapter(n)[2] * _update64(layer, *layer.get_adapter(n)[:2]) for n, w in (("p", 0.5), ("q", 2.0)))
+    assert rel_err(_update64(layer, *layer.get_adapter("w")[:2]), exact) < 1e-6
+
+
+def test_svd_rank_past_the_shape_is_capped():
+    layer = _layers()[3]  # Conv2d(3, 4, 3): at most rank 3 (9 rank rows: a 12 x 9 update in loralib's layout)
+    lora.add_weighted_adapter(layer, ["p", "q"], [1.0, 1.0], "w", svd_rank=99)
+    assert layer.rank_of(layer.get_adapter("w")[0]) == 3
+    exact = sum(layer.get_adapter(n)[2] * _update64(layer, *layer.get_adapter(n)[:2]) for n in ("p", "q"))
+    assert rel_err(_update64(layer, *layer.get_adapter("w")[:2]), exact) < 1e-5

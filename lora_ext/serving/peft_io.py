@@ -17,7 +17,7 @@ from typing import List, Optional, Union
 import torch
 import torch.nn as nn
 
-from .. import layers, ops, sharded
+from .. import layers, ops
 from ..layers import LoRALayer
 from ..named_adapters import check_adapter_name
 from ..utils import unwrap
@@ -480,15 +480,6 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     return sorted(chosen | {name for name, _ in to_save})
 
 
-def _stand_in(layer, adapter):
-    """Whether the layer holds `adapter` as a stand-in of zeros (is_placeholder) that still is zeros: values written
-    into it since (load_state_dict, an optimizer) make it the layer's own adapter, saved as the layer serves it."""
-    if not layer.is_placeholder(adapter):
-        return False
-    A, B, _ = layer.get_adapter(adapter)
-    return not any(bool(sharded.local(t).detach().any()) for t in (A, B))  # (a shard: no collective)
-
-
 def _peft_factors(layer, name, A, B, r):
     """(key suffix A, key suffix B, A, B, rank) in peft's layout for one layer's adapter."""
     A, B = A.detach(), B.detach()
@@ -580,7 +571,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: the lora_ext layers disagree on the active adapter ({sorted(actives)}); "
                                  f"name the adapter to save (adapter_name=) or set_adapter the model first")
         tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
-        found = [(n, m) for n, m in found if not _stand_in(m, adapter_name if adapter_name is not None
+        found = [(n, m) for n, m in found if not m.is_stand_in(adapter_name if adapter_name is not None
                                                             else m.active_adapter)]
         if not found:
             raise ValueError(f"save: no lora_ext layer holds adapter {adapter_name!r} (only stand-ins of zeros, "

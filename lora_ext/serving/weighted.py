@@ -1,6 +1,11 @@
 """A new adapter made from weighted adapters the model holds (peft's add_weighted_adapter): "cat" (exact: the ranks
-stacked), "svd" (the weighted update, truncated to a rank by its SVD: peft's default) and "linear" (peft's weighted
-sum of the factors, of equal ranks: an approximation, exact for one adapter).
+stacked), "svd" (the weighted update refactored by its SVD, truncated to svd_rank when one is given: peft's default)
+and "linear" (peft's weighted sum of the factors, of equal ranks: an approximation, exact for one adapter).
+
+svd without svd_rank keeps the exact update (each layer's rank: the sum of its adapters' ranks, at most what its
+shape allows). peft truncates to the largest r of the adapters' configs, which a layer does not hold (rank_pattern
+gives layers other ranks): taking the layers' largest rank instead truncated where peft is exact, so the default
+here never truncates.
 
 In every layer holding at least one of the adapters (stand-ins of zeros do not count), the new adapter's update is
 built from the present adapters' updates s_i B_i A_i weighted by w_i; layers holding none get nothing (a switch to
@@ -13,6 +18,7 @@ and its lora_B the matching rows, both with the rank along lora_B's columns; a c
 times the kernel size (lora_A's rows, lora_B's columns). cat stacks each block's ranks; svd decomposes each block's
 update B_j A_j (best approximation of that block at the new rank, in the Frobenius norm)."""
 import math
+import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -20,7 +26,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import sharded
-from ..layers import LoRALayer
+from ..layers import LoRALayer, MergedLinear
 from ..named_adapters import check_adapter_name, deferred_interrupt
 from .saved_modules import wrappers
 
@@ -29,7 +35,7 @@ COMBINATIONS = ("svd", "cat", "linear")
 
 def _blocks(layer: LoRALayer) -> int:
     """How many row blocks lora_A and lora_B are split in (a MergedLinear's enabled blocks; 1 otherwise)."""
-    return len(layer.block_ids) if type(layer).__name__ == "MergedLinear" else 1
+    return len(layer.block_ids) if isinstance(layer, MergedLinear) else 1
 
 
 def _split(layer, A: Tensor, B: Tensor) -> List[Tuple[Tensor, Tensor]]:
@@ -39,13 +45,15 @@ def _split(layer, A: Tensor, B: Tensor) -> List[Tuple[Tensor, Tensor]]:
 
 
 def _cat(layer, parts, weights) -> Tuple[Tensor, Tensor]:
-    """parts: [(A, B, scaling)] of the present adapters; each block's ranks stacked, w s on lora_A's side (float64,
-    rounded once)."""
+    """parts: [(A, B, scaling)] of the present adapters; each block's ranks stacked, w s split between the sides
+    (sign(w s) sqrt|w s| on lora_A's, sqrt|w s| on lora_B's: a large weight does not overflow one side of a 16-bit
+    factor); in float64, each factor rounded once."""
     blocks = [_split(layer, A.double(), B.double()) for A, B, _ in parts]
+    sides = [(math.copysign(math.sqrt(abs(w * s)), w * s), math.sqrt(abs(w * s))) for (_, _, s), w in zip(parts, weights)]
     A_new, B_new = [], []
     for j in range(len(blocks[0])):
-        A_new.append(torch.cat([blocks[i][j][0] * (w * s) for i, ((_, _, s), w) in enumerate(zip(parts, weights))]))
-        B_new.append(torch.cat([blocks[i][j][1] for i in range(len(parts))], dim=1))
+        A_new.append(torch.cat([blocks[i][j][0] * sides[i][0] for i in range(len(parts))]))
+        B_new.append(torch.cat([blocks[i][j][1] * sides[i][1] for i in range(len(parts))], dim=1))
     return torch.cat(A_new), torch.cat(B_new)
 
 
@@ -59,6 +67,15 @@ def _linear(layer, parts, weights, where) -> Tuple[Tensor, Tensor]:
     A_new = sum(math.copysign(math.sqrt(abs(w * s)), w * s) * A.double() for (A, _, s), w in zip(parts, weights))
     B_new = sum(math.sqrt(abs(w * s)) * B.double() for (_, B, s), w in zip(parts, weights))
     return A_new, B_new
+
+
+def _max_rank(layer) -> int:
+    """The largest rank this layer's factors can usefully have: each block's rank rows (a convolution's: rank times
+    kernel size) at most the block's smaller side."""
+    (ra, ka), (rb, _) = layer.factor_shapes(1)
+    n = _blocks(layer)
+    per_rank = ra // n  # rank rows per rank, per block
+    return max(1, min(ka, rb // n) // per_rank)
 
 
 def _svd(layer, parts, weights, rank: int) -> Tuple[Tensor, Tensor]:
@@ -94,7 +111,9 @@ def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank
         raise ValueError(f"add_weighted_adapter: weights must be a list of {len(adapters)} numbers, one per adapter, "
                          f"got {weights!r}")
     for a, w in zip(adapters, weights):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if isinstance(w, Tensor) and w.numel() == 1 and not w.is_complex():
+            w = w.item()
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise ValueError(f"add_weighted_adapter: the weight of adapter {a!r} must be a finite number, got {w!r}")
     check_adapter_name(adapter_name)
     if combination_type not in COMBINATIONS:
@@ -109,8 +128,8 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
     """{layer: (lora_A, lora_B)} of the new adapter (scaling 1) for the layers `found` ((name, layer) pairs) holding
     any of `adapters`; every check made, nothing changed."""
     _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank)
-    weights = [float(w) for w in weights]
-    held = {n for _, m in found for n in m.adapter_names if not m.is_placeholder(n)}
+    weights = [float(w.item() if isinstance(w, Tensor) else w) for w in weights]
+    held = {n for _, m in found for n in m.adapter_names if not m.is_stand_in(n)}
     saved = {n for _, w in wrappers(model) for n in w.adapter_names}
     missing = [a for a in adapters if a not in held]
     if missing:
@@ -128,14 +147,12 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
         combination_type = "linear"
     present = {}
     for path, m in found:
-        names = [a for a in adapters if m.has_adapter(a) and not m.is_placeholder(a)]
+        names = [a for a in adapters if m.has_adapter(a) and not m.is_stand_in(a)]
         if names:
             if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m.lora_A) or sharded.is_dtensor(m._weight_param()):
                 raise ValueError(f"add_weighted_adapter: layer {path!r} is sharded (FSDP2 or tensor parallel); "
                                  f"combine the adapters before sharding the model")
             present[path, m] = names
-    if combination_type == "svd" and svd_rank is None:  # peft: the largest rank of the adapters
-        svd_rank = max(m.rank_of(m.get_adapter(a)[0]) for (_, m), names in present.items() for a in names)
     out = {}
     for (path, m), names in present.items():
         parts = [m.get_adapter(a) for a in names]
@@ -147,8 +164,9 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
             A_new, B_new = _cat(m, parts, w)
         elif combination_type == "linear":
             A_new, B_new = _linear(m, parts, w, f"layer {path!r}")
-        else:
-            A_new, B_new = _svd(m, parts, w, svd_rank)
+        else:  # the exact update's rank without svd_rank (see the module's docstring); never past the shape's
+            rank = sum(m.rank_of(A) for A, _, _ in parts) if svd_rank is None else svd_rank
+            A_new, B_new = _svd(m, parts, w, min(rank, _max_rank(m)))
         dtype = m.lora_A.dtype
         A_new, B_new = A_new.to(dtype), B_new.to(dtype)
         m.check_adapter(A_new, B_new, 1.0, name=f"add_weighted_adapter: the new adapter {adapter_name!r} at {path!r}")
