@@ -78,6 +78,8 @@ class LoRALayer(NamedAdapters):
 
     _weight_key = "weight"
     _broken: Optional[str] = None  # why the weight is unknown (see _writing); set in the instance's __dict__
+    # open lora.disable_adapter blocks over this layer (an attribute, as _broken: torch.compile guards on it)
+    _adapter_off: int = 0
 
     def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
                  lossless: Optional[bool] = None):
@@ -152,6 +154,8 @@ class LoRALayer(NamedAdapters):
                     ddp_guard.check(self, ddp)
                 if x.is_cuda:
                     self._streams.read(x.device)
+            if self._adapter_off:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
+                return self._weight_forward(x)
             served = batches.get(self) if batches is not None else None
             if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
                 return served.forward(self, x)
@@ -472,7 +476,8 @@ class LoRALayer(NamedAdapters):
     def train(self, mode: bool = True):
         # (Ctrl-C held back to the end, so that it lands with `merged` saying what the weight holds)
         with self._lock, deferred_interrupt():
-            if self.merge_weights and mode == self.merged:
+            # under lora.disable_adapter the weight stays the base: eval()'s merge waits for the block's end
+            if self.merge_weights and mode == self.merged and not (self._adapter_off and not mode):
                 tied = ties.names(self) if not mode and self.has_lora else None
                 if tied:
                     # eval() of a model must not stop halfway: a tied weight stays unmerged (merge() refuses)
@@ -488,6 +493,9 @@ class LoRALayer(NamedAdapters):
 
     def merge(self) -> None:
         """Merges the active adapter into the weight now, whatever the train/eval mode."""
+        if self._adapter_off and self.has_lora and not self.merged:
+            raise ValueError(f"{self._describe()}: its adapters are disabled (lora.disable_adapter): the weight serves "
+                             f"the base until the block ends; merge after it")
         with self._lock, deferred_interrupt():  # (as in train())
             if self.has_lora and not self.merged:
                 self._merge()

@@ -16,6 +16,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .. import sharded
 from ..layers import LoRALayer
 from ..named_adapters import deferred_interrupt
 from ..utils import under_ddp
@@ -353,3 +354,56 @@ def add_weighted_adapter(model: nn.Module, adapters: List[str], weights: List[fl
         found = _layers_or_raise(model)
         weighted.apply(weighted.plan(model, found, adapters, weights, adapter_name, combination_type, svd_rank),
                        adapter_name)
+
+
+def disabled(model: nn.Module) -> bool:
+    """Whether the model's adapters are disabled (inside lora.disable_adapter)."""
+    return bool(model.__dict__.get("_lora_ext_adapter_off"))
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[None]:
+    """Serves the base model inside the block, as peft's `with model.disable_adapter():` (a reference model's
+    logits, say): every lora_ext layer computes from its base weight alone and every module saved whole
+    (modules_to_save) with the model's own module. Merged layers are unmerged on entry (with a lossless merge,
+    the default for float16/bfloat16, bit for bit the base) and merged again on exit, as are layers eval() asked
+    to merge inside the block (merges wait: merge() inside it is refused). Model-wide, as peft's: forwards on
+    other threads see the base too, never a mix (the model's lock). Blocks nest. Refused before anything changes:
+    with a mixed batch open on the model, and for tensor-parallel or FSDP2-sharded layers. Loads that would add
+    layers wait for the block's end (refused inside it). CUDA graphs captured outside the block replay the adapter."""
+    with model_lock(model).write():
+        found = _layers_or_raise(model)
+        for path, m in found:
+            if m.__dict__.get("_open_batches"):
+                raise ValueError(f"disable_adapter: a mixed batch (lora.batch_adapters) serves layer {path!r}; "
+                                 f"disable the adapters after it closes")
+            if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_or_none()):
+                raise ValueError(f"disable_adapter: layer {path!r} is sharded (tensor parallel or FSDP2), whose "
+                                 f"forward adds the adapter in its own way; serve the base before sharding")
+        saved = wrappers(model)
+        unmerged = []
+        try:
+            with deferred_interrupt():
+                for _, m in found:
+                    if m.merged and m.has_lora:
+                        m.unmerge()
+                        unmerged.append(m)
+                for _, m in [*found, *saved]:
+                    m._adapter_off += 1
+                model.__dict__["_lora_ext_adapter_off"] = model.__dict__.get("_lora_ext_adapter_off", 0) + 1
+        except BaseException:  # an unmerge refused: the others merged back, nothing disabled
+            with deferred_interrupt():
+                for m in unmerged:
+                    m.merge()
+            raise
+    try:
+        yield
+    finally:
+        with model_lock(model).write(), deferred_interrupt():
+            model.__dict__["_lora_ext_adapter_off"] -= 1
+            for _, m in [*found, *saved]:
+                m._adapter_off -= 1
+            again = [m for _, m in found if not m._adapter_off and not m.merged and m.has_lora
+                     and (m in unmerged or (m.merge_weights and not m.training))]
+            for m in again:
+                m.merge()

@@ -425,6 +425,9 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         raise ValueError("batch_adapters: a batch of this model is already open in this context; close it first")
     found = _layers_or_raise(model)
     _check_layers(found)
+    if model.__dict__.get("_lora_ext_adapter_off") or any(m._adapter_off for _, m in found):
+        raise ValueError("batch_adapters: the model's adapters are disabled (inside lora.disable_adapter), which "
+                         "serves every row the base; open the batch after the block (None rows serve the base)")
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
         raise ValueError(f"batch_adapters: expand must be a positive int (generate()'s num_beams), got {expand!r}")
     _check_batch_major(model, expand)

@@ -495,6 +495,13 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def check_enabled(model: nn.Module, what: str) -> None:
+    """Refuses `what` inside lora.disable_adapter(model): layers it would add would serve their adapter."""
+    if model.__dict__.get("_lora_ext_adapter_off"):
+        raise ValueError(f"{what}: the model's adapters are disabled (inside lora.disable_adapter); layers added now "
+                         f"would serve their adapter: do it after the block")
+
+
 def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int = 8, lora_alpha: float = 8,
            lora_dropout: float = 0.0, merge_weights: bool = True,
            fused: Optional[Mapping[str, Sequence[bool]]] = None,
@@ -516,6 +523,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
       weights and not for float32, True or False for every weight.
     Every check is made before the first module is replaced.
     """
+    check_enabled(model, "inject")
     if target_modules is None and not fused:
         raise ValueError("target_modules: give a regex or a list of module names (or fused)")
     check_name_spec("target_modules", target_modules)

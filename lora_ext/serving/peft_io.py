@@ -344,6 +344,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     """
     _check_arguments(model, path, adapter_name, merge_weights, activate)
     _inject.check_lossless(lossless)
+    _inject.check_enabled(model, "load_peft_adapter")
     from . import hub
     path = hub.resolve(path, revision, subfolder)
     home = check_device(device)

@@ -36,6 +36,8 @@ class ModulesToSave(nn.Module):
     adapter in `modules_to_save`; forward runs the active adapter's copy, else the original. Attributes the
     wrapper lacks are read from the module that computes (the head's `.weight`, say), as peft's wrapper does."""
 
+    _adapter_off = 0  # open lora.disable_adapter blocks (a class default: torch.compile guards on the attribute)
+
     def __init__(self, module: nn.Module):
         super().__init__()
         self.original_module = module
@@ -52,6 +54,8 @@ class ModulesToSave(nn.Module):
         return copies[adapter] if adapter is not None and adapter in copies else self._modules["original_module"]
 
     def forward(self, *args, **kwargs):
+        if self._adapter_off:  # lora.disable_adapter: the model's own module, as peft's
+            return self._modules["original_module"](*args, **kwargs)
         # mixed batches (lora_ext.batch_adapters) open in this context: each row computes with its adapter's module
         batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
         served = batches.get(self) if batches is not None else None

@@ -1,0 +1,150 @@
+"""lora.disable_adapter(model), as peft's `with model.disable_adapter():`: the base model inside the block (merged
+layers unmerged on entry, merged again on exit; modules saved whole serve the model's own module), against the real
+peft and the plain base model; nesting, eval()/train() and merge() inside, refusals, threads, torch.compile,
+gradients."""
+import threading
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import lora_ext as lora
+from helpers import lora_layers_of, rel_err
+from tiny_models import VOCAB, llama, snapshot, unchanged
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    pm = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"],
+                                            modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:  # (small enough for a lossless bfloat16 merge of the embedding)
+                p.normal_(0, 0.03)
+            elif "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    root = tmp_path_factory.mktemp("disable")
+    pm.save_pretrained(str(root))
+    return str(root)
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _model(saved, dtype=torch.float32):
+    model = llama().to(dtype)
+    lora.load_peft_adapter(model, saved, "a")
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16-lossless"])
+def test_the_block_serves_the_base_as_peft_does_and_the_adapter_after(saved, dtype):
+    x = torch.randint(0, VOCAB, (2, 6))
+    base = _logits(llama().to(dtype).eval(), x)
+    model = _model(saved, dtype)
+    assert all(m.merged for m in lora_layers_of(model))
+    adapted = _logits(model, x)
+    pm = PeftModel.from_pretrained(llama().to(dtype), saved).eval()
+    with pm.disable_adapter():
+        peft_base = _logits(pm, x)
+    with lora.disable_adapter(model):
+        assert not any(m.merged for m in lora_layers_of(model))
+        inside = _logits(model, x)
+    if dtype == torch.bfloat16:  # a lossless merge gives the base back bit for bit
+        assert torch.equal(inside, base)
+    assert rel_err(inside, base) < 1e-6 and rel_err(inside, peft_base) < 1e-6
+    assert rel_err(adapted, base) > 1e-2  # the adapter (and the saved head) matter
+    assert all(m.merged for m in lora_layers_of(model))  # merged again on exit
+    assert rel_err(_logits(model, x), adapted) < 1e-6
+
+
+def test_nesting_eval_train_and_merge_inside(saved):
+    x = torch.randint(0, VOCAB, (2, 6))
+    model = _model(saved).train()  # unmerged
+    base = _logits(llama().eval(), x)
+    with lora.disable_adapter(model):
+        with lora.disable_adapter(model):
+            model.eval()  # its merge waits for the end of the outer block
+            assert not any(m.merged for m in lora_layers_of(model))
+            assert rel_err(_logits(model, x), base) < 1e-6
+        assert not any(m.merged for m in lora_layers_of(model))  # the outer block is still open
+        with pytest.raises(ValueError, match="its adapters are disabled"):
+            lora.merge_adapter(model)
+        assert rel_err(_logits(model, x), base) < 1e-6
+    assert all(m.merged for m in lora_layers_of(model))  # eval() asked for it
+    model.train()
+    with lora.disable_adapter(model):
+        pass
+    assert not any(m.merged for m in lora_layers_of(model))  # train mode: unmerged as before
+
+
+def test_refusals(saved, tmp_path):
+    model = _model(saved)
+    x = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad(), lora.batch_adapters(model, ["a", None]):
+        snap = snapshot(model)
+        with pytest.raises(RuntimeError, match="would wait for itself"):  # the batch holds the model (lora.hold)
+            with lora.disable_adapter(model):
+                pass
+        outer = torch.nn.ModuleDict({"m": model})  # another model holding the same layers: their batch counts
+        with pytest.raises(ValueError, match=r"disable_adapter: a mixed batch .* serves layer 'm\.model\."):
+            with lora.disable_adapter(outer):
+                pass
+        assert unchanged(model, snap) and all(m.merged for m in lora_layers_of(model))
+    with lora.disable_adapter(model):
+        with pytest.raises(ValueError, match="batch_adapters: the model's adapters are disabled"):
+            with lora.batch_adapters(model, ["a", None]):
+                pass
+        with pytest.raises(ValueError, match="load_peft_adapter: the model's adapters are disabled"):
+            lora.load_peft_adapter(model, saved, "b")
+        with pytest.raises(ValueError, match="inject: the model's adapters are disabled"):
+            lora.inject(model, ["o_proj"], r=2)
+    assert lora.adapter_names(model) == ["a"]
+    _logits(model, x)
+
+
+def test_threads_see_the_base_or_the_adapter_never_a_mix(saved):
+    model = _model(saved).train()  # unmerged: the block only flips the layers
+    x = torch.randint(0, VOCAB, (2, 6))
+    base, adapted = _logits(llama().eval(), x), _logits(model, x)
+    stop, bad = threading.Event(), []
+
+    def forwards():
+        while not stop.is_set():
+            out = _logits(model, x)
+            if rel_err(out, base) > 1e-5 and rel_err(out, adapted) > 1e-5:
+                bad.append(out)
+
+    t = threading.Thread(target=forwards)
+    t.start()
+    try:
+        for _ in range(30):
+            with lora.disable_adapter(model):
+                pass
+    finally:
+        stop.set()
+        t.join(30)
+    assert not bad
+
+
+def test_torch_compile_follows_the_block(saved):
+    x = torch.randint(0, VOCAB, (2, 6))
+    model = _model(saved).train()
+    base, adapted = _logits(llama().eval(), x), _logits(model, x)
+    compiled = torch.compile(model, backend="aot_eager")
+    assert rel_err(_logits(compiled, x), adapted) < 1e-5
+    with lora.disable_adapter(model):
+        assert rel_err(_logits(compiled, x), base) < 1e-5
+    assert rel_err(_logits(compiled, x), adapted) < 1e-5
+
+
+def test_no_gradient_reaches_the_adapter_inside(saved):
+    model = _model(saved).train()
+    lora.mark_only_lora_as_trainable(model)
+    x = torch.randint(0, VOCAB, (2, 6))
+    with lora.disable_adapter(model):
+        assert not model(x).logits.requires_grad  # the base: nothing trainable computes (the saved head: its own)
+    model(x).logits.sum().backward()
+    assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
