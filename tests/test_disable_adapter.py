@@ -148,3 +148,24 @@ def test_no_gradient_reaches_the_adapter_inside(saved):
         assert not model(x).logits.requires_grad  # the base: nothing trainable computes (the saved head: its own)
     model(x).logits.sum().backward()
     assert any(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def _tp_case(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+    from lora_ext.parallel import ColwiseLoRA
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(lora.Linear(8, 6, r=2))
+    parallelize_module(net, init_device_mesh("cpu", (world,)), {"0": ColwiseLoRA()})
+    try:
+        with lora.disable_adapter(net):
+            return "not refused"
+    except ValueError as e:
+        return f"{str(e)} | flag {net[0]._adapter_off}"
+
+
+def test_a_tensor_parallel_layer_is_refused():
+    from dist import run_ranks
+    for msg in run_ranks(_tp_case):
+        assert msg.startswith("disable_adapter: layer '0' is sharded (tensor parallel or FSDP2)"), msg
+        assert msg.endswith("| flag 0")
