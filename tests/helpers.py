@@ -337,3 +337,16 @@ def run_crash_safe(project, *pytest_args, cap=120, budget=600, min_rerun=None):
     done = subprocess.run(["bash", "-c", script], cwd=project, capture_output=True, text=True, timeout=300, env=env)
     rc = int(done.stdout.strip().splitlines()[-1].removeprefix("rc="))
     return done.stdout, (project / "out.log").read_text(), rc
+
+
+def peft_with_adapters(base, configs):
+    """A peft model of `base` (a model) holding one LoRA adapter per {name: LoraConfig kwargs} entry, in order (the
+    first made by get_peft_model, the others added), with peft's initial values."""
+    from peft import LoraConfig, get_peft_model
+    peft_model = None
+    for name, kwargs in configs.items():
+        if peft_model is None:
+            peft_model = get_peft_model(base, LoraConfig(**kwargs), adapter_name=name)
+        else:
+            peft_model.add_adapter(name, LoraConfig(**kwargs))
+    return peft_model

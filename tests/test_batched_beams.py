@@ -7,12 +7,11 @@ refusals."""
 import pytest
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
 from transformers import BartConfig, BartForConditionalGeneration
 
 import lora_ext as lora
 from lora_ext import batched
-from helpers import lora_layers_of, rel_err
+from helpers import lora_layers_of, peft_with_adapters, rel_err
 from tiny_models import VOCAB, llama
 
 transformers.logging.set_verbosity_error()
@@ -54,12 +53,7 @@ def _setup(name, tmp_path_factory):
     if name in _BUILT:
         return _BUILT[name]
     build, configs = MODELS[name]
-    peft_model = None
-    for adapter, kwargs in configs.items():
-        if peft_model is None:
-            peft_model = get_peft_model(build(), LoraConfig(**kwargs), adapter_name=adapter)
-        else:
-            peft_model.add_adapter(adapter, LoraConfig(**kwargs))
+    peft_model = peft_with_adapters(build(), configs)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():

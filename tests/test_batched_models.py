@@ -11,10 +11,9 @@ import types
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 
 import lora_ext as lora
-from helpers import dense_delta64, lora_layers_of, rel_err
+from helpers import dense_delta64, lora_layers_of, peft_with_adapters, rel_err
 from tiny_models import VOCAB, gemma3, gpt2, llama
 
 TOL = 1e-5  # fp32, relative, per row
@@ -71,12 +70,7 @@ def _arch(name, tmp_path_factory):
         return _BUILT[name]
     base, build, configs = ARCHS[name]
     configs = {**configs, "b2": configs["b"]}
-    peft_model = None
-    for adapter, kwargs in configs.items():
-        if peft_model is None:
-            peft_model = get_peft_model(base(), LoraConfig(**kwargs), adapter_name=adapter)
-        else:
-            peft_model.add_adapter(adapter, LoraConfig(**kwargs))
+    peft_model = peft_with_adapters(base(), configs)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():  # peft starts B (and an embedding's A) at zero
         for n, p in peft_model.named_parameters():

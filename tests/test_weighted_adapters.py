@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import lora_ext as lora
-from helpers import dense_delta64, lora_layers_of, rel_err
+from helpers import dense_delta64, lora_layers_of, peft_with_adapters, rel_err
 from tiny_models import VOCAB, llama, snapshot, unchanged
 
 T = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
@@ -21,12 +21,7 @@ CONFIGS = {"a": dict(r=4, lora_alpha=8, target_modules=T),
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """{adapter: path} of peft's saved adapters a, b, c on the same base."""
-    pm = None
-    for name, kwargs in CONFIGS.items():
-        if pm is None:
-            pm = get_peft_model(llama(), LoraConfig(**kwargs), adapter_name=name)
-        else:
-            pm.add_adapter(name, LoraConfig(**kwargs))
+    pm = peft_with_adapters(llama(), CONFIGS)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in pm.named_parameters():
