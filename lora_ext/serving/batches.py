@@ -381,6 +381,12 @@ def _check_input(module, args, kwargs):
                          f"{batch.hint(x.shape[0]) if x.dim() else ''}")
 
 
+def _check_enabled(model, found) -> None:
+    if model.__dict__.get("_lora_ext_adapter_off") or any(m._adapter_off for _, m in found):
+        raise ValueError("batch_adapters: the model's adapters are disabled (inside lora.disable_adapter), which "
+                         "serves every row the base; open the batch after the block (None rows serve the base)")
+
+
 # transformers models whose layers take time-major inputs, (T, B, d): a row check by the first dimension cannot tell
 # T from B when they are equal (rows would be mixed up silently, as with peft's adapter_names)
 _TIME_MAJOR = {"XLNetModel", "FSMTModel"}
@@ -425,9 +431,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         raise ValueError("batch_adapters: a batch of this model is already open in this context; close it first")
     found = _layers_or_raise(model)
     _check_layers(found)
-    if model.__dict__.get("_lora_ext_adapter_off") or any(m._adapter_off for _, m in found):
-        raise ValueError("batch_adapters: the model's adapters are disabled (inside lora.disable_adapter), which "
-                         "serves every row the base; open the batch after the block (None rows serve the base)")
+    _check_enabled(model, found)
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
         raise ValueError(f"batch_adapters: expand must be a positive int (generate()'s num_beams), got {expand!r}")
     _check_batch_major(model, expand)
@@ -435,6 +439,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
     table, index, n, label = _rows(adapters, rows, held)
     with hold(model):
         found = _layers_or_raise(model)  # as of now: a load may have added layers before the hold
+        _check_enabled(model, found)  # (again: a disable_adapter may have begun before the hold; not while it)
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
         pool = _pool(model, found)

@@ -562,6 +562,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
                             if filters_layers(layers_to_transform) else ""))
     from .adapters import model_lock  # (adapters imports this module)
     with model_lock(model).write():  # the lock exists before the first switch: forwards in flight hold it
+        check_enabled(model, "inject")  # (again: a disable_adapter may have begun since the first check)
         owners = parameter_owners(model)
         for name, module, layer, scaling in plan:
             install(model, name, module, layer, scaling, owners)

@@ -459,6 +459,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                   for name, module, state in saved_plan]
     # nothing can fail from here on: the model changes, atomically for forwards on other threads
     with model_lock(model).write():
+        _inject.check_enabled(model, "load_peft_adapter")  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
         for name, module, layer, fresh, A2, B2, scaling in plan:
             if fresh:
