@@ -346,19 +346,14 @@ def unmerge_adapter(model: nn.Module) -> None:
 def add_weighted_adapter(model: nn.Module, adapters: List[str], weights: List[float], adapter_name: str,
                          combination_type: str = "svd", svd_rank: Optional[int] = None) -> None:
     """Adds adapter `adapter_name`, made from the model's `adapters` weighted by `weights`, as peft's
-    add_weighted_adapter: "svd" (peft's default: the weighted update truncated to `svd_rank`, by default the largest
-    rank of the adapters), "cat" (exact: the ranks stacked) or "linear" (the factors summed, equal ranks; exact for
-    one adapter). Scaling 1; not made active. Every layer is planned (and checked) before the first one changes; see
+    add_weighted_adapter: "svd" (peft's default: the weighted update refactored by its SVD, truncated to `svd_rank`
+    when given; without it the exact update, where peft truncates to its configs' largest r), "cat" (exact: the
+    ranks stacked) or "linear" (the factors summed, equal ranks; exact for one adapter). Scaling 1; not made active. Every layer is planned (and checked) before the first one changes; see
     lora_ext/serving/weighted.py."""
     with model_lock(model).write():
         found = _layers_or_raise(model)
         weighted.apply(weighted.plan(model, found, adapters, weights, adapter_name, combination_type, svd_rank),
                        adapter_name)
-
-
-def disabled(model: nn.Module) -> bool:
-    """Whether the model's adapters are disabled (inside lora.disable_adapter)."""
-    return bool(model.__dict__.get("_lora_ext_adapter_off"))
 
 
 @contextlib.contextmanager

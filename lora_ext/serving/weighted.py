@@ -44,12 +44,17 @@ def _split(layer, A: Tensor, B: Tensor) -> List[Tuple[Tensor, Tensor]]:
     return [(A[j * ra:(j + 1) * ra], B[j * rb:(j + 1) * rb]) for j in range(n)]
 
 
+def _sides(w: float, s: float) -> Tuple[float, float]:
+    """w s split between lora_A's side (with its sign) and lora_B's: sqrt|w s| each, as peft's linear splits it."""
+    return math.copysign(math.sqrt(abs(w * s)), w * s), math.sqrt(abs(w * s))
+
+
 def _cat(layer, parts, weights) -> Tuple[Tensor, Tensor]:
     """parts: [(A, B, scaling)] of the present adapters; each block's ranks stacked, w s split between the sides
     (sign(w s) sqrt|w s| on lora_A's, sqrt|w s| on lora_B's: a large weight does not overflow one side of a 16-bit
     factor); in float64, each factor rounded once."""
     blocks = [_split(layer, A.double(), B.double()) for A, B, _ in parts]
-    sides = [(math.copysign(math.sqrt(abs(w * s)), w * s), math.sqrt(abs(w * s))) for (_, _, s), w in zip(parts, weights)]
+    sides = [_sides(w, s) for (_, _, s), w in zip(parts, weights)]
     A_new, B_new = [], []
     for j in range(len(blocks[0])):
         A_new.append(torch.cat([blocks[i][j][0] * sides[i][0] for i in range(len(parts))]))
@@ -64,8 +69,8 @@ def _linear(layer, parts, weights, where) -> Tuple[Tensor, Tensor]:
         ranks = [layer.rank_of(A) for A, _, _ in parts]
         raise ValueError(f"add_weighted_adapter: combination_type 'linear' sums the factors, which needs equal ranks; "
                          f"{where} holds ranks {ranks} (use 'cat' or 'svd')")
-    A_new = sum(math.copysign(math.sqrt(abs(w * s)), w * s) * A.double() for (A, _, s), w in zip(parts, weights))
-    B_new = sum(math.sqrt(abs(w * s)) * B.double() for (_, B, s), w in zip(parts, weights))
+    A_new = sum(_sides(w, s)[0] * A.double() for (A, _, s), w in zip(parts, weights))
+    B_new = sum(_sides(w, s)[1] * B.double() for (_, B, s), w in zip(parts, weights))
     return A_new, B_new
 
 
