@@ -108,6 +108,8 @@ class LoRALayer(NamedAdapters):
         state.pop("_lock", None)  # locks and streams do not pickle or deepcopy; each copy gets its own
         state.pop("_streams", None)
         state.pop("_finite_stamps", None)
+        state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
+        state.pop("_pre_disable", None)
         return state
 
     def __setstate__(self, state):

@@ -169,3 +169,110 @@ def test_a_tensor_parallel_layer_is_refused():
     for msg in run_ranks(_tp_case):
         assert msg.startswith("disable_adapter: layer '0' is sharded (tensor parallel or FSDP2)"), msg
         assert msg.endswith("| flag 0")
+
+
+# ---------------------------------------------------------------------------------------------------
+# found by a hostile pass: each of these was silently wrong
+
+
+def test_unload_inside_the_block_is_refused(saved):
+    # the block's end merged the unloaded layers again, into the weights the plain modules now hold
+    model = _model(saved)
+    with lora.disable_adapter(model):
+        with pytest.raises(ValueError, match="unload: the model's adapters are disabled"):
+            lora.unload(model, merge=False)
+    lora.unload(model, merge=False)  # after it: the base weights (the saved head stays the adapter's copy)
+    plain = dict(llama().named_parameters())
+    for n, p in model.named_parameters():
+        if "q_proj" in n or "v_proj" in n or "embed_tokens" in n:
+            assert (p - plain[n]).abs().max() <= 1e-6 * plain[n].abs().max(), n
+
+
+@pytest.mark.parametrize("start,inside,merged_after", [
+    ("eval", "train", False),  # train() inside: unmerged, as train() leaves it (was left merged while training)
+    ("eval-unmerged", None, False),  # eval, explicitly unmerged before: as it was (was merged)
+    ("train", "eval", True),  # eval() inside: its merge, done at the end
+    ("train-merged", None, True),  # merge_adapter in train mode: merged again
+])
+def test_the_merge_state_after_the_block_is_the_one_before_or_the_modes(saved, start, inside, merged_after):
+    model = _model(saved)
+    if start.startswith("train"):
+        model.train()
+    if start == "eval-unmerged":
+        lora.unmerge_adapter(model)
+    if start == "train-merged":
+        lora.merge_adapter(model)
+    with lora.disable_adapter(model):
+        if inside:
+            getattr(model, inside)()
+    assert all(m.merged == merged_after for m in lora_layers_of(model))
+    if model.training:  # training reaches the factors when unmerged
+        lora.mark_only_lora_as_trainable(model)
+        model(torch.randint(0, VOCAB, (2, 6))).logits.sum().backward()
+        grads = [p.grad is not None for n, p in model.named_parameters() if "lora_" in n]
+        assert all(grads) != merged_after
+
+
+def test_blocks_ending_out_of_order_restore_the_state_before_the_first(saved):
+    import contextlib
+    model = _model(saved).train()
+    lora.merge_adapter(model)
+    stack1, stack2 = contextlib.ExitStack(), contextlib.ExitStack()
+    stack1.enter_context(lora.disable_adapter(model))
+    stack2.enter_context(lora.disable_adapter(model))
+    stack1.close()  # the first to begin ends first
+    assert not any(m.merged for m in lora_layers_of(model))
+    stack2.close()
+    assert all(m.merged for m in lora_layers_of(model))
+
+
+def test_a_copy_made_inside_the_block_is_not_in_it(saved):
+    import copy
+    x = torch.randint(0, VOCAB, (2, 6))
+    model = _model(saved)
+    adapted = _logits(model, x)
+    with lora.disable_adapter(model):
+        twin = copy.deepcopy(model)
+    assert rel_err(_logits(twin, x), adapted) < 1e-6  # the adapter (unmerged: copied inside)
+    lora.merge_adapter(twin)
+    assert all(m.merged for m in lora_layers_of(twin))
+
+
+def test_ctrl_c_while_the_end_waits_for_the_lock_still_ends_the_block(saved, python_sigint):
+    # a forward (a hold) on another thread makes the end wait; a Ctrl-C then left the model disabled for good
+    import _thread
+    import time
+    x = torch.randint(0, VOCAB, (2, 6))
+    model = _model(saved)
+    adapted = _logits(model, x)
+    started = threading.Event()
+
+    def reader():
+        with lora.hold(model):
+            started.set()
+            time.sleep(1.0)
+
+    t = threading.Thread(target=reader)
+    with pytest.raises(KeyboardInterrupt):
+        with lora.disable_adapter(model):
+            t.start()
+            started.wait()
+            threading.Timer(0.3, _thread.interrupt_main).start()  # lands while the end waits
+    t.join()
+    assert all(m.merged and not m._adapter_off for m in lora_layers_of(model))
+    assert rel_err(_logits(model, x), adapted) < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["eval-merged", "eval-then-train"])
+def test_a_second_adapter_carrying_the_base_embedding_loads_into_a_merged_or_cycled_layer(saved, mode):
+    # (found beside the block) peft saves the base embedding beside an embedding adapter's factors; the check that it
+    # is the model's compared it with the merged weight, and with a float32 base a few ulps off after a merge cycle
+    model = _model(saved)  # eval: merged
+    if mode == "eval-then-train":
+        model.train()
+    lora.load_peft_adapter(model, saved, "again", activate=False)
+    assert "again" in lora.adapter_names(model)
+    with torch.no_grad():  # a base that is not the model's is still refused
+        model.model.embed_tokens.weight.add_(0.01)
+    with pytest.raises(ValueError, match="carries a base weight .* that differs from the model's"):
+        lora.load_peft_adapter(model, saved, "other", activate=False)

@@ -39,6 +39,13 @@ def cache(tmp_path, monkeypatch):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
     (repo / "refs" / "v2").write_text(OTHER)
+    binonly = root / "models--owner--binonly" / "snapshots" / COMMIT  # peft's legacy weights file only
+    binonly.mkdir(parents=True)
+    shutil.copy(os.path.join(made[1], "adapter_config.json"), binonly)
+    from safetensors.torch import load_file
+    torch.save(load_file(os.path.join(made[1], "adapter_model.safetensors")), binonly / "adapter_model.bin")
+    (binonly.parent.parent / "refs").mkdir()
+    (binonly.parent.parent / "refs" / "main").write_text(COMMIT)
     empty = root / "models--owner--empty"
     (empty / "snapshots" / COMMIT).mkdir(parents=True)
     (empty / "snapshots" / COMMIT / "README.md").write_text("no adapter here")
@@ -56,13 +63,16 @@ def _peft(local, x):
     return _logits(PeftModel.from_pretrained(llama(), local), x)
 
 
-@pytest.mark.parametrize("kwargs,seed", [({}, 1), (dict(revision="v2"), 2), (dict(revision=OTHER), 2),
-                                         (dict(subfolder="sub"), 3)], ids=["main", "branch", "commit", "subfolder"])
-def test_a_hub_id_loads_the_adapter_from_the_cache(cache, kwargs, seed):
+@pytest.mark.parametrize("repo,kwargs,seed", [
+    ("owner/lora", {}, 1), ("owner/lora", dict(revision="v2"), 2), ("owner/lora", dict(revision=OTHER), 2),
+    ("owner/lora", dict(subfolder="sub"), 3),
+    ("owner/binonly", {}, 1),  # adapter_model.bin only (offline, the missing safetensors file is only "not cached")
+], ids=["main", "branch", "commit", "subfolder", "bin-only"])
+def test_a_hub_id_loads_the_adapter_from_the_cache(cache, repo, kwargs, seed):
     _, made = cache
     x = torch.randint(0, VOCAB, (2, 5))
     model = llama()
-    lora.load_peft_adapter(model, "owner/lora", "hub", **kwargs)
+    lora.load_peft_adapter(model, repo, "hub", **kwargs)
     ours = _logits(model, x)
     assert (ours - _peft(made[seed], x)).norm() <= 1e-5 * ours.norm()
     other = 3 if seed != 3 else 1  # the revision / subfolder matters
@@ -83,8 +93,9 @@ def test_a_local_path_wins_over_a_hub_id(cache, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("path,match", [
-    ("owner/empty", r"path: 'owner/empty' is not a local path[;,] .*(holds no peft adapter files|Hub failed)"),
-    ("owner/missing", r"path: 'owner/missing' is not a local path, and .*(Hub cache|Hub failed)"),
+    ("owner/empty", r"path: 'owner/empty' is not a local path, and (it is neither in the Hub cache nor reachable|the "
+                    r"repo holds no peft adapter files)"),
+    ("owner/missing", r"path: 'owner/missing' is not a local path, and it is neither in the Hub cache nor reachable"),
     ("./no/such/dir", r"path: './no/such/dir' does not exist \(and is not a Hub repo id"),
 ])
 def test_what_is_neither_a_path_nor_an_adapter_on_the_hub_is_refused_naming_it(cache, path, match):
@@ -111,5 +122,5 @@ def test_lora_ext_merge_takes_a_hub_id(cache, tmp_path):
     from safetensors.torch import load_file
     a, b = load_file(os.path.join(out_hub, "model.safetensors")), load_file(os.path.join(out_local, "model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(merge_cli.MergeError, match=r"^--adapter: 'owner/empty' is not a local path"):
+    with pytest.raises(merge_cli.MergeError, match=r"^--adapter: 'owner/empty' is not a local path, and "):
         merge_cli.merge_checkpoint(base, "owner/empty", str(tmp_path / "x"), progress=False)

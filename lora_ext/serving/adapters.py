@@ -361,11 +361,14 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
     """Serves the base model inside the block, as peft's `with model.disable_adapter():` (a reference model's
     logits, say): every lora_ext layer computes from its base weight alone and every module saved whole
     (modules_to_save) with the model's own module. Merged layers are unmerged on entry (with a lossless merge,
-    the default for float16/bfloat16, bit for bit the base) and merged again on exit, as are layers eval() asked
-    to merge inside the block (merges wait: merge() inside it is refused). Model-wide, as peft's: forwards on
-    other threads see the base too, never a mix (the model's lock). Blocks nest. Refused before anything changes:
-    with a mixed batch open on the model, and for tensor-parallel or FSDP2-sharded layers. Loads that would add
-    layers wait for the block's end (refused inside it). CUDA graphs captured outside the block replay the adapter."""
+    the default for float16/bfloat16, bit for bit the base); merges wait (eval() does not merge inside the block,
+    merge() is refused). When the last block over a layer ends, the layer is merged as it was before the first
+    began, or, when train()/eval() changed its mode inside, as that mode asks (eval(): merged). Model-wide, as
+    peft's: forwards on other threads see the base too, never a mix (the model's lock). Blocks nest and may end in
+    any order. Refused before anything changes: with a mixed batch open on the model, and for tensor-parallel or
+    FSDP2-sharded layers; inside it, load_peft_adapter, inject, unload and batch_adapters are refused. A copy made
+    inside (deepcopy, pickle) is not in the block. CUDA graphs captured outside the block replay the adapter."""
+    from .injection import DISABLED
     with model_lock(model).write():
         found = _layers_or_raise(model)
         for path, m in found:
@@ -380,25 +383,37 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
         try:
             with deferred_interrupt():
                 for _, m in found:
+                    if not m._adapter_off:  # the first block over it: what to come back to
+                        m.__dict__["_pre_disable"] = (m.merged, m.training)
                     if m.merged and m.has_lora:
                         m.unmerge()
                         unmerged.append(m)
                 for _, m in [*found, *saved]:
                     m._adapter_off += 1
-                model.__dict__["_lora_ext_adapter_off"] = model.__dict__.get("_lora_ext_adapter_off", 0) + 1
+                DISABLED[model] = DISABLED.get(model, 0) + 1
         except BaseException:  # an unmerge refused: the others merged back, nothing disabled
             with deferred_interrupt():
                 for m in unmerged:
                     m.merge()
+                for _, m in found:
+                    if not m._adapter_off:
+                        m.__dict__.pop("_pre_disable", None)
             raise
     try:
         yield
     finally:
-        with model_lock(model).write(), deferred_interrupt():
-            model.__dict__["_lora_ext_adapter_off"] -= 1
+        # Ctrl-C is held back from before the lock is waited for (a forward on another thread may hold it): an
+        # exit that never ran would leave the model disabled
+        with deferred_interrupt(), model_lock(model).write():
+            DISABLED[model] -= 1
+            if not DISABLED[model]:
+                del DISABLED[model]
             for _, m in [*found, *saved]:
                 m._adapter_off -= 1
-            again = [m for _, m in found if not m._adapter_off and not m.merged and m.has_lora
-                     and (m in unmerged or (m.merge_weights and not m.training))]
-            for m in again:
-                m.merge()
+            for _, m in found:
+                if m._adapter_off:
+                    continue
+                was_merged, was_training = m.__dict__.pop("_pre_disable", (False, m.training))
+                merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
+                if merge and not m.merged and m.has_lora:
+                    m.merge()

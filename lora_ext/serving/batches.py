@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import batched, sharded
 from ..named_adapters import deferred_interrupt
-from . import saved_modules
+from . import injection, saved_modules
 from .adapters import _layers_or_raise, hold, model_lock
 
 DEFAULT_SLOTS = 8
@@ -382,7 +382,7 @@ def _check_input(module, args, kwargs):
 
 
 def _check_enabled(model, found) -> None:
-    if model.__dict__.get("_lora_ext_adapter_off") or any(m._adapter_off for _, m in found):
+    if injection.DISABLED.get(model) or any(m._adapter_off for _, m in found):
         raise ValueError("batch_adapters: the model's adapters are disabled (inside lora.disable_adapter), which "
                          "serves every row the base; open the batch after the block (None rows serve the base)")
 

@@ -33,28 +33,26 @@ def resolve(path, revision: Optional[str] = None, subfolder: Optional[str] = Non
                                 f"the Hub) is not installed") from None
     where = f"{path!r}" + (f" (revision {revision!r})" if revision else "") + (f", subfolder {subfolder!r}"
                                                                              if subfolder else "")
-    # the repo answered that it has no such file (huggingface_hub 1.x: EntryNotFoundError, which its
-    # LocalEntryNotFoundError, "not in the cache and the Hub not reachable", also is)
-    missing = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
-    unreachable = errors.LocalEntryNotFoundError
     fetch = lambda name: hf_hub_download(path, name, subfolder=subfolder, revision=revision)  # noqa: E731
     try:
         config = fetch(CONFIG_NAME)
         try:
             fetch(WEIGHTS_NAME)
-        except missing as e:
-            if isinstance(e, unreachable):
-                raise
-            fetch(LEGACY_WEIGHTS_NAME)
-    except missing as e:
-        if isinstance(e, unreachable):
-            raise FileNotFoundError(f"{option}: {where} is not a local path, and it is neither in the Hub cache nor "
-                                    f"reachable on the Hub ({_reason(e)})") from None
-        raise FileNotFoundError(f"{option}: {where} is not a local path; on the Hub it holds no peft adapter files "
-                                f"({_reason(e)})") from None
-    except Exception as e:  # not found, gated, offline without the files in the cache, no network
-        raise FileNotFoundError(f"{option}: {where} is not a local path, and fetching it from the Hub failed: "
-                                f"{type(e).__name__}: {_reason(e)}") from None
+        except Exception as e:  # no safetensors file: peft's legacy .bin (offline, "not cached" is all one learns)
+            try:
+                fetch(LEGACY_WEIGHTS_NAME)
+            except Exception:
+                raise e from None
+    except Exception as e:
+        missing = getattr(errors, "RemoteEntryNotFoundError", None)
+        if isinstance(e, errors.LocalEntryNotFoundError):  # (huggingface_hub 1.x: also an EntryNotFoundError)
+            why = "it is neither in the Hub cache nor reachable on the Hub (offline, or no network)"
+        elif isinstance(e, missing or errors.EntryNotFoundError):
+            why = "the repo holds no peft adapter files there"
+        else:  # no such repo, revision, a gated repo, a network error
+            why = "fetching it from the Hub failed"
+        raise FileNotFoundError(f"{option}: {where} is not a local path, and {why}: {type(e).__name__}: "
+                                f"{_reason(e)}") from None
     return os.path.dirname(config)
 
 

@@ -15,6 +15,7 @@ import numbers
 import re
 import sys
 import textwrap
+import weakref
 from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -495,11 +496,16 @@ def _set_submodule(model, name, module):
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+# models inside lora.disable_adapter blocks: {model: open blocks} (weak: a copy of the model is not in a block)
+DISABLED: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
 def check_enabled(model: nn.Module, what: str) -> None:
-    """Refuses `what` inside lora.disable_adapter(model): layers it would add would serve their adapter."""
-    if model.__dict__.get("_lora_ext_adapter_off"):
-        raise ValueError(f"{what}: the model's adapters are disabled (inside lora.disable_adapter); layers added now "
-                         f"would serve their adapter: do it after the block")
+    """Refuses `what` inside lora.disable_adapter(model): layers it would add (or plain modules it would put back)
+    would serve their adapter, or the block's end would merge into modules no longer in the model."""
+    if DISABLED.get(model):
+        raise ValueError(f"{what}: the model's adapters are disabled (inside lora.disable_adapter); the layers it "
+                         f"would add or take out would not follow the block: do it after the block")
 
 
 def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int = 8, lora_alpha: float = 8,
@@ -672,6 +678,7 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     and modules taken out."""
     if isinstance(model, (LoRALayer, ModulesToSave)):
         raise ValueError(f"unload: the model itself is a {type(model).__name__}; call unload on a model holding it")
+    check_enabled(model, "unload")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     for name, layer in found:  # (a weight a failed write left unknown would become the plain module's)
         layer._check_sound()

@@ -38,6 +38,11 @@ class ModulesToSave(nn.Module):
 
     _adapter_off = 0  # open lora.disable_adapter blocks (a class default: torch.compile guards on the attribute)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
+        return state
+
     def __init__(self, module: nn.Module):
         super().__init__()
         self.original_module = module
