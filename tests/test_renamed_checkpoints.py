@@ -275,3 +275,11 @@ def test_a_checkpoint_naming_a_remote_code_class_is_built_by_the_auto_class(tmp_
     assert any(not torch.equal(ours[k], before[k]) for k in ours)
     for k, t in ours.items():
         assert (t - ref[k]).abs().max() <= 1e-6 * ref[k].abs().max() + 1e-12, k
+
+
+def test_a_saved_whole_head_tied_to_the_embeddings_is_refused_naming_the_tie(tmp_path):
+    # Gemma 3 ties lm_head to the embeddings: the checkpoint has no lm_head tensor (the message said only that)
+    base, adapter = _setup(tmp_path, gemma3_vlm, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    with pytest.raises(merge_cli.MergeError, match=r"module 'lm_head' is saved whole .* has no tensor under 'lm_head\.'; "
+                                                   r"the model ties its weight to .*embed_tokens"):
+        merge_cli.merge_checkpoint(base, adapter, str(tmp_path / "merged"), progress=False)

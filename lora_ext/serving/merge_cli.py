@@ -446,8 +446,12 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
     for name, state in sorted(states.items()):
         in_base = sorted(k for k in shapes if k.startswith(name + "."))
         if not in_base:
+            tied = (_shared_weights(meta) or {}).get(name)
+            why = (f"; the model ties its weight to {', '.join(map(repr, tied))} (tie_word_embeddings), so the "
+                   f"checkpoint stores it once, under that name: the merged model would load the copy tied to both "
+                   f"(untie them first: save the model with tie_word_embeddings=false)" if tied else "")
             raise MergeError(f"--adapter: module {name!r} is saved whole (modules_to_save) but --base {base!r} has no "
-                             f"tensor under {name + '.'!r}")
+                             f"tensor under {name + '.'!r}{why}")
         missing = [k for k in in_base if k[len(name) + 1:] not in state]
         if missing:
             raise MergeError(f"--adapter: module {name!r} is saved whole (modules_to_save) but the adapter holds no "
