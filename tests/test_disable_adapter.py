@@ -276,3 +276,64 @@ def test_a_second_adapter_carrying_the_base_embedding_loads_into_a_merged_or_cyc
         model.model.embed_tokens.weight.add_(0.01)
     with pytest.raises(ValueError, match="carries a base weight .* that differs from the model's"):
         lora.load_peft_adapter(model, saved, "other", activate=False)
+
+
+@pytest.mark.parametrize("op", ["forward", "set_adapter", "disable_adapter"])
+def test_a_thread_switching_in_a_loop_does_not_starve_the_others(saved, op):
+    # the switching thread took the model's lock straight back after each switch: a forward, a switch or a
+    # disable_adapter on another thread waited for minutes (writers now queue in order; readers that waited
+    # through a write go before the next one). A liveness check: the operation must finish at all (30 s bound).
+    model = _model(saved)
+    lora.load_peft_adapter(model, saved, "b", activate=False)
+    stop = threading.Event()
+
+    def switcher():
+        i = 0
+        while not stop.is_set():
+            lora.set_adapter(model, ("a", "b")[i % 2])
+            i += 1
+
+    def operation():
+        for _ in range(3):
+            if op == "forward":
+                _logits(model, torch.zeros(1, 3, dtype=torch.long))
+            elif op == "set_adapter":
+                lora.set_adapter(model, "a")
+            else:
+                with lora.disable_adapter(model):
+                    pass
+        done.set()
+
+    done = threading.Event()
+    t = threading.Thread(target=switcher)
+    t.start()
+    try:
+        worker = threading.Thread(target=operation)
+        worker.start()
+        worker.join(30)
+        assert done.is_set(), f"{op} did not get the model's lock in 30 s while another thread switched"
+    finally:
+        stop.set()
+        t.join(30)
+    worker.join(30)
+
+
+def test_a_block_end_that_cannot_merge_leaves_every_layer_unmerged_and_says_so(saved):
+    # an adapter set inside the block whose lossless merge overflows (the embedding's update 300 times the
+    # adapter's): the end merged the layers it could and raised, leaving a mix; now none, with the block named
+    from lora_ext.lossless import ExceptionOverflow
+    model = _model(saved, torch.bfloat16)
+    lora.load_peft_adapter(model, saved, "big", activate=False)
+    emb = model.model.embed_tokens
+    with torch.no_grad():
+        emb.get_adapter("big")[0].mul_(300)
+    emb.check_values("big")
+    with pytest.raises(ExceptionOverflow, match="disable_adapter: at the block's end the layers could not all be "
+                                                "merged again, so none is"):
+        with lora.disable_adapter(model):
+            lora.set_adapter(model, "big")
+    assert not any(m.merged for m in lora_layers_of(model)) and lora.active_adapter(model) == "big"
+    assert not any(m._adapter_off for m in lora_layers_of(model))
+    with pytest.raises(ExceptionOverflow):  # outside a block, as before: refused up front, nothing changed
+        lora.merge_adapter(model)
+    assert not any(m.merged for m in lora_layers_of(model))

@@ -8,6 +8,7 @@ reader-writer lock, taken for reading by a forward pre-hook on the model (releas
 runs even when the forward raises) and for writing by those changes, which wait for the forwards in flight
 and hold new ones back until every layer has changed. Forwards run concurrently with each other; changes
 serialise. Under torch.compile the hooks do nothing (a compiled graph takes no Python locks)."""
+import collections
 import contextlib
 import sys
 import threading
@@ -26,8 +27,10 @@ from . import weighted
 
 
 class ModelLock:
-    """Many readers (forwards) or one writer (a model-level change); waiting writers go first. Reads are
-    re-entrant per thread (a forward inside a forward), and the writer's thread may read.
+    """Many readers (forwards) or one writer (a model-level change); waiting writers go first, in the order they
+    came, and the readers that waited for a write go before the next one (a thread switching in a loop cannot
+    starve the others: it queues behind them). Reads are re-entrant per thread (a forward inside a forward), and
+    the writer's thread may read.
 
     A forward stopped by a BaseException that is not an Exception (KeyboardInterrupt, SystemExit) skips
     torch's forward hooks, so its read is never released: a writer that waits finds such reads (threads that
@@ -40,6 +43,9 @@ class ModelLock:
         self._writer = None
         self._write_depth = 0
         self._waiting_writers = 0
+        self._queue = collections.deque()  # waiting writers' threads, first come first served
+        self._waiting_readers = 0
+        self._admit = 0  # readers let in ahead of the waiting writers: those that waited when a write ended
 
     def __getstate__(self):
         return {}  # a deep-copied or unpickled model (its own layers) starts with a free lock
@@ -71,10 +77,19 @@ class ModelLock:
         me = threading.get_ident()
         with self._cond:
             if me not in self._reads and self._writer != me:
-                # waiting writers go first, except while a hold() is open: its forwards may run on other
-                # threads (a streamer's worker), and the writer waits for the hold anyway
-                while self._writer is not None or (self._waiting_writers and not self._holds):
-                    self._cond.wait()
+                # waiting writers go first, except while a hold() is open (its forwards may run on other threads:
+                # a streamer's worker; the writer waits for the hold anyway) and for the readers that waited
+                # through a write (self._admit)
+                self._waiting_readers += 1
+                try:
+                    while self._writer is not None or (self._waiting_writers and not self._holds and not self._admit):
+                        self._cond.wait()
+                finally:
+                    self._waiting_readers -= 1
+                if self._admit:
+                    self._admit -= 1
+                    if not self._admit:
+                        self._cond.notify_all()
             self._reads[me] = self._reads.get(me, 0) + 1
 
     def holds_read(self) -> bool:
@@ -101,12 +116,16 @@ class ModelLock:
                                            "(or a hold() of it) would wait for itself; make it outside")
                     del self._reads[me]  # left by a forward of this thread that was interrupted
                 self._waiting_writers += 1
+                self._queue.append(me)
                 try:
-                    while self._writer is not None or self._reads:
+                    while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
                         if not self._cond.wait(timeout=0.1):
                             self._drop_left_reads()
+                            self._admit = min(self._admit, self._waiting_readers)  # (readers that left meanwhile)
                 finally:
                     self._waiting_writers -= 1
+                    self._queue.remove(me)
+                    self._cond.notify_all()
                 self._writer, self._write_depth = me, 1
         try:
             yield
@@ -115,6 +134,7 @@ class ModelLock:
                 self._write_depth -= 1
                 if not self._write_depth:
                     self._writer = None
+                    self._admit = self._waiting_readers  # they go before the next writer
                     self._cond.notify_all()
 
 
@@ -410,10 +430,22 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                 del DISABLED[model]
             for _, m in [*found, *saved]:
                 m._adapter_off -= 1
+            again = []
             for _, m in found:
                 if m._adapter_off:
                     continue
                 was_merged, was_training = m.__dict__.pop("_pre_disable", (False, m.training))
                 merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
                 if merge and not m.merged and m.has_lora:
+                    again.append(m)
+            done = []
+            try:
+                for m in again:
                     m.merge()
+                    done.append(m)
+            except Exception as e:  # (an adapter set inside the block that cannot merge): all unmerged, said so
+                for m in done:
+                    m.unmerge()
+                e.args = (f"disable_adapter: at the block's end the layers could not all be merged again, so none is "
+                          f"(they serve their adapter unmerged): {e}",) + tuple(e.args[1:])
+                raise
