@@ -283,3 +283,19 @@ def test_a_saved_whole_head_tied_to_the_embeddings_is_refused_naming_the_tie(tmp
     with pytest.raises(merge_cli.MergeError, match=r"module 'lm_head' is saved whole .* has no tensor under 'lm_head\.'; "
                                                    r"the model ties its weight to .*embed_tokens"):
         merge_cli.merge_checkpoint(base, adapter, str(tmp_path / "merged"), progress=False)
+
+
+def test_many_keys_a_converter_fuses_are_converted_not_ambiguous():
+    # Mixtral's checkpoint stores each expert's w1/w3; transformers fuses them into one gate_up_proj. That is what a
+    # converter does: the fused weight is "made by a conversion", not "stored more than once"
+    cfg = transformers.MixtralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, num_local_experts=2, vocab_size=100)
+    with torch.device("meta"):
+        meta = transformers.MixtralForCausalLM(cfg)
+    keys = [f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight" for e in (0, 1) for w in ("w1", "w3")]
+    keys.append("model.layers.0.block_sparse_moe.gate.weight")
+    names, converted, twice = checkpoint_names.model_names(meta, keys)
+    assert twice == {}
+    fused = [k for k in converted if "gate_up" in k]
+    assert len(fused) == 1 and sorted(converted[fused[0]]) == sorted(keys[:4])
+    assert names == {"model.layers.0.block_sparse_moe.gate.weight": "model.layers.0.mlp.gate.weight"}

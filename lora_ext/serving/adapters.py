@@ -121,7 +121,9 @@ class ModelLock:
                     while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
                         if not self._cond.wait(timeout=0.1):
                             self._drop_left_reads()
-                            self._admit = min(self._admit, self._waiting_readers)  # (readers that left meanwhile)
+                        # (readers let in that stopped waiting meanwhile: a reader leaves the wait and takes its
+                        # admission in one step under the condition's lock, so this never skips one)
+                        self._admit = min(self._admit, self._waiting_readers)
                 finally:
                     self._waiting_writers -= 1
                     self._queue.remove(me)

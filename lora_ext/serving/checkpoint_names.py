@@ -45,14 +45,15 @@ def model_names(model: nn.Module, keys: Sequence[str]
                 new, pattern = rename_source_key(key, [], [], prefix, model_keys)
             if new not in model_keys:
                 continue
-            if pattern is not None:
+            if pattern is not None:  # (many keys into one weight is what a converter does: not ambiguous)
                 converted.setdefault(new, []).append(key)
-            elif new != key:
+                continue
+            if new != key:
                 names[key] = new
             seen.setdefault(new, []).append(key)
     except Exception:  # rules this transformers does not have, or that fail on this model: names as they are
         return {}, {}, {}
-    ambiguous = {new: found for new, found in seen.items() if len(found) > 1}
+    ambiguous = {new: found for new, found in seen.items() if len(found) > 1 or new in converted}
     for found in ambiguous.values():
         for key in found:
             names.pop(key, None)
