@@ -3,6 +3,7 @@ layers unmerged on entry, merged again on exit; modules saved whole serve the mo
 peft and the plain base model; nesting, eval()/train() and merge() inside, refusals, threads, torch.compile,
 gradients."""
 import threading
+import time
 
 import pytest
 import torch
@@ -337,3 +338,79 @@ def test_a_block_end_that_cannot_merge_leaves_every_layer_unmerged_and_says_so(s
     with pytest.raises(ExceptionOverflow):  # outside a block, as before: refused up front, nothing changed
         lora.merge_adapter(model)
     assert not any(m.merged for m in lora_layers_of(model))
+
+
+def _finishes(fn, seconds=30):
+    """Runs fn on a thread; whether it finished within `seconds` (a liveness bound, not a timing)."""
+    done = threading.Event()
+
+    def run():
+        fn()
+        done.set()
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(seconds)
+    return done.is_set()
+
+
+def test_a_thread_whose_forward_was_interrupted_queues_behind_waiting_writers(saved):
+    # a KeyboardInterrupt inside a forward skips torch's forward hooks, leaving the thread's read; its later
+    # forwards then passed every waiting writer as re-entrant reads: a switch waited as long as it kept forwarding
+    model = _model(saved)
+    lora.load_peft_adapter(model, saved, "b", activate=False)
+    x = torch.zeros(1, 3, dtype=torch.long)
+    stop = threading.Event()
+
+    def forwarder():
+        state = {"raise": True}
+
+        def interrupt(module, args):
+            if state.pop("raise", False):
+                raise KeyboardInterrupt
+        handle = model.model.layers[0].register_forward_pre_hook(interrupt)
+        try:
+            _logits(model, x)
+        except KeyboardInterrupt:
+            pass
+        handle.remove()
+        assert model_lock_reads(model)  # the read was left behind
+        while not stop.is_set():
+            _logits(model, x)
+
+    t = threading.Thread(target=forwarder)
+    t.start()
+    try:
+        time.sleep(0.5)
+        assert _finishes(lambda: [lora.set_adapter(model, n) for n in ("b", "a", "b")])
+    finally:
+        stop.set()
+        t.join(30)
+
+
+def model_lock_reads(model):
+    from lora_ext.serving.adapters import model_lock
+    return dict(model_lock(model)._reads)
+
+
+def test_holds_one_after_another_on_other_threads_do_not_starve_a_switch(saved):
+    # a new hold() passed waiting writers while any hold was open: two threads holding in turn kept it open for ever
+    model = _model(saved)
+    lora.load_peft_adapter(model, saved, "b", activate=False)
+    x = torch.zeros(1, 3, dtype=torch.long)
+    stop = threading.Event()
+
+    def holder():
+        while not stop.is_set():
+            with lora.hold(model):
+                _logits(model, x)
+
+    threads = [threading.Thread(target=holder) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        assert _finishes(lambda: [lora.set_adapter(model, n) for n in ("b", "a", "b")])
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)

@@ -53,14 +53,18 @@ class ModelLock:
     def __setstate__(self, state):
         self.__init__()
 
-    def _in_forward(self, frame) -> bool:
+    def _in_forward(self, frame, outer: int = 0) -> bool:
         """Whether the stack holds a forward of a module with this lock (the model, or a shallow copy of it,
-        which shares its layers and so its lock)."""
+        which shares its layers and so its lock); with outer=1, one more than the innermost (a forward inside a
+        forward)."""
+        found = 0
         while frame is not None:
-            if frame.f_code.co_name in ("_call_impl", "_wrapped_call_impl"):
+            if frame.f_code.co_name == "_call_impl":
                 owner = getattr(frame.f_locals.get("self"), "__dict__", {})
                 if owner.get("_lora_ext_model_lock") is self:
-                    return True
+                    found += 1
+                    if found > outer:
+                        return True
             frame = frame.f_back
         return False
 
@@ -73,16 +77,25 @@ class ModelLock:
             if frame is None or not self._in_forward(frame):
                 del self._reads[ident]
 
-    def acquire_read(self) -> None:
+    def acquire_read(self, hold: bool = False) -> None:
+        """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s."""
         me = threading.get_ident()
         with self._cond:
+            if (me in self._reads and self._waiting_writers and not self._holds.get(me) and self._writer != me
+                    and not self._in_forward(sys._getframe(), outer=0 if hold else 1)):
+                # not inside a forward or a hold of this thread: the read was left by a forward a KeyboardInterrupt
+                # stopped (its hook never ran). This read is a new one, and queues (else the thread, forwarding in
+                # a loop, would pass every waiting writer as a re-entrant read)
+                del self._reads[me]
             if me not in self._reads and self._writer != me:
-                # waiting writers go first, except while a hold() is open (its forwards may run on other threads:
-                # a streamer's worker; the writer waits for the hold anyway) and for the readers that waited
-                # through a write (self._admit)
+                # waiting writers go first, except for forwards while a hold() is open (they may be the hold's, run
+                # on other threads: a streamer's worker; the writer waits for the hold anyway) and for the readers
+                # that waited through a write (self._admit); a new hold queues (holds one after another would
+                # starve the writers)
                 self._waiting_readers += 1
                 try:
-                    while self._writer is not None or (self._waiting_writers and not self._holds and not self._admit):
+                    while self._writer is not None or (self._waiting_writers and (hold or not self._holds)
+                                                       and not self._admit):
                         self._cond.wait()
                 finally:
                     self._waiting_readers -= 1
@@ -145,7 +158,7 @@ def hold(model: nn.Module) -> Iterator[None]:
     """Holds the model's current adapter for a block of forwards (a whole `generate()`, say): model-level
     changes on other threads wait until the block ends. Changes from this thread inside it are refused."""
     lock = model_lock(model)
-    lock.acquire_read()
+    lock.acquire_read(hold=True)
     me = threading.get_ident()
     lock._holds[me] = lock._holds.get(me, 0) + 1
     try:
