@@ -414,3 +414,32 @@ def test_holds_one_after_another_on_other_threads_do_not_starve_a_switch(saved):
         stop.set()
         for t in threads:
             t.join(30)
+
+
+def test_a_hold_on_the_worker_of_an_open_hold_is_not_kept_waiting_for_ever(saved):
+    # a hold whose block waits for a worker thread that opens a hold of its own (a library wrapping generate() in
+    # hold() on its worker), while a switch waits: the worker's hold queues behind the switch only for
+    # HOLD_QUEUE_SECONDS (the switch waits for the outer hold, which waits for the worker: no deadlock)
+    model = _model(saved)
+    lora.load_peft_adapter(model, saved, "b", activate=False)
+    x = torch.zeros(1, 3, dtype=torch.long)
+    switching = threading.Event()
+
+    def serve():
+        with lora.hold(model):
+            switcher = threading.Thread(target=lambda: (switching.set(), lora.set_adapter(model, "b")))
+            switcher.start()
+            switching.wait()
+            time.sleep(0.2)  # the switch now waits for this hold
+
+            def worker():
+                with lora.hold(model):
+                    _logits(model, x)
+            w = threading.Thread(target=worker)
+            w.start()
+            w.join(30)
+            assert not w.is_alive()
+        switcher.join(30)
+        assert not switcher.is_alive() and lora.active_adapter(model) == "b"
+
+    assert _finishes(serve)

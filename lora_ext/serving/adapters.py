@@ -12,6 +12,7 @@ import collections
 import contextlib
 import sys
 import threading
+import time
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -24,6 +25,9 @@ from ..utils import under_ddp
 from .injection import check_mergeable
 from .saved_modules import wrappers
 from . import weighted
+
+
+HOLD_QUEUE_SECONDS = 1.0  # how long a new hold() waits behind waiting writers while another hold is open
 
 
 class ModelLock:
@@ -90,13 +94,16 @@ class ModelLock:
             if me not in self._reads and self._writer != me:
                 # waiting writers go first, except for forwards while a hold() is open (they may be the hold's, run
                 # on other threads: a streamer's worker; the writer waits for the hold anyway) and for the readers
-                # that waited through a write (self._admit); a new hold queues (holds one after another would
-                # starve the writers)
+                # that waited through a write (self._admit). A new hold queues too (holds on several threads in turn
+                # would starve the writers), for up to HOLD_QUEUE_SECONDS while another hold is open: it may be one
+                # that the open hold waits for (a hold on its worker thread), which must not wait for ever
                 self._waiting_readers += 1
+                deadline = time.monotonic() + HOLD_QUEUE_SECONDS
                 try:
-                    while self._writer is not None or (self._waiting_writers and (hold or not self._holds)
-                                                       and not self._admit):
-                        self._cond.wait()
+                    while self._writer is not None or (
+                            self._waiting_writers and not self._admit
+                            and (not self._holds or (hold and time.monotonic() < deadline))):
+                        self._cond.wait(timeout=0.05 if hold and self._holds else None)
                 finally:
                     self._waiting_readers -= 1
                 if self._admit:
