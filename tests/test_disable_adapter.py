@@ -284,8 +284,7 @@ def test_a_thread_switching_in_a_loop_does_not_starve_the_others(saved, op):
     # the switching thread took the model's lock straight back after each switch: a forward, a switch or a
     # disable_adapter on another thread waited for minutes (writers now queue in order; readers that waited
     # through a write go before the next one). A liveness check: the operation must finish at all (30 s bound).
-    model = _model(saved)
-    lora.load_peft_adapter(model, saved, "b", activate=False)
+    model, x = _two_adapters(saved)
     stop = threading.Event()
 
     def switcher():
@@ -297,7 +296,7 @@ def test_a_thread_switching_in_a_loop_does_not_starve_the_others(saved, op):
     def operation():
         for _ in range(3):
             if op == "forward":
-                _logits(model, torch.zeros(1, 3, dtype=torch.long))
+                _logits(model, x)
             elif op == "set_adapter":
                 lora.set_adapter(model, "a")
             else:
@@ -340,6 +339,13 @@ def test_a_block_end_that_cannot_merge_leaves_every_layer_unmerged_and_says_so(s
     assert not any(m.merged for m in lora_layers_of(model))
 
 
+def _two_adapters(saved):
+    """(a model holding adapters a (active, merged) and b, a one-row input) for the lock's liveness tests."""
+    model = _model(saved)
+    lora.load_peft_adapter(model, saved, "b", activate=False)
+    return model, torch.zeros(1, 3, dtype=torch.long)
+
+
 def _finishes(fn, seconds=30):
     """Runs fn on a thread; whether it finished within `seconds` (a liveness bound, not a timing)."""
     done = threading.Event()
@@ -356,9 +362,7 @@ def _finishes(fn, seconds=30):
 def test_a_thread_whose_forward_was_interrupted_queues_behind_waiting_writers(saved):
     # a KeyboardInterrupt inside a forward skips torch's forward hooks, leaving the thread's read; its later
     # forwards then passed every waiting writer as re-entrant reads: a switch waited as long as it kept forwarding
-    model = _model(saved)
-    lora.load_peft_adapter(model, saved, "b", activate=False)
-    x = torch.zeros(1, 3, dtype=torch.long)
+    model, x = _two_adapters(saved)
     stop = threading.Event()
 
     def forwarder():
@@ -394,9 +398,7 @@ def model_lock_reads(model):
 
 def test_holds_one_after_another_on_other_threads_do_not_starve_a_switch(saved):
     # a new hold() passed waiting writers while any hold was open: two threads holding in turn kept it open for ever
-    model = _model(saved)
-    lora.load_peft_adapter(model, saved, "b", activate=False)
-    x = torch.zeros(1, 3, dtype=torch.long)
+    model, x = _two_adapters(saved)
     stop = threading.Event()
 
     def holder():
@@ -420,9 +422,7 @@ def test_a_hold_on_the_worker_of_an_open_hold_is_not_kept_waiting_for_ever(saved
     # a hold whose block waits for a worker thread that opens a hold of its own (a library wrapping generate() in
     # hold() on its worker), while a switch waits: the worker's hold queues behind the switch only for
     # HOLD_QUEUE_SECONDS (the switch waits for the outer hold, which waits for the worker: no deadlock)
-    model = _model(saved)
-    lora.load_peft_adapter(model, saved, "b", activate=False)
-    x = torch.zeros(1, 3, dtype=torch.long)
+    model, x = _two_adapters(saved)
     switching = threading.Event()
 
     def serve():
