@@ -106,6 +106,23 @@ class deferred_interrupt:
 MAX_NAME = 255  # a file name's limit on common file systems: peft saves an adapter under its name
 
 
+def each_or_none(layers, do, undo) -> None:
+    """do(m) for every layer in turn, all or none: when one raises (a refusal, or a Ctrl-C held back during the pass
+    and delivered at its end), undo(m) for those done (Ctrl-C held back) and the error raised."""
+    done = []
+    try:
+        with deferred_interrupt() as held:
+            for m in layers:
+                do(m)
+                done.append(m)
+            held.deliver()
+    except BaseException:
+        with deferred_interrupt():
+            for m in done:
+                undo(m)
+        raise
+
+
 def check_adapter_name(name) -> None:
     """Adapter names are non-empty strings without "." (peft's rule: names become parts of module paths),
     path separators or control characters, not only white space, of at most MAX_NAME bytes in UTF-8."""

@@ -443,3 +443,33 @@ def test_a_hold_on_the_worker_of_an_open_hold_is_not_kept_waiting_for_ever(saved
         assert not switcher.is_alive() and lora.active_adapter(model) == "b"
 
     assert _finishes(serve)
+
+
+def test_ctrl_c_during_the_entry_is_undone_by_the_blocks_end(saved, python_sigint, monkeypatch):
+    # (found in the read-through) a Ctrl-C while the entry unmerged was delivered after the flags were set and
+    # before the block's try: the end never ran and the model stayed disabled
+    import os
+    import signal
+    x = torch.randint(0, VOCAB, (2, 6))
+    model = _model(saved)
+    adapted = _logits(model, x)
+    real = lora.LoRALayer.unmerge
+    calls = []
+
+    def unmerge(self):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGINT)  # held back until the entry is whole
+        calls.append(self)
+        return real(self)
+
+    monkeypatch.setattr(lora.LoRALayer, "unmerge", unmerge)
+    with pytest.raises(KeyboardInterrupt):
+        with lora.disable_adapter(model):
+            raise AssertionError("the block's body must not run")
+    monkeypatch.undo()
+    assert len(calls) == len(lora_layers_of(model))  # the entry ran whole before the Ctrl-C landed
+    assert all(m.merged and not m._adapter_off for m in lora_layers_of(model))
+    from lora_ext.serving.injection import DISABLED
+    assert model not in DISABLED
+    assert rel_err(_logits(model, x), adapted) < 1e-6
+    lora.load_peft_adapter(model, saved, "b", activate=False)  # not refused as inside a block

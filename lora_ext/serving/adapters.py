@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import sharded
 from ..layers import LoRALayer
-from ..named_adapters import deferred_interrupt
+from ..named_adapters import deferred_interrupt, each_or_none
 from ..utils import under_ddp
 from .injection import check_mergeable
 from .saved_modules import wrappers
@@ -358,21 +358,8 @@ def merge_adapter(model: nn.Module) -> None:
             m._check_sound()  # (a broken layer: refused before the others merge and unmerge again)
             if not m.merged:
                 m._check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")
-        done = []
-        try:
-            with deferred_interrupt() as held:  # (as in _set_adapter)
-                for _, m in found:
-                    if not m.merged:
-                        m.merge()
-                        done.append(m)
-                    else:
-                        m.merge()
-                held.deliver()
-        except BaseException:  # a refusal while writing (a lossless merge's exceptions): all merged or none
-            with deferred_interrupt():
-                for m in done:
-                    m.unmerge()
-            raise
+        # a refusal while writing (a lossless merge's exceptions), or Ctrl-C: all merged or none
+        each_or_none([m for _, m in found if not m.merged], lambda m: m.merge(), lambda m: m.unmerge())
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -412,36 +399,32 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
     inside (deepcopy, pickle) is not in the block. CUDA graphs captured outside the block replay the adapter."""
     from .injection import DISABLED
     with model_lock(model).write():
-        found = _layers_or_raise(model)
-        for path, m in found:
-            if m.__dict__.get("_open_batches"):
-                raise ValueError(f"disable_adapter: a mixed batch (lora.batch_adapters) serves layer {path!r}; "
-                                 f"disable the adapters after it closes")
-            if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_or_none()):
-                raise ValueError(f"disable_adapter: layer {path!r} is sharded (tensor parallel or FSDP2), whose "
-                                 f"forward adds the adapter in its own way; serve the base before sharding")
-        saved = wrappers(model)
-        unmerged = []
+        # Ctrl-C is held back over the whole entry and lands inside the block's try, so the block's end undoes it
+        held = deferred_interrupt().__enter__()
         try:
-            with deferred_interrupt():
-                for _, m in found:
-                    if not m._adapter_off:  # the first block over it: what to come back to
-                        m.__dict__["_pre_disable"] = (m.merged, m.training)
-                    if m.merged and m.has_lora:
-                        m.unmerge()
-                        unmerged.append(m)
-                for _, m in [*found, *saved]:
-                    m._adapter_off += 1
-                DISABLED[model] = DISABLED.get(model, 0) + 1
-        except BaseException:  # an unmerge refused: the others merged back, nothing disabled
-            with deferred_interrupt():
-                for m in unmerged:
-                    m.merge()
-                for _, m in found:
-                    if not m._adapter_off:
-                        m.__dict__.pop("_pre_disable", None)
+            found = _layers_or_raise(model)
+            for path, m in found:
+                if m.__dict__.get("_open_batches"):
+                    raise ValueError(f"disable_adapter: a mixed batch (lora.batch_adapters) serves layer {path!r}; "
+                                     f"disable the adapters after it closes")
+                if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_or_none()):
+                    raise ValueError(f"disable_adapter: layer {path!r} is sharded (tensor parallel or FSDP2), whose "
+                                     f"forward adds the adapter in its own way; serve the base before sharding")
+            saved = wrappers(model)
+            # the first block over a layer: what to come back to
+            pre = {m: (m.merged, m.training) for _, m in found if not m._adapter_off}
+            # an unmerge refused: the others merged back, nothing disabled
+            each_or_none([m for _, m in found if m.merged and m.has_lora], lambda m: m.unmerge(), lambda m: m.merge())
+            for m, state in pre.items():
+                m.__dict__["_pre_disable"] = state
+            for _, m in [*found, *saved]:
+                m._adapter_off += 1
+            DISABLED[model] = DISABLED.get(model, 0) + 1
+        except BaseException:
+            held.deliver()
             raise
     try:
+        held.deliver()  # (a Ctrl-C during the entry: raised here, the end below runs)
         yield
     finally:
         # Ctrl-C is held back from before the lock is waited for (a forward on another thread may hold it): an
@@ -460,14 +443,9 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                 merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
                 if merge and not m.merged and m.has_lora:
                     again.append(m)
-            done = []
             try:
-                for m in again:
-                    m.merge()
-                    done.append(m)
+                each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge())
             except Exception as e:  # (an adapter set inside the block that cannot merge): all unmerged, said so
-                for m in done:
-                    m.unmerge()
                 e.args = (f"disable_adapter: at the block's end the layers could not all be merged again, so none is "
                           f"(they serve their adapter unmerged): {e}",) + tuple(e.args[1:])
                 raise

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import sharded
 from ..layers import LoRALayer, MergedLinear
-from ..named_adapters import check_adapter_name, deferred_interrupt
+from ..named_adapters import check_adapter_name, each_or_none
 from .saved_modules import wrappers
 
 COMBINATIONS = ("svd", "cat", "linear")
@@ -181,16 +181,7 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
 
 def apply(plan_: Dict[LoRALayer, Tuple[Tensor, Tensor]], adapter_name: str) -> None:
     """Adds the planned adapter to its layers, all or none (Ctrl-C lands after)."""
-    done = []
-    try:
-        with deferred_interrupt() as held:
-            for m, (A, B) in plan_.items():
-                m.add_adapter(adapter_name, A, B, 1.0)
-                done.append(m)
-            held.deliver()
-    except BaseException:
-        with deferred_interrupt():
-            for m in done:
-                if m.has_adapter(adapter_name) and m.active_adapter != adapter_name:
-                    m.delete_adapter(adapter_name)
-        raise
+    def undo(m):
+        if m.has_adapter(adapter_name) and m.active_adapter != adapter_name:
+            m.delete_adapter(adapter_name)
+    each_or_none(list(plan_), lambda m: m.add_adapter(adapter_name, *plan_[m], 1.0), undo)
