@@ -172,13 +172,14 @@ def test_every_layer_kind_against_float64(index):
     (dict(weights=[1.0]), ValueError, "weights must be a list of 2 numbers"),
     (dict(weights=[1.0, float("nan")]), ValueError, "weight of adapter 'b' must be a finite number"),
     (dict(weights=[1.0, True]), ValueError, "weight of adapter 'b' must be a finite number"),
-    (dict(combination_type="ties"), ValueError, "combination_type must be one of svd, cat, linear"),
-    (dict(combination_type="linear"), ValueError, r"'linear' sums the factors.*layer '.*q_proj' holds ranks \[4, 6\]"),
+    (dict(combination_type="ties"), ValueError, r"'ties' prunes; density .* must be a number in \(0, 1\], got None"),
+    (dict(combination_type="bogus"), ValueError, "combination_type must be one of cat, svd, ties_svd"),
+    (dict(combination_type="linear"), ValueError, r"'linear' combines the factors.*layer '.*q_proj' holds ranks \[4, 6\]"),
     (dict(svd_rank=0), ValueError, "svd_rank must be a positive int"),
     (dict(adapters=["a", "a"], weights=[1.0, 1.0]), ValueError, "distinct adapter names"),
     (dict(adapters=[], weights=[]), TypeError, "non-empty list"),
     (dict(adapters="ab"), TypeError, "non-empty list"),
-], ids=["unknown", "exists", "weights-length", "nan", "bool", "ties", "linear-ranks", "svd-rank", "duplicate", "empty",
+], ids=["unknown", "exists", "weights-length", "nan", "bool", "ties", "bogus", "linear-ranks", "svd-rank", "duplicate", "empty",
         "string"])
 def test_refusals_leave_the_model_as_it_was(saved, call, error, match):
     model = _ours(saved)

@@ -373,15 +373,25 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def add_weighted_adapter(model: nn.Module, adapters: List[str], weights: List[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: Optional[int] = None) -> None:
+                         combination_type: str = "svd", svd_rank: Optional[int] = None,
+                         svd_clamp: Optional[float] = None, svd_full_matrices: bool = True,
+                         svd_driver: Optional[str] = None, density: Optional[float] = None,
+                         majority_sign_method: Optional[str] = None) -> None:
     """Adds adapter `adapter_name`, made from the model's `adapters` weighted by `weights`, as peft's
     add_weighted_adapter: "svd" (peft's default: the weighted update refactored by its SVD, truncated to `svd_rank`
     when given; without it the exact update, where peft truncates to its configs' largest r), "cat" (exact: the
-    ranks stacked) or "linear" (the factors summed, equal ranks; exact for one adapter). Scaling 1; not made active. Every layer is planned (and checked) before the first one changes; see
-    lora_ext/serving/weighted.py."""
+    ranks stacked), "linear" (the factors summed, equal ranks; exact for one adapter), and peft's pruning
+    combinations: "ties", "dare_linear", "dare_ties", "magnitude_prune" (on the factors, equal ranks) and their
+    "_svd" forms (on the updates, then refactored), which need `density` (the fraction of values kept, in (0, 1]);
+    ties and dare_ties elect signs by `majority_sign_method` ("total", the default, or "frequency"). dare draws its
+    masks from torch's default generator (torch.manual_seed makes it repeatable). `svd_clamp` clamps the new
+    factors to that quantile of their values; `svd_driver` picks a cuSOLVER method (CUDA factors);
+    `svd_full_matrices` changes nothing in the result (the factors are truncated either way). Scaling 1; not made
+    active. Every layer is planned (and checked) before the first one changes; see lora_ext/serving/weighted.py."""
     with model_lock(model).write():
         found = _layers_or_raise(model)
-        weighted.apply(weighted.plan(model, found, adapters, weights, adapter_name, combination_type, svd_rank),
+        weighted.apply(weighted.plan(model, found, adapters, weights, adapter_name, combination_type, svd_rank,
+                                     density, majority_sign_method, svd_clamp, svd_full_matrices, svd_driver),
                        adapter_name)
 
 

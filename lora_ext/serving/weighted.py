@@ -1,6 +1,10 @@
 """A new adapter made from weighted adapters the model holds (peft's add_weighted_adapter): "cat" (exact: the ranks
-stacked), "svd" (the weighted update refactored by its SVD, truncated to svd_rank when one is given: peft's default)
-and "linear" (peft's weighted sum of the factors, of equal ranks: an approximation, exact for one adapter).
+stacked), "svd" (the weighted update refactored by its SVD, truncated to svd_rank when one is given: peft's default),
+"linear" (peft's weighted sum of the factors, of equal ranks: an approximation, exact for one adapter), and peft's
+pruning combinations (see _combine): "ties", "dare_linear", "dare_ties", "magnitude_prune" on the factors as
+"linear", and their "_svd" forms on each block's updates s_i B_i A_i (pruned as the weight holds them: a transposed
+layout is transposed back first, so dare draws the masks peft draws), refactored as "svd" (without svd_rank: the sum
+of the layer's ranks; a pruned update has no exact low rank).
 
 svd without svd_rank keeps the exact update (each layer's rank: the sum of its adapters' ranks, at most what its
 shape allows). peft truncates to the largest r of the adapters' configs, which a layer does not hold (rank_pattern
@@ -30,7 +34,55 @@ from ..layers import LoRALayer, MergedLinear
 from ..named_adapters import check_adapter_name, each_or_none
 from .saved_modules import wrappers
 
-COMBINATIONS = ("svd", "cat", "linear")
+# peft's combination types. Factor level ("linear" and the pruned ones without _svd) combines lora_A's and lora_B's
+# separately (equal ranks); the _svd ones combine each block's updates s_i B_i A_i and refactor the result.
+FACTOR_LEVEL = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+UPDATE_LEVEL = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
+COMBINATIONS = ("cat",) + UPDATE_LEVEL + FACTOR_LEVEL
+# how each pruned combination sparsifies its tensors (magnitude: the largest density fraction of |values| kept;
+# random: each value kept with probability density, then scaled by 1/density, DARE's rescale)
+PRUNING = {"ties": "magnitude", "magnitude_prune": "magnitude", "dare_linear": "random", "dare_ties": "random"}
+SIGN_ELECTING = ("ties", "dare_ties")  # TIES' sign election and disjoint mean after pruning
+SIGN_METHODS = ("total", "frequency")
+SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
+
+
+def _base(combination_type: str) -> str:
+    """The combination without its _svd suffix: how tensors are combined."""
+    return combination_type[:-len("_svd")] if combination_type.endswith("_svd") else combination_type
+
+
+def _prune(t: Tensor, like: Tensor, density: float, how: str) -> Tensor:
+    """t (float64 or float32) sparsified by `how` (see PRUNING); `like` is the tensor as held (random masks are drawn
+    on a tensor of its dtype and shape, as peft draws them, so both consume the generator alike)."""
+    if density >= 1:
+        return t
+    if how == "magnitude":
+        flat = t.reshape(-1)
+        keep = torch.zeros(flat.shape, dtype=torch.bool, device=t.device)
+        keep[flat.abs().topk(int(density * flat.numel())).indices] = True
+        return t * keep.view(t.shape)
+    mask = torch.bernoulli(torch.full_like(like, density))
+    return t * mask.to(t.dtype) / density
+
+
+def _combine(combination: str, tensors: List[Tensor], likes: List[Tensor], weights: List[float], density,
+             sign_method: str) -> Tensor:
+    """The weighted combination of same-shaped `tensors` by `combination` (without _svd): pruned first if it prunes
+    (each tensor on its own), then summed with `weights`, or for ties/dare_ties: each value's sign elected across
+    the pruned tensors (the sign of their sum, "total", or the sign most of them have, "frequency"; ties go to +),
+    and the weighted values agreeing with it averaged (peft's order: the election sees the unweighted tensors)."""
+    how = PRUNING.get(combination)
+    if how is not None:
+        tensors = [_prune(t, like, density, how) for t, like in zip(tensors, likes)]
+    stacked = torch.stack(tensors)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device).view(-1, *([1] * (stacked.dim() - 1)))
+    if combination not in SIGN_ELECTING:
+        return (stacked * w).sum(0)
+    signs = stacked.sign()
+    votes = stacked.sum(0) if sign_method == "total" else signs.sum(0)
+    agree = signs == torch.where(votes >= 0, 1.0, -1.0).to(stacked.dtype)
+    return (stacked * w * agree).sum(0) / agree.sum(0).clamp(min=1)
 
 
 def _blocks(layer: LoRALayer) -> int:
@@ -62,16 +114,24 @@ def _cat(layer, parts, weights) -> Tuple[Tensor, Tensor]:
     return torch.cat(A_new), torch.cat(B_new)
 
 
-def _linear(layer, parts, weights, where) -> Tuple[Tensor, Tensor]:
-    """peft's "linear": sum of sign(w s) sqrt|w s| A_i and of sqrt|w s| B_i (equal ranks)."""
+def _factor_level(layer, parts, weights, where, combination, density, sign_method) -> Tuple[Tensor, Tensor]:
+    """peft's factor-level combinations (equal ranks): lora_A's combined with weights sign(w s) sqrt|w s| and
+    lora_B's with sqrt|w s| ("linear": summed; the others pruned first, see _combine), block by block (a
+    MergedLinear's blocks are pruned each on its own)."""
     shapes = {(tuple(A.shape), tuple(B.shape)) for A, B, _ in parts}
     if len(shapes) > 1:
         ranks = [layer.rank_of(A) for A, _, _ in parts]
-        raise ValueError(f"add_weighted_adapter: combination_type 'linear' sums the factors, which needs equal ranks; "
-                         f"{where} holds ranks {ranks} (use 'cat' or 'svd')")
-    A_new = sum(_sides(w, s)[0] * A.double() for (A, _, s), w in zip(parts, weights))
-    B_new = sum(_sides(w, s)[1] * B.double() for (_, B, s), w in zip(parts, weights))
-    return A_new, B_new
+        raise ValueError(f"add_weighted_adapter: combination_type {combination!r} combines the factors, which needs "
+                         f"equal ranks; {where} holds ranks {ranks} (use 'cat' or an _svd combination)")
+    sides = [_sides(w, s) for (_, _, s), w in zip(parts, weights)]
+    held = [_split(layer, A, B) for A, B, _ in parts]
+    A_new, B_new = [], []
+    for j in range(len(held[0])):
+        for side, out in ((0, A_new), (1, B_new)):
+            likes = [blocks[j][side] for blocks in held]
+            out.append(_combine(combination, [t.double() for t in likes], likes, [sd[side] for sd in sides],
+                                density, sign_method))
+    return torch.cat(A_new), torch.cat(B_new)
 
 
 def _max_rank(layer) -> int:
@@ -83,23 +143,50 @@ def _max_rank(layer) -> int:
     return max(1, min(ka, rb // n) // per_rank)
 
 
-def _svd(layer, parts, weights, rank: int) -> Tuple[Tensor, Tensor]:
-    """Each block's weighted update B_j A_j, truncated to the new rank by its SVD (lora_B = U S, lora_A = Vh)."""
+def _quantile(values: Tensor, q: float) -> float:
+    """torch.quantile(values, q) (linear interpolation) without its 2^24-element limit."""
+    ordered = values.sort().values
+    pos = q * (ordered.numel() - 1)
+    low = int(pos)
+    high = min(low + 1, ordered.numel() - 1)
+    return float(ordered[low] + (ordered[high] - ordered[low]) * (pos - low))
+
+
+def _svd(layer, parts, weights, rank: int, where: str, combination="svd", density=None, sign_method="total",
+         clamp=None, driver=None) -> Tuple[Tensor, Tensor]:
+    """Each block's weighted update (sum_i w_i s_i B_i A_j; the _svd combinations prune and combine the updates
+    s_i B_i A_i, see _combine), truncated to the new rank by its SVD (lora_B = U S, lora_A = Vh); with `clamp`,
+    both clamped to the clamp quantile of their values' distribution, as peft's svd_clamp."""
     dtype = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32  # (peft: the factors' dtype)
     blocks = [_split(layer, A.to(dtype), B.to(dtype)) for A, B, _ in parts]
     (a_shape, b_shape) = layer.factor_shapes(rank)
     n = len(blocks[0])
-    q = a_shape[0] // n  # rank rows per block (a convolution's: rank * kernel size)
+    q = a_shape[0] // n  # rank rows per block (a convolution's rank rows: rank * kernel size)
+    transposed = layer._layout().get("transposed", False)  # pruned as the weight holds it (peft's delta weight)
     A_new, B_new = [], []
     for j in range(n):
-        update = sum((w * s) * (blocks[i][j][1] @ blocks[i][j][0])
-                     for i, ((_, _, s), w) in enumerate(zip(parts, weights)))
-        U, S, Vh = torch.linalg.svd(update, full_matrices=False)
+        if combination == "svd":
+            update = sum((w * s) * (blocks[i][j][1] @ blocks[i][j][0])
+                         for i, ((_, _, s), w) in enumerate(zip(parts, weights)))
+        else:
+            updates = [s * (blocks[i][j][1] @ blocks[i][j][0]) for i, (_, _, s) in enumerate(parts)]
+            updates = [u.t().contiguous() for u in updates] if transposed else updates
+            update = _combine(_base(combination), updates, updates, weights, density, sign_method)
+            update = update.t() if transposed else update
+        U, S, Vh = torch.linalg.svd(update, full_matrices=False, driver=driver)
         k = min(q, S.shape[0])
+        B_k, A_k = U[:, :k] * S[:k], Vh[:k]
+        if clamp is not None:
+            high = _quantile(torch.cat([B_k.reshape(-1), A_k.reshape(-1)]), clamp)
+            if not high > 0:
+                raise ValueError(f"add_weighted_adapter: svd_clamp={clamp} bounds the factors of {where} by "
+                                 f"{high:g}, which is not positive (clamping to it would zero or flip every value); use a "
+                                 f"higher quantile, such as 0.99")
+            B_k, A_k = B_k.clamp(-high, high), A_k.clamp(-high, high)
         A_j = update.new_zeros(q, update.shape[1])
         B_j = update.new_zeros(update.shape[0], q)
-        A_j[:k] = Vh[:k]
-        B_j[:, :k] = U[:, :k] * S[:k]
+        A_j[:k] = A_k
+        B_j[:, :k] = B_k
         A_new.append(A_j)
         B_new.append(B_j)
     A_new, B_new = torch.cat(A_new), torch.cat(B_new)
@@ -107,7 +194,8 @@ def _svd(layer, parts, weights, rank: int) -> Tuple[Tensor, Tensor]:
     return A_new, B_new
 
 
-def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank):
+def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method,
+                     svd_clamp, svd_full_matrices, svd_driver):
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
         raise TypeError(f"add_weighted_adapter: adapters must be a non-empty list of adapter names, got {adapters!r}")
     if any(not isinstance(a, str) for a in adapters) or len(set(adapters)) != len(adapters):
@@ -122,18 +210,53 @@ def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank
             raise ValueError(f"add_weighted_adapter: the weight of adapter {a!r} must be a finite number, got {w!r}")
     check_adapter_name(adapter_name)
     if combination_type not in COMBINATIONS:
-        raise ValueError(f"add_weighted_adapter: combination_type must be one of {', '.join(COMBINATIONS)} (peft's "
-                         f"ties/dare/magnitude_prune variants are not supported), got {combination_type!r}")
+        raise ValueError(f"add_weighted_adapter: combination_type must be one of {', '.join(COMBINATIONS)}, "
+                         f"got {combination_type!r}")
+    base = _base(combination_type)
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
         raise ValueError(f"add_weighted_adapter: svd_rank must be a positive int, got {svd_rank!r}")
+    if base in PRUNING:
+        if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
+            raise ValueError(f"add_weighted_adapter: combination_type {combination_type!r} prunes; density (the "
+                             f"fraction of values kept) must be a number in (0, 1], got {density!r}")
+    elif density is not None:
+        raise ValueError(f"add_weighted_adapter: density={density!r} is for the pruning combinations (ties, dare, "
+                         f"magnitude_prune and their _svd forms); combination_type {combination_type!r} does not prune")
+    if majority_sign_method is not None:
+        if majority_sign_method not in SIGN_METHODS:
+            raise ValueError(f"add_weighted_adapter: majority_sign_method must be 'total' or 'frequency', got "
+                             f"{majority_sign_method!r}")
+        if base not in SIGN_ELECTING:
+            raise ValueError(f"add_weighted_adapter: majority_sign_method is for the combinations that elect signs "
+                             f"(ties, dare_ties and their _svd forms), not {combination_type!r}")
+    svd_args = {"svd_rank": svd_rank, "svd_clamp": svd_clamp, "svd_driver": svd_driver}
+    given = [k for k, v in svd_args.items() if v is not None]
+    if given and combination_type not in UPDATE_LEVEL:
+        raise ValueError(f"add_weighted_adapter: {given[0]} is for the svd combinations ({', '.join(UPDATE_LEVEL)}); "
+                         f"combination_type {combination_type!r} does not refactor by an SVD")
+    if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, numbers.Real)
+                                  or not 0 < svd_clamp <= 1):
+        raise ValueError(f"add_weighted_adapter: svd_clamp is a quantile and must be a number in (0, 1], got "
+                         f"{svd_clamp!r}")
+    if not isinstance(svd_full_matrices, bool):
+        raise ValueError(f"add_weighted_adapter: svd_full_matrices must be True or False, got {svd_full_matrices!r}")
+    if svd_driver is not None and svd_driver not in SVD_DRIVERS:
+        raise ValueError(f"add_weighted_adapter: svd_driver must be None or one of {', '.join(SVD_DRIVERS)} (cuSOLVER's "
+                         f"methods), got {svd_driver!r}")
 
 
 def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
-         combination_type: str = "svd", svd_rank: Optional[int] = None) -> Dict[LoRALayer, Tuple[Tensor, Tensor]]:
+         combination_type: str = "svd", svd_rank: Optional[int] = None, density: Optional[float] = None,
+         majority_sign_method: Optional[str] = None, svd_clamp: Optional[float] = None,
+         svd_full_matrices: bool = True, svd_driver: Optional[str] = None) -> Dict[LoRALayer, Tuple[Tensor, Tensor]]:
     """{layer: (lora_A, lora_B)} of the new adapter (scaling 1) for the layers `found` ((name, layer) pairs) holding
-    any of `adapters`; every check made, nothing changed."""
-    _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank)
+    any of `adapters`; every check made, nothing changed. Layers are combined in `found`'s order and each layer's
+    adapters in `adapters`' order (the dare combinations draw their masks from torch's generator in that order)."""
+    _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method,
+                     svd_clamp, svd_full_matrices, svd_driver)
     weights = [float(w.item() if isinstance(w, Tensor) else w) for w in weights]
+    sign_method = majority_sign_method or "total"
+    density = None if density is None else float(density)
     held = {n for _, m in found for n in m.adapter_names if not m.is_stand_in(n)}
     saved = {n for _, w in wrappers(model) for n in w.adapter_names}
     missing = [a for a in adapters if a not in held]
@@ -148,8 +271,15 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
         if with_copy:
             raise ValueError(f"add_weighted_adapter: adapter {with_copy[0]!r} saves module {path!r} whole "
                              f"(modules_to_save); a copy of a module cannot be weighted with others")
-    if len(adapters) == 1:  # (peft: one adapter is always combined linearly, which is then exact)
-        combination_type = "linear"
+    if len(adapters) == 1 and combination_type != "cat":
+        # peft combines one adapter linearly (a scaled copy, exact), dropping what was asked; here a pruning
+        # request is refused and an svd truncation (svd_rank or svd_clamp given) is made
+        if _base(combination_type) in PRUNING:
+            raise ValueError(f"add_weighted_adapter: combination_type {combination_type!r} combines two adapters or "
+                             f"more (peft combines one adapter linearly, without pruning); pass two or more, or "
+                             f"'linear' for a scaled copy")
+        if combination_type != "svd" or (svd_rank is None and svd_clamp is None):
+            combination_type = "linear"
     present = {}
     for path, m in found:
         names = [a for a in adapters if m.has_adapter(a) and not m.is_stand_in(a)]
@@ -165,13 +295,18 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
         parts = [(A.detach(), B.detach(), float(s)) for A, B, s in parts]
         device = parts[0][0].device
         parts = [(A.to(device), B.to(device), s) for A, B, s in parts]
+        where = f"layer {path!r}"
         if combination_type == "cat":
             A_new, B_new = _cat(m, parts, w)
-        elif combination_type == "linear":
-            A_new, B_new = _linear(m, parts, w, f"layer {path!r}")
+        elif combination_type in FACTOR_LEVEL:
+            A_new, B_new = _factor_level(m, parts, w, where, combination_type, density, sign_method)
         else:  # the exact update's rank without svd_rank (see the module's docstring); never past the shape's
             rank = sum(m.rank_of(A) for A, _, _ in parts) if svd_rank is None else svd_rank
-            A_new, B_new = _svd(m, parts, w, min(rank, _max_rank(m)))
+            if svd_driver is not None and parts[0][0].device.type != "cuda":
+                raise ValueError(f"add_weighted_adapter: svd_driver={svd_driver!r} picks a cuSOLVER method; the "
+                                 f"factors of {where} are on {parts[0][0].device}, where torch has one SVD (pass no svd_driver)")
+            A_new, B_new = _svd(m, parts, w, min(rank, _max_rank(m)), where, combination_type, density, sign_method,
+                                None if svd_clamp is None else float(svd_clamp), svd_driver)
         dtype = m.lora_A.dtype
         A_new, B_new = A_new.to(dtype), B_new.to(dtype)
         m.check_adapter(A_new, B_new, 1.0, name=f"add_weighted_adapter: the new adapter {adapter_name!r} at {path!r}")
