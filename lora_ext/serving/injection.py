@@ -672,7 +672,9 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     """Puts plain modules back in place of every lora_ext layer (the inverse of inject); with merge=True
     their weights keep the active adapter merged in, with merge=False they are the base weights. Modules saved
     whole (peft's modules_to_save) go back as the module that computes now, the active adapter's copy (or the
-    model's own where it has none), whatever `merge` says: peft's unload and merge_and_unload both do so. With
+    model's own where it has none), whatever `merge` says: peft's unload and merge_and_unload both do so. Modules
+    with rows of tokens (trainable_token_indices) go back as the model's own, with merge=True the active adapter's
+    rows written into its weight (peft's merge_and_unload). With
     merge=True, a transformers config that says tie_word_embeddings is set to False when the input and output
     embeddings no longer share a weight (peft's merge_and_unload does the same). Returns the names of the layers
     and modules taken out."""
@@ -700,7 +702,7 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
         _set_submodule(model, name, plain)
         names.append(name)
     for name, wrapper in wrappers(model):
-        _set_submodule(model, name, wrapper.served())
+        _set_submodule(model, name, wrapper.unloaded(merge))
         names.append(name)
     if merge:
         _untie_config(model)

@@ -24,6 +24,7 @@ from ..utils import unwrap
 from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
 from . import saved_modules as _saved
+from . import tokens as _tokens
 from .adapters import hold, lora_layers, model_lock, set_adapter
 from .files import atomic_path, remove_stale_temporaries
 
@@ -35,7 +36,7 @@ PREFIX = "base_model.model."
 # Options lora_ext applies.
 HONOURED = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "rank_pattern", "alpha_pattern",
             "use_rslora", "fan_in_fan_out", "lora_dropout", "bias", "layers_to_transform", "layers_pattern",
-            "modules_to_save"}
+            "modules_to_save", "trainable_token_indices"}
 # Descriptive fields that do not change what the adapter computes.
 DESCRIPTIVE = {"base_model_name_or_path", "revision", "task_type", "peft_version", "auto_mapping", "inference_mode",
                "megatron_core", "qalora_group_size"}
@@ -43,7 +44,7 @@ DESCRIPTIVE = {"base_model_name_or_path", "revision", "task_type", "peft_version
 UNSUPPORTED = {"use_dora", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "corda_config",
                "eva_config", "kasa_config", "lora_ga_config", "monteclora_config", "velora_config",
                "layer_replication", "lora_bias", "megatron_config",
-               "target_parameters", "trainable_token_indices", "loftq_config",
+               "target_parameters", "loftq_config",
                "ensure_weight_tying"}
 # Initialisations that leave the base weights as they were (others, e.g. PiSSA or LoftQ, change them).
 PLAIN_INITS = (True, False, "gaussian", "orthogonal")
@@ -122,6 +123,7 @@ def read_config(path, dora=False):
     _inject.check_name_spec(f"{where}: exclude_modules", cfg.get("exclude_modules"))
     _inject.check_layers(where, cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
     _saved.check_entries(where, cfg.get("modules_to_save"))
+    _tokens.check_spec(where, cfg.get("trainable_token_indices"))
     return cfg
 
 
@@ -362,7 +364,16 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                                 else LEGACY_WEIGHTS_NAME)
     entries = _saved.check_entries(cfg_file, cfg.get("modules_to_save"))
     to_save = _saved.find(model, entries, cfg_file)
-    states, rest = _saved.split_state(read_tensors(path), [n for n, _ in to_save], PREFIX)
+    tensors = read_tensors(path)
+    token_spec = _tokens.check_spec(cfg_file, cfg.get("trainable_token_indices"))
+    # (rows of tokens: taken out of `tensors`, checked against the model; nothing changes yet)
+    token_plan = _tokens.plan(model, token_spec, tensors, PREFIX, weights_file, cfg_file) if token_spec else []
+    token_names = [n for names, _, _ in token_plan for n in names]
+    clash = sorted(set(token_names) & {n for n, _ in to_save})
+    if clash:
+        raise ValueError(f"{cfg_file}: module {clash[0]!r} is both saved whole (modules_to_save) and given rows of "
+                         f"tokens (trainable_token_indices); peft refuses that, name it in one of them")
+    states, rest = _saved.split_state(tensors, [n for n, _ in to_save], PREFIX)
     factors, base_weights = module_factors(rest, where=weights_file)
     if not factors:
         raise ValueError(f"{weights_file}: holds no LoRA factors")
@@ -375,6 +386,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                                      task_type=cfg.get("task_type"), layers_to_transform=cfg.get("layers_to_transform"),
                                      layers_pattern=cfg.get("layers_pattern"), modules_to_save=entries)
     chosen = {name for name, _ in targets}
+    clash = sorted(set(token_names) & chosen)
+    if clash:
+        raise ValueError(f"{cfg_file}: module {clash[0]!r} is both a LoRA target (target_modules) and given rows of "
+                         f"tokens (trainable_token_indices); peft refuses that")
     saved_plan = [(name, module, _saved.check_state(weights_file, name, module, states.get(name), PREFIX))
                   for name, module in to_save]
     if to_save and hasattr(nn.ModuleDict(), adapter_name):
@@ -444,7 +459,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name) and not m.is_placeholder(adapter_name)]
     uncovered = [n for n, _ in held if n not in chosen]
     uncovered += [n for n, w in _saved.wrappers(model) if adapter_name in w.adapter_names
-                  and n not in {name for name, _ in to_save}]
+                  and n not in {name for name, _ in to_save} and n not in token_names]
     if uncovered:
         raise ValueError(f"{cfg_file}: lora_ext layers or modules to save {uncovered} already hold an adapter "
                          f"{adapter_name!r} that this file does not cover; a load would leave it half replaced (load "
@@ -485,9 +500,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 _inject._set_submodule(model, name, wrapper)
                 module = wrapper
             module.add(adapter_name, new)
+        _tokens.install(model, token_plan, adapter_name, _inject._set_submodule)
         if activate:
             set_adapter(model, adapter_name)
-    return sorted(chosen | {name for name, _ in to_save})
+    return sorted(chosen | {name for name, _ in to_save} | set(token_names))
 
 
 def _peft_factors(layer, name, A, B, r):
@@ -545,7 +561,8 @@ def _saved_copies(model, found, adapter, tensors, every):
     under its name); returns their names, the modules_to_save peft needs to choose exactly those modules (by its
     string-suffix rule) among `every` (the plain model's names) and keep LoRA off them, refusing where no such
     list exists."""
-    saved = [(n, w) for n, w in _saved.wrappers(model) if adapter in w.adapter_names]
+    saved = [(n, w) for n, w in _saved.wrappers(model) if adapter in w.adapter_names
+             and not isinstance(w, _tokens.TrainableTokens)]
     names = [n for n, _ in saved]
     for name, wrapper in saved:
         # (a module the adapter saves whole too is one peft would save anyway: DistilBERT's pre_classifier)
@@ -611,8 +628,9 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             ranks[name], alphas[name] = rank, scaling * rank
             dropout = getattr(layer.lora_dropout, "p", dropout)
         every = _plain_names(inner)
-        saved = _saved_copies(inner, found, adapter_name if adapter_name is not None else found[0][1].active_adapter,
-                              tensors, every)
+        adapter = adapter_name if adapter_name is not None else found[0][1].active_adapter
+        saved = _saved_copies(inner, found, adapter, tensors, every)
+        token_indices = _tokens.saved_rows(inner, adapter, PREFIX, tensors, every)
     first = found[0][0]
     r, alpha = ranks[first], alphas[first]
     # peft matches a pattern key, and a target_modules entry, at the end of a module name at a '.' boundary
@@ -632,6 +650,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         "rank_pattern": {keys[n]: v for n, v in ranks.items() if v != r},
         "alpha_pattern": {keys[n]: v for n, v in alphas.items() if v != alpha},
         "modules_to_save": saved or None,
+        "trainable_token_indices": token_indices,
     }
     os.makedirs(path, exist_ok=True)
     for name in (WEIGHTS_NAME, CONFIG_NAME):  # left by a killed save

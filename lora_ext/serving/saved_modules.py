@@ -116,6 +116,10 @@ class ModulesToSave(nn.Module):
         if self.__dict__["active_adapter"] == name:
             self.__dict__["active_adapter"] = None
 
+    def unloaded(self, merge: bool) -> nn.Module:
+        """The module unload puts back: the one that computes now (peft's unload and merge_and_unload both do)."""
+        return self.served()
+
     def extra_repr(self) -> str:
         return f"active_adapter={self.__dict__['active_adapter']!r}"
 
@@ -223,6 +227,11 @@ def find(model: nn.Module, entries, option: str) -> List[Tuple[str, nn.Module]]:
         if isinstance(module, LoRALayer):
             raise ValueError(f"{option}: modules_to_save matches {name!r}, a lora_ext layer (an adapter's LoRA "
                              f"target); peft saves only plain modules whole")
+        from .tokens import TrainableTokens
+        if isinstance(module, TrainableTokens):
+            raise ValueError(f"{option}: modules_to_save matches {name!r}, whose rows of tokens adapter(s) "
+                             f"{module.adapter_names} replace (trainable_token_indices); peft does not save such a "
+                             f"module whole")
         if isinstance(module, _CONTAINERS):
             raise ValueError(f"{option}: modules_to_save matches {name!r}, a {type(module).__name__}, which has no "
                              f"forward to replace")

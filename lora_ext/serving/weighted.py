@@ -33,6 +33,7 @@ from .. import sharded
 from ..layers import LoRALayer, MergedLinear
 from ..named_adapters import check_adapter_name, each_or_none
 from .saved_modules import wrappers
+from .tokens import TrainableTokens
 
 # peft's combination types. Factor level ("linear" and the pruned ones without _svd) combines lora_A's and lora_B's
 # separately (equal ranks); the _svd ones combine each block's updates s_i B_i A_i and refactor the result.
@@ -268,6 +269,9 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
                          f"or choose another name")
     for path, w in wrappers(model):
         with_copy = [a for a in adapters if a in w.adapter_names]
+        if with_copy and isinstance(w, TrainableTokens):
+            raise ValueError(f"add_weighted_adapter: adapter {with_copy[0]!r} replaces rows of tokens of module "
+                             f"{path!r} (trainable_token_indices); rows of tokens cannot be weighted with others")
         if with_copy:
             raise ValueError(f"add_weighted_adapter: adapter {with_copy[0]!r} saves module {path!r} whole "
                              f"(modules_to_save); a copy of a module cannot be weighted with others")

@@ -1,0 +1,311 @@
+"""peft's trainable tokens (trainable_token_indices: an adapter's own rows for a few tokens of the embedding) against
+the real peft on Llama and Gemma 3 (scaled embedding), tied and untied heads: loads, switches, mixed batches,
+disable_adapter, saves, unload, training and `lora-ext merge` give what peft gives; the model's own embedding is
+never written while serving; whatever lora_ext cannot honour is refused before anything changes."""
+import copy
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import lora_ext as lora
+from lora_ext.serving.tokens import TokenRows, TrainableTokens
+from tiny_models import VOCAB, gemma3, llama, snapshot, unchanged
+
+KEY = "base_model.model."
+DELTA = ".token_adapter.trainable_tokens_delta"
+
+
+def _build(kind, tie=False, seed=0):
+    if kind == "gemma3":
+        return gemma3(seed=seed, tie=tie)
+    m = llama(seed=seed)
+    if tie:
+        m.config.tie_word_embeddings = True
+        m.lm_head.weight = m.model.embed_tokens.weight
+    return m
+
+
+def _adapter(tmp_path, name, kind="llama", tie=False, seed=1, **config):
+    """A peft adapter with random factors and rows, saved under tmp_path/name; returns its path."""
+    options = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    pm = get_peft_model(_build(kind, tie), LoraConfig(**{**options, **config}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "trainable_tokens_delta" in n or "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    path = str(tmp_path / name)
+    pm.save_pretrained(path)
+    return path
+
+
+def _peft(paths, kind="llama", tie=False):
+    names = list(paths)
+    pm = PeftModel.from_pretrained(_build(kind, tie), paths[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        pm.load_adapter(paths[n], adapter_name=n)
+    return pm.eval()
+
+
+def _ours(paths, kind="llama", tie=False):
+    model = _build(kind, tie)
+    for i, (n, p) in enumerate(paths.items()):
+        lora.load_peft_adapter(model, p, n, activate=i == 0)
+    return model.eval()
+
+
+def _logits(model, x, **kwargs):
+    with torch.no_grad():
+        return model(x, **kwargs).logits
+
+
+def _ids():
+    # the listed tokens (1, 5, 7, 9) among others, twice over
+    return torch.tensor([[1, 2, 5, 7, 9, 3, 5, 1], [8, 7, 7, 0, 4, 9, 1, 6]])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_serves_the_rows_as_peft(tmp_path, kind, tie):
+    path = _adapter(tmp_path, "a", kind, tie, trainable_token_indices=[1, 5, 7])
+    x = _ids()
+    ref = _logits(_peft({"a": path}, kind, tie), x)
+    model = _build(kind, tie)
+    covered = lora.load_peft_adapter(model, path, "a")
+    emb = model.model.embed_tokens
+    assert isinstance(emb, TrainableTokens) and "model.embed_tokens" in covered
+    assert isinstance(model.lm_head, TrainableTokens) == tie  # a tied head serves the rows too
+    for merged in (True, False):
+        (model.eval() if merged else model.train())
+        model.model.layers[0].self_attn.q_proj.lora_dropout.p = 0.0
+        out = _logits(model, x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    plain = _logits(_build(kind, tie).eval(), x)
+    assert (out - plain).abs().max() > 1e-2
+    # the model's own embedding is not written
+    assert torch.equal(emb.original_module.weight, _build(kind, tie).model.embed_tokens.weight)
+
+
+def test_dict_form_with_a_head_of_its_own(tmp_path):
+    # untied: the embedding's and the head's rows, each listed and saved on its own
+    spec = {"embed_tokens": [1, 5], "lm_head": [7, 9, 5]}
+    path = _adapter(tmp_path, "a", trainable_token_indices=spec)
+    keys = set(load_file(os.path.join(path, "adapter_model.safetensors")))
+    assert {KEY + "model.embed_tokens" + DELTA, KEY + "lm_head" + DELTA} <= keys
+    x = _ids()
+    ref = _logits(_peft({"a": path}), x)
+    model = _ours({"a": path})
+    assert isinstance(model.lm_head, TrainableTokens) and not model.lm_head.modules_to_save["a"].tied
+    torch.testing.assert_close(_logits(model, x), ref, rtol=1e-5, atol=1e-5)
+    lora.save_peft_adapter(model, str(tmp_path / "back"), "a")
+    with open(tmp_path / "back" / "adapter_config.json") as f:
+        assert json.load(f)["trainable_token_indices"] == {"model.embed_tokens": [1, 5], "lm_head": [7, 9, 5]}
+    torch.testing.assert_close(_logits(_peft({"a": str(tmp_path / "back")}), x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tied_head_listed_with_the_same_tokens_shares_the_rows(tmp_path):
+    spec = {"embed_tokens": [1, 5, 7], "lm_head": [1, 5, 7]}
+    path = _adapter(tmp_path, "a", tie=True, trainable_token_indices=spec)
+    keys = set(load_file(os.path.join(path, "adapter_model.safetensors")))
+    assert KEY + "lm_head" + DELTA not in keys  # peft saves the tied rows once
+    x = _ids()
+    model = _ours({"a": path}, tie=True)
+    rows = model.lm_head.modules_to_save["a"]
+    assert rows.tied and rows.trainable_tokens_delta is model.model.embed_tokens.modules_to_save["a"].trainable_tokens_delta
+    torch.testing.assert_close(_logits(model, x), _logits(_peft({"a": path}, tie=True), x), rtol=1e-5, atol=1e-4)
+
+
+def test_round_trip_and_switching_as_peft(tmp_path):
+    # (b first: peft cannot load an adapter without rows once another's rows are there, a KeyError)
+    paths = {"b": _adapter(tmp_path, "b", seed=2),  # no tokens: the embedding's own rows
+             "a": _adapter(tmp_path, "a", seed=1, trainable_token_indices=[1, 5, 7]),
+             "c": _adapter(tmp_path, "c", seed=3, trainable_token_indices=[5, 9])}
+    x = _ids()
+    pm, model = _peft(paths), _ours(paths)
+    for name in ("b", "c", "a", "c", "b"):
+        pm.set_adapter(name)
+        lora.set_adapter(model, name)
+        torch.testing.assert_close(_logits(model, x), _logits(pm, x), rtol=1e-5, atol=1e-5)
+    # saved by lora_ext: peft serves it alike; the list form names the input embedding
+    lora.save_peft_adapter(model, str(tmp_path / "c2"), "c")
+    with open(tmp_path / "c2" / "adapter_config.json") as f:
+        assert json.load(f)["trainable_token_indices"] == [5, 9]
+    pm.set_adapter("c")
+    torch.testing.assert_close(_logits(_peft({"c": str(tmp_path / "c2")}), x), _logits(pm, x), rtol=1e-5, atol=1e-5)
+    lora.save_peft_adapter(model, str(tmp_path / "b2"), "b")
+    with open(tmp_path / "b2" / "adapter_config.json") as f:
+        assert json.load(f)["trainable_token_indices"] is None
+    # an adapter loaded without rows after the rows were there (peft: a KeyError) serves the embedding's own rows
+    lora.load_peft_adapter(model, paths["b"], "b2", activate=True)
+    pm.set_adapter("b")
+    torch.testing.assert_close(_logits(model, x), _logits(pm, x), rtol=1e-5, atol=1e-5)
+    # deleting an adapter takes its rows with it
+    lora.delete_adapter(model, "c")
+    assert model.model.embed_tokens.adapter_names == ["a"]
+
+
+def test_mixed_batch_serves_each_rows_tokens_as_peft(tmp_path):
+    paths = {"b": _adapter(tmp_path, "b", seed=2),
+             "a": _adapter(tmp_path, "a", seed=1, trainable_token_indices=[1, 5, 7]),
+             "c": _adapter(tmp_path, "c", seed=3, trainable_token_indices=[5, 9])}
+    x = torch.cat([_ids(), _ids().flip(1)])
+    pm, model = _peft(paths), _ours(paths)
+    # (peft's mixed batches raise KeyError for a row of an adapter without rows: a and c only there)
+    rows = ["c", "a", "a", "c"]
+    ref = _logits(pm, x, adapter_names=rows)
+    with lora.batch_adapters(model, rows):
+        torch.testing.assert_close(_logits(model, x), ref, rtol=1e-5, atol=1e-5)
+    rows = ["c", None, "a", "b"]
+    with lora.batch_adapters(model, rows):
+        out = _logits(model, x)
+    for i, name in enumerate(rows):  # each row as its adapter (or the base model) alone
+        lora.set_adapter(model, name or "b")
+        alone = _logits(model if name else _build("llama").eval(), x[i:i + 1])
+        torch.testing.assert_close(out[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_disable_adapter_serves_the_embeddings_own_rows(tmp_path):
+    path = _adapter(tmp_path, "a", tie=True, trainable_token_indices=[1, 5, 7])
+    model = _ours({"a": path}, tie=True)
+    x = _ids()
+    served = _logits(model, x)
+    plain = _logits(_build("llama", True).eval(), x)
+    assert (served - plain).abs().max() > 1e-2
+    with lora.disable_adapter(model):  # (float32 layers unmerged: the base to rounding)
+        torch.testing.assert_close(_logits(model, x), plain, rtol=1e-6, atol=1e-6)
+        assert model.model.embed_tokens(x).equal(model.model.embed_tokens.original_module(x))
+    torch.testing.assert_close(_logits(model, x), served, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_unload_writes_the_rows_as_merge_and_unload(tmp_path, merge):
+    path = _adapter(tmp_path, "a", tie=True, trainable_token_indices=[1, 5, 7])
+    x = _ids()
+    pm = _peft({"a": path}, tie=True)
+    ref = _logits(pm.merge_and_unload() if merge else pm.unload(), x)
+    model = _ours({"a": path}, tie=True)
+    lora.unload(model, merge=merge)
+    assert type(model.model.embed_tokens) is torch.nn.Embedding and type(model.lm_head) is torch.nn.Linear
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    torch.testing.assert_close(_logits(model, x), ref, rtol=1e-5, atol=1e-4)
+    base = _build("llama", True).model.embed_tokens.weight
+    changed = (model.model.embed_tokens.weight != base).any(1).nonzero().flatten().tolist()
+    assert changed == ([1, 5, 7] if merge else [])
+
+
+def test_training_moves_the_rows_gradients_as_peft(tmp_path):
+    path = _adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7])
+    x = _ids()
+    pm = PeftModel.from_pretrained(_build("llama"), path, is_trainable=True).train()
+    model = _build("llama")
+    lora.load_peft_adapter(model, path, "a")
+    lora.mark_only_lora_as_trainable(model)
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.modules_to_save.a.trainable_tokens_delta" in trainable
+    assert "model.embed_tokens.original_module.weight" not in trainable
+    for m in (pm, model):
+        m(x).logits.square().sum().backward()
+    ours = model.model.embed_tokens.modules_to_save["a"].trainable_tokens_delta.grad
+    theirs = dict(pm.named_parameters())[KEY + "model.embed_tokens.token_adapter.trainable_tokens_delta.default"].grad
+    assert ours.abs().max() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    assert model.model.embed_tokens.original_module.weight.grad is None
+
+
+def test_copies_compile_and_move(tmp_path):
+    path = _adapter(tmp_path, "a", kind="gemma3", tie=True, trainable_token_indices=[1, 5, 7])
+    model = _ours({"a": path}, kind="gemma3", tie=True)
+    x = _ids()
+    served = _logits(model, x)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(_logits(twin, x), served)
+        assert twin.lm_head.modules_to_save["a"].__dict__["_module"] is twin.lm_head.original_module
+    compiled = torch.compile(model, backend="eager")
+    assert torch.equal(_logits(compiled, x), served)
+    model.double()  # the rows follow the dtype, and so does Gemma's scale buffer
+    rows = model.model.embed_tokens.modules_to_save["a"]
+    assert rows.trainable_tokens_delta.dtype == torch.float64
+    torch.testing.assert_close(_logits(model, x).float(), served, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# refusals: nothing changed
+
+
+def _damaged(path, key_change=None, config_change=None):
+    if key_change is not None:
+        file = os.path.join(path, "adapter_model.safetensors")
+        tensors = load_file(file)
+        key_change(tensors)
+        save_file(tensors, file)
+    if config_change is not None:
+        file = os.path.join(path, "adapter_config.json")
+        with open(file) as f:
+            cfg = json.load(f)
+        config_change(cfg)
+        with open(file, "w") as f:
+            json.dump(cfg, f)
+    return path
+
+
+ROWS = KEY + "model.embed_tokens" + DELTA
+
+
+def _set(key, value):
+    return lambda d: d.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("keys,config,match", [
+    (None, _set("trainable_token_indices", [1, 5, VOCAB]), f"lists token {VOCAB}, but it has {VOCAB} rows"),
+    (None, _set("trainable_token_indices", [1, 5, 5]), "lists token 5 more than once"),
+    (None, _set("trainable_token_indices", [1, -5, 7]), "non-empty list of non-negative token indices"),
+    (None, _set("trainable_token_indices", {"nope": [1, 5, 7]}), "names module 'nope', which the model does not have"),
+    (None, _set("trainable_token_indices", "embed_tokens"), "must be a list of token indices or a non-empty dict"),
+    (lambda t: t.pop(ROWS), None, "holds no .*trainable_tokens_delta"),
+    (lambda t: t.__setitem__(ROWS, torch.zeros(3, 7)), None, r"shape \(3, 7\); module 'model.embed_tokens' needs "
+                                                            r"\(3, 64\)"),
+    (lambda t: t.__setitem__(ROWS, torch.full((3, 64), float("nan"))), None, "non-finite values"),
+    (None, _set("target_modules", ["q_proj", "embed_tokens"]), "both a LoRA target .* and given rows of tokens"),
+    (None, _set("modules_to_save", ["embed_tokens"]), "both saved whole .* and given rows of tokens"),
+], ids=["out-of-range", "duplicate", "negative", "no-module", "string", "missing", "shape", "nan", "lora-target",
+        "saved-whole"])
+def test_a_bad_adapter_is_refused_before_anything_changes(tmp_path, keys, config, match):
+    path = _damaged(_adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7]), keys, config)
+    model = _build("llama")
+    lora.load_peft_adapter(model, _adapter(tmp_path, "b", seed=2), "b")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        lora.load_peft_adapter(model, path, "a")
+    assert unchanged(model, snap) and lora.adapter_names(model) == ["b"]
+    assert not any(isinstance(m, TrainableTokens) for m in model.modules())
+
+
+def test_rows_on_a_lora_target_of_another_adapter_are_refused(tmp_path):
+    model = _build("llama")
+    lora.load_peft_adapter(model, _adapter(tmp_path, "b", seed=2, target_modules=["q_proj", "embed_tokens"]), "b")
+    with pytest.raises(ValueError, match="is a lora_ext layer"):
+        lora.load_peft_adapter(model, _adapter(tmp_path, "a", trainable_token_indices=[1, 5]), "a")
+
+
+def test_weighting_an_adapter_with_rows_is_refused(tmp_path):
+    paths = {"a": _adapter(tmp_path, "a", seed=1, trainable_token_indices=[1, 5, 7]), "b": _adapter(tmp_path, "b")}
+    model = _ours(paths)
+    with pytest.raises(ValueError, match="replaces rows of tokens of module 'model.embed_tokens'"):
+        lora.add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "w", combination_type="cat")
+
+
+def test_rows_are_torch_tensors_of_the_weights_dtype(tmp_path):
+    path = _adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7])
+    model = _build("llama").to(torch.bfloat16)
+    lora.load_peft_adapter(model, path, "a")
+    rows = model.model.embed_tokens.modules_to_save["a"]
+    assert isinstance(rows, TokenRows) and rows.trainable_tokens_delta.dtype == torch.bfloat16
+    want = load_file(os.path.join(path, "adapter_model.safetensors"))[ROWS].to(torch.bfloat16)
+    got = model.model.embed_tokens(torch.tensor([[7, 5, 1, 2]]))[0, :3]
+    assert torch.equal(got, want.flip(0))
