@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import lora_ext as lora
+from lora_ext.cli import main
 from lora_ext.serving.tokens import TokenRows, TrainableTokens
 from tiny_models import VOCAB, gemma3, llama, snapshot, unchanged
 
@@ -309,3 +310,46 @@ def test_rows_are_torch_tensors_of_the_weights_dtype(tmp_path):
     want = load_file(os.path.join(path, "adapter_model.safetensors"))[ROWS].to(torch.bfloat16)
     got = model.model.embed_tokens(torch.tensor([[7, 5, 1, 2]]))[0, :3]
     assert torch.equal(got, want.flip(0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# lora-ext merge
+
+
+@pytest.mark.parametrize("kind,tie,spec", [
+    ("llama", False, [1, 5, 7]),
+    ("llama", True, [1, 5, 7]),
+    ("gemma3", True, [2, 9]),
+    ("llama", False, {"embed_tokens": [1, 5], "lm_head": [7, 9, 5]}),
+], ids=["llama", "llama-tied", "gemma3-tied", "dict"])
+def test_lora_ext_merge_writes_the_rows_as_merge_and_unload(tmp_path, capsys, kind, tie, spec):
+    from transformers import AutoModelForCausalLM
+    base = str(tmp_path / "base")
+    _build(kind, tie).save_pretrained(base)
+    path = _adapter(tmp_path, "a", kind, tie, trainable_token_indices=spec)
+    x = _ids()
+    ref = _logits(_peft({"a": path}, kind, tie).merge_and_unload(), x)
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--base", base, "--adapter", path, "--out", out, "--quiet"]) == 0
+    assert "rows of tokens" in capsys.readouterr().err
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(merged, x), ref, rtol=1e-5, atol=1e-4)
+    written = load_file(os.path.join(out, "model.safetensors"))["model.embed_tokens.weight"]
+    before = load_file(os.path.join(base, "model.safetensors"))["model.embed_tokens.weight"]
+    rows = spec if isinstance(spec, list) else spec["embed_tokens"]
+    assert (written != before).any(1).nonzero().flatten().tolist() == sorted(rows)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda t: t.pop(ROWS), "holds no .*trainable_tokens_delta"),
+    (lambda t: t.__setitem__(ROWS, torch.zeros(3, 5)), r"shape \(3, 5\); module 'model.embed_tokens' needs"),
+    (lambda t: t.__setitem__(KEY + "lm_head" + DELTA, torch.zeros(3, 64)), "unexpected key .*lm_head"),
+], ids=["missing", "shape", "unlisted"])
+def test_lora_ext_merge_refuses_bad_rows(tmp_path, capsys, change, match):
+    base = str(tmp_path / "base")
+    _build("llama").save_pretrained(base)
+    path = _damaged(_adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7]), change)
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--base", base, "--adapter", path, "--out", out, "--quiet"]) != 0
+    import re
+    assert re.search(match, capsys.readouterr().err) and not os.path.exists(out)

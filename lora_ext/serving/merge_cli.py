@@ -31,6 +31,7 @@ from . import checkpoint_names as _names
 from . import hub as _hub
 from . import injection as _inject
 from . import saved_modules as _saved
+from . import tokens as _tokens
 from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, check_base_weight, is_lora_key, module_factors,
                       module_rank_scaling, read_config, read_tensors)
 
@@ -314,6 +315,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         raise MergeError(f"--adapter {adapter!r}: cannot read its weights file: {type(e).__name__}: "
                          f"{' '.join(str(e).split())}") from None
     entries = _saved.check_entries(os.path.join(adapter, CONFIG_NAME), cfg.get("modules_to_save"))
+    # rows of tokens (trainable_token_indices), set aside: written into their weights below
+    rows = {k: tensors.pop(k) for k in list(tensors) if k.startswith(PREFIX) and k.endswith(_tokens.DELTA_SUFFIX)}
     states, tensors = _saved.split_state(tensors, _saved_names(tensors, entries), PREFIX)
     magnitudes = {}
     factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
@@ -335,6 +338,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     shapes = {names.get(e[0], e[0]): e[2] for _, (_, entries, _) in headers.items() for e in entries}
     _check_tied(base, base_dir, factors, shapes, meta=meta)
     replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta, ck, twice)
+    token_rows = _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice)
+    replace.update(token_rows)
     plan = {}
     kinds = _module_kinds(meta)  # a Linear or Conv1D's layout is not in its shape
     for name, (A, B, embedding) in factors.items():
@@ -400,7 +405,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                         json.dump(new_index, f, indent=2)
     except OSError as e:
         raise _os_error(f"--out {out!r}: writing", e) from None
-    if replace:
+    if token_rows:
+        print(f"lora-ext merge: wrote the adapter's rows of tokens (trainable_token_indices) into "
+              f"{', '.join(sorted(token_rows))}", file=log)
+    if len(replace) > len(token_rows):
         modules = sorted(states)
         print(f"lora-ext merge: wrote the adapter's own {len(replace)} tensors of {len(modules)} module(s) saved whole "
               f"(modules_to_save): {', '.join(modules[:5])}{' ...' if len(modules) > 5 else ''}", file=log)
@@ -475,6 +483,88 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
     _check_tied(base, base_dir, {n.rsplit(".", 1)[0]: (None, None, False) for n in replace
                                  if len(shapes[n]) == 2}, shapes, saved=True, meta=meta)
     return {ck(key): t for key, t in replace.items()}
+
+
+def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice):
+    """{checkpoint key: the base's tensor with the adapter's rows of tokens written in} for the config's
+    trainable_token_indices (`rows`: the file's rows, by key), as peft's merge_and_unload writes them: each listed
+    row replaced, in the weight's dtype. A tied head with the embedding's tokens shares its rows (peft saves them
+    once); where the checkpoint stores tied weights twice, both are written. Checked: the modules (in the
+    checkpoint, no LoRA factors, not saved whole), the indices, shapes and values; nothing else is read."""
+    cfg_file = os.path.join(adapter, CONFIG_NAME)
+    spec = _tokens.check_spec(cfg_file, cfg.get("trainable_token_indices"))
+    if not spec:
+        if rows:
+            raise MergeError(f"--adapter: unexpected key {sorted(rows)[0]!r}: rows of tokens, but {cfg_file} lists no "
+                             f"trainable_token_indices")
+        return {}
+    modules = sorted({k[:-len(".weight")] for k in shapes if k.endswith(".weight")})
+    targets = {}
+    for key, indices in spec.items():
+        if key is None:
+            name = _tokens.input_embedding_name(meta) if meta is not None else None
+            if name is None:
+                raise MergeError(f"{cfg_file}: trainable_token_indices is a list, which names the model's input "
+                                 f"embedding, but no model could be built from --base {base!r}'s config.json to find "
+                                 f"it; name the module ({{'embed_tokens': [...]}})")
+            matched = [name]
+        else:
+            matched = [m for m in modules if m.endswith(key)]
+            if not matched:
+                raise MergeError(f"{cfg_file}: trainable_token_indices names module {key!r}, which has no weight in "
+                                 f"--base {base!r} (peft matches the end of a module's name)")
+        for m in matched:
+            if m in targets and targets[m] != indices:
+                raise MergeError(f"{cfg_file}: trainable_token_indices lists module {m!r} twice, with other tokens")
+            targets[m] = indices
+    shared = _shared_weights(meta) or {}
+    out, used = {}, set()
+    for name, indices in targets.items():
+        file_key = PREFIX + name + _tokens.DELTA_SUFFIX
+        if file_key not in rows:
+            if any(targets.get(o) == indices and PREFIX + o + _tokens.DELTA_SUFFIX in rows for o in shared.get(name, [])):
+                continue  # a head tied to an embedding with the same tokens: peft saves the rows once
+            raise MergeError(f"--adapter: holds no {file_key!r}, the rows of the tokens trainable_token_indices lists "
+                             f"for module {name!r} ({cfg_file})")
+        used.add(file_key)
+        t = rows[file_key]
+        if name in factors:
+            raise MergeError(f"--adapter: module {name!r} has LoRA factors and rows of tokens "
+                             f"(trainable_token_indices); peft refuses that")
+        if name in states:
+            raise MergeError(f"--adapter: module {name!r} is saved whole (modules_to_save) and has rows of tokens "
+                             f"(trainable_token_indices); peft refuses that")
+        keys = [n + ".weight" for n in [name, *shared.get(name, [])] if n + ".weight" in where]
+        if not keys:
+            raise MergeError(f"--adapter: module {name!r} has rows of tokens, but --base {base!r} has no weight "
+                             f"{name + '.weight'!r}")
+        for key in keys:
+            if key in twice:
+                raise MergeError(f"--adapter: {file_key!r}: --base {base!r} stores {key!r} more than once "
+                                 f"({', '.join(map(repr, twice[key]))}); the merge cannot tell which the model serves")
+            shape = tuple(shapes[key])
+            if len(shape) != 2 or max(indices) >= shape[0]:
+                raise MergeError(f"{cfg_file}: trainable_token_indices for module {name!r} lists token "
+                                 f"{max(indices)}, but its weight {key!r} in --base has shape {shape}")
+            if tuple(t.shape) != (len(indices), shape[1]):
+                raise MergeError(f"--adapter: {file_key!r} has shape {tuple(t.shape)}; module {name!r} needs "
+                                 f"({len(indices)}, {shape[1]}) (one row of its weight per listed token)")
+            if not t.is_floating_point() or _nonfinite(t):
+                raise MergeError(f"--adapter: {file_key!r} must hold finite floating-point values")
+            st_dtype = next(e[1] for e in headers[where[key]][1] if e[0] == ck(key))
+            if not _FROM_ST[st_dtype].is_floating_point:
+                raise MergeError(f"{where[key]}: tensor {ck(key)!r} is {st_dtype}, which rows of tokens cannot be "
+                                 f"written into")
+            w = out.get(ck(key))
+            if w is None:
+                w = _get_tensor(where[key], headers[where[key]], ck(key)).clone()
+            w[torch.tensor(indices)] = t.to(w.dtype)
+            out[ck(key)] = w
+    extra = sorted(set(rows) - used)
+    if extra:
+        raise MergeError(f"--adapter: unexpected key {extra[0]!r}: rows of a module {cfg_file}'s "
+                         f"trainable_token_indices does not list")
+    return out
 
 
 def _check_targets(adapter, cfg, factors, meta=None, entries=None):
