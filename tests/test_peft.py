@@ -232,3 +232,36 @@ def test_legacy_bin_is_read_with_weights_only(tmp_path):
 
 class _NotATensor:
     pass
+
+
+def test_base_weights_peft_saves_for_another_adapters_embedding_load_and_merge(tmp_path):
+    # peft saves the whole base weight of every embedding or head some adapter of the model targets into each
+    # adapter's file (save_embedding_layers="auto"): b's file holds lm_head's base weight, which only a targets.
+    # peft loads b (the tensor is the model's own); it was refused here as "a base tensor without factors"
+    from helpers import peft_with_adapters
+    cfg = {"a": dict(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]),
+           "b": dict(r=4, lora_alpha=3, target_modules=["q_proj", "embed_tokens"])}
+    pm = randomize_lora(peft_with_adapters(llama(), cfg))
+    pm.save_pretrained(str(tmp_path / "both"))
+    path = str(tmp_path / "both" / "b")
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(os.path.join(path, "adapter_model.safetensors"))
+    x = tokens()
+    ref = PeftModel.from_pretrained(llama(), path).eval()(x).logits
+    model = llama()
+    lora_ext.load_peft_adapter(model, path, "b")
+    assert rel_err(model(x).logits, ref) < 1e-5
+    base = str(tmp_path / "base")
+    llama().save_pretrained(base)
+    from lora_ext.cli import main
+    assert main(["merge", "--base", base, "--adapter", path, "--out", str(tmp_path / "merged"), "--quiet"]) == 0
+    # another model's head: refused, by load and by merge
+    file = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(file)
+    tensors["base_model.model.lm_head.base_layer.weight"] = tensors["base_model.model.lm_head.base_layer.weight"] + 1
+    save_file(tensors, file)
+    model = llama()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="module 'lm_head' carries a base weight .* that differs"):
+        lora_ext.load_peft_adapter(model, path, "b")
+    assert unchanged(model, snap)
+    assert main(["merge", "--base", base, "--adapter", path, "--out", str(tmp_path / "merged2"), "--quiet"]) != 0

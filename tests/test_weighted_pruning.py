@@ -319,8 +319,8 @@ def test_one_adapter_svd_with_a_rank_truncates():
     (dict(combination_type="ties", density=1.5), ValueError, r"density .* in \(0, 1\], got 1.5"),
     (dict(combination_type="ties", density=True), ValueError, r"density .* got True"),
     (dict(combination_type="svd", density=0.5), ValueError, "combination_type 'svd' does not prune"),
-    (dict(combination_type="dare_linear", density=0.5, majority_sign_method="total"), ValueError,
-     "majority_sign_method is for the combinations that elect signs"),
+    (dict(combination_type="dare_linear", density=0.5, majority_sign_method="frequency"), ValueError,
+     "majority_sign_method='frequency' is for the combinations that elect signs"),
     (dict(combination_type="ties", density=0.5, majority_sign_method="sum"), ValueError,
      "majority_sign_method must be 'total' or 'frequency'"),
     (dict(combination_type="cat", svd_clamp=0.9), ValueError, "svd_clamp is for the svd combinations"),
@@ -347,3 +347,84 @@ def test_refusals_leave_the_model_as_it_was(saved, call, error, match):
         lora.add_weighted_adapter(model, **kwargs)
     assert unchanged(model, snap) and lora.adapter_names(model) == names
     assert not any(m.has_adapter("w") for m in lora_layers_of(model))
+
+
+# ---------------------------------------------------------------------------------------------------
+# found by the hostile pass
+
+
+def test_a_zero_update_with_svd_clamp_is_an_adapter_of_zeros(saved):
+    # b's weight 0: the layers only b targets (o_proj) have a zero update, whose SVD's unit vectors made the clamp's
+    # quantile 0 (refused); peft gives zeros there, and so does this
+    x = torch.randint(0, VOCAB, (2, 7))
+    pm = _peft(saved)
+    pm.add_weighted_adapter(["a", "b"], [1.0, 0.0], "w", combination_type="svd", svd_rank=4, svd_clamp=0.99)
+    pm.set_adapter("w")
+    model = _ours(saved)
+    lora.add_weighted_adapter(model, ["a", "b"], [1.0, 0.0], "w", svd_rank=4, svd_clamp=0.99)
+    o = model.model.layers[0].self_attn.o_proj
+    A, B, _ = o.get_adapter("w")
+    assert not A.any() and not B.any()
+    lora.set_adapter(model, "w")
+    assert rel_err(_logits(model, x), _logits(pm, x)) < 1e-5
+
+
+def test_factor_level_pruning_of_a_convolution_is_refused():
+    # loralib's layout holds a peft conv adapter's lora_B as B (x) I_k: pruning there is not peft's (0.2 off)
+    layer = lora.Conv2d(3, 4, 3, r=2)
+    g = torch.Generator().manual_seed(17)
+    for name in ("p", "q"):
+        a, b = layer.factor_shapes(2)
+        layer.add_adapter(name, torch.randn(a, generator=g), torch.randn(b, generator=g), 1.0)
+    for combo in ("ties", "magnitude_prune", "dare_linear", "dare_ties"):
+        with pytest.raises(ValueError, match=f"{combo}' prunes the factors, but layer .* is a convolution.*"
+                                             f"{combo}_svd"):
+            lora.add_weighted_adapter(layer, ["p", "q"], [1.0, 1.0], combo, combination_type=combo, density=0.5)
+    lora.add_weighted_adapter(layer, ["p", "q"], [1.0, 1.0], "t", combination_type="ties_svd", density=0.5)
+    assert layer.has_adapter("t") and not layer.has_adapter("ties")
+
+
+@pytest.mark.parametrize("damage,match", [
+    ("nan", r"layer 'model.layers.0.self_attn.q_proj', adapter 'a'.*non-finite"),
+    ("overflow", "weighted update of layer .* is not finite"),
+], ids=["nan-factor", "overflowing-weight"])
+def test_bad_values_are_named_before_the_svd(saved, damage, match):
+    model = _ours(saved)
+    q = model.model.layers[0].self_attn.q_proj
+    weights = [1.0, 1.0]
+    if damage == "nan":  # (a live factor: add_adapter refuses non-finite values)
+        lora.set_adapter(model, "a")
+        with torch.no_grad():
+            q.lora_A[0, 0] = float("nan")
+    else:
+        weights = [1e38, 1e38]
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        lora.add_weighted_adapter(model, ["a", "b"], weights, "w", svd_rank=4, svd_clamp=0.9)
+    now = model.state_dict()
+    assert set(now) == set(snap) and all(torch.equal(now[k].nan_to_num(), snap[k].nan_to_num()) for k in snap)
+    assert not any(m.has_adapter("w") for m in lora_layers_of(model))
+
+
+def test_numpy_and_tensor_arguments_and_peft_defaults_are_taken(saved):
+    import numpy as np
+    model = _ours(saved)
+    lora.add_weighted_adapter(model, ["a", "b"], np.array([1.0, 0.5]), "w1", svd_rank=np.int64(4))
+    lora.add_weighted_adapter(model, ["a", "c"], [1.0, 0.5], "w2", combination_type="dare_linear",
+                              density=torch.tensor(0.5), majority_sign_method="total")  # (peft's default: no-op)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.rank_of(q.get_adapter("w1")[0]) == 4 and q.has_adapter("w2")
+
+
+def test_a_float32_density_keeps_as_many_values_as_peft():
+    # peft computes int(density * n) in the density's own type: float32 0.29 * 100 is 29 there, 28 in float64
+    import numpy as np
+    layer = lora.Linear(10, 10, r=10)
+    g = torch.Generator().manual_seed(18)
+    for name in ("p", "q"):
+        a, b = layer.factor_shapes(10)
+        layer.add_adapter(name, torch.randn(a, generator=g), torch.randn(b, generator=g), 1.0)
+    for density, kept in ((np.float32(0.29), 29), (0.29, 28)):
+        lora.add_weighted_adapter(layer, ["p", "q"], [1.0, 0.0], f"m{kept}", combination_type="magnitude_prune",
+                                  density=density)
+        assert int((layer.get_adapter(f"m{kept}")[0] != 0).sum()) == kept

@@ -32,8 +32,8 @@ from . import hub as _hub
 from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
-from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, check_base_weight, is_lora_key, module_factors,
-                      module_rank_scaling, read_config, read_tensors)
+from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, base_weights_elsewhere, check_base_weight, is_lora_key,
+                      module_factors, module_rank_scaling, read_config, read_tensors)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -327,6 +327,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     except ValueError as e:
         raise MergeError(str(e)) from None
     _check_targets(adapter, cfg, factors, meta, entries)
+    extra_bases = {k: t for k, t in base_weights.items() if (k[0] if isinstance(k, tuple) else k) not in factors}
     _check_dora(adapter, cfg, factors, magnitudes)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     # the checkpoint's keys as the model names them (transformers renames some when it loads them: a VLM's
@@ -337,6 +338,12 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     where = {names.get(e[0], e[0]): path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {names.get(e[0], e[0]): e[2] for _, (_, entries, _) in headers.items() for e in entries}
     _check_tied(base, base_dir, factors, shapes, meta=meta)
+    try:  # base tensors saved for modules this file has no factors of (another adapter's embedding or head)
+        base_weights_elsewhere(f"--adapter {adapter!r}", extra_bases, factors,
+                               lambda n, what: _get_tensor(where[f"{n}.{what}"], headers[where[f"{n}.{what}"]],
+                                                           ck(f"{n}.{what}")) if f"{n}.{what}" in where else None)
+    except ValueError as e:
+        raise MergeError(str(e)) from None
     replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta, ck, twice)
     token_rows = _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice)
     replace.update(token_rows)

@@ -170,7 +170,9 @@ def module_factors(tensors, where="adapter", magnitudes=None):
     """({module name: (lora_A, lora_B, is_embedding)}, {module name: base weight}) from peft keys; other
     keys raise ValueError. peft saves an embedding's (or output head's) whole base weight beside its factors
     (`<module>.base_layer.weight`, for resized vocabularies), and a head's bias (`.base_layer.bias`): callers check
-    they equal the model's (the bias under (module name, "bias") in the second dict). DoRA's magnitudes
+    they equal the model's (the bias under (module name, "bias") in the second dict). It also saves them for an
+    embedding or head another adapter of the same model adapted (save_embedding_layers="auto"), without factors
+    in this file: those are checked against the model too (base_weights_elsewhere). DoRA's magnitudes
     (`<module>.lora_magnitude_vector`) go into the dict `magnitudes` by module name; without one they are
     refused."""
     found, base_weights = {}, {}
@@ -204,15 +206,27 @@ def module_factors(tensors, where="adapter", magnitudes=None):
             raise ValueError(f"{where}: module {name!r} has lora_{'B' if 'A' in entry else 'A'} but not "
                              f"lora_{'A' if 'A' in entry else 'B'}")
         out[name] = (entry["A"], entry["B"], entry["embedding"])
-    for name in base_weights:
-        module, suffix = (name[0], BASE_BIAS_SUFFIX) if isinstance(name, tuple) else (name, BASE_SUFFIX)
-        if module not in out:
-            raise ValueError(f"{where}: unexpected key {PREFIX + module + suffix!r} (a base tensor without factors)")
     for name in magnitudes or ():
         if name not in out:
             raise ValueError(f"{where}: unexpected key {PREFIX + name + MAGNITUDE_SUFFIX!r} (a DoRA magnitude "
                              f"without factors)")
     return out, base_weights
+
+
+def base_weights_elsewhere(where, base_weights, factors, current):
+    """Checks the base tensors saved for modules without factors in the file (peft saves an embedding's or head's
+    whole base weight into every adapter of a model where another adapter targets it): each must be the model's
+    own, read by `current(module name, "weight" or "bias")` (None: the model has no such tensor, refused)."""
+    for key, saved in base_weights.items():
+        name, what = (key[0], "bias") if isinstance(key, tuple) else (key, "weight")
+        if name in factors:
+            continue
+        suffix = BASE_BIAS_SUFFIX if what == "bias" else BASE_SUFFIX
+        tensor = current(name, what)
+        if tensor is None:
+            raise ValueError(f"{where}: unexpected key {PREFIX + name + suffix!r}: a base {what} of module {name!r}, "
+                             f"which the model does not have")
+        check_base_weight(where, name, saved, tensor, bias=what == "bias")
 
 
 def check_base_weight(where, name, saved, current, bias=False):
@@ -404,6 +418,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     if missing:
         raise ValueError(f"{weights_file}: holds no factors for module(s) {_names(missing)}, which the config's "
                          f"target_modules / exclude_modules / layers_to_transform select ({cfg_file})")
+    base_weights_elsewhere(weights_file, base_weights, factors, lambda n, what: _base_tensor(model, n, what))
     plan = []
     for name, module in targets:
         A, B, embedding = factors[name]
@@ -504,6 +519,22 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         if activate:
             set_adapter(model, adapter_name)
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
+
+
+def _base_tensor(model, name, what):
+    """The model's own `what` ("weight" or "bias") of module `name` as peft names it (inside a lora_ext layer: its
+    base, unmerged; inside a module saved whole or given rows of tokens: the original's), or None."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if isinstance(module, _saved.ModulesToSave):
+        module = module.original_module
+    if isinstance(module, LoRALayer):
+        key = module._weight_key if what == "weight" else module._weight_key.rsplit("weight", 1)[0] + "bias"
+        return module.state_dict().get(key)
+    t = module._parameters.get(what)
+    return t
 
 
 def _peft_factors(layer, name, A, B, r):

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .. import sharded
-from ..layers import LoRALayer, MergedLinear
+from .. import ops, sharded
+from ..layers import ConvLoRA, LoRALayer, MergedLinear
 from ..named_adapters import check_adapter_name, each_or_none
 from .saved_modules import wrappers
 from .tokens import TrainableTokens
@@ -63,8 +63,8 @@ def _prune(t: Tensor, like: Tensor, density: float, how: str) -> Tensor:
         keep = torch.zeros(flat.shape, dtype=torch.bool, device=t.device)
         keep[flat.abs().topk(int(density * flat.numel())).indices] = True
         return t * keep.view(t.shape)
-    mask = torch.bernoulli(torch.full_like(like, density))
-    return t * mask.to(t.dtype) / density
+    mask = torch.bernoulli(torch.full_like(like, float(density)))
+    return t * mask.to(t.dtype) / float(density)
 
 
 def _combine(combination: str, tensors: List[Tensor], likes: List[Tensor], weights: List[float], density,
@@ -174,15 +174,24 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
             updates = [u.t().contiguous() for u in updates] if transposed else updates
             update = _combine(_base(combination), updates, updates, weights, density, sign_method)
             update = update.t() if transposed else update
+        if not bool(torch.isfinite(update).all()):
+            raise ValueError(f"add_weighted_adapter: the weighted update of {where} is not finite in {update.dtype} "
+                             f"(weights times updates overflow); use smaller weights")
         U, S, Vh = torch.linalg.svd(update, full_matrices=False, driver=driver)
-        k = min(q, S.shape[0])
+        # an update of zeros gets factors of zeros (its SVD's unit vectors would make svd_clamp's quantile 0);
+        # otherwise every direction up to the rank, as peft keeps them (a rank past the update's weighs
+        # directions of singular values near 0 in svd_clamp's quantile, there as here)
+        k = min(q, S.shape[0]) if S.numel() and float(S[0]) > 0 else 0
         B_k, A_k = U[:, :k] * S[:k], Vh[:k]
-        if clamp is not None:
+        if not (bool(torch.isfinite(B_k).all()) and bool(torch.isfinite(A_k).all())):
+            raise ValueError(f"add_weighted_adapter: the weighted update of {where} is not finite in {update.dtype} "
+                             f"(weights times updates overflow); use smaller weights")
+        if clamp is not None and k:
             high = _quantile(torch.cat([B_k.reshape(-1), A_k.reshape(-1)]), clamp)
             if not high > 0:
                 raise ValueError(f"add_weighted_adapter: svd_clamp={clamp} bounds the factors of {where} by "
-                                 f"{high:g}, which is not positive (clamping to it would zero or flip every value); use a "
-                                 f"higher quantile, such as 0.99")
+                                 f"{high:g}, which is not positive (clamping to it would zero or flip every value); "
+                                 f"its quantile must reach the factors' positive values: use a higher svd_clamp")
             B_k, A_k = B_k.clamp(-high, high), A_k.clamp(-high, high)
         A_j = update.new_zeros(q, update.shape[1])
         B_j = update.new_zeros(update.shape[0], q)
@@ -201,6 +210,8 @@ def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank
         raise TypeError(f"add_weighted_adapter: adapters must be a non-empty list of adapter names, got {adapters!r}")
     if any(not isinstance(a, str) for a in adapters) or len(set(adapters)) != len(adapters):
         raise ValueError(f"add_weighted_adapter: adapters must be distinct adapter names, got {list(adapters)!r}")
+    if isinstance(weights, Tensor) or type(weights).__module__ == "numpy":  # a 1-D array of the weights
+        weights = list(weights.tolist()) if getattr(weights, "ndim", 1) == 1 else weights
     if isinstance(weights, (str, Tensor)) or not isinstance(weights, Sequence) or len(weights) != len(adapters):
         raise ValueError(f"add_weighted_adapter: weights must be a list of {len(adapters)} numbers, one per adapter, "
                          f"got {weights!r}")
@@ -214,8 +225,11 @@ def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank
         raise ValueError(f"add_weighted_adapter: combination_type must be one of {', '.join(COMBINATIONS)}, "
                          f"got {combination_type!r}")
     base = _base(combination_type)
-    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
+    if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, numbers.Integral)
+                                 or svd_rank < 1):
         raise ValueError(f"add_weighted_adapter: svd_rank must be a positive int, got {svd_rank!r}")
+    if isinstance(density, Tensor) and density.numel() == 1 and density.is_floating_point():
+        density = density.item()
     if base in PRUNING:
         if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
             raise ValueError(f"add_weighted_adapter: combination_type {combination_type!r} prunes; density (the "
@@ -227,9 +241,10 @@ def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank
         if majority_sign_method not in SIGN_METHODS:
             raise ValueError(f"add_weighted_adapter: majority_sign_method must be 'total' or 'frequency', got "
                              f"{majority_sign_method!r}")
-        if base not in SIGN_ELECTING:
-            raise ValueError(f"add_weighted_adapter: majority_sign_method is for the combinations that elect signs "
-                             f"(ties, dare_ties and their _svd forms), not {combination_type!r}")
+        if base not in SIGN_ELECTING and majority_sign_method != "total":  # ("total", peft's default, changes nothing)
+            raise ValueError(f"add_weighted_adapter: majority_sign_method={majority_sign_method!r} is for the "
+                             f"combinations that elect signs (ties, dare_ties and their _svd forms), not "
+                             f"{combination_type!r}")
     svd_args = {"svd_rank": svd_rank, "svd_clamp": svd_clamp, "svd_driver": svd_driver}
     given = [k for k, v in svd_args.items() if v is not None]
     if given and combination_type not in UPDATE_LEVEL:
@@ -257,7 +272,9 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
                      svd_clamp, svd_full_matrices, svd_driver)
     weights = [float(w.item() if isinstance(w, Tensor) else w) for w in weights]
     sign_method = majority_sign_method or "total"
-    density = None if density is None else float(density)
+    if isinstance(density, Tensor):
+        density = density.item()
+    svd_rank = None if svd_rank is None else int(svd_rank)
     held = {n for _, m in found for n in m.adapter_names if not m.is_stand_in(n)}
     saved = {n for _, w in wrappers(model) for n in w.adapter_names}
     missing = [a for a in adapters if a not in held]
@@ -300,15 +317,26 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
         device = parts[0][0].device
         parts = [(A.to(device), B.to(device), s) for A, B, s in parts]
         where = f"layer {path!r}"
+        if device.type == "meta":
+            raise ValueError(f"add_weighted_adapter: the factors of {where} are on the meta device (no values to "
+                             f"combine); load the model's weights first")
+        for a, (A, B, s) in zip(names, parts):
+            ops.check_finite(f"add_weighted_adapter: {where}, adapter {a!r}", A, B, s)
+        if svd_driver is not None and device.type != "cuda":
+            raise ValueError(f"add_weighted_adapter: svd_driver={svd_driver!r} picks a cuSOLVER method; the factors "
+                             f"of {where} are on {device}, where torch has one SVD (pass no svd_driver)")
+        if combination_type in PRUNING and isinstance(m, ConvLoRA):
+            # (loralib's layout holds a peft conv adapter's lora_B as B (x) I_k: pruning its values there is not
+            # pruning peft's B, and random masks break the structure)
+            raise ValueError(f"add_weighted_adapter: combination_type {combination_type!r} prunes the factors, but "
+                             f"{where} is a convolution, whose factors lora_ext holds in loralib's layout (not "
+                             f"peft's): use {combination_type + '_svd'!r}, which prunes the update as peft does")
         if combination_type == "cat":
             A_new, B_new = _cat(m, parts, w)
         elif combination_type in FACTOR_LEVEL:
             A_new, B_new = _factor_level(m, parts, w, where, combination_type, density, sign_method)
         else:  # the exact update's rank without svd_rank (see the module's docstring); never past the shape's
             rank = sum(m.rank_of(A) for A, _, _ in parts) if svd_rank is None else svd_rank
-            if svd_driver is not None and parts[0][0].device.type != "cuda":
-                raise ValueError(f"add_weighted_adapter: svd_driver={svd_driver!r} picks a cuSOLVER method; the "
-                                 f"factors of {where} are on {parts[0][0].device}, where torch has one SVD (pass no svd_driver)")
             A_new, B_new = _svd(m, parts, w, min(rank, _max_rank(m)), where, combination_type, density, sign_method,
                                 None if svd_clamp is None else float(svd_clamp), svd_driver)
         dtype = m.lora_A.dtype
