@@ -273,7 +273,7 @@ def _set(key, value):
                                                             r"\(3, 64\)"),
     (lambda t: t.__setitem__(ROWS, torch.full((3, 64), float("nan"))), None, "non-finite values"),
     (None, _set("target_modules", ["q_proj", "embed_tokens"]), "both a LoRA target .* and given rows of tokens"),
-    (None, _set("modules_to_save", ["embed_tokens"]), "both saved whole .* and given rows of tokens"),
+    (None, _set("modules_to_save", ["embed_tokens"]), "saved whole .* and given rows of tokens"),
 ], ids=["out-of-range", "duplicate", "negative", "no-module", "string", "missing", "shape", "nan", "lora-target",
         "saved-whole"])
 def test_a_bad_adapter_is_refused_before_anything_changes(tmp_path, keys, config, match):
@@ -353,3 +353,185 @@ def test_lora_ext_merge_refuses_bad_rows(tmp_path, capsys, change, match):
     assert main(["merge", "--base", base, "--adapter", path, "--out", out, "--quiet"]) != 0
     import re
     assert re.search(match, capsys.readouterr().err) and not os.path.exists(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# found by the hostile pass
+
+
+def _bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+                     scale_embedding=True, pad_token_id=0, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2)
+    return BartForConditionalGeneration(cfg).eval()
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                   decoder_start_token_id=0, pad_token_id=0)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def _seq2seq_adapter(tmp_path, build, spec, targets):
+    pm = get_peft_model(build(), LoraConfig(r=2, target_modules=targets, trainable_token_indices=spec))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "trainable_tokens_delta" in n or "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    path = str(tmp_path / "s2s")
+    pm.save_pretrained(path)
+    return path
+
+
+def test_bart_scales_the_rows_in_its_encoder_and_decoder_embeddings(tmp_path):
+    # model.shared and the encoder's and decoder's embed_tokens are three scaled embeddings of one weight: the tied
+    # ones served the rows unscaled (0.29 off peft)
+    path = _seq2seq_adapter(tmp_path, _bart, [1, 5, 7], ["q_proj", "v_proj"])
+    ids, dec = _ids(), _ids().flip(1)
+    ref = PeftModel.from_pretrained(_bart(), path).eval()
+    want = _logits(ref, ids, decoder_input_ids=dec)
+    model = _bart()
+    lora.load_peft_adapter(model, path, "a")
+    assert isinstance(model.model.encoder.embed_tokens, TrainableTokens)
+    torch.testing.assert_close(_logits(model, ids, decoder_input_ids=dec), want, rtol=1e-5, atol=1e-4)
+    base = str(tmp_path / "base")
+    _bart().save_pretrained(base)
+    assert main(["merge", "--base", base, "--adapter", path, "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    from transformers import BartForConditionalGeneration
+    merged = BartForConditionalGeneration.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(_logits(merged, ids, decoder_input_ids=dec),
+                               _logits(ref.merge_and_unload(), ids, decoder_input_ids=dec), rtol=1e-5, atol=1e-4)
+
+
+def test_two_modules_of_one_weight_with_other_rows_are_refused(tmp_path):
+    # T5's {"embed_tokens": ...} chooses the encoder's and the decoder's, which share `shared.weight`: peft saves two
+    # sets of rows for one weight (its merge keeps the last); shared and lm_head took the encoder's (3.07 off)
+    path = _seq2seq_adapter(tmp_path, _t5, {"embed_tokens": [1, 5, 7]}, ["q", "v"])
+    model = _t5()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="'encoder.embed_tokens' and 'decoder.embed_tokens' share one weight"):
+        lora.load_peft_adapter(model, path, "a")
+    assert unchanged(model, snap)
+    base = str(tmp_path / "base")
+    _t5().save_pretrained(base)
+    assert main(["merge", "--base", base, "--adapter", path, "--out", str(tmp_path / "m"), "--quiet"]) != 0
+
+
+def test_a_tied_head_saved_whole_by_another_adapter_is_refused(tmp_path):
+    # (the head served the old rows: 18.3 off peft; peft raises here)
+    model = _build("llama", tie=True)
+    lora.load_peft_adapter(model, _adapter(tmp_path, "b", tie=True, modules_to_save=["lm_head"]), "b")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="'lm_head', which shares the weight .* saved whole by adapter"):
+        lora.load_peft_adapter(model, _adapter(tmp_path, "a", tie=True, trainable_token_indices=[1, 5, 7]), "a")
+    assert unchanged(model, snap)
+
+
+def test_training_follows_switches_on_a_tied_model(tmp_path):
+    # the head's wrapper saw the embedding's (shared) rows frozen first and froze the new ones
+    paths = {"a": _adapter(tmp_path, "a", tie=True, trainable_token_indices=[1, 5]),
+             "c": _adapter(tmp_path, "c", tie=True, seed=3, trainable_token_indices=[7])}
+    model = _ours(paths, tie=True)
+    lora.mark_only_lora_as_trainable(model)
+    rows = {n: model.model.embed_tokens.modules_to_save[n].trainable_tokens_delta for n in paths}
+    assert rows["a"].requires_grad and not rows["c"].requires_grad
+    for name, other in (("c", "a"), ("a", "c")):
+        lora.set_adapter(model, name)
+        assert rows[name].requires_grad and not rows[other].requires_grad, name
+
+
+def test_a_first_load_without_activate_serves_its_rows_as_its_layers(tmp_path):
+    # the layers of the model's first adapter come up serving it; its rows stayed off (0.38 off peft)
+    path = _adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7])
+    model = _build("llama")
+    lora.load_peft_adapter(model, path, "a", activate=False)
+    assert model.model.embed_tokens.active_adapter == "a"
+    torch.testing.assert_close(_logits(model.eval(), _ids()), _logits(_peft({"a": path}), _ids()), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_load_state_dict_changes_the_rows_served(tmp_path):
+    # the lookup sorted the indices once, into buffers a state dict does not hold: it kept serving the old ones
+    model = _ours({"a": _adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7])})
+    other = _ours({"a": _adapter(tmp_path, "a2", seed=4, trainable_token_indices=[9, 3, 8])})
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(_logits(model, _ids()), _logits(other, _ids()), rtol=0, atol=0)
+
+
+def test_the_padding_tokens_row_gets_no_gradient(tmp_path):
+    # as F.embedding's padding_idx in peft's lookup (5.9e-4 here before)
+    path = _adapter(tmp_path, "a", trainable_token_indices=[0, 5, 7])  # llama's padding_idx is 0
+    model = _build("llama")
+    lora.load_peft_adapter(model, path, "a")
+    lora.mark_only_lora_as_trainable(model)
+    model.train()
+    model(torch.tensor([[0, 5, 7, 0, 2]])).logits.square().sum().backward()
+    grad = model.model.embed_tokens.modules_to_save["a"].trainable_tokens_delta.grad
+    assert grad[0].abs().max() == 0 and grad[1].abs().max() > 0 and grad[2].abs().max() > 0
+
+
+@pytest.mark.parametrize("spec,name,match", [
+    ({"embed_tokens": [9, 8, 4], "model.embed_tokens": [1, 5, 7]}, "a", "chooses module 'model.embed_tokens' twice"),
+    ([1, 5, 7], "keys", "'keys' is an attribute of torch's ModuleDict"),
+], ids=["named-twice", "moduledict-attribute"])
+def test_more_refusals_before_anything_changes(tmp_path, spec, name, match):
+    model = _build("llama")
+    lora.load_peft_adapter(model, _adapter(tmp_path, "b", seed=2), "b")
+    snap = snapshot(model)
+    path = _adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7])
+    _damaged(path, config_change=_set("trainable_token_indices", spec))
+    with pytest.raises(ValueError, match=match):
+        lora.load_peft_adapter(model, path, name)
+    assert unchanged(model, snap) and lora.adapter_names(model) == ["b"]
+
+
+def test_lora_on_a_module_with_rows_is_refused_by_name(tmp_path):
+    model = _build("llama")
+    lora.load_peft_adapter(model, _adapter(tmp_path, "a", trainable_token_indices=[1, 5]), "a")
+    with pytest.raises(ValueError, match="factors of module 'model.embed_tokens', which adapter.*'a'.* give rows"):
+        lora.load_peft_adapter(model, _adapter(tmp_path, "b", target_modules=["q_proj", "embed_tokens"]), "b")
+
+
+def test_merge_of_a_tied_head_listed_with_the_embeddings_tokens(tmp_path):
+    # the head's weight is not in a tied checkpoint: its name came from the checkpoint's keys ("no weight")
+    spec = {"embed_tokens": [1, 5, 7], "lm_head": [1, 5, 7]}
+    path = _adapter(tmp_path, "a", tie=True, trainable_token_indices=spec)
+    base = str(tmp_path / "base")
+    _build("llama", tie=True).save_pretrained(base)
+    assert main(["merge", "--base", base, "--adapter", path, "--out", str(tmp_path / "m"), "--quiet"]) == 0
+    from transformers import AutoModelForCausalLM
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(_logits(merged, _ids()), _logits(_peft({"a": path}, tie=True).merge_and_unload(),
+                                                                 _ids()), rtol=1e-5, atol=1e-4)
+
+
+def test_a_packed_token_batch_splits_the_lookup_by_token(tmp_path):
+    # batch_adapters(rows=) over one packed sequence (1, T): refused for the embedding before ("saved whole")
+    paths = {"a": _adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7]), "b": _adapter(tmp_path, "b", seed=2)}
+    model = _ours(paths)
+    ids = _ids()[:1]
+    per_token = torch.tensor([0, 0, 1, 1, 0, -1, 1, 0])
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(out))
+    with lora.batch_adapters(model, ["a", "b"], rows=per_token):
+        _logits(model, ids)  # (the model's call sets the batch's token layout)
+    hook.remove()
+    out, wrapper = seen[0], model.model.embed_tokens
+    assert out.shape == (1, 8, 64)
+    for t, which in enumerate(per_token.tolist()):
+        want = wrapper.module_for("ab"[which] if which >= 0 else None)(ids[:, t:t + 1])
+        assert torch.equal(out[:, t:t + 1], want), t
+    assert not torch.equal(out[:, 2:3], wrapper.module_for("a")(ids[:, 2:3]))  # (token 5: b's row is the base's)
+
+
+def test_an_empty_dict_is_no_tokens(tmp_path):
+    path = _adapter(tmp_path, "a")
+    _damaged(path, config_change=_set("trainable_token_indices", {}))  # (peft loads it as no tokens)
+    model = _build("llama")
+    lora.load_peft_adapter(model, path, "a")
+    assert not any(isinstance(m, TrainableTokens) for m in model.modules())

@@ -505,7 +505,9 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
             raise MergeError(f"--adapter: unexpected key {sorted(rows)[0]!r}: rows of tokens, but {cfg_file} lists no "
                              f"trainable_token_indices")
         return {}
-    modules = sorted({k[:-len(".weight")] for k in shapes if k.endswith(".weight")})
+    # module names: the model's (a tied head's weight is not in the checkpoint), else the checkpoint's
+    modules = (sorted(n for n, _ in meta.named_modules(remove_duplicate=False) if n) if meta is not None
+               else sorted({k[:-len(".weight")] for k in shapes if k.endswith(".weight")}))
     targets = {}
     for key, indices in spec.items():
         if key is None:
@@ -521,11 +523,11 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
                 raise MergeError(f"{cfg_file}: trainable_token_indices names module {key!r}, which has no weight in "
                                  f"--base {base!r} (peft matches the end of a module's name)")
         for m in matched:
-            if m in targets and targets[m] != indices:
-                raise MergeError(f"{cfg_file}: trainable_token_indices lists module {m!r} twice, with other tokens")
+            if m in targets:
+                raise MergeError(f"{cfg_file}: trainable_token_indices chooses module {m!r} twice")
             targets[m] = indices
     shared = _shared_weights(meta) or {}
-    out, used = {}, set()
+    out, used, writers = {}, set(), {}
     for name, indices in targets.items():
         file_key = PREFIX + name + _tokens.DELTA_SUFFIX
         if file_key not in rows:
@@ -565,6 +567,12 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
             w = out.get(ck(key))
             if w is None:
                 w = _get_tensor(where[key], headers[where[key]], ck(key)).clone()
+            elif writers[ck(key)][1] != indices or writers[ck(key)][2].shape != t.shape \
+                    or not torch.equal(writers[ck(key)][2], t):
+                raise MergeError(f"--adapter: modules {writers[ck(key)][0]!r} and {name!r} share one weight "
+                                 f"({ck(key)!r} in --base), but the adapter gives them other rows of tokens; the "
+                                 f"merged weight can hold only one set")
+            writers[ck(key)] = (name, indices, t)
             w[torch.tensor(indices)] = t.to(w.dtype)
             out[ck(key)] = w
     extra = sorted(set(rows) - used)
@@ -903,8 +911,8 @@ def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allo
             if made > 0:
                 if not allow_inf:
                     why = ("the DoRA merge (magnitude / norm) overflowed" if key in plan and plan[key][4] is not None
-                           else "the merge overflowed" if key in plan else "the adapter's tensor (modules_to_save) "
-                           "overflowed" if key in replace else "the conversion overflowed")
+                           else "the merge overflowed" if key in plan else "the adapter's tensor (modules_to_save, or rows of "
+                           "tokens) overflowed" if key in replace else "the conversion overflowed")
                     raise MergeError(f"{src}: tensor {key!r}: {made} values became inf/NaN in {dt} ({why} its range); "
                                      f"nothing was written (--allow-inf writes them anyway)")
                 nonfinite[key] = made

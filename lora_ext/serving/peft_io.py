@@ -385,8 +385,12 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     token_names = [n for names, _, _ in token_plan for n in names]
     clash = sorted(set(token_names) & {n for n, _ in to_save})
     if clash:
-        raise ValueError(f"{cfg_file}: module {clash[0]!r} is both saved whole (modules_to_save) and given rows of "
-                         f"tokens (trainable_token_indices); peft refuses that, name it in one of them")
+        tied = next((rows.__dict__["tied"] for names, _, rows in token_plan if clash[0] in names), False)
+        raise ValueError(f"{cfg_file}: module {clash[0]!r} is saved whole (modules_to_save) and "
+                         + ("shares the weight of the embedding trainable_token_indices gives rows of tokens (tied), "
+                            "so it would serve them too; peft refuses that as well (untie them, or save the "
+                            "embedding whole instead)" if tied else
+                            "given rows of tokens (trainable_token_indices); peft refuses that, name it in one of them"))
     states, rest = _saved.split_state(tensors, [n for n, _ in to_save], PREFIX)
     factors, base_weights = module_factors(rest, where=weights_file)
     if not factors:
@@ -406,11 +410,16 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                          f"tokens (trainable_token_indices); peft refuses that")
     saved_plan = [(name, module, _saved.check_state(weights_file, name, module, states.get(name), PREFIX))
                   for name, module in to_save]
-    if to_save and hasattr(nn.ModuleDict(), adapter_name):
+    if (to_save or token_plan) and hasattr(nn.ModuleDict(), adapter_name):
         raise ValueError(f"adapter_name: {adapter_name!r} is an attribute of torch's ModuleDict, which holds the "
-                         f"copies of the modules this adapter saves whole ({_names(n for n, _ in to_save)}); load it "
-                         f"under another name")
+                         f"copies of the modules this adapter saves whole or gives rows of tokens "
+                         f"({_names([n for n, _ in to_save] + token_names)}); load it under another name")
     extra, missing = set(factors) - chosen, chosen - set(factors)
+    rowed = sorted(n for n in extra if isinstance(_saved.module_at(model, n), _tokens.TrainableTokens))
+    if rowed:
+        holders = _saved.module_at(model, rowed[0]).adapter_names
+        raise ValueError(f"{weights_file}: holds factors of module {rowed[0]!r}, which adapter(s) {holders} give rows "
+                         f"of tokens (trainable_token_indices); peft puts no LoRA on such a module")
     if extra:
         raise ValueError(f"{weights_file}: holds factors of module(s) {_names(extra)} that the config's "
                          f"target_modules / exclude_modules / layers_to_transform do not select ({cfg_file}); peft "
@@ -492,6 +501,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                              f"({sorted(actives)}), so the layers this load injects cannot follow it; set_adapter the "
                              f"model first")
         placeholder = actives.pop() if actives else None
+    # the model's first adapter: its layers come up serving it whatever `activate` says, so its modules saved whole
+    # and rows of tokens must too
+    first = not activate and not lora_layers(model)
     # the adapter's copies of the modules it saves whole, made before the model changes (a copy can fail: memory)
     saved_plan = [(name, module, _saved.make_copy(weights_file, name, module, state))
                   for name, module, state in saved_plan]
@@ -516,7 +528,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 module = wrapper
             module.add(adapter_name, new)
         _tokens.install(model, token_plan, adapter_name, _inject._set_submodule)
-        if activate:
+        if activate or first:
             set_adapter(model, adapter_name)
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
 

@@ -147,6 +147,10 @@ class SavedBatch:
                 and math.prod(x.shape[:-1]) == batch.n and isinstance(wrapper.original_module, _TOKENWISE):
             lead, x = x.shape[:-1], x.reshape(-1, x.shape[-1])
             args = (x, *args[1:])
+        elif isinstance(x, Tensor) and x.dim() > 1 and x.shape[0] != batch.n and batch.layout == "tokens" \
+                and x.numel() == batch.n and isinstance(wrapper.original_module, nn.Embedding) and not args[1:]:
+            lead, x = x.shape, x.reshape(-1)  # a lookup's ids: each token alone
+            args = (x,)
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] not in batch.sizes:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"batch_adapters: module {self.path!r} is saved whole (modules_to_save) and computes each "
@@ -241,6 +245,14 @@ def find(model: nn.Module, entries, option: str) -> List[Tuple[str, nn.Module]]:
                              f"peft's result for nested modules to save is not well defined: lora_ext refuses it")
         found.append((name, module))
     return found
+
+
+def module_at(model: nn.Module, name: str) -> Optional[nn.Module]:
+    """The module at `name` in `model`, or None where there is none."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 def original(module: nn.Module) -> nn.Module:

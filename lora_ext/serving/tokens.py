@@ -55,11 +55,8 @@ class TokenRows(nn.Module):
         self.trainable_tokens_delta = values if isinstance(values, nn.Parameter) else nn.Parameter(
             values, requires_grad=False)
         device = self.trainable_tokens_delta.device
-        order = sorted(range(len(indices)), key=lambda i: indices[i])
+        # (the lookup sorts these at each call: a load_state_dict that changes them changes what is served)
         self.register_buffer("token_indices", torch.tensor(list(indices), dtype=torch.long, device=device))
-        self.register_buffer("_sorted", torch.tensor(sorted(indices), dtype=torch.long, device=device),
-                             persistent=False)
-        self.register_buffer("_order", torch.tensor(order, dtype=torch.long, device=device), persistent=False)
 
     @property
     def indices(self) -> List[int]:
@@ -71,10 +68,13 @@ class TokenRows(nn.Module):
         values = self._parameters["trainable_tokens_delta"]
         if isinstance(module, nn.Embedding):
             ids = x.long()
-            slots = self._buffers["_sorted"]
+            slots, order = torch.sort(self._buffers["token_indices"])
             pos = torch.searchsorted(slots, ids).clamp_(max=slots.numel() - 1)
             hit = slots[pos] == ids
-            rows = F.embedding(self._buffers["_order"][pos], values)
+            rows = F.embedding(order[pos], values)
+            if module.padding_idx is not None:  # (as F.embedding's padding_idx: that row's value, no gradient)
+                rows = torch.where((ids == module.padding_idx % module.num_embeddings).unsqueeze(-1), rows.detach(),
+                                   rows)
             if self.__dict__["_scaled"]:  # (read now: .to() gives the module a new buffer)
                 scale = module.embed_scale
                 rows = rows * (scale.to(rows.dtype) if isinstance(scale, Tensor) else scale)
@@ -112,6 +112,25 @@ class TrainableTokens(ModulesToSave):
     """An embedding (or an output head) some adapters replace rows of: `original_module` (the model's own) and one
     TokenRows per adapter in `modules_to_save`; forward runs the active adapter's rows, else the original."""
 
+    def set_adapter(self, name: Optional[str]) -> None:
+        """As ModulesToSave's; rows tied to an embedding's are the embedding's Parameter, whose training the
+        embedding's wrapper moves: here they neither tell whether the rows train nor are frozen or trained."""
+        old, new = self.served(), self.module_for(name)
+        tied = [m for m in (old, new) if isinstance(m, TokenRows) and m.__dict__["tied"]]
+        if not tied:
+            return super().set_adapter(name)
+        own = self._modules["original_module"]
+        if old is not new:
+            trains = self.__dict__.get("_trains")
+            if old is not own and old not in tied:
+                trains = any(p.requires_grad for p in old.parameters())
+                if trains:
+                    old.requires_grad_(False)
+            if new is not own and new not in tied and trains is not None:
+                new.requires_grad_(bool(trains))
+            self.__dict__["_trains"] = trains
+        self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
+
     def unloaded(self, merge: bool) -> nn.Module:
         """The module unload puts back: the original, with the active adapter's rows written into its weight when
         `merge` (a tied head's rows are its embedding's, written there)."""
@@ -125,7 +144,7 @@ class TrainableTokens(ModulesToSave):
 def check_spec(where: str, spec) -> Optional[Dict[Optional[str], List[int]]]:
     """trainable_token_indices as {module name or None (the input embedding): [indices]}; None when absent.
     ValueError naming `where` for anything peft would not read as token indices."""
-    if spec is None:
+    if spec is None or (isinstance(spec, dict) and not spec):  # (peft reads {} as no tokens)
         return None
     if isinstance(spec, (list, tuple)):
         spec = {None: spec}
@@ -162,7 +181,8 @@ def input_embedding_name(model: nn.Module) -> Optional[str]:
 
 
 def _base(module):
-    return module._modules["original_module"] if isinstance(module, TrainableTokens) else module
+    """The model's own module inside a wrapper (rows of tokens, or saved whole)."""
+    return module._modules["original_module"] if isinstance(module, ModulesToSave) else module
 
 
 def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[str, Tensor], prefix: str,
@@ -194,9 +214,11 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
         targets += [(n, m, indices) for n, m in matched]
     seen = {}
     for n, m, indices in targets:
-        if _base(m) in seen and seen[_base(m)][0] != n:
-            raise ValueError(f"{cfg_file}: trainable_token_indices chooses module {n!r} and {seen[_base(m)][0]!r}, "
-                             f"which are one module (shared under both names); name it once")
+        if _base(m) in seen:
+            other = seen[_base(m)][0]
+            raise ValueError(f"{cfg_file}: trainable_token_indices chooses module {n!r} twice" if other == n else
+                             f"{cfg_file}: trainable_token_indices chooses module {n!r} and {other!r}, which are one "
+                             f"module (shared under both names); name it once")
         seen[_base(m)] = (n, m, indices)
     out = []
     for n, m, indices in seen.values():
@@ -220,11 +242,25 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
         weight = base.weight
         if not t.is_floating_point():
             raise ValueError(f"{label} is {t.dtype}; the rows must be floating point")
-        t = t.to(weight.device, weight.dtype)
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{label} holds non-finite values (inf/NaN)")
+        t = t.to(weight.device, weight.dtype)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{label} overflows the weight's dtype {weight.dtype} (values past its range)")
         scaled = isinstance(base, nn.Embedding) and type(base).forward is not nn.Embedding.forward
         out.append((names[m], m, TokenRows(base, indices, t, scaled)))
+    # targets that share one weight must hold the same rows: the weight (and a merge) can hold only one set
+    by_weight = {}
+    for ns, m, rows in out:
+        by_weight.setdefault(id(_base(m).weight), []).append((ns[0], rows))
+    for group in by_weight.values():
+        first, rows = group[0]
+        for other, more in group[1:]:
+            if more.indices != rows.indices or not torch.equal(more.trainable_tokens_delta,
+                                                                rows.trainable_tokens_delta):
+                raise ValueError(f"{where}: modules {first!r} and {other!r} share one weight (tied), but the adapter "
+                                 f"gives them other rows of tokens; served (and merged) they would have to be both: "
+                                 f"lora_ext refuses it")
     embeddings = {_base(m): rows for _, m, rows in out if isinstance(_base(m), nn.Embedding)}
     done = {_base(m) for _, m, _ in out}
     for emb, rows in embeddings.items():
@@ -234,7 +270,8 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
             if _base(m)._parameters.get("weight") is not emb.weight:
                 continue
             head = _check_module(ns[0], m, cfg_file, tied_to=emb)
-            out.append((ns, m, TokenRows(head, rows.indices, rows.trainable_tokens_delta, tied=True)))
+            scaled = isinstance(head, nn.Embedding) and type(head).forward is not nn.Embedding.forward
+            out.append((ns, m, TokenRows(head, rows.indices, rows.trainable_tokens_delta, scaled, tied=True)))
             done.add(head)
     return out
 
