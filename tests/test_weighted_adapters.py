@@ -18,18 +18,22 @@ CONFIGS = {"a": dict(r=4, lora_alpha=8, target_modules=T),
            "c": dict(r=4, lora_alpha=16, target_modules=T, use_rslora=True)}
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """{adapter: path} of peft's saved adapters a, b, c on the same base."""
+def saved_adapters(root, seed):
+    """{adapter: path} of peft's adapters a, b, c (CONFIGS) on the same base, random factors from `seed`, saved
+    under `root` (tests/test_weighted_pruning.py shares them)."""
     pm = peft_with_adapters(llama(), CONFIGS)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    root = tmp_path_factory.mktemp("weighted")
     pm.save_pretrained(str(root))
     return {name: str(root / name) for name in CONFIGS}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return saved_adapters(tmp_path_factory.mktemp("weighted"), 1)
 
 
 def _peft(saved):
@@ -182,6 +186,12 @@ def test_every_layer_kind_against_float64(index):
 ], ids=["unknown", "exists", "weights-length", "nan", "bool", "ties", "bogus", "linear-ranks", "svd-rank", "duplicate", "empty",
         "string"])
 def test_refusals_leave_the_model_as_it_was(saved, call, error, match):
+    assert_refused(saved, call, error, match)
+
+
+def assert_refused(saved, call, error, match):
+    """add_weighted_adapter of a and b as "w", changed by `call`, raises `error` matching `match` and leaves the
+    model as it was (tests/test_weighted_pruning.py shares it)."""
     model = _ours(saved)
     snap = snapshot(model)
     names = lora.adapter_names(model)

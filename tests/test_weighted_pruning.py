@@ -6,48 +6,16 @@ import itertools
 
 import pytest
 import torch
-from peft import PeftModel
 
 import lora_ext as lora
-from helpers import lora_layers_of, peft_with_adapters, rel_err
-from tiny_models import VOCAB, llama, snapshot, unchanged
-
-T = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
-CONFIGS = {"a": dict(r=4, lora_alpha=8, target_modules=T),
-           "b": dict(r=6, lora_alpha=3, target_modules=["q_proj", "o_proj"]),
-           "c": dict(r=4, lora_alpha=16, target_modules=T, use_rslora=True)}
+from helpers import lora_layers_of, rel_err
+from test_weighted_adapters import _logits, _ours, _peft, assert_refused, saved_adapters
+from tiny_models import VOCAB, snapshot
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    pm = peft_with_adapters(llama(), CONFIGS)
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    root = tmp_path_factory.mktemp("pruning")
-    pm.save_pretrained(str(root))
-    return {name: str(root / name) for name in CONFIGS}
-
-
-def _peft(saved):
-    pm = PeftModel.from_pretrained(llama(), saved["a"], adapter_name="a")
-    for name in ("b", "c"):
-        pm.load_adapter(saved[name], adapter_name=name)
-    return pm
-
-
-def _ours(saved):
-    model = llama()
-    for name in CONFIGS:
-        lora.load_peft_adapter(model, saved[name], name, activate=False)
-    return model
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
+    return saved_adapters(tmp_path_factory.mktemp("pruning"), 11)
 
 
 @pytest.fixture
@@ -339,14 +307,7 @@ def test_one_adapter_svd_with_a_rank_truncates():
         "clamp-cat", "rank-ties", "clamp-0", "clamp-low", "driver-cpu", "driver-bogus", "full-matrices", "ties-ranks",
         "one-adapter"])
 def test_refusals_leave_the_model_as_it_was(saved, call, error, match):
-    model = _ours(saved)
-    snap = snapshot(model)
-    names = lora.adapter_names(model)
-    kwargs = {**dict(adapters=["a", "b"], weights=[1.0, 2.0], adapter_name="w", combination_type="svd"), **call}
-    with pytest.raises(error, match=match):
-        lora.add_weighted_adapter(model, **kwargs)
-    assert unchanged(model, snap) and lora.adapter_names(model) == names
-    assert not any(m.has_adapter("w") for m in lora_layers_of(model))
+    assert_refused(saved, call, error, match)
 
 
 # ---------------------------------------------------------------------------------------------------
