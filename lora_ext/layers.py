@@ -110,6 +110,7 @@ class LoRALayer(NamedAdapters):
         state.pop("_finite_stamps", None)
         state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
         state.pop("_pre_disable", None)
+        state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
         return state
 
     def __setstate__(self, state):

@@ -535,3 +535,90 @@ def test_an_empty_dict_is_no_tokens(tmp_path):
     model = _build("llama")
     lora.load_peft_adapter(model, path, "a")
     assert not any(isinstance(m, TrainableTokens) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------------
+# found by the cross-feature pass
+
+
+def test_a_ctrl_c_during_a_load_lands_after_the_whole_adapter(tmp_path, python_sigint, monkeypatch):
+    # the load's writes had no way back: a Ctrl-C between two layers left half an adapter (12.2 off peft once
+    # switched to); now it is held back to the end of the load
+    import signal
+    from lora_ext.serving import tokens as tokens_module
+    path = _adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7])
+    model = _build("llama")
+    lora.load_peft_adapter(model, _adapter(tmp_path, "b", seed=2), "b")
+    real = tokens_module.install
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(tokens_module, "install", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lora.load_peft_adapter(model, path, "a", activate=False)
+    monkeypatch.setattr(tokens_module, "install", real)
+    assert model.model.embed_tokens.adapter_names == ["a"]
+    lora.set_adapter(model, "a")
+    torch.testing.assert_close(_logits(model, _ids()), _logits(_peft({"a": path}), _ids()), rtol=1e-5, atol=1e-5)
+
+
+def test_rows_train_after_a_switch_when_their_wrapper_never_saw_rows_train(tmp_path):
+    # marked while b (no rows) was active: the wrapper served its original and did not know that adapters train,
+    # so a's rows stayed frozen after set_adapter(a) (1.68 off peft after 3 steps)
+    paths = {"b": _adapter(tmp_path, "b", seed=2), "a": _adapter(tmp_path, "a", trainable_token_indices=[1, 5])}
+    model = _ours(paths)
+    lora.mark_only_lora_as_trainable(model)
+    lora.set_adapter(model, "a")
+    rows = model.model.embed_tokens.modules_to_save["a"].trainable_tokens_delta
+    assert rows.requires_grad
+    lora.set_adapter(model, "b")
+    assert not rows.requires_grad
+    # frozen factors: rows that never trained stay frozen
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fresh = _ours(paths)
+    for p in fresh.parameters():
+        p.requires_grad_(False)
+    lora.set_adapter(fresh, "a")
+    assert not fresh.model.embed_tokens.modules_to_save["a"].trainable_tokens_delta.requires_grad
+
+
+def test_a_copy_made_inside_a_batch_is_not_in_it(tmp_path):
+    paths = {"a": _adapter(tmp_path, "a", trainable_token_indices=[1, 5]), "b": _adapter(tmp_path, "b", seed=2)}
+    model = _ours(paths)
+    with lora.batch_adapters(model, ["a", "b"]):
+        twin = copy.deepcopy(model)
+    with lora.disable_adapter(twin):  # (refused for good before: "a mixed batch serves layer ...")
+        assert torch.equal(twin.model.embed_tokens(_ids()), twin.model.embed_tokens.original_module(_ids()))
+
+
+def test_a_batch_whose_adapters_leave_a_module_alone_does_not_split_it(tmp_path):
+    # GPT-2's position embedding with rows of one adapter: batches of the others were refused (its position ids are
+    # a broadcast (1, T), which cannot be split by row, though every row used the original)
+    from tiny_models import gpt2
+    pm = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"], trainable_token_indices={"wpe": [0, 3]}))
+    pm.save_pretrained(str(tmp_path / "a"))
+    pm = get_peft_model(gpt2(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "n"))
+    model = gpt2()
+    lora.load_peft_adapter(model, str(tmp_path / "a"), "a")
+    lora.load_peft_adapter(model, str(tmp_path / "n"), "n", activate=False)
+    x = _ids()
+    with lora.batch_adapters(model, [None, "n"]):
+        out = _logits(model, x)
+    lora.set_adapter(model, "n")
+    torch.testing.assert_close(out[1:], _logits(model, x[1:]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:1], _logits(gpt2(), x[:1]), rtol=1e-5, atol=1e-5)
+    with lora.batch_adapters(model, ["a", "n"]):  # a's rows: the broadcast cannot be split by row
+        with pytest.raises(ValueError, match="'transformer.wpe' has rows of tokens .* its first input's first"):
+            _logits(model, x)
+
+
+def test_inject_keeps_out_of_modules_with_rows(tmp_path):
+    model = _ours({"a": _adapter(tmp_path, "a", trainable_token_indices=[1, 5])})
+    with pytest.raises(ValueError, match="'model.embed_tokens' is saved whole .* or given rows of tokens"):
+        lora.inject(model, ["embed_tokens"])
+    with pytest.raises(ValueError, match="no module"):  # (its inside is not a target either)
+        lora.inject(model, ["original_module"])

@@ -289,8 +289,9 @@ def _check_ddp_switch(model, found, name):
                 f"Parameters, whose gradients it would not synchronise. Switch the inner model and wrap it again: "
                 f"lora.set_adapter(ddp.module, {name!r}); ddp = DistributedDataParallel(ddp.module, ...) (and an "
                 f"optimizer over the new adapter's parameters)")
+    trains = any(m._trainable() for _, m in found)
     for path, w in wrappers(model):
-        if w.trains_on_switch(name):
+        if w.trains_on_switch(name, trains):
             raise ValueError(
                 f"set_adapter: the model is wrapped in DistributedDataParallel, and module {path!r} (saved whole: "
                 f"modules_to_save) would compute with other trainable parameters for {name!r}, whose gradients DDP "
@@ -302,11 +303,12 @@ def _set_adapter(found, name, settle=True, saved=()):
     """Switches the layers `found` and the modules to save `saved` (peft's modules_to_save) to adapter `name`."""
     before = [m.active_adapter for _, m in found]
     saved_before = [w.active_adapter for _, w in saved]
+    trains = any(m._trainable() for _, m in found)  # (the copies of a wrapper that never saw one train follow)
     try:
         with deferred_interrupt() as held:  # a Ctrl-C lands after the last layer, inside this try
             _switch_all(found, name, settle)
             for _, w in saved:
-                w.set_adapter(name)
+                w.set_adapter(name, trains)
             held.deliver()
     except BaseException:  # KeyboardInterrupt included: every layer back on its adapter, never a mix
         with deferred_interrupt():  # (a second Ctrl-C waits for the way back)

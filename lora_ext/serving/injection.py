@@ -541,7 +541,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     check_lossless(lossless)
     fused = dict(fused or {})
     plan = []
-    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, LoRALayer)]
+    inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, (LoRALayer, ModulesToSave))]
     spec = resolve_targets(model, target_modules)
     if isinstance(spec, set):  # 'all-linear': the modules not adapted yet
         spec = {n for n in spec if not isinstance(model.get_submodule(n), LoRALayer)}
@@ -556,6 +556,9 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
             continue
         if isinstance(module, LoRALayer):
             raise ValueError(f"target_modules: module {name!r} is already a lora_ext layer")
+        if isinstance(module, ModulesToSave):  # (and nothing inside one: peft keeps LoRA off them)
+            raise ValueError(f"target_modules: module {name!r} is saved whole (modules_to_save) or given rows of "
+                             f"tokens by adapter(s) {module.adapter_names}; peft puts no LoRA on such a module")
         check_replaceable(model, name, module, f"{'fused' if enable is not None else 'target_modules'}: module {name!r}")
         rr = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)

@@ -417,7 +417,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
               f"{', '.join(sorted(token_rows))}", file=log)
     if len(replace) > len(token_rows):
         modules = sorted(states)
-        print(f"lora-ext merge: wrote the adapter's own {len(replace)} tensors of {len(modules)} module(s) saved whole "
+        print(f"lora-ext merge: wrote the adapter's own {len(replace) - len(token_rows)} tensors of {len(modules)} module(s) saved whole "
               f"(modules_to_save): {', '.join(modules[:5])}{' ...' if len(modules) > 5 else ''}", file=log)
     if nonfinite:
         n = sum(nonfinite.values())

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from .. import layers, ops
 from ..layers import LoRALayer
-from ..named_adapters import check_adapter_name
+from ..named_adapters import check_adapter_name, deferred_interrupt
 from ..utils import unwrap
 from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
@@ -508,7 +508,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     saved_plan = [(name, module, _saved.make_copy(weights_file, name, module, state))
                   for name, module, state in saved_plan]
     # nothing can fail from here on: the model changes, atomically for forwards on other threads
-    with model_lock(model).write():
+    # (Ctrl-C held back to the end: the adapter lands whole, then the KeyboardInterrupt)
+    with model_lock(model).write(), deferred_interrupt():
         _inject.check_enabled(model, "load_peft_adapter")  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
         for name, module, layer, fresh, A2, B2, scaling in plan:
@@ -528,8 +529,13 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 module = wrapper
             module.add(adapter_name, new)
         _tokens.install(model, token_plan, adapter_name, _inject._set_submodule)
-        if activate or first:
+        if activate:
             set_adapter(model, adapter_name)
+        elif first:  # (its layers serve it already: its wrappers follow, a switch that writes nothing)
+            trains = any(m._trainable() for _, m in lora_layers(model))
+            for _, w in _saved.wrappers(model):
+                if adapter_name in w.adapter_names:
+                    w.set_adapter(adapter_name, trains)
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
 
 

@@ -81,14 +81,19 @@ class ModulesToSave(nn.Module):
         """The adapters that hold a copy of this module."""
         return list(self._modules["modules_to_save"]._modules)
 
-    def set_adapter(self, name: Optional[str]) -> None:
+    def set_adapter(self, name: Optional[str], trains: Optional[bool] = None) -> None:
         """The copy of adapter `name` computes from now on; the original module when it has none. Training moves
         with the switch, as peft's and the LoRA factors' does: when the copy that computed had trainable
-        parameters, it is frozen and the new adapter's copy is made trainable."""
+        parameters, it is frozen and the new adapter's copy is made trainable. `trains`: whether the model's LoRA
+        factors train, for a wrapper that has not seen a copy compute since (none told it)."""
         old, new, own = self.served(), self.module_for(name), self._modules["original_module"]
         if old is not new:
-            # whether the computing copy trains: read off it, or remembered while the original computes
-            trains = any(p.requires_grad for p in old.parameters()) if old is not own else self.__dict__.get("_trains")
+            # whether the computing copy trains: read off it, or remembered while the original computes, or the
+            # factors' (the model's) when neither tells
+            if old is not own:
+                trains = any(p.requires_grad for p in old.parameters())
+            elif self.__dict__.get("_trains") is not None:
+                trains = self.__dict__["_trains"]
             if old is not own and trains:
                 old.requires_grad_(False)
             if new is not own and trains is not None:
@@ -96,11 +101,15 @@ class ModulesToSave(nn.Module):
             self.__dict__["_trains"] = trains
         self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
 
-    def trains_on_switch(self, name: Optional[str]) -> bool:
-        """Whether a switch to `name` changes which trainable parameters compute (DistributedDataParallel cannot
-        follow that)."""
-        old, new = self.served(), self.module_for(name)
-        return old is not new and any(p.requires_grad for m in (old, new) for p in m.parameters())
+    def trains_on_switch(self, name: Optional[str], trains: Optional[bool] = None) -> bool:
+        """Whether a switch to `name` (set_adapter(name, trains)) changes which trainable parameters compute
+        (DistributedDataParallel cannot follow that)."""
+        old, new, own = self.served(), self.module_for(name), self._modules["original_module"]
+        if old is new:
+            return False
+        if any(p.requires_grad for m in (old, new) for p in m.parameters()):
+            return True
+        return old is own and self.__dict__.get("_trains") is None and bool(trains)
 
     def add(self, name: str, new: nn.Module) -> None:
         """Adds (or replaces) adapter `name`'s copy (from make_copy). A replaced active copy serves at once, and
@@ -119,6 +128,10 @@ class ModulesToSave(nn.Module):
     def unloaded(self, merge: bool) -> nn.Module:
         """The module unload puts back: the one that computes now (peft's unload and merge_and_unload both do)."""
         return self.served()
+
+    def what(self) -> str:
+        """What adapters do to this module, in messages."""
+        return "is saved whole (modules_to_save)"
 
     def extra_repr(self) -> str:
         return f"active_adapter={self.__dict__['active_adapter']!r}"
@@ -141,6 +154,12 @@ class SavedBatch:
 
     def forward(self, wrapper: ModulesToSave, args, kwargs):
         batch = self.batch
+        groups: Dict[int, Tuple[nn.Module, List[int]]] = {}
+        for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
+            module = wrapper.module_for(name)
+            groups.setdefault(id(module), (module, []))[1].append(entry)
+        if len(groups) == 1:  # one module serves every row (none of the batch's adapters has its own): no split
+            return next(iter(groups.values()))[0](*args, **kwargs)
         x = args[0] if args else None
         lead = None  # the leading dimensions a token layout flattens
         if isinstance(x, Tensor) and x.dim() > 1 and x.shape[0] != batch.n and batch.layout == "tokens" \
@@ -153,14 +172,10 @@ class SavedBatch:
             args = (x,)
         if not isinstance(x, Tensor) or x.dim() == 0 or x.shape[0] not in batch.sizes:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"batch_adapters: module {self.path!r} is saved whole (modules_to_save) and computes each "
-                             f"row with its adapter's copy: its first input's first dimension must be the batch's "
-                             f"rows (or, for a Linear, its tokens flattened); {batch.rows_text()}, got {got}"
+            raise ValueError(f"batch_adapters: module {self.path!r} {wrapper.what()} and computes each row with its "
+                             f"adapter's own: its first input's first dimension must be the batch's rows (or, for a "
+                             f"Linear or an Embedding, its tokens flattened); {batch.rows_text()}, got {got}"
                              f"{batch.hint(x.shape[0]) if isinstance(x, Tensor) and x.dim() else ''}")
-        groups: Dict[int, Tuple[nn.Module, List[int]]] = {}
-        for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
-            module = wrapper.module_for(name)
-            groups.setdefault(id(module), (module, []))[1].append(entry)
         rows = batch.rows_for(x.shape[0]).to(x.device)
         parts = [(module, torch.isin(rows, torch.tensor(entries, device=x.device)).nonzero().squeeze(1))
                  for module, entries in groups.values()]
@@ -172,7 +187,7 @@ class SavedBatch:
         for module, idx in parts:
             y = module(x.index_select(0, idx), *args[1:], **kwargs)
             if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != idx.numel():
-                raise ValueError(f"batch_adapters: module {self.path!r} is saved whole (modules_to_save) and returned "
+                raise ValueError(f"batch_adapters: module {self.path!r} ({wrapper.what()}) returned "
                                  f"{type(y).__name__ if not isinstance(y, Tensor) else tuple(y.shape)} for "
                                  f"{idx.numel()} rows; mixed batches split its rows, so it must return a tensor of rows")
             if out is None:

@@ -112,16 +112,17 @@ class TrainableTokens(ModulesToSave):
     """An embedding (or an output head) some adapters replace rows of: `original_module` (the model's own) and one
     TokenRows per adapter in `modules_to_save`; forward runs the active adapter's rows, else the original."""
 
-    def set_adapter(self, name: Optional[str]) -> None:
+    def set_adapter(self, name: Optional[str], trains: Optional[bool] = None) -> None:
         """As ModulesToSave's; rows tied to an embedding's are the embedding's Parameter, whose training the
         embedding's wrapper moves: here they neither tell whether the rows train nor are frozen or trained."""
         old, new = self.served(), self.module_for(name)
         tied = [m for m in (old, new) if isinstance(m, TokenRows) and m.__dict__["tied"]]
         if not tied:
-            return super().set_adapter(name)
+            return super().set_adapter(name, trains)
         own = self._modules["original_module"]
         if old is not new:
-            trains = self.__dict__.get("_trains")
+            if self.__dict__.get("_trains") is not None:
+                trains = self.__dict__["_trains"]
             if old is not own and old not in tied:
                 trains = any(p.requires_grad for p in old.parameters())
                 if trains:
@@ -130,6 +131,9 @@ class TrainableTokens(ModulesToSave):
                 new.requires_grad_(bool(trains))
             self.__dict__["_trains"] = trains
         self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
+
+    def what(self) -> str:
+        return "has rows of tokens (trainable_token_indices)"
 
     def unloaded(self, merge: bool) -> nn.Module:
         """The module unload puts back: the original, with the active adapter's rows written into its weight when
