@@ -265,3 +265,37 @@ def test_base_weights_peft_saves_for_another_adapters_embedding_load_and_merge(t
         lora_ext.load_peft_adapter(model, path, "b")
     assert unchanged(model, snap)
     assert main(["merge", "--base", base, "--adapter", path, "--out", str(tmp_path / "merged2"), "--quiet"]) != 0
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_is_trainable_as_peft_and_serving_switches_keep_the_storage(tmp_path, trainable):
+    # peft's from_pretrained loads an adapter frozen unless is_trainable=True; lora_ext's factors came up trainable,
+    # so a switch gave them new storage and a CUDA graph captured before it kept serving the old adapter
+    paths = {}
+    for i, n in enumerate("ab"):
+        pm = randomize_lora(get_peft_model(llama(i), LoraConfig(r=2, target_modules=["q_proj"],
+                                                               modules_to_save=["lm_head"])))
+        pm.save_pretrained(str(tmp_path / n))
+        paths[n] = str(tmp_path / n)
+    ref = PeftModel.from_pretrained(llama(), paths["a"], is_trainable=trainable)
+    want = {n.rsplit(".", 2)[0] for n, p in ref.named_parameters() if p.requires_grad}
+    model = llama()
+    lora_ext.load_peft_adapter(model, paths["a"], "a", is_trainable=trainable)
+    lora_ext.load_peft_adapter(model, paths["b"], "b", activate=False)
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.lora_A.requires_grad == trainable and q.lora_B.requires_grad == trainable
+    head = model.lm_head.modules_to_save["a"]
+    assert all(p.requires_grad == trainable for p in head.parameters())
+    assert bool(want) == trainable  # (peft's side of the same rule)
+    model.train()
+    ptr = q.lora_A.data_ptr()
+    x = tokens()
+    lora_ext.set_adapter(model, "b")
+    assert (q.lora_A.data_ptr() == ptr) == (not trainable)  # frozen: the same storage, the new values
+    with torch.no_grad():
+        out = model(x).logits
+    pb = PeftModel.from_pretrained(llama(), paths["b"]).train()
+    with torch.no_grad():
+        assert rel_err(out, pb(x).logits) < 1e-5
+    with pytest.raises(ValueError, match="is_trainable"):
+        lora_ext.load_peft_adapter(llama(), paths["a"], "a", is_trainable=None)

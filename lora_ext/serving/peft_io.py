@@ -318,7 +318,7 @@ def check_device(device):
     return dev
 
 
-def _check_arguments(model, path, adapter_name, merge_weights, activate):
+def _check_arguments(model, path, adapter_name, merge_weights, activate, is_trainable=False):
     if not isinstance(model, nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(path, (str, os.PathLike)):
@@ -329,7 +329,7 @@ def _check_arguments(model, path, adapter_name, merge_weights, activate):
         raise ValueError(f"adapter_name: {e}") from None
     if merge_weights is not None and not isinstance(merge_weights, bool):
         raise ValueError(f"merge_weights: expected True, False or None, got {merge_weights!r}")
-    for option, value in (("activate", activate),):
+    for option, value in (("activate", activate), ("is_trainable", is_trainable)):
         if not isinstance(value, bool):
             raise ValueError(f"{option}: expected True or False, got {value!r}")
 
@@ -342,7 +342,7 @@ def _names(names, most=6):
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
                       device: Union[str, torch.device, None] = None, merge_weights: Optional[bool] = None,
                       activate: bool = True, lossless: Optional[bool] = None, revision: Optional[str] = None,
-                      subfolder: Optional[str] = None) -> List[str]:
+                      subfolder: Optional[str] = None, is_trainable: bool = False) -> List[str]:
     """Loads a peft LoRA adapter directory into `model`, injecting lora_ext layers where the model still has
     plain modules; returns the names of the modules it covers. `path` may be a Hugging Face Hub repo id
     ("owner/name", at `revision`) where no such local path exists: its files are fetched into the Hub cache, as
@@ -354,6 +354,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     modules_to_save names (peft's rule: the module's name ends with an entry) are saved whole: each becomes a
     ModulesToSave holding the model's module and this adapter's copy, and the file must hold its whole state.
     The names returned include them.
+    is_trainable: as peft's from_pretrained, whether the adapter trains: False (peft's default) freezes the
+    factors of the layers this load creates (a serving switch between frozen factors of one shape writes into the
+    storage a captured CUDA graph reads) and its copies of modules saved whole and rows of tokens; True makes them
+    trainable. Layers already there keep their factors' requires_grad (mark_only_lora_as_trainable sets them).
     adapter_name: the name it is held under; with activate=True it becomes the active adapter everywhere
     (one pass per weight when merged). device: where an inactive adapter waits (default: beside the
     weight; "cpu" keeps it in host memory). merge_weights: whether eval() merges, for the layers this load
@@ -364,7 +368,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     finite values) is made before the first weight or layer changes: a refused load (ValueError, KeyError,
     FileNotFoundError, naming the file and option) leaves the model as it was.
     """
-    _check_arguments(model, path, adapter_name, merge_weights, activate)
+    _check_arguments(model, path, adapter_name, merge_weights, activate, is_trainable)
     _inject.check_lossless(lossless)
     _inject.check_enabled(model, "load_peft_adapter")
     from . import hub
@@ -507,6 +511,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # the adapter's copies of the modules it saves whole, made before the model changes (a copy can fail: memory)
     saved_plan = [(name, module, _saved.make_copy(weights_file, name, module, state))
                   for name, module, state in saved_plan]
+    for _, _, copy in saved_plan:
+        _saved._train(copy, is_trainable)
+    for _, _, rows in token_plan:
+        rows.trainable_tokens_delta.requires_grad_(is_trainable)
     # nothing can fail from here on: the model changes, atomically for forwards on other threads
     # (Ctrl-C held back to the end: the adapter lands whole, then the KeyboardInterrupt)
     with model_lock(model).write(), deferred_interrupt():
@@ -515,6 +523,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         for name, module, layer, fresh, A2, B2, scaling in plan:
             if fresh:
                 _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
+                # peft's is_trainable: frozen factors serve (their switches keep the storage CUDA graphs read)
+                layer.lora_A.requires_grad_(is_trainable)
+                layer.lora_B.requires_grad_(is_trainable)
                 if placeholder is not None:
                     layer.add_placeholder(placeholder)
                     layer.set_adapter(placeholder)
