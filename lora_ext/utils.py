@@ -58,6 +58,10 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     _check_ddp_flags(model, {id(p): trained for _, p, trained in flags}, bias)
     for _, p, trained in flags:
         p.requires_grad = trained
+    from .serving.saved_modules import ModulesToSave
+    for module in model.modules():  # adapters train: a switch puts the next adapter's copy (or rows) in training
+        if isinstance(module, ModulesToSave):
+            module.__dict__["_trains"] = True
     if not under_ddp(model):  # DDP holds the Parameters it was built with: those stay
         for _, m in _lora_layers(model):
             if m.has_lora:

@@ -299,3 +299,65 @@ def test_is_trainable_as_peft_and_serving_switches_keep_the_storage(tmp_path, tr
         assert rel_err(out, pb(x).logits) < 1e-5
     with pytest.raises(ValueError, match="is_trainable"):
         lora_ext.load_peft_adapter(llama(), paths["a"], "a", is_trainable=None)
+
+
+def _trainable_adapters(tmp_path):
+    """Adapters on llama: a (q, v, a saved lm_head), p (q, v), c (q, v, down_proj, a saved lm_head)."""
+    paths = {}
+    for i, (n, targets, saved) in enumerate((("a", ["q_proj", "v_proj"], ["lm_head"]), ("p", ["q_proj", "v_proj"], None),
+                                              ("c", ["q_proj", "v_proj", "down_proj"], ["lm_head"]))):
+        pm = randomize_lora(get_peft_model(llama(), LoraConfig(r=2, target_modules=targets, modules_to_save=saved)))
+        pm.save_pretrained(str(tmp_path / n))
+        paths[n] = str(tmp_path / n)
+    return paths
+
+
+def _grads(model):
+    return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().max() > 0}
+
+
+def test_training_after_frozen_loads_reaches_every_part_of_the_adapter(tmp_path):
+    # found by the pass over is_trainable: (1) marked while p was active, a's saved lm_head stayed frozen after the
+    # switch (the wrapper remembered the frozen copy: 0.925 off peft after 3 steps); (2) c loaded after the mark
+    # brought frozen down_proj layers (no gradient, no error); (3) b loaded with is_trainable=True into frozen layers
+    # trained in none of them
+    paths = _trainable_adapters(tmp_path)
+    model = llama()
+    lora_ext.load_peft_adapter(model, paths["a"], "a")
+    lora_ext.load_peft_adapter(model, paths["p"], "p")
+    lora_ext.mark_only_lora_as_trainable(model)
+    lora_ext.set_adapter(model, "a")
+    assert all(p.requires_grad for p in model.lm_head.modules_to_save["a"].parameters())
+    lora_ext.load_peft_adapter(model, paths["c"], "c")  # into a model in training
+    lora_ext.set_adapter(model, "c")
+    model.train()
+    model(tokens()).logits.square().sum().backward()
+    got = _grads(model)
+    assert any("down_proj.lora_A" in n for n in got) and any("lm_head.modules_to_save.c" in n for n in got)
+    assert not any("original_module" in n or n.endswith("q_proj.weight") for n in got)
+
+    fresh = llama()
+    lora_ext.load_peft_adapter(fresh, paths["p"], "p")  # frozen
+    lora_ext.load_peft_adapter(fresh, paths["c"], "c", is_trainable=True, activate=False)
+    lora_ext.set_adapter(fresh, "c")
+    fresh.train()
+    fresh(tokens()).logits.square().sum().backward()
+    got = _grads(fresh)
+    assert sum("lora_A" in n for n in got) == 6 and any("lm_head.modules_to_save.c" in n for n in got)
+
+
+def test_the_first_load_freezes_the_base_model_as_peft(tmp_path):
+    # a default load and a loop over the parameters that require grad trained the base alone (loss down, lora_A
+    # unchanged, no error); peft's from_pretrained freezes the base: its optimizer gets an empty list
+    paths = _trainable_adapters(tmp_path)
+    model = llama()
+    lora_ext.load_peft_adapter(model, paths["a"], "a")
+    ref = PeftModel.from_pretrained(llama(), paths["a"])
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not [n for n, p in ref.named_parameters() if p.requires_grad]
+    trained = llama()
+    lora_ext.load_peft_adapter(trained, paths["a"], "a", is_trainable=True)
+    ref = PeftModel.from_pretrained(llama(), paths["a"], is_trainable=True)
+    ours = sorted(n for n, p in trained.named_parameters() if p.requires_grad)
+    theirs = sorted(n for n, p in ref.named_parameters() if p.requires_grad)
+    assert len(ours) == len(theirs) == 9 and all(".lora_" in n or "modules_to_save" in n for n in ours)

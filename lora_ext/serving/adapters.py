@@ -24,6 +24,7 @@ from ..named_adapters import deferred_interrupt, each_or_none
 from ..utils import under_ddp
 from .injection import check_mergeable
 from .saved_modules import wrappers
+from .tokens import TrainableTokens
 from . import weighted
 
 
@@ -293,8 +294,9 @@ def _check_ddp_switch(model, found, name):
     for path, w in wrappers(model):
         if w.trains_on_switch(name, trains):
             raise ValueError(
-                f"set_adapter: the model is wrapped in DistributedDataParallel, and module {path!r} (saved whole: "
-                f"modules_to_save) would compute with other trainable parameters for {name!r}, whose gradients DDP "
+                f"set_adapter: the model is wrapped in DistributedDataParallel, and module {path!r} "
+                f"({'rows of tokens: trainable_token_indices' if isinstance(w, TrainableTokens) else 'saved whole: modules_to_save'}"
+                f") would compute with other trainable parameters for {name!r}, whose gradients DDP "
                 f"would not synchronise. Switch the inner model and wrap it again: lora.set_adapter(ddp.module, "
                 f"{name!r}); ddp = DistributedDataParallel(ddp.module, ...)")
 

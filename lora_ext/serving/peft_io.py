@@ -354,10 +354,13 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     modules_to_save names (peft's rule: the module's name ends with an entry) are saved whole: each becomes a
     ModulesToSave holding the model's module and this adapter's copy, and the file must hold its whole state.
     The names returned include them.
-    is_trainable: as peft's from_pretrained, whether the adapter trains: False (peft's default) freezes the
-    factors of the layers this load creates (a serving switch between frozen factors of one shape writes into the
-    storage a captured CUDA graph reads) and its copies of modules saved whole and rows of tokens; True makes them
-    trainable. Layers already there keep their factors' requires_grad (mark_only_lora_as_trainable sets them).
+    is_trainable: as peft's from_pretrained, whether the adapter trains. False (peft's default): the layers this
+    load creates get frozen factors (a serving switch between frozen factors of one shape writes into the storage a
+    captured CUDA graph reads), and so do its copies of modules saved whole and its rows of tokens, unless the
+    model's layers train already (a model in training: the new ones train too). True: they train, and so do the
+    factors of the layers already there that hold the adapter. The model's first load freezes every other
+    parameter of the model, as peft's from_pretrained freezes the base model; mark_only_lora_as_trainable
+    sets the flags afterwards as it always does.
     adapter_name: the name it is held under; with activate=True it becomes the active adapter everywhere
     (one pass per weight when merged). device: where an inactive adapter waits (default: beside the
     weight; "cpu" keeps it in host memory). merge_weights: whether eval() merges, for the layers this load
@@ -507,14 +510,19 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         placeholder = actives.pop() if actives else None
     # the model's first adapter: its layers come up serving it whatever `activate` says, so its modules saved whole
     # and rows of tokens must too
-    first = not activate and not lora_layers(model)
+    held_layers = lora_layers(model)
+    first = not activate and not held_layers
+    # the layers this load creates (and its copies and rows) train when asked (peft's is_trainable) or when the
+    # model's layers train already (a model in training); the model's first load freezes the rest of the model,
+    # as peft's from_pretrained does
+    trains = is_trainable or any(m._trainable() for _, m in held_layers)
     # the adapter's copies of the modules it saves whole, made before the model changes (a copy can fail: memory)
     saved_plan = [(name, module, _saved.make_copy(weights_file, name, module, state))
                   for name, module, state in saved_plan]
     for _, _, copy in saved_plan:
-        _saved._train(copy, is_trainable)
+        _saved._train(copy, trains)
     for _, _, rows in token_plan:
-        rows.trainable_tokens_delta.requires_grad_(is_trainable)
+        rows.trainable_tokens_delta.requires_grad_(trains)
     # nothing can fail from here on: the model changes, atomically for forwards on other threads
     # (Ctrl-C held back to the end: the adapter lands whole, then the KeyboardInterrupt)
     with model_lock(model).write(), deferred_interrupt():
@@ -524,8 +532,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             if fresh:
                 _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
                 # peft's is_trainable: frozen factors serve (their switches keep the storage CUDA graphs read)
-                layer.lora_A.requires_grad_(is_trainable)
-                layer.lora_B.requires_grad_(is_trainable)
+                layer.lora_A.requires_grad_(trains)
+                layer.lora_B.requires_grad_(trains)
                 if placeholder is not None:
                     layer.add_placeholder(placeholder)
                     layer.set_adapter(placeholder)
@@ -533,6 +541,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 if lossless is not None:
                     layer.lossless = lossless  # from the next merge on
                 layer.add_adapter(adapter_name, A2, B2, scaling)
+                if is_trainable:  # (the layer's live factors: they train whichever adapter is active)
+                    layer.lora_A.requires_grad_(True)
+                    layer.lora_B.requires_grad_(True)
         for name, module, new in saved_plan:
             if not isinstance(module, _saved.ModulesToSave):
                 wrapper = _saved.ModulesToSave(module).train(module.training)
@@ -540,6 +551,13 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 module = wrapper
             module.add(adapter_name, new)
         _tokens.install(model, token_plan, adapter_name, _inject._set_submodule)
+        if not held_layers:  # the model's first adapter: the base model is frozen (peft's from_pretrained)
+            own = {id(p) for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)}
+            own |= {id(p) for _, _, new in saved_plan for p in new.parameters()}
+            own |= {id(rows.trainable_tokens_delta) for _, _, rows in token_plan}
+            for p in model.parameters():
+                if id(p) not in own:
+                    p.requires_grad_(False)
         if activate:
             set_adapter(model, adapter_name)
         elif first:  # (its layers serve it already: its wrappers follow, a switch that writes nothing)

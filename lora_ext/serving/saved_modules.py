@@ -82,24 +82,28 @@ class ModulesToSave(nn.Module):
         return list(self._modules["modules_to_save"]._modules)
 
     def set_adapter(self, name: Optional[str], trains: Optional[bool] = None) -> None:
-        """The copy of adapter `name` computes from now on; the original module when it has none. Training moves
-        with the switch, as peft's and the LoRA factors' does: when the copy that computed had trainable
-        parameters, it is frozen and the new adapter's copy is made trainable. `trains`: whether the model's LoRA
-        factors train, for a wrapper that has not seen a copy compute since (none told it)."""
+        """The copy of adapter `name` computes from now on; the original module when it has none. `trains`: whether
+        the model's LoRA factors train (model-level switches pass it): the new adapter's copy trains as they do, as
+        peft's set_adapter makes the adapter it switches to trainable. Without it, training moves with the switch:
+        when the copy that computed trained (or, while the original computed, the last one did), the new
+        adapter's copy is made trainable. The copy switched away from is frozen."""
         old, new, own = self.served(), self.module_for(name), self._modules["original_module"]
         if old is not new:
-            # whether the computing copy trains: read off it, or remembered while the original computes, or the
-            # factors' (the model's) when neither tells
-            if old is not own:
-                trains = any(p.requires_grad for p in old.parameters())
-            elif self.__dict__.get("_trains") is not None:
-                trains = self.__dict__["_trains"]
-            if old is not own and trains:
+            trains = self._trains_after(old, own, trains)
+            if old is not own and any(p.requires_grad for p in old.parameters()):
                 old.requires_grad_(False)
             if new is not own and trains is not None:
                 _train(new, trains)
             self.__dict__["_trains"] = trains
         self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
+
+    def _trains_after(self, old, own, trains):
+        """Whether the next copy trains (None: nothing tells; it keeps its flags)."""
+        if trains is not None:
+            return trains
+        if old is not own:
+            return any(p.requires_grad for p in old.parameters())
+        return self.__dict__.get("_trains")
 
     def trains_on_switch(self, name: Optional[str], trains: Optional[bool] = None) -> bool:
         """Whether a switch to `name` (set_adapter(name, trains)) changes which trainable parameters compute
@@ -109,7 +113,7 @@ class ModulesToSave(nn.Module):
             return False
         if any(p.requires_grad for m in (old, new) for p in m.parameters()):
             return True
-        return old is own and self.__dict__.get("_trains") is None and bool(trains)
+        return new is not own and bool(self._trains_after(old, own, trains))
 
     def add(self, name: str, new: nn.Module) -> None:
         """Adds (or replaces) adapter `name`'s copy (from make_copy). A replaced active copy serves at once, and

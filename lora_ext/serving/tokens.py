@@ -121,12 +121,11 @@ class TrainableTokens(ModulesToSave):
             return super().set_adapter(name, trains)
         own = self._modules["original_module"]
         if old is not new:
-            if self.__dict__.get("_trains") is not None:
-                trains = self.__dict__["_trains"]
-            if old is not own and old not in tied:
-                trains = any(p.requires_grad for p in old.parameters())
-                if trains:
-                    old.requires_grad_(False)
+            if trains is None:
+                trains = (any(p.requires_grad for p in old.parameters()) if old is not own and old not in tied
+                          else self.__dict__.get("_trains"))
+            if old is not own and old not in tied and any(p.requires_grad for p in old.parameters()):
+                old.requires_grad_(False)
             if new is not own and new not in tied and trains is not None:
                 new.requires_grad_(bool(trains))
             self.__dict__["_trains"] = trains
