@@ -244,14 +244,15 @@ def set_adapter(model: nn.Module, name: str) -> None:
                 and not any(name in w.adapter_names for _, w in saved):
             held = sorted({n for _, m in found for n in m.adapter_names if not m.is_placeholder(n)})
             raise KeyError(f"set_adapter: no lora_ext layer holds an adapter {name!r} (they hold {held})")
-        _check_ddp_switch(model, found, name)
+        trains = any(m._trainable() for _, m in found)  # (copies of a wrapper that never saw one train follow it)
+        _check_ddp_switch(model, found, name, trains)
         reshard_fsdp(model)
         lacking = [m for _, m in found if not m.has_adapter(name)]
         try:
             with deferred_interrupt():
                 for m in lacking:
                     m.add_placeholder(name)
-            _set_adapter(found, name, settle=not under_ddp(model), saved=saved)
+            _set_adapter(found, name, settle=not under_ddp(model), saved=saved, trains=trains)
         except BaseException:  # the stand-ins go with the switch (a refusal, Ctrl-C)
             with deferred_interrupt():
                 for m in lacking:
@@ -273,7 +274,7 @@ def reshard_fsdp(model: nn.Module) -> None:
             m.reshard()
 
 
-def _check_ddp_switch(model, found, name):
+def _check_ddp_switch(model, found, name, trains):
     """DistributedDataParallel holds the Parameters it was built with and synchronises only their gradients. A
     switch of trainable factors registers the new adapter's own Parameter pair (of its rank): refused under DDP,
     before anything changes, with what to rebuild. Serving switches (factors that do not require grad) are not
@@ -290,7 +291,6 @@ def _check_ddp_switch(model, found, name):
                 f"Parameters, whose gradients it would not synchronise. Switch the inner model and wrap it again: "
                 f"lora.set_adapter(ddp.module, {name!r}); ddp = DistributedDataParallel(ddp.module, ...) (and an "
                 f"optimizer over the new adapter's parameters)")
-    trains = any(m._trainable() for _, m in found)
     for path, w in wrappers(model):
         if w.trains_on_switch(name, trains):
             raise ValueError(
@@ -301,11 +301,11 @@ def _check_ddp_switch(model, found, name):
                 f"{name!r}); ddp = DistributedDataParallel(ddp.module, ...)")
 
 
-def _set_adapter(found, name, settle=True, saved=()):
-    """Switches the layers `found` and the modules to save `saved` (peft's modules_to_save) to adapter `name`."""
+def _set_adapter(found, name, settle=True, saved=(), trains=None):
+    """Switches the layers `found` and the modules to save `saved` (peft's modules_to_save) to adapter `name`;
+    `trains`: whether the layers' factors train (the copies a switch puts in train as they do)."""
     before = [m.active_adapter for _, m in found]
     saved_before = [w.active_adapter for _, w in saved]
-    trains = any(m._trainable() for _, m in found)  # (the copies of a wrapper that never saw one train follow)
     try:
         with deferred_interrupt() as held:  # a Ctrl-C lands after the last layer, inside this try
             _switch_all(found, name, settle)

@@ -327,7 +327,6 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     except ValueError as e:
         raise MergeError(str(e)) from None
     _check_targets(adapter, cfg, factors, meta, entries)
-    extra_bases = {k: t for k, t in base_weights.items() if (k[0] if isinstance(k, tuple) else k) not in factors}
     _check_dora(adapter, cfg, factors, magnitudes)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     # the checkpoint's keys as the model names them (transformers renames some when it loads them: a VLM's
@@ -339,7 +338,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     shapes = {names.get(e[0], e[0]): e[2] for _, (_, entries, _) in headers.items() for e in entries}
     _check_tied(base, base_dir, factors, shapes, meta=meta)
     try:  # base tensors saved for modules this file has no factors of (another adapter's embedding or head)
-        base_weights_elsewhere(f"--adapter {adapter!r}", extra_bases, factors,
+        base_weights_elsewhere(f"--adapter {adapter!r}", base_weights, factors,
                                lambda n, what: _get_tensor(where[f"{n}.{what}"], headers[where[f"{n}.{what}"]],
                                                            ck(f"{n}.{what}")) if f"{n}.{what}" in where else None)
     except ValueError as e:
@@ -417,8 +416,9 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
               f"{', '.join(sorted(token_rows))}", file=log)
     if len(replace) > len(token_rows):
         modules = sorted(states)
-        print(f"lora-ext merge: wrote the adapter's own {len(replace) - len(token_rows)} tensors of {len(modules)} module(s) saved whole "
-              f"(modules_to_save): {', '.join(modules[:5])}{' ...' if len(modules) > 5 else ''}", file=log)
+        print(f"lora-ext merge: wrote the adapter's own {len(replace) - len(token_rows)} tensors of {len(modules)} "
+              f"module(s) saved whole (modules_to_save): {', '.join(modules[:5])}{' ...' if len(modules) > 5 else ''}",
+              file=log)
     if nonfinite:
         n = sum(nonfinite.values())
         names = ", ".join(f"{k} ({v})" for k, v in list(nonfinite.items())[:5])
@@ -537,6 +537,8 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
                              f"for module {name!r} ({cfg_file})")
         used.add(file_key)
         t = rows[file_key]
+        if not t.is_floating_point() or _nonfinite(t):
+            raise MergeError(f"--adapter: {file_key!r} must hold finite floating-point values")
         if name in factors:
             raise MergeError(f"--adapter: module {name!r} has LoRA factors and rows of tokens "
                              f"(trainable_token_indices); peft refuses that")
@@ -558,8 +560,6 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
             if tuple(t.shape) != (len(indices), shape[1]):
                 raise MergeError(f"--adapter: {file_key!r} has shape {tuple(t.shape)}; module {name!r} needs "
                                  f"({len(indices)}, {shape[1]}) (one row of its weight per listed token)")
-            if not t.is_floating_point() or _nonfinite(t):
-                raise MergeError(f"--adapter: {file_key!r} must hold finite floating-point values")
             st_dtype = next(e[1] for e in headers[where[key]][1] if e[0] == ck(key))
             if not _FROM_ST[st_dtype].is_floating_point:
                 raise MergeError(f"{where[key]}: tensor {ck(key)!r} is {st_dtype}, which rows of tokens cannot be "

@@ -422,11 +422,12 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                          f"copies of the modules this adapter saves whole or gives rows of tokens "
                          f"({_names([n for n, _ in to_save] + token_names)}); load it under another name")
     extra, missing = set(factors) - chosen, chosen - set(factors)
-    rowed = sorted(n for n in extra if isinstance(_saved.module_at(model, n), _tokens.TrainableTokens))
+    rowed = [(n, w) for n, w in sorted((n, _saved.module_at(model, n)) for n in extra)
+             if isinstance(w, _tokens.TrainableTokens)]
     if rowed:
-        holders = _saved.module_at(model, rowed[0]).adapter_names
-        raise ValueError(f"{weights_file}: holds factors of module {rowed[0]!r}, which adapter(s) {holders} give rows "
-                         f"of tokens (trainable_token_indices); peft puts no LoRA on such a module")
+        raise ValueError(f"{weights_file}: holds factors of module {rowed[0][0]!r}, which adapter(s) "
+                         f"{rowed[0][1].adapter_names} give rows of tokens (trainable_token_indices); peft puts no "
+                         f"LoRA on such a module")
     if extra:
         raise ValueError(f"{weights_file}: holds factors of module(s) {_names(extra)} that the config's "
                          f"target_modules / exclude_modules / layers_to_transform do not select ({cfg_file}); peft "
@@ -561,7 +562,6 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         if activate:
             set_adapter(model, adapter_name)
         elif first:  # (its layers serve it already: its wrappers follow, a switch that writes nothing)
-            trains = any(m._trainable() for _, m in lora_layers(model))
             for _, w in _saved.wrappers(model):
                 if adapter_name in w.adapter_names:
                     w.set_adapter(adapter_name, trains)
@@ -571,17 +571,14 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
 def _base_tensor(model, name, what):
     """The model's own `what` ("weight" or "bias") of module `name` as peft names it (inside a lora_ext layer: its
     base, unmerged; inside a module saved whole or given rows of tokens: the original's), or None."""
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
+    module = _saved.module_at(model, name)
+    if module is None:
         return None
-    if isinstance(module, _saved.ModulesToSave):
-        module = module.original_module
+    module = _saved.original(module)
     if isinstance(module, LoRALayer):
         key = module._weight_key if what == "weight" else module._weight_key.rsplit("weight", 1)[0] + "bias"
         return module.state_dict().get(key)
-    t = module._parameters.get(what)
-    return t
+    return module._parameters.get(what)
 
 
 def _peft_factors(layer, name, A, B, r):

@@ -90,18 +90,23 @@ class ModulesToSave(nn.Module):
         old, new, own = self.served(), self.module_for(name), self._modules["original_module"]
         if old is not new:
             trains = self._trains_after(old, own, trains)
-            if old is not own and any(p.requires_grad for p in old.parameters()):
+            if self._moves_training(old) and any(p.requires_grad for p in old.parameters()):
                 old.requires_grad_(False)
-            if new is not own and trains is not None:
+            if self._moves_training(new) and trains is not None:
                 _train(new, trains)
             self.__dict__["_trains"] = trains
         self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
+
+    def _moves_training(self, module: nn.Module) -> bool:
+        """Whether a switch sets `module`'s training (an adapter's copy; not the original). TrainableTokens: not
+        a tied head's rows, whose Parameter the embedding's wrapper moves."""
+        return module is not self._modules["original_module"]
 
     def _trains_after(self, old, own, trains):
         """Whether the next copy trains (None: nothing tells; it keeps its flags)."""
         if trains is not None:
             return trains
-        if old is not own:
+        if self._moves_training(old):
             return any(p.requires_grad for p in old.parameters())
         return self.__dict__.get("_trains")
 

@@ -24,7 +24,8 @@ from torch import Tensor
 
 from .. import sharded
 from ..layers import LoRALayer
-from .saved_modules import ModulesToSave
+from .injection import scaled_embedding
+from .saved_modules import ModulesToSave, original
 
 DELTA_SUFFIX = ".token_adapter.trainable_tokens_delta"  # peft's key of a module's rows in an adapter file
 
@@ -47,10 +48,11 @@ class TokenRows(nn.Module):
     gives the module's output with those rows' values in place of the weight's own. `module` is referenced, not
     held (its parameters are the wrapper's original module's)."""
 
-    def __init__(self, module: nn.Module, indices: Sequence[int], values, scaled: bool = False, tied: bool = False):
+    def __init__(self, module: nn.Module, indices: Sequence[int], values, tied: bool = False):
         super().__init__()
         self.__dict__["_module"] = module
-        self.__dict__["_scaled"] = scaled  # an embedding whose lookup is times its embed_scale (Gemma's)
+        # an embedding whose lookup is times its embed_scale (Gemma's: _check_module admits no other forward)
+        self.__dict__["_scaled"] = isinstance(module, nn.Embedding) and type(module).forward is not nn.Embedding.forward
         self.__dict__["tied"] = tied  # the rows of the embedding whose weight this head shares (saved with it)
         self.trainable_tokens_delta = values if isinstance(values, nn.Parameter) else nn.Parameter(
             values, requires_grad=False)
@@ -112,24 +114,8 @@ class TrainableTokens(ModulesToSave):
     """An embedding (or an output head) some adapters replace rows of: `original_module` (the model's own) and one
     TokenRows per adapter in `modules_to_save`; forward runs the active adapter's rows, else the original."""
 
-    def set_adapter(self, name: Optional[str], trains: Optional[bool] = None) -> None:
-        """As ModulesToSave's; rows tied to an embedding's are the embedding's Parameter, whose training the
-        embedding's wrapper moves: here they neither tell whether the rows train nor are frozen or trained."""
-        old, new = self.served(), self.module_for(name)
-        tied = [m for m in (old, new) if isinstance(m, TokenRows) and m.__dict__["tied"]]
-        if not tied:
-            return super().set_adapter(name, trains)
-        own = self._modules["original_module"]
-        if old is not new:
-            if trains is None:
-                trains = (any(p.requires_grad for p in old.parameters()) if old is not own and old not in tied
-                          else self.__dict__.get("_trains"))
-            if old is not own and old not in tied and any(p.requires_grad for p in old.parameters()):
-                old.requires_grad_(False)
-            if new is not own and new not in tied and trains is not None:
-                new.requires_grad_(bool(trains))
-            self.__dict__["_trains"] = trains
-        self.__dict__["active_adapter"] = name if name in self._modules["modules_to_save"]._modules else None
+    def _moves_training(self, module: nn.Module) -> bool:
+        return super()._moves_training(module) and not module.__dict__["tied"]
 
     def what(self) -> str:
         return "has rows of tokens (trainable_token_indices)"
@@ -183,11 +169,6 @@ def input_embedding_name(model: nn.Module) -> Optional[str]:
     return None
 
 
-def _base(module):
-    """The model's own module inside a wrapper (rows of tokens, or saved whole)."""
-    return module._modules["original_module"] if isinstance(module, ModulesToSave) else module
-
-
 def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[str, Tensor], prefix: str,
          where: str, cfg_file: str) -> List[Tuple[List[str], nn.Module, TokenRows]]:
     """[(every name of the module, the module or its TrainableTokens, the adapter's TokenRows)] for `spec` (from
@@ -217,12 +198,12 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
         targets += [(n, m, indices) for n, m in matched]
     seen = {}
     for n, m, indices in targets:
-        if _base(m) in seen:
-            other = seen[_base(m)][0]
+        if original(m) in seen:
+            other = seen[original(m)][0]
             raise ValueError(f"{cfg_file}: trainable_token_indices chooses module {n!r} twice" if other == n else
                              f"{cfg_file}: trainable_token_indices chooses module {n!r} and {other!r}, which are one "
                              f"module (shared under both names); name it once")
-        seen[_base(m)] = (n, m, indices)
+        seen[original(m)] = (n, m, indices)
     out = []
     for n, m, indices in seen.values():
         base = _check_module(n, m, cfg_file)
@@ -234,7 +215,7 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
                              f"it has {rows} rows")
         t = tensors.pop(key, None)
         if t is None:
-            tie = _tied_embedding(base, seen, n)
+            tie = _tied_embedding(base, seen)
             if tie is not None and tie[2] == indices:
                 continue  # a head tied to an embedding target with the same tokens: peft saves its rows once
             raise ValueError(f"{where}: holds no {key!r}, the rows of the tokens trainable_token_indices lists for "
@@ -250,12 +231,11 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
         t = t.to(weight.device, weight.dtype)
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{label} overflows the weight's dtype {weight.dtype} (values past its range)")
-        scaled = isinstance(base, nn.Embedding) and type(base).forward is not nn.Embedding.forward
-        out.append((names[m], m, TokenRows(base, indices, t, scaled)))
+        out.append((names[m], m, TokenRows(base, indices, t)))
     # targets that share one weight must hold the same rows: the weight (and a merge) can hold only one set
     by_weight = {}
     for ns, m, rows in out:
-        by_weight.setdefault(id(_base(m).weight), []).append((ns[0], rows))
+        by_weight.setdefault(id(original(m).weight), []).append((ns[0], rows))
     for group in by_weight.values():
         first, rows = group[0]
         for other, more in group[1:]:
@@ -264,22 +244,21 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
                 raise ValueError(f"{where}: modules {first!r} and {other!r} share one weight (tied), but the adapter "
                                  f"gives them other rows of tokens; served (and merged) they would have to be both: "
                                  f"lora_ext refuses it")
-    embeddings = {_base(m): rows for _, m, rows in out if isinstance(_base(m), nn.Embedding)}
-    done = {_base(m) for _, m, _ in out}
+    embeddings = {original(m): rows for _, m, rows in out if isinstance(original(m), nn.Embedding)}
+    done = {original(m) for _, m, _ in out}
     for emb, rows in embeddings.items():
         for m, ns in names.items():
-            if any(n.startswith(i) for n in ns for i in inside) or _base(m) in done:
+            if any(n.startswith(i) for n in ns for i in inside) or original(m) in done:
                 continue
-            if _base(m)._parameters.get("weight") is not emb.weight:
+            if original(m)._parameters.get("weight") is not emb.weight:
                 continue
             head = _check_module(ns[0], m, cfg_file, tied_to=emb)
-            scaled = isinstance(head, nn.Embedding) and type(head).forward is not nn.Embedding.forward
-            out.append((ns, m, TokenRows(head, rows.indices, rows.trainable_tokens_delta, scaled, tied=True)))
+            out.append((ns, m, TokenRows(head, rows.indices, rows.trainable_tokens_delta, tied=True)))
             done.add(head)
     return out
 
 
-def _tied_embedding(module, seen, name):
+def _tied_embedding(module, seen):
     return next((v for b, v in seen.items() if isinstance(b, nn.Embedding) and b is not module
                  and getattr(module, "weight", None) is b.weight), None)
 
@@ -295,12 +274,12 @@ def _check_module(name: str, module: nn.Module, cfg_file: str, tied_to=None) -> 
     if isinstance(module, ModulesToSave) and not isinstance(module, TrainableTokens):
         raise ValueError(f"{cfg_file}: {what} is saved whole by adapter(s) {module.adapter_names} (modules_to_save); "
                          f"peft does not give such a module trainable tokens")
-    base = _base(module)
+    base = original(module)
     if isinstance(base, nn.Embedding):
         if base.max_norm is not None:
             raise ValueError(f"{cfg_file}: {what} is an Embedding with max_norm={base.max_norm}, which renormalises "
                              f"the rows a lookup reads in place; lora_ext refuses it")
-        if type(base).forward is not nn.Embedding.forward and _scaled(base) is None:
+        if type(base).forward is not nn.Embedding.forward and scaled_embedding(base) is None:
             raise ValueError(f"{cfg_file}: {what} is a {type(base).__name__} with a forward of its own, which is not "
                              f"a lookup (times embed_scale); its tokens' rows cannot be put in its output")
     elif not _is_head(base):
@@ -315,11 +294,6 @@ def _check_module(name: str, module: nn.Module, cfg_file: str, tied_to=None) -> 
         raise ValueError(f"{cfg_file}: {what} is sharded (a DTensor: FSDP2 or tensor parallel); load the adapter "
                          f"before sharding the model")
     return base
-
-
-def _scaled(module):
-    from .injection import scaled_embedding
-    return scaled_embedding(module)
 
 
 def install(model: nn.Module, planned, adapter_name: str, set_submodule) -> None:

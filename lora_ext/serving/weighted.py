@@ -153,6 +153,11 @@ def _quantile(values: Tensor, q: float) -> float:
     return float(ordered[low] + (ordered[high] - ordered[low]) * (pos - low))
 
 
+def _overflow(where: str, dtype) -> ValueError:
+    return ValueError(f"add_weighted_adapter: the weighted update of {where} is not finite in {dtype} (weights times "
+                      f"updates overflow); use smaller weights")
+
+
 def _svd(layer, parts, weights, rank: int, where: str, combination="svd", density=None, sign_method="total",
          clamp=None, driver=None) -> Tuple[Tensor, Tensor]:
     """Each block's weighted update (sum_i w_i s_i B_i A_j; the _svd combinations prune and combine the updates
@@ -175,8 +180,7 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
             update = _combine(_base(combination), updates, updates, weights, density, sign_method)
             update = update.t() if transposed else update
         if not bool(torch.isfinite(update).all()):
-            raise ValueError(f"add_weighted_adapter: the weighted update of {where} is not finite in {update.dtype} "
-                             f"(weights times updates overflow); use smaller weights")
+            raise _overflow(where, update.dtype)
         U, S, Vh = torch.linalg.svd(update, full_matrices=False, driver=driver)
         # an update of zeros gets factors of zeros (its SVD's unit vectors would make svd_clamp's quantile 0);
         # otherwise every direction up to the rank, as peft keeps them (a rank past the update's weighs
@@ -184,8 +188,7 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
         k = min(q, S.shape[0]) if S.numel() and float(S[0]) > 0 else 0
         B_k, A_k = U[:, :k] * S[:k], Vh[:k]
         if not (bool(torch.isfinite(B_k).all()) and bool(torch.isfinite(A_k).all())):
-            raise ValueError(f"add_weighted_adapter: the weighted update of {where} is not finite in {update.dtype} "
-                             f"(weights times updates overflow); use smaller weights")
+            raise _overflow(where, update.dtype)
         if clamp is not None and k:
             high = _quantile(torch.cat([B_k.reshape(-1), A_k.reshape(-1)]), clamp)
             if not high > 0:
@@ -206,6 +209,8 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
 
 def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method,
                      svd_clamp, svd_full_matrices, svd_driver):
+    """Checks every argument; returns (weights as floats, density as given or a tensor's number, svd_rank as an int
+    or None)."""
     if isinstance(adapters, str) or not isinstance(adapters, Sequence) or not adapters:
         raise TypeError(f"add_weighted_adapter: adapters must be a non-empty list of adapter names, got {adapters!r}")
     if any(not isinstance(a, str) for a in adapters) or len(set(adapters)) != len(adapters):
@@ -215,11 +220,13 @@ def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank
     if isinstance(weights, (str, Tensor)) or not isinstance(weights, Sequence) or len(weights) != len(adapters):
         raise ValueError(f"add_weighted_adapter: weights must be a list of {len(adapters)} numbers, one per adapter, "
                          f"got {weights!r}")
+    as_floats = []
     for a, w in zip(adapters, weights):
         if isinstance(w, Tensor) and w.numel() == 1 and not w.is_complex():
             w = w.item()
         if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise ValueError(f"add_weighted_adapter: the weight of adapter {a!r} must be a finite number, got {w!r}")
+        as_floats.append(float(w))
     check_adapter_name(adapter_name)
     if combination_type not in COMBINATIONS:
         raise ValueError(f"add_weighted_adapter: combination_type must be one of {', '.join(COMBINATIONS)}, "
@@ -259,6 +266,8 @@ def _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank
     if svd_driver is not None and svd_driver not in SVD_DRIVERS:
         raise ValueError(f"add_weighted_adapter: svd_driver must be None or one of {', '.join(SVD_DRIVERS)} (cuSOLVER's "
                          f"methods), got {svd_driver!r}")
+    # (density as given: peft computes a magnitude pruning's count in its own type, a float32's too)
+    return as_floats, density, None if svd_rank is None else int(svd_rank)
 
 
 def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
@@ -268,13 +277,9 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
     """{layer: (lora_A, lora_B)} of the new adapter (scaling 1) for the layers `found` ((name, layer) pairs) holding
     any of `adapters`; every check made, nothing changed. Layers are combined in `found`'s order and each layer's
     adapters in `adapters`' order (the dare combinations draw their masks from torch's generator in that order)."""
-    _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank, density, majority_sign_method,
-                     svd_clamp, svd_full_matrices, svd_driver)
-    weights = [float(w.item() if isinstance(w, Tensor) else w) for w in weights]
+    weights, density, svd_rank = _check_arguments(adapters, weights, adapter_name, combination_type, svd_rank, density,
+                                                  majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
     sign_method = majority_sign_method or "total"
-    if isinstance(density, Tensor):
-        density = density.item()
-    svd_rank = None if svd_rank is None else int(svd_rank)
     held = {n for _, m in found for n in m.adapter_names if not m.is_stand_in(n)}
     saved = {n for _, w in wrappers(model) for n in w.adapter_names}
     missing = [a for a in adapters if a not in held]
