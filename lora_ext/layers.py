@@ -713,6 +713,12 @@ class MergedLinear(LoRALayer, nn.Linear):
     def _rank_rows(self):
         return len(self._block_ids)
 
+    def _place_ranks(self, A, B, lora_A, lora_B, r, rank):
+        """A holds each enabled block's ranks in turn (its rows block by block): the block's first ranks."""
+        n = len(self._block_ids)
+        A.view(n, rank, -1)[:, :r] = lora_A.reshape(n, r, -1)
+        B[:, :r] = lora_B
+
     def factor_shapes(self, r):
         n = len(self._block_ids)
         return (r * n, self.in_features), (self.out_features // len(self.enable_lora) * n, r)

@@ -275,11 +275,13 @@ class NamedAdapters:
         A, B, _ = self.get_adapter(name)
         return not any(bool(sharded.local(t).detach().any()) for t in (A, B))  # (a shard: no collective)
 
-    def add_placeholder(self, name: str) -> None:
+    def add_placeholder(self, name: str, shapes=None) -> None:
         """Adapter `name` as zeros of rank 1 (see is_placeholder; a mixed batch's slots need no more rank for it),
-        of the live factors' full shapes where they are sharded (a rank change there is refused); scaling 1."""
+        of the reserved rank (reserve_rank), of the live factors' full shapes where they are sharded (a rank change
+        there is refused), or of `shapes` ((lora_A shape, lora_B shape)); scaling 1."""
         A, B = self.lora_A, self.lora_B
-        shapes = (A.shape, B.shape) if sharded.is_dtensor(A) else self.factor_shapes(1)
+        if shapes is None:
+            shapes = (A.shape, B.shape) if sharded.is_dtensor(A) else self.factor_shapes(self.reserved_rank or 1)
         self.add_adapter(name, torch.zeros(shapes[0], dtype=A.dtype, device=A.device),
                          torch.zeros(shapes[1], dtype=B.dtype, device=B.device), 1.0)
         self.__dict__.setdefault("_placeholders", set()).add(name)
@@ -291,6 +293,85 @@ class NamedAdapters:
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
         return self._adapters[name]
+
+    # -- a reserved rank: every switch in the same storage ------------------------------------------------
+
+    @property
+    def reserved_rank(self) -> Optional[int]:
+        """The rank every adapter of this layer is held at (reserve_rank), or None."""
+        return self.__dict__.get("_reserved_rank")
+
+    def pad_factors(self, lora_A: Tensor, lora_B: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
+        """The factors of a rank-r adapter (r <= rank) as a rank-`rank` adapter of the same update B @ A: new tensors
+        (same dtype and device) with zeros in the added ranks, or the factors themselves when r == rank."""
+        r = self.rank_of(lora_A)
+        if r == rank:
+            return lora_A, lora_B
+        if r > rank:
+            raise ValueError(f"{self._describe()}: a rank-{r} adapter cannot be held at rank {rank}")
+        a_shape, b_shape = self.factor_shapes(rank)
+        A, B = lora_A.new_zeros(a_shape), lora_B.new_zeros(b_shape)
+        with torch.no_grad():
+            self._place_ranks(A, B, lora_A, lora_B, r, rank)
+        return A, B
+
+    def _place_ranks(self, A: Tensor, B: Tensor, lora_A: Tensor, lora_B: Tensor, r: int, rank: int) -> None:
+        """Writes a rank-r pair into the first ranks of zeros of rank `rank` (the ranks are the leading rows of A
+        and columns of B; MergedLinear's A holds them block by block)."""
+        A[:lora_A.shape[0]] = lora_A
+        B[:, :lora_B.shape[1]] = lora_B
+
+    def reserve_rank(self, rank: int) -> None:
+        """Holds every adapter of this layer at rank `rank` from now on (peft's prepare_model_for_compiled_hotswap
+        pads to a target rank alike): the adapters held now, later ones (added, loaded, stand-ins of zeros) and the
+        live factors, padded with zeros, which leaves every update B @ A as it was. Every switch between frozen
+        factors then writes into the live storage, so a CUDA graph captured after this call serves whatever adapter
+        is switched to, and torch.compile sees one shape. The live factors get new storage now (once: capture after
+        it), and saves write the padded rank. A rank below the layer's (the largest adapter's, or one reserved
+        before) is refused, as are sharded (DTensor) factors and an open mixed batch; nothing changes then."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank: expected a positive int, got {rank!r}")
+        if not self.has_lora:
+            raise ValueError(f"{self._describe()} was built with r=0 and holds no adapter")
+        with self._lock:
+            if sharded.is_dtensor(self.lora_A) or sharded.is_dtensor(self.lora_B):
+                raise ValueError(f"{self._describe()}: the live factors are DTensors (FSDP2 or tensor parallelism), "
+                                 f"whose shapes a reserve would change; reserve the rank before sharding")
+            if self.__dict__.get("_open_batches"):
+                raise RuntimeError(f"{self._describe()}: reserve_rank while a mixed batch (lora.batch_adapters) "
+                                   f"serves this layer; reserve after the block closes")
+            held = {n: self.rank_of(self.get_adapter(n)[0]) for n in self.adapter_names}
+            over = {n: r for n, r in held.items() if r > rank}
+            if over:
+                n, r = max(over.items(), key=lambda kv: kv[1])
+                raise ValueError(f"rank: {rank} is below the rank {r} of adapter {n!r} in {self._describe()}"
+                                 + (f" (held at the rank {self.reserved_rank} reserved before)"
+                                    if self.reserved_rank is not None else ""))
+            if all(r == rank for r in held.values()) and self.reserved_rank == rank:
+                return
+            with deferred_interrupt():
+                for n in list(self._adapters):
+                    A, B, s = self._adapters[n]
+                    known = self._known_finite(n)
+                    padded = self.pad_factors(A.detach(), B.detach(), rank)
+                    if isinstance(A, nn.Parameter):  # an adapter's own pair (trained before): the same objects
+                        with torch.inference_mode(False):
+                            A.data, B.data = padded
+                    else:
+                        self._adapters[n] = (*padded, s)
+                    self._stamp_finite(n, known)
+                live_A, live_B = self.lora_A, self.lora_B
+                if self.rank_of(live_A) != rank:
+                    known = self._known_finite(self.active_adapter)
+                    A, B = self.pad_factors(live_A.detach(), live_B.detach(), rank)
+                    self._streams.retire(live_A.data, live_B.data)
+                    with torch.inference_mode(False):
+                        live_A.data, live_B.data = A, B
+                    self.__dict__.update(r=rank, lora_alpha=self.scaling * rank)
+                    self._stamp_finite(self.active_adapter, known)
+                # (an adapter's own pair kept aside while another's Parameters serve it takes the padded values when
+                # it comes back: _take_values gives it new storage where the shapes differ)
+                self.__dict__["_reserved_rank"] = rank
 
     def check_adapter(self, lora_A: Tensor, lora_B: Tensor, scaling: float, name: str = "adapter",
                       values: bool = True) -> None:
@@ -307,6 +388,11 @@ class NamedAdapters:
         if r < 1 or (tuple(lora_A.shape), tuple(lora_B.shape)) != want:
             raise ValueError(f"{name}: factors of shape {tuple(lora_A.shape)} and {tuple(lora_B.shape)} do not fit "
                              f"this layer; a rank-{max(r, 1)} adapter needs {want[0]} and {want[1]}")
+        if self.reserved_rank is not None and r > self.reserved_rank:
+            raise ValueError(f"{name}: rank {r} is over the rank {self.reserved_rank} that reserve_rank fixed for "
+                             f"{self._describe()} (every adapter is held at that rank, padded with zeros, so that "
+                             f"switches keep the storage a captured CUDA graph reads); reserve a rank of at least {r} "
+                             f"first (captures must then be redone)")
         if values:
             for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
                 if t.is_meta:
@@ -321,6 +407,8 @@ class NamedAdapters:
         given (device or host memory) until set_adapter makes it active."""
         check_adapter_name(name)
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
+        if self.reserved_rank is not None:  # held at the reserved rank, zeros in the ranks it lacks
+            lora_A, lora_B = self.pad_factors(lora_A.detach(), lora_B.detach(), self.reserved_rank)
         with self._lock:
             if self.__dict__.get("_open_batches") and name == self.active_adapter and self.merged:
                 # (other replacements leave an open batch its slots' copies; this one rewrites the weight it reads)

@@ -261,6 +261,48 @@ def set_adapter(model: nn.Module, name: str) -> None:
             raise
 
 
+def reserve_rank(model: nn.Module, rank: int) -> None:
+    """Holds every adapter of every lora_ext layer of the model at rank `rank` from now on, padded with zeros (the
+    updates B @ A stay as they were): the adapters held now, the stand-ins of zeros a switch gives the layers an
+    adapter does not target, and every adapter added or loaded later (a higher rank is refused, naming the layer).
+    So every serving switch (factors that do not require grad) between any two adapters writes into the same
+    storage, as peft's prepare_model_for_compiled_hotswap pads to a target rank: a CUDA graph captured after this
+    call serves whatever adapter set_adapter or hotswap_adapter makes active, and a torch.compile'd model sees one
+    shape (a new scaling still recompiles it: lora_ext's ops take the scaling as a number). Layers a later load
+    injects are reserved too. Call it before capturing or compiling: the live factors get new storage now.
+    Every layer is checked first (the rank is at least each held adapter's, no sharded factors, no
+    DistributedDataParallel wrapper, whose buckets hold the factors' shapes): a refusal changes nothing. Like a
+    switch, it waits for forwards and open mixed batches of the model (on other threads) to finish."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"reserve_rank: rank must be a positive int, got {rank!r}")
+    if under_ddp(model):
+        raise ValueError("reserve_rank: the model is wrapped in DistributedDataParallel, which holds the factors' "
+                         "shapes; reserve the rank on the inner model before wrapping it")
+    with model_lock(model).write():
+        found = _layers_or_raise(model)
+        for name, m in found:
+            try:
+                with m._lock:
+                    if sharded.is_dtensor(m.lora_A) or sharded.is_dtensor(m.lora_B):
+                        raise ValueError("the live factors are DTensors (FSDP2 or tensor parallelism), whose shapes a "
+                                         "reserve would change; reserve the rank before sharding")
+                    top = max(m.rank_of(m.get_adapter(n)[0]) for n in m.adapter_names)
+                    if top > rank:
+                        raise ValueError(f"rank {rank} is below the rank {top} it holds an adapter at")
+            except ValueError as e:
+                raise ValueError(f"reserve_rank: layer {name!r}: {e}") from None
+        with deferred_interrupt():
+            for _, m in found:
+                m.reserve_rank(rank)
+
+
+def reserved_rank(model: nn.Module) -> Optional[int]:
+    """The rank reserve_rank fixed for the model's layers (the largest, where layers were reserved one by one), or
+    None."""
+    ranks = [m.reserved_rank for _, m in lora_layers(model) if m.reserved_rank is not None]
+    return max(ranks, default=None)
+
+
 def reshard_fsdp(model: nn.Module) -> None:
     """FSDP2 (fully_shard) modules of the model back to their sharded parameters before a merge or a switch
     writes them: a write into all-gathered parameters (reshard_after_forward=False, or after unshard()) would be

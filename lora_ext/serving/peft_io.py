@@ -25,7 +25,7 @@ from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
-from .adapters import hold, lora_layers, model_lock, set_adapter
+from .adapters import hold, lora_layers, model_lock, reserved_rank, set_adapter
 from .files import atomic_path, remove_stale_temporaries
 
 CONFIG_NAME = "adapter_config.json"
@@ -342,7 +342,7 @@ def _names(names, most=6):
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
                       device: Union[str, torch.device, None] = None, merge_weights: Optional[bool] = None,
                       activate: bool = True, lossless: Optional[bool] = None, revision: Optional[str] = None,
-                      subfolder: Optional[str] = None, is_trainable: bool = False) -> List[str]:
+                      subfolder: Optional[str] = None, is_trainable: bool = False, _hotswap: bool = False) -> List[str]:
     """Loads a peft LoRA adapter directory into `model`, injecting lora_ext layers where the model still has
     plain modules; returns the names of the modules it covers. `path` may be a Hugging Face Hub repo id
     ("owner/name", at `revision`) where no such local path exists: its files are fetched into the Hub cache, as
@@ -367,11 +367,14 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     creates (None: True); a value that differs from a layer already there is refused (that layer keeps its
     own, set when it was injected). lossless: the lossless-merge switch of the layers (None: on for
     float16/bfloat16 weights; docs/LOSSLESS.md), set on the layers this load creates and, when given, on the
-    layers already there (from their next merge on). Every check (arguments, device, config, targets, keys, shapes,
+    layers already there (from their next merge on). In a model whose layers hold a reserved rank (reserve_rank),
+    the adapter is held at that rank, padded with zeros, and so are the layers this load injects (a higher rank is
+    refused). Every check (arguments, device, config, targets, keys, shapes,
     finite values) is made before the first weight or layer changes: a refused load (ValueError, KeyError,
     FileNotFoundError, naming the file and option) leaves the model as it was.
     """
     _check_arguments(model, path, adapter_name, merge_weights, activate, is_trainable)
+    reserved = reserved_rank(model)
     _inject.check_lossless(lossless)
     _inject.check_enabled(model, "load_peft_adapter")
     from . import hub
@@ -455,6 +458,14 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"{label}: factors of shape {tuple(A.shape)} and {tuple(B.shape)} do not fit its "
                              f"{type(module).__name__}; a rank-{r} peft adapter has {a_shape} and {b_shape}")
         fresh = not isinstance(module, LoRALayer)
+        if fresh and reserved is not None and r > reserved:
+            raise ValueError(f"{label} has rank {r}, over the rank {reserved} that reserve_rank fixed for the model's "
+                             f"layers (every adapter is held at that rank, so that switches keep the storage a "
+                             f"captured CUDA graph reads); reserve a rank of at least {r} first")
+        if _hotswap and fresh:
+            raise ValueError(f"hotswap_adapter: {label} is not a lora_ext layer yet: a hotswap writes into the layers "
+                             f"the model has (a captured CUDA graph or a compiled model holds no other); "
+                             f"load_peft_adapter injects it (then capture again)")
         if not fresh and merge_weights is not None and module.merge_weights != merge_weights:
             raise ValueError(f"merge_weights: {merge_weights} for {name!r}, a lora_ext layer already there with "
                              f"merge_weights={module.merge_weights} (set when it was injected); a load does not "
@@ -489,14 +500,15 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         layer.check_adapter(A2, B2, scaling, name=label)
         plan.append((name, module, layer, fresh, A2, B2, scaling))
     held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name) and not m.is_placeholder(adapter_name)]
-    uncovered = [n for n, _ in held if n not in chosen]
+    zeroed = _check_hotswap(model, adapter_name, plan, held, chosen, to_save, token_plan, cfg_file) if _hotswap else []
+    uncovered = [n for n, _ in held if n not in chosen and not _hotswap]
     uncovered += [n for n, w in _saved.wrappers(model) if adapter_name in w.adapter_names
                   and n not in {name for name, _ in to_save} and n not in token_names]
     if uncovered:
         raise ValueError(f"{cfg_file}: lora_ext layers or modules to save {uncovered} already hold an adapter "
                          f"{adapter_name!r} that this file does not cover; a load would leave it half replaced (load "
                          f"it under another name, or delete it first)")
-    if not activate and any(m.active_adapter == adapter_name for _, m in held):
+    if not activate and not _hotswap and any(m.active_adapter == adapter_name for _, m in held):
         raise ValueError(f"adapter_name: {adapter_name!r} is the active adapter; replacing it would change what the "
                          f"model serves although activate=False (load it under another name, or with activate=True)")
     # activate=False: a layer injected now serves the model's active adapter as zeros (the base, as peft's layers do
@@ -535,6 +547,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 # peft's is_trainable: frozen factors serve (their switches keep the storage CUDA graphs read)
                 layer.lora_A.requires_grad_(trains)
                 layer.lora_B.requires_grad_(trains)
+                if reserved is not None:
+                    layer.reserve_rank(reserved)
                 if placeholder is not None:
                     layer.add_placeholder(placeholder)
                     layer.set_adapter(placeholder)
@@ -545,6 +559,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 if is_trainable:  # (the layer's live factors: they train whichever adapter is active)
                     layer.lora_A.requires_grad_(True)
                     layer.lora_B.requires_grad_(True)
+        for layer in zeroed:  # (hotswap) layers the old adapter targets and the new one does not: zeros, in place
+            A, B, _ = layer.get_adapter(adapter_name)
+            layer.add_adapter(adapter_name, torch.zeros_like(A.detach()), torch.zeros_like(B.detach()), 1.0)
+            layer.__dict__.setdefault("_placeholders", set()).add(adapter_name)
         for name, module, new in saved_plan:
             if not isinstance(module, _saved.ModulesToSave):
                 wrapper = _saved.ModulesToSave(module).train(module.training)
@@ -566,6 +584,63 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 if adapter_name in w.adapter_names:
                     w.set_adapter(adapter_name, trains)
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
+
+
+def hotswap_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
+                    device: Union[str, torch.device, None] = None, revision: Optional[str] = None,
+                    subfolder: Optional[str] = None) -> List[str]:
+    """peft's hotswap_adapter: replaces the weights of adapter `adapter_name`, which the model holds, with the peft
+    adapter at `path`, in place: the layers it targets take its factors and scalings, the layers the old adapter
+    targets and the new one does not serve it as zeros (stand-ins), and nothing else changes (which adapter is
+    active, merged or not). Where the adapter is active, the factors are written into the live storage (merged: the
+    weight, in one pass), so a CUDA graph captured before the swap serves the new adapter on its next replay and a
+    torch.compile'd model does not recompile for it (unless the scaling changes). Returns the modules it covers.
+
+    So it refuses, before anything changes, what would not be in place: a module without a lora_ext layer (peft
+    refuses such keys too; load_peft_adapter injects it), another rank than the one the layer holds the adapter at
+    (reserve_rank(model, r) pads every adapter to a common rank first, as peft's prepare_model_for_compiled_hotswap
+    does), trainable factors where the adapter is active (a trainable switch gives them new Parameters), and
+    modules saved whole or rows of tokens (modules_to_save, trainable_token_indices), in the file or in the
+    model's adapter. The file is checked as load_peft_adapter checks it. device: where an inactive adapter waits."""
+    return load_peft_adapter(model, path, adapter_name, device=device, activate=False, revision=revision,
+                             subfolder=subfolder, _hotswap=True)
+
+
+def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_file):
+    """hotswap_adapter's refusals (see there); returns the layers to serve the adapter as zeros."""
+    what = f"hotswap_adapter: adapter {name!r}"
+    saved = [n for n, w in _saved.wrappers(model) if name in w.adapter_names]
+    if not held and not saved:
+        names = sorted({n for _, m in lora_layers(model) for n in m.adapter_names if not m.is_placeholder(n)})
+        raise KeyError(f"{what}: the model holds no such adapter (it holds {names}); load it with load_peft_adapter")
+    if to_save or token_plan:
+        option = "modules_to_save" if to_save else "trainable_token_indices"
+        raise ValueError(f"{what}: {cfg_file} names {option}: a hotswap writes LoRA factors in place, not modules "
+                         f"saved whole or rows of tokens; load_peft_adapter replaces those")
+    if saved:
+        raise ValueError(f"{what}: the model holds it in module(s) {_names(saved)} saved whole or given rows of "
+                         f"tokens, which a hotswap would leave serving the old adapter; delete the adapter and "
+                         f"load_peft_adapter the new one")
+    covered = {n for n, *_ in plan}
+    for n, _, layer, _, A2, B2, _ in plan:
+        if not layer.has_adapter(name):
+            continue  # (a layer the old adapter did not reach: the new factors wait there, as a load adds them)
+        A, B, _ = layer.get_adapter(name)
+        if layer.reserved_rank is not None:
+            A2, B2 = layer.pad_factors(A2, B2, layer.reserved_rank)
+        if (A2.shape, B2.shape) != (A.shape, B.shape):
+            raise ValueError(f"{what}: layer {n!r} holds it at rank {layer.rank_of(A)}, the file's is rank "
+                             f"{layer.rank_of(A2)}: the layer would get new storage, and a CUDA graph captured "
+                             f"before would keep serving the old adapter. lora.reserve_rank(model, r) with r at least "
+                             f"every adapter's rank pads them all to one rank (then capture); load_peft_adapter "
+                             f"replaces it with new storage")
+    zeroed = [m for n, m in held if n not in covered]
+    for n, m in held:
+        if m.active_adapter == name and m._trainable():
+            raise ValueError(f"{what}: layer {n!r} trains it (its factors require grad), and a trainable switch "
+                             f"gives the layer new Parameters, not the storage a capture reads; freeze the factors "
+                             f"(requires_grad_(False)) to hotswap, or load_peft_adapter to replace it")
+    return zeroed
 
 
 def _base_tensor(model, name, what):

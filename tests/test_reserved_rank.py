@@ -1,0 +1,462 @@
+"""lora.reserve_rank (every adapter of a layer held at one rank, padded with zeros) and lora.hotswap_adapter (peft's:
+an adapter's weights replaced in place): switches between adapters of other ranks and other target modules keep
+the live storage a captured CUDA graph reads, against float64 oracles written here on every layer kind and against
+the real peft (its prepare_model_for_compiled_hotswap and hotswap_adapter) on a Llama; refusals leave the model as
+it was."""
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from peft.utils.hotswap import hotswap_adapter as peft_hotswap
+from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+import lora_ext as lora
+from lora_ext.serving import lora_layers
+from helpers import batch_open_on_another_thread, dense_delta64, peft_with_adapters, rel_err
+from test_weighted_adapters import saved_adapters
+from tiny_models import VOCAB, llama, snapshot, unchanged
+
+KINDS = ["linear", "linear_fan", "merged", "embedding", "conv1d", "conv2d"]
+
+
+def _layer(kind, r):
+    if kind in ("linear", "linear_fan"):
+        layer = lora.Linear(24, 20, r=r, lora_alpha=2 * r, fan_in_fan_out=kind == "linear_fan")
+        x = torch.randn(5, 24)
+    elif kind == "merged":
+        layer = lora.MergedLinear(24, 30, r=r, lora_alpha=2 * r, enable_lora=[True, False, True])
+        x = torch.randn(5, 24)
+    elif kind == "embedding":
+        layer, x = lora.Embedding(40, 12, r=r, lora_alpha=2 * r), torch.randint(0, 40, (3, 7))
+    elif kind == "conv1d":
+        layer, x = lora.Conv1d(3, 4, kernel_size=3, r=r, lora_alpha=2 * r), torch.randn(2, 3, 11)
+    else:
+        layer, x = lora.Conv2d(3, 4, kernel_size=3, r=r, lora_alpha=2 * r), torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return layer.requires_grad_(False), x
+
+
+def _factors(layer, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    a, b = layer.factor_shapes(r)
+    return torch.randn(a, generator=g) * 0.3, torch.randn(b, generator=g) * 0.3
+
+
+def _oracle(kind, layer, base, bias, A, B, s, x):
+    """The layer's output with base weight `base` and adapter (A, B, s), in float64, from the factors alone."""
+    if kind == "merged":
+        delta = dense_delta64(A, B, 3, [0, 2], 30)
+    else:
+        delta = B.double() @ A.double()
+    if kind == "embedding":
+        return (base.double() + s * delta.t())[x]
+    if kind.startswith("conv"):
+        w = base.double() + s * delta.view(base.shape)
+        conv = F.conv1d if kind == "conv1d" else F.conv2d
+        return conv(x.double(), w, bias.double())
+    w = base.double().t() if kind == "linear_fan" else base.double()
+    return x.double() @ (w + s * delta).t() + bias.double()
+
+
+def _base(kind, layer):
+    w = layer.conv.weight if kind.startswith("conv") else layer.weight
+    bias = layer.conv.bias if kind.startswith("conv") else getattr(layer, "bias", None)
+    return w.detach().clone(), (None if bias is None else bias.detach().clone())
+
+
+def _ptrs(layer):
+    return (layer.lora_A.data_ptr(), layer.lora_B.data_ptr())
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_switches_across_ranks_keep_the_storage_and_every_update(kind, merged):
+    layer, x = _layer(kind, 4)
+    base, bias = _base(kind, layer)
+    A0, B0, s0 = layer.get_adapter("default")
+    adapters = {"default": (A0.detach().clone(), B0.detach().clone(), s0)}
+    for name, r, s in (("two", 2, 0.7), ("six", 6, -1.3)):
+        A, B = _factors(layer, r, seed=r)
+        layer.add_adapter(name, A, B, s)
+        adapters[name] = (A, B, s)
+    layer.reserve_rank(6)
+    assert layer.reserved_rank == 6 and layer.r == 6
+    for name in adapters:  # every adapter held at rank 6, its own values in its first ranks, zeros after
+        A, B, _ = layer.get_adapter(name)
+        assert layer.rank_of(A) == 6 and layer.factor_shapes(6) == (tuple(A.shape), tuple(B.shape))
+        r = layer.rank_of(adapters[name][0])
+        if kind == "merged":
+            assert torch.equal(A.view(2, 6, -1)[:, :r], adapters[name][0].view(2, r, -1))
+            assert not A.view(2, 6, -1)[:, r:].any()
+        else:
+            assert torch.equal(A[:adapters[name][0].shape[0]], adapters[name][0])
+            assert not A[adapters[name][0].shape[0]:].any()
+        assert torch.equal(B[:, :adapters[name][1].shape[1]], adapters[name][1])
+        assert not B[:, adapters[name][1].shape[1]:].any()
+    layer.train(not merged)
+    ptrs, weight_ptr = _ptrs(layer), layer.weight_2d().data_ptr()
+    for name in ("six", "two", "default", "six", "default"):
+        layer.set_adapter(name)
+        assert layer.merged == merged
+        out = layer(x)
+        assert rel_err(out, _oracle(kind, layer, base, bias, *adapters[name], x)) < 1e-5, name
+        assert _ptrs(layer) == ptrs and layer.weight_2d().data_ptr() == weight_ptr, f"new storage at {name!r}"
+    if merged:  # the base back after the last unmerge
+        layer.train()
+        w = layer.conv.weight if kind.startswith("conv") else layer.weight
+        assert rel_err(w, base.double()) < 1e-5  # (float32: each merge and unmerge rounds)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_later_adapters_and_stand_ins_take_the_reserved_rank(kind):
+    layer, x = _layer(kind, 2)
+    layer.reserve_rank(5)
+    ptrs = _ptrs(layer)
+    base, bias = _base(kind, layer)
+    A, B = _factors(layer, 3, seed=3)
+    layer.add_adapter("three", A, B, 0.5)
+    layer.add_placeholder("zeros")
+    for name in ("three", "zeros"):
+        held = layer.get_adapter(name)[0]
+        assert layer.rank_of(held) == 5, name
+    layer.set_adapter("three")
+    assert rel_err(layer(x), _oracle(kind, layer, base, bias, A, B, 0.5, x)) < 1e-5
+    layer.set_adapter("zeros")
+    zero = _oracle(kind, layer, base, bias, *_factors(layer, 1, seed=1), 0.0, x)
+    assert rel_err(layer(x), zero) < 1e-6
+    assert _ptrs(layer) == ptrs
+    # the active adapter replaced in place by one of a lower rank
+    A2, B2 = _factors(layer, 1, seed=11)
+    layer.add_adapter("zeros", A2, B2, 3.0)
+    assert _ptrs(layer) == ptrs
+    assert rel_err(layer(x), _oracle(kind, layer, base, bias, A2, B2, 3.0, x)) < 1e-5
+
+
+def test_a_rank_over_the_reserved_one_is_refused_naming_it():
+    layer, x = _layer("linear", 4)
+    layer.reserve_rank(4)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    A, B = _factors(layer, 5, seed=5)
+    for name in ("default", "other"):
+        with pytest.raises(ValueError, match=r"rank 5 is over the rank 4 that reserve_rank fixed for Linear\(24, 20\)"):
+            layer.add_adapter(name, A, B, 1.0)
+    assert layer.adapter_names == ["default"]
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+
+
+def test_reserve_refusals_change_nothing():
+    layer, _ = _layer("linear", 4)
+    layer.add_adapter("eight", *_factors(layer, 8, seed=8), 1.0)
+    ptrs = _ptrs(layer)
+    for bad in (0, -2, True, 6.0, "8", None):
+        with pytest.raises(ValueError, match="expected a positive int"):
+            layer.reserve_rank(bad)
+    with pytest.raises(ValueError, match=r"rank: 6 is below the rank 8 of adapter 'eight' in Linear"):
+        layer.reserve_rank(6)
+    assert layer.reserved_rank is None and _ptrs(layer) == ptrs and layer.rank_of(layer.get_adapter("eight")[0]) == 8
+    layer.reserve_rank(8)
+    ptrs = _ptrs(layer)
+    with pytest.raises(ValueError, match="below the rank 8 .* reserved before"):
+        layer.reserve_rank(7)
+    layer.reserve_rank(8)  # again: nothing to do, the storage stays
+    assert _ptrs(layer) == ptrs
+    layer.add_adapter("one", *_factors(layer, 1, seed=1), 1.0)
+    with batch_open_on_another_thread(layer, ["one", "eight"]):  # its slots hold the factors of their ranks
+        with pytest.raises(RuntimeError, match=r"reserve_rank while a mixed batch \(lora.batch_adapters\) serves"):
+            layer.reserve_rank(9)
+    assert {layer.rank_of(layer.get_adapter(n)[0]) for n in layer.adapter_names} == {8} and layer.reserved_rank == 8
+    assert _ptrs(layer) == ptrs
+    empty = lora.Linear(4, 4, r=0)
+    with pytest.raises(ValueError, match="built with r=0"):
+        empty.reserve_rank(4)
+
+
+def test_trainable_pairs_keep_their_parameter_objects():
+    """An optimizer built after the reserve trains the padded factors; the Parameter objects an adapter owns stay
+    its own (their shapes change: an optimizer built before holds the old shapes)."""
+    layer, x = _layer("linear", 2)
+    layer.requires_grad_(False)
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    layer.add_adapter("b", *_factors(layer, 3, seed=3), 1.0)
+    layer.set_adapter("b")  # trainable: b's own pair is registered, default's kept aside
+    own_b = (layer.lora_A, layer.lora_B)
+    layer.set_adapter("default")
+    own_default = (layer.lora_A, layer.lora_B)
+    layer.reserve_rank(4)
+    assert (layer.lora_A, layer.lora_B) == own_default and layer.lora_A.shape == (4, 24)
+    layer.set_adapter("b")
+    assert layer.lora_A is own_b[0] and layer.lora_B is own_b[1] and layer.lora_A.shape == (4, 24)
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
+    layer(x).square().sum().backward()
+    opt.step()
+    assert layer.lora_B.grad.shape == (20, 4)
+
+
+# -- models: against peft -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """peft's adapters a (r=4: q, v, down, embed_tokens), b (r=6: q, o) and c (r=4, rslora) on one Llama."""
+    return saved_adapters(tmp_path_factory.mktemp("reserve"), 7)
+
+
+def _ours(saved, names=("a", "b", "c")):
+    model = llama()
+    for name in names:
+        lora.load_peft_adapter(model, saved[name], name, activate=False)
+    return model
+
+
+def _peft(saved, names=("a", "b", "c")):
+    pm = PeftModel.from_pretrained(llama(), saved[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        pm.load_adapter(saved[name], adapter_name=name)
+    return pm
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+def _all_ptrs(model):
+    return {n: _ptrs(m) for n, m in lora_layers(model)}
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_model_switches_between_adapters_of_other_ranks_and_targets_keep_every_layers_storage(saved, merged):
+    ours, pm = _ours(saved), _peft(saved)
+    x = torch.randint(0, VOCAB, (2, 9))
+    # without a reserve, a's layer where only b is rank 6 (o_proj) changes storage on a switch (the trap)
+    lora.set_adapter(ours, "a")
+    before = _all_ptrs(ours)
+    lora.set_adapter(ours, "b")
+    assert _all_ptrs(ours) != before
+    lora.reserve_rank(ours, 6)
+    assert lora.reserved_rank(ours) == 6
+    assert {m.r for _, m in lora_layers(ours)} == {6}
+    if merged:
+        lora.merge_adapter(ours)
+    ptrs = _all_ptrs(ours)
+    weights = {n: m.weight_2d().data_ptr() for n, m in lora_layers(ours)}
+    for name in ("a", "c", "b", "a", "b", "c"):
+        lora.set_adapter(ours, name)
+        pm.set_adapter(name)
+        assert rel_err(_logits(ours, x), _logits(pm, x)) < 1e-5, name
+        assert _all_ptrs(ours) == ptrs, f"a layer got new storage switching to {name!r}"
+        assert {n: m.weight_2d().data_ptr() for n, m in lora_layers(ours)} == weights
+
+
+def test_loads_after_a_reserve_are_padded_and_a_higher_rank_is_refused(saved, tmp_path):
+    ours = _ours(saved, ("a",))
+    lora.reserve_rank(ours, 6)
+    names = lora.load_peft_adapter(ours, saved["b"], "b")  # o_proj: layers injected now take the rank too
+    assert any(n.endswith("o_proj") for n in names)
+    assert {m.r for _, m in lora_layers(ours)} == {6}
+    assert {m.reserved_rank for _, m in lora_layers(ours)} == {6}
+    pm = _peft(saved, ("a", "b"))
+    x = torch.randint(0, VOCAB, (2, 9))
+    ptrs = _all_ptrs(ours)
+    for name in ("a", "b", "a"):
+        lora.set_adapter(ours, name)
+        pm.set_adapter(name)
+        assert rel_err(_logits(ours, x), _logits(pm, x)) < 1e-5
+        assert _all_ptrs(ours) == ptrs
+    # rank 8 into existing layers and into a layer a load would inject: refused before anything changes
+    snap = snapshot(ours)
+    for targets, pattern in ((["gate_proj", "q_proj"], r"module '.*q_proj': rank 8 is over the rank 6 that "
+                                                         r"reserve_rank fixed for Linear\(64, 64\)"),
+                             (["gate_proj"], r"module '.*gate_proj' has rank 8, over the rank 6 that reserve_rank")):
+        big = peft_with_adapters(llama(), {"big": dict(r=8, lora_alpha=8, target_modules=targets)})
+        big.save_pretrained(str(tmp_path / str(len(targets))))
+        with pytest.raises(ValueError, match=pattern):
+            lora.load_peft_adapter(ours, str(tmp_path / str(len(targets)) / "big"), "big")
+        assert unchanged(ours, snap) and _all_ptrs(ours) == ptrs and "big" not in lora.adapter_names(ours)
+
+
+def test_a_save_after_a_reserve_loads_in_peft_with_the_same_logits(saved, tmp_path):
+    ours = _ours(saved)
+    lora.reserve_rank(ours, 8)
+    lora.set_adapter(ours, "c")  # rslora: the saved alpha keeps the scaling at the padded rank
+    lora.save_peft_adapter(ours, str(tmp_path / "c8"))
+    pm = PeftModel.from_pretrained(llama(), str(tmp_path / "c8"))
+    x = torch.randint(0, VOCAB, (2, 9))
+    assert pm.peft_config["default"].r == 8
+    assert rel_err(_logits(pm, x), _logits(ours, x)) < 1e-5
+    assert rel_err(_logits(pm, x), _logits(_peft(saved, ("c",)), x)) < 1e-5
+
+
+def test_model_reserve_refusals_name_the_layer_and_change_nothing(saved):
+    ours = _ours(saved)
+    snap, ptrs = snapshot(ours), _all_ptrs(ours)
+    with pytest.raises(ValueError, match=r"reserve_rank: layer '.*(q_proj|o_proj)': rank 4 is below the rank 6"):
+        lora.reserve_rank(ours, 4)
+    for bad in (0, 2.5, False):
+        with pytest.raises(ValueError, match="positive int"):
+            lora.reserve_rank(ours, bad)
+    assert unchanged(ours, snap) and _all_ptrs(ours) == ptrs
+    assert all(m.reserved_rank is None for _, m in lora_layers(ours))
+    with pytest.raises(ValueError, match="no lora_ext layer"):
+        lora.reserve_rank(llama(), 8)
+
+
+def test_a_compiled_layer_is_not_recompiled_by_switches_across_ranks():
+    """torch.compile guards on the factors' shapes: without a reserve a switch to another rank traces again; with one,
+    every switch (scalings equal) runs the graph traced first."""
+    traced = []
+
+    def backend(gm, inputs):
+        traced.append(gm)
+        return gm.forward
+
+    for reserve in (False, True):
+        torch._dynamo.reset()
+        traced.clear()
+        layer, x = _layer("linear", 2)
+        for name, r in (("four", 4), ("eight", 8)):
+            layer.add_adapter(name, *_factors(layer, r, seed=r), layer.scaling)
+        if reserve:
+            layer.reserve_rank(8)
+        compiled = torch.compile(layer, backend=backend, fullgraph=True)
+        for name in ("default", "four", "eight", "default", "eight"):
+            layer.set_adapter(name)
+            with torch.no_grad():
+                want = layer(x)
+            assert torch.allclose(compiled(x), want, atol=1e-6)
+        assert (len(traced) == 1) == reserve, f"reserve={reserve}: {len(traced)} traces"
+
+
+# -- hotswap_adapter ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swaps(tmp_path_factory):
+    """Adapters of one Llama for hotswaps: old (r=4: q, v, down), sub (r=8: q, down; another alpha), same (r=4:
+    q, v, down), wide (r=4: q, v, down, gate: a module old does not target), saved (r=4: q, v, down and lm_head
+    saved whole)."""
+    root = tmp_path_factory.mktemp("swaps")
+    specs = {"old": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+             "sub": dict(r=8, lora_alpha=4, target_modules=["q_proj", "down_proj"]),
+             "same": dict(r=4, lora_alpha=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+             "wide": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "gate_proj"]),
+             "saved": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                           modules_to_save=["lm_head"])}
+    paths = {}
+    for i, (name, kwargs) in enumerate(specs.items()):
+        pm = peft_with_adapters(llama(), {"default": kwargs})
+        g = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        pm.save_pretrained(str(root / name))
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_hotswap_matches_peft_in_place(swaps, merged):
+    """old -> sub (another rank, a subset of the modules: v_proj serves zeros, as peft's) -> same, after a reserve
+    (peft's prepare_model_for_compiled_hotswap pads alike); the storage of every layer and weight stays."""
+    x = torch.randint(0, VOCAB, (2, 9))
+    pm = PeftModel.from_pretrained(llama(), swaps["old"])
+    prepare_model_for_compiled_hotswap(pm, target_rank=8)
+    ours = llama()
+    lora.load_peft_adapter(ours, swaps["old"])
+    lora.reserve_rank(ours, 8)
+    if merged:
+        lora.merge_adapter(ours)
+    assert rel_err(_logits(ours, x), _logits(pm, x)) < 1e-5
+    ptrs = _all_ptrs(ours)
+    weights = {n: m.weight_2d().data_ptr() for n, m in lora_layers(ours)}
+    for name in ("sub", "same"):
+        covered = lora.hotswap_adapter(ours, swaps[name])
+        peft_hotswap(pm, swaps[name], adapter_name="default")
+        assert rel_err(_logits(ours, x), _logits(pm, x)) < 1e-5, name
+        assert _all_ptrs(ours) == ptrs and {n: m.weight_2d().data_ptr() for n, m in lora_layers(ours)} == weights
+        assert lora.active_adapter(ours) == "default"
+        assert all(m.merged == merged for _, m in lora_layers(ours))
+        v = [m for n, m in lora_layers(ours) if n.endswith("v_proj")]
+        assert all(m.is_placeholder("default") == (name == "sub") for m in v)
+        assert {n.rsplit(".", 1)[1] for n in covered} == ({"q_proj", "down_proj"} if name == "sub"
+                                                          else {"q_proj", "v_proj", "down_proj"})
+    # and a save of the swapped adapter is the file's adapter (padded)
+    lora.hotswap_adapter(ours, swaps["sub"])
+    assert rel_err(_logits(ours, x), _logits(PeftModel.from_pretrained(llama(), swaps["sub"]), x)) < 1e-5
+
+
+def test_hotswap_of_an_inactive_adapter_replaces_what_a_switch_serves(swaps):
+    x = torch.randint(0, VOCAB, (2, 9))
+    ours = llama()
+    lora.load_peft_adapter(ours, swaps["old"], "x")
+    lora.load_peft_adapter(ours, swaps["same"], "y")  # active
+    ptrs = _all_ptrs(ours)
+    lora.hotswap_adapter(ours, swaps["same"], "x")  # same ranks: no reserve needed
+    assert lora.active_adapter(ours) == "y"
+    lora.set_adapter(ours, "x")
+    assert _all_ptrs(ours) == ptrs
+    assert rel_err(_logits(ours, x), _logits(PeftModel.from_pretrained(llama(), swaps["same"]), x)) < 1e-5
+
+
+def test_hotswap_refusals_change_nothing(swaps):
+    ours = llama()
+    lora.load_peft_adapter(ours, swaps["old"])
+    snap, ptrs = snapshot(ours), _all_ptrs(ours)
+
+    def refused(exc, pattern, *args, **kwargs):
+        with pytest.raises(exc, match=pattern):
+            lora.hotswap_adapter(ours, *args, **kwargs)
+        assert unchanged(ours, snap) and _all_ptrs(ours) == ptrs
+
+    refused(KeyError, "holds no such adapter", swaps["same"], "nope")
+    refused(ValueError, r"hotswap_adapter: .*module '.*gate_proj' is not a lora_ext layer yet", swaps["wide"])
+    refused(ValueError, r"holds it at rank 4, the file's is rank 8: the layer would get new storage.*reserve_rank",
+            swaps["sub"])
+    refused(ValueError, "names modules_to_save", swaps["saved"])
+    lora.mark_only_lora_as_trainable(ours)
+    refused(ValueError, r"layer '.*' trains it \(its factors require grad\)", swaps["same"])
+    for _, m in lora_layers(ours):
+        m.requires_grad_(False)
+    lora.hotswap_adapter(ours, swaps["same"])  # and now it goes through
+    assert _all_ptrs(ours) == ptrs and not unchanged(ours, snap)
+
+
+def test_hotswap_refuses_an_adapter_whose_modules_are_saved_whole(swaps):
+    ours = llama()
+    lora.load_peft_adapter(ours, swaps["saved"])
+    snap = snapshot(ours)
+    with pytest.raises(ValueError, match=r"holds it in module\(s\) 'lm_head' saved whole"):
+        lora.hotswap_adapter(ours, swaps["same"])
+    assert unchanged(ours, snap)
+
+
+@pytest.mark.gpu
+@pytest.mark.hardware
+def test_a_captured_graph_serves_every_adapter_after_a_reserve(saved):
+    """A CUDA graph of a Llama's forward captured once serves adapters of other ranks and targets after switches
+    and a hotswap, merged and unmerged."""
+    ours = _ours(saved).cuda()
+    lora.reserve_rank(ours, 6)
+    x = torch.randint(0, VOCAB, (2, 9), device="cuda")
+    want = {}
+    for name in ("a", "b", "c"):
+        lora.set_adapter(ours, name)
+        want[name] = _logits(ours, x).clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            _logits(ours, x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _logits(ours, x)
+    for name in ("b", "a", "c", "b"):
+        lora.set_adapter(ours, name)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, want[name]) < 1e-4, name
