@@ -558,7 +558,8 @@ class NamedAdapters:
                              f"lora_ext.parallel's styles) of shapes {tuple(live_A.shape)} and "
                              f"{tuple(live_B.shape)}, which a switch writes in place; adapter {name!r} has "
                              f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)} (rank {self.rank_of(lora_A)}, live "
-                             f"rank {self.r}). Pad the adapters to a common rank, or switch before sharding")
+                             f"rank {self.r}). Hold every adapter at one rank before sharding (lora.reserve_rank(model, "
+                             f"r), r at least {max(self.r, self.rank_of(lora_A))}), or switch before sharding")
         self._swap_merged(lora_A, lora_B, scaling)
         where = f"{self._describe()} adapter {name!r}"
         sharded.copy_into(live_A, lora_A, where=where, scales=(scaling,))

@@ -80,6 +80,14 @@ def ddp_cases(rank, world):
         out["merged_out"] = ddp(ids[0])
     ddp.train()
     out["base_back"] = all(torch.equal(v, net.state_dict()[k]) for k, v in base.items())
+    # a reserved rank would change the shapes DDP's buckets hold: refused, nothing changes
+    shapes = {k: tuple(v.shape) for k, v in lora.lora_state_dict(net).items()}
+    try:
+        lora.reserve_rank(ddp, 8)
+        out["reserve_refusal"] = None
+    except ValueError as e:
+        out["reserve_refusal"] = str(e)
+    out["reserve_unchanged"] = shapes == {k: tuple(v.shape) for k, v in lora.lora_state_dict(net).items()}
     # a switch of trainable factors under DDP is refused, naming what to rebuild
     for _, m in lora_layers(net):
         (ra, ca), (rb, cb) = m.factor_shapes(4)
@@ -134,6 +142,8 @@ def test_ddp_training_merge_and_switch_match_one_process(single):
     assert _rel(r0["merged_out"], single["merged_out"]) < 1e-5
     assert r0["base_back"] and r1["base_back"]
     assert r0["refusal"] is not None and "DistributedDataParallel" in r0["refusal"]
+    assert r0["reserve_refusal"] is not None and "reserve_rank: the model is wrapped in DistributedDataParallel" \
+        in r0["reserve_refusal"] and r0["reserve_unchanged"] and r1["reserve_unchanged"]
     assert "rank 2" in r0["refusal"] and "rank 4" in r0["refusal"] and "ddp.module" in r0["refusal"]
     assert all(torch.equal(r0["wide_trained"][k], r1["wide_trained"][k]) for k in r0["wide_trained"])
     assert r0["wide_trained"]["out.lora_A"].shape[0] == 4

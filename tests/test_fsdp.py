@@ -102,6 +102,14 @@ def fsdp_cases(rank, world):
     except ValueError as e:
         out["refusal"] = str(e)
     out["still_default"] = all(m.active_adapter == "default" for m in layers(net))
+    ranks_before = [m.r for m in layers(net)]
+    try:
+        lora.reserve_rank(net, 8)
+        out["reserve_refusal"] = None
+    except ValueError as e:
+        out["reserve_refusal"] = str(e)
+    out["reserve_unchanged"] = [m.r for m in layers(net)] == ranks_before and all(
+        m.reserved_rank is None for m in layers(net))
     # training steps
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=LR)
     per = BATCH // world
@@ -193,7 +201,10 @@ def test_fsdp_layer_level_writes_while_parameters_are_gathered(ranks, single):
 def test_fsdp_switch_to_another_rank_is_refused_before_anything_changes(ranks):
     for r in ranks:
         assert r["refusal"] is not None and "fully_shard" in r["refusal"] and "rank 4" in r["refusal"]
+        assert "before sharding (lora.reserve_rank(model, r), r at least 4)" in r["refusal"]
         assert r["still_default"]
+        assert "reserve_rank: layer" in r["reserve_refusal"] and "DTensors" in r["reserve_refusal"]
+        assert r["reserve_unchanged"]
 
 
 def test_fsdp_training_and_state_dicts_match_one_process(ranks, single):
