@@ -278,6 +278,20 @@ def test_loads_after_a_reserve_are_padded_and_a_higher_rank_is_refused(saved, tm
         assert unchanged(ours, snap) and _all_ptrs(ours) == ptrs and "big" not in lora.adapter_names(ours)
 
 
+def test_inject_into_a_reserved_model_reserves_its_layers():
+    model = llama()
+    lora.inject(model, ["q_proj"], r=4)
+    lora.reserve_rank(model, 8)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"r: module '.*v_proj' would get rank 16, over the rank 8 that reserve_rank"):
+        lora.inject(model, ["v_proj"], r=16)
+    assert unchanged(model, snap)
+    names = lora.inject(model, ["v_proj"], r=2, lora_alpha=4)
+    new = [m for n, m in lora_layers(model) if n in names]
+    assert new and all(m.reserved_rank == 8 and m.r == 8 and m.scaling == 2.0 for m in new)
+    assert all(not m.lora_A[2:].any() and not m.lora_B[:, 2:].any() for m in new)
+
+
 def test_a_save_after_a_reserve_loads_in_peft_with_the_same_logits(saved, tmp_path):
     ours = _ours(saved)
     lora.reserve_rank(ours, 8)

@@ -541,6 +541,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     check_lossless(lossless)
     fused = dict(fused or {})
     plan = []
+    from .adapters import model_lock, reserved_rank  # (adapters imports this module)
+    reserved = reserved_rank(model)
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, (LoRALayer, ModulesToSave))]
     spec = resolve_targets(model, target_modules)
     if isinstance(spec, set):  # 'all-linear': the modules not adapted yet
@@ -563,18 +565,23 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         rr = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)
         _check_options(rr, alpha, lora_dropout)
+        if reserved is not None and rr > reserved:
+            raise ValueError(f"r: module {name!r} would get rank {rr}, over the rank {reserved} that reserve_rank fixed "
+                             f"for the model's layers (every adapter is held at that rank); reserve a rank of at least "
+                             f"{rr} first")
         plan.append((name, module, replacement(module, name, rr, alpha, lora_dropout, merge_weights, enable, lossless),
                      scaling_for(rr, alpha, use_rslora)))
     if not plan:
         raise ValueError(f"target_modules: {target_modules!r} matches no module of the model"
                          + (f" in layers_to_transform {layers_to_transform!r}"
                             if filters_layers(layers_to_transform) else ""))
-    from .adapters import model_lock  # (adapters imports this module)
     with model_lock(model).write():  # the lock exists before the first switch: forwards in flight hold it
         check_enabled(model, "inject")  # (again: a disable_adapter may have begun since the first check)
         owners = parameter_owners(model)
         for name, module, layer, scaling in plan:
             install(model, name, module, layer, scaling, owners)
+            if reserved is not None:  # a reserved model's layers all hold that rank (lora.reserve_rank)
+                layer.reserve_rank(reserved)
     return [name for name, *_ in plan]
 
 
