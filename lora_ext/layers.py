@@ -713,6 +713,14 @@ class MergedLinear(LoRALayer, nn.Linear):
     def _rank_rows(self):
         return len(self._block_ids)
 
+    def _rank_used(self, lora_A, lora_B):
+        n, r = len(self._block_ids), self.rank_of(lora_A)
+        return lora_A.reshape(n, r, -1).ne(0).any(2).any(0) | lora_B.ne(0).any(0)
+
+    def _take_ranks(self, lora_A, lora_B, r):
+        n = len(self._block_ids)
+        return lora_A.reshape(n, self.rank_of(lora_A), -1)[:, :r].reshape(n * r, -1), lora_B[:, :r]
+
     def _place_ranks(self, A, B, lora_A, lora_B, r, rank):
         """A holds each enabled block's ranks in turn (its rows block by block): the block's first ranks."""
         n = len(self._block_ids)

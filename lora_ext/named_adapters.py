@@ -321,6 +321,24 @@ class NamedAdapters:
         A[:lora_A.shape[0]] = lora_A
         B[:, :lora_B.shape[1]] = lora_B
 
+    def _rank_used(self, lora_A: Tensor, lora_B: Tensor) -> Tensor:
+        """Per rank, whether A's rows or B's columns of it hold a nonzero value (bool, one per rank)."""
+        r = self.rank_of(lora_A)
+        return lora_A.reshape(r, -1).ne(0).any(1) | lora_B.reshape(lora_B.shape[0], r, -1).ne(0).any(2).any(0)
+
+    def _take_ranks(self, lora_A: Tensor, lora_B: Tensor, r: int) -> Tuple[Tensor, Tensor]:
+        """The first r ranks of a pair (views where the layout allows)."""
+        per = lora_A.shape[0] // self.rank_of(lora_A)
+        return lora_A[:r * per], lora_B[:, :lora_B.shape[1] // self.rank_of(lora_A) * r]
+
+    def unpadded_factors(self, lora_A: Tensor, lora_B: Tensor) -> Tuple[Tensor, Tensor]:
+        """The pair without its trailing ranks that are zero in both factors (what reserve_rank's padding added; at
+        least rank 1): the same update B @ A, at the rank the adapter had before it was padded (one whose own last
+        ranks are zero in both factors loses those too, which changes nothing it computes)."""
+        used = self._rank_used(lora_A, lora_B).nonzero()
+        r = int(used[-1]) + 1 if used.numel() else 1
+        return self._take_ranks(lora_A, lora_B, r) if r < self.rank_of(lora_A) else (lora_A, lora_B)
+
     def reserve_rank(self, rank: int) -> None:
         """Holds every adapter of this layer at rank `rank` from now on (peft's prepare_model_for_compiled_hotswap
         pads to a target rank alike): the adapters held now, later ones (added, loaded, stand-ins of zeros) and the

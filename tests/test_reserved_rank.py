@@ -134,6 +134,21 @@ def test_later_adapters_and_stand_ins_take_the_reserved_rank(kind):
     assert rel_err(layer(x), _oracle(kind, layer, base, bias, A2, B2, 3.0, x)) < 1e-5
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_unpadded_factors_give_back_the_adapter_as_it_was_given(kind):
+    layer, _ = _layer(kind, 2)
+    layer.reserve_rank(7)
+    A, B = _factors(layer, 3, seed=3)
+    with torch.no_grad():  # the adapter's own ranks: one zero in A only, one zero in B only (neither is padding)
+        A[:A.shape[0] // 3] = 0 if kind != "merged" else A[:A.shape[0] // 3]
+        B[:, -1] = 0
+    layer.add_adapter("three", A, B, 1.0)
+    held = layer.get_adapter("three")[:2]
+    assert layer.rank_of(held[0]) == 7
+    got = layer.unpadded_factors(*held)
+    assert torch.equal(got[0], A) and torch.equal(got[1], B)
+
+
 def test_a_rank_over_the_reserved_one_is_refused_naming_it():
     layer, x = _layer("linear", 4)
     layer.reserve_rank(4)
@@ -276,6 +291,26 @@ def test_loads_after_a_reserve_are_padded_and_a_higher_rank_is_refused(saved, tm
         with pytest.raises(ValueError, match=pattern):
             lora.load_peft_adapter(ours, str(tmp_path / str(len(targets)) / "big"), "big")
         assert unchanged(ours, snap) and _all_ptrs(ours) == ptrs and "big" not in lora.adapter_names(ours)
+
+
+@pytest.mark.parametrize("combo,kwargs", [("cat", {}), ("svd", {}), ("svd", dict(svd_rank=3)), ("linear", {}),
+                                          ("ties", dict(density=0.5)), ("magnitude_prune", dict(density=0.3)),
+                                          ("dare_ties", dict(density=0.5)), ("ties_svd", dict(density=0.6))])
+def test_combinations_in_a_reserved_model_are_the_unreserved_ones(saved, combo, kwargs):
+    """add_weighted_adapter combines the adapters at their own ranks (a pruning's quantile counts the values: the
+    padding's zeros would shift it), then pads the result."""
+    plain, reserved = _ours(saved), _ours(saved)
+    lora.reserve_rank(reserved, 12)
+    x = torch.randint(0, VOCAB, (2, 9))
+    for model in (plain, reserved):
+        torch.manual_seed(5)
+        lora.add_weighted_adapter(model, ["a", "c"], [0.6, -0.9], "w", combination_type=combo, **kwargs)
+        lora.set_adapter(model, "w")
+    assert rel_err(_logits(reserved, x), _logits(plain, x)) < 1e-6
+    assert {m.rank_of(m.get_adapter("w")[0]) for _, m in lora_layers(reserved)} == {12}
+    with pytest.raises(ValueError, match=r"held at the rank 12 reserve_rank fixed; the ranks are the adapters' own\) "
+                                         r"holds ranks \[4, 6\]"):
+        lora.add_weighted_adapter(reserved, ["a", "b"], [0.5, 0.5], "ab", combination_type="ties", density=0.5)
 
 
 def test_inject_into_a_reserved_model_reserves_its_layers():

@@ -327,6 +327,9 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
                              f"combine); load the model's weights first")
         for a, (A, B, s) in zip(names, parts):
             ops.check_finite(f"add_weighted_adapter: {where}, adapter {a!r}", A, B, s)
+        if m.reserved_rank is not None:  # combined at their own ranks (pruning counts values), the result padded
+            parts = [(*m.unpadded_factors(A, B), s) for A, B, s in parts]
+            where += f" (held at the rank {m.reserved_rank} reserve_rank fixed; the ranks are the adapters' own)"
         if svd_driver is not None and device.type != "cuda":
             raise ValueError(f"add_weighted_adapter: svd_driver={svd_driver!r} picks a cuSOLVER method; the factors "
                              f"of {where} are on {device}, where torch has one SVD (pass no svd_driver)")
