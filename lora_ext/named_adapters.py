@@ -345,7 +345,7 @@ class NamedAdapters:
         live factors, padded with zeros, which leaves every update B @ A as it was. Every switch between frozen
         factors then writes into the live storage, so a CUDA graph captured after this call serves whatever adapter
         is switched to, and torch.compile sees one shape. The live factors get new storage now (once: capture after
-        it), and saves write the padded rank. A rank below the layer's (the largest adapter's, or one reserved
+        it); saves write each adapter at its own rank (unpadded_factors). A rank below the layer's (the largest adapter's, or one reserved
         before) is refused, as are sharded (DTensor) factors and an open mixed batch; nothing changes then."""
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"rank: expected a positive int, got {rank!r}")

@@ -327,14 +327,15 @@ def test_inject_into_a_reserved_model_reserves_its_layers():
     assert all(not m.lora_A[2:].any() and not m.lora_B[:, 2:].any() for m in new)
 
 
-def test_a_save_after_a_reserve_loads_in_peft_with_the_same_logits(saved, tmp_path):
+def test_a_save_after_a_reserve_writes_the_adapters_own_rank_and_loads_in_peft_alike(saved, tmp_path):
     ours = _ours(saved)
     lora.reserve_rank(ours, 8)
     lora.set_adapter(ours, "c")  # rslora: the saved alpha keeps the scaling at the padded rank
     lora.save_peft_adapter(ours, str(tmp_path / "c8"))
     pm = PeftModel.from_pretrained(llama(), str(tmp_path / "c8"))
     x = torch.randint(0, VOCAB, (2, 9))
-    assert pm.peft_config["default"].r == 8
+    assert pm.peft_config["default"].r == 4  # the adapter's own rank: the padding is not saved
+    assert all(p.shape[0] == 4 or p.shape[1] == 4 for n, p in pm.named_parameters() if "lora_" in n)
     assert rel_err(_logits(pm, x), _logits(ours, x)) < 1e-5
     assert rel_err(_logits(pm, x), _logits(_peft(saved, ("c",)), x)) < 1e-5
 

@@ -772,6 +772,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                                  f"zeros, and serve other outputs")
             A, B, scaling = layer.get_adapter(adapter)
             ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
+            if layer.reserved_rank is not None:  # the adapter's own rank, without reserve_rank's padding
+                A, B = layer.unpadded_factors(A.detach(), B.detach())
             ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
             tensors[PREFIX + name + ka] = A.contiguous().cpu()
             tensors[PREFIX + name + kb] = B.contiguous().cpu()
