@@ -14,6 +14,7 @@ outside the layer shares storage with them under another version counter. Writes
 version counters, as they bypass autograd's checks: after such writes, call `check_values`.
 """
 import math
+import operator
 import _signal
 import signal
 import threading
@@ -121,6 +122,19 @@ def each_or_none(layers, do, undo) -> None:
             for m in done:
                 undo(m)
         raise
+
+
+def check_rank(what: str, rank) -> int:
+    """rank as a Python int: any integer (a numpy integer, a one-element integer tensor) of at least 1."""
+    try:
+        if isinstance(rank, bool) or (isinstance(rank, torch.Tensor) and rank.is_floating_point()):
+            raise TypeError
+        value = operator.index(rank)
+    except TypeError:
+        value = None
+    if value is None or value < 1:
+        raise ValueError(f"{what}: expected a positive int, got {rank!r}")
+    return value
 
 
 def check_adapter_name(name) -> None:
@@ -340,15 +354,25 @@ class NamedAdapters:
         return self._take_ranks(lora_A, lora_B, r) if r < self.rank_of(lora_A) else (lora_A, lora_B)
 
     def reserve_rank(self, rank: int) -> None:
+        """See _reserve; refuses trainable factors (an optimizer built over them would hold the old shapes: freeze
+        them, reserve, then train again with an optimizer built after)."""
+        rank = check_rank("rank", rank)
+        if self.has_lora and self._trainable():
+            raise ValueError(f"{self._describe()}: reserve_rank gives the factors another shape, and they require grad "
+                             f"(an optimizer built over them would hold the old shapes); freeze them "
+                             f"(requires_grad_(False)), reserve, then mark_only_lora_as_trainable and build the "
+                             f"optimizer")
+        self._reserve(rank)
+
+    def _reserve(self, rank: int) -> None:
         """Holds every adapter of this layer at rank `rank` from now on (peft's prepare_model_for_compiled_hotswap
         pads to a target rank alike): the adapters held now, later ones (added, loaded, stand-ins of zeros) and the
         live factors, padded with zeros, which leaves every update B @ A as it was. Every switch between frozen
         factors then writes into the live storage, so a CUDA graph captured after this call serves whatever adapter
         is switched to, and torch.compile sees one shape. The live factors get new storage now (once: capture after
         it); saves write each adapter at its own rank (unpadded_factors). A rank below the layer's (the largest adapter's, or one reserved
-        before) is refused, as are sharded (DTensor) factors and an open mixed batch; nothing changes then."""
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank: expected a positive int, got {rank!r}")
+        before) is refused, as are sharded (DTensor) factors and an open mixed batch; nothing changes then. (Loads
+        and inject reserve the layers they create through this, before anything trains them.)"""
         if not self.has_lora:
             raise ValueError(f"{self._describe()} was built with r=0 and holds no adapter")
         with self._lock:

@@ -436,3 +436,16 @@ def test_fuzz_adapter_file(adapter_dir, damage, cut, served):
             with open(file, "r+b") as f:
                 f.truncate(min(cut, os.path.getsize(file)))
         _check_outcome(path, served)
+
+
+@pytest.mark.parametrize("dropped,kept", [("lora_B", "lora_A"), ("lora_A", "lora_B")])
+def test_a_missing_factor_is_named_the_right_way_round(tmp_path, dropped, kept):
+    _save_peft(llama(), str(tmp_path), r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    sd = load_file(str(tmp_path / WEIGHTS))
+    del sd[f"base_model.model.model.layers.1.self_attn.q_proj.{dropped}.weight"]
+    save_file(sd, str(tmp_path / WEIGHTS))
+    model = llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"module 'model.layers.1.self_attn.q_proj' has {kept} but not {dropped}$"):
+        lora_ext.load_peft_adapter(model, str(tmp_path))
+    assert set(model.state_dict()) == set(before) and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

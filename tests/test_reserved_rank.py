@@ -3,6 +3,7 @@ an adapter's weights replaced in place): switches between adapters of other rank
 the live storage a captured CUDA graph reads, against float64 oracles written here on every layer kind and against
 the real peft (its prepare_model_for_compiled_hotswap and hotswap_adapter) on a Llama; refusals leave the model as
 it was."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -188,9 +189,10 @@ def test_reserve_refusals_change_nothing():
         empty.reserve_rank(4)
 
 
-def test_trainable_pairs_keep_their_parameter_objects():
-    """An optimizer built after the reserve trains the padded factors; the Parameter objects an adapter owns stay
-    its own (their shapes change: an optimizer built before holds the old shapes)."""
+def test_trainable_factors_are_refused_and_own_pairs_survive_a_reserve():
+    """A reserve changes the factors' shapes, so trainable ones are refused (an optimizer built over them would hold
+    the old shapes: a raw size error at its next step); frozen, reserved, trained again: each adapter's own Parameter
+    objects come back padded, and an optimizer built after trains them."""
     layer, x = _layer("linear", 2)
     layer.requires_grad_(False)
     layer.lora_A.requires_grad_(True)
@@ -200,14 +202,37 @@ def test_trainable_pairs_keep_their_parameter_objects():
     own_b = (layer.lora_A, layer.lora_B)
     layer.set_adapter("default")
     own_default = (layer.lora_A, layer.lora_B)
+    with pytest.raises(ValueError, match=r"Linear\(24, 20\): reserve_rank gives the factors another shape, and they "
+                                         r"require grad .* freeze them \(requires_grad_\(False\)\), reserve"):
+        layer.reserve_rank(4)
+    assert layer.reserved_rank is None and layer.lora_A.shape == (2, 24) and own_b[0].shape == (3, 24)
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)
     layer.reserve_rank(4)
     assert (layer.lora_A, layer.lora_B) == own_default and layer.lora_A.shape == (4, 24)
-    layer.set_adapter("b")
+    layer.set_adapter("b")  # a serving switch: b's values into the live pair, its own pair kept aside
+    lora.mark_only_lora_as_trainable(layer)  # b gets its own pair back
     assert layer.lora_A is own_b[0] and layer.lora_B is own_b[1] and layer.lora_A.shape == (4, 24)
     opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
     layer(x).square().sum().backward()
     opt.step()
-    assert layer.lora_B.grad.shape == (20, 4)
+    assert layer.lora_B.grad.shape == (20, 4) and layer.lora_A.grad[3:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("rank", [np.int64(6), torch.tensor(6), 6])
+def test_any_integer_rank_is_taken(rank):
+    layer, _ = _layer("linear", 2)
+    layer.reserve_rank(rank)
+    assert layer.reserved_rank == 6 and type(layer.reserved_rank) is int
+    model = llama()
+    lora.inject(model, ["q_proj"], r=2)
+    for _, m in lora_layers(model):
+        m.requires_grad_(False)
+    lora.reserve_rank(model, rank)
+    assert lora.reserved_rank(model) == 6
+    for bad in (torch.tensor(6.0), np.float64(6), torch.tensor([6, 6])):
+        with pytest.raises(ValueError, match="expected a positive int"):
+            layer.reserve_rank(bad)
 
 
 # -- models: against peft -------------------------------------------------------------------------------------------
@@ -316,6 +341,7 @@ def test_combinations_in_a_reserved_model_are_the_unreserved_ones(saved, combo, 
 def test_inject_into_a_reserved_model_reserves_its_layers():
     model = llama()
     lora.inject(model, ["q_proj"], r=4)
+    model.requires_grad_(False)
     lora.reserve_rank(model, 8)
     snap = snapshot(model)
     with pytest.raises(ValueError, match=r"r: module '.*v_proj' would get rank 16, over the rank 8 that reserve_rank"):
@@ -352,6 +378,28 @@ def test_model_reserve_refusals_name_the_layer_and_change_nothing(saved):
     assert all(m.reserved_rank is None for _, m in lora_layers(ours))
     with pytest.raises(ValueError, match="no lora_ext layer"):
         lora.reserve_rank(llama(), 8)
+    trainable = _ours(saved)
+    lora.mark_only_lora_as_trainable(trainable)
+    shapes = {k: v.shape for k, v in lora.lora_state_dict(trainable).items()}
+    with pytest.raises(ValueError, match=r"reserve_rank: layer '.*': its factors require grad, and reserve_rank gives "
+                                         r"them another shape"):
+        lora.reserve_rank(trainable, 8)
+    assert shapes == {k: v.shape for k, v in lora.lora_state_dict(trainable).items()}
+    lora.reserve_rank(ours, 8)
+    with pytest.raises(ValueError, match=r"rank 7 is below the rank 8 it holds an adapter at \(the rank reserved "
+                                         r"before: a reserve only grows\)"):
+        lora.reserve_rank(ours, 7)
+
+
+def test_the_slots_refusal_says_the_rank_is_the_reserved_one(saved):
+    ours = _ours(saved)
+    lora.reserve_rank(ours, 8)
+    lora.configure_slots(ours, slots=4, max_rank=6)
+    with pytest.raises(ValueError, match=r"adapter 'a' has rank 8 at layer '.*' \(the rank reserve_rank holds every "
+                                         r"adapter of it at\), more than the model's slots hold \(6\): "
+                                         r"lora.configure_slots\(model, slots=4, max_rank=8\)"):
+        with lora.batch_adapters(ours, ["a", "b"]):
+            pass
 
 
 def test_a_compiled_layer_is_not_recompiled_by_switches_across_ranks():
@@ -510,3 +558,69 @@ def test_a_captured_graph_serves_every_adapter_after_a_reserve(saved):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, want[name]) < 1e-4, name
+
+
+@pytest.fixture(scope="module")
+def more_swaps(tmp_path_factory):
+    """qo, qo2 (r=4: q, o; other values), o (r=4: o), vo (r=4: v, o)."""
+    root = tmp_path_factory.mktemp("more_swaps")
+    specs = {"qo": ["q_proj", "o_proj"], "qo2": ["q_proj", "o_proj"], "o": ["o_proj"], "vo": ["v_proj", "o_proj"]}
+    for i, (name, targets) in enumerate(specs.items()):
+        pm = peft_with_adapters(llama(), {"default": dict(r=4, lora_alpha=8, target_modules=targets)})
+        g = torch.Generator().manual_seed(200 + i)
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "lora_" in n:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+        pm.save_pretrained(str(root / name))
+    return {name: str(root / name) for name in specs}
+
+
+def test_hotswap_zeroes_a_stand_in_given_values(swaps, more_swaps, tmp_path):
+    """A stand-in written since (an optimizer, load_state_dict) is served and saved as the layer's own adapter: a
+    hotswap to a file that does not target the layer gives it zeros there too, as peft's zeroes what the file
+    lacks."""
+    from safetensors.torch import load_file
+    x = torch.randint(0, VOCAB, (2, 9))
+    ours = llama()
+    lora.load_peft_adapter(ours, swaps["old"], "a")
+    lora.load_peft_adapter(ours, more_swaps["qo"], "b", activate=False)
+    lora.reserve_rank(ours, 8)
+    lora.set_adapter(ours, "b")  # down_proj and v_proj serve b as stand-ins of zeros
+    down = dict(lora_layers(ours))["model.layers.0.mlp.down_proj"]
+    with torch.no_grad():
+        down.lora_A.normal_(0, 0.3)
+        down.lora_B.normal_(0, 0.3)
+    ptrs = _all_ptrs(ours)
+    lora.hotswap_adapter(ours, more_swaps["qo2"], "b")
+    assert not down.lora_A.any() and not down.lora_B.any() and _all_ptrs(ours) == ptrs
+    assert rel_err(_logits(ours, x), _logits(PeftModel.from_pretrained(llama(), more_swaps["qo2"]), x)) < 1e-5
+    lora.save_peft_adapter(ours, str(tmp_path / "b"))
+    assert not any("down_proj" in k for k in load_file(str(tmp_path / "b" / "adapter_model.safetensors")))
+
+
+def test_hotswap_refuses_trainable_factors_where_the_adapter_is_a_stand_in(swaps, more_swaps):
+    ours = llama()
+    lora.load_peft_adapter(ours, swaps["old"], "x")
+    lora.load_peft_adapter(ours, more_swaps["o"], "y", activate=False)  # o_proj: x's stand-ins
+    lora.reserve_rank(ours, 4)
+    for n, m in lora_layers(ours):
+        if n.endswith("o_proj"):  # (as a load with is_trainable=True makes them)
+            m.lora_A.requires_grad_(True)
+            m.lora_B.requires_grad_(True)
+    snap, ptrs = snapshot(ours), _all_ptrs(ours)
+    with pytest.raises(ValueError, match=r"layer '.*o_proj' trains it \(its factors require grad\)"):
+        lora.hotswap_adapter(ours, more_swaps["vo"], "x")
+    assert unchanged(ours, snap) and _all_ptrs(ours) == ptrs
+
+
+def test_hotswap_inside_disable_adapter_is_refused_by_its_own_name(swaps):
+    ours = llama()
+    lora.load_peft_adapter(ours, swaps["old"])
+    snap = snapshot(ours)
+    with lora.disable_adapter(ours):
+        with pytest.raises(ValueError, match=r"^hotswap_adapter: the model's adapters are disabled \(inside "
+                                             r"lora.disable_adapter\); the swap would land unseen until the block "
+                                             r"ends: do it after the block"):
+            lora.hotswap_adapter(ours, swaps["same"])
+    assert unchanged(ours, snap)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import sharded
 from ..layers import LoRALayer
-from ..named_adapters import deferred_interrupt, each_or_none
+from ..named_adapters import check_rank, deferred_interrupt, each_or_none
 from ..utils import under_ddp
 from .injection import check_mergeable
 from .saved_modules import wrappers
@@ -273,8 +273,7 @@ def reserve_rank(model: nn.Module, rank: int) -> None:
     Every layer is checked first (the rank is at least each held adapter's, no sharded factors, no
     DistributedDataParallel wrapper, whose buckets hold the factors' shapes): a refusal changes nothing. Like a
     switch, it waits for forwards and open mixed batches of the model (on other threads) to finish."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"reserve_rank: rank must be a positive int, got {rank!r}")
+    rank = check_rank("reserve_rank: rank", rank)
     if under_ddp(model):
         raise ValueError("reserve_rank: the model is wrapped in DistributedDataParallel, which holds the factors' "
                          "shapes; reserve the rank on the inner model before wrapping it")
@@ -288,12 +287,19 @@ def reserve_rank(model: nn.Module, rank: int) -> None:
                                          "reserve would change; reserve the rank before sharding")
                     top = max(m.rank_of(m.get_adapter(n)[0]) for n in m.adapter_names)
                     if top > rank:
-                        raise ValueError(f"rank {rank} is below the rank {top} it holds an adapter at")
+                        raise ValueError(f"rank {rank} is below the rank {top} it holds an adapter at"
+                                         + (" (the rank reserved before: a reserve only grows)"
+                                            if m.reserved_rank == top else ""))
+                    if m._trainable():
+                        raise ValueError("its factors require grad, and reserve_rank gives them another shape (an "
+                                         "optimizer built over them would hold the old shapes); freeze them "
+                                         "(requires_grad_(False)), reserve, then mark_only_lora_as_trainable and "
+                                         "build the optimizer")
             except ValueError as e:
                 raise ValueError(f"reserve_rank: layer {name!r}: {e}") from None
         with deferred_interrupt():
             for _, m in found:
-                m.reserve_rank(rank)
+                m._reserve(rank)
 
 
 def reserved_rank(model: nn.Module) -> Optional[int]:

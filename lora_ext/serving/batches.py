@@ -450,9 +450,10 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                     row = _first_row(index, table, name)
                     who = label(row) if row is not None else f"the merged adapter {name!r}"
                     raise ValueError(
-                        f"batch_adapters: {who}: adapter {name!r} has rank {rank} at layer {path!r}, more than the "
-                        f"model's slots hold ({pool.max_rank}): lora.configure_slots(model, slots={pool.capacity}, "
-                        f"max_rank={rank})")
+                        f"batch_adapters: {who}: adapter {name!r} has rank {rank} at layer {path!r}"
+                        + (" (the rank reserve_rank holds every adapter of it at)" if m.reserved_rank else "")
+                        + f", more than the model's slots hold ({pool.max_rank}): lora.configure_slots(model, "
+                        f"slots={pool.capacity}, max_rank={rank})")
         open_now = _open(batched.ACTIVE.get(), lambda v: v.batch)
         for path, m in [*found, *saved_modules.wrappers(model)]:
             if m in open_now:

@@ -500,12 +500,13 @@ def _set_submodule(model, name, module):
 DISABLED: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
-def check_enabled(model: nn.Module, what: str) -> None:
+def check_enabled(model: nn.Module, what: str, why: str = "the layers it would add or take out would not follow "
+                                                            "the block") -> None:
     """Refuses `what` inside lora.disable_adapter(model): layers it would add (or plain modules it would put back)
     would serve their adapter, or the block's end would merge into modules no longer in the model."""
     if DISABLED.get(model):
-        raise ValueError(f"{what}: the model's adapters are disabled (inside lora.disable_adapter); the layers it "
-                         f"would add or take out would not follow the block: do it after the block")
+        raise ValueError(f"{what}: the model's adapters are disabled (inside lora.disable_adapter); {why}: do it after "
+                         f"the block")
 
 
 def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int = 8, lora_alpha: float = 8,
@@ -581,7 +582,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         for name, module, layer, scaling in plan:
             install(model, name, module, layer, scaling, owners)
             if reserved is not None:  # a reserved model's layers all hold that rank (lora.reserve_rank)
-                layer.reserve_rank(reserved)
+                layer._reserve(reserved)
     return [name for name, *_ in plan]
 
 

@@ -203,8 +203,8 @@ def module_factors(tensors, where="adapter", magnitudes=None):
     out = {}
     for name, entry in found.items():
         if "A" not in entry or "B" not in entry:
-            raise ValueError(f"{where}: module {name!r} has lora_{'B' if 'A' in entry else 'A'} but not "
-                             f"lora_{'A' if 'A' in entry else 'B'}")
+            raise ValueError(f"{where}: module {name!r} has lora_{'A' if 'A' in entry else 'B'} but not "
+                             f"lora_{'B' if 'A' in entry else 'A'}")
         out[name] = (entry["A"], entry["B"], entry["embedding"])
     for name in magnitudes or ():
         if name not in out:
@@ -376,7 +376,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     _check_arguments(model, path, adapter_name, merge_weights, activate, is_trainable)
     reserved = reserved_rank(model)
     _inject.check_lossless(lossless)
-    _inject.check_enabled(model, "load_peft_adapter")
+    enabled = (lambda: _inject.check_enabled(model, "hotswap_adapter", "the swap would land unseen until the block "
+                                             "ends")) if _hotswap else (lambda: _inject.check_enabled(model, "load_peft_adapter"))
+    enabled()
     from . import hub
     path = hub.resolve(path, revision, subfolder)
     home = check_device(device)
@@ -539,7 +541,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # nothing can fail from here on: the model changes, atomically for forwards on other threads
     # (Ctrl-C held back to the end: the adapter lands whole, then the KeyboardInterrupt)
     with model_lock(model).write(), deferred_interrupt():
-        _inject.check_enabled(model, "load_peft_adapter")  # (again: a disable_adapter may have begun since)
+        enabled()  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
         for name, module, layer, fresh, A2, B2, scaling in plan:
             if fresh:
@@ -548,7 +550,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 layer.lora_A.requires_grad_(trains)
                 layer.lora_B.requires_grad_(trains)
                 if reserved is not None:
-                    layer.reserve_rank(reserved)
+                    layer._reserve(reserved)
                 if placeholder is not None:
                     layer.add_placeholder(placeholder)
                     layer.set_adapter(placeholder)
@@ -634,13 +636,15 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
                              f"before would keep serving the old adapter. lora.reserve_rank(model, r) with r at least "
                              f"every adapter's rank pads them all to one rank (then capture); load_peft_adapter "
                              f"replaces it with new storage")
-    zeroed = [m for n, m in held if n not in covered]
-    for n, m in held:
+    # every layer holding the name that the file does not cover serves zeros, stand-ins given values since included
+    zeroed = [(n, m) for n, m in lora_layers(model) if m.has_adapter(name) and n not in covered]
+    written = zeroed + [(n, layer) for n, _, layer, *_ in plan]
+    for n, m in written:
         if m.active_adapter == name and m._trainable():
             raise ValueError(f"{what}: layer {n!r} trains it (its factors require grad), and a trainable switch "
                              f"gives the layer new Parameters, not the storage a capture reads; freeze the factors "
                              f"(requires_grad_(False)) to hotswap, or load_peft_adapter to replace it")
-    return zeroed
+    return [m for _, m in zeroed]
 
 
 def _base_tensor(model, name, what):
