@@ -270,8 +270,9 @@ def reserve_rank(model: nn.Module, rank: int) -> None:
     call serves whatever adapter set_adapter or hotswap_adapter makes active, and a torch.compile'd model sees one
     shape (a new scaling still recompiles it: lora_ext's ops take the scaling as a number). Layers a later load
     or inject adds are reserved too. Call it before capturing or compiling: the live factors get new storage now.
-    Every layer is checked first (the rank is at least each held adapter's, no sharded factors, no
-    DistributedDataParallel wrapper, whose buckets hold the factors' shapes): a refusal changes nothing. Like a
+    Every layer is checked first (the rank is at least each held adapter's, no trainable factors, whose optimizer
+    would keep the old shapes, no sharded factors, no DistributedDataParallel wrapper, whose buckets hold the
+    factors' shapes): a refusal changes nothing. Like a
     switch, it waits for forwards and open mixed batches of the model (on other threads) to finish."""
     rank = check_rank("reserve_rank: rank", rank)
     if under_ddp(model):
