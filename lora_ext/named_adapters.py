@@ -345,14 +345,6 @@ class NamedAdapters:
         per = lora_A.shape[0] // self.rank_of(lora_A)
         return lora_A[:r * per], lora_B[:, :lora_B.shape[1] // self.rank_of(lora_A) * r]
 
-    def unpadded_factors(self, lora_A: Tensor, lora_B: Tensor) -> Tuple[Tensor, Tensor]:
-        """The pair without its trailing ranks that are zero in both factors (what reserve_rank's padding added; at
-        least rank 1): the same update B @ A, at the rank the adapter had before it was padded (one whose own last
-        ranks are zero in both factors loses those too, which changes nothing it computes)."""
-        used = self._rank_used(lora_A, lora_B).nonzero()
-        r = int(used[-1]) + 1 if used.numel() else 1
-        return self._take_ranks(lora_A, lora_B, r) if r < self.rank_of(lora_A) else (lora_A, lora_B)
-
     def reserve_rank(self, rank: int) -> None:
         """See _reserve; refuses trainable factors (an optimizer built over them would hold the old shapes: freeze
         them, reserve, then train again with an optimizer built after)."""
@@ -370,9 +362,15 @@ class NamedAdapters:
         live factors, padded with zeros, which leaves every update B @ A as it was. Every switch between frozen
         factors then writes into the live storage, so a CUDA graph captured after this call serves whatever adapter
         is switched to, and torch.compile sees one shape. The live factors get new storage now (once: capture after
-        it); saves write each adapter at its own rank (unpadded_factors). A rank below the layer's (the largest adapter's, or one reserved
-        before) is refused, as are sharded (DTensor) factors and an open mixed batch; nothing changes then. (Loads
-        and inject reserve the layers they create through this, before anything trains them.)"""
+        it). Each adapter's own rank is remembered (own_factors: saves and combinations take the adapter at it). A
+        rank below the layer's (the largest adapter's, or one reserved before) is refused, as are sharded (DTensor)
+        factors, an open mixed batch and a rank there is no memory for; nothing changes then. (Loads and inject
+        reserve the layers they create through this, before anything trains them.)"""
+        self._apply_reserve(self._plan_reserve(rank))
+
+    def _plan_reserve(self, rank: int):
+        """Every check of a reserve, and the padded factors it writes (allocated here: a lack of memory is refused
+        before anything changes); None when the layer holds that rank already."""
         if not self.has_lora:
             raise ValueError(f"{self._describe()} was built with r=0 and holds no adapter")
         with self._lock:
@@ -387,33 +385,60 @@ class NamedAdapters:
             if over:
                 n, r = max(over.items(), key=lambda kv: kv[1])
                 raise ValueError(f"rank: {rank} is below the rank {r} of adapter {n!r} in {self._describe()}"
-                                 + (f" (held at the rank {self.reserved_rank} reserved before)"
+                                 + (f" (held at the rank {self.reserved_rank} reserved before: a reserve only grows)"
                                     if self.reserved_rank is not None else ""))
             if all(r == rank for r in held.values()) and self.reserved_rank == rank:
-                return
-            with deferred_interrupt():
-                for n in list(self._adapters):
-                    A, B, s = self._adapters[n]
-                    known = self._known_finite(n)
-                    padded = self.pad_factors(A.detach(), B.detach(), rank)
-                    if isinstance(A, nn.Parameter):  # an adapter's own pair (trained before): the same objects
-                        with torch.inference_mode(False):
-                            A.data, B.data = padded
-                    else:
-                        self._adapters[n] = (*padded, s)
-                    self._stamp_finite(n, known)
-                live_A, live_B = self.lora_A, self.lora_B
-                if self.rank_of(live_A) != rank:
-                    known = self._known_finite(self.active_adapter)
-                    A, B = self.pad_factors(live_A.detach(), live_B.detach(), rank)
-                    self._streams.retire(live_A.data, live_B.data)
+                return None
+            try:
+                stored = {n: self.pad_factors(A.detach(), B.detach(), rank) for n, (A, B, _) in self._adapters.items()}
+                live = self.pad_factors(self.lora_A.detach(), self.lora_B.detach(), rank)
+            except RuntimeError as e:  # (torch.OutOfMemoryError too)
+                if "alloc" not in str(e).lower() and not isinstance(e, torch.OutOfMemoryError):
+                    raise
+                raise RuntimeError(f"reserve_rank: {self._describe()} has no memory for its adapters at rank {rank} "
+                                   f"({len(held)} adapter(s)); nothing changed: reserve a lower rank") from None
+            return rank, held, stored, live
+
+    def _apply_reserve(self, plan) -> None:
+        """Writes a reserve planned by _plan_reserve (nothing here allocates beyond the plan or can be refused)."""
+        if plan is None:
+            return
+        rank, held, stored, (live_pad_A, live_pad_B) = plan
+        with self._lock, deferred_interrupt():
+            own = self.__dict__.setdefault("_own_ranks", {})
+            for n, r in held.items():
+                own.setdefault(n, r)  # (the rank an adapter had when it was first padded)
+            for n, padded in stored.items():
+                A, B, s = self._adapters[n]
+                known = self._known_finite(n)
+                if isinstance(A, nn.Parameter):  # an adapter's own pair (trained before): the same objects
                     with torch.inference_mode(False):
-                        live_A.data, live_B.data = A, B
-                    self.__dict__.update(r=rank, lora_alpha=self.scaling * rank)
-                    self._stamp_finite(self.active_adapter, known)
-                # (an adapter's own pair kept aside while another's Parameters serve it takes the padded values when
-                # it comes back: _take_values gives it new storage where the shapes differ)
-                self.__dict__["_reserved_rank"] = rank
+                        A.data, B.data = padded
+                else:
+                    self._adapters[n] = (*padded, s)
+                self._stamp_finite(n, known)
+            live_A, live_B = self.lora_A, self.lora_B
+            if self.rank_of(live_A) != rank:
+                known = self._known_finite(self.active_adapter)
+                self._streams.retire(live_A.data, live_B.data)
+                with torch.inference_mode(False):
+                    live_A.data, live_B.data = live_pad_A, live_pad_B
+                self.__dict__.update(r=rank, lora_alpha=self.scaling * rank)
+                self._stamp_finite(self.active_adapter, known)
+            # (an adapter's own pair kept aside while another's Parameters serve it takes the padded values when
+            # it comes back: _take_values gives it new storage where the shapes differ)
+            self.__dict__["_reserved_rank"] = rank
+
+    def own_factors(self, name: str) -> Tuple[Tensor, Tensor]:
+        """Adapter `name`'s factors at its own rank: in a reserved layer without the padding (the rank it had when
+        it was padded, or more where values were written into the padding since); elsewhere as held."""
+        A, B, _ = self.get_adapter(name)
+        A, B = A.detach(), B.detach()
+        if self.reserved_rank is None:
+            return A, B
+        used = self._rank_used(A, B).nonzero()
+        r = max(self.__dict__.get("_own_ranks", {}).get(name, 1), int(used[-1]) + 1 if used.numel() else 1)
+        return self._take_ranks(A, B, r) if r < self.rank_of(A) else (A, B)
 
     def check_adapter(self, lora_A: Tensor, lora_B: Tensor, scaling: float, name: str = "adapter",
                       values: bool = True) -> None:
@@ -449,6 +474,7 @@ class NamedAdapters:
         given (device or host memory) until set_adapter makes it active."""
         check_adapter_name(name)
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
+        own = self.rank_of(lora_A)
         if self.reserved_rank is not None:  # held at the reserved rank, zeros in the ranks it lacks
             lora_A, lora_B = self.pad_factors(lora_A.detach(), lora_B.detach(), self.reserved_rank)
         with self._lock:
@@ -464,6 +490,8 @@ class NamedAdapters:
                 self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
                 self._stamp_finite(name)
             self.__dict__.get("_placeholders", set()).discard(name)  # a real adapter from now on
+            if self.reserved_rank is not None:
+                self.__dict__.setdefault("_own_ranks", {})[name] = own
 
     def delete_adapter(self, name: str) -> None:
         if name == self.active_adapter:
@@ -474,6 +502,7 @@ class NamedAdapters:
             del self._adapters[name]
             self._finite_stamps.pop(name, None)
             self.__dict__.get("_placeholders", set()).discard(name)
+            self.__dict__.get("_own_ranks", {}).pop(name, None)
             if self._owner == name:  # the live Parameters are the active adapter's from now on
                 self._owner = None
 

@@ -139,18 +139,33 @@ def test_later_adapters_and_stand_ins_take_the_reserved_rank(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_unpadded_factors_give_back_the_adapter_as_it_was_given(kind):
+def test_own_factors_give_back_the_adapter_as_it_was_given(kind):
+    """Its own trailing ranks zero in both factors included (a rank it has, though it adds nothing), whether added
+    before or after the reserve; values written into the padding since widen it."""
     layer, _ = _layer(kind, 2)
+    A0, B0 = _factors(layer, 3, seed=30)
+    with torch.no_grad():
+        B0[:, B0.shape[1] // 3 * 2:] = 0  # the last rank: zero in B ...
+        A0[A0.shape[0] // 3 * 2:] = 0 if kind != "merged" else 0  # ... and in A
+        if kind == "merged":
+            A0.view(2, 3, -1)[:, 2] = 0
+    layer.add_adapter("before", A0, B0, 1.0)
     layer.reserve_rank(7)
     A, B = _factors(layer, 3, seed=3)
-    with torch.no_grad():  # the adapter's own ranks: one zero in A only, one zero in B only (neither is padding)
+    with torch.no_grad():  # one zero rank in A only, one in B only, the last zero in both
         A[:A.shape[0] // 3] = 0 if kind != "merged" else A[:A.shape[0] // 3]
         B[:, -1] = 0
     layer.add_adapter("three", A, B, 1.0)
-    held = layer.get_adapter("three")[:2]
-    assert layer.rank_of(held[0]) == 7
-    got = layer.unpadded_factors(*held)
-    assert torch.equal(got[0], A) and torch.equal(got[1], B)
+    for name, (a, b) in (("three", (A, B)), ("before", (A0, B0))):
+        held = layer.get_adapter(name)[:2]
+        assert layer.rank_of(held[0]) == 7
+        got = layer.own_factors(name)
+        assert torch.equal(got[0], a) and torch.equal(got[1], b), name
+    with torch.no_grad():  # written into the padding: the own rank grows to hold it
+        if layer.active_adapter != "three":
+            layer.set_adapter("three")
+        layer.lora_B[:, -1] = 1.0
+    assert layer.rank_of(layer.own_factors("three")[0]) == 7
 
 
 def test_a_rank_over_the_reserved_one_is_refused_naming_it():
@@ -339,6 +354,75 @@ def test_combinations_in_a_reserved_model_are_the_unreserved_ones(saved, combo, 
     with pytest.raises(ValueError, match=r"held at the rank 12 reserve_rank fixed; the ranks are the adapters' own\) "
                                          r"holds ranks \[4, 6\]"):
         lora.add_weighted_adapter(reserved, ["a", "b"], [0.5, 0.5], "ab", combination_type="ties", density=0.5)
+    snap = snapshot(reserved)
+    for combo, hint in (("cat", "an svd combination with svd_rank=12 fits it"), ("svd", "svd_rank=12 keeps it within")):
+        with pytest.raises(ValueError, match=rf"the new adapter 'abc' at '.*' has rank 14, over the rank 12 that "
+                                             rf"reserve_rank fixed for the model's layers: {hint}"):
+            lora.add_weighted_adapter(reserved, ["a", "b", "c"], [0.5, 0.5, 1.0], "abc", combination_type=combo)
+    assert unchanged(reserved, snap) and "abc" not in lora.adapter_names(reserved)
+
+
+@pytest.fixture(scope="module")
+def dead_last_rank(tmp_path_factory):
+    """Two peft adapters (r=4 on q, v, down) whose last rank is zero in both factors in every module."""
+    root = tmp_path_factory.mktemp("dead")
+    pm = peft_with_adapters(llama(), {n: dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+                                      for n in ("p", "q")})
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                if "lora_A" in n:
+                    p[-1] = 0
+                else:
+                    p[:, -1] = 0
+    pm.save_pretrained(str(root))
+    return {n: str(root / n) for n in ("p", "q")}
+
+
+@pytest.mark.parametrize("combo,kwargs", [("ties", dict(density=0.5)), ("magnitude_prune", dict(density=0.3)),
+                                          ("dare_linear", dict(density=0.5)), ("linear", {}), ("cat", {})])
+def test_combinations_keep_an_adapters_own_zero_ranks(dead_last_rank, combo, kwargs, tmp_path):
+    """An adapter's own last rank, zero in both factors, is a rank it has: a combination in a reserved model counts
+    its values as the unreserved one does, and a save keeps the rank the file had."""
+    plain, reserved = llama(), llama()
+    for model in (plain, reserved):
+        for name in ("p", "q"):
+            lora.load_peft_adapter(model, dead_last_rank[name], name, activate=False)
+    lora.reserve_rank(reserved, 8)
+    x = torch.randint(0, VOCAB, (2, 9))
+    for model in (plain, reserved):
+        torch.manual_seed(6)
+        lora.add_weighted_adapter(model, ["p", "q"], [0.8, -0.5], "w", combination_type=combo, **kwargs)
+        lora.set_adapter(model, "w")
+    assert rel_err(_logits(reserved, x), _logits(plain, x)) < 1e-6
+    lora.save_peft_adapter(reserved, str(tmp_path / "p"), adapter_name="p")
+    from peft import PeftConfig
+    assert PeftConfig.from_pretrained(str(tmp_path / "p")).r == 4
+
+
+def test_a_reserve_without_memory_changes_nothing(saved, monkeypatch):
+    ours = _ours(saved)
+    snap, ptrs = snapshot(ours), _all_ptrs(ours)
+    found = lora_layers(ours)
+    ranks = [m.r for _, m in found]
+    victim = found[len(found) // 2][1]
+    real = type(victim).pad_factors
+
+    def pad(self, A, B, rank):
+        if self is victim:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+        return real(self, A, B, rank)
+    monkeypatch.setattr(type(victim), "pad_factors", pad)
+    with pytest.raises(RuntimeError, match=rf"reserve_rank: layer '{found[len(found) // 2][0]}': reserve_rank: .* has "
+                                           r"no memory for its adapters at rank 8 .*nothing changed"):
+        lora.reserve_rank(ours, 8)
+    assert unchanged(ours, snap) and _all_ptrs(ours) == ptrs
+    assert [m.r for _, m in lora_layers(ours)] == ranks and all(m.reserved_rank is None for _, m in found)
+    monkeypatch.undo()
+    lora.reserve_rank(ours, 6)  # and a lower one goes through
+    assert {m.r for _, m in lora_layers(ours)} == {6}
 
 
 def test_inject_into_a_reserved_model_reserves_its_layers():
@@ -664,3 +748,32 @@ def test_hotswap_inside_disable_adapter_is_refused_by_its_own_name(swaps):
                                              r"ends: do it after the block"):
             lora.hotswap_adapter(ours, swaps["same"])
     assert unchanged(ours, snap)
+
+
+def test_a_fused_layers_save_comes_back_at_its_own_rank(tmp_path):
+    """A MergedLinear (GPT-2's c_attn, blocks q and v) saves as peft's rank n*r pair with each block's B in its own
+    columns; loading that file into a MergedLinear gives the per-block rank r back (it took rank n*r per block, so
+    each load and save doubled the file's rank, and a hotswap of the layer's own save was refused)."""
+    import json
+
+    from tiny_models import gpt2
+    model = gpt2()
+    lora.inject(model, [], fused={"c_attn": [True, False, True]}, r=2, lora_alpha=4)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    model.requires_grad_(False)
+    x = torch.randint(0, VOCAB, (2, 7))
+    want = _logits(model, x)
+    lora.save_peft_adapter(model, str(tmp_path / "a"))
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
+    ptrs = _all_ptrs(model)
+    lora.hotswap_adapter(model, str(tmp_path / "a"))
+    assert _all_ptrs(model) == ptrs and rel_err(_logits(model, x), want) < 1e-6
+    assert {m.rank_of(m.lora_A) for _, m in lora_layers(model)} == {2}
+    lora.load_peft_adapter(model, str(tmp_path / "a"), "again", activate=True)
+    assert {m.rank_of(m.lora_A) for _, m in lora_layers(model)} == {2}
+    lora.save_peft_adapter(model, str(tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["r"] == 4
+    assert rel_err(_logits(PeftModel.from_pretrained(gpt2(), str(tmp_path / "b")), x), want) < 1e-5

@@ -134,7 +134,8 @@ class ModelLock:
                 if me in self._reads:
                     if self._holds.get(me) or self._in_forward(sys._getframe()):
                         raise RuntimeError("a model-level adapter change from inside a forward of the same model "
-                                           "(or a hold() of it) would wait for itself; make it outside")
+                                           "(or a hold() or lora.batch_adapters block of it) would wait for itself; "
+                                           "make it outside")
                     del self._reads[me]  # left by a forward of this thread that was interrupted
                 self._waiting_writers += 1
                 self._queue.append(me)
@@ -298,9 +299,15 @@ def reserve_rank(model: nn.Module, rank: int) -> None:
                                          "build the optimizer")
             except ValueError as e:
                 raise ValueError(f"reserve_rank: layer {name!r}: {e}") from None
+        plans = []
+        for name, m in found:  # the padded factors of every layer first: a lack of memory changes nothing
+            try:
+                plans.append(m._plan_reserve(rank))
+            except RuntimeError as e:
+                raise RuntimeError(f"reserve_rank: layer {name!r}: {e}") from None
         with deferred_interrupt():
-            for _, m in found:
-                m._reserve(rank)
+            for (_, m), plan in zip(found, plans):
+                m._apply_reserve(plan)
 
 
 def reserved_rank(model: nn.Module) -> Optional[int]:

@@ -264,7 +264,21 @@ def _to_layer_layout(layer, name, A, B, where="adapter"):
             raise ValueError(f"{where}: module {name!r} is a MergedLinear adapting output blocks {ids} of {groups} "
                              f"(enable_lora={layer.enable_lora}), but the adapter also changes block(s) {off}; "
                              f"inject it with every block enabled, or as a plain Linear")
-        return A.repeat(len(ids), 1), blocks[ids].reshape(-1, B.shape[1])
+        own = blocks[ids]  # (enabled blocks, rows per block, r)
+        n, r = len(ids), B.shape[1]
+        if n > 1 and r % n == 0:
+            # the layout save_peft_adapter writes a MergedLinear in (rank n*r0, each block's B in its own r0 columns):
+            # the layer's own per-block pairs back, at rank r0, rather than rank n*r0 per block
+            r0 = r // n
+            used = own.ne(0).any(1)  # (block, column)
+            inside = torch.zeros_like(used)
+            for j in range(n):
+                inside[j, j * r0:(j + 1) * r0] = True
+            if bool((used & ~inside).any()) is False and bool(used.any(1).all()):
+                A_own = torch.cat([A[j * r0:(j + 1) * r0] for j in range(n)])
+                B_own = torch.cat([own[j][:, j * r0:(j + 1) * r0] for j in range(n)])
+                return A_own, B_own
+        return A.repeat(n, 1), own.reshape(-1, r)
     if isinstance(layer, layers.ConvLoRA):
         c = layer.conv
         if A.dim() != c.weight.dim() or c.groups != 1:
@@ -777,7 +791,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             A, B, scaling = layer.get_adapter(adapter)
             ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
             if layer.reserved_rank is not None:  # the adapter's own rank, without reserve_rank's padding
-                A, B = layer.unpadded_factors(A.detach(), B.detach())
+                A, B = layer.own_factors(adapter)
             ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
             tensors[PREFIX + name + ka] = A.contiguous().cpu()
             tensors[PREFIX + name + kb] = B.contiguous().cpu()

@@ -328,7 +328,7 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
         for a, (A, B, s) in zip(names, parts):
             ops.check_finite(f"add_weighted_adapter: {where}, adapter {a!r}", A, B, s)
         if m.reserved_rank is not None:  # combined at their own ranks (pruning counts values), the result padded
-            parts = [(*m.unpadded_factors(A, B), s) for A, B, s in parts]
+            parts = [(*(t.to(device) for t in m.own_factors(a)), s) for a, (_, _, s) in zip(names, parts)]
             where += f" (held at the rank {m.reserved_rank} reserve_rank fixed; the ranks are the adapters' own)"
         if svd_driver is not None and device.type != "cuda":
             raise ValueError(f"add_weighted_adapter: svd_driver={svd_driver!r} picks a cuSOLVER method; the factors "
@@ -349,6 +349,14 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
                                 None if svd_clamp is None else float(svd_clamp), svd_driver)
         dtype = m.lora_A.dtype
         A_new, B_new = A_new.to(dtype), B_new.to(dtype)
+        if m.reserved_rank is not None and m.rank_of(A_new) > m.reserved_rank:
+            raise ValueError(f"add_weighted_adapter: the new adapter {adapter_name!r} at {path!r} has rank "
+                             f"{m.rank_of(A_new)}, over the rank {m.reserved_rank} that reserve_rank fixed for the "
+                             f"model's layers: "
+                             + (f"svd_rank={m.reserved_rank} keeps it within (or reserve a rank of at least "
+                                f"{m.rank_of(A_new)} first, then capture again)" if combination_type.endswith("svd")
+                                else f"an svd combination with svd_rank={m.reserved_rank} fits it, or reserve a rank "
+                                     f"of at least {m.rank_of(A_new)} first (then capture again)"))
         m.check_adapter(A_new, B_new, 1.0, name=f"add_weighted_adapter: the new adapter {adapter_name!r} at {path!r}")
         out[m] = (A_new, B_new)
     return out
