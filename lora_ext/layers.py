@@ -329,16 +329,6 @@ class LoRALayer(NamedAdapters):
         attribute then)."""
         return self._weight_owner()._parameters.get("weight")
 
-    def _scaled(self, x: Tensor, lora_B: Tensor) -> Tuple[Tensor, float, Optional[Tensor]]:
-        """(lora_B, scale, scale tensor) for the unmerged forward's op. Under torch.compile: lora_B times the scale
-        tensor, and scale 1, so the traced graph reads the scaling when it runs, from the tensor a switch fills in
-        place: a switch to an adapter of another scaling neither retraces the graph nor leaves it stale (peft's
-        hotswap turns scalings into tensors alike). Eager: the float, and the tensor the CUDA kernels read."""
-        t = self._scale_tensor_for(x)
-        if torch.compiler.is_compiling() and t is not None and not sharded.is_dtensor(lora_B):
-            return (lora_B * t).to(lora_B.dtype), 1.0, None
-        return lora_B, self.scaling, t
-
     def _operands(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor]:
         """(x after lora_dropout, weight, bias, lora_A, lora_B) for an unmerged forward, read from the module's
         own dicts. nn.Module's attribute lookup costs about 0.5 us of host time per name and calling the identity
@@ -648,8 +638,8 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
-            lora_B, scale, t = self._scaled(x, self.lora_B)
-            return ops.embedding(x, self.weight, self.lora_A, lora_B, scale, scale_tensor=t,
+            return ops.embedding(x, self.weight, self.lora_A, self.lora_B, self.scaling,
+                                 scale_tensor=self._scale_tensor_for(x),
                                  padding_idx=self.padding_idx, max_norm=self.max_norm,
                                  norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
                                  sparse=self.sparse)
@@ -684,9 +674,8 @@ class Linear(LoRALayer, nn.Linear):
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
-            *operands, lora_B = self._operands(x)
-            lora_B, scale, t = self._scaled(x, lora_B)
-            return ops.linear(x, *operands, lora_B, scale, fan_in_fan_out=self.fan_in_fan_out, scale_tensor=t)
+            return ops.linear(x, *self._operands(x), self.scaling, fan_in_fan_out=self.fan_in_fan_out,
+                              scale_tensor=self._scale_tensor_for(x))
         return self._weight_forward(x)
 
     def _weight_forward(self, x):
@@ -753,10 +742,9 @@ class MergedLinear(LoRALayer, nn.Linear):
 
     def _forward(self, x):
         if self.has_lora and not self.merged:
-            *operands, lora_B = self._operands(x)
-            lora_B, scale, t = self._scaled(x, lora_B)
-            return ops.linear(x, *operands, lora_B, scale, num_blocks=len(self.enable_lora),
-                              block_ids=self._block_ids, scale_tensor=t, fan_in_fan_out=self.fan_in_fan_out)
+            return ops.linear(x, *self._operands(x), self.scaling, num_blocks=len(self.enable_lora),
+                              block_ids=self._block_ids, scale_tensor=self._scale_tensor_for(x),
+                              fan_in_fan_out=self.fan_in_fan_out)
         return self._weight_forward(x)
 
     _weight_forward = Linear._weight_forward
@@ -828,8 +816,8 @@ class ConvLoRA(LoRALayer, nn.Module):
     def _forward(self, x):
         if self.r > 0 and not self.merged:
             # on CUDA the scale is read at run time (CUDA graphs); elsewhere it is folded into the delta
-            lora_B, scale, t = self._scaled(x, self.lora_B)
-            return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, lora_B, scale, t if x.is_cuda else None)
+            scale_tensor = self._scale_tensor_for(x) if x.is_cuda else None
+            return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling, scale_tensor)
         return self.conv(x)
 
 
