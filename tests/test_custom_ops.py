@@ -113,3 +113,47 @@ def test_fullgraph_compile_survives_switches_between_scalings(kind):
     for i in range(4):
         layer.set_adapter(f"a{i}")
         assert_close_rel(compiled(x), layer(x), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "eager"])
+def test_a_switch_between_a_compiled_forward_and_its_backward_keeps_each_forwards_adapter(backend):
+    """Two forwards under two adapters (other scalings), one backward over both: each forward's gradients are its own
+    adapter's, as in eager (the compiled graph must not save state a switch writes in place)."""
+    torch._dynamo.reset()
+    layer, x = lora_ext.Linear(16, 8, r=4, lora_alpha=8), torch.randn(3, 16)
+    A, B, _ = layer.get_adapter("default")
+    with torch.no_grad():
+        B.normal_()
+    layer.add_adapter("other", torch.randn_like(A), torch.randn_like(B), 3.0)
+    grads = {}
+    for run in ("eager", "compiled"):
+        for name in ("default", "other"):  # fresh trainable pairs: each adapter its own Parameters
+            layer.set_adapter(name)
+            layer.lora_A.grad = layer.lora_B.grad = None
+        f = layer if run == "eager" else torch.compile(layer, backend=backend)
+        layer.set_adapter("default")
+        y0 = f(x)
+        pair0 = (layer.lora_A, layer.lora_B)
+        layer.set_adapter("other")
+        y1 = f(x)
+        pair1 = (layer.lora_A, layer.lora_B)
+        (y0.square().sum() + y1.sum()).backward()
+        grads[run] = [p.grad.clone() for p in (*pair0, *pair1)]
+        for p in (*pair0, *pair1):
+            p.grad = None
+    for e, c in zip(grads["eager"], grads["compiled"]):
+        assert torch.allclose(c, e, rtol=1e-5, atol=1e-6)
+
+
+def test_an_exported_layer_keeps_the_scaling_it_was_exported_with():
+    layer, x = lora_ext.Linear(16, 8, r=4, lora_alpha=8), torch.randn(3, 16)
+    layer.requires_grad_(False)
+    A, B, s = layer.get_adapter("default")
+    with torch.no_grad():
+        B.normal_()
+    layer.add_adapter("other", A.clone(), B.clone(), 5.0)  # the same factors, another scaling
+    want = layer(x)
+    exported = torch.export.export(layer, (x,))
+    layer.set_adapter("other")
+    assert not torch.allclose(layer(x), want)
+    assert torch.allclose(exported.module()(x), want, rtol=1e-5, atol=1e-6)
