@@ -12,19 +12,9 @@ median of repeats:
 import argparse
 import statistics
 import tempfile
-import time
 
 import torch
-
-
-def _time(fn, repeats):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+from trainable_tokens_bench import _time  # (bench/ is the script's folder: the median of repeats, one warm-up)
 
 
 def forward_costs(args):

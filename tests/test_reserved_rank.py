@@ -333,6 +333,16 @@ def test_loads_after_a_reserve_are_padded_and_a_higher_rank_is_refused(saved, tm
         assert unchanged(ours, snap) and _all_ptrs(ours) == ptrs and "big" not in lora.adapter_names(ours)
 
 
+def _combine_alike(plain, reserved, names, weights, combo, kwargs):
+    """The same combination "w" made in both models (one seed for dare's draws) and served: equal logits."""
+    x = torch.randint(0, VOCAB, (2, 9))
+    for model in (plain, reserved):
+        torch.manual_seed(5)
+        lora.add_weighted_adapter(model, names, weights, "w", combination_type=combo, **kwargs)
+        lora.set_adapter(model, "w")
+    assert rel_err(_logits(reserved, x), _logits(plain, x)) < 1e-6
+
+
 @pytest.mark.parametrize("combo,kwargs", [("cat", {}), ("svd", {}), ("svd", dict(svd_rank=3)), ("linear", {}),
                                           ("ties", dict(density=0.5)), ("magnitude_prune", dict(density=0.3)),
                                           ("dare_ties", dict(density=0.5)), ("ties_svd", dict(density=0.6))])
@@ -341,12 +351,7 @@ def test_combinations_in_a_reserved_model_are_the_unreserved_ones(saved, combo, 
     padding's zeros would shift it), then pads the result."""
     plain, reserved = _ours(saved), _ours(saved)
     lora.reserve_rank(reserved, 12)
-    x = torch.randint(0, VOCAB, (2, 9))
-    for model in (plain, reserved):
-        torch.manual_seed(5)
-        lora.add_weighted_adapter(model, ["a", "c"], [0.6, -0.9], "w", combination_type=combo, **kwargs)
-        lora.set_adapter(model, "w")
-    assert rel_err(_logits(reserved, x), _logits(plain, x)) < 1e-6
+    _combine_alike(plain, reserved, ["a", "c"], [0.6, -0.9], combo, kwargs)
     assert {m.rank_of(m.get_adapter("w")[0]) for _, m in lora_layers(reserved)} == {12}
     with pytest.raises(ValueError, match=r"held at the rank 12 reserve_rank fixed; the ranks are the adapters' own\) "
                                          r"holds ranks \[4, 6\]"):
@@ -388,12 +393,7 @@ def test_combinations_keep_an_adapters_own_zero_ranks(dead_last_rank, combo, kwa
         for name in ("p", "q"):
             lora.load_peft_adapter(model, dead_last_rank[name], name, activate=False)
     lora.reserve_rank(reserved, 8)
-    x = torch.randint(0, VOCAB, (2, 9))
-    for model in (plain, reserved):
-        torch.manual_seed(6)
-        lora.add_weighted_adapter(model, ["p", "q"], [0.8, -0.5], "w", combination_type=combo, **kwargs)
-        lora.set_adapter(model, "w")
-    assert rel_err(_logits(reserved, x), _logits(plain, x)) < 1e-6
+    _combine_alike(plain, reserved, ["p", "q"], [0.8, -0.5], combo, kwargs)
     lora.save_peft_adapter(reserved, str(tmp_path / "p"), adapter_name="p")
     from peft import PeftConfig
     assert PeftConfig.from_pretrained(str(tmp_path / "p")).r == 4
