@@ -390,9 +390,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     _check_arguments(model, path, adapter_name, merge_weights, activate, is_trainable)
     reserved = reserved_rank(model)
     _inject.check_lossless(lossless)
-    enabled = (lambda: _inject.check_enabled(model, "hotswap_adapter", "the swap would land unseen until the block "
-                                             "ends")) if _hotswap else (lambda: _inject.check_enabled(model, "load_peft_adapter"))
-    enabled()
+    refusal = (("hotswap_adapter", "the swap would land unseen until the block ends") if _hotswap
+               else ("load_peft_adapter",))
+    _inject.check_enabled(model, *refusal)
     from . import hub
     path = hub.resolve(path, revision, subfolder)
     home = check_device(device)
@@ -555,7 +555,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # nothing can fail from here on: the model changes, atomically for forwards on other threads
     # (Ctrl-C held back to the end: the adapter lands whole, then the KeyboardInterrupt)
     with model_lock(model).write(), deferred_interrupt():
-        enabled()  # (again: a disable_adapter may have begun since)
+        _inject.check_enabled(model, *refusal)  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
         for name, module, layer, fresh, A2, B2, scaling in plan:
             if fresh:
