@@ -737,3 +737,17 @@ def test_a_fused_layers_save_comes_back_at_its_own_rank(tmp_path):
     lora.save_peft_adapter(model, str(tmp_path / "b"))
     assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["r"] == 4
     assert rel_err(_logits(PeftModel.from_pretrained(gpt2(), str(tmp_path / "b")), x), want) < 1e-5
+
+
+def test_hotswap_refuses_an_inactive_adapter_that_trains(swaps, more_swaps):
+    """An inactive adapter trained before holds its own Parameters, which its optimizer holds: a hotswap would
+    replace them by copies (its optimizer's steps would then reach nothing), so it is refused as the active case is."""
+    ours = llama()
+    lora.load_peft_adapter(ours, swaps["old"], "a")
+    lora.load_peft_adapter(ours, swaps["same"], "t", is_trainable=True)  # active, trainable: its own Parameters
+    lora.set_adapter(ours, "a")  # t's own pairs kept aside, still requiring grad
+    snap = snapshot(ours)
+    with pytest.raises(ValueError, match=r"adapter 't': layer '.*' trains it \(its factors require grad\), and a "
+                                         r"hotswap writes serving adapters in place"):
+        lora.hotswap_adapter(ours, swaps["old"], "t")
+    assert unchanged(ours, snap)

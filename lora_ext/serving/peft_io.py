@@ -654,9 +654,14 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
     zeroed = [(n, m) for n, m in lora_layers(model) if m.has_adapter(name) and n not in covered]
     written = zeroed + [(n, layer) for n, _, layer, *_ in plan]
     for n, m in written:
-        if m.active_adapter == name and m._trainable():
-            raise ValueError(f"{what}: layer {n!r} trains it (its factors require grad), and a trainable switch "
-                             f"gives the layer new Parameters, not the storage a capture reads; freeze the factors "
+        held_A = m.get_adapter(name)[0] if m.has_adapter(name) else None
+        if (m.active_adapter == name and m._trainable()) or (
+                isinstance(held_A, nn.Parameter) and held_A.requires_grad):
+            # (active: a trainable switch gives the layer new Parameters, not the storage a capture reads; inactive:
+            # the adapter's own Parameters, which an optimizer holds, would be replaced by copies it does not hold)
+            raise ValueError(f"{what}: layer {n!r} trains it (its factors require grad), and a hotswap writes "
+                             f"serving adapters in place: it would give the layer new Parameters (where the adapter "
+                             f"is active) or leave an optimizer holding the old ones; freeze the factors "
                              f"(requires_grad_(False)) to hotswap, or load_peft_adapter to replace it")
     return [m for _, m in zeroed]
 
