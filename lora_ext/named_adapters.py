@@ -289,13 +289,12 @@ class NamedAdapters:
         A, B, _ = self.get_adapter(name)
         return not any(bool(sharded.local(t).detach().any()) for t in (A, B))  # (a shard: no collective)
 
-    def add_placeholder(self, name: str, shapes=None) -> None:
-        """Adapter `name` as zeros of rank 1 (see is_placeholder; a mixed batch's slots need no more rank for it),
-        of the reserved rank (reserve_rank), of the live factors' full shapes where they are sharded (a rank change
-        there is refused), or of `shapes` ((lora_A shape, lora_B shape)); scaling 1."""
+    def add_placeholder(self, name: str) -> None:
+        """Adapter `name` as zeros of rank 1 (see is_placeholder; a mixed batch's slots need no more rank for it), or
+        of the reserved rank (reserve_rank), or of the live factors' full shapes where they are sharded (a rank
+        change there is refused); scaling 1."""
         A, B = self.lora_A, self.lora_B
-        if shapes is None:
-            shapes = (A.shape, B.shape) if sharded.is_dtensor(A) else self.factor_shapes(self.reserved_rank or 1)
+        shapes = (A.shape, B.shape) if sharded.is_dtensor(A) else self.factor_shapes(self.reserved_rank or 1)
         self.add_adapter(name, torch.zeros(shapes[0], dtype=A.dtype, device=A.device),
                          torch.zeros(shapes[1], dtype=B.dtype, device=B.device), 1.0)
         self.__dict__.setdefault("_placeholders", set()).add(name)

@@ -642,9 +642,10 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
         if not layer.has_adapter(name):
             continue  # (a layer the old adapter did not reach: the new factors wait there, as a load adds them)
         A, B, _ = layer.get_adapter(name)
-        if layer.reserved_rank is not None:
-            A2, B2 = layer.pad_factors(A2, B2, layer.reserved_rank)
-        if (A2.shape, B2.shape) != (A.shape, B.shape):
+        # (the shapes add_adapter will hold the file's factors at: padded to the reserved rank, if any)
+        new = layer.factor_shapes(layer.reserved_rank) if layer.reserved_rank is not None \
+            else (tuple(A2.shape), tuple(B2.shape))
+        if new != (tuple(A.shape), tuple(B.shape)):
             raise ValueError(f"{what}: layer {n!r} holds it at rank {layer.rank_of(A)}, the file's is rank "
                              f"{layer.rank_of(A2)}: the layer would get new storage, and a CUDA graph captured "
                              f"before would keep serving the old adapter. lora.reserve_rank(model, r) with r at least "
