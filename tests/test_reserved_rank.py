@@ -14,7 +14,7 @@ from peft.utils.hotswap import prepare_model_for_compiled_hotswap
 import lora_ext as lora
 from lora_ext.serving import lora_layers
 from helpers import batch_open_on_another_thread, dense_delta64, peft_with_adapters, rel_err
-from test_weighted_adapters import saved_adapters
+from test_weighted_adapters import _logits, saved_adapters
 from tiny_models import VOCAB, llama, snapshot, unchanged
 
 KINDS = ["linear", "linear_fan", "merged", "embedding", "conv1d", "conv2d"]
@@ -271,11 +271,6 @@ def _peft(saved, names=("a", "b", "c")):
     for name in names[1:]:
         pm.load_adapter(saved[name], adapter_name=name)
     return pm
-
-
-def _logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
 
 
 def _all_ptrs(model):
