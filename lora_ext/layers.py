@@ -18,6 +18,7 @@ calls of the same layer on other threads.
 """
 import contextlib
 import math
+import sys
 import threading
 import warnings
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
@@ -68,6 +69,14 @@ def _hooked(module: nn.Module) -> bool:
     return bool("forward" in module.__dict__ or module._forward_hooks or module._forward_pre_hooks
                 or module._backward_hooks or module._backward_pre_hooks or m._global_forward_hooks
                 or m._global_forward_pre_hooks or m._global_backward_hooks or m._global_backward_pre_hooks)
+
+
+def _freezing() -> bool:
+    """Whether inductor freezes what it compiles (torch._inductor.config.freezing): it then inlines a one-element
+    tensor as the number it held when compiled, while the factors, which only lora_ext's ops read, stay live. A
+    traced forward then takes the scaling as a float, which dynamo guards on, as before."""
+    inductor = sys.modules.get("torch._inductor.config")
+    return bool(inductor is not None and inductor.freezing)
 
 
 class LoRALayer(NamedAdapters):
@@ -328,6 +337,19 @@ class LoRALayer(NamedAdapters):
         """The weight parameter, or None where it is not a registered parameter (forwards read it as an
         attribute then)."""
         return self._weight_owner()._parameters.get("weight")
+
+    def _scales(self, x: Tensor, *operands: Tensor) -> Tuple[Union[float, Tensor], Optional[Tensor]]:
+        """(scale, scale_tensor) for the unmerged forward's op. Under torch.compile, torch.export and
+        torch.jit.trace: the layer's scale tensor as the scale, read when the graph runs. A switch writes that tensor in place, so one trace
+        serves every adapter whatever its scaling: nothing guards on the float or bakes it in (peft's hotswap
+        turns scalings into tensors alike), and an exported program follows a switch as it follows the factors
+        the switch writes in place. Not for float64 (the tensor holds the scaling in float32) nor DTensor
+        factors. Eager: the float, and beside it the tensor the CUDA kernels read (CUDA graphs)."""
+        t = self._scale_tensor_for(x)
+        if (t is not None and ops.traced() and not _freezing()
+                and all(o.dtype != torch.float64 and not sharded.is_dtensor(o) for o in (x, *operands))):
+            return t, None
+        return self.scaling, t
 
     def _operands(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor]:
         """(x after lora_dropout, weight, bias, lora_A, lora_B) for an unmerged forward, read from the module's
@@ -638,8 +660,8 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
-            return ops.embedding(x, self.weight, self.lora_A, self.lora_B, self.scaling,
-                                 scale_tensor=self._scale_tensor_for(x),
+            scale, scale_tensor = self._scales(x, self.weight, self.lora_A, self.lora_B)
+            return ops.embedding(x, self.weight, self.lora_A, self.lora_B, scale, scale_tensor=scale_tensor,
                                  padding_idx=self.padding_idx, max_norm=self.max_norm,
                                  norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
                                  sparse=self.sparse)
@@ -674,8 +696,9 @@ class Linear(LoRALayer, nn.Linear):
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
-            return ops.linear(x, *self._operands(x), self.scaling, fan_in_fan_out=self.fan_in_fan_out,
-                              scale_tensor=self._scale_tensor_for(x))
+            operands = self._operands(x)
+            scale, scale_tensor = self._scales(x, *operands[3:])
+            return ops.linear(x, *operands, scale, fan_in_fan_out=self.fan_in_fan_out, scale_tensor=scale_tensor)
         return self._weight_forward(x)
 
     def _weight_forward(self, x):
@@ -742,8 +765,10 @@ class MergedLinear(LoRALayer, nn.Linear):
 
     def _forward(self, x):
         if self.has_lora and not self.merged:
-            return ops.linear(x, *self._operands(x), self.scaling, num_blocks=len(self.enable_lora),
-                              block_ids=self._block_ids, scale_tensor=self._scale_tensor_for(x),
+            operands = self._operands(x)
+            scale, scale_tensor = self._scales(x, *operands[3:])
+            return ops.linear(x, *operands, scale, num_blocks=len(self.enable_lora),
+                              block_ids=self._block_ids, scale_tensor=scale_tensor,
                               fan_in_fan_out=self.fan_in_fan_out)
         return self._weight_forward(x)
 
@@ -815,9 +840,11 @@ class ConvLoRA(LoRALayer, nn.Module):
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
-            # on CUDA the scale is read at run time (CUDA graphs); elsewhere it is folded into the delta
-            scale_tensor = self._scale_tensor_for(x) if x.is_cuda else None
-            return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, self.scaling, scale_tensor)
+            # traced, and eager on CUDA, the scale is read at run time (see _scales; CUDA graphs); eager elsewhere
+            # it is folded into the delta
+            scale, scale_tensor = self._scales(x, self.conv.weight, self.lora_A, self.lora_B)
+            return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, scale,
+                            scale_tensor if x.is_cuda else None)
         return self.conv(x)
 
 

@@ -598,6 +598,10 @@ class NamedAdapters:
                 lora_A.requires_grad_(live_A.requires_grad)
                 lora_B.requires_grad_(live_B.requires_grad)
             self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
+            # new Parameter objects, so a new scale tensor too (the setter below makes it): a program that holds
+            # the previous ones (torch.export, torch.jit.trace) keeps serving that adapter whole, as it would
+            # serve this one whole after an in-place switch
+            self.__dict__.pop("_scaling_t", None)
         else:
             self._streams.retire(self.lora_A.data, self.lora_B.data)
             self.lora_A.data = lora_A

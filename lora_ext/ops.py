@@ -92,13 +92,19 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
+def traced() -> bool:
+    """Whether a tracer records this call: torch.compile / torch.export (dynamo), or torch.jit.trace. Traced calls
+    go through the custom ops, which the traces record as one call each: the kernels' pybind launchers are
+    invisible to torch.jit.trace (it would record their output as a constant), and the reference's torch ops would
+    bake a float scale in."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def _fast_path(t, differentiable=(), also=()):
-    """The one fast-path predicate: an eager call (torch.compile is not tracing it) whose tensor t the
-    kernels take (with the tensors in `differentiable` and `also` beside it) and whose differentiable inputs
-    need no gradient."""
-    # (is_compiling first: dynamo cannot trace the transform query in lora_ext.readable)
-    return (not torch.compiler.is_compiling() and _kernels.takes(t, *differentiable, *also)
-            and not _needs_grad(*differentiable))
+    """The one fast-path predicate: an eager call (no tracer records it) whose tensor t the kernels take (with the
+    tensors in `differentiable` and `also` beside it) and whose differentiable inputs need no gradient."""
+    # (traced first: dynamo cannot trace the transform query in lora_ext.readable)
+    return not traced() and _kernels.takes(t, *differentiable, *also) and not _needs_grad(*differentiable)
 
 
 def _functorch() -> bool:
@@ -165,6 +171,54 @@ def _check_scale(scale):
     # math.isfinite cannot take; layers check their scaling when it is set, and eager calls check here.
     if not torch.compiler.is_compiling():
         finite_real("scale", scale)
+
+
+def _scales(scale, scale_tensor, device, where):
+    """(scale, scale_tensor) for linear's and embedding's ops. A tensor `scale` is read only when the op runs:
+    the float is then None, and the op's backends read the tensor (a traced graph has no float of it to guard
+    on or bake in). A float scale is checked and comes with the optional tensor copy the CUDA kernels read."""
+    if isinstance(scale, Tensor):
+        if scale_tensor is not None:
+            raise ValueError("scale is a tensor: pass scale_tensor=None (a tensor scale is itself what the ops read)")
+        _check_scale_tensor(scale, device, where, name="scale")
+        return None, scale
+    _check_scale(scale)
+    return float(scale), scale_tensor
+
+
+def _host_scale(scale, scale_tensor):
+    """The float the reference backend multiplies by: the scale, or when the scale is only a tensor, its value
+    (read now: a host sync for a device tensor)."""
+    return scale if scale is not None else scale_tensor.item()
+
+
+def _saved_scale(ctx, scale, scale_tensor):
+    """What the backward multiplies by: the float, or a copy of the scale tensor as it is now. A copy, so that a
+    switch between this forward and its backward (which writes the layer's scale tensor in place) neither changes
+    this forward's gradients nor trips autograd's in-place check. (Traced, the graph moves this copy into the
+    backward: `_traced_scale` takes the one that counts, in the forward.)"""
+    ctx.scale = scale if scale is not None else scale_tensor.detach().clone()
+
+
+@torch.library.custom_op("lora_ext::scale_copy", mutates_args=())
+def _scale_copy(scale_tensor: Tensor) -> Tensor:
+    return scale_tensor.clone()
+
+
+@_scale_copy.register_fake
+def _(scale_tensor):
+    return torch.empty_like(scale_tensor)
+
+
+def _traced_scale(scale, scale_tensor, *tensors):
+    """The scale tensor a traced op with autograd reads: a copy taken in the forward graph, which its backward
+    saves. The graph's partitioners would move a copy used only by the backward into the backward, or recompute a
+    plain clone there, from the layer's tensor as a later switch has rewritten it; an opaque op that the forward
+    consumes is neither moved nor recomputed. (torch.jit.trace runs the ops' autograd eagerly: the copy that
+    _saved_scale takes then. A copy recorded in its trace would be folded into a constant.)"""
+    if scale is None and torch.compiler.is_compiling() and _needs_grad(*tensors):
+        return _scale_copy(scale_tensor)
+    return scale_tensor
 
 
 def _check_blocks(num_blocks, block_ids, out_features):
@@ -260,7 +314,7 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_
     else:
         if not _check_merge_args(*args):
             return None  # no enabled block
-        if torch.compiler.is_compiling():
+        if traced():
             _merge_op(*args)
             return None
         _merge_impl(*args)
@@ -597,38 +651,42 @@ def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, *, out_features: 
 
 def _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
                  scale_tensor=None):
+    """scale None: scale_tensor is the scale (see _scales)."""
     if _kernels.takes(x, x_lora, weight, bias, lora_A, lora_B, scale_tensor):
-        return _kernels.module.linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids,
-                                      fan_in_fan_out, scale_tensor)
-    return reference.linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out)
+        return _kernels.module.linear(x, x_lora, weight, bias, lora_A, lora_B, 0.0 if scale is None else scale,
+                                      num_blocks, block_ids, fan_in_fan_out, scale_tensor)
+    return reference.linear(x, x_lora, weight, bias, lora_A, lora_B, _host_scale(scale, scale_tensor), num_blocks,
+                            block_ids, fan_in_fan_out)
 
 
 @torch.library.custom_op("lora_ext::linear", mutates_args=())
 def _linear_op(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-               lora_B: Tensor, scale: float, num_blocks: int, block_ids: list[int],
-               fan_in_fan_out: bool) -> Tensor:
-    return _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out)
+               lora_B: Tensor, scale: Optional[float], num_blocks: int, block_ids: list[int],
+               fan_in_fan_out: bool, scale_tensor: Optional[Tensor]) -> Tensor:
+    return _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
+                        scale_tensor)
 
 
 @_linear_op.register_fake
-def _(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out):
+def _(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out, scale_tensor):
     out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out = inputs
+    x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out, scale_tensor = inputs
     ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B)
-    ctx.args = (scale, block_ids, fan_in_fan_out)
+    _saved_scale(ctx, scale, scale_tensor)
+    ctx.args = (block_ids, fan_in_fan_out)
 
 
 def _linear_backward(ctx, grad):
     x, x_lora, weight, lora_A, lora_B = ctx.saved_tensors
-    scale, block_ids, fan_in_fan_out = ctx.args
+    block_ids, fan_in_fan_out = ctx.args
     needs = ctx.needs_input_grad[:6]
-    grads = reference.linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids,
+    grads = reference.linear_backward(grad, x, x_lora, weight, lora_A, lora_B, ctx.scale, block_ids,
                                       fan_in_fan_out, needs)
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -665,9 +723,10 @@ def _register_autocast(op_name: str, device_type: str) -> None:
     overload = getattr(torch.ops.lora_ext, op_name).default
 
     def rule(_keyset, *args):
-        cast = _autocast_cast(torch.get_autocast_dtype(device_type), args)
+        # the op's six operand tensors, not its float32 scale tensor (the last argument)
+        cast = _autocast_cast(torch.get_autocast_dtype(device_type), args[:6])
         with torch._C._ExcludeDispatchKeyGuard(excluded):
-            return overload(*cast)
+            return overload(*cast, *args[6:])
 
     _autocast_lib.impl(op_name, rule, key, with_keyset=True)
 
@@ -676,13 +735,16 @@ for _device_type in ("cpu", "cuda"):
     _register_autocast("linear", _device_type)
 
 
-def _check_scale_tensor(scale_tensor, device, where):
+def _check_scale_tensor(scale_tensor, device, where, name="scale_tensor"):
     if scale_tensor is not None and not (isinstance(scale_tensor, Tensor) and scale_tensor.dtype == torch.float32
-                                         and scale_tensor.numel() == 1 and scale_tensor.device == device):
+                                         and scale_tensor.numel() == 1 and scale_tensor.device == device
+                                         and not scale_tensor.requires_grad):
         got = (f"{scale_tensor.dtype} of {scale_tensor.numel()} element(s) on {scale_tensor.device}"
+               + (" that requires grad" if scale_tensor.requires_grad else "")
                if isinstance(scale_tensor, Tensor) else type(scale_tensor).__name__)
-        raise ValueError(f"scale_tensor must be None or a float32 tensor of one element on {where}'s device "
-                         f"({device}), got {got}")
+        what = "a float or" if name == "scale" else "None or"
+        raise ValueError(f"{name} must be {what} a float32 tensor of one element on {where}'s device ({device}) "
+                         f"that does not require grad, got {got}")
 
 
 def _check_linear_args(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
@@ -705,33 +767,37 @@ def _check_linear_args(x, x_lora, weight, bias, lora_A, lora_B, scale, num_block
 
 
 def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
-           scale: float, *, num_blocks: int = 1, block_ids: Sequence[int] = (0,),
+           scale, *, num_blocks: int = 1, block_ids: Sequence[int] = (0,),
            fan_in_fan_out: bool = False, scale_tensor: Optional[Tensor] = None) -> Tensor:
     """A LoRA linear layer's output. x_lora is the input of the low-rank path (x after lora_dropout;
     pass x itself when there is no dropout).
 
-    scale_tensor: optionally `scale` again, as a one-element float32 tensor on x's device; the kernels read
-    it when they run, so a captured CUDA graph follows later in-place changes of it. The other paths use
-    `scale`: the caller keeps the two equal."""
-    _check_scale(scale)
+    scale: a float, or a one-element float32 tensor on x's device read only when the op runs (the layers pass
+    theirs under torch.compile: the traced graph then follows a switch of adapter, whatever its scaling, with
+    no guard on the value and no retrace). scale_tensor: with a float scale, optionally that scale again as such
+    a tensor; the CUDA kernels read it when they run, so a captured CUDA graph follows later in-place changes of
+    it. The other paths use the float: the caller keeps the two equal."""
+    scale, scale_tensor = _scales(scale, scale_tensor, x.device if isinstance(x, Tensor) else None, "x")
     cast = _autocast_dtype(x)
     if cast is not None and not torch.compiler.is_compiling():
         # as the registered autocast rule (below) does for the custom op, on every path: the floating inputs in
         # autocast's dtype, the op itself with autocast off
         tensors = _autocast_cast(cast, (x, x_lora, weight, bias, lora_A, lora_B))
         with torch.autocast(x.device.type, enabled=False):
-            return linear(*tensors, scale, num_blocks=num_blocks, block_ids=block_ids,
-                          fan_in_fan_out=fan_in_fan_out, scale_tensor=scale_tensor)
-    args = (x, x_lora, weight, bias, lora_A, lora_B, float(scale), num_blocks, list(block_ids),
-            bool(fan_in_fan_out))
+            return linear(*tensors, scale_tensor if scale is None else scale, num_blocks=num_blocks,
+                          block_ids=block_ids, fan_in_fan_out=fan_in_fan_out,
+                          scale_tensor=None if scale is None else scale_tensor)
+    args = (x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, list(block_ids), bool(fan_in_fan_out),
+            scale_tensor)
     if _fast_path(x, args[:6], also=(scale_tensor,)):
-        return _launch(_kernels.module.linear, (*args, scale_tensor), _check_linear_args)
+        return _launch(_kernels.module.linear, (*args[:6], 0.0 if scale is None else scale, *args[7:]),
+                       _check_linear_args)
     if not _check_linear_args(*args):
         return torch.nn.functional.linear(x, weight.t() if fan_in_fan_out else weight, bias)
-    if torch.compiler.is_compiling() or _needs_grad(*args[:6]):
+    if traced() or _needs_grad(*args[:6]):
         if _functorch():
-            return reference.linear(*args)
-        return _linear_op(*args)
+            return reference.linear(*args[:6], _host_scale(scale, scale_tensor), *args[7:10])
+        return _linear_op(*args[:10], _traced_scale(scale, scale_tensor, *args[:6]))
     return _linear_impl(*args)
 
 
@@ -741,34 +807,39 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
 
 def _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse,
                     scale_tensor=None):
-    """scale_grad_by_freq and sparse shape only the gradient, so the kernel does not take them."""
+    """scale_grad_by_freq and sparse shape only the gradient, so the kernel does not take them. scale None:
+    scale_tensor is the scale (see _scales)."""
     if _kernels.takes(weight, ids, lora_A, lora_B, scale_tensor):
-        return _kernels.module.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_tensor)
-    return reference.embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
+        return _kernels.module.embedding(ids, weight, lora_A, lora_B, 0.0 if scale is None else scale, padding_idx,
+                                         scale_tensor)
+    return reference.embedding(ids, weight, lora_A, lora_B, _host_scale(scale, scale_tensor), padding_idx,
+                               scale_grad_by_freq, sparse)
 
 
 @torch.library.custom_op("lora_ext::embedding", mutates_args=())
-def _embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
-                  padding_idx: Optional[int], scale_grad_by_freq: bool, sparse: bool) -> Tensor:
-    return _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse)
+def _embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: Optional[float],
+                  padding_idx: Optional[int], scale_grad_by_freq: bool, sparse: bool,
+                  scale_tensor: Optional[Tensor]) -> Tensor:
+    return _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor)
 
 
 @_embedding_op.register_fake
-def _(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse):
+def _(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor):
     return weight.new_empty((*ids.shape, weight.shape[1]))
 
 
 def _embedding_setup(ctx, inputs, output):
-    ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse = inputs
+    ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor = inputs
     ctx.save_for_backward(ids, weight, lora_A, lora_B)
-    ctx.args = (scale, padding_idx, scale_grad_by_freq, sparse)
+    _saved_scale(ctx, scale, scale_tensor)
+    ctx.args = (padding_idx, scale_grad_by_freq, sparse)
 
 
 def _embedding_backward(ctx, grad):
     ids, weight, lora_A, lora_B = ctx.saved_tensors
     needs = ctx.needs_input_grad[1:4]
-    dw, dA, dB = reference.embedding_backward(grad, ids, weight, lora_A, lora_B, *ctx.args, needs)
-    return None, dw, dA, dB, None, None, None, None
+    dw, dA, dB = reference.embedding_backward(grad, ids, weight, lora_A, lora_B, ctx.scale, *ctx.args, needs)
+    return None, dw, dA, dB, None, None, None, None, None
 
 
 _embedding_op.register_autograd(_embedding_backward, setup_context=_embedding_setup)
@@ -786,26 +857,27 @@ def _check_embedding_args(ids, weight, lora_A, lora_B, scale, padding_idx, scale
     _check_scale_tensor(scale_tensor, weight.device, "weight")
 
 
-def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *,
+def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale, *,
               padding_idx: Optional[int] = None, max_norm: Optional[float] = None, norm_type: float = 2.0,
               scale_grad_by_freq: bool = False, sparse: bool = False,
               scale_tensor: Optional[Tensor] = None) -> Tensor:
     """A LoRA embedding's output. max_norm renormalises rows of `weight` in place (as nn.Embedding
-    does); lora_A is never renormalised. scale_tensor: as for linear, on weight's device."""
-    _check_scale(scale)
-    args = (ids, weight, lora_A, lora_B, float(scale), padding_idx, bool(scale_grad_by_freq), bool(sparse))
+    does); lora_A is never renormalised. scale and scale_tensor: as for linear, on weight's device."""
+    scale, scale_tensor = _scales(scale, scale_tensor, weight.device if isinstance(weight, Tensor) else None,
+                                  "weight")
+    args = (ids, weight, lora_A, lora_B, scale, padding_idx, bool(scale_grad_by_freq), bool(sparse), scale_tensor)
     # max_norm writes the weight before the lookup: checked first, whatever the path.
     fast = max_norm is None and _fast_path(weight, (weight, lora_A, lora_B), also=(ids, scale_tensor))
     if fast:
-        return _launch(_embedding_impl, (*args, scale_tensor), _check_embedding_args)
+        return _launch(_embedding_impl, args, _check_embedding_args)
     _check_embedding_args(*args)
     if max_norm is not None:
         with torch.no_grad():
             torch.embedding_renorm_(weight, ids.contiguous(), max_norm, norm_type)
-    if torch.compiler.is_compiling() or _needs_grad(weight, lora_A, lora_B):
+    if traced() or _needs_grad(weight, lora_A, lora_B):
         if _functorch():
-            return reference.embedding(*args)
-        return _embedding_op(*args)
+            return reference.embedding(*args[:4], _host_scale(scale, scale_tensor), *args[5:8])
+        return _embedding_op(*args[:8], _traced_scale(scale, scale_tensor, weight, lora_A, lora_B))
     return _embedding_impl(*args)
 
 
@@ -899,11 +971,11 @@ def _batched(kind, out, x, a_slots, b_slots, scales, index, tokens_per_index):
         raise RuntimeError(f"lora_ext.ops.batched_{kind}_ serves inference and records no gradient: call it under "
                            f"torch.no_grad() or torch.inference_mode(), on tensors that do not require grad")
     if (_fast_path(out, also=(x, a_slots, b_slots, scales, index, tokens_per_index))
-            or (not torch.compiler.is_compiling() and _cpu_batched(out, x, kind) is not None)):
+            or (not traced() and _cpu_batched(out, x, kind) is not None)):
         # the CUDA launchers and the C++ CPU loops check every argument themselves
         return _launch(functools.partial(_batched_impl, kind), args, functools.partial(_check_batched_args, kind))
     _check_batched_args(kind, *args)
-    if torch.compiler.is_compiling():
+    if traced():
         op = _batched_linear_op if kind == "linear" else _batched_embedding_op
         return op(*args)
     return _batched_impl(kind, *args)
@@ -932,7 +1004,7 @@ def batched_embedding_(out: Tensor, ids: Tensor, a_slots: Tensor, b_slots: Tenso
 # convolution: the conv's weight plus its LoRA delta (the low-rank factors do not factor the conv itself)
 
 
-def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float,
+def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor, lora_B: Tensor, scale,
          scale_tensor: Optional[Tensor] = None) -> Tensor:
     """A ConvLoRA layer's output: conv(x, W + scale * (B A).view(W.shape)); with dropout on the LoRA
     path, conv(x, W) + conv(x_lora, scale * (B A).view(W.shape)). scale_tensor: as for linear (the delta is
@@ -940,11 +1012,20 @@ def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor
     w = conv_module.weight
     if x_lora.shape != x.shape:
         raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
-    _check_scale_tensor(scale_tensor, w.device, "the conv weight")
+    scale, scale_tensor = _scales(scale, scale_tensor, w.device, "the conv weight")
     if scale_tensor is None:
         delta = delta_weight(lora_A, lora_B, scale, out_features=lora_B.shape[0], dtype=w.dtype)
     else:
-        delta = delta_weight(lora_A, lora_B, 1.0, out_features=lora_B.shape[0], dtype=w.dtype) * scale_tensor
+        # B A in float32 (at least), times the scale tensor, rounded once. The product saves the scale for the
+        # backward: a copy of it as it is now, where a switch before the backward would write the layer's tensor
+        # in place (not in a torch.jit trace, which would fold a copy of the tensor into a constant)
+        unscaled = delta_weight(lora_A, lora_B, 1.0, out_features=lora_B.shape[0],
+                                dtype=reference.compute_dtype(w.dtype))
+        if torch.compiler.is_compiling():
+            scale_tensor = _traced_scale(None, scale_tensor, lora_A, lora_B)
+        elif not torch.jit.is_tracing() and _needs_grad(lora_A, lora_B):
+            scale_tensor = scale_tensor.clone()
+        delta = unscaled * scale_tensor
     delta = delta.to(w.dtype).view(w.shape)
     if x_lora is x:
         return conv_module._conv_forward(x, w + delta, conv_module.bias)

@@ -1,0 +1,344 @@
+"""torch.compile and torch.export read a layer's scaling from its scale tensor when the graph runs.
+
+A switch of adapter writes the live factors and the scale tensor in place (same shapes, or a reserve_rank), so one
+trace serves every adapter whatever its scaling: no guard on the float, no retrace per scaling (dynamo gives up
+after 8 and runs the frame eagerly), and an exported program follows a switch as a whole instead of pairing the new
+factors with the scaling it baked in. Every expected value is a float64 oracle computed here from the factors the
+test made; the trace counts come from dynamo's own counter."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import lora_ext
+from helpers import assert_close_rel
+
+# distinct scalings, more of them than dynamo's recompile limit (8)
+SCALINGS = [0.5 + 0.37 * i for i in range(12)]
+
+
+def _make(kind, dtype=torch.float32):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    if kind == "linear":
+        layer, x = lora_ext.Linear(16, 8, r=4, lora_alpha=8), torch.randn(3, 5, 16, generator=g)
+    elif kind == "fan_in_fan_out":
+        layer, x = lora_ext.Linear(16, 8, r=4, lora_alpha=8, fan_in_fan_out=True), torch.randn(3, 16, generator=g)
+    elif kind == "merged":
+        layer = lora_ext.MergedLinear(16, 12, r=2, lora_alpha=4, enable_lora=[True, False, True])
+        x = torch.randn(3, 16, generator=g)
+    elif kind == "embedding":
+        layer, x = lora_ext.Embedding(20, 8, r=4, lora_alpha=8), torch.randint(0, 20, (2, 5), generator=g)
+    elif kind == "conv2d":
+        layer, x = lora_ext.Conv2d(3, 4, 3, r=2, lora_alpha=4), torch.randn(2, 3, 6, 6, generator=g)
+    else:
+        layer, x = lora_ext.Conv1d(3, 4, 3, r=2, lora_alpha=4, padding=1), torch.randn(2, 3, 7, generator=g)
+    layer = layer.to(dtype)
+    if x.is_floating_point():
+        x = x.to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return layer, x, g
+
+
+def _add_adapters(layer, g, scalings, grad=False):
+    """Adapters with fresh factors, one per scaling; returns {name: (A, B, s)} as made here (clones)."""
+    A, B, _ = layer.get_adapter(layer.active_adapter)
+    made = {}
+    for i, s in enumerate(scalings):
+        a = torch.randn(A.shape, generator=g, dtype=A.dtype)
+        b = torch.randn(B.shape, generator=g, dtype=B.dtype)
+        layer.add_adapter(f"a{i}", a.clone(), b.clone(), s)
+        made[f"a{i}"] = (a, b, s)
+    if not grad:
+        layer.requires_grad_(False)
+    return made
+
+
+def _oracle(kind, layer, x, A, B, s):
+    """The layer's unmerged output with adapter (A, B, s), in float64 on the CPU, from its base weights."""
+    A, B = A.double(), B.double()
+    if kind == "embedding":
+        return layer.weight.double().cpu()[x] + s * A.t()[x] @ B.t()
+    if kind in ("conv2d", "conv1d"):
+        conv = layer.conv
+        w = conv.weight.double().cpu()
+        fn = F.conv2d if kind == "conv2d" else F.conv1d
+        return fn(x.double(), w + s * (B @ A).view(w.shape), conv.bias.double().cpu(), conv.stride, conv.padding)
+    w = layer.weight.double().cpu()
+    if kind == "fan_in_fan_out":
+        w = w.t()
+    if kind == "merged":  # enable_lora [True, False, True]: blocks 0 and 2 of 3 (dense_delta64 detaches)
+        r, nb = A.shape[0] // 2, layer.out_features // 3
+        zero = torch.zeros(nb, A.shape[1], dtype=A.dtype)
+        delta = torch.cat([B[:nb] @ A[:r], zero, B[nb:] @ A[r:]])
+    else:
+        delta = B @ A
+    return x.double() @ (w + s * delta).t() + layer.bias.double().cpu()
+
+
+KINDS = ["linear", "fan_in_fan_out", "merged", "embedding", "conv2d", "conv1d"]
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request):
+    return torch.device("cpu") if request.param == "cpu" else request.getfixturevalue("cuda").device
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_trace_serves_every_scaling(kind, device):
+    """12 adapters of 12 scalings, each served twice through one compiled graph: every output its own adapter's,
+    and dynamo traced once (the float scaling cost a trace per value, then eager past the limit of 8). On CUDA the
+    kernels read the scale tensor."""
+    torch._dynamo.reset()
+    layer, x, g = _make(kind)
+    made = _add_adapters(layer, g, SCALINGS)
+    layer, x = layer.to(device), x.to(device)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    with torch.no_grad():
+        for _ in range(2):
+            for name, (A, B, s) in made.items():
+                layer.set_adapter(name)
+                assert_close_rel(compiled(x), _oracle(kind, layer, x.cpu(), A, B, s), torch.float32)
+    assert counter.frame_count == 1
+
+
+def test_one_inductor_trace_serves_every_scaling_of_a_reserved_model():
+    """The serving recipe (peft's compiled hotswap): adapters of other ranks and scalings, reserve_rank, one
+    inductor compile; every switch served by the one graph with the live storage unchanged."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    model = torch.nn.Sequential(lora_ext.Linear(16, 12, r=2, lora_alpha=3), torch.nn.ReLU(),
+                                lora_ext.Linear(12, 8, r=2, lora_alpha=5))
+    made = {}
+    for i, (r, alpha) in enumerate([(2, 7.0), (4, 3.0), (8, 20.0), (4, 1.0)]):
+        name = f"a{i}"
+        made[name] = []
+        for m in (model[0], model[2]):
+            a = torch.randn(r, m.in_features, generator=g)
+            b = torch.randn(m.out_features, r, generator=g)
+            m.add_adapter(name, a.clone(), b.clone(), alpha / r)
+            made[name].append((a, b, alpha / r))
+    model.requires_grad_(False)
+    lora_ext.reserve_rank(model, 8)
+    ptrs = [(m.lora_A.data_ptr(), m.lora_B.data_ptr()) for m in (model[0], model[2])]
+    x = torch.randn(4, 16, generator=g)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for name in [*made, *made]:
+            for m in (model[0], model[2]):
+                m.set_adapter(name)
+            (a0, b0, s0), (a1, b1, s1) = made[name]
+            h = torch.relu(x.double() @ (model[0].weight.double() + s0 * (b0 @ a0).double()).t()
+                           + model[0].bias.double())
+            want = h @ (model[2].weight.double() + s1 * (b1 @ a1).double()).t() + model[2].bias.double()
+            assert_close_rel(compiled(x), want, torch.float32)
+            assert [(m.lora_A.data_ptr(), m.lora_B.data_ptr()) for m in (model[0], model[2])] == ptrs
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("kind", ["linear", "merged", "embedding", "conv2d"])
+def test_compiled_gradients_follow_each_adapters_scaling(kind, backend):
+    """Trainable adapters of three scalings: the compiled forward and backward give each its own gradients (against
+    float64 autograd of the oracle)."""
+    if backend == "inductor" and kind != "linear":
+        pytest.skip("inductor runs for one kind (each compile costs seconds on the CPU); aot_eager runs them all")
+    torch._dynamo.reset()
+    layer, x, g = _make(kind)
+    made = _add_adapters(layer, g, [0.7, 2.5, 4.0], grad=True)
+    compiled = torch.compile(layer, backend=backend)
+    for name, (A, B, s) in made.items():
+        layer.set_adapter(name)
+        out = compiled(x)
+        weight = torch.randn(out.shape, generator=g)
+        (out * weight).sum().backward()
+        A64 = A.double().requires_grad_()
+        B64 = B.double().requires_grad_()
+        (_oracle(kind, layer, x, A64, B64, s) * weight.double()).sum().backward()
+        assert_close_rel(layer.lora_A.grad, A64.grad, torch.float32)
+        assert_close_rel(layer.lora_B.grad, B64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_a_switch_between_forward_and_backward_keeps_the_forwards_scaling(kind, backend):
+    """Frozen adapters, an input that requires grad: a forward under a0, a switch to a1 (which writes the live
+    factors and the scale tensor in place), then the backward. A conv's forward saved its delta: the input's
+    gradient is a0's, so the graph saved the scaling of its forward too (a partitioner that recomputed a copy of the
+    layer's tensor in the backward would give a1's, or trip autograd's in-place check). A linear's backward needs
+    the factors themselves, which the switch rewrote: autograd refuses, as in eager, rather than mix adapters."""
+    torch._dynamo.reset()
+    layer, x, g = _make(kind)
+    made = _add_adapters(layer, g, [0.7, 4.0])
+    x = x.clone().requires_grad_()
+    compiled = layer if backend == "eager" else torch.compile(layer, backend=backend)
+    layer.set_adapter("a0")
+    out = compiled(x)
+    layer.set_adapter("a1")
+    weight = torch.randn(out.shape, generator=g)
+    if kind == "linear":
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (out * weight).sum().backward()
+        return
+    (out * weight).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    A, B, s = made["a0"]
+    (_oracle(kind, layer, x64, A, B, s) * weight.double()).sum().backward()
+    assert_close_rel(x.grad, x64.grad, torch.float32)
+
+
+def test_an_exported_program_follows_a_switch_as_a_whole():
+    """torch.export keeps the layer's parameters and its scale tensor by reference: after an in-place switch to an
+    adapter with other factors and another scaling it serves that adapter, and after a switch back the first. (With
+    the scaling baked in as a float it served the new factors at the old scaling: neither adapter.)"""
+    layer, x, g = _make("linear")
+    made = _add_adapters(layer, g, [1.5, 6.0])
+    layer.set_adapter("a0")
+    ptr = layer.lora_A.data_ptr()
+    exported = torch.export.export(layer, (x,)).module()
+    for name in ("a1", "a0", "a1"):
+        layer.set_adapter(name)
+        assert layer.lora_A.data_ptr() == ptr  # the switch wrote in place
+        assert_close_rel(exported(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv2d"])
+def test_float64_layers_keep_their_scaling_in_float64_under_compile(kind):
+    """The scale tensor holds float32: a float64 layer's traced forward takes the float (1/3 in float32 is 1e-8
+    off, which float64 results would show)."""
+    torch._dynamo.reset()
+    layer, x, g = _make(kind, torch.float64)
+    made = _add_adapters(layer, g, [1 / 3, 2 / 7])
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for name, (A, B, s) in made.items():
+            layer.set_adapter(name)
+            assert_close_rel(compiled(x), _oracle(kind, layer, x, A, B, s), torch.float64)
+
+
+def test_autocast_leaves_the_scale_tensor_in_float32():
+    """Under bfloat16 autocast the compiled op gets the scale tensor in float32 (autocast's rule casts only the
+    operands): 1.0039 is 1.0 in bfloat16, 0.4% of the update, which the eager result beside it does not lose."""
+    torch._dynamo.reset()
+    layer = lora_ext.Linear(16, 8, r=4)
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    a, b = torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g) * 4
+    layer.add_adapter("s", a, b, 1.0039)
+    layer.set_adapter("s")
+    layer.requires_grad_(False)
+    with torch.no_grad():
+        layer.weight.zero_()  # the output is the update alone
+        layer.bias.zero_()
+    x = torch.randn(6, 16, generator=g)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = layer(x)
+        got = compiled(x)
+    assert got.dtype == eager.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), eager.float(), rtol=1e-3, atol=0)
+    rounded = layer(x).float() / 1.0039  # what a bfloat16 scale (1.0) would give
+    assert not torch.allclose(got.float(), rounded, rtol=1e-3, atol=0)
+
+
+def test_inductor_freezing_keeps_the_float_scaling():
+    """Inductor's freezing inlines a one-element tensor as the number it held at compile time while the factors stay
+    live: with the tensor the graph would serve new factors at the old scaling. Under freezing the layer takes the
+    float, which dynamo guards on (a retrace per scaling, each output right)."""
+    import torch._inductor.config as inductor_config
+    torch._dynamo.reset()
+    layer, x, g = _make("linear")
+    made = _add_adapters(layer, g, [1.5, 6.0, 1.5])
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        layer.set_adapter("a0")
+        compiled = torch.compile(layer, backend="inductor")
+        for name in ("a0", "a1", "a2", "a0"):
+            layer.set_adapter(name)
+            assert_close_rel(compiled(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the op surface: a tensor scale
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_ops_take_a_tensor_scale(grad):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    x = torch.randn(5, 16, generator=g)
+    w, b = torch.randn(8, 16, generator=g), torch.randn(8, generator=g)
+    A, B = torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g)
+    if grad:
+        A.requires_grad_()
+        B.requires_grad_()
+    s = 2.0 / 3.0
+    st = torch.tensor([s])
+    y = lora_ext.ops.linear(x, x, w, b, A, B, st)
+    want = x.double() @ (w.double() + torch.tensor(s, dtype=torch.float32).double() * (B @ A).double()).t() + b
+    assert_close_rel(y, want, torch.float32)
+    ids = torch.randint(0, 16, (3, 4), generator=g)
+    e = lora_ext.ops.embedding(ids, w.t().contiguous(), A, B, st)
+    assert_close_rel(e, w.t().double()[ids] + s * A.double().t()[ids] @ B.double().t(), torch.float32)
+    if grad:
+        (y.sum() + e.sum()).backward()
+        assert A.grad is not None and torch.isfinite(A.grad).all()
+
+
+def test_ops_refuse_a_bad_tensor_scale():
+    x, w = torch.randn(5, 16), torch.randn(8, 16)
+    A, B = torch.randn(4, 16), torch.randn(8, 4)
+    cases = [(torch.tensor([1.0], dtype=torch.float64), "float32 tensor of one element"),
+             (torch.tensor([1.0, 2.0]), "float32 tensor of one element"),
+             (torch.tensor([1.0], requires_grad=True), "that requires grad")]
+    for st, msg in cases:
+        with pytest.raises(ValueError, match=msg) as err:
+            lora_ext.ops.linear(x, x, w, None, A, B, st)
+        assert str(err.value).startswith("scale must be a float or")
+    with pytest.raises(ValueError, match="pass scale_tensor=None"):
+        lora_ext.ops.linear(x, x, w, None, A, B, torch.tensor([1.0]), scale_tensor=torch.tensor([1.0]))
+    with pytest.raises(ValueError, match="scale must be a float or"):
+        lora_ext.ops.embedding(torch.tensor([1]), torch.randn(16, 8), A, B, torch.tensor([1.0], dtype=torch.half))
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged", "embedding", "conv2d"])
+def test_a_jit_traced_layer_follows_a_switch_as_a_whole(kind):
+    """torch.jit.trace records the layer's op with its scale tensor (by reference, as the parameters): after an
+    in-place switch to other factors and another scaling it serves that adapter. (It used to fail on the layers'
+    tensor-parallel refusal, met through dir(); with the float recorded it would serve new factors at the old
+    scaling.)"""
+    layer, x, g = _make(kind)
+    made = _add_adapters(layer, g, [1.5, 6.0])
+    layer.set_adapter("a0")
+    with pytest.warns(FutureWarning):  # torch.jit.trace is deprecated
+        traced = torch.jit.trace(layer, (x,), check_trace=False)
+    for name in ("a1", "a0", "a1"):
+        layer.set_adapter(name)
+        assert_close_rel(traced(x), _oracle(kind, layer, x, *made[name]), torch.float32)
+
+
+def test_introspection_lists_a_layer_without_meeting_the_tensor_parallel_refusal():
+    import inspect
+    layer = lora_ext.Linear(8, 4, r=2)
+    names = dict(inspect.getmembers(layer))
+    assert "_distribute_module_applied" not in names and "scaling" in names and "lora_A" in names
+    with pytest.raises(ValueError, match="ColwiseLoRA"):  # distribute_module reads the name itself: still refused
+        getattr(layer, "_distribute_module_applied", False)
+
+
+def test_an_exported_program_keeps_serving_the_trainable_adapter_it_holds_whole():
+    """Trainable adapters: a switch registers the new adapter's own Parameters (its optimizer holds them) and a new
+    scale tensor beside them. A program exported before holds the previous objects: it serves that adapter, factors
+    and scaling alike (it served the new adapter's scaling with the old factors when the switch filled the one
+    scale tensor in place)."""
+    layer, x, g = _make("linear")
+    made = _add_adapters(layer, g, [1.5, 6.0], grad=True)
+    layer.set_adapter("a0")
+    with torch.no_grad():
+        exported = torch.export.export(layer, (x,)).module()
+        for name in ("a1", "a0", "a1"):
+            layer.set_adapter(name)
+            assert layer.lora_A.requires_grad
+            assert_close_rel(layer(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+            assert_close_rel(exported(x), _oracle("linear", layer, x, *made["a0"]), torch.float32)
