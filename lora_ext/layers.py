@@ -74,7 +74,10 @@ def _hooked(module: nn.Module) -> bool:
 def _freezing() -> bool:
     """Whether inductor freezes what it compiles (torch._inductor.config.freezing): it then inlines a one-element
     tensor as the number it held when compiled, while the factors, which only lora_ext's ops read, stay live. A
-    traced forward then takes the scaling as a float, which dynamo guards on, as before."""
+    compiled forward then takes the scaling as a float, which dynamo guards on (a retrace per scaling). (The flag
+    does not concern torch.export or torch.jit.trace.)"""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
     inductor = sys.modules.get("torch._inductor.config")
     return bool(inductor is not None and inductor.freezing)
 
@@ -170,6 +173,10 @@ class LoRALayer(NamedAdapters):
                 return self._weight_forward(x)
             served = batches.get(self) if batches is not None else None
             if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
+                if torch.jit.is_tracing():
+                    raise RuntimeError(f"{self._describe()}: torch.jit.trace inside a lora.batch_adapters block would "
+                                       f"record this batch's adapter of each row as constants; trace outside the "
+                                       f"block (a traced program serves the active adapter)")
                 return served.forward(self, x)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_or_none()):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
@@ -339,17 +346,20 @@ class LoRALayer(NamedAdapters):
         return self._weight_owner()._parameters.get("weight")
 
     def _scales(self, x: Tensor, *operands: Tensor) -> Tuple[Union[float, Tensor], Optional[Tensor]]:
-        """(scale, scale_tensor) for the unmerged forward's op. Under torch.compile, torch.export and
-        torch.jit.trace: the layer's scale tensor as the scale, read when the graph runs. A switch writes that tensor in place, so one trace
-        serves every adapter whatever its scaling: nothing guards on the float or bakes it in (peft's hotswap
-        turns scalings into tensors alike), and an exported program follows a switch as it follows the factors
-        the switch writes in place. Not for float64 (the tensor holds the scaling in float32) nor DTensor
-        factors. Eager: the float, and beside it the tensor the CUDA kernels read (CUDA graphs)."""
+        """(scale, scale_tensor) for the unmerged forward's op. Traced (torch.compile, torch.export,
+        torch.jit.trace): the layer's scale tensor as the scale, read when the program runs. A switch writes that
+        tensor as it writes the factors (see NamedAdapters._sync_scale_tensor), so one trace serves every adapter
+        whatever its scaling: nothing guards on the float or bakes it in (peft's compiled hotswap turns scalings
+        into tensors alike), and an exported or jit-traced program serves one adapter whole. The float instead for
+        DTensor factors, for float32 factors with a float64 input (the tensor holds float32), and under inductor's
+        freezing (_freezing). Eager: the float, and beside it the float32 tensor the CUDA kernels read (CUDA
+        graphs)."""
         t = self._scale_tensor_for(x)
         if (t is not None and ops.traced() and not _freezing()
-                and all(o.dtype != torch.float64 and not sharded.is_dtensor(o) for o in (x, *operands))):
+                and not any(sharded.is_dtensor(o) for o in (x, *operands))
+                and (t.dtype == torch.float64 or all(o.dtype != torch.float64 for o in (x, *operands)))):
             return t, None
-        return self.scaling, t
+        return self.scaling, (t if t is not None and t.dtype == torch.float32 else None)
 
     def _operands(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor]:
         """(x after lora_dropout, weight, bias, lora_A, lora_B) for an unmerged forward, read from the module's
@@ -582,8 +592,10 @@ class LoRALayer(NamedAdapters):
             live = (self._parameters.get("lora_A"), self._parameters.get("lora_B"))
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
             if any(self._parameters.get(k) is not p for k, p in zip(("lora_A", "lora_B"), live)):
-                # assign=True: the loaded tensors are the active adapter's own Parameters now, lent to no one
+                # assign=True: the loaded tensors are the active adapter's own Parameters now, lent to no one, with
+                # a scale tensor of their own (on their device: after a meta-device build too)
                 self.__dict__.update(_owner=None, _active_own=None)
+                self._sync_scale_tensor()
 
 
 class Embedding(LoRALayer, nn.Embedding):

@@ -104,6 +104,9 @@ class deferred_interrupt:
                 raise KeyboardInterrupt
 
 
+# The attribute of a live lora_A Parameter that holds the scale tensor going with its values (_sync_scale_tensor).
+SCALE_ATTR = "_lora_ext_scale"
+
 MAX_NAME = 255  # a file name's limit on common file systems: peft saves an adapter under its name
 
 
@@ -178,9 +181,17 @@ class NamedAdapters:
 
     # -- the active adapter's scaling ---------------------------------------------------------------------
     #
-    # A float, and the same value in a one-element float32 tensor beside the factors (`_scaling_t`) that the
-    # CUDA forward kernels read when they run: a captured CUDA graph of an unmerged forward then follows a
-    # switch to an adapter with another scaling. Setting `scaling` updates both (in place: no new storage).
+    # A float, and the same value in a one-element tensor beside the factors (`_scaling_t`; float32, float64 for
+    # float64 factors) that the CUDA forward kernels read when they run, and that traced forwards (torch.compile,
+    # torch.export, torch.jit.trace) take as the scale: a captured CUDA graph or a traced program of an unmerged
+    # forward then follows a switch to an adapter with another scaling. Setting `scaling` updates both.
+    #
+    # The tensor belongs to the live lora_A Parameter object (its attribute SCALE_ATTR): whatever writes an
+    # adapter's values into a Parameter pair writes that adapter's scaling into the pair's tensor (the setter for
+    # the live pair, _take_values for the others), and live Parameters that are new objects (a trainable switch,
+    # load_state_dict(assign=True), a .to() that makes new Parameters) get their own tensor. So a program that
+    # holds a pair and its tensor (torch.export, torch.jit.trace) always serves one adapter whole: the one whose
+    # values the pair holds, never those values at another adapter's scaling.
 
     @property
     def scaling(self) -> float:
@@ -195,22 +206,29 @@ class NamedAdapters:
         self.__dict__["_scaling"] = value
         # the active adapter's values were checked with the old scaling: check again before the next write
         self.__dict__.get("_finite_stamps", {}).pop(self.__dict__.get("active_adapter"), None)
-        t = self.__dict__.get("_scaling_t")
-        live = getattr(self, "lora_A", None)
-        if t is not None and (live is None or t.device == live.device):
-            t.fill_(value)
-        elif live is not None:
-            self._new_scale_tensor()
+        self._sync_scale_tensor()
 
-    def _new_scale_tensor(self) -> None:
-        self.__dict__["_scaling_t"] = torch.full((1,), self.scaling, dtype=torch.float32, device=self.lora_A.device)
+    def _sync_scale_tensor(self) -> None:
+        """`_scaling_t` made the live lora_A's own scale tensor (see above), holding the scaling: the one it has, in
+        place, where it lies on lora_A's device in the dtype the factors take (else a new one)."""
+        live = getattr(self, "lora_A", None)
+        if live is None or "_scaling" not in self.__dict__:
+            return
+        dtype = torch.float64 if live.dtype == torch.float64 else torch.float32
+        t = getattr(live, SCALE_ATTR, None)
+        if isinstance(t, Tensor) and t.device == live.device and t.dtype == dtype and t.shape == (1,):
+            t.fill_(self.scaling)
+        else:
+            t = torch.full((1,), self.scaling, dtype=dtype, device=live.device)
+            setattr(live, SCALE_ATTR, t)
+        self.__dict__["_scaling_t"] = t
 
     def _apply(self, fn, recurse=True):
-        """After module.to(...) and the like: the scale tensor goes where lora_A is, in float32."""
+        """After module.to(...) and the like: the scale tensor goes where lora_A is (new Parameters, or a new device
+        or dtype: a new one)."""
         module = super()._apply(fn, recurse)
-        t = self.__dict__.get("_scaling_t")
-        if t is not None and self.has_lora and (t.device != self.lora_A.device or t.dtype != torch.float32):
-            self._new_scale_tensor()
+        if self.has_lora:
+            self._sync_scale_tensor()
         return module
 
     def _scale_tensor_for(self, x: Tensor) -> Optional[Tensor]:
@@ -524,7 +542,7 @@ class NamedAdapters:
                 old = (sharded.full(self.lora_A).detach().clone(), sharded.full(self.lora_B).detach().clone(),
                        self.scaling)
             elif self._active_own is not None:  # its own Parameters, idle while it was served: its values back
-                old = (*self._take_values(self._active_own, self.lora_A, self.lora_B), self.scaling)
+                old = (*self._take_values(self._active_own, self.lora_A, self.lora_B, self.scaling), self.scaling)
             elif self._trainable() and self._owner is None:
                 # the Parameter objects themselves, where they are: an optimizer's state stays with them
                 old = (self.lora_A, self.lora_B, self.scaling)
@@ -588,7 +606,7 @@ class NamedAdapters:
             if owner is not None and owner in self._adapters:
                 # the live Parameters go back to their adapter (an optimizer built for it holds them)
                 oA, oB, o_scaling = self._adapters[owner]
-                self._adapters[owner] = (*self._take_values((live_A, live_B), oA, oB), o_scaling)
+                self._adapters[owner] = (*self._take_values((live_A, live_B), oA, oB, o_scaling), o_scaling)
                 self._finite_stamps.pop(owner, None)
             owner = None
             if not own:
@@ -598,10 +616,6 @@ class NamedAdapters:
                 lora_A.requires_grad_(live_A.requires_grad)
                 lora_B.requires_grad_(live_B.requires_grad)
             self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
-            # new Parameter objects, so a new scale tensor too (the setter below makes it): a program that holds
-            # the previous ones (torch.export, torch.jit.trace) keeps serving that adapter whole, as it would
-            # serve this one whole after an in-place switch
-            self.__dict__.pop("_scaling_t", None)
         else:
             self._streams.retire(self.lora_A.data, self.lora_B.data)
             self.lora_A.data = lora_A
@@ -655,21 +669,23 @@ class NamedAdapters:
             own = self._active_own
             if own is not None and all(p.device == t.device and p.dtype == t.dtype
                                        for p, t in zip(own, (live_A, live_B))):  # not after a .to(): a new pair
-                pair = self._take_values(own, live_A, live_B)
+                pair = self._take_values(own, live_A, live_B, self.scaling)
                 for p, live in zip(pair, (live_A, live_B)):
                     p.requires_grad_(live.requires_grad)
             else:
                 pair = tuple(nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) for t in (live_A, live_B))
             if self._owner in self._adapters:
                 oA, oB, o_scaling = self._adapters[self._owner]
-                self._adapters[self._owner] = (*self._take_values((live_A, live_B), oA, oB), o_scaling)
+                self._adapters[self._owner] = (*self._take_values((live_A, live_B), oA, oB, o_scaling), o_scaling)
                 self._finite_stamps.pop(self._owner, None)
             self._parameters["lora_A"], self._parameters["lora_B"] = pair
+            self._sync_scale_tensor()
             self.__dict__.update(_owner=None, _active_own=None)
             self._stamp_finite(self.active_adapter, known)
 
-    def _take_values(self, pair, lora_A, lora_B):
-        """`pair` (a Parameter pair) given the values of (lora_A, lora_B), in place where the shapes allow."""
+    def _take_values(self, pair, lora_A, lora_B, scaling: float):
+        """`pair` (a Parameter pair) given the values of (lora_A, lora_B), in place where the shapes allow, and the
+        pair's scale tensor, if it has one, their adapter's `scaling` (see `_sync_scale_tensor`)."""
         with torch.no_grad():
             for p, t in zip(pair, (lora_A, lora_B)):
                 if p.shape == t.shape:
@@ -677,6 +693,9 @@ class NamedAdapters:
                 else:
                     self._streams.retire(p.data)
                     p.data = t.detach().to(p.device, p.dtype, copy=True)
+            t = getattr(pair[0], SCALE_ATTR, None)
+            if isinstance(t, Tensor):
+                t.fill_(scaling)
         return pair
 
     def _trainable(self) -> bool:

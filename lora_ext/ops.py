@@ -173,15 +173,20 @@ def _check_scale(scale):
         finite_real("scale", scale)
 
 
-def _scales(scale, scale_tensor, device, where):
-    """(scale, scale_tensor) for linear's and embedding's ops. A tensor `scale` is read only when the op runs:
-    the float is then None, and the op's backends read the tensor (a traced graph has no float of it to guard
-    on or bake in). A float scale is checked and comes with the optional tensor copy the CUDA kernels read."""
+def _scales(scale, scale_tensor, ref, where):
+    """(scale, scale_tensor) for linear's, embedding's and conv's ops, beside tensor `ref` (the op's device and
+    dtype). A tensor `scale` is read only when the op runs: the float is then None, and the op's backends read the
+    tensor (a traced graph has no float of it to guard on or bake in). Its value is checked where that costs no
+    device sync (eager, on the CPU; the layers' own tensors hold checked values). A float scale is checked and
+    comes with the optional tensor copy the CUDA kernels read."""
+    device, dtype = (ref.device, ref.dtype) if isinstance(ref, Tensor) else (None, None)
     if isinstance(scale, Tensor):
         if scale_tensor is not None:
             raise ValueError("scale is a tensor: pass scale_tensor=None (a tensor scale is itself what the ops read)")
-        _check_scale_tensor(scale, device, where, name="scale")
-        return None, scale
+        _check_scale_tensor(scale, device, where, name="scale", dtype=dtype)
+        if scale.device.type == "cpu" and not traced():
+            finite_real("scale", scale.item())
+        return None, scale.reshape(1)  # (a view: the ops read the caller's tensor)
     _check_scale(scale)
     return float(scale), scale_tensor
 
@@ -662,19 +667,21 @@ def _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, blo
 @torch.library.custom_op("lora_ext::linear", mutates_args=())
 def _linear_op(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                lora_B: Tensor, scale: Optional[float], num_blocks: int, block_ids: list[int],
-               fan_in_fan_out: bool, scale_tensor: Optional[Tensor]) -> Tensor:
+               fan_in_fan_out: bool, scale_tensor: Optional[Tensor] = None) -> Tensor:
     return _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
                         scale_tensor)
 
 
 @_linear_op.register_fake
-def _(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out, scale_tensor):
+def _(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out, scale_tensor=None):
     out_features = weight.shape[1] if fan_in_fan_out else weight.shape[0]
     return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _linear_setup(ctx, inputs, output):
-    x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out, scale_tensor = inputs
+    # (scale_tensor may be left out: the op's schema defaults it, as calls made before it existed do)
+    x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out, scale_tensor = \
+        (*inputs, None)[:11]
     ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B)
     _saved_scale(ctx, scale, scale_tensor)
     ctx.args = (block_ids, fan_in_fan_out)
@@ -735,16 +742,20 @@ for _device_type in ("cpu", "cuda"):
     _register_autocast("linear", _device_type)
 
 
-def _check_scale_tensor(scale_tensor, device, where, name="scale_tensor"):
-    if scale_tensor is not None and not (isinstance(scale_tensor, Tensor) and scale_tensor.dtype == torch.float32
+def _check_scale_tensor(scale_tensor, device, where, name="scale_tensor", dtype=None):
+    """A scale tensor: one element, float32 (float64 also where `dtype`, the op's, is float64: the reference
+    backend reads it), on `device`, not requiring grad (the ops give it no gradient)."""
+    dtypes = (torch.float32, torch.float64) if dtype == torch.float64 else (torch.float32,)
+    if scale_tensor is not None and not (isinstance(scale_tensor, Tensor) and scale_tensor.dtype in dtypes
                                          and scale_tensor.numel() == 1 and scale_tensor.device == device
                                          and not scale_tensor.requires_grad):
         got = (f"{scale_tensor.dtype} of {scale_tensor.numel()} element(s) on {scale_tensor.device}"
                + (" that requires grad" if scale_tensor.requires_grad else "")
                if isinstance(scale_tensor, Tensor) else type(scale_tensor).__name__)
         what = "a float or" if name == "scale" else "None or"
-        raise ValueError(f"{name} must be {what} a float32 tensor of one element on {where}'s device ({device}) "
-                         f"that does not require grad, got {got}")
+        kinds = " or float64" if len(dtypes) == 2 else ""
+        raise ValueError(f"{name} must be {what} a float32{kinds} tensor of one element on {where}'s device "
+                         f"({device}) that does not require grad, got {got}")
 
 
 def _check_linear_args(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
@@ -762,7 +773,7 @@ def _check_linear_args(x, x_lora, weight, bias, lora_A, lora_B, scale, num_block
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
     ids = _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_ids)
     _check_same_device(x=x, x_lora=x_lora, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    _check_scale_tensor(scale_tensor, x.device, "x")
+    _check_scale_tensor(scale_tensor, x.device, "x", dtype=x.dtype)
     return ids
 
 
@@ -772,12 +783,13 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     """A LoRA linear layer's output. x_lora is the input of the low-rank path (x after lora_dropout;
     pass x itself when there is no dropout).
 
-    scale: a float, or a one-element float32 tensor on x's device read only when the op runs (the layers pass
-    theirs under torch.compile: the traced graph then follows a switch of adapter, whatever its scaling, with
-    no guard on the value and no retrace). scale_tensor: with a float scale, optionally that scale again as such
-    a tensor; the CUDA kernels read it when they run, so a captured CUDA graph follows later in-place changes of
-    it. The other paths use the float: the caller keeps the two equal."""
-    scale, scale_tensor = _scales(scale, scale_tensor, x.device if isinstance(x, Tensor) else None, "x")
+    scale: a float, or a one-element float32 tensor (float64 also for a float64 op) on x's device, read only when
+    the op runs (the layers pass theirs when traced: the graph then follows a switch of adapter, whatever its
+    scaling, with no guard on the value and no retrace; a float32 tensor gives a float64 op its float32 value).
+    scale_tensor: with a float scale, optionally that scale again as a float32 tensor; the CUDA kernels read it
+    when they run, so a captured CUDA graph follows later in-place changes of it. The other paths use the float:
+    the caller keeps the two equal."""
+    scale, scale_tensor = _scales(scale, scale_tensor, x, "x")
     cast = _autocast_dtype(x)
     if cast is not None and not torch.compiler.is_compiling():
         # as the registered autocast rule (below) does for the custom op, on every path: the floating inputs in
@@ -819,17 +831,17 @@ def _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_
 @torch.library.custom_op("lora_ext::embedding", mutates_args=())
 def _embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: Optional[float],
                   padding_idx: Optional[int], scale_grad_by_freq: bool, sparse: bool,
-                  scale_tensor: Optional[Tensor]) -> Tensor:
+                  scale_tensor: Optional[Tensor] = None) -> Tensor:
     return _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor)
 
 
 @_embedding_op.register_fake
-def _(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor):
+def _(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor=None):
     return weight.new_empty((*ids.shape, weight.shape[1]))
 
 
 def _embedding_setup(ctx, inputs, output):
-    ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor = inputs
+    ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor = (*inputs, None)[:9]
     ctx.save_for_backward(ids, weight, lora_A, lora_B)
     _saved_scale(ctx, scale, scale_tensor)
     ctx.args = (padding_idx, scale_grad_by_freq, sparse)
@@ -854,7 +866,7 @@ def _check_embedding_args(ids, weight, lora_A, lora_B, scale, padding_idx, scale
     # Embedding storage is the transposed layout: lora_A is (r, num_embeddings), lora_B (dim, r).
     _check_factors(lora_A, lora_B, dim, num, 1, [0])
     _check_same_device(ids=ids, weight=weight, lora_A=lora_A, lora_B=lora_B)
-    _check_scale_tensor(scale_tensor, weight.device, "weight")
+    _check_scale_tensor(scale_tensor, weight.device, "weight", dtype=weight.dtype)
 
 
 def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale, *,
@@ -863,8 +875,7 @@ def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale
               scale_tensor: Optional[Tensor] = None) -> Tensor:
     """A LoRA embedding's output. max_norm renormalises rows of `weight` in place (as nn.Embedding
     does); lora_A is never renormalised. scale and scale_tensor: as for linear, on weight's device."""
-    scale, scale_tensor = _scales(scale, scale_tensor, weight.device if isinstance(weight, Tensor) else None,
-                                  "weight")
+    scale, scale_tensor = _scales(scale, scale_tensor, weight, "weight")
     args = (ids, weight, lora_A, lora_B, scale, padding_idx, bool(scale_grad_by_freq), bool(sparse), scale_tensor)
     # max_norm writes the weight before the lookup: checked first, whatever the path.
     fast = max_norm is None and _fast_path(weight, (weight, lora_A, lora_B), also=(ids, scale_tensor))
@@ -1012,7 +1023,8 @@ def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor
     w = conv_module.weight
     if x_lora.shape != x.shape:
         raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
-    scale, scale_tensor = _scales(scale, scale_tensor, w.device, "the conv weight")
+    scale, scale_tensor = _scales(scale, scale_tensor, w, "the conv weight")
+    _check_scale_tensor(scale_tensor, w.device, "the conv weight", dtype=w.dtype)
     if scale_tensor is None:
         delta = delta_weight(lora_A, lora_B, scale, out_features=lora_B.shape[0], dtype=w.dtype)
     else:

@@ -207,17 +207,24 @@ def test_an_exported_program_follows_a_switch_as_a_whole():
 
 
 @pytest.mark.parametrize("kind", ["linear", "embedding", "conv2d"])
-def test_float64_layers_keep_their_scaling_in_float64_under_compile(kind):
-    """The scale tensor holds float32: a float64 layer's traced forward takes the float (1/3 in float32 is 1e-8
-    off, which float64 results would show)."""
+def test_float64_layers_read_a_float64_scale_tensor(kind):
+    """A float64 layer's scale tensor is float64 (float32 would put 1/3 1e-8 off, which float64 results show): one
+    trace across scalings, float64 outputs, and an exported program follows a switch whole."""
     torch._dynamo.reset()
     layer, x, g = _make(kind, torch.float64)
-    made = _add_adapters(layer, g, [1 / 3, 2 / 7])
-    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    made = _add_adapters(layer, g, [1 / 3, 2 / 7, 3 / 11])
+    assert layer._scaling_t.dtype == torch.float64
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    layer.set_adapter("a0")
+    exported = torch.export.export(layer, (x,)).module()
     with torch.no_grad():
         for name, (A, B, s) in made.items():
             layer.set_adapter(name)
-            assert_close_rel(compiled(x), _oracle(kind, layer, x, A, B, s), torch.float64)
+            want = _oracle(kind, layer, x, A, B, s)
+            assert_close_rel(compiled(x), want, torch.float64)
+            assert_close_rel(exported(x), want, torch.float64)
+    assert counter.frame_count == 1
 
 
 def test_autocast_leaves_the_scale_tensor_in_float32():
@@ -342,3 +349,159 @@ def test_an_exported_program_keeps_serving_the_trainable_adapter_it_holds_whole(
             assert layer.lora_A.requires_grad
             assert_close_rel(layer(x), _oracle("linear", layer, x, *made[name]), torch.float32)
             assert_close_rel(exported(x), _oracle("linear", layer, x, *made["a0"]), torch.float32)
+
+
+def _programs(layer, x):
+    """An exported and a jit-traced program of the layer as it is now."""
+    with pytest.warns(FutureWarning):  # torch.jit.trace is deprecated
+        traced = torch.jit.trace(layer, (x,), check_trace=False)
+    return {"export": torch.export.export(layer, (x,)).module(), "jit": traced}
+
+
+def test_programs_held_over_an_assign_load_serve_their_adapter_whole():
+    """load_state_dict(assign=True) gives the layer new Parameter objects, and a scale tensor of their own: programs
+    made before hold the previous pair and its tensor, and keep serving that adapter whole after switches (they
+    served its factors at the new adapter's scaling when the layer kept one tensor)."""
+    layer, x, g = _make("linear")
+    made = _add_adapters(layer, g, [0.5, 3.0])
+    layer.set_adapter("a0")
+    programs = _programs(layer, x)
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    with torch.no_grad():
+        for name in ("a1", "a0", "a1"):
+            layer.set_adapter(name)
+            assert_close_rel(layer(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+            for program in programs.values():
+                assert_close_rel(program(x), _oracle("linear", layer, x, *made["a0"]), torch.float32)
+        fresh = _programs(layer, x)  # made after the load: they follow the switches
+        for name in ("a0", "a1"):
+            layer.set_adapter(name)
+            for program in fresh.values():
+                assert_close_rel(program(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+
+
+def test_a_layer_built_on_meta_and_loaded_with_assign_has_its_scale_tensor_beside_its_factors():
+    """The low-memory loading path: build on the meta device, load_state_dict(assign=True). The scale tensor is on
+    the factors' device (it stayed on meta, so traced forwards took the float and an exported program served new
+    factors at the old scaling after a switch)."""
+    src, x, g = _make("linear")
+    with torch.device("meta"):
+        layer = lora_ext.Linear(16, 8, r=4, lora_alpha=8)
+    layer.load_state_dict(src.state_dict(), assign=True)
+    assert layer._scaling_t.device == layer.lora_A.device == torch.device("cpu")
+    made = _add_adapters(layer, g, [0.5, 3.0])
+    programs = _programs(layer, x)
+    with torch.no_grad():
+        for name in ("a1", "a0"):
+            layer.set_adapter(name)
+            for program in programs.values():
+                assert_close_rel(program(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+
+
+def test_inductor_freezing_does_not_concern_export_or_jit():
+    """The freezing flag makes compiled forwards take the float; exported and jit-traced programs still read the
+    scale tensor and follow a switch whole."""
+    import torch._inductor.config as inductor_config
+    layer, x, g = _make("linear")
+    made = _add_adapters(layer, g, [0.5, 3.0])
+    layer.set_adapter("a0")
+    with inductor_config.patch(freezing=True):
+        programs = _programs(layer, x)
+    with torch.no_grad():
+        for name in ("a1", "a0"):
+            layer.set_adapter(name)
+            for program in programs.values():
+                assert_close_rel(program(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+
+
+def test_programs_serve_one_adapter_whole_when_training_takes_the_parameters_back():
+    """A serving switch lends the default adapter's Parameters to a1; a program exported then holds them. Making the
+    factors trainable gives each adapter its own Parameters back (mark_only_lora_as_trainable, or a trainable
+    switch): the lent pair gets the default adapter's values and its scale tensor the default's scaling, so the
+    program serves the default adapter whole (it served the default's factors at a1's scaling)."""
+    for how in ("mark_only_lora_as_trainable", "trainable switch"):
+        layer, x, g = _make("linear")
+        A, B, s = (t.clone() if isinstance(t, torch.Tensor) else t for t in layer.get_adapter("default"))
+        _add_adapters(layer, g, [0.5, 3.0, 7.0])
+        layer.set_adapter("a1")
+        programs = _programs(layer, x)
+        if how == "mark_only_lora_as_trainable":
+            lora_ext.mark_only_lora_as_trainable(layer)
+        else:
+            layer.requires_grad_(True)
+            layer.set_adapter("a2")
+        with torch.no_grad():
+            for program in programs.values():
+                assert_close_rel(program(x), _oracle("linear", layer, x, A, B, s), torch.float32)
+
+
+def test_jit_trace_inside_a_mixed_batch_is_refused():
+    layer, x, g = _make("linear")
+    _add_adapters(layer, g, [0.5, 3.0])
+    layer.eval()
+    with torch.no_grad(), lora_ext.batch_adapters(layer, ["a0", "a1", "a0"]):
+        with pytest.raises(RuntimeError, match="torch.jit.trace inside a lora.batch_adapters block"):
+            torch.jit.trace(layer, (x,), check_trace=False)
+
+
+def test_a_tensor_scale_is_checked_and_may_have_any_one_element_shape():
+    x, w = torch.randn(5, 16), torch.randn(8, 16)
+    A, B = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="scale"):
+            lora_ext.ops.linear(x, x, w, None, A, B, torch.tensor([bad]))
+    for shape in ((), (1, 1, 1)):
+        y = lora_ext.ops.linear(x, x, w, None, A, B, torch.full(shape, 0.75))
+        want = x.double() @ (w.double() + 0.75 * (B @ A).double()).t()
+        assert_close_rel(y, want, torch.float32)
+        y.sum().backward()
+        assert A.grad.shape == A.shape and torch.isfinite(A.grad).all()
+        A.grad = B.grad = None
+    x64, w64 = x.double(), w.double()
+    A64, B64 = A.detach().double(), B.detach().double()
+    s = torch.tensor([1 / 3], dtype=torch.float64)  # a float64 op takes a float64 tensor: exactly 1/3
+    y = lora_ext.ops.linear(x64, x64, w64, None, A64, B64, s)
+    assert_close_rel(y, x64 @ (w64 + (1 / 3) * B64 @ A64).t(), torch.float64)
+    with pytest.raises(ValueError, match="float32 tensor of one element"):  # a float32 op does not
+        lora_ext.ops.linear(x, x, w, None, A.detach(), B.detach(), s)
+
+
+def test_hold_around_a_compiled_forward_keeps_switches_on_other_threads_out():
+    """Compiled forwards take no lock; lora.hold(model) taken around the compiled call (outside it) makes model-level
+    switches on another thread wait: every output is one adapter's, whole."""
+    import threading
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    model = torch.nn.Sequential(lora_ext.Linear(32, 32, r=4), torch.nn.ReLU(), lora_ext.Linear(32, 16, r=4))
+    for i, s in enumerate([0.5, 4.0]):
+        for m in (model[0], model[2]):
+            m.add_adapter(f"a{i}", torch.randn(4, m.in_features, generator=g), torch.randn(m.out_features, 4, generator=g), s)
+    model.requires_grad_(False)
+    x = torch.randn(8, 32, generator=g)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    want = {}
+    with torch.no_grad():
+        for name in ("a0", "a1"):
+            lora_ext.set_adapter(model, name)
+            want[name] = model(x)
+            compiled(x)  # traced before the race
+    stop, torn, served = threading.Event(), [], []
+
+    def switcher():
+        while not stop.is_set():
+            for name in ("a0", "a1"):
+                lora_ext.set_adapter(model, name)
+
+    thread = threading.Thread(target=switcher)
+    thread.start()
+    try:
+        with torch.no_grad():
+            for _ in range(300):
+                with lora_ext.hold(model):
+                    y = compiled(x)
+                match = [n for n, w in want.items() if torch.allclose(y, w, rtol=1e-5, atol=1e-5)]
+                (served if match else torn).append(match)
+    finally:
+        stop.set()
+        thread.join()
+    assert not torn and len(served) == 300

@@ -255,7 +255,7 @@ def test_linear_gradients_match_reference(dtype, pattern, m):
         fn(xl, xd, w, b, al, bl).backward(grad)
         return [t.grad for t in leaves]
 
-    ours = grads(lambda xl, xd, w_, b_, al, bl: _SimLinear.apply(xl, xd, w_, b_, al, bl, 0.5, g, ids, fan))
+    ours = grads(lambda xl, xd, w_, b_, al, bl: _SimLinear.apply(xl, xd, w_, b_, al, bl, 0.5, g, ids, fan, None))
     want = grads(lambda xl, xd, w_, b_, al, bl: ops.linear(xl, xd, w_, b_, al, bl, 0.5, num_blocks=g,
                                                            block_ids=ids, fan_in_fan_out=fan))
     for name, o, e in zip(("dx", "dA", "dB"), ours, want):
@@ -274,7 +274,7 @@ def test_embedding_gradients_match_reference():
         fn(*leaves).backward(grad)
         return [t.grad for t in leaves]
 
-    ours = grads(lambda w_, a, b: _SimEmbedding.apply(ids, w_, a, b, 0.8, 1, False, False))
+    ours = grads(lambda w_, a, b: _SimEmbedding.apply(ids, w_, a, b, 0.8, 1, False, False, None))
     want = grads(lambda w_, a, b: ops.embedding(ids, w_, a, b, 0.8, padding_idx=1))
     for name, o, e in zip(("dW", "dA", "dB"), ours, want):
         assert torch.allclose(o, e, rtol=1e-5, atol=1e-6), f"{name} differs from the reference path's"

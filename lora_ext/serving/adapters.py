@@ -269,7 +269,7 @@ def reserve_rank(model: nn.Module, rank: int) -> None:
     So every serving switch (factors that do not require grad) between any two adapters writes into the same
     storage, as peft's prepare_model_for_compiled_hotswap pads to a target rank: a CUDA graph captured after this
     call serves whatever adapter set_adapter or hotswap_adapter makes active, and a torch.compile'd model sees one
-    shape (a new scaling still recompiles it: lora_ext's ops take the scaling as a number). Layers a later load
+    shape and traces once, whatever the adapters' scalings (traced forwards read the scale tensor). Layers a later load
     or inject adds are reserved too. Call it before capturing or compiling: the live factors get new storage now.
     Every layer is checked first (the rank is at least each held adapter's, no trainable factors, whose optimizer
     would keep the old shapes, no sharded factors, no DistributedDataParallel wrapper, whose buckets hold the

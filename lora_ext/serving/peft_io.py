@@ -610,7 +610,8 @@ def hotswap_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_nam
     targets and the new one does not serve it as zeros (stand-ins), and nothing else changes (which adapter is
     active, merged or not). Where the adapter is active, the factors are written into the live storage (merged: the
     weight, in one pass), so a CUDA graph captured before the swap serves the new adapter on its next replay and a
-    torch.compile'd model does not recompile for it (unless the scaling changes). Returns the modules it covers.
+    torch.compile'd model does not recompile for it (its traced forward reads the scaling from the layer's scale
+    tensor, which the swap writes in place too). Returns the modules it covers.
 
     So it refuses, before anything changes, what would not be in place: a module without a lora_ext layer (peft
     refuses such keys too; load_peft_adapter injects it), another rank than the one the layer holds the adapter at
