@@ -358,6 +358,17 @@ def _programs(layer, x):
     return {"export": torch.export.export(layer, (x,)).module(), "jit": traced}
 
 
+def _check_programs(programs, layer, x, made, names, held=None):
+    """Switches the (linear) layer to each of `names`; after each, every program serves adapter `held` (the one it
+    holds), or with held None the adapter switched to."""
+    with torch.no_grad():
+        for name in names:
+            layer.set_adapter(name)
+            assert_close_rel(layer(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+            for program in programs.values():
+                assert_close_rel(program(x), _oracle("linear", layer, x, *made[held or name]), torch.float32)
+
+
 def test_programs_held_over_an_assign_load_serve_their_adapter_whole():
     """load_state_dict(assign=True) gives the layer new Parameter objects, and a scale tensor of their own: programs
     made before hold the previous pair and its tensor, and keep serving that adapter whole after switches (they
@@ -367,17 +378,8 @@ def test_programs_held_over_an_assign_load_serve_their_adapter_whole():
     layer.set_adapter("a0")
     programs = _programs(layer, x)
     layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
-    with torch.no_grad():
-        for name in ("a1", "a0", "a1"):
-            layer.set_adapter(name)
-            assert_close_rel(layer(x), _oracle("linear", layer, x, *made[name]), torch.float32)
-            for program in programs.values():
-                assert_close_rel(program(x), _oracle("linear", layer, x, *made["a0"]), torch.float32)
-        fresh = _programs(layer, x)  # made after the load: they follow the switches
-        for name in ("a0", "a1"):
-            layer.set_adapter(name)
-            for program in fresh.values():
-                assert_close_rel(program(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+    _check_programs(programs, layer, x, made, ("a1", "a0", "a1"), held="a0")
+    _check_programs(_programs(layer, x), layer, x, made, ("a0", "a1"))  # made after the load: they follow
 
 
 def test_a_layer_built_on_meta_and_loaded_with_assign_has_its_scale_tensor_beside_its_factors():
@@ -390,12 +392,7 @@ def test_a_layer_built_on_meta_and_loaded_with_assign_has_its_scale_tensor_besid
     layer.load_state_dict(src.state_dict(), assign=True)
     assert layer._scaling_t.device == layer.lora_A.device == torch.device("cpu")
     made = _add_adapters(layer, g, [0.5, 3.0])
-    programs = _programs(layer, x)
-    with torch.no_grad():
-        for name in ("a1", "a0"):
-            layer.set_adapter(name)
-            for program in programs.values():
-                assert_close_rel(program(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+    _check_programs(_programs(layer, x), layer, x, made, ("a1", "a0"))
 
 
 def test_inductor_freezing_does_not_concern_export_or_jit():
@@ -407,11 +404,7 @@ def test_inductor_freezing_does_not_concern_export_or_jit():
     layer.set_adapter("a0")
     with inductor_config.patch(freezing=True):
         programs = _programs(layer, x)
-    with torch.no_grad():
-        for name in ("a1", "a0"):
-            layer.set_adapter(name)
-            for program in programs.values():
-                assert_close_rel(program(x), _oracle("linear", layer, x, *made[name]), torch.float32)
+    _check_programs(programs, layer, x, made, ("a1", "a0"))
 
 
 def test_programs_serve_one_adapter_whole_when_training_takes_the_parameters_back():
