@@ -130,6 +130,7 @@ class LoRALayer(NamedAdapters):
         state.setdefault("_merged_record", None)
         nn.Module.__setstate__(self, state)
         self._restore_adapters(state)
+        self._adopt_scale_tensor()
         self._lock = threading.RLock()
         self._streams = StreamOrder()
         try:  # a deepcopy or unpickle of tied layers: the copies are tied
@@ -351,13 +352,14 @@ class LoRALayer(NamedAdapters):
         tensor as it writes the factors (see NamedAdapters._sync_scale_tensor), so one trace serves every adapter
         whatever its scaling: nothing guards on the float or bakes it in (peft's compiled hotswap turns scalings
         into tensors alike), and an exported or jit-traced program serves one adapter whole. The float instead for
-        DTensor factors, for float32 factors with a float64 input (the tensor holds float32), and under inductor's
-        freezing (_freezing). Eager: the float, and beside it the float32 tensor the CUDA kernels read (CUDA
+        DTensor factors, where float64 and other dtypes meet (the tensor is float64 only for float64 factors, and
+        the ops take a float64 tensor only for float64 operands), and under inductor's freezing (_freezing). Eager: the float, and beside it the float32 tensor the CUDA kernels read (CUDA
         graphs)."""
         t = self._scale_tensor_for(x)
+        floating = [o.dtype for o in (x, *operands) if o.is_floating_point()]
         if (t is not None and ops.traced() and not _freezing()
                 and not any(sharded.is_dtensor(o) for o in (x, *operands))
-                and (t.dtype == torch.float64 or all(o.dtype != torch.float64 for o in (x, *operands)))):
+                and all((d == torch.float64) == (t.dtype == torch.float64) for d in floating)):
             return t, None
         return self.scaling, (t if t is not None and t.dtype == torch.float32 else None)
 

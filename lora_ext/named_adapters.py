@@ -19,6 +19,7 @@ import _signal
 import signal
 import threading
 import unicodedata
+import uuid
 import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -104,7 +105,7 @@ class deferred_interrupt:
                 raise KeyboardInterrupt
 
 
-# The attribute of a live lora_A Parameter that holds the scale tensor going with its values (_sync_scale_tensor).
+# The attribute of a lora_A Parameter that holds the scale tensors going with its values, by layer (_pair_scales).
 SCALE_ATTR = "_lora_ext_scale"
 
 MAX_NAME = 255  # a file name's limit on common file systems: peft saves an adapter under its name
@@ -208,20 +209,49 @@ class NamedAdapters:
         self.__dict__.get("_finite_stamps", {}).pop(self.__dict__.get("active_adapter"), None)
         self._sync_scale_tensor()
 
+    def _pair_scales(self, param: Tensor) -> List[Tensor]:
+        """This layer's scale tensors that go with Parameter `param`'s values: each holds the scaling of the adapter
+        whose values `param` holds. Kept on the Parameter (SCALE_ATTR: a dict by layer, so layers sharing one
+        Parameter keep their own), a list because a .to() round trip (float32 -> float64 -> float32, CUDA -> CPU)
+        adds tensors that programs made before may hold."""
+        key = self.__dict__.get("_scale_key")
+        if key is None:
+            key = self.__dict__["_scale_key"] = uuid.uuid4().hex
+        table = param.__dict__.get(SCALE_ATTR)
+        if not isinstance(table, dict):
+            table = {}
+            setattr(param, SCALE_ATTR, table)
+        return table.setdefault(key, [])
+
+    def _fill_pair_scales(self, param: Tensor, scaling: float) -> None:
+        """The values of adapter (scaling) were written into `param`: its scale tensors hold that scaling."""
+        for t in self._pair_scales(param):
+            t.fill_(scaling)
+
     def _sync_scale_tensor(self) -> None:
-        """`_scaling_t` made the live lora_A's own scale tensor (see above), holding the scaling: the one it has, in
-        place, where it lies on lora_A's device in the dtype the factors take (else a new one)."""
+        """`_scaling_t` made the live lora_A's scale tensor (see above) on its device, in the dtype the factors take
+        (a new one where it has none), and every scale tensor of the live pair given the scaling, in place."""
         live = getattr(self, "lora_A", None)
         if live is None or "_scaling" not in self.__dict__:
             return
         dtype = torch.float64 if live.dtype == torch.float64 else torch.float32
-        t = getattr(live, SCALE_ATTR, None)
-        if isinstance(t, Tensor) and t.device == live.device and t.dtype == dtype and t.shape == (1,):
-            t.fill_(self.scaling)
-        else:
+        owned = self._pair_scales(live)
+        t = next((o for o in owned if o.device == live.device and o.dtype == dtype and o.shape == (1,)), None)
+        if t is None:
             t = torch.full((1,), self.scaling, dtype=dtype, device=live.device)
-            setattr(live, SCALE_ATTR, t)
+            owned.append(t)
+        self._fill_pair_scales(live, self.scaling)
         self.__dict__["_scaling_t"] = t
+
+    def _adopt_scale_tensor(self) -> None:
+        """After a deep copy: nn.Parameter's deepcopy drops the Parameter's attributes, so the copied scale tensor
+        goes back to the copied live pair (which holds the same adapter's values)."""
+        t = self.__dict__.get("_scaling_t")
+        live = self._parameters.get("lora_A")
+        if isinstance(t, Tensor) and live is not None:
+            owned = self._pair_scales(live)
+            if not any(o is t for o in owned):
+                owned.append(t)
 
     def _apply(self, fn, recurse=True):
         """After module.to(...) and the like: the scale tensor goes where lora_A is (new Parameters, or a new device
@@ -501,6 +531,7 @@ class NamedAdapters:
                                    f"holds merged, while a mixed batch (lora.batch_adapters) serves this layer: the "
                                    f"weight would change under the batch's rows; replace it after the block closes")
             if name == self.active_adapter:
+                self._check_plain_factors(f"add_adapter({name!r}) into the active adapter")
                 with deferred_interrupt():
                     self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy
             else:
@@ -531,6 +562,7 @@ class NamedAdapters:
             return
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+        self._check_plain_factors(f"set_adapter({name!r})")
         with self._lock:
             sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
@@ -558,6 +590,16 @@ class NamedAdapters:
                 self.__dict__.update(active_adapter=name, _active_home=home)
                 self._stamp_finite(old_name, old_known)
 
+    def _check_plain_factors(self, what: str) -> None:
+        """Refuses a switch while torch.nn.utils.parametrize computes lora_A or lora_B: the layer's attribute is
+        then the parametrization's output, a new tensor at each read, so writing a switch into it would be lost
+        (and the Parameter under it is not the factor)."""
+        names = [n for n in ("lora_A", "lora_B") if torch.nn.utils.parametrize.is_parametrized(self, n)]
+        if names:
+            raise ValueError(f"{what}: {self._describe()} has a parametrization on {' and '.join(names)} "
+                             f"(torch.nn.utils.parametrize), so a switch cannot write the live factors; remove it "
+                             f"(parametrize.remove_parametrizations) before switching adapters")
+
     def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and
         has checked them (shapes and values).
@@ -574,6 +616,7 @@ class NamedAdapters:
         are (`_owner`) and keeps the new adapter's own pair aside (`_active_own`), so that the next trainable
         switch, or settle_parameters (mark_only_lora_as_trainable), gives each adapter its own Parameters back
         with its values: an optimizer built for an adapter keeps training it after serving in between."""
+        self._check_plain_factors(f"switching to adapter {name!r}")
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         with torch.inference_mode(False):  # the live factors must stay usable for training afterwards
             self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
@@ -693,9 +736,7 @@ class NamedAdapters:
                 else:
                     self._streams.retire(p.data)
                     p.data = t.detach().to(p.device, p.dtype, copy=True)
-            t = getattr(pair[0], SCALE_ATTR, None)
-            if isinstance(t, Tensor):
-                t.fill_(scaling)
+            self._fill_pair_scales(pair[0], scaling)
         return pair
 
     def _trainable(self) -> bool:

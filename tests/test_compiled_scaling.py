@@ -498,3 +498,89 @@ def test_hold_around_a_compiled_forward_keeps_switches_on_other_threads_out():
         stop.set()
         thread.join()
     assert not torn and len(served) == 300
+
+
+def test_programs_of_a_deep_copy_and_after_a_dtype_round_trip_follow_switches_whole():
+    """nn.Parameter's deepcopy drops the Parameter's attributes: the copy's scale tensor is given back to its live
+    pair, so a program of the copy follows the copy's switches (it served the new factors at the old scaling: 68x
+    off). A float32 -> float64 -> float32 round trip keeps the Parameter objects: the float32 tensor a program made
+    before holds is filled again by later switches."""
+    import copy
+    layer, x, g = _make("linear")
+    made = _add_adapters(layer, g, [0.5, 3.0])
+    layer.set_adapter("a0")
+    clone = copy.deepcopy(layer)
+    _check_programs(_programs(clone, x), clone, x, made, ("a1", "a0"))
+    _check_programs({"layer": layer}, layer, x, made, ("a1", "a0"))  # the original is its own
+    programs = _programs(layer, x)
+    layer.double()
+    layer.float()
+    _check_programs(programs, layer, x, made, ("a1", "a0", "a1"))
+
+
+def test_layers_sharing_a_factor_parameter_keep_their_own_scalings():
+    """Two layers whose lora_A / lora_B are one Parameter pair, with scalings 2 and 1: each serves its own scaling,
+    eager, compiled and on the CUDA kernels' code (the simulator): the scale tensors a Parameter carries are per
+    layer."""
+    from lora_ext import ops
+    sim = pytest.importorskip("lora_ext._sim")
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    l1, l2 = lora_ext.Linear(16, 8, r=4, lora_alpha=8), lora_ext.Linear(16, 8, r=4, lora_alpha=4)
+    with torch.no_grad():
+        l1.lora_B.normal_(generator=g)
+    l2.lora_A, l2.lora_B = l1.lora_A, l1.lora_B
+    l2.scaling = 1.0
+    for m in (l1, l2):
+        m.requires_grad_(False)
+    x = torch.randn(3, 16, generator=g)
+    A, B = l1.lora_A.detach().clone(), l1.lora_B.detach().clone()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for layer, s in ((l1, 2.0), (l2, 1.0)):
+            want = x.double() @ (layer.weight.double() + s * (B @ A).double()).t() + layer.bias.double()
+            assert_close_rel(layer(x), want, torch.float32)
+            assert_close_rel(torch.compile(layer, backend="aot_eager")(x), want, torch.float32)
+            with ops.use_kernels(sim, "cpu"):
+                assert_close_rel(layer(x), want, torch.float32)
+
+
+def test_float64_factors_on_a_float32_layer_compile_with_the_float():
+    """float64 factors on a float32 base get a float64 scale tensor, which no float32 op takes: traced forwards take
+    the float there (they raised that the scale must be float32, a scale the user never passed)."""
+    layer, x, g = _make("linear")
+    made = _add_adapters(layer, g, [0.5, 3.0])
+    layer.set_adapter("a1")
+    with torch.no_grad():
+        layer.lora_A.data, layer.lora_B.data = layer.lora_A.data.double(), layer.lora_B.data.double()
+    layer.scaling = 3.0  # (a new scale tensor for the float64 factors)
+    assert layer._scaling_t.dtype == torch.float64
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = _oracle("linear", layer, x, *made["a1"])
+        assert_close_rel(layer(x), want, torch.float32)
+        assert_close_rel(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), want, torch.float32)
+        assert_close_rel(torch.export.export(layer, (x,)).module()(x), want, torch.float32)
+
+
+def test_a_switch_is_refused_while_a_parametrization_computes_the_factors():
+    """With torch.nn.utils.parametrize on lora_A the layer's attribute is the parametrization's output: a switch
+    wrote a1's factors into a temporary, then failed with KeyError 'lora_A', leaving a0 active with a1's factors.
+    Refused before anything changes, naming the parametrization."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Same(torch.nn.Module):
+        def forward(self, t):
+            return t
+
+    layer, x, g = _make("linear")
+    made = _add_adapters(layer, g, [0.5, 3.0])
+    layer.set_adapter("a0")
+    parametrize.register_parametrization(layer, "lora_A", Same())
+    with torch.no_grad():
+        before = layer(x)
+        for call in (lambda: layer.set_adapter("a1"), lambda: layer.add_adapter("a0", *made["a1"])):
+            with pytest.raises(ValueError, match="parametrization on lora_A"):
+                call()
+            assert layer.active_adapter == "a0" and layer.scaling == 0.5
+            assert torch.equal(layer(x), before)
+
