@@ -353,8 +353,8 @@ class LoRALayer(NamedAdapters):
         whatever its scaling: nothing guards on the float or bakes it in (peft's compiled hotswap turns scalings
         into tensors alike), and an exported or jit-traced program serves one adapter whole. The float instead for
         DTensor factors, where float64 and other dtypes meet (the tensor is float64 only for float64 factors, and
-        the ops take a float64 tensor only for float64 operands), and under inductor's freezing (_freezing). Eager: the float, and beside it the float32 tensor the CUDA kernels read (CUDA
-        graphs)."""
+        the ops take a float64 tensor only for float64 operands), and under inductor's freezing (_freezing).
+        Eager: the float, and beside it the float32 tensor the CUDA kernels read (CUDA graphs)."""
         t = self._scale_tensor_for(x)
         floating = [o.dtype for o in (x, *operands) if o.is_floating_point()]
         if (t is not None and ops.traced() and not _freezing()

@@ -187,12 +187,12 @@ class NamedAdapters:
     # torch.export, torch.jit.trace) take as the scale: a captured CUDA graph or a traced program of an unmerged
     # forward then follows a switch to an adapter with another scaling. Setting `scaling` updates both.
     #
-    # The tensor belongs to the live lora_A Parameter object (its attribute SCALE_ATTR): whatever writes an
-    # adapter's values into a Parameter pair writes that adapter's scaling into the pair's tensor (the setter for
-    # the live pair, _take_values for the others), and live Parameters that are new objects (a trainable switch,
-    # load_state_dict(assign=True), a .to() that makes new Parameters) get their own tensor. So a program that
-    # holds a pair and its tensor (torch.export, torch.jit.trace) always serves one adapter whole: the one whose
-    # values the pair holds, never those values at another adapter's scaling.
+    # The tensor belongs to the live lora_A Parameter object (its attribute SCALE_ATTR, per layer: _pair_scales):
+    # whatever writes an adapter's values into a Parameter pair writes that adapter's scaling into the pair's
+    # tensors (the setter for the live pair, _take_values for the others), and live Parameters that are new
+    # objects (a trainable switch, load_state_dict(assign=True), a .to() that makes new Parameters) get their own
+    # tensor. So a program that holds a pair and its tensor (torch.export, torch.jit.trace) always serves one
+    # adapter whole: the one whose values the pair holds, never those values at another adapter's scaling.
 
     @property
     def scaling(self) -> float:
@@ -728,7 +728,7 @@ class NamedAdapters:
 
     def _take_values(self, pair, lora_A, lora_B, scaling: float):
         """`pair` (a Parameter pair) given the values of (lora_A, lora_B), in place where the shapes allow, and the
-        pair's scale tensor, if it has one, their adapter's `scaling` (see `_sync_scale_tensor`)."""
+        pair's scale tensors (if any) their adapter's `scaling` (see `_pair_scales`)."""
         with torch.no_grad():
             for p, t in zip(pair, (lora_A, lora_B)):
                 if p.shape == t.shape:

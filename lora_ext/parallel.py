@@ -435,6 +435,8 @@ def _refuse_distribute_module(layer):
 
 
 LoRALayer._distribute_module_applied = property(_refuse_distribute_module)
+
+
 def _dir_without_refusal(layer):
     """dir() without the refusal above: what lists a module's names and reads each (torch.jit.trace and torch.onnx's
     TorchScript export, inspect.getmembers) would otherwise meet it there and fail with a message about tensor
