@@ -123,6 +123,7 @@ class LoRALayer(NamedAdapters):
         state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
         state.pop("_pre_disable", None)
         state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
+        state.pop("_scale_owner", None)  # (the copy's __setstate__ says which pair its scale tensor is)
         return state
 
     def __setstate__(self, state):
@@ -142,6 +143,8 @@ class LoRALayer(NamedAdapters):
         super().register_parameter(name, param)
         if name == "weight":
             ties.note(param, self)  # `l2.weight = l1.weight` lands here: merges then see the tie
+        elif name == "lora_A" and param is not None and "_scaling" in self.__dict__:
+            self._sync_scale_tensor()  # `layer.lora_A = Parameter(...)`: the new pair's own scale tensor
 
     def _describe(self) -> str:
         """The layer as its constructor reads (in messages): Linear(in, out), Embedding(num, dim),
@@ -355,13 +358,43 @@ class LoRALayer(NamedAdapters):
         DTensor factors, where float64 and other dtypes meet (the tensor is float64 only for float64 factors, and
         the ops take a float64 tensor only for float64 operands), and under inductor's freezing (_freezing).
         Eager: the float, and beside it the float32 tensor the CUDA kernels read (CUDA graphs)."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            # eager, or torch.jit.trace: the Parameter's identity is checked here, not under dynamo (torch.compile
+            # would guard on it; torch.export traces stand-ins for the Parameters)
+            params = self._parameters
+            if params.get("lora_A") is not self.__dict__.get("_scale_owner") and "lora_A" in params:
+                self._refuse_in_program(torch.jit.is_tracing(), "its lora_A Parameter was replaced behind the layer's "
+                                        "back (assigned into _parameters directly, as accelerate's loading does)",
+                                        "run an eager forward first: it gives the new Parameters their scale tensor")
+                self._sync_scale_tensor()
+            if not torch.jit.is_tracing():  # eager: the float, and the float32 tensor the CUDA kernels read
+                t = self.__dict__.get("_scaling_t")
+                return self.scaling, (t if t is not None and t.device == x.device and t.dtype == torch.float32
+                                      else None)
+        program = not compiling or torch.compiler.is_exporting()  # (jit or export: holds the objects it reads)
         t = self._scale_tensor_for(x)
+        if t is None or any(sharded.is_dtensor(o) for o in (x, *operands)):
+            return self.scaling, None
         floating = [o.dtype for o in (x, *operands) if o.is_floating_point()]
-        if (t is not None and ops.traced() and not _freezing()
-                and not any(sharded.is_dtensor(o) for o in (x, *operands))
-                and all((d == torch.float64) == (t.dtype == torch.float64) for d in floating)):
-            return t, None
-        return self.scaling, (t if t is not None and t.dtype == torch.float32 else None)
+        if not all((d == torch.float64) == (t.dtype == torch.float64) for d in floating):
+            # float64 factors on a float32 layer (or the reverse): no op takes the tensor
+            self._refuse_in_program(program, "float64 and other dtypes meet in its forward (" +
+                                    ", ".join(str(d) for d in floating) + "), so no scale tensor serves the op",
+                                    "hold the factors in the dtype of the layer and its input")
+            return self.scaling, None
+        if _freezing():
+            return self.scaling, None
+        return t, None
+
+    def _refuse_in_program(self, program: bool, why: str, remedy: str) -> None:
+        """Refuses to trace (torch.export, torch.jit.trace) or capture (a CUDA graph) a forward whose scale tensor
+        the program could not hold: it would bake the scaling in and, after an in-place switch, serve the new
+        factors at the old scaling. Eager forwards outside a capture go on."""
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        if program or capturing:
+            raise RuntimeError(f"{self._describe()}: {why}: a {'traced' if program else 'captured'} program of it "
+                               f"would pair later adapters' factors with this scaling; {remedy}")
 
     def _operands(self, x: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor], Tensor, Tensor]:
         """(x after lora_dropout, weight, bias, lora_A, lora_B) for an unmerged forward, read from the module's

@@ -231,7 +231,9 @@ class NamedAdapters:
     def _sync_scale_tensor(self) -> None:
         """`_scaling_t` made the live lora_A's scale tensor (see above) on its device, in the dtype the factors take
         (a new one where it has none), and every scale tensor of the live pair given the scaling, in place."""
-        live = getattr(self, "lora_A", None)
+        live = self._parameters.get("lora_A")
+        if live is None:
+            live = getattr(self, "lora_A", None)  # (a parametrization's output, or a plain attribute)
         if live is None or "_scaling" not in self.__dict__:
             return
         dtype = torch.float64 if live.dtype == torch.float64 else torch.float32
@@ -241,17 +243,32 @@ class NamedAdapters:
             t = torch.full((1,), self.scaling, dtype=dtype, device=live.device)
             owned.append(t)
         self._fill_pair_scales(live, self.scaling)
-        self.__dict__["_scaling_t"] = t
+        self.__dict__.update(_scaling_t=t, _scale_owner=live)
+
+    def _scale_owner_changed(self) -> bool:
+        """Whether the registered lora_A is not the Parameter the scale tensor was synced for: it was replaced
+        behind the layer's back (assigned into _parameters directly, as accelerate's loading does, or left by
+        remove_parametrizations)."""
+        live = self._parameters.get("lora_A")
+        return live is not None and live is not self.__dict__.get("_scale_owner")
 
     def _adopt_scale_tensor(self) -> None:
-        """After a deep copy: nn.Parameter's deepcopy drops the Parameter's attributes, so the copied scale tensor
-        goes back to the copied live pair (which holds the same adapter's values)."""
+        """After a deep copy or an unpickle: a key of the copy's own (layers that share a Parameter keep their own
+        tensors, a copy and its original too), the copied pair's tensors moved under it, and the copied scale tensor
+        given back to the live pair (nn.Parameter's deepcopy drops the Parameter's attributes)."""
+        old = self.__dict__.pop("_scale_key", None)
         t = self.__dict__.get("_scaling_t")
         live = self._parameters.get("lora_A")
-        if isinstance(t, Tensor) and live is not None:
-            owned = self._pair_scales(live)
+        if live is None:
+            return
+        table = live.__dict__.get(SCALE_ATTR)
+        moved = table.pop(old, []) if isinstance(table, dict) and old is not None else []
+        owned = self._pair_scales(live)
+        owned.extend(o for o in moved if not any(o is k for k in owned))
+        if isinstance(t, Tensor):
             if not any(o is t for o in owned):
                 owned.append(t)
+            self.__dict__["_scale_owner"] = live
 
     def _apply(self, fn, recurse=True):
         """After module.to(...) and the like: the scale tensor goes where lora_A is (new Parameters, or a new device

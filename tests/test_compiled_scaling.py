@@ -543,9 +543,11 @@ def test_layers_sharing_a_factor_parameter_keep_their_own_scalings():
                 assert_close_rel(layer(x), want, torch.float32)
 
 
-def test_float64_factors_on_a_float32_layer_compile_with_the_float():
-    """float64 factors on a float32 base get a float64 scale tensor, which no float32 op takes: traced forwards take
-    the float there (they raised that the scale must be float32, a scale the user never passed)."""
+def test_float64_factors_on_a_float32_layer_compile_with_the_float_and_refuse_programs():
+    """float64 factors on a float32 base get a float64 scale tensor, which no float32 op takes: torch.compile takes the
+    float there (guarded; it raised that the scale must be float32, a scale the user never passed), and torch.export
+    and torch.jit.trace refuse, naming the dtypes (a program would bake the float in and serve a later adapter's
+    factors at this scaling: 0.84 off)."""
     layer, x, g = _make("linear")
     made = _add_adapters(layer, g, [0.5, 3.0])
     layer.set_adapter("a1")
@@ -558,7 +560,10 @@ def test_float64_factors_on_a_float32_layer_compile_with_the_float():
         want = _oracle("linear", layer, x, *made["a1"])
         assert_close_rel(layer(x), want, torch.float32)
         assert_close_rel(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), want, torch.float32)
-        assert_close_rel(torch.export.export(layer, (x,)).module()(x), want, torch.float32)
+        with pytest.raises(RuntimeError, match="float64 and other dtypes meet"):
+            torch.export.export(layer, (x,))
+        with pytest.raises(RuntimeError, match="float64 and other dtypes meet"), pytest.warns(FutureWarning):
+            torch.jit.trace(layer, (x,), check_trace=False)
 
 
 def test_a_switch_is_refused_while_a_parametrization_computes_the_factors():
@@ -583,3 +588,88 @@ def test_a_switch_is_refused_while_a_parametrization_computes_the_factors():
             assert layer.active_adapter == "a0" and layer.scaling == 0.5
             assert torch.equal(layer(x), before)
 
+
+
+def test_a_deep_copy_tied_back_to_its_original_keeps_its_own_scaling():
+    """A deep copy has a layer key of its own: tying its factors back to the original's Parameters keeps the two
+    scalings apart (the copy kept the original's key and the two shared one tensor: 0.66 off compiled and on the
+    CUDA kernels' code)."""
+    import copy
+    from lora_ext import ops
+    sim = pytest.importorskip("lora_ext._sim")
+    layer, x, g = _make("linear")
+    layer.requires_grad_(False)
+    clone = copy.deepcopy(layer)
+    clone.lora_A, clone.lora_B = layer.lora_A, layer.lora_B
+    layer.scaling, clone.scaling = 2.0, 0.5
+    A, B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for m, s in ((layer, 2.0), (clone, 0.5)):
+            want = _oracle("linear", m, x, A, B, s)
+            assert_close_rel(torch.compile(m, backend="aot_eager")(x), want, torch.float32)
+            with ops.use_kernels(sim, "cpu"):
+                assert_close_rel(m(x), want, torch.float32)
+
+
+def test_factors_replaced_behind_the_layers_back_get_their_scale_tensor_before_a_program_holds_them():
+    """`layer.lora_A = Parameter(...)` syncs at once; a Parameter put into _parameters directly (accelerate's
+    set_module_tensor_to_device) is synced by the next eager forward, and torch.jit.trace before that is refused.
+    Programs made after follow switches whole (they served a1's factors at a0's scaling: 0.84 off)."""
+    for how in ("setattr", "direct"):
+        layer, x, g = _make("linear")
+        made = _add_adapters(layer, g, [0.5, 3.0])
+        layer.set_adapter("a0")
+        for name in ("lora_A", "lora_B"):
+            p = torch.nn.Parameter(getattr(layer, name).detach().clone(), requires_grad=False)
+            if how == "setattr":
+                setattr(layer, name, p)
+            else:
+                layer._parameters[name] = p
+        if how == "direct":
+            with pytest.raises(RuntimeError, match="replaced behind the layer's back"), pytest.warns(FutureWarning):
+                torch.jit.trace(layer, (x,), check_trace=False)
+            with torch.no_grad():
+                layer(x)  # an eager forward syncs
+        _check_programs(_programs(layer, x), layer, x, made, ("a1", "a0"))
+
+
+@pytest.mark.parametrize("how", ["load_peft_adapter", "hotswap_adapter"])
+def test_loads_into_a_parametrized_model_are_refused_before_anything_changes(how, tmp_path):
+    """A parametrization on one layer's lora_B: loading into the active adapter (or hotswapping it) is refused
+    before the first layer changes (the other layer took the new factors and scaling before the refusal: a model
+    2.34 off its old self and 1.13 off the new adapter)."""
+    import torch.nn.utils.parametrize as parametrize
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = lora_ext.Linear(16, 16, r=4, lora_alpha=8)
+            self.v = lora_ext.Linear(16, 16, r=4, lora_alpha=8)
+
+        def forward(self, x):
+            return self.v(torch.relu(self.q(x)))
+
+    class Same(torch.nn.Module):
+        def forward(self, t):
+            return t
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+    src, model = Two(), Two()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        for m in (src.q, src.v):
+            m.scaling = 4.0
+    lora_ext.save_peft_adapter(src, str(tmp_path / "new"))
+    model.requires_grad_(False)
+    parametrize.register_parametrization(model.v, "lora_B", Same())
+    x = torch.randn(3, 16, generator=g)
+    with torch.no_grad():
+        before = model(x)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match="parametrization on lora_B"):
+            getattr(lora_ext, how)(model, str(tmp_path / "new"), "default")
+        assert torch.equal(model(x), before)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+        assert model.q.scaling == model.v.scaling == 2.0

@@ -517,6 +517,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         plan.append((name, module, layer, fresh, A2, B2, scaling))
     held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name) and not m.is_placeholder(adapter_name)]
     zeroed = _check_hotswap(model, adapter_name, plan, held, chosen, to_save, token_plan, cfg_file) if _hotswap else []
+    for _, m in lora_layers(model):  # the layers whose live factors this load writes (switches and the active adapter)
+        if activate or m.active_adapter == adapter_name:
+            m._check_plain_factors(f"{cfg_file}: adapter {adapter_name!r}")
     uncovered = [n for n, _ in held if n not in chosen and not _hotswap]
     uncovered += [n for n, w in _saved.wrappers(model) if adapter_name in w.adapter_names
                   and n not in {name for name, _ in to_save} and n not in token_names]
