@@ -350,6 +350,7 @@ class LoRALayer(NamedAdapters):
         return self._weight_owner()._parameters.get("weight")
 
     def _scales(self, x: Tensor, *operands: Tensor) -> Tuple[Union[float, Tensor], Optional[Tensor]]:
+        # operands: the op's tensors beside x (read from the layer when not given)
         """(scale, scale_tensor) for the unmerged forward's op. Traced (torch.compile, torch.export,
         torch.jit.trace): the layer's scale tensor as the scale, read when the program runs. A switch writes that
         tensor as it writes the factors (see NamedAdapters._sync_scale_tensor), so one trace serves every adapter
@@ -361,18 +362,22 @@ class LoRALayer(NamedAdapters):
         compiling = torch.compiler.is_compiling()
         if not compiling:
             # eager, or torch.jit.trace: the Parameter's identity is checked here, not under dynamo (torch.compile
-            # would guard on it; torch.export traces stand-ins for the Parameters)
-            params = self._parameters
-            if params.get("lora_A") is not self.__dict__.get("_scale_owner") and "lora_A" in params:
+            # would guard on it; torch.export traces stand-ins for the Parameters). (The eager path costs little:
+            # a forward's host time, bench/NOTES-forward.md.)
+            state, params = self.__dict__, self._parameters
+            if params.get("lora_A") is not state.get("_scale_owner") and "lora_A" in params:
                 self._refuse_in_program(torch.jit.is_tracing(), "its lora_A Parameter was replaced behind the layer's "
                                         "back (assigned into _parameters directly, as accelerate's loading does)",
                                         "run an eager forward first: it gives the new Parameters their scale tensor")
                 self._sync_scale_tensor()
-            if not torch.jit.is_tracing():  # eager: the float, and the float32 tensor the CUDA kernels read
-                t = self.__dict__.get("_scaling_t")
-                return self.scaling, (t if t is not None and t.device == x.device and t.dtype == torch.float32
-                                      else None)
+            if not torch._C._is_tracing():  # eager: the float, and the float32 tensor the CUDA kernels read
+                t = state.get("_scaling_t")
+                if t is not None and (t.dtype is not torch.float32 or t.device != x.device):
+                    t = None
+                return state["_scaling"], t
         program = not compiling or torch.compiler.is_exporting()  # (jit or export: holds the objects it reads)
+        if not operands:  # (read here, not by eager callers: nn.Module's attribute lookups cost host time)
+            operands = tuple(o for o in (self._weight_or_none(), self.lora_A, self.lora_B) if o is not None)
         t = self._scale_tensor_for(x)
         if t is None or any(sharded.is_dtensor(o) for o in (x, *operands)):
             return self.scaling, None
@@ -707,7 +712,7 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
-            scale, scale_tensor = self._scales(x, self.weight, self.lora_A, self.lora_B)
+            scale, scale_tensor = self._scales(x)
             return ops.embedding(x, self.weight, self.lora_A, self.lora_B, scale, scale_tensor=scale_tensor,
                                  padding_idx=self.padding_idx, max_norm=self.max_norm,
                                  norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
@@ -889,7 +894,7 @@ class ConvLoRA(LoRALayer, nn.Module):
         if self.r > 0 and not self.merged:
             # traced, and eager on CUDA, the scale is read at run time (see _scales; CUDA graphs); eager elsewhere
             # it is folded into the delta
-            scale, scale_tensor = self._scales(x, self.conv.weight, self.lora_A, self.lora_B)
+            scale, scale_tensor = self._scales(x)
             return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, scale,
                             scale_tensor if x.is_cuda else None)
         return self.conv(x)

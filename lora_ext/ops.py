@@ -97,7 +97,7 @@ def traced() -> bool:
     go through the custom ops, which the traces record as one call each: the kernels' pybind launchers are
     invisible to torch.jit.trace (it would record their output as a constant), and the reference's torch ops would
     bake a float scale in."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or torch._C._is_tracing()  # (torch.jit.is_tracing, without its wrapper)
 
 
 def _fast_path(t, differentiable=(), also=()):
@@ -179,16 +179,16 @@ def _scales(scale, scale_tensor, ref, where):
     tensor (a traced graph has no float of it to guard on or bake in). Its value is checked where that costs no
     device sync (eager, on the CPU; the layers' own tensors hold checked values). A float scale is checked and
     comes with the optional tensor copy the CUDA kernels read."""
+    if not isinstance(scale, Tensor):  # (first: the eager path's host time)
+        _check_scale(scale)
+        return float(scale), scale_tensor
     device, dtype = (ref.device, ref.dtype) if isinstance(ref, Tensor) else (None, None)
-    if isinstance(scale, Tensor):
-        if scale_tensor is not None:
-            raise ValueError("scale is a tensor: pass scale_tensor=None (a tensor scale is itself what the ops read)")
-        _check_scale_tensor(scale, device, where, name="scale", dtype=dtype)
-        if scale.device.type == "cpu" and not traced():
-            finite_real("scale", scale.item())
-        return None, scale.reshape(1)  # (a view: the ops read the caller's tensor)
-    _check_scale(scale)
-    return float(scale), scale_tensor
+    if scale_tensor is not None:
+        raise ValueError("scale is a tensor: pass scale_tensor=None (a tensor scale is itself what the ops read)")
+    _check_scale_tensor(scale, device, where, name="scale", dtype=dtype)
+    if scale.device.type == "cpu" and not traced():
+        finite_real("scale", scale.item())
+    return None, scale.reshape(1)  # (a view: the ops read the caller's tensor)
 
 
 def _host_scale(scale, scale_tensor):
@@ -660,8 +660,9 @@ def _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, blo
     if _kernels.takes(x, x_lora, weight, bias, lora_A, lora_B, scale_tensor):
         return _kernels.module.linear(x, x_lora, weight, bias, lora_A, lora_B, 0.0 if scale is None else scale,
                                       num_blocks, block_ids, fan_in_fan_out, scale_tensor)
-    return reference.linear(x, x_lora, weight, bias, lora_A, lora_B, _host_scale(scale, scale_tensor), num_blocks,
-                            block_ids, fan_in_fan_out)
+    return reference.linear(x, x_lora, weight, bias, lora_A, lora_B,
+                            scale if scale is not None else _host_scale(scale, scale_tensor), num_blocks, block_ids,
+                            fan_in_fan_out)
 
 
 @torch.library.custom_op("lora_ext::linear", mutates_args=())
@@ -745,10 +746,11 @@ for _device_type in ("cpu", "cuda"):
 def _check_scale_tensor(scale_tensor, device, where, name="scale_tensor", dtype=None):
     """A scale tensor: one element, float32 (float64 also where `dtype`, the op's, is float64: the reference
     backend reads it), on `device`, not requiring grad (the ops give it no gradient)."""
+    if scale_tensor is None:
+        return
     dtypes = (torch.float32, torch.float64) if dtype == torch.float64 else (torch.float32,)
-    if scale_tensor is not None and not (isinstance(scale_tensor, Tensor) and scale_tensor.dtype in dtypes
-                                         and scale_tensor.numel() == 1 and scale_tensor.device == device
-                                         and not scale_tensor.requires_grad):
+    if not (isinstance(scale_tensor, Tensor) and scale_tensor.dtype in dtypes and scale_tensor.numel() == 1
+            and scale_tensor.device == device and not scale_tensor.requires_grad):
         got = (f"{scale_tensor.dtype} of {scale_tensor.numel()} element(s) on {scale_tensor.device}"
                + (" that requires grad" if scale_tensor.requires_grad else "")
                if isinstance(scale_tensor, Tensor) else type(scale_tensor).__name__)
@@ -804,6 +806,8 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     if _fast_path(x, args[:6], also=(scale_tensor,)):
         return _launch(_kernels.module.linear, (*args[:6], 0.0 if scale is None else scale, *args[7:]),
                        _check_linear_args)
+    if scale is not None:  # past the fast path a float scale serves alone, as it always did (the tensor beside it is
+        args = (*args[:10], None)  # for the kernels' captured graphs); a tensor goes on where it is the scale
     if not _check_linear_args(*args):
         return torch.nn.functional.linear(x, weight.t() if fan_in_fan_out else weight, bias)
     if traced() or _needs_grad(*args[:6]):
@@ -881,6 +885,8 @@ def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale
     fast = max_norm is None and _fast_path(weight, (weight, lora_A, lora_B), also=(ids, scale_tensor))
     if fast:
         return _launch(_embedding_impl, args, _check_embedding_args)
+    if scale is not None:  # past the fast path a float scale serves alone (as in linear)
+        args = (*args[:8], None)
     _check_embedding_args(*args)
     if max_norm is not None:
         with torch.no_grad():
