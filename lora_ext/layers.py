@@ -748,9 +748,9 @@ class Linear(LoRALayer, nn.Linear):
 
     def _forward(self, x):
         if self.r > 0 and not self.merged:
-            operands = self._operands(x)
-            scale, scale_tensor = self._scales(x, *operands[3:])
-            return ops.linear(x, *operands, scale, fan_in_fan_out=self.fan_in_fan_out, scale_tensor=scale_tensor)
+            scale, scale_tensor = self._scales(x)
+            return ops.linear(x, *self._operands(x), scale, fan_in_fan_out=self.fan_in_fan_out,
+                              scale_tensor=scale_tensor)
         return self._weight_forward(x)
 
     def _weight_forward(self, x):
@@ -817,9 +817,8 @@ class MergedLinear(LoRALayer, nn.Linear):
 
     def _forward(self, x):
         if self.has_lora and not self.merged:
-            operands = self._operands(x)
-            scale, scale_tensor = self._scales(x, *operands[3:])
-            return ops.linear(x, *operands, scale, num_blocks=len(self.enable_lora),
+            scale, scale_tensor = self._scales(x)
+            return ops.linear(x, *self._operands(x), scale, num_blocks=len(self.enable_lora),
                               block_ids=self._block_ids, scale_tensor=scale_tensor,
                               fan_in_fan_out=self.fan_in_fan_out)
         return self._weight_forward(x)

@@ -775,7 +775,8 @@ def _check_linear_args(x, x_lora, weight, bias, lora_A, lora_B, scale, num_block
         raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
     ids = _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_ids)
     _check_same_device(x=x, x_lora=x_lora, weight=weight, bias=bias, lora_A=lora_A, lora_B=lora_B)
-    _check_scale_tensor(scale_tensor, x.device, "x", dtype=x.dtype)
+    if scale_tensor is not None:
+        _check_scale_tensor(scale_tensor, x.device, "x", dtype=x.dtype)
     return ids
 
 
@@ -870,7 +871,8 @@ def _check_embedding_args(ids, weight, lora_A, lora_B, scale, padding_idx, scale
     # Embedding storage is the transposed layout: lora_A is (r, num_embeddings), lora_B (dim, r).
     _check_factors(lora_A, lora_B, dim, num, 1, [0])
     _check_same_device(ids=ids, weight=weight, lora_A=lora_A, lora_B=lora_B)
-    _check_scale_tensor(scale_tensor, weight.device, "weight", dtype=weight.dtype)
+    if scale_tensor is not None:
+        _check_scale_tensor(scale_tensor, weight.device, "weight", dtype=weight.dtype)
 
 
 def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale, *,
