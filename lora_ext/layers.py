@@ -350,8 +350,8 @@ class LoRALayer(NamedAdapters):
         return self._weight_owner()._parameters.get("weight")
 
     def _scales(self, x: Tensor, *operands: Tensor) -> Tuple[Union[float, Tensor], Optional[Tensor]]:
-        # operands: the op's tensors beside x (read from the layer when not given)
-        """(scale, scale_tensor) for the unmerged forward's op. Traced (torch.compile, torch.export,
+        """(scale, scale_tensor) for the unmerged forward's op (`operands`: its tensors beside x, read from the layer
+        when not given). Traced (torch.compile, torch.export,
         torch.jit.trace): the layer's scale tensor as the scale, read when the program runs. A switch writes that
         tensor as it writes the factors (see NamedAdapters._sync_scale_tensor), so one trace serves every adapter
         whatever its scaling: nothing guards on the float or bakes it in (peft's compiled hotswap turns scalings
@@ -362,8 +362,8 @@ class LoRALayer(NamedAdapters):
         compiling = torch.compiler.is_compiling()
         if not compiling:
             # eager, or torch.jit.trace: the Parameter's identity is checked here, not under dynamo (torch.compile
-            # would guard on it; torch.export traces stand-ins for the Parameters). (The eager path costs little:
-            # a forward's host time, bench/NOTES-forward.md.)
+            # would guard on it; torch.export traces stand-ins for the Parameters). The eager path is kept short:
+            # host time per forward matters (bench/NOTES-forward.md).
             state, params = self.__dict__, self._parameters
             if params.get("lora_A") is not state.get("_scale_owner") and "lora_A" in params:
                 self._refuse_in_program(torch.jit.is_tracing(), "its lora_A Parameter was replaced behind the layer's "
