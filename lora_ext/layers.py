@@ -349,9 +349,8 @@ class LoRALayer(NamedAdapters):
         attribute then)."""
         return self._weight_owner()._parameters.get("weight")
 
-    def _scales(self, x: Tensor, *operands: Tensor) -> Tuple[Union[float, Tensor], Optional[Tensor]]:
-        """(scale, scale_tensor) for the unmerged forward's op (`operands`: its tensors beside x, read from the layer
-        when not given). Traced (torch.compile, torch.export,
+    def _scales(self, x: Tensor) -> Tuple[Union[float, Tensor], Optional[Tensor]]:
+        """(scale, scale_tensor) for the unmerged forward's op. Traced (torch.compile, torch.export,
         torch.jit.trace): the layer's scale tensor as the scale, read when the program runs. A switch writes that
         tensor as it writes the factors (see NamedAdapters._sync_scale_tensor), so one trace serves every adapter
         whatever its scaling: nothing guards on the float or bakes it in (peft's compiled hotswap turns scalings
@@ -364,20 +363,19 @@ class LoRALayer(NamedAdapters):
             # eager, or torch.jit.trace: the Parameter's identity is checked here, not under dynamo (torch.compile
             # would guard on it; torch.export traces stand-ins for the Parameters). The eager path is kept short:
             # host time per forward matters (bench/NOTES-forward.md).
-            state, params = self.__dict__, self._parameters
-            if params.get("lora_A") is not state.get("_scale_owner") and "lora_A" in params:
+            if self._scale_owner_changed():
                 self._refuse_in_program(torch.jit.is_tracing(), "its lora_A Parameter was replaced behind the layer's "
                                         "back (assigned into _parameters directly, as accelerate's loading does)",
                                         "run an eager forward first: it gives the new Parameters their scale tensor")
                 self._sync_scale_tensor()
             if not torch._C._is_tracing():  # eager: the float, and the float32 tensor the CUDA kernels read
-                t = state.get("_scaling_t")
+                t = self.__dict__.get("_scaling_t")
                 if t is not None and (t.dtype is not torch.float32 or t.device != x.device):
                     t = None
-                return state["_scaling"], t
+                return self.__dict__["_scaling"], t
         program = not compiling or torch.compiler.is_exporting()  # (jit or export: holds the objects it reads)
-        if not operands:  # (read here, not by eager callers: nn.Module's attribute lookups cost host time)
-            operands = tuple(o for o in (self._weight_or_none(), self.lora_A, self.lora_B) if o is not None)
+        # (read here, past the eager path: nn.Module's attribute lookups cost host time)
+        operands = tuple(o for o in (self._weight_or_none(), self.lora_A, self.lora_B) if o is not None)
         t = self._scale_tensor_for(x)
         if t is None or any(sharded.is_dtensor(o) for o in (x, *operands)):
             return self.scaling, None

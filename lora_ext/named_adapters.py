@@ -242,7 +242,8 @@ class NamedAdapters:
         if t is None:
             t = torch.full((1,), self.scaling, dtype=dtype, device=live.device)
             owned.append(t)
-        self._fill_pair_scales(live, self.scaling)
+        for o in owned:
+            o.fill_(self.scaling)
         self.__dict__.update(_scaling_t=t, _scale_owner=live)
 
     def _scale_owner_changed(self) -> bool:
@@ -548,7 +549,6 @@ class NamedAdapters:
                                    f"holds merged, while a mixed batch (lora.batch_adapters) serves this layer: the "
                                    f"weight would change under the batch's rows; replace it after the block closes")
             if name == self.active_adapter:
-                self._check_plain_factors(f"add_adapter({name!r}) into the active adapter")
                 with deferred_interrupt():
                     self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy
             else:

@@ -660,9 +660,8 @@ def _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, blo
     if _kernels.takes(x, x_lora, weight, bias, lora_A, lora_B, scale_tensor):
         return _kernels.module.linear(x, x_lora, weight, bias, lora_A, lora_B, 0.0 if scale is None else scale,
                                       num_blocks, block_ids, fan_in_fan_out, scale_tensor)
-    return reference.linear(x, x_lora, weight, bias, lora_A, lora_B,
-                            scale if scale is not None else _host_scale(scale, scale_tensor), num_blocks, block_ids,
-                            fan_in_fan_out)
+    return reference.linear(x, x_lora, weight, bias, lora_A, lora_B, _host_scale(scale, scale_tensor), num_blocks,
+                            block_ids, fan_in_fan_out)
 
 
 @torch.library.custom_op("lora_ext::linear", mutates_args=())
@@ -1032,7 +1031,8 @@ def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor
     if x_lora.shape != x.shape:
         raise ValueError(f"x_lora must have the shape of x {tuple(x.shape)}, got {tuple(x_lora.shape)}")
     scale, scale_tensor = _scales(scale, scale_tensor, w, "the conv weight")
-    _check_scale_tensor(scale_tensor, w.device, "the conv weight", dtype=w.dtype)
+    if scale is not None:  # (a tensor scale was checked by _scales; this is the float's companion)
+        _check_scale_tensor(scale_tensor, w.device, "the conv weight", dtype=w.dtype)
     if scale_tensor is None:
         delta = delta_weight(lora_A, lora_B, scale, out_features=lora_B.shape[0], dtype=w.dtype)
     else:
