@@ -231,6 +231,10 @@ void launch_linear(const LinearPlan& p, kf::Args<T, Tab>& args, const at::Tensor
               kf::expand_smem_bytes<T>(), args);
 }
 
+// t, or where it is a view, a tensor of its own over the same memory: the ops' outputs are never views. A custom
+// op's output that is a view refuses in-place writes under autograd (`layer(x).relu_()`), which nn.Linear's take.
+inline at::Tensor own(const at::Tensor& t) { return t.is_view() ? at::_unsafe_view(t, t.sizes()) : t; }
+
 // F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks. The LoRA kernels write
 // out = bias + the low-rank term, then the base GEMM accumulates onto it (beta = 1). scale_tensor (checks.h):
 // when given, the kernels read the scale from it at run time and `scale` is unused.
@@ -244,7 +248,7 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
   const at::Tensor w = fan_in_fan_out ? weight.t() : weight;  // (N, K)
   // Nothing for the kernels to write (no enabled block, no rows, no output features): a zero-size grid is
   // an invalid launch configuration on CUDA.
-  if (p.n == 0 || p.M == 0 || p.N == 0) return at::linear(x, w, bias);
+  if (p.n == 0 || p.M == 0 || p.N == 0) return own(at::linear(x, w, bias));
   if (!fused(p)) check_col_tiles(op, "output features per block", p.nb, x.element_size());
   const auto dt = x.scalar_type();
   // The factors as they are stored when float32 or x's dtype (the layers' cases: no copy, no launch); the
@@ -254,7 +258,12 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
   at::Tensor ac = a.to(ft).contiguous();
   const at::Tensor bc = b.to(ft).contiguous();
   at::Tensor bias_c = bias ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({p.M, p.N}, x.options());
+  // The output is allocated in its own shape and written through a 2-D view of it: a returned view would refuse
+  // in-place writes under autograd (see own)
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(p.N);
+  const at::Tensor result = at::empty(shape, x.options());
+  at::Tensor out = result.view({p.M, p.N});
   poison_fresh<Launch>(out);
 
   // 16-byte accesses need 16-byte aligned rows of x_lora and A (K a multiple of the vector) and of the output
@@ -291,9 +300,7 @@ at::Tensor linear(const char* op, const at::Tensor& x, const at::Tensor& x_lora,
     launch_linear<Launch, scalar_t, Tab, V::kTensorCore, V::kVector>(p, args, x, sm_count);
   });
   out.addmm_(x.reshape({p.M, p.K}), w.t());
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  shape.push_back(p.N);
-  return out.view(shape);
+  return result;
 }
 
 // weight[ids] + scale * A[:, ids]^T B^T; A is (r, num_embeddings), B is (embedding_dim, r). padding_idx only
@@ -327,8 +334,9 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
   std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
   shape.push_back(dim);
   const auto dt = weight.scalar_type();
-  at::Tensor out = at::empty({M, dim}, weight.options());
-  if (M == 0 || dim == 0) return out.view(shape);  // nothing to write: a zero-size grid is an invalid launch
+  const at::Tensor result = at::empty(shape, weight.options());  // in its own shape: see linear
+  at::Tensor out = result.view({M, dim});
+  if (M == 0 || dim == 0) return result;  // nothing to write: a zero-size grid is an invalid launch
   poison_fresh<Launch>(out);
   const at::Tensor ids64 = ids.reshape({M}).to(at::kLong).contiguous();
   const at::Tensor table = weight.contiguous();
@@ -361,7 +369,7 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
     Launch::run(&kf::embedding_kernel<scalar_t, Tab, V::kVector>, grid, dim3(kf::kThreads),
                 kf::embedding_smem_bytes<scalar_t>(), args);
   });
-  return out.view(shape);
+  return result;
 }
 
 }  // namespace forward_host

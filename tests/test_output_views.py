@@ -1,0 +1,246 @@
+"""A layer's output takes in-place writes under autograd, as nn.Linear's and loralib's do.
+
+The custom ops' outputs used to be views of their flat results (`out.view(*lead, n)`), and autograd refuses an
+in-place write to a view made inside a custom Function: `layer(x).relu_()`, nn.ReLU(inplace=True) after a
+lora.Linear, or `h = proj(x); h += residual` raised "Output 0 of GeneratedBackwardFor_lora_ext_linear_default is a
+view and is being modified inplace" in training, where loralib's layers train. Under FSDP2 a module returning a
+view also drops its pre-backward hook on such a write (FSDP2 warns of it at every forward).
+
+Each case runs the layer, writes its output in place, and checks the output and every gradient against float64
+formulas written here (the effective weight W + scaling * B A), on the reference backend and on the CUDA
+kernels' host code (the simulator standing in for lora_ext._C)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_ext as lora
+from dist import run_ranks
+from helpers import TOL, load_sim, rel_err
+
+SCALE = 0.75  # lora_alpha / r of every layer below
+
+
+def _effective64(layer, p):
+    """The layer's effective weight in its logical layout, from the float64 copies p of its parameters."""
+    A, B = p["lora_A"], p["lora_B"]
+    if isinstance(layer, lora.MergedLinear):
+        w = p["weight"].t() if layer.fan_in_fan_out else p["weight"]
+        out_features, in_features = w.shape
+        enabled = [e for e, on in enumerate(layer.enable_lora) if on]
+        nb, r = out_features // len(layer.enable_lora), layer.r
+        delta = torch.zeros(out_features, in_features, dtype=torch.float64)
+        rows = []
+        for j, e in enumerate(enabled):
+            rows.append((e, B[j * nb:(j + 1) * nb] @ A[j * r:(j + 1) * r]))
+        for e, d in rows:
+            delta = delta.index_add(0, torch.arange(e * nb, (e + 1) * nb), d)
+        return w + SCALE * delta
+    if isinstance(layer, lora.Linear):
+        w = p["weight"].t() if layer.fan_in_fan_out else p["weight"]
+        return w + SCALE * (B @ A)
+    if isinstance(layer, lora.Embedding):
+        return p["weight"] + SCALE * (B @ A).t()
+    return p["conv.weight"] + SCALE * (B @ A).view(p["conv.weight"].shape)  # ConvLoRA
+
+
+def _reference64(layer, p, x):
+    w = _effective64(layer, p)
+    if isinstance(layer, lora.Embedding):
+        return F.embedding(x, w)
+    if isinstance(layer, lora.ConvLoRA):
+        return F.conv2d(x, w, p.get("conv.bias"), padding=1)
+    return F.linear(x, w, p.get("bias"))
+
+
+CASES = {
+    "linear-2d": (lambda: lora.Linear(12, 10, r=4, lora_alpha=3), (5, 12)),
+    "linear-1d": (lambda: lora.Linear(12, 10, r=4, lora_alpha=3), (12,)),
+    "linear-3d": (lambda: lora.Linear(12, 10, r=4, lora_alpha=3), (2, 3, 12)),
+    "linear-fifo-3d": (lambda: lora.Linear(12, 10, r=4, lora_alpha=3, fan_in_fan_out=True), (2, 3, 12)),
+    "linear-nobias-3d": (lambda: lora.Linear(12, 10, r=4, lora_alpha=3, bias=False), (2, 3, 12)),
+    "merged-2d": (lambda: lora.MergedLinear(12, 15, r=2, lora_alpha=1.5, enable_lora=[True, False, True]), (4, 12)),
+    "merged-fifo-3d": (lambda: lora.MergedLinear(12, 15, r=2, lora_alpha=1.5, enable_lora=[True, False, True],
+                                                 fan_in_fan_out=True), (2, 3, 12)),
+    "embedding-1d": (lambda: lora.Embedding(20, 8, r=4, lora_alpha=3), (6,)),
+    "embedding-2d": (lambda: lora.Embedding(20, 8, r=4, lora_alpha=3), (2, 5)),
+    "conv2d": (lambda: lora.Conv2d(3, 4, 3, r=2, lora_alpha=1.5, padding=1), (2, 3, 5, 5)),
+}
+
+
+def _build(case):
+    make, shape = CASES[case]
+    layer = make()
+    with torch.no_grad():  # B starts at zero: give the update a value, and every parameter a fresh one
+        for param in layer.parameters():
+            param.copy_(torch.randn_like(param) * 0.5)
+    if isinstance(layer, lora.Embedding):
+        x = torch.randint(0, 20, shape)
+    else:
+        x = torch.randn(shape, requires_grad=True)
+    return layer, x
+
+
+@pytest.fixture(params=["reference", "kernels"])
+def backend(request):
+    """The reference backend, or the CUDA kernels' host code and kernels (the simulator standing in for _C)."""
+    if request.param == "reference":
+        yield None
+        return
+    sim = load_sim()
+    if sim is None:
+        pytest.skip("lora_ext._sim is not built")
+    from lora_ext import ops
+    with ops.use_kernels(sim, "cpu"):
+        yield sim
+
+
+def _check_in_place_training(layer, x, write, tol):
+    """Runs layer(x), writes the output in place (`write`), back-propagates a random weighting, and compares the
+    written output and every gradient with float64 autograd through the same formula."""
+    y = layer(x)
+    assert not y._is_view(), f"{type(layer).__name__} returned a view"
+    y = write(y)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+
+    p64 = {n: q.detach().double().requires_grad_() for n, q in layer.named_parameters()}
+    x64 = x.detach().double().requires_grad_() if x.is_floating_point() else x
+    y64 = write(_reference64(layer, p64, x64))
+    (y64 * g.double()).sum().backward()
+    assert rel_err(y, y64) < tol
+    trained = [(name, param) for name, param in layer.named_parameters() if param.requires_grad]
+    assert {"lora_A", "lora_B"} <= {name for name, _ in trained}
+    for name, param in trained:  # (the frozen weight has none: loralib's layers freeze it)
+        assert param.grad is not None, name
+        assert rel_err(param.grad, p64[name].grad) < tol, name
+    if x.is_floating_point():
+        assert rel_err(x.grad, x64.grad) < tol
+
+
+WRITES = {
+    "relu_": lambda y: y.relu_(),
+    "residual +=": lambda y: y.add_(y.detach().flip(0)),
+    "slice *=": lambda y: (y[..., :2].mul_(3), y)[1],
+}
+
+
+@pytest.mark.parametrize("write", sorted(WRITES))
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_output_takes_in_place_writes_in_training(case, write, backend):
+    layer, x = _build(case)
+    _check_in_place_training(layer, x, WRITES[write], TOL[torch.float32] * 10)
+
+
+@pytest.mark.parametrize("case", ["linear-3d", "merged-fifo-3d", "embedding-2d"])
+def test_ops_outputs_are_not_views(case, backend):
+    """The ops themselves (the custom op the layers reach with gradients, and the eager path without)."""
+    layer, x = _build(case)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            y = layer(x)
+        assert not y._is_view(), f"grad={grad}"
+    lin = layer if not isinstance(layer, lora.Embedding) else None
+    if lin is not None:
+        w = lin.weight
+        y = torch.ops.lora_ext.linear(x, x, w, lin.bias, lin.lora_A, lin.lora_B, SCALE, len(lin.enable_lora)
+                                      if isinstance(lin, lora.MergedLinear) else 1, lin.block_ids, lin.fan_in_fan_out)
+    else:
+        y = torch.ops.lora_ext.embedding(x, layer.weight, layer.lora_A, layer.lora_B, SCALE, None, False, False)
+    assert not y._is_view()
+    y.mul_(2)  # would raise under autograd for a view of a custom Function
+    y.sum().backward()
+    assert layer.lora_A.grad is not None and layer.lora_A.grad.abs().sum() > 0
+
+
+def test_in_place_under_autocast(backend):
+    """In-place writes after a lora.Linear under CPU autocast (bfloat16), against float64. (Linear writes: a relu's
+    mask would differ between bfloat16 and float64 where outputs round across zero.)"""
+    layer, x = _build("linear-3d")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == torch.bfloat16 and not y._is_view()
+        y.mul_(2).add_(1)
+    g = torch.randn_like(y, dtype=torch.float32)
+    (y.float() * g).sum().backward()
+    p64 = {n: q.detach().double().requires_grad_() for n, q in layer.named_parameters()}
+    y64 = _reference64(layer, p64, x.detach().double()) * 2 + 1
+    (y64 * g.double()).sum().backward()
+    assert rel_err(y, y64) < TOL[torch.bfloat16]
+    assert rel_err(layer.lora_A.grad, p64["lora_A"].grad) < TOL[torch.bfloat16] * 2
+    assert rel_err(layer.lora_B.grad, p64["lora_B"].grad) < TOL[torch.bfloat16] * 2
+
+
+@pytest.mark.parametrize("case", ["linear-3d", "embedding-2d"])
+def test_in_place_compiled(case):
+    """The same write inside a torch.compile'd function (aot_eager: the custom op in the graph)."""
+    layer, x = _build(case)
+    twin = _build(case)[0]
+    twin.load_state_dict(layer.state_dict())
+    fn = torch.compile(lambda m, t: m(t).mul_(2).relu_(), backend="aot_eager", fullgraph=True)
+    torch._dynamo.reset()
+    y = fn(layer, x)
+    y.sum().backward()
+    p64 = {n: q.detach().double().requires_grad_() for n, q in twin.named_parameters()}
+    y64 = (_reference64(twin, p64, x.detach().double() if x.is_floating_point() else x) * 2).relu()
+    y64.sum().backward()
+    assert rel_err(y, y64) < TOL[torch.float32] * 10
+    assert rel_err(layer.lora_A.grad, p64["lora_A"].grad) < TOL[torch.float32] * 10
+
+
+def _fsdp_in_place(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    layer, x = _build("linear-3d")
+    x = x.detach()
+    full = {n: q.detach().clone() for n, q in layer.named_parameters()}
+    lora.mark_only_lora_as_trainable(layer)
+    fully_shard(layer)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        y = layer(x)
+    view_warnings = [str(w.message) for w in seen if "view" in str(w.message)]
+    y.add_(1.0).relu_()
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
+    (y * g).sum().backward()
+    grads = {n: q.grad.full_tensor() for n, q in layer.named_parameters() if q.grad is not None}
+    return view_warnings, full, grads, y.detach()
+
+
+def test_fsdp2_in_place_write_keeps_the_backward():
+    """fully_shard(lora.Linear) on 2 gloo ranks: no "returned a view tensor" warning, and an in-place write of the
+    output keeps FSDP2's pre-backward hook: the gradients are float64's (the ranks' data are the same, so the
+    reduced gradient is the single-process one)."""
+    for view_warnings, full, grads, y in run_ranks(_fsdp_in_place):
+        assert view_warnings == []
+        p64 = {n: q.double().requires_grad_() for n, q in full.items()}
+        layer = lora.Linear(12, 10, r=4, lora_alpha=3)
+        torch.manual_seed(0)
+        x = _build("linear-3d")[1].detach().double()
+        y64 = (_reference64(layer, p64, x) + 1).relu()
+        g = torch.randn(y64.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float32)
+        (y64 * g.double()).sum().backward()
+        assert rel_err(y, y64) < TOL[torch.float32] * 10
+        assert sorted(grads) == ["lora_A", "lora_B"]
+        for name in grads:
+            assert rel_err(grads[name], p64[name].grad) < TOL[torch.float32] * 10, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["linear-3d", "merged-fifo-3d", "embedding-2d"])
+def test_in_place_on_the_kernels(case, cuda):
+    """On the CUDA kernels (the simulator in a rehearsal): the output is not a view and takes relu_ in training."""
+    layer, x = _build(case)
+    layer = layer.to(cuda.device)
+    x = x.detach().to(cuda.device).requires_grad_(x.is_floating_point())
+    y = layer(x)
+    assert not y._is_view()
+    y.relu_().sum().backward()
+    cuda.synchronize()
+    p64 = {n: q.detach().cpu().double().requires_grad_() for n, q in layer.named_parameters()}
+    x64 = x.detach().cpu().double() if x.is_floating_point() else x.cpu()
+    y64 = _reference64(layer, p64, x64).relu()
+    y64.sum().backward()
+    assert rel_err(y, y64) < TOL[torch.float32] * 10
+    assert rel_err(layer.lora_B.grad, p64["lora_B"].grad) < TOL[torch.float32] * 10
