@@ -22,14 +22,13 @@ is the per-layer part: a layer's slots, and its forward in a batch.
 """
 import contextvars
 import threading
-import weakref
 from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
 from . import ops
-from .named_adapters import _data_ptr, _stamp, _unchanged
+from .named_adapters import _data_ptr, _stamp, _storage_ref, _unchanged
 
 # The batches open in this context: {layer: LayerBatch}; None when none is (a thread starts with none).
 ACTIVE: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ext_batches", default=None)
@@ -68,12 +67,18 @@ def _identity(A: Tensor, B: Tensor):
     stamp = _stamp(A, B)
     if stamp is not None:
         return stamp
-    return ("inference", weakref.ref(A), _data_ptr(A), weakref.ref(B), _data_ptr(B))
+    # (as _stamp: ids, and weak references to the storages rather than to the tensors)
+    return ("inference", id(A), _storage_ref(A), _data_ptr(A), id(B), _storage_ref(B), _data_ptr(B))
+
+
+def _alive(ref) -> bool:
+    return ref is not None and ref() is not None
 
 
 def _holds(identity, A: Tensor, B: Tensor) -> bool:
     if identity[0] == "inference":
-        return identity[1]() is A and identity[3]() is B and identity[2] == _data_ptr(A) and identity[4] == _data_ptr(B)
+        return (identity[1] == id(A) and identity[4] == id(B) and _alive(identity[2]) and _alive(identity[5])
+                and identity[3] == _data_ptr(A) and identity[6] == _data_ptr(B))
     return _unchanged(identity, A, B)
 
 

@@ -493,7 +493,9 @@ class LoRALayer(NamedAdapters):
             return super()._apply(fn, recurse)
         # (Ctrl-C held back to the end: the weight and `merged` change together, as in train())
         with self._lock, deferred_interrupt(), self._writing("move or dtype change"):
-            w = self._weight_2d()
+            # (the Parameter, not _weight_2d(): a conv's is a view, which holds the Parameter through the _apply below,
+            # and torch's swap_tensors, module.to()'s for DTensors, refuses a tensor held elsewhere)
+            w = self._weight_param()
             new_dtype = fn(torch.empty(0, dtype=w.dtype, device=w.device)).dtype
             record = self._merged_record
             if new_dtype != w.dtype and self.lossless and new_dtype not in lossless.RECORD_DTYPES:

@@ -7,9 +7,12 @@ refuses (naming both layers) and eval() leaves it unmerged with a warning; forwa
 which is right for every holder. Injection marks weights tied to plain modules (GPT-2's lm_head) itself
 (`_tied_with`, injection.install); this registry finds the ties between lora_ext layers, however they were made.
 
-The registry maps a weight Parameter (by identity) to the layers that took it: a layer's register_parameter
-("weight") and every merge attempt note it. An entry ends with its Parameter; a layer that later took another
-weight is filtered out when checked (its weight is no longer the same object). Layers that ever took one weight
+The registry maps a weight Parameter (by id) to the layers that took it: a layer's register_parameter
+("weight") and every merge attempt note it. It holds no reference to the weight, not even a weak one: torch's
+swap_tensors (module.to() of DTensor Parameters, FSDP2's and tensor parallelism's, or under
+torch.__future__.set_swap_module_params_on_conversion) refuses a tensor with weak references. An id outlives its
+Parameter, so an entry is only a list of candidates: a layer counts when its weight is the same object now (or its
+bytes overlap), and entries none of whose layers holds a weight of that id are dropped as the registry grows. Layers that ever took one weight
 stay each other's peers: a tied weight that is replaced in both modules' _parameters without register_parameter
 (FSDP2's fully_shard puts one DTensor Parameter there) is still seen as shared when both hold the new one. Weights that are two
 Parameter objects over the same memory (load_state_dict(assign=True) of a tied model's saved state dict: torch.save
@@ -24,7 +27,8 @@ from typing import List
 from torch.nn.modules import module as _torch_module
 
 _lock = threading.RLock()
-_holders = {}  # id(weight) -> (weakref to the weight, WeakSet of the layers that took it)
+_holders = {}  # id(weight) -> WeakSet of the layers that took a weight of that id (candidates: see above)
+_prune_at = 1024  # the registry's size at which entries that no layer holds now are dropped
 _peers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the layers that took a weight it took
 _by_storage = {}  # (device, storage address) -> WeakSet of the layers whose weight lay there when noted
 _convs = weakref.WeakKeyDictionary()  # a ConvLoRA's inner conv -> WeakSet of the ConvLoRA layers holding it
@@ -55,16 +59,11 @@ def note(weight, layer) -> None:
         return
     key = id(weight)
     with _lock:
-        entry = _holders.get(key)
-        if entry is None or entry[0]() is not weight:
-
-            def _drop(ref, key=key):  # the weight is gone: its entry (not a later weight's with its id)
-                current = _holders.get(key)
-                if current is not None and current[0] is ref:
-                    _holders.pop(key, None)
-
-            entry = (weakref.ref(weight, _drop), weakref.WeakSet())
-            _holders[key] = entry
+        holders = _holders.get(key)
+        if holders is None:
+            if len(_holders) >= _prune_at:
+                _prune()
+            holders = _holders[key] = weakref.WeakSet()
         conv = layer.__dict__.get("_modules", {}).get("conv") if _is_conv_layer(layer) else None
         if conv is not None:  # a later `layer.conv.weight = ...` is seen too (also for unpickled layers)
             try:
@@ -77,18 +76,33 @@ def note(weight, layer) -> None:
                 for key in [k for k, v in _by_storage.items() if not len(v)]:
                     del _by_storage[key]
             _by_storage.setdefault(span[:2], weakref.WeakSet()).add(layer)
-        for other in list(entry[1]):
-            if other is not layer:
+        for other in list(holders):
+            if other is not layer and _weight_of(other) is weight:  # (not a layer that held an earlier id's weight)
                 _peers.setdefault(layer, weakref.WeakSet()).add(other)
                 _peers.setdefault(other, weakref.WeakSet()).add(layer)
-        entry[1].add(layer)
+        holders.add(layer)
+
+
+def _weight_of(layer):
+    try:
+        return layer._weight_param()
+    except AttributeError:  # a layer half built or half torn down
+        return None
+
+
+def _prune() -> None:
+    """Drops the entries that no live layer holds a weight of now (their weights are gone or replaced); the next
+    pruning waits until the registry has doubled. Under _lock."""
+    global _prune_at
+    for key in [k for k, layers in _holders.items() if not any(id(_weight_of(x)) == k for x in list(layers))]:
+        del _holders[key]
+    _prune_at = max(1024, 2 * len(_holders))
 
 
 def others(layer, weight) -> List:
     """The live lora_ext layers other than `layer` whose weight is the Parameter `weight` now."""
     with _lock:
-        entry = _holders.get(id(weight))
-        layers = list(entry[1]) if entry is not None and entry[0]() is weight else []
+        layers = list(_holders.get(id(weight), ()))
         layers += [peer for peer in _peers.get(layer, ()) if peer not in layers]
         span = _span(weight)
         if span is not None:

@@ -92,6 +92,39 @@ def embedding64(ids, w, A, B, scale):
     return w.double()[ids] + scale * A.double().t()[ids] @ B.double().t()
 
 
+def effective_weight64(layer, p, scale):
+    """A lora_ext layer's effective weight W + scale * B A as its forward uses it (Linear/MergedLinear: (out, in);
+    Embedding: (num, dim); a conv: the conv weight's shape), from float64 tensors `p` named as the layer's
+    parameters. Differentiable: p's tensors may require grad."""
+    import lora_ext as lora
+    A, B = p["lora_A"], p["lora_B"]
+    if isinstance(layer, lora.MergedLinear):
+        w = p["weight"].t() if layer.fan_in_fan_out else p["weight"]
+        nb, r = w.shape[0] // len(layer.enable_lora), layer.r
+        blocks = [torch.zeros(nb, w.shape[1], dtype=w.dtype) for _ in layer.enable_lora]
+        for j, e in enumerate(e for e, on in enumerate(layer.enable_lora) if on):
+            blocks[e] = B[j * nb:(j + 1) * nb] @ A[j * r:(j + 1) * r]
+        return w + scale * torch.cat(blocks)
+    if isinstance(layer, lora.Linear):
+        return (p["weight"].t() if layer.fan_in_fan_out else p["weight"]) + scale * (B @ A)
+    if isinstance(layer, lora.Embedding):
+        return p["weight"] + scale * (B @ A).t()
+    return p["conv.weight"] + scale * (B @ A).view(p["conv.weight"].shape)  # ConvLoRA
+
+
+def layer_forward64(layer, p, x, scale):
+    """The layer's output for input x in float64, from its effective weight (see effective_weight64)."""
+    import lora_ext as lora
+    w = effective_weight64(layer, p, scale)
+    if isinstance(layer, lora.Embedding):
+        return torch.nn.functional.embedding(x, w)
+    if isinstance(layer, lora.ConvLoRA):
+        c = layer.conv
+        conv = getattr(torch.nn.functional, f"conv{w.dim() - 2}d")
+        return conv(x, w, p.get("conv.bias"), c.stride, c.padding, c.dilation, c.groups)
+    return torch.nn.functional.linear(x, w, p.get("bias"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # kernel cases, shared by the merge and forward kernel tests on the simulator and on CUDA
 
