@@ -682,17 +682,22 @@ def _linear_setup(ctx, inputs, output):
     # (scale_tensor may be left out: the op's schema defaults it, as calls made before it existed do)
     x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out, scale_tensor = \
         (*inputs, None)[:11]
-    ctx.save_for_backward(x, x_lora, weight, lora_A, lora_B)
+    # Only what the gradients asked for read (as F.linear saves): x for the weight's, x_lora for the factors',
+    # the weight for x's. A tensor saved but not needed would refuse an in-place write between forward and backward
+    # that loralib's layers take: `h += layer(h)` with lora_dropout (x_lora is then another tensor than x, and a
+    # frozen weight's gradient never reads x).
+    dx, dxl, dw, _, dA, dB = ctx.needs_input_grad[:6]
+    ctx.save_for_backward(x if dw else None, x_lora if dA or dB else None, weight if dx else None, lora_A, lora_B)
     _saved_scale(ctx, scale, scale_tensor)
-    ctx.args = (block_ids, fan_in_fan_out)
+    ctx.args = (block_ids, fan_in_fan_out, x.shape, x_lora.dtype, weight.dtype)
 
 
 def _linear_backward(ctx, grad):
     x, x_lora, weight, lora_A, lora_B = ctx.saved_tensors
-    block_ids, fan_in_fan_out = ctx.args
+    block_ids, fan_in_fan_out, x_shape, x_lora_dtype, weight_dtype = ctx.args
     needs = ctx.needs_input_grad[:6]
     grads = reference.linear_backward(grad, x, x_lora, weight, lora_A, lora_B, ctx.scale, block_ids,
-                                      fan_in_fan_out, needs)
+                                      fan_in_fan_out, needs, x_shape, x_lora_dtype, weight_dtype)
     return (*grads, None, None, None, None, None)
 
 
@@ -846,15 +851,17 @@ def _(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, spars
 
 def _embedding_setup(ctx, inputs, output):
     ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor = (*inputs, None)[:9]
-    ctx.save_for_backward(ids, weight, lora_A, lora_B)
+    # the weight's row count, not the weight: max_norm renormalises its rows in place at every lookup, so a second
+    # forward before the backward would trip autograd's check on a saved weight (nn.Embedding's does not)
+    ctx.save_for_backward(ids, lora_A, lora_B)
     _saved_scale(ctx, scale, scale_tensor)
-    ctx.args = (padding_idx, scale_grad_by_freq, sparse)
+    ctx.args = (weight.shape[0], padding_idx, scale_grad_by_freq, sparse)
 
 
 def _embedding_backward(ctx, grad):
-    ids, weight, lora_A, lora_B = ctx.saved_tensors
+    ids, lora_A, lora_B = ctx.saved_tensors
     needs = ctx.needs_input_grad[1:4]
-    dw, dA, dB = reference.embedding_backward(grad, ids, weight, lora_A, lora_B, ctx.scale, *ctx.args, needs)
+    dw, dA, dB = reference.embedding_backward(grad, ids, lora_A, lora_B, ctx.scale, *ctx.args, needs)
     return None, dw, dA, dB, None, None, None, None, None
 
 

@@ -135,33 +135,39 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
     return out if x.dim() == 2 else own(out.view(*x.shape[:-1], n_out))
 
 
-def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, fan_in_fan_out, needs):
-    """Gradients of `linear` for (x, x_lora, weight, bias, lora_A, lora_B); None where not needed."""
+def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, fan_in_fan_out, needs, x_shape,
+                    x_lora_dtype, weight_dtype):
+    """Gradients of `linear` for (x, x_lora, weight, bias, lora_A, lora_B); None where not needed. x, x_lora and
+    weight may be None where no gradient asked for reads them (x: the weight's; x_lora: the factors'; weight:
+    x's); x_shape (x_lora's too), x_lora_dtype and weight_dtype say what they were."""
     n_out = grad.shape[-1]
     g2 = grad.reshape(-1, n_out)
-    w = weight.t() if fan_in_fan_out else weight
     dx = dxl = dw = db = dA = dB = None
     if needs[0]:
-        dx = (g2 @ w.to(g2.dtype)).view(x.shape)
+        w = weight.t() if fan_in_fan_out else weight
+        dx = (g2 @ w.to(g2.dtype)).view(x_shape)
     if needs[2]:
         dwl = g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)
-        dw = (dwl.t() if fan_in_fan_out else dwl).to(weight.dtype)
+        dw = (dwl.t() if fan_in_fan_out else dwl).to(weight_dtype)
     if needs[3]:
         db = g2.sum(0)
     if block_ids and (needs[1] or needs[4] or needs[5]):
         cd = compute_dtype(grad.dtype)
-        xl = x_lora.reshape(-1, x_lora.shape[-1]).to(cd)
         a_all = lora_A.to(cd)
-        t = xl @ a_all.t()
+        xl = t = None
+        if needs[4] or needs[5]:
+            xl = x_lora.reshape(-1, x_lora.shape[-1]).to(cd)
+            t = xl @ a_all.t()
         r = lora_A.shape[0] // len(block_ids)
         dts, dBs = [], []
         for j, (e, nb, _, b) in enumerate(_groups(a_all, lora_B.to(cd), block_ids)):
             gj = g2[:, e * nb:(e + 1) * nb].to(cd)
             dts.append(scale * (gj @ b))
-            dBs.append(scale * (gj.t() @ t[:, j * r:(j + 1) * r]))
+            if needs[5]:
+                dBs.append(scale * (gj.t() @ t[:, j * r:(j + 1) * r]))
         dt = torch.cat(dts, dim=1)
         if needs[1]:
-            dxl = (dt @ a_all).to(x_lora.dtype).view(x_lora.shape)
+            dxl = (dt @ a_all).to(x_lora_dtype).view(x_shape)
         if needs[4]:
             dA = (dt.t() @ xl).to(lora_A.dtype)
         if needs[5]:
@@ -180,11 +186,10 @@ def embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_fre
     return own(out)
 
 
-def embedding_backward(grad, ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse,
-                       needs):
-    """Gradients of `embedding` for (weight, lora_A, lora_B); None where not needed."""
+def embedding_backward(grad, ids, lora_A, lora_B, scale, num, padding_idx, scale_grad_by_freq, sparse, needs):
+    """Gradients of `embedding` for (weight, lora_A, lora_B); None where not needed. num: the weight's rows (the
+    only thing read of it)."""
     pad = -1 if padding_idx is None else padding_idx
-    num = weight.shape[0]
     dw = dA = dB = None
     if needs[0]:
         dw = torch.ops.aten.embedding_backward(grad, ids, num, pad, scale_grad_by_freq, sparse)

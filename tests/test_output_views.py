@@ -17,41 +17,13 @@ import torch.nn.functional as F
 
 import lora_ext as lora
 from dist import run_ranks
-from helpers import TOL, load_sim, rel_err
+from helpers import TOL, layer_forward64, load_sim, rel_err
 
 SCALE = 0.75  # lora_alpha / r of every layer below
 
 
-def _effective64(layer, p):
-    """The layer's effective weight in its logical layout, from the float64 copies p of its parameters."""
-    A, B = p["lora_A"], p["lora_B"]
-    if isinstance(layer, lora.MergedLinear):
-        w = p["weight"].t() if layer.fan_in_fan_out else p["weight"]
-        out_features, in_features = w.shape
-        enabled = [e for e, on in enumerate(layer.enable_lora) if on]
-        nb, r = out_features // len(layer.enable_lora), layer.r
-        delta = torch.zeros(out_features, in_features, dtype=torch.float64)
-        rows = []
-        for j, e in enumerate(enabled):
-            rows.append((e, B[j * nb:(j + 1) * nb] @ A[j * r:(j + 1) * r]))
-        for e, d in rows:
-            delta = delta.index_add(0, torch.arange(e * nb, (e + 1) * nb), d)
-        return w + SCALE * delta
-    if isinstance(layer, lora.Linear):
-        w = p["weight"].t() if layer.fan_in_fan_out else p["weight"]
-        return w + SCALE * (B @ A)
-    if isinstance(layer, lora.Embedding):
-        return p["weight"] + SCALE * (B @ A).t()
-    return p["conv.weight"] + SCALE * (B @ A).view(p["conv.weight"].shape)  # ConvLoRA
-
-
 def _reference64(layer, p, x):
-    w = _effective64(layer, p)
-    if isinstance(layer, lora.Embedding):
-        return F.embedding(x, w)
-    if isinstance(layer, lora.ConvLoRA):
-        return F.conv2d(x, w, p.get("conv.bias"), padding=1)
-    return F.linear(x, w, p.get("bias"))
+    return layer_forward64(layer, p, x, SCALE)
 
 
 CASES = {
@@ -244,3 +216,69 @@ def test_in_place_on_the_kernels(case, cuda):
     y64.sum().backward()
     assert rel_err(y, y64) < TOL[torch.float32] * 10
     assert rel_err(layer.lora_B.grad, p64["lora_B"].grad) < TOL[torch.float32] * 10
+
+
+# ---------------------------------------------------------------------------------------------------
+# In-place writes to what the forward read: the ops save only the tensors the asked-for gradients read (as F.linear
+# and nn.Embedding do), so writes that loralib's layers take are taken here too.
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["Linear", "MergedLinear"])
+def test_residual_written_in_place_with_lora_dropout(merged, backend):
+    """`h += layer(h)` with lora_dropout: the LoRA path reads dropout(h), another tensor, and the frozen weight's
+    gradient never reads h, so nothing saved is written (loralib's layers train here; the op used to save h and
+    raise "modified by an inplace operation"). Against float64 with the same dropout mask."""
+    if merged:
+        layer = lora.MergedLinear(12, 12, r=2, lora_alpha=1.5, lora_dropout=0.25, enable_lora=[True, False, True])
+    else:
+        layer = lora.Linear(12, 12, r=4, lora_alpha=3, lora_dropout=0.25)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.copy_(torch.randn_like(param) * 0.5)
+    lora.mark_only_lora_as_trainable(layer)
+    h0 = torch.randn(2, 3, 12, requires_grad=True)
+    g = torch.randn(2, 3, 12)
+    seed = int(torch.randint(0, 2**31, ()))
+    torch.manual_seed(seed)
+    h = h0 * 1
+    h += layer(h)
+    (h * g).sum().backward()
+
+    torch.manual_seed(seed)
+    mask = F.dropout(torch.ones(2, 3, 12), 0.25)  # the layer's dropout of a float32 input of this shape
+    p64 = {n: q.detach().double().requires_grad_() for n, q in layer.named_parameters()}
+    x64 = h0.detach().double().requires_grad_()
+    base = F.linear(x64, p64["weight"], p64["bias"])
+    lora_term = layer_forward64(layer, p64, x64 * mask.double(), SCALE) - F.linear(x64 * mask.double(),
+                                                                                   p64["weight"], p64["bias"])
+    h64 = x64 + base + lora_term
+    (h64 * g.double()).sum().backward()
+    assert rel_err(h, h64) < TOL[torch.float32] * 10
+    for name in ("lora_A", "lora_B"):
+        assert rel_err(dict(layer.named_parameters())[name].grad, p64[name].grad) < TOL[torch.float32] * 10, name
+    assert rel_err(h0.grad, x64.grad) < TOL[torch.float32] * 10
+
+
+def test_embedding_with_max_norm_twice_before_the_backward(backend):
+    """max_norm renormalises the looked-up rows of the weight in place at each lookup; two lookups before one
+    backward are fine for nn.Embedding (the op used to save the weight and raise "modified by an inplace
+    operation"). Against float64: nn.Embedding's lookups with max_norm for the base (loralib's renormalises lora_A
+    too, a bug of its own), plus the LoRA term."""
+    layer = lora.Embedding(20, 8, r=4, lora_alpha=3, max_norm=1.0)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(20, 8) * 3)
+        layer.lora_A.copy_(torch.randn(4, 20) * 0.5)
+        layer.lora_B.copy_(torch.randn(8, 4) * 0.5)
+    base = torch.nn.Embedding(20, 8, max_norm=1.0).double()
+    base.weight.data.copy_(layer.weight.double())
+    A64, B64 = (layer.lora_A.detach().double().requires_grad_(), layer.lora_B.detach().double().requires_grad_())
+    lora.mark_only_lora_as_trainable(layer)
+    ids1, ids2 = torch.tensor([[1, 2, 3]]), torch.tensor([[3, 4, 5]])
+    y1, y2 = layer(ids1), layer(ids2)  # the second renormalises row 3 again (a no-op now), and rows 4, 5
+    (y1.square().sum() + y2.sum()).backward()
+    t1, t2 = (base(ids) + SCALE * F.embedding(ids, A64.t()) @ B64.t() for ids in (ids1, ids2))
+    (t1.square().sum() + t2.sum()).backward()
+    assert rel_err(y1, t1) < TOL[torch.float32] * 10 and rel_err(y2, t2) < TOL[torch.float32] * 10
+    assert rel_err(layer.weight, base.weight) < TOL[torch.float32] * 10  # renormalised alike
+    assert rel_err(layer.lora_A.grad, A64.grad) < TOL[torch.float32] * 10
+    assert rel_err(layer.lora_B.grad, B64.grad) < TOL[torch.float32] * 10
