@@ -216,3 +216,22 @@ def test_fsdp2_to_after_a_merge():
             assert y_merged.dtype == torch.float64 and dtype == torch.float64, kind
             assert rel_err(y_merged, ref) < 1e-6, kind
             assert rel_err(y_back, ref) < 1e-6, kind
+
+
+@pytest.mark.parametrize("kind", sorted(MAKERS))
+def test_meta_build_then_to_empty_by_swap(kind, swap_on):
+    """The meta-device build (FSDP2's recipe): layers made on meta, materialised by to_empty (a swap here, as for
+    DTensors), then initialised; they train and serve the float64 formula of their values."""
+    with torch.device("meta"):
+        layer = MAKERS[kind][0]()
+    ids = {n: id(t) for n, t in layer.named_parameters()}
+    layer.to_empty(device="cpu")
+    assert {n: id(t) for n, t in layer.named_parameters()} == ids
+    assert all(t.device.type == "cpu" for t in layer.parameters())
+    layer.reset_parameters()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = MAKERS[kind][1]()
+    _forward(layer, x)
+    p, scale = _values(layer)
+    _check(layer, x, p, scale, TOL[torch.float32] * 10)
