@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .named_adapters import _data_ptr, _stamp, _storage_ref, _unchanged
+from .named_adapters import TOKEN, _data_ptr, _stamp, _token, _unchanged
 
 # The batches open in this context: {layer: LayerBatch}; None when none is (a thread starts with none).
 ACTIVE: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ext_batches", default=None)
@@ -62,23 +62,18 @@ def rank_groups(layer) -> int:
 
 def _identity(A: Tensor, B: Tensor):
     """What identifies a factor pair's values in a slot's key: their stamp (version counters and storage), or for
-    inference tensors, which have no version counter, the tensors and their storage (in-place writes under
+    inference tensors, which have no version counter, the tensors' tokens and storage (in-place writes under
     inference_mode are then seen only after layer.check_values, as writes through .data)."""
     stamp = _stamp(A, B)
     if stamp is not None:
         return stamp
-    # (as _stamp: ids, and weak references to the storages rather than to the tensors)
-    return ("inference", id(A), _storage_ref(A), _data_ptr(A), id(B), _storage_ref(B), _data_ptr(B))
-
-
-def _alive(ref) -> bool:
-    return ref is not None and ref() is not None
+    return ("inference", _token(A), _data_ptr(A), _token(B), _data_ptr(B))
 
 
 def _holds(identity, A: Tensor, B: Tensor) -> bool:
     if identity[0] == "inference":
-        return (identity[1] == id(A) and identity[4] == id(B) and _alive(identity[2]) and _alive(identity[5])
-                and identity[3] == _data_ptr(A) and identity[6] == _data_ptr(B))
+        return (identity[1] == A.__dict__.get(TOKEN) and identity[3] == B.__dict__.get(TOKEN)
+                and identity[2] == _data_ptr(A) and identity[4] == _data_ptr(B))
     return _unchanged(identity, A, B)
 
 

@@ -17,6 +17,7 @@ stamps, set_adapter), and a per-layer lock makes merge, unmerge and switch atomi
 calls of the same layer on other threads.
 """
 import contextlib
+import copy
 import math
 import sys
 import threading
@@ -125,6 +126,15 @@ class LoRALayer(NamedAdapters):
         state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
         state.pop("_scale_owner", None)  # (the copy's __setstate__ says which pair its scale tensor is)
         return state
+
+    def __deepcopy__(self, memo):
+        """copy.deepcopy's own procedure for an object with __getstate__/__setstate__, spelled out: torch's
+        parametrize gives a parametrized module's class a __deepcopy__ copying its __dict__ whole (this layer's
+        lock, which does not copy) unless the class has one, and a __getstate__ that refuses."""
+        replica = self.__class__.__new__(self.__class__)
+        memo[id(self)] = replica
+        replica.__setstate__(copy.deepcopy(LoRALayer.__getstate__(self), memo))
+        return replica
 
     def __setstate__(self, state):
         state.setdefault("lossless", None)  # layers pickled before lossless merges
@@ -278,7 +288,13 @@ class LoRALayer(NamedAdapters):
         return bool(self.lossless)
 
     def merge_refusal(self) -> Optional[str]:
-        """Why the active adapter cannot be merged into this layer's weight, or None (Embedding: max_norm)."""
+        """Why the active adapter cannot be merged into this layer's weight, or None: a weight that is not a
+        registered parameter (a parametrization computes it); Embedding: max_norm."""
+        if self._weight_or_none() is None:
+            return (f"{self._describe()}: its weight is not a registered parameter (a parametrization, weight_norm "
+                    f"or pruning computes it); merges write the weight in place and cannot write through that: "
+                    f"serve it unmerged, or remove the parametrization first (torch.nn.utils.parametrize."
+                    f"remove_parametrizations(module, 'weight'))")
         return None
 
     def _fp16_room(self, *adapters):
@@ -309,6 +325,9 @@ class LoRALayer(NamedAdapters):
 
     def _merge(self, untied: bool = False):
         """Merges the active adapter (untied=True: the caller, holding the lock, has just asked ties.names)."""
+        refusal = self.merge_refusal()
+        if refusal is not None:  # before anything is written
+            raise ValueError(refusal)
         if not untied:
             self._check_untied()
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
@@ -553,8 +572,12 @@ class LoRALayer(NamedAdapters):
         with self._lock, deferred_interrupt():
             # under lora.disable_adapter the weight stays the base: eval()'s merge waits for the block's end
             if self.merge_weights and mode == self.merged and not (self._adapter_off and not mode):
-                tied = ties.names(self) if not mode and self.has_lora else None
-                if tied:
+                refusal = self.merge_refusal() if not mode and self.has_lora else None
+                tied = ties.names(self) if not mode and self.has_lora and refusal is None else None
+                if refusal is not None:
+                    # as for a tied weight below: eval() of a model does not stop halfway at this layer
+                    warnings.warn(f"eval() leaves adapter {self.active_adapter!r} unmerged: {refusal}", stacklevel=2)
+                elif tied:
                     # eval() of a model must not stop halfway: a tied weight stays unmerged (merge() refuses)
                     warnings.warn(f"{self._describe()}: its weight is shared with {', '.join(tied)}; "
                                   f"eval() leaves adapter {self.active_adapter!r} unmerged (merging would change "
@@ -699,7 +722,7 @@ class Embedding(LoRALayer, nn.Embedding):
         rows a lookup reads: merged, those would be rows of W + s B A, not of the base W as unmerged (other
         outputs), and unmerging would not give the base back."""
         if self.max_norm is None:
-            return None
+            return super().merge_refusal()
         return (f"{self._describe()} has max_norm={self.max_norm}, which renormalises in place the rows a lookup "
                 f"reads: merged, it would renormalise the rows of W + scaling * B @ A instead of the base's (other "
                 f"outputs than unmerged) and unmerging would not give the base back; serve this layer unmerged")

@@ -13,6 +13,7 @@ adapters are copied, and the live factors get storage of their own when they bec
 outside the layer shares storage with them under another version counter. Writes through `.data` bypass
 version counters, as they bypass autograd's checks: after such writes, call `check_values`.
 """
+import itertools
 import math
 import operator
 import _signal
@@ -20,7 +21,6 @@ import signal
 import threading
 import unicodedata
 import uuid
-import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -36,41 +36,42 @@ MERGED = object()  # the stamp key of the merged snapshot (the factors the weigh
 
 def _stamp(lora_A, lora_B):
     """What identifies the values of a factor pair until one is written in place or given other storage: each
-    tensor's id, a weak reference to its storage (alive while the tensor is: an id taken again by a later tensor
-    comes with other storage), version counter and data pointer. A stamp keeps nothing alive and puts no weak
+    tensor's token (`_token`), version counter and data pointer. A stamp keeps nothing alive and puts no weak
     reference on the tensors (torch's swap_tensors, which module.to() uses for DTensors and under
     set_swap_module_params_on_conversion, refuses those). Spelled out for two tensors: it runs on every switch.
     None for inference tensors (made under torch.inference_mode), which have no version counter: their
-    values are checked again at each use; and for tensors without a storage of their own (subclasses)."""
+    values are checked again at each use."""
     if lora_A.is_inference() or lora_B.is_inference():
         return None
     if sharded.is_dtensor(lora_A) or sharded.is_dtensor(lora_B):
         return None  # checked at every use: a check is a collective, and every rank must make the same ones
-    storages = _storage_ref(lora_A), _storage_ref(lora_B)
-    if None in storages:
-        return None
-    return (id(lora_A), storages[0], lora_A._version, _data_ptr(lora_A),
-            id(lora_B), storages[1], lora_B._version, _data_ptr(lora_B))
+    return (_token(lora_A), lora_A._version, _data_ptr(lora_A),
+            _token(lora_B), lora_B._version, _data_ptr(lora_B))
 
 
 def _data_ptr(t):
     return sharded.local(t).data_ptr()  # a DTensor's storage is its local shard
 
 
-def _storage_ref(t):
-    """A weak reference to t's storage (its local shard's for a DTensor); None for a tensor without one."""
-    try:
-        return weakref.ref(sharded.local(t).untyped_storage())
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None
+TOKEN = "_lora_ext_id"
+_tokens = itertools.count(1)
+
+
+def _token(t) -> int:
+    """A number naming the tensor object t, never given to another (kept in its __dict__; id() is reused once t is
+    gone, and a weak reference is what swap_tensors refuses). swap_tensors exchanges __dict__s: a swapped tensor
+    loses its token, and its stamps their validity (its values are checked again)."""
+    token = t.__dict__.get(TOKEN)
+    if token is None:
+        token = t.__dict__[TOKEN] = next(_tokens)
+    return token
 
 
 def _unchanged(stamp, lora_A, lora_B):
     """Whether (lora_A, lora_B) are the stamped pair, unwritten since."""
-    return (stamp is not None and stamp[0] == id(lora_A) and stamp[4] == id(lora_B)
-            and stamp[1]() is not None and stamp[5]() is not None
-            and stamp[2] == lora_A._version and stamp[6] == lora_B._version
-            and stamp[3] == _data_ptr(lora_A) and stamp[7] == _data_ptr(lora_B))
+    return (stamp is not None and stamp[0] == lora_A.__dict__.get(TOKEN) and stamp[3] == lora_B.__dict__.get(TOKEN)
+            and stamp[1] == lora_A._version and stamp[4] == lora_B._version
+            and stamp[2] == _data_ptr(lora_A) and stamp[5] == _data_ptr(lora_B))
 
 
 class deferred_interrupt:

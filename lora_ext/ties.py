@@ -113,9 +113,11 @@ def others(layer, weight) -> List:
 
 def names(layer) -> List[str]:
     """What `layer`'s weight is tied to: injection's plain modules, then other lora_ext layers (described)."""
-    weight = layer._weight_param()
-    note(weight, layer)
     tied = list(layer.__dict__.get("_tied_with") or ())
+    weight = layer._weight_or_none()
+    if weight is None:  # computed by a parametrization: nothing registered to share (merge_refusal says so)
+        return tied
+    note(weight, layer)
     return tied + [other._describe() + f" at 0x{id(other):x}" for other in others(layer, weight)]
 
 

@@ -16,7 +16,6 @@ import lora_ext as lora
 from dist import run_ranks
 from helpers import TOL, layer_forward64, rel_err
 from lora_ext import ties
-from lora_ext.named_adapters import _stamp, _unchanged
 
 
 @pytest.fixture
@@ -157,21 +156,32 @@ def test_lora_weight_tied_to_a_plain_module_converts(swap_on):
 
 
 def test_a_stamp_dies_with_its_tensor():
-    """A finite-value stamp holds ids and weak references to the storages: a later tensor that takes a stamped
-    tensor's id (CPython reuses the address) does not pass for it."""
-    B = torch.randn(6, 2)
-    for _ in range(1000):
-        A = torch.randn(2, 8)
-        stamp, old_id = _stamp(A, B), id(A)
-        assert _unchanged(stamp, A, B)
-        del A
-        gc.collect()
-        A = torch.randn(2, 8)
-        if id(A) == old_id:
+    """A finite-value stamp names its tensors by a token kept on them, never by id(): a later Parameter that takes
+    a stamped tensor's id (CPython reuses the address), over the same memory (kept alive by a .data alias) and at
+    the same version, does not pass for it, so NaN written through the alias is refused at the merge."""
+    layer = lora.Linear(6, 5, r=2, lora_alpha=2)
+    layer.add_adapter("b", torch.randn(2, 6), torch.randn(5, 2), 1.0)
+    layer.set_adapter("b")  # trainable: the live lora_A is a fresh Parameter, stamped finite
+    stamped = layer.lora_A
+    old_id, alias = id(stamped), stamped.data  # (each .data has a version counter of its own)
+    stamped.data.fill_(float("nan"))  # through .data: no version counter that matters sees it
+    layer.lora_A = torch.nn.Parameter(torch.randn(2, 6))
+    del stamped
+    gc.collect()
+    keep = []
+    for _ in range(5000):
+        P = torch.nn.Parameter(alias)
+        if id(P) == old_id:
             break
+        keep.append(P)
     else:
-        pytest.skip("CPython did not reuse the freed tensor's address in 1000 tries")
-    assert not _unchanged(stamp, A, B)
+        pytest.skip("CPython did not reuse the freed Parameter's address in 5000 tries")
+    assert P._version == 0 and P.data_ptr() == alias.data_ptr()
+    layer.lora_A = P
+    base = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="lora_A holds non-finite values"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.weight, base)
 
 
 def test_the_tie_registry_stays_small():

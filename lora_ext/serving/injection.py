@@ -619,13 +619,13 @@ def install(model, name, module, layer, scaling, owners, adapter_name="default",
 
 
 def check_mergeable(name, layer):
+    refusal = layer.merge_refusal() if layer.has_lora else None
+    if refusal is not None:
+        raise ValueError(f"merge: {name!r}: {refusal} (unload with merge=False)")
     tied = ties.names(layer)  # plain modules (install's _tied_with) and other lora_ext layers
     if tied:
         raise ValueError(f"merge: the weight of {name!r} is tied to {tied}; merging the adapter into it would "
                          f"change those modules too (unload with merge=False, or untie the weights)")
-    refusal = layer.merge_refusal() if layer.has_lora else None
-    if refusal is not None:
-        raise ValueError(f"merge: {name!r}: {refusal} (unload with merge=False)")
 
 
 def _scaled_origin(layer) -> bool:

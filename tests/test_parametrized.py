@@ -1,0 +1,124 @@
+"""Layers under torch.nn.utils.parametrize (weight_norm on the base weight, a parametrization of lora_A).
+
+A parametrized weight is computed at each access, so a merge has nowhere to write: merge() refuses with a
+ValueError naming the layer, and eval() leaves that layer unmerged with a warning and goes on with the others
+(model.eval() used to stop at it with a KeyError, the layers before it merged and in eval mode, the ones after
+it not). copy.deepcopy of a parametrized layer works (torch's parametrize gives the class a __deepcopy__ copying
+__dict__ whole unless the class has one: it raised "cannot pickle '_thread.RLock'")."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils import parametrizations, parametrize
+
+import lora_ext as lora
+from helpers import TOL, layer_forward64, rel_err
+
+
+def _seeded(layer):
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return layer
+
+
+def _forward64(layer, x):
+    """The float64 formula with the weight as the parametrization computes it now."""
+    p = {n: t.detach().double() for n, t in layer.named_parameters() if "parametrizations" not in n}
+    p["weight"] = layer.weight.detach().double()
+    return layer_forward64(layer, p, x.double(), layer.scaling)
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = _seeded(lora.Linear(8, 8, r=2, lora_alpha=3))
+        self.b = _seeded(lora.Linear(8, 8, r=2, lora_alpha=3))
+        self.c = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
+        parametrizations.weight_norm(self.b, "weight")
+
+    def forward(self, x):
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_eval_leaves_a_parametrized_weight_unmerged_and_merges_the_rest():
+    net = Net()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        before = net(x)
+    original = net.b.parametrizations.weight.original1.detach().clone()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        net.eval()
+    messages = [str(w.message) for w in seen]
+    assert len(messages) == 1 and "ParametrizedLinear" in messages[0] and "unmerged" in messages[0]
+    assert (net.a.merged, net.b.merged, net.c.merged) == (True, False, True)
+    assert not any(m.training for m in net.modules())
+    assert torch.equal(net.b.parametrizations.weight.original1, original)  # nothing written
+    with torch.no_grad():
+        after = net(x)
+        ref = net.c.weight.double()  # (merged: W + s B A, within float32 rounding of the formula)
+    assert rel_err(after, before) < TOL[torch.float32] * 10
+    assert rel_err(net.b(x), _forward64(net.b, x)) < TOL[torch.float32] * 10
+    assert ref.shape == (6, 8)
+    net.train()
+    assert not any(m.merged for m in (net.a, net.b, net.c))
+    with torch.no_grad():
+        assert rel_err(net(x), before) < TOL[torch.float32] * 10
+
+
+def test_merge_refuses_before_writing():
+    net = Net()
+    originals = lambda: [t for n, t in net.b.named_parameters() if n.startswith("parametrizations.weight.original")]
+    original = [t.detach().clone() for t in originals()]
+    assert len(original) == 2  # weight_norm's g and v
+    with pytest.raises(ValueError, match=r"ParametrizedLinear\(8, 8\): its weight is not a registered parameter"):
+        net.b.merge()
+    assert not net.b.merged
+    assert all(torch.equal(a, b) for a, b in zip(originals(), original))
+    with pytest.raises(ValueError, match="not a registered parameter"):
+        lora.merge_adapter(net)
+    assert not any(m.merged for m in (net.a, net.b, net.c))
+
+
+@pytest.mark.parametrize("where", ["weight", "lora_A"])
+def test_deepcopy_of_a_parametrized_layer(where):
+    layer = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
+    if where == "weight":
+        parametrizations.weight_norm(layer, "weight")
+    else:
+        class Doubled(torch.nn.Module):
+            def forward(self, t):
+                return 2 * t
+        parametrize.register_parametrization(layer, "lora_A", Doubled())
+    x = torch.randn(3, 8)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    assert type(twin) is type(layer) and twin._lock is not layer._lock
+    assert torch.equal(twin(x), y)
+    twin.lora_B.data.add_(1.0)  # the copy's own tensors
+    assert torch.equal(layer(x), y) and not torch.allclose(twin(x), y)
+    twin.eval()  # (a parametrized weight stays unmerged; a parametrized lora_A merges its computed value)
+    p = {n: t.detach().double() for n, t in twin.named_parameters() if "parametrizations" not in n}
+    # the base: a merged layer's state_dict holds it (its weight holds W + s B A)
+    p["weight"] = twin.state_dict()["weight"].double() if twin.merged else twin.weight.detach().double()
+    p["lora_A"] = twin.lora_A.detach().double()
+    assert twin.merged == (where == "lora_A")
+    with torch.no_grad():
+        assert rel_err(twin(x), layer_forward64(twin, p, x.double(), twin.scaling)) < TOL[torch.float32] * 10
+
+
+def test_ema_copy_of_a_model_with_weight_norm():
+    """An EMA copy (deepcopy of the whole model, as training recipes keep one) of a model whose lora layer has
+    weight_norm: the copy serves what the model does and trains apart from it."""
+    net = Net()
+    ema = copy.deepcopy(net)
+    x = torch.randn(4, 8)
+    assert torch.equal(ema(x), net(x))
+    with torch.no_grad():
+        for p, q in zip(ema.parameters(), net.parameters()):
+            p.mul_(0.5).add_(q, alpha=0.5)
+    assert rel_err(ema(x), net(x)) < TOL[torch.float32]
+    ema.b.lora_A.data.zero_()
+    assert not torch.allclose(ema(x), net(x))
