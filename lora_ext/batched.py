@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .named_adapters import TOKEN, _data_ptr, _stamp, _token, _unchanged
+from .named_adapters import _data_ptr, _is, _stamp, _token, _unchanged
 
 # The batches open in this context: {layer: LayerBatch}; None when none is (a thread starts with none).
 ACTIVE: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ext_batches", default=None)
@@ -72,7 +72,7 @@ def _identity(A: Tensor, B: Tensor):
 
 def _holds(identity, A: Tensor, B: Tensor) -> bool:
     if identity[0] == "inference":
-        return (identity[1] == A.__dict__.get(TOKEN) and identity[3] == B.__dict__.get(TOKEN)
+        return (_is(identity[1], A) and _is(identity[3], B)
                 and identity[2] == _data_ptr(A) and identity[4] == _data_ptr(B))
     return _unchanged(identity, A, B)
 

@@ -27,6 +27,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch import Tensor
 from torch.nn.modules import module as _nn_module
 
@@ -133,7 +134,10 @@ class LoRALayer(NamedAdapters):
         lock, which does not copy) unless the class has one, and a __getstate__ that refuses."""
         replica = self.__class__.__new__(self.__class__)
         memo[id(self)] = replica
-        replica.__setstate__(copy.deepcopy(LoRALayer.__getstate__(self), memo))
+        getstate = next(c.__dict__["__getstate__"] for c in type(self).__mro__  # (a subclass's own is honoured)
+                        if "__getstate__" in c.__dict__
+                        and getattr(c.__dict__["__getstate__"], "__module__", None) != parametrize.__name__)
+        replica.__setstate__(copy.deepcopy(getstate(self), memo))
         return replica
 
     def __setstate__(self, state):
@@ -165,6 +169,8 @@ class LoRALayer(NamedAdapters):
         conv = self.__dict__.get("_modules", {}).get("conv")
         if conv is not None:
             return f"{name}({conv.in_channels}, {conv.out_channels}, kernel_size={tuple(conv.kernel_size)})"
+        if hasattr(self, "num_embeddings"):  # (not from the weight: a parametrization would compute it, and spectral
+            return f"{name}({self.num_embeddings}, {self.embedding_dim})"  # norm step its power iteration)
         return super()._describe()
 
     def _guard(self):

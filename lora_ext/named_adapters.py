@@ -36,7 +36,7 @@ MERGED = object()  # the stamp key of the merged snapshot (the factors the weigh
 
 def _stamp(lora_A, lora_B):
     """What identifies the values of a factor pair until one is written in place or given other storage: each
-    tensor's token (`_token`), version counter and data pointer. A stamp keeps nothing alive and puts no weak
+    tensor's token (`_token`: its id and a number on it), version counter and data pointer. A stamp keeps nothing alive and puts no weak
     reference on the tensors (torch's swap_tensors, which module.to() uses for DTensors and under
     set_swap_module_params_on_conversion, refuses those). Spelled out for two tensors: it runs on every switch.
     None for inference tensors (made under torch.inference_mode), which have no version counter: their
@@ -54,22 +54,28 @@ def _data_ptr(t):
 
 
 TOKEN = "_lora_ext_id"
-_tokens = itertools.count(1)
+_tokens = itertools.count(uuid.uuid4().int >> 66)  # (a random start: tokens also travel in pickles)
 
 
-def _token(t) -> int:
-    """A number naming the tensor object t, never given to another (kept in its __dict__; id() is reused once t is
-    gone, and a weak reference is what swap_tensors refuses). swap_tensors exchanges __dict__s: a swapped tensor
-    loses its token, and its stamps their validity (its values are checked again)."""
-    token = t.__dict__.get(TOKEN)
-    if token is None:
-        token = t.__dict__[TOKEN] = next(_tokens)
-    return token
+def _token(t):
+    """What names the tensor object t: its id with a number kept in its __dict__. Neither alone would do: an id is
+    reused once t is gone, and copy.copy(t) copies the __dict__ (the copy, alive beside t, has another id). A weak
+    reference would, but torch's swap_tensors refuses tensors that have one. swap_tensors also exchanges
+    __dict__s: a swapped tensor loses its number, and its stamps their validity (its values are checked again)."""
+    number = t.__dict__.get(TOKEN)
+    if number is None:
+        number = t.__dict__[TOKEN] = next(_tokens)
+    return id(t), number
+
+
+def _is(token, t) -> bool:
+    """Whether `token` (from _token) names t."""
+    return token[0] == id(t) and token[1] == t.__dict__.get(TOKEN)
 
 
 def _unchanged(stamp, lora_A, lora_B):
     """Whether (lora_A, lora_B) are the stamped pair, unwritten since."""
-    return (stamp is not None and stamp[0] == lora_A.__dict__.get(TOKEN) and stamp[3] == lora_B.__dict__.get(TOKEN)
+    return (stamp is not None and _is(stamp[0], lora_A) and _is(stamp[3], lora_B)
             and stamp[1] == lora_A._version and stamp[4] == lora_B._version
             and stamp[2] == _data_ptr(lora_A) and stamp[5] == _data_ptr(lora_B))
 

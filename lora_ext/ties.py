@@ -84,9 +84,11 @@ def note(weight, layer) -> None:
 
 
 def _weight_of(layer):
+    """layer's weight Parameter; None where it has none registered (a parametrization computes it) or is half built
+    or half torn down."""
     try:
-        return layer._weight_param()
-    except AttributeError:  # a layer half built or half torn down
+        return layer._weight_or_none()
+    except AttributeError:
         return None
 
 
@@ -108,7 +110,7 @@ def others(layer, weight) -> List:
         if span is not None:
             layers += [same for same in _by_storage.get(span[:2], ()) if same not in layers]
     return [other for other in layers if other is not layer
-            and (other._weight_param() is weight or _overlap(span, _span(other._weight_param())))]
+            and (_weight_of(other) is weight or _overlap(span, _span(_weight_of(other))))]
 
 
 def names(layer) -> List[str]:

@@ -122,3 +122,90 @@ def test_ema_copy_of_a_model_with_weight_norm():
     assert rel_err(ema(x), net(x)) < TOL[torch.float32]
     ema.b.lora_A.data.zero_()
     assert not torch.allclose(ema(x), net(x))
+
+
+def test_refusals_leave_spectral_norm_alone():
+    """A refused merge of an Embedding whose weight spectral_norm computes runs no power iteration: its buffers
+    are bit for bit what they were (the message used to read the weight, which steps spectral_norm in training)."""
+    emb = _seeded(lora.Embedding(12, 6, r=2, lora_alpha=3))
+    parametrizations.spectral_norm(emb, "weight")
+    buffers = {n: b.clone() for n, b in emb.named_buffers()}
+    assert any("_u" in n for n in buffers)
+    with pytest.raises(ValueError, match=r"Embedding\(12, 6\): its weight is not a registered parameter"):
+        emb.merge()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        emb.eval()
+    assert not emb.merged
+    assert all(torch.equal(b, buffers[n]) for n, b in emb.named_buffers())
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_unload_refuses_a_parametrized_layer_before_changing_anything(merge):
+    net = Net()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        before = net(x)
+    with pytest.raises(ValueError, match="'b'"):
+        lora.unload(net, merge=merge)
+    assert all(isinstance(m, lora.Linear) for m in (net.a, net.b, net.c))
+    assert not any(m.merged for m in (net.a, net.b, net.c))
+    with torch.no_grad():
+        assert torch.equal(net(x), before)
+
+
+def test_mixed_batch_over_a_parametrized_layer():
+    """batch_adapters serves a model with a weight_norm'd layer (it used to raise a raw KeyError): each row its
+    adapter's output, against float64."""
+    layer = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)
+    layer.add_adapter("b", torch.randn(2, 8), torch.randn(6, 2), 0.5)
+    parametrizations.weight_norm(layer, "weight")
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        layer.eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad(), lora.batch_adapters(layer, ["b", None, "default"]):
+        y = layer(x)
+    w = layer.weight.detach().double()
+    for row, name in enumerate(["b", None, "default"]):
+        p = {"weight": w, "bias": layer.bias.detach().double()}
+        if name is None:
+            ref = torch.nn.functional.linear(x[row].double(), w, p["bias"])
+        else:
+            A, B, s = layer.get_adapter(name)
+            p.update(lora_A=A.double(), lora_B=B.double())
+            ref = layer_forward64(layer, p, x[row].double(), s)
+        assert rel_err(y[row], ref) < TOL[torch.float32] * 10, name
+
+
+def test_deepcopy_honours_a_subclass_getstate():
+    class Cached(lora.Linear):
+        def __getstate__(self):
+            state = super().__getstate__()
+            state.pop("cache", None)
+            return state
+
+    layer = Cached(8, 6, r=2)
+    layer.cache = object()
+    twin = copy.deepcopy(layer)
+    assert not hasattr(twin, "cache") and hasattr(layer, "cache")
+
+
+def test_a_tie_partner_parametrized_later_does_not_break_merges():
+    """l2.weight = l1.weight, then weight_norm on l1 (its weight now computed from Parameters of its own): l2 is
+    no longer tied and merges; the registry's look at l1 used to raise KeyError (seen when ids were reused)."""
+    l1 = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
+    l2 = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
+    l2.weight = l1.weight
+    with pytest.raises(ValueError, match="shared with"):
+        l2.merge()
+    parametrizations.weight_norm(l1, "weight")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        before = l2(x)
+    l2.merge()
+    assert l2.merged
+    with torch.no_grad():
+        assert rel_err(l2(x), before) < TOL[torch.float32] * 10

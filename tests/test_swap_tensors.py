@@ -6,6 +6,7 @@ weak references to the weight (ties) and to the factors (finite-value stamps, mi
 conv held a view of its weight through its own _apply: `.double()` of any layer after a forward, and of an FSDP2
 model after a forward or eval(), raised "Couldn't swap Linear.weight". Each case here converts a layer in some
 state and compares its forward with a float64 formula (W + scaling * B A) of the values it held."""
+import copy
 import gc
 import weakref
 
@@ -182,6 +183,55 @@ def test_a_stamp_dies_with_its_tensor():
     with pytest.raises(ValueError, match="lora_A holds non-finite values"):
         layer.merge()
     assert not layer.merged and torch.equal(layer.weight, base)
+
+
+def test_a_shallow_copy_of_a_stamped_parameter_is_checked_again():
+    """copy.copy of the live lora_A copies its __dict__ (the stamp's number) and shares its memory; its version
+    counter, new, can be brought to the stamped one. It is another object, so its values are checked again: NaN
+    written into it is refused at the merge."""
+    layer = lora.Linear(8, 8, r=2, lora_alpha=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.eval()
+    layer.train()  # stamped
+    version = layer.lora_A._version
+    twin = copy.copy(layer.lora_A)
+    layer.lora_A = twin
+    with torch.no_grad():
+        twin[0, 0] = float("nan")
+        while twin._version < version:
+            twin.mul_(1)
+    assert twin._version == version
+    with pytest.raises(ValueError, match="lora_A holds non-finite values"):
+        layer.merge()
+    assert not layer.merged and torch.isfinite(layer.weight).all()
+
+
+def test_mixed_batch_slots_refill_after_a_shallow_copy_is_written():
+    """The same for mixed-batch slots: a shallow copy of lora_A put in its place and written to the stamped version
+    is taken again by the next batch (rows against float64)."""
+    layer = lora.Linear(8, 6, r=2, lora_alpha=2, merge_weights=False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)
+    layer.add_adapter("b", torch.randn(2, 8), torch.randn(6, 2), 0.5)
+    layer.eval()
+    x = torch.randn(2, 8)
+    with torch.no_grad(), lora.batch_adapters(layer, ["default", "b"]):
+        layer(x)  # slots filled, keyed by the live factors' stamp
+    version = layer.lora_A._version
+    twin = copy.copy(layer.lora_A)
+    layer.lora_A = twin
+    with torch.no_grad():
+        twin.mul_(3.0)
+        while twin._version < version:
+            twin.mul_(1)
+    assert twin._version == version
+    with torch.no_grad(), lora.batch_adapters(layer, ["default", "b"]):
+        y = layer(x)
+    p = {n: t.detach().double() for n, t in layer.named_parameters()}
+    assert rel_err(y[0], layer_forward64(layer, p, x[0].double(), layer.scaling)) < TOL[torch.float32] * 10
 
 
 def test_the_tie_registry_stays_small():

@@ -350,7 +350,7 @@ def _check_layers(found) -> None:
         if batched.kind(m) is None:
             raise ValueError(f"batch_adapters: layer {path!r} is a {type(m).__name__}; mixed batches serve Linear, "
                              f"MergedLinear and Embedding layers (serve convolutions one adapter at a time)")
-        if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_param()) or sharded.is_dtensor(m.lora_A):
+        if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_or_none()) or sharded.is_dtensor(m.lora_A):
             raise ValueError(f"batch_adapters: layer {path!r} is sharded (FSDP2 or tensor parallel); mixed batches "
                              f"serve unsharded layers")
 

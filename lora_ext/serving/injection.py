@@ -621,7 +621,8 @@ def install(model, name, module, layer, scaling, owners, adapter_name="default",
 def check_mergeable(name, layer):
     refusal = layer.merge_refusal() if layer.has_lora else None
     if refusal is not None:
-        raise ValueError(f"merge: {name!r}: {refusal} (unload with merge=False)")
+        hint = " (unload with merge=False)" if layer._weight_or_none() is not None else ""  # (see unload)
+        raise ValueError(f"merge: {name!r}: {refusal}{hint}")
     tied = ties.names(layer)  # plain modules (install's _tied_with) and other lora_ext layers
     if tied:
         raise ValueError(f"merge: the weight of {name!r} is tied to {tied}; merging the adapter into it would "
@@ -699,6 +700,10 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
             raise ValueError(f"unload: layer {name!r} is an Embedding with embed_scale, which no plain torch module "
                              f"holds (a plain nn.Embedding would drop the scale); only a layer injected in place of a "
                              f"scaled word embedding unloads, as that class")
+        if layer._weight_or_none() is None:
+            raise ValueError(f"unload: layer {name!r}: its weight is computed by a parametrization (weight_norm, "
+                             f"pruning), which the plain module would not carry; remove it first "
+                             f"(torch.nn.utils.parametrize.remove_parametrizations on the module holding the weight)")
     if merge:
         for name, layer in found:
             check_mergeable(name, layer)
