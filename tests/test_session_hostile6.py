@@ -293,7 +293,8 @@ def test_a_parametrized_weight_is_read_through_its_parametrization(how):
 @pytest.mark.parametrize("how", ["parametrize", "weight_norm"])
 def test_a_merge_into_a_parametrized_weight_is_refused(how):
     """A merge writes the weight parameter in place; a parametrized weight is computed on each read, so a merge would
-    write a temporary. Refused before anything is written, naming the layer; the layer stays unmerged."""
+    write a temporary. Refused before anything is written, naming the layer; the layer stays unmerged (eval() warns
+    and goes on: a model's eval() does not stop at the layer, tests/test_parametrized.py)."""
     from torch.nn.utils import parametrize
     layer = _layers()[0]
     x = torch.randn(5, 8)
@@ -306,8 +307,11 @@ def test_a_merge_into_a_parametrized_weight_is_refused(how):
         torch.nn.utils.parametrizations.weight_norm(layer, "weight")
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     unmerged = layer(x).detach()
-    with pytest.raises(KeyError, match=r"Linear\(8, 6\): its weight is not a registered parameter"):
+    with pytest.warns(UserWarning, match=r"unmerged: ParametrizedLinear\(8, 6\): its weight is not a registered"):
         layer.eval()
+    assert not layer.merged and not layer.training
+    with pytest.raises(ValueError, match=r"Linear\(8, 6\): its weight is not a registered parameter"):
+        layer.merge()
     assert not layer.merged
     after = layer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
