@@ -664,12 +664,22 @@ def _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, blo
                             block_ids, fan_in_fan_out)
 
 
+def _own(out: Tensor) -> Tensor:
+    """What a custom op returns: out, or where it is a view, a tensor of its own over the same memory (as torch's
+    matmul returns). A custom op's output that is a view refuses in-place writes under autograd ("a view ...
+    created inside a custom Function": `layer(x).relu_()`, `h += residual`), which nn.Linear's and loralib's outputs
+    take, and FSDP2 warns of modules returning views. The reference returns views of its flat results (so does
+    F.embedding inside an op); the kernels' host code allocates outputs in their own shapes. (Only the ops: the
+    eager paths without autograd keep their views, as torch's own layers return some, and save the call.)"""
+    return torch.ops.aten._unsafe_view(out, out.shape) if out._is_view() else out
+
+
 @torch.library.custom_op("lora_ext::linear", mutates_args=())
 def _linear_op(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                lora_B: Tensor, scale: Optional[float], num_blocks: int, block_ids: list[int],
                fan_in_fan_out: bool, scale_tensor: Optional[Tensor] = None) -> Tensor:
-    return _linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
-                        scale_tensor)
+    return _own(_linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
+                             scale_tensor))
 
 
 @_linear_op.register_fake
@@ -841,7 +851,8 @@ def _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_
 def _embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: Optional[float],
                   padding_idx: Optional[int], scale_grad_by_freq: bool, sparse: bool,
                   scale_tensor: Optional[Tensor] = None) -> Tensor:
-    return _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse, scale_tensor)
+    return _own(_embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse,
+                                scale_tensor))
 
 
 @_embedding_op.register_fake

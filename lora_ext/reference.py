@@ -92,14 +92,6 @@ def delta_weight_backward(grad, lora_A, lora_B, scale, num_blocks, block_ids, tr
     return torch.cat(dA).to(lora_A.dtype), torch.cat(dB).to(lora_B.dtype)
 
 
-def own(out):
-    """out, or where it is a view, a tensor of its own over the same memory (torch's matmul returns the same). A
-    custom op's output that is a view refuses in-place writes under autograd (`layer(x).relu_()`, `h += residual`:
-    "a view ... created inside a custom Function"), which nn.Linear's and loralib's outputs take, and FSDP2 warns
-    of modules returning views. Inside the op F.linear and F.embedding return views of their flat results."""
-    return torch.ops.aten._unsafe_view(out, out.shape) if out._is_view() else out
-
-
 def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out):
     """F.linear(x, W, bias) + scale * (x_lora A^T) B^T, the update landing only in the enabled blocks.
 
@@ -109,7 +101,7 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
     """
     w = weight.t() if fan_in_fan_out else weight
     if not block_ids:
-        return own(F.linear(x, w, bias))
+        return F.linear(x, w, bias)
     n_out, k = w.shape
     dtype = x.dtype
     rows = x.shape[:-1].numel()  # not reshape(-1, k): k may be 0
@@ -132,7 +124,7 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
         for j, (e, nb, _, b) in enumerate(_groups(lora_A, b_all, block_ids)):
             out[:, e * nb:(e + 1) * nb].addmm_(t[:, j * r:(j + 1) * r], b.t(), alpha=scale)
     out.addmm_(x2, w.t())
-    return out if x.dim() == 2 else own(out.view(*x.shape[:-1], n_out))
+    return out.view(*x.shape[:-1], n_out)
 
 
 def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, fan_in_fan_out, needs, x_shape,
@@ -183,7 +175,7 @@ def embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_fre
     # then matches embedding_backward's, as loralib's does)
     t = F.embedding(ids.reshape(-1), lora_A.t(), padding_idx, None, 2.0, scale_grad_by_freq).to(out.dtype)
     out.view(-1, dim).addmm_(t, lora_B.to(out.dtype).t(), alpha=scale)
-    return own(out)
+    return out
 
 
 def embedding_backward(grad, ids, lora_A, lora_B, scale, num, padding_idx, scale_grad_by_freq, sparse, needs):
