@@ -36,9 +36,9 @@ MERGED = object()  # the stamp key of the merged snapshot (the factors the weigh
 
 def _stamp(lora_A, lora_B):
     """What identifies the values of a factor pair until one is written in place or given other storage: each
-    tensor's token (`_token`: its id and a number on it), version counter and data pointer. A stamp keeps nothing alive and puts no weak
-    reference on the tensors (torch's swap_tensors, which module.to() uses for DTensors and under
-    set_swap_module_params_on_conversion, refuses those). Spelled out for two tensors: it runs on every switch.
+    tensor's token (`_token`: its id and a number on it), version counter and data pointer. A stamp keeps nothing
+    alive and puts no weak reference on the tensors (torch's swap_tensors, which module.to() uses for DTensors and
+    under set_swap_module_params_on_conversion, refuses those). Spelled out for two tensors: it runs on every switch.
     None for inference tensors (made under torch.inference_mode), which have no version counter: their
     values are checked again at each use."""
     if lora_A.is_inference() or lora_B.is_inference():

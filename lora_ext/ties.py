@@ -12,9 +12,10 @@ The registry maps a weight Parameter (by id) to the layers that took it: a layer
 swap_tensors (module.to() of DTensor Parameters, FSDP2's and tensor parallelism's, or under
 torch.__future__.set_swap_module_params_on_conversion) refuses a tensor with weak references. An id outlives its
 Parameter, so an entry is only a list of candidates: a layer counts when its weight is the same object now (or its
-bytes overlap), and entries none of whose layers holds a weight of that id are dropped as the registry grows. Layers that ever took one weight
-stay each other's peers: a tied weight that is replaced in both modules' _parameters without register_parameter
-(FSDP2's fully_shard puts one DTensor Parameter there) is still seen as shared when both hold the new one. Weights that are two
+bytes overlap), and entries none of whose layers holds a weight of that id are dropped as the registry grows.
+Layers that ever took one weight stay each other's peers: a tied weight that is replaced in both modules'
+_parameters without register_parameter (FSDP2's fully_shard puts one DTensor Parameter there) is still seen as
+shared when both hold the new one. Weights that are two
 Parameter objects over the same memory (load_state_dict(assign=True) of a tied model's saved state dict: torch.save
 keeps the one storage, assign wraps each key in a Parameter of its own) are seen too: layers are also indexed by
 their weight's storage, and two weights tie when their bytes overlap (views of one flat buffer that do not overlap

@@ -231,8 +231,9 @@ void launch_linear(const LinearPlan& p, kf::Args<T, Tab>& args, const at::Tensor
               kf::expand_smem_bytes<T>(), args);
 }
 
-// t, or where it is a view, a tensor of its own over the same memory: the ops' outputs are never views. A custom
-// op's output that is a view refuses in-place writes under autograd (`layer(x).relu_()`), which nn.Linear's take.
+// t, or where it is a view, a tensor of its own over the same memory: the kernels' outputs are never views. A
+// custom op's output that is a view refuses in-place writes under autograd (`layer(x).relu_()`), which
+// nn.Linear's take (lora_ext.ops._own does the same for the reference's).
 inline at::Tensor own(const at::Tensor& t) { return t.is_view() ? at::_unsafe_view(t, t.sizes()) : t; }
 
 // F.linear(x, W, bias) + scale * (x_lora A^T) B^T in the enabled column blocks. The LoRA kernels write

@@ -310,7 +310,8 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
     for path, m in found:
         names = [a for a in adapters if m.has_adapter(a) and not m.is_stand_in(a)]
         if names:
-            if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m.lora_A) or sharded.is_dtensor(m._weight_or_none()):
+            if (m.__dict__.get("_tp") is not None or sharded.is_dtensor(m.lora_A)
+                    or sharded.is_dtensor(m._weight_or_none())):
                 raise ValueError(f"add_weighted_adapter: layer {path!r} is sharded (FSDP2 or tensor parallel); "
                                  f"combine the adapters before sharding the model")
             present[path, m] = names
