@@ -297,11 +297,14 @@ class LoRALayer(NamedAdapters):
         """Why the active adapter cannot be merged into this layer's weight, or None: a weight that is not a
         registered parameter (a parametrization computes it); Embedding: max_norm."""
         if self._weight_or_none() is None:
-            return (f"{self._describe()}: its weight is not a registered parameter (a parametrization, weight_norm "
-                    f"or pruning computes it); merges write the weight in place and cannot write through that: "
-                    f"serve it unmerged, or remove the parametrization first (torch.nn.utils.parametrize."
-                    f"remove_parametrizations(module, 'weight'))")
+            return (f"{self._computed_weight()}: serve it unmerged, or remove the parametrization first "
+                    f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
         return None
+
+    def _computed_weight(self) -> str:
+        """What merges meet in a layer whose weight is not a registered parameter (merge_refusal, _weight_param)."""
+        return (f"{self._describe()}: its weight is not a registered parameter (a parametrization, weight_norm or "
+                f"pruning computes it); merges write the weight in place and cannot write through that")
 
     def _fp16_room(self, *adapters):
         """A float16 weight's range, checked at every write against what the weight holds now (value stamps
@@ -360,9 +363,7 @@ class LoRALayer(NamedAdapters):
         tensor in its place: a merge into that would write a temporary)."""
         weight = self._weight_or_none()
         if weight is None:
-            raise KeyError(f"{self._describe()}: its weight is not a registered parameter (a parametrization, "
-                           f"weight_norm or pruning computes it); merges write the weight in place and cannot "
-                           f"write through that: remove it first (e.g. torch.nn.utils.parametrize."
+            raise KeyError(f"{self._computed_weight()}: remove it first (e.g. torch.nn.utils.parametrize."
                            f"remove_parametrizations(layer, 'weight'))")
         return weight
 
