@@ -57,14 +57,26 @@ SPLIT_REL = 3 * 2.0**-16
 
 def dense_delta64(lora_A, lora_B, num_blocks, block_ids, out_features):
     """scale-free delta-W in the layer's logical (out, in) layout, float64, zero outside enabled blocks."""
-    A = lora_A.detach().to(torch.float64)
-    B = lora_B.detach().to(torch.float64)
+    return _block_delta(lora_A.detach().to(torch.float64), lora_B.detach().to(torch.float64), num_blocks, block_ids,
+                        out_features)
+
+
+def _block_delta(A, B, num_blocks, block_ids, out_features):
+    """dense_delta64 of A and B as they are (differentiable: effective_weight64 takes gradients through it)."""
     n = len(block_ids)
     r, nb = A.shape[0] // n, out_features // num_blocks
-    delta = torch.zeros(out_features, A.shape[1], dtype=torch.float64)
+    delta = torch.zeros(out_features, A.shape[1], dtype=A.dtype)
     for j, e in enumerate(block_ids):
         delta[e * nb:(e + 1) * nb] = B[j * nb:(j + 1) * nb] @ A[j * r:(j + 1) * r]
     return delta
+
+
+def randomize_(module, std=0.5):
+    """Every parameter of `module` given fresh normal values (lora_B starts at zero: the update gets a value)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * std)
+    return module
 
 
 def delta64(a, b, scale, num_blocks, ids, nb, transposed):
@@ -100,11 +112,8 @@ def effective_weight64(layer, p, scale):
     A, B = p["lora_A"], p["lora_B"]
     if isinstance(layer, lora.MergedLinear):
         w = p["weight"].t() if layer.fan_in_fan_out else p["weight"]
-        nb, r = w.shape[0] // len(layer.enable_lora), layer.r
-        blocks = [torch.zeros(nb, w.shape[1], dtype=w.dtype) for _ in layer.enable_lora]
-        for j, e in enumerate(e for e, on in enumerate(layer.enable_lora) if on):
-            blocks[e] = B[j * nb:(j + 1) * nb] @ A[j * r:(j + 1) * r]
-        return w + scale * torch.cat(blocks)
+        enabled = [e for e, on in enumerate(layer.enable_lora) if on]
+        return w + scale * _block_delta(A, B, len(layer.enable_lora), enabled, w.shape[0])
     if isinstance(layer, lora.Linear):
         return (p["weight"].t() if layer.fan_in_fan_out else p["weight"]) + scale * (B @ A)
     if isinstance(layer, lora.Embedding):

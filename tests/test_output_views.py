@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import lora_ext as lora
 from dist import run_ranks
-from helpers import TOL, layer_forward64, load_sim, rel_err
+from helpers import TOL, layer_forward64, load_sim, randomize_, rel_err
 
 SCALE = 0.75  # lora_alpha / r of every layer below
 
@@ -43,10 +43,7 @@ CASES = {
 
 def _build(case):
     make, shape = CASES[case]
-    layer = make()
-    with torch.no_grad():  # B starts at zero: give the update a value, and every parameter a fresh one
-        for param in layer.parameters():
-            param.copy_(torch.randn_like(param) * 0.5)
+    layer = randomize_(make())
     if isinstance(layer, lora.Embedding):
         x = torch.randint(0, 20, shape)
     else:
@@ -235,9 +232,7 @@ def test_residual_written_in_place_with_lora_dropout(merged, backend):
         layer = lora.MergedLinear(12, 12, r=2, lora_alpha=1.5, lora_dropout=0.25, enable_lora=[True, False, True])
     else:
         layer = lora.Linear(12, 12, r=4, lora_alpha=3, lora_dropout=0.25)
-    with torch.no_grad():
-        for param in layer.parameters():
-            param.copy_(torch.randn_like(param) * 0.5)
+    randomize_(layer)
     lora.mark_only_lora_as_trainable(layer)
     h0 = torch.randn(2, 3, 12, requires_grad=True)
     g = torch.randn(2, 3, 12)

@@ -13,14 +13,7 @@ import torch
 from torch.nn.utils import parametrizations, parametrize
 
 import lora_ext as lora
-from helpers import TOL, layer_forward64, rel_err
-
-
-def _seeded(layer):
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return layer
+from helpers import TOL, layer_forward64, randomize_, rel_err
 
 
 def _forward64(layer, x):
@@ -33,9 +26,9 @@ def _forward64(layer, x):
 class Net(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = _seeded(lora.Linear(8, 8, r=2, lora_alpha=3))
-        self.b = _seeded(lora.Linear(8, 8, r=2, lora_alpha=3))
-        self.c = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
+        self.a = randomize_(lora.Linear(8, 8, r=2, lora_alpha=3))
+        self.b = randomize_(lora.Linear(8, 8, r=2, lora_alpha=3))
+        self.c = randomize_(lora.Linear(8, 6, r=2, lora_alpha=3))
         parametrizations.weight_norm(self.b, "weight")
 
     def forward(self, x):
@@ -81,7 +74,7 @@ def test_merge_refuses_before_writing():
 
 @pytest.mark.parametrize("where", ["weight", "lora_A"])
 def test_deepcopy_of_a_parametrized_layer(where):
-    layer = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
+    layer = randomize_(lora.Linear(8, 6, r=2, lora_alpha=3))
     if where == "weight":
         parametrizations.weight_norm(layer, "weight")
     else:
@@ -124,7 +117,7 @@ def test_ema_copy_of_a_model_with_weight_norm():
 def test_refusals_leave_spectral_norm_alone():
     """A refused merge of an Embedding whose weight spectral_norm computes runs no power iteration: its buffers
     are bit for bit what they were (the message used to read the weight, which steps spectral_norm in training)."""
-    emb = _seeded(lora.Embedding(12, 6, r=2, lora_alpha=3))
+    emb = randomize_(lora.Embedding(12, 6, r=2, lora_alpha=3))
     parametrizations.spectral_norm(emb, "weight")
     buffers = {n: b.clone() for n, b in emb.named_buffers()}
     assert any("_u" in n for n in buffers)
@@ -154,7 +147,7 @@ def test_unload_refuses_a_parametrized_layer_before_changing_anything(merge):
 def test_mixed_batch_over_a_parametrized_layer():
     """batch_adapters serves a model with a weight_norm'd layer (it used to raise a raw KeyError): each row its
     adapter's output, against float64."""
-    layer = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
+    layer = randomize_(lora.Linear(8, 6, r=2, lora_alpha=3))
     layer.lora_A.requires_grad_(False)
     layer.lora_B.requires_grad_(False)
     layer.add_adapter("b", torch.randn(2, 8), torch.randn(6, 2), 0.5)
@@ -193,8 +186,8 @@ def test_deepcopy_honours_a_subclass_getstate():
 def test_a_tie_partner_parametrized_later_does_not_break_merges():
     """l2.weight = l1.weight, then weight_norm on l1 (its weight now computed from Parameters of its own): l2 is
     no longer tied and merges; the registry's look at l1 used to raise KeyError (seen when ids were reused)."""
-    l1 = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
-    l2 = _seeded(lora.Linear(8, 6, r=2, lora_alpha=3))
+    l1 = randomize_(lora.Linear(8, 6, r=2, lora_alpha=3))
+    l2 = randomize_(lora.Linear(8, 6, r=2, lora_alpha=3))
     l2.weight = l1.weight
     with pytest.raises(ValueError, match="shared with"):
         l2.merge()

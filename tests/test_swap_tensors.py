@@ -15,7 +15,7 @@ import torch
 
 import lora_ext as lora
 from dist import run_ranks
-from helpers import TOL, layer_forward64, rel_err
+from helpers import TOL, layer_forward64, randomize_, rel_err
 from lora_ext import ties
 
 
@@ -40,11 +40,7 @@ MAKERS = {
 
 def _make(kind):
     make, make_x = MAKERS[kind]
-    layer = make()
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return layer, make_x()
+    return randomize_(make()), make_x()
 
 
 def _values(layer):
