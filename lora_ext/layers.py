@@ -623,6 +623,10 @@ class LoRALayer(NamedAdapters):
             if self.merged and self._merged_A is not None:
                 prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
                 key = prefix + self._weight_key
+                if key not in state:  # a parametrization registered after the merge computes the weight now
+                    raise KeyError(f"{self._describe()}: merged, then its weight was parametrized; a checkpoint "
+                                   f"would save the adapter as part of the base: remove the parametrization (e.g. "
+                                   f"torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight')), then save")
                 base = state[key].detach().clone(memory_format=torch.contiguous_format)
                 with torch.no_grad():
                     self._unmerge_from(base)

@@ -199,3 +199,29 @@ def test_a_tie_partner_parametrized_later_does_not_break_merges():
     assert l2.merged
     with torch.no_grad():
         assert rel_err(l2(x), before) < TOL[torch.float32] * 10
+
+
+class _Identity(torch.nn.Module):
+    def forward(self, w):
+        return w
+
+
+def test_state_dict_of_a_layer_parametrized_after_its_merge():
+    """A layer merged, then parametrized: its checkpoint would hold the merged weight as the base (the adapter
+    twice once loaded), so state_dict refuses naming the layer, where it raised KeyError('weight'). Once the
+    parametrization is removed, the checkpoint holds the base from before the merge."""
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 6, r=2).double()
+    randomize_(layer)
+    base = layer.weight.detach().clone()
+    layer.eval()
+    assert layer.merged
+    parametrize.register_parametrization(layer, "weight", _Identity())
+    with pytest.raises(KeyError, match=r"Linear\(8, 6\): merged, then its weight was parametrized"):
+        layer.state_dict()
+    parametrize.remove_parametrizations(layer, "weight")
+    saved = layer.state_dict()["weight"]
+    assert rel_err(saved, base) < 1e-14
+    layer.train()
+    assert not layer.merged
+    assert rel_err(layer.weight.detach(), base) < 1e-14
