@@ -206,8 +206,21 @@ class LoRALayer(NamedAdapters):
             return self._forward(x)
 
     def reset_parameters(self) -> None:
+        """The weight drawn afresh and the active adapter's factors initialised (B zero), as loralib's. A merged
+        layer forgets its merge: the fresh weight holds no adapter, so nothing is taken out of it later."""
+        if self.__dict__.get("_buffers", {}).get("_merged_A") is None:  # (also while nn.Linear.__init__ calls it)
+            self._reset_base()
+            self.reset_lora_parameters()
+            return
+        with self._lock, deferred_interrupt():  # (the weight and `merged` change together, as in train())
+            self._reset_base()
+            self._set_merged(None, None, None)
+            self._finite_stamps.pop(MERGED, None)
+            self.merged = False
+            self.reset_lora_parameters()
+
+    def _reset_base(self) -> None:
         super().reset_parameters()
-        self.reset_lora_parameters()
 
     # -- where the delta lies ---------------------------------------------------------------------------
 
@@ -889,9 +902,8 @@ class ConvLoRA(LoRALayer, nn.Module):
             self._create_factors(self.conv.weight)
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def _reset_base(self):
         self.conv.reset_parameters()
-        self.reset_lora_parameters()
 
     def _rank_rows(self):
         return self.conv.kernel_size[0]
