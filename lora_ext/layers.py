@@ -857,6 +857,15 @@ class MergedLinear(LoRALayer, nn.Linear):
         return {"num_blocks": len(self.enable_lora), "block_ids": self._block_ids,
                 "transposed": self.fan_in_fan_out}
 
+    def zero_pad(self, x: Tensor) -> Tensor:
+        """x's rows (dim 0: the enabled blocks' output rows, in order) at their places among out_features rows,
+        zeros in the disabled blocks' (loralib's zero_pad)."""
+        rows = self.lora_ind.nonzero().squeeze(1)
+        if x.shape[0] != rows.numel():
+            raise ValueError(f"{self._describe()}.zero_pad: x has {x.shape[0]} rows, the enabled blocks "
+                             f"{self.enable_lora} have {rows.numel()}")
+        return x.new_zeros((self.out_features, *x.shape[1:])).index_copy_(0, rows.to(x.device), x)
+
     def merge_AB(self) -> Tensor:
         """The unscaled dense delta-W in the weight's storage layout (loralib's merge_AB)."""
         return ops.delta_weight(self.lora_A, self.lora_B, 1.0, out_features=self.out_features,

@@ -80,6 +80,15 @@ def _unchanged(stamp, lora_A, lora_B):
             and stamp[2] == _data_ptr(lora_A) and stamp[5] == _data_ptr(lora_B))
 
 
+def check_one_name(name, where: str) -> None:
+    """Refuses a name that is not one adapter's (peft's set_adapter takes a list of adapters active together;
+    a lora_ext layer serves one)."""
+    if not isinstance(name, str):
+        raise TypeError(f"{where}: takes one adapter's name (a str), not {name!r}: a lora_ext layer serves one "
+                        f"active adapter; combine several into one with add_weighted_adapter, or serve each row "
+                        f"its own with batch_adapters")
+
+
 class deferred_interrupt:
     """Holds back Ctrl-C (SIGINT) while a weight and its bookkeeping are written, and delivers it right after:
     a KeyboardInterrupt then lands between whole merges or switches, never inside one (the model-level switch
@@ -230,6 +239,12 @@ class NamedAdapters:
         # the active adapter's values were checked with the old scaling: check again before the next write
         self.__dict__.get("_finite_stamps", {}).pop(self.__dict__.get("active_adapter"), None)
         self._sync_scale_tensor()
+
+    def __setattr__(self, name, value):
+        if name == "scaling" and isinstance(value, nn.Parameter):  # (nn.Module would register it, past the setter)
+            NamedAdapters.scaling.fset(self, value)
+            return
+        super().__setattr__(name, value)
 
     def _pair_scales(self, param: Tensor) -> List[Tensor]:
         """This layer's scale tensors that go with Parameter `param`'s values: each holds the scaling of the adapter
@@ -599,6 +614,7 @@ class NamedAdapters:
         if name == self.active_adapter:
             self.settle_parameters()
             return
+        check_one_name(name, "set_adapter")
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
         self._check_plain_factors(f"set_adapter({name!r})")

@@ -2,10 +2,18 @@
 
 - reset_parameters() on a merged layer: train() then took the old merged adapter out of the freshly drawn weight
   (off by 2-14 in the pass's layers), and state_dict() saved the same wrong base; loralib gives the fresh weight.
+- set_adapter with a list of names (peft's several active adapters) raised TypeError("unhashable type: 'list'");
+  now a TypeError that says a layer serves one adapter and what to use instead.
+- A scaling that requires grad (loralib trains it) was refused as "must be a finite number" (it is), and an
+  nn.Parameter assigned to `scaling` raised KeyError("attribute 'scaling' already exists"); both now say that
+  lora_ext's ops give the scaling no gradient.
+- MergedLinear.zero_pad (loralib's) was missing.
 """
 import pytest
 import torch
 import torch.nn as nn
+
+import loralib
 
 import lora_ext as lora
 from helpers import randomize_
@@ -46,3 +54,40 @@ def test_reset_parameters_of_a_merged_layer_leaves_the_fresh_weight(kind):
     assert torch.equal(_weight(layer).detach(), fresh.weight.detach())
     layer.eval()
     assert torch.equal(_weight(layer).detach(), fresh.weight.detach())  # a zero update: merging changes nothing
+
+
+def test_set_adapter_with_several_names_says_one_adapter_per_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(lora.Linear(4, 4, r=2), lora.Linear(4, 4, r=2))
+    for layer in model:
+        layer.add_adapter("b", torch.randn(2, 4), torch.randn(4, 2), 0.5)
+    for call in (lambda: lora.set_adapter(model, ["default", "b"]), lambda: model[0].set_adapter(["b"]),
+                 lambda: lora.set_adapter(model, ("b",))):
+        with pytest.raises(TypeError, match=r"takes one adapter's name \(a str\).*serves one active adapter"):
+            call()
+        assert [layer.active_adapter for layer in model] == ["default", "default"]
+
+
+@pytest.mark.parametrize("param", [False, True])
+def test_a_scaling_that_requires_grad_is_refused_saying_why(param):
+    layer = lora.Linear(4, 3, r=2, lora_alpha=4)
+    value = nn.Parameter(torch.tensor(0.5)) if param else torch.tensor(0.5, requires_grad=True)
+    with pytest.raises(ValueError, match=r"scaling must be a number, got a (Tensor|Parameter) that requires grad \(0.5\).*no gradient"):
+        layer.scaling = value
+    assert layer.scaling == 2.0
+    assert "scaling" not in dict(layer.named_parameters())
+    layer.scaling = nn.Parameter(torch.tensor(0.25), requires_grad=False)  # a constant, as a tensor: taken
+    assert layer.scaling == 0.25 and type(layer.scaling) is float
+
+
+@pytest.mark.parametrize("enable", [[True, False, True], [False, True], [True]])
+def test_merged_linear_zero_pad_as_loralib(enable):
+    ours = lora.MergedLinear(4, 6, r=2, enable_lora=enable)
+    theirs = loralib.MergedLinear(4, 6, r=2, enable_lora=enable)
+    x = torch.randn(6 // len(enable) * sum(enable), 3)
+    got = ours.zero_pad(x)
+    assert torch.equal(got, theirs.zero_pad(x))
+    rows = [i for i in range(6) if enable[i // (6 // len(enable))]]
+    assert torch.equal(got[rows], x) and not got[[i for i in range(6) if i not in rows]].any()
+    with pytest.raises(ValueError, match="zero_pad: x has 1 rows"):
+        ours.zero_pad(x[:1])

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import sharded
 from ..layers import LoRALayer
-from ..named_adapters import check_rank, deferred_interrupt, each_or_none
+from ..named_adapters import check_one_name, check_rank, deferred_interrupt, each_or_none
 from ..utils import under_ddp
 from .injection import check_mergeable
 from .saved_modules import wrappers
@@ -238,6 +238,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
     target modules) gets a stand-in of zeros (is_placeholder) and serves its base, as peft's set_adapter leaves
     such layers. All layers are checked (values finite) before the first one changes; an adapter no layer holds
     raises KeyError."""
+    check_one_name(name, "set_adapter")
     with model_lock(model).write():  # the layers listed inside: a concurrent load may inject more
         found = _layers_or_raise(model)
         saved = wrappers(model)
