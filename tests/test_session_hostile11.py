@@ -8,14 +8,20 @@
   nn.Parameter assigned to `scaling` raised KeyError("attribute 'scaling' already exists"); both now say that
   lora_ext's ops give the scaling no gradient.
 - MergedLinear.zero_pad (loralib's) was missing.
+- A mixed batch through a module saved whole (modules_to_save) ran the module once per adapter with its other
+  arguments whole: a decoder layer's cache then took every run's tokens, and later runs attended to earlier runs'
+  rows (rows 0.5-1.6 off, no error). Arguments that may hold rows or shared state are now refused before any run.
 """
 import pytest
 import torch
 import torch.nn as nn
+import transformers as T
+from peft import LoraConfig, get_peft_model
 
 import loralib
 
 import lora_ext as lora
+import lora_ext
 from helpers import randomize_
 
 KINDS = {
@@ -91,3 +97,93 @@ def test_merged_linear_zero_pad_as_loralib(enable):
     assert torch.equal(got[rows], x) and not got[[i for i in range(6) if i not in rows]].any()
     with pytest.raises(ValueError, match="zero_pad: x has 1 rows"):
         ours.zero_pad(x[:1])
+
+
+class _Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 5)
+
+    def forward(self, x, shift):
+        return self.lin(x) + shift
+
+
+class _TwoArgNet(nn.Module):
+    """A head saved whole that takes a second argument."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(6, 8)
+        self.head = _Head()
+
+    def forward(self, x, shift):
+        return self.head(torch.relu(self.proj(x)), shift)
+
+
+def _saved_adapters(tmp_path, build, **config):
+    paths = {}
+    for seed, name in enumerate("ab"):
+        model = get_peft_model(build(), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **config))
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n or "modules_to_save" in n:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        paths[name] = str(tmp_path / name)
+        model.save_pretrained(paths[name])
+    model = build().eval()
+    lora_ext.load_peft_adapter(model, paths["a"], adapter_name="a")
+    lora_ext.load_peft_adapter(model, paths["b"], adapter_name="b", activate=False)
+    return model
+
+
+def test_a_saved_module_splits_rows_with_a_shared_argument_and_refuses_one_of_rows(tmp_path):
+    model = _saved_adapters(tmp_path, _TwoArgNet, target_modules=["proj"], modules_to_save=["head"])
+    rows = ["a", "b", None]
+    x, shift = torch.randn(3, 6), torch.randn(1, 5)
+    with torch.no_grad(), lora_ext.batch_adapters(model, rows):
+        out = model(x, shift)
+    with torch.no_grad():
+        for i, name in enumerate(rows):  # each row as its adapter (or the base model, built afresh) serves it alone
+            if name is not None:
+                lora_ext.set_adapter(model, name)
+            single = (model if name else _TwoArgNet())(x[i:i + 1], shift)
+            torch.testing.assert_close(out[i:i + 1], single, rtol=1e-6, atol=1e-6)
+    lora_ext.set_adapter(model, "a")
+    with torch.no_grad(), lora_ext.batch_adapters(model, rows):
+        with pytest.raises(ValueError, match=r"module 'head' is saved whole.* is called with argument 1 = a tensor "
+                                             r"of shape \(3, 5\)"):
+            model(x, torch.randn(3, 5))
+
+
+def _llama():
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=60)
+    return T.LlamaForCausalLM(config)
+
+
+def test_a_decoder_layer_saved_whole_in_a_mixed_batch(tmp_path):
+    """Without a cache or a mask of rows, the layer's runs share only one-row tensors (the rotary table): each row
+    is its adapter's. With a cache (every generate()) or a padding mask: refused (peft refuses every such module;
+    lora_ext served the rows wrong, or raised a broadcast error from inside attention)."""
+    model = _saved_adapters(tmp_path, _llama, target_modules=["q_proj"], layers_to_transform=[0],
+                            modules_to_save=["layers.1"])
+    rows = ["a", "b", None]
+    ids = torch.randint(1, 60, (3, 7))
+    with torch.no_grad():
+        with lora_ext.batch_adapters(model, rows):
+            out = model(input_ids=ids, use_cache=False).logits
+        for i, name in enumerate(rows):
+            if name is not None:
+                lora_ext.set_adapter(model, name)
+            single = (model if name else _llama().eval())(input_ids=ids[i:i + 1], use_cache=False).logits
+            torch.testing.assert_close(out[i:i + 1], single, rtol=1e-5, atol=1e-5)
+        lora_ext.set_adapter(model, "a")
+        mask = torch.ones_like(ids)
+        mask[0, :2] = 0
+        for kwargs in (dict(use_cache=True), dict(use_cache=False, attention_mask=mask)):
+            with lora_ext.batch_adapters(model, rows):
+                with pytest.raises(ValueError, match=r"module 'model.layers.1' is saved whole.* is called with"):
+                    model(input_ids=ids, **kwargs)

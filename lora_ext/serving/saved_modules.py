@@ -192,6 +192,7 @@ class SavedBatch:
         if len(parts) == 1:
             out = parts[0][0](*args, **kwargs)
             return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
+        self._check_shared(wrapper, args[1:], kwargs)
         out = None
         for module, idx in parts:
             y = module(x.index_select(0, idx), *args[1:], **kwargs)
@@ -203,6 +204,32 @@ class SavedBatch:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out.index_copy_(0, idx, y)
         return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
+
+
+    def _check_shared(self, wrapper: ModulesToSave, extra, kwargs) -> None:
+        """Every part gets the module's other arguments whole. Refuses (before any part runs) an argument that may
+        hold the rows or state the parts would share: a tensor of more than one row (an attention mask, a position
+        per token), a cache (a decoder layer's keys and values would take every part's tokens), anything else
+        that is not a plain value. peft's mixed batches refuse every module but Linear, Embedding and Conv."""
+        for name, value in [*((f"argument {i + 1}", v) for i, v in enumerate(extra)), *kwargs.items()]:
+            if not _shared_safely(value):
+                got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"batch_adapters: module {self.path!r} {wrapper.what()} and is called with {name} = "
+                                 f"{got}; a mixed batch runs the module once per adapter on that adapter's rows and "
+                                 f"cannot tell whether {name} holds rows or state the runs would share (a cache "
+                                 f"would take every run's tokens), so it is refused: serve the adapters that save "
+                                 f"this module one batch at a time (peft's mixed batches refuse such modules too)")
+
+
+def _shared_safely(value) -> bool:
+    """A module argument every part of a split batch can take whole: a plain value, or a tensor of one row."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return True
+    if isinstance(value, Tensor):
+        return value.dim() == 0 or value.shape[0] == 1
+    if isinstance(value, (tuple, list)):
+        return all(_shared_safely(v) for v in value)
+    return False
 
 
 def wrappers(model: nn.Module) -> List[Tuple[str, ModulesToSave]]:
