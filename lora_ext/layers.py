@@ -468,16 +468,54 @@ class LoRALayer(NamedAdapters):
         if sharded.is_dtensor(weight):
             return sharded.swap_(weight, *old, A, B, s, record=self._merged_record, where=self._describe(),
                                  **self._layout())
-        return ops.swap_(self._as_2d(weight), *old, A, B, s, check_values=False, record=self._merged_record,
-                         **self._layout())
+        w = self._as_2d(weight)
+        record, written = self._checked_record(w)
+        if written is None:
+            return ops.swap_(w, *old, A, B, s, check_values=False, record=record, **self._layout())
+        # listed elements others wrote since the merge: the old adapter taken out (those lossily), then the new
+        # one merged, in two passes
+        ops.unmerge_(w, *old, record=record, **self._layout())
+        lossless.take_out_written_(w, *written)
+        try:
+            return ops.merge_(w, A, B, s, lossless=True, **self._layout())
+        except BaseException as err:
+            err.weight_is_base = True  # (_swap_merged: the layer counts itself unmerged)
+            raise
 
     def _unmerge_from(self, weight: Tensor):
         """What is merged taken out of `weight` (the weight parameter, or a copy of it)."""
         args = (self._merged_A, self._merged_B, self._merged_scaling)
         if sharded.is_dtensor(weight):
             sharded.unmerge_(weight, *args, record=self._merged_record, where=self._describe(), **self._layout())
-        else:
-            ops.unmerge_(self._as_2d(weight), *args, record=self._merged_record, **self._layout())
+            return
+        w = self._as_2d(weight)
+        record, written = self._checked_record(w)
+        ops.unmerge_(w, *args, record=record, **self._layout())
+        if written is not None:
+            lossless.take_out_written_(w, *written)
+
+    def _checked_record(self, weight_2d: Tensor):
+        """(the merge record, None) while the weight is as this layer's last write left it. Once something else
+        wrote it (its version counter or storage moved), the list's elements that no longer hold what the merge
+        wrote are dropped from the record, whose base bits would throw the write away: (the record without them,
+        their (rows, columns, updates) for lossless.take_out_written_), as a lossy unmerge would treat them."""
+        record = self._merged_record
+        if record is None or not self._written_by_others():
+            return record, None
+        found = lossless.written_exceptions(weight_2d, self._merged_A, self._merged_B, self._merged_scaling,
+                                            record, **self._layout())
+        if found is None:
+            return record, None
+        return lossless.without(record, found[0]), found[1:]
+
+    def _written_by_others(self) -> bool:
+        """Whether the weight's storage or version counter moved since this layer's last write (_note_written);
+        True when unknown."""
+        w = self._weight_param()
+        try:
+            return self.__dict__.get("_written") != (w.untyped_storage().data_ptr(), w._version)
+        except RuntimeError:
+            return True
 
     def _unmerge(self):
         sharded.reshard_if_gathered(self)
@@ -552,6 +590,8 @@ class LoRALayer(NamedAdapters):
                     if weight.is_meta:
                         self._set_merged(None, None, None)
                         self.merged = False
+                    else:
+                        self._note_written()  # (a move: new storage, as merged)
                     return module
                 # a layout the merge cannot write in place: unmerge on a contiguous copy
                 with torch.no_grad():

@@ -426,3 +426,59 @@ def describe(record: Optional[MergeRecord]) -> str:
     if record is None:
         return "no record"
     return f"{record.nbytes()} bytes, {record.exceptions} exceptions"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# a weight written by others while merged
+
+
+def written_exceptions(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, record: MergeRecord, *,
+                       num_blocks: int = 1, block_ids: Sequence[int] = (0,), transposed: bool = False):
+    """The listed elements of `record` that no longer hold what their merge wrote: someone wrote the weight while
+    it was merged (an optimizer step, an EMA or soup copy_, a write into .data). Their listed base bits would
+    throw that write away, so they must be taken out as a lossy unmerge takes them (take_out_written_). Returns
+    None when every listed element is as merged, else (the mask of the list's entries to keep, and the written
+    elements' rows and columns in the 2-D `weight` and their float64 updates). An element counts as merged
+    within one rounding plus the bound on another backend's update (gamma(r) |s| |left row| |right column|, as
+    the codes' delta) of base + update in float64; an element's own code restores a written value as a lossy
+    unmerge would, so coded elements need nothing."""
+    index = record.exc_index
+    if index.numel() == 0:
+        return None
+    n, rows, cols, nb = region(weight, num_blocks, block_ids, transposed)
+    j, m, c = index // (rows * cols), index // cols % rows, index % cols
+    e = torch.tensor(list(block_ids), device=index.device)[j]
+    at = (m, e * nb + c) if transposed else (e * nb + m, c)
+    a = lora_A.detach().double().reshape(n, -1, lora_A.shape[1])  # (n, r, k)
+    b = lora_B.detach().double().reshape(n, lora_B.shape[0] // n, -1)  # (n, nb, r)
+    left, right = (a[j, :, m], b[j, c, :]) if transposed else (b[j, m, :], a[j, :, c])  # (E, r) each
+    d = (left * right).sum(-1) * float(scale)
+    it = _INT[weight.dtype]
+    merged = record.exc_bits.to(it).view(weight.dtype).double() + d
+    now = weight[at]
+    info = torch.finfo(weight.dtype)
+    slack = (gamma(a.shape[1]) * abs(float(scale))) * left.norm(dim=1) * right.norm(dim=1)
+    slack += info.eps * torch.maximum(merged.abs(), now.double().abs()).clamp_min(info.tiny)
+    same = (now.double() - merged).abs() <= slack
+    same |= _bits_equal(now, merged.to(weight.dtype))  # (infinities)
+    same |= torch.isnan(now) & torch.isnan(merged)
+    if bool(same.all()):
+        return None
+    written = ~same
+    return same, at[0][written], at[1][written], d[written]
+
+
+def _bits_equal(x: Tensor, y: Tensor) -> Tensor:
+    it = _INT[x.dtype]
+    return x.view(it) == y.view(it)
+
+
+def take_out_written_(weight: Tensor, rows: Tensor, cols: Tensor, d: Tensor) -> None:
+    """weight[rows, cols] -= d (float64, one rounding): the written elements an unmerge left alone."""
+    weight[rows, cols] = (weight[rows, cols].double() - d).to(weight.dtype)
+
+
+def without(record: MergeRecord, keep: Tensor) -> MergeRecord:
+    """The record with only the list entries `keep` says (the others: escapes an unmerge leaves alone)."""
+    return MergeRecord(record.codes, record.exc_index[keep], record.exc_bits[keep], record.dtype, record.shape,
+                       record.num_blocks, record.block_ids, record.transposed)
