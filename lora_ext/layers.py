@@ -460,7 +460,8 @@ class LoRALayer(NamedAdapters):
         lossless merge (a list of them for a sharded weight: one per part of the local shard), else None."""
         if sharded.is_dtensor(weight):
             return sharded.merge_(weight, A, B, s, lossless=exact, where=self._describe(), **self._layout())
-        return ops.merge_(self._as_2d(weight), A, B, s, lossless=exact, **self._layout())
+        with self._writable_2d(weight) as w:
+            return ops.merge_(w, A, B, s, lossless=exact, **self._layout())
 
     def _swap_into(self, weight: Tensor, A: Tensor, B: Tensor, s: float):
         """What is merged in `weight` replaced by (A, B, s) in one pass; the new record (as _merge_into's)."""
@@ -468,19 +469,19 @@ class LoRALayer(NamedAdapters):
         if sharded.is_dtensor(weight):
             return sharded.swap_(weight, *old, A, B, s, record=self._merged_record, where=self._describe(),
                                  **self._layout())
-        w = self._as_2d(weight)
-        record, written = self._checked_record(w)
-        if written is None:
-            return ops.swap_(w, *old, A, B, s, check_values=False, record=record, **self._layout())
-        # listed elements others wrote since the merge: the old adapter taken out (those lossily), then the new
-        # one merged, in two passes
-        ops.unmerge_(w, *old, record=record, **self._layout())
-        lossless.take_out_written_(w, *written)
-        try:
-            return ops.merge_(w, A, B, s, lossless=True, **self._layout())
-        except BaseException as err:
-            err.weight_is_base = True  # (_swap_merged: the layer counts itself unmerged)
-            raise
+        with self._writable_2d(weight) as w:
+            record, written = self._checked_record(w)
+            if written is None:
+                return ops.swap_(w, *old, A, B, s, check_values=False, record=record, **self._layout())
+            # listed elements others wrote since the merge: the old adapter taken out (those lossily), then the
+            # new one merged, in two passes
+            ops.unmerge_(w, *old, record=record, **self._layout())
+            lossless.take_out_written_(w, *written)
+            try:
+                return ops.merge_(w, A, B, s, lossless=True, **self._layout())
+            except BaseException as err:
+                err.weight_is_base = True  # (_swap_merged: the layer counts itself unmerged)
+                raise
 
     def _unmerge_from(self, weight: Tensor):
         """What is merged taken out of `weight` (the weight parameter, or a copy of it)."""
@@ -488,11 +489,16 @@ class LoRALayer(NamedAdapters):
         if sharded.is_dtensor(weight):
             sharded.unmerge_(weight, *args, record=self._merged_record, where=self._describe(), **self._layout())
             return
-        w = self._as_2d(weight)
-        record, written = self._checked_record(w)
-        ops.unmerge_(w, *args, record=record, **self._layout())
-        if written is not None:
-            lossless.take_out_written_(w, *written)
+        with self._writable_2d(weight) as w:
+            record, written = self._checked_record(w)
+            ops.unmerge_(w, *args, record=record, **self._layout())
+            if written is not None:
+                lossless.take_out_written_(w, *written)
+
+    @contextlib.contextmanager
+    def _writable_2d(self, weight: Tensor):
+        """`weight` as the 2-D matrix the ops write in place (ConvLoRA: through a contiguous copy when it is not)."""
+        yield self._as_2d(weight)
 
     def _checked_record(self, weight_2d: Tensor):
         """(the merge record, None) while the weight is as this layer's last write left it. Once something else
@@ -564,8 +570,8 @@ class LoRALayer(NamedAdapters):
         (in its own dtype) and the record (records are exact on every backend). A dtype change gives the base
         back (exactly when there is a record), converts it and merges the snapshot again, losslessly where the
         layer was lossless or its new dtype is by default (so .float() then .bfloat16() gives back the exact
-        base). To meta, or to a layout the merge cannot write (a channels_last convolution), the layer is left
-        unmerged: forwards add the adapter on the fly."""
+        base). To meta, the layer is left unmerged: forwards add the adapter on the fly. (A new memory format,
+        channels_last, keeps the merge: the record is by logical position.)"""
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return super()._apply(fn, recurse)
         # (Ctrl-C held back to the end: the weight and `merged` change together, as in train())
@@ -582,27 +588,15 @@ class LoRALayer(NamedAdapters):
             if new_dtype == w.dtype:
                 module = super()._apply(fn, recurse)
                 weight = self._weight_param()
-                if weight.is_meta or weight.is_contiguous():
-                    device = weight.device
-                    self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(device) for t in snapshot[:2])
-                    if record is not None:
-                        self.__dict__["_merged_record"] = record.to(device)
-                    if weight.is_meta:
-                        self._set_merged(None, None, None)
-                        self.merged = False
-                    else:
-                        self._note_written()  # (a move: new storage, as merged)
-                    return module
-                # a layout the merge cannot write in place: unmerge on a contiguous copy
-                with torch.no_grad():
-                    base = weight.contiguous()
-                    self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(base.device) for t in snapshot[:2])
-                    if record is not None:
-                        self.__dict__["_merged_record"] = record.to(base.device)
-                    self._unmerge_from(base)
-                    weight.copy_(base)
-                self._set_merged(None, None, None)
-                self.merged = False
+                device = weight.device
+                self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(device) for t in snapshot[:2])
+                if record is not None:
+                    self.__dict__["_merged_record"] = record.to(device)
+                if weight.is_meta:
+                    self._set_merged(None, None, None)
+                    self.merged = False
+                else:
+                    self._note_written()  # (a move or a new memory format: new storage, as merged)
                 return module
             with torch.no_grad():
                 self._unmerge_from(self._weight_param())
@@ -610,7 +604,7 @@ class LoRALayer(NamedAdapters):
             self.merged = False  # until the merge below: a refused one leaves the layer unmerged, consistently
             module = super()._apply(fn, recurse)
             weight = self._weight_param()
-            if weight.is_meta or not weight.is_contiguous():  # as above: left unmerged
+            if weight.is_meta:  # as above: left unmerged
                 return module
             w = self._weight_2d()
             A, B, s = fn(snapshot[0]), fn(snapshot[1]), snapshot[2]
@@ -963,12 +957,21 @@ class ConvLoRA(LoRALayer, nn.Module):
         return (r * k0, c.in_channels * rest), (c.out_channels // c.groups * k0, r * k0)
 
     def _as_2d(self, weight):
-        if not weight.is_contiguous():
-            raise ValueError(f"{type(self).__name__}: a merge writes the conv weight as a ({self.lora_B.shape[0]}, "
-                             f"{self.lora_A.shape[1]}) matrix in place, which needs it contiguous; this one has "
-                             f"strides {weight.stride()} (channels_last?): convert it with "
-                             f".to(memory_format=torch.contiguous_format) to merge, or keep it unmerged")
-        return weight.view(self.lora_B.shape[0], self.lora_A.shape[1])
+        """The (out/groups * k0, in * rest) matrix B @ A adds to: a view of a contiguous weight, else a copy."""
+        return weight.reshape(self.lora_B.shape[0], self.lora_A.shape[1])
+
+    @contextlib.contextmanager
+    def _writable_2d(self, weight):
+        if weight.is_contiguous():
+            yield self._as_2d(weight)
+            return
+        # a channels_last weight (a vision model converted once for speed): the ops write a contiguous copy, which
+        # then goes back into the weight, whatever the op left in it (a refusal writes nothing)
+        staged = weight.contiguous()
+        try:
+            yield self._as_2d(staged)
+        finally:
+            weight.copy_(staged)
 
     def _weight_owner(self):
         return self.conv

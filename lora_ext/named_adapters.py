@@ -343,7 +343,8 @@ class NamedAdapters:
         return {"num_blocks": 1, "block_ids": [0], "transposed": False, **self._layout()}
 
     def weight_2d(self) -> Tensor:
-        """The weight as the 2-D matrix the ops write (a view; a convolution's weight is reshaped)."""
+        """The weight as the 2-D matrix the ops write (a view; a convolution's weight is reshaped, a copy when it
+        is not contiguous: channels_last)."""
         return self._weight_2d()
 
     def _describe(self) -> str:

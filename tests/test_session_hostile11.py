@@ -15,6 +15,9 @@
   soup copy_) was thrown away by train(), state_dict() and a switch on every element of the record's exception
   list (20% of the pass's weight, off by the whole write); loralib and float32 keep it. Such elements are now taken
   out as a lossy unmerge takes them; the unwritten ones still come back bit for bit.
+- model.eval() on a channels_last convolution (a vision model converted once for speed) raised "needs it
+  contiguous" at that layer, leaving the model half in eval mode; loralib merges it. Merges, switches and unmerges
+  now write such a weight through a contiguous copy, and .to(memory_format=channels_last) keeps a merge.
 """
 import pytest
 import torch
@@ -310,3 +313,36 @@ def test_a_write_of_the_same_values_while_merged_leaves_unmerge_exact(kind, back
         w.copy_(w.clone())
     layer.train()
     assert torch.equal(bits(w.detach()), bits(base))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_channels_last_convolution_merges_switches_and_unmerges(dtype, backend):
+    torch.manual_seed(0)
+    conv = randomize_(lora.Conv2d(3, 8, 3, r=2, lora_alpha=4, padding=1), 0.3)
+    A2, B2 = torch.randn_like(conv.lora_A) * 0.3, torch.randn_like(conv.lora_B) * 0.3
+    conv.add_adapter("b", A2, B2, 0.5)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(8, 4, 1)).to(dtype).to(memory_format=torch.channels_last)
+    base = conv.conv.weight.detach().clone()
+    x = torch.randn(2, 3, 6, 6).to(dtype).to(memory_format=torch.channels_last)
+
+    def served64(A, B, s):
+        w = base.double() + s * (B.double() @ A.double()).view(base.shape)
+        y = torch.nn.functional.conv2d(x.double(), w, conv.conv.bias.double(), padding=1)
+        return model[2](torch.relu(y).to(dtype)).double()
+
+    model.eval()
+    assert not any(m.training for m in model.modules()) and conv.merged
+    assert conv.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    want = served64(conv.lora_A, conv.lora_B, conv.scaling)
+    assert (model(x).double() - want).abs().max() <= tol * want.abs().max()
+    conv.set_adapter("b")
+    want = served64(A2, B2, 0.5)
+    assert (model(x).double() - want).abs().max() <= tol * want.abs().max()
+    saved = model.state_dict()["0.conv.weight"]
+    model.train()
+    assert not conv.merged
+    if dtype == torch.bfloat16:  # lossless: the base, bit for bit
+        assert torch.equal(bits(conv.conv.weight.detach()), bits(base)) and torch.equal(bits(saved), bits(base))
+    else:
+        assert (conv.conv.weight.detach().double() - base.double()).abs().max() < 1e-5
