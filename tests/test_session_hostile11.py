@@ -18,17 +18,20 @@
 - model.eval() on a channels_last convolution (a vision model converted once for speed) raised "needs it
   contiguous" at that layer, leaving the model half in eval mode; loralib merges it. Merges, switches and unmerges
   now write such a weight through a contiguous copy, and .to(memory_format=channels_last) keeps a merge.
+- save_peft_adapter(adapter_name=) of an inactive adapter with fewer target modules than the active one raised a
+  raw KeyError at the first layer without it; peft's save_pretrained(selected_adapters=) writes it.
 """
 import pytest
 import torch
 import torch.nn as nn
 import transformers as T
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 
 import loralib
 
 import lora_ext as lora
 import lora_ext
+from lora_ext.serving import lora_layers
 from helpers import bits, effective_weight64, load_sim, randomize_
 
 KINDS = {
@@ -346,3 +349,35 @@ def test_a_channels_last_convolution_merges_switches_and_unmerges(dtype, backend
         assert torch.equal(bits(conv.conv.weight.detach()), bits(base)) and torch.equal(bits(saved), bits(base))
     else:
         assert (conv.conv.weight.detach().double() - base.double()).abs().max() < 1e-5
+
+
+def _peft_saved(tmp_path, build, name, seed, **config):
+    model = get_peft_model(build(), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    path = str(tmp_path / name)
+    model.save_pretrained(path)
+    return path
+
+
+def test_saving_an_inactive_adapter_of_fewer_target_modules(tmp_path):
+    model = _llama().eval()
+    lora_ext.load_peft_adapter(model, _peft_saved(tmp_path, _llama, "a", 1, target_modules=["q_proj", "v_proj"]), "a")
+    lora_ext.load_peft_adapter(model, _peft_saved(tmp_path, _llama, "b", 2, target_modules=["q_proj"]), "b",
+                               activate=False)
+    out = str(tmp_path / "b_again")
+    lora_ext.save_peft_adapter(model, out, adapter_name="b")
+    assert all(m.active_adapter == "a" for _, m in lora_layers(model))  # (nothing switched)
+    ids = torch.randint(1, 60, (2, 7))
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(_llama().eval(), out)(input_ids=ids).logits  # peft serves the file
+        reference = PeftModel.from_pretrained(_llama().eval(), str(tmp_path / "b"))(input_ids=ids).logits
+        lora_ext.set_adapter(model, "b")
+        ours = model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"no lora_ext layer holds adapter 'c' \(they hold \['a', 'b'\]\)"):
+        lora_ext.save_peft_adapter(model, str(tmp_path / "c"), adapter_name="c")

@@ -776,15 +776,19 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: the lora_ext layers disagree on the active adapter ({sorted(actives)}); "
                                  f"name the adapter to save (adapter_name=) or set_adapter the model first")
         tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
-        found = [(n, m) for n, m in found if not m.is_stand_in(adapter_name if adapter_name is not None
-                                                            else m.active_adapter)]
+        # the layers the adapter targets: those that hold it, and not as a stand-in of zeros (peft saves an adapter
+        # of other target modules than the active one's alike)
+        every_adapter = sorted({a for _, m in found for a in m.adapter_names})
+        held = [(n, m) for n, m in found if (adapter_name if adapter_name is not None else m.active_adapter)
+                in m.adapter_names]
+        found = [(n, m) for n, m in held if not m.is_stand_in(adapter_name if adapter_name is not None
+                                                           else m.active_adapter)]
         if not found:
-            raise ValueError(f"save: no lora_ext layer holds adapter {adapter_name!r} (only stand-ins of zeros, "
-                             f"where the model serves the base for it)")
+            raise ValueError(f"save: no lora_ext layer holds adapter {adapter_name!r} " + (
+                "(only stand-ins of zeros, where the model serves the base for it)" if held else
+                f"(they hold {every_adapter})"))
         for name, layer in found:
             adapter = adapter_name if adapter_name is not None else layer.active_adapter
-            if adapter not in layer.adapter_names:
-                raise KeyError(f"save: layer {name!r} holds no adapter {adapter!r} (it holds {layer.adapter_names})")
             if isinstance(layer, layers.Embedding) and layer.max_norm is not None:
                 raise ValueError(f"save: layer {name!r} is an Embedding with max_norm={layer.max_norm}: peft would "
                                  f"renormalise the adapter's per-token vectors (columns of lora_embedding_A) too, and "
