@@ -20,6 +20,8 @@
   now write such a weight through a contiguous copy, and .to(memory_format=channels_last) keeps a merge.
 - save_peft_adapter(adapter_name=) of an inactive adapter with fewer target modules than the active one raised a
   raw KeyError at the first layer without it; peft's save_pretrained(selected_adapters=) writes it.
+- A file whose factor keys carry the adapter's name (`lora_A.default.weight`, as a peft model's state_dict names
+  them) was refused as "unexpected key"; peft loads it (under that name).
 """
 import pytest
 import torch
@@ -381,3 +383,39 @@ def test_saving_an_inactive_adapter_of_fewer_target_modules(tmp_path):
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"no lora_ext layer holds adapter 'c' \(they hold \['a', 'b'\]\)"):
         lora_ext.save_peft_adapter(model, str(tmp_path / "c"), adapter_name="c")
+
+
+@pytest.mark.parametrize("embedding", [False, True])
+def test_factor_keys_that_carry_the_adapter_name(tmp_path, embedding):
+    from safetensors.torch import load_file, save_file
+    targets = ["q_proj", "embed_tokens"] if embedding else ["q_proj"]
+    path = _peft_saved(tmp_path, _llama, "a", 3, target_modules=targets)
+    file = path + "/adapter_model.safetensors"
+    plain = load_file(file)
+
+    def named(seg):
+        return {(k[:-len(".weight")] + f".{seg}.weight" if k.endswith((".lora_A.weight", ".lora_B.weight"))
+                 else k + f".{seg}" if k.endswith((".lora_embedding_A", ".lora_embedding_B")) else k): t
+                for k, t in plain.items()}
+    save_file(named("default"), file)
+    ids = torch.randint(1, 60, (2, 7))
+    model = _llama().eval()
+    lora_ext.load_peft_adapter(model, path, "mine")
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(_llama().eval(), path)(input_ids=ids).logits  # peft, as "default"
+        ours = model(input_ids=ids).logits
+        base = _llama().eval()(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert (ours - base).abs().max() > 1e-2  # (the adapter does something)
+    mixed = named("default")
+    key = next(k for k in mixed if "q_proj.lora_A" in k)
+    mixed[key.replace(".default.", ".other.")] = mixed.pop(key)
+    save_file(mixed, file)
+    with pytest.raises(ValueError, match=r"factor keys name 2 adapters \(\['default', 'other'\]\)"):
+        lora_ext.load_peft_adapter(_llama(), path)
+    half = dict(plain)
+    half[key.replace(".default.", ".")] = half.pop(key.replace(".default.", "."))
+    half[key] = half.pop(key.replace(".default.", "."))
+    save_file(half, file)
+    with pytest.raises(ValueError, match="some factor keys carry an adapter's name"):
+        lora_ext.load_peft_adapter(_llama(), path)

@@ -151,7 +151,35 @@ def read_tensors(path):
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                 for k, v in tensors.items()):
         raise ValueError(f"{file}: does not hold a mapping of names to tensors")
-    return tensors
+    return _without_adapter_name(tensors, file)
+
+
+# a factor key that carries an adapter's name, as a peft model's own state_dict() names it
+# (`<module>.lora_A.default.weight`; peft's save_pretrained leaves the name out)
+_NAMED_FACTOR = re.compile(r"^(.*\.lora_(?:A|B))\.([^.]+)\.weight$|^(.*\.lora_embedding_(?:A|B))\.([^.]+)$")
+
+
+def _without_adapter_name(tensors, file):
+    """The tensors with the adapter name taken out of factor keys that carry one, when every factor key carries the
+    same name (peft loads such a file under that adapter's name); a file whose keys name several adapters is
+    refused."""
+    named = {}
+    for key in tensors:
+        if key.startswith(PREFIX) and _factor_suffix(key) is None:
+            m = _NAMED_FACTOR.match(key)
+            if m is not None:
+                named[key] = (m.group(1) + ".weight", m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not named:
+        return tensors
+    names = sorted({n for _, n in named.values()})
+    if len(names) > 1:
+        raise ValueError(f"{file}: its factor keys name {len(names)} adapters ({names}); lora_ext loads one adapter "
+                         f"per file (save each with peft's save_pretrained)")
+    plain = [k for k in tensors if k.startswith(PREFIX) and _factor_suffix(k) is not None]
+    if plain:
+        raise ValueError(f"{file}: some factor keys carry an adapter's name ({next(iter(named))!r}) and some do not "
+                         f"({plain[0]!r})")
+    return {named[k][0] if k in named else k: t for k, t in tensors.items()}
 
 
 def _factor_suffix(key):
