@@ -22,6 +22,8 @@
   raw KeyError at the first layer without it; peft's save_pretrained(selected_adapters=) writes it.
 - A file whose factor keys carry the adapter's name (`lora_A.default.weight`, as a peft model's state_dict names
   them) was refused as "unexpected key"; peft loads it (under that name).
+- GPT-2 with LoRA on lm_head and trainable_token_indices on the tied wte was refused with "peft refuses that";
+  peft serves both. Still refused (lora_ext does not), now saying so.
 """
 import pytest
 import torch
@@ -35,6 +37,7 @@ import lora_ext as lora
 import lora_ext
 from lora_ext.serving import lora_layers
 from helpers import bits, effective_weight64, load_sim, randomize_
+from tiny_models import snapshot, unchanged
 
 KINDS = {
     "Linear": (lambda: lora.Linear(6, 5, r=2, lora_alpha=4), lambda: nn.Linear(6, 5)),
@@ -419,3 +422,19 @@ def test_factor_keys_that_carry_the_adapter_name(tmp_path, embedding):
     save_file(half, file)
     with pytest.raises(ValueError, match="some factor keys carry an adapter's name"):
         lora_ext.load_peft_adapter(_llama(), path)
+
+
+def test_a_lora_head_tied_to_an_embedding_given_rows_is_refused_without_blaming_peft(tmp_path):
+    def gpt2():
+        torch.manual_seed(0)
+        return T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=80, n_positions=16))
+    path = _peft_saved(tmp_path, gpt2, "g", 4, target_modules=["c_fc", "lm_head"], trainable_token_indices=[3, 67],
+                       fan_in_fan_out=True)
+    PeftModel.from_pretrained(gpt2(), path)  # peft serves it
+    model = gpt2()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"'lm_head' is both a LoRA target \(target_modules\) and tied to the "
+                                         r"embedding .* lora_ext serves one or the other in a module \(peft serves "
+                                         r"both there\)"):
+        lora_ext.load_peft_adapter(model, path)
+    assert unchanged(model, before)

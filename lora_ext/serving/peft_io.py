@@ -460,8 +460,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     chosen = {name for name, _ in targets}
     clash = sorted(set(token_names) & chosen)
     if clash:
-        raise ValueError(f"{cfg_file}: module {clash[0]!r} is both a LoRA target (target_modules) and given rows of "
-                         f"tokens (trainable_token_indices); peft refuses that")
+        tied = next((rows.__dict__["tied"] for names, _, rows in token_plan if clash[0] in names), False)
+        raise ValueError(f"{cfg_file}: module {clash[0]!r} is both a LoRA target (target_modules) and " + (
+            "tied to the embedding trainable_token_indices gives rows of tokens, so it would serve them too; "
+            "lora_ext serves one or the other in a module (peft serves both there)" if tied else
+            "given rows of tokens (trainable_token_indices); peft refuses that"))
     saved_plan = [(name, module, _saved.check_state(weights_file, name, module, states.get(name), PREFIX))
                   for name, module in to_save]
     if (to_save or token_plan) and hasattr(nn.ModuleDict(), adapter_name):
