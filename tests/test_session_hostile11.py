@@ -24,6 +24,9 @@
   them) was refused as "unexpected key"; peft loads it (under that name).
 - GPT-2 with LoRA on lm_head and trainable_token_indices on the tied wte was refused with "peft refuses that";
   peft serves both. Still refused (lora_ext does not), now saying so.
+- A bfloat16 adapter file of a float32 model with an embedding target (peft saves the embedding's base weight
+  beside its factors, in the file's dtype) was refused as a base weight that "differs from the model's"; it is
+  the model's weight rounded to bfloat16, which peft loads.
 """
 import pytest
 import torch
@@ -438,3 +441,30 @@ def test_a_lora_head_tied_to_an_embedding_given_rows_is_refused_without_blaming_
                                          r"both there\)"):
         lora_ext.load_peft_adapter(model, path)
     assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_narrower_file_with_an_embeddings_base_weight(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+    path = _peft_saved(tmp_path, _llama, "a", 3, target_modules=["q_proj", "embed_tokens"])
+    file = path + "/adapter_model.safetensors"
+    tensors = load_file(file)
+    base_key = "base_model.model.model.embed_tokens.base_layer.weight"
+    assert base_key in tensors  # (peft saves it)
+    save_file({k: t.to(dtype) for k, t in tensors.items()}, file)
+    ids = torch.randint(1, 60, (2, 7))
+    model = _llama().eval()
+    lora_ext.load_peft_adapter(model, path)
+    without = {k: t.to(dtype) for k, t in tensors.items() if k != base_key}
+    save_file(without, file)
+    again = _llama().eval()
+    lora_ext.load_peft_adapter(again, path)  # the same factors, no base weight to check
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, again(input_ids=ids).logits, rtol=0, atol=0)
+    assert torch.equal(model.model.embed_tokens.weight, _llama().model.embed_tokens.weight)  # the model's own
+    other = dict(without)
+    other[base_key] = tensors[base_key].to(dtype)
+    other[base_key][5] += 0.5  # another weight than the model's, rounded or not
+    save_file(other, file)
+    with pytest.raises(ValueError, match="carries a base weight .* that differs from the model's"):
+        lora_ext.load_peft_adapter(_llama(), path)

@@ -260,13 +260,19 @@ def base_weights_elsewhere(where, base_weights, factors, current):
 def check_base_weight(where, name, saved, current, bias=False):
     """An adapter's saved base weight (or bias) must be the model's own: lora_ext does not replace base weights.
     Equal to float rounding (1e-5 of the largest element): a float32 base that went through merges is the original
-    but for a few units in the last place; another model's, or a resized vocabulary's, differs by far more."""
+    but for a few units in the last place; another model's, or a resized vocabulary's, differs by far more. A file
+    saved in a narrower dtype than the model's (a bfloat16 adapter of a float32 model) is compared with the model's
+    weight rounded to it (peft would load the rounded copy into the model; lora_ext keeps the model's)."""
     if saved is None:
         return
     key = PREFIX + name + (BASE_BIAS_SUFFIX if bias else BASE_SUFFIX)
     if current is not None and saved.shape == current.shape:
-        a = saved.detach().to(current.dtype).to("cpu", torch.float64)  # (as the model holds it)
-        b = current.detach().to("cpu", torch.float64)
+        ref = current.detach()
+        if saved.is_floating_point() and ref.is_floating_point() \
+                and torch.finfo(saved.dtype).eps > torch.finfo(ref.dtype).eps:
+            ref = ref.to(saved.dtype)  # a file saved in a narrower dtype (bfloat16) holds the model's weight rounded
+        a = saved.detach().to(ref.dtype).to("cpu", torch.float64)  # (as the model holds it)
+        b = ref.to("cpu", torch.float64)
         if torch.equal(a, b) or bool(((a - b).abs().max() <= 1e-5 * b.abs().max()).item()):
             return
     raise ValueError(f"{where}: module {name!r} carries a base {'bias' if bias else 'weight'} ({key}) that differs "
