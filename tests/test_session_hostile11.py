@@ -27,6 +27,9 @@
 - A bfloat16 adapter file of a float32 model with an embedding target (peft saves the embedding's base weight
   beside its factors, in the file's dtype) was refused as a base weight that "differs from the model's"; it is
   the model's weight rounded to bfloat16, which peft loads.
+- T5's relative_attention_bias targeted by an adapter: its lookup takes a (query, key) matrix of position buckets,
+  which a mixed batch split as rows when the query length equalled the rows (rows 0.18-0.46 off, as peft's
+  adapter_names). Now refused when the batch's adapters target it.
 """
 import pytest
 import torch
@@ -468,3 +471,31 @@ def test_a_narrower_file_with_an_embeddings_base_weight(tmp_path, dtype):
     save_file(other, file)
     with pytest.raises(ValueError, match="carries a base weight .* that differs from the model's"):
         lora_ext.load_peft_adapter(_llama(), path)
+
+
+def _t5():
+    torch.manual_seed(0)
+    return T.T5ForConditionalGeneration(T.T5Config(d_model=32, d_ff=64, num_layers=1, num_decoder_layers=1,
+                                                   num_heads=4, d_kv=8, vocab_size=60, decoder_start_token_id=0,
+                                                   pad_token_id=0, eos_token_id=1)).eval()
+
+
+def test_a_mixed_batch_refuses_adapters_of_a_relative_position_bias(tmp_path):
+    model = _saved_adapters(tmp_path, _t5, target_modules=["q", "relative_attention_bias"])
+    x = torch.randint(2, 60, (3, 3))  # the query length equals the rows
+    with torch.no_grad(), pytest.raises(ValueError, match=r"layer 'encoder.block.0.layer.0.SelfAttention."
+                                                          r"relative_attention_bias' \(a relative position bias\).*"
+                                                          r"adapter 'a' targets it"):
+        with lora_ext.batch_adapters(model, ["a", "b", None]):
+            pass
+    # adapters of other modules are served, row by row
+    other = _saved_adapters(tmp_path / "q", _t5, target_modules=["q", "v"])
+    rows = ["b", None, "a"]
+    with torch.no_grad():
+        with lora_ext.batch_adapters(other, rows):
+            out = other(input_ids=x, decoder_input_ids=x).logits
+        for i, name in enumerate(rows):
+            if name is not None:
+                lora_ext.set_adapter(other, name)
+            single = (other if name else _t5())(input_ids=x[i:i + 1], decoder_input_ids=x[i:i + 1]).logits
+            torch.testing.assert_close(out[i:i + 1], single, rtol=1e-5, atol=1e-5)

@@ -398,6 +398,20 @@ _TILING = {"MusicgenForCausalLM", "MusicgenForConditionalGeneration", "MusicgenM
            "MusicgenMelodyForConditionalGeneration"}
 
 
+def _check_row_lookups(found, need) -> None:
+    """Refuses adapters of a T5-style relative position bias: an Embedding looked up with a (query, key) matrix of
+    position buckets, with no row dimension, which a mixed batch would split as rows whenever the query length
+    equals the batch's rows (silently wrong, as peft's adapter_names is there)."""
+    for path, m in found:
+        if path.rpartition(".")[2] == "relative_attention_bias" and getattr(m, "_batch_kind", None) == "embedding":
+            targeted = [a for a in need if m.has_adapter(a) and not m.is_placeholder(a)]
+            if targeted:
+                raise ValueError(f"batch_adapters: layer {path!r} (a relative position bias) is looked up with "
+                                 f"(query, key) position buckets, not by row, so a mixed batch cannot give each row "
+                                 f"its adapter there; adapter {targeted[0]!r} targets it: serve it one adapter at a "
+                                 f"time")
+
+
 def _check_batch_major(model, expand=1):
     for path, m in model.named_modules():
         if type(m).__name__ in _TIME_MAJOR:
@@ -442,6 +456,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         _check_enabled(model, found)  # (again: a disable_adapter may have begun before the hold; not while it)
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
+        _check_row_lookups(found, need)
         pool = _pool(model, found)
         for name in need:
             for path, m in found:
