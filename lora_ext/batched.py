@@ -2,7 +2,7 @@
 
 Each lora_ext layer keeps the adapters a batch needs in fixed slots, stacked per layer (`LayerSlots`): slot s
 holds an adapter's A^T (k, R) and B^T (R, d), zero-padded to the slots' rank R, and its scaling in a float32
-tensor. A forward computes the layer's output from its weight (the base, or the merged adapter) and adds each
+tensor (float64 slots hold B^T scaled, and 1). A forward computes the layer's output from its weight (the base, or the merged adapter) and adds each
 row's update with lora_ext.ops.batched_linear_ / batched_embedding_, one gather pass per stage over all rows
 whatever their adapters (CUDA kernels, the C++ CPU loops, or batched matmuls). A MergedLinear's slots hold its
 groups side by side (rank n*R, B^T block by block in its output columns), an Embedding's A^T is its lookup
@@ -140,6 +140,8 @@ class LayerSlots:
             A, B, s = self.source(layer, name)
             at, bt = self._padded(layer, A.detach(), B.detach())
             key = (name, _identity(A, B), s, layer.value_epoch(name))
+            if self.dtype == torch.float64:  # the float32 scales would round the scaling (1e-8 relative): folded
+                bt, s = bt * s, 1.0          # into B^T, in float64
         self._write(slot, at, bt, float(s))
         self.keys[slot] = key
 

@@ -30,6 +30,8 @@
 - T5's relative_attention_bias targeted by an adapter: its lookup takes a (query, key) matrix of position buckets,
   which a mixed batch split as rows when the query length equalled the rows (rows 0.18-0.46 off, as peft's
   adapter_names). Now refused when the batch's adapters target it.
+- Mixed batches of a float64 model scaled each row's update by a float32 copy of its scaling: rows 7e-8 off the
+  single-adapter forward. float64 slots now fold the scaling into B.
 """
 import pytest
 import torch
@@ -499,3 +501,26 @@ def test_a_mixed_batch_refuses_adapters_of_a_relative_position_bias(tmp_path):
                 lora_ext.set_adapter(other, name)
             single = (other if name else _t5())(input_ids=x[i:i + 1], decoder_input_ids=x[i:i + 1]).logits
             torch.testing.assert_close(out[i:i + 1], single, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_float64_mixed_batches_keep_float64_scalings(tmp_path, merged):
+    def llama64():
+        return _llama().double()
+    model = _saved_adapters(tmp_path, llama64, target_modules=["q_proj", "v_proj"], modules_to_save=None)
+    lora_ext.unmerge_adapter(model)
+    for _, layer in lora_layers(model):
+        layer.scaling = 2 / 3  # adapter a's: float32 rounds it
+    if merged:
+        lora_ext.merge_adapter(model)
+    rows = ["a", "b", None]
+    x = torch.randint(1, 60, (3, 7))
+    with torch.no_grad():
+        with lora_ext.batch_adapters(model, rows):
+            out = model(input_ids=x).logits
+        for i, name in enumerate(rows):
+            if name is not None:
+                lora_ext.set_adapter(model, name)
+            single = (model if name else llama64().eval())(input_ids=x[i:i + 1]).logits
+            err = (out[i:i + 1] - single).abs().max() / single.abs().max()
+            assert err <= 1e-12, (name, float(err))
