@@ -242,7 +242,7 @@ class LoRALayer(NamedAdapters):
         self._streams.retire(self._merged_A, self._merged_B)
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
         self._merged_scaling = scaling
-        self.__dict__["_merged_record"] = record
+        self._keep_record(record)
         self._note_written()
 
     def _check_sound(self) -> None:
@@ -470,18 +470,7 @@ class LoRALayer(NamedAdapters):
             return sharded.swap_(weight, *old, A, B, s, record=self._merged_record, where=self._describe(),
                                  **self._layout())
         with self._writable_2d(weight) as w:
-            record, written = self._checked_record(w)
-            if written is None:
-                return ops.swap_(w, *old, A, B, s, check_values=False, record=record, **self._layout())
-            # listed elements others wrote since the merge: the old adapter taken out (those lossily), then the
-            # new one merged, in two passes
-            ops.unmerge_(w, *old, record=record, **self._layout())
-            lossless.take_out_written_(w, *written)
-            try:
-                return ops.merge_(w, A, B, s, lossless=True, **self._layout())
-            except BaseException as err:
-                err.weight_is_base = True  # (_swap_merged: the layer counts itself unmerged)
-                raise
+            return ops.swap_(w, *old, A, B, s, check_values=False, record=self._record_now(w), **self._layout())
 
     def _unmerge_from(self, weight: Tensor):
         """What is merged taken out of `weight` (the weight parameter, or a copy of it)."""
@@ -490,38 +479,31 @@ class LoRALayer(NamedAdapters):
             sharded.unmerge_(weight, *args, record=self._merged_record, where=self._describe(), **self._layout())
             return
         with self._writable_2d(weight) as w:
-            record, written = self._checked_record(w)
-            ops.unmerge_(w, *args, record=record, **self._layout())
-            if written is not None:
-                lossless.take_out_written_(w, *written)
+            ops.unmerge_(w, *args, record=self._record_now(w), **self._layout())
 
-    @contextlib.contextmanager
     def _writable_2d(self, weight: Tensor):
-        """`weight` as the 2-D matrix the ops write in place (ConvLoRA: through a contiguous copy when it is not)."""
-        yield self._as_2d(weight)
+        """A context giving `weight` as the 2-D matrix the ops write in place (ConvLoRA: through a contiguous copy
+        when it is not)."""
+        return contextlib.nullcontext(self._as_2d(weight))
 
-    def _checked_record(self, weight_2d: Tensor):
-        """(the merge record, None) while the weight is as this layer's last write left it. Once something else
-        wrote it (its version counter or storage moved), the list's elements that no longer hold what the merge
-        wrote are dropped from the record, whose base bits would throw the write away: (the record without them,
-        their (rows, columns, updates) for lossless.take_out_written_), as a lossy unmerge would treat them."""
+    def _record_now(self, weight_2d: Tensor):
+        """The merge record for taking the merged adapter out of `weight_2d` as it is now: listed elements written
+        since the merge (an optimizer step, an EMA copy_, a write into .data) are taken out as a lossy unmerge
+        would, keeping the write (lossless.with_writes); the others come back bit for bit."""
         record = self._merged_record
-        if record is None or not self._written_by_others():
-            return record, None
-        found = lossless.written_exceptions(weight_2d, self._merged_A, self._merged_B, self._merged_scaling,
-                                            record, **self._layout())
-        if found is None:
-            return record, None
-        return lossless.without(record, found[0]), found[1:]
+        if record is None or isinstance(record, list):  # (a sharded weight's list, one per part: not checked)
+            return record
+        return lossless.with_writes(weight_2d, self._merged_A, self._merged_B, self._merged_scaling, record,
+                                    **self._layout())
 
-    def _written_by_others(self) -> bool:
-        """Whether the weight's storage or version counter moved since this layer's last write (_note_written);
-        True when unknown."""
-        w = self._weight_param()
-        try:
-            return self.__dict__.get("_written") != (w.untyped_storage().data_ptr(), w._version)
-        except RuntimeError:
-            return True
+    def _keep_record(self, record) -> None:
+        """Holds `record` as the record of the merge the weight holds now, noting its listed elements' bits."""
+        if record is not None and not isinstance(record, list) and record.exceptions:
+            weight = self._weight_param()
+            if not sharded.is_dtensor(weight):  # (tensor parallel: a record of the local part's own layout)
+                with torch.no_grad():
+                    lossless.note_merged(self._as_2d(weight), record, **self._layout())
+        self.__dict__["_merged_record"] = record
 
     def _unmerge(self):
         sharded.reshard_if_gathered(self)
@@ -532,7 +514,7 @@ class LoRALayer(NamedAdapters):
                     self._unmerge_from(self._weight_param())
             except BaseException as err:  # still merged; a sharded weight's parts merged again (sharded.unmerge_parts)
                 if hasattr(err, "record"):
-                    self.__dict__["_merged_record"] = err.record
+                    self._keep_record(err.record)
                 raise
             self._set_merged(None, None, None)
             self._finite_stamps.pop(MERGED, None)
@@ -554,7 +536,8 @@ class LoRALayer(NamedAdapters):
                     record = self._swap_into(self._weight_param(), *snapshot)
             except BaseException as err:
                 # the old adapter merged back, with the record the error carries (ops.swap_) ...
-                self.__dict__["_merged_record"] = getattr(err, "record", self._merged_record)
+                if hasattr(err, "record"):
+                    self._keep_record(err.record)
                 if getattr(err, "weight_is_base", False):  # ... or, that failing too, the base: unmerged now
                     self._set_merged(None, None, None)
                     self._finite_stamps.pop(MERGED, None)
@@ -960,18 +943,8 @@ class ConvLoRA(LoRALayer, nn.Module):
         """The (out/groups * k0, in * rest) matrix B @ A adds to: a view of a contiguous weight, else a copy."""
         return weight.reshape(self.lora_B.shape[0], self.lora_A.shape[1])
 
-    @contextlib.contextmanager
     def _writable_2d(self, weight):
-        if weight.is_contiguous():
-            yield self._as_2d(weight)
-            return
-        # a channels_last weight (a vision model converted once for speed): the ops write a contiguous copy, which
-        # then goes back into the weight, whatever the op left in it (a refusal writes nothing)
-        staged = weight.contiguous()
-        try:
-            yield self._as_2d(staged)
-        finally:
-            weight.copy_(staged)
+        return contextlib.nullcontext(self._as_2d(weight)) if weight.is_contiguous() else _staged_2d(self, weight)
 
     def _weight_owner(self):
         return self.conv
@@ -1007,6 +980,17 @@ for _name in ("weight", "bias", "in_channels", "out_channels", "kernel_size", "s
               "padding_mode", "output_padding", "transposed"):
     setattr(ConvLoRA, _name, _conv_attribute(_name))
 del _name
+
+
+@contextlib.contextmanager
+def _staged_2d(layer: ConvLoRA, weight: Tensor):
+    """A channels_last conv weight (a vision model converted once for speed) as the 2-D matrix the ops write: a
+    contiguous copy, which then goes back into the weight, whatever the op left in it (a refusal writes nothing)."""
+    staged = weight.contiguous()
+    try:
+        yield layer._as_2d(staged)
+    finally:
+        weight.copy_(staged)
 
 
 class Conv1d(ConvLoRA):

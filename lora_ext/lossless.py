@@ -89,6 +89,9 @@ class MergeRecord:
     num_blocks: int
     block_ids: tuple
     transposed: bool
+    # the listed elements' bits as the merge left them (int32, as exc_bits), noted by the layer that holds the
+    # record (see with_writes); None: not noted
+    merged_bits: Optional[Tensor] = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.exc_index, self.exc_bits))
@@ -98,8 +101,10 @@ class MergeRecord:
         return self.exc_index.numel()
 
     def to(self, device) -> "MergeRecord":
+        merged = getattr(self, "merged_bits", None)
         return MergeRecord(self.codes.to(device), self.exc_index.to(device), self.exc_bits.to(device), self.dtype,
-                           self.shape, self.num_blocks, self.block_ids, self.transposed)
+                           self.shape, self.num_blocks, self.block_ids, self.transposed,
+                           None if merged is None else merged.to(device))
 
     def check_for(self, weight: Tensor, num_blocks: int, block_ids: Sequence[int], transposed: bool,
                   where: str) -> None:
@@ -429,56 +434,59 @@ def describe(record: Optional[MergeRecord]) -> str:
 
 
 # -------------------------------------------------------------------------------------------------------------
-# a weight written by others while merged
+# a weight written while merged
 
 
-def written_exceptions(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, record: MergeRecord, *,
-                       num_blocks: int = 1, block_ids: Sequence[int] = (0,), transposed: bool = False):
-    """The listed elements of `record` that no longer hold what their merge wrote: someone wrote the weight while
-    it was merged (an optimizer step, an EMA or soup copy_, a write into .data). Their listed base bits would
-    throw that write away, so they must be taken out as a lossy unmerge takes them (take_out_written_). Returns
-    None when every listed element is as merged, else (the mask of the list's entries to keep, and the written
-    elements' rows and columns in the 2-D `weight` and their float64 updates). An element counts as merged
-    within one rounding plus the bound on another backend's update (gamma(r) |s| |left row| |right column|, as
-    the codes' delta) of base + update in float64; an element's own code restores a written value as a lossy
-    unmerge would, so coded elements need nothing."""
+def _listed(weight: Tensor, record: MergeRecord, num_blocks: int, block_ids: Sequence[int], transposed: bool):
+    """(block j, row m and column c in its region, and the flat index in the contiguous 2-D `weight`) of the listed
+    elements."""
     index = record.exc_index
-    if index.numel() == 0:
-        return None
     n, rows, cols, nb = region(weight, num_blocks, block_ids, transposed)
     j, m, c = index // (rows * cols), index // cols % rows, index % cols
+    if num_blocks == 1:  # the region is the whole weight, in its own order
+        return j, m, c, index
     e = torch.tensor(list(block_ids), device=index.device)[j]
-    at = (m, e * nb + c) if transposed else (e * nb + m, c)
+    row, col = (m, e * nb + c) if transposed else (e * nb + m, c)
+    return j, m, c, row * weight.shape[1] + col
+
+
+def _flat(record: MergeRecord, weight: Tensor, num_blocks, block_ids, transposed) -> Tensor:
+    return record.exc_index if num_blocks == 1 else _listed(weight, record, num_blocks, block_ids, transposed)[3]
+
+
+def note_merged(weight: Tensor, record: MergeRecord, *, num_blocks: int = 1, block_ids: Sequence[int] = (0,),
+                transposed: bool = False) -> None:
+    """Notes in the record the bits a merge left in its listed elements of the contiguous 2-D `weight` (with_writes
+    compares them with what the weight holds when the record is read)."""
+    if record.exceptions:
+        flat = _flat(record, weight, num_blocks, block_ids, transposed)
+        record.merged_bits = torch.take(weight, flat).view(_INT[weight.dtype])
+
+
+def with_writes(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, record: MergeRecord, *,
+                num_blocks: int = 1, block_ids: Sequence[int] = (0,), transposed: bool = False) -> MergeRecord:
+    """The record to take (lora_A, lora_B, scale) out of the contiguous 2-D `weight` with, given what the weight
+    holds now. A listed element written since the merge (its bits differ from the noted ones: an optimizer step,
+    fused or not, an EMA or soup copy_, a write into .data) would get its base bits back and lose the write: it gets
+    the lossy unmerge of its value now instead, T(value - update) in float64, as a lossy unmerge (and loralib) would
+    give it. Coded elements need nothing: a written value restores within one code step of value - update (a
+    non-finite one excepted). The record as it is when nothing was noted, listed or written."""
+    merged = getattr(record, "merged_bits", None)
+    if merged is None or not record.exceptions:
+        return record
+    it = _INT[weight.dtype]
+    now = torch.take(weight, _flat(record, weight, num_blocks, block_ids, transposed))
+    if torch.equal(now.view(it), merged):
+        return record
+    written = now.view(it) != merged
+    j, m, c, _ = _listed(weight, record, num_blocks, block_ids, transposed)
+    n = len(block_ids)
     a = lora_A.detach().double().reshape(n, -1, lora_A.shape[1])  # (n, r, k)
     b = lora_B.detach().double().reshape(n, lora_B.shape[0] // n, -1)  # (n, nb, r)
     left, right = (a[j, :, m], b[j, c, :]) if transposed else (b[j, m, :], a[j, :, c])  # (E, r) each
-    d = (left * right).sum(-1) * float(scale)
-    it = _INT[weight.dtype]
-    merged = record.exc_bits.to(it).view(weight.dtype).double() + d
-    now = weight[at]
-    info = torch.finfo(weight.dtype)
-    slack = (gamma(a.shape[1]) * abs(float(scale))) * left.norm(dim=1) * right.norm(dim=1)
-    slack += info.eps * torch.maximum(merged.abs(), now.double().abs()).clamp_min(info.tiny)
-    same = (now.double() - merged).abs() <= slack
-    same |= _bits_equal(now, merged.to(weight.dtype))  # (infinities)
-    same |= torch.isnan(now) & torch.isnan(merged)
-    if bool(same.all()):
-        return None
-    written = ~same
-    return same, at[0][written], at[1][written], d[written]
-
-
-def _bits_equal(x: Tensor, y: Tensor) -> Tensor:
-    it = _INT[x.dtype]
-    return x.view(it) == y.view(it)
-
-
-def take_out_written_(weight: Tensor, rows: Tensor, cols: Tensor, d: Tensor) -> None:
-    """weight[rows, cols] -= d (float64, one rounding): the written elements an unmerge left alone."""
-    weight[rows, cols] = (weight[rows, cols].double() - d).to(weight.dtype)
-
-
-def without(record: MergeRecord, keep: Tensor) -> MergeRecord:
-    """The record with only the list entries `keep` says (the others: escapes an unmerge leaves alone)."""
-    return MergeRecord(record.codes, record.exc_index[keep], record.exc_bits[keep], record.dtype, record.shape,
-                       record.num_blocks, record.block_ids, record.transposed)
+    lossy = (now.double() - (left * right).sum(-1) * float(scale)).to(weight.dtype).view(it).to(torch.int32)
+    if it == torch.int16:
+        lossy = lossy & 0xFFFF  # (zero-extended, as the list holds bits)
+    bits = torch.where(written, lossy, record.exc_bits)
+    return MergeRecord(record.codes, record.exc_index, bits, record.dtype, record.shape, record.num_blocks,
+                       record.block_ids, record.transposed, merged)

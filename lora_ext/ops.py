@@ -161,9 +161,9 @@ def finite_real(label: str, value) -> float:
         return value
     if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
         if value.requires_grad:
-            raise ValueError(f"{label} must be a number, got a {type(value).__name__} that requires grad "
-                             f"({value.item():g}): lora_ext's ops take it as a constant and give it no gradient, "
-                             f"so a learned {label} would never learn; pass a number (or a tensor that needs no grad)")
+            raise ValueError(f"{label} must be a number, got a {type(value).__name__} that requires grad: "
+                             f"lora_ext's ops take it as a constant and give it no gradient, so a learned {label} "
+                             f"would never learn; pass a number (or a tensor that needs no grad)")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{label} must be a finite number, got {value!r}")
