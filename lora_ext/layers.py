@@ -497,13 +497,18 @@ class LoRALayer(NamedAdapters):
                                     **self._layout())
 
     def _keep_record(self, record) -> None:
-        """Holds `record` as the record of the merge the weight holds now, noting its listed elements' bits."""
+        """Holds `record` as the record of the merge the weight holds now, noting its listed elements' bits. It
+        never raises: the weight is written already, and the layer's bookkeeping must say so (a note that cannot be
+        made, out of memory, leaves the record unnoted: writes while merged are then not looked for)."""
+        self.__dict__["_merged_record"] = record
         if record is not None and not isinstance(record, list) and record.exceptions:
             weight = self._weight_param()
             if not sharded.is_dtensor(weight):  # (tensor parallel: a record of the local part's own layout)
-                with torch.no_grad():
-                    lossless.note_merged(self._as_2d(weight), record, **self._layout())
-        self.__dict__["_merged_record"] = record
+                try:
+                    with torch.no_grad():
+                        lossless.note_merged(self._as_2d(weight), record, **self._layout())
+                except Exception:
+                    record.merged_bits = None
 
     def _unmerge(self):
         sharded.reshard_if_gathered(self)

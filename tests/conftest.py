@@ -100,6 +100,22 @@ class CudaTarget:
         return f"CudaTarget({self.device}, {self.kernels.__name__}, rehearsal={self.rehearsal})"
 
 
+@pytest.fixture(params=["reference", "kernels"])
+def backend(request):
+    """The reference backend, or the CUDA kernels' host code and kernels (the simulator standing in for _C, on the
+    CPU). Modules that parametrize or define their own `backend` override it."""
+    if request.param == "reference":
+        yield None
+        return
+    from helpers import load_sim
+    from lora_ext import ops
+    sim = load_sim()
+    if sim is None:
+        pytest.skip("lora_ext._sim is not built")
+    with ops.use_kernels(sim, "cpu"):
+        yield sim
+
+
 @pytest.fixture
 def cuda(request):
     """The device of a `gpu` test (see CudaTarget); skips when the kernels it stands for were not built."""

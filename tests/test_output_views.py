@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import lora_ext as lora
 from dist import run_ranks
-from helpers import TOL, layer_forward64, load_sim, randomize_, rel_err
+from helpers import TOL, layer_forward64, randomize_, rel_err
 
 SCALE = 0.75  # lora_alpha / r of every layer below
 
@@ -49,20 +49,6 @@ def _build(case):
     else:
         x = torch.randn(shape, requires_grad=True)
     return layer, x
-
-
-@pytest.fixture(params=["reference", "kernels"])
-def backend(request):
-    """The reference backend, or the CUDA kernels' host code and kernels (the simulator standing in for _C)."""
-    if request.param == "reference":
-        yield None
-        return
-    sim = load_sim()
-    if sim is None:
-        pytest.skip("lora_ext._sim is not built")
-    from lora_ext import ops
-    with ops.use_kernels(sim, "cpu"):
-        yield sim
 
 
 def _check_in_place_training(layer, x, write, tol):

@@ -33,6 +33,9 @@
   adapter_names). Now refused when the batch's adapters target it.
 - Mixed batches of a float64 model scaled each row's update by a float32 copy of its scaling: rows 7e-8 off the
   single-adapter forward. float64 slots now fold the scaling into B.
+- Hostile pass 4: an error while noting a merge's listed bits (out of memory) came after the weight was written
+  and left the layer unmerged over a merged weight (0.93 off, then saved as the base); WavLM's rel_attn_embed (and
+  the other relative position lookups) went through mixed batches as T5's did (0.003-0.01 off).
 """
 import pytest
 import torch
@@ -45,7 +48,7 @@ import loralib
 import lora_ext as lora
 import lora_ext
 from lora_ext.serving import lora_layers
-from helpers import bits, effective_weight64, load_sim, randomize_
+from helpers import bits, effective_weight64, randomize_
 from tiny_models import snapshot, unchanged
 
 KINDS = {
@@ -146,17 +149,21 @@ class _TwoArgNet(nn.Module):
         return self.head(torch.relu(self.proj(x)), shift)
 
 
+def _peft_saved(tmp_path, build, name, seed, **config):
+    model = get_peft_model(build(), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **config))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n or "modules_to_save" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    path = str(tmp_path / name)
+    model.save_pretrained(path)
+    return path
+
+
 def _saved_adapters(tmp_path, build, **config):
-    paths = {}
-    for seed, name in enumerate("ab"):
-        model = get_peft_model(build(), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **config))
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if "lora_" in n or "modules_to_save" in n:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        paths[name] = str(tmp_path / name)
-        model.save_pretrained(paths[name])
+    """A model (build()) with peft adapters "a" (active) and "b" of random factors (and copies) loaded."""
+    paths = {name: _peft_saved(tmp_path, build, name, seed + 1, **config) for seed, name in enumerate("ab")}
     model = build().eval()
     lora_ext.load_peft_adapter(model, paths["a"], adapter_name="a")
     lora_ext.load_peft_adapter(model, paths["b"], adapter_name="b", activate=False)
@@ -221,20 +228,6 @@ LOSSLESS_KINDS = {
     "Embedding": lambda: lora.Embedding(20, 12, r=4, lora_alpha=8),
     "Conv2d": lambda: lora.Conv2d(3, 8, 3, r=2, lora_alpha=4),
 }
-
-
-@pytest.fixture(params=["reference", "kernels"])
-def backend(request):
-    """The reference backend, or the CUDA kernels' host code and kernels (the simulator standing in for _C)."""
-    if request.param == "reference":
-        yield None
-        return
-    sim = load_sim()
-    if sim is None:
-        pytest.skip("lora_ext._sim is not built")
-    from lora_ext import ops
-    with ops.use_kernels(sim, "cpu"):
-        yield sim
 
 
 def _stored_delta64(layer, A=None, B=None, scale=None):
@@ -388,18 +381,6 @@ def test_a_channels_last_convolution_merges_switches_and_unmerges(dtype, backend
         assert (conv.conv.weight.detach().double() - base.double()).abs().max() < 1e-5
 
 
-def _peft_saved(tmp_path, build, name, seed, **config):
-    model = get_peft_model(build(), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **config))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    path = str(tmp_path / name)
-    model.save_pretrained(path)
-    return path
-
-
 def test_saving_an_inactive_adapter_of_fewer_target_modules(tmp_path):
     model = _llama().eval()
     lora_ext.load_peft_adapter(model, _peft_saved(tmp_path, _llama, "a", 1, target_modules=["q_proj", "v_proj"]), "a")
@@ -548,3 +529,35 @@ def test_float64_mixed_batches_keep_float64_scalings(tmp_path, merged):
             single = (model if name else llama64().eval())(input_ids=x[i:i + 1]).logits
             err = (out[i:i + 1] - single).abs().max() / single.abs().max()
             assert err <= 1e-12, (name, float(err))
+
+
+def test_a_note_that_fails_after_the_merge_leaves_the_bookkeeping_right(monkeypatch, backend):
+    from lora_ext import lossless
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (injected)")
+    layer, w = _lossless_layer("Linear", torch.bfloat16)
+    base = w.detach().clone()
+    monkeypatch.setattr(lossless, "note_merged", fail)
+    layer.eval()  # the weight is written before the note: the layer must say it is merged
+    assert layer.merged and layer._merged_record is not None
+    merged = w.detach().clone()
+    assert _within(merged, base.double() + _stored_delta64(layer), torch.bfloat16, 1)
+    layer.train()
+    assert torch.equal(bits(w.detach()), bits(base))
+
+
+def _wavlm():
+    torch.manual_seed(0)
+    config = T.WavLMConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                           conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                           num_conv_pos_embedding_groups=2, num_buckets=8, max_bucket_distance=20,
+                           feat_extract_norm="group")
+    return T.WavLMModel(config).eval()
+
+
+def test_a_mixed_batch_refuses_adapters_of_wavlms_relative_position_lookup(tmp_path):
+    model = _saved_adapters(tmp_path, _wavlm, target_modules=["rel_attn_embed", "intermediate_dense"])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"attention.rel_attn_embed' \(a relative position bias\)"):
+        with lora_ext.batch_adapters(model, ["a", "b", None]):
+            pass

@@ -398,12 +398,17 @@ _TILING = {"MusicgenForCausalLM", "MusicgenForConditionalGeneration", "MusicgenM
            "MusicgenMelodyForConditionalGeneration"}
 
 
+# transformers' embeddings looked up with a (query, key) matrix of relative positions or buckets, with no row
+# dimension: T5's (and its kin's), WavLM's, wav2vec2-BERT's and SeamlessM4T v2's, Granite Speech's, Phi-4-multimodal's
+_RELATIVE_LOOKUPS = {"relative_attention_bias", "rel_attn_embed", "distance_embedding", "rel_pos_emb", "bias_values"}
+
+
 def _check_row_lookups(found, need) -> None:
-    """Refuses adapters of a T5-style relative position bias: an Embedding looked up with a (query, key) matrix of
-    position buckets, with no row dimension, which a mixed batch would split as rows whenever the query length
-    equals the batch's rows (silently wrong, as peft's adapter_names is there)."""
+    """Refuses adapters of a relative position bias (_RELATIVE_LOOKUPS): an Embedding looked up with a (query, key)
+    matrix, with no row dimension, which a mixed batch would split as rows whenever the query length equals the
+    batch's rows (silently wrong, as peft's adapter_names is there)."""
     for path, m in found:
-        if path.rpartition(".")[2] == "relative_attention_bias" and getattr(m, "_batch_kind", None) == "embedding":
+        if path.rpartition(".")[2] in _RELATIVE_LOOKUPS and getattr(m, "_batch_kind", None) == "embedding":
             targeted = [a for a in need if m.has_adapter(a) and not m.is_placeholder(a)]
             if targeted:
                 raise ValueError(f"batch_adapters: layer {path!r} (a relative position bias) is looked up with "
