@@ -2,9 +2,10 @@
 
 Each lora_ext layer keeps the adapters a batch needs in fixed slots, stacked per layer (`LayerSlots`): slot s
 holds an adapter's A^T (k, R) and B^T (R, d), zero-padded to the slots' rank R, and its scaling in a float32
-tensor (float64 slots hold B^T scaled, and 1). A forward computes the layer's output from its weight (the base, or the merged adapter) and adds each
-row's update with lora_ext.ops.batched_linear_ / batched_embedding_, one gather pass per stage over all rows
-whatever their adapters (CUDA kernels, the C++ CPU loops, or batched matmuls). A MergedLinear's slots hold its
+tensor (float64 slots hold B^T scaled, and 1). A forward computes the layer's output from its weight (the base,
+or the merged adapter) and adds each row's update with lora_ext.ops.batched_linear_ / batched_embedding_, one
+gather pass per stage over all rows whatever their adapters (CUDA kernels, the C++ CPU loops, or batched
+matmuls). A MergedLinear's slots hold its
 groups side by side (rank n*R, B^T block by block in its output columns), an Embedding's A^T is its lookup
 table.
 

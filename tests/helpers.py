@@ -392,3 +392,15 @@ def peft_with_adapters(base, configs):
         else:
             peft_model.add_adapter(name, LoraConfig(**kwargs))
     return peft_model
+
+
+def save_random_peft(peft_model, path, seed, std, parts=("lora_",)):
+    """Fills the peft model's parameters whose names hold one of `parts` with N(0, std) values of a generator seeded
+    `seed` (in named_parameters order), saves it at `path` (peft's save_pretrained) and returns the path."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if any(part in n for part in parts):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    peft_model.save_pretrained(str(path))
+    return str(path)

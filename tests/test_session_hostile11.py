@@ -48,7 +48,7 @@ import loralib
 import lora_ext as lora
 import lora_ext
 from lora_ext.serving import lora_layers
-from helpers import bits, effective_weight64, randomize_
+from helpers import bits, effective_weight64, randomize_, save_random_peft
 from tiny_models import snapshot, unchanged
 
 KINDS = {
@@ -106,7 +106,8 @@ def test_a_scaling_that_requires_grad_is_refused_saying_why(param):
     layer = lora.Linear(4, 3, r=2, lora_alpha=4)
     value = nn.Parameter(torch.tensor(0.5)) if param is True else torch.tensor(
         0.5, requires_grad=True, device="meta" if param == "meta" else "cpu")
-    with pytest.raises(ValueError, match=r"scaling must be a number, got a (Tensor|Parameter) that requires grad: .*no gradient"):
+    with pytest.raises(ValueError, match=r"scaling must be a number, got a (Tensor|Parameter) that requires grad: "
+                                         r".*no gradient"):
         layer.scaling = value
     assert layer.scaling == 2.0
     assert "scaling" not in dict(layer.named_parameters())
@@ -151,14 +152,19 @@ class _TwoArgNet(nn.Module):
 
 def _peft_saved(tmp_path, build, name, seed, **config):
     model = get_peft_model(build(), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **config))
-    gen = torch.Generator().manual_seed(seed)
+    return save_random_peft(model, tmp_path / name, seed, 0.3, ("lora_", "modules_to_save"))
+
+
+def _each_row_alone(model, build, rows, out, run, tol=1e-5):
+    """Each row i of a mixed batch's output `out` is what its adapter gives the row alone, `run(model, i)` (a None
+    row: the base model, built afresh), to `tol` of the row's largest value."""
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n or "modules_to_save" in n:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    path = str(tmp_path / name)
-    model.save_pretrained(path)
-    return path
+        for i, name in enumerate(rows):
+            if name is not None:
+                lora_ext.set_adapter(model, name)
+            single = run(model if name else build().eval(), i)
+            err = (out[i:i + 1] - single).abs().max() / single.abs().max()
+            assert err <= tol, (i, name, float(err))
 
 
 def _saved_adapters(tmp_path, build, **config):
@@ -176,12 +182,7 @@ def test_a_saved_module_splits_rows_with_a_shared_argument_and_refuses_one_of_ro
     x, shift = torch.randn(3, 6), torch.randn(1, 5)
     with torch.no_grad(), lora_ext.batch_adapters(model, rows):
         out = model(x, shift)
-    with torch.no_grad():
-        for i, name in enumerate(rows):  # each row as its adapter (or the base model, built afresh) serves it alone
-            if name is not None:
-                lora_ext.set_adapter(model, name)
-            single = (model if name else _TwoArgNet())(x[i:i + 1], shift)
-            torch.testing.assert_close(out[i:i + 1], single, rtol=1e-6, atol=1e-6)
+    _each_row_alone(model, _TwoArgNet, rows, out, lambda m, i: m(x[i:i + 1], shift), 1e-6)
     lora_ext.set_adapter(model, "a")
     with torch.no_grad(), lora_ext.batch_adapters(model, rows):
         with pytest.raises(ValueError, match=r"module 'head' is saved whole.* is called with argument 1 = a tensor "
@@ -207,11 +208,7 @@ def test_a_decoder_layer_saved_whole_in_a_mixed_batch(tmp_path):
     with torch.no_grad():
         with lora_ext.batch_adapters(model, rows):
             out = model(input_ids=ids, use_cache=False).logits
-        for i, name in enumerate(rows):
-            if name is not None:
-                lora_ext.set_adapter(model, name)
-            single = (model if name else _llama().eval())(input_ids=ids[i:i + 1], use_cache=False).logits
-            torch.testing.assert_close(out[i:i + 1], single, rtol=1e-5, atol=1e-5)
+        _each_row_alone(model, _llama, rows, out, lambda m, i: m(input_ids=ids[i:i + 1], use_cache=False).logits)
         lora_ext.set_adapter(model, "a")
         mask = torch.ones_like(ids)
         mask[0, :2] = 0
@@ -501,11 +498,7 @@ def test_a_mixed_batch_refuses_adapters_of_a_relative_position_bias(tmp_path):
     with torch.no_grad():
         with lora_ext.batch_adapters(other, rows):
             out = other(input_ids=x, decoder_input_ids=x).logits
-        for i, name in enumerate(rows):
-            if name is not None:
-                lora_ext.set_adapter(other, name)
-            single = (other if name else _t5())(input_ids=x[i:i + 1], decoder_input_ids=x[i:i + 1]).logits
-            torch.testing.assert_close(out[i:i + 1], single, rtol=1e-5, atol=1e-5)
+    _each_row_alone(other, _t5, rows, out, lambda m, i: m(input_ids=x[i:i + 1], decoder_input_ids=x[i:i + 1]).logits)
 
 
 @pytest.mark.parametrize("merged", [False, True])
@@ -523,12 +516,7 @@ def test_float64_mixed_batches_keep_float64_scalings(tmp_path, merged):
     with torch.no_grad():
         with lora_ext.batch_adapters(model, rows):
             out = model(input_ids=x).logits
-        for i, name in enumerate(rows):
-            if name is not None:
-                lora_ext.set_adapter(model, name)
-            single = (model if name else llama64().eval())(input_ids=x[i:i + 1]).logits
-            err = (out[i:i + 1] - single).abs().max() / single.abs().max()
-            assert err <= 1e-12, (name, float(err))
+    _each_row_alone(model, llama64, rows, out, lambda m, i: m(input_ids=x[i:i + 1]).logits, 1e-12)
 
 
 def test_a_note_that_fails_after_the_merge_leaves_the_bookkeeping_right(monkeypatch, backend):

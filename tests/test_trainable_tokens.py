@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 import lora_ext as lora
 from lora_ext.cli import main
 from lora_ext.serving.tokens import TokenRows, TrainableTokens
+from helpers import save_random_peft
 from tiny_models import VOCAB, gemma3, llama, snapshot, unchanged
 
 KEY = "base_model.model."
@@ -35,14 +36,7 @@ def _adapter(tmp_path, name, kind="llama", tie=False, seed=1, **config):
     """A peft adapter with random factors and rows, saved under tmp_path/name; returns its path."""
     options = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
     pm = get_peft_model(_build(kind, tie), LoraConfig(**{**options, **config}))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "trainable_tokens_delta" in n or "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    path = str(tmp_path / name)
-    pm.save_pretrained(path)
-    return path
+    return save_random_peft(pm, tmp_path / name, seed, 0.5, ("trainable_tokens_delta", "lora_"))
 
 
 def _peft(paths, kind="llama", tie=False):
