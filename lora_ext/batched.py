@@ -5,9 +5,8 @@ holds an adapter's A^T (k, R) and B^T (R, d), zero-padded to the slots' rank R, 
 tensor (float64 slots hold B^T scaled, and 1). A forward computes the layer's output from its weight (the base,
 or the merged adapter) and adds each row's update with lora_ext.ops.batched_linear_ / batched_embedding_, one
 gather pass per stage over all rows whatever their adapters (CUDA kernels, the C++ CPU loops, or batched
-matmuls). A MergedLinear's slots hold its
-groups side by side (rank n*R, B^T block by block in its output columns), an Embedding's A^T is its lookup
-table.
+matmuls). A MergedLinear's slots hold its groups side by side (rank n*R, B^T block by block in its output
+columns), an Embedding's A^T is its lookup table.
 
 A merged layer serves mixed batches relative to the adapter its weight holds: rows of that adapter take the
 merged output as it is, every other row adds its own update and subtracts the merged one (a second pass with

@@ -206,8 +206,8 @@ class LoRALayer(NamedAdapters):
             return self._forward(x)
 
     def reset_parameters(self) -> None:
-        """The weight drawn afresh and the active adapter's factors initialised (B zero), as loralib's. A merged
-        layer forgets its merge: the fresh weight holds no adapter, so nothing is taken out of it later."""
+        """The weight drawn afresh and the active adapter's factors initialised as loralib's (a zero update). A
+        merged layer forgets its merge: the fresh weight holds no adapter, so nothing is taken out of it later."""
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:  # (also while nn.Linear.__init__ calls it)
             self._reset_base()
             self.reset_lora_parameters()
