@@ -52,6 +52,16 @@ def measure() -> dict:
     serving.add_adapter("b", torch.randn(4, 16), torch.randn(16, 4), 0.5)
     names = iter(["b", "default"] * 10**6)
     out["serving switch (set_adapter)"] = best(lambda: serving.set_adapter(next(names)), 1000)
+    # merged bfloat16 (lossless: a record with listed elements, the zero rows under the update)
+    merged = lora.Linear(64, 64, r=8, lora_alpha=16).bfloat16().requires_grad_(False)
+    torch.nn.init.normal_(merged.lora_B, std=0.02)
+    with torch.no_grad():
+        merged.weight[:8] = 0
+    merged.add_adapter("b", (torch.randn(8, 64) * 0.1).bfloat16(), (torch.randn(64, 8) * 0.02).bfloat16(), 0.5)
+    merged.eval()
+    names = iter(["b", "default"] * 10**6)
+    out["merged bf16 switch (lossless)"] = best(lambda: merged.set_adapter(next(names)), 300)
+    out["merged bf16 train()/eval()"] = best(lambda: (merged.train(), merged.eval()), 300)
     return out
 
 
