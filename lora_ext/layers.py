@@ -208,15 +208,12 @@ class LoRALayer(NamedAdapters):
     def reset_parameters(self) -> None:
         """The weight drawn afresh and the active adapter's factors initialised as loralib's (a zero update). A
         merged layer forgets its merge: the fresh weight holds no adapter, so nothing is taken out of it later."""
-        if self.__dict__.get("_buffers", {}).get("_merged_A") is None:  # (also while nn.Linear.__init__ calls it)
+        merged = self.__dict__.get("_buffers", {}).get("_merged_A") is not None  # (False, and no lock yet, while
+        # nn.Linear.__init__ calls it); the weight and `merged` change together, as in train()
+        with self._lock if merged else contextlib.nullcontext(), deferred_interrupt():
             self._reset_base()
-            self.reset_lora_parameters()
-            return
-        with self._lock, deferred_interrupt():  # (the weight and `merged` change together, as in train())
-            self._reset_base()
-            self._set_merged(None, None, None)
-            self._finite_stamps.pop(MERGED, None)
-            self.merged = False
+            if merged:
+                self._forget_merge()
             self.reset_lora_parameters()
 
     def _reset_base(self) -> None:
@@ -244,6 +241,12 @@ class LoRALayer(NamedAdapters):
         self._merged_scaling = scaling
         self._keep_record(record)
         self._note_written()
+
+    def _forget_merge(self) -> None:
+        """The weight holds no adapter (it is the base, or drawn afresh): unmerged, with nothing to take out."""
+        self._set_merged(None, None, None)
+        self._finite_stamps.pop(MERGED, None)
+        self.merged = False
 
     def _check_sound(self) -> None:
         """Refuses to go on with a weight that a failed write left unknown (see _writing)."""
@@ -544,9 +547,7 @@ class LoRALayer(NamedAdapters):
                 if hasattr(err, "record"):
                     self._keep_record(err.record)
                 if getattr(err, "weight_is_base", False):  # ... or, that failing too, the base: unmerged now
-                    self._set_merged(None, None, None)
-                    self._finite_stamps.pop(MERGED, None)
-                    self.merged = False
+                    self._forget_merge()
                 if isinstance(err, lossless.ExceptionOverflow):
                     err.args = (f"{self._describe()}, switching from adapter {self.active_adapter!r}: {err}",)
                 raise

@@ -89,8 +89,8 @@ class MergeRecord:
     num_blocks: int
     block_ids: tuple
     transposed: bool
-    # the listed elements' bits as the merge left them (int32, as exc_bits), noted by the layer that holds the
-    # record (see with_writes); None: not noted
+    # the listed elements' bits as the merge left them (the weight's own integer view: int16 for 16-bit weights),
+    # noted by the layer that holds the record (note_merged, read by with_writes); None: not noted
     merged_bits: Optional[Tensor] = None
 
     def nbytes(self) -> int:

@@ -15,11 +15,10 @@ Parameter, so an entry is only a list of candidates: a layer counts when its wei
 bytes overlap), and entries none of whose layers holds a weight of that id are dropped as the registry grows.
 Layers that ever took one weight stay each other's peers: a tied weight that is replaced in both modules'
 _parameters without register_parameter (FSDP2's fully_shard puts one DTensor Parameter there) is still seen as
-shared when both hold the new one. Weights that are two
-Parameter objects over the same memory (load_state_dict(assign=True) of a tied model's saved state dict: torch.save
-keeps the one storage, assign wraps each key in a Parameter of its own) are seen too: layers are also indexed by
-their weight's storage, and two weights tie when their bytes overlap (views of one flat buffer that do not overlap
-do not tie)."""
+shared when both hold the new one. Weights that are two Parameter objects over the same memory
+(load_state_dict(assign=True) of a tied model's saved state dict: torch.save keeps the one storage, assign wraps
+each key in a Parameter of its own) are seen too: layers are also indexed by their weight's storage, and two
+weights tie when their bytes overlap (views of one flat buffer that do not overlap do not tie)."""
 
 import threading
 import weakref

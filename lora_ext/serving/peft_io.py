@@ -163,19 +163,18 @@ def _without_adapter_name(tensors, file):
     """The tensors with the adapter name taken out of factor keys that carry one, when every factor key carries the
     same name (peft loads such a file under that adapter's name); a file whose keys name several adapters is
     refused."""
-    named = {}
-    for key in tensors:
-        if key.startswith(PREFIX) and _factor_suffix(key) is None:
-            m = _NAMED_FACTOR.match(key)
-            if m is not None:
-                named[key] = (m.group(1) + ".weight", m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    named, plain = {}, []
+    for key in (k for k in tensors if k.startswith(PREFIX)):
+        if _factor_suffix(key) is not None:
+            plain.append(key)
+        elif (m := _NAMED_FACTOR.match(key)) is not None:
+            named[key] = (m.group(1) + ".weight", m.group(2)) if m.group(1) else (m.group(3), m.group(4))
     if not named:
         return tensors
     names = sorted({n for _, n in named.values()})
     if len(names) > 1:
         raise ValueError(f"{file}: its factor keys name {len(names)} adapters ({names}); lora_ext loads one adapter "
                          f"per file (save each with peft's save_pretrained)")
-    plain = [k for k in tensors if k.startswith(PREFIX) and _factor_suffix(k) is not None]
     if plain:
         raise ValueError(f"{file}: some factor keys carry an adapter's name ({next(iter(named))!r}) and some do not "
                          f"({plain[0]!r})")
@@ -815,17 +814,17 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
         # the layers the adapter targets: those that hold it, and not as a stand-in of zeros (peft saves an adapter
         # of other target modules than the active one's alike)
+        def wanted(layer):  # the adapter saved from `layer`
+            return adapter_name if adapter_name is not None else layer.active_adapter
         every_adapter = sorted({a for _, m in found for a in m.adapter_names})
-        held = [(n, m) for n, m in found if (adapter_name if adapter_name is not None else m.active_adapter)
-                in m.adapter_names]
-        found = [(n, m) for n, m in held if not m.is_stand_in(adapter_name if adapter_name is not None
-                                                           else m.active_adapter)]
+        held = [(n, m) for n, m in found if wanted(m) in m.adapter_names]
+        found = [(n, m) for n, m in held if not m.is_stand_in(wanted(m))]
         if not found:
             raise ValueError(f"save: no lora_ext layer holds adapter {adapter_name!r} " + (
                 "(only stand-ins of zeros, where the model serves the base for it)" if held else
                 f"(they hold {every_adapter})"))
         for name, layer in found:
-            adapter = adapter_name if adapter_name is not None else layer.active_adapter
+            adapter = wanted(layer)
             if isinstance(layer, layers.Embedding) and layer.max_norm is not None:
                 raise ValueError(f"save: layer {name!r} is an Embedding with max_norm={layer.max_norm}: peft would "
                                  f"renormalise the adapter's per-token vectors (columns of lora_embedding_A) too, and "
