@@ -239,12 +239,14 @@ def _merge_rows(w, d, dtype, m, delta_scale, ln, rn):
 
 def _restore_rows(wp, d, packed, dtype, m, base_index, exc_index, exc_bits):
     """The base rows from merged rows wp, their fp32 update d and their codes (escapes looked up by index;
-    an escape not in the list holds its base already)."""
+    an escape not in the list holds its base already). A coded element whose merged value is not finite keeps it:
+    no merge codes such an element (it lists it), so the value was written into the merged weight, and it stays,
+    as a lossy unmerge keeps it (inf - d = inf)."""
     cols = wp.shape[1]
     code = _unpack(packed, dtype, cols)
     c = wp.double() - d.double()
     it = _INT[dtype]
-    bits = _bits(_restore(c, code, dtype, m), it)
+    bits = torch.where(c.isfinite(), _bits(_restore(c, code, dtype, m), it), wp.view(it))
     esc = code == m
     if bool(esc.any()):
         flat = esc.reshape(-1).nonzero().squeeze(1)
@@ -469,8 +471,8 @@ def with_writes(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, re
     holds now. A listed element written since the merge (its bits differ from the noted ones: an optimizer step,
     fused or not, an EMA or soup copy_, a write into .data) would get its base bits back and lose the write: it gets
     the lossy unmerge of its value now instead, T(value - update) in float64, as a lossy unmerge (and loralib) would
-    give it. Coded elements need nothing: a written value restores within one code step of value - update (a
-    non-finite one excepted). The record as it is when nothing was noted, listed or written."""
+    give it. Coded elements need nothing: a written finite value restores within one code step of value - update,
+    a non-finite one as it is (_restore). The record as it is when nothing was noted, listed or written."""
     merged = getattr(record, "merged_bits", None)
     if merged is None or not record.exceptions:
         return record

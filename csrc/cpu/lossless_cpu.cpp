@@ -261,7 +261,8 @@ LORA_INLINE int64_t merge_row(const MergeArgs<K>& a) {
 }
 
 // One row of an unmerge: out = the base restored from wp (merged), the old update and the codes; escapes keep
-// wp (the caller looks them up). Returns the number of escapes.
+// wp (the caller looks them up), and so do coded elements whose merged value is not finite (written while merged).
+// Returns the number of escapes.
 template <int K>
 struct RestoreArgs {
   const typename Tr<K>::S* wp;
@@ -292,7 +293,9 @@ LORA_INLINE int64_t restore_row(const RestoreArgs<K>& a) {
     double c = static_cast<double>(to_float<K>(wpb)) - static_cast<double>(df);
     uint32_t bits = restore_bits<K>(c, cd, cv);
     bool e = cd == Tr<K>::M;
-    out[n] = static_cast<S>(e ? wpb : bits);
+    // a merged value that is not finite keeps its bits: no merge codes one, so it was written while merged
+    bool keep = e | !(std::fabs(c) < HUGE_VAL);
+    out[n] = static_cast<S>(keep ? wpb : bits);
     esc += e ? 1 : 0;
   }
   return esc;
