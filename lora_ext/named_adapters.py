@@ -452,12 +452,33 @@ class NamedAdapters:
         """See _reserve; refuses trainable factors (an optimizer built over them would hold the old shapes: freeze
         them, reserve, then train again with an optimizer built after)."""
         rank = check_rank("rank", rank)
-        if self.has_lora and self._trainable():
-            raise ValueError(f"{self._describe()}: reserve_rank gives the factors another shape, and they require grad "
+        with self._lock:
+            self._check_reserve(rank, frozen=True)
+        self._reserve(rank)
+
+    def _check_reserve(self, rank: int, *, frozen: bool = False) -> Dict[str, int]:
+        """A reserve's refusals (ValueError, before anything changes): a layer built with r=0, sharded (DTensor)
+        factors, an adapter held at a rank above `rank` and, with `frozen`, factors that require grad (reserve_rank's
+        own: loads and inject reserve the layers they create before anything trains them). The ranks held, by
+        adapter. Under the layer's lock."""
+        if not self.has_lora:
+            raise ValueError(f"{self._describe()} was built with r=0 and holds no adapter")
+        if sharded.is_dtensor(self.lora_A) or sharded.is_dtensor(self.lora_B):
+            raise ValueError(f"{self._describe()}: the live factors are DTensors (FSDP2 or tensor parallelism), "
+                             f"whose shapes a reserve would change; reserve the rank before sharding")
+        held = {n: self.rank_of(self.get_adapter(n)[0]) for n in self.adapter_names}
+        over = {n: r for n, r in held.items() if r > rank}
+        if over:
+            n, r = max(over.items(), key=lambda kv: kv[1])
+            raise ValueError(f"rank {rank} is below the rank {r} of adapter {n!r} in {self._describe()}"
+                             + (f" (held at the rank {self.reserved_rank} reserved before: a reserve only grows)"
+                                if self.reserved_rank is not None else ""))
+        if frozen and self._trainable():
+            raise ValueError(f"{self._describe()}: its factors require grad, and reserve_rank gives them another shape "
                              f"(an optimizer built over them would hold the old shapes); freeze them "
                              f"(requires_grad_(False)), reserve, then mark_only_lora_as_trainable and build the "
                              f"optimizer")
-        self._reserve(rank)
+        return held
 
     def _reserve(self, rank: int) -> None:
         """Holds every adapter of this layer at rank `rank` from now on (peft's prepare_model_for_compiled_hotswap
@@ -474,22 +495,11 @@ class NamedAdapters:
     def _plan_reserve(self, rank: int):
         """Every check of a reserve, and the padded factors it writes (allocated here: a lack of memory is refused
         before anything changes); None when the layer holds that rank already."""
-        if not self.has_lora:
-            raise ValueError(f"{self._describe()} was built with r=0 and holds no adapter")
         with self._lock:
-            if sharded.is_dtensor(self.lora_A) or sharded.is_dtensor(self.lora_B):
-                raise ValueError(f"{self._describe()}: the live factors are DTensors (FSDP2 or tensor parallelism), "
-                                 f"whose shapes a reserve would change; reserve the rank before sharding")
+            held = self._check_reserve(rank)
             if self.__dict__.get("_open_batches"):
                 raise RuntimeError(f"{self._describe()}: reserve_rank while a mixed batch (lora.batch_adapters) "
                                    f"serves this layer; reserve after the block closes")
-            held = {n: self.rank_of(self.get_adapter(n)[0]) for n in self.adapter_names}
-            over = {n: r for n, r in held.items() if r > rank}
-            if over:
-                n, r = max(over.items(), key=lambda kv: kv[1])
-                raise ValueError(f"rank: {rank} is below the rank {r} of adapter {n!r} in {self._describe()}"
-                                 + (f" (held at the rank {self.reserved_rank} reserved before: a reserve only grows)"
-                                    if self.reserved_rank is not None else ""))
             if all(r == rank for r in held.values()) and self.reserved_rank == rank:
                 return None
             try:
@@ -498,7 +508,7 @@ class NamedAdapters:
             except RuntimeError as e:  # (torch.OutOfMemoryError too)
                 if "alloc" not in str(e).lower() and not isinstance(e, torch.OutOfMemoryError):
                     raise
-                raise RuntimeError(f"reserve_rank: {self._describe()} has no memory for its adapters at rank {rank} "
+                raise RuntimeError(f"{self._describe()} has no memory for its adapters at rank {rank} "
                                    f"({len(held)} adapter(s)); nothing changed: reserve a lower rank") from None
             return rank, held, stored, live
 

@@ -285,19 +285,7 @@ def reserve_rank(model: nn.Module, rank: int) -> None:
         for name, m in found:
             try:
                 with m._lock:
-                    if sharded.is_dtensor(m.lora_A) or sharded.is_dtensor(m.lora_B):
-                        raise ValueError("the live factors are DTensors (FSDP2 or tensor parallelism), whose shapes a "
-                                         "reserve would change; reserve the rank before sharding")
-                    top = max(m.rank_of(m.get_adapter(n)[0]) for n in m.adapter_names)
-                    if top > rank:
-                        raise ValueError(f"rank {rank} is below the rank {top} it holds an adapter at"
-                                         + (" (the rank reserved before: a reserve only grows)"
-                                            if m.reserved_rank == top else ""))
-                    if m._trainable():
-                        raise ValueError("its factors require grad, and reserve_rank gives them another shape (an "
-                                         "optimizer built over them would hold the old shapes); freeze them "
-                                         "(requires_grad_(False)), reserve, then mark_only_lora_as_trainable and "
-                                         "build the optimizer")
+                    m._check_reserve(rank, frozen=True)
             except ValueError as e:
                 raise ValueError(f"reserve_rank: layer {name!r}: {e}") from None
         plans = []
