@@ -666,8 +666,16 @@ class LoRALayer(NamedAdapters):
                 base = state[key].detach().clone(memory_format=torch.contiguous_format)
                 with torch.no_grad():
                     self._unmerge_from(base)
+                base._lora_ext_unmerged = True  # (see _serves_merged)
                 state[key] = base
             return state
+
+    def _serves_merged(self) -> bool:
+        """Whether the forward computes from the weight alone: merged, unless the weight it reads now is the base a
+        merged layer's state_dict() gave (torch.func.functional_call(model, model.state_dict()) puts it in place of
+        the merged weight: loralib's state_dict holds the merged weight there, and its forward computes with it)."""
+        return self.merged and (torch.compiler.is_compiling()
+                                or not getattr(self._weight_or_none(), "_lora_ext_unmerged", False))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.__dict__.get("_open_batches"):
@@ -781,7 +789,7 @@ class Embedding(LoRALayer, nn.Embedding):
         return super()._merge_into(weight, A, B, s, exact)
 
     def _forward(self, x):
-        if self.r > 0 and not self.merged:
+        if self.r > 0 and not self._serves_merged():
             scale, scale_tensor = self._scales(x)
             return ops.embedding(x, self.weight, self.lora_A, self.lora_B, scale, scale_tensor=scale_tensor,
                                  padding_idx=self.padding_idx, max_norm=self.max_norm,
@@ -817,7 +825,7 @@ class Linear(LoRALayer, nn.Linear):
         return {"transposed": self.fan_in_fan_out}
 
     def _forward(self, x):
-        if self.r > 0 and not self.merged:
+        if self.r > 0 and not self._serves_merged():
             scale, scale_tensor = self._scales(x)
             return ops.linear(x, *self._operands(x), scale, fan_in_fan_out=self.fan_in_fan_out,
                               scale_tensor=scale_tensor)
@@ -895,7 +903,7 @@ class MergedLinear(LoRALayer, nn.Linear):
                                 dtype=self.weight.dtype, **self._layout())
 
     def _forward(self, x):
-        if self.has_lora and not self.merged:
+        if self.has_lora and not self._serves_merged():
             scale, scale_tensor = self._scales(x)
             return ops.linear(x, *self._operands(x), scale, num_blocks=len(self.enable_lora),
                               block_ids=self._block_ids, scale_tensor=scale_tensor,
@@ -967,7 +975,7 @@ class ConvLoRA(LoRALayer, nn.Module):
         LoRALayer._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
     def _forward(self, x):
-        if self.r > 0 and not self.merged:
+        if self.r > 0 and not self._serves_merged():
             # traced, and eager on CUDA, the scale is read at run time (see _scales; CUDA graphs); eager elsewhere
             # it is folded into the delta
             scale, scale_tensor = self._scales(x)

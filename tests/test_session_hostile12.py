@@ -5,15 +5,21 @@
   step, a masked fill): unmerge, state_dict and a switch gave NaN or the largest finite value there (the code's
   one step from inf's ordinal), where a lossy unmerge, loralib and a float32 weight give the value written.
   Restores now give a non-finite merged value back as it is, on every backend.
+- torch.func.functional_call(model, model.state_dict(), x) of a merged (eval()) model dropped the adapter (1.7 off
+  on a Linear): state_dict() holds the base, and the merged forward computed from the weight alone. loralib's
+  state_dict holds the merged weight, so its stateless call gives model(x). The base a merged layer's state_dict
+  gives is now marked, and a forward that finds it in place of the weight computes the adapter's part.
 """
 import math
 
 import pytest
 import torch
 
+import lora_ext as lora
 from lora_ext import lossless, ops
-from helpers import bits, load_sim
+from helpers import bits, layer_forward64, load_sim, randomize_
 from test_session_hostile11 import LOSSLESS_KINDS, _lossless_layer
+from tiny_models import gpt2, randomize_lora, tokens
 
 
 @pytest.fixture(params=["cpu_pass", "pure_torch", "kernels"])
@@ -64,3 +70,49 @@ def test_a_non_finite_write_while_merged_is_kept(kind, dtype, value, via, restor
         assert bool((got[written] == value).all())
     # the others: the base, bit for bit
     assert torch.equal(bits(got[~written]), bits(base[~written]))
+
+
+def _input(layer, dtype):
+    if isinstance(layer, lora.Embedding):
+        return torch.randint(0, layer.num_embeddings, (3, 5))
+    if isinstance(layer, lora.ConvLoRA):
+        return torch.randn(2, layer.conv.in_channels, 6, 6, dtype=dtype)
+    return torch.randn(3, layer.in_features, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(LOSSLESS_KINDS))
+def test_functional_call_with_a_merged_layers_state_dict(kind, dtype):
+    torch.manual_seed(4)
+    layer = randomize_(LOSSLESS_KINDS[kind](), 0.3).to(dtype)
+    x = _input(layer, dtype)
+    p64 = {n: t.detach().double() for n, t in layer.named_parameters()}
+    want = layer_forward64(layer, p64, x if x.dtype == torch.long else x.double(), layer.scaling)
+    tol = 1e-5 if dtype == torch.float32 else 0.08 * float(want.abs().max())
+    layer.eval()
+    assert layer.merged
+    state = layer.state_dict()
+    got = torch.func.functional_call(layer, state, (x,))
+    assert float((got.double() - want).abs().max()) <= tol
+    # the merged weight's own values (the Parameters, or detached views of them) still serve the merge
+    own = {n: t.detach() for n, t in layer.named_parameters()}
+    assert float((torch.func.functional_call(layer, own, (x,)).double() - want).abs().max()) <= tol
+    assert float((layer(x).double() - want).abs().max()) <= tol
+    # loaded back (assign=True too), the layer merges again and serves the adapter once
+    layer.load_state_dict(state, assign=True)
+    assert layer.merged and float((layer(x).double() - want).abs().max()) <= tol
+    layer.train()
+    assert float((torch.func.functional_call(layer, state, (x,)).double() - want).abs().max()) <= tol
+
+
+def test_functional_call_with_a_merged_models_state_dict():
+    model = gpt2()
+    lora.inject(model, ["c_attn", "c_proj"], r=4, lora_alpha=8)
+    randomize_lora(model)
+    ids = tokens()
+    with torch.no_grad():
+        want = model(ids).logits
+        model.eval()
+        got = torch.func.functional_call(model, model.state_dict(), (ids,), tie_weights=False).logits
+    assert all(m.merged for _, m in lora.serving.lora_layers(model))
+    assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
