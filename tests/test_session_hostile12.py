@@ -9,11 +9,18 @@
   on a Linear): state_dict() holds the base, and the merged forward computed from the weight alone. loralib's
   state_dict holds the merged weight, so its stateless call gives model(x). The base a merged layer's state_dict
   gives is now marked, and a forward that finds it in place of the weight computes the adapter's part.
+- A peft Conv2d adapter loaded with is_trainable=True trained in loralib's layout (B of r*k0 columns, peft's B
+  (x) I_k0 trained whole): steps differ from peft's (0.04 after one SGD step that moved peft's output 0.18) and
+  the trained adapter saved at rank r*k0*k0, without a word. The load now warns, naming the convolutions.
 """
+import copy
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn as nn
+from peft import LoraConfig, get_peft_model
 
 import lora_ext as lora
 from lora_ext import lossless, ops
@@ -116,3 +123,48 @@ def test_functional_call_with_a_merged_models_state_dict():
         got = torch.func.functional_call(model, model.state_dict(), (ids,), tie_weights=False).logits
     assert all(m.merged for _, m in lora.serving.lora_layers(model))
     assert float((got - want).abs().max()) < 1e-4 * float(want.abs().max())
+
+
+class _Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pointwise = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.pointwise(self.conv(x))
+
+
+@pytest.mark.parametrize("targets", [["conv", "pointwise"], ["pointwise"]])
+def test_training_a_peft_conv_adapter_warns_that_its_steps_differ(tmp_path, targets):
+    torch.manual_seed(5)
+    base = _Convs().double()
+    pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(tmp_path)
+    x, y = torch.randn(5, 3, 6, 6, dtype=torch.float64), torch.randn(5, 4, 6, 6, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # serving: no warning
+        frozen = copy.deepcopy(base)
+        lora.load_peft_adapter(frozen, tmp_path)
+    ours = copy.deepcopy(base)
+    if "conv" in targets:
+        with pytest.warns(UserWarning, match=r"adapter_config.json: the convolutions 'conv' train in loralib's "
+                                             r"ConvLoRA layout .* steps differ from peft's"):
+            lora.load_peft_adapter(ours, tmp_path, is_trainable=True)
+    else:  # a 1x1 convolution's layouts are the same (k0 = 1): it trains as peft's does
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            lora.load_peft_adapter(ours, tmp_path, is_trainable=True)
+    with torch.no_grad():
+        assert float((pm(x) - ours(x)).abs().max()) < 1e-12 and float((pm(x) - frozen(x)).abs().max()) < 1e-12
+    for m in (pm, ours):  # one identical SGD step
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        (m(x) - y).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        apart = float((pm(x) - ours(x)).abs().max())
+    assert (apart > 1e-3) if "conv" in targets else (apart < 1e-12)  # what the warning says, and only then

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import warnings
 from typing import List, Optional, Union
 
 import torch
@@ -584,6 +585,12 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # model's layers train already (a model in training); the model's first load freezes the rest of the model,
     # as peft's from_pretrained does
     trains = is_trainable or any(m._trainable() for _, m in held_layers)
+    convs = [name for name, _, layer, *_ in plan if isinstance(layer, layers.ConvLoRA) and layer.conv.kernel_size[0] > 1]
+    if trains and convs:
+        warnings.warn(f"{cfg_file}: the convolutions {_names(convs)} train in loralib's ConvLoRA layout (B of r*k0 "
+                      f"columns, which holds peft's B as B (x) I_k0 but is trained whole), so their steps differ from "
+                      f"peft's rank-r conv LoRA, and save_peft_adapter writes them trained at rank r*k0*k0; the "
+                      f"served update is the file's exactly", stacklevel=2)
     # the adapter's copies of the modules it saves whole, made before the model changes (a copy can fail: memory)
     saved_plan = [(name, module, _saved.make_copy(weights_file, name, module, state))
                   for name, module, state in saved_plan]
