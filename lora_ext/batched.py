@@ -292,7 +292,7 @@ class LayerBatch:
             raise ValueError(f"batch_adapters: {batch.rows_text()}, but {where} got an input of shape "
                              f"{tuple(x.shape)}: {how}{batch.hint(lead[0]) if len(lead) else ''}")
         size, tokens = fit
-        merged = layer.active_adapter if layer.merged else None
+        merged = layer.active_adapter if layer._serves_merged() else None  # (see LoRALayer._serves_merged)
         add, sub = batch.index(layer, x.device, merged, size)
         out = layer._weight_forward(x)
         slots = self.slots

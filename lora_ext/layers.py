@@ -673,9 +673,21 @@ class LoRALayer(NamedAdapters):
     def _serves_merged(self) -> bool:
         """Whether the forward computes from the weight alone: merged, unless the weight it reads now is the base a
         merged layer's state_dict() gave (torch.func.functional_call(model, model.state_dict()) puts it in place of
-        the merged weight: loralib's state_dict holds the merged weight there, and its forward computes with it)."""
-        return self.merged and (torch.compiler.is_compiling()
-                                or not getattr(self._weight_or_none(), "_lora_ext_unmerged", False))
+        the merged weight: loralib's state_dict holds the merged weight there, and its forward computes with it).
+        Eager forwards only (the mark is an attribute of that tensor object: see the README)."""
+        return self.merged and (torch.compiler.is_compiling() or not self._given_base())
+
+    def _given_base(self) -> bool:
+        """Whether the weight read now is a base this layer's state_dict() gave while merged (marked there), and not
+        a tensor the layer merged into since (torch.utils.swap_tensors moves the mark with the tensor's __dict__)."""
+        w = self._weight_or_none()
+        if not getattr(w, "_lora_ext_unmerged", False):
+            return False
+        written = self.__dict__.get("_written")
+        try:
+            return written is None or sharded.local(w).untyped_storage().data_ptr() != written[0]
+        except RuntimeError:  # (no storage of its own: not the one written)
+            return True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.__dict__.get("_open_batches"):

@@ -241,12 +241,13 @@ def _restore_rows(wp, d, packed, dtype, m, base_index, exc_index, exc_bits):
     """The base rows from merged rows wp, their fp32 update d and their codes (escapes looked up by index;
     an escape not in the list holds its base already). A coded element whose merged value is not finite keeps it:
     no merge codes such an element (it lists it), so the value was written into the merged weight, and it stays,
-    as a lossy unmerge keeps it (inf - d = inf)."""
+    as a lossy unmerge keeps it (inf - d = inf). (A finite merged value under a non-finite d is restored as any
+    other: that is another backend's merge, whose sum did not overflow where this one's did.)"""
     cols = wp.shape[1]
     code = _unpack(packed, dtype, cols)
     c = wp.double() - d.double()
     it = _INT[dtype]
-    bits = torch.where(c.isfinite(), _bits(_restore(c, code, dtype, m), it), wp.view(it))
+    bits = torch.where(wp.isfinite(), _bits(_restore(c, code, dtype, m), it), wp.view(it))
     esc = code == m
     if bool(esc.any()):
         flat = esc.reshape(-1).nonzero().squeeze(1)

@@ -331,7 +331,7 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
                          f"a plain tensor (the whole activation, or for RowwiseLoRA this rank's slice of its "
                          f"features), got a DTensor placed as {tuple(x.placements)} (a sequence-parallel or "
                          f"use_local_output=False style before it); pass x.full_tensor()")
-    lora_on = layer.has_lora and not layer.merged
+    lora_on = layer.has_lora and not layer._serves_merged()  # (a merged layer's state_dict base: see LoRALayer)
     s = layer.scaling if layer.has_lora else 0.0
     w = layer.weight.to_local()
     if isinstance(layer, Embedding):

@@ -12,6 +12,11 @@
 - A peft Conv2d adapter loaded with is_trainable=True trained in loralib's layout (B of r*k0 columns, peft's B
   (x) I_k0 trained whole): steps differ from peft's (0.04 after one SGD step that moved peft's output 0.18) and
   the trained adapter saved at rank r*k0*k0, without a word. The load now warns, naming the convolutions.
+- A hostile pass over those fixes: the first form of the non-finite rule (keep the merged value where W' - d is not
+  finite) lost the base of a record merged by the kernels (whose fma chain kept a huge sum finite) and unmerged on
+  the CPU (whose float32 matmul overflowed to inf): the rule now looks at the merged value itself. The state_dict
+  mark reached the live weight through torch.utils.swap_tensors and then served the adapter twice; a
+  tensor-parallel layer and a mixed batch given that base still dropped (or subtracted) the adapter.
 """
 import copy
 import math
@@ -168,3 +173,96 @@ def test_training_a_peft_conv_adapter_warns_that_its_steps_differ(tmp_path, targ
     with torch.no_grad():
         apart = float((pm(x) - ours(x)).abs().max())
     assert (apart > 1e-3) if "conv" in targets else (apart < 1e-12)  # what the warning says, and only then
+
+
+def test_a_record_merged_by_the_kernels_is_not_taken_for_a_write_where_the_cpus_update_overflows(restore_path):
+    """Weights near the float32/bfloat16 limit under factors of 1e19: the kernels' fma chain keeps the rank's sum
+    finite (the element is coded), the CPU passes' float32 matmul gives inf. The kernels give the base back bit for
+    bit; the CPU passes cannot (their update is inf: the base comes back non-finite, as before), but they must
+    not keep the merged value as if it had been written while merged."""
+    sim = load_sim()
+    if sim is None:
+        pytest.skip("lora_ext._sim is not built")
+    for dtype in (torch.bfloat16, torch.float32):
+        layer = lora.Linear(2, 2, r=2, lora_alpha=0.5, bias=False, lossless=True).to(dtype)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([[-3e38, -2.9e38], [-2.5e38, -3.1e38]]))
+            layer.lora_A.copy_(torch.tensor([[1e19, 1e19], [1.87e19, 1.87e19]]))
+            layer.lora_B.copy_(torch.tensor([[-1e19, 1.87e19], [-1e19, 1.87e19]]))
+        layer.requires_grad_(False)
+        base = layer.weight.detach().clone()
+        with ops.use_kernels(sim, "cpu"):
+            layer.eval()
+        merged = layer.weight.detach().clone()
+        assert bool(merged.isfinite().all()) and not torch.equal(bits(merged), bits(base))
+        layer.train()  # on the restore_path's backend
+        got = layer.weight.detach()
+        if restore_path == "kernels":
+            assert torch.equal(bits(got), bits(base)), dtype
+        else:
+            assert not bool((bits(got) == bits(merged)).any()), dtype
+
+
+def _merged_linear(seed=6):
+    torch.manual_seed(seed)
+    layer = randomize_(lora.Linear(8, 6, r=2, lora_alpha=4), 1.0)
+    x = torch.randn(3, 8)
+    p = {n: t.detach().double() for n, t in layer.named_parameters()}
+    return layer, x, layer_forward64(layer, p, x.double(), layer.scaling)
+
+
+def test_the_state_dict_mark_moved_onto_the_live_weight_does_not_add_the_adapter_twice():
+    layer, x, want = _merged_linear()
+    checkpoint = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.eval()
+    torch.utils.swap_tensors(layer.weight, layer.state_dict()["weight"])  # the marked base is the live weight now
+    assert getattr(layer._parameters["weight"], "_lora_ext_unmerged", False)
+    with torch.no_grad():
+        assert float((layer(x).double() - want).abs().max()) < 1e-5  # (it holds the base: the adapter added once)
+        layer.load_state_dict(checkpoint)  # merged into that tensor again
+        assert layer.merged and float((layer(x).double() - want).abs().max()) < 1e-5
+    layer.train()
+    layer.eval()
+    with torch.no_grad():
+        assert float((layer(x).double() - want).abs().max()) < 1e-5
+
+
+def test_functional_call_with_the_state_dict_in_a_mixed_batch():
+    layer, x, want_default = _merged_linear()
+    model = nn.Sequential(layer)
+    A_b, B_b = torch.randn(2, 8), torch.randn(6, 2)
+    layer.add_adapter("b", A_b, B_b, 3.0)
+    p = {n: t.detach().double() for n, t in layer.named_parameters()}
+    want_b = layer_forward64(layer, {**p, "lora_A": A_b.double(), "lora_B": B_b.double()}, x.double(), 3.0)
+    want_base = layer_forward64(layer, p, x.double(), 0.0)
+    want = torch.stack([want_default[0], want_b[1], want_base[2]])
+    model.eval()
+    state = model.state_dict()
+    with torch.no_grad(), lora.batch_adapters(model, ["default", "b", None]):
+        served = model(x).double()
+        stateless = torch.func.functional_call(model, state, (x,)).double()
+    assert float((served - want).abs().max()) < 1e-4
+    assert float((stateless - want).abs().max()) < 1e-4
+
+
+def tp_functional_case(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+    from test_tensor_parallel import PLAN, build, data
+    net = build()
+    ids = data()[0][0]
+    parallelize_module(net, init_device_mesh("cpu", (world,)), PLAN)
+    with torch.no_grad():
+        out = {"unmerged": net(ids)}
+        net.eval()
+        out["merged"] = net(ids)
+        out["stateless"] = torch.func.functional_call(net, net.state_dict(), (ids,))
+    return out
+
+
+def test_functional_call_with_a_tensor_parallel_models_state_dict():
+    from dist import run_ranks
+    for r in run_ranks(tp_functional_case):
+        scale = float(r["unmerged"].abs().max())
+        assert float((r["merged"] - r["unmerged"]).abs().max()) < 1e-5 * scale
+        assert float((r["stateless"] - r["unmerged"]).abs().max()) < 1e-5 * scale

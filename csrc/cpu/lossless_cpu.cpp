@@ -290,11 +290,12 @@ LORA_INLINE int64_t restore_row(const RestoreArgs<K>& a) {
     uint32_t wpb = wp[n];
     uint32_t cd = code[n];
     float df = D[n] * s;
-    double c = static_cast<double>(to_float<K>(wpb)) - static_cast<double>(df);
+    float wpf = to_float<K>(wpb);
+    double c = static_cast<double>(wpf) - static_cast<double>(df);
     uint32_t bits = restore_bits<K>(c, cd, cv);
     bool e = cd == Tr<K>::M;
     // a merged value that is not finite keeps its bits: no merge codes one, so it was written while merged
-    bool keep = e | !(std::fabs(c) < HUGE_VAL);
+    bool keep = e | !(std::fabs(wpf) < HUGE_VALF);
     out[n] = static_cast<S>(keep ? wpb : bits);
     esc += e ? 1 : 0;
   }

@@ -129,8 +129,6 @@ __device__ __forceinline__ T from_ordinal(long long x) {
   return Traits<T>::value(ordinal<T>(v));
 }
 
-__device__ __forceinline__ bool finite(double x) { return x - x == 0.0; }
-
 // restore(c, code): y = o(T(float(c))) (round-to-nearest-even twice); the ordinal = code (mod M) nearest y.
 template <typename T>
 __device__ __forceinline__ long long restore(double c, int code) {
@@ -142,6 +140,8 @@ __device__ __forceinline__ long long restore(double c, int code) {
   if (t < 0) t += kM;
   return (long long)y + (t > kM / 2 ? t - kM : t);
 }
+
+__device__ __forceinline__ bool finite(double x) { return x - x == 0.0; }
 
 // The position of `index` in the sorted exception list (binary search), or -1 when it is not there.
 __device__ __forceinline__ long long lookup(const long long* list, long long count, long long index) {
@@ -253,7 +253,7 @@ __device__ __forceinline__ void lossless_tile(const Args<T, Tab>& p) {
         const double cc = (double)to_float(wp) - (double)p.old_scale * (double)acc[q][v];
         if (code != kM) {
           // (a merged value that is not finite was written while merged, as no merge codes one: it stays)
-          if (finite(cc)) w[q].v[v] = from_ordinal<T>(restore<T>(cc, code));
+          if (finite((double)to_float(wp))) w[q].v[v] = from_ordinal<T>(restore<T>(cc, code));
         } else {
           const long long at = lookup(p.old_exc_index, p.old_count, index0 + (long long)row * n_total + v);
           if (at >= 0) w[q].v[v] = Tr::value(p.old_exc_bits[at]);
