@@ -17,6 +17,10 @@
   the CPU (whose float32 matmul overflowed to inf): the rule now looks at the merged value itself. The state_dict
   mark reached the live weight through torch.utils.swap_tensors and then served the adapter twice; a
   tensor-parallel layer and a mixed batch given that base still dropped (or subtracted) the adapter.
+- hotswap_adapter (and load_peft_adapter of the active adapter's name) into a merged model wrote layer by layer:
+  a refusal at a later layer (a lossless record's overflow, out of memory) left the layers before it serving the
+  new adapter and the rest the old one, all named alike (logits 0.32 off both adapters). The layers written get
+  their old values back now, and the refusal leaves the model bit for bit as it was.
 """
 import copy
 import math
@@ -29,9 +33,9 @@ from peft import LoraConfig, get_peft_model
 
 import lora_ext as lora
 from lora_ext import lossless, ops
-from helpers import bits, layer_forward64, load_sim, randomize_
+from helpers import bits, layer_forward64, load_sim, randomize_, save_random_peft
 from test_session_hostile11 import LOSSLESS_KINDS, _lossless_layer
-from tiny_models import gpt2, randomize_lora, tokens
+from tiny_models import gpt2, llama, randomize_lora, snapshot, tokens, unchanged
 
 
 @pytest.fixture(params=["cpu_pass", "pure_torch", "kernels"])
@@ -266,3 +270,46 @@ def test_functional_call_with_a_tensor_parallel_models_state_dict():
         scale = float(r["unmerged"].abs().max())
         assert float((r["merged"] - r["unmerged"]).abs().max()) < 1e-5 * scale
         assert float((r["stateless"] - r["unmerged"]).abs().max()) < 1e-5 * scale
+
+
+@pytest.mark.parametrize("how", ["hotswap", "load"])
+@pytest.mark.parametrize("refusal", ["overflow", "out_of_memory"])
+def test_a_swap_refused_at_a_later_layer_leaves_the_whole_model_as_it_was(tmp_path, how, refusal, monkeypatch):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    old = save_random_peft(get_peft_model(llama(), config), tmp_path / "old", seed=1, std=0.05)
+    new = get_peft_model(llama(), config)
+    save_random_peft(new, tmp_path / "new", seed=2, std=0.05)
+    last = [n for n, _ in new.named_parameters() if "lora_B" in n][-1]
+    if refusal == "overflow":  # |s B A| >> |W| in the last layer: its lossless swap is refused
+        with torch.no_grad():
+            new.get_parameter(last).mul_(3e3)
+        new.save_pretrained(str(tmp_path / "new"))
+    model = llama().to(torch.bfloat16)
+    lora.load_peft_adapter(model, old, "a")
+    model.eval()
+    ids = tokens()
+    with torch.no_grad():
+        before = model(ids).logits
+    snap = snapshot(model)
+    if refusal == "out_of_memory":  # the last layer's swap, before it writes
+        real, calls = ops.swap_, []
+
+        def swap_(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 4:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(*args, **kwargs)
+        monkeypatch.setattr(ops, "swap_", swap_)
+    with pytest.raises((ValueError, torch.OutOfMemoryError)):
+        if how == "hotswap":
+            lora.hotswap_adapter(model, str(tmp_path / "new"), "a")
+        else:
+            lora.load_peft_adapter(model, str(tmp_path / "new"), "a")
+    monkeypatch.undo()
+    assert unchanged(model, snap)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    assert all(m.merged and m.active_adapter == "a" for _, m in lora.serving.lora_layers(model))
+    model.train()  # the base, bit for bit (the lossless records are the old adapter's)
+    assert all(torch.equal(bits(m.weight.detach()), bits(llama().to(torch.bfloat16).get_submodule(n).weight))
+               for n, m in lora.serving.lora_layers(model))

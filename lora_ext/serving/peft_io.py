@@ -603,6 +603,24 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     with model_lock(model).write(), deferred_interrupt():
         _inject.check_enabled(model, *refusal)  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
+        # the layers holding the adapter's name already first: replacing the active adapter's values writes a merged
+        # weight (a switch), which can be refused (a lossless record's overflow, out of memory) at any layer; the
+        # layers written before it then get their old values back, so the refusal leaves the model as it was
+        written = []
+        try:
+            for name, module, layer, fresh, A2, B2, scaling in plan:
+                if not fresh:
+                    written.append((layer, _held(layer, adapter_name)))
+                    layer.add_adapter(adapter_name, A2, B2, scaling)
+            for layer in zeroed:  # (hotswap) layers the old adapter targets and the new one does not: zeros, in place
+                written.append((layer, _held(layer, adapter_name)))
+                A, B, _ = layer.get_adapter(adapter_name)
+                layer.add_adapter(adapter_name, torch.zeros_like(A.detach()), torch.zeros_like(B.detach()), 1.0)
+                layer.__dict__.setdefault("_placeholders", set()).add(adapter_name)
+        except BaseException:
+            for layer, held in reversed(written):
+                _put_back(layer, adapter_name, held)
+            raise
         for name, module, layer, fresh, A2, B2, scaling in plan:
             if fresh:
                 _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
@@ -617,14 +635,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             else:
                 if lossless is not None:
                     layer.lossless = lossless  # from the next merge on
-                layer.add_adapter(adapter_name, A2, B2, scaling)
                 if is_trainable:  # (the layer's live factors: they train whichever adapter is active)
                     layer.lora_A.requires_grad_(True)
                     layer.lora_B.requires_grad_(True)
-        for layer in zeroed:  # (hotswap) layers the old adapter targets and the new one does not: zeros, in place
-            A, B, _ = layer.get_adapter(adapter_name)
-            layer.add_adapter(adapter_name, torch.zeros_like(A.detach()), torch.zeros_like(B.detach()), 1.0)
-            layer.__dict__.setdefault("_placeholders", set()).add(adapter_name)
         for name, module, new in saved_plan:
             if not isinstance(module, _saved.ModulesToSave):
                 wrapper = _saved.ModulesToSave(module).train(module.training)
@@ -646,6 +659,28 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 if adapter_name in w.adapter_names:
                     w.set_adapter(adapter_name, trains)
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
+
+
+def _held(layer, name):
+    """What `layer` holds under adapter `name` (copies of its factors, its scaling, whether a stand-in), or None."""
+    if name not in layer.adapter_names:
+        return None
+    A, B, scaling = layer.get_adapter(name)
+    return A.detach().clone(), B.detach().clone(), scaling, layer.is_placeholder(name)
+
+
+def _put_back(layer, name, held) -> None:
+    """Undoes a load's write of adapter `name` into `layer` (held: _held before it)."""
+    if held is None:
+        if name in layer.adapter_names:
+            layer.delete_adapter(name)
+        return
+    A, B, scaling, placeholder = held
+    layer.add_adapter(name, A, B, scaling)
+    if placeholder:
+        layer.__dict__.setdefault("_placeholders", set()).add(name)
+    else:
+        layer.__dict__.get("_placeholders", set()).discard(name)
 
 
 def hotswap_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
