@@ -21,9 +21,14 @@
   a refusal at a later layer (a lossless record's overflow, out of memory) left the layers before it serving the
   new adapter and the rest the old one, all named alike (logits 0.32 off both adapters). The layers written get
   their old values back now, and the refusal leaves the model bit for bit as it was.
+- unload took no model lock (forwards on other threads saw some layers unloaded and merged, others not: 27 of 393
+  matched neither the adapter's logits nor the base's) and a refused merge at a later layer left the model half
+  unloaded. It now holds the model's lock and merges (or unmerges) every layer before the first is taken out.
 """
 import copy
 import math
+import threading
+import time
 import warnings
 
 import pytest
@@ -313,3 +318,78 @@ def test_a_swap_refused_at_a_later_layer_leaves_the_whole_model_as_it_was(tmp_pa
     model.train()  # the base, bit for bit (the lossless records are the old adapter's)
     assert all(torch.equal(bits(m.weight.detach()), bits(llama().to(torch.bfloat16).get_submodule(n).weight))
                for n, m in lora.serving.lora_layers(model))
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_unload_refused_at_a_later_layer_leaves_every_layer_in_place(tmp_path, merge, monkeypatch):
+    model = llama()
+    lora.load_peft_adapter(model, save_random_peft(get_peft_model(llama(), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])), tmp_path / "a", seed=1, std=0.05))
+    if not merge:
+        model.eval()
+    found = lora.serving.lora_layers(model)
+    states = [m.merged for _, m in found]
+    ids = tokens()
+    with torch.no_grad():
+        before = model(ids).logits
+    victim = type(found[-1][1])
+    real = victim.merge if merge else victim.unmerge
+
+    def refuse(self):
+        if self is found[-1][1]:
+            raise torch.OutOfMemoryError("CPU out of memory (injected)")
+        return real(self)
+    monkeypatch.setattr(victim, "merge" if merge else "unmerge", refuse)
+    with pytest.raises(torch.OutOfMemoryError):
+        lora.unload(model, merge=merge)
+    monkeypatch.undo()
+    assert [m.merged for _, m in lora.serving.lora_layers(model)] == states and len(states) == len(found)
+    with torch.no_grad():  # (float32: the layers merged and taken back by the refusal are one rounding off)
+        assert float((model(ids).logits - before).abs().max()) < 1e-5 * float(before.abs().max())
+    lora.unload(model, merge=merge)
+    assert not lora.serving.lora_layers(model)
+
+
+def test_forwards_on_other_threads_see_unload_whole():
+    """unload(merge=False) while another thread forwards: each output is the adapter's or the base's, never a mix of
+    layers taken out and layers still serving the adapter."""
+    model = llama()
+    ids = tokens()
+    with torch.no_grad():
+        base = model(ids).logits
+    lora.inject(model, ["q_proj", "v_proj", "up_proj", "down_proj"], r=4, lora_alpha=8)
+    randomize_lora(model)
+    factors = {k: v.clone() for k, v in lora.lora_state_dict(model).items()}
+    with torch.no_grad():
+        adapter = model(ids).logits
+    scale = float(adapter.abs().max())
+    assert float((adapter - base).abs().max()) > 1e-2 * scale
+    seen, mixes = [], []
+    for _ in range(30):
+        if not lora.serving.lora_layers(model):
+            lora.inject(model, ["q_proj", "v_proj", "up_proj", "down_proj"], r=4, lora_alpha=8)
+            model.load_state_dict(factors, strict=False)
+        lora.set_adapter(model, "default")  # (the model's lock, before forwards run on other threads)
+        stop = threading.Event()
+
+        def forward():
+            with torch.no_grad():
+                while not stop.is_set():
+                    seen.append(model(ids).logits)
+        thread = threading.Thread(target=forward)
+        thread.start()
+        try:
+            while not seen:
+                pass
+            time.sleep(0.005)
+            lora.unload(model, merge=False)
+            count = len(seen)
+            while len(seen) < count + 1:
+                pass
+        finally:
+            stop.set()
+            thread.join()
+        mixes += [out for out in seen if float((out - adapter).abs().max()) > 1e-5 * scale
+                  and float((out - base).abs().max()) > 1e-5 * scale]
+        seen.clear()
+    assert not mixes, f"{len(mixes)} forwards served a mix"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .. import layers, ops, sharded, ties
 from ..layers import LoRALayer
+from ..named_adapters import deferred_interrupt, each_or_none
 from .saved_modules import ModulesToSave, keeps_lora_off, wrappers
 
 _CONVS = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
@@ -707,21 +708,28 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     if merge:
         for name, layer in found:
             check_mergeable(name, layer)
+    from .adapters import model_lock  # (adapters imports this module)
     names = []
-    for name, layer in found:
-        with layer._lock:
-            (layer.merge if merge else layer.unmerge)()
-            plain = _plain(layer)
-            plain.train(layer.training)
-            base = plain.weight
-            base.requires_grad_(getattr(layer, "_base_requires_grad", True))
-        _set_submodule(model, name, plain)
-        names.append(name)
-    for name, wrapper in wrappers(model):
-        _set_submodule(model, name, wrapper.unloaded(merge))
-        names.append(name)
-    if merge:
-        _untie_config(model)
+    # atomically for forwards of the model on other threads; every layer merged (or unmerged) before the first is
+    # taken out, so a refusal (a lossless record's overflow, out of memory) leaves every layer in place, as it was
+    with model_lock(model).write():
+        change = [layer for _, layer in found if layer.merged != merge]
+        each_or_none(change, (lambda m: m.merge()) if merge else (lambda m: m.unmerge()),
+                     (lambda m: m.unmerge()) if merge else (lambda m: m.merge()))
+        with deferred_interrupt():
+            for name, layer in found:
+                with layer._lock:
+                    plain = _plain(layer)
+                    plain.train(layer.training)
+                    base = plain.weight
+                    base.requires_grad_(getattr(layer, "_base_requires_grad", True))
+                _set_submodule(model, name, plain)
+                names.append(name)
+            for name, wrapper in wrappers(model):
+                _set_submodule(model, name, wrapper.unloaded(merge))
+                names.append(name)
+            if merge:
+                _untie_config(model)
     return names
 
 
