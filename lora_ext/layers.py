@@ -131,13 +131,18 @@ class LoRALayer(NamedAdapters):
     def __deepcopy__(self, memo):
         """copy.deepcopy's own procedure for an object with __getstate__/__setstate__, spelled out: torch's
         parametrize gives a parametrized module's class a __deepcopy__ copying its __dict__ whole (this layer's
-        lock, which does not copy) unless the class has one, and a __getstate__ that refuses."""
+        lock, which does not copy) unless the class has one, and a __getstate__ that refuses. The state is copied
+        under the layer's lock: a switch on another thread (which holds it) would otherwise give the copy one
+        adapter's weight with the other's bookkeeping."""
         replica = self.__class__.__new__(self.__class__)
         memo[id(self)] = replica
         getstate = next(c.__dict__["__getstate__"] for c in type(self).__mro__  # (a subclass's own is honoured)
                         if "__getstate__" in c.__dict__
                         and getattr(c.__dict__["__getstate__"], "__module__", None) != parametrize.__name__)
-        replica.__setstate__(copy.deepcopy(getstate(self), memo))
+        lock = self.__dict__.get("_lock")
+        with lock if lock is not None else contextlib.nullcontext():
+            state = copy.deepcopy(getstate(self), memo)
+        replica.__setstate__(state)
         return replica
 
     def __setstate__(self, state):

@@ -482,12 +482,14 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                                  f"already in an open batch (of another model holding it) in this context; batches "
                                  f"may not share layers or modules saved whole")
         batch, tokens, slot_of, views, thread, counted = None, [], {}, {}, threading.get_ident(), False
+        pinned = False  # (a batch of the base alone pins no slot, but assign counts this thread among the holders)
         try:
             # Ctrl-C is held back while the slots are pinned and the block is set up: it lands before or after
             with deferred_interrupt():
                 with pool.lock:
                     views = {m: pool.stacks(m) for _, m in found}  # made again after a move, before this pins
                     slot_of = _assign_current(pool, views, need)
+                    pinned = True
                     for m, stacks in views.items():
                         for name in need:
                             stacks.load(slot_of[name], m, name)
@@ -522,7 +524,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 finally:
                     if counted:
                         batched.note_batch(opened=False)
-                    if slot_of:
+                    if pinned:
                         pool.release(slot_of.values(), thread)
 
 
