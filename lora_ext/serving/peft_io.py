@@ -608,14 +608,17 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         # layers written before it then get their old values back, so the refusal leaves the model as it was
         written = []
         try:
+            # (a layer whose own write is refused gives its weight back itself: only those written are put back)
             for name, module, layer, fresh, A2, B2, scaling in plan:
                 if not fresh:
-                    written.append((layer, _held(layer, adapter_name)))
+                    held = _held(layer, adapter_name)
                     layer.add_adapter(adapter_name, A2, B2, scaling)
+                    written.append((layer, held))
             for layer in zeroed:  # (hotswap) layers the old adapter targets and the new one does not: zeros, in place
-                written.append((layer, _held(layer, adapter_name)))
+                held = _held(layer, adapter_name)
                 A, B, _ = layer.get_adapter(adapter_name)
                 layer.add_adapter(adapter_name, torch.zeros_like(A.detach()), torch.zeros_like(B.detach()), 1.0)
+                written.append((layer, held))
                 layer.__dict__.setdefault("_placeholders", set()).add(adapter_name)
         except BaseException:
             for layer, held in reversed(written):
