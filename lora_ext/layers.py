@@ -84,6 +84,9 @@ def _freezing() -> bool:
     return bool(inductor is not None and inductor.freezing)
 
 
+_given_bases = [False]  # whether a merged layer's state_dict marked a base (LoRALayer._serves_merged)
+
+
 class LoRALayer(NamedAdapters):
     """State shared by every LoRA layer; it comes first in the layers' bases so that its train(),
     state_dict() and loading override nn.Module's. Subclasses say where their weight is and how the delta
@@ -672,6 +675,7 @@ class LoRALayer(NamedAdapters):
                 with torch.no_grad():
                     self._unmerge_from(base)
                 base._lora_ext_unmerged = True  # (see _serves_merged)
+                _given_bases[0] = True
                 state[key] = base
             return state
 
@@ -679,8 +683,11 @@ class LoRALayer(NamedAdapters):
         """Whether the forward computes from the weight alone: merged, unless the weight it reads now is the base a
         merged layer's state_dict() gave (torch.func.functional_call(model, model.state_dict()) puts it in place of
         the merged weight: loralib's state_dict holds the merged weight there, and its forward computes with it).
-        Eager forwards only (the mark is an attribute of that tensor object: see the README)."""
-        return self.merged and (torch.compiler.is_compiling() or not self._given_base())
+        Eager forwards only (the mark is an attribute of that tensor object: see the README). Until a merged layer's
+        state_dict marks a base in this process, the flag alone (host time of every merged forward)."""
+        if not self.merged:
+            return False
+        return not _given_bases[0] or torch.compiler.is_compiling() or not self._given_base()
 
     def _given_base(self) -> bool:
         """Whether the weight read now is a base this layer's state_dict() gave while merged (marked there), and not
