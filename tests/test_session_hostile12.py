@@ -29,8 +29,13 @@
   changed during iteration"). The copy is made under the layer's lock now.
 - A mixed batch of base rows only (every row None) left its thread counted among the slot pool's holders, so that
   thread's later batches were refused at once ("held by other open batches") instead of waiting for a slot.
+- A hostile pass over those: the refused reload's put-back gave a reserved model's adapter its padded rank as its own
+  (save_peft_adapter then wrote r=16 for an r=4 adapter); a reload of an inactive adapter's name with
+  activate=True whose activation was refused left the adapter replaced (0.4 off once served); unload listed the
+  layers before taking the model's lock, so layers a load on another thread installed meanwhile stayed.
 """
 import copy
+import json
 import math
 import threading
 import time
@@ -455,3 +460,72 @@ def test_a_batch_of_base_rows_only_leaves_no_holder_behind(tmp_path):
     finally:
         thread.join()
     assert served
+
+
+def _reload_setup(tmp_path, blow_last=True):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    old = save_random_peft(get_peft_model(llama(), config), tmp_path / "old", seed=1, std=0.05)
+    new = get_peft_model(llama(), config)
+    save_random_peft(new, tmp_path / "new", seed=2, std=0.05)
+    if blow_last:  # |s B A| >> |W| in the last layer: its lossless swap is refused
+        with torch.no_grad():
+            new.get_parameter([n for n, _ in new.named_parameters() if "lora_B" in n][-1]).mul_(3e3)
+        new.save_pretrained(str(tmp_path / "new"))
+    return old, str(tmp_path / "new")
+
+
+def test_a_refused_reload_keeps_a_reserved_adapters_own_rank(tmp_path):
+    old, new = _reload_setup(tmp_path)
+    model = llama().to(torch.bfloat16)
+    lora.load_peft_adapter(model, old, "a")
+    lora.reserve_rank(model, 16)
+    model.eval()
+    with pytest.raises(ValueError):
+        lora.load_peft_adapter(model, new, "a")
+    lora.save_peft_adapter(model, tmp_path / "after", "a")
+    saved = json.loads((tmp_path / "after" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and not saved.get("rank_pattern")
+
+
+def test_a_reload_of_an_inactive_adapter_refused_at_activation_keeps_its_old_values(tmp_path):
+    old, new = _reload_setup(tmp_path)
+    model = llama().to(torch.bfloat16)
+    lora.load_peft_adapter(model, save_random_peft(get_peft_model(llama(), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])), tmp_path / "first", seed=3, std=0.05), "first")
+    lora.load_peft_adapter(model, old, "a", activate=False)
+    model.eval()
+    ids = tokens()
+    lora.set_adapter(model, "a")
+    with torch.no_grad():
+        want = model(ids).logits
+    lora.set_adapter(model, "first")
+    with pytest.raises(ValueError):  # the switch to the new values overflows the last layer's record
+        lora.load_peft_adapter(model, new, "a", activate=True)
+    assert all(m.active_adapter == "first" for _, m in lora.serving.lora_layers(model))
+    lora.set_adapter(model, "a")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
+
+
+def test_unload_takes_the_layers_a_load_on_another_thread_installed_before_it(tmp_path, monkeypatch):
+    model = llama()
+    lora.load_peft_adapter(model, save_random_peft(get_peft_model(llama(), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj"])), tmp_path / "a", seed=1, std=0.05), "a")
+    more = save_random_peft(get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])),
+                            tmp_path / "b", seed=2, std=0.05)
+    from lora_ext.serving import injection
+    real, inside = injection.install, threading.Event()
+
+    def slow_install(*args, **kwargs):  # the load is inside its locked section, installing o_proj
+        inside.set()
+        time.sleep(0.3)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(injection, "install", slow_install)
+    thread = threading.Thread(target=lambda: lora.load_peft_adapter(model, more, "b", activate=False))
+    thread.start()
+    try:
+        inside.wait(30)
+        names = lora.unload(model, merge=False)
+    finally:
+        thread.join()
+    assert not lora.serving.lora_layers(model) and any(n.endswith("o_proj") for n in names)

@@ -693,6 +693,12 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     and modules taken out."""
     if isinstance(model, (LoRALayer, ModulesToSave)):
         raise ValueError(f"unload: the model itself is a {type(model).__name__}; call unload on a model holding it")
+    from .adapters import model_lock  # (adapters imports this module)
+    with model_lock(model).write():  # (the layers as they are once changes queued before this one are done)
+        return _unload(model, merge)
+
+
+def _unload(model: nn.Module, merge: bool) -> List[str]:
     check_enabled(model, "unload")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     for name, layer in found:  # (a weight a failed write left unknown would become the plain module's)
@@ -708,28 +714,26 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     if merge:
         for name, layer in found:
             check_mergeable(name, layer)
-    from .adapters import model_lock  # (adapters imports this module)
     names = []
-    # atomically for forwards of the model on other threads; every layer merged (or unmerged) before the first is
-    # taken out, so a refusal (a lossless record's overflow, out of memory) leaves every layer in place, as it was
-    with model_lock(model).write():
-        change = [layer for _, layer in found if layer.merged != merge]
-        each_or_none(change, (lambda m: m.merge()) if merge else (lambda m: m.unmerge()),
-                     (lambda m: m.unmerge()) if merge else (lambda m: m.merge()))
-        with deferred_interrupt():
-            for name, layer in found:
-                with layer._lock:
-                    plain = _plain(layer)
-                    plain.train(layer.training)
-                    base = plain.weight
-                    base.requires_grad_(getattr(layer, "_base_requires_grad", True))
-                _set_submodule(model, name, plain)
-                names.append(name)
-            for name, wrapper in wrappers(model):
-                _set_submodule(model, name, wrapper.unloaded(merge))
-                names.append(name)
-            if merge:
-                _untie_config(model)
+    # (under the model's lock: atomically for forwards on other threads) every layer merged (or unmerged) before the
+    # first is taken out, so a refusal (a lossless record's overflow, out of memory) leaves every layer as it was
+    change = [layer for _, layer in found if layer.merged != merge]
+    each_or_none(change, (lambda m: m.merge()) if merge else (lambda m: m.unmerge()),
+                 (lambda m: m.unmerge()) if merge else (lambda m: m.merge()))
+    with deferred_interrupt():
+        for name, layer in found:
+            with layer._lock:
+                plain = _plain(layer)
+                plain.train(layer.training)
+                base = plain.weight
+                base.requires_grad_(getattr(layer, "_base_requires_grad", True))
+            _set_submodule(model, name, plain)
+            names.append(name)
+        for name, wrapper in wrappers(model):
+            _set_submodule(model, name, wrapper.unloaded(merge))
+            names.append(name)
+        if merge:
+            _untie_config(model)
     return names
 
 

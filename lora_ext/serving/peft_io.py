@@ -656,7 +656,16 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 if id(p) not in own:
                     p.requires_grad_(False)
         if activate:
-            set_adapter(model, adapter_name)
+            try:
+                set_adapter(model, adapter_name)  # (refused, it leaves every layer on the adapter it served)
+            except BaseException:
+                # the layers that held the name before get their old values back (a refused reload of an inactive
+                # adapter would otherwise leave it replaced); what this load added (the adapter in other layers, new
+                # layers, copies, rows) stays, inactive
+                for layer, held in reversed(written):
+                    if held is not None:
+                        _put_back(layer, adapter_name, held)
+                raise
         elif first:  # (its layers serve it already: its wrappers follow, a switch that writes nothing)
             for _, w in _saved.wrappers(model):
                 if adapter_name in w.adapter_names:
@@ -665,11 +674,13 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
 
 
 def _held(layer, name):
-    """What `layer` holds under adapter `name` (copies of its factors, its scaling, whether a stand-in), or None."""
+    """What `layer` holds under adapter `name` (copies of its factors, its scaling, whether a stand-in, its own rank
+    under a reserve), or None."""
     if name not in layer.adapter_names:
         return None
     A, B, scaling = layer.get_adapter(name)
-    return A.detach().clone(), B.detach().clone(), scaling, layer.is_placeholder(name)
+    own = layer.__dict__.get("_own_ranks", {}).get(name)
+    return A.detach().clone(), B.detach().clone(), scaling, layer.is_placeholder(name), own
 
 
 def _put_back(layer, name, held) -> None:
@@ -678,12 +689,14 @@ def _put_back(layer, name, held) -> None:
         if name in layer.adapter_names:
             layer.delete_adapter(name)
         return
-    A, B, scaling, placeholder = held
+    A, B, scaling, placeholder, own = held
     layer.add_adapter(name, A, B, scaling)
     if placeholder:
         layer.__dict__.setdefault("_placeholders", set()).add(name)
     else:
         layer.__dict__.get("_placeholders", set()).discard(name)
+    if own is not None:  # (add_adapter takes the padded factors' rank for the adapter's own)
+        layer.__dict__.setdefault("_own_ranks", {})[name] = own
 
 
 def hotswap_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
