@@ -598,8 +598,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         _saved._train(copy, trains)
     for _, _, rows in token_plan:
         rows.trainable_tokens_delta.requires_grad_(trains)
-    # nothing can fail from here on: the model changes, atomically for forwards on other threads
-    # (Ctrl-C held back to the end: the adapter lands whole, then the KeyboardInterrupt)
+    # the model changes, atomically for forwards on other threads (Ctrl-C held back to the end: the adapter lands
+    # whole, then the KeyboardInterrupt); what can still be refused (a switch of a merged weight, out of memory) is
+    # put back below
     with model_lock(model).write(), deferred_interrupt():
         _inject.check_enabled(model, *refusal)  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
