@@ -529,3 +529,26 @@ def test_unload_takes_the_layers_a_load_on_another_thread_installed_before_it(tm
     finally:
         thread.join()
     assert not lora.serving.lora_layers(model) and any(n.endswith("o_proj") for n in names)
+
+
+def test_a_load_refused_at_activation_leaves_its_new_layers_serving_the_active_adapter(tmp_path):
+    """The load's new layers (o_proj) stay, inactive: they serve the model's active adapter (zeros there), not the
+    refused adapter beside layers serving another."""
+    first = save_random_peft(get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+                             tmp_path / "a", seed=1, std=0.05)
+    more = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    save_random_peft(more, tmp_path / "c", seed=2, std=0.05)
+    with torch.no_grad():  # the last q_proj's lossless swap overflows: the activation is refused
+        more.get_parameter("base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight").mul_(3e3)
+    more.save_pretrained(str(tmp_path / "c"))
+    model = llama().to(torch.bfloat16)
+    lora.load_peft_adapter(model, first, "a")
+    model.eval()
+    ids = tokens()
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.raises(ValueError):
+        lora.load_peft_adapter(model, str(tmp_path / "c"), "c", activate=True)
+    assert {m.active_adapter for _, m in lora.serving.lora_layers(model)} == {"a"}
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)

@@ -662,10 +662,18 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             except BaseException:
                 # the layers that held the name before get their old values back (a refused reload of an inactive
                 # adapter would otherwise leave it replaced); what this load added (the adapter in other layers, new
-                # layers, copies, rows) stays, inactive
+                # layers, copies, rows) stays, inactive: the layers it injected serve the model's active adapter as
+                # zeros, as with activate=False (they would serve this adapter beside layers serving another)
                 for layer, held in reversed(written):
                     if held is not None:
                         _put_back(layer, adapter_name, held)
+                actives = {m.active_adapter for _, m in held_layers}
+                if len(actives) == 1:
+                    active = actives.pop()
+                    for _, _, layer, fresh, *_ in plan:
+                        if fresh and layer.active_adapter != active:
+                            layer.add_placeholder(active)
+                            layer.set_adapter(active)
                 raise
         elif first:  # (its layers serve it already: its wrappers follow, a switch that writes nothing)
             for _, w in _saved.wrappers(model):
