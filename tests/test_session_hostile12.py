@@ -287,6 +287,16 @@ def test_functional_call_with_a_tensor_parallel_models_state_dict():
         assert float((r["stateless"] - r["unmerged"]).abs().max()) < 1e-5 * scale
 
 
+def _merged_bfloat16_llama(path):
+    """A bfloat16 tiny Llama serving the peft adapter at `path` as "a", merged (lossless); its input and logits."""
+    model = llama().to(torch.bfloat16)
+    lora.load_peft_adapter(model, path, "a")
+    model.eval()
+    ids = tokens()
+    with torch.no_grad():
+        return model, ids, model(ids).logits
+
+
 @pytest.mark.parametrize("how", ["hotswap", "load"])
 @pytest.mark.parametrize("refusal", ["overflow", "out_of_memory"])
 def test_a_swap_refused_at_a_later_layer_leaves_the_whole_model_as_it_was(tmp_path, how, refusal, monkeypatch):
@@ -299,12 +309,7 @@ def test_a_swap_refused_at_a_later_layer_leaves_the_whole_model_as_it_was(tmp_pa
         with torch.no_grad():
             new.get_parameter(last).mul_(3e3)
         new.save_pretrained(str(tmp_path / "new"))
-    model = llama().to(torch.bfloat16)
-    lora.load_peft_adapter(model, old, "a")
-    model.eval()
-    ids = tokens()
-    with torch.no_grad():
-        before = model(ids).logits
+    model, ids, before = _merged_bfloat16_llama(old)
     snap = snapshot(model)
     if refusal == "out_of_memory":  # the last layer's swap, before it writes
         real, calls = ops.swap_, []
@@ -541,12 +546,7 @@ def test_a_load_refused_at_activation_leaves_its_new_layers_serving_the_active_a
     with torch.no_grad():  # the last q_proj's lossless swap overflows: the activation is refused
         more.get_parameter("base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight").mul_(3e3)
     more.save_pretrained(str(tmp_path / "c"))
-    model = llama().to(torch.bfloat16)
-    lora.load_peft_adapter(model, first, "a")
-    model.eval()
-    ids = tokens()
-    with torch.no_grad():
-        before = model(ids).logits
+    model, ids, before = _merged_bfloat16_llama(first)
     with pytest.raises(ValueError):
         lora.load_peft_adapter(model, str(tmp_path / "c"), "c", activate=True)
     assert {m.active_adapter for _, m in lora.serving.lora_layers(model)} == {"a"}
