@@ -473,7 +473,7 @@ def with_writes(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, re
     fused or not, an EMA or soup copy_, a write into .data) would get its base bits back and lose the write: it gets
     the lossy unmerge of its value now instead, T(value - update) in float64, as a lossy unmerge (and loralib) would
     give it. Coded elements need nothing: a written finite value restores within one code step of value - update,
-    a non-finite one as it is (_restore). The record as it is when nothing was noted, listed or written."""
+    a non-finite one as it is (_restore_rows). The record as it is when nothing was noted, listed or written."""
     merged = getattr(record, "merged_bits", None)
     if merged is None or not record.exceptions:
         return record
