@@ -21,6 +21,7 @@ Which adapter goes to which slot, paging and the model-level checks are lora_ext
 is the per-layer part: a layer's slots, and its forward in a batch.
 """
 import contextvars
+import math
 import threading
 from typing import Dict, List, Optional
 
@@ -91,10 +92,11 @@ class LayerSlots:
         self.max_rank = max_rank
         rank = max_rank * self.groups
         self.dtype, self.device = weight.dtype, weight.device
-        self.a = torch.zeros(capacity, self.k, rank, dtype=self.dtype, device=self.device)
-        self.b = torch.zeros(capacity, rank, self.d, dtype=self.dtype, device=self.device)
-        self.scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
-        self.neg_scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
+        with torch.inference_mode(False):  # (made inside inference_mode, later batches under no_grad could not write)
+            self.a = torch.zeros(capacity, self.k, rank, dtype=self.dtype, device=self.device)
+            self.b = torch.zeros(capacity, rank, self.d, dtype=self.dtype, device=self.device)
+            self.scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
+            self.neg_scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
         self.keys = [None] * capacity
         # CUDA: for each slot, the uses by closed batches not yet seen complete (one stream's each), waited for
         # before the slot is rewritten, and its last write, until that is seen complete (see _ready)
@@ -126,6 +128,28 @@ class LayerSlots:
         A, B, s = self.source(layer, name)
         return key[1] != "absent" and key[2] == s and key[3] == layer.value_epoch(name) and _holds(key[1], A, B)
 
+    def serves_merged(self, slot: int, layer, name: str) -> bool:
+        """Whether `slot` holds what the merged layer's weight holds of adapter `name`, which the batch's other
+        rows take out of it: the slot is current, or it holds the same values under another snapshot (a switch
+        inside the block merged `name` again, from unchanged values: its key then follows the new snapshot, so the
+        values are compared once). False when the weight holds other values (merged again after add_adapter)."""
+        if self.current(slot, layer, name):
+            return True
+        key = self.keys[slot]
+        if key is None or key[0] != name or key[1] == "absent" or not layer.has_adapter(name):
+            return False
+        A, B, s = self.source(layer, name)
+        if key[2] != s:
+            return False
+        at, bt, s2 = self._padded(layer, A.detach(), B.detach(), s)
+        if self.dtype == torch.float64:
+            bt, s2 = bt * s2, 1.0
+        same = (torch.equal(self.a[slot], at.to(self.device)) and torch.equal(self.b[slot], bt.to(self.device))
+                and float(self.scales[slot]) == float(torch.tensor(s2, dtype=torch.float32)))
+        if same:
+            self.keys[slot] = (name, _identity(A, B), s, layer.value_epoch(name))
+        return same
+
     def load(self, slot: int, layer, name: str) -> None:
         """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it)."""
         if self.current(slot, layer, name):
@@ -138,15 +162,19 @@ class LayerSlots:
             key, s = (name, "absent"), 0.0
         else:
             A, B, s = self.source(layer, name)
-            at, bt = self._padded(layer, A.detach(), B.detach())
             key = (name, _identity(A, B), s, layer.value_epoch(name))
+            at, bt, s = self._padded(layer, A.detach(), B.detach(), s)  # (s: scaled where a factor was)
             if self.dtype == torch.float64:  # the float32 scales would round the scaling (1e-8 relative): folded
                 bt, s = bt * s, 1.0          # into B^T, in float64
         self._write(slot, at, bt, float(s))
         self.keys[slot] = key
 
-    def _padded(self, layer, A: Tensor, B: Tensor):
-        """A^T (k, n*R) and B^T (n*R, d) of the adapter, zero-padded, in the slots' dtype, where A lies."""
+    def _padded(self, layer, A: Tensor, B: Tensor, s: float):
+        """(A^T (k, n*R), B^T (n*R, d), scaling) of the adapter, zero-padded, in the slots' dtype, where A lies.
+        A factor whose values overflow that dtype (float32 factors of a float16 layer: a large B under a small
+        scaling, which the layer's own forward serves) goes in scaled by a power of two, and the scaling the other
+        way: exact, where a plain cast would serve inf."""
+        A, B, s = _fitted(A, B, s, self.dtype)
         r = layer.rank_of(A)
         rank = self.max_rank
         at = torch.zeros(self.k, self.groups * rank, dtype=self.dtype, device=A.device)
@@ -154,12 +182,12 @@ class LayerSlots:
         if not hasattr(layer, "enable_lora"):  # Linear, Embedding
             at[:, :r] = A.t()
             bt[:r] = B.t()
-            return at, bt
+            return at, bt, s
         nb = layer.out_features // len(layer.enable_lora)
         for g, e in enumerate(layer.block_ids):
             at[:, g * rank:g * rank + r] = A[g * r:(g + 1) * r].t()
             bt[g * rank:g * rank + r, e * nb:(e + 1) * nb] = B[g * nb:(g + 1) * nb].t()
-        return at, bt
+        return at, bt, s
 
     def _write(self, slot: int, at: Tensor, bt: Tensor, s: float) -> None:
         if self.device.type != "cuda":
@@ -226,6 +254,23 @@ class LayerSlots:
                 self.events[s] = [e for e in self.events[s] if pending(e)] + [event]
 
 
+def _fitted(A: Tensor, B: Tensor, s: float, dtype: torch.dtype):
+    """(A * 2^a, B * 2^b, s * 2^-(a+b)): the factors scaled by powers of two (exact) where their largest values would
+    overflow `dtype`, else as they are (no look at the values, no device sync, when `dtype` has the factors' range
+    to within a factor of two: bfloat16 beside float32)."""
+    top = torch.finfo(dtype).max
+    if 2 * top >= max(torch.finfo(A.dtype).max, torch.finfo(B.dtype).max):
+        return A, B, s
+    out = []
+    for t in (A, B):
+        amax = float(t.abs().amax()) if t.numel() else 0.0
+        if amax > top:  # (the factors are checked finite)
+            e = math.ceil(math.log2(amax / top)) + 1
+            t, s = t * 2.0 ** -e, s * 2.0 ** e
+        out.append(t)
+    return out[0], out[1], s
+
+
 _SIDE_STREAMS: Dict[torch.device, "torch.cuda.Stream"] = {}
 
 
@@ -264,6 +309,7 @@ class LayerBatch:
     def __init__(self, batch, slots: LayerSlots):
         self.batch = batch
         self.slots = slots
+        self.checked = None  # the merged snapshot (layer._merged_A) last found in its slot: checked again on a new one
 
     def forward(self, layer, x: Tensor) -> Tensor:
         batch = self.batch
@@ -293,8 +339,13 @@ class LayerBatch:
                              f"{tuple(x.shape)}: {how}{batch.hint(lead[0]) if len(lead) else ''}")
         size, tokens = fit
         merged = layer.active_adapter if layer._serves_merged() else None  # (see LoRALayer._serves_merged)
+        if (merged is not None and merged in batch.slot_of
+                and (layer._merged_A is None or layer._merged_A is not self.checked)):
+            self._check_merged(layer, merged, where)
         add, sub = batch.index(layer, x.device, merged, size)
         out = layer._weight_forward(x)
+        if not tokens or not out.numel():  # (no tokens, or no outputs: nothing to add)
+            return out
         slots = self.slots
         a, b = slots.a, slots.b
         if out.dtype != a.dtype:  # autocast, or a weight of another dtype than the activations
@@ -312,3 +363,12 @@ class LayerBatch:
             op(out2, x2, a, b, slots.neg_scales, sub, tokens)
         return out
 
+    def _check_merged(self, layer, merged: str, where: str) -> None:
+        """Refuses a merged layer whose weight holds other values of adapter `merged` than its slot (see
+        LayerSlots.serves_merged); once per merged snapshot (a switch inside the block makes a new one)."""
+        snapshot = layer._merged_A
+        if not self.slots.serves_merged(self.batch.slot_of[merged], layer, merged):
+            raise ValueError(f"batch_adapters: {where} holds adapter {merged!r} merged with other values than the "
+                             f"batch took when it opened (merged again after add_adapter replaced it): the other "
+                             f"rows would take the wrong update out of the weight; open the batch again")
+        self.checked = snapshot

@@ -14,7 +14,7 @@ def _bench_refusal(args):
         return f"--dim must be a positive width, got {args.dim}"
     if args.lossless:
         ignored = [o for o, on in (("--batched", args.batched), ("--rehearse", args.rehearse),
-                                   ("--device cuda", args.device == "cuda")) if on]
+                                   ("--device cuda", args.device == "cuda"), ("--quick", args.quick)) if on]
         if ignored:
             return f"--lossless runs on the CPU only; it cannot honour {', '.join(ignored)}"
         if args.steps is not None and args.steps < 1:
@@ -25,7 +25,9 @@ def _bench_refusal(args):
         given = [o for o, v in (("--switches", args.switches), ("--steps", args.steps)) if v is not None]
         if given:
             return f"{' and '.join(given)} only apply with --lossless"
-    if args.json:
+    if args.json is not None:
+        if not args.json.strip():  # (an unset variable: the results would be written nowhere, silently)
+            return f"--json: {args.json!r} is not a path; give the file to write"
         parent = os.path.dirname(os.path.abspath(args.json))
         if os.path.isdir(args.json):
             return f"--json: {args.json!r} is a directory; give a file path"
@@ -71,7 +73,7 @@ def _bench(args):
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    if args.json:
+    if args.json is not None:
         _write_json(args.json, result)
     print(bench.format_table(result))
     return status
@@ -92,7 +94,7 @@ def _bench_lossless(args):
     checkpoints = tuple(args.switches or (10, 100, 1000, 5000))
     record = bench_lossless.record_rows(dim=args.dim or 1024, demo_steps=args.steps or 100)
     drift = bench_lossless.drift_rows(dim=args.dim or 1024, checkpoints=checkpoints)
-    if args.json:
+    if args.json is not None:
         _write_json(args.json, dict(record=record, drift=drift))
     print("| case | code bytes per element | target | met | exception rate | + exception bytes per element |\n"
           "|---|---:|---:|---|---:|---:|")

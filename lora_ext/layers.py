@@ -87,6 +87,11 @@ def _freezing() -> bool:
 _given_bases = [False]  # whether a merged layer's state_dict marked a base (LoRALayer._serves_merged)
 
 
+def _whole(*tensors) -> list:
+    """The tensors, a DTensor gathered whole (factors FSDP2 sharded beside a weight it left alone: ignored_params)."""
+    return [sharded.full(t) if sharded.is_dtensor(t) else t for t in tensors]
+
+
 class LoRALayer(NamedAdapters):
     """State shared by every LoRA layer; it comes first in the layers' bases so that its train(),
     state_dict() and loading override nn.Module's. Subclasses say where their weight is and how the delta
@@ -323,6 +328,9 @@ class LoRALayer(NamedAdapters):
         if self._weight_or_none() is None:
             return (f"{self._computed_weight()}: serve it unmerged, or remove the parametrization first "
                     f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
+        if self.lossless and self._weight_2d().dtype not in lossless.RECORD_DTYPES:  # (eval() warns, all or none)
+            return (f"{self._describe()}: lossless=True takes float16, bfloat16 or float32 weights, this one is "
+                    f"{self._weight_2d().dtype} (set lossless=False or None)")
         return None
 
     def _computed_weight(self) -> str:
@@ -471,6 +479,7 @@ class LoRALayer(NamedAdapters):
         lossless merge (a list of them for a sharded weight: one per part of the local shard), else None."""
         if sharded.is_dtensor(weight):
             return sharded.merge_(weight, A, B, s, lossless=exact, where=self._describe(), **self._layout())
+        A, B = _whole(A, B)
         with self._writable_2d(weight) as w:
             return ops.merge_(w, A, B, s, lossless=exact, **self._layout())
 
@@ -480,6 +489,7 @@ class LoRALayer(NamedAdapters):
         if sharded.is_dtensor(weight):
             return sharded.swap_(weight, *old, A, B, s, record=self._merged_record, where=self._describe(),
                                  **self._layout())
+        old, (A, B) = _whole(*old[:2]) + [old[2]], _whole(A, B)
         with self._writable_2d(weight) as w:
             return ops.swap_(w, *old, A, B, s, check_values=False, record=self._record_now(w), **self._layout())
 
@@ -489,6 +499,7 @@ class LoRALayer(NamedAdapters):
         if sharded.is_dtensor(weight):
             sharded.unmerge_(weight, *args, record=self._merged_record, where=self._describe(), **self._layout())
             return
+        args = _whole(*args[:2]) + [args[2]]
         with self._writable_2d(weight) as w:
             ops.unmerge_(w, *args, record=self._record_now(w), **self._layout())
 
@@ -619,6 +630,8 @@ class LoRALayer(NamedAdapters):
             return module
 
     def train(self, mode: bool = True):
+        if not isinstance(mode, bool):  # (torch's refusal, before the merge rather than after it)
+            raise ValueError(f"{self._describe()}: training mode is expected to be boolean, got {mode!r}")
         # (Ctrl-C held back to the end, so that it lands with `merged` saying what the weight holds)
         with self._lock, deferred_interrupt():
             # under lora.disable_adapter the weight stays the base: eval()'s merge waits for the block's end

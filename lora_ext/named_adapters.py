@@ -89,10 +89,18 @@ def check_one_name(name, where: str) -> None:
                         f"its own with batch_adapters")
 
 
+# The signals besides SIGINT whose Python handlers a hold holds back too: those a handler commonly raises from or
+# acts on the model from (a timeout's SIGALRM, a preemption's SIGTERM or SIGUSR1 handler that saves a checkpoint).
+# Only where a Python handler is installed: under SIG_DFL the process ends and under SIG_IGN nothing runs.
+_ALSO_HELD = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGALRM", "SIGVTALRM", "SIGHUP", "SIGUSR1", "SIGUSR2",
+                                                "SIGQUIT") if hasattr(signal, n))
+
+
 class deferred_interrupt:
-    """Holds back Ctrl-C (SIGINT) while a weight and its bookkeeping are written, and delivers it right after:
-    a KeyboardInterrupt then lands between whole merges or switches, never inside one (the model-level switch
-    puts every layer back when it does). Only the main thread receives signals; elsewhere this does nothing.
+    """Holds back Ctrl-C (SIGINT), and the other signals of _ALSO_HELD that have a Python handler, while a weight and
+    its bookkeeping are written, and delivers them right after: a KeyboardInterrupt, a timeout's exception or a
+    handler that saves the model then lands between whole merges or switches, never inside one (the model-level
+    switch puts every layer back when it raises). Only the main thread receives signals; elsewhere this does nothing.
     Inside another one (a switch holds one around its merge pass, which holds its own) it does nothing: the
     outermost delivers at its end. A class over _signal, signal's C module: signal.signal's enum conversions cost
     ten times the call itself, and a merge cycle enters two of these (bench/NOTES-merge.md, host time)."""
@@ -105,10 +113,17 @@ class deferred_interrupt:
         if deferred_interrupt._open or threading.current_thread() is not threading.main_thread():
             return self
         caught = []
+
+        def hold(sig, frame):
+            caught.append((sig, frame))
         try:
-            self._previous = _signal.signal(signal.SIGINT, lambda sig, frame: caught.append(frame))
+            previous = [(signal.SIGINT, _signal.signal(signal.SIGINT, hold))]
         except ValueError:  # not the main interpreter
             return self
+        for sig in _ALSO_HELD:
+            if callable(_signal.getsignal(sig)):
+                previous.append((sig, _signal.signal(sig, hold)))
+        self._previous = previous
         self._caught = caught
         deferred_interrupt._open = True
         return self
@@ -118,21 +133,24 @@ class deferred_interrupt:
         return False
 
     def deliver(self) -> None:
-        """Ends the hold now (the handler back) and delivers a Ctrl-C caught meanwhile, here: the model-level
-        operations call it inside their try, so that a KeyboardInterrupt rolls the whole operation back and a
-        handler that returns (or that itself switches adapters) runs after the operation, never between two
-        layers. Nothing when this one is nested in another (that one delivers) or already delivered."""
+        """Ends the hold now (the handlers back) and delivers the signals caught meanwhile, here, in the order they
+        came: the model-level operations call it inside their try, so that a KeyboardInterrupt (or a handler's
+        exception) rolls the whole operation back and a handler that returns (or that itself switches adapters)
+        runs after the operation, never between two layers. A handler that raises ends the delivery (as Python's
+        own does). Nothing when this one is nested in another (that one delivers) or already delivered."""
         caught = self._caught
         if caught is None:
             return
         self._caught = None
         deferred_interrupt._open = False
-        previous = self._previous
-        _signal.signal(signal.SIGINT, previous)
-        if caught:
-            if callable(previous):
-                previous(signal.SIGINT, caught[0])
-            elif previous == signal.SIG_DFL:
+        previous = dict(self._previous)
+        for sig, handler in self._previous:
+            _signal.signal(sig, handler)
+        for sig, frame in caught:
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, frame)
+            elif sig == signal.SIGINT and handler == signal.SIG_DFL:
                 raise KeyboardInterrupt
 
 

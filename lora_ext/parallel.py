@@ -337,10 +337,11 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, Embedding):
         y = F.embedding(x, w, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq,
                         layer.sparse)
-        if lora_on:
+        if lora_on:  # (the factors in the table's dtype, scale_grad_by_freq on lora_A's lookup: as in one process)
             A = layer.lora_A.to_local(grad_placements=[Partial()])
             B = layer.lora_B.to_local(grad_placements=[Partial()])
-            y = y + s * (F.embedding(x, A.t(), layer.padding_idx) @ B[spec.lo:spec.hi].t())
+            t = F.embedding(x, A.t(), layer.padding_idx, None, 2.0, layer.scale_grad_by_freq).to(y.dtype)
+            y = y + s * (t @ B[spec.lo:spec.hi].to(y.dtype).t())
         return y
     wl = w.t() if layer.fan_in_fan_out else w
     if spec.style == "colwise" and spec.blocks > 1:
@@ -357,8 +358,8 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
             for j, e, nb in _blocks(layer):
                 a, b = max(spec.lo, e * nb), min(spec.hi, (e + 1) * nb)
                 if a < b:
-                    t = xl @ A[j * r:(j + 1) * r].t()
-                    upd = s * (t @ B[j * nb + a - e * nb:j * nb + b - e * nb].t())
+                    t = xl @ _as(A[j * r:(j + 1) * r], xl).t()
+                    upd = s * (t @ _as(B[j * nb + a - e * nb:j * nb + b - e * nb], t).t())
                     y = torch.cat([y[..., :a - spec.lo], y[..., a - spec.lo:b - spec.lo] + upd, y[..., b - spec.lo:]],
                                   dim=-1)
         return y
@@ -375,13 +376,13 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
     if lora_on:
         A = layer.lora_A.to_local(grad_placements=[Partial()])
         B = layer.lora_B.to_local()
-        xl = layer.lora_dropout(x)
+        xl = _dropout_slice(layer, x, spec)
         blocks = _blocks(layer)
         r = A.shape[0] // len(blocks)
         upd = {}
         for j, e, nb in blocks:
-            t = _ReduceFromParallel.apply(xl @ A[j * r:(j + 1) * r, spec.lo:spec.hi].t(), spec.group)
-            upd[e] = s * (t @ B[j * nb:(j + 1) * nb].t())
+            t = _ReduceFromParallel.apply(xl @ _as(A[j * r:(j + 1) * r, spec.lo:spec.hi], xl).t(), spec.group)
+            upd[e] = s * (t @ _as(B[j * nb:(j + 1) * nb], t).t())
         nb = blocks[0][2]
         y = torch.cat([y[..., e * nb:(e + 1) * nb] + upd[e] if e in upd else y[..., e * nb:(e + 1) * nb]
                        for e in range(y.shape[-1] // nb)], dim=-1)
@@ -407,9 +408,26 @@ def _strided_forward(layer, spec, x, wl, s, lora_on):
     r = A.shape[0] // len(ids)
     parts = [y[..., e * nbl:(e + 1) * nbl] for e in range(nb)]
     for (j, rj), e in zip(rows, ids):
-        t = xl @ A[j * r:(j + 1) * r].t()
-        parts[e] = parts[e] + s * (t @ B.index_select(0, rj.to(B.device)).t())
+        t = xl @ _as(A[j * r:(j + 1) * r], xl).t()
+        parts[e] = parts[e] + s * (t @ _as(B.index_select(0, rj.to(B.device)), t).t())
     return torch.cat(parts, dim=-1)
+
+
+def _as(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A factor in the dtype of the activation it multiplies (float32 factors beside a bfloat16 weight), as the
+    single-process forward (reference.linear) casts them; under autocast the matmul casts both already."""
+    return factor if torch.is_autocast_enabled(x.device.type) else factor.to(x.dtype)
+
+
+def _dropout_slice(layer, x: torch.Tensor, spec) -> torch.Tensor:
+    """lora_dropout of this rank's slice of the input features, its mask this rank's slice of one mask over the
+    whole width: with the same seed on every rank (as the replicated factors' initialisation has), the ranks' masks
+    are one process's, where a mask drawn per slice would repeat across the slices."""
+    drop = layer.lora_dropout
+    if not drop.training or isinstance(drop, nn.Identity) or spec.hi - spec.lo == layer.in_features:
+        return drop(x)
+    mask = drop(x.new_ones(*x.shape[:-1], layer.in_features))
+    return x * mask[..., spec.lo:spec.hi]
 
 
 def check_stock_style(layer: LoRALayer) -> None:

@@ -163,6 +163,10 @@ def parts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, num_blocks: int = 1, b
         if weight.dim() != 2:
             raise ValueError(f"{where}: a {weight.dim()}-D weight sharded along dim 1 is not supported")
         return [Part(shard, lora_A[:, off:off + n].contiguous(), lora_B, layout)]
+    if rows2d % weight.shape[0]:  # (a grouped convolution whose kernel rows per group do not split by channel)
+        raise ValueError(f"{where}: the weight is sharded along its {weight.shape[0]} output channels, but its LoRA "
+                         f"update's {rows2d} rows (a grouped convolution: kernel height over groups) do not fall "
+                         f"whole into channels; merge it unsharded, or shard it along another dimension")
     w2 = shard.view(n * f, k)
     r0, r1 = off * f, (off + n) * f
     nb = rows2d // num_blocks

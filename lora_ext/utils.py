@@ -58,6 +58,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     _check_ddp_flags(model, {id(p): trained for _, p, trained in flags}, bias)
     for _, p, trained in flags:
         p.requires_grad = trained
+    for _, m in _lora_layers(model):  # the model frozen: unload gives the base weights back frozen (peft's unload)
+        m.__dict__["_base_requires_grad"] = False
     from .serving.saved_modules import ModulesToSave
     for module in model.modules():  # adapters train: a switch puts the next adapter's copy (or rows) in training
         if isinstance(module, ModulesToSave):

@@ -31,7 +31,7 @@ from torch import Tensor
 from .. import batched, sharded
 from ..named_adapters import deferred_interrupt
 from . import injection, saved_modules
-from .adapters import _layers_or_raise, hold, model_lock
+from .adapters import _layers_or_raise, hold, lora_layers, model_lock
 
 DEFAULT_SLOTS = 8
 WAIT_SECONDS = 30.0  # how long a batch waits for slots held by other threads' open batches
@@ -276,7 +276,9 @@ class Batch:
         key = (self.thread, device, merged, size)
         if key in self.filled:
             return self.private.get(key) or self.pool.buffers[key]
-        make = lambda: (torch.empty(size, dtype=torch.int32, device=device),  # noqa: E731
+        def make():  # (outside inference_mode: a later batch under no_grad writes the pooled ones)
+            with torch.inference_mode(False):
+                return (torch.empty(size, dtype=torch.int32, device=device),
                         torch.empty(size, dtype=torch.int32, device=device) if merged is not None else None)
         if device.type != "cuda":  # no graph to replay: buffers of this batch's own (nothing kept per size)
             buffers = self.private[key] = make()
@@ -325,13 +327,17 @@ def _rows(adapters, rows, held) -> tuple:
     n = index.numel()
     if not n:
         raise ValueError("batch_adapters: the batch has no rows")
+    _check_names(table, index, label, held)
+    return table, index, n, label
+
+
+def _check_names(table, index, label, held) -> None:
     for j, name in enumerate(table):
         if name is not None and name not in held:
             first = _first_row(index, table, name)
             who = label(first) if first is not None else f"adapters entry {j}"
             raise ValueError(f"batch_adapters: {who}: adapter {name!r} is not loaded in the model (it holds "
                              f"{sorted(held)})")
-    return table, index, n, label
 
 
 def _first_row(index, table, name) -> Optional[int]:
@@ -459,9 +465,16 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
     with hold(model):
         found = _layers_or_raise(model)  # as of now: a load may have added layers before the hold
         _check_enabled(model, found)  # (again: a disable_adapter may have begun before the hold; not while it)
+        _check_layers(found)
+        # (again: a delete may have landed before the hold)
+        _check_names(table, index, label, {n for _, m in found for n in m.adapter_names})
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
         _check_row_lookups(found, need)
+        for path, m in found:  # the values the slots will take (stamped: nothing to do for those checked unwritten)
+            for name in need:
+                if m.has_adapter(name) and not (m.merged and name == m.active_adapter and m._merged_A is not None):
+                    m._check_values(name, f"batch_adapters: layer {path!r} adapter {name!r}")
         pool = _pool(model, found)
         for name in need:
             for path, m in found:
@@ -552,7 +565,20 @@ def _assign_current(pool: SlotPool, views, need) -> Dict[str, int]:
         pool.lock.wait(left)
 
 
+def _check_load(module, state_dict, prefix, *args) -> None:
+    """Load pre-hook of a model with batches: a load_state_dict into it while a batch serves one of its layers is
+    refused before any module loads (the layers' own refusal came after the modules before them had loaded)."""
+    if not batched.ANY_OPEN:
+        return
+    for path, m in lora_layers(module):
+        if m.__dict__.get("_open_batches"):
+            raise RuntimeError(f"load_state_dict: a mixed batch (lora.batch_adapters) serves layer {path!r}, which "
+                               f"the load would change under the batch's rows; nothing was loaded: load after the "
+                               f"block closes")
+
+
 def _install_check(model: nn.Module) -> None:
     if not model.__dict__.get("_lora_ext_batch_hook"):
         model.register_forward_pre_hook(_check_input, with_kwargs=True)
+        model.register_load_state_dict_pre_hook(_check_load)
         model.__dict__["_lora_ext_batch_hook"] = True

@@ -66,38 +66,82 @@ def remove_stale_temporaries(path):
     return removed
 
 
-@contextlib.contextmanager
-def atomic_path(path, directory=False, overwrite=False):
-    """Yields a temporary path beside `path` (a file, or a directory when directory=True) to write into;
-    on success it is renamed to `path` (os.replace), on any error it is removed.
+def _checked(path):
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):  # (abspath('') is the current directory)
+        raise ValueError(f"atomic_path: {path!r} is not a path")
+    return os.path.abspath(path)
 
-    overwrite=True: an existing `path` of any kind (a non-empty directory too) is replaced; it is moved aside
-    under a temporary name first and removed once the new one is in place (moved back if that fails)."""
-    path = os.path.abspath(path)
+
+def _temporary(path, directory=False):
+    """A new temporary beside `path` (atomic_path's name: `.<name>.tmp-<pid>-<random>`)."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     base = _tmp_prefix(path) + f"{os.getpid()}-"
     if directory:
-        tmp = tempfile.mkdtemp(prefix=base, dir=parent)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=base, dir=parent)
-        os.close(fd)
+        return tempfile.mkdtemp(prefix=base, dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=base, dir=parent)
+    os.close(fd)
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_path(path, directory=False, overwrite=False, exclusive=False):
+    """Yields a temporary path beside `path` (a file, or a directory when directory=True) to write into;
+    on success it is renamed to `path` (os.replace), on any error it is removed.
+
+    overwrite=True: an existing `path` of any kind (a non-empty directory too) is replaced; it is moved aside
+    under a temporary name first and removed once the new one is in place (moved back if that fails).
+    exclusive=True (without overwrite): a file that appeared at `path` while the temporary was written (another
+    run) is not replaced: FileExistsError naming it (a directory never replaces a non-empty one anyway).
+
+    An exception raised while the old one is removed, after the new one is in place (Ctrl-C, a SIGTERM handler's),
+    carries `committed` = the path, so that whoever reports it can say the output was written."""
+    path = _checked(path)
+    tmp = _temporary(path, directory)
+    aside = None
     try:
         yield tmp
         os.chmod(tmp, 0o755 if directory else 0o644)  # mkstemp/mkdtemp make them private
         if overwrite and os.path.lexists(path):
-            _replace_existing(tmp, path, base)
+            aside = _replace_existing(tmp, path, _tmp_prefix(path) + f"{os.getpid()}-")
+        elif exclusive and not directory:
+            _no_replace(tmp, path)
         else:
             os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+    if aside is not None:
+        try:
+            _remove(aside)  # (left behind, the next run removes it as a stale temporary)
+        except BaseException as e:
+            e.committed = path
+            raise
+
+
+def _no_replace(tmp, path):
+    """Renames file `tmp` to `path` unless `path` exists by then (a hard link, then the temporary's name removed;
+    where the file system has no hard links, a check and os.replace)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(errno.EEXIST, "appeared while the output was written (another run?); not replaced",
+                              path) from None
+    except OSError:
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "appeared while the output was written (another run?); not "
+                                  "replaced", path) from None
+        os.replace(tmp, path)
+        return
+    os.remove(tmp)
 
 
 def _replace_existing(tmp, path, base):
+    """Puts `tmp` in place of the existing `path`; returns where the old one was moved aside (to be removed), or
+    None when a plain rename replaced it."""
     try:
         os.replace(tmp, path)  # a file over a file or a link, a directory over an empty directory
-        return
+        return None
     except OSError as e:
         if e.errno not in (errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY, errno.EEXIST):
             raise
@@ -108,7 +152,52 @@ def _replace_existing(tmp, path, base):
     except BaseException:
         os.replace(aside, path)
         raise
-    _remove(aside)
+    return aside
+
+
+@contextlib.contextmanager
+def atomic_files(paths):
+    """atomic_path for files that go together (an adapter's weights and its config): yields a temporary for each,
+    and renames them into place only when every one is written; a rename that fails puts back those renamed
+    before it (their old files kept aside, by a hard link, until all are in place), so that a failure leaves the
+    old set as it was. A directory where a file goes is refused before any rename."""
+    paths = [_checked(p) for p in paths]
+    tmps = []
+    try:
+        for p in paths:
+            tmps.append(_temporary(p))
+        yield tmps
+        for p, t in zip(paths, tmps):
+            os.chmod(t, 0o644)
+            if os.path.isdir(p) and not os.path.islink(p):
+                raise IsADirectoryError(errno.EISDIR, "is a directory, where a file is written", p)
+        asides, renamed = [], []
+        try:
+            for p, t in zip(paths, tmps):
+                aside = None
+                if os.path.lexists(p):
+                    aside = tempfile.mktemp(prefix=_tmp_prefix(p) + f"{os.getpid()}-old-", dir=os.path.dirname(p))
+                    try:
+                        os.link(p, aside, follow_symlinks=False)
+                    except OSError:  # (no hard links here: a copy)
+                        shutil.copy2(p, aside, follow_symlinks=False)
+                    asides.append(aside)
+                os.replace(t, p)
+                renamed.append((p, aside))
+        except BaseException:
+            for p, aside in reversed(renamed):
+                if aside is not None:
+                    os.replace(aside, p)
+                else:
+                    _remove(p)
+            raise
+        finally:
+            for a in asides:
+                _remove(a)
+    except BaseException:
+        for t in tmps:
+            _remove(t)
+        raise
 
 
 class Progress:

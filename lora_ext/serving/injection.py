@@ -15,6 +15,7 @@ import numbers
 import re
 import sys
 import textwrap
+import warnings
 import weakref
 from typing import List, Mapping, Optional, Sequence, Union
 
@@ -564,6 +565,11 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
             raise ValueError(f"target_modules: module {name!r} is saved whole (modules_to_save) or given rows of "
                              f"tokens by adapter(s) {module.adapter_names}; peft puts no LoRA on such a module")
         check_replaceable(model, name, module, f"{'fused' if enable is not None else 'target_modules'}: module {name!r}")
+        weight = getattr(module, "weight", None)
+        if lossless and isinstance(weight, torch.Tensor) and weight.dtype not in (torch.float16, torch.bfloat16,
+                                                                                  torch.float32):
+            raise ValueError(f"lossless=True: module {name!r} has a {weight.dtype} weight; lossless merges take "
+                             f"float16, bfloat16 or float32 weights (set lossless=False or None)")
         rr = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)
         _check_options(rr, alpha, lora_dropout)
@@ -714,6 +720,14 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
     if merge:
         for name, layer in found:
             check_mergeable(name, layer)
+    sharded_layers = [name for name, m in found if m.__dict__.get("_tp") is not None
+                      or sharded.is_dtensor(m._weight_or_none()) or sharded.is_dtensor(m.lora_A)]
+    if sharded_layers:
+        warnings.warn(f"unload: the layers {sharded_layers[:3]}{' ...' if len(sharded_layers) > 3 else ''} are "
+                      f"sharded (tensor parallel or FSDP2): the plain modules put back hold their DTensor weights "
+                      f"without the sharded forward, so the model serves no forward afterwards; its state dict "
+                      f"(torch.distributed.checkpoint.state_dict.get_model_state_dict) gives the unloaded weights, "
+                      f"to save or to load into an unsharded model", stacklevel=3)
     names = []
     # (under the model's lock: atomically for forwards on other threads) every layer merged (or unmerged) before the
     # first is taken out, so a refusal (a lossless record's overflow, out of memory) leaves every layer as it was

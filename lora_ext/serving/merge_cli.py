@@ -33,7 +33,7 @@ from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
 from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, base_weights_elsewhere, check_base_weight, is_lora_key,
-                      module_factors, module_rank_scaling, read_config, read_tensors)
+                      module_factors, module_rank_scaling, read_config, read_tensors, reader_error)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -244,8 +244,12 @@ def _inside(path, parent):
 
 def check_output(base, adapter, out, force, base_is_file):
     """Refuses an output that is the base, lies inside the base directory, holds the base or the adapter,
-    or already exists (unless force; never for the base). Reads nothing but directory entries."""
+    or already exists (unless force; never for the base). Reads nothing but directory entries and links."""
+    if not isinstance(out, str) or not out.strip():  # ('' is the current directory to abspath: --force replaced it)
+        raise MergeError(f"--out: {out!r} is not a path (an unset variable?); give the file or directory to write")
     rb, ro, ra = os.path.realpath(base), os.path.realpath(out), os.path.realpath(adapter)
+    if _inside(os.path.realpath(os.getcwd()), ro):
+        raise MergeError(f"--out: {out!r} is or holds the current directory; choose a path outside it")
     if ro == rb or (os.path.exists(out) and os.path.exists(base) and os.path.samefile(out, base)):
         raise MergeError(f"--out: {out!r} is --base; the merge never overwrites its input (not even with --force)")
     if not base_is_file and _inside(ro, rb):
@@ -256,6 +260,12 @@ def check_output(base, adapter, out, force, base_is_file):
         raise MergeError(f"--out: {out!r} is or holds --adapter {adapter!r}; choose another path")
     if _inside(ro, ra):
         raise MergeError(f"--out: {out!r} lies inside the --adapter directory {adapter!r}; choose another path")
+    for option, root in (("--base", base), ("--adapter", adapter)):  # files that are links (the hub cache's layout)
+        for path in ([root] if os.path.isfile(root) else _side_files(root) if os.path.isdir(root) else []):
+            real = os.path.realpath(path)
+            if _inside(real, ro):
+                raise MergeError(f"--out: {out!r} holds {real}, the file {option}'s {path} links to; writing there "
+                                 f"would delete the input (not even with --force)")
     if not os.path.lexists(out):
         return
     if os.path.isdir(out) and not os.path.islink(out):
@@ -312,6 +322,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
             raise MergeError(f"--{e}") from None
         raise _os_error(f"--adapter: reading {adapter}", e) from None
     except Exception as e:  # a damaged weights file: the safetensors or pickle readers' own errors
+        if not reader_error(e):
+            raise
         raise MergeError(f"--adapter {adapter!r}: cannot read its weights file: {type(e).__name__}: "
                          f"{' '.join(str(e).split())}") from None
     entries = _saved.check_entries(os.path.join(adapter, CONFIG_NAME), cfg.get("modules_to_save"))
@@ -344,7 +356,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     except ValueError as e:
         raise MergeError(str(e)) from None
     replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta, ck, twice)
-    token_rows = _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice)
+    token_rows = _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice,
+                             out_dtype)
     replace.update(token_rows)
     plan = {}
     kinds = _module_kinds(meta)  # a Linear or Conv1D's layout is not in its shape
@@ -366,6 +379,12 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
             raise MergeError(f"{where[key]}: tensor {ck(key)!r} is {st_dtype}, which the merge cannot write into "
                              f"(float16, bfloat16, float32 or float64 weights only; a quantized weight needs its "
                              f"scales)")
+        for what, t in (("lora_A", A), ("lora_B", B)):
+            if t.dim() < 2 or not t.is_floating_point():
+                raise MergeError(f"--adapter: module {name!r}: {what} is a {t.dtype} tensor of shape {tuple(t.shape)}; "
+                                 f"LoRA factors are floating-point matrices (or conv kernels)")
+        if A.element_size() == 1 or B.element_size() == 1:  # float8 factors (peft serves them): exact in float32
+            A, B = A.float(), B.float()
         r, scaling = module_rank_scaling(cfg, name)
         if A.shape[0] != r:
             raise MergeError(f"--adapter: module {name!r} has rank {A.shape[0]} but the config says r={r}")
@@ -394,7 +413,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                bar_format="{desc} [{bar:28}] {n_fmt}/{total_fmt} {elapsed}{postfix}")
     nonfinite = {}
     try:
-        with bar, atomic_path(out, directory=base_dir is not None, overwrite=force) as tmp:
+        with bar, atomic_path(out, directory=base_dir is not None, overwrite=force, exclusive=not force) as tmp:
             sizes = {}
             for path, rel in files:
                 target = _write_path(tmp, rel)
@@ -492,10 +511,11 @@ def _replacements(base, base_dir, adapter, entries, states, factors, shapes, hea
     return {ck(key): t for key, t in replace.items()}
 
 
-def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice):
+def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice, out_dtype=None):
     """{checkpoint key: the base's tensor with the adapter's rows of tokens written in} for the config's
     trainable_token_indices (`rows`: the file's rows, by key), as peft's merge_and_unload writes them: each listed
-    row replaced, in the weight's dtype. A tied head with the embedding's tokens shares its rows (peft saves them
+    row replaced, in the weight's dtype (the output's, with --dtype: the rows as the file holds them, not rounded to
+    the stored dtype first). A tied head with the embedding's tokens shares its rows (peft saves them
     once); where the checkpoint stores tied weights twice, both are written. Checked: the modules (in the
     checkpoint, no LoRA factors, not saved whole), the indices, shapes and values; nothing else is read."""
     cfg_file = os.path.join(adapter, CONFIG_NAME)
@@ -567,6 +587,8 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
             w = out.get(ck(key))
             if w is None:
                 w = _get_tensor(where[key], headers[where[key]], ck(key)).clone()
+                if out_dtype is not None:
+                    w = w.to(out_dtype)
             elif writers[ck(key)][1] != indices or writers[ck(key)][2].shape != t.shape \
                     or not torch.equal(writers[ck(key)][2], t):
                 raise MergeError(f"--adapter: modules {writers[ck(key)][0]!r} and {name!r} share one weight "
@@ -951,12 +973,14 @@ def run(args, err=None):
                              progress=not args.quiet, force=getattr(args, "force", False),
                              allow_inf=getattr(args, "allow_inf", False), log=err,
                              revision=getattr(args, "revision", None))
-    except Terminated:
-        print(f"lora-ext merge: terminated (SIGTERM); nothing was written to {args.out}", file=err)
-        return 128 + signal.SIGTERM
-    except KeyboardInterrupt:
-        print(f"lora-ext merge: interrupted; nothing was written to {args.out}", file=err)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:  # (Terminated too)
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        if getattr(e, "committed", None):  # (while the old output was removed, the new one in place)
+            print(f"lora-ext merge: {what} after {args.out} was written in full; what is left of the output it "
+                  f"replaced is removed by the next run", file=err)
+        else:
+            print(f"lora-ext merge: {what}; nothing was written to {args.out}", file=err)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     except (ValueError, KeyError) as e:  # MergeError and the adapter readers' refusals
         print(f"lora-ext merge: error: {_one_line(e)}", file=err)
         return 2

@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import warnings
 from typing import List, Optional, Union
@@ -27,7 +28,7 @@ from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
 from .adapters import hold, lora_layers, model_lock, reserved_rank, set_adapter
-from .files import atomic_path, remove_stale_temporaries
+from .files import atomic_files, remove_stale_temporaries
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -128,6 +129,18 @@ def read_config(path, dora=False):
     return cfg
 
 
+def reader_error(e: BaseException) -> bool:
+    """Whether `e`, raised inside a safetensors or torch.load read, is the reader's complaint about the file (which
+    the callers re-raise naming it): safetensors' SafetensorError, pickle's and torch's refusals, a truncation, an
+    OSError with an errno. Anything else passes through as it is: a signal handler's timeout (TimeoutError has no
+    errno), a KeyboardInterrupt, a user's own exception class, which an `except` of theirs must still catch."""
+    from safetensors import SafetensorError
+    if isinstance(e, OSError):
+        return e.errno is not None
+    return isinstance(e, (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError,
+                          KeyError, AttributeError, UnicodeDecodeError, OverflowError))
+
+
 def read_tensors(path):
     """{key: tensor} of the adapter's weights file (safetensors, or adapter_model.bin with weights_only);
     a file that cannot be read raises ValueError naming it."""
@@ -136,7 +149,9 @@ def read_tensors(path):
         from safetensors.torch import load_file
         try:
             tensors = load_file(st)
-        except Exception as e:  # safetensors' SafetensorError, OSError, ...
+        except Exception as e:
+            if not reader_error(e):
+                raise
             raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
         file = st
     else:
@@ -146,6 +161,8 @@ def read_tensors(path):
         try:
             tensors = torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle errors, the weights_only refusal, truncation
+            if not reader_error(e):
+                raise
             raise ValueError(f"{legacy}: cannot be read with torch.load(weights_only=True) "
                              f"({type(e).__name__}: {e})") from e
         file = legacy
@@ -211,6 +228,10 @@ def module_factors(tensors, where="adapter", magnitudes=None):
         if key.startswith(PREFIX) and key.endswith(BASE_BIAS_SUFFIX):
             base_weights[key[len(PREFIX):-len(BASE_BIAS_SUFFIX)], "bias"] = t
             continue
+        plain = _plain_embedding_layer(key)
+        if plain is not None:  # save_embedding_layers of an embedding or head no adapter targets: as above
+            base_weights[plain] = t
+            continue
         if key.startswith(PREFIX) and key.endswith(MAGNITUDE_SUFFIX):
             if magnitudes is None:
                 raise ValueError(f"{where}: unexpected key {key!r}: a DoRA magnitude (lora_ext's layers do not serve "
@@ -239,6 +260,21 @@ def module_factors(tensors, where="adapter", magnitudes=None):
             raise ValueError(f"{where}: unexpected key {PREFIX + name + MAGNITUDE_SUFFIX!r} (a DoRA magnitude "
                              f"without factors)")
     return out, base_weights
+
+
+# the modules whose plain weights (and a head's bias) peft's save_pretrained(save_embedding_layers=True) saves when
+# no adapter targets them: `base_model.model.<...>.embed_tokens.weight` (peft's EMBEDDING_LAYER_NAMES)
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def _plain_embedding_layer(key):
+    """The base_weights entry (module name, or (module name, "bias")) of a plain save_embedding_layers key, or None."""
+    if not key.startswith(PREFIX):
+        return None
+    name, _, what = key[len(PREFIX):].rpartition(".")
+    if what not in ("weight", "bias") or name.rpartition(".")[2] not in _EMBEDDING_LAYER_NAMES:
+        return None
+    return name if what == "weight" else (name, "bias")
 
 
 def base_weights_elsewhere(where, base_weights, factors, current):
@@ -656,6 +692,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             for p in model.parameters():
                 if id(p) not in own:
                     p.requires_grad_(False)
+            for _, m in lora_layers(model):  # (unload gives the base weights back frozen, as peft's unload does)
+                m.__dict__["_base_requires_grad"] = False
         if activate:
             try:
                 set_adapter(model, adapter_name)  # (refused, it leaves every layer on the adapter it served)
@@ -943,8 +981,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     for name in (WEIGHTS_NAME, CONFIG_NAME):  # left by a killed save
         remove_stale_temporaries(os.path.join(path, name))
     # both files complete before either is renamed: a failure leaves the directory's old pair as it was
-    with atomic_path(os.path.join(path, WEIGHTS_NAME)) as tmp_weights, \
-            atomic_path(os.path.join(path, CONFIG_NAME)) as tmp_config:
+    with atomic_files([os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)]) as (tmp_weights,
+                                                                                              tmp_config):
         save_file(tensors, tmp_weights, metadata={"format": "pt"})
         with open(tmp_config, "w") as f:
             json.dump(cfg, f, indent=2)
