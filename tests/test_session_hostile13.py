@@ -720,3 +720,77 @@ def test_lossless_true_on_float64_is_refused_at_inject_and_left_unmerged_by_eval
     with pytest.warns(UserWarning, match="lossless=True takes float16, bfloat16 or float32 weights"):
         model.eval()  # every layer in eval mode; the float64 one unmerged, none half way
     assert [(m.merged, m.training) for m in (model[0], model[2])] == [(True, False), (False, False)]
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# FSDP2: a grouped convolution's shard refused by name; factors sharded beside a weight FSDP2 left alone
+
+def _fsdp_pair():
+    torch.manual_seed(0)
+    n = nn.Sequential(lora.Linear(8, 6, r=2, lora_alpha=4), nn.Tanh(), lora.Linear(6, 6, r=2, lora_alpha=4))
+    g = torch.Generator().manual_seed(3)
+    for m in (n[0], n[2]):
+        with torch.no_grad():
+            m.lora_B.normal_(generator=g)
+        m.add_adapter("other", torch.randn(m.lora_A.shape, generator=g), torch.randn(m.lora_B.shape, generator=g), 0.5)
+    lora.mark_only_lora_as_trainable(n)
+    return n
+
+
+def _grouped_conv():
+    torch.manual_seed(0)
+    m = lora.Conv2d(4, 6, kernel_size=3, groups=2, r=2, lora_alpha=4, padding=1)
+    with torch.no_grad():
+        m.lora_B.normal_()
+    return m
+
+
+def _fsdp_cases(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    out = {}
+    conv = _grouped_conv()
+    fully_shard(conv)
+    try:
+        with torch.no_grad():
+            conv.eval()
+        out["conv"] = None
+    except ValueError as e:
+        out["conv"] = str(e)
+    out["conv_state"] = (conv.merged, conv.training)
+    n = _fsdp_pair()
+    fully_shard(n, ignored_params={n[0].weight, n[2].weight})
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        n.eval()
+        out["merged"] = ([m.merged for m in (n[0], n[2])], n(x))
+        lora.set_adapter(n, "other")
+        out["switched"] = n(x)
+        n.train()
+        out["base"] = [n[0].weight.detach().clone(), n[2].weight.detach().clone()]
+    return out
+
+
+def test_fsdp2_grouped_conv_refused_by_name_and_ignored_weights_merge():
+    got = run_ranks(_fsdp_cases)[0]
+    assert "Conv2d" in got["conv"] and "grouped convolution" in got["conv"], got["conv"]
+    assert got["conv_state"] == (False, True)  # refused before anything changed
+    ref = _fsdp_pair()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    base = [ref[0].weight.detach().clone(), ref[2].weight.detach().clone()]
+    with torch.no_grad():
+        want = ref(x)
+        lora.set_adapter(ref, "other")
+        want_other = ref(x)
+    flags, y = got["merged"]
+    assert flags == [True, True] and (y - want).abs().max() < 1e-5
+    assert (got["switched"] - want_other).abs().max() < 1e-5
+    assert all((a - b).abs().max() < 1e-6 for a, b in zip(got["base"], base))
+
+
+def test_inject_says_when_exclude_modules_removed_every_target():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"matches no module of the model that exclude_modules leaves: it excludes "
+                                         r"\['0'\]"):
+        lora.inject(model, ["0"], exclude_modules=["0"])
+    with pytest.raises(ValueError, match=r"matches no module of the model$"):
+        lora.inject(model, ["7"])

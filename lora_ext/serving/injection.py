@@ -550,9 +550,14 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     spec = resolve_targets(model, target_modules)
     if isinstance(spec, set):  # 'all-linear': the modules not adapted yet
         spec = {n for n in spec if not isinstance(model.get_submodule(n), LoRALayer)}
+    excluded = []
     for name, module in model.named_modules():
         # the insides of lora_ext layers (a ConvLoRA's conv) are never targets, as in select_targets
-        if not name or name_matches(exclude_modules, name) or any(name.startswith(p) for p in inner):
+        if not name or any(name.startswith(p) for p in inner):
+            continue
+        if name_matches(exclude_modules, name):
+            if target_matches(spec, name, layers_to_transform, layers_pattern):
+                excluded.append(name)
             continue
         # (fused entries: the same layer filter as target_modules' names)
         enable = next((v for k, v in fused.items()
@@ -582,7 +587,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     if not plan:
         raise ValueError(f"target_modules: {target_modules!r} matches no module of the model"
                          + (f" in layers_to_transform {layers_to_transform!r}"
-                            if filters_layers(layers_to_transform) else ""))
+                            if filters_layers(layers_to_transform) else "")
+                         + (f" that exclude_modules leaves: it excludes {excluded[:5]}" if excluded else ""))
     with model_lock(model).write():  # the lock exists before the first switch: forwards in flight hold it
         check_enabled(model, "inject")  # (again: a disable_adapter may have begun since the first check)
         owners = parameter_owners(model)
