@@ -136,12 +136,17 @@ def _signal_after_the_second_write(monkeypatch, sig):
     return calls
 
 
-@pytest.mark.parametrize("sig", _SIGNALS, ids=lambda s: signal.Signals(s).name)
-def test_a_raising_handler_lands_after_the_write_and_rolls_the_switch_back(monkeypatch, sig):
+def _merged_model():
+    """(test_lossless_hostile's three bfloat16 layers, merged; their base weights; an unmerged copy)."""
     model = _model()
     base = [m.weight.detach().clone() for m in model]
     pristine = copy.deepcopy(model)
-    model.eval()
+    return model.eval(), base, pristine
+
+
+@pytest.mark.parametrize("sig", _SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_raising_handler_lands_after_the_write_and_rolls_the_switch_back(monkeypatch, sig):
+    model, base, pristine = _merged_model()
 
     def timeout(signum, frame):
         raise _Timeout(signum)
@@ -160,10 +165,7 @@ def test_a_raising_handler_lands_after_the_write_and_rolls_the_switch_back(monke
 
 @pytest.mark.parametrize("sig", _SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_a_handler_that_reads_the_model_runs_after_the_switch(monkeypatch, sig):
-    model = _model()
-    base = [m.weight.detach().clone() for m in model]
-    pristine = copy.deepcopy(model)
-    model.eval()
+    model, base, pristine = _merged_model()
     seen = []
 
     def checkpoint(signum, frame):  # a preemption handler: what it saves must be one adapter's model
