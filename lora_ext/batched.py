@@ -261,9 +261,9 @@ def _fitted(A: Tensor, B: Tensor, s: float, dtype: torch.dtype):
     top = torch.finfo(dtype).max
     if 2 * top >= max(torch.finfo(A.dtype).max, torch.finfo(B.dtype).max):
         return A, B, s
+    amaxes = torch.stack([(t.abs().amax() if t.numel() else t.new_zeros(())).float() for t in (A, B)]).tolist()
     out = []
-    for t in (A, B):
-        amax = float(t.abs().amax()) if t.numel() else 0.0
+    for t, amax in zip((A, B), amaxes):
         if amax > top:  # (the factors are checked finite)
             e = math.ceil(math.log2(amax / top)) + 1
             t, s = t * 2.0 ** -e, s * 2.0 ** e
@@ -339,9 +339,9 @@ class LayerBatch:
                              f"{tuple(x.shape)}: {how}{batch.hint(lead[0]) if len(lead) else ''}")
         size, tokens = fit
         merged = layer.active_adapter if layer._serves_merged() else None  # (see LoRALayer._serves_merged)
-        if (merged is not None and merged in batch.slot_of
+        if (merged is not None and merged in batch.slot_of and not torch.compiler.is_compiling()
                 and (layer._merged_A is None or layer._merged_A is not self.checked)):
-            self._check_merged(layer, merged, where)
+            self._check_merged(layer, merged, where)  # (not in a traced forward: see README, torch.compile)
         add, sub = batch.index(layer, x.device, merged, size)
         out = layer._weight_forward(x)
         if not tokens or not out.numel():  # (no tokens, or no outputs: nothing to add)

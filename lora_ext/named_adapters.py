@@ -90,10 +90,11 @@ def check_one_name(name, where: str) -> None:
 
 
 # The signals besides SIGINT whose Python handlers a hold holds back too: those a handler commonly raises from or
-# acts on the model from (a timeout's SIGALRM, a preemption's SIGTERM or SIGUSR1 handler that saves a checkpoint).
-# Only where a Python handler is installed: under SIG_DFL the process ends and under SIG_IGN nothing runs.
-_ALSO_HELD = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGALRM", "SIGVTALRM", "SIGHUP", "SIGUSR1", "SIGUSR2",
-                                                "SIGQUIT") if hasattr(signal, n))
+# acts on the model from (a timeout's SIGALRM, a preemption's SIGTERM handler that saves a checkpoint). Only where a
+# Python handler is installed: under SIG_DFL the process ends and under SIG_IGN nothing runs. Not SIGUSR1, SIGUSR2
+# or SIGQUIT: tools chain native handlers over Python's on those (faulthandler.register(..., chain=True) dumps
+# tracebacks), which swapping the handler would unhook (signal.signal installs CPython's own again).
+_ALSO_HELD = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGALRM", "SIGVTALRM", "SIGHUP") if hasattr(signal, n))
 
 
 class deferred_interrupt:
@@ -116,13 +117,19 @@ class deferred_interrupt:
 
         def hold(sig, frame):
             caught.append((sig, frame))
+        previous = []
         try:
-            previous = [(signal.SIGINT, _signal.signal(signal.SIGINT, hold))]
+            previous.append((signal.SIGINT, _signal.signal(signal.SIGINT, hold)))
+            for sig in _ALSO_HELD:
+                if callable(_signal.getsignal(sig)):
+                    previous.append((sig, _signal.signal(sig, hold)))
         except ValueError:  # not the main interpreter
+            _restore(previous)
             return self
-        for sig in _ALSO_HELD:
-            if callable(_signal.getsignal(sig)):
-                previous.append((sig, _signal.signal(sig, hold)))
+        except BaseException:  # a signal not swapped yet whose handler raised: the ones swapped back, then it
+            _restore(previous)
+            _redeliver(caught)
+            raise
         self._previous = previous
         self._caught = caught
         deferred_interrupt._open = True
@@ -144,14 +151,28 @@ class deferred_interrupt:
         self._caught = None
         deferred_interrupt._open = False
         previous = dict(self._previous)
-        for sig, handler in self._previous:
-            _signal.signal(sig, handler)
-        for sig, frame in caught:
+        _restore(self._previous)
+        for i, (sig, frame) in enumerate(caught):
             handler = previous[sig]
-            if callable(handler):
-                handler(sig, frame)
-            elif sig == signal.SIGINT and handler == signal.SIG_DFL:
-                raise KeyboardInterrupt
+            try:
+                if callable(handler):
+                    handler(sig, frame)
+                elif sig == signal.SIGINT and handler == signal.SIG_DFL:
+                    raise KeyboardInterrupt
+            except BaseException:  # the ones after it: sent again, so that Python runs their handlers next
+                _redeliver(caught[i + 1:])
+                raise
+
+
+def _restore(previous) -> None:
+    for sig, handler in reversed(previous):
+        _signal.signal(sig, handler)
+
+
+def _redeliver(caught) -> None:
+    """Sends the held signals again, now that their own handlers are back (Python runs them at its next check)."""
+    for sig in dict.fromkeys(sig for sig, _ in caught):
+        signal.raise_signal(sig)
 
 
 # The attribute of a lora_A Parameter that holds the scale tensors going with its values, by layer (_pair_scales).

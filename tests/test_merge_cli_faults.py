@@ -292,7 +292,8 @@ def test_an_unwritable_output_location_is_one_line(ws, capsys, monkeypatch, code
     def no_rename(src, dst):
         raise OSError(code, os.strerror(code), src, dst)
 
-    monkeypatch.setattr(files_mod.os, "replace", no_rename)  # fails at the very end, when renaming
+    monkeypatch.setattr(files_mod.os, "replace", no_rename)  # fails at the very end, when renaming (or linking:
+    monkeypatch.setattr(files_mod.os, "link", no_rename)     # without --force the file is put in place by a link)
     rc, err = _run(capsys, "--base", ws / "single" / "model.safetensors", "--adapter", ws / "adapter",
                    "--out", ws / "m.safetensors")
     monkeypatch.undo()

@@ -80,17 +80,43 @@ def _saved_llama_adapter(tmp_path):
     return save_random_peft(get_peft_model(llama(), cfg), tmp_path / "adapter", seed=1, std=0.1)
 
 
-@pytest.mark.parametrize("raised", [_Timeout("alarm"), TimeoutError("alarm"), KeyboardInterrupt()],
-                         ids=["own_class", "TimeoutError", "KeyboardInterrupt"])
-def test_exception_raised_into_the_read_passes_through(tmp_path, monkeypatch, raised):
-    path = _saved_llama_adapter(tmp_path)
-    model = llama()
+class _Preempted(RuntimeError):
+    """A handler's exception of a class the readers' own errors share a base with."""
 
-    def interrupted(*a, **k):
+
+def _alarm_inside(monkeypatch, module, name, raised):
+    """Makes `module.name` (a reader) send this process SIGALRM in the middle of its read; the SIGALRM handler
+    raises `raised`. Returns the handler to put back."""
+    real = getattr(module, name)
+
+    def reading(*a, **k):
+        os.kill(os.getpid(), signal.SIGALRM)
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, reading)
+
+    def handler(signum, frame):
         raise raised
-    monkeypatch.setattr(safetensors.torch, "load_file", interrupted)
-    with pytest.raises(type(raised)) as info:
-        lora.load_peft_adapter(model, path)
+    return signal.signal(signal.SIGALRM, handler)
+
+
+@pytest.mark.parametrize("raised", [_Timeout("alarm"), TimeoutError("alarm"), _Preempted("alarm"),
+                                    KeyboardInterrupt()],
+                         ids=["own_class", "TimeoutError", "RuntimeError_subclass", "KeyboardInterrupt"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["safetensors", "bin"])
+def test_exception_raised_into_the_read_passes_through(tmp_path, monkeypatch, raised, legacy):
+    path = _saved_llama_adapter(tmp_path)
+    if legacy:  # peft's adapter_model.bin
+        tensors = load_file(f"{path}/adapter_model.safetensors")
+        os.remove(f"{path}/adapter_model.safetensors")
+        torch.save(tensors, f"{path}/adapter_model.bin")
+    model = llama()
+    previous = _alarm_inside(monkeypatch, torch if legacy else safetensors.torch, "load" if legacy else "load_file",
+                             raised)
+    try:
+        with pytest.raises(type(raised)) as info:
+            lora.load_peft_adapter(model, path)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
     assert info.value is raised
     assert not any(isinstance(m, lora.LoRALayer) for m in model.modules())  # refused before any injection
 
@@ -104,23 +130,34 @@ def test_damaged_file_is_still_named(tmp_path):
         lora.load_peft_adapter(llama(), path)
 
 
+def test_a_damaged_legacy_bin_is_named(tmp_path):
+    path = _saved_llama_adapter(tmp_path)
+    tensors = load_file(f"{path}/adapter_model.safetensors")
+    os.remove(f"{path}/adapter_model.safetensors")
+    torch.save(tensors, f"{path}/adapter_model.bin", _use_new_zipfile_serialization=False)
+    with open(f"{path}/adapter_model.bin", "r+b") as f:
+        f.truncate(os.path.getsize(f"{path}/adapter_model.bin") // 2)
+    with pytest.raises(ValueError, match="adapter_model.bin: cannot be read"):
+        lora.load_peft_adapter(llama(), path)
+
+
 def test_merge_cli_reader_lets_an_outside_exception_through(tmp_path, monkeypatch):
     path = _saved_llama_adapter(tmp_path)
-
-    def interrupted(*a, **k):
-        raise _Timeout("alarm")
-    monkeypatch.setattr(safetensors.torch, "load_file", interrupted)
     base = tmp_path / "base"
     llama().save_pretrained(base)
-    with pytest.raises(_Timeout):
-        merge_cli.merge_checkpoint(str(base), path, str(tmp_path / "out"), progress=False)
+    previous = _alarm_inside(monkeypatch, safetensors.torch, "load_file", _Preempted("alarm"))
+    try:
+        with pytest.raises(_Preempted):
+            merge_cli.merge_checkpoint(str(base), path, str(tmp_path / "out"), progress=False)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
     assert not (tmp_path / "out").exists()
 
 
 # -------------------------------------------------------------------------------------------------------------------
 # signals other than SIGINT, held back while weights are written
 
-_SIGNALS = [signal.SIGALRM, signal.SIGTERM, signal.SIGUSR1]
+_SIGNALS = [signal.SIGALRM, signal.SIGTERM, signal.SIGHUP]
 
 
 def _signal_after_the_second_write(monkeypatch, sig):
@@ -201,17 +238,78 @@ def test_ignored_and_default_signals_are_left_alone():
 def test_held_signals_are_delivered_once_each_in_order():
     from lora_ext.named_adapters import deferred_interrupt
     seen = []
-    handlers = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in (signal.SIGUSR1, signal.SIGALRM)}
+    handlers = {s: signal.signal(s, lambda signum, frame: seen.append(signum)) for s in (signal.SIGHUP, signal.SIGALRM)}
     try:
         with deferred_interrupt():
             with deferred_interrupt():
                 signal.raise_signal(signal.SIGALRM)
-                signal.raise_signal(signal.SIGUSR1)
+                signal.raise_signal(signal.SIGHUP)
             assert seen == []  # (the inner hold delivers nothing)
-        assert seen == [signal.SIGALRM, signal.SIGUSR1]
+        assert seen == [signal.SIGALRM, signal.SIGHUP]
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+
+
+def test_signals_after_a_raising_one_still_run():
+    from lora_ext.named_adapters import deferred_interrupt
+    seen = []
+    previous = (signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.signal(signal.SIGTERM, lambda signum, frame: seen.append("checkpoint saved")))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with deferred_interrupt():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+        for _ in range(3):  # (Python runs a pending handler at its next check)
+            pass
+        assert seen == ["checkpoint saved"]
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
+
+
+def test_a_handler_raising_while_the_hold_begins_leaves_ctrl_c_as_it_was(monkeypatch):
+    from lora_ext import named_adapters
+    previous = (signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.signal(signal.SIGALRM, lambda signum, frame: (_ for _ in ()).throw(_Timeout())))
+    real = named_adapters._signal.getsignal
+
+    def getsignal(sig):  # SIGALRM lands after SIGINT was swapped, before SIGALRM is
+        if sig == signal.SIGALRM:
+            signal.raise_signal(signal.SIGALRM)
+        return real(sig)
+    monkeypatch.setattr(named_adapters._signal, "getsignal", getsignal)
+    try:
+        with pytest.raises(_Timeout):
+            with named_adapters.deferred_interrupt():
+                pass
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert not named_adapters.deferred_interrupt._open
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGALRM, previous[1])
+
+
+def test_native_handlers_chained_on_sigusr1_survive_a_switch(tmp_path):
+    import faulthandler
+    import time
+    ran = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: ran.append(signum))
+    with open(tmp_path / "dump.txt", "w+") as dump:
+        faulthandler.register(signal.SIGUSR1, file=dump, chain=True)
+        try:
+            layer = _two_adapter_linear()
+            layer.set_adapter("b")  # a switch holds signals while it writes
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            dump.flush()
+            dump.seek(0)
+            assert "File" in dump.read()  # faulthandler's traceback dump is still hooked
+        finally:
+            faulthandler.unregister(signal.SIGUSR1)
+            signal.signal(signal.SIGUSR1, previous)
 
 
 @pytest.mark.parametrize("mode", [0, 1, None])
@@ -613,22 +711,26 @@ def test_save_peft_adapter_failing_at_the_second_rename_keeps_the_old_pair(tmp_p
     lora.load_peft_adapter(model, _saved_llama_adapter(tmp_path))
     out = tmp_path / "saved"
     lora.save_peft_adapter(model, str(out))
-    old = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    old = {f: ((out / f).read_bytes(), os.stat(out / f).st_ino) for f in os.listdir(out)}
     with torch.no_grad():
         for _, m in model.named_modules():
             if isinstance(m, lora.LoRALayer):
                 m.lora_B.add_(1.0)
-    real = os.replace
+    real, renames = os.replace, []
 
-    def second_fails(src, dst, *a, **k):
-        if os.path.basename(str(dst)) == "adapter_config.json" and ".tmp-" in os.path.basename(str(src)):
-            raise OSError(28, "No space left on device", str(dst))
+    def second_fails(src, dst, *a, **k):  # the second of the two files' renames into place fails
+        name = os.path.basename(str(src))
+        if ".tmp-" in name and "-old-" not in name:
+            renames.append(dst)
+            if len(renames) == 2:
+                raise OSError(28, "No space left on device", str(dst))
         return real(src, dst, *a, **k)
     monkeypatch.setattr(os, "replace", second_fails)
     with pytest.raises(OSError, match="No space"):
         lora.save_peft_adapter(model, str(out))
     monkeypatch.undo()
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == old  # the old pair, and nothing beside it
+    # the old pair, the very files (the config was saved alike: its inode tells), and nothing beside them
+    assert {f: ((out / f).read_bytes(), os.stat(out / f).st_ino) for f in os.listdir(out)} == old
 
 
 def test_peft_save_embedding_layers_loads_and_merges(tmp_path):
@@ -796,3 +898,67 @@ def test_inject_says_when_exclude_modules_removed_every_target():
         lora.inject(model, ["0"], exclude_modules=["0"])
     with pytest.raises(ValueError, match=r"matches no module of the model$"):
         lora.inject(model, ["7"])
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# a hostile pass over the fixes above
+
+def test_a_signal_during_the_rename_says_the_output_was_written(merge_dirs, capsys, monkeypatch):
+    out = merge_dirs / "out.safetensors"
+    real = os.replace
+
+    def replace_and_term(src, dst, *a, **k):
+        result = real(src, dst, *a, **k)
+        if os.path.basename(str(dst)) == "out.safetensors":
+            os.kill(os.getpid(), signal.SIGTERM)  # held across the rename: delivered once it is in place
+        return result
+    monkeypatch.setattr(os, "replace", replace_and_term)
+    monkeypatch.setattr(os, "link", lambda *a, **k: (_ for _ in ()).throw(PermissionError(1, "no links here")))
+    assert _merge(merge_dirs / "base" / "model.safetensors", merge_dirs / "adapter", out) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "was written in full" in err and "nothing was written" not in err, err
+    assert out.exists() and [f for f in os.listdir(merge_dirs) if f.startswith(".out")] == []
+
+
+def test_atomic_files_with_a_signal_between_the_renames_keeps_a_pair(tmp_path, monkeypatch):
+    a, b = tmp_path / "weights", tmp_path / "config"
+    a.write_text("old weights")
+    b.write_text("old config")
+    real = os.replace
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: (_ for _ in ()).throw(_Timeout()))
+
+    def replace(src, dst, *args, **kwargs):
+        result = real(src, dst, *args, **kwargs)
+        if str(dst) == str(a):
+            os.kill(os.getpid(), signal.SIGALRM)  # held back until both are in place
+        return result
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        with pytest.raises(_Timeout):
+            with files.atomic_files([a, b]) as (ta, tb):
+                open(ta, "w").write("new weights")
+                open(tb, "w").write("new config")
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert (a.read_text(), b.read_text()) == ("new weights", "new config")
+    assert sorted(os.listdir(tmp_path)) == ["config", "weights"]
+
+
+def test_merge_checkpoint_takes_a_path_object_and_a_removed_working_directory(merge_dirs, monkeypatch):
+    gone = merge_dirs / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    os.rmdir(gone)
+    n = merge_cli.merge_checkpoint(str(merge_dirs / "base"), str(merge_dirs / "adapter"), merge_dirs / "out",
+                                   progress=False)
+    assert n > 0 and (merge_dirs / "out" / "model.safetensors").exists()
+
+
+def test_unload_keeps_a_weight_unfrozen_after_the_freeze():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    lora.inject(model, ["0", "2"], r=2)
+    lora.mark_only_lora_as_trainable(model)
+    model.requires_grad_(True)  # full fine-tuning from here
+    lora.unload(model, merge=True)
+    assert all(p.requires_grad for p in model.parameters())

@@ -94,29 +94,35 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
     exclusive=True (without overwrite): a file that appeared at `path` while the temporary was written (another
     run) is not replaced: FileExistsError naming it (a directory never replaces a non-empty one anyway).
 
-    An exception raised while the old one is removed, after the new one is in place (Ctrl-C, a SIGTERM handler's),
-    carries `committed` = the path, so that whoever reports it can say the output was written."""
+    Signals with Python handlers are held back across the rename (deferred_interrupt), so that the output is either
+    in place or not when one lands; an exception raised once it is in place (a held Ctrl-C or SIGTERM delivered
+    then, or one while the old output is removed) carries `committed` = the path, so that whoever reports it can say
+    the output was written."""
+    from ..named_adapters import deferred_interrupt
     path = _checked(path)
     tmp = _temporary(path, directory)
-    aside = None
+    done = False
     try:
         yield tmp
         os.chmod(tmp, 0o755 if directory else 0o644)  # mkstemp/mkdtemp make them private
-        if overwrite and os.path.lexists(path):
-            aside = _replace_existing(tmp, path, _tmp_prefix(path) + f"{os.getpid()}-")
-        elif exclusive and not directory:
-            _no_replace(tmp, path)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    if aside is not None:
-        try:
+        aside = None
+        with deferred_interrupt() as held:
+            if overwrite and os.path.lexists(path):
+                aside = _replace_existing(tmp, path, _tmp_prefix(path) + f"{os.getpid()}-")
+            elif exclusive and not directory:
+                _no_replace(tmp, path)
+            else:
+                os.replace(tmp, path)
+            done = True
+            held.deliver()
+        if aside is not None:
             _remove(aside)  # (left behind, the next run removes it as a stale temporary)
-        except BaseException as e:
+    except BaseException as e:
+        if done:
             e.committed = path
-            raise
+        else:
+            _remove(tmp)
+        raise
 
 
 def _no_replace(tmp, path):
@@ -161,6 +167,7 @@ def atomic_files(paths):
     and renames them into place only when every one is written; a rename that fails puts back those renamed
     before it (their old files kept aside, by a hard link, until all are in place), so that a failure leaves the
     old set as it was. A directory where a file goes is refused before any rename."""
+    from ..named_adapters import deferred_interrupt
     paths = [_checked(p) for p in paths]
     tmps = []
     try:
@@ -172,32 +179,50 @@ def atomic_files(paths):
             if os.path.isdir(p) and not os.path.islink(p):
                 raise IsADirectoryError(errno.EISDIR, "is a directory, where a file is written", p)
         asides, renamed = [], []
-        try:
-            for p, t in zip(paths, tmps):
-                aside = None
-                if os.path.lexists(p):
-                    aside = tempfile.mktemp(prefix=_tmp_prefix(p) + f"{os.getpid()}-old-", dir=os.path.dirname(p))
-                    try:
-                        os.link(p, aside, follow_symlinks=False)
-                    except OSError:  # (no hard links here: a copy)
-                        shutil.copy2(p, aside, follow_symlinks=False)
-                    asides.append(aside)
-                os.replace(t, p)
-                renamed.append((p, aside))
-        except BaseException:
-            for p, aside in reversed(renamed):
-                if aside is not None:
-                    os.replace(aside, p)
-                else:
-                    _remove(p)
-            raise
-        finally:
-            for a in asides:
-                _remove(a)
+        # (signals with Python handlers held back over the renames and their rollback: one landing between a
+        # rename and its note would leave a new file beside an old one)
+        with deferred_interrupt():
+            try:
+                for p, t in zip(paths, tmps):
+                    aside = _kept_aside(p) if os.path.lexists(p) else None
+                    if aside is not None:
+                        asides.append(aside)
+                    os.replace(t, p)
+                    renamed.append((p, aside))
+            except BaseException:
+                for p, aside in reversed(renamed):  # (each put back even when another cannot be)
+                    with contextlib.suppress(OSError):
+                        if aside is not None:
+                            os.replace(aside, p)
+                        else:  # (none was there)
+                            _remove(p)
+                raise
+            finally:
+                for a in asides:
+                    _remove(a)
     except BaseException:
         for t in tmps:
             _remove(t)
         raise
+
+
+def _kept_aside(path):
+    """A new name beside `path` that holds its file too (a hard link; where the file system has none, a copy into
+    a file made exclusively), for atomic_files to put back."""
+    prefix = _tmp_prefix(path) + f"{os.getpid()}-old-"
+    for _ in range(100):
+        aside = tempfile.mktemp(prefix=prefix, dir=os.path.dirname(path))
+        try:
+            os.link(path, aside, follow_symlinks=False)
+            return aside
+        except FileExistsError:  # (taken meanwhile: another name)
+            continue
+        except OSError:
+            break
+    fd, aside = tempfile.mkstemp(prefix=prefix, dir=os.path.dirname(path))
+    with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+        shutil.copyfileobj(src, out)
+    return aside
 
 
 class Progress:

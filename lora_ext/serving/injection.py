@@ -746,7 +746,9 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
                 plain = _plain(layer)
                 plain.train(layer.training)
                 base = plain.weight
-                base.requires_grad_(getattr(layer, "_base_requires_grad", True))
+                # (the flag from before inject, or False once the model was frozen since; a weight unfrozen after
+                # that, which inject had frozen, keeps its flag)
+                base.requires_grad_(base.requires_grad or getattr(layer, "_base_requires_grad", True))
             _set_submodule(model, name, plain)
             names.append(name)
         for name, wrapper in wrappers(model):

@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from .. import ops
+from ..named_adapters import deferred_interrupt
 from .files import atomic_path, remove_stale_temporaries
 from . import checkpoint_names as _names
 from . import hub as _hub
@@ -33,7 +34,7 @@ from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
 from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, base_weights_elsewhere, check_base_weight, is_lora_key,
-                      module_factors, module_rank_scaling, read_config, read_tensors, reader_error)
+                      module_factors, module_rank_scaling, read_config, read_tensors)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -245,10 +246,16 @@ def _inside(path, parent):
 def check_output(base, adapter, out, force, base_is_file):
     """Refuses an output that is the base, lies inside the base directory, holds the base or the adapter,
     or already exists (unless force; never for the base). Reads nothing but directory entries and links."""
+    if isinstance(out, os.PathLike):
+        out = os.fspath(out)
     if not isinstance(out, str) or not out.strip():  # ('' is the current directory to abspath: --force replaced it)
         raise MergeError(f"--out: {out!r} is not a path (an unset variable?); give the file or directory to write")
     rb, ro, ra = os.path.realpath(base), os.path.realpath(out), os.path.realpath(adapter)
-    if _inside(os.path.realpath(os.getcwd()), ro):
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except OSError:  # (a working directory removed meanwhile: nothing can hold it)
+        cwd = None
+    if cwd is not None and _inside(cwd, ro):
         raise MergeError(f"--out: {out!r} is or holds the current directory; choose a path outside it")
     if ro == rb or (os.path.exists(out) and os.path.exists(base) and os.path.samefile(out, base)):
         raise MergeError(f"--out: {out!r} is --base; the merge never overwrites its input (not even with --force)")
@@ -310,22 +317,22 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     if base_dir is not None:
         _check_other_weights(base_dir, files)
 
-    try:
-        cfg = read_config(adapter, dora=True)
-        tensors = read_tensors(adapter)
-    except MergeError:
-        raise
-    except ValueError as e:  # the readers' refusals, which name the file and the option
-        raise MergeError(f"--adapter: {e}") from None
-    except OSError as e:
-        if e.errno is None:  # the readers' own refusals ("no adapter_config.json in ...")
-            raise MergeError(f"--{e}") from None
-        raise _os_error(f"--adapter: reading {adapter}", e) from None
-    except Exception as e:  # a damaged weights file: the safetensors or pickle readers' own errors
-        if not reader_error(e):
+    # (signals held back over the reads: what a handler raises comes out as raised, after them, not rewrapped)
+    with deferred_interrupt():
+        try:
+            cfg = read_config(adapter, dora=True)
+            tensors = read_tensors(adapter)
+        except MergeError:
             raise
-        raise MergeError(f"--adapter {adapter!r}: cannot read its weights file: {type(e).__name__}: "
-                         f"{' '.join(str(e).split())}") from None
+        except ValueError as e:  # the readers' refusals, which name the file and the option
+            raise MergeError(f"--adapter: {e}") from None
+        except OSError as e:
+            if e.errno is None:  # the readers' own refusals ("no adapter_config.json in ...")
+                raise MergeError(f"--{e}") from None
+            raise _os_error(f"--adapter: reading {adapter}", e) from None
+        except Exception as e:  # a damaged weights file: the safetensors or pickle readers' own errors
+            raise MergeError(f"--adapter {adapter!r}: cannot read its weights file: {type(e).__name__}: "
+                             f"{' '.join(str(e).split())}") from None
     entries = _saved.check_entries(os.path.join(adapter, CONFIG_NAME), cfg.get("modules_to_save"))
     # rows of tokens (trainable_token_indices), set aside: written into their weights below
     rows = {k: tensors.pop(k) for k in list(tensors) if k.startswith(PREFIX) and k.endswith(_tokens.DELTA_SUFFIX)}

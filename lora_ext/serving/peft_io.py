@@ -11,7 +11,6 @@ import contextlib
 import json
 import math
 import os
-import pickle
 import re
 import warnings
 from typing import List, Optional, Union
@@ -129,42 +128,30 @@ def read_config(path, dora=False):
     return cfg
 
 
-def reader_error(e: BaseException) -> bool:
-    """Whether `e`, raised inside a safetensors or torch.load read, is the reader's complaint about the file (which
-    the callers re-raise naming it): safetensors' SafetensorError, pickle's and torch's refusals, a truncation, an
-    OSError with an errno. Anything else passes through as it is: a signal handler's timeout (TimeoutError has no
-    errno), a KeyboardInterrupt, a user's own exception class, which an `except` of theirs must still catch."""
-    from safetensors import SafetensorError
-    if isinstance(e, OSError):
-        return e.errno is not None
-    return isinstance(e, (SafetensorError, pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError,
-                          KeyError, AttributeError, UnicodeDecodeError, OverflowError))
-
-
 def read_tensors(path):
     """{key: tensor} of the adapter's weights file (safetensors, or adapter_model.bin with weights_only);
-    a file that cannot be read raises ValueError naming it."""
+    a file that cannot be read raises ValueError naming it. Signals with Python handlers are held back while it is
+    read (deferred_interrupt), so that what a handler raises (a timeout, Ctrl-C) comes out as it was raised, after
+    the read, never rewrapped as the file's fault."""
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(st):
         from safetensors.torch import load_file
-        try:
-            tensors = load_file(st)
-        except Exception as e:
-            if not reader_error(e):
-                raise
-            raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+        with deferred_interrupt():
+            try:
+                tensors = load_file(st)
+            except Exception as e:  # safetensors' SafetensorError, OSError, ...
+                raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
         file = st
     else:
         legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
         if not os.path.isfile(legacy):
             raise FileNotFoundError(f"adapter: neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} in {path!r}")
-        try:
-            tensors = torch.load(legacy, map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors, the weights_only refusal, truncation
-            if not reader_error(e):
-                raise
-            raise ValueError(f"{legacy}: cannot be read with torch.load(weights_only=True) "
-                             f"({type(e).__name__}: {e})") from e
+        with deferred_interrupt():
+            try:
+                tensors = torch.load(legacy, map_location="cpu", weights_only=True)
+            except Exception as e:  # pickle errors, the weights_only refusal, truncation
+                raise ValueError(f"{legacy}: cannot be read with torch.load(weights_only=True) "
+                                 f"({type(e).__name__}: {e})") from e
         file = legacy
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                 for k, v in tensors.items()):
