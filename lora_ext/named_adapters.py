@@ -117,12 +117,13 @@ class deferred_interrupt:
 
         def hold(sig, frame):
             caught.append((sig, frame))
-        previous = []
+        previous = []  # (each noted before it is swapped: a handler raising in between finds it to put back)
         try:
-            previous.append((signal.SIGINT, _signal.signal(signal.SIGINT, hold)))
-            for sig in _ALSO_HELD:
-                if callable(_signal.getsignal(sig)):
-                    previous.append((sig, _signal.signal(sig, hold)))
+            for sig in (signal.SIGINT, *_ALSO_HELD):
+                handler = _signal.getsignal(sig)
+                if sig == signal.SIGINT or callable(handler):
+                    previous.append((sig, handler))
+                    _signal.signal(sig, hold)
         except ValueError:  # not the main interpreter
             _restore(previous)
             return self
@@ -165,8 +166,18 @@ class deferred_interrupt:
 
 
 def _restore(previous) -> None:
-    for sig, handler in reversed(previous):
-        _signal.signal(sig, handler)
+    """Puts every handler back, each even when one put back before it raises meanwhile (a signal landing between
+    two): that exception is raised once all are back."""
+    pending = None
+    for sig, handler in previous:
+        while True:
+            try:
+                _signal.signal(sig, handler)
+                break
+            except BaseException as e:  # (set again: signal() is idempotent)
+                pending = pending or e
+    if pending is not None:
+        raise pending
 
 
 def _redeliver(caught) -> None:

@@ -962,3 +962,45 @@ def test_unload_keeps_a_weight_unfrozen_after_the_freeze():
     model.requires_grad_(True)  # full fine-tuning from here
     lora.unload(model, merge=True)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_handler_raising_while_the_hold_ends_leaves_every_handler_back(monkeypatch):
+    from lora_ext import named_adapters
+    previous = (signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.signal(signal.SIGALRM, lambda signum, frame: (_ for _ in ()).throw(_Timeout())))
+    real, restored = named_adapters._signal.signal, []
+
+    def swap(sig, handler):  # a SIGALRM lands right after the first handler is put back
+        out = real(sig, handler)
+        if handler is not None and not getattr(handler, "__name__", "") == "hold":
+            restored.append(sig)
+            if len(restored) == 1:
+                raise _Timeout()
+        return out
+    try:
+        hold = named_adapters.deferred_interrupt().__enter__()
+        monkeypatch.setattr(named_adapters._signal, "signal", swap)
+        with pytest.raises(_Timeout):
+            hold.deliver()
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert getattr(signal.getsignal(signal.SIGALRM), "__name__", "") == "<lambda>"
+        assert not named_adapters.deferred_interrupt._open
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGALRM, previous[1])
+
+
+def test_a_signal_right_after_the_commit_says_the_output_was_written(merge_dirs, capsys, monkeypatch):
+    real = merge_cli.tqdm
+
+    class Bar(real):  # the progress bar closes after the output is in place: a SIGTERM lands there
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            if exc[0] is None:
+                raise merge_cli.Terminated()
+    monkeypatch.setattr(merge_cli, "tqdm", Bar)
+    out = merge_dirs / "out"
+    assert _merge(merge_dirs / "base", merge_dirs / "adapter", out) == 128 + signal.SIGTERM
+    assert "was written in full" in capsys.readouterr().err
+    assert (out / "model.safetensors").exists()

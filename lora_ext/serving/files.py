@@ -100,7 +100,8 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
     the output was written."""
     from ..named_adapters import deferred_interrupt
     path = _checked(path)
-    tmp = _temporary(path, directory)
+    with deferred_interrupt():  # (the temporary made, and named here, whole: else left behind by a live pid)
+        tmp = _temporary(path, directory)
     done = False
     try:
         yield tmp
@@ -121,7 +122,8 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
         if done:
             e.committed = path
         else:
-            _remove(tmp)
+            with deferred_interrupt():
+                _remove(tmp)
         raise
 
 
@@ -171,8 +173,9 @@ def atomic_files(paths):
     paths = [_checked(p) for p in paths]
     tmps = []
     try:
-        for p in paths:
-            tmps.append(_temporary(p))
+        with deferred_interrupt():  # (each temporary made and noted whole)
+            for p in paths:
+                tmps.append(_temporary(p))
         yield tmps
         for p, t in zip(paths, tmps):
             os.chmod(t, 0o644)
@@ -201,8 +204,9 @@ def atomic_files(paths):
                 for a in asides:
                     _remove(a)
     except BaseException:
-        for t in tmps:
-            _remove(t)
+        with deferred_interrupt():
+            for t in tmps:
+                _remove(t)
         raise
 
 

@@ -975,6 +975,7 @@ def run(args, err=None):
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     except ValueError:  # not the main thread
         pass
+    before = _stat(args.out)
     try:
         n = merge_checkpoint(args.base, args.adapter, args.out, device=args.device, dtype=args.dtype,
                              progress=not args.quiet, force=getattr(args, "force", False),
@@ -982,7 +983,8 @@ def run(args, err=None):
                              revision=getattr(args, "revision", None))
     except KeyboardInterrupt as e:  # (Terminated too)
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        if getattr(e, "committed", None):  # (while the old output was removed, the new one in place)
+        # (the new one in place: a signal while the old output was removed, or one landing as the rename ended)
+        if getattr(e, "committed", None) or _stat(args.out) not in (None, before):
             print(f"lora-ext merge: {what} after {args.out} was written in full; what is left of the output it "
                   f"replaced is removed by the next run", file=err)
         else:
@@ -1006,6 +1008,15 @@ def run(args, err=None):
             signal.signal(signal.SIGTERM, previous)
     print(f"merged {n} weights into {args.out}")
     return 0
+
+
+def _stat(path):
+    """What tells the file or directory at `path` from another put there (inode, change time), or None."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError, TypeError):
+        return None
+    return st.st_ino, st.st_ctime_ns
 
 
 def _one_line(e):
