@@ -144,8 +144,9 @@ class deferred_interrupt:
         """Ends the hold now (the handlers back) and delivers the signals caught meanwhile, here, in the order they
         came: the model-level operations call it inside their try, so that a KeyboardInterrupt (or a handler's
         exception) rolls the whole operation back and a handler that returns (or that itself switches adapters)
-        runs after the operation, never between two layers. A handler that raises ends the delivery (as Python's
-        own does). Nothing when this one is nested in another (that one delivers) or already delivered."""
+        runs after the operation, never between two layers. When a handler raises, the signals caught after its
+        own are sent again (Python runs their handlers at its next check, as it does for pending signals). Nothing
+        when this one is nested in another (that one delivers) or already delivered."""
         caught = self._caught
         if caught is None:
             return

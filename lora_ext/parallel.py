@@ -424,8 +424,8 @@ def _dropout_slice(layer, x: torch.Tensor, spec) -> torch.Tensor:
     whole width: with the same seed on every rank (as the replicated factors' initialisation has), the ranks' masks
     are one process's, where a mask drawn per slice would repeat across the slices."""
     drop = layer.lora_dropout
-    if not drop.training or isinstance(drop, nn.Identity) or spec.hi - spec.lo == layer.in_features:
-        return drop(x)
+    if not isinstance(drop, nn.Dropout) or not drop.training or spec.hi - spec.lo == layer.in_features:
+        return drop(x)  # (no dropout, a whole width, or a module of the user's: as it was)
     mask = drop(x.new_ones(*x.shape[:-1], layer.in_features))
     return x * mask[..., spec.lo:spec.hi]
 
