@@ -87,6 +87,10 @@ def _freezing() -> bool:
 _given_bases = [False]  # whether a merged layer's state_dict marked a base (LoRALayer._serves_merged)
 
 
+class EnableLoraError(ValueError, AssertionError):
+    """MergedLinear's enable_lora refused: a ValueError, and the AssertionError loralib's assert raises."""
+
+
 def _whole(*tensors) -> list:
     """The tensors, a DTensor gathered whole (factors FSDP2 sharded beside a weight it left alone: ignored_params)."""
     return [sharded.full(t) if sharded.is_dtensor(t) else t for t in tensors]
@@ -885,7 +889,7 @@ class MergedLinear(LoRALayer, nn.Linear):
                            merge_weights=merge_weights, lossless=lossless)
         enable_lora = [bool(e) for e in enable_lora]
         if not enable_lora or out_features % len(enable_lora):
-            raise ValueError(
+            raise EnableLoraError(
                 f"enable_lora must be a non-empty list whose length divides out_features ({out_features}), "
                 f"got length {len(enable_lora)}")
         self.enable_lora = enable_lora

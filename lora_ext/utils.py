@@ -7,9 +7,14 @@ from .layers import ConvLoRA, LoRALayer
 BIAS_MODES = ("none", "all", "lora_only")
 
 
+class BiasModeError(ValueError, NotImplementedError):
+    """An unknown bias mode: a ValueError, and the NotImplementedError loralib raises (an `except` written for
+    either catches it)."""
+
+
 def _check_bias(bias):
     if bias not in BIAS_MODES:
-        raise ValueError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}")
+        raise BiasModeError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}")
 
 
 def _lora_layers(model):

@@ -1004,3 +1004,17 @@ def test_a_signal_right_after_the_commit_says_the_output_was_written(merge_dirs,
     assert _merge(merge_dirs / "base", merge_dirs / "adapter", out) == 128 + signal.SIGTERM
     assert "was written in full" in capsys.readouterr().err
     assert (out / "model.safetensors").exists()
+
+
+def test_refusals_loralib_raises_as_other_types_are_those_types_too():
+    import loralib
+    with pytest.raises(NotImplementedError):
+        loralib.mark_only_lora_as_trainable(loralib.Linear(4, 4, r=2), bias="some")
+    with pytest.raises(NotImplementedError):
+        lora.mark_only_lora_as_trainable(lora.Linear(4, 4, r=2), bias="some")
+    with pytest.raises(ValueError, match="bias must be one of"):
+        lora.mark_only_lora_as_trainable(lora.Linear(4, 4, r=2), bias="some")
+    with pytest.raises(AssertionError):
+        loralib.MergedLinear(4, 6, r=2, enable_lora=[True] * 4)
+    with pytest.raises(AssertionError):
+        lora.MergedLinear(4, 6, r=2, enable_lora=[True] * 4)
