@@ -150,11 +150,16 @@ class LayerSlots:
             self.keys[slot] = (name, _identity(A, B), s, layer.value_epoch(name))
         return same
 
-    def load(self, slot: int, layer, name: str) -> None:
-        """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it)."""
+    def load(self, slot: int, layer, name: str, label: Optional[str] = None) -> None:
+        """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it); values
+        that are not finite are refused first (layer.check_values' rule; `label` names them), except for the merge
+        snapshot of a merged layer, which its merge checked."""
         if self.current(slot, layer, name):
             self._ready(slot)
             return
+        if layer.has_adapter(name) and not (layer.merged and name == layer.active_adapter
+                                            and layer._merged_A is not None):
+            layer._check_values(name, label)
         self.keys[slot] = None
         if not layer.has_adapter(name):
             at = torch.zeros(self.k, self.a.shape[2], dtype=self.dtype)

@@ -50,12 +50,12 @@ def test_ctrl_c_while_slots_are_loaded(monkeypatch):
     real = batched.LayerSlots.load
     calls = {"n": 0}
 
-    def interrupted(self, slot, layer_, name):
+    def interrupted(self, slot, layer_, name, *rest):
         calls["n"] += 1
         if calls["n"] == 2:
-            real(self, slot, layer_, name)
+            real(self, slot, layer_, name, *rest)
             raise KeyboardInterrupt
-        return real(self, slot, layer_, name)
+        return real(self, slot, layer_, name, *rest)
 
     monkeypatch.setattr(batched.LayerSlots, "load", interrupted)
     with torch.no_grad():

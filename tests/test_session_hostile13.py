@@ -429,15 +429,14 @@ def test_a_delete_before_the_hold_is_seen_by_the_batch(monkeypatch):
             (ra, ca), (rb, cb) = m.factor_shapes(2)
             m.add_adapter("x", torch.randn(ra, ca), torch.randn(rb, cb), 1.0)
     model.eval()
-    real = batches._rows
+    real = batches.hold
 
-    def rows_then_a_delete(*args, **kwargs):
-        out = real(*args, **kwargs)  # "x" is held when the names are checked
+    def a_delete_then_the_hold(m):  # another thread's delete lands after the checks before the hold
         other = threading.Thread(target=lora.delete_adapter, args=(model, "x"))
         other.start()
         other.join()
-        return out
-    monkeypatch.setattr(batches, "_rows", rows_then_a_delete)
+        return real(m)
+    monkeypatch.setattr(batches, "hold", a_delete_then_the_hold)
     with pytest.raises(ValueError, match="row 0: adapter 'x' is not loaded"):
         with torch.no_grad(), lora.batch_adapters(model, ["x", None]):
             pytest.fail("the batch opened for a deleted adapter")

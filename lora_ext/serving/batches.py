@@ -327,17 +327,13 @@ def _rows(adapters, rows, held) -> tuple:
     n = index.numel()
     if not n:
         raise ValueError("batch_adapters: the batch has no rows")
-    _check_names(table, index, label, held)
-    return table, index, n, label
-
-
-def _check_names(table, index, label, held) -> None:
     for j, name in enumerate(table):
         if name is not None and name not in held:
             first = _first_row(index, table, name)
             who = label(first) if first is not None else f"adapters entry {j}"
             raise ValueError(f"batch_adapters: {who}: adapter {name!r} is not loaded in the model (it holds "
                              f"{sorted(held)})")
+    return table, index, n, label
 
 
 def _first_row(index, table, name) -> Optional[int]:
@@ -455,26 +451,20 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
     if model in _open(_MODELS.get()):
         raise ValueError("batch_adapters: a batch of this model is already open in this context; close it first")
     found = _layers_or_raise(model)
-    _check_layers(found)
     _check_enabled(model, found)
     if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
         raise ValueError(f"batch_adapters: expand must be a positive int (generate()'s num_beams), got {expand!r}")
     _check_batch_major(model, expand)
-    held = {n for _, m in found for n in m.adapter_names}
-    table, index, n, label = _rows(adapters, rows, held)
     with hold(model):
-        found = _layers_or_raise(model)  # as of now: a load may have added layers before the hold
+        # the layers and names as of now, under the hold (a load or a delete may have landed before it: checked
+        # before the hold, a deleted adapter's rows were served as the base)
+        found = _layers_or_raise(model)
         _check_enabled(model, found)  # (again: a disable_adapter may have begun before the hold; not while it)
         _check_layers(found)
-        # (again: a delete may have landed before the hold)
-        _check_names(table, index, label, {n for _, m in found for n in m.adapter_names})
+        table, index, n, label = _rows(adapters, rows, {n for _, m in found for n in m.adapter_names})
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
         _check_row_lookups(found, need)
-        for path, m in found:  # the values the slots will take (stamped: nothing to do for those checked unwritten)
-            for name in need:
-                if m.has_adapter(name) and not (m.merged and name == m.active_adapter and m._merged_A is not None):
-                    m._check_values(name, f"batch_adapters: layer {path!r} adapter {name!r}")
         pool = _pool(model, found)
         for name in need:
             for path, m in found:
@@ -503,9 +493,9 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                     views = {m: pool.stacks(m) for _, m in found}  # made again after a move, before this pins
                     slot_of = _assign_current(pool, views, need)
                     pinned = True
-                    for m, stacks in views.items():
-                        for name in need:
-                            stacks.load(slot_of[name], m, name)
+                    for path, m in found:
+                        for name in need:  # (a slot taken again checks the values first, as set_adapter does)
+                            views[m].load(slot_of[name], m, name, f"batch_adapters: layer {path!r} adapter {name!r}")
                 batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
                               else index, slot_of, {m: path for path, m in found}, expand)
                 for m in views:
