@@ -447,7 +447,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
     entry per token). Works for any module holding lora_ext layers (a single layer too), and for generate().
     Inference only: the model in eval mode, under torch.no_grad() or torch.inference_mode(). Merged layers serve
     each row relative to the adapter they hold (see lora_ext.batched). Everything is checked before anything is
-    written; see lora_ext/serving/batches.py for slots and paging."""
+    written, but for non-finite factor values, refused as their slot is loaded; see lora_ext/serving/batches.py for
+    slots and paging."""
     if model in _open(_MODELS.get()):
         raise ValueError("batch_adapters: a batch of this model is already open in this context; close it first")
     found = _layers_or_raise(model)
