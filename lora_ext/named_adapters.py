@@ -121,15 +121,16 @@ class deferred_interrupt:
         try:
             for sig in (signal.SIGINT, *_ALSO_HELD):
                 handler = _signal.getsignal(sig)
-                if sig == signal.SIGINT or callable(handler):
+                # (a handler Python cannot set again, None for one installed from C, is left alone)
+                if callable(handler) or (sig == signal.SIGINT and handler in (signal.SIG_DFL, signal.SIG_IGN)):
                     previous.append((sig, handler))
                     _signal.signal(sig, hold)
         except ValueError:  # not the main interpreter
             _restore(previous)
             return self
-        except BaseException:  # a signal not swapped yet whose handler raised: the ones swapped back, then it
-            _restore(previous)
-            _redeliver(caught)
+        except BaseException as err:
+            # a signal not swapped yet whose handler raised: the ones swapped put back, the caught ones run, then it
+            _deliver_all(caught, dict(previous), _restore_catching(previous) or err)
             raise
         self._previous = previous
         self._caught = caught
@@ -144,47 +145,56 @@ class deferred_interrupt:
         """Ends the hold now (the handlers back) and delivers the signals caught meanwhile, here, in the order they
         came: the model-level operations call it inside their try, so that a KeyboardInterrupt (or a handler's
         exception) rolls the whole operation back and a handler that returns (or that itself switches adapters)
-        runs after the operation, never between two layers. When a handler raises, the signals caught after its
-        own are sent again (Python runs their handlers at its next check, as it does for pending signals). Nothing
-        when this one is nested in another (that one delivers) or already delivered."""
+        runs after the operation, never between two layers. When a handler raises, the handlers of the other
+        caught signals still run, and the first exception is raised after them. Nothing when this one is nested in
+        another (that one delivers) or already delivered."""
         caught = self._caught
         if caught is None:
             return
         self._caught = None
         deferred_interrupt._open = False
-        previous = dict(self._previous)
-        _restore(self._previous)
-        for i, (sig, frame) in enumerate(caught):
-            handler = previous[sig]
-            try:
-                if callable(handler):
-                    handler(sig, frame)
-                elif sig == signal.SIGINT and handler == signal.SIG_DFL:
-                    raise KeyboardInterrupt
-            except BaseException:  # the ones after it: sent again, so that Python runs their handlers next
-                _redeliver(caught[i + 1:])
-                raise
+        _deliver_all(caught, dict(self._previous), _restore_catching(self._previous))
 
 
 def _restore(previous) -> None:
-    """Puts every handler back, each even when one put back before it raises meanwhile (a signal landing between
-    two): that exception is raised once all are back."""
-    pending = None
-    for sig, handler in previous:
-        while True:
-            try:
-                _signal.signal(sig, handler)
-                break
-            except BaseException as e:  # (set again: signal() is idempotent)
-                pending = pending or e
+    """Puts every handler back (see _restore_catching), then raises what a signal landing meanwhile raised."""
+    pending = _restore_catching(previous)
     if pending is not None:
         raise pending
 
 
-def _redeliver(caught) -> None:
-    """Sends the held signals again, now that their own handlers are back (Python runs them at its next check)."""
-    for sig in dict.fromkeys(sig for sig, _ in caught):
-        signal.raise_signal(sig)
+def _restore_catching(previous) -> Optional[BaseException]:
+    """Puts every handler back, each even when one put back before it raises meanwhile (a signal landing between
+    two: that handler's exception is returned, for the caller to raise once the caught signals have run). A
+    handler that cannot be set again (TypeError, ValueError: not the main interpreter) is skipped."""
+    pending = None
+    for sig, handler in previous:
+        for _ in range(8):  # (set again after a landing signal's exception: signal() is idempotent)
+            try:
+                _signal.signal(sig, handler)
+                break
+            except (TypeError, ValueError):
+                break
+            except BaseException as e:
+                pending = pending or e
+    return pending
+
+
+def _deliver_all(caught, previous, pending: Optional[BaseException]) -> None:
+    """Runs the handler of each caught signal, in the order they came, every one even when one raises (Python
+    would run the rest at its next check); then raises `pending` (a signal that landed as the handlers were put
+    back) or the first exception a handler raised."""
+    for sig, frame in caught:
+        handler = previous[sig]
+        try:
+            if callable(handler):
+                handler(sig, frame)
+            elif sig == signal.SIGINT and handler == signal.SIG_DFL:
+                raise KeyboardInterrupt
+        except BaseException as e:
+            pending = pending or e
+    if pending is not None:
+        raise pending
 
 
 # The attribute of a lora_A Parameter that holds the scale tensors going with its values, by layer (_pair_scales).

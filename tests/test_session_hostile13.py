@@ -1017,3 +1017,73 @@ def test_refusals_loralib_raises_as_other_types_are_those_types_too():
         loralib.MergedLinear(4, 6, r=2, enable_lora=[True] * 4)
     with pytest.raises(AssertionError):
         lora.MergedLinear(4, 6, r=2, enable_lora=[True] * 4)
+
+
+# -------------------------------------------------------------------------------------------------------------------
+# a second hostile pass over the holds and the files
+
+def test_every_caught_handler_runs_when_one_raises():
+    from lora_ext.named_adapters import deferred_interrupt
+    ran = []
+
+    def term(signum, frame):
+        ran.append("TERM")
+        raise _Timeout()
+    previous = (signal.signal(signal.SIGINT, signal.default_int_handler), signal.signal(signal.SIGTERM, term),
+                signal.signal(signal.SIGALRM, lambda signum, frame: ran.append("ALRM")))
+    try:
+        with pytest.raises(KeyboardInterrupt):  # (the first one's exception)
+            with deferred_interrupt():
+                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(signal.SIGTERM)
+                signal.raise_signal(signal.SIGALRM)
+        assert ran == ["TERM", "ALRM"]
+    finally:
+        for s, h in zip((signal.SIGINT, signal.SIGTERM, signal.SIGALRM), previous):
+            signal.signal(s, h)
+
+
+def test_handlers_python_cannot_set_again_are_left_alone(monkeypatch):
+    from lora_ext import named_adapters
+    assert named_adapters._restore_catching([(signal.SIGINT, None)]) is None  # (returns: no endless retry)
+    real = named_adapters._signal.getsignal
+    monkeypatch.setattr(named_adapters._signal, "getsignal",
+                        lambda sig: None if sig == signal.SIGINT else real(sig))  # (a handler installed from C)
+    before = signal.getsignal(signal.SIGINT)
+    with named_adapters.deferred_interrupt():
+        assert signal.getsignal(signal.SIGINT) is before  # not swapped
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_while_atomic_path_makes_its_temporary_leaves_none(tmp_path, monkeypatch, python_sigint):
+    real = files._temporary
+
+    def interrupted(*a, **k):
+        made = real(*a, **k)
+        signal.raise_signal(signal.SIGINT)  # held until the temporary is noted
+        return made
+    monkeypatch.setattr(files, "_temporary", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with files.atomic_path(tmp_path / "out.bin"):
+            pytest.fail("the body ran")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_refused_replacement_with_ctrl_c_held_says_nothing_was_written(merge_dirs, capsys, monkeypatch,
+                                                                         python_sigint):
+    out = merge_dirs / "out"
+    assert _merge(merge_dirs / "base", merge_dirs / "adapter", out) == 0
+    (out / "old.txt").write_text("the old output")
+    real = os.replace
+
+    def replace(src, dst, *a, **k):  # the new output's rename fails (EIO), a Ctrl-C held meanwhile
+        if os.path.basename(str(dst)) == "out" and ".tmp-" in os.path.basename(str(src)) \
+                and "-old-" not in os.path.basename(str(src)):
+            signal.raise_signal(signal.SIGINT)
+            raise OSError(5, "Input/output error", str(dst))
+        return real(src, dst, *a, **k)
+    monkeypatch.setattr(os, "replace", replace)
+    assert _merge(merge_dirs / "base", merge_dirs / "adapter", out, "--force") == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "nothing was written" in err and "written in full" not in err, err
+    assert (out / "old.txt").read_text() == "the old output"

@@ -100,10 +100,10 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
     the output was written."""
     from ..named_adapters import deferred_interrupt
     path = _checked(path)
-    with deferred_interrupt():  # (the temporary made, and named here, whole: else left behind by a live pid)
-        tmp = _temporary(path, directory)
-    done = False
+    tmp, done = None, False
     try:
+        with deferred_interrupt():  # (the temporary made, and named here, whole: else left behind by a live pid)
+            tmp = _temporary(path, directory)
         yield tmp
         os.chmod(tmp, 0o755 if directory else 0o644)  # mkstemp/mkdtemp make them private
         aside = None
@@ -121,7 +121,7 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
     except BaseException as e:
         if done:
             e.committed = path
-        else:
+        elif tmp is not None:
             with deferred_interrupt():
                 _remove(tmp)
         raise

@@ -983,7 +983,8 @@ def run(args, err=None):
                              revision=getattr(args, "revision", None))
     except KeyboardInterrupt as e:  # (Terminated too)
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        # (the new one in place: a signal while the old output was removed, or one landing as the rename ended)
+        # (the new one in place: a signal while the old output was removed, or one landing as the rename ended;
+        # atomic_path's `committed`, else another file at --out than before the run)
         if getattr(e, "committed", None) or _stat(args.out) not in (None, before):
             print(f"lora-ext merge: {what} after {args.out} was written in full; what is left of the output it "
                   f"replaced is removed by the next run", file=err)
@@ -1011,12 +1012,13 @@ def run(args, err=None):
 
 
 def _stat(path):
-    """What tells the file or directory at `path` from another put there (inode, change time), or None."""
+    """What tells the file or directory at `path` from another put there (device and inode: the merge puts its
+    output in place by a rename or a link of a new file, and a rollback puts the old one back), or None."""
     try:
         st = os.stat(path)
     except (OSError, ValueError, TypeError):
         return None
-    return st.st_ino, st.st_ctime_ns
+    return st.st_dev, st.st_ino
 
 
 def _one_line(e):
