@@ -141,9 +141,7 @@ class LayerSlots:
         A, B, s = self.source(layer, name)
         if key[2] != s:
             return False
-        at, bt, s2 = self._padded(layer, A.detach(), B.detach(), s)
-        if self.dtype == torch.float64:
-            bt, s2 = bt * s2, 1.0
+        at, bt, s2 = self._slot_values(layer, A, B, s)
         same = (torch.equal(self.a[slot], at.to(self.device)) and torch.equal(self.b[slot], bt.to(self.device))
                 and float(self.scales[slot]) == float(torch.tensor(s2, dtype=torch.float32)))
         if same:
@@ -168,11 +166,17 @@ class LayerSlots:
         else:
             A, B, s = self.source(layer, name)
             key = (name, _identity(A, B), s, layer.value_epoch(name))
-            at, bt, s = self._padded(layer, A.detach(), B.detach(), s)  # (s: scaled where a factor was)
-            if self.dtype == torch.float64:  # the float32 scales would round the scaling (1e-8 relative): folded
-                bt, s = bt * s, 1.0          # into B^T, in float64
+            at, bt, s = self._slot_values(layer, A, B, s)
         self._write(slot, at, bt, float(s))
         self.keys[slot] = key
+
+    def _slot_values(self, layer, A: Tensor, B: Tensor, s: float):
+        """(A^T, B^T, scaling) as slot s of this stack holds adapter (A, B, s): padded and fitted (_padded), and in
+        float64 slots the scaling folded into B^T (the float32 scales would round it, 1e-8 relative)."""
+        at, bt, s = self._padded(layer, A.detach(), B.detach(), s)  # (s: scaled where a factor was)
+        if self.dtype == torch.float64:
+            bt, s = bt * s, 1.0
+        return at, bt, s
 
     def _padded(self, layer, A: Tensor, B: Tensor, s: float):
         """(A^T (k, n*R), B^T (n*R, d), scaling) of the adapter, zero-padded, in the slots' dtype, where A lies.

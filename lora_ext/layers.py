@@ -92,7 +92,8 @@ class EnableLoraError(ValueError, AssertionError):
 
 
 def _whole(*tensors) -> list:
-    """The tensors, a DTensor gathered whole (factors FSDP2 sharded beside a weight it left alone: ignored_params)."""
+    """The arguments, each DTensor gathered whole (factors FSDP2 sharded beside a weight it left alone:
+    ignored_params); anything else as it is."""
     return [sharded.full(t) if sharded.is_dtensor(t) else t for t in tensors]
 
 
@@ -318,13 +319,20 @@ class LoRALayer(NamedAdapters):
         """Whether the next merge writes a lossless record: `lossless` if set, else on for float16/bfloat16
         weights (their merges round at 8-11 bits; a float32 merge loses ~1e-7 relative per switch, and its
         record would cost half the weight again)."""
-        dtype = self._weight_2d().dtype
         if self.lossless is None:
-            return lossless.default_lossless(dtype)
-        if self.lossless and dtype not in lossless.RECORD_DTYPES:
-            raise ValueError(f"{self._describe()}: lossless=True takes float16, bfloat16 or float32 weights, "
-                             f"this one is {dtype} (set lossless=False or None)")
+            return lossless.default_lossless(self._weight_2d().dtype)
+        refusal = self._lossless_refusal()
+        if refusal is not None:
+            raise ValueError(refusal)
         return bool(self.lossless)
+
+    def _lossless_refusal(self) -> Optional[str]:
+        """Why lossless=True cannot record this weight (its dtype), or None."""
+        dtype = self._weight_2d().dtype
+        if self.lossless and dtype not in lossless.RECORD_DTYPES:
+            return (f"{self._describe()}: lossless=True takes float16, bfloat16 or float32 weights, this one is "
+                    f"{dtype} (set lossless=False or None)")
+        return None
 
     def merge_refusal(self) -> Optional[str]:
         """Why the active adapter cannot be merged into this layer's weight, or None: a weight that is not a
@@ -332,10 +340,7 @@ class LoRALayer(NamedAdapters):
         if self._weight_or_none() is None:
             return (f"{self._computed_weight()}: serve it unmerged, or remove the parametrization first "
                     f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
-        if self.lossless and self._weight_2d().dtype not in lossless.RECORD_DTYPES:  # (eval() warns, all or none)
-            return (f"{self._describe()}: lossless=True takes float16, bfloat16 or float32 weights, this one is "
-                    f"{self._weight_2d().dtype} (set lossless=False or None)")
-        return None
+        return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
 
     def _computed_weight(self) -> str:
         """What merges meet in a layer whose weight is not a registered parameter (merge_refusal, _weight_param)."""
@@ -493,7 +498,7 @@ class LoRALayer(NamedAdapters):
         if sharded.is_dtensor(weight):
             return sharded.swap_(weight, *old, A, B, s, record=self._merged_record, where=self._describe(),
                                  **self._layout())
-        old, (A, B) = _whole(*old[:2]) + [old[2]], _whole(A, B)
+        old, (A, B) = _whole(*old), _whole(A, B)
         with self._writable_2d(weight) as w:
             return ops.swap_(w, *old, A, B, s, check_values=False, record=self._record_now(w), **self._layout())
 
@@ -503,7 +508,7 @@ class LoRALayer(NamedAdapters):
         if sharded.is_dtensor(weight):
             sharded.unmerge_(weight, *args, record=self._merged_record, where=self._describe(), **self._layout())
             return
-        args = _whole(*args[:2]) + [args[2]]
+        args = _whole(*args)
         with self._writable_2d(weight) as w:
             ops.unmerge_(w, *args, record=self._record_now(w), **self._layout())
 

@@ -95,33 +95,28 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
     run) is not replaced: FileExistsError naming it (a directory never replaces a non-empty one anyway).
 
     Signals with Python handlers are held back across the rename (deferred_interrupt), so that the output is either
-    in place or not when one lands; an exception raised once it is in place (a held Ctrl-C or SIGTERM delivered
-    then, or one while the old output is removed) carries `committed` = the path, so that whoever reports it can say
-    the output was written."""
+    in place or not when one lands (a caller that reports an interruption tells which from the path itself: the
+    output is a new file or directory there, another inode, once in place)."""
     from ..named_adapters import deferred_interrupt
     path = _checked(path)
-    tmp, done = None, False
+    tmp = None
     try:
         with deferred_interrupt():  # (the temporary made, and named here, whole: else left behind by a live pid)
             tmp = _temporary(path, directory)
         yield tmp
         os.chmod(tmp, 0o755 if directory else 0o644)  # mkstemp/mkdtemp make them private
         aside = None
-        with deferred_interrupt() as held:
+        with deferred_interrupt():
             if overwrite and os.path.lexists(path):
                 aside = _replace_existing(tmp, path, _tmp_prefix(path) + f"{os.getpid()}-")
             elif exclusive and not directory:
                 _no_replace(tmp, path)
             else:
                 os.replace(tmp, path)
-            done = True
-            held.deliver()
         if aside is not None:
             _remove(aside)  # (left behind, the next run removes it as a stale temporary)
-    except BaseException as e:
-        if done:
-            e.committed = path
-        elif tmp is not None:
+    except BaseException:
+        if tmp is not None:  # (nothing there any more once it was renamed)
             with deferred_interrupt():
                 _remove(tmp)
         raise

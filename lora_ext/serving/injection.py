@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import layers, ops, sharded, ties
 from ..layers import LoRALayer
+from ..lossless import RECORD_DTYPES
 from ..named_adapters import deferred_interrupt, each_or_none
 from .saved_modules import ModulesToSave, keeps_lora_off, wrappers
 
@@ -571,8 +572,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
                              f"tokens by adapter(s) {module.adapter_names}; peft puts no LoRA on such a module")
         check_replaceable(model, name, module, f"{'fused' if enable is not None else 'target_modules'}: module {name!r}")
         weight = getattr(module, "weight", None)
-        if lossless and isinstance(weight, torch.Tensor) and weight.dtype not in (torch.float16, torch.bfloat16,
-                                                                                  torch.float32):
+        if lossless and isinstance(weight, torch.Tensor) and weight.dtype not in RECORD_DTYPES:
             raise ValueError(f"lossless=True: module {name!r} has a {weight.dtype} weight; lossless merges take "
                              f"float16, bfloat16 or float32 weights (set lossless=False or None)")
         rr = pattern_value(rank_pattern, name, r)

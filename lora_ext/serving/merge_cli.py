@@ -983,9 +983,9 @@ def run(args, err=None):
                              revision=getattr(args, "revision", None))
     except KeyboardInterrupt as e:  # (Terminated too)
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
-        # (the new one in place: a signal while the old output was removed, or one landing as the rename ended;
-        # atomic_path's `committed`, else another file at --out than before the run)
-        if getattr(e, "committed", None) or _stat(args.out) not in (None, before):
+        # (the new one in place, another file at --out than before the run: a signal landing as the rename ended
+        # or while the old output was removed)
+        if _stat(args.out) not in (None, before):
             print(f"lora-ext merge: {what} after {args.out} was written in full; what is left of the output it "
                   f"replaced is removed by the next run", file=err)
         else:
