@@ -534,7 +534,7 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
     rows = [] if sink is None else sink  # (extended in place from here on)
     if batched:
         rows += bench_batched.rows(device, quick=False, repeats=repeats, compare=compare, shim=_cuda,
-                                   dim=dim if _cuda.rehearsal or dim != 4096 else None, dtype=dtype)
+                                   dim=_batched_dim(dim), dtype=dtype)
         return _result(device, dtype, dim, quick, rows)
 
     def add(case, times, floor, target=None):
@@ -574,8 +574,14 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
         rows += bench_lossless.timing_rows(dim, device, repeats, compare, _cuda.place)
     # the mixed-batch targets' cases (`lora-ext bench --batched`: the whole grid)
     rows += bench_batched.rows(device, quick=True, repeats=repeats, compare=compare, shim=_cuda,
-                               dim=dim if _cuda.rehearsal else None, dtype=dtype)
+                               dim=_batched_dim(dim), dtype=dtype)
     return _result(device, dtype, dim, quick, rows)
+
+
+def _batched_dim(dim):
+    """The width of the mixed-batch rows: the targets' widths (1024 and 4096) at the default width, else `dim`
+    (a rehearsal's tiny one, or --dim)."""
+    return dim if _cuda.rehearsal or dim != 4096 else None
 
 
 def partial(device, quick, dim, rows, why, rehearse=False):

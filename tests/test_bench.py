@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from lora_ext import bench, bench_targets, cli, ops
+from lora_ext import bench, bench_batched, bench_lossless, bench_targets, cli, ops
 
 
 def test_forward_kernel_rows_run_on_cpu():
@@ -188,3 +188,18 @@ def test_the_sanitizer_suite_reaches_every_forward_variant_and_the_tensor_core_m
             assert any(v.startswith(f"forward<{t},") and v.endswith(f"vector={vec}>") for v in seen), (t, vec, seen)
     for t in ("Half", "BFloat16"):
         assert f"merge<W={t}, factors={t}, tensor_core=1, vector=1>" in seen
+
+
+@pytest.mark.parametrize("dim, widths", [(16, {16}), (4096, {1024, 4096})])
+def test_the_mixed_batch_rows_of_a_cpu_run_are_at_its_width(monkeypatch, dim, widths):
+    # `lora-ext bench --dim 16` measured its mixed-batch rows at widths 1024 and 4096 whatever --dim said; the
+    # default width keeps the targets' widths. The other rows are stubbed out: only the widths are checked.
+    seen = []
+    monkeypatch.setattr(bench_batched, "case_rows", lambda dim, *a, **k: seen.append(dim) or [])
+    monkeypatch.setattr(bench, "merge_case", lambda *a, **k: ({}, 0))
+    monkeypatch.setattr(bench, "forward_case", lambda *a, **k: {})
+    monkeypatch.setattr(bench, "_ratio_rows", lambda *a, **k: [])
+    monkeypatch.setattr(bench, "serving_rows", lambda *a, **k: [])
+    monkeypatch.setattr(bench_lossless, "timing_rows", lambda *a, **k: [])
+    bench.run("cpu", quick=True, dim=dim)
+    assert seen and set(seen) == widths, seen
