@@ -273,6 +273,12 @@ def check_output(base, adapter, out, force, base_is_file):
             if _inside(real, ro):
                 raise MergeError(f"--out: {out!r} holds {real}, the file {option}'s {path} links to; writing there "
                                  f"would delete the input (not even with --force)")
+    parent = os.path.dirname(ro)
+    while not os.path.lexists(parent):  # the directories the merge makes
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise MergeError(f"--out: {out!r} lies under {parent!r}, which is a file, not a directory; choose another "
+                         f"path")
     if not os.path.lexists(out):
         return
     if os.path.isdir(out) and not os.path.islink(out):
