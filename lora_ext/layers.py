@@ -337,9 +337,13 @@ class LoRALayer(NamedAdapters):
     def merge_refusal(self) -> Optional[str]:
         """Why the active adapter cannot be merged into this layer's weight, or None: a weight that is not a
         registered parameter (a parametrization computes it); Embedding: max_norm."""
-        if self._weight_or_none() is None:
+        w = self._weight_or_none()
+        if w is None:
             return (f"{self._computed_weight()}: serve it unmerged, or remove the parametrization first "
                     f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
+        if w.is_meta or (self.has_lora and (self.lora_A.is_meta or self.lora_B.is_meta)):
+            return (f"{self._describe()}: its weight or factors are on the meta device (no values yet); merge "
+                    f"(eval()) once they are loaded")
         return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
 
     def _computed_weight(self) -> str:
@@ -587,8 +591,10 @@ class LoRALayer(NamedAdapters):
         (in its own dtype) and the record (records are exact on every backend). A dtype change gives the base
         back (exactly when there is a record), converts it and merges the snapshot again, losslessly where the
         layer was lossless or its new dtype is by default (so .float() then .bfloat16() gives back the exact
-        base). To meta, the layer is left unmerged: forwards add the adapter on the fly. (A new memory format,
-        channels_last, keeps the merge: the record is by logical position.)"""
+        base). To meta, the layer is left unmerged: forwards add the adapter on the fly. A merge the new dtype
+        refuses (lossless=True beyond the record dtypes, float16's range, a lossless record over its limit) leaves
+        the layer unmerged too, with a warning. (A new memory format, channels_last, keeps the merge: the record is
+        by logical position.)"""
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return super()._apply(fn, recurse)
         # (Ctrl-C held back to the end: the weight and `merged` change together, as in train())
@@ -598,9 +604,6 @@ class LoRALayer(NamedAdapters):
             w = self._weight_param()
             new_dtype = fn(torch.empty(0, dtype=w.dtype, device=w.device)).dtype
             record = self._merged_record
-            if new_dtype != w.dtype and self.lossless and new_dtype not in lossless.RECORD_DTYPES:
-                raise ValueError(f"{self._describe()}: lossless=True takes float16, bfloat16 or float32 weights, "
-                                 f"not {new_dtype} (unmerge first, or set lossless=False or None)")
             snapshot = (self._merged_A, self._merged_B, self._merged_scaling)
             if new_dtype == w.dtype:
                 module = super()._apply(fn, recurse)
@@ -625,15 +628,28 @@ class LoRALayer(NamedAdapters):
                 return module
             w = self._weight_2d()
             A, B, s = fn(snapshot[0]), fn(snapshot[1]), snapshot[2]
-            exact = (self.lossless is not False and (record is not None or self._lossless_now())
-                     and w.dtype in lossless.RECORD_DTYPES)
-            try:
-                with torch.no_grad():
-                    record = self._merge_into(self._weight_param(), A, B, s, exact)
-            except lossless.ExceptionOverflow as err:
-                err.args = (f"{self._describe()} adapter {self.active_adapter!r}, merged again into {w.dtype}: "
-                            f"{err}; the layer is left unmerged",)
-                raise
+            # A merge the new dtype refuses leaves the layer unmerged with a warning, as eval() does: raising here
+            # would stop a model's .to() / .half() part way, its modules before this one converted and the rest not
+            refusal = self.merge_refusal()
+            if refusal is None:
+                try:
+                    self._fp16_room((A, B, s))
+                except ValueError as err:
+                    refusal = str(err)
+            if refusal is None:
+                exact = (self.lossless is not False and (record is not None or self._lossless_now())
+                         and w.dtype in lossless.RECORD_DTYPES)
+                try:
+                    with torch.no_grad():
+                        record = self._merge_into(self._weight_param(), A, B, s, exact)
+                except lossless.ExceptionOverflow as err:
+                    if getattr(err, "weight_written", False):  # (_writing marks the layer broken)
+                        raise
+                    refusal = str(err)  # nothing was written
+            if refusal is not None:
+                warnings.warn(f"{self._describe()}: converted to {w.dtype}, adapter {self.active_adapter!r} is left "
+                              f"unmerged (forwards add it on the fly): {refusal}", stacklevel=2)
+                return module
             self._set_merged(A, B, s, record)
             self.merged = True
             return module

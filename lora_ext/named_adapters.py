@@ -726,6 +726,17 @@ class NamedAdapters:
             raise ValueError(f"{what}: {self._describe()} has a parametrization on {' and '.join(names)} "
                              f"(torch.nn.utils.parametrize), so a switch cannot write the live factors; remove it "
                              f"(parametrize.remove_parametrizations) before switching adapters")
+        # torch.nn.utils.prune and the hook-based torch.nn.utils.weight_norm replace the Parameter by a plain
+        # attribute their forward pre-hook computes from other Parameters (lora_B_orig; lora_B_g and lora_B_v)
+        names = [n for n in ("lora_A", "lora_B") if n not in self._parameters and n in self.__dict__]
+        if names:
+            how = {n: "torch.nn.utils.prune" if f"{n}_orig" in self._parameters else
+                   "torch.nn.utils.weight_norm" if f"{n}_v" in self._parameters else "a forward pre-hook"
+                   for n in names}
+            raise ValueError(f"{what}: {self._describe()}'s {' and '.join(names)} "
+                             f"{'is' if len(names) == 1 else 'are'} not a Parameter but computed "
+                             f"({', '.join(sorted(set(how.values())))}), so a switch cannot write the live factors; "
+                             f"make it a Parameter again (prune.remove / remove_weight_norm) before switching adapters")
 
     def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and
