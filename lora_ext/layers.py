@@ -435,6 +435,10 @@ class LoRALayer(NamedAdapters):
             # would guard on it; torch.export traces stand-ins for the Parameters). The eager path is kept short:
             # host time per forward matters (bench/NOTES-forward.md).
             if self._scale_owner_changed():
+                if not torch.jit.is_tracing() and not isinstance(self._parameters["lora_A"], nn.Parameter):
+                    # stand-ins for this call only (torch.func.functional_call, a transform's wrappers): the float,
+                    # the layer's scale tensor left with its Parameters (a program made later holds it)
+                    return self.__dict__["_scaling"], None
                 self._refuse_in_program(torch.jit.is_tracing(), "its lora_A Parameter was replaced behind the layer's "
                                         "back (assigned into _parameters directly, as accelerate's loading does)",
                                         "run an eager forward first: it gives the new Parameters their scale tensor")
@@ -921,6 +925,10 @@ class MergedLinear(LoRALayer, nn.Linear):
             mask = torch.zeros(len(enable_lora), out_features // len(enable_lora), dtype=torch.bool)
             mask[self._block_ids] = True
             self.register_buffer("lora_ind", mask.view(-1), persistent=False)
+            # the merge snapshot's buffers (None until a merge) after it: torch.export's non-strict trace numbers the
+            # buffers it finds past None entries wrongly (an IndexError exporting an unmerged layer)
+            for key in ("_merged_A", "_merged_B"):
+                self._buffers[key] = self._buffers.pop(key)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1).contiguous()

@@ -29,6 +29,7 @@ are applied, with a message naming these styles (once this module is imported); 
 forward some other way is refused there.
 """
 import contextlib
+import sys
 from typing import NamedTuple
 
 import torch
@@ -445,7 +446,10 @@ def check_stock_style(layer: LoRALayer) -> None:
 
 def _refuse_distribute_module(layer):
     """Read by torch's distribute_module (which ColwiseParallel / RowwiseParallel call on the module they shard)
-    before it changes anything: a lora_ext layer is refused there, with what to use instead."""
+    before it changes anything: a lora_ext layer is refused there, with what to use instead. Read from anywhere else
+    (torch.jit.script reads every property of the class), the layer has no such attribute."""
+    if sys._getframe(1).f_code.co_name != "distribute_module":
+        raise AttributeError(f"{type(layer).__name__} has no attribute '_distribute_module_applied'")
     raise ValueError(f"{layer._describe()}: torch's ColwiseParallel / RowwiseParallel (distribute_module) shard the "
                      f"weight without the LoRA factors (and RowwiseParallel fails on the layer's lora_dropout child). "
                      f"Use lora_ext.parallel.ColwiseLoRA() / RowwiseLoRA() in the parallelize_module plan (or "

@@ -190,7 +190,9 @@ def embedding_backward(grad, ids, lora_A, lora_B, scale, num, padding_idx, scale
         g2 = grad.reshape(-1, grad.shape[-1]).to(cd)
         flat = ids.reshape(-1)
         if needs[2]:
-            t = F.embedding(flat, lora_A.t()).to(cd)
+            # (the lookup's own padding_idx and frequency scaling: its values are the same, and a gradient of this
+            # gradient, create_graph=True, reaches lora_A as the forward's does)
+            t = F.embedding(flat, lora_A.t(), padding_idx, scale_grad_by_freq=scale_grad_by_freq).to(cd)
             dB = (scale * (g2.t() @ t)).to(lora_B.dtype)
         if needs[1]:
             dt = scale * (g2 @ lora_B.to(cd))

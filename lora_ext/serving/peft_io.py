@@ -39,21 +39,48 @@ HONOURED = {"peft_type", "r", "lora_alpha", "target_modules", "exclude_modules",
             "use_rslora", "fan_in_fan_out", "lora_dropout", "bias", "layers_to_transform", "layers_pattern",
             "modules_to_save", "trainable_token_indices"}
 # Descriptive fields that do not change what the adapter computes.
+# (eva_config: how EVA chose the initial factors and ranks, which rank_pattern / alpha_pattern record; peft reads it
+# only to initialise)
 DESCRIPTIVE = {"base_model_name_or_path", "revision", "task_type", "peft_version", "auto_mapping", "inference_mode",
-               "megatron_core", "qalora_group_size"}
+               "megatron_core", "qalora_group_size", "eva_config"}
 # Variants and features lora_ext does not implement: accepted only when off (None, False, empty).
 UNSUPPORTED = {"use_dora", "use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "corda_config",
-               "eva_config", "kasa_config", "lora_ga_config", "monteclora_config", "velora_config",
+               "kasa_config", "lora_ga_config", "monteclora_config", "velora_config",
                "layer_replication", "lora_bias", "megatron_config",
                "target_parameters", "loftq_config",
                "ensure_weight_tying"}
-# Initialisations that leave the base weights as they were (others, e.g. PiSSA or LoftQ, change them).
-PLAIN_INITS = (True, False, "gaussian", "orthogonal")
+# Initialisations that leave the base weights as they were (others, e.g. PiSSA or LoftQ, change them), and serve as
+# plain LoRA: MiCA's variant only freezes lora_B in training (see load_peft_adapter). peft matches "gaussian" and
+# "mica" in any case, the others exactly.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
+_ANY_CASE_INITS = ("gaussian", "mica")
+
+
+def _plain_init(value) -> bool:
+    if isinstance(value, str) and value.lower() in _ANY_CASE_INITS:
+        return True
+    return any(value is v or value == v for v in PLAIN_INITS if type(v) is type(value))
 
 BASE_SUFFIX = ".base_layer.weight"
 BASE_BIAS_SUFFIX = ".base_layer.bias"  # saved beside an output head's (GPT-J's lm_head) with save_embedding_layers
 MAGNITUDE_SUFFIX = ".lora_magnitude_vector"  # DoRA's magnitude of a module (peft's key; `lora-ext merge` reads it)
 SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B", ".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+
+
+def conv_refusal(conv) -> Optional[str]:
+    """Why peft's adapter of convolution `conv` serves other outputs than lora_ext's layer there (the update merged
+    into the convolution), or None."""
+    if conv.groups != 1:
+        return (f"groups={conv.groups}: peft's conv adapters map onto lora_ext's layout for groups == 1 only (peft "
+                f"cannot merge them either)")
+    if conv.padding_mode != "zeros":
+        return (f"padding_mode={conv.padding_mode!r}: peft pads its lora_A convolution with zeros, lora_ext merges the "
+                f"adapter into the layer's own padding, so the outputs would differ")
+    if any(d != 1 and k != 1 for d, k in zip(conv.dilation, conv.kernel_size)):
+        return (f"dilation={tuple(conv.dilation)}: peft's lora_A convolution leaves the dilation out (its merge puts "
+                f"it in), lora_ext merges the adapter under the layer's dilation, so the outputs would differ from "
+                f"peft's unmerged ones")
+    return None
 
 
 def _is_off(value):
@@ -91,7 +118,7 @@ def read_config(path, dora=False):
         if key in HONOURED or key in DESCRIPTIVE:
             continue
         if key == "init_lora_weights":
-            if not any(value is v or value == v for v in PLAIN_INITS if type(v) is type(value)):
+            if not _plain_init(value):
                 raise ValueError(f"{where}: init_lora_weights={value!r} changes the base weights; lora_ext "
                                  f"supports adapters made with init_lora_weights in {PLAIN_INITS}")
         elif key == "use_dora" and dora:
@@ -457,6 +484,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     cfg_file = _config_file(path)
     if "peft_type" not in cfg:
         raise ValueError(f"{cfg_file}: peft_type is missing (peft refuses such a config; a LoRA adapter's is 'LORA')")
+    init = cfg.get("init_lora_weights")
+    if is_trainable and isinstance(init, str) and init.lower() == "mica":
+        raise ValueError(f"{cfg_file}: init_lora_weights={init!r} (MiCA): peft trains its lora_A only, lora_B frozen; "
+                         f"lora_ext's layers would train both (load it with is_trainable=False to serve it)")
     weights_file = os.path.join(path, WEIGHTS_NAME if os.path.isfile(os.path.join(path, WEIGHTS_NAME))
                                 else LEGACY_WEIGHTS_NAME)
     entries = _saved.check_entries(cfg_file, cfg.get("modules_to_save"))
@@ -526,6 +557,12 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         if A.dim() < 1 or A.shape[0] != r:
             raise ValueError(f"{label} has rank {A.shape[0] if A.dim() else None} (lora_A of shape "
                              f"{tuple(A.shape)}) but the config says r={r} (r / rank_pattern in {cfg_file})")
+        # (before the shapes: a grouped convolution's factors fit no layout lora_ext has)
+        conv = module.conv if isinstance(module, layers.ConvLoRA) else module
+        if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            why = conv_refusal(conv)
+            if why is not None:
+                raise ValueError(f"{label} is a convolution with {why}; lora_ext refuses it")
         a_shape, b_shape, want_embedding = _peft_shapes(module, r)
         if embedding != want_embedding:
             keys = "lora_embedding_A/B" if want_embedding else "lora_A.weight/lora_B.weight"
@@ -550,11 +587,6 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"{label} is an Embedding with max_norm={module.max_norm}: peft renormalises the "
                              f"adapter's per-token vectors (columns of lora_embedding_A) too, lora_ext's Embedding "
                              f"(loralib's) does not, so the outputs would differ; lora_ext refuses it")
-        conv = module.conv if isinstance(module, layers.ConvLoRA) else module
-        if isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and conv.padding_mode != "zeros":
-            raise ValueError(f"{label} is a convolution with padding_mode={conv.padding_mode!r}: peft pads its lora_A "
-                             f"convolution with zeros, lora_ext merges the adapter into the layer's own padding, so "
-                             f"the outputs would differ; lora_ext refuses it")
         _inject.check_replaceable(model, name, module, label)
         weight = module.conv.weight if isinstance(module, layers.ConvLoRA) else module.weight
         if name in base_weights and isinstance(module, LoRALayer) and module.merged:  # the base, not the merged weight
@@ -926,10 +958,9 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: layer {name!r}: its parent {parent!r} "
                                  f"({type(inner.get_submodule(parent)).__name__}) reads its weight without calling it: "
                                  f"peft would serve the model without the adapter")
-            if isinstance(layer, layers.ConvLoRA) and layer.conv.padding_mode != "zeros":
-                raise ValueError(f"save: layer {name!r} is a convolution with padding_mode="
-                                 f"{layer.conv.padding_mode!r}: peft would pad the adapter's lora_A convolution with "
-                                 f"zeros, and serve other outputs")
+            why = conv_refusal(layer.conv) if isinstance(layer, layers.ConvLoRA) else None
+            if why is not None:
+                raise ValueError(f"save: layer {name!r} is a convolution with {why}")
             A, B, scaling = layer.get_adapter(adapter)
             ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
             if layer.reserved_rank is not None:  # the adapter's own rank, without reserve_rank's padding
