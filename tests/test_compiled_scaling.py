@@ -329,8 +329,9 @@ def test_introspection_lists_a_layer_without_meeting_the_tensor_parallel_refusal
     layer = lora_ext.Linear(8, 4, r=2)
     names = dict(inspect.getmembers(layer))
     assert "_distribute_module_applied" not in names and "scaling" in names and "lora_A" in names
-    with pytest.raises(ValueError, match="ColwiseLoRA"):  # distribute_module reads the name itself: still refused
-        getattr(layer, "_distribute_module_applied", False)
+    # read from anywhere but torch's distribute_module (torch.jit.script reads every property), the layer has no
+    # such attribute; distribute_module itself is still refused (test_tensor_parallel's stock-style case)
+    assert getattr(layer, "_distribute_module_applied", False) is False
 
 
 def test_an_exported_program_keeps_serving_the_trainable_adapter_it_holds_whole():
