@@ -73,6 +73,18 @@ def _hooked(module: nn.Module) -> bool:
                 or m._global_forward_pre_hooks or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
+def _in_functional_call() -> bool:
+    """Whether torch's functional_call (torch.func's or torch.nn.utils.stateless') is on the stack: the Parameters it
+    swapped in are stand-ins for the call. (Read only when a layer finds another lora_A than its scale tensor's.)"""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("functional_call", "_functional_call") and "torch" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _freezing() -> bool:
     """Whether inductor freezes what it compiles (torch._inductor.config.freezing): it then inlines a one-element
     tensor as the number it held when compiled, while the factors, which only lora_ext's ops read, stay live. A
@@ -162,6 +174,7 @@ class LoRALayer(NamedAdapters):
         state.setdefault("lossless", None)  # layers pickled before lossless merges
         state.setdefault("_merged_record", None)
         nn.Module.__setstate__(self, state)
+        self._snapshot_buffers_last()  # (layers pickled before they were kept last)
         self._restore_adapters(state)
         self._adopt_scale_tensor()
         self._lock = threading.RLock()
@@ -170,6 +183,20 @@ class LoRALayer(NamedAdapters):
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
             pass
+
+    def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
+        super().register_buffer(name, tensor, persistent)
+        self._snapshot_buffers_last()
+
+    def _snapshot_buffers_last(self) -> None:
+        """Keeps the merge snapshot's buffers (None while unmerged) after the layer's other buffers (MergedLinear's
+        lora_ind, Embedding's embed_scale): torch.export's non-strict trace numbers the buffers it finds past None
+        entries wrongly (an IndexError exporting an unmerged layer)."""
+        buffers = self.__dict__.get("_buffers")
+        if buffers and "_merged_B" in buffers and next(reversed(buffers)) != "_merged_B":
+            for key in ("_merged_A", "_merged_B"):
+                if key in buffers:
+                    buffers[key] = buffers.pop(key)
 
     def register_parameter(self, name: str, param) -> None:
         super().register_parameter(name, param)
@@ -435,9 +462,14 @@ class LoRALayer(NamedAdapters):
             # would guard on it; torch.export traces stand-ins for the Parameters). The eager path is kept short:
             # host time per forward matters (bench/NOTES-forward.md).
             if self._scale_owner_changed():
-                if not torch.jit.is_tracing() and not isinstance(self._parameters["lora_A"], nn.Parameter):
+                if not torch.jit.is_tracing() and (not isinstance(self._parameters["lora_A"], nn.Parameter)
+                                                   or _in_functional_call()):
                     # stand-ins for this call only (torch.func.functional_call, a transform's wrappers): the float,
                     # the layer's scale tensor left with its Parameters (a program made later holds it)
+                    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                        raise RuntimeError(f"{self._describe()}: a CUDA graph captured over functional_call's "
+                                           f"stand-ins for the factors would keep this scaling through later "
+                                           f"switches; capture the layer's own forward")
                     return self.__dict__["_scaling"], None
                 self._refuse_in_program(torch.jit.is_tracing(), "its lora_A Parameter was replaced behind the layer's "
                                         "back (assigned into _parameters directly, as accelerate's loading does)",
@@ -924,11 +956,7 @@ class MergedLinear(LoRALayer, nn.Linear):
             self._create_factors(self.weight)
             mask = torch.zeros(len(enable_lora), out_features // len(enable_lora), dtype=torch.bool)
             mask[self._block_ids] = True
-            self.register_buffer("lora_ind", mask.view(-1), persistent=False)
-            # the merge snapshot's buffers (None until a merge) after it: torch.export's non-strict trace numbers the
-            # buffers it finds past None entries wrongly (an IndexError exporting an unmerged layer)
-            for key in ("_merged_A", "_merged_B"):
-                self._buffers[key] = self._buffers.pop(key)
+            self.register_buffer("lora_ind", mask.view(-1), persistent=False)  # (before the snapshot's: see there)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1).contiguous()

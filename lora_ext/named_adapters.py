@@ -730,13 +730,25 @@ class NamedAdapters:
         # attribute their forward pre-hook computes from other Parameters (lora_B_orig; lora_B_g and lora_B_v)
         names = [n for n in ("lora_A", "lora_B") if n not in self._parameters and n in self.__dict__]
         if names:
-            how = {n: "torch.nn.utils.prune" if f"{n}_orig" in self._parameters else
-                   "torch.nn.utils.weight_norm" if f"{n}_v" in self._parameters else "a forward pre-hook"
-                   for n in names}
+            hows = sorted({self._computing_hook(n) for n in names})
             raise ValueError(f"{what}: {self._describe()}'s {' and '.join(names)} "
-                             f"{'is' if len(names) == 1 else 'are'} not a Parameter but computed "
-                             f"({', '.join(sorted(set(how.values())))}), so a switch cannot write the live factors; "
-                             f"make it a Parameter again (prune.remove / remove_weight_norm) before switching adapters")
+                             f"{'is' if len(names) == 1 else 'are'} not a Parameter but computed by "
+                             f"{' and '.join(h for h, _ in hows)}, so a switch cannot write the live factors; make "
+                             f"it a Parameter again ({', '.join(r for _, r in hows)}) before switching adapters")
+
+    def _computing_hook(self, name: str) -> Tuple[str, str]:
+        """(what computes factor `name` in a forward pre-hook, how to remove it): torch.nn.utils.prune, weight_norm or
+        spectral_norm, told by the hook's class."""
+        for hook in self._forward_pre_hooks.values():
+            if getattr(hook, "_tensor_name", None) == name:  # a pruning method (or a container of them)
+                return "torch.nn.utils.prune", f"torch.nn.utils.prune.remove(layer, {name!r})"
+            if getattr(hook, "name", None) == name:
+                kind = type(hook).__name__
+                if kind == "WeightNorm":
+                    return "torch.nn.utils.weight_norm", f"torch.nn.utils.remove_weight_norm(layer, {name!r})"
+                if kind == "SpectralNorm":
+                    return "torch.nn.utils.spectral_norm", f"torch.nn.utils.remove_spectral_norm(layer, {name!r})"
+        return "a forward pre-hook", "remove the hook and register the factor as a Parameter"
 
     def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and

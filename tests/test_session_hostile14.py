@@ -30,9 +30,16 @@ a claim of the README that held.
   - torch.jit.script(layer) failed with the tensor-parallel refusal (it reads every property of the class).
   - Embedding's second-order gradients (create_graph=True) ignored padding_idx and scale_grad_by_freq (1.02 and
     0.46 off loralib's formula).
+- A hostile pass over the fixes above: functional_call with Parameter stand-ins (an EMA copy's named_parameters)
+  still re-pointed the scale tensor (0.61 off after a switch; functional_call is told from the stack now); an
+  unmerged Embedding with a tensor embed_scale, and a MergedLinear pickled before, still exported with the
+  IndexError (every layer keeps the snapshot's buffers last now, unpickled ones too); a model-level set_adapter
+  refused at a pruned layer had written the layers before it (4.8e-7 off on float32: now checked before the first
+  write); spectral_norm on a factor was named as pruning.
 
 Tests that write paths run in tmp_path with the working directory moved there (as in test_session_hostile13).
 """
+import io
 import os
 import warnings
 
@@ -391,3 +398,114 @@ def test_embedding_double_backward_respects_padding_idx_and_scale_grad_by_freq(k
     got = second_order(lambda A, B: functional_call(layer, {"weight": W, "lora_A": A, "lora_B": B}, (ids,)),
                        A0.clone().requires_grad_(), B0.clone().requires_grad_())
     assert _rel(got, loralib) < 1e-10
+
+
+def _filled(layer, seed=0, std=0.5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return layer
+
+
+# -- (a second pass over the fixes above) _scales: stand-ins that ARE nn.Parameters ---------------------------------------------------------------------
+
+def test_export_after_functional_call_with_parameter_stand_ins_follows_a_switch():
+    """The fix returns the float for stand-ins that are not nn.Parameters only. functional_call with Parameters
+    from another model (an EMA copy, `dict(other.named_parameters())`) still re-points the layer's scale tensor at
+    a tensor hung on the stand-in: a torch.export made next holds that tensor, which later switches never write,
+    and serves adapter b's factors at the old scaling (0.58 off)."""
+    layer = _filled(lora.Linear(6, 5, r=2, lora_alpha=3))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 6, generator=g)
+    A2, B2 = torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)
+    layer.add_adapter("b", A2, B2, 4.0)
+    layer.requires_grad_(False)
+    other = {k: nn.Parameter(v.detach().clone(), requires_grad=False) for k, v in layer.state_dict().items()}
+    functional_call(layer, other, (x,))
+    program = torch.export.export(layer, (x,)).module()
+    layer.set_adapter("b")
+    want = F.linear(x.double(), layer.weight.double() + 4.0 * B2.double() @ A2.double(), layer.bias.double())
+    assert _rel(layer(x), want) < 1e-5  # eager serves b
+    assert _rel(program(x), want) < 1e-5
+
+
+# -- the None merge-snapshot buffers ahead of a real buffer: torch.export's IndexError ------------------------------
+
+def test_export_of_an_unmerged_embedding_with_a_tensor_embed_scale():
+    """The MergedLinear fix moved the None _merged_A/_merged_B after lora_ind; Embedding's embed_scale buffer (a
+    tensor: Gemma's) still comes after them, and torch.export.export(layer, ...) (non-strict, the default) raises
+    IndexError 'list index out of range' from inside torch."""
+    emb = _filled(lora.Embedding(10, 4, r=2, lora_alpha=3, embed_scale=torch.tensor(2.0)), std=1.0)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    ep = torch.export.export(emb, (ids,))
+    want = 2.0 * (F.embedding(ids, emb.weight.double())
+                  + emb.scaling * F.embedding(ids, emb.lora_A.double().t()) @ emb.lora_B.double().t())
+    assert _rel(ep.module()(ids), want) < 1e-6
+
+
+def test_export_of_a_merged_linear_pickled_before_the_buffer_fix():
+    """A MergedLinear pickled before 73cd791 (torch.save(model)) holds _buffers in the old order (_merged_A,
+    _merged_B, lora_ind); __setstate__ does not reorder them, so its export still raises torch's IndexError."""
+    layer = _filled(lora.MergedLinear(6, 9, r=2, lora_alpha=3, enable_lora=[True, False, True]))
+    layer._buffers["lora_ind"] = layer._buffers.pop("lora_ind")  # the order such a pickle holds
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    old = torch.load(buf, weights_only=False)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    ep = torch.export.export(old, (x,))
+    A, B, s = old.lora_A.double(), old.lora_B.double(), old.scaling
+    delta = torch.zeros(9, 6, dtype=torch.float64)
+    delta[0:3] = B[0:3] @ A[0:2]
+    delta[6:9] = B[3:6] @ A[2:4]
+    want = F.linear(x.double(), old.weight.double() + s * delta, old.bias.double())
+    assert _rel(ep.module()(x), want) < 1e-5
+
+
+# -- _check_plain_factors: a refusal after earlier layers were written --------------------------------------------
+
+def test_model_set_adapter_refused_at_a_pruned_layer_leaves_earlier_merged_weights_bit_for_bit():
+    """lora.set_adapter(model, 'b') where the second layer's lora_B is pruned: the first (merged, float32,
+    lossy merge) is switched (its weight rewritten), then the second refuses and the first is switched back.
+    The refusal comes after a write: the first layer's weight and state_dict come back off by float32 rounding
+    (4.8e-7 absolute here) instead of bit for bit; every layer's check could run before the first write."""
+    torch.manual_seed(0)
+
+    def make():
+        layer = lora.Linear(16, 24, r=4, lora_alpha=8)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0, 0.4)
+        layer.add_adapter("b", torch.randn(4, 16) * 0.3, torch.randn(24, 4) * 0.3, 0.7)
+        return layer
+
+    model = nn.Sequential(make(), make())
+    model.requires_grad_(False)
+    prune.identity(model[1], "lora_B")
+    model.eval()
+    assert model[0].merged
+    weight = model[0].weight.detach().clone()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="not a Parameter"):
+        lora.set_adapter(model, "b")
+    assert [m.active_adapter for m in model] == ["default", "default"]
+    assert torch.equal(model[0].weight, weight)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_spectral_norm_on_a_factor_is_not_blamed_on_prune():
+    """torch.nn.utils.spectral_norm(layer, 'lora_B') leaves lora_B_orig like prune does: the refusal says
+    '(torch.nn.utils.prune)' and tells the user to call prune.remove / remove_weight_norm; the tool in use is
+    spectral_norm (remove_spectral_norm)."""
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 24, r=4, lora_alpha=8)
+    layer.add_adapter("b", torch.randn(4, 16), torch.randn(24, 4), 0.5)
+    layer.requires_grad_(False)
+    torch.nn.utils.spectral_norm(layer, "lora_B")
+    with pytest.raises(ValueError) as info:
+        layer.set_adapter("b")
+    assert "prune" not in str(info.value) and "remove_spectral_norm" in str(info.value), str(info.value)
+
+
+# -- _apply's new warning path and eval() afterwards ---------------------------------------------------------------

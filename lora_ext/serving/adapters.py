@@ -373,6 +373,7 @@ def _switch_all(found, name, settle=True):
             raise KeyError(f"set_adapter: layer {layer_name!r} holds no adapter {name!r} "
                            f"(it holds {m.adapter_names})")
         if name != m.active_adapter:
+            m._check_plain_factors(f"set_adapter({name!r}) at {layer_name!r}")  # (before any layer is written)
             m._check_values(name, label=f"adapter {name!r} at {layer_name!r}")
     for _, m in found:
         if settle or name != m.active_adapter:  # set_adapter of the active name may settle its Parameters
