@@ -674,6 +674,7 @@ class NamedAdapters:
             if name not in self._adapters:
                 raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
             del self._adapters[name]
+            self.__dict__.get("_dropouts", {}).pop(name, None)
             self._finite_stamps.pop(name, None)
             self.__dict__.get("_placeholders", set()).discard(name)
             self.__dict__.get("_own_ranks", {}).pop(name, None)
@@ -716,6 +717,56 @@ class NamedAdapters:
                 # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
                 self.__dict__.update(active_adapter=name, _active_home=home)
                 self._stamp_finite(old_name, old_known)
+                self._switch_dropout(old_name, name)
+
+    # -- each adapter's lora_dropout -------------------------------------------------------------------------
+    #
+    # The layer has one lora_dropout module, the active adapter's. A peft adapter's own lora_dropout is recorded for
+    # it (set_adapter_dropout), and a switch sets the module to the new adapter's probability (the old one's is kept
+    # under its name), as peft's per-adapter dropout modules train. An adapter with no record trains with the module
+    # as it is; a module of the user's (not nn.Dropout / nn.Identity) is left alone.
+
+    def _dropout_now(self) -> Optional[float]:
+        drop = self._modules.get("lora_dropout")
+        if isinstance(drop, nn.Dropout):
+            return float(drop.p)
+        return 0.0 if isinstance(drop, nn.Identity) else None
+
+    def adapter_dropout(self, name: str) -> Optional[float]:
+        """The lora_dropout probability adapter `name` trains with (None: the layer's module is not a plain
+        dropout, or the adapter has no record and is not active)."""
+        if name == self.active_adapter:
+            return self._dropout_now()
+        return self.__dict__.get("_dropouts", {}).get(name, self._dropout_now())
+
+    def set_adapter_dropout(self, name: str, p: float) -> None:
+        """Adapter `name` trains with lora_dropout probability `p` (a peft adapter's): at once if it is active, else
+        from its next activation."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {p!r}")
+        with self._lock:
+            if name == self.active_adapter:
+                self._use_dropout(float(p))
+            else:
+                self.__dict__.setdefault("_dropouts", {})[name] = float(p)
+
+    def _switch_dropout(self, old_name: str, name: str) -> None:
+        dropouts = self.__dict__.setdefault("_dropouts", {})
+        p = dropouts.pop(name, None)
+        now = self._dropout_now()
+        if now is not None:
+            dropouts[old_name] = now
+        if p is not None:
+            self._use_dropout(p)
+
+    def _use_dropout(self, p: float) -> None:
+        drop = self._modules.get("lora_dropout")
+        if self._dropout_now() in (None, p):
+            return
+        if p > 0.0 and isinstance(drop, nn.Dropout):
+            drop.p = p
+        else:
+            self._modules["lora_dropout"] = (nn.Dropout(p) if p > 0.0 else nn.Identity()).train(drop.training)
 
     def _check_plain_factors(self, what: str) -> None:
         """Refuses a switch while torch.nn.utils.parametrize computes lora_A or lora_B: the layer's attribute is

@@ -30,6 +30,12 @@ a claim of the README that held.
   - torch.jit.script(layer) failed with the tensor-parallel refusal (it reads every property of the class).
   - Embedding's second-order gradients (create_graph=True) ignored padding_idx and scale_grad_by_freq (1.02 and
     0.46 off loralib's formula).
+- Training flows (a hostile pass): a second peft adapter loaded into existing layers trained with the first one's
+  lora_dropout (the layer's one module: 22.0 off peft's step), and saved it into its config. Each adapter keeps its
+  own dropout probability now (set_adapter_dropout; a switch sets the module to it), as peft's per-adapter modules.
+- transformers (a hostile pass): resize_token_embeddings of an injected embedding left factors short of the new rows,
+  and the forward's refusal named neither the cause nor the fix; it says so now (README: resize first). (A
+  replaced output head and save_pretrained of modules saved whole are documented, not changed.)
 - A hostile pass over the fixes above: functional_call with Parameter stand-ins (an EMA copy's named_parameters)
   still re-pointed the scale tensor (0.61 off after a switch; functional_call is told from the stack now); an
   unmerged Embedding with a tensor embed_scale, and a MergedLinear pickled before, still exported with the
@@ -509,3 +515,137 @@ def test_spectral_norm_on_a_factor_is_not_blamed_on_prune():
 
 
 # -- _apply's new warning path and eval() afterwards ---------------------------------------------------------------
+
+
+# -- (training flows) each adapter's own lora_dropout --------------------------------------------------------
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _base():
+    torch.manual_seed(0)
+    return _Net().double()
+
+
+def _save_peft(path, dropout, seed):
+    from peft import LoraConfig, get_peft_model
+    pm = get_peft_model(_base(), LoraConfig(target_modules=["lin"], r=2, lora_alpha=4, lora_dropout=dropout))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_" in n:
+                p.normal_()
+    pm.save_pretrained(path)
+    A = pm.base_model.model.lin.lora_A["default"].weight.detach().clone()
+    B = pm.base_model.model.lin.lora_B["default"].weight.detach().clone()
+    return A, B
+
+
+def _train_step_reference(model_lin_w, model_lin_b, A, B, scaling, x, g, p, seed):
+    """y = x W^T + b + scaling * (dropout_p(x) A^T) B^T, the dropout mask drawn once after manual_seed(seed) (as
+    peft's and lora_ext's forwards draw it: the base linear draws nothing); gradients of A and B for loss (y * g).sum()."""
+    A = A.clone().requires_grad_()
+    B = B.clone().requires_grad_()
+    torch.manual_seed(seed)
+    xd = F.dropout(x, p, training=True) if p > 0 else x
+    y = F.linear(x, model_lin_w, model_lin_b) + scaling * (xd @ A.t()) @ B.t()
+    (y * g).sum().backward()
+    return y.detach(), A.grad, B.grad
+
+
+def _ext_step(m, x, g, seed):
+    m.train()
+    torch.manual_seed(seed)
+    y = m(x)
+    (y * g).sum().backward()
+    lin = m.lin
+    return y.detach(), lin.lora_A.grad, lin.lora_B.grad
+
+
+def test_second_loaded_adapter_trains_with_its_own_lora_dropout(tmp_path):
+    """Adapter "a" (lora_dropout 0.0) is loaded first, then adapter "b" (lora_dropout 0.5), both trainable. peft trains
+    each adapter with its own config's dropout (a ModuleDict of dropouts per adapter). lora_ext's layer keeps the
+    dropout of the adapter that created it, so "b" trains without its dropout: other outputs, other gradients,
+    silently."""
+    _save_peft(tmp_path / "a", 0.0, seed=1)
+    A, B = _save_peft(tmp_path / "b", 0.5, seed=2)
+    m = _base()
+    lora.load_peft_adapter(m, str(tmp_path / "a"), "a", is_trainable=True)
+    lora.load_peft_adapter(m, str(tmp_path / "b"), "b", is_trainable=True)
+    assert lora.active_adapter(m) == "b"
+    torch.manual_seed(5)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    g = torch.randn(4, 5, dtype=torch.float64)
+    y, dA, dB = _ext_step(m, x, g, seed=11)
+    base = _base().lin
+    y_ref, dA_ref, dB_ref = _train_step_reference(base.weight.detach(), base.bias.detach(), A, B, 2.0, x, g, 0.5, 11)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dA, dA_ref)
+    torch.testing.assert_close(dB, dB_ref)
+
+
+def test_second_loaded_adapter_without_dropout_trains_without_the_firsts(tmp_path):
+    """The reverse: "a" (lora_dropout 0.5) created the layer, "b" (lora_dropout 0.0) is loaded after it and trained:
+    peft applies no dropout to "b"; lora_ext applies a's 0.5."""
+    _save_peft(tmp_path / "a", 0.5, seed=1)
+    A, B = _save_peft(tmp_path / "b", 0.0, seed=2)
+    m = _base()
+    lora.load_peft_adapter(m, str(tmp_path / "a"), "a", is_trainable=True)
+    lora.load_peft_adapter(m, str(tmp_path / "b"), "b", is_trainable=True)
+    torch.manual_seed(5)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    g = torch.randn(4, 5, dtype=torch.float64)
+    y, dA, dB = _ext_step(m, x, g, seed=11)
+    base = _base().lin
+    y_ref, dA_ref, dB_ref = _train_step_reference(base.weight.detach(), base.bias.detach(), A, B, 2.0, x, g, 0.0, 11)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dA, dA_ref)
+    torch.testing.assert_close(dB, dB_ref)
+
+
+def test_saved_adapter_config_keeps_the_adapters_own_lora_dropout(tmp_path):
+    """save_peft_adapter of adapter "b" (loaded with lora_dropout 0.5 into a layer adapter "a", lora_dropout 0.0,
+    created) writes the layer's dropout, 0.0, into b's adapter_config.json: peft resuming training from that file
+    trains without b's dropout."""
+    import json
+    _save_peft(tmp_path / "a", 0.0, seed=1)
+    _save_peft(tmp_path / "b", 0.5, seed=2)
+    m = _base()
+    lora.load_peft_adapter(m, str(tmp_path / "a"), "a", is_trainable=True)
+    lora.load_peft_adapter(m, str(tmp_path / "b"), "b", is_trainable=True)
+    lora.save_peft_adapter(m, str(tmp_path / "out_b"), "b")
+    with open(tmp_path / "out_b" / "adapter_config.json") as f:
+        assert json.load(f)["lora_dropout"] == 0.5
+
+
+def test_a_layer_switch_sets_each_adapters_own_dropout_and_remembers_a_changed_one():
+    layer = lora.Linear(6, 5, r=2)
+    layer.add_adapter("b", torch.randn(2, 6), torch.randn(5, 2), 1.0)
+    layer.set_adapter_dropout("b", 0.5)
+    assert isinstance(layer.lora_dropout, nn.Identity)  # default's own (lora_dropout=0.0): unchanged
+    layer.set_adapter("b")
+    assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.5 and layer.lora_dropout.training
+    layer.lora_dropout.p = 0.25  # changed while b is active: b's from now on
+    layer.eval()
+    layer.set_adapter("default")
+    assert isinstance(layer.lora_dropout, nn.Identity) and not layer.lora_dropout.training
+    assert layer.adapter_dropout("b") == 0.25 and layer.adapter_dropout("default") == 0.0
+    layer.set_adapter("b")
+    assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.25
+    assert not layer.lora_dropout.training  # (the layer's mode)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        layer.set_adapter_dropout("default", 1.0)
+
+
+def test_a_forward_after_resize_token_embeddings_names_the_resize():
+    model = llama()
+    lora.inject(model, ["embed_tokens"], r=2)
+    model.resize_token_embeddings(model.config.vocab_size + 8, mean_resizing=False)
+    with pytest.raises(ValueError, match="resize_token_embeddings"):
+        model(tokens())

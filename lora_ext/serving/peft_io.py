@@ -736,6 +736,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             for _, w in _saved.wrappers(model):
                 if adapter_name in w.adapter_names:
                     w.set_adapter(adapter_name, trains)
+        for _, _, layer, *_ in plan:  # each adapter trains with its own lora_dropout, as in peft (not embeddings')
+            if not isinstance(layer, layers.Embedding):
+                layer.set_adapter_dropout(adapter_name, cfg.get("lora_dropout", 0.0))
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
 
 
@@ -969,7 +972,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             tensors[PREFIX + name + ka] = A.contiguous().cpu()
             tensors[PREFIX + name + kb] = B.contiguous().cpu()
             ranks[name], alphas[name] = rank, scaling * rank
-            dropout = getattr(layer.lora_dropout, "p", dropout)
+            p = layer.adapter_dropout(adapter)
+            dropout = dropout if p is None else p
         every = _plain_names(inner)
         adapter = adapter_name if adapter_name is not None else found[0][1].active_adapter
         saved = _saved_copies(inner, found, adapter, tensors, every)
