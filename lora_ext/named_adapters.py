@@ -524,6 +524,7 @@ class NamedAdapters:
         adapter. Under the layer's lock."""
         if not self.has_lora:
             raise ValueError(f"{self._describe()} was built with r=0 and holds no adapter")
+        self._check_plain_factors("reserve_rank")  # (it pads the live factors)
         if sharded.is_dtensor(self.lora_A) or sharded.is_dtensor(self.lora_B):
             raise ValueError(f"{self._describe()}: the live factors are DTensors (FSDP2 or tensor parallelism), "
                              f"whose shapes a reserve would change; reserve the rank before sharding")
@@ -724,13 +725,17 @@ class NamedAdapters:
     # The layer has one lora_dropout module, the active adapter's. A peft adapter's own lora_dropout is recorded for
     # it (set_adapter_dropout), and a switch sets the module to the new adapter's probability (the old one's is kept
     # under its name), as peft's per-adapter dropout modules train. An adapter with no record trains with the module
-    # as it is; a module of the user's (not nn.Dropout / nn.Identity) is left alone.
+    # as it is; a module of the user's (not exactly nn.Dropout / nn.Identity, or hooked) is left alone.
 
     def _dropout_now(self) -> Optional[float]:
+        """The active adapter's dropout probability; None for a module of the user's: another class (a subclass
+        too) or one with hooks, which a switch would lose by putting another module in its place."""
         drop = self._modules.get("lora_dropout")
-        if isinstance(drop, nn.Dropout):
+        if drop is None or drop._forward_hooks or drop._forward_pre_hooks or drop._backward_hooks:
+            return None
+        if type(drop) is nn.Dropout:
             return float(drop.p)
-        return 0.0 if isinstance(drop, nn.Identity) else None
+        return 0.0 if type(drop) is nn.Identity else None
 
     def adapter_dropout(self, name: str) -> Optional[float]:
         """The lora_dropout probability adapter `name` trains with (None: the layer's module is not a plain
@@ -763,7 +768,7 @@ class NamedAdapters:
         drop = self._modules.get("lora_dropout")
         if self._dropout_now() in (None, p):
             return
-        if p > 0.0 and isinstance(drop, nn.Dropout):
+        if p > 0.0 and type(drop) is nn.Dropout:
             drop.p = p
         else:
             self._modules["lora_dropout"] = (nn.Dropout(p) if p > 0.0 else nn.Identity()).train(drop.training)

@@ -255,9 +255,10 @@ def _check_factors(lora_A, lora_B, out_features, in_features, num_blocks, block_
     if lora_A.shape[1] != in_features or lora_A.shape[0] == 0 or lora_A.shape[0] % n:
         raise ValueError(
             f"{a_name} must have shape ({n}*r, {in_features}) for {n} enabled block(s), "
-            f"got {tuple(lora_A.shape)}" + (f" (the weight has {in_features} input rows or columns now, the factors "
-                                            f"{lora_A.shape[1]}: a weight resized after its adapter was added, as by "
-                                            f"resize_token_embeddings? resize before injecting or loading adapters)"
+            f"got {tuple(lora_A.shape)}" + (f" (its {lora_A.shape[1]} columns do not match the weight's {in_features}: "
+                                            f"a factor of another layer or transposed, or a weight resized after its "
+                                            f"adapter was added, as by resize_token_embeddings, which must come before "
+                                            f"injecting or loading adapters)"
                                             if lora_A.dim() == 2 and lora_A.shape[1] != in_features else ""))
     r = lora_A.shape[0] // n
     if tuple(lora_B.shape) != (n * nb, r):

@@ -36,6 +36,12 @@ a claim of the README that held.
 - transformers (a hostile pass): resize_token_embeddings of an injected embedding left factors short of the new rows,
   and the forward's refusal named neither the cause nor the fix; it says so now (README: resize first). (A
   replaced output head and save_pretrained of modules saved whole are documented, not changed.)
+- A second pass over the dropout and resize fixes: a save read an Embedding's identity dropout as the adapter's
+  (0.0 written for a 0.5 adapter); add_weighted_adapter's adapter took the active adapter's dropout (peft: the
+  first combined); a user's Dropout subclass or a hooked module was replaced at a switch; a hotswap changed the
+  dropout (peft refuses that); layers of one adapter with different dropouts saved the last one without a word;
+  reserve_rank padded pruned factors (every later forward failed, naming neither); the resize hint blamed a resize
+  for any factor of the wrong width.
 - A hostile pass over the fixes above: functional_call with Parameter stand-ins (an EMA copy's named_parameters)
   still re-pointed the scale tensor (0.61 off after a switch; functional_call is told from the stack now); an
   unmerged Embedding with a tensor embed_scale, and a MergedLinear pickled before, still exported with the
@@ -46,6 +52,7 @@ a claim of the README that held.
 Tests that write paths run in tmp_path with the working directory moved there (as in test_session_hostile13).
 """
 import io
+import json
 import os
 import warnings
 
@@ -649,3 +656,220 @@ def test_a_forward_after_resize_token_embeddings_names_the_resize():
     model.resize_token_embeddings(model.config.vocab_size + 8, mean_resizing=False)
     with pytest.raises(ValueError, match="resize_token_embeddings"):
         model(tokens())
+
+
+# -- (a second pass) dropout, reserve_rank and the resize hint ----------------------------------------------
+
+class _LinEmb(nn.Module):
+    """A Linear registered before an Embedding (module order: lin, emb)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+        self.emb = nn.Embedding(10, 6)
+
+    def forward(self, t):
+        return self.lin(self.emb(t))
+
+
+class _Lin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+def _peft_save(base_fn, path, targets, p, seed):
+    pm = get_peft_model(base_fn(), LoraConfig(target_modules=list(targets), r=2, lora_alpha=4, lora_dropout=p))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, q in pm.named_parameters():
+            if "lora_" in n:
+                q.normal_()
+    pm.save_pretrained(path)
+
+
+def _lin_emb():
+    torch.manual_seed(0)
+    return _LinEmb().double()
+
+
+def _lin():
+    torch.manual_seed(0)
+    return _Lin().double()
+
+
+# -- 1. per-adapter lora_dropout ------------------------------------------------------------------------------
+
+
+def test_saved_lora_dropout_is_not_overwritten_by_an_embedding_of_the_adapter(tmp_path):
+    """A peft adapter (lora_dropout 0.5) targeting a Linear and an Embedding that comes after it in module order.
+    Loaded and saved again, its adapter_config.json says lora_dropout 0.0: save_peft_adapter now takes
+    adapter_dropout() of every layer, the Embedding's nn.Identity reads as 0.0 and, being last, wins (before 3333fcf
+    getattr(Identity, "p", dropout) skipped it). peft resuming training from the file trains without dropout."""
+    _peft_save(_lin_emb, tmp_path / "a", ["lin", "emb"], 0.5, seed=1)
+    m = _lin_emb()
+    lora.load_peft_adapter(m, str(tmp_path / "a"), "a", is_trainable=True)
+    assert isinstance(m.lin.lora_dropout, nn.Dropout) and m.lin.lora_dropout.p == 0.5  # (it trains with 0.5)
+    lora.save_peft_adapter(m, str(tmp_path / "out"), "a")
+    with open(tmp_path / "out" / "adapter_config.json") as f:
+        saved = json.load(f)["lora_dropout"]
+    # real peft, loading the saved file, trains lin with:
+    pm = PeftModel.from_pretrained(_lin_emb(), str(tmp_path / "a"), is_trainable=True)
+    assert saved == pm.base_model.model.lin.lora_dropout["default"].p == 0.5
+
+
+def test_weighted_adapter_dropout_does_not_depend_on_which_adapter_is_active(tmp_path):
+    """add_weighted_adapter(["b", "c"], ..., "bc"): peft gives "bc" the config (lora_dropout) of adapters[0], "b".
+    lora_ext records nothing for "bc", so adapter_dropout("bc") -- what it trains with after set_adapter("bc") and
+    what save_peft_adapter writes -- is whatever adapter happens to be active: saving "bc" while "c" is active writes
+    c's 0.3 (while "b" is active: 0.0)."""
+    _peft_save(_lin, tmp_path / "b", ["lin"], 0.0, seed=2)
+    _peft_save(_lin, tmp_path / "c", ["lin"], 0.3, seed=3)
+    pm = PeftModel.from_pretrained(_lin(), str(tmp_path / "b"), adapter_name="b")
+    pm.load_adapter(str(tmp_path / "c"), adapter_name="c")
+    pm.add_weighted_adapter(["b", "c"], [1.0, 1.0], "bc", combination_type="cat")
+    want = pm.peft_config["bc"].lora_dropout
+    assert want == 0.0
+
+    m = _lin()
+    lora.load_peft_adapter(m, str(tmp_path / "b"), "b")
+    lora.load_peft_adapter(m, str(tmp_path / "c"), "c")
+    lora.add_weighted_adapter(m, ["b", "c"], [1.0, 1.0], "bc", combination_type="cat")
+    assert lora.active_adapter(m) == "c"
+    lora.save_peft_adapter(m, str(tmp_path / "bc"), "bc")
+    with open(tmp_path / "bc" / "adapter_config.json") as f:
+        assert json.load(f)["lora_dropout"] == want
+    lora.set_adapter(m, "bc")  # trains with
+    assert m.lin.adapter_dropout("bc") == want
+
+
+class _MyDropout(nn.Dropout):
+    """A user's own dropout (a subclass of nn.Dropout with its own forward)."""
+
+    def forward(self, x):
+        return F.dropout(x, self.p, self.training) * 0.5
+
+
+def test_a_users_dropout_subclass_survives_switches():
+    """The README/docstring: "a module of the user's (not nn.Dropout / nn.Identity) is left alone". A subclass of
+    nn.Dropout passes isinstance(drop, nn.Dropout): a switch to an adapter recorded at 0.0 replaces it with
+    nn.Identity, and switching back gives a plain nn.Dropout(p): the user's module (and its forward) is gone."""
+    layer = lora.Linear(6, 5, r=2)
+    mine = _MyDropout(0.1)
+    layer.lora_dropout = mine
+    layer.add_adapter("b", torch.randn(2, 6), torch.randn(5, 2), 1.0)
+    layer.set_adapter_dropout("b", 0.0)
+    layer.set_adapter("b")
+    layer.set_adapter("default")
+    assert layer.lora_dropout is mine
+
+
+def test_hooks_on_lora_dropout_survive_switches():
+    """A forward hook on the layer's lora_dropout (layers.py's _operands honours hooks on an identity dropout,
+    e.g. accelerate's add_hook_to_module). A switch to an adapter with another probability puts a new module in its
+    place: after switching away and back the hook is gone silently (1 call seen, 2 expected)."""
+    layer = lora.Linear(6, 5, r=2)
+    seen = []
+    layer.lora_dropout.register_forward_hook(lambda mod, i, o: seen.append(1))
+    layer.add_adapter("b", torch.randn(2, 6), torch.randn(5, 2), 1.0)
+    layer.set_adapter_dropout("b", 0.5)
+    layer(torch.randn(3, 6))
+    layer.set_adapter("b")
+    layer.set_adapter("default")
+    layer(torch.randn(3, 6))
+    assert len(seen) == 2
+
+
+def test_hotswap_with_another_lora_dropout_changes_nothing_else(tmp_path):
+    """peft's hotswap_adapter refuses configs whose lora_dropout differ ("Configs are incompatible: for lora_dropout").
+    lora_ext's hotswap_adapter says "nothing else changes" (it writes factors in place so a compiled model does not
+    recompile), but since 3333fcf the load's set_adapter_dropout swaps the active layer's nn.Identity for
+    nn.Dropout(0.5). Either refuse as peft does, or leave the module alone."""
+    from peft.utils.hotswap import hotswap_adapter as peft_hotswap
+    _peft_save(_lin, tmp_path / "a", ["lin"], 0.0, seed=1)
+    _peft_save(_lin, tmp_path / "b", ["lin"], 0.5, seed=2)
+    pm = PeftModel.from_pretrained(_lin(), str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="lora_dropout"):
+        peft_hotswap(pm, str(tmp_path / "b"), adapter_name="default")
+    m = _lin()
+    lora.load_peft_adapter(m, str(tmp_path / "a"))
+    before = m.lin.lora_dropout
+    try:
+        lora.hotswap_adapter(m, str(tmp_path / "b"))
+    except ValueError:
+        return
+    assert m.lin.lora_dropout is before
+
+
+def test_save_refuses_or_warns_when_layers_of_one_adapter_disagree_on_dropout(tmp_path):
+    """peft's LoraConfig has one lora_dropout per adapter. When the layers of one adapter train with different
+    probabilities (here set_adapter_dropout on one layer), save_peft_adapter silently writes the last layer's in
+    module order; peft resuming from the file trains every layer with it."""
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(6, 6)
+            self.v = nn.Linear(6, 5)
+
+        def forward(self, x):
+            return self.v(self.q(x))
+    torch.manual_seed(0)
+    m = Two().double()
+    lora.inject(m, ["q", "v"], r=2, lora_dropout=0.5)
+    m.v.set_adapter_dropout("default", 0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            lora.save_peft_adapter(m, str(tmp_path / "out"))
+        except ValueError as e:
+            assert "dropout" in str(e)
+            return
+    assert any("dropout" in str(w.message) for w in caught), "saved 0.1 for q (trained at 0.5) silently"
+
+
+# -- 2. functional_call told from the stack -------------------------------------------------------------------
+
+
+def _filled_linear():
+    g = torch.Generator().manual_seed(0)
+    layer = lora.Linear(6, 5, r=2, lora_alpha=3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return layer
+
+
+def test_reserve_rank_over_a_pruned_factor_is_refused_before_anything_changes():
+    """set_adapter (layer and model) refuses pruned factors before any write since a167e50; reserve_rank writes the
+    live factors too but does not check: it pads layer 0 and the computed lora_A of layer 1 (prune recomputes it from
+    lora_A_orig, still rank 2, while lora_B is padded to rank 4), returns, and every forward of the model then fails
+    with "lora_B must have shape (5, 2) ... got (5, 4)", naming neither prune nor reserve_rank."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 5))
+    lora.inject(m, ["0", "1"], r=2)
+    with torch.no_grad():
+        for layer in (m[0], m[1]):
+            layer.lora_B.normal_()
+    m.requires_grad_(False)
+    prune.l1_unstructured(m[1], "lora_A", amount=0.5)
+    x = torch.randn(3, 6)
+    y0 = m(x).detach()
+    with pytest.raises(ValueError, match="prune"):
+        lora.reserve_rank(m, 4)
+    assert tuple(m[0].lora_A.shape) == (2, 6)  # nothing changed
+    torch.testing.assert_close(m(x), y0)
+
+
+# -- 5. ops._check_factors' resize hint ---------------------------------------------------------------------------
+
+
+def test_a_transposed_factor_given_to_ops_is_refused_naming_every_cause():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, generator=g)
+    W, b = torch.randn(5, 6, generator=g), torch.randn(5, generator=g)
+    A, B = torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)
+    with pytest.raises(ValueError, match="another layer or transposed, or a weight resized"):
+        lora.ops.linear(x, x, W, b, A.t().contiguous(), B, 1.0)

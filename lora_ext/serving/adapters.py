@@ -442,7 +442,7 @@ def add_weighted_adapter(model: nn.Module, adapters: List[str], weights: List[fl
         found = _layers_or_raise(model)
         weighted.apply(weighted.plan(model, found, adapters, weights, adapter_name, combination_type, svd_rank,
                                      density, majority_sign_method, svd_clamp, svd_full_matrices, svd_driver),
-                       adapter_name)
+                       adapter_name, adapters[0])
 
 
 @contextlib.contextmanager

@@ -736,9 +736,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             for _, w in _saved.wrappers(model):
                 if adapter_name in w.adapter_names:
                     w.set_adapter(adapter_name, trains)
-        for _, _, layer, *_ in plan:  # each adapter trains with its own lora_dropout, as in peft (not embeddings')
-            if not isinstance(layer, layers.Embedding):
-                layer.set_adapter_dropout(adapter_name, cfg.get("lora_dropout", 0.0))
+        if not _hotswap:  # (a hotswap changes the factors and scalings only)
+            for _, _, layer, *_ in plan:  # each adapter trains with its own lora_dropout, as peft's (not embeddings)
+                if not isinstance(layer, layers.Embedding):
+                    layer.set_adapter_dropout(adapter_name, cfg.get("lora_dropout", 0.0))
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
 
 
@@ -938,7 +939,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             if len(actives) != 1:
                 raise ValueError(f"save: the lora_ext layers disagree on the active adapter ({sorted(actives)}); "
                                  f"name the adapter to save (adapter_name=) or set_adapter the model first")
-        tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
+        tensors, ranks, alphas, dropouts = {}, {}, {}, {}
         # the layers the adapter targets: those that hold it, and not as a stand-in of zeros (peft saves an adapter
         # of other target modules than the active one's alike)
         def wanted(layer):  # the adapter saved from `layer`
@@ -972,14 +973,21 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             tensors[PREFIX + name + ka] = A.contiguous().cpu()
             tensors[PREFIX + name + kb] = B.contiguous().cpu()
             ranks[name], alphas[name] = rank, scaling * rank
-            p = layer.adapter_dropout(adapter)
-            dropout = dropout if p is None else p
+            p = None if isinstance(layer, layers.Embedding) else layer.adapter_dropout(adapter)  # (none: loralib's)
+            if p is not None:
+                dropouts[name] = p
         every = _plain_names(inner)
         adapter = adapter_name if adapter_name is not None else found[0][1].active_adapter
         saved = _saved_copies(inner, found, adapter, tensors, every)
         token_indices = _tokens.saved_rows(inner, adapter, PREFIX, tensors, every)
     first = found[0][0]
     r, alpha = ranks[first], alphas[first]
+    # peft holds one lora_dropout per adapter: layers that train this one with others are named
+    dropout = dropouts[min(dropouts)] if dropouts else 0.0
+    if len(set(dropouts.values())) > 1:
+        warnings.warn(f"save: the layers of adapter {adapter!r} train with different lora_dropout "
+                      f"({', '.join(f'{n}: {p}' for n, p in sorted(dropouts.items()))}); peft's config holds one: "
+                      f"{dropout} is written", stacklevel=2)
     # peft matches a pattern key, and a target_modules entry, at the end of a module name at a '.' boundary
     # (`out` also matches `blocks.0.out`): keys that would reach another module are anchored with '^', and
     # target_modules is a regex of the exact names (peft matches a string whole) when a list would reach

@@ -363,9 +363,16 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
     return out
 
 
-def apply(plan_: Dict[LoRALayer, Tuple[Tensor, Tensor]], adapter_name: str) -> None:
-    """Adds the planned adapter to its layers, all or none (Ctrl-C lands after)."""
+def apply(plan_: Dict[LoRALayer, Tuple[Tensor, Tensor]], adapter_name: str, first: str) -> None:
+    """Adds the planned adapter to its layers, all or none (Ctrl-C lands after), with the lora_dropout of the first
+    adapter combined (peft's new config is a copy of that adapter's)."""
+    def add(m):
+        m.add_adapter(adapter_name, *plan_[m], 1.0)
+        p = m.adapter_dropout(first) if m.has_adapter(first) else None
+        if p is not None:
+            m.set_adapter_dropout(adapter_name, p)
+
     def undo(m):
         if m.has_adapter(adapter_name) and m.active_adapter != adapter_name:
             m.delete_adapter(adapter_name)
-    each_or_none(list(plan_), lambda m: m.add_adapter(adapter_name, *plan_[m], 1.0), undo)
+    each_or_none(list(plan_), add, undo)
