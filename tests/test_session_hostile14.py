@@ -41,7 +41,8 @@ a claim of the README that held.
   first combined); a user's Dropout subclass or a hooked module was replaced at a switch; a hotswap changed the
   dropout (peft refuses that); layers of one adapter with different dropouts saved the last one without a word;
   reserve_rank padded pruned factors (every later forward failed, naming neither); the resize hint blamed a resize
-  for any factor of the wrong width.
+  for any factor of the wrong width. (The Embedding-save and hotswap tests guard what the first form of the dropout
+  fix broke: they passed before it.)
 - A hostile pass over the fixes above: functional_call with Parameter stand-ins (an EMA copy's named_parameters)
   still re-pointed the scale tensor (0.61 off after a switch; functional_call is told from the stack now); an
   unmerged Embedding with a tensor embed_scale, and a MergedLinear pickled before, still exported with the
