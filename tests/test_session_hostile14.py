@@ -339,12 +339,16 @@ def test_torch_export_with_defaults_of_an_unmerged_merged_linear():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     x = torch.randn(4, 6, generator=g)
     ep = torch.export.export(layer, (x,))
+    assert _rel(ep.module()(x), _merged_linear64(layer, x)) < 1e-5
+
+
+def _merged_linear64(layer, x):
+    """float64 forward of a MergedLinear(6, 9, enable_lora=[True, False, True])."""
     A, B, s = layer.lora_A.double(), layer.lora_B.double(), layer.scaling
     delta = torch.zeros(9, 6, dtype=torch.float64)
     delta[0:3] = B[0:3] @ A[0:2]
     delta[6:9] = B[3:6] @ A[2:4]
-    want = F.linear(x.double(), layer.weight.double() + s * delta, layer.bias.double())
-    assert _rel(ep.module()(x), want) < 1e-5
+    return F.linear(x.double(), layer.weight.double() + s * delta, layer.bias.double())
 
 
 def test_torch_jit_script_of_a_layer_does_not_blame_tensor_parallelism():
@@ -469,12 +473,7 @@ def test_export_of_a_merged_linear_pickled_before_the_buffer_fix():
     old = torch.load(buf, weights_only=False)
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
     ep = torch.export.export(old, (x,))
-    A, B, s = old.lora_A.double(), old.lora_B.double(), old.scaling
-    delta = torch.zeros(9, 6, dtype=torch.float64)
-    delta[0:3] = B[0:3] @ A[0:2]
-    delta[6:9] = B[3:6] @ A[2:4]
-    want = F.linear(x.double(), old.weight.double() + s * delta, old.bias.double())
-    assert _rel(ep.module()(x), want) < 1e-5
+    assert _rel(ep.module()(x), _merged_linear64(old, x)) < 1e-5
 
 
 # -- _check_plain_factors: a refusal after earlier layers were written --------------------------------------------
@@ -576,13 +575,13 @@ def _ext_step(m, x, g, seed):
     return y.detach(), lin.lora_A.grad, lin.lora_B.grad
 
 
-def test_second_loaded_adapter_trains_with_its_own_lora_dropout(tmp_path):
-    """Adapter "a" (lora_dropout 0.0) is loaded first, then adapter "b" (lora_dropout 0.5), both trainable. peft trains
-    each adapter with its own config's dropout (a ModuleDict of dropouts per adapter). lora_ext's layer keeps the
-    dropout of the adapter that created it, so "b" trains without its dropout: other outputs, other gradients,
-    silently."""
-    _save_peft(tmp_path / "a", 0.0, seed=1)
-    A, B = _save_peft(tmp_path / "b", 0.5, seed=2)
+@pytest.mark.parametrize("first, second", [(0.0, 0.5), (0.5, 0.0)])
+def test_second_loaded_adapter_trains_with_its_own_lora_dropout(tmp_path, first, second):
+    """Adapter "a" is loaded first, then adapter "b", both trainable, each with its own config's lora_dropout. peft
+    trains each adapter with its own (a ModuleDict of dropouts per adapter); lora_ext's layer kept the dropout of
+    the adapter that created it, so "b" trained with a's: other outputs, other gradients, silently."""
+    _save_peft(tmp_path / "a", first, seed=1)
+    A, B = _save_peft(tmp_path / "b", second, seed=2)
     m = _base()
     lora.load_peft_adapter(m, str(tmp_path / "a"), "a", is_trainable=True)
     lora.load_peft_adapter(m, str(tmp_path / "b"), "b", is_trainable=True)
@@ -592,26 +591,8 @@ def test_second_loaded_adapter_trains_with_its_own_lora_dropout(tmp_path):
     g = torch.randn(4, 5, dtype=torch.float64)
     y, dA, dB = _ext_step(m, x, g, seed=11)
     base = _base().lin
-    y_ref, dA_ref, dB_ref = _train_step_reference(base.weight.detach(), base.bias.detach(), A, B, 2.0, x, g, 0.5, 11)
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(dA, dA_ref)
-    torch.testing.assert_close(dB, dB_ref)
-
-
-def test_second_loaded_adapter_without_dropout_trains_without_the_firsts(tmp_path):
-    """The reverse: "a" (lora_dropout 0.5) created the layer, "b" (lora_dropout 0.0) is loaded after it and trained:
-    peft applies no dropout to "b"; lora_ext applies a's 0.5."""
-    _save_peft(tmp_path / "a", 0.5, seed=1)
-    A, B = _save_peft(tmp_path / "b", 0.0, seed=2)
-    m = _base()
-    lora.load_peft_adapter(m, str(tmp_path / "a"), "a", is_trainable=True)
-    lora.load_peft_adapter(m, str(tmp_path / "b"), "b", is_trainable=True)
-    torch.manual_seed(5)
-    x = torch.randn(4, 6, dtype=torch.float64)
-    g = torch.randn(4, 5, dtype=torch.float64)
-    y, dA, dB = _ext_step(m, x, g, seed=11)
-    base = _base().lin
-    y_ref, dA_ref, dB_ref = _train_step_reference(base.weight.detach(), base.bias.detach(), A, B, 2.0, x, g, 0.0, 11)
+    y_ref, dA_ref, dB_ref = _train_step_reference(base.weight.detach(), base.bias.detach(), A, B, 2.0, x, g, second,
+                                                  11)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(dA, dA_ref)
     torch.testing.assert_close(dB, dB_ref)
