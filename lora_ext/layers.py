@@ -1079,6 +1079,11 @@ class ConvLoRA(LoRALayer, nn.Module):
             scale, scale_tensor = self._scales(x)
             return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, scale,
                             scale_tensor if x.is_cuda else None)
+        return self._weight_forward(x)
+
+    def _weight_forward(self, x):
+        """The layer's output from its weight alone (the base, or the merged adapter with it): lora.disable_adapter
+        serves this (it raised an AttributeError for convolutions)."""
         return self.conv(x)
 
 

@@ -43,6 +43,8 @@ a claim of the README that held.
   reserve_rank padded pruned factors (every later forward failed, naming neither); the resize hint blamed a resize
   for any factor of the wrong width. (The Embedding-save and hotswap tests guard what the first form of the dropout
   fix broke: they passed before it.)
+- A stateful fuzzer against a float64 oracle (about 4,500 operations): a convolution's forward inside
+  lora.disable_adapter raised an AttributeError (ConvLoRA had no _weight_forward).
 - A hostile pass over the fixes above: functional_call with Parameter stand-ins (an EMA copy's named_parameters)
   still re-pointed the scale tensor (0.61 off after a switch; functional_call is told from the stack now); an
   unmerged Embedding with a tensor embed_scale, and a MergedLinear pickled before, still exported with the
@@ -855,3 +857,25 @@ def test_a_transposed_factor_given_to_ops_is_refused_naming_every_cause():
     A, B = torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g)
     with pytest.raises(ValueError, match="another layer or transposed, or a weight resized"):
         lora.ops.linear(x, x, W, b, A.t().contiguous(), B, 1.0)
+
+
+@pytest.mark.parametrize("kind", ["Conv1d", "Conv2d", "Conv3d"])
+@pytest.mark.parametrize("merged", [False, True])
+def test_a_convolution_inside_disable_adapter_serves_the_base(kind, merged):
+    torch.manual_seed(0)
+    dims = int(kind[-2])
+    layer = getattr(lora, kind)(3, 4, kernel_size=3, r=2, lora_alpha=4).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    model = nn.Sequential(layer)
+    weight = layer.conv.weight.detach().clone()  # the base (unmerged: train mode)
+    model.train(not merged)
+    x = torch.randn(2, 3, *([5] * dims), dtype=torch.float64)
+    base = getattr(F, f"conv{dims}d")(x, weight, layer.conv.bias)
+    with torch.no_grad():
+        served = model(x)
+        with lora.disable_adapter(model):
+            out = model(x)
+        after = model(x)
+    assert torch.allclose(out, base, rtol=1e-12, atol=1e-12)
+    assert (served - base).abs().max() > 1e-3 and torch.allclose(after, served, rtol=1e-12, atol=1e-12)
