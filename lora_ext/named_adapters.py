@@ -725,7 +725,8 @@ class NamedAdapters:
     # The layer has one lora_dropout module, the active adapter's. A peft adapter's own lora_dropout is recorded for
     # it (set_adapter_dropout), and a switch sets the module to the new adapter's probability (the old one's is kept
     # under its name), as peft's per-adapter dropout modules train. An adapter with no record trains with the module
-    # as it is; a module of the user's (not exactly nn.Dropout / nn.Identity, or hooked) is left alone.
+    # as it is, a stand-in of zeros with none; a module of the user's (not exactly nn.Dropout / nn.Identity, or
+    # hooked) is left alone.
 
     def _dropout_now(self) -> Optional[float]:
         """The active adapter's dropout probability; None for a module of the user's: another class (a subclass
@@ -740,6 +741,7 @@ class NamedAdapters:
     def adapter_dropout(self, name: str) -> Optional[float]:
         """The lora_dropout probability adapter `name` trains with (None: the layer's module is not a plain
         dropout, or the adapter has no record and is not active)."""
+        self._check_holds(name)
         if name == self.active_adapter:
             return self._dropout_now()
         return self.__dict__.get("_dropouts", {}).get(name, self._dropout_now())
@@ -749,17 +751,24 @@ class NamedAdapters:
         from its next activation."""
         if not 0.0 <= p < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {p!r}")
+        self._check_holds(name)
         with self._lock:
             if name == self.active_adapter:
                 self._use_dropout(float(p))
             else:
                 self.__dict__.setdefault("_dropouts", {})[name] = float(p)
 
+    def _check_holds(self, name: str) -> None:
+        if name not in self.adapter_names:
+            raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+
     def _switch_dropout(self, old_name: str, name: str) -> None:
+        """After a switch from `old_name` to `name`: the module at `name`'s probability, the old one's kept. A
+        stand-in of zeros (is_placeholder) computes nothing and draws no dropout mask, as peft's untargeted layers."""
         dropouts = self.__dict__.setdefault("_dropouts", {})
-        p = dropouts.pop(name, None)
+        p = 0.0 if self.is_placeholder(name) else dropouts.pop(name, None)
         now = self._dropout_now()
-        if now is not None:
+        if now is not None and not self.is_placeholder(old_name):
             dropouts[old_name] = now
         if p is not None:
             self._use_dropout(p)

@@ -43,6 +43,10 @@ a claim of the README that held.
   reserve_rank padded pruned factors (every later forward failed, naming neither); the resize hint blamed a resize
   for any factor of the wrong width. (The Embedding-save and hotswap tests guard what the first form of the dropout
   fix broke: they passed before it.)
+- A third pass over the dropout: add_weighted_adapter read the first adapter's dropout where it was a stand-in (or
+  absent), so layers it does not target trained the combined adapter without peft's copied dropout, and the save
+  wrote 0.0 for 0.5; a stand-in of zeros kept another adapter's dropout and drew masks peft does not draw (0.92 off
+  a seeded step). Stand-ins use no dropout now; the combined adapter takes the first one's own everywhere.
 - A stateful fuzzer against a float64 oracle (about 4,500 operations): a convolution's forward inside
   lora.disable_adapter raised an AttributeError (ConvLoRA had no _weight_forward).
 - A hostile pass over the fixes above: functional_call with Parameter stand-ins (an EMA copy's named_parameters)
@@ -879,3 +883,101 @@ def test_a_convolution_inside_disable_adapter_serves_the_base(kind, merged):
         after = model(x)
     assert torch.allclose(out, base, rtol=1e-12, atol=1e-12)
     assert (served - base).abs().max() > 1e-3 and torch.allclose(after, served, rtol=1e-12, atol=1e-12)
+
+
+# -- (a third pass) stand-ins and add_weighted_adapter's dropout ----------------------------------------------
+
+class _Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin1 = nn.Linear(6, 6)
+        self.lin2 = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.lin2(self.lin1(x))
+
+
+def _two():
+    return _Two().double()
+
+
+def _save(path, targets, p, seed):
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=list(targets), lora_dropout=p)
+    return save_random_peft(get_peft_model(_two(), cfg), path, seed, 0.3)
+
+
+# -- 1. add_weighted_adapter: a layer where the first adapter is absent or a stand-in of zeros --------------------
+
+@pytest.mark.parametrize("order", ["b then c (lin1 holds b as a stand-in)", "c then b (lin1 lacks b)"])
+def test_weighted_adapter_takes_the_first_adapters_dropout_in_every_layer(tmp_path, order):
+    """peft's add_weighted_adapter(["b", "c"], ..., combination_type="cat") makes the new adapter's config a copy of
+    b's (lora_dropout 0.5) targeting the union of b's and c's modules: every layer of "bc", lin1 included (which b
+    does not target), trains with Dropout(0.5). lora_ext's weighted.apply takes adapter_dropout(first) only where
+    the layer holds "b": at lin1 it takes the stand-in's record (c's 0.0, copied at the switch) or, with no "b"
+    there, records nothing (the module as it is: c's 0.0). So "bc" trains lin1 without dropout, and
+    save_peft_adapter writes lora_dropout 0.0 into its config (with a warning), where peft's is 0.5."""
+    _save(tmp_path / "b", ["lin2"], 0.5, seed=1)
+    _save(tmp_path / "c", ["lin1", "lin2"], 0.0, seed=2)
+    first, second = ("b", "c") if order.startswith("b") else ("c", "b")
+
+    pm = PeftModel.from_pretrained(_two(), str(tmp_path / first), adapter_name=first, is_trainable=True)
+    pm.load_adapter(str(tmp_path / second), adapter_name=second, is_trainable=True)
+    pm.add_weighted_adapter(["b", "c"], [1.0, 1.0], "bc", combination_type="cat")
+    want = {n: pm.base_model.model.get_submodule(n).lora_dropout["bc"].p for n in ("lin1", "lin2")}
+    assert want == {"lin1": 0.5, "lin2": 0.5} and pm.peft_config["bc"].lora_dropout == 0.5
+
+    m = _two()
+    lora.load_peft_adapter(m, str(tmp_path / first), first, is_trainable=True)
+    lora.load_peft_adapter(m, str(tmp_path / second), second, is_trainable=True)
+    lora.add_weighted_adapter(m, ["b", "c"], [1.0, 1.0], "bc", combination_type="cat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lora.save_peft_adapter(m, str(tmp_path / "out"), "bc")
+    with open(tmp_path / "out" / "adapter_config.json") as f:
+        saved = json.load(f)["lora_dropout"]
+    lora.set_adapter(m, "bc")
+    got = {n: m.get_submodule(n).adapter_dropout("bc") for n in ("lin1", "lin2")}
+    assert got == want and saved == 0.5, (got, saved)
+
+
+# -- 2. a stand-in of zeros keeps another adapter's Dropout: a seeded training step is off peft's -------------
+
+@pytest.mark.parametrize("how", ["set_adapter", "activate=False load"])
+def test_a_stand_in_draws_no_dropout_mask_as_peft_draws_none(tmp_path, how):
+    """Adapter "c" (lora_dropout 0.5) targets lin1 and lin2, adapter "b" (lora_dropout 0.5) lin2 only. peft's lin1
+    with "b" active computes nothing of an adapter: no dropout, no draw from torch's generator. lora_ext's lin1
+    serves b as a stand-in of zeros and keeps c's nn.Dropout(0.5) module: its forward draws a mask for nothing,
+    shifting lin2's mask, so a step seeded as peft's gives other outputs and gradients (0.92 off the outputs, b's
+    lora_B gradient 3.3 off on a max of 2.9). Same with activate=False: a layer that load injects for "c" serves
+    the active "b" as a stand-in with c's Dropout(0.5) (the module made from c's config). A stand-in should draw
+    nothing (identity dropout), as peft's untargeted layer."""
+    _save(tmp_path / "c", ["lin1", "lin2"], 0.5, seed=2)
+    _save(tmp_path / "b", ["lin2"], 0.5, seed=1)
+    torch.manual_seed(7)
+    x = torch.randn(8, 6, dtype=torch.float64)
+    g = torch.randn(8, 5, dtype=torch.float64)
+
+    pm = PeftModel.from_pretrained(_two(), str(tmp_path / "c"), adapter_name="c", is_trainable=True)
+    pm.load_adapter(str(tmp_path / "b"), adapter_name="b", is_trainable=True)
+    pm.set_adapter("b")
+    pm.train()
+    torch.manual_seed(3)
+    y_ref = pm(x)
+    (y_ref * g).sum().backward()
+    dB_ref = pm.base_model.model.lin2.lora_B["b"].weight.grad
+
+    m = _two()
+    if how == "set_adapter":
+        lora.load_peft_adapter(m, str(tmp_path / "c"), "c", is_trainable=True)
+        lora.load_peft_adapter(m, str(tmp_path / "b"), "b", is_trainable=True)
+    else:
+        lora.load_peft_adapter(m, str(tmp_path / "b"), "b", is_trainable=True)
+        lora.load_peft_adapter(m, str(tmp_path / "c"), "c", is_trainable=True, activate=False)
+    assert lora.active_adapter(m) == "b" and m.lin1.is_placeholder("b")
+    m.train()
+    torch.manual_seed(3)
+    y = m(x)
+    (y * g).sum().backward()
+    torch.testing.assert_close(y.detach(), y_ref.detach())
+    torch.testing.assert_close(m.lin2.lora_B.grad, dB_ref)

@@ -366,10 +366,14 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
 def apply(plan_: Dict[LoRALayer, Tuple[Tensor, Tensor]], adapter_name: str, first: str) -> None:
     """Adds the planned adapter to its layers, all or none (Ctrl-C lands after), with the lora_dropout of the first
     adapter combined (peft's new config is a copy of that adapter's)."""
+    # the first adapter's own: read where it is not a stand-in (every layer of the new adapter takes it, as peft's
+    # copied config does, also those the first adapter does not target)
+    own = [m.adapter_dropout(first) for m in plan_ if m.has_adapter(first) and not m.is_placeholder(first)]
+    p = next((q for q in own if q is not None), None)
+
     def add(m):
         m.add_adapter(adapter_name, *plan_[m], 1.0)
-        p = m.adapter_dropout(first) if m.has_adapter(first) else None
-        if p is not None:
+        if p is not None and m.adapter_dropout(adapter_name) is not None:
             m.set_adapter_dropout(adapter_name, p)
 
     def undo(m):
