@@ -870,9 +870,7 @@ def _peft_conv_factors(layer, name, A, B, r):
     """(A, B, rank) of a conv adapter in peft's layout (see _to_layer_layout). B = X (x) I_k0, as a loaded peft
     adapter is, saves as X at rank r; any other B as the exact rank-r*k0*k0 pair whose filter (j, q) holds A's row j
     in chunk q and zeros elsewhere."""
-    c = layer.conv
-    if c.groups != 1:
-        raise ValueError(f"save: convolution {name!r} (groups={c.groups}) has no peft equivalent (needs groups == 1)")
+    c = layer.conv  # (groups == 1: save refused others first, conv_refusal)
     k0, out = c.kernel_size[0], c.out_channels
     ones = (1,) * (c.weight.dim() - 2)
     blocks = B.reshape(out, k0, r, k0)  # [o, q, t, q']
