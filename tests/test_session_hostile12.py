@@ -394,13 +394,13 @@ def test_forwards_on_other_threads_see_unload_whole():
         thread = threading.Thread(target=forward)
         thread.start()
         try:
-            while not seen:
-                pass
+            while not seen:  # (sleeping, not spinning: a spinning loop holds the GIL the forwards need)
+                time.sleep(0.0005)
             time.sleep(0.005)
             lora.unload(model, merge=False)
             count = len(seen)
             while len(seen) < count + 1:
-                pass
+                time.sleep(0.0005)
         finally:
             stop.set()
             thread.join()
