@@ -785,11 +785,15 @@ def test_hotswap_with_another_lora_dropout_changes_nothing_else(tmp_path):
     m = _lin()
     lora.load_peft_adapter(m, str(tmp_path / "a"))
     before = m.lin.lora_dropout
-    try:
+    held = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lora_dropout 0\.5, layer 'lin' holds it with 0\.0"):
         lora.hotswap_adapter(m, str(tmp_path / "b"))
-    except ValueError:
-        return
+    assert m.lin.lora_dropout is before and m.lin.adapter_dropout("default") == 0.0
+    assert all(torch.equal(v, held[k]) for k, v in m.state_dict().items())
+    _peft_save(_lin, tmp_path / "c", ["lin"], 0.0, seed=3)  # the same dropout: swapped, the module left alone
+    lora.hotswap_adapter(m, str(tmp_path / "c"))
     assert m.lin.lora_dropout is before
+    assert not torch.equal(m.lin.lora_A, held["lin.lora_A"])
 
 
 def test_save_refuses_or_warns_when_layers_of_one_adapter_disagree_on_dropout(tmp_path):

@@ -608,7 +608,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         layer.check_adapter(A2, B2, scaling, name=label)
         plan.append((name, module, layer, fresh, A2, B2, scaling))
     held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name) and not m.is_placeholder(adapter_name)]
-    zeroed = _check_hotswap(model, adapter_name, plan, held, chosen, to_save, token_plan, cfg_file) if _hotswap else []
+    zeroed = _check_hotswap(model, adapter_name, plan, held, chosen, to_save, token_plan, cfg_file,
+                            cfg.get("lora_dropout", 0.0)) if _hotswap else []
     for _, m in lora_layers(model):  # the layers whose live factors this load writes (switches and the active adapter)
         if activate or m.active_adapter == adapter_name:
             m._check_plain_factors(f"{cfg_file}: adapter {adapter_name!r}")
@@ -783,14 +784,14 @@ def hotswap_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_nam
     So it refuses, before anything changes, what would not be in place: a module without a lora_ext layer (peft
     refuses such keys too; load_peft_adapter injects it), another rank than the one the layer holds the adapter at
     (reserve_rank(model, r) pads every adapter to a common rank first, as peft's prepare_model_for_compiled_hotswap
-    does), trainable factors where the adapter is active (a trainable switch gives them new Parameters), and
-    modules saved whole or rows of tokens (modules_to_save, trainable_token_indices), in the file or in the
+    does), trainable factors where the adapter is active (a trainable switch gives them new Parameters), another
+    lora_dropout than the one the layers hold the adapter with (as peft's hotswap refuses it), and modules saved whole or rows of tokens (modules_to_save, trainable_token_indices), in the file or in the
     model's adapter. The file is checked as load_peft_adapter checks it. device: where an inactive adapter waits."""
     return load_peft_adapter(model, path, adapter_name, device=device, activate=False, revision=revision,
                              subfolder=subfolder, _hotswap=True)
 
 
-def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_file):
+def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_file, dropout):
     """hotswap_adapter's refusals (see there); returns the layers to serve the adapter as zeros."""
     what = f"hotswap_adapter: adapter {name!r}"
     saved = [n for n, w in _saved.wrappers(model) if name in w.adapter_names]
@@ -809,6 +810,14 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
     for n, _, layer, _, A2, B2, _ in plan:
         if not layer.has_adapter(name):
             continue  # (a layer the old adapter did not reach: the new factors wait there, as a load adds them)
+        held_p = None if isinstance(layer, layers.Embedding) or layer.is_placeholder(name) \
+            else layer.adapter_dropout(name)
+        if held_p is not None and held_p != float(dropout):
+            # (as peft's hotswap: "Configs are incompatible: for lora_dropout")
+            raise ValueError(f"{what}: {cfg_file} trains with lora_dropout {float(dropout)}, layer {n!r} holds it "
+                             f"with {held_p}: a hotswap writes factors and scalings only, so the adapter would go on "
+                             f"training, and be saved, with {held_p} (peft refuses such configs too); "
+                             f"load_peft_adapter replaces the adapter with its own dropout")
         A, B, _ = layer.get_adapter(name)
         # (the shapes add_adapter will hold the file's factors at: padded to the reserved rank, if any)
         new = layer.factor_shapes(layer.reserved_rank) if layer.reserved_rank is not None \
