@@ -41,6 +41,13 @@ def test_a_signal_before_the_barrier_fails():
             run_ranks(abort_before_the_barrier_case, timeout=120)
 
 
+def test_retry_false_fails_on_the_first_signal(tmp_path):
+    marker = str(tmp_path / "tried")
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        run_ranks(abort_on_the_first_try_case, marker, retry=False)
+    assert os.path.exists(marker)
+
+
 def abort_on_the_first_try_case(rank, world, marker):
     if rank == 1 and not os.path.exists(marker):
         open(marker, "w").close()

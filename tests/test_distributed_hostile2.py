@@ -195,7 +195,7 @@ def test_a_switch_on_one_rank_only_fails_loudly(merged):
     collective the other rank never joins, and the run fails (gloo's mismatch, or the process group's timeout)
     instead of returning numbers."""
     with pytest.raises(Exception) as info:
-        run_ranks(one_rank_case, merged, timeout=300)
+        run_ranks(one_rank_case, merged, timeout=300, retry=False)  # (a rank's abort is the expected end)
     assert not isinstance(info.value, TimeoutError), "never a hang past the process group's timeout"
 
 
