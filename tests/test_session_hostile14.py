@@ -775,7 +775,9 @@ def test_hotswap_with_another_lora_dropout_changes_nothing_else(tmp_path):
     """peft's hotswap_adapter refuses configs whose lora_dropout differ ("Configs are incompatible: for lora_dropout").
     lora_ext's hotswap_adapter says "nothing else changes" (it writes factors in place so a compiled model does not
     recompile), but since 3333fcf the load's set_adapter_dropout swaps the active layer's nn.Identity for
-    nn.Dropout(0.5). Either refuse as peft does, or leave the module alone."""
+    nn.Dropout(0.5). Leaving the module alone (before 3da6540) made the swapped adapter train and save with the
+    old dropout; now the swap is refused as peft refuses it, before anything changes, and one with the same dropout
+    goes through leaving the module alone."""
     from peft.utils.hotswap import hotswap_adapter as peft_hotswap
     _peft_save(_lin, tmp_path / "a", ["lin"], 0.0, seed=1)
     _peft_save(_lin, tmp_path / "b", ["lin"], 0.5, seed=2)
@@ -794,6 +796,77 @@ def test_hotswap_with_another_lora_dropout_changes_nothing_else(tmp_path):
     lora.hotswap_adapter(m, str(tmp_path / "c"))
     assert m.lin.lora_dropout is before
     assert not torch.equal(m.lin.lora_A, held["lin.lora_A"])
+
+
+class _QV(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(6, 6)
+        self.v = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.v(self.q(x))
+
+
+def _qv():
+    torch.manual_seed(0)
+    return _QV().double()
+
+
+def test_a_hotswap_gives_its_dropout_to_layers_where_the_adapter_was_a_stand_in(tmp_path):
+    """(a hostile pass over the hotswap refusal) v held adapter x as a stand-in of zeros; the swap gives it x's
+    factors. The swap kept v's stand-in dropout (0.0, where the file says 0.5: x trained there without dropout and a
+    save warned of disagreeing layers), and a second hotswap of the very same file was then refused."""
+    _peft_save(_qv, tmp_path / "xq", ["q"], 0.5, seed=1)
+    _peft_save(_qv, tmp_path / "yv", ["v"], 0.0, seed=2)
+    _peft_save(_qv, tmp_path / "xqv", ["q", "v"], 0.5, seed=3)
+    m = _qv()
+    lora.load_peft_adapter(m, str(tmp_path / "xq"), "x")
+    lora.load_peft_adapter(m, str(tmp_path / "yv"), "y", activate=False)
+    assert m.v.is_placeholder("x") and m.v.active_adapter == "x"
+    lora.reserve_rank(m, 2)
+    lora.hotswap_adapter(m, str(tmp_path / "xqv"), "x")
+    assert not m.v.is_placeholder("x")
+    assert (m.q.adapter_dropout("x"), m.v.adapter_dropout("x")) == (0.5, 0.5)
+    assert type(m.v.lora_dropout) is nn.Dropout and m.v.lora_dropout.p == 0.5  # x is active on v
+    assert m.v.adapter_dropout("y") == 0.0
+    lora.hotswap_adapter(m, str(tmp_path / "xqv"), "x")  # the same file again: nothing to refuse
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "layers ... train with different lora_dropout"
+        lora.save_peft_adapter(m, str(tmp_path / "out"), "x")
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["lora_dropout"] == 0.5
+
+
+def test_a_hotswap_gives_its_dropout_to_layers_the_adapter_did_not_reach(tmp_path):
+    _peft_save(_qv, tmp_path / "a", ["q", "v"], 0.0, seed=1)
+    _peft_save(_qv, tmp_path / "xq", ["q"], 0.5, seed=2)
+    _peft_save(_qv, tmp_path / "xqv", ["q", "v"], 0.5, seed=3)
+    m = _qv()
+    lora.load_peft_adapter(m, str(tmp_path / "a"), "a")
+    lora.load_peft_adapter(m, str(tmp_path / "xq"), "x", activate=False)
+    assert not m.v.has_adapter("x")
+    lora.hotswap_adapter(m, str(tmp_path / "xqv"), "x")
+    assert (m.q.adapter_dropout("x"), m.v.adapter_dropout("x")) == (0.5, 0.5)
+    assert type(m.v.lora_dropout) is nn.Identity  # a stays active there, with its own 0.0
+    lora.set_adapter(m, "x")
+    assert type(m.v.lora_dropout) is nn.Dropout and m.v.lora_dropout.p == 0.5
+
+
+def test_a_hotswap_compares_the_dropout_of_layers_it_turns_into_zeros(tmp_path):
+    """Layers that hold the adapter and that the file does not cover serve it as zeros after the swap, keeping their
+    dropout: it is compared too (the refusal looked at the file's layers only)."""
+    _peft_save(_qv, tmp_path / "x", ["q", "v"], 0.5, seed=1)
+    _peft_save(_qv, tmp_path / "xq", ["q"], 0.5, seed=2)
+    m = _qv()
+    lora.load_peft_adapter(m, str(tmp_path / "x"), "x")
+    m.v.set_adapter_dropout("x", 0.25)
+    held = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"lora_dropout 0\.5, layer 'v' holds it with 0\.25"):
+        lora.hotswap_adapter(m, str(tmp_path / "xq"), "x")
+    assert all(torch.equal(v, held[k]) for k, v in m.state_dict().items())
+    m.v.set_adapter_dropout("x", 0.5)
+    lora.hotswap_adapter(m, str(tmp_path / "xq"), "x")
+    assert m.v.is_placeholder("x") or float(m.v.lora_B.abs().max()) == 0.0
 
 
 def test_save_refuses_or_warns_when_layers_of_one_adapter_disagree_on_dropout(tmp_path):

@@ -608,6 +608,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         layer.check_adapter(A2, B2, scaling, name=label)
         plan.append((name, module, layer, fresh, A2, B2, scaling))
     held = [(n, m) for n, m in lora_layers(model) if m.has_adapter(adapter_name) and not m.is_placeholder(adapter_name)]
+    # (hotswap) the layers this swap gives the adapter's factors for the first time (absent, or a stand-in of zeros):
+    # they take the file's lora_dropout, as a load gives it; the others keep theirs, which _check_hotswap compares
+    first_factors = [layer for _, _, layer, *_ in plan if not isinstance(layer, layers.Embedding) and (
+        not layer.has_adapter(adapter_name) or layer.is_placeholder(adapter_name))] if _hotswap else []
     zeroed = _check_hotswap(model, adapter_name, plan, held, chosen, to_save, token_plan, cfg_file,
                             cfg.get("lora_dropout", 0.0)) if _hotswap else []
     for _, m in lora_layers(model):  # the layers whose live factors this load writes (switches and the active adapter)
@@ -737,10 +741,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             for _, w in _saved.wrappers(model):
                 if adapter_name in w.adapter_names:
                     w.set_adapter(adapter_name, trains)
-        if not _hotswap:  # (a hotswap changes the factors and scalings only)
-            for _, _, layer, *_ in plan:  # each adapter trains with its own lora_dropout, as peft's (not embeddings)
-                if not isinstance(layer, layers.Embedding):
-                    layer.set_adapter_dropout(adapter_name, cfg.get("lora_dropout", 0.0))
+        # each adapter trains with its own lora_dropout, as peft's (not embeddings); a hotswap changes the factors and
+        # scalings only, where the layer held the adapter's own factors before
+        for layer in (first_factors if _hotswap else
+                      [layer for _, _, layer, *_ in plan if not isinstance(layer, layers.Embedding)]):
+            layer.set_adapter_dropout(adapter_name, cfg.get("lora_dropout", 0.0))
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
 
 
@@ -810,14 +815,6 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
     for n, _, layer, _, A2, B2, _ in plan:
         if not layer.has_adapter(name):
             continue  # (a layer the old adapter did not reach: the new factors wait there, as a load adds them)
-        held_p = None if isinstance(layer, layers.Embedding) or layer.is_placeholder(name) \
-            else layer.adapter_dropout(name)
-        if held_p is not None and held_p != float(dropout):
-            # (as peft's hotswap: "Configs are incompatible: for lora_dropout")
-            raise ValueError(f"{what}: {cfg_file} trains with lora_dropout {float(dropout)}, layer {n!r} holds it "
-                             f"with {held_p}: a hotswap writes factors and scalings only, so the adapter would go on "
-                             f"training, and be saved, with {held_p} (peft refuses such configs too); "
-                             f"load_peft_adapter replaces the adapter with its own dropout")
         A, B, _ = layer.get_adapter(name)
         # (the shapes add_adapter will hold the file's factors at: padded to the reserved rank, if any)
         new = layer.factor_shapes(layer.reserved_rank) if layer.reserved_rank is not None \
@@ -830,6 +827,18 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
                              f"replaces it with new storage")
     # every layer holding the name that the file does not cover serves zeros, stand-ins given values since included
     zeroed = [(n, m) for n, m in lora_layers(model) if m.has_adapter(name) and n not in covered]
+    # Every layer that holds the adapter itself (not a stand-in; covered by the file or to serve zeros) trains it with
+    # one lora_dropout, which the swap keeps: the file's must be that one, as peft's hotswap compares the configs'
+    # ("Configs are incompatible: for lora_dropout"). (Layers given the adapter for the first time take the file's.)
+    for n, m in lora_layers(model):
+        if not m.has_adapter(name) or m.is_placeholder(name) or isinstance(m, layers.Embedding):
+            continue
+        held_p = m.adapter_dropout(name)
+        if held_p is not None and held_p != float(dropout):
+            raise ValueError(f"{what}: {cfg_file} trains with lora_dropout {float(dropout)}, layer {n!r} holds it "
+                             f"with {held_p}: a hotswap writes factors and scalings only, so the adapter would go on "
+                             f"training, and be saved, with {held_p} (peft refuses such configs too); "
+                             f"load_peft_adapter replaces the adapter with its own dropout")
     written = zeroed + [(n, layer) for n, _, layer, *_ in plan]
     for n, m in written:
         held_A = m.get_adapter(name)[0] if m.has_adapter(name) else None
