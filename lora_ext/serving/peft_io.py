@@ -784,7 +784,10 @@ def hotswap_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_nam
     active, merged or not). Where the adapter is active, the factors are written into the live storage (merged: the
     weight, in one pass), so a CUDA graph captured before the swap serves the new adapter on its next replay and a
     torch.compile'd model does not recompile for it (its traced forward reads the scaling from the layer's scale
-    tensor, which the swap writes in place too). Returns the modules it covers.
+    tensor, which the swap writes in place too). One exception: a layer that held the adapter as a stand-in of zeros
+    (or not at all) takes the file's lora_dropout with its first factors, and where the adapter is active there with
+    a dropout above 0 its dropout module changes, so a model compiled in train mode traces again. Returns the modules
+    it covers.
 
     So it refuses, before anything changes, what would not be in place: a module without a lora_ext layer (peft
     refuses such keys too; load_peft_adapter injects it), another rank than the one the layer holds the adapter at
