@@ -794,7 +794,8 @@ def hotswap_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_nam
     (reserve_rank(model, r) pads every adapter to a common rank first, as peft's prepare_model_for_compiled_hotswap
     does), trainable factors where the adapter is active (a trainable switch gives them new Parameters), another
     lora_dropout than the one the layers hold the adapter with (as peft's hotswap refuses it), and modules saved
-    whole or rows of tokens (modules_to_save, trainable_token_indices), in the file or in the model's adapter. The file is checked as load_peft_adapter checks it. device: where an inactive adapter waits."""
+    whole or rows of tokens (modules_to_save, trainable_token_indices), in the file or in the model's adapter. The
+    file is checked as load_peft_adapter checks it. device: where an inactive adapter waits."""
     return load_peft_adapter(model, path, adapter_name, device=device, activate=False, revision=revision,
                              subfolder=subfolder, _hotswap=True)
 
