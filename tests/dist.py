@@ -5,18 +5,18 @@
 fn must be a module-level function of an importable module (the tests' directory is on the children's path).
 A rank that raises fails the caller with the rank's traceback; a run past `timeout` seconds is killed and fails.
 A rank killed by a signal before every rank saved its result makes the whole run start once more, with a warning;
-a second such death fails (retry=False: the first does). One death is tolerated, with a warning: a rank killed by a signal after every rank saved
-its result and passed the final barrier (torch's own teardown of the gloo process group has been seen to abort
-there, "terminate called without an active exception", on the 2-core CI machine); whatever fn did is complete and
-saved by then.
+a second such death fails (retry=False: the first does). One death is tolerated, with a warning: a rank killed by
+a signal after every rank saved its result and passed the final barrier (torch's own teardown of the gloo process
+group has been seen to abort there, "terminate called without an active exception", on the 2-core CI machine);
+whatever fn did is complete and saved by then.
 
 The ranks start from a forkserver (multiprocessing's "forkserver" start method) that imported torch, lora_ext,
 peft, transformers and the tests' helpers once per test session: a rank is a fork of that server, not a fresh
 interpreter, which takes about 0.1 s where a spawned one took about 3.5 s on the 2-core CI machine (the files that
-use run_ranks took 569 s spawned, 164 s forked). The server imports those modules and nothing else: no process group, no thread, no CUDA context
-exists in it, so every rank still starts clean. Each rank gets the caller's working directory and sys.path from
-multiprocessing, and its environment variables from the call (_entry), as a spawned rank would; LORA_EXT_DIST_START=
-spawn brings the spawned processes back.
+use run_ranks took 569 s spawned, 164 s forked). The server imports those modules and nothing else: no process
+group, no thread, no CUDA context exists in it, so every rank still starts clean. Each rank gets the caller's
+working directory and sys.path from multiprocessing, and its environment variables from the call (_entry), as a
+spawned rank would; LORA_EXT_DIST_START=spawn brings the spawned processes back.
 """
 import datetime
 import multiprocessing
