@@ -834,10 +834,8 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
     # Every layer that holds the adapter itself (not a stand-in; covered by the file or to serve zeros) trains it with
     # one lora_dropout, which the swap keeps: the file's must be that one, as peft's hotswap compares the configs'
     # ("Configs are incompatible: for lora_dropout"). (Layers given the adapter for the first time take the file's.)
-    for n, m in lora_layers(model):
-        if not m.has_adapter(name) or m.is_placeholder(name) or isinstance(m, layers.Embedding):
-            continue
-        held_p = m.adapter_dropout(name)
+    for n, m in held:
+        held_p = _trained_dropout(m, name)
         if held_p is not None and held_p != float(dropout):
             raise ValueError(f"{what}: {cfg_file} trains with lora_dropout {float(dropout)}, layer {n!r} holds it "
                              f"with {held_p}: a hotswap writes factors and scalings only, so the adapter would go on "
@@ -855,6 +853,12 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
                              f"is active) or leave an optimizer holding the old ones; freeze the factors "
                              f"(requires_grad_(False)) to hotswap, or load_peft_adapter to replace it")
     return [m for _, m in zeroed]
+
+
+def _trained_dropout(layer, name):
+    """The lora_dropout probability `layer` trains adapter `name` with, as peft's config holds it; None for an
+    Embedding (peft's and loralib's apply none) or a dropout module of the user's."""
+    return None if isinstance(layer, layers.Embedding) else layer.adapter_dropout(name)
 
 
 def _base_tensor(model, name, what):
@@ -993,7 +997,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             tensors[PREFIX + name + ka] = A.contiguous().cpu()
             tensors[PREFIX + name + kb] = B.contiguous().cpu()
             ranks[name], alphas[name] = rank, scaling * rank
-            p = None if isinstance(layer, layers.Embedding) else layer.adapter_dropout(adapter)  # (none: loralib's)
+            p = _trained_dropout(layer, adapter)
             if p is not None:
                 dropouts[name] = p
         every = _plain_names(inner)
