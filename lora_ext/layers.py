@@ -199,11 +199,39 @@ class LoRALayer(NamedAdapters):
                     buffers[key] = buffers.pop(key)
 
     def register_parameter(self, name: str, param) -> None:
-        super().register_parameter(name, param)
-        if name == "weight":
-            ties.note(param, self)  # `l2.weight = l1.weight` lands here: merges then see the tie
-        elif name == "lora_A" and param is not None and "_scaling" in self.__dict__:
+        lock = self.__dict__.get("_lock") if name == "weight" else None  # (none yet while nn.Linear.__init__ runs)
+        with lock if lock is not None else contextlib.nullcontext():
+            old = self.__dict__.get("_parameters", {}).get(name)
+            super().register_parameter(name, param)  # (torch's refusals first: the merge is forgotten after them)
+            if name == "weight":
+                ties.note(param, self)  # `l2.weight = l1.weight` lands here: merges then see the tie
+                self._weight_replaced(old, param)
+                return
+        if name == "lora_A" and param is not None and "_scaling" in self.__dict__:
             self._sync_scale_tensor()  # `layer.lora_A = Parameter(...)`: the new pair's own scale tensor
+
+    def _weight_replaced(self, old: Optional[Tensor], new: Optional[Tensor]) -> None:
+        """A weight set in place of the one a merge wrote: `layer.weight = nn.Parameter(W)`, transformers'
+        tie_weights() over a merged LoRA head, a ConvLoRA's `layer.conv.weight = ...` (lora_ext.ties sees that one).
+        The new weight is taken as a base, as checkpoints hold bases (state_dict() gives one, load_state_dict()
+        takes one): the layer forgets its merge, with a warning, and adds the adapter on the fly until the next
+        eval() or merge(). Kept merged: the same Parameter, one over the merged weight's own memory, a DTensor on
+        either side (FSDP2 and tensor parallelism swap in the same values, sharded or gathered), and a weight set
+        back where none was registered (removing a parametrization, weight_norm or pruning)."""
+        if old is None or new is old or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
+            return
+        if sharded.is_dtensor(old) or sharded.is_dtensor(new):
+            return
+        try:
+            if new is not None and _same_storage(new, old):
+                return
+        except RuntimeError:  # a wrapper subclass without storage of its own: another weight
+            pass
+        with self._lock, deferred_interrupt():
+            self._forget_merge()
+        warnings.warn(f"{self._describe()}: its weight was replaced while adapter {self.active_adapter!r} was merged "
+                      f"into the old one; the new weight is taken as the base (as load_state_dict takes one) and the "
+                      f"adapter is added on the fly until the next eval() or merge()", stacklevel=4)
 
     def _describe(self) -> str:
         """The layer as its constructor reads (in messages): Linear(in, out), Embedding(num, dim),
@@ -327,7 +355,11 @@ class LoRALayer(NamedAdapters):
     def _note_written(self) -> None:
         """Records the weight's storage and version counter as this layer's last write left them, so that a load
         that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place)."""
-        w = sharded.local(self._weight_param())
+        w = self._weight_or_none()
+        if w is None:  # (`layer.weight = None` on a merged layer: _weight_replaced)
+            self.__dict__["_written"] = None
+            return
+        w = sharded.local(w)
         try:
             self.__dict__["_written"] = (w.untyped_storage().data_ptr(), w._version)
         except RuntimeError:  # a wrapper subclass has no storage of its own: unknown (_written_in_place: False)

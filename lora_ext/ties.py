@@ -139,7 +139,8 @@ def _on_module(module, name, submodule):
 
 
 def _on_parameter(module, name, param):
-    """A conv's weight set (`c2.conv.weight = c1.conv.weight`): torch's register_parameter, not the layer's."""
+    """A conv's weight set (`c2.conv.weight = c1.conv.weight`): torch's register_parameter, not the layer's. (torch
+    calls this before the new weight is in place; a merged layer forgets its merge: layers.LoRALayer._weight_replaced)"""
     if name == "weight" and param is not None and _convs:
         try:
             layers = list(_convs.get(module, ()))
@@ -147,6 +148,7 @@ def _on_parameter(module, name, param):
             return
         for layer in layers:
             if layer._modules.get("conv") is module:
+                layer._weight_replaced(module._parameters.get("weight"), param)
                 note(param, layer)
 
 

@@ -1,0 +1,212 @@
+"""A weight Parameter set in place of the one a merge wrote (`layer.weight = nn.Parameter(W)`, a ConvLoRA's
+`layer.conv.weight = ...`, a tie made after the merge): the new weight is taken as a base, the layer forgets its
+merge with a warning and adds the adapter on the fly; an unmerge or switch no longer takes the old adapter out of
+a weight that never held it. The same Parameter, one over the merged memory, a refused assignment, a parametrization
+removed and framework swaps (load_state_dict(assign=True), torch.func.functional_call) keep the merge."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+import lora_ext as lora
+from helpers import layer_forward64, rel_err, same_bits
+
+KINDS = ["linear", "merged", "embedding", "conv2d"]
+
+
+def build(kind, dtype):
+    """(layer, input, name of its weight in state_dict) with random base, factors and bias, lossless merges."""
+    if kind == "linear":
+        layer, x = lora.Linear(8, 6, r=2, lora_alpha=4, lossless=True), torch.randn(5, 8)
+    elif kind == "merged":
+        layer = lora.MergedLinear(8, 9, r=2, lora_alpha=4, enable_lora=[True, False, True], lossless=True)
+        x = torch.randn(5, 8)
+    elif kind == "embedding":
+        layer, x = lora.Embedding(10, 6, r=2, lora_alpha=4, lossless=True), torch.randint(0, 10, (7,))
+    else:
+        layer, x = lora.Conv2d(3, 4, kernel_size=3, r=2, lora_alpha=4, lossless=True), torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    layer.to(dtype)
+    return layer, (x.to(dtype) if x.is_floating_point() else x), "conv.weight" if kind == "conv2d" else "weight"
+
+
+def weight_of(layer):
+    return layer.conv.weight if isinstance(layer, lora.ConvLoRA) else layer.weight
+
+
+def set_weight(layer, param):
+    if isinstance(layer, lora.ConvLoRA):
+        layer.conv.weight = param
+    else:
+        layer.weight = param
+
+
+def reference(layer, key, weight, x):
+    """The layer's output in float64 with `weight` as its base and its live factors."""
+    p = {k: v.detach().double() for k, v in layer.state_dict().items()}
+    p[key] = weight.detach().double()
+    xr = x.double() if x.is_floating_point() else x
+    return layer_forward64(layer, p, xr, layer.scaling)
+
+
+def check_forward(layer, key, weight, x, dtype):
+    with torch.no_grad():
+        out = layer(x)
+    err = rel_err(out, reference(layer, key, weight, x))
+    assert err < (1e-5 if dtype == torch.float32 else 2e-2), f"forward off the base-plus-adapter reference: {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_new_weight_on_a_merged_layer_is_a_base(kind, dtype):
+    layer, x, key = build(kind, dtype)
+    layer.eval()
+    assert layer.merged
+    w1 = torch.randn_like(weight_of(layer))  # another base altogether
+    with pytest.warns(UserWarning, match="weight was replaced while adapter 'default' was merged"):
+        set_weight(layer, nn.Parameter(w1.clone()))
+    assert not layer.merged
+    check_forward(layer, key, w1, x, dtype)  # the adapter on the fly over the new base
+    assert same_bits(layer.state_dict()[key], w1)
+    layer.train()  # nothing to take out of the new weight
+    assert same_bits(weight_of(layer).detach(), w1)
+    layer.eval()  # merges into the new base, and gives it back exactly (lossless)
+    assert layer.merged
+    check_forward(layer, key, w1, x, dtype)
+    layer.train()
+    assert same_bits(weight_of(layer).detach(), w1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_switch_after_the_new_weight_writes_the_new_base(kind):
+    layer, x, key = build(kind, torch.bfloat16)
+    layer.add_adapter("b", torch.randn_like(layer.lora_A) * 0.5, torch.randn_like(layer.lora_B) * 0.5, 0.75)
+    layer.eval()
+    w1 = torch.randn_like(weight_of(layer))
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        set_weight(layer, nn.Parameter(w1.clone()))
+    layer.set_adapter("b")
+    check_forward(layer, key, w1, x, torch.bfloat16)
+    layer.eval()
+    layer.set_adapter("default")
+    check_forward(layer, key, w1, x, torch.bfloat16)
+    layer.train()
+    assert same_bits(weight_of(layer).detach(), w1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_merged_weight_itself_keeps_the_merge(kind):
+    layer, x, key = build(kind, torch.bfloat16)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_weight(layer, weight_of(layer))  # the same Parameter
+        set_weight(layer, nn.Parameter(weight_of(layer).data))  # another Parameter over the merged memory
+    assert layer.merged
+    check_forward(layer, key, base, x, torch.bfloat16)
+    layer.train()
+    assert same_bits(weight_of(layer).detach(), base)
+
+
+def test_a_tie_made_after_the_merge_leaves_the_other_weight_alone():
+    l1 = lora.Linear(8, 6, r=2, lora_alpha=4)
+    l2 = lora.Linear(8, 6, r=2, lora_alpha=4)
+    for layer in (l1, l2):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn_like(p))
+    l2.eval()
+    assert l2.merged
+    w1 = l1.weight.detach().clone()
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        l2.weight = l1.weight  # as transformers' tie_weights() ties a head to an embedding
+    x = torch.randn(4, 8)
+    check_forward(l2, "weight", w1, x, torch.float32)
+    l2.train()
+    assert same_bits(l1.weight.detach(), w1)  # the old code took l2's adapter out of l1's weight here
+    with pytest.warns(UserWarning, match="shared with"):
+        l2.eval()  # a tied weight stays unmerged
+    assert not l2.merged and same_bits(l1.weight.detach(), w1)
+
+
+def test_no_weight_then_a_new_one():
+    layer, x, key = build("linear", torch.float32)
+    layer.eval()
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        layer.weight = None
+    assert not layer.merged
+    w1 = torch.randn(6, 8)
+    layer.weight = nn.Parameter(w1.clone())
+    check_forward(layer, key, w1, x, torch.float32)
+    layer.train()
+    assert same_bits(layer.weight.detach(), w1)
+
+
+def test_a_refused_assignment_keeps_the_merge():
+    layer, x, key = build("linear", torch.bfloat16)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    with pytest.raises(TypeError):
+        layer.weight = torch.randn(6, 8, dtype=torch.bfloat16)  # not a Parameter: torch refuses
+    nonleaf = nn.Parameter(torch.randn(6, 8, dtype=torch.bfloat16)) * 1
+    with pytest.raises((TypeError, ValueError)):
+        layer.register_parameter("weight", nonleaf)
+    assert layer.merged
+    check_forward(layer, key, base, x, torch.bfloat16)
+    layer.train()
+    assert same_bits(layer.weight.detach(), base)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_a_parametrization_removed_keeps_the_merge(kind):
+    layer, x, key = build(kind, torch.bfloat16)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    owner = layer.conv if kind == "conv2d" else layer
+
+    class Same(nn.Module):
+        def forward(self, w):
+            return w
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        parametrize.register_parametrization(owner, "weight", Same())
+        parametrize.remove_parametrizations(owner, "weight", leave_parametrized=False)
+    assert layer.merged
+    layer.train()
+    assert same_bits(weight_of(layer).detach(), base)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_load_state_dict_assign_keeps_its_own_remerge(kind):
+    layer, x, key = build(kind, torch.bfloat16)
+    layer.eval()
+    w1 = torch.randn_like(weight_of(layer))
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state[key] = w1.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.load_state_dict(state, assign=True)
+    assert layer.merged
+    check_forward(layer, key, w1, x, torch.bfloat16)
+    layer.train()
+    assert same_bits(weight_of(layer).detach(), w1)
+
+
+def test_functional_call_keeps_the_merge():
+    layer, x, key = build("linear", torch.float32)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    params = {k: nn.Parameter(v.detach().clone()) for k, v in layer.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.func.functional_call(layer, params, (x,))
+    assert layer.merged
+    check_forward(layer, key, base, x, torch.float32)
+    layer.train()
+    assert same_bits(layer.weight.detach(), base)
