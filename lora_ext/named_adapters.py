@@ -21,6 +21,7 @@ import signal
 import threading
 import unicodedata
 import uuid
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -646,7 +647,10 @@ class NamedAdapters:
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Adds (or replaces) a named adapter, copying its factors. Replacing the active one changes the
         layer at once (in one pass over the weight when merged); any other adapter is kept where it was
-        given (device or host memory) until set_adapter makes it active."""
+        given (device or host memory) until set_adapter makes it active. An adapter's own Parameters (the live
+        ones of the active adapter, those an inactive adapter trained with) keep their identity when the shapes
+        stay: the new values are written into them, so an optimizer built before trains the new values; a rank
+        change of the active, trainable adapter gives it new Parameters, with a warning."""
         check_adapter_name(name)
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
         own = self.rank_of(lora_A)
@@ -659,10 +663,27 @@ class NamedAdapters:
                                    f"holds merged, while a mixed batch (lora.batch_adapters) serves this layer: the "
                                    f"weight would change under the batch's rows; replace it after the block closes")
             if name == self.active_adapter:
+                live, rank = self._parameters.get("lora_A"), self.r
                 with deferred_interrupt():
                     self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy
+                if self._trainable() and self._parameters.get("lora_A") is not live:
+                    why = (f"its rank changed from {rank} to {self.r}" if self.r != rank else
+                           "the live Parameters were another adapter's own (see settle_parameters)")
+                    warnings.warn(f"{self._describe()}: add_adapter gave the active, trainable adapter {name!r} new "
+                                  f"lora_A/lora_B Parameter objects ({why}); an optimizer built over the old ones no "
+                                  f"longer trains it: build it again", stacklevel=2)
             else:
-                self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
+                stored = self._adapters.get(name)
+                if stored is not None and all(isinstance(t, nn.Parameter) and t.shape == n.shape
+                                              for t, n in zip(stored[:2], (lora_A, lora_B))):
+                    # the adapter's own Parameters (it trained before): its new values written into them, as peft's
+                    # load writes them, so an optimizer built over them trains it on after the next switch
+                    with torch.no_grad():
+                        stored[0].copy_(lora_A)
+                        stored[1].copy_(lora_B)
+                    self._adapters[name] = (stored[0], stored[1], float(scaling))
+                else:
+                    self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
                 self._stamp_finite(name)
             self.__dict__.get("_placeholders", set()).discard(name)  # a real adapter from now on
             if self.reserved_rank is not None:
@@ -848,6 +869,11 @@ class NamedAdapters:
         stored = (lora_A, lora_B) if has_own else None
         own = has_own and self._trainable()
         owner, home = self._owner, name == self._owner  # home: the live Parameters are this adapter's own
+        if owner is None and name == self.active_adapter and live_A.shape == lora_A.shape \
+                and live_B.shape == lora_B.shape:
+            # add_adapter replacing the active adapter's values (a reload): its own live Parameters, written in place,
+            # as peft's load writes them (an optimizer built over them keeps training the adapter)
+            home = True
         if not own:
             # copies on the live parameters' device and dtype: storage no other tensor holds (a caller of
             # get_adapter may hold the stored tensors)

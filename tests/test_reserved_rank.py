@@ -735,14 +735,14 @@ def test_a_fused_layers_save_comes_back_at_its_own_rank(tmp_path):
 
 
 def test_hotswap_refuses_an_inactive_adapter_that_trains(swaps, more_swaps):
-    """An inactive adapter trained before holds its own Parameters, which its optimizer holds: a hotswap would
-    replace them by copies (its optimizer's steps would then reach nothing), so it is refused as the active case is."""
+    """An inactive adapter trained before holds its own Parameters, which its optimizer holds: a hotswap (a serving
+    operation) refuses it as it refuses the active case; load_peft_adapter writes into those Parameters."""
     ours = llama()
     lora.load_peft_adapter(ours, swaps["old"], "a")
     lora.load_peft_adapter(ours, swaps["same"], "t", is_trainable=True)  # active, trainable: its own Parameters
     lora.set_adapter(ours, "a")  # t's own pairs kept aside, still requiring grad
     snap = snapshot(ours)
     with pytest.raises(ValueError, match=r"adapter 't': layer '.*' trains it \(its factors require grad\), and a "
-                                         r"hotswap writes serving adapters in place"):
+                                         r"hotswap swaps serving adapters"):
         lora.hotswap_adapter(ours, swaps["old"], "t")
     assert unchanged(ours, snap)

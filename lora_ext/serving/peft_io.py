@@ -792,7 +792,7 @@ def hotswap_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_nam
     So it refuses, before anything changes, what would not be in place: a module without a lora_ext layer (peft
     refuses such keys too; load_peft_adapter injects it), another rank than the one the layer holds the adapter at
     (reserve_rank(model, r) pads every adapter to a common rank first, as peft's prepare_model_for_compiled_hotswap
-    does), trainable factors where the adapter is active (a trainable switch gives them new Parameters), another
+    does), trainable factors of the adapter (load_peft_adapter replaces a trained adapter's values), another
     lora_dropout than the one the layers hold the adapter with (as peft's hotswap refuses it), and modules saved
     whole or rows of tokens (modules_to_save, trainable_token_indices), in the file or in the model's adapter. The
     file is checked as load_peft_adapter checks it. device: where an inactive adapter waits."""
@@ -846,12 +846,12 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
         held_A = m.get_adapter(name)[0] if m.has_adapter(name) else None
         if (m.active_adapter == name and m._trainable()) or (
                 isinstance(held_A, nn.Parameter) and held_A.requires_grad):
-            # (active: a trainable switch gives the layer new Parameters, not the storage a capture reads; inactive:
-            # the adapter's own Parameters, which an optimizer holds, would be replaced by copies it does not hold)
-            raise ValueError(f"{what}: layer {n!r} trains it (its factors require grad), and a hotswap writes "
-                             f"serving adapters in place: it would give the layer new Parameters (where the adapter "
-                             f"is active) or leave an optimizer holding the old ones; freeze the factors "
-                             f"(requires_grad_(False)) to hotswap, or load_peft_adapter to replace it")
+            # (a hotswap is a serving operation: the storage a capture reads, no recompilation; a trained adapter's
+            # new values go into its own Parameters through load_peft_adapter, where the optimizer keeps them)
+            raise ValueError(f"{what}: layer {n!r} trains it (its factors require grad), and a hotswap swaps "
+                             f"serving adapters; freeze the factors (requires_grad_(False)) to hotswap, or "
+                             f"load_peft_adapter to replace it (its values go into the adapter's own Parameters, "
+                             f"which an optimizer built before keeps training)")
     return [m for _, m in zeroed]
 
 
