@@ -424,9 +424,9 @@ class LoRALayer(NamedAdapters):
             else sharded.local(t).new_zeros((), dtype=torch.float32) for t in tensors[1:]]).tolist()
         update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[1::2], maxes[2::2]))
         if not maxes[0] + update <= torch.finfo(torch.float16).max:
-            raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
-                             f"reach {update:.3g} on a weight of up to {maxes[0]:.3g}, beyond torch.float16's "
-                             f"range (6.55e+04)")
+            raise ops.DtypeRangeError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B "
+                                      f"@ A can reach {update:.3g} on a weight of up to {maxes[0]:.3g}, beyond "
+                                      f"torch.float16's range (6.55e+04)")
 
     def _check_untied(self):
         """Refuses a merge into a weight other modules compute with (lora_ext.ties), before anything is written."""
@@ -739,10 +739,20 @@ class LoRALayer(NamedAdapters):
                     warnings.warn(f"{self._describe()}: its weight is shared with {', '.join(tied)}; "
                                   f"eval() leaves adapter {self.active_adapter!r} unmerged (merging would change "
                                   f"their outputs too)", stacklevel=2)
-                else:
-                    if self.has_lora:  # a refused merge changes nothing
-                        self._unmerge() if mode else self._merge(untied=True)
+                elif mode or not self.has_lora:
+                    if self.has_lora:
+                        self._unmerge()
                     self.merged = not mode
+                else:
+                    try:
+                        self._merge(untied=True)
+                        self.merged = True
+                    except (ops.DtypeRangeError, lossless.ExceptionOverflow) as err:  # (refused before any write, or
+                        if getattr(err, "weight_written", False):  # put back: else _writing marked the layer broken)
+                            raise
+                        # as a refusal above: eval() of a model does not stop halfway at this layer (its modules before
+                        # it in eval mode, the rest training), and the adapter is served right on the fly
+                        warnings.warn(f"eval() leaves adapter {self.active_adapter!r} unmerged: {err}", stacklevel=2)
             nn.Module.train(self, mode)
         return self
 

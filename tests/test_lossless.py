@@ -359,9 +359,14 @@ def test_a_refused_lossless_merge_names_the_layer_and_changes_nothing():
     lin.weight.zero_()  # every element is an exception under a nonzero update
     lin.lora_B.normal_()
     before = lin.weight.clone()
+    # eval() leaves it unmerged with a warning (a model's eval() does not stop there); merge() refuses
+    with pytest.warns(UserWarning, match=r"eval\(\) leaves adapter 'default' unmerged: Linear\(40, 32\) adapter "
+                                         r"'default': merge_: a lossless merge would need 1280 exceptions"):
+        lin.eval()
+    assert not lin.merged and lin._merged_record is None
     with pytest.raises(lossless.ExceptionOverflow, match=r"Linear\(40, 32\) adapter 'default': merge_: a lossless "
                                                          r"merge would need 1280 exceptions"):
-        lin.eval()
+        lin.merge()
     assert not lin.merged and lin._merged_record is None
     assert_same_bits(lin.weight, before, "refused merge")
     out = lin(torch.randn(3, 40).bfloat16())  # unmerged: forwards add the adapter on the fly
