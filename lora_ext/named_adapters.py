@@ -466,7 +466,9 @@ class NamedAdapters:
         self.__dict__.setdefault("_placeholders", set()).add(name)
 
     def get_adapter(self, name: str) -> Adapter:
-        """(lora_A, lora_B, scaling) of a named adapter; the active one's are the live parameters."""
+        """(lora_A, lora_B, scaling) of a named adapter; the active one's are the live parameters. The tensors
+        themselves, not copies: add_adapter of the same name writes its new values into the active adapter's live
+        factors and into an inactive adapter's own Parameters (clone what you keep)."""
         if name == self.active_adapter:
             return self.lora_A, self.lora_B, self.scaling
         if name not in self._adapters:
@@ -649,8 +651,9 @@ class NamedAdapters:
         layer at once (in one pass over the weight when merged); any other adapter is kept where it was
         given (device or host memory) until set_adapter makes it active. An adapter's own Parameters (the live
         ones of the active adapter, those an inactive adapter trained with) keep their identity when the shapes
-        stay: the new values are written into them, so an optimizer built before trains the new values; a rank
-        change of the active, trainable adapter gives it new Parameters, with a warning."""
+        stay (and, inactive, the dtype): the new values are written into them, so an optimizer built before trains
+        the new values; otherwise (a rank change of the active, trainable adapter; a rank or dtype change of an
+        inactive one's own pair) the adapter gets new Parameters, with a warning."""
         check_adapter_name(name)
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
         own = self.rank_of(lora_A)
@@ -674,17 +677,24 @@ class NamedAdapters:
                                   f"longer trains it: build it again", stacklevel=2)
             else:
                 stored = self._adapters.get(name)
-                if stored is not None and all(isinstance(t, nn.Parameter) and t.shape == n.shape
-                                              for t, n in zip(stored[:2], (lora_A, lora_B))):
-                    # the adapter's own Parameters (it trained before): its new values written into them, as peft's
-                    # load writes them, so an optimizer built over them trains it on after the next switch
-                    with torch.no_grad():
-                        stored[0].copy_(lora_A)
-                        stored[1].copy_(lora_B)
-                    self._adapters[name] = (stored[0], stored[1], float(scaling))
-                else:
-                    self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
-                self._stamp_finite(name)
+                own = stored is not None and all(isinstance(t, nn.Parameter) for t in stored[:2])
+                with deferred_interrupt():  # (Ctrl-C lands before or after both factors)
+                    if own and all(t.shape == n.shape and t.dtype == n.dtype
+                                   for t, n in zip(stored[:2], (lora_A, lora_B))):
+                        # the adapter's own Parameters (it trained before): its new values (and scaling, for the
+                        # pair's scale tensors) written into them, as peft's load writes them, so an optimizer built
+                        # over them trains it on after the next switch
+                        self._streams.write(stored[0].device)
+                        pair = self._take_values(stored[:2], lora_A, lora_B, float(scaling))
+                        self._adapters[name] = (*pair, float(scaling))
+                    else:
+                        self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
+                    self._stamp_finite(name)
+                if own and self._adapters[name][0] is not stored[0]:
+                    what = "rank" if stored[0].shape != lora_A.shape or stored[1].shape != lora_B.shape else "dtype"
+                    warnings.warn(f"{self._describe()}: add_adapter gave adapter {name!r} factors of another {what} "
+                                  f"than its own Parameters (it trained with them), which it drops; an optimizer "
+                                  f"built over them no longer trains it: build it again", stacklevel=2)
             self.__dict__.get("_placeholders", set()).discard(name)  # a real adapter from now on
             if self.reserved_rank is not None:
                 self.__dict__.setdefault("_own_ranks", {})[name] = own

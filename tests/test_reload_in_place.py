@@ -90,7 +90,7 @@ def test_a_refused_reload_leaves_the_same_parameters_and_values(tmp_path):
     live = [(m.lora_A, m.lora_B, m.lora_A.detach().clone(), m.lora_B.detach().clone(), m.weight.detach().clone())
             for _, m in layers]
     with pytest.raises(lora.lossless.ExceptionOverflow, match="lossless"):
-        lora.load_peft_adapter(model, second, is_trainable=True)  # the layers before the last are written, then put back
+        lora.load_peft_adapter(model, second, is_trainable=True)  # the others written, then put back
     for (name, m), (A, B, a, b, w) in zip(layers, live):
         assert m.lora_A is A and m.lora_B is B, name
         assert same_bits(A.detach(), a) and same_bits(B.detach(), b), name
@@ -116,3 +116,51 @@ def test_add_adapter_of_the_active_trainable_adapter():
         warnings.simplefilter("error")  # serving factors: nothing trains them, no warning
         frozen.add_adapter("default", torch.randn(3, 8), torch.randn(6, 3), 0.5)
     assert frozen.r == 3
+
+
+def _inactive_trained(dtype=torch.float32):
+    """A Linear whose adapter "b" trained (its own Parameters) and waits inactive, and b's values then."""
+    layer = lora.Linear(8, 6, r=2, lora_alpha=4).to(dtype)
+    A, B = torch.randn(2, 8, dtype=dtype), torch.randn(6, 2, dtype=dtype)
+    layer.add_adapter("b", A, B, 1.0)
+    layer.set_adapter("b")  # trainable: b's own Parameters are live
+    return layer, A, B
+
+
+def test_an_inactive_reload_writes_its_scaling_where_a_held_program_reads_it():
+    layer, A0, B0 = _inactive_trained()
+    x = torch.randn(3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch.jit.trace's own warnings)
+        program = torch.jit.trace(layer, x, check_trace=False)  # holds b's pair and its scale tensor
+    layer.set_adapter("default")
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    layer.add_adapter("b", A, B, 3.0)
+    x64 = x.double()
+    want = x64 @ layer.weight.detach().double().t() + layer.bias.detach().double() \
+        + 3.0 * (x64 @ A.double().t()) @ B.double().t()
+    assert torch.allclose(program(x).double(), want, atol=1e-5, rtol=1e-5)  # b whole: its new values and scaling
+
+
+def test_an_inactive_reload_in_another_dtype_keeps_its_values_and_warns():
+    layer, _, _ = _inactive_trained(torch.float16)
+    layer.set_adapter("default")
+    layer.float()  # the live factors float32; b's own float16 Parameters wait where they are
+    own = layer.get_adapter("b")[0]
+    A = torch.randn(2, 8) / 3
+    A[0, 0] = 1e5  # over float16's range: written into b's float16 Parameters it would be inf
+    B = torch.randn(6, 2) * 1e-3
+    with pytest.warns(UserWarning, match=r"adapter 'b' factors of another dtype than its own Parameters"):
+        layer.add_adapter("b", A, B, 1.0)
+    assert layer.get_adapter("b")[0] is not own
+    layer.set_adapter("b")
+    assert same_bits(layer.lora_A.detach(), A) and same_bits(layer.lora_B.detach(), B)
+
+
+def test_an_inactive_rank_change_warns():
+    layer, _, _ = _inactive_trained()
+    layer.set_adapter("default")
+    with pytest.warns(UserWarning, match=r"adapter 'b' factors of another rank than its own Parameters"):
+        layer.add_adapter("b", torch.randn(3, 8), torch.randn(6, 3), 1.0)
+    layer.set_adapter("b")
+    assert layer.r == 3
