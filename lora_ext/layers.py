@@ -424,9 +424,9 @@ class LoRALayer(NamedAdapters):
             else sharded.local(t).new_zeros((), dtype=torch.float32) for t in tensors[1:]]).tolist()
         update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[1::2], maxes[2::2]))
         if not maxes[0] + update <= torch.finfo(torch.float16).max:
-            raise ops.DtypeRangeError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B "
-                                      f"@ A can reach {update:.3g} on a weight of up to {maxes[0]:.3g}, beyond "
-                                      f"torch.float16's range (6.55e+04)")
+            raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
+                             f"reach {update:.3g} on a weight of up to {maxes[0]:.3g}, beyond torch.float16's "
+                             f"range (6.55e+04)")
 
     def _check_untied(self):
         """Refuses a merge into a weight other modules compute with (lora_ext.ties), before anything is written."""
@@ -747,11 +747,13 @@ class LoRALayer(NamedAdapters):
                     try:
                         self._merge(untied=True)
                         self.merged = True
-                    except (ops.DtypeRangeError, lossless.ExceptionOverflow) as err:  # (refused before any write, or
-                        if getattr(err, "weight_written", False):  # put back: else _writing marked the layer broken)
+                    except lossless.ExceptionOverflow as err:  # (refused before any write, or put back: else
+                        if getattr(err, "weight_written", False):  # _writing marked the layer broken)
                             raise
-                        # as a refusal above: eval() of a model does not stop halfway at this layer (its modules before
-                        # it in eval mode, the rest training), and the adapter is served right on the fly
+                        # a lossless record over its limit says nothing against the adapter, which is served right on
+                        # the fly: as a refusal above, eval() of a model does not stop halfway at this layer (its
+                        # modules before it in eval mode, the rest training). (Values that are not finite or could
+                        # leave the weight dtype's range still raise: served on the fly they would give inf or NaN.)
                         warnings.warn(f"eval() leaves adapter {self.active_adapter!r} unmerged: {err}", stacklevel=2)
             nn.Module.train(self, mode)
         return self

@@ -486,11 +486,6 @@ def _check_finite_scaling(label, scaling):
         raise ValueError(f"{label} must be a finite number, got {scaling!r}")
 
 
-class DtypeRangeError(ValueError):
-    """An update refused because it could leave the weight dtype's range (check_finite with weight_dtype, and the
-    layers' check of what a float16 weight holds at write time); eval() serves such an adapter unmerged."""
-
-
 def check_finite(name: str, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  weight_dtype: Optional[torch.dtype] = None) -> None:
     """Raises ValueError naming `name` unless the scaling and every factor value are finite, and
@@ -530,8 +525,8 @@ def _check_values(adapters, weight_dtype=None):
                 a_lo, a_hi = extremes[id(lora_A)]
                 bound = abs(scaling) * lora_B.shape[1] * max(-a_lo, a_hi) * max(-lo, hi)
                 if bound > torch.finfo(weight_dtype).max:
-                    raise DtypeRangeError(f"{name}: the update scaling * B @ A can reach {bound:.3g}, beyond "
-                                          f"{weight_dtype}'s range ({torch.finfo(weight_dtype).max:.3g})")
+                    raise ValueError(f"{name}: the update scaling * B @ A can reach {bound:.3g}, beyond "
+                                     f"{weight_dtype}'s range ({torch.finfo(weight_dtype).max:.3g})")
 
 
 def _swap_impl(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):

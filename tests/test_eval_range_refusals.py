@@ -1,8 +1,9 @@
-"""eval() of a model meets a layer whose merge is refused for its values: a lossless record over its exception limit,
-or an update that could leave the weight dtype's range (float16). As with the other merge refusals (a tied weight, a
-parametrized one), eval() warns and leaves that layer unmerged, serving its adapter on the fly, and goes on with the
-rest of the model: before, it raised there, the modules before the layer in eval mode and the rest still training.
-merge() still refuses, and non-finite factors still make eval() raise."""
+"""eval() of a model meets a layer whose lossless merge is refused (its record would be over its exception limit).
+As with the other merge refusals (a tied weight, a parametrized one), eval() warns and leaves that layer unmerged,
+serving its adapter on the fly, and goes on with the rest of the model: before, it raised there, the modules before
+the layer in eval mode and the rest still training. merge() still refuses; non-finite factors and updates that could
+leave the weight dtype's range still make eval() raise (tests/test_reliability.py), since served on the fly they
+would give inf or NaN."""
 import pytest
 import torch
 import torch.nn as nn
@@ -50,18 +51,6 @@ def test_a_lossless_overflow_leaves_that_layer_unmerged():
         second.lora_B.normal_(std=30.0)  # |s B A| far above |W| nearly everywhere: over the exception limit
     check(net, torch.bfloat16, torch.randn(3, 64, dtype=torch.bfloat16),
           r"eval\(\) leaves adapter 'default' unmerged: .*lossless merge would need")
-
-
-def test_an_update_bound_beyond_float16_leaves_that_layer_unmerged():
-    second = lora.Linear(64, 64, r=2, lora_alpha=2)
-    net = model(torch.float16, second)
-    with torch.no_grad():  # |B @ A| <= 0.3 everywhere, but the bound |s| r max|A| max|B| is 1.8e5
-        second.lora_A.zero_()
-        second.lora_B.zero_()
-        second.lora_A[0, 0], second.lora_A[1, 1] = 300.0, 0.001
-        second.lora_B[0, 0], second.lora_B[1, 1] = 0.001, 300.0
-    check(net, torch.float16, torch.randn(3, 64, dtype=torch.float16),
-          r"eval\(\) leaves adapter 'default' unmerged: .*beyond torch.float16's range")
 
 
 def test_merge_still_refuses_and_non_finite_factors_still_raise():
