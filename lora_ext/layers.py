@@ -64,6 +64,14 @@ def _same_storage(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one shape and dtype hold the same elements bit for bit (NaN payloads, -0.0)."""
+    if a.is_floating_point() and a.element_size() in (2, 4, 8):
+        view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.contiguous().view(view), b.contiguous().view(view)
+    return torch.equal(a, b)
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether calling `module` would run more than its class's forward: any hook (nn.Module._call_impl's own
     test), or a `forward` set on the instance (accelerate's add_hook_to_module wraps it there)."""
@@ -210,28 +218,60 @@ class LoRALayer(NamedAdapters):
         if name == "lora_A" and param is not None and "_scaling" in self.__dict__:
             self._sync_scale_tensor()  # `layer.lora_A = Parameter(...)`: the new pair's own scale tensor
 
-    def _weight_replaced(self, old: Optional[Tensor], new: Optional[Tensor]) -> None:
+    def _weight_replaced(self, old: Optional[Tensor], new: Optional[Tensor], owner: Optional[nn.Module] = None,
+                         cleared: bool = False):
         """A weight set in place of the one a merge wrote: `layer.weight = nn.Parameter(W)`, transformers'
-        tie_weights() over a merged LoRA head, a ConvLoRA's `layer.conv.weight = ...` (lora_ext.ties sees that one).
-        The new weight is taken as a base, as checkpoints hold bases (state_dict() gives one, load_state_dict()
-        takes one): the layer forgets its merge, with a warning, and adds the adapter on the fly until the next
-        eval() or merge(). Kept merged: the same Parameter, one over the merged weight's own memory, a DTensor on
-        either side (FSDP2 and tensor parallelism swap in the same values, sharded or gathered), and a weight set
-        back where none was registered (removing a parametrization, weight_norm or pruning)."""
-        if old is None or new is old or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
+        tie_weights() over a merged LoRA head, a ConvLoRA's `layer.conv.weight = ...` (lora_ext.ties sees that one,
+        before torch stores it: `owner`, the conv, whose new weight is then stored here under the layer's lock, so
+        that no forward sees the old merged weight as unmerged). A weight holding the merged values still (the same
+        memory, or a copy: a clone, a cast, a reload of the conv's own state_dict, bit for bit) keeps the merge; a
+        cast drops the lossless record, which is of the old dtype (unmerges round then). Any other weight is taken as
+        a base, as checkpoints hold bases (state_dict() gives one, load_state_dict() takes one): the layer forgets
+        its merge, with a warning, and adds the adapter on the fly until the next eval() or merge(). Not seen: a
+        DTensor on either side (FSDP2 and tensor parallelism swap in the same values, sharded or gathered; a new
+        sharded base keeps the merge), a weight set back where none was registered (removing a parametrization,
+        weight_norm or pruning; after `del layer.weight`). `cleared`: the weight was set to None since the merge
+        (torch calls no hook for that: a conv's), so the new weight cannot hold it."""
+        if (old is None and not cleared) or new is old or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return
         if sharded.is_dtensor(old) or sharded.is_dtensor(new):
             return
-        try:
-            if new is not None and _same_storage(new, old):
-                return
-        except RuntimeError:  # a wrapper subclass without storage of its own: another weight
-            pass
         with self._lock, deferred_interrupt():
+            if owner is not None:
+                owner._parameters["weight"] = new
+            held = not cleared and self._holds_merged_values(new, old)
+            if held:
+                if held != "exact":
+                    self._keep_record(None)
+                self._note_written()
+                return
             self._forget_merge()
         warnings.warn(f"{self._describe()}: its weight was replaced while adapter {self.active_adapter!r} was merged "
-                      f"into the old one; the new weight is taken as the base (as load_state_dict takes one) and the "
-                      f"adapter is added on the fly until the next eval() or merge()", stacklevel=4)
+                      f"into the old one; the new weight, which does not hold the merged values, is taken as the base "
+                      f"(as load_state_dict takes one) and the adapter is added on the fly until the next eval() or "
+                      f"merge()", stacklevel=4)
+
+    def _holds_merged_values(self, new: Optional[Tensor], old: Tensor):
+        """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
+        or a copy bit for bit: the record holds for it), "near" (a copy in another dtype, or rounded: nearer to the
+        merged weight than to the base under it, and nearer to it than the update is large), or False."""
+        if new is None or new.shape != old.shape or new.is_meta or old.is_meta or new.device != old.device:
+            return False
+        try:
+            with torch.no_grad():
+                if new.dtype == old.dtype and (new.data_ptr() == old.data_ptr() and new.stride() == old.stride()
+                                               or _same_bits(new.detach(), old.detach())):
+                    return "exact"
+                if not (new.is_floating_point() and old.is_floating_point()):
+                    return False
+                base = old.detach().clone(memory_format=torch.contiguous_format)
+                self._unmerge_from(base)
+                new64, old64, base64 = (t.detach().to(torch.float64) for t in (new, old, base))
+                to_merged, to_base, update = (torch.linalg.vector_norm(a - b).item()
+                                              for a, b in ((new64, old64), (new64, base64), (old64, base64)))
+                return "near" if to_merged < to_base and to_merged < update else False
+        except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
+            return False
 
     def _describe(self) -> str:
         """The layer as its constructor reads (in messages): Linear(in, out), Embedding(num, dim),
@@ -1167,3 +1207,4 @@ class Conv2d(ConvLoRA):
 class Conv3d(ConvLoRA):
     def __init__(self, *args, **kwargs):
         super().__init__(nn.Conv3d, *args, **kwargs)
+

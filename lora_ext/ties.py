@@ -141,15 +141,18 @@ def _on_module(module, name, submodule):
 def _on_parameter(module, name, param):
     """A conv's weight set (`c2.conv.weight = c1.conv.weight`): torch's register_parameter, not the layer's. (torch
     calls this before the new weight is in place; a merged layer forgets its merge: layers.LoRALayer._weight_replaced)"""
-    if name == "weight" and param is not None and _convs:
+    if name == "weight" and _convs:
         try:
             layers = list(_convs.get(module, ()))
         except TypeError:
             return
+        old = module._parameters.get("weight")
+        cleared = old is None and "weight" in module._parameters  # (`conv.weight = None`: torch calls no hook then)
         for layer in layers:
             if layer._modules.get("conv") is module:
-                layer._weight_replaced(module._parameters.get("weight"), param)
-                note(param, layer)
+                layer._weight_replaced(old, param, owner=module, cleared=cleared)
+                if param is not None:
+                    note(param, layer)
 
 
 _torch_module.register_module_module_registration_hook(_on_module)

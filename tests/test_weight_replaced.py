@@ -210,3 +210,112 @@ def test_functional_call_keeps_the_merge():
     check_forward(layer, key, base, x, torch.float32)
     layer.train()
     assert same_bits(layer.weight.detach(), base)
+
+
+COPIES = {
+    "clone": lambda w: w.detach().clone(),
+    "contiguous copy": lambda w: w.detach().clone(memory_format=torch.contiguous_format) * 1,
+    "bfloat16 round trip": lambda w: w.detach().to(torch.bfloat16).float(),
+}
+
+
+@pytest.mark.parametrize("how", list(COPIES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_copy_of_the_merged_weight_keeps_the_merge(kind, how):
+    layer, x, key = build(kind, torch.float32)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_weight(layer, nn.Parameter(COPIES[how](weight_of(layer))))
+    assert layer.merged
+    err = rel_err(layer(x), reference(layer, key, base, x))
+    assert err < (1e-2 if how == "bfloat16 round trip" else 1e-5), err
+    layer.train()
+    err = rel_err(weight_of(layer), base)
+    assert err < (1e-2 if how == "bfloat16 round trip" else 1e-6), err
+
+
+def test_the_conv_state_dict_reloaded_keeps_the_merge():
+    """The conv's own state_dict holds the merged weight (the layer's gives the base): loading it back with assign=True
+    puts a copy of the merged values in place."""
+    layer, x, key = build("conv2d", torch.bfloat16)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    saved = {k: v.clone() for k, v in layer.conv.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.conv.load_state_dict(saved, assign=True)
+    assert layer.merged
+    check_forward(layer, key, base, x, torch.bfloat16)
+    layer.train()
+    assert same_bits(weight_of(layer).detach(), base)  # the copy is bit for bit: the lossless record holds
+
+
+def test_another_region_of_the_same_buffer_is_a_new_base():
+    flat = torch.randn(2 * 6 * 8)
+    layer = lora.Linear(8, 6, r=2, lora_alpha=4)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.weight = nn.Parameter(flat[:48].view(6, 8))
+    layer.eval()
+    w1 = flat[48:].view(6, 8)
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        layer.weight = nn.Parameter(w1)
+    x = torch.randn(4, 8)
+    check_forward(layer, "weight", w1.clone(), x, torch.float32)
+
+
+def test_no_conv_weight_then_a_new_one():
+    layer, x, key = build("conv2d", torch.float32)
+    layer.eval()
+    layer.conv.weight = None  # (torch calls no registration hook for None: seen at the next weight)
+    w1 = torch.randn(4, 3, 3, 3)
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        layer.conv.weight = nn.Parameter(w1.clone())
+    assert not layer.merged
+    check_forward(layer, key, w1, x, torch.float32)
+    layer.train()
+    assert same_bits(layer.conv.weight.detach(), w1)
+
+
+def test_forwards_on_another_thread_never_see_a_replaced_conv_weight_half_done():
+    """The conv's new weight is stored under the layer's lock with the merge forgotten: a forward sees the old merged
+    weight merged, or the new base unmerged, never the old merged weight unmerged (the adapter twice)."""
+    import sys
+    import threading
+    import time
+
+    layer, x, key = build("conv2d", torch.float32)
+    bases = [torch.randn_like(layer.conv.weight) for _ in range(2)]
+    wants = [reference(layer, key, w, x) for w in bases]
+    layer.conv.weight = nn.Parameter(bases[0].clone())
+    layer.eval()
+    stop, bad, count = threading.Event(), [], [0]
+
+    def serve():
+        while not stop.is_set():
+            with torch.no_grad():
+                out = layer(x)
+            count[0] += 1
+            if min(rel_err(out, w) for w in wants) > 1e-5:
+                bad.append(out)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        end, i = time.monotonic() + 2.0, 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (each replacement warns)
+            while time.monotonic() < end:
+                i += 1
+                layer.conv.weight = nn.Parameter(bases[i % 2].clone())
+                layer.eval()
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert count[0] > 100 and i > 100
+    assert not bad, f"{len(bad)} of {count[0]} forwards served neither base with the adapter once"
