@@ -72,6 +72,17 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a, b)
 
 
+def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> Tuple[float, float, float]:
+    """||new - old||, ||new - base||, ||old - base|| in float64, a chunk of elements at a time (no weight-sized
+    float64 copies), with one device sync."""
+    flat = [t.detach().reshape(-1) for t in (new, old, base)]
+    sums = torch.zeros(3, dtype=torch.float64, device=new.device)
+    for i in range(0, flat[0].numel(), chunk):
+        a, b, c = (t[i:i + chunk].to(torch.float64) for t in flat)
+        sums += torch.stack([(a - b).square().sum(), (a - c).square().sum(), (b - c).square().sum()])
+    return tuple(sums.sqrt().tolist())
+
+
 def _hooked(module: nn.Module) -> bool:
     """Whether calling `module` would run more than its class's forward: any hook (nn.Module._call_impl's own
     test), or a `forward` set on the instance (accelerate's add_hook_to_module wraps it there)."""
@@ -266,9 +277,7 @@ class LoRALayer(NamedAdapters):
                     return False
                 base = old.detach().clone(memory_format=torch.contiguous_format)
                 self._unmerge_from(base)
-                new64, old64, base64 = (t.detach().to(torch.float64) for t in (new, old, base))
-                to_merged, to_base, update = (torch.linalg.vector_norm(a - b).item()
-                                              for a, b in ((new64, old64), (new64, base64), (old64, base64)))
+                to_merged, to_base, update = _distances(new, old, base)
                 return "near" if to_merged < to_base and to_merged < update else False
         except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
             return False
@@ -1208,3 +1217,45 @@ class Conv3d(ConvLoRA):
     def __init__(self, *args, **kwargs):
         super().__init__(nn.Conv3d, *args, **kwargs)
 
+
+# -- a layer taken out of its model by something other than lora_ext ------------------------------------------------
+
+_taking_out = threading.local()
+
+
+@contextlib.contextmanager
+def taking_out_layers():
+    """Around lora_ext's own replacement of layers by plain modules (unload): _on_child stays quiet."""
+    depth = getattr(_taking_out, "depth", 0)
+    _taking_out.depth = depth + 1
+    try:
+        yield
+    finally:
+        _taking_out.depth = depth
+
+
+def _on_child(parent: nn.Module, name: str, new: Optional[nn.Module]) -> None:
+    """torch calls this before any module is set as a child. A lora_ext layer holding an adapter replaced by a module
+    that is not a lora_ext layer and does not hold it (transformers' resize_token_embeddings puts a fresh nn.Linear in
+    place of a LoRA head; a user's `model.q_proj = nn.Linear(...)`) takes its adapters out of the model with nothing
+    said: this warns, naming the layer, its adapters and, when merged, that a weight copied from it holds the adapter
+    for good. Wrappers that hold the layer (FSDP, checkpoint wrappers, torch.compile's) and lora_ext's unload pass."""
+    old = parent.__dict__.get("_modules", {}).get(name)
+    if not isinstance(old, LoRALayer) or isinstance(new, LoRALayer) or not old.has_lora \
+            or getattr(_taking_out, "depth", 0):
+        return None
+    if new is not None and any(m is old for m in new.modules()):
+        return None
+    merged = old.merged and old.__dict__.get("_buffers", {}).get("_merged_A") is not None
+    warnings.warn(f"{old._describe()}, child {name!r} of a {type(parent).__name__}, holds adapter(s) "
+                  f"{', '.join(map(repr, old.adapter_names))} and was replaced by "
+                  f"{'None' if new is None else 'a ' + type(new).__name__}, which holds none: the model serves no "
+                  f"adapter there from now on"
+                  + (f"; the layer was merged, so a weight copied from it holds adapter {old.active_adapter!r} for "
+                     f"good" if merged else "")
+                  + " (transformers' resize_token_embeddings replaces an untied head so: resize before injecting or "
+                    "loading adapters; lora_ext.unload takes adapters out on purpose)", stacklevel=3)
+    return None
+
+
+_nn_module.register_module_module_registration_hook(_on_child)

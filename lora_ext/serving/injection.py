@@ -740,7 +740,7 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
     change = [layer for _, layer in found if layer.merged != merge]
     each_or_none(change, (lambda m: m.merge()) if merge else (lambda m: m.unmerge()),
                  (lambda m: m.unmerge()) if merge else (lambda m: m.merge()))
-    with deferred_interrupt():
+    with deferred_interrupt(), layers.taking_out_layers():
         for name, layer in found:
             with layer._lock:
                 plain = _plain(layer)
