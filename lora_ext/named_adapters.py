@@ -677,10 +677,10 @@ class NamedAdapters:
                                   f"longer trains it: build it again", stacklevel=2)
             else:
                 stored = self._adapters.get(name)
-                own = stored is not None and all(isinstance(t, nn.Parameter) for t in stored[:2])
+                own_pair = stored is not None and all(isinstance(t, nn.Parameter) for t in stored[:2])
                 with deferred_interrupt():  # (Ctrl-C lands before or after both factors)
-                    if own and all(t.shape == n.shape and t.dtype == n.dtype
-                                   for t, n in zip(stored[:2], (lora_A, lora_B))):
+                    if own_pair and all(t.shape == n.shape and t.dtype == n.dtype
+                                        for t, n in zip(stored[:2], (lora_A, lora_B))):
                         # the adapter's own Parameters (it trained before): its new values (and scaling, for the
                         # pair's scale tensors) written into them, as peft's load writes them, so an optimizer built
                         # over them trains it on after the next switch
@@ -690,7 +690,7 @@ class NamedAdapters:
                     else:
                         self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
                     self._stamp_finite(name)
-                if own and self._adapters[name][0] is not stored[0]:
+                if own_pair and self._adapters[name][0] is not stored[0]:
                     what = "rank" if stored[0].shape != lora_A.shape or stored[1].shape != lora_B.shape else "dtype"
                     warnings.warn(f"{self._describe()}: add_adapter gave adapter {name!r} factors of another {what} "
                                   f"than its own Parameters (it trained with them), which it drops; an optimizer "

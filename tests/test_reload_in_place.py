@@ -164,3 +164,15 @@ def test_an_inactive_rank_change_warns():
         layer.add_adapter("b", torch.randn(3, 8), torch.randn(6, 3), 1.0)
     layer.set_adapter("b")
     assert layer.r == 3
+
+
+def test_a_reserved_layer_keeps_an_inactive_adapters_own_rank():
+    """(A name clash in the first form of the in-place write stored a bool as the adapter's own rank.)"""
+    layer = lora.Linear(8, 6, r=4, lora_alpha=4)
+    layer._reserve(4)
+    A, B = torch.randn(3, 8), torch.randn(6, 3)
+    A[2], B[:, 2] = 0.0, 0.0  # its third rank holds zeros: only the recorded own rank says it is rank 3
+    layer.add_adapter("b", A, B, 1.0)
+    own_A, own_B = layer.own_factors("b")
+    assert own_A.shape == (3, 8) and own_B.shape == (6, 3)
+    assert same_bits(own_A, A) and same_bits(own_B, B)
