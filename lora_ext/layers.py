@@ -73,14 +73,22 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
 
 
 def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> Tuple[float, float, float]:
-    """||new - old||, ||new - base||, ||old - base|| in float64, a chunk of elements at a time (no weight-sized
-    float64 copies), with one device sync."""
+    """||new - old||, ||new - base||, ||old|| in float64, a chunk of elements at a time (no weight-sized float64
+    copies), with one device sync. (Non-finite elements count as equal where both are the same non-finite value.)"""
     flat = [t.detach().reshape(-1) for t in (new, old, base)]
     sums = torch.zeros(3, dtype=torch.float64, device=new.device)
     for i in range(0, flat[0].numel(), chunk):
         a, b, c = (t[i:i + chunk].to(torch.float64) for t in flat)
-        sums += torch.stack([(a - b).square().sum(), (a - c).square().sum(), (b - c).square().sum()])
+        sums += torch.stack([_diff(a, b).square().sum(), _diff(a, c).square().sum(),
+                             b.nan_to_num(0.0, 0.0, 0.0).square().sum()])
     return tuple(sums.sqrt().tolist())
+
+
+def _diff(a: Tensor, b: Tensor) -> Tensor:
+    """a - b, 0 where both hold the same value (inf - inf, NaN), inf where only one is not finite."""
+    d = a - b
+    same = (a == b) | (a.isnan() & b.isnan())
+    return torch.where(same, torch.zeros_like(d), d.nan_to_num(float("inf"), float("inf"), float("inf")))
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -229,30 +237,31 @@ class LoRALayer(NamedAdapters):
         if name == "lora_A" and param is not None and "_scaling" in self.__dict__:
             self._sync_scale_tensor()  # `layer.lora_A = Parameter(...)`: the new pair's own scale tensor
 
-    def _weight_replaced(self, old: Optional[Tensor], new: Optional[Tensor], owner: Optional[nn.Module] = None,
-                         cleared: bool = False):
-        """A weight set in place of the one a merge wrote: `layer.weight = nn.Parameter(W)`, transformers'
-        tie_weights() over a merged LoRA head, a ConvLoRA's `layer.conv.weight = ...` (lora_ext.ties sees that one,
-        before torch stores it: `owner`, the conv, whose new weight is then stored here under the layer's lock, so
-        that no forward sees the old merged weight as unmerged). A weight holding the merged values still (the same
-        memory, or a copy: a clone, a cast, a reload of the conv's own state_dict, bit for bit) keeps the merge; a
-        cast drops the lossless record, which is of the old dtype (unmerges round then). Any other weight is taken as
-        a base, as checkpoints hold bases (state_dict() gives one, load_state_dict() takes one): the layer forgets
-        its merge, with a warning, and adds the adapter on the fly until the next eval() or merge(). Not seen: a
-        DTensor on either side (FSDP2 and tensor parallelism swap in the same values, sharded or gathered; a new
-        sharded base keeps the merge), a weight set back where none was registered (removing a parametrization,
-        weight_norm or pruning; after `del layer.weight`). `cleared`: the weight was set to None since the merge
-        (torch calls no hook for that: a conv's), so the new weight cannot hold it."""
+    def _weight_replaced(self, old: Optional[Tensor], new: Optional[Tensor], cleared: bool = False) -> None:
+        """A weight set in place of the one a merge wrote (the caller holds the lock, the new weight in place):
+        `layer.weight = nn.Parameter(W)`, transformers' tie_weights() over a merged LoRA head, a ConvLoRA's
+        `layer.conv.weight = ...` or `layer.conv = ...` (_conv_weight_set, _conv_set). A weight that holds the
+        merged values still keeps the merge (_holds_merged_values: the same memory, a copy bit for bit, a cast or
+        rounded copy such as a quantized one; a copy in another dtype drops the lossless record, which is of the old
+        dtype, so unmerges round then); so does a weight on or from the meta device (an offload's placeholder and the
+        values it puts back: nothing to compare). Any other weight is taken as a base, as checkpoints hold bases
+        (state_dict() gives one, load_state_dict() takes one): the layer forgets its merge, with a warning, and adds
+        the adapter on the fly until the next eval() or merge(). Not seen: a DTensor on either side (FSDP2 and
+        tensor parallelism swap in the same values, sharded or gathered; a new sharded base keeps the merge), a
+        weight set back where none was registered (removing a parametrization, weight_norm or pruning; after `del
+        layer.weight`), and writes straight into `_parameters` (accelerate's set_module_tensor_to_device).
+        `cleared`: the weight was set to None since the merge (torch calls no hook for a conv's), so the new weight
+        cannot hold it."""
         if (old is None and not cleared) or new is old or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return
         if sharded.is_dtensor(old) or sharded.is_dtensor(new):
             return
-        with self._lock, deferred_interrupt():
-            if owner is not None:
-                owner._parameters["weight"] = new
+        if not cleared and new is not None and (new.is_meta or old.is_meta):
+            return
+        with deferred_interrupt():
             held = not cleared and self._holds_merged_values(new, old)
             if held:
-                if held != "exact":
+                if new.dtype != old.dtype:
                     self._keep_record(None)
                 self._note_written()
                 return
@@ -260,27 +269,55 @@ class LoRALayer(NamedAdapters):
         warnings.warn(f"{self._describe()}: its weight was replaced while adapter {self.active_adapter!r} was merged "
                       f"into the old one; the new weight, which does not hold the merged values, is taken as the base "
                       f"(as load_state_dict takes one) and the adapter is added on the fly until the next eval() or "
-                      f"merge()", stacklevel=4)
+                      f"merge()", stacklevel=5)
 
     def _holds_merged_values(self, new: Optional[Tensor], old: Tensor):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
-        or a copy bit for bit: the record holds for it), "near" (a copy in another dtype, or rounded: nearer to the
-        merged weight than to the base under it, and nearer to it than the update is large), or False."""
-        if new is None or new.shape != old.shape or new.is_meta or old.is_meta or new.device != old.device:
+        or a copy bit for bit), "near" (a copy in another dtype, rounded or quantized: no farther from the merged
+        weight than from the base under it, and within half |old| of it), or False. One comparison over the weight
+        (a copy on old's device when new is elsewhere), and for a copy that is not exact, one unmerge of a copy."""
+        if new is None or new.shape != old.shape:
             return False
         try:
             with torch.no_grad():
-                if new.dtype == old.dtype and (new.data_ptr() == old.data_ptr() and new.stride() == old.stride()
-                                               or _same_bits(new.detach(), old.detach())):
+                new = new.detach()
+                if new.device != old.device:
+                    new = new.to(old.device)
+                elif new.dtype == old.dtype and new.data_ptr() == old.data_ptr() and new.stride() == old.stride():
+                    return "exact"
+                if new.dtype == old.dtype and _same_bits(new, old.detach()):
                     return "exact"
                 if not (new.is_floating_point() and old.is_floating_point()):
                     return False
                 base = old.detach().clone(memory_format=torch.contiguous_format)
                 self._unmerge_from(base)
-                to_merged, to_base, update = _distances(new, old, base)
-                return "near" if to_merged < to_base and to_merged < update else False
+                to_merged, to_base, size = _distances(new, old, base)
+                return "near" if to_merged <= to_base and to_merged < size / 2 else False
         except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
             return False
+
+    def _conv_weight_set(self, conv: nn.Module, new: Optional[Tensor]) -> None:
+        """ConvLoRA: torch is about to set `conv.weight = new` (lora_ext.ties' registration hook). It is set here,
+        under the layer's lock with the check, so that no forward, eval() or switch on another thread sees the new
+        weight with the old weight's merge state."""
+        lock = self.__dict__.get("_lock")
+        with lock if lock is not None else contextlib.nullcontext():
+            params = conv._parameters
+            old = params.get("weight")
+            cleared = old is None and "weight" in params  # (`conv.weight = None`: torch calls no hook then)
+            params["weight"] = new
+            if lock is not None:
+                self._weight_replaced(old, new, cleared)
+
+    def _conv_set(self, conv: nn.Module) -> None:
+        """ConvLoRA: torch is about to set `layer.conv = conv` (lora_ext.ties' registration hook): as _conv_weight_set,
+        the old conv's weight against the new one's."""
+        lock = self.__dict__.get("_lock")
+        with lock if lock is not None else contextlib.nullcontext():
+            old = self._modules.get("conv")
+            self._modules["conv"] = conv
+            if lock is not None and old is not None:
+                self._weight_replaced(old._parameters.get("weight"), conv._parameters.get("weight"))
 
     def _describe(self) -> str:
         """The layer as its constructor reads (in messages): Linear(in, out), Embedding(num, dim),

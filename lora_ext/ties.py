@@ -128,29 +128,30 @@ def _is_conv_layer(module) -> bool:
 
 
 def _on_module(module, name, submodule):
-    """A ConvLoRA's conv set (`c2.conv = c1.conv`, injection's adoption): the layer takes its conv's weight."""
+    """A ConvLoRA's conv set (`c2.conv = c1.conv`, injection's adoption): the layer takes its conv's weight (and, merged,
+    looks at it: layers.LoRALayer._conv_set, which sets it under the layer's lock)."""
     if name == "conv" and submodule is not None and _is_conv_layer(module):
         with _lock:
             try:
                 _convs.setdefault(submodule, weakref.WeakSet()).add(module)
             except TypeError:  # a conv class without hashing: its weight is noted at each merge only
                 pass
+        module._conv_set(submodule)
         note(submodule._parameters.get("weight"), module)
 
 
 def _on_parameter(module, name, param):
     """A conv's weight set (`c2.conv.weight = c1.conv.weight`): torch's register_parameter, not the layer's. (torch
-    calls this before the new weight is in place; a merged layer forgets its merge: layers.LoRALayer._weight_replaced)"""
+    calls this before the new weight is in place; layers.LoRALayer._conv_weight_set sets it under the layer's lock and
+    a merged layer looks at it)"""
     if name == "weight" and _convs:
         try:
             layers = list(_convs.get(module, ()))
         except TypeError:
             return
-        old = module._parameters.get("weight")
-        cleared = old is None and "weight" in module._parameters  # (`conv.weight = None`: torch calls no hook then)
         for layer in layers:
             if layer._modules.get("conv") is module:
-                layer._weight_replaced(old, param, owner=module, cleared=cleared)
+                layer._conv_weight_set(module, param)
                 if param is not None:
                     note(param, layer)
 

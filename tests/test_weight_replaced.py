@@ -319,3 +319,130 @@ def test_forwards_on_another_thread_never_see_a_replaced_conv_weight_half_done()
         sys.setswitchinterval(interval)
     assert count[0] > 100 and i > 100
     assert not bad, f"{len(bad)} of {count[0]} forwards served neither base with the adapter once"
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_replacements_racing_eval_and_train_leave_the_last_base(kind):
+    """eval()/train() on one thread, new bases on another: the check and the store under the layer's lock (a conv's
+    weight was read and checked outside it, so an eval() in between merged into the old weight)."""
+    import threading
+
+    # (lossless: every merge the toggling thread makes is given back bit for bit)
+    layer = (lora.Conv2d(64, 64, kernel_size=3, r=8, lora_alpha=8, lossless=True) if kind == "conv2d"
+             else lora.Linear(64, 64, r=4, lossless=True))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    stop = threading.Event()
+
+    def toggle():
+        while not stop.is_set():
+            layer.eval()
+            layer.train()
+
+    wrong = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (replacements of a merged weight warn)
+        for _ in range(6):
+            stop.clear()
+            thread = threading.Thread(target=toggle)
+            thread.start()
+            try:
+                for _ in range(30):
+                    last = torch.randn_like(weight_of(layer)) * 0.05
+                    set_weight(layer, nn.Parameter(last.clone()))
+            finally:
+                stop.set()
+                thread.join()
+            layer.train()
+            wrong += not same_bits(weight_of(layer).detach(), last)
+    assert wrong == 0, f"{wrong} of 6 rounds ended with a weight other than the last base"
+
+
+def test_a_quantized_copy_keeps_the_merge_whatever_the_update_size():
+    """A rounded copy of the merged weight (a quantizer's) whose rounding is larger than the update: still the merged
+    weight, not a new base (the update added again would count it twice)."""
+    layer = lora.Linear(64, 64, r=2, lora_alpha=2)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=1e-3)  # an update far under the rounding below
+    base = layer.weight.detach().clone()
+    layer.eval()
+    merged = layer.weight.detach()
+    step = merged.abs().amax(dim=1, keepdim=True) / 7  # int4-style rows
+    quantized = (merged / step).round() * step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.weight = nn.Parameter(quantized)
+    assert layer.merged
+    x = torch.randn(3, 64)
+    want = x.double() @ quantized.double().t() + layer.bias.detach().double()  # the weight alone: merged
+    assert rel_err(layer(x), want) < 1e-6
+    assert rel_err(layer.state_dict()["weight"], base) < 0.2  # the base under it, within the rounding
+
+
+def test_a_zero_update_keeps_the_merge_without_a_warning():
+    layer = lora.Linear(16, 16, r=2, lora_alpha=2)  # lora_B zero: the update is 0
+    layer.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.weight = nn.Parameter(layer.weight.detach().to(torch.bfloat16).float())
+    assert layer.merged
+
+
+def test_an_offload_placeholder_and_the_values_put_back_keep_the_merge():
+    layer, x, key = build("linear", torch.float32)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    saved = layer.weight.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.weight = nn.Parameter(torch.empty(6, 8, device="meta"))  # as an offload's placeholder
+        layer.weight = nn.Parameter(saved)  # and the values it kept, put back
+    assert layer.merged
+    check_forward(layer, key, base, x, torch.float32)
+
+
+def test_a_copy_with_one_element_changed_keeps_the_lossless_record():
+    """A near copy in the weight's own dtype is a write into the merged weight: its record still gives every other
+    element back bit for bit (docs/LOSSLESS.md, a weight written while merged)."""
+    layer = lora.Linear(64, 64, r=4, lora_alpha=4, lossless=True).bfloat16()
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.3)
+    base = layer.weight.detach().clone()
+    layer.eval()
+    assert layer._merged_record is not None and layer._merged_record.exceptions
+    copy = layer.weight.detach().clone()
+    copy[5, 7] = torch.nextafter(copy[5, 7].float(), torch.tensor(float("inf"))).bfloat16()
+    if torch.equal(copy, layer.weight.detach()):  # (one float32 ulp can round back: go a bf16 step up)
+        copy[5, 7] = (copy[5, 7].float() * (1 + 2**-7)).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.weight = nn.Parameter(copy)
+    layer.train()
+    restored = layer.weight.detach()
+    others = torch.ones_like(restored, dtype=torch.bool)
+    others[5, 7] = False
+    assert same_bits(restored[others], base[others])
+
+
+def test_a_new_conv_module_on_a_merged_layer():
+    layer, x, key = build("conv2d", torch.float32)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    import copy
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.conv = copy.deepcopy(layer.conv)  # the merged weight, copied: still merged
+    assert layer.merged
+    check_forward(layer, key, base, x, torch.float32)
+    fresh = nn.Conv2d(3, 4, kernel_size=3)
+    w1 = fresh.weight.detach().clone()
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        layer.conv = fresh  # a new base (and bias)
+    assert not layer.merged
+    with torch.no_grad():
+        out = layer(x)
+    p = {"conv.weight": w1.double(), "conv.bias": fresh.bias.detach().double(),
+         "lora_A": layer.lora_A.detach().double(), "lora_B": layer.lora_B.detach().double()}
+    assert rel_err(out, layer_forward64(layer, p, x.double(), layer.scaling)) < 1e-5
+    layer.train()
+    assert same_bits(layer.conv.weight.detach(), w1)
