@@ -19,6 +19,7 @@ calls of the same layer on other threads.
 import contextlib
 import copy
 import math
+import os
 import sys
 import threading
 import warnings
@@ -64,6 +65,18 @@ def _same_storage(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+_INTERNAL = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel, for a warning its caller gives, that names the first frame outside torch and
+    lora_ext (a setattr reaches the layers through torch's hooks, by paths of several depths)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _same_bits(a: Tensor, b: Tensor) -> bool:
     """Whether two tensors of one shape and dtype hold the same elements bit for bit (NaN payloads, -0.0)."""
     if a.is_floating_point() and a.element_size() in (2, 4, 8):
@@ -72,14 +85,15 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
     return torch.equal(a, b)
 
 
-def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> Tuple[float, float, float]:
-    """||new - old||, ||new - base||, ||old|| in float64, a chunk of elements at a time (no weight-sized float64
-    copies), with one device sync. (Non-finite elements count as equal where both are the same non-finite value.)"""
+def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> Tuple[float, float, float, float]:
+    """||new - old||, ||new - base||, ||old - base||, ||old|| in float64, a chunk of elements at a time (no
+    weight-sized float64 copies), with one device sync. (Non-finite elements count as equal where both are the same
+    non-finite value.)"""
     flat = [t.detach().reshape(-1) for t in (new, old, base)]
-    sums = torch.zeros(3, dtype=torch.float64, device=new.device)
+    sums = torch.zeros(4, dtype=torch.float64, device=new.device)
     for i in range(0, flat[0].numel(), chunk):
         a, b, c = (t[i:i + chunk].to(torch.float64) for t in flat)
-        sums += torch.stack([_diff(a, b).square().sum(), _diff(a, c).square().sum(),
+        sums += torch.stack([_diff(a, b).square().sum(), _diff(a, c).square().sum(), _diff(b, c).square().sum(),
                              b.nan_to_num(0.0, 0.0, 0.0).square().sum()])
     return tuple(sums.sqrt().tolist())
 
@@ -228,11 +242,13 @@ class LoRALayer(NamedAdapters):
     def register_parameter(self, name: str, param) -> None:
         lock = self.__dict__.get("_lock") if name == "weight" else None  # (none yet while nn.Linear.__init__ runs)
         with lock if lock is not None else contextlib.nullcontext():
-            old = self.__dict__.get("_parameters", {}).get(name)
+            params = self.__dict__.get("_parameters", {})
+            old = params.get(name)
+            cleared = old is None and name in params  # (`layer.weight = None` earlier)
             super().register_parameter(name, param)  # (torch's refusals first: the merge is forgotten after them)
             if name == "weight":
                 ties.note(param, self)  # `l2.weight = l1.weight` lands here: merges then see the tie
-                self._weight_replaced(old, param)
+                self._weight_replaced(old, param, cleared)
                 return
         if name == "lora_A" and param is not None and "_scaling" in self.__dict__:
             self._sync_scale_tensor()  # `layer.lora_A = Parameter(...)`: the new pair's own scale tensor
@@ -250,18 +266,19 @@ class LoRALayer(NamedAdapters):
         tensor parallelism swap in the same values, sharded or gathered; a new sharded base keeps the merge), a
         weight set back where none was registered (removing a parametrization, weight_norm or pruning; after `del
         layer.weight`), and writes straight into `_parameters` (accelerate's set_module_tensor_to_device).
-        `cleared`: the weight was set to None since the merge (torch calls no hook for a conv's), so the new weight
-        cannot hold it."""
-        if (old is None and not cleared) or new is old or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
-            return
+        `cleared`: the weight was set to None since the merge: the new weight holds it when it lies in the memory
+        the merge wrote (the same weight put back), else it is a base."""
+        if (old is None and not cleared) or new is None or new is old \
+                or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
+            return  # (None: the weight that comes next is looked at, against the memory the merge wrote)
         if sharded.is_dtensor(old) or sharded.is_dtensor(new):
             return
-        if not cleared and new is not None and (new.is_meta or old.is_meta):
+        if not cleared and (new.is_meta or old.is_meta):
             return
         with deferred_interrupt():
-            held = not cleared and self._holds_merged_values(new, old)
+            held = self._wrote_into(new) if cleared else self._holds_merged_values(new, old)
             if held:
-                if new.dtype != old.dtype:
+                if old is not None and new.dtype != old.dtype:
                     self._keep_record(None)
                 self._note_written()
                 return
@@ -269,12 +286,22 @@ class LoRALayer(NamedAdapters):
         warnings.warn(f"{self._describe()}: its weight was replaced while adapter {self.active_adapter!r} was merged "
                       f"into the old one; the new weight, which does not hold the merged values, is taken as the base "
                       f"(as load_state_dict takes one) and the adapter is added on the fly until the next eval() or "
-                      f"merge()", stacklevel=5)
+                      f"merge()", stacklevel=_user_stacklevel())
+
+    def _wrote_into(self, new: Tensor) -> bool:
+        """After `weight = None`: whether `new` lies in the memory this layer's last write left merged (the weight
+        that was there, put back)."""
+        written = self.__dict__.get("_written")
+        try:
+            return written is not None and sharded.local(new).untyped_storage().data_ptr() == written[0]
+        except RuntimeError:  # (no storage of its own)
+            return False
 
     def _holds_merged_values(self, new: Optional[Tensor], old: Tensor):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
-        or a copy bit for bit), "near" (a copy in another dtype, rounded or quantized: no farther from the merged
-        weight than from the base under it, and within half |old| of it), or False. One comparison over the weight
+        or a copy bit for bit), "near" (a copy in another dtype, rounded or quantized: within half |old| of the
+        merged weight, and no farther from it than from the base under it unless the update is under half that
+        distance), or False. One comparison over the weight
         (a copy on old's device when new is elsewhere), and for a copy that is not exact, one unmerge of a copy."""
         if new is None or new.shape != old.shape:
             return False
@@ -291,8 +318,11 @@ class LoRALayer(NamedAdapters):
                     return False
                 base = old.detach().clone(memory_format=torch.contiguous_format)
                 self._unmerge_from(base)
-                to_merged, to_base, size = _distances(new, old, base)
-                return "near" if to_merged <= to_base and to_merged < size / 2 else False
+                to_merged, to_base, update, size = _distances(new, old, base)
+                # a base: far from the merged weight, or nearer the base than to it (a copy of the base, rounded);
+                # but where the rounding is over twice the update (a quantizer's), the two cannot be told apart and
+                # either reading is off by less than the rounding: the merged weight, quantized
+                return "near" if to_merged < size / 2 and (to_merged <= to_base or update < to_merged / 2) else False
         except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
             return False
 
@@ -1291,7 +1321,7 @@ def _on_child(parent: nn.Module, name: str, new: Optional[nn.Module]) -> None:
                   + (f"; the layer was merged, so a weight copied from it holds adapter {old.active_adapter!r} for "
                      f"good" if merged else "")
                   + " (transformers' resize_token_embeddings replaces an untied head so: resize before injecting or "
-                    "loading adapters; lora_ext.unload takes adapters out on purpose)", stacklevel=3)
+                    "loading adapters; lora_ext.unload takes adapters out on purpose)", stacklevel=_user_stacklevel())
     return None
 
 

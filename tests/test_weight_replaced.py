@@ -137,11 +137,11 @@ def test_a_tie_made_after_the_merge_leaves_the_other_weight_alone():
 def test_no_weight_then_a_new_one():
     layer, x, key = build("linear", torch.float32)
     layer.eval()
-    with pytest.warns(UserWarning, match="weight was replaced"):
-        layer.weight = None
-    assert not layer.merged
+    layer.weight = None  # (the weight that comes next is looked at)
     w1 = torch.randn(6, 8)
-    layer.weight = nn.Parameter(w1.clone())
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        layer.weight = nn.Parameter(w1.clone())
+    assert not layer.merged
     check_forward(layer, key, w1, x, torch.float32)
     layer.train()
     assert same_bits(layer.weight.detach(), w1)
@@ -446,3 +446,41 @@ def test_a_new_conv_module_on_a_merged_layer():
     assert rel_err(out, layer_forward64(layer, p, x.double(), layer.scaling)) < 1e-5
     layer.train()
     assert same_bits(layer.conv.weight.detach(), w1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_weight_then_the_same_one_back_keeps_the_merge(kind):
+    layer, x, key = build(kind, torch.bfloat16)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    weight = weight_of(layer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        set_weight(layer, None)
+        set_weight(layer, weight)
+    assert layer.merged
+    check_forward(layer, key, base, x, torch.bfloat16)
+    layer.train()
+    assert same_bits(weight_of(layer).detach(), base)
+
+
+def test_the_warning_names_the_callers_line():
+    for kind in ("linear", "conv2d"):
+        layer, _, _ = build(kind, torch.float32)
+        layer.eval()
+        with pytest.warns(UserWarning, match="weight was replaced") as caught:
+            set_weight(layer, nn.Parameter(torch.randn_like(weight_of(layer))))
+        assert caught[0].filename == __file__, (kind, caught[0].filename)
+
+
+def test_a_rounded_copy_of_the_base_is_a_base():
+    """The other side of the nearness rule: the base under the merge (as state_dict gives it), cast and back, is nearer
+    the base than the merged weight by about the update: a base."""
+    layer, x, key = build("linear", torch.float32)
+    base = layer.state_dict()[key].clone()
+    layer.eval()
+    rounded = base.to(torch.bfloat16).float()
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        layer.weight = nn.Parameter(rounded)
+    assert not layer.merged
+    check_forward(layer, key, rounded, x, torch.float32)
