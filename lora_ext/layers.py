@@ -301,8 +301,8 @@ class LoRALayer(NamedAdapters):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
         or a copy bit for bit), "near" (a copy in another dtype, rounded or quantized: within half |old| of the
         merged weight, and no farther from it than from the base under it unless the update is under half that
-        distance), or False. One comparison over the weight
-        (a copy on old's device when new is elsewhere), and for a copy that is not exact, one unmerge of a copy."""
+        distance), or False. One comparison over the weight (a copy on old's device when new is elsewhere), and for
+        a copy that is not exact, one unmerge of a copy."""
         if new is None or new.shape != old.shape:
             return False
         try:
