@@ -297,13 +297,13 @@ class LoRALayer(NamedAdapters):
         except RuntimeError:  # (no storage of its own)
             return False
 
-    def _holds_merged_values(self, new: Optional[Tensor], old: Tensor):
+    def _holds_merged_values(self, new: Tensor, old: Tensor):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
         or a copy bit for bit), "near" (a copy in another dtype, rounded or quantized: within half |old| of the
         merged weight, and no farther from it than from the base under it unless the update is under half that
         distance), or False. One comparison over the weight (a copy on old's device when new is elsewhere), and for
         a copy that is not exact, one unmerge of a copy."""
-        if new is None or new.shape != old.shape:
+        if new.shape != old.shape:
             return False
         try:
             with torch.no_grad():
@@ -326,7 +326,7 @@ class LoRALayer(NamedAdapters):
         except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
             return False
 
-    def _conv_weight_set(self, conv: nn.Module, new: Optional[Tensor]) -> None:
+    def _conv_weight_set(self, conv: nn.Module, new: Tensor) -> None:
         """ConvLoRA: torch is about to set `conv.weight = new` (lora_ext.ties' registration hook). It is set here,
         under the layer's lock with the check, so that no forward, eval() or switch on another thread sees the new
         weight with the old weight's merge state."""
@@ -471,11 +471,7 @@ class LoRALayer(NamedAdapters):
     def _note_written(self) -> None:
         """Records the weight's storage and version counter as this layer's last write left them, so that a load
         that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place)."""
-        w = self._weight_or_none()
-        if w is None:  # (`layer.weight = None` on a merged layer: _weight_replaced)
-            self.__dict__["_written"] = None
-            return
-        w = sharded.local(w)
+        w = sharded.local(self._weight_param())
         try:
             self.__dict__["_written"] = (w.untyped_storage().data_ptr(), w._version)
         except RuntimeError:  # a wrapper subclass has no storage of its own: unknown (_written_in_place: False)

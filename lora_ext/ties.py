@@ -144,7 +144,7 @@ def _on_parameter(module, name, param):
     """A conv's weight set (`c2.conv.weight = c1.conv.weight`): torch's register_parameter, not the layer's. (torch
     calls this before the new weight is in place; layers.LoRALayer._conv_weight_set sets it under the layer's lock and
     a merged layer looks at it)"""
-    if name == "weight" and _convs:
+    if name == "weight" and param is not None and _convs:  # (torch calls no hook for None)
         try:
             layers = list(_convs.get(module, ()))
         except TypeError:
@@ -152,8 +152,7 @@ def _on_parameter(module, name, param):
         for layer in layers:
             if layer._modules.get("conv") is module:
                 layer._conv_weight_set(module, param)
-                if param is not None:
-                    note(param, layer)
+                note(param, layer)
 
 
 _torch_module.register_module_module_registration_hook(_on_module)
