@@ -68,13 +68,37 @@ def _same_storage(a: Tensor, b: Tensor) -> bool:
 _INTERNAL = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
-def _user_stacklevel() -> int:
+def _user_stacklevel(also: Tuple[str, ...] = ()) -> int:
     """warnings.warn's stacklevel, for a warning its caller gives, that names the first frame outside torch and
-    lora_ext (a setattr reaches the layers through torch's hooks, by paths of several depths)."""
+    lora_ext (a setattr reaches the layers through torch's hooks, by paths of several depths), and outside the
+    packages named in `also`."""
+    packages = tuple(os.sep + name + os.sep for name in also)
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+    while frame is not None and (frame.f_code.co_filename.startswith(_INTERNAL)
+                                 or any(part in frame.f_code.co_filename for part in packages)):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def offloaded(*modules: Optional[nn.Module]) -> bool:
+    """Whether an accelerate hook on one of these modules offloads its tensors (an AlignDevicesHook with
+    offload=True: cpu_offload, disk_offload, dispatch_model's "cpu"/"disk" modules): they lie on the meta device and
+    their values in the hook's weights_map, which it puts back for each forward (a write into them would not reach
+    it)."""
+    for module in modules:
+        hook = getattr(module, "_hf_hook", None) if module is not None else None
+        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)) if h is not None):
+            return True
+    return False
+
+
+def meta_refusal(*modules: Optional[nn.Module]) -> str:
+    """Why the weight or factors of these modules, on the meta device, hold nothing to write or read."""
+    if offloaded(*modules):
+        return ("accelerate offloads them (its hook keeps their values and puts them back for each forward, where "
+                "lora_ext's writes cannot reach); load, merge and switch before offloading, or after "
+                "accelerate.hooks.remove_hook_from_submodules(model)")
+    return "no values yet; load them first"
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:
@@ -252,6 +276,44 @@ class LoRALayer(NamedAdapters):
                 return
         if name == "lora_A" and param is not None and "_scaling" in self.__dict__:
             self._sync_scale_tensor()  # `layer.lora_A = Parameter(...)`: the new pair's own scale tensor
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "_hf_hook":  # accelerate's add_hook_to_module, after the hook's init_hook ran
+            self._offload_hook_attached(value)
+
+    def _offload_hook_attached(self, hook) -> None:
+        """accelerate attached `hook` to this layer. One that offloads (an AlignDevicesHook with offload=True:
+        cpu_offload, disk_offload, dispatch_model with modules on "cpu" or "disk") has just moved the layer's
+        tensors to the meta device and keeps their values in its weights_map, which it puts back for every forward.
+        accelerate's functions build that map from model.state_dict(), which gives a merged layer's base: the copy
+        of the weight is the base, and a layer still saying merged would serve it without its adapter. The layer
+        forgets its merge (with a warning) and adds the adapter on the fly, as for any new weight that is not the
+        merged one (_weight_replaced). A hook that built its map from the module's own tensors (a plain dict:
+        AlignDevicesHook(offload=True) given no weights_map) holds the merged weight: the merge is kept then. (A
+        ConvLoRA's weight is its conv's: the hook on the ConvLoRA comes first, with the map its conv's hook then
+        takes.) Not seen: a hook on a module above the layer that places its submodules (preload_module_classes)."""
+        maps = [h.weights_map for h in getattr(hook, "hooks", (hook,))
+                if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]
+        if not maps or not self.merged or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
+            return
+        if isinstance(maps[-1], dict):  # (init_hook's own: the module's tensors as the merge left them)
+            return
+        with self._lock, deferred_interrupt():
+            self._forget_merge()
+            for h in getattr(hook, "hooks", (hook,)):  # the record's buffers are gone: the hook's detach_hook would
+                for key in ("_merged_A", "_merged_B"):  # put them back to their devices (and fail on None)
+                    getattr(h, "original_devices", {}).pop(key, None)
+        warnings.warn(f"{self._describe()}: accelerate offloaded it while adapter {self.active_adapter!r} was merged; "
+                      f"its offloaded copy of the weight is the base (accelerate takes model.state_dict(), which "
+                      f"gives a merged layer's base), so the adapter is added on the fly from now on. lora_ext cannot "
+                      f"write an offloaded layer's weights (merges and switches are refused there): merge, switch "
+                      f"and unmerge before offloading, or after accelerate.hooks.remove_hook_from_submodules(model)",
+                      stacklevel=_user_stacklevel(also=("accelerate",)))
+
+    def _meta_refusal(self) -> str:
+        """Why a weight or factors on the meta device hold nothing to write (merge_refusal, _check_plain_factors)."""
+        return meta_refusal(self, self.__dict__.get("_modules", {}).get("conv"))
 
     def _weight_replaced(self, old: Optional[Tensor], new: Optional[Tensor], cleared: bool = False) -> None:
         """A weight set in place of the one a merge wrote (the caller holds the lock, the new weight in place):
@@ -513,8 +575,7 @@ class LoRALayer(NamedAdapters):
             return (f"{self._computed_weight()}: serve it unmerged, or remove the parametrization first "
                     f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
         if w.is_meta or (self.has_lora and (self.lora_A.is_meta or self.lora_B.is_meta)):
-            return (f"{self._describe()}: its weight or factors are on the meta device (no values yet); merge "
-                    f"(eval()) once they are loaded")
+            return f"{self._describe()}: its weight or factors are on the meta device: {self._meta_refusal()}"
         return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
 
     def _computed_weight(self) -> str:
@@ -1213,6 +1274,16 @@ class ConvLoRA(LoRALayer, nn.Module):
 
     def _writable_2d(self, weight):
         return contextlib.nullcontext(self._as_2d(weight)) if weight.is_contiguous() else _staged_2d(self, weight)
+
+    def _offload_hook_attached(self, hook) -> None:
+        hooks = [h for h in getattr(hook, "hooks", (hook,)) if getattr(h, "offload", False)]
+        if hooks and not any(getattr(h, "place_submodules", False) for h in hooks):
+            warnings.warn(f"{self._describe()}: accelerate offloads it apart from its conv; a hook puts a module's "
+                          f"tensors back when that module is called, and a ConvLoRA reads its conv's weight without "
+                          f"calling the conv, so its forwards would find that weight on the meta device: offload with "
+                          f"preload_module_classes=[{type(self).__name__!r}]",
+                          stacklevel=_user_stacklevel(also=("accelerate",)))
+        super()._offload_hook_attached(hook)
 
     def _weight_owner(self):
         return self.conv

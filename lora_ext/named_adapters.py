@@ -831,6 +831,15 @@ class NamedAdapters:
                              f"{'is' if len(names) == 1 else 'are'} not a Parameter but computed by "
                              f"{' and '.join(h for h, _ in hows)}, so a switch cannot write the live factors; make "
                              f"it a Parameter again ({', '.join(r for _, r in hows)}) before switching adapters")
+        # a weight or live factors on the meta device (an accelerate offload keeps their values in its hook, a model
+        # built on meta has none yet): a write into them does nothing, and the forward would serve the old adapter
+        names = [n for n in ("lora_A", "lora_B") if self.has_lora and getattr(self, n).is_meta]
+        weight = self._weight_or_none()
+        if self.merged and weight is not None and weight.is_meta:
+            names.insert(0, "weight")
+        if names:
+            raise ValueError(f"{what}: {self._describe()}'s {' and '.join(names)} {'is' if len(names) == 1 else 'are'} "
+                             f"on the meta device, so a switch would write nothing: {self._meta_refusal()}")
 
     def _computing_hook(self, name: str) -> Tuple[str, str]:
         """(what computes factor `name` in a forward pre-hook, how to remove it): torch.nn.utils.prune, weight_norm or

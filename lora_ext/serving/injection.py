@@ -423,6 +423,11 @@ def check_replaceable(model, name, module, label=None):
         raise ValueError(f"{label} has a sharded weight (a DTensor: fully_shard or tensor parallel was applied); "
                          f"a lora_ext layer must be in place before sharding: inject (or load the adapter) first, then "
                          f"shard (lora_ext.parallel's styles for tensor parallel)")
+    if not isinstance(module, LoRALayer) and layers.offloaded(module):
+        raise ValueError(f"{label} is offloaded by accelerate (a hook keeps its weight's values and puts them back for "
+                         f"each forward): a lora_ext layer in its place would lose the hook and read a weight on the "
+                         f"meta device; inject or load adapters before offloading, or after "
+                         f"accelerate.hooks.remove_hook_from_submodules(model)")
     base = None if isinstance(module, LoRALayer) or scaled_embedding(module) is not None else overridden_base(module)
     if base is not None:
         raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of its "

@@ -604,6 +604,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             to = (layer.lora_A.device, layer.lora_A.dtype)
         else:
             to = (home if home is not None else layer.lora_A.device, layer.lora_A.dtype)
+        if to[0].type == "meta":  # (an accelerate offload, or a model built on meta: the factors would hold nothing)
+            raise ValueError(f"{label}: its {'weight is' if fresh else 'factors are'} on the "
+                             f"meta device: {layers.meta_refusal(module, getattr(module, 'conv', None))}")
         A2, B2 = A2.to(*to), B2.to(*to)
         layer.check_adapter(A2, B2, scaling, name=label)
         plan.append((name, module, layer, fresh, A2, B2, scaling))
