@@ -1048,7 +1048,10 @@ class Embedding(LoRALayer, nn.Embedding):
                            merge_weights=merge_weights and self.max_norm is None, lossless=lossless)
         if r > 0:
             self._create_factors(self.weight)
-        self.reset_parameters()
+        if kwargs.get("_weight") is None:
+            self.reset_parameters()
+        else:  # a table given (nn.Embedding's _weight, from_pretrained): kept, as nn.Embedding keeps it (loralib
+            self.reset_lora_parameters()  # drew it afresh, in the caller's tensor)
         if isinstance(embed_scale, Tensor):
             if embed_scale.numel() != 1 or not embed_scale.is_floating_point():
                 raise ValueError(f"embed_scale must be a number or a floating-point tensor of one element, got "

@@ -127,19 +127,23 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
     return out.view(*x.shape[:-1], n_out)
 
 
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as a matrix of its last dimension's rows (reshape(-1, n) cannot take 0 elements: n may be 0)."""
+    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
 def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, fan_in_fan_out, needs, x_shape,
                     x_lora_dtype, weight_dtype):
     """Gradients of `linear` for (x, x_lora, weight, bias, lora_A, lora_B); None where not needed. x, x_lora and
     weight may be None where no gradient asked for reads them (x: the weight's; x_lora: the factors'; weight:
     x's); x_shape (x_lora's too), x_lora_dtype and weight_dtype say what they were."""
-    n_out = grad.shape[-1]
-    g2 = grad.reshape(-1, n_out)
+    g2 = _rows(grad)
     dx = dxl = dw = db = dA = dB = None
     if needs[0]:
         w = weight.t() if fan_in_fan_out else weight
         dx = (g2 @ w.to(g2.dtype)).view(x_shape)
     if needs[2]:
-        dwl = g2.t() @ x.reshape(-1, x.shape[-1]).to(g2.dtype)
+        dwl = g2.t() @ _rows(x).to(g2.dtype)
         dw = (dwl.t() if fan_in_fan_out else dwl).to(weight_dtype)
     if needs[3]:
         db = g2.sum(0)
@@ -148,7 +152,7 @@ def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, f
         a_all = lora_A.to(cd)
         xl = t = None
         if needs[4] or needs[5]:
-            xl = x_lora.reshape(-1, x_lora.shape[-1]).to(cd)
+            xl = _rows(x_lora).to(cd)
             t = xl @ a_all.t()
         r = lora_A.shape[0] // len(block_ids)
         dts, dBs = [], []
@@ -170,11 +174,10 @@ def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, f
 def embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse):
     """weight[ids] + scale * A^T[ids] B^T (A is (r, num_embeddings), B is (embedding_dim, r))."""
     out = F.embedding(ids, weight, padding_idx, None, 2.0, scale_grad_by_freq, sparse)
-    dim = out.shape[-1]
     # (padding_idx and scale_grad_by_freq shape only lora_A's gradient: autograd through here, under torch.func,
     # then matches embedding_backward's, as loralib's does)
     t = F.embedding(ids.reshape(-1), lora_A.t(), padding_idx, None, 2.0, scale_grad_by_freq).to(out.dtype)
-    out.view(-1, dim).addmm_(t, lora_B.to(out.dtype).t(), alpha=scale)
+    out.view(ids.numel(), out.shape[-1]).addmm_(t, lora_B.to(out.dtype).t(), alpha=scale)
     return out
 
 
@@ -187,7 +190,7 @@ def embedding_backward(grad, ids, lora_A, lora_B, scale, num, padding_idx, scale
         dw = torch.ops.aten.embedding_backward(grad, ids, num, pad, scale_grad_by_freq, sparse)
     if needs[1] or needs[2]:
         cd = compute_dtype(grad.dtype)
-        g2 = grad.reshape(-1, grad.shape[-1]).to(cd)
+        g2 = _rows(grad).to(cd)
         flat = ids.reshape(-1)
         if needs[2]:
             # (the lookup's own padding_idx and frequency scaling: its values are the same, and a gradient of this

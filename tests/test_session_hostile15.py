@@ -1,0 +1,78 @@
+"""Findings of the fifteenth session's hostile helpers, each fixed:
+
+- `Embedding.from_pretrained(W)` and `Embedding(..., _weight=W)` drew the table afresh, in the caller's tensor (as
+  loralib does): the layer served random rows and W was overwritten. The table is kept now, as nn.Embedding keeps it.
+- Layers with a zero-size dimension and r > 0 (Linear(0, n), Linear(n, 0), MergedLinear(0, n), Embedding(n, 0))
+  raised torch's bare reshape error in backward (the Embedding in every forward): reshape(-1, 0) of 0 elements.
+"""
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_ext as lora
+
+
+def test_from_pretrained_keeps_the_table_and_the_callers_tensor():
+    W = torch.randn(6, 4, generator=torch.Generator().manual_seed(5))
+    keep = W.clone()
+    emb = lora.Embedding.from_pretrained(W, padding_idx=1)
+    assert torch.equal(W, keep)  # before: drawn afresh in place
+    ids = torch.tensor([[0, 2, 5], [1, 3, 4]])
+    assert torch.equal(emb(ids), keep[ids])
+    assert emb.padding_idx == 1 and not emb.weight.requires_grad  # freeze=True, as nn.Embedding's
+    assert torch.equal(lora.Embedding.from_pretrained(keep.clone(), freeze=False).weight, keep)
+
+
+def test_a_given_weight_is_kept_and_the_factors_start_as_loralibs():
+    keep = torch.randn(7, 3, generator=torch.Generator().manual_seed(6))
+    emb = lora.Embedding(7, 3, r=2, lora_alpha=4, _weight=keep.clone())
+    assert torch.equal(emb.weight, keep)
+    assert torch.equal(emb.lora_A, torch.zeros(2, 7))  # loralib's Embedding: A zeros, B normal (a zero update)
+    assert emb.lora_B.abs().sum() > 0
+    ids = torch.tensor([3, 0, 6])
+    assert torch.equal(emb(ids), keep[ids])
+    with torch.no_grad():
+        emb.lora_A.normal_()
+    expect = (keep.double() + emb.scaling * (emb.lora_B.double() @ emb.lora_A.double()).t())[ids]
+    assert torch.allclose(emb(ids).double(), expect, rtol=1e-6, atol=1e-6)
+
+
+def _trainable(layer):
+    layer.lora_A.requires_grad_(True)
+    layer.lora_B.requires_grad_(True)
+    return layer
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: lora.Linear(0, 5, r=2), (3, 0)),
+    (lambda: lora.Linear(6, 0, r=2), (3, 6)),
+    (lambda: lora.Linear(6, 0, r=2, fan_in_fan_out=True), (3, 6)),
+    (lambda: lora.MergedLinear(0, 6, r=2, enable_lora=[True, False]), (2, 0)),
+    (lambda: lora.MergedLinear(4, 0, r=2, enable_lora=[True, False]), (2, 4)),
+], ids=["in0", "out0", "out0_fifo", "merged_in0", "merged_out0"])
+def test_zero_width_linear_layers_train(make, shape):
+    torch.manual_seed(0)
+    layer = _trainable(make())
+    x = torch.randn(*shape, requires_grad=True)
+    out = layer(x)
+    n_out = layer.out_features
+    assert out.shape == (shape[0], n_out)
+    bias = layer.bias.detach() if layer.bias is not None else torch.zeros(n_out)
+    assert torch.equal(out.detach(), bias.expand(shape[0], n_out))  # nothing to sum: the bias
+    out.sum().backward()  # before: RuntimeError cannot reshape tensor of 0 elements into shape [-1, 0]
+    assert x.grad is not None and x.grad.shape == x.shape and not x.grad.any()
+    for p in (layer.lora_A, layer.lora_B):
+        assert p.grad is not None and p.grad.shape == p.shape and not p.grad.any()
+    if n_out:
+        assert torch.equal(layer.bias.grad, torch.full((n_out,), float(shape[0])))
+
+
+def test_a_zero_width_embedding_looks_up_and_trains():
+    emb = _trainable(lora.Embedding(10, 0, r=2))
+    ids = torch.tensor([[1, 2], [9, 0]])
+    out = emb(ids)  # before: the bare reshape error in every forward
+    assert out.shape == (2, 2, 0)
+    out.sum().backward()
+    assert emb.lora_A.grad.shape == (2, 10) and not emb.lora_A.grad.any()
+    assert emb.lora_B.grad.shape == (0, 2)
+    assert nn.Embedding(10, 0)(ids).shape == out.shape
