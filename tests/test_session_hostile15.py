@@ -76,3 +76,114 @@ def test_a_zero_width_embedding_looks_up_and_trains():
     assert emb.lora_A.grad.shape == (2, 10) and not emb.lora_A.grad.any()
     assert emb.lora_B.grad.shape == (0, 2)
     assert nn.Embedding(10, 0)(ids).shape == out.shape
+
+
+# -- model-level changes on several threads -------------------------------------------------------------------------
+
+import copy  # noqa: E402
+import threading  # noqa: E402
+
+import safetensors.torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+
+import tiny_models  # noqa: E402
+from helpers import rel_err, save_random_peft  # noqa: E402
+from lora_ext.serving import peft_io  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile15")
+    base = tiny_models.llama(seed=4)
+    targets = {"a": ["q_proj", "v_proj"], "b": ["q_proj", "v_proj"], "f": ["q_proj", "gate_proj"],
+               "h": ["gate_proj", "up_proj"]}
+    paths = {n: save_random_peft(get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=8, target_modules=t, init_lora_weights=False)), root / n, seed=20 + i, std=0.3)
+        for i, (n, t) in enumerate(targets.items())}
+    return base, paths
+
+
+def _alone(base, path, ids):
+    model = copy.deepcopy(base)
+    lora.load_peft_adapter(model, path, "x")
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_a_save_writes_the_values_it_read_whatever_a_switch_does_next(files, monkeypatch):
+    """The file is written after the model's lock is let go; it held the live factors themselves on the CPU, so a
+    switch on another thread in between wrote the next adapter into the file (about 1 save in 5 under a switching
+    thread)."""
+    base, paths = files
+    model = copy.deepcopy(base)
+    lora.load_peft_adapter(model, paths["a"], "a")
+    lora.load_peft_adapter(model, paths["b"], "b", activate=False)
+    model.eval()
+    real = safetensors.torch.save_file
+
+    def switch_then_save(tensors, *args, **kwargs):
+        t = threading.Thread(target=lora.set_adapter, args=(model, "b"))
+        t.start()
+        t.join()
+        return real(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", switch_then_save)
+    out = paths["a"] + "_saved"
+    lora.save_peft_adapter(model, out)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    assert lora.active_adapter(model) == "b"
+    saved = safetensors.torch.load_file(out + "/adapter_model.safetensors")
+    given = safetensors.torch.load_file(paths["a"] + "/adapter_model.safetensors")
+    assert set(saved) == set(given)
+    assert all(torch.equal(saved[k], given[k]) for k in given)  # before: b's factors under a's keys
+
+
+def test_two_loads_injecting_the_same_module_on_two_threads_both_land(files, monkeypatch):
+    """Each load plans which modules are new before it writes: the second one's plan, made while the first was
+    planning, replaced the first's new layer (its factors gone) with no error."""
+    base, paths = files
+    ids = tiny_models.tokens()
+    model = copy.deepcopy(base)
+    lora.load_peft_adapter(model, paths["a"], "a")
+    real, started = peft_io._to_layer_layout, []
+
+    def layout(*args, **kwargs):  # the first load's planning: the second load starts on another thread now
+        if not started:
+            started.append(threading.Thread(target=lora.load_peft_adapter, args=(model, paths["h"], "h"),
+                                            kwargs={"activate": False}))
+            started[0].start()
+            started[0].join(timeout=2)  # (before the fix it ran through in this window)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(peft_io, "_to_layer_layout", layout)
+    lora.load_peft_adapter(model, paths["f"], "f", activate=False)
+    started[0].join(timeout=120)
+    assert not started[0].is_alive()
+    monkeypatch.setattr(peft_io, "_to_layer_layout", real)
+    assert sorted(lora.adapter_names(model)) == ["a", "f", "h"]
+    for name in ("f", "h"):
+        lora.set_adapter(model, name)
+        with torch.no_grad():
+            out = model(ids).logits
+        assert rel_err(out, _alone(base, paths[name], ids)) < 1e-5, name
+
+
+def test_a_delete_during_a_hotswap_is_not_undone(files, monkeypatch):
+    base, paths = files
+    model = copy.deepcopy(base)
+    lora.load_peft_adapter(model, paths["a"], "a")
+    lora.load_peft_adapter(model, paths["b"], "hs", activate=False)
+    real, threads = peft_io._check_hotswap, []
+
+    def checked(*args, **kwargs):
+        result = real(*args, **kwargs)
+        threads.append(threading.Thread(target=lora.delete_adapter, args=(model, "hs")))
+        threads[0].start()
+        threads[0].join(timeout=2)  # (before the fix the delete ran here, then the swap put the adapter back)
+        return result
+
+    monkeypatch.setattr(peft_io, "_check_hotswap", checked)
+    lora.hotswap_adapter(model, paths["a"], "hs")
+    threads[0].join(timeout=120)
+    assert not threads[0].is_alive()
+    assert lora.adapter_names(model) == ["a"]  # the delete came second: deleted

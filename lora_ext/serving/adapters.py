@@ -51,6 +51,9 @@ class ModelLock:
         self._queue = collections.deque()  # waiting writers' threads, first come first served
         self._waiting_readers = 0
         self._admit = 0  # readers let in ahead of the waiting writers: those that waited when a write ended
+        self._changer = None  # the thread making a model-level change (changing()), and how deep
+        self._change_depth = 0
+        self._changers = collections.deque()  # threads waiting to make one, first come first served
 
     def __getstate__(self):
         return {}  # a deep-copied or unpickled model (its own layers) starts with a free lock
@@ -124,8 +127,49 @@ class ModelLock:
                 self._reads[me] = n - 1
             self._cond.notify_all()
 
+    def _refuse_from_inside(self, me) -> None:
+        """A change from inside a forward or hold() of this model on this thread would wait for itself."""
+        if me in self._reads and self._writer != me and (self._holds.get(me) or self._in_forward(sys._getframe())):
+            raise RuntimeError("a model-level adapter change from inside a forward of the same model (or a hold() or "
+                               "lora.batch_adapters block of it) would wait for itself; make it outside")
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """One model-level change at a time, first come first served, from its first check to its last write
+        (re-entrant per thread): a load plans its layers (which modules are new, which adapters they hold) and then
+        writes them, and another change between the two (a load injecting the same module, a delete, a switch
+        half way through a layer a hotswap reads) would make the plan wrong. Forwards are not held up: only the
+        writes (write(), which takes this too) wait for them."""
+        me = threading.get_ident()
+        with self._cond:
+            if self._changer == me:
+                self._change_depth += 1
+            else:
+                self._refuse_from_inside(me)
+                self._changers.append(me)
+                try:
+                    while self._changer is not None or self._changers[0] != me:
+                        self._cond.wait()
+                finally:
+                    self._changers.remove(me)
+                    self._cond.notify_all()
+                self._changer, self._change_depth = me, 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._change_depth -= 1
+                if not self._change_depth:
+                    self._changer = None
+                    self._cond.notify_all()
+
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
+        with self.changing(), self._write():
+            yield
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
         me = threading.get_ident()
         with self._cond:
             if self._writer == me:

@@ -517,6 +517,21 @@ def check_enabled(model: nn.Module, what: str, why: str = "the layers it would a
                          f"the block")
 
 
+def one_change(fn):
+    """fn(model, ...) as one model-level change (ModelLock.changing), from its first check to its last write: two
+    loads planning the same new module on two threads, or a delete between a hotswap's checks and its writes, would
+    otherwise each act on a plan the other made wrong."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        if not isinstance(model, nn.Module):
+            return fn(model, *args, **kwargs)  # (its own refusal)
+        from .adapters import model_lock  # (adapters imports this module)
+        with model_lock(model).changing():
+            return fn(model, *args, **kwargs)
+    return run
+
+
+@one_change
 def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int = 8, lora_alpha: float = 8,
            lora_dropout: float = 0.0, merge_weights: bool = True,
            fused: Optional[Mapping[str, Sequence[bool]]] = None,

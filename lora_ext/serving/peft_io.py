@@ -437,6 +437,7 @@ def _names(names, most=6):
     return ", ".join(map(repr, names[:most])) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+@_inject.one_change
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
                       device: Union[str, torch.device, None] = None, merge_weights: Optional[bool] = None,
                       activate: bool = True, lossless: Optional[bool] = None, revision: Optional[str] = None,
@@ -940,12 +941,19 @@ def _saved_copies(model, found, adapter, tensors, every):
             raise ValueError(f"save: module {name!r} is saved whole by adapter {adapter!r}, but peft's modules_to_save "
                              f"{name!r} would also save {_names(others)} (its names end with it)")
         for key, t in wrapper.modules_to_save[adapter].state_dict().items():
-            tensors[PREFIX + name + "." + key] = t.detach().contiguous().cpu()
+            tensors[PREFIX + name + "." + key] = _snapshot(t)
     off = [n for n, _ in found if _saved.keeps_lora_off(names, n)]
     if off:
         raise ValueError(f"save: peft would keep LoRA off layer(s) {_names(off)}, whose names contain a module that "
                          f"adapter {adapter!r} saves whole ({_names(names)})")
     return names
+
+
+def _snapshot(t: torch.Tensor) -> torch.Tensor:
+    """A copy of t's values, contiguous on the CPU, that nothing else holds: the file is written after the model's
+    lock is let go, and a serving switch on another thread writes the next adapter into the live factors in place
+    (a CPU tensor's .cpu() is the tensor itself)."""
+    return t.detach().cpu().clone(memory_format=torch.contiguous_format)
 
 
 def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
@@ -997,8 +1005,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             if layer.reserved_rank is not None:  # the adapter's own rank, without reserve_rank's padding
                 A, B = layer.own_factors(adapter)
             ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
-            tensors[PREFIX + name + ka] = A.contiguous().cpu()
-            tensors[PREFIX + name + kb] = B.contiguous().cpu()
+            tensors[PREFIX + name + ka], tensors[PREFIX + name + kb] = _snapshot(A), _snapshot(B)
             ranks[name], alphas[name] = rank, scaling * rank
             p = _trained_dropout(layer, adapter)
             if p is not None:

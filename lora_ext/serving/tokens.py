@@ -326,7 +326,8 @@ def saved_rows(model: nn.Module, adapter: str, prefix: str, tensors: Dict[str, T
             raise ValueError(f"save: adapter {adapter!r} has rows of tokens for module {n!r}, but peft's "
                              f"trainable_token_indices entry {n!r} would also choose {others[:3]} (their names end "
                              f"with it)")
-        tensors[prefix + n + DELTA_SUFFIX] = rows.trainable_tokens_delta.detach().contiguous().cpu()
+        tensors[prefix + n + DELTA_SUFFIX] = rows.trainable_tokens_delta.detach().cpu().clone(  # (a copy: see
+            memory_format=torch.contiguous_format)  # peft_io._snapshot)
     if list(held) == [input_embedding_name(model)]:
         return next(iter(held.values())).indices
     return {n: rows.indices for n, rows in held.items()}
