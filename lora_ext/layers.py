@@ -98,7 +98,8 @@ def meta_refusal(*modules: Optional[nn.Module]) -> str:
         return ("accelerate offloads them (its hook keeps their values and puts them back for each forward, where "
                 "lora_ext's writes cannot reach); load, merge and switch before offloading, or after "
                 "accelerate.hooks.remove_hook_from_submodules(model)")
-    return "no values yet; load them first"
+    return ("no values yet (a model built on the meta device: load them first), or an accelerate hook on a module "
+            "above offloads them (preload_module_classes: load, merge and switch before offloading)")
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:
@@ -201,6 +202,7 @@ class LoRALayer(NamedAdapters):
         self._remerge_pending = False
         self.register_buffer("_merged_A", None, persistent=False)  # the snapshot follows .to()
         self.register_buffer("_merged_B", None, persistent=False)
+        self._non_persistent_buffers_set.difference_update(("_merged_A", "_merged_B"))  # (see _put_snapshot)
         self._merged_scaling = None
         self._init_adapters()
         self._lock = threading.RLock()
@@ -286,29 +288,39 @@ class LoRALayer(NamedAdapters):
         """accelerate attached `hook` to this layer. One that offloads (an AlignDevicesHook with offload=True:
         cpu_offload, disk_offload, dispatch_model with modules on "cpu" or "disk") has just moved the layer's
         tensors to the meta device and keeps their values in its weights_map, which it puts back for every forward.
-        accelerate's functions build that map from model.state_dict(), which gives a merged layer's base: the copy
-        of the weight is the base, and a layer still saying merged would serve it without its adapter. The layer
-        forgets its merge (with a warning) and adds the adapter on the fly, as for any new weight that is not the
-        merged one (_weight_replaced). A hook that built its map from the module's own tensors (a plain dict:
-        AlignDevicesHook(offload=True) given no weights_map) holds the merged weight: the merge is kept then. (A
-        ConvLoRA's weight is its conv's: the hook on the ConvLoRA comes first, with the map its conv's hook then
-        takes.) Not seen: a hook on a module above the layer that places its submodules (preload_module_classes)."""
+        accelerate's functions (a map they wrap, not a plain dict) build it from model.state_dict(), which gives a
+        merged layer's base, as does a plain dict made of state_dict() (its weight is the base that marks): the copy
+        of the weight is the base, and a layer still saying merged would serve it without its adapter. Any other
+        plain dict is the one the hook builds from the module's own tensors when given none: its copy holds the
+        merge, which is taken out of that copy in place (lora_ext could not write it later, and the layer could not
+        train or switch). Either way the layer forgets its merge, with a warning, and adds the adapter on the fly,
+        as for a new weight that is not the merged one (_weight_replaced). A plain dict without a real copy of the
+        weight keeps the merge. (A ConvLoRA's weight is its conv's: the hook on the ConvLoRA comes first, with the
+        map its conv's hook then takes.) Not seen: a hook on a module above the layer that places its submodules
+        (preload_module_classes)."""
         maps = [h.weights_map for h in getattr(hook, "hooks", (hook,))
                 if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]
         if not maps or not self.merged or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return
-        if isinstance(maps[-1], dict):  # (init_hook's own: the module's tensors as the merge left them)
+        copy = maps[-1].get(self._weight_key) if isinstance(maps[-1], dict) else None
+        merged_copy = isinstance(maps[-1], dict) and not getattr(copy, "_lora_ext_unmerged", False)
+        if merged_copy and (not isinstance(copy, Tensor) or copy.is_meta):
             return
         with self._lock, deferred_interrupt():
+            if merged_copy:
+                with torch.no_grad():
+                    self._unmerge_from(copy)
             self._forget_merge()
             for h in getattr(hook, "hooks", (hook,)):  # the record's buffers are gone: the hook's detach_hook would
                 for key in ("_merged_A", "_merged_B"):  # put them back to their devices (and fail on None)
                     getattr(h, "original_devices", {}).pop(key, None)
+        held = ("the adapter was taken out of the hook's copy of the weight" if merged_copy else
+                "its offloaded copy of the weight is the base (accelerate takes model.state_dict(), which gives a "
+                "merged layer's base)")
         warnings.warn(f"{self._describe()}: accelerate offloaded it while adapter {self.active_adapter!r} was merged; "
-                      f"its offloaded copy of the weight is the base (accelerate takes model.state_dict(), which "
-                      f"gives a merged layer's base), so the adapter is added on the fly from now on. lora_ext cannot "
-                      f"write an offloaded layer's weights (merges and switches are refused there): merge, switch "
-                      f"and unmerge before offloading, or after accelerate.hooks.remove_hook_from_submodules(model)",
+                      f"{held}, so the adapter is added on the fly from now on. lora_ext cannot write an offloaded "
+                      f"layer's weights (merges and switches are refused there): merge, switch and unmerge before "
+                      f"offloading, or after accelerate.hooks.remove_hook_from_submodules(model)",
                       stacklevel=_user_stacklevel(also=("accelerate",)))
 
     def _meta_refusal(self) -> str:
@@ -488,10 +500,19 @@ class LoRALayer(NamedAdapters):
         """Records what is merged now. The factors are buffers (they follow .to()); they are set in _buffers
         directly because nn.Module.__setattr__ costs tens of microseconds here, more than a switch's kernel."""
         self._streams.retire(self._merged_A, self._merged_B)
-        self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
+        self._put_snapshot(lora_A, lora_B)
         self._merged_scaling = scaling
         self._keep_record(record)
         self._note_written()
+
+    def _put_snapshot(self, lora_A: Optional[Tensor], lora_B: Optional[Tensor]) -> None:
+        """The merged snapshot's buffers (None: nothing merged). Non-persistent while they hold tensors; while None,
+        out of torch's set of non-persistent names, which state_dict and load_state_dict skip either way for None,
+        but accelerate's offload_buffers=True moves every name in it (and fails on None)."""
+        self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
+        names = self.__dict__.get("_non_persistent_buffers_set")
+        if names is not None:
+            (names.difference_update if lora_A is None else names.update)(("_merged_A", "_merged_B"))
 
     def _forget_merge(self) -> None:
         """The weight holds no adapter (it is the base, or drawn afresh): unmerged, with nothing to take out."""
@@ -522,7 +543,7 @@ class LoRALayer(NamedAdapters):
                        f"state_dict until its weight is loaded again (load_state_dict with the base weight)")
                 self.__dict__["_broken"] = msg
                 self._streams.retire(self._merged_A, self._merged_B)
-                self._buffers["_merged_A"], self._buffers["_merged_B"] = None, None
+                self._put_snapshot(None, None)
                 self._merged_scaling = None
                 self.__dict__["_merged_record"] = None
                 self._finite_stamps.pop(MERGED, None)

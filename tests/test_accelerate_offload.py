@@ -11,7 +11,6 @@ tensors to the meta device and keeps their values in its hook, which puts them b
 - After accelerate.hooks.remove_hook_from_submodules the layers merge and switch as usual.
 """
 import copy
-import warnings
 
 import pytest
 import torch
@@ -118,28 +117,43 @@ def test_a_merged_conv_offloaded_serves_its_adapter():
     assert rel_err(out, ref) < 1e-5
 
 
-def test_a_hook_built_from_the_module_own_tensors_keeps_the_merge():
-    """AlignDevicesHook(offload=True) without a weights_map copies the module's own tensors (the merged weight)."""
-    torch.manual_seed(1)
+def _merged_linear(seed):
+    torch.manual_seed(seed)
     layer = lora.Linear(16, 8, r=2, lora_alpha=4)
     with torch.no_grad():
         layer.lora_B.normal_()
     p = {k: v.detach().double().clone() for k, v in layer.named_parameters()}
     x = torch.randn(3, 16)
-    ref = layer_forward64(layer, p, x.double(), layer.scaling)
-    layer.eval()
-    merged_bits = layer.weight.detach().clone()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no warning: the copy holds the merge
+    return layer.eval(), p, x, layer_forward64(layer, p, x.double(), layer.scaling)
+
+
+def test_a_hook_built_from_the_module_own_tensors_gives_its_copy_the_base():
+    """AlignDevicesHook(offload=True) given no map copies the module's own tensors (the merged weight): the merge is
+    taken out of that copy, so the layer can train and switch once the hook is removed."""
+    layer, p, x, ref = _merged_linear(1)
+    assert layer.merged
+    with pytest.warns(UserWarning, match=r"Linear\(16, 8\): accelerate offloaded it while adapter 'default' was "
+                                         r"merged; the adapter was taken out of the hook's copy of the weight"):
         add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", offload=True))
-    assert layer.merged and layer.weight.is_meta
+    assert not layer.merged and layer.weight.is_meta
     with torch.no_grad():
         out = layer(x).double()
     assert rel_err(out, ref) < 1e-5
+    layer.train()  # (before: a raw "all tensors must be on one device" error, the layer left in eval mode)
+    assert layer.training
     remove_hook_from_submodules(layer)
-    assert same_bits(layer.weight, merged_bits)
-    layer.train()  # the merge taken out of the weight it was written into
-    assert rel_err(layer.weight.double(), p["weight"]) < 1e-6
+    assert rel_err(layer.weight.double(), p["weight"]) < 1e-6  # the base
+
+
+def test_a_plain_map_made_of_state_dict_holds_the_base():
+    layer, p, x, ref = _merged_linear(2)
+    with pytest.warns(UserWarning, match=r"its offloaded copy of the weight is the base"):
+        add_hook_to_module(layer, AlignDevicesHook(execution_device="cpu", offload=True,
+                                                   weights_map=dict(layer.state_dict())))
+    assert not layer.merged
+    with torch.no_grad():
+        out = layer(x).double()
+    assert rel_err(out, ref) < 1e-5  # before: the base, still saying merged
 
 
 def test_a_switch_on_an_offloaded_model_is_refused_and_changes_nothing(adapters):
@@ -216,3 +230,59 @@ def test_an_inactive_load_into_an_offloaded_model_with_a_device_goes_in_and_its_
     with pytest.raises(ValueError, match="factors are on the meta device: accelerate offloads them"):
         lora.load_peft_adapter(model, paths["b"], "c", activate=False)  # stored where the live factors are: meta
     assert lora.adapter_names(model) == ["a", "b"]
+
+
+def test_unload_save_and_mixed_batches_of_an_offloaded_model_are_refused(adapters, tmp_path):
+    base, paths = adapters
+    ids = tiny_models.tokens()
+    ref_a = _peft_logits(base, paths["a"], ids)
+    model = _loaded(base, paths)
+    cpu_offload(model, execution_device="cpu")
+    for merge in (False, True):  # before (merge=False): plain modules on meta, the values gone with the hooks
+        with pytest.raises(ValueError, match=r"unload: layer 'model\.layers\.0\.self_attn\.q_proj' is offloaded by "
+                                             r"accelerate"):
+            lora.unload(model, merge=merge)
+    with pytest.raises(ValueError, match=r"save: layer 'model\.layers\.0\.self_attn\.q_proj': adapter 'a''s factors "
+                                         r"are on the meta device: accelerate offloads them"):
+        lora.save_peft_adapter(model, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    with pytest.raises(ValueError, match=r"batch_adapters: layer 'model\.layers\.0\.self_attn\.q_proj''s factors are "
+                                         r"on the meta device: accelerate offloads them"):
+        with lora.batch_adapters(model, ["a", "b"]):
+            pass
+    assert rel_err(_logits(model, ids), ref_a) < 1e-5
+
+
+def test_offloading_buffers_too_takes_unmerged_layers():
+    """accelerate's offload_buffers=True moves every non-persistent buffer name torch records: the merged snapshot's
+    names stay out of that set while they hold nothing (before: AttributeError inside accelerate)."""
+    layer, p, x, ref = _merged_linear(3)
+    layer.train()  # unmerged: no snapshot
+    net = nn.Sequential(layer)
+    cpu_offload(net, execution_device="cpu", offload_buffers=True)
+    with torch.no_grad():
+        out = net(x).double()
+    assert rel_err(out, ref) < 1e-5
+    assert "_merged_A" not in layer.state_dict() and "_merged_A" not in dict(layer.named_buffers())
+
+
+def test_the_merged_snapshot_is_never_saved():
+    layer, *_ = _merged_linear(4)
+    assert layer.merged and layer._merged_A is not None
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    layer.train()
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A", "lora_B"}
+    layer.load_state_dict(layer.state_dict())  # strict: nothing missing or unexpected either way
+
+
+def test_a_switch_under_a_hook_on_an_enclosing_block_names_it():
+    """preload_module_classes offloads a whole block from one hook on it: the layer's own message cannot see that
+    hook, and says where to look."""
+    torch.manual_seed(5)
+    block = nn.Sequential(nn.Sequential(lora.Linear(8, 8, r=2, lora_alpha=2)))
+    layer = block[0][0]
+    layer.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    cpu_offload(block, execution_device="cpu", preload_module_classes=["Sequential"])
+    with pytest.raises(ValueError, match=r"on the meta device.*or an accelerate hook on a module above offloads them"):
+        layer.set_adapter("b")
+    assert layer.active_adapter == "default"

@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import batched, sharded
+from ..layers import meta_refusal
 from ..named_adapters import deferred_interrupt
 from . import injection, saved_modules
 from .adapters import _layers_or_raise, hold, lora_layers, model_lock
@@ -355,6 +356,9 @@ def _check_layers(found) -> None:
         if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_or_none()) or sharded.is_dtensor(m.lora_A):
             raise ValueError(f"batch_adapters: layer {path!r} is sharded (FSDP2 or tensor parallel); mixed batches "
                              f"serve unsharded layers")
+        if m.lora_A.is_meta or m.lora_B.is_meta:  # (an accelerate offload: the slots would be stacked from nothing)
+            raise ValueError(f"batch_adapters: layer {path!r}'s factors are on the meta device: "
+                             f"{meta_refusal(m, m.__dict__.get('_modules', {}).get('conv'))}")
 
 
 def _check_input(module, args, kwargs):

@@ -1001,6 +1001,9 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             if why is not None:
                 raise ValueError(f"save: layer {name!r} is a convolution with {why}")
             A, B, scaling = layer.get_adapter(adapter)
+            if A.is_meta or B.is_meta:  # (an accelerate offload keeps the live factors' values in its hook)
+                raise ValueError(f"save: layer {name!r}: adapter {adapter!r}'s factors are on the meta device: "
+                                 f"{layers.meta_refusal(layer, getattr(layer, 'conv', None))}")
             ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
             if layer.reserved_rank is not None:  # the adapter's own rank, without reserve_rank's padding
                 A, B = layer.own_factors(adapter)
