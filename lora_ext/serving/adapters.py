@@ -176,10 +176,7 @@ class ModelLock:
                 self._write_depth += 1
             else:
                 if me in self._reads:
-                    if self._holds.get(me) or self._in_forward(sys._getframe()):
-                        raise RuntimeError("a model-level adapter change from inside a forward of the same model "
-                                           "(or a hold() or lora.batch_adapters block of it) would wait for itself; "
-                                           "make it outside")
+                    self._refuse_from_inside(me)
                     del self._reads[me]  # left by a forward of this thread that was interrupted
                 self._waiting_writers += 1
                 self._queue.append(me)
