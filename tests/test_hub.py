@@ -124,3 +124,36 @@ def test_lora_ext_merge_takes_a_hub_id(cache, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(merge_cli.MergeError, match=r"^--adapter: 'owner/empty' is not a local path, and "):
         merge_cli.merge_checkpoint(base, "owner/empty", str(tmp_path / "x"), progress=False)
+
+
+def test_a_switch_does_not_wait_for_a_loads_download(cache, monkeypatch):
+    """A load holds the model's changes from its first check to its last write; the Hub fetch comes before that, so a
+    switch on another thread goes through while a download stalls."""
+    import threading
+    _, made = cache
+    model = llama()
+    lora.load_peft_adapter(model, made[2], "a")
+    lora.load_peft_adapter(model, made[3], "b", activate=False)
+    fetching, release = threading.Event(), threading.Event()
+    real = hub.resolve
+
+    def slow(path, *args, **kwargs):
+        if not os.path.exists(path):  # the Hub id: a stalled network
+            fetching.set()
+            assert release.wait(60)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(hub, "resolve", slow)
+    loader = threading.Thread(target=lora.load_peft_adapter, args=(model, "owner/lora", "c"),
+                              kwargs={"activate": False})
+    loader.start()
+    assert fetching.wait(60)
+    switched = threading.Thread(target=lora.set_adapter, args=(model, "b"))
+    switched.start()
+    switched.join(timeout=20)
+    done = not switched.is_alive()
+    release.set()
+    loader.join(timeout=120)
+    switched.join(timeout=60)
+    assert done  # before: the switch waited for the whole download
+    assert lora.active_adapter(model) == "b" and sorted(lora.adapter_names(model)) == ["a", "b", "c"]

@@ -2,12 +2,25 @@
 adapter_config.json and weights file (adapter_model.safetensors, else adapter_model.bin) fetched into the Hub cache
 (huggingface_hub, which transformers brings; HF_TOKEN, HF_HUB_OFFLINE and the cache settings apply), and the local
 directory that holds them returned. A path that exists is used as it is; nothing is fetched for it."""
+import functools
 import os
 import re
 from typing import Optional
 
 # a Hub repo id: "name" or "owner/name", letters, digits, '-', '_', '.' (not starting with '.' or '-', no '..')
 _REPO_ID = re.compile(r"^(?!\.)(?!.*\.\.)[\w][\w.-]{0,95}(/[\w][\w.-]{0,95})?$")
+
+
+def fetched_first(fn):
+    """fn(model, path, ..., revision=, subfolder=) with a Hub repo id fetched before fn runs, and its local directory
+    given instead (load_peft_adapter: a load holds the model's changes from its first check to its last write, and a
+    download must not keep switches on other threads waiting)."""
+    @functools.wraps(fn)
+    def run(model, path, *args, revision=None, subfolder=None, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and not os.path.exists(path) and _REPO_ID.match(os.fspath(path)):
+            path, revision, subfolder = resolve(path, revision, subfolder), None, None
+        return fn(model, path, *args, revision=revision, subfolder=subfolder, **kwargs)
+    return run
 
 
 def resolve(path, revision: Optional[str] = None, subfolder: Optional[str] = None, option: str = "path") -> str:

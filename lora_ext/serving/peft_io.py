@@ -26,6 +26,7 @@ from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
+from . import hub
 from .adapters import hold, lora_layers, model_lock, reserved_rank, set_adapter
 from .files import atomic_files, remove_stale_temporaries
 
@@ -437,6 +438,7 @@ def _names(names, most=6):
     return ", ".join(map(repr, names[:most])) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+@hub.fetched_first  # (outside the change: switches do not wait for a download)
 @_inject.one_change
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
                       device: Union[str, torch.device, None] = None, merge_weights: Optional[bool] = None,
@@ -478,7 +480,6 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     refusal = (("hotswap_adapter", "the swap would land unseen until the block ends") if _hotswap
                else ("load_peft_adapter",))
     _inject.check_enabled(model, *refusal)
-    from . import hub
     path = hub.resolve(path, revision, subfolder)
     home = check_device(device)
     cfg = read_config(path)
