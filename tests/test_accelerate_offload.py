@@ -16,14 +16,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-accelerate = pytest.importorskip("accelerate")
-from accelerate import cpu_offload, disk_offload  # noqa: E402
-from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from accelerate import cpu_offload, disk_offload  # (requirements-dev.txt pins it: no skip)
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_submodules
+from peft import LoraConfig, PeftModel, get_peft_model
 
-import lora_ext as lora  # noqa: E402
-import tiny_models  # noqa: E402
-from helpers import layer_forward64, rel_err, save_random_peft, same_bits  # noqa: E402
+import lora_ext as lora
+import tiny_models
+from helpers import layer_forward64, rel_err, same_bits, save_random_peft
 
 TARGETS = ["q_proj", "v_proj"]
 
