@@ -187,3 +187,18 @@ def test_a_delete_during_a_hotswap_is_not_undone(files, monkeypatch):
     threads[0].join(timeout=120)
     assert not threads[0].is_alive()
     assert lora.adapter_names(model) == ["a"]  # the delete came second: deleted
+
+
+def test_a_load_through_a_compile_wrapper_goes_into_the_model(files):
+    """torch.compile's wrapper names the modules "_orig_mod.…": the load was refused as selecting none of the file's
+    modules (blaming target_modules); it goes into the model inside now, as save_peft_adapter reads through it."""
+    base, paths = files
+    ids = tiny_models.tokens()
+    model = copy.deepcopy(base)
+    compiled = torch.compile(model)
+    lora.load_peft_adapter(compiled, paths["a"], "a")
+    lora.hotswap_adapter(compiled, paths["b"], "a")  # (through the same wrapper)
+    assert lora.adapter_names(model) == ["a"]
+    with torch.no_grad():
+        out = model(ids).logits
+    assert rel_err(out, _alone(base, paths["b"], ids)) < 1e-5

@@ -8,6 +8,7 @@ Only safetensors files (or, for adapter_model.bin, torch.load with weights_only=
 itself is not needed to read or write these files.
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -438,6 +439,17 @@ def _names(names, most=6):
     return ", ".join(map(repr, names[:most])) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def _into_plain_model(fn):
+    """fn(model, ...) with the model inside DistributedDataParallel and torch.compile wrappers (a peft file names the
+    plain model's modules, as save_peft_adapter writes them; through the wrapper they carry "module." or "_orig_mod."
+    and the load was refused as selecting none of them)."""
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        return fn(unwrap(model) if isinstance(model, nn.Module) else model, *args, **kwargs)
+    return run
+
+
+@_into_plain_model
 @hub.fetched_first  # (outside the change: switches do not wait for a download)
 @_inject.one_change
 def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default", *,
