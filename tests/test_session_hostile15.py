@@ -202,3 +202,38 @@ def test_a_load_through_a_compile_wrapper_goes_into_the_model(files):
     with torch.no_grad():
         out = model(ids).logits
     assert rel_err(out, _alone(base, paths["b"], ids)) < 1e-5
+
+
+def test_a_compiled_wrapper_and_its_model_share_one_lock(files):
+    """A wrapper's forwards (a torch.compile wrapper's hooks run eagerly, around the compiled forward) and changes
+    through the model are ordered: a switch of the model waits for a forward through the wrapper (before: each object
+    had a lock of its own, and the switch went through in the middle of that forward)."""
+    base, paths = files
+    ids = tiny_models.tokens()
+    model = copy.deepcopy(base)
+    lora.load_peft_adapter(model, paths["a"], "a")
+    lora.load_peft_adapter(model, paths["b"], "b", activate=False)
+    compiled = torch.compile(model, backend="eager")
+    lora.set_adapter(compiled, "a")  # (the wrapper given to lora_ext: it gets the lock's hooks)
+    assert lora.serving.adapters.model_lock(compiled) is lora.serving.adapters.model_lock(model)
+    inside, go, outs = threading.Event(), threading.Event(), []
+
+    def pause(module, args):  # after the lock's own pre-hook: the forward holds its read here
+        inside.set()
+        assert go.wait(60)
+
+    handle = compiled.register_forward_pre_hook(pause)
+    forward = threading.Thread(target=lambda: outs.append(compiled(ids).logits.detach()))
+    forward.start()
+    assert inside.wait(60)
+    handle.remove()
+    switch = threading.Thread(target=lora.set_adapter, args=(model, "b"))
+    switch.start()
+    switch.join(timeout=1.0)
+    waited = switch.is_alive()
+    go.set()
+    forward.join(timeout=60)
+    switch.join(timeout=60)
+    assert waited  # before: the switch ran inside the wrapper's forward
+    assert rel_err(outs[0], _alone(base, paths["a"], ids)) < 1e-5
+    assert lora.active_adapter(model) == "b"

@@ -21,7 +21,7 @@ import torch.nn as nn
 from .. import sharded
 from ..layers import LoRALayer
 from ..named_adapters import check_one_name, check_rank, deferred_interrupt, each_or_none
-from ..utils import under_ddp
+from ..utils import _wrapped, under_ddp
 from .injection import check_mergeable
 from .saved_modules import wrappers
 from .tokens import TrainableTokens
@@ -235,13 +235,18 @@ def _read_after(module, args, output):
 
 def model_lock(model: nn.Module) -> ModelLock:
     """The model's lock, created (with its forward hooks, module-level functions: the model still pickles)
-    on first use."""
-    lock = model.__dict__.get("_lora_ext_model_lock")
-    if lock is None:
-        lock = ModelLock()
-        model.__dict__["_lora_ext_model_lock"] = lock
-        model.register_forward_pre_hook(_read_before)
-        model.register_forward_hook(_read_after, always_call=True)
+    on first use. One lock for a model and its DistributedDataParallel and torch.compile wrappers (the model's own,
+    the one inside them): changes through a wrapper and through the model are ordered, and a wrapper given to a
+    lora_ext function gets the hooks too, so its forwards take the lock (a compiled wrapper's hooks run eagerly,
+    around the compiled forward)."""
+    lock = None
+    for m in reversed(list(_wrapped(model))):  # the model inside first: it holds the lock the wrappers share
+        if lock is None:
+            lock = m.__dict__.get("_lora_ext_model_lock") or ModelLock()
+        if m.__dict__.get("_lora_ext_model_lock") is None:
+            m.register_forward_pre_hook(_read_before)
+            m.register_forward_hook(_read_after, always_call=True)
+        m.__dict__["_lora_ext_model_lock"] = lock
     return lock
 
 
