@@ -197,6 +197,8 @@ def test_a_load_through_a_compile_wrapper_goes_into_the_model(files):
     model = copy.deepcopy(base)
     compiled = torch.compile(model)
     lora.load_peft_adapter(compiled, paths["a"], "a")
+    # the wrapper given to the load got the model's lock (and its hooks: its forwards wait for switches' writes)
+    assert compiled.__dict__.get("_lora_ext_model_lock") is lora.serving.adapters.model_lock(model)
     lora.hotswap_adapter(compiled, paths["b"], "a")  # (through the same wrapper)
     assert lora.adapter_names(model) == ["a"]
     with torch.no_grad():

@@ -445,7 +445,10 @@ def _into_plain_model(fn):
     and the load was refused as selecting none of them)."""
     @functools.wraps(fn)
     def run(model, *args, **kwargs):
-        return fn(unwrap(model) if isinstance(model, nn.Module) else model, *args, **kwargs)
+        if not isinstance(model, nn.Module):
+            return fn(model, *args, **kwargs)  # (its own refusal)
+        model_lock(model)  # (the wrapper gets the lock's hooks: its forwards wait for the load's writes)
+        return fn(unwrap(model), *args, **kwargs)
     return run
 
 
