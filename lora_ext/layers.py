@@ -80,21 +80,25 @@ def _user_stacklevel(also: Tuple[str, ...] = ()) -> int:
     return level
 
 
-def offloaded(*modules: Optional[nn.Module]) -> bool:
-    """Whether an accelerate hook on one of these modules offloads its tensors (an AlignDevicesHook with
-    offload=True: cpu_offload, disk_offload, dispatch_model's "cpu"/"disk" modules): they lie on the meta device and
-    their values in the hook's weights_map, which it puts back for each forward (a write into them would not reach
-    it)."""
-    for module in modules:
-        hook = getattr(module, "_hf_hook", None) if module is not None else None
-        if any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)) if h is not None):
-            return True
-    return False
+def _hook_parts(hook) -> list:
+    """The hooks an accelerate `_hf_hook` is made of (a SequentialHook's, or itself; none for None)."""
+    return [h for h in getattr(hook, "hooks", (hook,)) if h is not None]
 
 
-def meta_refusal(*modules: Optional[nn.Module]) -> str:
-    """Why the weight or factors of these modules, on the meta device, hold nothing to write or read."""
-    if offloaded(*modules):
+def offloaded(module: nn.Module) -> bool:
+    """Whether an accelerate hook on this module (or on a ConvLoRA's conv, which holds its weight) offloads its
+    tensors (an AlignDevicesHook with offload=True: cpu_offload, disk_offload, dispatch_model's "cpu"/"disk"
+    modules): they lie on the meta device and their values in the hook's weights_map, which it puts back for each
+    forward (a write into them would not reach it)."""
+    modules = (module, module._modules.get("conv")) if isinstance(module, ConvLoRA) else (module,)
+    return any(getattr(h, "offload", False) for m in modules if m is not None
+               for h in _hook_parts(getattr(m, "_hf_hook", None)))
+
+
+def meta_refusal(module: nn.Module) -> str:
+    """Why the weight or factors of this module (a lora_ext layer, or the plain module a load would replace), on the
+    meta device, hold nothing to write or read."""
+    if offloaded(module):
         return ("accelerate offloads them (its hook keeps their values and puts them back for each forward, where "
                 "lora_ext's writes cannot reach); load, merge and switch before offloading, or after "
                 "accelerate.hooks.remove_hook_from_submodules(model)")
@@ -298,7 +302,7 @@ class LoRALayer(NamedAdapters):
         weight keeps the merge. (A ConvLoRA's weight is its conv's: the hook on the ConvLoRA comes first, with the
         map its conv's hook then takes.) Not seen: a hook on a module above the layer that places its submodules
         (preload_module_classes)."""
-        maps = [h.weights_map for h in getattr(hook, "hooks", (hook,))
+        maps = [h.weights_map for h in _hook_parts(hook)
                 if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]
         if not maps or not self.merged or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return
@@ -311,7 +315,7 @@ class LoRALayer(NamedAdapters):
                 with torch.no_grad():
                     self._unmerge_from(copy)
             self._forget_merge()
-            for h in getattr(hook, "hooks", (hook,)):  # the record's buffers are gone: the hook's detach_hook would
+            for h in _hook_parts(hook):  # the record's buffers are gone: the hook's detach_hook would
                 for key in ("_merged_A", "_merged_B"):  # put them back to their devices (and fail on None)
                     getattr(h, "original_devices", {}).pop(key, None)
         held = ("the adapter was taken out of the hook's copy of the weight" if merged_copy else
@@ -324,8 +328,8 @@ class LoRALayer(NamedAdapters):
                       stacklevel=_user_stacklevel(also=("accelerate",)))
 
     def _meta_refusal(self) -> str:
-        """Why a weight or factors on the meta device hold nothing to write (merge_refusal, _check_plain_factors)."""
-        return meta_refusal(self, self.__dict__.get("_modules", {}).get("conv"))
+        """meta_refusal for this layer (NamedAdapters' switches refuse with it)."""
+        return meta_refusal(self)
 
     def _weight_replaced(self, old: Optional[Tensor], new: Optional[Tensor], cleared: bool = False) -> None:
         """A weight set in place of the one a merge wrote (the caller holds the lock, the new weight in place):
@@ -1300,7 +1304,7 @@ class ConvLoRA(LoRALayer, nn.Module):
         return contextlib.nullcontext(self._as_2d(weight)) if weight.is_contiguous() else _staged_2d(self, weight)
 
     def _offload_hook_attached(self, hook) -> None:
-        hooks = [h for h in getattr(hook, "hooks", (hook,)) if getattr(h, "offload", False)]
+        hooks = [h for h in _hook_parts(hook) if getattr(h, "offload", False)]
         if hooks and not any(getattr(h, "place_submodules", False) for h in hooks):
             warnings.warn(f"{self._describe()}: accelerate offloads it apart from its conv; a hook puts a module's "
                           f"tensors back when that module is called, and a ConvLoRA reads its conv's weight without "

@@ -358,7 +358,7 @@ def _check_layers(found) -> None:
                              f"serve unsharded layers")
         if m.lora_A.is_meta or m.lora_B.is_meta:  # (an accelerate offload: the slots would be stacked from nothing)
             raise ValueError(f"batch_adapters: layer {path!r}'s factors are on the meta device: "
-                             f"{meta_refusal(m, m.__dict__.get('_modules', {}).get('conv'))}")
+                             f"{meta_refusal(m)}")
 
 
 def _check_input(module, args, kwargs):

@@ -739,7 +739,7 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
             raise ValueError(f"unload: layer {name!r} is an Embedding with embed_scale, which no plain torch module "
                              f"holds (a plain nn.Embedding would drop the scale); only a layer injected in place of a "
                              f"scaled word embedding unloads, as that class")
-        if layers.offloaded(layer, layer.__dict__.get("_modules", {}).get("conv")):
+        if layers.offloaded(layer):
             raise ValueError(f"unload: layer {name!r} is offloaded by accelerate (its hook holds the weight's values "
                              f"and puts them back for each forward): the plain module put in its place would keep the "
                              f"weight on the meta device, its values lost with the hook; remove the hooks first "

@@ -623,7 +623,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             to = (home if home is not None else layer.lora_A.device, layer.lora_A.dtype)
         if to[0].type == "meta":  # (an accelerate offload, or a model built on meta: the factors would hold nothing)
             raise ValueError(f"{label}: its {'weight is' if fresh else 'factors are'} on the "
-                             f"meta device: {layers.meta_refusal(module, getattr(module, 'conv', None))}")
+                             f"meta device: {layers.meta_refusal(module)}")
         A2, B2 = A2.to(*to), B2.to(*to)
         layer.check_adapter(A2, B2, scaling, name=label)
         plan.append((name, module, layer, fresh, A2, B2, scaling))
@@ -957,19 +957,12 @@ def _saved_copies(model, found, adapter, tensors, every):
             raise ValueError(f"save: module {name!r} is saved whole by adapter {adapter!r}, but peft's modules_to_save "
                              f"{name!r} would also save {_names(others)} (its names end with it)")
         for key, t in wrapper.modules_to_save[adapter].state_dict().items():
-            tensors[PREFIX + name + "." + key] = _snapshot(t)
+            tensors[PREFIX + name + "." + key] = _tokens.file_copy(t)
     off = [n for n, _ in found if _saved.keeps_lora_off(names, n)]
     if off:
         raise ValueError(f"save: peft would keep LoRA off layer(s) {_names(off)}, whose names contain a module that "
                          f"adapter {adapter!r} saves whole ({_names(names)})")
     return names
-
-
-def _snapshot(t: torch.Tensor) -> torch.Tensor:
-    """A copy of t's values, contiguous on the CPU, that nothing else holds: the file is written after the model's
-    lock is let go, and a serving switch on another thread writes the next adapter into the live factors in place
-    (a CPU tensor's .cpu() is the tensor itself)."""
-    return t.detach().cpu().clone(memory_format=torch.contiguous_format)
 
 
 def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None) -> None:
@@ -1019,12 +1012,12 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             A, B, scaling = layer.get_adapter(adapter)
             if A.is_meta or B.is_meta:  # (an accelerate offload keeps the live factors' values in its hook)
                 raise ValueError(f"save: layer {name!r}: adapter {adapter!r}'s factors are on the meta device: "
-                                 f"{layers.meta_refusal(layer, getattr(layer, 'conv', None))}")
+                                 f"{layers.meta_refusal(layer)}")
             ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
             if layer.reserved_rank is not None:  # the adapter's own rank, without reserve_rank's padding
                 A, B = layer.own_factors(adapter)
             ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
-            tensors[PREFIX + name + ka], tensors[PREFIX + name + kb] = _snapshot(A), _snapshot(B)
+            tensors[PREFIX + name + ka], tensors[PREFIX + name + kb] = _tokens.file_copy(A), _tokens.file_copy(B)
             ranks[name], alphas[name] = rank, scaling * rank
             p = _trained_dropout(layer, adapter)
             if p is not None:

@@ -308,6 +308,14 @@ def install(model: nn.Module, planned, adapter_name: str, set_submodule) -> None
         module.add(adapter_name, rows)
 
 
+def file_copy(t: Tensor) -> Tensor:
+    """A copy of t's values for an adapter file (save_peft_adapter: factors, modules saved whole, rows of tokens),
+    contiguous on the CPU, that nothing else holds: the file is written after the model's lock is let go, and a
+    serving switch on another thread writes the next adapter into the live tensors in place (a CPU tensor's .cpu()
+    is the tensor itself)."""
+    return t.detach().cpu().clone(memory_format=torch.contiguous_format)
+
+
 def saved_rows(model: nn.Module, adapter: str, prefix: str, tensors: Dict[str, Tensor], every: List[str]):
     """Puts adapter `adapter`'s rows of tokens into `tensors` under peft's keys; returns the config's
     trainable_token_indices (a list when only the input embedding's rows are saved, else a dict by module name;
@@ -326,8 +334,7 @@ def saved_rows(model: nn.Module, adapter: str, prefix: str, tensors: Dict[str, T
             raise ValueError(f"save: adapter {adapter!r} has rows of tokens for module {n!r}, but peft's "
                              f"trainable_token_indices entry {n!r} would also choose {others[:3]} (their names end "
                              f"with it)")
-        tensors[prefix + n + DELTA_SUFFIX] = rows.trainable_tokens_delta.detach().cpu().clone(  # (a copy: see
-            memory_format=torch.contiguous_format)  # peft_io._snapshot)
+        tensors[prefix + n + DELTA_SUFFIX] = file_copy(rows.trainable_tokens_delta)
     if list(held) == [input_embedding_name(model)]:
         return next(iter(held.values())).indices
     return {n: rows.indices for n, rows in held.items()}
