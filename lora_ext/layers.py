@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch import Tensor
 from torch.nn.modules import module as _nn_module
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import batched, ddp_guard, lossless, ops, sharded, ties
 from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
@@ -222,6 +223,8 @@ class LoRALayer(NamedAdapters):
         state.pop("_pre_disable", None)
         state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
         state.pop("_scale_owner", None)  # (the copy's __setstate__ says which pair its scale tensor is)
+        if state.get("_written") is not None:  # (a storage's weak reference neither pickles nor copies: the copy
+            state["_written"] = True           # notes its own weight, __setstate__)
         return state
 
     def __deepcopy__(self, memo):
@@ -250,6 +253,11 @@ class LoRALayer(NamedAdapters):
         self._adopt_scale_tensor()
         self._lock = threading.RLock()
         self._streams = StreamOrder()
+        if self.__dict__.get("_written") is not None:
+            try:
+                self._note_written()
+            except (AttributeError, KeyError):  # (a state without its weight)
+                self.__dict__["_written"] = None
         try:  # a deepcopy or unpickle of tied layers: the copies are tied
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
@@ -369,11 +377,7 @@ class LoRALayer(NamedAdapters):
     def _wrote_into(self, new: Tensor) -> bool:
         """After `weight = None`: whether `new` lies in the memory this layer's last write left merged (the weight
         that was there, put back)."""
-        written = self.__dict__.get("_written")
-        try:
-            return written is not None and sharded.local(new).untyped_storage().data_ptr() == written[0]
-        except RuntimeError:  # (no storage of its own)
-            return False
+        return bool(self._in_written(new))
 
     def _holds_merged_values(self, new: Tensor, old: Tensor):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
@@ -560,9 +564,21 @@ class LoRALayer(NamedAdapters):
         that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place)."""
         w = sharded.local(self._weight_param())
         try:
-            self.__dict__["_written"] = (w.untyped_storage().data_ptr(), w._version)
+            storage = w.untyped_storage()
+            self.__dict__["_written"] = (storage.data_ptr(), w._version, StorageWeakRef(storage))
         except RuntimeError:  # a wrapper subclass has no storage of its own: unknown (_written_in_place: False)
             self.__dict__["_written"] = None
+
+    def _in_written(self, t: Tensor) -> Optional[bool]:
+        """Whether `t` lies in the memory this layer's last write left (_note_written), that memory still allocated:
+        once freed, its address may be handed to any new tensor (a weight set to None, then a new base). None when
+        `t` has no storage of its own."""
+        written = self.__dict__.get("_written")
+        try:
+            address = sharded.local(t).untyped_storage().data_ptr()
+        except RuntimeError:
+            return None
+        return written is not None and not written[2].expired() and address == written[0]
 
     def _written_in_place(self, state_dict, prefix) -> bool:
         """Whether `state_dict` hands this layer its own live weight, written in place since the layer's last write
@@ -571,7 +587,7 @@ class LoRALayer(NamedAdapters):
         if state_dict.get(prefix + self._weight_key) is not self._weight_or_none():
             return False
         w, record = sharded.local(self._weight_param()), self.__dict__.get("_written")
-        return record is not None and record[0] == w.untyped_storage().data_ptr() and record[1] != w._version
+        return bool(self._in_written(w)) and record[1] != w._version
 
     def _lossless_now(self) -> bool:
         """Whether the next merge writes a lossless record: `lossless` if set, else on for float16/bfloat16
@@ -1011,11 +1027,7 @@ class LoRALayer(NamedAdapters):
         w = self._weight_or_none()
         if not getattr(w, "_lora_ext_unmerged", False):
             return False
-        written = self.__dict__.get("_written")
-        try:
-            return written is None or sharded.local(w).untyped_storage().data_ptr() != written[0]
-        except RuntimeError:  # (no storage of its own: not the one written)
-            return True
+        return not self._in_written(w)  # (None, no storage of its own: not the one written)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.__dict__.get("_open_batches"):
