@@ -62,6 +62,8 @@ def measure() -> dict:
     names = iter(["b", "default"] * 10**6)
     out["merged bf16 switch (lossless)"] = best(lambda: merged.set_adapter(next(names)), 300)
     out["merged bf16 train()/eval()"] = best(lambda: (merged.train(), merged.eval()), 300)
+    from lora_ext import ddp_guard  # (each forward asks it, outside DDP too)
+    out["ddp_guard.running() outside DDP"] = best(ddp_guard.running, 20000)
     return out
 
 

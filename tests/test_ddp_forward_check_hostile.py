@@ -9,7 +9,6 @@ import contextlib
 import os
 import tempfile
 import threading
-import time
 
 import pytest
 import torch
@@ -672,32 +671,16 @@ def test_interleaved_ddp_forwards_on_two_threads_are_each_checked(threads):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# overhead outside DDP (for information: printed with -s; bounded loosely)
+# outside DDP a forward never walks the stack (its host time is measured in bench/host_time.py, not here)
 
-def _best(fn, n=2000, repeats=5):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best
-
-
-def test_forward_overhead_outside_ddp():
+def test_a_forward_outside_ddp_never_walks_the_stack(monkeypatch):
     layer = lora.Linear(16, 16, r=4, lora_alpha=8)
     x = torch.randn(4, 16)
-    for fn in (lambda: layer(x), lambda: layer.forward(x), lambda: layer._forward(x)):
-        _best(fn, n=200, repeats=1)  # warm
-    call, forward, inner = _best(lambda: layer(x)), _best(lambda: layer.forward(x)), _best(lambda: layer._forward(x))
-
-    class FakeDDP:
-        pass
-
-    ddp = FakeDDP()
-    ddp._module_parameters = list(layer.parameters())
-    check = _best(lambda: ddp_guard.check(layer, ddp))
-    print(f"\nlayer(x) {call * 1e6:.1f} us, layer.forward(x) {forward * 1e6:.1f} us, layer._forward(x) "
-          f"{inner * 1e6:.1f} us: ratio {call / inner:.2f} (call) / {forward / inner:.2f} (forward); "
-          f"ddp_guard.check (inside DDP, cached) {check * 1e6:.2f} us")
-    assert forward / inner < 5
+    walks, checks = [], []
+    monkeypatch.setattr(ddp_guard, "_inside", lambda ddp: walks.append(ddp) or False)
+    monkeypatch.setattr(ddp_guard, "check", lambda *a: checks.append(a))
+    for _ in range(3):
+        layer(x)
+        layer.forward(x)
+    assert ddp_guard.running() is None
+    assert walks == [] and checks == []

@@ -11,7 +11,6 @@ import copy
 import gc
 import pickle
 import threading
-import time
 import weakref
 
 import pytest
@@ -357,15 +356,13 @@ def test_mark_only_lora_as_trainable_under_ddp(ddp_runs):
         assert facts["flags"] == ["a.lora_A", "a.lora_B", "b.lora_A", "b.lora_B"]
 
 
-def test_running_outside_ddp_is_cheap():
-    ddp_guard.running()
-    n = 20000
-    t = time.perf_counter()
-    for _ in range(n):
-        ddp_guard.running()
-    per_call = (time.perf_counter() - t) / n
-    assert ddp_guard.running() is None
-    assert per_call < 5e-6, f"{per_call * 1e9:.0f} ns per call"  # ~150 ns measured on an idle core
+def test_running_outside_ddp_is_cheap(monkeypatch):
+    """Cheap: no stack walk outside DDP (its time: bench/host_time.py)."""
+    frames = []
+    monkeypatch.setattr(ddp_guard, "_inside", lambda ddp: frames.append(ddp) or False)
+    for _ in range(3):
+        assert ddp_guard.running() is None
+    assert frames == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
