@@ -42,7 +42,11 @@ class ModelLock:
     are no longer inside a forward of the model, read off their stacks) and drops them."""
 
     def __init__(self):
-        self._cond = threading.Condition()
+        # blocks take the mutex itself, whose __enter__/__exit__ are C: a Ctrl-C cannot land between taking it and
+        # the block, or leave the block with it held, as it can in Condition's Python-level __enter__/__exit__
+        # (every other thread then waits for ever)
+        self._mutex = threading.RLock()
+        self._cond = threading.Condition(self._mutex)
         self._reads = {}  # thread id -> reads it holds
         self._holds = {}  # thread id -> reads held by hold(): never taken for left behind
         self._writer = None
@@ -88,7 +92,7 @@ class ModelLock:
     def acquire_read(self, hold: bool = False) -> None:
         """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s."""
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if (me in self._reads and self._waiting_writers and not self._holds.get(me) and self._writer != me
                     and not self._in_forward(sys._getframe(), outer=0 if hold else 1)):
                 # not inside a forward or a hold of this thread: the read was left by a forward a KeyboardInterrupt
@@ -121,7 +125,7 @@ class ModelLock:
 
     def release_read(self) -> None:
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             n = self._reads.pop(me, 0)
             if n > 1:
                 self._reads[me] = n - 1
@@ -141,7 +145,7 @@ class ModelLock:
         half way through a layer a hotswap reads) would make the plan wrong. Forwards are not held up: only the
         writes (write(), which takes this too) wait for them."""
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if self._changer == me:
                 self._change_depth += 1
             else:
@@ -157,7 +161,7 @@ class ModelLock:
         try:
             yield
         finally:
-            with self._cond:
+            with self._mutex:
                 self._change_depth -= 1
                 if not self._change_depth:
                     self._changer = None
@@ -171,7 +175,7 @@ class ModelLock:
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         me = threading.get_ident()
-        with self._cond:
+        with self._mutex:
             if self._writer == me:
                 self._write_depth += 1
             else:
@@ -195,7 +199,7 @@ class ModelLock:
         try:
             yield
         finally:
-            with self._cond:
+            with self._mutex:
                 self._write_depth -= 1
                 if not self._write_depth:
                     self._writer = None
