@@ -167,6 +167,33 @@ def _freezing() -> bool:
     return bool(inductor is not None and inductor.freezing)
 
 
+class _Written:
+    """What a layer's last write left (_note_written): the weight's storage (a weak reference, and the StorageImpl it
+    names, which cannot be another while the reference lives), version counter and region. A copy or pickle of it is
+    True (a layer's copy notes its own weight): a StorageWeakRef copied would release a reference it never took."""
+    __slots__ = ("ref", "cdata", "version", "region")
+
+    def __init__(self, storage, w):
+        self.ref = StorageWeakRef(storage)
+        self.cdata = storage._cdata
+        self.version = w._version
+        self.region = (w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype)
+
+    def __reduce__(self):
+        return (bool, (True,))
+
+    def __copy__(self):
+        return True
+
+    def __deepcopy__(self, memo):
+        return True
+
+    def holds(self, t) -> bool:
+        """Whether tensor `t` (no wrapper subclass) is the one noted."""
+        return (not self.ref.expired() and t.untyped_storage()._cdata == self.cdata
+                and (t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) == self.region)
+
+
 _given_bases = [False]  # whether a merged layer's state_dict marked a base (LoRALayer._serves_merged)
 
 
@@ -253,7 +280,7 @@ class LoRALayer(NamedAdapters):
         self._adopt_scale_tensor()
         self._lock = threading.RLock()
         self._streams = StreamOrder()
-        if self.__dict__.get("_written") is not None:
+        if self.__dict__.get("_written") is not None or self.__dict__.get("_buffers", {}).get("_merged_A") is not None:
             try:
                 self._note_written()
             except (AttributeError, KeyError):  # (a state without its weight)
@@ -564,21 +591,21 @@ class LoRALayer(NamedAdapters):
         that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place)."""
         w = sharded.local(self._weight_param())
         try:
-            storage = w.untyped_storage()
-            self.__dict__["_written"] = (storage.data_ptr(), w._version, StorageWeakRef(storage))
+            self.__dict__["_written"] = _Written(w.untyped_storage(), w)
         except RuntimeError:  # a wrapper subclass has no storage of its own: unknown (_written_in_place: False)
             self.__dict__["_written"] = None
 
     def _in_written(self, t: Tensor) -> Optional[bool]:
-        """Whether `t` lies in the memory this layer's last write left (_note_written), that memory still allocated:
-        once freed, its address may be handed to any new tensor (a weight set to None, then a new base). None when
-        `t` has no storage of its own."""
+        """Whether `t` is the weight this layer's last write left (_note_written): the same storage object, still
+        alive, and the same region of it. Not by address: a freed weight's address may be handed to any new tensor
+        (a weight set to None, then a new base), a storage's memory may be released or moved while the storage lives
+        (resize_(0), share_memory_()), and views of one buffer share its address. None when `t` has no storage of
+        its own."""
         written = self.__dict__.get("_written")
         try:
-            address = sharded.local(t).untyped_storage().data_ptr()
+            return isinstance(written, _Written) and written.holds(sharded.local(t))
         except RuntimeError:
             return None
-        return written is not None and not written[2].expired() and address == written[0]
 
     def _written_in_place(self, state_dict, prefix) -> bool:
         """Whether `state_dict` hands this layer its own live weight, written in place since the layer's last write
@@ -587,7 +614,7 @@ class LoRALayer(NamedAdapters):
         if state_dict.get(prefix + self._weight_key) is not self._weight_or_none():
             return False
         w, record = sharded.local(self._weight_param()), self.__dict__.get("_written")
-        return bool(self._in_written(w)) and record[1] != w._version
+        return bool(self._in_written(w)) and record.version != w._version
 
     def _lossless_now(self) -> bool:
         """Whether the next merge writes a lossless record: `lossless` if set, else on for float16/bfloat16

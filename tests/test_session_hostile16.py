@@ -15,8 +15,19 @@ import torch.nn as nn
 
 import lora_ext as lora
 from lora_ext.serving import adapters
-from helpers import same_bits
+from helpers import rel_err, same_bits
 from test_weight_replaced import build, check_forward
+
+
+def _landing_at(address, shape=(6, 8)):
+    """(a new tensor of `shape` allocated at `address`, or None; the tensors allocated on the way, to be kept)."""
+    held = []
+    for _ in range(64):
+        t = torch.empty(shape)
+        if t.untyped_storage().data_ptr() == address:
+            return t, held
+        held.append(t)
+    return None, held
 
 
 def test_a_new_base_in_the_freed_memory_of_the_merged_weight_is_a_base():
@@ -28,13 +39,7 @@ def test_a_new_base_in_the_freed_memory_of_the_merged_weight_is_a_base():
         address = layer.weight.untyped_storage().data_ptr()
         layer.weight = None  # the merged weight is freed here (nothing else holds it)
         gc.collect()
-        held, new = [], None
-        for _ in range(64):  # a new tensor of the same size, in the freed memory
-            t = torch.empty(6, 8)
-            if t.untyped_storage().data_ptr() == address:
-                new = t
-                break
-            held.append(t)
+        new, held = _landing_at(address)
         if new is None:
             continue
         exercised += 1
@@ -123,3 +128,125 @@ def test_a_ctrl_c_at_the_model_lock_s_edges_does_not_leave_it_held(op, where):
     assert done.wait(30), "a switch on another thread waits for ever: the model lock was left held"
     with torch.no_grad():
         model(x)
+
+
+# the hostile audit of the record (what a layer's last write left): a region of a live storage, a storage whose
+# memory was released or moved, a subclass's own __getstate__
+
+def _put_back(layer, param):
+    """Sets `param` after `weight = None`; the warnings given."""
+    layer.weight = None
+    with warnings.catch_warnings(record=True) as given:
+        warnings.simplefilter("always")
+        layer.weight = param
+    return [str(w.message) for w in given]
+
+
+def test_another_region_of_the_merged_weight_s_storage_is_a_base():
+    """Weights that are views of one flat buffer: another region of it is another tensor (it was taken for the
+    merged weight: same storage address)."""
+    layer, x, key = build("linear", torch.float32)
+    flat = torch.empty(96)
+    flat[:48] = layer.weight.detach().reshape(-1)
+    other = torch.randn(48)
+    flat[48:] = other
+    layer.weight = nn.Parameter(flat[:48].view(6, 8))
+    layer.eval()
+    assert layer.merged
+    given = _put_back(layer, nn.Parameter(flat[48:].view(6, 8)))
+    assert any("weight was replaced" in g for g in given) and not layer.merged
+    check_forward(layer, key, other.view(6, 8), x, torch.float32)
+    layer.train()
+    assert same_bits(layer.weight.detach(), other.view(6, 8))
+
+
+def test_the_merged_weight_s_view_put_back_keeps_the_merge():
+    layer, x, key = build("linear", torch.float32)
+    layer.train()
+    base = layer.weight.detach().clone()
+    layer.eval()
+    w = layer.weight
+    assert _put_back(layer, nn.Parameter(w.data.view(48).view(6, 8))) == [] and layer.merged
+    check_forward(layer, key, base, x, torch.float32)
+    layer.train()
+    assert rel_err(layer.weight.detach(), base) < 1e-6
+
+
+@pytest.mark.parametrize("how", ["resize", "share_memory"])
+def test_a_new_base_where_a_held_merged_weight_s_memory_was_is_a_base(how):
+    """The merged weight is held (an optimizer, the caller) but its memory went: storage.resize_(0) (FSDP1 frees flat
+    parameters so), or share_memory_() (torch.multiprocessing sending the model moves it to shared memory in place).
+    A new base allocated at the old address was taken for the merged weight."""
+    exercised = 0
+    for _ in range(200):
+        layer, x, key = build("linear", torch.float32)
+        layer.eval()
+        w = layer.weight
+        address = w.untyped_storage().data_ptr()
+        if how == "resize":
+            layer.weight = None
+            w.untyped_storage().resize_(0)
+        else:
+            w.share_memory_()
+        gc.collect()
+        new, held = _landing_at(address)
+        if new is None:
+            continue
+        exercised += 1
+        base = torch.randn(6, 8)
+        new.copy_(base)
+        given = _put_back(layer, nn.Parameter(new))
+        assert any("weight was replaced" in g for g in given) and not layer.merged
+        check_forward(layer, key, base, x, torch.float32)
+        layer.train()
+        assert same_bits(layer.weight.detach(), base)
+        if exercised == 3:
+            break
+    assert exercised, "no new tensor landed at the old address in 200 tries: the case was never exercised"
+
+
+def test_the_merged_weight_put_back_after_share_memory_keeps_the_merge():
+    """share_memory_() moves the memory under the same storage: the layer's own merged weight put back is still
+    recognised (it was warned about and taken for a base: the adapter then served twice)."""
+    layer, x, key = build("linear", torch.float32)
+    layer.train()
+    base = layer.weight.detach().clone()
+    layer.eval()
+    w = layer.weight
+    w.share_memory_()
+    assert _put_back(layer, w) == [] and layer.merged
+    check_forward(layer, key, base, x, torch.float32)
+    layer.train()
+    assert rel_err(layer.weight.detach(), base) < 1e-6
+
+
+class _OwnState(lora.Linear):
+    """The usual __getstate__ of a subclass: its __dict__ copied whole, the lock left out."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        state.pop("_streams", None)
+        return state
+
+
+def test_copies_of_a_subclass_with_its_own_getstate_leave_the_weight_alone():
+    """Its copies carried the record's storage reference: copied, then dropped, each released a reference it never
+    took on the original weight's storage (two deepcopies freed the live merged weight's memory)."""
+    layer = _OwnState(64, 64, r=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.eval()
+    before = layer.weight.detach().clone()
+    replicas = []
+    for _ in range(4):
+        replica = copy.deepcopy(layer)
+        assert replica.merged and same_bits(replica.weight.detach(), before)
+        w = replica.weight
+        assert _put_back(replica, w) == [] and replica.merged  # a copy recognises its own weight
+        del replica, w
+        gc.collect()
+    replicas.append(pickle.loads(pickle.dumps(layer)))
+    junk = [torch.randn(64, 64) for _ in range(32)]  # (what would land in freed memory)
+    assert same_bits(layer.weight.detach(), before)
+    assert len(junk) == 32 and replicas[0].merged
