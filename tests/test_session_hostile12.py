@@ -536,9 +536,9 @@ def test_unload_takes_the_layers_a_load_on_another_thread_installed_before_it(tm
     assert not lora.serving.lora_layers(model) and any(n.endswith("o_proj") for n in names)
 
 
-def test_a_load_refused_at_activation_leaves_its_new_layers_serving_the_active_adapter(tmp_path):
-    """The load's new layers (o_proj) stay, inactive: they serve the model's active adapter (zeros there), not the
-    refused adapter beside layers serving another."""
+def test_a_load_refused_at_activation_takes_its_new_layers_back(tmp_path):
+    """The load's new layers (o_proj) go (they stayed, inactive, until the sixteenth session; see
+    test_session_hostile16): the model serves what it served, and no layer serves the refused adapter."""
     first = save_random_peft(get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
                              tmp_path / "a", seed=1, std=0.05)
     more = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
@@ -550,5 +550,7 @@ def test_a_load_refused_at_activation_leaves_its_new_layers_serving_the_active_a
     with pytest.raises(ValueError):
         lora.load_peft_adapter(model, str(tmp_path / "c"), "c", activate=True)
     assert {m.active_adapter for _, m in lora.serving.lora_layers(model)} == {"a"}
+    assert lora.adapter_names(model) == ["a"]
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("o_proj"))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, before)

@@ -250,3 +250,40 @@ def test_copies_of_a_subclass_with_its_own_getstate_leave_the_weight_alone():
     junk = [torch.randn(64, 64) for _ in range(32)]  # (what would land in freed memory)
     assert same_bits(layer.weight.detach(), before)
     assert len(junk) == 32 and replicas[0].merged
+
+
+# a load whose activation is refused leaves the model as it was (the docstring's promise; it left the adapter in the
+# layers, its new layers, copies of modules saved whole and rows of tokens, inactive)
+
+def test_a_load_refused_at_activation_takes_back_everything_it_added(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from helpers import save_random_peft
+    from test_session_hostile12 import _merged_bfloat16_llama
+    from tiny_models import llama
+    first = save_random_peft(get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+                             tmp_path / "a", seed=1, std=0.05)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], modules_to_save=["lm_head"],
+                        trainable_token_indices=[3, 5])
+    more = get_peft_model(llama(), config)
+    save_random_peft(more, tmp_path / "c", seed=2, std=0.05, parts=("lora_", "modules_to_save", "trainable_tokens"))
+    good = str(tmp_path / "c")
+    with torch.no_grad():  # the last q_proj's lossless swap overflows: the activation is refused
+        more.get_parameter("base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight").mul_(3e3)
+    more.save_pretrained(str(tmp_path / "bad"))
+    model, ids, before = _merged_bfloat16_llama(first)
+    modules = list(model.named_modules())
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    with pytest.raises(ValueError):
+        lora.load_peft_adapter(model, str(tmp_path / "bad"), "c", activate=True)
+    assert lora.adapter_names(model) == ["a"]
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in modules]
+    assert all(model.get_submodule(n) is m for n, m in modules if n)  # no new layer, wrapper or copy stays
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+    # and the same name loads (the good file) as into a model that never saw the refused one
+    lora.load_peft_adapter(model, good, "c", activate=True)
+    fresh, _, _ = _merged_bfloat16_llama(first)
+    lora.load_peft_adapter(fresh, good, "c", activate=True)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, fresh(ids).logits)

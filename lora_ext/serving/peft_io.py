@@ -684,6 +684,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     with model_lock(model).write(), deferred_interrupt():
         _inject.check_enabled(model, *refusal)  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
+        undo = _undoing(model, adapter_name, plan, saved_plan, token_plan) if activate else None
         # the layers holding the adapter's name already first: replacing the active adapter's values writes a merged
         # weight (a switch), which can be refused (a lossless record's overflow, out of memory) at any layer; the
         # layers written before it then get their old values back, so the refusal leaves the model as it was
@@ -741,21 +742,19 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         if activate:
             try:
                 set_adapter(model, adapter_name)  # (refused, it leaves every layer on the adapter it served)
-            except BaseException:
-                # the layers that held the name before get their old values back (a refused reload of an inactive
-                # adapter would otherwise leave it replaced); what this load added (the adapter in other layers, new
-                # layers, copies, rows) stays, inactive: the layers it injected serve the model's active adapter as
-                # zeros, as with activate=False (they would serve this adapter beside layers serving another)
-                for layer, held in reversed(written):
-                    if held is not None:
+            except BaseException as err:
+                # (refused, set_adapter leaves every layer on the adapter it served) the model as it was before the
+                # load: the layers that held the name get their old values back, the others lose it, and what the
+                # load added (new layers, copies of modules saved whole, rows of tokens, trainable flags) goes
+                try:
+                    for layer, held in reversed(written):
                         _put_back(layer, adapter_name, held)
-                actives = {m.active_adapter for _, m in held_layers}
-                if len(actives) == 1:
-                    active = actives.pop()
-                    for _, _, layer, fresh, *_ in plan:
-                        if fresh and layer.active_adapter != active:
-                            layer.add_placeholder(active)
-                            layer.set_adapter(active)
+                    undo()
+                except Exception as again:
+                    err.add_note(f"lora_ext: load_peft_adapter: taking the load of adapter {adapter_name!r} back after "
+                                 f"its activation was refused failed too ({type(again).__name__}: {again}): the "
+                                 f"model may hold it in part, inactive; delete_adapter(model, {adapter_name!r}) "
+                                 f"takes it out of the layers")
                 raise
         elif first:  # (its layers serve it already: its wrappers follow, a switch that writes nothing)
             for _, w in _saved.wrappers(model):
@@ -767,6 +766,37 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                       [layer for _, _, layer, *_ in plan if not isinstance(layer, layers.Embedding)]):
             layer.set_adapter_dropout(adapter_name, cfg.get("lora_dropout", 0.0))
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
+
+
+def _undoing(model, adapter_name, plan, saved_plan, token_plan):
+    """What a load changes besides the adapter's factors in layers (_held/_put_back), noted before it changes it:
+    the modules it replaces (by new layers, or by wrappers for modules saved whole and rows of tokens), the adapter's
+    entries in wrappers already there, the lossless switch of the layers already there and the trainable flags of
+    the model's parameters. Returns a function that puts them back (a load whose activation was refused)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    switches = [(layer, layer.lossless) for _, _, layer, fresh, *_ in plan if not fresh]
+    modules = [(name, module) for name, module, _, fresh, *_ in plan if fresh]
+    entries = []
+    for names, module in [([name], module) for name, module, _ in saved_plan] + [(n, m) for n, m, _ in token_plan]:
+        if isinstance(module, _saved.ModulesToSave):  # (TrainableTokens too)
+            entries.append((module, module._modules["modules_to_save"]._modules.get(adapter_name)))
+        else:
+            modules += [(name, module) for name in names]
+
+    def undo():
+        with layers.taking_out_layers():
+            for name, module in modules:
+                _inject._set_submodule(model, name, module)
+        for wrapper, old in entries:
+            if old is None:
+                wrapper.delete(adapter_name)
+            else:
+                wrapper._modules["modules_to_save"][adapter_name] = old
+        for layer, value in switches:
+            layer.lossless = value
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    return undo
 
 
 def _held(layer, name):
