@@ -30,32 +30,6 @@ def _landing_at(address, shape=(6, 8)):
     return None, held
 
 
-def test_a_new_base_in_the_freed_memory_of_the_merged_weight_is_a_base():
-    exercised = 0
-    for _ in range(200):
-        layer, x, key = build("linear", torch.float32)
-        layer.eval()
-        assert layer.merged
-        address = layer.weight.untyped_storage().data_ptr()
-        layer.weight = None  # the merged weight is freed here (nothing else holds it)
-        gc.collect()
-        new, held = _landing_at(address)
-        if new is None:
-            continue
-        exercised += 1
-        w1 = torch.randn(6, 8)
-        new.copy_(w1)
-        with pytest.warns(UserWarning, match="weight was replaced"):
-            layer.weight = nn.Parameter(new)
-        assert not layer.merged
-        check_forward(layer, key, w1, x, torch.float32)
-        layer.train()
-        assert same_bits(layer.weight.detach(), w1)  # nothing subtracted from the new base
-        if exercised == 5:
-            break
-    assert exercised, "no new tensor landed in the freed memory in 200 tries: the case was never exercised"
-
-
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copy_recognises_its_own_merged_weight_put_back(how):
     layer, x, key = build("linear", torch.float32)
@@ -172,18 +146,22 @@ def test_the_merged_weight_s_view_put_back_keeps_the_merge():
     assert rel_err(layer.weight.detach(), base) < 1e-6
 
 
-@pytest.mark.parametrize("how", ["resize", "share_memory"])
-def test_a_new_base_where_a_held_merged_weight_s_memory_was_is_a_base(how):
-    """The merged weight is held (an optimizer, the caller) but its memory went: storage.resize_(0) (FSDP1 frees flat
-    parameters so), or share_memory_() (torch.multiprocessing sending the model moves it to shared memory in place).
-    A new base allocated at the old address was taken for the merged weight."""
+@pytest.mark.parametrize("how", ["freed", "resize", "share_memory"])
+def test_a_new_base_where_the_merged_weight_s_memory_was_is_a_base(how):
+    """The merged weight's memory went: the weight freed (`weight = None`, nothing else holding it: the CI failure), or
+    held (an optimizer, the caller) while storage.resize_(0) released its memory (FSDP1 frees flat parameters so) or
+    share_memory_() moved it (torch.multiprocessing sending the model). A new base allocated at the old address was
+    taken for the merged weight."""
     exercised = 0
     for _ in range(200):
         layer, x, key = build("linear", torch.float32)
         layer.eval()
         w = layer.weight
         address = w.untyped_storage().data_ptr()
-        if how == "resize":
+        if how == "freed":
+            layer.weight = None
+            del w
+        elif how == "resize":
             layer.weight = None
             w.untyped_storage().resize_(0)
         else:
