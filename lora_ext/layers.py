@@ -1435,6 +1435,16 @@ def taking_out_layers():
         _taking_out.depth = depth
 
 
+def let_go(layer: "LoRALayer") -> None:
+    """A layer lora_ext took out of its model for good, never seen by the user (a load taken back), lets go of its
+    base module's weight: kept alive (an error's traceback holds the load's frames), it would count as a layer
+    sharing that weight (ties.others), and the next layer put there would refuse to merge."""
+    if isinstance(layer, ConvLoRA):
+        layer._modules["conv"] = None
+    else:
+        layer._parameters["weight"] = None
+
+
 def _on_child(parent: nn.Module, name: str, new: Optional[nn.Module]) -> None:
     """torch calls this before any module is set as a child. A lora_ext layer holding an adapter replaced by a module
     that is not a lora_ext layer and does not hold it (transformers' resize_token_embeddings puts a fresh nn.Linear in

@@ -699,6 +699,15 @@ class NamedAdapters:
             if self.reserved_rank is not None:
                 self.__dict__.setdefault("_own_ranks", {})[name] = own
 
+    def put_own_pair(self, name: str, pair: Tuple[Tensor, Tensor]) -> None:
+        """Gives inactive adapter `name` back its own Parameters `pair` (an optimizer holds them), with the values they
+        hold: a load that gave it factors of another rank (add_adapter dropped the pair) is being taken back."""
+        if name == self.active_adapter:
+            raise ValueError(f"{self._describe()}: put_own_pair of the active adapter {name!r}")
+        with self._lock:
+            self._adapters[name] = (*pair, self._adapters[name][2])
+            self._stamp_finite(name)
+
     def delete_adapter(self, name: str) -> None:
         if name == self.active_adapter:
             raise ValueError(f"adapter {name!r} is active; set another adapter active before deleting it")

@@ -265,3 +265,179 @@ def test_a_load_refused_at_activation_takes_back_everything_it_added(tmp_path):
     lora.load_peft_adapter(fresh, good, "c", activate=True)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, fresh(ids).logits)
+
+
+# the hostile helper's findings on the take-back (2aa6e50): every step of the locked section is taken back, each
+# take-back step runs when one before it fails, a trained inactive adapter keeps its own Parameters, and a layer taken
+# back lets go of the module's weight
+
+def _peft_files(tmp_path, **named_targets):
+    from peft import LoraConfig, get_peft_model
+    from helpers import save_random_peft
+    from tiny_models import llama
+    paths = {}
+    for i, (name, (targets, r, extra)) in enumerate(sorted(named_targets.items())):
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, **extra)
+        parts = ("lora_", "modules_to_save") if "modules_to_save" in extra else ("lora_",)
+        paths[name] = save_random_peft(get_peft_model(llama(), config), tmp_path / name, seed=i + 1, std=0.05,
+                                       parts=parts)
+    return paths
+
+
+def _state(model):
+    """Everything a take-back must give back: the state dict's bits, the module and Parameter objects at every name,
+    the flags, each layer's adapters (values and objects) and the adapter names."""
+    from lora_ext.serving import lora_layers
+    return dict(
+        sd={k: v.detach().clone() for k, v in model.state_dict().items()},
+        modules=[(n, id(m)) for n, m in model.named_modules(remove_duplicate=False)],
+        params=[(n, id(p), p.requires_grad) for n, p in model.named_parameters(remove_duplicate=False)],
+        layers={n: (m.active_adapter, {a: tuple(t.detach().clone() if torch.is_tensor(t) else t
+                                                for t in m.get_adapter(a)) for a in m.adapter_names},
+                    {a: tuple(id(t) for t in m.get_adapter(a)[:2]) for a in m.adapter_names
+                     if isinstance(m.get_adapter(a)[0], nn.Parameter)})  # (objects an optimizer may hold)
+                for n, m in lora_layers(model)},
+        names=lora.adapter_names(model))
+
+
+def _same_state(a, b):
+    assert a["modules"] == b["modules"] and a["params"] == b["params"] and a["names"] == b["names"]
+    assert a["sd"].keys() == b["sd"].keys() and all(same_bits(a["sd"][k], b["sd"][k]) for k in a["sd"])
+    assert a["layers"].keys() == b["layers"].keys()
+    for n in a["layers"]:
+        (act_a, vals_a, ids_a), (act_b, vals_b, ids_b) = a["layers"][n], b["layers"][n]
+        assert act_a == act_b and ids_a == ids_b and vals_a.keys() == vals_b.keys(), n
+        for name in vals_a:
+            assert same_bits(vals_a[name][0], vals_b[name][0]) and same_bits(vals_a[name][1], vals_b[name][1])
+            assert vals_a[name][2] == vals_b[name][2]
+
+
+@pytest.mark.parametrize("where", ["install", "reserve", "activation"])
+def test_a_load_failing_at_any_step_of_its_writes_is_taken_back(tmp_path, monkeypatch, where):
+    """Out of memory allocating a new layer's factors (install) or padding it to a reserved rank, not only at the
+    activation: before, the load neither finished nor took anything back (new layers serving the reloaded adapter
+    beside layers serving another; the reloaded adapter's old values lost)."""
+    from lora_ext.serving import adapters as serving_adapters
+    from lora_ext.serving import injection
+    from tiny_models import llama, tokens
+    paths = _peft_files(tmp_path, a=(["q_proj", "v_proj"], 4, {}), b=(["q_proj", "v_proj"], 4, {}),
+                        c=(["q_proj", "v_proj", "o_proj"], 4, {"modules_to_save": ["lm_head"]}))
+    model = llama()
+    lora.load_peft_adapter(model, paths["a"], "a")
+    lora.load_peft_adapter(model, paths["b"], "b", activate=False)
+    if where == "reserve":
+        lora.reserve_rank(model, 8)
+    model.eval()
+    ids = tokens()
+    before = _state(model)
+    with torch.no_grad():
+        out = model(ids).logits
+    calls = []
+    target, attr = {"install": (injection, "install"), "reserve": (lora.LoRALayer, "_reserve"),
+                    "activation": (serving_adapters, "_set_adapter")}[where]
+    real = getattr(target, attr)
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 or where == "activation":
+            raise torch.OutOfMemoryError("out of memory (injected)")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(target, attr, failing)
+    with pytest.raises(torch.OutOfMemoryError):
+        lora.load_peft_adapter(model, paths["c"], "b", activate=True)  # a reload of inactive b, new o_proj and lm_head
+    monkeypatch.setattr(target, attr, real)
+    _same_state(before, _state(model))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, out)
+
+
+def test_a_take_back_that_fails_at_one_layer_still_takes_the_rest_back(tmp_path, monkeypatch):
+    """One layer's put-back failing skipped the rest: the new layers stayed, serving the refused adapter (active,
+    beside layers serving another), and the note said 'inactive' and pointed at a delete_adapter that was refused."""
+    from lora_ext.serving import adapters as serving_adapters
+    from lora_ext.serving import peft_io
+    from tiny_models import llama, tokens
+    paths = _peft_files(tmp_path, a=(["q_proj", "v_proj"], 4, {}), c=(["q_proj", "v_proj", "o_proj"], 4, {}))
+    model = llama()
+    lora.load_peft_adapter(model, paths["a"], "a")
+    lora.load_peft_adapter(model, paths["a"], "c", activate=False)  # c already in q/v: the load writes there first
+    model.eval()
+    ids = tokens()
+    with torch.no_grad():
+        out = model(ids).logits
+    real_put_back, calls = peft_io._put_back, []
+
+    def put_back(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("out of memory putting a layer back (injected)")
+        return real_put_back(*args, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise ValueError("activation refused (injected)")
+    monkeypatch.setattr(peft_io, "_put_back", put_back)
+    monkeypatch.setattr(serving_adapters, "_set_adapter", refused)
+    with pytest.raises(ValueError) as caught:
+        lora.load_peft_adapter(model, paths["c"], "c", activate=True)
+    monkeypatch.undo()
+    assert any("taking the load of adapter 'c' back failed too" in n for n in caught.value.__notes__)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("o_proj"))  # new layers gone
+    assert lora.active_adapter(model) == "a"
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, out)
+    lora.delete_adapter(model, "c")  # (what the note's layer may still hold goes so)
+    assert lora.adapter_names(model) == ["a"]
+
+
+def test_a_trained_inactive_adapter_keeps_its_own_parameters_when_a_rank_changing_reload_is_taken_back(tmp_path,
+                                                                                                     monkeypatch):
+    from lora_ext.serving import adapters as serving_adapters
+    from tiny_models import llama
+    paths = _peft_files(tmp_path, a=(["q_proj"], 4, {}), b=(["q_proj", "o_proj"], 4, {}),
+                        b8=(["q_proj", "o_proj"], 8, {}))
+    model = llama().train()
+    lora.load_peft_adapter(model, paths["a"], "a", is_trainable=True)
+    lora.load_peft_adapter(model, paths["b"], "b", activate=False, is_trainable=True)
+    layer = model.model.layers[0].self_attn.o_proj
+    A, B, _ = layer.get_adapter("b")
+    values = A.detach().clone(), B.detach().clone()
+    assert isinstance(A, nn.Parameter)
+
+    def refused(*args, **kwargs):
+        raise RuntimeError("activation refused (injected)")
+    monkeypatch.setattr(serving_adapters, "_set_adapter", refused)
+    with pytest.raises(RuntimeError):
+        lora.load_peft_adapter(model, paths["b8"], "b", activate=True, is_trainable=True)
+    monkeypatch.undo()
+    A2, B2, _ = layer.get_adapter("b")
+    assert A2 is A and B2 is B and A.requires_grad  # an optimizer built over them trains b on
+    assert same_bits(A.detach(), values[0]) and same_bits(B.detach(), values[1])
+    lora.set_adapter(model, "b")
+    assert layer.lora_A is A
+
+
+def test_a_layer_taken_back_lets_go_of_the_module_s_weight(tmp_path):
+    """Kept alive by the error's traceback (a caller keeping the error), the layer the load injected and took back
+    still held the module's weight: the layer the next load put there counted it as sharing that weight and would
+    not merge."""
+    from peft import LoraConfig, get_peft_model
+    from helpers import save_random_peft
+    from test_session_hostile12 import _merged_bfloat16_llama
+    from tiny_models import llama
+    first = save_random_peft(get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+                             tmp_path / "a", seed=1, std=0.05)
+    more = get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]))
+    good = save_random_peft(more, tmp_path / "c", seed=2, std=0.05)
+    with torch.no_grad():  # the last q_proj's lossless swap overflows: the activation is refused
+        more.get_parameter("base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight").mul_(3e3)
+    more.save_pretrained(str(tmp_path / "bad"))
+    model, ids, _ = _merged_bfloat16_llama(first)
+    with pytest.raises(ValueError) as kept:  # (kept: its traceback holds the load's frames)
+        lora.load_peft_adapter(model, str(tmp_path / "bad"), "c", activate=True)
+    lora.load_peft_adapter(model, good, "c", activate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "its weight is shared with ..." warning
+        model.train()
+        model.eval()
+    assert all(m.merged for n, m in lora.serving.lora_layers(model))
+    assert kept.value is not None

@@ -684,7 +684,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     with model_lock(model).write(), deferred_interrupt():
         _inject.check_enabled(model, *refusal)  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
-        undo = _undoing(model, adapter_name, plan, saved_plan, token_plan) if activate else None
+        undo = _undoing(model, adapter_name, plan, saved_plan, token_plan)
         # the layers holding the adapter's name already first: replacing the active adapter's values writes a merged
         # weight (a switch), which can be refused (a lossless record's overflow, out of memory) at any layer; the
         # layers written before it then get their old values back, so the refusal leaves the model as it was
@@ -702,61 +702,47 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 layer.add_adapter(adapter_name, torch.zeros_like(A.detach()), torch.zeros_like(B.detach()), 1.0)
                 written.append((layer, held))
                 layer.__dict__.setdefault("_placeholders", set()).add(adapter_name)
-        except BaseException:
-            for layer, held in reversed(written):
-                _put_back(layer, adapter_name, held)
-            raise
-        for name, module, layer, fresh, A2, B2, scaling in plan:
-            if fresh:
-                _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
-                # peft's is_trainable: frozen factors serve (their switches keep the storage CUDA graphs read)
-                layer.lora_A.requires_grad_(trains)
-                layer.lora_B.requires_grad_(trains)
-                if reserved is not None:
-                    layer._reserve(reserved)
-                if placeholder is not None:
-                    layer.add_placeholder(placeholder)
-                    layer.set_adapter(placeholder)
-            else:
-                if lossless is not None:
-                    layer.lossless = lossless  # from the next merge on
-                if is_trainable:  # (the layer's live factors: they train whichever adapter is active)
-                    layer.lora_A.requires_grad_(True)
-                    layer.lora_B.requires_grad_(True)
-        for name, module, new in saved_plan:
-            if not isinstance(module, _saved.ModulesToSave):
-                wrapper = _saved.ModulesToSave(module).train(module.training)
-                _inject._set_submodule(model, name, wrapper)
-                module = wrapper
-            module.add(adapter_name, new)
-        _tokens.install(model, token_plan, adapter_name, _inject._set_submodule)
-        if not held_layers:  # the model's first adapter: the base model is frozen (peft's from_pretrained)
-            own = {id(p) for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)}
-            own |= {id(p) for _, _, new in saved_plan for p in new.parameters()}
-            own |= {id(rows.trainable_tokens_delta) for _, _, rows in token_plan}
-            for p in model.parameters():
-                if id(p) not in own:
-                    p.requires_grad_(False)
-            for _, m in lora_layers(model):  # (unload gives the base weights back frozen, as peft's unload does)
-                m.__dict__["_base_requires_grad"] = False
-        if activate:
-            try:
+            for name, module, layer, fresh, A2, B2, scaling in plan:
+                if fresh:
+                    _inject.install(model, name, module, layer, scaling, owners, adapter_name, (A2, B2))
+                    # peft's is_trainable: frozen factors serve (their switches keep the storage CUDA graphs read)
+                    layer.lora_A.requires_grad_(trains)
+                    layer.lora_B.requires_grad_(trains)
+                    if reserved is not None:
+                        layer._reserve(reserved)
+                    if placeholder is not None:
+                        layer.add_placeholder(placeholder)
+                        layer.set_adapter(placeholder)
+                else:
+                    if lossless is not None:
+                        layer.lossless = lossless  # from the next merge on
+                    if is_trainable:  # (the layer's live factors: they train whichever adapter is active)
+                        layer.lora_A.requires_grad_(True)
+                        layer.lora_B.requires_grad_(True)
+            for name, module, new in saved_plan:
+                if not isinstance(module, _saved.ModulesToSave):
+                    wrapper = _saved.ModulesToSave(module).train(module.training)
+                    _inject._set_submodule(model, name, wrapper)
+                    module = wrapper
+                module.add(adapter_name, new)
+            _tokens.install(model, token_plan, adapter_name, _inject._set_submodule)
+            if not held_layers:  # the model's first adapter: the base model is frozen (peft's from_pretrained)
+                own = {id(p) for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)}
+                own |= {id(p) for _, _, new in saved_plan for p in new.parameters()}
+                own |= {id(rows.trainable_tokens_delta) for _, _, rows in token_plan}
+                for p in model.parameters():
+                    if id(p) not in own:
+                        p.requires_grad_(False)
+                for _, m in lora_layers(model):  # (unload gives the base weights back frozen, as peft's unload does)
+                    m.__dict__["_base_requires_grad"] = False
+            if activate:
                 set_adapter(model, adapter_name)  # (refused, it leaves every layer on the adapter it served)
-            except BaseException as err:
-                # (refused, set_adapter leaves every layer on the adapter it served) the model as it was before the
-                # load: the layers that held the name get their old values back, the others lose it, and what the
-                # load added (new layers, copies of modules saved whole, rows of tokens, trainable flags) goes
-                try:
-                    for layer, held in reversed(written):
-                        _put_back(layer, adapter_name, held)
-                    undo()
-                except Exception as again:
-                    err.add_note(f"lora_ext: load_peft_adapter: taking the load of adapter {adapter_name!r} back after "
-                                 f"its activation was refused failed too ({type(again).__name__}: {again}): the "
-                                 f"model may hold it in part, inactive; delete_adapter(model, {adapter_name!r}) "
-                                 f"takes it out of the layers")
-                raise
-        elif first:  # (its layers serve it already: its wrappers follow, a switch that writes nothing)
+        except BaseException as err:
+            # refused (a lossless swap's overflow, the activation's) or out of memory at any step: the model as
+            # it was before the load
+            _take_back(adapter_name, written, undo, err)
+            raise
+        if first:  # (its layers serve it already: its wrappers follow, a switch that writes nothing)
             for _, w in _saved.wrappers(model):
                 if adapter_name in w.adapter_names:
                     w.set_adapter(adapter_name, trains)
@@ -766,6 +752,26 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                       [layer for _, _, layer, *_ in plan if not isinstance(layer, layers.Embedding)]):
             layer.set_adapter_dropout(adapter_name, cfg.get("lora_dropout", 0.0))
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
+
+
+def _take_back(adapter_name, written, undo, err) -> None:
+    """Puts the model back as it was before a load that failed part way (`err`, which gets a note when this fails
+    too): the layers that held the name get their old values back, the others lose it (`written`: a layer whose own
+    write was refused gave its weight back itself), and what the load added goes (`undo`, from _undoing). Every step
+    runs even when one before it fails."""
+    failed = []
+    for layer, held in reversed(written):
+        try:
+            _put_back(layer, adapter_name, held)
+        except Exception as again:
+            failed.append(f"{layer._describe()} ({type(again).__name__}: {again})")
+    try:
+        undo()
+    except Exception as again:
+        failed.append(f"the layers, copies and flags the load added ({type(again).__name__}: {again})")
+    if failed:
+        err.add_note(f"lora_ext: load_peft_adapter: taking the load of adapter {adapter_name!r} back failed too, at "
+                     f"{'; '.join(failed)}: those may still hold the file's values for it")
 
 
 def _undoing(model, adapter_name, plan, saved_plan, token_plan):
@@ -787,6 +793,9 @@ def _undoing(model, adapter_name, plan, saved_plan, token_plan):
         with layers.taking_out_layers():
             for name, module in modules:
                 _inject._set_submodule(model, name, module)
+        for _, _, layer, fresh, *_ in plan:
+            if fresh:
+                layers.let_go(layer)
         for wrapper, old in entries:
             if old is None:
                 wrapper.delete(adapter_name)
@@ -806,7 +815,8 @@ def _held(layer, name):
         return None
     A, B, scaling = layer.get_adapter(name)
     own = layer.__dict__.get("_own_ranks", {}).get(name)
-    return A.detach().clone(), B.detach().clone(), scaling, layer.is_placeholder(name), own
+    pair = (A, B) if name != layer.active_adapter and isinstance(A, nn.Parameter) else None  # (its own, trained)
+    return A.detach().clone(), B.detach().clone(), scaling, layer.is_placeholder(name), own, pair
 
 
 def _put_back(layer, name, held) -> None:
@@ -815,8 +825,13 @@ def _put_back(layer, name, held) -> None:
         if name in layer.adapter_names:
             layer.delete_adapter(name)
         return
-    A, B, scaling, placeholder, own = held
-    layer.add_adapter(name, A, B, scaling)
+    A, B, scaling, placeholder, own, pair = held
+    with warnings.catch_warnings():  # (the load's own write warned that the pair was dropped: it comes back below)
+        if pair is not None:
+            warnings.simplefilter("ignore")
+        layer.add_adapter(name, A, B, scaling)
+    if pair is not None and layer.get_adapter(name)[0] is not pair[0]:  # (the load gave it factors of another rank)
+        layer.put_own_pair(name, pair)
     if placeholder:
         layer.__dict__.setdefault("_placeholders", set()).add(name)
     else:
