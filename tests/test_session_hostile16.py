@@ -441,3 +441,19 @@ def test_a_layer_taken_back_lets_go_of_the_module_s_weight(tmp_path):
         model.eval()
     assert all(m.merged for n, m in lora.serving.lora_layers(model))
     assert kept.value is not None
+
+
+def test_a_mixed_batch_refuses_a_relative_position_bias_saved_whole(tmp_path):
+    """The zoo helper's T5 finding: an adapter saving relative_attention_bias whole (modules_to_save) was served in a
+    mixed batch, its (query, key) bucket matrix split as rows when the query length equals the rows: every row wrong
+    (0.28 off alone); refused as for a LoRA layer on it."""
+    from test_session_hostile11 import _saved_adapters, _t5
+    model = _saved_adapters(tmp_path, _t5, target_modules=["q"], modules_to_save=["relative_attention_bias"])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"module 'encoder.block.0.layer.0.SelfAttention."
+                                                          r"relative_attention_bias' \(a relative position bias\).*"
+                                                          r"adapter 'a' saves it whole"):
+        with lora.batch_adapters(model, ["a", "b", None]):
+            pass
+    with torch.no_grad(), lora.batch_adapters(model, [None, None]):  # (no row's adapter has a copy of it: served)
+        x = torch.randint(2, 60, (2, 2))
+        model(input_ids=x, decoder_input_ids=x)

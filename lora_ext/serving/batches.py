@@ -409,18 +409,26 @@ _TILING = {"MusicgenForCausalLM", "MusicgenForConditionalGeneration", "MusicgenM
 _RELATIVE_LOOKUPS = {"relative_attention_bias", "rel_attn_embed", "distance_embedding", "rel_pos_emb", "bias_values"}
 
 
-def _check_row_lookups(found, need) -> None:
-    """Refuses adapters of a relative position bias (_RELATIVE_LOOKUPS): an Embedding looked up with a (query, key)
-    matrix, with no row dimension, which a mixed batch would split as rows whenever the query length equals the
-    batch's rows (silently wrong, as peft's adapter_names is there)."""
-    for path, m in found:
-        if path.rpartition(".")[2] in _RELATIVE_LOOKUPS and getattr(m, "_batch_kind", None) == "embedding":
-            targeted = [a for a in need if m.has_adapter(a) and not m.is_placeholder(a)]
-            if targeted:
-                raise ValueError(f"batch_adapters: layer {path!r} (a relative position bias) is looked up with "
-                                 f"(query, key) position buckets, not by row, so a mixed batch cannot give each row "
-                                 f"its adapter there; adapter {targeted[0]!r} targets it: serve it one adapter at a "
-                                 f"time")
+def _check_row_lookups(found, saved, need) -> None:
+    """Refuses adapters of a relative position bias (_RELATIVE_LOOKUPS), a LoRA layer's or a copy saved whole
+    (modules_to_save: `saved`, the model's wrappers): an Embedding looked up with a (query, key) matrix, with no row
+    dimension, which a mixed batch would split as rows whenever the query length equals the batch's rows (silently
+    wrong, as peft's adapter_names is there)."""
+    for path, m in [*found, *saved]:
+        if path.rpartition(".")[2] not in _RELATIVE_LOOKUPS:
+            continue
+        if isinstance(m, saved_modules.ModulesToSave):
+            targeted, what = [a for a in need if a in m.adapter_names], "module"
+        elif getattr(m, "_batch_kind", None) == "embedding":
+            targeted, what = [a for a in need if m.has_adapter(a) and not m.is_placeholder(a)], "layer"
+        else:
+            continue
+        if targeted:
+            raise ValueError(f"batch_adapters: {what} {path!r} (a relative position bias) is looked up with "
+                             f"(query, key) position buckets, not by row, so a mixed batch cannot give each row "
+                             f"its adapter there; adapter {targeted[0]!r} "
+                             f"{'saves it whole' if what == 'module' else 'targets it'}: serve it one adapter at a "
+                             f"time")
 
 
 def _check_batch_major(model, expand=1):
@@ -469,7 +477,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         table, index, n, label = _rows(adapters, rows, {n for _, m in found for n in m.adapter_names})
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
-        _check_row_lookups(found, need)
+        _check_row_lookups(found, saved_modules.wrappers(model), need)
         pool = _pool(model, found)
         for name in need:
             for path, m in found:
