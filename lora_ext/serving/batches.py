@@ -186,6 +186,7 @@ class Batch:
         self.filled = set()
         self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds
         self.layout: Optional[str] = None  # "rows" or "tokens", from the model's input when it is called
+        self.tokens_per_row: Optional[int] = None  # the model's input's tokens per row (the "rows" layout)
         # Set when the block closes. A generator's block closed on another thread than the one it opened on
         # leaves its entries in the opening thread's context, where they must then count for nothing.
         self.closed = False
@@ -207,6 +208,9 @@ class Batch:
             tokens = batched.batch_shape(lead, size, layout)
             if tokens is not None:
                 return size, tokens
+        t = self.tokens_per_row
+        if self.expand == 1 and layout == "rows" and t is not None and t > 1 and tuple(lead) == (self.n * t,):
+            return self.n, t  # the rows' tokens flattened, row after row (OPT's MLP: (rows * tokens, d))
         return None
 
     def rows_text(self) -> str:
@@ -379,6 +383,7 @@ def _check_input(module, args, kwargs):
         batch.layout = "rows" if any(batched.batch_shape(lead, size, "rows") for size in batch.sizes) else None
     else:
         batch.layout = batched.layout_of(lead, batch.n)  # the layers' inputs must follow it (no broadcast rows)
+        batch.tokens_per_row = batched.batch_shape(lead, batch.n, "rows") if batch.layout == "rows" else None
     if batch.layout is None:
         how = (f"its first dimension must be the {batch.n} rows or their {batch.n * batch.expand} repeats "
                f"(expand={batch.expand})" if batch.expand > 1 else
