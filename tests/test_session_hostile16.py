@@ -300,6 +300,18 @@ def _state(model):
         names=lora.adapter_names(model))
 
 
+def _failing_at(monkeypatch, target, attr, call, exc):
+    """Makes target.attr raise a fresh `exc` (a type and message) at its call-th call (from 1), else run."""
+    real, calls = getattr(target, attr), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise exc[0](exc[1])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(target, attr, failing)
+
+
 def _same_state(a, b):
     assert a["modules"] == b["modules"] and a["params"] == b["params"] and a["names"] == b["names"]
     assert a["sd"].keys() == b["sd"].keys() and all(same_bits(a["sd"][k], b["sd"][k]) for k in a["sd"])
@@ -332,20 +344,13 @@ def test_a_load_failing_at_any_step_of_its_writes_is_taken_back(tmp_path, monkey
     before = _state(model)
     with torch.no_grad():
         out = model(ids).logits
-    calls = []
     target, attr = {"install": (injection, "install"), "reserve": (lora.LoRALayer, "_reserve"),
                     "activation": (serving_adapters, "_set_adapter")}[where]
-    real = getattr(target, attr)
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2 or where == "activation":
-            raise torch.OutOfMemoryError("out of memory (injected)")
-        return real(*args, **kwargs)
-    monkeypatch.setattr(target, attr, failing)
+    _failing_at(monkeypatch, target, attr, 1 if where == "activation" else 2,
+                (torch.OutOfMemoryError, "out of memory (injected)"))
     with pytest.raises(torch.OutOfMemoryError):
         lora.load_peft_adapter(model, paths["c"], "b", activate=True)  # a reload of inactive b, new o_proj and lm_head
-    monkeypatch.setattr(target, attr, real)
+    monkeypatch.undo()
     _same_state(before, _state(model))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, out)
@@ -365,18 +370,8 @@ def test_a_take_back_that_fails_at_one_layer_still_takes_the_rest_back(tmp_path,
     ids = tokens()
     with torch.no_grad():
         out = model(ids).logits
-    real_put_back, calls = peft_io._put_back, []
-
-    def put_back(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise torch.OutOfMemoryError("out of memory putting a layer back (injected)")
-        return real_put_back(*args, **kwargs)
-
-    def refused(*args, **kwargs):
-        raise ValueError("activation refused (injected)")
-    monkeypatch.setattr(peft_io, "_put_back", put_back)
-    monkeypatch.setattr(serving_adapters, "_set_adapter", refused)
+    _failing_at(monkeypatch, peft_io, "_put_back", 2, (torch.OutOfMemoryError, "out of memory putting a layer back"))
+    _failing_at(monkeypatch, serving_adapters, "_set_adapter", 1, (ValueError, "activation refused (injected)"))
     with pytest.raises(ValueError) as caught:
         lora.load_peft_adapter(model, paths["c"], "c", activate=True)
     monkeypatch.undo()
@@ -403,9 +398,7 @@ def test_a_trained_inactive_adapter_keeps_its_own_parameters_when_a_rank_changin
     values = A.detach().clone(), B.detach().clone()
     assert isinstance(A, nn.Parameter)
 
-    def refused(*args, **kwargs):
-        raise RuntimeError("activation refused (injected)")
-    monkeypatch.setattr(serving_adapters, "_set_adapter", refused)
+    _failing_at(monkeypatch, serving_adapters, "_set_adapter", 1, (RuntimeError, "activation refused (injected)"))
     with pytest.raises(RuntimeError):
         lora.load_peft_adapter(model, paths["b8"], "b", activate=True, is_trainable=True)
     monkeypatch.undo()

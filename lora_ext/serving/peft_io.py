@@ -778,7 +778,7 @@ def _undoing(model, adapter_name, plan, saved_plan, token_plan):
     """What a load changes besides the adapter's factors in layers (_held/_put_back), noted before it changes it:
     the modules it replaces (by new layers, or by wrappers for modules saved whole and rows of tokens), the adapter's
     entries in wrappers already there, the lossless switch of the layers already there and the trainable flags of
-    the model's parameters. Returns a function that puts them back (a load whose activation was refused)."""
+    the model's parameters. Returns a function that puts them back (_take_back: a load that failed part way)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     switches = [(layer, layer.lossless) for _, _, layer, fresh, *_ in plan if not fresh]
     modules = [(name, module) for name, module, _, fresh, *_ in plan if fresh]
@@ -810,7 +810,7 @@ def _undoing(model, adapter_name, plan, saved_plan, token_plan):
 
 def _held(layer, name):
     """What `layer` holds under adapter `name` (copies of its factors, its scaling, whether a stand-in, its own rank
-    under a reserve), or None."""
+    under a reserve, and an inactive adapter's own Parameters, which a load of another rank replaces), or None."""
     if name not in layer.adapter_names:
         return None
     A, B, scaling = layer.get_adapter(name)
@@ -826,10 +826,7 @@ def _put_back(layer, name, held) -> None:
             layer.delete_adapter(name)
         return
     A, B, scaling, placeholder, own, pair = held
-    with warnings.catch_warnings():  # (the load's own write warned that the pair was dropped: it comes back below)
-        if pair is not None:
-            warnings.simplefilter("ignore")
-        layer.add_adapter(name, A, B, scaling)
+    layer.add_adapter(name, A, B, scaling)
     if pair is not None and layer.get_adapter(name)[0] is not pair[0]:  # (the load gave it factors of another rank)
         layer.put_own_pair(name, pair)
     if placeholder:
