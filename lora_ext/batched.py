@@ -335,7 +335,7 @@ class LayerBatch:
             raise ValueError(f"batch_adapters: the weight of {where} moved to {layer.weight_2d().device} / "
                              f"{layer.weight_2d().dtype} after the batch was opened; open it again")
         lead = x.shape[:-1] if kind(layer) == "linear" else x.shape
-        fit = batch.fit(lead)
+        fit = batch.fit(lead, layer)
         if fit is None:
             if batch.expand > 1:
                 how = (f"its first dimension must be the {batch.n} rows or their {batch.n * batch.expand} repeats "

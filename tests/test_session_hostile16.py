@@ -488,3 +488,70 @@ def test_a_mixed_batch_serves_a_model_that_flattens_its_rows_tokens(tmp_path):
     for i, name in enumerate(rows):
         assert rel_err(mixed[i], alone[name][0][i]) < 1e-5, (i, name)
         assert torch.equal(generated[i], alone[name][1][i]), (i, name)
+
+
+def test_a_layer_given_the_rows_tokens_in_another_order_is_refused():
+    """Only modules known to flatten row after row (batches._FLATTENS_ROWS, OPT's decoder layer) are served a 1-D
+    input of rows * tokens: a module flattening token-major gave every row another's adapter (2.5 off) once any
+    such input was served (the batch-flatten helper)."""
+
+    class TokenMajor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 8)
+            self.fc = lora.Linear(8, 8, r=2)
+
+        def forward(self, ids):
+            h = self.embed(ids)
+            return self.fc(h.transpose(0, 1).reshape(-1, 8))  # tokens first, then rows
+
+    model = TokenMajor().eval()
+    model.fc.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    nn.init.normal_(model.fc.lora_B)
+    with torch.no_grad(), lora.batch_adapters(model, ["default", "b"]):
+        with pytest.raises(ValueError, match=r"layer 'fc' \(Linear\) got an input of shape \(6, 8\)"):
+            model(torch.randint(0, 20, (2, 3)))
+
+
+def test_a_mixed_batch_refuses_adapters_of_a_packed_patch_vision_tower(tmp_path):
+    """Qwen2-VL's vision tower takes every image's patches packed, (patches, d), whatever row holds the image: rows
+    got other rows' adapters (0.06 off) when the patches happened to number rows * tokens or rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from helpers import save_random_peft
+
+    def vl():
+        torch.manual_seed(0)
+        return Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+            text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                             rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1])),
+            vision_config=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=2,
+                               temporal_patch_size=2, spatial_merge_size=2, in_channels=3),
+            image_token_id=90, video_token_id=91, vision_start_token_id=92, vision_end_token_id=93)).eval()
+    for i, (name, targets) in enumerate({"a": ["qkv", "q_proj"], "b": ["q_proj"]}.items()):
+        save_random_peft(get_peft_model(vl(), LoraConfig(r=2, lora_alpha=4, target_modules=targets)),
+                         tmp_path / name, seed=i + 1, std=0.05)
+    model = vl()
+    lora.load_peft_adapter(model, str(tmp_path / "a"), "a")
+    lora.load_peft_adapter(model, str(tmp_path / "b"), "b", activate=False)
+    with pytest.raises(ValueError, match=r"layer 'model.visual.blocks.0.attn.qkv' is inside a "
+                                         r"Qwen2VisionTransformerPretrainedModel.*adapter 'a' targets it"):
+        with lora.batch_adapters(model, ["a", "b"]):
+            pass
+    with lora.batch_adapters(model, ["b", None]):  # (adapters of the language model alone: served)
+        pass
+
+
+def test_a_mixed_batch_refuses_longformer_s_time_major_attention():
+    """LongformerSelfAttention runs its query/key/value time-major, (T, B, d): with T equal to the rows every row was
+    served another's adapter (0.01 off); refused by name, as XLNet and FSMT are."""
+    from transformers import LongformerConfig, LongformerModel
+    model = LongformerModel(LongformerConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                             intermediate_size=64, attention_window=4, max_position_embeddings=64,
+                                             pad_token_id=1)).eval()
+    lora.inject(model, ["query", "value"], r=2)
+    with pytest.raises(ValueError, match=r"'encoder.layer.0.attention.self' is a LongformerSelfAttention, whose "
+                                         r"layers take time-major inputs"):
+        with lora.batch_adapters(model, ["default", None]):
+            pass

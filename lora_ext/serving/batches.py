@@ -187,6 +187,7 @@ class Batch:
         self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds
         self.layout: Optional[str] = None  # "rows" or "tokens", from the model's input when it is called
         self.tokens_per_row: Optional[int] = None  # the model's input's tokens per row (the "rows" layout)
+        self.flattens = frozenset()  # the layers that may take those tokens flattened, row after row (_FLATTENS_ROWS)
         # Set when the block closes. A generator's block closed on another thread than the one it opened on
         # leaves its entries in the opening thread's context, where they must then count for nothing.
         self.closed = False
@@ -199,7 +200,7 @@ class Batch:
             rows = self._rows_of[size] = self.rows.repeat_interleave(self.expand)
         return rows
 
-    def fit(self, lead) -> Optional[tuple]:
+    def fit(self, lead, layer=None) -> Optional[tuple]:
         """(rows, tokens per row) of a layer input of leading shape `lead` (batched.batch_shape), or None. With
         beams only the row layout: a flattened input of n * expand tokens is n rows of `expand` tokens, which
         repeating each row's entry `expand` times serves alike."""
@@ -209,7 +210,8 @@ class Batch:
             if tokens is not None:
                 return size, tokens
         t = self.tokens_per_row
-        if self.expand == 1 and layout == "rows" and t is not None and t > 1 and tuple(lead) == (self.n * t,):
+        if (self.expand == 1 and layout == "rows" and t is not None and t > 1 and tuple(lead) == (self.n * t,)
+                and layer in self.flattens):
             return self.n, t  # the rows' tokens flattened, row after row (OPT's MLP: (rows * tokens, d))
         return None
 
@@ -400,7 +402,19 @@ def _check_enabled(model, found) -> None:
 
 # transformers models whose layers take time-major inputs, (T, B, d): a row check by the first dimension cannot tell
 # T from B when they are equal (rows would be mixed up silently, as with peft's adapter_names)
-_TIME_MAJOR = {"XLNetModel", "FSMTModel"}
+_TIME_MAJOR = {"XLNetModel", "FSMTModel", "LongformerSelfAttention", "LEDEncoderSelfAttention"}
+
+
+# transformers modules whose LoRA layers take the rows' tokens flattened row after row, (rows * tokens, d): served as
+# the rows (Batch.fit). Only these: a layer's 1-D input of that size cannot show its order (a module flattening tokens
+# first, or patches packed across rows, would be served the wrong rows)
+_FLATTENS_ROWS = {"OPTDecoderLayer", "Qwen2MoeSparseMoeBlock"}
+
+
+# transformers vision towers that take every image's patches packed into one dimension, (patches, d), whatever row
+# holds the image: a mixed batch cannot tell the rows there (refused when the batch's adapters target their layers)
+_PACKED = {"Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen3VLVisionModel",
+           "Qwen2_5OmniVisionEncoder", "Glm4vVisionModel"}
 
 
 # transformers models whose generate() tiles the batch ([rows; rows]: MusicGen's classifier-free guidance) rather than
@@ -434,6 +448,34 @@ def _check_row_lookups(found, saved, need) -> None:
                              f"its adapter there; adapter {targeted[0]!r} "
                              f"{'saves it whole' if what == 'module' else 'targets it'}: serve it one adapter at a "
                              f"time")
+
+
+def _inside(model, classes) -> Dict[nn.Module, str]:
+    """{module: the class name of its innermost enclosing module (itself included) named in `classes`}."""
+    found = {}
+
+    def walk(module, within):
+        name = type(module).__name__
+        within = name if name in classes else within
+        if within is not None:
+            found[module] = within
+        for child in module.children():
+            walk(child, within)
+    walk(model, None)
+    return found
+
+
+def _check_packed(found, need, packed) -> None:
+    """Refuses adapters of layers inside a vision tower that packs every image's patches into one dimension
+    (_PACKED; `packed` from _inside)."""
+    for path, m in found:
+        tower = packed.get(m)
+        targeted = [a for a in need if m.has_adapter(a) and not m.is_placeholder(a)] if tower else []
+        if targeted:
+            raise ValueError(f"batch_adapters: layer {path!r} is inside a {tower}, which takes every image's patches "
+                             f"packed into one dimension, whatever row holds the image, so a mixed batch cannot give "
+                             f"each row its adapter there; adapter {targeted[0]!r} targets it: serve it one adapter "
+                             f"at a time")
 
 
 def _check_batch_major(model, expand=1):
@@ -483,6 +525,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
         _check_row_lookups(found, saved_modules.wrappers(model), need)
+        _check_packed(found, need, _inside(model, _PACKED))
         pool = _pool(model, found)
         for name in need:
             for path, m in found:
@@ -516,6 +559,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                             views[m].load(slot_of[name], m, name, f"batch_adapters: layer {path!r} adapter {name!r}")
                 batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
                               else index, slot_of, {m: path for path, m in found}, expand)
+                batch.flattens = frozenset(_inside(model, _FLATTENS_ROWS)).intersection(views)
                 for m in views:
                     m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
                 batched.note_batch(opened=True)
