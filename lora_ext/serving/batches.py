@@ -201,9 +201,10 @@ class Batch:
         return rows
 
     def fit(self, lead, layer=None) -> Optional[tuple]:
-        """(rows, tokens per row) of a layer input of leading shape `lead` (batched.batch_shape), or None. With
+        """(rows, tokens per row) of `layer`'s input of leading shape `lead` (batched.batch_shape), or None. With
         beams only the row layout: a flattened input of n * expand tokens is n rows of `expand` tokens, which
-        repeating each row's entry `expand` times serves alike."""
+        repeating each row's entry `expand` times serves alike. A layer of self.flattens may take the model input's
+        rows x tokens in one dimension, row after row."""
         layout = "rows" if self.expand > 1 else self.layout
         for size in self.sizes:
             tokens = batched.batch_shape(lead, size, layout)
