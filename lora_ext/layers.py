@@ -389,7 +389,8 @@ class LoRALayer(NamedAdapters):
         if not cleared and (new.is_meta or old.is_meta):
             return
         with deferred_interrupt():
-            held = self._wrote_into(new) if cleared else self._holds_merged_values(new, old)
+            # (cleared: the weight that was there, put back, lies in the memory the merge wrote)
+            held = bool(self._in_written(new)) if cleared else self._holds_merged_values(new, old)
             if held:
                 if old is not None and new.dtype != old.dtype:
                     self._keep_record(None)
@@ -400,11 +401,6 @@ class LoRALayer(NamedAdapters):
                       f"into the old one; the new weight, which does not hold the merged values, is taken as the base "
                       f"(as load_state_dict takes one) and the adapter is added on the fly until the next eval() or "
                       f"merge()", stacklevel=_user_stacklevel())
-
-    def _wrote_into(self, new: Tensor) -> bool:
-        """After `weight = None`: whether `new` lies in the memory this layer's last write left merged (the weight
-        that was there, put back)."""
-        return bool(self._in_written(new))
 
     def _holds_merged_values(self, new: Tensor, old: Tensor):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,

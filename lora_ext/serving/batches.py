@@ -466,12 +466,13 @@ def _inside(model, classes) -> Dict[nn.Module, str]:
     return found
 
 
-def _check_packed(found, need, packed) -> None:
+def _check_packed(found, need, enclosing) -> None:
     """Refuses adapters of layers inside a vision tower that packs every image's patches into one dimension
-    (_PACKED; `packed` from _inside)."""
+    (_PACKED; `enclosing` from _inside)."""
     for path, m in found:
-        tower = packed.get(m)
-        targeted = [a for a in need if m.has_adapter(a) and not m.is_placeholder(a)] if tower else []
+        tower = enclosing.get(m)
+        targeted = ([a for a in need if m.has_adapter(a) and not m.is_placeholder(a)] if tower in _PACKED
+                    else [])
         if targeted:
             raise ValueError(f"batch_adapters: layer {path!r} is inside a {tower}, which takes every image's patches "
                              f"packed into one dimension, whatever row holds the image, so a mixed batch cannot give "
@@ -526,7 +527,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
         _check_row_lookups(found, saved_modules.wrappers(model), need)
-        _check_packed(found, need, _inside(model, _PACKED))
+        enclosing = _inside(model, _PACKED | _FLATTENS_ROWS)  # (one walk for both)
+        _check_packed(found, need, enclosing)
         pool = _pool(model, found)
         for name in need:
             for path, m in found:
@@ -560,7 +562,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                             views[m].load(slot_of[name], m, name, f"batch_adapters: layer {path!r} adapter {name!r}")
                 batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
                               else index, slot_of, {m: path for path, m in found}, expand)
-                batch.flattens = frozenset(_inside(model, _FLATTENS_ROWS)).intersection(views)
+                batch.flattens = frozenset(m for m in views if enclosing.get(m) in _FLATTENS_ROWS)
                 for m in views:
                     m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
                 batched.note_batch(opened=True)
