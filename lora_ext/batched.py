@@ -345,7 +345,7 @@ class LayerBatch:
                        "tokens": "its tokens, flattened, must be the rows, as in the model's input"}.get(
                     batch.layout, "its first dimension must be the batch row (or its tokens, flattened, the rows)")
             raise ValueError(f"batch_adapters: {batch.rows_text()}, but {where} got an input of shape "
-                             f"{tuple(x.shape)}: {how}{batch.hint(lead[0]) if len(lead) else ''}")
+                             f"{tuple(x.shape)}: {how}{batch.hint(lead[0], lead) if len(lead) else ''}")
         size, tokens = fit
         merged = layer.active_adapter if layer._serves_merged() else None  # (see LoRALayer._serves_merged)
         if (merged is not None and merged in batch.slot_of and not torch.compiler.is_compiling()

@@ -187,6 +187,7 @@ class Batch:
         self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds
         self.layout: Optional[str] = None  # "rows" or "tokens", from the model's input when it is called
         self.tokens_per_row: Optional[int] = None  # the model's input's tokens per row (the "rows" layout)
+        self.input_rows = self.n  # the model's input's rows: n, or with beams the n * expand repeats it held
         self.flattens = frozenset()  # the layers that may take those tokens flattened, row after row (_FLATTENS_ROWS)
         # Set when the block closes. A generator's block closed on another thread than the one it opened on
         # leaves its entries in the opening thread's context, where they must then count for nothing.
@@ -210,18 +211,28 @@ class Batch:
             tokens = batched.batch_shape(lead, size, layout)
             if tokens is not None:
                 return size, tokens
-        t = self.tokens_per_row
-        if (self.expand == 1 and layout == "rows" and t is not None and t > 1 and tuple(lead) == (self.n * t,)
-                and layer in self.flattens):
-            return self.n, t  # the rows' tokens flattened, row after row (OPT's MLP: (rows * tokens, d))
+        if self.flattened(lead) and layer in self.flattens:
+            # the rows' tokens flattened, row after row (OPT's MLP: (rows * tokens, d)); with beams, the repeats'
+            return self.input_rows, self.tokens_per_row
         return None
+
+    def flattened(self, lead) -> bool:
+        """Whether a layer input of leading shape `lead` holds the model input's rows x tokens (more than one token
+        per row) in one dimension."""
+        t = self.tokens_per_row
+        return self.layout == "rows" and t is not None and t > 1 and tuple(lead) == (self.input_rows * t,)
 
     def rows_text(self) -> str:
         return f"{self.n} rows were given" + (f" (expand={self.expand}: {self.n * self.expand} with each row "
                                                f"repeated)" if self.expand > 1 else "")
 
-    def hint(self, first: int) -> str:
-        """For an input whose first dimension is another multiple of the rows (generate() with beams): how to say so."""
+    def hint(self, first: int, lead=None) -> str:
+        """For an input whose first dimension is another multiple of the rows (generate() with beams): how to say so.
+        A layer's input of leading shape `lead` holding the rows' tokens in one dimension is told that instead."""
+        if lead is not None and self.flattened(lead):
+            return (f"; it holds the model input's {self.input_rows} rows x {self.tokens_per_row} tokens in one "
+                    f"dimension, which is served only inside modules known to flatten them row after row ("
+                    f"{', '.join(sorted(_FLATTENS_ROWS))}): their order cannot be told from the shape")
         if first > self.n and first % self.n == 0 and first // self.n != self.expand:
             k = first // self.n
             return (f"; generate() with num_beams={k} (or num_return_sequences={k}) repeats each row {k} times in a "
@@ -383,10 +394,13 @@ def _check_input(module, args, kwargs):
         return
     lead = x.shape[:-1] if x.is_floating_point() else x.shape
     if batch.expand > 1:  # beams: the row layout, the model's input holding the rows or each repeated
-        batch.layout = "rows" if any(batched.batch_shape(lead, size, "rows") for size in batch.sizes) else None
+        size = next((size for size in batch.sizes if batched.batch_shape(lead, size, "rows")), None)
+        batch.layout = "rows" if size is not None else None
     else:
+        size = batch.n
         batch.layout = batched.layout_of(lead, batch.n)  # the layers' inputs must follow it (no broadcast rows)
-        batch.tokens_per_row = batched.batch_shape(lead, batch.n, "rows") if batch.layout == "rows" else None
+    batch.tokens_per_row = batched.batch_shape(lead, size, "rows") if batch.layout == "rows" else None
+    batch.input_rows = size if size is not None else batch.n
     if batch.layout is None:
         how = (f"its first dimension must be the {batch.n} rows or their {batch.n * batch.expand} repeats "
                f"(expand={batch.expand})" if batch.expand > 1 else
