@@ -13,6 +13,8 @@ adapters are copied, and the live factors get storage of their own when they bec
 outside the layer shares storage with them under another version counter. Writes through `.data` bypass
 version counters, as they bypass autograd's checks: after such writes, call `check_values`.
 """
+import contextlib
+import contextvars
 import itertools
 import math
 import operator
@@ -33,6 +35,30 @@ from . import ops, sharded
 Adapter = Tuple[Tensor, Tensor, float]  # (lora_A, lora_B, scaling)
 
 MERGED = object()  # the stamp key of the merged snapshot (the factors the weight holds now)
+
+# the warnings add_adapter gives while a change that may still be taken back runs (held_warnings), or None
+_HELD_WARNINGS: contextvars.ContextVar = contextvars.ContextVar("lora_ext_held_warnings", default=None)
+
+
+@contextlib.contextmanager
+def held_warnings():
+    """Holds back, in this context, the warnings add_adapter gives about Parameters it replaces: yields their list
+    of (message, category), for the caller to give once its change stands (a load that is taken back gives those
+    Parameters back, and the warnings would then be wrong)."""
+    held: list = []
+    token = _HELD_WARNINGS.set(held)
+    try:
+        yield held
+    finally:
+        _HELD_WARNINGS.reset(token)
+
+
+def _warn(message: str, category=UserWarning, stacklevel: int = 1) -> None:
+    held = _HELD_WARNINGS.get()
+    if held is None:
+        warnings.warn(message, category, stacklevel=stacklevel + 1)
+    else:
+        held.append((message, category))
 
 
 def _stamp(lora_A, lora_B):
@@ -672,9 +698,9 @@ class NamedAdapters:
                 if self._trainable() and self._parameters.get("lora_A") is not live:
                     why = (f"its rank changed from {rank} to {self.r}" if self.r != rank else
                            "the live Parameters were another adapter's own (see settle_parameters)")
-                    warnings.warn(f"{self._describe()}: add_adapter gave the active, trainable adapter {name!r} new "
-                                  f"lora_A/lora_B Parameter objects ({why}); an optimizer built over the old ones no "
-                                  f"longer trains it: build it again", stacklevel=2)
+                    _warn(f"{self._describe()}: add_adapter gave the active, trainable adapter {name!r} new "
+                          f"lora_A/lora_B Parameter objects ({why}); an optimizer built over the old ones no "
+                          f"longer trains it: build it again", stacklevel=2)
             else:
                 stored = self._adapters.get(name)
                 own_pair = stored is not None and all(isinstance(t, nn.Parameter) for t in stored[:2])
@@ -692,9 +718,9 @@ class NamedAdapters:
                     self._stamp_finite(name)
                 if own_pair and self._adapters[name][0] is not stored[0]:
                     what = "rank" if stored[0].shape != lora_A.shape or stored[1].shape != lora_B.shape else "dtype"
-                    warnings.warn(f"{self._describe()}: add_adapter gave adapter {name!r} factors of another {what} "
-                                  f"than its own Parameters (it trained with them), which it drops; an optimizer "
-                                  f"built over them no longer trains it: build it again", stacklevel=2)
+                    _warn(f"{self._describe()}: add_adapter gave adapter {name!r} factors of another {what} "
+                          f"than its own Parameters (it trained with them), which it drops; an optimizer "
+                          f"built over them no longer trains it: build it again", stacklevel=2)
             self.__dict__.get("_placeholders", set()).discard(name)  # a real adapter from now on
             if self.reserved_rank is not None:
                 self.__dict__.setdefault("_own_ranks", {})[name] = own
@@ -707,6 +733,27 @@ class NamedAdapters:
         with self._lock:
             self._adapters[name] = (*pair, self._adapters[name][2])
             self._stamp_finite(name)
+
+    def put_live_pair(self, name: str, pair: Tuple[Tensor, Tensor]) -> None:
+        """Gives active adapter `name` back the live Parameters `pair` (an optimizer holds them) it had before a load
+        gave it factors of another rank (add_adapter registered new ones), with the values live now: that load is being
+        taken back, and the values it had are live again."""
+        if name != self.active_adapter:
+            raise ValueError(f"{self._describe()}: put_live_pair of adapter {name!r}, which is not the active one")
+        with self._lock, deferred_interrupt():
+            live_A, live_B = self.lora_A, self.lora_B
+            if any(p is t for held in self._adapters.values() for p in pair for t in held[:2]):
+                raise ValueError(f"{self._describe()}: put_live_pair: the pair is another adapter's own")
+            if any(p.shape != t.shape or p.dtype != t.dtype or p.device != t.device
+                   for p, t in zip(pair, (live_A, live_B))):
+                raise ValueError(f"{self._describe()}: put_live_pair: the pair's shapes, dtype or device are not the "
+                                 f"live factors' ({tuple(live_A.shape)}, {tuple(live_B.shape)}, {live_A.dtype})")
+            self._streams.write(live_A.device)
+            pair = self._take_values(pair, live_A, live_B, self.scaling)
+            for p, live in zip(pair, (live_A, live_B)):
+                p.requires_grad_(live.requires_grad)
+            self._parameters["lora_A"], self._parameters["lora_B"] = pair
+            self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
 
     def delete_adapter(self, name: str) -> None:
         if name == self.active_adapter:

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import lora_ext as lora
-from helpers import rel_err, save_random_peft
+from helpers import rel_err, same_bits, save_random_peft
 
 
 def _opt():
@@ -73,3 +73,70 @@ def test_a_layer_given_the_rows_tokens_flattened_outside_a_known_module_is_told_
                                              r"tokens in one dimension") as e:
             model(torch.randint(0, 20, (2, 3)))
     assert "num_beams" not in str(e.value)
+
+
+# a rank-changing reload that is taken back: the active adapter's live Parameters come back as the same objects, and
+# no warning says Parameters were dropped (they were given back); a reload that stands still warns once
+
+def _trainable_llama(tmp_path):
+    from test_session_hostile16 import _peft_files
+    from tiny_models import llama
+    paths = _peft_files(tmp_path, a=(["q_proj"], 4, {}), b=(["q_proj", "o_proj"], 4, {}),
+                        a8=(["q_proj"], 8, {}), b8=(["q_proj", "o_proj"], 8, {}))
+    model = llama().train()
+    lora.load_peft_adapter(model, paths["a"], "a", is_trainable=True)
+    lora.load_peft_adapter(model, paths["b"], "b", activate=False, is_trainable=True)
+    return model, paths
+
+
+def _refusing_activation(monkeypatch):
+    from lora_ext.serving import adapters as serving_adapters
+    from test_session_hostile16 import _failing_at
+    _failing_at(monkeypatch, serving_adapters, "_set_adapter", 1, (RuntimeError, "activation refused (injected)"))
+
+
+def test_the_active_adapter_keeps_its_live_parameters_when_a_rank_changing_reload_is_taken_back(tmp_path,
+                                                                                                  monkeypatch):
+    import warnings
+    model, paths = _trainable_llama(tmp_path)
+    layer = model.model.layers[0].self_attn.q_proj
+    A, B = layer.lora_A, layer.lora_B
+    values = A.detach().clone(), B.detach().clone()
+    opt = torch.optim.SGD([A, B], lr=0.1)
+    _refusing_activation(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match="activation refused"):
+        warnings.simplefilter("always")
+        lora.load_peft_adapter(model, paths["a8"], "a", activate=True, is_trainable=True)
+    monkeypatch.undo()
+    assert not [w for w in caught if "Parameter" in str(w.message)], [str(w.message) for w in caught]
+    assert layer.lora_A is A and layer.lora_B is B and layer.r == 4  # the objects the optimizer holds
+    assert same_bits(A.detach(), values[0]) and same_bits(B.detach(), values[1])
+    assert dict(layer.named_parameters())["lora_A"] is A
+    # the optimizer trains the layer on: a step moves the live factors the forward reads
+    loss = model(torch.randint(0, 50, (2, 5))).logits.square().mean()
+    loss.backward()
+    opt.step()
+    assert not torch.equal(layer.lora_A.detach(), values[0])
+
+
+def test_a_rank_changing_reload_taken_back_gives_no_warning_of_dropped_parameters(tmp_path, monkeypatch):
+    import warnings
+    model, paths = _trainable_llama(tmp_path)
+    _refusing_activation(monkeypatch)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match="activation refused"):
+        warnings.simplefilter("always")
+        lora.load_peft_adapter(model, paths["b8"], "b", activate=True, is_trainable=True)
+    monkeypatch.undo()
+    assert not [w for w in caught if "Parameter" in str(w.message)], [str(w.message) for w in caught]
+    # a reload that stands warns, once per layer, after it stands
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora.load_peft_adapter(model, paths["b8"], "b", activate=False, is_trainable=True)
+        lora.load_peft_adapter(model, paths["a8"], "a", activate=True, is_trainable=True)
+    said = [str(w.message) for w in caught if "Parameter" in str(w.message)]
+    layers = model.model.layers
+    assert len(layers) == 2
+    # (b's own Parameters: in the layers the load injected, o_proj; q_proj holds copies of the file's inactive b)
+    assert len([m for m in said if "adapter 'b' factors of another rank" in m]) == 2, said
+    assert len([m for m in said if "active, trainable adapter 'a' new" in m]) == 2, said  # q_proj
+    assert all(w.filename == __file__ for w in caught if "Parameter" in str(w.message)), [w.filename for w in caught]

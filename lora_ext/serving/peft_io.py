@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .. import layers, ops
 from ..layers import LoRALayer
+from .. import named_adapters as _named
 from ..named_adapters import check_adapter_name, deferred_interrupt
 from ..utils import unwrap
 from . import checkpoint_names as _ckpt_names
@@ -681,7 +682,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # the model changes, atomically for forwards on other threads (Ctrl-C held back to the end: the adapter lands
     # whole, then the KeyboardInterrupt); what can still be refused (a switch of a merged weight, out of memory) is
     # put back below
-    with model_lock(model).write(), deferred_interrupt():
+    # (add_adapter's warnings of Parameters it replaced are given once the load stands: taken back, it gives them back)
+    with model_lock(model).write(), deferred_interrupt(), _named.held_warnings() as replaced:
         _inject.check_enabled(model, *refusal)  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
         undo = _undoing(model, adapter_name, plan, saved_plan, token_plan)
@@ -751,6 +753,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         for layer in (first_factors if _hotswap else
                       [layer for _, _, layer, *_ in plan if not isinstance(layer, layers.Embedding)]):
             layer.set_adapter_dropout(adapter_name, cfg.get("lora_dropout", 0.0))
+    for message, category in replaced:
+        warnings.warn(message, category, stacklevel=layers._user_stacklevel())
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))
 
 
@@ -815,7 +819,11 @@ def _held(layer, name):
         return None
     A, B, scaling = layer.get_adapter(name)
     own = layer.__dict__.get("_own_ranks", {}).get(name)
-    pair = (A, B) if name != layer.active_adapter and isinstance(A, nn.Parameter) else None  # (its own, trained)
+    # an inactive adapter's own Parameters (it trained), or the active adapter's live ones when they are its own (the
+    # objects an optimizer holds; not another adapter's, lent to it by a serving switch): a load of another rank
+    # replaces them
+    pair = (A, B) if (isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter)
+                      and (name != layer.active_adapter or layer.__dict__.get("_owner") is None)) else None
     return A.detach().clone(), B.detach().clone(), scaling, layer.is_placeholder(name), own, pair
 
 
@@ -828,7 +836,10 @@ def _put_back(layer, name, held) -> None:
     A, B, scaling, placeholder, own, pair = held
     layer.add_adapter(name, A, B, scaling)
     if pair is not None and layer.get_adapter(name)[0] is not pair[0]:  # (the load gave it factors of another rank)
-        layer.put_own_pair(name, pair)
+        if name == layer.active_adapter:
+            layer.put_live_pair(name, pair)
+        else:
+            layer.put_own_pair(name, pair)
     if placeholder:
         layer.__dict__.setdefault("_placeholders", set()).add(name)
     else:
