@@ -66,6 +66,8 @@ def _same_storage(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+_MERGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the weights merges write
+
 _INTERNAL = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.abspath(__file__)) + os.sep)
 
 
@@ -126,6 +128,24 @@ def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> 
         sums += torch.stack([_diff(a, b).square().sum(), _diff(a, c).square().sum(), _diff(b, c).square().sum(),
                              b.nan_to_num(0.0, 0.0, 0.0).square().sum()])
     return tuple(sums.sqrt().tolist())
+
+
+def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
+    """Whether `new` shows a rounding of `old`'s values: a narrower dtype than old's, values that a narrower float
+    dtype holds exactly (a cast's round trip), or few distinct values in each row (a quantizer's levels: at most 256
+    and a quarter of the row, in its first `rows` rows)."""
+    if new.element_size() < old.element_size():
+        return True
+    flat = new.detach().reshape(new.shape[0], -1) if new.dim() else new.detach().reshape(1, 1)
+    for narrow in (torch.bfloat16, torch.float16):
+        if torch.finfo(narrow).bits < torch.finfo(new.dtype).bits:
+            back = flat.to(narrow).to(new.dtype)
+            if bool(((back == flat) | (back.isnan() & flat.isnan())).all()):
+                return True
+    if flat.shape[1] < 16:
+        return False
+    most = min(256, flat.shape[1] // 4)
+    return all(row.unique().numel() <= most for row in flat[:rows])
 
 
 def _diff(a: Tensor, b: Tensor) -> Tensor:
@@ -385,6 +405,8 @@ class LoRALayer(NamedAdapters):
                 or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return  # (None: the weight that comes next is looked at, against the memory the merge wrote)
         if sharded.is_dtensor(old) or sharded.is_dtensor(new):
+            if sharded.is_dtensor(new) and old is not None and not sharded.is_dtensor(old):
+                self._note_written()  # (sharding: fully_shard or tensor parallel puts the merged weight's shards here)
             return
         if not cleared and (new.is_meta or old.is_meta):
             return
@@ -397,16 +419,19 @@ class LoRALayer(NamedAdapters):
                 self._note_written()
                 return
             self._forget_merge()
+        which = ("the new weight, set after the weight was None, is not the memory the merge wrote (a copy cannot be "
+                 "compared with a weight that is gone)" if cleared else
+                 "the new weight, which does not hold the merged values,")
         warnings.warn(f"{self._describe()}: its weight was replaced while adapter {self.active_adapter!r} was merged "
-                      f"into the old one; the new weight, which does not hold the merged values, is taken as the base "
-                      f"(as load_state_dict takes one) and the adapter is added on the fly until the next eval() or "
-                      f"merge()", stacklevel=_user_stacklevel())
+                      f"into the old one; {which} is taken as the base (as load_state_dict takes one) and the adapter "
+                      f"is added on the fly until the next eval() or merge()", stacklevel=_user_stacklevel())
 
     def _holds_merged_values(self, new: Tensor, old: Tensor):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
         or a copy bit for bit), "near" (a copy in another dtype, rounded or quantized: within half |old| of the
         merged weight, and no farther from it than from the base under it unless the update is under half that
-        distance), or False. One comparison over the weight (a copy on old's device when new is elsewhere), and for
+        distance and `new` shows a rounding (_rounded): a new base of its own, the old one changed by more than twice
+        the update, is nearer the base too), or False. One comparison over the weight (a copy on old's device when new is elsewhere), and for
         a copy that is not exact, one unmerge of a copy."""
         if new.shape != old.shape:
             return False
@@ -426,8 +451,10 @@ class LoRALayer(NamedAdapters):
                 to_merged, to_base, update, size = _distances(new, old, base)
                 # a base: far from the merged weight, or nearer the base than to it (a copy of the base, rounded);
                 # but where the rounding is over twice the update (a quantizer's), the two cannot be told apart and
-                # either reading is off by less than the rounding: the merged weight, quantized
-                return "near" if to_merged < size / 2 and (to_merged <= to_base or update < to_merged / 2) else False
+                # either reading is off by less than the rounding: the merged weight, quantized. Only a weight that
+                # shows a rounding: a new base (another checkpoint's, an average) changes by more than that too
+                return "near" if to_merged < size / 2 and (to_merged <= to_base or (
+                    update < to_merged / 2 and _rounded(new, old))) else False
         except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
             return False
 
@@ -451,8 +478,10 @@ class LoRALayer(NamedAdapters):
         with lock if lock is not None else contextlib.nullcontext():
             old = self._modules.get("conv")
             self._modules["conv"] = conv
-            if lock is not None and old is not None:
-                self._weight_replaced(old._parameters.get("weight"), conv._parameters.get("weight"))
+            if lock is not None:
+                # (a module without a weight in between, `layer.conv = nn.Identity()`, as `layer.weight = None`)
+                old_weight = old._parameters.get("weight") if old is not None else None
+                self._weight_replaced(old_weight, conv._parameters.get("weight"), cleared=old_weight is None)
 
     def _describe(self) -> str:
         """The layer as its constructor reads (in messages): Linear(in, out), Embedding(num, dim),
@@ -609,8 +638,15 @@ class LoRALayer(NamedAdapters):
         rank 0's values into the live parameters, then loads them into themselves). False when unknown."""
         if state_dict.get(prefix + self._weight_key) is not self._weight_or_none():
             return False
-        w, record = sharded.local(self._weight_param()), self.__dict__.get("_written")
-        return bool(self._in_written(w)) and record.version != w._version
+        weight = self._weight_param()
+        w, record = sharded.local(weight), self.__dict__.get("_written")
+        mine = bool(self._in_written(w)) and record.version != w._version
+        if sharded.is_dtensor(weight):
+            # every rank takes one path (the other one all-reduces): FSDP2 copies some ranks' shards into new padded
+            # memory after a .to() or an assign load (reset_sharded_param, after the layer noted its write), where the
+            # record then says no; the loader wrote every rank's shard alike
+            return sharded.any_rank(weight, mine)
+        return mine
 
     def _lossless_now(self) -> bool:
         """Whether the next merge writes a lossless record: `lossless` if set, else on for float16/bfloat16
@@ -640,10 +676,19 @@ class LoRALayer(NamedAdapters):
                     f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
         if w.is_meta or (self.has_lora and (self.lora_A.is_meta or self.lora_B.is_meta)):
             return f"{self._describe()}: its weight or factors are on the meta device: {self._meta_refusal()}"
+        if w.dtype not in _MERGE_DTYPES:
+            return (f"{self._describe()}: its weight is {w.dtype}; merges write float16, bfloat16, float32 and float64 "
+                    f"weights (serve it unmerged: forwards add the adapter on the fly)")
         return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
 
     def _computed_weight(self) -> str:
         """What merges meet in a layer whose weight is not a registered parameter (merge_refusal, _weight_param)."""
+        if "weight" in self._weight_owner().__dict__.get("_buffers", {}):
+            # (removing a parametrization registers a weight that does not require grad, as lora_ext's, as a buffer)
+            return (f"{self._describe()}: its weight is a buffer, not a registered parameter (removing a "
+                    f"parametrization such as weight_norm registers a frozen weight so); merges write the weight "
+                    f"parameter: register it again, `w = layer.weight; del layer.weight; layer.weight = "
+                    f"nn.Parameter(w, requires_grad=False)`")
         return (f"{self._describe()}: its weight is not a registered parameter (a parametrization, weight_norm or "
                 f"pruning computes it); merges write the weight in place and cannot write through that")
 
@@ -704,6 +749,8 @@ class LoRALayer(NamedAdapters):
         tensor in its place: a merge into that would write a temporary)."""
         weight = self._weight_or_none()
         if weight is None:
+            if "weight" in self._weight_owner().__dict__.get("_buffers", {}):
+                raise KeyError(self._computed_weight())
             raise KeyError(f"{self._computed_weight()}: remove it first (e.g. torch.nn.utils.parametrize."
                            f"remove_parametrizations(layer, 'weight'))")
         return weight
@@ -917,7 +964,8 @@ class LoRALayer(NamedAdapters):
                 self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(device) for t in snapshot[:2])
                 if record is not None:
                     self.__dict__["_merged_record"] = record.to(device)
-                if weight.is_meta:
+                if weight.is_meta or getattr(fn, "__qualname__", "").startswith("Module.to_empty."):
+                    # (to_empty: new memory holding nothing, which the caller fills with a base: unmerged)
                     self._set_merged(None, None, None)
                     self.merged = False
                 else:

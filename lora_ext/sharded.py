@@ -74,6 +74,34 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def _fsdp_params():
+    """(FSDP2 module, its FSDPParam) for every parameter fully_shard manages in this process (none when
+    torch.distributed is not initialised)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:
+        return
+    for module in list(_module_state_mapping):  # every module with a composable state (FSDP2's among them)
+        if not (hasattr(module, "reshard") and hasattr(module, "_get_fsdp_state")):
+            continue
+        state = module._get_fsdp_state()
+        groups = getattr(state, "_fsdp_param_groups", None)  # a list since torch 2.10; before, one group
+        if groups is None:
+            groups = [g for g in (getattr(state, "_fsdp_param_group", None),) if g is not None]
+        for g in groups:
+            for p in g.fsdp_params:
+                yield module, p
+
+
+def fsdp_managed(module) -> bool:
+    """Whether FSDP2 (fully_shard) manages parameters of `module` itself, sharded (DTensors) or all-gathered now
+    (plain tensors: after a forward with reshard_after_forward=False, the root's after any forward, after unshard())."""
+    return any(p._module_info.module is module for _, p in _fsdp_params())
+
+
 def reshard_if_gathered(layer) -> None:
     """FSDP2 (fully_shard) swaps a module's parameters for all-gathered plain ones while it is unsharded (after
     a forward with reshard_after_forward=False, the root after any forward, after unshard()); a merge or a
@@ -82,24 +110,11 @@ def reshard_if_gathered(layer) -> None:
     shards (lora_ext.serving's model-level calls reshard the whole model first). A layer's own train()/eval(),
     merge(), set_adapter() and add_adapter() call it. Costs a look over the process's FSDP states, only when
     torch.distributed is initialised."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    try:
-        from torch.distributed._composable_state import _module_state_mapping
-    except ImportError:
-        return
     mine = {id(m) for m in layer.modules()}
-    for module in list(_module_state_mapping):  # every module with a composable state (FSDP2's among them)
-        if not (hasattr(module, "reshard") and hasattr(module, "_get_fsdp_state")):
-            continue
-        state = module._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)  # a list since torch 2.10; before, one group
-        if groups is None:
-            groups = [g for g in (getattr(state, "_fsdp_param_group", None),) if g is not None]
-        if any(id(p._module_info.module) in mine and p.sharded_state.name != "SHARDED"
-               for g in groups for p in g.fsdp_params):
-            module.reshard()
+    gathered = {id(module): module for module, p in _fsdp_params()
+                if id(p._module_info.module) in mine and p.sharded_state.name != "SHARDED"}
+    for module in gathered.values():
+        module.reshard()
 
 
 class Part(NamedTuple):
@@ -216,6 +231,18 @@ def _header(op: str, tensors, scales) -> Tensor:
     for j, sc in enumerate(scales):
         acc[3] += float(sc) * (j + 1) * 1.618034
     return acc.nan_to_num(0.0, 0.0, 0.0)
+
+
+def any_rank(weight: Tensor, flag: bool) -> bool:
+    """Whether `flag` holds on any rank of the DTensor `weight`'s mesh (one all-reduce per mesh dimension): a decision
+    every rank must take alike, from facts one rank may see otherwise."""
+    import torch.distributed as dist
+    mesh = weight.device_mesh
+    dev = weight.device if weight.device.type != "cpu" else torch.device("cpu")
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    for dim in range(mesh.ndim):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    return bool(t.item())
 
 
 _OK, _REFUSED, _FAILED = 0, 1, 2  # a rank's outcome of its part of a write, agreed on as the worst (MAX)

@@ -332,6 +332,7 @@ def reserve_rank(model: nn.Module, rank: int) -> None:
                          "shapes; reserve the rank on the inner model before wrapping it")
     with model_lock(model).write():
         found = _layers_or_raise(model)
+        reshard_fsdp(model)  # (all-gathered factors are plain tensors: the sharded ones are refused below)
         for name, m in found:
             try:
                 with m._lock:

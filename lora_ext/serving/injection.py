@@ -419,7 +419,8 @@ def check_replaceable(model, name, module, label=None):
     functions above). label: what the message starts with (default: "target_modules: module 'name'")."""
     label = label or f"target_modules: module {name!r}"
     weight = getattr(module, "weight", None)
-    if not isinstance(module, LoRALayer) and sharded.is_dtensor(weight):
+    if not isinstance(module, LoRALayer) and (sharded.is_dtensor(weight) or sharded.fsdp_managed(module)):
+        # (FSDP2 holds the weight all-gathered, a plain tensor, after some forwards: the module is sharded still)
         raise ValueError(f"{label} has a sharded weight (a DTensor: fully_shard or tensor parallel was applied); "
                          f"a lora_ext layer must be in place before sharding: inject (or load the adapter) first, then "
                          f"shard (lora_ext.parallel's styles for tensor parallel)")
