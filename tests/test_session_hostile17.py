@@ -1,4 +1,6 @@
 """Seventeenth session: each test failed on the code before its fix (ea5cefa)."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -405,3 +407,52 @@ def test_inject_and_reserve_rank_refuse_fsdp_modules_whose_parameters_are_gather
         assert "module 'head' has a sharded weight" in (said["inject"] or ""), said
         assert "reserve_rank: layer '0'" in (said["reserve_rank"] or ""), said
         assert said["rank"] == [2, 2]
+
+
+# ---- the files helper's findings ----
+
+def test_only_temporaries_by_atomic_path_s_names_are_taken_for_stale(tmp_path):
+    """The sweep before a merge removed anything named `.<out>.tmp-*` that did not start with a live pid: a user's
+    `.merged.tmp-notes/` folder (with its files) and `.merged.tmp-backup`."""
+    import subprocess
+    import sys
+    from lora_ext.serving import files
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    out = tmp_path / "merged"
+    kept = [".merged.tmp-notes", ".merged.tmp-backup", f".merged.tmp-{dead}-livewriter", ".merged.tmp-123-"]
+    stale = [f".merged.tmp-{dead}-a1b2_c3d", f".merged.tmp-{dead}-old-zz9_8y7x", ".merged.tmp-q7w_e8r9"]
+    for name in kept + stale:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "todo.txt").write_text("mine")
+    assert files.remove_stale_temporaries(out) == sorted(str(tmp_path / n) for n in stale)
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
+
+
+def test_merge_refuses_an_adapter_missing_factors_its_config_selects(tmp_path, capsys):
+    """`lora-ext merge` wrote the modules a partial (or empty) weights file lacked unmerged, and exited 0;
+    load_peft_adapter refuses such a file."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from lora_ext.cli import main
+    from tiny_models import llama
+    base = llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    path = save_random_peft(get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+                            tmp_path / "ad", seed=1, std=0.1)
+    factors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    for tag, keep in (("partial", lambda k: "layers.1." not in k), ("empty", lambda k: False)):
+        d = tmp_path / f"ad_{tag}"
+        d.mkdir()
+        (d / "adapter_config.json").write_text(open(os.path.join(path, "adapter_config.json")).read())
+        save_file({k: v for k, v in factors.items() if keep(k)}, str(d / "adapter_model.safetensors"))
+        rc = main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(d), "--out", str(tmp_path / tag),
+                   "--quiet"])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert ("holds no factors for module(s) 'model.layers.1.self_attn.q_proj'" if tag == "partial" else
+                "holds no LoRA factors") in err
+        assert not (tmp_path / tag).exists()
+    # the whole file merges
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", path, "--out", str(tmp_path / "whole"),
+                 "--quiet"]) == 0

@@ -13,6 +13,10 @@ import tempfile
 import time
 
 
+# what follows the prefix in a temporary's name: the writer's pid (absent in older names), and tempfile's 8 characters
+_TEMPORARY = re.compile(r"(?:(\d+)-(?:old-)?)?[a-z0-9_]{8}")
+
+
 def _tmp_prefix(path):
     return "." + os.path.basename(path) + ".tmp-"
 
@@ -31,7 +35,9 @@ def _pid_alive(pid):
 
 def stale_temporaries(path):
     """Temporaries of `path` (atomic_path's names) whose writer is no longer running on this machine:
-    `.<name>.tmp-<pid>-...` with a dead pid, or the older `.<name>.tmp-<random>` that carries no pid."""
+    `.<name>.tmp-<pid>-<random>` (or `-old-<random>`, a file kept aside) with a dead pid, or the older
+    `.<name>.tmp-<random>` that carries no pid; <random> is tempfile's 8 characters. Nothing else that begins so (a
+    user's `.<name>.tmp-notes`) is taken for one."""
     path = os.path.abspath(path)
     parent, prefix = os.path.dirname(path), _tmp_prefix(path)
     try:
@@ -42,8 +48,8 @@ def stale_temporaries(path):
     for entry in sorted(entries):
         if not entry.startswith(prefix):
             continue
-        m = re.match(r"(\d+)-", entry[len(prefix):])
-        if m is None or not _pid_alive(int(m.group(1))):
+        m = _TEMPORARY.fullmatch(entry[len(prefix):])
+        if m is not None and (m.group(1) is None or not _pid_alive(int(m.group(1)))):
             stale.append(os.path.join(parent, entry))
     return stale
 

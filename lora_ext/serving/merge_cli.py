@@ -351,7 +351,9 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                                                                   magnitudes)
     except ValueError as e:
         raise MergeError(str(e)) from None
-    _check_targets(adapter, cfg, factors, meta, entries)
+    if not factors and not rows and not states:
+        raise MergeError(f"--adapter {adapter!r}: its weights file holds no LoRA factors (nothing to merge)")
+    _check_targets(adapter, cfg, factors, meta, entries, rowed=[k[len(PREFIX):] for k in rows])
     _check_dora(adapter, cfg, factors, magnitudes)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     # the checkpoint's keys as the model names them (transformers renames some when it loads them: a VLM's
@@ -617,11 +619,14 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
     return out
 
 
-def _check_targets(adapter, cfg, factors, meta=None, entries=None):
+def _check_targets(adapter, cfg, factors, meta=None, entries=None, rowed=()):
     """Refuses factors of modules the config's target_modules / exclude_modules (and layers_to_transform) do not
     select: peft ignores them (as load_peft_adapter refuses them), so merging them would not give the model peft
     serves. 'all-linear' is resolved against the model's classes (`meta`: its Linear / Conv1D modules but the output
-    head; peft takes those names whole, in every layer); without them only exclude_modules is checked."""
+    head; peft takes those names whole, in every layer); without them only exclude_modules is checked. With the
+    model, also modules the config selects that the file holds no factors of (a truncated or partial export: those
+    weights would be written unmerged), as load_peft_adapter refuses them; `rowed`: the keys of rows of tokens
+    (trainable_token_indices), whose modules take no factors."""
     cfg_file = os.path.join(adapter, CONFIG_NAME)
     spec, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
     if spec is None:
@@ -641,6 +646,21 @@ def _check_targets(adapter, cfg, factors, meta=None, entries=None):
         raise MergeError(f"{cfg_file}: the weights file holds factors of module(s) "
                          f"{', '.join(map(repr, ignored[:5]))}{more} that target_modules / exclude_modules do not "
                          f"select; peft ignores them, so the merge refuses the mismatch")
+    if meta is None or not factors:
+        return
+    try:
+        chosen = _inject.select_targets(meta, cfg["target_modules"], exclude, option=cfg_file,
+                                        task_type=cfg.get("task_type"), layers_to_transform=layers[0],
+                                        layers_pattern=layers[1], modules_to_save=entries)
+    except ValueError:  # (what it refuses, the merge judges by its own rules)
+        return
+    missing = sorted(n for n, _ in chosen if n not in factors and not any(k.startswith(n + ".") for k in rowed))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise MergeError(f"--adapter {adapter!r}: its weights file holds no factors for module(s) "
+                         f"{', '.join(map(repr, missing[:5]))}{more}, which the config's target_modules / "
+                         f"exclude_modules / layers_to_transform select ({cfg_file}): a partial export would leave "
+                         f"them unmerged")
 
 
 def _check_dora(adapter, cfg, factors, magnitudes):
