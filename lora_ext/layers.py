@@ -880,6 +880,16 @@ class LoRALayer(NamedAdapters):
         record = self._merged_record
         if record is None or isinstance(record, list):  # (a sharded weight's list, one per part: not checked)
             return record
+        if record.dtype != weight_2d.dtype:
+            # converted outside the layer's _apply (`p.data = p.data.float()` over a model's parameters, a ConvLoRA's
+            # own conv.float()): the record describes a weight that is gone
+            self._keep_record(None)
+            warnings.warn(f"{self._describe()}: its weight is {weight_2d.dtype} now, converted outside lora_ext "
+                          f"(through .data, or a module inside the layer) since adapter {self.active_adapter!r} was "
+                          f"merged losslessly into its {record.dtype} weight: that record no longer applies, and the "
+                          f"adapter is taken out as a lossy unmerge does (convert the layer itself, model.to(dtype), "
+                          f"to keep it)", stacklevel=_user_stacklevel())
+            return None
         return lossless.with_writes(weight_2d, self._merged_A, self._merged_B, self._merged_scaling, record,
                                     **self._layout())
 

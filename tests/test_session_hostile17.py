@@ -456,3 +456,40 @@ def test_merge_refuses_an_adapter_missing_factors_its_config_selects(tmp_path, c
     # the whole file merges
     assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", path, "--out", str(tmp_path / "whole"),
                  "--quiet"]) == 0
+
+
+def test_a_lossless_merged_weight_converted_through_data_unmerges_lossily_with_a_warning():
+    """`p.data = p.data.float()` over a model's parameters after a bfloat16 lossless merge: state_dict(), train(),
+    unmerge() and even .bfloat16() raised 'the record was made for a torch.bfloat16 weight', naming no layer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(lora.Linear(16, 24, r=4, lora_alpha=8), lora.Linear(24, 8, r=4, lora_alpha=8)).bfloat16()
+    for layer in model:
+        nn.init.normal_(layer.lora_B, std=0.3)
+    bases = [layer.weight.detach().float().clone() for layer in model]
+    model.eval()
+    assert all(layer._merged_record is not None for layer in model)
+    for p in model.parameters():
+        p.data = p.data.float()
+    with pytest.warns(UserWarning, match=r"Linear\(16, 24\): its weight is torch.float32 now.*record no longer"):
+        sd = model.state_dict()
+    for i, base in enumerate(bases):
+        assert rel_err(sd[f"{i}.weight"], base) < 1e-2  # (the merge's bfloat16 rounding stays in it)
+    model.train()
+    assert not any(layer.merged for layer in model)
+    for layer, base in zip(model, bases):
+        assert rel_err(layer.weight, base) < 1e-2
+
+
+def test_merge_refuses_a_directory_like_out_for_a_file_base(tmp_path, capsys):
+    """`--base base/model.safetensors --out newdir/` wrote a file named newdir, exit 0."""
+    from peft import LoraConfig, get_peft_model
+    from lora_ext.cli import main
+    from tiny_models import llama
+    llama().save_pretrained(str(tmp_path / "base"))
+    path = save_random_peft(get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])),
+                            tmp_path / "ad", seed=1, std=0.1)
+    out = str(tmp_path / "newdir") + os.sep
+    rc = main(["merge", "--base", str(tmp_path / "base" / "model.safetensors"), "--adapter", path, "--out", out,
+               "--quiet"])
+    assert rc == 2 and "ends with a path separator" in capsys.readouterr().err
+    assert not os.path.lexists(tmp_path / "newdir")

@@ -250,6 +250,9 @@ def check_output(base, adapter, out, force, base_is_file):
         out = os.fspath(out)
     if not isinstance(out, str) or not out.strip():  # ('' is the current directory to abspath: --force replaced it)
         raise MergeError(f"--out: {out!r} is not a path (an unset variable?); give the file or directory to write")
+    if base_is_file and out.endswith((os.sep, "/")):  # (abspath drops the separator: a file named so was written)
+        raise MergeError(f"--out: {out!r} ends with a path separator, a directory; --base is a file, so give the "
+                         f"output file's path (such as {os.path.join(out, os.path.basename(base))!r})")
     rb, ro, ra = os.path.realpath(base), os.path.realpath(out), os.path.realpath(adapter)
     try:
         cwd = os.path.realpath(os.getcwd())
