@@ -471,6 +471,27 @@ class LoRALayer(NamedAdapters):
             if lock is not None:
                 self._weight_replaced(old, new, cleared)
 
+    def _weight_taken(self, module: nn.Module, name: str, plain: bool = True) -> None:
+        """Another module takes this layer's weight Parameter as its `name` (`head.weight = layer.weight`,
+        transformers' tie_weights() after a merge; ties._on_parameter, before it is in place). A weight two modules
+        compute with is never merged into: a merged layer gives it its base back, with a warning, and adds the adapter
+        on the fly from then on; a plain module is remembered for good as a tie (`_tied_with`, as injection marks the
+        ties it finds: ties.names), so eval() and merge() leave the weight alone. lora_ext's own unload
+        (taking_out_layers) hands the merged weight over on purpose."""
+        if getattr(_taking_out, "depth", 0):
+            return
+        if plain and not isinstance(module, LoRALayer):  # (lora_ext layers find each other in the ties registry)
+            self._tied_with = [*(self.__dict__.get("_tied_with") or ()), f"a {type(module).__name__}'s {name!r}"]
+        with self._lock, deferred_interrupt():
+            if not (self.merged and self.__dict__.get("_buffers", {}).get("_merged_A") is not None):
+                return
+            self._unmerge()
+            self.merged = False
+        warnings.warn(f"{self._describe()}: its weight, which held adapter {self.active_adapter!r} merged, was given to "
+                      f"a {type(module).__name__} as {name!r} (tie_weights() after a merge?); a weight that two "
+                      f"modules compute with is never merged into, so the adapter is taken out of it and added on "
+                      f"the fly from now on", stacklevel=_user_stacklevel())
+
     def _conv_set(self, conv: nn.Module) -> None:
         """ConvLoRA: torch is about to set `layer.conv = conv` (lora_ext.ties' registration hook): as _conv_weight_set,
         the old conv's weight against the new one's."""

@@ -144,15 +144,24 @@ def _on_parameter(module, name, param):
     """A conv's weight set (`c2.conv.weight = c1.conv.weight`): torch's register_parameter, not the layer's. (torch
     calls this before the new weight is in place; layers.LoRALayer._conv_weight_set sets it under the layer's lock and
     a merged layer looks at it)"""
-    if name == "weight" and param is not None and _convs:  # (torch calls no hook for None)
+    if param is None:  # (torch calls no hook for None)
+        return
+    layers = []
+    if name == "weight" and _convs:
         try:
             layers = list(_convs.get(module, ()))
         except TypeError:
-            return
+            pass
         for layer in layers:
             if layer._modules.get("conv") is module:
                 layer._conv_weight_set(module, param)
                 note(param, layer)
+    taken = _holders.get(id(param))  # (a dict lookup: this hook runs for every parameter any module registers)
+    if taken:
+        for layer in list(taken):
+            if layer is not module and _weight_of(layer) is param and layer._modules.get("conv") is not module \
+                    and type(module).__name__ != "ParametrizationList":  # (the layer's own parametrization)
+                layer._weight_taken(module, name, plain=not layers)  # (a ConvLoRA's conv: its layer is a peer)
 
 
 _torch_module.register_module_module_registration_hook(_on_module)

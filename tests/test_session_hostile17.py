@@ -493,3 +493,42 @@ def test_merge_refuses_a_directory_like_out_for_a_file_base(tmp_path, capsys):
                "--quiet"])
     assert rc == 2 and "ends with a path separator" in capsys.readouterr().err
     assert not os.path.lexists(tmp_path / "newdir")
+
+
+def test_a_tie_made_to_a_merged_weight_takes_the_adapter_out_of_it():
+    """`l2.weight = l1.weight` (or a plain head, as tie_weights() after a merge) with l1 merged: l2 computed with l1's
+    adapter on top of its own (1.77 off), and l1.train() then changed l2's output."""
+    torch.manual_seed(0)
+    l1, l2 = lora.Linear(8, 6, r=2, lora_alpha=4), lora.Linear(8, 6, r=2, lora_alpha=4)
+    for layer in (l1, l2):
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.copy_(torch.randn_like(p))
+    W1 = l1.weight.detach().clone()
+    d1, d2 = ((m.scaling * m.lora_B.detach().double() @ m.lora_A.detach().double()) for m in (l1, l2))
+    l1.eval()
+    with pytest.warns(UserWarning, match=r"Linear\(8, 6\): its weight, which held adapter 'default' merged, was given"):
+        l2.weight = l1.weight
+    assert not l1.merged and rel_err(l1.weight, W1) < 1e-6  # (a float32 merge and unmerge: lossy)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        for layer, d in ((l1, d1), (l2, d2)):
+            assert rel_err(layer(x), x.double() @ (W1.double() + d).t() + layer.bias.detach().double()) < 1e-6
+    with pytest.warns(UserWarning, match="its weight is shared with Linear"):
+        l1.eval()  # (never merged into while tied)
+    assert not l1.merged
+
+    # a plain module (an output head tied to a merged LoRA embedding)
+    emb = lora.Embedding(10, 8, r=2, lora_alpha=4)
+    nn.init.normal_(emb.lora_A)
+    base = emb.weight.detach().clone()
+    emb.eval()
+    head = nn.Linear(8, 10, bias=False)
+    with pytest.warns(UserWarning, match="was given to a Linear as 'weight'"):
+        head.weight = emb.weight
+    assert not emb.merged and rel_err(head.weight, base) < 1e-6
+    with pytest.warns(UserWarning, match="its weight is shared with a Linear's 'weight'"):
+        emb.train().eval()
+    assert not emb.merged and rel_err(head.weight, base) < 1e-6
+    with pytest.raises(ValueError, match="tied"):
+        lora.merge_adapter(nn.ModuleDict(dict(emb=emb, head=head)))
