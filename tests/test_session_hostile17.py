@@ -532,3 +532,25 @@ def test_a_tie_made_to_a_merged_weight_takes_the_adapter_out_of_it():
     assert not emb.merged and rel_err(head.weight, base) < 1e-6
     with pytest.raises(ValueError, match="tied"):
         lora.merge_adapter(nn.ModuleDict(dict(emb=emb, head=head)))
+
+
+def test_a_head_saved_whole_without_modules_to_save_names_the_key_and_the_config(tmp_path):
+    """The file saves lm_head whole (`...lm_head.weight`) but the config's modules_to_save is null: the refusal named a
+    key the file does not hold (`...lm_head.base_layer.weight`) and blamed a resized vocabulary only."""
+    import copy
+    import json
+    from peft import LoraConfig, get_peft_model
+    from tiny_models import llama
+    model = llama()
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules=["q_proj"], r=2,
+                                                                 modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        peft_model.base_model.model.lm_head.modules_to_save["default"].weight.add_(1.0)
+    peft_model.save_pretrained(str(tmp_path / "ad"))
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["modules_to_save"] = None
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"base_model.model.lm_head.weight as save_embedding_layers saves it.*"
+                                         r"modules_to_save does not name"):
+        lora.load_peft_adapter(model, str(tmp_path / "ad"))

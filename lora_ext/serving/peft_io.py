@@ -328,8 +328,12 @@ def check_base_weight(where, name, saved, current, bias=False):
         b = ref.to("cpu", torch.float64)
         if torch.equal(a, b) or bool(((a - b).abs().max() <= 1e-5 * b.abs().max()).item()):
             return
-    raise ValueError(f"{where}: module {name!r} carries a base {'bias' if bias else 'weight'} ({key}) that differs "
-                     f"from the model's (e.g. a resized vocabulary); lora_ext does not replace base weights")
+    what = "bias" if bias else "weight"
+    plain = f", or {PREFIX + name}.{what} as save_embedding_layers saves it" if _plain_embedding_layer(
+        f"{PREFIX}{name}.{what}") else ""
+    raise ValueError(f"{where}: module {name!r} carries a base {what} ({key}{plain}) that differs from the model's "
+                     f"(e.g. a resized vocabulary, or a module saved whole that the config's modules_to_save does "
+                     f"not name); lora_ext does not replace base weights")
 
 
 def module_rank_scaling(cfg, name):
