@@ -554,3 +554,18 @@ def test_a_head_saved_whole_without_modules_to_save_names_the_key_and_the_config
     with pytest.raises(ValueError, match=r"base_model.model.lm_head.weight as save_embedding_layers saves it.*"
                                          r"modules_to_save does not name"):
         lora.load_peft_adapter(model, str(tmp_path / "ad"))
+
+
+def test_a_directory_that_appears_while_the_output_is_written_is_named_so(tmp_path):
+    """The losing run of two merges into one new directory reported a raw 'Directory not empty' on its temporary's
+    name; a file output in the same race is told the output appeared (another run?)."""
+    from lora_ext.serving import files
+    out = tmp_path / "out"
+    with pytest.raises(FileExistsError, match="appeared while the output was written") as e:
+        with files.atomic_path(str(out), directory=True) as tmp:
+            (tmp_path / "out").mkdir()
+            (tmp_path / "out" / "theirs.txt").write_text("the other run's")
+            with open(os.path.join(tmp, "mine.txt"), "w") as f:
+                f.write("mine")
+    assert e.value.filename == str(out)
+    assert os.listdir(out) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["out"]  # (no temporary left)

@@ -118,7 +118,13 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
             elif exclusive and not directory:
                 _no_replace(tmp, path)
             else:
-                os.replace(tmp, path)
+                try:
+                    os.replace(tmp, path)
+                except OSError as e:  # (a directory never replaces a non-empty one: another run's, put there since)
+                    if not (directory and e.errno in (errno.ENOTEMPTY, errno.EEXIST)):
+                        raise
+                    raise FileExistsError(errno.EEXIST, "appeared while the output was written (another run?); not "
+                                          "replaced", path) from None
         if aside is not None:
             _remove(aside)  # (left behind, the next run removes it as a stale temporary)
     except BaseException:
