@@ -131,17 +131,18 @@ def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> 
 
 
 def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
-    """Whether `new` shows a rounding of `old`'s values: a narrower dtype than old's, values that a narrower float
-    dtype holds exactly (a cast's round trip), or few distinct values in each row (a quantizer's levels: at most 256
-    and a quarter of the row, in its first `rows` rows)."""
-    if new.element_size() < old.element_size():
-        return True
-    flat = new.detach().reshape(new.shape[0], -1) if new.dim() else new.detach().reshape(1, 1)
-    for narrow in (torch.bfloat16, torch.float16):
-        if torch.finfo(narrow).bits < torch.finfo(new.dtype).bits:
-            back = flat.to(narrow).to(new.dtype)
-            if bool(((back == flat) | (back.isnan() & flat.isnan())).all()):
-                return True
+    """Whether `new` shows a rounding of `old`'s values: `old` cast to new's narrower dtype, or through bfloat16 or
+    float16 and back, is `new` bit for bit (a cast's copy, not merely values such a dtype holds: a bfloat16 checkpoint
+    of a new base holds those too); or few distinct values in each row (a quantizer's levels: at most 256 and a
+    quarter of the row, in its first `rows` rows)."""
+    new, old = new.detach(), old.detach()
+    casts = [new.dtype] if new.element_size() < old.element_size() else []
+    casts += [d for d in (torch.bfloat16, torch.float16) if torch.finfo(d).bits < torch.finfo(new.dtype).bits]
+    for narrow in casts:
+        back = old.to(narrow).to(new.dtype)
+        if bool(((back == new) | (back.isnan() & new.isnan())).all()):
+            return True
+    flat = new.reshape(new.shape[0], -1) if new.dim() else new.reshape(1, 1)
     if flat.shape[1] < 16:
         return False
     most = min(256, flat.shape[1] // 4)

@@ -569,3 +569,15 @@ def test_a_directory_that_appears_while_the_output_is_written_is_named_so(tmp_pa
                 f.write("mine")
     assert e.value.filename == str(out)
     assert os.listdir(out) == ["theirs.txt"] and sorted(os.listdir(tmp_path)) == ["out"]  # (no temporary left)
+
+
+def test_a_bfloat16_checkpoint_of_a_new_base_in_a_float32_model_is_a_base():
+    """Values bfloat16 holds exactly are no sign of a rounding of the merged weight: a new base loaded from a
+    bfloat16 checkpoint into a float32 model holds those too (the first form of _rounded kept the merge for it)."""
+    layer, d, W2 = _merged_linear(0.1, 0.01)
+    W2 = W2.to(torch.bfloat16).float()
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        layer.weight = nn.Parameter(W2.clone())
+    assert not layer.merged
+    layer.train()
+    assert same_bits(layer.weight.detach(), W2)
