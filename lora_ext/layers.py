@@ -133,8 +133,8 @@ def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> 
 def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     """Whether `new` shows a rounding of `old`'s values: `old` cast to new's narrower dtype, or through bfloat16 or
     float16 and back, is `new` bit for bit (a cast's copy, not merely values such a dtype holds: a bfloat16 checkpoint
-    of a new base holds those too); or few distinct values in each row (a quantizer's levels: at most 256 and a
-    quarter of the row, in its first `rows` rows)."""
+    of a new base holds those too); or, in its first `rows` rows, few distinct values (a quantizer's levels: at most
+    half the row) each the level nearest `old`'s value (a quantized new base of its own is not)."""
     new, old = new.detach(), old.detach()
     casts = [new.dtype] if new.element_size() < old.element_size() else []
     casts += [d for d in (torch.bfloat16, torch.float16) if torch.finfo(d).bits < torch.finfo(new.dtype).bits]
@@ -143,10 +143,31 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
         if bool(((back == new) | (back.isnan() & new.isnan())).all()):
             return True
     flat = new.reshape(new.shape[0], -1) if new.dim() else new.reshape(1, 1)
-    if flat.shape[1] < 16:
+    cols = flat.shape[1]
+    if cols < 16 or new.dtype != old.dtype or not new.is_floating_point():
         return False
-    most = min(256, flat.shape[1] // 4)
-    return all(row.unique().numel() <= most for row in flat[:rows])
+    flat, olds = flat[:rows].double(), old.reshape(new.shape[0], -1)[:rows].double()
+    if not (bool(flat.isfinite().all()) and bool(olds.isfinite().all())):
+        return False
+    # a row quantized whole, or in groups of g columns (GPTQ's, AWQ's: each group its own levels)
+    return any(_nearest_levels(flat.reshape(-1, g), olds.reshape(-1, g)) for g in
+               [cols] + [g for g in (32, 64, 128) if cols % g == 0 and cols > g])
+
+
+def _nearest_levels(new: Tensor, old: Tensor) -> bool:
+    """Whether every group (row) of `new` holds at most half as many distinct values as elements (a quantizer's
+    levels), each element the level nearest the `old` element's value: old lies between the midpoints to the
+    neighbouring levels (the outermost levels take what lies beyond them: clipping). A new base of its own, quantized,
+    moves elements further than that. float64, finite."""
+    levels, _ = new.sort(dim=1)
+    if bool(((levels.diff(dim=1) != 0).sum(dim=1) + 1 > new.shape[1] // 2).any()):
+        return False
+    inf = torch.full((new.shape[0], 1), float("inf"), dtype=new.dtype, device=new.device)
+    padded = torch.cat([-inf, levels, inf], dim=1)
+    below = padded.gather(1, torch.searchsorted(levels, new, right=False))  # the largest level under the element
+    above = padded.gather(1, torch.searchsorted(levels, new, right=True) + 1)  # the smallest level over it
+    slack = 1e-6 * (levels[:, -1:] - levels[:, :1]).abs()
+    return bool(((old >= (below + new) / 2 - slack) & (old <= (above + new) / 2 + slack)).all())
 
 
 def _diff(a: Tensor, b: Tensor) -> Tensor:
@@ -701,6 +722,9 @@ class LoRALayer(NamedAdapters):
         if w.dtype not in _MERGE_DTYPES:
             return (f"{self._describe()}: its weight is {w.dtype}; merges write float16, bfloat16, float32 and float64 "
                     f"weights (serve it unmerged: forwards add the adapter on the fly)")
+        refusal = sharded.mesh_refusal(w, self._describe())
+        if refusal is not None:
+            return refusal
         return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
 
     def _computed_weight(self) -> str:
@@ -996,8 +1020,10 @@ class LoRALayer(NamedAdapters):
                 self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(device) for t in snapshot[:2])
                 if record is not None:
                     self.__dict__["_merged_record"] = record.to(device)
-                if weight.is_meta or getattr(fn, "__qualname__", "").startswith("Module.to_empty."):
-                    # (to_empty: new memory holding nothing, which the caller fills with a base: unmerged)
+                if weight.is_meta or (getattr(fn, "__qualname__", "").startswith("Module.to_empty.")
+                                      and not self._in_written(weight)):
+                    # (to_empty: new memory holding nothing, which the caller fills with a base: unmerged; a
+                    # ConvLoRA's to_empty(recurse=False) leaves its conv's weight as it was)
                     self._set_merged(None, None, None)
                     self.merged = False
                 else:

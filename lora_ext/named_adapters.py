@@ -543,6 +543,7 @@ class NamedAdapters:
         them, reserve, then train again with an optimizer built after)."""
         rank = check_rank("rank", rank)
         with self._lock:
+            sharded.reshard_if_gathered(self)  # (all-gathered factors are plain tensors: the sharded ones are refused)
             self._check_reserve(rank, frozen=True)
         self._reserve(rank)
 

@@ -497,6 +497,11 @@ def check_finite(name: str, lora_A: Tensor, lora_B: Tensor, scaling: float,
     _check_values([(name, lora_A, lora_B, scaling)], weight_dtype)
 
 
+def _comparable(t: Tensor) -> Tensor:
+    """`t`, or a float32 copy where torch has no min/max for its dtype (float8 types)."""
+    return t.float() if t.is_floating_point() and t.element_size() == 1 else t
+
+
 def _check_values(adapters, weight_dtype=None):
     """check_finite's value checks for several (name, lora_A, lora_B, scaling), with one device sync per
     device: NaN propagates through min and max, and inf shows in one of them."""
@@ -506,7 +511,8 @@ def _check_values(adapters, weight_dtype=None):
         by_device.setdefault(sharded.local(t).device, []).append(t)
     extremes = {}
     for group in by_device.values():
-        values = torch.stack([torch.stack(torch.aminmax(sharded.full(t))).double() for t in group]).tolist()
+        values = torch.stack([torch.stack(torch.aminmax(_comparable(sharded.full(t)))).double()
+                              for t in group]).tolist()
         extremes.update((id(t), v) for t, v in zip(group, values))
     for name, lora_A, lora_B, scaling in adapters:
         for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):

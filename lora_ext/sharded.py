@@ -124,15 +124,27 @@ class Part(NamedTuple):
     layout: dict
 
 
+def mesh_refusal(weight: Tensor, where: str) -> Optional[str]:
+    """Why a merge cannot write this DTensor weight, placed on a mesh of more than one dimension (HSDP's), or None
+    (a plain tensor too): the merges' parts and their agreement work on a 1-D mesh."""
+    if not is_dtensor(weight) or weight.device_mesh.ndim == 1:
+        return None
+    return _placement_message(weight, where)
+
+
+def _placement_message(weight: Tensor, where: str) -> str:
+    return (f"{where}: merging a DTensor weight sharded as {tuple(weight.placements)} on a "
+            f"{weight.device_mesh.ndim}-D mesh is not supported (Shard(0), Shard(1) or Replicate on a 1-D mesh: "
+            f"FSDP2's fully_shard, lora_ext.parallel's styles; HSDP's 2-D mesh is not)")
+
+
 def _local_range(weight: Tensor, where: str):
     """(local shard, the dimension it is cut along (None: replicated), first index it holds, how many)."""
     placements = tuple(weight.placements)
     ok = weight.device_mesh.ndim == 1 and len(placements) == 1 and (
         isinstance(placements[0], Replicate) or (isinstance(placements[0], Shard) and placements[0].dim in (0, 1)))
     if not ok:
-        raise ValueError(f"{where}: merging a DTensor weight sharded as {placements} on a {weight.device_mesh.ndim}-D "
-                         f"mesh is not supported (Shard(0), Shard(1) or Replicate on a 1-D mesh: FSDP2's "
-                         f"fully_shard, lora_ext.parallel's styles)")
+        raise ValueError(_placement_message(weight, where))
     if isinstance(placements[0], Replicate):
         return weight.to_local(), None, 0, weight.shape[0]
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -255,7 +267,9 @@ def _all_agree(weight: Tensor, fingerprint: Tensor, outcome: int = _OK):
     dev = weight.device if weight.device.type != "cpu" else torch.device("cpu")
     v = fingerprint.to(dev)
     t = torch.cat([v, -v, v.new_tensor([float(outcome)])])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=weight.device_mesh.get_group())
+    mesh = weight.device_mesh
+    for dim in range(mesh.ndim):  # (HSDP's 2-D mesh: each dimension in turn, the maximum over all)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
     hi, lo, worst = t[:_WIDTH], -t[_WIDTH:2 * _WIDTH], t[-1]
     same = bool(((hi - lo).abs() <= 1e-9 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)).all())
     return same, int(worst)

@@ -16,6 +16,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -250,8 +251,9 @@ def check_output(base, adapter, out, force, base_is_file):
         out = os.fspath(out)
     if not isinstance(out, str) or not out.strip():  # ('' is the current directory to abspath: --force replaced it)
         raise MergeError(f"--out: {out!r} is not a path (an unset variable?); give the file or directory to write")
-    if base_is_file and out.endswith((os.sep, "/")):  # (abspath drops the separator: a file named so was written)
-        raise MergeError(f"--out: {out!r} ends with a path separator, a directory; --base is a file, so give the "
+    if base_is_file and (out.endswith((os.sep, "/")) or os.path.basename(out) in (".", "..")):
+        # (abspath drops the separator or the dot: a file named as the directory was written)
+        raise MergeError(f"--out: {out!r} names a directory (a trailing separator or '.'); --base is a file, so give the "
                          f"output file's path (such as {os.path.join(out, os.path.basename(base))!r})")
     rb, ro, ra = os.path.realpath(base), os.path.realpath(out), os.path.realpath(adapter)
     try:
@@ -657,13 +659,24 @@ def _check_targets(adapter, cfg, factors, meta=None, entries=None, rowed=()):
                                         layers_pattern=layers[1], modules_to_save=entries)
     except ValueError:  # (what it refuses, the merge judges by its own rules)
         return
-    missing = sorted(n for n, _ in chosen if n not in factors and not any(k.startswith(n + ".") for k in rowed))
+    # only where the file holds the same module of another layer (a partial or truncated export): a module with no
+    # such sibling may be one the class the adapter was trained on does not have (LlamaModel's adapter of
+    # target_modules [..., "lm_head"] for a LlamaForCausalLM checkpoint, a ViTModel's pooler), where peft's layer
+    # starts as zeros
+    layered = {_by_layer(n) for n in factors}
+    missing = sorted(n for n, _ in chosen if n not in factors and _by_layer(n) in layered
+                     and not any(k.startswith(n + ".") for k in rowed))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise MergeError(f"--adapter {adapter!r}: its weights file holds no factors for module(s) "
                          f"{', '.join(map(repr, missing[:5]))}{more}, which the config's target_modules / "
                          f"exclude_modules / layers_to_transform select ({cfg_file}): a partial export would leave "
                          f"them unmerged")
+
+
+def _by_layer(name):
+    """A module name with its layer indices left out: the same module of every layer."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)", "#", name)
 
 
 def _check_dora(adapter, cfg, factors, magnitudes):
