@@ -455,22 +455,8 @@ def test_a_mixed_batch_refuses_a_relative_position_bias_saved_whole(tmp_path):
 def test_a_mixed_batch_serves_a_model_that_flattens_its_rows_tokens(tmp_path):
     """OPT's MLP takes (rows * tokens, d): a mixed batch refused it (with a hint about num_beams); the rows' tokens
     flattened row after row, as the model's input gave them, are served now (prefill and kv-cache decode)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import OPTConfig, OPTForCausalLM
-    from helpers import save_random_peft
-
-    def opt():
-        torch.manual_seed(0)
-        return OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
-                                        num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
-                                        dropout=0.0)).eval()
-    a = save_random_peft(get_peft_model(opt(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "fc2"])),
-                         tmp_path / "a", seed=1, std=0.1)
-    b = save_random_peft(get_peft_model(opt(), LoraConfig(r=2, lora_alpha=8, target_modules=["v_proj", "fc1"])),
-                         tmp_path / "b", seed=2, std=0.1)
-    model = opt()
-    lora.load_peft_adapter(model, a, "a")
-    lora.load_peft_adapter(model, b, "b", activate=False)
+    from test_session_hostile17 import opt_with_adapters
+    model = opt_with_adapters(tmp_path, std=0.1)
     model.eval()  # (a merged: the other rows take it out)
     rows = ["a", "b", None, "a"]
     ids = torch.randint(3, 100, (4, 6))

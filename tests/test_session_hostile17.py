@@ -17,18 +17,24 @@ def _opt():
                                     dropout=0.0)).eval()
 
 
+def opt_with_adapters(tmp_path, std):
+    """A tiny OPT holding peft adapters a (active; q_proj, fc1, fc2) and b (v_proj, fc1), factors N(0, std)."""
+    from peft import LoraConfig, get_peft_model
+    a = save_random_peft(get_peft_model(_opt(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "fc2"])),
+                         tmp_path / "a", seed=1, std=std)
+    b = save_random_peft(get_peft_model(_opt(), LoraConfig(r=2, lora_alpha=8, target_modules=["v_proj", "fc1"])),
+                         tmp_path / "b", seed=2, std=std)
+    model = _opt()
+    lora.load_peft_adapter(model, a, "a")
+    lora.load_peft_adapter(model, b, "b", activate=False)
+    return model
+
+
 @pytest.mark.parametrize("merged", [True, False], ids=["merged", "unmerged"])
 def test_a_mixed_batch_serves_opt_under_beam_search(tmp_path, merged):
     """OPT's MLP takes (rows * tokens, d); under generate()'s beams the rows are the n * k repeats. Refused before
     (with a hint naming num_beams=k * tokens); served now: each row's beams equal the row generated alone."""
-    from peft import LoraConfig, get_peft_model
-    a = save_random_peft(get_peft_model(_opt(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "fc1", "fc2"])),
-                         tmp_path / "a", seed=1, std=0.2)
-    b = save_random_peft(get_peft_model(_opt(), LoraConfig(r=2, lora_alpha=8, target_modules=["v_proj", "fc1"])),
-                         tmp_path / "b", seed=2, std=0.2)
-    model = _opt()
-    lora.load_peft_adapter(model, a, "a")
-    lora.load_peft_adapter(model, b, "b", activate=False)
+    model = opt_with_adapters(tmp_path, std=0.2)
     if not merged:
         lora.unmerge_adapter(model)
     rows = ["b", None, "a"]
@@ -91,26 +97,28 @@ def _trainable_llama(tmp_path):
     return model, paths
 
 
-def _refusing_activation(monkeypatch):
+def _refused_reload(monkeypatch, model, path, name):
+    """A rank-changing reload of adapter `name` whose activation is refused (so taken back): no warning may say that
+    Parameters were replaced."""
+    import warnings
     from lora_ext.serving import adapters as serving_adapters
     from test_session_hostile16 import _failing_at
     _failing_at(monkeypatch, serving_adapters, "_set_adapter", 1, (RuntimeError, "activation refused (injected)"))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match="activation refused"):
+        warnings.simplefilter("always")
+        lora.load_peft_adapter(model, path, name, activate=True, is_trainable=True)
+    monkeypatch.undo()
+    assert not [w for w in caught if "Parameter" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_the_active_adapter_keeps_its_live_parameters_when_a_rank_changing_reload_is_taken_back(tmp_path,
                                                                                                   monkeypatch):
-    import warnings
     model, paths = _trainable_llama(tmp_path)
     layer = model.model.layers[0].self_attn.q_proj
     A, B = layer.lora_A, layer.lora_B
     values = A.detach().clone(), B.detach().clone()
     opt = torch.optim.SGD([A, B], lr=0.1)
-    _refusing_activation(monkeypatch)
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match="activation refused"):
-        warnings.simplefilter("always")
-        lora.load_peft_adapter(model, paths["a8"], "a", activate=True, is_trainable=True)
-    monkeypatch.undo()
-    assert not [w for w in caught if "Parameter" in str(w.message)], [str(w.message) for w in caught]
+    _refused_reload(monkeypatch, model, paths["a8"], "a")
     assert layer.lora_A is A and layer.lora_B is B and layer.r == 4  # the objects the optimizer holds
     assert same_bits(A.detach(), values[0]) and same_bits(B.detach(), values[1])
     assert dict(layer.named_parameters())["lora_A"] is A
@@ -124,12 +132,7 @@ def test_the_active_adapter_keeps_its_live_parameters_when_a_rank_changing_reloa
 def test_a_rank_changing_reload_taken_back_gives_no_warning_of_dropped_parameters(tmp_path, monkeypatch):
     import warnings
     model, paths = _trainable_llama(tmp_path)
-    _refusing_activation(monkeypatch)
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(RuntimeError, match="activation refused"):
-        warnings.simplefilter("always")
-        lora.load_peft_adapter(model, paths["b8"], "b", activate=True, is_trainable=True)
-    monkeypatch.undo()
-    assert not [w for w in caught if "Parameter" in str(w.message)], [str(w.message) for w in caught]
+    _refused_reload(monkeypatch, model, paths["b8"], "b")
     # a reload that stands warns, once per layer, after it stands
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
