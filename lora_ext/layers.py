@@ -453,8 +453,8 @@ class LoRALayer(NamedAdapters):
         or a copy bit for bit), "near" (a copy in another dtype, rounded or quantized: within half |old| of the
         merged weight, and no farther from it than from the base under it unless the update is under half that
         distance and `new` shows a rounding (_rounded): a new base of its own, the old one changed by more than twice
-        the update, is nearer the base too), or False. One comparison over the weight (a copy on old's device when new is elsewhere), and for
-        a copy that is not exact, one unmerge of a copy."""
+        the update, is nearer the base too), or False. One comparison over the weight (a copy on old's device when new
+        is elsewhere), and for a copy that is not exact, one unmerge of a copy."""
         if new.shape != old.shape:
             return False
         try:
@@ -509,8 +509,8 @@ class LoRALayer(NamedAdapters):
                 return
             self._unmerge()
             self.merged = False
-        warnings.warn(f"{self._describe()}: its weight, which held adapter {self.active_adapter!r} merged, was given to "
-                      f"a {type(module).__name__} as {name!r} (tie_weights() after a merge?); a weight that two "
+        warnings.warn(f"{self._describe()}: its weight, which held adapter {self.active_adapter!r} merged, was given "
+                      f"to a {type(module).__name__} as {name!r} (tie_weights() after a merge?); a weight that two "
                       f"modules compute with is never merged into, so the adapter is taken out of it and added on "
                       f"the fly from now on", stacklevel=_user_stacklevel())
 

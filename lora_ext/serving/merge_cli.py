@@ -253,8 +253,8 @@ def check_output(base, adapter, out, force, base_is_file):
         raise MergeError(f"--out: {out!r} is not a path (an unset variable?); give the file or directory to write")
     if base_is_file and (out.endswith((os.sep, "/")) or os.path.basename(out) in (".", "..")):
         # (abspath drops the separator or the dot: a file named as the directory was written)
-        raise MergeError(f"--out: {out!r} names a directory (a trailing separator or '.'); --base is a file, so give the "
-                         f"output file's path (such as {os.path.join(out, os.path.basename(base))!r})")
+        raise MergeError(f"--out: {out!r} names a directory (a trailing separator or '.'); --base is a file, so "
+                         f"give the output file's path (such as {os.path.join(out, os.path.basename(base))!r})")
     rb, ro, ra = os.path.realpath(base), os.path.realpath(out), os.path.realpath(adapter)
     try:
         cwd = os.path.realpath(os.getcwd())
