@@ -139,8 +139,9 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     casts = [new.dtype] if new.element_size() < old.element_size() else []
     casts += [d for d in (torch.bfloat16, torch.float16) if torch.finfo(d).bits < torch.finfo(new.dtype).bits]
     for narrow in casts:
-        back = old.to(narrow).to(new.dtype)
-        if bool(((back == new) | (back.isnan() & new.isnan())).all()):
+        # (the first rows first: a weight that is no such copy is told from them, without a pass over the whole)
+        if all(bool(((back == n) | (back.isnan() & n.isnan())).all())
+               for o, n in ((old[:rows], new[:rows]), (old, new)) for back in (o.to(narrow).to(new.dtype),)):
             return True
     flat = new.reshape(new.shape[0], -1) if new.dim() else new.reshape(1, 1)
     cols = flat.shape[1]
@@ -149,9 +150,11 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     flat, olds = flat[:rows].double(), old.reshape(new.shape[0], -1)[:rows].double()
     if not (bool(flat.isfinite().all()) and bool(olds.isfinite().all())):
         return False
-    # a row quantized whole, or in groups of g columns (GPTQ's, AWQ's: each group its own levels)
-    return any(_nearest_levels(flat.reshape(-1, g), olds.reshape(-1, g)) for g in
-               [cols] + [g for g in (32, 64, 128) if cols % g == 0 and cols > g])
+    # a row quantized whole, or in groups of g columns (GPTQ's, AWQ's: each group its own levels); each grouping
+    # tried on a few rows first (a new base fails there, without sorting them all)
+    return any(_nearest_levels(flat[:4].reshape(-1, g), olds[:4].reshape(-1, g))
+               and _nearest_levels(flat.reshape(-1, g), olds.reshape(-1, g))
+               for g in [cols] + [g for g in (32, 64, 128) if cols % g == 0 and cols > g])
 
 
 def _nearest_levels(new: Tensor, old: Tensor) -> bool:
