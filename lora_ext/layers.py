@@ -133,8 +133,9 @@ def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> 
 def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     """Whether `new` shows a rounding of `old`'s values: `old` cast to new's narrower dtype, or through bfloat16 or
     float16 and back, is `new` bit for bit (a cast's copy, not merely values such a dtype holds: a bfloat16 checkpoint
-    of a new base holds those too); or, in its first `rows` rows, few distinct values (a quantizer's levels: at most
-    half the row) each the level nearest `old`'s value (a quantized new base of its own is not)."""
+    of a new base holds those too); or, in every row (or group of columns), few distinct values (a quantizer's
+    levels: at most half the row) each the level nearest `old`'s value (a quantized new base of its own is not).
+    Tried on `rows` rows spread over the weight before the whole."""
     new, old = new.detach(), old.detach()
     casts = [new.dtype] if new.element_size() < old.element_size() else []
     casts += [d for d in (torch.bfloat16, torch.float16) if torch.finfo(d).bits < torch.finfo(new.dtype).bits]
@@ -147,13 +148,15 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     cols = flat.shape[1]
     if cols < 16 or new.dtype != old.dtype or not new.is_floating_point():
         return False
-    flat, olds = flat[:rows].double(), old.reshape(new.shape[0], -1)[:rows].double()
+    olds = old.reshape(flat.shape)
     if not (bool(flat.isfinite().all()) and bool(olds.isfinite().all())):
         return False
-    # a row quantized whole, or in groups of g columns (GPTQ's, AWQ's: each group its own levels); each grouping
-    # tried on a few rows first (a new base fails there, without sorting them all)
-    return any(_nearest_levels(flat[:4].reshape(-1, g), olds[:4].reshape(-1, g))
-               and _nearest_levels(flat.reshape(-1, g), olds.reshape(-1, g))
+    # a row quantized whole, or in groups of g columns (GPTQ's, AWQ's: each group its own levels): each grouping tried
+    # on a few rows spread over the weight first (a new base fails there, without sorting them all), then on all rows
+    # (a new revision changing some rows only)
+    pick = torch.linspace(0, flat.shape[0] - 1, min(rows, flat.shape[0]), device=flat.device).long()
+    return any(all(_nearest_levels(n.double().reshape(-1, g), o.double().reshape(-1, g))
+                   for n, o in ((flat[pick[:4]], olds[pick[:4]]), (flat[pick], olds[pick]), (flat, olds)))
                for g in [cols] + [g for g in (32, 64, 128) if cols % g == 0 and cols > g])
 
 

@@ -24,6 +24,7 @@ import threading
 import weakref
 from typing import List
 
+import torch.nn as nn
 from torch.nn.modules import module as _torch_module
 
 _lock = threading.RLock()
@@ -140,6 +141,10 @@ def _on_module(module, name, submodule):
         note(submodule._parameters.get("weight"), module)
 
 
+# the plain modules a tie puts a merged lora_ext layer's weight in (transformers' tie_weights(): an output head)
+_TIE_TARGETS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _on_parameter(module, name, param):
     """A conv's weight set (`c2.conv.weight = c1.conv.weight`): torch's register_parameter, not the layer's. (torch
     calls this before the new weight is in place; layers.LoRALayer._conv_weight_set sets it under the layer's lock and
@@ -157,7 +162,9 @@ def _on_parameter(module, name, param):
                 layer._conv_weight_set(module, param)
                 note(param, layer)
     taken = _holders.get(id(param))  # (a dict lookup: this hook runs for every parameter any module registers)
-    if taken:
+    if taken and (hasattr(module, "_weight_taken") or type(module) in _TIE_TARGETS):
+        # (a lora_ext layer, or exactly a plain layer: torch.export and other program builders register a model's
+        # own parameters on modules of theirs, which compute nothing the model serves)
         for layer in list(taken):
             if layer is not module and _weight_of(layer) is param and layer._modules.get("conv") is not module \
                     and type(module).__name__ != "ParametrizationList":  # (the layer's own parametrization)

@@ -723,3 +723,65 @@ def test_merge_takes_an_adapter_trained_on_another_class_of_the_model(tmp_path, 
             assert rel_err(value, want[inner_key]) < 1e-6, key
         else:
             assert same_bits(value, base[key]), key  # (lm_head: untouched)
+
+
+# ---- the third helper's findings (on this session's own changes) ----
+
+def test_torch_export_of_a_merged_model_keeps_the_merge():
+    """torch.export registers the model's own weight on modules of its own: the first form of the tie hook took that
+    for a tie (the layer unmerged under a program traced merged, 0.52 off, and never merged again)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(lora.Linear(8, 8, r=2, lora_alpha=4), nn.Tanh(), lora.Linear(8, 4, r=2, lora_alpha=4))
+    for i in (0, 2):
+        nn.init.normal_(model[i].lora_B)
+    model.eval()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        want = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        exported = torch.export.export(model, (x,)).module()
+    assert model[0].merged and model[2].merged and not model[0].__dict__.get("_tied_with")
+    with torch.no_grad():
+        assert torch.equal(exported(x), want) and torch.equal(model(x), want)
+
+
+def test_a_new_base_changing_rows_past_the_first_ones_is_a_base():
+    """An int4-quantized base, merged with an update under the quantizer's step; a new revision changing rows 64 and
+    on only (re-quantized): the rounding test looked at the first 64 rows and kept the merge (the adapter lost)."""
+    torch.manual_seed(0)
+    layer = lora.Linear(256, 256, r=4)
+    with torch.no_grad():
+        base = _int4_rows(torch.randn(256, 256) * 0.05)
+        layer.weight.copy_(base)
+        layer.lora_A.normal_()
+        layer.lora_B.normal_(std=5e-4)
+    layer.eval()
+    W1 = base.clone()
+    W1[64:] = _int4_rows(base[64:] + 0.02 * torch.randn(192, 256))
+    with pytest.warns(UserWarning, match="weight was replaced"):
+        layer.weight = nn.Parameter(W1.clone())
+    assert not layer.merged
+    layer.train()
+    assert same_bits(layer.weight.detach(), W1)
+
+
+def test_merge_refuses_an_adapter_missing_a_module_type_in_the_layers_it_covers(tmp_path, capsys):
+    """A file holding q_proj's factors but none of v_proj's (both targeted) merged with exit 0 under the first form of
+    the layer rule; modules of a layer the file covers count now (a module outside every covered layer, such as an
+    lm_head the training class lacked, does not)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from lora_ext.cli import main
+    from tiny_models import llama
+    llama().save_pretrained(str(tmp_path / "base"))
+    path = save_random_peft(get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+                            tmp_path / "ad", seed=1, std=0.1)
+    d = tmp_path / "part"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(open(os.path.join(path, "adapter_config.json")).read())
+    save_file({k: v for k, v in load_file(os.path.join(path, "adapter_model.safetensors")).items() if "v_proj" not in k},
+              str(d / "adapter_model.safetensors"))
+    rc = main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(d), "--out", str(tmp_path / "out"),
+               "--quiet"])
+    assert rc == 2 and "holds no factors for module(s) 'model.layers.0.self_attn.v_proj'" in capsys.readouterr().err

@@ -659,12 +659,14 @@ def _check_targets(adapter, cfg, factors, meta=None, entries=None, rowed=()):
                                         layers_pattern=layers[1], modules_to_save=entries)
     except ValueError:  # (what it refuses, the merge judges by its own rules)
         return
-    # only where the file holds the same module of another layer (a partial or truncated export): a module with no
-    # such sibling may be one the class the adapter was trained on does not have (LlamaModel's adapter of
-    # target_modules [..., "lm_head"] for a LlamaForCausalLM checkpoint, a ViTModel's pooler), where peft's layer
-    # starts as zeros
+    # only where the file holds the same module of another layer, or other modules of its layer (a partial or
+    # truncated export): a module outside the layers the file covers may be one the class the adapter was trained on
+    # does not have (LlamaModel's adapter of target_modules [..., "lm_head"] for a LlamaForCausalLM checkpoint, a
+    # ViTModel's pooler), where peft's layer starts as zeros
     layered = {_by_layer(n) for n in factors}
-    missing = sorted(n for n, _ in chosen if n not in factors and _by_layer(n) in layered
+    covered = {_layer_of(n) for n in factors} - {None}
+    missing = sorted(n for n, _ in chosen if n not in factors
+                     and (_by_layer(n) in layered or _layer_of(n) in covered)
                      and not any(k.startswith(n + ".") for k in rowed))
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -677,6 +679,12 @@ def _check_targets(adapter, cfg, factors, meta=None, entries=None, rowed=()):
 def _by_layer(name):
     """A module name with its layer indices left out: the same module of every layer."""
     return re.sub(r"(?<=\.)\d+(?=\.|$)", "#", name)
+
+
+def _layer_of(name):
+    """The layer a module lies in (its name up to its first index: `model.layers.0`), or None."""
+    m = re.match(r"(.*?\.\d+)(?=\.|$)", name)
+    return m.group(1) if m else None
 
 
 def _check_dora(adapter, cfg, factors, magnitudes):
