@@ -141,8 +141,7 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     casts += [d for d in (torch.bfloat16, torch.float16) if torch.finfo(d).bits < torch.finfo(new.dtype).bits]
     for narrow in casts:
         # (the first rows first: a weight that is no such copy is told from them, without a pass over the whole)
-        if all(bool(((back == n) | (back.isnan() & n.isnan())).all())
-               for o, n in ((old[:rows], new[:rows]), (old, new)) for back in (o.to(narrow).to(new.dtype),)):
+        if _cast_of(old[:rows], new[:rows], narrow) and _cast_of(old, new, narrow):
             return True
     flat = new.reshape(new.shape[0], -1) if new.dim() else new.reshape(1, 1)
     cols = flat.shape[1]
@@ -158,6 +157,12 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     return any(all(_nearest_levels(n.double().reshape(-1, g), o.double().reshape(-1, g))
                    for n, o in ((flat[pick[:4]], olds[pick[:4]]), (flat[pick], olds[pick]), (flat, olds)))
                for g in [cols] + [g for g in (32, 64, 128) if cols % g == 0 and cols > g])
+
+
+def _cast_of(old: Tensor, new: Tensor, narrow: torch.dtype) -> bool:
+    """Whether `new` is `old` cast to `narrow` and back to new's dtype (NaN where old's cast is NaN)."""
+    back = old.to(narrow).to(new.dtype)
+    return bool(((back == new) | (back.isnan() & new.isnan())).all())
 
 
 def _nearest_levels(new: Tensor, old: Tensor) -> bool:
@@ -721,8 +726,8 @@ class LoRALayer(NamedAdapters):
         registered parameter (a parametrization computes it); Embedding: max_norm."""
         w = self._weight_or_none()
         if w is None:
-            return (f"{self._computed_weight()}: serve it unmerged, or remove the parametrization first "
-                    f"(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
+            return self._computed_weight("serve it unmerged, or remove the parametrization first "
+                                         "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
         if w.is_meta or (self.has_lora and (self.lora_A.is_meta or self.lora_B.is_meta)):
             return f"{self._describe()}: its weight or factors are on the meta device: {self._meta_refusal()}"
         if w.dtype not in _MERGE_DTYPES:
@@ -733,8 +738,9 @@ class LoRALayer(NamedAdapters):
             return refusal
         return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
 
-    def _computed_weight(self) -> str:
-        """What merges meet in a layer whose weight is not a registered parameter (merge_refusal, _weight_param)."""
+    def _computed_weight(self, remedy: str) -> str:
+        """What merges meet in a layer whose weight is not a registered parameter (merge_refusal, _weight_param), with
+        the caller's `remedy` for a computed one."""
         if "weight" in self._weight_owner().__dict__.get("_buffers", {}):
             # (removing a parametrization registers a weight that does not require grad, as lora_ext's, as a buffer)
             return (f"{self._describe()}: its weight is a buffer, not a registered parameter (removing a "
@@ -742,7 +748,7 @@ class LoRALayer(NamedAdapters):
                     f"parameter: register it again, `w = layer.weight; del layer.weight; layer.weight = "
                     f"nn.Parameter(w, requires_grad=False)`")
         return (f"{self._describe()}: its weight is not a registered parameter (a parametrization, weight_norm or "
-                f"pruning computes it); merges write the weight in place and cannot write through that")
+                f"pruning computes it); merges write the weight in place and cannot write through that: {remedy}")
 
     def _fp16_room(self, *adapters):
         """A float16 weight's range, checked at every write against what the weight holds now (value stamps
@@ -801,10 +807,8 @@ class LoRALayer(NamedAdapters):
         tensor in its place: a merge into that would write a temporary)."""
         weight = self._weight_or_none()
         if weight is None:
-            if "weight" in self._weight_owner().__dict__.get("_buffers", {}):
-                raise KeyError(self._computed_weight())
-            raise KeyError(f"{self._computed_weight()}: remove it first (e.g. torch.nn.utils.parametrize."
-                           f"remove_parametrizations(layer, 'weight'))")
+            raise KeyError(self._computed_weight("remove it first (e.g. torch.nn.utils.parametrize."
+                                                 "remove_parametrizations(layer, 'weight'))"))
         return weight
 
     def _weight_owner(self) -> nn.Module:

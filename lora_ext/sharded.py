@@ -248,13 +248,17 @@ def _header(op: str, tensors, scales) -> Tensor:
 def any_rank(weight: Tensor, flag: bool) -> bool:
     """Whether `flag` holds on any rank of the DTensor `weight`'s mesh (one all-reduce per mesh dimension): a decision
     every rank must take alike, from facts one rank may see otherwise."""
-    import torch.distributed as dist
-    mesh = weight.device_mesh
     dev = weight.device if weight.device.type != "cpu" else torch.device("cpu")
-    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    return bool(_max_over_mesh(torch.tensor([1.0 if flag else 0.0], device=dev), weight.device_mesh).item())
+
+
+def _max_over_mesh(t: Tensor, mesh) -> Tensor:
+    """`t` all-reduced in place to its maximum over every rank of `mesh`: one all-reduce per mesh dimension (HSDP's
+    2-D mesh: each dimension in turn)."""
+    import torch.distributed as dist
     for dim in range(mesh.ndim):
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
-    return bool(t.item())
+    return t
 
 
 _OK, _REFUSED, _FAILED = 0, 1, 2  # a rank's outcome of its part of a write, agreed on as the worst (MAX)
@@ -262,14 +266,11 @@ _OK, _REFUSED, _FAILED = 0, 1, 2  # a rank's outcome of its part of a write, agr
 
 def _all_agree(weight: Tensor, fingerprint: Tensor, outcome: int = _OK):
     """(whether every rank of the weight's mesh passed the same fingerprint, the worst of the ranks' outcomes): one
-    all-reduce (MAX of the fingerprint and of its negation, so the maximum and the minimum of each number)."""
-    import torch.distributed as dist
+    all-reduce per mesh dimension (MAX of the fingerprint and of its negation, so the maximum and the minimum of each number)."""
     dev = weight.device if weight.device.type != "cpu" else torch.device("cpu")
     v = fingerprint.to(dev)
     t = torch.cat([v, -v, v.new_tensor([float(outcome)])])
-    mesh = weight.device_mesh
-    for dim in range(mesh.ndim):  # (HSDP's 2-D mesh: each dimension in turn, the maximum over all)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+    _max_over_mesh(t, weight.device_mesh)
     hi, lo, worst = t[:_WIDTH], -t[_WIDTH:2 * _WIDTH], t[-1]
     same = bool(((hi - lo).abs() <= 1e-9 * torch.maximum(hi.abs(), lo.abs()).clamp_min(1.0)).all())
     return same, int(worst)

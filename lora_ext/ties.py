@@ -146,9 +146,10 @@ _TIE_TARGETS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _on_parameter(module, name, param):
-    """A conv's weight set (`c2.conv.weight = c1.conv.weight`): torch's register_parameter, not the layer's. (torch
-    calls this before the new weight is in place; layers.LoRALayer._conv_weight_set sets it under the layer's lock and
-    a merged layer looks at it)"""
+    """torch's register_parameter of any module, before the new Parameter is in place: a conv's weight set
+    (`c2.conv.weight = c1.conv.weight`; layers.LoRALayer._conv_weight_set sets it under the layer's lock and a merged
+    layer looks at it), and a weight a lora_ext layer holds given to a lora_ext layer or a plain layer (_TIE_TARGETS): a tie, which a
+    merged layer takes its adapter out of (layers.LoRALayer._weight_taken)."""
     if param is None:  # (torch calls no hook for None)
         return
     layers = []
@@ -166,8 +167,7 @@ def _on_parameter(module, name, param):
         # (a lora_ext layer, or exactly a plain layer: torch.export and other program builders register a model's
         # own parameters on modules of theirs, which compute nothing the model serves)
         for layer in list(taken):
-            if layer is not module and _weight_of(layer) is param and layer._modules.get("conv") is not module \
-                    and type(module).__name__ != "ParametrizationList":  # (the layer's own parametrization)
+            if layer is not module and _weight_of(layer) is param and layer._modules.get("conv") is not module:
                 layer._weight_taken(module, name, plain=not layers)  # (a ConvLoRA's conv: its layer is a peer)
 
 

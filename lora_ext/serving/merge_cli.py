@@ -36,6 +36,7 @@ from . import saved_modules as _saved
 from . import tokens as _tokens
 from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, base_weights_elsewhere, check_base_weight, is_lora_key,
                       module_factors, module_rank_scaling, read_config, read_tensors)
+from .peft_io import _names as _name_list
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -647,9 +648,8 @@ def _check_targets(adapter, cfg, factors, meta=None, entries=None, rowed=()):
     ignored = sorted(n for n in factors if (spec is not None and not _inject.target_matches(spec, n, *layers))
                      or (exclude and _inject.name_matches(exclude, n)))
     if ignored:
-        more = f" and {len(ignored) - 5} more" if len(ignored) > 5 else ""
         raise MergeError(f"{cfg_file}: the weights file holds factors of module(s) "
-                         f"{', '.join(map(repr, ignored[:5]))}{more} that target_modules / exclude_modules do not "
+                         f"{_name_list(ignored, most=5)} that target_modules / exclude_modules do not "
                          f"select; peft ignores them, so the merge refuses the mismatch")
     if meta is None or not factors:
         return
@@ -669,9 +669,8 @@ def _check_targets(adapter, cfg, factors, meta=None, entries=None, rowed=()):
                      and (_by_layer(n) in layered or _layer_of(n) in covered)
                      and not any(k.startswith(n + ".") for k in rowed))
     if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise MergeError(f"--adapter {adapter!r}: its weights file holds no factors for module(s) "
-                         f"{', '.join(map(repr, missing[:5]))}{more}, which the config's target_modules / "
+                         f"{_name_list(missing, most=5)}, which the config's target_modules / "
                          f"exclude_modules / layers_to_transform select ({cfg_file}): a partial export would leave "
                          f"them unmerged")
 

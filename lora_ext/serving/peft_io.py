@@ -21,8 +21,7 @@ import torch.nn as nn
 
 from .. import layers, ops
 from ..layers import LoRALayer
-from .. import named_adapters as _named
-from ..named_adapters import check_adapter_name, deferred_interrupt
+from ..named_adapters import check_adapter_name, deferred_interrupt, held_warnings
 from ..utils import unwrap
 from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
@@ -329,8 +328,8 @@ def check_base_weight(where, name, saved, current, bias=False):
         if torch.equal(a, b) or bool(((a - b).abs().max() <= 1e-5 * b.abs().max()).item()):
             return
     what = "bias" if bias else "weight"
-    plain = f", or {PREFIX + name}.{what} as save_embedding_layers saves it" if _plain_embedding_layer(
-        f"{PREFIX}{name}.{what}") else ""
+    plain_key = f"{PREFIX}{name}.{what}"  # (the key save_embedding_layers saves the module's tensor under)
+    plain = f", or {plain_key} as save_embedding_layers saves it" if _plain_embedding_layer(plain_key) else ""
     raise ValueError(f"{where}: module {name!r} carries a base {what} ({key}{plain}) that differs from the model's "
                      f"(e.g. a resized vocabulary, or a module saved whole that the config's modules_to_save does "
                      f"not name); lora_ext does not replace base weights")
@@ -687,7 +686,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # whole, then the KeyboardInterrupt); what can still be refused (a switch of a merged weight, out of memory) is
     # put back below
     # (add_adapter's warnings of Parameters it replaced are given once the load stands: taken back, it gives them back)
-    with model_lock(model).write(), deferred_interrupt(), _named.held_warnings() as replaced:
+    with model_lock(model).write(), deferred_interrupt(), held_warnings() as replaced:
         _inject.check_enabled(model, *refusal)  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
         undo = _undoing(model, adapter_name, plan, saved_plan, token_plan)
