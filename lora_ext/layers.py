@@ -150,9 +150,16 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     olds = old.reshape(flat.shape)
     if not (bool(flat.isfinite().all()) and bool(olds.isfinite().all())):
         return False
-    # a row quantized whole, or in groups of g columns (GPTQ's, AWQ's: each group its own levels): each grouping tried
-    # on a few rows spread over the weight first (a new base fails there, without sorting them all), then on all rows
-    # (a new revision changing some rows only)
+    # (a 2-D weight also by its columns: a fan_in_fan_out layer stores the quantizer's output channels as columns)
+    return _levels_by_rows(flat, olds, rows) or (new.dim() == 2 and flat.shape[0] >= 16 and _levels_by_rows(
+        flat.t().contiguous(), olds.t().contiguous(), rows))
+
+
+def _levels_by_rows(flat: Tensor, olds: Tensor, rows: int) -> bool:
+    """_rounded's quantizer test of a 2-D `flat` against `olds`, by rows: a row quantized whole, or in groups of g
+    columns (GPTQ's, AWQ's: each group its own levels): each grouping tried on a few rows spread over the weight first
+    (a new base fails there, without sorting them all), then on all rows (a new revision changing some rows only)."""
+    cols = flat.shape[1]
     pick = torch.linspace(0, flat.shape[0] - 1, min(rows, flat.shape[0]), device=flat.device).long()
     return any(all(_nearest_levels(n.double().reshape(-1, g), o.double().reshape(-1, g))
                    for n, o in ((flat[pick[:4]], olds[pick[:4]]), (flat[pick], olds[pick]), (flat, olds)))
@@ -462,10 +469,9 @@ class LoRALayer(NamedAdapters):
     def _holds_merged_values(self, new: Tensor, old: Tensor):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
         or a copy bit for bit), "near" (a copy in another dtype, rounded or quantized: within half |old| of the
-        merged weight, and no farther from it than from the base under it unless the update is under half that
-        distance and `new` shows a rounding (_rounded): a new base of its own, the old one changed by more than twice
-        the update, is nearer the base too), or False. One comparison over the weight (a copy on old's device when new
-        is elsewhere), and for a copy that is not exact, one unmerge of a copy."""
+        merged weight, and within a quarter of the update of it or showing a rounding of it (_rounded)), or False.
+        One comparison over the weight (a copy on old's device when new is elsewhere), and for a copy that is not
+        exact, one unmerge of a copy."""
         if new.shape != old.shape:
             return False
         try:
@@ -482,12 +488,13 @@ class LoRALayer(NamedAdapters):
                 base = old.detach().clone(memory_format=torch.contiguous_format)
                 self._unmerge_from(base)
                 to_merged, to_base, update, size = _distances(new, old, base)
-                # a base: far from the merged weight, or nearer the base than to it (a copy of the base, rounded);
-                # but where the rounding is over twice the update (a quantizer's), the two cannot be told apart and
-                # either reading is off by less than the rounding: the merged weight, quantized. Only a weight that
-                # shows a rounding: a new base (another checkpoint's, an average) changes by more than that too
-                return "near" if to_merged < size / 2 and (to_merged <= to_base or (
-                    update < to_merged / 2 and _rounded(new, old))) else False
+                # the merged weight: within a quarter of the update of it (a recomputation, a fine rounding: three
+                # times nearer it than the base), or further but showing a rounding of it (a cast's copy, a
+                # quantizer's levels). Merely nearer it than the base is no evidence: a new base of its own (another
+                # checkpoint's) changed by more than the update lies nearer it half the time in a small layer (a
+                # change whose part along the update is over half the update), and an average of the base and the
+                # merged weight (a model soup) lies half way
+                return "near" if to_merged < size / 2 and (to_merged < update / 4 or _rounded(new, old)) else False
         except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
             return False
 
