@@ -1,4 +1,5 @@
 """The eighteenth session's hostile rounds: each test fails on the code before its fix (checked in a clone)."""
+import os
 import warnings
 
 import pytest
@@ -100,3 +101,81 @@ def test_a_copy_quantized_per_output_channel_keeps_the_merge(kind):
         w = quantized.double().t() if fifo else quantized.double()
         with torch.no_grad():
             assert rel_err(layer(x).double(), x.double() @ w.t()) < 1e-6
+
+
+# ---- merges and loads of peft files ----
+
+@pytest.mark.parametrize("trained_on", ["causal", "inner"])
+def test_patterns_match_the_names_the_adapter_was_trained_under(tmp_path, capsys, trained_on):
+    """rank_pattern / alpha_pattern keys written against the class the adapter was trained on (a full name
+    `model.layers.0...` of LlamaForCausalLM, an anchored `^layers\\.0...` of LlamaModel) were matched against the
+    other class's renamed names: merged and loaded at lora_alpha / r (2.0, not 16.0), exit 0."""
+    import copy
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from lora_ext.cli import main
+    from helpers import save_random_peft
+    from tiny_models import llama
+    causal = llama()
+    key = "model.layers.0.self_attn.q_proj" if trained_on == "causal" else r"^layers\.0\.self_attn\.q_proj"
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], alpha_pattern={key: 64},
+                     rank_pattern={key.replace("q_proj", "v_proj"): 2})
+    trained = copy.deepcopy(causal if trained_on == "causal" else causal.model)
+    peft_model = get_peft_model(trained, cfg)
+    path = save_random_peft(peft_model, tmp_path / "ad", seed=3, std=0.1)
+    other = causal.model if trained_on == "causal" else causal  # the other class's checkpoint
+    other.save_pretrained(str(tmp_path / "base"))
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", path, "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 0, capsys.readouterr().err
+    ad = load_file(os.path.join(path, "adapter_model.safetensors"))
+    out, base = load_file(str(tmp_path / "out" / "model.safetensors")), other.state_dict()
+    outer = "model." if trained_on == "causal" else ""  # the adapter's own names' prefix past base_model.model.
+    mine = "" if trained_on == "causal" else "model."  # the checkpoint's
+    for layer in (0, 1):
+        for proj, want in (("q_proj", 16.0 if layer == 0 else 2.0), ("v_proj", 4.0 if layer == 0 else 2.0)):
+            name = f"layers.{layer}.self_attn.{proj}"
+            a = ad[f"base_model.model.{outer}{name}.lora_A.weight"].double()
+            b = ad[f"base_model.model.{outer}{name}.lora_B.weight"].double()
+            assert a.shape[0] == (2 if (layer, proj) == (0, "v_proj") else 4)
+            w = base[f"{mine}{name}.weight"].double() + want * (b @ a)
+            assert rel_err(out[f"{mine}{name}.weight"].double(), w) < 1e-6, name
+    # load_peft_adapter into the other class: the same scales
+    model = copy.deepcopy(other)
+    lora.load_peft_adapter(model, path)
+    inner = model.model if trained_on == "inner" else model
+    assert inner.layers[0].self_attn.q_proj.scaling == 16.0
+    assert inner.layers[1].self_attn.q_proj.scaling == 2.0
+    assert inner.layers[0].self_attn.v_proj.lora_A.shape[0] == 2
+    assert inner.layers[0].self_attn.v_proj.scaling == 4.0
+
+
+@pytest.mark.parametrize("kept", ["saved_module", "token_rows"])
+def test_merge_refuses_a_file_of_no_factors_but_saved_modules_or_token_rows(tmp_path, capsys, kept):
+    """A partial export holding only the module saved whole (modules_to_save) or the rows of tokens merged those and
+    left every targeted module unmerged, exit 0 ("merged 0 weights")."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from lora_ext.cli import main
+    from helpers import save_random_peft
+    from tiny_models import llama
+    base = llama()
+    base.save_pretrained(str(tmp_path / "base"))
+    extra = (dict(modules_to_save=["lm_head"]) if kept == "saved_module" else
+             dict(trainable_token_indices={"embed_tokens": [1, 2]}))
+    path = save_random_peft(get_peft_model(llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                               **extra)), tmp_path / "ad", seed=1, std=0.1)
+    full = load_file(os.path.join(path, "adapter_model.safetensors"))
+    d = tmp_path / "partial"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(open(os.path.join(path, "adapter_config.json")).read())
+    rest = {k: v for k, v in full.items() if "lora_" not in k}
+    assert rest
+    save_file(rest, str(d / "adapter_model.safetensors"))
+    rc = main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(d), "--out", str(tmp_path / "out"),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "holds no LoRA factors" in err and "'model.layers.0.self_attn.q_proj'" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", path, "--out", str(tmp_path / "whole"),
+                 "--quiet"]) == 0, capsys.readouterr().err

@@ -60,11 +60,14 @@ def model_names(model: nn.Module, keys: Sequence[str]
     return names, converted, ambiguous
 
 
-def rename_adapter(where: str, model: nn.Module, factors: dict, base_weights: dict, magnitudes: dict = None):
+def rename_adapter(where: str, model: nn.Module, factors: dict, base_weights: dict, magnitudes: dict = None,
+                   trained: dict = None):
     """(factors, base weights, magnitudes) of an adapter (peft_io.module_factors' dicts, keyed by module name) with
     the modules the model does not have under their names, but under the name transformers renames them to, renamed
-    (an adapter made with transformers 4; peft renames them alike when it loads it). ValueError naming `where` when
-    the adapter holds one module under both names."""
+    (an adapter made with transformers 4, or trained on another class of the model: LlamaModel's `layers.0...` for
+    a LlamaForCausalLM's `model.layers.0...`; peft renames them alike when it loads it). ValueError naming `where`
+    when the adapter holds one module under both names. `trained`, a dict, is given each renamed module's name as
+    the adapter had it (new name -> old): the config's rank_pattern / alpha_pattern keys match those names."""
     magnitudes = {} if magnitudes is None else magnitudes
     if model is None:
         return factors, base_weights, magnitudes
@@ -82,6 +85,8 @@ def rename_adapter(where: str, model: nn.Module, factors: dict, base_weights: di
         if twin is not None:
             raise ValueError(f"{where}: modules {twin!r} and {old!r} are the same module of the model ({name!r}: "
                              f"transformers renames one to the other); the adapter must hold it once")
+    if trained is not None:
+        trained.update({name: old for old, name in renamed.items() if old in factors})
     return ({new(n): v for n, v in factors.items()},
             {(new(k[0]), k[1]) if isinstance(k, tuple) else new(k): v for k, v in base_weights.items()},
             {new(n): v for n, v in magnitudes.items()})

@@ -352,14 +352,15 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     magnitudes = {}
     factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
     meta = _meta_model(base, base_dir)
+    trained = {}  # a renamed module's name as the adapter had it (rank_pattern / alpha_pattern match those)
     try:
         factors, base_weights, magnitudes = _names.rename_adapter(f"--adapter {adapter!r}", meta, factors, base_weights,
-                                                                  magnitudes)
+                                                                  magnitudes, trained=trained)
     except ValueError as e:
         raise MergeError(str(e)) from None
     if not factors and not rows and not states:
         raise MergeError(f"--adapter {adapter!r}: its weights file holds no LoRA factors (nothing to merge)")
-    _check_targets(adapter, cfg, factors, meta, entries, rowed=[k[len(PREFIX):] for k in rows])
+    _check_targets(adapter, cfg, factors, meta, entries, rowed=[k[len(PREFIX):] for k in rows], trained=trained)
     _check_dora(adapter, cfg, factors, magnitudes)
     headers = _headers(files, index, os.path.join(base, INDEX_NAME))
     # the checkpoint's keys as the model names them (transformers renames some when it loads them: a VLM's
@@ -406,7 +407,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                                  f"LoRA factors are floating-point matrices (or conv kernels)")
         if A.element_size() == 1 or B.element_size() == 1:  # float8 factors (peft serves them): exact in float32
             A, B = A.float(), B.float()
-        r, scaling = module_rank_scaling(cfg, name)
+        r, scaling = module_rank_scaling(cfg, trained.get(name, name))
         if A.shape[0] != r:
             raise MergeError(f"--adapter: module {name!r} has rank {A.shape[0]} but the config says r={r}")
         if name in base_weights:
@@ -625,14 +626,16 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
     return out
 
 
-def _check_targets(adapter, cfg, factors, meta=None, entries=None, rowed=()):
+def _check_targets(adapter, cfg, factors, meta=None, entries=None, rowed=(), trained=None):
     """Refuses factors of modules the config's target_modules / exclude_modules (and layers_to_transform) do not
     select: peft ignores them (as load_peft_adapter refuses them), so merging them would not give the model peft
     serves. 'all-linear' is resolved against the model's classes (`meta`: its Linear / Conv1D modules but the output
     head; peft takes those names whole, in every layer); without them only exclude_modules is checked. With the
     model, also modules the config selects that the file holds no factors of (a truncated or partial export: those
     weights would be written unmerged), as load_peft_adapter refuses them; `rowed`: the keys of rows of tokens
-    (trainable_token_indices), whose modules take no factors."""
+    (trainable_token_indices), whose modules take no factors. A file of no factors at all (only modules saved whole
+    or rows of tokens) is refused when the config targets modules. `trained`: a renamed module's name as the adapter
+    had it (rename_adapter), which the config's names and patterns may be written against."""
     cfg_file = os.path.join(adapter, CONFIG_NAME)
     spec, exclude = cfg.get("target_modules"), cfg.get("exclude_modules")
     if spec is None:
@@ -645,19 +648,31 @@ def _check_targets(adapter, cfg, factors, meta=None, entries=None, rowed=()):
             spec = sorted(n for n in spec if not (entries and _saved.keeps_lora_off(entries, n)))
         else:
             spec = None  # the model's linear layers but its head: no model here to resolve it against
-    ignored = sorted(n for n in factors if (spec is not None and not _inject.target_matches(spec, n, *layers))
-                     or (exclude and _inject.name_matches(exclude, n)))
+    names = {n: {n, (trained or {}).get(n, n)} for n in factors}  # (the model's name, the adapter's)
+    ignored = sorted(n for n in factors
+                     if (spec is not None and not any(_inject.target_matches(spec, m, *layers) for m in names[n]))
+                     or (exclude and any(_inject.name_matches(exclude, m) for m in names[n])))
     if ignored:
         raise MergeError(f"{cfg_file}: the weights file holds factors of module(s) "
                          f"{_name_list(ignored, most=5)} that target_modules / exclude_modules do not "
                          f"select; peft ignores them, so the merge refuses the mismatch")
-    if meta is None or not factors:
+    none = (f"--adapter {adapter!r}: its weights file holds no LoRA factors, only modules saved whole or rows of "
+            f"tokens, but the config's target_modules select")
+    if meta is None:
+        if not factors and cfg["target_modules"]:
+            raise MergeError(f"{none} modules ({cfg_file}): a partial export would leave them unmerged")
         return
     try:
         chosen = _inject.select_targets(meta, cfg["target_modules"], exclude, option=cfg_file,
                                         task_type=cfg.get("task_type"), layers_to_transform=layers[0],
                                         layers_pattern=layers[1], modules_to_save=entries)
     except ValueError:  # (what it refuses, the merge judges by its own rules)
+        return
+    if not factors:
+        targeted = [n for n, _ in chosen if not any(k.startswith(n + ".") for k in rowed)]
+        if targeted:
+            raise MergeError(f"{none} {_name_list(targeted, most=5)} ({cfg_file}): a partial export would leave them "
+                             f"unmerged")
         return
     # only where the file holds the same module of another layer, or other modules of its layer (a partial or
     # truncated export): a module outside the layers the file covers may be one the class the adapter was trained on

@@ -336,7 +336,9 @@ def check_base_weight(where, name, saved, current, bias=False):
 
 
 def module_rank_scaling(cfg, name):
-    """(r, scaling) of one module under the config's r, lora_alpha, rank/alpha patterns and use_rslora."""
+    """(r, scaling) of one module under the config's r, lora_alpha, rank/alpha patterns and use_rslora. `name`: the
+    module's name in the model the adapter was trained on (peft matches the patterns against those; see
+    checkpoint_names.rename_adapter's `trained`)."""
     r = _inject.pattern_value(cfg.get("rank_pattern"), name, cfg.get("r", 8))
     alpha = _inject.pattern_value(cfg.get("alpha_pattern"), name, cfg.get("lora_alpha", 8))
     return r, _inject.scaling_for(r, alpha, bool(cfg.get("use_rslora", False)))
@@ -531,7 +533,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     if not factors:
         raise ValueError(f"{weights_file}: holds no LoRA factors")
     # an adapter made with transformers 4 may name modules as the checkpoint does (peft renames them alike)
-    factors, base_weights, _ = _ckpt_names.rename_adapter(weights_file, model, factors, base_weights)
+    trained = {}  # a renamed module's name as the adapter had it (rank_pattern / alpha_pattern match those)
+    factors, base_weights, _ = _ckpt_names.rename_adapter(weights_file, model, factors, base_weights, trained=trained)
     if cfg.get("target_modules") is None:
         raise ValueError(f"{cfg_file}: target_modules is missing (peft would pick per-architecture defaults); "
                          f"lora_ext needs the adapted modules named")
@@ -571,7 +574,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     for name, module in targets:
         A, B, embedding = factors[name]
         label = f"{weights_file}: module {name!r}"
-        r, scaling = module_rank_scaling(cfg, name)
+        r, scaling = module_rank_scaling(cfg, trained.get(name, name))
         for what, t in (("lora_A", A), ("lora_B", B)):
             if not t.is_floating_point():
                 raise ValueError(f"{label}: {what} has dtype {t.dtype}; LoRA factors must be floating point")
