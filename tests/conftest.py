@@ -8,13 +8,16 @@ that need the hardware itself (streams, graphs, memory statistics, timing) also 
 """
 import os
 import signal
+import sys
 
 # the tests never reach the network: a Hub id (lora_ext/serving/hub.py) resolves from the cache or fails at once
 # (huggingface_hub reads this when it is first imported)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+
+# (torch and lora_ext are imported where a test needs them, not here: the crash-safe runner's tests start pytest over
+# small projects with this conftest many times, and torch's import was most of each start)
 
 SIM_AS_CUDA_ENV = "LORA_EXT_SIM_AS_CUDA"
 
@@ -52,10 +55,13 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
-    # Fresh random inputs on every run, reproducible from the printed test id and seed on failure.
-    seed = torch.seed() % (2**31)
-    torch.manual_seed(seed)
-    request.node.user_properties.append(("seed", seed))
+    # Fresh random inputs on every run, reproducible from the printed test id and seed on failure. (A test module
+    # imports torch before its tests run; one that does not has nothing to seed.)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        seed = torch.seed() % (2**31)
+        torch.manual_seed(seed)
+        request.node.user_properties.append(("seed", seed))
     yield
 
 
@@ -63,11 +69,9 @@ def _fresh_seed(request):
 def _default_sim_schedule():
     # A test may shuffle the simulator's thread order; the next one starts from the default order.
     yield
-    try:
-        from lora_ext import _sim
-    except ImportError:
-        return
-    _sim.set_schedule(None)
+    sim = sys.modules.get("lora_ext._sim")  # (a test that never imported it changed no schedule)
+    if sim is not None:
+        sim.set_schedule(None)
 
 
 @pytest.fixture
@@ -87,6 +91,7 @@ class CudaTarget:
     the kernels do not take (the CPU on a GPU, `meta` in a rehearsal), for tests of device mismatches."""
 
     def __init__(self, device, kernels, other, rehearsal):
+        import torch
         self.device = torch.device(device)
         self.kernels = kernels
         self.other = torch.device(other)
@@ -94,6 +99,7 @@ class CudaTarget:
 
     def synchronize(self):
         if not self.rehearsal:
+            import torch
             torch.cuda.synchronize()
 
     def __repr__(self):
@@ -169,13 +175,16 @@ def pytest_collection_modifyitems(config, items):
                 why = hardware.args[0] if hardware.args else "needs a real CUDA device"
                 item.add_marker(pytest.mark.skip(reason=f"hardware: {why}; not rehearsed by --sim-as-cuda"))
         return
+    gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu:
+        return
+    import torch
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="gpu: needs a CUDA device (torch.cuda.is_available() is False); "
                                    "--sim-as-cuda rehearses it on the CPU")
-    for item in items:
-        if item.get_closest_marker("gpu") is not None:
-            item.add_marker(skip)
+    for item in gpu:
+        item.add_marker(skip)
 
 
 @pytest.fixture
