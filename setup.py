@@ -8,9 +8,10 @@ and builds the CUDA kernels as lora_ext._C when torch has CUDA and nvcc is found
 Environment:
   LORA_EXT_CUDA=auto|1|0   build the CUDA extension: when possible (default), always (fail if not
                            possible), never
-  LORA_EXT_SIM=1|0         build the SIMT simulator lora_ext._sim (default 1): the CPU tests of the kernels
+  LORA_EXT_SIM=1|0|only    build the SIMT simulator lora_ext._sim (default 1): the CPU tests of the kernels
                            need it; a GPU machine does not (bench/gpu_check.sh builds with 0: it is one large
-                           translation unit, the longest compile of the build)
+                           translation unit, the longest compile of the build). `only`: the simulator alone
+                           (scripts/setup.sh builds it so, beside the other modules)
   TORCH_CUDA_ARCH_LIST     GPU architectures, default "8.0;9.0"; each must be 8.0 or later
   MAX_JOBS                 parallel compile jobs (ninja)
 
@@ -138,9 +139,9 @@ def extensions(torch, cpp_extension):
     include = [os.path.join(_here(), "csrc")]
     exts = []
     sim = os.environ.get("LORA_EXT_SIM", "1")
-    if sim not in ("1", "0"):
-        sys.exit(f"LORA_EXT_SIM must be 1 or 0, got {sim!r}")
-    sim_sources = _rel("csrc/sim/*.cpp") if sim == "1" else []
+    if sim not in ("1", "0", "only"):
+        sys.exit(f"LORA_EXT_SIM must be 1, 0 or only, got {sim!r}")
+    sim_sources = _rel("csrc/sim/*.cpp") if sim != "0" else []
     if sim_sources:
         exts.append(
             cpp_extension.CppExtension(
@@ -150,6 +151,8 @@ def extensions(torch, cpp_extension):
                 extra_compile_args=["-O2"],
             )
         )
+    if sim == "only":
+        return exts
     cpu_sources = _rel("csrc/cpu/*.cpp")
     if cpu_sources:
         # The CPU lossless pass (lora_ext/lossless_cpu.py). -ffp-contract=off keeps a*b+c unfused in the
