@@ -521,7 +521,8 @@ class LoRALayer(NamedAdapters):
         if getattr(_taking_out, "depth", 0):
             return
         if plain and not isinstance(module, LoRALayer):  # (lora_ext layers find each other in the ties registry)
-            self._tied_with = [*(self.__dict__.get("_tied_with") or ()), f"a {type(module).__name__}'s {name!r}"]
+            tied, tie = list(self.__dict__.get("_tied_with") or ()), f"a {type(module).__name__}'s {name!r}"
+            self._tied_with = tied if tie in tied else [*tied, tie]  # (tie_weights() again: the same tie)
         with self._lock, deferred_interrupt():
             if not (self.merged and self.__dict__.get("_buffers", {}).get("_merged_A") is not None):
                 return

@@ -33,6 +33,10 @@ _prune_at = 1024  # the registry's size at which entries that no layer holds now
 _peers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the layers that took a weight it took
 _by_storage = {}  # (device, storage address) -> WeakSet of the layers whose weight lay there when noted
 _convs = weakref.WeakKeyDictionary()  # a ConvLoRA's inner conv -> WeakSet of the ConvLoRA layers holding it
+_plain = {}  # id(weight) -> WeakSet of the plain modules (_TIE_TARGETS) that took a weight of that id (candidates)
+_plain_prune_at = 1024
+_givers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the plain modules whose weight it was given (_plain_tie)
+_replaced = weakref.WeakSet()  # plain modules lora_ext replaced or made to replace a layer (never givers: replaced)
 
 
 def _span(weight):
@@ -121,7 +125,10 @@ def names(layer) -> List[str]:
     if weight is None:  # computed by a parametrization: nothing registered to share (merge_refusal says so)
         return tied
     note(weight, layer)
-    return tied + [other._describe() + f" at 0x{id(other):x}" for other in others(layer, weight)]
+    with _lock:
+        givers = [g for g in list(_givers.get(layer, ())) if g._parameters.get("weight") is weight]
+    return (tied + [f"a {type(g).__name__}'s 'weight' at 0x{id(g):x}" for g in givers]
+            + [other._describe() + f" at 0x{id(other):x}" for other in others(layer, weight)])
 
 
 def _is_conv_layer(module) -> bool:
@@ -130,13 +137,28 @@ def _is_conv_layer(module) -> bool:
 
 def _on_module(module, name, submodule):
     """A ConvLoRA's conv set (`c2.conv = c1.conv`, injection's adoption): the layer takes its conv's weight (and, merged,
-    looks at it: layers.LoRALayer._conv_set, which sets it under the layer's lock)."""
+    looks at it: layers.LoRALayer._conv_set, which sets it under the layer's lock). Another ConvLoRA computing with that
+    conv is tied to this one from now on: merged, it takes its adapter out first (as a weight given to another
+    module: _on_parameter), so that the layer taking the conv sees the weight it will compute with. And a lora_ext layer
+    put in the place of a plain module whose weight it took (`new.weight = old.weight; parent.fc = new`) is not tied
+    to that module, which a loop's variable may keep alive but nothing computes with (_plain_tie)."""
+    if submodule is not None and hasattr(submodule, "_weight_taken"):
+        old = module._modules.get(name)
+        if old is not None and old is not submodule:
+            with _lock:
+                givers = _givers.get(submodule)
+                if givers is not None:
+                    givers.discard(old)
     if name == "conv" and submodule is not None and _is_conv_layer(module):
         with _lock:
             try:
-                _convs.setdefault(submodule, weakref.WeakSet()).add(module)
+                holders = list(_convs.setdefault(submodule, weakref.WeakSet()))
+                _convs[submodule].add(module)
             except TypeError:  # a conv class without hashing: its weight is noted at each merge only
-                pass
+                holders = []
+        for other in holders:
+            if other is not module and other._modules.get("conv") is submodule:
+                other._weight_taken(module, name, plain=False)
         module._conv_set(submodule)
         note(submodule._parameters.get("weight"), module)
 
@@ -155,20 +177,67 @@ def _on_parameter(module, name, param):
     layers = []
     if name == "weight" and _convs:
         try:
-            layers = list(_convs.get(module, ()))
+            layers = [layer for layer in _convs.get(module, ()) if layer._modules.get("conv") is module]
         except TypeError:
             pass
-        for layer in layers:
-            if layer._modules.get("conv") is module:
-                layer._conv_weight_set(module, param)
-                note(param, layer)
     taken = _holders.get(id(param))  # (a dict lookup: this hook runs for every parameter any module registers)
     if taken and (hasattr(module, "_weight_taken") or type(module) in _TIE_TARGETS):
         # (a lora_ext layer, or exactly a plain layer: torch.export and other program builders register a model's
-        # own parameters on modules of theirs, which compute nothing the model serves)
+        # own parameters on modules of theirs, which compute nothing the model serves). First: a ConvLoRA taking
+        # the weight below then compares it with its own as it will compute with it (the giver's base)
         for layer in list(taken):
             if layer is not module and _weight_of(layer) is param and layer._modules.get("conv") is not module:
                 layer._weight_taken(module, name, plain=not layers)  # (a ConvLoRA's conv: its layer is a peer)
+    for layer in layers:
+        layer._conv_weight_set(module, param)
+        note(param, layer)
+    if name == "weight":
+        _plain_tie(module, param, layers)
+
+
+def _plain_tie(module, param, layers) -> None:
+    """The other way round: a lora_ext layer (`module`, or the ConvLoRA `layers` whose conv `module` is) given the
+    weight of a plain module (`head.weight = plain_embedding.weight`; tie_weights() with only lm_head adapted) is tied
+    to it while that module lives and holds the weight (names), so that eval() never merges into the plain module's
+    weight. (While it lives: a layer made to replace a plain module takes that module's weight, and the module is
+    gone once replaced; lora_ext's own injection and unload mark the modules they replace: replaced.) Plain modules
+    are seen from their weight's registration on, so only those made after lora_ext's import (injection marks the
+    ties a model has when adapted: injection.install)."""
+    global _plain_prune_at
+    takers = [module] if hasattr(module, "_weight_taken") else layers
+    with _lock:
+        givers = list(_plain.get(id(param), ()))
+        if type(module) in _TIE_TARGETS and not layers:
+            if len(_plain) >= _plain_prune_at:  # (entries whose modules hold a weight of that id no more)
+                for key in [k for k, v in _plain.items() if not any(id(m._parameters.get("weight")) == k for m in v)]:
+                    del _plain[key]
+                _plain_prune_at = max(1024, 2 * len(_plain))
+            _plain.setdefault(id(param), weakref.WeakSet()).add(module)
+    for giver in givers:
+        if giver is not module and giver._parameters.get("weight") is param and not _own_conv(giver) \
+                and giver not in _replaced:
+            for taker in takers:
+                with _lock:
+                    _givers.setdefault(taker, weakref.WeakSet()).add(giver)
+
+
+def replaced(module) -> None:
+    """Marks a plain module that lora_ext replaces by a layer taking its weight (injection), or makes to replace a
+    layer (unload): such a module computes nothing beside that layer (kept alive only by a reference such as a
+    traceback's), so a layer given its weight is not tied to it (_plain_tie)."""
+    try:
+        with _lock:
+            _replaced.add(module)
+    except TypeError:  # (a module class without hashing)
+        pass
+
+
+def _own_conv(module) -> bool:
+    """Whether `module` is a ConvLoRA's conv (that layer is a lora_ext layer: the registry ties it)."""
+    try:
+        return any(layer._modules.get("conv") is module for layer in _convs.get(module, ()))
+    except TypeError:
+        return False
 
 
 _torch_module.register_module_module_registration_hook(_on_module)

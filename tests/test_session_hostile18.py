@@ -179,3 +179,144 @@ def test_merge_refuses_a_file_of_no_factors_but_saved_modules_or_token_rows(tmp_
     assert not (tmp_path / "out").exists()
     assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", path, "--out", str(tmp_path / "whole"),
                  "--quiet"]) == 0, capsys.readouterr().err
+
+
+# ---- ties (the tie hook of the last session, attacked again) ----
+
+def _conv(seed=0):
+    torch.manual_seed(seed)
+    c = lora.Conv2d(3, 4, kernel_size=3, r=2, lora_alpha=4)
+    nn.init.normal_(c.lora_B)
+    w, b = c.conv.weight.detach().double().clone(), c.conv.bias.detach().double().clone()
+    d = (c.scaling * (c.lora_B @ c.lora_A)).detach().double().view(w.shape)
+    return c, w, b, d
+
+
+def test_a_plain_module_s_weight_given_to_a_layer_is_never_merged_into():
+    """`head.weight = emb.weight` with only the head a lora_ext layer: eval() merged the head's adapter into the
+    weight the plain embedding looks up (2.31 off); the conv alike (20.1 off)."""
+    emb = nn.Embedding(20, 8)
+    head = lora.Linear(8, 20, r=2, lora_alpha=4, bias=False)
+    nn.init.normal_(head.lora_B)
+    d = (head.scaling * head.lora_B @ head.lora_A).detach().double()
+    e = emb.weight.detach().double().clone()
+    head.weight = emb.weight
+    with pytest.warns(UserWarning, match="shared with a Embedding's 'weight'"):
+        head.eval()
+    assert not head.merged
+    ids, h = torch.arange(20), torch.randn(3, 8)
+    with torch.no_grad():
+        assert rel_err(emb(ids).double(), e) == 0
+        assert rel_err(head(h).double(), h.double() @ (e + d).t()) < 1e-6
+    plain = nn.Conv2d(3, 4, kernel_size=3)
+    c, _, _, d = _conv()
+    pw, pb = plain.weight.detach().double().clone(), plain.bias.detach().double().clone()
+    c.conv.weight = plain.weight
+    with pytest.warns(UserWarning, match="shared with a Conv2d's 'weight'"):
+        c.eval()
+    assert not c.merged
+    assert torch.equal(plain.weight.detach().double(), pw) and torch.equal(plain.bias.detach().double(), pb)
+
+
+def test_tie_weights_with_only_lm_head_adapted_leaves_the_embedding_alone():
+    from tiny_models import llama, tokens
+    model = llama()
+    lora.inject(model, ["lm_head", "q_proj"], r=4, lora_alpha=8)
+    for _, layer in lora.serving.lora_layers(model):
+        nn.init.normal_(layer.lora_B, std=0.5)
+    model.train()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = tokens()
+    with torch.no_grad():
+        want, lookup = model(ids).logits.double(), model.model.embed_tokens(ids).double()
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        model.eval()
+    shared = [str(w.message) for w in ws if "shared with" in str(w.message)]
+    assert len(shared) == 1 and shared[0].startswith("Linear(64, 100)"), shared  # lm_head only, not the q_projs
+    assert not model.lm_head.merged and model.model.layers[0].self_attn.q_proj.merged
+    with torch.no_grad():
+        assert rel_err(model.model.embed_tokens(ids).double(), lookup) == 0
+        assert rel_err(model(ids).logits.double(), want) < 1e-5
+
+
+def test_layers_put_in_plain_modules_places_are_not_tied_to_them():
+    # the loop's variable keeps the last module replaced alive: it computes nothing, so no tie
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    for i in (0, 2):
+        old = model[i]
+        new = lora.Linear(8, 8, r=2)
+        new.weight, new.bias = old.weight, old.bias
+        model[i] = new
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.eval()
+    assert model[0].merged and model[2].merged and old is not None
+
+
+def test_a_conv_weight_tied_between_two_merged_layers():
+    """`c2.conv.weight = c1.conv.weight` with both merged: c2 compared the weight before c1 took its adapter out of
+    it, kept merged over c1's base (17.1 off), and c2.train() then took its adapter out of the shared weight."""
+    import copy
+    c1, w, b, d = _conv()
+    c2 = copy.deepcopy(c1)
+    c1.eval()
+    c2.eval()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        c2.conv.weight = c1.conv.weight
+    x = torch.randn(2, 3, 6, 6)
+    want = nn.functional.conv2d(x.double(), w + d, b)
+    for step in ("tied", "c2.train", "c1.train", "eval"):
+        if step == "c2.train":
+            c2.train()
+        elif step == "c1.train":
+            c1.train()
+        elif step == "eval":
+            with warnings.catch_warnings(record=True):
+                warnings.simplefilter("always")
+                c1.eval()
+                c2.eval()
+        assert not c1.merged and not c2.merged, step
+        with torch.no_grad():
+            assert rel_err(c1(x).double(), want) < 1e-5, step
+            assert rel_err(c2(x).double(), want) < 1e-5, step
+        assert rel_err(c1.conv.weight.double(), w) < 1e-6, step
+
+
+def test_a_conv_module_tied_between_two_merged_layers():
+    """`c2.conv = c1.conv` with both merged: no unmerge, no warning; c2.train() took c2's adapter out of c1's merged
+    weight (c1 15.2 off), then c1.train() took c1's out too (the base 2.5 off)."""
+    import copy
+    c1, w, b, d = _conv()
+    c2 = copy.deepcopy(c1)
+    c1.eval()
+    c2.eval()
+    with pytest.warns(UserWarning, match="was given to a Conv2d as 'conv'"):
+        c2.conv = c1.conv
+    x = torch.randn(2, 3, 6, 6)
+    want = nn.functional.conv2d(x.double(), w + d, b)
+    for step in ("tied", "c2.train", "c1.train"):
+        if step != "tied":
+            (c2 if step == "c2.train" else c1).train()
+        assert not c1.merged and not c2.merged, step
+        with torch.no_grad():
+            assert rel_err(c1(x).double(), want) < 1e-5 and rel_err(c2(x).double(), want) < 1e-5, step
+    assert rel_err(c1.conv.weight.double(), w) < 1e-6
+
+
+def test_tie_weights_again_names_the_tie_once():
+    from tiny_models import gemma3
+    model = gemma3(tie=True)
+    lora.inject(model, ["embed_tokens"], r=4, lora_alpha=8)
+    model.eval()
+    emb = model.model.embed_tokens
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        model.tie_weights()
+        once = list(emb.__dict__.get("_tied_with") or ())
+        for _ in range(3):
+            model.tie_weights()
+    assert once and emb.__dict__.get("_tied_with") == once  # (each call appended the head again)

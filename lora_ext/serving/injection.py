@@ -480,6 +480,7 @@ def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable
 
 def _adopt(layer, module):
     """Gives the meta-built layer the module's parameters and real LoRA factors."""
+    ties.replaced(module)  # (the layer replaces it: not a module sharing the weight with the layer)
     if isinstance(layer, layers.ConvLoRA):
         layer.conv = module
         weight = module.weight
@@ -705,6 +706,7 @@ def _plain(layer):
     if not isinstance(layer, layers.Embedding) and layer.fan_in_fan_out \
             and not (origin is not None and origin is _hf_conv1d()):
         weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+    ties.replaced(plain)  # (it replaces the layer: not a module sharing the weight with it)
     plain.weight = weight
     if bias is not None:
         plain.bias = bias
