@@ -366,6 +366,8 @@ class LoRALayer(NamedAdapters):
 
     def register_parameter(self, name: str, param) -> None:
         lock = self.__dict__.get("_lock") if name == "weight" else None  # (none yet while nn.Linear.__init__ runs)
+        if lock is not None and param is not None:
+            ties.given(self, name, param)  # (a merged giver's unmerge, before this layer's lock is held: see there)
         with lock if lock is not None else contextlib.nullcontext():
             params = self.__dict__.get("_parameters", {})
             old = params.get(name)
@@ -523,6 +525,8 @@ class LoRALayer(NamedAdapters):
         if plain and not isinstance(module, LoRALayer):  # (lora_ext layers find each other in the ties registry)
             tied, tie = list(self.__dict__.get("_tied_with") or ()), f"a {type(module).__name__}'s {name!r}"
             self._tied_with = tied if tie in tied else [*tied, tie]  # (tie_weights() again: the same tie)
+        if not self.merged:  # (unlocked: a layer given this weight on another thread may hold its own lock; ties.given)
+            return
         with self._lock, deferred_interrupt():
             if not (self.merged and self.__dict__.get("_buffers", {}).get("_merged_A") is not None):
                 return

@@ -26,6 +26,7 @@ from typing import List
 
 import torch.nn as nn
 from torch.nn.modules import module as _torch_module
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 _lock = threading.RLock()
 _holders = {}  # id(weight) -> WeakSet of the layers that took a weight of that id (candidates: see above)
@@ -164,7 +165,8 @@ def _on_module(module, name, submodule):
 
 
 # the plain modules a tie puts a merged lora_ext layer's weight in (transformers' tie_weights(): an output head)
-_TIE_TARGETS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TIE_TARGETS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                nn.ConvTranspose3d, NonDynamicallyQuantizableLinear)  # (the last: nn.MultiheadAttention's out_proj)
 
 
 def _on_parameter(module, name, param):
@@ -180,19 +182,28 @@ def _on_parameter(module, name, param):
             layers = [layer for layer in _convs.get(module, ()) if layer._modules.get("conv") is module]
         except TypeError:
             pass
-    taken = _holders.get(id(param))  # (a dict lookup: this hook runs for every parameter any module registers)
-    if taken and (hasattr(module, "_weight_taken") or type(module) in _TIE_TARGETS):
-        # (a lora_ext layer, or exactly a plain layer: torch.export and other program builders register a model's
-        # own parameters on modules of theirs, which compute nothing the model serves). First: a ConvLoRA taking
-        # the weight below then compares it with its own as it will compute with it (the giver's base)
-        for layer in list(taken):
-            if layer is not module and _weight_of(layer) is param and layer._modules.get("conv") is not module:
-                layer._weight_taken(module, name, plain=not layers)  # (a ConvLoRA's conv: its layer is a peer)
+    # first: a ConvLoRA taking the weight below then compares it with its own as it will compute with it (the giver's
+    # base)
+    given(module, name, param, plain=not layers)  # (a ConvLoRA's conv: its layer is a peer)
     for layer in layers:
         layer._conv_weight_set(module, param)
         note(param, layer)
     if name == "weight":
         _plain_tie(module, param, layers)
+
+
+def given(module, name, param, plain=True) -> None:
+    """`module` takes `param` as its `name`: each merged lora_ext layer whose weight it is takes its adapter out first
+    (layers.LoRALayer._weight_taken) when `module` is a lora_ext layer or exactly a plain layer (_TIE_TARGETS:
+    torch.export and other program builders register a model's own parameters on modules of theirs, which compute
+    nothing the model serves). A lora_ext layer calls it before it takes its own lock to register a weight (and the
+    registration hook again under it, finding the giver unmerged): two layers given each other's weights on two
+    threads would otherwise each hold its own lock and wait for the other's."""
+    taken = _holders.get(id(param))  # (a dict lookup: this hook runs for every parameter any module registers)
+    if taken and (hasattr(module, "_weight_taken") or type(module) in _TIE_TARGETS):
+        for layer in list(taken):
+            if layer is not module and _weight_of(layer) is param and layer._modules.get("conv") is not module:
+                layer._weight_taken(module, name, plain=plain)
 
 
 def _plain_tie(module, param, layers) -> None:

@@ -320,3 +320,65 @@ def test_tie_weights_again_names_the_tie_once():
         for _ in range(3):
             model.tie_weights()
     assert once and emb.__dict__.get("_tied_with") == once  # (each call appended the head again)
+
+
+def test_two_layers_given_each_other_s_weights_on_two_threads_do_not_deadlock():
+    """Each thread held its own layer's lock registering the weight while the tie hook waited for the other's."""
+    import threading
+    from torch.nn.modules import module as torch_module
+    barrier = threading.Barrier(2, timeout=3)
+
+    def line_up(module, name, param):  # both threads inside register_parameter before either goes on
+        if name == "weight" and threading.current_thread().name in ("A", "B"):
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+
+    hooks = torch_module._global_parameter_registration_hooks
+    handle = torch_module.register_module_parameter_registration_hook(line_up)
+    hooks.move_to_end(handle.id, last=False)  # (before lora_ext's own hook)
+    try:
+        l1, l2 = lora.Linear(8, 6, r=2, lora_alpha=4), lora.Linear(8, 6, r=2, lora_alpha=4)
+        nn.init.normal_(l1.lora_B)
+        nn.init.normal_(l2.lora_B)
+        l1.eval()
+        l2.eval()
+        w1, w2 = l1.weight, l2.weight
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            threads = [threading.Thread(target=setattr, args=(l1, "weight", w2), name="A", daemon=True),
+                       threading.Thread(target=setattr, args=(l2, "weight", w1), name="B", daemon=True)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(20)
+        assert not any(t.is_alive() for t in threads)
+        assert not l1.merged and not l2.merged
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("kind", ["transpose", "attention"])
+def test_a_tie_to_a_transposed_conv_or_an_attention_projection_takes_the_adapter_out(kind):
+    """A ConvTranspose2d decoder tied to a merged conv encoder's weight served it merged (13.5 off); so would
+    nn.MultiheadAttention's out_proj (a Linear subclass) tied to a merged Linear."""
+    torch.manual_seed(0)
+    if kind == "transpose":
+        enc = lora.Conv2d(3, 4, kernel_size=3, r=2, lora_alpha=4)
+        nn.init.normal_(enc.lora_B)
+        base = enc.conv.weight.detach().clone()
+        enc.eval()
+        dec = nn.ConvTranspose2d(4, 3, kernel_size=3)
+        with pytest.warns(UserWarning, match="was given to a ConvTranspose2d"):
+            dec.weight = enc.conv.weight
+        assert rel_err(dec.weight.detach().double(), base.double()) < 1e-6 and not enc.merged
+    else:
+        layer = lora.Linear(8, 8, r=2, lora_alpha=4)
+        nn.init.normal_(layer.lora_B)
+        base = layer.weight.detach().clone()
+        layer.eval()
+        attention = nn.MultiheadAttention(8, 2)
+        with pytest.warns(UserWarning, match="was given to a NonDynamicallyQuantizableLinear"):
+            attention.out_proj.weight = layer.weight
+        assert rel_err(attention.out_proj.weight.detach().double(), base.double()) < 1e-6 and not layer.merged
