@@ -471,7 +471,7 @@ class LoRALayer(NamedAdapters):
     def _holds_merged_values(self, new: Tensor, old: Tensor):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
         or a copy bit for bit), "near" (a copy in another dtype, rounded or quantized: within half |old| of the
-        merged weight, and within a quarter of the update of it or showing a rounding of it (_rounded)), or False.
+        merged weight, and clearly nearer it than the base or showing a rounding of it (_rounded)), or False.
         One comparison over the weight (a copy on old's device when new is elsewhere), and for a copy that is not
         exact, one unmerge of a copy."""
         if new.shape != old.shape:
@@ -490,13 +490,16 @@ class LoRALayer(NamedAdapters):
                 base = old.detach().clone(memory_format=torch.contiguous_format)
                 self._unmerge_from(base)
                 to_merged, to_base, update, size = _distances(new, old, base)
-                # the merged weight: within a quarter of the update of it (a recomputation, a fine rounding: three
-                # times nearer it than the base), or further but showing a rounding of it (a cast's copy, a
-                # quantizer's levels). Merely nearer it than the base is no evidence: a new base of its own (another
-                # checkpoint's) changed by more than the update lies nearer it half the time in a small layer (a
-                # change whose part along the update is over half the update), and an average of the base and the
-                # merged weight (a model soup) lies half way
-                return "near" if to_merged < size / 2 and (to_merged < update / 4 or _rounded(new, old)) else False
+                # the merged weight: clearly nearer it than the base (a recomputation, a rounding or quantization of
+                # it: an offset X from it that is noise to the update U), or further but showing a rounding of it (a
+                # cast's copy, a quantizer's levels). Merely nearer is no evidence: a new base of its own (another
+                # checkpoint's) changed by C lies nearer when C.U > |U|^2 / 2, about half the time for |C| over
+                # sqrt(n) |U| (a small layer), and a model soup half way lies as near. Clearly: nearer by half the
+                # update (to_base^2 - to_merged^2 = 2 X.U + |U|^2 >= |U|^2 / 2), with |X| <= sqrt(n) |U| / 8, under
+                # which a random change reaches that with a chance under 1e-4 (X.U is about |X| |U| / sqrt(n) wide)
+                clear = (to_base ** 2 - to_merged ** 2 >= update ** 2 / 2
+                         and 8 * to_merged <= update * math.sqrt(new.numel()))
+                return "near" if to_merged < size / 2 and (clear or _rounded(new, old)) else False
         except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
             return False
 

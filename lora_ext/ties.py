@@ -37,7 +37,7 @@ _convs = weakref.WeakKeyDictionary()  # a ConvLoRA's inner conv -> WeakSet of th
 _plain = {}  # id(weight) -> WeakSet of the plain modules (_TIE_TARGETS) that took a weight of that id (candidates)
 _plain_prune_at = 1024
 _givers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the plain modules whose weight it was given (_plain_tie)
-_replaced = weakref.WeakSet()  # plain modules lora_ext replaced or made to replace a layer (never givers: replaced)
+_replaced = weakref.WeakSet()  # plain modules lora_ext's injection replaced by a layer (never givers: replaced)
 
 
 def _span(weight):
@@ -138,9 +138,9 @@ def _is_conv_layer(module) -> bool:
 
 def _on_module(module, name, submodule):
     """A ConvLoRA's conv set (`c2.conv = c1.conv`, injection's adoption): the layer takes its conv's weight (and, merged,
-    looks at it: layers.LoRALayer._conv_set, which sets it under the layer's lock). Another ConvLoRA computing with that
-    conv is tied to this one from now on: merged, it takes its adapter out first (as a weight given to another
-    module: _on_parameter), so that the layer taking the conv sees the weight it will compute with. And a lora_ext layer
+    looks at it: layers.LoRALayer._conv_set, which sets it under the layer's lock). (Another ConvLoRA that held the
+    conv is not told: it is most often one the conv was taken out of, `net[i] = net[i].conv` after a merge, whose
+    adapter the conv keeps.) And a lora_ext layer
     put in the place of a plain module whose weight it took (`new.weight = old.weight; parent.fc = new`) is not tied
     to that module, which a loop's variable may keep alive but nothing computes with (_plain_tie)."""
     if submodule is not None and hasattr(submodule, "_weight_taken"):
@@ -153,13 +153,9 @@ def _on_module(module, name, submodule):
     if name == "conv" and submodule is not None and _is_conv_layer(module):
         with _lock:
             try:
-                holders = list(_convs.setdefault(submodule, weakref.WeakSet()))
-                _convs[submodule].add(module)
+                _convs.setdefault(submodule, weakref.WeakSet()).add(module)
             except TypeError:  # a conv class without hashing: its weight is noted at each merge only
-                holders = []
-        for other in holders:
-            if other is not module and other._modules.get("conv") is submodule:
-                other._weight_taken(module, name, plain=False)
+                pass
         module._conv_set(submodule)
         note(submodule._parameters.get("weight"), module)
 
@@ -211,7 +207,7 @@ def _plain_tie(module, param, layers) -> None:
     weight of a plain module (`head.weight = plain_embedding.weight`; tie_weights() with only lm_head adapted) is tied
     to it while that module lives and holds the weight (names), so that eval() never merges into the plain module's
     weight. (While it lives: a layer made to replace a plain module takes that module's weight, and the module is
-    gone once replaced; lora_ext's own injection and unload mark the modules they replace: replaced.) Plain modules
+    gone once replaced; lora_ext's injection marks the modules it replaces: replaced.) Plain modules
     are seen from their weight's registration on, so only those made after lora_ext's import (injection marks the
     ties a model has when adapted: injection.install)."""
     global _plain_prune_at
@@ -233,9 +229,9 @@ def _plain_tie(module, param, layers) -> None:
 
 
 def replaced(module) -> None:
-    """Marks a plain module that lora_ext replaces by a layer taking its weight (injection), or makes to replace a
-    layer (unload): such a module computes nothing beside that layer (kept alive only by a reference such as a
-    traceback's), so a layer given its weight is not tied to it (_plain_tie)."""
+    """Marks a plain module that lora_ext's injection replaces by a layer taking its weight: such a module computes
+    nothing beside that layer (kept alive only by a reference such as a traceback's), so a layer given its weight is
+    not tied to it (_plain_tie). (A module unload puts back is a new one, which may well be tied later.)"""
     try:
         with _lock:
             _replaced.add(module)

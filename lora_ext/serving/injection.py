@@ -706,7 +706,6 @@ def _plain(layer):
     if not isinstance(layer, layers.Embedding) and layer.fan_in_fan_out \
             and not (origin is not None and origin is _hf_conv1d()):
         weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
-    ties.replaced(plain)  # (it replaces the layer: not a module sharing the weight with it)
     plain.weight = weight
     if bias is not None:
         plain.bias = bias
