@@ -138,11 +138,11 @@ def _is_conv_layer(module) -> bool:
 
 def _on_module(module, name, submodule):
     """A ConvLoRA's conv set (`c2.conv = c1.conv`, injection's adoption): the layer takes its conv's weight (and, merged,
-    looks at it: layers.LoRALayer._conv_set, which sets it under the layer's lock). (Another ConvLoRA that held the
-    conv is not told: it is most often one the conv was taken out of, `net[i] = net[i].conv` after a merge, whose
-    adapter the conv keeps.) And a lora_ext layer
-    put in the place of a plain module whose weight it took (`new.weight = old.weight; parent.fc = new`) is not tied
-    to that module, which a loop's variable may keep alive but nothing computes with (_plain_tie)."""
+    looks at it: layers.LoRALayer._conv_set, which sets it under the layer's lock). Another ConvLoRA that held the
+    conv is not told: it is most often the one the conv was taken out of (`net[i] = net[i].conv` after a merge, the
+    conv keeping its adapter). And a lora_ext layer put in the place of a plain module whose weight it took
+    (`new.weight = old.weight; parent.fc = new`) is not tied to that module, which a loop's variable may keep alive
+    but nothing computes with (_plain_tie)."""
     if submodule is not None and hasattr(submodule, "_weight_taken"):
         old = module._modules.get(name)
         if old is not None and old is not submodule:
@@ -207,9 +207,10 @@ def _plain_tie(module, param, layers) -> None:
     weight of a plain module (`head.weight = plain_embedding.weight`; tie_weights() with only lm_head adapted) is tied
     to it while that module lives and holds the weight (names), so that eval() never merges into the plain module's
     weight. (While it lives: a layer made to replace a plain module takes that module's weight, and the module is
-    gone once replaced; lora_ext's injection marks the modules it replaces: replaced.) Plain modules
-    are seen from their weight's registration on, so only those made after lora_ext's import (injection marks the
-    ties a model has when adapted: injection.install)."""
+    gone once replaced; lora_ext's injection marks the modules it replaces: replaced.) Plain modules are seen from
+    their weight's registration on, so only those made after lora_ext's import (injection marks the ties a model has
+    when adapted: injection.install). Not seen in copies of the model (deepcopy, torch.load, an assign load): the
+    registry is outside the modules."""
     global _plain_prune_at
     takers = [module] if hasattr(module, "_weight_taken") else layers
     with _lock:
