@@ -134,7 +134,8 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     """Whether `new` shows a rounding of `old`'s values: `old` cast to new's narrower dtype, or through bfloat16 or
     float16 and back, is `new` bit for bit (a cast's copy, not merely values such a dtype holds: a bfloat16 checkpoint
     of a new base holds those too); or, in every row (or group of columns), few distinct values (a quantizer's
-    levels: at most half the row) each the level nearest `old`'s value (a quantized new base of its own is not).
+    levels: at most half the row) each the level nearest `old`'s value (a quantized new base of its own is not; levels
+    held in half precision are allowed their rounding).
     Tried on `rows` rows spread over the weight before the whole."""
     new, old = new.detach(), old.detach()
     casts = [new.dtype] if new.element_size() < old.element_size() else []
@@ -184,7 +185,9 @@ def _nearest_levels(new: Tensor, old: Tensor) -> bool:
     padded = torch.cat([-inf, levels, inf], dim=1)
     below = padded.gather(1, torch.searchsorted(levels, new, right=False))  # the largest level under the element
     above = padded.gather(1, torch.searchsorted(levels, new, right=True) + 1)  # the smallest level over it
-    slack = 1e-6 * (levels[:, -1:] - levels[:, :1]).abs()
+    # (levels kept in half precision, as float16 / bfloat16 scales make them: each off by up to 2^-8 of itself)
+    slack = torch.maximum(1e-6 * (levels[:, -1:] - levels[:, :1]).abs(),
+                          2.0 ** -8 * torch.maximum(levels[:, -1:].abs(), levels[:, :1].abs()))
     return bool(((old >= (below + new) / 2 - slack) & (old <= (above + new) / 2 + slack)).all())
 
 
@@ -310,6 +313,9 @@ class LoRALayer(NamedAdapters):
         state.pop("_pre_disable", None)
         state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
         state.pop("_scale_owner", None)  # (the copy's __setstate__ says which pair its scale tensor is)
+        givers = ties.givers(self)  # plain modules sharing the weight: the copy's are their copies (__setstate__)
+        if givers:
+            state["_plain_givers"] = givers
         if state.get("_written") is not None:  # (a storage's weak reference neither pickles nor copies: the copy
             state["_written"] = True           # notes its own weight, __setstate__)
         return state
@@ -349,6 +355,7 @@ class LoRALayer(NamedAdapters):
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
             pass
+        ties.add_givers(self, self.__dict__.pop("_plain_givers", ()))
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
         super().register_buffer(name, tensor, persistent)
@@ -491,17 +498,29 @@ class LoRALayer(NamedAdapters):
                 self._unmerge_from(base)
                 to_merged, to_base, update, size = _distances(new, old, base)
                 # the merged weight: clearly nearer it than the base (a recomputation, a rounding or quantization of
-                # it: an offset X from it that is noise to the update U), or further but showing a rounding of it (a
-                # cast's copy, a quantizer's levels). Merely nearer is no evidence: a new base of its own (another
-                # checkpoint's) changed by C lies nearer when C.U > |U|^2 / 2, about half the time for |C| over
-                # sqrt(n) |U| (a small layer), and a model soup half way lies as near. Clearly: nearer by half the
-                # update (to_base^2 - to_merged^2 = 2 X.U + |U|^2 >= |U|^2 / 2), with |X| <= sqrt(n) |U| / 8, under
-                # which a random change reaches that with a chance under 1e-4 (X.U is about |X| |U| / sqrt(n) wide)
+                # it: an offset X from it that is noise to the update U), or, where the offset is over twice the
+                # update, showing a rounding of it (a cast's copy, a quantizer's levels; a base on a quantizer's grid
+                # with the update under half a step shows one too, but lies nearer the base). Merely nearer is no
+                # evidence: a new base of its own (another checkpoint's) changed by C lies nearer when
+                # C.U > |U|^2 / 2, about half the time for |C| over sqrt(n) |U| (a small layer), and a model soup
+                # half way lies as near. Clearly: nearer by half the update (to_base^2 - to_merged^2 = 2 X.U + |U|^2
+                # >= |U|^2 / 2), with |X| <= sqrt(n) |U| / 8, n the dimensions a change like the update spans (a
+                # sibling adapter sharing lora_A: out x r), where X.U is about |X| |U| / sqrt(n) wide
                 clear = (to_base ** 2 - to_merged ** 2 >= update ** 2 / 2
-                         and 8 * to_merged <= update * math.sqrt(new.numel()))
-                return "near" if to_merged < size / 2 and (clear or _rounded(new, old)) else False
+                         and 8 * to_merged <= update * math.sqrt(self._update_dims(new)))
+                return "near" if to_merged < size / 2 and (
+                    clear or (update < to_merged / 2 and _rounded(new, old))) else False
         except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
             return False
+
+    def _update_dims(self, weight: Tensor) -> int:
+        """The dimensions a change like this layer's update spans: rank x the weight's shorter side (the factors' rank:
+        a sibling adapter sharing one factor changes the weight within those), at most its elements."""
+        rows = weight.shape[0] if weight.dim() else 1
+        cols = weight.numel() // max(rows, 1)
+        a = self.__dict__.get("_parameters", {}).get("lora_A")
+        rank = a.shape[0] if isinstance(a, Tensor) and a.dim() else weight.numel()
+        return max(1, min(weight.numel(), rank * min(rows, cols)))
 
     def _conv_weight_set(self, conv: nn.Module, new: Tensor) -> None:
         """ConvLoRA: torch is about to set `conv.weight = new` (lora_ext.ties' registration hook). It is set here,

@@ -209,8 +209,8 @@ def _plain_tie(module, param, layers) -> None:
     weight. (While it lives: a layer made to replace a plain module takes that module's weight, and the module is
     gone once replaced; lora_ext's injection marks the modules it replaces: replaced.) Plain modules are seen from
     their weight's registration on, so only those made after lora_ext's import (injection marks the ties a model has
-    when adapted: injection.install). Not seen in copies of the model (deepcopy, torch.load, an assign load): the
-    registry is outside the modules."""
+    when adapted: injection.install; inject notes a model's plain modules: known_plain). A copy of the layer carries
+    its givers (deepcopy, pickle: givers); an assign load (two Parameters over one storage) is not seen."""
     global _plain_prune_at
     takers = [module] if hasattr(module, "_weight_taken") else layers
     with _lock:
@@ -227,6 +227,34 @@ def _plain_tie(module, param, layers) -> None:
             for taker in takers:
                 with _lock:
                     _givers.setdefault(taker, weakref.WeakSet()).add(giver)
+
+
+def givers(layer) -> List:
+    """The live plain modules whose weight `layer` was given and that hold it still (_plain_tie): a copy of the layer
+    (deepcopy, pickle: LoRALayer.__getstate__) carries them, so that the copy is tied to their copies."""
+    weight = _weight_of(layer)
+    with _lock:
+        return [g for g in list(_givers.get(layer, ())) if weight is not None and g._parameters.get("weight") is weight]
+
+
+def add_givers(layer, modules) -> None:
+    """`layer` was given the weight of each plain module in `modules` (a copy's: LoRALayer.__setstate__)."""
+    with _lock:
+        for module in modules:
+            try:
+                _givers.setdefault(layer, weakref.WeakSet()).add(module)
+            except TypeError:
+                pass
+
+
+def known_plain(model) -> None:
+    """Notes the plain modules of `model` (_TIE_TARGETS) as _on_parameter notes those made after lora_ext's import:
+    a model built before it (a notebook's earlier cell), injected, then tied (tie_weights() with lm_head adapted)."""
+    with _lock:
+        for module in model.modules():
+            weight = module._parameters.get("weight") if type(module) in _TIE_TARGETS else None
+            if weight is not None and not _own_conv(module):
+                _plain.setdefault(id(weight), weakref.WeakSet()).add(module)
 
 
 def replaced(module) -> None:

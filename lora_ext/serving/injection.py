@@ -613,6 +613,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
                          + (f" that exclude_modules leaves: it excludes {excluded[:5]}" if excluded else ""))
     with model_lock(model).write():  # the lock exists before the first switch: forwards in flight hold it
         check_enabled(model, "inject")  # (again: a disable_adapter may have begun since the first check)
+        ties.known_plain(model)  # (a model built before lora_ext's import: its plain modules, for later ties)
         owners = parameter_owners(model)
         for name, module, layer, scaling in plan:
             install(model, name, module, layer, scaling, owners)
