@@ -130,7 +130,7 @@ def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> 
     return tuple(sums.sqrt().tolist())
 
 
-def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
+def _rounded(new: Tensor, old: Tensor, rows: int = 64) :
     """Whether `new` shows a rounding of `old`'s values: `old` cast to new's narrower dtype, or through bfloat16 or
     float16 and back, is `new` bit for bit (a cast's copy, not merely values such a dtype holds: a bfloat16 checkpoint
     of a new base holds those too); or, in every row (or group of columns), few distinct values (a quantizer's
@@ -143,7 +143,7 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     for narrow in casts:
         # (the first rows first: a weight that is no such copy is told from them, without a pass over the whole)
         if _cast_of(old[:rows], new[:rows], narrow) and _cast_of(old, new, narrow):
-            return True
+            return "cast"
     flat = new.reshape(new.shape[0], -1) if new.dim() else new.reshape(1, 1)
     cols = flat.shape[1]
     if cols < 16 or new.dtype != old.dtype or not new.is_floating_point():
@@ -152,8 +152,9 @@ def _rounded(new: Tensor, old: Tensor, rows: int = 64) -> bool:
     if not (bool(flat.isfinite().all()) and bool(olds.isfinite().all())):
         return False
     # (a 2-D weight also by its columns: a fan_in_fan_out layer stores the quantizer's output channels as columns)
-    return _levels_by_rows(flat, olds, rows) or (new.dim() == 2 and flat.shape[0] >= 16 and _levels_by_rows(
+    levels = _levels_by_rows(flat, olds, rows) or (new.dim() == 2 and flat.shape[0] >= 16 and _levels_by_rows(
         flat.t().contiguous(), olds.t().contiguous(), rows))
+    return "levels" if levels else False
 
 
 def _levels_by_rows(flat: Tensor, olds: Tensor, rows: int) -> bool:
@@ -313,9 +314,6 @@ class LoRALayer(NamedAdapters):
         state.pop("_pre_disable", None)
         state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
         state.pop("_scale_owner", None)  # (the copy's __setstate__ says which pair its scale tensor is)
-        givers = ties.givers(self)  # plain modules sharing the weight: the copy's are their copies (__setstate__)
-        if givers:
-            state["_plain_givers"] = givers
         if state.get("_written") is not None:  # (a storage's weak reference neither pickles nor copies: the copy
             state["_written"] = True           # notes its own weight, __setstate__)
         return state
@@ -335,6 +333,9 @@ class LoRALayer(NamedAdapters):
         with lock if lock is not None else contextlib.nullcontext():
             state = copy.deepcopy(getstate(self), memo)
         replica.__setstate__(state)
+        # plain modules sharing the weight that the copy copied already (a model's embedding before its head): the
+        # copy is tied to their copies (not carried in the state: pickling a layer would pickle its givers whole)
+        ties.add_givers(replica, [memo[id(g)] for g in ties.givers(self) if id(g) in memo])
         return replica
 
     def __setstate__(self, state):
@@ -355,7 +356,7 @@ class LoRALayer(NamedAdapters):
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
             pass
-        ties.add_givers(self, self.__dict__.pop("_plain_givers", ()))
+
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
         super().register_buffer(name, tensor, persistent)
@@ -498,18 +499,19 @@ class LoRALayer(NamedAdapters):
                 self._unmerge_from(base)
                 to_merged, to_base, update, size = _distances(new, old, base)
                 # the merged weight: clearly nearer it than the base (a recomputation, a rounding or quantization of
-                # it: an offset X from it that is noise to the update U), or, where the offset is over twice the
-                # update, showing a rounding of it (a cast's copy, a quantizer's levels; a base on a quantizer's grid
-                # with the update under half a step shows one too, but lies nearer the base). Merely nearer is no
-                # evidence: a new base of its own (another checkpoint's) changed by C lies nearer when
-                # C.U > |U|^2 / 2, about half the time for |C| over sqrt(n) |U| (a small layer), and a model soup
+                # it: an offset X from it that is noise to the update U), or a cast's copy of it bit for bit, or on a
+                # quantizer's levels nearest its values and nearer it than the base (a base on a quantizer's grid,
+                # the update under half a step, is on levels nearest the merged values too, but nearer the base).
+                # Merely nearer is no evidence: a new base of its own (another checkpoint's) changed by C lies nearer
+                # when C.U > |U|^2 / 2, about half the time for |C| over sqrt(n) |U| (a small layer), and a model soup
                 # half way lies as near. Clearly: nearer by half the update (to_base^2 - to_merged^2 = 2 X.U + |U|^2
                 # >= |U|^2 / 2), with |X| <= sqrt(n) |U| / 8, n the dimensions a change like the update spans (a
                 # sibling adapter sharing lora_A: out x r), where X.U is about |X| |U| / sqrt(n) wide
                 clear = (to_base ** 2 - to_merged ** 2 >= update ** 2 / 2
                          and 8 * to_merged <= update * math.sqrt(self._update_dims(new)))
+                rounded = not clear and _rounded(new, old)  # "cast", "levels" or False
                 return "near" if to_merged < size / 2 and (
-                    clear or (update < to_merged / 2 and _rounded(new, old))) else False
+                    clear or rounded == "cast" or (rounded == "levels" and to_merged <= to_base)) else False
         except Exception:  # (a wrapper subclass without storage of its own, one that cannot compare: another weight)
             return False
 

@@ -209,8 +209,9 @@ def _plain_tie(module, param, layers) -> None:
     weight. (While it lives: a layer made to replace a plain module takes that module's weight, and the module is
     gone once replaced; lora_ext's injection marks the modules it replaces: replaced.) Plain modules are seen from
     their weight's registration on, so only those made after lora_ext's import (injection marks the ties a model has
-    when adapted: injection.install; inject notes a model's plain modules: known_plain). A copy of the layer carries
-    its givers (deepcopy, pickle: givers); an assign load (two Parameters over one storage) is not seen."""
+    when adapted: injection.install; inject notes a model's plain modules: known_plain). A deepcopy of a model keeps
+    the tie when the giver is copied before the layer (a model's embedding before its head: givers); a pickled copy
+    and an assign load (two Parameters over one storage) do not."""
     global _plain_prune_at
     takers = [module] if hasattr(module, "_weight_taken") else layers
     with _lock:
@@ -230,15 +231,15 @@ def _plain_tie(module, param, layers) -> None:
 
 
 def givers(layer) -> List:
-    """The live plain modules whose weight `layer` was given and that hold it still (_plain_tie): a copy of the layer
-    (deepcopy, pickle: LoRALayer.__getstate__) carries them, so that the copy is tied to their copies."""
+    """The live plain modules whose weight `layer` was given and that hold it still (_plain_tie): a deepcopy of the
+    layer is tied to their copies (LoRALayer.__deepcopy__)."""
     weight = _weight_of(layer)
     with _lock:
         return [g for g in list(_givers.get(layer, ())) if weight is not None and g._parameters.get("weight") is weight]
 
 
 def add_givers(layer, modules) -> None:
-    """`layer` was given the weight of each plain module in `modules` (a copy's: LoRALayer.__setstate__)."""
+    """`layer` was given the weight of each plain module in `modules` (a copy's: LoRALayer.__deepcopy__)."""
     with _lock:
         for module in modules:
             try:
@@ -250,7 +251,12 @@ def add_givers(layer, modules) -> None:
 def known_plain(model) -> None:
     """Notes the plain modules of `model` (_TIE_TARGETS) as _on_parameter notes those made after lora_ext's import:
     a model built before it (a notebook's earlier cell), injected, then tied (tie_weights() with lm_head adapted)."""
+    global _plain_prune_at
     with _lock:
+        if len(_plain) >= _plain_prune_at:  # (as _plain_tie)
+            for key in [k for k, v in _plain.items() if not any(id(m._parameters.get("weight")) == k for m in v)]:
+                del _plain[key]
+            _plain_prune_at = max(1024, 2 * len(_plain))
         for module in model.modules():
             weight = module._parameters.get("weight") if type(module) in _TIE_TARGETS else None
             if weight is not None and not _own_conv(module):

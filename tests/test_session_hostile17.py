@@ -645,9 +645,11 @@ def test_a_quantized_new_base_is_a_base():
 
 
 def test_a_group_quantized_copy_of_the_merged_weight_keeps_the_merge_whatever_the_update():
-    """A copy of the merged weight quantized in groups of 32 columns (GPTQ-like, 4 bits), the update (1e-4 of the
-    weight) far under its step: the merged weight, quantized. The first form of the rounding test counted a row's
-    levels across its groups (over 256) and took it for a base in 5 of 8 seeds."""
+    """A copy of the merged weight quantized in groups of 32 columns (GPTQ-like, 4 bits): the merged weight,
+    quantized. The first form of the rounding test counted a row's levels across its groups (over 256) and took it
+    for a base in 5 of 8 seeds. (Since the eighteenth session the levels must also lie nearer the merged weight than
+    the base, so that a quantized base set back is a base; with an update far under the quantization's noise, 1e-4
+    of the weight, that is a coin's toss, and either reading is off by under the update: the update here is 1e-2.)"""
     for seed in range(8):
         torch.manual_seed(seed)
         layer = lora.Linear(1024, 64, r=4, lora_alpha=4, bias=False)
@@ -655,7 +657,7 @@ def test_a_group_quantized_copy_of_the_merged_weight_keeps_the_merge_whatever_th
             layer.weight.normal_()
             layer.lora_A.normal_()
             layer.lora_B.normal_()
-            layer.lora_B.mul_(1e-4 * layer.weight.norm() / ((layer.lora_B @ layer.lora_A).norm() * layer.scaling))
+            layer.lora_B.mul_(1e-2 * layer.weight.norm() / ((layer.lora_B @ layer.lora_A).norm() * layer.scaling))
         layer.eval()
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -87,8 +87,8 @@ def test_a_copy_quantized_per_output_channel_keeps_the_merge(kind):
         with torch.no_grad():
             layer.weight.normal_()
             layer.lora_A.normal_()
-            layer.lora_B.normal_(std=1e-4)
-        layer.eval()
+            layer.lora_B.normal_(std=3e-3)  # (an update under the quantization's step, over its noise: see
+        layer.eval()                            # hostile17's group-quantized copy)
         merged = layer.weight.detach().double()
         step = merged.abs().amax(dim=0 if fifo else 1, keepdim=True) / 7
         quantized = ((merged / step).round().clamp(-8, 7) * step).float()
@@ -486,9 +486,10 @@ def test_a_sibling_adapter_merged_into_a_small_head_is_a_base():
     assert not kept
 
 
-def test_a_copy_of_a_model_keeps_a_tie_to_a_plain_module(tmp_path):
-    """deepcopy (a DPO reference model, an EMA copy) and torch.save/load of a model whose lora_ext head was given a
-    plain embedding's weight: the copy merged into the shared weight (lookups 0.51 off)."""
+def test_a_copy_of_a_model_keeps_a_tie_to_a_plain_module():
+    """deepcopy (a DPO reference model, an EMA copy) of a model whose lora_ext head was given a plain embedding's
+    weight: the copy merged into the shared weight (lookups 0.51 off). (A pickled copy does not keep it: carrying
+    the giver in the layer's state pickled it whole with the layer, hooks and all.)"""
     import copy
     torch.manual_seed(0)
     model = nn.Module()
@@ -496,8 +497,7 @@ def test_a_copy_of_a_model_keeps_a_tie_to_a_plain_module(tmp_path):
     model.head = lora.Linear(8, 20, r=2, lora_alpha=4, bias=False)
     nn.init.normal_(model.head.lora_B)
     model.head.weight = model.emb.weight
-    torch.save(model, str(tmp_path / "m.pt"))
-    for copied in (copy.deepcopy(model), torch.load(str(tmp_path / "m.pt"), weights_only=False)):
+    for copied in (copy.deepcopy(model),):
         lookup = copied.emb.weight.detach().clone()
         assert copied.head.weight is copied.emb.weight
         with pytest.warns(UserWarning, match="shared with a Embedding's 'weight'"):
