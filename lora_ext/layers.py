@@ -130,13 +130,13 @@ def _distances(new: Tensor, old: Tensor, base: Tensor, chunk: int = 1 << 22) -> 
     return tuple(sums.sqrt().tolist())
 
 
-def _rounded(new: Tensor, old: Tensor, rows: int = 64) :
-    """Whether `new` shows a rounding of `old`'s values: `old` cast to new's narrower dtype, or through bfloat16 or
-    float16 and back, is `new` bit for bit (a cast's copy, not merely values such a dtype holds: a bfloat16 checkpoint
-    of a new base holds those too); or, in every row (or group of columns), few distinct values (a quantizer's
-    levels: at most half the row) each the level nearest `old`'s value (a quantized new base of its own is not; levels
-    held in half precision are allowed their rounding).
-    Tried on `rows` rows spread over the weight before the whole."""
+def _rounded(new: Tensor, old: Tensor, rows: int = 64):
+    """Which rounding of `old`'s values `new` shows, or False: "cast", `old` cast to new's narrower dtype, or through
+    bfloat16 or float16 and back, is `new` bit for bit (a cast's copy, not merely values such a dtype holds: a
+    bfloat16 checkpoint of a new base holds those too); or "levels", in every row (or group of columns), few distinct
+    values (a quantizer's levels: at most half the row) each the level nearest `old`'s value (a quantized new base of
+    its own is not; levels held in half precision are allowed their rounding). Tried on `rows` rows spread over the
+    weight before the whole."""
     new, old = new.detach(), old.detach()
     casts = [new.dtype] if new.element_size() < old.element_size() else []
     casts += [d for d in (torch.bfloat16, torch.float16) if torch.finfo(d).bits < torch.finfo(new.dtype).bits]
@@ -356,7 +356,6 @@ class LoRALayer(NamedAdapters):
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
             pass
-
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
         super().register_buffer(name, tensor, persistent)
