@@ -333,9 +333,17 @@ class LoRALayer(NamedAdapters):
         with lock if lock is not None else contextlib.nullcontext():
             state = copy.deepcopy(getstate(self), memo)
         replica.__setstate__(state)
-        # plain modules sharing the weight that the copy copied already (a model's embedding before its head): the
-        # copy is tied to their copies (not carried in the state: pickling a layer would pickle its givers whole)
-        ties.add_givers(replica, [memo[id(g)] for g in ties.givers(self) if id(g) in memo])
+        # plain modules sharing the weight: the copy is tied to their copies, from the memo, or made now (a head
+        # before its embedding: the model's copy then takes that one). Not carried in the state: pickling a layer
+        # would pickle its givers whole. (A giver outside what is copied gets a copy nothing holds: no tie.)
+        copies = []
+        for giver in ties.givers(self):
+            try:
+                copies.append(memo[id(giver)] if id(giver) in memo else copy.deepcopy(giver, memo))
+            except Exception:  # (a module that does not copy: the copy is not tied to it)
+                pass
+        ties.add_givers(replica, copies)
+        del copies
         return replica
 
     def __setstate__(self, state):

@@ -210,8 +210,8 @@ def _plain_tie(module, param, layers) -> None:
     gone once replaced; lora_ext's injection marks the modules it replaces: replaced.) Plain modules are seen from
     their weight's registration on, so only those made after lora_ext's import (injection marks the ties a model has
     when adapted: injection.install; inject notes a model's plain modules: known_plain). A deepcopy of a model keeps
-    the tie when the giver is copied before the layer (a model's embedding before its head: givers); a pickled copy
-    and an assign load (two Parameters over one storage) do not."""
+    the tie (givers; LoRALayer.__deepcopy__); a pickled copy and an assign load (two Parameters over one storage) do
+    not."""
     global _plain_prune_at
     takers = [module] if hasattr(module, "_weight_taken") else layers
     with _lock:

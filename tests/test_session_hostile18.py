@@ -492,12 +492,16 @@ def test_a_copy_of_a_model_keeps_a_tie_to_a_plain_module():
     the giver in the layer's state pickled it whole with the layer, hooks and all.)"""
     import copy
     torch.manual_seed(0)
-    model = nn.Module()
-    model.emb = nn.Embedding(20, 8)
-    model.head = lora.Linear(8, 20, r=2, lora_alpha=4, bias=False)
-    nn.init.normal_(model.head.lora_B)
-    model.head.weight = model.emb.weight
-    for copied in (copy.deepcopy(model),):
+    for head_first in (False, True):  # (the head copied first: its giver's copy made then, the model's own later)
+        model = nn.Module()
+        if head_first:
+            model.head = lora.Linear(8, 20, r=2, lora_alpha=4, bias=False)
+        model.emb = nn.Embedding(20, 8)
+        if not head_first:
+            model.head = lora.Linear(8, 20, r=2, lora_alpha=4, bias=False)
+        nn.init.normal_(model.head.lora_B)
+        model.head.weight = model.emb.weight
+        copied = copy.deepcopy(model)
         lookup = copied.emb.weight.detach().clone()
         assert copied.head.weight is copied.emb.weight
         with pytest.warns(UserWarning, match="shared with a Embedding's 'weight'"):
