@@ -212,15 +212,11 @@ def _plain_tie(module, param, layers) -> None:
     when adapted: injection.install; inject notes a model's plain modules: known_plain). A deepcopy of a model keeps
     the tie (givers; LoRALayer.__deepcopy__); a pickled copy and an assign load (two Parameters over one storage) do
     not."""
-    global _plain_prune_at
     takers = [module] if hasattr(module, "_weight_taken") else layers
     with _lock:
         givers = list(_plain.get(id(param), ()))
         if type(module) in _TIE_TARGETS and not layers:
-            if len(_plain) >= _plain_prune_at:  # (entries whose modules hold a weight of that id no more)
-                for key in [k for k, v in _plain.items() if not any(id(m._parameters.get("weight")) == k for m in v)]:
-                    del _plain[key]
-                _plain_prune_at = max(1024, 2 * len(_plain))
+            _prune_plain()
             _plain.setdefault(id(param), weakref.WeakSet()).add(module)
     for giver in givers:
         if giver is not module and giver._parameters.get("weight") is param and not _own_conv(giver) \
@@ -251,16 +247,22 @@ def add_givers(layer, modules) -> None:
 def known_plain(model) -> None:
     """Notes the plain modules of `model` (_TIE_TARGETS) as _on_parameter notes those made after lora_ext's import:
     a model built before it (a notebook's earlier cell), injected, then tied (tie_weights() with lm_head adapted)."""
-    global _plain_prune_at
     with _lock:
-        if len(_plain) >= _plain_prune_at:  # (as _plain_tie)
-            for key in [k for k, v in _plain.items() if not any(id(m._parameters.get("weight")) == k for m in v)]:
-                del _plain[key]
-            _plain_prune_at = max(1024, 2 * len(_plain))
+        _prune_plain()
         for module in model.modules():
             weight = module._parameters.get("weight") if type(module) in _TIE_TARGETS else None
             if weight is not None and not _own_conv(module):
                 _plain.setdefault(id(weight), weakref.WeakSet()).add(module)
+
+
+def _prune_plain() -> None:
+    """Drops the _plain entries whose modules hold a weight of that id no more, once the registry reaches its
+    pruning size (then doubled, as _prune). Under _lock."""
+    global _plain_prune_at
+    if len(_plain) >= _plain_prune_at:
+        for key in [k for k, v in _plain.items() if not any(id(m._parameters.get("weight")) == k for m in v)]:
+            del _plain[key]
+        _plain_prune_at = max(1024, 2 * len(_plain))
 
 
 def replaced(module) -> None:
