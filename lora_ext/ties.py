@@ -20,6 +20,7 @@ shared when both hold the new one. Weights that are two Parameter objects over t
 each key in a Parameter of its own) are seen too: layers are also indexed by their weight's storage, and two
 weights tie when their bytes overlap (views of one flat buffer that do not overlap do not tie)."""
 
+import gc
 import threading
 import weakref
 from typing import List
@@ -35,9 +36,11 @@ _peers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the layers that took
 _by_storage = {}  # (device, storage address) -> WeakSet of the layers whose weight lay there when noted
 _convs = weakref.WeakKeyDictionary()  # a ConvLoRA's inner conv -> WeakSet of the ConvLoRA layers holding it
 _plain = {}  # id(weight) -> WeakSet of the plain modules (_TIE_TARGETS) that took a weight of that id (candidates)
+_plain_storage = {}  # (device, storage address) -> WeakSet of the plain modules whose weight lay there when noted
 _plain_prune_at = 1024
 _givers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the plain modules whose weight it was given (_plain_tie)
 _replaced = weakref.WeakSet()  # plain modules lora_ext's injection replaced by a layer (never givers: replaced)
+_unpickled = weakref.WeakSet()  # layers unpickled whose plain givers are not looked for yet (_find_unpickled_givers)
 
 
 def _span(weight):
@@ -126,9 +129,7 @@ def names(layer) -> List[str]:
     if weight is None:  # computed by a parametrization: nothing registered to share (merge_refusal says so)
         return tied
     note(weight, layer)
-    with _lock:
-        givers = [g for g in list(_givers.get(layer, ())) if g._parameters.get("weight") is weight]
-    return (tied + [f"a {type(g).__name__}'s 'weight' at 0x{id(g):x}" for g in givers]
+    return (tied + [f"a {type(g).__name__}'s 'weight' at 0x{id(g):x}" for g in givers(layer)]
             + [other._describe() + f" at 0x{id(other):x}" for other in others(layer, weight)])
 
 
@@ -205,25 +206,46 @@ def given(module, name, param, plain=True) -> None:
 def _plain_tie(module, param, layers) -> None:
     """The other way round: a lora_ext layer (`module`, or the ConvLoRA `layers` whose conv `module` is) given the
     weight of a plain module (`head.weight = plain_embedding.weight`; tie_weights() with only lm_head adapted) is tied
-    to it while that module lives and holds the weight (names), so that eval() never merges into the plain module's
-    weight. (While it lives: a layer made to replace a plain module takes that module's weight, and the module is
-    gone once replaced; lora_ext's injection marks the modules it replaces: replaced.) Plain modules are seen from
-    their weight's registration on, so only those made after lora_ext's import (injection marks the ties a model has
-    when adapted: injection.install; inject notes a model's plain modules: known_plain). A deepcopy of a model keeps
-    the tie (givers; LoRALayer.__deepcopy__); a pickled copy and an assign load (two Parameters over one storage) do
-    not."""
+    to it while that module lives and holds the weight, or a weight over the same bytes (names), so that eval() never
+    merges into the plain module's weight. (While it lives: a layer made to replace a plain module takes that module's
+    weight, and the module is gone once replaced; lora_ext's injection marks the modules it replaces: replaced.)
+    Plain modules are seen from their weight's registration on, so only those made after lora_ext's import (injection
+    marks the ties a model has when adapted: injection.install; inject notes a model's plain modules: known_plain; an
+    unpickled layer's are looked for: _find_unpickled_givers). A load_state_dict(assign=True) of a tied model's saved
+    state gives each module a Parameter of its own over the one storage, in either order: a plain module given a
+    weight over the bytes of a layer's weight is that layer's giver too. A deepcopy of a model keeps the tie (givers;
+    LoRALayer.__deepcopy__), and so does a pickled copy (LoRALayer.__setstate__: unpickled)."""
     takers = [module] if hasattr(module, "_weight_taken") else layers
+    if not takers and type(module) not in _TIE_TARGETS:  # (this hook runs for every weight any module registers)
+        return
+    span = _span(param)
     with _lock:
-        givers = list(_plain.get(id(param), ()))
+        if any(taker in _unpickled for taker in takers):
+            _find_unpickled_givers()
+        candidates = list(_plain.get(id(param), ()))
+        if span is not None:
+            candidates += [m for m in _plain_storage.get(span[:2], ()) if m not in candidates]
         if type(module) in _TIE_TARGETS and not layers:
-            _prune_plain()
-            _plain.setdefault(id(param), weakref.WeakSet()).add(module)
-    for giver in givers:
-        if giver is not module and giver._parameters.get("weight") is param and not _own_conv(giver) \
-                and giver not in _replaced:
+            _note_plain(module, param, span)
+            if span is not None:  # (an assign load's head before its embedding)
+                for layer in list(_by_storage.get(span[:2], ())):  # (the same Parameter: given, _weight_taken)
+                    weight = _weight_of(layer)
+                    if weight is not param and _overlap(span, _span(weight)) \
+                            and layer._modules.get("conv") is not module:
+                        _givers.setdefault(layer, weakref.WeakSet()).add(module)
+    for giver in candidates:
+        if giver is not module and _holds(giver, param, span) and not _own_conv(giver) and giver not in _replaced:
             for taker in takers:
                 with _lock:
                     _givers.setdefault(taker, weakref.WeakSet()).add(giver)
+
+
+def _holds(module, weight, span="unknown") -> bool:
+    """Whether the plain `module`'s weight is `weight`, or a Parameter over bytes of it (span: _span(weight))."""
+    own = module._parameters.get("weight")
+    if own is None or weight is None:
+        return False
+    return own is weight or _overlap(_span(weight) if span == "unknown" else span, _span(own))
 
 
 def givers(layer) -> List:
@@ -231,7 +253,11 @@ def givers(layer) -> List:
     layer is tied to their copies (LoRALayer.__deepcopy__)."""
     weight = _weight_of(layer)
     with _lock:
-        return [g for g in list(_givers.get(layer, ())) if weight is not None and g._parameters.get("weight") is weight]
+        if layer in _unpickled:
+            _find_unpickled_givers()
+        found = list(_givers.get(layer, ()))
+    span = _span(weight) if weight is not None else None
+    return [g for g in found if _holds(g, weight, span)]
 
 
 def add_givers(layer, modules) -> None:
@@ -248,21 +274,68 @@ def known_plain(model) -> None:
     """Notes the plain modules of `model` (_TIE_TARGETS) as _on_parameter notes those made after lora_ext's import:
     a model built before it (a notebook's earlier cell), injected, then tied (tie_weights() with lm_head adapted)."""
     with _lock:
-        _prune_plain()
         for module in model.modules():
             weight = module._parameters.get("weight") if type(module) in _TIE_TARGETS else None
             if weight is not None and not _own_conv(module):
-                _plain.setdefault(id(weight), weakref.WeakSet()).add(module)
+                _note_plain(module, weight)
+
+
+def _note_plain(module, weight, span="unknown") -> None:
+    """Notes that the plain `module` holds `weight` (by id and by storage; span: _span(weight)). Under _lock."""
+    _prune_plain()
+    _plain.setdefault(id(weight), weakref.WeakSet()).add(module)
+    span = _span(weight) if span == "unknown" else span
+    if span is not None:
+        _plain_storage.setdefault(span[:2], weakref.WeakSet()).add(module)
 
 
 def _prune_plain() -> None:
-    """Drops the _plain entries whose modules hold a weight of that id no more, once the registry reaches its
-    pruning size (then doubled, as _prune). Under _lock."""
+    """Drops the _plain entries whose modules hold a weight of that id no more, and the storages whose modules are
+    gone, once the registry reaches its pruning size (then doubled, as _prune). Under _lock."""
     global _plain_prune_at
-    if len(_plain) >= _plain_prune_at:
+    if len(_plain) + len(_plain_storage) >= _plain_prune_at:
         for key in [k for k, v in _plain.items() if not any(id(m._parameters.get("weight")) == k for m in v)]:
             del _plain[key]
-        _plain_prune_at = max(1024, 2 * len(_plain))
+        for key in [k for k, v in _plain_storage.items() if not len(v)]:
+            del _plain_storage[key]
+        _plain_prune_at = max(1024, 2 * (len(_plain) + len(_plain_storage)))
+
+
+def unpickled(layer) -> None:
+    """`layer` was unpickled (torch.load of a whole model): the plain modules it was given its weight by were
+    unpickled beside it without registering anything (a pickle keeps one Parameter that both hold), so they are
+    looked for once, when the layer first asks for its ties or is given a weight (_find_unpickled_givers). A pickle
+    cannot carry them: pickling a layer alone would pickle its givers whole."""
+    try:
+        with _lock:
+            _unpickled.add(layer)
+    except TypeError:
+        pass
+
+
+def copied(layer) -> None:
+    """`layer` is a deepcopy's: its givers are known (LoRALayer.__deepcopy__), nothing to look for."""
+    with _lock:
+        _unpickled.discard(layer)
+
+
+def _find_unpickled_givers() -> None:
+    """One pass over the interpreter's objects (about 0.1 s with transformers imported): every plain module
+    (_TIE_TARGETS) is noted, as known_plain does, and each unpickled layer is tied to the plain modules that hold its
+    weight now. Under _lock."""
+    pending = [(layer, _weight_of(layer)) for layer in list(_unpickled)]
+    _unpickled.clear()
+    pending = [(layer, weight, _span(weight)) for layer, weight in pending if weight is not None]
+    for obj in gc.get_objects():
+        if type(obj) not in _TIE_TARGETS:
+            continue
+        weight = obj._parameters.get("weight")
+        if weight is None or _own_conv(obj):
+            continue
+        _note_plain(obj, weight)
+        for layer, own, span in pending:
+            if layer._modules.get("conv") is not obj and obj not in _replaced and _holds(obj, own, span):
+                _givers.setdefault(layer, weakref.WeakSet()).add(obj)
 
 
 def replaced(module) -> None:
