@@ -281,6 +281,9 @@ class LoRALayer(NamedAdapters):
     _broken: Optional[str] = None  # why the weight is unknown (see _writing); set in the instance's __dict__
     # open lora.disable_adapter blocks over this layer (an attribute, as _broken: torch.compile guards on it)
     _adapter_off: int = 0
+    # merges, unmerges and merged switches so far (_set_merged): a compiled forward under inductor's freezing, which
+    # holds the weight as a constant, guards on it (_serves_merged)
+    _weight_writes: int = 0
 
     def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
                  lossless: Optional[bool] = None):
@@ -615,10 +618,7 @@ class LoRALayer(NamedAdapters):
                 return self._weight_forward(x)
             served = batches.get(self) if batches is not None else None
             if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
-                if torch.jit.is_tracing():
-                    raise RuntimeError(f"{self._describe()}: torch.jit.trace inside a lora.batch_adapters block would "
-                                       f"record this batch's adapter of each row as constants; trace outside the "
-                                       f"block (a traced program serves the active adapter)")
+                batched.refuse_in_program(self._describe())
                 return served.forward(self, x)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_or_none()):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
@@ -663,6 +663,7 @@ class LoRALayer(NamedAdapters):
         self._merged_scaling = scaling
         self._keep_record(record)
         self._note_written()
+        self.__dict__["_weight_writes"] = self._weight_writes + 1
 
     def _put_snapshot(self, lora_A: Optional[Tensor], lora_B: Optional[Tensor]) -> None:
         """The merged snapshot's buffers (None: nothing merged). Non-persistent while they hold tensors; while None,
@@ -1203,7 +1204,11 @@ class LoRALayer(NamedAdapters):
         state_dict marks a base in this process, the flag alone (host time of every merged forward)."""
         if not self.merged:
             return False
-        return not _given_bases[0] or torch.compiler.is_compiling() or not self._given_base()
+        if torch.compiler.is_compiling():
+            if _freezing() and self._weight_writes < 0:  # (never: the comparison makes dynamo guard on the count, so
+                raise AssertionError                     # that a merged switch, which writes the weight a frozen
+            return True                                  # graph holds as a constant, compiles anew)
+        return not _given_bases[0] or not self._given_base()
 
     def _given_base(self) -> bool:
         """Whether the weight read now is a base this layer's state_dict() gave while merged (marked there), and not

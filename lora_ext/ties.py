@@ -41,6 +41,7 @@ _plain_prune_at = 1024
 _givers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the plain modules whose weight it was given (_plain_tie)
 _replaced = weakref.WeakSet()  # plain modules lora_ext's injection replaced by a layer (never givers: replaced)
 _unpickled = weakref.WeakSet()  # layers unpickled whose plain givers are not looked for yet (_find_unpickled_givers)
+_copies = weakref.WeakSet()  # layers deep-copied since the last look: the plain modules copied beside them are unknown
 
 
 def _span(weight):
@@ -211,7 +212,7 @@ def _plain_tie(module, param, layers) -> None:
     weight, and the module is gone once replaced; lora_ext's injection marks the modules it replaces: replaced.)
     Plain modules are seen from their weight's registration on, so only those made after lora_ext's import (injection
     marks the ties a model has when adapted: injection.install; inject notes a model's plain modules: known_plain; an
-    unpickled layer's are looked for: _find_unpickled_givers). A load_state_dict(assign=True) of a tied model's saved
+    unpickled or deep-copied layer's are looked for: _find_unpickled_givers). A load_state_dict(assign=True) of a tied model's saved
     state gives each module a Parameter of its own over the one storage, in either order: a plain module given a
     weight over the bytes of a layer's weight is that layer's giver too. A deepcopy of a model keeps the tie (givers;
     LoRALayer.__deepcopy__), and so does a pickled copy (LoRALayer.__setstate__: unpickled)."""
@@ -220,7 +221,7 @@ def _plain_tie(module, param, layers) -> None:
         return
     span = _span(param)
     with _lock:
-        if any(taker in _unpickled for taker in takers):
+        if any(taker in _unpickled or taker in _copies for taker in takers):
             _find_unpickled_givers()
         candidates = list(_plain.get(id(param), ()))
         if span is not None:
@@ -314,9 +315,15 @@ def unpickled(layer) -> None:
 
 
 def copied(layer) -> None:
-    """`layer` is a deepcopy's: its givers are known (LoRALayer.__deepcopy__), nothing to look for."""
-    with _lock:
-        _unpickled.discard(layer)
+    """`layer` is a deepcopy's: its givers are known (LoRALayer.__deepcopy__), but the plain modules copied beside it
+    registered nothing, so a weight given to it later (`copy.head.weight = copy.embedding.weight`) is looked for as
+    an unpickled layer's (_find_unpickled_givers)."""
+    try:
+        with _lock:
+            _unpickled.discard(layer)
+            _copies.add(layer)
+    except TypeError:
+        pass
 
 
 def _find_unpickled_givers() -> None:
@@ -325,6 +332,7 @@ def _find_unpickled_givers() -> None:
     weight now. Under _lock."""
     pending = [(layer, _weight_of(layer)) for layer in list(_unpickled)]
     _unpickled.clear()
+    _copies.clear()
     pending = [(layer, weight, _span(weight)) for layer, weight in pending if weight is not None]
     for obj in gc.get_objects():
         if type(obj) not in _TIE_TARGETS:

@@ -735,3 +735,25 @@ def test_a_replaced_active_copy_trains_as_the_one_it_replaces(tmp_path, trained)
     lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "a2", seed=5))  # "default" again: a new copy
     assert all(p.requires_grad == trained for p in model.head.modules_to_save.default.parameters())
     assert not any(p.requires_grad for p in model.head.original_module.parameters())
+
+
+@pytest.mark.parametrize("program", ["jit", "export"])
+def test_a_program_of_a_saved_module_inside_a_mixed_batch_is_refused(tmp_path, program):
+    # the head saved whole took its rows' modules in the program (jit.trace and export alike) with no refusal: the
+    # program served the block's rows after it closed
+    model = Net()
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "a", seed=1), adapter_name="a")
+    lora_ext.load_peft_adapter(model, _net_adapter(tmp_path, "b", seed=2), adapter_name="b", activate=False)
+    model.eval()
+    h = torch.randn(2, 32)
+    with torch.no_grad(), lora_ext.batch_adapters(model, ["a", "b"]):
+        with pytest.raises(RuntimeError, match=f"ModulesToSave\\(Linear\\): torch.{program}.* inside a "
+                                               f"lora.batch_adapters block"):
+            if program == "jit":
+                torch.jit.trace(model.head, (h,), check_trace=False)
+            else:
+                torch.export.export(model.head, (h,))
+    with torch.no_grad():  # outside the block: exported, it serves the active adapter's module
+        want = model.head(h)
+        if program == "export":
+            assert torch.equal(torch.export.export(model.head, (h,)).module()(h), want)

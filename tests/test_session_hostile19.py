@@ -152,3 +152,58 @@ def test_a_pickled_llama_with_only_lm_head_adapted_and_tied():
     with torch.no_grad():
         assert rel_err(model.model.embed_tokens(ids).double(), lookup) == 0
         assert rel_err(model(ids).logits.double(), want) < 1e-5
+
+
+def test_a_tie_made_in_a_deepcopy_is_seen():
+    # the copy's plain embedding registered nothing (deepcopy sets a module's state without registering): a tie made
+    # in the copy afterwards was not seen (0.26 off)
+    model = copy.deepcopy(_Tied(tie=False))
+    model.head.weight = model.emb.weight
+    _check_tied(model)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_inside_a_mixed_batch_is_refused(strict):
+    # torch.export inside lora.batch_adapters recorded the block's adapter of each row (and its slots): outside the
+    # block the program served them, not the active adapter (3.3 off), and after another batch neither (3.6)
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 8, r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B)
+    layer.add_adapter("b", torch.randn(4, 16), torch.randn(8, 4), 0.7)
+    layer.eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad(), lora.batch_adapters(layer, ["b", None, "default"]):
+        with pytest.raises(RuntimeError, match=r"Linear\(16, 8\): torch.export inside a lora.batch_adapters block"):
+            torch.export.export(layer, (x,), strict=strict)
+    w = layer.weight.detach().double()  # merged with "default"
+    with torch.no_grad():
+        program = torch.export.export(layer, (x,), strict=strict).module()
+        assert rel_err(program(x).double(), x.double() @ w.t() + layer.bias.double()) < 1e-6
+
+
+def test_a_merged_switch_under_inductor_freezing_is_seen():
+    # inductor's freezing holds the weight as a constant: a merged switch rewrote it in place and the compiled
+    # forward went on serving the old adapter (7.4 off), with no recompile
+    import torch._inductor.config as inductor
+    torch.manual_seed(0)
+    layer = lora.Linear(32, 16, r=4, lora_alpha=8)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    layer.add_adapter("b", torch.randn(4, 32) * 0.3, torch.randn(16, 4) * 0.3, 2.0)
+    layer.requires_grad_(False)
+    base = layer.weight.detach().double().clone()
+    x = torch.randn(5, 32)
+
+    def want():
+        a, b = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+        return x.double() @ (base + layer.scaling * b @ a).t() + layer.bias.double()
+
+    layer.eval()
+    torch._dynamo.reset()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inductor, "freezing", True)
+        compiled = torch.compile(layer)
+        for name in ("default", "b", "default", "b"):
+            layer.set_adapter(name)
+            assert layer.merged
+            assert rel_err(compiled(x).double(), want()) < 1e-5, name
+    torch._dynamo.reset()

@@ -65,6 +65,7 @@ class ModulesToSave(nn.Module):
         batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
         served = batches.get(self) if batches is not None else None
         if served is not None and not served.batch.closed:
+            batched.refuse_in_program(f"ModulesToSave({type(self._modules['original_module']).__name__})")
             return served.forward(self, args, kwargs)
         return self.served()(*args, **kwargs)
 
