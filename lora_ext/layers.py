@@ -458,7 +458,8 @@ class LoRALayer(NamedAdapters):
         values it puts back: nothing to compare). Any other weight is taken as a base, as checkpoints hold bases
         (state_dict() gives one, load_state_dict() takes one): the layer forgets its merge, with a warning, and adds
         the adapter on the fly until the next eval() or merge(). Not seen: a DTensor on either side (FSDP2 and
-        tensor parallelism swap in the same values, sharded or gathered; a new sharded base keeps the merge), a
+        tensor parallelism swap in the same values, sharded or gathered; a new sharded base keeps the merge, but not
+        a sharded weight another module holds: a tie, ties.held_elsewhere), a
         weight set back where none was registered (removing a parametrization, weight_norm or pruning; after `del
         layer.weight`), and writes straight into `_parameters` (accelerate's set_module_tensor_to_device).
         `cleared`: the weight was set to None since the merge: the new weight holds it when it lies in the memory
@@ -469,9 +470,26 @@ class LoRALayer(NamedAdapters):
         if sharded.is_dtensor(old) or sharded.is_dtensor(new):
             if sharded.is_dtensor(new) and old is not None and not sharded.is_dtensor(old):
                 self._note_written()  # (sharding: fully_shard or tensor parallel puts the merged weight's shards here)
+                return
+            # a sharded weight another module holds (a tie made after fully_shard, which FSDP2 takes as this
+            # module's at its next lazy reset): that module's, which does not hold this layer's merge
+            if not (sharded.is_dtensor(old) and sharded.is_dtensor(new) and ties.held_elsewhere(self, new)):
+                return
+            with deferred_interrupt():
+                self._forget_merge()
+        elif not cleared and (new.is_meta or old.is_meta):
             return
-        if not cleared and (new.is_meta or old.is_meta):
+        elif self._keeps_merge(old, new, cleared):
             return
+        which = ("the new weight, set after the weight was None, is not the memory the merge wrote (a copy cannot be "
+                 "compared with a weight that is gone)" if cleared else
+                 "the new weight, which does not hold the merged values,")
+        warnings.warn(f"{self._describe()}: its weight was replaced while adapter {self.active_adapter!r} was merged "
+                      f"into the old one; {which} is taken as the base (as load_state_dict takes one) and the adapter "
+                      f"is added on the fly until the next eval() or merge()", stacklevel=_user_stacklevel())
+
+    def _keeps_merge(self, old: Optional[Tensor], new: Tensor, cleared: bool) -> bool:
+        """_weight_replaced for plain tensors: keeps the merge (noting the new weight: True) or forgets it."""
         with deferred_interrupt():
             # (cleared: the weight that was there, put back, lies in the memory the merge wrote)
             held = bool(self._in_written(new)) if cleared else self._holds_merged_values(new, old)
@@ -479,14 +497,9 @@ class LoRALayer(NamedAdapters):
                 if old is not None and new.dtype != old.dtype:
                     self._keep_record(None)
                 self._note_written()
-                return
+                return True
             self._forget_merge()
-        which = ("the new weight, set after the weight was None, is not the memory the merge wrote (a copy cannot be "
-                 "compared with a weight that is gone)" if cleared else
-                 "the new weight, which does not hold the merged values,")
-        warnings.warn(f"{self._describe()}: its weight was replaced while adapter {self.active_adapter!r} was merged "
-                      f"into the old one; {which} is taken as the base (as load_state_dict takes one) and the adapter "
-                      f"is added on the fly until the next eval() or merge()", stacklevel=_user_stacklevel())
+            return False
 
     def _holds_merged_values(self, new: Tensor, old: Tensor):
         """Whether weight `new` holds the merged values of `old`, the weight the merge wrote: "exact" (the same memory,
@@ -827,9 +840,11 @@ class LoRALayer(NamedAdapters):
         refusal = self.merge_refusal()
         if refusal is not None:  # before anything is written
             raise ValueError(refusal)
+        # FSDP2: write the shards, not an all-gathered copy; first, so that ties are looked at between the sharded
+        # Parameters (gathered, each module holds a copy of its own of a weight they share)
+        sharded.reshard_if_gathered(self)
         if not untied:
             self._check_untied()
-        sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         self._check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         self._fp16_room((self.lora_A, self.lora_B, self.scaling))
         exact = self._lossless_now()
@@ -1129,6 +1144,8 @@ class LoRALayer(NamedAdapters):
             # under lora.disable_adapter the weight stays the base: eval()'s merge waits for the block's end
             if self.merge_weights and mode == self.merged and not (self._adapter_off and not mode):
                 refusal = self.merge_refusal() if not mode and self.has_lora else None
+                if not mode and self.has_lora and refusal is None:
+                    sharded.reshard_if_gathered(self)  # (FSDP2: ties between the sharded Parameters; see _merge)
                 tied = ties.names(self) if not mode and self.has_lora and refusal is None else None
                 if refusal is not None:
                     # as for a tied weight below: eval() of a model does not stop halfway at this layer

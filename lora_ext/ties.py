@@ -224,6 +224,7 @@ def _plain_tie(module, param, layers) -> None:
         if any(taker in _unpickled or taker in _copies for taker in takers):
             _find_unpickled_givers()
         candidates = list(_plain.get(id(param), ()))
+        candidates += [m for m in _fsdp_plain(param) if m not in candidates]
         if span is not None:
             candidates += [m for m in _plain_storage.get(span[:2], ()) if m not in candidates]
         if type(module) in _TIE_TARGETS and not layers:
@@ -239,6 +240,30 @@ def _plain_tie(module, param, layers) -> None:
             for taker in takers:
                 with _lock:
                     _givers.setdefault(taker, weakref.WeakSet()).add(giver)
+
+
+def _fsdp_plain(param) -> List:
+    """The plain modules (_TIE_TARGETS) FSDP2 gave the sharded Parameter `param`: fully_shard sets a plain module's
+    Parameters straight into its _parameters, past the registration hook, so a tie made after it is found here."""
+    from . import sharded  # (not at the top: sharded is imported by layers, which imports this module first)
+    if not sharded.is_dtensor(param):
+        return []
+    found = []
+    for _, p in sharded._fsdp_params():
+        if p.sharded_param is param:
+            infos = [p._module_info, *getattr(p, "_shared_module_infos", ())]
+            found += [i.module for i in infos if type(i.module) in _TIE_TARGETS and i.module not in found]
+    return found
+
+
+def held_elsewhere(layer, param) -> bool:
+    """Whether a module other than `layer` (a lora_ext layer or a plain one: _TIE_TARGETS) holds the Parameter
+    `param` as its weight now (layers.LoRALayer._weight_replaced: a sharded weight given to a merged layer)."""
+    with _lock:
+        plain = list(_plain.get(id(param), ()))
+    plain += [m for m in _fsdp_plain(param) if m not in plain]
+    return bool(others(layer, param)) or any(m is not layer and m._parameters.get("weight") is param
+                                             and not _own_conv(m) for m in plain)
 
 
 def _holds(module, weight, span="unknown") -> bool:

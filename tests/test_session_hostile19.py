@@ -207,3 +207,73 @@ def test_a_merged_switch_under_inductor_freezing_is_seen():
             assert layer.merged
             assert rel_err(compiled(x).double(), want()) < 1e-5, name
     torch._dynamo.reset()
+
+
+# ---- FSDP2 (two gloo ranks): ties looked at between sharded Parameters ----
+
+class _FsdpTied(nn.Module):
+    """An embedding (a lora_ext layer, or plain) and a lora_ext head, both adapted with random factors."""
+
+    def __init__(self, lora_emb):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = lora.Embedding(12, 8, r=2, lora_alpha=4) if lora_emb else nn.Embedding(12, 8)
+        self.head = lora.Linear(8, 12, r=2, lora_alpha=4, bias=False)
+        for layer in (self.emb, self.head):
+            if isinstance(layer, lora.LoRALayer):
+                nn.init.normal_(layer.lora_A, std=0.5)
+                nn.init.normal_(layer.lora_B, std=0.5)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def _fsdp_tied_want(model):
+    """float64 logits of the tied model (the embedding's weight and both adapters), from the full tensors."""
+    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().double()
+            for k, v in model.state_dict().items()}
+    ids = torch.tensor([[1, 3, 5, 7], [0, 2, 11, 4]])
+    w = full["emb.weight"]
+    e = w[ids]
+    if "emb.lora_A" in full:
+        e = e + 2.0 * (full["emb.lora_A"].t()[ids] @ full["emb.lora_B"].t())
+    h = torch.tanh(e)
+    return ids, w, h @ w.t() + 2.0 * (h @ full["head.lora_A"].t() @ full["head.lora_B"].t())
+
+
+def fsdp_tie_case(rank, world, lora_emb, when):
+    from torch.distributed.fsdp import fully_shard
+    model = _FsdpTied(lora_emb)
+    fully_shard(model)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        if when == "after_merge":
+            model.eval()  # each layer merged into its own weight
+        model.head.weight = model.emb.weight  # a tie made after fully_shard (FSDP2 takes it at its lazy reset)
+        ids, w, want = _fsdp_tied_want(model)
+        with torch.no_grad():
+            if when == "gathered":
+                model(ids)  # the root stays gathered after a forward: each module holds a copy of its own
+            model.eval()
+            y = model(ids).double()
+        model.reshard()
+        model.train()
+        model.reshard()
+    after = model.emb.weight.full_tensor().detach().double()
+    merged = [getattr(model.emb, "merged", False), model.head.merged]
+    return merged, rel_err(y, want), (after - w).abs().max().item(), [str(m.message) for m in ws]
+
+
+@pytest.mark.parametrize("lora_emb", [True, False], ids=["lora-embedding", "plain-embedding"])
+@pytest.mark.parametrize("when", ["gathered", "after_merge"])
+def test_fsdp2_ties_made_after_sharding(lora_emb, when):
+    """gathered: eval() of a model whose root FSDP2 left gathered looked for ties between the modules' gathered
+    copies (none) before resharding, then merged into the shared sharded weight (logits 4.1 off; a plain embedding's
+    lookups 1.3). after_merge: a merged head given the embedding's sharded weight kept merged=True over a weight
+    without its adapter (logits 4.1 off), and train() took the adapter out of the embedding's weight (1.75)."""
+    from dist import run_ranks
+    for merged, err, drift, said in run_ranks(fsdp_tie_case, lora_emb, when, timeout=120):
+        assert merged == [False, False], (merged, said)
+        assert err < 1e-5, err
+        assert drift < 1e-6, drift
+        assert any("Linear(8, 12): its weight is shared with" in m for m in said), said
