@@ -212,9 +212,10 @@ def _plain_tie(module, param, layers) -> None:
     weight, and the module is gone once replaced; lora_ext's injection marks the modules it replaces: replaced.)
     Plain modules are seen from their weight's registration on, so only those made after lora_ext's import (injection
     marks the ties a model has when adapted: injection.install; inject notes a model's plain modules: known_plain; an
-    unpickled or deep-copied layer's are looked for: _find_unpickled_givers). A load_state_dict(assign=True) of a tied model's saved
-    state gives each module a Parameter of its own over the one storage, in either order: a plain module given a
-    weight over the bytes of a layer's weight is that layer's giver too. A deepcopy of a model keeps the tie (givers;
+    unpickled or deep-copied layer's are looked for: _find_unpickled_givers; FSDP2's: _fsdp_plain). A
+    load_state_dict(assign=True) of a tied model's saved state gives each module a Parameter of its own over the one
+    storage, in either order: a plain module given a weight over the bytes of a layer's weight is that layer's giver
+    too. A deepcopy of a model keeps the tie (givers;
     LoRALayer.__deepcopy__), and so does a pickled copy (LoRALayer.__setstate__: unpickled)."""
     takers = [module] if hasattr(module, "_weight_taken") else layers
     if not takers and type(module) not in _TIE_TARGETS:  # (this hook runs for every weight any module registers)
