@@ -215,8 +215,8 @@ def _plain_tie(module, param, layers) -> None:
     unpickled or deep-copied layer's are looked for: _find_unpickled_givers; FSDP2's: _fsdp_plain). A
     load_state_dict(assign=True) of a tied model's saved state gives each module a Parameter of its own over the one
     storage, in either order: a plain module given a weight over the bytes of a layer's weight is that layer's giver
-    too. A deepcopy of a model keeps the tie (givers;
-    LoRALayer.__deepcopy__), and so does a pickled copy (LoRALayer.__setstate__: unpickled)."""
+    too. A deepcopy of a model keeps the tie (givers; LoRALayer.__deepcopy__), and so does a pickled copy
+    (LoRALayer.__setstate__: unpickled)."""
     takers = [module] if hasattr(module, "_weight_taken") else layers
     if not takers and type(module) not in _TIE_TARGETS:  # (this hook runs for every weight any module registers)
         return
