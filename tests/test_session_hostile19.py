@@ -2,6 +2,7 @@
 it says that it guards against a false tie."""
 import copy
 import io
+import os
 import warnings
 
 import pytest
@@ -199,8 +200,7 @@ def test_a_merged_switch_under_inductor_freezing_is_seen():
 
     layer.eval()
     torch._dynamo.reset()
-    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(inductor, "freezing", True)
+    with torch.no_grad(), inductor.patch(freezing=True):  # (torch's own patch: a monkeypatch's undo hid the key)
         compiled = torch.compile(layer)
         for name in ("default", "b", "default", "b"):
             layer.set_adapter(name)
@@ -277,3 +277,100 @@ def test_fsdp2_ties_made_after_sharding(lora_emb, when):
         assert err < 1e-5, err
         assert drift < 1e-6, drift
         assert any("Linear(8, 12): its weight is shared with" in m for m in said), said
+
+
+# ---- a save killed between its renames ----
+
+_SAVE_CHILD = r'''
+import os, signal, sys
+import torch, torch.nn as nn
+import lora_ext as lora
+path, alpha, seed, kill_at = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+lora.inject(model, ["0", "2"], r=2, lora_alpha=alpha)
+torch.manual_seed(seed)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.normal_()
+real, calls = os.replace, [0]
+def replace(a, b):  # kill -9 before the kill_at-th rename of the save
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(a, b)
+os.replace = replace
+if kill_at == 3:  # after both renames: before the first file kept aside is removed
+    from lora_ext.serving import files
+    files._remove = lambda p: os.kill(os.getpid(), signal.SIGKILL)
+lora.save_peft_adapter(model, path)
+'''
+
+
+def _save_in_child(path, alpha, seed, kill_at=0):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(lora.__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    rc = subprocess.run([sys.executable, "-c", _SAVE_CHILD, str(path), str(alpha), str(seed), str(kill_at)],
+                        env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert rc.returncode == (-9 if kill_at else 0), rc.stderr
+
+
+def _alpha_and_factor(path):
+    import json
+    from safetensors.torch import load_file
+    cfg = json.load(open(os.path.join(path, "adapter_config.json")))
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    return cfg["lora_alpha"], tensors["base_model.model.0.lora_A.weight"]
+
+
+def test_a_save_killed_between_its_renames_is_refused_at_load(tmp_path, capsys):
+    # a kill -9 between the weights' rename and the config's left the new weights beside the old config: loaded and
+    # merged with exit 0 at the old lora_alpha (logits 0.83 off the new adapter, 1.56 off the old)
+    from lora_ext.cli import main
+    out, new = tmp_path / "adapter", tmp_path / "new"
+    _save_in_child(out, 8, 1)
+    _save_in_child(new, 64, 2)
+    _save_in_child(out, 64, 2, kill_at=2)  # the weights renamed, not the config
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="was killed between renaming its files into place: adapter_model"
+                                         ".safetensors from the new save, adapter_config.json from the old"):
+        lora.load_peft_adapter(model, str(out))
+    assert not any(isinstance(m, lora.LoRALayer) for m in model.modules())
+    base = tmp_path / "base"
+    base.mkdir()
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base / "model.safetensors"))
+    merged = tmp_path / "merged"
+    assert main(["merge", "--base", str(base), "--adapter", str(out), "--out", str(merged), "--quiet"]) == 2
+    assert "was killed between renaming" in capsys.readouterr().err
+    assert not merged.exists()
+    # the message's way to finish the save gives the new adapter whole
+    message = str(pytest.raises(ValueError, lora.load_peft_adapter, model, str(out)).value)
+    finish = message.split("To finish the save rename ")[1].split(" to ")[0]
+    os.replace(finish, out / "adapter_config.json")
+    want_alpha, want_a = _alpha_and_factor(new)
+    alpha, a = _alpha_and_factor(out)
+    assert alpha == want_alpha == 64 and torch.equal(a, want_a)
+    lora.load_peft_adapter(model, str(out))
+    assert model[0].scaling == 32.0
+
+
+@pytest.mark.parametrize("kill_at,which", [(1, "old"), (3, "new")])
+def test_a_save_killed_before_or_after_its_renames_loads_one_whole_adapter(tmp_path, kill_at, which):
+    # guards against a false refusal: killed before the first rename (the old pair in place, files kept aside and
+    # temporaries left) or after both (the new pair, files kept aside left), the directory holds one save whole
+    out, old, new = tmp_path / "adapter", tmp_path / "old", tmp_path / "new"
+    _save_in_child(out, 8, 1)
+    _save_in_child(old, 8, 1)
+    _save_in_child(new, 64, 2)
+    _save_in_child(out, 64, 2, kill_at=kill_at)
+    assert any(".tmp-" in n for n in os.listdir(out))
+    want_alpha, want_a = _alpha_and_factor(old if which == "old" else new)
+    alpha, a = _alpha_and_factor(out)
+    assert alpha == want_alpha and torch.equal(a, want_a)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    lora.load_peft_adapter(model, str(out))
+    assert model[0].scaling == want_alpha / 2

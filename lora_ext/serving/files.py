@@ -175,7 +175,9 @@ def atomic_files(paths):
     """atomic_path for files that go together (an adapter's weights and its config): yields a temporary for each,
     and renames them into place only when every one is written; a rename that fails puts back those renamed
     before it (their old files kept aside, by a hard link, until all are in place), so that a failure leaves the
-    old set as it was. A directory where a file goes is refused before any rename."""
+    old set as it was. A directory where a file goes is refused before any rename. Every old file is kept aside
+    before the first rename, so that a run killed between two renames (kill -9: nothing can hold it back) leaves
+    what torn_set recognises: files kept aside beside temporaries of only some of the set."""
     from ..named_adapters import deferred_interrupt
     paths = [_checked(p) for p in paths]
     tmps = []
@@ -193,10 +195,12 @@ def atomic_files(paths):
         # rename and its note would leave a new file beside an old one)
         with deferred_interrupt():
             try:
-                for p, t in zip(paths, tmps):
-                    aside = _kept_aside(p) if os.path.lexists(p) else None
-                    if aside is not None:
-                        asides.append(aside)
+                kept = []
+                for p in paths:
+                    kept.append(_kept_aside(p) if os.path.lexists(p) else None)
+                    if kept[-1] is not None:
+                        asides.append(kept[-1])
+                for p, t, aside in zip(paths, tmps, kept):
                     os.replace(t, p)
                     renamed.append((p, aside))
             except BaseException:
@@ -215,6 +219,33 @@ def atomic_files(paths):
             for t in tmps:
                 _remove(t)
         raise
+
+
+def torn_set(paths):
+    """Where atomic_files(paths) was killed between two renames (its pid gone), a message naming the files in place
+    from the new set, those still from the old one, and how to finish or undo the save by hand; else None. Such a
+    run leaves files kept aside (`-old-`) and the temporaries of the files it had not renamed yet: those in place
+    without a temporary are new, the others old."""
+    by_pid = {}
+    for p in paths:
+        for leftover in stale_temporaries(p):
+            m = _TEMPORARY.fullmatch(os.path.basename(leftover)[len(_tmp_prefix(p)):])
+            if m is None or m.group(1) is None:
+                continue
+            entry = by_pid.setdefault(int(m.group(1)), {"old": {}, "new": {}})
+            entry["old" if "-old-" in os.path.basename(leftover) else "new"][p] = leftover
+    for pid, entry in sorted(by_pid.items()):
+        waiting = [p for p in paths if p in entry["new"] and os.path.exists(p)]
+        done = [p for p in paths if p not in entry["new"] and p in entry["old"]]
+        if entry["old"] and waiting and done:
+            names = lambda ps: ", ".join(os.path.basename(p) for p in ps)  # noqa: E731
+            return (f"{os.path.dirname(os.path.abspath(paths[0]))}: a save there (pid {pid}) was killed between "
+                    f"renaming its files into place: {names(done)} from the new save, {names(waiting)} from the old "
+                    f"one, which do not go together. To finish the save rename "
+                    + ", ".join(f"{entry['new'][p]} to {os.path.basename(p)}" for p in waiting)
+                    + "; to undo it rename " + ", ".join(f"{entry['old'][p]} to {os.path.basename(p)}" for p in done)
+                    + "; or save the adapter again")
+    return None
 
 
 def _kept_aside(path):

@@ -29,7 +29,7 @@ from . import saved_modules as _saved
 from . import tokens as _tokens
 from . import hub
 from .adapters import hold, lora_layers, model_lock, reserved_rank, set_adapter
-from .files import atomic_files, remove_stale_temporaries
+from .files import atomic_files, remove_stale_temporaries, torn_set
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -98,6 +98,10 @@ def read_config(path, dora=False):
     cannot read) raises ValueError naming the file and the option. dora: use_dora may be true (`lora-ext merge`
     merges DoRA adapters; the layers do not serve them)."""
     file = _config_file(path)
+    if os.path.isdir(path):  # (a save killed between its renames: weights and config of two saves)
+        torn = torn_set([os.path.join(path, WEIGHTS_NAME), file])
+        if torn is not None:
+            raise ValueError(torn)
     if not os.path.isfile(file):
         raise FileNotFoundError(f"adapter: no {CONFIG_NAME} in {path!r}")
     try:
