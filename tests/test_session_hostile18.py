@@ -218,7 +218,11 @@ def test_a_plain_module_s_weight_given_to_a_layer_is_never_merged_into():
     assert torch.equal(plain.weight.detach().double(), pw) and torch.equal(plain.bias.detach().double(), pb)
 
 
-def test_tie_weights_with_only_lm_head_adapted_leaves_the_embedding_alone():
+@pytest.mark.parametrize("pickled", [False, True])
+def test_tie_weights_with_only_lm_head_adapted_leaves_the_embedding_alone(pickled):
+    # pickled (the nineteenth session): torch.save / torch.load of the whole tied model lost the tie, eval() merged
+    # into the embedding's lookups
+    import io
     from tiny_models import llama, tokens
     model = llama()
     lora.inject(model, ["lm_head", "q_proj"], r=4, lora_alpha=8)
@@ -227,6 +231,11 @@ def test_tie_weights_with_only_lm_head_adapted_leaves_the_embedding_alone():
     model.train()
     model.config.tie_word_embeddings = True
     model.tie_weights()
+    if pickled:
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        model = torch.load(buf, weights_only=False)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = tokens()
     with torch.no_grad():
