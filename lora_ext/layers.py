@@ -840,8 +840,10 @@ class LoRALayer(NamedAdapters):
         refusal = self.merge_refusal()
         if refusal is not None:  # before anything is written
             raise ValueError(refusal)
-        # FSDP2: write the shards, not an all-gathered copy; first, so that ties are looked at between the sharded
-        # Parameters (gathered, each module holds a copy of its own of a weight they share)
+        # FSDP2: write the shards, not an all-gathered copy; ties are looked at before (a tie made between gathered
+        # Parameters) and after (gathered, each module holds a copy of its own of a sharded weight they share)
+        if not untied:
+            self._check_untied()
         sharded.reshard_if_gathered(self)
         if not untied:
             self._check_untied()
@@ -1144,9 +1146,10 @@ class LoRALayer(NamedAdapters):
             # under lora.disable_adapter the weight stays the base: eval()'s merge waits for the block's end
             if self.merge_weights and mode == self.merged and not (self._adapter_off and not mode):
                 refusal = self.merge_refusal() if not mode and self.has_lora else None
-                if not mode and self.has_lora and refusal is None:
-                    sharded.reshard_if_gathered(self)  # (FSDP2: ties between the sharded Parameters; see _merge)
                 tied = ties.names(self) if not mode and self.has_lora and refusal is None else None
+                if not mode and self.has_lora and refusal is None and not tied:
+                    sharded.reshard_if_gathered(self)  # (FSDP2: ties between the sharded Parameters too; see _merge)
+                    tied = ties.names(self)
                 if refusal is not None:
                     # as for a tied weight below: eval() of a model does not stop halfway at this layer
                     warnings.warn(f"eval() leaves adapter {self.active_adapter!r} unmerged: {refusal}", stacklevel=2)
