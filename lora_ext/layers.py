@@ -281,9 +281,9 @@ class LoRALayer(NamedAdapters):
     _broken: Optional[str] = None  # why the weight is unknown (see _writing); set in the instance's __dict__
     # open lora.disable_adapter blocks over this layer (an attribute, as _broken: torch.compile guards on it)
     _adapter_off: int = 0
-    # merges, unmerges and merged switches so far (_set_merged): a compiled forward under inductor's freezing, which
-    # holds the weight as a constant, guards on it (_serves_merged)
-    _weight_writes: int = 0
+    # merges, unmerges and merged switches so far (_set_merged), as a string: a compiled forward under inductor's
+    # freezing, which holds the weight as a constant, guards on it (_serves_merged; dynamo may make an int symbolic)
+    _weight_writes: str = "0"
 
     def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
                  lossless: Optional[bool] = None):
@@ -676,7 +676,7 @@ class LoRALayer(NamedAdapters):
         self._merged_scaling = scaling
         self._keep_record(record)
         self._note_written()
-        self.__dict__["_weight_writes"] = self._weight_writes + 1
+        self.__dict__["_weight_writes"] = str(int(self._weight_writes) + 1)
 
     def _put_snapshot(self, lora_A: Optional[Tensor], lora_B: Optional[Tensor]) -> None:
         """The merged snapshot's buffers (None: nothing merged). Non-persistent while they hold tensors; while None,
@@ -1225,8 +1225,8 @@ class LoRALayer(NamedAdapters):
         if not self.merged:
             return False
         if torch.compiler.is_compiling():
-            if _freezing() and self._weight_writes < 0:  # (never: the comparison makes dynamo guard on the count, so
-                raise AssertionError                     # that a merged switch, which writes the weight a frozen
+            if _freezing() and self._weight_writes == "":  # (never: the comparison makes dynamo guard on the count,
+                raise AssertionError                       # so that a merged switch, which writes the weight a frozen
             return True                                  # graph holds as a constant, compiles anew)
         return not _given_bases[0] or not self._given_base()
 
