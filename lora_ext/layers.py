@@ -844,8 +844,7 @@ class LoRALayer(NamedAdapters):
         # Parameters) and after (gathered, each module holds a copy of its own of a sharded weight they share)
         if not untied:
             self._check_untied()
-        sharded.reshard_if_gathered(self)
-        if not untied:
+        if sharded.reshard_if_gathered(self) and not untied:
             self._check_untied()
         self._check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         self._fp16_room((self.lora_A, self.lora_B, self.scaling))
@@ -1147,8 +1146,8 @@ class LoRALayer(NamedAdapters):
             if self.merge_weights and mode == self.merged and not (self._adapter_off and not mode):
                 refusal = self.merge_refusal() if not mode and self.has_lora else None
                 tied = ties.names(self) if not mode and self.has_lora and refusal is None else None
-                if not mode and self.has_lora and refusal is None and not tied:
-                    sharded.reshard_if_gathered(self)  # (FSDP2: ties between the sharded Parameters too; see _merge)
+                if not mode and self.has_lora and refusal is None and not tied \
+                        and sharded.reshard_if_gathered(self):  # (FSDP2: ties between the sharded Parameters too)
                     tied = ties.names(self)
                 if refusal is not None:
                     # as for a tied weight below: eval() of a model does not stop halfway at this layer

@@ -102,19 +102,20 @@ def fsdp_managed(module) -> bool:
     return any(p._module_info.module is module for _, p in _fsdp_params())
 
 
-def reshard_if_gathered(layer) -> None:
+def reshard_if_gathered(layer) -> bool:
     """FSDP2 (fully_shard) swaps a module's parameters for all-gathered plain ones while it is unsharded (after
     a forward with reshard_after_forward=False, the root after any forward, after unshard()); a merge or a
     switch written into them would be dropped at the next reshard. Before a layer writes its parameters, this
     reshards the FSDP module whose parameters of this layer are gathered now, so the write goes to the local
     shards (lora_ext.serving's model-level calls reshard the whole model first). A layer's own train()/eval(),
     merge(), set_adapter() and add_adapter() call it. Costs a look over the process's FSDP states, only when
-    torch.distributed is initialised."""
+    torch.distributed is initialised. Returns whether it resharded anything."""
     mine = {id(m) for m in layer.modules()}
     gathered = {id(module): module for module, p in _fsdp_params()
                 if id(p._module_info.module) in mine and p.sharded_state.name != "SHARDED"}
     for module in gathered.values():
         module.reshard()
+    return bool(gathered)
 
 
 class Part(NamedTuple):
