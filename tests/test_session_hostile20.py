@@ -1,0 +1,138 @@
+"""The twentieth session's hostile rounds: each test fails on the code before its fix (checked in a clone), unless
+it says that it guards against a false tie or a cost."""
+import copy
+import io
+import pickle
+import sys
+import threading
+
+import torch
+import torch.nn as nn
+
+import lora_ext as lora
+from lora_ext import ties
+from test_session_hostile19 import _check_tied, _round_trip, _Tied
+
+
+class _Pause(nn.Module):
+    """Holds the unpickling (or deep copy) of a model at this module until the test lets it go."""
+    reached = threading.Event()
+    go = threading.Event()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        _Pause.reached.set()
+        assert _Pause.go.wait(60)
+
+    def __deepcopy__(self, memo):
+        _Pause.reached.set()
+        assert _Pause.go.wait(60)
+        return _Pause()
+
+
+class _PausedTied(nn.Module):
+    """_Tied with the head first and a pause between it and the plain embedding that holds its weight."""
+
+    def __init__(self, tie=True):
+        super().__init__()
+        self.head = lora.Linear(16, 50, r=4, lora_alpha=8, bias=False)
+        self.pause = _Pause()
+        self.emb = nn.Embedding(50, 16)
+        if tie:
+            self.head.weight = self.emb.weight
+        nn.init.normal_(self.head.lora_B)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+def _held(make, *args):
+    """Runs make(*args) on a thread until it reaches the pause; returns (thread, result list)."""
+    _Pause.reached.clear()
+    _Pause.go.clear()
+    out = []
+    thread = threading.Thread(target=lambda: out.append(make(*args)))
+    thread.start()
+    assert _Pause.reached.wait(60)
+    return thread, out
+
+
+def _release(thread):
+    _Pause.go.set()
+    thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_an_unpickled_tie_survives_another_threads_eval_during_the_load():
+    # thread A unpickles a model whose head comes before its plain embedding; thread B evals a model of its own
+    # while A's load is between the two: B's look for plain modules found none for A's head and forgot that A's
+    # head was unpickled, so A's eval() merged into the embedding's lookups (13.7 off in the helper's threaded run)
+    buf = io.BytesIO()
+    torch.save(_PausedTied(), buf)
+    thread, out = _held(lambda: torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
+    _check_tied(_round_trip(_Tied(head_first=True)))  # B's own eval, during A's load
+    _release(thread)
+    _check_tied(out[0])
+
+
+def test_a_copied_tie_survives_another_threads_eval_during_the_copy():
+    # the same for a deep copy: a tie made in the copy after the copy (copy.head.weight = copy.emb.weight) was looked
+    # for only if no other thread's look ran during the copy
+    thread, out = _held(copy.deepcopy, _PausedTied(tie=False))
+    _check_tied(_round_trip(_Tied(head_first=True)))
+    _release(thread)
+    model = out[0]
+    model.head.weight = model.emb.weight
+    _check_tied(model)
+
+
+def test_a_finished_load_is_resolved_by_the_next_look_on_any_thread():
+    # guards against a cost: a layer whose load has finished leaves the pending set at the next look, whichever
+    # thread looks (a load still running keeps it there), also inside the function that called pickle.loads
+    data = pickle.dumps(_Tied(head_first=True))
+
+    def load_and_eval():
+        model = pickle.loads(data)
+        assert model.head in ties._unpickled
+        _check_tied(model)
+        assert model.head not in ties._unpickled
+        return model
+
+    load_and_eval()
+    model = pickle.loads(data)
+    out = []
+    thread = threading.Thread(target=lambda: out.append(_check_tied(model)))
+    thread.start()
+    thread.join(60)
+    assert out == [None] and model.head not in ties._unpickled
+
+
+def test_the_look_for_plain_modules_leaves_other_threads_tuples_alone():
+    # the look for an unpickled layer's plain modules held a list of every live object (gc.get_objects()) while Python
+    # code ran: a tuple another thread was building (tuple() of a generator) then had two references and its resize
+    # failed there with SystemError (the first look, in every run)
+    data = pickle.dumps(_Tied(head_first=True))
+    errors, stop = [], threading.Event()
+
+    def numbers():
+        yield from range(40)
+
+    def build():
+        while not stop.is_set():
+            try:
+                tuple(numbers())
+            except SystemError as e:
+                errors.append(e)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    thread = threading.Thread(target=build)
+    thread.start()
+    try:
+        for _ in range(20):
+            _check_tied(pickle.loads(data))
+    finally:
+        stop.set()
+        thread.join(60)
+        sys.setswitchinterval(interval)
+    assert not errors
