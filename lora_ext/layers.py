@@ -336,7 +336,6 @@ class LoRALayer(NamedAdapters):
         with lock if lock is not None else contextlib.nullcontext():
             state = copy.deepcopy(getstate(self), memo)
         replica.__setstate__(state)
-        ties.copied(replica)
         # plain modules sharing the weight: the copy is tied to their copies, from the memo, or made now (a head
         # before its embedding: the model's copy then takes that one). Not carried in the state: pickling a layer
         # would pickle its givers whole. (A giver outside what is copied gets a copy nothing holds: no tie.)
@@ -368,7 +367,6 @@ class LoRALayer(NamedAdapters):
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
             pass
-        ties.unpickled(self)  # (plain modules that gave it its weight are looked for; a deepcopy knows them: copied)
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
         super().register_buffer(name, tensor, persistent)

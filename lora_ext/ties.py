@@ -20,11 +20,8 @@ shared when both hold the new one. Weights that are two Parameter objects over t
 each key in a Parameter of its own) are seen too: layers are also indexed by their weight's storage, and two
 weights tie when their bytes overlap (views of one flat buffer that do not overlap do not tie)."""
 
-import copy
-import copyreg
+import functools
 import gc
-import pickle
-import sys
 import threading
 import weakref
 from typing import List
@@ -44,10 +41,7 @@ _plain_storage = {}  # (device, storage address) -> WeakSet of the plain modules
 _plain_prune_at = 1024
 _givers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the plain modules whose weight it was given (_plain_tie)
 _replaced = weakref.WeakSet()  # plain modules lora_ext's injection replaced by a layer (never givers: replaced)
-# layers unpickled whose plain givers are not looked for yet (_find_unpickled_givers) -> where their load runs (_site)
-_unpickled = weakref.WeakKeyDictionary()
-_copies = weakref.WeakKeyDictionary()  # layers deep-copied since the last look (the plain modules copied beside them
-#                                        are unknown) -> where their copy runs (_site)
+_unseen = True  # whether plain modules may live that no hook saw (made before lora_ext's import, unpickled, copied): _look
 
 
 def _span(weight):
@@ -218,30 +212,25 @@ def _plain_tie(module, param, layers) -> None:
     weight, and the module is gone once replaced; lora_ext's injection marks the modules it replaces: replaced.)
     Plain modules are seen from their weight's registration on, so only those made after lora_ext's import (injection
     marks the ties a model has when adapted: injection.install; inject notes a model's plain modules: known_plain; an
-    unpickled or deep-copied layer's are looked for: _find_unpickled_givers; FSDP2's: _fsdp_plain). A
+    unpickled, deep-copied or made before lora_ext's import: _look; FSDP2's: _fsdp_plain). A
     load_state_dict(assign=True) of a tied model's saved state gives each module a Parameter of its own over the one
     storage, in either order: a plain module given a weight over the bytes of a layer's weight is that layer's giver
-    too. A deepcopy of a model keeps the tie (givers; LoRALayer.__deepcopy__), and so does a pickled copy
-    (LoRALayer.__setstate__: unpickled)."""
+    too. A deepcopy of a model keeps the tie (givers; LoRALayer.__deepcopy__), and so does a pickled copy (_look)."""
     takers = [module] if hasattr(module, "_weight_taken") else layers
     if not takers and type(module) not in _TIE_TARGETS:  # (this hook runs for every weight any module registers)
         return
     span = _span(param)
     with _lock:
-        if any(taker in _unpickled or taker in _copies for taker in takers):
-            _find_unpickled_givers()
+        if takers:
+            _look()
         candidates = list(_plain.get(id(param), ()))
         candidates += [m for m in _fsdp_plain(param) if m not in candidates]
         if span is not None:
             candidates += [m for m in _plain_storage.get(span[:2], ()) if m not in candidates]
         if type(module) in _TIE_TARGETS and not layers:
             _note_plain(module, param, span)
-            if span is not None:  # (an assign load's head before its embedding)
-                for layer in list(_by_storage.get(span[:2], ())):  # (the same Parameter: given, _weight_taken)
-                    weight = _weight_of(layer)
-                    if weight is not param and _overlap(span, _span(weight)) \
-                            and layer._modules.get("conv") is not module:
-                        _givers.setdefault(layer, weakref.WeakSet()).add(module)
+            _tie_takers(module, param, span, same=False)  # (an assign load's head before its embedding; the same
+            #                                                Parameter: given, _weight_taken)
     for giver in candidates:
         if giver is not module and _holds(giver, param, span) and not _own_conv(giver) and giver not in _replaced:
             for taker in takers:
@@ -267,6 +256,7 @@ def held_elsewhere(layer, param) -> bool:
     """Whether a module other than `layer` (a lora_ext layer or a plain one: _TIE_TARGETS) holds the Parameter
     `param` as its weight now (layers.LoRALayer._weight_replaced: a sharded weight given to a merged layer)."""
     with _lock:
+        _look()
         plain = list(_plain.get(id(param), ()))
     plain += [m for m in _fsdp_plain(param) if m not in plain]
     return bool(others(layer, param)) or any(m is not layer and m._parameters.get("weight") is param
@@ -286,8 +276,7 @@ def givers(layer) -> List:
     layer is tied to their copies (LoRALayer.__deepcopy__)."""
     weight = _weight_of(layer)
     with _lock:
-        if layer in _unpickled:
-            _find_unpickled_givers()
+        _look()
         found = list(_givers.get(layer, ()))
     span = _span(weight) if weight is not None else None
     return [g for g in found if _holds(g, weight, span)]
@@ -334,86 +323,37 @@ def _prune_plain() -> None:
         _plain_prune_at = max(1024, 2 * (len(_plain) + len(_plain_storage)))
 
 
-def unpickled(layer) -> None:
-    """`layer` was unpickled (torch.load of a whole model): the plain modules it was given its weight by were
-    unpickled beside it without registering anything (a pickle keeps one Parameter that both hold), so they are
-    looked for once, when the layer first asks for its ties or is given a weight (_find_unpickled_givers). A pickle
-    cannot carry them: pickling a layer alone would pickle its givers whole."""
-    try:
-        with _lock:
-            _unpickled[layer] = _site()
-    except TypeError:
-        pass
+def _tie_takers(module, weight, span, same=True) -> None:
+    """The plain `module` holds `weight` (span: _span(weight)): the lora_ext layers holding it (same: the same
+    Parameter too, not only one over the same bytes) are given `module` as a giver. Under _lock."""
+    layers = list(_holders.get(id(weight), ())) if same else []
+    if span is not None:
+        layers += [layer for layer in _by_storage.get(span[:2], ()) if layer not in layers]
+    for layer in layers:
+        own = _weight_of(layer)
+        if own is not None and layer._modules.get("conv") is not module and (
+                (same and own is weight) or (own is not weight and _overlap(span, _span(own)))):
+            _givers.setdefault(layer, weakref.WeakSet()).add(module)
 
 
-def copied(layer) -> None:
-    """`layer` is a deepcopy's: its givers are known (LoRALayer.__deepcopy__), but the plain modules copied beside it
-    registered nothing, so a weight given to it later (`copy.head.weight = copy.embedding.weight`) is looked for as
-    an unpickled layer's (_find_unpickled_givers)."""
-    try:
-        with _lock:
-            _unpickled.pop(layer, None)
-            _copies[layer] = _site()
-    except TypeError:
-        pass
-
-
-# the machinery between a layer's __setstate__/__deepcopy__ and the call that unpickles or copies a model (_site)
-_MACHINERY = {pickle.__file__, copyreg.__file__, copy.__file__}
-
-
-def _site():
-    """Where the unpickling or deep copy building the calling layer runs: (thread, frame id, code, instruction) of
-    the frame that called the unpickler or copy.deepcopy (torch.load's own, or a user's pickle.loads), skipping
-    lora_ext, pickle's and copy's frames and __setstate__/__deepcopy__ methods. That frame stays at that
-    instruction while the load runs (_loading)."""
-    frame = sys._getframe(1)
-    while frame is not None and (frame.f_code.co_name in ("__setstate__", "__deepcopy__")
-                                 or frame.f_code.co_filename in _MACHINERY
-                                 or str(frame.f_globals.get("__name__", "")).startswith(__package__ + ".")):
-        frame = frame.f_back
-    return None if frame is None else (threading.get_ident(), id(frame), frame.f_code, frame.f_lasti)
-
-
-def _loading(site, stacks) -> bool:
-    """Whether the load or copy at `site` (_site) runs still: its frame is on its thread's stack (stacks:
-    sys._current_frames()) at the same instruction. (A frame at the same address running the same call again,
-    a loop's next load, reads as running: the layer waits for the look after it.)"""
-    if site is None:
-        return False
-    thread, frame_id, code, instruction = site
-    frame = stacks.get(thread)
-    while frame is not None:
-        if id(frame) == frame_id and frame.f_code is code and frame.f_lasti == instruction:
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _find_unpickled_givers() -> None:
-    """One look for the interpreter's plain modules (_live_targets: a traversal of the live objects, growing with
-    them, not with the model): every plain module (_TIE_TARGETS) is noted, as known_plain does,
-    and each unpickled layer is tied to the plain modules that hold its weight now. Modules another thread is still
-    building are passed over. A layer whose load or copy runs still (another thread's, paused between the layer and
-    the plain module holding its weight) stays pending, and so does a copy's: the next look finds the rest. Under
-    _lock."""
-    pending = [(layer, _weight_of(layer)) for layer in list(_unpickled.keys())]
-    pending = [(layer, weight, _span(weight)) for layer, weight in pending if weight is not None]
+def _look() -> None:
+    """Where plain modules may live that no registration hook saw (_unseen: made before lora_ext's import, or
+    unpickled or deep-copied since the last look: _setstate), finds them all (_live_targets), notes those not noted
+    yet and ties each to the lora_ext layers holding its weight (a pickle or copy of a tied model holds one
+    Parameter in both modules). A module another thread is still building is passed over; its __setstate__ marks
+    the interpreter unseen again when it ends, so the next look finds it. Under _lock."""
+    global _unseen
+    if not _unseen:
+        return
+    _unseen = False
     for obj in _live_targets():
         params = obj.__dict__.get("_parameters")  # (None: a module another thread is still building)
         weight = params.get("weight") if isinstance(params, dict) else None
-        if weight is None or _own_conv(obj):
+        if weight is None or obj in _plain.get(id(weight), ()) or obj in _replaced or _own_conv(obj):
             continue
-        _note_plain(obj, weight)
-        for layer, own, span in pending:
-            if layer._modules.get("conv") is not obj and obj not in _replaced and _holds(obj, own, span):
-                _givers.setdefault(layer, weakref.WeakSet()).add(obj)
-    stacks = sys._current_frames()
-    for found in (_unpickled, _copies):  # (only once the pass went through)
-        for layer, site in list(found.items()):
-            if not _loading(site, stacks):
-                found.pop(layer, None)
-    del stacks
+        span = _span(weight)
+        _note_plain(obj, weight, span)
+        _tie_takers(obj, weight, span)
 
 
 def _live_targets() -> List:
@@ -444,5 +384,19 @@ def _own_conv(module) -> bool:
         return False
 
 
+_torch_setstate = nn.Module.__setstate__
+
+
+@functools.wraps(_torch_setstate)
+def _setstate(self, state):
+    """torch's nn.Module.__setstate__ (an unpickled or deep-copied module), then: a plain module (_TIE_TARGETS) was
+    made that no registration hook saw, which the next look for ties finds (_look)."""
+    _torch_setstate(self, state)
+    if type(self) in _TIE_TARGETS:
+        global _unseen
+        _unseen = True
+
+
+nn.Module.__setstate__ = _setstate
 _torch_module.register_module_module_registration_hook(_on_module)
 _torch_module.register_module_parameter_registration_hook(_on_parameter)

@@ -6,6 +6,7 @@ import pickle
 import sys
 import threading
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -86,25 +87,25 @@ def test_a_copied_tie_survives_another_threads_eval_during_the_copy():
     _check_tied(model)
 
 
-def test_a_finished_load_is_resolved_by_the_next_look_on_any_thread():
-    # guards against a cost: a layer whose load has finished leaves the pending set at the next look, whichever
-    # thread looks (a load still running keeps it there), also inside the function that called pickle.loads
+def test_the_look_for_plain_modules_runs_once_per_load(monkeypatch):
+    # guards against a cost: the look over the interpreter's objects runs after a plain module was unpickled or
+    # copied, once, whichever thread looks; making modules, evals and ties made by hooks run none
+    looks = []
+    find = ties._live_targets
+    monkeypatch.setattr(ties, "_live_targets", lambda: looks.append(1) or find())
     data = pickle.dumps(_Tied(head_first=True))
-
-    def load_and_eval():
-        model = pickle.loads(data)
-        assert model.head in ties._unpickled
-        _check_tied(model)
-        assert model.head not in ties._unpickled
-        return model
-
-    load_and_eval()
+    _check_tied(pickle.loads(data))
+    assert len(looks) == 1
     model = pickle.loads(data)
     out = []
     thread = threading.Thread(target=lambda: out.append(_check_tied(model)))
     thread.start()
     thread.join(60)
-    assert out == [None] and model.head not in ties._unpickled
+    assert out == [None] and len(looks) == 2
+    model.train()
+    _check_tied(model)
+    _check_tied(_Tied())
+    assert len(looks) == 2
 
 
 def test_the_look_for_plain_modules_leaves_other_threads_tuples_alone():
@@ -136,3 +137,24 @@ def test_the_look_for_plain_modules_leaves_other_threads_tuples_alone():
         thread.join(60)
         sys.setswitchinterval(interval)
     assert not errors
+
+
+class _Plain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+@pytest.mark.parametrize("how", ["pickled", "deepcopied"])
+def test_a_new_layer_given_an_unpickled_or_copied_plain_modules_weight_is_tied(how):
+    # a plain model unpickled or deep-copied registers nothing: a lora_ext head made afterwards and given its plain
+    # embedding's weight was not tied to it, and eval() merged into the embedding's lookups
+    model = pickle.loads(pickle.dumps(_Plain())) if how == "pickled" else copy.deepcopy(_Plain())
+    model.head = lora.Linear(16, 50, r=4, lora_alpha=8, bias=False)
+    nn.init.normal_(model.head.lora_B)
+    model.head.weight = model.emb.weight
+    _check_tied(model)
