@@ -223,10 +223,7 @@ def _plain_tie(module, param, layers) -> None:
     with _lock:
         if takers:
             _look()
-        candidates = list(_plain.get(id(param), ()))
-        candidates += [m for m in _fsdp_plain(param) if m not in candidates]
-        if span is not None:
-            candidates += [m for m in _plain_storage.get(span[:2], ()) if m not in candidates]
+        candidates = _plain_candidates(param, span)
         if type(module) in _TIE_TARGETS and not layers:
             _note_plain(module, param, span)
             _tie_takers(module, param, span, same=False)  # (an assign load's head before its embedding; the same
@@ -236,6 +233,16 @@ def _plain_tie(module, param, layers) -> None:
             for taker in takers:
                 with _lock:
                     _givers.setdefault(taker, weakref.WeakSet()).add(giver)
+
+
+def _plain_candidates(param, span=None) -> List:
+    """The plain modules that may hold `param` (or, given its span: _span, bytes of it): noted with a Parameter of
+    its id or over its storage, or given it by FSDP2 (_fsdp_plain). Under _lock."""
+    found = list(_plain.get(id(param), ()))
+    found += [m for m in _fsdp_plain(param) if m not in found]
+    if span is not None:
+        found += [m for m in _plain_storage.get(span[:2], ()) if m not in found]
+    return found
 
 
 def _fsdp_plain(param) -> List:
@@ -257,8 +264,7 @@ def held_elsewhere(layer, param) -> bool:
     `param` as its weight now (layers.LoRALayer._weight_replaced: a sharded weight given to a merged layer)."""
     with _lock:
         _look()
-        plain = list(_plain.get(id(param), ()))
-    plain += [m for m in _fsdp_plain(param) if m not in plain]
+        plain = _plain_candidates(param)
     return bool(others(layer, param)) or any(m is not layer and m._parameters.get("weight") is param
                                              and not _own_conv(m) for m in plain)
 
