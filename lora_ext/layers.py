@@ -367,6 +367,7 @@ class LoRALayer(NamedAdapters):
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
             pass
+        ties.restored(self)  # (and to the plain modules unpickled or copied before it that hold its weight)
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
         super().register_buffer(name, tensor, persistent)

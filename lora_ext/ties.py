@@ -41,7 +41,7 @@ _plain_storage = {}  # (device, storage address) -> WeakSet of the plain modules
 _plain_prune_at = 1024
 _givers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the plain modules whose weight it was given (_plain_tie)
 _replaced = weakref.WeakSet()  # plain modules lora_ext's injection replaced by a layer (never givers: replaced)
-_unseen = True  # whether plain modules may live that no hook saw (made before lora_ext's import, unpickled, copied): _look
+_unseen = True  # whether plain modules made before lora_ext's import may live that no hook saw: _look
 
 
 def _span(weight):
@@ -212,10 +212,11 @@ def _plain_tie(module, param, layers) -> None:
     weight, and the module is gone once replaced; lora_ext's injection marks the modules it replaces: replaced.)
     Plain modules are seen from their weight's registration on, so only those made after lora_ext's import (injection
     marks the ties a model has when adapted: injection.install; inject notes a model's plain modules: known_plain; an
-    unpickled, deep-copied or made before lora_ext's import: _look; FSDP2's: _fsdp_plain). A
+    unpickled or deep-copied: _setstate; made before lora_ext's import: _look; FSDP2's: _fsdp_plain). A
     load_state_dict(assign=True) of a tied model's saved state gives each module a Parameter of its own over the one
     storage, in either order: a plain module given a weight over the bytes of a layer's weight is that layer's giver
-    too. A deepcopy of a model keeps the tie (givers; LoRALayer.__deepcopy__), and so does a pickled copy (_look)."""
+    too. A deepcopy of a model keeps the tie (givers; LoRALayer.__deepcopy__), and so does a pickled copy (restored,
+    _setstate)."""
     takers = [module] if hasattr(module, "_weight_taken") else layers
     if not takers and type(module) not in _TIE_TARGETS:  # (this hook runs for every weight any module registers)
         return
@@ -343,23 +344,45 @@ def _tie_takers(module, weight, span, same=True) -> None:
 
 
 def _look() -> None:
-    """Where plain modules may live that no registration hook saw (_unseen: made before lora_ext's import, or
-    unpickled or deep-copied since the last look: _setstate), finds them all (_live_targets), notes those not noted
-    yet and ties each to the lora_ext layers holding its weight (a pickle or copy of a tied model holds one
-    Parameter in both modules). A module another thread is still building is passed over; its __setstate__ marks
-    the interpreter unseen again when it ends, so the next look finds it. Under _lock."""
+    """Once, at the first query for ties after lora_ext's import (_unseen): finds the plain modules made before it
+    (_live_targets), notes them and ties each to the lora_ext layers holding its weight. (Modules unpickled or
+    deep-copied later note themselves: _setstate.) Under _lock."""
     global _unseen
     if not _unseen:
         return
     _unseen = False
     for obj in _live_targets():
-        params = obj.__dict__.get("_parameters")  # (None: a module another thread is still building)
-        weight = params.get("weight") if isinstance(params, dict) else None
-        if weight is None or obj in _plain.get(id(weight), ()) or obj in _replaced or _own_conv(obj):
-            continue
-        span = _span(weight)
-        _note_plain(obj, weight, span)
-        _tie_takers(obj, weight, span)
+        _restored_plain(obj)
+
+
+def _restored_plain(module) -> None:
+    """A plain module (_TIE_TARGETS) that no registration hook saw take its weight: noted as the hook notes one,
+    and tied to the lora_ext layers holding its weight (a pickle or copy of a tied model holds one Parameter in
+    both modules; layers built after it find it noted: restored). Passes over a module still being built."""
+    params = module.__dict__.get("_parameters")  # (None: a module another thread is still building)
+    weight = params.get("weight") if isinstance(params, dict) else None
+    if weight is None:
+        return
+    span = _span(weight)
+    with _lock:
+        if module in _plain.get(id(weight), ()) or module in _replaced or _own_conv(module):
+            return
+        _note_plain(module, weight, span)
+        _tie_takers(module, weight, span)
+
+
+def restored(layer) -> None:
+    """`layer` was unpickled or copied (LoRALayer.__setstate__): tied to the plain modules noted as holding its
+    weight now (unpickled or copied before it: _setstate; a plain module that comes after it ties itself)."""
+    weight = _weight_of(layer)
+    if weight is None:
+        return
+    span = _span(weight)
+    with _lock:
+        for giver in _plain_candidates(weight, span):
+            if giver is not layer._modules.get("conv") and giver not in _replaced and not _own_conv(giver) \
+                    and _holds(giver, weight, span):
+                _givers.setdefault(layer, weakref.WeakSet()).add(giver)
 
 
 def _live_targets() -> List:
@@ -395,12 +418,11 @@ _torch_setstate = nn.Module.__setstate__
 
 @functools.wraps(_torch_setstate)
 def _setstate(self, state):
-    """torch's nn.Module.__setstate__ (an unpickled or deep-copied module), then: a plain module (_TIE_TARGETS) was
-    made that no registration hook saw, which the next look for ties finds (_look)."""
+    """torch's nn.Module.__setstate__ (an unpickled or deep-copied module), then: a plain module (_TIE_TARGETS),
+    which no registration hook saw take its weight, notes itself once built (_restored_plain)."""
     _torch_setstate(self, state)
     if type(self) in _TIE_TARGETS:
-        global _unseen
-        _unseen = True
+        _restored_plain(self)
 
 
 nn.Module.__setstate__ = _setstate
