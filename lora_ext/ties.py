@@ -167,6 +167,12 @@ _TIE_TARGETS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Con
                 nn.ConvTranspose3d, NonDynamicallyQuantizableLinear)  # (the last: nn.MultiheadAttention's out_proj)
 
 
+def _is_plain(module) -> bool:
+    """Whether `module` is a plain layer a tie can put a weight in: of a _TIE_TARGETS class or a subclass of one
+    (transformers' scaled word embeddings, FSDP2's classes of the modules it shards itself), not a lora_ext layer."""
+    return isinstance(module, _TIE_TARGETS) and not hasattr(type(module), "_weight_taken")
+
+
 def _on_parameter(module, name, param):
     """torch's register_parameter of any module, before the new Parameter is in place: a conv's weight set
     (`c2.conv.weight = c1.conv.weight`; layers.LoRALayer._conv_weight_set sets it under the layer's lock and a merged
@@ -192,13 +198,13 @@ def _on_parameter(module, name, param):
 
 def given(module, name, param, plain=True) -> None:
     """`module` takes `param` as its `name`: each merged lora_ext layer whose weight it is takes its adapter out first
-    (layers.LoRALayer._weight_taken) when `module` is a lora_ext layer or exactly a plain layer (_TIE_TARGETS:
-    torch.export and other program builders register a model's own parameters on modules of theirs, which compute
-    nothing the model serves). A lora_ext layer calls it before it takes its own lock to register a weight (and the
+    (layers.LoRALayer._weight_taken) when `module` is a lora_ext layer or a plain layer (_is_plain: torch.export and
+    other program builders register a model's own parameters on modules of theirs, which compute nothing the model
+    serves). A lora_ext layer calls it before it takes its own lock to register a weight (and the
     registration hook again under it, finding the giver unmerged): two layers given each other's weights on two
     threads would otherwise each hold its own lock and wait for the other's."""
     taken = _holders.get(id(param))  # (a dict lookup: this hook runs for every parameter any module registers)
-    if taken and (hasattr(module, "_weight_taken") or type(module) in _TIE_TARGETS):
+    if taken and (hasattr(module, "_weight_taken") or _is_plain(module)):
         for layer in list(taken):
             if layer is not module and _weight_of(layer) is param and layer._modules.get("conv") is not module:
                 layer._weight_taken(module, name, plain=plain)
@@ -218,14 +224,14 @@ def _plain_tie(module, param, layers) -> None:
     too. A deepcopy of a model keeps the tie (givers; LoRALayer.__deepcopy__), and so does a pickled copy (restored,
     _setstate)."""
     takers = [module] if hasattr(module, "_weight_taken") else layers
-    if not takers and type(module) not in _TIE_TARGETS:  # (this hook runs for every weight any module registers)
+    if not takers and not _is_plain(module):  # (this hook runs for every weight any module registers)
         return
     span = _span(param)
     with _lock:
         if takers:
             _look()
         candidates = _plain_candidates(param, span)
-        if type(module) in _TIE_TARGETS and not layers:
+        if _is_plain(module) and not layers:
             _note_plain(module, param, span)
             _tie_takers(module, param, span, same=False)  # (an assign load's head before its embedding; the same
             #                                                Parameter: given, _weight_taken)
@@ -256,7 +262,7 @@ def _fsdp_plain(param) -> List:
     for _, p in sharded._fsdp_params():
         if p.sharded_param is param:
             infos = [p._module_info, *getattr(p, "_shared_module_infos", ())]
-            found += [i.module for i in infos if type(i.module) in _TIE_TARGETS and i.module not in found]
+            found += [i.module for i in infos if _is_plain(i.module) and i.module not in found]
     return found
 
 
@@ -304,7 +310,7 @@ def known_plain(model) -> None:
     a model built before it (a notebook's earlier cell), injected, then tied (tie_weights() with lm_head adapted)."""
     with _lock:
         for module in model.modules():
-            weight = module._parameters.get("weight") if type(module) in _TIE_TARGETS else None
+            weight = module._parameters.get("weight") if _is_plain(module) else None
             if weight is not None and not _own_conv(module):
                 _note_plain(module, weight)
 
@@ -386,12 +392,18 @@ def restored(layer) -> None:
 
 
 def _live_targets() -> List:
-    """The live modules of exactly a _TIE_TARGETS class, found as the objects referring to those classes (an
+    """The live plain modules (_is_plain), found as the objects referring to those classes (an
     instance of a Python class refers to its class): one traversal in C whose list holds only those referrers. A
     list of every object (gc.get_objects()) would hold, while Python code runs and other threads with it, the
     tuples and strings another thread is still building, whose resize then fails there (SystemError). 4x faster
     than filtering gc.get_objects() too (37 ms against 160 ms at 0.9 million objects)."""
-    return [obj for obj in gc.get_referrers(*_TIE_TARGETS) if type(obj) in _TIE_TARGETS]
+    classes, todo = set(), list(_TIE_TARGETS)
+    while todo:  # (the classes and their subclasses: an instance refers to its own class)
+        cls = todo.pop()
+        if cls not in classes:
+            classes.add(cls)
+            todo += cls.__subclasses__()
+    return [obj for obj in gc.get_referrers(*classes) if type(obj) in classes and _is_plain(obj)]
 
 
 def replaced(module) -> None:
@@ -421,7 +433,7 @@ def _setstate(self, state):
     """torch's nn.Module.__setstate__ (an unpickled or deep-copied module), then: a plain module (_TIE_TARGETS),
     which no registration hook saw take its weight, notes itself once built (_restored_plain)."""
     _torch_setstate(self, state)
-    if type(self) in _TIE_TARGETS:
+    if _is_plain(self):
         _restored_plain(self)
 
 

@@ -175,3 +175,28 @@ def test_a_new_layer_given_an_unpickled_or_copied_plain_modules_weight_is_tied(h
     nn.init.normal_(model.head.lora_B)
     model.head.weight = model.emb.weight
     _check_tied(model)
+
+
+class _ScaledEmbedding(nn.Embedding):
+    """A subclass of a plain layer (transformers' *ScaledWordEmbedding are such)."""
+
+
+@pytest.mark.parametrize("how", ["made", "pickled", "merged first"])
+def test_a_subclass_of_a_plain_layer_is_a_tie(how):
+    # a lora_ext head given the weight of a subclass of nn.Embedding: only the exact classes counted, so eval()
+    # merged into the embedding's lookups (17.7 off); and a subclass given a merged head's weight kept the merge
+    model = _Tied()
+    model.emb = _ScaledEmbedding(50, 16)
+    if how == "merged first":
+        model.head.weight = nn.Parameter(model.emb.weight.detach().clone())
+        model.eval()
+        assert model.head.merged
+        with pytest.warns(UserWarning, match="was given to a _ScaledEmbedding"):
+            model.emb.weight = model.head.weight
+        assert not model.head.merged
+        model.train()
+    else:
+        model.head.weight = model.emb.weight
+    if how == "pickled":
+        model = pickle.loads(pickle.dumps(model))
+    _check_tied(model, giver="_ScaledEmbedding")
