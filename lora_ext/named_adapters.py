@@ -230,14 +230,28 @@ SCALE_ATTR = "_lora_ext_scale"
 MAX_NAME = 255  # a file name's limit on common file systems: peft saves an adapter under its name
 
 
-def each_or_none(layers, do, undo) -> None:
+@contextlib.contextmanager
+def at_layer(path):
+    """A refusal (ValueError: a lossless merge's exception overflow, ...) raised by one layer of a model's pass says
+    which layer by its path in the model (`path`; a layer's own message names it by its constructor only)."""
+    try:
+        yield
+    except ValueError as err:
+        if path is not None and err.args and isinstance(err.args[0], str) and repr(path) not in err.args[0]:
+            err.args = (f"layer {path!r}: {err.args[0]}", *err.args[1:])
+        raise
+
+
+def each_or_none(layers, do, undo, paths=None) -> None:
     """do(m) for every layer in turn, all or none: when one raises (a refusal, or a Ctrl-C held back during the pass
-    and delivered at its end), undo(m) for those done (Ctrl-C held back) and the error raised."""
+    and delivered at its end), undo(m) for those done (Ctrl-C held back) and the error raised, naming the layer by
+    its path where `paths` (layer -> path in the model) has it (at_layer)."""
     done = []
     try:
         with deferred_interrupt() as held:
             for m in layers:
-                do(m)
+                with at_layer((paths or {}).get(m)):
+                    do(m)
                 done.append(m)
             held.deliver()
     except BaseException:

@@ -339,6 +339,26 @@ def test_a_block_end_that_cannot_merge_leaves_every_layer_unmerged_and_says_so(s
     assert not any(m.merged for m in lora_layers_of(model))
 
 
+def test_a_refused_switch_or_merge_names_the_layer_by_its_path(saved):
+    # a model's switch or merge refused by one layer (a lossless merge's exception overflow) named it by its
+    # constructor only ("Embedding(50, 16)"), which several layers of a model share (the twentieth session's helper)
+    from lora_ext.lossless import ExceptionOverflow
+    model = _model(saved, torch.bfloat16)
+    lora.load_peft_adapter(model, saved, "big", activate=False)
+    with torch.no_grad():
+        model.model.embed_tokens.get_adapter("big")[0].mul_(300)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ExceptionOverflow, match=r"^layer 'model\.embed_tokens': Embedding\("):
+        lora.set_adapter(model, "big")
+    assert lora.active_adapter(model) == "a"
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    lora.unmerge_adapter(model)
+    lora.set_adapter(model, "big")
+    with pytest.raises(ExceptionOverflow, match=r"^layer 'model\.embed_tokens': Embedding\("):
+        lora.merge_adapter(model)
+    assert not any(m.merged for m in lora_layers_of(model))
+
+
 def _two_adapters(saved):
     """(a model holding adapters a (active, merged) and b, a one-row input) for the lock's liveness tests."""
     model = _model(saved)

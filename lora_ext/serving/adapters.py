@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from .. import sharded
 from ..layers import LoRALayer
-from ..named_adapters import check_one_name, check_rank, deferred_interrupt, each_or_none
+from ..named_adapters import at_layer, check_one_name, check_rank, deferred_interrupt, each_or_none
 from ..utils import _wrapped, under_ddp
 from .injection import check_mergeable
 from .saved_modules import wrappers
@@ -426,9 +426,10 @@ def _switch_all(found, name, settle=True):
         if name != m.active_adapter:
             m._check_plain_factors(f"set_adapter({name!r}) at {layer_name!r}")  # (before any layer is written)
             m._check_values(name, label=f"adapter {name!r} at {layer_name!r}")
-    for _, m in found:
+    for layer_name, m in found:
         if settle or name != m.active_adapter:  # set_adapter of the active name may settle its Parameters
-            m.set_adapter(name)
+            with at_layer(layer_name):
+                m.set_adapter(name)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -460,7 +461,8 @@ def merge_adapter(model: nn.Module) -> None:
             if not m.merged:
                 m._check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")
         # a refusal while writing (a lossless merge's exceptions), or Ctrl-C: all merged or none
-        each_or_none([m for _, m in found if not m.merged], lambda m: m.merge(), lambda m: m.unmerge())
+        each_or_none([m for _, m in found if not m.merged], lambda m: m.merge(), lambda m: m.unmerge(),
+                     paths={m: path for path, m in found})
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -525,7 +527,8 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             # the first block over a layer: what to come back to
             pre = {m: (m.merged, m.training) for _, m in found if not m._adapter_off}
             # an unmerge refused: the others merged back, nothing disabled
-            each_or_none([m for _, m in found if m.merged and m.has_lora], lambda m: m.unmerge(), lambda m: m.merge())
+            each_or_none([m for _, m in found if m.merged and m.has_lora], lambda m: m.unmerge(), lambda m: m.merge(),
+                         paths={m: path for path, m in found})
             for m, state in pre.items():
                 m.__dict__["_pre_disable"] = state
             for _, m in [*found, *saved]:
@@ -555,7 +558,7 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                 if merge and not m.merged and m.has_lora:
                     again.append(m)
             try:
-                each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge())
+                each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge(), paths={m: p for p, m in found})
             except Exception as e:  # (an adapter set inside the block that cannot merge): all unmerged, said so
                 e.args = (f"disable_adapter: at the block's end the layers could not all be merged again, so none is "
                           f"(they serve their adapter unmerged): {e}",) + tuple(e.args[1:])

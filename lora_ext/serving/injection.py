@@ -767,7 +767,7 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
     # first is taken out, so a refusal (a lossless record's overflow, out of memory) leaves every layer as it was
     change = [layer for _, layer in found if layer.merged != merge]
     each_or_none(change, (lambda m: m.merge()) if merge else (lambda m: m.unmerge()),
-                 (lambda m: m.unmerge()) if merge else (lambda m: m.merge()))
+                 (lambda m: m.unmerge()) if merge else (lambda m: m.merge()), paths={m: path for path, m in found})
     with deferred_interrupt(), layers.taking_out_layers():
         for name, layer in found:
             with layer._lock:
