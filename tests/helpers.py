@@ -5,6 +5,8 @@ import contextlib
 import importlib.util
 import json
 import os
+import sys
+import threading
 
 import pytest
 import torch
@@ -404,3 +406,21 @@ def save_random_peft(peft_model, path, seed, std, parts=("lora_",)):
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     peft_model.save_pretrained(str(path))
     return str(path)
+
+
+@contextlib.contextmanager
+def racing(loop, interval=1e-5):
+    """Runs loop(stop) on a thread while the block runs (stop: a threading.Event set at the block's end), the
+    interpreter switching threads every `interval` seconds meanwhile."""
+    stop = threading.Event()
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(interval)
+    thread = threading.Thread(target=loop, args=(stop,))
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+        sys.setswitchinterval(before)
+    assert not thread.is_alive()

@@ -22,12 +22,15 @@ def _round_trip(obj):
 
 
 class _Tied(nn.Module):
-    """A plain embedding and a lora_ext head given its weight (the reverse tie), the head first or last."""
+    """A plain embedding and a lora_ext head given its weight (the reverse tie), the head first or last, and
+    `between` them a module of the caller's."""
 
-    def __init__(self, head_first=False, tie=True):
+    def __init__(self, head_first=False, tie=True, between=None):
         super().__init__()
         if head_first:
             self.head = lora.Linear(16, 50, r=4, lora_alpha=8, bias=False)
+        if between is not None:
+            self.between = between
         self.emb = nn.Embedding(50, 16)
         if not head_first:
             self.head = lora.Linear(16, 50, r=4, lora_alpha=8, bias=False)

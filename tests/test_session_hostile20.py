@@ -3,7 +3,6 @@ it says that it guards against a false tie or a cost."""
 import copy
 import io
 import pickle
-import sys
 import threading
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import lora_ext as lora
+from helpers import racing
 from lora_ext import ties
 from test_session_hostile19 import _check_tied, _round_trip, _Tied
 
@@ -29,25 +29,6 @@ class _Pause(nn.Module):
         _Pause.reached.set()
         assert _Pause.go.wait(60)
         return _Pause()
-
-
-class _PausedTied(nn.Module):
-    """_Tied with a pause between the head and the plain embedding that holds its weight (the head first, or last)."""
-
-    def __init__(self, tie=True, head_first=True):
-        super().__init__()
-        if head_first:
-            self.head = lora.Linear(16, 50, r=4, lora_alpha=8, bias=False)
-        self.pause = _Pause()
-        self.emb = nn.Embedding(50, 16)
-        if not head_first:
-            self.head = lora.Linear(16, 50, r=4, lora_alpha=8, bias=False)
-        if tie:
-            self.head.weight = self.emb.weight
-        nn.init.normal_(self.head.lora_B)
-
-    def forward(self, ids):
-        return self.head(self.emb(ids))
 
 
 def _held(make, *args):
@@ -74,7 +55,7 @@ def test_an_unpickled_tie_survives_another_threads_eval_during_the_load(head_fir
     # for A's head and forgot that A's head was unpickled, so A's eval() merged into the embedding's lookups (13.7
     # off in the helper's threaded run); the embedding first, a look then noted it before the head existed (16.3)
     buf = io.BytesIO()
-    torch.save(_PausedTied(head_first=head_first), buf)
+    torch.save(_Tied(head_first, between=_Pause()), buf)
     thread, out = _held(lambda: torch.load(io.BytesIO(buf.getvalue()), weights_only=False))
     _check_tied(_round_trip(_Tied(head_first=True)))  # B's own eval, during A's load
     _release(thread)
@@ -84,7 +65,7 @@ def test_an_unpickled_tie_survives_another_threads_eval_during_the_load(head_fir
 def test_a_copied_tie_survives_another_threads_eval_during_the_copy():
     # the same for a deep copy: a tie made in the copy after the copy (copy.head.weight = copy.emb.weight) was looked
     # for only if no other thread's look ran during the copy
-    thread, out = _held(copy.deepcopy, _PausedTied(tie=False))
+    thread, out = _held(copy.deepcopy, _Tied(head_first=True, tie=False, between=_Pause()))
     _check_tied(_round_trip(_Tied(head_first=True)))
     _release(thread)
     model = out[0]
@@ -130,29 +111,21 @@ def test_the_look_for_plain_modules_leaves_other_threads_tuples_alone():
     # code ran: a tuple another thread was building (tuple() of a generator) then had two references and its resize
     # failed there with SystemError (the first look, in every run)
     data = pickle.dumps(_Tied(head_first=True))
-    errors, stop = [], threading.Event()
+    errors = []
 
     def numbers():
         yield from range(40)
 
-    def build():
+    def build(stop):
         while not stop.is_set():
             try:
                 tuple(numbers())
             except SystemError as e:
                 errors.append(e)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    thread = threading.Thread(target=build)
-    thread.start()
-    try:
+    with racing(build):
         for _ in range(20):
             _check_tied(pickle.loads(data))
-    finally:
-        stop.set()
-        thread.join(60)
-        sys.setswitchinterval(interval)
     assert not errors
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 import lora_ext as lora
-from helpers import layer_forward64, rel_err, same_bits
+from helpers import layer_forward64, racing, rel_err, same_bits
 
 KINDS = ["linear", "merged", "embedding", "conv2d"]
 
@@ -282,8 +282,6 @@ def test_no_conv_weight_then_a_new_one():
 def test_forwards_on_another_thread_never_see_a_replaced_conv_weight_half_done():
     """The conv's new weight is stored under the layer's lock with the merge forgotten: a forward sees the old merged
     weight merged, or the new base unmerged, never the old merged weight unmerged (the adapter twice)."""
-    import sys
-    import threading
     import time
 
     layer, x, key = build("conv2d", torch.float32)
@@ -291,9 +289,9 @@ def test_forwards_on_another_thread_never_see_a_replaced_conv_weight_half_done()
     wants = [reference(layer, key, w, x) for w in bases]
     layer.conv.weight = nn.Parameter(bases[0].clone())
     layer.eval()
-    stop, bad, count = threading.Event(), [], [0]
+    bad, count = [], [0]
 
-    def serve():
+    def serve(stop):
         while not stop.is_set():
             with torch.no_grad():
                 out = layer(x)
@@ -301,11 +299,7 @@ def test_forwards_on_another_thread_never_see_a_replaced_conv_weight_half_done()
             if min(rel_err(out, w) for w in wants) > 1e-5:
                 bad.append(out)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
+    with racing(serve, 1e-6):
         end, i = time.monotonic() + 2.0, 0
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (each replacement warns)
@@ -313,10 +307,6 @@ def test_forwards_on_another_thread_never_see_a_replaced_conv_weight_half_done()
                 i += 1
                 layer.conv.weight = nn.Parameter(bases[i % 2].clone())
                 layer.eval()
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(interval)
     assert count[0] > 100 and i > 100
     assert not bad, f"{len(bad)} of {count[0]} forwards served neither base with the adapter once"
 
