@@ -51,7 +51,7 @@ def _span(weight):
         if type(weight).__name__ == "DTensor" or weight.is_meta or not weight.numel():
             return None
         address = weight.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError, AttributeError):
+    except (RuntimeError, NotImplementedError, AttributeError, ValueError):  # (ValueError: a lazy module's)
         return None
     size = weight.element_size()
     first = weight.storage_offset() * size
@@ -170,7 +170,8 @@ _TIE_TARGETS = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Con
 def _is_plain(module) -> bool:
     """Whether `module` is a plain layer a tie can put a weight in: of a _TIE_TARGETS class or a subclass of one
     (transformers' scaled word embeddings, FSDP2's classes of the modules it shards itself), not a lora_ext layer."""
-    return isinstance(module, _TIE_TARGETS) and not hasattr(type(module), "_weight_taken")
+    return isinstance(module, _TIE_TARGETS) and not hasattr(type(module), "_weight_taken") \
+        and type(module).__hash__ is not None  # (a class with __eq__ and no __hash__ is never a tie: not noted)
 
 
 def _on_parameter(module, name, param):
@@ -277,11 +278,28 @@ def held_elsewhere(layer, param) -> bool:
 
 
 def _holds(module, weight, span="unknown") -> bool:
-    """Whether the plain `module`'s weight is `weight`, or a Parameter over bytes of it (span: _span(weight))."""
-    own = module._parameters.get("weight")
-    if own is None or weight is None:
+    """Whether the plain `module` computes its weight from `weight`, or from a Parameter over bytes of it (span:
+    _span(weight)): its own weight, or what a parametrization computes it from (_weight_sources)."""
+    if weight is None:
         return False
-    return own is weight or _overlap(_span(weight) if span == "unknown" else span, _span(own))
+    span = _span(weight) if span == "unknown" else span
+    return any(own is weight or _overlap(span, _span(own)) for own in _weight_sources(module))
+
+
+def _weight_sources(module) -> List:
+    """The Parameters `module` computes its weight from: its 'weight'; else, parametrized (torch.nn.utils.parametrize:
+    `parametrizations.weight.original`, spectral_norm's and weight_norm's), those of the parametrization, and the
+    module's own others but its bias (the old weight_norm's weight_v, over the weight's bytes)."""
+    params = module._parameters
+    own = params.get("weight")
+    if own is not None:
+        return [own]
+    found = [p for name, p in params.items() if p is not None and name != "bias"]
+    parametrizations = module.__dict__.get("_modules", {}).get("parametrizations")
+    parametrization = getattr(parametrizations, "_modules", {}).get("weight")
+    if parametrization is not None:
+        found += [p for p in parametrization._parameters.values() if p is not None]
+    return found
 
 
 def givers(layer) -> List:
@@ -336,16 +354,18 @@ def _prune_plain() -> None:
         _plain_prune_at = max(1024, 2 * (len(_plain) + len(_plain_storage)))
 
 
-def _tie_takers(module, weight, span, same=True) -> None:
-    """The plain `module` holds `weight` (span: _span(weight)): the lora_ext layers holding it (same: the same
-    Parameter too, not only one over the same bytes) are given `module` as a giver. Under _lock."""
-    layers = list(_holders.get(id(weight), ())) if same else []
-    if span is not None:
-        layers += [layer for layer in _by_storage.get(span[:2], ()) if layer not in layers]
+def _tie_takers(module, weight, span, same) -> None:
+    """The plain `module` holds `weight` (span: _span(weight)): the lora_ext layers holding it are given `module` as
+    a giver: same, those holding that Parameter (an unpickled or copied module: a pickle keeps one Parameter in
+    both); else those holding another Parameter over its bytes (an assign load: the registration hook; not looked
+    for at unpickling, where views of one flat buffer would make each module look at every layer). Under _lock."""
+    if same:
+        layers = [layer for layer in _holders.get(id(weight), ()) if _weight_of(layer) is weight]
+    else:
+        layers = [layer for layer in (_by_storage.get(span[:2], ()) if span is not None else ())
+                  if _weight_of(layer) is not weight and _overlap(span, _span(_weight_of(layer)))]
     for layer in layers:
-        own = _weight_of(layer)
-        if own is not None and layer._modules.get("conv") is not module and (
-                (same and own is weight) or (own is not weight and _overlap(span, _span(own)))):
+        if layer._modules.get("conv") is not module:
             _givers.setdefault(layer, weakref.WeakSet()).add(module)
 
 
@@ -374,7 +394,7 @@ def _restored_plain(module) -> None:
         if module in _plain.get(id(weight), ()) or module in _replaced or _own_conv(module):
             return
         _note_plain(module, weight, span)
-        _tie_takers(module, weight, span)
+        _tie_takers(module, weight, span, same=True)
 
 
 def restored(layer) -> None:
@@ -385,7 +405,7 @@ def restored(layer) -> None:
         return
     span = _span(weight)
     with _lock:
-        for giver in _plain_candidates(weight, span):
+        for giver in _plain_candidates(weight):  # (by the Parameter: as _tie_takers at unpickling)
             if giver is not layer._modules.get("conv") and giver not in _replaced and not _own_conv(giver) \
                     and _holds(giver, weight, span):
                 _givers.setdefault(layer, weakref.WeakSet()).add(giver)

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 
 import lora_ext as lora
-from helpers import racing
+from helpers import racing, rel_err
 from lora_ext import ties
-from test_session_hostile19 import _check_tied, _round_trip, _Tied
+from test_session_hostile19 import _check_tied, _eval, _round_trip, _Tied
 
 
 class _Pause(nn.Module):
@@ -173,3 +173,65 @@ def test_a_subclass_of_a_plain_layer_is_a_tie(how):
     if how == "pickled":
         model = pickle.loads(pickle.dumps(model))
     _check_tied(model, giver="_ScaledEmbedding")
+
+
+_BEFORE_IMPORT = """
+import torch.nn as nn
+class EqLinear(nn.Linear):  # (an __eq__ of its own and no __hash__: unhashable, as a dataclass)
+    def __eq__(self, other):
+        return self is other
+lazy, unhashable = nn.LazyConv2d(8, 3), EqLinear(4, 4)
+import copy, pickle, torch
+import lora_ext as lora
+layer = lora.Linear(4, 4, r=2)  # (the first query for ties looks for the modules made before the import)
+layer.eval()
+assert layer.merged
+for module in (nn.LazyLinear(4), EqLinear(4, 4), lazy, unhashable):
+    copy.deepcopy(module)
+    pickle.loads(pickle.dumps(module))
+lazy(torch.randn(1, 3, 8, 8))
+print("ok")
+"""
+
+
+def test_lazy_and_unhashable_subclasses_are_made_copied_and_pickled():
+    # guards this session's own regression (subclasses of the plain layers count as ties): a lazy module's weight
+    # (an UninitializedParameter) raised ValueError at its registration, and an unhashable subclass TypeError, also
+    # from the first query for ties when made before lora_ext's import
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", _BEFORE_IMPORT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+@pytest.mark.parametrize("how", ["parametrize", "spectral_norm", "weight_norm"])
+def test_a_parametrized_giver_is_still_a_tie(how):
+    # a head given a plain embedding's weight, then the embedding parametrized: it computes from that Parameter
+    # still (parametrizations.weight.original; the old weight_norm's weight_v over its bytes), but only its
+    # 'weight' Parameter was looked at, so eval() merged into its lookups (4.59 off; spectral_norm 0.18,
+    # weight_norm 1.83)
+    from torch.nn.utils import parametrizations, parametrize, weight_norm
+    model = _Tied()
+    original = model.emb.weight.detach().clone()
+    if how == "parametrize":
+        parametrize.register_parametrization(model.emb, "weight", _Double())
+    elif how == "spectral_norm":
+        parametrizations.spectral_norm(model.emb)
+    else:
+        weight_norm(model.emb)
+    ids = torch.randint(0, 50, (12,))
+    model.emb.eval()
+    with torch.no_grad():
+        looked_up = model.emb(ids).double()
+    delta = (model.head.lora_B.detach().double() @ model.head.lora_A.detach().double()) * 2.0
+    warned = _eval(model)
+    assert not model.head.merged and any("shared with a" in m for m in warned)
+    assert torch.equal(model.head.weight.detach(), original)
+    with torch.no_grad():
+        assert torch.equal(model.emb(ids).double(), looked_up)
+        assert rel_err(model(ids).double(), looked_up @ (original.double() + delta).t()) < 1e-6
