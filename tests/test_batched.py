@@ -1,6 +1,8 @@
 """Mixed batches (lora.batch_adapters): each layer kind against a float64 oracle per row, merged and unmerged,
 the ops against float64 with untouched rows checked bit for bit, the simulator's kernels through the layers,
 and the refusals (before anything is written)."""
+import os
+import platform
 import threading
 
 import pytest
@@ -491,18 +493,34 @@ def test_cpu_tensors_take_the_cpp_loops():
 
 
 # the C++ CPU loops' paths: rows grouped by slot into tiles of up to 8 rows (sub-tiles 4/2/1), the shrink in
-# chunks of 64/32/16 ranks and a scalar tail, the expand in blocks of 256 columns with 16/8/scalar tails, zero-
-# padded ranks trimmed, threads split by cost
+# chunks of 4/2/1 vectors of ranks and a scalar tail, the expand in blocks of 256 columns with vector and scalar
+# tails, zero-padded ranks trimmed, threads split by cost; both tile families (16 lanes where AVX-512 runs, 8
+# elsewhere: `lanes`) on whatever machine runs the tests
 
 
-GROUPED = [  # (groups, tokens, slots, rank, k, d)
+@pytest.fixture(params=[8, 16], ids=lambda n: f"lanes{n}")
+def lanes(request):
+    """The C++ loops' tiles of 8 or 16 lanes (each runs on any x86-64 machine; the load picks one)."""
+    try:
+        from lora_ext import _cpu
+    except ImportError:
+        pytest.skip("lora_ext._cpu is not built")
+    before = _cpu.batched_lanes(request.param)
+    try:
+        yield request.param
+    finally:
+        _cpu.batched_lanes(before)
+
+
+GROUPED = [  # (groups, tokens, slots, rank, k, d); chunks of ranks for 16 lanes, then for 8
     (40, 1, 3, 16, 33, 1030),   # many rows per slot (tiles of 8 + 4/2/1); d: 4 blocks of 256 + 6 scalar columns
-    (64, 1, 8, 64, 70, 300),    # rank 64: the shrink's 64-wide chunk in two 4-row halves of an 8-row tile; d: one
-                                # block, 16 / 8 / scalar column tails
-    (5, 9, 4, 24, 70, 77),      # tokens >= 8 per group; rank 24: a 16-chunk and a scalar tail
-    (3, 17, 2, 136, 65, 129),   # tokens >= 8, rank 136 = 2 x 64 + 8
-    (12, 2, 4, 40, 50, 45),     # rank 40 = 32 + 8
-    (33, 1, 33, 8, 64, 16),     # one row per slot, rank 8 (scalar shrink)
+    (64, 1, 8, 64, 70, 300),    # rank 64: one 64-wide chunk in two 4-row halves of an 8-row tile (8 lanes: two
+                                # 32-wide chunks in 2-row quarters); d: one block, vector and scalar column tails
+    (5, 9, 4, 24, 70, 77),      # tokens >= 8 per group; rank 24: a 16-chunk and a scalar tail (16 + 8)
+    (3, 17, 2, 136, 65, 129),   # tokens >= 8, rank 136 = 2 x 64 + 8 (4 x 32 + 8)
+    (12, 2, 4, 40, 50, 45),     # rank 40 = 32 + 8 (32 + 8)
+    (33, 1, 33, 8, 64, 16),     # one row per slot, rank 8 (scalar shrink; one 8-wide chunk)
+    (7, 3, 3, 13, 40, 29),      # rank 13: scalar (8 + a scalar tail); d 29: 16 + 8 + 5 (24 + 5)
     (2, 128, 3, 16, 96, 264),   # prefill-like: 128 tokens per group
 ]
 
@@ -529,7 +547,7 @@ def grouped_case(dtype, kind, groups, tokens, slots, rank, k, d, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["linear", "embedding"])
 @pytest.mark.parametrize("shape", GROUPED, ids=lambda s: "x".join(map(str, s)))
-def test_ops_grouped_rows_against_float64(dtype, kind, shape):
+def test_ops_grouped_rows_against_float64(dtype, kind, shape, lanes):
     out, x, a, b, scales, index = grouped_case(dtype, kind, *shape, seed=sum(shape))
     tokens = shape[1]
     before = out.clone()
@@ -545,8 +563,36 @@ def test_ops_grouped_rows_against_float64(dtype, kind, shape):
         assert rel_err(out[live].double() - before[live].double(), ref[live] - before[live].double()) < TOL[dtype]
 
 
+def test_lanes_choose_the_tiles_that_run():
+    # the two tile families sum a row's products in other orders (a rank-16 row: 16 lanes, 8 interleaved sums of
+    # one vector; 8 lanes, 2 of two), so float32 results differ in some bits: the switch the tests above use is live
+    try:
+        from lora_ext import _cpu
+    except ImportError:
+        pytest.skip("lora_ext._cpu is not built")
+    out, x, a, b, scales, index = grouped_case(torch.float32, "linear", 9, 1, 9, 16, 512, 64, seed=3)
+    before = _cpu.batched_lanes()
+    assert before == 16 or before == 8
+    if platform.machine() == "x86_64" and os.path.exists("/proc/cpuinfo"):  # 16 where the AVX-512 clones run
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+        assert before == (16 if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags else 8)
+    results = {}
+    try:
+        for n in (8, 16):
+            _cpu.batched_lanes(n)
+            assert _cpu.batched_lanes() == n
+            results[n] = out.clone()
+            ops.batched_linear_(results[n], x, a, b, scales, index)
+    finally:
+        _cpu.batched_lanes(before)
+    assert _cpu.batched_lanes() == before
+    assert not torch.equal(results[8], results[16])
+    with pytest.raises(ValueError, match="lanes must be 0, 8 or 16, got 4"):
+        _cpu.batched_lanes(4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpp_loops_do_not_depend_on_the_thread_count(dtype):
+def test_cpp_loops_do_not_depend_on_the_thread_count(dtype, lanes):
     # each element's sums are formed in one order whatever the split between threads
     cpu = ops._cpu_batched(torch.empty(1, 1, dtype=dtype), None, "linear")
     if cpu is None:

@@ -9,11 +9,13 @@
 // into an fp32 buffer t, then the expand over (slot, d-block, row tile) items), each split between the
 // threads by cost. The tiles are compiled for AVX-512 / AVX2 too (target_clones) on GCC vector extensions:
 // the shrink vectorizes along R, the expand along d, with software prefetches ahead of the factors' streams
-// (the expand reads R rows of b d apart at once). Arguments arrive checked by lora_ext/ops.py; slot and id
-// ranges are checked here.
+// (the expand reads R rows of b d apart at once). The tiles' width follows the machine's registers: 16 lanes
+// and up to 16 accumulators where AVX-512 runs, 8 lanes and up to 8 elsewhere (lanes(), below). Arguments
+// arrive checked by lora_ext/ops.py; slot and id ranges are checked here.
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -51,6 +53,28 @@ struct V<8> {
   typedef _Float16 hf __attribute__((vector_size(16)));
 #endif
 };
+
+// The tiles' lanes N and the accumulators kAcc<N> a tile keeps in registers: 16 lanes (one zmm) and 16 of them
+// where AVX-512 runs (32 registers; the x86-64-v4 clones), else 8 lanes (one ymm) and 8 (AVX2 has 16 registers). A
+// 16-lane accumulator takes two of AVX2's registers: the AVX-512 tiles held 32 in accumulators alone there, which
+// the compiler kept on the stack (4.3 GFLOP/s against BLAS's 180 on a 2-core AVX2 EPYC, 2026-12-04).
+template <int N>
+constexpr int kAcc = N >= 16 ? 16 : 8;
+
+int detect_lanes() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();  // the features of x86-64-v4, whose clones run here then
+  const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl");
+  return v4 ? 16 : 8;
+#else
+  return 8;
+#endif
+}
+
+// chosen once at load; lora_ext._cpu.batched_lanes(n) sets it (tests run both tile families on one machine)
+std::atomic<int> g_lanes{detect_lanes()};
 
 LORA_INLINE float to_f(float v) { return v; }
 LORA_INLINE float to_f(at::BFloat16 v) { return static_cast<float>(v); }
@@ -122,10 +146,9 @@ LORA_INLINE void vadd_store(at::Half* p, typename V<N>::f acc) {
 // shrink: t[r, 0:NV*N] = scale * sum_c x[r][c] * a[c, 0:NV*N] for RB rows; a points at the chunk's first
 // column, rows R apart. U interleaved partial sums over c break the add chains of small tiles.
 
-template <int RB, int NV, int U, typename T>
+template <int RB, int NV, int U, int N, typename T>
 LORA_CLONES void shrink_tile(const float* const* xr, const T* __restrict a, int64_t k, int64_t R, float scale,
                              float* const* tr) {
-  constexpr int N = 16;
   using F = typename V<N>::f;
   const float* x[RB];
   for (int r = 0; r < RB; ++r) x[r] = xr[r];
@@ -165,7 +188,7 @@ LORA_CLONES void shrink_tile(const float* const* xr, const T* __restrict a, int6
     }
 }
 
-// the columns [j0, j1) of R left over by the vector chunks (fewer than 16), for rb <= 8 rows
+// the columns [j0, j1) of R left over by the vector chunks (fewer than N <= 16), for rb <= 8 rows
 template <typename T>
 LORA_CLONES void shrink_cols(const float* const* xr, int rb, const T* __restrict a, int64_t k, int64_t R,
                              int64_t j0, int64_t j1, float scale, float* const* tr) {
@@ -182,7 +205,16 @@ LORA_CLONES void shrink_cols(const float* const* xr, int rb, const T* __restrict
   }
 }
 
-template <int RB, typename T>
+// one chunk of NV vectors of R's columns for RB rows, in tiles of G rows holding at most kAcc<N> accumulators; U
+// interleaved sums where a tile's accumulators are few
+template <int RB, int NV, int N, typename T>
+inline void shrink_chunk(const float* const* x, const T* a, int64_t k, int64_t R, float scale, float* const* t) {
+  constexpr int G = RB < kAcc<N> / NV ? RB : kAcc<N> / NV;
+  constexpr int U = G * NV >= kAcc<N> / 2 ? 1 : kAcc<N> / 2 / (G * NV);
+  for (int h = 0; h < RB; h += G) shrink_tile<G, NV, U, N, T>(x + h, a, k, R, scale, t + h);
+}
+
+template <int RB, int N, typename T>
 void shrink_rows_rb(const float* const* xr, const T* a, int64_t k, int64_t R, float scale, float* const* tr) {
   const float* x[RB];
   float* t[RB];
@@ -191,41 +223,31 @@ void shrink_rows_rb(const float* const* xr, const T* a, int64_t k, int64_t R, fl
     for (int r = 0; r < RB; ++r) t[r] = tr[r] + j0;
   };
   for (int r = 0; r < RB; ++r) x[r] = xr[r];
-  // 64 columns per pass in tiles of at most 4 rows (16 accumulators), narrower chunks in tiles of RB
-  if constexpr (RB <= 4) {
-    for (; j + 64 <= R; j += 64) {
-      at_col(j);
-      shrink_tile<RB, 4, 1, T>(x, a + j, k, R, scale, t);
-    }
-  } else {
-    for (; j + 64 <= R; j += 64) {
-      for (int h = 0; h < RB; h += 4) {
-        at_col(j);
-        shrink_tile<4, 4, 1, T>(x + h, a + j, k, R, scale, t + h);
-      }
-    }
-  }
-  if (j + 32 <= R) {
+  for (; j + 4 * N <= R; j += 4 * N) {  // chunks of 4, 2, 1 vectors, then the columns left
     at_col(j);
-    shrink_tile<RB, 2, (RB >= 4 ? 1 : 4 / RB), T>(x, a + j, k, R, scale, t);
-    j += 32;
+    shrink_chunk<RB, 4, N, T>(x, a + j, k, R, scale, t);
   }
-  if (j + 16 <= R) {
+  if (j + 2 * N <= R) {
     at_col(j);
-    shrink_tile<RB, 1, (RB >= 8 ? 1 : 8 / RB), T>(x, a + j, k, R, scale, t);
-    j += 16;
+    shrink_chunk<RB, 2, N, T>(x, a + j, k, R, scale, t);
+    j += 2 * N;
+  }
+  if (j + N <= R) {
+    at_col(j);
+    shrink_chunk<RB, 1, N, T>(x, a + j, k, R, scale, t);
+    j += N;
   }
   if (j < R) shrink_cols<T>(x, RB, a, k, R, j, R, scale, tr);
 }
 
 // t rows of n <= 8 rows of one slot
-template <typename T>
+template <typename T, int N>
 void shrink_rows(const float* const* xr, int n, const T* a, int64_t k, int64_t R, float scale, float* const* tr) {
   int h = 0;
-  if (n - h >= 8) shrink_rows_rb<8, T>(xr + h, a, k, R, scale, tr + h), h += 8;
-  if (n - h >= 4) shrink_rows_rb<4, T>(xr + h, a, k, R, scale, tr + h), h += 4;
-  if (n - h >= 2) shrink_rows_rb<2, T>(xr + h, a, k, R, scale, tr + h), h += 2;
-  if (n - h >= 1) shrink_rows_rb<1, T>(xr + h, a, k, R, scale, tr + h), h += 1;
+  if (n - h >= 8) shrink_rows_rb<8, N, T>(xr + h, a, k, R, scale, tr + h), h += 8;
+  if (n - h >= 4) shrink_rows_rb<4, N, T>(xr + h, a, k, R, scale, tr + h), h += 4;
+  if (n - h >= 2) shrink_rows_rb<2, N, T>(xr + h, a, k, R, scale, tr + h), h += 2;
+  if (n - h >= 1) shrink_rows_rb<1, N, T>(xr + h, a, k, R, scale, tr + h), h += 1;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -273,38 +295,40 @@ LORA_CLONES void expand_cols(const float* const* tr, int rb, const T* __restrict
   }
 }
 
-template <int RB, typename T>
+template <int RB, int N, typename T>
 void expand_rows_rb(const float* const* tr, const T* b, int64_t R, int64_t d, int64_t cols, T* const* outr) {
-  constexpr int DC = RB >= 8 ? 2 : RB >= 4 ? 4 : 8;  // RB x DC <= 16 accumulators
-  constexpr int W = DC * 16;
+  constexpr int DC = kAcc<N> / RB < kAcc<N> / 2 ? kAcc<N> / RB : kAcc<N> / 2;  // RB x DC <= kAcc<N> accumulators
+  constexpr int W = DC * N;
   const int64_t main = cols / W * W;
-  if (main) expand_tile<RB, DC, 16, T>(tr, b, R, d, main, outr);
+  if (main) expand_tile<RB, DC, N, T>(tr, b, R, d, main, outr);
   int64_t c = main;
   T* o[RB];
   auto at_col = [&](int64_t c0) {
     for (int r = 0; r < RB; ++r) o[r] = outr[r] + c0;
   };
-  if (cols - c >= 16) {
+  if (cols - c >= N) {
     at_col(c);
-    const int64_t n = (cols - c) / 16 * 16;
-    expand_tile<RB, 1, 16, T>(tr, b + c, R, d, n, o);
+    const int64_t n = (cols - c) / N * N;
+    expand_tile<RB, 1, N, T>(tr, b + c, R, d, n, o);
     c += n;
   }
-  if (cols - c >= 8) {
-    at_col(c);
-    expand_tile<RB, 1, 8, T>(tr, b + c, R, d, 8, o);
-    c += 8;
+  if constexpr (N > 8) {
+    if (cols - c >= 8) {
+      at_col(c);
+      expand_tile<RB, 1, 8, T>(tr, b + c, R, d, 8, o);
+      c += 8;
+    }
   }
   if (c < cols) expand_cols<T>(tr, RB, b, R, d, c, cols, outr);
 }
 
-template <typename T>
+template <typename T, int N>
 void expand_rows(const float* const* tr, int n, const T* b, int64_t R, int64_t d, int64_t cols, T* const* outr) {
   int h = 0;
-  if (n - h >= 8) expand_rows_rb<8, T>(tr + h, b, R, d, cols, outr + h), h += 8;
-  if (n - h >= 4) expand_rows_rb<4, T>(tr + h, b, R, d, cols, outr + h), h += 4;
-  if (n - h >= 2) expand_rows_rb<2, T>(tr + h, b, R, d, cols, outr + h), h += 2;
-  if (n - h >= 1) expand_rows_rb<1, T>(tr + h, b, R, d, cols, outr + h), h += 1;
+  if (n - h >= 8) expand_rows_rb<8, N, T>(tr + h, b, R, d, cols, outr + h), h += 8;
+  if (n - h >= 4) expand_rows_rb<4, N, T>(tr + h, b, R, d, cols, outr + h), h += 4;
+  if (n - h >= 2) expand_rows_rb<2, N, T>(tr + h, b, R, d, cols, outr + h), h += 2;
+  if (n - h >= 1) expand_rows_rb<1, N, T>(tr + h, b, R, d, cols, outr + h), h += 1;
 }
 
 #pragma GCC pop_options
@@ -381,6 +405,7 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const 
     }
   }
   std::vector<float> tbuf(live * R);
+  const bool wide = g_lanes.load(std::memory_order_relaxed) == 16;
   const bool parallel = live * ((kEmbedding ? 1 : k * R) + R * d) >= (1 << 16);
 
   // shrink: items of up to kTile rows of one slot
@@ -416,7 +441,10 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const 
           xr[i] = dst;
         }
       }
-      shrink_rows<T>(xr, n, ap + it.slot * k * R, k, R, scale, tr);
+      if (wide)
+        shrink_rows<T, 16>(xr, n, ap + it.slot * k * R, k, R, scale, tr);
+      else
+        shrink_rows<T, 8>(xr, n, ap + it.slot * k * R, k, R, scale, tr);
     }
   });
 
@@ -448,7 +476,10 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const 
           break;
         }
     }
-    expand_rows<T>(tr, n, bp + it.slot * R * d + it.c0, ranks, d, it.c1 - it.c0, outr);
+    if (wide)
+      expand_rows<T, 16>(tr, n, bp + it.slot * R * d + it.c0, ranks, d, it.c1 - it.c0, outr);
+    else
+      expand_rows<T, 8>(tr, n, bp + it.slot * R * d + it.c0, ranks, d, it.c1 - it.c0, outr);
   });
 }
 
@@ -490,6 +521,16 @@ void register_batched(pybind11::module_& m) {
         "out[m] += scales[i] * (x[m] @ a[i]) @ b[i], i = index[m // tokens] >= 0 (lora_ext.ops.batched_linear_)");
   m.def("batched_embedding_", &dispatch<true>,
         "out[m] += scales[i] * a[i, ids[m]] @ b[i], i = index[m // tokens] >= 0 (lora_ext.ops.batched_embedding_)");
+  m.def(
+      "batched_lanes",
+      [](int lanes) {
+        TORCH_CHECK_VALUE(lanes == 0 || lanes == 8 || lanes == 16, "batched_lanes: lanes must be 0, 8 or 16, got ",
+                          lanes);
+        return lanes ? g_lanes.exchange(lanes) : g_lanes.load();
+      },
+      pybind11::arg("lanes") = 0,
+      "the lanes of the batched loops' tiles (16 where AVX-512 runs, else 8); lanes=8 or 16 sets them and returns "
+      "the previous value (tests), 0 only reads them");
 }
 
 }  // namespace lora_ext_cpu
