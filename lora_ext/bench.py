@@ -700,7 +700,31 @@ def inject_rows(dim, dtype, device, repeats, r=16):
 def _machine(device):
     if device == "cuda":
         return _cuda.device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    return (f"{platform.processor() or platform.machine()}{_cpu_features()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads")
+
+
+def _cpu_features() -> str:
+    """' (model, torch's vector level; the batched loops' lanes)': ratios on the CPU depend on them (the batched
+    loops' tiles are sized for AVX-512 or AVX2: bench/NOTES-batched.md)."""
+    parts = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+        if model:
+            parts.append(model)
+    except OSError:
+        pass
+    try:
+        parts.append(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        from lora_ext import _cpu
+        parts.append(f"batched tiles of {_cpu.batched_lanes()} lanes")
+    except ImportError:
+        pass
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def format_table(result):
