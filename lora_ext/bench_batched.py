@@ -26,6 +26,8 @@ def grid(device, quick, dim=None):
     dims = (dim,) if dim else (1024, 4096)
     if quick:
         cases = [(dims[0], 32, 1, 32, 16), (dims[-1], 32, 1, 8, 16)]
+        if device == "cpu":  # prefill at rank 64 too: the C++ loops' tiles against the machine's registers (a tile
+            cases.append((dims[0], 8, 128, 8, 64))  # too wide for AVX2 made it 5.8x plain: bench/NOTES-batched.md)
     else:
         cases = [(d, rows, tokens, n, r) for d in dims for rows, tokens in DECODE + PREFILL for n in (8, 32)
                  for r in (16, 64)]
