@@ -705,7 +705,7 @@ def _machine(device):
 
 
 def _cpu_features() -> str:
-    """' (model, torch's vector level; the batched loops' lanes)': ratios on the CPU depend on them (the batched
+    """' (model, torch's vector level, the batched loops' lanes)': ratios on the CPU depend on them (the batched
     loops' tiles are sized for AVX-512 or AVX2: bench/NOTES-batched.md)."""
     parts = []
     try:
@@ -722,7 +722,7 @@ def _cpu_features() -> str:
     try:
         from lora_ext import _cpu
         parts.append(f"batched tiles of {_cpu.batched_lanes()} lanes")
-    except ImportError:
+    except (ImportError, AttributeError):  # (not built, or built before the lanes)
         pass
     return f" ({', '.join(parts)})" if parts else ""
 

@@ -10,7 +10,7 @@
 // threads by cost. The tiles are compiled for AVX-512 / AVX2 too (target_clones) on GCC vector extensions:
 // the shrink vectorizes along R, the expand along d, with software prefetches ahead of the factors' streams
 // (the expand reads R rows of b d apart at once). The tiles' width follows the machine's registers: 16 lanes
-// and up to 16 accumulators where AVX-512 runs, 8 lanes and up to 8 elsewhere (lanes(), below). Arguments
+// and up to 16 accumulators where AVX-512 runs, 8 lanes and up to 8 elsewhere (g_lanes, below). Arguments
 // arrive checked by lora_ext/ops.py; slot and id ranges are checked here.
 #include <torch/extension.h>
 
