@@ -12,6 +12,7 @@
 // (the expand reads R rows of b d apart at once). The tiles' width follows the machine's registers: 16 lanes
 // and up to 16 accumulators where AVX-512 runs, 8 lanes and up to 8 elsewhere (g_lanes, below). Arguments
 // arrive checked by lora_ext/ops.py; slot and id ranges are checked here.
+#include "../check_msg.h"
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -372,7 +373,7 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const 
   const int32_t* ip = index.data_ptr<int32_t>();
   const int64_t groups = index.numel();
   for (int64_t g = 0; g < groups; ++g) {
-    TORCH_CHECK_INDEX(ip[g] >= -1 && ip[g] < S, "index[", g, "] = ", ip[g], " is not a slot (", S, " slots; -1: none)");
+    LORA_CHECK_INDEX(ip[g] >= -1 && ip[g] < S, "index[", g, "] = ", ip[g], " is not a slot (", S, " slots; -1: none)");
   }
   const int64_t* ids = nullptr;
   const T* xp = nullptr;
@@ -381,7 +382,7 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const 
     ids64 = x.to(at::kLong).contiguous();
     ids = ids64.data_ptr<int64_t>();
     for (int64_t m = 0; m < M; ++m) {
-      TORCH_CHECK_INDEX(ids[m] >= 0 && ids[m] < k, "ids[", m, "] = ", ids[m], " is out of range for ", k,
+      LORA_CHECK_INDEX(ids[m] >= 0 && ids[m] < k, "ids[", m, "] = ", ids[m], " is out of range for ", k,
                         " embeddings");
     }
   } else {
@@ -487,19 +488,19 @@ template <bool kEmbedding>
 void dispatch(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
               const at::Tensor& scales, const at::Tensor& index, int64_t tokens) {
   // every argument checked (lora_ext.ops calls this first and words a refusal with its own checks)
-  TORCH_CHECK_VALUE(out.dim() == 2 && a.dim() == 3 && b.dim() == 3 && index.dim() == 1 && scales.dim() == 1,
+  LORA_CHECK_VALUE(out.dim() == 2 && a.dim() == 3 && b.dim() == 3 && index.dim() == 1 && scales.dim() == 1,
                     "batched CPU loops: out 2-D, a_slots and b_slots 3-D, index and scales 1-D");
-  TORCH_CHECK_VALUE(kEmbedding ? (x.dim() == 1 && (x.scalar_type() == at::kLong || x.scalar_type() == at::kInt))
+  LORA_CHECK_VALUE(kEmbedding ? (x.dim() == 1 && (x.scalar_type() == at::kLong || x.scalar_type() == at::kInt))
                                : (x.dim() == 2 && x.scalar_type() == out.scalar_type() && x.size(1) == a.size(1)),
                     "batched CPU loops: x (ids) does not fit");
-  TORCH_CHECK_VALUE(x.size(0) == out.size(0) && a.scalar_type() == out.scalar_type() &&
+  LORA_CHECK_VALUE(x.size(0) == out.size(0) && a.scalar_type() == out.scalar_type() &&
                         b.scalar_type() == out.scalar_type() && b.size(0) == a.size(0) && b.size(1) == a.size(2) &&
                         b.size(2) == out.size(1),
                     "batched CPU loops: slot shapes or dtypes do not fit");
-  TORCH_CHECK_VALUE(scales.scalar_type() == at::kFloat && scales.numel() == a.size(0) &&
+  LORA_CHECK_VALUE(scales.scalar_type() == at::kFloat && scales.numel() == a.size(0) &&
                         index.scalar_type() == at::kInt && tokens >= 1 && index.numel() * tokens == out.size(0),
                     "batched CPU loops: scales, index or tokens_per_index do not fit");
-  TORCH_CHECK_VALUE(out.is_contiguous() && a.is_contiguous() && b.is_contiguous() && x.is_contiguous() &&
+  LORA_CHECK_VALUE(out.is_contiguous() && a.is_contiguous() && b.is_contiguous() && x.is_contiguous() &&
                         scales.is_contiguous() && index.is_contiguous() && out.device().is_cpu() &&
                         x.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu() &&
                         scales.device().is_cpu() && index.device().is_cpu(),
@@ -508,7 +509,7 @@ void dispatch(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, c
     case at::kFloat: return run<float, kEmbedding>(out, x, a, b, scales, index, tokens);
     case at::kBFloat16: return run<at::BFloat16, kEmbedding>(out, x, a, b, scales, index, tokens);
     case at::kHalf: return run<at::Half, kEmbedding>(out, x, a, b, scales, index, tokens);
-    default: TORCH_CHECK(false, "batched CPU loops take float32, bfloat16 or float16, got ", out.scalar_type());
+    default: LORA_CHECK(false, "batched CPU loops take float32, bfloat16 or float16, got ", out.scalar_type());
   }
 }
 
@@ -524,7 +525,7 @@ void register_batched(pybind11::module_& m) {
   m.def(
       "batched_lanes",
       [](int lanes) {
-        TORCH_CHECK_VALUE(lanes == 0 || lanes == 8 || lanes == 16, "batched_lanes: lanes must be 0, 8 or 16, got ",
+        LORA_CHECK_VALUE(lanes == 0 || lanes == 8 || lanes == 16, "batched_lanes: lanes must be 0, 8 or 16, got ",
                           lanes);
         return lanes ? g_lanes.exchange(lanes) : g_lanes.load();
       },

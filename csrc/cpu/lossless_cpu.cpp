@@ -20,6 +20,7 @@
 // (the wrapper probes it): bf16 NaNs become one constant pattern, fp16 NaNs keep their payload (F16C) or become
 // sign | 0x7E00 (torch's scalar path).
 #ifndef LORA_KERNELS_ONLY  // (a standalone build of the row kernels, for benchmarks)
+#include "../check_msg.h"
 #include <torch/extension.h>
 #include <sys/mman.h>
 
@@ -617,30 +618,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> lossless_pass_(
     c10::optional<at::Tensor> lnorm, c10::optional<at::Tensor> rnorm, double delta_scale, int64_t num_blocks,
     std::vector<int64_t> block_ids, bool transposed, int64_t step, int64_t cap, int64_t nan_bf16,
     bool f16_payload) {
-  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2, "lossless_pass_: a 2-D CPU weight");
-  TORCH_CHECK(weight.size(1) <= 1 || weight.stride(1) == 1, "lossless_pass_: the weight's columns must be unit-stride");
-  TORCH_CHECK(num_blocks >= 1 && step >= 1, "lossless_pass_: bad num_blocks / step");
-  TORCH_CHECK(old_A.has_value() == old_B.has_value() && new_A.has_value() == new_B.has_value(),
+  LORA_CHECK(weight.device().is_cpu() && weight.dim() == 2, "lossless_pass_: a 2-D CPU weight");
+  LORA_CHECK(weight.size(1) <= 1 || weight.stride(1) == 1, "lossless_pass_: the weight's columns must be unit-stride");
+  LORA_CHECK(num_blocks >= 1 && step >= 1, "lossless_pass_: bad num_blocks / step");
+  LORA_CHECK(old_A.has_value() == old_B.has_value() && new_A.has_value() == new_B.has_value(),
               "lossless_pass_: factors come in pairs");
   const int64_t n = static_cast<int64_t>(block_ids.size());
   const int64_t blocked = transposed ? weight.size(1) : weight.size(0);
   const int64_t k = transposed ? weight.size(0) : weight.size(1);
   const int64_t nb = blocked / num_blocks;
   const int64_t rows = transposed ? k : nb, cols = transposed ? nb : k;
-  for (int64_t e : block_ids) TORCH_CHECK(e >= 0 && e < num_blocks, "lossless_pass_: block id out of range");
+  for (int64_t e : block_ids) LORA_CHECK(e >= 0 && e < num_blocks, "lossless_pass_: block id out of range");
   const bool f32 = weight.scalar_type() == at::kFloat;
   if (old_A.has_value()) {
-    TORCH_CHECK(rec_codes.has_value() && rec_index.has_value() && rec_bits.has_value(), "lossless_pass_: record");
-    TORCH_CHECK(rec_codes->is_contiguous() && rec_codes->dim() == 3 && rec_codes->size(0) == n &&
+    LORA_CHECK(rec_codes.has_value() && rec_index.has_value() && rec_bits.has_value(), "lossless_pass_: record");
+    LORA_CHECK(rec_codes->is_contiguous() && rec_codes->dim() == 3 && rec_codes->size(0) == n &&
                     rec_codes->size(1) == rows && rec_codes->size(2) == (f32 ? 4 : 1) * ((cols + 3) / 4) &&
                     rec_codes->scalar_type() == (f32 ? at::kShort : at::kByte),
                 "lossless_pass_: the record's codes do not fit this weight");
-    TORCH_CHECK(rec_index->is_contiguous() && rec_index->scalar_type() == at::kLong && rec_bits->is_contiguous() &&
+    LORA_CHECK(rec_index->is_contiguous() && rec_index->scalar_type() == at::kLong && rec_bits->is_contiguous() &&
                     rec_bits->scalar_type() == at::kInt && rec_bits->numel() == rec_index->numel(),
                 "lossless_pass_: the record's exception list");
   }
   if (new_A.has_value()) {
-    TORCH_CHECK(lnorm.has_value() && rnorm.has_value() && lnorm->is_contiguous() && rnorm->is_contiguous() &&
+    LORA_CHECK(lnorm.has_value() && rnorm.has_value() && lnorm->is_contiguous() && rnorm->is_contiguous() &&
                     lnorm->scalar_type() == at::kFloat && rnorm->scalar_type() == at::kFloat &&
                     lnorm->numel() == n * rows && rnorm->numel() == n * cols,
                 "lossless_pass_: norms");
@@ -657,7 +658,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> lossless_pass_(
       return run<F16>(weight, old_A, old_B, old_scale, rec_codes, rec_index, rec_bits, new_A, new_B, new_scale,
                       lnorm, rnorm, delta_scale, num_blocks, block_ids, transposed, step, cap, cv);
     default:
-      TORCH_CHECK(false, "lossless_pass_: float16, bfloat16 or float32 weights");
+      LORA_CHECK(false, "lossless_pass_: float16, bfloat16 or float32 weights");
   }
 }
 

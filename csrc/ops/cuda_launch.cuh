@@ -3,6 +3,7 @@
 // simulator module has its own launch policy.
 #pragma once
 
+#include "check_msg.h"
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -53,7 +54,7 @@ struct CudaLaunch {
     if (smem > kDefaultShared) opt_in(fn, smem);
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem));
-    TORCH_CHECK(per_sm > 0, "lora_ext: a kernel needing ", smem, " bytes of shared memory and ", threads,
+    LORA_CHECK(per_sm > 0, "lora_ext: a kernel needing ", smem, " bytes of shared memory and ", threads,
                 " threads per block does not fit on CUDA device ", dev);
     const long long n = (long long)per_sm * sm_count();
     std::lock_guard<std::mutex> lock(mu);
@@ -83,7 +84,7 @@ struct CudaLaunch {
 // launchers' counterpart of the simulator module's simulated().
 template <typename F>
 auto on_cuda(const char* op, const char* name, const at::Tensor& t, F&& f) {
-  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
+  LORA_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got one on ", t.device());
   const c10::cuda::CUDAGuard guard(t.device());
   return f();
 }
