@@ -5,7 +5,8 @@
 // These macros throw the same c10 errors with the same text as TORCH_CHECK_VALUE / TORCH_CHECK /
 // TORCH_CHECK_INDEX (the arguments concatenated as c10::str would print them), formatted with std::to_string and
 // snprintf; c10::Error (built in libc10) does the rest. Every argument type the checks pass has an overload below:
-// another is a compile error, not a stream.
+// another is a compile error, not a stream. (torch's own inline checks, e.g. a data_ptr<T> of another dtype, still
+// format through c10::str: the ops check dtypes, shapes and devices first, with these.)
 #pragma once
 
 #include <c10/core/Device.h>

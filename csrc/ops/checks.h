@@ -1,5 +1,5 @@
 // Argument checks shared by the host code of every op (ops/*_host.h), so that each rule and its message
-// exist once. They raise ValueError in Python (TORCH_CHECK_VALUE).
+// exist once. They raise ValueError in Python (LORA_CHECK_VALUE: check_msg.h).
 #pragma once
 
 #include "check_msg.h"
