@@ -498,13 +498,19 @@ def test_cpu_tensors_take_the_cpp_loops():
 # elsewhere: `lanes`) on whatever machine runs the tests
 
 
-@pytest.fixture(params=[8, 16], ids=lambda n: f"lanes{n}")
-def lanes(request):
-    """The C++ loops' tiles of 8 or 16 lanes (each runs on any x86-64 machine; the load picks one)."""
+def _cpp_loops():
+    """lora_ext._cpu, the C++ loops (the test is skipped where it is not built)."""
     try:
         from lora_ext import _cpu
     except ImportError:
         pytest.skip("lora_ext._cpu is not built")
+    return _cpu
+
+
+@pytest.fixture(params=[8, 16], ids=lambda n: f"lanes{n}")
+def lanes(request):
+    """The C++ loops' tiles of 8 or 16 lanes (each runs on any x86-64 machine; the load picks one)."""
+    _cpu = _cpp_loops()
     before = _cpu.batched_lanes(request.param)
     try:
         yield request.param
@@ -566,10 +572,7 @@ def test_ops_grouped_rows_against_float64(dtype, kind, shape, lanes):
 def test_lanes_choose_the_tiles_that_run():
     # the two tile families sum a row's products in other orders (a rank-16 row: 16 lanes, 8 interleaved sums of
     # one vector; 8 lanes, 2 of two), so float32 results differ in some bits: the switch the tests above use is live
-    try:
-        from lora_ext import _cpu
-    except ImportError:
-        pytest.skip("lora_ext._cpu is not built")
+    _cpu = _cpp_loops()
     out, x, a, b, scales, index = grouped_case(torch.float32, "linear", 9, 1, 9, 16, 512, 64, seed=3)
     before = _cpu.batched_lanes()
     assert before == 16 or before == 8

@@ -383,7 +383,7 @@ void run(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, const 
     ids = ids64.data_ptr<int64_t>();
     for (int64_t m = 0; m < M; ++m) {
       LORA_CHECK_INDEX(ids[m] >= 0 && ids[m] < k, "ids[", m, "] = ", ids[m], " is out of range for ", k,
-                        " embeddings");
+                       " embeddings");
     }
   } else {
     xp = x.data_ptr<T>();
@@ -489,22 +489,22 @@ void dispatch(const at::Tensor& out, const at::Tensor& x, const at::Tensor& a, c
               const at::Tensor& scales, const at::Tensor& index, int64_t tokens) {
   // every argument checked (lora_ext.ops calls this first and words a refusal with its own checks)
   LORA_CHECK_VALUE(out.dim() == 2 && a.dim() == 3 && b.dim() == 3 && index.dim() == 1 && scales.dim() == 1,
-                    "batched CPU loops: out 2-D, a_slots and b_slots 3-D, index and scales 1-D");
+                   "batched CPU loops: out 2-D, a_slots and b_slots 3-D, index and scales 1-D");
   LORA_CHECK_VALUE(kEmbedding ? (x.dim() == 1 && (x.scalar_type() == at::kLong || x.scalar_type() == at::kInt))
-                               : (x.dim() == 2 && x.scalar_type() == out.scalar_type() && x.size(1) == a.size(1)),
-                    "batched CPU loops: x (ids) does not fit");
+                              : (x.dim() == 2 && x.scalar_type() == out.scalar_type() && x.size(1) == a.size(1)),
+                   "batched CPU loops: x (ids) does not fit");
   LORA_CHECK_VALUE(x.size(0) == out.size(0) && a.scalar_type() == out.scalar_type() &&
-                        b.scalar_type() == out.scalar_type() && b.size(0) == a.size(0) && b.size(1) == a.size(2) &&
-                        b.size(2) == out.size(1),
-                    "batched CPU loops: slot shapes or dtypes do not fit");
+                       b.scalar_type() == out.scalar_type() && b.size(0) == a.size(0) && b.size(1) == a.size(2) &&
+                       b.size(2) == out.size(1),
+                   "batched CPU loops: slot shapes or dtypes do not fit");
   LORA_CHECK_VALUE(scales.scalar_type() == at::kFloat && scales.numel() == a.size(0) &&
-                        index.scalar_type() == at::kInt && tokens >= 1 && index.numel() * tokens == out.size(0),
-                    "batched CPU loops: scales, index or tokens_per_index do not fit");
+                       index.scalar_type() == at::kInt && tokens >= 1 && index.numel() * tokens == out.size(0),
+                   "batched CPU loops: scales, index or tokens_per_index do not fit");
   LORA_CHECK_VALUE(out.is_contiguous() && a.is_contiguous() && b.is_contiguous() && x.is_contiguous() &&
-                        scales.is_contiguous() && index.is_contiguous() && out.device().is_cpu() &&
-                        x.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu() &&
-                        scales.device().is_cpu() && index.device().is_cpu(),
-                    "batched CPU loops take contiguous CPU tensors");
+                       scales.is_contiguous() && index.is_contiguous() && out.device().is_cpu() &&
+                       x.device().is_cpu() && a.device().is_cpu() && b.device().is_cpu() &&
+                       scales.device().is_cpu() && index.device().is_cpu(),
+                   "batched CPU loops take contiguous CPU tensors");
   switch (out.scalar_type()) {
     case at::kFloat: return run<float, kEmbedding>(out, x, a, b, scales, index, tokens);
     case at::kBFloat16: return run<at::BFloat16, kEmbedding>(out, x, a, b, scales, index, tokens);
@@ -526,7 +526,7 @@ void register_batched(pybind11::module_& m) {
       "batched_lanes",
       [](int lanes) {
         LORA_CHECK_VALUE(lanes == 0 || lanes == 8 || lanes == 16, "batched_lanes: lanes must be 0, 8 or 16, got ",
-                          lanes);
+                         lanes);
         return lanes ? g_lanes.exchange(lanes) : g_lanes.load();
       },
       pybind11::arg("lanes") = 0,

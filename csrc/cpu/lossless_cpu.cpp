@@ -622,7 +622,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> lossless_pass_(
   LORA_CHECK(weight.size(1) <= 1 || weight.stride(1) == 1, "lossless_pass_: the weight's columns must be unit-stride");
   LORA_CHECK(num_blocks >= 1 && step >= 1, "lossless_pass_: bad num_blocks / step");
   LORA_CHECK(old_A.has_value() == old_B.has_value() && new_A.has_value() == new_B.has_value(),
-              "lossless_pass_: factors come in pairs");
+             "lossless_pass_: factors come in pairs");
   const int64_t n = static_cast<int64_t>(block_ids.size());
   const int64_t blocked = transposed ? weight.size(1) : weight.size(0);
   const int64_t k = transposed ? weight.size(0) : weight.size(1);
@@ -633,18 +633,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t> lossless_pass_(
   if (old_A.has_value()) {
     LORA_CHECK(rec_codes.has_value() && rec_index.has_value() && rec_bits.has_value(), "lossless_pass_: record");
     LORA_CHECK(rec_codes->is_contiguous() && rec_codes->dim() == 3 && rec_codes->size(0) == n &&
-                    rec_codes->size(1) == rows && rec_codes->size(2) == (f32 ? 4 : 1) * ((cols + 3) / 4) &&
-                    rec_codes->scalar_type() == (f32 ? at::kShort : at::kByte),
-                "lossless_pass_: the record's codes do not fit this weight");
+                   rec_codes->size(1) == rows && rec_codes->size(2) == (f32 ? 4 : 1) * ((cols + 3) / 4) &&
+                   rec_codes->scalar_type() == (f32 ? at::kShort : at::kByte),
+               "lossless_pass_: the record's codes do not fit this weight");
     LORA_CHECK(rec_index->is_contiguous() && rec_index->scalar_type() == at::kLong && rec_bits->is_contiguous() &&
-                    rec_bits->scalar_type() == at::kInt && rec_bits->numel() == rec_index->numel(),
-                "lossless_pass_: the record's exception list");
+                   rec_bits->scalar_type() == at::kInt && rec_bits->numel() == rec_index->numel(),
+               "lossless_pass_: the record's exception list");
   }
   if (new_A.has_value()) {
     LORA_CHECK(lnorm.has_value() && rnorm.has_value() && lnorm->is_contiguous() && rnorm->is_contiguous() &&
-                    lnorm->scalar_type() == at::kFloat && rnorm->scalar_type() == at::kFloat &&
-                    lnorm->numel() == n * rows && rnorm->numel() == n * cols,
-                "lossless_pass_: norms");
+                   lnorm->scalar_type() == at::kFloat && rnorm->scalar_type() == at::kFloat &&
+                   lnorm->numel() == n * rows && rnorm->numel() == n * cols,
+               "lossless_pass_: norms");
   }
   Conv cv{static_cast<uint32_t>(nan_bf16) & 0xFFFFu, f16_payload ? 1u : 0u};
   switch (weight.scalar_type()) {

@@ -35,7 +35,7 @@ inline bool segment(int64_t tokens_per_index) { return tokens_per_index >= kb::k
 
 inline void check_contiguous(const char* op, const char* name, const at::Tensor& t) {
   LORA_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous, got shape ", t.sizes(), " and strides ",
-                    t.strides());
+                   t.strides());
 }
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* what) {
@@ -56,7 +56,7 @@ inline Plan check_common(const char* op, const at::Tensor& out, const char* inpu
                          const at::Tensor& scales, const at::Tensor& index, int64_t tokens_per_index,
                          c10::DeviceType device) {
   LORA_CHECK_VALUE(out.device().type() == device, op, ": out must be a ", c10::DeviceTypeName(device),
-                    " tensor, got one on ", out.device());
+                   " tensor, got one on ", out.device());
   checks::on_device(op, input_name, input, "out", out);
   checks::on_device(op, "a_slots", a_slots, "out", out);
   checks::on_device(op, "b_slots", b_slots, "out", out);
@@ -65,11 +65,11 @@ inline Plan check_common(const char* op, const at::Tensor& out, const char* inpu
 
   const auto dt = out.scalar_type();
   LORA_CHECK_VALUE(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
-                    ": out must be float32, float16 or bfloat16, got ", dt);
+                   ": out must be float32, float16 or bfloat16, got ", dt);
   LORA_CHECK_VALUE(a_slots.scalar_type() == dt, op, ": a_slots must have out's dtype (", dt, "), got ",
-                    a_slots.scalar_type());
+                   a_slots.scalar_type());
   LORA_CHECK_VALUE(b_slots.scalar_type() == dt, op, ": b_slots must have out's dtype (", dt, "), got ",
-                    b_slots.scalar_type());
+                   b_slots.scalar_type());
   LORA_CHECK_VALUE(scales.scalar_type() == at::kFloat, op, ": scales must be float32, got ", scales.scalar_type());
   LORA_CHECK_VALUE(index.scalar_type() == at::kInt, op, ": index must be int32, got ", index.scalar_type());
 
@@ -92,22 +92,22 @@ inline Plan check_common(const char* op, const at::Tensor& out, const char* inpu
   p.R = a_slots.size(2);
   LORA_CHECK_VALUE(p.S >= 1, op, ": a_slots must hold at least one slot, got shape ", a_slots.sizes());
   LORA_CHECK_VALUE(p.R >= 1 && p.R <= kb::kMaxRank, op, ": a_slots' rank (its last dimension) must be in [1, ",
-                    kb::kMaxRank, "], got shape ", a_slots.sizes());
+                   kb::kMaxRank, "], got shape ", a_slots.sizes());
   LORA_CHECK_VALUE(b_slots.size(0) == p.S && b_slots.size(1) == p.R && b_slots.size(2) == p.d, op,
-                    ": b_slots must have shape (S, R, d) = (", p.S, ", ", p.R, ", ", p.d,
-                    ") for a_slots of shape ", a_slots.sizes(), " and out of shape ", out.sizes(), ", got ",
-                    b_slots.sizes());
+                   ": b_slots must have shape (S, R, d) = (", p.S, ", ", p.R, ", ", p.d,
+                   ") for a_slots of shape ", a_slots.sizes(), " and out of shape ", out.sizes(), ", got ",
+                   b_slots.sizes());
   LORA_CHECK_VALUE(scales.size(0) == p.S, op, ": scales must have one value per slot (", p.S, "), got shape ",
-                    scales.sizes());
+                   scales.sizes());
   LORA_CHECK_VALUE(tokens_per_index >= 1, op, ": tokens_per_index must be >= 1, got ", tokens_per_index);
   LORA_CHECK_VALUE(p.M % tokens_per_index == 0, op, ": tokens_per_index (", tokens_per_index,
-                    ") must divide out's rows (", p.M, ")");
+                   ") must divide out's rows (", p.M, ")");
   p.tpi = tokens_per_index;
   p.groups = p.M / tokens_per_index;
   LORA_CHECK_VALUE(index.size(0) == p.groups, op, ": index must have M / tokens_per_index = ", p.groups,
-                    " entries (one slot per group of ", tokens_per_index, " rows), got shape ", index.sizes());
+                   " entries (one slot per group of ", tokens_per_index, " rows), got shape ", index.sizes());
   LORA_CHECK_VALUE(p.M <= kIntMax && p.d <= kIntMax && p.S <= kIntMax, op, ": sizes must fit in 32 bits, got out ",
-                    out.sizes(), " and a_slots ", a_slots.sizes());
+                   out.sizes(), " and a_slots ", a_slots.sizes());
   return p;
 }
 
@@ -165,14 +165,14 @@ void select_variant(const char* op, at::ScalarType dtype, bool segment, bool vec
   LORA_BATCHED_VARIANTS(LORA_BATCHED_SELECT)
 #undef LORA_BATCHED_SELECT
   LORA_CHECK(false, op, ": no kernel variant for ", dtype, " (segment=", segment, ", vector=", vector,
-              ") in LORA_BATCHED_VARIANTS");
+             ") in LORA_BATCHED_VARIANTS");
 }
 
 // The expand's column tiles lie on gridDim.y: at most 65535 of them (16-byte column vectors of out's elements).
 inline void check_col_tiles(const char* op, int64_t d, bool seg, int64_t element_size) {
   const int64_t cols = (seg ? kb::ExpandShape<true>::kColVecs : kb::ExpandShape<false>::kColVecs) * (16 / element_size);
   LORA_CHECK_VALUE(ceil_div(d, cols) <= kMaxGridYZ, op, ": too many output features (d = ", d, "; at most ",
-                    kMaxGridYZ * cols, " for this dtype and tokens_per_index)");
+                   kMaxGridYZ * cols, " for this dtype and tokens_per_index)");
 }
 
 template <typename T>
@@ -212,12 +212,12 @@ void linear(const char* op, const at::Tensor& out, const at::Tensor& x, const at
             c10::DeviceType device) {
   Plan p = check_common(op, out, "x", x, a_slots, "(S, k, R)", b_slots, scales, index, tokens_per_index, device);
   LORA_CHECK_VALUE(x.scalar_type() == out.scalar_type(), op, ": x must have out's dtype (", out.scalar_type(),
-                    "), got ", x.scalar_type());
+                   "), got ", x.scalar_type());
   check_dim(op, "x", x, 2, "(M, k)");
   p.k = a_slots.size(1);
   LORA_CHECK_VALUE(x.size(0) == p.M, op, ": x must have out's ", p.M, " rows, got shape ", x.sizes());
   LORA_CHECK_VALUE(x.size(1) == p.k, op, ": x must have a_slots' k = ", p.k, " features (a_slots ", a_slots.sizes(),
-                    "), got shape ", x.sizes());
+                   "), got shape ", x.sizes());
   LORA_CHECK_VALUE(p.k <= kIntMax, op, ": sizes must fit in 32 bits, got x ", x.sizes());
   const bool seg = segment(p.tpi);
   const auto dt = out.scalar_type();
@@ -255,10 +255,10 @@ void embedding(const char* op, const at::Tensor& out, const at::Tensor& ids, con
   Plan p = check_common(op, out, "ids", ids, a_slots, "(S, num_embeddings, R)", b_slots, scales, index,
                         tokens_per_index, device);
   LORA_CHECK_VALUE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
-                    ": ids must be int64 or int32, got ", ids.scalar_type());
+                   ": ids must be int64 or int32, got ", ids.scalar_type());
   check_dim(op, "ids", ids, 1, "(M,)");
   LORA_CHECK_VALUE(ids.size(0) == p.M, op, ": ids must have one id per row of out (", p.M, "), got shape ",
-                    ids.sizes());
+                   ids.sizes());
   p.num = a_slots.size(1);
   LORA_CHECK_VALUE(p.num >= 1, op, ": a_slots must have at least one embedding row, got shape ", a_slots.sizes());
   const bool seg = segment(p.tpi);

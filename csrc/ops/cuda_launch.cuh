@@ -55,7 +55,7 @@ struct CudaLaunch {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, threads, smem));
     LORA_CHECK(per_sm > 0, "lora_ext: a kernel needing ", smem, " bytes of shared memory and ", threads,
-                " threads per block does not fit on CUDA device ", dev);
+               " threads per block does not fit on CUDA device ", dev);
     const long long n = (long long)per_sm * sm_count();
     std::lock_guard<std::mutex> lock(mu);
     cache[key] = n;

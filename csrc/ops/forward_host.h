@@ -34,7 +34,7 @@ using checks::kMaxGridYZ;
 inline void check_float(const char* op, const char* name, const at::Tensor& t) {
   const auto st = t.scalar_type();
   LORA_CHECK_VALUE(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, op, ": ", name,
-                    " must be float32, float16 or bfloat16, got ", st);
+                   " must be float32, float16 or bfloat16, got ", st);
 }
 
 inline void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim) {
@@ -45,7 +45,7 @@ inline void check_dim(const char* op, const char* name, const at::Tensor& t, int
 inline void check_operands(const char* op, const at::Tensor& weight, const at::Tensor& a, const at::Tensor& b) {
   check_float(op, "A", a);
   LORA_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": B must have A's dtype (", a.scalar_type(), "), got ",
-                    b.scalar_type());
+                   b.scalar_type());
   check_dim(op, "weight", weight, 2);
   check_dim(op, "A", a, 2);
   check_dim(op, "B", b, 2);
@@ -62,7 +62,7 @@ inline LinearPlan check_linear(const char* op, const at::Tensor& x, const at::Te
                                int64_t num_blocks, const std::vector<int64_t>& block_ids, bool fan_in_fan_out,
                                c10::DeviceType device) {
   LORA_CHECK_VALUE(x.device().type() == device, op, ": x must be a ", c10::DeviceTypeName(device),
-                    " tensor, got one on ", x.device());
+                   " tensor, got one on ", x.device());
   checks::on_device(op, "x_lora", x_lora, "x", x);
   checks::on_device(op, "weight", weight, "x", x);
   checks::on_device(op, "A", a, "x", x);
@@ -72,21 +72,21 @@ inline LinearPlan check_linear(const char* op, const at::Tensor& x, const at::Te
   check_float(op, "x", x);
   const auto dt = x.scalar_type();
   LORA_CHECK_VALUE(x_lora.scalar_type() == dt && weight.scalar_type() == dt && (!bias || bias->scalar_type() == dt),
-                    op, ": x_lora, weight and bias must have x's dtype (", dt, "), got ", x_lora.scalar_type(), ", ",
-                    weight.scalar_type(), (bias ? ", " : ""), (bias ? c10::toString(bias->scalar_type()) : ""));
+                   op, ": x_lora, weight and bias must have x's dtype (", dt, "), got ", x_lora.scalar_type(), ", ",
+                   weight.scalar_type(), (bias ? ", " : ""), (bias ? c10::toString(bias->scalar_type()) : ""));
   check_operands(op, weight, a, b);
   const int64_t N = fan_in_fan_out ? weight.size(1) : weight.size(0);
   const int64_t K = fan_in_fan_out ? weight.size(0) : weight.size(1);
   LORA_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == K, op, ": x must have ", K, " features in its last dimension, got ",
-                    x.sizes());
+                   x.sizes());
   LORA_CHECK_VALUE(x_lora.sizes() == x.sizes(), op, ": x_lora must have the shape of x ", x.sizes(), ", got ",
-                    x_lora.sizes());
+                   x_lora.sizes());
   LORA_CHECK_VALUE(!bias || (bias->dim() == 1 && bias->size(0) == N), op, ": bias must have shape (", N, "), got ",
-                    bias ? bias->sizes() : c10::IntArrayRef());
+                   bias ? bias->sizes() : c10::IntArrayRef());
 
   checks::block_ids(op, num_blocks, block_ids, kf::kMaxBlocks);
   LORA_CHECK_VALUE(N % num_blocks == 0, op, ": num_blocks (", num_blocks, ") must divide the output features (", N,
-                    ")");
+                   ")");
   LinearPlan p{};
   p.M = 1;
   for (int64_t d = 0; d + 1 < x.dim(); ++d) p.M *= x.size(d);
@@ -100,7 +100,7 @@ inline LinearPlan check_linear(const char* op, const at::Tensor& x, const at::Te
     p.r = checks::rank(op, a, b, p.n, p.nb);
   }
   LORA_CHECK_VALUE(p.M <= kIntMax && K <= kIntMax && N <= kIntMax && p.n * p.r <= kIntMax, op,
-                    ": sizes must fit in 32 bits, got x ", x.sizes(), " and A ", a.sizes());
+                   ": sizes must fit in 32 bits, got x ", x.sizes(), " and A ", a.sizes());
   for (int64_t e = 0; e < num_blocks; ++e) p.slot[e] = -1;
   for (int64_t j = 0; j < p.n; ++j) p.slot[block_ids[j]] = (short)j;
   return p;
@@ -176,7 +176,7 @@ void select_variant(const char* op, at::ScalarType dtype, at::ScalarType ab_type
   LORA_FORWARD_VARIANTS(LORA_FORWARD_SELECT)
 #undef LORA_FORWARD_SELECT
   LORA_CHECK(false, op, ": no kernel variant for ", dtype, " with factors ", ab_type, " (vector=", vector,
-              ") in LORA_FORWARD_VARIANTS");
+             ") in LORA_FORWARD_VARIANTS");
 }
 
 // A Launch policy may poison the outputs the op allocates (poison(at::Tensor&)): the simulator fills them with
@@ -207,7 +207,7 @@ inline bool fused(const LinearPlan& p) { return p.M <= kf::kFusedMaxM && p.r <= 
 inline void check_col_tiles(const char* op, const char* what, int64_t nb, int64_t element_size) {
   const int64_t cols = (int64_t)kf::kColVecs * (16 / element_size);
   LORA_CHECK_VALUE(ceil_div(nb, cols) <= kMaxGridYZ, op, ": too many ", what, " (", nb, "; at most ",
-                    kMaxGridYZ * cols, " for this dtype)");
+                   kMaxGridYZ * cols, " for this dtype)");
 }
 
 template <class Launch, typename T, typename Tab, bool kTensorCore, bool kVector>
@@ -313,23 +313,23 @@ at::Tensor embedding(const char* op, const at::Tensor& ids, const at::Tensor& we
                      const at::Tensor& b, double scale, c10::optional<int64_t> padding_idx,
                      const c10::optional<at::Tensor>& scale_tensor, c10::DeviceType device) {
   LORA_CHECK_VALUE(weight.device().type() == device, op, ": weight must be a ", c10::DeviceTypeName(device),
-                    " tensor, got one on ", weight.device());
+                   " tensor, got one on ", weight.device());
   checks::on_device(op, "ids", ids, "weight", weight);
   checks::on_device(op, "A", a, "weight", weight);
   checks::on_device(op, "B", b, "weight", weight);
   LORA_CHECK_VALUE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt, op,
-                    ": ids must be int32 or int64, got ", ids.scalar_type());
+                   ": ids must be int32 or int64, got ", ids.scalar_type());
   check_float(op, "weight", weight);
   check_operands(op, weight, a, b);
   const int64_t num = weight.size(0), dim = weight.size(1);
   LORA_CHECK_VALUE(a.size(1) == num, op, ": A must have ", num, " columns (the embeddings), got shape ", a.sizes());
   const int64_t r = checks::rank(op, a, b, 1, dim);
   LORA_CHECK_VALUE(!padding_idx || (*padding_idx >= -num && *padding_idx < num), op,
-                    ": padding_idx must be within the ", num, " embeddings, got ", *padding_idx);
+                   ": padding_idx must be within the ", num, " embeddings, got ", *padding_idx);
   const int64_t M = ids.numel();
   LORA_CHECK_VALUE(M <= kIntMax && dim <= kIntMax && r <= kIntMax, op, ": sizes must fit in 32 bits");
   LORA_CHECK_VALUE(num > 0 || M == 0, op, ": embedding id out of range: weight has no rows (num_embeddings=0) and ",
-                    M, " ids");
+                   M, " ids");
   const float* scale_ptr = checks::scale_pointer(op, scale_tensor, "weight", weight);
   check_col_tiles(op, "embedding features", dim, weight.element_size());
 

@@ -48,24 +48,24 @@ inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const
                   int64_t num_blocks, const std::vector<int64_t>& block_ids, bool transposed,
                   c10::DeviceType device, const char* a_name = "A", const char* b_name = "B") {
   LORA_CHECK_VALUE(w.device().type() == device, op, ": ", w_name, " must be a ", c10::DeviceTypeName(device),
-                    " tensor, got one on ", w.device());
+                   " tensor, got one on ", w.device());
   checks::on_device(op, a_name, a, w_name, w);
   checks::on_device(op, b_name, b, w_name, w);
 
   const auto wt = w.scalar_type();
   LORA_CHECK_VALUE(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16, op, ": ", w_name,
-                    " must be float32, float16 or bfloat16, got ", wt);
+                   " must be float32, float16 or bfloat16, got ", wt);
   LORA_CHECK_VALUE(a.scalar_type() == wt || a.scalar_type() == at::kFloat, op, ": ", a_name,
-                    " must be float32 or ", w_name, "'s dtype (", wt, "), got ", a.scalar_type());
+                   " must be float32 or ", w_name, "'s dtype (", wt, "), got ", a.scalar_type());
   LORA_CHECK_VALUE(b.scalar_type() == a.scalar_type(), op, ": ", b_name, " must have ", a_name, "'s dtype (",
-                    a.scalar_type(), "), got ", b.scalar_type());
+                   a.scalar_type(), "), got ", b.scalar_type());
 
   LORA_CHECK_VALUE(w.dim() == 2, op, ": ", w_name, " must be 2-D, got ", w.dim(), " dimensions");
   LORA_CHECK_VALUE(a.dim() == 2, op, ": ", a_name, " must be 2-D, got ", a.dim(), " dimensions");
   LORA_CHECK_VALUE(b.dim() == 2, op, ": ", b_name, " must be 2-D, got ", b.dim(), " dimensions");
   LORA_CHECK_VALUE((w.size(1) <= 1 || w.stride(1) == 1) && (w.size(0) <= 1 || w.stride(0) >= w.size(1)), op,
-                    ": ", w_name, " must have column stride 1 and a row stride of at least its ", w.size(1),
-                    " columns (contiguous, or a row-slice of a wider tensor), got strides ", w.strides());
+                   ": ", w_name, " must have column stride 1 and a row stride of at least its ", w.size(1),
+                   " columns (contiguous, or a row-slice of a wider tensor), got strides ", w.strides());
 
   checks::block_ids(op, num_blocks, block_ids, km::kMaxBlocks);
 
@@ -73,24 +73,24 @@ inline Plan check(const char* op, const char* w_name, const at::Tensor& w, const
   const int64_t blocked = transposed ? w.size(1) : w.size(0);  // the dimension split into num_blocks blocks
   const int64_t k = transposed ? w.size(0) : w.size(1);
   LORA_CHECK_VALUE(blocked % num_blocks == 0, op, ": ", w_name, " has ", blocked,
-                    transposed ? " columns" : " rows", ", not divisible by num_blocks=", num_blocks,
-                    " (transposed=", transposed, ")");
+                   transposed ? " columns" : " rows", ", not divisible by num_blocks=", num_blocks,
+                   " (transposed=", transposed, ")");
   const int64_t nb = blocked / num_blocks;
   LORA_CHECK_VALUE(a.size(1) == k, op, ": ", a_name, " must have ", k, " columns (", w_name,
-                    transposed ? "'s rows, transposed" : "'s columns", "), got shape ", a.sizes());
+                   transposed ? "'s rows, transposed" : "'s columns", "), got shape ", a.sizes());
   int64_t r = b.size(1);
   if (n == 0) {
     LORA_CHECK_VALUE(a.size(0) == 0 && b.size(0) == 0, op, ": with no enabled blocks ", a_name, " and ", b_name,
-                      " must have 0 rows, got ", a_name, " ", a.sizes(), " and ", b_name, " ", b.sizes());
+                     " must have 0 rows, got ", a_name, " ", a.sizes(), " and ", b_name, " ", b.sizes());
   } else {
     r = checks::rank(op, a, b, n, nb, a_name, b_name);
   }
   LORA_CHECK_VALUE(nb <= checks::kIntMax && k <= checks::kIntMax && r <= checks::kIntMax, op, ": ", w_name, ", ",
-                    a_name, " and ", b_name, " sizes must fit in 32 bits");
+                   a_name, " and ", b_name, " sizes must fit in 32 bits");
   const int64_t m_total = transposed ? k : nb;
   LORA_CHECK_VALUE(checks::ceil_div(m_total, km::kTileM) <= checks::kMaxGridYZ, op, ": ", w_name, " has too many ",
-                    transposed ? "rows" : "rows per block", " (", m_total, "; at most ",
-                    checks::kMaxGridYZ * km::kTileM, ")");
+                   transposed ? "rows" : "rows per block", " (", m_total, "; at most ",
+                   checks::kMaxGridYZ * km::kTileM, ")");
 
   Plan p{};
   p.ldw = w.size(0) <= 1 ? w.size(1) : w.stride(0);
@@ -190,7 +190,7 @@ void select_variant(const char* op, const Plan& plan, at::ScalarType w_type, at:
   LORA_MERGE_VARIANTS(LORA_MERGE_SELECT)
 #undef LORA_MERGE_SELECT
   LORA_CHECK(false, op, ": no kernel variant for W ", w_type, " with factors ", ab_type,
-              " (tensor_core=", plan.tensor_core, ", vector=", plan.vector, ") in LORA_MERGE_VARIANTS");
+             " (tensor_core=", plan.tensor_core, ", vector=", plan.vector, ") in LORA_MERGE_VARIANTS");
 }
 
 // The second factor pair of a swap, (a2, b2) of rank r2, and the first pair's multiplier.
@@ -231,7 +231,7 @@ void run(const char* op, const Plan& plan, const at::Tensor& w, const at::Tensor
     constexpr size_t smem = km::launch_smem_bytes<T, Tab, V::kTensorCore, V::kVector, kDelta>();
     const long long tiles = km::tile_count(args);
     LORA_CHECK_VALUE(tiles <= checks::kIntMax, op, ": ", kDelta ? "out" : "W", " has too many 64 x 128 tiles (",
-                      tiles, "; at most ", checks::kIntMax, ")");
+                     tiles, "; at most ", checks::kIntMax, ")");
     const long long blocks =
         km::kPrefetch<V::kVector, kDelta> ? std::min<long long>(tiles, Launch::resident(kernel, km::kThreads, smem))
                                           : tiles;
@@ -264,9 +264,9 @@ void apply_swap(const char* op, const at::Tensor& w, const at::Tensor& old_a, co
   const Plan new_plan = check(op, "W", w, new_a, new_b, num_blocks, block_ids, transposed, device, "new_A", "new_B");
   const Plan old_plan = check(op, "W", w, old_a, old_b, num_blocks, block_ids, transposed, device, "old_A", "old_B");
   LORA_CHECK_VALUE(old_a.scalar_type() == new_a.scalar_type(), op, ": old_A and new_A must share one dtype, got ",
-                    old_a.scalar_type(), " and ", new_a.scalar_type());
+                   old_a.scalar_type(), " and ", new_a.scalar_type());
   LORA_CHECK_VALUE(std::isfinite(old_scale) && std::isfinite(new_scale), op,
-                    ": old_scale and new_scale must be finite, got ", old_scale, " and ", new_scale);
+                   ": old_scale and new_scale must be finite, got ", old_scale, " and ", new_scale);
   if (w.numel() == 0 || new_plan.n == 0 || (old_scale == 0 && new_scale == 0)) return;  // as in apply
   const bool new_is_y = std::abs(new_scale) >= std::abs(old_scale);
   const at::Tensor ax = (new_is_y ? old_a : new_a).contiguous(), bx = (new_is_y ? old_b : new_b).contiguous();
@@ -333,7 +333,7 @@ void select_lossless_variant(const char* op, bool vector, at::ScalarType w_type,
   LORA_LOSSLESS_VARIANTS(LORA_LOSSLESS_SELECT)
 #undef LORA_LOSSLESS_SELECT
   LORA_CHECK(false, op, ": no kernel variant for W ", w_type, " with factors ", ab_type, " (vector=", vector,
-              ") in LORA_LOSSLESS_VARIANTS");
+             ") in LORA_LOSSLESS_VARIANTS");
 }
 
 // A factor pair and its scale, as given.
@@ -365,11 +365,11 @@ struct Output {
 inline void check_tensor(const char* op, const std::string& name, const at::Tensor& t, at::ScalarType dtype,
                          std::vector<int64_t> shape, const at::Tensor& w, const char* what) {
   LORA_CHECK_VALUE(t.device() == w.device(), op, ": ", name, " must be on W's device (", w.device(), "), got ",
-                    t.device());
+                   t.device());
   LORA_CHECK_VALUE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, " (", what, "), got ",
-                    t.scalar_type());
+                   t.scalar_type());
   LORA_CHECK_VALUE(t.sizes() == c10::IntArrayRef(shape), op, ": ", name, " must have shape ",
-                    c10::IntArrayRef(shape), " (", what, "), got ", t.sizes());
+                   c10::IntArrayRef(shape), " (", what, "), got ", t.sizes());
   LORA_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
@@ -403,13 +403,13 @@ void lossless(const char* op, const at::Tensor& w, const Pair* old, const Record
     old_plan = check(op, "W", w, *old->a, *old->b, num_blocks, block_ids, transposed, device, old->a_name,
                      old->b_name);
     LORA_CHECK_VALUE(old->a->scalar_type() == fresh->a->scalar_type(), op, ": ", old->a_name, " and ",
-                      fresh->a_name, " must share one dtype, got ", old->a->scalar_type(), " and ",
-                      fresh->a->scalar_type());
+                     fresh->a_name, " must share one dtype, got ", old->a->scalar_type(), " and ",
+                     fresh->a->scalar_type());
   }
   for (const Pair* pr : {old, fresh})
     if (pr)
       LORA_CHECK_VALUE(std::isfinite(pr->scale) && std::isfinite((float)pr->scale), op, ": ", pr->scale_name,
-                        " must be finite (as a float32), got ", pr->scale);
+                       " must be finite (as a float32), got ", pr->scale);
   const int64_t n = plan.n;
   const int64_t rows = transposed ? plan.k : plan.nb;
   const int64_t cols = transposed ? plan.nb : plan.k;
@@ -420,7 +420,7 @@ void lossless(const char* op, const at::Tensor& w, const Pair* old, const Record
     check_tensor(op, "rnorm", *out->rnorm, at::kFloat, {n, cols}, w, "the right operand's column norms");
     check_tensor(op, "counter", *out->counter, at::kLong, {1}, w, "the exception count, zeroed");
     LORA_CHECK_VALUE(std::isfinite(out->gamma) && out->gamma >= 0, op, ": gamma must be finite and >= 0, got ",
-                      out->gamma);
+                     out->gamma);
   }
   if (n == 0 || rows == 0 || cols == 0) return;  // nothing recorded (and no zero-size grid)
 
