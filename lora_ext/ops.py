@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import lossless, reference, sharded
 from .lossless import MergeRecord
-from .readable import readable, transformed
+from .readable import plain, readable, transformed
 
 try:
     from . import _C
@@ -599,6 +599,36 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
     return None
 
 
+def _eager_function(*tensors) -> bool:
+    """Whether a call of a differentiable op takes its eager Function (below) rather than its custom op: not traced,
+    and every tensor a plain Tensor or Parameter. A tensor subclass's __torch_dispatch__ takes the custom op whole
+    and runs it on its inner tensors (TwoTensor), or refuses it by name (DTensor: no sharding rule); the Function
+    would run the reference's torch ops on the wrapper, whose in-place writes into a plain result the wrapper
+    does not see (a silently wrong delta_weight)."""
+    return not traced() and plain(*tensors)
+
+
+def _eager_autograd(op: str, body: Callable, setup: Callable, backward: Callable) -> type:
+    """Custom op `op`'s autograd (its setup_context and backward) as a plain torch.autograd.Function over the op's
+    body, for the eager calls that need gradients: the same forward, saved tensors and backward, without the custom
+    op's round trip through the dispatcher and torch.library's Python wrappers (default filling, dynamo's disable
+    wrapper, the redispatch), about 150 us of host time per call on the CPU: more than a whole small layer's
+    forward on a GPU (bench/NOTES-host-time.md). Traced calls (torch.compile, torch.export, torch.jit.trace) keep
+    the custom op, which the traces record as one call; torch.func transforms take the reference's torch ops
+    (`_functorch`), and tensor subclasses the custom op (`_eager_function`): none reaches this class. The callers pass every argument. (The setup runs inside forward,
+    the old style: a Function with a setup_context staticmethod has each call's arguments bound to the forward's
+    signature with inspect, another 50 us.)"""
+
+    def forward(ctx, *args):
+        out = body(*args)
+        setup(ctx, args, out)
+        return out
+
+    return type(f"_{op.title().replace('_', '')}Eager", (torch.autograd.Function,), {
+        "__doc__": f"The eager autograd of lora_ext::{op} (see ops._eager_autograd).",
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 # ---------------------------------------------------------------------------------------------------
 # delta_weight: the dense scale * delta-W (MergedLinear: zero outside the enabled blocks)
 
@@ -618,10 +648,12 @@ def _delta_impl(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
     return out
 
 
-@torch.library.custom_op("lora_ext::delta_weight", mutates_args=())
-def _delta_weight_op(lora_A: Tensor, lora_B: Tensor, scale: float, num_blocks: int, block_ids: list[int],
-                     transposed: bool, dtype: torch.dtype) -> Tensor:
+def _delta_body(lora_A: Tensor, lora_B: Tensor, scale: float, num_blocks: int, block_ids: list[int],
+                transposed: bool, dtype: torch.dtype) -> Tensor:
     return _delta_impl(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype)
+
+
+_delta_weight_op = torch.library.custom_op("lora_ext::delta_weight", _delta_body, mutates_args=())
 
 
 @_delta_weight_op.register_fake
@@ -643,6 +675,7 @@ def _delta_backward(ctx, grad):
 
 
 _delta_weight_op.register_autograd(_delta_backward, setup_context=_delta_setup)
+_DeltaEager = _eager_autograd("delta_weight", _delta_body, _delta_setup, _delta_backward)
 
 
 def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, *, out_features: int, num_blocks: int = 1,
@@ -661,6 +694,8 @@ def delta_weight(lora_A: Tensor, lora_B: Tensor, scale: float, *, out_features: 
         return _delta_impl(*args)  # checked above: this op's checks cost little beside a dense output
     if _functorch():
         return reference.delta_weight(*args)
+    if _eager_function(lora_A, lora_B):
+        return _DeltaEager.apply(*args)
     return _delta_weight_op(*args)
 
 
@@ -688,12 +723,14 @@ def _own(out: Tensor) -> Tensor:
     return torch.ops.aten._unsafe_view(out, out.shape) if out._is_view() else out
 
 
-@torch.library.custom_op("lora_ext::linear", mutates_args=())
-def _linear_op(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
-               lora_B: Tensor, scale: Optional[float], num_blocks: int, block_ids: list[int],
-               fan_in_fan_out: bool, scale_tensor: Optional[Tensor] = None) -> Tensor:
+def _linear_body(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                 lora_B: Tensor, scale: Optional[float], num_blocks: int, block_ids: list[int],
+                 fan_in_fan_out: bool, scale_tensor: Optional[Tensor] = None) -> Tensor:
     return _own(_linear_impl(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids, fan_in_fan_out,
                              scale_tensor))
+
+
+_linear_op = torch.library.custom_op("lora_ext::linear", _linear_body, mutates_args=())
 
 
 @_linear_op.register_fake
@@ -713,19 +750,20 @@ def _linear_setup(ctx, inputs, output):
     dx, dxl, dw, _, dA, dB = ctx.needs_input_grad[:6]
     ctx.save_for_backward(x if dw else None, x_lora if dA or dB else None, weight if dx else None, lora_A, lora_B)
     _saved_scale(ctx, scale, scale_tensor)
-    ctx.args = (block_ids, fan_in_fan_out, x.shape, x_lora.dtype, weight.dtype)
+    ctx.args = (block_ids, fan_in_fan_out, x.shape, x_lora.dtype, weight.dtype, x_lora is x)
 
 
 def _linear_backward(ctx, grad):
     x, x_lora, weight, lora_A, lora_B = ctx.saved_tensors
-    block_ids, fan_in_fan_out, x_shape, x_lora_dtype, weight_dtype = ctx.args
+    block_ids, fan_in_fan_out, x_shape, x_lora_dtype, weight_dtype, same_input = ctx.args
     needs = ctx.needs_input_grad[:6]
     grads = reference.linear_backward(grad, x, x_lora, weight, lora_A, lora_B, ctx.scale, block_ids,
-                                      fan_in_fan_out, needs, x_shape, x_lora_dtype, weight_dtype)
+                                      fan_in_fan_out, needs, x_shape, x_lora_dtype, weight_dtype, same_input)
     return (*grads, None, None, None, None, None)
 
 
 _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+_LinearEager = _eager_autograd("linear", _linear_body, _linear_setup, _linear_backward)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -747,7 +785,17 @@ def _autocast_dtype(t) -> Optional[torch.dtype]:
 
 
 def _autocast_cast(dtype, tensors):
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+    """The floating tensors among `tensors` in dtype, each tensor cast once: x given again as x_lora (no dropout)
+    stays one tensor, whose backward then adds the two input gradients itself (reference.linear_backward)."""
+    done = {}
+    out = []
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_floating_point():
+            if id(t) not in done:
+                done[id(t)] = t.to(dtype)
+            t = done[id(t)]
+        out.append(t)
+    return tuple(out)
 
 
 _autocast_lib = torch.library.Library("lora_ext", "FRAGMENT")
@@ -842,6 +890,8 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     if traced() or _needs_grad(*args[:6]):
         if _functorch():
             return reference.linear(*args[:6], _host_scale(scale, scale_tensor), *args[7:10])
+        if _eager_function(*args[:6], args[10]):
+            return _LinearEager.apply(*args)
         return _linear_op(*args[:10], _traced_scale(scale, scale_tensor, *args[:6]))
     return _linear_impl(*args)
 
@@ -861,12 +911,14 @@ def _embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_
                                scale_grad_by_freq, sparse)
 
 
-@torch.library.custom_op("lora_ext::embedding", mutates_args=())
-def _embedding_op(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: Optional[float],
-                  padding_idx: Optional[int], scale_grad_by_freq: bool, sparse: bool,
-                  scale_tensor: Optional[Tensor] = None) -> Tensor:
+def _embedding_body(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: Optional[float],
+                    padding_idx: Optional[int], scale_grad_by_freq: bool, sparse: bool,
+                    scale_tensor: Optional[Tensor] = None) -> Tensor:
     return _own(_embedding_impl(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse,
                                 scale_tensor))
+
+
+_embedding_op = torch.library.custom_op("lora_ext::embedding", _embedding_body, mutates_args=())
 
 
 @_embedding_op.register_fake
@@ -891,6 +943,7 @@ def _embedding_backward(ctx, grad):
 
 
 _embedding_op.register_autograd(_embedding_backward, setup_context=_embedding_setup)
+_EmbeddingEager = _eager_autograd("embedding", _embedding_body, _embedding_setup, _embedding_backward)
 
 
 def _check_embedding_args(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse,
@@ -927,6 +980,8 @@ def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale
     if traced() or _needs_grad(weight, lora_A, lora_B):
         if _functorch():
             return reference.embedding(*args[:4], _host_scale(scale, scale_tensor), *args[5:8])
+        if _eager_function(*args[:4], args[8]):
+            return _EmbeddingEager.apply(*args)
         return _embedding_op(*args[:8], _traced_scale(scale, scale_tensor, weight, lora_A, lora_B))
     return _embedding_impl(*args)
 

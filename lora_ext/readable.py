@@ -20,6 +20,15 @@ def transformed() -> bool:
     return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
+def plain(*tensors) -> bool:
+    """Whether every tensor among `tensors` (others ignored) is a plain Tensor or Parameter, no subclass."""
+    for t in tensors:
+        kind = type(t)
+        if kind is not Tensor and kind is not _Parameter and t is not None and isinstance(t, Tensor):
+            return False
+    return True
+
+
 def readable(*tensors) -> bool:
     """Whether the compiled backends may read every tensor among `tensors` (others, such as ints or None, ignored).
     On every forward: written for host time (about 1 us for a linear's seven operands)."""

@@ -20,6 +20,12 @@ def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as(t, dtype):
+    """t in dtype: t itself where it is already (Tensor.to's own check costs a dispatch: host time on every
+    training step's backward)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _groups(lora_A, lora_B, block_ids):
     n = len(block_ids)
     r = lora_A.shape[0] // n
@@ -106,9 +112,9 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
     dtype = x.dtype
     rows = x.shape[:-1].numel()  # not reshape(-1, k): k may be 0
     x2 = x.reshape(rows, k)
-    t = x_lora.reshape(rows, k) @ lora_A.to(dtype).t()
+    t = x_lora.reshape(rows, k) @ _as(lora_A, dtype).t()
     r = lora_A.shape[0] // len(block_ids)
-    b_all = lora_B.to(dtype)
+    b_all = _as(lora_B, dtype)
     if num_blocks == 1:
         base = bias if bias is not None else x2.new_zeros(())
         out = torch.addmm(base, t, b_all.t(), beta=1 if bias is not None else 0, alpha=scale)
@@ -133,15 +139,17 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, fan_in_fan_out, needs, x_shape,
-                    x_lora_dtype, weight_dtype):
+                    x_lora_dtype, weight_dtype, same_input=False):
     """Gradients of `linear` for (x, x_lora, weight, bias, lora_A, lora_B); None where not needed. x, x_lora and
     weight may be None where no gradient asked for reads them (x: the weight's; x_lora: the factors'; weight:
-    x's); x_shape (x_lora's too), x_lora_dtype and weight_dtype say what they were."""
+    x's); x_shape (x_lora's too), x_lora_dtype and weight_dtype say what they were. same_input: x_lora was x itself
+    (no dropout); the low-rank path's input gradient is then added into x's, rounded once, and returned as x's
+    (x_lora's None), which saves autograd's addition of the two and a temporary of x's size."""
     g2 = _rows(grad)
     dx = dxl = dw = db = dA = dB = None
     if needs[0]:
         w = weight.t() if fan_in_fan_out else weight
-        dx = (g2 @ w.to(g2.dtype)).view(x_shape)
+        dx = (g2 @ _as(w, g2.dtype)).view(x_shape)
     if needs[2]:
         dwl = g2.t() @ _rows(x).to(g2.dtype)
         dw = (dwl.t() if fan_in_fan_out else dwl).to(weight_dtype)
@@ -149,25 +157,35 @@ def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, f
         db = g2.sum(0)
     if block_ids and (needs[1] or needs[4] or needs[5]):
         cd = compute_dtype(grad.dtype)
-        a_all = lora_A.to(cd)
+        a_all = _as(lora_A, cd)
         xl = t = None
         if needs[4] or needs[5]:
-            xl = _rows(x_lora).to(cd)
+            xl = _as(_rows(x_lora), cd)
             t = xl @ a_all.t()
-        r = lora_A.shape[0] // len(block_ids)
-        dts, dBs = [], []
-        for j, (e, nb, _, b) in enumerate(_groups(a_all, lora_B.to(cd), block_ids)):
-            gj = g2[:, e * nb:(e + 1) * nb].to(cd)
-            dts.append(scale * (gj @ b))
-            if needs[5]:
-                dBs.append(scale * (gj.t() @ t[:, j * r:(j + 1) * r]))
-        dt = torch.cat(dts, dim=1)
+        if len(block_ids) == 1 and lora_B.shape[0] == g2.shape[1]:
+            # one group over the whole output (Linear, a MergedLinear of one block): no slices or concatenations,
+            # the host time of a training step's small layers
+            gj = _as(g2, cd)
+            dt = scale * (gj @ _as(lora_B, cd))
+            dBs = [scale * (gj.t() @ t)] if needs[5] else []
+        else:
+            r = lora_A.shape[0] // len(block_ids)
+            dts, dBs = [], []
+            for j, (e, nb, _, b) in enumerate(_groups(a_all, lora_B.to(cd), block_ids)):
+                gj = g2[:, e * nb:(e + 1) * nb].to(cd)
+                dts.append(scale * (gj @ b))
+                if needs[5]:
+                    dBs.append(scale * (gj.t() @ t[:, j * r:(j + 1) * r]))
+            dt = torch.cat(dts, dim=1)
         if needs[1]:
-            dxl = (dt @ a_all).to(x_lora_dtype).view(x_shape)
+            if same_input and dx is not None and dx.dtype == x_lora_dtype:
+                _rows(dx).add_(dt @ a_all)  # (a view of dx: it is contiguous)
+            else:
+                dxl = _as(dt @ a_all, x_lora_dtype).view(x_shape)
         if needs[4]:
-            dA = (dt.t() @ xl).to(lora_A.dtype)
+            dA = _as(dt.t() @ xl, lora_A.dtype)
         if needs[5]:
-            dB = torch.cat(dBs).to(lora_B.dtype)
+            dB = _as(dBs[0] if len(dBs) == 1 else torch.cat(dBs), lora_B.dtype)
     return dx, dxl, dw, db, dA, dB
 
 
@@ -190,17 +208,17 @@ def embedding_backward(grad, ids, lora_A, lora_B, scale, num, padding_idx, scale
         dw = torch.ops.aten.embedding_backward(grad, ids, num, pad, scale_grad_by_freq, sparse)
     if needs[1] or needs[2]:
         cd = compute_dtype(grad.dtype)
-        g2 = _rows(grad).to(cd)
+        g2 = _as(_rows(grad), cd)
         flat = ids.reshape(-1)
         if needs[2]:
             # (the lookup's own padding_idx and frequency scaling: its values are the same, and a gradient of this
             # gradient, create_graph=True, reaches lora_A as the forward's does)
-            t = F.embedding(flat, lora_A.t(), padding_idx, scale_grad_by_freq=scale_grad_by_freq).to(cd)
-            dB = (scale * (g2.t() @ t)).to(lora_B.dtype)
+            t = _as(F.embedding(flat, lora_A.t(), padding_idx, scale_grad_by_freq=scale_grad_by_freq), cd)
+            dB = _as(scale * (g2.t() @ t), lora_B.dtype)
         if needs[1]:
-            dt = scale * (g2 @ lora_B.to(cd))
+            dt = scale * (g2 @ _as(lora_B, cd))
             dA = torch.ops.aten.embedding_backward(dt, flat, num, pad, scale_grad_by_freq, False)
-            dA = dA.t().to(lora_A.dtype)
+            dA = _as(dA.t(), lora_A.dtype)
     return dw, dA, dB
 
 

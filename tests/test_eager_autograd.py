@@ -1,0 +1,171 @@
+"""Eager training calls: the ops' autograd as plain autograd.Functions (ops._eager_autograd), not the custom ops'
+dispatcher round trip; gradients against float64 oracles, the low-rank input gradient folded into x's where the
+layer has no dropout (x_lora is x), on the reference backend and through the kernel branch (simulator)."""
+import pytest
+import torch
+
+import lora_ext
+from lora_ext import ops
+from helpers import _block_delta, assert_close_rel, randomize_
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYERS = {  # name: (maker, num_blocks, block_ids)
+    "linear": (lambda: lora_ext.Linear(24, 18, r=3, lora_alpha=5), 1, [0]),
+    "linear_fan": (lambda: lora_ext.Linear(24, 18, r=3, lora_alpha=5, fan_in_fan_out=True), 1, [0]),
+    "merged_TFT": (lambda: lora_ext.MergedLinear(24, 18, r=2, lora_alpha=3, enable_lora=[True, False, True]), 3,
+                   [0, 2]),
+    "merged_FT": (lambda: lora_ext.MergedLinear(24, 18, r=2, enable_lora=[False, True]), 2, [1]),
+    "merged_TT": (lambda: lora_ext.MergedLinear(24, 18, r=2, enable_lora=[True, True]), 2, [0, 1]),
+}
+
+
+@pytest.fixture(params=["reference", "kernels"])
+def backend(request):
+    """The forward on the reference backend, or through the kernel branch (the simulator standing in for _C)."""
+    if request.param == "kernels":
+        request.getfixturevalue("sim_as_cuda")
+    return request.param
+
+
+def _grads64(layer, num_blocks, ids, x, grad, x_lora=None):
+    """Float64 gradients through an explicit formula, x W^T + b + scaling * x_lora (B_j A_j)^T in the enabled
+    blocks: {"x", "lora_A", "lora_B", "weight" (in its storage layout), and "x_lora" where it is given}."""
+    w = layer.weight.detach().double().requires_grad_()
+    A = layer.lora_A.detach().double().requires_grad_()
+    B = layer.lora_B.detach().double().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    xl64 = x64 if x_lora is None else x_lora.detach().double().requires_grad_()
+    wl = w.t() if layer.fan_in_fan_out else w
+    delta = _block_delta(A, B, num_blocks, ids, wl.shape[0])
+    y = x64 @ wl.t() + layer.bias.detach().double() + layer.scaling * (xl64 @ delta.t())
+    y.backward(grad.double())
+    out = {"x": x64.grad, "lora_A": A.grad, "lora_B": B.grad, "weight": w.grad}
+    if x_lora is not None:
+        out["x_lora"] = xl64.grad
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_gradients_where_x_is_its_own_lora_input(backend, kind, dtype):
+    """No dropout: x_lora is x, and the backward returns the two input gradients as one (x's)."""
+    make, num_blocks, ids = LAYERS[kind]
+    layer = randomize_(make()).to(dtype)
+    lora_ext.mark_only_lora_as_trainable(layer)
+    layer.train()
+    x = torch.randn(2, 5, 24).to(dtype).requires_grad_()
+    grad = torch.randn(2, 5, 18).to(dtype)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_LinearEagerBackward"  # the Function, not the custom op
+    out.backward(grad)
+    want = _grads64(layer, num_blocks, ids, x, grad)
+    for name, got in (("x", x.grad), ("lora_A", layer.lora_A.grad), ("lora_B", layer.lora_B.grad)):
+        assert got.dtype == dtype, name
+        assert_close_rel(got, want[name], dtype)
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged_TFT"])
+def test_gradients_under_autocast_where_x_is_its_own_lora_input(backend, kind):
+    """Autocast casts x once for both inputs (it stays its own LoRA input): float32 gradients of bfloat16 math."""
+    make, num_blocks, ids = LAYERS[kind]
+    layer = randomize_(make())
+    lora_ext.mark_only_lora_as_trainable(layer)
+    x = torch.randn(6, 24, requires_grad=True)
+    grad = torch.randn(6, 18)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.backward(grad.bfloat16())
+    want = _grads64(layer, num_blocks, ids, x, grad)
+    for name, got in (("x", x.grad), ("lora_A", layer.lora_A.grad), ("lora_B", layer.lora_B.grad)):
+        assert got.dtype == torch.float32, name
+        assert_close_rel(got, want[name], torch.bfloat16, factor=2)  # (operands and grad rounded to bf16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["linear", "merged_TFT"])
+def test_gradients_with_another_lora_input(backend, kind, dtype):
+    """x_lora another tensor (dropout): each input gets its own gradient, none folded; the weight trains too."""
+    make, num_blocks, ids = LAYERS[kind]
+    layer = randomize_(make()).to(dtype)
+    layer.weight.requires_grad_(True)  # (frozen at construction, as loralib's)
+    layer.bias.requires_grad_(False)
+    x = torch.randn(7, 24).to(dtype).requires_grad_()
+    xl = torch.randn(7, 24).to(dtype).requires_grad_()
+    grad = torch.randn(7, 18).to(dtype)
+    out = ops.linear(x, xl, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                     num_blocks=num_blocks, block_ids=ids, fan_in_fan_out=layer.fan_in_fan_out)
+    out.backward(grad)
+    want = _grads64(layer, num_blocks, ids, x, grad, x_lora=xl)
+    for name, got in (("x", x.grad), ("x_lora", xl.grad), ("lora_A", layer.lora_A.grad),
+                      ("lora_B", layer.lora_B.grad), ("weight", layer.weight.grad)):
+        assert_close_rel(got, want[name], dtype)
+
+
+@pytest.mark.parametrize("num_blocks,ids", [(1, [0]), (3, [0, 2])])
+def test_double_backward_where_x_is_its_own_lora_input(num_blocks, ids):
+    """The folded input gradient (an in-place add into x's) stays differentiable: gradgradcheck in float64."""
+    d = torch.float64
+    k, nb, r = 5, 3, 2
+    w = torch.randn(num_blocks * nb, k, dtype=d, requires_grad=True)
+    A = torch.randn(len(ids) * r, k, dtype=d, requires_grad=True)
+    B = torch.randn(len(ids) * nb, r, dtype=d, requires_grad=True)
+    x = torch.randn(4, k, dtype=d, requires_grad=True)
+    fn = lambda x, w, A, B: ops.linear(x, x, w, None, A, B, 0.7, num_blocks=num_blocks, block_ids=ids)
+    assert torch.autograd.gradcheck(fn, (x, w, A, B))
+    assert torch.autograd.gradgradcheck(fn, (x, w, A, B))
+
+
+def test_each_op_takes_its_function_in_eager_training():
+    """Embedding and delta_weight (MergedLinear.merge_AB, ConvLoRA) likewise; no grad, no Function."""
+    emb = randomize_(lora_ext.Embedding(10, 6, r=2))
+    assert type(emb(torch.tensor([1, 2])).grad_fn).__name__ == "_EmbeddingEagerBackward"
+    conv = randomize_(lora_ext.Conv2d(3, 4, 3, r=2))
+    out = conv(torch.randn(1, 3, 5, 5))
+    names = set()
+    stack = [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and type(fn).__name__ not in names:
+            names.add(type(fn).__name__)
+            stack.extend(f for f, _ in fn.next_functions)
+    assert "_DeltaWeightEagerBackward" in names
+    with torch.no_grad():
+        assert emb(torch.tensor([1])).grad_fn is None
+
+
+def test_traced_calls_keep_the_custom_op():
+    """torch.jit.trace records the custom op (one call in the trace), never the eager Function."""
+    layer = randomize_(lora_ext.Linear(8, 6, r=2))
+    x = torch.randn(3, 8, requires_grad=True)
+    with torch.jit.optimized_execution(False):
+        traced = torch.jit.trace(layer, (x,), check_trace=False)
+    graph = str(traced.graph)
+    assert "lora_ext::linear" in graph
+    assert "Eager" not in graph
+
+
+def test_tensor_subclasses_keep_the_custom_op():
+    """A wrapper subclass operand (TwoTensor) takes the custom op, which its __torch_dispatch__ runs on its inner
+    tensors: right values and gradients (the eager Function would run the reference's ops on the wrapper)."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    layer = randomize_(lora_ext.Linear(8, 6, r=2))
+    A = layer.lora_A.detach()
+    A2 = TwoTensor(A.clone(), A.clone()).requires_grad_()
+    d = ops.delta_weight(A2, layer.lora_B, 0.5, out_features=6)
+    assert isinstance(d, TwoTensor) and "Eager" not in type(d.grad_fn).__name__
+    want = 0.5 * layer.lora_B.detach().double() @ A.double()
+    assert_close_rel(d.a, want, torch.float32)
+    assert_close_rel(d.b, want, torch.float32)
+    d.sum().backward()
+    ones = torch.ones(6, 8, dtype=torch.float64)
+    want_A = 0.5 * layer.lora_B.detach().double().t() @ ones
+    assert_close_rel(A2.grad.a, want_A, torch.float32)
+    x = torch.randn(3, 8)
+    x2 = TwoTensor(x.clone(), x.clone()).requires_grad_()
+    out = ops.linear(x2, x2, layer.weight, layer.bias, layer.lora_A, layer.lora_B, 0.5)
+    assert isinstance(out, TwoTensor) and "Eager" not in type(out.grad_fn).__name__
+    want = (x.double() @ (layer.weight.detach().double() + 0.5 * layer.lora_B.detach().double()
+                          @ A.double()).t() + layer.bias.detach().double())
+    assert_close_rel(out.a, want, torch.float32)
