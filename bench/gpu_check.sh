@@ -177,6 +177,21 @@ else
   fi
 fi
 
+step "profile of the largest misses (bench/gpu_profile.py), into $OUT/gpu.txt, where time is left"
+# Optional: what the next session reads first (host time, runtime calls, kernels of the misses). Not run for lack
+# of time, the run stays clean; its failure fails the run like any step's.
+if [ $DRY = 1 ]; then
+  { echo; echo "== profile (rehearsal)"; } >> "$OUT/gpu.txt"
+  timeout 120 "$PY" bench/gpu_profile.py --rehearse >> "$OUT/gpu.txt" 2>&1 || { status=1; tail -20 "$OUT/gpu.txt"; }
+  tail -1 "$OUT/gpu.txt"
+elif [ $((BUDGET - SECONDS)) -ge 40 ]; then
+  { echo; echo "== profile"; } >> "$OUT/gpu.txt"
+  timeout "$(capped 90)" "$PY" bench/gpu_profile.py >> "$OUT/gpu.txt" 2>&1 || { status=1; tail -20 "$OUT/gpu.txt"; }
+  tail -9 "$OUT/gpu.txt"
+else
+  echo "profile not run: $((BUDGET - SECONDS)) s left of ${BUDGET} s (it needs 40); run it alone: python bench/gpu_profile.py"
+fi
+
 step "results (full table in $OUT/bench.md)"
 [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"
 if [ $DRY = 1 ]; then

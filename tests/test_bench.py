@@ -203,3 +203,25 @@ def test_the_mixed_batch_rows_of_a_cpu_run_are_at_its_width(monkeypatch, dim, wi
     monkeypatch.setattr(bench_lossless, "timing_rows", lambda *a, **k: [])
     bench.run("cpu", quick=True, dim=dim)
     assert seen and set(seen) == widths, seen
+
+
+def test_the_gpu_profile_rehearsal_profiles_every_case(capsys):
+    """bench/gpu_profile.py (gpu_check.sh's last step), rehearsed: every case profiled and timed, each a line of
+    the summary; the simulator stands in for _C (the kernels' branch, not the reference)."""
+    import importlib.util
+    import pathlib
+    sim = pytest.importorskip("lora_ext._sim")
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_profile", path)
+    gp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gp)
+    with ops.use_kernels(sim, "cpu"):
+        names = list(gp.cases(16, 4, torch.bfloat16, "cpu"))
+    gp.main(["--rehearse", "--dim", "32"])
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("gpu_profile: done")
+    summary = out.split("## summary (us per call)")[1].splitlines()[1:-1]
+    assert [line.strip().split("  ", 1)[1] for line in summary] == names
+    assert all(float(line.split()[0]) > 0 for line in summary)
+    assert out.count("top Python functions by own time") == len(names)
+    assert sim.last_variant().startswith("merge<")  # the last case, ops.merge_, went through the kernels' branch
