@@ -74,11 +74,15 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
+
+
 def _fsdp_params():
     """(FSDP2 module, its FSDPParam) for every parameter fully_shard manages in this process (none when
     torch.distributed is not initialised)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _distributed():
         return
     try:
         from torch.distributed._composable_state import _module_state_mapping
@@ -110,6 +114,8 @@ def reshard_if_gathered(layer) -> bool:
     shards (lora_ext.serving's model-level calls reshard the whole model first). A layer's own train()/eval(),
     merge(), set_adapter() and add_adapter() call it. Costs a look over the process's FSDP states, only when
     torch.distributed is initialised. Returns whether it resharded anything."""
+    if not _distributed():  # (first: every switch asks, and the walk below costs more than its kernels)
+        return False
     mine = {id(m) for m in layer.modules()}
     gathered = {id(module): module for module, p in _fsdp_params()
                 if id(p._module_info.module) in mine and p.sharded_state.name != "SHARDED"}
