@@ -149,7 +149,8 @@ def main(argv=None):
         print("REHEARSAL: the GPU run's code on the CPU (lora_ext._sim for _C); the numbers mean nothing")
     torch.manual_seed(0)
     with context:
-        walls = {name: profile_case(name, call, device) for name, call in cases(dim, 16, torch.bfloat16, device).items()}
+        made = cases(dim, 16, torch.bfloat16, device)
+        walls = {name: profile_case(name, call, device) for name, call in made.items()}
     print("\n## summary (us per call)")
     for name, wall in walls.items():
         print(f"{wall:10.1f}  {name}")

@@ -615,9 +615,9 @@ def _eager_autograd(op: str, body: Callable, setup: Callable, backward: Callable
     wrapper, the redispatch), about 150 us of host time per call on the CPU: more than a whole small layer's
     forward on a GPU (bench/NOTES-host-time.md). Traced calls (torch.compile, torch.export, torch.jit.trace) keep
     the custom op, which the traces record as one call; torch.func transforms take the reference's torch ops
-    (`_functorch`), and tensor subclasses the custom op (`_eager_function`): none reaches this class. The callers pass every argument. (The setup runs inside forward,
-    the old style: a Function with a setup_context staticmethod has each call's arguments bound to the forward's
-    signature with inspect, another 50 us.)"""
+    (`_functorch`), and tensor subclasses the custom op (`_eager_function`): none reaches this class. The callers
+    pass every argument. (The setup runs inside forward, the old style: a Function with a setup_context
+    staticmethod has each call's arguments bound to the forward's signature with inspect, another 50 us.)"""
 
     def forward(ctx, *args):
         out = body(*args)
