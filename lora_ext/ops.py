@@ -750,15 +750,15 @@ def _linear_setup(ctx, inputs, output):
     dx, dxl, dw, _, dA, dB = ctx.needs_input_grad[:6]
     ctx.save_for_backward(x if dw else None, x_lora if dA or dB else None, weight if dx else None, lora_A, lora_B)
     _saved_scale(ctx, scale, scale_tensor)
-    ctx.args = (block_ids, fan_in_fan_out, x.shape, x_lora.dtype, weight.dtype, x_lora is x)
+    ctx.args = (block_ids, fan_in_fan_out, x.shape, x_lora.dtype, weight.dtype)
 
 
 def _linear_backward(ctx, grad):
     x, x_lora, weight, lora_A, lora_B = ctx.saved_tensors
-    block_ids, fan_in_fan_out, x_shape, x_lora_dtype, weight_dtype, same_input = ctx.args
+    block_ids, fan_in_fan_out, x_shape, x_lora_dtype, weight_dtype = ctx.args
     needs = ctx.needs_input_grad[:6]
     grads = reference.linear_backward(grad, x, x_lora, weight, lora_A, lora_B, ctx.scale, block_ids,
-                                      fan_in_fan_out, needs, x_shape, x_lora_dtype, weight_dtype, same_input)
+                                      fan_in_fan_out, needs, x_shape, x_lora_dtype, weight_dtype)
     return (*grads, None, None, None, None, None)
 
 
@@ -786,7 +786,7 @@ def _autocast_dtype(t) -> Optional[torch.dtype]:
 
 def _autocast_cast(dtype, tensors):
     """The floating tensors among `tensors` in dtype, each tensor cast once: x given again as x_lora (no dropout)
-    stays one tensor, whose backward then adds the two input gradients itself (reference.linear_backward)."""
+    stays one tensor (one cast and one cast's backward, not two)."""
     done = {}
     out = []
     for t in tensors:

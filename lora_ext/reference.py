@@ -139,12 +139,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, fan_in_fan_out, needs, x_shape,
-                    x_lora_dtype, weight_dtype, same_input=False):
+                    x_lora_dtype, weight_dtype):
     """Gradients of `linear` for (x, x_lora, weight, bias, lora_A, lora_B); None where not needed. x, x_lora and
     weight may be None where no gradient asked for reads them (x: the weight's; x_lora: the factors'; weight:
-    x's); x_shape (x_lora's too), x_lora_dtype and weight_dtype say what they were. same_input: x_lora was x itself
-    (no dropout); the low-rank path's input gradient is then added into x's, rounded once, and returned as x's
-    (x_lora's None), which saves autograd's addition of the two and a temporary of x's size."""
+    x's); x_shape (x_lora's too), x_lora_dtype and weight_dtype say what they were. Where x_lora is x (no dropout)
+    the two input gradients stay apart, autograd adding them: returning their sum as x's and None as x_lora's
+    crashed compiled autograd (torch._dynamo.compiled_autograd adds the two edges' gradients, None among them)."""
     g2 = _rows(grad)
     dx = dxl = dw = db = dA = dB = None
     if needs[0]:
@@ -178,10 +178,7 @@ def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, f
                     dBs.append(scale * (gj.t() @ t[:, j * r:(j + 1) * r]))
             dt = torch.cat(dts, dim=1)
         if needs[1]:
-            if same_input and dx is not None and dx.dtype == x_lora_dtype:
-                _rows(dx).add_(dt @ a_all)  # (a view of dx: it is contiguous)
-            else:
-                dxl = _as(dt @ a_all, x_lora_dtype).view(x_shape)
+            dxl = _as(dt @ a_all, x_lora_dtype).view(x_shape)
         if needs[4]:
             dA = _as(dt.t() @ xl, lora_A.dtype)
         if needs[5]:

@@ -1,6 +1,6 @@
 """Eager training calls: the ops' autograd as plain autograd.Functions (ops._eager_autograd), not the custom ops'
-dispatcher round trip; gradients against float64 oracles, the low-rank input gradient folded into x's where the
-layer has no dropout (x_lora is x), on the reference backend and through the kernel branch (simulator)."""
+dispatcher round trip; gradients against float64 oracles, with x as its own LoRA input (no dropout) and with another,
+on the reference backend and through the kernel branch (simulator); compiled autograd over an eager forward."""
 import pytest
 import torch
 
@@ -48,7 +48,7 @@ def _grads64(layer, num_blocks, ids, x, grad, x_lora=None):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_gradients_where_x_is_its_own_lora_input(backend, kind, dtype):
-    """No dropout: x_lora is x, and the backward returns the two input gradients as one (x's)."""
+    """No dropout: x_lora is x, its two gradients summed into x.grad by autograd."""
     make, num_blocks, ids = LAYERS[kind]
     layer = randomize_(make()).to(dtype)
     lora_ext.mark_only_lora_as_trainable(layer)
@@ -86,7 +86,7 @@ def test_gradients_under_autocast_where_x_is_its_own_lora_input(backend, kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["linear", "merged_TFT"])
 def test_gradients_with_another_lora_input(backend, kind, dtype):
-    """x_lora another tensor (dropout): each input gets its own gradient, none folded; the weight trains too."""
+    """x_lora another tensor (dropout): each input gets its own gradient; the weight trains too."""
     make, num_blocks, ids = LAYERS[kind]
     layer = randomize_(make()).to(dtype)
     layer.weight.requires_grad_(True)  # (frozen at construction, as loralib's)
@@ -105,7 +105,7 @@ def test_gradients_with_another_lora_input(backend, kind, dtype):
 
 @pytest.mark.parametrize("num_blocks,ids", [(1, [0]), (3, [0, 2])])
 def test_double_backward_where_x_is_its_own_lora_input(num_blocks, ids):
-    """The folded input gradient (an in-place add into x's) stays differentiable: gradgradcheck in float64."""
+    """x as its own LoRA input: gradcheck and gradgradcheck in float64."""
     d = torch.float64
     k, nb, r = 5, 3, 2
     w = torch.randn(num_blocks * nb, k, dtype=d, requires_grad=True)
@@ -169,3 +169,23 @@ def test_tensor_subclasses_keep_the_custom_op():
     want = (x.double() @ (layer.weight.detach().double() + 0.5 * layer.lora_B.detach().double()
                           @ A.double()).t() + layer.bias.detach().double())
     assert_close_rel(out.a, want, torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged_TFT"])
+def test_compiled_autograd_over_an_eager_forward(kind):
+    """Compiled autograd traces the eager Function's backward and adds the gradients of x's two edges (x and
+    x_lora: no dropout); a backward returning None for one of them crashed it (torch.add(g, None))."""
+    make, num_blocks, ids = LAYERS[kind]
+    layer = randomize_(make())
+    lora_ext.mark_only_lora_as_trainable(layer)
+    h = torch.randn(4, 24, requires_grad=True)
+    x = h * 1.0  # a hidden state that needs a gradient
+    grad = torch.randn(4, 18)
+    out = layer(x)
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        out.backward(grad)
+    torch._dynamo.reset()
+    want = _grads64(layer, num_blocks, ids, h, grad)
+    for name, got in (("x", h.grad), ("lora_A", layer.lora_A.grad), ("lora_B", layer.lora_B.grad)):
+        assert_close_rel(got, want[name], torch.float32)
