@@ -490,6 +490,33 @@ def forward_kernel_rows(device, dtype, repeats, dim=4096, r=16, merged_r=8, toke
     return rows
 
 
+def _train_rows(device, dtype, repeats, dim=256, r=8, tokens=(1, 64)):
+    """Forward+backward of an unmerged Linear(dim, dim, r) inside a model (its factors and its input need
+    gradients) against the plain layer, loralib and peft: on the CPU at a small width, where a training step's
+    host time shows (bench/NOTES-host-time.md). No target: the speed-ups over loralib and peft are reported. (The
+    CPU run's only: not a public row function, each of which the rehearsed CUDA run must call.)"""
+    makers = {"plain": lambda: _floor_linear(_unmerged(lora_ext, "linear", dim, r, dtype, device)),
+              "lora_ext": lambda: _unmerged(lora_ext, "linear", dim, r, dtype, device)}
+    if loralib is not None:
+        makers["loralib"] = lambda: _unmerged(loralib, "linear", dim, r, dtype, device)
+    if _peft() is not None:
+        makers["peft"] = lambda: _peft_linear(dim, r, dtype, device)
+    layers = {name: make() for name, make in makers.items()}
+    rows = []
+    for m in tokens:
+        x = torch.randn(m, dim, dtype=dtype, device=_cuda.place(device), requires_grad=True)
+        grad = torch.randn(m, dim, dtype=dtype, device=_cuda.place(device))
+        times = compare({k: (lambda f=f: f(x).backward(grad)) for k, f in layers.items()}, device, repeats,
+                        inner=20)
+        case = f"forward+backward Linear({dim}, {dim}) r={r} tokens={m}"
+        rows.extend(_ratio_rows(case, times, "plain"))
+        for other in ("loralib", "peft"):
+            if other in times:
+                rows.append(dict(case=f"{case}: lora_ext speed-up over {other}", impl="lora_ext",
+                                 ratio=times[other] / times["lora_ext"]))
+    return rows
+
+
 def _ratio_rows(case, times, floor, target=None, ours="lora_ext"):
     """One row per candidate: its time and its ratio to the floor's; our candidates' rows (ours: one name or
     a tuple of names) carry the target (a key of bench_targets.TARGETS)."""
@@ -573,6 +600,8 @@ def run(device="cpu", quick=False, dim=4096, rehearse=False, batched=False, sink
         times = forward_case(kind, dim, r, tokens, dtype, device, repeats)
         add(f"forward {kind} {dim} r={r} tokens={tokens}", times, "plain", target)
 
+    if device == "cpu":  # (on CUDA forward_kernel_rows has forward+backward rows at the kernels' width)
+        rows += _train_rows(device, dtype, repeats)
     rows += serving_rows(dim, dtype, device, repeats)
     if device == "cuda":  # at 4096 a 16 us pass may leave the layer call host-bound; 8192 shows the kernel
         rows += switch_rows(2 * dim, dtype, device, repeats)

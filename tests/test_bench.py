@@ -23,6 +23,23 @@ def test_forward_kernel_rows_run_on_cpu():
                             rows=rows))
 
 
+def test_train_rows_compare_a_training_step_with_loralib_and_peft():
+    """The CPU run's forward+backward rows: every implementation timed on the same step, its ratio to the plain
+    layer's, and lora_ext's speed-up over each other library (no target)."""
+    rows = bench._train_rows("cpu", torch.float32, repeats=1, dim=16, r=2, tokens=(1, 3))
+    for m in (1, 3):
+        case = f"forward+backward Linear(16, 16) r=2 tokens={m}"
+        timed = {row["impl"]: row for row in rows if row["case"] == case}
+        assert set(timed) >= {"plain", "lora_ext", "loralib", "peft"}, timed
+        assert timed["plain"]["ratio"] == 1.0
+        for impl, row in timed.items():
+            assert row["ms"] > 0 and abs(row["ratio"] - row["ms"] / timed["plain"]["ms"]) < 1e-9
+        for other in ("loralib", "peft"):
+            (speedup,) = [row for row in rows if row["case"] == f"{case}: lora_ext speed-up over {other}"]
+            assert abs(speedup["ratio"] - timed[other]["ms"] / timed["lora_ext"]["ms"]) < 1e-9
+            assert "target" not in speedup
+
+
 def _spy(monkeypatch, module, name, calls):
     """Replaces module.name by a wrapper that records (args, kwargs, result) of every call in calls[name]."""
     real = getattr(module, name)
