@@ -101,6 +101,26 @@ def linear64(x, x_lora, w, bias, A, B, scale, num_blocks, ids, fan):
     return y.reshape(*x.shape[:-1], n_out)
 
 
+def linear_grads64(layer, x, grad, x_lora=None):
+    """Float64 gradients of an unmerged lora_ext Linear / MergedLinear on the CPU, through an explicit formula
+    (x W^T + b + scaling * x_lora (B_j A_j)^T in the enabled blocks, autograd of plain float64 torch ops):
+    {"x", "lora_A", "lora_B", "weight" (in its storage layout), and "x_lora" where it is given}."""
+    cpu = lambda t: t.detach().to("cpu", torch.float64)
+    w = cpu(layer.weight).requires_grad_()
+    A, B = cpu(layer.lora_A).requires_grad_(), cpu(layer.lora_B).requires_grad_()
+    x64 = cpu(x).requires_grad_()
+    xl64 = x64 if x_lora is None else cpu(x_lora).requires_grad_()
+    layout = layer.layout()
+    wl = w.t() if layout["transposed"] else w
+    delta = _block_delta(A, B, layout["num_blocks"], layout["block_ids"], wl.shape[0])
+    y = x64 @ wl.t() + cpu(layer.bias) + layer.scaling * (xl64 @ delta.t())
+    y.backward(cpu(grad))
+    out = {"x": x64.grad, "lora_A": A.grad, "lora_B": B.grad, "weight": w.grad}
+    if x_lora is not None:
+        out["x_lora"] = xl64.grad
+    return out
+
+
 def embedding64(ids, w, A, B, scale):
     """W[ids] + scale * A^T[ids] B^T in float64, on the tensors' device."""
     return w.double()[ids] + scale * A.double().t()[ids] @ B.double().t()

@@ -6,7 +6,7 @@ import torch
 
 import lora_ext
 from lora_ext import ops
-from helpers import _block_delta, assert_close_rel, randomize_
+from helpers import assert_close_rel, linear_grads64, randomize_
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYERS = {  # name: (maker, num_blocks, block_ids)
@@ -27,24 +27,6 @@ def backend(request):
     return request.param
 
 
-def _grads64(layer, num_blocks, ids, x, grad, x_lora=None):
-    """Float64 gradients through an explicit formula, x W^T + b + scaling * x_lora (B_j A_j)^T in the enabled
-    blocks: {"x", "lora_A", "lora_B", "weight" (in its storage layout), and "x_lora" where it is given}."""
-    w = layer.weight.detach().double().requires_grad_()
-    A = layer.lora_A.detach().double().requires_grad_()
-    B = layer.lora_B.detach().double().requires_grad_()
-    x64 = x.detach().double().requires_grad_()
-    xl64 = x64 if x_lora is None else x_lora.detach().double().requires_grad_()
-    wl = w.t() if layer.fan_in_fan_out else w
-    delta = _block_delta(A, B, num_blocks, ids, wl.shape[0])
-    y = x64 @ wl.t() + layer.bias.detach().double() + layer.scaling * (xl64 @ delta.t())
-    y.backward(grad.double())
-    out = {"x": x64.grad, "lora_A": A.grad, "lora_B": B.grad, "weight": w.grad}
-    if x_lora is not None:
-        out["x_lora"] = xl64.grad
-    return out
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_gradients_where_x_is_its_own_lora_input(backend, kind, dtype):
@@ -58,7 +40,7 @@ def test_gradients_where_x_is_its_own_lora_input(backend, kind, dtype):
     out = layer(x)
     assert type(out.grad_fn).__name__ == "_LinearEagerBackward"  # the Function, not the custom op
     out.backward(grad)
-    want = _grads64(layer, num_blocks, ids, x, grad)
+    want = linear_grads64(layer, x, grad)
     for name, got in (("x", x.grad), ("lora_A", layer.lora_A.grad), ("lora_B", layer.lora_B.grad)):
         assert got.dtype == dtype, name
         assert_close_rel(got, want[name], dtype)
@@ -77,7 +59,7 @@ def test_gradients_under_autocast_where_x_is_its_own_lora_input(backend, kind):
         out = layer(x)
     assert out.dtype == torch.bfloat16
     out.backward(grad.bfloat16())
-    want = _grads64(layer, num_blocks, ids, x, grad)
+    want = linear_grads64(layer, x, grad)
     for name, got in (("x", x.grad), ("lora_A", layer.lora_A.grad), ("lora_B", layer.lora_B.grad)):
         assert got.dtype == torch.float32, name
         assert_close_rel(got, want[name], torch.bfloat16, factor=2)  # (operands and grad rounded to bf16)
@@ -97,7 +79,7 @@ def test_gradients_with_another_lora_input(backend, kind, dtype):
     out = ops.linear(x, xl, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
                      num_blocks=num_blocks, block_ids=ids, fan_in_fan_out=layer.fan_in_fan_out)
     out.backward(grad)
-    want = _grads64(layer, num_blocks, ids, x, grad, x_lora=xl)
+    want = linear_grads64(layer, x, grad, x_lora=xl)
     for name, got in (("x", x.grad), ("x_lora", xl.grad), ("lora_A", layer.lora_A.grad),
                       ("lora_B", layer.lora_B.grad), ("weight", layer.weight.grad)):
         assert_close_rel(got, want[name], dtype)
@@ -186,6 +168,6 @@ def test_compiled_autograd_over_an_eager_forward(kind):
     with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
         out.backward(grad)
     torch._dynamo.reset()
-    want = _grads64(layer, num_blocks, ids, h, grad)
+    want = linear_grads64(layer, h, grad)
     for name, got in (("x", h.grad), ("lora_A", layer.lora_A.grad), ("lora_B", layer.lora_B.grad)):
         assert_close_rel(got, want[name], torch.float32)

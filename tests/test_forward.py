@@ -13,8 +13,8 @@ import torch
 
 import lora_ext
 from lora_ext import ops
-from helpers import (KERNEL_DTYPES, PATTERNS, TOL, CalledNames, assert_close_rel, embedding64, linear64, load_sim,
-                     rel_err, requires_sim)
+from helpers import (KERNEL_DTYPES, PATTERNS, TOL, CalledNames, assert_close_rel, embedding64, linear64,
+                     linear_grads64, load_sim, rel_err, requires_sim)
 
 _sim = load_sim()
 
@@ -411,19 +411,21 @@ LAYERS = {
 @pytest.mark.parametrize("m", [1, 50])
 def test_cuda_layers_forward_and_gradients(cuda, kind, dtype, m):
     layer = _randomize(LAYERS[kind]()).to(device=cuda.device, dtype=dtype)
-    cpu = _randomize(LAYERS[kind]()).double()
-    cpu.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
+    layout = layer.layout()
     x = torch.randn(2, m, 96, device=cuda.device).to(dtype)
     with torch.no_grad():  # the eager fast path straight into _C
-        assert_close_rel(layer(x), cpu(x.double().cpu()), dtype)
+        assert_close_rel(layer(x), linear64(x, x, layer.weight, layer.bias, layer.lora_A, layer.lora_B,
+                                            layer.scaling, layout["num_blocks"], layout["block_ids"],
+                                            layout["transposed"]), dtype)
     xg = x.clone().requires_grad_()
-    xr = x.double().cpu().requires_grad_()
     grad = torch.randn(2, m, layer.out_features, device=cuda.device).to(dtype)
-    layer(xg).backward(grad)  # the custom op with its autograd formula
-    cpu(xr).backward(grad.double().cpu())
-    assert_close_rel(xg.grad, xr.grad, dtype)
-    assert_close_rel(layer.lora_A.grad, cpu.lora_A.grad, dtype)
-    assert_close_rel(layer.lora_B.grad, cpu.lora_B.grad, dtype)
+    out = layer(xg)  # the ops' eager autograd.Function over the kernels' forward
+    assert type(out.grad_fn).__name__ == "_LinearEagerBackward"
+    out.backward(grad)
+    want = linear_grads64(layer, x, grad)  # float64, an explicit formula on the CPU
+    assert_close_rel(xg.grad, want["x"], dtype)
+    assert_close_rel(layer.lora_A.grad, want["lora_A"], dtype)
+    assert_close_rel(layer.lora_B.grad, want["lora_B"], dtype)
 
 
 @pytest.mark.gpu
@@ -431,15 +433,22 @@ def test_cuda_layers_forward_and_gradients(cuda, kind, dtype, m):
 def test_cuda_embedding_layer_gradients(cuda, dtype):
     layer = _randomize(lora_ext.Embedding(60, 40, r=8, padding_idx=2, merge_weights=False)).to(cuda.device, dtype)
     layer.weight.requires_grad_(True)
-    cpu = lora_ext.Embedding(60, 40, r=8, padding_idx=2, merge_weights=False).double()
-    cpu.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
-    cpu.weight.requires_grad_(True)
     ids = torch.randint(0, 60, (3, 9), device=cuda.device)
     ids[0, 0] = 2
     grad = torch.randn(3, 9, 40, device=cuda.device).to(dtype)
-    layer(ids).backward(grad)
-    cpu(ids.cpu()).backward(grad.double().cpu())
-    for p, q in ((layer.weight, cpu.weight), (layer.lora_A, cpu.lora_A), (layer.lora_B, cpu.lora_B)):
+    out = layer(ids)
+    assert type(out.grad_fn).__name__ == "_EmbeddingEagerBackward"
+    out.backward(grad)
+    # float64 on the CPU, an explicit formula: W[ids] + scaling * A^T[ids] B^T; the padding row of W and the
+    # padding column of A get no gradient (nn.Embedding's and loralib's padding_idx)
+    w, A, B = (p.detach().cpu().double().requires_grad_() for p in (layer.weight, layer.lora_A, layer.lora_B))
+    flat = ids.reshape(-1).cpu()
+    y = w[flat] + layer.scaling * (A.t()[flat] @ B.t())
+    y.backward(grad.reshape(-1, 40).cpu().double())
+    with torch.no_grad():
+        w.grad[2] = 0
+        A.grad[:, 2] = 0
+    for p, q in ((layer.weight, w), (layer.lora_A, A), (layer.lora_B, B)):
         assert_close_rel(p.grad, q.grad, dtype)
 
 
