@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_ext  # noqa: E402
-from lora_ext import ops  # noqa: E402
+from lora_ext import bench, ops  # noqa: E402
 
 CALLS = 20
 RUNTIME = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cudaStreamSynchronize",
@@ -58,6 +58,9 @@ def cases(dim, r, dtype, device):
 
     out["unmerged forward M=1, no grad"] = forward
     out["plain nn.Linear forward M=1 (the floor)"] = forward_plain
+    # the same under CUDA graph replay (the bench's capture: a rehearsal replays eagerly): kernel time alone
+    out["unmerged forward M=1, CUDA graph replay"] = bench._graph_replay([unmerged], x1)
+    out["plain nn.Linear forward M=1, CUDA graph replay"] = bench._graph_replay([plain], x1)
     train = _layer(dim, r, dtype, device)
     lora_ext.mark_only_lora_as_trainable(train)
     train.train()
@@ -143,9 +146,8 @@ def main(argv=None):
         raise SystemExit("no CUDA device visible (use --rehearse on the CPU)")
     dim = args.dim or (64 if args.rehearse else 4096)
     context = contextlib.nullcontext()
-    if args.rehearse:
-        from lora_ext import _sim
-        context = ops.use_kernels(_sim, "cpu")
+    if args.rehearse:  # the bench's CUDA shim on the CPU (captures replay eagerly), lora_ext._sim for _C
+        context = bench.rehearsing()
         print("REHEARSAL: the GPU run's code on the CPU (lora_ext._sim for _C); the numbers mean nothing")
     torch.manual_seed(0)
     with context:
