@@ -110,9 +110,8 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
         return F.linear(x, w, bias)
     n_out, k = w.shape
     dtype = x.dtype
-    rows = x.shape[:-1].numel()  # not reshape(-1, k): k may be 0
-    x2 = x.reshape(rows, k)
-    t = x_lora.reshape(rows, k) @ _as(lora_A, dtype).t()
+    x2 = _rows(x)  # (not reshape(-1, k): k may be 0)
+    t = _rows(x_lora) @ _as(lora_A, dtype).t()
     r = lora_A.shape[0] // len(block_ids)
     b_all = _as(lora_B, dtype)
     if num_blocks == 1:
@@ -130,12 +129,18 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
         for j, (e, nb, _, b) in enumerate(_groups(lora_A, b_all, block_ids)):
             out[:, e * nb:(e + 1) * nb].addmm_(t[:, j * r:(j + 1) * r], b.t(), alpha=scale)
     out.addmm_(x2, w.t())
-    return out.view(*x.shape[:-1], n_out)
+    return out if x.dim() == 2 else out.view(*x.shape[:-1], n_out)  # (a matrix as it is: no view to own)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """t as a matrix of its last dimension's rows (reshape(-1, n) cannot take 0 elements: n may be 0)."""
-    return t.reshape(t.shape[:-1].numel(), t.shape[-1])
+    """t as a matrix of its last dimension's rows (reshape(-1, n) cannot take 0 elements: n may be 0); a matrix
+    as it is (no call: host time)."""
+    return t if t.dim() == 2 else t.reshape(t.shape[:-1].numel(), t.shape[-1])
+
+
+def _shaped(t: torch.Tensor, shape) -> torch.Tensor:
+    """The matrix t (rows of shape's last dimension) in `shape`: t itself where shape is a matrix's."""
+    return t if len(shape) == 2 else t.view(shape)
 
 
 def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, fan_in_fan_out, needs, x_shape,
@@ -149,7 +154,7 @@ def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, f
     dx = dxl = dw = db = dA = dB = None
     if needs[0]:
         w = weight.t() if fan_in_fan_out else weight
-        dx = (g2 @ _as(w, g2.dtype)).view(x_shape)
+        dx = _shaped(g2 @ _as(w, g2.dtype), x_shape)
     if needs[2]:
         dwl = g2.t() @ _rows(x).to(g2.dtype)
         dw = (dwl.t() if fan_in_fan_out else dwl).to(weight_dtype)
@@ -178,7 +183,7 @@ def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, f
                     dBs.append(scale * (gj.t() @ t[:, j * r:(j + 1) * r]))
             dt = torch.cat(dts, dim=1)
         if needs[1]:
-            dxl = _as(dt @ a_all, x_lora_dtype).view(x_shape)
+            dxl = _shaped(_as(dt @ a_all, x_lora_dtype), x_shape)
         if needs[4]:
             dA = _as(dt.t() @ xl, lora_A.dtype)
         if needs[5]:
