@@ -9,13 +9,12 @@ from lora_ext import ops
 from helpers import assert_close_rel, linear_grads64, randomize_
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-LAYERS = {  # name: (maker, num_blocks, block_ids)
-    "linear": (lambda: lora_ext.Linear(24, 18, r=3, lora_alpha=5), 1, [0]),
-    "linear_fan": (lambda: lora_ext.Linear(24, 18, r=3, lora_alpha=5, fan_in_fan_out=True), 1, [0]),
-    "merged_TFT": (lambda: lora_ext.MergedLinear(24, 18, r=2, lora_alpha=3, enable_lora=[True, False, True]), 3,
-                   [0, 2]),
-    "merged_FT": (lambda: lora_ext.MergedLinear(24, 18, r=2, enable_lora=[False, True]), 2, [1]),
-    "merged_TT": (lambda: lora_ext.MergedLinear(24, 18, r=2, enable_lora=[True, True]), 2, [0, 1]),
+LAYERS = {  # blocks: one; [T,F,T]; [F,T]; [T,T]
+    "linear": lambda: lora_ext.Linear(24, 18, r=3, lora_alpha=5),
+    "linear_fan": lambda: lora_ext.Linear(24, 18, r=3, lora_alpha=5, fan_in_fan_out=True),
+    "merged_TFT": lambda: lora_ext.MergedLinear(24, 18, r=2, lora_alpha=3, enable_lora=[True, False, True]),
+    "merged_FT": lambda: lora_ext.MergedLinear(24, 18, r=2, enable_lora=[False, True]),
+    "merged_TT": lambda: lora_ext.MergedLinear(24, 18, r=2, enable_lora=[True, True]),
 }
 
 
@@ -31,7 +30,7 @@ def backend(request):
 @pytest.mark.parametrize("kind", list(LAYERS))
 def test_gradients_where_x_is_its_own_lora_input(backend, kind, dtype):
     """No dropout: x_lora is x, its two gradients summed into x.grad by autograd."""
-    make, num_blocks, ids = LAYERS[kind]
+    make = LAYERS[kind]
     layer = randomize_(make()).to(dtype)
     lora_ext.mark_only_lora_as_trainable(layer)
     layer.train()
@@ -50,7 +49,7 @@ def test_gradients_where_x_is_its_own_lora_input(backend, kind, dtype):
 @pytest.mark.parametrize("kind", ["linear", "merged_TFT"])
 def test_gradients_under_autocast_where_x_is_its_own_lora_input(backend, kind):
     """Autocast casts x once for both inputs (it stays its own LoRA input): float32 gradients of bfloat16 math."""
-    make, num_blocks, ids = LAYERS[kind]
+    make = LAYERS[kind]
     layer = randomize_(make())
     lora_ext.mark_only_lora_as_trainable(layer)
     x = torch.randn(6, 24, requires_grad=True)
@@ -69,15 +68,17 @@ def test_gradients_under_autocast_where_x_is_its_own_lora_input(backend, kind):
 @pytest.mark.parametrize("kind", ["linear", "merged_TFT"])
 def test_gradients_with_another_lora_input(backend, kind, dtype):
     """x_lora another tensor (dropout): each input gets its own gradient; the weight trains too."""
-    make, num_blocks, ids = LAYERS[kind]
+    make = LAYERS[kind]
     layer = randomize_(make()).to(dtype)
     layer.weight.requires_grad_(True)  # (frozen at construction, as loralib's)
     layer.bias.requires_grad_(False)
+    layout = layer.layout()
     x = torch.randn(7, 24).to(dtype).requires_grad_()
     xl = torch.randn(7, 24).to(dtype).requires_grad_()
     grad = torch.randn(7, 18).to(dtype)
     out = ops.linear(x, xl, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
-                     num_blocks=num_blocks, block_ids=ids, fan_in_fan_out=layer.fan_in_fan_out)
+                     num_blocks=layout["num_blocks"], block_ids=layout["block_ids"],
+                     fan_in_fan_out=layout["transposed"])
     out.backward(grad)
     want = linear_grads64(layer, x, grad, x_lora=xl)
     for name, got in (("x", x.grad), ("x_lora", xl.grad), ("lora_A", layer.lora_A.grad),
@@ -157,7 +158,7 @@ def test_tensor_subclasses_keep_the_custom_op():
 def test_compiled_autograd_over_an_eager_forward(kind):
     """Compiled autograd traces the eager Function's backward and adds the gradients of x's two edges (x and
     x_lora: no dropout); a backward returning None for one of them crashed it (torch.add(g, None))."""
-    make, num_blocks, ids = LAYERS[kind]
+    make = LAYERS[kind]
     layer = randomize_(make())
     lora_ext.mark_only_lora_as_trainable(layer)
     h = torch.randn(4, 24, requires_grad=True)
