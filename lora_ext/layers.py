@@ -18,6 +18,7 @@ calls of the same layer on other threads.
 """
 import contextlib
 import copy
+import functools
 import math
 import os
 import sys
@@ -231,17 +232,102 @@ def _freezing() -> bool:
     return bool(inductor is not None and inductor.freezing)
 
 
+_SAMPLED = 8  # a merge's sample (_MergedSample): the 8 x 8 positions where the update is likely largest
+
+
+@functools.lru_cache(maxsize=64)
+def _on_device(values: Tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
+
+
+class _MergedSample:
+    """What a merge wrote, at a few positions of the weight (LoRALayer._see_new_memory compares new memory under the
+    weight Parameter with it once the old memory is gone): the 8 x 8 positions of the update matrix D = B A on the
+    rows of largest |B| row and the columns of largest |A| column, where the update is likely largest; the merged
+    values there, and the update s D there in float64. About a dozen small ops per merge, no sync."""
+    __slots__ = ("index", "values", "update")
+
+    def __init__(self, w: Tensor, A: Tensor, B: Tensor, scale: float, layout: Dict[str, Any]):
+        with torch.no_grad():
+            A, B = A.detach().to(w.device), B.detach().to(w.device)
+            rows, cols = B.shape[0], A.shape[1]
+            i = (B * B).sum(dim=1).topk(min(_SAMPLED, rows)).indices
+            j = (A * A).sum(dim=0).topk(min(_SAMPLED, cols)).indices
+            ids = layout.get("block_ids")
+            if ids is None:
+                update, out = B[i] @ A[:, j], i
+            else:  # MergedLinear: B's rows and A's ranks by enabled group
+                groups = len(ids)
+                per, rank = rows // groups, A.shape[0] // groups
+                g = i // per
+                update = (B[i].unsqueeze(1) @ A.reshape(groups, rank, cols)[g][:, :, j]).squeeze(1)
+                out = _on_device(tuple(ids), w.device)[g] * per + i % per
+            self.update = scale * update.double()  # (rows i, columns j)
+            if w.dim() != 2:  # a conv: D is its weight, flattened (_as_2d)
+                self.index = torch.unravel_index(i[:, None] * cols + j[None, :], tuple(w.shape))
+            elif layout.get("transposed"):
+                self.index = (j[None, :], out[:, None])
+            else:
+                self.index = (out[:, None], j[None, :])
+            self.values = w.detach()[self.index]
+
+    def at(self, w: Tensor) -> Tensor:
+        """`w`'s values at the sampled positions."""
+        return w.detach()[tuple(t.to(w.device) for t in self.index)]
+
+    def held(self, w: Tensor):
+        """Whether `w` (the noted shape, floating point) holds the merged values: "exact" (bit for bit at the sample),
+        "near" (their cast to w's dtype bit for bit, or within a quarter of the update of them where the update is
+        largest: a rounded or quantized copy, an optimizer step's) or False (a base: the update away from them,
+        or another weight)."""
+        with torch.no_grad():
+            new = self.at(w)
+            merged = self.values.to(new.device)
+            if new.dtype == merged.dtype:
+                if _same_bits(new, merged):
+                    return "exact"
+            elif _same_bits(new, merged.to(new.dtype)):
+                return "near"
+            update = float(self.update.norm())
+            off = float((new.double() - merged.double()).norm())
+            return "near" if update > 0 and off <= update / 4 else False
+
+
 class _Written:
     """What a layer's last write left (_note_written): the weight's storage (a weak reference, and the StorageImpl it
-    names, which cannot be another while the reference lives), version counter and region. A copy or pickle of it is
-    True (a layer's copy notes its own weight): a StorageWeakRef copied would release a reference it never took."""
-    __slots__ = ("ref", "cdata", "version", "region")
+    names, which cannot be another while the reference lives), version counter and region; and, for a plain weight,
+    the Parameter object's id and, while merged, a sample of what the merge wrote (_MergedSample), so that new memory
+    under that Parameter (`weight.data = W`, `set_`, `swap_tensors`) is seen and can be compared with what the
+    merge wrote after the old memory is gone (LoRALayer._see_new_memory). A copy or pickle of it is True (a layer's
+    copy notes its own weight): a StorageWeakRef copied would release a reference it never took."""
+    __slots__ = ("ref", "cdata", "version", "region", "param", "sample")
 
-    def __init__(self, storage, w):
+    def __init__(self, storage, w, param: Optional[int] = None, sample: Optional[_MergedSample] = None):
         self.ref = StorageWeakRef(storage)
         self.cdata = storage._cdata
         self.version = w._version
         self.region = (w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype)
+        self.param, self.sample = param, sample
+
+    def old(self) -> Optional[Tensor]:
+        """The tensor noted, when its memory is still alive (held elsewhere), else None."""
+        try:
+            storage = torch.UntypedStorage._new_with_weak_ptr(self.ref.cdata)
+            if storage is None:
+                return None
+            offset, shape, stride, dtype = self.region
+            return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, offset, shape, stride)
+        except Exception:  # (a storage resized under the region since: not the tensor noted)
+            return None
+
+    def sample_held(self, w: Tensor):
+        """_MergedSample.held for new memory `w` of the noted shape; False without a sample (nothing merged to
+        hold) or for another shape or a non-floating weight; "exact" for a weight without elements."""
+        if tuple(w.shape) != self.region[1] or not w.dtype.is_floating_point:
+            return False
+        if w.numel() == 0:
+            return "exact"
+        return False if self.sample is None else self.sample.held(w)
 
     def __reduce__(self):
         return (bool, (True,))
@@ -309,6 +395,8 @@ class LoRALayer(NamedAdapters):
         self.register_load_state_dict_post_hook(_remerge_after_load)
 
     def __getstate__(self):
+        if self.__dict__.get("merged"):
+            self._see_new_memory()  # (a copy of a layer saying merged over a base would serve it without its adapter)
         state = dict(self.__dict__)
         state.pop("_lock", None)  # locks and streams do not pickle or deepcopy; each copy gets its own
         state.pop("_streams", None)
@@ -725,12 +813,66 @@ class LoRALayer(NamedAdapters):
 
     def _note_written(self) -> None:
         """Records the weight's storage and version counter as this layer's last write left them, so that a load
-        that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place)."""
-        w = sharded.local(self._weight_param())
+        that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place);
+        for a plain weight, also the Parameter and, while merged, a sample of the merged values (_see_new_memory)."""
+        param = self._weight_param()
+        w = sharded.local(param)
         try:
-            self.__dict__["_written"] = _Written(w.untyped_storage(), w)
+            storage = w.untyped_storage()
+            plain = w is param  # (a DTensor's local shard: FSDP2 and tensor parallelism move shards themselves)
+            A, B = (self.__dict__.get("_buffers", {}).get(k) for k in ("_merged_A", "_merged_B"))
+            sample = (_MergedSample(w, A, B, self._merged_scaling, self._layout())
+                      if plain and A is not None and w.numel() and not w.is_meta else None)
+            self.__dict__["_written"] = _Written(storage, w, id(param) if plain else None, sample)
         except RuntimeError:  # a wrapper subclass has no storage of its own: unknown (_written_in_place: False)
             self.__dict__["_written"] = None
+
+    def _new_memory(self) -> bool:
+        """Whether the weight Parameter the last write noted holds other memory now: `weight.data = W`,
+        `weight.set_(W)`, `torch.utils.swap_tensors(weight, P)` outside module.to(), or another Parameter at the
+        noted one's address (written straight into `_parameters`). By storage only (a forward asks: one storage
+        look); a plain weight only."""
+        written = self.__dict__.get("_written")
+        if type(written) is not _Written:
+            return False
+        w = self._weight_owner()._parameters.get("weight")
+        try:  # (param: None for a DTensor, which never matches)
+            return id(w) == written.param and w.untyped_storage()._cdata != written.cdata
+        except RuntimeError:
+            return False
+
+    def _see_new_memory(self) -> None:
+        """A merged layer whose weight Parameter now holds other memory (_new_memory), seen at its next forward,
+        write (train()/eval(), merge(), unmerge(), a switch, module.to(), a load) or state_dict() or copy. Memory
+        that holds the merged values keeps the merge: compared whole with the old memory where that is still held
+        elsewhere and still holds what the merge wrote at its sample (as a new Parameter is: _holds_merged_values),
+        else with the sample the merge kept (_MergedSample.held: bit for bit, a cast, or within a quarter of the
+        update where it is largest: a clone, a move, vector_to_parameters of parameters_to_vector, a rounded copy;
+        in another dtype, a lossless record is dropped with a warning where it is next read). Any other memory is taken as the base: the layer forgets its merge,
+        with a warning, and adds the adapter on the fly until the next eval() or merge(), so that train() takes
+        nothing out of it. A placeholder (meta, or no elements where the weight had some: an offload's) is not
+        judged: the values put back are."""
+        if not self.merged or not self._new_memory():
+            return
+        with self._lock, deferred_interrupt():
+            if not self.merged or not self._new_memory():  # (another thread saw it first)
+                return
+            written, w = self._written, self._weight_param()
+            if w.is_meta or (w.numel() == 0 and math.prod(written.region[1]) != 0):
+                return
+            old = written.old()
+            if old is not None and written.sample is not None and written.sample.held(old) != "exact":
+                old = None  # (written since: no longer what the merge wrote)
+            held = self._holds_merged_values(w, old) if old is not None else written.sample_held(w)
+            if held:  # (in another dtype, a lossless record is dropped with its own warning where it is read)
+                self._note_written()
+                return
+            self._forget_merge()
+        warnings.warn(f"{self._describe()}: its weight Parameter holds new memory (`weight.data = W`, `weight.set_`, "
+                      f"torch.utils.swap_tensors or vector_to_parameters) while adapter {self.active_adapter!r} was "
+                      f"merged into the old one; the new memory, which does not hold the merged values, is taken as "
+                      f"the base and the adapter is added on the fly until the next eval() or merge()",
+                      stacklevel=_user_stacklevel())
 
     def _in_written(self, t: Tensor) -> Optional[bool]:
         """Whether `t` is the weight this layer's last write left (_note_written): the same storage object, still
@@ -1042,6 +1184,7 @@ class LoRALayer(NamedAdapters):
         """When merged, replaces the merged adapter by (lora_A, lora_B, scaling) in one pass over the weight
         (the caller holds the lock and has checked the new factors). A lossless merge stays lossless: the
         weight is then bit-identical to merging the new adapter once into the base."""
+        self._see_new_memory()
         if not (self.merged and self._merged_A is not None):
             return
         if not self._known_finite(MERGED):
@@ -1074,6 +1217,8 @@ class LoRALayer(NamedAdapters):
         refuses (lossless=True beyond the record dtypes, float16's range, a lossless record over its limit) leaves
         the layer unmerged too, with a warning. (A new memory format, channels_last, keeps the merge: the record is
         by logical position.)"""
+        if self.__dict__.get("_buffers", {}).get("_merged_A") is not None:
+            self._see_new_memory()  # (new memory set by hand since the last write: looked at before the move)
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return super()._apply(fn, recurse)
         # (Ctrl-C held back to the end: the weight and `merged` change together, as in train())
@@ -1141,6 +1286,7 @@ class LoRALayer(NamedAdapters):
             raise ValueError(f"{self._describe()}: training mode is expected to be boolean, got {mode!r}")
         # (Ctrl-C held back to the end, so that it lands with `merged` saying what the weight holds)
         with self._lock, deferred_interrupt():
+            self._see_new_memory()
             # under lora.disable_adapter the weight stays the base: eval()'s merge waits for the block's end
             if self.merge_weights and mode == self.merged and not (self._adapter_off and not mode):
                 refusal = self.merge_refusal() if not mode and self.has_lora else None
@@ -1181,6 +1327,7 @@ class LoRALayer(NamedAdapters):
             raise ValueError(f"{self._describe()}: its adapters are disabled (lora.disable_adapter): the weight serves "
                              f"the base until the block ends; merge after it")
         with self._lock, deferred_interrupt():  # (as in train())
+            self._see_new_memory()
             if self.has_lora and not self.merged:
                 self._merge()
             self.merged = True
@@ -1188,6 +1335,7 @@ class LoRALayer(NamedAdapters):
     def unmerge(self) -> None:
         """Restores the base weight now (forwards then add the adapter on the fly)."""
         with self._lock, deferred_interrupt():  # (as in train())
+            self._see_new_memory()
             if self.merged and self._merged_A is not None:
                 self._unmerge()
             self.merged = False
@@ -1197,6 +1345,7 @@ class LoRALayer(NamedAdapters):
     def state_dict(self, *args, **kwargs):
         with self._lock:
             self._check_sound()  # (a weight no record describes would be saved as the base)
+            self._see_new_memory()
             self._streams.read(self._weight_owner().weight.device)
             state = nn.Module.state_dict(self, *args, **kwargs)
             if self.merged and self._merged_A is not None:
@@ -1226,6 +1375,10 @@ class LoRALayer(NamedAdapters):
             if _freezing() and self._weight_writes == "":  # (never: the comparison makes dynamo guard on the count,
                 raise AssertionError                       # so that a merged switch, which writes the weight a frozen
             return True                                  # graph holds as a constant, compiles anew)
+        if self._new_memory():  # (`weight.data = W` and the like since the last write: one storage look)
+            self._see_new_memory()
+            if not self.merged:
+                return False
         return not _given_bases[0] or not self._given_base()
 
     def _given_base(self) -> bool:
@@ -1243,6 +1396,7 @@ class LoRALayer(NamedAdapters):
                                f"closes")
         with self._lock:
             self._streams.write(self._weight_owner().weight.device)
+            self._see_new_memory()  # (the unmerge below would take the adapter out of a base set by hand)
             if self.merged and self._merged_A is not None:
                 incoming = [state_dict.get(prefix + k) for k in ("lora_A", "lora_B")]
                 if any(isinstance(t, Tensor) for t in incoming):  # refused before the base is touched
