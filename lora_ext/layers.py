@@ -243,33 +243,39 @@ def _on_device(values: Tuple[int, ...], device: torch.device) -> Tensor:
 class _MergedSample:
     """What a merge wrote, at a few positions of the weight (LoRALayer._see_new_memory compares new memory under the
     weight Parameter with it once the old memory is gone): the 8 x 8 positions of the update matrix D = B A on the
-    rows of largest |B| row and the columns of largest |A| column, where the update is likely largest; the merged
-    values there, and the update s D there in float64. About a dozen small ops per merge, no sync."""
-    __slots__ = ("index", "values", "update")
+    rows of largest |B| row and the columns of largest |A| column, where the update is likely largest, and the
+    merged values there. The update there (s D, float64) is computed when asked, from the merged snapshot's
+    factors, which it holds (the layer holds them too while merged). Seven small ops per merge, no sync."""
+    __slots__ = ("index", "values", "rows", "cols", "factors")
 
     def __init__(self, w: Tensor, A: Tensor, B: Tensor, scale: float, layout: Dict[str, Any]):
         with torch.no_grad():
-            A, B = A.detach().to(w.device), B.detach().to(w.device)
+            A, B = A.detach(), B.detach()
             rows, cols = B.shape[0], A.shape[1]
-            i = (B * B).sum(dim=1).topk(min(_SAMPLED, rows)).indices
-            j = (A * A).sum(dim=0).topk(min(_SAMPLED, cols)).indices
+            i = (B * B).sum(dim=1).topk(min(_SAMPLED, rows)).indices.to(w.device)
+            j = (A * A).sum(dim=0).topk(min(_SAMPLED, cols)).indices.to(w.device)
             ids = layout.get("block_ids")
-            if ids is None:
-                update, out = B[i] @ A[:, j], i
-            else:  # MergedLinear: B's rows and A's ranks by enabled group
-                groups = len(ids)
-                per, rank = rows // groups, A.shape[0] // groups
-                g = i // per
-                update = (B[i].unsqueeze(1) @ A.reshape(groups, rank, cols)[g][:, :, j]).squeeze(1)
-                out = _on_device(tuple(ids), w.device)[g] * per + i % per
-            self.update = scale * update.double()  # (rows i, columns j)
+            out = i
+            if ids is not None:  # MergedLinear: B's rows by enabled group
+                per = rows // len(ids)
+                out = _on_device(tuple(ids), w.device)[i // per] * per + i % per
             if w.dim() != 2:  # a conv: D is its weight, flattened (_as_2d)
                 self.index = torch.unravel_index(i[:, None] * cols + j[None, :], tuple(w.shape))
             elif layout.get("transposed"):
                 self.index = (j[None, :], out[:, None])
             else:
                 self.index = (out[:, None], j[None, :])
-            self.values = w.detach()[self.index]
+            self.values = w.detach()[self.index]  # (rows i, columns j)
+            self.rows, self.cols, self.factors = i, j, (A, B, scale, len(ids) if ids is not None else 1)
+
+    def update(self) -> Tensor:
+        """s D at the sampled positions, float64, on the factors' device: (rows i, columns j)."""
+        A, B, scale, groups = self.factors
+        i, j = self.rows.to(B.device), self.cols.to(A.device)
+        if groups == 1:
+            return scale * (B[i] @ A[:, j]).double()
+        per, rank = B.shape[0] // groups, A.shape[0] // groups  # (MergedLinear: A's ranks by enabled group)
+        return scale * (B[i].unsqueeze(1) @ A.reshape(groups, rank, A.shape[1])[i // per][:, :, j]).squeeze(1).double()
 
     def at(self, w: Tensor) -> Tensor:
         """`w`'s values at the sampled positions."""
@@ -288,7 +294,7 @@ class _MergedSample:
                     return "exact"
             elif _same_bits(new, merged.to(new.dtype)):
                 return "near"
-            update = float(self.update.norm())
+            update = float(self.update().norm())
             off = float((new.double() - merged.double()).norm())
             return "near" if update > 0 and off <= update / 4 else False
 
