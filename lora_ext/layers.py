@@ -281,6 +281,16 @@ class _MergedSample:
         """`w`'s values at the sampled positions."""
         return w.detach()[tuple(t.to(w.device) for t in self.index)]
 
+    def retaken(self, w: Tensor) -> "_MergedSample":
+        """This sample's positions and factors, with `w`'s values (a weight kept as holding the merge: a cast or
+        rounded copy, or one on another device): one gather."""
+        new = _MergedSample.__new__(_MergedSample)
+        new.index = tuple(t.to(w.device) for t in self.index)
+        new.rows, new.cols, new.factors = self.rows, self.cols, self.factors
+        with torch.no_grad():
+            new.values = w.detach()[new.index]
+        return new
+
     def held(self, w: Tensor):
         """Whether `w` (the noted shape, floating point) holds the merged values: "exact" (bit for bit at the sample),
         "near" (their cast to w's dtype bit for bit, or within a quarter of the update of them where the update is
@@ -295,8 +305,11 @@ class _MergedSample:
             elif _same_bits(new, merged.to(new.dtype)):
                 return "near"
             update = float(self.update().norm())
+            if update == 0:  # factors of zeros (a fresh B): the merge wrote nothing, so any reading is the same
+                A, B = self.factors[:2]
+                return False if bool(A.any()) and bool(B.any()) else "near"
             off = float((new.double() - merged.double()).norm())
-            return "near" if update > 0 and off <= update / 4 else False
+            return "near" if off <= update / 4 else False
 
 
 class _Written:
@@ -817,18 +830,19 @@ class LoRALayer(NamedAdapters):
                 err.add_note(f"lora_ext: {msg}")
             raise
 
-    def _note_written(self) -> None:
+    def _note_written(self, sample: Optional[_MergedSample] = None) -> None:
         """Records the weight's storage and version counter as this layer's last write left them, so that a load
         that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place);
-        for a plain weight, also the Parameter and, while merged, a sample of the merged values (_see_new_memory)."""
+        for a plain weight, also the Parameter and, while merged, a sample of the merged values (_see_new_memory;
+        `sample`: the one to keep, of the same merge)."""
         param = self._weight_param()
         w = sharded.local(param)
         try:
             storage = w.untyped_storage()
             plain = w is param  # (a DTensor's local shard: FSDP2 and tensor parallelism move shards themselves)
             A, B = (self.__dict__.get("_buffers", {}).get(k) for k in ("_merged_A", "_merged_B"))
-            sample = (_MergedSample(w, A, B, self._merged_scaling, self._layout())
-                      if plain and A is not None and w.numel() and not w.is_meta else None)
+            if sample is None and plain and A is not None and w.numel() and not w.is_meta:
+                sample = _MergedSample(w, A, B, self._merged_scaling, self._layout())
             self.__dict__["_written"] = _Written(storage, w, id(param) if plain else None, sample)
         except RuntimeError:  # a wrapper subclass has no storage of its own: unknown (_written_in_place: False)
             self.__dict__["_written"] = None
@@ -864,14 +878,22 @@ class LoRALayer(NamedAdapters):
             if not self.merged or not self._new_memory():  # (another thread saw it first)
                 return
             written, w = self._written, self._weight_param()
-            if w.is_meta or (w.numel() == 0 and math.prod(written.region[1]) != 0):
+            if w.is_meta or sharded.is_dtensor(w) or tuple(w.shape) != written.region[1] \
+                    or (w.numel() and not w.data_ptr()):
+                # not judged: a placeholder (meta; empty, or a flat piece: ZeRO-3's, FSDP1's between forwards; a base
+                # of this layer has its weight's shape), or memory not allocated (a wrapper tensor put under `.data`,
+                # which torch's own forward refuses: indexing it here would crash the process)
                 return
             old = written.old()
             if old is not None and written.sample is not None and written.sample.held(old) != "exact":
                 old = None  # (written since: no longer what the merge wrote)
             held = self._holds_merged_values(w, old) if old is not None else written.sample_held(w)
             if held:  # (in another dtype, a lossless record is dropped with its own warning where it is read)
-                self._note_written()
+                sample = written.sample
+                if sample is not None and not (held == "exact" and w.dtype == written.region[3]
+                                               and w.device == sample.values.device):
+                    sample = sample.retaken(w)
+                self._note_written(sample)
                 return
             self._forget_merge()
         warnings.warn(f"{self._describe()}: its weight Parameter holds new memory (`weight.data = W`, `weight.set_`, "

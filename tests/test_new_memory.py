@@ -427,3 +427,68 @@ def test_new_memory_on_the_device(cuda, kind):
     with pytest.warns(UserWarning, match=TAKEN):
         layer.train()
     assert torch.equal(bits(_param(layer).detach().cpu()), bits(new_base))
+
+
+# -- found by a second hostile read (FSDP1, wrapper tensors, a fresh adapter) --------------------------------------
+
+
+def test_a_flat_piece_between_forwards_is_not_judged():
+    # FSDP1 (use_orig_params=True) puts each rank's 1-D piece of its flat parameter under the weight Parameter between
+    # forwards, and views of the gathered values of the weight's shape for each forward: the piece was taken as a
+    # base (the adapter then added twice), and the next eval() failed in the merge
+    layer, base = _layer("linear")
+    x = _input(layer, "linear")
+    with torch.no_grad():
+        before = layer(x)
+    merged = layer.weight.data
+    flat = merged.reshape(-1).clone()
+    for _ in range(2):
+        layer.weight.data = flat[: flat.numel() // 2]  # this rank's piece
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            layer.eval()  # (already in eval: it looks only)
+            copy_ = __import__("copy").deepcopy(layer)
+        assert layer.merged and copy_.merged
+        layer.weight.data = flat.view(merged.shape)  # gathered for the forward: the merged values
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.no_grad():
+                assert torch.equal(bits(layer(x)), bits(before))
+    layer.train()
+    assert rel_err(layer.weight.detach(), base) < 1e-6
+
+
+def test_a_wrapper_tensor_under_data_is_refused_by_torch_not_a_crash():
+    # `weight.data = TwoTensor(w, w)` is accepted by torch and leaves a tensor whose data is not allocated; the
+    # sample's indexing of it crashed the process (SIGSEGV) where torch's forward raises
+    import subprocess
+    import sys
+    code = (
+        "import torch, lora_ext as lora\n"
+        "from torch.testing._internal.two_tensor import TwoTensor\n"
+        "m = lora.Linear(5, 4, r=2)\n"
+        "torch.nn.init.normal_(m.lora_B)\n"
+        "m.eval()\n"
+        "w = m.weight.detach().clone()\n"
+        "m.weight.data = TwoTensor(w, w.clone())\n"
+        "try:\n"
+        "    m(torch.randn(3, 5))\n"
+        "except RuntimeError as err:\n"
+        "    print('refused:', err)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "refused:" in done.stdout
+
+
+def test_a_fresh_adapter_in_new_memory_keeps_quiet():
+    # lora_B of zeros (loralib's start): the merge wrote nothing, so a rounded copy is neither base nor merged; it was
+    # taken as a base with a warning
+    torch.manual_seed(1)
+    layer = lora.Linear(48, 40, r=4, lora_alpha=8)
+    layer.eval()
+    layer.weight.data = layer.weight.data.half().float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer.train()
+    assert not layer.merged
