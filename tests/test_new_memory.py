@@ -82,6 +82,30 @@ def _replace(how, param, new):
             torch.utils.swap_tensors(param, nn.Parameter(new, requires_grad=param.requires_grad))
 
 
+def _new_base_under(layer, base, how="data", step=0.01):
+    """A new base of its own (another checkpoint's: the old one changed by `step` x noise) put under the merged
+    layer's weight Parameter by `how`; returns it."""
+    new_base = (base.float() + step * torch.randn(base.shape)).to(base.dtype)
+    _replace(how, _param(layer), new_base.clone())
+    return new_base
+
+
+def _serves_the_adapter_on(layer, kind, new_base, x):
+    """The layer adds its adapter to `new_base` on the fly, and train() leaves that base bit for bit."""
+    with torch.no_grad():
+        assert rel_err(layer(x), _expected64(layer, kind, new_base, x)) < 1e-6
+    layer.train()
+    assert torch.equal(bits(_param(layer).detach()), bits(new_base))
+
+
+def _quietly_serves(layer, x, before):
+    """The layer serves `before` again, bit for bit, warning nothing."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            assert torch.equal(bits(layer(x)), bits(before))
+
+
 KINDS = ["linear", "fan", "merged_linear", "embedding", "conv"]
 
 
@@ -90,8 +114,7 @@ KINDS = ["linear", "fan", "merged_linear", "embedding", "conv"]
 def test_a_base_in_new_memory_is_taken_as_the_base(kind, how):
     layer, base = _layer(kind)
     x = _input(layer, kind)
-    new_base = base + 0.01 * torch.randn(base.shape)  # a new base of its own (another checkpoint's)
-    _replace(how, _param(layer), new_base.clone())
+    new_base = _new_base_under(layer, base, how)
     with pytest.warns(UserWarning, match=TAKEN) as ws:
         out = layer(x)
     assert any(type(layer).__name__ in str(w.message) and "data" in str(w.message) for w in ws)
@@ -131,10 +154,7 @@ def test_vector_to_parameters_round_trip_keeps_the_merge():
         before = model(x)
     vec = nn.utils.parameters_to_vector(model.parameters()).clone()
     nn.utils.vector_to_parameters(vec, model.parameters())  # `param.data = vec[...]` for each
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with torch.no_grad():
-            assert torch.equal(bits(model(x)), bits(before))
+    _quietly_serves(model, x, before)
     model.train()
     assert torch.equal(bits(layer.weight.detach()), bits(base))  # the lossless record kept
 
@@ -158,8 +178,7 @@ def test_old_memory_still_held_elsewhere_is_compared_whole():
     # the caller keeps the old tensor: the new memory is compared with it as a new Parameter is (a base here)
     layer, base = _layer("linear")
     old = layer.weight.data
-    new_base = base + 0.01 * torch.randn(base.shape)
-    layer.weight.data = new_base.clone()
+    new_base = _new_base_under(layer, base)
     with pytest.warns(UserWarning, match=TAKEN):
         layer.train()
     assert torch.equal(bits(layer.weight.detach()), bits(new_base))
@@ -177,32 +196,43 @@ def test_a_copy_of_the_old_memory_swapped_in_keeps_the_merge():
     assert torch.equal(bits(layer.weight.detach()), bits(base))
 
 
-def test_state_dict_after_new_memory_gives_the_new_base():
-    # the checkpoint used to hold the new base minus the adapter
-    layer, base = _layer("linear")
-    new_base = base + 0.01 * torch.randn(base.shape)
-    layer.weight.data = new_base.clone()
-    with pytest.warns(UserWarning, match=TAKEN):
-        sd = layer.state_dict()
-    assert torch.equal(bits(sd["weight"]), bits(new_base))
+def _after_train(layer):
+    layer.train()
+    return layer.weight.detach()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sixteen_bit_base_in_new_memory(dtype):
+def _after_unmerge(layer):
+    layer.unmerge()
+    return layer.weight.detach()
+
+
+def _after_to_float64(layer):
+    layer.double()  # (a dtype change unmerges first)
+    return layer.weight.detach()
+
+
+ENTRIES = {"train": _after_train, "unmerge": _after_unmerge, "state_dict": lambda layer: layer.state_dict()["weight"],
+           "to_float64": _after_to_float64}
+
+
+@pytest.mark.parametrize("entry", list(ENTRIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_each_entry_gives_a_base_in_new_memory_back(entry, dtype):
+    # each took the adapter out of the new base: train()/unmerge() in place, state_dict() in its copy, .double()
+    # before converting
     layer, base = _layer("linear", dtype)
-    new_base = (base.float() + 0.05 * torch.randn(base.shape)).to(dtype)
-    layer.weight.data = new_base.clone()
+    new_base = _new_base_under(layer, base, step=0.05)
     with pytest.warns(UserWarning, match=TAKEN):
-        layer.train()
-    assert torch.equal(bits(layer.weight.detach()), bits(new_base))
+        got = ENTRIES[entry](layer)
+    assert not layer.merged
+    assert torch.equal(bits(got), bits(new_base.to(got.dtype)))
 
 
 def test_a_merged_switch_after_new_memory_switches_on_the_fly():
     layer, base = _layer("linear")
     x = _input(layer, "linear")
     layer.add_adapter("other", torch.randn(4, 48) * 0.3, torch.randn(40, 4) * 0.3, 0.5)
-    new_base = base + 0.01 * torch.randn(base.shape)
-    layer.weight.data = new_base.clone()
+    new_base = _new_base_under(layer, base)
     with pytest.warns(UserWarning, match=TAKEN):
         layer.set_adapter("other")
     assert layer.active_adapter == "other"
@@ -217,25 +247,11 @@ def test_a_copy_made_after_new_memory_serves_the_adapter(copier):
     import pickle
     layer, base = _layer("linear")
     x = _input(layer, "linear")
-    new_base = base + 0.01 * torch.randn(base.shape)
-    layer.weight.data = new_base.clone()
+    new_base = _new_base_under(layer, base)
     with pytest.warns(UserWarning, match=TAKEN):
         twin = copy.deepcopy(layer) if copier == "deepcopy" else pickle.loads(pickle.dumps(layer))
     assert not twin.merged and not layer.merged
-    with torch.no_grad():
-        assert rel_err(twin(x), _expected64(layer, "linear", new_base, x)) < 1e-6
-    twin.train()
-    assert torch.equal(bits(twin.weight.detach()), bits(new_base))
-
-
-def test_a_move_after_new_memory_moves_the_new_base():
-    layer, base = _layer("linear")
-    new_base = base + 0.01 * torch.randn(base.shape)
-    layer.weight.data = new_base.clone()
-    with pytest.warns(UserWarning, match=TAKEN):
-        layer.double()  # (a dtype change unmerges first: it used to take the adapter out of the new base)
-    assert not layer.merged
-    assert torch.equal(layer.weight.detach(), new_base.double())
+    _serves_the_adapter_on(twin, "linear", new_base, x)
 
 
 def test_eval_again_merges_into_the_new_base_of_a_model():
@@ -273,18 +289,14 @@ def test_a_zero_size_weight_in_new_memory_keeps_the_merge():
 def test_a_load_without_the_weight_after_new_memory_leaves_the_new_base():
     # strict=False without the weight: the load unmerged first (taking the adapter out of the new base), then merged
     layer, base = _layer("linear")
-    new_base = base + 0.01 * torch.randn(base.shape)
-    layer.weight.data = new_base.clone()
+    new_base = _new_base_under(layer, base)
     A = torch.randn(4, 48) * 0.3
     with pytest.warns(UserWarning, match=TAKEN):
         layer.load_state_dict({"lora_A": A}, strict=False)
     assert not layer.merged  # (forgotten before the load: added on the fly until the next eval() or merge())
     assert torch.equal(layer.lora_A.detach(), A)
     x = _input(layer, "linear")
-    with torch.no_grad():
-        assert rel_err(layer(x), _expected64(layer, "linear", new_base, x)) < 1e-6
-    layer.train()
-    assert torch.equal(bits(layer.weight.detach()), bits(new_base))
+    _serves_the_adapter_on(layer, "linear", new_base, x)
 
 
 # -- found by a hostile read of the first version (a sample at 64 hashed positions, the old memory trusted) -------
@@ -311,29 +323,27 @@ def test_an_update_in_a_few_rows_is_still_seen():
     assert torch.equal(bits(emb.weight.detach()), bits(base))
 
 
+def _double_buffered(layer, new, old):
+    """The weight moved into a second buffer holding `new`, then the first buffer (held on) refilled with `old`."""
+    pool = [layer.weight.data, new.clone()]
+    layer.weight.data = pool[1]
+    pool[0].copy_(old)
+
+
 def test_old_memory_refilled_with_the_base_is_not_trusted():
     # a double buffer: the new memory holds the base, and so does the old one by the time the layer looks
     layer, base = _layer("linear")
     x = _input(layer, "linear")
-    pool = [layer.weight.data, torch.empty_like(layer.weight.data)]
-    pool[1].copy_(base)
-    layer.weight.data = pool[1]
-    pool[0].copy_(base)
+    _double_buffered(layer, base, base)
     with pytest.warns(UserWarning, match=TAKEN):
-        out = layer(x)
-    assert rel_err(out, _expected64(layer, "linear", base, x)) < 1e-6
-    layer.train()
-    assert torch.equal(bits(layer.weight.detach()), bits(base))
+        _serves_the_adapter_on(layer, "linear", base, x)
 
 
 def test_old_memory_reused_for_something_else_is_not_trusted():
     # the new memory holds the merged values; the old buffer was overwritten with noise
     layer, base = _layer("linear")
     x = _input(layer, "linear")
-    pool = [layer.weight.data, torch.empty_like(layer.weight.data)]
-    pool[1].copy_(pool[0])
-    layer.weight.data = pool[1]
-    pool[0].normal_()
+    _double_buffered(layer, layer.weight.detach(), torch.randn(base.shape))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with torch.no_grad():
@@ -398,10 +408,7 @@ def test_a_placeholder_then_the_values_put_back_keeps_the_merge(placeholder):
         layer.weight.data = saved
     else:
         torch.utils.swap_tensors(layer.weight, saved)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with torch.no_grad():
-            assert torch.equal(bits(layer(x)), bits(before))
+    _quietly_serves(layer, x, before)
     layer.train()
     assert rel_err(layer.weight.detach(), base) < 1e-6
 
@@ -418,10 +425,7 @@ def test_new_memory_on_the_device(cuda, kind):
         before = layer(x)
     p = _param(layer)
     p.data = p.data.clone()  # the merged values: kept
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with torch.no_grad():
-            assert torch.equal(bits(layer(x)), bits(before))
+    _quietly_serves(layer, x, before)
     new_base = (base.float() + 0.05 * torch.randn(base.shape)).bfloat16()
     p.data = new_base.to(cuda.device)  # a base: taken as one
     with pytest.warns(UserWarning, match=TAKEN):
@@ -450,10 +454,7 @@ def test_a_flat_piece_between_forwards_is_not_judged():
             copy_ = __import__("copy").deepcopy(layer)
         assert layer.merged and copy_.merged
         layer.weight.data = flat.view(merged.shape)  # gathered for the forward: the merged values
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
-            with torch.no_grad():
-                assert torch.equal(bits(layer(x)), bits(before))
+        _quietly_serves(layer, x, before)
     layer.train()
     assert rel_err(layer.weight.detach(), base) < 1e-6
 
