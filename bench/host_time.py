@@ -43,6 +43,11 @@ def measure() -> dict:
         out["Linear 2-D no-grad forward"] = best(lambda: lin(x2), 3000)
         out["Linear 3-D no-grad forward"] = best(lambda: lin(x3), 3000)
         out["Embedding no-grad forward"] = best(lambda: emb(ids), 3000)
+    lin_merged = lora.Linear(16, 16, r=4)
+    torch.nn.init.normal_(lin_merged.lora_B)
+    lin_merged.eval()  # (each merged forward looks at the weight's storage: new memory under the Parameter)
+    with torch.no_grad():
+        out["Linear merged no-grad forward"] = best(lambda: lin_merged(x2), 3000)
     xg = torch.randn(4, 16, requires_grad=True)
     out["Linear forward+backward"] = best(lambda: lin(xg).sum().backward(), 1000)
     out["Embedding forward+backward"] = best(lambda: emb(ids).sum().backward(), 1000)

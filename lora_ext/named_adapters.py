@@ -793,8 +793,7 @@ class NamedAdapters:
         check_one_name(name, "set_adapter")
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
-        self._check_plain_factors(f"set_adapter({name!r})")
-        with self._lock:
+        with self._lock:  # (_activate refuses parametrized or meta factors before anything is written)
             sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
             self._check_values(name)
@@ -813,7 +812,7 @@ class NamedAdapters:
                 old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
                        self.scaling)
             with deferred_interrupt():  # Ctrl-C lands before or after the whole switch
-                self._activate(name, lora_A, lora_B, scaling)
+                self._activate(name, lora_A, lora_B, scaling, what=f"set_adapter({name!r})")
                 self._streams.retire(lora_A, lora_B)
                 del self._adapters[name]
                 self._adapters[old_name] = old
@@ -926,7 +925,8 @@ class NamedAdapters:
                     return "torch.nn.utils.spectral_norm", f"torch.nn.utils.remove_spectral_norm(layer, {name!r})"
         return "a forward pre-hook", "remove the hook and register the factor as a Parameter"
 
-    def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
+    def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float,
+                  what: Optional[str] = None) -> None:
         """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and
         has checked them (shapes and values).
 
@@ -942,7 +942,7 @@ class NamedAdapters:
         are (`_owner`) and keeps the new adapter's own pair aside (`_active_own`), so that the next trainable
         switch, or settle_parameters (mark_only_lora_as_trainable), gives each adapter its own Parameters back
         with its values: an optimizer built for an adapter keeps training it after serving in between."""
-        self._check_plain_factors(f"switching to adapter {name!r}")
+        self._check_plain_factors(what or f"switching to adapter {name!r}")
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         with torch.inference_mode(False):  # the live factors must stay usable for training afterwards
             self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
@@ -964,15 +964,17 @@ class NamedAdapters:
             # add_adapter replacing the active adapter's values (a reload): its own live Parameters, written in place,
             # as peft's load writes them (an optimizer built over them keeps training the adapter)
             home = True
-        if not own:
+        serving = not own and (home or not self._trainable()) and live_A.shape == lora_A.shape \
+            and live_B.shape == lora_B.shape  # a serving switch (or the live Parameters' own adapter)
+        if not own and not (serving and not self.merged):
             # copies on the live parameters' device and dtype: storage no other tensor holds (a caller of
-            # get_adapter may hold the stored tensors)
+            # get_adapter may hold the stored tensors). An unmerged serving switch copies the stored values straight
+            # into the live storage below instead (copy_ converts device and dtype): two copies fewer.
             lora_A = lora_A.detach().to(live_A.device, live_A.dtype, copy=True)
             lora_B = lora_B.detach().to(live_B.device, live_B.dtype, copy=True)
         self._swap_merged(lora_A.detach(), lora_B.detach(), scaling)
         self._streams.write(live_A.device)
-        if not own and (home or not self._trainable()) and live_A.shape == lora_A.shape \
-                and live_B.shape == lora_B.shape:  # a serving switch (or the live Parameters' own adapter)
+        if serving:
             with torch.no_grad():
                 live_A.copy_(lora_A)
                 live_B.copy_(lora_B)

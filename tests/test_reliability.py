@@ -164,7 +164,10 @@ def test_the_stress_test_sees_torn_forwards_without_the_model_lock():
     def unlocked(name):
         for m in layers:
             m.set_adapter(name)
-    n, torn = _hammer(model, x, want, unlocked, 3.0)
+    for _ in range(4):  # (a loaded machine can let 3 s pass without a forward between two layers' switches)
+        n, torn = _hammer(model, x, want, unlocked, 3.0)
+        if torn:
+            break
     assert torn == 0, f"{torn} of {n} outputs match no adapter"
 
 
