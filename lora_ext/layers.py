@@ -319,14 +319,24 @@ class _Written:
     under that Parameter (`weight.data = W`, `set_`, `swap_tensors`) is seen and can be compared with what the
     merge wrote after the old memory is gone (LoRALayer._see_new_memory). A copy or pickle of it is True (a layer's
     copy notes its own weight): a StorageWeakRef copied would release a reference it never took."""
-    __slots__ = ("ref", "cdata", "version", "region", "param", "sample")
+    __slots__ = ("ref", "cdata", "version", "region", "param", "sample", "params")
 
-    def __init__(self, storage, w, param: Optional[int] = None, sample: Optional[_MergedSample] = None):
+    def __init__(self, storage, w, param: Optional[int] = None, sample: Optional[_MergedSample] = None,
+                 params: Optional[dict] = None):
         self.ref = StorageWeakRef(storage)
         self.cdata = storage._cdata
         self.version = w._version
         self.region = (w.storage_offset(), tuple(w.shape), tuple(w.stride()), w.dtype)
         self.param, self.sample = param, sample
+        self.params = params if params is not None else {}  # the owner's _parameters (where the weight is looked up)
+
+    def moved(self) -> bool:
+        """Whether the noted Parameter, still registered, holds other memory now (LoRALayer._new_memory)."""
+        w = self.params.get("weight")
+        try:  # (param: None for a DTensor, which never matches)
+            return id(w) == self.param and w.untyped_storage()._cdata != self.cdata
+        except RuntimeError:
+            return False
 
     def old(self) -> Optional[Tensor]:
         """The tensor noted, when its memory is still alive (held elsewhere), else None."""
@@ -843,7 +853,8 @@ class LoRALayer(NamedAdapters):
             A, B = (self.__dict__.get("_buffers", {}).get(k) for k in ("_merged_A", "_merged_B"))
             if sample is None and plain and A is not None and w.numel() and not w.is_meta:
                 sample = _MergedSample(w, A, B, self._merged_scaling, self._layout())
-            self.__dict__["_written"] = _Written(storage, w, id(param) if plain else None, sample)
+            self.__dict__["_written"] = _Written(storage, w, id(param) if plain else None, sample,
+                                                 self._weight_owner()._parameters)
         except RuntimeError:  # a wrapper subclass has no storage of its own: unknown (_written_in_place: False)
             self.__dict__["_written"] = None
 
@@ -853,13 +864,7 @@ class LoRALayer(NamedAdapters):
         noted one's address (written straight into `_parameters`). By storage only (a forward asks: one storage
         look); a plain weight only."""
         written = self.__dict__.get("_written")
-        if type(written) is not _Written:
-            return False
-        w = self._weight_owner()._parameters.get("weight")
-        try:  # (param: None for a DTensor, which never matches)
-            return id(w) == written.param and w.untyped_storage()._cdata != written.cdata
-        except RuntimeError:
-            return False
+        return type(written) is _Written and written.moved()
 
     def _see_new_memory(self) -> None:
         """A merged layer whose weight Parameter now holds other memory (_new_memory), seen at its next forward,
@@ -878,6 +883,11 @@ class LoRALayer(NamedAdapters):
             if not self.merged or not self._new_memory():  # (another thread saw it first)
                 return
             written, w = self._written, self._weight_param()
+            if w.is_cuda and torch.cuda.is_current_stream_capturing():  # (the comparison below syncs)
+                raise RuntimeError(f"{self._describe()}: its weight Parameter holds new memory since its merge, "
+                                   f"seen in a forward while a CUDA graph is being captured, where it cannot be "
+                                   f"compared with the merge (that needs a sync); run the layer once (or call "
+                                   f"eval()) before capturing")
             if w.is_meta or sharded.is_dtensor(w) or tuple(w.shape) != written.region[1] \
                     or (w.numel() and not w.data_ptr()):
                 # not judged: a placeholder (meta; empty, or a flat piece: ZeRO-3's, FSDP1's between forwards; a base
@@ -1403,7 +1413,8 @@ class LoRALayer(NamedAdapters):
             if _freezing() and self._weight_writes == "":  # (never: the comparison makes dynamo guard on the count,
                 raise AssertionError                       # so that a merged switch, which writes the weight a frozen
             return True                                  # graph holds as a constant, compiles anew)
-        if self._new_memory():  # (`weight.data = W` and the like since the last write: one storage look)
+        written = self.__dict__.get("_written")  # (_new_memory, spelled out: every merged forward asks)
+        if type(written) is _Written and written.moved():  # (`weight.data = W` and the like since the last write)
             self._see_new_memory()
             if not self.merged:
                 return False

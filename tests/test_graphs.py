@@ -54,6 +54,32 @@ def test_replay_after_a_same_shape_switch_serves_the_new_adapter(kind, merged):
         assert torch.allclose(out, expected[name], rtol=1e-5, atol=1e-5), f"replay after switching to {name!r}"
 
 
+@pytest.mark.gpu
+@pytest.mark.hardware
+def test_new_memory_first_seen_in_a_capture_is_refused():
+    # a merged layer compares new memory under its weight Parameter with its merge (tests/test_new_memory.py), which
+    # syncs: inside a capture it refuses, naming the layer, instead of breaking the capture; once looked at outside,
+    # the capture works and replays the merged values
+    layer, x = _layer("linear")
+    layer.eval()
+    want = layer(x).clone()
+    layer.weight.data = layer.weight.data.clone()  # the merged values, in new memory not looked at yet
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match=r"Linear\(256, 192\).*being captured"):
+        with torch.cuda.graph(graph, stream=s):
+            layer(x)
+    torch.cuda.synchronize()
+    assert torch.allclose(layer(x), want, rtol=1e-5, atol=1e-5) and layer.merged  # looked at: the merge kept
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.allclose(out, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["linear", "merged", "embedding"])
 def test_forward_kernels_read_the_layers_scale_tensor(kind, sim_as_cuda):
     """Through the simulator: the unmerged forward's kernels read the scale from the layer's scale tensor
