@@ -1247,6 +1247,22 @@ class LoRALayer(NamedAdapters):
             self._stamp_finite(MERGED)
 
     def _apply(self, fn, recurse=True):
+        """module.to(...) and the like (_apply_merged). A change of the live factors' or the weight's dtype forgets
+        which adapters are known finite: each is checked again at its next use as the new dtypes hold it (a float32
+        adapter of 1e5 is inf in float16; a switch after .half() served it)."""
+        before = self._value_dtypes()
+        module = self._apply_merged(fn, recurse)
+        if self._value_dtypes() != before:
+            self.__dict__.get("_finite_stamps", {}).clear()
+        return module
+
+    def _value_dtypes(self) -> tuple:
+        """The dtypes an adapter's finite-value check depends on: the live factors' and the weight's."""
+        params = self.__dict__.get("_parameters", {})
+        weight = self._weight_or_none()
+        return tuple(getattr(t, "dtype", None) for t in (params.get("lora_A"), params.get("lora_B"), weight))
+
+    def _apply_merged(self, fn, recurse=True):
         """module.to(...) and the like on a merged layer. A move keeps the merge, the snapshot of what is merged
         (in its own dtype) and the record (records are exact on every backend). A dtype change gives the base
         back (exactly when there is a record), converts it and merges the snapshot again, losslessly where the

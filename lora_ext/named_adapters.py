@@ -793,7 +793,8 @@ class NamedAdapters:
         check_one_name(name, "set_adapter")
         if name not in self._adapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
-        with self._lock:  # (_activate refuses parametrized or meta factors before anything is written)
+        self._check_plain_factors(f"set_adapter({name!r})")  # (before `old` below reads or writes any factor)
+        with self._lock:
             sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
             self._check_values(name)
@@ -812,7 +813,7 @@ class NamedAdapters:
                 old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
                        self.scaling)
             with deferred_interrupt():  # Ctrl-C lands before or after the whole switch
-                self._activate(name, lora_A, lora_B, scaling, what=f"set_adapter({name!r})")
+                self._activate(name, lora_A, lora_B, scaling)
                 self._streams.retire(lora_A, lora_B)
                 del self._adapters[name]
                 self._adapters[old_name] = old
@@ -925,8 +926,7 @@ class NamedAdapters:
                     return "torch.nn.utils.spectral_norm", f"torch.nn.utils.remove_spectral_norm(layer, {name!r})"
         return "a forward pre-hook", "remove the hook and register the factor as a Parameter"
 
-    def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float,
-                  what: Optional[str] = None) -> None:
+    def _activate(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Makes (lora_A, lora_B, scaling) the live factors of adapter `name`; the caller holds the lock and
         has checked them (shapes and values).
 
@@ -942,7 +942,7 @@ class NamedAdapters:
         are (`_owner`) and keeps the new adapter's own pair aside (`_active_own`), so that the next trainable
         switch, or settle_parameters (mark_only_lora_as_trainable), gives each adapter its own Parameters back
         with its values: an optimizer built for an adapter keeps training it after serving in between."""
-        self._check_plain_factors(what or f"switching to adapter {name!r}")
+        self._check_plain_factors(f"switching to adapter {name!r}")
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         with torch.inference_mode(False):  # the live factors must stay usable for training afterwards
             self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
