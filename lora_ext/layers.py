@@ -784,14 +784,15 @@ class LoRALayer(NamedAdapters):
     # -- merge state ------------------------------------------------------------------------------------
 
     def _set_merged(self, lora_A: Optional[Tensor], lora_B: Optional[Tensor], scaling: Optional[float],
-                    record: Optional[lossless.MergeRecord] = None):
-        """Records what is merged now. The factors are buffers (they follow .to()); they are set in _buffers
-        directly because nn.Module.__setattr__ costs tens of microseconds here, more than a switch's kernel."""
+                    record: Optional[lossless.MergeRecord] = None, weight: Optional[Tensor] = None):
+        """Records what is merged now (`weight`: the tensor the write went to, _pinned_weight). The factors are
+        buffers (they follow .to()); they are set in _buffers directly because nn.Module.__setattr__ costs tens of
+        microseconds here, more than a switch's kernel."""
         self._streams.retire(self._merged_A, self._merged_B)
         self._put_snapshot(lora_A, lora_B)
         self._merged_scaling = scaling
         self._keep_record(record)
-        self._note_written()
+        self._note_written(weight=weight)
         self.__dict__["_weight_writes"] = str(int(self._weight_writes) + 1)
 
     def _put_snapshot(self, lora_A: Optional[Tensor], lora_B: Optional[Tensor]) -> None:
@@ -840,16 +841,24 @@ class LoRALayer(NamedAdapters):
                 err.add_note(f"lora_ext: {msg}")
             raise
 
-    def _note_written(self, sample: Optional[_MergedSample] = None) -> None:
+    def _pinned_weight(self) -> Tensor:
+        """The weight a write goes to: for a plain weight, an alias of its memory now (`detach()`: the same storage
+        and version counter), so that memory put under the Parameter by another thread while the write runs
+        (`weight.data = W`) is neither written nor noted as written: the next look judges it (_see_new_memory).
+        A DTensor (FSDP2, tensor parallel) as it is."""
+        param = self._weight_param()
+        return param if sharded.is_dtensor(param) else param.detach()
+
+    def _note_written(self, sample: Optional[_MergedSample] = None, weight: Optional[Tensor] = None) -> None:
         """Records the weight's storage and version counter as this layer's last write left them, so that a load
         that wrote the live weight in place before load_state_dict reached the layer is seen (_written_in_place);
         for a plain weight, also the Parameter and, while merged, a sample of the merged values (_see_new_memory;
         `sample`: the one to keep, of the same merge)."""
         param = self._weight_param()
-        w = sharded.local(param)
+        w = sharded.local(param if weight is None else weight)
         try:
             storage = w.untyped_storage()
-            plain = w is param  # (a DTensor's local shard: FSDP2 and tensor parallelism move shards themselves)
+            plain = not sharded.is_dtensor(param)  # (a DTensor's local shard: FSDP2 and tensor parallelism move shards)
             A, B = (self.__dict__.get("_buffers", {}).get(k) for k in ("_merged_A", "_merged_B"))
             if sample is None and plain and A is not None and w.numel() and not w.is_meta:
                 sample = _MergedSample(w, A, B, self._merged_scaling, self._layout())
@@ -1032,14 +1041,15 @@ class LoRALayer(NamedAdapters):
         known = self._known_finite(self.active_adapter)
         snapshot = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
         with deferred_interrupt(), self._writing("merge"):
+            target = self._pinned_weight()
             try:
                 with torch.no_grad():
-                    record = self._merge_into(self._weight_param(), *snapshot, exact)
+                    record = self._merge_into(target, *snapshot, exact)
             except lossless.ExceptionOverflow as err:  # nothing was written (unless it says weight_written)
                 # (the same error, renamed: its marks and notes go on to _writing and the caller)
                 err.args = (f"{self._describe()} adapter {self.active_adapter!r}: {err}",)
                 raise
-            self._set_merged(*snapshot, record)
+            self._set_merged(*snapshot, record, weight=target)
             self._stamp_finite(MERGED, known)
 
     def _weight_param(self) -> Tensor:
@@ -1206,11 +1216,17 @@ class LoRALayer(NamedAdapters):
 
     def _unmerge(self):
         sharded.reshard_if_gathered(self)
+        # the memory written, pinned before it is looked at: memory another thread puts under the Parameter later is
+        # neither written nor noted, and the next look judges it
+        target = self._pinned_weight()
+        self._see_new_memory()
+        if self._merged_A is None:  # (taken as the base: nothing to take out)
+            return
         self._streams.write(self._weight_2d().device)
         with deferred_interrupt(), self._writing("unmerge"):
             try:
                 with torch.no_grad():
-                    self._unmerge_from(self._weight_param())
+                    self._unmerge_from(target)
             except BaseException as err:  # still merged; a sharded weight's parts merged again (sharded.unmerge_parts)
                 if hasattr(err, "record"):
                     self._keep_record(err.record)
@@ -1222,6 +1238,8 @@ class LoRALayer(NamedAdapters):
         """When merged, replaces the merged adapter by (lora_A, lora_B, scaling) in one pass over the weight
         (the caller holds the lock and has checked the new factors). A lossless merge stays lossless: the
         weight is then bit-identical to merging the new adapter once into the base."""
+        # (the memory written, pinned before it is looked at: see _unmerge)
+        target = self._pinned_weight() if self.merged and self._merged_A is not None else None
         self._see_new_memory()
         if not (self.merged and self._merged_A is not None):
             return
@@ -1233,7 +1251,7 @@ class LoRALayer(NamedAdapters):
         with deferred_interrupt(), self._writing("switch"):
             try:
                 with torch.no_grad():
-                    record = self._swap_into(self._weight_param(), *snapshot)
+                    record = self._swap_into(target, *snapshot)
             except BaseException as err:
                 # the old adapter merged back, with the record the error carries (ops.swap_) ...
                 if hasattr(err, "record"):
@@ -1243,7 +1261,7 @@ class LoRALayer(NamedAdapters):
                 if isinstance(err, lossless.ExceptionOverflow):
                     err.args = (f"{self._describe()}, switching from adapter {self.active_adapter!r}: {err}",)
                 raise
-            self._set_merged(*snapshot, record)
+            self._set_merged(*snapshot, record, weight=target)
             self._stamp_finite(MERGED)
 
     def _apply(self, fn, recurse=True):

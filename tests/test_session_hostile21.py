@@ -77,3 +77,68 @@ def test_an_adapter_out_of_range_after_a_dtype_change_is_refused(cast, model_lev
             layer.set_adapter("b")
     assert layer.active_adapter == "default"
     assert bool(layer.lora_A.isfinite().all())
+
+
+# -- `weight.data = W` on another thread landing inside a merged layer's write (deterministic: the assignment is
+# made from inside the write, where another thread's can land)
+
+
+def _merged_pair(seed=0):
+    layer = _frozen(seed)
+    base = layer.weight.detach().clone()
+    layer.eval()
+    return layer, base
+
+
+def _served64(layer, base, x):
+    """x's output with `base` as the weight and the active adapter added, in float64."""
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    return x.double() @ (base.double() + layer.scaling * B @ A).t() + layer.bias.detach().double()
+
+
+@pytest.mark.parametrize("where", ["_fp16_room", "_put_snapshot"])
+def test_new_memory_landing_inside_a_merged_switch_is_judged_after_it(where):
+    # before the swap is written (_fp16_room) it served base + b - default, merged; after it, before the note
+    # (_put_snapshot), the base alone, merged: train() then took b out of a base that never held it
+    layer, base = _merged_pair()
+    real = getattr(layer, where)
+
+    def assign_then(*args):
+        layer.weight.data = base.clone()  # "the other thread"
+        return real(*args)
+
+    setattr(layer, where, assign_then)
+    try:
+        layer.set_adapter("b")
+    finally:
+        delattr(layer, where)
+    x = torch.randn(3, 6)
+    with pytest.warns(UserWarning, match="taken as the base"):
+        with torch.no_grad():
+            out = layer(x)
+    assert layer.active_adapter == "b" and not layer.merged
+    assert float(((out.double() - _served64(layer, base, x)).norm() / _served64(layer, base, x).norm())) < 1e-6
+    layer.train()
+    assert torch.equal(bits(layer.weight.detach()), bits(base))
+
+
+def test_new_memory_landing_inside_an_unmerge_is_left_alone():
+    layer, base = _merged_pair()
+    new_base = base + 0.01 * torch.randn(base.shape)
+    real = layer._unmerge_from
+
+    def assign_then(weight):
+        layer.weight.data = new_base.clone()  # "the other thread", after the unmerge pinned the old memory
+        return real(weight)
+
+    layer._unmerge_from = assign_then
+    try:
+        layer.train()
+    finally:
+        del layer._unmerge_from
+    assert not layer.merged
+    assert torch.equal(bits(layer.weight.detach()), bits(new_base))  # nothing taken out of it
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        out = layer(x)
+    assert float(((out.double() - _served64(layer, new_base, x)).norm() / _served64(layer, new_base, x).norm())) < 1e-6
