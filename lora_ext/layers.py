@@ -882,10 +882,11 @@ class LoRALayer(NamedAdapters):
         elsewhere and still holds what the merge wrote at its sample (as a new Parameter is: _holds_merged_values),
         else with the sample the merge kept (_MergedSample.held: bit for bit, a cast, or within a quarter of the
         update where it is largest: a clone, a move, vector_to_parameters of parameters_to_vector, a rounded copy;
-        in another dtype, a lossless record is dropped with a warning where it is next read). Any other memory is taken as the base: the layer forgets its merge,
-        with a warning, and adds the adapter on the fly until the next eval() or merge(), so that train() takes
-        nothing out of it. A placeholder (meta, or no elements where the weight had some: an offload's) is not
-        judged: the values put back are."""
+        in another dtype, a lossless record is dropped with a warning where it is next read). Any other memory is
+        taken as the base: the layer forgets its merge, with a warning, and adds the adapter on the fly until the
+        next eval() or merge(), so that train() takes nothing out of it. Not judged (the values put back are): a
+        placeholder (meta, or another shape: ZeRO-3's empty one, FSDP1's flat piece), unallocated memory, a
+        DTensor. Inside a CUDA graph capture it refuses, naming the layer (the comparison syncs)."""
         if not self.merged or not self._new_memory():
             return
         with self._lock, deferred_interrupt():
