@@ -444,3 +444,14 @@ def racing(loop, interval=1e-5):
         thread.join(60)
         sys.setswitchinterval(before)
     assert not thread.is_alive()
+
+
+def two_adapter_linear(in_features, out_features, lora_alpha, b_scaling, seed=0):
+    """A seeded Linear (r=2) with a random lora_B, and a second adapter "b" of random factors at `b_scaling`."""
+    import lora_ext as lora
+    torch.manual_seed(seed)
+    layer = lora.Linear(in_features, out_features, r=2, lora_alpha=lora_alpha)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.add_adapter("b", torch.randn(2, in_features), torch.randn(out_features, 2), b_scaling)
+    return layer

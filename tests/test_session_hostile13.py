@@ -59,7 +59,7 @@ import lora_ext as lora
 from lora_ext.cli import main
 from lora_ext.serving import batches, files, merge_cli
 from dist import run_ranks
-from helpers import save_random_peft
+from helpers import save_random_peft, two_adapter_linear
 from test_lossless_hostile import _check_model_on, _model
 from tiny_models import llama
 
@@ -330,12 +330,7 @@ def test_train_with_a_mode_that_is_not_a_bool_changes_nothing(mode):
 # mixed batches
 
 def _two_adapter_linear(seed=0):
-    torch.manual_seed(seed)
-    layer = lora.Linear(8, 6, r=2, lora_alpha=2)
-    with torch.no_grad():
-        layer.lora_B.normal_()
-    layer.add_adapter("b", torch.randn(2, 8), torch.randn(6, 2), 0.7)
-    return layer.eval()
+    return two_adapter_linear(8, 6, 2, 0.7, seed).eval()
 
 
 def _rows64(layer, x, names):

@@ -6,16 +6,11 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 import lora_ext as lora
-from helpers import bits
+from helpers import bits, two_adapter_linear
 
 
 def _frozen(seed=0):
-    torch.manual_seed(seed)
-    layer = lora.Linear(6, 5, r=2, lora_alpha=4)
-    with torch.no_grad():
-        layer.lora_B.normal_()
-    layer.add_adapter("b", torch.randn(2, 6), torch.randn(5, 2), 0.5)
-    return layer
+    return two_adapter_linear(6, 5, 4, 0.5, seed)
 
 
 class _Doubled(nn.Module):
