@@ -905,8 +905,9 @@ class LoRALayer(NamedAdapters):
                 # which torch's own forward refuses: indexing it here would crash the process)
                 return
             old = written.old()
-            if old is not None and written.sample is not None and written.sample.held(old) != "exact":
-                old = None  # (written since: no longer what the merge wrote)
+            if old is not None and written.sample is not None \
+                    and not _same_bits(written.sample.at(old), written.sample.values):
+                old = None  # (written since: no longer what the merge wrote, bit for bit at the sample)
             held = self._holds_merged_values(w, old) if old is not None else written.sample_held(w)
             if held:  # (in another dtype, a lossless record is dropped with its own warning where it is read)
                 sample = written.sample
