@@ -800,6 +800,7 @@ class LoRALayer(NamedAdapters):
         out of torch's set of non-persistent names, which state_dict and load_state_dict skip either way for None,
         but accelerate's offload_buffers=True moves every name in it (and fails on None)."""
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
+        self.__dict__["_trained_merged"] = False  # (a new snapshot holds the live factors: see _trains_merged)
         names = self.__dict__.get("_non_persistent_buffers_set")
         if names is not None:
             (names.difference_update if lora_A is None else names.update)(("_merged_A", "_merged_B"))
@@ -972,7 +973,10 @@ class LoRALayer(NamedAdapters):
 
     def merge_refusal(self) -> Optional[str]:
         """Why the active adapter cannot be merged into this layer's weight, or None: a weight that is not a
-        registered parameter (a parametrization computes it); Embedding: max_norm."""
+        registered parameter (a parametrization computes it); FSDP1's flat parameter; Embedding: max_norm."""
+        refusal = sharded.fsdp1_refusal(self, "a merge")
+        if refusal is not None:
+            return refusal
         w = self._weight_or_none()
         if w is None:
             return self._computed_weight("serve it unmerged, or remove the parametrization first "
@@ -1217,6 +1221,9 @@ class LoRALayer(NamedAdapters):
                     record.merged_bits = None
 
     def _unmerge(self):
+        refusal = sharded.fsdp1_refusal(self, "an unmerge")  # (merged before FSDP1 wrapped the model)
+        if refusal is not None:  # before anything is written
+            raise ValueError(refusal.replace("or merge and switch before wrapping", "or unmerge before wrapping"))
         sharded.reshard_if_gathered(self)
         # the memory written, pinned before it is looked at: memory another thread puts under the Parameter later is
         # neither written nor noted, and the next look judges it
@@ -1303,6 +1310,7 @@ class LoRALayer(NamedAdapters):
             new_dtype = fn(torch.empty(0, dtype=w.dtype, device=w.device)).dtype
             record = self._merged_record
             snapshot = (self._merged_A, self._merged_B, self._merged_scaling)
+            trained = self.__dict__.get("_trained_merged")  # (kept through a dtype change's merge of the snapshot)
             if new_dtype == w.dtype:
                 module = super()._apply(fn, recurse)
                 weight = self._weight_param()
@@ -1352,6 +1360,7 @@ class LoRALayer(NamedAdapters):
                               f"unmerged (forwards add it on the fly): {refusal}", stacklevel=2)
                 return module
             self._set_merged(A, B, s, record)
+            self.__dict__["_trained_merged"] = trained  # (the snapshot merged again: the live factors still serve)
             self.merged = True
             return module
 
@@ -1463,6 +1472,39 @@ class LoRALayer(NamedAdapters):
         if not getattr(w, "_lora_ext_unmerged", False):
             return False
         return not self._in_written(w)  # (None, no storage of its own: not the one written)
+
+    def _trains_merged(self) -> bool:
+        """Whether this merged forward computes from the live factors (_merged_training_factors): where autograd
+        records it and they require grad (training with the model in eval mode, for frozen BatchNorm statistics or
+        no dropout; training after merge(); a checkpointed forward recomputed after eval()), and in every forward
+        after that until the merged snapshot changes (_put_snapshot: the next merge, unmerge or switch), so that a
+        forward under torch.no_grad() between training steps serves what was trained, not the merge from before.
+        loralib's merged layers compute from the weight alone there: the factors get no gradient, and an optimizer
+        skips them."""
+        if self.__dict__.get("_trained_merged"):
+            return True
+        if not torch.is_grad_enabled() or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
+            return False
+        params = self._parameters
+        if not any((params[n] if n in params else getattr(self, n)).requires_grad for n in ("lora_A", "lora_B")):
+            return False
+        self.__dict__["_trained_merged"] = True
+        return True
+
+    def _merged_training_factors(self) -> Tuple[Tensor, Tensor]:
+        """(A', B') for the unmerged op over the merged weight W + s0 B0 A0 (scale 1, no dropout, as merged): A' the
+        live A and the merged snapshot's A0 stacked along the rank (by group for a MergedLinear), B' = [s B, -s0 B0],
+        so that the op computes W x + s B A x, the live adapter's output, and gives the live factors (and x and the
+        weight) their gradients, whatever was merged: optimizer steps on the factors since the merge take effect
+        at once. The weight is not written (nothing to take back, no lock held across the forward)."""
+        params = self._parameters
+        A, B = (params[n] if n in params else getattr(self, n) for n in ("lora_A", "lora_B"))
+        A0, B0 = (t.to(device=A.device, dtype=A.dtype) for t in (self._merged_A, self._merged_B))
+        groups = len(self._block_ids) if isinstance(self, MergedLinear) else 1
+        A = torch.cat([A.reshape(groups, A.shape[0] // groups, A.shape[-1]),
+                       A0.reshape(groups, A0.shape[0] // groups, A0.shape[-1])], 1)
+        B = torch.cat([B * self.scaling, B0 * -self._merged_scaling], 1)
+        return A.reshape(A.shape[0] * A.shape[1], A.shape[2]), B
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.__dict__.get("_open_batches"):
@@ -1586,6 +1628,10 @@ class Embedding(LoRALayer, nn.Embedding):
                                  padding_idx=self.padding_idx, max_norm=self.max_norm,
                                  norm_type=self.norm_type, scale_grad_by_freq=self.scale_grad_by_freq,
                                  sparse=self.sparse)
+        if self.r > 0 and self._trains_merged():  # (see LoRALayer._merged_training_factors)
+            return ops.embedding(x, self.weight, *self._merged_training_factors(), 1.0, padding_idx=self.padding_idx,
+                                 max_norm=self.max_norm, norm_type=self.norm_type,
+                                 scale_grad_by_freq=self.scale_grad_by_freq, sparse=self.sparse)
         return self._weight_forward(x)
 
     def _weight_forward(self, x):
@@ -1620,6 +1666,9 @@ class Linear(LoRALayer, nn.Linear):
             scale, scale_tensor = self._scales(x)
             return ops.linear(x, *self._operands(x), scale, fan_in_fan_out=self.fan_in_fan_out,
                               scale_tensor=scale_tensor)
+        if self.r > 0 and self._trains_merged():  # (see LoRALayer._merged_training_factors)
+            return ops.linear(x, x, self.weight, self.bias, *self._merged_training_factors(), 1.0,
+                              fan_in_fan_out=self.fan_in_fan_out)
         return self._weight_forward(x)
 
     def _weight_forward(self, x):
@@ -1698,6 +1747,10 @@ class MergedLinear(LoRALayer, nn.Linear):
             scale, scale_tensor = self._scales(x)
             return ops.linear(x, *self._operands(x), scale, num_blocks=len(self.enable_lora),
                               block_ids=self._block_ids, scale_tensor=scale_tensor,
+                              fan_in_fan_out=self.fan_in_fan_out)
+        if self.has_lora and self._trains_merged():  # (see LoRALayer._merged_training_factors)
+            return ops.linear(x, x, self.weight, self.bias, *self._merged_training_factors(), 1.0,
+                              num_blocks=len(self.enable_lora), block_ids=self._block_ids,
                               fan_in_fan_out=self.fan_in_fan_out)
         return self._weight_forward(x)
 
@@ -1782,6 +1835,8 @@ class ConvLoRA(LoRALayer, nn.Module):
             scale, scale_tensor = self._scales(x)
             return ops.conv(self.conv, x, self.lora_dropout(x), self.lora_A, self.lora_B, scale,
                             scale_tensor if x.is_cuda else None)
+        if self.r > 0 and self._trains_merged():  # (see LoRALayer._merged_training_factors)
+            return ops.conv(self.conv, x, x, *self._merged_training_factors(), 1.0)
         return self._weight_forward(x)
 
     def _weight_forward(self, x):

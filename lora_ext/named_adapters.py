@@ -902,6 +902,9 @@ class NamedAdapters:
                              f"{'is' if len(names) == 1 else 'are'} not a Parameter but computed by "
                              f"{' and '.join(h for h, _ in hows)}, so a switch cannot write the live factors; make "
                              f"it a Parameter again ({', '.join(r for _, r in hows)}) before switching adapters")
+        refusal = sharded.fsdp1_refusal(self, "a switch")
+        if refusal is not None:
+            raise ValueError(f"{what}: {refusal}")
         # a weight or live factors on the meta device (an accelerate offload keeps their values in its hook, a model
         # built on meta has none yet): a write into them does nothing, and the forward would serve the old adapter
         names = [n for n in ("lora_A", "lora_B") if self.has_lora and getattr(self, n).is_meta]

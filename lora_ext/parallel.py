@@ -30,6 +30,7 @@ forward some other way is refused there.
 """
 import contextlib
 import sys
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -333,6 +334,12 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
                          f"features), got a DTensor placed as {tuple(x.placements)} (a sequence-parallel or "
                          f"use_local_output=False style before it); pass x.full_tensor()")
     lora_on = layer.has_lora and not layer._serves_merged()  # (a merged layer's state_dict base: see LoRALayer)
+    if layer.has_lora and not lora_on and torch.is_grad_enabled() and not layer.__dict__.get("_told_untrained") \
+            and (layer.lora_A.requires_grad or layer.lora_B.requires_grad):
+        layer.__dict__["_told_untrained"] = True  # (once per layer; a plain layer trains through its merge instead)
+        warnings.warn(f"{layer._describe()}: adapter {layer.active_adapter!r} is merged into its tensor-parallel "
+                      f"weight and this forward records gradients for its factors, which the merged weight does not "
+                      f"give them (their .grad stays None); call train() before training steps", stacklevel=3)
     s = layer.scaling if layer.has_lora else 0.0
     w = layer.weight.to_local()
     if isinstance(layer, Embedding):

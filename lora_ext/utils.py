@@ -46,6 +46,27 @@ def _is_bias(name):
     return "bias" in name.rsplit(".", 1)[-1]
 
 
+def _fsdp1_lora_state_dict(model: nn.Module, bias: str) -> dict:
+    """lora_state_dict of a model whose LoRA layers FSDP1 (FullyShardedDataParallel) flattened: the same keys, taken
+    from FSDP1's full state dict (whole tensors on every rank, its wrapper names left out; every rank calls it), as the
+    layers hold flat shard pieces between forwards (they gave 1-D pieces under FSDP1's names)."""
+    from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+    from torch.distributed.fsdp._common_utils import clean_tensor_name
+    with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                                  FullStateDictConfig(rank0_only=False)):
+        state = model.state_dict()
+    keep = set()
+    for prefix, m in _lora_layers(model):
+        prefix = clean_tensor_name(prefix)
+        if m.has_lora:
+            keep.update((prefix + "lora_A", prefix + "lora_B"))
+        if bias == "lora_only":  # (by key: with use_orig_params=False the bias is a view, not a Parameter)
+            keep.add(prefix + ("conv.bias" if isinstance(m, ConvLoRA) else "bias"))
+    copies = tuple(clean_tensor_name(prefix) for prefix, _ in _active_copies(model))
+    return {k: t.detach() for k, t in state.items()
+            if k in keep or (bias == "all" and _is_bias(k)) or (copies and k.startswith(copies))}
+
+
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     """Freeze everything but the LoRA layers' lora_A/lora_B (which are made trainable), and the active adapter's
     copies of modules saved whole (peft's modules_to_save), which peft trains too.
@@ -127,6 +148,8 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     (peft's modules_to_save) are part of it: their whole state, under their keys in the model."""
     _check_bias(bias)
     model = unwrap(model)
+    if any(sharded.fsdp1_refusal(m, "") for _, m in _lora_layers(model)):
+        return _fsdp1_lora_state_dict(model, bias)
     out = {}
     for prefix, m in _lora_layers(model):
         if m.has_lora:

@@ -237,13 +237,14 @@ def sc_ignored(wrap, ranks):
 
 
 def sc_eval_merged(wrap, ranks):
-    """A validation forward in eval() (merged) with gradients enabled, then training on."""
+    """A validation forward in eval() (merged) with gradients enabled, then training on. The forward trains the
+    factors through the merge (tests/test_train_through_merge.py): its loss requires grad; no backward follows."""
     m = wrap(build())
     _train(m, ranks, steps=1)
     m.eval()
     assert all(layer.merged for layer in lora_layers_of(_inner(m)))
     val = _loss(m, 1, 1, ranks)
-    assert torch.isfinite(val) and not val.requires_grad
+    assert torch.isfinite(val) and val.requires_grad
     m.train()
     _train(m, ranks, steps=1, first=1)
     return _state(m)

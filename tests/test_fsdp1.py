@@ -1,0 +1,186 @@
+"""lora_ext under FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel) on 2 gloo ranks. FSDP1 flattens a module's
+parameters into a flat parameter: between forwards each original Parameter holds a 1-D shard piece, inside
+summon_full_params a gathered view that writeback=False drops on exit, and a factor given a new Parameter is never
+seen by the flat parameter. Merges, unmerges and switches used to write there: eval() inside
+summon_full_params(writeback=False) left merged=True over weights that never held the adapter (33.5 off, then a
+train() took the adapter out of the base), a switch served the old factors at the new scaling, others failed inside
+ops with messages naming no layer, or broke every later forward. They are refused now, naming the layer, before
+anything is written: eval() warns and serves the adapter on the fly (the model in eval mode, every layer
+unmerged). lora_state_dict gave each rank's flat pieces under FSDP1's wrapper names; it gives whole tensors under the
+model's keys now. Oracles are float64 formulas on the tensors the test made."""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+import lora_ext as lora
+from dist import run_ranks
+
+REFUSED = "FSDP1 .FullyShardedDataParallel. holds its"
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1 = lora.Linear(8, 16, r=4, lora_alpha=8)
+        self.l2 = lora.Linear(16, 4, r=2, lora_alpha=6)
+        g = torch.Generator().manual_seed(1)
+        self.b_factors = {}  # (a plain attribute: not the module's state)
+        for name, layer in (("l1", self.l1), ("l2", self.l2)):
+            with torch.no_grad():
+                layer.lora_A.normal_(0, 0.5)
+                layer.lora_B.normal_(0, 0.5)
+            self.b_factors[name] = (torch.randn(layer.lora_A.shape, generator=g) * 0.5,
+                                    torch.randn(layer.lora_B.shape, generator=g) * 0.5)
+            layer.add_adapter("b", *self.b_factors[name], 1.7)
+
+    def forward(self, x):
+        return self.l2(torch.relu(self.l1(x)))
+
+
+def _params64(net, name, adapter="default"):
+    layer = getattr(net, name)
+    A, B, s = (layer.lora_A, layer.lora_B, layer.scaling) if adapter == "default" else (*net.b_factors[name], 1.7)
+    return {"W": layer.weight.detach().double().clone(), "b": layer.bias.detach().double().clone(),
+            "A": A.detach().double().clone(), "B": B.detach().double().clone(), "s": s}
+
+
+def _net64(p1, p2, x):
+    def lin(p, h):
+        return h @ p["W"].T + p["b"] + p["s"] * (h @ p["A"].T @ p["B"].T)
+    return lin(p2, torch.relu(lin(p1, x.double())))
+
+
+def _wrapped(use_orig_params=True):
+    net = Net()
+    refs = {a: (_params64(net, "l1", a), _params64(net, "l2", a)) for a in ("default", "b")}
+    if not use_orig_params:
+        for p in net.parameters():  # (FSDP1 flattens a module's parameters only when they agree on requires_grad)
+            p.requires_grad_(True)
+    return net, FSDP(net, use_orig_params=use_orig_params, device_id=torch.device("cpu")), refs
+
+
+def _err(model, refs, adapter="default"):
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return float((model(x).double() - _net64(*refs[adapter], x)).abs().max())
+
+
+def _eval_refused(rank, world, summon):
+    net, model, refs = _wrapped()
+    model(torch.randn(2, 8))  # (between forwards: shard pieces)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        if summon is None:
+            model.eval()
+        else:
+            with FSDP.summon_full_params(model, writeback=summon):
+                model.eval()
+    told = [str(w.message) for w in ws if "FSDP1" in str(w.message)]
+    out = {"merged": [net.l1.merged, net.l2.merged], "told": told, "eval_err": _err(model, refs)}
+    with FSDP.summon_full_params(model, writeback=True):
+        model.train()
+    out["train_err"] = _err(model, refs)
+    state = model.state_dict()  # (FSDP1's full state dict: the base weights)
+    out["base_err"] = float((state["l1.weight"].double() - refs["default"][0]["W"]).abs().max())
+    with pytest.raises(ValueError, match=REFUSED) as e:
+        net.l1.merge()
+    out["merge_refusal"] = str(e.value)
+    out["merged_after"] = net.l1.merged
+    return out
+
+
+@pytest.mark.parametrize("summon", [None, False, True], ids=["between_forwards", "summon_no_writeback", "summon"])
+def test_fsdp1_merges_are_refused_and_the_adapter_served_on_the_fly(summon):
+    for out in run_ranks(_eval_refused, summon):
+        assert out["merged"] == [False, False] and out["merged_after"] is False
+        assert len(out["told"]) == 2 and "Linear(8, 16)" in out["told"][0] and "Linear(16, 4)" in out["told"][1]
+        assert "Linear(8, 16)" in out["merge_refusal"] and "fully_shard" in out["merge_refusal"]
+        assert out["eval_err"] < 1e-5 and out["train_err"] < 1e-5  # (before: 33.5 off, summon_no_writeback)
+        assert out["base_err"] < 1e-6  # (before: 2.85 off after a train())
+
+
+def _switch_refused(rank, world, how, summon):
+    net, model, refs = _wrapped()
+    if how == "serving":
+        for p in net.parameters():
+            p.requires_grad_(False)
+    model(torch.randn(2, 8))
+    summoned = FSDP.summon_full_params(model, writeback=summon) if summon is not None else None
+    with pytest.raises(ValueError, match=REFUSED) as e:
+        if summoned is not None:
+            with summoned:
+                (lora.set_adapter(model, "b") if how != "layer" else net.l1.set_adapter("b"))
+        else:
+            lora.set_adapter(model, "b") if how != "layer" else net.l1.set_adapter("b")
+    return {"refusal": str(e.value), "active": [net.l1.active_adapter, net.l2.active_adapter],
+            "err": _err(model, refs)}
+
+
+@pytest.mark.parametrize("how, summon", [("serving", None), ("serving", False), ("trainable", True),
+                                         ("layer", None)])
+def test_fsdp1_switches_are_refused_before_anything_changes(how, summon):
+    for out in run_ranks(_switch_refused, how, summon):
+        assert "Linear(8, 16)" in out["refusal"] and "set_adapter('b')" in out["refusal"]
+        assert out["active"] == ["default", "default"]
+        assert out["err"] < 1e-5  # the old adapter, whole (before: its factors at b's scaling, 14.9 off b)
+
+
+def _merged_before_wrapping(rank, world):
+    net = Net()
+    refs = {"default": (_params64(net, "l1"), _params64(net, "l2"))}
+    net.eval()  # merged, then wrapped: FSDP1 flattens the merged weights
+    model = FSDP(net, use_orig_params=True, device_id=torch.device("cpu"))
+    out = {"merged": net.l1.merged, "err": _err(model, refs)}
+    with pytest.raises(ValueError, match="unmerge before wrapping") as e:
+        model.train()
+    out["refusal"] = str(e.value)
+    out["still_merged"] = net.l1.merged
+    out["err_after"] = _err(model, refs)
+    return out
+
+
+def test_fsdp1_layers_merged_before_wrapping_serve_and_refuse_to_unmerge():
+    for out in run_ranks(_merged_before_wrapping):
+        assert out["merged"] and out["still_merged"]
+        assert "Linear(8, 16)" in out["refusal"]
+        assert out["err"] < 1e-5 and out["err_after"] < 1e-5
+
+
+def _lora_state(rank, world, use_orig_params):
+    net, model, refs = _wrapped(use_orig_params)
+    model(torch.randn(2, 8))
+    state = lora.lora_state_dict(model)
+    plain = Net()
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    return {"keys": sorted(state), "shapes": {k: tuple(v.shape) for k, v in state.items()},
+            "unexpected": unexpected,
+            "err": max(float((state[f"{n}.{f}"].double() - refs["default"][i][f[-1]]).abs().max())
+                       for i, n in enumerate(("l1", "l2")) for f in ("lora_A", "lora_B"))}
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_lora_state_dict_is_whole_under_the_models_keys(use_orig_params):
+    for out in run_ranks(_lora_state, use_orig_params):
+        assert out["keys"] == ["l1.lora_A", "l1.lora_B", "l2.lora_A", "l2.lora_B"]  # (before: FSDP1's names)
+        assert out["shapes"] == {"l1.lora_A": (4, 8), "l1.lora_B": (16, 4), "l2.lora_A": (2, 16),
+                                 "l2.lora_B": (4, 2)}  # (before: 1-D pieces, another on each rank)
+        assert out["unexpected"] == [] and out["err"] == 0.0
+
+
+def _flat_eval(rank, world):
+    net, model, refs = _wrapped(use_orig_params=False)
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        model.eval()
+    return {"told": [str(w.message) for w in ws if "unmerged" in str(w.message)], "merged": net.l1.merged,
+            "err": _err(model, refs)}
+
+
+def test_fsdp1_without_orig_params_says_fsdp1():
+    for out in run_ranks(_flat_eval):
+        assert out["merged"] is False and out["err"] < 1e-5
+        assert len(out["told"]) == 2 and all("FSDP1" in t and "parametrization" not in t for t in out["told"])

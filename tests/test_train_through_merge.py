@@ -1,0 +1,310 @@
+"""Training through a merged layer: a forward that autograd records while the factors require grad (the model in
+eval mode for frozen BatchNorm statistics or no dropout, training after merge(), a checkpointed forward recomputed
+after eval()). loralib's merged layers compute from the weight alone there: lora_A and lora_B got no gradient
+(None), and an optimizer skipped them silently. Now such a forward computes W x + s B A x from the merged weight and
+the live factors (their stack with the merged snapshot's, negated), so the factors get their gradients and optimizer
+steps take effect at once; the weight is not written. Oracles are float64 formulas (helpers.layer_forward64) on
+tensors the test made."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+import lora_ext as lora
+from helpers import bits, layer_forward64, rel_err
+
+KINDS = ["linear", "fan", "merged_linear", "merged_fan", "embedding", "conv"]
+
+
+def _layer(kind, seed=0):
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer = lora.Linear(24, 20, r=4, lora_alpha=8)
+    elif kind == "fan":
+        layer = lora.Linear(24, 20, r=4, lora_alpha=8, fan_in_fan_out=True)
+    elif kind in ("merged_linear", "merged_fan"):
+        layer = lora.MergedLinear(24, 3 * 8, r=2, lora_alpha=6, enable_lora=[True, False, True],
+                                  fan_in_fan_out=kind == "merged_fan")
+    elif kind == "embedding":
+        layer = lora.Embedding(30, 12, r=4, lora_alpha=8)
+    else:
+        layer = lora.Conv2d(3, 5, kernel_size=3, r=2, lora_alpha=4)
+    with torch.no_grad():
+        layer.lora_A.normal_(0, 0.3)
+        layer.lora_B.normal_(0, 0.3)
+    return layer
+
+
+def _weight_name(layer):
+    return "conv.weight" if isinstance(layer, lora.ConvLoRA) else "weight"
+
+
+def _param(layer):
+    """The weight Parameter (state_dict() of a merged layer gives the base instead)."""
+    return layer.conv.weight if isinstance(layer, lora.ConvLoRA) else layer.weight
+
+
+def _input(kind, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "embedding":
+        return torch.randint(0, 30, (3, 5), generator=g)
+    if kind == "conv":
+        return torch.randn(2, 3, 7, 7, generator=g)
+    return torch.randn(4, 24, generator=g)
+
+
+def _params64(layer, base, requires_grad=False):
+    """The layer's parameters in float64 with `base` as its weight (a merged layer's Parameter holds W + s B A)."""
+    p = {n: t.detach().double() for n, t in layer.named_parameters()}
+    p[_weight_name(layer)] = base.double()
+    return {n: t.requires_grad_(requires_grad) for n, t in p.items()}
+
+
+def _x64(x):
+    return x.double() if x.is_floating_point() else x
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_merged_forward_with_gradients_gives_the_factors_theirs(kind):
+    layer = _layer(kind)
+    base = layer.state_dict()[_weight_name(layer)].clone()
+    p64 = _params64(layer, base, requires_grad=True)
+    layer.eval()
+    assert layer.merged
+    merged_bits = bits(_param(layer).detach()).clone()
+    x = _input(kind)
+    if x.is_floating_point():
+        x.requires_grad_()
+    x64 = _x64(x.detach()).requires_grad_(x.is_floating_point())
+    y = layer(x)
+    y64 = layer_forward64(layer, p64, x64, layer.scaling)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(11))
+    y.backward(g)
+    y64.backward(g.double())
+    assert rel_err(y, y64) < 2e-6
+    assert layer.lora_A.grad is not None and layer.lora_B.grad is not None  # (loralib: None)
+    assert rel_err(layer.lora_A.grad, p64["lora_A"].grad) < 1e-5
+    assert rel_err(layer.lora_B.grad, p64["lora_B"].grad) < 1e-5
+    if x.is_floating_point():
+        assert rel_err(x.grad, x64.grad) < 1e-5
+    weight = _param(layer)
+    assert not weight.requires_grad and weight.grad is None  # (frozen by the layer, as loralib's)
+    assert layer.merged and torch.equal(bits(weight.detach()), merged_bits)  # nothing written
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_in_eval_mode_trains_as_in_training_mode(kind):
+    a = _layer(kind)
+    base = a.state_dict()[_weight_name(a)].clone()
+    _param(a).requires_grad_(False)
+    b = copy.deepcopy(a)
+    a.eval()  # merged: frozen BatchNorm statistics would be the reason in a real model
+    b.train()  # unmerged, no dropout: the same function
+    opts = [torch.optim.SGD([m.lora_A, m.lora_B], lr=0.1) for m in (a, b)]
+    for step in range(3):
+        x = _input(kind, seed=step)
+        for m, opt in zip((a, b), opts):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    assert a.merged
+    for name in ("lora_A", "lora_B"):
+        assert rel_err(getattr(a, name), getattr(b, name)) < 1e-5
+        assert rel_err(getattr(a, name), getattr(_layer(kind), name)) > 1e-3  # the steps moved them
+    x = _input(kind, seed=9)
+    with torch.no_grad():  # between training steps: what was trained, not the merge from before them
+        assert rel_err(a(x), layer_forward64(a, _params64(a, base), _x64(x), a.scaling)) < 2e-6
+    a.train()  # the snapshot taken out: the base again
+    assert rel_err(a.state_dict()[_weight_name(a)], base) < 1e-6
+    a.eval()  # the trained factors merged
+    with torch.no_grad():
+        assert rel_err(a(x), layer_forward64(a, _params64(a, base), _x64(x), a.scaling)) < 2e-6
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv"])
+def test_forwards_without_gradients_for_the_factors_compute_from_the_weight_alone(kind):
+    layer = _layer(kind)
+    layer.eval()
+    x = _input(kind)
+    with torch.no_grad():
+        alone = layer._weight_forward(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            assert torch.equal(bits(layer(x)), bits(alone))
+        with torch.inference_mode():
+            assert torch.equal(bits(layer(x)), bits(alone))
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+        y = layer(x)  # gradients on, factors frozen (an input's gradient, a saliency map)
+        assert torch.equal(bits(y.detach()), bits(alone))
+    # none of these trained the factors: written by hand, they wait for the next merge (the README's rule)
+    with torch.no_grad():
+        layer.lora_B.add_(1.0)
+        assert torch.equal(bits(layer(x)), bits(alone))
+
+
+def test_a_new_merge_computes_from_the_weight_alone_again():
+    layer = _layer("linear")
+    layer.eval()
+    x = _input("linear")
+    layer(x).sum().backward()  # trained through the merge: later forwards read the live factors
+    with torch.no_grad():
+        layer.lora_B.add_(0.5)
+        trained = layer(x)
+    base = layer.state_dict()["weight"]
+    assert rel_err(trained, layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)) < 2e-6
+    layer.train()
+    layer.eval()  # the live factors merged: the weight alone serves them
+    with torch.no_grad():
+        assert torch.equal(bits(layer(x)), bits(layer._weight_forward(x)))
+        assert rel_err(layer(x), trained) < 2e-6
+
+
+def test_a_switch_computes_from_the_weight_alone_again():
+    layer = _layer("linear")
+    gen = torch.Generator().manual_seed(3)
+    layer.add_adapter("other", torch.randn(layer.lora_A.shape, generator=gen),
+                      torch.randn(layer.lora_B.shape, generator=gen), 1.5)
+    base = layer.state_dict()["weight"].clone()
+    layer.eval()
+    x = _input("linear")
+    layer(x).sum().backward()
+    layer.set_adapter("other")  # a merged switch: the snapshot is "other" now
+    with torch.no_grad():
+        assert torch.equal(bits(layer(x)), bits(layer._weight_forward(x)))
+        assert rel_err(layer(x), layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)) < 2e-6
+
+
+def test_a_checkpointed_forward_recomputed_after_eval_gets_the_gradients():
+    layer = _layer("linear")
+    ref = copy.deepcopy(layer)
+    x = _input("linear").requires_grad_()
+    y = checkpoint(layer, x, use_reentrant=True)  # training mode: unmerged
+    layer.eval()  # merged between the forward and its backward (the recomputation runs merged)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    y.backward(g)
+    ref(x.detach()).backward(g)
+    assert layer.lora_A.grad is not None  # (before: None)
+    assert rel_err(layer.lora_A.grad, ref.lora_A.grad) < 1e-5
+    assert rel_err(layer.lora_B.grad, ref.lora_B.grad) < 1e-5
+    assert rel_err(x.grad, _x_grad64(ref, x.detach(), g)) < 1e-5
+
+
+def _x_grad64(layer, x, g):
+    x64 = x.double().requires_grad_()
+    layer_forward64(layer, _params64(layer, layer.weight), x64, layer.scaling).backward(g.double())
+    return x64.grad
+
+
+def test_a_checkpointed_forward_without_reentrance_recomputed_after_eval_is_refused_by_torch():
+    layer = _layer("linear")
+    y = checkpoint(layer, _input("linear").requires_grad_(), use_reentrant=False)
+    layer.eval()
+    with pytest.raises(torch.utils.checkpoint.CheckpointError, match="different metadata"):
+        y.sum().backward()  # (the recomputation saved other tensors: torch says so, nothing silent)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_compiled_training_through_a_merged_layer(backend):
+    layer = _layer("linear")
+    base = layer.state_dict()["weight"].clone()
+    layer.eval()
+    compiled = torch.compile(layer, backend=backend)
+    for step in range(2):
+        x = _input("linear", seed=step)
+        p64 = _params64(layer, base, requires_grad=True)
+        layer.zero_grad()
+        compiled(x).square().sum().backward()
+        layer_forward64(layer, p64, x.double(), layer.scaling).square().sum().backward()
+        assert rel_err(layer.lora_A.grad, p64["lora_A"].grad) < 1e-5
+        assert rel_err(layer.lora_B.grad, p64["lora_B"].grad) < 1e-5
+        with torch.no_grad():
+            layer.lora_B.sub_(0.1 * layer.lora_B.grad)  # a step: the next compiled call serves it
+    assert layer.merged
+
+
+def test_autocast_training_through_a_merged_layer():
+    layer = _layer("linear")
+    base = layer.state_dict()["weight"].clone()
+    layer.eval()
+    x = _input("linear")
+    p64 = _params64(layer, base, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    layer_forward64(layer, p64, x.double(), layer.scaling).square().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32
+    assert rel_err(layer.lora_A.grad, p64["lora_A"].grad) < 3e-2  # (bfloat16 activations)
+    assert rel_err(layer.lora_B.grad, p64["lora_B"].grad) < 3e-2
+
+
+def test_a_model_in_eval_mode_with_batchnorm_trains_its_adapters():
+    """The case that brought this up: a CNN trained with its BatchNorm statistics frozen by model.eval()."""
+    torch.manual_seed(0)
+    model = nn.Sequential(lora.Conv2d(3, 8, kernel_size=3, r=2, lora_alpha=4), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), lora.Linear(8 * 5 * 5, 4, r=2, lora_alpha=4))
+    lora.mark_only_lora_as_trainable(model)
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(6, 3, 7, 7)
+    target = torch.randn(6, 4)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (model(x) - target).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_dtype_change_after_training_through_the_merge_keeps_serving_what_was_trained(dtype):
+    layer = _layer("linear")
+    base = layer.state_dict()["weight"].clone()
+    layer.eval()
+    x = _input("linear")
+    layer(x).sum().backward()
+    with torch.no_grad():
+        layer.lora_B.sub_(0.2 * layer.lora_B.grad)  # a step
+    layer.to(dtype)  # (the snapshot is merged again into the converted base)
+    assert layer.merged
+    with torch.no_grad():
+        out = layer(x.to(dtype))
+    expected = layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)
+    assert rel_err(out, expected) < (1e-2 if dtype == torch.bfloat16 else 1e-6)  # the step served, not the merge
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["linear", "merged_fan", "embedding", "conv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_through_the_merge_on_the_device(cuda, kind, dtype):
+    layer = _layer(kind)
+    base = layer.state_dict()[_weight_name(layer)].clone()
+    layer.to(cuda.device)
+    owner = layer.conv if isinstance(layer, lora.ConvLoRA) else layer
+    for name in ("weight", "bias"):  # a 16-bit base with float32 factors (inject's default)
+        if getattr(owner, name, None) is not None:
+            getattr(owner, name).data = getattr(owner, name).data.to(dtype)
+    base = base.to(dtype)
+    layer.eval()
+    assert layer.merged
+    x = _input(kind)
+    xd = x.to(cuda.device, dtype) if x.is_floating_point() else x.to(cuda.device)
+    p64 = _params64(layer, base, requires_grad=True)
+    y = layer(xd)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    y.backward(g.to(y.device, y.dtype))
+    layer_forward64(layer, p64, _x64(x), layer.scaling).backward(g.double())
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    assert rel_err(layer.lora_A.grad, p64["lora_A"].grad) < tol
+    assert rel_err(layer.lora_B.grad, p64["lora_B"].grad) < tol
+    assert layer.merged
