@@ -358,6 +358,10 @@ class LayerBatch:
                              f"{tuple(x.shape)}: {how}{batch.hint(lead[0], lead) if len(lead) else ''}")
         size, tokens = fit
         merged = layer.active_adapter if layer._serves_merged() else None  # (see LoRALayer._serves_merged)
+        if merged is not None and layer._merge_behind():
+            raise ValueError(f"batch_adapters: {where} trained adapter {merged!r} through its merge since it merged "
+                             f"(its weight holds the values from before, which the batch's rows would be served "
+                             f"relative to); call eval() or merge() on the model first (it merges the trained values)")
         if (merged is not None and merged in batch.slot_of and not torch.compiler.is_compiling()
                 and (layer._merged_A is None or layer._merged_A is not self.checked)):
             self._check_merged(layer, merged, where)  # (not in a traced forward: see README, torch.compile)

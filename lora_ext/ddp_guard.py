@@ -119,8 +119,8 @@ def synchronised(ddp):
 
 def check(layer, ddp) -> None:
     """Raises when `layer`'s forward would give gradients to trainable factors that `ddp` does not synchronise."""
-    if not torch.is_grad_enabled() or not layer.has_lora or layer.merged or not layer._trainable():
-        return  # (merged: the output does not reach the factors)
+    if not torch.is_grad_enabled() or not layer.has_lora or not layer._trainable():
+        return  # (merged, trainable factors are trained through the merge: LoRALayer._trains_merged)
     known, changed = synchronised(ddp)
     if known is None:
         return

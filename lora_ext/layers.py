@@ -1401,6 +1401,14 @@ class LoRALayer(NamedAdapters):
                         # modules before it in eval mode, the rest training). (Values that are not finite or could
                         # leave the weight dtype's range still raise: served on the fly they would give inf or NaN.)
                         warnings.warn(f"eval() leaves adapter {self.active_adapter!r} unmerged: {err}", stacklevel=2)
+            elif not mode and self._merge_behind():
+                try:
+                    self._merge_trained()
+                except lossless.ExceptionOverflow as err:  # (as above: served right, through the merge, as before)
+                    if getattr(err, "weight_written", False):
+                        raise
+                    warnings.warn(f"eval() leaves the trained values of adapter {self.active_adapter!r} served "
+                                  f"through the merge (not merged): {err}", stacklevel=2)
             nn.Module.train(self, mode)
         return self
 
@@ -1413,7 +1421,21 @@ class LoRALayer(NamedAdapters):
             self._see_new_memory()
             if self.has_lora and not self.merged:
                 self._merge()
+            elif self._merge_behind():
+                self._merge_trained()
             self.merged = True
+
+    def _merge_behind(self) -> bool:
+        """Whether the layer is merged with other values than its live factors, which it trained through the merge
+        since (_trains_merged): merge() writes them (_merge_trained)."""
+        return self.merged and bool(self.__dict__.get("_trained_merged"))
+
+    def _merge_trained(self) -> None:
+        """eval() or merge() of a merged layer that trained through its merge (_trains_merged): the live factors
+        merged in place of the snapshot, in one pass (_swap_merged), so that forwards compute from the weight alone
+        again (and later writes to the live factors wait for the next merge, as before). The caller holds the lock."""
+        self._check_values(self.active_adapter)
+        self._swap_merged(*(sharded.full(t).detach() for t in (self.lora_A, self.lora_B)), self.scaling)
 
     def unmerge(self) -> None:
         """Restores the base weight now (forwards then add the adapter on the fly)."""
@@ -1499,7 +1521,8 @@ class LoRALayer(NamedAdapters):
         at once. The weight is not written (nothing to take back, no lock held across the forward)."""
         params = self._parameters
         A, B = (params[n] if n in params else getattr(self, n) for n in ("lora_A", "lora_B"))
-        A0, B0 = (t.to(device=A.device, dtype=A.dtype) for t in (self._merged_A, self._merged_B))
+        # (FSDP2: the snapshot of a sharded layer is sharded, the live factors gathered inside its forward)
+        A0, B0 = (sharded.full(t).to(device=A.device, dtype=A.dtype) for t in (self._merged_A, self._merged_B))
         groups = len(self._block_ids) if isinstance(self, MergedLinear) else 1
         A = torch.cat([A.reshape(groups, A.shape[0] // groups, A.shape[-1]),
                        A0.reshape(groups, A0.shape[0] // groups, A0.shape[-1])], 1)

@@ -147,21 +147,53 @@ def test_forwards_without_gradients_for_the_factors_compute_from_the_weight_alon
         assert torch.equal(bits(layer(x)), bits(alone))
 
 
-def test_a_new_merge_computes_from_the_weight_alone_again():
-    layer = _layer("linear")
+@pytest.mark.parametrize("how", ["train_eval", "eval", "merge", "unmerge_merge"])
+@pytest.mark.parametrize("kind", ["linear", "merged_fan", "conv"])
+def test_a_new_merge_computes_from_the_weight_alone_again(kind, how):
+    layer = _layer(kind)
+    base = layer.state_dict()[_weight_name(layer)].clone()
     layer.eval()
-    x = _input("linear")
+    x = _input(kind)
     layer(x).sum().backward()  # trained through the merge: later forwards read the live factors
     with torch.no_grad():
         layer.lora_B.add_(0.5)
         trained = layer(x)
-    base = layer.state_dict()["weight"]
     assert rel_err(trained, layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)) < 2e-6
-    layer.train()
-    layer.eval()  # the live factors merged: the weight alone serves them
+    if how == "train_eval":
+        layer.train()
+        layer.eval()
+    elif how == "eval":
+        layer.eval()  # already in eval mode and merged: the trained factors merged in place of the snapshot
+    elif how == "merge":
+        layer.merge()
+    else:
+        layer.unmerge()
+        layer.merge()
+    assert layer.merged
     with torch.no_grad():
-        assert torch.equal(bits(layer(x)), bits(layer._weight_forward(x)))
+        assert torch.equal(bits(layer(x)), bits(layer._weight_forward(x)))  # the weight alone
         assert rel_err(layer(x), trained) < 2e-6
+        layer.lora_B.add_(0.5)  # a write by hand waits for the next merge again (the README's rule)
+        assert torch.equal(bits(layer(x)), bits(layer._weight_forward(x)))
+    layer.train()
+    assert rel_err(layer.state_dict()[_weight_name(layer)], base) < 1e-6  # the base back
+
+
+def test_a_lossless_merge_gives_the_base_back_bit_for_bit_after_training_through_it():
+    layer = _layer("linear")
+    layer.to(torch.bfloat16)  # (16-bit: lossless by default)
+    base = layer.weight.detach().clone()
+    layer.eval()
+    x = _input("linear").to(torch.bfloat16)
+    for _ in range(2):
+        layer(x).float().square().sum().backward()
+        with torch.no_grad():
+            for p in (layer.lora_A, layer.lora_B):
+                p.sub_(0.01 * p.grad)
+                p.grad = None
+        layer.eval()  # the trained factors merged in place of the merged ones, losslessly
+    layer.train()
+    assert torch.equal(bits(layer.weight.detach()), bits(base))
 
 
 def test_a_switch_computes_from_the_weight_alone_again():
@@ -308,3 +340,107 @@ def test_training_through_the_merge_on_the_device(cuda, kind, dtype):
     assert rel_err(layer.lora_A.grad, p64["lora_A"].grad) < tol
     assert rel_err(layer.lora_B.grad, p64["lora_B"].grad) < tol
     assert layer.merged
+
+
+# -- found by a hostile read: other paths that read a merged weight or trust the flag ------------------------------
+
+def _trained_in_eval_mode(kind="linear", steps=2):
+    layer = _layer(kind)
+    base = layer.state_dict()[_weight_name(layer)].clone()
+    layer.eval()
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.1)
+    for step in range(steps):
+        opt.zero_grad()
+        layer(_input(kind, seed=step)).square().mean().backward()
+        opt.step()
+    return layer, base
+
+
+@pytest.mark.parametrize("kind", ["linear", "merged_fan", "embedding", "conv"])
+def test_unload_merges_what_was_trained_through_the_merge(kind):
+    layer, base = _trained_in_eval_mode(kind)
+    model = nn.Sequential(layer)
+    x = _input(kind, seed=9)
+    expected = layer_forward64(layer, _params64(layer, base), _x64(x), layer.scaling)
+    lora.unload(model, merge=True)  # (took the weight as it was: the merge from before training, 1.3 off)
+    assert not isinstance(model[0], lora.LoRALayer)
+    with torch.no_grad():
+        assert rel_err(model[0](x), expected) < 2e-6
+
+
+def test_merge_adapter_merges_what_was_trained_through_the_merge():
+    layer, base = _trained_in_eval_mode()
+    model = nn.Sequential(layer)
+    lora.merge_adapter(model)
+    x = _input("linear", seed=9)
+    with torch.no_grad():
+        assert torch.equal(bits(layer(x)), bits(layer._weight_forward(x)))  # the weight alone holds it now
+        assert rel_err(layer(x), layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)) < 2e-6
+
+
+def test_a_mixed_batch_over_a_layer_trained_through_its_merge_is_refused_until_it_merges_again():
+    layer, base = _trained_in_eval_mode()
+    model = nn.Sequential(layer)
+    x = _input("linear", seed=9)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="trained adapter 'default' through its merge"):
+            with lora.batch_adapters(model, ["default"] * 4):
+                model(x)  # (served the merge from before training: 1.04 off)
+        model.eval()
+        with lora.batch_adapters(model, ["default", None, "default", None]):
+            out = model(x)
+    expected = layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)
+    assert rel_err(out[0::2], expected[0::2]) < 2e-6
+    assert rel_err(out[1::2], x.double()[1::2] @ base.double().T + layer.bias.double()) < 2e-6
+
+
+def _ddp_unsynchronised_switch(rank, world, mode):
+    from torch.nn.parallel import DistributedDataParallel
+    layer = _layer("linear")
+    layer.add_adapter("b", torch.randn(layer.lora_A.shape) * 0.3, torch.randn(layer.lora_B.shape) * 0.3, 2.0)
+    model = nn.Sequential(layer)
+    lora.mark_only_lora_as_trainable(model)
+    ddp = DistributedDataParallel(model)
+    getattr(model, mode)()
+    lora.set_adapter(model, "b")  # trainable: new Parameters, which DDP was not built with
+    with pytest.raises(RuntimeError, match="does not synchronise") as e:
+        ddp(_input("linear", seed=rank)).square().mean().backward()
+    return {"refusal": str(e.value), "merged": layer.merged}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_ddp_refuses_unsynchronised_factors_trained_through_a_merge(mode):
+    from dist import run_ranks
+    for out in run_ranks(_ddp_unsynchronised_switch, mode):
+        assert "Linear(24, 20)" in out["refusal"]  # (eval: trained through the merge, ranks apart by 0.08)
+        assert out["merged"] == (mode == "eval")
+
+
+def _fsdp2_eval_mode_training(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    kinds = ["linear", "merged_fan", "embedding", "conv"]
+    out = {}
+    for kind in kinds:
+        layer = _layer(kind)
+        base = layer.state_dict()[_weight_name(layer)].clone()
+        p64 = _params64(layer, base, requires_grad=True)  # (before fully_shard makes them DTensors)
+        model = nn.Sequential(layer)
+        lora.mark_only_lora_as_trainable(model)
+        fully_shard(model)
+        model.eval()
+        merged = layer.merged
+        x = _input(kind, seed=3)  # (the same on both ranks: the gradients all-reduce to the one-process ones)
+        model(x).square().mean().backward()
+        layer_forward64(layer, p64, _x64(x), layer.scaling).square().mean().backward()
+        grads = [g.full_tensor() if hasattr(g, "full_tensor") else g for g in (layer.lora_A.grad, layer.lora_B.grad)]
+        out[kind] = {"merged": merged and layer.merged,
+                     "err": max(rel_err(grads[0], p64["lora_A"].grad), rel_err(grads[1], p64["lora_B"].grad))}
+    return out
+
+
+def test_fsdp2_training_through_a_merge():
+    from dist import run_ranks
+    for out in run_ranks(_fsdp2_eval_mode_training):
+        for kind, res in out.items():
+            assert res["merged"], kind
+            assert res["err"] < 1e-5, (kind, res)  # (before: torch's DTensor error from torch.cat, naming no layer)

@@ -458,10 +458,12 @@ def merge_adapter(model: nn.Module) -> None:
         for name, m in found:
             check_mergeable(name, m)
             m._check_sound()  # (a broken layer: refused before the others merge and unmerge again)
-            if not m.merged:
+            if not m.merged or m._merge_behind():
                 m._check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")
-        # a refusal while writing (a lossless merge's exceptions), or Ctrl-C: all merged or none
-        each_or_none([m for _, m in found if not m.merged], lambda m: m.merge(), lambda m: m.unmerge(),
+        # a refusal while writing (a lossless merge's exceptions), or Ctrl-C: all merged or none (a layer that
+        # trained through its merge merges its trained factors: LoRALayer._merge_trained)
+        each_or_none([m for _, m in found if not m.merged or m._merge_behind()], lambda m: m.merge(),
+                     lambda m: m.unmerge(),
                      paths={m: path for path, m in found})
 
 

@@ -765,7 +765,8 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
     names = []
     # (under the model's lock: atomically for forwards on other threads) every layer merged (or unmerged) before the
     # first is taken out, so a refusal (a lossless record's overflow, out of memory) leaves every layer as it was
-    change = [layer for _, layer in found if layer.merged != merge]
+    # (merge: a layer that trained through its merge merges its trained factors, LoRALayer._merge_trained)
+    change = [layer for _, layer in found if layer.merged != merge or (merge and layer._merge_behind())]
     each_or_none(change, (lambda m: m.merge()) if merge else (lambda m: m.unmerge()),
                  (lambda m: m.unmerge()) if merge else (lambda m: m.merge()), paths={m: path for path, m in found})
     with deferred_interrupt(), layers.taking_out_layers():
