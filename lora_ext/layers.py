@@ -470,6 +470,8 @@ class LoRALayer(NamedAdapters):
         state.setdefault("lossless", None)  # layers pickled before lossless merges
         state.setdefault("_merged_record", None)
         nn.Module.__setstate__(self, state)
+        for p in self.parameters():  # (FSDP1's mark, pickled with a Parameter taken from an FSDP1 model: not flat here)
+            p.__dict__.pop("_fsdp_flattened", None)
         self._snapshot_buffers_last()  # (layers pickled before they were kept last)
         self._restore_adapters(state)
         self._adopt_scale_tensor()

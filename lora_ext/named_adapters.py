@@ -887,7 +887,11 @@ class NamedAdapters:
     def _check_plain_factors(self, what: str) -> None:
         """Refuses a switch while torch.nn.utils.parametrize computes lora_A or lora_B: the layer's attribute is
         then the parametrization's output, a new tensor at each read, so writing a switch into it would be lost
-        (and the Parameter under it is not the factor)."""
+        (and the Parameter under it is not the factor). FSDP1's flat parameter first (with use_orig_params=False the
+        factors are plain tensors set as attributes, which the checks below would take for a hook's)."""
+        refusal = sharded.fsdp1_refusal(self, "a switch")
+        if refusal is not None:
+            raise ValueError(f"{what}: {refusal}")
         names = [n for n in ("lora_A", "lora_B") if torch.nn.utils.parametrize.is_parametrized(self, n)]
         if names:
             raise ValueError(f"{what}: {self._describe()} has a parametrization on {' and '.join(names)} "
@@ -902,9 +906,6 @@ class NamedAdapters:
                              f"{'is' if len(names) == 1 else 'are'} not a Parameter but computed by "
                              f"{' and '.join(h for h, _ in hows)}, so a switch cannot write the live factors; make "
                              f"it a Parameter again ({', '.join(r for _, r in hows)}) before switching adapters")
-        refusal = sharded.fsdp1_refusal(self, "a switch")
-        if refusal is not None:
-            raise ValueError(f"{what}: {refusal}")
         # a weight or live factors on the meta device (an accelerate offload keeps their values in its hook, a model
         # built on meta has none yet): a write into them does nothing, and the forward would serve the old adapter
         names = [n for n in ("lora_A", "lora_B") if self.has_lora and getattr(self, n).is_meta]

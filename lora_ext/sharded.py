@@ -106,7 +106,7 @@ def fsdp_managed(module) -> bool:
     return any(p._module_info.module is module for _, p in _fsdp_params())
 
 
-def _fsdp1_flat(t) -> bool:
+def fsdp1_flat(t) -> bool:
     """Whether `t` lies in an FSDP1 flat parameter: an original Parameter FSDP1 marked (use_orig_params=True, whose
     memory it swaps between shard pieces and gathered views) or a view of a FlatParameter (use_orig_params=False)."""
     if not isinstance(t, Tensor):
@@ -115,7 +115,7 @@ def _fsdp1_flat(t) -> bool:
                 or (t._base is not None and getattr(t._base, "_fsdp_flattened", False)))
 
 
-def fsdp1_refusal(layer, what: str) -> Optional[str]:
+def fsdp1_refusal(layer, what: str, names=("weight", "lora_A", "lora_B")) -> Optional[str]:
     """Why `what` (a merge, unmerge or switch) cannot write `layer`: FSDP1 (FullyShardedDataParallel) flattened its
     weight or factors into a flat parameter, where a write lands in a 1-D shard piece between forwards, is dropped on
     leaving summon_full_params(writeback=False) (the layer would say merged over a weight never written), or gives a
@@ -125,12 +125,13 @@ def fsdp1_refusal(layer, what: str) -> Optional[str]:
         return None
     def attribute(module, name):  # (a Parameter, or with use_orig_params=False a plain tensor set as an attribute)
         return module.__dict__.get("_parameters", {}).get(name, module.__dict__.get(name))
-    names = [n for n in ("weight", "lora_A", "lora_B")
-             if _fsdp1_flat(attribute(layer._weight_owner() if n == "weight" else layer, n))]
+    owner = layer._weight_owner() if hasattr(layer, "_weight_owner") else layer
+    names = [n for n in names if fsdp1_flat(attribute(owner if n in ("weight", "bias") else layer, n))]
     if not names:
         return None
-    return (f"{layer._describe()}: FSDP1 (FullyShardedDataParallel) holds its {' and '.join(names)} in a flat "
-            f"parameter, which {what} cannot write (a 1-D shard piece between forwards; inside "
+    describe = layer._describe() if hasattr(layer, "_describe") else type(layer).__name__
+    return (f"{describe}: FSDP1 (FullyShardedDataParallel) holds its {' and '.join(names)} in a flat "
+            f"parameter, which {what} cannot use (a 1-D shard piece between forwards; inside "
             f"summon_full_params(writeback=False) a copy that is dropped; a new factor Parameter FSDP1 never sees); "
             f"lora_ext merges and switches adapters under FSDP2 (torch.distributed.fsdp.fully_shard): under FSDP1 "
             f"serve the adapter unmerged (eval() leaves it so), or merge and switch before wrapping the model")

@@ -1,4 +1,6 @@
 """loralib's helpers: freeze all but LoRA, and the LoRA part of a state dict."""
+import warnings
+
 import torch.nn as nn
 
 from . import sharded
@@ -52,9 +54,17 @@ def _fsdp1_lora_state_dict(model: nn.Module, bias: str) -> dict:
     layers hold flat shard pieces between forwards (they gave 1-D pieces under FSDP1's names)."""
     from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
     from torch.distributed.fsdp._common_utils import clean_tensor_name
-    with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                                                  FullStateDictConfig(rank0_only=False)):
-        state = model.state_dict()
+    if not FullyShardedDataParallel.fsdp_modules(model):
+        flat = next(name for name, m in _lora_layers(model) if sharded.fsdp1_refusal(m, ""))
+        raise ValueError(f"lora_state_dict: FSDP1 (FullyShardedDataParallel) flattened layer {flat!r} into a flat "
+                         f"parameter of a FullyShardedDataParallel module outside the module given, where its whole "
+                         f"factors are gathered: pass the FullyShardedDataParallel model itself")
+    with warnings.catch_warnings():  # (torch deprecates FSDP1's state_dict_type, FSDP1 itself with it)
+        warnings.simplefilter("ignore", FutureWarning)
+        with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                                      FullStateDictConfig(rank0_only=False)):
+            state = model.state_dict()
+    buffers = {clean_tensor_name(name) for name, _ in model.named_buffers()}  # (bias="all": parameters only)
     keep = set()
     for prefix, m in _lora_layers(model):
         prefix = clean_tensor_name(prefix)
@@ -64,7 +74,7 @@ def _fsdp1_lora_state_dict(model: nn.Module, bias: str) -> dict:
             keep.add(prefix + ("conv.bias" if isinstance(m, ConvLoRA) else "bias"))
     copies = tuple(clean_tensor_name(prefix) for prefix, _ in _active_copies(model))
     return {k: t.detach() for k, t in state.items()
-            if k in keep or (bias == "all" and _is_bias(k)) or (copies and k.startswith(copies))}
+            if k in keep or (bias == "all" and _is_bias(k) and k not in buffers) or (copies and k.startswith(copies))}
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:

@@ -184,3 +184,143 @@ def test_fsdp1_without_orig_params_says_fsdp1():
     for out in run_ranks(_flat_eval):
         assert out["merged"] is False and out["err"] < 1e-5
         assert len(out["told"]) == 2 and all("FSDP1" in t and "parametrization" not in t for t in out["told"])
+
+
+# -- found by a hostile read: model-level calls, messages, state dicts ---------------------------------------------
+
+class Masked(Net):
+    """Net with a persistent buffer named like a bias (GPT-2's old attention mask): not a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.mask = nn.Module()
+        self.mask.register_buffer("bias", torch.ones(3))
+
+
+def _model_level_refusals(rank, world, use_orig_params):
+    import os
+    import tempfile
+    net, model, refs = _wrapped(use_orig_params)
+    model(torch.randn(2, 8))
+    out = {}
+    calls = {
+        "set_adapter": lambda: lora.set_adapter(model, "b"),
+        "layer.set_adapter": lambda: net.l1.set_adapter("b"),
+        "reserve_rank": lambda: lora.reserve_rank(model, 8),
+        "add_adapter_active": lambda: net.l1.add_adapter("default", torch.zeros(4, 8), torch.zeros(16, 4), 2.0),
+        "merge_adapter": lambda: lora.merge_adapter(model),
+        "unmerge_adapter": lambda: lora.unmerge_adapter(model),
+        "unload_merge": lambda: lora.unload(model, merge=True),
+        "unload": lambda: lora.unload(model, merge=False),
+        "save_peft_adapter": lambda: lora.save_peft_adapter(model, os.path.join(tempfile.mkdtemp(), "a")),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            out[name] = "accepted"
+        except ValueError as e:
+            out[name] = str(e)
+    out["unchanged"] = ([net.l1.active_adapter, net.l2.active_adapter, type(model.module.l1).__name__],
+                        _err(model, refs))
+    return out
+
+
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_model_level_calls_are_refused_naming_fsdp1_and_the_layer(use_orig_params):
+    for out in run_ranks(_model_level_refusals, use_orig_params):
+        active, err = out.pop("unchanged")
+        assert active == ["default", "default", "Linear"] and err < 1e-5
+        for name, message in out.items():
+            assert "FSDP1" in message, (name, message)  # (before: a parametrization's or a hook's message, or none)
+            assert "parametrization" not in message and "hook" not in message, (name, message)
+        assert "l1" in out["unload"] and "l1" in out["save_peft_adapter"]  # the layer's path
+        assert "lora_state_dict" in out["save_peft_adapter"]
+
+
+def _partial_unmerge(rank, world):
+    net = Net()
+    refs = {"default": (_params64(net, "l1"), _params64(net, "l2"))}
+    net.eval()  # merged, then l2 flattened and l1 left out (ignored_modules)
+    model = FSDP(net, use_orig_params=True, device_id=torch.device("cpu"), ignored_modules=[net.l1])
+    with pytest.raises(ValueError, match="FSDP1") as e:
+        lora.unmerge_adapter(model)
+    return {"merged": [net.l1.merged, net.l2.merged], "refusal": str(e.value), "err": _err(model, refs)}
+
+
+def test_fsdp1_unmerge_adapter_refuses_before_any_layer_changes():
+    for out in run_ranks(_partial_unmerge):
+        assert out["merged"] == [True, True]  # (before: l1 unmerged, then l2 refused)
+        assert "'_fsdp_wrapped_module.l2'" in out["refusal"] or "'l2'" in out["refusal"]
+        assert out["err"] < 1e-5
+
+
+def _inject_flattened(rank, world):
+    torch.manual_seed(0)
+    model = FSDP(nn.Sequential(nn.Linear(8, 6)), use_orig_params=True, device_id=torch.device("cpu"))
+    with pytest.raises(ValueError, match="FSDP1") as e:
+        lora.inject(model, ["0"], r=2)
+    return {"refusal": str(e.value), "kind": type(model.module[0]).__name__}
+
+
+def test_fsdp1_inject_into_a_flattened_module_is_refused():
+    for out in run_ranks(_inject_flattened):
+        assert out["kind"] == "Linear" and "before wrapping" in out["refusal"]  # (before: accepted, then forwards
+        # failed in ops with "weight must be 2-D", naming no layer)
+
+
+def _disable_with_eval_inside(rank, world):
+    net, model, refs = _wrapped()
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        with lora.disable_adapter(model):
+            model.eval()
+    return {"merged": [net.l1.merged, net.l2.merged], "err": _err(model, refs),
+            "told": [str(w.message) for w in ws if "FSDP1" in str(w.message)]}
+
+
+def test_fsdp1_eval_inside_disable_adapter_leaves_the_layers_unmerged_as_eval_does():
+    for out in run_ranks(_disable_with_eval_inside):  # (before: the block's end raised)
+        assert out["merged"] == [False, False] and out["err"] < 1e-5 and len(out["told"]) == 2
+
+
+def _pickled_from_fsdp1(rank, world):
+    import io
+    net, model, refs = _wrapped()
+    buf = io.BytesIO()
+    with FSDP.summon_full_params(model, writeback=False):
+        torch.save(net, buf)  # (Parameters pickle their attributes: FSDP1's mark among them)
+    buf.seek(0)
+    plain = torch.load(buf, weights_only=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.eval()
+    lora.set_adapter(plain, "b")
+    state = lora.lora_state_dict(plain)
+    return {"merged": plain.l1.merged, "active": plain.l1.active_adapter, "keys": sorted(state),
+            "err": _err(plain, refs, "b")}
+
+
+def test_a_layer_pickled_from_an_fsdp1_model_is_not_refused():
+    for out in run_ranks(_pickled_from_fsdp1):  # (before: merges and switches refused, lora_state_dict KeyError)
+        assert out["merged"] and out["active"] == "b" and out["err"] < 1e-5
+        assert out["keys"] == ["l1.lora_A", "l1.lora_B", "l2.lora_A", "l2.lora_B"]
+
+
+def _lora_state_edges(rank, world):
+    net = Masked()
+    plain_all = sorted(lora.lora_state_dict(net, bias="all"))
+    model = FSDP(net, use_orig_params=True, device_id=torch.device("cpu"))
+    model(torch.randn(2, 8))
+    with pytest.raises(ValueError, match="pass the FullyShardedDataParallel model") as e:
+        lora.lora_state_dict(model.module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        wrapped_all = sorted(lora.lora_state_dict(model, bias="all"))
+    return {"plain": plain_all, "wrapped": wrapped_all, "refusal": str(e.value)}
+
+
+def test_fsdp1_lora_state_dict_edges():
+    for out in run_ranks(_lora_state_edges):
+        assert out["wrapped"] == out["plain"]  # (before: the buffer mask.bias too)
+        assert "mask.bias" not in out["wrapped"] and "l1.bias" in out["wrapped"]
+        assert "'l1'" in out["refusal"] or "l1" in out["refusal"]  # (before: KeyError(None) inside torch)

@@ -13,6 +13,7 @@ import contextlib
 import sys
 import threading
 import time
+import warnings
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -22,7 +23,7 @@ from .. import sharded
 from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_one_name, check_rank, deferred_interrupt, each_or_none
 from ..utils import _wrapped, under_ddp
-from .injection import check_mergeable
+from .injection import check_mergeable, refuse_fsdp1
 from .saved_modules import wrappers
 from .tokens import TrainableTokens
 from . import weighted
@@ -296,6 +297,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
                 and not any(name in w.adapter_names for _, w in saved):
             held = sorted({n for _, m in found for n in m.adapter_names if not m.is_placeholder(n)})
             raise KeyError(f"set_adapter: no lora_ext layer holds an adapter {name!r} (they hold {held})")
+        refuse_fsdp1(model, f"set_adapter({name!r})")
         trains = any(m._trainable() for _, m in found)  # (copies of a wrapper that never saw one train follow it)
         _check_ddp_switch(model, found, name, trains)
         reshard_fsdp(model)
@@ -332,6 +334,7 @@ def reserve_rank(model: nn.Module, rank: int) -> None:
                          "shapes; reserve the rank on the inner model before wrapping it")
     with model_lock(model).write():
         found = _layers_or_raise(model)
+        refuse_fsdp1(model, "reserve_rank")
         reshard_fsdp(model)  # (all-gathered factors are plain tensors: the sharded ones are refused below)
         for name, m in found:
             try:
@@ -454,6 +457,7 @@ def merge_adapter(model: nn.Module) -> None:
     Every layer is checked (mergeable, finite values within the weight's range) before the first changes."""
     with model_lock(model).write():
         found = _layers_or_raise(model)
+        refuse_fsdp1(model, "merge_adapter")
         reshard_fsdp(model)
         for name, m in found:
             check_mergeable(name, m)
@@ -471,6 +475,7 @@ def unmerge_adapter(model: nn.Module) -> None:
     """Restores the base weights of every lora_ext layer (forwards then add the adapter on the fly)."""
     with model_lock(model).write():
         found = _layers_or_raise(model)
+        refuse_fsdp1(model, "unmerge_adapter")  # (before any layer changes: some may be FSDP1's, others not)
         reshard_fsdp(model)
         with deferred_interrupt():  # a Ctrl-C lands when every layer is unmerged
             for _, m in found:
@@ -558,6 +563,11 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                 was_merged, was_training = m.__dict__.pop("_pre_disable", (False, m.training))
                 merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
                 if merge and not m.merged and m.has_lora:
+                    refusal = m.merge_refusal() if m.training != was_training else None
+                    if refusal is not None:  # (eval() inside: as eval() outside, the layer stays unmerged, said so)
+                        warnings.warn(f"disable_adapter: eval() inside the block leaves adapter {m.active_adapter!r} "
+                                      f"unmerged at its end: {refusal}", stacklevel=3)
+                        continue
                     again.append(m)
             try:
                 each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge(), paths={m: p for p, m in found})

@@ -424,6 +424,10 @@ def check_replaceable(model, name, module, label=None):
         raise ValueError(f"{label} has a sharded weight (a DTensor: fully_shard or tensor parallel was applied); "
                          f"a lora_ext layer must be in place before sharding: inject (or load the adapter) first, then "
                          f"shard (lora_ext.parallel's styles for tensor parallel)")
+    if not isinstance(module, LoRALayer) and sharded.fsdp1_refusal(module, "", ("weight", "bias")) is not None:
+        raise ValueError(f"{label} is held by FSDP1 (FullyShardedDataParallel) in a flat parameter, which the factors a "
+                         f"lora_ext layer adds would not be part of; inject (or load the adapter) before wrapping the "
+                         f"model, or use FSDP2 (torch.distributed.fsdp.fully_shard)")
     if not isinstance(module, LoRALayer) and layers.offloaded(module):
         raise ValueError(f"{label} is offloaded by accelerate (a hook keeps its weight's values and puts them back for "
                          f"each forward): a lora_ext layer in its place would lose the hook and read a weight on the "
@@ -654,6 +658,15 @@ def install(model, name, module, layer, scaling, owners, adapter_name="default",
     return layer
 
 
+def refuse_fsdp1(model: nn.Module, what: str, hint: str = "") -> None:
+    """Refuses `what` (a model-level call) before anything changes when FSDP1 (FullyShardedDataParallel) flattened
+    a lora_ext layer of `model` (sharded.fsdp1_refusal), naming the first one by its path."""
+    for name, m in model.named_modules():
+        refusal = sharded.fsdp1_refusal(m, what) if isinstance(m, LoRALayer) else None
+        if refusal is not None:
+            raise ValueError(f"{what}: layer {name!r}: {refusal}{hint}")
+
+
 def check_mergeable(name, layer):
     refusal = layer.merge_refusal() if layer.has_lora else None
     if refusal is not None:
@@ -735,6 +748,7 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
 
 def _unload(model: nn.Module, merge: bool) -> List[str]:
     check_enabled(model, "unload")
+    refuse_fsdp1(model, "unload")  # (the plain modules put back would hold FSDP1's shard pieces)
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
     for name, layer in found:  # (a weight a failed write left unknown would become the plain module's)
         layer._check_sound()

@@ -505,6 +505,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     refusal = (("hotswap_adapter", "the swap would land unseen until the block ends") if _hotswap
                else ("load_peft_adapter",))
     _inject.check_enabled(model, *refusal)
+    _inject.refuse_fsdp1(model, refusal[0])  # (its names and flat pieces would mislead every check after)
     path = hub.resolve(path, revision, subfolder)
     home = check_device(device)
     cfg = read_config(path)
@@ -1036,6 +1037,9 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     from safetensors.torch import save_file
 
     inner = unwrap(model)  # names as the plain model has them (no "module." / "_orig_mod." prefix)
+    _inject.refuse_fsdp1(inner, "save_peft_adapter",  # (it wrote FSDP1's 1-D shard pieces under its wrapper names)
+                         "; lora.lora_state_dict(model) gives the factors whole under the model's keys (every rank "
+                         "calls it), to save from the unwrapped model")
     # one adapter throughout: model-level switches on other threads (through the wrapper or the model) wait
     with hold(model), (hold(inner) if inner is not model else contextlib.nullcontext()):
         found = lora_layers(inner)
