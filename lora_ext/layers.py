@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import warnings
+import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -310,6 +311,13 @@ class _MergedSample:
                 return False if bool(A.any()) and bool(B.any()) else "near"
             off = float((new.double() - merged.double()).norm())
             return "near" if off <= update / 4 else False
+
+
+def _mark_trained(layer_ref, grad) -> None:
+    """A backward reached a merged layer's factors through its merge (LoRALayer._trains_merged)."""
+    layer = layer_ref()
+    if layer is not None:
+        layer.__dict__["_trained_merged"] = True
 
 
 class _Written:
@@ -1501,18 +1509,26 @@ class LoRALayer(NamedAdapters):
         """Whether this merged forward computes from the live factors (_merged_training_factors): where autograd
         records it and they require grad (training with the model in eval mode, for frozen BatchNorm statistics or
         no dropout; training after merge(); a checkpointed forward recomputed after eval()), and in every forward
-        after that until the merged snapshot changes (_put_snapshot: the next merge, unmerge or switch), so that a
-        forward under torch.no_grad() between training steps serves what was trained, not the merge from before.
+        after a backward reached them through such a forward (_trained_merged, set by a hook on the stacked factors;
+        under torch.compile at the forward itself), until the merged snapshot changes (_put_snapshot: the next
+        merge, unmerge or switch), so that a forward under torch.no_grad() between training steps serves what was
+        trained, not the merge from before. A forward with gradients on that no backward follows (a validation
+        forward without no_grad) leaves the next ones computing from the weight alone. torch.export and
+        torch.jit.trace of a merged layer trace the weight alone (a program made to serve), unless it trained
+        through its merge already.
         loralib's merged layers compute from the weight alone there: the factors get no gradient, and an optimizer
         skips them."""
         if self.__dict__.get("_trained_merged"):
             return True
         if not torch.is_grad_enabled() or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return False
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():  # (a program of a merged model serves: from the
+            return False                                              # weight alone, as before, unless trained above)
         params = self._parameters
         if not any((params[n] if n in params else getattr(self, n)).requires_grad for n in ("lora_A", "lora_B")):
             return False
-        self.__dict__["_trained_merged"] = True
+        if torch.compiler.is_compiling():  # (no hook in a traced graph: marked by the forward)
+            self.__dict__["_trained_merged"] = True
         return True
 
     def _merged_training_factors(self) -> Tuple[Tensor, Tensor]:
@@ -1529,6 +1545,9 @@ class LoRALayer(NamedAdapters):
         A = torch.cat([A.reshape(groups, A.shape[0] // groups, A.shape[-1]),
                        A0.reshape(groups, A0.shape[0] // groups, A0.shape[-1])], 1)
         B = torch.cat([B * self.scaling, B0 * -self._merged_scaling], 1)
+        marked = B if B.requires_grad else A  # (a backward through it: trained, see _trains_merged)
+        if marked.requires_grad and not self.__dict__.get("_trained_merged") and not torch.compiler.is_compiling():
+            marked.register_hook(functools.partial(_mark_trained, weakref.ref(self)))
         return A.reshape(A.shape[0] * A.shape[1], A.shape[2]), B
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -301,8 +301,9 @@ def test_a_merge_allocates_the_codes_and_a_small_exception_list():
 def test_direct_calls_count_past_capacity_and_keep_the_base():
     """The kernel's contract: every exception counted, those past the capacity not written (base kept)."""
     w = torch.zeros(8, 13, dtype=torch.float16)
-    a = torch.randn(2, 13)
-    b = torch.randn(8, 2)
+    g = torch.Generator().manual_seed(0)  # (unseeded, an element was now and then no exception: 103 of 104 counted)
+    a = torch.randn(2, 13, generator=g)
+    b = torch.randn(8, 2, generator=g)
     ln, rn = lossless.norms(a, b, 1, False)
     codes = lossless.empty_codes(w, 1, 8, 13)
     idx = torch.empty(5, dtype=torch.int64)

@@ -444,3 +444,52 @@ def test_fsdp2_training_through_a_merge():
         for kind, res in out.items():
             assert res["merged"], kind
             assert res["err"] < 1e-5, (kind, res)  # (before: torch's DTensor error from torch.cat, naming no layer)
+
+
+@pytest.mark.parametrize("how", ["export", "jit_trace"])
+def test_a_program_of_a_merged_model_traces_the_weight_alone(how):
+    """torch.export / torch.jit.trace with gradients on and trainable factors (a serving program): the weight
+    alone, as before; the layer is not put on the live path by the trace."""
+    layer = _layer("linear")
+    model = nn.Sequential(layer).eval()
+    x = _input("linear")
+    if how == "export":
+        program = torch.export.export(model, (x,)).module()
+        ops_used = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.jit.trace(model, (x,), check_trace=False)
+        ops_used = {n.kind() for n in program.inlined_graph.nodes()}
+    assert not any("cat" in o or "lora_ext" in o for o in ops_used), ops_used
+    assert not layer.__dict__.get("_trained_merged")
+    with torch.no_grad():
+        assert torch.equal(bits(program(x)), bits(layer._weight_forward(x)))
+
+
+def test_a_program_of_a_layer_trained_through_its_merge_serves_what_was_trained():
+    layer, base = _trained_in_eval_mode()
+    model = nn.Sequential(layer)
+    x = _input("linear", seed=9)
+    program = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        assert rel_err(program(x), layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)) < 2e-6
+
+
+def test_a_forward_with_gradients_that_no_backward_follows_trains_nothing():
+    """A validation forward without torch.no_grad (or a generator resumed on another thread, where no_grad is not in
+    force): later forwards compute from the weight alone, and mixed batches still open."""
+    layer = _layer("linear")
+    model = nn.Sequential(layer).eval()
+    x = _input("linear")
+    y = model(x)
+    assert y.requires_grad  # (the live path: a backward would train the factors)
+    del y
+    with torch.no_grad():
+        assert torch.equal(bits(model(x)), bits(layer._weight_forward(x)))
+        with lora.batch_adapters(model, ["default", None, "default", None]):
+            model(x)
+    model(x).sum().backward()  # now trained through the merge
+    with torch.no_grad():
+        layer.lora_B.add_(0.5)
+        assert not torch.equal(bits(model(x)), bits(layer._weight_forward(x)))  # the live factors, stepped
