@@ -24,7 +24,6 @@ import os
 import sys
 import threading
 import warnings
-import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -313,11 +312,11 @@ class _MergedSample:
             return "near" if off <= update / 4 else False
 
 
-def _mark_trained(layer_ref, grad) -> None:
-    """A backward reached a merged layer's factors through its merge (LoRALayer._trains_merged)."""
-    layer = layer_ref()
-    if layer is not None:
-        layer.__dict__["_trained_merged"] = True
+def _mark_trained(layer, grad) -> None:
+    """A backward reached a merged layer's factors through its merge (LoRALayer._trains_merged): the mark of its
+    snapshot now (a merge between the forward and the backward made a new one), a one-element list that shallow
+    copies of the layer share (nn.DataParallel's replicas mark the layer they were made from)."""
+    layer.__dict__.setdefault("_trained_merged", [False])[0] = True
 
 
 class _Written:
@@ -810,7 +809,7 @@ class LoRALayer(NamedAdapters):
         out of torch's set of non-persistent names, which state_dict and load_state_dict skip either way for None,
         but accelerate's offload_buffers=True moves every name in it (and fails on None)."""
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
-        self.__dict__["_trained_merged"] = False  # (a new snapshot holds the live factors: see _trains_merged)
+        self.__dict__["_trained_merged"] = [False]  # (a new snapshot holds the live factors: see _trains_merged)
         names = self.__dict__.get("_non_persistent_buffers_set")
         if names is not None:
             (names.difference_update if lora_A is None else names.update)(("_merged_A", "_merged_B"))
@@ -1412,13 +1411,19 @@ class LoRALayer(NamedAdapters):
                         # leave the weight dtype's range still raise: served on the fly they would give inf or NaN.)
                         warnings.warn(f"eval() leaves adapter {self.active_adapter!r} unmerged: {err}", stacklevel=2)
             elif not mode and self._merge_behind():
+                # (as above, eval() of a model does not stop halfway at this layer: what it cannot merge stays served
+                # right, through the merge)
+                refusal = sharded.fsdp1_refusal(self, "a merge")  # (merged before FSDP1 wrapped it, trained since)
                 try:
-                    self._merge_trained()
-                except lossless.ExceptionOverflow as err:  # (as above: served right, through the merge, as before)
+                    if refusal is None:
+                        self._merge_trained()
+                except lossless.ExceptionOverflow as err:
                     if getattr(err, "weight_written", False):
                         raise
+                    refusal = str(err)
+                if refusal is not None:
                     warnings.warn(f"eval() leaves the trained values of adapter {self.active_adapter!r} served "
-                                  f"through the merge (not merged): {err}", stacklevel=2)
+                                  f"through the merge (not merged): {refusal}", stacklevel=2)
             nn.Module.train(self, mode)
         return self
 
@@ -1438,12 +1443,20 @@ class LoRALayer(NamedAdapters):
     def _merge_behind(self) -> bool:
         """Whether the layer is merged with other values than its live factors, which it trained through the merge
         since (_trains_merged): merge() writes them (_merge_trained)."""
-        return self.merged and bool(self.__dict__.get("_trained_merged"))
+        return self.merged and self._trained()
+
+    def _trained(self) -> bool:
+        """Whether a backward went through a merged forward of this layer since its snapshot (_trains_merged)."""
+        mark = self.__dict__.get("_trained_merged")
+        return bool(mark and mark[0])
 
     def _merge_trained(self) -> None:
         """eval() or merge() of a merged layer that trained through its merge (_trains_merged): the live factors
         merged in place of the snapshot, in one pass (_swap_merged), so that forwards compute from the weight alone
         again (and later writes to the live factors wait for the next merge, as before). The caller holds the lock."""
+        refusal = sharded.fsdp1_refusal(self, "a merge")  # (merged before FSDP1 wrapped it, trained since)
+        if refusal is not None:
+            raise ValueError(refusal)
         self._check_values(self.active_adapter)
         self._swap_merged(*(sharded.full(t).detach() for t in (self.lora_A, self.lora_B)), self.scaling)
 
@@ -1518,7 +1531,7 @@ class LoRALayer(NamedAdapters):
         through its merge already.
         loralib's merged layers compute from the weight alone there: the factors get no gradient, and an optimizer
         skips them."""
-        if self.__dict__.get("_trained_merged"):
+        if self._trained():
             return True
         if not torch.is_grad_enabled() or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return False
@@ -1527,8 +1540,8 @@ class LoRALayer(NamedAdapters):
         params = self._parameters
         if not any((params[n] if n in params else getattr(self, n)).requires_grad for n in ("lora_A", "lora_B")):
             return False
-        if torch.compiler.is_compiling():  # (no hook in a traced graph: marked by the forward)
-            self.__dict__["_trained_merged"] = True
+        if torch.compiler.is_compiling():  # (no hook in a traced graph, where it breaks it: marked by the forward)
+            self.__dict__.setdefault("_trained_merged", [False])[0] = True
         return True
 
     def _merged_training_factors(self) -> Tuple[Tensor, Tensor]:
@@ -1545,9 +1558,12 @@ class LoRALayer(NamedAdapters):
         A = torch.cat([A.reshape(groups, A.shape[0] // groups, A.shape[-1]),
                        A0.reshape(groups, A0.shape[0] // groups, A0.shape[-1])], 1)
         B = torch.cat([B * self.scaling, B0 * -self._merged_scaling], 1)
-        marked = B if B.requires_grad else A  # (a backward through it: trained, see _trains_merged)
-        if marked.requires_grad and not self.__dict__.get("_trained_merged") and not torch.compiler.is_compiling():
-            marked.register_hook(functools.partial(_mark_trained, weakref.ref(self)))
+        if not torch.compiler.is_compiling():  # a backward through either: trained (see _trains_merged). Also when
+            # marked already: a merge between this forward and its backward starts a new snapshot, unmarked
+            self.__dict__.setdefault("_trained_merged", [False])  # (a layer pickled before the mark existed)
+            for t in (A, B):
+                if t.requires_grad:
+                    t.register_hook(functools.partial(_mark_trained, self))
         return A.reshape(A.shape[0] * A.shape[1], A.shape[2]), B
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -213,6 +213,8 @@ def _model_level_refusals(rank, world, use_orig_params):
         "unload_merge": lambda: lora.unload(model, merge=True),
         "unload": lambda: lora.unload(model, merge=False),
         "save_peft_adapter": lambda: lora.save_peft_adapter(model, os.path.join(tempfile.mkdtemp(), "a")),
+        "add_weighted_adapter": lambda: lora.add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "w",
+                                                                  combination_type="cat"),
     }
     for name, call in calls.items():
         try:
@@ -324,3 +326,38 @@ def test_fsdp1_lora_state_dict_edges():
         assert out["wrapped"] == out["plain"]  # (before: the buffer mask.bias too)
         assert "mask.bias" not in out["wrapped"] and "l1.bias" in out["wrapped"]
         assert "'l1'" in out["refusal"] or "l1" in out["refusal"]  # (before: KeyError(None) inside torch)
+
+
+def _merged_before_wrapping_trained(rank, world, summon):
+    net = Net()
+    base = (_params64(net, "l1"), _params64(net, "l2"))
+    lora.mark_only_lora_as_trainable(net)
+    net.eval()  # merged, then wrapped: trained through the merge (train() is refused for it)
+    model = FSDP(net, use_orig_params=True, device_id=torch.device("cpu"))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(7))
+    opt.zero_grad()
+    model(x).square().mean().backward()
+    opt.step()
+    with FSDP.summon_full_params(model, writeback=False):
+        trained = {"default": tuple(dict(p, A=getattr(net, n).lora_A.detach().double().clone(),
+                                         B=getattr(net, n).lora_B.detach().double().clone())
+                                    for n, p in zip(("l1", "l2"), base))}
+    with warnings.catch_warnings(record=True) as ws:
+        warnings.simplefilter("always")
+        if summon is None:
+            model.eval()
+        else:
+            with FSDP.summon_full_params(model, writeback=summon):
+                model.eval()
+    with pytest.raises(ValueError, match="FSDP1"):
+        net.l1.merge()
+    return {"told": [str(w.message) for w in ws if "FSDP1" in str(w.message)], "merged": net.l1.merged,
+            "err": _err(model, trained), "moved": _err(model, {"default": base})}
+
+
+@pytest.mark.parametrize("summon", [None, False], ids=["between_forwards", "summon_no_writeback"])
+def test_fsdp1_eval_after_training_through_a_merge_writes_nothing(summon):
+    for out in run_ranks(_merged_before_wrapping_trained, summon):
+        assert len(out["told"]) == 2 and out["merged"]  # (before: a crash naming no layer, or a write dropped)
+        assert out["err"] < 1e-5 < 1e-2 < out["moved"]  # the step served, through the merge (before: 397 off)

@@ -462,7 +462,7 @@ def test_a_program_of_a_merged_model_traces_the_weight_alone(how):
             program = torch.jit.trace(model, (x,), check_trace=False)
         ops_used = {n.kind() for n in program.inlined_graph.nodes()}
     assert not any("cat" in o or "lora_ext" in o for o in ops_used), ops_used
-    assert not layer.__dict__.get("_trained_merged")
+    assert not layer._trained()
     with torch.no_grad():
         assert torch.equal(bits(program(x)), bits(layer._weight_forward(x)))
 
@@ -493,3 +493,54 @@ def test_a_forward_with_gradients_that_no_backward_follows_trains_nothing():
     with torch.no_grad():
         layer.lora_B.add_(0.5)
         assert not torch.equal(bits(model(x)), bits(layer._weight_forward(x)))  # the live factors, stepped
+
+
+# -- a third hostile read: backwards that ask for one factor, merges between forward and backward, replicas ---------
+
+@pytest.mark.parametrize("how", ["backward_inputs", "autograd_grad"])
+def test_a_backward_for_lora_A_alone_marks_the_layer_trained(how):
+    layer = _layer("linear")
+    base = layer.state_dict()["weight"].clone()
+    layer.eval()
+    x = _input("linear")
+    loss = layer(x).square().sum()
+    if how == "backward_inputs":
+        loss.backward(inputs=[layer.lora_A])
+        grad = layer.lora_A.grad
+    else:
+        (grad,) = torch.autograd.grad(loss, [layer.lora_A])
+    with torch.no_grad():
+        layer.lora_A.sub_(0.05 * grad)  # (before: the hook sat on B's stack only, which this backward never reached)
+        assert rel_err(layer(x), layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)) < 2e-6
+    layer.eval()  # merges the stepped lora_A
+    with torch.no_grad():
+        assert rel_err(layer(x), layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)) < 2e-6
+
+
+@pytest.mark.parametrize("how", ["merge_adapter", "eval", "merge"])
+def test_a_merge_between_a_forward_and_its_backward_keeps_the_step(how):
+    layer, base = _trained_in_eval_mode(steps=1)
+    model = nn.Sequential(layer)
+    x = _input("linear", seed=4)
+    loss = model(x).square().mean()  # (marked already: before, no hook was put on this forward)
+    {"merge_adapter": lambda: lora.merge_adapter(model), "eval": model.eval, "merge": layer.merge}[how]()
+    loss.backward()  # (the merge swapped the factors in: a new snapshot, unmarked, until this backward marks it)
+    with torch.no_grad():
+        layer.lora_B.sub_(0.1 * layer.lora_B.grad)
+        assert rel_err(model(x), layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)) < 2e-6
+
+
+def test_a_replica_trained_through_the_merge_marks_the_layer_it_was_made_from():
+    """nn.DataParallel's replicas are shallow copies (Module._replicate_for_data_parallel) whose forwards train the
+    original's factors; the hook marked the replica only (0.787 off after the step)."""
+    layer = _layer("linear")
+    base = layer.state_dict()["weight"].clone()
+    layer.eval()
+    replica = layer._replicate_for_data_parallel()
+    for name, p in layer._parameters.items():  # (as nn.parallel.replicate gives them: tensors that pass gradients back)
+        replica._parameters[name] = p.view_as(p)
+    x = _input("linear")
+    replica(x).square().sum().backward()
+    with torch.no_grad():
+        layer.lora_B.sub_(0.1 * layer.lora_B.grad)
+        assert rel_err(layer(x), layer_forward64(layer, _params64(layer, base), x.double(), layer.scaling)) < 2e-6

@@ -500,6 +500,7 @@ def add_weighted_adapter(model: nn.Module, adapters: List[str], weights: List[fl
     active. Every layer is planned (and checked) before the first one changes; see lora_ext/serving/weighted.py."""
     with model_lock(model).write():
         found = _layers_or_raise(model)
+        refuse_fsdp1(model, "add_weighted_adapter")  # (it reads the factors: FSDP1's shard pieces)
         weighted.apply(weighted.plan(model, found, adapters, weights, adapter_name, combination_type, svd_rank,
                                      density, majority_sign_method, svd_clamp, svd_full_matrices, svd_driver),
                        adapter_name, adapters[0])
