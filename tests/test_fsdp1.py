@@ -69,9 +69,8 @@ def _err(model, refs, adapter="default"):
         return float((model(x).double() - _net64(*refs[adapter], x)).abs().max())
 
 
-def _eval_refused(rank, world, summon):
-    net, model, refs = _wrapped()
-    model(torch.randn(2, 8))  # (between forwards: shard pieces)
+def _eval_told(model, summon):
+    """model.eval() (inside summon_full_params(writeback=summon) unless None); the warnings naming FSDP1."""
     with warnings.catch_warnings(record=True) as ws:
         warnings.simplefilter("always")
         if summon is None:
@@ -79,7 +78,13 @@ def _eval_refused(rank, world, summon):
         else:
             with FSDP.summon_full_params(model, writeback=summon):
                 model.eval()
-    told = [str(w.message) for w in ws if "FSDP1" in str(w.message)]
+    return [str(w.message) for w in ws if "FSDP1" in str(w.message)]
+
+
+def _eval_refused(rank, world, summon):
+    net, model, refs = _wrapped()
+    model(torch.randn(2, 8))  # (between forwards: shard pieces)
+    told = _eval_told(model, summon)
     out = {"merged": [net.l1.merged, net.l2.merged], "told": told, "eval_err": _err(model, refs)}
     with FSDP.summon_full_params(model, writeback=True):
         model.train()
@@ -343,16 +348,10 @@ def _merged_before_wrapping_trained(rank, world, summon):
         trained = {"default": tuple(dict(p, A=getattr(net, n).lora_A.detach().double().clone(),
                                          B=getattr(net, n).lora_B.detach().double().clone())
                                     for n, p in zip(("l1", "l2"), base))}
-    with warnings.catch_warnings(record=True) as ws:
-        warnings.simplefilter("always")
-        if summon is None:
-            model.eval()
-        else:
-            with FSDP.summon_full_params(model, writeback=summon):
-                model.eval()
+    told = _eval_told(model, summon)
     with pytest.raises(ValueError, match="FSDP1"):
         net.l1.merge()
-    return {"told": [str(w.message) for w in ws if "FSDP1" in str(w.message)], "merged": net.l1.merged,
+    return {"told": told, "merged": net.l1.merged,
             "err": _err(model, trained), "moved": _err(model, {"default": base})}
 
 
