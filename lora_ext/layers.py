@@ -1230,9 +1230,9 @@ class LoRALayer(NamedAdapters):
                     record.merged_bits = None
 
     def _unmerge(self):
-        refusal = sharded.fsdp1_refusal(self, "an unmerge")  # (merged before FSDP1 wrapped the model)
-        if refusal is not None:  # before anything is written
-            raise ValueError(refusal.replace("or merge and switch before wrapping", "or unmerge before wrapping"))
+        refusal = sharded.fsdp1_refusal(self, "an unmerge", remedy="or unmerge before wrapping the model")
+        if refusal is not None:  # (merged before FSDP1 wrapped the model) before anything is written
+            raise ValueError(refusal)
         sharded.reshard_if_gathered(self)
         # the memory written, pinned before it is looked at: memory another thread puts under the Parameter later is
         # neither written nor noted, and the next look judges it
@@ -1526,11 +1526,10 @@ class LoRALayer(NamedAdapters):
         under torch.compile at the forward itself), until the merged snapshot changes (_put_snapshot: the next
         merge, unmerge or switch), so that a forward under torch.no_grad() between training steps serves what was
         trained, not the merge from before. A forward with gradients on that no backward follows (a validation
-        forward without no_grad) leaves the next ones computing from the weight alone. torch.export and
-        torch.jit.trace of a merged layer trace the weight alone (a program made to serve), unless it trained
-        through its merge already.
-        loralib's merged layers compute from the weight alone there: the factors get no gradient, and an optimizer
-        skips them."""
+        forward without no_grad) leaves the next ones computing from the weight alone. (loralib's merged layers
+        compute from the weight alone in all of these: the factors get no gradient, and an optimizer skips them.)
+        torch.export and torch.jit.trace of a merged layer trace the weight alone (a program made to serve), unless
+        it trained through its merge already."""
         if self._trained():
             return True
         if not torch.is_grad_enabled() or self.__dict__.get("_buffers", {}).get("_merged_A") is None:

@@ -115,7 +115,8 @@ def fsdp1_flat(t) -> bool:
                 or (t._base is not None and getattr(t._base, "_fsdp_flattened", False)))
 
 
-def fsdp1_refusal(layer, what: str, names=("weight", "lora_A", "lora_B")) -> Optional[str]:
+def fsdp1_refusal(layer, what: str, names=("weight", "lora_A", "lora_B"),
+                  remedy: str = "or merge and switch before wrapping the model") -> Optional[str]:
     """Why `what` (a merge, unmerge or switch) cannot write `layer`: FSDP1 (FullyShardedDataParallel) flattened its
     weight or factors into a flat parameter, where a write lands in a 1-D shard piece between forwards, is dropped on
     leaving summon_full_params(writeback=False) (the layer would say merged over a weight never written), or gives a
@@ -134,7 +135,7 @@ def fsdp1_refusal(layer, what: str, names=("weight", "lora_A", "lora_B")) -> Opt
             f"parameter, which {what} cannot use (a 1-D shard piece between forwards; inside "
             f"summon_full_params(writeback=False) a copy that is dropped; a new factor Parameter FSDP1 never sees); "
             f"lora_ext merges and switches adapters under FSDP2 (torch.distributed.fsdp.fully_shard): under FSDP1 "
-            f"serve the adapter unmerged (eval() leaves it so), or merge and switch before wrapping the model")
+            f"serve the adapter unmerged (eval() leaves it so), {remedy}")
 
 
 def reshard_if_gathered(layer) -> bool:
