@@ -809,7 +809,12 @@ class LoRALayer(NamedAdapters):
         out of torch's set of non-persistent names, which state_dict and load_state_dict skip either way for None,
         but accelerate's offload_buffers=True moves every name in it (and fails on None)."""
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
-        self.__dict__["_trained_merged"] = [False]  # (a new snapshot holds the live factors: see _trains_merged)
+        # (a new snapshot holds the live factors: see _trains_merged. A layer that trained through its merge goes on
+        # training so: the live factors' identities and versions are noted, and a write into them since, an optimizer
+        # step after an eval() or a switch that came between the backward and the step, is served at once)
+        old = self.__dict__.get("_trained_merged")
+        training = lora_A is not None and bool(old) and (old[0] or len(old) > 1)
+        self.__dict__["_trained_merged"] = [False, *self._factor_versions()] if training else [False]
         names = self.__dict__.get("_non_persistent_buffers_set")
         if names is not None:
             (names.difference_update if lora_A is None else names.update)(("_merged_A", "_merged_B"))
@@ -1446,9 +1451,25 @@ class LoRALayer(NamedAdapters):
         return self.merged and self._trained()
 
     def _trained(self) -> bool:
-        """Whether a backward went through a merged forward of this layer since its snapshot (_trains_merged)."""
+        """Whether a backward went through a merged forward of this layer since its snapshot (_trains_merged), or,
+        for a layer that trained through its merge before, its live factors were written since (_put_snapshot)."""
         mark = self.__dict__.get("_trained_merged")
-        return bool(mark and mark[0])
+        if not mark:
+            return False
+        return bool(mark[0]) or (len(mark) > 1 and self._factor_versions() != tuple(mark[1:]))
+
+    def _note_factor_versions(self) -> None:
+        """After a switch wrote the live factors, which hold what it merged: a layer that trained through its merge
+        notes their identities and versions again (_put_snapshot noted them before they were written)."""
+        mark = self.__dict__.get("_trained_merged")
+        if self.merged and mark and len(mark) > 1 and not mark[0]:
+            mark[1:] = self._factor_versions()
+
+    def _factor_versions(self) -> tuple:
+        """The live factors' identities and version counters (in-place writes, an optimizer's step, bump them)."""
+        params = self._parameters
+        A, B = (params[n] if n in params else self.__dict__.get(n) for n in ("lora_A", "lora_B"))
+        return tuple(v for t in (A, B) for v in ((id(t), t._version) if isinstance(t, Tensor) else (id(t), 0)))
 
     def _merge_trained(self) -> None:
         """eval() or merge() of a merged layer that trained through its merge (_trains_merged): the live factors

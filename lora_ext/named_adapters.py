@@ -950,6 +950,9 @@ class NamedAdapters:
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         with torch.inference_mode(False):  # the live factors must stay usable for training afterwards
             self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
+        note = getattr(self, "_note_factor_versions", None)  # (LoRALayer: the live factors hold what was merged)
+        if note is not None:
+            note()
 
     def _activate_as_normal_tensors(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         live_A, live_B = self.lora_A, self.lora_B
