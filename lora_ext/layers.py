@@ -1466,7 +1466,8 @@ class LoRALayer(NamedAdapters):
             mark[1:] = self._factor_versions()
 
     def _factor_versions(self) -> tuple:
-        """The live factors' identities and version counters (in-place writes, an optimizer's step, bump them)."""
+        """The live factors' identities and version counters (in-place writes, an optimizer's step, bump them): the
+        objects the layer holds (not _live_factors, which reads a parametrization's output, a new tensor each time)."""
         params = self._parameters
         A, B = (params[n] if n in params else self.__dict__.get(n) for n in ("lora_A", "lora_B"))
         return tuple(v for t in (A, B) for v in ((id(t), t._version) if isinstance(t, Tensor) else (id(t), 0)))
@@ -1474,7 +1475,8 @@ class LoRALayer(NamedAdapters):
     def _merge_trained(self) -> None:
         """eval() or merge() of a merged layer that trained through its merge (_trains_merged): the live factors
         merged in place of the snapshot, in one pass (_swap_merged), so that forwards compute from the weight alone
-        again (and later writes to the live factors wait for the next merge, as before). The caller holds the lock."""
+        again (until a write into the live factors, which _put_snapshot noted: served at once). The caller holds the
+        lock."""
         refusal = sharded.fsdp1_refusal(self, "a merge")  # (merged before FSDP1 wrapped it, trained since)
         if refusal is not None:
             raise ValueError(refusal)
@@ -1557,12 +1559,16 @@ class LoRALayer(NamedAdapters):
             return False
         if torch.jit.is_tracing() or torch.compiler.is_exporting():  # (a program of a merged model serves: from the
             return False                                              # weight alone, as before, unless trained above)
-        params = self._parameters
-        if not any((params[n] if n in params else getattr(self, n)).requires_grad for n in ("lora_A", "lora_B")):
+        if not any(t.requires_grad for t in self._live_factors()):
             return False
         if torch.compiler.is_compiling():  # (no hook in a traced graph, where it breaks it: marked by the forward)
             self.__dict__.setdefault("_trained_merged", [False])[0] = True
         return True
+
+    def _live_factors(self) -> Tuple[Tensor, Tensor]:
+        """(lora_A, lora_B) as a forward reads them, from the module's own dicts (as _operands reads them)."""
+        params = self._parameters
+        return tuple(params[n] if n in params else getattr(self, n) for n in ("lora_A", "lora_B"))
 
     def _merged_training_factors(self) -> Tuple[Tensor, Tensor]:
         """(A', B') for the unmerged op over the merged weight W + s0 B0 A0 (scale 1, no dropout, as merged): A' the
@@ -1570,8 +1576,7 @@ class LoRALayer(NamedAdapters):
         so that the op computes W x + s B A x, the live adapter's output, and gives the live factors (and x and the
         weight) their gradients, whatever was merged: optimizer steps on the factors since the merge take effect
         at once. The weight is not written (nothing to take back, no lock held across the forward)."""
-        params = self._parameters
-        A, B = (params[n] if n in params else getattr(self, n) for n in ("lora_A", "lora_B"))
+        A, B = self._live_factors()
         # (FSDP2: the snapshot of a sharded layer is sharded, the live factors gathered inside its forward)
         A0, B0 = (sharded.full(t).to(device=A.device, dtype=A.dtype) for t in (self._merged_A, self._merged_B))
         groups = len(self._block_ids) if isinstance(self, MergedLinear) else 1

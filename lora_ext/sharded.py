@@ -115,6 +115,17 @@ def fsdp1_flat(t) -> bool:
                 or (t._base is not None and getattr(t._base, "_fsdp_flattened", False)))
 
 
+def fsdp1_flattened(layer, names=("weight", "lora_A", "lora_B")) -> list:
+    """Which of `names` (the weight and bias are looked up on the module holding the weight) FSDP1 flattened in
+    `layer` (fsdp1_flat); none where torch.distributed is not initialised (FSDP1 needs it)."""
+    if not _distributed():
+        return []
+    def attribute(module, name):  # (a Parameter, or with use_orig_params=False a plain tensor set as an attribute)
+        return module.__dict__.get("_parameters", {}).get(name, module.__dict__.get(name))
+    owner = layer._weight_owner() if hasattr(layer, "_weight_owner") else layer
+    return [n for n in names if fsdp1_flat(attribute(owner if n in ("weight", "bias") else layer, n))]
+
+
 def fsdp1_refusal(layer, what: str, names=("weight", "lora_A", "lora_B"),
                   remedy: str = "or merge and switch before wrapping the model") -> Optional[str]:
     """Why `what` (a merge, unmerge or switch) cannot write `layer`: FSDP1 (FullyShardedDataParallel) flattened its
@@ -122,12 +133,7 @@ def fsdp1_refusal(layer, what: str, names=("weight", "lora_A", "lora_B"),
     leaving summon_full_params(writeback=False) (the layer would say merged over a weight never written), or gives a
     factor a new Parameter the flat parameter never sees. None when it did not. Only where torch.distributed is
     initialised (FSDP1 needs it)."""
-    if not _distributed():
-        return None
-    def attribute(module, name):  # (a Parameter, or with use_orig_params=False a plain tensor set as an attribute)
-        return module.__dict__.get("_parameters", {}).get(name, module.__dict__.get(name))
-    owner = layer._weight_owner() if hasattr(layer, "_weight_owner") else layer
-    names = [n for n in names if fsdp1_flat(attribute(owner if n in ("weight", "bias") else layer, n))]
+    names = fsdp1_flattened(layer, names)
     if not names:
         return None
     describe = layer._describe() if hasattr(layer, "_describe") else type(layer).__name__

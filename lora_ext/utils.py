@@ -55,7 +55,7 @@ def _fsdp1_lora_state_dict(model: nn.Module, bias: str) -> dict:
     from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
     from torch.distributed.fsdp._common_utils import clean_tensor_name
     if not FullyShardedDataParallel.fsdp_modules(model):
-        flat = next(name for name, m in _lora_layers(model) if sharded.fsdp1_refusal(m, ""))
+        flat = next(name for name, m in _lora_layers(model) if sharded.fsdp1_flattened(m))
         raise ValueError(f"lora_state_dict: FSDP1 (FullyShardedDataParallel) flattened layer {flat!r} into a flat "
                          f"parameter of a FullyShardedDataParallel module outside the module given, where its whole "
                          f"factors are gathered: pass the FullyShardedDataParallel model itself")
@@ -158,7 +158,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     (peft's modules_to_save) are part of it: their whole state, under their keys in the model."""
     _check_bias(bias)
     model = unwrap(model)
-    if any(sharded.fsdp1_refusal(m, "") for _, m in _lora_layers(model)):
+    if any(sharded.fsdp1_flattened(m) for _, m in _lora_layers(model)):
         return _fsdp1_lora_state_dict(model, bias)
     out = {}
     for prefix, m in _lora_layers(model):
