@@ -476,6 +476,10 @@ class LoRALayer(NamedAdapters):
     def __setstate__(self, state):
         state.setdefault("lossless", None)  # layers pickled before lossless merges
         state.setdefault("_merged_record", None)
+        for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+            # (copy.copy hands over the original's own dicts: a copy's merge, switch or new buffer was the original's)
+            if isinstance(state.get(key), (dict, set)):
+                state[key] = type(state[key])(state[key])
         nn.Module.__setstate__(self, state)
         for p in self.parameters():  # (FSDP1's mark, pickled with a Parameter taken from an FSDP1 model: not flat here)
             p.__dict__.pop("_fsdp_flattened", None)
@@ -494,6 +498,30 @@ class LoRALayer(NamedAdapters):
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
             pass
         ties.restored(self)  # (and to the plain modules unpickled or copied before it that hold its weight)
+        self._untie_merged_copy()
+
+    def _untie_merged_copy(self) -> None:
+        """A copy made while merged that shares its weight Parameter with a live merged layer (copy.copy, or a
+        deepcopy whose memo keeps the Parameters): two layers would each take out or switch the one merge in that
+        weight, the other's bookkeeping still saying merged (its forward then served the weight alone over the
+        base, or another adapter). The adapter is taken out of the shared weight, with a warning, and both add it
+        on the fly, as for any tie (merges of a weight two layers compute with are refused)."""
+        if not self.__dict__.get("merged"):
+            return
+        try:
+            weight = self._weight_or_none()
+        except (AttributeError, KeyError):
+            return
+        peers = [other for other in ties.others(self, weight) if other.merged] if weight is not None else []
+        if not peers:
+            return
+        for other in peers:
+            other.unmerge()
+        self._forget_merge()  # (what it described was the merge just taken out)
+        warnings.warn(f"{self._describe()}: a copy made while merged shares its weight with "
+                      f"{', '.join(other._describe() for other in peers)}; the adapter was taken out of the shared "
+                      f"weight, and both add it on the fly (a weight two layers compute with is not merged into)",
+                      stacklevel=_user_stacklevel())
 
     def register_buffer(self, name: str, tensor, persistent: bool = True) -> None:
         super().register_buffer(name, tensor, persistent)
@@ -809,6 +837,8 @@ class LoRALayer(NamedAdapters):
         out of torch's set of non-persistent names, which state_dict and load_state_dict skip either way for None,
         but accelerate's offload_buffers=True moves every name in it (and fails on None)."""
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
+        params = self._parameters  # (the factor objects merged: see _factors_substituted)
+        self.__dict__["_merged_from"] = None if lora_A is None else (params.get("lora_A"), params.get("lora_B"))
         # (a new snapshot holds the live factors: see _trains_merged. A layer that trained through its merge goes on
         # training so: the live factors' identities and versions are noted, and a write into them since, an optimizer
         # step after an eval() or a switch that came between the backward and the step, is served at once)
@@ -1175,15 +1205,17 @@ class LoRALayer(NamedAdapters):
         with self._writable_2d(weight) as w:
             return ops.merge_(w, A, B, s, lossless=exact, **self._layout())
 
-    def _swap_into(self, weight: Tensor, A: Tensor, B: Tensor, s: float):
-        """What is merged in `weight` replaced by (A, B, s) in one pass; the new record (as _merge_into's)."""
+    def _swap_into(self, weight: Tensor, A: Tensor, B: Tensor, s: float, order: Optional[int] = None):
+        """What is merged in `weight` replaced by (A, B, s) in one pass; the new record (as _merge_into's). `order`:
+        ops.swap_'s pair_order (the adapters' fixed order, by name: _swap_merged)."""
         old = (self._merged_A, self._merged_B, self._merged_scaling)
         if sharded.is_dtensor(weight):
             return sharded.swap_(weight, *old, A, B, s, record=self._merged_record, where=self._describe(),
                                  **self._layout())
         old, (A, B) = _whole(*old), _whole(A, B)
         with self._writable_2d(weight) as w:
-            return ops.swap_(w, *old, A, B, s, check_values=False, record=self._record_now(w), **self._layout())
+            return ops.swap_(w, *old, A, B, s, check_values=False, record=self._record_now(w), pair_order=order,
+                             **self._layout())
 
     def _unmerge_from(self, weight: Tensor):
         """What is merged taken out of `weight` (the weight parameter, or a copy of it)."""
@@ -1257,10 +1289,13 @@ class LoRALayer(NamedAdapters):
             self._set_merged(None, None, None)
             self._finite_stamps.pop(MERGED, None)
 
-    def _swap_merged(self, lora_A: Tensor, lora_B: Tensor, scaling: float):
+    def _swap_merged(self, lora_A: Tensor, lora_B: Tensor, scaling: float, name: Optional[str] = None):
         """When merged, replaces the merged adapter by (lora_A, lora_B, scaling) in one pass over the weight
         (the caller holds the lock and has checked the new factors). A lossless merge stays lossless: the
-        weight is then bit-identical to merging the new adapter once into the base."""
+        weight is then bit-identical to merging the new adapter once into the base. `name`: the new adapter's,
+        when it is another than the active one (merged): the two go to ops.swap_ in the order of their names,
+        the same for the switch back (a lossy switch back then rounds as its exact negation: no drift), without
+        reading the factors to order them."""
         # (the memory written, pinned before it is looked at: see _unmerge)
         target = self._pinned_weight() if self.merged and self._merged_A is not None else None
         self._see_new_memory()
@@ -1274,7 +1309,9 @@ class LoRALayer(NamedAdapters):
         with deferred_interrupt(), self._writing("switch"):
             try:
                 with torch.no_grad():
-                    record = self._swap_into(target, *snapshot)
+                    order = None if name is None or name == self.active_adapter else (
+                        1 if name < self.active_adapter else -1)
+                    record = self._swap_into(target, *snapshot, order=order)
             except BaseException as err:
                 # the old adapter merged back, with the record the error carries (ops.swap_) ...
                 if hasattr(err, "record"):
@@ -1338,6 +1375,13 @@ class LoRALayer(NamedAdapters):
                     # ConvLoRA's to_empty(recurse=False) leaves its conv's weight as it was)
                     self._set_merged(None, None, None)
                     self.merged = False
+                    if weight.is_meta:  # (torch.func's ensembling recipe: a meta copy of a merged model)
+                        warnings.warn(
+                            f"{self._describe()}: moved to the meta device while merged, it is unmerged (its weight "
+                            f"holds nothing to merge into): a functional_call of it given a merged model's "
+                            f"parameters (named_parameters(), torch.func.stack_module_state of eval() models) would "
+                            f"add the adapter to weights that hold it already. Give it state_dict()s, or models "
+                            f"in train() mode", stacklevel=_user_stacklevel())
                 else:
                     self._note_written()  # (a move or a new memory format: new storage, as merged)
                 return module
@@ -1459,11 +1503,20 @@ class LoRALayer(NamedAdapters):
         return bool(mark[0]) or (len(mark) > 1 and self._factor_versions() != tuple(mark[1:]))
 
     def _note_factor_versions(self) -> None:
-        """After a switch wrote the live factors, which hold what it merged: a layer that trained through its merge
-        notes their identities and versions again (_put_snapshot noted them before they were written)."""
+        """After a switch wrote the live factors, which hold what it merged: the Parameters merged are these
+        (_factors_substituted), and a layer that trained through its merge notes their identities and versions
+        again (_put_snapshot noted them before they were written)."""
+        self._note_merged_from()
         mark = self.__dict__.get("_trained_merged")
         if self.merged and mark and len(mark) > 1 and not mark[0]:
             mark[1:] = self._factor_versions()
+
+    def _note_merged_from(self) -> None:
+        """The live factor Parameters are the ones merged (_factors_substituted): after a switch wrote them, or
+        Parameters of their values were put in their place while they held what was merged."""
+        if self.__dict__.get("_merged_from"):
+            params = self._parameters
+            self.__dict__["_merged_from"] = (params.get("lora_A"), params.get("lora_B"))
 
     def _factor_versions(self) -> tuple:
         """The live factors' identities and version counters (in-place writes, an optimizer's step, bump them): the
@@ -1555,15 +1608,38 @@ class LoRALayer(NamedAdapters):
         it trained through its merge already."""
         if self._trained():
             return True
-        if not torch.is_grad_enabled() or self.__dict__.get("_buffers", {}).get("_merged_A") is None:
+        if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return False
         if torch.jit.is_tracing() or torch.compiler.is_exporting():  # (a program of a merged model serves: from the
             return False                                              # weight alone, as before, unless trained above)
+        if self._factors_substituted():
+            return True
+        if not torch.is_grad_enabled():
+            return False
         if not any(t.requires_grad for t in self._live_factors()):
             return False
         if torch.compiler.is_compiling():  # (no hook in a traced graph, where it breaks it: marked by the forward)
             self.__dict__.setdefault("_trained_merged", [False])[0] = True
         return True
+
+    def _factors_substituted(self) -> bool:
+        """Whether this forward reads other lora_A/lora_B tensors than the Parameters that were merged: given in
+        their place for the call by torch.func.functional_call (an adapter's factors swapped in, vmap over several
+        adapters' factors: BatchedTensors), or Parameters put in their place since the merge. Such a forward computes
+        from the live factors too (_merged_training_factors), with or without gradients: the weight alone would
+        serve the merged adapter whatever the call gave. The Parameters a merge noted are compared by identity, one
+        dict look per factor; a sharded factor (FSDP2, whose forward puts unsharded Parameters in place of the
+        sharded ones, tensor parallelism) and a parametrized one (not in _parameters) are not compared."""
+        noted = self.__dict__.get("_merged_from")
+        if not noted:
+            return False
+        params = self._parameters
+        for name, merged in zip(("lora_A", "lora_B"), noted):
+            live = params.get(name)
+            if merged is None or live is None or live is merged or sharded.is_dtensor(merged):
+                continue
+            return True
+        return False
 
     def _live_factors(self) -> Tuple[Tensor, Tensor]:
         """(lora_A, lora_B) as a forward reads them, from the module's own dicts (as _operands reads them)."""

@@ -767,7 +767,9 @@ class NamedAdapters:
             pair = self._take_values(pair, live_A, live_B, self.scaling)
             for p, live in zip(pair, (live_A, live_B)):
                 p.requires_grad_(live.requires_grad)
+            merged_live = self._merged_live()
             self._parameters["lora_A"], self._parameters["lora_B"] = pair
+            self._own_pair_put(merged_live)
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
 
     def delete_adapter(self, name: str) -> None:
@@ -954,6 +956,18 @@ class NamedAdapters:
         if note is not None:
             note()
 
+    def _merged_live(self) -> bool:
+        """Whether the live factor Parameters are the ones merged (LoRALayer._factors_substituted), before a pair of
+        their values is put in their place."""
+        substituted = getattr(self, "_factors_substituted", None)  # (LoRALayer)
+        return substituted is not None and not substituted()
+
+    def _own_pair_put(self, merged_live: bool) -> None:
+        """A pair of the live values was put in place of the live Parameters: where those were the ones merged,
+        so is the pair (a Parameter put in their place since the merge is not: it is served on the fly still)."""
+        if merged_live:
+            self._note_merged_from()
+
     def _activate_as_normal_tensors(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         live_A, live_B = self.lora_A, self.lora_B
         if sharded.is_dtensor(live_A):
@@ -979,7 +993,7 @@ class NamedAdapters:
             # into the live storage below instead (copy_ converts device and dtype): two copies fewer.
             lora_A = lora_A.detach().to(live_A.device, live_A.dtype, copy=True)
             lora_B = lora_B.detach().to(live_B.device, live_B.dtype, copy=True)
-        self._swap_merged(lora_A.detach(), lora_B.detach(), scaling)
+        self._swap_merged(lora_A.detach(), lora_B.detach(), scaling, name=name)
         self._streams.write(live_A.device)
         if serving:
             with torch.no_grad():
@@ -1061,7 +1075,9 @@ class NamedAdapters:
                 oA, oB, o_scaling = self._adapters[self._owner]
                 self._adapters[self._owner] = (*self._take_values((live_A, live_B), oA, oB, o_scaling), o_scaling)
                 self._finite_stamps.pop(self._owner, None)
+            merged_live = self._merged_live()
             self._parameters["lora_A"], self._parameters["lora_B"] = pair
+            self._own_pair_put(merged_live)
             self._sync_scale_tensor()
             self.__dict__.update(_owner=None, _active_own=None)
             self._stamp_finite(self.active_adapter, known)

@@ -26,8 +26,9 @@ import contextlib
 import functools
 import math
 import numbers
+import weakref
 from types import ModuleType
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -557,7 +558,8 @@ def _check_swap_args(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, n
 
 def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A: Tensor, new_B: Tensor,
           new_scale: float, *, num_blocks: int = 1, block_ids: Sequence[int] = (0,), transposed: bool = False,
-          check_values: bool = True, record: Optional[MergeRecord] = None) -> Optional[MergeRecord]:
+          check_values: bool = True, record: Optional[MergeRecord] = None,
+          pair_order: Optional[int] = None) -> Optional[MergeRecord]:
     """weight += new_scale * delta(new_A, new_B) - old_scale * delta(old_A, old_B), in place, in one pass.
 
     record: the lossless record of the old adapter's merge (merge_(..., lossless=True)); the switch then gives
@@ -573,6 +575,12 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
     check_values non-finite factor values (or a scaled lora_B that overflows), raise before anything is
     written. check_values=False is for callers that know the values are finite: the check costs a device
     sync, more than the pass itself for a 4096 x 4096 weight on a GPU.
+
+    A lossy swap back (b -> a after a -> b) rounds as the exact negation of the swap there, so that switching back
+    and forth does not drift (_swap_order): the pairs are ordered by their values, which reads the factors (a
+    device sync for CUDA factors, once per four tensor objects). pair_order is for callers that know the two
+    adapters by name: 1 when the new adapter comes first in a fixed order of the two (the same for the switch
+    back), -1 when the old one does; a wrong order costs that antisymmetry, never the update's value.
     """
     for what, scale in (("new", new_scale), ("old", old_scale)):
         _check_finite_scaling(f"swap_: the {what} adapter's scaling", scale)
@@ -590,13 +598,78 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
                        ("swap_: the old adapter", old_A, old_B, old_scale)])
     if record is not None:
         return _lossless_pass(weight, args[1:4], record, args[4:7], *args[7:], "swap_")
+    order = pair_order if pair_order in (1, -1) else _swap_order(old_A, old_B, args[3], new_A, new_B, args[6])
+    if order == 0:
+        if fast:  # (the launcher's checks, which the fast path leaves to it, are not reached)
+            _check_swap_args(*args)
+        return None  # the same adapter in and out: an update of exactly zero, nothing written
+    given = args  # (refusals name the arguments as given)
+    if order > 0:  # the pairs in their canonical order, each with the other's sign: the same update
+        args = (weight, new_A, new_B, -args[6], old_A, old_B, -args[3], *args[7:])
     # No custom op: a switch is a serving-time operation, outside any traced graph or autograd record.
     if fast:
-        _launch(_swap_impl, args, _check_swap_args)
+        _launch(_swap_impl, args, lambda *_: _check_swap_args(*given))
     else:
         _swap_impl(*args)
     torch.autograd.graph.increment_version(weight)
     return None
+
+
+def _swap_order(old_A: Tensor, old_B: Tensor, old_scale: float, new_A: Tensor, new_B: Tensor,
+                new_scale: float) -> int:
+    """A lossy swap's pair order, so that switching back rounds exactly as switching there did, negated.
+
+    Every backend sums the two pairs' products in an order fixed by their positions (old, new), and floating-point
+    rounding is symmetric under negation but not under reordering: were a -> b summed (b, a) and b -> a summed
+    (a, b), the two updates would differ by a rounding error that every round trip adds again, the same each time,
+    so a float32 weight served by switching drifts from its base in a straight line (3e-3 relative after 2,000
+    round trips of a 64 x 64 layer, measured). So the pairs go to the backend in an order fixed by their values:
+    0 when they are the same adapter (rank, scale and factor values), 1 when the new pair goes first (in the old
+    pair's place, each pair with the other's sign: the same update), -1 when it stays second. The new pair then
+    goes first in a -> b exactly when the old one did in b -> a, and the update of b -> a is that of a -> b with
+    every term negated: bit for bit its negation (the kernels' multiplier mult = m_x / m_y is unchanged by the
+    negation, its scale negated). The comparison reads the factors: rank, scale, then the first element where the
+    factors differ, which for CUDA factors costs a device sync. The order is kept for the four tensor objects
+    compared while they live and their version counters stand (weak references: switching back and forth
+    between the same tensors compares them once); by object, not by address, since an address reused by other
+    values would keep an order that no longer mirrors its reverse's, and that round trip would drift."""
+    keys = ((old_A.shape[0], float(old_scale)), (new_A.shape[0], float(new_scale)))
+    if keys[0] != keys[1]:
+        return 1 if keys[1] < keys[0] else -1
+    tensors = (old_A, old_B, new_A, new_B)
+    key = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
+    kept = _swap_orders.get(key)
+    if kept is not None and all(ref() is t for ref, t in zip(kept[1], tensors)):
+        return kept[0]
+    order = _swap_order_by_values(*tensors)
+    if order == 0:  # (not kept: values written without a version bump, through .numpy(), would make it skip a write)
+        return order
+    try:
+        refs = tuple(weakref.ref(t) for t in tensors)
+    except TypeError:  # (a tensor that takes no weak reference: not kept)
+        return order
+    if len(_swap_orders) >= 256:
+        _swap_orders.clear()
+    _swap_orders[key] = (order, refs)
+    return order
+
+
+_swap_orders: Dict[tuple, tuple] = {}  # _swap_order's, by the four tensors' ids and versions: (order, weak refs)
+
+
+def _swap_order_by_values(old_A: Tensor, old_B: Tensor, new_A: Tensor, new_B: Tensor) -> int:
+    """_swap_order for pairs of one rank and scale: by the first element where the factors differ."""
+    for x, y in ((old_A, new_A), (old_B, new_B)):
+        if x.shape != y.shape:  # (one factor's shape follows the other's here: never for valid pairs)
+            return 1 if tuple(y.shape) < tuple(x.shape) else -1
+        dtype = torch.promote_types(x.dtype, y.dtype)
+        x, y = x.detach().to(dtype).reshape(-1), y.detach().to(dtype).reshape(-1)
+        differ = x != y
+        if not bool(differ.any()):
+            continue
+        i = int(differ.to(torch.uint8).argmax())  # the first element where they differ
+        return 1 if bool(y[i] < x[i]) else -1
+    return 0
 
 
 def _eager_function(*tensors) -> bool:

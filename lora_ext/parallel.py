@@ -273,9 +273,9 @@ class _StridedMerges:
         part = sharded.Part(weight.to_local(), sharded.full(A), _local_B(self, B), layout)
         return sharded.merge_parts(weight, [part], s, exact, self._describe())[0]
 
-    def _swap_into(self, weight, A, B, s):
+    def _swap_into(self, weight, A, B, s, order=None):
         if not sharded.is_dtensor(weight):
-            return super()._swap_into(weight, A, B, s)
+            return super()._swap_into(weight, A, B, s, order)  # (a sharded one: the pairs ordered by value, per part)
         if isinstance(weight, nn.Parameter):
             sharded.consensus(weight, "switch", self._describe(), (self._merged_A, self._merged_B, A, B),
                               (self._merged_scaling, s))

@@ -12,6 +12,8 @@ all backends share. Arguments arrive validated (see ops.py). Conventions:
 import torch
 import torch.nn.functional as F
 
+from .readable import transformed
+
 # Size of the fp32 staging buffer used to merge fp16/bf16 weights a few rows at a time.
 _STAGING_BYTES = 1 << 20
 
@@ -80,6 +82,12 @@ def delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype
     k = lora_A.shape[1]
     rows, cols = (k, num_blocks * nb) if transposed else (num_blocks * nb, k)
     cd = compute_dtype(dtype)
+    if transformed():  # out of place: under vmap the factors may be batched where a fresh buffer is not
+        parts = [lora_A.new_zeros(nb, k, dtype=cd)] * num_blocks
+        for e, _, a, b in _groups(lora_A.to(cd), lora_B.to(cd), block_ids):
+            parts[e] = scale * (b @ a)
+        out = torch.cat(parts)
+        return (out.t() if transposed else out).to(dtype)
     out = torch.zeros(rows, cols, dtype=cd, device=lora_A.device)
     merge_(out, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
     return out.to(dtype)
@@ -117,6 +125,13 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
     if num_blocks == 1:
         base = bias if bias is not None else x2.new_zeros(())
         out = torch.addmm(base, t, b_all.t(), beta=1 if bias is not None else 0, alpha=scale)
+    elif transformed():  # out of place: under vmap the factors or bias may be batched where a fresh buffer is not
+        nb = n_out // num_blocks
+        cols = [x2.new_zeros(x2.shape[0], nb) if bias is None else bias[e * nb:(e + 1) * nb].expand(x2.shape[0], nb)
+                for e in range(num_blocks)]
+        for j, (e, nb, _, b) in enumerate(_groups(lora_A, b_all, block_ids)):
+            cols[e] = torch.addmm(cols[e], t[:, j * r:(j + 1) * r], b.t(), alpha=scale)
+        out = torch.cat(cols, dim=1)
     else:
         out = x2.new_empty(x2.shape[0], n_out)
         nb = n_out // num_blocks
@@ -128,7 +143,7 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
                 cols.copy_(bias[e * nb:(e + 1) * nb].expand_as(cols))
         for j, (e, nb, _, b) in enumerate(_groups(lora_A, b_all, block_ids)):
             out[:, e * nb:(e + 1) * nb].addmm_(t[:, j * r:(j + 1) * r], b.t(), alpha=scale)
-    out.addmm_(x2, w.t())
+    out = torch.addmm(out, x2, w.t()) if transformed() else out.addmm_(x2, w.t())
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n_out)  # (a matrix as it is: no view to own)
 
 
@@ -197,6 +212,8 @@ def embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_fre
     # (padding_idx and scale_grad_by_freq shape only lora_A's gradient: autograd through here, under torch.func,
     # then matches embedding_backward's, as loralib's does)
     t = F.embedding(ids.reshape(-1), lora_A.t(), padding_idx, None, 2.0, scale_grad_by_freq).to(out.dtype)
+    if transformed():  # out of place: under vmap the factors may be batched where the base lookup is not
+        return out + scale * (t @ lora_B.to(out.dtype).t()).view(out.shape)
     out.view(ids.numel(), out.shape[-1]).addmm_(t, lora_B.to(out.dtype).t(), alpha=scale)
     return out
 
