@@ -1362,8 +1362,12 @@ class LoRALayer(NamedAdapters):
             record = self._merged_record
             snapshot = (self._merged_A, self._merged_B, self._merged_scaling)
             trained = self.__dict__.get("_trained_merged")  # (kept through a dtype change's merge of the snapshot)
+            # (a factor Parameter put in place since the merge goes on being served on the fly: see below)
+            substituted, merged_from = self._factors_substituted(), self.__dict__.get("_merged_from")
             if new_dtype == w.dtype:
                 module = super()._apply(fn, recurse)
+                if not substituted:  # (new Parameter objects under torch's overwrite-on-conversion flag)
+                    self._note_merged_from()
                 weight = self._weight_param()
                 device = weight.device
                 self._buffers["_merged_A"], self._buffers["_merged_B"] = (t.to(device) for t in snapshot[:2])
@@ -1419,6 +1423,8 @@ class LoRALayer(NamedAdapters):
                 return module
             self._set_merged(A, B, s, record)
             self.__dict__["_trained_merged"] = trained  # (the snapshot merged again: the live factors still serve)
+            if substituted:  # (the snapshot merged again, not the factor put in place since: still served on the fly)
+                self.__dict__["_merged_from"] = merged_from
             self.merged = True
             return module
 
@@ -1610,12 +1616,13 @@ class LoRALayer(NamedAdapters):
             return True
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return False
+        substituted = self._factors_substituted()
+        if not substituted and not torch.is_grad_enabled():
+            return False
         if torch.jit.is_tracing() or torch.compiler.is_exporting():  # (a program of a merged model serves: from the
             return False                                              # weight alone, as before, unless trained above)
-        if self._factors_substituted():
+        if substituted:
             return True
-        if not torch.is_grad_enabled():
-            return False
         if not any(t.requires_grad for t in self._live_factors()):
             return False
         if torch.compiler.is_compiling():  # (no hook in a traced graph, where it breaks it: marked by the forward)
@@ -1634,6 +1641,8 @@ class LoRALayer(NamedAdapters):
         if not noted:
             return False
         params = self._parameters
+        if params.get("lora_A") is noted[0] and params.get("lora_B") is noted[1]:  # (every forward: kept short)
+            return False
         for name, merged in zip(("lora_A", "lora_B"), noted):
             live = params.get(name)
             if merged is None or live is None or live is merged or sharded.is_dtensor(merged):
