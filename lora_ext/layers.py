@@ -1017,7 +1017,8 @@ class LoRALayer(NamedAdapters):
 
     def merge_refusal(self) -> Optional[str]:
         """Why the active adapter cannot be merged into this layer's weight, or None: a weight that is not a
-        registered parameter (a parametrization computes it); FSDP1's flat parameter; Embedding: max_norm."""
+        registered parameter (a parametrization computes it); FSDP1's flat parameter; a factor a forward pre-hook
+        computes (prune, weight_norm); Embedding: max_norm."""
         refusal = sharded.fsdp1_refusal(self, "a merge")
         if refusal is not None:
             return refusal
@@ -1033,6 +1034,13 @@ class LoRALayer(NamedAdapters):
         refusal = sharded.mesh_refusal(w, self._describe())
         if refusal is not None:
             return refusal
+        hooked = [n for n in ("lora_A", "lora_B") if n not in self._parameters and n in self.__dict__]
+        if hooked:  # (torch.nn.utils.prune, the hook-based weight_norm/spectral_norm: a plain attribute of the last forward)
+            hows = sorted({self._computing_hook(n) for n in hooked})
+            return (f"{self._describe()}'s {' and '.join(hooked)} {'is' if len(hooked) == 1 else 'are'} computed by "
+                    f"{' and '.join(h for h, _ in hows)} in a forward pre-hook: a merge would read the value of the "
+                    f"last forward (an optimizer step since is not in it); serve it unmerged (forwards add the "
+                    f"adapter on the fly), or make it a Parameter again ({', '.join(r for _, r in hows)})")
         return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
 
     def _computed_weight(self, remedy: str) -> str:
@@ -1635,8 +1643,10 @@ class LoRALayer(NamedAdapters):
         adapters' factors: BatchedTensors), or Parameters put in their place since the merge. Such a forward computes
         from the live factors too (_merged_training_factors), with or without gradients: the weight alone would
         serve the merged adapter whatever the call gave. The Parameters a merge noted are compared by identity, one
-        dict look per factor; a sharded factor (FSDP2, whose forward puts unsharded Parameters in place of the
-        sharded ones, tensor parallelism) and a parametrized one (not in _parameters) are not compared."""
+        dict look per factor. A sharded factor (FSDP2, whose forward puts unsharded Parameters in place of the
+        sharded ones, tensor parallelism) is not compared, nor one merged while a parametrization computed it (not in
+        _parameters: the merge read its value then); one that a parametrization, pruning or weight_norm computes
+        since the merge counts as given."""
         noted = self.__dict__.get("_merged_from")
         if not noted:
             return False
@@ -1645,9 +1655,9 @@ class LoRALayer(NamedAdapters):
             return False
         for name, merged in zip(("lora_A", "lora_B"), noted):
             live = params.get(name)
-            if merged is None or live is None or live is merged or sharded.is_dtensor(merged):
+            if merged is None or live is merged or sharded.is_dtensor(merged):
                 continue
-            return True
+            return True  # (None: a parametrization or a pruning/weight_norm hook computes it since the merge)
         return False
 
     def _live_factors(self) -> Tuple[Tensor, Tensor]:
