@@ -797,6 +797,11 @@ class NamedAdapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
         self._check_plain_factors(f"set_adapter({name!r})")  # (before `old` below reads or writes any factor)
         with self._lock:
+            if name == self.active_adapter:  # another thread switched to it between the checks above and the lock
+                self.settle_parameters()
+                return
+            if name not in self._adapters:  # (or deleted it)
+                raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
             sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
             self._check_values(name)
