@@ -552,6 +552,11 @@ class LoRALayer(NamedAdapters):
                 return
         if name == "lora_A" and param is not None and "_scaling" in self.__dict__:
             self._sync_scale_tensor()  # `layer.lora_A = Parameter(...)`: the new pair's own scale tensor
+        noted = self.__dict__.get("_merged_from")
+        if noted and name in ("lora_A", "lora_B") and sharded.is_dtensor(param):
+            # FSDP2's fully_shard of a merged layer puts the merged factors' shards in place (and its own unsharded
+            # Parameters at each forward): they are what is merged, not factors given (_factors_substituted)
+            self.__dict__["_merged_from"] = (param, noted[1]) if name == "lora_A" else (noted[0], param)
 
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)

@@ -234,3 +234,39 @@ def test_a_factor_a_forward_pre_hook_computes_is_served_unmerged(how):
         out = layer(x)  # the hook computes lora_A from the stepped sources, the forward adds it on the fly
         want = _reference("linear", layer, base, layer.lora_A.detach(), layer.lora_B.detach(), x)
     assert (out.double() - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def _merged_before_fully_shard(rank, world):
+    """(calls of the live-factor path, the output's largest error against float64) for a model merged, then
+    sharded with FSDP2."""
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(lora_ext.Linear(16, 16, r=4), lora_ext.Linear(16, 8, r=4))
+    for layer in model:
+        with torch.no_grad():
+            layer.lora_B.normal_()
+    x = torch.randn(3, 16)
+    want = x.double()
+    for layer in model:
+        W, A, B = (t.detach().double() for t in (layer.weight, layer.lora_A, layer.lora_B))
+        want = want @ (W + layer.scaling * B @ A).t() + layer.bias.double()
+    model.eval()
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    calls = []
+    live_path = lora_ext.layers.LoRALayer._merged_training_factors
+    lora_ext.layers.LoRALayer._merged_training_factors = lambda self: calls.append(1) or live_path(self)
+    with torch.no_grad():
+        out = model(x)
+    return len(calls), (out.double() - want).abs().max().item(), all(layer.merged for layer in model)
+
+
+def test_a_model_merged_before_fully_shard_serves_from_the_weight():
+    """FSDP2 puts its own Parameters in place of the merged factors (shards, and unsharded ones at each forward):
+    they are what is merged, not factors given, so the forward computes from the weight alone (it took the
+    live-factor path at every forward: right values, extra work)."""
+    from dist import run_ranks
+    for calls, err, merged in run_ranks(_merged_before_fully_shard):
+        assert merged and calls == 0
+        assert err < 1e-4
