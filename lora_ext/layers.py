@@ -1039,9 +1039,8 @@ class LoRALayer(NamedAdapters):
         refusal = sharded.mesh_refusal(w, self._describe())
         if refusal is not None:
             return refusal
-        hooked = [n for n in ("lora_A", "lora_B") if n not in self._parameters and n in self.__dict__]
-        if hooked:  # (torch.nn.utils.prune, the hook-based weight_norm/spectral_norm: a plain attribute of the last forward)
-            hows = sorted({self._computing_hook(n) for n in hooked})
+        hooked, hows = self._hook_computed_factors()
+        if hooked:  # (a plain attribute of the last forward)
             return (f"{self._describe()}'s {' and '.join(hooked)} {'is' if len(hooked) == 1 else 'are'} computed by "
                     f"{' and '.join(h for h, _ in hows)} in a forward pre-hook: a merge would read the value of the "
                     f"last forward (an optimizer step since is not in it); serve it unmerged (forwards add the "

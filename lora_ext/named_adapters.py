@@ -767,9 +767,7 @@ class NamedAdapters:
             pair = self._take_values(pair, live_A, live_B, self.scaling)
             for p, live in zip(pair, (live_A, live_B)):
                 p.requires_grad_(live.requires_grad)
-            merged_live = self._merged_live()
-            self._parameters["lora_A"], self._parameters["lora_B"] = pair
-            self._own_pair_put(merged_live)
+            self._put_values_pair(pair)
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
 
     def delete_adapter(self, name: str) -> None:
@@ -904,11 +902,8 @@ class NamedAdapters:
             raise ValueError(f"{what}: {self._describe()} has a parametrization on {' and '.join(names)} "
                              f"(torch.nn.utils.parametrize), so a switch cannot write the live factors; remove it "
                              f"(parametrize.remove_parametrizations) before switching adapters")
-        # torch.nn.utils.prune and the hook-based torch.nn.utils.weight_norm replace the Parameter by a plain
-        # attribute their forward pre-hook computes from other Parameters (lora_B_orig; lora_B_g and lora_B_v)
-        names = [n for n in ("lora_A", "lora_B") if n not in self._parameters and n in self.__dict__]
+        names, hows = self._hook_computed_factors()
         if names:
-            hows = sorted({self._computing_hook(n) for n in names})
             raise ValueError(f"{what}: {self._describe()}'s {' and '.join(names)} "
                              f"{'is' if len(names) == 1 else 'are'} not a Parameter but computed by "
                              f"{' and '.join(h for h, _ in hows)}, so a switch cannot write the live factors; make "
@@ -922,6 +917,13 @@ class NamedAdapters:
         if names:
             raise ValueError(f"{what}: {self._describe()}'s {' and '.join(names)} {'is' if len(names) == 1 else 'are'} "
                              f"on the meta device, so a switch would write nothing: {self._meta_refusal()}")
+
+    def _hook_computed_factors(self) -> Tuple[list, list]:
+        """(the factors a forward pre-hook computes, [(the tool, how to remove it)] sorted): torch.nn.utils.prune and
+        the hook-based torch.nn.utils.weight_norm replace the Parameter by a plain attribute their forward pre-hook
+        computes from other Parameters (lora_B_orig; lora_B_g and lora_B_v)."""
+        names = [n for n in ("lora_A", "lora_B") if n not in self._parameters and n in self.__dict__]
+        return names, sorted({self._computing_hook(n) for n in names})
 
     def _computing_hook(self, name: str) -> Tuple[str, str]:
         """(what computes factor `name` in a forward pre-hook, how to remove it): torch.nn.utils.prune, weight_norm or
@@ -961,15 +963,13 @@ class NamedAdapters:
         if note is not None:
             note()
 
-    def _merged_live(self) -> bool:
-        """Whether the live factor Parameters are the ones merged (LoRALayer._factors_substituted), before a pair of
-        their values is put in their place."""
+    def _put_values_pair(self, pair) -> None:
+        """Puts `pair`, Parameters holding the live factors' values, in their place as lora_A/lora_B. Where the live
+        Parameters were the ones merged (LoRALayer._factors_substituted), so is the pair; a Parameter put in their
+        place since the merge is not, and is still served on the fly."""
         substituted = getattr(self, "_factors_substituted", None)  # (LoRALayer)
-        return substituted is not None and not substituted()
-
-    def _own_pair_put(self, merged_live: bool) -> None:
-        """A pair of the live values was put in place of the live Parameters: where those were the ones merged,
-        so is the pair (a Parameter put in their place since the merge is not: it is served on the fly still)."""
+        merged_live = substituted is not None and not substituted()
+        self._parameters["lora_A"], self._parameters["lora_B"] = pair
         if merged_live:
             self._note_merged_from()
 
@@ -1080,9 +1080,7 @@ class NamedAdapters:
                 oA, oB, o_scaling = self._adapters[self._owner]
                 self._adapters[self._owner] = (*self._take_values((live_A, live_B), oA, oB, o_scaling), o_scaling)
                 self._finite_stamps.pop(self._owner, None)
-            merged_live = self._merged_live()
-            self._parameters["lora_A"], self._parameters["lora_B"] = pair
-            self._own_pair_put(merged_live)
+            self._put_values_pair(pair)
             self._sync_scale_tensor()
             self.__dict__.update(_owner=None, _active_own=None)
             self._stamp_finite(self.active_adapter, known)
