@@ -1806,6 +1806,9 @@ class Embedding(LoRALayer, nn.Embedding):
         return super()._merge_into(weight, A, B, s, exact)
 
     def _forward(self, x):
+        if self.max_norm is not None and self.merged:  # (set since the merge: see merge_refusal)
+            raise ValueError(f"{self.merge_refusal()}; max_norm was set while adapter {self.active_adapter!r} is "
+                             f"merged: unmerge first (train() or unmerge()), then set it")
         if self.r > 0 and not self._serves_merged():
             scale, scale_tensor = self._scales(x)
             return ops.embedding(x, self.weight, self.lora_A, self.lora_B, scale, scale_tensor=scale_tensor,

@@ -957,7 +957,9 @@ class NamedAdapters:
         with its values: an optimizer built for an adapter keeps training it after serving in between."""
         self._check_plain_factors(f"switching to adapter {name!r}")
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
-        with torch.inference_mode(False):  # the live factors must stay usable for training afterwards
+        # the live factors must stay usable for training afterwards; inference tensors (a layer built or converted
+        # under torch.inference_mode()) are written only inside inference mode, and never train
+        with torch.inference_mode(self.lora_A.is_inference()):
             self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
         note = getattr(self, "_note_factor_versions", None)  # (LoRALayer: the live factors hold what was merged)
         if note is not None:

@@ -306,6 +306,21 @@ def _check_merge_args(weight, lora_A, lora_B, scale, num_blocks, block_ids, tran
     return ids
 
 
+def _writes_weight(op):
+    """An op that writes `weight` in place (merge_, unmerge_, swap_). An inference tensor (made under
+    torch.inference_mode(): a model built, loaded or converted there) is written inside inference mode, the only
+    place torch lets it be written: outside, torch raises after its kernel wrote a view of it, which would leave
+    the weight written under a layer whose bookkeeping says it was not (loralib's `.data` writes go through)."""
+    @functools.wraps(op)
+    def written(weight, *args, **kwargs):
+        if not isinstance(weight, Tensor) or not weight.is_inference() or torch.is_inference_mode_enabled():
+            return op(weight, *args, **kwargs)
+        with torch.inference_mode():
+            return op(weight, *args, **kwargs)
+    return written
+
+
+@_writes_weight
 def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_blocks: int = 1,
            block_ids: Sequence[int] = (0,), transposed: bool = False,
            lossless: bool = False) -> Optional[MergeRecord]:
@@ -336,6 +351,7 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_
     return None
 
 
+@_writes_weight
 def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *,
              record: Optional[MergeRecord] = None, **layout) -> None:
     """Subtracts what merge_ with the same arguments added (the same arithmetic with -scale); with the
@@ -556,6 +572,7 @@ def _check_swap_args(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, n
     return ids
 
 
+@_writes_weight
 def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A: Tensor, new_B: Tensor,
           new_scale: float, *, num_blocks: int = 1, block_ids: Sequence[int] = (0,), transposed: bool = False,
           check_values: bool = True, record: Optional[MergeRecord] = None,

@@ -408,3 +408,30 @@ def test_load_state_dict_assign_while_parameters_are_lent_keeps_every_adapter():
     assert torch.equal(layer.lora_A, b_values[0]) and torch.equal(layer.lora_B, b_values[1])
     A, B, _ = layer.get_adapter("default")
     assert torch.equal(A, loaded["lora_A"]) and torch.equal(B, loaded["lora_B"])
+
+
+def test_max_norm_set_on_a_merged_embedding_is_refused_before_the_lookup_renormalises():
+    # a merged Embedding given max_norm afterwards: nn.Embedding's lookup would renormalise the merged rows in place
+    # (1.27 off the unmerged output, and the base's rows 1.89 off after train()); refused, the weight untouched
+    torch.manual_seed(0)
+    layer = lora.Embedding(10, 4, r=2, lora_alpha=4)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 2)
+    base = layer.weight.detach().clone()
+    layer.eval()
+    merged = layer.weight.detach().clone()
+    layer.max_norm = 1.0
+    with pytest.raises(ValueError, match="max_norm was set while adapter 'default' is merged"):
+        layer(torch.tensor([1, 2, 3]))
+    assert torch.equal(layer.weight, merged)
+    layer.train()
+    torch.testing.assert_close(layer.weight.detach(), base, rtol=0, atol=1e-6)
+    ids = torch.tensor([1, 2, 3])
+    rows = base.double()[ids]
+    norms = rows.norm(dim=1, keepdim=True)
+    rows = torch.where(norms > 1.0, rows / (norms + 1e-7), rows)  # (torch's renorm: the base's rows, as loralib's)
+    ref = rows + layer.scaling * layer.lora_A.double().t()[ids] @ layer.lora_B.double().t()
+    with torch.no_grad():
+        out = layer(ids)  # served unmerged
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)

@@ -193,6 +193,46 @@ def test_unload_writes_the_rows_as_merge_and_unload(tmp_path, merge):
     assert changed == ([1, 5, 7] if merge else [])
 
 
+def test_rows_of_a_head_tied_to_an_embedding_given_none_are_served_but_not_merged(tmp_path, capsys):
+    # only the head is given rows, over the weight it shares with the input embedding (given none): served as peft
+    # serves it, but written into the weight the rows would reach the embedding's lookup too (peft's
+    # merge_and_unload writes them, 9.7 off its own served logits): unload(merge=True) and `lora-ext merge` refuse
+    path = _adapter(tmp_path, "a", tie=True, trainable_token_indices={"lm_head": [5, 9]})
+    x = _ids()
+    pm = _peft({"a": path}, tie=True)
+    served = _logits(pm, x)
+    assert (_logits(pm.merge_and_unload(), x) - served).abs().max() > 1  # (what a merge would serve)
+    model = _ours({"a": path}, tie=True)
+    assert isinstance(model.lm_head, TrainableTokens) and not isinstance(model.model.embed_tokens, TrainableTokens)
+    torch.testing.assert_close(_logits(model, x), served, rtol=1e-5, atol=1e-4)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="unload: module 'lm_head' has adapter 'a''s rows of tokens, but its weight "
+                                         "is tied to 'model.embed_tokens', which is served none of them"):
+        lora.unload(model, merge=True)
+    assert unchanged(model, before) and isinstance(model.lm_head, TrainableTokens)
+    torch.testing.assert_close(_logits(model, x), served, rtol=1e-5, atol=1e-4)
+    lora.unload(model, merge=False)  # (the rows dropped, the weight as it was)
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.lm_head.weight, _build("llama", True).lm_head.weight)
+    base, out = str(tmp_path / "base"), str(tmp_path / "merged")
+    _build("llama", True).save_pretrained(base)
+    assert main(["merge", "--base", base, "--adapter", path, "--out", out, "--quiet"]) != 0
+    assert "gives module 'lm_head' rows of tokens, but its weight is tied to 'model.embed_tokens'" in \
+        capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_rows_of_an_embedding_and_its_tied_head_merge(tmp_path):
+    # the embedding's rows reach the head tied to it, served and merged alike (the same rows listed for both too)
+    spec = {"embed_tokens": [1, 5, 7], "lm_head": [1, 5, 7]}
+    path = _adapter(tmp_path, "a", tie=True, trainable_token_indices=spec)
+    x = _ids()
+    ref = _logits(_peft({"a": path}, tie=True).merge_and_unload(), x)
+    model = _ours({"a": path}, tie=True)
+    lora.unload(model, merge=True)
+    torch.testing.assert_close(_logits(model, x), ref, rtol=1e-5, atol=1e-4)
+
+
 def test_training_moves_the_rows_gradients_as_peft(tmp_path):
     path = _adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7])
     x = _ids()

@@ -768,6 +768,10 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
     if merge:
         for name, layer in found:
             check_mergeable(name, layer)
+        for name, wrapper in wrappers(model):
+            refusal = wrapper.merge_refusal(model, name)
+            if refusal is not None:
+                raise ValueError(f"unload: {refusal}")
     sharded_layers = [name for name, m in found if m.__dict__.get("_tp") is not None
                       or sharded.is_dtensor(m._weight_or_none()) or sharded.is_dtensor(m.lora_A)]
     if sharded_layers:
@@ -791,7 +795,8 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
                 base = plain.weight
                 # (the flag from before inject, or False once the model was frozen since; a weight unfrozen after
                 # that, which inject had frozen, keeps its flag)
-                base.requires_grad_(base.requires_grad or getattr(layer, "_base_requires_grad", True))
+                if not base.is_inference():  # (an inference tensor never requires grad)
+                    base.requires_grad_(base.requires_grad or getattr(layer, "_base_requires_grad", True))
             _set_submodule(model, name, plain)
             names.append(name)
         for name, wrapper in wrappers(model):

@@ -569,6 +569,14 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
                 raise MergeError(f"{cfg_file}: trainable_token_indices chooses module {m!r} twice")
             targets[m] = indices
     shared = _shared_weights(meta) or {}
+    for name in targets:  # (an embedding's rows reach the modules tied to it, as served; a head's do not)
+        untargeted = [o for o in shared.get(name, []) if o not in targets]
+        if untargeted and not isinstance(meta.get_submodule(name), torch.nn.Embedding):
+            raise MergeError(f"{cfg_file}: trainable_token_indices gives module {name!r} rows of tokens, but its weight "
+                             f"is tied to {untargeted[0]!r}, which the adapter gives none (it serves the weight's own "
+                             f"rows there); written into the weight, the rows would reach {untargeted[0]!r} too "
+                             f"(peft's merge_and_unload writes them anyway): lora_ext refuses it (untie the weights: "
+                             f"save the model with tie_word_embeddings=false)")
     out, used, writers = {}, set(), {}
     for name, indices in targets.items():
         file_key = PREFIX + name + _tokens.DELTA_SUFFIX

@@ -139,6 +139,10 @@ class ModulesToSave(nn.Module):
         """The module unload puts back: the one that computes now (peft's unload and merge_and_unload both do)."""
         return self.served()
 
+    def merge_refusal(self, model: nn.Module, path: str) -> Optional[str]:
+        """Why unload(merge=True) cannot put back what unloaded() gives (None: it can; see TrainableTokens)."""
+        return None
+
     def what(self) -> str:
         """What adapters do to this module, in messages."""
         return "is saved whole (modules_to_save)"

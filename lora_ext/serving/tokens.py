@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import sharded
 from ..layers import LoRALayer
 from .injection import scaled_embedding
-from .saved_modules import ModulesToSave, original
+from .saved_modules import ModulesToSave, original, wrappers
 
 DELTA_SUFFIX = ".token_adapter.trainable_tokens_delta"  # peft's key of a module's rows in an adapter file
 
@@ -128,6 +128,31 @@ class TrainableTokens(ModulesToSave):
         if merge and served is not module and not served.__dict__["tied"]:
             served.write_into(module.weight)
         return module
+
+    def merge_refusal(self, model: nn.Module, path: str) -> Optional[str]:
+        """Why unload(merge=True) cannot write the active adapter's rows into the weight of the module at `path`: a
+        module of `model` that shares the weight (tied) is served other rows, or none (a head given rows over the
+        weight of an embedding given none), and the merged weight would give it these rows too. peft's
+        merge_and_unload writes them anyway; lora_ext refuses, as it refuses a merge into any tied weight."""
+        module, served = self._modules["original_module"], self.served()
+        if served is module or served.__dict__["tied"]:
+            return None
+        weight = module._parameters.get("weight")
+        serving = {id(w._modules["original_module"]): w.served() for _, w in wrappers(model)
+                   if isinstance(w, TrainableTokens)}
+        for name, m in model.named_modules(remove_duplicate=False):
+            if m is module or m.__dict__.get("_parameters", {}).get("weight") is not weight:
+                continue
+            rows = serving.get(id(m))
+            if isinstance(rows, TokenRows) and rows.indices == served.indices and torch.equal(
+                    rows.trainable_tokens_delta, served.trainable_tokens_delta):
+                continue  # (served the same rows: the merged weight serves both as now)
+            whose = "none of them" if not isinstance(rows, TokenRows) else "other rows"
+            return (f"module {path!r} has adapter {self.__dict__['active_adapter']!r}'s rows of tokens, but its weight "
+                    f"is tied to {name!r}, which is served {whose} of it; written into the weight, the rows would "
+                    f"reach {name!r} too (peft's merge_and_unload writes them anyway): unload with merge=False, or "
+                    f"untie the weights first")
+        return None
 
 
 def check_spec(where: str, spec) -> Optional[Dict[Optional[str], List[int]]]:
