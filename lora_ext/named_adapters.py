@@ -365,7 +365,8 @@ class NamedAdapters:
     def _fill_pair_scales(self, param: Tensor, scaling: float) -> None:
         """The values of adapter (scaling) were written into `param`: its scale tensors hold that scaling."""
         for t in self._pair_scales(param):
-            t.fill_(scaling)
+            with ops.inference_writes(t):
+                t.fill_(scaling)
 
     def _sync_scale_tensor(self) -> None:
         """`_scaling_t` made the live lora_A's scale tensor (see above) on its device, in the dtype the factors take
@@ -379,10 +380,13 @@ class NamedAdapters:
         owned = self._pair_scales(live)
         t = next((o for o in owned if o.device == live.device and o.dtype == dtype and o.shape == (1,)), None)
         if t is None:
-            t = torch.full((1,), self.scaling, dtype=dtype, device=live.device)
+            with torch.inference_mode(False):  # (a normal tensor: made by a forward under inference_mode, it could be
+                # written only there, and a switch or .to() outside would raise after writing the factors)
+                t = torch.full((1,), self.scaling, dtype=dtype, device=live.device)
             owned.append(t)
         for o in owned:
-            o.fill_(self.scaling)
+            with ops.inference_writes(o):
+                o.fill_(self.scaling)
         self.__dict__.update(_scaling_t=t, _scale_owner=live)
 
     def _scale_owner_changed(self) -> bool:
@@ -1006,6 +1010,7 @@ class NamedAdapters:
             with torch.no_grad():
                 live_A.copy_(lora_A)
                 live_B.copy_(lora_B)
+            self._inference_values_written(live_A, live_B)
         elif own or (self._trainable() and not home):
             if owner is not None and owner in self._adapters:
                 # the live Parameters go back to their adapter (an optimizer built for it holds them)
@@ -1090,7 +1095,7 @@ class NamedAdapters:
     def _take_values(self, pair, lora_A, lora_B, scaling: float):
         """`pair` (a Parameter pair) given the values of (lora_A, lora_B), in place where the shapes allow, and the
         pair's scale tensors (if any) their adapter's `scaling` (see `_pair_scales`)."""
-        with torch.no_grad():
+        with torch.no_grad(), ops.inference_writes(*pair):
             for p, t in zip(pair, (lora_A, lora_B)):
                 if p.shape == t.shape:
                     p.copy_(t)
@@ -1098,7 +1103,15 @@ class NamedAdapters:
                     self._streams.retire(p.data)
                     p.data = t.detach().to(p.device, p.dtype, copy=True)
             self._fill_pair_scales(pair[0], scaling)
+        self._inference_values_written(*pair)
         return pair
+
+    def _inference_values_written(self, *tensors) -> None:
+        """lora_ext wrote values in place into `tensors`: where one is an inference tensor, whose writes no version
+        counter shows, every cache of this layer's adapter values keyed by them (mixed batches' slots: value_epoch)
+        takes them again."""
+        if any(t.is_inference() for t in tensors):
+            self.__dict__["_inference_epoch"] = self.__dict__.get("_inference_epoch", 0) + 1
 
     def _trainable(self) -> bool:
         return self.lora_A.requires_grad or self.lora_B.requires_grad
@@ -1138,9 +1151,10 @@ class NamedAdapters:
             self._check_values(name, label)
 
     def value_epoch(self, name: str) -> int:
-        """How many times check_values(name) was called on this layer: a cache of adapter `name`'s values keyed by
-        version counters also keys on this, so that writes the counters miss reach it after check_values."""
-        return self.__dict__.get("_value_epochs", {}).get(name, 0)
+        """How many times check_values(name) was called on this layer, plus lora_ext's own in-place writes into its
+        inference tensors (_inference_values_written): a cache of adapter `name`'s values keyed by version counters
+        also keys on this, so that writes the counters miss reach it."""
+        return self.__dict__.get("_value_epochs", {}).get(name, 0) + self.__dict__.get("_inference_epoch", 0)
 
     def _check_values(self, name: str, label: str = None) -> None:
         """check_values without forgetting: nothing to do while the factors are unwritten since the last check."""

@@ -306,16 +306,22 @@ def _check_merge_args(weight, lora_A, lora_B, scale, num_blocks, block_ids, tran
     return ids
 
 
+def inference_writes(*tensors):
+    """A context for in-place writes into `tensors`: inside inference mode when one of them is an inference tensor
+    (made under torch.inference_mode(): a model built, loaded or converted there) and inference mode is off, the
+    only place torch lets one be written. Outside, torch raises after its kernel wrote (a view of) it, which would
+    leave a tensor written under bookkeeping that says it was not (loralib's `.data` writes go through)."""
+    if torch.is_inference_mode_enabled() or not any(isinstance(t, Tensor) and t.is_inference() for t in tensors):
+        return contextlib.nullcontext()
+    return torch.inference_mode()
+
+
 def _writes_weight(op):
-    """An op that writes `weight` in place (merge_, unmerge_, swap_). An inference tensor (made under
-    torch.inference_mode(): a model built, loaded or converted there) is written inside inference mode, the only
-    place torch lets it be written: outside, torch raises after its kernel wrote a view of it, which would leave
-    the weight written under a layer whose bookkeeping says it was not (loralib's `.data` writes go through)."""
+    """An op that writes `weight` in place (merge_, unmerge_, swap_): an inference tensor inside inference mode
+    (inference_writes)."""
     @functools.wraps(op)
     def written(weight, *args, **kwargs):
-        if not isinstance(weight, Tensor) or not weight.is_inference() or torch.is_inference_mode_enabled():
-            return op(weight, *args, **kwargs)
-        with torch.inference_mode():
+        with inference_writes(weight):
             return op(weight, *args, **kwargs)
     return written
 
@@ -654,6 +660,8 @@ def _swap_order(old_A: Tensor, old_B: Tensor, old_scale: float, new_A: Tensor, n
     if keys[0] != keys[1]:
         return 1 if keys[1] < keys[0] else -1
     tensors = (old_A, old_B, new_A, new_B)
+    if any(t.is_inference() for t in tensors):  # (no version counter: in-place writes unseen, so not kept)
+        return _swap_order_by_values(*tensors)
     key = tuple((id(t), t._version, t.data_ptr()) for t in tensors)
     kept = _swap_orders.get(key)
     if kept is not None and all(ref() is t for ref, t in zip(kept[1], tensors)):

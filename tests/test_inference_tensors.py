@@ -143,3 +143,119 @@ def test_unload_with_merge_outside_inference_mode():
     assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(model(x).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_serving_switch_after_a_forward_in_inference_mode():
+    # factors put in place accelerate-style, frozen: the first forward, under inference_mode, made the scale tensor.
+    # It was an inference tensor, and a switch outside raised after copying adapter b into the live factors: the
+    # layer said 'default' and served b (1.9 off), and default's values were lost
+    torch.manual_seed(7)
+    layer = randomize_(lora.Linear(6, 5, r=2, lora_alpha=4), 0.5)
+    layer._parameters["lora_A"] = nn.Parameter(torch.randn(2, 6) * 0.5)
+    layer._parameters["lora_B"] = nn.Parameter(torch.randn(5, 2) * 0.5)
+    layer.requires_grad_(False)
+    x = torch.randn(3, 6)
+    with torch.inference_mode():
+        layer(x)
+    assert not layer.__dict__["_scaling_t"].is_inference()
+    b = (torch.randn(2, 6) * 0.5, torch.randn(5, 2) * 0.5)
+    layer.add_adapter("b", *b, 0.25)
+    p = _params64(layer)
+    ref_default = _expected(layer, p, x)
+    layer.set_adapter("b")
+    assert layer.active_adapter == "b" and layer.scaling == 0.25
+    ref_b = layer_forward64(layer, {**p, "lora_A": b[0].double(), "lora_B": b[1].double()}, x.double(), 0.25)
+    _close(_forward(layer, x, torch.float32), ref_b, torch.float32)
+    layer.set_adapter("default")
+    _close(_forward(layer, x, torch.float32), ref_default, torch.float32)
+
+
+def test_reloading_an_inactive_adapter_whose_own_pair_is_inference_tensors():
+    # built under inference_mode (factors: inference Parameters that require grad), switched away from 'default',
+    # which keeps its own pair; reloading it outside wrote lora_A, raised, and kept the old lora_B and scaling
+    # (served 6.3 off the reload afterwards)
+    layer = _built_in_inference_mode("linear", torch.float32, None, seed=8)
+    with torch.inference_mode():
+        layer.add_adapter("b", torch.randn(3, 12) * 0.5, torch.randn(10, 3) * 0.5, 0.25)
+    base = _params64(layer)["weight"]
+    layer.set_adapter("b")
+    new = (torch.randn(3, 12), torch.randn(10, 3))
+    layer.add_adapter("default", *new, 0.75)
+    A, B, s = layer.get_adapter("default")
+    assert torch.equal(A.detach(), new[0]) and torch.equal(B.detach(), new[1]) and s == 0.75
+    layer.set_adapter("default")
+    x = torch.randn(4, 12)
+    p = {**_params64(layer), "weight": base, "lora_A": new[0].double(), "lora_B": new[1].double()}
+    _close(_forward(layer, x, torch.float32), layer_forward64(layer, p, x.double(), 0.75), torch.float32)
+
+
+@pytest.mark.parametrize("merge_weights", [False, True], ids=["unmerged", "merged"])
+def test_mixed_batches_see_a_reload_of_inference_factors(merge_weights):
+    # slots key inference tensors by object and storage (no version counter): lora_ext's own in-place reload of the
+    # live factors was not seen, and the batch kept serving the old values (4.5 off)
+    torch.manual_seed(9)
+    with torch.inference_mode():
+        layer = randomize_(lora.Linear(6, 5, r=2, lora_alpha=4, merge_weights=merge_weights), 0.5)
+        layer.requires_grad_(False)
+        layer.add_adapter("b", torch.randn(2, 6) * 0.5, torch.randn(5, 2) * 0.5, 0.25)
+    model = nn.Sequential(layer).eval()
+    base = layer.weight.detach().double() - (
+        layer.scaling * layer.lora_B.double() @ layer.lora_A.double() if layer.merged else 0)
+    x = torch.randn(2, 6)
+
+    def check():
+        with torch.no_grad(), lora.batch_adapters(model, ["default", "b"]):
+            out = model(x).double()
+        for i, name in enumerate(["default", "b"]):
+            A, B, s = layer.get_adapter(name)
+            ref = x[i].double() @ (base + s * B.double() @ A.double()).T + layer.bias.double()
+            torch.testing.assert_close(out[i], ref, rtol=1e-5, atol=1e-5)
+
+    check()
+    layer.add_adapter("default", torch.randn(2, 6), torch.randn(5, 2), 2.0)  # (the same scaling)
+    check()
+    layer.set_adapter("b")
+    check()
+    with torch.inference_mode():
+        layer.add_adapter("b", torch.randn(2, 6), torch.randn(5, 2), 0.25)
+    check()
+
+
+def test_trainable_tokens_merged_by_unload_on_an_inference_model(tmp_path):
+    # unload(merge=True) wrote the rows into the inference embedding, raised, and left its wrapper in place; a
+    # retry with merge=False then put back an embedding holding the adapter's rows as the base's
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from helpers import save_random_peft
+    from tiny_models import llama
+    path = save_random_peft(get_peft_model(llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                                                               trainable_token_indices=[3, 7, 11])),
+                            tmp_path / "a", 1, 0.5, ("trainable_tokens_delta", "lora_"))
+    ids = torch.tensor([[1, 3, 7, 11, 2, 3]])
+    with torch.no_grad():
+        ref = PeftModel.from_pretrained(llama(), path).merge_and_unload()(ids).logits
+    with torch.inference_mode():
+        model = llama()
+        lora.load_peft_adapter(model, path)
+    lora.unload(model, merge=True)
+    assert type(model.model.embed_tokens) is nn.Embedding
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-4)
+    changed = (model.model.embed_tokens.weight != llama().model.embed_tokens.weight).any(1).nonzero().flatten()
+    assert changed.tolist() == [3, 7, 11]
+
+
+def test_reloading_the_active_adapter_of_a_merged_inference_model():
+    # the switch from the active adapter to its reload ordered the two pairs through their version counters, which
+    # inference tensors lack: refused (before writing) inside inference mode and out
+    layer = _built_in_inference_mode("linear", torch.float32, None, seed=10)
+    layer.requires_grad_(False)
+    base = _params64(layer)["weight"]
+    layer.eval()
+    x = torch.randn(4, 12)
+    for inside in (False, True):
+        new = (torch.randn(3, 12), torch.randn(10, 3))
+        with torch.inference_mode(inside):
+            layer.add_adapter("default", *new, layer.scaling)
+        assert layer.merged
+        p = {**_params64(layer), "weight": base, "lora_A": new[0].double(), "lora_B": new[1].double()}
+        _close(_forward(layer, x, torch.float32), layer_forward64(layer, p, x.double(), layer.scaling), torch.float32)

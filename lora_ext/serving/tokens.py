@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import sharded
+from .. import ops, sharded
 from ..layers import LoRALayer
 from .injection import scaled_embedding
 from .saved_modules import ModulesToSave, original, wrappers
@@ -102,7 +102,7 @@ class TokenRows(nn.Module):
 
     def write_into(self, weight: Tensor) -> None:
         """The rows written into `weight` (in place)."""
-        with torch.no_grad():
+        with torch.no_grad(), ops.inference_writes(weight):
             weight.index_copy_(0, self._buffers["token_indices"].to(weight.device),
                                self._parameters["trainable_tokens_delta"].to(weight.device, weight.dtype))
 
