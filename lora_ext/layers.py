@@ -868,28 +868,45 @@ class LoRALayer(NamedAdapters):
 
     @contextlib.contextmanager
     def _writing(self, what: str):
-        """Around a write of the weight (`what`: merge, unmerge, switch). An error that says the weight holds what
-        no record describes (`weight_written`: the op failed, then so did putting the weight back) leaves the layer
-        broken: unmerged in its bookkeeping, and refusing forwards, merges, switches and state_dict, naming this
-        error, until load_state_dict brings the weight again. Without this it would serve, merge again or save a
-        weight it cannot describe."""
+        """Around a write of the weight (`what`: merge, unmerge, switch), giving a one-element list the caller sets
+        True once the op has written the weight and False once its bookkeeping says so. An error that says the
+        weight holds what no record describes (`weight_written`: the op failed, then so did putting the weight
+        back), or one raised between the write and its bookkeeping (out of memory, say), leaves the layer broken
+        (_mark_broken). Without this it would serve, merge again or save a weight it cannot describe."""
         self._check_sound()
+        written = [False]
         try:
-            yield
+            yield written
         except BaseException as err:
             if getattr(err, "weight_written", False):
-                msg = (f"{self._describe()}: a failed {what} left its weight unknown (an error, then another while "
-                       f"putting the weight back: {err!r}); the layer refuses forwards, merges, switches and "
-                       f"state_dict until its weight is loaded again (load_state_dict with the base weight)")
-                self.__dict__["_broken"] = msg
-                self._streams.retire(self._merged_A, self._merged_B)
-                self._put_snapshot(None, None)
-                self._merged_scaling = None
-                self.__dict__["_merged_record"] = None
-                self._finite_stamps.pop(MERGED, None)
-                self.merged = False
-                err.add_note(f"lora_ext: {msg}")
+                self._mark_broken(f"{self._describe()}: a failed {what} left its weight unknown (an error, then another "
+                                  f"while putting the weight back: {err!r})", err)
+            elif written[0]:
+                self._mark_broken(f"{self._describe()}: {'an' if what[0] in 'aeiou' else 'a'} {what} wrote its weight, "
+                                  f"then failed before its bookkeeping said so ({err!r}): its weight is unknown", err)
             raise
+
+    def _mark_broken(self, why: str, err: BaseException) -> None:
+        """The layer's weight (or live factors) hold what its bookkeeping cannot describe (`why`): unmerged in its
+        bookkeeping, and refusing forwards, merges, switches and state_dict, naming `why`, until load_state_dict
+        brings the weight again."""
+        msg = (f"{why}; the layer refuses forwards, merges, switches and state_dict until its weight is loaded again "
+               f"(load_state_dict with the base weight)")
+        self.__dict__["_broken"] = msg
+        self._streams.retire(self._merged_A, self._merged_B)
+        self._put_snapshot(None, None)
+        self._merged_scaling = None
+        self.__dict__["_merged_record"] = None
+        self._finite_stamps.pop(MERGED, None)
+        self.merged = False
+        err.add_note(f"lora_ext: {msg}")
+
+    def _switch_failed(self, name: str, err: BaseException) -> None:
+        """A switch to adapter `name` failed after its merged write or while it wrote the live factors or put them in
+        place (out of memory, say): what the layer serves is no longer what its bookkeeping says (_mark_broken)."""
+        self._mark_broken(f"{self._describe()}: a switch to adapter {name!r} failed part way, after it began writing "
+                          f"the weight or the live factors ({err!r}); load its factors again too (add_adapter, or "
+                          f"load_state_dict with them)", err)
 
     def _pinned_weight(self) -> Tensor:
         """The weight a write goes to: for a plain weight, an alias of its memory now (`detach()`: the same storage
@@ -1102,7 +1119,7 @@ class LoRALayer(NamedAdapters):
         self._streams.write(self._weight_2d().device)
         known = self._known_finite(self.active_adapter)
         snapshot = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
-        with deferred_interrupt(), self._writing("merge"):
+        with deferred_interrupt(), self._writing("merge") as written:
             target = self._pinned_weight()
             try:
                 with torch.no_grad():
@@ -1111,8 +1128,10 @@ class LoRALayer(NamedAdapters):
                 # (the same error, renamed: its marks and notes go on to _writing and the caller)
                 err.args = (f"{self._describe()} adapter {self.active_adapter!r}: {err}",)
                 raise
+            written[0] = True
             self._set_merged(*snapshot, record, weight=target)
             self._stamp_finite(MERGED, known)
+            written[0] = False
 
     def _weight_param(self) -> Tensor:
         """The weight parameter, which merges write in place (ConvLoRA: its conv's). A KeyError naming the layer
@@ -1290,7 +1309,7 @@ class LoRALayer(NamedAdapters):
         if self._merged_A is None:  # (taken as the base: nothing to take out)
             return
         self._streams.write(self._weight_2d().device)
-        with deferred_interrupt(), self._writing("unmerge"):
+        with deferred_interrupt(), self._writing("unmerge") as written:
             try:
                 with torch.no_grad():
                     self._unmerge_from(target)
@@ -1298,8 +1317,10 @@ class LoRALayer(NamedAdapters):
                 if hasattr(err, "record"):
                     self._keep_record(err.record)
                 raise
+            written[0] = True
             self._set_merged(None, None, None)
             self._finite_stamps.pop(MERGED, None)
+            written[0] = False
 
     def _swap_merged(self, lora_A: Tensor, lora_B: Tensor, scaling: float, name: Optional[str] = None):
         """When merged, replaces the merged adapter by (lora_A, lora_B, scaling) in one pass over the weight
@@ -1318,7 +1339,7 @@ class LoRALayer(NamedAdapters):
         self._fp16_room((self._merged_A, self._merged_B, self._merged_scaling), (lora_A, lora_B, scaling))
         self._streams.write(self._weight_2d().device)
         snapshot = (lora_A.clone(), lora_B.clone(), scaling)
-        with deferred_interrupt(), self._writing("switch"):
+        with deferred_interrupt(), self._writing("switch") as written:
             try:
                 with torch.no_grad():
                     order = None if name is None or name == self.active_adapter else (
@@ -1333,8 +1354,10 @@ class LoRALayer(NamedAdapters):
                 if isinstance(err, lossless.ExceptionOverflow):
                     err.args = (f"{self._describe()}, switching from adapter {self.active_adapter!r}: {err}",)
                 raise
+            written[0] = True
             self._set_merged(*snapshot, record, weight=target)
             self._stamp_finite(MERGED)
+            written[0] = False
 
     def _apply(self, fn, recurse=True):
         """module.to(...) and the like (_apply_merged). A change of the live factors' or the weight's dtype forgets
@@ -1366,7 +1389,7 @@ class LoRALayer(NamedAdapters):
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return super()._apply(fn, recurse)
         # (Ctrl-C held back to the end: the weight and `merged` change together, as in train())
-        with self._lock, deferred_interrupt(), self._writing("move or dtype change"):
+        with self._lock, deferred_interrupt(), self._writing("move or dtype change") as written:
             # (the Parameter, not _weight_2d(): a conv's is a view, which holds the Parameter through the _apply below,
             # and torch's swap_tensors, module.to()'s for DTensors, refuses a tensor held elsewhere)
             w = self._weight_param()
@@ -1403,8 +1426,10 @@ class LoRALayer(NamedAdapters):
                 return module
             with torch.no_grad():
                 self._unmerge_from(self._weight_param())
+            written[0] = True
             self._set_merged(None, None, None)
             self.merged = False  # until the merge below: a refused one leaves the layer unmerged, consistently
+            written[0] = False
             module = super()._apply(fn, recurse)
             weight = self._weight_param()
             if weight.is_meta:  # as above: left unmerged
@@ -1433,11 +1458,13 @@ class LoRALayer(NamedAdapters):
                 warnings.warn(f"{self._describe()}: converted to {w.dtype}, adapter {self.active_adapter!r} is left "
                               f"unmerged (forwards add it on the fly): {refusal}", stacklevel=2)
                 return module
+            written[0] = True
             self._set_merged(A, B, s, record)
             self.__dict__["_trained_merged"] = trained  # (the snapshot merged again: the live factors still serve)
             if substituted:  # (the snapshot merged again, not the factor put in place since: still served on the fly)
                 self.__dict__["_merged_from"] = merged_from
             self.merged = True
+            written[0] = False
             return module
 
     def train(self, mode: bool = True):

@@ -799,6 +799,9 @@ class NamedAdapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
         self._check_plain_factors(f"set_adapter({name!r})")  # (before `old` below reads or writes any factor)
         with self._lock:
+            sound = getattr(self, "_check_sound", None)  # (LoRALayer: a layer a failed write left broken refuses)
+            if sound is not None:
+                sound()
             if name == self.active_adapter:  # another thread switched to it between the checks above and the lock
                 self.settle_parameters()
                 return
@@ -1005,40 +1008,46 @@ class NamedAdapters:
             lora_A = lora_A.detach().to(live_A.device, live_A.dtype, copy=True)
             lora_B = lora_B.detach().to(live_B.device, live_B.dtype, copy=True)
         self._swap_merged(lora_A.detach(), lora_B.detach(), scaling, name=name)
-        self._streams.write(live_A.device)
-        if serving:
-            with torch.no_grad():
-                live_A.copy_(lora_A)
-                live_B.copy_(lora_B)
-            self._inference_values_written(live_A, live_B)
-        elif own or (self._trainable() and not home):
-            if owner is not None and owner in self._adapters:
-                # the live Parameters go back to their adapter (an optimizer built for it holds them)
-                oA, oB, o_scaling = self._adapters[owner]
-                self._adapters[owner] = (*self._take_values((live_A, live_B), oA, oB, o_scaling), o_scaling)
-                self._finite_stamps.pop(owner, None)
-            owner = None
-            if not own:
-                lora_A = nn.Parameter(lora_A, requires_grad=live_A.requires_grad)
-                lora_B = nn.Parameter(lora_B, requires_grad=live_B.requires_grad)
-            else:  # the live factors' trainability, whatever the stored pair's was
-                lora_A.requires_grad_(live_A.requires_grad)
-                lora_B.requires_grad_(live_B.requires_grad)
-            self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
-        else:
-            self._streams.retire(self.lora_A.data, self.lora_B.data)
-            self.lora_A.data = lora_A
-            self.lora_B.data = lora_B
-        if home:
-            owner = None
-        elif owner is None and name != self.active_adapter and self._parameters["lora_A"] is live_A:
-            owner = self.active_adapter  # its own Parameters now serve `name`
-        # the adapter's own Parameter pair, idle while its values are served from another's Parameters
-        self.__dict__.update(_owner=owner, _active_own=stored if self._parameters["lora_A"] is live_A else None)
-        r = self.rank_of(lora_A)
-        self.__dict__.update(r=r, lora_alpha=scaling * r)
-        self.scaling = scaling
-        self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+        try:  # (the weight holds the new adapter once merged; the live factors and bookkeeping follow)
+            self._streams.write(live_A.device)
+            if serving:
+                with torch.no_grad():
+                    live_A.copy_(lora_A)
+                    live_B.copy_(lora_B)
+                self._inference_values_written(live_A, live_B)
+            elif own or (self._trainable() and not home):
+                if owner is not None and owner in self._adapters:
+                    # the live Parameters go back to their adapter (an optimizer built for it holds them)
+                    oA, oB, o_scaling = self._adapters[owner]
+                    self._adapters[owner] = (*self._take_values((live_A, live_B), oA, oB, o_scaling), o_scaling)
+                    self._finite_stamps.pop(owner, None)
+                owner = None
+                if not own:
+                    lora_A = nn.Parameter(lora_A, requires_grad=live_A.requires_grad)
+                    lora_B = nn.Parameter(lora_B, requires_grad=live_B.requires_grad)
+                else:  # the live factors' trainability, whatever the stored pair's was
+                    lora_A.requires_grad_(live_A.requires_grad)
+                    lora_B.requires_grad_(live_B.requires_grad)
+                self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
+            else:
+                self._streams.retire(self.lora_A.data, self.lora_B.data)
+                self.lora_A.data = lora_A
+                self.lora_B.data = lora_B
+            if home:
+                owner = None
+            elif owner is None and name != self.active_adapter and self._parameters["lora_A"] is live_A:
+                owner = self.active_adapter  # its own Parameters now serve `name`
+            # the adapter's own Parameter pair, idle while its values are served from another's Parameters
+            self.__dict__.update(_owner=owner, _active_own=stored if self._parameters["lora_A"] is live_A else None)
+            r = self.rank_of(lora_A)
+            self.__dict__.update(r=r, lora_alpha=scaling * r)
+            self.scaling = scaling
+            self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+        except BaseException as err:
+            failed = getattr(self, "_switch_failed", None)  # (LoRALayer)
+            if failed is not None:
+                failed(name, err)
+            raise
 
     def _activate_sharded(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """FSDP2 holds the live factors (sharded DTensor Parameters it all-gathers in every forward): a switch
