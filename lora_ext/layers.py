@@ -46,10 +46,12 @@ def _remerge_after_load(module, incompatible_keys):
             # a broken layer (see _writing) whose weight this load was to bring: sound again only if it did (the
             # Parameter replaced, assign=True, or written; ConvLoRA's conv writes it after the layer's
             # _load_from_state_dict, before this hook)
-            param, version = loading
+            param, version, factors = loading
             weight = module._weight_or_none()
-            if weight is not None and (weight is not param or weight._version != version):
-                module.__dict__["_broken"] = None
+            # (an inference tensor has no version counter: the load reached this hook, so torch wrote it)
+            if weight is not None and (weight is not param or version is None or weight._version != version) \
+                    and (factors or not module.__dict__.get("_broken_factors")):
+                module.__dict__.update(_broken=None, _broken_factors=False)
         if module._remerge_pending:
             with deferred_interrupt():  # (as in train())
                 module._remerge_pending = False
@@ -886,12 +888,12 @@ class LoRALayer(NamedAdapters):
                                   f"then failed before its bookkeeping said so ({err!r}): its weight is unknown", err)
             raise
 
-    def _mark_broken(self, why: str, err: BaseException) -> None:
+    def _mark_broken(self, why: str, err: BaseException, load: str = "load_state_dict with the base weight") -> None:
         """The layer's weight (or live factors) hold what its bookkeeping cannot describe (`why`): unmerged in its
         bookkeeping, and refusing forwards, merges, switches and state_dict, naming `why`, until load_state_dict
-        brings the weight again."""
+        brings the weight again (`load`: what the load must hold)."""
         msg = (f"{why}; the layer refuses forwards, merges, switches and state_dict until its weight is loaded again "
-               f"(load_state_dict with the base weight)")
+               f"({load})")
         self.__dict__["_broken"] = msg
         self._streams.retire(self._merged_A, self._merged_B)
         self._put_snapshot(None, None)
@@ -902,11 +904,19 @@ class LoRALayer(NamedAdapters):
         err.add_note(f"lora_ext: {msg}")
 
     def _switch_failed(self, name: str, err: BaseException) -> None:
-        """A switch to adapter `name` failed after its merged write or while it wrote the live factors or put them in
-        place (out of memory, say): what the layer serves is no longer what its bookkeeping says (_mark_broken)."""
-        self._mark_broken(f"{self._describe()}: a switch to adapter {name!r} failed part way, after it began writing "
-                          f"the weight or the live factors ({err!r}); load its factors again too (add_adapter, or "
-                          f"load_state_dict with them)", err)
+        """A switch to (or reload of) adapter `name` failed after its merged write or while it wrote the live factors
+        or put them in place (out of memory, say): what the layer serves is no longer what its bookkeeping says
+        (_mark_broken), and the live factors are unknown too: a load must bring them as well. A stored adapter
+        whose tensors are the live Parameters (its own pair, registered as they were put in place) keeps a copy of
+        its values, so that the load, which writes the live Parameters, does not write it too."""
+        live = {id(self._parameters.get(k)) for k in ("lora_A", "lora_B")}
+        for n, (A, B, s) in list(self._adapters.items()):
+            if id(A) in live or id(B) in live:
+                self._adapters[n] = (A.detach().clone(), B.detach().clone(), s)
+        self.__dict__.update(_owner=None, _active_own=None, _broken_factors=True)
+        self._mark_broken(f"{self._describe()}: switching to (or reloading) adapter {name!r} failed part way, after "
+                          f"it began writing the weight or the live factors ({err!r})", err,
+                          "load_state_dict with the base weight and the factors to serve")
 
     def _pinned_weight(self) -> Tensor:
         """The weight a write goes to: for a plain weight, an alias of its memory now (`detach()`: the same storage
@@ -1747,7 +1757,9 @@ class LoRALayer(NamedAdapters):
                     and not _same_storage(loaded, weight):  # (its own unknown weight brings nothing)
                 # judged after the load (_remerge_after_load): a copy that fails (a size mismatch, a meta tensor)
                 # is only reported at the end, by load_state_dict
-                self.__dict__["_loading_broken"] = (weight, weight._version)
+                factors = all(isinstance(state_dict.get(prefix + k), Tensor) for k in ("lora_A", "lora_B"))
+                self.__dict__["_loading_broken"] = (weight, None if weight.is_inference() else weight._version,
+                                                    factors)
             live = (self._parameters.get("lora_A"), self._parameters.get("lora_B"))
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
             if any(self._parameters.get(k) is not p for k, p in zip(("lora_A", "lora_B"), live)):
@@ -1832,10 +1844,13 @@ class Embedding(LoRALayer, nn.Embedding):
             raise ValueError(refusal)
         return super()._merge_into(weight, A, B, s, exact)
 
-    def _forward(self, x):
+    def _check_max_norm_unmerged(self) -> None:
         if self.max_norm is not None and self.merged:  # (set since the merge: see merge_refusal)
             raise ValueError(f"{self.merge_refusal()}; max_norm was set while adapter {self.active_adapter!r} is "
                              f"merged: unmerge first (train() or unmerge()), then set it")
+
+    def _forward(self, x):
+        self._check_max_norm_unmerged()
         if self.r > 0 and not self._serves_merged():
             scale, scale_tensor = self._scales(x)
             return ops.embedding(x, self.weight, self.lora_A, self.lora_B, scale, scale_tensor=scale_tensor,
@@ -1850,6 +1865,7 @@ class Embedding(LoRALayer, nn.Embedding):
 
     def _weight_forward(self, x):
         """The layer's output from its weight alone (the base, or the merged adapter with it)."""
+        self._check_max_norm_unmerged()  # (mixed batches come here straight)
         return nn.Embedding.forward(self, x)
 
 

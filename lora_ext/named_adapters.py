@@ -966,7 +966,7 @@ class NamedAdapters:
         sharded.reshard_if_gathered(self)  # FSDP2: write the shards, not an all-gathered copy
         # the live factors must stay usable for training afterwards; inference tensors (a layer built or converted
         # under torch.inference_mode()) are written only inside inference mode, and never train
-        with torch.inference_mode(self.lora_A.is_inference()):
+        with torch.inference_mode(self.lora_A.is_inference() or self.lora_B.is_inference()):
             self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
         note = getattr(self, "_note_factor_versions", None)  # (LoRALayer: the live factors hold what was merged)
         if note is not None:
@@ -1066,12 +1066,20 @@ class NamedAdapters:
                              f"{tuple(lora_A.shape)} and {tuple(lora_B.shape)} (rank {self.rank_of(lora_A)}, live "
                              f"rank {self.r}). Hold every adapter at one rank before sharding (lora.reserve_rank(model, "
                              f"r), r at least {max(self.r, self.rank_of(lora_A))}), or switch before sharding")
-        self._swap_merged(lora_A, lora_B, scaling)
         where = f"{self._describe()} adapter {name!r}"
-        sharded.copy_into(live_A, lora_A, where=where, scales=(scaling,))
-        sharded.copy_into(live_B, lora_B, where=where, scales=(scaling,))
-        self.scaling = scaling
-        self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+        # every rank writes the same values, both factors agreed on before the first write (the merged one too)
+        sharded.consensus(live_A, "copy", where, (lora_A, lora_B), (scaling,))
+        self._swap_merged(lora_A, lora_B, scaling)
+        try:  # (the weight holds the new adapter once merged; the live factors and bookkeeping follow)
+            sharded.copy_into(live_A, lora_A, check=False)
+            sharded.copy_into(live_B, lora_B, check=False)
+            self.scaling = scaling
+            self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+        except BaseException as err:
+            failed = getattr(self, "_switch_failed", None)  # (LoRALayer)
+            if failed is not None:
+                failed(name, err)
+            raise
 
     def settle_parameters(self) -> None:
         """When the factors are trainable but the live Parameters are another adapter's own (lent to the active

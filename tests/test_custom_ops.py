@@ -148,3 +148,20 @@ def test_a_switch_between_a_compiled_forward_and_its_backward_keeps_each_forward
             p.grad = None
     for e, c in zip(grads["eager"], grads["compiled"]):
         assert torch.allclose(c, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op", ["merge_", "unmerge_"])
+def test_merge_ops_compile_fullgraph(op):
+    # the ops' inference-tensor check (is_inference_mode_enabled, which dynamo refuses) broke the graph: fullgraph
+    # raised Unsupported
+    torch.manual_seed(0)
+    w, a, b = torch.randn(12, 10), torch.randn(3, 10), torch.randn(12, 3)
+    fn = getattr(lora_ext.ops, op)
+
+    def step(weight):
+        fn(weight, a, b, 0.5)
+        return weight * 1
+
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(w.clone())
+    want = w.double() + (0.5 if op == "merge_" else -0.5) * b.double() @ a.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)

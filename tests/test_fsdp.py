@@ -268,3 +268,41 @@ def test_fsdp_on_transformers_models(kind):
         for k, v in single["trained"].items():
             assert _rel(r["trained"][k], v) < 1e-5, f"{kind} {k}"
         assert r["base_back"]
+
+
+def disagreeing_lora_b(rank, world):
+    """Ranks that loaded another lora_B for adapter b (lora_A agreed): the switch wrote lora_A on every rank, then
+    refused at lora_B ("nothing was written"), and the layer served (b's lora_A, default's lora_B) as 'default'."""
+    torch.manual_seed(0)
+    net = nn.Sequential(lora.Linear(8, 6, r=2, lora_alpha=4))
+    layer = net[0]
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    b_a, b_b = torch.randn(2, 8) * 0.5, torch.randn(6, 2) * 0.5
+    layer.add_adapter("b", b_a, b_b + rank, 1.5)
+    w, bias, a, b = (t.detach().double().clone() for t in (layer.weight, layer.bias, layer.lora_A, layer.lora_B))
+    layer.requires_grad_(False)
+    fully_shard(layer)
+    fully_shard(net)
+    out = {}
+    for mode in ("train", "eval"):  # unmerged, then merged
+        getattr(net, mode)()
+        try:
+            lora.set_adapter(net, "b")
+        except RuntimeError as err:
+            out[mode + "_refused"] = "nothing was written" in str(err)
+        x = torch.randn(3, 8)
+        with torch.no_grad():
+            got = net(x).double()
+        want = x.double() @ (w + 2.0 * b @ a).T + bias
+        out[mode] = (layer.active_adapter, float((got - want).abs().max()))
+    return out
+
+
+def test_fsdp_switch_refused_at_its_second_factor_writes_neither():
+    for r in run_ranks(disagreeing_lora_b):
+        assert r["train_refused"] and r["eval_refused"], r
+        for mode in ("train", "eval"):
+            name, err = r[mode]
+            assert name == "default" and err < 1e-5, r

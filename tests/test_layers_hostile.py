@@ -435,3 +435,21 @@ def test_max_norm_set_on_a_merged_embedding_is_refused_before_the_lookup_renorma
     with torch.no_grad():
         out = layer(ids)  # served unmerged
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_max_norm_set_on_a_merged_embedding_is_refused_in_a_mixed_batch_too():
+    # mixed batches call the weight-alone forward straight: it renormalised the merged rows in place (11.9 off)
+    torch.manual_seed(1)
+    layer = lora.Embedding(10, 4, r=2, lora_alpha=4)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 2)
+    layer.add_adapter("b", torch.randn(2, 10), torch.randn(4, 2), 1.0)
+    layer.requires_grad_(False)
+    layer.eval()
+    merged = layer.weight.detach().clone()
+    layer.max_norm = 1.0
+    with torch.no_grad(), pytest.raises(ValueError, match="max_norm was set while adapter 'default' is merged"):
+        with lora.batch_adapters(layer, ["default", "b"]):
+            layer(torch.tensor([1, 2]))
+    assert torch.equal(layer.weight, merged)

@@ -129,7 +129,7 @@ def test_a_switch_that_fails_after_it_began_writing_leaves_the_layer_refusing(mo
     with pytest.raises(RuntimeError, match="out of memory|illegal memory access"):
         layer.set_adapter("b")
     monkeypatch.undo()
-    _expect_broken(layer, x.to(dtype), "a switch to adapter 'b' failed part way")
+    _expect_broken(layer, x.to(dtype), r"switching to \(or reloading\) adapter 'b' failed part way")
     _recovers(layer, state, x, dtype)
 
 
@@ -150,5 +150,85 @@ def test_a_model_switch_whose_layer_fails_part_way_refuses_rather_than_serve_the
     with pytest.raises(RuntimeError, match="illegal memory access"):
         lora.set_adapter(model, "b")
     monkeypatch.undo()
-    with pytest.raises(RuntimeError, match="a switch to adapter 'b' failed part way"):
+    with pytest.raises(RuntimeError, match=r"switching to \(or reloading\) adapter 'b' failed part way"):
         model(x)
+
+
+def _fail_switch_copy(monkeypatch):
+    monkeypatch.setattr(named_adapters.NamedAdapters, "_inference_values_written",
+                        _failing_once(named_adapters.NamedAdapters._inference_values_written,
+                                      RuntimeError("CUDA error: an illegal memory access")))
+
+
+def test_a_failed_switch_stays_broken_until_the_factors_are_loaded_too(monkeypatch):
+    # loading the weight alone made the layer sound again, serving b's factors at default's scaling as 'default'
+    layer = _layer(torch.float32)
+    layer.eval()
+    state = _clean_state(layer)
+    x = torch.randn(3, IN)
+    _fail_switch_copy(monkeypatch)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        layer.set_adapter("b")
+    monkeypatch.undo()
+    layer.load_state_dict({k: state[k] for k in ("weight", "bias")}, strict=False)
+    _expect_broken(layer, x, r"switching to \(or reloading\) adapter 'b' failed part way")
+    _recovers(layer, state, x, torch.float32)
+
+
+@pytest.mark.parametrize("merge_weights", [True, False], ids=["merged", "unmerged"])
+def test_a_failed_trainable_switch_leaves_the_other_adapter_its_values(monkeypatch, merge_weights):
+    # b's own Parameter pair was live when the switch failed: the load that recovers the layer wrote default's values
+    # into b's Parameters, and set_adapter('b') served default's factors at b's scaling (7.65 off b)
+    layer = _layer(torch.float32, trainable=True, merge_weights=merge_weights)
+    b = tuple(t.detach().clone() for t in layer.get_adapter("b")[:2])
+    layer.set_adapter("b")
+    layer.set_adapter("default")  # (b has its own Parameter pair now)
+    layer.eval()
+    state = _clean_state(layer)
+    x = torch.randn(3, IN)
+    # (b's pair has its scale tensor already: the failure is its fill, a device error)
+    monkeypatch.setattr(named_adapters.NamedAdapters, "_sync_scale_tensor",
+                        _failing_once(named_adapters.NamedAdapters._sync_scale_tensor,
+                                      RuntimeError("CUDA error: an illegal memory access")))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        layer.set_adapter("b")
+    monkeypatch.undo()
+    assert layer._broken is not None
+    _recovers(layer, state, x, torch.float32)
+    layer.set_adapter("b")
+    want = x.double() @ (state["weight"].double() + 1.5 * b[1].double() @ b[0].double()).T + state["bias"].double()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_broken_layer_of_inference_tensors_recovers_by_a_load_in_inference_mode(monkeypatch):
+    # the load recorded the weight's version counter, which inference tensors lack: no load could recover it
+    with torch.inference_mode():
+        layer = _layer(torch.float32)
+    state = {k: v.clone() for k, v in _clean_state(layer).items()}
+    x = torch.randn(3, IN)
+    monkeypatch.setattr(layers.LoRALayer, "_set_merged",
+                        _failing_once(layers.LoRALayer._set_merged, RuntimeError("injected")))
+    with pytest.raises(RuntimeError, match="injected"):
+        layer.eval()
+    monkeypatch.undo()
+    _expect_broken(layer, x, "a merge wrote its weight")
+    with torch.inference_mode():
+        layer.load_state_dict(state)
+        w, bias, a, b = (state[k].double() for k in ("weight", "bias", "lora_A", "lora_B"))
+        torch.testing.assert_close(layer(x).double(), x.double() @ (w + layer.scaling * b @ a).T + bias,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_a_switch_of_a_layer_whose_lora_b_alone_is_an_inference_tensor():
+    layer = _layer(torch.float32)
+    with torch.inference_mode():
+        layer.lora_B = torch.nn.Parameter(torch.randn(OUT, R) * 0.5, requires_grad=False)
+    layer.eval()
+    state = _clean_state(layer)
+    a, b, s = (t.double() if isinstance(t, torch.Tensor) else t for t in layer.get_adapter("b"))
+    layer.set_adapter("b")
+    x = torch.randn(3, IN)
+    want = x.double() @ (state["weight"].double() + s * b @ a).T + state["bias"].double()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)

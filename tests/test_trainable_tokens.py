@@ -456,6 +456,30 @@ def test_two_modules_of_one_weight_with_other_rows_are_refused(tmp_path):
     assert main(["merge", "--base", base, "--adapter", path, "--out", str(tmp_path / "m"), "--quiet"]) != 0
 
 
+def test_rows_of_a_weight_tied_three_ways_merge_through_the_cli(tmp_path):
+    # T5 tied: shared, both embed_tokens and lm_head are one weight; rows for shared and lm_head reach the decoder's
+    # embed_tokens too (served as shared's tied rows): the CLI's tied-head refusal took it for a module given none
+    from transformers import T5ForConditionalGeneration
+
+    def t5_tied():
+        m = _t5()
+        m.config.tie_word_embeddings = True
+        m.lm_head.weight = m.shared.weight
+        return m
+    path = _seq2seq_adapter(tmp_path, t5_tied, {"shared": [1, 5], "lm_head": [1, 5]}, ["q"])
+    ids, dec = _ids(), _ids().flip(1)
+    served = _logits(PeftModel.from_pretrained(t5_tied(), path).eval(), ids, decoder_input_ids=dec)
+    base, out = str(tmp_path / "base"), str(tmp_path / "m")
+    t5_tied().save_pretrained(base)
+    assert main(["merge", "--base", base, "--adapter", path, "--out", out, "--quiet"]) == 0
+    merged = T5ForConditionalGeneration.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(merged, ids, decoder_input_ids=dec), served, rtol=1e-5, atol=1e-4)
+    model = t5_tied()
+    lora.load_peft_adapter(model, path, "a")
+    lora.unload(model, merge=True)
+    torch.testing.assert_close(_logits(model, ids, decoder_input_ids=dec), served, rtol=1e-5, atol=1e-4)
+
+
 def test_a_tied_head_saved_whole_by_another_adapter_is_refused(tmp_path):
     # (the head served the old rows: 18.3 off peft; peft raises here)
     model = _build("llama", tie=True)

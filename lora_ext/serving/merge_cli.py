@@ -569,9 +569,10 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
                 raise MergeError(f"{cfg_file}: trainable_token_indices chooses module {m!r} twice")
             targets[m] = indices
     shared = _shared_weights(meta) or {}
-    for name in targets:  # (an embedding's rows reach the modules tied to it, as served; a head's do not)
-        untargeted = [o for o in shared.get(name, []) if o not in targets]
-        if untargeted and not isinstance(meta.get_submodule(name), torch.nn.Embedding):
+    for name in targets:  # (an embedding's rows reach every module tied to it, as served; a head's do not)
+        group = [name, *shared.get(name, [])]
+        untargeted = [o for o in group if o not in targets]
+        if untargeted and not any(isinstance(meta.get_submodule(g), torch.nn.Embedding) for g in group if g in targets):
             raise MergeError(f"{cfg_file}: trainable_token_indices gives module {name!r} rows of tokens, but its weight "
                              f"is tied to {untargeted[0]!r}, which the adapter gives none (it serves the weight's own "
                              f"rows there); written into the weight, the rows would reach {untargeted[0]!r} too "
