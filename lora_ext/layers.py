@@ -52,7 +52,15 @@ def _remerge_after_load(module, incompatible_keys):
             if weight is not None and (weight is not param or version is None or weight._version != version) \
                     and (factors or not module.__dict__.get("_broken_factors")):
                 module.__dict__.update(_broken=None, _broken_factors=False)
+        before = module.__dict__.pop("_weight_before_load", None)
         if module._remerge_pending:
+            weight = module._weight_or_none()
+            if before is not None and weight is not None and weight is not before and not weight.is_meta \
+                    and not sharded.is_dtensor(weight):
+                # load_state_dict(assign=True): the weight is the caller's tensor now (its state dict's, another
+                # model's); the merge writes a copy of its own rather than the caller's memory
+                module._weight_owner()._parameters["weight"] = nn.Parameter(weight.detach().clone(),
+                                                                            requires_grad=weight.requires_grad)
             with deferred_interrupt():  # (as in train())
                 module._remerge_pending = False
                 module._merge()
@@ -1751,6 +1759,7 @@ class LoRALayer(NamedAdapters):
                         self._unmerge()
                     self.merged = False  # until the post-load hook merges again: forwards in between stay right
                     self._remerge_pending = True
+                    self.__dict__["_weight_before_load"] = self._weight_or_none()  # (assign=True: see below)
             loaded = state_dict.get(prefix + self._weight_key)
             weight = self._weight_or_none()
             if self.__dict__.get("_broken") is not None and isinstance(loaded, Tensor) and weight is not None \

@@ -145,7 +145,7 @@ def test_a_failed_save_leaves_the_directory_s_previous_adapter(tmp_path, monkeyp
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(peft_io.json, "dump", full_disk)  # the config's write fails, after the weights'
+    monkeypatch.setattr(peft_io, "_write_bytes", full_disk)  # the config's write fails, after the weights'
     with pytest.raises(OSError, match="No space"):
         lora_ext.save_peft_adapter(model, str(path), "b")
     # was: b's weights beside a's config

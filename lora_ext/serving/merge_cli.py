@@ -333,7 +333,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     with deferred_interrupt():
         try:
             cfg = read_config(adapter, dora=True)
-            tensors = read_tensors(adapter)
+            tensors = read_tensors(adapter, cfg)
         except MergeError:
             raise
         except ValueError as e:  # the readers' refusals, which name the file and the option

@@ -9,6 +9,7 @@ itself is not needed to read or write these files.
 """
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -93,10 +94,20 @@ def _config_file(path):
     return os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
 
 
+# lora_ext's saves bind their two files: the weights' safetensors metadata holds the sha256 of the config's bytes
+CONFIG_DIGEST = "lora_ext_config_sha256"
+
+
+class _Config(dict):
+    """A read adapter_config.json: its values, and `digest`, the sha256 of the bytes they were read from."""
+    digest: Optional[str] = None
+
+
 def read_config(path, dora=False):
     """The adapter_config.json of a peft LoRA adapter directory, checked: anything lora_ext cannot honour (or
     cannot read) raises ValueError naming the file and the option. dora: use_dora may be true (`lora-ext merge`
-    merges DoRA adapters; the layers do not serve them)."""
+    merges DoRA adapters; the layers do not serve them). Its `digest` goes to read_tensors, which checks it
+    against the one a lora_ext save put in the weights."""
     file = _config_file(path)
     if os.path.isdir(path):  # (a save killed between its renames: weights and config of two saves)
         torn = torn_set([os.path.join(path, WEIGHTS_NAME), file])
@@ -105,8 +116,9 @@ def read_config(path, dora=False):
     if not os.path.isfile(file):
         raise FileNotFoundError(f"adapter: no {CONFIG_NAME} in {path!r}")
     try:
-        with open(file, encoding="utf-8") as f:
-            cfg = json.load(f)
+        with open(file, "rb") as f:
+            raw = f.read()
+        cfg = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from e
     except UnicodeDecodeError as e:
@@ -158,22 +170,39 @@ def read_config(path, dora=False):
     _inject.check_layers(where, cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
     _saved.check_entries(where, cfg.get("modules_to_save"))
     _tokens.check_spec(where, cfg.get("trainable_token_indices"))
+    cfg = _Config(cfg)
+    cfg.digest = hashlib.sha256(raw).hexdigest()
     return cfg
 
 
-def read_tensors(path):
+def _write_bytes(path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def read_tensors(path, config=None):
     """{key: tensor} of the adapter's weights file (safetensors, or adapter_model.bin with weights_only);
     a file that cannot be read raises ValueError naming it. Signals with Python handlers are held back while it is
     read (deferred_interrupt), so that what a handler raises (a timeout, Ctrl-C) comes out as it was raised, after
-    the read, never rewrapped as the file's fault."""
+    the read, never rewrapped as the file's fault. `config` (read_config's): weights a lora_ext save bound to
+    another config than the one read (a save killed between its renames while its process id lives on, pid 1 in a
+    container; or a save by another process between the two reads) are refused."""
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(st):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
         with deferred_interrupt():
             try:
-                tensors = load_file(st)
+                with safe_open(st, framework="pt") as f:
+                    saved = (f.metadata() or {}).get(CONFIG_DIGEST)
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
             except Exception as e:  # safetensors' SafetensorError, OSError, ...
                 raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+        digest = getattr(config, "digest", None)
+        if saved is not None and digest is not None and saved != digest:
+            raise ValueError(f"{path}: {WEIGHTS_NAME} was saved with another {CONFIG_NAME} than the one beside it "
+                             f"(lora_ext's save binds them): a save killed between its two renames, or one by "
+                             f"another process while this one read the adapter; save it again (or load it again "
+                             f"once that save is done)")
         file = st
     else:
         legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
@@ -520,7 +549,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                                 else LEGACY_WEIGHTS_NAME)
     entries = _saved.check_entries(cfg_file, cfg.get("modules_to_save"))
     to_save = _saved.find(model, entries, cfg_file)
-    tensors = read_tensors(path)
+    tensors = read_tensors(path, cfg)
     token_spec = _tokens.check_spec(cfg_file, cfg.get("trainable_token_indices"))
     # (rows of tokens: taken out of `tensors`, checked against the model; nothing changes yet)
     token_plan = _tokens.plan(model, token_spec, tensors, PREFIX, weights_file, cfg_file) if token_spec else []
@@ -1126,7 +1155,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # both files complete before either is renamed: a failure leaves the directory's old pair as it was
     with atomic_files([os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)]) as (tmp_weights,
                                                                                               tmp_config):
-        save_file(tensors, tmp_weights, metadata={"format": "pt"})
-        with open(tmp_config, "w") as f:
-            json.dump(cfg, f, indent=2)
+        text = json.dumps(cfg, indent=2).encode("utf-8")
+        save_file(tensors, tmp_weights, metadata={"format": "pt", CONFIG_DIGEST: hashlib.sha256(text).hexdigest()})
+        _write_bytes(tmp_config, text)
     return sorted(ranks)

@@ -1,0 +1,135 @@
+"""Saved and loaded checkpoints that mixed two states silently (found by a hostile probe of save/load flows):
+- a save_peft_adapter killed between its two renames while its process id lives on (pid 1 in a container, again
+  pid 1 after the restart) left the new weights beside the old config: the torn-save check, which looks for the
+  dead saver's temporaries, skipped them, and load_peft_adapter and `lora-ext merge` served the new factors at the
+  old lora_alpha. A complete save by another process between the loader's two reads did the same;
+- load_state_dict(assign=True) into a merged layer merged the adapter into the caller's own tensor (3.7 off in the
+  caller's dict; a second layer loading that dict served the adapter twice).
+lora_ext's saves now bind the weights to the config (the config's sha256 in the safetensors metadata), and a
+merged layer's assign=True load merges into a copy of its own."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lora_ext as lora
+from lora_ext.cli import main
+from lora_ext.serving import peft_io
+from tiny_models import llama, randomize_lora, tokens
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _trained(alpha, seed):
+    model = llama(0)
+    lora.inject(model, TARGETS, r=4, lora_alpha=alpha)
+    torch.manual_seed(seed)
+    randomize_lora(model)
+    return model
+
+
+def _logits(model):
+    torch.manual_seed(5)  # (the same tokens for every model)
+    ids = tokens()
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def test_a_save_binds_its_weights_to_its_config(tmp_path):
+    path = str(tmp_path / "a")
+    lora.save_peft_adapter(_trained(8, 1), path)
+    with open(os.path.join(path, "adapter_config.json"), "rb") as f:
+        import hashlib
+        digest = hashlib.sha256(f.read()).hexdigest()
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
+        assert f.metadata()[peft_io.CONFIG_DIGEST] == digest
+    ours = llama(0)
+    lora.load_peft_adapter(ours, path)
+    torch.testing.assert_close(_logits(ours), _logits(_trained(8, 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_weights_beside_another_saves_config_are_refused(tmp_path, capsys):
+    # what a save killed between its renames leaves when no temporary names a dead process: the second save's
+    # weights beside the first save's config (lora_alpha 8 where the weights were trained at 16)
+    first, second, torn = (str(tmp_path / n) for n in ("first", "second", "torn"))
+    lora.save_peft_adapter(_trained(8, 1), first)
+    lora.save_peft_adapter(_trained(16, 2), second)
+    os.makedirs(torn)
+    shutil.copy(os.path.join(second, "adapter_model.safetensors"), torn)
+    shutil.copy(os.path.join(first, "adapter_config.json"), torn)
+    model = llama(0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="adapter_model.safetensors was saved with another adapter_config.json"):
+        lora.load_peft_adapter(model, torn)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    base, out = str(tmp_path / "base"), str(tmp_path / "merged")
+    llama(0).save_pretrained(base)
+    assert main(["merge", "--base", base, "--adapter", torn, "--out", out, "--quiet"]) != 0
+    assert "saved with another adapter_config.json" in capsys.readouterr().err
+    assert not os.path.exists(out)
+
+
+def test_a_save_landing_between_the_loaders_two_reads_is_refused(tmp_path, monkeypatch):
+    path = str(tmp_path / "a")
+    lora.save_peft_adapter(_trained(8, 1), path)
+    real = peft_io.read_tensors
+
+    def racing(*args, **kwargs):  # another process's complete save, after the config was read
+        lora.save_peft_adapter(_trained(16, 2), path)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(peft_io, "read_tensors", racing)
+    with pytest.raises(ValueError, match="saved with another adapter_config.json"):
+        lora.load_peft_adapter(llama(0), path)
+    monkeypatch.undo()
+    ours = llama(0)
+    lora.load_peft_adapter(ours, path)  # (read again once that save is done: the new adapter, whole)
+    torch.testing.assert_close(_logits(ours), _logits(_trained(16, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_an_edited_config_of_a_peft_save_still_loads(tmp_path):
+    # adapters saved by peft carry no binding; a config edited by hand beside lora_ext's weights is refused, so
+    # the check is lora_ext's own files only
+    from peft import LoraConfig, get_peft_model
+    from helpers import save_random_peft
+    path = save_random_peft(get_peft_model(llama(0), LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS)),
+                            tmp_path / "p", 3, 0.5)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    cfg["lora_alpha"] = 8
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(cfg, f)
+    model = llama(0)
+    lora.load_peft_adapter(model, path)
+    assert next(m for m in model.modules() if isinstance(m, lora.LoRALayer)).scaling == 4.0
+
+
+def _merged_layer(seed):
+    torch.manual_seed(seed)
+    layer = lora.Linear(16, 16, r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_A.normal_(0, 0.5)
+        layer.lora_B.normal_(0, 0.5)
+    return layer.eval()
+
+
+def test_an_assign_load_into_a_merged_layer_leaves_the_callers_tensors_alone():
+    torch.manual_seed(0)
+    sd = {"weight": torch.randn(16, 16), "bias": torch.randn(16)}
+    base = sd["weight"].clone()
+    x = torch.randn(3, 16)
+    replicas = [_merged_layer(1), _merged_layer(1)]
+    for layer in replicas:  # (two replicas from one dict: each merges into its own copy)
+        layer.load_state_dict(sd, strict=False, assign=True)
+        assert layer.merged
+    assert torch.equal(sd["weight"], base)
+    a, b = replicas[0].lora_A.double(), replicas[0].lora_B.double()
+    want = x.double() @ (base.double() + replicas[0].scaling * b @ a).T + sd["bias"].double()
+    other = _merged_layer(1)
+    other.load_state_dict(sd, strict=False)  # (a copy load of the same dict afterwards)
+    for layer in (*replicas, other):
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.state_dict()["weight"], base, rtol=0, atol=2e-6)  # (a float32 merge's rounding)
