@@ -799,9 +799,9 @@ class NamedAdapters:
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
         self._check_plain_factors(f"set_adapter({name!r})")  # (before `old` below reads or writes any factor)
         with self._lock:
-            sound = getattr(self, "_check_sound", None)  # (LoRALayer: a layer a failed write left broken refuses)
-            if sound is not None:
-                sound()
+            if self.__dict__.get("_broken_factors"):  # (LoRALayer._switch_failed: the live factors are unknown, and
+                # would be kept as the old adapter's values; a layer whose weight alone is unknown switches unmerged)
+                self._check_sound()
             if name == self.active_adapter:  # another thread switched to it between the checks above and the lock
                 self.settle_parameters()
                 return

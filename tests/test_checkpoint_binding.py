@@ -133,3 +133,49 @@ def test_an_assign_load_into_a_merged_layer_leaves_the_callers_tensors_alone():
         with torch.no_grad():
             torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(layer.state_dict()["weight"], base, rtol=0, atol=2e-6)  # (a float32 merge's rounding)
+
+
+def _recording(monkeypatch):
+    """Every os.fsync (by the path its descriptor names) and os.replace (or os.link: a rename that replaces
+    nothing), in order."""
+    events, real_fsync, real_replace, real_link = [], os.fsync, os.replace, os.link
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        return real_replace(src, dst, *args, **kwargs)
+    def link(src, dst, *args, **kwargs):
+        events.append(("replace", os.path.abspath(src), os.path.abspath(dst)))
+        return real_link(src, dst, *args, **kwargs)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
+    return events
+
+
+def _synced_before_renamed(events, final):
+    """Each temporary renamed to a name in `final` was synced before its rename, and the directory after."""
+    renames = [i for i, e in enumerate(events) if e[0] == "replace" and os.path.basename(e[2]) in final]
+    assert {os.path.basename(events[i][2]) for i in renames} == set(final), events
+    for i in renames:
+        assert ("fsync", events[i][1]) in events[:i], (events[i], events)
+    directory = os.path.dirname(events[renames[-1]][2])
+    assert ("fsync", directory) in events[renames[-1]:], events
+
+
+def test_saves_reach_the_disk_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    # (a rename is atomic, but without a sync the data behind the new name may be lost with a power cut: zeros
+    # under a valid header would load silently)
+    model = _trained(8, 1)
+    base, out = str(tmp_path / "base"), str(tmp_path / "merged.safetensors")
+    llama(0).save_pretrained(base)
+    events = _recording(monkeypatch)
+    lora.save_peft_adapter(model, str(tmp_path / "a"))
+    _synced_before_renamed(events, ["adapter_model.safetensors", "adapter_config.json"])
+    events.clear()
+    assert main(["merge", "--base", os.path.join(base, "model.safetensors"), "--adapter", str(tmp_path / "a"),
+                 "--out", out, "--quiet"]) == 0
+    _synced_before_renamed(events, ["merged.safetensors"])

@@ -78,6 +78,39 @@ def _checked(path):
     return os.path.abspath(path)
 
 
+def _fsync(path):
+    """os.fsync of `path` (a file or a directory); one that cannot be opened, or a file system that cannot sync
+    (EINVAL), is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EROFS):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _synced(path):
+    """Flushes what was written under `path` (a file, or a directory's files and the directory) to the disk, so that
+    a rename of it into place names complete data after a power loss too (a rename is atomic, but the data behind
+    it may still be in the page cache)."""
+    if os.path.isdir(path):
+        for root, _, names in os.walk(path):
+            for n in names:
+                if not os.path.islink(os.path.join(root, n)):
+                    _fsync(os.path.join(root, n))
+    _fsync(path)
+
+
+def _synced_entry(path):
+    """Flushes the directory holding `path`, so that a rename to `path` outlives a power loss."""
+    _fsync(os.path.dirname(path))
+
+
 def _temporary(path, directory=False):
     """A new temporary beside `path` (atomic_path's name: `.<name>.tmp-<pid>-<random>`)."""
     parent = os.path.dirname(path)
@@ -111,6 +144,7 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
             tmp = _temporary(path, directory)
         yield tmp
         os.chmod(tmp, 0o755 if directory else 0o644)  # mkstemp/mkdtemp make them private
+        _synced(tmp)
         aside = None
         with deferred_interrupt():
             if overwrite and os.path.lexists(path):
@@ -125,6 +159,7 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
                         raise
                     raise FileExistsError(errno.EEXIST, "appeared while the output was written (another run?); not "
                                           "replaced", path) from None
+        _synced_entry(path)
         if aside is not None:
             _remove(aside)  # (left behind, the next run removes it as a stale temporary)
     except BaseException:
@@ -190,6 +225,7 @@ def atomic_files(paths):
             os.chmod(t, 0o644)
             if os.path.isdir(p) and not os.path.islink(p):
                 raise IsADirectoryError(errno.EISDIR, "is a directory, where a file is written", p)
+            _synced(t)
         asides, renamed = [], []
         # (signals with Python handlers held back over the renames and their rollback: one landing between a
         # rename and its note would leave a new file beside an old one)
@@ -214,6 +250,7 @@ def atomic_files(paths):
             finally:
                 for a in asides:
                     _remove(a)
+        _synced_entry(paths[0])
     except BaseException:
         with deferred_interrupt():
             for t in tmps:
