@@ -982,6 +982,19 @@ class NamedAdapters:
         if merged_live:
             self._note_merged_from()
 
+    @contextlib.contextmanager
+    def _after_switch_write(self, name: str):
+        """Around what a switch to adapter `name` does after its merged write (the live factors written or put in
+        place, the bookkeeping): an error there leaves the layer broken (LoRALayer._switch_failed), since what it
+        serves is no longer what its bookkeeping says."""
+        try:
+            yield
+        except BaseException as err:
+            failed = getattr(self, "_switch_failed", None)  # (LoRALayer)
+            if failed is not None:
+                failed(name, err)
+            raise
+
     def _activate_as_normal_tensors(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         live_A, live_B = self.lora_A, self.lora_B
         if sharded.is_dtensor(live_A):
@@ -1008,7 +1021,7 @@ class NamedAdapters:
             lora_A = lora_A.detach().to(live_A.device, live_A.dtype, copy=True)
             lora_B = lora_B.detach().to(live_B.device, live_B.dtype, copy=True)
         self._swap_merged(lora_A.detach(), lora_B.detach(), scaling, name=name)
-        try:  # (the weight holds the new adapter once merged; the live factors and bookkeeping follow)
+        with self._after_switch_write(name):  # (the weight holds the new adapter once merged)
             self._streams.write(live_A.device)
             if serving:
                 with torch.no_grad():
@@ -1043,11 +1056,6 @@ class NamedAdapters:
             self.__dict__.update(r=r, lora_alpha=scaling * r)
             self.scaling = scaling
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
-        except BaseException as err:
-            failed = getattr(self, "_switch_failed", None)  # (LoRALayer)
-            if failed is not None:
-                failed(name, err)
-            raise
 
     def _activate_sharded(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """FSDP2 holds the live factors (sharded DTensor Parameters it all-gathers in every forward): a switch
@@ -1070,16 +1078,11 @@ class NamedAdapters:
         # every rank writes the same values, both factors agreed on before the first write (the merged one too)
         sharded.consensus(live_A, "copy", where, (lora_A, lora_B), (scaling,))
         self._swap_merged(lora_A, lora_B, scaling)
-        try:  # (the weight holds the new adapter once merged; the live factors and bookkeeping follow)
+        with self._after_switch_write(name):  # (the weight holds the new adapter once merged)
             sharded.copy_into(live_A, lora_A, check=False)
             sharded.copy_into(live_B, lora_B, check=False)
             self.scaling = scaling
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
-        except BaseException as err:
-            failed = getattr(self, "_switch_failed", None)  # (LoRALayer)
-            if failed is not None:
-                failed(name, err)
-            raise
 
     def settle_parameters(self) -> None:
         """When the factors are trainable but the live Parameters are another adapter's own (lent to the active

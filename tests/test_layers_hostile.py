@@ -410,14 +410,20 @@ def test_load_state_dict_assign_while_parameters_are_lent_keeps_every_adapter():
     assert torch.equal(A, loaded["lora_A"]) and torch.equal(B, loaded["lora_B"])
 
 
-def test_max_norm_set_on_a_merged_embedding_is_refused_before_the_lookup_renormalises():
-    # a merged Embedding given max_norm afterwards: nn.Embedding's lookup would renormalise the merged rows in place
-    # (1.27 off the unmerged output, and the base's rows 1.89 off after train()); refused, the weight untouched
-    torch.manual_seed(0)
+def _large_rows_embedding(seed):
+    """An Embedding whose rows (and adapter) are N(0, 4): rows past max_norm=1, which a lookup would renormalise."""
+    torch.manual_seed(seed)
     layer = lora.Embedding(10, 4, r=2, lora_alpha=4)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn_like(p) * 2)
+    return layer
+
+
+def test_max_norm_set_on_a_merged_embedding_is_refused_before_the_lookup_renormalises():
+    # a merged Embedding given max_norm afterwards: nn.Embedding's lookup would renormalise the merged rows in place
+    # (1.27 off the unmerged output, and the base's rows 1.89 off after train()); refused, the weight untouched
+    layer = _large_rows_embedding(0)
     base = layer.weight.detach().clone()
     layer.eval()
     merged = layer.weight.detach().clone()
@@ -439,11 +445,7 @@ def test_max_norm_set_on_a_merged_embedding_is_refused_before_the_lookup_renorma
 
 def test_max_norm_set_on_a_merged_embedding_is_refused_in_a_mixed_batch_too():
     # mixed batches call the weight-alone forward straight: it renormalised the merged rows in place (11.9 off)
-    torch.manual_seed(1)
-    layer = lora.Embedding(10, 4, r=2, lora_alpha=4)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn_like(p) * 2)
+    layer = _large_rows_embedding(1)
     layer.add_adapter("b", torch.randn(2, 10), torch.randn(4, 2), 1.0)
     layer.requires_grad_(False)
     layer.eval()

@@ -42,6 +42,11 @@ def _failing_once(real, exc, at=1):
     return failing
 
 
+def _fail_once(monkeypatch, owner, name, exc, at=1):
+    """owner.name raises `exc` at its `at`-th call (until monkeypatch.undo())."""
+    monkeypatch.setattr(owner, name, _failing_once(getattr(owner, name), exc, at))
+
+
 def _expect_broken(layer, x, what, factors=False):
     """Refusals of a broken layer (factors: its live factors unknown too, after a failed switch: switches refused
     as well; a layer whose weight alone is unknown switches unmerged, writing nothing)."""
@@ -74,8 +79,7 @@ def test_a_merge_whose_bookkeeping_fails_leaves_the_layer_refusing(monkeypatch, 
     layer = _layer(dtype)
     state = _clean_state(layer)
     x = torch.randn(3, IN)
-    cls = layers.LoRALayer
-    monkeypatch.setattr(cls, step, _failing_once(getattr(cls, step), RuntimeError("CUDA out of memory")))
+    _fail_once(monkeypatch, layers.LoRALayer, step, RuntimeError("CUDA out of memory"))
     with pytest.raises(RuntimeError, match="out of memory") as err:
         layer.eval()
     monkeypatch.undo()
@@ -90,8 +94,7 @@ def test_an_unmerge_whose_bookkeeping_fails_leaves_the_layer_refusing(monkeypatc
     state = _clean_state(layer)
     x = torch.randn(3, IN)
     layer.eval()
-    monkeypatch.setattr(layers.LoRALayer, "_set_merged",
-                        _failing_once(layers.LoRALayer._set_merged, RuntimeError("injected")))
+    _fail_once(monkeypatch, layers.LoRALayer, "_set_merged", RuntimeError("injected"))
     with pytest.raises(RuntimeError, match="injected"):
         layer.train()
     monkeypatch.undo()
@@ -104,8 +107,7 @@ def test_a_dtype_change_whose_merge_bookkeeping_fails_leaves_the_layer_refusing(
     x = torch.randn(3, IN)
     layer.eval()
     # the second _set_merged: after the merge into the bfloat16 weight (the first forgets the float32 merge)
-    monkeypatch.setattr(layers.LoRALayer, "_set_merged",
-                        _failing_once(layers.LoRALayer._set_merged, RuntimeError("injected"), at=2))
+    _fail_once(monkeypatch, layers.LoRALayer, "_set_merged", RuntimeError("injected"), at=2)
     with pytest.raises(RuntimeError, match="injected"):
         layer.to(torch.bfloat16)
     monkeypatch.undo()
@@ -123,11 +125,9 @@ def test_a_switch_that_fails_after_it_began_writing_leaves_the_layer_refusing(mo
     layer.eval()
     state = _clean_state(layer)
     if trainable:
-        monkeypatch.setattr(named_adapters.torch, "full", _failing_once(torch.full, RuntimeError("CUDA out of memory")))
+        _fail_once(monkeypatch, named_adapters.torch, "full", RuntimeError("CUDA out of memory"))
     else:
-        monkeypatch.setattr(named_adapters.NamedAdapters, "_inference_values_written",
-                            _failing_once(named_adapters.NamedAdapters._inference_values_written,
-                                          RuntimeError("CUDA error: an illegal memory access")))
+        _fail_switch_copy(monkeypatch)
     with pytest.raises(RuntimeError, match="out of memory|illegal memory access"):
         layer.set_adapter("b")
     monkeypatch.undo()
@@ -146,9 +146,7 @@ def test_a_model_switch_whose_layer_fails_part_way_refuses_rather_than_serve_the
         m.requires_grad_(False)
     model.eval()
     x = torch.randn(2, IN)
-    monkeypatch.setattr(named_adapters.NamedAdapters, "_inference_values_written",
-                        _failing_once(named_adapters.NamedAdapters._inference_values_written,
-                                      RuntimeError("CUDA error: an illegal memory access")))
+    _fail_switch_copy(monkeypatch)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         lora.set_adapter(model, "b")
     monkeypatch.undo()
@@ -157,9 +155,8 @@ def test_a_model_switch_whose_layer_fails_part_way_refuses_rather_than_serve_the
 
 
 def _fail_switch_copy(monkeypatch):
-    monkeypatch.setattr(named_adapters.NamedAdapters, "_inference_values_written",
-                        _failing_once(named_adapters.NamedAdapters._inference_values_written,
-                                      RuntimeError("CUDA error: an illegal memory access")))
+    _fail_once(monkeypatch, named_adapters.NamedAdapters, "_inference_values_written",
+               RuntimeError("CUDA error: an illegal memory access"))
 
 
 def test_a_failed_switch_stays_broken_until_the_factors_are_loaded_too(monkeypatch):
@@ -189,9 +186,8 @@ def test_a_failed_trainable_switch_leaves_the_other_adapter_its_values(monkeypat
     state = _clean_state(layer)
     x = torch.randn(3, IN)
     # (b's pair has its scale tensor already: the failure is its fill, a device error)
-    monkeypatch.setattr(named_adapters.NamedAdapters, "_sync_scale_tensor",
-                        _failing_once(named_adapters.NamedAdapters._sync_scale_tensor,
-                                      RuntimeError("CUDA error: an illegal memory access")))
+    _fail_once(monkeypatch, named_adapters.NamedAdapters, "_sync_scale_tensor",
+               RuntimeError("CUDA error: an illegal memory access"))
     with pytest.raises(RuntimeError, match="illegal memory access"):
         layer.set_adapter("b")
     monkeypatch.undo()
@@ -209,8 +205,7 @@ def test_a_broken_layer_of_inference_tensors_recovers_by_a_load_in_inference_mod
         layer = _layer(torch.float32)
     state = {k: v.clone() for k, v in _clean_state(layer).items()}
     x = torch.randn(3, IN)
-    monkeypatch.setattr(layers.LoRALayer, "_set_merged",
-                        _failing_once(layers.LoRALayer._set_merged, RuntimeError("injected")))
+    _fail_once(monkeypatch, layers.LoRALayer, "_set_merged", RuntimeError("injected"))
     with pytest.raises(RuntimeError, match="injected"):
         layer.eval()
     monkeypatch.undo()
