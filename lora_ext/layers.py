@@ -58,7 +58,17 @@ def _remerge_after_load(module, incompatible_keys):
             if before is not None and weight is not None and weight is not before and not weight.is_meta \
                     and not sharded.is_dtensor(weight):
                 # load_state_dict(assign=True): the weight is the caller's tensor now (its state dict's, another
-                # model's); the merge writes a copy of its own rather than the caller's memory
+                # model's). Tied by the load to a module loaded before this one (a tied model's state): unmerged, as
+                # eval() leaves a tied weight, the tie kept. Else the merge writes a copy of its own, not the caller's
+                # memory (a module the same load gives that tensor after this hook, later in the model's order, then
+                # holds the caller's tensor, and this layer its copy: the tie is not seen)
+                tied = ties.names(module)
+                if tied:
+                    module._remerge_pending = False
+                    warnings.warn(f"{module._describe()}: load_state_dict(assign=True) ties its weight to "
+                                  f"{', '.join(tied)}; adapter {module.active_adapter!r} is left unmerged (merging "
+                                  f"would change their outputs too)", stacklevel=3)
+                    return
                 module._weight_owner()._parameters["weight"] = nn.Parameter(weight.detach().clone(),
                                                                             requires_grad=weight.requires_grad)
             with deferred_interrupt():  # (as in train())

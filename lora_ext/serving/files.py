@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 
 
 # what follows the prefix in a temporary's name: the writer's pid (absent in older names), and tempfile's 8 characters
@@ -78,6 +79,10 @@ def _checked(path):
     return os.path.abspath(path)
 
 
+# a file system that cannot sync (or will not for this file): left as it is
+_NO_SYNC = {errno.EINVAL, errno.EBADF, errno.EROFS, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
 def _fsync(path):
     """os.fsync of `path` (a file or a directory); one that cannot be opened, or a file system that cannot sync
     (EINVAL), is left as it is."""
@@ -88,7 +93,7 @@ def _fsync(path):
     try:
         os.fsync(fd)
     except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EROFS):
+        if e.errno not in _NO_SYNC:
             raise
     finally:
         os.close(fd)
@@ -107,8 +112,14 @@ def _synced(path):
 
 
 def _synced_entry(path):
-    """Flushes the directory holding `path`, so that a rename to `path` outlives a power loss."""
-    _fsync(os.path.dirname(path))
+    """Flushes the directory holding `path`, so that a rename to `path` outlives a power loss. Called once the
+    output is in place: a failure warns (the output is there; whether a power cut would keep it is unknown)
+    rather than reporting a write that happened as failed."""
+    try:
+        _fsync(os.path.dirname(path))
+    except OSError as e:
+        warnings.warn(f"{path}: in place, but its directory could not be synced to the disk ({e}): a power cut "
+                      f"now may lose the rename", stacklevel=3)
 
 
 def _temporary(path, directory=False):

@@ -9,7 +9,6 @@ itself is not needed to read or write these files.
 """
 import contextlib
 import functools
-import hashlib
 import json
 import math
 import os
@@ -94,20 +93,38 @@ def _config_file(path):
     return os.path.join(path, CONFIG_NAME) if os.path.isdir(path) else path
 
 
-# lora_ext's saves bind their two files: the weights' safetensors metadata holds the sha256 of the config's bytes
-CONFIG_DIGEST = "lora_ext_config_sha256"
+# lora_ext's saves bind their two files: the weights' safetensors metadata holds the config's options that decide
+# the numbers served (SAVED_OPTIONS, as JSON), which a load compares with the config beside them
+SAVED_CONFIG = "lora_ext_config"
+SAVED_OPTIONS = {  # (each with peft's default for a config that leaves it out)
+    "r": 8, "lora_alpha": 8, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "target_modules": None,
+    "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None, "fan_in_fan_out": False,
+    "modules_to_save": None, "trainable_token_indices": None, "bias": "none", "use_dora": False,
+}
 
 
-class _Config(dict):
-    """A read adapter_config.json: its values, and `digest`, the sha256 of the bytes they were read from."""
-    digest: Optional[str] = None
+def saved_options(cfg) -> dict:
+    """The options of config `cfg` that decide the numbers served, as a save binds them (SAVED_CONFIG): peft's
+    defaults for those it leaves out, lora_alpha a float, target/exclude lists sorted (peft writes its sets in any
+    order), no patterns as {}."""
+    out = {}
+    for key, default in SAVED_OPTIONS.items():
+        value = cfg.get(key, default)
+        if key in ("rank_pattern", "alpha_pattern") and value is None:
+            value = {}
+        elif key == "lora_alpha" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        elif key in ("target_modules", "exclude_modules") and isinstance(value, list):
+            value = sorted(value, key=str)
+        out[key] = value
+    return out
 
 
 def read_config(path, dora=False):
     """The adapter_config.json of a peft LoRA adapter directory, checked: anything lora_ext cannot honour (or
     cannot read) raises ValueError naming the file and the option. dora: use_dora may be true (`lora-ext merge`
-    merges DoRA adapters; the layers do not serve them). Its `digest` goes to read_tensors, which checks it
-    against the one a lora_ext save put in the weights."""
+    merges DoRA adapters; the layers do not serve them). read_tensors checks it against the options a lora_ext
+    save bound to the weights (SAVED_CONFIG)."""
     file = _config_file(path)
     if os.path.isdir(path):  # (a save killed between its renames: weights and config of two saves)
         torn = torn_set([os.path.join(path, WEIGHTS_NAME), file])
@@ -116,9 +133,8 @@ def read_config(path, dora=False):
     if not os.path.isfile(file):
         raise FileNotFoundError(f"adapter: no {CONFIG_NAME} in {path!r}")
     try:
-        with open(file, "rb") as f:
-            raw = f.read()
-        cfg = json.loads(raw.decode("utf-8"))
+        with open(file, encoding="utf-8") as f:
+            cfg = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg})") from e
     except UnicodeDecodeError as e:
@@ -170,8 +186,6 @@ def read_config(path, dora=False):
     _inject.check_layers(where, cfg.get("target_modules"), cfg.get("layers_to_transform"), cfg.get("layers_pattern"))
     _saved.check_entries(where, cfg.get("modules_to_save"))
     _tokens.check_spec(where, cfg.get("trainable_token_indices"))
-    cfg = _Config(cfg)
-    cfg.digest = hashlib.sha256(raw).hexdigest()
     return cfg
 
 
@@ -180,29 +194,46 @@ def _write_bytes(path, data: bytes) -> None:
         f.write(data)
 
 
+def _check_saved_options(st, saved, config, path):
+    try:
+        saved = json.loads(saved)
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{st}: its metadata {SAVED_CONFIG!r} (the options lora_ext saved it with) is not a JSON "
+                         f"object")
+    now = saved_options(config)
+    differ = [k for k in now if k in saved and saved[k] != now[k]]
+    if differ:
+        raise ValueError(f"{st} was saved with other options than {os.path.join(path, CONFIG_NAME)} holds ("
+                         + "; ".join(f"{k}: {saved[k]!r} saved, {now[k]!r} now" for k in differ)
+                         + "): a save killed between its two renames, a save by another process while this load "
+                         "read the adapter, or an edit of the config since; served, the weights would give other "
+                         "numbers than they were saved with. Save the adapter again (or load it again once that "
+                         f"save is done); to load them as the config says, remove {SAVED_CONFIG!r} from the "
+                         "weights' metadata")
+
+
 def read_tensors(path, config=None):
     """{key: tensor} of the adapter's weights file (safetensors, or adapter_model.bin with weights_only);
     a file that cannot be read raises ValueError naming it. Signals with Python handlers are held back while it is
     read (deferred_interrupt), so that what a handler raises (a timeout, Ctrl-C) comes out as it was raised, after
     the read, never rewrapped as the file's fault. `config` (read_config's): weights a lora_ext save bound to
-    another config than the one read (a save killed between its renames while its process id lives on, pid 1 in a
-    container; or a save by another process between the two reads) are refused."""
+    other options than the config read has (SAVED_CONFIG: a save killed between its renames while its process id
+    lives on, pid 1 in a container; a save by another process between the two reads; an edit of r, lora_alpha,
+    the patterns or the targets since) are refused, naming the options."""
     st = os.path.join(path, WEIGHTS_NAME)
     if os.path.isfile(st):
         from safetensors import safe_open
         with deferred_interrupt():
             try:
                 with safe_open(st, framework="pt") as f:
-                    saved = (f.metadata() or {}).get(CONFIG_DIGEST)
+                    saved = (f.metadata() or {}).get(SAVED_CONFIG)
                     tensors = {k: f.get_tensor(k) for k in f.keys()}
             except Exception as e:  # safetensors' SafetensorError, OSError, ...
                 raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-        digest = getattr(config, "digest", None)
-        if saved is not None and digest is not None and saved != digest:
-            raise ValueError(f"{path}: {WEIGHTS_NAME} was saved with another {CONFIG_NAME} than the one beside it "
-                             f"(lora_ext's save binds them): a save killed between its two renames, or one by "
-                             f"another process while this one read the adapter; save it again (or load it again "
-                             f"once that save is done)")
+        if saved is not None and config is not None:
+            _check_saved_options(st, saved, config, path)
         file = st
     else:
         legacy = os.path.join(path, LEGACY_WEIGHTS_NAME)
@@ -1155,7 +1186,6 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # both files complete before either is renamed: a failure leaves the directory's old pair as it was
     with atomic_files([os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)]) as (tmp_weights,
                                                                                               tmp_config):
-        text = json.dumps(cfg, indent=2).encode("utf-8")
-        save_file(tensors, tmp_weights, metadata={"format": "pt", CONFIG_DIGEST: hashlib.sha256(text).hexdigest()})
-        _write_bytes(tmp_config, text)
+        save_file(tensors, tmp_weights, metadata={"format": "pt", SAVED_CONFIG: json.dumps(saved_options(cfg))})
+        _write_bytes(tmp_config, json.dumps(cfg, indent=2).encode("utf-8"))
     return sorted(ranks)
