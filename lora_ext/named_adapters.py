@@ -76,6 +76,25 @@ def _stamp(lora_A, lora_B):
             _token(lora_B), lora_B._version, _data_ptr(lora_B))
 
 
+class _AfterSwitchWrite:
+    """NamedAdapters._after_switch_write's context (a class: a switch is a hot path, and a generator's context
+    costs a few microseconds more)."""
+    __slots__ = ("layer", "name")
+
+    def __init__(self, layer, name):
+        self.layer, self.name = layer, name
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, kind, err, tb):
+        if err is not None:
+            failed = getattr(self.layer, "_switch_failed", None)  # (LoRALayer)
+            if failed is not None:
+                failed(self.name, err)
+        return False
+
+
 def _data_ptr(t):
     return sharded.local(t).data_ptr()  # a DTensor's storage is its local shard
 
@@ -982,18 +1001,11 @@ class NamedAdapters:
         if merged_live:
             self._note_merged_from()
 
-    @contextlib.contextmanager
-    def _after_switch_write(self, name: str):
+    def _after_switch_write(self, name: str) -> "_AfterSwitchWrite":
         """Around what a switch to adapter `name` does after its merged write (the live factors written or put in
         place, the bookkeeping): an error there leaves the layer broken (LoRALayer._switch_failed), since what it
         serves is no longer what its bookkeeping says."""
-        try:
-            yield
-        except BaseException as err:
-            failed = getattr(self, "_switch_failed", None)  # (LoRALayer)
-            if failed is not None:
-                failed(name, err)
-            raise
+        return _AfterSwitchWrite(self, name)
 
     def _activate_as_normal_tensors(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         live_A, live_B = self.lora_A, self.lora_B
@@ -1130,8 +1142,10 @@ class NamedAdapters:
         """lora_ext wrote values in place into `tensors`: where one is an inference tensor, whose writes no version
         counter shows, every cache of this layer's adapter values keyed by them (mixed batches' slots: value_epoch)
         takes them again."""
-        if any(t.is_inference() for t in tensors):
-            self.__dict__["_inference_epoch"] = self.__dict__.get("_inference_epoch", 0) + 1
+        for t in tensors:
+            if t.is_inference():
+                self.__dict__["_inference_epoch"] = self.__dict__.get("_inference_epoch", 0) + 1
+                return
 
     def _trainable(self) -> bool:
         return self.lora_A.requires_grad or self.lora_B.requires_grad

@@ -311,10 +311,17 @@ def inference_writes(*tensors):
     (made under torch.inference_mode(): a model built, loaded or converted there) and inference mode is off, the
     only place torch lets one be written. Outside, torch raises after its kernel wrote (a view of) it, which would
     leave a tensor written under bookkeeping that says it was not (loralib's `.data` writes go through)."""
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() \
-            or not any(isinstance(t, Tensor) and t.is_inference() for t in tensors):
-        return contextlib.nullcontext()  # (compiled: the custom op's write, traced; dynamo refuses the mode checks)
-    return torch.inference_mode()
+    if torch.compiler.is_compiling():  # (the custom op's write, traced; dynamo refuses the checks below)
+        return _NO_CONTEXT
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_inference():
+            break
+    else:
+        return _NO_CONTEXT
+    return _NO_CONTEXT if torch.is_inference_mode_enabled() else torch.inference_mode()
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # (reentrant: one for every call)
 
 
 def _writes_weight(op):
