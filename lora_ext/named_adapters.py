@@ -76,6 +76,13 @@ def _stamp(lora_A, lora_B):
             _token(lora_B), lora_B._version, _data_ptr(lora_B))
 
 
+def _fill_scales(scales, value: float) -> None:
+    """Scale tensors given `value` in place (one made or converted under inference_mode inside it: inference_writes)."""
+    for t in scales:
+        with ops.inference_writes(t):
+            t.fill_(value)
+
+
 class _AfterSwitchWrite:
     """NamedAdapters._after_switch_write's context (a class: a switch is a hot path, and a generator's context
     costs a few microseconds more)."""
@@ -383,9 +390,7 @@ class NamedAdapters:
 
     def _fill_pair_scales(self, param: Tensor, scaling: float) -> None:
         """The values of adapter (scaling) were written into `param`: its scale tensors hold that scaling."""
-        for t in self._pair_scales(param):
-            with ops.inference_writes(t):
-                t.fill_(scaling)
+        _fill_scales(self._pair_scales(param), scaling)
 
     def _sync_scale_tensor(self) -> None:
         """`_scaling_t` made the live lora_A's scale tensor (see above) on its device, in the dtype the factors take
@@ -403,9 +408,7 @@ class NamedAdapters:
                 # written only there, and a switch or .to() outside would raise after writing the factors)
                 t = torch.full((1,), self.scaling, dtype=dtype, device=live.device)
             owned.append(t)
-        for o in owned:
-            with ops.inference_writes(o):
-                o.fill_(self.scaling)
+        _fill_scales(owned, self.scaling)
         self.__dict__.update(_scaling_t=t, _scale_owner=live)
 
     def _scale_owner_changed(self) -> bool:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import ops, sharded
 from ..layers import LoRALayer
-from .injection import scaled_embedding
+from .injection import parameter_owners, scaled_embedding
 from .saved_modules import ModulesToSave, original, wrappers
 
 DELTA_SUFFIX = ".token_adapter.trainable_tokens_delta"  # peft's key of a module's rows in an adapter file
@@ -137,11 +137,11 @@ class TrainableTokens(ModulesToSave):
         module, served = self._modules["original_module"], self.served()
         if served is module or served.__dict__["tied"]:
             return None
-        weight = module._parameters.get("weight")
         serving = {id(w._modules["original_module"]): w.served() for _, w in wrappers(model)
                    if isinstance(w, TrainableTokens)}
-        for name, m in model.named_modules(remove_duplicate=False):
-            if m is module or m.__dict__.get("_parameters", {}).get("weight") is not weight:
+        for name in parameter_owners(model).get(id(module._parameters.get("weight")), []):
+            m = model.get_submodule(name)
+            if m is module:
                 continue
             rows = serving.get(id(m))
             if isinstance(rows, TokenRows) and rows.indices == served.indices and torch.equal(
@@ -149,7 +149,7 @@ class TrainableTokens(ModulesToSave):
                 continue  # (served the same rows: the merged weight serves both as now)
             whose = "none of them" if not isinstance(rows, TokenRows) else "other rows"
             return (f"module {path!r} has adapter {self.__dict__['active_adapter']!r}'s rows of tokens, but its weight "
-                    f"is tied to {name!r}, which is served {whose} of it; written into the weight, the rows would "
+                    f"is tied to {name!r}, which is served {whose}; written into the weight, the rows would "
                     f"reach {name!r} too (peft's merge_and_unload writes them anyway): unload with merge=False, or "
                     f"untie the weights first")
         return None
