@@ -1593,10 +1593,17 @@ class LoRALayer(NamedAdapters):
 
     def _factor_versions(self) -> tuple:
         """The live factors' identities and version counters (in-place writes, an optimizer's step, bump them): the
-        objects the layer holds (not _live_factors, which reads a parametrization's output, a new tensor each time)."""
+        objects the layer holds (not _live_factors, which reads a parametrization's output, a new tensor each time).
+        Inference tensors have no version counter: lora_ext's own writes into them count (_inference_values_written),
+        and nothing else can write them outside inference mode or train them."""
         params = self._parameters
         A, B = (params[n] if n in params else self.__dict__.get(n) for n in ("lora_A", "lora_B"))
-        return tuple(v for t in (A, B) for v in ((id(t), t._version) if isinstance(t, Tensor) else (id(t), 0)))
+        return tuple(v for t in (A, B) for v in (id(t), self._version_of(t)))
+
+    def _version_of(self, t) -> object:
+        if not isinstance(t, Tensor):
+            return 0
+        return ("inference", self.__dict__.get("_inference_epoch", 0)) if t.is_inference() else t._version
 
     def _merge_trained(self) -> None:
         """eval() or merge() of a merged layer that trained through its merge (_trains_merged): the live factors

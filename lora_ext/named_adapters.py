@@ -992,7 +992,8 @@ class NamedAdapters:
             self._activate_as_normal_tensors(name, lora_A, lora_B, scaling)
         note = getattr(self, "_note_factor_versions", None)  # (LoRALayer: the live factors hold what was merged)
         if note is not None:
-            note()
+            with self._after_switch_write(name):  # (after the write: a failure leaves the layer broken)
+                note()
 
     def _put_values_pair(self, pair) -> None:
         """Puts `pair`, Parameters holding the live factors' values, in their place as lora_A/lora_B. Where the live

@@ -259,3 +259,47 @@ def test_reloading_the_active_adapter_of_a_merged_inference_model():
         assert layer.merged
         p = {**_params64(layer), "weight": base, "lora_A": new[0].double(), "lora_B": new[1].double()}
         _close(_forward(layer, x, torch.float32), layer_forward64(layer, p, x.double(), layer.scaling), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("model_level", [False, True])
+def test_a_switch_after_training_through_the_merge_then_converted_in_inference_mode(dtype, model_level):
+    """A layer that trained through its merge (a backward while merged) notes its live factors' version counters
+    after each switch; converted for serving under inference_mode, they had none: the switch wrote the weight and the
+    factors, then raised torch's error with the layer still named 'default' over b (13.7 off), unbroken."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*(lora.Linear(16, 16, r=4, lora_alpha=8) for _ in range(2)))
+    ads = []
+    with torch.no_grad():
+        for layer in model:
+            randomize_(layer, 0.5)
+            layer.add_adapter("b", torch.randn(4, 16) * 0.5, torch.randn(16, 4) * 0.5, 1.5)
+            layer.weight.requires_grad_(False)
+    model.eval()
+    x = torch.randn(5, 16)
+    model(x).sum().backward()  # trains through the merge
+    with torch.inference_mode():
+        model.to(dtype)
+    assert model[0].lora_A.is_inference()
+    for layer in model:
+        ads.append({n: tuple(t.detach().double().clone() if torch.is_tensor(t) else t for t in layer.get_adapter(n))
+                    for n in ("default", "b")})
+    bases = [layer.state_dict()["weight"].double() for layer in model]
+    if model_level:
+        lora.set_adapter(model, "b")
+    else:
+        for layer in model:
+            layer.set_adapter("b")
+    assert [layer.active_adapter for layer in model] == ["b", "b"]
+    h = x.double()
+    for layer, base, a in zip(model, bases, ads):
+        A, B, s = a["b"]
+        h = h @ (base + s * B @ A).T + layer.bias.detach().double()
+    model.train()
+    model.eval()
+    with torch.no_grad():
+        y = model(x.to(dtype)).double()
+    tol = 0.02 * h.abs().max().item() if dtype == torch.bfloat16 else 1e-9  # (two bf16 layers: a few ulps of 18)
+    assert (y - h).abs().max().item() < tol
+    for layer, a in zip(model, ads):  # default kept its own values
+        assert torch.equal(layer.get_adapter("default")[0].double(), a["default"][0])
