@@ -182,10 +182,31 @@ __device__ __forceinline__ void put(S* hi, S* lo, int at, float v) {
   hi[at] = h;
 }
 
-// Copies chunk [k0, k0+kn) of the tile's L and R into shared memory as S, zero-padded to kChunk and to the
-// full tile. Threads walk each source's contiguous dimension so reads coalesce. kTwo: rank columns below
-// x.rank come from x, their L values multiplied by x_mult, the rest from y (merge: x alone, unscaled).
-// kLo: the hi/lo split, each value's remainder stored at the same place of ls_lo / rs_lo.
+// One staging walk of kIters elements per thread (elements t >= `count` hold nothing to stage), in groups of
+// kGroup whose loads are all issued before any of their values is stored. A load followed by its store, then the
+// next load, waits out one L2 round trip per element: the compiler does not move a global load above a shared
+// store it may alias, and version 2's walks, whose branch picked between two sources, were not unrolled at all
+// (16-24 dependent round trips per tile in its SASS: bench/NOTES-merge.md, version 3). fetch(t) loads element t's
+// raw value (the source's type; zero where nothing is read), place(t, raw) converts and stores it.
+template <int kIters, int kGroup, typename Tab, typename Fetch, typename Place>
+__device__ __forceinline__ void staged_walk(int count, const Fetch& fetch, const Place& place) {
+  static_assert(kIters % kGroup == 0, "whole groups");
+  LORA_UNROLL_BY(1)
+  for (int g = 0; g < kIters && g < count; g += kGroup) {
+    Tab raw[kGroup];
+    LORA_UNROLL
+    for (int u = 0; u < kGroup; ++u) raw[u] = fetch(g + u);
+    LORA_UNROLL
+    for (int u = 0; u < kGroup; ++u) place(g + u, raw[u]);
+  }
+}
+
+// Copies chunk [k0, k0+kn) of the tile's L and R into shared memory as S, zero-padded to the ranks its reader
+// reads and to the full tile: the FFMA loops (S float32) read ranks below kn, the MMAs (16-bit S) whole steps of
+// 16; ranks past those are neither read nor written. Threads walk each source's contiguous dimension so reads
+// coalesce. kTwo: rank columns below x.rank come from x, their L values multiplied by x_mult, the rest from y
+// (merge: x alone, unscaled). kLo: the hi/lo split, each value's remainder stored at the same place of ls_lo /
+// rs_lo.
 //
 // Shared-memory banks: where the source's contiguous dimension is the one along a shared row (L's rank when
 // not transposed, R's column when not), a warp writes 32 neighbours of one row: no conflict. Otherwise a warp
@@ -200,43 +221,66 @@ __device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, cons
                                       int rows, int cols, int k0, int kn, S* ls_lo = nullptr, S* rs_lo = nullptr) {
   constexpr int kLIters = kTileM * kChunk / kThreads;
   constexpr int kRIters = kChunk * kTileN / kThreads;
+  constexpr int kGroup = 4;                  // loads in flight per thread (8 spill in the tensor-core swaps)
   constexpr bool kLBlocks = sizeof(S) == 2;  // 16-bit L rows share banks 4 ways; float32 L rows (odd) do not
   using LB = Block8x4<kTileM, kChunk>;       // L transposed: runs along i (A_j's columns), ranks across
   using RB = Block8x4<kChunk, kTileN>;       // R transposed: runs along the rank (B_j's rows), columns across
+  const int kn_read = sizeof(S) == 4 ? kn : (kn + 15) / 16 * 16;  // the ranks the reader reads (see above)
+  const Tab zero = from_float<Tab>(0.f);
   const bool l_k_fast = x.l_sk == 1;
-  LORA_UNROLL_BY(4)
-  for (int t = 0; t < kLIters; ++t) {
+  auto l_at = [&](int t, int& i, int& kk) {
     const int idx = threadIdx.x + t * kThreads;
-    const int i = l_k_fast ? idx / kChunk : kLBlocks ? LB::along(idx) : idx % kTileM;
-    const int kk = l_k_fast ? idx % kChunk : kLBlocks ? LB::across(idx) : idx / kTileM;
-    float v = 0.f;
-    if (i < rows && kk < kn) {
-      const int kr = k0 + kk;
-      if (kTwo && kr >= x.rank) {
-        v = to_float(y.l[(long long)i * y.l_si + (long long)(kr - x.rank) * y.l_sk]);
-      } else {
-        v = to_float(x.l[(long long)i * x.l_si + (long long)kr * x.l_sk]);
-        if (kTwo) v *= x_mult;
-      }
-    }
-    put<S, kLo>(ls, ls_lo, i * kLdL + kk, v);
-  }
+    i = l_k_fast ? idx / kChunk : kLBlocks ? LB::along(idx) : idx % kTileM;
+    kk = l_k_fast ? idx % kChunk : kLBlocks ? LB::across(idx) : idx / kTileM;
+  };
+  // (float32 L walked down its runs takes the ranks in order: the walk stops after the last one read)
+  const int l_count = l_k_fast || kLBlocks ? kLIters : (kn_read * kTileM + kThreads - 1) / kThreads;
+  staged_walk<kLIters, kGroup, Tab>(
+      l_count,
+      [&](int t) {
+        int i, kk;
+        l_at(t, i, kk);
+        if (!(i < rows && kk < kn)) return zero;
+        const int kr = k0 + kk;
+        const bool second = kTwo && kr >= x.rank;  // (a select of the source, no branch around the load)
+        const Tab* l = second ? y.l : x.l;
+        const int l_si = second ? y.l_si : x.l_si, l_sk = second ? y.l_sk : x.l_sk;
+        return l[(long long)i * l_si + (long long)(second ? kr - x.rank : kr) * l_sk];
+      },
+      [&](int t, Tab raw) {
+        int i, kk;
+        l_at(t, i, kk);
+        if (kk >= kn_read) return;
+        float v = to_float(raw);
+        if (kTwo && i < rows && kk < kn && k0 + kk < x.rank) v *= x_mult;  // (x's values, as fetched)
+        put<S, kLo>(ls, ls_lo, i * kLdL + kk, v);
+      });
   const bool r_c_fast = x.r_sc == 1;
-  LORA_UNROLL_BY(4)
-  for (int t = 0; t < kRIters; ++t) {
+  auto r_at = [&](int t, int& kk, int& cc) {
     const int idx = threadIdx.x + t * kThreads;
-    const int kk = r_c_fast ? idx / kTileN : RB::along(idx);
-    const int cc = r_c_fast ? idx % kTileN : RB::across(idx);
-    float v = 0.f;
-    if (cc < cols && kk < kn) {
-      const int kr = k0 + kk;
-      if (kTwo && kr >= x.rank)
-        v = to_float(y.r[(long long)cc * y.r_sc + (long long)(kr - x.rank) * y.r_sk]);
-      else
-        v = to_float(x.r[(long long)cc * x.r_sc + (long long)kr * x.r_sk]);
-    }
-    put<S, kLo>(rs, rs_lo, kk * kLdR + cc, v);
-  }
+    kk = r_c_fast ? idx / kTileN : RB::along(idx);
+    cc = r_c_fast ? idx % kTileN : RB::across(idx);
+  };
+  // (walked along its rows, R takes the ranks in order: the walk stops after the last one read)
+  const int r_count = r_c_fast ? (kn_read * kTileN + kThreads - 1) / kThreads : kRIters;
+  staged_walk<kRIters, kGroup, Tab>(
+      r_count,
+      [&](int t) {
+        int kk, cc;
+        r_at(t, kk, cc);
+        if (!(cc < cols && kk < kn)) return zero;
+        const int kr = k0 + kk;
+        const bool second = kTwo && kr >= x.rank;
+        const Tab* r = second ? y.r : x.r;
+        const int r_sc = second ? y.r_sc : x.r_sc, r_sk = second ? y.r_sk : x.r_sk;
+        return r[(long long)cc * r_sc + (long long)(second ? kr - x.rank : kr) * r_sk];
+      },
+      [&](int t, Tab raw) {
+        int kk, cc;
+        r_at(t, kk, cc);
+        if (kk >= kn_read) return;
+        put<S, kLo>(rs, rs_lo, kk * kLdR + cc, to_float(raw));
+      });
 }
 
 template <int kN>
