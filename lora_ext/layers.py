@@ -1757,6 +1757,10 @@ class LoRALayer(NamedAdapters):
             raise RuntimeError(f"{self._describe()}: load_state_dict while a mixed batch (lora.batch_adapters) "
                                f"serves this layer would change it under the batch's rows; load after the block "
                                f"closes")
+        # (local_metadata, strict, missing_keys, unexpected_keys, error_msgs), as torch passes them
+        error_msgs = kwargs["error_msgs"] if "error_msgs" in kwargs else args[4] if len(args) > 4 else None
+        if self._refuse_misfit_load(state_dict, prefix, error_msgs):
+            return
         with self._lock:
             self._streams.write(self._weight_owner().weight.device)
             self._see_new_memory()  # (the unmerge below would take the adapter out of a base set by hand)
@@ -1793,6 +1797,43 @@ class LoRALayer(NamedAdapters):
                 # a scale tensor of their own (on their device: after a meta-device build too)
                 self.__dict__.update(_owner=None, _active_own=None)
                 self._sync_scale_tensor()
+
+
+    def _load_owners(self) -> Tuple[Tuple[str, nn.Module], ...]:
+        """The modules whose tensors a load of this layer writes, by key prefix: the layer (ConvLoRA: and its conv)."""
+        return (("", self),)
+
+    def _refuse_misfit_load(self, state_dict, prefix, error_msgs) -> bool:
+        """Whether a tensor the load brings for this layer does not fit (torch's size mismatch, which fails the
+        load_state_dict): then nothing of the layer is loaded, where torch copies every tensor that fits before
+        it raises (a new base under the old adapter, the trained factors merged on the way). torch's message for
+        each misfit, and one saying the layer was left as it was; a child's (the conv's) tensors are handed
+        their own values, so that its own load writes nothing either."""
+        if error_msgs is None:
+            return False
+        misfits = []
+        for sub, module in self._load_owners():
+            persistent = [(k, t) for k, t in module._buffers.items() if k not in module._non_persistent_buffers_set]
+            for name, t in (*module._parameters.items(), *persistent):
+                new = state_dict.get(prefix + sub + name)
+                if t is None or not isinstance(new, Tensor) or nn.parameter.is_lazy(t):
+                    continue
+                shape = new.shape[1:] if t.dim() == 0 and new.shape == (1,) else new.shape  # (torch's 0.3 rule)
+                if shape != t.shape:
+                    misfits.append(f"size mismatch for {prefix + sub + name}: copying a param with shape "
+                                   f"{new.shape} from checkpoint, the shape in current model is {t.shape}.")
+        if not misfits:
+            return False
+        error_msgs.extend(misfits)
+        error_msgs.append(f"{self._describe()} at {prefix!r}: none of its tensors was loaded, as one of them does "
+                          f"not fit (lora_ext loads a layer whole or not at all; its merge and adapter are as "
+                          f"before)")
+        for sub, module in self._load_owners():
+            if sub:
+                for name, t in (*module._parameters.items(), *module._buffers.items()):
+                    if t is not None and prefix + sub + name in state_dict:
+                        state_dict[prefix + sub + name] = t
+        return True
 
 
 class Embedding(LoRALayer, nn.Embedding):
@@ -2076,6 +2117,9 @@ class ConvLoRA(LoRALayer, nn.Module):
     def _weight_2d(self):
         w = self.conv.weight
         return w if sharded.is_dtensor(w) else self._as_2d(w)
+
+    def _load_owners(self):
+        return (("", self), ("conv.", self.conv))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Accept a plain nn.Conv*'s checkpoint (weight, bias) as well as our own (conv.weight, conv.bias).

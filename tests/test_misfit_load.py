@@ -1,0 +1,112 @@
+"""load_state_dict with a tensor that does not fit a lora_ext layer (a factor of another rank, a conv weight of
+another shape). torch copies every tensor that fits and raises at the end; for a LoRA layer that was a new base
+under the old adapter (3.2-5.3 off the layer's output before the refused load) and, for a layer that had trained
+through its merge, the trained factors merged on the way. The layer is now loaded whole or not at all: every bit of
+its weight, its factors, its flags and its output are as before, and the load still raises torch's size mismatch.
+Expected values are the layer's own tensors and outputs before the load."""
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_ext as lora
+from helpers import randomize_, same_bits
+
+KINDS = {
+    "linear": (lambda: lora.Linear(8, 6, r=2, lora_alpha=4), lambda: torch.randn(3, 8)),
+    "fan_in_fan_out": (lambda: lora.Linear(8, 6, r=2, lora_alpha=4, fan_in_fan_out=True), lambda: torch.randn(3, 8)),
+    "merged_linear": (lambda: lora.MergedLinear(8, 9, r=2, lora_alpha=4, enable_lora=[True, False, True]),
+                      lambda: torch.randn(3, 8)),
+    "embedding": (lambda: lora.Embedding(10, 6, r=2, lora_alpha=4), lambda: torch.randint(0, 10, (2, 5))),
+    "conv2d": (lambda: lora.Conv2d(3, 4, 3, r=2, lora_alpha=4), lambda: torch.randn(2, 3, 6, 6)),
+}
+
+
+def _misfit(sd, key, layer_tensor):
+    bigger = list(layer_tensor.shape)
+    bigger[0] += 1
+    sd[key] = torch.randn(bigger, dtype=layer_tensor.dtype)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("merged", [False, True])
+@pytest.mark.parametrize("which", ["lora_A", "base"])
+def test_a_misfit_tensor_leaves_the_whole_layer_as_it_was(kind, dtype, merged, which):
+    torch.manual_seed(0)
+    make, inputs = KINDS[kind]
+    layer = randomize_(make().to(dtype))
+    sd = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    for k, v in sd.items():  # the file's values all differ from the layer's
+        if v.is_floating_point():
+            sd[k] = v + 1.0
+    weight_key = "conv.weight" if kind == "conv2d" else "weight"
+    _misfit(sd, "lora_A" if which == "lora_A" else weight_key,
+            layer.lora_A if which == "lora_A" else layer._weight_param())
+    layer.train(not merged)
+    assert layer.merged == merged
+    x = inputs()
+    x = x.to(dtype) if x.is_floating_point() else x
+    with torch.no_grad():
+        before = layer(x)
+    weight, A, B = (t.detach().clone() for t in (layer._weight_param(), layer.lora_A, layer.lora_B))
+    bias = next((t.detach().clone() for n, t in layer.named_parameters() if n.endswith("bias")), None)
+    with pytest.raises(RuntimeError, match="size mismatch") as info:
+        layer.load_state_dict(sd)
+    assert "none of its tensors was loaded" in str(info.value)
+    assert layer.merged == merged and layer.active_adapter == "default"
+    assert same_bits(layer._weight_param().detach(), weight)
+    assert same_bits(layer.lora_A.detach(), A) and same_bits(layer.lora_B.detach(), B)
+    if bias is not None:
+        assert same_bits(next(t for n, t in layer.named_parameters() if n.endswith("bias")).detach(), bias)
+    with torch.no_grad():
+        assert same_bits(layer(x), before)
+    layer.train()  # and the base comes back as it was before the load
+    assert not layer.merged
+
+
+def test_the_other_modules_of_the_model_load_as_torch_loads_them():
+    """torch's own rule for the rest of the model: a module whose tensors fit is loaded, and the load raises."""
+    torch.manual_seed(0)
+    model = nn.Sequential(lora.Linear(8, 8, r=2), nn.Linear(8, 8), lora.Linear(8, 8, r=2))
+    randomize_(model)
+    sd = {k: v.detach().clone() + 1.0 for k, v in model.state_dict().items()}
+    sd["2.lora_A"] = torch.randn(3, 8)
+    kept = model[2].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="size mismatch for 2.lora_A"):
+        model.load_state_dict(sd)
+    assert torch.equal(model[0].weight, sd["0.weight"]) and torch.equal(model[1].weight, sd["1.weight"])
+    assert torch.equal(model[2].weight, kept)
+
+
+def test_a_layer_that_trained_through_its_merge_keeps_its_merge():
+    """A refused load used to merge the trained factors into the weight on its way (0.73 moved in bfloat16)."""
+    torch.manual_seed(0)
+    layer = lora.Embedding(10, 6, r=2, lora_alpha=2).bfloat16()
+    randomize_(layer)
+    sd = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    sd["lora_A"] = torch.randn(3, 10, dtype=torch.bfloat16)
+    layer.eval()
+    ids = torch.arange(10).view(2, 5)
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.05)
+    y = layer(ids)
+    (y.float() * torch.randn(y.shape)).sum().backward()
+    opt.step()
+    weight = layer.weight.detach().clone()
+    with torch.no_grad():
+        served = layer(ids)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        layer.load_state_dict(sd)
+    assert same_bits(layer.weight.detach(), weight)
+    with torch.no_grad():
+        assert same_bits(layer(ids), served)
+
+
+def test_a_plain_conv_checkpoint_that_misfits_is_refused_whole():
+    """A plain nn.Conv2d's keys (weight, bias), renamed to the layer's conv.* before the check."""
+    torch.manual_seed(0)
+    layer = randomize_(lora.Conv2d(3, 4, 3, r=2, lora_alpha=4))
+    plain = nn.Conv2d(3, 5, 3)
+    weight = layer.conv.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="size mismatch for conv.weight"):
+        layer.load_state_dict(plain.state_dict(), strict=False)
+    assert same_bits(layer.conv.weight.detach(), weight)
