@@ -197,9 +197,27 @@ __device__ __forceinline__ void expand_tile(const Args<T, Tab>& p, float* smem, 
       if (k0) __syncthreads();
       // B_j's rows are r contiguous ranks (read rank-fastest, so that the reads coalesce), stored transposed with
       // the Block8x4 walk: a warp stores 8 ranks x 4 columns, 32 banks (rows 4 mod 32 words apart), where a warp
-      // storing the 32 ranks of one column hit 8 banks 4 ways. A thread's rank is the same at every step.
-      for (int cc = BWalk::across(threadIdx.x); cc < kCols; cc += kBStep)
-        bs[bi * kLdB + cc] = cc < cols && bi < kn ? to_float(b_j[(long long)cc * p.r + k0 + bi]) : 0.f;
+      // storing the 32 ranks of one column hit 8 banks 4 ways. A thread's rank is the same at every step, and
+      // ranks from kn on are not read below: their threads stage nothing. The loads go out in groups of
+      // kBGroup before any of them is stored (one load, its store, then the next waited out an L2 round trip
+      // each: about 11 per chunk in run 3's SASS, where the decode kernel cost 2.9x the plain layer).
+      constexpr int kBIters = kCols / kBStep, kBGroup = 8;
+      static_assert(kBIters % kBGroup == 0, "whole groups");
+      if (bi < kn) {
+        const Tab* b_i = b_j + k0 + bi;
+        const int cc0 = BWalk::across(threadIdx.x);
+        LORA_UNROLL_BY(1)
+        for (int g = 0; g < kBIters; g += kBGroup) {
+          Tab raw[kBGroup];
+          LORA_UNROLL
+          for (int u = 0; u < kBGroup; ++u) {
+            const int cc = cc0 + (g + u) * kBStep;
+            raw[u] = cc < cols ? b_i[(long long)cc * p.r] : from_float<Tab>(0.f);
+          }
+          LORA_UNROLL
+          for (int u = 0; u < kBGroup; ++u) bs[bi * kLdB + cc0 + (g + u) * kBStep] = to_float(raw[u]);
+        }
+      }
       for (int idx = threadIdx.x; idx < kRows * kRChunk; idx += kThreads) {
         const int mm = idx / kRChunk, i = idx % kRChunk;
         ts[mm * kLdTs + i] = mm < rows && i < kn ? t_of(m0 + mm, k0 + i) : 0.f;

@@ -227,60 +227,75 @@ __device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, cons
   using RB = Block8x4<kChunk, kTileN>;       // R transposed: runs along the rank (B_j's rows), columns across
   const int kn_read = sizeof(S) == 4 ? kn : (kn + 15) / 16 * 16;  // the ranks the reader reads (see above)
   const Tab zero = from_float<Tab>(0.f);
-  const bool l_k_fast = x.l_sk == 1;
-  auto l_at = [&](int t, int& i, int& kk) {
-    const int idx = threadIdx.x + t * kThreads;
-    i = l_k_fast ? idx / kChunk : kLBlocks ? LB::along(idx) : idx % kTileM;
-    kk = l_k_fast ? idx % kChunk : kLBlocks ? LB::across(idx) : idx / kTileM;
+  // Each walk is compiled for both layouts (a uniform branch picks one): the index arithmetic of the runtime
+  // layout took about 45 instructions per staged element. Both pairs share the layout: transposed, L's run stride
+  // is 1 and its rank stride k, R's rank stride 1; not, L's rank stride is 1 and R's column stride 1 (operands()).
+  auto walk_l = [&](auto fast) {
+    constexpr bool kKFast = decltype(fast)::value;  // the source's rank is contiguous (L = B_j, not transposed)
+    auto at = [&](int t, int& i, int& kk) {
+      const int idx = threadIdx.x + t * kThreads;
+      i = kKFast ? idx / kChunk : kLBlocks ? LB::along(idx) : idx % kTileM;
+      kk = kKFast ? idx % kChunk : kLBlocks ? LB::across(idx) : idx / kTileM;
+    };
+    // (float32 L walked down its runs takes the ranks in order: the walk stops after the last one read)
+    const int count = kKFast || kLBlocks ? kLIters : (kn_read * kTileM + kThreads - 1) / kThreads;
+    staged_walk<kLIters, kGroup, Tab>(
+        count,
+        [&](int t) {
+          int i, kk;
+          at(t, i, kk);
+          if (!(i < rows && kk < kn)) return zero;
+          const int kr = k0 + kk;
+          const bool second = kTwo && kr >= x.rank;  // (a select of the source, no branch around the load)
+          const Tab* l = second ? y.l : x.l;
+          const long long si = kKFast ? (second ? y.l_si : x.l_si) : 1, sk = kKFast ? 1 : x.l_sk;
+          return l[i * si + (second ? kr - x.rank : kr) * sk];
+        },
+        [&](int t, Tab raw) {
+          int i, kk;
+          at(t, i, kk);
+          if (kk >= kn_read) return;
+          float v = to_float(raw);
+          if (kTwo && i < rows && kk < kn && k0 + kk < x.rank) v *= x_mult;  // (x's values, as fetched)
+          put<S, kLo>(ls, ls_lo, i * kLdL + kk, v);
+        });
   };
-  // (float32 L walked down its runs takes the ranks in order: the walk stops after the last one read)
-  const int l_count = l_k_fast || kLBlocks ? kLIters : (kn_read * kTileM + kThreads - 1) / kThreads;
-  staged_walk<kLIters, kGroup, Tab>(
-      l_count,
-      [&](int t) {
-        int i, kk;
-        l_at(t, i, kk);
-        if (!(i < rows && kk < kn)) return zero;
-        const int kr = k0 + kk;
-        const bool second = kTwo && kr >= x.rank;  // (a select of the source, no branch around the load)
-        const Tab* l = second ? y.l : x.l;
-        const int l_si = second ? y.l_si : x.l_si, l_sk = second ? y.l_sk : x.l_sk;
-        return l[(long long)i * l_si + (long long)(second ? kr - x.rank : kr) * l_sk];
-      },
-      [&](int t, Tab raw) {
-        int i, kk;
-        l_at(t, i, kk);
-        if (kk >= kn_read) return;
-        float v = to_float(raw);
-        if (kTwo && i < rows && kk < kn && k0 + kk < x.rank) v *= x_mult;  // (x's values, as fetched)
-        put<S, kLo>(ls, ls_lo, i * kLdL + kk, v);
-      });
-  const bool r_c_fast = x.r_sc == 1;
-  auto r_at = [&](int t, int& kk, int& cc) {
-    const int idx = threadIdx.x + t * kThreads;
-    kk = r_c_fast ? idx / kTileN : RB::along(idx);
-    cc = r_c_fast ? idx % kTileN : RB::across(idx);
+  auto walk_r = [&](auto fast) {
+    constexpr bool kCFast = decltype(fast)::value;  // the source's columns are contiguous (R = A_j, not transposed)
+    auto at = [&](int t, int& kk, int& cc) {
+      const int idx = threadIdx.x + t * kThreads;
+      kk = kCFast ? idx / kTileN : RB::along(idx);
+      cc = kCFast ? idx % kTileN : RB::across(idx);
+    };
+    // (walked along its rows, R takes the ranks in order: the walk stops after the last one read)
+    const int count = kCFast ? (kn_read * kTileN + kThreads - 1) / kThreads : kRIters;
+    staged_walk<kRIters, kGroup, Tab>(
+        count,
+        [&](int t) {
+          int kk, cc;
+          at(t, kk, cc);
+          if (!(cc < cols && kk < kn)) return zero;
+          const int kr = k0 + kk;
+          const bool second = kTwo && kr >= x.rank;
+          const Tab* r = second ? y.r : x.r;
+          const long long sc = kCFast ? 1 : second ? y.r_sc : x.r_sc, sk = kCFast ? x.r_sk : 1;
+          return r[cc * sc + (second ? kr - x.rank : kr) * sk];
+        },
+        [&](int t, Tab raw) {
+          int kk, cc;
+          at(t, kk, cc);
+          if (kk >= kn_read) return;
+          put<S, kLo>(rs, rs_lo, kk * kLdR + cc, to_float(raw));
+        });
   };
-  // (walked along its rows, R takes the ranks in order: the walk stops after the last one read)
-  const int r_count = r_c_fast ? (kn_read * kTileN + kThreads - 1) / kThreads : kRIters;
-  staged_walk<kRIters, kGroup, Tab>(
-      r_count,
-      [&](int t) {
-        int kk, cc;
-        r_at(t, kk, cc);
-        if (!(cc < cols && kk < kn)) return zero;
-        const int kr = k0 + kk;
-        const bool second = kTwo && kr >= x.rank;
-        const Tab* r = second ? y.r : x.r;
-        const int r_sc = second ? y.r_sc : x.r_sc, r_sk = second ? y.r_sk : x.r_sk;
-        return r[(long long)cc * r_sc + (long long)(second ? kr - x.rank : kr) * r_sk];
-      },
-      [&](int t, Tab raw) {
-        int kk, cc;
-        r_at(t, kk, cc);
-        if (kk >= kn_read) return;
-        put<S, kLo>(rs, rs_lo, kk * kLdR + cc, to_float(raw));
-      });
+  if (x.l_sk == 1)
+    walk_l(std::true_type{});
+  else
+    walk_l(std::false_type{});
+  if (x.r_sc == 1)
+    walk_r(std::true_type{});
+  else
+    walk_r(std::false_type{});
 }
 
 template <int kN>
