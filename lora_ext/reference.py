@@ -111,38 +111,44 @@ def linear(x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, block_ids
 
     The low-rank term (and the bias) is written first and the base GEMM accumulates onto it (beta=1):
     the output is written once and the large GEMM reads it while it is compute-bound, so the LoRA
-    path costs little more than its own small products.
+    path costs little more than its own small products. The low-rank term is computed in float32 at least
+    (compute_dtype), as the CUDA kernels' FMA paths and the mixed batches compute it, and rounded once to the
+    output's dtype: in a float16/bfloat16 model, x A^T rounded to 16 bits lost to large factors whose update is
+    small (9 ulps of the output, 20 times peft's error, which computes in the factors' float32).
     """
     w = weight.t() if fan_in_fan_out else weight
     if not block_ids:
         return F.linear(x, w, bias)
     n_out, k = w.shape
     dtype = x.dtype
+    cd = compute_dtype(dtype)
     x2 = _rows(x)  # (not reshape(-1, k): k may be 0)
-    t = _rows(x_lora) @ _as(lora_A, dtype).t()
+    t = _as(_rows(x_lora), cd) @ _as(lora_A, cd).t()
     r = lora_A.shape[0] // len(block_ids)
-    b_all = _as(lora_B, dtype)
+    b_all = _as(lora_B, cd)
+    bias_cd = None if bias is None else _as(bias, cd)
     if num_blocks == 1:
-        base = bias if bias is not None else x2.new_zeros(())
+        base = bias_cd if bias is not None else t.new_zeros(())
         out = torch.addmm(base, t, b_all.t(), beta=1 if bias is not None else 0, alpha=scale)
     elif transformed():  # out of place: under vmap the factors or bias may be batched where a fresh buffer is not
         nb = n_out // num_blocks
-        cols = [x2.new_zeros(x2.shape[0], nb) if bias is None else bias[e * nb:(e + 1) * nb].expand(x2.shape[0], nb)
+        cols = [t.new_zeros(x2.shape[0], nb) if bias is None else bias_cd[e * nb:(e + 1) * nb].expand(x2.shape[0], nb)
                 for e in range(num_blocks)]
         for j, (e, nb, _, b) in enumerate(_groups(lora_A, b_all, block_ids)):
             cols[e] = torch.addmm(cols[e], t[:, j * r:(j + 1) * r], b.t(), alpha=scale)
         out = torch.cat(cols, dim=1)
     else:
-        out = x2.new_empty(x2.shape[0], n_out)
+        out = t.new_empty(x2.shape[0], n_out)
         nb = n_out // num_blocks
         for e in range(num_blocks):
             cols = out[:, e * nb:(e + 1) * nb]
             if bias is None:
                 cols.zero_()
             else:
-                cols.copy_(bias[e * nb:(e + 1) * nb].expand_as(cols))
+                cols.copy_(bias_cd[e * nb:(e + 1) * nb].expand_as(cols))
         for j, (e, nb, _, b) in enumerate(_groups(lora_A, b_all, block_ids)):
             out[:, e * nb:(e + 1) * nb].addmm_(t[:, j * r:(j + 1) * r], b.t(), alpha=scale)
+    out = _as(out, dtype)
     out = torch.addmm(out, x2, w.t()) if transformed() else out.addmm_(x2, w.t())
     return out if x.dim() == 2 else out.view(*x.shape[:-1], n_out)  # (a matrix as it is: no view to own)
 
@@ -211,10 +217,16 @@ def embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_fre
     out = F.embedding(ids, weight, padding_idx, None, 2.0, scale_grad_by_freq, sparse)
     # (padding_idx and scale_grad_by_freq shape only lora_A's gradient: autograd through here, under torch.func,
     # then matches embedding_backward's, as loralib's does)
-    t = F.embedding(ids.reshape(-1), lora_A.t(), padding_idx, None, 2.0, scale_grad_by_freq).to(out.dtype)
+    # (the low-rank term in float32 at least, rounded once onto the rows: see linear)
+    cd = compute_dtype(out.dtype)
+    t = _as(F.embedding(ids.reshape(-1), lora_A.t(), padding_idx, None, 2.0, scale_grad_by_freq), cd)
     if transformed():  # out of place: under vmap the factors may be batched where the base lookup is not
-        return out + scale * (t @ lora_B.to(out.dtype).t()).view(out.shape)
-    out.view(ids.numel(), out.shape[-1]).addmm_(t, lora_B.to(out.dtype).t(), alpha=scale)
+        return (_as(out, cd) + scale * (t @ _as(lora_B, cd).t()).view(out.shape)).to(out.dtype)
+    rows = out.view(ids.numel(), out.shape[-1])
+    if out.dtype == cd:
+        rows.addmm_(t, lora_B.to(cd).t(), alpha=scale)
+    else:
+        rows.add_(scale * (t @ _as(lora_B, cd).t()))
     return out
 
 
