@@ -1757,9 +1757,20 @@ class LoRALayer(NamedAdapters):
             raise RuntimeError(f"{self._describe()}: load_state_dict while a mixed batch (lora.batch_adapters) "
                                f"serves this layer would change it under the batch's rows; load after the block "
                                f"closes")
-        # (local_metadata, strict, missing_keys, unexpected_keys, error_msgs), as torch passes them
-        error_msgs = kwargs["error_msgs"] if "error_msgs" in kwargs else args[4] if len(args) > 4 else None
-        if self._refuse_misfit_load(state_dict, prefix, error_msgs):
+        # the layer's own pre-hooks first (torch runs them inside nn.Module._load_from_state_dict, below, where they
+        # would come after the checks here): a hook that renames or reshapes a key is seen as it leaves them
+        hooks = self._load_state_dict_pre_hooks
+        for hook in hooks.values():
+            hook(state_dict, prefix, *args, **kwargs)
+        self.__dict__["_load_state_dict_pre_hooks"] = type(hooks)()
+        try:
+            self._load_whole(state_dict, prefix, *args, **kwargs)
+        finally:
+            self.__dict__["_load_state_dict_pre_hooks"] = hooks
+
+    def _load_whole(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if self._refuse_misfit_load(state_dict, prefix, *args):
             return
         with self._lock:
             self._streams.write(self._weight_owner().weight.device)
@@ -1791,7 +1802,7 @@ class LoRALayer(NamedAdapters):
                 self.__dict__["_loading_broken"] = (weight, None if weight.is_inference() else weight._version,
                                                     factors)
             live = (self._parameters.get("lora_A"), self._parameters.get("lora_B"))
-            nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+            nn.Module._load_from_state_dict(self, state_dict, prefix, *args)
             if any(self._parameters.get(k) is not p for k, p in zip(("lora_A", "lora_B"), live)):
                 # assign=True: the loaded tensors are the active adapter's own Parameters now, lent to no one, with
                 # a scale tensor of their own (on their device: after a meta-device build too)
@@ -1799,40 +1810,53 @@ class LoRALayer(NamedAdapters):
                 self._sync_scale_tensor()
 
 
-    def _load_owners(self) -> Tuple[Tuple[str, nn.Module], ...]:
-        """The modules whose tensors a load of this layer writes, by key prefix: the layer (ConvLoRA: and its conv)."""
-        return (("", self),)
-
-    def _refuse_misfit_load(self, state_dict, prefix, error_msgs) -> bool:
-        """Whether a tensor the load brings for this layer does not fit (torch's size mismatch, which fails the
-        load_state_dict): then nothing of the layer is loaded, where torch copies every tensor that fits before
-        it raises (a new base under the old adapter, the trained factors merged on the way). torch's message for
-        each misfit, and one saying the layer was left as it was; a child's (the conv's) tensors are handed
-        their own values, so that its own load writes nothing either."""
-        if error_msgs is None:
-            return False
-        misfits = []
-        for sub, module in self._load_owners():
+    def _refuse_misfit_load(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                            error_msgs) -> bool:
+        """Whether a value the load brings for a tensor of this layer (its own, its conv's, a parametrization's
+        original) does not fit: another shape (torch's size mismatch), not a tensor, or a meta tensor to copy from.
+        Each fails the load_state_dict; torch copies every tensor that fits before it raises (a new base under the
+        old adapter, the trained factors merged on the way). Then none of the layer is loaded: torch's message for
+        each misfit, one naming the layer, its missing and unexpected keys as torch reports them, and its children's
+        keys handed their own tensors, so that their loads write nothing either. A tensor the layer shares with
+        another module (a tied head) is loaded through that module's key, as torch loads it."""
+        assign = local_metadata.get("assign_to_params_buffers", False)
+        misfits, keys = [], {}
+        for sub, module in self.named_modules(remove_duplicate=False):
             persistent = [(k, t) for k, t in module._buffers.items() if k not in module._non_persistent_buffers_set]
             for name, t in (*module._parameters.items(), *persistent):
-                new = state_dict.get(prefix + sub + name)
-                if t is None or not isinstance(new, Tensor) or nn.parameter.is_lazy(t):
+                key = prefix + (sub + "." if sub else "") + name
+                if t is None:
+                    continue
+                keys[key] = t
+                if key not in state_dict or nn.parameter.is_lazy(t):
+                    continue
+                new = state_dict[key]
+                if not torch.overrides.is_tensor_like(new):
+                    misfits.append(f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like '
+                                   f"object from checkpoint but received {type(new)}")
                     continue
                 shape = new.shape[1:] if t.dim() == 0 and new.shape == (1,) else new.shape  # (torch's 0.3 rule)
                 if shape != t.shape:
-                    misfits.append(f"size mismatch for {prefix + sub + name}: copying a param with shape "
-                                   f"{new.shape} from checkpoint, the shape in current model is {t.shape}.")
+                    misfits.append(f"size mismatch for {key}: copying a param with shape {new.shape} from "
+                                   f"checkpoint, the shape in current model is {t.shape}.")
+                elif new.is_meta and not t.is_meta and not assign:
+                    misfits.append(f'While copying the parameter named "{key}": cannot copy out of a meta tensor')
         if not misfits:
             return False
         error_msgs.extend(misfits)
-        error_msgs.append(f"{self._describe()} at {prefix!r}: none of its tensors was loaded, as one of them does "
-                          f"not fit (lora_ext loads a layer whole or not at all; its merge and adapter are as "
-                          f"before)")
-        for sub, module in self._load_owners():
-            if sub:
-                for name, t in (*module._parameters.items(), *module._buffers.items()):
-                    if t is not None and prefix + sub + name in state_dict:
-                        state_dict[prefix + sub + name] = t
+        error_msgs.append(f"{self._describe()} at {prefix!r}: none of its keys was loaded, as one of them does not "
+                          f"fit (lora_ext loads a layer whole or not at all; its merge and adapter are as before)")
+        own = {prefix + k for k in (*self._parameters, *self._buffers) if k not in self._non_persistent_buffers_set}
+        if strict:  # (as nn.Module._load_from_state_dict reports them for the layer's own tensors)
+            missing_keys.extend(k for k in own if k in keys and k not in state_dict)
+            for key in state_dict:
+                if key.startswith(prefix) and key != prefix + "_extra_state":
+                    name = key[len(prefix):].split(".", 1)
+                    if name[0] not in self._modules if len(name) > 1 else key not in own:
+                        unexpected_keys.append(key)
+        for key, t in keys.items():  # (the children's loads, torch's, come after this one)
+            if key not in own and key in state_dict:
+                state_dict[key] = t
         return True
 
 
@@ -2117,9 +2141,6 @@ class ConvLoRA(LoRALayer, nn.Module):
     def _weight_2d(self):
         w = self.conv.weight
         return w if sharded.is_dtensor(w) else self._as_2d(w)
-
-    def _load_owners(self):
-        return (("", self), ("conv.", self.conv))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Accept a plain nn.Conv*'s checkpoint (weight, bias) as well as our own (conv.weight, conv.bias).

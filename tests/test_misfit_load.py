@@ -52,7 +52,7 @@ def test_a_misfit_tensor_leaves_the_whole_layer_as_it_was(kind, dtype, merged, w
     bias = next((t.detach().clone() for n, t in layer.named_parameters() if n.endswith("bias")), None)
     with pytest.raises(RuntimeError, match="size mismatch") as info:
         layer.load_state_dict(sd)
-    assert "none of its tensors was loaded" in str(info.value)
+    assert "none of its keys was loaded" in str(info.value)
     assert layer.merged == merged and layer.active_adapter == "default"
     assert same_bits(layer._weight_param().detach(), weight)
     assert same_bits(layer.lora_A.detach(), A) and same_bits(layer.lora_B.detach(), B)
@@ -110,3 +110,97 @@ def test_a_plain_conv_checkpoint_that_misfits_is_refused_whole():
     with pytest.raises(RuntimeError, match="size mismatch for conv.weight"):
         layer.load_state_dict(plain.state_dict(), strict=False)
     assert same_bits(layer.conv.weight.detach(), weight)
+
+
+class _Ident(nn.Module):
+    def forward(self, w):
+        return w
+
+
+def _layer():
+    torch.manual_seed(0)
+    return randomize_(lora.Linear(8, 6, r=2, lora_alpha=4))
+
+
+def _refused(layer, sd, match="none of its keys was loaded", **kwargs):
+    before = {k: v.detach().clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(RuntimeError, match=match) as info:
+        layer.load_state_dict(sd, **kwargs)
+    after = layer.state_dict()
+    assert all(same_bits(before[k], after[k]) for k in before)
+    return str(info.value)
+
+
+def test_a_parametrized_weight_is_not_loaded_under_a_misfit():
+    """The weight's tensor is then parametrizations.weight.original, in a child module."""
+    from torch.nn.utils import parametrize
+    layer = _layer()
+    parametrize.register_parametrization(layer, "weight", _Ident())
+    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd["lora_A"] = torch.randn(3, 8)
+    _refused(layer, sd)
+    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd["parametrizations.weight.original"] = torch.randn(7, 8)
+    assert "size mismatch for parametrizations.weight.original" in _refused(layer, sd)
+
+
+def test_the_layers_own_pre_hooks_come_before_the_check():
+    """A hook renaming an old key to lora_A is judged on what it leaves; a hook that transposes a key makes it fit."""
+    layer = _layer()
+    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd["old_A"] = torch.randn(3, 8)
+    del sd["lora_A"]
+
+    def rename(state_dict, prefix, *args):
+        state_dict[prefix + "lora_A"] = state_dict.pop(prefix + "old_A")
+    layer._register_load_state_dict_pre_hook(rename)
+    _refused(layer, sd)
+
+    layer = _layer()
+    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd["lora_A"] = sd["lora_A"].t().contiguous()  # (8, 2): a checkpoint that stores it transposed
+
+    def transpose(state_dict, prefix, *args):
+        state_dict[prefix + "lora_A"] = state_dict[prefix + "lora_A"].t()
+    layer._register_load_state_dict_pre_hook(transpose)
+    layer.load_state_dict(sd)
+    assert torch.equal(layer.lora_A, sd["lora_A"].t()) and torch.equal(layer.weight, sd["weight"])
+
+
+def test_a_value_that_is_not_a_tensor_or_a_meta_tensor_refuses_the_layer():
+    for merged in (False, True):
+        layer = _layer().train(not merged)
+        sd = {k: v + 1 for k, v in layer.state_dict().items()}
+        sd["lora_A"] = [[0.0] * 8] * 2
+        assert "expected torch.Tensor" in _refused(layer, sd)
+        sd["lora_A"] = layer.lora_A.detach() + 1
+        sd["lora_B"] = torch.empty(6, 2, device="meta")
+        assert "meta tensor" in _refused(layer, sd)
+
+
+def test_a_refused_layer_reports_its_missing_and_unexpected_keys():
+    layer = _layer()
+    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd["lora_A"] = torch.randn(3, 8)
+    del sd["bias"]
+    sd["stray"] = torch.zeros(1)
+    text = _refused(layer, sd)
+    assert 'Missing key(s) in state_dict: "bias"' in text and 'Unexpected key(s) in state_dict: "stray"' in text
+
+
+def test_a_tied_weight_is_loaded_through_the_other_modules_key():
+    """Documented: torch loads the tied head's key into the shared weight; the layer's own keys are refused."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = lora.Embedding(10, 6, r=2, lora_alpha=4)
+            self.head = nn.Linear(6, 10, bias=False)
+            self.head.weight = self.emb.weight
+    torch.manual_seed(0)
+    m = randomize_(M())
+    sd = {k: v.detach().clone() + 1 for k, v in m.state_dict().items()}
+    sd["emb.lora_A"] = torch.randn(3, 10)
+    A = m.emb.lora_A.detach().clone()
+    with pytest.raises(RuntimeError, match="none of its keys was loaded"):
+        m.load_state_dict(sd)
+    assert torch.equal(m.emb.weight, sd["head.weight"]) and torch.equal(m.emb.lora_A, A)
