@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import ParallelStyle
 
-from . import ops, sharded
+from . import ops, reference, sharded
 from .layers import Embedding, Linear, LoRALayer, MergedLinear
 
 
@@ -348,8 +348,9 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
         if lora_on:  # (the factors in the table's dtype, scale_grad_by_freq on lora_A's lookup: as in one process)
             A = layer.lora_A.to_local(grad_placements=[Partial()])
             B = layer.lora_B.to_local(grad_placements=[Partial()])
-            t = F.embedding(x, A.t(), layer.padding_idx, None, 2.0, layer.scale_grad_by_freq).to(y.dtype)
-            y = y + s * (t @ B[spec.lo:spec.hi].to(y.dtype).t())
+            cd = _low_dtype(y) or y.dtype
+            t = F.embedding(x, A.t(), layer.padding_idx, None, 2.0, layer.scale_grad_by_freq).to(cd)
+            y = _onto(y, s * (t @ B[spec.lo:spec.hi].to(cd).t()))
         return y
     wl = w.t() if layer.fan_in_fan_out else w
     if spec.style == "colwise" and spec.blocks > 1:
@@ -362,14 +363,15 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
             A = layer.lora_A.to_local(grad_placements=[Partial()])
             B = layer.lora_B.to_local(grad_placements=[Partial()])
             xl = layer.lora_dropout(x)
+            cd = _low_dtype(xl)
             r = A.shape[0] // len(_blocks(layer))
             for j, e, nb in _blocks(layer):
                 a, b = max(spec.lo, e * nb), min(spec.hi, (e + 1) * nb)
                 if a < b:
-                    t = xl @ _as(A[j * r:(j + 1) * r], xl).t()
-                    upd = s * (t @ _as(B[j * nb + a - e * nb:j * nb + b - e * nb], t).t())
-                    y = torch.cat([y[..., :a - spec.lo], y[..., a - spec.lo:b - spec.lo] + upd, y[..., b - spec.lo:]],
-                                  dim=-1)
+                    t = _as(xl, cd) @ _as(A[j * r:(j + 1) * r], cd).t()
+                    upd = s * (t @ _as(B[j * nb + a - e * nb:j * nb + b - e * nb], cd).t())
+                    y = torch.cat([y[..., :a - spec.lo], _onto(y[..., a - spec.lo:b - spec.lo], upd),
+                                   y[..., b - spec.lo:]], dim=-1)
         return y
     # rowwise
     width = layer.in_features
@@ -385,14 +387,16 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
         A = layer.lora_A.to_local(grad_placements=[Partial()])
         B = layer.lora_B.to_local()
         xl = _dropout_slice(layer, x, spec)
+        cd = _low_dtype(xl)
         blocks = _blocks(layer)
         r = A.shape[0] // len(blocks)
         upd = {}
         for j, e, nb in blocks:
-            t = _ReduceFromParallel.apply(xl @ _as(A[j * r:(j + 1) * r, spec.lo:spec.hi], xl).t(), spec.group)
-            upd[e] = s * (t @ _as(B[j * nb:(j + 1) * nb], t).t())
+            t = _as(xl, cd) @ _as(A[j * r:(j + 1) * r, spec.lo:spec.hi], cd).t()
+            t = _ReduceFromParallel.apply(t, spec.group)
+            upd[e] = s * (t @ _as(B[j * nb:(j + 1) * nb], cd).t())
         nb = blocks[0][2]
-        y = torch.cat([y[..., e * nb:(e + 1) * nb] + upd[e] if e in upd else y[..., e * nb:(e + 1) * nb]
+        y = torch.cat([_onto(y[..., e * nb:(e + 1) * nb], upd[e]) if e in upd else y[..., e * nb:(e + 1) * nb]
                        for e in range(y.shape[-1] // nb)], dim=-1)
     return y
 
@@ -413,18 +417,29 @@ def _strided_forward(layer, spec, x, wl, s, lora_on):
     A = layer.lora_A.to_local(grad_placements=[Partial()])
     B = layer.lora_B.to_local(grad_placements=[Partial()])
     xl = layer.lora_dropout(x)
+    cd = _low_dtype(xl)
     r = A.shape[0] // len(ids)
     parts = [y[..., e * nbl:(e + 1) * nbl] for e in range(nb)]
     for (j, rj), e in zip(rows, ids):
-        t = xl @ _as(A[j * r:(j + 1) * r], xl).t()
-        parts[e] = parts[e] + s * (t @ _as(B.index_select(0, rj.to(B.device)), t).t())
+        t = _as(xl, cd) @ _as(A[j * r:(j + 1) * r], cd).t()
+        parts[e] = _onto(parts[e], s * (t @ _as(B.index_select(0, rj.to(B.device)), cd).t()))
     return torch.cat(parts, dim=-1)
 
 
-def _as(factor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A factor in the dtype of the activation it multiplies (float32 factors beside a bfloat16 weight), as the
-    single-process forward (reference.linear) casts them; under autocast the matmul casts both already."""
-    return factor if torch.is_autocast_enabled(x.device.type) else factor.to(x.dtype)
+def _low_dtype(x: torch.Tensor):
+    """The dtype of the low-rank products for activation x: float32 at least, as the single-process forward
+    (reference.linear) computes them, the sum then rounded once onto the output (_onto); None under autocast, whose
+    matmul casts both operands itself."""
+    return None if torch.is_autocast_enabled(x.device.type) else reference.compute_dtype(x.dtype)
+
+
+def _as(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _onto(y: torch.Tensor, upd: torch.Tensor) -> torch.Tensor:
+    """y + upd in y's dtype, summed in upd's (float32 beside a bfloat16 y: one rounding)."""
+    return y + upd if upd.dtype == y.dtype else (y.to(upd.dtype) + upd).to(y.dtype)
 
 
 def _dropout_slice(layer, x: torch.Tensor, spec) -> torch.Tensor:

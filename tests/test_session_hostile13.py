@@ -561,9 +561,9 @@ def _tp_cases(rank, world):
     return out
 
 
-def _bf16_close(got, want):
-    """Within two bfloat16 roundings (a sum over ranks rounds where one process's does not)."""
-    return bool(((got.float() - want.float()).abs() <= 2 ** -7 * want.float().abs() + 1e-3).all())
+def _bf16_close(got, want, roundings=2):
+    """Within `roundings` bfloat16 roundings (a sum over ranks rounds where one process's does not)."""
+    return bool(((got.float() - want.float()).abs() <= roundings * 2 ** -8 * want.float().abs() + 1e-3).all())
 
 
 def test_tensor_parallel_forwards_match_one_process():
@@ -579,7 +579,11 @@ def test_tensor_parallel_forwards_match_one_process():
     assert _bf16_close(tp["embedding_bf16"], y16[..., :2])  # (rank 0's features)
     got = tp["bf16_weights_fp32_factors"]
     assert got.dtype == want.dtype == torch.bfloat16
-    assert _bf16_close(got, want)
+    # the rowwise layer rounds each rank's partial product, their sum, then the bias and the update onto it (one
+    # process rounds twice: the update onto the bias, the product onto that), and the colwise hidden layer rounds
+    # in the other order: measured 1.2 ulps from a float64 model of the ranks' own arithmetic, up to 2 ulps from
+    # one process's output
+    assert _bf16_close(got, want, roundings=4)
     d = _tp_dropout_layer().train()
     torch.manual_seed(123)
     with torch.no_grad():
