@@ -227,9 +227,13 @@ __device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, cons
   using RB = Block8x4<kChunk, kTileN>;       // R transposed: runs along the rank (B_j's rows), columns across
   const int kn_read = sizeof(S) == 4 ? kn : (kn + 15) / 16 * 16;  // the ranks the reader reads (see above)
   const Tab zero = from_float<Tab>(0.f);
-  // Each walk is compiled for both layouts (a uniform branch picks one): the index arithmetic of the runtime
-  // layout took about 45 instructions per staged element. Both pairs share the layout: transposed, L's run stride
-  // is 1 and its rank stride k, R's rank stride 1; not, L's rank stride is 1 and R's column stride 1 (operands()).
+  // Each walk's element-to-thread map is compiled for both cases (a uniform branch on x's strides picks one): the
+  // index arithmetic of a runtime choice took about 45 instructions per staged element. Strides the map implies
+  // are constants: L's rank stride 1 (untransposed, or transposed with k = 1: both pairs alike), its run stride 1
+  // otherwise (transposed); R's rank stride 1 when transposed. R's column stride is the pair's own: a transposed
+  // first pair of rank 1 takes the untransposed map (its column stride r = 1) and the second pair of a swap has
+  // column stride r2 (a version that took it from the map read that pair's B at stride 1: 12-27 off,
+  // tests/test_swap_layouts.py).
   auto walk_l = [&](auto fast) {
     constexpr bool kKFast = decltype(fast)::value;  // the source's rank is contiguous (L = B_j, not transposed)
     auto at = [&](int t, int& i, int& kk) {
@@ -278,7 +282,8 @@ __device__ __forceinline__ void stage(S* ls, S* rs, const Operands<Tab>& x, cons
           const int kr = k0 + kk;
           const bool second = kTwo && kr >= x.rank;
           const Tab* r = second ? y.r : x.r;
-          const long long sc = kCFast ? 1 : second ? y.r_sc : x.r_sc, sk = kCFast ? x.r_sk : 1;
+          // (x.r_sc is 1 in this map, y's its own: a transposed first pair of rank 1 is mapped so)
+          const long long sc = second ? y.r_sc : kCFast ? 1 : x.r_sc, sk = kCFast ? x.r_sk : 1;
           return r[cc * sc + (second ? kr - x.rank : kr) * sk];
         },
         [&](int t, Tab raw) {
