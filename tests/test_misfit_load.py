@@ -122,6 +122,11 @@ def _layer():
     return randomize_(lora.Linear(8, 6, r=2, lora_alpha=4))
 
 
+def _shifted(layer):
+    """The layer's state_dict, every value one more: a file whose values all differ from the layer's."""
+    return {k: v + 1 for k, v in layer.state_dict().items()}
+
+
 def _refused(layer, sd, match="none of its keys was loaded", **kwargs):
     before = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     with pytest.raises(RuntimeError, match=match) as info:
@@ -136,10 +141,10 @@ def test_a_parametrized_weight_is_not_loaded_under_a_misfit():
     from torch.nn.utils import parametrize
     layer = _layer()
     parametrize.register_parametrization(layer, "weight", _Ident())
-    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd = _shifted(layer)
     sd["lora_A"] = torch.randn(3, 8)
     _refused(layer, sd)
-    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd = _shifted(layer)
     sd["parametrizations.weight.original"] = torch.randn(7, 8)
     assert "size mismatch for parametrizations.weight.original" in _refused(layer, sd)
 
@@ -147,7 +152,7 @@ def test_a_parametrized_weight_is_not_loaded_under_a_misfit():
 def test_the_layers_own_pre_hooks_come_before_the_check():
     """A hook renaming an old key to lora_A is judged on what it leaves; a hook that transposes a key makes it fit."""
     layer = _layer()
-    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd = _shifted(layer)
     sd["old_A"] = torch.randn(3, 8)
     del sd["lora_A"]
 
@@ -157,7 +162,7 @@ def test_the_layers_own_pre_hooks_come_before_the_check():
     _refused(layer, sd)
 
     layer = _layer()
-    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd = _shifted(layer)
     sd["lora_A"] = sd["lora_A"].t().contiguous()  # (8, 2): a checkpoint that stores it transposed
 
     def transpose(state_dict, prefix, *args):
@@ -170,7 +175,7 @@ def test_the_layers_own_pre_hooks_come_before_the_check():
 def test_a_value_that_is_not_a_tensor_or_a_meta_tensor_refuses_the_layer():
     for merged in (False, True):
         layer = _layer().train(not merged)
-        sd = {k: v + 1 for k, v in layer.state_dict().items()}
+        sd = _shifted(layer)
         sd["lora_A"] = [[0.0] * 8] * 2
         assert "expected torch.Tensor" in _refused(layer, sd)
         sd["lora_A"] = layer.lora_A.detach() + 1
@@ -180,7 +185,7 @@ def test_a_value_that_is_not_a_tensor_or_a_meta_tensor_refuses_the_layer():
 
 def test_a_refused_layer_reports_its_missing_and_unexpected_keys():
     layer = _layer()
-    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd = _shifted(layer)
     sd["lora_A"] = torch.randn(3, 8)
     del sd["bias"]
     sd["stray"] = torch.zeros(1)
