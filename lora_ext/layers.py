@@ -1758,15 +1758,20 @@ class LoRALayer(NamedAdapters):
                                f"serves this layer would change it under the batch's rows; load after the block "
                                f"closes")
         # the layer's own pre-hooks first (torch runs them inside nn.Module._load_from_state_dict, below, where they
-        # would come after the checks here): a hook that renames or reshapes a key is seen as it leaves them
-        hooks = self._load_state_dict_pre_hooks
-        for hook in hooks.values():
-            hook(state_dict, prefix, *args, **kwargs)
-        self.__dict__["_load_state_dict_pre_hooks"] = type(hooks)()
-        try:
-            self._load_whole(state_dict, prefix, *args, **kwargs)
-        finally:
-            self.__dict__["_load_state_dict_pre_hooks"] = hooks
+        # would come after the checks here): a hook that renames or reshapes a key is seen as it leaves them. Under
+        # the lock, which the load below takes anyway: another thread's load would otherwise find the hooks set
+        # aside, run none of them and put the empty set back for good.
+        with self._lock:
+            hooks = self._load_state_dict_pre_hooks
+            for hook in hooks.values():
+                hook(state_dict, prefix, *args, **kwargs)
+            self.__dict__["_load_state_dict_pre_hooks"] = type(hooks)()
+            try:
+                self._load_whole(state_dict, prefix, *args, **kwargs)
+            finally:
+                added = self._load_state_dict_pre_hooks  # (registered by a hook or a load meanwhile: kept)
+                hooks.update(added)
+                self.__dict__["_load_state_dict_pre_hooks"] = hooks
 
     def _load_whole(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -1818,10 +1823,13 @@ class LoRALayer(NamedAdapters):
         old adapter, the trained factors merged on the way). Then none of the layer is loaded: torch's message for
         each misfit, one naming the layer, its missing and unexpected keys as torch reports them, and its children's
         keys handed their own tensors, so that their loads write nothing either. A tensor the layer shares with
-        another module (a tied head) is loaded through that module's key, as torch loads it."""
+        another module (a tied head) is loaded through that module's key, as torch loads it, and so are the keys of
+        a child with load pre-hooks of its own (a conv's), which torch runs when it loads that child, after this."""
         assign = local_metadata.get("assign_to_params_buffers", False)
         misfits, keys = [], {}
         for sub, module in self.named_modules(remove_duplicate=False):
+            if sub and module._load_state_dict_pre_hooks:
+                continue
             persistent = [(k, t) for k, t in module._buffers.items() if k not in module._non_persistent_buffers_set]
             for name, t in (*module._parameters.items(), *persistent):
                 key = prefix + (sub + "." if sub else "") + name
@@ -1846,7 +1854,8 @@ class LoRALayer(NamedAdapters):
         error_msgs.extend(misfits)
         error_msgs.append(f"{self._describe()} at {prefix!r}: none of its keys was loaded, as one of them does not "
                           f"fit (lora_ext loads a layer whole or not at all; its merge and adapter are as before)")
-        own = {prefix + k for k in (*self._parameters, *self._buffers) if k not in self._non_persistent_buffers_set}
+        own = {prefix + k for k, t in (*self._parameters.items(), *self._buffers.items())
+               if t is not None and k not in self._non_persistent_buffers_set}
         if strict:  # (as nn.Module._load_from_state_dict reports them for the layer's own tensors)
             missing_keys.extend(k for k in own if k in keys and k not in state_dict)
             for key in state_dict:

@@ -209,3 +209,61 @@ def test_a_tied_weight_is_loaded_through_the_other_modules_key():
     with pytest.raises(RuntimeError, match="none of its keys was loaded"):
         m.load_state_dict(sd)
     assert torch.equal(m.emb.weight, sd["head.weight"]) and torch.equal(m.emb.lora_A, A)
+
+
+def test_concurrent_loads_keep_the_layers_pre_hooks():
+    """Two loads while a forward holds the layer: each runs the hook once, and the hook stays registered (the
+    first version set the hooks aside outside the lock: the second load ran none and left none, and a later load
+    skipped it silently, 2.9 off)."""
+    import threading
+    import time
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(0.3)
+            return x
+    calls = []
+
+    def transposed_checkpoint(module, state_dict, prefix, *args):
+        calls.append(1)
+        state_dict[prefix + "weight"] = state_dict[prefix + "weight"].t()
+    layer = lora.Linear(4, 4, r=2)
+    layer.lora_dropout = Slow()
+    layer.register_load_state_dict_pre_hook(transposed_checkpoint)
+    ckpt = {k: v.clone() for k, v in layer.state_dict().items()}
+    ckpt["weight"] = torch.randn(4, 4)
+    forward = threading.Thread(target=lambda: layer(torch.randn(2, 4)))
+    forward.start()
+    time.sleep(0.05)
+    loads = [threading.Thread(target=lambda: layer.load_state_dict(dict(ckpt))) for _ in range(2)]
+    for t in loads:
+        t.start()
+        time.sleep(0.02)
+    for t in (forward, *loads):
+        t.join()
+    assert len(calls) == 2 and len(layer._load_state_dict_pre_hooks) == 1
+    layer.load_state_dict(dict(ckpt))
+    assert len(calls) == 3 and torch.equal(layer.weight, ckpt["weight"].t())
+
+
+def test_a_conv_childs_own_pre_hook_reshapes_its_key_before_torch_judges_it():
+    def unflatten(module, sd, prefix, *args):
+        if sd.get(prefix + "weight") is not None and sd[prefix + "weight"].dim() == 2:
+            sd[prefix + "weight"] = sd[prefix + "weight"].view_as(module.weight)
+    torch.manual_seed(0)
+    layer = lora.Conv2d(2, 4, 3, r=2)
+    layer.conv.register_load_state_dict_pre_hook(unflatten)
+    sd = dict(layer.state_dict())
+    flat = torch.randn(4, 18)
+    sd["conv.weight"] = flat
+    layer.load_state_dict(sd)
+    assert torch.equal(layer.conv.weight, flat.view(4, 2, 3, 3))
+
+
+def test_a_refused_layer_without_bias_reports_a_bias_key_as_unexpected():
+    layer = lora.Linear(4, 3, r=2, bias=False)
+    sd = dict(layer.state_dict())
+    sd["bias"] = torch.zeros(3)
+    sd["lora_A"] = torch.zeros(5, 4)
+    with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "bias"'):
+        layer.load_state_dict(sd)
