@@ -348,9 +348,10 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
         if lora_on:  # (the factors in the table's dtype, scale_grad_by_freq on lora_A's lookup: as in one process)
             A = layer.lora_A.to_local(grad_placements=[Partial()])
             B = layer.lora_B.to_local(grad_placements=[Partial()])
-            cd = _low_dtype(y) or y.dtype
-            t = F.embedding(x, A.t(), layer.padding_idx, None, 2.0, layer.scale_grad_by_freq).to(cd)
-            y = _onto(y, s * (t @ B[spec.lo:spec.hi].to(cd).t()))
+            t = F.embedding(x, A.t(), layer.padding_idx, None, 2.0, layer.scale_grad_by_freq)
+            t, b = _low(y, t, B[spec.lo:spec.hi], autocast=False)  # (a lookup is not autocast: as one process)
+            with _no_autocast(y):
+                y = _onto(y, s * (t @ b.t()))
         return y
     wl = w.t() if layer.fan_in_fan_out else w
     if spec.style == "colwise" and spec.blocks > 1:
@@ -363,15 +364,15 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
             A = layer.lora_A.to_local(grad_placements=[Partial()])
             B = layer.lora_B.to_local(grad_placements=[Partial()])
             xl = layer.lora_dropout(x)
-            cd = _low_dtype(xl)
             r = A.shape[0] // len(_blocks(layer))
             for j, e, nb in _blocks(layer):
                 a, b = max(spec.lo, e * nb), min(spec.hi, (e + 1) * nb)
                 if a < b:
-                    t = _as(xl, cd) @ _as(A[j * r:(j + 1) * r], cd).t()
-                    upd = s * (t @ _as(B[j * nb + a - e * nb:j * nb + b - e * nb], cd).t())
-                    y = torch.cat([y[..., :a - spec.lo], _onto(y[..., a - spec.lo:b - spec.lo], upd),
-                                   y[..., b - spec.lo:]], dim=-1)
+                    xj, aj, bj = _low(xl, xl, A[j * r:(j + 1) * r], B[j * nb + a - e * nb:j * nb + b - e * nb])
+                    with _no_autocast(xl):
+                        upd = s * ((xj @ aj.t()) @ bj.t())
+                        y = torch.cat([y[..., :a - spec.lo], _onto(y[..., a - spec.lo:b - spec.lo], upd),
+                                       y[..., b - spec.lo:]], dim=-1)
         return y
     # rowwise
     width = layer.in_features
@@ -387,17 +388,18 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
         A = layer.lora_A.to_local(grad_placements=[Partial()])
         B = layer.lora_B.to_local()
         xl = _dropout_slice(layer, x, spec)
-        cd = _low_dtype(xl)
         blocks = _blocks(layer)
         r = A.shape[0] // len(blocks)
         upd = {}
         for j, e, nb in blocks:
-            t = _as(xl, cd) @ _as(A[j * r:(j + 1) * r, spec.lo:spec.hi], cd).t()
-            t = _ReduceFromParallel.apply(t, spec.group)
-            upd[e] = s * (t @ _as(B[j * nb:(j + 1) * nb], cd).t())
+            xj, aj, bj = _low(xl, xl, A[j * r:(j + 1) * r, spec.lo:spec.hi], B[j * nb:(j + 1) * nb])
+            with _no_autocast(xl):
+                t = _ReduceFromParallel.apply(xj @ aj.t(), spec.group)
+                upd[e] = s * (t @ bj.t())
         nb = blocks[0][2]
-        y = torch.cat([_onto(y[..., e * nb:(e + 1) * nb], upd[e]) if e in upd else y[..., e * nb:(e + 1) * nb]
-                       for e in range(y.shape[-1] // nb)], dim=-1)
+        with _no_autocast(xl):
+            y = torch.cat([_onto(y[..., e * nb:(e + 1) * nb], upd[e]) if e in upd else y[..., e * nb:(e + 1) * nb]
+                           for e in range(y.shape[-1] // nb)], dim=-1)
     return y
 
 
@@ -417,29 +419,38 @@ def _strided_forward(layer, spec, x, wl, s, lora_on):
     A = layer.lora_A.to_local(grad_placements=[Partial()])
     B = layer.lora_B.to_local(grad_placements=[Partial()])
     xl = layer.lora_dropout(x)
-    cd = _low_dtype(xl)
     r = A.shape[0] // len(ids)
     parts = [y[..., e * nbl:(e + 1) * nbl] for e in range(nb)]
     for (j, rj), e in zip(rows, ids):
-        t = _as(xl, cd) @ _as(A[j * r:(j + 1) * r], cd).t()
-        parts[e] = _onto(parts[e], s * (t @ _as(B.index_select(0, rj.to(B.device)), cd).t()))
+        xj, aj, bj = _low(xl, xl, A[j * r:(j + 1) * r], B.index_select(0, rj.to(B.device)))
+        with _no_autocast(xl):
+            parts[e] = _onto(parts[e], s * ((xj @ aj.t()) @ bj.t()))
     return torch.cat(parts, dim=-1)
 
 
-def _low_dtype(x: torch.Tensor):
-    """The dtype of the low-rank products for activation x: float32 at least, as the single-process forward
-    (reference.linear) computes them, the sum then rounded once onto the output (_onto); None under autocast, whose
-    matmul casts both operands itself."""
-    return None if torch.is_autocast_enabled(x.device.type) else reference.compute_dtype(x.dtype)
+def _low(x: torch.Tensor, *operands: torch.Tensor, autocast: bool = True):
+    """The low-rank term's operands as the single-process forward takes them: under autocast first rounded to
+    autocast's dtype (ops.linear's autocast casts its inputs so; an embedding lookup is not autocast: autocast=False),
+    then in float32 at least (reference.compute_dtype), the products to run under _no_autocast and the sum to be
+    rounded once onto the output (_onto)."""
+    device = x.device.type
+    if autocast and torch.is_autocast_enabled(device):
+        low = torch.get_autocast_dtype(device)
+        operands = [t.to(low) for t in operands]
+    cd = reference.compute_dtype(operands[0].dtype)
+    return [t.to(cd) for t in operands]
 
 
-def _as(t: torch.Tensor, dtype) -> torch.Tensor:
-    return t if dtype is None or t.dtype == dtype else t.to(dtype)
+def _no_autocast(x: torch.Tensor):
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def _onto(y: torch.Tensor, upd: torch.Tensor) -> torch.Tensor:
-    """y + upd in y's dtype, summed in upd's (float32 beside a bfloat16 y: one rounding)."""
-    return y + upd if upd.dtype == y.dtype else (y.to(upd.dtype) + upd).to(y.dtype)
+    """y + upd in y's dtype, summed in the wider of the two (one rounding)."""
+    if upd.dtype == y.dtype:
+        return y + upd
+    wide = torch.promote_types(y.dtype, upd.dtype)
+    return (y.to(wide) + upd.to(wide)).to(y.dtype)
 
 
 def _dropout_slice(layer, x: torch.Tensor, spec) -> torch.Tensor:

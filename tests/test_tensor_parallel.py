@@ -249,3 +249,58 @@ def test_tensor_parallel_on_transformers_models(kind, hf_ranks):
     assert hf_ranks[0][kind]["local_qkv"] == ((32, 48) if kind == "gpt2" else (16, 32))
     for k in single["trained"]:
         assert torch.equal(hf_ranks[0][kind]["trained"][k], hf_ranks[1][kind]["trained"][k]), k
+
+
+# -- under autocast: the low-rank term as one process computes it ------------------------------------------------
+
+_IDS = torch.tensor([[1, 2, 2, 2, 3], [2, 0, 0, 5, 1]])
+_X = torch.tensor([[1., 1, 1, 1], [1., 3, 0.5, 0.25]])  # x A^T = (257, 256), (259, 256): not bfloat16-exact
+
+
+def _autocast_embedding():
+    torch.manual_seed(0)
+    m = lora.Embedding(8, 4, r=3, lora_alpha=6)
+    with torch.no_grad():
+        m.lora_B.normal_()
+        m.lora_A.normal_()
+    return m
+
+
+def _autocast_linear():
+    """x A^T large and its update small (B's columns cancel): a 16-bit x A^T loses the update."""
+    torch.manual_seed(0)
+    m = lora.Linear(4, 4, r=2, lora_alpha=2, bias=False)
+    with torch.no_grad():
+        m.weight.normal_()
+        m.lora_A.copy_(torch.tensor([[256., 1, 0, 0], [256., 0, 0, 0]]))
+        m.lora_B.copy_(torch.tensor([[1., -1], [1., -1], [-1., 1], [2., -2]]))
+    return m
+
+
+def _autocast_cases(rank, world):
+    mesh = init_device_mesh("cpu", (world,))
+    e, col, row = _autocast_embedding(), _autocast_linear(), _autocast_linear()
+    parallelize_module(e, mesh, ColwiseLoRA())
+    parallelize_module(col, mesh, ColwiseLoRA())
+    parallelize_module(row, mesh, RowwiseLoRA())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return e(_IDS), col(_X), row(_X)
+
+
+def test_tensor_parallel_under_autocast_computes_the_low_rank_term_as_one_process():
+    """Under CPU autocast the ranks computed x A^T in bfloat16 (one process: the operands rounded to bfloat16, the
+    products in float32): 2 off where one process is 0.01 off; a float32 embedding's rows were rounded to bfloat16
+    (0.033 off where one process is 2e-7). Expected values: float64 from the operands one process uses."""
+    tp = run_ranks(_autocast_cases)
+    e, lin = _autocast_embedding(), _autocast_linear()
+    d = torch.Tensor.double
+    ref_e = d(e.weight.detach())[_IDS] + e.scaling * d(e.lora_A.detach()).t()[_IDS] @ d(e.lora_B.detach()).t()
+    got_e = torch.cat([tp[0][0], tp[1][0]], -1)
+    assert got_e.dtype == torch.float32 and (d(got_e) - ref_e).abs().max().item() < 1e-5
+
+    def bf(t):
+        return t.detach().bfloat16().double()
+    ref = bf(_X) @ bf(lin.weight).t() + lin.scaling * (bf(_X) @ bf(lin.lora_A).t()) @ bf(lin.lora_B).t()
+    for got in (torch.cat([tp[0][1], tp[1][1]], -1), tp[0][2]):
+        assert got.dtype == torch.bfloat16
+        assert (d(got) - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()  # (0.01: one process's)
