@@ -16,6 +16,7 @@ Serving additions: a layer holds named adapters (named_adapters.NamedAdapters: t
 stamps, set_adapter), and a per-layer lock makes merge, unmerge and switch atomic with respect to forward
 calls of the same layer on other threads.
 """
+import collections
 import contextlib
 import copy
 import functools
@@ -260,6 +261,28 @@ def _on_device(values: Tuple[int, ...], device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=torch.long, device=device)
 
 
+class _PreHooks(collections.OrderedDict):
+    """A layer's load_state_dict pre-hooks (module._load_state_dict_pre_hooks, the same dict throughout, which
+    torch's registration adds to and the hooks' handles remove from). LoRALayer._load_from_state_dict runs them
+    before its checks; inside run(), torch's own loop over them (in nn.Module._load_from_state_dict) finds none on
+    that thread, so none runs twice, and other threads' loads see them all."""
+    _running = threading.local()
+
+    def values(self):
+        if id(self) in getattr(_PreHooks._running, "ids", ()):
+            return ()
+        return super().values()
+
+    @contextlib.contextmanager
+    def run(self):
+        ids = _PreHooks._running.__dict__.setdefault("ids", set())
+        ids.add(id(self))
+        try:
+            yield
+        finally:
+            ids.discard(id(self))
+
+
 class _MergedSample:
     """What a merge wrote, at a few positions of the weight (LoRALayer._see_new_memory compares new memory under the
     weight Parameter with it once the old memory is gone): the 8 x 8 positions of the update matrix D = B A on the
@@ -449,6 +472,7 @@ class LoRALayer(NamedAdapters):
         self._lock = threading.RLock()
         self._streams = StreamOrder()
         self.register_load_state_dict_post_hook(_remerge_after_load)
+        self.__dict__["_load_state_dict_pre_hooks"] = _PreHooks(self._load_state_dict_pre_hooks)
 
     def __getstate__(self):
         if self.__dict__.get("merged"):
@@ -1741,9 +1765,13 @@ class LoRALayer(NamedAdapters):
         # (FSDP2: the snapshot of a sharded layer is sharded, the live factors gathered inside its forward)
         A0, B0 = (sharded.full(t).to(device=A.device, dtype=A.dtype) for t in (self._merged_A, self._merged_B))
         groups = len(self._block_ids) if isinstance(self, MergedLinear) else 1
-        A = torch.cat([A.reshape(groups, A.shape[0] // groups, A.shape[-1]),
-                       A0.reshape(groups, A0.shape[0] // groups, A0.shape[-1])], 1)
-        B = torch.cat([B * self.scaling, B0 * -self._merged_scaling], 1)
+        # (the stacking in the factors' dtype: torch.cat under autocast to another 16-bit dtype raised torch's
+        # "Unexpected floating ScalarType in at::autocast::prioritize", naming no layer; the op casts them itself)
+        device = A.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
+            A = torch.cat([A.reshape(groups, A.shape[0] // groups, A.shape[-1]),
+                           A0.reshape(groups, A0.shape[0] // groups, A0.shape[-1])], 1)
+            B = torch.cat([B * self.scaling, B0 * -self._merged_scaling], 1)
         if not torch.compiler.is_compiling():  # a backward through either: trained (see _trains_merged). Also when
             # marked already: a merge between this forward and its backward starts a new snapshot, unmarked
             self.__dict__.setdefault("_trained_merged", [False])  # (a layer pickled before the mark existed)
@@ -1758,20 +1786,17 @@ class LoRALayer(NamedAdapters):
                                f"serves this layer would change it under the batch's rows; load after the block "
                                f"closes")
         # the layer's own pre-hooks first (torch runs them inside nn.Module._load_from_state_dict, below, where they
-        # would come after the checks here): a hook that renames or reshapes a key is seen as it leaves them. Under
-        # the lock, which the load below takes anyway: another thread's load would otherwise find the hooks set
-        # aside, run none of them and put the empty set back for good.
-        with self._lock:
-            hooks = self._load_state_dict_pre_hooks
-            for hook in hooks.values():
-                hook(state_dict, prefix, *args, **kwargs)
-            self.__dict__["_load_state_dict_pre_hooks"] = type(hooks)()
-            try:
-                self._load_whole(state_dict, prefix, *args, **kwargs)
-            finally:
-                added = self._load_state_dict_pre_hooks  # (registered by a hook or a load meanwhile: kept)
-                hooks.update(added)
-                self.__dict__["_load_state_dict_pre_hooks"] = hooks
+        # would come after the checks here): a hook that renames or reshapes a key is seen as it leaves them. They
+        # run outside the lock (a hook may wait for a forward on another thread), and torch's loop below then finds
+        # none on this thread (_PreHooks): the dict stays the one the hooks' handles remove them from.
+        hooks = self._load_state_dict_pre_hooks
+        if not isinstance(hooks, _PreHooks):  # (a layer pickled before: its hooks run in torch's loop, after the checks)
+            self._load_whole(state_dict, prefix, *args, **kwargs)
+            return
+        for hook in list(hooks.values()):
+            hook(state_dict, prefix, *args, **kwargs)
+        with hooks.run():
+            self._load_whole(state_dict, prefix, *args, **kwargs)
 
     def _load_whole(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

@@ -162,3 +162,22 @@ def test_cuda_autocast_matches_loralib(kind):
     assert _rel(got, want) < 2e-2
     got.float().square().mean().backward()
     assert all(torch.isfinite(g).all() for g in _lora_grads(ours).values())
+
+
+def test_a_merged_bfloat16_layer_trains_under_float16_autocast():
+    """Training through a merge stacks the live factors with the merged ones: torch.cat under autocast to another
+    16-bit dtype raised torch's 'Unexpected floating ScalarType in at::autocast::prioritize'. nn.Linear runs there."""
+    torch.manual_seed(0)
+    for layer, inp in ((lora_ext.Linear(8, 6, r=2), torch.randn(3, 8).bfloat16()),
+                       (lora_ext.Embedding(10, 8, r=2), torch.randint(0, 10, (3, 4)))):
+        with torch.no_grad():
+            layer.lora_B.normal_()
+        layer = layer.bfloat16()
+        with torch.autocast("cpu", dtype=torch.float16):
+            unmerged = layer(inp).double()
+        layer.eval()
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = layer(inp)
+        y.float().sum().backward()
+        assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
+        assert (y.double() - unmerged).abs().max().item() <= 0.02 * (1 + unmerged.abs().max().item())

@@ -267,3 +267,47 @@ def test_a_refused_layer_without_bias_reports_a_bias_key_as_unexpected():
     sd["lora_A"] = torch.zeros(5, 4)
     with pytest.raises(RuntimeError, match='Unexpected key\\(s\\) in state_dict: "bias"'):
         layer.load_state_dict(sd)
+
+
+def test_a_pre_hook_may_wait_for_a_forward_on_another_thread():
+    """The hooks run outside the layer lock, as torch runs them (under it, a hook that drains in-flight forwards hung)."""
+    import threading
+    layer = lora.Linear(8, 8, r=2)
+    x = torch.randn(2, 8)
+    done = threading.Event()
+
+    def drain(module, state_dict, prefix, *args):
+        t = threading.Thread(target=lambda: (module(x), done.set()), daemon=True)
+        t.start()
+        t.join(timeout=10)
+    layer.register_load_state_dict_pre_hook(drain)
+    layer.load_state_dict(layer.state_dict())
+    assert done.is_set()
+
+
+def test_hooks_registered_during_loads_on_another_thread_are_removed_by_their_handles():
+    """The hooks dict is never swapped (a version that set it aside during a load left the handles of hooks registered
+    meanwhile pointing at a dropped dict: removed hooks kept running)."""
+    import threading
+    layer = lora.Linear(256, 256, r=8)
+    sd = {k: v.clone() for k, v in layer.state_dict().items()}
+    stop = threading.Event()
+
+    def loader():
+        while not stop.is_set():
+            layer.load_state_dict(sd)
+    t = threading.Thread(target=loader)
+    t.start()
+    calls, handles = [], []
+    try:
+        for i in range(100):
+            handles.append(layer.register_load_state_dict_pre_hook(lambda *a, i=i: calls.append(i)))
+    finally:
+        stop.set()
+        t.join()
+    for h in handles:
+        h.remove()
+    assert len(layer._load_state_dict_pre_hooks) == 0
+    n = len(calls)
+    layer.load_state_dict(sd)
+    assert len(calls) == n
