@@ -1839,7 +1839,6 @@ class LoRALayer(NamedAdapters):
                 self.__dict__.update(_owner=None, _active_own=None)
                 self._sync_scale_tensor()
 
-
     def _refuse_misfit_load(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                             error_msgs) -> bool:
         """Whether a value the load brings for a tensor of this layer (its own, its conv's, a parametrization's
