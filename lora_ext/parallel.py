@@ -431,13 +431,15 @@ def _strided_forward(layer, spec, x, wl, s, lora_on):
 def _low(x: torch.Tensor, *operands: torch.Tensor, autocast: bool = True):
     """The low-rank term's operands as the single-process forward takes them: under autocast first rounded to
     autocast's dtype (ops.linear's autocast casts its inputs so; an embedding lookup is not autocast: autocast=False),
-    then in float32 at least (reference.compute_dtype), the products to run under _no_autocast and the sum to be
+    then in the compute dtype of x's (reference.compute_dtype: float32 at least; x is the activation, or an
+    embedding's output, whose dtype is the table's), the products to run under _no_autocast and the sum to be
     rounded once onto the output (_onto)."""
     device = x.device.type
+    dtype = x.dtype
     if autocast and torch.is_autocast_enabled(device):
-        low = torch.get_autocast_dtype(device)
-        operands = [t.to(low) for t in operands]
-    cd = reference.compute_dtype(operands[0].dtype)
+        dtype = torch.get_autocast_dtype(device)
+        operands = [t.to(dtype) for t in operands]
+    cd = reference.compute_dtype(dtype)
     return [t.to(cd) for t in operands]
 
 
