@@ -249,3 +249,26 @@ def test_inject_refuses_multihead_attentions_out_proj():
         lora_ext.inject(model, r=2, target_modules=["out_proj", "proj"])
     assert type(model.proj) is nn.Linear
     assert lora_ext.inject(model, r=2, target_modules=["proj"]) == ["proj"]
+
+
+@pytest.mark.parametrize("hook", ["forward_pre", "forward", "load_pre", "state_dict"])
+def test_a_module_with_hooks_of_its_own_is_refused_before_anything_changes(hook):
+    """A lora_ext layer in its place would not run them: with a zero adapter, an input-scaling pre-hook lost moved the
+    output by 1.09 and a checkpoint-format load hook stopped loading (peft keeps the module, hooks included)."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(4, 4))
+    q = model.q_proj
+    register = {"forward_pre": lambda: q.register_forward_pre_hook(lambda m, args: (args[0] * 2,)),
+                "forward": lambda: q.register_forward_hook(lambda m, args, out: out * 2),
+                "load_pre": lambda: q.register_load_state_dict_pre_hook(lambda *a: None),
+                "state_dict": lambda: q.register_state_dict_post_hook(lambda *a: None)}
+    handle = register[hook]()
+    x = torch.randn(3, 4)
+    before = model(x)
+    with pytest.raises(ValueError, match="module 'q_proj' has hooks of its own"):
+        lora_ext.inject(model, target_modules=["q_proj"], r=2)
+    assert model.q_proj is q and torch.equal(model(x), before)
+    handle.remove()
+    lora_ext.inject(model, target_modules=["q_proj"], r=2)
+    assert isinstance(model.q_proj, lora_ext.Linear)

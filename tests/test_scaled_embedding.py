@@ -327,8 +327,9 @@ def test_the_check_runs_no_hooks_and_writes_nothing():
     module.register_forward_hook(lambda *a: calls.append(1))
     version = module.weight._version
     model = _Holder(module)
-    lora_ext.inject(model, ["emb"], r=2)
-    assert calls == [] and module.weight._version == version
+    with pytest.raises(ValueError, match="hooks of its own"):  # (a layer in its place would not run the hook)
+        lora_ext.inject(model, ["emb"], r=2)
+    assert calls == [] and module.weight._version == version and model.emb is module
 
 
 # ---------------------------------------------------------------------------------------------------

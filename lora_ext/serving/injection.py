@@ -414,6 +414,14 @@ def _self_attribute(node):
     return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
 
 
+# A module's own hooks, which a layer put in its place does not carry (torch's global hooks apply to it as they did).
+_HOOKS = (("forward pre-hooks", "_forward_pre_hooks"), ("forward hooks", "_forward_hooks"),
+          ("backward hooks", "_backward_hooks"), ("backward pre-hooks", "_backward_pre_hooks"),
+          ("state_dict hooks", "_state_dict_hooks"), ("state_dict pre-hooks", "_state_dict_pre_hooks"),
+          ("load_state_dict pre-hooks", "_load_state_dict_pre_hooks"),
+          ("load_state_dict post-hooks", "_load_state_dict_post_hooks"))
+
+
 def check_replaceable(model, name, module, label=None):
     """Refuses a module that a lora_ext layer in its place (or an adapter of it) would not stand for (see the two
     functions above). label: what the message starts with (default: "target_modules: module 'name'")."""
@@ -433,6 +441,12 @@ def check_replaceable(model, name, module, label=None):
                          f"each forward): a lora_ext layer in its place would lose the hook and read a weight on the "
                          f"meta device; inject or load adapters before offloading, or after "
                          f"accelerate.hooks.remove_hook_from_submodules(model)")
+    hooks = [] if isinstance(module, LoRALayer) else [kind for kind, attr in _HOOKS if getattr(module, attr, None)]
+    if hooks:
+        raise ValueError(f"{label} has hooks of its own ({', '.join(hooks)}), which a lora_ext layer in its place would "
+                         f"not run: the model's outputs, state_dict or loads would change (peft keeps the original "
+                         f"module, hooks included, as base_layer); remove them, inject, then register them on the "
+                         f"lora_ext layer")
     base = None if isinstance(module, LoRALayer) or scaled_embedding(module) is not None else overridden_base(module)
     if base is not None:
         raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of its "
