@@ -1791,12 +1791,17 @@ class LoRALayer(NamedAdapters):
         # none on this thread (_PreHooks): the dict stays the one the hooks' handles remove them from.
         hooks = self._load_state_dict_pre_hooks
         if not isinstance(hooks, _PreHooks):  # (a layer pickled before: its hooks run in torch's loop, after the checks)
+            self._map_keys(state_dict, prefix)
             self._load_whole(state_dict, prefix, *args, **kwargs)
             return
         for hook in list(hooks.values()):
             hook(state_dict, prefix, *args, **kwargs)
+        self._map_keys(state_dict, prefix)
         with hooks.run():
             self._load_whole(state_dict, prefix, *args, **kwargs)
+
+    def _map_keys(self, state_dict, prefix) -> None:
+        """Keys of other checkpoint layouts mapped to the layer's own, after its pre-hooks (ConvLoRA)."""
 
     def _load_whole(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -2175,12 +2180,11 @@ class ConvLoRA(LoRALayer, nn.Module):
         w = self.conv.weight
         return w if sharded.is_dtensor(w) else self._as_2d(w)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _map_keys(self, state_dict, prefix) -> None:
         # Accept a plain nn.Conv*'s checkpoint (weight, bias) as well as our own (conv.weight, conv.bias).
         for name in ("weight", "bias"):
             if prefix + name in state_dict and prefix + "conv." + name not in state_dict:
                 state_dict[prefix + "conv." + name] = state_dict.pop(prefix + name)
-        LoRALayer._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
 
     def _forward(self, x):
         if self.r > 0 and not self._serves_merged():

@@ -311,3 +311,19 @@ def test_hooks_registered_during_loads_on_another_thread_are_removed_by_their_ha
     n = len(calls)
     layer.load_state_dict(sd)
     assert len(calls) == n
+
+
+def test_a_conv_layers_own_hook_may_produce_a_plain_convs_keys():
+    """The plain nn.Conv2d keys (weight, bias) are mapped to conv.* after the layer's pre-hooks."""
+    torch.manual_seed(0)
+    layer = lora.Conv2d(2, 4, 3, r=2)
+    plain = nn.Conv2d(2, 4, 3)
+
+    def legacy(module, state_dict, prefix, *args):
+        if prefix + "w" in state_dict:
+            state_dict[prefix + "weight"] = state_dict.pop(prefix + "w")
+    layer.register_load_state_dict_pre_hook(legacy)
+    sd = {"w": plain.weight.detach().clone(), "bias": plain.bias.detach().clone()}
+    result = layer.load_state_dict(sd, strict=False)
+    assert torch.equal(layer.conv.weight, plain.weight) and torch.equal(layer.conv.bias, plain.bias)
+    assert "conv.weight" not in result.missing_keys
