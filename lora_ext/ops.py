@@ -890,13 +890,19 @@ def _autocast_dtype(t) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def autocast_eligible(t) -> bool:
+    """Whether autocast casts tensor t (torch's rule: a floating tensor, float64 excepted)."""
+    return isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+
+
 def _autocast_cast(dtype, tensors):
-    """The floating tensors among `tensors` in dtype, each tensor cast once: x given again as x_lora (no dropout)
-    stays one tensor (one cast and one cast's backward, not two)."""
+    """The tensors among `tensors` that autocast casts in dtype (floating ones, float64 excepted: torch's rule, so
+    that a float64 layer computes in float64 under autocast, as F.linear does), each tensor cast once: x given
+    again as x_lora (no dropout) stays one tensor (one cast and one cast's backward, not two)."""
     done = {}
     out = []
     for t in tensors:
-        if isinstance(t, Tensor) and t.is_floating_point():
+        if autocast_eligible(t):
             if id(t) not in done:
                 done[id(t)] = t.to(dtype)
             t = done[id(t)]

@@ -181,3 +181,34 @@ def test_a_merged_bfloat16_layer_trains_under_float16_autocast():
         y.float().sum().backward()
         assert layer.lora_A.grad is not None and layer.lora_B.grad is not None
         assert (y.double() - unmerged).abs().max().item() <= 0.02 * (1 + unmerged.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["linear", "linear_fifo", "merged", "merged_fifo"])
+def test_a_float64_layer_computes_in_float64_under_autocast(kind, dtype):
+    """torch's autocast casts no float64 tensor (F.linear stays float64): lora_ext cast every floating operand, so an
+    unmerged float64 layer gave its output in 16 bits (1e-2 off where merged was 1e-15). Expected: float64 from the
+    same operands, computed by plain torch."""
+    ours, _, x = _pair(kind)
+    ours = ours.double()
+    x = x.double().requires_grad_()
+    A, B, W = (t.detach() for t in (ours.lora_A, ours.lora_B, ours.weight))
+    W = W.t() if ours.fan_in_fan_out else W
+    delta = torch.zeros_like(W)
+    if kind.startswith("merged"):  # enable_lora [True, False, True]: B's rows in two groups, A's in two
+        rows, r = W.shape[0] // 3, ours.r
+        for g, out in enumerate((0, 2)):
+            delta[out * rows:(out + 1) * rows] = B[g * rows:(g + 1) * rows] @ A[g * r:(g + 1) * r]
+    else:
+        delta = B @ A
+    ref = x.detach() @ (W + ours.scaling * delta).t() + ours.bias.detach()
+    for merged in (False, True):
+        ours.train(not merged)
+        with torch.autocast("cpu", dtype):
+            got = ours(x)
+        assert got.dtype == torch.float64, f"merged={merged}: {got.dtype}"
+        assert (got.detach() - ref).abs().max().item() < 1e-12, f"merged={merged}"
+    ours.train()
+    with torch.autocast("cpu", dtype):
+        ours(x).square().sum().backward()
+    assert ours.lora_A.grad.dtype == torch.float64 and x.grad.dtype == torch.float64

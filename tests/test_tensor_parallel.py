@@ -304,3 +304,35 @@ def test_tensor_parallel_under_autocast_computes_the_low_rank_term_as_one_proces
     for got in (torch.cat([tp[0][1], tp[1][1]], -1), tp[0][2]):
         assert got.dtype == torch.bfloat16
         assert (d(got) - ref).abs().max().item() <= 2 ** -7 * ref.abs().max().item()  # (0.01: one process's)
+
+
+def _f64_linear():
+    torch.manual_seed(0)
+    m = lora.Linear(4, 4, r=2, lora_alpha=2).double()
+    with torch.no_grad():
+        m.lora_B.normal_()  # (random: not bfloat16-exact)
+    return m
+
+
+_X64 = torch.randn(2, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _f64_cases(rank, world):
+    mesh = init_device_mesh("cpu", (world,))
+    col, row = _f64_linear(), _f64_linear()
+    parallelize_module(col, mesh, ColwiseLoRA())
+    parallelize_module(row, mesh, RowwiseLoRA())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return col(_X64), row(_X64)
+
+
+def test_a_float64_layer_under_autocast_computes_in_float64_on_the_ranks():
+    """torch's autocast casts no float64 tensor: the ranks rounded a float64 layer's low-rank operands to bfloat16
+    (5e-3 off a float64 reference where F.linear is exact). Expected: float64, from plain torch."""
+    tp = run_ranks(_f64_cases)
+    lin = _f64_linear()
+    x, W, A, B = _X64, lin.weight.detach(), lin.lora_A.detach(), lin.lora_B.detach()
+    ref = x @ W.t() + lin.bias.detach() + lin.scaling * (x @ A.t()) @ B.t()
+    for got in (torch.cat([tp[0][0], tp[1][0]], -1), tp[0][1]):
+        assert got.dtype == torch.float64
+        assert (got - ref).abs().max().item() < 1e-12
