@@ -105,6 +105,21 @@ def _user_stacklevel(also: Tuple[str, ...] = ()) -> int:
     return level
 
 
+def instance_forward(module: nn.Module) -> bool:
+    """Whether a `forward` set on the instance replaces its class's (accelerate's add_hook_to_module sets one; its
+    remove_hook_from_module sets the class's own back, bound to the module, which is not counted)."""
+    forward = module.__dict__.get("forward")
+    return forward is not None and not (getattr(forward, "__self__", None) is module
+                                        and getattr(forward, "__func__", None) is type(module).forward)
+
+
+def users_hook(hook) -> bool:
+    """Whether a module hook is its users' (not torch's own, as FSDP2's, nor lora_ext's: a layer's remerge after a
+    load, the model lock's)."""
+    owner = getattr(hook, "__module__", None) or ""
+    return not (owner == "torch" or owner.startswith(("torch.", "lora_ext.")))
+
+
 def _hook_parts(hook) -> list:
     """The hooks an accelerate `_hf_hook` is made of (a SequentialHook's, or itself; none for None)."""
     return [h for h in getattr(hook, "hooks", (hook,)) if h is not None]
@@ -2196,6 +2211,17 @@ class ConvLoRA(LoRALayer, nn.Module):
         if self.r > 0 and self._trains_merged():  # (see LoRALayer._merged_training_factors)
             return ops.conv(self.conv, x, x, *self._merged_training_factors(), 1.0)
         return self._weight_forward(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv = self.conv
+        if conv._forward_pre_hooks or conv._forward_hooks or conv._backward_hooks or conv._backward_pre_hooks:
+            hooks = [h for d in (conv._forward_pre_hooks, conv._forward_hooks, conv._backward_hooks,
+                                 conv._backward_pre_hooks) for h in d.values() if users_hook(h)]
+            if hooks:  # (merged, the conv is called and runs them; unmerged, it computes with the adapter's weight)
+                raise ValueError(f"{self._describe()}: its conv has forward or backward hooks of its own, which the "
+                                 f"layer would run merged only (unmerged it computes the convolution with the adapter "
+                                 f"in its weight, without calling the conv); register them on the layer instead")
+        return super().forward(x)
 
     def _weight_forward(self, x):
         """The layer's output from its weight alone (the base, or the merged adapter with it): lora.disable_adapter

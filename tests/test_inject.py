@@ -272,3 +272,51 @@ def test_a_module_with_hooks_of_its_own_is_refused_before_anything_changes(hook)
     handle.remove()
     lora_ext.inject(model, target_modules=["q_proj"], r=2)
     assert isinstance(model.q_proj, lora_ext.Linear)
+
+
+def test_an_accelerate_hook_or_instance_forward_is_refused_and_a_removed_one_is_not():
+    """accelerate's add_hook_to_module sets a forward on the instance (not one of torch's hook dicts): it was lost
+    without a word (an input-scaling hook: 1.09 off with a zero adapter)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    class Double(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return (args[0] * 2,), kwargs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    first, q = model[0], model[1]
+    add_hook_to_module(q, Double())
+    with pytest.raises(ValueError, match=r"module '1' has hooks of its own \(a forward set on the instance by "
+                                         r"accelerate's add_hook_to_module\)"):
+        lora_ext.inject(model, target_modules=["0", "1"], r=2)
+    assert model[0] is first and model[1] is q
+    remove_hook_from_module(q)  # (sets the class's forward back on the instance: not a hook)
+    q.forward = lambda x: x * 3
+    with pytest.raises(ValueError, match=r"module '1' has hooks of its own \(a forward set on the instance\)"):
+        lora_ext.inject(model, target_modules=["0", "1"], r=2)
+    del q.forward
+    assert lora_ext.inject(model, target_modules=["0", "1"], r=2) == ["0", "1"]
+
+
+@pytest.mark.parametrize("which", ["custom", "weight_norm", "bias"])
+def test_a_parametrized_module_is_refused_before_anything_changes(which):
+    """A weight computed by a parametrization: inject raised torch's TypeError (cannot assign 'torch.FloatTensor' as
+    parameter 'weight') after replacing the modules before it."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    first = model[0]
+    if which == "weight_norm":
+        nn.utils.parametrizations.weight_norm(model[1])
+    else:
+        parametrize.register_parametrization(model[1], which if which == "bias" else "weight", Double())
+    keys = sorted(model.state_dict())
+    with pytest.raises(ValueError, match=r"module '1' has parametrizations \((weight|bias):"):
+        lora_ext.inject(model, target_modules=["0", "1"], r=2)
+    assert model[0] is first and sorted(model.state_dict()) == keys

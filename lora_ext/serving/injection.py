@@ -17,11 +17,12 @@ import sys
 import textwrap
 import warnings
 import weakref
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.module import _WrappedHook
 
 from .. import layers, ops, sharded, ties
 from ..layers import LoRALayer
@@ -415,11 +416,60 @@ def _self_attribute(node):
 
 
 # A module's own hooks, which a layer put in its place does not carry (torch's global hooks apply to it as they did).
-_HOOKS = (("forward pre-hooks", "_forward_pre_hooks"), ("forward hooks", "_forward_hooks"),
-          ("backward hooks", "_backward_hooks"), ("backward pre-hooks", "_backward_pre_hooks"),
-          ("state_dict hooks", "_state_dict_hooks"), ("state_dict pre-hooks", "_state_dict_pre_hooks"),
-          ("load_state_dict pre-hooks", "_load_state_dict_pre_hooks"),
-          ("load_state_dict post-hooks", "_load_state_dict_post_hooks"))
+# a module's hooks by kind: torch's dicts of them (the first one holds every hook of the kind; the others, keyed by the
+# same handle ids, say how some are called) and the backward kind's flag; they move together (unload's _carry_hooks)
+_HOOKS = (("forward pre-hooks", ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")),
+          ("forward hooks", ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+          ("backward hooks", ("_backward_hooks",)), ("backward pre-hooks", ("_backward_pre_hooks",)),
+          ("state_dict hooks", ("_state_dict_hooks",)), ("state_dict pre-hooks", ("_state_dict_pre_hooks",)),
+          ("load_state_dict pre-hooks", ("_load_state_dict_pre_hooks",)),
+          ("load_state_dict post-hooks", ("_load_state_dict_post_hooks",)))
+
+
+def users_hooks(module) -> Dict[str, List[int]]:
+    """{kind: handle ids} of the hooks of `module`'s users, by kind (see _HOOKS)."""
+    found = {}
+    for kind, (attr, *_) in _HOOKS:
+        hooks = module.__dict__.get(attr) or {}
+        ids = [i for i, hook in hooks.items() if layers.users_hook(hook)]  # (items: a layer's _PreHooks hides none)
+        if ids:
+            found[kind] = ids
+    return found
+
+
+def check_carry(label, src, dst) -> None:
+    """Refuses (ValueError naming `label`) hooks of `src` that unload could not carry to `dst`, the existing module
+    put in its place (a ConvLoRA's conv, a saved module's copy), before anything changes: dst has hooks of that kind
+    itself, which the moved ones would run beside in an order neither was registered in, or whose handles would
+    stop removing them."""
+    if dst is None:
+        return
+    both = [kind for kind in users_hooks(src) if len(dst.__dict__.get(dict(_HOOKS)[kind][0]) or {})]
+    if both:
+        raise ValueError(f"unload: {label} and the {type(dst).__name__} put back in its place both have "
+                         f"{', '.join(both)}; remove those of {label}, unload, then register them on the module put "
+                         f"back")
+
+
+def carry_hooks(src, dst) -> None:
+    """Moves the hooks of `src`'s users to `dst`, the module unload puts in its place (checked by check_carry): torch's
+    dicts themselves, so the handles the user holds still remove them; torch's and lora_ext's own hooks stay with
+    src. A hook torch calls with its module (a load_state_dict pre-hook) is called with dst."""
+    for kind, attrs in _HOOKS:
+        ids = users_hooks(src).get(kind)
+        if not ids:
+            continue
+        for attr in attrs:
+            moved = src.__dict__[attr]
+            stays = type(moved)()
+            for i in [i for i in moved.keys() if i not in ids]:
+                stays[i] = moved.pop(i)
+            for i, hook in list(moved.items()):
+                if isinstance(hook, _WrappedHook) and hook.with_module:
+                    moved[i] = _WrappedHook(hook.hook, dst)
+            dst.__dict__[attr], src.__dict__[attr] = moved, stays
+        if kind == "backward hooks":
+            dst.__dict__["_is_full_backward_hook"] = src.__dict__.get("_is_full_backward_hook")
 
 
 def check_replaceable(model, name, module, label=None):
@@ -441,7 +491,15 @@ def check_replaceable(model, name, module, label=None):
                          f"each forward): a lora_ext layer in its place would lose the hook and read a weight on the "
                          f"meta device; inject or load adapters before offloading, or after "
                          f"accelerate.hooks.remove_hook_from_submodules(model)")
-    hooks = [] if isinstance(module, LoRALayer) else [kind for kind, attr in _HOOKS if getattr(module, attr, None)]
+    hooks = [] if isinstance(module, LoRALayer) else [kind for kind, (attr, *_) in _HOOKS if getattr(module, attr, None)]
+    if not isinstance(module, LoRALayer) and nn.utils.parametrize.is_parametrized(module):
+        raise ValueError(f"{label} has parametrizations ({', '.join(module.parametrizations.keys())}: a weight computed "
+                         f"from others, weight_norm say), which a lora_ext layer in its place would neither compute nor "
+                         f"merge into; remove them first (torch.nn.utils.parametrize.remove_parametrizations), or "
+                         f"register them after inject")
+    if not isinstance(module, LoRALayer) and layers.instance_forward(module):
+        hooks.append("a forward set on the instance" + (" by accelerate's add_hook_to_module"
+                                                        if hasattr(module, "_hf_hook") else ""))
     if hooks:
         raise ValueError(f"{label} has hooks of its own ({', '.join(hooks)}), which a lora_ext layer in its place would "
                          f"not run: the model's outputs, state_dict or loads would change (peft keeps the original "
@@ -752,7 +810,10 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     rows written into its weight (peft's merge_and_unload). With
     merge=True, a transformers config that says tie_word_embeddings is set to False when the input and output
     embeddings no longer share a weight (peft's merge_and_unload does the same). Returns the names of the layers
-    and modules taken out."""
+    and modules taken out. Hooks registered on a layer or a saved module's wrapper (forward, backward, state_dict,
+    load_state_dict) move to the module put back, their handles still removing them; refused before anything
+    changes where that module (a ConvLoRA's conv, a saved copy) has hooks of the same kind, or where an instance
+    forward (accelerate's add_hook_to_module) is set on a layer."""
     if isinstance(model, (LoRALayer, ModulesToSave)):
         raise ValueError(f"unload: the model itself is a {type(model).__name__}; call unload on a model holding it")
     from .adapters import model_lock  # (adapters imports this module)
@@ -779,6 +840,16 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
             raise ValueError(f"unload: layer {name!r}: its weight is computed by a parametrization (weight_norm, "
                              f"pruning), which the plain module would not carry; remove it first "
                              f"(torch.nn.utils.parametrize.remove_parametrizations on the module holding the weight)")
+        if layers.instance_forward(layer):
+            raise ValueError(f"unload: layer {name!r} has a forward set on the instance (accelerate's "
+                             f"add_hook_to_module puts one there), which the plain module put in its place would not "
+                             f"run; remove it first (accelerate.hooks.remove_hook_from_submodules(model)), then unload")
+        check_carry(f"layer {name!r}", layer, layer.conv if isinstance(layer, layers.ConvLoRA) else None)
+    for name, wrapper in wrappers(model):
+        if layers.instance_forward(wrapper):
+            raise ValueError(f"unload: module {name!r} has a forward set on the instance, which the module put in its "
+                             f"place would not run; remove it first, then unload")
+        check_carry(f"module {name!r}", wrapper, wrapper.put_back())
     if merge:
         for name, layer in found:
             check_mergeable(name, layer)
@@ -811,10 +882,13 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
                 # that, which inject had frozen, keeps its flag)
                 if not base.is_inference():  # (an inference tensor never requires grad)
                     base.requires_grad_(base.requires_grad or getattr(layer, "_base_requires_grad", True))
+                carry_hooks(layer, plain)  # (hooks its users registered on the layer: on the plain module now)
             _set_submodule(model, name, plain)
             names.append(name)
         for name, wrapper in wrappers(model):
-            _set_submodule(model, name, wrapper.unloaded(merge))
+            plain = wrapper.unloaded(merge)
+            carry_hooks(wrapper, plain)
+            _set_submodule(model, name, plain)
             names.append(name)
         if merge:
             _untie_config(model)

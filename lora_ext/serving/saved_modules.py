@@ -135,9 +135,13 @@ class ModulesToSave(nn.Module):
         if self.__dict__["active_adapter"] == name:
             self.__dict__["active_adapter"] = None
 
-    def unloaded(self, merge: bool) -> nn.Module:
+    def put_back(self) -> nn.Module:
         """The module unload puts back: the one that computes now (peft's unload and merge_and_unload both do)."""
         return self.served()
+
+    def unloaded(self, merge: bool) -> nn.Module:
+        """put_back(), made ready to go back (see TrainableTokens)."""
+        return self.put_back()
 
     def merge_refusal(self, model: nn.Module, path: str) -> Optional[str]:
         """Why unload(merge=True) cannot put back what unloaded() gives (None: it can; see TrainableTokens)."""

@@ -120,10 +120,14 @@ class TrainableTokens(ModulesToSave):
     def what(self) -> str:
         return "has rows of tokens (trainable_token_indices)"
 
+    def put_back(self) -> nn.Module:
+        """The module unload puts back: the original (unloaded writes the active adapter's rows into it)."""
+        return self._modules["original_module"]
+
     def unloaded(self, merge: bool) -> nn.Module:
         """The module unload puts back: the original, with the active adapter's rows written into its weight when
         `merge` (a tied head's rows are its embedding's, written there)."""
-        module = self._modules["original_module"]
+        module = self.put_back()
         served = self.served()
         if merge and served is not module and not served.__dict__["tied"]:
             served.write_into(module.weight)
