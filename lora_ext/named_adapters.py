@@ -674,10 +674,11 @@ class NamedAdapters:
             # it comes back: _take_values gives it new storage where the shapes differ)
             self.__dict__["_reserved_rank"] = rank
 
-    def own_factors(self, name: str) -> Tuple[Tensor, Tensor]:
+    def own_factors(self, name: str, factors: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         """Adapter `name`'s factors at its own rank: in a reserved layer without the padding (the rank it had when
-        it was padded, or more where values were written into the padding since); elsewhere as held."""
-        A, B, _ = self.get_adapter(name)
+        it was padded, or more where values were written into the padding since); elsewhere as held. factors:
+        the adapter's (lora_A, lora_B) to take them from (save_peft_adapter's: sharded ones gathered whole)."""
+        A, B = factors if factors is not None else self.get_adapter(name)[:2]
         A, B = A.detach(), B.detach()
         if self.reserved_rank is None:
             return A, B

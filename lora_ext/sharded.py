@@ -106,6 +106,15 @@ def fsdp_managed(module) -> bool:
     return any(p._module_info.module is module for _, p in _fsdp_params())
 
 
+def any_sharded(model) -> bool:
+    """Whether a parameter of `model` is a DTensor (FSDP2, tensor parallel) or FSDP2 manages a module of it (its
+    parameters all-gathered now)."""
+    if any(is_dtensor(p) for p in model.parameters()):
+        return True
+    managed = {id(p._module_info.module) for _, p in _fsdp_params()}
+    return bool(managed) and any(id(m) in managed for m in model.modules())
+
+
 def fsdp1_flat(t) -> bool:
     """Whether `t` lies in an FSDP1 flat parameter: an original Parameter FSDP1 marked (use_orig_params=True, whose
     memory it swaps between shard pieces and gathered views) or a view of a FlatParameter (use_orig_params=False)."""

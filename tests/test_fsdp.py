@@ -306,3 +306,56 @@ def test_fsdp_switch_refused_at_its_second_factor_writes_neither():
         for mode in ("train", "eval"):
             name, err = r[mode]
             assert name == "default" and err < 1e-5, r
+
+
+# -- save_peft_adapter of a sharded model: the factors gathered (every rank calls), rank 0 writes ---------------------
+
+def _save_net(reserve=False):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 6), nn.Linear(6, 5))
+    lora.inject(net, ["0", "1", "2"], r=2, lora_alpha=4)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in lora_layers_of(net):
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g))
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g))
+    seed_adapters(net, "b", g)
+    if reserve:  # (the saved factors are the adapter's own rank: taken from the gathered ones)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        lora.reserve_rank(net, 4)
+    return net
+
+
+def _save_cases(rank, world, path, reserve):
+    import os
+    net = _save_net(reserve)
+    for m in lora_layers_of(net):
+        fully_shard(m)
+    fully_shard(net)
+    saved = {}
+    for name, adapter in (("active", None), ("b", "b")):
+        lora.save_peft_adapter(net, os.path.join(path, name), adapter_name=adapter)
+        saved[name] = os.path.isdir(os.path.join(path, name))
+    return saved
+
+
+@pytest.mark.parametrize("reserve", [False, True], ids=["plain", "reserve_rank"])
+def test_save_peft_adapter_of_an_fsdp2_model_gathers_the_factors_and_rank_0_writes(tmp_path, reserve):
+    """The active adapter's factors are DTensors: save raised safetensors' "Attempted to access the data pointer on
+    an invalid python storage". Expected: the files one process writes, tensor for tensor."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+    got = run_ranks(_save_cases, str(tmp_path / "sharded"), reserve)
+    assert got[0] == {"active": True, "b": True}
+    single = _save_net(reserve)
+    for name, adapter in (("active", None), ("b", "b")):
+        lora.save_peft_adapter(single, str(tmp_path / "single" / name), adapter_name=adapter)
+        want = load_file(str(tmp_path / "single" / name / "adapter_model.safetensors"))
+        have = load_file(str(tmp_path / "sharded" / name / "adapter_model.safetensors"))
+        assert set(have) == set(want) and all(torch.equal(have[k], want[k]) for k in want), name
+        with open(os.path.join(tmp_path, "single", name, "adapter_config.json")) as f, \
+                open(os.path.join(tmp_path, "sharded", name, "adapter_config.json")) as g:
+            assert json.load(f) == json.load(g)

@@ -19,7 +19,7 @@ from typing import List, Optional, Union
 import torch
 import torch.nn as nn
 
-from .. import layers, ops
+from .. import layers, ops, sharded
 from ..layers import LoRALayer
 from ..named_adapters import check_adapter_name, deferred_interrupt, held_warnings
 from ..utils import unwrap
@@ -1093,7 +1093,9 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     """Writes one adapter of the model's lora_ext layers (default: the active one) as a peft LoRA adapter
     directory that peft's PeftModel.from_pretrained loads into the plain model (DistributedDataParallel and
     torch.compile wrappers are looked through). Both files are written under temporary names and
-    renamed when both are complete; model-level changes on other threads wait while the factors are read."""
+    renamed when both are complete; model-level changes on other threads wait while the factors are read. A model
+    sharded by FSDP2 or tensor parallel: every rank calls it (its sharded tensors are gathered, a collective, as
+    lora_state_dict's), and rank 0 writes the files."""
     from safetensors.torch import save_file
 
     inner = unwrap(model)  # names as the plain model has them (no "module." / "_orig_mod." prefix)
@@ -1111,6 +1113,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: the lora_ext layers disagree on the active adapter ({sorted(actives)}); "
                                  f"name the adapter to save (adapter_name=) or set_adapter the model first")
         tensors, ranks, alphas, dropouts = {}, {}, {}, {}
+        gathered = False  # (sharded factors gathered: rank 0 writes)
         # the layers the adapter targets: those that hold it, and not as a stand-in of zeros (peft saves an adapter
         # of other target modules than the active one's alike)
         def wanted(layer):  # the adapter saved from `layer`
@@ -1137,12 +1140,15 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             if why is not None:
                 raise ValueError(f"save: layer {name!r} is a convolution with {why}")
             A, B, scaling = layer.get_adapter(adapter)
+            if sharded.is_dtensor(A) or sharded.is_dtensor(B):  # FSDP2, tensor parallel: whole (every rank calls)
+                gathered = True
+                A, B = sharded.full(A.detach()), sharded.full(B.detach())
             if A.is_meta or B.is_meta:  # (an accelerate offload keeps the live factors' values in its hook)
                 raise ValueError(f"save: layer {name!r}: adapter {adapter!r}'s factors are on the meta device: "
                                  f"{layers.meta_refusal(layer)}")
             ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
             if layer.reserved_rank is not None:  # the adapter's own rank, without reserve_rank's padding
-                A, B = layer.own_factors(adapter)
+                A, B = layer.own_factors(adapter, (A, B))
             ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
             tensors[PREFIX + name + ka], tensors[PREFIX + name + kb] = _tokens.file_copy(A), _tokens.file_copy(B)
             ranks[name], alphas[name] = rank, scaling * rank
@@ -1180,6 +1186,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         "modules_to_save": saved or None,
         "trainable_token_indices": token_indices,
     }
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0 and (gathered or sharded.any_sharded(inner)):
+        return sorted(ranks)  # (sharded: every rank holds what rank 0 writes)
     os.makedirs(path, exist_ok=True)
     for name in (WEIGHTS_NAME, CONFIG_NAME):  # left by a killed save
         remove_stale_temporaries(os.path.join(path, name))

@@ -341,8 +341,9 @@ def file_copy(t: Tensor) -> Tensor:
     """A copy of t's values for an adapter file (save_peft_adapter: factors, modules saved whole, rows of tokens),
     contiguous on the CPU, that nothing else holds: the file is written after the model's lock is let go, and a
     serving switch on another thread writes the next adapter into the live tensors in place (a CPU tensor's .cpu()
-    is the tensor itself)."""
-    return t.detach().cpu().clone(memory_format=torch.contiguous_format)
+    is the tensor itself). A sharded tensor (FSDP2, tensor parallel) is gathered whole: a collective, every rank
+    calls it (save_peft_adapter)."""
+    return sharded.full(t.detach()).cpu().clone(memory_format=torch.contiguous_format)
 
 
 def saved_rows(model: nn.Module, adapter: str, prefix: str, tensors: Dict[str, Tensor], every: List[str]):
