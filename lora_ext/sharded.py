@@ -178,12 +178,29 @@ class Part(NamedTuple):
     layout: dict
 
 
-def mesh_refusal(weight: Tensor, where: str) -> Optional[str]:
-    """Why a merge cannot write this DTensor weight, placed on a mesh of more than one dimension (HSDP's), or None
-    (a plain tensor too): the merges' parts and their agreement work on a 1-D mesh."""
-    if not is_dtensor(weight) or weight.device_mesh.ndim == 1:
+def mesh_refusal(weight: Tensor, where: str, update_rows: Optional[int] = None) -> Optional[str]:
+    """Why a merge cannot write this DTensor weight, or None (a plain tensor too), before any layer is written
+    (parts() would raise the same mid-way): a mesh of more than one dimension (HSDP's; the merges' parts and their
+    agreement work on a 1-D mesh), a weight of more than 2 dimensions sharded along dim 1, or one sharded along
+    dim 0 whose update's `update_rows` rows (a grouped convolution's) do not fall whole into its output channels."""
+    if not is_dtensor(weight):
         return None
-    return _placement_message(weight, where)
+    if weight.device_mesh.ndim != 1:
+        return _placement_message(weight, where)
+    placement = weight.placements[0]  # (other placements: lora_ext.parallel's, which its styles merge)
+    d = placement.dim if type(placement) is Shard else None
+    if d == 1 and weight.dim() != 2:
+        return (f"{where}: merging a {weight.dim()}-D weight sharded along dim 1 is not supported (along dim 0, "
+                f"fully_shard's default, it is)")
+    if d == 0 and weight.dim() > 2 and update_rows is not None and update_rows % weight.shape[0]:
+        return _grouped_message(weight, where, update_rows)
+    return None
+
+
+def _grouped_message(weight: Tensor, where: str, rows: int) -> str:
+    return (f"{where}: the weight is sharded along its {weight.shape[0]} output channels, but its LoRA update's {rows} "
+            f"rows (a grouped convolution: kernel height over groups) do not fall whole into channels; merge it "
+            f"unsharded, or shard it along another dimension")
 
 
 def _placement_message(weight: Tensor, where: str) -> str:
@@ -241,13 +258,11 @@ def parts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, num_blocks: int = 1, b
     if d is None:
         return [Part(shard.reshape(rows2d, k), lora_A, lora_B, layout)]
     if d == 1:
-        if weight.dim() != 2:
-            raise ValueError(f"{where}: a {weight.dim()}-D weight sharded along dim 1 is not supported")
+        if weight.dim() != 2:  # (mesh_refusal says so before a merge writes)
+            raise ValueError(mesh_refusal(weight, where))
         return [Part(shard, lora_A[:, off:off + n].contiguous(), lora_B, layout)]
     if rows2d % weight.shape[0]:  # (a grouped convolution whose kernel rows per group do not split by channel)
-        raise ValueError(f"{where}: the weight is sharded along its {weight.shape[0]} output channels, but its LoRA "
-                         f"update's {rows2d} rows (a grouped convolution: kernel height over groups) do not fall "
-                         f"whole into channels; merge it unsharded, or shard it along another dimension")
+        raise ValueError(_grouped_message(weight, where, rows2d))
     w2 = shard.view(n * f, k)
     r0, r1 = off * f, (off + n) * f
     nb = rows2d // num_blocks

@@ -359,3 +359,77 @@ def test_save_peft_adapter_of_an_fsdp2_model_gathers_the_factors_and_rank_0_writ
         with open(os.path.join(tmp_path, "single", name, "adapter_config.json")) as f, \
                 open(os.path.join(tmp_path, "sharded", name, "adapter_config.json")) as g:
             assert json.load(f) == json.load(g)
+
+
+# -- a conv weight sharded along dim 1: refused before any layer is written -------------------------------------------
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = lora.Linear(8, 6 * 4, r=2, lora_alpha=4)
+        self.conv = lora.Conv2d(6, 4, kernel_size=3, padding=1, r=2, lora_alpha=4)
+
+    def forward(self, x):
+        return self.conv(self.lin(x).reshape(-1, 6, 2, 2))
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    net = _ConvNet().double()
+    with torch.no_grad():
+        for m in (net.lin, net.conv):
+            m.lora_B.normal_(0, 0.5)
+    return net
+
+
+_XC = torch.randn(3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+def _dim1_cases(rank, world):
+    import warnings
+
+    from torch.distributed.tensor import Shard
+    net = _conv_net()
+    fully_shard(net.lin)
+    fully_shard(net.conv, shard_placement_fn=lambda p: Shard(1) if p.dim() == 4 else Shard(0))
+    fully_shard(net)
+    out = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net.eval()
+    out["warned"] = [str(w.message) for w in caught]
+    out["flags"] = (net.lin.merged, net.conv.merged, net.training, net.lin.training, net.conv.training)
+    with torch.no_grad():
+        out["eval"] = net(_XC)
+    try:
+        lora.merge_adapter(net)
+        out["merge_adapter"] = None
+    except ValueError as e:
+        out["merge_adapter"] = str(e)
+    out["after"] = (net.lin.merged, net.conv.merged)
+    torch.manual_seed(0)  # a grouped conv whose update's rows (out/groups * kernel height) do not split by channel
+    grouped = nn.Sequential(lora.Linear(4, 4, r=2), lora.Conv2d(4, 4, 3, groups=2, r=2)).double()
+    fully_shard(grouped[0])
+    fully_shard(grouped[1])
+    fully_shard(grouped)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        grouped.eval()
+    out["grouped"] = ([str(w.message) for w in caught], grouped[1].merged, grouped[1].training)
+    return out
+
+
+def test_eval_of_a_conv_sharded_along_dim_1_warns_and_leaves_it_unmerged_before_writing():
+    """It merged the layers before the conv, flipped their training flags, then raised inside the conv's merge
+    ("a 4-D weight sharded along dim 1 is not supported"), the conv left training. Expected: eval() warns naming
+    the conv and serves it unmerged, every module in eval mode; merge_adapter refuses with nothing merged."""
+    got = run_ranks(_dim1_cases)
+    with torch.no_grad():
+        want = _conv_net()(_XC)
+    for r in got:
+        assert any("4-D weight sharded along dim 1" in w for w in r["warned"]), r["warned"]
+        assert r["flags"][1:] == (False, False, False, False)  # the conv unmerged; every module evaluating
+        assert (r["eval"] - want).abs().max().item() < 1e-12
+        assert "4-D weight sharded along dim 1" in r["merge_adapter"] and r["after"][1] is False
+        warned, merged, training = r["grouped"]
+        assert any("do not fall whole into channels" in w for w in warned) and (merged, training) == (False, False)
