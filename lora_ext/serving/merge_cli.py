@@ -371,6 +371,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     where = {names.get(e[0], e[0]): path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {names.get(e[0], e[0]): e[2] for _, (_, entries, _) in headers.items() for e in entries}
     _check_tied(base, base_dir, factors, shapes, meta=meta)
+    if out_dtype is not None:
+        _check_quantized_dtype(base, base_dir, headers, dtype)
     try:  # base tensors saved for modules this file has no factors of (another adapter's embedding or head)
         base_weights_elsewhere(f"--adapter {adapter!r}", base_weights, factors,
                                lambda n, what: _get_tensor(where[f"{n}.{what}"], headers[where[f"{n}.{what}"]],
@@ -959,6 +961,32 @@ def _nonfinite(t):
     if t.element_size() == 1:  # float8: isfinite is not implemented for every format
         t = t.float()
     return int(t.numel() - torch.isfinite(t).sum())
+
+
+def _check_quantized_dtype(base, base_dir, headers, dtype):
+    """--dtype converts every floating tensor wider than a byte: in a quantized checkpoint (config.json's
+    quantization_config, or 8-bit float weights with scales beside them) that is its scales too (rounded; a small float32 scale flushed to
+    zero in float16 zeroes its block), under weights left as they are: refused before anything is written."""
+    config = os.path.join(base_dir, "config.json") if base_dir is not None else None
+    quantized = None
+    if config is not None and os.path.isfile(config):
+        try:
+            with open(config, encoding="utf-8") as f:
+                if "quantization_config" in json.load(f):
+                    quantized = "its config.json has a quantization_config"
+        except (OSError, ValueError):
+            pass  # (read again where the files are copied, which names the failure)
+    if quantized is None:  # 8-bit float weights beside their scales (<key>_scale_inv, <key>_scale), in any shard
+        keys = {key for _, entries, _ in headers.values() for key, *_ in entries}
+        eight = sorted(key for _, entries, _ in headers.values() for key, st_dtype, *_ in entries
+                       if _FROM_ST[st_dtype].is_floating_point and _FROM_ST[st_dtype].itemsize == 1
+                       and (key + "_scale_inv" in keys or key + "_scale" in keys))
+        if eight:
+            quantized = f"8-bit float weights with scales beside them: {eight[0]!r}"
+    if quantized is not None:
+        raise MergeError(f"--dtype {dtype}: --base {base!r} is quantized ({quantized}): --dtype would convert its "
+                         f"scales and other tensors kept in their own dtype while the quantized weights stay as they "
+                         f"are; merge without --dtype")
 
 
 def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allow_inf, delay=0.0, replace=None):
