@@ -896,9 +896,12 @@ def autocast_eligible(t) -> bool:
 
 
 def _autocast_cast(dtype, tensors):
-    """The tensors among `tensors` that autocast casts in dtype (floating ones, float64 excepted: torch's rule, so
-    that a float64 layer computes in float64 under autocast, as F.linear does), each tensor cast once: x given
-    again as x_lora (no dropout) stays one tensor (one cast and one cast's backward, not two)."""
+    """The tensors among `tensors` (x first) that autocast casts in dtype (floating ones, float64 excepted: torch's
+    rule, so that a float64 layer computes in float64 under autocast, as F.linear does; and none where x is float64,
+    whose op computes in float64 as outside autocast: float32 factors rounded to 16 bits first were 7e-2 off), each
+    tensor cast once: x given again as x_lora (no dropout) stays one tensor (one cast and one cast's backward)."""
+    if isinstance(tensors[0], Tensor) and tensors[0].dtype == torch.float64:
+        return tuple(tensors)
     done = {}
     out = []
     for t in tensors:

@@ -436,10 +436,9 @@ def _low(x: torch.Tensor, *operands: torch.Tensor, autocast: bool = True):
     rounded once onto the output (_onto)."""
     device = x.device.type
     dtype = x.dtype
-    if autocast and torch.is_autocast_enabled(device):  # (torch's rule: float64 is not cast)
-        cast = torch.get_autocast_dtype(device)
-        dtype = cast if ops.autocast_eligible(x) else dtype
-        operands = [t.to(cast) if ops.autocast_eligible(t) else t for t in operands]
+    if autocast and torch.is_autocast_enabled(device) and x.dtype != torch.float64:  # (as ops._autocast_cast)
+        dtype = torch.get_autocast_dtype(device)
+        operands = [t.to(dtype) if ops.autocast_eligible(t) else t for t in operands]
     cd = reference.compute_dtype(dtype)
     return [t.to(cd) for t in operands]
 

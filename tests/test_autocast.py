@@ -183,16 +183,19 @@ def test_a_merged_bfloat16_layer_trains_under_float16_autocast():
         assert (y.double() - unmerged).abs().max().item() <= 0.02 * (1 + unmerged.abs().max().item())
 
 
+@pytest.mark.parametrize("factors", [torch.float64, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kind", ["linear", "linear_fifo", "merged", "merged_fifo"])
-def test_a_float64_layer_computes_in_float64_under_autocast(kind, dtype):
+def test_a_float64_layer_computes_in_float64_under_autocast(kind, dtype, factors):
     """torch's autocast casts no float64 tensor (F.linear stays float64): lora_ext cast every floating operand, so an
-    unmerged float64 layer gave its output in 16 bits (1e-2 off where merged was 1e-15). Expected: float64 from the
-    same operands, computed by plain torch."""
+    unmerged float64 layer gave its output in 16 bits (1e-2 off where merged was 1e-15); with float32 factors, those
+    were rounded to 16 bits and the op computed in float64 (7e-2 off). Expected: float64 from the same operands,
+    computed by plain torch, as outside autocast."""
     ours, _, x = _pair(kind)
     ours = ours.double()
+    ours.lora_A.data, ours.lora_B.data = ours.lora_A.data.to(factors), ours.lora_B.data.to(factors)
     x = x.double().requires_grad_()
-    A, B, W = (t.detach() for t in (ours.lora_A, ours.lora_B, ours.weight))
+    A, B, W = (t.detach().double() for t in (ours.lora_A, ours.lora_B, ours.weight))
     W = W.t() if ours.fan_in_fan_out else W
     delta = torch.zeros_like(W)
     if kind.startswith("merged"):  # enable_lora [True, False, True]: B's rows in two groups, A's in two
@@ -211,4 +214,4 @@ def test_a_float64_layer_computes_in_float64_under_autocast(kind, dtype):
     ours.train()
     with torch.autocast("cpu", dtype):
         ours(x).square().sum().backward()
-    assert ours.lora_A.grad.dtype == torch.float64 and x.grad.dtype == torch.float64
+    assert ours.lora_A.grad.dtype == factors and x.grad.dtype == torch.float64
