@@ -680,3 +680,32 @@ def test_inject_keeps_out_of_modules_with_rows(tmp_path):
         lora.inject(model, ["embed_tokens"])
     with pytest.raises(ValueError, match="no module"):  # (its inside is not a target either)
         lora.inject(model, ["original_module"])
+
+
+def test_a_hooked_embedding_is_refused_and_a_hook_registered_after_loading_applies_to_every_token(tmp_path):
+    """The rows replaced the hooked module's output at their tokens only: a hook adding 1 reached the other tokens,
+    and unload(merge=True), whose embedding runs the hook on every token, moved the logits by 0.56. Refused before
+    anything changes; registered on the module at that name after loading, the hook applies to every token before
+    and after unload."""
+    path = _adapter(tmp_path, "a", trainable_token_indices=[1, 5, 7])
+    model = _build("llama")
+    embed = model.model.embed_tokens
+    handle = embed.register_forward_hook(lambda mod, args, out: out + 1.0)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"module 'model.embed_tokens' \(trainable_token_indices\) has forward hooks"):
+        lora.load_peft_adapter(model, path)
+    assert model.model.embed_tokens is embed and unchanged(model, before)
+    handle.remove()
+    lora.load_peft_adapter(model, path)
+    model.eval()
+    model.model.embed_tokens.register_forward_hook(lambda mod, args, out: out + 1.0)
+    x = _ids()
+    with torch.no_grad():
+        rows = model.model.embed_tokens(x)
+        served = _logits(model, x)
+    lora.unload(model, merge=True)
+    assert model.model.embed_tokens is embed
+    with torch.no_grad():
+        W = embed.weight.detach()  # (the rows written into it)
+        torch.testing.assert_close(rows, W[x] + 1.0)
+        torch.testing.assert_close(_logits(model, x), served, rtol=1e-5, atol=1e-5)

@@ -226,3 +226,36 @@ def test_hooks_on_a_conv_layers_own_conv_are_refused_at_the_forward(merged):
         W = W + layer.scaling * (layer.lora_B.detach().double() @ layer.lora_A.detach().double()).view(W.shape)
     expected = F.conv2d(x.double(), W, layer.conv.bias.detach().double()) * 2
     torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_layer_under_two_names_is_replaced_at_both(merge):
+    """named_modules lists a shared module once: unload put the plain module at one name and left the layer, merged,
+    at the other (1138 off through a hook moved to one of them). Expected: the one plain module at both names."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = None
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    m = Twice()
+    lora_ext.inject(m, ["a"], r=2)
+    m.b = m.a
+    layer = m.a
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.register_forward_hook(lambda mod, args, out: out * 10)
+    x = torch.randn(2, 4)
+    W = layer.weight.detach().double()
+    if merge:
+        W = W + layer.scaling * (layer.lora_B.detach().double() @ layer.lora_A.detach().double())
+    b = layer.bias.detach().double()
+    expected = F.linear(F.linear(x.double(), W, b) * 10, W, b) * 10
+    assert sorted(lora_ext.unload(m, merge=merge)) == ["a", "b"]
+    assert type(m.a) is nn.Linear and m.b is m.a
+    torch.testing.assert_close(m(x).double(), expected, rtol=1e-5, atol=1e-4)

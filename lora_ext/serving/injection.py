@@ -825,6 +825,11 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
     check_enabled(model, "unload")
     refuse_fsdp1(model, "unload")  # (the plain modules put back would hold FSDP1's shard pieces)
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALayer)]
+    # every name of each layer (a layer reachable under two names, `m.b = m.a`: the plain module at both)
+    aliases = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, LoRALayer):
+            aliases.setdefault(id(m), []).append(name)
     for name, layer in found:  # (a weight a failed write left unknown would become the plain module's)
         layer._check_sound()
         if isinstance(layer, layers.Embedding) and layer.output_scale() is not None and not _scaled_origin(layer):
@@ -883,8 +888,9 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
                 if not base.is_inference():  # (an inference tensor never requires grad)
                     base.requires_grad_(base.requires_grad or getattr(layer, "_base_requires_grad", True))
                 carry_hooks(layer, plain)  # (hooks its users registered on the layer: on the plain module now)
-            _set_submodule(model, name, plain)
-            names.append(name)
+            for alias in aliases[id(layer)]:
+                _set_submodule(model, alias, plain)
+                names.append(alias)
         for name, wrapper in wrappers(model):
             plain = wrapper.unloaded(merge)
             carry_hooks(wrapper, plain)

@@ -585,6 +585,16 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # (rows of tokens: taken out of `tensors`, checked against the model; nothing changes yet)
     token_plan = _tokens.plan(model, token_spec, tensors, PREFIX, weights_file, cfg_file) if token_spec else []
     token_names = [n for names, _, _ in token_plan for n in names]
+    for names, module, _ in token_plan:  # (the module whose output the rows replace: a wrapper's original)
+        module = module._modules["original_module"] if isinstance(module, _tokens.TrainableTokens) else module
+        hooked = [kind for kind in _inject.users_hooks(module) if kind in ("forward pre-hooks", "forward hooks")]
+        hooked += ["a forward set on the instance"] if layers.instance_forward(module) else []
+        if hooked:
+            raise ValueError(f"{cfg_file}: module {names[0]!r} (trainable_token_indices) has {', '.join(hooked)} of "
+                             f"its own, whose output its adapter rows would replace at their tokens only (and "
+                             f"unload would then apply them to every token); remove them, load the adapter, then "
+                             f"register them on the module at {names[0]!r} (transformers' enable_input_require_grads, "
+                             f"which gradient_checkpointing_enable calls, registers one: call it after loading)")
     clash = sorted(set(token_names) & {n for n, _ in to_save})
     if clash:
         tied = next((rows.__dict__["tied"] for names, _, rows in token_plan if clash[0] in names), False)
