@@ -852,13 +852,17 @@ def _fsdp_cases(rank, world):
     out = {}
     conv = _grouped_conv()
     fully_shard(conv)
-    try:
-        with torch.no_grad():
-            conv.eval()
-        out["conv"] = None
-    except ValueError as e:
-        out["conv"] = str(e)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        conv.eval()  # (refused by merge_refusal before any write: eval() warns and serves it unmerged)
+    out["conv"] = " ".join(str(w.message) for w in caught)
     out["conv_state"] = (conv.merged, conv.training)
+    try:
+        conv.merge()
+        out["conv_merge"] = None
+    except ValueError as e:
+        out["conv_merge"] = str(e)
     n = _fsdp_pair()
     fully_shard(n, ignored_params={n[0].weight, n[2].weight})
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
@@ -875,7 +879,8 @@ def _fsdp_cases(rank, world):
 def test_fsdp2_grouped_conv_refused_by_name_and_ignored_weights_merge():
     got = run_ranks(_fsdp_cases)[0]
     assert "Conv2d" in got["conv"] and "grouped convolution" in got["conv"], got["conv"]
-    assert got["conv_state"] == (False, True)  # refused before anything changed
+    assert got["conv_state"] == (False, False)  # unmerged, in eval mode (as eval() of a model leaves it)
+    assert "grouped convolution" in got["conv_merge"]  # merge() itself refuses
     ref = _fsdp_pair()
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
     base = [ref[0].weight.detach().clone(), ref[2].weight.detach().clone()]
