@@ -153,6 +153,20 @@ def fsdp1_refusal(layer, what: str, names=("weight", "lora_A", "lora_B"),
             f"serve the adapter unmerged (eval() leaves it so), {remedy}")
 
 
+def reshard_fsdp(model) -> None:
+    """FSDP2 (fully_shard) modules of the model back to their sharded parameters before a merge or a switch
+    writes them (a write into all-gathered parameters, reshard_after_forward=False or after unshard(), would be
+    lost at the next reshard), or a save reads them (gathered under a MixedPrecisionPolicy they are param_dtype's
+    copies: bfloat16 factors). A reshard only frees the gathered copies."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def reshard_if_gathered(layer) -> bool:
     """FSDP2 (fully_shard) swaps a module's parameters for all-gathered plain ones while it is unsharded (after
     a forward with reshard_after_forward=False, the root after any forward, after unshard()); a merge or a

@@ -161,6 +161,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     if any(sharded.fsdp1_flattened(m) for _, m in _lora_layers(model)):
         return _fsdp1_lora_state_dict(model, bias)
     out = {}
+    sharded.reshard_fsdp(model)  # (FSDP2: gathered under a MixedPrecisionPolicy, factors are param_dtype's copies)
     for prefix, m in _lora_layers(model):
         if m.has_lora:
             out[prefix + "lora_A"] = sharded.full(m.lora_A.detach())  # FSDP2: gathered (every rank calls)

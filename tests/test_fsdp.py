@@ -327,30 +327,44 @@ def _save_net(reserve=False):
     return net
 
 
-def _save_cases(rank, world, path, reserve):
+def _save_cases(rank, world, path, reserve, mixed=False):
     import os
     net = _save_net(reserve)
-    for m in lora_layers_of(net):
-        fully_shard(m)
-    fully_shard(net)
+    if mixed:  # the root only, bfloat16 compute: after a forward it holds its parameters gathered, in bfloat16
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        fully_shard(net, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        with torch.no_grad():
+            net(torch.tensor([[1, 2, 3]]))
+    else:
+        for m in lora_layers_of(net):
+            fully_shard(m)
+        fully_shard(net)
     saved = {}
     for name, adapter in (("active", None), ("b", "b")):
         lora.save_peft_adapter(net, os.path.join(path, name), adapter_name=adapter)
         saved[name] = os.path.isdir(os.path.join(path, name))
+    if mixed:
+        with torch.no_grad():
+            net(torch.tensor([[1, 2, 3]]))
+        saved["state"] = lora.lora_state_dict(net)
     return saved
 
 
-@pytest.mark.parametrize("reserve", [False, True], ids=["plain", "reserve_rank"])
-def test_save_peft_adapter_of_an_fsdp2_model_gathers_the_factors_and_rank_0_writes(tmp_path, reserve):
+@pytest.mark.parametrize("reserve,mixed", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "reserve_rank", "bf16_mixed_precision_gathered"])
+def test_save_peft_adapter_of_an_fsdp2_model_gathers_the_factors_and_rank_0_writes(tmp_path, reserve, mixed):
     """The active adapter's factors are DTensors: save raised safetensors' "Attempted to access the data pointer on
     an invalid python storage". Expected: the files one process writes, tensor for tensor."""
     import json
     import os
 
     from safetensors.torch import load_file
-    got = run_ranks(_save_cases, str(tmp_path / "sharded"), reserve)
-    assert got[0] == {"active": True, "b": True}
+    got = run_ranks(_save_cases, str(tmp_path / "sharded"), reserve, mixed)
+    assert {k: got[0][k] for k in ("active", "b")} == {"active": True, "b": True}
     single = _save_net(reserve)
+    if mixed:  # (gathered under bfloat16 compute, the factors were saved as bfloat16 copies: 3.5e-3 off)
+        want = lora.lora_state_dict(single)
+        assert set(got[0]["state"]) == set(want) and all(torch.equal(got[0]["state"][k], want[k]) for k in want)
     for name, adapter in (("active", None), ("b", "b")):
         lora.save_peft_adapter(single, str(tmp_path / "single" / name), adapter_name=adapter)
         want = load_file(str(tmp_path / "single" / name / "adapter_model.safetensors"))

@@ -360,17 +360,7 @@ def reserved_rank(model: nn.Module) -> Optional[int]:
     return max(ranks, default=None)
 
 
-def reshard_fsdp(model: nn.Module) -> None:
-    """FSDP2 (fully_shard) modules of the model back to their sharded parameters before a merge or a switch
-    writes them: a write into all-gathered parameters (reshard_after_forward=False, or after unshard()) would be
-    lost at the next reshard. A reshard only frees the gathered copies."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return
-    for m in model.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
+reshard_fsdp = sharded.reshard_fsdp  # (model-level writes reshard first)
 
 
 def _check_ddp_switch(model, found, name, trains):

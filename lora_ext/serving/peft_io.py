@@ -1117,6 +1117,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         found = lora_layers(inner)
         if not found:
             raise ValueError("save: model holds no lora_ext layer with an adapter")
+        sharded.reshard_fsdp(inner)  # (FSDP2: gathered under a MixedPrecisionPolicy, factors are bfloat16 copies)
         if adapter_name is None:
             actives = {m.active_adapter for _, m in found}
             if len(actives) != 1:
