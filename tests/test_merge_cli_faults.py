@@ -398,24 +398,37 @@ def test_the_header_reader_agrees_with_safetensors(ws):
     assert all(tuple(t[k].shape) == shape for k, _, shape, _, _ in entries)
 
 
-@pytest.mark.parametrize("how", ["config", "scales"])
+@pytest.mark.parametrize("how", ["config", "text_config", "fp8", "int8", "gptq", "nf4", "null_config"])
 def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys, how):
-    """--dtype converted a quantized checkpoint's float32 block scales with the rest (a 2e-8 scale flushed to 0 in
-    float16: its block dequantizes to zeros), exit 0, the float8 weights and quantization_config kept."""
+    """--dtype converted a quantized checkpoint's float32 scales with the rest (a 2e-8 scale flushed to 0 in float16:
+    its block dequantizes to zeros), exit 0, the quantized weights and quantization_config kept. A null
+    quantization_config is not one."""
     src = ws / "single" / "model.safetensors"
     t = load_file(str(src))
-    t["extra.weight"] = torch.tensor([[1.0, -2.0]]).to(torch.float8_e4m3fn)
-    if how == "scales":
-        t["extra.weight_scale_inv"] = torch.tensor([[2e-8]])
+    quant = {"quant_method": "fp8", "weight_block_size": [64, 64]}
+    packed = {"fp8": ("extra.weight", torch.tensor([[1.0, -2.0]]).to(torch.float8_e4m3fn)),
+              "int8": ("extra.weight", torch.tensor([[1, -2]], dtype=torch.int8)),
+              "gptq": ("extra.qweight", torch.tensor([[7]], dtype=torch.int32)),
+              "nf4": ("extra.weight", torch.tensor([[7]], dtype=torch.uint8))}
+    if how in packed:
+        key, value = packed[how]
+        t[key] = value
+        t["extra.scales"] = torch.tensor([[2e-8]])
     else:
         with open(ws / "single" / "config.json") as f:
             cfg = json.load(f)
-        cfg["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [64, 64]}
+        if how == "text_config":
+            cfg["text_config"] = {"quantization_config": quant}
+        else:
+            cfg["quantization_config"] = None if how == "null_config" else quant
         with open(ws / "single" / "config.json", "w") as f:
             json.dump(cfg, f)
     save_file(t, str(src), metadata={"format": "pt"})
     out = ws / "merged"
     rc, err = _run(capsys, "--base", ws / "single", "--adapter", ws / "adapter", "--out", out, "--dtype", "float16")
+    if how == "null_config":
+        assert rc == 0
+        return
     assert rc != 0 and "is quantized" in err and not os.path.exists(out)
     assert _run(capsys, "--base", ws / "single", "--adapter", ws / "adapter", "--out", out)[0] == 0  # (no --dtype)
 

@@ -963,30 +963,42 @@ def _nonfinite(t):
     return int(t.numel() - torch.isfinite(t).sum())
 
 
+def _quantization_config(cfg) -> bool:
+    """Whether a config (or a sub-config: a multimodal model's text_config) says quantization_config."""
+    if isinstance(cfg, dict):
+        return cfg.get("quantization_config") is not None or any(_quantization_config(v) for v in cfg.values())
+    return False
+
+
 def _check_quantized_dtype(base, base_dir, headers, dtype):
     """--dtype converts every floating tensor wider than a byte: in a quantized checkpoint (config.json's
-    quantization_config, or 8-bit float weights with scales beside them) that is its scales too (rounded; a small float32 scale flushed to
-    zero in float16 zeroes its block), under weights left as they are: refused before anything is written."""
+    quantization_config, its own or a sub-config's, or weights stored in integers or 8-bit floats: GPTQ's qweight,
+    bitsandbytes' packed weight, int8/fp8/fp4 weights) that is its scales too (rounded; a small float32 scale
+    flushed to zero in float16 zeroes its block), under weights left as they are: refused before anything is
+    written."""
     config = os.path.join(base_dir, "config.json") if base_dir is not None else None
     quantized = None
     if config is not None and os.path.isfile(config):
         try:
             with open(config, encoding="utf-8") as f:
-                if "quantization_config" in json.load(f):
+                if _quantization_config(json.load(f)):
                     quantized = "its config.json has a quantization_config"
         except (OSError, ValueError):
             pass  # (read again where the files are copied, which names the failure)
-    if quantized is None:  # 8-bit float weights beside their scales (<key>_scale_inv, <key>_scale), in any shard
-        keys = {key for _, entries, _ in headers.values() for key, *_ in entries}
-        eight = sorted(key for _, entries, _ in headers.values() for key, st_dtype, *_ in entries
-                       if _FROM_ST[st_dtype].is_floating_point and _FROM_ST[st_dtype].itemsize == 1
-                       and (key + "_scale_inv" in keys or key + "_scale" in keys))
-        if eight:
-            quantized = f"8-bit float weights with scales beside them: {eight[0]!r}"
+    if quantized is None:
+        packed = sorted(key for _, entries, _ in headers.values() for key, st_dtype, *_ in entries
+                        if key.endswith("weight") and (not _FROM_ST[st_dtype].is_floating_point
+                                                       or _FROM_ST[st_dtype].itemsize == 1))
+        if packed:
+            quantized = f"weights stored in {_FROM_ST[_st_dtype_of(headers, packed[0])]}: {packed[0]!r}"
     if quantized is not None:
         raise MergeError(f"--dtype {dtype}: --base {base!r} is quantized ({quantized}): --dtype would convert its "
                          f"scales and other tensors kept in their own dtype while the quantized weights stay as they "
                          f"are; merge without --dtype")
+
+
+def _st_dtype_of(headers, key):
+    return next(st_dtype for _, entries, _ in headers.values() for k, st_dtype, *_ in entries if k == key)
 
 
 def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allow_inf, delay=0.0, replace=None):
