@@ -713,11 +713,8 @@ def install(model, name, module, layer, scaling, owners, adapter_name="default",
 
     A weight tied to another module (GPT-2's wte and lm_head) is never merged into: that would change the
     other module too. The layer then always adds its adapter on the fly."""
-    tied = [n for n in owners.get(id(module.weight), []) if n != name]
+    owners_of_weight = owners.get(id(module.weight), [])
     _adopt(layer, module)
-    if tied:
-        layer.merge_weights = False
-        layer._tied_with = tied
     layer.active_adapter = adapter_name
     if factors is None:
         layer.scaling = scaling
@@ -727,7 +724,20 @@ def install(model, name, module, layer, scaling, owners, adapter_name="default",
     # The mode only: the layer starts unmerged and merges at the next eval(), as loralib's layers do.
     nn.Module.train(layer, module.training)
     _set_submodule(model, name, layer)
+    # tied: the names of other modules holding the weight; a name that now leads to the layer itself is the layer
+    # reached through another name of a parent (m.decoder = m.model), not a tie
+    tied = [n for n in owners_of_weight if n != name and not _leads_to(model, n, layer)]
+    if tied:
+        layer.merge_weights = False
+        layer._tied_with = tied
     return layer
+
+
+def _leads_to(model, name, module) -> bool:
+    try:
+        return model.get_submodule(name) is module
+    except AttributeError:
+        return False
 
 
 def refuse_fsdp1(model: nn.Module, what: str, hint: str = "") -> None:
