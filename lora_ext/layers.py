@@ -1413,6 +1413,7 @@ class LoRALayer(NamedAdapters):
                     order = None if name is None or name == self.active_adapter else (
                         1 if name < self.active_adapter else -1)
                     record = self._swap_into(target, *snapshot, order=order)
+                    written[0] = True  # (inside: an error at the block's exit leaves the weight written, and known so)
             except BaseException as err:
                 # the old adapter merged back, with the record the error carries (ops.swap_) ...
                 if hasattr(err, "record"):

@@ -849,13 +849,15 @@ class NamedAdapters:
                        self.scaling)
             with deferred_interrupt():  # Ctrl-C lands before or after the whole switch
                 self._activate(name, lora_A, lora_B, scaling)
-                self._streams.retire(lora_A, lora_B)
+                # the bookkeeping straight after the write (plain dict and attribute updates), before anything that
+                # can raise (a CUDA error surfacing at record_stream): the layer says what it serves
                 del self._adapters[name]
                 self._adapters[old_name] = old
                 # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
                 self.__dict__.update(active_adapter=name, _active_home=home)
                 self._stamp_finite(old_name, old_known)
                 self._switch_dropout(old_name, name)
+                self._streams.retire(lora_A, lora_B)
 
     # -- each adapter's lora_dropout -------------------------------------------------------------------------
     #

@@ -773,17 +773,16 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         # layers written before it then get their old values back, so the refusal leaves the model as it was
         written = []
         try:
-            # (a layer whose own write is refused gives its weight back itself: only those written are put back)
+            # (a layer is listed before its write: one whose add_adapter raised after storing the values, in its
+            # bookkeeping after the write, is put back too; putting back one refused before writing changes nothing)
             for name, module, layer, fresh, A2, B2, scaling in plan:
                 if not fresh:
-                    held = _held(layer, adapter_name)
+                    written.append((layer, _held(layer, adapter_name)))
                     layer.add_adapter(adapter_name, A2, B2, scaling)
-                    written.append((layer, held))
             for layer in zeroed:  # (hotswap) layers the old adapter targets and the new one does not: zeros, in place
-                held = _held(layer, adapter_name)
+                written.append((layer, _held(layer, adapter_name)))
                 A, B, _ = layer.get_adapter(adapter_name)
                 layer.add_adapter(adapter_name, torch.zeros_like(A.detach()), torch.zeros_like(B.detach()), 1.0)
-                written.append((layer, held))
                 layer.__dict__.setdefault("_placeholders", set()).add(adapter_name)
             for name, module, layer, fresh, A2, B2, scaling in plan:
                 if fresh:
@@ -1106,7 +1105,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     renamed when both are complete; model-level changes on other threads wait while the factors are read. A model
     sharded by FSDP2 or tensor parallel: every rank calls it (its sharded tensors are gathered, a collective, as
     lora_state_dict's), and rank 0 writes the files."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     inner = unwrap(model)  # names as the plain model has them (no "module." / "_orig_mod." prefix)
     _inject.refuse_fsdp1(inner, "save_peft_adapter",  # (it wrote FSDP1's 1-D shard pieces under its wrapper names)
@@ -1205,6 +1204,9 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # both files complete before either is renamed: a failure leaves the directory's old pair as it was
     with atomic_files([os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)]) as (tmp_weights,
                                                                                               tmp_config):
-        save_file(tensors, tmp_weights, metadata={"format": "pt", SAVED_CONFIG: json.dumps(saved_options(cfg))})
+        # (bytes written into lora_ext's own temporary: safetensors' save_file writes a .tmpXXXXXX of its own beside
+        # it, which a killed save left for good, adapter-sized, where stale_temporaries does not know its name)
+        _write_bytes(tmp_weights, safetensors_bytes(tensors, metadata={"format": "pt",
+                                                                       SAVED_CONFIG: json.dumps(saved_options(cfg))}))
         _write_bytes(tmp_config, json.dumps(cfg, indent=2).encode("utf-8"))
     return sorted(ranks)
