@@ -1120,7 +1120,8 @@ class LoRALayer(NamedAdapters):
         if w.dtype not in _MERGE_DTYPES:
             return (f"{self._describe()}: its weight is {w.dtype}; merges write float16, bfloat16, float32 and float64 "
                     f"weights (serve it unmerged: forwards add the adapter on the fly)")
-        refusal = sharded.mesh_refusal(w, self._describe(),
+        # (FSDP2 holding the parameters gathered: the placement the merge writes through once resharded)
+        refusal = sharded.mesh_refusal(sharded.as_sharded(w, self._weight_owner(), "weight"), self._describe(),
                                        self.lora_B.shape[0] if w.dim() > 2 and self.has_lora else None)
         if refusal is not None:
             return refusal

@@ -167,6 +167,17 @@ def reshard_fsdp(model) -> None:
             m.reshard()
 
 
+def as_sharded(t: Tensor, owner, name: str) -> Tensor:
+    """The sharded DTensor FSDP2 holds for `owner`'s parameter `name` while `t`, the parameter now, is its
+    all-gathered plain copy (a refusal judges the placement a merge will write through, after resharding); else t."""
+    if is_dtensor(t) or not _distributed():
+        return t
+    for _, p in _fsdp_params():
+        if p._module_info.module is owner and p._module_info.param_name == name:
+            return p.sharded_param
+    return t
+
+
 def reshard_if_gathered(layer) -> bool:
     """FSDP2 (fully_shard) swaps a module's parameters for all-gathered plain ones while it is unsharded (after
     a forward with reshard_after_forward=False, the root after any forward, after unshard()); a merge or a
@@ -195,14 +206,16 @@ class Part(NamedTuple):
 def mesh_refusal(weight: Tensor, where: str, update_rows: Optional[int] = None) -> Optional[str]:
     """Why a merge cannot write this DTensor weight, or None (a plain tensor too), before any layer is written
     (parts() would raise the same mid-way): a mesh of more than one dimension (HSDP's; the merges' parts and their
-    agreement work on a 1-D mesh), a weight of more than 2 dimensions sharded along dim 1, or one sharded along
-    dim 0 whose update's `update_rows` rows (a grouped convolution's) do not fall whole into its output channels."""
+    agreement work on a 1-D mesh), a Shard of a dimension past 1, a weight of more than 2 dimensions sharded along
+    dim 1, or one sharded along dim 0 whose update's `update_rows` rows (a grouped convolution's) do not fall whole into its output channels."""
     if not is_dtensor(weight):
         return None
     if weight.device_mesh.ndim != 1:
         return _placement_message(weight, where)
     placement = weight.placements[0]  # (other placements: lora_ext.parallel's, which its styles merge)
     d = placement.dim if type(placement) is Shard else None
+    if d is not None and d not in (0, 1):
+        return _placement_message(weight, where)
     if d == 1 and weight.dim() != 2:
         return (f"{where}: merging a {weight.dim()}-D weight sharded along dim 1 is not supported (along dim 0, "
                 f"fully_shard's default, it is)")

@@ -381,7 +381,7 @@ class _ConvNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = lora.Linear(8, 6 * 4, r=2, lora_alpha=4)
-        self.conv = lora.Conv2d(6, 4, kernel_size=3, padding=1, r=2, lora_alpha=4)
+        self.conv = lora.Conv2d(6, 4, kernel_size=2, r=2, lora_alpha=4)  # (dims that split evenly: FSDP's rule)
 
     def forward(self, x):
         return self.conv(self.lin(x).reshape(-1, 6, 2, 2))
@@ -399,14 +399,19 @@ def _conv_net():
 _XC = torch.randn(3, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
 
-def _dim1_cases(rank, world):
+def _dim1_cases(rank, world, variant="dim1"):
     import warnings
 
     from torch.distributed.tensor import Shard
     net = _conv_net()
     fully_shard(net.lin)
-    fully_shard(net.conv, shard_placement_fn=lambda p: Shard(1) if p.dim() == 4 else Shard(0))
+    dim = 2 if variant == "dim2" else 1
+    fully_shard(net.conv, shard_placement_fn=lambda p: Shard(dim) if p.dim() == 4 else Shard(0),
+                reshard_after_forward=variant != "gathered")
     fully_shard(net)
+    if variant == "gathered":  # (the conv's parameters all-gathered plain tensors now: judged as sharded)
+        with torch.no_grad():
+            net(_XC)
     out = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -433,17 +438,19 @@ def _dim1_cases(rank, world):
     return out
 
 
-def test_eval_of_a_conv_sharded_along_dim_1_warns_and_leaves_it_unmerged_before_writing():
+@pytest.mark.parametrize("variant", ["dim1", "dim2", "gathered"])
+def test_eval_of_a_conv_sharded_along_dim_1_warns_and_leaves_it_unmerged_before_writing(variant):
     """It merged the layers before the conv, flipped their training flags, then raised inside the conv's merge
     ("a 4-D weight sharded along dim 1 is not supported"), the conv left training. Expected: eval() warns naming
     the conv and serves it unmerged, every module in eval mode; merge_adapter refuses with nothing merged."""
-    got = run_ranks(_dim1_cases)
+    got = run_ranks(_dim1_cases, variant)
     with torch.no_grad():
         want = _conv_net()(_XC)
+    said = "Shard(dim=2)" if variant == "dim2" else "4-D weight sharded along dim 1"
     for r in got:
-        assert any("4-D weight sharded along dim 1" in w for w in r["warned"]), r["warned"]
+        assert any(said in w for w in r["warned"]), r["warned"]
         assert r["flags"][1:] == (False, False, False, False)  # the conv unmerged; every module evaluating
         assert (r["eval"] - want).abs().max().item() < 1e-12
-        assert "4-D weight sharded along dim 1" in r["merge_adapter"] and r["after"][1] is False
+        assert said in r["merge_adapter"] and r["after"][1] is False
         warned, merged, training = r["grouped"]
         assert any("do not fall whole into channels" in w for w in warned) and (merged, training) == (False, False)
