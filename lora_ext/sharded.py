@@ -15,6 +15,7 @@ Each part is an ordinary ops call (lossless ones return a record each: the layer
 between ranks but the factors. Placements other than Shard(0) or Replicate on a 1-D mesh are refused.
 """
 import functools
+import threading
 from typing import List, NamedTuple, Optional
 
 import torch
@@ -32,12 +33,21 @@ def is_dtensor(t) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+_GATHERS = threading.local()  # full()'s gathers on this thread (gathers(): whether a call made collectives)
+
+
+def gathers() -> int:
+    """How many sharded tensors full() has gathered on this thread so far."""
+    return getattr(_GATHERS, "n", 0)
+
+
 def full(t: Tensor) -> Tensor:
     """The whole tensor (a collective for a sharded DTensor: every rank must call it). A weight sharded by blocks
     (lora_ext.parallel.ColwiseLoRA(blocks=k): a lone _StridedShard on a 1-D mesh) is gathered here, since torch
     2.11's DTensor.full_tensor() cannot plan that placement (a ValueError from its redistribute planner)."""
     if not is_dtensor(t):
         return t
+    _GATHERS.n = getattr(_GATHERS, "n", 0) + 1
     strided = _lone_strided_shard(t)
     return t.full_tensor() if strided is None else _gather_strided(t, *strided)
 
@@ -104,15 +114,6 @@ def fsdp_managed(module) -> bool:
     """Whether FSDP2 (fully_shard) manages parameters of `module` itself, sharded (DTensors) or all-gathered now
     (plain tensors: after a forward with reshard_after_forward=False, the root's after any forward, after unshard())."""
     return any(p._module_info.module is module for _, p in _fsdp_params())
-
-
-def any_sharded(model) -> bool:
-    """Whether a parameter of `model` is a DTensor (FSDP2, tensor parallel) or FSDP2 manages a module of it (its
-    parameters all-gathered now)."""
-    if any(is_dtensor(p) for p in model.parameters()):
-        return True
-    managed = {id(p._module_info.module) for _, p in _fsdp_params()}
-    return bool(managed) and any(id(m) in managed for m in model.modules())
 
 
 def fsdp1_flat(t) -> bool:

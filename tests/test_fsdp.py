@@ -454,3 +454,23 @@ def test_eval_of_a_conv_sharded_along_dim_1_warns_and_leaves_it_unmerged_before_
         assert said in r["merge_adapter"] and r["after"][1] is False
         warned, merged, training = r["grouped"]
         assert any("do not fall whole into channels" in w for w in warned) and (merged, training) == (False, False)
+
+
+def _save_fail_cases(rank, world, path):
+    net = _save_net()
+    fully_shard(net)
+    try:
+        lora.save_peft_adapter(net, path)
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def test_a_save_rank_0_cannot_write_raises_on_every_rank(tmp_path):
+    """Rank 0 writes; a write that failed there (a path under a regular file) left the other ranks returning as if
+    the adapter were saved."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    got = run_ranks(_save_fail_cases, str(blocker / "sub"))
+    assert got[0] is not None and "NotADirectoryError" in got[0]
+    assert got[1] is not None and "rank 0 could not write" in got[1] and "NotADirectoryError" in got[1]

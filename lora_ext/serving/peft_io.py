@@ -1104,9 +1104,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     torch.compile wrappers are looked through). Both files are written under temporary names and
     renamed when both are complete; model-level changes on other threads wait while the factors are read. A model
     sharded by FSDP2 or tensor parallel: every rank calls it (its sharded tensors are gathered, a collective, as
-    lora_state_dict's), and rank 0 writes the files."""
-    from safetensors.torch import save as safetensors_bytes
-
+    lora_state_dict's), and rank 0 writes the files; a write that fails there raises on every rank."""
     inner = unwrap(model)  # names as the plain model has them (no "module." / "_orig_mod." prefix)
     _inject.refuse_fsdp1(inner, "save_peft_adapter",  # (it wrote FSDP1's 1-D shard pieces under its wrapper names)
                          "; lora.lora_state_dict(model) gives the factors whole under the model's keys (every rank "
@@ -1124,6 +1122,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                                  f"name the adapter to save (adapter_name=) or set_adapter the model first")
         tensors, ranks, alphas, dropouts = {}, {}, {}, {}
         gathered = False  # (sharded factors gathered: rank 0 writes)
+        gathers = sharded.gathers()  # (any sharded tensor gathered, a collective: every rank is in this call)
         # the layers the adapter targets: those that hold it, and not as a stand-in of zeros (peft saves an adapter
         # of other target modules than the active one's alike)
         def wanted(layer):  # the adapter saved from `layer`
@@ -1196,8 +1195,33 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         "modules_to_save": saved or None,
         "trainable_token_indices": token_indices,
     }
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0 and (gathered or sharded.any_sharded(inner)):
-        return sorted(ranks)  # (sharded: every rank holds what rank 0 writes)
+    # sharded (FSDP2, tensor parallel): every rank holds what rank 0 writes; rank 0 then tells the others whether
+    # it wrote, so that none returns as if saved over a failed write (every rank calls this, as for the gathers)
+    # (a save that gathered nothing, a sharded model's inactive adapter held whole, may be called on rank 0 alone: it
+    # makes no collective, and every rank that calls it writes, as before)
+    dist = torch.distributed
+    agree = dist.is_initialized() and (gathered or sharded.gathers() != gathers)
+    if agree and dist.get_rank() != 0:
+        told = [None]
+        dist.broadcast_object_list(told, src=0)
+        if told[0] is not None:
+            raise RuntimeError(f"save: rank 0 could not write the adapter to {os.fspath(path)!r}: {told[0]}")
+        return sorted(ranks)
+    try:
+        _write_adapter(path, tensors, cfg)
+    except BaseException as e:
+        if agree:
+            dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
+        raise
+    if agree:
+        dist.broadcast_object_list([None], src=0)
+    return sorted(ranks)
+
+
+def _write_adapter(path, tensors, cfg) -> None:
+    """Writes adapter_model.safetensors and adapter_config.json into directory `path`, both or neither."""
+    from safetensors.torch import save as safetensors_bytes
+
     os.makedirs(path, exist_ok=True)
     for name in (WEIGHTS_NAME, CONFIG_NAME):  # left by a killed save
         remove_stale_temporaries(os.path.join(path, name))
@@ -1209,4 +1233,3 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         _write_bytes(tmp_weights, safetensors_bytes(tensors, metadata={"format": "pt",
                                                                        SAVED_CONFIG: json.dumps(saved_options(cfg))}))
         _write_bytes(tmp_config, json.dumps(cfg, indent=2).encode("utf-8"))
-    return sorted(ranks)
