@@ -334,14 +334,15 @@ def test_demo_refuses_an_unusable_out_before_training(tmp_path, nothing_runs, wh
 _SLOW_SAVE = """
 import sys, time
 import torch, torch.nn as nn
-import safetensors.torch
 import lora_ext
-real = safetensors.torch.save_file
-def slow(tensors, path, metadata=None):
-    real(tensors, path, metadata=metadata)
-    print("written", flush=True)
-    time.sleep(60)  # killed here: the weights complete under their temporary name, not yet renamed
-safetensors.torch.save_file = slow
+import lora_ext.serving.peft_io as peft_io
+real = peft_io._write_bytes
+def slow(path, data):
+    real(path, data)
+    if "safetensors" in path:
+        print("written", flush=True)
+        time.sleep(60)  # killed here: the weights complete under their temporary name, not yet renamed
+peft_io._write_bytes = slow
 torch.manual_seed(2)
 model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))
 lora_ext.inject(model, ["0", "1"], r=4)

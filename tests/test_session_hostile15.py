@@ -119,7 +119,7 @@ def test_a_save_writes_the_values_it_read_whatever_a_switch_does_next(files, mon
     lora.load_peft_adapter(model, paths["a"], "a")
     lora.load_peft_adapter(model, paths["b"], "b", activate=False)
     model.eval()
-    real = safetensors.torch.save_file
+    real = safetensors.torch.save  # (what save_peft_adapter serializes with, after the lock is let go)
 
     def switch_then_save(tensors, *args, **kwargs):
         t = threading.Thread(target=lora.set_adapter, args=(model, "b"))
@@ -127,10 +127,10 @@ def test_a_save_writes_the_values_it_read_whatever_a_switch_does_next(files, mon
         t.join()
         return real(tensors, *args, **kwargs)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", switch_then_save)
+    monkeypatch.setattr(safetensors.torch, "save", switch_then_save)
     out = paths["a"] + "_saved"
     lora.save_peft_adapter(model, out)
-    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    monkeypatch.setattr(safetensors.torch, "save", real)
     assert lora.active_adapter(model) == "b"
     saved = safetensors.torch.load_file(out + "/adapter_model.safetensors")
     given = safetensors.torch.load_file(paths["a"] + "/adapter_model.safetensors")
