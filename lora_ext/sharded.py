@@ -41,6 +41,11 @@ def gathers() -> int:
     return getattr(_GATHERS, "n", 0)
 
 
+def last_gather_mesh():
+    """The device mesh of the last tensor full() gathered on this thread (None: none yet)."""
+    return getattr(_GATHERS, "mesh", None)
+
+
 def full(t: Tensor) -> Tensor:
     """The whole tensor (a collective for a sharded DTensor: every rank must call it). A weight sharded by blocks
     (lora_ext.parallel.ColwiseLoRA(blocks=k): a lone _StridedShard on a 1-D mesh) is gathered here, since torch
@@ -48,6 +53,7 @@ def full(t: Tensor) -> Tensor:
     if not is_dtensor(t):
         return t
     _GATHERS.n = getattr(_GATHERS, "n", 0) + 1
+    _GATHERS.mesh = t.device_mesh
     strided = _lone_strided_shard(t)
     return t.full_tensor() if strided is None else _gather_strided(t, *strided)
 

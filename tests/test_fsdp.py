@@ -473,4 +473,27 @@ def test_a_save_rank_0_cannot_write_raises_on_every_rank(tmp_path):
     blocker.write_text("")
     got = run_ranks(_save_fail_cases, str(blocker / "sub"))
     assert got[0] is not None and "NotADirectoryError" in got[0]
-    assert got[1] is not None and "rank 0 could not write" in got[1] and "NotADirectoryError" in got[1]
+    assert got[1] is not None and "rank 0, which writes the adapter, could not write" in got[1]
+    assert "NotADirectoryError" in got[1]
+
+
+def _submesh_save_cases(rank, world, path, savers):
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))["shard"]
+    net = _save_net()
+    fully_shard(net, mesh=mesh)
+    return lora.save_peft_adapter(net, path) if rank in savers else None
+
+
+def test_one_replica_of_a_sub_mesh_saves_and_its_first_rank_writes(tmp_path):
+    """data parallel x FSDP2 (a 2 x 2 mesh), replica 1 (ranks 2, 3) saving: global rank 0 was taken for the writer,
+    so nothing was written while both returned as saved; then the agreement on the world group hung until the
+    process group's timeout. The mesh's first rank writes, the agreement runs on the mesh's group."""
+    from safetensors.torch import load_file
+    got = run_ranks(_submesh_save_cases, str(tmp_path / "r1"), (2, 3), world=4, timeout=120)
+    assert got[2] == got[3] == ["0", "1", "2"] and got[0] is got[1] is None
+    single = _save_net()
+    lora.save_peft_adapter(single, str(tmp_path / "single"))
+    want = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    have = load_file(str(tmp_path / "r1" / "adapter_model.safetensors"))
+    assert set(have) == set(want) and all(torch.equal(have[k], want[k]) for k in want)

@@ -398,7 +398,8 @@ def test_the_header_reader_agrees_with_safetensors(ws):
     assert all(tuple(t[k].shape) == shape for k, _, shape, _, _ in entries)
 
 
-@pytest.mark.parametrize("how", ["config", "text_config", "fp8", "int8", "gptq", "nf4", "null_config"])
+@pytest.mark.parametrize("how", ["config", "text_config", "compression_config", "fp8", "int8", "gptq", "nf4",
+                                 "packed", "hqq", "null_config"])
 def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys, how):
     """--dtype converted a quantized checkpoint's float32 scales with the rest (a 2e-8 scale flushed to 0 in float16:
     its block dequantizes to zeros), exit 0, the quantized weights and quantization_config kept. A null
@@ -409,7 +410,9 @@ def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys,
     packed = {"fp8": ("extra.weight", torch.tensor([[1.0, -2.0]]).to(torch.float8_e4m3fn)),
               "int8": ("extra.weight", torch.tensor([[1, -2]], dtype=torch.int8)),
               "gptq": ("extra.qweight", torch.tensor([[7]], dtype=torch.int32)),
-              "nf4": ("extra.weight", torch.tensor([[7]], dtype=torch.uint8))}
+              "nf4": ("extra.weight", torch.tensor([[7]], dtype=torch.uint8)),
+              "packed": ("extra.weight_packed", torch.tensor([[7]], dtype=torch.int32)),
+              "hqq": ("extra.W_q", torch.tensor([[7]], dtype=torch.uint8))}
     if how in packed:
         key, value = packed[how]
         t[key] = value
@@ -419,6 +422,8 @@ def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys,
             cfg = json.load(f)
         if how == "text_config":
             cfg["text_config"] = {"quantization_config": quant}
+        elif how == "compression_config":
+            cfg["compression_config"] = {"format": "pack-quantized"}
         else:
             cfg["quantization_config"] = None if how == "null_config" else quant
         with open(ws / "single" / "config.json", "w") as f:

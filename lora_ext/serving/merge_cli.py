@@ -963,10 +963,17 @@ def _nonfinite(t):
     return int(t.numel() - torch.isfinite(t).sum())
 
 
+# names quantized weights are stored under (peft/transformers' weight, GPTQ/AWQ qweight, compressed-tensors'
+# weight_packed, HQQ's W_q), in integers or 8-bit floats
+_PACKED_NAMES = ("weight", "weight_packed", "W_q")
+
+
 def _quantization_config(cfg) -> bool:
-    """Whether a config (or a sub-config: a multimodal model's text_config) says quantization_config."""
+    """Whether a config (or a sub-config: a multimodal model's text_config) has a quantization_config (or an older
+    compressed-tensors checkpoint's compression_config)."""
     if isinstance(cfg, dict):
-        return cfg.get("quantization_config") is not None or any(_quantization_config(v) for v in cfg.values())
+        return (cfg.get("quantization_config") is not None or cfg.get("compression_config") is not None
+                or any(_quantization_config(v) for v in cfg.values()))
     return False
 
 
@@ -987,8 +994,8 @@ def _check_quantized_dtype(base, base_dir, headers, dtype):
             pass  # (read again where the files are copied, which names the failure)
     if quantized is None:
         packed = sorted(key for _, entries, _ in headers.values() for key, st_dtype, *_ in entries
-                        if key.endswith("weight") and (not _FROM_ST[st_dtype].is_floating_point
-                                                       or _FROM_ST[st_dtype].itemsize == 1))
+                        if key.endswith(_PACKED_NAMES) and (not _FROM_ST[st_dtype].is_floating_point
+                                                            or _FROM_ST[st_dtype].itemsize == 1))
         if packed:
             quantized = f"weights stored in {_FROM_ST[_st_dtype_of(headers, packed[0])]}: {packed[0]!r}"
     if quantized is not None:

@@ -1104,7 +1104,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     torch.compile wrappers are looked through). Both files are written under temporary names and
     renamed when both are complete; model-level changes on other threads wait while the factors are read. A model
     sharded by FSDP2 or tensor parallel: every rank calls it (its sharded tensors are gathered, a collective, as
-    lora_state_dict's), and rank 0 writes the files; a write that fails there raises on every rank."""
+    lora_state_dict's), and the first rank of their mesh writes the files; a write that fails there raises on
+    every rank of a 1-D mesh."""
     inner = unwrap(model)  # names as the plain model has them (no "module." / "_orig_mod." prefix)
     _inject.refuse_fsdp1(inner, "save_peft_adapter",  # (it wrote FSDP1's 1-D shard pieces under its wrapper names)
                          "; lora.lora_state_dict(model) gives the factors whole under the model's keys (every rank "
@@ -1121,7 +1122,6 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: the lora_ext layers disagree on the active adapter ({sorted(actives)}); "
                                  f"name the adapter to save (adapter_name=) or set_adapter the model first")
         tensors, ranks, alphas, dropouts = {}, {}, {}, {}
-        gathered = False  # (sharded factors gathered: rank 0 writes)
         gathers = sharded.gathers()  # (any sharded tensor gathered, a collective: every rank is in this call)
         # the layers the adapter targets: those that hold it, and not as a stand-in of zeros (peft saves an adapter
         # of other target modules than the active one's alike)
@@ -1150,7 +1150,6 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: layer {name!r} is a convolution with {why}")
             A, B, scaling = layer.get_adapter(adapter)
             if sharded.is_dtensor(A) or sharded.is_dtensor(B):  # FSDP2, tensor parallel: whole (every rank calls)
-                gathered = True
                 A, B = sharded.full(A.detach()), sharded.full(B.detach())
             if A.is_meta or B.is_meta:  # (an accelerate offload keeps the live factors' values in its hook)
                 raise ValueError(f"save: layer {name!r}: adapter {adapter!r}'s factors are on the meta device: "
@@ -1199,22 +1198,32 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # it wrote, so that none returns as if saved over a failed write (every rank calls this, as for the gathers)
     # (a save that gathered nothing, a sharded model's inactive adapter held whole, may be called on rank 0 alone: it
     # makes no collective, and every rank that calls it writes, as before)
+    # The ranks are those of the gathered tensors' mesh (a sub-mesh: one replica of HSDP or data parallel x FSDP
+    # saves), the writer its first rank; the agreement runs on a 1-D mesh's group (a mesh of more dimensions has no
+    # one group: its first rank writes, and a failure there is its own)
     dist = torch.distributed
-    agree = dist.is_initialized() and (gathered or sharded.gathers() != gathers)
-    if agree and dist.get_rank() != 0:
-        told = [None]
-        dist.broadcast_object_list(told, src=0)
-        if told[0] is not None:
-            raise RuntimeError(f"save: rank 0 could not write the adapter to {os.fspath(path)!r}: {told[0]}")
+    mesh = sharded.last_gather_mesh() if dist.is_initialized() and sharded.gathers() != gathers else None
+    if mesh is None:
+        _write_adapter(path, tensors, cfg)
+        return sorted(ranks)
+    first = int(mesh.mesh.flatten()[0])
+    group = mesh.get_group() if mesh.ndim == 1 else None
+    if dist.get_rank() != first:
+        if group is not None:
+            told = [None]
+            dist.broadcast_object_list(told, src=first, group=group)
+            if told[0] is not None:
+                raise RuntimeError(f"save: rank {first}, which writes the adapter, could not write it to "
+                                   f"{os.fspath(path)!r}: {told[0]}")
         return sorted(ranks)
     try:
         _write_adapter(path, tensors, cfg)
     except BaseException as e:
-        if agree:
-            dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
+        if group is not None:
+            dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=first, group=group)
         raise
-    if agree:
-        dist.broadcast_object_list([None], src=0)
+    if group is not None:
+        dist.broadcast_object_list([None], src=first, group=group)
     return sorted(ranks)
 
 
