@@ -16,7 +16,7 @@ between ranks but the factors. Placements other than Shard(0) or Replicate on a 
 """
 import functools
 import threading
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -41,9 +41,36 @@ def gathers() -> int:
     return getattr(_GATHERS, "n", 0)
 
 
-def last_gather_mesh():
-    """The device mesh of the last tensor full() gathered on this thread (None: none yet)."""
-    return getattr(_GATHERS, "mesh", None)
+def gathered_since(start: int) -> list:
+    """(device mesh, placements) of the tensors full() gathered on this thread since gathers() was `start`, one
+    entry per distinct pair (save_peft_adapter: who writes)."""
+    return [(mesh, placements) for mesh, placements, n in getattr(_GATHERS, "log", []) if n > start]
+
+
+def writer_of(entries) -> Tuple[bool, Optional[object], Optional[int]]:
+    """For a file every calling rank holds whole after gathering tensors of `entries` (gathered_since): (whether this
+    rank writes it, the process group to agree on, the writer's global rank there). A rank writes where it is the
+    first of a group it gathered with (its coordinate 0 along every dimension not Replicate); with one mesh and one
+    such dimension, that dimension's group is where the writer says whether it wrote. Replicate-only tensors make no
+    collective: every rank writes, with no agreement."""
+    writes, group, src = False, None, None
+    real = [(m, p) for m, p in entries if any(not isinstance(x, Replicate) for x in p)]
+    if not real:
+        return True, None, None
+    for mesh, placements in real:
+        coord = mesh.get_coordinate()
+        dims = [d for d, x in enumerate(placements) if not isinstance(x, Replicate)]
+        if coord is not None and all(coord[d] == 0 for d in dims):
+            writes = True
+    if len(real) == 1:
+        mesh, placements = real[0]
+        dims = [d for d, x in enumerate(placements) if not isinstance(x, Replicate)]
+        coord = mesh.get_coordinate()
+        if len(dims) == 1 and coord is not None:
+            index = list(coord)
+            index[dims[0]] = 0
+            group, src = mesh.get_group(dims[0]), int(mesh.mesh[tuple(index)])
+    return writes, group, src
 
 
 def full(t: Tensor) -> Tensor:
@@ -53,7 +80,14 @@ def full(t: Tensor) -> Tensor:
     if not is_dtensor(t):
         return t
     _GATHERS.n = getattr(_GATHERS, "n", 0) + 1
-    _GATHERS.mesh = t.device_mesh
+    log = _GATHERS.__dict__.setdefault("log", [])  # [mesh, placements, the count when last seen], one per pair
+    mesh, placements = t.device_mesh, tuple(t.placements)
+    entry = next((e for e in log if e[0] is mesh and e[1] == placements), None)
+    if entry is not None:
+        entry[2] = _GATHERS.n
+    else:
+        log.append([mesh, placements, _GATHERS.n])
+        del log[:-16]  # (a bound: a model has a few meshes)
     strided = _lone_strided_shard(t)
     return t.full_tensor() if strided is None else _gather_strided(t, *strided)
 

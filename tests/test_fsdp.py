@@ -497,3 +497,38 @@ def test_one_replica_of_a_sub_mesh_saves_and_its_first_rank_writes(tmp_path):
     want = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
     have = load_file(str(tmp_path / "r1" / "adapter_model.safetensors"))
     assert set(have) == set(want) and all(torch.equal(have[k], want[k]) for k in want)
+
+
+def _hsdp_save_cases(rank, world, tmp, mode):
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+    net = _save_net()
+    fully_shard(net, mesh=init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard")))  # HSDP
+    if mode == "replica1":  # replica 1 (ranks 2, 3) saves alone
+        return lora.save_peft_adapter(net, os.path.join(tmp, "r1")) if rank >= 2 else None
+    if mode == "each":  # each replica to its own path
+        return lora.save_peft_adapter(net, os.path.join(tmp, f"r{rank // 2}"))
+    if rank == 0:  # "fail0": rank 0 cannot write
+        open(os.path.join(tmp, "blocker"), "w").close()
+    torch.distributed.barrier()
+    try:
+        return lora.save_peft_adapter(net, os.path.join(tmp, "blocker", "sub"))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize("mode", ["replica1", "each", "fail0"])
+def test_hsdp_replicas_save_where_their_first_rank_writes(tmp_path, mode):
+    """On HSDP's 2-D mesh the writer was rank 0 of the whole mesh: replica 1 saving wrote nothing and returned as
+    saved, and a failed write on rank 0 left its replica's other rank returning as saved."""
+    from safetensors.torch import load_file
+    got = run_ranks(_hsdp_save_cases, str(tmp_path), mode, world=4, timeout=120)
+    if mode == "fail0":
+        assert "NotADirectoryError" in got[0] and "could not write" in got[1], got
+        return
+    lora.save_peft_adapter(_save_net(), str(tmp_path / "single"))
+    want = load_file(str(tmp_path / "single" / "adapter_model.safetensors"))
+    for d in (["r1"] if mode == "replica1" else ["r0", "r1"]):
+        have = load_file(str(tmp_path / d / "adapter_model.safetensors"))
+        assert set(have) == set(want) and all(torch.equal(have[k], want[k]) for k in want), d

@@ -1104,8 +1104,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     torch.compile wrappers are looked through). Both files are written under temporary names and
     renamed when both are complete; model-level changes on other threads wait while the factors are read. A model
     sharded by FSDP2 or tensor parallel: every rank calls it (its sharded tensors are gathered, a collective, as
-    lora_state_dict's), and the first rank of their mesh writes the files; a write that fails there raises on
-    every rank of a 1-D mesh."""
+    lora_state_dict's), and the first rank of each group they were gathered over writes the files (one replica of
+    HSDP may save alone); with one such group dimension, a write that fails there raises on every rank."""
     inner = unwrap(model)  # names as the plain model has them (no "module." / "_orig_mod." prefix)
     _inject.refuse_fsdp1(inner, "save_peft_adapter",  # (it wrote FSDP1's 1-D shard pieces under its wrapper names)
                          "; lora.lora_state_dict(model) gives the factors whole under the model's keys (every rank "
@@ -1198,32 +1198,29 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # it wrote, so that none returns as if saved over a failed write (every rank calls this, as for the gathers)
     # (a save that gathered nothing, a sharded model's inactive adapter held whole, may be called on rank 0 alone: it
     # makes no collective, and every rank that calls it writes, as before)
-    # The ranks are those of the gathered tensors' mesh (a sub-mesh: one replica of HSDP or data parallel x FSDP
-    # saves), the writer its first rank; the agreement runs on a 1-D mesh's group (a mesh of more dimensions has no
-    # one group: its first rank writes, and a failure there is its own)
+    # Who writes: sharded tensors were gathered over groups of ranks (a mesh, or one replica's sub-mesh: HSDP, data
+    # parallel x FSDP2); the first rank of each such group writes (sharded.writer_of), and with one group dimension
+    # it tells the group whether it wrote, so that none returns as if saved over a failed write. A save that
+    # gathered nothing (an inactive adapter held whole; replicated factors) made no collective: every rank writes
     dist = torch.distributed
-    mesh = sharded.last_gather_mesh() if dist.is_initialized() and sharded.gathers() != gathers else None
-    if mesh is None:
-        _write_adapter(path, tensors, cfg)
-        return sorted(ranks)
-    first = int(mesh.mesh.flatten()[0])
-    group = mesh.get_group() if mesh.ndim == 1 else None
-    if dist.get_rank() != first:
+    entries = sharded.gathered_since(gathers) if dist.is_initialized() else []
+    writes, group, src = sharded.writer_of(entries) if entries else (True, None, None)
+    if not writes:
         if group is not None:
             told = [None]
-            dist.broadcast_object_list(told, src=first, group=group)
+            dist.broadcast_object_list(told, src=src, group=group)
             if told[0] is not None:
-                raise RuntimeError(f"save: rank {first}, which writes the adapter, could not write it to "
+                raise RuntimeError(f"save: rank {src}, which writes the adapter, could not write it to "
                                    f"{os.fspath(path)!r}: {told[0]}")
         return sorted(ranks)
     try:
         _write_adapter(path, tensors, cfg)
     except BaseException as e:
         if group is not None:
-            dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=first, group=group)
+            dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=src, group=group)
         raise
     if group is not None:
-        dist.broadcast_object_list([None], src=first, group=group)
+        dist.broadcast_object_list([None], src=src, group=group)
     return sorted(ranks)
 
 
