@@ -248,7 +248,8 @@ def mesh_refusal(weight: Tensor, where: str, update_rows: Optional[int] = None) 
     """Why a merge cannot write this DTensor weight, or None (a plain tensor too), before any layer is written
     (parts() would raise the same mid-way): a mesh of more than one dimension (HSDP's; the merges' parts and their
     agreement work on a 1-D mesh), a Shard of a dimension past 1, a weight of more than 2 dimensions sharded along
-    dim 1, or one sharded along dim 0 whose update's `update_rows` rows (a grouped convolution's) do not fall whole into its output channels."""
+    dim 1, or one sharded along dim 0 whose update's `update_rows` rows (a grouped convolution's) do not fall whole
+    into its output channels."""
     if not is_dtensor(weight):
         return None
     if weight.device_mesh.ndim != 1:
