@@ -1194,10 +1194,6 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         "modules_to_save": saved or None,
         "trainable_token_indices": token_indices,
     }
-    # sharded (FSDP2, tensor parallel): every rank holds what rank 0 writes; rank 0 then tells the others whether
-    # it wrote, so that none returns as if saved over a failed write (every rank calls this, as for the gathers)
-    # (a save that gathered nothing, a sharded model's inactive adapter held whole, may be called on rank 0 alone: it
-    # makes no collective, and every rank that calls it writes, as before)
     # Who writes: sharded tensors were gathered over groups of ranks (a mesh, or one replica's sub-mesh: HSDP, data
     # parallel x FSDP2); the first rank of each such group writes (sharded.writer_of), and with one group dimension
     # it tells the group whether it wrote, so that none returns as if saved over a failed write. A save that
