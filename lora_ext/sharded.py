@@ -43,8 +43,8 @@ def gathers() -> int:
 
 def gathered_since(start: int) -> list:
     """(device mesh, placements) of the tensors full() gathered on this thread since gathers() was `start`, one
-    entry per distinct pair (save_peft_adapter: who writes)."""
-    return [(mesh, placements) for mesh, placements, n in getattr(_GATHERS, "log", []) if n > start]
+    entry per layout of ranks and placements (save_peft_adapter: who writes)."""
+    return [(mesh, placements) for mesh, placements, n, _ in getattr(_GATHERS, "log", []) if n > start]
 
 
 def writer_of(entries) -> Tuple[bool, Optional[object], Optional[int]]:
@@ -80,14 +80,18 @@ def full(t: Tensor) -> Tensor:
     if not is_dtensor(t):
         return t
     _GATHERS.n = getattr(_GATHERS, "n", 0) + 1
-    log = _GATHERS.__dict__.setdefault("log", [])  # [mesh, placements, the count when last seen], one per pair
+    # [mesh, placements, the count when last seen, key], one per layout of ranks: fully_shard builds a DeviceMesh
+    # object per call, so meshes are told apart by their ranks, not by identity
+    log = _GATHERS.__dict__.setdefault("log", [])
     mesh, placements = t.device_mesh, tuple(t.placements)
-    entry = next((e for e in log if e[0] is mesh and e[1] == placements), None)
+    key = (tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()), placements)
+    entry = next((e for e in log if e[3] == key), None)
     if entry is not None:
         entry[2] = _GATHERS.n
     else:
-        log.append([mesh, placements, _GATHERS.n])
-        del log[:-16]  # (a bound: a model has a few meshes)
+        log.append([mesh, placements, _GATHERS.n, key])
+        log.sort(key=lambda e: e[2])
+        del log[:-16]  # (a bound, the least recently gathered first out: a model has a few layouts)
     strided = _lone_strided_shard(t)
     return t.full_tensor() if strided is None else _gather_strided(t, *strided)
 
