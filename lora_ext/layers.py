@@ -113,6 +113,29 @@ def instance_forward(module: nn.Module) -> bool:
                                         and getattr(forward, "__func__", None) is type(module).forward)
 
 
+# A module's hooks by kind, which a layer put in its place does not run (torch's global hooks apply to it as they
+# did): torch's dicts of them (the first holds every hook of the kind; the others, keyed by the same handle ids, say
+# how some are called) and the backward kind's flag; they move together (injection.carry_hooks)
+HOOKS = (("forward pre-hooks", ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")),
+         ("forward hooks", ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+         ("backward hooks", ("_backward_hooks",)), ("backward pre-hooks", ("_backward_pre_hooks",)),
+         ("state_dict hooks", ("_state_dict_hooks",)), ("state_dict pre-hooks", ("_state_dict_pre_hooks",)),
+         ("load_state_dict pre-hooks", ("_load_state_dict_pre_hooks",)),
+         ("load_state_dict post-hooks", ("_load_state_dict_post_hooks",)))
+CALL_HOOKS = ("forward pre-hooks", "forward hooks", "backward hooks", "backward pre-hooks")  # (run by a call)
+
+
+def users_hooks(module: nn.Module) -> Dict[str, list]:
+    """{kind: handle ids} of the hooks of `module`'s users (users_hook), by kind (see HOOKS)."""
+    found = {}
+    for kind, (attr, *_) in HOOKS:
+        hooks = module.__dict__.get(attr) or {}
+        ids = [i for i, hook in hooks.items() if users_hook(hook)]  # (items: a layer's _PreHooks hides none)
+        if ids:
+            found[kind] = ids
+    return found
+
+
 def users_hook(hook) -> bool:
     """Whether a module hook is its users' (not torch's own, as FSDP2's, nor lora_ext's: a layer's remerge after a
     load, the model lock's)."""
@@ -2218,9 +2241,8 @@ class ConvLoRA(LoRALayer, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv
         if conv._forward_pre_hooks or conv._forward_hooks or conv._backward_hooks or conv._backward_pre_hooks:
-            hooks = [h for d in (conv._forward_pre_hooks, conv._forward_hooks, conv._backward_hooks,
-                                 conv._backward_pre_hooks) for h in d.values() if users_hook(h)]
-            if hooks:  # (merged, the conv is called and runs them; unmerged, it computes with the adapter's weight)
+            # (merged, the conv is called and runs them; unmerged, it computes with the adapter's weight)
+            if any(kind in CALL_HOOKS for kind in users_hooks(conv)):
                 raise ValueError(f"{self._describe()}: its conv has forward or backward hooks of its own, which the "
                                  f"layer would run merged only (unmerged it computes the convolution with the adapter "
                                  f"in its weight, without calling the conv); register them on the layer instead")

@@ -53,24 +53,18 @@ def writer_of(entries) -> Tuple[bool, Optional[object], Optional[int]]:
     first of a group it gathered with (its coordinate 0 along every dimension not Replicate); with one mesh and one
     such dimension, that dimension's group is where the writer says whether it wrote. Replicate-only tensors make no
     collective: every rank writes, with no agreement."""
-    writes, group, src = False, None, None
-    real = [(m, p) for m, p in entries if any(not isinstance(x, Replicate) for x in p)]
+    # (mesh, this rank's coordinate in it, the dimensions gathered over) of the tensors that made collectives
+    real = [(m, m.get_coordinate(), [d for d, x in enumerate(p) if not isinstance(x, Replicate)]) for m, p in entries]
+    real = [(m, coord, dims) for m, coord, dims in real if dims]
     if not real:
         return True, None, None
-    for mesh, placements in real:
-        coord = mesh.get_coordinate()
-        dims = [d for d, x in enumerate(placements) if not isinstance(x, Replicate)]
-        if coord is not None and all(coord[d] == 0 for d in dims):
-            writes = True
-    if len(real) == 1:
-        mesh, placements = real[0]
-        dims = [d for d, x in enumerate(placements) if not isinstance(x, Replicate)]
-        coord = mesh.get_coordinate()
-        if len(dims) == 1 and coord is not None:
-            index = list(coord)
-            index[dims[0]] = 0
-            group, src = mesh.get_group(dims[0]), int(mesh.mesh[tuple(index)])
-    return writes, group, src
+    writes = any(coord is not None and all(coord[d] == 0 for d in dims) for _, coord, dims in real)
+    mesh, coord, dims = real[0]
+    if len(real) > 1 or len(dims) != 1 or coord is None:
+        return writes, None, None
+    index = list(coord)
+    index[dims[0]] = 0
+    return writes, mesh.get_group(dims[0]), int(mesh.mesh[tuple(index)])
 
 
 def full(t: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import sys
 import textwrap
 import warnings
 import weakref
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -415,28 +415,6 @@ def _self_attribute(node):
     return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
 
 
-# A module's own hooks, which a layer put in its place does not carry (torch's global hooks apply to it as they did).
-# a module's hooks by kind: torch's dicts of them (the first one holds every hook of the kind; the others, keyed by the
-# same handle ids, say how some are called) and the backward kind's flag; they move together (unload's _carry_hooks)
-_HOOKS = (("forward pre-hooks", ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")),
-          ("forward hooks", ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
-          ("backward hooks", ("_backward_hooks",)), ("backward pre-hooks", ("_backward_pre_hooks",)),
-          ("state_dict hooks", ("_state_dict_hooks",)), ("state_dict pre-hooks", ("_state_dict_pre_hooks",)),
-          ("load_state_dict pre-hooks", ("_load_state_dict_pre_hooks",)),
-          ("load_state_dict post-hooks", ("_load_state_dict_post_hooks",)))
-
-
-def users_hooks(module) -> Dict[str, List[int]]:
-    """{kind: handle ids} of the hooks of `module`'s users, by kind (see _HOOKS)."""
-    found = {}
-    for kind, (attr, *_) in _HOOKS:
-        hooks = module.__dict__.get(attr) or {}
-        ids = [i for i, hook in hooks.items() if layers.users_hook(hook)]  # (items: a layer's _PreHooks hides none)
-        if ids:
-            found[kind] = ids
-    return found
-
-
 def check_carry(label, src, dst) -> None:
     """Refuses (ValueError naming `label`) hooks of `src` that unload could not carry to `dst`, the existing module
     put in its place (a ConvLoRA's conv, a saved module's copy), before anything changes: dst has hooks of that kind
@@ -444,7 +422,7 @@ def check_carry(label, src, dst) -> None:
     stop removing them."""
     if dst is None:
         return
-    both = [kind for kind in users_hooks(src) if len(dst.__dict__.get(dict(_HOOKS)[kind][0]) or {})]
+    both = [kind for kind in layers.users_hooks(src) if len(dst.__dict__.get(dict(layers.HOOKS)[kind][0]) or {})]
     if both:
         raise ValueError(f"unload: {label} and the {type(dst).__name__} put back in its place both have "
                          f"{', '.join(both)}; remove those of {label}, unload, then register them on the module put "
@@ -455,8 +433,9 @@ def carry_hooks(src, dst) -> None:
     """Moves the hooks of `src`'s users to `dst`, the module unload puts in its place (checked by check_carry): torch's
     dicts themselves, so the handles the user holds still remove them; torch's and lora_ext's own hooks stay with
     src. A hook torch calls with its module (a load_state_dict pre-hook) is called with dst."""
-    for kind, attrs in _HOOKS:
-        ids = users_hooks(src).get(kind)
+    theirs = layers.users_hooks(src)
+    for kind, attrs in layers.HOOKS:
+        ids = theirs.get(kind)
         if not ids:
             continue
         for attr in attrs:
@@ -491,7 +470,7 @@ def check_replaceable(model, name, module, label=None):
                          f"each forward): a lora_ext layer in its place would lose the hook and read a weight on the "
                          f"meta device; inject or load adapters before offloading, or after "
                          f"accelerate.hooks.remove_hook_from_submodules(model)")
-    hooks = [] if isinstance(module, LoRALayer) else [kind for kind, (attr, *_) in _HOOKS if getattr(module, attr, None)]
+    hooks = [] if isinstance(module, LoRALayer) else [kind for kind, (attr, *_) in layers.HOOKS if getattr(module, attr, None)]
     if not isinstance(module, LoRALayer) and nn.utils.parametrize.is_parametrized(module):
         raise ValueError(f"{label} has parametrizations ({', '.join(module.parametrizations.keys())}: a weight computed "
                          f"from others, weight_norm say), which a lora_ext layer in its place would neither compute nor "

@@ -993,19 +993,16 @@ def _check_quantized_dtype(base, base_dir, headers, dtype):
         except (OSError, ValueError):
             pass  # (read again where the files are copied, which names the failure)
     if quantized is None:
-        packed = sorted(key for _, entries, _ in headers.values() for key, st_dtype, *_ in entries
+        packed = sorted((key, _FROM_ST[st_dtype]) for _, entries, _ in headers.values()
+                        for key, st_dtype, *_ in entries
                         if key.endswith(_PACKED_NAMES) and (not _FROM_ST[st_dtype].is_floating_point
                                                             or _FROM_ST[st_dtype].itemsize == 1))
         if packed:
-            quantized = f"weights stored in {_FROM_ST[_st_dtype_of(headers, packed[0])]}: {packed[0]!r}"
+            quantized = f"weights stored in {packed[0][1]}: {packed[0][0]!r}"
     if quantized is not None:
         raise MergeError(f"--dtype {dtype}: --base {base!r} is quantized ({quantized}): --dtype would convert its "
                          f"scales and other tensors kept in their own dtype while the quantized weights stay as they "
                          f"are; merge without --dtype")
-
-
-def _st_dtype_of(headers, key):
-    return next(st_dtype for _, entries, _ in headers.values() for k, st_dtype, *_ in entries if k == key)
 
 
 def _write_shard(src, dst, header, plan, device, out_dtype, bar, nonfinite, allow_inf, delay=0.0, replace=None):

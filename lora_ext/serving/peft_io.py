@@ -587,7 +587,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     token_names = [n for names, _, _ in token_plan for n in names]
     for names, module, _ in token_plan:  # (the module whose output the rows replace: a wrapper's original)
         module = module._modules["original_module"] if isinstance(module, _tokens.TrainableTokens) else module
-        hooked = [kind for kind in _inject.users_hooks(module) if kind in ("forward pre-hooks", "forward hooks")]
+        hooked = [kind for kind in layers.users_hooks(module) if kind in layers.CALL_HOOKS[:2]]
         hooked += ["a forward set on the instance"] if layers.instance_forward(module) else []
         if hooked:
             raise ValueError(f"{cfg_file}: module {names[0]!r} (trainable_token_indices) has {', '.join(hooked)} of "
