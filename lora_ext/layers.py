@@ -1568,6 +1568,8 @@ class LoRALayer(NamedAdapters):
             self._see_new_memory()
             # under lora.disable_adapter the weight stays the base: eval()'s merge waits for the block's end
             if self.merge_weights and mode == self.merged and not (self._adapter_off and not mode):
+                if self.has_lora:  # (a layer unloaded or left broken says so, before its weight is looked at)
+                    self._check_sound()
                 refusal = self.merge_refusal() if not mode and self.has_lora else None
                 tied = ties.names(self) if not mode and self.has_lora and refusal is None else None
                 if not mode and self.has_lora and refusal is None and not tied \
@@ -2240,6 +2242,8 @@ class ConvLoRA(LoRALayer, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         conv = self.conv
+        if conv is None:  # (unloaded: let_go)
+            self._check_sound()
         if conv._forward_pre_hooks or conv._forward_hooks or conv._backward_hooks or conv._backward_pre_hooks:
             # (merged, the conv is called and runs them; unmerged, it computes with the adapter's weight)
             if any(kind in CALL_HOOKS for kind in users_hooks(conv)):
@@ -2308,6 +2312,12 @@ def taking_out_layers():
         _taking_out.depth = depth
 
 
+def trained_dropout(layer: "LoRALayer", name: str) -> Optional[float]:
+    """The lora_dropout probability `layer` trains adapter `name` with, as peft's config holds it; None for an
+    Embedding (peft's and loralib's apply none: its 0.0 is no adapter's config) or a dropout module of the user's."""
+    return None if isinstance(layer, Embedding) else layer.adapter_dropout(name)
+
+
 def let_go(layer: "LoRALayer") -> None:
     """A layer lora_ext took out of its model for good, never seen by the user (a load taken back), lets go of its
     base module's weight: kept alive (an error's traceback holds the load's frames), it would count as a layer
@@ -2316,6 +2326,19 @@ def let_go(layer: "LoRALayer") -> None:
         layer._modules["conv"] = None
     else:
         layer._parameters["weight"] = None
+
+
+def unloaded(layer: "LoRALayer") -> None:
+    """A layer lora_ext.unload took out of its model: the plain module put in its place owns the weight now (merged:
+    with the adapter in it). A user may still hold the layer (`q = model.q_proj`): it lets go of the weight (let_go:
+    it would count as a layer sharing it, and a merged one would take its adapter out of the plain model's weight at
+    the next inject's tie) and refuses any use from then on, saying why (_check_sound)."""
+    with layer._lock:
+        why = (f"{layer._describe()} was taken out of its model by lora_ext.unload: the plain module put in its place "
+               f"holds its weight{' (with the adapter merged into it)' if layer.merged else ''}, which this layer no "
+               f"longer computes with or writes; use the model's module (inject or load again for an adapter)")
+        let_go(layer)
+        layer.__dict__["_broken"] = why
 
 
 def _on_child(parent: nn.Module, name: str, new: Optional[nn.Module]) -> None:

@@ -880,6 +880,7 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
             for alias in aliases[id(layer)]:
                 _set_submodule(model, alias, plain)
                 names.append(alias)
+            layers.unloaded(layer)  # (a user's reference to the layer no longer reaches the plain module's weight)
         for name, wrapper in wrappers(model):
             plain = wrapper.unloaded(merge)
             carry_hooks(wrapper, plain)
