@@ -353,7 +353,10 @@ class LayerBatch:
             else:
                 how = {"rows": "its first dimension must be the batch row, as in the model's input",
                        "tokens": "its tokens, flattened, must be the rows, as in the model's input"}.get(
-                    batch.layout, "its first dimension must be the batch row (or its tokens, flattened, the rows)")
+                    batch.layout, "its first dimension must be the batch row (or, for a 1-D leading shape, its "
+                                  "tokens the rows; the model's input, which decides, was not seen: it is read as "
+                                  "input_ids, inputs_embeds, x or the first positional argument of the model the "
+                                  "batch was opened on)")
             raise ValueError(f"batch_adapters: {batch.rows_text()}, but {where} got an input of shape "
                              f"{tuple(x.shape)}: {how}{batch.hint(lead[0], lead) if len(lead) else ''}")
         size, tokens = fit

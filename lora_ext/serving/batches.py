@@ -207,6 +207,11 @@ class Batch:
         repeating each row's entry `expand` times serves alike. A layer of self.flattens may take the model input's
         rows x tokens in one dimension, row after row."""
         layout = "rows" if self.expand > 1 else self.layout
+        if layout is None and len(lead) > 1:
+            # the model's input was not seen (a keyword _check_input does not know, a submodule called in the
+            # block): several leading dimensions are rows first, never tokens (GPT-2's broadcast position ids,
+            # (1, T), would pass as T tokens when T is the row count, each position given another row's adapter)
+            layout = "rows"
         for size in self.sizes:
             tokens = batched.batch_shape(lead, size, layout)
             if tokens is not None:

@@ -1,0 +1,94 @@
+"""batch_adapters where the model's input is not seen (a keyword other than input_ids / inputs_embeds / x, or a
+submodule called inside the block): the layers' inputs were read one by one, so a broadcast (1, T) input with T the
+row count passed as T tokens, position t served row t's adapter for every row (3-4 off, silently). Several leading
+dimensions are read rows first then, and the broadcast input is refused as when the input is seen."""
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_ext as lora
+
+V, T, D, R = 20, 3, 8, 2
+
+
+class _Model(nn.Module):
+    def __init__(self, broadcast=True):
+        super().__init__()
+        self.tok = lora.Embedding(V, D, r=R)
+        self.pos = lora.Embedding(T, D, r=R)
+        self.out = lora.Linear(D, D, r=R)
+        self.broadcast = broadcast
+
+    def forward(self, tokens):
+        positions = torch.arange(tokens.shape[-1])
+        positions = positions[None] if self.broadcast else positions.expand(tokens.shape)
+        return self.out(self.tok(tokens) + self.pos(positions))
+
+
+def _model(broadcast):
+    torch.manual_seed(0)
+    m = _Model(broadcast)
+    factors = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        g = torch.Generator().manual_seed(seed)
+        for ln in ("tok", "pos", "out"):
+            layer = getattr(m, ln)
+            sa, sb = layer.factor_shapes(R)
+            A, B = torch.randn(sa, generator=g), torch.randn(sb, generator=g)
+            layer.add_adapter(name, A, B, 1.5)
+            factors[name, ln] = (A.double(), B.double(), 1.5)
+    return m.eval(), factors
+
+
+def _reference(m, factors, ids, name):
+    """One row's output in float64 by plain torch."""
+    def delta(ln, h):
+        if name is None:
+            return 0
+        A, B, s = factors[name, ln]
+        return s * (A.t()[h] if ln != "out" else h @ A.t()) @ B.t()
+    positions = torch.arange(ids.shape[0])
+    h = m.tok.weight.detach().double()[ids] + delta("tok", ids) + m.pos.weight.detach().double()[positions] \
+        + delta("pos", positions)
+    return h @ m.out.weight.detach().double().t() + m.out.bias.detach().double() + delta("out", h)
+
+
+@pytest.mark.parametrize("call", ["keyword", "submodule"])
+def test_a_broadcast_input_is_refused_when_the_models_input_is_not_seen(call):
+    m, _ = _model(broadcast=True)
+    outer = nn.ModuleDict({"inner": m})
+    ids = torch.randint(0, V, (3, T))  # 3 rows of T = 3 tokens: the (1, T) positions look like 3 flattened tokens
+    with torch.no_grad(), pytest.raises(ValueError, match=r"layer '(inner.)?pos'.*\(1, 3\).*was not seen"), \
+            lora.batch_adapters(m if call == "keyword" else outer, ["a", "b", None]):
+        m(tokens=ids) if call == "keyword" else outer["inner"](ids)
+
+
+@pytest.mark.parametrize("call", ["keyword", "submodule"])
+def test_rows_are_served_their_adapters_when_the_models_input_is_not_seen(call):
+    m, factors = _model(broadcast=False)
+    outer = nn.ModuleDict({"inner": m})
+    ids = torch.randint(0, V, (3, T))
+    rows = ["a", "b", None]
+    with torch.no_grad(), lora.batch_adapters(m if call == "keyword" else outer, rows):
+        y = (m(tokens=ids) if call == "keyword" else outer["inner"](ids)).double()
+    for i, name in enumerate(rows):
+        assert (y[i] - _reference(m, factors, ids[i], name)).abs().max().item() < 1e-4
+
+
+def test_flattened_tokens_still_served_when_the_models_input_is_not_seen():
+    """A 1-D input of one token per row (a serving engine's layout) needs no model input to be read."""
+    m, factors = _model(broadcast=False)
+    ids = torch.randint(0, V, (4,))
+    rows = ["b", None, "a", "b"]
+    with torch.no_grad(), lora.batch_adapters(m, rows):
+        y = m.out(m.tok(ids)).double()
+    for i, name in enumerate(rows):
+        h = m.tok.weight.detach().double()[ids[i]]
+        if name is not None:
+            A, B, s = factors[name, "tok"]
+            h = h + s * A.t()[ids[i]] @ B.t()
+        ref = h @ m.out.weight.detach().double().t() + m.out.bias.detach().double()
+        if name is not None:
+            A, B, s = factors[name, "out"]
+            ref = ref + s * h @ A.t() @ B.t()
+        assert (y[i] - ref).abs().max().item() < 1e-4
