@@ -308,3 +308,49 @@ def test_svd_rank_past_the_shape_is_capped():
     assert layer.rank_of(layer.get_adapter("w")[0]) == 3
     exact = sum(layer.get_adapter(n)[2] * _update64(layer, *layer.get_adapter(n)[:2]) for n in ("p", "q"))
     assert rel_err(_update64(layer, *layer.get_adapter("w")[:2]), exact) < 1e-5
+
+
+@pytest.mark.parametrize("make", [lambda: lora.Conv1d(5, 7, 3, r=2), lambda: lora.Conv2d(5, 7, (3, 1), r=2)],
+                         ids=["conv1d", "conv2d-3x1"])
+@pytest.mark.parametrize("svd_rank", [None, 99])
+def test_svd_keeps_the_exact_update_where_the_rank_rows_do_not_divide_the_shape(make, svd_rank):
+    """A 21 x 5 update (Conv1d(5, 7, 3): 3 rank rows per rank) of rank 5 needs rank 2; the cap rounded down to 1
+    and lost 32% of the update, svd_rank or not."""
+    layer = make()
+    g = torch.Generator().manual_seed(4)
+    for name, r, s in (("p", 2, 2.0), ("q", 3, 1.0)):
+        a, b = layer.factor_shapes(r)
+        layer.add_adapter(name, torch.randn(a, generator=g), torch.randn(b, generator=g), s)
+    exact = sum(w * layer.get_adapter(n)[2] * _update64(layer, *layer.get_adapter(n)[:2])
+                for n, w in (("p", 1.0), ("q", -0.6)))
+    assert torch.linalg.matrix_rank(exact).item() == 5
+    lora.add_weighted_adapter(layer, ["p", "q"], [1.0, -0.6], "w", combination_type="svd", svd_rank=svd_rank)
+    A, B, _ = layer.get_adapter("w")
+    assert layer.rank_of(A) == 2
+    assert rel_err(_update64(layer, A, B), exact) < 1e-5
+
+
+def test_the_first_adapters_dropout_is_taken_past_an_embedding(tmp_path):
+    """peft's new adapter copies the first adapter's config, lora_dropout included; read from the model's first
+    layer, an Embedding (which applies none: 0.0), it was 0.0 for every layer."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(30, 8)
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, ids):
+            return self.lin(self.emb(ids))
+
+    for name in ("a", "b"):
+        peft_model = get_peft_model(Net(), LoraConfig(r=2, target_modules=["emb", "lin"], lora_dropout=0.25))
+        peft_model.save_pretrained(tmp_path / name)
+    model = Net()
+    for name in ("a", "b"):
+        lora.load_peft_adapter(model, str(tmp_path / name / "default" if (tmp_path / name / "default").is_dir()
+                                          else tmp_path / name), name, activate=False)
+    lora.add_weighted_adapter(model, ["a", "b"], [1.0, 1.0], "w", combination_type="cat")
+    assert model.lin.adapter_dropout("w") == 0.25
+    lora.save_peft_adapter(model, str(tmp_path / "w"), "w")
+    config = PeftModel.from_pretrained(Net(), str(tmp_path / "w")).peft_config["default"]
+    assert config.lora_dropout == 0.25

@@ -988,7 +988,7 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
     # one lora_dropout, which the swap keeps: the file's must be that one, as peft's hotswap compares the configs'
     # ("Configs are incompatible: for lora_dropout"). (Layers given the adapter for the first time take the file's.)
     for n, m in held:
-        held_p = _trained_dropout(m, name)
+        held_p = layers.trained_dropout(m, name)
         if held_p is not None and held_p != float(dropout):
             raise ValueError(f"{what}: {cfg_file} trains with lora_dropout {float(dropout)}, layer {n!r} holds it "
                              f"with {held_p}: a hotswap writes factors and scalings only, so the adapter would go on "
@@ -1006,12 +1006,6 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
                              f"load_peft_adapter to replace it (its values go into the adapter's own Parameters, "
                              f"which an optimizer built before keeps training)")
     return [m for _, m in zeroed]
-
-
-def _trained_dropout(layer, name):
-    """The lora_dropout probability `layer` trains adapter `name` with, as peft's config holds it; None for an
-    Embedding (peft's and loralib's apply none) or a dropout module of the user's."""
-    return None if isinstance(layer, layers.Embedding) else layer.adapter_dropout(name)
 
 
 def _base_tensor(model, name, what):
@@ -1160,7 +1154,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
             tensors[PREFIX + name + ka], tensors[PREFIX + name + kb] = _tokens.file_copy(A), _tokens.file_copy(B)
             ranks[name], alphas[name] = rank, scaling * rank
-            p = _trained_dropout(layer, adapter)
+            p = layers.trained_dropout(layer, adapter)
             if p is not None:
                 dropouts[name] = p
         every = _plain_names(inner)

@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops, sharded
-from ..layers import ConvLoRA, LoRALayer, MergedLinear
+from ..layers import ConvLoRA, LoRALayer, MergedLinear, trained_dropout
 from ..named_adapters import check_adapter_name, each_or_none
 from .saved_modules import wrappers
 from .tokens import TrainableTokens
@@ -136,12 +136,13 @@ def _factor_level(layer, parts, weights, where, combination, density, sign_metho
 
 
 def _max_rank(layer) -> int:
-    """The largest rank this layer's factors can usefully have: each block's rank rows (a convolution's: rank times
-    kernel size) at most the block's smaller side."""
+    """The largest rank this layer's factors can usefully have: the smallest whose rank rows per block (a
+    convolution's: rank times kernel size) reach the block's smaller side (rounded up: a Conv1d(5, 7, 3)'s 21 x 5
+    update needs rank 2, 6 rows, to hold its rank 5; rounded down it was cut to rank 1)."""
     (ra, ka), (rb, _) = layer.factor_shapes(1)
     n = _blocks(layer)
     per_rank = ra // n  # rank rows per rank, per block
-    return max(1, min(ka, rb // n) // per_rank)
+    return max(1, -(-min(ka, rb // n) // per_rank))
 
 
 def _quantile(values: Tensor, q: float) -> float:
@@ -367,8 +368,8 @@ def apply(plan_: Dict[LoRALayer, Tuple[Tensor, Tensor]], adapter_name: str, firs
     """Adds the planned adapter to its layers, all or none (Ctrl-C lands after), with the lora_dropout of the first
     adapter combined (peft's new config is a copy of that adapter's)."""
     # the first adapter's own: read where it is not a stand-in (every layer of the new adapter takes it, as peft's
-    # copied config does, also those the first adapter does not target)
-    own = [m.adapter_dropout(first) for m in plan_ if m.has_adapter(first) and not m.is_placeholder(first)]
+    # copied config does, also those the first adapter does not target; an Embedding's 0.0 is no config's)
+    own = [trained_dropout(m, first) for m in plan_ if m.has_adapter(first) and not m.is_placeholder(first)]
     p = next((q for q in own if q is not None), None)
 
     def add(m):
