@@ -398,12 +398,18 @@ def test_the_header_reader_agrees_with_safetensors(ws):
     assert all(tuple(t[k].shape) == shape for k, _, shape, _, _ in entries)
 
 
+# float checkpoints --dtype converts: no quantization_config (null, false, empty), integer or bool tensors that are
+# no packed weights
+_NOT_QUANTIZED = ("null_config", "false_config", "empty_config", "int64_weight", "bool_weight")
+
+
 @pytest.mark.parametrize("how", ["config", "text_config", "compression_config", "fp8", "int8", "gptq", "nf4",
-                                 "packed", "hqq", "null_config"])
+                                 "packed", "hqq", "torchao", "quanto", "config_file_base", *_NOT_QUANTIZED])
 def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys, how):
     """--dtype converted a quantized checkpoint's float32 scales with the rest (a 2e-8 scale flushed to 0 in float16:
-    its block dequantizes to zeros), exit 0, the quantized weights and quantization_config kept. A null
-    quantization_config is not one."""
+    its block dequantizes to zeros), exit 0, the quantized weights and quantization_config kept; torchao's and
+    optimum-quanto's names, and config.json beside a --base file, were missed. A null, false or empty
+    quantization_config is not one, nor an int64 or bool tensor whose name ends in weight."""
     src = ws / "single" / "model.safetensors"
     t = load_file(str(src))
     quant = {"quant_method": "fp8", "weight_block_size": [64, 64]}
@@ -412,11 +418,16 @@ def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys,
               "gptq": ("extra.qweight", torch.tensor([[7]], dtype=torch.int32)),
               "nf4": ("extra.weight", torch.tensor([[7]], dtype=torch.uint8)),
               "packed": ("extra.weight_packed", torch.tensor([[7]], dtype=torch.int32)),
-              "hqq": ("extra.W_q", torch.tensor([[7]], dtype=torch.uint8))}
+              "hqq": ("extra.W_q", torch.tensor([[7]], dtype=torch.uint8)),
+              "torchao": ("extra.weight_qdata", torch.tensor([[1, -2]], dtype=torch.int8)),
+              "quanto": ("extra.weight._data", torch.tensor([[1, -2]], dtype=torch.int8)),
+              "int64_weight": ("extra.class_weight", torch.tensor([1, 2])),
+              "bool_weight": ("extra.mask_weight", torch.tensor([[True, False]]))}
+    scale = {"torchao": "extra.weight_scale", "quanto": "extra.weight._scale"}.get(how, "extra.scales")
     if how in packed:
         key, value = packed[how]
         t[key] = value
-        t["extra.scales"] = torch.tensor([[2e-8]])
+        t[scale] = torch.tensor([[2e-8]])
     else:
         with open(ws / "single" / "config.json") as f:
             cfg = json.load(f)
@@ -425,17 +436,20 @@ def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys,
         elif how == "compression_config":
             cfg["compression_config"] = {"format": "pack-quantized"}
         else:
-            cfg["quantization_config"] = None if how == "null_config" else quant
+            cfg["quantization_config"] = {"null_config": None, "false_config": False, "empty_config": {}}.get(how, quant)
         with open(ws / "single" / "config.json", "w") as f:
             json.dump(cfg, f)
     save_file(t, str(src), metadata={"format": "pt"})
-    out = ws / "merged"
-    rc, err = _run(capsys, "--base", ws / "single", "--adapter", ws / "adapter", "--out", out, "--dtype", "float16")
-    if how == "null_config":
-        assert rc == 0
+    base = src if how == "config_file_base" else ws / "single"
+    out = ws / ("merged.safetensors" if how == "config_file_base" else "merged")
+    rc, err = _run(capsys, "--base", base, "--adapter", ws / "adapter", "--out", out, "--dtype", "float16")
+    if how in _NOT_QUANTIZED:
+        assert rc == 0, err
+        converted = load_file(str(out / "model.safetensors"))
+        assert all(converted[k].dtype == (torch.float16 if v.dtype == torch.float32 else v.dtype) for k, v in t.items())
         return
     assert rc != 0 and "is quantized" in err and not os.path.exists(out)
-    assert _run(capsys, "--base", ws / "single", "--adapter", ws / "adapter", "--out", out)[0] == 0  # (no --dtype)
+    assert _run(capsys, "--base", base, "--adapter", ws / "adapter", "--out", out)[0] == 0  # (no --dtype)
 
 
 def test_float8_and_integer_tensors_are_copied_as_they_are(ws, capsys):

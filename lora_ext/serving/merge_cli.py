@@ -571,10 +571,10 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
                 raise MergeError(f"{cfg_file}: trainable_token_indices chooses module {m!r} twice")
             targets[m] = indices
     shared = _shared_weights(meta) or {}
-    for name in targets:  # (an embedding's rows reach every module tied to it, as served; a head's do not)
+    for name in targets:  # (the input embedding's rows reach every module tied to it, as served; others' do not)
         group = [name, *shared.get(name, [])]
         untargeted = [o for o in group if o not in targets]
-        if untargeted and not any(isinstance(meta.get_submodule(g), torch.nn.Embedding) for g in group if g in targets):
+        if untargeted and not any(_tokens.ties_rows(meta, meta.get_submodule(g)) for g in group if g in targets):
             raise MergeError(f"{cfg_file}: trainable_token_indices gives module {name!r} rows of tokens, but its weight "
                              f"is tied to {untargeted[0]!r}, which the adapter gives none (it serves the weight's own "
                              f"rows there); written into the weight, the rows would reach {untargeted[0]!r} too "
@@ -584,7 +584,8 @@ def _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers
     for name, indices in targets.items():
         file_key = PREFIX + name + _tokens.DELTA_SUFFIX
         if file_key not in rows:
-            if any(targets.get(o) == indices and PREFIX + o + _tokens.DELTA_SUFFIX in rows for o in shared.get(name, [])):
+            if any(targets.get(o) == indices and PREFIX + o + _tokens.DELTA_SUFFIX in rows
+                   and _tokens.ties_rows(meta, meta.get_submodule(o)) for o in shared.get(name, [])):
                 continue  # a head tied to an embedding with the same tokens: peft saves the rows once
             raise MergeError(f"--adapter: holds no {file_key!r}, the rows of the tokens trainable_token_indices lists "
                              f"for module {name!r} ({cfg_file})")
@@ -963,18 +964,27 @@ def _nonfinite(t):
     return int(t.numel() - torch.isfinite(t).sum())
 
 
-# names quantized weights are stored under (peft/transformers' weight, GPTQ/AWQ qweight, compressed-tensors'
-# weight_packed, HQQ's W_q), in integers or 8-bit floats
-_PACKED_NAMES = ("weight", "weight_packed", "W_q")
+# the last name component quantized weights are stored under (peft/transformers' weight, GPTQ/AWQ qweight,
+# compressed-tensors' weight_packed, HQQ's W_q, torchao's weight_qdata, optimum-quanto's weight._data), in integers
+# of at most 32 bits (not bool; an int64 or bool tensor named so is no packed weight) or 8-bit floats; any such tensor
+# with a floating `*scale*` tensor beside it (under the same module, or its own name) counts too
+_PACKED_NAMES = ("weight", "qweight", "weight_packed", "W_q", "weight_qdata", "_data")
 
 
 def _quantization_config(cfg) -> bool:
     """Whether a config (or a sub-config: a multimodal model's text_config) has a quantization_config (or an older
-    compressed-tensors checkpoint's compression_config)."""
+    compressed-tensors checkpoint's compression_config): set to anything but null, false or an empty object."""
     if isinstance(cfg, dict):
-        return (cfg.get("quantization_config") is not None or cfg.get("compression_config") is not None
+        return (bool(cfg.get("quantization_config")) or bool(cfg.get("compression_config"))
                 or any(_quantization_config(v) for v in cfg.values()))
     return False
+
+
+def _packed(key: str, dtype: torch.dtype) -> bool:
+    """Whether a tensor of this dtype can hold quantized values: integers of at most 32 bits, 8-bit floats."""
+    if dtype.is_floating_point:
+        return dtype.itemsize == 1
+    return dtype != torch.bool and not dtype.is_complex and dtype.itemsize <= 4
 
 
 def _check_quantized_dtype(base, base_dir, headers, dtype):
@@ -982,21 +992,23 @@ def _check_quantized_dtype(base, base_dir, headers, dtype):
     quantization_config, its own or a sub-config's, or weights stored in integers or 8-bit floats: GPTQ's qweight,
     bitsandbytes' packed weight, int8/fp8/fp4 weights) that is its scales too (rounded; a small float32 scale
     flushed to zero in float16 zeroes its block), under weights left as they are: refused before anything is
-    written."""
-    config = os.path.join(base_dir, "config.json") if base_dir is not None else None
+    written. config.json is read beside a --base file too."""
+    config = os.path.join(base_dir or os.path.dirname(os.path.abspath(base)), "config.json")
     quantized = None
-    if config is not None and os.path.isfile(config):
+    if os.path.isfile(config):
         try:
             with open(config, encoding="utf-8") as f:
                 if _quantization_config(json.load(f)):
                     quantized = "its config.json has a quantization_config"
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             pass  # (read again where the files are copied, which names the failure)
     if quantized is None:
-        packed = sorted((key, _FROM_ST[st_dtype]) for _, entries, _ in headers.values()
-                        for key, st_dtype, *_ in entries
-                        if key.endswith(_PACKED_NAMES) and (not _FROM_ST[st_dtype].is_floating_point
-                                                            or _FROM_ST[st_dtype].itemsize == 1))
+        tensors = [(key, _FROM_ST[st_dtype]) for _, entries, _ in headers.values() for key, st_dtype, *_ in entries]
+        scales = [key for key, dt in tensors if dt.is_floating_point and dt.itemsize > 1
+                  and "scale" in key.rsplit(".", 1)[-1].lower()]
+        packed = sorted((key, dt) for key, dt in tensors if _packed(key, dt) and (
+            key.rsplit(".", 1)[-1] in _PACKED_NAMES or key.rsplit(".", 1)[-1].endswith("qweight")
+            or any(s.startswith(key.rsplit(".", 1)[0] + ".") for s in scales)))
         if packed:
             quantized = f"weights stored in {packed[0][1]}: {packed[0][0]!r}"
     if quantized is not None:

@@ -8,8 +8,9 @@ over the model's own module, which stays the module that computes (`original_mod
 serving). So set_adapter, delete_adapter, disable_adapter, mixed batches (each row its adapter's rows) and the
 DDP checks treat them as they treat modules saved whole, and a switch writes nothing.
 
-A module that shares the embedding's weight (a tied output head) serves the same rows: its logits for those tokens
-are computed from the new rows, as peft's tied token adapter does. Its TokenRows hold the embedding's rows
+A module that shares the input embedding's weight (a tied output head) serves the same rows when the model's config
+ties the word embeddings: its logits for those tokens are computed from the new rows, as peft's tied token adapter
+does (rows of another module, or of a model whose config does not tie, are served by that module alone, as peft's). Its TokenRows hold the embedding's rows
 (the same Parameter) and are not saved apart (peft ties them again on load).
 
 unload(merge=True) writes the active adapter's rows into the weight (peft's merge_and_unload does the same);
@@ -245,7 +246,7 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
         t = tensors.pop(key, None)
         if t is None:
             tie = _tied_embedding(base, seen)
-            if tie is not None and tie[2] == indices:
+            if tie is not None and tie[2] == indices and ties_rows(model, original(tie[1])):
                 continue  # a head tied to an embedding target with the same tokens: peft saves its rows once
             raise ValueError(f"{where}: holds no {key!r}, the rows of the tokens trainable_token_indices lists for "
                              f"module {n!r} ({cfg_file})")
@@ -276,6 +277,8 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
     embeddings = {original(m): rows for _, m, rows in out if isinstance(original(m), nn.Embedding)}
     done = {original(m) for _, m, _ in out}
     for emb, rows in embeddings.items():
+        if not ties_rows(model, emb):  # (the named module alone serves them; a merge refuses: merge_refusal)
+            continue
         for m, ns in names.items():
             if any(n.startswith(i) for n in ns for i in inside) or original(m) in done:
                 continue
@@ -285,6 +288,17 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
             out.append((ns, m, TokenRows(head, rows.indices, rows.trainable_tokens_delta, tied=True)))
             done.add(head)
     return out
+
+
+def ties_rows(model: nn.Module, emb: nn.Module) -> bool:
+    """Whether the modules sharing embedding `emb`'s weight serve its rows too, as peft ties them: only where `emb`
+    is the model's input embedding (get_input_embeddings) and its config ties the word embeddings. Rows listed for
+    another module sharing that weight (T5's encoder.embed_tokens beside `shared`), or in a model whose config does
+    not tie, are served by that module alone (peft's); lora_ext gave them to every module sharing the weight."""
+    name = input_embedding_name(model)
+    if name is None or original(model.get_submodule(name)) is not emb:
+        return False
+    return bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
 
 
 def _tied_embedding(module, seen):

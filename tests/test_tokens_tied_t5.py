@@ -1,0 +1,75 @@
+"""Rows of tokens (trainable_token_indices) for a module that shares the input embedding's weight but is not the
+input embedding: T5's encoder.embed_tokens beside `shared`. peft serves them in that module alone; lora_ext gave
+them to every module sharing the weight (shared, decoder.embed_tokens, lm_head): logits 2.2 off a float64
+reference, silently. The merges, which would write them into the shared weight, are refused."""
+import pytest
+import torch
+import transformers as tf
+from peft import LoraConfig, get_peft_model
+
+import lora_ext as lora
+from lora_ext.cli import main
+from lora_ext.serving.tokens import TrainableTokens
+
+ROWS = [1, 2, 33]
+IDS, DEC = torch.tensor([[1, 5, 9, 33, 7, 2]]), torch.tensor([[0, 1, 2, 33, 4]])
+
+
+def _t5():
+    torch.manual_seed(0)
+    return tf.T5ForConditionalGeneration(tf.T5Config(vocab_size=101, d_model=32, d_ff=48, num_layers=2, num_heads=4,
+                                                     d_kv=8, dropout_rate=0.0)).eval()
+
+
+@pytest.fixture(scope="module", params=["encoder", "decoder"])
+def saved(request, tmp_path_factory):
+    """(stack, adapter folder, rows' values): a peft adapter whose rows are for `stack`.embed_tokens."""
+    root = tmp_path_factory.mktemp("t5tokens")
+    stack = request.param
+    pm = get_peft_model(_t5(), LoraConfig(r=4, target_modules=["q"],
+                                          trainable_token_indices={f"{stack}.embed_tokens": ROWS}))
+    values = torch.randn(len(ROWS), 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        pm.base_model.model.get_submodule(f"{stack}.embed_tokens").token_adapter \
+            .trainable_tokens_delta["default"].copy_(values)
+    pm.save_pretrained(str(root / "adapter"))
+    _t5().save_pretrained(str(root / "base"))
+    return stack, root, values
+
+
+def _reference(stack, values):
+    """float64 logits by plain torch: only `stack`'s lookup sees the new rows (the LoRA factors of q are zero)."""
+    ref = _t5().double()
+    with torch.no_grad():
+        emb = torch.nn.Embedding(101, 32).double()
+        emb.weight.copy_(ref.shared.weight)
+        emb.weight[ROWS] = values.double()
+        getattr(ref, stack).embed_tokens = emb
+        return ref(input_ids=IDS, decoder_input_ids=DEC).logits
+
+
+def test_the_rows_are_served_by_the_named_module_alone(saved):
+    stack, root, values = saved
+    model = _t5()
+    lora.load_peft_adapter(model, str(root / "adapter"))
+    wrapped = {n for n in ("shared", "encoder.embed_tokens", "decoder.embed_tokens", "lm_head")
+               if isinstance(model.get_submodule(n), TrainableTokens)}
+    assert wrapped == {f"{stack}.embed_tokens"}
+    with torch.no_grad():
+        got = model(input_ids=IDS, decoder_input_ids=DEC).logits.double()
+    ref = _reference(stack, values)
+    assert (got - ref).abs().max().item() < 1e-5 * ref.abs().max().item()
+
+
+def test_merges_into_the_shared_weight_are_refused(saved, capsys):
+    stack, root, _ = saved
+    model = _t5()
+    lora.load_peft_adapter(model, str(root / "adapter"))
+    before = model.shared.weight.detach().clone()
+    with pytest.raises(ValueError, match="tied"):
+        lora.unload(model, merge=True)
+    assert torch.equal(model.shared.weight, before)
+    out = root / f"merged-{stack}"
+    rc = main(["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(out),
+               "--quiet"])
+    assert rc != 0 and "tied" in capsys.readouterr().err and not out.exists()
