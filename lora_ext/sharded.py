@@ -55,7 +55,10 @@ def writer_of(entries) -> Tuple[bool, Optional[object], Optional[int]]:
     collective: every rank writes, with no agreement."""
     # (mesh, this rank's coordinate in it, the dimensions gathered over) of the tensors that made collectives
     real = [(m, m.get_coordinate(), [d for d, x in enumerate(p) if not isinstance(x, Replicate)]) for m, p in entries]
-    real = [(m, coord, dims) for m, coord, dims in real if dims]
+    # one per mesh (by its ranks) and dimensions gathered over: Shard(0) and Shard(1) on one mesh gather over one
+    # group (a layer sharded along dim 1 beside others along dim 0 made two entries, then no agreement)
+    real = list({(tuple(m.mesh.shape), tuple(m.mesh.flatten().tolist()), tuple(dims)): (m, coord, dims)
+                 for m, coord, dims in real if dims}.values())
     if not real:
         return True, None, None
     writes = any(coord is not None and all(coord[d] == 0 for d in dims) for _, coord, dims in real)

@@ -456,11 +456,14 @@ def test_eval_of_a_conv_sharded_along_dim_1_warns_and_leaves_it_unmerged_before_
         assert any("do not fall whole into channels" in w for w in warned) and (merged, training) == (False, False)
 
 
-def _save_fail_cases(rank, world, path, per_layer=False):
+def _save_fail_cases(rank, world, path, how="root"):
+    from torch.distributed.tensor import Shard
     net = _save_net()
-    if per_layer:  # (a DeviceMesh object per fully_shard call, the same ranks: one group)
-        for m in lora_layers_of(net):
-            fully_shard(m)
+    if how != "root":  # (a DeviceMesh object per fully_shard call, the same ranks: one group)
+        found = lora_layers_of(net)
+        for m in found:  # mixed: the last layer sharded along dim 1 (two placements, one group still)
+            fully_shard(m, shard_placement_fn=(lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+                        if how == "mixed" and m is found[-1] else None)
     fully_shard(net)
     try:
         lora.save_peft_adapter(net, path)
@@ -469,13 +472,14 @@ def _save_fail_cases(rank, world, path, per_layer=False):
         return f"{type(e).__name__}: {e}"
 
 
-@pytest.mark.parametrize("per_layer", [False, True], ids=["root", "per_layer"])
-def test_a_save_rank_0_cannot_write_raises_on_every_rank(tmp_path, per_layer):
+@pytest.mark.parametrize("how", ["root", "per_layer", "mixed"])
+def test_a_save_rank_0_cannot_write_raises_on_every_rank(tmp_path, how):
     """Rank 0 writes; a write that failed there (a path under a regular file) left the other ranks returning as if
-    the adapter were saved (per layer: each fully_shard's own mesh object was taken for another group)."""
+    the adapter were saved (per layer: each fully_shard's own mesh object was taken for another group; mixed: a
+    layer sharded along dim 1 beside others along dim 0 was taken for another group)."""
     blocker = tmp_path / "afile"
     blocker.write_text("")
-    got = run_ranks(_save_fail_cases, str(blocker / "sub"), per_layer)
+    got = run_ranks(_save_fail_cases, str(blocker / "sub"), how)
     assert got[0] is not None and "NotADirectoryError" in got[0]
     assert got[1] is not None and "rank 0, which writes the adapter, could not write" in got[1]
     assert "NotADirectoryError" in got[1]
