@@ -1203,8 +1203,11 @@ class NamedAdapters:
             if self._known_finite(name):
                 return
             A, B, scaling = self.get_adapter(name)
+            label = label or f"{self._describe()} adapter {name!r}"
             if A.dtype != self.lora_A.dtype or B.dtype != self.lora_B.dtype:  # as the live factors will hold them
+                ops.check_finite(label, A, B, scaling, weight_dtype=self._weight_2d().dtype)  # (as stored first)
                 A, B = A.detach().to(self.lora_A.dtype), B.detach().to(self.lora_B.dtype)
-            ops.check_finite(label or f"{self._describe()} adapter {name!r}", A, B, scaling,
-                             weight_dtype=self._weight_2d().dtype)
+                label += (f" (stored in {self.get_adapter(name)[0].dtype}; cast to the live factors' "
+                          f"{self.lora_A.dtype}, past its range)")
+            ops.check_finite(label, A, B, scaling, weight_dtype=self._weight_2d().dtype)
             self._stamp_finite(name)
