@@ -942,6 +942,13 @@ class LoRALayer(NamedAdapters):
         self._finite_stamps.pop(MERGED, None)
         self.merged = False
 
+    def _check_unloaded(self) -> None:
+        """Refuses moves and loads of a layer unload took out (layers.unloaded), which would not say why otherwise (a
+        load is how a layer left unsound comes back: not this one)."""
+        why = self.__dict__.get("_unloaded")
+        if why is not None:
+            raise RuntimeError(why)
+
     def _check_sound(self) -> None:
         """Refuses to go on with a weight that a failed write left unknown (see _writing)."""
         broken = self.__dict__.get("_broken")
@@ -1456,6 +1463,7 @@ class LoRALayer(NamedAdapters):
         """module.to(...) and the like (_apply_merged). A change of the live factors' or the weight's dtype forgets
         which adapters are known finite: each is checked again at its next use as the new dtypes hold it (a float32
         adapter of 1e5 is inf in float16; a switch after .half() served it)."""
+        self._check_unloaded()
         before = self._value_dtypes()
         module = self._apply_merged(fn, recurse)
         if self._value_dtypes() != before:
@@ -1824,6 +1832,7 @@ class LoRALayer(NamedAdapters):
         return A.reshape(A.shape[0] * A.shape[1], A.shape[2]), B
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._check_unloaded()
         if self.__dict__.get("_open_batches"):
             raise RuntimeError(f"{self._describe()}: load_state_dict while a mixed batch (lora.batch_adapters) "
                                f"serves this layer would change it under the batch's rows; load after the block "
@@ -2335,10 +2344,12 @@ def unloaded(layer: "LoRALayer") -> None:
     the next inject's tie) and refuses any use from then on, saying why (_check_sound)."""
     with layer._lock:
         why = (f"{layer._describe()} was taken out of its model by lora_ext.unload: the plain module put in its place "
-               f"holds its weight{' (with the adapter merged into it)' if layer.merged else ''}, which this layer no "
+               f"holds its weight{' (with the adapter merged into it)' if layer.merged else ''} and bias, which this layer no "
                f"longer computes with or writes; use the model's module (inject or load again for an adapter)")
         let_go(layer)
-        layer.__dict__["_broken"] = why
+        if "bias" in layer._parameters:  # (the plain module's too: an optimizer over the layer would train it)
+            layer._parameters["bias"] = None
+        layer.__dict__.update(_broken=why, _unloaded=why)
 
 
 def _on_child(parent: nn.Module, name: str, new: Optional[nn.Module]) -> None:

@@ -64,8 +64,11 @@ def test_a_held_unloaded_layer_leaves_the_plain_weight_alone_and_refuses_use(kin
     assert model[0].merged
     assert torch.equal(model[0].weight if kind != "conv" else model[0].conv.weight, before)
     assert (model[0](x).double() - ref).abs().max().item() < 1e-5
+    state = model[0].state_dict()
+    assert all(p is not plain.weight and p is not getattr(plain, "bias", None) for p in held.parameters())
     for use in (lambda: held(x), lambda: held.train(held.merged), lambda: held.state_dict(),
-                lambda: lora_ext.unload(nn.Sequential(held))):
+                lambda: lora_ext.unload(nn.Sequential(held)), lambda: held.to(torch.float64),
+                lambda: held.load_state_dict(state, strict=False)):
         with pytest.raises(RuntimeError, match="taken out of its model by lora_ext.unload"):
             use()
     assert torch.equal(model[0].weight if kind != "conv" else model[0].conv.weight, before)
