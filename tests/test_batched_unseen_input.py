@@ -92,3 +92,43 @@ def test_flattened_tokens_still_served_when_the_models_input_is_not_seen():
             A, B, s = factors[name, "out"]
             ref = ref + s * h @ A.t() @ B.t()
         assert (y[i] - ref).abs().max().item() < 1e-4
+
+
+class _OneD(_Model):
+    """nanoGPT's positions, 1-D: torch.arange(T) into the position embedding."""
+
+    def forward(self, input_ids):
+        return self.out(self.tok(input_ids) + self.pos(torch.arange(input_ids.shape[-1])))
+
+
+def test_a_1d_broadcast_input_is_refused_when_the_rows_equal_the_tokens():
+    """A (T,) input with T the row count was read as one entry per row: position p got row p's adapter in every
+    row (26 off), the model's input seen or not."""
+    m, _ = _model(broadcast=True)
+    one_d = _OneD()
+    one_d.load_state_dict(m.state_dict())
+    for layer in ("tok", "pos", "out"):
+        for name in ("a", "b"):
+            getattr(one_d, layer).add_adapter(name, *getattr(m, layer).get_adapter(name))
+    one_d.eval()
+    ids = torch.randint(0, V, (3, T))
+    for call in (lambda: one_d(ids), lambda: one_d(input_ids=ids)):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"layer 'pos'.*\(3,\).*a 1-D input of 3 entries"), \
+                lora.batch_adapters(one_d, ["a", "b", None]):
+            call()
+
+
+def test_an_entry_per_row_is_served_as_rows_1_when_the_rows_equal_the_tokens():
+    m, factors = _model(broadcast=False)
+    ids = torch.randint(0, V, (3, T))
+    rows = ["a", None, "b"]
+    label = torch.tensor([4, 7, 9])
+    with torch.no_grad(), lora.batch_adapters(m, rows):
+        m(ids)  # (the model's input: 3 rows of 3 tokens)
+        y = m.tok(label[:, None]).double()[:, 0]
+    for i, name in enumerate(rows):
+        ref = m.tok.weight.detach().double()[label[i]]
+        if name is not None:
+            A, B, s = factors[name, "tok"]
+            ref = ref + s * A.t()[label[i]] @ B.t()
+        assert (y[i] - ref).abs().max().item() < 1e-5

@@ -212,6 +212,8 @@ class Batch:
             # block): several leading dimensions are rows first, never tokens (GPT-2's broadcast position ids,
             # (1, T), would pass as T tokens when T is the row count, each position given another row's adapter)
             layout = "rows"
+        if self.ambiguous(lead):
+            return None
         for size in self.sizes:
             tokens = batched.batch_shape(lead, size, layout)
             if tokens is not None:
@@ -220,6 +222,14 @@ class Batch:
             # the rows' tokens flattened, row after row (OPT's MLP: (rows * tokens, d)); with beams, the repeats'
             return self.input_rows, self.tokens_per_row
         return None
+
+    def ambiguous(self, lead) -> bool:
+        """Whether a layer input of leading shape `lead` is 1-D with as many entries as the rows and as each row of
+        the model's input has tokens: a broadcast input (nanoGPT's positions, torch.arange(T)) would be read as one
+        entry per row, position p served row p's adapter in every row, and a per-row one cannot be told from it."""
+        t = self.tokens_per_row
+        return (self.layout == "rows" and t is not None and t > 1 and len(lead) == 1 and lead[0] == t
+                and lead[0] in self.sizes)
 
     def flattened(self, lead) -> bool:
         """Whether a layer input of leading shape `lead` holds the model input's rows x tokens (more than one token
@@ -234,6 +244,11 @@ class Batch:
     def hint(self, first: int, lead=None) -> str:
         """For an input whose first dimension is another multiple of the rows (generate() with beams): how to say so.
         A layer's input of leading shape `lead` holding the rows' tokens in one dimension is told that instead."""
+        if lead is not None and self.ambiguous(lead):
+            return (f"; a 1-D input of {lead[0]} entries, as many as the rows and as the tokens of each row of the "
+                    f"model's input: a broadcast one (positions torch.arange(T)) cannot carry per-row adapters, and "
+                    f"one entry per row cannot be told from it; give the layer a 2-D input (the positions expanded "
+                    f"to (rows, T), or an entry per row as (rows, 1))")
         if lead is not None and self.flattened(lead):
             return (f"; it holds the model input's {self.input_rows} rows x {self.tokens_per_row} tokens in one "
                     f"dimension, which is served only inside modules known to flatten them row after row ("
