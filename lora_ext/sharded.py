@@ -50,21 +50,27 @@ def gathered_since(start: int) -> list:
 def writer_of(entries) -> Tuple[bool, Optional[object], Optional[int]]:
     """For a file every calling rank holds whole after gathering tensors of `entries` (gathered_since): (whether this
     rank writes it, the process group to agree on, the writer's global rank there). A rank writes where it is the
-    first of a group it gathered with (its coordinate 0 along every dimension not Replicate); with one mesh and one
-    such dimension, that dimension's group is where the writer says whether it wrote. Replicate-only tensors make no
-    collective: every rank writes, with no agreement."""
-    # (mesh, this rank's coordinate in it, the dimensions gathered over) of the tensors that made collectives
-    real = [(m, m.get_coordinate(), [d for d, x in enumerate(p) if not isinstance(x, Replicate)]) for m, p in entries]
-    # one per mesh (by its ranks) and dimensions gathered over: Shard(0) and Shard(1) on one mesh gather over one
-    # group (a layer sharded along dim 1 beside others along dim 0 made two entries, then no agreement)
-    real = list({(tuple(m.mesh.shape), tuple(m.mesh.flatten().tolist()), tuple(dims)): (m, coord, dims)
-                 for m, coord, dims in real if dims}.values())
+    first of a group it gathered with (its coordinate 0 along every dimension gathered over: not Replicate, more than
+    one rank). Where every entry gathered over one set of ranks (told apart by the ranks, not by mesh objects or
+    placements: Shard(0) beside Shard(1), per-layer meshes, an HSDP layer's (1, n) mesh beside the root's (n,)) and one
+    entry did so along one dimension, that dimension's group is where the writer says whether it wrote. Tensors
+    that made no collective (Replicate only): every rank writes, with no agreement."""
+    real = []  # (mesh, this rank's coordinate, the dimensions gathered over, the ranks gathered over)
+    for m, p in entries:
+        dims = [d for d, x in enumerate(p) if not isinstance(x, Replicate) and m.mesh.shape[d] > 1]
+        if not dims:
+            continue
+        coord = m.get_coordinate()
+        ranks = None if coord is None else frozenset(
+            m.mesh[tuple(slice(None) if d in dims else c for d, c in enumerate(coord))].flatten().tolist())
+        real.append((m, coord, dims, ranks))
     if not real:
         return True, None, None
-    writes = any(coord is not None and all(coord[d] == 0 for d in dims) for _, coord, dims in real)
-    mesh, coord, dims = real[0]
-    if len(real) > 1 or len(dims) != 1 or coord is None:
+    writes = any(coord is not None and all(coord[d] == 0 for d in dims) for _, coord, dims, _ in real)
+    one = next(((m, coord, dims) for m, coord, dims, _ in real if len(dims) == 1), None)
+    if len({ranks for *_, ranks in real}) != 1 or real[0][3] is None or one is None:
         return writes, None, None
+    mesh, coord, dims = one
     index = list(coord)
     index[dims[0]] = 0
     return writes, mesh.get_group(dims[0]), int(mesh.mesh[tuple(index)])

@@ -459,7 +459,10 @@ def test_eval_of_a_conv_sharded_along_dim_1_warns_and_leaves_it_unmerged_before_
 def _save_fail_cases(rank, world, path, how="root"):
     from torch.distributed.tensor import Shard
     net = _save_net()
-    if how != "root":  # (a DeviceMesh object per fully_shard call, the same ranks: one group)
+    if how == "hsdp_layer":  # one layer on a (1, 2) HSDP mesh, the root on (2,): the same two ranks gathered over
+        from torch.distributed.device_mesh import init_device_mesh
+        fully_shard(lora_layers_of(net)[0], mesh=init_device_mesh("cpu", (1, 2), mesh_dim_names=("rep", "shard")))
+    elif how != "root":  # (a DeviceMesh object per fully_shard call, the same ranks: one group)
         found = lora_layers_of(net)
         for m in found:  # mixed: the last layer sharded along dim 1 (two placements, one group still)
             fully_shard(m, shard_placement_fn=(lambda p: Shard(1) if p.dim() == 2 else Shard(0))
@@ -472,11 +475,12 @@ def _save_fail_cases(rank, world, path, how="root"):
         return f"{type(e).__name__}: {e}"
 
 
-@pytest.mark.parametrize("how", ["root", "per_layer", "mixed"])
+@pytest.mark.parametrize("how", ["root", "per_layer", "mixed", "hsdp_layer"])
 def test_a_save_rank_0_cannot_write_raises_on_every_rank(tmp_path, how):
     """Rank 0 writes; a write that failed there (a path under a regular file) left the other ranks returning as if
     the adapter were saved (per layer: each fully_shard's own mesh object was taken for another group; mixed: a
-    layer sharded along dim 1 beside others along dim 0 was taken for another group)."""
+    layer sharded along dim 1 beside others along dim 0 was taken for another group; hsdp_layer: a (1, 2) mesh
+    beside a (2,) one, the same two ranks)."""
     blocker = tmp_path / "afile"
     blocker.write_text("")
     got = run_ranks(_save_fail_cases, str(blocker / "sub"), how)
