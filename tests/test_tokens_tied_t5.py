@@ -73,3 +73,48 @@ def test_merges_into_the_shared_weight_are_refused(saved, capsys):
     rc = main(["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(out),
                "--quiet"])
     assert rc != 0 and "tied" in capsys.readouterr().err and not out.exists()
+
+
+class _Tied(torch.nn.Module):
+    """A model of the user's, no config: its head shares the embedding's weight."""
+
+    def __init__(self, failing=None):
+        super().__init__()
+        self.wte = torch.nn.Embedding(20, 8)
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 20, bias=False)
+        self.head.weight = self.wte.weight
+        self.failing = failing
+
+    def forward(self, input_ids):
+        return self.head(torch.tanh(self.fc(self.wte(input_ids))))
+
+    def get_input_embeddings(self):
+        if self.failing is not None:
+            raise self.failing("no embeddings here")
+        return self.wte
+
+
+@pytest.mark.parametrize("failing", [None, ValueError], ids=["plain", "get_input_embeddings-raises"])
+def test_a_model_without_a_config_serves_the_rows_in_the_embedding_alone(tmp_path, failing):
+    """peft ties rows to a head only where the model's config ties the word embeddings: here it serves them in the
+    embedding alone; lora_ext served them in the head too (17 off peft's logits), and a model whose
+    get_input_embeddings raised could not load the file."""
+    torch.manual_seed(0)
+    pm = get_peft_model(_Tied().eval(), LoraConfig(r=4, target_modules=["fc"], trainable_token_indices={"wte": [1, 2, 7]},
+                                                   init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 3)
+    ids = torch.tensor([[1, 3, 7, 2, 5]])
+    with torch.no_grad():
+        want = pm(input_ids=ids).double()
+    pm.save_pretrained(str(tmp_path))
+    torch.manual_seed(0)
+    model = _Tied(failing).eval()
+    lora.load_peft_adapter(model, str(tmp_path))
+    assert isinstance(model.wte, TrainableTokens) and not isinstance(model.head, TrainableTokens)
+    with torch.no_grad():
+        assert (model(ids).double() - want).abs().max().item() < 1e-5

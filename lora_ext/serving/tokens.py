@@ -189,7 +189,7 @@ def input_embedding_name(model: nn.Module) -> Optional[str]:
     """The name of the model's input embedding (get_input_embeddings), or None."""
     try:
         emb = model.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
+    except Exception:  # (none, or a model's own error: the model has no input embedding to speak of)
         return None
     if isinstance(emb, TrainableTokens):
         emb = emb.original_module
