@@ -400,7 +400,7 @@ def test_the_header_reader_agrees_with_safetensors(ws):
 
 # float checkpoints --dtype converts: no quantization_config (null, false, empty), integer or bool tensors that are
 # no packed weights
-_NOT_QUANTIZED = ("null_config", "false_config", "empty_config", "int64_weight", "bool_weight")
+_NOT_QUANTIZED = ("null_config", "false_config", "empty_config", "int64_weight", "bool_weight", "int32_index")
 
 
 @pytest.mark.parametrize("how", ["config", "text_config", "compression_config", "fp8", "int8", "gptq", "nf4",
@@ -422,8 +422,10 @@ def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys,
               "torchao": ("extra.weight_qdata", torch.tensor([[1, -2]], dtype=torch.int8)),
               "quanto": ("extra.weight._data", torch.tensor([[1, -2]], dtype=torch.int8)),
               "int64_weight": ("extra.class_weight", torch.tensor([1, 2])),
-              "bool_weight": ("extra.mask_weight", torch.tensor([[True, False]]))}
-    scale = {"torchao": "extra.weight_scale", "quanto": "extra.weight._scale"}.get(how, "extra.scales")
+              "bool_weight": ("extra.mask_weight", torch.tensor([[True, False]])),
+              "int32_index": ("extra.relative_position_index", torch.tensor([[0, 1]], dtype=torch.int32))}
+    scale = {"torchao": "extra.weight_scale", "quanto": "extra.weight._scale"}.get(how, "extra.logit_scale"
+                                                                                  if how == "int32_index" else "extra.scales")
     if how in packed:
         key, value = packed[how]
         t[key] = value
@@ -498,3 +500,10 @@ def test_stale_temporaries_are_those_of_dead_writers(tmp_path):
     assert files_mod.stale_temporaries(out) == sorted(str(tmp_path / n) for n in names[:2])
     assert files_mod.remove_stale_temporaries(out) == sorted(str(tmp_path / n) for n in names[:2])
     assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+
+
+def test_an_index_file_as_base_is_refused_naming_the_directory(ws, capsys):
+    index = next(p for p in (ws / "base").iterdir() if p.name.endswith(".index.json"))
+    rc, err = _run(capsys, "--base", index, "--adapter", ws / "adapter", "--out", ws / "merged.safetensors")
+    assert rc == 2 and "is a JSON file" in err and "give the directory" in err
+    assert not (ws / "merged.safetensors").exists()

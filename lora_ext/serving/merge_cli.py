@@ -161,6 +161,9 @@ def _get_tensor(path, header, key):
 def _input_files(base):
     """([(shard path, path relative to the base directory or None)], index or None, base directory or None)."""
     if os.path.isfile(base):
+        if base.endswith(".json"):  # (model.safetensors.index.json: its header read as safetensors' says nothing)
+            raise MergeError(f"--base: {base!r} is a JSON file (a sharded checkpoint's index?); give the directory "
+                             f"holding the index and its shards, or one .safetensors file")
         return [(base, None)], None, None
     if not os.path.isdir(base):
         raise MergeError(f"--base: {base!r} is neither a directory nor a file")
@@ -967,7 +970,8 @@ def _nonfinite(t):
 # the last name component quantized weights are stored under (peft/transformers' weight, GPTQ/AWQ qweight,
 # compressed-tensors' weight_packed, HQQ's W_q, torchao's weight_qdata, optimum-quanto's weight._data), in integers
 # of at most 32 bits (not bool; an int64 or bool tensor named so is no packed weight) or 8-bit floats; any such tensor
-# with a floating `*scale*` tensor beside it (under the same module, or its own name) counts too
+# named *weight* with a floating `*scale*` tensor in the same module counts too (an int32 position index beside a
+# logit_scale does not)
 _PACKED_NAMES = ("weight", "qweight", "weight_packed", "W_q", "weight_qdata", "_data")
 
 
@@ -1004,11 +1008,11 @@ def _check_quantized_dtype(base, base_dir, headers, dtype):
             pass  # (read again where the files are copied, which names the failure)
     if quantized is None:
         tensors = [(key, _FROM_ST[st_dtype]) for _, entries, _ in headers.values() for key, st_dtype, *_ in entries]
-        scales = [key for key, dt in tensors if dt.is_floating_point and dt.itemsize > 1
-                  and "scale" in key.rsplit(".", 1)[-1].lower()]
+        modules_scaled = {key.rsplit(".", 1)[0] for key, dt in tensors if dt.is_floating_point and dt.itemsize > 1
+                          and "scale" in key.rsplit(".", 1)[-1].lower()}
         packed = sorted((key, dt) for key, dt in tensors if _packed(key, dt) and (
             key.rsplit(".", 1)[-1] in _PACKED_NAMES or key.rsplit(".", 1)[-1].endswith("qweight")
-            or any(s.startswith(key.rsplit(".", 1)[0] + ".") for s in scales)))
+            or ("weight" in key.rsplit(".", 1)[-1].lower() and key.rsplit(".", 1)[0] in modules_scaled)))
         if packed:
             quantized = f"weights stored in {packed[0][1]}: {packed[0][0]!r}"
     if quantized is not None:
