@@ -1707,8 +1707,13 @@ class LoRALayer(NamedAdapters):
             self._see_new_memory()
             self._streams.read(self._weight_owner().weight.device)
             state = nn.Module.state_dict(self, *args, **kwargs)
+            prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+            # whose factors these are, in the state's metadata (no key of its own: loralib's keys stay as they are;
+            # torch.save keeps it): a load into a layer serving another adapter it holds is refused (_load_whole)
+            entry = getattr(state, "_metadata", {}).get(prefix[:-1])
+            if isinstance(entry, dict):
+                entry[ADAPTER_METADATA] = self.active_adapter
             if self.merged and self._merged_A is not None:
-                prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
                 key = prefix + self._weight_key
                 if key not in state:  # a parametrization registered after the merge computes the weight now
                     raise KeyError(f"{self._describe()}: merged, then its weight was parametrized; a checkpoint "
@@ -1857,6 +1862,14 @@ class LoRALayer(NamedAdapters):
 
     def _load_whole(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        whose = local_metadata.get(ADAPTER_METADATA) if isinstance(local_metadata, dict) else None
+        if isinstance(whose, str) and whose != self.active_adapter and self.has_adapter(whose) \
+                and any(prefix + k in state_dict for k in ("lora_A", "lora_B")):
+            raise RuntimeError(f"{self._describe()} (at {prefix[:-1]!r}): the state's lora_A / lora_B are adapter "
+                               f"{whose!r}'s (state_dict() holds the active adapter's factors under loralib's keys), "
+                               f"but this layer serves adapter {self.active_adapter!r}, which they would overwrite; "
+                               f"set_adapter(model, {whose!r}) first, or save and load adapters by name "
+                               f"(save_peft_adapter / load_peft_adapter)")
         if self._refuse_misfit_load(state_dict, prefix, *args):
             return
         with self._lock:
@@ -2319,6 +2332,10 @@ def taking_out_layers():
         yield
     finally:
         _taking_out.depth = depth
+
+
+# the key, in a state dict's metadata for a layer's prefix, of the adapter whose factors the state holds
+ADAPTER_METADATA = "lora_ext_adapter"
 
 
 def trained_dropout(layer: "LoRALayer", name: str) -> Optional[float]:

@@ -1,10 +1,11 @@
 """loralib's helpers: freeze all but LoRA, and the LoRA part of a state dict."""
+import collections
 import warnings
 
 import torch.nn as nn
 
 from . import sharded
-from .layers import ConvLoRA, LoRALayer
+from .layers import ADAPTER_METADATA, ConvLoRA, LoRALayer
 
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -160,12 +161,16 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     model = unwrap(model)
     if any(sharded.fsdp1_flattened(m) for _, m in _lora_layers(model)):
         return _fsdp1_lora_state_dict(model, bias)
-    out = {}
+    out = collections.OrderedDict()
+    # whose factors they are, as model.state_dict() says it (layers.ADAPTER_METADATA): a load into a layer serving
+    # another adapter it holds is refused
+    out._metadata = {}
     sharded.reshard_fsdp(model)  # (FSDP2: gathered under a MixedPrecisionPolicy, factors are param_dtype's copies)
     for prefix, m in _lora_layers(model):
         if m.has_lora:
             out[prefix + "lora_A"] = sharded.full(m.lora_A.detach())  # FSDP2: gathered (every rank calls)
             out[prefix + "lora_B"] = sharded.full(m.lora_B.detach())
+            out._metadata[prefix[:-1]] = {ADAPTER_METADATA: m.active_adapter}
         if bias == "lora_only":  # every LoRA layer's, as mark_only_lora_as_trainable trains them
             own = _layer_bias(m)
             if own is not None:
