@@ -709,3 +709,23 @@ def test_a_hooked_embedding_is_refused_and_a_hook_registered_after_loading_appli
         W = embed.weight.detach()  # (the rows written into it)
         torch.testing.assert_close(rows, W[x] + 1.0)
         torch.testing.assert_close(_logits(model, x), served, rtol=1e-5, atol=1e-5)
+
+
+def test_a_tied_head_and_embedding_given_other_tokens_each_serve_their_own_as_peft(tmp_path, capsys):
+    """peft ties nothing where the tied modules' tokens differ: each serves its own rows. lora_ext refused the
+    file; it serves them now, and refuses the merges that would write both sets into the one weight."""
+    path = _adapter(tmp_path, "a", tie=True, trainable_token_indices={"embed_tokens": [1, 5], "lm_head": [7, 9]})
+    x = _ids()
+    ref = _logits(_peft({"a": path}, tie=True), x)
+    model = _ours({"a": path}, tie=True)
+    torch.testing.assert_close(_logits(model, x), ref, rtol=1e-5, atol=1e-5)
+    lora.save_peft_adapter(model, str(tmp_path / "back"), "a")
+    torch.testing.assert_close(_logits(_peft({"a": str(tmp_path / "back")}, tie=True), x), ref, rtol=1e-5, atol=1e-5)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="served other rows"):
+        lora.unload(model, merge=True)
+    assert unchanged(model, before)
+    _build("llama", tie=True).save_pretrained(str(tmp_path / "base"))
+    rc = main(["merge", "--base", str(tmp_path / "base"), "--adapter", path, "--out", str(tmp_path / "merged"),
+               "--quiet"])
+    assert rc == 2 and "can hold only one set" in capsys.readouterr().err

@@ -262,18 +262,19 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{label} overflows the weight's dtype {weight.dtype} (values past its range)")
         out.append((names[m], m, TokenRows(base, indices, t)))
-    # targets that share one weight must hold the same rows: the weight (and a merge) can hold only one set
+    # targets that share one weight with the same tokens must hold the same rows: peft ties them (one set served by
+    # both); other tokens are each module's own (peft ties nothing then), served so and never merged (merge_refusal)
     by_weight = {}
     for ns, m, rows in out:
         by_weight.setdefault(id(original(m).weight), []).append((ns[0], rows))
     for group in by_weight.values():
         first, rows = group[0]
         for other, more in group[1:]:
-            if more.indices != rows.indices or not torch.equal(more.trainable_tokens_delta,
-                                                                rows.trainable_tokens_delta):
-                raise ValueError(f"{where}: modules {first!r} and {other!r} share one weight (tied), but the adapter "
-                                 f"gives them other rows of tokens; served (and merged) they would have to be both: "
-                                 f"lora_ext refuses it")
+            if more.indices == rows.indices and not torch.equal(more.trainable_tokens_delta,
+                                                                 rows.trainable_tokens_delta):
+                raise ValueError(f"{where}: modules {first!r} and {other!r} share one weight (tied), and the adapter "
+                                 f"gives them the same tokens with other rows; peft serves one set through both "
+                                 f"(tied): lora_ext refuses it")
     embeddings = {original(m): rows for _, m, rows in out if isinstance(original(m), nn.Embedding)}
     done = {original(m) for _, m, _ in out}
     for emb, rows in embeddings.items():
