@@ -358,7 +358,7 @@ class LayerBatch:
                                   "input_ids, inputs_embeds, x or the first positional argument of the model the "
                                   "batch was opened on)")
             raise ValueError(f"batch_adapters: {batch.rows_text()}, but {where} got an input of shape "
-                             f"{tuple(x.shape)}: {how}{batch.hint(lead[0], lead) if len(lead) else ''}")
+                             f"{tuple(x.shape)}: {how}{batch.hint(lead[0], lead, kind(layer) == 'embedding') if len(lead) else ''}")
         size, tokens = fit
         merged = layer.active_adapter if layer._serves_merged() else None  # (see LoRALayer._serves_merged)
         if merged is not None and layer._merge_behind():

@@ -75,18 +75,49 @@ def test_rows_are_served_their_adapters_when_the_models_input_is_not_seen(call):
         assert (y[i] - _reference(m, factors, ids[i], name)).abs().max().item() < 1e-4
 
 
-def test_flattened_tokens_still_served_when_the_models_input_is_not_seen():
-    """A 1-D input of one token per row (a serving engine's layout) needs no model input to be read."""
+def test_a_linears_flattened_tokens_are_served_and_1d_ids_refused_when_the_models_input_is_not_seen():
+    """With the model's input unseen, 1-D ids of as many entries as the rows may be positions (broadcast) or an id
+    per row: refused. A Linear's (N, d) input is served an adapter per entry (a serving engine's layout)."""
     m, factors = _model(broadcast=False)
     ids = torch.randint(0, V, (4,))
     rows = ["b", None, "a", "b"]
+    with torch.no_grad(), pytest.raises(ValueError, match=r"layer 'tok'.*1-D ids of 4 entries.*was not seen"), \
+            lora.batch_adapters(m, rows):
+        m.tok(ids)
+    h = torch.randn(4, D)
     with torch.no_grad(), lora.batch_adapters(m, rows):
-        y = m.out(m.tok(ids)).double()
+        y = m.out(h).double()
     for i, name in enumerate(rows):
-        h = m.tok.weight.detach().double()[ids[i]]
+        ref = h[i].double() @ m.out.weight.detach().double().t() + m.out.bias.detach().double()
+        if name is not None:
+            A, B, s = factors[name, "out"]
+            ref = ref + s * h[i].double() @ A.t() @ B.t()
+        assert (y[i] - ref).abs().max().item() < 1e-5
+
+
+class _Pooled(nn.Module):
+    """A head on the first token (BERT's pooler): a (rows, d) float input, one vector per row."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids):
+        return self.inner.out(self.inner.tok(input_ids)[:, 0])
+
+
+def test_a_pooled_float_input_is_served_when_the_rows_equal_the_tokens():
+    m, factors = _model(broadcast=False)
+    pooled = _Pooled(m)
+    ids = torch.randint(0, V, (3, T))  # 3 rows of 3 tokens: the pooled (3, d) input looks like 3 positions' vectors
+    rows = ["a", None, "b"]
+    with torch.no_grad(), lora.batch_adapters(pooled, rows):
+        y = pooled(ids).double()
+    for i, name in enumerate(rows):
+        h = m.tok.weight.detach().double()[ids[i, 0]]
         if name is not None:
             A, B, s = factors[name, "tok"]
-            h = h + s * A.t()[ids[i]] @ B.t()
+            h = h + s * A.t()[ids[i, 0]] @ B.t()
         ref = h @ m.out.weight.detach().double().t() + m.out.bias.detach().double()
         if name is not None:
             A, B, s = factors[name, "out"]
@@ -97,8 +128,9 @@ def test_flattened_tokens_still_served_when_the_models_input_is_not_seen():
 class _OneD(_Model):
     """nanoGPT's positions, 1-D: torch.arange(T) into the position embedding."""
 
-    def forward(self, input_ids):
-        return self.out(self.tok(input_ids) + self.pos(torch.arange(input_ids.shape[-1])))
+    def forward(self, input_ids=None, tokens=None):  # (tokens: a keyword the batch does not read)
+        ids = input_ids if input_ids is not None else tokens
+        return self.out(self.tok(ids) + self.pos(torch.arange(ids.shape[-1])))
 
 
 def test_a_1d_broadcast_input_is_refused_when_the_rows_equal_the_tokens():
@@ -112,8 +144,8 @@ def test_a_1d_broadcast_input_is_refused_when_the_rows_equal_the_tokens():
             getattr(one_d, layer).add_adapter(name, *getattr(m, layer).get_adapter(name))
     one_d.eval()
     ids = torch.randint(0, V, (3, T))
-    for call in (lambda: one_d(ids), lambda: one_d(input_ids=ids)):
-        with torch.no_grad(), pytest.raises(ValueError, match=r"layer 'pos'.*\(3,\).*a 1-D input of 3 entries"), \
+    for call in (lambda: one_d(ids), lambda: one_d(input_ids=ids), lambda: one_d(tokens=ids)):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"layer 'pos'.*\(3,\).*1-D ids of 3 entries"), \
                 lora.batch_adapters(one_d, ["a", "b", None]):
             call()
 
@@ -132,3 +164,38 @@ def test_an_entry_per_row_is_served_as_rows_1_when_the_rows_equal_the_tokens():
             A, B, s = factors[name, "tok"]
             ref = ref + s * A.t()[label[i]] @ B.t()
         assert (y[i] - ref).abs().max().item() < 1e-5
+
+
+def test_1d_ids_into_an_embedding_saved_whole_are_refused_when_the_rows_equal_the_tokens(tmp_path):
+    """A position embedding saved whole (modules_to_save) split nanoGPT's torch.arange(T) as rows: position p got
+    row p's copy in every row (6.5 off; peft's adapter_names does the same)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.out = nn.Embedding(V, D), nn.Embedding(T, D), nn.Linear(D, D)
+
+        def forward(self, input_ids):
+            return self.out(self.tok(input_ids) + self.pos(torch.arange(input_ids.shape[-1])))
+
+    torch.manual_seed(0)
+    base = Net().eval()
+    config = dict(r=2, target_modules=["out"], modules_to_save=["pos"], init_lora_weights=False)
+    for name in ("a", "b"):
+        pm = get_peft_model(copy.deepcopy(base), LoraConfig(**config))
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if "modules_to_save" in n:
+                    p.add_(torch.randn_like(p))
+        pm.save_pretrained(str(tmp_path / name))
+    model = copy.deepcopy(base)
+    lora.load_peft_adapter(model, str(tmp_path / "a"), "a")
+    lora.load_peft_adapter(model, str(tmp_path / "b"), "b", activate=False)
+    model.eval()
+    ids = torch.randint(0, V, (3, T))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"module 'pos'.*ids of shape \(3,\).*1-D ids of 3 entries"), \
+            lora.batch_adapters(model, ["a", "b", None]):
+        model(ids)

@@ -212,7 +212,7 @@ class Batch:
             # block): several leading dimensions are rows first, never tokens (GPT-2's broadcast position ids,
             # (1, T), would pass as T tokens when T is the row count, each position given another row's adapter)
             layout = "rows"
-        if self.ambiguous(lead):
+        if self.ambiguous(lead, batched.kind(layer) == "embedding"):
             return None
         for size in self.sizes:
             tokens = batched.batch_shape(lead, size, layout)
@@ -223,13 +223,18 @@ class Batch:
             return self.input_rows, self.tokens_per_row
         return None
 
-    def ambiguous(self, lead) -> bool:
-        """Whether a layer input of leading shape `lead` is 1-D with as many entries as the rows and as each row of
-        the model's input has tokens: a broadcast input (nanoGPT's positions, torch.arange(T)) would be read as one
-        entry per row, position p served row p's adapter in every row, and a per-row one cannot be told from it."""
+    def ambiguous(self, lead, lookup: bool) -> bool:
+        """Whether a lookup's 1-D ids (an Embedding's input of leading shape `lead`) may be a broadcast input
+        (nanoGPT's positions, torch.arange(T)) as well as one id per row: as many as the rows, and as the tokens of
+        each row of the model's input, or the model's input not seen (nothing tells). Read as one per row, position p
+        was served row p's adapter in every row. (A float input of one vector per row, a pooled head's (n, d), is
+        the common case there and stays served.)"""
+        if not lookup or len(lead) != 1 or lead[0] not in self.sizes:
+            return False
+        if self.layout is None:
+            return True
         t = self.tokens_per_row
-        return (self.layout == "rows" and t is not None and t > 1 and len(lead) == 1 and lead[0] == t
-                and lead[0] in self.sizes)
+        return self.layout == "rows" and t is not None and t > 1 and lead[0] == t
 
     def flattened(self, lead) -> bool:
         """Whether a layer input of leading shape `lead` holds the model input's rows x tokens (more than one token
@@ -241,14 +246,17 @@ class Batch:
         return f"{self.n} rows were given" + (f" (expand={self.expand}: {self.n * self.expand} with each row "
                                                f"repeated)" if self.expand > 1 else "")
 
-    def hint(self, first: int, lead=None) -> str:
+    def hint(self, first: int, lead=None, lookup: bool = False) -> str:
         """For an input whose first dimension is another multiple of the rows (generate() with beams): how to say so.
         A layer's input of leading shape `lead` holding the rows' tokens in one dimension is told that instead."""
-        if lead is not None and self.ambiguous(lead):
-            return (f"; a 1-D input of {lead[0]} entries, as many as the rows and as the tokens of each row of the "
-                    f"model's input: a broadcast one (positions torch.arange(T)) cannot carry per-row adapters, and "
-                    f"one entry per row cannot be told from it; give the layer a 2-D input (the positions expanded "
-                    f"to (rows, T), or an entry per row as (rows, 1))")
+        if lead is not None and self.ambiguous(lead, lookup):
+            why = ("as many as the rows and as the tokens of each row of the model's input" if self.layout is not None
+                   else "as many as the rows, and the model's input, which would tell, was not seen (it is read as "
+                        "input_ids, inputs_embeds, idx, x or the first positional argument of the model the batch was "
+                        "opened on)")
+            return (f"; 1-D ids of {lead[0]} entries, {why}: a broadcast input (positions torch.arange(T)) cannot "
+                    f"carry per-row adapters, and one id per row cannot be told from it; give the lookup 2-D ids "
+                    f"(the positions expanded to (rows, T), or an id per row as (rows, 1))")
         if lead is not None and self.flattened(lead):
             return (f"; it holds the model input's {self.input_rows} rows x {self.tokens_per_row} tokens in one "
                     f"dimension, which is served only inside modules known to flatten them row after row ("
@@ -407,7 +415,8 @@ def _check_input(module, args, kwargs):
     batch = _open(_MODELS.get()).get(module)
     if batch is None:
         return
-    x = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "x") if isinstance(kwargs.get(k), Tensor)), None)
+    x = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "idx", "x") if isinstance(kwargs.get(k), Tensor)),
+             None)  # (idx: nanoGPT's)
     if x is None and args and isinstance(args[0], Tensor):
         x = args[0]
     if x is None:

@@ -194,6 +194,10 @@ class SavedBatch:
                              f"adapter's own: its first input's first dimension must be the batch's rows (or, for a "
                              f"Linear or an Embedding, its tokens flattened); {batch.rows_text()}, got {got}"
                              f"{batch.hint(x.shape[0]) if isinstance(x, Tensor) and x.dim() else ''}")
+        if isinstance(wrapper.original_module, nn.Embedding) and batch.ambiguous(x.shape, not x.is_floating_point()):
+            raise ValueError(f"batch_adapters: module {self.path!r} {wrapper.what()} and computes each row with its "
+                             f"adapter's own, but got ids of shape {tuple(x.shape)}"
+                             f"{batch.hint(x.shape[0], x.shape, True)}")
         rows = batch.rows_for(x.shape[0]).to(x.device)
         parts = [(module, torch.isin(rows, torch.tensor(entries, device=x.device)).nonzero().squeeze(1))
                  for module, entries in groups.values()]
