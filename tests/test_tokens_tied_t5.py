@@ -118,3 +118,35 @@ def test_a_model_without_a_config_serves_the_rows_in_the_embedding_alone(tmp_pat
     assert isinstance(model.wte, TrainableTokens) and not isinstance(model.head, TrainableTokens)
     with torch.no_grad():
         assert (model(ids).double() - want).abs().max().item() < 1e-5
+
+
+def _bart():
+    torch.manual_seed(0)
+    return tf.BartForConditionalGeneration(tf.BartConfig(
+        vocab_size=300, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+        dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)).eval()
+
+
+@pytest.mark.parametrize("build", [_bart, _t5], ids=["bart", "t5"])
+def test_embed_tokens_of_both_stacks_each_serve_their_own_rows_as_peft(build, tmp_path):
+    """{"embed_tokens": [...]} chooses the encoder's and the decoder's lookups, which share the (not input) weight:
+    peft serves each its own rows; lora_ext refused the file. Merges stay refused."""
+    pm = get_peft_model(build(), LoraConfig(r=2, target_modules=["q_proj" if build is _bart else "q"],
+                                            trainable_token_indices={"embed_tokens": [5, 7, 11]}))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "trainable_tokens_delta" in n:
+                p.add_(torch.randn(p.shape, generator=g))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    ids = torch.tensor([[5, 7, 11, 12, 3, 5]])
+    with torch.no_grad():
+        want = pm.eval()(input_ids=ids, decoder_input_ids=ids).logits
+    model = build()
+    lora.load_peft_adapter(model, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        got = model(input_ids=ids, decoder_input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="tied"):
+        lora.unload(model, merge=True)

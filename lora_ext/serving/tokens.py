@@ -262,14 +262,17 @@ def plan(model: nn.Module, spec: Dict[Optional[str], List[int]], tensors: Dict[s
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{label} overflows the weight's dtype {weight.dtype} (values past its range)")
         out.append((names[m], m, TokenRows(base, indices, t)))
-    # targets that share one weight with the same tokens must hold the same rows: peft ties them (one set served by
-    # both); other tokens are each module's own (peft ties nothing then), served so and never merged (merge_refusal)
+    # targets that share the input embedding's tied weight with the same tokens must hold the same rows: peft ties
+    # them (one set served by all); otherwise each module's rows are its own (peft ties nothing: BART's and T5's
+    # {"embed_tokens": ...}), served so and never merged (merge_refusal)
     by_weight = {}
     for ns, m, rows in out:
-        by_weight.setdefault(id(original(m).weight), []).append((ns[0], rows))
+        by_weight.setdefault(id(original(m).weight), []).append((ns[0], m, rows))
     for group in by_weight.values():
-        first, rows = group[0]
-        for other, more in group[1:]:
+        if not any(ties_rows(model, original(m)) for _, m, _ in group):
+            continue
+        first, _, rows = group[0]
+        for other, _, more in group[1:]:
             if more.indices == rows.indices and not torch.equal(more.trainable_tokens_delta,
                                                                  rows.trainable_tokens_delta):
                 raise ValueError(f"{where}: modules {first!r} and {other!r} share one weight (tied), and the adapter "
