@@ -1138,6 +1138,7 @@ class LoRALayer(NamedAdapters):
         """Why the active adapter cannot be merged into this layer's weight, or None: a weight that is not a
         registered parameter (a parametrization computes it); FSDP1's flat parameter; a factor a forward pre-hook
         computes (prune, weight_norm); Embedding: max_norm."""
+        self._check_unloaded()
         refusal = sharded.fsdp1_refusal(self, "a merge")
         if refusal is not None:
             return refusal

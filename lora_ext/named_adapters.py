@@ -722,6 +722,7 @@ class NamedAdapters:
         stay (and, inactive, the dtype): the new values are written into them, so an optimizer built before trains
         the new values; otherwise (a rank change of the active, trainable adapter; a rank or dtype change of an
         inactive one's own pair) the adapter gets new Parameters, with a warning."""
+        self._check_unloaded()
         check_adapter_name(name)
         self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
         own = self.rank_of(lora_A)

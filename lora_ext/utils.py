@@ -37,6 +37,7 @@ def _active_copies(model):
 
 def _layer_bias(module):
     """(key suffix, parameter) of a LoRA layer's own bias, or None."""
+    module._check_unloaded()
     if isinstance(module, ConvLoRA):
         return ("conv.bias", module.conv.bias) if module.conv.bias is not None else None
     bias = getattr(module, "bias", None)

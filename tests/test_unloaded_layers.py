@@ -50,6 +50,7 @@ def test_a_held_unloaded_layer_leaves_the_plain_weight_alone_and_refuses_use(kin
     lora_ext.inject(model, ["0"], r=2)
     _randomized(model)
     held = model[0]
+    shapes = held.factor_shapes(2)
     ref = _reference(held, x, merge)
     model.eval()
     lora_ext.unload(model, merge=merge)
@@ -68,7 +69,11 @@ def test_a_held_unloaded_layer_leaves_the_plain_weight_alone_and_refuses_use(kin
     assert all(p is not plain.weight and p is not getattr(plain, "bias", None) for p in held.parameters())
     for use in (lambda: held(x), lambda: held.train(held.merged), lambda: held.state_dict(),
                 lambda: lora_ext.unload(nn.Sequential(held)), lambda: held.to(torch.float64),
-                lambda: held.load_state_dict(state, strict=False)):
+                lambda: held.load_state_dict(state, strict=False),
+                lambda: held.add_adapter("x", *[torch.zeros(s) for s in shapes], 1.0),
+                lambda: lora_ext.mark_only_lora_as_trainable(nn.Sequential(held), bias="lora_only"),
+                lambda: lora_ext.lora_state_dict(nn.Sequential(held), bias="lora_only"),
+                lambda: lora_ext.merge_adapter(nn.Sequential(held))):
         with pytest.raises(RuntimeError, match="taken out of its model by lora_ext.unload"):
             use()
     assert torch.equal(model[0].weight if kind != "conv" else model[0].conv.weight, before)
