@@ -152,12 +152,19 @@ def empty_codes(weight: Tensor, n: int, rows: int, cols: int) -> Tensor:
     return torch.zeros(n, rows, pad, dtype=torch.uint8, device=weight.device)
 
 
+def _block_factors(lora_A: Tensor, lora_B: Tensor, n: int):
+    """The n blocks' factors in float64: A as (n, r, k), B as (n, nb, r) (sizes spelled out: a zero-size layer's k
+    or nb of 0 would leave a -1 undetermined)."""
+    a = lora_A.detach().double().reshape(n, lora_A.shape[0] // n, lora_A.shape[1])
+    b = lora_B.detach().double().reshape(n, lora_B.shape[0] // n, lora_B.shape[1])
+    return a, b
+
+
 def norms(lora_A: Tensor, lora_B: Tensor, n: int, transposed: bool):
     """(lnorm (n, M_rows), rnorm (n, N)) float32: the 2-norms of the rows of each block's left operand and of the
     columns of its right one (B_j's rows and A_j's columns; transposed, A_j's columns and B_j's rows), rounded
     up, so |sum_i l_i r_i| <= lnorm * rnorm."""
-    a = lora_A.detach().double().reshape(n, -1, lora_A.shape[1])  # (n, r, k)
-    b = lora_B.detach().double().reshape(n, lora_B.shape[0] // n, -1)  # (n, nb, r)
+    a, b = _block_factors(lora_A, lora_B, n)
     a_cols = a.norm(dim=1)  # (n, k)
     b_rows = b.norm(dim=2)  # (n, nb)
     up = 1 + 2.0 ** -20
@@ -484,8 +491,7 @@ def with_writes(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, re
     written = now.view(it) != merged
     j, m, c, _ = _listed(weight, record, num_blocks, block_ids, transposed)
     n = len(block_ids)
-    a = lora_A.detach().double().reshape(n, -1, lora_A.shape[1])  # (n, r, k)
-    b = lora_B.detach().double().reshape(n, lora_B.shape[0] // n, -1)  # (n, nb, r)
+    a, b = _block_factors(lora_A, lora_B, n)
     left, right = (a[j, :, m], b[j, c, :]) if transposed else (b[j, m, :], a[j, :, c])  # (E, r) each
     lossy = (now.double() - (left * right).sum(-1) * float(scale)).to(weight.dtype).view(it).to(torch.int32)
     if it == torch.int16:

@@ -155,11 +155,19 @@ def _check_same_device(**tensors):
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _past_float32(label: str, value: float) -> ValueError:
+    return ValueError(f"{label} must be within float32's range (|{label.rsplit(' ', 1)[-1]}| <= 3.4e38: the kernels "
+                      f"and backends compute with it as a float32, where it would be inf), got {value!r}")
+
+
 def finite_real(label: str, value) -> float:
-    """value as a float; ValueError naming `label` unless it is a finite real number (bools refused; numpy
-    scalars and one-element float tensors that need no grad taken)."""
-    if type(value) is float and math.isfinite(value):  # (the common case, first: it runs on every forward)
-        return value
+    """value as a float; ValueError naming `label` unless it is a finite real number within float32's range (bools
+    refused; numpy scalars and one-element float tensors that need no grad taken)."""
+    if type(value) is float and math.isfinite(value) and abs(value) <= _F32_MAX:  # (the common case, first: it runs
+        return value                                                             # on every forward)
     if isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
         if value.requires_grad:
             raise ValueError(f"{label} must be a number, got a {type(value).__name__} that requires grad: "
@@ -168,6 +176,8 @@ def finite_real(label: str, value) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{label} must be a finite number, got {value!r}")
+    if abs(float(value)) > _F32_MAX:
+        raise _past_float32(label, value)
     return float(value)
 
 
@@ -515,6 +525,8 @@ def _merge_back(err, weight, old, layout, limit, where):
 def _check_finite_scaling(label, scaling):
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
         raise ValueError(f"{label} must be a finite number, got {scaling!r}")
+    if abs(scaling) > _F32_MAX:
+        raise _past_float32(label, scaling)
 
 
 def check_finite(name: str, lora_A: Tensor, lora_B: Tensor, scaling: float,

@@ -15,3 +15,42 @@ def test_a_stored_adapter_that_overflows_only_when_cast_says_so():
                                          r"range\): lora_A holds non-finite"):
         layer.set_adapter("big")
     assert layer.active_adapter == "default"
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["cpu", "simulator"])
+def test_a_scale_past_float32_is_refused_before_writing(kernels):
+    """A scale finite as a Python float but past float32's range became inf in the kernels: merge_ and swap_ wrote
+    a NaN weight, linear NaN outputs, returning normally (swap_ on the CPU too)."""
+    import contextlib
+
+    from lora_ext import ops
+    sim = pytest.importorskip("lora_ext._sim") if kernels else None
+    W, x = torch.randn(8, 16), torch.randn(3, 16)
+    A, B = torch.randn(2, 16) * 1e-25, torch.randn(8, 2) * 1e-25
+    with torch.no_grad(), (ops.use_kernels(sim, "cpu") if kernels else contextlib.nullcontext()):
+        for call in (lambda w: ops.merge_(w, A, B, 1e39), lambda w: ops.unmerge_(w, A, B, -1e39),
+                     lambda w: ops.swap_(w, A, B, 1e39, A, B, 0.5), lambda w: ops.swap_(w, A, B, 0.5, A, B, 1e39),
+                     lambda w: ops.linear(x, x, w, None, A, B, 1e39)):
+            w = W.clone()
+            with pytest.raises(ValueError, match="within float32's range"):
+                call(w)
+            assert torch.equal(w, W)
+    layer = lora.Linear(16, 8, r=2)
+    with pytest.raises(ValueError, match="within float32's range"):
+        layer.add_adapter("big", A, B, 1e39)
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4)])
+@pytest.mark.parametrize("kernels", [False, True], ids=["cpu", "simulator"])
+def test_a_zero_size_16_bit_layer_merges_losslessly(shape, kernels):
+    """eval() of a zero-size float16 layer (lossless by default) raised a bare reshape error."""
+    import contextlib
+
+    from lora_ext import ops
+    sim = pytest.importorskip("lora_ext._sim") if kernels else None
+    layer = lora.Linear(*shape, r=2, lora_alpha=2).half()
+    with (ops.use_kernels(sim, "cpu") if kernels else contextlib.nullcontext()):
+        layer.eval()
+        assert layer.merged
+        layer.train()
+        assert not layer.merged and layer.weight.shape == (shape[1], shape[0])
