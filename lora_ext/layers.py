@@ -23,8 +23,10 @@ import functools
 import math
 import os
 import sys
+import itertools
 import threading
 import warnings
+import weakref
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -400,6 +402,44 @@ def _mark_trained(layer, grad) -> None:
     layer.__dict__.setdefault("_trained_merged", [False])[0] = True
 
 
+# layers marked by a compiled forward at each run (_mark_in_graph), by a key in the layer's __dict__ (an int, which
+# dynamo guards by value: a graph traced for one layer is not run for another; copies and pickles get their own,
+# __getstate__; nn.DataParallel's replicas share it and mark the layer they were made from, as _mark_trained does)
+_MARK_KEYS = itertools.count(1)
+_MARK_LAYERS: Dict[int, Any] = {}
+
+
+@torch.library.custom_op("lora_ext::mark_trained", mutates_args=())
+def _mark_trained_op(t: Tensor, key: int) -> Tensor:
+    """A compiled merged forward with gradients through the live factors marks its layer trained (_trains_merged) at
+    each run: an op, so that a graph cached for an earlier snapshot marks the new one too (marked while tracing
+    only, after train() and eval() a compiled training step's no_grad forwards served the merge from before the
+    steps: 0.9 off, and eval() did not merge them). No graph break: fullgraph=True trains through a merge. Gives
+    `t` back (a copy: an op's output is not its input)."""
+    ref = _MARK_LAYERS.get(key)
+    layer = ref() if ref is not None else None
+    if layer is not None:
+        layer.__dict__.setdefault("_trained_merged", [False])[0] = True
+    return t.clone()
+
+
+@_mark_trained_op.register_fake
+def _(t, key):
+    return torch.empty_like(t)
+
+
+_mark_trained_op.register_autograd(lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None)
+
+
+def _mark_in_graph(layer, t: Tensor) -> Tensor:
+    """t through lora_ext::mark_trained for `layer` (see it)."""
+    key = layer.__dict__.get("_mark_key")
+    if key is None:
+        key = layer.__dict__["_mark_key"] = next(_MARK_KEYS)
+        _MARK_LAYERS[key] = weakref.ref(layer, lambda _, key=key: _MARK_LAYERS.pop(key, None))
+    return torch.ops.lora_ext.mark_trained(t, key)
+
+
 class _Written:
     """What a layer's last write left (_note_written): the weight's storage (a weak reference, and the StorageImpl it
     names, which cannot be another while the reference lives), version counter and region; and, for a plain weight,
@@ -523,6 +563,7 @@ class LoRALayer(NamedAdapters):
         state.pop("_pre_disable", None)
         state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
         state.pop("_scale_owner", None)  # (the copy's __setstate__ says which pair its scale tensor is)
+        state.pop("_mark_key", None)  # (a copy marks itself: _mark_in_graph)
         if state.get("_written") is not None:  # (a storage's weak reference neither pickles nor copies: the copy
             state["_written"] = True           # notes its own weight, __setstate__)
         return state
@@ -1835,6 +1876,8 @@ class LoRALayer(NamedAdapters):
             for t in (A, B):
                 if t.requires_grad:
                     t.register_hook(functools.partial(_mark_trained, self))
+        elif A.requires_grad and not torch.compiler.is_exporting():  # (no hook in a traced graph: marked at each run)
+            A = _mark_in_graph(self, A)
         return A.reshape(A.shape[0] * A.shape[1], A.shape[2]), B
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

@@ -54,3 +54,37 @@ def test_a_zero_size_16_bit_layer_merges_losslessly(shape, kernels):
         assert layer.merged
         layer.train()
         assert not layer.merged and layer.weight.shape == (shape[1], shape[0])
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_training_through_a_merge_is_served_after_train_and_eval_again(fullgraph):
+    """eval(), compiled steps with a no_grad forward after each, train(), eval(), a compiled step: the step's graph,
+    cached for an earlier snapshot, no longer marked the layer trained, so no_grad forwards (compiled or eager)
+    served the merge from before the steps (0.9 off) and eval() did not merge them."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 8, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape) * 0.5)
+    lora.mark_only_lora_as_trainable(layer)
+    W0, b0 = layer.weight.detach().double().clone(), layer.bias.detach().double().clone()
+    x = torch.randn(3, 16)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=fullgraph)
+    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.05)
+
+    def step():
+        opt.zero_grad()
+        compiled(x).square().mean().backward()
+        opt.step()
+
+    # (fullgraph: one merge; after a second, the live factors' versions are read, which dynamo cannot trace)
+    ops = (layer.eval, step) if fullgraph else (layer.eval, step, layer.eval, step, layer.train, layer.eval, step,
+                                                layer.eval, step)
+    for op in ops:
+        op()
+        want = x.double() @ (W0 + layer.scaling * layer.lora_B.detach().double() @ layer.lora_A.detach().double()).t()
+        with torch.no_grad():
+            for out in (compiled(x), layer(x)):
+                assert ((out.double() - want - b0).abs().max() / want.abs().max()).item() < 1e-5
+    torch._dynamo.reset()
