@@ -1876,8 +1876,11 @@ class LoRALayer(NamedAdapters):
             for t in (A, B):
                 if t.requires_grad:
                     t.register_hook(functools.partial(_mark_trained, self))
-        elif A.requires_grad and not torch.compiler.is_exporting():  # (no hook in a traced graph: marked at each run)
-            A = _mark_in_graph(self, A)
+        elif not torch.compiler.is_exporting():  # (no hook in a traced graph: marked at each run, through either
+            if A.requires_grad:                   # factor that trains: LoRA-FA freezes A)
+                A = _mark_in_graph(self, A)
+            elif B.requires_grad:
+                B = _mark_in_graph(self, B)
         return A.reshape(A.shape[0] * A.shape[1], A.shape[2]), B
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -1904,16 +1907,23 @@ class LoRALayer(NamedAdapters):
     def _map_keys(self, state_dict, prefix) -> None:
         """Keys of other checkpoint layouts mapped to the layer's own, after its pre-hooks (ConvLoRA)."""
 
+    def _foreign_state(self, state_dict, prefix: str, local_metadata) -> Optional[str]:
+        """Why a state's lora_A / lora_B must not load into this layer, or None: the state's metadata says they are
+        an adapter this layer holds but does not serve (ADAPTER_METADATA), whose values they would overwrite."""
+        whose = local_metadata.get(ADAPTER_METADATA) if isinstance(local_metadata, dict) else None
+        if not isinstance(whose, str) or whose == self.active_adapter or not self.has_adapter(whose) \
+                or not any(prefix + k in state_dict for k in ("lora_A", "lora_B")):
+            return None
+        return (f"{self._describe()} (at {prefix[:-1]!r}): the state's lora_A / lora_B are adapter {whose!r}'s "
+                f"(state_dict() holds the active adapter's factors under loralib's keys), but this layer serves "
+                f"adapter {self.active_adapter!r}, which they would overwrite; set_adapter(model, {whose!r}) first, "
+                f"or save and load adapters by name (save_peft_adapter / load_peft_adapter)")
+
     def _load_whole(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         args = (local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        whose = local_metadata.get(ADAPTER_METADATA) if isinstance(local_metadata, dict) else None
-        if isinstance(whose, str) and whose != self.active_adapter and self.has_adapter(whose) \
-                and any(prefix + k in state_dict for k in ("lora_A", "lora_B")):
-            raise RuntimeError(f"{self._describe()} (at {prefix[:-1]!r}): the state's lora_A / lora_B are adapter "
-                               f"{whose!r}'s (state_dict() holds the active adapter's factors under loralib's keys), "
-                               f"but this layer serves adapter {self.active_adapter!r}, which they would overwrite; "
-                               f"set_adapter(model, {whose!r}) first, or save and load adapters by name "
-                               f"(save_peft_adapter / load_peft_adapter)")
+        foreign = self._foreign_state(state_dict, prefix, local_metadata)
+        if foreign is not None:
+            raise RuntimeError(foreign)
         if self._refuse_misfit_load(state_dict, prefix, *args):
             return
         with self._lock:
@@ -2380,6 +2390,27 @@ def taking_out_layers():
 
 # the key, in a state dict's metadata for a layer's prefix, of the adapter whose factors the state holds
 ADAPTER_METADATA = "lora_ext_adapter"
+
+
+def _check_adapters_load(module: nn.Module, state_dict, prefix: str, *args) -> None:
+    """Load pre-hook of a model lora_ext injected or loaded adapters into: a state whose factors are an adapter a
+    layer holds but does not serve (LoRALayer._foreign_state) is refused before any module loads (the layer's own
+    refusal came after the modules before it had loaded: embeddings, a tied head, whole layers)."""
+    metadata = getattr(state_dict, "_metadata", None)
+    if not metadata:
+        return
+    for path, layer in module.named_modules(prefix=prefix[:-1] if prefix else ""):
+        if isinstance(layer, LoRALayer) and layer.has_lora:
+            foreign = layer._foreign_state(state_dict, path + "." if path else "", metadata.get(path, {}))
+            if foreign is not None:
+                raise RuntimeError(f"{foreign} (nothing was loaded)")
+
+
+def guard_loads(model: nn.Module) -> None:
+    """Installs _check_adapters_load on `model` (once)."""
+    if not model.__dict__.get("_lora_ext_load_guard"):
+        model.register_load_state_dict_pre_hook(_check_adapters_load)
+        model.__dict__["_lora_ext_load_guard"] = True
 
 
 def trained_dropout(layer: "LoRALayer", name: str) -> Optional[float]:

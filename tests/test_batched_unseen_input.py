@@ -199,3 +199,28 @@ def test_1d_ids_into_an_embedding_saved_whole_are_refused_when_the_rows_equal_th
     with torch.no_grad(), pytest.raises(ValueError, match=r"module 'pos'.*ids of shape \(3,\).*1-D ids of 3 entries"), \
             lora.batch_adapters(model, ["a", "b", None]):
         model(ids)
+
+
+def test_a_decoders_1d_positions_are_refused_when_they_equal_the_rows_but_not_the_inputs_tokens():
+    """An encoder-decoder of one's own: the decoder's torch.arange(T_dec), T_dec the rows but not the encoder
+    input's tokens, was served one position per row (2.3 off)."""
+    class S2S(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.src, self.tgt = nn.Embedding(16, 8), nn.Embedding(16, 8)
+            self.pos = lora.Embedding(16, 8, r=2)
+
+        def forward(self, x, tgt):
+            memory = self.src(x).mean(1, keepdim=True)
+            return self.tgt(tgt) + self.pos(torch.arange(tgt.shape[1])) + memory
+
+    torch.manual_seed(0)
+    m = S2S()
+    g = torch.Generator().manual_seed(3)
+    a, b = m.pos.factor_shapes(2)
+    m.pos.add_adapter("b", torch.randn(a, generator=g), torch.randn(b, generator=g), 1.0)
+    m.eval()
+    x, tgt = torch.randint(0, 16, (3, 5)), torch.randint(0, 16, (3, 3))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"layer 'pos'.*\(3,\).*1-D ids of 3 entries"), \
+            lora.batch_adapters(m, ["default", "b", "default"]):
+        m(x, tgt)

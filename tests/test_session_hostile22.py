@@ -56,8 +56,9 @@ def test_a_zero_size_16_bit_layer_merges_losslessly(shape, kernels):
         assert not layer.merged and layer.weight.shape == (shape[1], shape[0])
 
 
+@pytest.mark.parametrize("frozen_A", [False, True], ids=["both", "lora_fa"])
 @pytest.mark.parametrize("fullgraph", [False, True])
-def test_compiled_training_through_a_merge_is_served_after_train_and_eval_again(fullgraph):
+def test_compiled_training_through_a_merge_is_served_after_train_and_eval_again(fullgraph, frozen_A):
     """eval(), compiled steps with a no_grad forward after each, train(), eval(), a compiled step: the step's graph,
     cached for an earlier snapshot, no longer marked the layer trained, so no_grad forwards (compiled or eager)
     served the merge from before the steps (0.9 off) and eval() did not merge them."""
@@ -68,10 +69,12 @@ def test_compiled_training_through_a_merge_is_served_after_train_and_eval_again(
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape) * 0.5)
     lora.mark_only_lora_as_trainable(layer)
+    if frozen_A:  # (LoRA-FA: only B trains; the graph's mark went on A alone)
+        layer.lora_A.requires_grad_(False)
     W0, b0 = layer.weight.detach().double().clone(), layer.bias.detach().double().clone()
     x = torch.randn(3, 16)
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=fullgraph)
-    opt = torch.optim.SGD([layer.lora_A, layer.lora_B], lr=0.05)
+    opt = torch.optim.SGD([layer.lora_B] if frozen_A else [layer.lora_A, layer.lora_B], lr=0.05)
 
     def step():
         opt.zero_grad()

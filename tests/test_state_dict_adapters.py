@@ -13,10 +13,11 @@ import lora_ext as lora
 
 def _model():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
-    lora.inject(model, ["0", "2"], r=2)
+    # (a plain module first: it loads before the layers; a refusal at the first layer came after it had loaded)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    lora.inject(model, ["1", "3"], r=2)
     g = torch.Generator().manual_seed(1)
-    for layer in (model[0], model[2]):
+    for layer in (model[1], model[3]):
         for name, s in (("a", 2.0), ("e", 0.5)):
             a, b = layer.factor_shapes(2)
             layer.add_adapter(name, torch.randn(a, generator=g), torch.randn(b, generator=g), s)
@@ -25,7 +26,7 @@ def _model():
 
 def _bits(model):
     return {k: v.clone() for k, v in model.state_dict().items()}, \
-        {n: [t.clone() for t in model[i].get_adapter(n)[:2]] for i in (0, 2) for n in ("a", "e")}
+        {n: [t.clone() for t in model[i].get_adapter(n)[:2]] for i in (1, 3) for n in ("a", "e")}
 
 
 def _through_disk(state):
@@ -45,7 +46,7 @@ def test_a_state_of_another_adapter_the_layer_holds_is_refused(how):
         state = _through_disk(state)
     lora.set_adapter(target, "e")
     before, adapters = _bits(target)
-    with pytest.raises(RuntimeError, match=r"adapter 'a''s .* serves adapter 'e'.*set_adapter\(model, 'a'\)"):
+    with pytest.raises(RuntimeError, match=r"adapter 'a''s .* serves adapter 'e'.*set_adapter\(model, 'a'\).*nothing was"):
         target.load_state_dict(state, strict=how != "lora_state_dict")
     after, adapters_after = _bits(target)
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -64,11 +65,11 @@ def test_a_state_of_the_served_adapter_or_of_one_the_layer_lacks_loads():
     target = _model()
     lora.set_adapter(target, "a")
     target.load_state_dict(state)  # the same adapter: loads
-    fresh = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
-    lora.inject(fresh, ["0", "2"], r=2)  # serves 'default' only: a state of 'a' loads into it, as loralib's
+    fresh = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    lora.inject(fresh, ["1", "3"], r=2)  # serves 'default' only: a state of 'a' loads into it, as loralib's
     fresh.load_state_dict(state)
     assert all(torch.equal(fresh[i].lora_A, source[i].lora_A) and torch.equal(fresh[i].lora_B, source[i].lora_B)
-               for i in (0, 2))
+               for i in (1, 3))
     x = torch.randn(3, 6)
     with torch.no_grad():
         assert torch.equal(target(x), source(x))

@@ -225,16 +225,17 @@ class Batch:
 
     def ambiguous(self, lead, lookup: bool) -> bool:
         """Whether a lookup's 1-D ids (an Embedding's input of leading shape `lead`) may be a broadcast input
-        (nanoGPT's positions, torch.arange(T)) as well as one id per row: as many as the rows, and as the tokens of
-        each row of the model's input, or the model's input not seen (nothing tells). Read as one per row, position p
-        was served row p's adapter in every row. (A float input of one vector per row, a pooled head's (n, d), is
-        the common case there and stays served.)"""
+        (nanoGPT's positions, torch.arange(T), a decoder's of its own length) as well as one id per row: as many as
+        the rows, each row of the model's input several tokens, or that input not seen (the flattened tokens
+        layout, and rows of one token, say one per row). Read as one per row, position p was served row p's adapter in every row. (A float input of one
+        vector per row, a pooled head's (n, d), is the common case there and stays served.)"""
         if not lookup or len(lead) != 1 or lead[0] not in self.sizes:
             return False
         if self.layout is None:
             return True
-        t = self.tokens_per_row
-        return self.layout == "rows" and t is not None and t > 1 and lead[0] == t
+        # rows of several tokens each (a decoder's positions need not be as many as the input's tokens); rows of one
+        # token (the model's input itself 1-D, a decoding step) take one id per row
+        return self.layout == "rows" and self.tokens_per_row != 1
 
     def flattened(self, lead) -> bool:
         """Whether a layer input of leading shape `lead` holds the model input's rows x tokens (more than one token
@@ -250,7 +251,7 @@ class Batch:
         """For an input whose first dimension is another multiple of the rows (generate() with beams): how to say so.
         A layer's input of leading shape `lead` holding the rows' tokens in one dimension is told that instead."""
         if lead is not None and self.ambiguous(lead, lookup):
-            why = ("as many as the rows and as the tokens of each row of the model's input" if self.layout is not None
+            why = ("as many as the rows" if self.layout is not None
                    else "as many as the rows, and the model's input, which would tell, was not seen (it is read as "
                         "input_ids, inputs_embeds, idx, x or the first positional argument of the model the batch was "
                         "opened on)")

@@ -693,6 +693,7 @@ def install(model, name, module, layer, scaling, owners, adapter_name="default",
     A weight tied to another module (GPT-2's wte and lm_head) is never merged into: that would change the
     other module too. The layer then always adds its adapter on the fly."""
     owners_of_weight = owners.get(id(module.weight), [])
+    layers.guard_loads(model)  # (a state of another adapter than a layer serves: refused before anything loads)
     _adopt(layer, module)
     layer.active_adapter = adapter_name
     if factors is None:
