@@ -431,12 +431,25 @@ def _(t, key):
 _mark_trained_op.register_autograd(lambda ctx, grad: (grad, None), setup_context=lambda ctx, inputs, output: None)
 
 
-def _mark_in_graph(layer, t: Tensor) -> Tensor:
-    """t through lora_ext::mark_trained for `layer` (see it)."""
+def _mark_key(layer) -> int:
+    """`layer`'s key for lora_ext::mark_trained, made when missing. Eager only (each snapshot makes it:
+    _put_snapshot): traced, the global count and registry would be guarded, and a layer freed while another
+    compiles failed the guards (dynamo's KeyError); the traced code reads the int alone."""
     key = layer.__dict__.get("_mark_key")
     if key is None:
         key = layer.__dict__["_mark_key"] = next(_MARK_KEYS)
         _MARK_LAYERS[key] = weakref.ref(layer, lambda _, key=key: _MARK_LAYERS.pop(key, None))
+    return key
+
+
+_mark_key_eagerly = torch.compiler.disable(_mark_key)  # (a layer merged before it had one: unpickled, say)
+
+
+def _mark_in_graph(layer, t: Tensor) -> Tensor:
+    """t through lora_ext::mark_trained for `layer` (see it)."""
+    key = layer.__dict__.get("_mark_key")
+    if key is None:
+        key = _mark_key_eagerly(layer)
     return torch.ops.lora_ext.mark_trained(t, key)
 
 
@@ -965,6 +978,8 @@ class LoRALayer(NamedAdapters):
         out of torch's set of non-persistent names, which state_dict and load_state_dict skip either way for None,
         but accelerate's offload_buffers=True moves every name in it (and fails on None)."""
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
+        if lora_A is not None and not torch.compiler.is_compiling():
+            _mark_key(self)  # (made eagerly, before a compiled forward reads it)
         params = self._parameters  # (the factor objects merged: see _factors_substituted)
         self.__dict__["_merged_from"] = None if lora_A is None else (params.get("lora_A"), params.get("lora_B"))
         # (a new snapshot holds the live factors: see _trains_merged. A layer that trained through its merge goes on

@@ -91,3 +91,27 @@ def test_compiled_training_through_a_merge_is_served_after_train_and_eval_again(
             for out in (compiled(x), layer(x)):
                 assert ((out.double() - want - b0).abs().max() / want.abs().max()).item() < 1e-5
     torch._dynamo.reset()
+
+
+def test_layers_freed_between_compiled_training_steps_do_not_break_compiling_the_next():
+    """The mark op's key was made while tracing: dynamo guarded the global registry, and a layer freed while the
+    next compiled (a sweep building a model per run) failed the guards with a KeyError. (A fresh interpreter: the
+    registry's first keys.)"""
+    import subprocess
+    import sys
+    code = """
+import torch, lora_ext as lora
+x = torch.randn(5, 16)
+def run():
+    layer = lora.Linear(16, 8, r=4, lora_alpha=8)
+    torch.nn.init.normal_(layer.lora_B)
+    layer.eval()
+    torch.compile(layer, backend="aot_eager")(x).square().mean().backward()
+    return layer
+for _ in range(4):
+    layer = run()  # (the layer before dies here, after the next compiled)
+    assert layer._trained()
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
