@@ -355,10 +355,11 @@ class LayerBatch:
                        "tokens": "its tokens, flattened, must be the rows, as in the model's input"}.get(
                     batch.layout, "its first dimension must be the batch row (or, for a 1-D leading shape, its "
                                   "tokens the rows; the model's input, which decides, was not seen: it is read as "
-                                  "input_ids, inputs_embeds, x or the first positional argument of the model the "
-                                  "batch was opened on)")
+                                  "input_ids, inputs_embeds, idx, x or the first positional argument of the model "
+                                  "the batch was opened on)")
+            hint = batch.hint(lead[0], lead, kind(layer) == "embedding") if len(lead) else ""
             raise ValueError(f"batch_adapters: {batch.rows_text()}, but {where} got an input of shape "
-                             f"{tuple(x.shape)}: {how}{batch.hint(lead[0], lead, kind(layer) == 'embedding') if len(lead) else ''}")
+                             f"{tuple(x.shape)}: {how}{hint}")
         size, tokens = fit
         merged = layer.active_adapter if layer._serves_merged() else None  # (see LoRALayer._serves_merged)
         if merged is not None and layer._merge_behind():

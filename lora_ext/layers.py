@@ -20,10 +20,10 @@ import collections
 import contextlib
 import copy
 import functools
+import itertools
 import math
 import os
 import sys
-import itertools
 import threading
 import warnings
 import weakref
@@ -2450,9 +2450,10 @@ def unloaded(layer: "LoRALayer") -> None:
     it would count as a layer sharing it, and a merged one would take its adapter out of the plain model's weight at
     the next inject's tie) and refuses any use from then on, saying why (_check_sound)."""
     with layer._lock:
+        merged = " (with the adapter merged into it)" if layer.merged else ""
         why = (f"{layer._describe()} was taken out of its model by lora_ext.unload: the plain module put in its place "
-               f"holds its weight{' (with the adapter merged into it)' if layer.merged else ''} and bias, which this layer no "
-               f"longer computes with or writes; use the model's module (inject or load again for an adapter)")
+               f"holds its weight{merged} and bias, which this layer no longer computes with or writes; use the "
+               f"model's module (inject or load again for an adapter)")
         let_go(layer)
         if "bias" in layer._parameters:  # (the plain module's too: an optimizer over the layer would train it)
             layer._parameters["bias"] = None

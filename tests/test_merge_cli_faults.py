@@ -424,8 +424,8 @@ def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys,
               "int64_weight": ("extra.class_weight", torch.tensor([1, 2])),
               "bool_weight": ("extra.mask_weight", torch.tensor([[True, False]])),
               "int32_index": ("extra.relative_position_index", torch.tensor([[0, 1]], dtype=torch.int32))}
-    scale = {"torchao": "extra.weight_scale", "quanto": "extra.weight._scale"}.get(how, "extra.logit_scale"
-                                                                                  if how == "int32_index" else "extra.scales")
+    scale = {"torchao": "extra.weight_scale", "quanto": "extra.weight._scale",
+             "int32_index": "extra.logit_scale"}.get(how, "extra.scales")
     if how in packed:
         key, value = packed[how]
         t[key] = value
@@ -438,7 +438,8 @@ def test_dtype_over_a_quantized_checkpoint_is_refused_before_writing(ws, capsys,
         elif how == "compression_config":
             cfg["compression_config"] = {"format": "pack-quantized"}
         else:
-            cfg["quantization_config"] = {"null_config": None, "false_config": False, "empty_config": {}}.get(how, quant)
+            unset = {"null_config": None, "false_config": False, "empty_config": {}}
+            cfg["quantization_config"] = unset.get(how, quant)
         with open(ws / "single" / "config.json", "w") as f:
             json.dump(cfg, f)
     save_file(t, str(src), metadata={"format": "pt"})

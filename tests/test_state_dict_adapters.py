@@ -46,7 +46,8 @@ def test_a_state_of_another_adapter_the_layer_holds_is_refused(how):
         state = _through_disk(state)
     lora.set_adapter(target, "e")
     before, adapters = _bits(target)
-    with pytest.raises(RuntimeError, match=r"adapter 'a''s .* serves adapter 'e'.*set_adapter\(model, 'a'\).*nothing was"):
+    refusal = r"adapter 'a''s .* serves adapter 'e'.*set_adapter\(model, 'a'\).*nothing was"
+    with pytest.raises(RuntimeError, match=refusal):
         target.load_state_dict(state, strict=how != "lora_state_dict")
     after, adapters_after = _bits(target)
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -101,8 +101,8 @@ def test_a_model_without_a_config_serves_the_rows_in_the_embedding_alone(tmp_pat
     embedding alone; lora_ext served them in the head too (17 off peft's logits), and a model whose
     get_input_embeddings raised could not load the file."""
     torch.manual_seed(0)
-    pm = get_peft_model(_Tied().eval(), LoraConfig(r=4, target_modules=["fc"], trainable_token_indices={"wte": [1, 2, 7]},
-                                                   init_lora_weights=False))
+    config = LoraConfig(r=4, target_modules=["fc"], trainable_token_indices={"wte": [1, 2, 7]}, init_lora_weights=False)
+    pm = get_peft_model(_Tied().eval(), config)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for n, p in pm.named_parameters():

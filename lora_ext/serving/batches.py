@@ -227,8 +227,9 @@ class Batch:
         """Whether a lookup's 1-D ids (an Embedding's input of leading shape `lead`) may be a broadcast input
         (nanoGPT's positions, torch.arange(T), a decoder's of its own length) as well as one id per row: as many as
         the rows, each row of the model's input several tokens, or that input not seen (the flattened tokens
-        layout, and rows of one token, say one per row). Read as one per row, position p was served row p's adapter in every row. (A float input of one
-        vector per row, a pooled head's (n, d), is the common case there and stays served.)"""
+        layout, and rows of one token, say one per row). Read as one per row, position p was served row p's
+        adapter in every row. (A float input of one vector per row, a pooled head's (n, d), is the common case
+        there and stays served.)"""
         if not lookup or len(lead) != 1 or lead[0] not in self.sizes:
             return False
         if self.layout is None:

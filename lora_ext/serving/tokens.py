@@ -10,8 +10,9 @@ DDP checks treat them as they treat modules saved whole, and a switch writes not
 
 A module that shares the input embedding's weight (a tied output head) serves the same rows when the model's config
 ties the word embeddings: its logits for those tokens are computed from the new rows, as peft's tied token adapter
-does (rows of another module, or of a model whose config does not tie, are served by that module alone, as peft's). Its TokenRows hold the embedding's rows
-(the same Parameter) and are not saved apart (peft ties them again on load).
+does (rows of another module, or of a model whose config does not tie, are served by that module alone, as
+peft's). Its TokenRows hold the embedding's rows (the same Parameter) and are not saved apart (peft ties them again
+on load).
 
 unload(merge=True) writes the active adapter's rows into the weight (peft's merge_and_unload does the same);
 merge=False puts the module back as it was. `lora-ext merge` writes the rows into the checkpoint.
