@@ -624,6 +624,8 @@ class LoRALayer(NamedAdapters):
         self._adopt_scale_tensor()
         self._lock = threading.RLock()
         self._streams = StreamOrder()
+        if self.__dict__.get("_buffers", {}).get("_merged_A") is not None:
+            _mark_key(self)  # (a copy's own, made now: made while traced, fullgraph refused the disabled helper)
         if self.__dict__.get("_written") is not None or self.__dict__.get("_buffers", {}).get("_merged_A") is not None:
             try:
                 self._note_written()

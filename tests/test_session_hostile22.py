@@ -115,3 +115,23 @@ print("ok")
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_merged_layer_trains_through_its_merge_under_fullgraph(how):
+    """A copy of a merged layer had no mark key (its state drops the original's): its first compiled training
+    forward made one through a disabled helper, which fullgraph=True refused (an EMA copy, a torch.load)."""
+    import copy
+    import pickle
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 8, r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.eval()
+    twin = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+    assert twin.__dict__.get("_mark_key") not in (None, layer.__dict__.get("_mark_key"))
+    x = torch.randn(5, 16)
+    torch.compile(twin, backend="aot_eager", fullgraph=True)(x).sum().backward()
+    assert twin._trained() and not layer._trained()
+    torch._dynamo.reset()
