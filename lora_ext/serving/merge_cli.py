@@ -984,7 +984,7 @@ def _quantization_config(cfg) -> bool:
     return False
 
 
-def _packed(key: str, dtype: torch.dtype) -> bool:
+def _packed(dtype: torch.dtype) -> bool:
     """Whether a tensor of this dtype can hold quantized values: integers of at most 32 bits, 8-bit floats."""
     if dtype.is_floating_point:
         return dtype.itemsize == 1
@@ -1007,12 +1007,14 @@ def _check_quantized_dtype(base, base_dir, headers, dtype):
         except (OSError, ValueError, RecursionError):
             pass  # (read again where the files are copied, which names the failure)
     if quantized is None:
-        tensors = [(key, _FROM_ST[st_dtype]) for _, entries, _ in headers.values() for key, st_dtype, *_ in entries]
-        modules_scaled = {key.rsplit(".", 1)[0] for key, dt in tensors if dt.is_floating_point and dt.itemsize > 1
-                          and "scale" in key.rsplit(".", 1)[-1].lower()}
-        packed = sorted((key, dt) for key, dt in tensors if _packed(key, dt) and (
-            key.rsplit(".", 1)[-1] in _PACKED_NAMES or key.rsplit(".", 1)[-1].endswith("qweight")
-            or ("weight" in key.rsplit(".", 1)[-1].lower() and key.rsplit(".", 1)[0] in modules_scaled)))
+        # (key, its module (the key itself when it has no dot), its last component, dtype)
+        tensors = [(key, key.rsplit(".", 1)[0], key.rsplit(".", 1)[-1], _FROM_ST[st_dtype])
+                   for _, entries, _ in headers.values() for key, st_dtype, *_ in entries]
+        modules_scaled = {module for _, module, leaf, dt in tensors if dt.is_floating_point and dt.itemsize > 1
+                          and "scale" in leaf.lower()}
+        packed = sorted((key, dt) for key, module, leaf, dt in tensors if _packed(dt) and (
+            leaf in _PACKED_NAMES or leaf.endswith("qweight")
+            or ("weight" in leaf.lower() and module in modules_scaled)))
         if packed:
             quantized = f"weights stored in {packed[0][1]}: {packed[0][0]!r}"
     if quantized is not None:
