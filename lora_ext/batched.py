@@ -43,6 +43,13 @@ _open_count = 0
 _open_count_lock = threading.Lock()
 
 
+# the model's input a batch reads its layout from (serving/batches.py's _check_input): the first of these keyword
+# arguments it is given, else its first positional one; and the words refusals say it with
+INPUT_KEYWORDS = ("input_ids", "inputs_embeds", "idx", "x")  # (idx: nanoGPT's)
+INPUT_READ = (f"it is read as {', '.join(INPUT_KEYWORDS)} or the first positional argument of the model the batch "
+              f"was opened on")
+
+
 def note_batch(opened: bool) -> None:
     """Counts the batches open in the process (lora_ext.serving.batches calls it once each way per batch)."""
     global ANY_OPEN, _open_count
@@ -353,10 +360,8 @@ class LayerBatch:
             else:
                 how = {"rows": "its first dimension must be the batch row, as in the model's input",
                        "tokens": "its tokens, flattened, must be the rows, as in the model's input"}.get(
-                    batch.layout, "its first dimension must be the batch row (or, for a 1-D leading shape, its "
-                                  "tokens the rows; the model's input, which decides, was not seen: it is read as "
-                                  "input_ids, inputs_embeds, idx, x or the first positional argument of the model "
-                                  "the batch was opened on)")
+                    batch.layout, f"its first dimension must be the batch row (or, for a 1-D leading shape, its "
+                                  f"tokens the rows; the model's input, which decides, was not seen: {INPUT_READ})")
             hint = batch.hint(lead[0], lead, kind(layer) == "embedding") if len(lead) else ""
             raise ValueError(f"batch_adapters: {batch.rows_text()}, but {where} got an input of shape "
                              f"{tuple(x.shape)}: {how}{hint}")

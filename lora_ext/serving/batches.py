@@ -253,9 +253,8 @@ class Batch:
         A layer's input of leading shape `lead` holding the rows' tokens in one dimension is told that instead."""
         if lead is not None and self.ambiguous(lead, lookup):
             why = ("as many as the rows" if self.layout is not None
-                   else "as many as the rows, and the model's input, which would tell, was not seen (it is read as "
-                        "input_ids, inputs_embeds, idx, x or the first positional argument of the model the batch was "
-                        "opened on)")
+                   else f"as many as the rows, and the model's input, which would tell, was not seen "
+                        f"({batched.INPUT_READ})")
             return (f"; 1-D ids of {lead[0]} entries, {why}: a broadcast input (positions torch.arange(T)) cannot "
                     f"carry per-row adapters, and one id per row cannot be told from it; give the lookup 2-D ids "
                     f"(the positions expanded to (rows, T), or an id per row as (rows, 1))")
@@ -417,8 +416,7 @@ def _check_input(module, args, kwargs):
     batch = _open(_MODELS.get()).get(module)
     if batch is None:
         return
-    x = next((kwargs[k] for k in ("input_ids", "inputs_embeds", "idx", "x") if isinstance(kwargs.get(k), Tensor)),
-             None)  # (idx: nanoGPT's)
+    x = next((kwargs[k] for k in batched.INPUT_KEYWORDS if isinstance(kwargs.get(k), Tensor)), None)
     if x is None and args and isinstance(args[0], Tensor):
         x = args[0]
     if x is None:
