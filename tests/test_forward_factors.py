@@ -242,3 +242,86 @@ def test_the_sanitizer_suite_reaches_the_float32_factor_variants():
     for dtype in HALF:
         for vector in (0, 1):
             assert _variant(dtype, torch.float32, vector) in seen, (dtype, vector, seen)
+
+
+# ---------------------------------------------------------------------------------------------------
+# float32 A outside float16's range in the WMMA shrink: each rank is staged times a power of two (rank_shift,
+# kernels/forward.cuh) so that no rank overflows float16 or sinks into its subnormals; the update is the float32
+# factors' own. bfloat16 (float32's exponent range) takes the same cases as a control.
+
+_RANK_SCALES = [2.0 ** 20, 2.0 ** -20, 1.0, 2.0 ** -30, 2.0 ** 40, 2.0 ** -60, 2.0 ** 17, 2.0 ** -16]
+
+
+def _out_of_range_factors(ranks, k, scales):
+    """A with rank i scaled by scales[i % len], B's column i by its inverse: the update B A is unit-scale."""
+    s = torch.tensor([scales[i % len(scales)] for i in range(ranks)], dtype=torch.float64)
+    A = (torch.randn(ranks, k, dtype=torch.float64) * s[:, None]).float()
+    return A, s
+
+
+@requires_sim
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("pattern", ["plain", "merged_TFT_transposed"])
+@pytest.mark.parametrize("m,k,r", [(9, 53, 4), (40, 96, 8), (24, 1024, 8), (70, 40, 40)])
+def test_fp32_a_outside_float16_range_in_the_wmma_shrink(dtype, pattern, m, k, r):
+    # element-wise and 16-byte staging, split K (each split its own shifts), two column tiles of t (R = 80)
+    num_blocks, ids, fan = PATTERNS[pattern]
+    nb = 24
+    n_out = num_blocks * nb
+    A, s = _out_of_range_factors(len(ids) * r, k, _RANK_SCALES)
+    B = (torch.randn(len(ids) * nb, r, dtype=torch.float64) / s.reshape(len(ids), r).repeat_interleave(nb, 0)).float()
+    assert torch.isfinite(B).all() and (A.abs().amax() > 65504) and (A[1].abs().amax() < 2.0 ** -14)
+    w = torch.zeros((k, n_out) if fan else (n_out, k), dtype=dtype)  # W = 0: the output is the update alone
+    x = torch.randn(m, k).to(dtype)
+    y = _sim.linear(x, x, w, None, A, B, 0.5, num_blocks, ids, fan)
+    assert _sim.last_variant() == _variant(dtype, torch.float32, int(k % 8 == 0))
+    ref = linear64(x, x, w, None, A, B, 0.5, num_blocks, ids, fan)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, ref) < TOL[dtype], rel_err(y, ref)
+    # each rank alone: one whose A sits far outside float16's range still gives its own term
+    for i in [i for i in (0, 1, 3, 5) if i < len(A)]:
+        Ai = torch.zeros_like(A)
+        Ai[i] = A[i]
+        y = _sim.linear(x, x, w, None, Ai, B, 0.5, num_blocks, ids, fan)
+        assert rel_err(y, linear64(x, x, w, None, Ai, B, 0.5, num_blocks, ids, fan)) < TOL[dtype], i
+
+
+@requires_sim
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_shifted_ranks_round_as_a_cast_of_a_normal_value(dtype):
+    # A's rows 2**-20 (1 + 2**-12) and -2**-20, x = 1 in column 0, B's rows 2**20: in range, the term rounds away
+    # (1 + 2**-12 has more bits than float16's 11 or bfloat16's 8), as for unit-scale rows; A's rows
+    # 2**-20 (1 + 2**-7) and -2**-20 keep their 2**-7 (a float16 cast of 2**-20 (1 + 2**-7), a subnormal, loses it)
+    m, k, nb = 20, 16, 24
+    x = torch.zeros(m, k, dtype=dtype)
+    x[:, 0] = 1
+    B = torch.full((nb, 2), 2.0 ** 20)
+    for eps, want in ((_EPS, 0.0), (2.0 ** -7, 2.0 ** -7)):
+        A = torch.zeros(2, k)
+        A[0, 0], A[1, 0] = 2.0 ** -20 * (1 + eps), -(2.0 ** -20)
+        y = _sim.linear(x, x, torch.zeros(nb, k, dtype=dtype), None, A, B, 1.0, 1, [0], False)
+        assert torch.equal(y, torch.full((m, nb), want, dtype=dtype)), (eps, y[0, :4])
+
+
+@requires_sim
+@pytest.mark.parametrize("kind", ["linear", "merged"])
+def test_a_float16_layer_with_float32_factors_past_float16_range(kind):
+    # the same update with A 2**18 larger and B 2**18 smaller (A past 65504): the layer's unmerged forward
+    # through the kernels (50 rows: the WMMA shrink) equals the float64 oracle, as its merged forward does
+    import lora_ext
+    from lora_ext import ops
+    layer = {"linear": lambda: lora_ext.Linear(96, 80, r=8, merge_weights=False),
+             "merged": lambda: lora_ext.MergedLinear(96, 120, r=4, enable_lora=[True, False, True],
+                                                     merge_weights=False)}[kind]()
+    layer = _mixed(layer, torch.float16).eval()
+    with torch.no_grad():
+        layer.lora_A.mul_(2.0 ** 18)
+        layer.lora_B.mul_(2.0 ** -18)
+    assert layer.lora_A.abs().amax() > 65504
+    x = torch.randn(2, 50, 96).to(torch.float16)
+    with torch.no_grad(), ops.use_kernels(_sim, "cpu"):
+        y = layer(x)
+    layout = layer.layout()
+    want = linear64(x, x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
+                    layout["num_blocks"], layout["block_ids"], layout["transposed"])
+    assert rel_err(y, want) < TOL[torch.float16]

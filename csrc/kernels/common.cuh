@@ -61,6 +61,7 @@ namespace lora_ext {
 namespace kernels {
 
 __device__ __forceinline__ int imin(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int imax(int a, int b) { return a > b ? a : b; }
 
 // The largest finite float32 (FLT_MAX, spelled here so that no header is needed on either compiler).
 constexpr float kFloatMax = 3.40282347e38f;
@@ -72,6 +73,30 @@ __device__ __forceinline__ float load_or(const float* p, float fallback) { retur
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// A float32's bits and back (bit casts, with no conversion).
+__device__ __forceinline__ int float_bits(float x) {
+#if defined(LORA_SIM)
+  int v;
+  std::memcpy(&v, &x, 4);
+  return v;
+#else
+  return __float_as_int(x);
+#endif
+}
+
+__device__ __forceinline__ float bits_float(int v) {
+#if defined(LORA_SIM)
+  float x;
+  std::memcpy(&x, &v, 4);
+  return x;
+#else
+  return __int_as_float(v);
+#endif
+}
+
+// 2^e, exactly, for e in [-126, 127] (the normal float32 exponents).
+__device__ __forceinline__ float pow2f(int e) { return bits_float((e + 127) << 23); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);

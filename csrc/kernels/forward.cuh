@@ -14,7 +14,8 @@
 // kernels): float32 factors on a fp16/bf16 model, the layers' default, are read as they are stored, with no
 // cast launched per call. The FFMA paths (the fused kernel's x A^T, every expand, the embedding's gather)
 // compute with their float32 values; the WMMA shrink rounds A to T while staging it in shared memory (the
-// rounding a cast to T would make), keeping the tensor cores (see shrink_kernel).
+// rounding a cast to T would make, within float16's range by a power-of-two scale per rank), keeping the tensor
+// cores (see shrink_kernel).
 //
 // Kernels:
 //   fused_linear_kernel  M <= kFusedMaxM (decode): one launch; each CTA recomputes its group's t from x and
@@ -80,10 +81,26 @@ constexpr int kLdXh = kShrinkK + 8;     // WMMA staging, elements (80 bytes for 
 constexpr int kLdAcc = kShrinkJ + 4;    // WMMA accumulator tile, floats
 constexpr int kLdXf = kShrinkK + 1;     // FFMA staging, floats
 
+// The WMMA staging, the accumulator tile and the rank shifts (rank_shift); the FFMA staging.
 template <typename T, bool kTensorCore>
 constexpr size_t shrink_smem_bytes() {
-  return kTensorCore ? (size_t)(kShrinkM + kShrinkJ) * kLdXh * sizeof(T) + (size_t)kShrinkM * kLdAcc * sizeof(float)
+  return kTensorCore ? (size_t)(kShrinkM + kShrinkJ) * kLdXh * sizeof(T) + (size_t)kShrinkM * kLdAcc * sizeof(float) +
+                           (size_t)kShrinkJ * sizeof(int)
                      : (size_t)(kShrinkM + kShrinkJ) * kLdXf * sizeof(float);
+}
+
+// The WMMA shrink's power-of-two scaling of a float32 rank for float16 (shrink_kernel): A's row times 2^shift
+// has its largest magnitude in [2^14, 2^15), inside float16's normal range whatever the row's own range.
+// `top` is the largest |A| of the row as float32 bits with the sign cleared; a zero or non-finite row keeps 0.
+__device__ __forceinline__ int rank_shift(int top) {
+  return top == 0 || top >= 0x7F800000 ? 0 : 14 - ((top >> 23) - 127);
+}
+
+// v * 2^e, exactly whenever the result is a normal float32, for e in [-253, 254] (a shift and its inverse):
+// two steps, each a power of two that float32 holds.
+__device__ __forceinline__ float times_pow2(float v, int e) {
+  const int half = e / 2;
+  return v * pow2f(half) * pow2f(e - half);
 }
 
 template <typename T, typename Tab>
@@ -349,6 +366,12 @@ __global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T, Tab> p) 
 // before), and the shrink keeps the tensor cores. The FFMA path would keep A exact but do the shrink's
 // 2*M*K*R flops at the FFMA rate, several times the tensor cores' time at r >= 32. A is then read in float32,
 // twice its 16-bit bytes, mostly from L2 (every row tile of M reads it again), and is small beside x.
+// float16's range is not float32's: a cast would make |A| past 65504 infinite and a rank below 2^-14 subnormal
+// or zero. So for float16 (kRankScale) each rank of the tile is staged times a power of two, 2^shift
+// (rank_shift, from a first pass over the rank's K range), that puts its largest |A| in [2^14, 2^15), and its
+// column of t is multiplied by 2^-shift before it is written: exact both ways, so each element of A keeps the
+// 11 significant bits a cast gives a normal float16, at any magnitude. The pass reads the CTA's A range once
+// more. bfloat16 has float32's exponent range and needs none.
 template <typename T, typename Tab, bool kTensorCore, bool kVector>
 __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
   constexpr int kVec = Vec16<T>::kN;
@@ -362,6 +385,26 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
   const int k_end = imin(p.K, k_begin + p.k_per_split);
   const int rows = imin(kShrinkM, p.M - m0), cols = imin(kShrinkJ, p.R - j0);
   constexpr int kVecPerRow = kShrinkK / kVec;
+  constexpr bool kRankScale = kTensorCore && std::is_same<T, __half>::value && std::is_same<Tab, float>::value;
+  [[maybe_unused]] float* acc_s = reinterpret_cast<float*>(smem + (size_t)(kShrinkM + kShrinkJ) * kLdXh * sizeof(T));
+  [[maybe_unused]] int* shift_s = reinterpret_cast<int*>(acc_s + kShrinkM * kLdAcc);  // per column of t
+  const int warp = threadIdx.x / 32;
+
+  if constexpr (kRankScale) {
+    // A warp per rank, lanes along K: the largest |A| of each of the tile's ranks over this split's K range
+    const int lane = threadIdx.x % 32;
+    for (int c = warp; c < kShrinkJ; c += kWarps) {
+      int top = 0;
+      if (c < cols) {
+        const Tab* a_row = p.a + (long long)(j0 + c) * p.K;
+        for (int k = k_begin + lane; k < k_end; k += 32) top = imax(top, float_bits(a_row[k]) & 0x7FFFFFFF);
+      }
+      LORA_UNROLL
+      for (int o = 16; o > 0; o >>= 1) top = imax(top, __shfl_xor_sync(0xffffffffu, top, o));
+      if (lane == 0) shift_s[c] = rank_shift(top);
+    }
+    __syncthreads();
+  }
 
   [[maybe_unused]] float acc[2][4];
   if constexpr (!kTensorCore) {
@@ -373,7 +416,6 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
   namespace wmma = nvcuda::wmma;
   [[maybe_unused]] wmma::fragment<wmma::accumulator, 16, 16, 16, float> cf;
   if constexpr (kTensorCore) wmma::fill_fragment(cf, 0.f);
-  const int warp = threadIdx.x / 32;
   const int ty = threadIdx.x / 8, tx = threadIdx.x % 8;
 
   for (int k0 = k_begin; k0 < k_end; k0 += kShrinkK) {
@@ -399,8 +441,14 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
       } else {
         FactorVec<T, Tab> v;
         load_factors<kVector>(v, a_src, valid);
-        LORA_UNROLL
-        for (int u = 0; u < kVec; ++u) dst[u] = as_type<S>(v.v[u]);
+        if constexpr (kRankScale) {
+          const int shift = inside ? shift_s[rr] : 0;
+          LORA_UNROLL
+          for (int u = 0; u < kVec; ++u) dst[u] = as_type<S>(times_pow2(v.v[u], shift));
+        } else {
+          LORA_UNROLL
+          for (int u = 0; u < kVec; ++u) dst[u] = as_type<S>(v.v[u]);
+        }
       }
     }
     __syncthreads();
@@ -430,13 +478,15 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
 
   float* out = p.part + ((long long)blockIdx.z * p.M + m0) * p.R + j0;
   if constexpr (kTensorCore) {
-    float* acc_s = reinterpret_cast<float*>(smem + (size_t)(kShrinkM + kShrinkJ) * kLdXh * sizeof(T));
     const int fm = warp % 4, fn = warp / 4;
     wmma::store_matrix_sync(acc_s + fm * 16 * kLdAcc + fn * 16, cf, kLdAcc, wmma::mem_row_major);
     __syncthreads();
     for (int idx = threadIdx.x; idx < kShrinkM * kShrinkJ; idx += kThreads) {
       const int row = idx / kShrinkJ, col = idx % kShrinkJ;
-      if (row < rows && col < cols) out[(long long)row * p.R + col] = acc_s[row * kLdAcc + col];
+      if (row < rows && col < cols) {
+        const float t = acc_s[row * kLdAcc + col];
+        out[(long long)row * p.R + col] = kRankScale ? times_pow2(t, -shift_s[col]) : t;
+      }
     }
   } else {
     LORA_UNROLL

@@ -79,24 +79,8 @@ template <>
 struct Traits<float> {
   static constexpr int kMod = 65535;
   static constexpr int kMag = 0x7FFFFFFF;
-  __device__ __forceinline__ static int bits(float x) {
-#if defined(LORA_SIM)
-    int v;
-    std::memcpy(&v, &x, 4);
-    return v;
-#else
-    return __float_as_int(x);
-#endif
-  }
-  __device__ __forceinline__ static float value(int v) {
-#if defined(LORA_SIM)
-    float x;
-    std::memcpy(&x, &v, 4);
-    return x;
-#else
-    return __int_as_float(v);
-#endif
-  }
+  __device__ __forceinline__ static int bits(float x) { return float_bits(x); }
+  __device__ __forceinline__ static float value(int v) { return bits_float(v); }
   __device__ __forceinline__ static int zero_extended(int v) { return v; }
 };
 template <>
