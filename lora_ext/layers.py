@@ -83,6 +83,14 @@ def _remerge_after_load(module, incompatible_keys):
 _OPERANDS = ("weight", "bias", "lora_A", "lora_B")
 
 
+def _version_or_none(t: Tensor) -> Optional[int]:
+    """t's version counter; None for an inference tensor, which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 def _same_storage(a: Tensor, b: Tensor) -> bool:
     a, b = sharded.local(a), sharded.local(b)
     if a.is_meta or b.is_meta:
@@ -1157,15 +1165,28 @@ class LoRALayer(NamedAdapters):
         except RuntimeError:
             return None
 
-    def _written_in_place(self, state_dict, prefix) -> bool:
+    def _written_in_place(self, state_dict, prefix, aliases: bool = False) -> bool:
         """Whether `state_dict` hands this layer its own live weight, written in place since the layer's last write
         (torch.distributed.checkpoint's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True) copies
-        rank 0's values into the live parameters, then loads them into themselves). False when unknown."""
-        if state_dict.get(prefix + self._weight_key) is not self._weight_or_none():
+        rank 0's values into the live parameters, then loads them into themselves). aliases=True: also another
+        tensor over the live weight's memory (get_model_state_dict's, which dcp.load writes into). False when
+        unknown."""
+        loaded = state_dict.get(prefix + self._weight_key)
+        given_at = getattr(loaded, "_lora_ext_given_at", None)
+        if aliases and given_at is not None and sharded.is_dtensor(loaded):
+            # a base a merged layer's state_dict() gave, written in place since (dcp.load into it): every rank alike
+            return sharded.any_rank(loaded, _version_or_none(sharded.local(loaded)) != given_at)
+        if loaded is not self._weight_or_none() and not (
+                aliases and isinstance(loaded, Tensor) and loaded.numel() and self._weight_or_none() is not None
+                and _same_storage(loaded, self._weight_param())):
             return False
         weight = self._weight_param()
         w, record = sharded.local(weight), self.__dict__.get("_written")
         mine = bool(self._in_written(w)) and record.version != w._version
+        if loaded is not weight:
+            other = _version_or_none(sharded.local(loaded))
+            if other is not None and other != w._version:  # a version counter of its own (a tensor made over the memory, not a view of
+                mine = other > 0     # it): written since it was made
         if sharded.is_dtensor(weight):
             # every rank takes one path (the other one all-reduces): FSDP2 copies some ranks' shards into new padded
             # memory after a .to() or an assign load (reset_sharded_param, after the layer noted its write), where the
@@ -1243,9 +1264,7 @@ class LoRALayer(NamedAdapters):
             return
         tensors = [w] + [t for A, B, _ in adapters for t in (A, B)]
         # W's finite elements: what is inf or NaN already stays so (a lossless merge keeps it as an exception)
-        maxes = torch.stack([sharded.full(w.detach().abs().nan_to_num_(0.0, 0.0, 0.0).amax()).float()] + [
-            sharded.full(t.detach().abs().amax()).float() if t.numel()
-            else sharded.local(t).new_zeros((), dtype=torch.float32) for t in tensors[1:]]).tolist()
+        maxes = torch.stack([sharded.abs_max(w, finite=True)] + [sharded.abs_max(t) for t in tensors[1:]]).tolist()
         update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[1::2], maxes[2::2]))
         if not maxes[0] + update <= torch.finfo(torch.float16).max:
             raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
@@ -1782,6 +1801,7 @@ class LoRALayer(NamedAdapters):
                 with torch.no_grad():
                     self._unmerge_from(base)
                 base._lora_ext_unmerged = True  # (see _serves_merged)
+                base._lora_ext_given_at = _version_or_none(sharded.local(base))  # (written in place since: a loader's)
                 _given_bases[0] = True
                 state[key] = base
             return state

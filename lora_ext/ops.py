@@ -1247,8 +1247,11 @@ def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor
     scale, scale_tensor = _scales(scale, scale_tensor, w, "the conv weight")
     if scale is not None:  # (a tensor scale was checked by _scales; this is the float's companion)
         _check_scale_tensor(scale_tensor, w.device, "the conv weight", dtype=w.dtype)
+    # without dropout, W + delta is added in float32 (at least) and rounded once, as a merge writes it: a delta
+    # past the weight's dtype that W cancels stays finite, and the forward is the merged layer's
+    wide = reference.compute_dtype(w.dtype) if x_lora is x else w.dtype
     if scale_tensor is None:
-        delta = delta_weight(lora_A, lora_B, scale, out_features=lora_B.shape[0], dtype=w.dtype)
+        delta = delta_weight(lora_A, lora_B, scale, out_features=lora_B.shape[0], dtype=wide)
     else:
         # B A in float32 (at least), times the scale tensor, rounded once. The product saves the scale for the
         # backward: a copy of it as it is now, where a switch before the backward would write the layer's tensor
@@ -1260,7 +1263,7 @@ def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor
         elif not torch.jit.is_tracing() and _needs_grad(lora_A, lora_B):
             scale_tensor = scale_tensor.clone()
         delta = unscaled * scale_tensor
-    delta = delta.to(w.dtype).view(w.shape)
     if x_lora is x:
-        return conv_module._conv_forward(x, w + delta, conv_module.bias)
+        return conv_module._conv_forward(x, (w.to(delta.dtype) + delta.view(w.shape)).to(w.dtype), conv_module.bias)
+    delta = delta.to(w.dtype).view(w.shape)
     return conv_module._conv_forward(x, w, conv_module.bias) + conv_module._conv_forward(x_lora, delta, None)

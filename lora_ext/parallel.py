@@ -252,16 +252,22 @@ class _StridedMerges:
     lora_ext.sharded's)."""
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self._written_in_place(state_dict, prefix):
-            # torch.distributed.checkpoint's set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)
-            # copies each rank's slice of rank 0's tensors into the live parameters, then loads them into
-            # themselves; it slices a _StridedShard as one contiguous chunk, so this rank's shard holds other rows
+        if self._written_in_place(state_dict, prefix, aliases=True):
+            # torch.distributed.checkpoint writes a _StridedShard as one contiguous chunk, so this rank's shard holds
+            # other rows: set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True) copies each rank's
+            # slice of rank 0's tensors into the live parameters, and dcp.load into get_model_state_dict's tensors
+            # (or model.state_dict()'s) reads a checkpoint into the live shard, before the load reaches the layer.
+            # The shard is written already: the layer refuses to serve it until a load brings the weight again.
             spec = self.__dict__["_tp"]
-            raise RuntimeError(f"ColwiseLoRA(blocks={spec.blocks}) {self._describe()} at {prefix!r}: a loader wrote "
-                               f"its weight shard in place (set_model_state_dict with broadcast_from_rank0=True), "
-                               f"cutting the block-strided shard as one contiguous chunk: this rank's shard now "
-                               f"holds rows of other ranks. Load it again with full_state_dict=True and "
-                               f"broadcast_from_rank0=False, or model.load_state_dict(full_state_dict)")
+            why = (f"ColwiseLoRA(blocks={spec.blocks}) {self._describe()} at {prefix!r}: a loader wrote its weight "
+                   f"shard in place (torch.distributed.checkpoint: dcp.load, or set_model_state_dict with "
+                   f"broadcast_from_rank0=True), cutting the block-strided shard as one contiguous chunk: this "
+                   f"rank's shard now holds rows of other ranks")
+            load = ("set_model_state_dict(model, full_state_dict, options=StateDictOptions(full_state_dict=True)) "
+                    "with the whole tensors on every rank, broadcast_from_rank0=False")
+            with self._lock:
+                self._mark_broken(why, RuntimeError(why), load)
+            raise RuntimeError(self.__dict__["_broken"])  # (why, what the layer refuses now, and the load to make)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _merge_into(self, weight, A, B, s, exact):

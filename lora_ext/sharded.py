@@ -131,6 +131,17 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def abs_max(t: Tensor, finite: bool = False) -> Tensor:
+    """max |t| as a float32 scalar tensor, 0 for no elements; NaN counts as inf, or with finite=True only finite
+    elements count. A DTensor's is over every rank (a collective: every rank must call it): a rank whose shard is
+    empty (FSDP2's dim-0 shards of a rank-r factor on more than r ranks, uneven tensor-parallel rows) gives 0,
+    where DTensor's own amax raises on it."""
+    x = local(t).detach()
+    x = x.abs().nan_to_num(0.0, 0.0, 0.0) if finite else x.abs().nan_to_num(float("inf"))
+    m = (x.amax() if x.numel() else x.new_zeros(())).float().reshape(1)
+    return (_max_over_mesh(m, t.device_mesh) if is_dtensor(t) else m)[0]
+
+
 def _distributed() -> bool:
     dist = torch.distributed
     return dist.is_available() and dist.is_initialized()

@@ -434,3 +434,54 @@ def ddp_inject_after_wrap_case(rank, world):
 def test_ddp_refuses_layers_injected_after_the_wrap():
     for result in run_ranks(ddp_inject_after_wrap_case):
         assert isinstance(result, str) and "DistributedDataParallel" in result and "Linear(8, 10)" in result, result
+
+
+def strided_load_case(rank, world, path, how):
+    """A DCP load (or a broadcast one) into the tensor-parallel model built from other values, then a forward, then
+    the whole-tensor load the refusal names; returns (refusal, the forward in between, outputs after, flags)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+    if rank == 0 and how != "broadcast":
+        dcp.save(build().state_dict(), checkpoint_id=path, no_dist=True)
+    torch.distributed.barrier()
+    net = shard("tp", build(seed=5), world)  # the loads must bring build()'s base and live factors
+    if how == "merged":
+        net.eval()
+    refusal = None
+    try:
+        if how == "broadcast":
+            set_model_state_dict(net, build().state_dict() if rank == 0 else {},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        elif how in ("dcp", "merged"):  # torch's documented sequence
+            sd = get_model_state_dict(net)
+            dcp.load(sd, checkpoint_id=path)
+            set_model_state_dict(net, sd)
+        else:  # into model.state_dict(), then load_state_dict, as DCP's documentation asks
+            sd = net.state_dict()
+            dcp.load(sd, checkpoint_id=path)
+            net.load_state_dict(sd)
+    except RuntimeError as err:
+        refusal = str(err)
+    between = _try(lambda: outputs(net))
+    set_model_state_dict(net, build().state_dict(), options=StateDictOptions(full_state_dict=True))
+    if how == "merged":
+        net.eval()
+    return refusal, between, outputs(net), [m.merged for m in lora_layers_of(net)]
+
+
+@pytest.mark.parametrize("how", ["broadcast", "dcp", "merged", "state_dict"])
+def test_a_dcp_load_into_a_block_strided_layer_is_refused_and_the_layer_serves_nothing_until_reloaded(
+        tmp_path, ref, how):
+    """torch.distributed.checkpoint reads a ColwiseLoRA(blocks=3) shard as one contiguous chunk (rows of other
+    ranks). Through get_model_state_dict + dcp.load + set_model_state_dict the load returned and the layer served
+    those rows (5-7 off, silently): the refusal saw only the broadcast path's live weight itself, not another
+    tensor over its memory. And after a refused broadcast load the layer served the wrong rows with no error.
+    Now each is refused naming the layer, forwards are refused until a whole-tensor load, which serves right."""
+    for rank, (refusal, between, after, flags) in enumerate(
+            run_ranks(strided_load_case, str(tmp_path / "ckpt"), how, timeout=300)):
+        assert refusal is not None and "ColwiseLoRA(blocks=3)" in refusal and "'fused.'" in refusal \
+            and "broadcast_from_rank0=False" in refusal, (rank, refusal)
+        assert isinstance(between, str) and "RAISED RuntimeError" in between and "refuses forwards" in between, \
+            (rank, between)
+        assert _matches(after, ref["default"], fused_rows("tp", rank, 2)) < 1e-12, rank
+        assert flags == [how == "merged"] * 7, (rank, flags)
