@@ -639,6 +639,9 @@ class LoRALayer(NamedAdapters):
                 self._note_written()
             except (AttributeError, KeyError):  # (a state without its weight)
                 self.__dict__["_written"] = None
+        for name in ties.FACTORS:  # (a copy.copy keeps the live factor Parameters: a switch must not write them)
+            if self._parameters.get(name) is not None:
+                ties.note_factor(self._parameters[name], self)
         try:  # a deepcopy or unpickle of tied layers: the copies are tied
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)

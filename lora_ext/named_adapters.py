@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from . import ops, sharded
+from . import ops, sharded, ties
 
 Adapter = Tuple[Tensor, Tensor, float]  # (lora_A, lora_B, scaling)
 
@@ -1006,6 +1006,8 @@ class NamedAdapters:
         substituted = getattr(self, "_factors_substituted", None)  # (LoRALayer)
         merged_live = substituted is not None and not substituted()
         self._parameters["lora_A"], self._parameters["lora_B"] = pair
+        for p in pair:
+            ties.note_factor(p, self)
         if merged_live:
             self._note_merged_from()
 
@@ -1034,6 +1036,11 @@ class NamedAdapters:
             home = True
         serving = not own and (home or not self._trainable()) and live_A.shape == lora_A.shape \
             and live_B.shape == lora_B.shape  # a serving switch (or the live Parameters' own adapter)
+        # live factors another layer holds too (`l2.lora_A = l1.lora_A`, a copy.copy): written in place they would
+        # switch that layer as well; this layer takes Parameters of its own (its factors are untied from then on)
+        shared = bool(ties.factor_sharers(self))
+        if shared:
+            serving, home, owner = False, False, None
         if not own and not (serving and not self.merged):
             # copies on the live parameters' device and dtype: storage no other tensor holds (a caller of
             # get_adapter may hold the stored tensors). An unmerged serving switch copies the stored values straight
@@ -1048,7 +1055,7 @@ class NamedAdapters:
                     live_A.copy_(lora_A)
                     live_B.copy_(lora_B)
                 self._inference_values_written(live_A, live_B)
-            elif own or (self._trainable() and not home):
+            elif own or shared or (self._trainable() and not home):
                 if owner is not None and owner in self._adapters:
                     # the live Parameters go back to their adapter (an optimizer built for it holds them)
                     oA, oB, o_scaling = self._adapters[owner]
@@ -1062,6 +1069,8 @@ class NamedAdapters:
                     lora_A.requires_grad_(live_A.requires_grad)
                     lora_B.requires_grad_(live_B.requires_grad)
                 self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
+                ties.note_factor(lora_A, self)
+                ties.note_factor(lora_B, self)
             else:
                 self._streams.retire(self.lora_A.data, self.lora_B.data)
                 self.lora_A.data = lora_A

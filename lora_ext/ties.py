@@ -123,6 +123,35 @@ def others(layer, weight) -> List:
             and (_weight_of(other) is weight or _overlap(span, _span(_weight_of(other))))]
 
 
+# Live factors (lora_A / lora_B Parameters) held by more than one layer: `l2.lora_A = l1.lora_A`, or a copy.copy of
+# a layer (which keeps the Parameter objects). A serving switch writes the live factors in place, which would switch
+# every holder; a layer whose live factors another layer holds takes Parameters of its own instead
+# (NamedAdapters._activate_as_normal_tensors). By id, as the weights (see above): an entry is a list of candidates.
+_factor_holders = {}  # id(factor Parameter) -> WeakSet of the modules that took a Parameter of that id as a factor
+_factor_prune_at = 1024
+FACTORS = ("lora_A", "lora_B")
+
+
+def note_factor(param, layer) -> None:
+    """`layer` holds `param` as lora_A or lora_B (registered, put in place by a switch, or kept by a copy)."""
+    global _factor_prune_at
+    with _lock:
+        _factor_holders.setdefault(id(param), weakref.WeakSet()).add(layer)
+        if len(_factor_holders) > _factor_prune_at:
+            for key in [k for k, held in _factor_holders.items()
+                        if not any(id(x._parameters.get(f)) == k for x in list(held) for f in FACTORS)]:
+                del _factor_holders[key]
+            _factor_prune_at = max(1024, 2 * len(_factor_holders))
+
+
+def factor_sharers(layer) -> List:
+    """The live modules other than `layer` that hold one of its live factor Parameters as a factor now."""
+    live = [p for p in (layer._parameters.get(f) for f in FACTORS) if p is not None]
+    with _lock:
+        candidates = {id(x): x for p in live for x in list(_factor_holders.get(id(p), ())) if x is not layer}
+    return [x for x in candidates.values() if any(x._parameters.get(f) is p for f in FACTORS for p in live)]
+
+
 def names(layer) -> List[str]:
     """What `layer`'s weight is tied to: injection's plain modules, then other lora_ext layers (described)."""
     tied = list(layer.__dict__.get("_tied_with") or ())
@@ -181,6 +210,8 @@ def _on_parameter(module, name, param):
     merged layer takes its adapter out of (layers.LoRALayer._weight_taken)."""
     if param is None:  # (torch calls no hook for None)
         return
+    if name in FACTORS:
+        note_factor(param, module)
     layers = []
     if name == "weight" and _convs:
         try:

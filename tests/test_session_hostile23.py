@@ -112,3 +112,80 @@ def test_float16_merges_with_an_empty_shard_on_some_rank(kind):
     assert any(empty for empty, _, _ in got), got
     for rank, (_, merged, err) in enumerate(got):
         assert merged and err < 2e-3, (rank, merged, err)
+
+
+def _served_error(model, x, plan):
+    """max |model(x) - float64 reference| / max |reference| for `plan`: per layer (W, A, B, scaling, bias)."""
+    h = x.double()
+    for W, A, B, s, b in plan:
+        h = h @ (W + s * B @ A).t() + b
+    with torch.no_grad():
+        out = model(x).double()
+    return ((out - h).abs().max() / h.abs().max()).item()
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_layers_sharing_a_live_factor_switch_each_their_own(merged):
+    """`m[1].lora_A = m[0].lora_A`, frozen factors, each layer holding its own adapter 'b': the serving switch wrote
+    b's A into the shared storage for both layers (0.8 off), and the second layer then kept the first one's b as its
+    'default' (2.1 off after switching back, for good). Now a layer whose live factor another layer holds takes
+    Parameters of its own."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(lora.Linear(8, 8, r=2, lora_alpha=4), lora.Linear(8, 8, r=2, lora_alpha=4))
+    with torch.no_grad():
+        for layer in m:
+            layer.lora_A.normal_(0, 0.3)
+            layer.lora_B.normal_(0, 0.3)
+    m[1].lora_A = m[0].lora_A
+    d = lambda t: t.detach().double().clone()  # noqa: E731
+    plans = {"default": [(d(L.weight), d(m[0].lora_A), d(L.lora_B), L.scaling, d(L.bias)) for L in m], "b": []}
+    for L in m:
+        A, B = torch.randn(2, 8) * 0.3, torch.randn(8, 2) * 0.3
+        L.add_adapter("b", A, B, 1.0)
+        plans["b"].append((d(L.weight), A.double(), B.double(), 1.0, d(L.bias)))
+        L.lora_A.requires_grad_(False)
+        L.lora_B.requires_grad_(False)
+    m.train(not merged)
+    x = torch.randn(3, 8)
+    for name in ("default", "b", "default", "b", "default"):
+        lora.set_adapter(m, name)
+        assert lora.active_adapter(m) == name
+        assert _served_error(m, x, plans[name]) < 1e-6, name
+    m.train()
+    assert _served_error(m, x, plans["default"]) < 1e-6
+
+
+def test_a_serving_switch_of_a_layer_leaves_its_copy_copy_serving_its_adapter():
+    """README: a copy.copy shares the live factors; switch adapters in one of the two only. Switching the original
+    (frozen factors) rewrote the live factors in place under the copy, which went on saying 'default' while serving
+    b's factors (0.99 off)."""
+    import copy
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 8, r=2, lora_alpha=4)
+    with torch.no_grad():
+        layer.lora_A.normal_(0, 0.3)
+        layer.lora_B.normal_(0, 0.3)
+    d = lambda t: t.detach().double().clone()  # noqa: E731
+    default = (d(layer.weight), d(layer.lora_A), d(layer.lora_B), layer.scaling, d(layer.bias))
+    A, B = torch.randn(2, 8) * 0.3, torch.randn(8, 2) * 0.3
+    layer.add_adapter("b", A, B, 1.0)
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)
+    x = torch.randn(3, 8)
+    c = copy.copy(layer)
+    live = c.lora_A.data_ptr()
+    layer.set_adapter("b")
+    assert _served_error(layer, x, [(default[0], A.double(), B.double(), 1.0, default[4])]) < 1e-6
+    assert c.active_adapter == "default" and c.lora_A.data_ptr() == live
+    assert _served_error(c, x, [default]) < 1e-6
+
+
+def test_an_unshared_serving_switch_still_writes_the_live_factors_in_place():
+    # (the CUDA-graph promise: a same-shape serving switch keeps the live storage)
+    layer = lora.Linear(8, 8, r=2)
+    layer.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    layer.lora_A.requires_grad_(False)
+    layer.lora_B.requires_grad_(False)
+    ptrs = (layer.lora_A.data_ptr(), layer.lora_B.data_ptr())
+    layer.set_adapter("b")
+    assert (layer.lora_A.data_ptr(), layer.lora_B.data_ptr()) == ptrs
