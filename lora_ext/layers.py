@@ -1900,13 +1900,22 @@ class LoRALayer(NamedAdapters):
         weight) their gradients, whatever was merged: optimizer steps on the factors since the merge take effect
         at once. The weight is not written (nothing to take back, no lock held across the forward)."""
         A, B = self._live_factors()
-        # (FSDP2: the snapshot of a sharded layer is sharded, the live factors gathered inside its forward)
-        A0, B0 = (sharded.full(t).to(device=A.device, dtype=A.dtype) for t in (self._merged_A, self._merged_B))
+        # (FSDP2: the snapshot of a sharded layer is sharded, the live factors gathered inside its forward). Each
+        # stack in the wider of its two dtypes: the snapshot's part must cancel what the merge wrote (B0 rounded to
+        # a narrower live A's dtype left 0.11 of the merged update in the output)
+        A0, B0 = (sharded.full(t) for t in (self._merged_A, self._merged_B))
+        dA, dB = torch.promote_types(A.dtype, A0.dtype), torch.promote_types(B.dtype, B0.dtype)
+        A, A0 = A.to(dA), A0.to(device=A.device, dtype=dA)
+        B, B0 = B.to(dB), B0.to(device=B.device, dtype=dB)
         groups = len(self._block_ids) if isinstance(self, MergedLinear) else 1
         # (the stacking in the factors' dtype: torch.cat under autocast to another 16-bit dtype raised torch's
         # "Unexpected floating ScalarType in at::autocast::prioritize", naming no layer; the op casts them itself)
         device = A.device.type
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
+        try:
+            autocast = torch.is_autocast_enabled(device)
+        except RuntimeError:  # (a meta factor: the op refuses it below, naming the layer)
+            autocast = False
+        with torch.autocast(device, enabled=False) if autocast else contextlib.nullcontext():
             A = torch.cat([A.reshape(groups, A.shape[0] // groups, A.shape[-1]),
                            A0.reshape(groups, A0.shape[0] // groups, A0.shape[-1])], 1)
             B = torch.cat([B * self.scaling, B0 * -self._merged_scaling], 1)

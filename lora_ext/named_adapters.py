@@ -690,7 +690,8 @@ class NamedAdapters:
                       values: bool = True) -> None:
         """Raises ValueError unless the factors fit this layer and (values=True) all values are finite."""
         if not self.has_lora:
-            raise ValueError(f"{name}: this layer was built with r=0 and holds no adapter")
+            raise ValueError(f"{name}: this layer was built with r=0 (or, a MergedLinear, with no group in "
+                             f"enable_lora) and holds no adapter")
         for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
             if not isinstance(t, torch.Tensor) or t.dim() != 2:
                 raise ValueError(f"{name}: {what} must be a 2-D tensor, got {getattr(t, 'shape', type(t))}")
@@ -1132,7 +1133,9 @@ class NamedAdapters:
                     p.requires_grad_(live.requires_grad)
             else:
                 pair = tuple(nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) for t in (live_A, live_B))
-            if self._owner in self._adapters:
+            if self._owner in self._adapters and not ties.factor_sharers(self):
+                # (where another layer holds the lent pair too, it keeps serving what it holds: the owner adapter
+                # keeps its stored copy)
                 oA, oB, o_scaling = self._adapters[self._owner]
                 self._adapters[self._owner] = (*self._take_values((live_A, live_B), oA, oB, o_scaling), o_scaling)
                 self._finite_stamps.pop(self._owner, None)

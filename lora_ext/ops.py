@@ -90,7 +90,15 @@ def use_kernels(module: Optional[ModuleType], device_type: str) -> Iterator[Kern
 
 
 def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+    """Whether autograd records a call over `tensors`. An inference tensor (a layer built under
+    torch.inference_mode) counts as a constant, as torch's own ops take it outside inference mode: saving it for a
+    backward raises, and it gets no gradient. (Traced code asks no tensor that: dynamo cannot trace is_inference,
+    and torch.compile of inference tensors is torch's own business.)"""
+    if not torch.is_grad_enabled():
+        return False
+    if torch.compiler.is_compiling():
+        return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+    return any(isinstance(t, Tensor) and t.requires_grad and not t.is_inference() for t in tensors)
 
 
 def traced() -> bool:

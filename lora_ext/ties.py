@@ -135,6 +135,9 @@ FACTORS = ("lora_A", "lora_B")
 def note_factor(param, layer) -> None:
     """`layer` holds `param` as lora_A or lora_B (registered, put in place by a switch, or kept by a copy)."""
     global _factor_prune_at
+    held = _factor_holders.get(id(param))
+    if held is not None and layer in held:  # (a trainable switch puts an adapter's own pair back: noted before)
+        return
     with _lock:
         _factor_holders.setdefault(id(param), weakref.WeakSet()).add(layer)
         if len(_factor_holders) > _factor_prune_at:
@@ -145,7 +148,7 @@ def note_factor(param, layer) -> None:
 
 
 def factor_sharers(layer) -> List:
-    """The live modules other than `layer` that hold one of its live factor Parameters as a factor now. (Every
+    """The live lora_ext layers other than `layer` that hold one of its live factor Parameters as a factor now. (Every
     serving switch asks: a factor only `layer` was noted with costs two dict reads and a membership test.)"""
     out = []
     for f in FACTORS:
@@ -155,7 +158,9 @@ def factor_sharers(layer) -> List:
             continue
         with _lock:
             candidates = list(held)
-        out += [x for x in candidates if x is not layer and x not in out
+        # lora_ext layers only: a program torch.export made holds the live Parameters too, and follows a switch
+        # because it writes them in place
+        out += [x for x in candidates if x is not layer and x not in out and "_adapters" in x.__dict__
                 and any(x._parameters.get(g) is p for g in FACTORS)]
     return out
 

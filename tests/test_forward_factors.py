@@ -325,3 +325,27 @@ def test_a_float16_layer_with_float32_factors_past_float16_range(kind):
     want = linear64(x, x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling,
                     layout["num_blocks"], layout["block_ids"], layout["transposed"])
     assert rel_err(y, want) < TOL[torch.float16]
+
+
+@requires_sim
+@pytest.mark.parametrize("arow,xrow", [
+    ([float("inf"), -1e5], [1.0, 1.0]),          # inf with a finite element past 65504: inf, not inf - inf
+    ([float("inf"), 1e5], [1.0, -1.0]),
+    ([6e4, 3 * 2.0 ** -24], [0.0, 1024.0]),      # a rank that fits float16 as it is keeps its subnormal's bits
+    ([float("nan"), 1e5], [1.0, 1.0]),
+])
+def test_the_wmma_shrink_matches_the_fused_kernel_on_extreme_ranks(arow, xrow):
+    # float16 activations, float32 A of one rank: M = 9 (the WMMA shrink) gives what M = 8 (the fused kernel,
+    # float32 A as stored) and plain torch's float32 give, inf and NaN included
+    k = 16
+    A = torch.zeros(1, k)
+    A[0, :len(arow)] = torch.tensor(arow)
+    B = torch.ones(8, 1)
+    out = {}
+    for m in (8, 9):
+        x = torch.zeros(m, k, dtype=torch.float16)
+        x[:, :len(xrow)] = torch.tensor(xrow, dtype=torch.float16)
+        out[m] = _sim.linear(x, x, torch.zeros(8, k, dtype=torch.float16), None, A, B, 1.0, 1, [0], False)[0, 0]
+    want = ((x[:1].float() @ A.t()) @ B.t())[0, 0].half()
+    for m in (8, 9):
+        assert torch.equal(out[m], want) or (out[m].isnan() and want.isnan()), (m, out[m].item(), want.item())

@@ -189,3 +189,140 @@ def test_an_unshared_serving_switch_still_writes_the_live_factors_in_place():
     ptrs = (layer.lora_A.data_ptr(), layer.lora_B.data_ptr())
     layer.set_adapter("b")
     assert (layer.lora_A.data_ptr(), layer.lora_B.data_ptr()) == ptrs
+
+
+def _layer_kinds():
+    return {
+        "linear": (lambda: lora.Linear(16, 12, r=4, lora_alpha=8), lambda: torch.randn(5, 16)),
+        "embedding": (lambda: lora.Embedding(10, 6, r=3, lora_alpha=6), lambda: torch.randint(0, 10, (2, 4))),
+        "merged": (lambda: lora.MergedLinear(8, 6, r=2, lora_alpha=4, enable_lora=[True, False, True]),
+                   lambda: torch.randn(5, 8)),
+        "conv": (lambda: lora.Conv2d(3, 4, 3, r=2, lora_alpha=4), lambda: torch.randn(2, 3, 5, 5)),
+    }
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                    (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16)], ids=str)
+@pytest.mark.parametrize("kind", ["linear", "embedding", "merged", "conv"])
+def test_a_merged_layer_with_factors_of_two_dtypes_trains_through_its_merge_exactly(kind, dtypes):
+    """lora_A bfloat16, lora_B float32 (or other pairs): a merged forward that computes from the live factors
+    (autograd recording, after a backward, a substituted factor) cast the merged snapshot's B0 to A's dtype, so
+    its part no longer cancelled the merge (0.11 off of 32 for a Linear); now each stack takes the wider dtype."""
+    make, inputs = _layer_kinds()[kind]
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        layer.lora_A.normal_()  # (an Embedding's A starts at zero, as loralib's)
+        layer.lora_B.normal_()
+    layer.lora_A = torch.nn.Parameter(layer.lora_A.detach().to(dtypes[0]))
+    layer.lora_B = torch.nn.Parameter(layer.lora_B.detach().to(dtypes[1]))
+    x = inputs()
+    with torch.no_grad():
+        want = layer.train()(x).double()  # unmerged: the low-rank term from the live factors in float32
+    layer.eval()
+    assert layer.merged
+    y = layer(x)  # autograd records: from the merged weight and the live factors
+    assert (y.double() - want).abs().max().item() < 1e-4 * want.abs().max().item(), kind
+    y.sum().backward()
+    with torch.no_grad():  # after a backward through the merge: still from the live factors
+        assert (layer(x).double() - want).abs().max().item() < 1e-4 * want.abs().max().item()
+
+
+def test_a_merged_layer_given_a_narrower_factor_serves_it():
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 12, r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.requires_grad_(False)
+    x = torch.randn(5, 16)
+    layer.eval()
+    layer.lora_A = torch.nn.Parameter(layer.lora_A.detach().bfloat16(), requires_grad=False)
+    with torch.no_grad():
+        merged = layer(x).double()
+        want = layer.train()(x).double()
+    assert (merged - want).abs().max().item() < 1e-5 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "merged"])
+def test_a_layer_built_under_inference_mode_forwards_with_gradients_enabled(kind):
+    """loralib's layer (and nn.Linear) built under torch.inference_mode() forwards outside it with gradients on:
+    torch takes inference tensors as constants. lora_ext's autograd Function tried to save them for a backward and
+    raised. (A Conv2d raises in torch's own conv as in nn.Conv2d.)"""
+    make, inputs = _layer_kinds()[kind]
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = make()
+        layer.lora_B.normal_()
+    x = inputs()
+    y = layer(x)
+    with torch.no_grad():
+        want = layer(x)
+    assert torch.equal(y, want)
+
+
+def test_load_peft_adapter_into_an_r0_layer_refuses_naming_the_module(tmp_path):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+    torch.manual_seed(0)
+    base = M()
+    get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["a", "b"])).save_pretrained(
+        str(tmp_path))
+    m = copy.deepcopy(base)
+    z = lora.Linear(4, 4, r=0)
+    z.load_state_dict(base.a.state_dict())
+    m.a = z
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="module 'a'.*built with r=0"):
+        lora.load_peft_adapter(m, str(tmp_path))
+    assert type(m.b) is torch.nn.Linear and all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_merged_layer_given_a_meta_factor_refuses_naming_the_devices():
+    layer = lora.Linear(6, 4, r=2, lora_alpha=4).eval()
+    layer.lora_A = torch.nn.Parameter(torch.empty(2, 6, device="meta"))
+    with torch.no_grad(), pytest.raises(ValueError, match="lora_A on meta"):
+        layer(torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("how", ["tie", "copy.copy", "same adapter"])
+def test_settling_a_layers_parameters_leaves_a_layer_sharing_them_serving(how):
+    """A serving switch lends a layer's live Parameters to the adapter it switched to; mark_only_lora_as_trainable
+    (or set_adapter of the active adapter) gives them back to their adapter, writing its values into them in place:
+    where another layer held them too (tied, or a copy.copy), it silently served those values (55-70 off)."""
+    import copy
+    torch.manual_seed(0)
+    x = torch.randn(5, 16)
+
+    def make():
+        layer = lora.Linear(16, 12, r=4, lora_alpha=8, merge_weights=False)
+        with torch.no_grad():
+            layer.lora_B.normal_()
+            layer.lora_A.normal_()
+        layer.add_adapter("b", torch.randn(4, 16), torch.randn(12, 4), 2.0)
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+        return layer.eval()
+    l1 = make()
+    l1.set_adapter("b")
+    l2 = copy.copy(l1) if how == "copy.copy" else make()
+    if how != "copy.copy":
+        l2.lora_A = l1.lora_A
+        l2.lora_B = l1.lora_B
+    with torch.no_grad():
+        want = l2(x).clone()
+    if how == "same adapter":
+        l1.lora_A.requires_grad_(True)
+        l1.set_adapter("b")
+    else:
+        lora.mark_only_lora_as_trainable(torch.nn.Sequential(l1))
+    with torch.no_grad():
+        assert torch.equal(l2(x), want)

@@ -90,10 +90,14 @@ constexpr size_t shrink_smem_bytes() {
 }
 
 // The WMMA shrink's power-of-two scaling of a float32 rank for float16 (shrink_kernel): A's row times 2^shift
-// has its largest magnitude in [2^14, 2^15), inside float16's normal range whatever the row's own range.
-// `top` is the largest |A| of the row as float32 bits with the sign cleared; a zero or non-finite row keeps 0.
+// has its largest finite magnitude in [2^14, 2^15), inside float16's normal range whatever the row's own range;
+// a row whose largest is in [2^15, 65504] already fits and keeps 0 (scaling it down would cost its smallest
+// elements a bit). `top` is the largest finite |A| of the row as float32 bits (sign cleared); zero: 0. An inf or
+// NaN element stays one (times a power of two), as in the plain product.
 __device__ __forceinline__ int rank_shift(int top) {
-  return top == 0 || top >= 0x7F800000 ? 0 : 14 - ((top >> 23) - 127);
+  constexpr int kHalfMaxBits = 0x477FE000;  // 65504.f
+  const int shift = 14 - ((top >> 23) - 127);
+  return top == 0 || (shift < 0 && top <= kHalfMaxBits) ? 0 : shift;
 }
 
 // v * 2^e, exactly whenever the result is a normal float32, for e in [-253, 254] (a shift and its inverse):
@@ -368,10 +372,12 @@ __global__ void __launch_bounds__(kThreads) fused_linear_kernel(Args<T, Tab> p) 
 // twice its 16-bit bytes, mostly from L2 (every row tile of M reads it again), and is small beside x.
 // float16's range is not float32's: a cast would make |A| past 65504 infinite and a rank below 2^-14 subnormal
 // or zero. So for float16 (kRankScale) each rank of the tile is staged times a power of two, 2^shift
-// (rank_shift, from a first pass over the rank's K range), that puts its largest |A| in [2^14, 2^15), and its
-// column of t is multiplied by 2^-shift before it is written: exact both ways, so each element of A keeps the
-// 11 significant bits a cast gives a normal float16, at any magnitude. The pass reads the CTA's A range once
-// more. bfloat16 has float32's exponent range and needs none.
+// (rank_shift, from a first pass over the rank's K range), that puts its largest finite |A| in [2^14, 2^15)
+// (or leaves a rank that fits as it is), and its column of t is multiplied by 2^-shift before it is written:
+// exact both ways, so each element of A keeps the 11 significant bits a cast gives a normal float16, at any
+// magnitude of the rank; within a rank, elements about 2^28 below its largest become float16 subnormals
+// (fewer bits), past about 2^38 zero. The pass reads the CTA's A range once more. bfloat16 has float32's exponent
+// range and needs none.
 template <typename T, typename Tab, bool kTensorCore, bool kVector>
 __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
   constexpr int kVec = Vec16<T>::kN;
@@ -397,7 +403,10 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
       int top = 0;
       if (c < cols) {
         const Tab* a_row = p.a + (long long)(j0 + c) * p.K;
-        for (int k = k_begin + lane; k < k_end; k += 32) top = imax(top, float_bits(a_row[k]) & 0x7FFFFFFF);
+        for (int k = k_begin + lane; k < k_end; k += 32) {
+          const int bits = float_bits(a_row[k]) & 0x7FFFFFFF;
+          if (bits < 0x7F800000) top = imax(top, bits);  // finite elements only (rank_shift)
+        }
       }
       LORA_UNROLL
       for (int o = 16; o > 0; o >>= 1) top = imax(top, __shfl_xor_sync(0xffffffffu, top, o));

@@ -670,6 +670,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             raise ValueError(f"{label}: factors of shape {tuple(A.shape)} and {tuple(B.shape)} do not fit its "
                              f"{type(module).__name__}; a rank-{r} peft adapter has {a_shape} and {b_shape}")
         fresh = not isinstance(module, LoRALayer)
+        if not fresh and not module.has_lora:
+            raise ValueError(f"{label}: the model's lora_ext layer there was built with r=0 (or, a MergedLinear, with "
+                             f"no group in enable_lora) and holds no adapter; build it with r > 0, or leave the module "
+                             f"out of the adapter")
         if fresh and reserved is not None and r > reserved:
             raise ValueError(f"{label} has rank {r}, over the rank {reserved} that reserve_rank fixed for the model's "
                              f"layers (every adapter is held at that rank, so that switches keep the storage a "
