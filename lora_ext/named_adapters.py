@@ -605,6 +605,10 @@ class NamedAdapters:
             raise ValueError(f"rank {rank} is below the rank {r} of adapter {n!r} in {self._describe()}"
                              + (f" (held at the rank {self.reserved_rank} reserved before: a reserve only grows)"
                                 if self.reserved_rank is not None else ""))
+        if ties.factors_held_elsewhere(self, (self._parameters.get("lora_A"), self._parameters.get("lora_B"))):
+            raise ValueError(f"{self._describe()}: its live factors are (or were) shared with another lora_ext layer "
+                             f"(`l2.lora_A = l1.lora_A`, a copy.copy); a reserve pads them in place, which would "
+                             f"change that layer's shapes too: give each layer Parameters of its own first")
         if frozen and self._trainable():
             raise ValueError(f"{self._describe()}: its factors require grad, and reserve_rank gives them another shape "
                              f"(an optimizer built over them would hold the old shapes); freeze them "
@@ -761,7 +765,9 @@ class NamedAdapters:
                         self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
                     self._stamp_finite(name)
                 if own_pair and self._adapters[name][0] is not stored[0]:
-                    what = "rank" if stored[0].shape != lora_A.shape or stored[1].shape != lora_B.shape else "dtype"
+                    what = ("rank" if stored[0].shape != lora_A.shape or stored[1].shape != lora_B.shape else "dtype"
+                            if stored[0].dtype != lora_A.dtype or stored[1].dtype != lora_B.dtype
+                            else "Parameter (its own are shared with another layer)")
                     _warn(f"{self._describe()}: add_adapter gave adapter {name!r} factors of another {what} "
                           f"than its own Parameters (it trained with them), which it drops; an optimizer "
                           f"built over them no longer trains it: build it again", stacklevel=2)
@@ -1039,7 +1045,7 @@ class NamedAdapters:
             and live_B.shape == lora_B.shape  # a serving switch (or the live Parameters' own adapter)
         # live factors another layer holds too (`l2.lora_A = l1.lora_A`, a copy.copy): written in place they would
         # switch that layer as well; this layer takes Parameters of its own (its factors are untied from then on)
-        shared = bool(ties.factor_sharers(self))
+        shared = ties.factors_held_elsewhere(self, (live_A, live_B))
         if shared:
             serving, home, owner = False, False, None
         if not own and not (serving and not self.merged):
@@ -1133,9 +1139,7 @@ class NamedAdapters:
                     p.requires_grad_(live.requires_grad)
             else:
                 pair = tuple(nn.Parameter(t.detach().clone(), requires_grad=t.requires_grad) for t in (live_A, live_B))
-            if self._owner in self._adapters and not ties.factor_sharers(self):
-                # (where another layer holds the lent pair too, it keeps serving what it holds: the owner adapter
-                # keeps its stored copy)
+            if self._owner in self._adapters:
                 oA, oB, o_scaling = self._adapters[self._owner]
                 self._adapters[self._owner] = (*self._take_values((live_A, live_B), oA, oB, o_scaling), o_scaling)
                 self._finite_stamps.pop(self._owner, None)
@@ -1146,7 +1150,11 @@ class NamedAdapters:
 
     def _take_values(self, pair, lora_A, lora_B, scaling: float):
         """`pair` (a Parameter pair) given the values of (lora_A, lora_B), in place where the shapes allow, and the
-        pair's scale tensors (if any) their adapter's `scaling` (see `_pair_scales`)."""
+        pair's scale tensors (if any) their adapter's `scaling` (see `_pair_scales`). A pair another layer holds too
+        (ties.factors_held_elsewhere) is not written: a new pair takes the values (returned)."""
+        if ties.factors_held_elsewhere(self, pair):
+            pair = tuple(nn.Parameter(torch.empty(0, device=p.device, dtype=p.dtype), requires_grad=p.requires_grad)
+                         for p in pair)
         with torch.no_grad(), ops.inference_writes(*pair):
             for p, t in zip(pair, (lora_A, lora_B)):
                 if p.shape == t.shape:

@@ -123,12 +123,17 @@ def others(layer, weight) -> List:
             and (_weight_of(other) is weight or _overlap(span, _span(_weight_of(other))))]
 
 
-# Live factors (lora_A / lora_B Parameters) held by more than one layer: `l2.lora_A = l1.lora_A`, or a copy.copy of
-# a layer (which keeps the Parameter objects). A serving switch writes the live factors in place, which would switch
-# every holder; a layer whose live factors another layer holds takes Parameters of its own instead
-# (NamedAdapters._activate_as_normal_tensors). By id, as the weights (see above): an entry is a list of candidates.
+# Factor Parameters (lora_A / lora_B) held by more than one lora_ext layer: `l2.lora_A = l1.lora_A`, or a copy.copy
+# of a layer (which keeps the Parameter objects), live or kept as an adapter's own pair (an adapter that trained keeps
+# its Parameters while another is served). lora_ext writes factor Parameters in place (a serving switch into the live
+# pair, an adapter's values into its own pair), which would write every holder's; so a layer about to write one that
+# another layer holds gives itself new Parameters instead (factors_held_elsewhere), and that Parameter is never
+# written in place again (a program torch.export or a CUDA graph made over both layers keeps serving its values
+# whole for both, not one layer's adapter in the other's place). By id, as the weights (see above): an entry is a
+# list of candidates.
 _factor_holders = {}  # id(factor Parameter) -> WeakSet of the modules that took a Parameter of that id as a factor
 _factor_prune_at = 1024
+_shared_factors = set()  # ids of factor Parameters seen held by two layers (never written in place again)
 FACTORS = ("lora_A", "lora_B")
 
 
@@ -141,28 +146,45 @@ def note_factor(param, layer) -> None:
     with _lock:
         _factor_holders.setdefault(id(param), weakref.WeakSet()).add(layer)
         if len(_factor_holders) > _factor_prune_at:
-            for key in [k for k, held in _factor_holders.items()
-                        if not any(id(x._parameters.get(f)) == k for x in list(held) for f in FACTORS)]:
+            for key in [k for k, held in _factor_holders.items() if not any(_holds_factor(x, k) for x in list(held))]:
                 del _factor_holders[key]
+            _shared_factors.intersection_update(_factor_holders)
             _factor_prune_at = max(1024, 2 * len(_factor_holders))
 
 
-def factor_sharers(layer) -> List:
-    """The live lora_ext layers other than `layer` that hold one of its live factor Parameters as a factor now. (Every
-    serving switch asks: a factor only `layer` was noted with costs two dict reads and a membership test.)"""
-    out = []
-    for f in FACTORS:
-        p = layer._parameters.get(f)
-        held = None if p is None else _factor_holders.get(id(p))
+def _holds_factor(layer, key) -> bool:
+    """Whether lora_ext `layer` holds a Parameter of id `key` as a live factor or in an adapter's stored pair."""
+    d = layer.__dict__
+    if any(id(d.get("_parameters", {}).get(f)) == key for f in FACTORS):
+        return True
+    own = d.get("_active_own")
+    if own is not None and any(id(t) == key for t in own):
+        return True
+    return any(id(t) == key for held in d.get("_adapters", {}).values() for t in held[:2])
+
+
+def factors_held_elsewhere(layer, params) -> bool:
+    """Whether lora_ext must not write `params` (factor Parameters `layer` holds) in place: another lora_ext layer
+    holds one of them (live or stored), or did once. (Every serving switch asks: a factor only `layer` was noted
+    with costs a few dict reads and a membership test.) A program torch.export made holds the live Parameters too,
+    and is not a layer: it follows a switch because the switch writes them in place."""
+    found = False
+    for p in params:
+        if p is None:
+            continue
+        key = id(p)
+        if key in _shared_factors:
+            found = True
+            continue
+        held = _factor_holders.get(key)
         if held is None or (len(held) == 1 and layer in held):
             continue
         with _lock:
             candidates = list(held)
-        # lora_ext layers only: a program torch.export made holds the live Parameters too, and follows a switch
-        # because it writes them in place
-        out += [x for x in candidates if x is not layer and x not in out and "_adapters" in x.__dict__
-                and any(x._parameters.get(g) is p for g in FACTORS)]
-    return out
+        if any(x is not layer and "_adapters" in x.__dict__ and _holds_factor(x, key) for x in candidates):
+            _shared_factors.add(key)
+            found = True
+    return found
 
 
 def names(layer) -> List[str]:

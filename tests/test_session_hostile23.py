@@ -326,3 +326,94 @@ def test_settling_a_layers_parameters_leaves_a_layer_sharing_them_serving(how):
         lora.mark_only_lora_as_trainable(torch.nn.Sequential(l1))
     with torch.no_grad():
         assert torch.equal(l2(x), want)
+
+
+def _two_tied(tie="lora_B", trainable=True):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(lora.Linear(8, 8, r=2, lora_alpha=4), lora.Linear(8, 8, r=2, lora_alpha=4))
+    with torch.no_grad():
+        for layer in m:
+            layer.lora_A.normal_(0, 0.3)
+            layer.lora_B.normal_(0, 0.3)
+    for layer in m:
+        layer.add_adapter("b", torch.randn(2, 8) * 0.3, torch.randn(8, 2) * 0.3, 1.0)
+    if trainable:
+        lora.mark_only_lora_as_trainable(m)
+    else:
+        for p in m.parameters():
+            p.requires_grad_(False)
+    setattr(m[1], tie, getattr(m[0], tie))
+    return m
+
+
+def _refs(m, x):
+    """float64 outputs of each layer under each adapter it holds, by plain torch, from the values now."""
+    want = {}
+    for i, layer in enumerate(m):
+        W, b = layer.weight.detach().double(), layer.bias.detach().double()
+        for n in layer.adapter_names:
+            A, B, s = (layer.lora_A, layer.lora_B, layer.scaling) if n == layer.active_adapter else layer.get_adapter(n)
+            want[i, n] = x.double() @ (W + s * B.detach().double() @ A.detach().double()).t() + b
+    return want
+
+
+def test_a_serving_switch_does_not_write_a_factor_another_layer_keeps_as_a_stored_adapter():
+    """m[1].lora_B = m[0].lora_B; m[0]'s trainable switch keeps its default pair (the tied lora_B) aside; a later
+    serving switch of m[1] wrote b's lora_B into it in place: m[0]'s default came back 2.12 off."""
+    m = _two_tied()
+    x = torch.randn(3, 8)
+    want = _refs(m, x)
+    m[0].set_adapter("b")
+    for p in m.parameters():
+        p.requires_grad_(False)
+    m[1].set_adapter("b")
+    m[0].set_adapter("default")
+    for i, layer in enumerate(m):
+        with torch.no_grad():
+            assert (layer(x).double() - want[i, layer.active_adapter]).abs().max() < 1e-5, i
+
+
+def test_reloading_an_inactive_adapters_own_pair_does_not_write_a_factor_another_layer_serves():
+    """m[0].lora_A = m[1].lora_A; m[1]'s trainable switch keeps its default pair aside; add_adapter reloading m[1]'s
+    inactive default wrote the new values into the tied lora_A, which m[0] serves (11.9 off, no warning)."""
+    torch.manual_seed(0)
+    m = _two_tied(tie="lora_A")
+    m[0].lora_A = m[1].lora_A
+    x = torch.randn(3, 8)
+    want = _refs(m, x)
+    m[1].set_adapter("b")
+    m[1].add_adapter("default", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    with torch.no_grad():
+        assert (m[0](x).double() - want[0, "default"]).abs().max() < 1e-5
+
+
+def test_an_exported_program_over_tied_factors_serves_one_adapter_whole_after_a_switch():
+    """m[1].lora_A = m[0].lora_A, torch.export, then lora.set_adapter(model, 'b'): the first layer took Parameters of
+    its own, then the second (alone with the tied one) wrote its b lora_A in place, which the program reads for
+    layer 0: the program served layer 1's b lora_A with layer 0's default lora_B (1.4-2.7 off every adapter).
+    A Parameter once tied is never written in place again: the program serves default whole (export again)."""
+    m = _two_tied(tie="lora_A", trainable=False)
+    x = torch.randn(3, 8)
+    d = lambda t: t.detach().double().clone()  # noqa: E731
+    plans = {n: [(d(L.weight), *(d(t) for t in (L.get_adapter(n)[:2] if n != L.active_adapter
+                                                  else (L.lora_A, L.lora_B))),
+                  L.get_adapter(n)[2] if n != L.active_adapter else L.scaling, d(L.bias)) for L in m]
+             for n in ("default", "b")}
+    prog = torch.export.export(m, (x,)).module()
+    for step in ("b", "default", "b"):
+        lora.set_adapter(m, step)
+        with torch.no_grad():
+            assert _served_error(m, x, plans[step]) < 1e-6, step
+            assert _served_error(prog, x, plans["default"]) < 1e-6, step
+
+
+def test_reserve_rank_over_tied_factors_refuses_before_writing():
+    """reserve_rank padded the shared lora_A through the first layer, skipped the second's live pad (its A had the
+    rank already) and left it with a (4, 8) A beside an (8, 2) B: every later forward raised."""
+    m = _two_tied(tie="lora_A", trainable=False)
+    shapes = [(tuple(L.lora_A.shape), tuple(L.lora_B.shape)) for L in m]
+    with pytest.raises(ValueError, match="shared with another lora_ext layer"):
+        lora.reserve_rank(m, 4)
+    assert [(tuple(L.lora_A.shape), tuple(L.lora_B.shape)) for L in m] == shapes
+    with torch.no_grad():
+        m(torch.randn(3, 8))
