@@ -96,9 +96,10 @@ def _needs_grad(*tensors):
     and torch.compile of inference tensors is torch's own business.)"""
     if not torch.is_grad_enabled():
         return False
-    if torch.compiler.is_compiling():
-        return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
-    return any(isinstance(t, Tensor) and t.requires_grad and not t.is_inference() for t in tensors)
+    for t in tensors:
+        if isinstance(t, Tensor) and t.requires_grad and (torch.compiler.is_compiling() or not t.is_inference()):
+            return True
+    return False
 
 
 def traced() -> bool:
