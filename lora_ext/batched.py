@@ -282,8 +282,10 @@ class LayerSlots:
 
 def _fitted(A: Tensor, B: Tensor, s: float, dtype: torch.dtype):
     """(A * 2^a, B * 2^b, s * 2^-(a+b)): the factors scaled by powers of two (exact) where their largest values would
-    overflow `dtype`, else as they are (no look at the values, no device sync, when `dtype` has the factors' range
-    to within a factor of two: bfloat16 beside float32)."""
+    overflow `dtype`, or lie so far below its range that their elements would lose bits to its subnormals (below
+    max / 2^20: float16 subnormals start at 2^-14, so a float32 A of 1e-6 kept 5 bits), else as they are (no look at
+    the values, no device sync, when `dtype` has the factors' range to within a factor of two: bfloat16 beside
+    float32)."""
     top = torch.finfo(dtype).max
     if 2 * top >= max(torch.finfo(A.dtype).max, torch.finfo(B.dtype).max):
         return A, B, s
@@ -293,6 +295,9 @@ def _fitted(A: Tensor, B: Tensor, s: float, dtype: torch.dtype):
         if amax > top:  # (the factors are checked finite)
             e = math.ceil(math.log2(amax / top)) + 1
             t, s = t * 2.0 ** -e, s * 2.0 ** e
+        elif 0 < amax < top * 2.0 ** -20:  # up to [0.5, 1)
+            e = -math.floor(math.log2(amax)) - 1
+            t, s = t * 2.0 ** e, s * 2.0 ** -e
         out.append(t)
     return out[0], out[1], s
 

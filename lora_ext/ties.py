@@ -133,7 +133,8 @@ def others(layer, weight) -> List:
 # list of candidates.
 _factor_holders = {}  # id(factor Parameter) -> WeakSet of the modules that took a Parameter of that id as a factor
 _factor_prune_at = 1024
-_shared_factors = set()  # ids of factor Parameters seen held by two layers (never written in place again)
+SHARED_ATTR = "_lora_ext_shared"  # on a factor Parameter seen held by two layers: never written in place again (on
+# the object, not by id: a dead tied Parameter's id given to a new one would take its in-place switches away)
 FACTORS = ("lora_A", "lora_B")
 
 
@@ -148,7 +149,6 @@ def note_factor(param, layer) -> None:
         if len(_factor_holders) > _factor_prune_at:
             for key in [k for k, held in _factor_holders.items() if not any(_holds_factor(x, k) for x in list(held))]:
                 del _factor_holders[key]
-            _shared_factors.intersection_update(_factor_holders)
             _factor_prune_at = max(1024, 2 * len(_factor_holders))
 
 
@@ -172,17 +172,17 @@ def factors_held_elsewhere(layer, params) -> bool:
     for p in params:
         if p is None:
             continue
-        key = id(p)
-        if key in _shared_factors:
+        if getattr(p, SHARED_ATTR, False):
             found = True
             continue
+        key = id(p)
         held = _factor_holders.get(key)
         if held is None or (len(held) == 1 and layer in held):
             continue
         with _lock:
             candidates = list(held)
         if any(x is not layer and "_adapters" in x.__dict__ and _holds_factor(x, key) for x in candidates):
-            _shared_factors.add(key)
+            setattr(p, SHARED_ATTR, True)  # (a deepcopy of it keeps the mark: never written in place either)
             found = True
     return found
 

@@ -417,3 +417,58 @@ def test_reserve_rank_over_tied_factors_refuses_before_writing():
     assert [(tuple(L.lora_A.shape), tuple(L.lora_B.shape)) for L in m] == shapes
     with torch.no_grad():
         m(torch.randn(3, 8))
+
+
+def test_a_never_tied_layer_keeps_its_in_place_serving_switches_after_tied_layers_died():
+    """The shared mark was kept by id: a dead tied Parameter's id given to a new layer's factor took that layer's
+    in-place serving switches away (new storage: a program exported before the switch served the old adapter,
+    40-76 off). The mark lives on the Parameter now."""
+    import gc
+
+    def fresh(seed):
+        g = torch.Generator().manual_seed(seed)
+        layer = lora.Linear(16, 16, r=4, lora_alpha=8)
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+        layer.add_adapter("b", torch.randn(4, 16, generator=g), torch.randn(16, 4, generator=g), 2.0)
+        return layer
+    moved = 0
+    for k in range(30):
+        l1, l2 = fresh(0), fresh(1)
+        l2.lora_A = l1.lora_A
+        l1.set_adapter("b")  # (seen shared: l1 takes Parameters of its own)
+        del l1, l2
+        gc.collect()
+        layer = fresh(100 + k)
+        ptrs = (layer.lora_A.data_ptr(), layer.lora_B.data_ptr())
+        layer.set_adapter("b")
+        moved += (layer.lora_A.data_ptr(), layer.lora_B.data_ptr()) != ptrs
+        del layer
+        gc.collect()
+    assert moved == 0, f"{moved} of 30 never-tied layers lost their in-place serving switch"
+
+
+def test_mixed_batch_slots_keep_the_bits_of_float32_factors_below_float16s_range():
+    """Slots hold the factors in the weight's dtype, scaled by a power of two where they would overflow it; a float32
+    A of 1e-6 (float16 subnormals) went in as it was, with 5 bits left: 16x the single-adapter forward's error. Now
+    it is scaled up too, and the batch is as exact as for factors of ordinary size (the same 11 bits)."""
+    def errors(a_size, scaling):
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(64, 64).half()
+        W, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+        m = torch.nn.Sequential(lin)
+        lora.inject(m, ["0"], r=4, lora_alpha=4)
+        A, B = torch.randn(4, 64) * a_size, torch.randn(64, 4)
+        m[0].add_adapter("x", A, B, scaling)
+        m[0].add_adapter("y", A.clone(), B.clone(), scaling)
+        m.eval()
+        lora.unmerge_adapter(m)
+        lora.set_adapter(m, "y")
+        x = torch.randn(2, 5, 64).half()
+        ref = x.double() @ W.double().t() + b.double() + scaling * (x.double() @ A.double().t() @ B.double().t())
+        with torch.no_grad():
+            with lora.batch_adapters(m, ["x", "x"]):
+                batched = m(x)
+        return (batched.double() - ref).abs().max().item()
+    ordinary, tiny = errors(1e-2, 1.0), errors(1e-6, 1e4)  # the same update, A 2^13 smaller
+    assert tiny <= 1.5 * ordinary, (tiny, ordinary)
