@@ -124,18 +124,24 @@ def _served_error(model, x, plan):
     return ((out - h).abs().max() / h.abs().max()).item()
 
 
-@pytest.mark.parametrize("merged", [False, True])
-def test_layers_sharing_a_live_factor_switch_each_their_own(merged):
-    """`m[1].lora_A = m[0].lora_A`, frozen factors, each layer holding its own adapter 'b': the serving switch wrote
-    b's A into the shared storage for both layers (0.8 off), and the second layer then kept the first one's b as its
-    'default' (2.1 off after switching back, for good). Now a layer whose live factor another layer holds takes
-    Parameters of its own."""
+def _two_layers():
+    """Two Linear(8, 8, r=2) layers in a Sequential, seeded, with random factors of both."""
     torch.manual_seed(0)
     m = torch.nn.Sequential(lora.Linear(8, 8, r=2, lora_alpha=4), lora.Linear(8, 8, r=2, lora_alpha=4))
     with torch.no_grad():
         for layer in m:
             layer.lora_A.normal_(0, 0.3)
             layer.lora_B.normal_(0, 0.3)
+    return m
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_layers_sharing_a_live_factor_switch_each_their_own(merged):
+    """`m[1].lora_A = m[0].lora_A`, frozen factors, each layer holding its own adapter 'b': the serving switch wrote
+    b's A into the shared storage for both layers (0.8 off), and the second layer then kept the first one's b as its
+    'default' (2.1 off after switching back, for good). Now a layer whose live factor another layer holds takes
+    Parameters of its own."""
+    m = _two_layers()
     m[1].lora_A = m[0].lora_A
     d = lambda t: t.detach().double().clone()  # noqa: E731
     plans = {"default": [(d(L.weight), d(m[0].lora_A), d(L.lora_B), L.scaling, d(L.bias)) for L in m], "b": []}
@@ -329,12 +335,7 @@ def test_settling_a_layers_parameters_leaves_a_layer_sharing_them_serving(how):
 
 
 def _two_tied(tie="lora_B", trainable=True):
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(lora.Linear(8, 8, r=2, lora_alpha=4), lora.Linear(8, 8, r=2, lora_alpha=4))
-    with torch.no_grad():
-        for layer in m:
-            layer.lora_A.normal_(0, 0.3)
-            layer.lora_B.normal_(0, 0.3)
+    m = _two_layers()
     for layer in m:
         layer.add_adapter("b", torch.randn(2, 8) * 0.3, torch.randn(8, 2) * 0.3, 1.0)
     if trainable:
