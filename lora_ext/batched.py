@@ -295,8 +295,8 @@ def _fitted(A: Tensor, B: Tensor, s: float, dtype: torch.dtype):
         if amax > top:  # (the factors are checked finite)
             e = math.ceil(math.log2(amax / top)) + 1
             t, s = t * 2.0 ** -e, s * 2.0 ** e
-        elif 0 < amax < top * 2.0 ** -20:  # up to [0.5, 1)
-            e = -math.floor(math.log2(amax)) - 1
+        elif 0 < amax < top * 2.0 ** -20:  # up to [0.5, 1), by at most 2^126 (a power of two float32 holds: 2^128
+            e = min(-math.floor(math.log2(amax)) - 1, 126)  # was inf, then inf or NaN elements, below 2^-128)
             t, s = t * 2.0 ** e, s * 2.0 ** -e
         out.append(t)
     return out[0], out[1], s

@@ -473,3 +473,25 @@ def test_mixed_batch_slots_keep_the_bits_of_float32_factors_below_float16s_range
         return (batched.double() - ref).abs().max().item()
     ordinary, tiny = errors(1e-2, 1.0), errors(1e-6, 1e4)  # the same update, A 2^13 smaller
     assert tiny <= 1.5 * ordinary, (tiny, ordinary)
+
+
+@pytest.mark.parametrize("a_size", [1e-39, 1e-44])
+def test_mixed_batch_slots_take_float32_factors_below_2_to_the_minus_128(a_size):
+    """The scale-up of tiny factors multiplied by 2^128 or more, which float32 makes inf: a finite A of 1e-39 (the
+    layer's own forward serves it) gave its rows NaN in a batch. The scale is capped at 2^126."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8).half()
+    W, b = lin.weight.detach().double(), lin.bias.detach().double()
+    m = torch.nn.Sequential(lin)
+    lora.inject(m, ["0"], r=2, lora_alpha=2)
+    A, B = torch.full((2, 16), a_size), torch.randn(8, 2)
+    m[0].add_adapter("tiny", A, B, 1.0)
+    m[0].add_adapter("ok", torch.randn(2, 16) * 0.01, torch.randn(8, 2) * 0.01, 1.0)
+    m.eval()
+    lora.unmerge_adapter(m)
+    x = torch.randn(2, 3, 16).half()
+    ref = x.double() @ W.t() + b + x.double() @ A.double().t() @ B.double().t()
+    with torch.no_grad(), lora.batch_adapters(m, ["tiny", "ok"]):
+        y = m(x)
+    assert torch.isfinite(y).all()
+    assert (y[0].double() - ref[0]).abs().max() < 2e-3
