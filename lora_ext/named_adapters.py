@@ -765,12 +765,14 @@ class NamedAdapters:
                         self._adapters[name] = (lora_A.detach().clone(), lora_B.detach().clone(), float(scaling))
                     self._stamp_finite(name)
                 if own_pair and self._adapters[name][0] is not stored[0]:
-                    what = ("rank" if stored[0].shape != lora_A.shape or stored[1].shape != lora_B.shape else "dtype"
-                            if stored[0].dtype != lora_A.dtype or stored[1].dtype != lora_B.dtype
-                            else "Parameter (its own are shared with another layer)")
-                    _warn(f"{self._describe()}: add_adapter gave adapter {name!r} factors of another {what} "
-                          f"than its own Parameters (it trained with them), which it drops; an optimizer "
-                          f"built over them no longer trains it: build it again", stacklevel=2)
+                    why = ("factors of another rank than" if stored[0].shape != lora_A.shape
+                           or stored[1].shape != lora_B.shape else "factors of another dtype than"
+                           if stored[0].dtype != lora_A.dtype or stored[1].dtype != lora_B.dtype
+                           else "new Parameters in place of")
+                    _warn(f"{self._describe()}: add_adapter gave adapter {name!r} {why} its own Parameters (it "
+                          f"trained with them{'' if why[0] == 'f' else '; another lora_ext layer holds them too'}), "
+                          f"which it drops; an optimizer built over them no longer trains it: build it again",
+                          stacklevel=2)
             self.__dict__.get("_placeholders", set()).discard(name)  # a real adapter from now on
             if self.reserved_rank is not None:
                 self.__dict__.setdefault("_own_ranks", {})[name] = own

@@ -128,9 +128,9 @@ def others(layer, weight) -> List:
 # its Parameters while another is served). lora_ext writes factor Parameters in place (a serving switch into the live
 # pair, an adapter's values into its own pair), which would write every holder's; so a layer about to write one that
 # another layer holds gives itself new Parameters instead (factors_held_elsewhere), and that Parameter is never
-# written in place again (a program torch.export or a CUDA graph made over both layers keeps serving its values
-# whole for both, not one layer's adapter in the other's place). By id, as the weights (see above): an entry is a
-# list of candidates.
+# written in place again (a program torch.export made over both layers keeps serving its values whole for both, not
+# one layer's adapter in the other's place; a CUDA graph must be captured again). Holders by id, as the weights (see
+# above): an entry is a list of candidates.
 _factor_holders = {}  # id(factor Parameter) -> WeakSet of the modules that took a Parameter of that id as a factor
 _factor_prune_at = 1024
 SHARED_ATTR = "_lora_ext_shared"  # on a factor Parameter seen held by two layers: never written in place again (on
