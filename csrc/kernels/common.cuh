@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #elif !defined(LORA_SIM)
 #error "kernels are compiled by nvcc, or on the host after sim/simt.h"
@@ -74,29 +75,17 @@ __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
-// A float32's bits and back (bit casts, with no conversion).
-__device__ __forceinline__ int float_bits(float x) {
-#if defined(LORA_SIM)
-  int v;
-  std::memcpy(&v, &x, 4);
-  return v;
-#else
-  return __float_as_int(x);
-#endif
-}
-
-__device__ __forceinline__ float bits_float(int v) {
-#if defined(LORA_SIM)
-  float x;
-  std::memcpy(&x, &v, 4);
-  return x;
-#else
-  return __int_as_float(v);
-#endif
+// The bits of x as a To of the same size (no conversion): a float32's bits as an int and back.
+template <typename To, typename From>
+__device__ __forceinline__ To bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "a bit cast keeps the size");
+  To y;
+  memcpy(&y, &x, sizeof(To));
+  return y;
 }
 
 // 2^e, exactly, for e in [-126, 127] (the normal float32 exponents).
-__device__ __forceinline__ float pow2f(int e) { return bits_float((e + 127) << 23); }
+__device__ __forceinline__ float pow2f(int e) { return bit_cast<float>((e + 127) << 23); }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);

@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(kThreads) shrink_kernel(Args<T, Tab> p) {
       if (c < cols) {
         const Tab* a_row = p.a + (long long)(j0 + c) * p.K;
         for (int k = k_begin + lane; k < k_end; k += 32) {
-          const int bits = float_bits(a_row[k]) & 0x7FFFFFFF;
+          const int bits = bit_cast<int>(a_row[k]) & 0x7FFFFFFF;
           if (bits < 0x7F800000) top = imax(top, bits);  // finite elements only (rank_shift)
         }
       }

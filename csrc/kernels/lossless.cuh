@@ -79,8 +79,8 @@ template <>
 struct Traits<float> {
   static constexpr int kMod = 65535;
   static constexpr int kMag = 0x7FFFFFFF;
-  __device__ __forceinline__ static int bits(float x) { return float_bits(x); }
-  __device__ __forceinline__ static float value(int v) { return bits_float(v); }
+  __device__ __forceinline__ static int bits(float x) { return bit_cast<int>(x); }
+  __device__ __forceinline__ static float value(int v) { return bit_cast<float>(v); }
   __device__ __forceinline__ static int zero_extended(int v) { return v; }
 };
 template <>
