@@ -639,9 +639,7 @@ class LoRALayer(NamedAdapters):
                 self._note_written()
             except (AttributeError, KeyError):  # (a state without its weight)
                 self.__dict__["_written"] = None
-        for name in ties.FACTORS:  # (a copy.copy keeps the live factor Parameters: a switch must not write them)
-            if self._parameters.get(name) is not None:
-                ties.note_factor(self._parameters[name], self)
+        self._note_factors()  # (a copy.copy keeps the live factor Parameters: a switch must not write them)
         try:  # a deepcopy or unpickle of tied layers: the copies are tied
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
@@ -1188,8 +1186,9 @@ class LoRALayer(NamedAdapters):
         mine = bool(self._in_written(w)) and record.version != w._version
         if loaded is not weight:
             other = _version_or_none(sharded.local(loaded))
-            if other is not None and other != w._version:  # a version counter of its own (a tensor made over the memory, not a view of
-                mine = other > 0     # it): written since it was made
+            # a version counter of its own (a tensor made over the memory, not a view of it): written since it was made
+            if other is not None and other != w._version:
+                mine = other > 0
         if sharded.is_dtensor(weight):
             # every rank takes one path (the other one all-reduces): FSDP2 copies some ranks' shards into new padded
             # memory after a .to() or an assign load (reset_sharded_param, after the layer noted its write), where the
@@ -1549,6 +1548,7 @@ class LoRALayer(NamedAdapters):
         module = self._apply_merged(fn, recurse)
         if self._value_dtypes() != before:
             self.__dict__.get("_finite_stamps", {}).clear()
+        self._note_factors()  # (new storage: ties)
         return module
 
     def _value_dtypes(self) -> tuple:

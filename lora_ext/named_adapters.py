@@ -311,6 +311,24 @@ def check_adapter_name(name) -> None:
                          f"'.', '/', '\\' or control characters, got {shown}")
 
 
+def _refuse_lost_ranks(name: str, given, cast, where: str) -> None:
+    """Refuses factors whose cast to the live factors' dtype makes a nonzero row of lora_A or column of lora_B (a
+    rank's part) all zero: float32 factors far below float16's range (A of 1e-9 with a scaling of 1e9). A switch
+    would serve the adapter without that rank's update, while a mixed batch (which scales its slots) served it."""
+    for what, g, c, dim in (("lora_A", given[0], cast[0], 1), ("lora_B", given[1], cast[1], 0)):
+        if sharded.is_dtensor(g) or sharded.is_dtensor(c) or g.is_meta or not g.numel():
+            continue
+        lost = (g != 0).any(dim) & ~(c != 0).any(dim)
+        if bool(lost.any()):
+            i = int(lost.nonzero()[0, 0])
+            part = g[i] if dim == 1 else g[:, i]
+            raise ValueError(f"{name}: {what} {'row' if dim == 1 else 'column'} {i} of {where} (largest |value| "
+                             f"{part.abs().max().item():.3g}) is all zero in the layer's factor dtype {c.dtype}: "
+                             f"the adapter would be served without that part of its update; move part of its scale "
+                             f"into the factors (scaling * B A is what counts), or give the layer's factors a wider "
+                             f"dtype")
+
+
 class NamedAdapters:
     """The named-adapter surface of a LoRA layer: adapter_names, has_adapter, get_adapter, add_adapter,
     delete_adapter, set_adapter, check_values; the active adapter's `scaling` (with its tensor for the
@@ -677,6 +695,7 @@ class NamedAdapters:
             # (an adapter's own pair kept aside while another's Parameters serve it takes the padded values when
             # it comes back: _take_values gives it new storage where the shapes differ)
             self.__dict__["_reserved_rank"] = rank
+            self._note_factors(*(t for n in stored for t in self._adapters[n][:2] if isinstance(t, nn.Parameter)))
 
     def own_factors(self, name: str, factors: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         """Adapter `name`'s factors at its own rank: in a reserved layer without the padding (the rank it had when
@@ -716,7 +735,9 @@ class NamedAdapters:
                 if t.is_meta:
                     raise ValueError(f"{name}: {what} is on the meta device: it holds no values to add")
             if self.has_lora and (lora_A.dtype != self.lora_A.dtype or lora_B.dtype != self.lora_B.dtype):
+                given = (lora_A, lora_B)
                 lora_A, lora_B = lora_A.detach().to(self.lora_A.dtype), lora_B.detach().to(self.lora_B.dtype)
+                _refuse_lost_ranks(name, given, (lora_A, lora_B), self._describe())
             ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype)
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
@@ -1078,8 +1099,6 @@ class NamedAdapters:
                     lora_A.requires_grad_(live_A.requires_grad)
                     lora_B.requires_grad_(live_B.requires_grad)
                 self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
-                ties.note_factor(lora_A, self)
-                ties.note_factor(lora_B, self)
             else:
                 self._streams.retire(self.lora_A.data, self.lora_B.data)
                 self.lora_A.data = lora_A
@@ -1094,6 +1113,7 @@ class NamedAdapters:
             self.__dict__.update(r=r, lora_alpha=scaling * r)
             self.scaling = scaling
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+        self._note_factors()  # (new Parameters, or new storage under the live ones)
 
     def _activate_sharded(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """FSDP2 holds the live factors (sharded DTensor Parameters it all-gathers in every forward): a switch
@@ -1166,7 +1186,16 @@ class NamedAdapters:
                     p.data = t.detach().to(p.device, p.dtype, copy=True)
             self._fill_pair_scales(pair[0], scaling)
         self._inference_values_written(*pair)
+        self._note_factors(*pair)
         return pair
+
+    def _note_factors(self, *pair) -> None:
+        """Notes (ties.note_factor) the factors this layer holds now where they lie: the live pair, and `pair` (an
+        adapter's own pair kept aside). Every write that gives them new Parameters or new storage notes them, so
+        that a layer handed the same bytes later (an assign load of this layer's state dict) finds this one."""
+        for t in (*(self._parameters.get(n) for n in ties.FACTORS), *pair):
+            if t is not None:
+                ties.note_factor(t, self)
 
     def _inference_values_written(self, *tensors) -> None:
         """lora_ext wrote values in place into `tensors`: where one is an inference tensor, whose writes no version

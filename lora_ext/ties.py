@@ -130,44 +130,71 @@ def others(layer, weight) -> List:
 # another layer holds gives itself new Parameters instead (factors_held_elsewhere), and that Parameter is never
 # written in place again (a program torch.export made over both layers keeps serving its values whole for both, not
 # one layer's adapter in the other's place; a CUDA graph must be captured again). Holders by id, as the weights (see
-# above): an entry is a list of candidates.
+# above): an entry is a list of candidates. And by storage, as the weights: two Parameter objects over the same bytes
+# (load_state_dict(assign=True) of a tied model's saved state dict, or of another model's state_dict()) are shared
+# too; views of one flat buffer that do not overlap are not.
 _factor_holders = {}  # id(factor Parameter) -> WeakSet of the modules that took a Parameter of that id as a factor
+_factor_storage = {}  # (device, storage address) -> WeakSet of the layers noted holding a factor there (candidates)
 _factor_prune_at = 1024
 SHARED_ATTR = "_lora_ext_shared"  # on a factor Parameter seen held by two layers: never written in place again (on
 # the object, not by id: a dead tied Parameter's id given to a new one would take its in-place switches away)
 FACTORS = ("lora_A", "lora_B")
 
 
+def _storage_key(t):
+    """(device, storage address) of a plain tensor; None for DTensors (FSDP2's and tensor parallelism's factors are
+    shared by object only), meta tensors and empty storage."""
+    if t is None or type(t).__name__ == "DTensor":
+        return None
+    try:
+        address = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError, AttributeError, ValueError):
+        return None
+    return (t.device, address) if address else None
+
+
 def note_factor(param, layer) -> None:
-    """`layer` holds `param` as lora_A or lora_B (registered, put in place by a switch, or kept by a copy)."""
+    """`layer` holds `param` as lora_A or lora_B (registered, put in place or written by a switch, kept by a copy)."""
     global _factor_prune_at
     held = _factor_holders.get(id(param))
-    if held is not None and layer in held:  # (a trainable switch puts an adapter's own pair back: noted before)
-        return
+    where = _storage_key(param)
+    near = _factor_storage.get(where) if where is not None else None
+    if held is not None and layer in held and (where is None or (near is not None and layer in near)):
+        return  # (a trainable switch puts an adapter's own pair back, a serving switch writes the live pair: noted)
     with _lock:
         _factor_holders.setdefault(id(param), weakref.WeakSet()).add(layer)
-        if len(_factor_holders) > _factor_prune_at:
+        if where is not None:
+            _factor_storage.setdefault(where, weakref.WeakSet()).add(layer)
+        if len(_factor_holders) + len(_factor_storage) > _factor_prune_at:
             for key in [k for k, held in _factor_holders.items() if not any(_holds_factor(x, k) for x in list(held))]:
                 del _factor_holders[key]
-            _factor_prune_at = max(1024, 2 * len(_factor_holders))
+            for key in [k for k, near in _factor_storage.items()
+                        if not any(_factor_tensors_at(x, k) for x in list(near))]:
+                del _factor_storage[key]
+            _factor_prune_at = max(1024, 2 * (len(_factor_holders) + len(_factor_storage)))
+
+
+def _factor_tensors(layer) -> List:
+    """The factor tensors lora_ext `layer` holds: live, its active adapter's own pair, every adapter's stored pair."""
+    d = layer.__dict__
+    tensors = [d.get("_parameters", {}).get(f) for f in FACTORS] + list(d.get("_active_own") or ())
+    return tensors + [t for held in d.get("_adapters", {}).values() for t in held[:2]]
+
+
+def _factor_tensors_at(layer, where) -> List:
+    return [t for t in _factor_tensors(layer) if t is not None and _storage_key(t) == where]
 
 
 def _holds_factor(layer, key) -> bool:
     """Whether lora_ext `layer` holds a Parameter of id `key` as a live factor or in an adapter's stored pair."""
-    d = layer.__dict__
-    if any(id(d.get("_parameters", {}).get(f)) == key for f in FACTORS):
-        return True
-    own = d.get("_active_own")
-    if own is not None and any(id(t) == key for t in own):
-        return True
-    return any(id(t) == key for held in d.get("_adapters", {}).values() for t in held[:2])
+    return any(id(t) == key for t in _factor_tensors(layer))
 
 
 def factors_held_elsewhere(layer, params) -> bool:
     """Whether lora_ext must not write `params` (factor Parameters `layer` holds) in place: another lora_ext layer
-    holds one of them (live or stored), or did once. (Every serving switch asks: a factor only `layer` was noted
-    with costs a few dict reads and a membership test.) A program torch.export made holds the live Parameters too,
-    and is not a layer: it follows a switch because the switch writes them in place."""
+    holds one of them or bytes of one (live or stored), or did once. (Every serving switch asks: a factor only
+    `layer` was noted with costs a few dict reads and membership tests.) A program torch.export made holds the live
+    Parameters too, and is not a layer: it follows a switch because the switch writes them in place."""
     found = False
     for p in params:
         if p is None:
@@ -177,13 +204,29 @@ def factors_held_elsewhere(layer, params) -> bool:
             continue
         key = id(p)
         held = _factor_holders.get(key)
-        if held is None or (len(held) == 1 and layer in held):
+        if held is not None and not (len(held) == 1 and layer in held):
+            with _lock:
+                candidates = list(held)
+            if any(x is not layer and "_adapters" in x.__dict__ and _holds_factor(x, key) for x in candidates):
+                setattr(p, SHARED_ATTR, True)  # (a deepcopy of it keeps the mark: never written in place either)
+                found = True
+                continue
+        where = _storage_key(p)
+        near = _factor_storage.get(where) if where is not None else None
+        if near is None or (len(near) == 1 and layer in near):
             continue
         with _lock:
-            candidates = list(held)
-        if any(x is not layer and "_adapters" in x.__dict__ and _holds_factor(x, key) for x in candidates):
-            setattr(p, SHARED_ATTR, True)  # (a deepcopy of it keeps the mark: never written in place either)
-            found = True
+            candidates = [x for x in near if x is not layer and "_adapters" in x.__dict__]
+        span = _span(p)
+        for x in candidates:
+            there = _factor_tensors_at(x, where)
+            if any(_overlap(span, _span(t)) for t in there):
+                setattr(p, SHARED_ATTR, True)
+                found = True
+                break
+            if not there:  # (it let go of that storage: a later look need not ask it again)
+                with _lock:
+                    near.discard(x)
     return found
 
 

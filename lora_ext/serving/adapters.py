@@ -269,16 +269,21 @@ def _layers_or_raise(model):
 
 def adapter_names(model: nn.Module) -> List[str]:
     """The adapters the model holds (each in the layers it targets, or in a module saved whole), the active one
-    first, as peft lists its adapters: set_adapter takes any of them."""
-    found = _layers_or_raise(model)
-    names = [n for _, m in found for n in m.adapter_names if not m.is_placeholder(n)]
-    names += [n for _, w in wrappers(model) for n in w.adapter_names]
-    active = [m.active_adapter for _, m in found]
+    first, as peft lists its adapters: set_adapter takes any of them. (Read between model-level changes on other
+    threads, which it waits for.)"""
+    with hold(model):
+        found = _layers_or_raise(model)
+        names = [n for _, m in found for n in m.adapter_names if not m.is_placeholder(n)]
+        names += [n for _, w in wrappers(model) for n in w.adapter_names]
+        active = [m.active_adapter for _, m in found]
     return list(dict.fromkeys([*(n for n in active if n in names), *names]))
 
 
 def active_adapter(model: nn.Module) -> str:
-    actives = {m.active_adapter for _, m in _layers_or_raise(model)}
+    """The adapter every lora_ext layer of the model serves, read between model-level changes on other threads (a
+    set_adapter half done there is waited for, not reported as layers that disagree)."""
+    with hold(model):
+        actives = {m.active_adapter for _, m in _layers_or_raise(model)}
     if len(actives) != 1:
         raise RuntimeError(f"lora_ext layers disagree on the active adapter: {sorted(actives)}")
     return actives.pop()
