@@ -180,3 +180,69 @@ def test_an_adapter_whose_rank_a_float16_layer_would_zero_is_refused_before_it_i
     layer.add_adapter("ok", A3, B3, 1.0)
     layer.set_adapter("ok")
     assert torch.equal(layer.lora_A.float(), A3.half().float())
+
+
+def _llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100, tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def _peft_adapter(path, name, **config):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(_llama(), peft.LoraConfig(**config), adapter_name=name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model.save_pretrained(str(path))
+    return path / name if name != "default" else path
+
+
+def test_a_batch_short_of_slots_names_the_merged_adapter_that_takes_one(tmp_path):
+    # two adapters in the rows and 2 slots, with a third merged: refused as "needs 3 distinct adapters" when the
+    # rows list 2, without a word about the merged one (nor unmerge_adapter, which serves the batch)
+    dirs = {n: _peft_adapter(tmp_path, n, r=4, target_modules=["q_proj"]) for n in "abc"}
+    m = _llama()
+    for n in "abc":
+        lora.load_peft_adapter(m, str(dirs[n]), n, activate=n == "a")
+    lora.configure_slots(m, slots=2, max_rank=4)
+    m.eval()
+    x = torch.randint(0, 100, (2, 5))
+    with pytest.raises(ValueError, match=r"'a' merged into layers' weights take\(s\) a slot too.*unmerge_adapter"):
+        with torch.no_grad(), lora.batch_adapters(m, ["b", "c"]):
+            m(x)
+    lora.unmerge_adapter(m)
+    with torch.no_grad(), lora.batch_adapters(m, ["b", "c"]):
+        m(x)
+
+
+def test_a_lora_target_inside_another_adapters_module_saved_whole_is_refused_for_that_reason(tmp_path):
+    # adapter a saves layers.0.self_attn whole, adapter b targets k_proj inside it: both load orders were refused
+    # with a false reason ("target_modules ... do not select"; "the file holds no ...lora_A")
+    a = _peft_adapter(tmp_path, "a", r=4, target_modules=["q_proj"], modules_to_save=["layers.0.self_attn"])
+    b = _peft_adapter(tmp_path, "b", r=2, target_modules=["k_proj"])
+    m = _llama()
+    lora.load_peft_adapter(m, str(a), "a")
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj', which lies inside "
+                                         r"'model.layers.0.self_attn', a module adapter\(s\) \['a'\] save whole"):
+        lora.load_peft_adapter(m, str(b), "b", activate=False)
+    m = _llama()
+    lora.load_peft_adapter(m, str(b), "b")
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.k_proj' inside it is a lora_ext layer"):
+        lora.load_peft_adapter(m, str(a), "a", activate=False)
+
+
+def test_a_module_saved_whole_with_values_past_float16_says_they_overflow(tmp_path):
+    safetensors = pytest.importorskip("safetensors.torch")
+    d = _peft_adapter(tmp_path, "default", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    f = d / "adapter_model.safetensors"
+    state = safetensors.load_file(str(f))
+    key = next(k for k in state if "lm_head" in k)
+    state[key][0, 0] = 1e5
+    safetensors.save_file(state, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"largest \|value\| 1e\+05\) that overflow the model's lm_head.weight dtype "
+                                         r"torch.float16"):
+        lora.load_peft_adapter(_llama().half(), str(d), "a")

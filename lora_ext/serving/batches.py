@@ -69,10 +69,11 @@ class SlotPool:
     def busy(self) -> int:
         return sum(1 for p in self.pins if p)
 
-    def assign(self, need: Sequence[str]) -> Dict[str, int]:
+    def assign(self, need: Sequence[str], merged: Sequence[str] = ()) -> Dict[str, int]:
         """A slot for each adapter in `need` (the caller holds self.lock), pinned until release(). When the
         slots are enough but other threads' open batches hold too many of them, waits up to WAIT_SECONDS for
-        them to close; refuses at once when the model has too few slots, or when this thread holds the others."""
+        them to close; refuses at once when the model has too few slots, or when this thread holds the others.
+        `merged`: the adapters of `need` that are there because layers hold them merged (named in a refusal)."""
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
             slot_of = {n: self.names.index(n) for n in need if n in self.names}
@@ -90,7 +91,10 @@ class SlotPool:
                     f"a slot now) but the model has {self.capacity} slots, {self.busy()} of them held by other open "
                     f"batches{' (waited ' + str(WAIT_SECONDS) + ' s)' if left <= 0 else ''}: split the batch, or "
                     f"give the model more slots with lora.configure_slots(model, slots="
-                    f"{max(len(need) + self.busy(), self.capacity + 1)})")
+                    f"{max(len(need) + self.busy(), self.capacity + 1)})"
+                    + (f"; {', '.join(map(repr, merged))} merged into layers' weights take(s) a slot too (the "
+                       f"batch subtracts it from the rows of other adapters): lora.unmerge_adapter(model) frees it"
+                       if merged else ""))
             self.lock.wait(left)
         spare = free + evictable
         for name in missing:
@@ -598,7 +602,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
             with deferred_interrupt():
                 with pool.lock:
                     views = {m: pool.stacks(m) for _, m in found}  # made again after a move, before this pins
-                    slot_of = _assign_current(pool, views, need)
+                    slot_of = _assign_current(pool, views, need, [n for n in merged if n not in table])
                     pinned = True
                     for path, m in found:
                         for name in need:  # (a slot taken again checks the values first, as set_adapter does)
@@ -644,13 +648,13 @@ def _open(entries: Optional[Dict], batch_of=lambda v: v) -> Dict:
     return {k: v for k, v in (entries or {}).items() if not batch_of(v).closed}
 
 
-def _assign_current(pool: SlotPool, views, need) -> Dict[str, int]:
+def _assign_current(pool: SlotPool, views, need, merged=()) -> Dict[str, int]:
     """pool.assign(need), except that a slot another open batch serves is never rewritten: when one of the
     adapters changed since it went into its slot (a reload, add_adapter, a write in place) while another batch
     holds that slot, this batch waits for it (as for free slots), or is refused if this thread holds it."""
     deadline = time.monotonic() + WAIT_SECONDS
     while True:
-        slot_of = pool.assign(need)
+        slot_of = pool.assign(need, merged)
         stale = [n for n in need if pool.pins[slot_of[n]] > 1
                  and any(not stacks.current(slot_of[n], m, n) for m, stacks in views.items())]
         if not stale:

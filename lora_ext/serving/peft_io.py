@@ -637,6 +637,13 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         raise ValueError(f"{weights_file}: holds factors of module {rowed[0][0]!r}, which adapter(s) "
                          f"{rowed[0][1].adapter_names} give rows of tokens (trainable_token_indices); peft puts no "
                          f"LoRA on such a module")
+    inside = [(n, path, w) for n in sorted(extra) for path, w in _saved.wrappers(model) if n.startswith(path + ".")]
+    if inside:
+        n, path, w = inside[0]
+        raise ValueError(f"{weights_file}: holds factors of module {n!r}, which lies inside {path!r}, a module "
+                         f"adapter(s) {w.adapter_names} save whole (modules_to_save); lora_ext puts no LoRA inside a "
+                         f"module saved whole (peft puts one into each of its copies): serve the two adapters from "
+                         f"models of their own")
     if extra:
         raise ValueError(f"{weights_file}: holds factors of module(s) {_names(extra)} that the config's "
                          f"target_modules / exclude_modules / layers_to_transform do not select ({cfg_file}); peft "

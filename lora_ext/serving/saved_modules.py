@@ -359,6 +359,13 @@ def check_state(where: str, name: str, module: nn.Module, state: Optional[Dict[s
     if extra:
         raise ValueError(f"{where}: unexpected key {prefix + name + '.' + extra[0]!r}: module {name!r} (saved whole: "
                          f"modules_to_save) has no {extra[0]!r} (it has {sorted(want)})")
+    layers = [(n, m) for n, m in original(module).named_modules() if isinstance(m, LoRALayer) and m.has_lora]
+    if missing and layers:
+        n, m = layers[0]
+        raise ValueError(f"{where}: module {name!r} is saved whole (modules_to_save), but {name + '.' + n!r} inside "
+                         f"it is a lora_ext layer (holding {m.adapter_names}); lora_ext saves no module whole over "
+                         f"LoRA layers (peft puts them into each copy): serve the two adapters from models of their "
+                         f"own")
     if missing:
         raise ValueError(f"{where}: module {name!r} is saved whole (modules_to_save) but the file holds no "
                          f"{prefix + name + '.' + missing[0]!r}; peft would keep the base model's value there, "
@@ -377,8 +384,11 @@ def check_state(where: str, name: str, module: nn.Module, state: Optional[Dict[s
                              f"{tuple(current.shape)}")
         if t.is_floating_point() != current.is_floating_point() or t.is_complex() != current.is_complex():
             raise ValueError(f"{label} is {t.dtype}, but the model's {name}.{k} is {current.dtype}")
-        t = t.to(current.device, current.dtype)
+        given, t = t, t.to(current.device, current.dtype)
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if bool(torch.isfinite(given).all()):
+                raise ValueError(f"{label} holds values (largest |value| {given.abs().max().item():.4g}) that "
+                                 f"overflow the model's {name}.{k} dtype {current.dtype}")
             raise ValueError(f"{label} holds non-finite values (inf/NaN)")
         out[k] = t
     return out
