@@ -246,3 +246,56 @@ def test_a_module_saved_whole_with_values_past_float16_says_they_overflow(tmp_pa
     with pytest.raises(ValueError, match=r"largest \|value\| 1e\+05\) that overflow the model's lm_head.weight dtype "
                                          r"torch.float16"):
         lora.load_peft_adapter(_llama().half(), str(d), "a")
+
+
+def _merge_refused(capsys, base, adapter, out, *words):
+    from lora_ext.cli import main
+
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert not (out).exists(), "a refused merge wrote its output"
+    for w in words:
+        assert w in err, (w, err)
+
+
+def test_lora_ext_merge_refuses_conv_factors_of_another_kernel_with_the_same_size(tmp_path, capsys):
+    # a ViT patch projection (Conv2d 3 -> 64, 4x4) with lora_A reshaped to (4, 12, 2, 2) (the same numel as peft's
+    # (4, 3, 4, 4)): merged scrambled with exit code 0 (peft refuses the file); also lora_B as (64, 1, 1, 4)
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    safetensors = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    m = transformers.ViTForImageClassification(transformers.ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96, image_size=16, patch_size=4,
+        num_labels=3))
+    m.save_pretrained(str(tmp_path / "base"))
+    pm = peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["projection"]))
+    pm.save_pretrained(str(tmp_path / "ad"))
+    f = tmp_path / "ad" / "adapter_model.safetensors"
+    good = safetensors.load_file(str(f))
+    prefix = "base_model.model.vit.embeddings.patch_embeddings.projection."
+    for key, shape, word in ((prefix + "lora_A.weight", (4, 12, 2, 2), "(4, 12, 2, 2)"),
+                             (prefix + "lora_B.weight", (16, 4, 2, 2), "(16, 4, 2, 2)")):
+        bad = dict(good)
+        bad[key] = good[key].reshape(shape).contiguous()
+        safetensors.save_file(bad, str(f), metadata={"format": "pt"})
+        _merge_refused(capsys, tmp_path / "base", tmp_path / "ad", tmp_path / "out",
+                       "'vit.embeddings.patch_embeddings.projection'", word, "(64, 3, 4, 4)")
+
+
+def test_lora_ext_merge_names_the_module_of_a_lora_B_of_another_rank(tmp_path, capsys):
+    # lora_B of rank 8 beside a rank-4 lora_A: refused by ops.merge_ while the shards were written, naming no module
+    safetensors = pytest.importorskip("safetensors.torch")
+    d = _peft_adapter(tmp_path / "ad", "default", r=4, target_modules=["q_proj", "v_proj"])
+    _llama().save_pretrained(str(tmp_path / "base"))
+    f = d / "adapter_model.safetensors"
+    state = safetensors.load_file(str(f))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    state[key] = torch.randn(state[key].shape[0], 8)
+    safetensors.save_file(state, str(f), metadata={"format": "pt"})
+    _merge_refused(capsys, tmp_path / "base", d, tmp_path / "out", "'model.layers.1.self_attn.v_proj'",
+                   "rank 4 and 8", "r=4")
+    state[key] = torch.randn(state[key].shape[0], 4, 1)
+    safetensors.save_file(state, str(f), metadata={"format": "pt"})
+    _merge_refused(capsys, tmp_path / "base", d, tmp_path / "out", "'model.layers.1.self_attn.v_proj'",
+                   "a linear layer's are matrices")

@@ -413,8 +413,9 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         if A.element_size() == 1 or B.element_size() == 1:  # float8 factors (peft serves them): exact in float32
             A, B = A.float(), B.float()
         r, scaling = module_rank_scaling(cfg, trained.get(name, name))
-        if A.shape[0] != r:
-            raise MergeError(f"--adapter: module {name!r} has rank {A.shape[0]} but the config says r={r}")
+        if A.shape[0] != r or B.shape[1] != r:
+            raise MergeError(f"--adapter: module {name!r} has factors {tuple(A.shape)} and {tuple(B.shape)}, of "
+                             f"rank {A.shape[0]} and {B.shape[1]}, but the config says r={r}")
         if name in base_weights:
             check_base_weight("--adapter", name, base_weights[name],
                               _get_tensor(where[key], headers[where[key]], ck(key)))
@@ -880,9 +881,20 @@ def _layout(name, A, B, shape, embedding, fan_in_fan_out, kind=None):
     weight is stored transposed when the model's class says it is a Conv1D (`kind`), else when the adapter's
     fan_in_fan_out says so; factors that fit only the other way are refused (an adapter of another model size, or
     a fan_in_fan_out that peft saved from another layer), never merged transposed on a guess."""
+    if (embedding or len(shape) == 2) and (A.dim() != 2 or B.dim() != 2):
+        raise MergeError(f"--adapter: module {name!r} has factors {tuple(A.shape)} and {tuple(B.shape)} for its "
+                         f"weight of shape {tuple(shape)}: a {'embedding' if embedding else 'linear'} layer's are "
+                         f"matrices")
     if embedding:
         want, transposed = (A.shape[1], B.shape[0]), True
     elif len(shape) > 2:
+        # peft's conv factors: lora_A a conv of the layer's kernel into r channels, lora_B a 1x1 conv out of them;
+        # factors of the same size but another kernel or layout would merge scrambled
+        kernel_B = (shape[0], A.shape[0]) + (1,) * (len(shape) - 2)
+        if A.dim() != len(shape) or tuple(A.shape[1:]) != tuple(shape[1:]) or tuple(B.shape) != kernel_B:
+            raise MergeError(f"--adapter: module {name!r} has factors {tuple(A.shape)} and {tuple(B.shape)}, which "
+                             f"do not fit its conv weight of shape {tuple(shape)} (peft's are "
+                             f"{(A.shape[0],) + tuple(shape[1:])} and {kernel_B} at rank {A.shape[0]})")
         A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
         want, transposed = (B.shape[0], A.shape[1]), False
         shape = (shape[0], int(torch.Size(shape[1:]).numel()))
