@@ -131,7 +131,7 @@ class LayerSlots:
         live factors may have been written since), else the registry's."""
         if layer.merged and name == layer.active_adapter and layer._merged_A is not None:
             return layer._merged_A, layer._merged_B, layer._merged_scaling
-        return layer.get_adapter(name)
+        return layer._adapter(name)
 
     def current(self, slot: int, layer, name: str) -> bool:
         """Whether `slot` holds the layer's adapter `name` as it is now: the same tensors, unwritten since (their

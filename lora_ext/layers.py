@@ -1548,7 +1548,7 @@ class LoRALayer(NamedAdapters):
         module = self._apply_merged(fn, recurse)
         if self._value_dtypes() != before:
             self.__dict__.get("_finite_stamps", {}).clear()
-        self._note_factors()  # (new storage: ties)
+        self._note_factors(moved=True)  # (new storage: ties)
         return module
 
     def _value_dtypes(self) -> tuple:

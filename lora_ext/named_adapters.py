@@ -311,22 +311,39 @@ def check_adapter_name(name) -> None:
                          f"'.', '/', '\\' or control characters, got {shown}")
 
 
-def _refuse_lost_ranks(name: str, given, cast, where: str) -> None:
-    """Refuses factors whose cast to the live factors' dtype makes a nonzero row of lora_A or column of lora_B (a
-    rank's part) all zero: float32 factors far below float16's range (A of 1e-9 with a scaling of 1e9). A switch
-    would serve the adapter without that rank's update, while a mixed batch (which scales its slots) served it."""
-    for what, g, c, dim in (("lora_A", given[0], cast[0], 1), ("lora_B", given[1], cast[1], 0)):
-        if sharded.is_dtensor(g) or sharded.is_dtensor(c) or g.is_meta or not g.numel():
-            continue
-        lost = (g != 0).any(dim) & ~(c != 0).any(dim)
-        if bool(lost.any()):
-            i = int(lost.nonzero()[0, 0])
-            part = g[i] if dim == 1 else g[:, i]
-            raise ValueError(f"{name}: {what} {'row' if dim == 1 else 'column'} {i} of {where} (largest |value| "
-                             f"{part.abs().max().item():.3g}) is all zero in the layer's factor dtype {c.dtype}: "
-                             f"the adapter would be served without that part of its update; move part of its scale "
-                             f"into the factors (scaling * B A is what counts), or give the layer's factors a wider "
-                             f"dtype")
+def _refuse_lost_ranks(name: str, given, cast, layer, scaling) -> None:
+    """Refuses factors whose cast to the live factors' dtype loses a part of their update that matters: float32 factors
+    far below float16's range (A of 1e-9 with a scaling of 1e9), which a switch would serve as zeros or as subnormals
+    of a few bits, while a mixed batch (which scales its slots) served them. The loss of the values below the dtype's
+    normal range (ordinary rounding is not counted) is bounded per rank (row i of A with column i of B; each factor
+    whole for a MergedLinear's groups) and refused when it passes 1/32 of the largest rank's term and half a unit of
+    the weight's largest value (a loss no forward would show is kept)."""
+    gA, gB = given
+    if any(sharded.is_dtensor(t) or t.is_meta or not t.numel() for t in (*given, *cast)):
+        return
+    tiny = torch.finfo(cast[0].dtype).tiny, torch.finfo(cast[1].dtype).tiny
+    if all(bool((t.detach().abs() >= low).logical_or(t == 0).all()) for t, low in zip(given, tiny)):
+        return  # (nothing below the normal range: the common case, one pass over each factor)
+    a, b, ca, cb = (t.detach().double() for t in (gA, gB, *cast))
+    dA, dB = ((g - c).abs() * (g.abs() < low) for g, c, low in ((a, ca, tiny[0]), (b, cb, tiny[1])))
+    if a.shape[0] == b.shape[1]:  # B @ A: rank i is row i of A with column i of B
+        mB = b.abs().amax(0)
+        terms = a.abs().amax(1) * mB
+        lost = dA.amax(1) * mB + ca.abs().amax(1) * dB.amax(0)
+    else:
+        terms = a.abs().amax() * b.abs().amax()
+        lost = dA.amax() * b.abs().amax() + ca.abs().amax() * dB.amax()
+    loss, size = float(lost.sum()) * abs(scaling), float(terms.max()) * abs(scaling)
+    if loss <= size / 32:
+        return
+    weight = layer._weight_2d()
+    if not sharded.is_dtensor(weight) and not weight.is_meta and weight.numel():
+        if loss <= float(weight.detach().abs().max()) * torch.finfo(weight.dtype).eps / 2:
+            return
+    raise ValueError(f"{name}: cast to {layer._describe()}'s factor dtype {cast[0].dtype}, the factors would lose up to "
+                     f"{loss:.3g} of an update whose largest rank term is {size:.3g} (values below the dtype's "
+                     f"range become zeros or subnormals of a few bits); move part of the scale into the factors "
+                     f"(scaling * B A is what counts), or give the layer's factors a wider dtype")
 
 
 class NamedAdapters:
@@ -536,7 +553,7 @@ class NamedAdapters:
         which saves and combinations take as the layer serves it). Reads the factors (a device sync)."""
         if not self.is_placeholder(name):
             return False
-        A, B, _ = self.get_adapter(name)
+        A, B, _ = self._adapter(name)
         return not any(bool(sharded.local(t).detach().any()) for t in (A, B))  # (a shard: no collective)
 
     def add_placeholder(self, name: str) -> None:
@@ -553,6 +570,14 @@ class NamedAdapters:
         """(lora_A, lora_B, scaling) of a named adapter; the active one's are the live parameters. The tensors
         themselves, not copies: add_adapter of the same name writes its new values into the active adapter's live
         factors and into an inactive adapter's own Parameters (clone what you keep)."""
+        held = self._adapter(name)
+        if name != self.active_adapter:  # (handed out: a layer given them as factors must find this one holding them)
+            for t in held[:2]:
+                ties.note_factor(t, self)
+        return held
+
+    def _adapter(self, name: str) -> Adapter:
+        """get_adapter without noting the tensors handed out (lora_ext's own reads)."""
         if name == self.active_adapter:
             return self.lora_A, self.lora_B, self.scaling
         if name not in self._adapters:
@@ -616,7 +641,7 @@ class NamedAdapters:
         if sharded.is_dtensor(self.lora_A) or sharded.is_dtensor(self.lora_B):
             raise ValueError(f"{self._describe()}: the live factors are DTensors (FSDP2 or tensor parallelism), "
                              f"whose shapes a reserve would change; reserve the rank before sharding")
-        held = {n: self.rank_of(self.get_adapter(n)[0]) for n in self.adapter_names}
+        held = {n: self.rank_of(self._adapter(n)[0]) for n in self.adapter_names}
         over = {n: r for n, r in held.items() if r > rank}
         if over:
             n, r = max(over.items(), key=lambda kv: kv[1])
@@ -695,13 +720,14 @@ class NamedAdapters:
             # (an adapter's own pair kept aside while another's Parameters serve it takes the padded values when
             # it comes back: _take_values gives it new storage where the shapes differ)
             self.__dict__["_reserved_rank"] = rank
-            self._note_factors(*(t for n in stored for t in self._adapters[n][:2] if isinstance(t, nn.Parameter)))
+            self._note_factors(*(t for n in stored for t in self._adapters[n][:2] if isinstance(t, nn.Parameter)),
+                               moved=True)
 
     def own_factors(self, name: str, factors: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         """Adapter `name`'s factors at its own rank: in a reserved layer without the padding (the rank it had when
         it was padded, or more where values were written into the padding since); elsewhere as held. factors:
         the adapter's (lora_A, lora_B) to take them from (save_peft_adapter's: sharded ones gathered whole)."""
-        A, B = factors if factors is not None else self.get_adapter(name)[:2]
+        A, B = factors if factors is not None else self._adapter(name)[:2]
         A, B = A.detach(), B.detach()
         if self.reserved_rank is None:
             return A, B
@@ -737,7 +763,7 @@ class NamedAdapters:
             if self.has_lora and (lora_A.dtype != self.lora_A.dtype or lora_B.dtype != self.lora_B.dtype):
                 given = (lora_A, lora_B)
                 lora_A, lora_B = lora_A.detach().to(self.lora_A.dtype), lora_B.detach().to(self.lora_B.dtype)
-                _refuse_lost_ranks(name, given, (lora_A, lora_B), self._describe())
+                _refuse_lost_ranks(name, given, (lora_A, lora_B), self, scaling)
             ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype)
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
@@ -1113,7 +1139,8 @@ class NamedAdapters:
             self.__dict__.update(r=r, lora_alpha=scaling * r)
             self.scaling = scaling
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
-        self._note_factors()  # (new Parameters, or new storage under the live ones)
+        if not serving:  # (new Parameters, or new storage under the live ones; a serving switch wrote them in place)
+            self._note_factors(moved=True)
 
     def _activate_sharded(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """FSDP2 holds the live factors (sharded DTensor Parameters it all-gathers in every forward): a switch
@@ -1186,16 +1213,17 @@ class NamedAdapters:
                     p.data = t.detach().to(p.device, p.dtype, copy=True)
             self._fill_pair_scales(pair[0], scaling)
         self._inference_values_written(*pair)
-        self._note_factors(*pair)
+        self._note_factors(*pair, moved=True)
         return pair
 
-    def _note_factors(self, *pair) -> None:
+    def _note_factors(self, *pair, moved: bool = False) -> None:
         """Notes (ties.note_factor) the factors this layer holds now where they lie: the live pair, and `pair` (an
-        adapter's own pair kept aside). Every write that gives them new Parameters or new storage notes them, so
-        that a layer handed the same bytes later (an assign load of this layer's state dict) finds this one."""
+        adapter's own pair kept aside). Every write that gives them new Parameters or new storage (moved=True)
+        notes them, so that a layer handed the same bytes later (an assign load of this layer's state dict) finds
+        this one."""
         for t in (*(self._parameters.get(n) for n in ties.FACTORS), *pair):
             if t is not None:
-                ties.note_factor(t, self)
+                ties.note_factor(t, self, moved)
 
     def _inference_values_written(self, *tensors) -> None:
         """lora_ext wrote values in place into `tensors`: where one is an inference tensor, whose writes no version
@@ -1254,12 +1282,14 @@ class NamedAdapters:
         with self._lock:
             if self._known_finite(name):
                 return
-            A, B, scaling = self.get_adapter(name)
+            A, B, scaling = self._adapter(name)
             label = label or f"{self._describe()} adapter {name!r}"
             if A.dtype != self.lora_A.dtype or B.dtype != self.lora_B.dtype:  # as the live factors will hold them
                 ops.check_finite(label, A, B, scaling, weight_dtype=self._weight_2d().dtype)  # (as stored first)
+                given = (A, B)
                 A, B = A.detach().to(self.lora_A.dtype), B.detach().to(self.lora_B.dtype)
-                label += (f" (stored in {self.get_adapter(name)[0].dtype}; cast to the live factors' "
+                _refuse_lost_ranks(label, given, (A, B), self, scaling)
+                label += (f" (stored in {self._adapter(name)[0].dtype}; cast to the live factors' "
                           f"{self.lora_A.dtype}, past its range)")
             ops.check_finite(label, A, B, scaling, weight_dtype=self._weight_2d().dtype)
             self._stamp_finite(name)

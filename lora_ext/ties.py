@@ -136,6 +136,11 @@ def others(layer, weight) -> List:
 _factor_holders = {}  # id(factor Parameter) -> WeakSet of the modules that took a Parameter of that id as a factor
 _factor_storage = {}  # (device, storage address) -> WeakSet of the layers noted holding a factor there (candidates)
 _factor_prune_at = 1024
+_factor_generation = 0  # counts the notes that put a layer at a storage it was not noted at (see _CLEAR_ATTR)
+_CLEAR_ATTR = "_lora_ext_unshared"  # on a factor Parameter: (data_ptr, generation, layer id) of a look that found no
+# other layer on its bytes; the same look again finds the same while no note came since (a layer's factors in a flat
+# buffer with every other layer's, FSDP1's, would otherwise be compared with all of theirs at every switch; and a
+# serving switch asks at every switch)
 SHARED_ATTR = "_lora_ext_shared"  # on a factor Parameter seen held by two layers: never written in place again (on
 # the object, not by id: a dead tied Parameter's id given to a new one would take its in-place switches away)
 FACTORS = ("lora_A", "lora_B")
@@ -153,18 +158,24 @@ def _storage_key(t):
     return (t.device, address) if address else None
 
 
-def note_factor(param, layer) -> None:
-    """`layer` holds `param` as lora_A or lora_B (registered, put in place or written by a switch, kept by a copy)."""
-    global _factor_prune_at
+def note_factor(param, layer, moved: bool = False) -> None:
+    """`layer` holds `param` as lora_A or lora_B (registered, put in place by a switch, kept by a copy, handed out
+    by get_adapter). moved: `param` may lie in other memory than when it was noted (a `.data` swap, a .to()): noted
+    by storage again; otherwise a Parameter noted with `layer` before is not looked at again (a serving switch
+    writes the live pair in place)."""
+    global _factor_prune_at, _factor_generation
     held = _factor_holders.get(id(param))
+    if held is not None and layer in held and not moved:
+        return
     where = _storage_key(param)
     near = _factor_storage.get(where) if where is not None else None
     if held is not None and layer in held and (where is None or (near is not None and layer in near)):
-        return  # (a trainable switch puts an adapter's own pair back, a serving switch writes the live pair: noted)
+        return
     with _lock:
         _factor_holders.setdefault(id(param), weakref.WeakSet()).add(layer)
         if where is not None:
             _factor_storage.setdefault(where, weakref.WeakSet()).add(layer)
+        _factor_generation += 1
         if len(_factor_holders) + len(_factor_storage) > _factor_prune_at:
             for key in [k for k, held in _factor_holders.items() if not any(_holds_factor(x, k) for x in list(held))]:
                 del _factor_holders[key]
@@ -211,22 +222,32 @@ def factors_held_elsewhere(layer, params) -> bool:
                 setattr(p, SHARED_ATTR, True)  # (a deepcopy of it keeps the mark: never written in place either)
                 found = True
                 continue
+        if type(p).__name__ == "DTensor":  # (shared by object only: above)
+            continue
+        try:
+            look = (p.data_ptr(), _factor_generation, id(layer))
+        except RuntimeError:  # (no storage)
+            continue
+        if p.__dict__.get(_CLEAR_ATTR) == look:
+            continue
         where = _storage_key(p)
         near = _factor_storage.get(where) if where is not None else None
-        if near is None or (len(near) == 1 and layer in near):
-            continue
-        with _lock:
-            candidates = [x for x in near if x is not layer and "_adapters" in x.__dict__]
-        span = _span(p)
-        for x in candidates:
-            there = _factor_tensors_at(x, where)
-            if any(_overlap(span, _span(t)) for t in there):
-                setattr(p, SHARED_ATTR, True)
-                found = True
-                break
-            if not there:  # (it let go of that storage: a later look need not ask it again)
-                with _lock:
-                    near.discard(x)
+        if near is not None and not (len(near) == 1 and layer in near):
+            with _lock:
+                candidates = [x for x in near if x is not layer and "_adapters" in x.__dict__]
+            span = _span(p)
+            for x in candidates:
+                there = _factor_tensors_at(x, where)
+                if any(_overlap(span, _span(t)) for t in there):
+                    setattr(p, SHARED_ATTR, True)
+                    found = True
+                    break
+                if not there:  # (it let go of that storage: a later look need not ask it again)
+                    with _lock:
+                        near.discard(x)
+            if found and getattr(p, SHARED_ATTR, False):
+                continue
+        p.__dict__[_CLEAR_ATTR] = look
     return found
 
 

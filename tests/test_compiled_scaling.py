@@ -389,7 +389,9 @@ def test_a_layer_built_on_meta_and_loaded_with_assign_has_its_scale_tensor_besid
     src, x, g = _make("linear")
     with torch.device("meta"):
         layer = lora_ext.Linear(16, 8, r=4, lora_alpha=8)
-    layer.load_state_dict(src.state_dict(), assign=True)
+    # (copies, as a load from a file gives: over src's own tensors the layer would share src's factors, which its
+    # switches then leave alone, taking new Parameters that a program made before does not hold)
+    layer.load_state_dict({k: v.clone() for k, v in src.state_dict().items()}, assign=True)
     assert layer._scaling_t.device == layer.lora_A.device == torch.device("cpu")
     made = _add_adapters(layer, g, [0.5, 3.0])
     _check_programs(_programs(layer, x), layer, x, made, ("a1", "a0"))

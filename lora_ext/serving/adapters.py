@@ -269,21 +269,33 @@ def _layers_or_raise(model):
 
 def adapter_names(model: nn.Module) -> List[str]:
     """The adapters the model holds (each in the layers it targets, or in a module saved whole), the active one
-    first, as peft lists its adapters: set_adapter takes any of them. (Read between model-level changes on other
-    threads, which it waits for.)"""
-    with hold(model):
+    first, as peft lists its adapters: set_adapter takes any of them. (Layers that disagree, a model-level change
+    half done on another thread, are read again once it is done: _settled.)"""
+    def read():
         found = _layers_or_raise(model)
         names = [n for _, m in found for n in m.adapter_names if not m.is_placeholder(n)]
         names += [n for _, w in wrappers(model) for n in w.adapter_names]
-        active = [m.active_adapter for _, m in found]
+        return names, [m.active_adapter for _, m in found]
+
+    names, active = _settled(model, read, lambda got: got[1])
     return list(dict.fromkeys([*(n for n in active if n in names), *names]))
 
 
+def _settled(model, read, actives):
+    """read(), and read() again under the model's lock (hold: after a model-level change on another thread is done)
+    when the layers' active adapters (actives(what read() gave)) disagree. Not under the lock at first: a forward
+    may wait on a thread asking (a status thread, a worker), and a read queues behind a waiting change."""
+    got = read()
+    if len(set(actives(got))) > 1:
+        with hold(model):
+            got = read()
+    return got
+
+
 def active_adapter(model: nn.Module) -> str:
-    """The adapter every lora_ext layer of the model serves, read between model-level changes on other threads (a
-    set_adapter half done there is waited for, not reported as layers that disagree)."""
-    with hold(model):
-        actives = {m.active_adapter for _, m in _layers_or_raise(model)}
+    """The adapter every lora_ext layer of the model serves (a set_adapter half done on another thread is waited for,
+    not reported as layers that disagree: _settled)."""
+    actives = _settled(model, lambda: {m.active_adapter for _, m in _layers_or_raise(model)}, lambda got: got)
     if len(actives) != 1:
         raise RuntimeError(f"lora_ext layers disagree on the active adapter: {sorted(actives)}")
     return actives.pop()

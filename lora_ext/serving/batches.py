@@ -142,7 +142,7 @@ def _pool(model: nn.Module, found) -> SlotPool:
 
 
 def _max_rank(found) -> int:
-    return max((m.rank_of(m.get_adapter(n)[0]) for _, m in found for n in m.adapter_names), default=1)
+    return max((m.rank_of(m._adapter(n)[0]) for _, m in found for n in m.adapter_names), default=1)
 
 
 def configure_slots(model: nn.Module, slots: int, max_rank: Optional[int] = None) -> None:
@@ -579,7 +579,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         pool = _pool(model, found)
         for name in need:
             for path, m in found:
-                rank = m.rank_of(m.get_adapter(name)[0]) if m.has_adapter(name) else 0
+                rank = m.rank_of(m._adapter(name)[0]) if m.has_adapter(name) else 0
                 if rank > pool.max_rank:
                     row = _first_row(index, table, name)
                     who = label(row) if row is not None else f"the merged adapter {name!r}"

@@ -413,6 +413,12 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         if A.element_size() == 1 or B.element_size() == 1:  # float8 factors (peft serves them): exact in float32
             A, B = A.float(), B.float()
         r, scaling = module_rank_scaling(cfg, trained.get(name, name))
+        shape = shapes[key]
+        if len(shape) > 2 and A.dim() == len(shape) and tuple(A.shape[2:]) == tuple(shape[2:]) \
+                and A.shape[1] != shape[1] and shape[1] and A.shape[1] % shape[1] == 0:
+            raise MergeError(f"--adapter: module {name!r} is a grouped convolution (weight {tuple(shape)}, lora_A "
+                             f"{tuple(A.shape)}: groups={A.shape[1] // shape[1]}); peft cannot merge LoRA into one "
+                             f"either (merge_and_unload raises): serve it unmerged")
         if A.shape[0] != r or B.shape[1] != r:
             raise MergeError(f"--adapter: module {name!r} has factors {tuple(A.shape)} and {tuple(B.shape)}, of "
                              f"rank {A.shape[0]} and {B.shape[1]}, but the config says r={r}")
