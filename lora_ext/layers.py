@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.nn.modules import module as _nn_module
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import batched, ddp_guard, lossless, ops, sharded, ties
+from . import batched, ddp_guard, forks, lossless, ops, sharded, ties
 from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
 from .streams import StreamOrder
 
@@ -569,6 +569,7 @@ class LoRALayer(NamedAdapters):
         self._merged_scaling = None
         self._init_adapters()
         self._lock = threading.RLock()
+        forks.track_layer(self)
         self._streams = StreamOrder()
         self.register_load_state_dict_post_hook(_remerge_after_load)
         self.__dict__["_load_state_dict_pre_hooks"] = _PreHooks(self._load_state_dict_pre_hooks)
@@ -620,6 +621,7 @@ class LoRALayer(NamedAdapters):
     def __setstate__(self, state):
         state.setdefault("lossless", None)  # layers pickled before lossless merges
         state.setdefault("_merged_record", None)
+        state.pop("_lora_ext_token", None)  # (the original's: this copy gets its own, ties._token)
         for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
             # (copy.copy hands over the original's own dicts: a copy's merge, switch or new buffer was the original's)
             if isinstance(state.get(key), (dict, set)):
@@ -631,6 +633,7 @@ class LoRALayer(NamedAdapters):
         self._restore_adapters(state)
         self._adopt_scale_tensor()
         self._lock = threading.RLock()
+        forks.track_layer(self)
         self._streams = StreamOrder()
         if self.__dict__.get("_buffers", {}).get("_merged_A") is not None:
             _mark_key(self)  # (a copy's own, made now: made while traced, fullgraph refused the disabled helper)
@@ -1057,20 +1060,35 @@ class LoRALayer(NamedAdapters):
         self.merged = False
         err.add_note(f"lora_ext: {msg}")
 
-    def _switch_failed(self, name: str, err: BaseException) -> None:
-        """A switch to (or reload of) adapter `name` failed after its merged write or while it wrote the live factors
-        or put them in place (out of memory, say): what the layer serves is no longer what its bookkeeping says
-        (_mark_broken), and the live factors are unknown too: a load must bring them as well. A stored adapter
-        whose tensors are the live Parameters (its own pair, registered as they were put in place) keeps a copy of
-        its values, so that the load, which writes the live Parameters, does not write it too."""
+    def _forked_while_held(self) -> None:
+        """This process is a child forked while another thread of its parent held the layer's lock past the fork's
+        wait (forks.py): a merge, unmerge or switch it was making may be half done here. A new lock; broken as a
+        failed switch leaves the layer (the load must bring the weight and the factors)."""
+        self.__dict__["_lock"] = threading.RLock()
+        why = (f"{self._describe()}: this process was forked (os.fork) while another thread of its parent held the "
+               f"layer (a forward, merge or switch of it under way for over {forks.WAIT_SECONDS:g} s): what that "
+               f"thread was writing may be half done here; fork when no other thread uses the model, or start "
+               f"workers with the 'spawn' method")
+        self._broken_by(why, RuntimeError(why), "load_state_dict with the base weight and the factors to serve")
+
+    def _broken_by(self, why: str, err: BaseException, load: str) -> None:
+        """_mark_broken where the live factors are unknown too: a stored adapter whose tensors are the live
+        Parameters (its own pair, registered as they were put in place) keeps a copy of its values, so that the load,
+        which writes the live Parameters, does not write it too."""
         live = {id(self._parameters.get(k)) for k in ("lora_A", "lora_B")}
         for n, (A, B, s) in list(self._adapters.items()):
             if id(A) in live or id(B) in live:
                 self._adapters[n] = (A.detach().clone(), B.detach().clone(), s)
         self.__dict__.update(_owner=None, _active_own=None, _broken_factors=True)
-        self._mark_broken(f"{self._describe()}: switching to (or reloading) adapter {name!r} failed part way, after "
-                          f"it began writing the weight or the live factors ({err!r})", err,
-                          "load_state_dict with the base weight and the factors to serve")
+        self._mark_broken(why, err, load)
+
+    def _switch_failed(self, name: str, err: BaseException) -> None:
+        """A switch to (or reload of) adapter `name` failed after its merged write or while it wrote the live factors
+        or put them in place (out of memory, say): what the layer serves is no longer what its bookkeeping says
+        (_mark_broken), and the live factors are unknown too: a load must bring them as well (_broken_by)."""
+        self._broken_by(f"{self._describe()}: switching to (or reloading) adapter {name!r} failed part way, after "
+                        f"it began writing the weight or the live factors ({err!r})", err,
+                        "load_state_dict with the base weight and the factors to serve")
 
     def _pinned_weight(self) -> Tensor:
         """The weight a write goes to: for a plain weight, an alias of its memory now (`detach()`: the same storage

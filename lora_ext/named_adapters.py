@@ -322,7 +322,8 @@ def _refuse_lost_ranks(name: str, given, cast, layer, scaling) -> None:
     if any(sharded.is_dtensor(t) or t.is_meta or not t.numel() for t in (*given, *cast)):
         return
     tiny = torch.finfo(cast[0].dtype).tiny, torch.finfo(cast[1].dtype).tiny
-    if all(bool((t.detach().abs() >= low).logical_or(t == 0).all()) for t, low in zip(given, tiny)):
+    wide = [t.detach().float() if t.element_size() < 4 else t.detach() for t in given]  # (float8: no comparisons)
+    if all(bool((t.abs() >= low).logical_or(t == 0).all()) for t, low in zip(wide, tiny)):
         return  # (nothing below the normal range: the common case, one pass over each factor)
     a, b, ca, cb = (t.detach().double() for t in (gA, gB, *cast))
     dA, dB = ((g - c).abs() * (g.abs() < low) for g, c, low in ((a, ca, tiny[0]), (b, cb, tiny[1])))
@@ -760,11 +761,12 @@ class NamedAdapters:
             for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
                 if t.is_meta:
                     raise ValueError(f"{name}: {what} is on the meta device: it holds no values to add")
+            given = (lora_A, lora_B)
             if self.has_lora and (lora_A.dtype != self.lora_A.dtype or lora_B.dtype != self.lora_B.dtype):
-                given = (lora_A, lora_B)
                 lora_A, lora_B = lora_A.detach().to(self.lora_A.dtype), lora_B.detach().to(self.lora_B.dtype)
-                _refuse_lost_ranks(name, given, (lora_A, lora_B), self, scaling)
             ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype)
+            if given[0] is not lora_A or given[1] is not lora_B:  # (finite: the loss below the cast's range)
+                _refuse_lost_ranks(name, given, (lora_A, lora_B), self, scaling)
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Adds (or replaces) a named adapter, copying its factors. Replacing the active one changes the
@@ -1288,8 +1290,10 @@ class NamedAdapters:
                 ops.check_finite(label, A, B, scaling, weight_dtype=self._weight_2d().dtype)  # (as stored first)
                 given = (A, B)
                 A, B = A.detach().to(self.lora_A.dtype), B.detach().to(self.lora_B.dtype)
+                ops.check_finite(label + (f" (stored in {given[0].dtype}; cast to the live factors' "
+                                          f"{self.lora_A.dtype}, past its range)"),
+                                 A, B, scaling, weight_dtype=self._weight_2d().dtype)
                 _refuse_lost_ranks(label, given, (A, B), self, scaling)
-                label += (f" (stored in {self._adapter(name)[0].dtype}; cast to the live factors' "
-                          f"{self.lora_A.dtype}, past its range)")
-            ops.check_finite(label, A, B, scaling, weight_dtype=self._weight_2d().dtype)
+            else:
+                ops.check_finite(label, A, B, scaling, weight_dtype=self._weight_2d().dtype)
             self._stamp_finite(name)

@@ -22,6 +22,7 @@ weights tie when their bytes overlap (views of one flat buffer that do not overl
 
 import functools
 import gc
+import itertools
 import threading
 import weakref
 from typing import List
@@ -141,6 +142,9 @@ _CLEAR_ATTR = "_lora_ext_unshared"  # on a factor Parameter: (data_ptr, generati
 # other layer on its bytes; the same look again finds the same while no note came since (a layer's factors in a flat
 # buffer with every other layer's, FSDP1's, would otherwise be compared with all of theirs at every switch; and a
 # serving switch asks at every switch)
+_NOTED_ATTR = "_lora_ext_noted"  # on a factor Parameter: the tokens (_token) of the layers it was noted with where it
+# lies (by object, not by id: a new Parameter given a dead one's id is noted again; cleared by a move: note_factor)
+_tokens = itertools.count(1)
 SHARED_ATTR = "_lora_ext_shared"  # on a factor Parameter seen held by two layers: never written in place again (on
 # the object, not by id: a dead tied Parameter's id given to a new one would take its in-place switches away)
 FACTORS = ("lora_A", "lora_B")
@@ -158,17 +162,29 @@ def _storage_key(t):
     return (t.device, address) if address else None
 
 
+def _token(layer) -> int:
+    """A number of `layer`'s own, never another's (ids are reused once an object is gone); a copy or an unpickled
+    layer gets one of its own (layers.LoRALayer.__setstate__ drops the copied one)."""
+    token = layer.__dict__.get("_lora_ext_token")
+    if token is None:
+        token = layer.__dict__["_lora_ext_token"] = next(_tokens)
+    return token
+
+
 def note_factor(param, layer, moved: bool = False) -> None:
     """`layer` holds `param` as lora_A or lora_B (registered, put in place by a switch, kept by a copy, handed out
     by get_adapter). moved: `param` may lie in other memory than when it was noted (a `.data` swap, a .to()): noted
     by storage again; otherwise a Parameter noted with `layer` before is not looked at again (a serving switch
     writes the live pair in place)."""
     global _factor_prune_at, _factor_generation
-    held = _factor_holders.get(id(param))
-    if held is not None and layer in held and not moved:
+    token = _token(layer)
+    noted = param.__dict__.get(_NOTED_ATTR, ())
+    if token in noted and not moved:
         return
+    held = _factor_holders.get(id(param))
     where = _storage_key(param)
     near = _factor_storage.get(where) if where is not None else None
+    param.__dict__[_NOTED_ATTR] = (*noted, token) if token not in noted else noted
     if held is not None and layer in held and (where is None or (near is not None and layer in near)):
         return
     with _lock:
@@ -225,7 +241,7 @@ def factors_held_elsewhere(layer, params) -> bool:
         if type(p).__name__ == "DTensor":  # (shared by object only: above)
             continue
         try:
-            look = (p.data_ptr(), _factor_generation, id(layer))
+            look = (p.data_ptr(), _factor_generation, _token(layer))
         except RuntimeError:  # (no storage)
             continue
         if p.__dict__.get(_CLEAR_ATTR) == look:

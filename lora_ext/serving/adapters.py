@@ -19,7 +19,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .. import sharded
+from .. import forks, sharded
 from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_one_name, check_rank, deferred_interrupt, each_or_none
 from ..utils import _wrapped, under_ddp
@@ -59,6 +59,34 @@ class ModelLock:
         self._changer = None  # the thread making a model-level change (changing()), and how deep
         self._change_depth = 0
         self._changers = collections.deque()  # threads waiting to make one, first come first served
+        self._torn = None  # a forked child's: why forwards are refused until set_adapter (after_fork)
+        forks.track_model_lock(self)
+
+    def after_fork(self, taken: bool) -> None:
+        """In a child forked while other threads used the model (forks.py; taken: the fork took the mutex, else
+        another thread held it past the fork's wait): the state of this thread only is kept (its reads, holds, or the
+        change it makes); the other threads are not in this process. Where one of them was writing a model-level
+        change (set_adapter half way through the layers), forwards and holds are refused until set_adapter."""
+        me = threading.get_ident()
+        writer, changer = self._writer, self._changer
+        reads, holds = self._reads.get(me), self._holds.get(me)
+        write_depth, change_depth = self._write_depth, self._change_depth
+        torn = self._torn
+        if (writer is not None and writer != me) or not taken:
+            torn = ("this process was forked (os.fork) while another thread of its parent was changing the model "
+                    "(a model-level set_adapter, merge or load under way): its layers may serve different adapters "
+                    "here; call lora.set_adapter(model, name) in this process first, or fork when no other thread "
+                    "changes the model")
+        self.__init__()
+        self._torn = torn
+        if reads:
+            self._reads[me] = reads
+        if holds:
+            self._holds[me] = holds
+        if writer == me:
+            self._writer, self._write_depth = me, write_depth
+        if changer == me:
+            self._changer, self._change_depth = me, change_depth
 
     def __getstate__(self):
         return {}  # a deep-copied or unpickled model (its own layers) starts with a free lock
@@ -92,6 +120,8 @@ class ModelLock:
 
     def acquire_read(self, hold: bool = False) -> None:
         """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s."""
+        if self._torn is not None and self._writer != threading.get_ident():
+            raise RuntimeError(self._torn)
         me = threading.get_ident()
         with self._mutex:
             if (me in self._reads and self._waiting_writers and not self._holds.get(me) and self._writer != me
@@ -324,6 +354,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
                 for m in lacking:
                     m.add_placeholder(name)
             _set_adapter(found, name, settle=not under_ddp(model), saved=saved, trains=trains)
+            model_lock(model)._torn = None  # (a forked child's model torn by a change in its parent: whole again)
         except BaseException:  # the stand-ins go with the switch (a refusal, Ctrl-C)
             with deferred_interrupt():
                 for m in lacking:

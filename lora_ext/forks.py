@@ -1,0 +1,73 @@
+"""os.fork while other threads use lora_ext (a fork-based worker pool, DataLoader workers that call the model, a
+pre-fork server with a serving thread).
+
+A forked child has only the thread that forked. A lock another thread held at the fork stays held in the child for
+ever (every forward, merge or switch of that layer hung there), and what that thread was writing (a merge, a
+switch, a model-level set_adapter half way through its layers) stays half written. So, around every os.fork:
+
+- before it, the forking thread takes every LoRA layer's lock and every model lock's mutex (waiting up to
+  WAIT_SECONDS in all for forwards and switches on other threads to finish), and gives them back after it, in the
+  parent and in the child: nothing is half done in the child;
+- in the child, a layer whose lock another thread still held (past the wait) gets a new lock and is broken (its
+  forwards, merges, switches and state_dict refused, naming the fork, until load_state_dict brings its weight and
+  factors), and a model whose lock was in another thread's model-level change refuses forwards until set_adapter
+  (ModelLock.after_fork).
+
+A fork from a thread that holds some of these itself (inside a forward) keeps them: they are its own in the child.
+subprocess launches run no such hooks (the child execs at once)."""
+
+import os
+import time
+import weakref
+
+WAIT_SECONDS = 5.0  # how long a fork waits in all for other threads' forwards, merges and switches to finish
+
+_layers = weakref.WeakSet()  # LoRA layers (their `_lock`)
+_model_locks = weakref.WeakSet()  # serving.adapters.ModelLock objects
+_taken = []  # the locks the forking thread took before the fork, given back after it
+
+
+def track_layer(layer) -> None:
+    _layers.add(layer)
+
+
+def track_model_lock(lock) -> None:
+    _model_locks.add(lock)
+
+
+def _locks():
+    return ([layer.__dict__.get("_lock") for layer in list(_layers)]
+            + [lock.__dict__.get("_mutex") for lock in list(_model_locks)])
+
+
+def _before() -> None:
+    deadline = time.monotonic() + WAIT_SECONDS
+    for lock in _locks():
+        if lock is not None and lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            _taken.append(lock)
+
+
+def _give_back() -> set:
+    taken = {id(lock) for lock in _taken}
+    for lock in reversed(_taken):
+        lock.release()
+    _taken.clear()
+    return taken
+
+
+def _after_in_child() -> None:
+    taken = _give_back()
+    for layer in list(_layers):
+        lock = layer.__dict__.get("_lock")
+        if lock is None or id(lock) in taken:
+            continue
+        if lock.acquire(blocking=False):  # (free, or this thread's own)
+            lock.release()
+            continue
+        layer._forked_while_held()  # (held by a thread of the parent, which this process does not have)
+    for model_lock in list(_model_locks):
+        model_lock.after_fork(id(model_lock.__dict__.get("_mutex")) in taken)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before, after_in_parent=_give_back, after_in_child=_after_in_child)
