@@ -492,7 +492,6 @@ def test_a_child_forked_while_another_thread_forwards_serves():
 def test_a_child_forked_while_a_layer_is_held_past_the_wait_refuses_it_naming_the_fork(monkeypatch):
     # a merge or switch under way on another thread at the fork may be half written in the child: the layer is
     # broken there (a new lock: it neither hangs nor serves what it cannot describe), and a load mends it
-    import threading
 
     from lora_ext import forks
 
@@ -502,40 +501,49 @@ def test_a_child_forked_while_a_layer_is_held_past_the_wait_refuses_it_naming_th
     x = torch.randn(2, 16)
     with torch.no_grad():
         want = m(x)
-    held, release = threading.Event(), threading.Event()
 
-    def hold_layer():
+    def hold_layer(inside, release):
         with m[1]._lock:
-            held.set()
+            inside.set()
             release.wait(30)
 
-    t = threading.Thread(target=hold_layer)
+    assert _refused_in_child(m, x, want, hold_layer, "forked (os.fork) while another thread of its parent held the "
+                             "layer", lambda: m.load_state_dict(state)) == 0
+
+
+def _refused_in_child(m, x, want, holder, words, mend) -> int:
+    """Forks while holder(inside, release) runs on another thread (after it set `inside`); the child's exit code: 0
+    when its forward is refused with `words` and, after mend(), serves `want`."""
+    import threading
+
+    inside, release = threading.Event(), threading.Event()
+    t = threading.Thread(target=holder, args=(inside, release))
     t.start()
-    held.wait(10)
-    try:
-        def child():
-            try:
-                with torch.no_grad():
-                    m(x)
-                return 1
-            except RuntimeError as e:
-                if "forked (os.fork) while another thread of its parent held the layer" not in str(e):
-                    return 2
-            m.load_state_dict(state)
+    inside.wait(10)
+
+    def child():
+        try:
             with torch.no_grad():
-                return 0 if torch.equal(m(x), want) else 3
-        code = _in_fork(child)
+                m(x)
+            return 1
+        except RuntimeError as e:
+            if words not in str(e):
+                return 2
+        mend()
+        with torch.no_grad():
+            return 0 if torch.equal(m(x), want) else 3
+
+    try:
+        return _in_fork(child)
     finally:
         release.set()
         t.join()
-    assert code == 0
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="os.fork only")
 def test_a_child_forked_during_a_model_level_change_refuses_forwards_until_set_adapter():
     # a set_adapter half way through the layers on another thread: the child's layers serve different adapters
     # (silently, once the hang is gone); refused until set_adapter in the child
-    import threading
 
     from lora_ext.serving.adapters import model_lock
 
@@ -545,35 +553,16 @@ def test_a_child_forked_during_a_model_level_change_refuses_forwards_until_set_a
     with torch.no_grad():
         want = m(x)
     lora.set_adapter(m, "default")
-    inside, release = threading.Event(), threading.Event()
 
-    def change():
+    def change(inside, release):
         with model_lock(m).write():
             m[0].set_adapter("a")  # half way: layer 0 switched, layer 1 not yet
             inside.set()
             release.wait(30)
             m[1].set_adapter("a")
 
-    t = threading.Thread(target=change)
-    t.start()
-    inside.wait(10)
-    try:
-        def child():
-            try:
-                with torch.no_grad():
-                    m(x)
-                return 1
-            except RuntimeError as e:
-                if "another thread of its parent was changing the model" not in str(e):
-                    return 2
-            lora.set_adapter(m, "a")
-            with torch.no_grad():
-                return 0 if torch.equal(m(x), want) else 3
-        code = _in_fork(child)
-    finally:
-        release.set()
-        t.join()
-    assert code == 0
+    assert _refused_in_child(m, x, want, change, "another thread of its parent was changing the model",
+                             lambda: lora.set_adapter(m, "a")) == 0
     with torch.no_grad():
         assert torch.equal(m(x), want)
 
