@@ -17,6 +17,7 @@ A fork from a thread that holds some of these itself (inside a forward) keeps th
 subprocess launches run no such hooks (the child execs at once)."""
 
 import os
+import threading
 import time
 import weakref
 
@@ -36,8 +37,9 @@ def track_model_lock(lock) -> None:
 
 
 def _locks():
+    from . import ties  # (last: a thread holding it may wait for nothing else of these)
     return ([layer.__dict__.get("_lock") for layer in list(_layers)]
-            + [lock.__dict__.get("_mutex") for lock in list(_model_locks)])
+            + [lock.__dict__.get("_mutex") for lock in list(_model_locks)] + [ties._lock])
 
 
 def _before() -> None:
@@ -56,7 +58,13 @@ def _give_back() -> set:
 
 
 def _after_in_child() -> None:
+    from . import batched, ddp_guard, ties
     taken = _give_back()
+    # module-wide locks: this process has one thread; what they guard is a registry, whole between statements
+    ties._lock = threading.RLock()
+    ties._new_tokens()
+    batched._open_count_lock = threading.Lock()
+    ddp_guard._HOOK_LOCK = threading.Lock()
     for layer in list(_layers):
         lock = layer.__dict__.get("_lock")
         if lock is None or id(lock) in taken:

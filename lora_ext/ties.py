@@ -23,6 +23,7 @@ weights tie when their bytes overlap (views of one flat buffer that do not overl
 import functools
 import gc
 import itertools
+import os
 import threading
 import weakref
 from typing import List
@@ -144,7 +145,13 @@ _CLEAR_ATTR = "_lora_ext_unshared"  # on a factor Parameter: (data_ptr, generati
 # serving switch asks at every switch)
 _NOTED_ATTR = "_lora_ext_noted"  # on a factor Parameter: the tokens (_token) of the layers it was noted with where it
 # lies (by object, not by id: a new Parameter given a dead one's id is noted again; cleared by a move: note_factor)
-_tokens = itertools.count(1)
+_tokens = itertools.count(int.from_bytes(os.urandom(6), "little") << 16)  # (from a random start, drawn again in a
+# forked child: a Parameter pickled in one process carries its tokens into another, where numbers from 1 met them)
+
+
+def _new_tokens() -> None:
+    global _tokens
+    _tokens = itertools.count(int.from_bytes(os.urandom(6), "little") << 16)
 SHARED_ATTR = "_lora_ext_shared"  # on a factor Parameter seen held by two layers: never written in place again (on
 # the object, not by id: a dead tied Parameter's id given to a new one would take its in-place switches away)
 FACTORS = ("lora_A", "lora_B")

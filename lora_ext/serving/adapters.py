@@ -60,7 +60,19 @@ class ModelLock:
         self._change_depth = 0
         self._changers = collections.deque()  # threads waiting to make one, first come first served
         self._torn = None  # a forked child's: why forwards are refused until set_adapter (after_fork)
+        self._blocks = {}  # thread id -> disable_adapter / batch_adapters blocks of the model it has open (block())
+        self._stuck = None  # a forked child's: why forwards are refused for good (after_fork)
         forks.track_model_lock(self)
+
+    def block(self, delta: int, thread: Optional[int] = None) -> None:
+        """A disable_adapter or batch_adapters block of the model opened (+1) or closed (-1) on `thread` (this one)."""
+        thread = threading.get_ident() if thread is None else thread
+        with self._mutex:
+            n = self._blocks.get(thread, 0) + delta
+            if n > 0:
+                self._blocks[thread] = n
+            else:
+                self._blocks.pop(thread, None)
 
     def after_fork(self, taken: bool) -> None:
         """In a child forked while other threads used the model (forks.py; taken: the fork took the mutex, else
@@ -71,14 +83,21 @@ class ModelLock:
         writer, changer = self._writer, self._changer
         reads, holds = self._reads.get(me), self._holds.get(me)
         write_depth, change_depth = self._write_depth, self._change_depth
-        torn = self._torn
+        torn, stuck, blocks = self._torn, self._stuck, self._blocks.get(me)
+        if any(thread != me for thread in self._blocks):
+            stuck = ("this process was forked (os.fork) while another thread of its parent was inside a "
+                     "lora.disable_adapter or lora.batch_adapters block of the model, which never ends here (the "
+                     "layers would serve the base, or keep the batch's slots): this copy of the model cannot serve; "
+                     "load or build the model again in this process, or fork outside such blocks")
         if (writer is not None and writer != me) or not taken:
             torn = ("this process was forked (os.fork) while another thread of its parent was changing the model "
                     "(a model-level set_adapter, merge or load under way): its layers may serve different adapters "
                     "here; call lora.set_adapter(model, name) in this process first, or fork when no other thread "
                     "changes the model")
         self.__init__()
-        self._torn = torn
+        self._torn, self._stuck = torn, stuck
+        if blocks:
+            self._blocks[me] = blocks
         if reads:
             self._reads[me] = reads
         if holds:
@@ -120,6 +139,8 @@ class ModelLock:
 
     def acquire_read(self, hold: bool = False) -> None:
         """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s."""
+        if self._stuck is not None:
+            raise RuntimeError(self._stuck)
         if self._torn is not None and self._writer != threading.get_ident():
             raise RuntimeError(self._torn)
         me = threading.get_ident()
@@ -580,6 +601,8 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             for _, m in [*found, *saved]:
                 m._adapter_off += 1
             DISABLED[model] = DISABLED.get(model, 0) + 1
+            opener = threading.get_ident()
+            model_lock(model).block(+1, opener)
         except BaseException:
             held.deliver()
             raise
@@ -590,6 +613,7 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
         # Ctrl-C is held back from before the lock is waited for (a forward on another thread may hold it): an
         # exit that never ran would leave the model disabled
         with deferred_interrupt(), model_lock(model).write():
+            model_lock(model).block(-1, opener)
             DISABLED[model] -= 1
             if not DISABLED[model]:
                 del DISABLED[model]

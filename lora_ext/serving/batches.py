@@ -614,6 +614,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                     m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
                 batched.note_batch(opened=True)
                 counted = True
+                model_lock(model).block(+1, thread)
                 batch.fill_existing()
                 layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
                 layers.update({w: saved_modules.SavedBatch(batch, path) for path, w in saved_modules.wrappers(model)})
@@ -639,6 +640,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 finally:
                     if counted:
                         batched.note_batch(opened=False)
+                        model_lock(model).block(-1, thread)
                     if pinned:
                         pool.release(slot_of.values(), thread)
 
