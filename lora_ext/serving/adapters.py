@@ -598,11 +598,13 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                          paths={m: path for path, m in found})
             for m, state in pre.items():
                 m.__dict__["_pre_disable"] = state
+            # counted before the layers say so, and after they no longer do (below): a fork between the two finds
+            # the block (forks.py)
+            opener = threading.get_ident()
+            model_lock(model).block(+1, opener)
             for _, m in [*found, *saved]:
                 m._adapter_off += 1
             DISABLED[model] = DISABLED.get(model, 0) + 1
-            opener = threading.get_ident()
-            model_lock(model).block(+1, opener)
         except BaseException:
             held.deliver()
             raise
@@ -613,12 +615,12 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
         # Ctrl-C is held back from before the lock is waited for (a forward on another thread may hold it): an
         # exit that never ran would leave the model disabled
         with deferred_interrupt(), model_lock(model).write():
-            model_lock(model).block(-1, opener)
             DISABLED[model] -= 1
             if not DISABLED[model]:
                 del DISABLED[model]
             for _, m in [*found, *saved]:
                 m._adapter_off -= 1
+            model_lock(model).block(-1, opener)
             again = []
             for _, m in found:
                 if m._adapter_off:

@@ -597,9 +597,14 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                                  f"may not share layers or modules saved whole")
         batch, tokens, slot_of, views, thread, counted = None, [], {}, {}, threading.get_ident(), False
         pinned = False  # (a batch of the base alone pins no slot, but assign counts this thread among the holders)
+        blocked = False
         try:
             # Ctrl-C is held back while the slots are pinned and the block is set up: it lands before or after
             with deferred_interrupt():
+                # counted before the slots are pinned and the layers count it, and after they no longer do (below):
+                # a fork between the two finds the block (forks.py)
+                model_lock(model).block(+1, thread)
+                blocked = True
                 with pool.lock:
                     views = {m: pool.stacks(m) for _, m in found}  # made again after a move, before this pins
                     slot_of = _assign_current(pool, views, need, [n for n in merged if n not in table])
@@ -614,7 +619,6 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                     m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
                 batched.note_batch(opened=True)
                 counted = True
-                model_lock(model).block(+1, thread)
                 batch.fill_existing()
                 layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
                 layers.update({w: saved_modules.SavedBatch(batch, path) for path, w in saved_modules.wrappers(model)})
@@ -640,9 +644,10 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 finally:
                     if counted:
                         batched.note_batch(opened=False)
-                        model_lock(model).block(-1, thread)
                     if pinned:
                         pool.release(slot_of.values(), thread)
+                    if blocked:
+                        model_lock(model).block(-1, thread)
 
 
 def _open(entries: Optional[Dict], batch_of=lambda v: v) -> Dict:
