@@ -302,7 +302,7 @@ def _merge_impl(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed
         _kernels.module.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), scale, num_blocks,
                                block_ids, transposed)
     else:
-        reference.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed)
+        reference.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed, once=True)
 
 
 @torch.library.custom_op("lora_ext::merge_", mutates_args=("weight",))
