@@ -49,8 +49,12 @@ def _addmm_rounds_once(w, left, right) -> bool:
     which adds the rank terms into w one by one: a merge and its unmerge (a swap and the swap back) then no longer
     cancel within a rounding, and a float32 weight merged and unmerged or switched back and forth drifts an ulp per
     round trip.
-    Found out once per layout, on random values of the same layout."""
-    if min(w.shape) >= 16 and w.is_contiguous():
+    A weight with a dimension under 16 never asks (one random draw of a few elements can agree by chance): the
+    product is added once, which costs nothing at that size. A larger strided one is found out once per layout,
+    on random values of the same layout (not on meta or inside a torch.func transform: addmm_ there)."""
+    if min(w.shape) < 16:
+        return False
+    if w.is_contiguous() or w.is_meta or transformed():
         return True
     key = (tuple(w.shape), w.stride(), tuple(left.shape), left.stride(), tuple(right.shape), right.stride(), w.dtype,
            w.device.type)
