@@ -64,7 +64,8 @@ def test_merged_swap_is_one_pass_and_exact(monkeypatch, name, make, inputs):
     A1, B1, s1 = (t.detach().clone() if torch.is_tensor(t) else t for t in layer.get_adapter("default"))
     calls = []
     real = reference.merge_
-    monkeypatch.setattr(reference, "merge_", lambda w, a, b, s, *lay: calls.append((a.shape, b.shape, s)) or real(w, a, b, s, *lay))
+    monkeypatch.setattr(reference, "merge_", lambda w, a, b, s, *lay, **kw: calls.append((a.shape, b.shape, s))
+                        or real(w, a, b, s, *lay, **kw))
     layer.set_adapter("second")
     n = layer.factor_shapes(1)[0][0]  # lora_A's rows per unit of rank
     assert len(calls) == 1 and calls[0][0][0] == n * (r1 + r2) and calls[0][2] == 1.0
