@@ -50,11 +50,12 @@ def _addmm_rounds_once(w, left, right) -> bool:
     cancel within a rounding, and a float32 weight merged and unmerged or switched back and forth drifts an ulp per
     round trip.
     A weight with a dimension under 16 never asks (one random draw of a few elements can agree by chance): the
-    product is added once, which costs nothing at that size. A larger strided one is found out once per layout,
-    on random values of the same layout (not on meta or inside a torch.func transform: addmm_ there)."""
+    product is added once, which costs nothing at that size. A larger float32 weight stored contiguously takes the
+    BLAS path; any other (strided, float64: its addmm_ adds the rank terms one by one here too) is found out once
+    per layout, on random values of the same layout (not on meta or inside a torch.func transform: addmm_ there)."""
     if min(w.shape) < 16:
         return False
-    if w.is_contiguous() or w.is_meta or transformed():
+    if (w.is_contiguous() and w.dtype == torch.float32) or w.is_meta or transformed():
         return True
     key = (tuple(w.shape), w.stride(), tuple(left.shape), left.stride(), tuple(right.shape), right.stride(), w.dtype,
            w.device.type)
