@@ -139,19 +139,12 @@ _factor_holders = {}  # id(factor Parameter) -> WeakSet of the modules that took
 _factor_storage = {}  # (device, storage address) -> WeakSet of the layers noted holding a factor there (candidates)
 _factor_prune_at = 1024
 _factor_generation = 0  # counts the notes that put a layer at a storage it was not noted at (see _CLEAR_ATTR)
-_CLEAR_ATTR = "_lora_ext_unshared"  # on a factor Parameter: (data_ptr, generation, layer id) of a look that found no
+_CLEAR_ATTR = "_lora_ext_unshared"  # on a factor Parameter: (data_ptr, generation, layer token) of a look that found no
 # other layer on its bytes; the same look again finds the same while no note came since (a layer's factors in a flat
 # buffer with every other layer's, FSDP1's, would otherwise be compared with all of theirs at every switch; and a
 # serving switch asks at every switch)
 _NOTED_ATTR = "_lora_ext_noted"  # on a factor Parameter: the tokens (_token) of the layers it was noted with where it
 # lies (by object, not by id: a new Parameter given a dead one's id is noted again; cleared by a move: note_factor)
-_tokens = itertools.count(int.from_bytes(os.urandom(6), "little") << 16)  # (from a random start, drawn again in a
-# forked child: a Parameter pickled in one process carries its tokens into another, where numbers from 1 met them)
-
-
-def _new_tokens() -> None:
-    global _tokens
-    _tokens = itertools.count(int.from_bytes(os.urandom(6), "little") << 16)
 SHARED_ATTR = "_lora_ext_shared"  # on a factor Parameter seen held by two layers: never written in place again (on
 # the object, not by id: a dead tied Parameter's id given to a new one would take its in-place switches away)
 FACTORS = ("lora_A", "lora_B")
@@ -167,6 +160,16 @@ def _storage_key(t):
     except (RuntimeError, NotImplementedError, AttributeError, ValueError):
         return None
     return (t.device, address) if address else None
+
+
+def _new_tokens() -> None:
+    """Layer tokens from a random start, drawn at import and again in a forked child (forks.py): a Parameter pickled
+    in one process carries its tokens into another, where numbers counted from 1 met them."""
+    global _tokens
+    _tokens = itertools.count(int.from_bytes(os.urandom(6), "little") << 16)
+
+
+_new_tokens()
 
 
 def _token(layer) -> int:
@@ -253,25 +256,32 @@ def factors_held_elsewhere(layer, params) -> bool:
             continue
         if p.__dict__.get(_CLEAR_ATTR) == look:
             continue
-        where = _storage_key(p)
-        near = _factor_storage.get(where) if where is not None else None
-        if near is not None and not (len(near) == 1 and layer in near):
-            with _lock:
-                candidates = [x for x in near if x is not layer and "_adapters" in x.__dict__]
-            span = _span(p)
-            for x in candidates:
-                there = _factor_tensors_at(x, where)
-                if any(_overlap(span, _span(t)) for t in there):
-                    setattr(p, SHARED_ATTR, True)
-                    found = True
-                    break
-                if not there:  # (it let go of that storage: a later look need not ask it again)
-                    with _lock:
-                        near.discard(x)
-            if found and getattr(p, SHARED_ATTR, False):
-                continue
-        p.__dict__[_CLEAR_ATTR] = look
+        if _bytes_held_elsewhere(layer, p):
+            setattr(p, SHARED_ATTR, True)
+            found = True
+        else:
+            p.__dict__[_CLEAR_ATTR] = look
     return found
+
+
+def _bytes_held_elsewhere(layer, p) -> bool:
+    """Whether another lora_ext layer noted at p's storage holds a factor tensor overlapping p's bytes now (layers
+    that hold nothing there any more are dropped from the storage's entry)."""
+    where = _storage_key(p)
+    near = _factor_storage.get(where) if where is not None else None
+    if near is None or (len(near) == 1 and layer in near):
+        return False
+    with _lock:
+        candidates = [x for x in near if x is not layer and "_adapters" in x.__dict__]
+    span = _span(p)
+    for x in candidates:
+        there = _factor_tensors_at(x, where)
+        if any(_overlap(span, _span(t)) for t in there):
+            return True
+        if not there:  # (it let go of that storage: a later look need not ask it again)
+            with _lock:
+                near.discard(x)
+    return False
 
 
 def names(layer) -> List[str]:
