@@ -761,12 +761,7 @@ class NamedAdapters:
             for what, t in (("lora_A", lora_A), ("lora_B", lora_B)):
                 if t.is_meta:
                     raise ValueError(f"{name}: {what} is on the meta device: it holds no values to add")
-            given = (lora_A, lora_B)
-            if self.has_lora and (lora_A.dtype != self.lora_A.dtype or lora_B.dtype != self.lora_B.dtype):
-                lora_A, lora_B = lora_A.detach().to(self.lora_A.dtype), lora_B.detach().to(self.lora_B.dtype)
-            ops.check_finite(name, lora_A, lora_B, scaling, weight_dtype=self._weight_2d().dtype)
-            if given[0] is not lora_A or given[1] is not lora_B:  # (finite: the loss below the cast's range)
-                _refuse_lost_ranks(name, given, (lora_A, lora_B), self, scaling)
+            self._check_as_live(name, lora_A, lora_B, scaling)
 
     def add_adapter(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         """Adds (or replaces) a named adapter, copying its factors. Replacing the active one changes the
@@ -1285,15 +1280,19 @@ class NamedAdapters:
             if self._known_finite(name):
                 return
             A, B, scaling = self._adapter(name)
-            label = label or f"{self._describe()} adapter {name!r}"
-            if A.dtype != self.lora_A.dtype or B.dtype != self.lora_B.dtype:  # as the live factors will hold them
-                ops.check_finite(label, A, B, scaling, weight_dtype=self._weight_2d().dtype)  # (as stored first)
-                given = (A, B)
-                A, B = A.detach().to(self.lora_A.dtype), B.detach().to(self.lora_B.dtype)
-                ops.check_finite(label + (f" (stored in {given[0].dtype}; cast to the live factors' "
-                                          f"{self.lora_A.dtype}, past its range)"),
-                                 A, B, scaling, weight_dtype=self._weight_2d().dtype)
-                _refuse_lost_ranks(label, given, (A, B), self, scaling)
-            else:
-                ops.check_finite(label, A, B, scaling, weight_dtype=self._weight_2d().dtype)
+            self._check_as_live(label or f"{self._describe()} adapter {name!r}", A, B, scaling)
             self._stamp_finite(name)
+
+    def _check_as_live(self, label: str, A: Tensor, B: Tensor, scaling) -> None:
+        """Raises ValueError unless factors A, B (and scaling) are finite as given and as the live factors will hold
+        them (cast to their dtype, which can overflow or lose the ranks below its range: _refuse_lost_ranks); the
+        value check of check_adapter and check_values."""
+        weight_dtype = self._weight_2d().dtype
+        ops.check_finite(label, A, B, scaling, weight_dtype=weight_dtype)
+        if A.dtype == self.lora_A.dtype and B.dtype == self.lora_B.dtype:
+            return
+        given = (A, B)
+        A, B = A.detach().to(self.lora_A.dtype), B.detach().to(self.lora_B.dtype)
+        ops.check_finite(label + (f" (stored in {given[0].dtype}; cast to the live factors' {self.lora_A.dtype}, "
+                                  f"past its range)"), A, B, scaling, weight_dtype=weight_dtype)
+        _refuse_lost_ranks(label, given, (A, B), self, scaling)
