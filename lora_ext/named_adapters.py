@@ -1194,6 +1194,24 @@ class NamedAdapters:
             self.__dict__.update(_owner=None, _active_own=None)
             self._stamp_finite(self.active_adapter, known)
 
+    def _lent(self) -> bool:
+        """Whether the live Parameters are not the active adapter's own (a serving switch lent them; settle_parameters
+        gives them back)."""
+        return self.__dict__.get("_owner") is not None or self.__dict__.get("_active_own") is not None
+
+    def _refuse_lent_training(self) -> None:
+        """A forward that would train lent Parameters (factors made trainable by hand, `requires_grad_(True)`, after a
+        serving switch): the gradients would go to Parameters that an optimizer built for the active adapter does not
+        hold (or that another adapter's optimizer holds), and its steps would be lost without a word."""
+        owner, active = self.__dict__.get("_owner"), self.active_adapter
+        whose = (f"adapter {owner!r}'s own Parameters, lent to it by a serving switch" if owner is not None
+                 else "Parameters a serving switch lent to it (its own are kept aside)")
+        raise RuntimeError(
+            f"{self._describe()}: its factors were made trainable while adapter {active!r} is served through {whose}: "
+            f"an optimizer built for {active!r} does not hold them, and its steps would be lost. Call "
+            f"lora.mark_only_lora_as_trainable(model) (or set_adapter({active!r})) after making factors trainable and "
+            f"before building optimizers: each adapter gets its own Parameters back, with their values")
+
     def _take_values(self, pair, lora_A, lora_B, scaling: float):
         """`pair` (a Parameter pair) given the values of (lora_A, lora_B), in place where the shapes allow, and the
         pair's scale tensors (if any) their adapter's `scaling` (see `_pair_scales`). A pair another layer holds too
