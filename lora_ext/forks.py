@@ -32,6 +32,11 @@ def track_layer(layer) -> None:
     _layers.add(layer)
 
 
+def tracked_layers() -> list:
+    """Every LoRA layer alive in this process."""
+    return list(_layers)
+
+
 def track_model_lock(lock) -> None:
     _model_locks.add(lock)
 

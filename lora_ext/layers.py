@@ -622,6 +622,7 @@ class LoRALayer(NamedAdapters):
         state.setdefault("lossless", None)  # layers pickled before lossless merges
         state.setdefault("_merged_record", None)
         state.pop("_lora_ext_token", None)  # (the original's: this copy gets its own, ties._token)
+        state.pop("_sharded_clear", None)  # (a look at the original's factors: named_adapters._activate_sharded)
         for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
             # (copy.copy hands over the original's own dicts: a copy's merge, switch or new buffer was the original's)
             if isinstance(state.get(key), (dict, set)):

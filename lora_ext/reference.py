@@ -9,6 +9,8 @@ all backends share. Arguments arrive validated (see ops.py). Conventions:
 - Low-precision weights are updated in fp32 with one rounding per element, in row chunks, so no
   weight-sized temporary is ever allocated.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -40,36 +42,60 @@ def _block(t, e, nb, transposed):
     return t[:, e * nb:(e + 1) * nb] if transposed else t[e * nb:(e + 1) * nb]
 
 
-_ONCE = {}  # (shapes, strides, dtype, device type) -> whether addmm_ gives W + (left @ right) rounded once there
+_ONCE = {}  # (shapes, strides, dtype, device type, threads) -> whether addmm_ adds W + (left @ right) rounded once there
 
 
 def _addmm_rounds_once(w, left, right) -> bool:
-    """Whether w.addmm_(left, right) is w + (left @ right) with one rounding for these shapes and strides. It is on
-    torch's BLAS path; shapes with a dimension under 16 (a Linear(8, 8), a weight of 10 rows) may take another,
-    which adds the rank terms into w one by one: a merge and its unmerge (a swap and the swap back) then no longer
-    cancel within a rounding, and a float32 weight merged and unmerged or switched back and forth drifts an ulp per
-    round trip.
-    A weight with a dimension under 16 never asks (one random draw of a few elements can agree by chance): the
-    product is added once, which costs nothing at that size. A larger float32 weight stored contiguously takes the
-    BLAS path; any other (strided, float64: its addmm_ adds the rank terms one by one here too) is found out once
-    per layout, on random values of the same layout (not on meta or inside a torch.func transform: addmm_ there)."""
+    """Whether w.addmm_(left, right) is w + (left @ right) with one rounding for these shapes, strides and thread
+    count. It is on torch's BLAS path, which can add the product into w in steps: shapes with a dimension under 16
+    (a Linear(8, 8)) add the rank terms one by one; MKL's float32 GEMM adds blocks of 192 terms of the inner
+    dimension (a merge of rank over 192, a swap of two adapters of rank 128) and, with 3 threads or more, splits it
+    between threads for some shapes (16 x 17); float64's adds the terms one by one at every size here. A merge and
+    its unmerge (a swap and the swap back) then no longer cancel within a rounding, and a weight merged and unmerged
+    or switched back and forth drifts an ulp per round trip in some elements.
+    A weight with a dimension under 16 never asks (the product is added once, which costs nothing at that size).
+    Others are found out once per layout and thread count (not on meta or inside a torch.func transform): by
+    _steps_into_w, and for strided or float64 weights also on random values (their own reductions)."""
     if min(w.shape) < 16:
         return False
-    if (w.is_contiguous() and w.dtype == torch.float32) or w.is_meta or transformed():
+    if w.is_meta or transformed():
         return True
     key = (tuple(w.shape), w.stride(), tuple(left.shape), left.stride(), tuple(right.shape), right.stride(), w.dtype,
-           w.device.type)
+           w.device.type, torch.get_num_threads())
     once = _ONCE.get(key)
     if once is None:
-        g = torch.Generator(device=w.device).manual_seed(0)
+        once = not _steps_into_w(w, left, right)
+        if once and not (w.is_contiguous() and w.dtype == torch.float32):
+            g = torch.Generator(device=w.device).manual_seed(0)
 
-        def like(t):
-            out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
-            return out.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype, device=t.device))
+            def like(t):
+                out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+                return out.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype, device=t.device))
 
-        pw, pl, pr = like(w), like(left), like(right)
-        once = _ONCE[key] = bool(torch.equal(like(w).copy_(pw).addmm_(pl, pr), pw + pl @ pr))
+            pw, pl, pr = like(w), like(left), like(right)
+            once = bool(torch.equal(like(w).copy_(pw).addmm_(pl, pr), pw + pl @ pr))
+        _ONCE[key] = once
     return once
+
+
+def _steps_into_w(w, left, right) -> bool:
+    """Whether w.addmm_(left, right) adds the product into w in more than one step (layouts as given), shown on
+    values where any step rounds away what one rounding keeps: w = 1 everywhere and K equal terms summing to just
+    over half a unit of 1, every proper part of them (K - 1 terms at most) to at most half a unit. The terms are
+    multiples of one power of two, so every partial sum of them is exact: added once, each element is 1 + one unit;
+    added in steps (each under half a unit), it stays 1. (Exact for inner dimensions K up to 2^((mantissa - 2) / 2):
+    2,048 in float32; a larger K is still caught where its steps take fewer than all but a few terms.)"""
+    k = left.shape[1]
+    bits = 1 - round(math.log2(torch.finfo(w.dtype).eps))  # significand bits: 24 for float32, 53 for float64
+    half = 2 ** min(2 * max(k, 2).bit_length(), bits - 2)  # half a unit of 1, in terms' units (a power of two >= K^2)
+    c = -(-(half + 1) // k)  # each term, in those units: K terms pass half a unit
+    unit = 2.0 ** -(bits - 1)  # a unit of 1
+    term = c * (unit / 2) / half
+
+    def strided(t, value):
+        return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).fill_(value)
+    got = strided(w, 1.0).addmm_(strided(left, 1.0), strided(right, term))
+    return not bool((got == 1.0 + unit).all())
 
 
 def merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed, once=False):
@@ -106,8 +132,9 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, 
     nb = old_B.shape[0] // n
     a_cat = torch.cat((new_A.to(cd).reshape(n, r2, k), old_A.to(cd).reshape(n, r1, k)), dim=1).reshape(-1, k)
     b_cat = torch.empty(n, nb, r1 + r2, dtype=cd, device=old_B.device)
-    torch.mul(new_B.reshape(n, nb, r2), new_scale, out=b_cat[:, :, :r2])
-    torch.mul(old_B.reshape(n, nb, r1), -old_scale, out=b_cat[:, :, r2:])
+    # (in cd: torch.mul of a 16-bit factor computes in its dtype, out= only casts the rounded product)
+    torch.mul(_as(new_B, cd).reshape(n, nb, r2), new_scale, out=b_cat[:, :, :r2])
+    torch.mul(_as(old_B, cd).reshape(n, nb, r1), -old_scale, out=b_cat[:, :, r2:])
     merge_(weight, a_cat, b_cat.reshape(n * nb, r1 + r2), 1.0, num_blocks, block_ids, transposed, once=True)
 
 

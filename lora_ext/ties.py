@@ -264,6 +264,43 @@ def factors_held_elsewhere(layer, params) -> bool:
     return found
 
 
+def factor_generation() -> int:
+    """A number that changes whenever a factor is noted at a place it was not noted at before (note_factor)."""
+    return _factor_generation
+
+
+def sharded_sharers(layer, params, layers) -> List:
+    """The lora_ext layers among `layers` (other than `layer`) whose live factors (or the active adapter's own pair)
+    are one of `params` (DTensor factor Parameters `layer` holds live) or lie over their local shards' bytes (tensor
+    parallelism's Replicate keeps the tensor it was given as the local shard: two layers tied before
+    parallelize_module hold two DTensors over one memory; load_state_dict(assign=True) of a sharded model's state
+    dict, DTensors over that model's shards). A scan: fully_shard and the parallel styles put DTensors in place
+    without register_parameter, so the registry above never noted them."""
+    local = [getattr(p, "_local_tensor", p) for p in params]
+    spans = [_span(t) for t in local]
+    addresses = {s[1] for s in spans if s is not None}
+    found = []
+    for x in layers:
+        if x is layer:
+            continue
+        d = x.__dict__
+        for t in [d.get("_parameters", {}).get(f) for f in FACTORS] + list(d.get("_active_own") or ()):
+            if t is None:
+                continue
+            if any(t is p for p in params):
+                found.append(x)
+                break
+            t = getattr(t, "_local_tensor", t)
+            try:
+                address = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError, AttributeError, ValueError):
+                continue
+            if address in addresses and any(_overlap(_span(t), s) for s in spans):
+                found.append(x)
+                break
+    return found
+
+
 def _bytes_held_elsewhere(layer, p) -> bool:
     """Whether another lora_ext layer noted at p's storage holds a factor tensor overlapping p's bytes now (layers
     that hold nothing there any more are dropped from the storage's entry)."""
