@@ -266,3 +266,41 @@ def test_a_merged_switch_of_16_bit_factors_is_computed_in_float32(fdtype):
     assert (m.weight.double() - want).abs().max() < 8 * want.abs().max() * 2 ** -24
     m.train()
     assert (m.weight.double() - W0).abs().max() < 8 * want.abs().max() * 2 ** -24
+
+
+# -- c33: a compiled forward in mixed batches of ever new row tables -------------------------------------------------
+
+def test_a_compiled_layer_serves_new_row_tables_without_compiling_again():
+    # c33: each new table (same size, same adapters) compiled a new graph; past dynamo's limit of 8 the forward ran
+    # eagerly, and under fullgraph=True the ninth table raised
+    from torch._dynamo.testing import CompileCounterWithBackend
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 8, r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    A, B, _ = layer.get_adapter("default")
+    layer.add_adapter("b", torch.randn_like(A), torch.randn_like(B), 3.0)
+    layer.requires_grad_(False)
+    layer.eval()  # ('default' merged: the batch subtracts it from the other rows)
+    W = layer.weight.detach().double().clone() - 2.0 * B.double() @ A.double()  # the base, from the merged weight
+    factors = {"default": (A.double(), B.double(), 2.0), "b": (*(t.double() for t in layer.get_adapter("b")[:2]), 3.0)}
+    x = torch.randn(4, 16)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(layer, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    names = ["default", "b", None]
+    for _ in range(12):
+        rows = [names[int(i)] for i in torch.randint(0, 3, (4,), generator=g)]
+        rows[:3] = ["default", "b", None]  # (every table names all three: the same slots)
+        rows = [rows[int(i)] for i in torch.randperm(4, generator=g)]
+        with torch.no_grad(), lora.batch_adapters(layer, rows):
+            out = compiled(x)
+        for i, name in enumerate(rows):
+            want = x[i].double() @ W.T + layer.bias.double()
+            if name is not None:
+                a, b, s = factors[name]
+                want = want + s * (x[i].double() @ a.T @ b.T)
+            assert torch.allclose(out[i].double(), want, atol=1e-4), (rows, i)
+    assert counter.frame_count <= 2, counter.frame_count
+    torch._dynamo.reset()

@@ -180,6 +180,9 @@ class Batch:
                  paths: Dict[nn.Module, str], expand: int = 1):
         self.pool, self.table, self.slot_of, self.paths = pool, table, slot_of, paths
         self.rows = torch.where(rows < 0, len(table), rows)  # -1 (the base) -> the maps' last entry, -1
+        # each table entry's slot (-1: the base), for _map: a compiled forward reads tensors, not the table's names,
+        # so one graph serves every table of the batch's size (it guarded on the names: a new graph per table)
+        self.table_slots = torch.tensor([-1 if name is None else slot_of[name] for name in table], dtype=torch.int32)
         self.n = rows.numel()
         # generate()'s beams: an input of n * expand rows holds each row `expand` times in a run (the encoder of an
         # encoder-decoder model still sees the n rows)
@@ -282,12 +285,12 @@ class Batch:
     def _map(self, merged: Optional[str], subtract: bool) -> Tensor:
         """The slot of each table entry for the adding pass (-1: the base, or the merged adapter itself) or
         the subtracting one (the merged adapter's slot, -1 for its own rows)."""
-        if subtract:
-            values = [-1 if name == merged else self.slot_of[merged] for name in self.table]
-        else:
-            values = [-1 if name is None or name == merged else self.slot_of[name] for name in self.table]
-        return torch.tensor(values + [-1 if subtract and merged is None else
-                                      (self.slot_of[merged] if subtract else -1)], dtype=torch.int32)
+        slots = self.table_slots
+        if merged is None:  # (no subtracting pass without a merged adapter)
+            return torch.cat((slots, slots.new_full((1,), -1)))
+        own = self.slot_of[merged]
+        values = torch.where(slots == own, -1, slots.new_full((), own) if subtract else slots).to(torch.int32)
+        return torch.cat((values, values.new_full((1,), own if subtract else -1)))
 
     def _fill(self, key, buffers) -> None:
         merged = key[2]
