@@ -930,8 +930,11 @@ class LoRALayer(NamedAdapters):
         with self._guard():
             if self._broken is not None:  # (under the lock; an attribute, not __dict__.get: dynamo guards on it)
                 self._check_sound()
-            if torch.is_grad_enabled() and self.has_lora and self._trainable() and self._lent():  # (in this order: a
-                self._refuse_lent_training()  # serving forward reads neither of _lent's attributes, nor does dynamo guard on them)
+            if torch.is_grad_enabled() and not self._adapter_off and self.has_lora and self._trainable() \
+                    and self._lent():  # (in this order: a serving forward reads neither of _lent's attributes, nor
+                # does dynamo guard on them). Under DDP the Parameters DDP was built with train, lent or not (README)
+                if torch.compiler.is_compiling() or ddp_guard.running() is None:
+                    self._refuse_lent_training()
             if not torch.compiler.is_compiling():
                 ddp = ddp_guard.running()  # the DDP whose forward runs this one on this thread, if any
                 if ddp is not None:

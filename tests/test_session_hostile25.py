@@ -304,3 +304,63 @@ def test_a_compiled_layer_serves_new_row_tables_without_compiling_again():
             assert torch.allclose(out[i].double(), want, atol=1e-4), (rows, i)
     assert counter.frame_count <= 2, counter.frame_count
     torch._dynamo.reset()
+
+
+# -- r33: the lent-training refusal where nothing is lent to a lost optimizer ----------------------------------------
+
+def test_a_base_forward_inside_disable_adapter_is_not_refused_while_lent():
+    layer, _ = _served_then_unfrozen_by_hand()
+    x = torch.randn(4, 8, requires_grad=True)
+    with lora.disable_adapter(layer):
+        out = layer(x)  # the base only: no factor gets a gradient
+    out.sum().backward()
+    assert torch.allclose(out, x @ layer.weight.T + layer.bias)
+    assert layer.lora_A.grad is None and layer.lora_B.grad is None
+
+
+def test_load_peft_adapter_is_trainable_gives_a_lent_layer_its_own_parameters(tmp_path):
+    # r33: the load made the live factors trainable itself, and the next training forward was refused
+    from peft import LoraConfig, get_peft_model
+
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    for i, name in enumerate("abc"):
+        torch.manual_seed(10 + i)
+        pm = get_peft_model(base(), LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False))
+        pm.save_pretrained(str(tmp_path / name))
+    m = base()
+    lora.load_peft_adapter(m, str(tmp_path / "a"), "a")
+    lora.load_peft_adapter(m, str(tmp_path / "b"), "b", activate=False)
+    lora.set_adapter(m, "b")  # frozen (peft's default): a serving switch, 'a''s Parameters lent to 'b'
+    a_values = [t.detach().clone() for t in m[0].get_adapter("a")[:2]]
+    lora.load_peft_adapter(m, str(tmp_path / "c"), "c", activate=False, is_trainable=True)
+    opt = torch.optim.SGD([m[0].lora_A, m[0].lora_B, m[2].lora_A, m[2].lora_B], lr=0.5)
+    before = m[0].lora_B.detach().clone()
+    m(torch.randn(4, 8)).pow(2).sum().backward()
+    opt.step()
+    assert not torch.equal(m[0].lora_B.detach(), before)  # 'b' trained
+    for got, want in zip(m[0].get_adapter("a")[:2], a_values):  # and 'a' did not
+        assert torch.equal(got.detach(), want)
+
+
+def _ddp_lent_case(rank, world):
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    m = nn.Sequential(lora.Linear(8, 8, r=2))
+    m[0].add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    lora.mark_only_lora_as_trainable(m)
+    ddp = DistributedDataParallel(m)
+    for p in ddp.parameters():
+        p.requires_grad_(False)
+    lora.set_adapter(ddp, "b")  # a serving switch: the Parameters DDP holds serve 'b'
+    lora.mark_only_lora_as_trainable(ddp)  # (DDP's Parameters stay: nothing to settle)
+    ddp(torch.randn(4, 8)).sum().backward()
+    return [p.grad is not None for p in (m[0].lora_A, m[0].lora_B)]
+
+
+def test_under_ddp_the_parameters_ddp_holds_train_after_serving():
+    # r33: refused, and neither remedy the message named could clear it under DDP
+    from dist import run_ranks
+    for r in run_ranks(_ddp_lent_case):
+        assert r == [True, True]

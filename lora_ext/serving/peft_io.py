@@ -22,7 +22,7 @@ import torch.nn as nn
 from .. import layers, ops, sharded
 from ..layers import LoRALayer
 from ..named_adapters import check_adapter_name, deferred_interrupt, held_warnings
-from ..utils import unwrap
+from ..utils import under_ddp, unwrap
 from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
 from . import saved_modules as _saved
@@ -560,6 +560,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     FileNotFoundError, naming the file and option) leaves the model as it was.
     """
     _check_arguments(model, path, adapter_name, merge_weights, activate, is_trainable)
+    ddp = under_ddp(model)  # (DDP holds the Parameters it was built with: those stay)
     reserved = reserved_rank(model)
     _inject.check_lossless(lossless)
     refusal = (("hotswap_adapter", "the swap would land unseen until the block ends") if _hotswap
@@ -812,6 +813,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                     if is_trainable:  # (the layer's live factors: they train whichever adapter is active)
                         layer.lora_A.requires_grad_(True)
                         layer.lora_B.requires_grad_(True)
+                        if not ddp:  # the active adapter its own Parameters back (a serving switch lent them)
+                            layer.settle_parameters()
             for name, module, new in saved_plan:
                 if not isinstance(module, _saved.ModulesToSave):
                     wrapper = _saved.ModulesToSave(module).train(module.training)
