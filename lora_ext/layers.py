@@ -644,6 +644,7 @@ class LoRALayer(NamedAdapters):
             except (AttributeError, KeyError):  # (a state without its weight)
                 self.__dict__["_written"] = None
         self._note_factors()  # (a copy.copy keeps the live factor Parameters: a switch must not write them)
+        self._forget_meta_merge()
         try:  # a deepcopy or unpickle of tied layers: the copies are tied
             ties.note(self._weight_param(), self)
         except (AttributeError, KeyError):  # a state without its weight (nothing to merge into either)
@@ -1012,6 +1013,18 @@ class LoRALayer(NamedAdapters):
         if names is not None:
             (names.difference_update if lora_A is None else names.update)(("_merged_A", "_merged_B"))
 
+    def _forget_meta_merge(self) -> None:
+        """A merged layer whose weight is on the meta device (unpickled with map_location="meta", the skeleton of a
+        load): it holds nothing merged (as after .to("meta")), and to_empty() fills it with new memory."""
+        if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
+            return
+        try:
+            meta = self._weight_param().is_meta
+        except (AttributeError, KeyError):  # (a state without its weight)
+            return
+        if meta:
+            self._forget_merge()
+
     def _forget_merge(self) -> None:
         """The weight holds no adapter (it is the base, or drawn afresh): unmerged, with nothing to take out."""
         self._set_merged(None, None, None)
@@ -1253,6 +1266,9 @@ class LoRALayer(NamedAdapters):
                                          "(torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'))")
         if w.is_meta or (self.has_lora and (self.lora_A.is_meta or self.lora_B.is_meta)):
             return f"{self._describe()}: its weight or factors are on the meta device: {self._meta_refusal()}"
+        refusal = ops.overlap_refusal(w)
+        if refusal is not None:
+            return f"{self._describe()}: {refusal}"
         if w.dtype not in _MERGE_DTYPES:
             return (f"{self._describe()}: its weight is {w.dtype}; merges write float16, bfloat16, float32 and float64 "
                     f"weights (serve it unmerged: forwards add the adapter on the fly)")
@@ -1592,6 +1608,7 @@ class LoRALayer(NamedAdapters):
         by logical position.)"""
         if self.__dict__.get("_buffers", {}).get("_merged_A") is not None:
             self._see_new_memory()  # (new memory set by hand since the last write: looked at before the move)
+        self._forget_meta_merge()  # (merged over a meta weight: nothing to take out, nor to move)
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return super()._apply(fn, recurse)
         # (Ctrl-C held back to the end: the weight and `merged` change together, as in train())

@@ -1159,21 +1159,22 @@ class NamedAdapters:
         where = f"{self._describe()} adapter {name!r}"
         # live factors another layer holds too (tied before fully_shard or parallelize_module, or DTensors over the same
         # shards): written in place they would switch that layer as well (which kept its adapter's name), and a
-        # sharded switch cannot give this layer DTensor Parameters of its own. Agreed on by every rank (no rank writes)
+        # sharded switch cannot give this layer DTensor Parameters of its own
         look = (id(live_A), id(live_B), sharded.local(live_A).data_ptr(), sharded.local(live_B).data_ptr(),
                 ties.factor_generation())  # (a scan of every layer: a look found clear is kept until one of these changes)
         sharers = [] if self.__dict__.get("_sharded_clear") == look else \
             ties.sharded_sharers(self, (live_A, live_B), forks.tracked_layers())
         if not sharers:
             self.__dict__["_sharded_clear"] = look
-        if sharded.any_rank(live_A, bool(sharers)):
-            held = ", ".join(sorted({x._describe() for x in sharers})) or "on another rank"
+        # every rank writes the same values, both factors agreed on before the first write (the merged one too), and
+        # every rank refuses shared factors alike (a rank that sees a share another does not: the ranks disagree)
+        sharded.consensus(live_A, "copy", where, (lora_A, lora_B), (scaling, float(bool(sharers))))
+        if sharers:
+            held = ", ".join(sorted({x._describe() for x in sharers}))
             raise ValueError(f"{where}: the live factors are DTensors another layer holds too ({held}): a switch "
                              f"writes them in place, which would switch that layer as well. Untie the factors before "
                              f"sharding (give each layer its own lora_A and lora_B), or switch before sharding; "
                              f"refused on every rank, nothing was written")
-        # every rank writes the same values, both factors agreed on before the first write (the merged one too)
-        sharded.consensus(live_A, "copy", where, (lora_A, lora_B), (scaling,))
         self._swap_merged(lora_A, lora_B, scaling)
         with self._after_switch_write(name):  # (the weight holds the new adapter once merged)
             sharded.copy_into(live_A, lora_A, check=False)

@@ -343,11 +343,29 @@ def inference_writes(*tensors):
 _NO_CONTEXT = contextlib.nullcontext()  # (reentrant: one for every call)
 
 
+def overlap_refusal(weight) -> Optional[str]:
+    """Why `weight` cannot be written in place element by element, or None: elements that share memory (a stride of
+    0 over more than one element: an expand()ed tensor, which load_state_dict(assign=True) or a Parameter made from
+    one puts in place). A merge would add one element's update into the others over the same memory (the lossless
+    paths wrote it without a word; torch's own in-place add refuses)."""
+    if not isinstance(weight, Tensor) or torch.compiler.is_compiling():
+        return None
+    local = sharded.local(weight)
+    if local.is_meta or torch._debug_has_internal_overlap(local) != 1:  # (1: yes; 2: too hard to tell, let through)
+        return None
+    return (f"its weight's elements share memory (strides {tuple(local.stride())} for shape {tuple(local.shape)}: an "
+            f"expand()ed tensor), and a merge writes every element in place; give the weight memory of its own "
+            f"(weight.data = weight.detach().clone()), or serve the adapter unmerged")
+
+
 def _writes_weight(op):
     """An op that writes `weight` in place (merge_, unmerge_, swap_): an inference tensor inside inference mode
-    (inference_writes)."""
+    (inference_writes); refused before anything is written when elements of the weight share memory."""
     @functools.wraps(op)
     def written(weight, *args, **kwargs):
+        refusal = overlap_refusal(weight)
+        if refusal is not None:
+            raise ValueError(f"{op.__name__}: {refusal}")
         with inference_writes(weight):
             return op(weight, *args, **kwargs)
     return written

@@ -388,8 +388,19 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     replace.update(token_rows)
     plan = {}
     kinds = _module_kinds(meta)  # a Linear or Conv1D's layout is not in its shape
+    lora_keys = {}  # module -> its LoRA keys in --base ("q.lora_A": a loralib / lora_ext model's own state dict)
+    for k in where:
+        for mark in (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B"):
+            if mark + "." in k or k.endswith(mark):
+                lora_keys.setdefault(k[:k.index(mark)], []).append(k)
     for name, (A, B, embedding) in factors.items():
         key = name + ".weight"
+        if name in lora_keys:
+            found = sorted(lora_keys[name])
+            raise MergeError(f"--base {base!r} holds LoRA factors of module {name!r} ({', '.join(map(repr, found[:4]))}"
+                             f"): a LoRA model's own state dict (loralib's, lora_ext's), whose loader would add them "
+                             f"on top of the merged weight, serving the adapter twice; give the base model's weights, "
+                             f"without the factors")
         if key in twice:
             raise MergeError(f"--adapter: module {name!r}'s weight is stored more than once in --base {base!r}: as "
                              f"{', '.join(map(repr, twice[key]))}, which transformers all loads into that one weight, so "
