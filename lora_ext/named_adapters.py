@@ -859,6 +859,7 @@ class NamedAdapters:
                 raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
             del self._adapters[name]
             self.__dict__.get("_dropouts", {}).pop(name, None)
+            self.__dict__.get("_config_dropouts", {}).pop(name, None)
             self._finite_stamps.pop(name, None)
             self.__dict__.get("_placeholders", set()).discard(name)
             self.__dict__.get("_own_ranks", {}).pop(name, None)

@@ -449,3 +449,56 @@ def test_a_merged_layer_unpickled_onto_meta_is_unmerged_and_materialises(dtype, 
     skeleton.train()  # (float16: lossless, bit for bit; float32: lossy, within a rounding)
     tol = 0 if dtype == torch.float16 else 2 * 2 ** -24 * float(W.abs().max())
     assert (skeleton.weight.double() - state["weight"].double()).abs().max() <= tol
+
+
+# -- f33: peft's composites ------------------------------------------------------------------------------------------
+
+def _llama_with_three_adapters(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+    import copy
+    mine = copy.deepcopy(base)
+    pm = get_peft_model(base, LoraConfig(r=4, target_modules=["embed_tokens"], lora_dropout=0.3), adapter_name="a")
+    pm.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1))
+    pm.add_adapter("c", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.0))
+    pm.save_pretrained(str(tmp_path))
+    for n in "abc":
+        lora.load_peft_adapter(mine, str(tmp_path / n), n, activate=(n == "a"))
+    return mine
+
+
+@pytest.mark.parametrize("active", ["b", "c"])
+def test_a_combination_takes_the_first_adapters_dropout_when_that_one_is_an_embeddings(active, tmp_path):
+    # f33: the first adapter targets only embed_tokens (which applies no dropout): the new adapter took the active
+    # adapter's (0.1 or 0.0) instead of the first's 0.3, as peft's copied config has it
+    import json
+    mine = _llama_with_three_adapters(tmp_path / "files")
+    lora.set_adapter(mine, active)
+    lora.add_weighted_adapter(mine, ["a", "b"], [1.0, 1.0], "x", combination_type="cat")
+    lora.save_peft_adapter(mine, str(tmp_path / "x"), "x")
+    assert json.loads((tmp_path / "x" / "adapter_config.json").read_text())["lora_dropout"] == 0.3
+    lora.set_adapter(mine, "x")
+    assert mine.model.layers[0].self_attn.q_proj.lora_dropout.p == 0.3
+
+
+def test_an_embedding_only_adapter_saves_its_files_dropout(tmp_path):
+    import json
+    mine = _llama_with_three_adapters(tmp_path / "files")
+    lora.save_peft_adapter(mine, str(tmp_path / "a"), "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["lora_dropout"] == 0.3
+
+
+def test_the_slots_refusal_names_the_largest_rank_the_batch_needs():
+    # f33: it named the first layer's rank over the limit (10); configured so, the next refusal asked for 16
+    torch.manual_seed(0)
+    m = nn.Sequential(lora.Linear(16, 16, r=10, merge_weights=False), lora.Linear(16, 16, r=16, merge_weights=False)).eval()
+    lora.configure_slots(m, slots=4, max_rank=4)
+    with pytest.raises(ValueError, match=r"max_rank=16\)"):
+        with lora.batch_adapters(m, ["default", None]):
+            pass
+    lora.configure_slots(m, slots=4, max_rank=16)
+    with torch.no_grad(), lora.batch_adapters(m, ["default", None]):
+        m(torch.randn(2, 16))

@@ -580,17 +580,19 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         enclosing = _inside(model, _PACKED | _FLATTENS_ROWS)  # (one walk for both)
         _check_packed(found, need, enclosing)
         pool = _pool(model, found)
-        for name in need:
-            for path, m in found:
-                rank = m.rank_of(m._adapter(name)[0]) if m.has_adapter(name) else 0
-                if rank > pool.max_rank:
-                    row = _first_row(index, table, name)
-                    who = label(row) if row is not None else f"the merged adapter {name!r}"
-                    raise ValueError(
-                        f"batch_adapters: {who}: adapter {name!r} has rank {rank} at layer {path!r}"
-                        + (" (the rank reserve_rank holds every adapter of it at)" if m.reserved_rank else "")
-                        + f", more than the model's slots hold ({pool.max_rank}): lora.configure_slots(model, "
-                        f"slots={pool.capacity}, max_rank={rank})")
+        ranks = [(m.rank_of(m._adapter(name)[0]) if m.has_adapter(name) else 0, name, path, m)
+                 for name in need for path, m in found]
+        over = [entry for entry in ranks if entry[0] > pool.max_rank]
+        if over:
+            rank, name, path, m = over[0]
+            row = _first_row(index, table, name)
+            who = label(row) if row is not None else f"the merged adapter {name!r}"
+            raise ValueError(
+                f"batch_adapters: {who}: adapter {name!r} has rank {rank} at layer {path!r}"
+                + (" (the rank reserve_rank holds every adapter of it at)" if m.reserved_rank else "")
+                + f", more than the model's slots hold ({pool.max_rank}): lora.configure_slots(model, "
+                f"slots={pool.capacity}, max_rank={max(r for r, *_ in ranks)}) (the largest rank of the batch's "
+                f"adapters at any layer)")
         open_now = _open(batched.ACTIVE.get(), lambda v: v.batch)
         for path, m in [*found, *saved_modules.wrappers(model)]:
             if m in open_now:
