@@ -36,6 +36,27 @@ _HOOKED: "weakref.WeakSet" = weakref.WeakSet()
 _HOOK_LOCK = threading.Lock()
 
 
+# layer -> weakref to the DDP that keeps its live Parameters (a serving switch or mark_only_lora_as_trainable through the
+# DDP left them lent: they train whichever adapter is served, as DDP synchronises them), while that DDP lives
+_KEEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def keep_parameters(layers, ddp) -> None:
+    """`ddp` keeps the live Parameters of `layers` (lora_ext left them where they were for it)."""
+    if ddp is None:
+        return
+    ref = weakref.ref(ddp)
+    for layer in layers:
+        _KEEPS[layer] = ref
+
+
+def keeps_parameters(layer) -> bool:
+    """Whether a live DDP keeps `layer`'s live Parameters (keep_parameters), so that training them is DDP's way
+    (a checkpoint's recompute or `ddp.module(x)` runs outside DDP's forward)."""
+    ref = _KEEPS.get(layer)
+    return ref is not None and ref() is not None
+
+
 def running() -> "DistributedDataParallel | None":
     """The DDP whose forward this thread is running (the innermost), or None."""
     stack = getattr(_LOCAL, "stack", None)

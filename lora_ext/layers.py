@@ -934,7 +934,8 @@ class LoRALayer(NamedAdapters):
             if torch.is_grad_enabled() and not self._adapter_off and self.has_lora and self._trainable() \
                     and self._lent():  # (in this order: a serving forward reads neither of _lent's attributes, nor
                 # does dynamo guard on them). Under DDP the Parameters DDP was built with train, lent or not (README)
-                if torch.compiler.is_compiling() or ddp_guard.running() is None:
+                if torch.compiler.is_compiling() or (ddp_guard.running() is None
+                                                      and not ddp_guard.keeps_parameters(self)):
                     self._refuse_lent_training()
             if not torch.compiler.is_compiling():
                 ddp = ddp_guard.running()  # the DDP whose forward runs this one on this thread, if any
@@ -1608,7 +1609,6 @@ class LoRALayer(NamedAdapters):
         by logical position.)"""
         if self.__dict__.get("_buffers", {}).get("_merged_A") is not None:
             self._see_new_memory()  # (new memory set by hand since the last write: looked at before the move)
-        self._forget_meta_merge()  # (merged over a meta weight: nothing to take out, nor to move)
         if self.__dict__.get("_buffers", {}).get("_merged_A") is None:
             return super()._apply(fn, recurse)
         # (Ctrl-C held back to the end: the weight and `merged` change together, as in train())

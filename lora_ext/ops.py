@@ -348,14 +348,29 @@ def overlap_refusal(weight) -> Optional[str]:
     0 over more than one element: an expand()ed tensor, which load_state_dict(assign=True) or a Parameter made from
     one puts in place). A merge would add one element's update into the others over the same memory (the lossless
     paths wrote it without a word; torch's own in-place add refuses)."""
-    if not isinstance(weight, Tensor) or torch.compiler.is_compiling():
-        return None
+    if not isinstance(weight, Tensor) or torch.compiler.is_compiling() or reference.transformed():
+        return None  # (torch.func's wrapped tensors: no batching rule for the overlap check; fresh values there)
     local = sharded.local(weight)
-    if local.is_meta or torch._debug_has_internal_overlap(local) != 1:  # (1: yes; 2: too hard to tell, let through)
+    if local.is_meta:
+        return None
+    overlap = torch._debug_has_internal_overlap(local)  # 0: none; 1: a stride of 0; 2: torch cannot tell
+    if overlap == 0 or (overlap == 2 and _strides_apart(local)):
         return None
     return (f"its weight's elements share memory (strides {tuple(local.stride())} for shape {tuple(local.shape)}: an "
-            f"expand()ed tensor), and a merge writes every element in place; give the weight memory of its own "
-            f"(weight.data = weight.detach().clone()), or serve the adapter unmerged")
+            f"expand()ed, unfold()ed or as_strided tensor), and a merge writes every element in place; give the "
+            f"weight memory of its own (weight.data = weight.detach().clone()), or serve the adapter unmerged")
+
+
+def _strides_apart(t: Tensor) -> bool:
+    """Whether no two elements of `t` lie at one address, shown from its strides: taken from the smallest, each
+    dimension's stride passes the span of the ones before it (a slice of a larger tensor, a transposed view). Layouts
+    that interleave without sharing (strides 2 and 3 over 2 x 2) fail the test and count as sharing."""
+    span = 0
+    for size, stride in sorted(((n, abs(st)) for n, st in zip(t.shape, t.stride()) if n > 1), key=lambda d: d[1]):
+        if stride <= span:
+            return False
+        span += stride * (size - 1)
+    return True
 
 
 def _writes_weight(op):

@@ -106,6 +106,9 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         for _, m in _lora_layers(model):
             if m.has_lora:
                 m.settle_parameters()  # each adapter trains its own Parameters (serving switches lend them)
+    else:
+        from . import ddp_guard
+        ddp_guard.keep_parameters([m for _, m in _lora_layers(model)], _ddp_of(model))
 
 
 def _check_ddp_flags(model: nn.Module, trained: dict, bias: str) -> None:

@@ -502,3 +502,79 @@ def test_the_slots_refusal_names_the_largest_rank_the_batch_needs():
     lora.configure_slots(m, slots=4, max_rank=16)
     with torch.no_grad(), lora.batch_adapters(m, ["default", None]):
         m(torch.randn(2, 16))
+
+
+# -- r33b: the latest fixes reviewed ---------------------------------------------------------------------------------
+
+def test_a_weight_whose_rows_overlap_through_unfold_is_left_unmerged():
+    # r33b: torch cannot tell (2) for unfold()/as_strided overlaps: merged, 23.6 off in float32
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 12, r=4, lora_alpha=8, bias=False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    w = torch.randn(27).unfold(0, 16, 1)  # (12, 16), strides (1, 1)
+    layer.load_state_dict({"weight": w, "lora_A": layer.lora_A.detach().clone(),
+                           "lora_B": layer.lora_B.detach().clone()}, assign=True)
+    with pytest.warns(UserWarning, match="share memory"):
+        layer.eval()
+    assert not layer.merged
+    x = torch.randn(3, 16)
+    want = x.double() @ (w.double() + 2.0 * layer.lora_B.double() @ layer.lora_A.double()).T
+    with torch.no_grad():
+        assert (layer(x).double() - want).abs().max() < 1e-4
+    # a slice of a larger tensor (strides apart) still merges
+    other = lora.Linear(16, 12, r=4, lora_alpha=8, bias=False)
+    big = torch.randn(12, 40)
+    other.load_state_dict({"weight": big[:, :16], "lora_A": other.lora_A.detach().clone(),
+                           "lora_B": other.lora_B.detach().clone()}, assign=True)
+    other.eval()
+    assert other.merged
+
+
+def test_a_merged_layer_given_a_meta_placeholder_still_warns_when_it_forgets_its_merge():
+    # r33b: d97a51c forgot the merge of a layer whose weight was swapped for a meta placeholder without the warning
+    layer = lora.Linear(16, 12, r=4, lora_alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.eval()
+    saved = layer.weight.detach().clone()
+    torch.utils.swap_tensors(layer.weight, nn.Parameter(torch.empty_like(saved, device="meta"), requires_grad=False))
+    with pytest.warns(UserWarning, match="moved to the meta device while merged, it is unmerged"):
+        layer.float()
+
+
+def _ddp_recompute_case(rank, world, how):
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return checkpoint(self.inner, x, use_reentrant=False)
+    torch.manual_seed(0)
+    lin = lora.Linear(8, 8, r=2)
+    with torch.no_grad():
+        lin.lora_B.normal_()
+    lin.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    m = nn.Sequential(Checkpointed(lin) if how == "checkpoint" else lin)
+    lora.mark_only_lora_as_trainable(m)
+    ddp = DistributedDataParallel(m)
+    for p in ddp.parameters():
+        p.requires_grad_(False)
+    lora.set_adapter(ddp, "b")
+    lora.mark_only_lora_as_trainable(ddp)
+    x = torch.randn(4, 8)
+    (ddp.module(x) if how == "module" else ddp(x)).sum().backward()
+    return [p.grad is not None for p in (lin.lora_A, lin.lora_B)]
+
+
+@pytest.mark.parametrize("how", ["checkpoint", "module"])
+def test_under_ddp_a_recompute_or_the_inner_module_trains_the_parameters_ddp_keeps(how):
+    # r33b: a checkpoint's recompute (outside DDP's forward) and ddp.module(x) were refused, and the named remedies
+    # could not clear it under DDP
+    from dist import run_ranks
+    for r in run_ranks(_ddp_recompute_case, how):
+        assert r == [True, True]

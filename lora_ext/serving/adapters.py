@@ -19,10 +19,10 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .. import forks, sharded
+from .. import ddp_guard, forks, sharded
 from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_one_name, check_rank, deferred_interrupt, each_or_none
-from ..utils import _wrapped, under_ddp
+from ..utils import _ddp_of, _wrapped, under_ddp
 from .injection import check_mergeable, refuse_fsdp1
 from .saved_modules import wrappers
 from .tokens import TrainableTokens
@@ -375,6 +375,7 @@ def set_adapter(model: nn.Module, name: str) -> None:
                 for m in lacking:
                     m.add_placeholder(name)
             _set_adapter(found, name, settle=not under_ddp(model), saved=saved, trains=trains)
+            ddp_guard.keep_parameters([m for _, m in found], _ddp_of(model))  # (None: no DDP)
             model_lock(model)._torn = None  # (a forked child's model torn by a change in its parent: whole again)
         except BaseException:  # the stand-ins go with the switch (a refusal, Ctrl-C)
             with deferred_interrupt():

@@ -8,6 +8,7 @@ Only safetensors files (or, for adapter_model.bin, torch.load with weights_only=
 itself is not needed to read or write these files.
 """
 import contextlib
+import contextvars
 import functools
 import json
 import math
@@ -19,10 +20,10 @@ from typing import List, Optional, Union
 import torch
 import torch.nn as nn
 
-from .. import layers, ops, sharded
+from .. import ddp_guard, layers, ops, sharded
 from ..layers import LoRALayer
 from ..named_adapters import check_adapter_name, deferred_interrupt, held_warnings
-from ..utils import under_ddp, unwrap
+from ..utils import _ddp_of, unwrap
 from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
 from . import saved_modules as _saved
@@ -518,8 +519,15 @@ def _into_plain_model(fn):
         if not isinstance(model, nn.Module):
             return fn(model, *args, **kwargs)  # (its own refusal)
         model_lock(model)  # (the wrapper gets the lock's hooks: its forwards wait for the load's writes)
-        return fn(unwrap(model), *args, **kwargs)
+        token = _THROUGH_DDP.set(_ddp_of(model))
+        try:
+            return fn(unwrap(model), *args, **kwargs)
+        finally:
+            _THROUGH_DDP.reset(token)
     return run
+
+
+_THROUGH_DDP = contextvars.ContextVar("lora_ext_load_through_ddp", default=None)  # (_into_plain_model's model)
 
 
 @_into_plain_model
@@ -560,7 +568,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     FileNotFoundError, naming the file and option) leaves the model as it was.
     """
     _check_arguments(model, path, adapter_name, merge_weights, activate, is_trainable)
-    ddp = under_ddp(model)  # (DDP holds the Parameters it was built with: those stay)
+    ddp = _ddp_of(model) or _THROUGH_DDP.get()  # (DDP holds the Parameters it was built with: those stay)
     reserved = reserved_rank(model)
     _inject.check_lossless(lossless)
     refusal = (("hotswap_adapter", "the swap would land unseen until the block ends") if _hotswap
@@ -783,7 +791,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         # the layers holding the adapter's name already first: replacing the active adapter's values writes a merged
         # weight (a switch), which can be refused (a lossless record's overflow, out of memory) at any layer; the
         # layers written before it then get their old values back, so the refusal leaves the model as it was
-        written = []
+        written, unfrozen = [], []
         try:
             # (a layer is listed before its write: one whose add_adapter raised after storing the values, in its
             # bookkeeping after the write, is put back too; putting back one refused before writing changes nothing)
@@ -813,8 +821,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                     if is_trainable:  # (the layer's live factors: they train whichever adapter is active)
                         layer.lora_A.requires_grad_(True)
                         layer.lora_B.requires_grad_(True)
-                        if not ddp:  # the active adapter its own Parameters back (a serving switch lent them)
-                            layer.settle_parameters()
+                        unfrozen.append(layer)
             for name, module, new in saved_plan:
                 if not isinstance(module, _saved.ModulesToSave):
                     wrapper = _saved.ModulesToSave(module).train(module.training)
@@ -838,6 +845,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             # it was before the load
             _take_back(adapter_name, written, undo, err)
             raise
+        if not ddp:  # the layers made trainable: the active adapter its own Parameters back (a serving switch lent
+            for layer in unfrozen:  # them), once the load stands; DDP holds the Parameters it was built with
+                layer.settle_parameters()
+        else:
+            ddp_guard.keep_parameters(unfrozen, ddp)
         if first:  # (its layers serve it already: its wrappers follow, a switch that writes nothing)
             for _, w in _saved.wrappers(model):
                 if adapter_name in w.adapter_names:
