@@ -42,19 +42,25 @@ _KEEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def keep_parameters(layers, ddp) -> None:
-    """`ddp` keeps the live Parameters of `layers` (lora_ext left them where they were for it)."""
-    if ddp is None:
-        return
-    ref = weakref.ref(ddp)
+    """`ddp` keeps the live Parameters of `layers` (lora_ext left them where they were for it); None: a change made
+    without a DDP (a plain switch or mark_only_lora_as_trainable), after which no DDP keeps them."""
+    ref = weakref.ref(ddp) if ddp is not None else None
     for layer in layers:
-        _KEEPS[layer] = ref
+        if ref is None:
+            _KEEPS.pop(layer, None)
+        else:
+            _KEEPS[layer] = ref
 
 
 def keeps_parameters(layer) -> bool:
-    """Whether a live DDP keeps `layer`'s live Parameters (keep_parameters), so that training them is DDP's way
-    (a checkpoint's recompute or `ddp.module(x)` runs outside DDP's forward)."""
+    """Whether a live DDP keeps `layer`'s live Parameters (keep_parameters) and synchronises them still, so that
+    training them is DDP's way (a checkpoint's recompute or `ddp.module(x)` runs outside DDP's forward)."""
     ref = _KEEPS.get(layer)
-    return ref is not None and ref() is not None
+    ddp = ref() if ref is not None else None
+    if ddp is None:
+        return False
+    known, _ = synchronised(ddp)
+    return known is None or any(id(p) in known for p in (layer.lora_A, layer.lora_B) if p.requires_grad)
 
 
 def running() -> "DistributedDataParallel | None":

@@ -348,12 +348,15 @@ def overlap_refusal(weight) -> Optional[str]:
     0 over more than one element: an expand()ed tensor, which load_state_dict(assign=True) or a Parameter made from
     one puts in place). A merge would add one element's update into the others over the same memory (the lossless
     paths wrote it without a word; torch's own in-place add refuses)."""
-    if not isinstance(weight, Tensor) or torch.compiler.is_compiling() or reference.transformed():
-        return None  # (torch.func's wrapped tensors: no batching rule for the overlap check; fresh values there)
+    if not isinstance(weight, Tensor) or torch.compiler.is_compiling():
+        return None
     local = sharded.local(weight)
     if local.is_meta:
         return None
-    overlap = torch._debug_has_internal_overlap(local)  # 0: none; 1: a stride of 0; 2: torch cannot tell
+    try:
+        overlap = torch._debug_has_internal_overlap(local)  # 0: none; 1: a stride of 0; 2: torch cannot tell
+    except RuntimeError:  # (a tensor torch.func wraps, vmap's: no batching rule for it; its values are fresh)
+        return None
     if overlap == 0 or (overlap == 2 and _strides_apart(local)):
         return None
     return (f"its weight's elements share memory (strides {tuple(local.stride())} for shape {tuple(local.shape)}: an "

@@ -102,13 +102,12 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     for module in model.modules():  # adapters train: a switch puts the next adapter's copy (or rows) in training
         if isinstance(module, ModulesToSave):
             module.__dict__["_trains"] = True
+    from . import ddp_guard
     if not under_ddp(model):  # DDP holds the Parameters it was built with: those stay
         for _, m in _lora_layers(model):
             if m.has_lora:
                 m.settle_parameters()  # each adapter trains its own Parameters (serving switches lend them)
-    else:
-        from . import ddp_guard
-        ddp_guard.keep_parameters([m for _, m in _lora_layers(model)], _ddp_of(model))
+    ddp_guard.keep_parameters([m for _, m in _lora_layers(model)], _ddp_of(model))  # (None: no DDP keeps them now)
 
 
 def _check_ddp_flags(model: nn.Module, trained: dict, bias: str) -> None:

@@ -578,3 +578,57 @@ def test_under_ddp_a_recompute_or_the_inner_module_trains_the_parameters_ddp_kee
     from dist import run_ranks
     for r in run_ranks(_ddp_recompute_case, how):
         assert r == [True, True]
+
+
+# -- r33c --------------------------------------------------------------------------------------------------------------
+
+def _stale_ddp_case(rank, world):
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    lin = lora.Linear(8, 8, r=2)
+    with torch.no_grad():
+        lin.lora_B.normal_()
+    lin.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    m = nn.Sequential(lin)
+    lora.mark_only_lora_as_trainable(m)
+    ddp = DistributedDataParallel(m)  # a DDP phase, its object kept alive below
+    lora.mark_only_lora_as_trainable(ddp)
+    ddp(torch.randn(2, 8)).sum().backward()
+    for p in m.parameters():  # then plain training of m: 'b' trains its own pair, then a plain serving switch
+        p.requires_grad_(False)
+    lora.set_adapter(m, "b")
+    lora.mark_only_lora_as_trainable(m)
+    for p in m.parameters():
+        p.requires_grad_(False)
+    lora.set_adapter(m, "default")
+    lin.lora_A.requires_grad_(True)
+    lin.lora_B.requires_grad_(True)
+    try:
+        m(torch.randn(4, 8)).sum().backward()
+        out = "trained"
+    except RuntimeError as e:
+        out = str(e)
+    assert ddp is not None
+    return out
+
+
+def test_a_ddp_left_alive_does_not_let_plain_training_of_lent_parameters_through():
+    # r33c: keep_parameters was never cleared by plain flows: the optimizer's steps were lost (0.0 change)
+    from dist import run_ranks
+    for r in run_ranks(_stale_ddp_case):
+        assert "its factors were made trainable while adapter 'default' is served" in r, r
+
+
+def test_the_overlap_refusal_holds_inside_a_forward_ad_level():
+    # r33c: skipped whenever a torch.func level was open: an unfold()ed weight merged inside fwAD.dual_level, 23.6 off
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 12, r=4, lora_alpha=8, bias=False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    w = torch.randn(27).unfold(0, 16, 1)
+    layer.load_state_dict({"weight": w, "lora_A": layer.lora_A.detach().clone(),
+                           "lora_B": layer.lora_B.detach().clone()}, assign=True)
+    with fwAD.dual_level(), pytest.warns(UserWarning, match="share memory"):
+        layer.eval()
+    assert not layer.merged

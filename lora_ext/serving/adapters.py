@@ -10,6 +10,7 @@ and hold new ones back until every layer has changed. Forwards run concurrently 
 serialise. Under torch.compile the hooks do nothing (a compiled graph takes no Python locks)."""
 import collections
 import contextlib
+import contextvars
 import sys
 import threading
 import time
@@ -352,6 +353,10 @@ def active_adapter(model: nn.Module) -> str:
     return actives.pop()
 
 
+# the DistributedDataParallel a lora_ext function was given, while it works on the model inside it (peft_io's loads)
+THROUGH_DDP = contextvars.ContextVar("lora_ext_through_ddp", default=None)
+
+
 def set_adapter(model: nn.Module, name: str) -> None:
     """Makes adapter `name` active in every lora_ext layer. A layer the adapter does not target (an adapter of other
     target modules) gets a stand-in of zeros (is_placeholder) and serves its base, as peft's set_adapter leaves
@@ -374,8 +379,9 @@ def set_adapter(model: nn.Module, name: str) -> None:
             with deferred_interrupt():
                 for m in lacking:
                     m.add_placeholder(name)
-            _set_adapter(found, name, settle=not under_ddp(model), saved=saved, trains=trains)
-            ddp_guard.keep_parameters([m for _, m in found], _ddp_of(model))  # (None: no DDP)
+            ddp = _ddp_of(model) or THROUGH_DDP.get()  # (a load through a DDP activates on the model inside it)
+            _set_adapter(found, name, settle=ddp is None, saved=saved, trains=trains)
+            ddp_guard.keep_parameters([m for _, m in found], ddp)  # (None: no DDP keeps them now)
             model_lock(model)._torn = None  # (a forked child's model torn by a change in its parent: whole again)
         except BaseException:  # the stand-ins go with the switch (a refusal, Ctrl-C)
             with deferred_interrupt():

@@ -8,7 +8,6 @@ Only safetensors files (or, for adapter_model.bin, torch.load with weights_only=
 itself is not needed to read or write these files.
 """
 import contextlib
-import contextvars
 import functools
 import json
 import math
@@ -29,7 +28,7 @@ from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
 from . import hub
-from .adapters import hold, lora_layers, model_lock, reserved_rank, set_adapter
+from .adapters import THROUGH_DDP, hold, lora_layers, model_lock, reserved_rank, set_adapter
 from .files import atomic_files, remove_stale_temporaries, torn_set
 
 CONFIG_NAME = "adapter_config.json"
@@ -519,15 +518,13 @@ def _into_plain_model(fn):
         if not isinstance(model, nn.Module):
             return fn(model, *args, **kwargs)  # (its own refusal)
         model_lock(model)  # (the wrapper gets the lock's hooks: its forwards wait for the load's writes)
-        token = _THROUGH_DDP.set(_ddp_of(model))
+        token = THROUGH_DDP.set(_ddp_of(model))
         try:
             return fn(unwrap(model), *args, **kwargs)
         finally:
-            _THROUGH_DDP.reset(token)
+            THROUGH_DDP.reset(token)
     return run
 
-
-_THROUGH_DDP = contextvars.ContextVar("lora_ext_load_through_ddp", default=None)  # (_into_plain_model's model)
 
 
 @_into_plain_model
@@ -568,7 +565,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     FileNotFoundError, naming the file and option) leaves the model as it was.
     """
     _check_arguments(model, path, adapter_name, merge_weights, activate, is_trainable)
-    ddp = _ddp_of(model) or _THROUGH_DDP.get()  # (DDP holds the Parameters it was built with: those stay)
+    ddp = _ddp_of(model) or THROUGH_DDP.get()  # (DDP holds the Parameters it was built with: those stay)
     reserved = reserved_rank(model)
     _inject.check_lossless(lossless)
     refusal = (("hotswap_adapter", "the swap would land unseen until the block ends") if _hotswap
