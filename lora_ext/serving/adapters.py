@@ -379,7 +379,9 @@ def set_adapter(model: nn.Module, name: str) -> None:
             with deferred_interrupt():
                 for m in lacking:
                     m.add_placeholder(name)
-            ddp = _ddp_of(model) or THROUGH_DDP.get()  # (a load through a DDP activates on the model inside it)
+            ddp = _ddp_of(model)
+            if ddp is None:  # (a load through a DDP activates on the model inside it)
+                ddp = THROUGH_DDP.get()
             _set_adapter(found, name, settle=ddp is None, saved=saved, trains=trains)
             ddp_guard.keep_parameters([m for _, m in found], ddp)  # (None: no DDP keeps them now)
             model_lock(model)._torn = None  # (a forked child's model torn by a change in its parent: whole again)

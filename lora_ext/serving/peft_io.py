@@ -526,7 +526,6 @@ def _into_plain_model(fn):
     return run
 
 
-
 @_into_plain_model
 @hub.fetched_first  # (outside the change: switches do not wait for a download)
 @_inject.one_change
@@ -565,7 +564,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     FileNotFoundError, naming the file and option) leaves the model as it was.
     """
     _check_arguments(model, path, adapter_name, merge_weights, activate, is_trainable)
-    ddp = _ddp_of(model) or THROUGH_DDP.get()  # (DDP holds the Parameters it was built with: those stay)
+    ddp = _ddp_of(model)  # (DDP holds the Parameters it was built with: those stay)
+    if ddp is None:
+        ddp = THROUGH_DDP.get()  # (given the DDP, _into_plain_model passes the model inside it)
     reserved = reserved_rank(model)
     _inject.check_lossless(lossless)
     refusal = (("hotswap_adapter", "the swap would land unseen until the block ends") if _hotswap
@@ -842,7 +843,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             # it was before the load
             _take_back(adapter_name, written, undo, err)
             raise
-        if not ddp:  # the layers made trainable: the active adapter its own Parameters back (a serving switch lent
+        if ddp is None:  # the layers made trainable: the active adapter its own Parameters back (a serving switch lent
             for layer in unfrozen:  # them), once the load stands; DDP holds the Parameters it was built with
                 layer.settle_parameters()
         else:
