@@ -2506,17 +2506,20 @@ def guard_loads(model: nn.Module) -> None:
 def trained_dropout(layer: "LoRALayer", name: str) -> Optional[float]:
     """The lora_dropout probability `layer` trains adapter `name` with, as peft's config holds it; None for a dropout
     module of the user's. An Embedding applies none (as peft's and loralib's): its value is the config's the adapter
-    came with (note_config_dropout), None without one (its 0.0 is no adapter's config)."""
+    came with (set_trained_dropout), None without one (its 0.0 is no adapter's config)."""
     if isinstance(layer, Embedding):
         return layer.__dict__.get("_config_dropouts", {}).get(name)
     return layer.adapter_dropout(name)
 
 
-def note_config_dropout(layer: "LoRALayer", name: str, p: Optional[float]) -> None:
-    """An Embedding's adapter `name` came with a config's lora_dropout `p`, which it does not apply (peft does not
-    either) but which a save writes and a combination that starts with it takes, as peft's config copies it."""
-    if isinstance(layer, Embedding) and p is not None:
+def set_trained_dropout(layer: "LoRALayer", name: str, p: float) -> None:
+    """trained_dropout's counterpart: adapter `name` trains with lora_dropout `p` (a config's). An Embedding applies
+    none (peft's does not either) but keeps `p`, which a save writes and a combination that starts with it takes, as
+    peft's config copies it."""
+    if isinstance(layer, Embedding):
         layer.__dict__.setdefault("_config_dropouts", {})[name] = float(p)
+    else:
+        layer.set_adapter_dropout(name, p)
 
 
 def let_go(layer: "LoRALayer") -> None:

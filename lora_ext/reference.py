@@ -69,8 +69,7 @@ def _addmm_rounds_once(w, left, right) -> bool:
             g = torch.Generator(device=w.device).manual_seed(0)
 
             def like(t):
-                out = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
-                return out.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype, device=t.device))
+                return _same_layout(t).copy_(torch.randn(t.shape, generator=g, dtype=t.dtype, device=t.device))
 
             pw, pl, pr = like(w), like(left), like(right)
             once = bool(torch.equal(like(w).copy_(pw).addmm_(pl, pr), pw + pl @ pr))
@@ -91,11 +90,13 @@ def _steps_into_w(w, left, right) -> bool:
     c = -(-(half + 1) // k)  # each term, in those units: K terms pass half a unit
     unit = 2.0 ** -(bits - 1)  # a unit of 1
     term = c * (unit / 2) / half
-
-    def strided(t, value):
-        return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device).fill_(value)
-    got = strided(w, 1.0).addmm_(strided(left, 1.0), strided(right, term))
+    got = _same_layout(w).fill_(1.0).addmm_(_same_layout(left).fill_(1.0), _same_layout(right).fill_(term))
     return not bool((got == 1.0 + unit).all())
+
+
+def _same_layout(t):
+    """An uninitialised tensor of t's shape, strides, dtype and device (the probes' stand-ins)."""
+    return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
 
 
 def merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed, once=False):

@@ -211,11 +211,16 @@ def note_factor(param, layer, moved: bool = False) -> None:
             _factor_prune_at = max(1024, 2 * (len(_factor_holders) + len(_factor_storage)))
 
 
+def _live_factor_tensors(layer) -> List:
+    """The factor tensors lora_ext `layer` computes with or keeps for its active adapter: live, and the active
+    adapter's own pair (None where there is none)."""
+    d = layer.__dict__
+    return [d.get("_parameters", {}).get(f) for f in FACTORS] + list(d.get("_active_own") or ())
+
+
 def _factor_tensors(layer) -> List:
     """The factor tensors lora_ext `layer` holds: live, its active adapter's own pair, every adapter's stored pair."""
-    d = layer.__dict__
-    tensors = [d.get("_parameters", {}).get(f) for f in FACTORS] + list(d.get("_active_own") or ())
-    return tensors + [t for held in d.get("_adapters", {}).values() for t in held[:2]]
+    return _live_factor_tensors(layer) + [t for held in layer.__dict__.get("_adapters", {}).values() for t in held[:2]]
 
 
 def _factor_tensors_at(layer, where) -> List:
@@ -283,8 +288,7 @@ def sharded_sharers(layer, params, layers) -> List:
     for x in layers:
         if x is layer:
             continue
-        d = x.__dict__
-        for t in [d.get("_parameters", {}).get(f) for f in FACTORS] + list(d.get("_active_own") or ()):
+        for t in _live_factor_tensors(x):
             if t is None:
                 continue
             if any(t is p for p in params):

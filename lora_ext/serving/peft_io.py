@@ -855,10 +855,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         # each adapter trains with its own lora_dropout, as peft's (not embeddings); a hotswap changes the factors and
         # scalings only, where the layer held the adapter's own factors before
         for layer in (first_factors if _hotswap else [layer for _, _, layer, *_ in plan]):
-            if isinstance(layer, layers.Embedding):  # (applies none: the config's value, for saves and combinations)
-                layers.note_config_dropout(layer, adapter_name, cfg.get("lora_dropout", 0.0))
-            else:
-                layer.set_adapter_dropout(adapter_name, cfg.get("lora_dropout", 0.0))
+            layers.set_trained_dropout(layer, adapter_name, cfg.get("lora_dropout", 0.0))
     for message, category in replaced:
         warnings.warn(message, category, stacklevel=layers._user_stacklevel())
     return sorted(chosen | {name for name, _ in to_save} | set(token_names))

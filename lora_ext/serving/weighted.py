@@ -30,7 +30,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import ops, sharded
-from ..layers import ConvLoRA, Embedding, LoRALayer, MergedLinear, note_config_dropout, trained_dropout
+from ..layers import ConvLoRA, LoRALayer, MergedLinear, set_trained_dropout, trained_dropout
 from ..named_adapters import check_adapter_name, each_or_none
 from .saved_modules import wrappers
 from .tokens import TrainableTokens
@@ -374,9 +374,8 @@ def apply(plan_: Dict[LoRALayer, Tuple[Tensor, Tensor]], adapter_name: str, firs
 
     def add(m):
         m.add_adapter(adapter_name, *plan_[m], 1.0)
-        if p is not None and m.adapter_dropout(adapter_name) is not None and not isinstance(m, Embedding):
-            m.set_adapter_dropout(adapter_name, p)
-        note_config_dropout(m, adapter_name, p)
+        if p is not None and m.adapter_dropout(adapter_name) is not None:
+            set_trained_dropout(m, adapter_name, p)
 
     def undo(m):
         if m.has_adapter(adapter_name) and m.active_adapter != adapter_name:
