@@ -38,7 +38,7 @@ from torch.nn.modules import module as _nn_module
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import batched, ddp_guard, forks, lossless, ops, sharded, ties
-from .named_adapters import MERGED, NamedAdapters, deferred_interrupt
+from .named_adapters import MERGED, NamedAdapters, deferred_interrupt, switch_started
 from .streams import StreamOrder
 
 
@@ -533,6 +533,23 @@ def _whole(*tensors) -> list:
     """The arguments, each DTensor gathered whole (factors FSDP2 sharded beside a weight it left alone:
     ignored_params); anything else as it is."""
     return [sharded.full(t) if sharded.is_dtensor(t) else t for t in tensors]
+
+
+class _WriteMark:
+    """LoRALayer._writing's mark: `written[0]` is whether the weight holds what the layer's bookkeeping does not say
+    yet; set True, it also marks the layer's open switch as begun (named_adapters.switch_started)."""
+    __slots__ = ("value", "layer")
+
+    def __init__(self, layer):
+        self.value, self.layer = False, layer
+
+    def __getitem__(self, index):
+        return self.value
+
+    def __setitem__(self, index, value):
+        self.value = value
+        if value:
+            switch_started(self.layer)
 
 
 class LoRALayer(NamedAdapters):
@@ -1047,13 +1064,15 @@ class LoRALayer(NamedAdapters):
 
     @contextlib.contextmanager
     def _writing(self, what: str):
-        """Around a write of the weight (`what`: merge, unmerge, switch), giving a one-element list the caller sets
-        True once the op has written the weight and False once its bookkeeping says so. An error that says the
+        """Around a write of the weight (`what`: merge, unmerge, switch), giving a mark (_WriteMark) the caller sets
+        True (`written[0] = True`) once the op has written the weight, inside the block around the write (an error at
+        its exit, such as torch.no_grad()'s, then finds the weight written), and False once its bookkeeping says so;
+        True also tells a switch around it that it has begun writing (named_adapters.switch_started). An error that says the
         weight holds what no record describes (`weight_written`: the op failed, then so did putting the weight
         back), or one raised between the write and its bookkeeping (out of memory, say), leaves the layer broken
         (_mark_broken). Without this it would serve, merge again or save a weight it cannot describe."""
         self._check_sound()
-        written = [False]
+        written = _WriteMark(self)
         try:
             yield written
         except BaseException as err:
@@ -1344,11 +1363,11 @@ class LoRALayer(NamedAdapters):
             try:
                 with torch.no_grad():
                     record = self._merge_into(target, *snapshot, exact)
+                    written[0] = True  # (inside: see _writing)
             except lossless.ExceptionOverflow as err:  # nothing was written (unless it says weight_written)
                 # (the same error, renamed: its marks and notes go on to _writing and the caller)
                 err.args = (f"{self._describe()} adapter {self.active_adapter!r}: {err}",)
                 raise
-            written[0] = True
             self._set_merged(*snapshot, record, weight=target)
             self._stamp_finite(MERGED, known)
             written[0] = False
@@ -1533,11 +1552,11 @@ class LoRALayer(NamedAdapters):
             try:
                 with torch.no_grad():
                     self._unmerge_from(target)
+                    written[0] = True  # (inside: see _writing)
             except BaseException as err:  # still merged; a sharded weight's parts merged again (sharded.unmerge_parts)
-                if hasattr(err, "record"):
+                if hasattr(err, "record") and not written[0]:
                     self._keep_record(err.record)
                 raise
-            written[0] = True
             self._set_merged(None, None, None)
             self._finite_stamps.pop(MERGED, None)
             written[0] = False
@@ -1565,17 +1584,16 @@ class LoRALayer(NamedAdapters):
                     order = None if name is None or name == self.active_adapter else (
                         1 if name < self.active_adapter else -1)
                     record = self._swap_into(target, *snapshot, order=order)
-                    written[0] = True  # (inside: an error at the block's exit leaves the weight written, and known so)
+                    written[0] = True  # (inside: see _writing)
             except BaseException as err:
                 # the old adapter merged back, with the record the error carries (ops.swap_) ...
-                if hasattr(err, "record"):
+                if hasattr(err, "record") and not written[0]:
                     self._keep_record(err.record)
                 if getattr(err, "weight_is_base", False):  # ... or, that failing too, the base: unmerged now
                     self._forget_merge()
                 if isinstance(err, lossless.ExceptionOverflow):
                     err.args = (f"{self._describe()}, switching from adapter {self.active_adapter!r}: {err}",)
                 raise
-            written[0] = True
             self._set_merged(*snapshot, record, weight=target)
             self._stamp_finite(MERGED)
             written[0] = False
@@ -1649,7 +1667,7 @@ class LoRALayer(NamedAdapters):
                 return module
             with torch.no_grad():
                 self._unmerge_from(self._weight_param())
-            written[0] = True
+                written[0] = True  # (inside: see _writing)
             self._set_merged(None, None, None)
             self.merged = False  # until the merge below: a refused one leaves the layer unmerged, consistently
             written[0] = False
@@ -1673,6 +1691,7 @@ class LoRALayer(NamedAdapters):
                 try:
                     with torch.no_grad():
                         record = self._merge_into(self._weight_param(), A, B, s, exact)
+                        written[0] = True  # (inside: see _writing)
                 except lossless.ExceptionOverflow as err:
                     if getattr(err, "weight_written", False):  # (_writing marks the layer broken)
                         raise

@@ -83,23 +83,43 @@ def _fill_scales(scales, value: float) -> None:
             t.fill_(value)
 
 
-class _AfterSwitchWrite:
-    """NamedAdapters._after_switch_write's context (a class: a switch is a hot path, and a generator's context
-    costs a few microseconds more)."""
-    __slots__ = ("layer", "name")
+class _SwitchWrite:
+    """A layer's switch to (or reload of) adapter `name`, from before its first write to the end of its bookkeeping
+    (NamedAdapters._switch_write; a class: a switch is a hot path, and a generator's context costs a few
+    microseconds more). An error once something was written (`started`: set by switch_started, which the weight's
+    write marks and _after_switch_write call) leaves the layer broken (LoRALayer._switch_failed): what it serves is
+    then no longer what its bookkeeping says. Also an exception Python raises between two statements, which no
+    hold keeps out (an asynchronous exception, PyThreadState_SetAsyncExc, as thread-timeout tools raise; a signal
+    handler of its own on SIGUSR1): before, one landing between the write and the bookkeeping left a layer saying
+    its old adapter while it served the new one, and filed the new values under the old name."""
+    __slots__ = ("layer", "name", "started", "outer")
 
     def __init__(self, layer, name):
-        self.layer, self.name = layer, name
+        self.layer, self.name, self.started = layer, name, False
 
     def __enter__(self):
-        return None
+        self.outer = self.layer.__dict__.get("_open_switch")
+        self.layer.__dict__["_open_switch"] = self
+        return self
 
     def __exit__(self, kind, err, tb):
-        if err is not None:
+        if self.outer is None:
+            self.layer.__dict__.pop("_open_switch", None)
+        else:
+            self.layer.__dict__["_open_switch"] = self.outer
+        if err is not None and self.started:
             failed = getattr(self.layer, "_switch_failed", None)  # (LoRALayer)
             if failed is not None:
                 failed(self.name, err)
         return False
+
+
+def switch_started(layer) -> None:
+    """The switches open on `layer` (_SwitchWrite) have begun writing: an error from now on leaves it broken."""
+    guard = layer.__dict__.get("_open_switch")
+    while guard is not None:
+        guard.started = True
+        guard = guard.outer
 
 
 def _data_ptr(t):
@@ -785,7 +805,7 @@ class NamedAdapters:
                                    f"weight would change under the batch's rows; replace it after the block closes")
             if name == self.active_adapter:
                 live, rank = self._parameters.get("lora_A"), self.r
-                with deferred_interrupt():
+                with deferred_interrupt(), self._switch_write(name):
                     self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy
                 if self._trainable() and self._parameters.get("lora_A") is not live:
                     why = (f"its rank changed from {rank} to {self.r}" if self.r != rank else
@@ -903,13 +923,14 @@ class NamedAdapters:
                 old = (self.lora_A.detach().to(old_home, copy=True), self.lora_B.detach().to(old_home, copy=True),
                        self.scaling)
             with deferred_interrupt():  # Ctrl-C lands before or after the whole switch
-                self._activate(name, lora_A, lora_B, scaling)
-                # the bookkeeping straight after the write (plain dict and attribute updates), before anything that
-                # can raise (a CUDA error surfacing at record_stream): the layer says what it serves
-                del self._adapters[name]
-                self._adapters[old_name] = old
-                # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
-                self.__dict__.update(active_adapter=name, _active_home=home)
+                with self._switch_write(name):  # (an error once it wrote, up to the bookkeeping: the layer broken)
+                    self._activate(name, lora_A, lora_B, scaling)
+                    # the bookkeeping straight after the write (plain dict and attribute updates), before anything
+                    # that can raise (a CUDA error surfacing at record_stream): the layer says what it serves
+                    del self._adapters[name]
+                    self._adapters[old_name] = old
+                    # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
+                    self.__dict__.update(active_adapter=name, _active_home=home)
                 self._stamp_finite(old_name, old_known)
                 self._switch_dropout(old_name, name)
                 self._streams.retire(lora_A, lora_B)
@@ -1065,11 +1086,21 @@ class NamedAdapters:
         if merged_live:
             self._note_merged_from()
 
-    def _after_switch_write(self, name: str) -> "_AfterSwitchWrite":
+    def _switch_write(self, name: str) -> _SwitchWrite:
+        """Around a switch to (or reload of) adapter `name` and its bookkeeping: an error once it began writing
+        leaves the layer broken (_SwitchWrite)."""
+        return _SwitchWrite(self, name)
+
+    def _after_switch_write(self, name: str):
         """Around what a switch to adapter `name` does after its merged write (the live factors written or put in
-        place, the bookkeeping): an error there leaves the layer broken (LoRALayer._switch_failed), since what it
-        serves is no longer what its bookkeeping says."""
-        return _AfterSwitchWrite(self, name)
+        place): the switch has begun writing (switch_started), and an error from there on leaves the layer broken.
+        Outside a _switch_write (none calls it so), one of its own."""
+        if self.__dict__.get("_open_switch") is None:
+            guard = _SwitchWrite(self, name)
+            guard.started = True
+            return guard
+        switch_started(self)
+        return contextlib.nullcontext()
 
     def _activate_as_normal_tensors(self, name: str, lora_A: Tensor, lora_B: Tensor, scaling: float) -> None:
         live_A, live_B = self.lora_A, self.lora_B
