@@ -537,11 +537,14 @@ def _whole(*tensors) -> list:
 
 class _WriteMark:
     """LoRALayer._writing's mark: `written[0]` is whether the weight holds what the layer's bookkeeping does not say
-    yet; set True, it also marks the layer's open switch as begun (named_adapters.switch_started)."""
-    __slots__ = ("value", "layer")
+    yet; set True, it also marks the layer's open switch as begun (named_adapters.switch_started). `watch(weight)`
+    before the write closes the gap between the op's return and `written[0] = True`: an error raised from outside
+    the op (an exception Python raises between two statements) once the weight's version counter moved means it was
+    written; one the op raised says what the op left (ops._writes_weight: `weight_settled`)."""
+    __slots__ = ("value", "layer", "watched")
 
     def __init__(self, layer):
-        self.value, self.layer = False, layer
+        self.value, self.layer, self.watched = False, layer, None
 
     def __getitem__(self, index):
         return self.value
@@ -550,6 +553,26 @@ class _WriteMark:
         self.value = value
         if value:
             switch_started(self.layer)
+        else:
+            self.watched = None
+
+    def watch(self, weight: Tensor) -> None:
+        try:
+            self.watched = (weight, sharded.local(weight)._version)
+        except RuntimeError:  # (an inference tensor has no version counter: the marks alone)
+            self.watched = None
+
+    def wrote(self, err: BaseException) -> bool:
+        """Whether the weight was written and its bookkeeping does not say so yet, as `err` is raised."""
+        if self.value:
+            return True
+        watched = self.watched
+        if watched is None or getattr(err, "weight_settled", False):
+            return False
+        try:
+            return sharded.local(watched[0])._version != watched[1]
+        except RuntimeError:
+            return False
 
 
 class LoRALayer(NamedAdapters):
@@ -1079,7 +1102,7 @@ class LoRALayer(NamedAdapters):
             if getattr(err, "weight_written", False):
                 self._mark_broken(f"{self._describe()}: a failed {what} left its weight unknown (an error, then another "
                                   f"while putting the weight back: {err!r})", err)
-            elif written[0]:
+            elif written.wrote(err):
                 self._mark_broken(f"{self._describe()}: {'an' if what[0] in 'aeiou' else 'a'} {what} wrote its weight, "
                                   f"then failed before its bookkeeping said so ({err!r}): its weight is unknown", err)
             raise
@@ -1360,6 +1383,7 @@ class LoRALayer(NamedAdapters):
         snapshot = (self.lora_A.detach().clone(), self.lora_B.detach().clone(), self.scaling)
         with deferred_interrupt(), self._writing("merge") as written:
             target = self._pinned_weight()
+            written.watch(target)
             try:
                 with torch.no_grad():
                     record = self._merge_into(target, *snapshot, exact)
@@ -1370,6 +1394,7 @@ class LoRALayer(NamedAdapters):
                 raise
             self._set_merged(*snapshot, record, weight=target)
             self._stamp_finite(MERGED, known)
+            self.merged = True  # (in the bookkeeping: the callers' own assignment would come after the mark's end)
             written[0] = False
 
     def _weight_param(self) -> Tensor:
@@ -1549,6 +1574,7 @@ class LoRALayer(NamedAdapters):
             return
         self._streams.write(self._weight_2d().device)
         with deferred_interrupt(), self._writing("unmerge") as written:
+            written.watch(target)
             try:
                 with torch.no_grad():
                     self._unmerge_from(target)
@@ -1559,6 +1585,7 @@ class LoRALayer(NamedAdapters):
                 raise
             self._set_merged(None, None, None)
             self._finite_stamps.pop(MERGED, None)
+            self.merged = False  # (in the bookkeeping: see _merge)
             written[0] = False
 
     def _swap_merged(self, lora_A: Tensor, lora_B: Tensor, scaling: float, name: Optional[str] = None):
@@ -1579,6 +1606,7 @@ class LoRALayer(NamedAdapters):
         self._streams.write(self._weight_2d().device)
         snapshot = (lora_A.clone(), lora_B.clone(), scaling)
         with deferred_interrupt(), self._writing("switch") as written:
+            written.watch(target)
             try:
                 with torch.no_grad():
                     order = None if name is None or name == self.active_adapter else (
@@ -1665,6 +1693,7 @@ class LoRALayer(NamedAdapters):
                 else:
                     self._note_written()  # (a move or a new memory format: new storage, as merged)
                 return module
+            written.watch(self._weight_param())
             with torch.no_grad():
                 self._unmerge_from(self._weight_param())
                 written[0] = True  # (inside: see _writing)
@@ -1689,6 +1718,7 @@ class LoRALayer(NamedAdapters):
                 exact = (self.lossless is not False and (record is not None or self._lossless_now())
                          and w.dtype in lossless.RECORD_DTYPES)
                 try:
+                    written.watch(self._weight_param())
                     with torch.no_grad():
                         record = self._merge_into(self._weight_param(), A, B, s, exact)
                         written[0] = True  # (inside: see _writing)

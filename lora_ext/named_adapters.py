@@ -931,8 +931,8 @@ class NamedAdapters:
                     self._adapters[old_name] = old
                     # plain attributes straight into __dict__: nn.Module.__setattr__ costs more than a switch's kernel
                     self.__dict__.update(active_adapter=name, _active_home=home)
-                self._stamp_finite(old_name, old_known)
-                self._switch_dropout(old_name, name)
+                    self._stamp_finite(old_name, old_known)
+                    self._switch_dropout(old_name, name)  # (the old adapter's probability filed under its name)
                 self._streams.retire(lora_A, lora_B)
 
     # -- each adapter's lora_dropout -------------------------------------------------------------------------

@@ -384,8 +384,14 @@ def _writes_weight(op):
         refusal = overlap_refusal(weight)
         if refusal is not None:
             raise ValueError(f"{op.__name__}: {refusal}")
-        with inference_writes(weight):
-            return op(weight, *args, **kwargs)
+        try:
+            with inference_writes(weight):
+                return op(weight, *args, **kwargs)
+        except BaseException as err:
+            # the op's own error: the weight as it was, or as the error says (`weight_written`, `record`,
+            # `weight_is_base`), whatever its version counter did (LoRALayer._writing's _WriteMark.wrote)
+            err.weight_settled = True
+            raise
     return written
 
 

@@ -475,12 +475,13 @@ def _settle(weight: Tensor, err: Optional[BaseException], where: str) -> Optiona
     same, worst = _all_agree(weight, torch.zeros(_WIDTH, dtype=torch.float64), outcome)
     if same and worst == _OK:
         return None
-    if err is not None:
-        return err
-    if worst == _FAILED:
-        return RuntimeError(f"{where}: failed on another rank (its error is in that rank's output); the parts written "
-                            f"here were put back")
-    return _refused_elsewhere(where)
+    settled = err if err is not None else RuntimeError(
+        f"{where}: failed on another rank (its error is in that rank's output); the parts written here were put "
+        f"back") if worst == _FAILED else _refused_elsewhere(where)
+    # (the caller puts its parts back, or says what they hold: as ops' own errors, whatever the version counter
+    # did; LoRALayer._writing)
+    settled.weight_settled = True
+    return settled
 
 
 def _refused_elsewhere(where: str):

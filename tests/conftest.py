@@ -66,6 +66,19 @@ def _fresh_seed(request):
 
 
 @pytest.fixture(autouse=True)
+def _grad_mode_kept():
+    # A test that leaves autograd off (an exception landing in torch.no_grad()'s exit, on purpose) would make every
+    # later test's backward fail far from the cause: it fails itself, and the mode is put back.
+    torch = sys.modules.get("torch")
+    before = torch.is_grad_enabled() if torch is not None else None
+    yield
+    if torch is not None and before is not None and torch.is_grad_enabled() != before:
+        torch.set_grad_enabled(before)
+        pytest.fail(f"the test left autograd {'on' if before is False else 'off'} (it was "
+                    f"{'on' if before else 'off'} before it)")
+
+
+@pytest.fixture(autouse=True)
 def _default_sim_schedule():
     # A test may shuffle the simulator's thread order; the next one starts from the default order.
     yield
