@@ -402,6 +402,7 @@ def _pass_reference(weight, old, record, new, num_blocks, block_ids, transposed,
     except BaseException as err:  # (the record too: until it exists, the written chunks go back)
         try:
             _undo(weight, done, old, new, codes, exc_i, exc_b, n, num_blocks, block_ids, transposed)
+            put_back(err)
         except BaseException as again:
             written_without_record(err, where, "chunks of this pass", again)
         raise
@@ -412,6 +413,12 @@ def _pass_reference(weight, old, record, new, num_blocks, block_ids, transposed,
                    "the refused pass", message)
         raise ExceptionOverflow(message)
     return rec
+
+
+def put_back(err: BaseException) -> None:
+    """An op that wrote the weight failed (`err`) and gave it back as it was: `err.weight_put_back`, which
+    ops._writes_weight reads (its version counter moved, its values did not)."""
+    err.weight_put_back = True
 
 
 def written_without_record(err: BaseException, where: str, holds: str, again: Optional[BaseException] = None) -> None:

@@ -62,6 +62,7 @@ def _take_back(err, module, weight, old, new, made, num_blocks, block_ids, trans
         except BaseException as again:
             lossless.written_without_record(err, where, "the new adapter's merge", again)
             return
+        lossless.put_back(err)  # (W the base: a merge's weight as it was; a swap's says more below)
         if old is not None:
             try:
                 err.record = _run(module, weight, None, None, old, num_blocks, block_ids, transposed, math.inf,

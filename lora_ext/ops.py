@@ -376,6 +376,14 @@ def _strides_apart(t: Tensor) -> bool:
     return True
 
 
+def _version(weight: Tensor) -> Optional[int]:
+    """The weight's version counter (its local shard's); None for a tensor without one (an inference tensor)."""
+    try:
+        return sharded.local(weight)._version
+    except RuntimeError:
+        return None
+
+
 def _writes_weight(op):
     """An op that writes `weight` in place (merge_, unmerge_, swap_): an inference tensor inside inference mode
     (inference_writes); refused before anything is written when elements of the weight share memory."""
@@ -384,13 +392,20 @@ def _writes_weight(op):
         refusal = overlap_refusal(weight)
         if refusal is not None:
             raise ValueError(f"{op.__name__}: {refusal}")
+        version = _version(weight)
         try:
             with inference_writes(weight):
                 return op(weight, *args, **kwargs)
         except BaseException as err:
-            # the op's own error: the weight as it was, or as the error says (`weight_written`, `record`,
-            # `weight_is_base`), whatever its version counter did (LoRALayer._writing's _WriteMark.wrote)
-            err.weight_settled = True
+            # the op's error says what the weight holds: as it was when its version counter did not move (nothing
+            # written) or the op put it back, else as `weight_written`, `record` or `weight_is_base` say (a refusal,
+            # ExceptionOverflow, puts back or says weight_written). Not said: an exception Python raised between
+            # two statements of the op after its write (asynchronous): the layer then counts it written
+            # (LoRALayer._writing's _WriteMark.wrote)
+            if (version is None or _version(weight) == version or isinstance(err, lossless.ExceptionOverflow)
+                    or any(getattr(err, k, False) for k in ("weight_put_back", "weight_written", "weight_is_base"))
+                    or hasattr(err, "record")):
+                err.weight_settled = True
             raise
     return written
 
@@ -502,8 +517,10 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
         rec = MergeRecord(codes, exc_index[order], exc_bits[order], weight.dtype, tuple(weight.shape), num_blocks,
                           tuple(block_ids), bool(transposed))
     except BaseException as err:
-        if _take_back(err, weight, f_new, layout, codes, exc_index, exc_bits, counter, where) and f_old is not None:
-            _merge_back(err, weight, old, layout, max(limit, record.exceptions), where)
+        if _take_back(err, weight, f_new, layout, codes, exc_index, exc_bits, counter, where):
+            lossless.put_back(err)  # (W the base: a merge's weight as it was; a swap's says more below)
+            if f_old is not None:
+                _merge_back(err, weight, old, layout, max(limit, record.exceptions), where)
         raise
     if count <= cap:
         return rec
@@ -517,8 +534,10 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
             return _kernel_lossless(weight, None, None, new, *layout, limit, where, capacity=count)
         raise lossless.ExceptionOverflow(lossless.overflow_message(where, count, limit, n * rows * cols))
     except BaseException as err:  # refused, or the rerun failed (out of memory, Ctrl-C): a merge leaves the base
-        if f_old is not None and not getattr(err, "weight_written", False):  # (else W is not the base: as it is)
-            _merge_back(err, weight, old, layout, max(limit, record.exceptions), where)
+        if not getattr(err, "weight_written", False):  # (else W is not the base: as it is)
+            lossless.put_back(err)
+            if f_old is not None:
+                _merge_back(err, weight, old, layout, max(limit, record.exceptions), where)
         raise
 
 
