@@ -2488,12 +2488,23 @@ del _name
 @contextlib.contextmanager
 def _staged_2d(layer: ConvLoRA, weight: Tensor):
     """A channels_last conv weight (a vision model converted once for speed) as the 2-D matrix the ops write: a
-    contiguous copy, which then goes back into the weight, whatever the op left in it (a refusal writes nothing)."""
+    contiguous copy, which then goes back into the weight, whatever the op left in it (a refusal writes nothing);
+    not when the op did not write it (its version counter did not move): the weight's own counter then says
+    nothing was written (LoRALayer._writing)."""
     staged = weight.contiguous()
+    version = _version_or_none(staged)
     try:
         yield layer._as_2d(staged)
     finally:
-        weight.copy_(staged)
+        if version is None or _version_or_none(staged) != version:
+            weight.copy_(staged)
+
+
+def _version_or_none(t: Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:  # (an inference tensor)
+        return None
 
 
 class Conv1d(ConvLoRA):

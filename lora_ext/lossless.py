@@ -415,6 +415,14 @@ def _pass_reference(weight, old, record, new, num_blocks, block_ids, transposed,
     return rec
 
 
+def writes_now(weight) -> None:
+    """Before a C++ pass or kernel writes `weight` (they do not move its version counter): the counter moved
+    first, so that an exception landing between the write and the op's return (a signal's handler runs at the
+    first statement after the pass) finds the weight counted as written (ops._writes_weight); the op's own errors
+    after this say what they left (put back: weight_put_back)."""
+    torch.autograd.graph.increment_version(weight)
+
+
 def put_back(err: BaseException) -> None:
     """An op that wrote the weight failed (`err`) and gave it back as it was: `err.weight_put_back`, which
     ops._writes_weight reads (its version counter moved, its values did not)."""

@@ -100,6 +100,7 @@ def _run(module, weight, old, record, new, num_blocks, block_ids, transposed, li
         n_args = (new[0], new[1], s_new, ln.contiguous(), rn.contiguous(), ds)
     else:
         n_args = (None, None, 0.0, None, None, 0.0)
+    lossless.writes_now(weight)
     codes, exc_index, exc_bits, total = module.lossless_pass_(weight, *o_args, *n_args, *layout, cap, nan_bf16,
                                                               f16_payload)
     if new is None:

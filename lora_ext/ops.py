@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import lossless, reference, sharded
+from .lossless import writes_now as _writes_now
 from .lossless import MergeRecord
 from .readable import plain, readable, transformed
 
@@ -126,11 +127,17 @@ def _functorch() -> bool:
 
 def _launch(impl: Callable, args: tuple, check: Callable):
     """impl(*args) without the Python checks; when the launcher refuses, `check(*args)` words the refusal
-    in this API's names (it raises when it sees the problem; else the launcher's own message stands)."""
+    in this API's names (it raises when it sees the problem; else the launcher's own message stands). A refusal
+    wrote nothing (`weight_put_back`: see _writes_weight)."""
     try:
         return impl(*args)
-    except (ValueError, TypeError):
-        check(*args)
+    except (ValueError, TypeError) as err:
+        err.weight_put_back = True
+        try:
+            check(*args)
+        except BaseException as worded:
+            worded.weight_put_back = True
+            raise
         raise
 
 
@@ -429,6 +436,7 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_
         _check_merge_args(*args)
         return _lossless_pass(weight, None, None, args[1:4], *args[4:], "merge_")
     if args[5] and _fast_path(weight, also=(lora_A, lora_B)):
+        _writes_now(weight)
         _launch(_merge_impl, args, _check_merge_args)
     else:
         if not _check_merge_args(*args):
@@ -496,6 +504,7 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
     f_old = (factors[0], factors[1], old[2]) if old is not None else None
     f_new = (factors[-2], factors[-1], new[2]) if new is not None else None
     if f_new is None:
+        _writes_now(weight)
         mod.unmerge_lossless_(weight, *f_old, *layout, record.codes, record.exc_index, record.exc_bits)
         return None
     n, rows, cols, _ = lossless.region(weight, *layout)
@@ -506,6 +515,7 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
     exc_bits = torch.empty(cap, dtype=torch.int32, device=weight.device)
     counter = torch.zeros(1, dtype=torch.int64, device=weight.device)
     g = lossless.gamma(f_new[0].shape[0] // max(n, 1))
+    _writes_now(weight)
     if f_old is None:
         mod.merge_lossless_(weight, *f_new, *layout, ln, rn, g, codes, exc_index, exc_bits, counter)
     else:
@@ -721,6 +731,7 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
         args = (weight, new_A, new_B, -args[6], old_A, old_B, -args[3], *args[7:])
     # No custom op: a switch is a serving-time operation, outside any traced graph or autograd record.
     if fast:
+        _writes_now(weight)
         _launch(_swap_impl, args, lambda *_: _check_swap_args(*given))
     else:
         _swap_impl(*args)
