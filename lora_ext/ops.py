@@ -306,8 +306,9 @@ def _layer_shape(weight, transposed):
 
 def _merge_impl(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
     if _kernels.takes(weight, lora_A, lora_B):
-        _kernels.module.merge_(weight, *_kernel_factors(weight.dtype, lora_A, lora_B), scale, num_blocks,
-                               block_ids, transposed)
+        factors = _kernel_factors(weight.dtype, lora_A, lora_B)
+        _writes_now(weight)  # (the statement before the launch)
+        _kernels.module.merge_(weight, *factors, scale, num_blocks, block_ids, transposed)
     else:
         reference.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed, once=True)
 
@@ -436,7 +437,6 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_
         _check_merge_args(*args)
         return _lossless_pass(weight, None, None, args[1:4], *args[4:], "merge_")
     if args[5] and _fast_path(weight, also=(lora_A, lora_B)):
-        _writes_now(weight)
         _launch(_merge_impl, args, _check_merge_args)
     else:
         if not _check_merge_args(*args):
@@ -661,6 +661,7 @@ def _check_values(adapters, weight_dtype=None):
 def _swap_impl(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):
     if _kernels.takes(weight, old_A, old_B, new_A, new_B):
         a1, b1, a2, b2 = _kernel_factors(weight.dtype, old_A, old_B, new_A, new_B)
+        _writes_now(weight)  # (the statement before the launch)
         _kernels.module.swap_(weight, a1, b1, old_scale, a2, b2, new_scale, num_blocks, block_ids, transposed)
     else:
         reference.swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids,
@@ -731,7 +732,6 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
         args = (weight, new_A, new_B, -args[6], old_A, old_B, -args[3], *args[7:])
     # No custom op: a switch is a serving-time operation, outside any traced graph or autograd record.
     if fast:
-        _writes_now(weight)
         _launch(_swap_impl, args, lambda *_: _check_swap_args(*given))
     else:
         _swap_impl(*args)
