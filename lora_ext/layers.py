@@ -557,10 +557,8 @@ class _WriteMark:
             self.watched = None
 
     def watch(self, weight: Tensor) -> None:
-        try:
-            self.watched = (weight, sharded.local(weight)._version)
-        except RuntimeError:  # (an inference tensor has no version counter: the marks alone)
-            self.watched = None
+        version = _version_or_none(sharded.local(weight))  # (None: an inference tensor, no counter: the marks alone)
+        self.watched = None if version is None else (weight, version)
 
     def wrote(self, err: BaseException) -> bool:
         """Whether the weight was written and its bookkeeping does not say so yet, as `err` is raised."""
@@ -569,10 +567,7 @@ class _WriteMark:
         watched = self.watched
         if watched is None or getattr(err, "weight_settled", False):
             return False
-        try:
-            return sharded.local(watched[0])._version != watched[1]
-        except RuntimeError:
-            return False
+        return _version_or_none(sharded.local(watched[0])) != watched[1]
 
 
 class LoRALayer(NamedAdapters):
@@ -2498,13 +2493,6 @@ def _staged_2d(layer: ConvLoRA, weight: Tensor):
     finally:
         if version is None or _version_or_none(staged) != version:
             weight.copy_(staged)
-
-
-def _version_or_none(t: Tensor) -> Optional[int]:
-    try:
-        return t._version
-    except RuntimeError:  # (an inference tensor)
-        return None
 
 
 class Conv1d(ConvLoRA):
