@@ -180,11 +180,11 @@ class deferred_interrupt:
     ten times the call itself, and a merge cycle enters two of these (bench/NOTES-merge.md, host time)."""
 
     __slots__ = ("_caught", "_previous")
-    _open = False  # one is open (only the main thread gets that far)
+    _open = None  # the one open (only the main thread gets that far)
 
     def __enter__(self):
         self._caught = None
-        if deferred_interrupt._open or threading.current_thread() is not threading.main_thread():
+        if deferred_interrupt._open is not None or threading.current_thread() is not threading.main_thread():
             return self
         caught = []
 
@@ -198,17 +198,21 @@ class deferred_interrupt:
                 if callable(handler) or (sig == signal.SIGINT and handler in (signal.SIG_DFL, signal.SIG_IGN)):
                     previous.append((sig, handler))
                     _signal.signal(sig, hold)
+            # (inside the try: an exception landing here, an asynchronous one, still puts the handlers back; the
+            # `with` runs no __exit__ for an __enter__ that raised, and Ctrl-C would be held for good)
+            self._previous = previous
+            self._caught = caught
+            deferred_interrupt._open = self
+            return self
         except ValueError:  # not the main interpreter
+            deferred_interrupt._open = self._caught = None  # (it was not open: this one got past the check)
             _restore(previous)
             return self
         except BaseException as err:
             # a signal not swapped yet whose handler raised: the ones swapped put back, the caught ones run, then it
+            deferred_interrupt._open = self._caught = None
             _deliver_all(caught, dict(previous), _restore_catching(previous) or err)
             raise
-        self._previous = previous
-        self._caught = caught
-        deferred_interrupt._open = True
-        return self
 
     def __exit__(self, *exc):
         self.deliver()
@@ -224,9 +228,12 @@ class deferred_interrupt:
         caught = self._caught
         if caught is None:
             return
-        self._caught = None
-        deferred_interrupt._open = False
-        _deliver_all(caught, dict(self._previous), _restore_catching(self._previous))
+        deferred_interrupt._open = self._caught = None  # (one statement: nothing lands between the two)
+        try:
+            pending = _restore_catching(self._previous)
+        except BaseException as err:  # (one landing as the call began, an asynchronous one: put back all the same)
+            pending = _restore_catching(self._previous) or err
+        _deliver_all(caught, dict(self._previous), pending)
 
 
 def _restore(previous) -> None:
