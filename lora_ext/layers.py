@@ -83,14 +83,6 @@ def _remerge_after_load(module, incompatible_keys):
 _OPERANDS = ("weight", "bias", "lora_A", "lora_B")
 
 
-def _version_or_none(t: Tensor) -> Optional[int]:
-    """t's version counter; None for an inference tensor, which keeps none."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
-
 def _same_storage(a: Tensor, b: Tensor) -> bool:
     a, b = sharded.local(a), sharded.local(b)
     if a.is_meta or b.is_meta:
@@ -557,7 +549,7 @@ class _WriteMark:
             self.watched = None
 
     def watch(self, weight: Tensor) -> None:
-        version = _version_or_none(sharded.local(weight))  # (None: an inference tensor, no counter: the marks alone)
+        version = sharded.version(weight)  # (None: an inference tensor, no counter: the marks alone)
         self.watched = None if version is None else (weight, version)
 
     def wrote(self, err: BaseException) -> bool:
@@ -567,7 +559,7 @@ class _WriteMark:
         watched = self.watched
         if watched is None or getattr(err, "weight_settled", False):
             return False
-        return _version_or_none(sharded.local(watched[0])) != watched[1]
+        return sharded.version(watched[0]) != watched[1]
 
 
 class LoRALayer(NamedAdapters):
@@ -1251,7 +1243,7 @@ class LoRALayer(NamedAdapters):
         given_at = getattr(loaded, "_lora_ext_given_at", None)
         if aliases and given_at is not None and sharded.is_dtensor(loaded):
             # a base a merged layer's state_dict() gave, written in place since (dcp.load into it): every rank alike
-            return sharded.any_rank(loaded, _version_or_none(sharded.local(loaded)) != given_at)
+            return sharded.any_rank(loaded, sharded.version(loaded) != given_at)
         if loaded is not self._weight_or_none() and not (
                 aliases and isinstance(loaded, Tensor) and loaded.numel() and self._weight_or_none() is not None
                 and _same_storage(loaded, self._weight_param())):
@@ -1260,7 +1252,7 @@ class LoRALayer(NamedAdapters):
         w, record = sharded.local(weight), self.__dict__.get("_written")
         mine = bool(self._in_written(w)) and record.version != w._version
         if loaded is not weight:
-            other = _version_or_none(sharded.local(loaded))
+            other = sharded.version(loaded)
             # a version counter of its own (a tensor made over the memory, not a view of it): written since it was made
             if other is not None and other != w._version:
                 mine = other > 0
@@ -1889,7 +1881,7 @@ class LoRALayer(NamedAdapters):
                 with torch.no_grad():
                     self._unmerge_from(base)
                 base._lora_ext_unmerged = True  # (see _serves_merged)
-                base._lora_ext_given_at = _version_or_none(sharded.local(base))  # (written in place since: a loader's)
+                base._lora_ext_given_at = sharded.version(base)  # (written in place since: a loader's)
                 _given_bases[0] = True
                 state[key] = base
             return state
@@ -2487,11 +2479,11 @@ def _staged_2d(layer: ConvLoRA, weight: Tensor):
     not when the op did not write it (its version counter did not move): the weight's own counter then says
     nothing was written (LoRALayer._writing)."""
     staged = weight.contiguous()
-    version = _version_or_none(staged)
+    version = sharded.version(staged)
     try:
         yield layer._as_2d(staged)
     finally:
-        if version is None or _version_or_none(staged) != version:
+        if version is None or sharded.version(staged) != version:
             weight.copy_(staged)
 
 

@@ -384,14 +384,6 @@ def _strides_apart(t: Tensor) -> bool:
     return True
 
 
-def _version(weight: Tensor) -> Optional[int]:
-    """The weight's version counter (its local shard's); None for a tensor without one (an inference tensor)."""
-    try:
-        return sharded.local(weight)._version
-    except RuntimeError:
-        return None
-
-
 def _writes_weight(op):
     """An op that writes `weight` in place (merge_, unmerge_, swap_): an inference tensor inside inference mode
     (inference_writes); refused before anything is written when elements of the weight share memory."""
@@ -400,7 +392,7 @@ def _writes_weight(op):
         refusal = overlap_refusal(weight)
         if refusal is not None:
             raise ValueError(f"{op.__name__}: {refusal}")
-        version = _version(weight)
+        version = sharded.version(weight)
         try:
             with inference_writes(weight):
                 return op(weight, *args, **kwargs)
@@ -410,7 +402,7 @@ def _writes_weight(op):
             # ExceptionOverflow, puts back or says weight_written). Not said: an exception Python raised between
             # two statements of the op after its write (asynchronous): the layer then counts it written
             # (LoRALayer._writing's _WriteMark.wrote)
-            if (version is None or _version(weight) == version or isinstance(err, lossless.ExceptionOverflow)
+            if (version is None or sharded.version(weight) == version or isinstance(err, lossless.ExceptionOverflow)
                     or any(getattr(err, k, False) for k in ("weight_put_back", "weight_written", "weight_is_base"))
                     or hasattr(err, "record")):
                 err.weight_settled = True

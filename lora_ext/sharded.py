@@ -131,6 +131,14 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def version(t: Tensor) -> Optional[int]:
+    """The version counter of t (of its local shard); None for an inference tensor, which keeps none."""
+    try:
+        return local(t)._version
+    except RuntimeError:
+        return None
+
+
 def abs_max(t: Tensor, finite: bool = False) -> Tensor:
     """max |t| as a float32 scalar tensor, 0 for no elements; NaN counts as inf, or with finite=True only finite
     elements count. A DTensor's is over every rank (a collective: every rank must call it): a rank whose shard is
