@@ -214,26 +214,31 @@ class deferred_interrupt:
             _deliver_all(caught, dict(previous), _restore_catching(previous) or err)
             raise
 
-    def __exit__(self, *exc):
-        self.deliver()
-        return False
-
-    def deliver(self) -> None:
+    def deliver(self, *exc) -> None:
         """Ends the hold now (the handlers back) and delivers the signals caught meanwhile, here, in the order they
         came: the model-level operations call it inside their try, so that a KeyboardInterrupt (or a handler's
         exception) rolls the whole operation back and a handler that returns (or that itself switches adapters)
         runs after the operation, never between two layers. When a handler raises, the handlers of the other
         caught signals still run, and the first exception is raised after them. Nothing when this one is nested in
-        another (that one delivers) or already delivered."""
-        caught = self._caught
-        if caught is None:
-            return
-        deferred_interrupt._open = self._caught = None  # (one statement: nothing lands between the two)
+        another (that one delivers) or already delivered. It is the hold's __exit__ too (returning None: an
+        exception in the block goes on)."""
+        # (all inside the try: an exception landing on any line, an asynchronous one, still puts the handlers back,
+        # where a hold left behind would keep Ctrl-C and SIGTERM held for good)
         try:
+            caught = self._caught
+            if caught is None:
+                return
             pending = _restore_catching(self._previous)
-        except BaseException as err:  # (one landing as the call began, an asynchronous one: put back all the same)
+            deferred_interrupt._open = self._caught = None  # (one statement: nothing lands between the two)
+        except BaseException as err:
+            caught = self._caught
+            if caught is None:  # (nothing was held, or the hold was over already)
+                raise
             pending = _restore_catching(self._previous) or err
+            deferred_interrupt._open = self._caught = None
         _deliver_all(caught, dict(self._previous), pending)
+
+    __exit__ = deliver
 
 
 def _restore(previous) -> None:
