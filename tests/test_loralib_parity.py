@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, HealthCheck, strategies as st
 
 import lora_ext
-from helpers import assert_close_rel, dense_delta64, rel_err
+from helpers import TOL, assert_close_rel, dense_delta64, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -82,12 +82,27 @@ def test_forward_and_gradients_match(case, dtype):
     g = torch.randn_like(y_ref)
     y_ref.backward(g)
     y.backward(g.to(dtype))
-    for (n, p_ref), (_, p) in zip(ref.named_parameters(), ours.named_parameters()):
+    # gradients' errors against the gradients of the magnitudes (|params|, |x|, |g| through the oracle): a gradient
+    # that nearly cancels (conv3d_k1's lora_A: 4 sums of 60 terms) is off by more than TOL of its own norm in
+    # bfloat16 in plain torch too (0.052 at one seed in 300; g35)
+    mag = copy.deepcopy(ref)
+    with torch.no_grad():
+        for p in mag.parameters():
+            p.abs_()
+    x_mag = x64.detach().abs().requires_grad_() if x.is_floating_point() else x64
+    mag(x_mag).backward(g.abs())
+    for (n, p_ref), (_, p), (_, p_mag) in zip(ref.named_parameters(), ours.named_parameters(), mag.named_parameters()):
         assert (p_ref.grad is None) == (p.grad is None), n
         if p.grad is not None:
-            assert_close_rel(p.grad, p_ref.grad, dtype, factor=2)
+            _assert_within(p.grad, p_ref.grad, p_mag.grad, dtype, n)
     if x.is_floating_point():
-        assert_close_rel(xd.grad, x64.grad, dtype, factor=2)
+        _assert_within(xd.grad, x64.grad, x_mag.grad, dtype, "x")
+
+
+def _assert_within(grad, ref, magnitudes, dtype, name):
+    """||grad - ref|| within 2 TOL of ||magnitudes||, the same gradient of the terms' magnitudes."""
+    err = ((grad.double() - ref).norm() / magnitudes.norm().clamp_min(1e-300)).item()
+    assert err < TOL[dtype] * 2, f"{name}.grad: error {err:.3g} of the magnitudes' gradient ({dtype})"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -53,9 +53,11 @@ class ModelLock:
         self._holds = {}  # thread id -> reads held by hold(): never taken for left behind
         self._writer = None
         self._write_depth = 0
-        self._waiting_writers = 0
-        self._queue = collections.deque()  # waiting writers' threads, first come first served
-        self._waiting_readers = 0
+        # the threads waiting, by kind (waiting writers first come first served): each enters its own inside the
+        # try that takes it out, and a waiter that finds one whose thread is no longer waiting drops it (_drop_gone:
+        # an exception Python raised between two statements of the bookkeeping, an asynchronous one, left it)
+        self._queue = collections.deque()  # waiting writers' threads
+        self._waiting = collections.deque()  # waiting readers' threads
         self._admit = 0  # readers let in ahead of the waiting writers: those that waited when a write ended
         self._changer = None  # the thread making a model-level change (changing()), and how deep
         self._change_depth = 0
@@ -138,6 +140,17 @@ class ModelLock:
             if frame is None or not self._in_forward(frame):
                 del self._reads[ident]
 
+    def _drop_gone(self) -> None:
+        """Drops the waiters whose threads are not waiting (not inside the function that waits): left by an
+        exception that landed in the bookkeeping, between entering the thread and the try that takes it out. A
+        waiter's timeout calls it (the mutex held): the waits poll, so a left waiter, or a notify an exception cut
+        short, delays the others by a poll at most."""
+        frames = sys._current_frames()
+        for waiting, code in ((self._waiting, _READ_CODE), (self._queue, _WRITE_CODE), (self._changers, _CHANGE_CODE)):
+            for ident in [i for i in waiting if not _inside(frames.get(i), code)]:
+                _discard(waiting, ident)
+        self._admit = min(self._admit, len(self._waiting))
+
     def acquire_read(self, hold: bool = False) -> None:
         """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s."""
         if self._stuck is not None:
@@ -146,7 +159,7 @@ class ModelLock:
             raise RuntimeError(self._torn)
         me = threading.get_ident()
         with self._mutex:
-            if (me in self._reads and self._waiting_writers and not self._holds.get(me) and self._writer != me
+            if (me in self._reads and self._queue and not self._holds.get(me) and self._writer != me
                     and not self._in_forward(sys._getframe(), outer=0 if hold else 1)):
                 # not inside a forward or a hold of this thread: the read was left by a forward a KeyboardInterrupt
                 # stopped (its hook never ran). This read is a new one, and queues (else the thread, forwarding in
@@ -158,15 +171,16 @@ class ModelLock:
                 # that waited through a write (self._admit). A new hold queues too (holds on several threads in turn
                 # would starve the writers), for up to HOLD_QUEUE_SECONDS while another hold is open: it may be one
                 # that the open hold waits for (a hold on its worker thread), which must not wait for ever
-                self._waiting_readers += 1
                 deadline = time.monotonic() + HOLD_QUEUE_SECONDS
                 try:
+                    self._waiting.append(me)
                     while self._writer is not None or (
-                            self._waiting_writers and not self._admit
+                            self._queue and not self._admit
                             and (not self._holds or (hold and time.monotonic() < deadline))):
-                        self._cond.wait(timeout=0.05 if hold and self._holds else None)
+                        if not self._cond.wait(timeout=0.05 if hold and self._holds else _POLL):
+                            self._drop_gone()
                 finally:
-                    self._waiting_readers -= 1
+                    _discard(self._waiting, me)
                 if self._admit:
                     self._admit -= 1
                     if not self._admit:
@@ -203,12 +217,13 @@ class ModelLock:
                 self._change_depth += 1
             else:
                 self._refuse_from_inside(me)
-                self._changers.append(me)
                 try:
+                    self._changers.append(me)
                     while self._changer is not None or self._changers[0] != me:
-                        self._cond.wait()
+                        if not self._cond.wait(timeout=_POLL):
+                            self._drop_gone()
                 finally:
-                    self._changers.remove(me)
+                    _discard(self._changers, me)
                     self._cond.notify_all()
                 self._changer, self._change_depth = me, 1
         try:
@@ -235,18 +250,17 @@ class ModelLock:
                 if me in self._reads:
                     self._refuse_from_inside(me)
                     del self._reads[me]  # left by a forward of this thread that was interrupted
-                self._waiting_writers += 1
-                self._queue.append(me)
                 try:
+                    self._queue.append(me)
                     while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
-                        if not self._cond.wait(timeout=0.1):
+                        if not self._cond.wait(timeout=_POLL):
                             self._drop_left_reads()
+                            self._drop_gone()
                         # (readers let in that stopped waiting meanwhile: a reader leaves the wait and takes its
                         # admission in one step under the condition's lock, so this never skips one)
-                        self._admit = min(self._admit, self._waiting_readers)
+                        self._admit = min(self._admit, len(self._waiting))
                 finally:
-                    self._waiting_writers -= 1
-                    self._queue.remove(me)
+                    _discard(self._queue, me)
                     self._cond.notify_all()
                 self._writer, self._write_depth = me, 1
         try:
@@ -256,8 +270,31 @@ class ModelLock:
                 self._write_depth -= 1
                 if not self._write_depth:
                     self._writer = None
-                    self._admit = self._waiting_readers  # they go before the next writer
+                    self._admit = len(self._waiting)  # they go before the next writer
                     self._cond.notify_all()
+
+
+_POLL = 0.1  # seconds between a waiter's looks for waiters left behind (ModelLock._drop_gone)
+_READ_CODE = ModelLock.acquire_read.__code__
+_WRITE_CODE = ModelLock._write.__wrapped__.__code__
+_CHANGE_CODE = ModelLock.changing.__wrapped__.__code__
+
+
+def _inside(frame, code) -> bool:
+    """Whether the stack from `frame` runs `code`."""
+    while frame is not None:
+        if frame.f_code is code:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _discard(waiting, ident) -> None:
+    """Takes thread `ident` out of `waiting` (a waiter takes itself out in its finally; one left behind is dropped)."""
+    try:
+        waiting.remove(ident)
+    except ValueError:
+        pass
 
 
 @contextlib.contextmanager
