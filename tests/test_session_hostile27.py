@@ -1,13 +1,19 @@
 """Bugs found by the thirty-fourth session's hostile testers and its own reading, each shown failing on the code
 before its fix."""
 import dis
+import gc
+import inspect
 import os
 import signal
 import sys
+import threading
 
 import pytest
+import torch
 
+import lora_ext as lora
 from lora_ext.named_adapters import deferred_interrupt
+from lora_ext.serving.adapters import ModelLock
 
 _NOP = dis.opmap["NOP"]
 
@@ -109,3 +115,151 @@ def test_an_exception_landing_in_a_hold_never_leaves_ctrl_c_held(handlers, where
     for line in lines:
         assert _landing_at(function, line, _one_hold), line
         _hold_still_works()
+
+
+# --- the model lock and the blocks' ends (h36) ---------------------------------------------------------------------
+
+def _two_layer_model():
+    """Two frozen Linear(8, 8) layers with adapters 'default' and 'b' (non-zero), serving 'default', eval mode
+    (merged); float64 references of each adapter's output for x."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(lora.Linear(8, 8, r=2), lora.Linear(8, 8, r=2))
+    refs_of = {"default": [], "b": []}
+    for layer in model:
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.5)
+        layer.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    model.requires_grad_(False)
+    x = torch.randn(3, 8)
+    for name in refs_of:
+        y = x.double()
+        for layer in model:
+            A, B, s = (layer.lora_A, layer.lora_B, layer.scaling) if name == "default" else layer.get_adapter(name)
+            W = layer.weight.detach().double() + s * B.detach().double() @ A.detach().double()
+            y = y @ W.T + layer.bias.detach().double()
+        refs_of[name] = y
+    y = x.double()
+    for layer in model:
+        y = y @ layer.weight.detach().double().T + layer.bias.detach().double()
+    refs_of[None] = y
+    lora.set_adapter(model, "default")
+    model.eval()
+    return model, x, refs_of
+
+
+def _within(fn, seconds=20.0) -> bool:
+    """Whether fn() finishes on another thread within `seconds` (a lock left held makes it wait for ever)."""
+    done = []
+    thread = threading.Thread(target=lambda: done.append(fn()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return bool(done)
+
+
+def _serves(model, x, ref) -> bool:
+    with torch.no_grad():
+        return float((model(x).double() - ref).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("op,function", [("forward", ModelLock.acquire_read), ("forward", ModelLock.release_read),
+                                         ("set_adapter", ModelLock._write.__wrapped__),
+                                         ("set_adapter", ModelLock.changing.__wrapped__)],
+                         ids=["forward-acquire_read", "forward-release_read", "set_adapter-_write",
+                              "set_adapter-changing"])
+def test_an_exception_landing_in_the_model_locks_bookkeeping_never_wedges_it(op, function):
+    # h36: an exception landing between the lock's bookkeeping statements left a waiting reader (after
+    # `_waiting_readers += 1`, before its try: a Ctrl-C in an ordinary forward can land there; the next change
+    # admitted it, and the change after that waited for ever), a waiting writer or changer at the head of its queue,
+    # or a write or change held after its release began (every forward, or every change, on other threads waited
+    # for ever). Now each waiter enters its queue inside the try that takes it out, waiters drop those left behind,
+    # and a release that is landed on releases again (once) before the exception goes on
+    def run(model, x):
+        if op == "forward":
+            with torch.no_grad():
+                model(x)
+        else:
+            lora.set_adapter(model, "b")
+    model, x, _ = _two_layer_model()
+    lines = _lines_of(function, lambda: run(model, x))
+    assert len(lines) >= (4 if op == "forward" else 10)
+    for line in lines:
+        model, x, refs = _two_layer_model()
+        assert _landing_at(function, line, lambda: run(model, x)), line
+        gc.collect()
+        assert _within(lambda: run(model, x)), f"line {line}: a forward/switch on another thread waits for ever"
+        assert _within(lambda: lora.set_adapter(model, "default")), f"line {line}: a change waits for ever"
+        assert _within(lambda: lora.set_adapter(model, "b")), f"line {line}: the next change waits for ever"
+        assert _serves(model, x, refs["b"]), line
+
+
+def _end_lines(function, opening):
+    """The lines of `function`'s block end up to where the end has begun: its last `opening` line (the end's hold
+    taken, where a Ctrl-C can land as the hold's __enter__ is called) and the line after it."""
+    source, first = inspect.getsourcelines(function)
+    at = [first + i for i, text in enumerate(source) if text.strip().startswith(opening)][-1]
+    return [at, at + 1]
+
+
+def _landing_in_the_end(function, line, block):
+    """block(marker) with _Landed raised at the first arrival at `line` of `function` once marker[0] is set (the
+    block's body ran: the end, not the start); whether it landed."""
+    marker, landed = [False], [False]
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not function.__code__:
+            return None
+
+        def local(frame, event, arg):
+            if event == "line" and marker[0] and frame.f_lineno == line and not landed[0]:
+                landed[0] = True
+                raise _Landed("landed between two statements")
+            return local
+        return local
+    sys.settrace(tracer)
+    try:
+        block(marker)
+    except _Landed:
+        pass
+    finally:
+        sys.settrace(None)
+    return landed[0]
+
+
+def test_an_exception_landing_as_a_disable_adapter_block_ends_still_ends_it():
+    # h36: landing at the first line of the block's end (the `with deferred_interrupt(), model_lock(...).write()`,
+    # where a Ctrl-C can land as the hold is taken) skipped the end: every layer stayed disabled for good, serving
+    # the base (up to 15 off) while saying 'default', and every later load was refused as inside the block. Now an
+    # exception landing before the end began runs the end again, then goes on
+    function = inspect.unwrap(lora.disable_adapter)
+
+    def block(marker):
+        with lora.disable_adapter(model):
+            with torch.no_grad():
+                assert _serves(model, x, refs[None])
+            marker[0] = True
+    for line in _end_lines(function, "with deferred_interrupt(), model_lock(model).write()"):
+        model, x, refs = _two_layer_model()
+        assert _landing_in_the_end(function, line, block), line
+        assert _serves(model, x, refs["default"]), f"line {line}: the block's end was skipped (serving the base)"
+        assert all(layer.merged for layer in model), line  # (merged again, as eval() had it)
+        assert _within(lambda: lora.set_adapter(model, "b")), line
+        assert _serves(model, x, refs["b"]), line
+
+
+def test_an_exception_landing_as_a_batch_adapters_block_ends_still_ends_it():
+    # h36: landing at the first line of the block's end (its `with deferred_interrupt():`) skipped the end: the
+    # batch stayed installed in the context, and every later plain forward served row 0 with 'b' (2.6 off) while
+    # the layers said 'default'
+    function = inspect.unwrap(lora.batch_adapters)
+
+    def block(marker):
+        with torch.no_grad(), lora.batch_adapters(model, ["b", None, "default"]):
+            y = model(x).double()
+            assert float((y[0] - refs["b"][0]).abs().max()) < 1e-4
+            marker[0] = True
+    for line in _end_lines(function, "with deferred_interrupt():"):
+        model, x, refs = _two_layer_model()
+        assert _landing_in_the_end(function, line, block), line
+        assert _serves(model, x, refs["default"]), f"line {line}: the batch's rows are still served"
+        assert _within(lambda: lora.set_adapter(model, "b")), line
+        assert _serves(model, x, refs["b"]), line

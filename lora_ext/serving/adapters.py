@@ -211,10 +211,10 @@ class ModelLock:
         writes them, and another change between the two (a load injecting the same module, a delete, a switch
         half way through a layer a hotswap reads) would make the plan wrong. Forwards are not held up: only the
         writes (write(), which takes this too) wait for them."""
-        me = threading.get_ident()
+        me, landed = threading.get_ident(), None
         with self._mutex:
             if self._changer == me:
-                self._change_depth += 1
+                depth = self._change_depth = self._change_depth + 1
             else:
                 self._refuse_from_inside(me)
                 try:
@@ -225,15 +225,26 @@ class ModelLock:
                 finally:
                     _discard(self._changers, me)
                     self._cond.notify_all()
-                self._changer, self._change_depth = me, 1
+                self._changer, self._change_depth, depth = me, 1, 1
         try:
             yield
         finally:
-            with self._mutex:
-                self._change_depth -= 1
-                if not self._change_depth:
-                    self._changer = None
-                    self._cond.notify_all()
+            # (an exception landing in the release, an asynchronous one, releases again and is raised after: a
+            # change left held would keep every other thread's changes waiting for ever; the release is one
+            # statement, done once whatever lands)
+            while True:
+                try:
+                    with self._mutex:
+                        if self._changer == me and self._change_depth == depth:
+                            self._changer, self._change_depth = (None, 0) if depth == 1 else (me, depth - 1)
+                        self._cond.notify_all()
+                    break
+                except BaseException as err:
+                    if landed is not None:
+                        raise
+                    landed = err
+            if landed is not None:
+                raise landed
 
     @contextlib.contextmanager
     def write(self) -> Iterator[None]:
@@ -242,10 +253,10 @@ class ModelLock:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
-        me = threading.get_ident()
+        me, landed = threading.get_ident(), None
         with self._mutex:
             if self._writer == me:
-                self._write_depth += 1
+                depth = self._write_depth = self._write_depth + 1
             else:
                 if me in self._reads:
                     self._refuse_from_inside(me)
@@ -262,16 +273,25 @@ class ModelLock:
                 finally:
                     _discard(self._queue, me)
                     self._cond.notify_all()
-                self._writer, self._write_depth = me, 1
+                self._writer, self._write_depth, depth = me, 1, 1
         try:
             yield
         finally:
-            with self._mutex:
-                self._write_depth -= 1
-                if not self._write_depth:
-                    self._writer = None
-                    self._admit = len(self._waiting)  # they go before the next writer
-                    self._cond.notify_all()
+            while True:  # (as changing's release)
+                try:
+                    with self._mutex:
+                        if self._writer == me and self._write_depth == depth:
+                            if depth == 1:
+                                self._admit = len(self._waiting)  # they go before the next writer
+                            self._writer, self._write_depth = (None, 0) if depth == 1 else (me, depth - 1)
+                        self._cond.notify_all()
+                    break
+                except BaseException as err:
+                    if landed is not None:
+                        raise
+                    landed = err
+            if landed is not None:
+                raise landed
 
 
 _POLL = 0.1  # seconds between a waiter's looks for waiters left behind (ModelLock._drop_gone)
@@ -624,6 +644,7 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
     FSDP2-sharded layers; inside it, load_peft_adapter, inject, unload and batch_adapters are refused. A copy made
     inside (deepcopy, pickle) is not in the block. CUDA graphs captured outside the block replay the adapter."""
     from .injection import DISABLED
+    began, landed = False, None  # (the end's: see below)
     with model_lock(model).write():
         # Ctrl-C is held back over the whole entry and lands inside the block's try, so the block's end undoes it
         held = deferred_interrupt().__enter__()
@@ -659,30 +680,42 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         # Ctrl-C is held back from before the lock is waited for (a forward on another thread may hold it): an
-        # exit that never ran would leave the model disabled
-        with deferred_interrupt(), model_lock(model).write():
-            DISABLED[model] -= 1
-            if not DISABLED[model]:
-                del DISABLED[model]
-            for _, m in [*found, *saved]:
-                m._adapter_off -= 1
-            model_lock(model).block(-1, opener)
-            again = []
-            for _, m in found:
-                if m._adapter_off:
-                    continue
-                was_merged, was_training = m.__dict__.pop("_pre_disable", (False, m.training))
-                merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
-                if merge and not m.merged and m.has_lora:
-                    refusal = m.merge_refusal() if m.training != was_training else None
-                    if refusal is not None:  # (eval() inside: as eval() outside, the layer stays unmerged, said so)
-                        warnings.warn(f"disable_adapter: eval() inside the block leaves adapter {m.active_adapter!r} "
-                                      f"unmerged at its end: {refusal}", stacklevel=3)
-                        continue
-                    again.append(m)
+        # exit that never ran would leave the model disabled. An exception landing before the end began (an
+        # asynchronous one, or Ctrl-C as the hold is taken) runs it again, and is raised after it
+        while True:
             try:
-                each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge(), paths={m: p for p, m in found})
-            except Exception as e:  # (an adapter set inside the block that cannot merge): all unmerged, said so
-                e.args = (f"disable_adapter: at the block's end the layers could not all be merged again, so none is "
-                          f"(they serve their adapter unmerged): {e}",) + tuple(e.args[1:])
-                raise
+                with deferred_interrupt(), model_lock(model).write():
+                    began = True
+                    DISABLED[model] -= 1
+                    if not DISABLED[model]:
+                        del DISABLED[model]
+                    for _, m in [*found, *saved]:
+                        m._adapter_off -= 1
+                    model_lock(model).block(-1, opener)
+                    again = []
+                    for _, m in found:
+                        if m._adapter_off:
+                            continue
+                        was_merged, was_training = m.__dict__.pop("_pre_disable", (False, m.training))
+                        merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
+                        if merge and not m.merged and m.has_lora:
+                            refusal = m.merge_refusal() if m.training != was_training else None
+                            if refusal is not None:  # (eval() inside: as eval() outside, the layer stays unmerged)
+                                warnings.warn(f"disable_adapter: eval() inside the block leaves adapter "
+                                              f"{m.active_adapter!r} unmerged at its end: {refusal}", stacklevel=3)
+                                continue
+                            again.append(m)
+                    try:
+                        each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge(),
+                                     paths={m: p for p, m in found})
+                    except Exception as e:  # (an adapter set inside the block that cannot merge): all unmerged
+                        e.args = (f"disable_adapter: at the block's end the layers could not all be merged again, so "
+                                  f"none is (they serve their adapter unmerged): {e}",) + tuple(e.args[1:])
+                        raise
+                break
+            except BaseException as err:
+                if began or landed is not None:
+                    raise
+                landed = err
+        if landed is not None:
+            raise landed

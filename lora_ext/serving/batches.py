@@ -601,6 +601,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                                  f"already in an open batch (of another model holding it) in this context; batches "
                                  f"may not share layers or modules saved whole")
         batch, tokens, slot_of, views, thread, counted = None, [], {}, {}, threading.get_ident(), False
+        began, landed = False, None  # (the end's: see below)
         pinned = False  # (a batch of the base alone pins no slot, but assign counts this thread among the holders)
         blocked = False
         try:
@@ -632,27 +633,40 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 _install_check(model)
             yield batch
         finally:
-            # Ctrl-C is held back here too: the count of open batches and the slots' pins must come back whole
-            with deferred_interrupt():
+            # Ctrl-C is held back here too: the count of open batches and the slots' pins must come back whole. An
+            # exception landing before the end began (an asynchronous one, or Ctrl-C as the hold is taken) runs it
+            # again, and is raised after it (the batch left installed would serve its rows in every later forward)
+            while True:
                 try:
-                    # this batch's entries only (another block of this context may have closed or opened in between,
-                    # as generators that yield inside their blocks do), rather than the values from before it opened
-                    if tokens:
-                        batched.ACTIVE.set({m: v for m, v in (batched.ACTIVE.get() or {}).items()
-                                            if v.batch is not batch} or None)
-                        _MODELS.set({k: v for k, v in (_MODELS.get() or {}).items() if v is not batch} or None)
-                    if batch is not None:
-                        for m, stacks in views.items():
-                            stacks.used(slot_of.values())
-                            m.__dict__["_open_batches"] -= 1
-                        batch.close()
-                finally:
-                    if counted:
-                        batched.note_batch(opened=False)
-                    if pinned:
-                        pool.release(slot_of.values(), thread)
-                    if blocked:
-                        model_lock(model).block(-1, thread)
+                    with deferred_interrupt():
+                        began = True
+                        try:
+                            # this batch's entries only (another block of this context may have closed or opened
+                            # in between, as generators that yield inside their blocks do), rather than the values
+                            # from before it opened
+                            if tokens:
+                                batched.ACTIVE.set({m: v for m, v in (batched.ACTIVE.get() or {}).items()
+                                                    if v.batch is not batch} or None)
+                                _MODELS.set({k: v for k, v in (_MODELS.get() or {}).items() if v is not batch} or None)
+                            if batch is not None:
+                                for m, stacks in views.items():
+                                    stacks.used(slot_of.values())
+                                    m.__dict__["_open_batches"] -= 1
+                                batch.close()
+                        finally:
+                            if counted:
+                                batched.note_batch(opened=False)
+                            if pinned:
+                                pool.release(slot_of.values(), thread)
+                            if blocked:
+                                model_lock(model).block(-1, thread)
+                    break
+                except BaseException as err:
+                    if began or landed is not None:
+                        raise
+                    landed = err
+            if landed is not None:
+                raise landed
 
 
 def _open(entries: Optional[Dict], batch_of=lambda v: v) -> Dict:
