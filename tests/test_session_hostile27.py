@@ -148,12 +148,13 @@ def _two_layer_model():
 
 
 def _within(fn, seconds=20.0) -> bool:
-    """Whether fn() finishes on another thread within `seconds` (a lock left held makes it wait for ever)."""
+    """Whether fn() finishes on another thread within `seconds` (a lock left held makes it wait for ever) and
+    returns anything but False."""
     done = []
     thread = threading.Thread(target=lambda: done.append(fn()), daemon=True)
     thread.start()
     thread.join(seconds)
-    return bool(done)
+    return bool(done) and done[0] is not False
 
 
 def _serves(model, x, ref) -> bool:
@@ -189,7 +190,7 @@ def test_an_exception_landing_in_the_model_locks_bookkeeping_never_wedges_it(op,
         assert _within(lambda: run(model, x)), f"line {line}: a forward/switch on another thread waits for ever"
         assert _within(lambda: lora.set_adapter(model, "default")), f"line {line}: a change waits for ever"
         assert _within(lambda: lora.set_adapter(model, "b")), f"line {line}: the next change waits for ever"
-        assert _serves(model, x, refs["b"]), line
+        assert _within(lambda: _serves(model, x, refs["b"])), line
 
 
 def _end_lines(function, opening):
@@ -240,10 +241,10 @@ def test_an_exception_landing_as_a_disable_adapter_block_ends_still_ends_it():
     for line in _end_lines(function, "with deferred_interrupt(), model_lock(model).write()"):
         model, x, refs = _two_layer_model()
         assert _landing_in_the_end(function, line, block), line
-        assert _serves(model, x, refs["default"]), f"line {line}: the block's end was skipped (serving the base)"
+        assert _within(lambda: _serves(model, x, refs["default"])), f"line {line}: the block's end was skipped"
         assert all(layer.merged for layer in model), line  # (merged again, as eval() had it)
         assert _within(lambda: lora.set_adapter(model, "b")), line
-        assert _serves(model, x, refs["b"]), line
+        assert _within(lambda: _serves(model, x, refs["b"])), line
 
 
 def test_an_exception_landing_as_a_batch_adapters_block_ends_still_ends_it():
@@ -260,6 +261,7 @@ def test_an_exception_landing_as_a_batch_adapters_block_ends_still_ends_it():
     for line in _end_lines(function, "with deferred_interrupt():"):
         model, x, refs = _two_layer_model()
         assert _landing_in_the_end(function, line, block), line
+        # (on this thread: the batch is installed in this context, which another thread does not see)
         assert _serves(model, x, refs["default"]), f"line {line}: the batch's rows are still served"
         assert _within(lambda: lora.set_adapter(model, "b")), line
-        assert _serves(model, x, refs["b"]), line
+        assert _within(lambda: _serves(model, x, refs["b"])), line
