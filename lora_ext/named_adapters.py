@@ -303,19 +303,27 @@ def at_layer(path):
 def each_or_none(layers, do, undo, paths=None) -> None:
     """do(m) for every layer in turn, all or none: when one raises (a refusal, or a Ctrl-C held back during the pass
     and delivered at its end), undo(m) for those done (Ctrl-C held back) and the error raised, naming the layer by
-    its path where `paths` (layer -> path in the model) has it (at_layer)."""
+    its path where `paths` (layer -> path in the model) has it (at_layer). A layer is noted before do(m), so that
+    one an exception left part way (an asynchronous one, landing after its write) is undone too: undo(m) must leave
+    a layer do(m) did not change as it is. Every undo runs even when one fails (noted on the error)."""
     done = []
     try:
         with deferred_interrupt() as held:
             for m in layers:
+                done.append(m)
                 with at_layer((paths or {}).get(m)):
                     do(m)
-                done.append(m)
             held.deliver()
-    except BaseException:
+    except BaseException as err:
+        failed = []
         with deferred_interrupt():
             for m in done:
-                undo(m)
+                try:
+                    undo(m)
+                except Exception as again:
+                    failed.append(f"{(paths or {}).get(m) or m._describe()} ({type(again).__name__}: {again})")
+        if failed:
+            err.add_note(f"lora_ext: undoing the layers done before the failure failed too, at {'; '.join(failed)}")
         raise
 
 

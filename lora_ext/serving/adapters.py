@@ -561,6 +561,7 @@ def _switch_all(found, name, settle=True):
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    landed = None
     with model_lock(model).write():
         found = _layers_or_raise(model)
         if not any(m.has_adapter(name) for _, m in found):
@@ -570,11 +571,22 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             if name == m.active_adapter:
                 raise ValueError(f"delete_adapter: {name!r} is active at {layer_name!r}; set another adapter first")
         with deferred_interrupt():  # a Ctrl-C lands when every layer has dropped it
-            for _, m in found:
-                if m.has_adapter(name):
-                    m.delete_adapter(name)
-            for _, w in wrappers(model):  # its copies of modules to save
-                w.delete(name)
+            # an exception landing part way (an asynchronous one) deletes the rest, then is raised: half deleted,
+            # the adapter would be served with stand-ins of zeros where it was dropped
+            while True:
+                try:
+                    for _, m in found:
+                        if m.has_adapter(name):
+                            m.delete_adapter(name)
+                    for _, w in wrappers(model):  # its copies of modules to save (a second delete does nothing)
+                        w.delete(name)
+                    break
+                except BaseException as err:
+                    if landed is not None:
+                        raise
+                    landed = err
+        if landed is not None:
+            raise landed
 
 
 def merge_adapter(model: nn.Module) -> None:
