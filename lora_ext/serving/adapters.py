@@ -62,6 +62,7 @@ class ModelLock:
         self._changer = None  # the thread making a model-level change (changing()), and how deep
         self._change_depth = 0
         self._changers = collections.deque()  # threads waiting to make one, first come first served
+        self._look_at = 0.0  # when a waiter next looks for waiters (and reads) left behind (_wait)
         self._torn = None  # a forked child's: why forwards are refused until set_adapter (after_fork)
         self._blocks = {}  # thread id -> disable_adapter / batch_adapters blocks of the model it has open (block())
         self._stuck = None  # a forked child's: why forwards are refused for good (after_fork)
@@ -140,10 +141,22 @@ class ModelLock:
             if frame is None or not self._in_forward(frame):
                 del self._reads[ident]
 
+    def _wait(self, timeout: float, writer: bool = False) -> None:
+        """Waits on the condition (the mutex held) for a notify or `timeout`; then, every _POLL seconds whatever woke
+        it (forwards notify as they end: under load a wait never times out), drops the waiters left behind, and for
+        a writer the reads left behind."""
+        self._cond.wait(timeout=timeout)
+        now = time.monotonic()
+        if now >= self._look_at:
+            self._look_at = now + _POLL
+            if writer:
+                self._drop_left_reads()
+            self._drop_gone()
+
     def _drop_gone(self) -> None:
         """Drops the waiters whose threads are not waiting (not inside the function that waits): left by an
         exception that landed in the bookkeeping, between entering the thread and the try that takes it out. A
-        waiter's timeout calls it (the mutex held): the waits poll, so a left waiter, or a notify an exception cut
+        waiter calls it every _POLL seconds (_wait; the mutex held): a left waiter, or a notify an exception cut
         short, delays the others by a poll at most."""
         frames = sys._current_frames()
         for waiting, code in ((self._waiting, _READ_CODE), (self._queue, _WRITE_CODE), (self._changers, _CHANGE_CODE)):
@@ -177,8 +190,7 @@ class ModelLock:
                     while self._writer is not None or (
                             self._queue and not self._admit
                             and (not self._holds or (hold and time.monotonic() < deadline))):
-                        if not self._cond.wait(timeout=0.05 if hold and self._holds else _POLL):
-                            self._drop_gone()
+                        self._wait(0.05 if hold and self._holds else _POLL)
                 finally:
                     _discard(self._waiting, me)
                 if self._admit:
@@ -220,8 +232,7 @@ class ModelLock:
                 try:
                     self._changers.append(me)
                     while self._changer is not None or self._changers[0] != me:
-                        if not self._cond.wait(timeout=_POLL):
-                            self._drop_gone()
+                        self._wait(_POLL)
                 finally:
                     _discard(self._changers, me)
                     self._cond.notify_all()
@@ -264,9 +275,7 @@ class ModelLock:
                 try:
                     self._queue.append(me)
                     while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
-                        if not self._cond.wait(timeout=_POLL):
-                            self._drop_left_reads()
-                            self._drop_gone()
+                        self._wait(_POLL, writer=True)
                         # (readers let in that stopped waiting meanwhile: a reader leaves the wait and takes its
                         # admission in one step under the condition's lock, so this never skips one)
                         self._admit = min(self._admit, len(self._waiting))
