@@ -665,78 +665,90 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
     FSDP2-sharded layers; inside it, load_peft_adapter, inject, unload and batch_adapters are refused. A copy made
     inside (deepcopy, pickle) is not in the block. CUDA graphs captured outside the block replay the adapter."""
     from .injection import DISABLED
-    began, landed = False, None  # (the end's: see below)
-    with model_lock(model).write():
-        # Ctrl-C is held back over the whole entry and lands inside the block's try, so the block's end undoes it
-        held = deferred_interrupt().__enter__()
+    began, landed, entered, held = False, None, False, None  # (the end's: see below)
+
+    def end():  # the block's end, under its hold and the lock (below)
+        DISABLED[model] -= 1
+        if not DISABLED[model]:
+            del DISABLED[model]
+        for _, m in [*found, *saved]:
+            m._adapter_off -= 1
+        model_lock(model).block(-1, opener)
+        again = []
+        for _, m in found:
+            if m._adapter_off:
+                continue
+            was_merged, was_training = m.__dict__.pop("_pre_disable", (False, m.training))
+            merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
+            if merge and not m.merged and m.has_lora:
+                refusal = m.merge_refusal() if m.training != was_training else None
+                if refusal is not None:  # (eval() inside: as eval() outside, the layer stays unmerged)
+                    warnings.warn(f"disable_adapter: eval() inside the block leaves adapter "
+                                  f"{m.active_adapter!r} unmerged at its end: {refusal}", stacklevel=4)
+                    continue
+                again.append(m)
         try:
-            found = _layers_or_raise(model)
-            for path, m in found:
-                if m.__dict__.get("_open_batches"):
-                    raise ValueError(f"disable_adapter: a mixed batch (lora.batch_adapters) serves layer {path!r}; "
-                                     f"disable the adapters after it closes")
-                if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_or_none()):
-                    raise ValueError(f"disable_adapter: layer {path!r} is sharded (tensor parallel or FSDP2), whose "
-                                     f"forward adds the adapter in its own way; serve the base before sharding")
-            saved = wrappers(model)
-            # the first block over a layer: what to come back to
-            pre = {m: (m.merged, m.training) for _, m in found if not m._adapter_off}
-            # an unmerge refused: the others merged back, nothing disabled
-            each_or_none([m for _, m in found if m.merged and m.has_lora], lambda m: m.unmerge(), lambda m: m.merge(),
-                         paths={m: path for path, m in found})
-            for m, state in pre.items():
-                m.__dict__["_pre_disable"] = state
-            # counted before the layers say so, and after they no longer do (below): a fork between the two finds
-            # the block (forks.py)
-            opener = threading.get_ident()
-            model_lock(model).block(+1, opener)
-            for _, m in [*found, *saved]:
-                m._adapter_off += 1
-            DISABLED[model] = DISABLED.get(model, 0) + 1
-        except BaseException:
-            held.deliver()
+            each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge(),
+                         paths={m: p for p, m in found})
+        except Exception as e:  # (an adapter set inside the block that cannot merge): all unmerged
+            e.args = (f"disable_adapter: at the block's end the layers could not all be merged again, so "
+                      f"none is (they serve their adapter unmerged): {e}",) + tuple(e.args[1:])
             raise
+
     try:
+        with model_lock(model).write():
+            # Ctrl-C is held back over the whole entry and lands inside the block's try, so the block's end undoes it
+            held = deferred_interrupt().__enter__()
+            try:
+                found = _layers_or_raise(model)
+                for path, m in found:
+                    if m.__dict__.get("_open_batches"):
+                        raise ValueError(f"disable_adapter: a mixed batch (lora.batch_adapters) serves layer "
+                                         f"{path!r}; disable the adapters after it closes")
+                    if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_or_none()):
+                        raise ValueError(f"disable_adapter: layer {path!r} is sharded (tensor parallel or FSDP2), "
+                                         f"whose forward adds the adapter in its own way; serve the base before "
+                                         f"sharding")
+                saved = wrappers(model)
+                # the first block over a layer: what to come back to
+                pre = {m: (m.merged, m.training) for _, m in found if not m._adapter_off}
+                # an unmerge refused: the others merged back, nothing disabled
+                each_or_none([m for _, m in found if m.merged and m.has_lora], lambda m: m.unmerge(),
+                             lambda m: m.merge(), paths={m: path for path, m in found})
+                for m, state in pre.items():
+                    m.__dict__["_pre_disable"] = state
+                # counted before the layers say so, and after they no longer do (below): a fork between the two finds
+                # the block (forks.py)
+                opener = threading.get_ident()
+                model_lock(model).block(+1, opener)
+                for _, m in [*found, *saved]:
+                    m._adapter_off += 1
+                # (one statement: the end runs once the model is disabled, also when the lock's release raises after
+                # the entry, as it does an asynchronous exception that landed in it once the release is done)
+                DISABLED[model], entered = DISABLED.get(model, 0) + 1, True
+            except BaseException:
+                held.deliver()
+                raise
         held.deliver()  # (a Ctrl-C during the entry: raised here, the end below runs)
         yield
     finally:
-        # Ctrl-C is held back from before the lock is waited for (a forward on another thread may hold it): an
-        # exit that never ran would leave the model disabled. An exception landing before the end began (an
-        # asynchronous one, or Ctrl-C as the hold is taken) runs it again, and is raised after it
-        while True:
-            try:
-                with deferred_interrupt(), model_lock(model).write():
-                    began = True
-                    DISABLED[model] -= 1
-                    if not DISABLED[model]:
-                        del DISABLED[model]
-                    for _, m in [*found, *saved]:
-                        m._adapter_off -= 1
-                    model_lock(model).block(-1, opener)
-                    again = []
-                    for _, m in found:
-                        if m._adapter_off:
-                            continue
-                        was_merged, was_training = m.__dict__.pop("_pre_disable", (False, m.training))
-                        merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
-                        if merge and not m.merged and m.has_lora:
-                            refusal = m.merge_refusal() if m.training != was_training else None
-                            if refusal is not None:  # (eval() inside: as eval() outside, the layer stays unmerged)
-                                warnings.warn(f"disable_adapter: eval() inside the block leaves adapter "
-                                              f"{m.active_adapter!r} unmerged at its end: {refusal}", stacklevel=3)
-                                continue
-                            again.append(m)
-                    try:
-                        each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge(),
-                                     paths={m: p for p, m in found})
-                    except Exception as e:  # (an adapter set inside the block that cannot merge): all unmerged
-                        e.args = (f"disable_adapter: at the block's end the layers could not all be merged again, so "
-                                  f"none is (they serve their adapter unmerged): {e}",) + tuple(e.args[1:])
+        try:
+            # Ctrl-C is held back from before the lock is waited for (a forward on another thread may hold it): an
+            # exit that never ran would leave the model disabled. An exception landing before the end began (an
+            # asynchronous one, or Ctrl-C as the hold is taken) runs it again, and is raised after it
+            while True:
+                try:
+                    if entered:  # (inside the try: a landing on it is caught too)
+                        with deferred_interrupt(), model_lock(model).write():
+                            began = True
+                            end()
+                    break
+                except BaseException as err:
+                    if began or landed is not None:
                         raise
-                break
-            except BaseException as err:
-                if began or landed is not None:
-                    raise
-                landed = err
-        if landed is not None:
-            raise landed
+                    landed = err
+            if landed is not None:
+                raise landed
+        finally:
+            if held is not None:  # (delivered already, but where the lock's release raised after the entry)
+                held.deliver()
