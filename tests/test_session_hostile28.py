@@ -70,3 +70,59 @@ def test_a_config_of_another_size_is_refused_before_writing(tmp_path, capsys):
     assert not os.path.exists(out)
     for words in ("LlamaForCausalLM", "mlp.", "(48, 32)", "(64, 32)", "does not describe"):
         assert words in err, (words, err)
+
+
+def test_a_batch_opened_during_a_layer_switch_on_another_thread_serves_every_row_right(monkeypatch):
+    """Helper m37: a mixed batch opened while another thread switched the merged layer alone (layer.set_adapter, which
+    takes the layer's lock, not the model's) loaded a slot between the switch's new merged snapshot and its new active
+    adapter: adapter 'a''s slot took 'b''s values, and every 'a' row of the block was served 'b' (28 off; 3% of the
+    forwards of a switching thread's race). Here the batch opens at exactly that moment: after the switch's
+    _set_merged, before it returns."""
+    import threading
+
+    import lora_ext as lora
+    from lora_ext import layers
+
+    torch.manual_seed(0)
+    layer = lora.Linear(32, 32, r=4, lora_alpha=8).double()
+    factors = {}
+    for name in ("a", "b"):
+        A, B = torch.randn(4, 32, dtype=torch.float64), torch.randn(32, 4, dtype=torch.float64)
+        layer.add_adapter(name, A, B, 0.5)
+        factors[name] = (A.clone(), B.clone())
+    layer.set_adapter("a")
+    layer.eval()  # merged: the weight holds 'a'
+    base = layer.weight.detach().clone() - 0.5 * factors["a"][1] @ factors["a"][0]
+    x = torch.randn(4, 32, dtype=torch.float64)
+    names = ["a", "b", None, "a"]
+    expected = torch.stack([x[i] @ base.T + layer.bias.detach()
+                            + (0.5 * x[i] @ factors[n][0].T @ factors[n][1].T if n is not None else 0)
+                            for i, n in enumerate(names)])
+    opened, outputs, errors = threading.Event(), [], []
+
+    def open_and_forward():
+        try:
+            with torch.no_grad(), lora.batch_adapters(layer, names):
+                opened.set()
+                outputs.append(layer(x))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            opened.set()
+
+    original = layers.LoRALayer._set_merged
+    batcher = threading.Thread(target=open_and_forward, daemon=True)
+
+    def set_merged(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if self is layer and args[0] is not None and not batcher.is_alive() and not outputs:
+            batcher.start()
+            opened.wait(0.5)  # (the fix: the batch waits for the switch, which holds the layer's lock)
+
+    monkeypatch.setattr(layers.LoRALayer, "_set_merged", set_merged)
+    layer.set_adapter("b")  # merged switch: 'a' out of the weight, 'b' in
+    batcher.join(10)
+    assert not batcher.is_alive(), "the batch hung"
+    assert not errors, errors
+    assert layer.active_adapter == "b" and layer.merged
+    assert len(outputs) == 1
+    assert (outputs[0] - expected).abs().max() <= 1e-12 * expected.abs().max(), (outputs[0] - expected).abs().amax(1)

@@ -616,8 +616,14 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                     slot_of = _assign_current(pool, views, need, [n for n in merged if n not in table])
                     pinned = True
                     for path, m in found:
-                        for name in need:  # (a slot taken again checks the values first, as set_adapter does)
-                            views[m].load(slot_of[name], m, name, f"batch_adapters: layer {path!r} adapter {name!r}")
+                        # under the layer's lock: a switch of the layer alone (layer.set_adapter on another thread,
+                        # which takes no model lock) changes its merged snapshot before its active adapter, and a slot
+                        # loaded between the two took the new adapter's values under the old one's name (m37: 3% of
+                        # the forwards of blocks opened during such switches served one adapter's rows wrong, 28 off)
+                        with m._lock:
+                            for name in need:  # (a slot taken again checks the values first, as set_adapter does)
+                                views[m].load(slot_of[name], m, name,
+                                              f"batch_adapters: layer {path!r} adapter {name!r}")
                 batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
                               else index, slot_of, {m: path for path, m in found}, expand)
                 batch.flattens = frozenset(m for m in views if enclosing.get(m) in _FLATTENS_ROWS)
