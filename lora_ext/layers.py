@@ -970,12 +970,15 @@ class LoRALayer(NamedAdapters):
                     ddp_guard.check(self, ddp)
                 if x.is_cuda:
                     self._streams.read(x.device)
-            if self._adapter_off:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
-                return self._weight_forward(x)
+            # a mixed batch of this context before a disable_adapter block: the two exclude each other on a model,
+            # but a block of another model sharing the layer, entered on another thread as this batch opened, would
+            # serve this batch's rows the base (r37: 16.4 off); each serves its own thread's forwards
             served = batches.get(self) if batches is not None else None
             if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
                 batched.refuse_in_program(self._describe())
                 return served.forward(self, x)
+            if self._adapter_off:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
+                return self._weight_forward(x)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_or_none()):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
                 if self.__dict__.get("_tp") is None:

@@ -126,3 +126,106 @@ def test_a_batch_opened_during_a_layer_switch_on_another_thread_serves_every_row
     assert layer.active_adapter == "b" and layer.merged
     assert len(outputs) == 1
     assert (outputs[0] - expected).abs().max() <= 1e-12 * expected.abs().max(), (outputs[0] - expected).abs().amax(1)
+
+
+def test_a_quantized_checkpoint_with_packed_weights_still_merges_its_float_head(tmp_path):
+    """Review r37: the class check above refused a pre-quantized bitsandbytes checkpoint (packed uint8 weights of
+    another shape than the class's Linear, a quantization_config) whose adapter adapts only the float lm_head, which
+    merged before (README: a quantized checkpoint merges without --dtype). Packed weights are not the class's shape."""
+    import io
+
+    from safetensors.torch import save_file
+
+    from lora_ext.serving.merge_cli import merge_checkpoint
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=96)
+    model = T.LlamaForCausalLM(config)
+    model.save_pretrained(tmp_path / "base")
+    peft_model = randomize_lora(get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"])))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    head = peft_model.merge_and_unload().lm_head.weight.detach().double()
+    stored = load_file(tmp_path / "base" / "model.safetensors")
+    packed = {}
+    for key, value in stored.items():
+        if key.endswith("proj.weight"):  # bitsandbytes' 4-bit layout: (numel / 2, 1) bytes beside their state
+            packed[key] = torch.randint(0, 255, (value.numel() // 2, 1), dtype=torch.uint8)
+            packed[key + ".absmax"] = torch.rand(value.numel() // 64)
+            packed[key + ".quant_map"] = torch.linspace(-1, 1, 16)
+        else:
+            packed[key] = value
+    save_file(packed, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    with open(tmp_path / "base" / "config.json") as f:
+        data = json.load(f)
+    data["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+                                   "llm_int8_skip_modules": ["lm_head"]}
+    with open(tmp_path / "base" / "config.json", "w") as f:
+        json.dump(data, f)
+    assert merge_checkpoint(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"),
+                            progress=False, log=io.StringIO()) == 1
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    assert (out["lm_head.weight"].double() - head).abs().max() <= 1e-6 * head.abs().max()
+    assert all(torch.equal(out[k], v) for k, v in packed.items() if k != "lm_head.weight")
+
+
+def test_a_disable_block_of_another_model_sharing_the_layer_leaves_an_opening_batch_its_rows(monkeypatch):
+    """Review r37: two models sharing a layer; lora.disable_adapter(model_b) entered on another thread while
+    batch_adapters(model_a) opened (after its check that the layers are enabled, before they count the batch): the
+    layer's forward looked at the disable before the batch and served every row of the batch the base (16.4 off;
+    about 9% of the batches of a natural race). The batch's rows now get their adapters on its thread; the block's
+    thread gets the base."""
+    import threading
+
+    import lora_ext as lora
+    from lora_ext.serving import batches
+
+    torch.manual_seed(0)
+    layer = lora.Linear(16, 16, r=4, lora_alpha=8).double()
+    factors = {}
+    for name in ("a", "b"):
+        A, B = torch.randn(4, 16, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
+        layer.add_adapter(name, A, B, 0.5)
+        factors[name] = (A.clone(), B.clone())
+    layer.set_adapter("a")
+    layer.eval()
+    model_a, model_b = torch.nn.Sequential(layer), torch.nn.ModuleDict({"shared": layer})
+    base = layer.weight.detach().clone() - 0.5 * factors["a"][1] @ factors["a"][0]
+    x = torch.randn(4, 16, dtype=torch.float64)
+    names = ["a", "b", None, "b"]
+    plain = x @ base.T + layer.bias.detach()
+    expected = torch.stack([plain[i] + (0.5 * x[i] @ factors[n][0].T @ factors[n][1].T if n else 0)
+                            for i, n in enumerate(names)])
+    entered, leave, inside, errors = threading.Event(), threading.Event(), [], []
+
+    def disabler():
+        try:
+            with torch.no_grad(), lora.disable_adapter(model_b):
+                entered.set()
+                leave.wait(20)
+                inside.append(model_b["shared"](x))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            entered.set()
+
+    thread = threading.Thread(target=disabler, daemon=True)
+    check = batches._check_packed
+
+    def check_packed(*args, **kwargs):
+        check(*args, **kwargs)
+        if not thread.is_alive() and not entered.is_set():
+            thread.start()
+            entered.wait(10)
+
+    monkeypatch.setattr(batches, "_check_packed", check_packed)
+    try:
+        with torch.no_grad(), lora.batch_adapters(model_a, names):
+            assert layer._adapter_off == 1, "the disable block did not enter as the batch opened"
+            out = model_a(x)
+    finally:
+        leave.set()
+        thread.join(10)
+    assert not thread.is_alive() and not errors, errors
+    assert (out - expected).abs().max() <= 1e-12 * expected.abs().max(), (out - expected).abs().amax(1)
+    assert (inside[0] - plain).abs().max() <= 1e-12 * plain.abs().max()  # the block's own thread: the base
+    assert layer.merged and layer.active_adapter == "a" and not layer._adapter_off

@@ -373,7 +373,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     ck = lambda key: stored.get(key, key)  # noqa: E731
     where = {names.get(e[0], e[0]): path for path, (_, entries, _) in headers.items() for e in entries}
     shapes = {names.get(e[0], e[0]): e[2] for _, (_, entries, _) in headers.items() for e in entries}
-    _check_class_shapes(base, meta, shapes)
+    _check_class_shapes(base, meta, shapes, {names.get(e[0], e[0]): e[1] for _, (_, entries, _) in headers.items()
+                                             for e in entries}, converted)
     _check_tied(base, base_dir, factors, shapes, meta=meta)
     if out_dtype is not None:
         _check_quantized_dtype(base, base_dir, headers, dtype)
@@ -882,19 +883,26 @@ def _meta_model(base, base_dir):
         return None
 
 
-def _check_class_shapes(base, model, shapes):
+_WIDE_FLOATS = ("F16", "BF16", "F32", "F64")  # (safetensors dtype names)
+
+
+def _check_class_shapes(base, model, shapes, st_dtypes, converted):
     """The class config.json names against the checkpoint: the merge takes a square weight's layout (Linear, or a
-    Conv1D stored transposed) from that class, so every Linear and Conv1D weight the checkpoint stores must have the
-    shape the class gives it (as transformers' from_pretrained requires too). A config.json naming another model's
-    class (a GPT-2 checkpoint's saying GPTBigCode: Linear modules of the same names) merged square weights transposed,
-    exit 0; the non-square ones show the contradiction."""
-    if model is None:
+    Conv1D stored transposed) from that class, so every Linear and Conv1D weight the checkpoint stores in floating
+    point (16 bits or more) as the class names it must have the shape the class gives it (as transformers'
+    from_pretrained requires too). A config.json naming another model's class (a GPT-2 checkpoint's saying
+    GPTBigCode: Linear modules of the same names) merged square weights transposed, exit 0; the non-square ones show
+    the contradiction. Not looked at, as their stored shapes are not the class's: a quantized checkpoint's weights
+    (a quantization_config; packed integers: bitsandbytes, BitNet), and keys transformers converts as it loads them
+    (`converted`: a vocabulary unpadded under the same name)."""
+    if model is None or _quantization_config(getattr(getattr(model, "config", None), "to_dict", dict)()):
         return
     for name, module in model.named_modules():
         if not (isinstance(module, torch.nn.Linear) or _inject.is_conv1d(module)):
             continue
         weight, key = module._parameters.get("weight"), name + ".weight"
-        if weight is None or key not in shapes or tuple(shapes[key]) == tuple(weight.shape):
+        if (weight is None or key not in shapes or key in converted or st_dtypes.get(key) not in _WIDE_FLOATS
+                or tuple(shapes[key]) == tuple(weight.shape)):
             continue
         kind = "a Conv1D (stored in x out)" if _inject.is_conv1d(module) else "a Linear (stored out x in)"
         raise MergeError(f"--base {base!r}: config.json's class {type(model).__name__} has {key!r} as {kind} of shape "

@@ -59,14 +59,15 @@ class ModulesToSave(nn.Module):
         return copies[adapter] if adapter is not None and adapter in copies else self._modules["original_module"]
 
     def forward(self, *args, **kwargs):
-        if self._adapter_off:  # lora.disable_adapter: the model's own module, as peft's
-            return self._modules["original_module"](*args, **kwargs)
         # mixed batches (lora_ext.batch_adapters) open in this context: each row computes with its adapter's module
+        # (before a disable_adapter block of another model holding this module: see LoRALayer.forward)
         batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
         served = batches.get(self) if batches is not None else None
         if served is not None and not served.batch.closed:
             batched.refuse_in_program(f"ModulesToSave({type(self._modules['original_module']).__name__})")
             return served.forward(self, args, kwargs)
+        if self._adapter_off:  # lora.disable_adapter: the model's own module, as peft's
+            return self._modules["original_module"](*args, **kwargs)
         return self.served()(*args, **kwargs)
 
     def __getattr__(self, name: str):
