@@ -76,8 +76,11 @@ def _remerge_after_load(module, incompatible_keys):
                                                                             requires_grad=weight.requires_grad)
             with deferred_interrupt():  # (as in train())
                 module._remerge_pending = False
-                module._merge()
-                module.merged = True
+                # not over a merge made since the load let the lock go (a model's merge_adapter on another thread:
+                # the adapter twice in the weight, h38), nor inside a disable_adapter block begun since (the base)
+                if not module.merged and not module._adapter_off:
+                    module._merge()
+                    module.merged = True
 
 
 _OPERANDS = ("weight", "bias", "lora_A", "lora_B")
@@ -1787,10 +1790,11 @@ class LoRALayer(NamedAdapters):
 
     def merge(self) -> None:
         """Merges the active adapter into the weight now, whatever the train/eval mode."""
-        if self._adapter_off and self.has_lora and not self.merged:
-            raise ValueError(f"{self._describe()}: its adapters are disabled (lora.disable_adapter): the weight serves "
-                             f"the base until the block ends; merge after it")
         with self._lock, deferred_interrupt():  # (as in train())
+            # (under the lock: a disable_adapter block's entry, on another thread, disables the layer after its unmerge)
+            if self._adapter_off and self.has_lora and not self.merged:
+                raise ValueError(f"{self._describe()}: its adapters are disabled (lora.disable_adapter): the weight "
+                                 f"serves the base until the block ends; merge after it")
             self._see_new_memory()
             if self.has_lora and not self.merged:
                 self._merge()

@@ -1,5 +1,6 @@
 """loralib's helpers: freeze all but LoRA, and the LoRA part of a state dict."""
 import collections
+import contextlib
 import warnings
 
 import torch.nn as nn
@@ -170,10 +171,13 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     out._metadata = {}
     sharded.reshard_fsdp(model)  # (FSDP2: gathered under a MixedPrecisionPolicy, factors are param_dtype's copies)
     for prefix, m in _lora_layers(model):
-        if m.has_lora:
-            out[prefix + "lora_A"] = sharded.full(m.lora_A.detach())  # FSDP2: gathered (every rank calls)
-            out[prefix + "lora_B"] = sharded.full(m.lora_B.detach())
-            out._metadata[prefix[:-1]] = {ADAPTER_METADATA: m.active_adapter}
+        # the factors and the name they are saved under read together, under the layer's lock (h38: a switch of the
+        # layer alone on another thread gave one adapter's lora_A beside another's lora_B in 259 of 2000 reads)
+        with m.__dict__.get("_lock") or contextlib.nullcontext():
+            if m.has_lora:
+                out[prefix + "lora_A"] = sharded.full(m.lora_A.detach())  # FSDP2: gathered (every rank calls)
+                out[prefix + "lora_B"] = sharded.full(m.lora_B.detach())
+                out._metadata[prefix[:-1]] = {ADAPTER_METADATA: m.active_adapter}
         if bias == "lora_only":  # every LoRA layer's, as mark_only_lora_as_trainable trains them
             own = _layer_bias(m)
             if own is not None:

@@ -3,6 +3,8 @@ base's config.json named a model class whose layout the checkpoint contradicts. 
 import json
 import os
 
+import pytest
+
 import transformers as T
 import torch
 from peft import LoraConfig, get_peft_model
@@ -229,3 +231,185 @@ def test_a_disable_block_of_another_model_sharing_the_layer_leaves_an_opening_ba
     assert (out - expected).abs().max() <= 1e-12 * expected.abs().max(), (out - expected).abs().amax(1)
     assert (inside[0] - plain).abs().max() <= 1e-12 * plain.abs().max()  # the block's own thread: the base
     assert layer.merged and layer.active_adapter == "a" and not layer._adapter_off
+
+
+# -- helper h38: a layer's own operations on another thread (they take the layer's lock, not the model's) landing
+# inside model-level operations. Each test runs the other thread's operation at one exact moment and gives it a short
+# time: with the fixes it waits for the layer's lock and runs after.
+
+def _two_adapters(train=False):
+    import lora_ext as lora
+
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 8, r=2, lora_alpha=2).double()
+    factors = {"default": (torch.randn(2, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)),
+               "b": (torch.randn(2, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64))}
+    with torch.no_grad():
+        layer.lora_A.copy_(factors["default"][0])
+        layer.lora_B.copy_(factors["default"][1])
+    layer.add_adapter("b", *factors["b"], 1.0)
+    model = torch.nn.Sequential(layer).train(train)
+    if not train:
+        model.requires_grad_(False)  # serving: frozen factors, switched in place
+    return layer, model, factors
+
+
+def _once_on_another_thread(target, *args):
+    """A call that runs target(*args) on another thread the first time, waiting for it at most 0.5 s; the thread."""
+    import threading
+
+    thread = threading.Thread(target=target, args=args, daemon=True)
+
+    def run():
+        if not thread.is_alive() and thread.ident is None:
+            thread.start()
+            thread.join(0.5)
+    return run, thread
+
+
+def test_save_peft_adapter_copies_each_layers_factors_under_its_lock(tmp_path, monkeypatch):
+    """h38: a layer.set_adapter('b') on another thread between save's get_adapter('default') and its copy: the file
+    'default' held b's factors (frozen serving factors are switched in place), exit normal; 4-10% of saves racing."""
+    import lora_ext as lora
+    from lora_ext.serving import peft_io
+
+    layer, model, factors = _two_adapters()
+    run, thread = _once_on_another_thread(layer.set_adapter, "b")
+    check = peft_io.ops.check_finite
+
+    def check_finite(*args, **kwargs):
+        run()
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(peft_io.ops, "check_finite", check_finite)
+    lora.save_peft_adapter(model, str(tmp_path), "default")
+    thread.join(10)
+    assert not thread.is_alive() and layer.active_adapter == "b"
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    A, B = (saved[k] for k in sorted(saved))  # (lora_A before lora_B)
+    assert torch.equal(A, factors["default"][0]) and torch.equal(B, factors["default"][1])
+
+
+def test_lora_state_dict_reads_a_layers_factors_and_their_name_together(monkeypatch):
+    """h38: lora_state_dict read lora_A, then (a layer.set_adapter('b') on another thread landing) lora_B and the
+    active name: a state labelled 'b' with default's lora_A beside b's lora_B (259 of 2000 reads racing), which
+    loads without refusal into a layer serving b."""
+    import lora_ext as lora
+    from lora_ext import utils
+    from lora_ext.layers import ADAPTER_METADATA
+
+    layer, model, factors = _two_adapters(train=True)
+    run, thread = _once_on_another_thread(layer.set_adapter, "b")
+    full = utils.sharded.full
+
+    def full_then_switch(t):
+        out = full(t)
+        run()
+        return out
+
+    monkeypatch.setattr(utils.sharded, "full", full_then_switch)
+    state = lora.lora_state_dict(model)
+    thread.join(10)
+    assert not thread.is_alive() and layer.active_adapter == "b"
+    name = state._metadata["0"][ADAPTER_METADATA]
+    assert torch.equal(state["0.lora_A"], factors[name][0]) and torch.equal(state["0.lora_B"], factors[name][1])
+
+
+def test_add_weighted_adapter_combines_copies_taken_under_each_layers_lock(monkeypatch):
+    """h38: add_weighted_adapter held the active adapter's live factors while a layer.set_adapter('b') on another
+    thread switched them in place: 'w' came out of b twice (2.96 off; 227 of 1000 racing)."""
+    import lora_ext as lora
+    from lora_ext.serving import weighted
+
+    layer, model, factors = _two_adapters()
+    run, thread = _once_on_another_thread(layer.set_adapter, "b")
+    sides = weighted._sides
+
+    def sides_then_switch(*args):
+        run()
+        return sides(*args)
+
+    monkeypatch.setattr(weighted, "_sides", sides_then_switch)
+    lora.add_weighted_adapter(model, ["default", "b"], [0.7, 0.3], "w", combination_type="cat")
+    thread.join(10)
+    assert not thread.is_alive()
+    A, B, s = layer.get_adapter("w")
+    update = s * (B @ A)
+    expected = sum(w * (factors[n][1] @ factors[n][0]) for n, w in (("default", 0.7), ("b", 0.3)))
+    assert (update - expected).abs().max() <= 1e-12 * expected.abs().max()
+
+
+def test_a_layer_merged_on_another_thread_as_a_disable_block_begins_serves_the_base(monkeypatch):
+    """h38: a layer.eval() on another thread after the block's entry unmerged the layer and before it disabled it:
+    the block served the adapter (merged inside the block, 1.2 off the base; 2% of blocks racing eval(), 1.3% merge())."""
+    import lora_ext as lora
+    from lora_ext.serving import adapters
+
+    layer, model, _ = _two_adapters(train=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    base = x @ layer.weight.detach().T + layer.bias.detach()
+    run, thread = _once_on_another_thread(layer.eval)
+    block = adapters.ModelLock.block
+
+    def block_then_eval(self, delta, *args):
+        block(self, delta, *args)
+        if delta == +1:
+            run()
+
+    monkeypatch.setattr(adapters.ModelLock, "block", block_then_eval)
+    with lora.disable_adapter(model):
+        thread.join(10)
+        assert not thread.is_alive() and not layer.training
+        assert not layer.merged
+        assert (model(x) - base).abs().max() <= 1e-12 * base.abs().max()
+    assert layer.merged  # (eval() asked for it inside: merged as the block ends)
+
+
+@pytest.mark.parametrize("other", ["merge_adapter", "disable_adapter"])
+def test_a_model_operation_between_a_layer_load_and_its_merge_again(other, monkeypatch):
+    """h38: load_state_dict into a merged layer unmerges it, lets the lock go, and merged again in its post-load hook
+    whatever happened between: a model merge_adapter there merged the adapter twice (the base 3.40 off for good, saved
+    so by state_dict()); a disable_adapter block begun there served the adapter (8.3 off the base)."""
+    import lora_ext as lora
+    from lora_ext import layers as layers_module
+
+    layer, model, factors = _two_adapters(train=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    model.eval()  # merged
+    assert layer.merged
+    A, B = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    base = layer.weight.detach() - B @ A
+    x = torch.randn(4, 8, dtype=torch.float64)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks = layer._load_state_dict_post_hooks
+    key = next(k for k, h in hooks.items() if getattr(h, "__wrapped__", h) is layers_module._remerge_after_load
+               or h is layers_module._remerge_after_load)
+    hook, results = hooks[key], {}
+
+    def between(module, keys):
+        if other == "merge_adapter":
+            lora.merge_adapter(model)
+        else:
+            results["block"] = lora.disable_adapter(model)
+            results["block"].__enter__()
+        return hook(module, keys)
+
+    monkeypatch.setitem(hooks, key, between)
+    model.load_state_dict(state)
+    if other == "merge_adapter":
+        assert layer.merged
+        assert (layer.weight.detach() - (base + B @ A)).abs().max() <= 1e-12
+        lora.unmerge_adapter(model)
+        assert (layer.weight.detach() - base).abs().max() <= 1e-12
+    else:
+        inside = model(x)
+        results["block"].__exit__(None, None, None)
+        assert (inside - (x @ base.T + layer.bias.detach())).abs().max() <= 1e-12 * inside.abs().max()
+        # after the block: the adapter served, and `merged` saying what the weight holds (the block began with the
+        # layer unmerged by the load: it ends so, serving the adapter on the fly)
+        after = x @ (base + B @ A).T + layer.bias.detach()
+        assert (model(x) - after).abs().max() <= 1e-12 * after.abs().max()
+        assert (layer.weight.detach() - (base + B @ A if layer.merged else base)).abs().max() <= 1e-12

@@ -1142,8 +1142,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         gathers = sharded.gathers()  # (any sharded tensor gathered, a collective: every rank is in this call)
         # the layers the adapter targets: those that hold it, and not as a stand-in of zeros (peft saves an adapter
         # of other target modules than the active one's alike)
-        def wanted(layer):  # the adapter saved from `layer`
-            return adapter_name if adapter_name is not None else layer.active_adapter
+        def wanted(layer):  # the adapter saved from `layer` (the one active in every layer as the save began)
+            return adapter_name if adapter_name is not None else next(iter(actives))
         every_adapter = sorted({a for _, m in found for a in m.adapter_names})
         held = [(n, m) for n, m in found if wanted(m) in m.adapter_names]
         found = [(n, m) for n, m in held if not m.is_stand_in(wanted(m))]
@@ -1165,23 +1165,27 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             why = conv_refusal(layer.conv) if isinstance(layer, layers.ConvLoRA) else None
             if why is not None:
                 raise ValueError(f"save: layer {name!r} is a convolution with {why}")
-            A, B, scaling = layer.get_adapter(adapter)
-            if sharded.is_dtensor(A) or sharded.is_dtensor(B):  # FSDP2, tensor parallel: whole (every rank calls)
-                A, B = sharded.full(A.detach()), sharded.full(B.detach())
-            if A.is_meta or B.is_meta:  # (an accelerate offload keeps the live factors' values in its hook)
-                raise ValueError(f"save: layer {name!r}: adapter {adapter!r}'s factors are on the meta device: "
-                                 f"{layers.meta_refusal(layer)}")
-            ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
-            if layer.reserved_rank is not None:  # the adapter's own rank, without reserve_rank's padding
-                A, B = layer.own_factors(adapter, (A, B))
-            ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
-            tensors[PREFIX + name + ka], tensors[PREFIX + name + kb] = _tokens.file_copy(A), _tokens.file_copy(B)
+            # read and copied under the layer's lock: a switch of the layer alone on another thread (layer.set_adapter,
+            # add_adapter: no model lock) rewrites the live factors (h38: 'default' saved with b's factors, or A of
+            # one adapter beside B of another, in 4-37% of saves racing them)
+            with layer._lock:
+                A, B, scaling = layer.get_adapter(adapter)
+                if sharded.is_dtensor(A) or sharded.is_dtensor(B):  # FSDP2, tensor parallel: whole (every rank calls)
+                    A, B = sharded.full(A.detach()), sharded.full(B.detach())
+                if A.is_meta or B.is_meta:  # (an accelerate offload keeps the live factors' values in its hook)
+                    raise ValueError(f"save: layer {name!r}: adapter {adapter!r}'s factors are on the meta device: "
+                                     f"{layers.meta_refusal(layer)}")
+                ops.check_finite(f"save: layer {name!r}, adapter {adapter!r}", A.detach(), B.detach(), scaling)
+                if layer.reserved_rank is not None:  # the adapter's own rank, without reserve_rank's padding
+                    A, B = layer.own_factors(adapter, (A, B))
+                ka, kb, A, B, rank = _peft_factors(layer, name, A, B, layer.rank_of(A))
+                tensors[PREFIX + name + ka], tensors[PREFIX + name + kb] = _tokens.file_copy(A), _tokens.file_copy(B)
             ranks[name], alphas[name] = rank, scaling * rank
             p = layers.trained_dropout(layer, adapter)
             if p is not None:
                 dropouts[name] = p
         every = _plain_names(inner)
-        adapter = adapter_name if adapter_name is not None else found[0][1].active_adapter
+        adapter = adapter_name if adapter_name is not None else wanted(found[0][1])
         saved = _saved_copies(inner, found, adapter, tensors, every)
         token_indices = _tokens.saved_rows(inner, adapter, PREFIX, tensors, every)
     first = found[0][0]
