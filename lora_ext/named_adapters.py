@@ -913,7 +913,7 @@ class NamedAdapters:
             self.settle_parameters()
             return
         check_one_name(name, "set_adapter")
-        if name not in self._adapters:
+        if not self.has_adapter(name):  # (active: another thread switched to it since the check above; see below)
             raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
         self._check_plain_factors(f"set_adapter({name!r})")  # (before `old` below reads or writes any factor)
         with self._lock:

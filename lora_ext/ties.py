@@ -220,7 +220,10 @@ def _live_factor_tensors(layer) -> List:
 
 def _factor_tensors(layer) -> List:
     """The factor tensors lora_ext `layer` holds: live, its active adapter's own pair, every adapter's stored pair."""
-    return _live_factor_tensors(layer) + [t for held in layer.__dict__.get("_adapters", {}).values() for t in held[:2]]
+    # (a tuple of the values first, one step under the GIL: a switch of that layer on another thread, which this read
+    # does not lock, changes the dict; iterated, it raised "dictionary keys changed during iteration", h38)
+    return _live_factor_tensors(layer) + [t for held in tuple(layer.__dict__.get("_adapters", {}).values())
+                                          for t in held[:2]]
 
 
 def _factor_tensors_at(layer, where) -> List:

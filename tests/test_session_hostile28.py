@@ -413,3 +413,143 @@ def test_a_model_operation_between_a_layer_load_and_its_merge_again(other, monke
         after = x @ (base + B @ A).T + layer.bias.detach()
         assert (model(x) - after).abs().max() <= 1e-12 * after.abs().max()
         assert (layer.weight.detach() - (base + B @ A if layer.merged else base)).abs().max() <= 1e-12
+
+
+@pytest.mark.parametrize("operation", ["save", "set", "weighted", "delete"])
+def test_model_operations_wait_for_a_layers_own_switch_to_finish(operation, tmp_path):
+    """h38: a layer.set_adapter('b') on another thread, paused (a tracer) inside its bookkeeping, where the layer lacks
+    'b' in both places (registry and active), while a model-level operation read the layer unlocked: save left the
+    layer out of the file; set_adapter(model, 'b') gave it a stand-in of zeros over its real 'b' (lost for good, 40 off);
+    add_weighted_adapter combined 'default' alone there (1.7 off); delete_adapter(model, 'b') returned with 'b' held
+    (active) in that layer. Each now waits for the layer's lock."""
+    import sys
+    import threading
+
+    import lora_ext as lora
+    from lora_ext import named_adapters
+
+    torch.manual_seed(0)
+    layers = [lora.Linear(8, 8, r=2, lora_alpha=2).double() for _ in range(3)]
+    model = torch.nn.Sequential(*layers)
+    model.requires_grad_(False)
+    base = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in layers]
+    default, b = [], []
+    for m in layers:
+        A, B = torch.randn(2, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        with torch.no_grad():
+            m.lora_A.copy_(A)
+            m.lora_B.copy_(B)
+        default.append((A, B))
+        A, B = torch.randn(2, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        m.add_adapter("b", A, B, 1.0)
+        b.append((A, B))
+    model.eval()  # merged
+    layer = layers[1]
+    code = named_adapters.NamedAdapters.set_adapter.__code__
+    lines = open(named_adapters.__file__).read().splitlines()
+    line = next(i + 1 for i, text in enumerate(lines) if "self._adapters[old_name] = old" in text)
+    paused, go = threading.Event(), threading.Event()
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+
+        def local(f, ev, a):
+            if ev == "line" and f.f_lineno == line and not paused.is_set():
+                paused.set()
+                go.wait(10)
+            return local
+        return local
+
+    def switch():
+        sys.settrace(tracer)
+        try:
+            layer.set_adapter("b")
+        finally:
+            sys.settrace(None)
+
+    switcher = threading.Thread(target=switch, daemon=True)
+    switcher.start()
+    assert paused.wait(10) and not layer.has_adapter("b")  # the window
+    result = {}
+
+    def model_level():
+        try:
+            if operation == "save":
+                lora.save_peft_adapter(model, str(tmp_path), "b")
+            elif operation == "set":
+                lora.set_adapter(model, "b")
+            elif operation == "weighted":
+                lora.add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "w", combination_type="cat")
+            else:
+                lora.delete_adapter(model, "b")
+        except Exception as e:  # noqa: BLE001 - compared below
+            result["error"] = e
+
+    other = threading.Thread(target=model_level, daemon=True)
+    other.start()
+    other.join(0.5)  # it runs until it needs the layer's lock
+    go.set()
+    switcher.join(10)
+    other.join(10)
+    assert not switcher.is_alive() and not other.is_alive()
+    if operation == "save":
+        assert "error" not in result, result
+        saved = load_file(tmp_path / "adapter_model.safetensors")
+        assert sorted({k.split(".")[2] for k in saved}) == ["0", "1", "2"]
+    elif operation == "set":
+        assert "error" not in result, result
+        assert not layer.is_placeholder("b")
+        x = torch.randn(4, 8, dtype=torch.float64)
+        h = x
+        for (W, bias), (A, B) in zip(base, b):
+            h = h @ W.T + bias + (h @ A.T) @ B.T
+        assert (model(x) - h).abs().max() <= 1e-12 * h.abs().max()
+    elif operation == "weighted":
+        assert "error" not in result, result
+        A, B, s = layer.get_adapter("w")
+        expected = 0.5 * default[1][1] @ default[1][0] + 0.5 * b[1][1] @ b[1][0]
+        assert (s * B @ A - expected).abs().max() <= 1e-12 * expected.abs().max()
+    else:  # refused, with nothing deleted: 'b' is active in layer 1 by the time the delete looks
+        assert isinstance(result.get("error"), ValueError) and "active at '1'" in str(result["error"])
+        assert all(m.has_adapter("b") for m in layers)
+
+
+def test_a_layer_switch_to_the_adapter_another_thread_just_activated_is_no_error():
+    """h38: layer.set_adapter(x) checked its registry before its lock, so when another thread had switched the layer to
+    x just then it raised "adapter x is not in this layer (it holds [x, ...])". The other thread switches here at that
+    check (a tracer)."""
+    import sys
+    import threading
+
+    from lora_ext import named_adapters
+
+    layer, model, factors = _two_adapters(train=True)
+    code = named_adapters.NamedAdapters.set_adapter.__code__
+    lines = open(named_adapters.__file__).read().splitlines()
+    start = code.co_firstlineno
+    line = next(i + 1 for i, text in enumerate(lines) if i + 1 > start and "check_one_name(name, \"set_adapter\")" in text)
+    done = []
+
+    def tracer(frame, event, arg):
+        if frame.f_code is not code:
+            return None
+
+        def local(f, ev, a):
+            if ev == "line" and f.f_lineno == line + 1 and not done:
+                other = threading.Thread(target=layer.set_adapter, args=("b",))
+                other.start()
+                other.join(10)
+                done.append(other.is_alive())
+            return local
+        return local
+
+    sys.settrace(tracer)
+    try:
+        layer.set_adapter("b")
+    finally:
+        sys.settrace(None)
+    assert done == [False]  # the other thread switched while this call was between its first checks
+    assert layer.active_adapter == "b"
+    A, B, _ = layer.get_adapter("b")
+    assert torch.equal(A, factors["b"][0]) and torch.equal(B, factors["b"][1])

@@ -444,7 +444,12 @@ def set_adapter(model: nn.Module, name: str) -> None:
         try:
             with deferred_interrupt():
                 for m in lacking:
-                    m.add_placeholder(name)
+                    # looked at again under the layer's lock: a switch of the layer alone on another thread to this
+                    # adapter (which takes no model lock) lacks it in neither place only while it holds the lock, and a
+                    # stand-in added over it wrote zeros into its live factors (h38: the adapter lost for good)
+                    with m._lock:
+                        if not m.has_adapter(name):
+                            m.add_placeholder(name)
             ddp = _ddp_of(model)
             if ddp is None:  # (a load through a DDP activates on the model inside it)
                 ddp = THROUGH_DDP.get()
@@ -571,8 +576,14 @@ def _switch_all(found, name, settle=True):
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     landed = None
-    with model_lock(model).write():
+    with model_lock(model).write(), contextlib.ExitStack() as locks:
         found = _layers_or_raise(model)
+        # every layer's lock, from the check to the last delete: a switch of one layer alone on another thread to the
+        # adapter (layer.set_adapter, which takes no model lock) refused its delete after the layers before it had
+        # dropped the adapter, which the model then served with stand-ins of zeros there (h38: 92 off). (No one else
+        # holds two layers' locks at once: a layer's own operations hold its lock alone.)
+        for _, m in found:
+            locks.enter_context(m._lock)
         if not any(m.has_adapter(name) for _, m in found):
             raise KeyError(f"delete_adapter: no lora_ext layer holds an adapter {name!r} "
                            f"(the model holds {adapter_names(model)})")

@@ -1145,8 +1145,15 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         def wanted(layer):  # the adapter saved from `layer` (the one active in every layer as the save began)
             return adapter_name if adapter_name is not None else next(iter(actives))
         every_adapter = sorted({a for _, m in found for a in m.adapter_names})
-        held = [(n, m) for n, m in found if wanted(m) in m.adapter_names]
-        found = [(n, m) for n, m in held if not m.is_stand_in(wanted(m))]
+        held, kept = [], []
+        for n, m in found:
+            with m._lock:  # (a switch of the layer alone on another thread lacks the adapter in neither place only
+                # while it holds its lock: read unlocked, the file left that layer out, h38)
+                if wanted(m) in m.adapter_names:
+                    held.append((n, m))
+                    if not m.is_stand_in(wanted(m)):
+                        kept.append((n, m))
+        found = kept
         if not found:
             raise ValueError(f"save: no lora_ext layer holds adapter {adapter_name!r} " + (
                 "(only stand-ins of zeros, where the model serves the base for it)" if held else

@@ -309,7 +309,8 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
             combination_type = "linear"
     present = {}
     for path, m in found:
-        names = [a for a in adapters if m.has_adapter(a) and not m.is_stand_in(a)]
+        with m._lock:  # (see below)
+            names = [a for a in adapters if m.has_adapter(a) and not m.is_stand_in(a)]
         if names:
             if (m.__dict__.get("_tp") is not None or sharded.is_dtensor(m.lora_A)
                     or sharded.is_dtensor(m._weight_or_none())):
