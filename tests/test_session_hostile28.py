@@ -74,6 +74,21 @@ def test_a_config_of_another_size_is_refused_before_writing(tmp_path, capsys):
         assert words in err, (words, err)
 
 
+def _a_and_b(width):
+    """A float64 Linear(width, width) holding adapters 'a' (active) and 'b' of rank 4, scaling 0.5; their factors."""
+    import lora_ext as lora
+
+    torch.manual_seed(0)
+    layer = lora.Linear(width, width, r=4, lora_alpha=8).double()
+    factors = {}
+    for name in ("a", "b"):
+        A, B = torch.randn(4, width, dtype=torch.float64), torch.randn(width, 4, dtype=torch.float64)
+        layer.add_adapter(name, A, B, 0.5)
+        factors[name] = (A.clone(), B.clone())
+    layer.set_adapter("a")
+    return layer, factors
+
+
 def test_a_batch_opened_during_a_layer_switch_on_another_thread_serves_every_row_right(monkeypatch):
     """Helper m37: a mixed batch opened while another thread switched the merged layer alone (layer.set_adapter, which
     takes the layer's lock, not the model's) loaded a slot between the switch's new merged snapshot and its new active
@@ -85,14 +100,7 @@ def test_a_batch_opened_during_a_layer_switch_on_another_thread_serves_every_row
     import lora_ext as lora
     from lora_ext import layers
 
-    torch.manual_seed(0)
-    layer = lora.Linear(32, 32, r=4, lora_alpha=8).double()
-    factors = {}
-    for name in ("a", "b"):
-        A, B = torch.randn(4, 32, dtype=torch.float64), torch.randn(32, 4, dtype=torch.float64)
-        layer.add_adapter(name, A, B, 0.5)
-        factors[name] = (A.clone(), B.clone())
-    layer.set_adapter("a")
+    layer, factors = _a_and_b(32)
     layer.eval()  # merged: the weight holds 'a'
     base = layer.weight.detach().clone() - 0.5 * factors["a"][1] @ factors["a"][0]
     x = torch.randn(4, 32, dtype=torch.float64)
@@ -182,14 +190,7 @@ def test_a_disable_block_of_another_model_sharing_the_layer_leaves_an_opening_ba
     import lora_ext as lora
     from lora_ext.serving import batches
 
-    torch.manual_seed(0)
-    layer = lora.Linear(16, 16, r=4, lora_alpha=8).double()
-    factors = {}
-    for name in ("a", "b"):
-        A, B = torch.randn(4, 16, dtype=torch.float64), torch.randn(16, 4, dtype=torch.float64)
-        layer.add_adapter(name, A, B, 0.5)
-        factors[name] = (A.clone(), B.clone())
-    layer.set_adapter("a")
+    layer, factors = _a_and_b(16)
     layer.eval()
     model_a, model_b = torch.nn.Sequential(layer), torch.nn.ModuleDict({"shared": layer})
     base = layer.weight.detach().clone() - 0.5 * factors["a"][1] @ factors["a"][0]
