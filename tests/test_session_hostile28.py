@@ -554,3 +554,73 @@ def test_a_layer_switch_to_the_adapter_another_thread_just_activated_is_no_error
     assert layer.active_adapter == "b"
     A, B, _ = layer.get_adapter("b")
     assert torch.equal(A, factors["b"][0]) and torch.equal(B, factors["b"][1])
+
+
+def test_deletes_of_two_models_sharing_layers_in_other_orders_do_not_deadlock():
+    """Review r38: model-level delete_adapter held every layer's lock, taken in the model's order: two models holding
+    the same layers in opposite orders, deleted on two threads, each held one lock and waited for the other for ever
+    (after about 500 rounds of a natural race). Here another thread holds the second layer's lock and then waits for
+    the first, which the delete takes first."""
+    import threading
+    import time
+
+    import lora_ext as lora
+
+    torch.manual_seed(0)
+    first, second = (lora.Linear(8, 8, r=2, lora_alpha=2).double() for _ in range(2))
+    for m in (first, second):
+        m.add_adapter("c", torch.randn(2, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), 1.0)
+    model = torch.nn.Sequential(first, second)
+    holding, got = threading.Event(), []
+
+    def other():  # as a delete of torch.nn.Sequential(second, first) does it
+        with second._lock:
+            holding.set()
+            time.sleep(0.2)  # the delete below takes the first layer's lock meanwhile
+            got.append(first._lock.acquire(timeout=10))
+            if got[0]:
+                first._lock.release()
+
+    thread = threading.Thread(target=other, daemon=True)
+    thread.start()
+    assert holding.wait(10)
+    deleter = threading.Thread(target=lora.delete_adapter, args=(model, "c"), daemon=True)
+    deleter.start()
+    deleter.join(15)
+    thread.join(15)
+    assert not deleter.is_alive() and got == [True], "deadlocked"
+    assert not first.has_adapter("c") and not second.has_adapter("c")
+
+
+@pytest.mark.parametrize("order", ["batch_then_disable", "disable_then_batch"])
+def test_a_module_saved_whole_shared_by_a_disabled_and_a_batched_model_is_refused(order):
+    """Review r38: models (L1, M) and (L2, M) sharing only a module saved whole M: a disable_adapter block of the first
+    and a mixed batch of the second, nested on one thread, were both let in (their checks looked at the lora_ext layers
+    alone), and M served one of them wrong (1.3 off the base inside the disable block; 37.7 off before this session's
+    reorder, in the batch). The second block is now refused."""
+    import copy
+
+    import lora_ext as lora
+    from lora_ext.serving.saved_modules import ModulesToSave
+
+    torch.manual_seed(0)
+
+    def layer():
+        m = lora.Linear(8, 8, r=2, lora_alpha=2).double()
+        m.add_adapter("a", torch.randn(2, 8, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64), 1.0)
+        m.set_adapter("a")
+        return m
+
+    original = torch.nn.Linear(8, 8).double()
+    shared = ModulesToSave(original)
+    shared.modules_to_save["a"] = copy.deepcopy(original)
+    shared.active_adapter = "a"
+    disabled, batched = torch.nn.Sequential(layer(), shared).eval(), torch.nn.Sequential(layer(), shared).eval()
+    first, second = ((lora.batch_adapters, (batched, ["a", "a"])), (lora.disable_adapter, (disabled,)))
+    if order == "disable_then_batch":
+        first, second = second, first
+    with torch.no_grad(), first[0](*first[1]):
+        with pytest.raises(ValueError, match="batch_adapters|disable_adapter"):
+            with second[0](*second[1]):
+                pass
+    assert not shared.__dict__.get("_open_batches") and not shared._adapter_off

@@ -580,10 +580,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         found = _layers_or_raise(model)
         # every layer's lock, from the check to the last delete: a switch of one layer alone on another thread to the
         # adapter (layer.set_adapter, which takes no model lock) refused its delete after the layers before it had
-        # dropped the adapter, which the model then served with stand-ins of zeros there (h38: 92 off). (No one else
-        # holds two layers' locks at once: a layer's own operations hold its lock alone.)
-        for _, m in found:
-            locks.enter_context(m._lock)
+        # dropped the adapter, which the model then served with stand-ins of zeros there (h38: 92 off)
+        _all_locks(locks, [m for _, m in found])
         if not any(m.has_adapter(name) for _, m in found):
             raise KeyError(f"delete_adapter: no lora_ext layer holds an adapter {name!r} "
                            f"(the model holds {adapter_names(model)})")
@@ -607,6 +605,33 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                     landed = err
         if landed is not None:
             raise landed
+
+
+def _all_locks(stack: contextlib.ExitStack, layers) -> None:
+    """Every layer's lock, held in `stack`. Taken whole or not at all: a lock not free within a moment gives back
+    those taken and the whole is tried again, so that a thread holding one of them and waiting for another (a delete of
+    another model holding the same layers in another order, a fork's pre-hook taking every lock: r38, a deadlock)
+    gets them first."""
+    delay = 0.001
+    while True:
+        taken = []
+        try:
+            for m in layers:
+                if not m._lock.acquire(timeout=0.05):
+                    break
+                taken.append(m._lock)
+            else:
+                for lock in taken:
+                    stack.callback(lock.release)
+                return
+        except BaseException:
+            for lock in reversed(taken):
+                lock.release()
+            raise
+        for lock in reversed(taken):
+            lock.release()
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def merge_adapter(model: nn.Module) -> None:
@@ -712,11 +737,13 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             held = deferred_interrupt().__enter__()
             try:
                 found = _layers_or_raise(model)
-                for path, m in found:
+                for path, m in [*found, *wrappers(model)]:  # (a module saved whole, too: shared by another model)
                     if m.__dict__.get("_open_batches"):
-                        raise ValueError(f"disable_adapter: a mixed batch (lora.batch_adapters) serves layer "
-                                         f"{path!r}; disable the adapters after it closes")
-                    if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_or_none()):
+                        raise ValueError(f"disable_adapter: a mixed batch (lora.batch_adapters) serves "
+                                         f"{'layer' if isinstance(m, LoRALayer) else 'module'} {path!r}; disable the "
+                                         f"adapters after it closes")
+                    if isinstance(m, LoRALayer) and (m.__dict__.get("_tp") is not None
+                                                     or sharded.is_dtensor(m._weight_or_none())):
                         raise ValueError(f"disable_adapter: layer {path!r} is sharded (tensor parallel or FSDP2), "
                                          f"whose forward adds the adapter in its own way; serve the base before "
                                          f"sharding")

@@ -446,7 +446,7 @@ def _check_input(module, args, kwargs):
 
 
 def _check_enabled(model, found) -> None:
-    if injection.DISABLED.get(model) or any(m._adapter_off for _, m in found):
+    if injection.DISABLED.get(model) or any(m._adapter_off for _, m in [*found, *saved_modules.wrappers(model)]):
         raise ValueError("batch_adapters: the model's adapters are disabled (inside lora.disable_adapter), which "
                          "serves every row the base; open the batch after the block (None rows serve the base)")
 
@@ -601,6 +601,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                                  f"already in an open batch (of another model holding it) in this context; batches "
                                  f"may not share layers or modules saved whole")
         batch, tokens, slot_of, views, thread, counted = None, [], {}, {}, threading.get_ident(), False
+        wrapped = [w for _, w in saved_modules.wrappers(model)]
         began, landed = False, None  # (the end's: see below)
         pinned = False  # (a batch of the base alone pins no slot, but assign counts this thread among the holders)
         blocked = False
@@ -627,7 +628,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
                               else index, slot_of, {m: path for path, m in found}, expand)
                 batch.flattens = frozenset(m for m in views if enclosing.get(m) in _FLATTENS_ROWS)
-                for m in views:
+                # (modules saved whole too: a disable_adapter block of another model holding one is refused, r38)
+                for m in [*views, *wrapped]:
                     m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
                 batched.note_batch(opened=True)
                 counted = True
@@ -658,6 +660,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                                 for m, stacks in views.items():
                                     stacks.used(slot_of.values())
                                     m.__dict__["_open_batches"] -= 1
+                                for w in wrapped:
+                                    w.__dict__["_open_batches"] -= 1
                                 batch.close()
                         finally:
                             if counted:

@@ -41,6 +41,7 @@ class ModulesToSave(nn.Module):
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
+        state.pop("_open_batches", None)  # (nor one made inside lora.batch_adapters in the batch)
         return state
 
     def __init__(self, module: nn.Module):
