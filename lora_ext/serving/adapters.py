@@ -11,6 +11,7 @@ serialise. Under torch.compile the hooks do nothing (a compiled graph takes no P
 import collections
 import contextlib
 import contextvars
+import random
 import sys
 import threading
 import time
@@ -630,7 +631,7 @@ def _all_locks(stack: contextlib.ExitStack, layers) -> None:
             raise
         for lock in reversed(taken):
             lock.release()
-        time.sleep(delay)
+        time.sleep(random.uniform(0, delay))  # (apart: two threads backing off alike would meet again)
         delay = min(delay * 2, 0.05)
 
 
