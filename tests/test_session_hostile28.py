@@ -624,3 +624,56 @@ def test_a_module_saved_whole_shared_by_a_disabled_and_a_batched_model_is_refuse
             with second[0](*second[1]):
                 pass
     assert not shared.__dict__.get("_open_batches") and not shared._adapter_off
+
+
+def test_an_exception_landing_anywhere_in_taking_the_layers_locks_gives_every_one_back():
+    """Review r39: a raising signal handler inside delete_adapter's taking of every layer's lock (nothing held signals
+    back there) gave locks back twice ("cannot release un-acquired lock" instead of the handler's exception, and a
+    caller's own holds of those locks dropped), or left one taken for good (every other thread then hung on that
+    layer). Signals are held back there now; here an exception lands on each line of _all_locks in turn (a tracer, as
+    an asynchronous exception would): the exception comes out, no lock stays taken, the caller's own hold stays."""
+    import sys
+
+    import lora_ext as lora
+    from lora_ext.serving import adapters
+
+    layers = [lora.Linear(4, 4, r=1, lora_alpha=1) for _ in range(3)]
+    model = torch.nn.Sequential(*layers)
+    code = adapters._all_locks.__code__
+    lines = sorted({line for _, _, line in code.co_lines() if line is not None and line > code.co_firstlineno})
+    assert len(lines) >= 8
+
+    class Landed(Exception):
+        pass
+
+    for line in lines:
+        for m in layers:
+            m.add_adapter("c", torch.randn(1, 4), torch.randn(4, 1), 1.0)
+        arrivals = []
+
+        def tracer(frame, event, arg):
+            if frame.f_code is not code:
+                return None
+
+            def local(f, ev, a):
+                if ev == "line" and f.f_lineno == line and not arrivals:
+                    arrivals.append(line)
+                    raise Landed(line)
+                return local
+            return local
+
+        with layers[0]._lock:  # the caller's own hold
+            sys.settrace(tracer)
+            try:
+                lora.delete_adapter(model, "c")
+            except Landed:
+                pass
+            finally:
+                sys.settrace(None)
+            assert layers[0]._lock._is_owned(), f"line {line}: the caller's hold was given back"
+        assert not any(m._lock._is_owned() for m in layers), f"line {line}: a lock stays taken"
+        held = [m.has_adapter("c") for m in layers]
+        assert held in ([True] * 3, [False] * 3), (line, held)
+        for m in layers:
+            if m.has_adapter("c"):
+                m.delete_adapter("c")

@@ -577,7 +577,9 @@ def _switch_all(found, name, settle=True):
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     landed = None
-    with model_lock(model).write(), contextlib.ExitStack() as locks:
+    # (Ctrl-C and a timeout's SIGALRM held back from before the layers' locks are taken to after they are given back:
+    # a handler raising inside _all_locks left a lock taken and never given back, or gave one back twice, r39)
+    with model_lock(model).write(), deferred_interrupt(), contextlib.ExitStack() as locks:
         found = _layers_or_raise(model)
         # every layer's lock, from the check to the last delete: a switch of one layer alone on another thread to the
         # adapter (layer.set_adapter, which takes no model lock) refused its delete after the layers before it had
@@ -608,29 +610,30 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             raise landed
 
 
-def _all_locks(stack: contextlib.ExitStack, layers) -> None:
-    """Every layer's lock, held in `stack`. Taken whole or not at all: a lock not free within a moment gives back
-    those taken and the whole is tried again, so that a thread holding one of them and waiting for another (a delete of
-    another model holding the same layers in another order, a fork's pre-hook taking every lock: r38, a deadlock)
-    gets them first."""
+def _release(locks) -> None:
+    for lock in reversed(locks):
+        lock.release()
+
+
+def _all_locks(stack: contextlib.ExitStack, layers):
+    """Every layer's lock, held in `stack` (given back in one callback). Taken whole or not at all: a lock not free
+    within a moment gives back those taken and the whole is tried again, so that a thread holding one of them and
+    waiting for another (a delete of another model holding the same layers in another order, a fork's pre-hook taking
+    every lock: r38, a deadlock) gets them first. The caller holds Ctrl-C back (deferred_interrupt)."""
     delay = 0.001
     while True:
         taken = []
         try:
             for m in layers:
-                if not m._lock.acquire(timeout=0.05):
+                # (taken and noted in one statement: an exception landing between the two would leave it held for good)
+                if not (m._lock.acquire(timeout=0.05) and taken.append(m._lock) is None):
                     break
-                taken.append(m._lock)
-            else:
-                for lock in taken:
-                    stack.callback(lock.release)
-                return
+            else:  # (one statement: an exception landing before it leaves them to the except below, not to both)
+                return stack.callback(_release, taken)
         except BaseException:
-            for lock in reversed(taken):
-                lock.release()
+            _release(taken)
             raise
-        for lock in reversed(taken):
-            lock.release()
+        _release(taken)
         time.sleep(random.uniform(0, delay))  # (apart: two threads backing off alike would meet again)
         delay = min(delay * 2, 0.05)
 
