@@ -326,7 +326,9 @@ class Batch:
         input of `size` rows (one of self.sizes; default the batch's)."""
         if merged is not None and merged not in self.slot_of:
             raise ValueError(f"batch_adapters: {self.where(layer)} was merged with adapter {merged!r} after the "
-                             f"batch was opened; merge (eval()) before opening it")
+                             f"batch was opened (or as it chose its adapters: a switch of the layer alone on another "
+                             f"thread), which has no slot in it; open the batch again once the layer holds the adapter "
+                             f"it will serve")
         size = self.n if size is None else size
         key = (self.thread, device, merged, size)
         if key in self.filled:
