@@ -447,8 +447,10 @@ def _check_input(module, args, kwargs):
                          f"{batch.hint(x.shape[0]) if x.dim() else ''}")
 
 
-def _check_enabled(model, found) -> None:
-    if injection.DISABLED.get(model) or any(m._adapter_off for _, m in [*found, *saved_modules.wrappers(model)]):
+def _check_enabled(model, found, saved=()) -> None:
+    """Refuses a batch of a model inside a disable_adapter block: its own, or one of another model holding its layers
+    or its modules saved whole (`saved`, saved_modules.wrappers(model))."""
+    if injection.DISABLED.get(model) or any(m._adapter_off for _, m in [*found, *saved]):
         raise ValueError("batch_adapters: the model's adapters are disabled (inside lora.disable_adapter), which "
                          "serves every row the base; open the batch after the block (None rows serve the base)")
 
@@ -573,12 +575,13 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         # the layers and names as of now, under the hold (a load or a delete may have landed before it: checked
         # before the hold, a deleted adapter's rows were served as the base)
         found = _layers_or_raise(model)
-        _check_enabled(model, found)  # (again: a disable_adapter may have begun before the hold; not while it)
+        saved = saved_modules.wrappers(model)  # (one walk of the model for them, under the hold)
+        _check_enabled(model, found, saved)  # (again: a disable_adapter may have begun before the hold; not while it)
         _check_layers(found)
         table, index, n, label = _rows(adapters, rows, {n for _, m in found for n in m.adapter_names})
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
-        _check_row_lookups(found, saved_modules.wrappers(model), need)
+        _check_row_lookups(found, saved, need)
         enclosing = _inside(model, _PACKED | _FLATTENS_ROWS)  # (one walk for both)
         _check_packed(found, need, enclosing)
         pool = _pool(model, found)
@@ -596,14 +599,14 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 f"slots={pool.capacity}, max_rank={max(r for r, *_ in ranks)}) (the largest rank of the batch's "
                 f"adapters at any layer)")
         open_now = _open(batched.ACTIVE.get(), lambda v: v.batch)
-        for path, m in [*found, *saved_modules.wrappers(model)]:
+        for path, m in [*found, *saved]:
             if m in open_now:
                 raise ValueError(f"batch_adapters: {'layer' if m in dict(found).values() else 'module'} "
                                  f"{repr(path) if path else '(the module given)'} is "
                                  f"already in an open batch (of another model holding it) in this context; batches "
                                  f"may not share layers or modules saved whole")
         batch, tokens, slot_of, views, thread, counted = None, [], {}, {}, threading.get_ident(), False
-        wrapped = [w for _, w in saved_modules.wrappers(model)]
+        wrapped = [w for _, w in saved]
         began, landed = False, None  # (the end's: see below)
         pinned = False  # (a batch of the base alone pins no slot, but assign counts this thread among the holders)
         blocked = False
@@ -637,7 +640,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 counted = True
                 batch.fill_existing()
                 layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
-                layers.update({w: saved_modules.SavedBatch(batch, path) for path, w in saved_modules.wrappers(model)})
+                layers.update({w: saved_modules.SavedBatch(batch, path) for path, w in saved})
                 tokens.append(batched.ACTIVE.set({**_open(batched.ACTIVE.get(), lambda v: v.batch), **layers}))
                 tokens.append(_MODELS.set({**_open(_MODELS.get()), model: batch}))
                 _install_check(model)
