@@ -6,7 +6,8 @@ tensor (float64 slots hold B^T scaled, and 1). A forward computes the layer's ou
 or the merged adapter) and adds each row's update with lora_ext.ops.batched_linear_ / batched_embedding_, one
 gather pass per stage over all rows whatever their adapters (CUDA kernels, the C++ CPU loops, or batched
 matmuls). A MergedLinear's slots hold its groups side by side (rank n*R, B^T block by block in its output
-columns), an Embedding's A^T is its lookup table.
+columns), an Embedding's A^T is its lookup table, a convolution's slots hold ConvLoRA's A^T (in * k1..., r * k0)
+and B^T (r * k0, out // groups * k0), which lora_ext.ops.batched_conv_ turns into each row's delta weight.
 
 A merged layer serves mixed batches relative to the adapter its weight holds: rows of that adapter take the
 merged output as it is, every other row adds its own update and subtracts the merged one (a second pass with
@@ -69,7 +70,8 @@ def refuse_in_program(what: str) -> None:
 
 
 def kind(layer) -> Optional[str]:
-    """"linear" (Linear, MergedLinear), "embedding", or None for layers mixed batches do not serve."""
+    """"linear" (Linear, MergedLinear), "embedding", "conv" (Conv1d/2d/3d), or None for layers mixed batches do not
+    serve."""
     return getattr(layer, "_batch_kind", None)
 
 
@@ -102,12 +104,13 @@ class LayerSlots:
 
     def __init__(self, layer, capacity: int, max_rank: int):
         weight = layer.weight_2d()
-        a_shape, _ = layer.factor_shapes(1)
+        a_shape, b_shape = layer.factor_shapes(1)
         self.k = a_shape[1]
-        self.d = layer.out_features if kind(layer) == "linear" else layer.embedding_dim
+        self.d = layer.out_features if kind(layer) == "linear" else b_shape[0]  # (an Embedding's embedding_dim, a
+        # conv's out_channels // groups * kernel_size[0]: ConvLoRA's layout)
         self.groups = rank_groups(layer)
         self.max_rank = max_rank
-        rank = max_rank * self.groups
+        rank = max_rank * layer._rank_rows()  # (a MergedLinear's groups side by side; a conv's r * kernel_size[0])
         self.dtype, self.device = weight.dtype, weight.device
         with torch.inference_mode(False):  # (made inside inference_mode, later batches under no_grad could not write)
             self.a = torch.zeros(capacity, self.k, rank, dtype=self.dtype, device=self.device)
@@ -201,14 +204,14 @@ class LayerSlots:
         scaling, which the layer's own forward serves) goes in scaled by a power of two, and the scaling the other
         way: exact, where a plain cast would serve inf."""
         A, B, s = _fitted(A, B, s, self.dtype)
-        r = layer.rank_of(A)
         rank = self.max_rank
-        at = torch.zeros(self.k, self.groups * rank, dtype=self.dtype, device=A.device)
-        bt = torch.zeros(self.groups * rank, self.d, dtype=self.dtype, device=A.device)
-        if not hasattr(layer, "enable_lora"):  # Linear, Embedding
-            at[:, :r] = A.t()
-            bt[:r] = B.t()
+        at = torch.zeros(self.k, self.a.shape[2], dtype=self.dtype, device=A.device)
+        bt = torch.zeros(self.a.shape[2], self.d, dtype=self.dtype, device=A.device)
+        if not hasattr(layer, "enable_lora"):  # Linear, Embedding, a conv (its r * kernel_size[0] rows)
+            at[:, :A.shape[0]] = A.t()
+            bt[:A.shape[0]] = B.t()
             return at, bt, s
+        r = layer.rank_of(A)
         nb = layer.out_features // len(layer.enable_lora)
         for g, e in enumerate(layer.block_ids):
             at[:, g * rank:g * rank + r] = A[g * r:(g + 1) * r].t()
@@ -356,7 +359,11 @@ class LayerBatch:
         if not self.slots.fits(layer):
             raise ValueError(f"batch_adapters: the weight of {where} moved to {layer.weight_2d().device} / "
                              f"{layer.weight_2d().dtype} after the batch was opened; open it again")
-        lead = x.shape[:-1] if kind(layer) == "linear" else x.shape
+        conv = kind(layer) == "conv"
+        if conv and x.dim() != len(layer.conv.kernel_size) + 2:
+            raise ValueError(f"batch_adapters: {where} got an unbatched input of shape {tuple(x.shape)} (channels "
+                             f"first, no row dimension): a mixed batch needs the batch row first")
+        lead = x.shape[:-1] if kind(layer) == "linear" else x.shape[:1] if conv else x.shape
         fit = batch.fit(lead, layer)
         if fit is None:
             if batch.expand > 1:
@@ -387,6 +394,12 @@ class LayerBatch:
         a, b = slots.a, slots.b
         if out.dtype != a.dtype:  # autocast, or a weight of another dtype than the activations
             a, b = a.to(out.dtype), b.to(out.dtype)
+        if conv:  # (one row per batch entry: its (channels, ...) are its features)
+            x = x.to(out.dtype)
+            ops.batched_conv_(layer.conv, out, x, a, b, slots.scales, add)
+            if sub is not None:
+                ops.batched_conv_(layer.conv, out, x, a, b, slots.neg_scales, sub)
+            return out
         out2 = out.view(-1, out.shape[-1])
         if kind(layer) == "linear":
             x2 = x.reshape(-1, x.shape[-1])

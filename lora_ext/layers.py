@@ -2381,6 +2381,7 @@ class ConvLoRA(LoRALayer, nn.Module):
     for Conv2d with an int kernel this is loralib's layout exactly."""
 
     _weight_key = "conv.weight"
+    _batch_kind = "conv"
 
     def __init__(self, conv_module: type, in_channels: int, out_channels: int,
                  kernel_size: Union[int, Tuple[int, ...]], r: int = 0, lora_alpha: float = 1,

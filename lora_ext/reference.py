@@ -359,3 +359,38 @@ def batched_embedding_(out, ids, a_slots, b_slots, scales, index, tokens_per_ind
     ids2 = ids.view(-1, tokens_per_index).index_select(0, groups)  # (n, tokens)
     t = a_slots[slots.view(-1, 1), ids2].to(compute_dtype(out.dtype))  # (n, tokens, R)
     _expand_(out, t, b_slots, scales, groups, slots, tokens_per_index)
+
+
+# the delta weights one chunk of a batched conv stacks (one per row), in elements: 2^25 (128 MiB in float32)
+CONV_CHUNK_ELEMENTS = 1 << 25
+
+
+def batched_conv_(conv, out, x, a_slots, b_slots, scales, index):
+    """out[n] = round(out[n] + conv(x[n], scales[i] * (B_i A_i).view(W.shape))) with i = index[n] >= 0 (B_i A_i =
+    (a_slots[i] @ b_slots[i])^T); rows with index -1 are left as they are, bit for bit. Each row's delta weight is
+    stacked and the rows are convolved at once as one grouped convolution (groups * rows), in chunks of at most
+    CONV_CHUNK_ELEMENTS delta elements; in float32 (float64 for float64), one rounding per element. No host sync
+    (the index stays on the device): a CUDA graph captured over it serves the rows of the index at replay."""
+    cd = compute_dtype(out.dtype)
+    shape = conv.weight.shape
+    rows, channels = x.shape[:2]
+    live = index >= 0
+    slots = index.clamp(min=0).long()
+    scale = torch.where(live, scales.index_select(0, slots), 0.0).to(cd)
+    padding = conv.padding
+    if conv.padding_mode != "zeros":  # (as torch's conv: the padding first, then an unpadded convolution)
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    fn = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    chunk = max(1, CONV_CHUNK_ELEMENTS // max(1, math.prod(shape)))
+    keep = (-1,) + (1,) * (out.dim() - 1)
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        s = slots[part]
+        n = s.numel()
+        delta = torch.bmm(a_slots.index_select(0, s).to(cd), b_slots.index_select(0, s).to(cd))  # (n, k, d)
+        delta = (delta.transpose(1, 2) * scale[part].view(-1, 1, 1)).reshape(n * shape[0], *shape[1:])
+        xs = x[part].to(cd).reshape(1, n * channels, *x.shape[2:])
+        y = fn(xs, delta, None, conv.stride, padding, conv.dilation, conv.groups * n).view(n, *out.shape[1:])
+        o = out[part]
+        o.copy_(torch.where(live[part].view(keep), (o.to(cd) + y).to(out.dtype), o))

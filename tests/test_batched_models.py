@@ -691,9 +691,10 @@ def test_an_adapter_loaded_again_over_more_layers_reaches_them(gpt2_arch):
     assert_rows(batched(model, x, names), peft_logits(gpt2_arch, x, ["b2", None, "a"]), names, "after")
 
 
-def test_convolutions_are_refused_naming_the_layer():
-    model = torch.nn.Sequential(lora.Conv2d(3, 4, 3, r=2))
-    with pytest.raises(ValueError, match=r"layer '0' is a Conv2d"):
+def test_transposed_convolutions_are_refused_naming_the_layer():
+    model = torch.nn.Sequential(lora.ConvLoRA(torch.nn.ConvTranspose2d, 3, 4, 3, r=2))
+    with pytest.raises(ValueError, match=r"layer '0' is a ConvLoRA; mixed batches serve Linear, MergedLinear, "
+                                         r"Embedding and Conv1d/2d/3d layers"):
         with lora.batch_adapters(model, [None]):
             pass
     assert lora.slot_config(model) is None

@@ -10,7 +10,7 @@ are free is refused before anything is written, with the numbers.
 
 Everything a batch needs is checked when it is opened, before the first write: the names (each held by some
 layer of the model; None is the base model), the rows, the ranks (at most the slots' max_rank), the layers
-(Linear, MergedLinear and Embedding; not under FSDP2 or tensor parallel). The model's first input is checked
+(Linear, MergedLinear, Embedding and Conv1d/2d/3d; not under FSDP2 or tensor parallel). The model's first input is checked
 against the number of rows when the model is called. The open batch holds the model's adapters (like `hold`):
 model-level switches, merges and loads on other threads wait until it closes.
 
@@ -406,9 +406,9 @@ def _check_layers(found) -> None:
             raise ValueError(f"batch_adapters: layer {path!r} is inside a mixture of experts' experts: a router gives it "
                              f"a subset of the tokens, which cannot be told from the batch rows (when their counts agree "
                              f"they would be served as rows, silently wrong); serve it one adapter at a time")
-        if batched.kind(m) is None:
+        if batched.kind(m) is None or getattr(getattr(m, "conv", None), "transposed", False):
             raise ValueError(f"batch_adapters: layer {path!r} is a {type(m).__name__}; mixed batches serve Linear, "
-                             f"MergedLinear and Embedding layers (serve convolutions one adapter at a time)")
+                             f"MergedLinear, Embedding and Conv1d/2d/3d layers")
         if m.__dict__.get("_tp") is not None or sharded.is_dtensor(m._weight_or_none()) or sharded.is_dtensor(m.lora_A):
             raise ValueError(f"batch_adapters: layer {path!r} is sharded (FSDP2 or tensor parallel); mixed batches "
                              f"serve unsharded layers")

@@ -1,0 +1,240 @@
+"""Convolutions in mixed batches (lora.batch_adapters): a ConvLoRA layer (Conv1d, Conv2d, Conv3d; stride, padding
+modes, dilation, groups) serves each row with its own adapter, merged and unmerged, against a float64 oracle written
+here from the test's own factors (loralib's delta: (B A) viewed as the weight, times the scaling); rows of the base
+bit for bit; lora_ext.ops.batched_conv_ with poisoned rows and forced chunks; a real transformers ViT (its patch
+embedding is a Conv2d) against peft's adapter_names; beams; torch.compile; refusals."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_ext as lora
+from lora_ext import ops, reference
+from helpers import peft_with_adapters, rel_err
+
+# name: (layer class, conv keyword arguments, spatial shape of the input)
+CASES = {
+    "conv1d-circular-groups": (lora.Conv1d, dict(kernel_size=3, padding=1, padding_mode="circular", groups=2), (9,)),
+    "conv2d-stride": (lora.Conv2d, dict(kernel_size=3, stride=2, padding=1), (7, 6)),
+    "conv2d-rect-dilated-reflect": (lora.Conv2d, dict(kernel_size=(3, 2), dilation=(2, 1), padding=2,
+                                                      padding_mode="reflect"), (9, 6)),
+    "conv3d-same": (lora.Conv3d, dict(kernel_size=3, padding="same"), (4, 5, 3)),
+}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+NAMES = ["a", "b", None, "b", "default", "a"]
+
+
+def oracle(conv, base, x, factors):
+    """The conv of x with weight base + s * (B A).view(base.shape) (factors (A, B, s), or None: the base), in
+    float64; torch's padding modes pad first."""
+    w = base.double()
+    if factors is not None:
+        A, B, s = factors
+        w = w + (B.double() @ A.double()).view(w.shape) * s
+    x = x.double()
+    padding = conv.padding
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        padding = 0
+    fn = (F.conv1d, F.conv2d, F.conv3d)[x.dim() - 3]
+    bias = None if conv.bias is None else conv.bias.double()
+    return fn(x, w, bias, conv.stride, padding, conv.dilation, conv.groups)
+
+
+def conv_layer(case, dtype, seed=0):
+    """The layer of `case` holding adapters default (rank 2), a (rank 2) and b (rank 3) of random values, and
+    {name: (A, B, scaling)} as given to it, with its base weight."""
+    cls, kwargs, spatial = CASES[case]
+    torch.manual_seed(seed)
+    kwargs = dict(kwargs)
+    layer = cls(4, 6, kwargs.pop("kernel_size"), r=2, lora_alpha=4, **kwargs).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    k0 = layer.conv.kernel_size[0]
+    given = {}
+    for name, r, s in (("default", 2, 2.0), ("a", 2, 0.7), ("b", 3, 1.3)):
+        A = (torch.randn(r * k0, layer.lora_A.shape[1], generator=g) * 0.3).to(dtype)
+        B = (torch.randn(layer.lora_B.shape[0], r * k0, generator=g) * 0.3).to(dtype)
+        layer.add_adapter(name, A, B, s)
+        given[name] = (A.clone(), B.clone(), s)
+    layer.set_adapter("a")
+    return layer, given, layer.conv.weight.detach().clone(), spatial
+
+
+def check_rows(out, layer, base, x, given, names, dtype, what):
+    for i, name in enumerate(names):
+        ref = oracle(layer.conv, base, x[i:i + 1], given.get(name))
+        # relative to the output's size and the merged adapter's (a merged bf16 weight rounds W + delta)
+        size = max(ref.norm(), oracle(layer.conv, base, x[i:i + 1], given["a"]).norm())
+        err = ((out[i:i + 1].double() - ref).norm() / size).item()
+        assert err < TOL[dtype], f"{what}: row {i} ({name!r}) relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_row_gets_its_adapter(case, merged, dtype):
+    layer, given, base, spatial = conv_layer(case, dtype)
+    model = torch.nn.Sequential(layer).eval()
+    if not merged:
+        layer.unmerge()
+    assert layer.merged == merged
+    x = torch.randn(len(NAMES), 4, *spatial).to(dtype)
+    weight = layer.conv.weight.detach().clone()
+    with torch.no_grad():
+        plain = model(x)  # outside a batch: the base (unmerged, with a's rows below), or a merged
+        with lora.batch_adapters(model, NAMES):
+            out = model(x)
+    check_rows(out, layer, base, x, given, NAMES, dtype, case)
+    if merged:  # the merged adapter's rows are the merged forward, bit for bit
+        assert all(torch.equal(out[i], plain[i]) for i, n in enumerate(NAMES) if n == "a")
+    else:  # rows of the base are the conv's own forward, bit for bit (bias and all)
+        with torch.no_grad():
+            assert torch.equal(out[2], layer.conv(x)[2])
+    assert torch.equal(layer.conv.weight, weight), "the weight changed"
+
+
+def test_a_batch_of_beams_and_of_one_adapter():
+    layer, given, base, spatial = conv_layer("conv2d-stride", torch.float64)
+    model = torch.nn.Sequential(layer).eval()
+    x = torch.randn(6, 4, *spatial, dtype=torch.float64)
+    with torch.no_grad(), lora.batch_adapters(model, ["b", None], expand=3):
+        out = model(x)  # each row 3 times in a run, as generate() with num_beams=3
+    check_rows(out, layer, base, x, given, ["b"] * 3 + [None] * 3, torch.float64, "expand=3")
+    with torch.no_grad(), lora.batch_adapters(model, ["default"] * 2):
+        out = model(x[:2])
+    check_rows(out, layer, base, x[:2], given, ["default"] * 2, torch.float64, "one adapter")
+
+
+def test_torch_compile_serves_the_rows_as_eager():
+    layer, given, base, spatial = conv_layer("conv1d-circular-groups", torch.float32)
+    model = torch.nn.Sequential(layer).eval()
+    layer.unmerge()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(len(NAMES), 4, *spatial)
+    with torch.no_grad():
+        for names in (NAMES, list(reversed(NAMES))):
+            with lora.batch_adapters(model, names):
+                out = compiled(x)
+            check_rows(out, layer, base, x, given, names, torch.float32, f"compiled {names}")
+
+
+def test_an_unbatched_input_is_refused_naming_the_layer():
+    layer, _, base, _ = conv_layer("conv1d-circular-groups", torch.float32)
+    model = torch.nn.Sequential(layer).eval()
+    weight = layer.conv.weight.detach().clone()
+    with torch.no_grad(), lora.batch_adapters(model, ["a", "b", None, "a"]):
+        # (4, 9): a Conv1d reads it as one unbatched input of 4 channels, not as 4 rows
+        with pytest.raises(ValueError, match=r"layer '0' \(Conv1d\) got an unbatched input of shape \(4, 9\)"):
+            model(torch.randn(4, 9))
+        with pytest.raises(ValueError, match=r"4 rows were given for an input of shape \(3, 4, 9\)"):
+            model(torch.randn(3, 4, 9))
+        with pytest.raises(ValueError, match=r"4 rows were given, but layer '0' \(Conv1d\) got an input of shape "
+                                             r"\(3, 4, 9\)"):
+            layer(torch.randn(3, 4, 9))  # (the layer itself: the model's row check is not on it)
+    assert torch.equal(layer.conv.weight, weight) and layer.merged and layer.active_adapter == "a"
+
+
+# ---------------------------------------------------------------------------------------------------
+# lora_ext.ops.batched_conv_ itself
+
+
+def _slots(conv, S, R, dtype, g):
+    k = conv.in_channels // conv.groups * math.prod(conv.kernel_size[1:]) * conv.groups
+    d = conv.weight.numel() // k
+    return (torch.randn(S, k, R, generator=g).to(dtype), torch.randn(S, R, d, generator=g).to(dtype),
+            torch.rand(S, generator=g) + 0.5)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2], ids=["whole", "chunk1", "chunk2"])
+def test_op_poisoned_rows_of_the_base_stay_bit_for_bit(chunk, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    conv = torch.nn.Conv2d(4, 6, (3, 2), padding=1, groups=2).double()
+    a, b, scales = _slots(conv, 3, 5, torch.float64, g)
+    x = torch.randn(5, 4, 6, 5, generator=g, dtype=torch.float64)
+    out = torch.randn(5, 6, 6, 6, generator=g, dtype=torch.float64)
+    out[1] = -0.0  # (a row of the base: -0.0 + 0 would be +0.0)
+    out[3, 0, 0, 0] = float("nan")
+    index = torch.tensor([2, -1, 0, -1, 2], dtype=torch.int32)
+    before = out.clone()
+    if chunk is not None:  # rows of chunk weights at a time
+        monkeypatch.setattr(reference, "CONV_CHUNK_ELEMENTS", conv.weight.numel() * chunk)
+    with torch.no_grad():
+        ops.batched_conv_(conv, out, x, a, b, scales, index)
+    for n, i in enumerate(index.tolist()):
+        if i < 0:
+            assert torch.equal(out[n].view(torch.int64), before[n].view(torch.int64)), f"row {n} was written"
+            continue
+        delta = (a[i] @ b[i]).t().reshape(conv.weight.shape) * float(scales[i])
+        ref = before[n] + F.conv2d(x[n:n + 1], delta, None, conv.stride, conv.padding, conv.dilation, conv.groups)[0]
+        assert rel_err(out[n], ref) < 1e-13, f"row {n}"
+
+
+def test_op_refusals_write_nothing():
+    g = torch.Generator().manual_seed(4)
+    conv = torch.nn.Conv1d(4, 6, 3)
+    a, b, scales = _slots(conv, 2, 3, torch.float32, g)
+    x, out = torch.randn(3, 4, 9), torch.randn(3, 6, 7)
+    index = torch.tensor([0, 1, -1], dtype=torch.int32)
+    bad = [
+        (dict(index=index.long()), "index must be a 1-D int32 tensor of 3 entries"),
+        (dict(index=index[:2]), "index must be a 1-D int32 tensor of 3 entries"),
+        (dict(x=x[0]), "x must be a batched 3-D tensor"),
+        (dict(b=b[:, :2]), "d \\* k = 72"),
+        (dict(scales=scales.double()), "scales must be a float32 tensor"),
+        (dict(a=a.double()), "a_slots must have out's dtype"),
+        (dict(conv=torch.nn.ConvTranspose1d(4, 6, 3)), "must be an nn.Conv1d, Conv2d or Conv3d"),
+        (dict(x=x.clone().requires_grad_()), "serves inference"),
+    ]
+    before = out.clone()
+    for change, message in bad:
+        args = {**dict(conv=conv, out=out, x=x, a=a, b=b, scales=scales, index=index), **change}
+        with pytest.raises((ValueError, RuntimeError), match=message):
+            ops.batched_conv_(args["conv"], args["out"], args["x"], args["a"], args["b"], args["scales"],
+                              args["index"])
+        assert torch.equal(out, before), message
+
+
+# ---------------------------------------------------------------------------------------------------
+# a real transformers ViT (patch embedding: a Conv2d) against peft's adapter_names
+
+
+def _vit(seed=0):
+    from transformers import ViTConfig, ViTModel
+    torch.manual_seed(seed)
+    cfg = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48, image_size=16,
+                    patch_size=4, num_channels=3)
+    return ViTModel(cfg, add_pooling_layer=False).eval()
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_vit_patch_embedding_against_peft_adapter_names(tmp_path, merged):
+    configs = dict(a=dict(r=4, lora_alpha=8, target_modules=["projection", "q_proj"]),
+                   b=dict(r=2, lora_alpha=6, target_modules=["projection", "v_proj"]),
+                   c=dict(r=3, lora_alpha=3, target_modules=["q_proj"]))
+    peft_model = peft_with_adapters(_vit(), configs)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # peft starts B at zero
+        for n, p in peft_model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    peft_model.eval().save_pretrained(str(tmp_path))
+    model = _vit()
+    for name in configs:
+        lora.load_peft_adapter(model, str(tmp_path / name), name, activate=False)
+    assert isinstance(model.embeddings.patch_embeddings.projection, lora.ConvLoRA)
+    lora.set_adapter(model, "b")
+    model.eval()
+    if not merged:
+        lora.unmerge_adapter(model)
+    assert model.embeddings.patch_embeddings.projection.merged == merged
+    names = ["a", None, "b", "c", "a", "b"]
+    x = torch.randn(len(names), 3, 16, 16)
+    with torch.no_grad():
+        ref = peft_model(x, adapter_names=[n or "__base__" for n in names]).last_hidden_state
+        with lora.batch_adapters(model, names):
+            out = model(x).last_hidden_state
+    for i, name in enumerate(names):
+        assert rel_err(out[i], ref[i]) < 1e-5, f"row {i} ({name!r})"
+    # peft's rows differ by adapter (the comparison is not of equal rows)
+    assert rel_err(ref[0], peft_model(x[:1], adapter_names=["__base__"]).last_hidden_state[0]) > 1e-3
