@@ -7,7 +7,8 @@ or the merged adapter) and adds each row's update with lora_ext.ops.batched_line
 gather pass per stage over all rows whatever their adapters (CUDA kernels, the C++ CPU loops, or batched
 matmuls). A MergedLinear's slots hold its groups side by side (rank n*R, B^T block by block in its output
 columns), an Embedding's A^T is its lookup table, a convolution's slots hold ConvLoRA's A^T (in * k1..., r * k0)
-and B^T (r * k0, out // groups * k0), which lora_ext.ops.batched_conv_ turns into each row's delta weight.
+and B^T (r * k0, out // groups * k0), and their product B A, from which lora_ext.ops.batched_conv_ gathers each
+row's delta weight.
 
 A merged layer serves mixed batches relative to the adapter its weight holds: rows of that adapter take the
 merged output as it is, every other row adds its own update and subtracts the merged one (a second pass with
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .reference import compute_dtype
 from .named_adapters import _data_ptr, _is, _stamp, _token, _unchanged
 
 # The batches open in this context: {layer: LayerBatch}; None when none is (a thread starts with none).
@@ -117,6 +119,11 @@ class LayerSlots:
             self.b = torch.zeros(capacity, rank, self.d, dtype=self.dtype, device=self.device)
             self.scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
             self.neg_scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
+            # a conv's slots also keep their B A (d, k), written with them: a batch's forward gathers each row's
+            # delta weight from them (computing it per row from the factors, of rank r * kernel_size[0], cost 6x
+            # the convolution itself for a ViT patch embedding)
+            self.deltas = (torch.zeros(capacity, self.d, self.k, dtype=compute_dtype(self.dtype), device=self.device)
+                           if kind(layer) == "conv" else None)
         self.keys = [None] * capacity
         # CUDA: for each slot, the uses by closed batches not yet seen complete (one stream's each), waited for
         # before the slot is rewritten, and its last write, until that is seen complete (see _ready)
@@ -224,6 +231,7 @@ class LayerSlots:
             self.b[slot].copy_(bt)
             self.scales[slot] = s
             self.neg_scales[slot] = -s
+            self._write_delta(slot)
             return
         # CUDA: wait for the batches that read this slot; a copy from host memory goes through pinned memory on a
         # side stream, which the current stream then waits for
@@ -244,6 +252,7 @@ class LayerSlots:
             self.b[slot].copy_(bt, non_blocking=True)
             self.scales[slot:slot + 1].copy_(scales[:1], non_blocking=True)
             self.neg_scales[slot:slot + 1].copy_(scales[1:], non_blocking=True)
+            self._write_delta(slot)
             written = None
             if not capturing:  # (inside a capture the graph orders the write; a captured event cannot be queried)
                 written = torch.cuda.Event()
@@ -251,6 +260,12 @@ class LayerSlots:
         self.written[slot] = written
         if stream is not current:
             current.wait_stream(stream)
+
+    def _write_delta(self, slot: int) -> None:
+        """A conv's slot: its B A from the factors just written, in float32 (float64 for float64 slots)."""
+        if self.deltas is not None:
+            cd = self.deltas.dtype
+            torch.mm(self.b[slot].t().to(cd), self.a[slot].t().to(cd), out=self.deltas[slot])
 
     def _ready(self, slot: int) -> None:
         """A batch found `slot` already holding its adapter: on CUDA its stream waits for that write, which
@@ -391,15 +406,15 @@ class LayerBatch:
         if not tokens or not out.numel():  # (no tokens, or no outputs: nothing to add)
             return out
         slots = self.slots
+        if conv:  # (one row per batch entry: its (channels, ...) are its features)
+            x = x.to(out.dtype)
+            ops.batched_conv_(layer.conv, out, x, slots.deltas, slots.scales, add)
+            if sub is not None:
+                ops.batched_conv_(layer.conv, out, x, slots.deltas, slots.neg_scales, sub)
+            return out
         a, b = slots.a, slots.b
         if out.dtype != a.dtype:  # autocast, or a weight of another dtype than the activations
             a, b = a.to(out.dtype), b.to(out.dtype)
-        if conv:  # (one row per batch entry: its (channels, ...) are its features)
-            x = x.to(out.dtype)
-            ops.batched_conv_(layer.conv, out, x, a, b, slots.scales, add)
-            if sub is not None:
-                ops.batched_conv_(layer.conv, out, x, a, b, slots.neg_scales, sub)
-            return out
         out2 = out.view(-1, out.shape[-1])
         if kind(layer) == "linear":
             x2 = x.reshape(-1, x.shape[-1])

@@ -8,6 +8,9 @@ r, a batch whose rows cycle through them, against
 - lora_ext's mixed batch, the forward inside an open batch_adapters block (what each step of generate() pays),
   and the block opened and closed around each forward (a new batch every call).
 
+The whole grid also times two convolutions in mixed batches (CONV_CASES: a ViT patch embedding, a Whisper
+convolution) against the plain conv, one adapter unmerged and peft's adapter_names.
+
 On CUDA also: the forward under CUDA graph replay (captured inside the block, replayed with the slots of the
 batch open at replay), and slot paging (2 slots fewer than the batch's adapters' working set: each call opens a
 batch whose adapters must be copied into slots from host memory)."""
@@ -170,9 +173,73 @@ def _cuda_only(layer, names, x, n, r, device, repeats, compare, shim):
     return times
 
 
+# convolutions in mixed batches (the whole grid only): (name, conv class, in, out, kernel, conv kwargs, input's
+# spatial shape, rows, adapters, r)
+CONV_CASES = (
+    ("ViT-B/16 patch embedding", torch.nn.Conv2d, 3, 768, 16, dict(stride=16), (224, 224), 16, 4, 16),
+    ("Whisper-tiny conv2", torch.nn.Conv1d, 384, 384, 3, dict(stride=2, padding=1), (1500,), 8, 4, 8),
+)
+
+
+def _peft_conv(conv, n, r):
+    """peft's LoraModel over a copy of `conv` holding n adapters of rank r (random: for timing only), or None."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    import copy
+    model = peft.get_peft_model(torch.nn.Sequential(copy.deepcopy(conv)),
+                                peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]), adapter_name="a0")
+    for i in range(1, n):
+        model.add_adapter(f"a{i}", peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0"]))
+    return model.eval()
+
+
+def conv_case_rows(case, dtype, device, repeats, compare, shim):
+    """A convolution's mixed batch (rows cycling through the adapters) against the plain conv, one adapter for the
+    whole batch (unmerged) and peft's adapter_names."""
+    name, cls, c_in, c_out, k, kwargs, spatial, n_rows, n, r = case
+    gen = torch.Generator().manual_seed(0)
+    place = shim.place(device)
+    layer = lora_ext.ConvLoRA(cls, c_in, c_out, k, r=r, merge_weights=False, **kwargs)
+    for i in range(n):
+        a_shape, b_shape = layer.factor_shapes(r)
+        layer.add_adapter(f"a{i}", torch.randn(a_shape, generator=gen) * 0.02,
+                          torch.randn(b_shape, generator=gen) * 0.02, 2.0)
+    layer.set_adapter("a0")
+    layer.delete_adapter("default")
+    layer = layer.to(place, dtype).eval()
+    model = torch.nn.Sequential(layer)
+    peft_model = _peft_conv(layer.conv, n, r)
+    names = [f"a{i % n}" for i in range(n_rows)]
+    x = torch.randn(n_rows, c_in, *spatial, generator=gen).to(place, dtype)
+    lora_ext.configure_slots(model, slots=max(n, 8), max_rank=r)
+    candidates = {"plain": lambda: layer.conv(x), "one adapter (lora_ext)": lambda: model(x)}
+
+    def mixed():
+        with lora_ext.batch_adapters(model, names):
+            return model(x)
+    candidates["lora_ext mixed (open+forward)"] = mixed
+    if peft_model is not None:
+        peft_model = peft_model.to(place, dtype)
+        candidates["peft adapter_names"] = lambda: peft_model(x, adapter_names=names)
+    with torch.no_grad():
+        times = compare(candidates, device, repeats)
+    case_name = f"mixed batch conv {name} rows={n_rows} adapters={n} r={r}"
+    out = [dict(case=case_name, impl=impl, ms=t * 1e3, ratio=t / times["plain"]) for impl, t in times.items()]
+    mixed_t = times["lora_ext mixed (open+forward)"]
+    out.append(dict(case=case_name, impl="mixed / one adapter", ratio=mixed_t / times["one adapter (lora_ext)"]))
+    if "peft adapter_names" in times:
+        out.append(dict(case=case_name, impl="peft / lora_ext mixed", ratio=times["peft adapter_names"] / mixed_t))
+    return out
+
+
 def rows(device, quick, repeats, compare, shim, dim=None, dtype=None):
     dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     out = []
     for case in grid(device, quick, dim):
         out += case_rows(*case, dtype, device, repeats, compare, shim)
+    if not quick and not getattr(shim, "rehearsal", False):
+        for case in CONV_CASES:
+            out += conv_case_rows(case, dtype, device, repeats, compare, shim)
     return out

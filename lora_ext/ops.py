@@ -1305,22 +1305,22 @@ def batched_embedding_(out: Tensor, ids: Tensor, a_slots: Tensor, b_slots: Tenso
     _batched("embedding", out, ids, a_slots, b_slots, scales, index, tokens_per_index)
 
 
-def batched_conv_(conv_module: torch.nn.Module, out: Tensor, x: Tensor, a_slots: Tensor, b_slots: Tensor,
-                  scales: Tensor, index: Tensor) -> None:
+def batched_conv_(conv_module: torch.nn.Module, out: Tensor, x: Tensor, deltas: Tensor, scales: Tensor,
+                  index: Tensor) -> None:
     """batched_linear_ for a convolution (a ConvLoRA's conv, an nn.Conv1d/2d/3d), in place: out[n] +=
-    conv(x[n], scales[i] * (a_slots[i] @ b_slots[i])^T viewed as the conv's weight) with i = index[n], for every
-    batch row n whose i >= 0 (the conv's stride, padding, padding_mode, dilation and groups; no bias); rows with
-    i = -1 are left as they are, bit for bit.
+    conv(x[n], scales[i] * deltas[i] viewed as the conv's weight) with i = index[n], for every batch row n whose
+    i >= 0 (the conv's stride, padding, padding_mode, dilation and groups; no bias); rows with i = -1 are left as
+    they are, bit for bit.
 
-    out (N, C_out, ...) and x (N, C_in, ...) batched (the row first); a_slots (S, k, R) and b_slots (S, R, d)
-    hold each slot's A^T and B^T in ConvLoRA's layout (d * k = the weight's elements), in out's dtype; scales (S,)
-    float32; index (N,) int32. In float32 (float64 for float64), one rounding per element; pure torch on every
-    device (no host sync). Inference only (no autograd)."""
-    _check_batched_conv_args(conv_module, out, x, a_slots, b_slots, scales, index)
-    reference.batched_conv_(conv_module, out, x, a_slots, b_slots, scales, index)
+    out (N, C_out, ...) and x (N, C_in, ...) of one dtype, batched (the row first); deltas (S, d, k) float32 or
+    float64: each slot's B A in ConvLoRA's layout (d * k = the weight's elements; a mixed batch's LayerSlots keep
+    them, written with the slot); scales (S,) float32; index (N,) int32. In float32 (float64 for float64), one
+    rounding per element; pure torch on every device (no host sync). Inference only (no autograd)."""
+    _check_batched_conv_args(conv_module, out, x, deltas, scales, index)
+    reference.batched_conv_(conv_module, out, x, deltas, scales, index)
 
 
-def _check_batched_conv_args(conv, out, x, a_slots, b_slots, scales, index):
+def _check_batched_conv_args(conv, out, x, deltas, scales, index):
     weight = getattr(conv, "weight", None)
     if (not isinstance(conv, torch.nn.modules.conv._ConvNd) or getattr(conv, "transposed", False)
             or not isinstance(weight, Tensor)):
@@ -1331,15 +1331,15 @@ def _check_batched_conv_args(conv, out, x, a_slots, b_slots, scales, index):
             raise ValueError(f"{name} must be a batched {spatial + 2}-D tensor (rows, channels, {spatial} spatial "
                              f"dimensions) for the conv's {tuple(weight.shape)} weight, got "
                              f"{tuple(getattr(t, 'shape', ()))}")
-    _check_tensor("a_slots", a_slots, 3)
-    _check_tensor("b_slots", b_slots, 3)
-    for name, t in (("x", x), ("a_slots", a_slots), ("b_slots", b_slots)):
-        if t.dtype != out.dtype:
-            raise ValueError(f"{name} must have out's dtype {out.dtype}, got {t.dtype}")
-    slots, k, rank = a_slots.shape
-    if b_slots.shape[0] != slots or b_slots.shape[1] != rank or b_slots.shape[2] * k != weight.numel():
-        raise ValueError(f"a_slots {tuple(a_slots.shape)} and b_slots {tuple(b_slots.shape)} must be (slots, k, rank) "
-                         f"and (slots, rank, d) with d * k = {weight.numel()}, the conv weight's elements")
+    if x.dtype != out.dtype:
+        raise ValueError(f"x must have out's dtype {out.dtype}, got {x.dtype}")
+    _check_tensor("deltas", deltas, 3)
+    if deltas.dtype not in (torch.float32, torch.float64) or deltas.shape[1] * deltas.shape[2] != weight.numel():
+        raise ValueError(f"deltas must be a float32 or float64 tensor (slots, d, k) with d * k = {weight.numel()}, "
+                         f"the conv weight's elements, got {deltas.dtype} {tuple(deltas.shape)}")
+    if not deltas.is_contiguous():
+        raise ValueError("deltas must be contiguous")
+    slots = deltas.shape[0]
     if x.shape[1] != conv.in_channels or out.shape[1] != conv.out_channels or x.shape[0] != out.shape[0]:
         raise ValueError(f"x {tuple(x.shape)} and out {tuple(out.shape)} must have the same rows and the conv's "
                          f"{conv.in_channels} and {conv.out_channels} channels")
@@ -1349,9 +1349,8 @@ def _check_batched_conv_args(conv, out, x, a_slots, b_slots, scales, index):
     if (not isinstance(index, Tensor) or index.dtype != torch.int32 or tuple(index.shape) != (out.shape[0],)):
         raise ValueError(f"index must be a 1-D int32 tensor of {out.shape[0]} entries (one per row), got "
                          f"{getattr(index, 'dtype', type(index))} of shape {tuple(getattr(index, 'shape', ()))}")
-    _check_same_device(out=out, x=x, a_slots=a_slots, b_slots=b_slots, scales=scales, index=index,
-                       weight=weight)
-    if _needs_grad(out, x, a_slots, b_slots):
+    _check_same_device(out=out, x=x, deltas=deltas, scales=scales, index=index, weight=weight)
+    if _needs_grad(out, x, deltas):
         raise RuntimeError("lora_ext.ops.batched_conv_ serves inference and records no gradient: call it under "
                            "torch.no_grad() or torch.inference_mode(), on tensors that do not require grad")
 

@@ -365,10 +365,10 @@ def batched_embedding_(out, ids, a_slots, b_slots, scales, index, tokens_per_ind
 CONV_CHUNK_ELEMENTS = 1 << 25
 
 
-def batched_conv_(conv, out, x, a_slots, b_slots, scales, index):
-    """out[n] = round(out[n] + conv(x[n], scales[i] * (B_i A_i).view(W.shape))) with i = index[n] >= 0 (B_i A_i =
-    (a_slots[i] @ b_slots[i])^T); rows with index -1 are left as they are, bit for bit. Each row's delta weight is
-    stacked and the rows are convolved at once as one grouped convolution (groups * rows), in chunks of at most
+def batched_conv_(conv, out, x, deltas, scales, index):
+    """out[n] = round(out[n] + conv(x[n], scales[i] * deltas[i].view(W.shape))) with i = index[n] >= 0 (deltas[i]:
+    slot i's B A in ConvLoRA's layout); rows with index -1 are left as they are, bit for bit. Each row's delta weight
+    is stacked and the rows are convolved at once as one grouped convolution (groups * rows), in chunks of at most
     CONV_CHUNK_ELEMENTS delta elements; in float32 (float64 for float64), one rounding per element. No host sync
     (the index stays on the device): a CUDA graph captured over it serves the rows of the index at replay."""
     cd = compute_dtype(out.dtype)
@@ -388,9 +388,9 @@ def batched_conv_(conv, out, x, a_slots, b_slots, scales, index):
         part = slice(start, start + chunk)
         s = slots[part]
         n = s.numel()
-        delta = torch.bmm(a_slots.index_select(0, s).to(cd), b_slots.index_select(0, s).to(cd))  # (n, k, d)
-        delta = (delta.transpose(1, 2) * scale[part].view(-1, 1, 1)).reshape(n * shape[0], *shape[1:])
+        delta = deltas.index_select(0, s).to(cd).view(n * shape[0], *shape[1:])
         xs = x[part].to(cd).reshape(1, n * channels, *x.shape[2:])
         y = fn(xs, delta, None, conv.stride, padding, conv.dilation, conv.groups * n).view(n, *out.shape[1:])
-        o = out[part]
-        o.copy_(torch.where(live[part].view(keep), (o.to(cd) + y).to(out.dtype), o))
+        o = out[part]  # (scaled here: the output has fewer elements than the rows' delta weights, 4x for a ViT's)
+        o.copy_(torch.where(live[part].view(keep), torch.addcmul(o.to(cd), y, scale[part].view(keep)).to(out.dtype),
+                            o))

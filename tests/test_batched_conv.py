@@ -139,18 +139,18 @@ def test_an_unbatched_input_is_refused_naming_the_layer():
 # lora_ext.ops.batched_conv_ itself
 
 
-def _slots(conv, S, R, dtype, g):
-    k = conv.in_channels // conv.groups * math.prod(conv.kernel_size[1:]) * conv.groups
+def _slots(conv, S, dtype, g):
+    """S slots' delta weights (S, d, k) in ConvLoRA's layout, of `dtype`, and their scales."""
+    k = conv.in_channels * math.prod(conv.kernel_size[1:])
     d = conv.weight.numel() // k
-    return (torch.randn(S, k, R, generator=g).to(dtype), torch.randn(S, R, d, generator=g).to(dtype),
-            torch.rand(S, generator=g) + 0.5)
+    return torch.randn(S, d, k, generator=g).to(dtype), torch.rand(S, generator=g) + 0.5
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 2], ids=["whole", "chunk1", "chunk2"])
 def test_op_poisoned_rows_of_the_base_stay_bit_for_bit(chunk, monkeypatch):
     g = torch.Generator().manual_seed(3)
     conv = torch.nn.Conv2d(4, 6, (3, 2), padding=1, groups=2).double()
-    a, b, scales = _slots(conv, 3, 5, torch.float64, g)
+    deltas, scales = _slots(conv, 3, torch.float64, g)
     x = torch.randn(5, 4, 6, 5, generator=g, dtype=torch.float64)
     out = torch.randn(5, 6, 6, 6, generator=g, dtype=torch.float64)
     out[1] = -0.0  # (a row of the base: -0.0 + 0 would be +0.0)
@@ -160,12 +160,12 @@ def test_op_poisoned_rows_of_the_base_stay_bit_for_bit(chunk, monkeypatch):
     if chunk is not None:  # rows of chunk weights at a time
         monkeypatch.setattr(reference, "CONV_CHUNK_ELEMENTS", conv.weight.numel() * chunk)
     with torch.no_grad():
-        ops.batched_conv_(conv, out, x, a, b, scales, index)
+        ops.batched_conv_(conv, out, x, deltas, scales, index)
     for n, i in enumerate(index.tolist()):
         if i < 0:
             assert torch.equal(out[n].view(torch.int64), before[n].view(torch.int64)), f"row {n} was written"
             continue
-        delta = (a[i] @ b[i]).t().reshape(conv.weight.shape) * float(scales[i])
+        delta = deltas[i].reshape(conv.weight.shape) * float(scales[i])
         ref = before[n] + F.conv2d(x[n:n + 1], delta, None, conv.stride, conv.padding, conv.dilation, conv.groups)[0]
         assert rel_err(out[n], ref) < 1e-13, f"row {n}"
 
@@ -173,25 +173,26 @@ def test_op_poisoned_rows_of_the_base_stay_bit_for_bit(chunk, monkeypatch):
 def test_op_refusals_write_nothing():
     g = torch.Generator().manual_seed(4)
     conv = torch.nn.Conv1d(4, 6, 3)
-    a, b, scales = _slots(conv, 2, 3, torch.float32, g)
+    deltas, scales = _slots(conv, 2, torch.float32, g)
     x, out = torch.randn(3, 4, 9), torch.randn(3, 6, 7)
     index = torch.tensor([0, 1, -1], dtype=torch.int32)
     bad = [
         (dict(index=index.long()), "index must be a 1-D int32 tensor of 3 entries"),
         (dict(index=index[:2]), "index must be a 1-D int32 tensor of 3 entries"),
         (dict(x=x[0]), "x must be a batched 3-D tensor"),
-        (dict(b=b[:, :2]), "d \\* k = 72"),
+        (dict(deltas=deltas[:, :2]), "d \\* k = 72"),
+        (dict(deltas=deltas.half()), "deltas must be a float32 or float64 tensor"),
+        (dict(deltas=deltas.transpose(1, 2).contiguous().transpose(1, 2)), "deltas must be contiguous"),
         (dict(scales=scales.double()), "scales must be a float32 tensor"),
-        (dict(a=a.double()), "a_slots must have out's dtype"),
+        (dict(x=x.double()), "x must have out's dtype"),
         (dict(conv=torch.nn.ConvTranspose1d(4, 6, 3)), "must be an nn.Conv1d, Conv2d or Conv3d"),
         (dict(x=x.clone().requires_grad_()), "serves inference"),
     ]
     before = out.clone()
     for change, message in bad:
-        args = {**dict(conv=conv, out=out, x=x, a=a, b=b, scales=scales, index=index), **change}
+        args = {**dict(conv=conv, out=out, x=x, deltas=deltas, scales=scales, index=index), **change}
         with pytest.raises((ValueError, RuntimeError), match=message):
-            ops.batched_conv_(args["conv"], args["out"], args["x"], args["a"], args["b"], args["scales"],
-                              args["index"])
+            ops.batched_conv_(args["conv"], args["out"], args["x"], args["deltas"], args["scales"], args["index"])
         assert torch.equal(out, before), message
 
 
@@ -238,3 +239,83 @@ def test_vit_patch_embedding_against_peft_adapter_names(tmp_path, merged):
         assert rel_err(out[i], ref[i]) < 1e-5, f"row {i} ({name!r})"
     # peft's rows differ by adapter (the comparison is not of equal rows)
     assert rel_err(ref[0], peft_model(x[:1], adapter_names=["__base__"]).last_hidden_state[0]) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# on the GPU (the first also in the CPU rehearsal, --sim-as-cuda)
+
+
+def _on(cuda, case, dtype):
+    """conv_layer's layer moved to the device and `dtype` (its inactive adapters where .to() leaves them), unmerged."""
+    layer, given, base, spatial = conv_layer(case, torch.float32)
+    layer = layer.to(cuda.device, dtype).eval()
+    layer.unmerge()
+    given = {n: (A.to(dtype), B.to(dtype), s) for n, (A, B, s) in given.items()}
+    return layer, given, base.to(dtype), spatial
+
+
+@pytest.mark.gpu
+def test_conv_adapters_paged_in_from_host_memory(cuda):
+    layer, given, base, spatial = _on(cuda, "conv2d-rect-dilated-reflect", torch.bfloat16)
+    model = torch.nn.Sequential(layer)
+    lora.configure_slots(model, slots=2, max_rank=3)
+    x = torch.randn(4, 4, *spatial).to(cuda.device, torch.bfloat16)
+    with torch.no_grad():
+        for names in (["a", "b", None, "a"], ["default", None, "default", "b"], ["b", "a", "a", None]):
+            with lora.batch_adapters(model, names):
+                out = model(x)
+            cuda.synchronize()
+            check_rows(out.cpu(), layer, base.cpu(), x.cpu(), given, names, torch.bfloat16,
+                       f"paged {names}")
+
+
+@pytest.mark.gpu
+@pytest.mark.hardware("CUDA graph capture and replay")
+def test_a_graph_captured_in_a_conv_batch_replays_the_next_batch(cuda):
+    layer, given, base, spatial = _on(cuda, "conv3d-same", torch.bfloat16)
+    model = torch.nn.Sequential(layer)
+    lora.configure_slots(model, slots=3, max_rank=3)
+    x = torch.randn(4, 4, *spatial).to(cuda.device, torch.bfloat16)
+    first = ["a", "b", None, "default"]
+    with torch.no_grad():
+        with lora.batch_adapters(model, first):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                model(x)  # warm-up: the index buffers of this thread and size are made here
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = model(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            check_rows(out.cpu(), layer, base.cpu(), x.cpu(), given, first, torch.bfloat16, "captured")
+        for names in (["b", None, "a", "a"], [None, "default", "b", "b"]):  # replayed without capturing again
+            with lora.batch_adapters(model, names):
+                graph.replay()
+                torch.cuda.synchronize()
+                check_rows(out.cpu(), layer, base.cpu(), x.cpu(), given, names, torch.bfloat16, f"replay {names}")
+
+
+def test_an_adapter_replaced_between_batches_is_served_anew():
+    # the slot is written again (and its delta weight with it): the second batch serves b's new values
+    layer, given, base, spatial = conv_layer("conv2d-rect-dilated-reflect", torch.float64)
+    model = torch.nn.Sequential(layer).eval()
+    layer.unmerge()  # (a merged adapter would take a slot)
+    lora.configure_slots(model, slots=2, max_rank=3)
+    x = torch.randn(3, 4, *spatial, dtype=torch.float64)
+    names = ["b", None, "default"]
+    with torch.no_grad():
+        with lora.batch_adapters(model, names):
+            model(x)
+        A, B, _ = given["b"]
+        given["b"] = (A.flip(0), -2 * B, 0.4)
+        layer.add_adapter("b", *given["b"])
+        with lora.batch_adapters(model, names):
+            out = model(x)
+        check_rows(out, layer, base, x, given, names, torch.float64, "after b was replaced")
+        for names in (["a", "b", "a"], ["default", None, "a"]):  # two slots: "default", then b, paged out
+            with lora.batch_adapters(model, names):
+                out = model(x)
+            check_rows(out, layer, base, x, given, names, torch.float64, f"paged {names}")
+        assert sorted(lora.slot_config(model)["adapters"]) == ["a", "default"]
