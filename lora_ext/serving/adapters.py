@@ -713,6 +713,8 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             del DISABLED[model]
         for _, m in [*found, *saved]:
             m._adapter_off -= 1
+            if not m._adapter_off:  # (the class default again: a forward compiled before the block guards on that)
+                del m._adapter_off
         model_lock(model).block(-1, opener)
         again = []
         for _, m in found:
