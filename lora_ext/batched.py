@@ -53,6 +53,43 @@ INPUT_READ = (f"it is read as {', '.join(INPUT_KEYWORDS)} or the first positiona
               f"was opened on")
 
 
+# guards the per-module counts of open batches (below): threads opening and closing batches of one model at once
+_SERVING_LOCK = threading.Lock()
+
+
+def note_serving(modules, batch, views: Dict, opened: bool) -> None:
+    """Counts an open batch on each of `modules` (`_open_batches`: its layers and modules saved whole) and, for the
+    layers of `views` ({layer: LayerSlots}), notes the slots it serves them from (`_open_slots`: (LayerSlots, batch)
+    pairs, read by merge_refusal), or takes both back (opened=False). Under one lock: unlocked, the count's read and
+    write from threads opening and closing batches of one model at once lost updates (6 threads x 4000 batches left
+    a layer counting 2 open batches after every one had closed, refusing its loads from then on)."""
+    with _SERVING_LOCK:
+        for m in modules:
+            state = m.__dict__
+            state["_open_batches"] = state.get("_open_batches", 0) + (1 if opened else -1)
+            if m in views:  # (a new list each time: merge_refusal reads one without the lock)
+                entries = state.get("_open_slots", ())
+                state["_open_slots"] = ([*entries, (views[m], batch)] if opened
+                                        else [e for e in entries if e[1] is not batch])
+
+
+def merge_refusal(layer, name: str, A: Tensor, B: Tensor, s: float) -> Optional[str]:
+    """Why `layer` may not merge adapter `name` as (A, B, s) now (a merge or a merged switch; the caller holds the
+    layer's lock), or None: an open mixed batch (of any thread) serving the layer holds `name` in a slot with other
+    values. Its rows of other adapters take the slot's values out of the weight: after the merge they would take the
+    wrong update out. An eager forward would refuse then, but a compiled one does not check (h37: 13x and 28x off)."""
+    for stacks, batch in layer.__dict__.get("_open_slots", ()):
+        slot = batch.slot_of.get(name)
+        if slot is None or batch.closed:  # (a merge of an adapter a batch has no slot for: its forward refuses)
+            continue
+        if not stacks.holds(slot, layer, A, B, s):
+            return (f"{layer._describe()}: merging adapter {name!r} while a mixed batch (lora.batch_adapters) "
+                    f"serves this layer, which holds other values of it in its slot (replaced or written since the "
+                    f"batch opened): the batch's other rows would take the wrong update out of the weight; merge "
+                    f"after the block closes")
+    return None
+
+
 def note_batch(opened: bool) -> None:
     """Counts the batches open in the process (lora_ext.serving.batches calls it once each way per batch)."""
     global ANY_OPEN, _open_count
@@ -168,12 +205,16 @@ class LayerSlots:
         A, B, s = self.source(layer, name)
         if key[2] != s:
             return False
-        at, bt, s2 = self._slot_values(layer, A, B, s)
-        same = (torch.equal(self.a[slot], at.to(self.device)) and torch.equal(self.b[slot], bt.to(self.device))
-                and float(self.scales[slot]) == float(torch.tensor(s2, dtype=torch.float32)))
+        same = self.holds(slot, layer, A, B, s)
         if same:
             self.keys[slot] = (name, _identity(A, B), s, layer.value_epoch(name))
         return same
+
+    def holds(self, slot: int, layer, A: Tensor, B: Tensor, s: float) -> bool:
+        """Whether `slot` holds the values of adapter (A, B, s) (compared, as the slot would hold them)."""
+        at, bt, s2 = self._slot_values(layer, A, B, s)
+        return (torch.equal(self.a[slot], at.to(self.device)) and torch.equal(self.b[slot], bt.to(self.device))
+                and float(self.scales[slot]) == float(torch.tensor(s2, dtype=torch.float32)))
 
     def load(self, slot: int, layer, name: str, label: Optional[str] = None) -> None:
         """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it); values

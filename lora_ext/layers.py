@@ -614,6 +614,7 @@ class LoRALayer(NamedAdapters):
         state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
         state.pop("_pre_disable", None)
         state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
+        state.pop("_open_slots", None)
         state.pop("_scale_owner", None)  # (the copy's __setstate__ says which pair its scale tensor is)
         state.pop("_mark_key", None)  # (a copy marks itself: _mark_in_graph)
         if state.get("_written") is not None:  # (a storage's weak reference neither pickles nor copies: the copy
@@ -1319,6 +1320,10 @@ class LoRALayer(NamedAdapters):
                     f"{' and '.join(h for h, _ in hows)} in a forward pre-hook: a merge would read the value of the "
                     f"last forward (an optimizer step since is not in it); serve it unmerged (forwards add the "
                     f"adapter on the fly), or make it a Parameter again ({', '.join(r for _, r in hows)})")
+        if self.has_lora and self.__dict__.get("_open_slots"):  # (a mixed batch serving the layer holds other values)
+            refusal = batched.merge_refusal(self, self.active_adapter, self.lora_A, self.lora_B, self.scaling)
+            if refusal is not None:
+                return refusal
         return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
 
     def _computed_weight(self, remedy: str) -> str:

@@ -19,6 +19,7 @@ serving different batches of one model run concurrently. A thread started inside
 """
 import contextlib
 import contextvars
+import inspect
 import threading
 import time
 import weakref
@@ -468,7 +469,9 @@ _FLATTENS_ROWS = {"OPTDecoderLayer", "Qwen2MoeSparseMoeBlock"}
 
 
 # transformers vision towers that take every image's patches packed into one dimension, (patches, d), whatever row
-# holds the image: a mixed batch cannot tell the rows there (refused when the batch's adapters target their layers)
+# holds the image: a mixed batch cannot tell the rows there (refused when the batch's adapters target their layers).
+# By name, and any module whose forward takes the images' patch grids, `grid_thw` (_packs: transformers 5.24 has 16
+# such towers of the Qwen-VL family and its kin, and more; a list of names missed 11 of them, c1)
 _PACKED = {"Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen3VLVisionModel",
            "Qwen2_5OmniVisionEncoder", "Glm4vVisionModel"}
 
@@ -506,13 +509,30 @@ def _check_row_lookups(found, saved, need) -> None:
                              f"time")
 
 
+_PACKS: Dict[type, bool] = {}
+
+
+def _packs(cls: type) -> bool:
+    """Whether modules of class `cls` take every image's patches packed into one dimension: named in _PACKED, or a
+    forward taking `grid_thw`."""
+    packs = _PACKS.get(cls)
+    if packs is None:
+        try:
+            packs = "grid_thw" in inspect.signature(cls.forward).parameters
+        except (TypeError, ValueError):  # (a forward without a signature)
+            packs = False
+        packs = _PACKS[cls] = packs or cls.__name__ in _PACKED
+    return packs
+
+
 def _inside(model, classes) -> Dict[nn.Module, str]:
-    """{module: the class name of its innermost enclosing module (itself included) named in `classes`}."""
+    """{module: the class name of its innermost enclosing module (itself included) named in `classes`, or packing
+    patches (_packs)}."""
     found = {}
 
     def walk(module, within):
         name = type(module).__name__
-        within = name if name in classes else within
+        within = name if name in classes or _packs(type(module)) else within
         if within is not None:
             found[module] = within
         for child in module.children():
@@ -526,8 +546,8 @@ def _check_packed(found, need, enclosing) -> None:
     (_PACKED; `enclosing` from _inside)."""
     for path, m in found:
         tower = enclosing.get(m)
-        targeted = ([a for a in need if m.has_adapter(a) and not m.is_placeholder(a)] if tower in _PACKED
-                    else [])
+        targeted = ([a for a in need if m.has_adapter(a) and not m.is_placeholder(a)]
+                    if tower is not None and tower not in _FLATTENS_ROWS else [])
         if targeted:
             raise ValueError(f"batch_adapters: layer {path!r} is inside a {tower}, which takes every image's patches "
                              f"packed into one dimension, whatever row holds the image, so a mixed batch cannot give "
@@ -635,8 +655,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                               else index, slot_of, {m: path for path, m in found}, expand)
                 batch.flattens = frozenset(m for m in views if enclosing.get(m) in _FLATTENS_ROWS)
                 # (modules saved whole too: a disable_adapter block of another model holding one is refused, r38)
-                for m in [*views, *wrapped]:
-                    m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + 1
+                batched.note_serving([*views, *wrapped], batch, views, opened=True)
                 batched.note_batch(opened=True)
                 counted = True
                 batch.fill_existing()
@@ -663,11 +682,9 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                                                     if v.batch is not batch} or None)
                                 _MODELS.set({k: v for k, v in (_MODELS.get() or {}).items() if v is not batch} or None)
                             if batch is not None:
-                                for m, stacks in views.items():
+                                for stacks in views.values():
                                     stacks.used(slot_of.values())
-                                    m.__dict__["_open_batches"] -= 1
-                                for w in wrapped:
-                                    w.__dict__["_open_batches"] -= 1
+                                batched.note_serving([*views, *wrapped], batch, views, opened=False)
                                 batch.close()
                         finally:
                             if counted:
