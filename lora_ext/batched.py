@@ -156,10 +156,11 @@ class LayerSlots:
             self.b = torch.zeros(capacity, rank, self.d, dtype=self.dtype, device=self.device)
             self.scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
             self.neg_scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
-            # a conv's slots also keep their B A (d, k), written with them: a batch's forward gathers each row's
-            # delta weight from them (computing it per row from the factors, of rank r * kernel_size[0], cost 6x
-            # the convolution itself for a ViT patch embedding)
-            self.deltas = (torch.zeros(capacity, self.d, self.k, dtype=compute_dtype(self.dtype), device=self.device)
+            # a conv's slots also keep their B A (d, k), written with them, in the weight's dtype (rounded once from
+            # float32: the layer's own forward rounds W + s B A so): a batch's forward gathers each row's delta weight
+            # from them (computing it per row from the factors, of rank r * kernel_size[0], cost 6x the convolution
+            # itself for a ViT patch embedding)
+            self.deltas = (torch.zeros(capacity, self.d, self.k, dtype=self.dtype, device=self.device)
                            if kind(layer) == "conv" else None)
         self.keys = [None] * capacity
         # CUDA: for each slot, the uses by closed batches not yet seen complete (one stream's each), waited for
@@ -303,10 +304,10 @@ class LayerSlots:
             current.wait_stream(stream)
 
     def _write_delta(self, slot: int) -> None:
-        """A conv's slot: its B A from the factors just written, in float32 (float64 for float64 slots)."""
+        """A conv's slot: its B A from the factors just written, computed in float32 (float64 for float64 slots)."""
         if self.deltas is not None:
-            cd = self.deltas.dtype
-            torch.mm(self.b[slot].t().to(cd), self.a[slot].t().to(cd), out=self.deltas[slot])
+            cd = compute_dtype(self.dtype)
+            self.deltas[slot].copy_(torch.mm(self.b[slot].t().to(cd), self.a[slot].t().to(cd)))
 
     def _ready(self, slot: int) -> None:
         """A batch found `slot` already holding its adapter: on CUDA its stream waits for that write, which

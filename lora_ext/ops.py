@@ -1312,8 +1312,8 @@ def batched_conv_(conv_module: torch.nn.Module, out: Tensor, x: Tensor, deltas: 
     i >= 0 (the conv's stride, padding, padding_mode, dilation and groups; no bias); rows with i = -1 are left as
     they are, bit for bit.
 
-    out (N, C_out, ...) and x (N, C_in, ...) of one dtype, batched (the row first); deltas (S, d, k) float32 or
-    float64: each slot's B A in ConvLoRA's layout (d * k = the weight's elements; a mixed batch's LayerSlots keep
+    out (N, C_out, ...) and x (N, C_in, ...) of one dtype, batched (the row first); deltas (S, d, k), floating:
+    each slot's B A in ConvLoRA's layout (d * k = the weight's elements; a mixed batch's LayerSlots keep
     them, written with the slot); scales (S,) float32; index (N,) int32. In float32 (float64 for float64), one
     rounding per element; pure torch on every device (no host sync). Inference only (no autograd)."""
     _check_batched_conv_args(conv_module, out, x, deltas, scales, index)
@@ -1334,8 +1334,8 @@ def _check_batched_conv_args(conv, out, x, deltas, scales, index):
     if x.dtype != out.dtype:
         raise ValueError(f"x must have out's dtype {out.dtype}, got {x.dtype}")
     _check_tensor("deltas", deltas, 3)
-    if deltas.dtype not in (torch.float32, torch.float64) or deltas.shape[1] * deltas.shape[2] != weight.numel():
-        raise ValueError(f"deltas must be a float32 or float64 tensor (slots, d, k) with d * k = {weight.numel()}, "
+    if not deltas.is_floating_point() or deltas.shape[1] * deltas.shape[2] != weight.numel():
+        raise ValueError(f"deltas must be a floating-point tensor (slots, d, k) with d * k = {weight.numel()}, "
                          f"the conv weight's elements, got {deltas.dtype} {tuple(deltas.shape)}")
     if not deltas.is_contiguous():
         raise ValueError("deltas must be contiguous")

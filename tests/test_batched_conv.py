@@ -181,7 +181,7 @@ def test_op_refusals_write_nothing():
         (dict(index=index[:2]), "index must be a 1-D int32 tensor of 3 entries"),
         (dict(x=x[0]), "x must be a batched 3-D tensor"),
         (dict(deltas=deltas[:, :2]), "d \\* k = 72"),
-        (dict(deltas=deltas.half()), "deltas must be a float32 or float64 tensor"),
+        (dict(deltas=deltas.int()), "deltas must be float16, bfloat16, float32 or float64"),
         (dict(deltas=deltas.transpose(1, 2).contiguous().transpose(1, 2)), "deltas must be contiguous"),
         (dict(scales=scales.double()), "scales must be a float32 tensor"),
         (dict(x=x.double()), "x must have out's dtype"),

@@ -150,7 +150,7 @@ def configure_slots(model: nn.Module, slots: int, max_rank: Optional[int] = None
     """Gives the model `slots` adapter slots of rank up to `max_rank` (default: the largest rank the model holds
     now) for mixed batches. Slots cost slots * max_rank * (in + out features) elements of the weight's dtype per
     layer (a MergedLinear's enabled blocks each count; a convolution's, its factors' shapes at max_rank, and slots *
-    its weight's elements in float32, or float64, for the slots' delta weights). Replaces the slots the model had: a CUDA graph captured
+    its weight's elements for the slots' delta weights). Replaces the slots the model had: a CUDA graph captured
     in a batch before must be captured again. Refused while a batch of the model is open."""
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
         raise ValueError(f"configure_slots: slots must be a positive int, got {slots!r}")
