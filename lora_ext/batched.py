@@ -7,8 +7,8 @@ or the merged adapter) and adds each row's update with lora_ext.ops.batched_line
 gather pass per stage over all rows whatever their adapters (CUDA kernels, the C++ CPU loops, or batched
 matmuls). A MergedLinear's slots hold its groups side by side (rank n*R, B^T block by block in its output
 columns), an Embedding's A^T is its lookup table, a convolution's slots hold ConvLoRA's A^T (in * k1..., r * k0)
-and B^T (r * k0, out // groups * k0), and their product B A, from which lora_ext.ops.batched_conv_ gathers each
-row's delta weight.
+and B^T (r * k0, out // groups * k0), and their product B A, from which lora_ext.ops.batched_conv makes each
+row's weight.
 
 A merged layer serves mixed batches relative to the adapter its weight holds: rows of that adapter take the
 merged output as it is, every other row adds its own update and subtracts the merged one (a second pass with
@@ -444,16 +444,12 @@ class LayerBatch:
                 and (layer._merged_A is None or layer._merged_A is not self.checked)):
             self._check_merged(layer, merged, where)  # (not in a traced forward: see README, torch.compile)
         add, sub = batch.index(layer, x.device, merged, size)
+        if conv:  # (one row per batch entry: its (channels, ...) are its features)
+            return ops.batched_conv(layer.conv, x, self.slots.deltas, self.slots.scales, add, sub)
         out = layer._weight_forward(x)
         if not tokens or not out.numel():  # (no tokens, or no outputs: nothing to add)
             return out
         slots = self.slots
-        if conv:  # (one row per batch entry: its (channels, ...) are its features)
-            x = x.to(out.dtype)
-            ops.batched_conv_(layer.conv, out, x, slots.deltas, slots.scales, add)
-            if sub is not None:
-                ops.batched_conv_(layer.conv, out, x, slots.deltas, slots.neg_scales, sub)
-            return out
         a, b = slots.a, slots.b
         if out.dtype != a.dtype:  # autocast, or a weight of another dtype than the activations
             a, b = a.to(out.dtype), b.to(out.dtype)

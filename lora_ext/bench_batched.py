@@ -220,9 +220,17 @@ def conv_case_rows(case, dtype, device, repeats, compare, shim):
         with lora_ext.batch_adapters(model, names):
             return model(x)
     candidates["lora_ext mixed (open+forward)"] = mixed
+    based = [None if i % 4 == 3 else name for i, name in enumerate(names)]  # (a quarter of the rows the base)
+
+    def mixed_based():
+        with lora_ext.batch_adapters(model, based):
+            return model(x)
+    candidates["lora_ext mixed, 1/4 base rows (open+forward)"] = mixed_based
     if peft_model is not None:
         peft_model = peft_model.to(place, dtype)
         candidates["peft adapter_names"] = lambda: peft_model(x, adapter_names=names)
+        candidates["peft adapter_names, 1/4 base rows"] = lambda: peft_model(
+            x, adapter_names=[n or "__base__" for n in based])
     with torch.no_grad():
         times = compare(candidates, device, repeats)
     case_name = f"mixed batch conv {name} rows={n_rows} adapters={n} r={r}"

@@ -1305,53 +1305,55 @@ def batched_embedding_(out: Tensor, ids: Tensor, a_slots: Tensor, b_slots: Tenso
     _batched("embedding", out, ids, a_slots, b_slots, scales, index, tokens_per_index)
 
 
-def batched_conv_(conv_module: torch.nn.Module, out: Tensor, x: Tensor, deltas: Tensor, scales: Tensor,
-                  index: Tensor) -> None:
-    """batched_linear_ for a convolution (a ConvLoRA's conv, an nn.Conv1d/2d/3d), in place: out[n] +=
-    conv(x[n], scales[i] * deltas[i] viewed as the conv's weight) with i = index[n], for every batch row n whose
-    i >= 0 (the conv's stride, padding, padding_mode, dilation and groups; no bias); rows with i = -1 are left as
-    they are, bit for bit.
+def batched_conv(conv_module: torch.nn.Module, x: Tensor, deltas: Tensor, scales: Tensor, index: Tensor,
+                 sub: Optional[Tensor] = None) -> Tensor:
+    """A convolution's output for a mixed batch (a ConvLoRA's conv, an nn.Conv1d/2d/3d, with its weight W and bias):
+    row n is conv(x[n]) (the conv's stride, padding, padding_mode, dilation and groups) plus conv(x[n], scales[i] *
+    deltas[i] viewed as W) with i = index[n] >= 0, minus the same with j = sub[n] >= 0 (a merged adapter taken out);
+    rows with neither (-1) are the plain convolution of the batch, bit for bit.
 
-    out (N, C_out, ...) and x (N, C_in, ...) of one dtype, batched (the row first); deltas (S, d, k), floating:
-    each slot's B A in ConvLoRA's layout (d * k = the weight's elements; a mixed batch's LayerSlots keep
-    them, written with the slot); scales (S,) float32; index (N,) int32. In float32 (float64 for float64), one
-    rounding per element; pure torch on every device (no host sync). Inference only (no autograd)."""
-    _check_batched_conv_args(conv_module, out, x, deltas, scales, index)
-    reference.batched_conv_(conv_module, out, x, deltas, scales, index)
+    x (N, C_in, ...) batched (the row first); deltas (S, d, k), floating: each slot's B A in ConvLoRA's layout (d * k
+    = the weight's elements; a mixed batch's LayerSlots keep them, written with the slot); scales (S,) float32;
+    index and sub (N,) int32. In float32 (float64 for float64), rounded once; pure torch on every device (with the
+    index on the host, rows grouped by their slots, each group convolved once with W + its update; elsewhere no host
+    sync). Inference only (no autograd)."""
+    _check_batched_conv_args(conv_module, x, deltas, scales, index, sub)
+    return reference.batched_conv(conv_module, x, deltas, scales, index, sub)
 
 
-def _check_batched_conv_args(conv, out, x, deltas, scales, index):
+def _check_batched_conv_args(conv, x, deltas, scales, index, sub):
     weight = getattr(conv, "weight", None)
     if (not isinstance(conv, torch.nn.modules.conv._ConvNd) or getattr(conv, "transposed", False)
             or not isinstance(weight, Tensor)):
         raise ValueError(f"conv_module must be an nn.Conv1d, Conv2d or Conv3d, got {type(conv).__name__}")
     spatial = weight.dim() - 2
-    for name, t in (("out", out), ("x", x)):
-        if not isinstance(t, Tensor) or t.dim() != spatial + 2:
-            raise ValueError(f"{name} must be a batched {spatial + 2}-D tensor (rows, channels, {spatial} spatial "
-                             f"dimensions) for the conv's {tuple(weight.shape)} weight, got "
-                             f"{tuple(getattr(t, 'shape', ()))}")
-    if x.dtype != out.dtype:
-        raise ValueError(f"x must have out's dtype {out.dtype}, got {x.dtype}")
+    if not isinstance(x, Tensor) or x.dim() != spatial + 2 or x.shape[1] != conv.in_channels:
+        raise ValueError(f"x must be a batched {spatial + 2}-D tensor (rows, {conv.in_channels} channels, {spatial} "
+                         f"spatial dimensions) for the conv's {tuple(weight.shape)} weight, got "
+                         f"{tuple(getattr(x, 'shape', ()))}")
     _check_tensor("deltas", deltas, 3)
-    if not deltas.is_floating_point() or deltas.shape[1] * deltas.shape[2] != weight.numel():
-        raise ValueError(f"deltas must be a floating-point tensor (slots, d, k) with d * k = {weight.numel()}, "
-                         f"the conv weight's elements, got {deltas.dtype} {tuple(deltas.shape)}")
+    if deltas.shape[1] * deltas.shape[2] != weight.numel():
+        raise ValueError(f"deltas must be (slots, d, k) with d * k = {weight.numel()}, the conv weight's elements, "
+                         f"got {tuple(deltas.shape)}")
     if not deltas.is_contiguous():
         raise ValueError("deltas must be contiguous")
     slots = deltas.shape[0]
-    if x.shape[1] != conv.in_channels or out.shape[1] != conv.out_channels or x.shape[0] != out.shape[0]:
-        raise ValueError(f"x {tuple(x.shape)} and out {tuple(out.shape)} must have the same rows and the conv's "
-                         f"{conv.in_channels} and {conv.out_channels} channels")
     if not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (slots,):
         raise ValueError(f"scales must be a float32 tensor of shape ({slots},), got "
                          f"{getattr(scales, 'dtype', type(scales))} {tuple(getattr(scales, 'shape', ()))}")
-    if (not isinstance(index, Tensor) or index.dtype != torch.int32 or tuple(index.shape) != (out.shape[0],)):
-        raise ValueError(f"index must be a 1-D int32 tensor of {out.shape[0]} entries (one per row), got "
-                         f"{getattr(index, 'dtype', type(index))} of shape {tuple(getattr(index, 'shape', ()))}")
-    _check_same_device(out=out, x=x, deltas=deltas, scales=scales, index=index, weight=weight)
-    if _needs_grad(out, x, deltas):
-        raise RuntimeError("lora_ext.ops.batched_conv_ serves inference and records no gradient: call it under "
+    for name, t in (("index", index), ("sub", sub)):
+        if t is None and name == "sub":
+            continue
+        if not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (x.shape[0],):
+            raise ValueError(f"{name} must be a 1-D int32 tensor of {x.shape[0]} entries (one per row), got "
+                             f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
+        if not torch.compiler.is_compiling() and t.device.type == "cpu" and t.numel() \
+                and (int(t.min()) < -1 or int(t.max()) >= slots):
+            raise ValueError(f"{name} entries must be slots in [0, {slots}) or -1, got {int(t.min())} to "
+                             f"{int(t.max())}")
+    _check_same_device(x=x, deltas=deltas, scales=scales, index=index, sub=sub, weight=weight)
+    if _needs_grad(x, deltas):
+        raise RuntimeError("lora_ext.ops.batched_conv serves inference and records no gradient: call it under "
                            "torch.no_grad() or torch.inference_mode(), on tensors that do not require grad")
 
 

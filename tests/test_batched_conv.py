@@ -146,54 +146,74 @@ def _slots(conv, S, dtype, g):
     return torch.randn(S, d, k, generator=g).to(dtype), torch.rand(S, generator=g) + 0.5
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 2], ids=["whole", "chunk1", "chunk2"])
-def test_op_poisoned_rows_of_the_base_stay_bit_for_bit(chunk, monkeypatch):
+PATHS = {  # how lora_ext.reference.batched_conv computes: name -> (host index, grouped, chunk weights)
+    "host": (True, None, None),
+    "device-row-by-row": (False, False, None),
+    "device-grouped": (False, True, None),
+    "device-grouped-chunk1": (False, True, 1),
+    "device-row-by-row-chunk2": (False, False, 2),
+}
+
+
+@pytest.mark.parametrize("all_live", [False, True], ids=["with-plain-rows", "all-live"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_op_rows_against_float64_and_plain_rows_bit_for_bit(path, all_live, monkeypatch):
+    host, grouped, chunk = PATHS[path]
     g = torch.Generator().manual_seed(3)
-    conv = torch.nn.Conv2d(4, 6, (3, 2), padding=1, groups=2).double()
+    conv = torch.nn.Conv2d(4, 6, (3, 2), padding=1, groups=2, padding_mode="circular").double()
     deltas, scales = _slots(conv, 3, torch.float64, g)
     x = torch.randn(5, 4, 6, 5, generator=g, dtype=torch.float64)
-    out = torch.randn(5, 6, 6, 6, generator=g, dtype=torch.float64)
-    out[1] = -0.0  # (a row of the base: -0.0 + 0 would be +0.0)
-    out[3, 0, 0, 0] = float("nan")
-    index = torch.tensor([2, -1, 0, -1, 2], dtype=torch.int32)
-    before = out.clone()
-    if chunk is not None:  # rows of chunk weights at a time
+    index = torch.tensor([2, -1, 0, -1, 2] if not all_live else [2, 1, 0, -1, 2], dtype=torch.int32)
+    sub = torch.tensor([1, -1, -1, -1, 0] if not all_live else [1, -1, -1, 0, 0], dtype=torch.int32)
+    if not host:  # (the path of a CUDA index, on the CPU: as under torch.compile)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        run = reference._add_updates
+        monkeypatch.setattr(reference, "_add_updates", lambda *args: run(*args[:6], grouped=grouped))
+    if chunk is not None:  # (rows of `chunk` weights at a time)
         monkeypatch.setattr(reference, "CONV_CHUNK_ELEMENTS", conv.weight.numel() * chunk)
     with torch.no_grad():
-        ops.batched_conv_(conv, out, x, deltas, scales, index)
-    for n, i in enumerate(index.tolist()):
-        if i < 0:
-            assert torch.equal(out[n].view(torch.int64), before[n].view(torch.int64)), f"row {n} was written"
+        out = ops.batched_conv(conv, x, deltas, scales, index, sub)
+        plain = conv(x)
+    padded = F.pad(x, conv._reversed_padding_repeated_twice, mode="circular")
+    for n, (i, j) in enumerate(zip(index.tolist(), sub.tolist())):
+        if (i, j) == (-1, -1):
+            assert torch.equal(out[n], plain[n]), f"row {n} is not the plain convolution's"
             continue
-        delta = deltas[i].reshape(conv.weight.shape) * float(scales[i])
-        ref = before[n] + F.conv2d(x[n:n + 1], delta, None, conv.stride, conv.padding, conv.dilation, conv.groups)[0]
+        w = conv.weight.detach().clone()
+        if i >= 0:
+            w = w + deltas[i].reshape(w.shape) * float(scales[i])
+        if j >= 0:
+            w = w - deltas[j].reshape(w.shape) * float(scales[j])
+        ref = F.conv2d(padded[n:n + 1], w, conv.bias.detach(), conv.stride, 0, conv.dilation, conv.groups)[0]
         assert rel_err(out[n], ref) < 1e-13, f"row {n}"
+    assert out.shape == plain.shape and out.dtype == plain.dtype
 
 
-def test_op_refusals_write_nothing():
+def test_op_refusals():
     g = torch.Generator().manual_seed(4)
     conv = torch.nn.Conv1d(4, 6, 3)
     deltas, scales = _slots(conv, 2, torch.float32, g)
-    x, out = torch.randn(3, 4, 9), torch.randn(3, 6, 7)
+    x = torch.randn(3, 4, 9)
     index = torch.tensor([0, 1, -1], dtype=torch.int32)
     bad = [
         (dict(index=index.long()), "index must be a 1-D int32 tensor of 3 entries"),
         (dict(index=index[:2]), "index must be a 1-D int32 tensor of 3 entries"),
+        (dict(sub=index[:2]), "sub must be a 1-D int32 tensor of 3 entries"),
+        (dict(index=torch.tensor([0, 2, -1], dtype=torch.int32)), r"index entries must be slots in \[0, 2\) or -1"),
+        (dict(sub=torch.tensor([0, -2, -1], dtype=torch.int32)), r"sub entries must be slots in \[0, 2\) or -1"),
         (dict(x=x[0]), "x must be a batched 3-D tensor"),
+        (dict(x=x[:, :3]), "x must be a batched 3-D tensor \\(rows, 4 channels"),
         (dict(deltas=deltas[:, :2]), "d \\* k = 72"),
         (dict(deltas=deltas.int()), "deltas must be float16, bfloat16, float32 or float64"),
         (dict(deltas=deltas.transpose(1, 2).contiguous().transpose(1, 2)), "deltas must be contiguous"),
         (dict(scales=scales.double()), "scales must be a float32 tensor"),
-        (dict(x=x.double()), "x must have out's dtype"),
         (dict(conv=torch.nn.ConvTranspose1d(4, 6, 3)), "must be an nn.Conv1d, Conv2d or Conv3d"),
         (dict(x=x.clone().requires_grad_()), "serves inference"),
     ]
-    before = out.clone()
     for change, message in bad:
-        args = {**dict(conv=conv, out=out, x=x, deltas=deltas, scales=scales, index=index), **change}
+        args = {**dict(conv=conv, x=x, deltas=deltas, scales=scales, index=index, sub=None), **change}
         with pytest.raises((ValueError, RuntimeError), match=message):
-            ops.batched_conv_(args["conv"], args["out"], args["x"], args["deltas"], args["scales"], args["index"])
-        assert torch.equal(out, before), message
+            ops.batched_conv(args["conv"], args["x"], args["deltas"], args["scales"], args["index"], args["sub"])
 
 
 # ---------------------------------------------------------------------------------------------------
