@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import lora_ext as lora
 from lora_ext import ops, reference
 from helpers import peft_with_adapters, rel_err
+from test_batched_gpu import captured
 
 # name: (layer class, conv keyword arguments, spatial shape of the input)
 CASES = {
@@ -299,14 +300,7 @@ def test_a_graph_captured_in_a_conv_batch_replays_the_next_batch(cuda):
     first = ["a", "b", None, "default"]
     with torch.no_grad():
         with lora.batch_adapters(model, first):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                model(x)  # warm-up: the index buffers of this thread and size are made here
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = model(x)
+            graph, out = captured(lambda: model(x))
             graph.replay()
             torch.cuda.synchronize()
             check_rows(out.cpu(), layer, base.cpu(), x.cpu(), given, first, torch.bfloat16, "captured")

@@ -45,6 +45,20 @@ def _cpu_copy(layer):
     return cpu
 
 
+def captured(fn):
+    """(a CUDA graph of fn(), its output): captured inside the open batch after a warm-up on a side stream, which makes
+    the index buffers of this thread and batch size."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 @pytest.mark.gpu
 def test_adapters_paged_in_from_host_memory(cuda):
     layer = cuda_layer(cuda)
@@ -67,14 +81,7 @@ def test_a_graph_captured_in_a_batch_replays_the_next_batch(cuda):
     first = ["a", "b", None, "c"]
     with torch.no_grad():
         with lora.batch_adapters(layer, first):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                layer(x)  # warm-up: the index buffers of this thread and size are made here
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = layer(x)
+            graph, out = captured(lambda: layer(x))
             graph.replay()
             torch.cuda.synchronize()
             check(layer, x, first, out.clone(), torch.bfloat16)
@@ -109,14 +116,7 @@ def test_a_graph_captured_with_beams_replays_the_next_batch(cuda):
     x, xx = make_input("linear", (2,)).to(cuda.device), make_input("linear", (6,)).to(cuda.device)
     with torch.no_grad():
         with lora.batch_adapters(layer, ["a", "b"], expand=3):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                layer(x), layer(xx)  # warm-up: the index buffers of both sizes are made here
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out, out_beams = layer(x), layer(xx)
+            graph, (out, out_beams) = captured(lambda: (layer(x), layer(xx)))  # (both sizes' buffers)
         for names in (["c", None], ["b", "a"]):  # replayed without capturing again: both sizes follow the batch
             with lora.batch_adapters(layer, names, expand=3):
                 graph.replay()
