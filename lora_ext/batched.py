@@ -156,11 +156,13 @@ class LayerSlots:
             self.b = torch.zeros(capacity, rank, self.d, dtype=self.dtype, device=self.device)
             self.scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
             self.neg_scales = torch.zeros(capacity, dtype=torch.float32, device=self.device)
-            # a conv's slots also keep their B A (d, k), written with them, in the weight's dtype (rounded once from
-            # float32: the layer's own forward rounds W + s B A so): a batch's forward gathers each row's delta weight
-            # from them (computing it per row from the factors, of rank r * kernel_size[0], cost 6x the convolution
-            # itself for a ViT patch embedding)
-            self.deltas = (torch.zeros(capacity, self.d, self.k, dtype=self.dtype, device=self.device)
+            # a conv's slots also keep their B A (d, k), written with them: a batch's forward gathers each row's
+            # delta weight from them (computing it per row from the factors, of rank r * kernel_size[0], cost 6x the
+            # convolution itself for a ViT patch embedding). In the weight's dtype (rounded once from float32) where
+            # that has float32's range; float16's B A may not fit it where s B A does (a small scaling, or factors
+            # fitted by powers of two: c2, rows of inf), so float16's are float32
+            self.deltas = (torch.zeros(capacity, self.d, self.k, device=self.device,
+                                       dtype=torch.float32 if self.dtype == torch.float16 else self.dtype)
                            if kind(layer) == "conv" else None)
         self.keys = [None] * capacity
         # CUDA: for each slot, the uses by closed batches not yet seen complete (one stream's each), waited for

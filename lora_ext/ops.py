@@ -626,7 +626,9 @@ def _check_values(adapters, weight_dtype=None):
         by_device.setdefault(sharded.local(t).device, []).append(t)
     extremes = {}
     for group in by_device.values():
-        values = torch.stack([torch.stack(torch.aminmax(_comparable(sharded.full(t)))).double()
+        # (each extreme made float64 before it is stacked: CPU autocast's stack fails on float16 tensors under
+        # bfloat16 autocast and the reverse, "Unexpected floating ScalarType", c2)
+        values = torch.stack([torch.stack([v.double() for v in torch.aminmax(_comparable(sharded.full(t)))])
                               for t in group]).tolist()
         extremes.update((id(t), v) for t, v in zip(group, values))
     for name, lora_A, lora_B, scaling in adapters:

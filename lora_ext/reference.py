@@ -391,8 +391,9 @@ def batched_conv(conv, x, deltas, scales, index, sub=None, grouped=None):
             groups.setdefault(pair, []).append(n)
     if sum(map(len, groups.values())) < len(adds):  # (rows of the plain convolution: the batch's, bit for bit)
         out = conv._conv_forward(x, w, bias)
-    else:  # (an empty batch's convolution: the output's shape and dtype, autocast's too, and torch's refusals)
-        probe = conv._conv_forward(x[:0], w, bias)
+    else:  # (an empty batch's convolution: the output's shape and dtype, autocast's too, and torch's refusals; with
+        # a bias, which an empty batch's convolution checks the dtypes against, c2)
+        probe = conv._conv_forward(x[:0], w, bias if bias is not None else w.new_zeros(w.shape[0]))
         out = probe.new_empty((x.shape[0], *probe.shape[1:]))
     cd = compute_dtype(out.dtype)
     for (i, j), rows in groups.items():

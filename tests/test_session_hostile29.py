@@ -172,8 +172,96 @@ def test_a_packed_patch_tower_not_named_in_the_list_is_refused_by_its_grid_argum
     assert type(model.model.visual).__name__ not in batches._PACKED
     import pytest
     with pytest.raises(ValueError, match=r"layer 'model\.visual\.(patch_embed\.proj|blocks\.0\.attn\.qkv)' is inside "
-                                         r"a Qwen3VLMoeVisionModel, which takes every image's patches packed"):
+                                         r"a Qwen3VLMoeVisionModel, which takes every image's patches \(or every row's audio "
+                                         r"frames\) packed"):
         with torch.no_grad(), lora.batch_adapters(model, ["a", None, "a", None]):
             pass
     with torch.no_grad(), lora.batch_adapters(model, [None, None]):  # (adapters not targeting the tower: served)
         pass
+
+
+def test_a_packed_audio_encoder_is_refused_by_its_blocks_taking_cu_seqlens():
+    # Qwen3-ASR's audio encoder packs every row's frames into one (frames, d) sequence: a batch of a row with 2 audio
+    # tokens and a text row served the second token with the text row's adapter (c2: 0.14 off, silently). Its
+    # blocks' forwards take `cu_seqlens`: the encoder holding them is a packed tower, all of it
+    from transformers import Qwen3ASRConfig, Qwen3ASRForConditionalGeneration
+    import pytest
+    torch.manual_seed(0)
+    cfg = Qwen3ASRConfig(
+        audio_config=dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                          d_model=16, n_window=16, n_window_infer=32, output_dim=32, downsample_hidden_size=4,
+                          max_position_embeddings=13),
+        text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                         pad_token_id=0),
+        audio_token_id=5, pad_token_id=0, eos_token_id=1)
+    model = Qwen3ASRForConditionalGeneration(cfg).eval()
+    lora.inject(model, r"model\.audio_tower\.(layers\..*\.fc1|conv2d1)|model\.language_model\..*q_proj", r=2)
+    for path, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, lora.LoRALayer)]:
+        (ra, ca), (rb, cb) = layer.factor_shapes(2)
+        layer.add_adapter("a", torch.randn(ra, ca), torch.randn(rb, cb), 1.0)
+    for target in ("layers.0.fc1", "conv2d1"):  # (a block's layer, and one of the encoder's own, outside its blocks)
+        with pytest.raises(ValueError, match=r"layer 'model\.audio_tower\.(layers\.0\.fc1|conv2d1)' is inside a "
+                                             r"Qwen3ASREncoder, which takes .* audio frames\) packed"):
+            with torch.no_grad(), lora.batch_adapters(model, ["a", None]):
+                pass
+        model.get_submodule(f"model.audio_tower.{target}").delete_adapter("a")
+    with torch.no_grad(), lora.batch_adapters(model, ["a", None]):  # (the text model's layers alone: served)
+        pass
+
+
+def test_a_float16_convs_rows_with_an_update_beyond_float16_are_served_finite():
+    # a float16 conv's slots kept B A in float16: float32 factors with a large B under a small scaling (which the
+    # layer alone serves) made rows of inf and NaN in a batch (c2); the delta weights of float16 slots are float32
+    torch.manual_seed(0)
+    layer = lora.Conv2d(4, 6, 3, r=4, lora_alpha=4, padding=1)
+    layer.conv.half()
+    A, B = torch.randn(*layer.lora_A.shape), torch.randn(*layer.lora_B.shape) * 1e5
+    layer.add_adapter("big", A, B, 1e-5)
+    layer.set_adapter("big")
+    model = torch.nn.Sequential(layer).eval()
+    layer.unmerge()
+    x = torch.randn(3, 4, 5, 5).half()
+    w = layer.conv.weight.double() + 1e-5 * (B.double() @ A.double()).view(layer.conv.weight.shape)
+    with torch.no_grad(), lora.batch_adapters(model, ["big", None, "big"]):
+        out = model(x)
+    for n in (0, 2):
+        ref = torch.nn.functional.conv2d(x[n:n + 1].double(), w, layer.conv.bias.double(), padding=1)[0]
+        assert torch.isfinite(out[n]).all() and ((out[n].double() - ref).norm() / ref.norm()) < 2e-3, n
+
+
+def test_an_all_adapter_conv_batch_refuses_an_input_of_another_dtype_as_the_conv_does():
+    # with no row of the plain convolution, the batch computed only an empty batch's convolution for the output's
+    # shape, which checks dtypes against the bias alone: a bias-free conv served a float64 input (c2)
+    import pytest
+    layer = lora.Conv2d(4, 6, 3, r=2, bias=False)
+    layer.add_adapter("a", torch.randn(*layer.lora_A.shape), torch.randn(*layer.lora_B.shape), 1.0)
+    model = torch.nn.Sequential(layer).eval()
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        layer.conv(x)
+    for names in (["a", "a"], ["a", None]):
+        with torch.no_grad(), lora.batch_adapters(model, names):
+            with pytest.raises(RuntimeError, match="(?i)type"):
+                model(x)
+
+
+def test_a_batch_opens_under_autocast_of_the_other_16_bit_type():
+    # a float16 model under bfloat16 autocast: the slots' finite-value check stacked float16 extremes under autocast,
+    # which torch refuses ("Unexpected floating ScalarType in at::autocast::prioritize", c2); the layer alone serves
+    torch.manual_seed(0)
+    for layer in (lora.Linear(12, 18, r=2), lora.Conv2d(4, 6, 3, r=2, padding=1)):
+        layer.add_adapter("b", torch.randn(*layer.lora_A.shape) * 0.3, torch.randn(*layer.lora_B.shape) * 0.3, 1.0)
+        torch.nn.init.normal_(layer.lora_B, std=0.3)
+        model = torch.nn.Sequential(layer.half()).eval()
+        x = torch.randn(2, 12) if isinstance(layer, lora.Linear) else torch.randn(2, 4, 5, 5)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with lora.batch_adapters(model, ["default", "b"]):
+                out = model(x)
+            alone = model(x)
+            lora.set_adapter(model, "b")
+            other = model(x)
+            lora.set_adapter(model, "default")
+        assert out.dtype == alone.dtype == torch.bfloat16
+        assert ((out[0].float() - alone[0].float()).norm() / alone[0].float().norm()) < 3e-2
+        assert ((out[1].float() - other[1].float()).norm() / other[1].float().norm()) < 3e-2

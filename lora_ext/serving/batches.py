@@ -470,8 +470,10 @@ _FLATTENS_ROWS = {"OPTDecoderLayer", "Qwen2MoeSparseMoeBlock"}
 
 # transformers vision towers that take every image's patches packed into one dimension, (patches, d), whatever row
 # holds the image: a mixed batch cannot tell the rows there (refused when the batch's adapters target their layers).
-# By name, and any module whose forward takes the images' patch grids, `grid_thw` (_packs: transformers 5.24 has 16
-# such towers of the Qwen-VL family and its kin, and more; a list of names missed 11 of them, c1)
+# By name, and any module whose forward takes the images' patch grids, `grid_thw`, or the packed sequences' bounds,
+# `cu_seqlens`, and any module holding a list of such modules (its blocks: the whole tower or audio encoder, its patch
+# embedding and projections too) (_packs, _inside: transformers 5.24 has 16 towers taking grid_thw of the Qwen-VL family
+# and its kin, which a list of names missed 11 of, c1; and packed audio encoders, Qwen3-ASR's, Qwen2.5-Omni's, c2)
 _PACKED = {"Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen3VLVisionModel",
            "Qwen2_5OmniVisionEncoder", "Glm4vVisionModel"}
 
@@ -513,12 +515,12 @@ _PACKS: Dict[type, bool] = {}
 
 
 def _packs(cls: type) -> bool:
-    """Whether modules of class `cls` take every image's patches packed into one dimension: named in _PACKED, or a
-    forward taking `grid_thw`."""
+    """Whether modules of class `cls` take every row's patches or frames packed into one dimension: named in _PACKED,
+    or a forward taking `grid_thw` or `cu_seqlens`."""
     packs = _PACKS.get(cls)
     if packs is None:
         try:
-            packs = "grid_thw" in inspect.signature(cls.forward).parameters
+            packs = bool({"grid_thw", "cu_seqlens"} & set(inspect.signature(cls.forward).parameters))
         except (TypeError, ValueError):  # (a forward without a signature)
             packs = False
         packs = _PACKS[cls] = packs or cls.__name__ in _PACKED
@@ -526,18 +528,23 @@ def _packs(cls: type) -> bool:
 
 
 def _inside(model, classes) -> Dict[nn.Module, str]:
-    """{module: the class name of its innermost enclosing module (itself included) named in `classes`, or packing
-    patches (_packs)}."""
+    """{module: the class name of its outermost enclosing module (itself included) packing patches or frames (_packs:
+    itself, or a list of its blocks), else of its innermost one named in `classes`}."""
     found = {}
 
-    def walk(module, within):
+    def walk(module, within, packed):
         name = type(module).__name__
-        within = name if name in classes or _packs(type(module)) else within
+        if not packed and (_packs(type(module)) or any(
+                isinstance(child, nn.ModuleList) and any(_packs(type(block)) for block in child)
+                for child in module.children())):
+            within, packed = name, True
+        elif not packed and name in classes:
+            within = name
         if within is not None:
             found[module] = within
         for child in module.children():
-            walk(child, within)
-    walk(model, None)
+            walk(child, within, packed)
+    walk(model, None, False)
     return found
 
 
@@ -550,9 +557,9 @@ def _check_packed(found, need, enclosing) -> None:
                     if tower is not None and tower not in _FLATTENS_ROWS else [])
         if targeted:
             raise ValueError(f"batch_adapters: layer {path!r} is inside a {tower}, which takes every image's patches "
-                             f"packed into one dimension, whatever row holds the image, so a mixed batch cannot give "
-                             f"each row its adapter there; adapter {targeted[0]!r} targets it: serve it one adapter "
-                             f"at a time")
+                             f"(or every row's audio frames) packed into one dimension, whatever row holds them, so a "
+                             f"mixed batch cannot give each row its adapter there; adapter {targeted[0]!r} targets it: "
+                             f"serve it one adapter at a time")
 
 
 def _check_batch_major(model, expand=1):
