@@ -57,20 +57,32 @@ INPUT_READ = (f"it is read as {', '.join(INPUT_KEYWORDS)} or the first positiona
 _SERVING_LOCK = threading.Lock()
 
 
-def note_serving(modules, batch, views: Dict, opened: bool) -> None:
-    """Counts an open batch on each of `modules` (`_open_batches`: its layers and modules saved whole) and, for the
-    layers of `views` ({layer: LayerSlots}), notes the slots it serves them from (`_open_slots`: (LayerSlots, batch)
-    pairs, read by merge_refusal), or takes both back (opened=False). Under one lock: unlocked, the count's read and
-    write from threads opening and closing batches of one model at once lost updates (6 threads x 4000 batches left
-    a layer counting 2 open batches after every one had closed, refusing its loads from then on)."""
+def note_serving(modules, opened: bool) -> None:
+    """Counts an open batch on each of `modules` (`_open_batches`: its layers and modules saved whole), or takes it
+    back (opened=False). Under one lock: unlocked, the count's read and write from threads opening and closing
+    batches of one model at once lost updates (6 threads x 4000 batches left a layer counting 2 open batches after
+    every one had closed, refusing its loads from then on)."""
     with _SERVING_LOCK:
         for m in modules:
-            state = m.__dict__
-            state["_open_batches"] = state.get("_open_batches", 0) + (1 if opened else -1)
-            if m in views:  # (a new list each time: merge_refusal reads one without the lock)
-                entries = state.get("_open_slots", ())
-                state["_open_slots"] = ([*entries, (views[m], batch)] if opened
-                                        else [e for e in entries if e[1] is not batch])
+            m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + (1 if opened else -1)
+
+
+def note_slots(layer, stacks, batch) -> None:
+    """Lists `batch` (with the layer's slots, `stacks`) among the batches serving `layer` (`_open_slots`, read by
+    merge_refusal), as it loads the layer's slots, under the layer's lock: a merge of the layer after that lock is
+    checked against them (listed once the whole batch had loaded, a merged switch of a layer in between was let
+    through, r41)."""
+    with _SERVING_LOCK:  # (a new list each time: merge_refusal reads one without the lock)
+        layer.__dict__["_open_slots"] = [*layer.__dict__.get("_open_slots", ()), (stacks, batch)]
+
+
+def forget_slots(layers, batch) -> None:
+    """Takes `batch` off the batches serving `layers` (note_slots; where it was not listed, nothing)."""
+    with _SERVING_LOCK:
+        for m in layers:
+            entries = m.__dict__.get("_open_slots")
+            if entries:
+                m.__dict__["_open_slots"] = [e for e in entries if e[1] is not batch]
 
 
 def merge_refusal(layer, name: str, A: Tensor, B: Tensor, s: float) -> Optional[str]:
@@ -79,14 +91,18 @@ def merge_refusal(layer, name: str, A: Tensor, B: Tensor, s: float) -> Optional[
     values. Its rows of other adapters take the slot's values out of the weight: after the merge they would take the
     wrong update out. An eager forward would refuse then, but a compiled one does not check (h37: 13x and 28x off)."""
     for stacks, batch in layer.__dict__.get("_open_slots", ()):
-        slot = batch.slot_of.get(name)
-        if slot is None or batch.closed:  # (a merge of an adapter a batch has no slot for: its forward refuses)
+        if batch.closed:
             continue
+        slot = batch.slot_of.get(name)
+        if slot is None:  # (its forward would refuse, after the write)
+            return (f"{layer._describe()}: merging adapter {name!r} while a mixed batch (lora.batch_adapters) "
+                    f"serves this layer without a slot for it (the batch's other rows take a merged adapter out of "
+                    f"the weight with its slot's values); merge after the block closes")
         if not stacks.holds(slot, layer, A, B, s):
             return (f"{layer._describe()}: merging adapter {name!r} while a mixed batch (lora.batch_adapters) "
-                    f"serves this layer, which holds other values of it in its slot (replaced or written since the "
-                    f"batch opened): the batch's other rows would take the wrong update out of the weight; merge "
-                    f"after the block closes")
+                    f"serves this layer, which holds other values of it in its slot (replaced, written or trained "
+                    f"since the batch opened): the batch's other rows would take the wrong update out of the weight; "
+                    f"merge after the block closes")
     return None
 
 
@@ -169,6 +185,7 @@ class LayerSlots:
         # before the slot is rewritten, and its last write, until that is seen complete (see _ready)
         self.events: List[List] = [[] for _ in range(capacity)]
         self.written = [None] * capacity
+        self.source_dtypes: List[tuple] = [()] * capacity  # the dtypes of the factors each slot was written from
 
     def fits(self, layer) -> bool:
         weight = layer.weight_2d()
@@ -214,10 +231,35 @@ class LayerSlots:
         return same
 
     def holds(self, slot: int, layer, A: Tensor, B: Tensor, s: float) -> bool:
-        """Whether `slot` holds the values of adapter (A, B, s) (compared, as the slot would hold them)."""
+        """Whether `slot` holds the values of adapter (A, B, s): compared as the slot would hold them, bit for bit;
+        where the two went through other dtypes (float32 factors in a float16 slot, fitted by powers of two, and their
+        float16 copies live in the layer, r41), their updates s B A element by element, to within the rounding of
+        the coarsest of those dtypes (float64, in row chunks)."""
+        if layer.rank_of(A) > self.max_rank:  # (a replacement of a higher rank: not what the slot holds)
+            return False
         at, bt, s2 = self._slot_values(layer, A, B, s)
-        return (torch.equal(self.a[slot], at.to(self.device)) and torch.equal(self.b[slot], bt.to(self.device))
-                and float(self.scales[slot]) == float(torch.tensor(s2, dtype=torch.float32)))
+        at, bt = at.to(self.device), bt.to(self.device)
+        s2 = float(torch.tensor(s2, dtype=torch.float32))
+        a, b, s1 = self.a[slot], self.b[slot], float(self.scales[slot])
+        if torch.equal(a, at) and torch.equal(b, bt) and s1 == s2:
+            return True
+        dtypes = {self.dtype, A.dtype, B.dtype, *self.source_dtypes[slot]}
+        if len(dtypes) == 1:
+            return False
+        coarse = max((torch.finfo(t) for t in dtypes), key=lambda f: f.eps)
+        u, sub = coarse.eps, coarse.smallest_normal * coarse.eps  # (the rounding, and the subnormals' spacing)
+        rank = a.shape[1]
+        slack = rank * sub * (abs(s1) * (float(a.abs().max()) + float(b.abs().max()))
+                              + abs(s2) * (float(at.abs().max()) + float(bt.abs().max()))) if a.numel() else 0.0
+        b64, bt64 = b.double(), bt.double()
+        step = max(1, (1 << 22) // max(1, b.shape[1]))
+        for i in range(0, a.shape[0], step):
+            a64, at64 = a[i:i + step].double(), at[i:i + step].double()
+            diff = (s1 * (a64 @ b64) - s2 * (at64 @ bt64)).abs()
+            bound = abs(s1) * (a64.abs() @ b64.abs()) + abs(s2) * (at64.abs() @ bt64.abs())
+            if bool((diff > u * bound + slack).any()):
+                return False
+        return True
 
     def load(self, slot: int, layer, name: str, label: Optional[str] = None) -> None:
         """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it); values
@@ -238,6 +280,7 @@ class LayerSlots:
             A, B, s = self.source(layer, name)
             key = (name, _identity(A, B), s, layer.value_epoch(name))
             at, bt, s = self._slot_values(layer, A, B, s)
+            self.source_dtypes[slot] = (A.dtype, B.dtype)
         self._write(slot, at, bt, float(s))
         self.keys[slot] = key
 
@@ -441,7 +484,8 @@ class LayerBatch:
         if merged is not None and layer._merge_behind():
             raise ValueError(f"batch_adapters: {where} trained adapter {merged!r} through its merge since it merged "
                              f"(its weight holds the values from before, which the batch's rows would be served "
-                             f"relative to); call eval() or merge() on the model first (it merges the trained values)")
+                             f"relative to); call eval() or merge() on the model first (it merges the trained values; "
+                             f"inside an open batch that merge is refused: close the block first)")
         if (merged is not None and merged in batch.slot_of and not torch.compiler.is_compiling()
                 and (layer._merged_A is None or layer._merged_A is not self.checked)):
             self._check_merged(layer, merged, where)  # (not in a traced forward: see README, torch.compile)

@@ -1320,11 +1320,17 @@ class LoRALayer(NamedAdapters):
                     f"{' and '.join(h for h, _ in hows)} in a forward pre-hook: a merge would read the value of the "
                     f"last forward (an optimizer step since is not in it); serve it unmerged (forwards add the "
                     f"adapter on the fly), or make it a Parameter again ({', '.join(r for _, r in hows)})")
-        if self.has_lora and self.__dict__.get("_open_slots"):  # (a mixed batch serving the layer holds other values)
-            refusal = batched.merge_refusal(self, self.active_adapter, self.lora_A, self.lora_B, self.scaling)
-            if refusal is not None:
-                return refusal
+        refusal = self._batch_merge_refusal()
+        if refusal is not None:
+            return refusal
         return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
+
+    def _batch_merge_refusal(self) -> Optional[str]:
+        """Why a merge of the active adapter's live factors (eval(), merge(), a merge of trained values) is refused
+        while mixed batches serve this layer (batched.merge_refusal), or None."""
+        if not (self.has_lora and self.__dict__.get("_open_slots")):
+            return None
+        return batched.merge_refusal(self, self.active_adapter, self.lora_A, self.lora_B, self.scaling)
 
     def _computed_weight(self, remedy: str) -> str:
         """What merges meet in a layer whose weight is not a registered parameter (merge_refusal, _weight_param), with
@@ -1780,6 +1786,8 @@ class LoRALayer(NamedAdapters):
                 # (as above, eval() of a model does not stop halfway at this layer: what it cannot merge stays served
                 # right, through the merge)
                 refusal = sharded.fsdp1_refusal(self, "a merge")  # (merged before FSDP1 wrapped it, trained since)
+                if refusal is None:  # (the trained values, while a mixed batch serves the layer: r41, 17.5 off compiled)
+                    refusal = self._batch_merge_refusal()
                 try:
                     if refusal is None:
                         self._merge_trained()
@@ -1804,6 +1812,9 @@ class LoRALayer(NamedAdapters):
             if self.has_lora and not self.merged:
                 self._merge()
             elif self._merge_behind():
+                refusal = self._batch_merge_refusal()
+                if refusal is not None:
+                    raise ValueError(refusal)
                 self._merge_trained()
             self.merged = True
 

@@ -305,6 +305,11 @@ class ModelLock:
 
 
 _POLL = 0.1  # seconds between a waiter's looks for waiters left behind (ModelLock._drop_gone)
+# guards the layers' and saved modules' counts of open disable_adapter blocks (`_adapter_off`) and their first block's
+# state (`_pre_disable`): blocks of two models sharing a layer take only their own model's lock, and the count's read
+# and write lost updates (r41: two threads x 3000 blocks left a layer counting 3 blocks, or -4, after all had ended: the
+# base served for good, or the adapter inside blocks)
+_DISABLE_COUNTS = threading.Lock()
 _READ_CODE = ModelLock.acquire_read.__code__
 _WRITE_CODE = ModelLock._write.__wrapped__.__code__
 _CHANGE_CODE = ModelLock.changing.__wrapped__.__code__
@@ -711,16 +716,20 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
         DISABLED[model] -= 1
         if not DISABLED[model]:
             del DISABLED[model]
-        for _, m in [*found, *saved]:
-            m._adapter_off -= 1
-            if not m._adapter_off:  # (the class default again: a forward compiled before the block guards on that)
-                del m._adapter_off
+        last = {}  # {layer: its first block's state} for the layers whose last block this is
+        with _DISABLE_COUNTS:
+            for _, m in [*found, *saved]:
+                m._adapter_off -= 1
+                if not m._adapter_off:  # (the class default again: a forward compiled before the block guards on that)
+                    del m._adapter_off
+                    if isinstance(m, LoRALayer):
+                        last[m] = m.__dict__.pop("_pre_disable", (False, m.training))
         model_lock(model).block(-1, opener)
         again = []
         for _, m in found:
-            if m._adapter_off:
+            if m not in last:
                 continue
-            was_merged, was_training = m.__dict__.pop("_pre_disable", (False, m.training))
+            was_merged, was_training = last[m]
             merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
             if merge and not m.merged and m.has_lora:
                 refusal = m.merge_refusal() if m.training != was_training else None
@@ -754,19 +763,20 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                                          f"whose forward adds the adapter in its own way; serve the base before "
                                          f"sharding")
                 saved = wrappers(model)
-                # the first block over a layer: what to come back to
-                pre = {m: (m.merged, m.training) for _, m in found if not m._adapter_off}
-                # an unmerge refused: the others merged back, nothing disabled
-                each_or_none([m for _, m in found if m.merged and m.has_lora], lambda m: m.unmerge(),
-                             lambda m: m.merge(), paths={m: path for path, m in found})
-                for m, state in pre.items():
-                    m.__dict__["_pre_disable"] = state
-                # counted before the layers say so, and after they no longer do (below): a fork between the two finds
-                # the block (forks.py)
-                opener = threading.get_ident()
-                model_lock(model).block(+1, opener)
-                for _, m in [*found, *saved]:
-                    m._adapter_off += 1
+                with _DISABLE_COUNTS:  # (to the counts below: another model's block sharing a layer)
+                    # the first block over a layer: what to come back to
+                    pre = {m: (m.merged, m.training) for _, m in found if not m._adapter_off}
+                    # an unmerge refused: the others merged back, nothing disabled
+                    each_or_none([m for _, m in found if m.merged and m.has_lora], lambda m: m.unmerge(),
+                                 lambda m: m.merge(), paths={m: path for path, m in found})
+                    for m, state in pre.items():
+                        m.__dict__["_pre_disable"] = state
+                    # counted before the layers say so, and after they no longer do (below): a fork between the two
+                    # finds the block (forks.py)
+                    opener = threading.get_ident()
+                    model_lock(model).block(+1, opener)
+                    for _, m in [*found, *saved]:
+                        m._adapter_off += 1
                 # (one statement: the end runs once the model is disabled, also when the lock's release raises after
                 # the entry, as it does an asynchronous exception that landed in it once the release is done)
                 DISABLED[model], entered = DISABLED.get(model, 0) + 1, True

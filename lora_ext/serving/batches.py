@@ -634,6 +634,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                                  f"already in an open batch (of another model holding it) in this context; batches "
                                  f"may not share layers or modules saved whole")
         batch, tokens, slot_of, views, thread, counted = None, [], {}, {}, threading.get_ident(), False
+        serving = False  # (the layers' and modules' counts of open batches taken: note_serving)
         wrapped = [w for _, w in saved]
         began, landed = False, None  # (the end's: see below)
         pinned = False  # (a batch of the base alone pins no slot, but assign counts this thread among the holders)
@@ -649,6 +650,10 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                     views = {m: pool.stacks(m) for _, m in found}  # made again after a move, before this pins
                     slot_of = _assign_current(pool, views, need, [n for n in merged if n not in table])
                     pinned = True
+                    # (made before the loads: each layer lists it as its slots load, under its lock, and a merge of
+                    # the layer from then on is checked against them: batched.merge_refusal)
+                    batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
+                                  else index, slot_of, {m: path for path, m in found}, expand)
                     for path, m in found:
                         # under the layer's lock: a switch of the layer alone (layer.set_adapter on another thread,
                         # which takes no model lock) changes its merged snapshot before its active adapter, and a slot
@@ -658,11 +663,11 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                             for name in need:  # (a slot taken again checks the values first, as set_adapter does)
                                 views[m].load(slot_of[name], m, name,
                                               f"batch_adapters: layer {path!r} adapter {name!r}")
-                batch = Batch(pool, table, index.to(found[0][1].weight_2d().device) if index.device.type != "cpu"
-                              else index, slot_of, {m: path for path, m in found}, expand)
+                            batched.note_slots(m, views[m], batch)
                 batch.flattens = frozenset(m for m in views if enclosing.get(m) in _FLATTENS_ROWS)
                 # (modules saved whole too: a disable_adapter block of another model holding one is refused, r38)
-                batched.note_serving([*views, *wrapped], batch, views, opened=True)
+                batched.note_serving([*views, *wrapped], opened=True)
+                serving = True
                 batched.note_batch(opened=True)
                 counted = True
                 batch.fill_existing()
@@ -691,7 +696,9 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                             if batch is not None:
                                 for stacks in views.values():
                                     stacks.used(slot_of.values())
-                                batched.note_serving([*views, *wrapped], batch, views, opened=False)
+                                if serving:
+                                    batched.note_serving([*views, *wrapped], opened=False)
+                                batched.forget_slots(views, batch)
                                 batch.close()
                         finally:
                             if counted:
