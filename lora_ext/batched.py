@@ -233,8 +233,8 @@ class LayerSlots:
     def holds(self, slot: int, layer, A: Tensor, B: Tensor, s: float) -> bool:
         """Whether `slot` holds the values of adapter (A, B, s): compared as the slot would hold them, bit for bit;
         where the two went through other dtypes (float32 factors in a float16 slot, fitted by powers of two, and their
-        float16 copies live in the layer, r41), their updates s B A element by element, to within the rounding of
-        the coarsest of those dtypes (float64, in row chunks)."""
+        float16 copies live in the layer, r41), each factor up to a power of two, element by element within the
+        rounding of the coarsest of those dtypes, and the scalings with the powers of two taken out."""
         if layer.rank_of(A) > self.max_rank:  # (a replacement of a higher rank: not what the slot holds)
             return False
         at, bt, s2 = self._slot_values(layer, A, B, s)
@@ -246,20 +246,13 @@ class LayerSlots:
         dtypes = {self.dtype, A.dtype, B.dtype, *self.source_dtypes[slot]}
         if len(dtypes) == 1:
             return False
-        coarse = max((torch.finfo(t) for t in dtypes), key=lambda f: f.eps)
-        u, sub = coarse.eps, coarse.smallest_normal * coarse.eps  # (the rounding, and the subnormals' spacing)
-        rank = a.shape[1]
-        slack = rank * sub * (abs(s1) * (float(a.abs().max()) + float(b.abs().max()))
-                              + abs(s2) * (float(at.abs().max()) + float(bt.abs().max()))) if a.numel() else 0.0
-        b64, bt64 = b.double(), bt.double()
-        step = max(1, (1 << 22) // max(1, b.shape[1]))
-        for i in range(0, a.shape[0], step):
-            a64, at64 = a[i:i + step].double(), at[i:i + step].double()
-            diff = (s1 * (a64 @ b64) - s2 * (at64 @ bt64)).abs()
-            bound = abs(s1) * (a64.abs() @ b64.abs()) + abs(s2) * (at64.abs() @ bt64.abs())
-            if bool((diff > u * bound + slack).any()):
-                return False
-        return True
+        finfos = [torch.finfo(t) for t in dtypes]
+        u = max(f.eps for f in finfos)
+        sub = max(f.smallest_normal * f.eps for f in finfos)  # (the subnormals' spacing)
+        ka, kb = _power_apart(a, at, u, sub), _power_apart(b, bt, u, sub)
+        if ka is None or kb is None:
+            return False
+        return abs(s1 - s2 * 2.0 ** -(ka + kb)) <= 4 * torch.finfo(torch.float32).eps * abs(s1)
 
     def load(self, slot: int, layer, name: str, label: Optional[str] = None) -> None:
         """Writes adapter `name` of the layer into `slot` (zeros and scaling 0 when the layer lacks it); values
@@ -383,6 +376,19 @@ class LayerSlots:
             for s in slots:
                 # every stream's last use is kept until it is seen complete (the last closer may not be the slowest)
                 self.events[s] = [e for e in self.events[s] if pending(e)] + [event]
+
+
+def _power_apart(x: Tensor, y: Tensor, u: float, sub: float) -> Optional[int]:
+    """k such that x is y * 2^k element by element to within relative rounding `u` and the subnormals' spacing `sub`
+    (of either side, at its scale), or None. Linear in the elements (LayerSlots.holds)."""
+    mx = float(x.abs().max()) if x.numel() else 0.0
+    my = float(y.abs().max()) if y.numel() else 0.0
+    if mx == 0.0 or my == 0.0:
+        return 0 if mx == my else None
+    k = round(math.log2(mx / my))
+    xs, ys = x.double(), y.double() * 2.0 ** k
+    close = (xs - ys).abs() <= u * torch.maximum(xs.abs(), ys.abs()) + sub * (1.0 + 2.0 ** k)
+    return k if bool(close.all()) else None
 
 
 def _fitted(A: Tensor, B: Tensor, s: float, dtype: torch.dtype):

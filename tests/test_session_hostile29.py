@@ -415,3 +415,25 @@ def test_a_merged_switch_between_a_batchs_loads_and_its_counts_is_refused(monkey
         pass
     assert seen and "holds other values of it in its slot" in seen[0]
     assert layer.active_adapter == "default"
+
+
+def test_a_real_change_of_a_float16_layers_factors_inside_a_batch_is_still_refused():
+    # the comparison across dtypes allows the rounding of the coarsest dtype only: a change of 1% to a float16 live
+    # copy of float32 factors is refused, as is a change of one part in a million to float32 factors of a float32
+    # layer (compared bit for bit)
+    import warnings
+    torch.manual_seed(2)
+    for dtype, factor in ((torch.float16, 1.01), (torch.float32, 1 + 1e-6)):
+        layer = lora.Linear(16, 16, r=2).to(dtype)
+        layer.add_adapter("a", torch.randn(2, 16) * 0.01, torch.randn(16, 2) * 0.01, 1.0)
+        model = torch.nn.Sequential(layer).eval()
+        with _batch_of(model, ["a", None]):
+            layer.set_adapter("a")  # (merged: the same values, let through)
+            layer.train()
+            with torch.no_grad():
+                layer.lora_A.mul_(factor)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                layer.eval()
+            assert any("holds other values of it in its slot" in str(w.message) for w in caught), dtype
+            assert not layer.merged
