@@ -573,8 +573,10 @@ class LoRALayer(NamedAdapters):
 
     _weight_key = "weight"
     _broken: Optional[str] = None  # why the weight is unknown (see _writing); set in the instance's __dict__
-    # open lora.disable_adapter blocks over this layer (an attribute, as _broken: torch.compile guards on it)
+    # open lora.disable_adapter blocks over this layer, and whether there is one (what forwards read: torch.compile
+    # guards on the attribute, and on a count's value it compiled a graph for each depth of nested blocks, r41)
     _adapter_off: int = 0
+    _adapter_disabled: bool = False
     # merges, unmerges and merged switches so far (_set_merged), as a string: a compiled forward under inductor's
     # freezing, which holds the weight as a constant, guards on it (_serves_merged; dynamo may make an int symbolic)
     _weight_writes: str = "0"
@@ -612,6 +614,7 @@ class LoRALayer(NamedAdapters):
         state.pop("_streams", None)
         state.pop("_finite_stamps", None)
         state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
+        state.pop("_adapter_disabled", None)
         state.pop("_pre_disable", None)
         state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
         state.pop("_open_slots", None)
@@ -962,7 +965,7 @@ class LoRALayer(NamedAdapters):
         with self._guard():
             if self._broken is not None:  # (under the lock; an attribute, not __dict__.get: dynamo guards on it)
                 self._check_sound()
-            if torch.is_grad_enabled() and not self._adapter_off and self.has_lora and self._trainable() \
+            if torch.is_grad_enabled() and not self._adapter_disabled and self.has_lora and self._trainable() \
                     and self._lent():  # (in this order: a serving forward reads neither of _lent's attributes, nor
                 # does dynamo guard on them). Under DDP the Parameters DDP was built with train, lent or not (README)
                 if torch.compiler.is_compiling() or (ddp_guard.running() is None
@@ -981,7 +984,7 @@ class LoRALayer(NamedAdapters):
             if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
                 batched.refuse_in_program(self._describe())
                 return served.forward(self, x)
-            if self._adapter_off:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
+            if self._adapter_disabled:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
                 return self._weight_forward(x)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_or_none()):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)

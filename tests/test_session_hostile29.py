@@ -437,3 +437,30 @@ def test_a_real_change_of_a_float16_layers_factors_inside_a_batch_is_still_refus
                 layer.eval()
             assert any("holds other values of it in its slot" in str(w.message) for w in caught), dtype
             assert not layer.merged
+
+
+def test_nested_disable_blocks_share_one_compiled_graph():
+    # forwards read the count of open blocks, on whose value dynamo guards: each depth of nested blocks (or of blocks
+    # of models sharing a layer) compiled a graph of its own, 8 of them the recompile limit (r41); they read whether
+    # one is open now
+    import contextlib
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 8, r=2)
+    torch.nn.init.normal_(layer.lora_B)
+    models = [torch.nn.Sequential(layer) for _ in range(4)]
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+    compiled = torch.compile(models[0], backend=backend)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        on = compiled(x)
+        with contextlib.ExitStack() as stack:
+            for depth, model in enumerate(models):
+                stack.enter_context(lora.disable_adapter(model))
+                off = compiled(x)
+                assert torch.equal(off, x @ layer.weight.t() + layer.bias), depth
+        assert len(graphs) == 2, f"{len(graphs)} graphs for 4 depths"
+        assert torch.allclose(compiled(x), on, atol=1e-6) and len(graphs) == 2

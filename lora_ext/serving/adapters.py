@@ -720,8 +720,9 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
         with _DISABLE_COUNTS:
             for _, m in [*found, *saved]:
                 m._adapter_off -= 1
-                if not m._adapter_off:  # (the class default again: a forward compiled before the block guards on that)
+                if not m._adapter_off:  # (the class defaults again: a forward compiled before the block guards on them)
                     del m._adapter_off
+                    m.__dict__.pop("_adapter_disabled", None)
                     if isinstance(m, LoRALayer):
                         last[m] = m.__dict__.pop("_pre_disable", (False, m.training))
         model_lock(model).block(-1, opener)
@@ -777,6 +778,7 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                     model_lock(model).block(+1, opener)
                     for _, m in [*found, *saved]:
                         m._adapter_off += 1
+                        m.__dict__["_adapter_disabled"] = True
                 # (one statement: the end runs once the model is disabled, also when the lock's release raises after
                 # the entry, as it does an asynchronous exception that landed in it once the release is done)
                 DISABLED[model], entered = DISABLED.get(model, 0) + 1, True

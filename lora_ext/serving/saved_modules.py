@@ -37,10 +37,12 @@ class ModulesToSave(nn.Module):
     wrapper lacks are read from the module that computes (the head's `.weight`, say), as peft's wrapper does."""
 
     _adapter_off = 0  # open lora.disable_adapter blocks (a class default: torch.compile guards on the attribute)
+    _adapter_disabled = False  # whether there is one (what forward reads: see LoRALayer's)
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
+        state.pop("_adapter_disabled", None)
         state.pop("_open_batches", None)  # (nor one made inside lora.batch_adapters in the batch)
         return state
 
@@ -67,7 +69,7 @@ class ModulesToSave(nn.Module):
         if served is not None and not served.batch.closed:
             batched.refuse_in_program(f"ModulesToSave({type(self._modules['original_module']).__name__})")
             return served.forward(self, args, kwargs)
-        if self._adapter_off:  # lora.disable_adapter: the model's own module, as peft's
+        if self._adapter_disabled:  # lora.disable_adapter: the model's own module, as peft's
             return self._modules["original_module"](*args, **kwargs)
         return self.served()(*args, **kwargs)
 
