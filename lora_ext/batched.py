@@ -232,9 +232,9 @@ class LayerSlots:
 
     def holds(self, slot: int, layer, A: Tensor, B: Tensor, s: float) -> bool:
         """Whether `slot` holds the values of adapter (A, B, s): compared as the slot would hold them, bit for bit;
-        where the two went through other dtypes (float32 factors in a float16 slot, fitted by powers of two, and their
-        float16 copies live in the layer, r41), each factor up to a power of two, element by element within the
-        rounding of the coarsest of those dtypes, and the scalings with the powers of two taken out."""
+        else each factor up to a power of two (the slot's fitted by one, r41), element by element within the rounding
+        the new factor's dtype may have made of the values the slot was written from (a float16 live copy of float32
+        factors) and the subnormals' spacing, and the scalings with the powers of two taken out."""
         if layer.rank_of(A) > self.max_rank:  # (a replacement of a higher rank: not what the slot holds)
             return False
         at, bt, s2 = self._slot_values(layer, A, B, s)
@@ -243,13 +243,20 @@ class LayerSlots:
         a, b, s1 = self.a[slot], self.b[slot], float(self.scales[slot])
         if torch.equal(a, at) and torch.equal(b, bt) and s1 == s2:
             return True
-        dtypes = {self.dtype, A.dtype, B.dtype, *self.source_dtypes[slot]}
-        if len(dtypes) == 1:
+        if not self.source_dtypes[slot]:
             return False
-        finfos = [torch.finfo(t) for t in dtypes]
-        u = max(f.eps for f in finfos)
-        sub = max(f.smallest_normal * f.eps for f in finfos)  # (the subnormals' spacing)
-        ka, kb = _power_apart(a, at, u, sub), _power_apart(b, bt, u, sub)
+        ks = []
+        for slotted, new, source, now in ((a, at, self.source_dtypes[slot][0], A.dtype),
+                                          (b, bt, self.source_dtypes[slot][1], B.dtype)):
+            # the rounding the new factor's dtype may have made of the slot's source values (a float16 live copy of
+            # float32 factors): none where it holds them (a wider dtype, or the same), else its own; and the
+            # subnormals' spacing of that dtype and the slots' (r42: the coarsest dtype's rounding let a 1% change of
+            # bfloat16 factors in a float32 slot through)
+            f, f_source, f_slot = torch.finfo(now), torch.finfo(source), torch.finfo(self.dtype)
+            u = f.eps if f.eps > f_source.eps else 0.0
+            sub = max(f.smallest_normal * f.eps, f_slot.smallest_normal * f_slot.eps)
+            ks.append(_power_apart(slotted, new, u, sub))
+        ka, kb = ks
         if ka is None or kb is None:
             return False
         return abs(s1 - s2 * 2.0 ** -(ka + kb)) <= 4 * torch.finfo(torch.float32).eps * abs(s1)

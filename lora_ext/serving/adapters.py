@@ -716,36 +716,38 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
         DISABLED[model] -= 1
         if not DISABLED[model]:
             del DISABLED[model]
-        last = {}  # {layer: its first block's state} for the layers whose last block this is
+        # under one lock with the merges below: another model's block sharing a layer, entering between the
+        # decision that this is the layer's last block and its merge, made that merge raise (r42)
         with _DISABLE_COUNTS:
+            last = {}  # {layer: its first block's state} for the layers whose last block this is
             for _, m in [*found, *saved]:
                 m._adapter_off -= 1
-                if not m._adapter_off:  # (the class defaults again: a forward compiled before the block guards on them)
+                if not m._adapter_off:  # (the class defaults again: a forward compiled before guards on them)
                     del m._adapter_off
                     m.__dict__.pop("_adapter_disabled", None)
                     if isinstance(m, LoRALayer):
                         last[m] = m.__dict__.pop("_pre_disable", (False, m.training))
-        model_lock(model).block(-1, opener)
-        again = []
-        for _, m in found:
-            if m not in last:
-                continue
-            was_merged, was_training = last[m]
-            merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
-            if merge and not m.merged and m.has_lora:
-                refusal = m.merge_refusal() if m.training != was_training else None
-                if refusal is not None:  # (eval() inside: as eval() outside, the layer stays unmerged)
-                    warnings.warn(f"disable_adapter: eval() inside the block leaves adapter "
-                                  f"{m.active_adapter!r} unmerged at its end: {refusal}", stacklevel=4)
+            model_lock(model).block(-1, opener)
+            again = []
+            for _, m in found:
+                if m not in last:
                     continue
-                again.append(m)
-        try:
-            each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge(),
-                         paths={m: p for p, m in found})
-        except Exception as e:  # (an adapter set inside the block that cannot merge): all unmerged
-            e.args = (f"disable_adapter: at the block's end the layers could not all be merged again, so "
-                      f"none is (they serve their adapter unmerged): {e}",) + tuple(e.args[1:])
-            raise
+                was_merged, was_training = last[m]
+                merge = was_merged if m.training == was_training else (m.merge_weights and not m.training)
+                if merge and not m.merged and m.has_lora:
+                    refusal = m.merge_refusal() if m.training != was_training else None
+                    if refusal is not None:  # (eval() inside: as eval() outside, the layer stays unmerged)
+                        warnings.warn(f"disable_adapter: eval() inside the block leaves adapter "
+                                      f"{m.active_adapter!r} unmerged at its end: {refusal}", stacklevel=4)
+                        continue
+                    again.append(m)
+            try:
+                each_or_none(again, lambda m: m.merge(), lambda m: m.unmerge(),
+                             paths={m: p for p, m in found})
+            except Exception as e:  # (an adapter set inside the block that cannot merge): all unmerged
+                e.args = (f"disable_adapter: at the block's end the layers could not all be merged again, so "
+                          f"none is (they serve their adapter unmerged): {e}",) + tuple(e.args[1:])
+                raise
 
     try:
         with model_lock(model).write():

@@ -516,13 +516,17 @@ _PACKS: Dict[type, bool] = {}
 
 def _packs(cls: type) -> bool:
     """Whether modules of class `cls` take every row's patches or frames packed into one dimension: named in _PACKED,
-    or a forward taking `grid_thw` or `cu_seqlens`."""
+    a forward taking `grid_thw`, or a vision or audio module's forward taking `cu_seqlens` (by its class name: a text
+    model serving packed tokens, rows=token_index, takes them too, and is served right; RADIO's attention takes an
+    optional one for a packed input its ordinary one is not, r42)."""
     packs = _PACKS.get(cls)
     if packs is None:
         try:
-            packs = bool({"grid_thw", "cu_seqlens"} & set(inspect.signature(cls.forward).parameters))
+            taken = inspect.signature(cls.forward).parameters
         except (TypeError, ValueError):  # (a forward without a signature)
-            packs = False
+            taken = {}
+        packs = "grid_thw" in taken or ("cu_seqlens" in taken and any(
+            word in cls.__name__ for word in ("Vision", "Visual", "Audio", "Speech")))
         packs = _PACKS[cls] = packs or cls.__name__ in _PACKED
     return packs
 
