@@ -114,11 +114,26 @@ def test_a_merge_inside_a_batch_of_other_values_than_its_slot_is_refused_before_
         assert (out.double() - _oracle(model, base, opened, x, names)).abs().max() < 1e-4
 
 
+def _race(*loops) -> None:
+    """Runs each loop on a thread of its own, the interpreter switching threads every microsecond; all must end."""
+    import sys
+    import threading
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=loop) for loop in loops]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+    finally:
+        sys.setswitchinterval(before)
+    assert not any(t.is_alive() for t in threads), "a thread still runs (hung)"
+
+
 def test_threads_opening_batches_of_one_model_at_once_leave_no_count_behind():
     # the layers' counts of open batches were read and written without a lock: 6 threads x 4000 batches left a
     # layer counting 2 open batches after every one had closed (its loads refused from then on)
-    import sys
-    import threading
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[lora.Linear(8, 8, r=2) for _ in range(4)]).eval()
     for layer in model:
@@ -132,17 +147,8 @@ def test_threads_opening_batches_of_one_model_at_once_leave_no_count_behind():
                     pass
         except BaseException as err:  # (reported below)
             errors.append(err)
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=loop) for _ in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
-    finally:
-        sys.setswitchinterval(before)
-    assert not errors and not any(t.is_alive() for t in threads), errors
+    _race(*[loop] * 6)
+    assert not errors, errors
     assert [layer.__dict__.get("_open_batches", 0) for layer in model] == [0] * 4
     assert all(not layer.__dict__.get("_open_slots") for layer in model)
     model.load_state_dict(model.state_dict())  # (refused while a layer counts an open batch)
@@ -270,8 +276,6 @@ def test_a_batch_opens_under_autocast_of_the_other_16_bit_type():
 def test_disable_blocks_of_two_models_sharing_a_layer_on_two_threads_keep_its_count():
     # each block counts itself on the layer under its own model's lock only: the read and write lost updates (r41:
     # a layer left counting 3 blocks, or -4, after all had ended; the base served for good, or the adapter inside)
-    import sys
-    import threading
     # (merged: a block's end deciding that it is a layer's last block, then merging it after the counts' lock was
     # given back, raised when the other model's block entered in between, r42)
     torch.manual_seed(0)
@@ -293,16 +297,7 @@ def test_disable_blocks_of_two_models_sharing_a_layer_on_two_threads_keep_its_co
                         bad.append(1)
         except BaseException as err:  # (reported below)
             errors.append(err)
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=loop, args=(m,)) for m in models]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(300)
-    finally:
-        sys.setswitchinterval(before)
+    _race(*[lambda m=m: loop(m) for m in models])
     assert not errors and not bad, (errors, len(bad))
     assert "_adapter_off" not in layer.__dict__ and layer._adapter_off == 0 and layer.merged
     with torch.no_grad():
