@@ -43,7 +43,7 @@ ACTIVE: contextvars.ContextVar[Optional[Dict]] = contextvars.ContextVar("lora_ex
 # under fullgraph=True, so a compiled forward must not reach it while no batch is open.
 ANY_OPEN = False
 _open_count = 0
-_open_count_lock = threading.Lock()
+_open_count_lock = threading.RLock()  # (reentrant, as _SERVING_LOCK)
 
 
 # the model's input a batch reads its layout from (serving/batches.py's _check_input): the first of these keyword
@@ -53,8 +53,10 @@ INPUT_READ = (f"it is read as {', '.join(INPUT_KEYWORDS)} or the first positiona
               f"was opened on")
 
 
-# guards the per-module counts of open batches (below): threads opening and closing batches of one model at once
-_SERVING_LOCK = threading.Lock()
+# guards the per-module counts of open batches (below): threads opening and closing batches of one model at once.
+# Reentrant: the cyclic garbage collector, running inside it, may close a generator suspended in another batch's block,
+# whose end then runs on this thread (r43 found the disable blocks' plain lock hanging so)
+_SERVING_LOCK = threading.RLock()
 
 
 def note_serving(modules, opened: bool) -> None:

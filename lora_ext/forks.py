@@ -69,12 +69,12 @@ def _after_in_child() -> None:
     # module-wide locks: this process has one thread; what they guard is a registry, whole between statements
     ties._lock = threading.RLock()
     ties._new_tokens()
-    batched._open_count_lock = threading.Lock()
-    batched._SERVING_LOCK = threading.Lock()  # (the open batches' counts: r42, 1 child of 23 hung on it)
+    batched._open_count_lock = threading.RLock()
+    batched._SERVING_LOCK = threading.RLock()  # (the open batches' counts: r42, 1 child of 23 hung on it)
     ddp_guard._HOOK_LOCK = threading.Lock()
     adapters = sys.modules.get(__package__ + ".serving.adapters")  # (the disable blocks' counts, held over the
     if adapters is not None:                                       # entry's unmerges: r42, 2 children of 2 hung)
-        adapters._DISABLE_COUNTS = threading.Lock()
+        adapters._DISABLE_COUNTS = threading.RLock()
     for layer in list(_layers):
         lock = layer.__dict__.get("_lock")
         if lock is None or id(lock) in taken:

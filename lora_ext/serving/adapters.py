@@ -308,8 +308,10 @@ _POLL = 0.1  # seconds between a waiter's looks for waiters left behind (ModelLo
 # guards the layers' and saved modules' counts of open disable_adapter blocks (`_adapter_off`) and their first block's
 # state (`_pre_disable`): blocks of two models sharing a layer take only their own model's lock, and the count's read
 # and write lost updates (r41: two threads x 3000 blocks left a layer counting 3 blocks, or -4, after all had ended: the
-# base served for good, or the adapter inside blocks)
-_DISABLE_COUNTS = threading.Lock()
+# base served for good, or the adapter inside blocks). Reentrant: the cyclic garbage collector, running inside it (the
+# entry's unmerges and the end's merges allocate), may close a generator suspended in another block, whose end then
+# runs on this thread (r43: a plain lock hung there)
+_DISABLE_COUNTS = threading.RLock()
 _READ_CODE = ModelLock.acquire_read.__code__
 _WRITE_CODE = ModelLock._write.__wrapped__.__code__
 _CHANGE_CODE = ModelLock.changing.__wrapped__.__code__
