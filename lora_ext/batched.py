@@ -278,6 +278,7 @@ class LayerSlots:
             at = torch.zeros(self.k, self.a.shape[2], dtype=self.dtype)
             bt = torch.zeros(self.b.shape[1], self.d, dtype=self.dtype)
             key, s = (name, "absent"), 0.0
+            self.source_dtypes[slot] = ()
         else:
             A, B, s = self.source(layer, name)
             key = (name, _identity(A, B), s, layer.value_epoch(name))

@@ -470,10 +470,11 @@ _FLATTENS_ROWS = {"OPTDecoderLayer", "Qwen2MoeSparseMoeBlock"}
 
 # transformers vision towers that take every image's patches packed into one dimension, (patches, d), whatever row
 # holds the image: a mixed batch cannot tell the rows there (refused when the batch's adapters target their layers).
-# By name, and any module whose forward takes the images' patch grids, `grid_thw`, or the packed sequences' bounds,
-# `cu_seqlens`, and any module holding a list of such modules (its blocks: the whole tower or audio encoder, its patch
-# embedding and projections too) (_packs, _inside: transformers 5.24 has 16 towers taking grid_thw of the Qwen-VL family
-# and its kin, which a list of names missed 11 of, c1; and packed audio encoders, Qwen3-ASR's, Qwen2.5-Omni's, c2)
+# By name, and any module whose forward takes the images' patch grids, `grid_thw`, or a vision or audio module's
+# taking the packed sequences' bounds, `cu_seqlens`, and any module holding a list of such modules (its blocks: the
+# whole tower or audio encoder, its patch embedding and projections too) (_packs, _inside: transformers 5.24 has 16
+# towers taking grid_thw of the Qwen-VL family and its kin, which a list of names missed 11 of, c1; and packed audio
+# encoders, Qwen3-ASR's, Qwen2.5-Omni's, c2)
 _PACKED = {"Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen3VLVisionModel",
            "Qwen2_5OmniVisionEncoder", "Glm4vVisionModel"}
 
