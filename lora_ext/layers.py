@@ -2079,6 +2079,11 @@ class LoRALayer(NamedAdapters):
         if self._refuse_misfit_load(state_dict, prefix, *args):
             return
         with self._lock:
+            # (again, under the lock the copy below takes: a switch of the layer alone on another thread between the
+            # check above and the copy made the load write one adapter's factors over another's, r43)
+            foreign = self._foreign_state(state_dict, prefix, local_metadata)
+            if foreign is not None:
+                raise RuntimeError(foreign)
             self._streams.write(self._weight_owner().weight.device)
             self._see_new_memory()  # (the unmerge below would take the adapter out of a base set by hand)
             if self.merged and self._merged_A is not None:

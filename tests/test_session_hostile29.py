@@ -608,3 +608,28 @@ def test_the_garbage_collector_closing_a_block_inside_another_blocks_end_does_no
     import sys
     done = subprocess.run([sys.executable, "-c", _GC_CLOSES_A_BLOCK], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_a_switch_between_a_loads_check_and_its_copy_is_refused_not_written():
+    # load_state_dict checked whose factors the state holds before taking the layer's lock: a switch of the layer
+    # alone on another thread in between made the copy write 'default''s factors over 'b''s (r43, trainable factors:
+    # layer 1's 'b' became 'default''s in 30 s of round trips). The switch is made here where that thread's came
+    import pytest
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 8, r=2)
+    torch.nn.init.normal_(layer.lora_B)
+    layer.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    model = torch.nn.Sequential(layer).eval()
+    state = model.state_dict()  # ('default''s, as the metadata says)
+    b_before = [t.detach().clone() for t in layer.get_adapter("b")[:2]]
+    checked = layer._refuse_misfit_load
+
+    def then_switch(*args, **kwargs):
+        refused = checked(*args, **kwargs)
+        layer.set_adapter("b")
+        return refused
+    layer._refuse_misfit_load = then_switch
+    with pytest.raises(RuntimeError, match="the state's lora_A / lora_B are adapter 'default''s"):
+        model.load_state_dict(state)
+    assert layer.active_adapter == "b"
+    assert all(torch.equal(t, u) for t, u in zip((layer.lora_A.detach(), layer.lora_B.detach()), b_before))
