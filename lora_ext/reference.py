@@ -396,14 +396,15 @@ def batched_conv(conv, x, deltas, scales, index, sub=None, grouped=None):
         probe = conv._conv_forward(x[:0], w, bias if bias is not None else w.new_zeros(w.shape[0]))
         out = probe.new_empty((x.shape[0], *probe.shape[1:]))
     cd = compute_dtype(out.dtype)
+    base, bias_cd = w.to(cd), None if bias is None else bias.to(cd)  # (once: each group adds to a new tensor)
     for (i, j), rows in groups.items():
-        weight = w.to(cd)
+        weight = base
         if i >= 0:
             weight = torch.add(weight, deltas[i].to(cd).view(w.shape), alpha=float(scales[i]))
         if j >= 0:
             weight = torch.add(weight, deltas[j].to(cd).view(w.shape), alpha=-float(scales[j]))
         take = torch.tensor(rows, device=x.device)
-        y = conv._conv_forward(x.index_select(0, take).to(cd), weight, None if bias is None else bias.to(cd))
+        y = conv._conv_forward(x.index_select(0, take).to(cd), weight, bias_cd)
         out.index_copy_(0, take, y.to(out.dtype))
     return out
 
