@@ -1328,12 +1328,15 @@ class LoRALayer(NamedAdapters):
             return refusal
         return self._lossless_refusal()  # (a refusal here: eval() warns and leaves the layer unmerged, all or none)
 
-    def _batch_merge_refusal(self) -> Optional[str]:
-        """Why a merge of the active adapter's live factors (eval(), merge(), a merge of trained values) is refused
-        while mixed batches serve this layer (batched.merge_refusal), or None."""
+    def _batch_merge_refusal(self, name: Optional[str] = None, factors=None) -> Optional[str]:
+        """Why a merge is refused while mixed batches serve this layer (batched.merge_refusal), or None: of the
+        active adapter's live factors (eval(), merge(), a merge of trained values), or of adapter `name`'s
+        (lora_A, lora_B, scaling) `factors` (a merged switch to it)."""
         if not (self.has_lora and self.__dict__.get("_open_slots")):
             return None
-        return batched.merge_refusal(self, self.active_adapter, self.lora_A, self.lora_B, self.scaling)
+        if name is None:
+            name, factors = self.active_adapter, (self.lora_A, self.lora_B, self.scaling)
+        return batched.merge_refusal(self, name, *factors)
 
     def _computed_weight(self, remedy: str) -> str:
         """What merges meet in a layer whose weight is not a registered parameter (merge_refusal, _weight_param), with

@@ -928,11 +928,9 @@ class NamedAdapters:
             sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
             self._check_values(name)
-            if self.merged and self.__dict__.get("_open_slots"):  # (a merged switch inside a mixed batch's block)
-                from . import batched
-                refusal = batched.merge_refusal(self, name, lora_A, lora_B, scaling)
-                if refusal is not None:
-                    raise ValueError(refusal)
+            refusal = self._batch_merge_refusal(name, (lora_A, lora_B, scaling)) if self.merged else None
+            if refusal is not None:  # (a merged switch inside a mixed batch's block)
+                raise ValueError(refusal)
             home = lora_A.device
             old_name, old_known = self.active_adapter, self._known_finite(self.active_adapter)
             old_home = self._active_home or self.lora_A.device
