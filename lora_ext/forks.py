@@ -72,9 +72,9 @@ def _after_in_child() -> None:
     batched._open_count_lock = threading.RLock()
     batched._SERVING_LOCK = threading.RLock()  # (the open batches' counts: r42, 1 child of 23 hung on it)
     ddp_guard._HOOK_LOCK = threading.Lock()
-    adapters = sys.modules.get(__package__ + ".serving.adapters")  # (the disable blocks' counts, held over the
-    if adapters is not None:                                       # entry's unmerges: r42, 2 children of 2 hung)
-        adapters._DISABLE_COUNTS = threading.RLock()
+    adapters = sys.modules.get(__package__ + ".serving.adapters")
+    if adapters is not None:  # (the disable blocks' counts: their lock, and the blocks of threads not here)
+        adapters._after_fork()
     for layer in list(_layers):
         lock = layer.__dict__.get("_lock")
         if lock is None or id(lock) in taken:

@@ -616,6 +616,7 @@ class LoRALayer(NamedAdapters):
         state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
         state.pop("_adapter_disabled", None)
         state.pop("_pre_disable", None)
+        state.pop("_disable_openers", None)
         state.pop("_open_batches", None)  # a copy made inside lora.batch_adapters is not in the batch
         state.pop("_open_slots", None)
         state.pop("_scale_owner", None)  # (the copy's __setstate__ says which pair its scale tensor is)

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -312,6 +313,42 @@ _POLL = 0.1  # seconds between a waiter's looks for waiters left behind (ModelLo
 # entry's unmerges and the end's merges allocate), may close a generator suspended in another block, whose end then
 # runs on this thread (r43: a plain lock hung there)
 _DISABLE_COUNTS = threading.RLock()
+# the layers and saved modules counting open blocks; each counts its blocks by the thread that opened them too
+# (`_disable_openers`), so a process forked while other threads were inside blocks takes theirs away (_after_fork)
+_IN_BLOCKS = weakref.WeakSet()
+
+
+def _count_block(m: nn.Module, opener: int, delta: int) -> None:
+    """Module m's count of open disable_adapter blocks, and of those `opener` opened, by delta (+1 or -1), under
+    _DISABLE_COUNTS; at 0 the class defaults again (a forward compiled before guards on them)."""
+    openers = m.__dict__.setdefault("_disable_openers", {})
+    openers[opener] = openers.get(opener, 0) + delta
+    if not openers[opener]:
+        del openers[opener]
+    m._adapter_off += delta
+    if m._adapter_off:
+        m.__dict__["_adapter_disabled"] = True
+        _IN_BLOCKS.add(m)
+    else:
+        for key in ("_adapter_off", "_adapter_disabled", "_disable_openers"):
+            m.__dict__.pop(key, None)
+        _IN_BLOCKS.discard(m)
+
+
+def _after_fork() -> None:
+    """In a child forked while other threads were inside disable_adapter blocks (forks.py): those blocks never end
+    here, so each module's count loses them. A layer they alone disabled serves its adapter again, unmerged (its
+    `merged` says so; eval() merges it). The models the blocks were opened on refuse to serve (ModelLock.after_fork);
+    another model sharing the layer served the base for good, silently."""
+    global _DISABLE_COUNTS
+    _DISABLE_COUNTS = threading.RLock()  # (a thread of the parent may have held it: r42, 2 children of 2 hung)
+    me = threading.get_ident()
+    for m in list(_IN_BLOCKS):
+        for thread, n in list(m.__dict__.get("_disable_openers", {}).items()):
+            if thread != me:
+                _count_block(m, thread, -n)
+        if not m._adapter_off:
+            m.__dict__.pop("_pre_disable", None)
 _READ_CODE = ModelLock.acquire_read.__code__
 _WRITE_CODE = ModelLock._write.__wrapped__.__code__
 _CHANGE_CODE = ModelLock.changing.__wrapped__.__code__
@@ -723,10 +760,8 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
         with _DISABLE_COUNTS:
             last = {}  # {layer: its first block's state} for the layers whose last block this is
             for _, m in [*found, *saved]:
-                m._adapter_off -= 1
-                if not m._adapter_off:  # (the class defaults again: a forward compiled before guards on them)
-                    del m._adapter_off
-                    m.__dict__.pop("_adapter_disabled", None)
+                _count_block(m, opener, -1)
+                if not m._adapter_off:
                     if isinstance(m, LoRALayer):
                         last[m] = m.__dict__.pop("_pre_disable", (False, m.training))
             model_lock(model).block(-1, opener)
@@ -781,8 +816,7 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                     opener = threading.get_ident()
                     model_lock(model).block(+1, opener)
                     for _, m in [*found, *saved]:
-                        m._adapter_off += 1
-                        m.__dict__["_adapter_disabled"] = True
+                        _count_block(m, opener, +1)
                 # (one statement: the end runs once the model is disabled, also when the lock's release raises after
                 # the entry, as it does an asynchronous exception that landed in it once the release is done)
                 DISABLED[model], entered = DISABLED.get(model, 0) + 1, True

@@ -43,6 +43,7 @@ class ModulesToSave(nn.Module):
         state = dict(self.__dict__)
         state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
         state.pop("_adapter_disabled", None)
+        state.pop("_disable_openers", None)
         state.pop("_open_batches", None)  # (nor one made inside lora.batch_adapters in the batch)
         return state
 
