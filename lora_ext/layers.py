@@ -1362,6 +1362,8 @@ class LoRALayer(NamedAdapters):
         # W's finite elements: what is inf or NaN already stays so (a lossless merge keeps it as an exception)
         maxes = torch.stack([sharded.abs_max(w, finite=True)] + [sharded.abs_max(t) for t in tensors[1:]]).tolist()
         update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[1::2], maxes[2::2]))
+        if not maxes[0] + update <= torch.finfo(torch.float16).max:  # (a bound: each update's own max, s3)
+            update = sum(abs(s) * ops._update_max(A, B) for A, B, s in adapters)
         if not maxes[0] + update <= torch.finfo(torch.float16).max:
             raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
                              f"reach {update:.3g} on a weight of up to {maxes[0]:.3g}, beyond torch.float16's "

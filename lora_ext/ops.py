@@ -647,9 +647,27 @@ def _check_values(adapters, weight_dtype=None):
             if weight_dtype is not None and lora_A.numel():
                 a_lo, a_hi = extremes[id(lora_A)]
                 bound = abs(scaling) * lora_B.shape[1] * max(-a_lo, a_hi) * max(-lo, hi)
+                if bound > torch.finfo(weight_dtype).max:  # (a bound; the update itself, where it may be less:
+                    # an SVD's factors put the singular values in B and entries near 1 in A's weak rows, s3)
+                    bound = abs(scaling) * _update_max(lora_A, lora_B)
                 if bound > torch.finfo(weight_dtype).max:
-                    raise ValueError(f"{name}: the update scaling * B @ A can reach {bound:.3g}, beyond "
+                    raise ValueError(f"{name}: the update scaling * B @ A reaches {bound:.3g}, beyond "
                                      f"{weight_dtype}'s range ({torch.finfo(weight_dtype).max:.3g})")
+
+
+def _update_max(lora_A: Tensor, lora_B: Tensor, rows: int = 1024) -> float:
+    """max |B @ A| in float64 (B's rows in blocks, each with its block of A's rows where A holds several: a
+    MergedLinear's), `rows` of B at a time."""
+    A, B = sharded.full(lora_A).double(), sharded.full(lora_B).double()
+    r = B.shape[1]
+    blocks = A.shape[0] // r if r else 1
+    per = B.shape[0] // blocks if blocks else B.shape[0]
+    top = 0.0
+    for i in range(max(blocks, 1)):
+        a = A[i * r:(i + 1) * r]
+        for start in range(i * per, (i + 1) * per, rows):
+            top = max(top, float((B[start:min(start + rows, (i + 1) * per)] @ a).abs().max()))
+    return top
 
 
 def _swap_impl(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):

@@ -402,12 +402,36 @@ def _first_row(index, table, name) -> Optional[int]:
     return int(hits[0]) if hits.numel() else None
 
 
-def _check_layers(found) -> None:
+def _targeted(m, need) -> List[str]:
+    """The adapters of `need` that LoRA layer or saved module (modules_to_save's wrapper) m serves: those whose
+    factors it holds, or that save it whole."""
+    if isinstance(m, saved_modules.ModulesToSave):
+        return [a for a in need if a in m.adapter_names]
+    return [a for a in need if m.has_adapter(a) and not m.is_placeholder(a)]
+
+
+def _what(m) -> str:
+    return "module" if isinstance(m, saved_modules.ModulesToSave) else "layer"
+
+
+def _how(m) -> str:
+    return "saves it whole" if isinstance(m, saved_modules.ModulesToSave) else "targets it"
+
+
+def _inside_experts(path: str) -> bool:
+    return "experts" in path.split(".")[:-1]
+
+
+def _check_layers(found, saved=(), need=()) -> None:
+    """Refuses layers a mixed batch cannot serve (by kind, sharding, meta factors, or inside a mixture of experts'
+    experts), and modules saved whole (modules_to_save) inside experts that the batch's adapters save."""
+    inside = [(path, m) for path, m in found if _inside_experts(path)]  # (every batch: their adapters may be merged)
+    inside += [(path, m) for path, m in saved if _inside_experts(path) and _targeted(m, need)]
+    for path, m in inside:
+        raise ValueError(f"batch_adapters: {_what(m)} {path!r} is inside a mixture of experts' experts: a router gives "
+                         f"it a subset of the tokens, which cannot be told from the batch rows (when their counts "
+                         f"agree they would be served as rows, silently wrong); serve it one adapter at a time")
     for path, m in found:
-        if "experts" in path.split(".")[:-1]:
-            raise ValueError(f"batch_adapters: layer {path!r} is inside a mixture of experts' experts: a router gives it "
-                             f"a subset of the tokens, which cannot be told from the batch rows (when their counts agree "
-                             f"they would be served as rows, silently wrong); serve it one adapter at a time")
         if batched.kind(m) is None or getattr(getattr(m, "conv", None), "transposed", False):
             raise ValueError(f"batch_adapters: layer {path!r} is a {type(m).__name__}; mixed batches serve Linear, "
                              f"MergedLinear, Embedding and Conv1d/2d/3d layers")
@@ -496,20 +520,14 @@ def _check_row_lookups(found, saved, need) -> None:
     dimension, which a mixed batch would split as rows whenever the query length equals the batch's rows (silently
     wrong, as peft's adapter_names is there)."""
     for path, m in [*found, *saved]:
-        if path.rpartition(".")[2] not in _RELATIVE_LOOKUPS:
+        if path.rpartition(".")[2] not in _RELATIVE_LOOKUPS or (
+                not isinstance(m, saved_modules.ModulesToSave) and getattr(m, "_batch_kind", None) != "embedding"):
             continue
-        if isinstance(m, saved_modules.ModulesToSave):
-            targeted, what = [a for a in need if a in m.adapter_names], "module"
-        elif getattr(m, "_batch_kind", None) == "embedding":
-            targeted, what = [a for a in need if m.has_adapter(a) and not m.is_placeholder(a)], "layer"
-        else:
-            continue
+        targeted = _targeted(m, need)
         if targeted:
-            raise ValueError(f"batch_adapters: {what} {path!r} (a relative position bias) is looked up with "
+            raise ValueError(f"batch_adapters: {_what(m)} {path!r} (a relative position bias) is looked up with "
                              f"(query, key) position buckets, not by row, so a mixed batch cannot give each row "
-                             f"its adapter there; adapter {targeted[0]!r} "
-                             f"{'saves it whole' if what == 'module' else 'targets it'}: serve it one adapter at a "
-                             f"time")
+                             f"its adapter there; adapter {targeted[0]!r} {_how(m)}: serve it one adapter at a time")
 
 
 _PACKS: Dict[type, bool] = {}
@@ -553,18 +571,17 @@ def _inside(model, classes) -> Dict[nn.Module, str]:
     return found
 
 
-def _check_packed(found, need, enclosing) -> None:
-    """Refuses adapters of layers inside a vision tower that packs every image's patches into one dimension
-    (_PACKED; `enclosing` from _inside)."""
-    for path, m in found:
+def _check_packed(found, saved, need, enclosing) -> None:
+    """Refuses adapters of layers, and of modules saved whole (modules_to_save), inside a vision tower that packs
+    every image's patches into one dimension (_PACKED; `enclosing` from _inside)."""
+    for path, m in [*found, *saved]:
         tower = enclosing.get(m)
-        targeted = ([a for a in need if m.has_adapter(a) and not m.is_placeholder(a)]
-                    if tower is not None and tower not in _FLATTENS_ROWS else [])
+        targeted = _targeted(m, need) if tower is not None and tower not in _FLATTENS_ROWS else []
         if targeted:
-            raise ValueError(f"batch_adapters: layer {path!r} is inside a {tower}, which takes every image's patches "
-                             f"(or every row's audio frames) packed into one dimension, whatever row holds them, so a "
-                             f"mixed batch cannot give each row its adapter there; adapter {targeted[0]!r} targets it: "
-                             f"serve it one adapter at a time")
+            raise ValueError(f"batch_adapters: {_what(m)} {path!r} is inside a {tower}, which takes every image's "
+                             f"patches (or every row's audio frames) packed into one dimension, whatever row holds "
+                             f"them, so a mixed batch cannot give each row its adapter there; adapter "
+                             f"{targeted[0]!r} {_how(m)}: serve it one adapter at a time")
 
 
 def _check_batch_major(model, expand=1):
@@ -610,13 +627,13 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         found = _layers_or_raise(model)
         saved = saved_modules.wrappers(model)  # (one walk of the model for them, under the hold)
         _check_enabled(model, found, saved)  # (again: a disable_adapter may have begun before the hold; not while it)
-        _check_layers(found)
         table, index, n, label = _rows(adapters, rows, {n for _, m in found for n in m.adapter_names})
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
+        _check_layers(found, saved, need)
         _check_row_lookups(found, saved, need)
         enclosing = _inside(model, _PACKED | _FLATTENS_ROWS)  # (one walk for both)
-        _check_packed(found, need, enclosing)
+        _check_packed(found, saved, need, enclosing)
         pool = _pool(model, found)
         ranks = [(m.rank_of(m._adapter(name)[0]) if m.has_adapter(name) else 0, name, path, m)
                  for name in need for path, m in found]

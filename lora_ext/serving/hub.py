@@ -23,6 +23,11 @@ def fetched_first(fn):
     return run
 
 
+def looks_like_repo_id(path) -> bool:
+    """Whether `path` reads as a Hub repo id ('owner/name')."""
+    return bool(_REPO_ID.match(os.fspath(path)))
+
+
 def resolve(path, revision: Optional[str] = None, subfolder: Optional[str] = None, option: str = "path") -> str:
     """The local adapter directory for `path`: an existing path (its `subfolder`), or a Hub repo id whose files are
     fetched. FileNotFoundError naming the path and why it is neither (the Hub's own reason)."""

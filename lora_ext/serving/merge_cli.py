@@ -45,6 +45,11 @@ MAX_HEADER = 100_000_000  # the safetensors library's own limit on a header's le
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+for _name, _st in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("complex64", "C64"),
+                   ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
+                   ("float8_e8m0fnu", "F8_E8M0")):  # (copied as they are; F8_E8M0: MX formats' scales, s2)
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _st
 _FROM_ST = {v: k for k, v in _ST_DTYPES.items()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # tests only: seconds to sleep after each written tensor, so that a run can be killed mid-way
@@ -206,9 +211,17 @@ def _side_files(base_dir):
                 yield os.path.join(root, name)
 
 
+# weights of other formats a loader could read beside the merged checkpoint (ONNX, GGUF, OpenVINO's .bin, Flax's
+# msgpack, TensorFlow's h5, torch's pickles): copied unmerged, they would serve the base (s2)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".onnx", ".onnx_data",
+                    ".msgpack", ".h5", ".tflite", ".npz")
+# what transformers' Trainer saves beside a checkpoint's weights (no model weights)
+_TRAINER_FILES = ("training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt")
+
+
 def _is_weights(name):
-    return (name.endswith(".safetensors") or (name.startswith("pytorch_model") and name.endswith(".bin"))
-            or (name.startswith("consolidated") and name.endswith((".pth", ".pt"))))
+    return (name.endswith(_WEIGHT_SUFFIXES) and name not in _TRAINER_FILES
+            and not (name.startswith("rng_state") and name.endswith(".pth")))
 
 
 def _check_other_weights(base_dir, files):
@@ -322,7 +335,9 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         raise MergeError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     out_dtype = DTYPES.get(dtype)
     if not os.path.exists(base):
-        raise MergeError(f"--base: {base!r} is neither a directory nor a file")
+        raise MergeError(f"--base: {base!r} is neither a directory nor a file" + (
+            " (a Hub id is not fetched for --base: download the checkpoint first, `hf download "
+            f"{base} --local-dir DIR`, and give DIR)" if _hub.looks_like_repo_id(base) else ""))
     try:
         adapter = _hub.resolve(adapter, revision, option="--adapter")
     except (OSError, ValueError) as e:
@@ -348,7 +363,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         except Exception as e:  # a damaged weights file: the safetensors or pickle readers' own errors
             raise MergeError(f"--adapter {adapter!r}: cannot read its weights file: {type(e).__name__}: "
                              f"{' '.join(str(e).split())}") from None
-    entries = _saved.check_entries(os.path.join(adapter, CONFIG_NAME), cfg.get("modules_to_save"))
+    entries = _saved.config_entries(os.path.join(adapter, CONFIG_NAME), cfg)
     # rows of tokens (trainable_token_indices), set aside: written into their weights below
     rows = {k: tensors.pop(k) for k in list(tensors) if k.startswith(PREFIX) and k.endswith(_tokens.DELTA_SUFFIX)}
     states, tensors = _saved.split_state(tensors, _saved_names(tensors, entries), PREFIX)

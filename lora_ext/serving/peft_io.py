@@ -320,8 +320,9 @@ def module_factors(tensors, where="adapter", magnitudes=None):
             continue
         suffix = _factor_suffix(key)
         if suffix is None or not key.startswith(PREFIX):
-            raise ValueError(f"{where}: unexpected key {key!r} (lora_ext reads LoRA factors only: "
-                             f"{PREFIX}<module>{{{', '.join(SUFFIXES)}}})")
+            raise ValueError(f"{where}: unexpected key {key!r}: neither a LoRA factor "
+                             f"({PREFIX}<module>{{{', '.join(SUFFIXES)}}}) nor a tensor of a module the config's "
+                             f"modules_to_save (or its task_type) saves whole")
         name = key[len(PREFIX):-len(suffix)]
         entry = found.setdefault(name, {})
         embedding = "embedding" in suffix
@@ -585,7 +586,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                          f"lora_ext's layers would train both (load it with is_trainable=False to serve it)")
     weights_file = os.path.join(path, WEIGHTS_NAME if os.path.isfile(os.path.join(path, WEIGHTS_NAME))
                                 else LEGACY_WEIGHTS_NAME)
-    entries = _saved.check_entries(cfg_file, cfg.get("modules_to_save"))
+    entries = _saved.config_entries(cfg_file, cfg)
     to_save = _saved.find(model, entries, cfg_file)
     tensors = read_tensors(path, cfg)
     token_spec = _tokens.check_spec(cfg_file, cfg.get("trainable_token_indices"))
@@ -644,13 +645,16 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         raise ValueError(f"{weights_file}: holds factors of module {rowed[0][0]!r}, which adapter(s) "
                          f"{rowed[0][1].adapter_names} give rows of tokens (trainable_token_indices); peft puts no "
                          f"LoRA on such a module")
-    inside = [(n, path, w) for n in sorted(extra) for path, w in _saved.wrappers(model) if n.startswith(path + ".")]
+    inside = [(n, path, w) for n in sorted(extra) for path, w in _saved.wrappers(model)
+              if n == path or n.startswith(path + ".")]
     if inside:
         n, path, w = inside[0]
-        raise ValueError(f"{weights_file}: holds factors of module {n!r}, which lies inside {path!r}, a module "
-                         f"adapter(s) {w.adapter_names} save whole (modules_to_save); lora_ext puts no LoRA inside a "
-                         f"module saved whole (peft puts one into each of its copies): serve the two adapters from "
-                         f"models of their own")
+        where_ = "is" if n == path else f"lies inside {path!r},"
+        raise ValueError(f"{weights_file}: holds factors of module {n!r}, which {where_} a module adapter(s) "
+                         f"{w.adapter_names} save whole (modules_to_save); lora_ext puts no LoRA "
+                         f"{'on' if n == path else 'inside'} a module saved whole (peft "
+                         f"{'refuses such a target' if n == path else 'puts one into each of its copies'}): serve the "
+                         f"two adapters from models of their own")
     if extra:
         raise ValueError(f"{weights_file}: holds factors of module(s) {_names(extra)} that the config's "
                          f"target_modules / exclude_modules / layers_to_transform do not select ({cfg_file}); peft "

@@ -271,6 +271,20 @@ def check_entries(option: str, entries) -> List[str]:
     return list(entries)
 
 
+# what peft's task models save whole whatever the config's modules_to_save lists: PeftModelForSequenceClassification
+# and ...ForTokenClassification add "classifier" and "score" to it as they load an adapter, ...ForQuestionAnswering
+# "qa_outputs" (PeftModel.from_pretrained picks the class by the config's task_type)
+TASK_ENTRIES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                "QUESTION_ANS": ("qa_outputs",)}
+
+
+def config_entries(option: str, cfg: dict) -> List[str]:
+    """The modules_to_save entries a peft adapter config `cfg` stands for: its own (checked, as check_entries), and
+    those its task_type adds (TASK_ENTRIES)."""
+    entries = check_entries(option, cfg.get("modules_to_save"))
+    return entries + [e for e in TASK_ENTRIES.get(cfg.get("task_type"), ()) if e not in entries]
+
+
 def saved_match(entries, name: str) -> bool:
     """Whether peft saves module `name` whole: its name ends with an entry (a plain string suffix)."""
     return any(name.endswith(e) for e in entries)
@@ -373,8 +387,7 @@ def check_state(where: str, name: str, module: nn.Module, state: Optional[Dict[s
                          f"own")
     if missing:
         raise ValueError(f"{where}: module {name!r} is saved whole (modules_to_save) but the file holds no "
-                         f"{prefix + name + '.' + missing[0]!r}; peft would keep the base model's value there, "
-                         f"lora_ext refuses the incomplete module")
+                         f"{prefix + name + '.' + missing[0]!r}; lora_ext refuses the incomplete module (as peft does)")
     out = {}
     for k, current in want.items():
         t = state[k]
