@@ -310,3 +310,59 @@ def test_merge_says_a_hub_id_is_not_fetched_for_the_base(tmp_path, capsys):
     _, adapter, _, _ = _merge_setup(tmp_path)
     assert main(["merge", "--base", "someowner/somemodel", "--adapter", adapter, "--out", str(tmp_path / "o")]) == 2
     assert "a Hub id is not fetched for --base" in capsys.readouterr().err
+
+
+def test_a_mixed_batch_refuses_images_not_one_per_row_where_a_vision_module_is_served(tmp_path):
+    # Llava's vision tower and projector take one entry per image: with 3 images all in row 0 of 3 rows, image j was
+    # served with row j's adapter, silently (row 0 0.475 off; review s1; peft's adapter_names does the same). Now
+    # refused before any layer runs; one image per row is served, each row as its adapter alone
+    transformers = pytest.importorskip("transformers")
+
+    def llava():
+        torch.manual_seed(0)
+        tc = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=120, max_position_embeddings=64)
+        vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=16, patch_size=8)
+        return transformers.LlavaForConditionalGeneration(
+            transformers.LlavaConfig(text_config=tc, vision_config=vc, image_token_index=110)).double().eval()
+
+    _saved_adapter(llava(), tmp_path, r".*(vision_tower|language_model).*\.(q_proj|v_proj)",
+                   ["multi_modal_projector.linear_2"])
+    m = llava()
+    lora.load_peft_adapter(m, str(tmp_path), "v")
+    x = torch.randint(1, 100, (3, 16), generator=torch.Generator().manual_seed(2))
+    pv = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    crowded = x.clone()
+    crowded[0, 1:13] = 110  # (row 0 holds the 3 images, 4 tokens each)
+    with torch.no_grad(), lora.batch_adapters(m, ["v", None, None]):
+        with pytest.raises(ValueError, match=r"'model\.vision_tower\.encoder\.layers\.0\.self_attn\.[qv]_proj' "
+                                             r"computes each of the 3 items of pixel_values .* not one per row "
+                                             r"\(of the 3 rows of input_ids, 1 hold token 110"):
+            m(input_ids=crowded, pixel_values=pv)
+        m(input_ids=x)  # (text alone: served)
+    one = x.clone()
+    one[:, 2:6] = 110  # (one image per row)
+    plan = ["v", None, "v"]
+    with torch.no_grad():
+        alone = []
+        for i, name in enumerate(plan):
+            if name is None:
+                with lora.disable_adapter(m):
+                    alone.append(m(input_ids=one[i:i + 1], pixel_values=pv[i:i + 1]).logits[0])
+            else:
+                alone.append(m(input_ids=one[i:i + 1], pixel_values=pv[i:i + 1]).logits[0])
+        with lora.batch_adapters(m, plan):
+            mixed = m(input_ids=one, pixel_values=pv).logits
+    for i in range(3):
+        assert torch.allclose(mixed[i], alone[i], rtol=0, atol=1e-10), i
+    assert (alone[0] - alone[1]).abs().max() > 1e-3
+    # an adapter of the language model alone serves rows holding any images
+    m = llava()
+    _saved_adapter(llava(), tmp_path / "t", r".*language_model.*\.(q_proj|v_proj)", None)
+    lora.load_peft_adapter(m, str(tmp_path / "t"), "t")
+    with torch.no_grad():
+        want = m(input_ids=crowded[:1], pixel_values=pv).logits[0]
+        with lora.batch_adapters(m, ["t", None, None]):
+            got = m(input_ids=crowded, pixel_values=pv).logits[0]
+    assert torch.allclose(got, want, rtol=0, atol=1e-10)

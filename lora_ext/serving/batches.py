@@ -198,6 +198,7 @@ class Batch:
         self.tokens_per_row: Optional[int] = None  # the model's input's tokens per row (the "rows" layout)
         self.input_rows = self.n  # the model's input's rows: n, or with beams the n * expand repeats it held
         self.flattens = frozenset()  # the layers that may take those tokens flattened, row after row (_FLATTENS_ROWS)
+        self.outside_text: Optional[str] = None  # a module served outside the language model (_outside_text)
         # Set when the block closes. A generator's block closed on another thread than the one it opened on
         # leaves its entries in the opening thread's context, where they must then count for nothing.
         self.closed = False
@@ -454,6 +455,8 @@ def _check_input(module, args, kwargs):
     x = next((kwargs[k] for k in batched.INPUT_KEYWORDS if isinstance(kwargs.get(k), Tensor)), None)
     if x is None and args and isinstance(args[0], Tensor):
         x = args[0]
+    if batch.outside_text is not None:
+        _check_media(module, batch, kwargs)
     if x is None:
         return
     lead = x.shape[:-1] if x.is_floating_point() else x.shape
@@ -471,6 +474,49 @@ def _check_input(module, args, kwargs):
                "the first dimension is the batch row; with tokens flattened, one entry per token")
         raise ValueError(f"batch_adapters: {batch.rows_text()} for an input of shape {tuple(x.shape)}: {how}"
                          f"{batch.hint(x.shape[0]) if x.dim() else ''}")
+
+
+# a vision-language model's media inputs, and the config's names for the token id that stands for each item in
+# input_ids
+_MEDIA = (("pixel_values", ("image_token_id", "image_token_index")),
+          ("pixel_values_videos", ("video_token_id", "video_token_index")))
+
+
+def _outside_text(model, found, saved, need) -> Optional[str]:
+    """The path of a module the batch's adapters serve (a LoRA layer, or a module saved whole) outside the model's
+    language model (the first module named `language_model`) and its output head: a vision tower's or projector's,
+    whose input holds one entry per image, not per row. None where there is none, or no language model."""
+    lm = next((p for p, _ in model.named_modules() if p.rpartition(".")[2] == "language_model"), None)
+    if lm is None:
+        return None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return next((path for path, m in [*found, *saved] if not (path == lm or path.startswith(lm + "."))
+                 and m is not head and _targeted(m, need)), None)
+
+
+def _check_media(model, batch, kwargs) -> None:
+    """A vision-language model's images (or videos) must be one per input row where the batch serves a module that
+    computes per image (batch.outside_text): its input's entries are taken as the rows, so images not one per row
+    (two in a row, none in another, as many as the rows) were served with other rows' adapters, silently (as peft's
+    adapter_names serves them). One per row: as many items as rows, each row holding the item's token (the config's
+    image_token_id); checked where the config names that token."""
+    ids = kwargs.get("input_ids")
+    config = getattr(model, "config", None)
+    if not isinstance(ids, Tensor) or ids.dim() != 2 or config is None:
+        return
+    for key, names in _MEDIA:
+        media = kwargs.get(key)
+        token = next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
+        if not isinstance(media, Tensor) or token is None:
+            continue
+        held = (ids == token).any(1)
+        if media.shape[0] == ids.shape[0] and bool(held.all()):
+            continue
+        raise ValueError(f"batch_adapters: {batch.outside_text!r} computes each of the {media.shape[0]} items of "
+                         f"{key} with the adapter of the row at its position, but they are not one per row (of the "
+                         f"{ids.shape[0]} rows of input_ids, {int(held.sum())} hold token {token}, which stands for "
+                         f"an item); give each row one item, or serve the adapters one at a time")
 
 
 def _check_enabled(model, found, saved=()) -> None:
@@ -687,6 +733,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                                               f"batch_adapters: layer {path!r} adapter {name!r}")
                             batched.note_slots(m, views[m], batch)
                 batch.flattens = frozenset(m for m in views if enclosing.get(m) in _FLATTENS_ROWS)
+                batch.outside_text = _outside_text(model, found, saved, need)
                 # (modules saved whole too: a disable_adapter block of another model holding one is refused, r38)
                 batched.note_serving([*views, *wrapped], opened=True)
                 serving = True
