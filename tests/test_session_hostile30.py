@@ -75,12 +75,13 @@ def test_a_child_forked_inside_another_threads_disable_block_serves_the_adapter_
         assert torch.allclose(c(x), want, rtol=0, atol=1e-5)
 
 
-def _saved_adapter(model, path, target_modules, modules_to_save):
-    """A peft adapter of `model` (real peft) with random factors and its saved modules changed, saved to `path`."""
+def _saved_adapter(model, path, target_modules, modules_to_save, **config):
+    """A peft adapter of `model` (real peft) with random factors and its saved modules changed, saved to `path`;
+    the peft model."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(1)
     pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules,
-                                                    modules_to_save=modules_to_save))
+                                                    modules_to_save=modules_to_save, **config))
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if "lora_" in n:
@@ -88,6 +89,7 @@ def _saved_adapter(model, path, target_modules, modules_to_save):
             elif "modules_to_save" in n:
                 p.add_(torch.randn_like(p) * 0.5)
     pm.save_pretrained(path)
+    return pm
 
 
 def test_a_module_saved_whole_inside_a_packed_vision_tower_is_refused_in_a_mixed_batch(tmp_path):
@@ -205,16 +207,7 @@ def test_a_seq_cls_adapter_saves_its_head_whole_as_peft_loads_it_whatever_the_co
     # lora_ext refused it ("unexpected key ... lora_ext reads LoRA factors only", review s1)
     import json
     peft = pytest.importorskip("peft")
-    torch.manual_seed(1)
-    pm = peft.get_peft_model(_seq_cls_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                               task_type="SEQ_CLS"))
-    with torch.no_grad():
-        for n, p in pm.named_parameters():
-            if "lora_" in n:
-                p.normal_(0, 0.3)
-            elif "modules_to_save" in n:
-                p.add_(torch.randn_like(p) * 0.5)
-    pm.save_pretrained(tmp_path)
+    pm = _saved_adapter(_seq_cls_llama(), tmp_path, ["q_proj", "v_proj"], None, task_type="SEQ_CLS")
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     cfg["modules_to_save"] = None
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
