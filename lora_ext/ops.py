@@ -655,19 +655,23 @@ def _check_values(adapters, weight_dtype=None):
                                      f"{weight_dtype}'s range ({torch.finfo(weight_dtype).max:.3g})")
 
 
-def _update_max(lora_A: Tensor, lora_B: Tensor, rows: int = 1024) -> float:
+@torch.no_grad()
+def _update_max(lora_A: Tensor, lora_B: Tensor, elements: int = 1 << 22) -> float:
     """max |B @ A| in float64 (B's rows in blocks, each with its block of A's rows where A holds several: a
-    MergedLinear's), `rows` of B at a time."""
-    A, B = sharded.full(lora_A).double(), sharded.full(lora_B).double()
+    MergedLinear's), in pieces of at most `elements` (32 MiB; at least one row and column)."""
+    A, B = sharded.full(lora_A).detach(), sharded.full(lora_B).detach()
     r = B.shape[1]
     blocks = A.shape[0] // r if r else 1
     per = B.shape[0] // blocks if blocks else B.shape[0]
-    top = 0.0
+    cols = max(1, min(A.shape[1], elements))
+    rows = max(1, elements // cols)
+    top = torch.zeros((), dtype=torch.float64, device=A.device)
     for i in range(max(blocks, 1)):
-        a = A[i * r:(i + 1) * r]
-        for start in range(i * per, (i + 1) * per, rows):
-            top = max(top, float((B[start:min(start + rows, (i + 1) * per)] @ a).abs().max()))
-    return top
+        for c in range(0, A.shape[1], cols):
+            a = A[i * r:(i + 1) * r, c:c + cols].double()
+            for start in range(i * per, (i + 1) * per, rows):
+                top = torch.maximum(top, (B[start:min(start + rows, (i + 1) * per)].double() @ a).abs().amax())
+    return float(top)
 
 
 def _swap_impl(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):

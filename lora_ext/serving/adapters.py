@@ -318,10 +318,16 @@ _DISABLE_COUNTS = threading.RLock()
 _IN_BLOCKS = weakref.WeakSet()
 
 
-def _count_block(m: nn.Module, opener: int, delta: int) -> None:
+def _count_block(m: nn.Module, opener: int, delta: int) -> bool:
     """Module m's count of open disable_adapter blocks, and of those `opener` opened, by delta (+1 or -1), under
-    _DISABLE_COUNTS; at 0 the class defaults again (a forward compiled before guards on them)."""
+    _DISABLE_COUNTS; at 0 the class defaults again (a forward compiled before guards on them). False (nothing
+    counted) for the end of a block that a fork took away (_after_fork: a generator's block, opened on another thread
+    of the parent, closed in the child; its count went below 0, the layer disabled for good, r44)."""
     openers = m.__dict__.setdefault("_disable_openers", {})
+    if delta < 0 and openers.get(opener, 0) + delta < 0:
+        if not openers:
+            m.__dict__.pop("_disable_openers", None)
+        return False
     openers[opener] = openers.get(opener, 0) + delta
     if not openers[opener]:
         del openers[opener]
@@ -333,6 +339,7 @@ def _count_block(m: nn.Module, opener: int, delta: int) -> None:
         for key in ("_adapter_off", "_adapter_disabled", "_disable_openers"):
             m.__dict__.pop(key, None)
         _IN_BLOCKS.discard(m)
+    return True
 
 
 def _after_fork() -> None:
@@ -760,8 +767,7 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
         with _DISABLE_COUNTS:
             last = {}  # {layer: its first block's state} for the layers whose last block this is
             for _, m in [*found, *saved]:
-                _count_block(m, opener, -1)
-                if not m._adapter_off:
+                if _count_block(m, opener, -1) and not m._adapter_off:
                     if isinstance(m, LoRALayer):
                         last[m] = m.__dict__.pop("_pre_disable", (False, m.training))
             model_lock(model).block(-1, opener)

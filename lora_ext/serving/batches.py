@@ -456,7 +456,7 @@ def _check_input(module, args, kwargs):
     if x is None and args and isinstance(args[0], Tensor):
         x = args[0]
     if batch.outside_text is not None:
-        _check_media(module, batch, kwargs)
+        _check_media(module, batch, args, kwargs)
     if x is None:
         return
     lead = x.shape[:-1] if x.is_floating_point() else x.shape
@@ -476,47 +476,105 @@ def _check_input(module, args, kwargs):
                          f"{batch.hint(x.shape[0]) if x.dim() else ''}")
 
 
-# a vision-language model's media inputs, and the config's names for the token id that stands for each item in
-# input_ids
-_MEDIA = (("pixel_values", ("image_token_id", "image_token_index")),
-          ("pixel_values_videos", ("video_token_id", "video_token_index")))
+# the config's names for the token id that stands for an image, or a video, in input_ids
+_IMAGE_TOKEN, _VIDEO_TOKEN = ("image_token_id", "image_token_index"), ("video_token_id", "video_token_index")
+# path components of a vision-language model's vision side (its towers, projectors, connectors, resamplers), where the
+# language model is not a sibling of them (transformers 4's Llava: the tower beside a whole causal LM)
+_VISION_WORDS = ("vision", "visual", "image", "video", "multi_modal", "mm_projector", "connector", "resampler")
+
+
+def _text_model(model) -> Optional[str]:
+    """The path of the model's language model (transformers' get_decoder(), else the first module named
+    `language_model` or `text_model`), or None."""
+    get = getattr(model, "get_decoder", None)
+    decoder = None
+    if callable(get):
+        try:
+            decoder = get()
+        except Exception:  # (a model whose get_decoder does not apply to it)
+            decoder = None
+    for path, m in model.named_modules():
+        if (decoder is not None and m is decoder) or (decoder is None and path.rpartition(".")[2] in (
+                "language_model", "text_model")):
+            return path
+    return None
 
 
 def _outside_text(model, found, saved, need) -> Optional[str]:
-    """The path of a module the batch's adapters serve (a LoRA layer, or a module saved whole) outside the model's
-    language model (the first module named `language_model`) and its output head: a vision tower's or projector's,
-    whose input holds one entry per image, not per row. None where there is none, or no language model."""
-    lm = next((p for p, _ in model.named_modules() if p.rpartition(".")[2] == "language_model"), None)
-    if lm is None:
+    """The path of a module the batch's adapters serve (a LoRA layer, or a module saved whole) on a vision-language
+    model's vision side, whose input holds one entry per image, not per row: outside its language model (_text_model)
+    and output head, and beside the language model in its parent (a vision tower, a projector; not a classification
+    head on top of the whole model) or named so (_VISION_WORDS). None where there is none, or no language model."""
+    lm = _text_model(model)
+    if not lm:
         return None
+    parent = lm.rpartition(".")[0]
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    return next((path for path, m in [*found, *saved] if not (path == lm or path.startswith(lm + "."))
-                 and m is not head and _targeted(m, need)), None)
+
+    def vision_side(path):
+        if path == lm or path.startswith(lm + "."):
+            return False
+        if parent and path.startswith(parent + "."):
+            return True
+        return any(word in part for part in path.split(".") for word in _VISION_WORDS)
+    return next((path for path, m in [*found, *saved] if m is not head and vision_side(path) and _targeted(m, need)),
+                None)
 
 
-def _check_media(model, batch, kwargs) -> None:
+_SIGNATURES: Dict[type, List[str]] = {}
+
+
+def _arguments(model, args, kwargs) -> Dict:
+    """The model's forward arguments by name: the positional ones named by its signature, and the keywords."""
+    names = _SIGNATURES.get(type(model))
+    if names is None:
+        try:
+            params = inspect.signature(model.forward).parameters.values()
+        except (TypeError, ValueError):
+            params = ()
+        names = _SIGNATURES[type(model)] = [p.name for p in params if p.kind in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _check_media(model, batch, args, kwargs) -> None:
     """A vision-language model's images (or videos) must be one per input row where the batch serves a module that
     computes per image (batch.outside_text): its input's entries are taken as the rows, so images not one per row
     (two in a row, none in another, as many as the rows) were served with other rows' adapters, silently (as peft's
-    adapter_names serves them). One per row: as many items as rows, each row holding the item's token (the config's
-    image_token_id); checked where the config names that token."""
-    ids = kwargs.get("input_ids")
+    adapter_names serves them). One per row: as many items (the leading dimension of each `pixel_values*`
+    argument) as rows, each row holding the item's token (the config's image_token_id, or video_token_id), in
+    input_ids or, as transformers finds it, as that token's embedding in inputs_embeds. Checked where the config
+    names the token (models without one take one image per row by design)."""
     config = getattr(model, "config", None)
-    if not isinstance(ids, Tensor) or ids.dim() != 2 or config is None:
+    given = _arguments(model, args, kwargs)
+    media = [(k, v) for k, v in given.items() if k.startswith("pixel_values") and isinstance(v, Tensor)]
+    if not media or config is None:
         return
-    for key, names in _MEDIA:
-        media = kwargs.get(key)
+    ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
+    for key, items in media:
+        names = _VIDEO_TOKEN if "video" in key else _IMAGE_TOKEN
         token = next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
-        if not isinstance(media, Tensor) or token is None:
+        if token is None:
             continue
-        held = (ids == token).any(1)
-        if media.shape[0] == ids.shape[0] and bool(held.all()):
+        if isinstance(ids, Tensor) and ids.dim() == 2:
+            held, rows = (ids == token).any(1), ids.shape[0]
+        elif isinstance(embeds, Tensor) and embeds.dim() == 3 and callable(getattr(model, "get_input_embeddings",
+                                                                                   None)):
+            table = model.get_input_embeddings()
+            stand = table(torch.tensor(token, device=embeds.device)).to(embeds.dtype)
+            held, rows = (embeds == stand).all(-1).any(1), embeds.shape[0]
+        else:
+            raise ValueError(f"batch_adapters: {batch.outside_text!r} computes each item of {key} with the adapter "
+                             f"of the row at its position, and the rows holding them cannot be told without "
+                             f"input_ids (or inputs_embeds and the model's input embeddings); serve the adapters one "
+                             f"at a time")
+        if items.shape[0] == rows and bool(held.all()):
             continue
-        raise ValueError(f"batch_adapters: {batch.outside_text!r} computes each of the {media.shape[0]} items of "
+        raise ValueError(f"batch_adapters: {batch.outside_text!r} computes each of the {items.shape[0]} items of "
                          f"{key} with the adapter of the row at its position, but they are not one per row (of the "
-                         f"{ids.shape[0]} rows of input_ids, {int(held.sum())} hold token {token}, which stands for "
-                         f"an item); give each row one item, or serve the adapters one at a time")
+                         f"{rows} rows, {int(held.sum())} hold token {token}, which stands for an item); give each "
+                         f"row one item, or serve the adapters one at a time")
 
 
 def _check_enabled(model, found, saved=()) -> None:

@@ -211,17 +211,21 @@ def _side_files(base_dir):
                 yield os.path.join(root, name)
 
 
-# weights of other formats a loader could read beside the merged checkpoint (ONNX, GGUF, OpenVINO's .bin, Flax's
-# msgpack, TensorFlow's h5, torch's pickles): copied unmerged, they would serve the base (s2)
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".ggml", ".onnx", ".onnx_data",
-                    ".msgpack", ".h5", ".tflite", ".npz")
-# what transformers' Trainer saves beside a checkpoint's weights (no model weights)
-_TRAINER_FILES = ("training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt")
+# weights of other formats a loader could read beside the merged checkpoint: copied unmerged, they would serve the
+# base (s2). By name, not by suffix alone: Trainer's and accelerate's training state (optimizer.pt, scheduler.bin,
+# rng_state.pth, ...) and data files (Whisper's mel_filters.npz) are torch pickles and arrays too, and are not the
+# model (r44)
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".ggml", ".onnx", ".onnx_data", ".tflite")
+_PICKLES = (".bin", ".pt", ".pth", ".ckpt")
+_WEIGHT_PREFIXES = ("pytorch_model", "consolidated", "model", "openvino_model", "tf_model", "flax_model")
 
 
 def _is_weights(name):
-    return (name.endswith(_WEIGHT_SUFFIXES) and name not in _TRAINER_FILES
-            and not (name.startswith("rng_state") and name.endswith(".pth")))
+    stem = name.rsplit(".", 1)[0]
+    return (name.endswith(_WEIGHT_SUFFIXES)
+            or (name.endswith(_PICKLES) and stem.startswith(_WEIGHT_PREFIXES))
+            or (name.startswith("tf_model") and name.endswith(".h5"))
+            or (name.startswith("flax_model") and name.endswith(".msgpack")))
 
 
 def _check_other_weights(base_dir, files):
