@@ -565,6 +565,27 @@ class _WriteMark:
         return sharded.version(watched[0]) != watched[1]
 
 
+def _same_adapter_in_backward(layer, state):
+    """A hook on a layer's output in a forward under FSDP2: the backward refuses when the layer merged, unmerged or
+    switched its adapter since that forward. FSDP2 gathers the weight and factors again for the backward (the
+    forward's copies are freed), so such a write between the two gave the gradients of other values, silently (a
+    validation eval() between forward and backward: 0.81 off; a switch: 22.6 off, s6), where one process's saved
+    tensors keep their values or torch's version counter refuses. A switch away and back (a reference adapter's
+    forward between the two) computes the same values, and is allowed. (A tensor hook, not an autograd Function: its
+    output would be a view, which an in-place write of the output may not change.)"""
+    def check(grad):
+        now = layer._served_state()
+        if now != state:
+            (was, _, was_merged), (name, _, merged) = state, now
+            raise RuntimeError(
+                f"{layer._describe()}: its forward served adapter {was!r}{' merged' if was_merged else ''}, and before "
+                f"this backward it was {'switched to' if name != was else 'changed to'} {name!r}"
+                f"{' merged' if merged else ' unmerged'} (or its scaling changed): FSDP2 gathers the weight and "
+                f"factors again for the backward, which would compute the gradients of other values; run the "
+                f"backward first (an eval() or set_adapter after it), or switch back before it")
+    return check
+
+
 class LoRALayer(NamedAdapters):
     """State shared by every LoRA layer; it comes first in the layers' bases so that its train(),
     state_dict() and loading override nn.Module's. Subclasses say where their weight is and how the delta
@@ -992,7 +1013,16 @@ class LoRALayer(NamedAdapters):
                 if self.__dict__.get("_tp") is None:
                     parallel.check_stock_style(self)
                 return parallel.forward(self, x)
-            return self._forward(x)
+            out = self._forward(x)
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling() and out.requires_grad \
+                    and sharded.fsdp2_owner(self):
+                out.register_hook(_same_adapter_in_backward(self, self._served_state()))
+            return out
+
+    def _served_state(self) -> tuple:
+        """What a forward computed with, as far as a backward under FSDP2 needs it unchanged (_same_adapter_in_backward):
+        the active adapter, its scaling and whether it was merged."""
+        return self.active_adapter, self.scaling, bool(self.merged)
 
     def reset_parameters(self) -> None:
         """The weight drawn afresh and the active adapter's factors initialised as loralib's (a zero update). A

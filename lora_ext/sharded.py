@@ -18,6 +18,8 @@ import functools
 import threading
 from typing import List, NamedTuple, Optional, Tuple
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -174,6 +176,25 @@ def _fsdp_params():
         for g in groups:
             for p in g.fsdp_params:
                 yield module, p
+
+
+_FSDP2 = [None, weakref.WeakSet()]  # (the count of composable states it was found at, the modules FSDP2 manages)
+
+
+def fsdp2_owner(module) -> bool:
+    """Whether FSDP2 (fully_shard) manages parameters of `module` itself: fsdp_managed, cheap enough for a forward
+    (found again only when modules gain or lose a composable state)."""
+    if not _distributed():
+        return False
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:
+        return False
+    size = len(_module_state_mapping)
+    if _FSDP2[0] != size:
+        _FSDP2[1] = weakref.WeakSet(p._module_info.module for _, p in _fsdp_params())
+        _FSDP2[0] = size
+    return module in _FSDP2[1]
 
 
 def fsdp_managed(module) -> bool:
