@@ -11,6 +11,17 @@ import lora_ext as lora
 from test_session_hostile24 import _in_fork
 
 
+def _frozen_pair():
+    """Two Linear layers with a non-zero update, factors frozen (switches write them in place)."""
+    torch.manual_seed(0)
+    a = nn.Sequential(lora.Linear(16, 16, r=2), lora.Linear(16, 16, r=2))
+    for layer in a:
+        nn.init.normal_(layer.lora_B)
+        layer.lora_A.requires_grad_(False)
+        layer.lora_B.requires_grad_(False)
+    return a
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork only")
 @pytest.mark.parametrize("merged", [True, False])
 def test_a_child_forked_inside_another_threads_disable_block_serves_the_adapter_through_a_model_sharing_the_layers(
@@ -18,12 +29,7 @@ def test_a_child_forked_inside_another_threads_disable_block_serves_the_adapter_
     # another thread inside lora.disable_adapter(a) at the fork: the block never ends in the child, where `a` refuses
     # to serve (test_session_hostile24); model c, holding the same layers, served the base for good there, silently
     # (0.89 off here). The child's counts lose the blocks of threads it does not have: c serves the adapter, unmerged
-    torch.manual_seed(0)
-    a = nn.Sequential(lora.Linear(16, 16, r=2), lora.Linear(16, 16, r=2))
-    for layer in a:
-        nn.init.normal_(layer.lora_B)
-        layer.lora_A.requires_grad_(False)
-        layer.lora_B.requires_grad_(False)
+    a = _frozen_pair()
     c = nn.Sequential(*a)  # (the same layer objects)
     a.train(not merged)
     x = torch.randn(2, 16)
@@ -81,12 +87,7 @@ def test_a_block_a_fork_took_away_ending_in_the_child_leaves_the_counts_at_zero(
     # a disable block opened on another thread inside a generator, closed in a forked child: the child had dropped
     # that thread's blocks, and the block's end took its count below zero (-1): the layers served the base for good
     # (0.89 off, review r44)
-    torch.manual_seed(0)
-    a = nn.Sequential(lora.Linear(16, 16, r=2), lora.Linear(16, 16, r=2))
-    for layer in a:
-        nn.init.normal_(layer.lora_B)
-        layer.lora_A.requires_grad_(False)
-        layer.lora_B.requires_grad_(False)
+    a = _frozen_pair()
     c = nn.Sequential(*a)
     x = torch.randn(2, 16)
     with torch.no_grad():
