@@ -576,13 +576,17 @@ def _same_adapter_in_backward(layer, state):
     def check(grad):
         now = layer._served_state()
         if now != state:
-            (was, _, was_merged), (name, _, merged) = state, now
+            (was, _, was_merged, _), (name, _, merged, _) = state, now
+            reset = sharded.reset_after_refused_backward(layer)
             raise RuntimeError(
                 f"{layer._describe()}: its forward served adapter {was!r}{' merged' if was_merged else ''}, and before "
                 f"this backward it was {'switched to' if name != was else 'changed to'} {name!r}"
-                f"{' merged' if merged else ' unmerged'} (or its scaling changed): FSDP2 gathers the weight and "
-                f"factors again for the backward, which would compute the gradients of other values; run the "
-                f"backward first (an eval() or set_adapter after it), or switch back before it")
+                f"{' merged' if merged else ' unmerged'} (or its scaling or values changed): FSDP2 gathers the weight "
+                f"and factors again for the backward, which would compute the gradients of other values; run the "
+                f"backward first (an eval() or set_adapter after it), or switch back before it. "
+                + ("FSDP2's iteration state was reset (reset_iter_state(): this step's gradients are lost)" if reset
+                   else "Call reset_iter_state() on the root FSDP module before the next forward (torch's recovery "
+                        "after an exception in a backward)"))
     return check
 
 
@@ -1020,9 +1024,12 @@ class LoRALayer(NamedAdapters):
             return out
 
     def _served_state(self) -> tuple:
-        """What a forward computed with, as far as a backward under FSDP2 needs it unchanged (_same_adapter_in_backward):
-        the active adapter, its scaling and whether it was merged."""
-        return self.active_adapter, self.scaling, bool(self.merged)
+        """What a forward computed with, as far as a backward under FSDP2 needs it unchanged
+        (_same_adapter_in_backward):
+        the active adapter, its scaling, whether it was merged, and its values' epoch and replacements
+        (check_values, add_adapter over it)."""
+        return (self.active_adapter, self.scaling, bool(self.merged),
+                (self.value_epoch(self.active_adapter), self.__dict__.get("_active_replaced", 0)))
 
     def reset_parameters(self) -> None:
         """The weight drawn afresh and the active adapter's factors initialised as loralib's (a zero update). A

@@ -824,6 +824,8 @@ class NamedAdapters:
                                    f"holds merged, while a mixed batch (lora.batch_adapters) serves this layer: the "
                                    f"weight would change under the batch's rows; replace it after the block closes")
             if name == self.active_adapter:
+                # (counted: a backward under FSDP2 refuses after it, as after a switch, layers._served_state)
+                self.__dict__["_active_replaced"] = self.__dict__.get("_active_replaced", 0) + 1
                 live, rank = self._parameters.get("lora_A"), self.r
                 with deferred_interrupt(), self._switch_write(name):
                     self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy

@@ -178,7 +178,7 @@ def _fsdp_params():
                 yield module, p
 
 
-_FSDP2 = [None, weakref.WeakSet()]  # (the count of composable states it was found at, the modules FSDP2 manages)
+_FSDP2 = [None, weakref.WeakSet()]  # (the composable states it was found at, the modules FSDP2 manages)
 
 
 def fsdp2_owner(module) -> bool:
@@ -190,11 +190,35 @@ def fsdp2_owner(module) -> bool:
         from torch.distributed._composable_state import _module_state_mapping
     except ImportError:
         return False
-    size = len(_module_state_mapping)
-    if _FSDP2[0] != size:
+    entries = getattr(_module_state_mapping, "data", None)  # (a WeakKeyDictionary's dict of weak references)
+    if entries is None:
+        return fsdp_managed(module)
+    # (its size and its newest entry: a model sharded after another died may have as many states, r45)
+    key = (len(entries), next(reversed(entries), None))
+    if _FSDP2[0] != key:
         _FSDP2[1] = weakref.WeakSet(p._module_info.module for _, p in _fsdp_params())
-        _FSDP2[0] = size
+        _FSDP2[0] = key
     return module in _FSDP2[1]
+
+
+def reset_after_refused_backward(module) -> bool:
+    """After a backward refused under FSDP2 (an exception inside it), torch's recovery: reset_iter_state() on the
+    root FSDP module of `module`'s parameters (FSDP2 had already gathered the layer's weight and factors for the
+    backward, and its next forward would use that copy: 0.22 off, r45). False where it cannot (torch without the
+    method, or no root found)."""
+    try:
+        owner = next((m for m, p in _fsdp_params() if p._module_info.module is module), None)
+        if owner is None:
+            return False
+        state = owner._get_fsdp_state()
+        for other in state._state_ctx.all_states:
+            if other._is_root:
+                root = next(m for m in other._modules if hasattr(m, "reset_iter_state"))
+                root.reset_iter_state()
+                return True
+    except Exception:
+        return False
+    return False
 
 
 def fsdp_managed(module) -> bool:

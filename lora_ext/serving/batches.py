@@ -476,11 +476,13 @@ def _check_input(module, args, kwargs):
                          f"{batch.hint(x.shape[0]) if x.dim() else ''}")
 
 
-# the config's names for the token id that stands for an image, or a video, in input_ids
+# the config's names for the token id that stands for an image, a video or an audio clip in input_ids
 _IMAGE_TOKEN, _VIDEO_TOKEN = ("image_token_id", "image_token_index"), ("video_token_id", "video_token_index")
+_AUDIO_TOKEN = ("audio_token_id", "audio_token_index")
 # path components of a vision-language model's vision side (its towers, projectors, connectors, resamplers), where the
 # language model is not a sibling of them (transformers 4's Llava: the tower beside a whole causal LM)
-_VISION_WORDS = ("vision", "visual", "image", "video", "multi_modal", "mm_projector", "connector", "resampler")
+_VISION_WORDS = ("vision", "visual", "image", "video", "audio", "multi_modal", "mm_projector", "connector",
+                 "resampler")
 
 
 def _text_model(model) -> Optional[str]:
@@ -539,21 +541,22 @@ def _arguments(model, args, kwargs) -> Dict:
 
 
 def _check_media(model, batch, args, kwargs) -> None:
-    """A vision-language model's images (or videos) must be one per input row where the batch serves a module that
-    computes per image (batch.outside_text): its input's entries are taken as the rows, so images not one per row
-    (two in a row, none in another, as many as the rows) were served with other rows' adapters, silently (as peft's
-    adapter_names serves them). One per row: as many items (the leading dimension of each `pixel_values*`
+    """A vision-language model's images (videos, audio clips) must be one per input row where the batch serves a
+    module that computes per image (batch.outside_text): its input's entries are taken as the rows, so images not
+    one per row (two in a row, none in another, as many as the rows) were served with other rows' adapters, silently
+    (as peft's adapter_names serves them). One per row: as many items (the leading dimension of each `pixel_values*`
     argument) as rows, each row holding the item's token (the config's image_token_id, or video_token_id), in
     input_ids or, as transformers finds it, as that token's embedding in inputs_embeds. Checked where the config
     names the token (models without one take one image per row by design)."""
     config = getattr(model, "config", None)
     given = _arguments(model, args, kwargs)
-    media = [(k, v) for k, v in given.items() if k.startswith("pixel_values") and isinstance(v, Tensor)]
+    media = [(k, v) for k, v in given.items()  # (input_features: Qwen2-Audio's clips, one per audio token run, r45)
+             if (k.startswith("pixel_values") or k == "input_features") and isinstance(v, Tensor)]
     if not media or config is None:
         return
     ids, embeds = given.get("input_ids"), given.get("inputs_embeds")
     for key, items in media:
-        names = _VIDEO_TOKEN if "video" in key else _IMAGE_TOKEN
+        names = _VIDEO_TOKEN if "video" in key else _AUDIO_TOKEN if key == "input_features" else _IMAGE_TOKEN
         token = next((getattr(config, n) for n in names if isinstance(getattr(config, n, None), int)), None)
         if token is None:
             continue

@@ -212,20 +212,19 @@ def _side_files(base_dir):
 
 
 # weights of other formats a loader could read beside the merged checkpoint: copied unmerged, they would serve the
-# base (s2). By name, not by suffix alone: Trainer's and accelerate's training state (optimizer.pt, scheduler.bin,
-# rng_state.pth, ...) and data files (Whisper's mel_filters.npz) are torch pickles and arrays too, and are not the
-# model (r44)
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".ggml", ".onnx", ".onnx_data", ".tflite")
+# base (s2; a pickled peft adapter, adapter_model.bin, would be applied again over the merge, r45). Torch pickles are
+# weights but for training state (transformers' Trainer's and accelerate's: optimizer.pt, scheduler.bin,
+# rng_state.pth, ...), copied as they are (r44)
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".ggml", ".onnx", ".onnx_data", ".tflite", ".h5", ".msgpack")
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt")
-_WEIGHT_PREFIXES = ("pytorch_model", "consolidated", "model", "openvino_model", "tf_model", "flax_model")
+_TRAINING_STATE = re.compile(r"^(training_args|optimizer|scheduler|sampler|rng_state|scaler|user_content|"
+                             r"trainer_state|random_states|rank\d+-of-\d+-optimizer)")
 
 
 def _is_weights(name):
-    stem = name.rsplit(".", 1)[0]
-    return (name.endswith(_WEIGHT_SUFFIXES)
-            or (name.endswith(_PICKLES) and stem.startswith(_WEIGHT_PREFIXES))
-            or (name.startswith("tf_model") and name.endswith(".h5"))
-            or (name.startswith("flax_model") and name.endswith(".msgpack")))
+    if name.endswith(_PICKLES):
+        return not _TRAINING_STATE.match(name)
+    return name.endswith(_WEIGHT_SUFFIXES) or (name.endswith(".npz") and name.startswith(("model", "weights")))
 
 
 def _check_other_weights(base_dir, files):
