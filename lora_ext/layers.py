@@ -584,9 +584,11 @@ def _same_adapter_in_backward(layer, state):
                 f"{' merged' if merged else ' unmerged'} (or its scaling or values changed): FSDP2 gathers the weight "
                 f"and factors again for the backward, which would compute the gradients of other values; run the "
                 f"backward first (an eval() or set_adapter after it), or switch back before it. "
-                + ("FSDP2's iteration state was reset (reset_iter_state(): this step's gradients are lost)" if reset
-                   else "Call reset_iter_state() on the root FSDP module before the next forward (torch's recovery "
-                        "after an exception in a backward)"))
+                + ("FSDP2's iteration state was reset (reset_iter_state()) and its unreduced gradients dropped: "
+                   "zero the gradients (optimizer.zero_grad()) before the next step, since the modules the backward "
+                   "had finished hold theirs in .grad" if reset
+                   else "Call reset_iter_state() on the root FSDP module and zero the gradients before the next "
+                        "forward (torch's recovery after an exception in a backward)"))
     return check
 
 
@@ -1026,10 +1028,9 @@ class LoRALayer(NamedAdapters):
     def _served_state(self) -> tuple:
         """What a forward computed with, as far as a backward under FSDP2 needs it unchanged
         (_same_adapter_in_backward):
-        the active adapter, its scaling, whether it was merged, and its values' epoch and replacements
-        (check_values, add_adapter over it)."""
-        return (self.active_adapter, self.scaling, bool(self.merged),
-                (self.value_epoch(self.active_adapter), self.__dict__.get("_active_replaced", 0)))
+        the active adapter, its scaling, whether it was merged, and how many times add_adapter replaced it (not
+        check_values, which writes nothing: r46)."""
+        return self.active_adapter, self.scaling, bool(self.merged), self.__dict__.get("_active_replaced", 0)
 
     def reset_parameters(self) -> None:
         """The weight drawn afresh and the active adapter's factors initialised as loralib's (a zero update). A

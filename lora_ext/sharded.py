@@ -204,21 +204,31 @@ def fsdp2_owner(module) -> bool:
 def reset_after_refused_backward(module) -> bool:
     """After a backward refused under FSDP2 (an exception inside it), torch's recovery: reset_iter_state() on the
     root FSDP module of `module`'s parameters (FSDP2 had already gathered the layer's weight and factors for the
-    backward, and its next forward would use that copy: 0.22 off, r45). False where it cannot (torch without the
-    method, or no root found)."""
+    backward, and its next forward would use that copy: 0.22 off, r45), and the unreduced gradients dropped. False
+    where it cannot (torch without the method, or no root found)."""
     try:
         owner = next((m for m, p in _fsdp_params() if p._module_info.module is module), None)
         if owner is None:
             return False
-        state = owner._get_fsdp_state()
-        for other in state._state_ctx.all_states:
-            if other._is_root:
-                root = next(m for m in other._modules if hasattr(m, "reset_iter_state"))
-                root.reset_iter_state()
-                return True
+        states = owner._get_fsdp_state()._state_ctx.all_states
+        root = next(m for other in states if other._is_root for m in other._modules if hasattr(m, "reset_iter_state"))
+        root.reset_iter_state()
+        # the gradients FSDP2 holds unreduced (the refused backward's, and gradient accumulation's without sync),
+        # which reset_iter_state leaves: the next reduce-scatter added them to the next step's, through zero_grad
+        # (r46: 4.0 off)
+        for other in states:
+            groups = getattr(other, "_fsdp_param_groups", None)  # (a list since torch 2.10; before, one group)
+            if groups is None:
+                groups = [g for g in (getattr(other, "_fsdp_param_group", None),) if g is not None]
+            for group in groups:
+                for p in group.fsdp_params:
+                    p.unsharded_accumulated_grad = None
+                    unsharded = getattr(p, "_unsharded_param", None)
+                    if unsharded is not None:
+                        unsharded.grad = None
+        return True
     except Exception:
         return False
-    return False
 
 
 def fsdp_managed(module) -> bool:

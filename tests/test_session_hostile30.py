@@ -304,7 +304,7 @@ def _merge_setup(tmp_path):
 
 @pytest.mark.parametrize("name", ["model.gguf", "onnx/model.onnx", "openvino_model.bin", "flax_model.msgpack",
                                   "tf_model.h5", "model.pt", "adapter_model.bin", "mp_rank_00_model_states.pt",
-                                  "diffusion_pytorch_model.bin"])
+                                  "diffusion_pytorch_model.bin", "rust_model.ot", "model.keras"])
 def test_merge_refuses_a_base_holding_weights_of_another_format(tmp_path, capsys, name):
     # ONNX, GGUF, OpenVINO, Flax, TensorFlow and torch pickles beside the checkpoint were copied into the output as
     # they were, exit 0: a runtime loading them served the base without the adapter (review s2); a pickled peft
@@ -334,7 +334,8 @@ def test_merge_copies_a_trainers_files_and_untouched_tensors_of_every_safetensor
              "u64": torch.tensor([3, 2**40], dtype=torch.int64).to(torch.uint64)}
     save_file({**tensors, **extra}, path, metadata={"format": "pt"})
     trainer_files = ("training_args.bin", "optimizer.pt", "rng_state.pth", "scheduler.bin", "sampler.bin",
-                     "optimizer_1.bin", "user_content.pt", "rank0-of-2-optimizer.pt", "mel_filters.npz")
+                     "optimizer_1.bin", "user_content.pt", "rank0-of-2-optimizer.pt", "mel_filters.npz",
+                     "dl_state_dict.bin", "dl_state_dict_1.bin")
     for trainer_file in trainer_files:  # (the Trainer's, accelerate's and data files: r44)
         with open(os.path.join(base, trainer_file), "wb") as f:
             f.write(b"x")
@@ -533,6 +534,9 @@ def _between_forward_and_backward(rank, world, step):
             lora.set_adapter(seq, "b")
             seq(x)
             lora.set_adapter(seq, "default")
+    elif step == "check_values":  # (writes nothing: it was refused, r46)
+        for i in (0, 2):
+            seq[i].check_values("default")
     try:
         loss.backward()
     except RuntimeError as e:
@@ -543,7 +547,8 @@ def _between_forward_and_backward(rank, world, step):
     return "grads", {n: p.grad.full_tensor() for n, p in seq.named_parameters() if p.grad is not None}, None
 
 
-@pytest.mark.parametrize("step", ["eval", "switch", "add_adapter", "eval after another model died", "away and back"])
+@pytest.mark.parametrize("step", ["eval", "switch", "add_adapter", "eval after another model died", "away and back",
+                                  "check_values"])
 def test_fsdp2_refuses_a_backward_after_its_layers_merged_or_switched_since_the_forward(step):
     # FSDP2 gathers the weight and factors again for the backward: an eval() (a validation pass mid-step) or a switch
     # between forward and backward gave the gradients of other values, silently (0.81 and 22.6 off, review s6; one
@@ -560,7 +565,7 @@ def test_fsdp2_refuses_a_backward_after_its_layers_merged_or_switched_since_the_
     with torch.no_grad():
         after = seq(x)
     for kind, got, next_out in run_ranks(_between_forward_and_backward, step):
-        if step == "away and back":
+        if step in ("away and back", "check_values"):
             assert kind == "grads" and got.keys() == want.keys()
             assert all(torch.allclose(got[n], want[n], rtol=1e-12, atol=1e-12) for n in want)
             continue
@@ -610,3 +615,42 @@ def test_the_per_row_check_takes_audio_clips(tmp_path):
             got = m(input_ids=one, input_features=feats, feature_attention_mask=mask).logits
     assert torch.allclose(got[0], a0, rtol=0, atol=1e-10) and torch.allclose(got[1], a1, rtol=0, atol=1e-10)
     assert (a0 - a1).abs().max() > 1e-3
+
+
+def _head_model():
+    torch.manual_seed(0)
+    return nn.Sequential(_fsdp_pair(), nn.Linear(4, 3).double())
+
+
+def _next_step_after_a_refusal(rank, world):
+    from torch.distributed.fsdp import fully_shard
+    model = _head_model()
+    fully_shard(model[0])
+    fully_shard(model)
+    x1, x2 = (torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(k)) for k in (1, 2))
+    loss = model(x1).square().sum()
+    model.eval()
+    try:
+        loss.backward()
+        return None
+    except RuntimeError as e:
+        message = str(e)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    model(x2).square().sum().backward()
+    return message, {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fsdp2_a_step_after_a_refused_backward_and_zero_grad_trains_right():
+    # FSDP2 kept the refused backward's unreduced gradients (the root's head: reset_iter_state leaves them), and the
+    # next step's reduce-scatter added them, through zero_grad (4.0 off, review r46)
+    from dist import run_ranks
+    model = _head_model()
+    model(torch.randn(4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))).square().sum().backward()
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    for got in run_ranks(_next_step_after_a_refusal):
+        assert got is not None, "not refused"
+        message, grads = got
+        assert "zero the gradients" in message and grads.keys() == want.keys()
+        for n in want:
+            assert torch.allclose(grads[n], want[n], rtol=1e-12, atol=1e-12), n

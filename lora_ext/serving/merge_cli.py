@@ -215,10 +215,11 @@ def _side_files(base_dir):
 # base (s2; a pickled peft adapter, adapter_model.bin, would be applied again over the merge, r45). Torch pickles are
 # weights but for training state (transformers' Trainer's and accelerate's: optimizer.pt, scheduler.bin,
 # rng_state.pth, ...), copied as they are (r44)
-_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".ggml", ".onnx", ".onnx_data", ".tflite", ".h5", ".msgpack")
+_WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".ggml", ".onnx", ".onnx_data", ".tflite", ".h5", ".msgpack", ".ot",
+                    ".keras", ".pte")  # (.ot: rust-bert's; .pte: ExecuTorch's)
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt")
 _TRAINING_STATE = re.compile(r"^(training_args|optimizer|scheduler|sampler|rng_state|scaler|user_content|"
-                             r"trainer_state|random_states|rank\d+-of-\d+-optimizer)")
+                             r"trainer_state|random_states|dl_state_dict|rank\d+-of-\d+-optimizer)")
 
 
 def _is_weights(name):
