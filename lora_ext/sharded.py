@@ -16,9 +16,8 @@ between ranks but the factors. Placements other than Shard(0) or Replicate on a 
 """
 import functools
 import threading
-from typing import List, NamedTuple, Optional, Tuple
-
 import weakref
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -169,13 +168,16 @@ def _fsdp_params():
     for module in list(_module_state_mapping):  # every module with a composable state (FSDP2's among them)
         if not (hasattr(module, "reshard") and hasattr(module, "_get_fsdp_state")):
             continue
-        state = module._get_fsdp_state()
-        groups = getattr(state, "_fsdp_param_groups", None)  # a list since torch 2.10; before, one group
-        if groups is None:
-            groups = [g for g in (getattr(state, "_fsdp_param_group", None),) if g is not None]
-        for g in groups:
-            for p in g.fsdp_params:
-                yield module, p
+        for p in _state_params(module._get_fsdp_state()):
+            yield module, p
+
+
+def _state_params(state):
+    """The FSDPParams of an FSDP2 state's parameter groups."""
+    groups = getattr(state, "_fsdp_param_groups", None)  # a list since torch 2.10; before, one group
+    if groups is None:
+        groups = [g for g in (getattr(state, "_fsdp_param_group", None),) if g is not None]
+    return [p for g in groups for p in g.fsdp_params]
 
 
 _FSDP2 = [None, weakref.WeakSet()]  # (the composable states it was found at, the modules FSDP2 manages)
@@ -216,16 +218,11 @@ def reset_after_refused_backward(module) -> bool:
         # the gradients FSDP2 holds unreduced (the refused backward's, and gradient accumulation's without sync),
         # which reset_iter_state leaves: the next reduce-scatter added them to the next step's, through zero_grad
         # (r46: 4.0 off)
-        for other in states:
-            groups = getattr(other, "_fsdp_param_groups", None)  # (a list since torch 2.10; before, one group)
-            if groups is None:
-                groups = [g for g in (getattr(other, "_fsdp_param_group", None),) if g is not None]
-            for group in groups:
-                for p in group.fsdp_params:
-                    p.unsharded_accumulated_grad = None
-                    unsharded = getattr(p, "_unsharded_param", None)
-                    if unsharded is not None:
-                        unsharded.grad = None
+        for p in (p for other in states for p in _state_params(other)):
+            p.unsharded_accumulated_grad = None
+            unsharded = getattr(p, "_unsharded_param", None)
+            if unsharded is not None:
+                unsharded.grad = None
         return True
     except Exception:
         return False
