@@ -39,6 +39,8 @@ def _bench_refusal(args):
 def _write_json(path, obj):
     from .serving.files import atomic_path
 
+    if os.path.islink(path):  # (written where the link points, as open() would; the link stays)
+        path = os.path.realpath(path)
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)

@@ -494,7 +494,8 @@ def test_stale_temporaries_are_those_of_dead_writers(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(proc.stdout)
-    names = [f".out.tmp-{dead}-abc_1x9z", ".out.tmp-k2j_x9ab",  # a dead writer; an older name without a pid
+    names = [f".out.tmp-{dead}-abc_1x9z", f".out.tmp-{dead}-old-abc_1x9y",  # a dead writer's
+             ".out.tmp-k2j_x9ab",  # no pid (as older releases named them, or a user's): left
              f".out.tmp-{os.getpid()}-live1234", ".other.tmp-1-x", "out.tmp-1-x"]  # alive; other outputs
     for n in names:
         (tmp_path / n).mkdir()

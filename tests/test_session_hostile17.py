@@ -462,8 +462,9 @@ def test_only_temporaries_by_atomic_path_s_names_are_taken_for_stale(tmp_path):
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
     out = tmp_path / "merged"
-    kept = [".merged.tmp-notes", ".merged.tmp-backup", f".merged.tmp-{dead}-livewriter", ".merged.tmp-123-"]
-    stale = [f".merged.tmp-{dead}-a1b2_c3d", f".merged.tmp-{dead}-old-zz9_8y7x", ".merged.tmp-q7w_e8r9"]
+    kept = [".merged.tmp-notes", ".merged.tmp-backup", f".merged.tmp-{dead}-livewriter", ".merged.tmp-123-",
+            ".merged.tmp-q7w_e8r9"]  # (no pid: a user's name reads the same)
+    stale = [f".merged.tmp-{dead}-a1b2_c3d", f".merged.tmp-{dead}-old-zz9_8y7x"]
     for name in kept + stale:
         (tmp_path / name).mkdir()
         (tmp_path / name / "todo.txt").write_text("mine")

@@ -77,6 +77,9 @@ def _accuracy(model, step, device):
     return (pred == x[:, 1:]).float().mean().item()
 
 
+ADAPTERS = {"plus1": 1, "plus3": 3}  # the demo's adapters: each learns to add its number to the token
+
+
 def run(device="cpu", steps=200, out=None, quiet=False):
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is visible to torch")
@@ -89,6 +92,11 @@ def run(device="cpu", steps=200, out=None, quiet=False):
             raise SystemExit(f"--out: cannot create the directory {out!r} ({e.strerror or e})") from None
         if not os.access(out, os.W_OK | os.X_OK):
             raise SystemExit(f"--out: the directory {out!r} is not writable")
+        for name in ADAPTERS:  # (each saved into a directory of its name there)
+            where = os.path.join(out, name)
+            if os.path.lexists(where) and not os.path.isdir(where):
+                raise SystemExit(f"--out: {where!r} is there and is not a directory: the demo saves its adapter "
+                                 f"{name} into a directory of that name")
     threads = torch.get_num_threads()
     # The model is tiny: its ops are too small to share out, and on a busy machine every parallel region
     # waits for a core.
@@ -112,7 +120,7 @@ def _run(device, steps, out, quiet):
 
     workdir = out or tempfile.mkdtemp(prefix="lora-ext-demo-")
     dirs = {}
-    for name, step in (("plus1", 1), ("plus3", 3)):
+    for name, step in ADAPTERS.items():
         for _, m in adapters.lora_layers(model):
             m.reset_lora_parameters()
         t0 = time.perf_counter()

@@ -14,8 +14,9 @@ import time
 import warnings
 
 
-# what follows the prefix in a temporary's name: the writer's pid (absent in older names), and tempfile's 8 characters
-_TEMPORARY = re.compile(r"(?:(\d+)-(?:old-)?)?[a-z0-9_]{8}")
+# what follows the prefix in a temporary's name: the writer's pid, and tempfile's 8 characters. (Older releases wrote
+# names without the pid; those are left alone: `.merged.tmp-20261205` or `.merged.tmp-previous`, a user's, read the same.)
+_TEMPORARY = re.compile(r"(\d+)-(?:old-)?[a-z0-9_]{8}")
 
 
 def _tmp_prefix(path):
@@ -36,9 +37,9 @@ def _pid_alive(pid):
 
 def stale_temporaries(path):
     """Temporaries of `path` (atomic_path's names) whose writer is no longer running on this machine:
-    `.<name>.tmp-<pid>-<random>` (or `-old-<random>`, a file kept aside) with a dead pid, or the older
-    `.<name>.tmp-<random>` that carries no pid; <random> is tempfile's 8 characters. Nothing else that begins so (a
-    user's `.<name>.tmp-notes`) is taken for one."""
+    `.<name>.tmp-<pid>-<random>` (or `-old-<random>`, a file kept aside) with a dead pid; <random> is tempfile's 8
+    characters. Nothing else that begins so (a user's `.<name>.tmp-notes` or `.<name>.tmp-20261205`, or the names
+    without a pid that older releases wrote, which read the same) is taken for one."""
     path = os.path.abspath(path)
     parent, prefix = os.path.dirname(path), _tmp_prefix(path)
     try:
@@ -50,7 +51,7 @@ def stale_temporaries(path):
         if not entry.startswith(prefix):
             continue
         m = _TEMPORARY.fullmatch(entry[len(prefix):])
-        if m is not None and (m.group(1) is None or not _pid_alive(int(m.group(1)))):
+        if m is not None and not _pid_alive(int(m.group(1))):
             stale.append(os.path.join(parent, entry))
     return stale
 
@@ -104,10 +105,12 @@ def _synced(path):
     a rename of it into place names complete data after a power loss too (a rename is atomic, but the data behind
     it may still be in the page cache)."""
     if os.path.isdir(path):
-        for root, _, names in os.walk(path):
+        for root, dirs, names in os.walk(path, topdown=False):
             for n in names:
                 if not os.path.islink(os.path.join(root, n)):
                     _fsync(os.path.join(root, n))
+            if root != path:  # (a subdirectory's entries: its files' names; the top one last, below)
+                _fsync(root)
     _fsync(path)
 
 
@@ -120,6 +123,27 @@ def _synced_entry(path):
     except OSError as e:
         warnings.warn(f"{path}: in place, but its directory could not be synced to the disk ({e}): a power cut "
                       f"now may lose the rename", stacklevel=3)
+
+
+def _umask():
+    """The process's umask, read without changing it (os.umask sets one to read it: another thread creating a file
+    meanwhile would get that one): /proc/self/status on Linux, else os.umask set back at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _public(tmp, directory=False):
+    """Gives temporary `tmp` the mode a plain open()/mkdir makes under the umask (mkstemp/mkdtemp make them
+    private; 0o644 regardless widened a umask of 0o077)."""
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
 
 
 def _temporary(path, directory=False):
@@ -154,7 +178,7 @@ def atomic_path(path, directory=False, overwrite=False, exclusive=False):
         with deferred_interrupt():  # (the temporary made, and named here, whole: else left behind by a live pid)
             tmp = _temporary(path, directory)
         yield tmp
-        os.chmod(tmp, 0o755 if directory else 0o644)  # mkstemp/mkdtemp make them private
+        _public(tmp, directory)
         _synced(tmp)
         aside = None
         with deferred_interrupt():
@@ -233,7 +257,7 @@ def atomic_files(paths):
                 tmps.append(_temporary(p))
         yield tmps
         for p, t in zip(paths, tmps):
-            os.chmod(t, 0o644)
+            _public(t)
             if os.path.isdir(p) and not os.path.islink(p):
                 raise IsADirectoryError(errno.EISDIR, "is a directory, where a file is written", p)
             _synced(t)
@@ -270,30 +294,68 @@ def atomic_files(paths):
 
 
 def torn_set(paths):
-    """Where atomic_files(paths) was killed between two renames (its pid gone), a message naming the files in place
-    from the new set, those still from the old one, and how to finish or undo the save by hand; else None. Such a
-    run leaves files kept aside (`-old-`) and the temporaries of the files it had not renamed yet: those in place
-    without a temporary are new, the others old."""
+    """Where atomic_files(paths) was killed between two renames (its pid gone), and the files it left are still in
+    place, a message naming the files in place from the new set, those still from the old one, and how to finish or
+    undo the save by hand; else None. Such a run leaves files kept aside (`-old-`) and the temporaries of the files it
+    had not renamed yet: those in place without a temporary are new, the others old. Its leftovers are only
+    evidence while the directory holds what the run left: an old file in place that is no longer the one kept aside
+    (another save, peft's or a copy, wrote the set since) makes them stale, not the set torn; and a file in place
+    from the new save that changed since the kill leaves only the undo to advise."""
     by_pid = {}
     for p in paths:
         for leftover in stale_temporaries(p):
             m = _TEMPORARY.fullmatch(os.path.basename(leftover)[len(_tmp_prefix(p)):])
-            if m is None or m.group(1) is None:
+            if m is None:
                 continue
             entry = by_pid.setdefault(int(m.group(1)), {"old": {}, "new": {}})
             entry["old" if "-old-" in os.path.basename(leftover) else "new"][p] = leftover
     for pid, entry in sorted(by_pid.items()):
-        waiting = [p for p in paths if p in entry["new"] and os.path.exists(p)]
-        done = [p for p in paths if p not in entry["new"] and p in entry["old"]]
-        if entry["old"] and waiting and done:
+        done = [p for p in paths if p not in entry["new"] and p in entry["old"] and os.path.lexists(p)]
+        kill = max((_ctime(entry["old"][p]) for p in done), default=None)  # (the last rename the run made)
+        waiting = [p for p in paths if p in entry["new"] and p in entry["old"] and _same_file(p, entry["old"][p])
+                   and kill is not None and _ctime(p) <= kill + _SAME_CALL]
+        if len(waiting) < len([p for p in paths if p in entry["new"] and os.path.lexists(p)]):
+            continue  # (an old file in place was written again since: not what the run left)
+        if waiting and done:
             names = lambda ps: ", ".join(os.path.basename(p) for p in ps)  # noqa: E731
+            undo = "to undo it rename " + ", ".join(f"{entry['old'][p]} to {os.path.basename(p)}" for p in done)
+            if all(_ctime(p) <= _ctime(entry["old"][p]) + _SAME_CALL for p in done):
+                advice = ("To finish the save rename " + ", ".join(f"{entry['new'][p]} to {os.path.basename(p)}"
+                                                                    for p in waiting) + "; " + undo)
+            else:
+                advice = (f"{names(done)} changed since the kill, so the save cannot be finished by hand: "
+                          + undo[0].upper() + undo[1:])
             return (f"{os.path.dirname(os.path.abspath(paths[0]))}: a save there (pid {pid}) was killed between "
                     f"renaming its files into place: {names(done)} from the new save, {names(waiting)} from the old "
-                    f"one, which do not go together. To finish the save rename "
-                    + ", ".join(f"{entry['new'][p]} to {os.path.basename(p)}" for p in waiting)
-                    + "; to undo it rename " + ", ".join(f"{entry['old'][p]} to {os.path.basename(p)}" for p in done)
-                    + "; or save the adapter again")
+                    f"one, which do not go together. {advice}; or save the adapter again")
     return None
+
+
+def _same_file(path, aside):
+    """Whether `path` still holds the file kept aside as `aside` (the same inode, as _kept_aside's hard link makes;
+    where it made a copy, the same bytes)."""
+    try:
+        if os.path.samefile(path, aside):
+            return True
+        if os.path.getsize(path) != os.path.getsize(aside):
+            return False
+        import filecmp
+        return filecmp.cmp(path, aside, shallow=False)
+    except OSError:
+        return False
+
+
+# A rename over a file changes the status of both inodes in one call (tmpfs stamps the unlinked one first), and the
+# links a killed atomic_files made aside came before its renames: a file in place whose status changed more than
+# this after the run's last rename was written (or touched) since, by someone else.
+_SAME_CALL = 50_000_000  # ns
+
+
+def _ctime(path):
+    try:
+        return os.stat(path, follow_symlinks=False).st_ctime_ns
+    except OSError:
+        return float("inf")
 
 
 def _kept_aside(path):
