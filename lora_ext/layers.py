@@ -79,8 +79,17 @@ def _remerge_after_load(module, incompatible_keys):
                 # not over a merge made since the load let the lock go (a model's merge_adapter on another thread:
                 # the adapter twice in the weight, h38), nor inside a disable_adapter block begun since (the base)
                 if not module.merged and not module._adapter_off:
-                    module._merge()
-                    module.merged = True
+                    try:
+                        module._merge()
+                        module.merged = True
+                    except lossless.ExceptionOverflow as err:
+                        if getattr(err, "weight_written", False):
+                            raise
+                        # as eval(): the adapter served right unmerged. Raised here, inside torch's load, it stopped
+                        # the load at this layer (the modules after it never loaded, still merged with the old
+                        # factors) under a message saying nothing changed (t3)
+                        warnings.warn(f"{module._describe()}: load_state_dict leaves adapter "
+                                      f"{module.active_adapter!r} unmerged: {err}", stacklevel=_user_stacklevel())
 
 
 _OPERANDS = ("weight", "bias", "lora_A", "lora_B")

@@ -68,6 +68,7 @@ class ModelLock:
         self._torn = None  # a forked child's: why forwards are refused until set_adapter (after_fork)
         self._blocks = {}  # thread id -> disable_adapter / batch_adapters blocks of the model it has open (block())
         self._stuck = None  # a forked child's: why forwards are refused for good (after_fork)
+        self._reshaping = None  # the change that adds, replaces or removes modules or adapters, while it writes (write())
         forks.track_model_lock(self)
 
     def block(self, delta: int, thread: Optional[int] = None) -> None:
@@ -89,13 +90,20 @@ class ModelLock:
         writer, changer = self._writer, self._changer
         reads, holds = self._reads.get(me), self._holds.get(me)
         write_depth, change_depth = self._write_depth, self._change_depth
-        torn, stuck, blocks = self._torn, self._stuck, self._blocks.get(me)
+        torn, stuck, blocks, reshaping = self._torn, self._stuck, self._blocks.get(me), self._reshaping
         if any(thread != me for thread in self._blocks):
             stuck = ("this process was forked (os.fork) while another thread of its parent was inside a "
                      "lora.disable_adapter or lora.batch_adapters block of the model, which never ends here (the "
                      "layers would serve the base, or keep the batch's slots): this copy of the model cannot serve; "
                      "load or build the model again in this process, or fork outside such blocks")
-        if (writer is not None and writer != me) or not taken:
+        if writer is not None and writer != me and reshaping is not None:
+            # (set_adapter there would put each layer on one adapter, over modules and adapters half replaced: t1, a
+            # load with 2 of 6 modules injected served 0.57 off after it, an unload or a hotswap 0.47 and 0.11 off)
+            stuck = (f"this process was forked (os.fork) while another thread of its parent was inside {reshaping} "
+                     f"on the model, which adds, replaces or removes modules or adapters layer by layer: this copy of "
+                     f"the model holds part of that change and cannot serve; load or build the model again in this "
+                     f"process, or fork when no other thread changes the model")
+        elif (writer is not None and writer != me) or not taken:
             torn = ("this process was forked (os.fork) while another thread of its parent was changing the model "
                     "(a model-level set_adapter, merge or load under way): its layers may serve different adapters "
                     "here; call lora.set_adapter(model, name) in this process first, or fork when no other thread "
@@ -260,9 +268,18 @@ class ModelLock:
                 raise landed
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[None]:
+    def write(self, reshaping: Optional[str] = None) -> Iterator[None]:
+        """The model-level change's writes: forwards wait for them, and they for forwards. `reshaping`: the name of a
+        change that adds, replaces or removes modules or adapters (a load, unload, delete), which a child forked
+        half way through it cannot put right (after_fork)."""
         with self.changing(), self._write():
-            yield
+            outer = self._reshaping
+            if reshaping is not None and outer is None:
+                self._reshaping = reshaping
+            try:
+                yield
+            finally:
+                self._reshaping = outer
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
@@ -630,7 +647,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     landed = None
     # (Ctrl-C and a timeout's SIGALRM held back from before the layers' locks are taken to after they are given back:
     # a handler raising inside _all_locks left a lock taken and never given back, or gave one back twice, r39)
-    with model_lock(model).write(), deferred_interrupt(), contextlib.ExitStack() as locks:
+    with model_lock(model).write("delete_adapter"), deferred_interrupt(), contextlib.ExitStack() as locks:
         found = _layers_or_raise(model)
         # every layer's lock, from the check to the last delete: a switch of one layer alone on another thread to the
         # adapter (layer.set_adapter, which takes no model lock) refused its delete after the layers before it had
@@ -735,7 +752,7 @@ def add_weighted_adapter(model: nn.Module, adapters: List[str], weights: List[fl
     factors to that quantile of their values; `svd_driver` picks a cuSOLVER method (CUDA factors);
     `svd_full_matrices` changes nothing in the result (the factors are truncated either way). Scaling 1; not made
     active. Every layer is planned (and checked) before the first one changes; see lora_ext/serving/weighted.py."""
-    with model_lock(model).write():
+    with model_lock(model).write("add_weighted_adapter"):
         found = _layers_or_raise(model)
         refuse_fsdp1(model, "add_weighted_adapter")  # (it reads the factors: FSDP1's shard pieces)
         weighted.apply(weighted.plan(model, found, adapters, weights, adapter_name, combination_type, svd_rank,

@@ -30,8 +30,9 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import batched, sharded
-from ..layers import meta_refusal
+from ..layers import LoRALayer, meta_refusal
 from ..named_adapters import deferred_interrupt
+from ..utils import unwrap
 from . import injection, saved_modules
 from .adapters import _layers_or_raise, hold, lora_layers, model_lock
 
@@ -199,6 +200,7 @@ class Batch:
         self.input_rows = self.n  # the model's input's rows: n, or with beams the n * expand repeats it held
         self.flattens = frozenset()  # the layers that may take those tokens flattened, row after row (_FLATTENS_ROWS)
         self.outside_text: Optional[str] = None  # a module served outside the language model (_outside_text)
+        self.generates = True  # whether rows may come repeated for beams (the model has a generate(), or is a layer)
         # Set when the block closes. A generator's block closed on another thread than the one it opened on
         # leaves its entries in the opening thread's context, where they must then count for nothing.
         self.closed = False
@@ -274,6 +276,10 @@ class Batch:
                     f"{', '.join(sorted(_FLATTENS_ROWS))}): their order cannot be told from the shape")
         if first > self.n and first % self.n == 0 and first // self.n != self.expand:
             k = first // self.n
+            if not self.generates:  # (expand would serve a layout the model does not have: t4, 2.8 off)
+                return (f"; {k} times the rows, and the module given to batch_adapters has no generate() (whose beams "
+                        f"repeat each row, as expand={k} says): this layer's input holds something else in its first "
+                        f"dimension (tokens or queries first, or the batch repeated): serve it one adapter at a time")
             return (f"; generate() with num_beams={k} (or num_return_sequences={k}) repeats each row {k} times in a "
                     f"run, which batch_adapters(..., expand={k}) serves (a model that repeats the batch otherwise, "
                     f"such as [rows; rows], cannot be served so)")
@@ -588,9 +594,14 @@ def _check_enabled(model, found, saved=()) -> None:
                          "serves every row the base; open the batch after the block (None rows serve the base)")
 
 
-# transformers models whose layers take time-major inputs, (T, B, d): a row check by the first dimension cannot tell
-# T from B when they are equal (rows would be mixed up silently, as with peft's adapter_names)
-_TIME_MAJOR = {"XLNetModel", "FSMTModel", "LongformerSelfAttention", "LEDEncoderSelfAttention"}
+# transformers modules whose layers take time-major inputs, (T, B, d): a row check by the first dimension cannot tell
+# T from B when they are equal (rows would be mixed up silently, as with peft's adapter_names). Refused where they
+# hold LoRA layers or modules saved whole: Mask2Former's and OneFormer's query decoders run (queries, B, d) through
+# their FFNs (with num_queries == B, query q of every image got row q's adapter: 3.4 off, t4), OneFormer's text
+# encoder and BridgeTower's vision tower (tokens, B, d) through their blocks; their backbones are batch-major
+_TIME_MAJOR = {"XLNetModel", "FSMTModel", "LongformerSelfAttention", "LEDEncoderSelfAttention",
+               "Mask2FormerMaskedAttentionDecoderLayer", "OneFormerTransformerDecoderLayer",
+               "OneFormerTransformerDecoderQueryTransformer", "OneFormerTextTransformer", "BridgeTowerTransformer"}
 
 
 # transformers modules whose LoRA layers take the rows' tokens flattened row after row, (rows * tokens, d): served as
@@ -693,7 +704,8 @@ def _check_packed(found, saved, need, enclosing) -> None:
 
 def _check_batch_major(model, expand=1):
     for path, m in model.named_modules():
-        if type(m).__name__ in _TIME_MAJOR:
+        if type(m).__name__ in _TIME_MAJOR and any(isinstance(sub, (LoRALayer, saved_modules.ModulesToSave))
+                                                   for sub in m.modules()):
             raise ValueError(f"batch_adapters: {path or 'the model'!r} is a {type(m).__name__}, whose layers take "
                              f"time-major inputs (tokens first, then rows): a row of the batch cannot be told from a "
                              f"token there; serve it one adapter at a time")
@@ -795,6 +807,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                             batched.note_slots(m, views[m], batch)
                 batch.flattens = frozenset(m for m in views if enclosing.get(m) in _FLATTENS_ROWS)
                 batch.outside_text = _outside_text(model, found, saved, need)
+                inner = unwrap(model)  # (a lone layer: its caller makes its input, beams' repeats too)
+                batch.generates = callable(getattr(inner, "generate", None)) or isinstance(inner, LoRALayer)
                 # (modules saved whole too: a disable_adapter block of another model holding one is refused, r38)
                 batched.note_serving([*views, *wrapped], opened=True)
                 serving = True

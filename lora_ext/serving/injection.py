@@ -666,7 +666,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
                          + (f" in layers_to_transform {layers_to_transform!r}"
                             if filters_layers(layers_to_transform) else "")
                          + (f" that exclude_modules leaves: it excludes {excluded[:5]}" if excluded else ""))
-    with model_lock(model).write():  # the lock exists before the first switch: forwards in flight hold it
+    with model_lock(model).write("inject"):  # the lock exists before the first switch: forwards in flight hold it
         check_enabled(model, "inject")  # (again: a disable_adapter may have begun since the first check)
         ties.known_plain(model)  # (a model built before lora_ext's import: its plain modules, for later ties)
         owners = parameter_owners(model)
@@ -807,7 +807,7 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     if isinstance(model, (LoRALayer, ModulesToSave)):
         raise ValueError(f"unload: the model itself is a {type(model).__name__}; call unload on a model holding it")
     from .adapters import model_lock  # (adapters imports this module)
-    with model_lock(model).write():  # (the layers as they are once changes queued before this one are done)
+    with model_lock(model).write("unload"):  # (the layers as they are once changes queued before this one are done)
         return _unload(model, merge)
 
 
