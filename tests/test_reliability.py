@@ -234,9 +234,9 @@ def test_loading_an_adapter_takes_the_model_lock_and_checks_the_name_first(tmp_p
     held = []
     real = lock.write
 
-    def spy():
+    def spy(*args, **kwargs):
         held.append(True)
-        return real()
+        return real(*args, **kwargs)
     monkeypatch.setattr(lock, "write", spy)
     lora_ext.load_peft_adapter(model, tmp_path / "b", "b2")
     assert held and lora_ext.active_adapter(model) == "b2"

@@ -601,7 +601,19 @@ def _check_enabled(model, found, saved=()) -> None:
 # encoder and BridgeTower's vision tower (tokens, B, d) through their blocks; their backbones are batch-major
 _TIME_MAJOR = {"XLNetModel", "FSMTModel", "LongformerSelfAttention", "LEDEncoderSelfAttention",
                "Mask2FormerMaskedAttentionDecoderLayer", "OneFormerTransformerDecoderLayer",
-               "OneFormerTransformerDecoderQueryTransformer", "OneFormerTextTransformer", "BridgeTowerTransformer"}
+               "OneFormerTransformerDecoderQueryTransformer", "OneFormerTextTransformer", "BridgeTowerTransformer",
+               # (u1) Bros's bbox embeddings run on (T, T, B, d), its relation extractors on (T, B, d) (4.3-15.5 off);
+               # MLCD's attention runs out_proj on (tokens, B, d) (4.4-10.2 off)
+               "BrosBboxEmbeddings", "BrosRelationExtractor", "MLCDAttention"}
+# and the children of these that the module runs on such inputs beside batch-major ones: the query decoders' final
+# norms on (queries, B, d) (saved whole: 1.62 off, r47), BridgeTower's ln_post on (layers, B, tokens, d) (4.16 off)
+# (u1) Bros's entity head on (T, B, d) (0.98 off); OmDet-Turbo's task features on (tokens, B, d) and class features on
+# (classes, B, d) (0.13-14.4 off); VibeVoice's diffusion head on [speaking rows' conditions; their negatives]
+_TIME_MAJOR_PARTS = {"Mask2FormerMaskedAttentionDecoder": ("layernorm",), "OneFormerTransformerDecoder": ("decoder_norm",),
+                     "BridgeTowerVisionTransformer": ("ln_post",),
+                     "BrosSpadeEEForTokenClassification": ("initial_token_classifier",),
+                     "OmDetTurboDecoder": ("task_encoder", "task_project", "encoder_class_head", "decoder_class_head"),
+                     "VibeVoiceModel": ("diffusion_head",)}
 
 
 # transformers modules whose LoRA layers take the rows' tokens flattened row after row, (rows * tokens, d): served as
@@ -624,12 +636,17 @@ _PACKED = {"Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPr
 # transformers models whose generate() tiles the batch ([rows; rows]: MusicGen's classifier-free guidance) rather than
 # repeating each row in a run, which is what expand assumes
 _TILING = {"MusicgenForCausalLM", "MusicgenForConditionalGeneration", "MusicgenMelodyForCausalLM",
-           "MusicgenMelodyForConditionalGeneration"}
+           "MusicgenMelodyForConditionalGeneration",
+           # (u1) Dia's guidance and Janus's image generation ([rows; rows]: 0.46 and 3.15 off with expand=2), VibeVoice's
+           # guidance, Qwen2.5-Omni's token2wav DiT (stacks its input twice inside its forward)
+           "DiaForConditionalGeneration", "JanusForConditionalGeneration", "VibeVoiceForConditionalGeneration",
+           "Qwen2_5OmniToken2WavDiTModel"}
 
 
 # transformers' embeddings looked up with a (query, key) matrix of relative positions or buckets, with no row
 # dimension: T5's (and its kin's), WavLM's, wav2vec2-BERT's and SeamlessM4T v2's, Granite Speech's, Phi-4-multimodal's
-_RELATIVE_LOOKUPS = {"relative_attention_bias", "rel_attn_embed", "distance_embedding", "rel_pos_emb", "bias_values"}
+_RELATIVE_LOOKUPS = {"relative_attention_bias", "rel_attn_embed", "distance_embedding", "rel_pos_emb", "bias_values",
+                     "pe_k"}  # (SpeechT5's relative positions, u1: 9.3e-4 off)
 
 
 def _check_row_lookups(found, saved, need) -> None:
@@ -702,13 +719,24 @@ def _check_packed(found, saved, need, enclosing) -> None:
                              f"{targeted[0]!r} {_how(m)}: serve it one adapter at a time")
 
 
+def _served_inside(m) -> bool:
+    return any(isinstance(sub, (LoRALayer, saved_modules.ModulesToSave)) for sub in m.modules())
+
+
 def _check_batch_major(model, expand=1):
     for path, m in model.named_modules():
-        if type(m).__name__ in _TIME_MAJOR and any(isinstance(sub, (LoRALayer, saved_modules.ModulesToSave))
-                                                   for sub in m.modules()):
-            raise ValueError(f"batch_adapters: {path or 'the model'!r} is a {type(m).__name__}, whose layers take "
+        kind = type(m).__name__
+        parts = [(f"{path}.{name}" if path else name, child) for name, child in m.named_children()
+                 if name in _TIME_MAJOR_PARTS.get(kind, ())]
+        if kind in _TIME_MAJOR and _served_inside(m):
+            raise ValueError(f"batch_adapters: {path or 'the model'!r} is a {kind}, whose layers take "
                              f"time-major inputs (tokens first, then rows): a row of the batch cannot be told from a "
                              f"token there; serve it one adapter at a time")
+        for part, child in parts:
+            if _served_inside(child):
+                raise ValueError(f"batch_adapters: {part!r} of the {kind} takes inputs whose first dimension is not "
+                                 f"the batch's rows (tokens, queries or layers first): a row of the batch cannot be "
+                                 f"told there; serve it one adapter at a time")
         if expand > 1 and type(m).__name__ in _TILING:
             raise ValueError(f"batch_adapters: expand={expand}: {path or 'the model'!r} is a {type(m).__name__}, whose "
                              f"generate() stacks the batch twice for classifier-free guidance ([rows; rows]) rather "

@@ -23,6 +23,15 @@ def _tmp_prefix(path):
     return "." + os.path.basename(path) + ".tmp-"
 
 
+def _pid_max():
+    """The largest pid this machine gives (Linux's pid_max); 2**22 where it cannot be read (Linux's ceiling)."""
+    try:
+        with open("/proc/sys/kernel/pid_max") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 ** 22
+
+
 def _pid_alive(pid):
     if pid <= 0:
         return False
@@ -51,7 +60,8 @@ def stale_temporaries(path):
         if not entry.startswith(prefix):
             continue
         m = _TEMPORARY.fullmatch(entry[len(prefix):])
-        if m is not None and not _pid_alive(int(m.group(1))):
+        # (a number no process can have is a user's: `.merged.tmp-20261205-snapshot`, r47)
+        if m is not None and int(m.group(1)) <= _pid_max() and not _pid_alive(int(m.group(1))):
             stale.append(os.path.join(parent, entry))
     return stale
 

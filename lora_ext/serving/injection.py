@@ -556,9 +556,31 @@ def _adopt(layer, module):
     return layer
 
 
+_MODULE_STATE = frozenset(nn.Module().__dict__)  # what every module holds (its _modules, hooks, ...)
+
+
 def _set_submodule(model, name, module):
+    """Puts `module` at `name`, and where the parent holds the module it replaces in a plain list or dict too (as
+    Mask2Former's, MaskFormer's and OneFormer's prediction blocks hold their Linear layers in `self.layers`, which
+    their forward runs): there too. Else that forward ran the old module: the LoRA layer was never called, a merged
+    adapter served every row of a mixed batch (query masks 280 off) and an unmerged one nothing."""
     parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = parent._modules.get(child)
+    setattr(parent, child, module)
+    if old is None or old is module:
+        return
+    for key, value in vars(parent).items():
+        if key in _MODULE_STATE:
+            continue
+        if isinstance(value, list):
+            for i, entry in enumerate(value):
+                if entry is old:
+                    value[i] = module
+        elif isinstance(value, dict):
+            for k, entry in list(value.items()):
+                if entry is old:
+                    value[k] = module
 
 
 # models inside lora.disable_adapter blocks: {model: open blocks} (weak: a copy of the model is not in a block)
