@@ -257,6 +257,16 @@ def _traced_scale(scale, scale_tensor, *tensors):
     return scale_tensor
 
 
+def _block_list(block_ids) -> list:
+    """block_ids as a list, before any path reads it (the kernels' fast path leaves the other checks to the
+    launcher, which takes a bool as the int it is)."""
+    ids = list(block_ids)
+    if any(isinstance(e, bool) for e in ids):
+        raise ValueError(f"block_ids must be block indices, got {ids} (an enable_lora mask? give the indices of "
+                         f"its True entries)")
+    return ids
+
+
 def _check_blocks(num_blocks, block_ids, out_features):
     if not isinstance(num_blocks, int) or num_blocks < 1:
         raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
@@ -264,7 +274,9 @@ def _check_blocks(num_blocks, block_ids, out_features):
         raise ValueError(
             f"num_blocks ({num_blocks}) must divide the output features ({out_features})")
     ids = list(block_ids)
-    if ids != sorted(set(ids)) or any(not isinstance(e, int) or not 0 <= e < num_blocks for e in ids):
+    # (a bool is an int to Python: an enable_lora mask given by mistake, [False, True], read as blocks 0 and 1, u4)
+    if ids != sorted(set(ids)) or any(not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < num_blocks
+                                      for e in ids):
         raise ValueError(
             f"block_ids must be increasing, distinct block indices in [0, {num_blocks}), got {ids}")
     return ids
@@ -424,11 +436,11 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_
     leaves the weight unchanged, unless a note on it says otherwise.
     """
     _check_scale(scale)
-    args = (weight, lora_A, lora_B, float(scale), num_blocks, list(block_ids), bool(transposed))
+    args = (weight, lora_A, lora_B, float(scale), num_blocks, _block_list(block_ids), bool(transposed))
     if lossless:
         _check_merge_args(*args)
         return _lossless_pass(weight, None, None, args[1:4], *args[4:], "merge_")
-    if args[5] and _fast_path(weight, also=(lora_A, lora_B)):
+    if args[5] and _fast_path(weight, (weight, lora_A, lora_B)):
         _launch(_merge_impl, args, _check_merge_args)
     else:
         if not _check_merge_args(*args):
@@ -436,7 +448,11 @@ def merge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *, num_
         if traced():
             _merge_op(*args)
             return None
-        _merge_impl(*args)
+        if _needs_grad(weight, lora_A, lora_B):  # autograd records the reference's in-place add, on every device
+            # (the kernels wrote the weight with no gradient to the factors: A.grad None on CUDA, 71.8 on the CPU, u4)
+            reference.merge_(*args, once=True)
+        else:
+            _merge_impl(*args)
     torch.autograd.graph.increment_version(weight)
     return None
 
@@ -450,7 +466,7 @@ def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *,
         merge_(weight, lora_A, lora_B, -scale, **layout)
         return
     _check_scale(scale)
-    args = (weight, lora_A, lora_B, float(scale), layout.get("num_blocks", 1), list(layout.get("block_ids", (0,))),
+    args = (weight, lora_A, lora_B, float(scale), layout.get("num_blocks", 1), _block_list(layout.get("block_ids", (0,))),
             bool(layout.get("transposed", False)))
     _check_merge_args(*args)
     _lossless_pass(weight, args[1:4], record, None, *args[4:], "unmerge_")
@@ -725,10 +741,10 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
     for what, scale in (("new", new_scale), ("old", old_scale)):
         _check_finite_scaling(f"swap_: the {what} adapter's scaling", scale)
     args = (weight, old_A, old_B, float(old_scale), new_A, new_B, float(new_scale), num_blocks,
-            list(block_ids), bool(transposed))
+            _block_list(block_ids), bool(transposed))
     # the value checks below read the factors before any launcher sees them
     fast = (bool(args[8]) and all(isinstance(t, Tensor) for t in (old_A, old_B, new_A, new_B))
-            and _fast_path(weight, also=(old_A, old_B, new_A, new_B)))
+            and _fast_path(weight, (weight, old_A, old_B, new_A, new_B)))
     if record is not None:
         fast = False
     if not fast and not _check_swap_args(*args):
@@ -749,6 +765,8 @@ def swap_(weight: Tensor, old_A: Tensor, old_B: Tensor, old_scale: float, new_A:
     # No custom op: a switch is a serving-time operation, outside any traced graph or autograd record.
     if fast:
         _launch(_swap_impl, args, lambda *_: _check_swap_args(*given))
+    elif _needs_grad(weight, old_A, old_B, new_A, new_B):  # (as merge_: autograd records it on every device)
+        reference.swap_(*args)
     else:
         _swap_impl(*args)
     torch.autograd.graph.increment_version(weight)
@@ -1102,7 +1120,7 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
             return linear(*tensors, scale_tensor if scale is None else scale, num_blocks=num_blocks,
                           block_ids=block_ids, fan_in_fan_out=fan_in_fan_out,
                           scale_tensor=None if scale is None else scale_tensor)
-    args = (x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, list(block_ids), bool(fan_in_fan_out),
+    args = (x, x_lora, weight, bias, lora_A, lora_B, scale, num_blocks, _block_list(block_ids), bool(fan_in_fan_out),
             scale_tensor)
     if _fast_path(x, args[:6], also=(scale_tensor,)):
         return _launch(_kernels.module.linear, (*args[:6], 0.0 if scale is None else scale, *args[7:]),
@@ -1190,6 +1208,11 @@ def embedding(ids: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale
     """A LoRA embedding's output. max_norm renormalises rows of `weight` in place (as nn.Embedding
     does); lora_A is never renormalised. scale and scale_tensor: as for linear, on weight's device."""
     scale, scale_tensor = _scales(scale, scale_tensor, weight, "weight")
+    if (isinstance(padding_idx, int) and not isinstance(padding_idx, bool) and isinstance(weight, Tensor)
+            and weight.dim() == 2 and -weight.shape[0] <= padding_idx < 0):
+        # counted from the end, as F.embedding counts it (the backward took -1 for "no padding": the padding row's
+        # gradient summed 32.6 where torch gives 0, u4)
+        padding_idx += weight.shape[0]
     args = (ids, weight, lora_A, lora_B, scale, padding_idx, bool(scale_grad_by_freq), bool(sparse), scale_tensor)
     # max_norm writes the weight before the lookup: checked first, whatever the path.
     fast = max_norm is None and _fast_path(weight, (weight, lora_A, lora_B), also=(ids, scale_tensor))

@@ -9,6 +9,8 @@ all backends share. Arguments arrive validated (see ops.py). Conventions:
 - Low-precision weights are updated in fp32 with one rounding per element, in row chunks, so no
   weight-sized temporary is ever allocated.
 """
+import contextlib
+import functools
 import math
 
 import torch
@@ -18,6 +20,23 @@ from .readable import transformed
 
 # Size of the fp32 staging buffer used to merge fp16/bf16 weights a few rows at a time.
 _STAGING_BYTES = 1 << 20
+
+
+def _without_autocast(fn):
+    """fn with autocast off: its matmuls compute in the precision the op states (a float32 product, rounded once),
+    not in autocast's 16 bits (u4: a float32 merge under CPU bfloat16 autocast was 1.35e-2 off, and an unmerge there
+    did not give the base back; a bfloat16 table's lookups rounded the low-rank term twice). linear has its own
+    rule (ops: the inputs cast as F.linear's, then autocast off)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        on = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+        if not on:
+            return fn(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for d in on:
+                stack.enter_context(torch.autocast(d, enabled=False))
+            return fn(*args, **kwargs)
+    return run
 
 
 def compute_dtype(dtype):
@@ -99,6 +118,7 @@ def _same_layout(t):
     return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
 
 
+@_without_autocast
 def merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed, once=False):
     """weight[block] += scale * (B_j @ A_j) (transposed: += scale * (B_j @ A_j)^T), in place. once (merges, unmerges
     and swaps, eager): a float32/float64 weight takes the product added with one rounding (_addmm_rounds_once)."""
@@ -123,12 +143,16 @@ def merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed, onc
             rows.copy_(acc)
 
 
+@_without_autocast
 def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):
     """weight += new_scale * delta(new) - old_scale * delta(old) as one merge of rank r1 + r2: the factors
     stacked along the rank group by group, A_cat = [A2; A1] and B_cat = [s2*B2 | -s1*B1], in the compute
     precision."""
     n = len(block_ids)
-    cd = torch.promote_types(compute_dtype(old_A.dtype), compute_dtype(new_A.dtype))
+    # (the weight's compute dtype too: a float64 weight's swap of float32 factors stacked them in float32, 3.4e-7
+    # off where an unmerge and a merge were 1.8e-15, u4)
+    cd = torch.promote_types(torch.promote_types(compute_dtype(old_A.dtype), compute_dtype(new_A.dtype)),
+                             compute_dtype(weight.dtype))
     k, r1, r2 = old_A.shape[1], old_A.shape[0] // n, new_A.shape[0] // n
     nb = old_B.shape[0] // n
     a_cat = torch.cat((new_A.to(cd).reshape(n, r2, k), old_A.to(cd).reshape(n, r1, k)), dim=1).reshape(-1, k)
@@ -139,6 +163,7 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, 
     merge_(weight, a_cat, b_cat.reshape(n * nb, r1 + r2), 1.0, num_blocks, block_ids, transposed, once=True)
 
 
+@_without_autocast
 def delta_weight(lora_A, lora_B, scale, num_blocks, block_ids, transposed, dtype):
     """The dense scale * delta-W in the weight's storage layout, zero outside the enabled blocks."""
     n = len(block_ids)
@@ -276,6 +301,7 @@ def linear_backward(grad, x, x_lora, weight, lora_A, lora_B, scale, block_ids, f
     return dx, dxl, dw, db, dA, dB
 
 
+@_without_autocast
 def embedding(ids, weight, lora_A, lora_B, scale, padding_idx, scale_grad_by_freq, sparse):
     """weight[ids] + scale * A^T[ids] B^T (A is (r, num_embeddings), B is (embedding_dim, r))."""
     out = F.embedding(ids, weight, padding_idx, None, 2.0, scale_grad_by_freq, sparse)

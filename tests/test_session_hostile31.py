@@ -521,3 +521,98 @@ def test_speecht5_s_relative_positions_are_refused_in_mixed_batches(tmp_path):
         with lora.batch_adapters(model, ["a", "b", None]):
             model(torch.randint(3, 40, (3, 3)), decoder_input_values=torch.randn(3, 2, 8),
                   speaker_embeddings=torch.randn(3, 8))
+
+
+# ---- the op surface ----
+
+def test_merges_under_cpu_autocast_compute_in_float32():
+    # the reference's out-of-place product was autocast to bfloat16: a merge 1.35e-2 off (3.4e-7 without), and a layer
+    # merged outside autocast and unmerged inside it (train() in an autocast training step) lost its base (1.3e-2)
+    from lora_ext import ops
+    torch.manual_seed(0)
+    W, A, B = torch.randn(8, 8), torch.randn(4, 8), torch.randn(8, 4)
+    want = W.double() + 0.5 * B.double() @ A.double()
+    for fn in (lambda w: ops.merge_(w, A, B, 0.5), lambda w: ops.swap_(w, A, B, 0.0, A, B, 0.5)):
+        w = W.clone()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fn(w)
+        assert (w.double() - want).abs().max() < 2e-6
+    layer = lora.Linear(64, 64, r=256, lora_alpha=256)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    base = layer.weight.detach().clone()
+    layer.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer.train()
+    assert (layer.weight.detach() - base).abs().max() < 1e-4 * base.abs().max() * 64
+
+
+def test_a_bfloat16_embedding_under_autocast_and_delta_weight_under_vmap_round_once():
+    from lora_ext import ops
+    torch.manual_seed(0)
+    table, A, B = torch.randn(32, 16).bfloat16(), torch.randn(4, 32), torch.randn(16, 4)
+    ids = torch.randint(0, 32, (64,))
+    want = (table.double() + 0.7 * (B.double() @ A.double()).t())[ids]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.embedding(ids, table, A, B, 0.7)
+    # correctly rounded: within half a bfloat16 unit of the float64 value (543 of 1024 were not)
+    assert ((got.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-30).all()
+    As, Bs = torch.randn(3, 4, 8), torch.randn(3, 8, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = torch.vmap(lambda a, b: ops.delta_weight(a, b, 0.5, out_features=8))(As, Bs)
+    assert (got.double() - 0.5 * Bs.double() @ As.double()).abs().max() < 1e-5  # (3.3e-2 under autocast)
+
+
+def test_a_negative_padding_idx_pads_in_the_backward_too():
+    # the forward counted -1 from the end as F.embedding does; the backward took it for "no padding": the padding
+    # row got a gradient (32.6) and lora_A's padding column too
+    from lora_ext import ops
+    torch.manual_seed(0)
+    W = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[9, 1, 9], [2, 9, 0]])
+    ops.embedding(ids, W, A, B, 0.5, padding_idx=-1).square().sum().backward()
+    grads = [t.grad.clone() for t in (W, A, B)]
+    for t in (W, A, B):
+        t.grad = None
+    (torch.nn.functional.embedding(ids, W, padding_idx=9)
+     + 0.5 * torch.nn.functional.embedding(ids, A.t(), padding_idx=9) @ B.t()).square().sum().backward()
+    for got, t in zip(grads, (W, A, B)):
+        assert torch.allclose(got, t.grad, atol=1e-12)
+    assert grads[0][9].abs().max() == 0
+
+
+def test_merge_with_factors_that_need_grad_is_differentiable_on_the_kernels_too():
+    # the kernels' path (the simulator standing in) wrote the product with no gradient to the factors: A.grad None,
+    # where the reference's in-place add gives 71.8
+    from helpers import load_sim
+    from lora_ext import ops
+    torch.manual_seed(0)
+    P = torch.randn(8, 8, requires_grad=True)  # (float32: the kernels take it)
+    A = torch.randn(2, 8, requires_grad=True)
+    B = torch.randn(8, 2, requires_grad=True)
+    x = torch.randn(3, 8)
+    P64, A64, B64 = (t.detach().double().requires_grad_() for t in (P, A, B))
+    (x.double() @ (P64 + 0.5 * B64 @ A64).t()).square().sum().backward()
+    want = A64.grad
+    with ops.use_kernels(load_sim(), "cpu"):
+        W = P * 1.0
+        ops.merge_(W, A, B, 0.5)
+        (x @ W.t()).square().sum().backward()
+    assert A.grad is not None and (A.grad.double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_swap_into_a_float64_weight_computes_in_float64_and_bool_block_ids_are_refused():
+    from lora_ext import ops
+    torch.manual_seed(0)
+    W = torch.randn(8, 8, dtype=torch.float64) * 4
+    A1, B1, A2, B2 = torch.randn(2, 8), torch.randn(8, 2), torch.randn(2, 8), torch.randn(8, 2)
+    w = W.clone()
+    ops.swap_(w, A1, B1, 0.5, A2, B2, 0.7)
+    want = W - 0.5 * B1.double() @ A1.double() + 0.7 * B2.double() @ A2.double()
+    assert (w - want).abs().max() < 1e-13  # (3.4e-7: the factors were stacked in float32)
+    w = torch.zeros(8, 4)
+    with pytest.raises(ValueError, match=r"block_ids must be block indices, got \[False, True\]"):
+        ops.merge_(w, torch.randn(2, 4), torch.randn(4, 2), 1.0, num_blocks=2, block_ids=[False, True])
+    assert not w.any()
