@@ -267,11 +267,8 @@ def test_a_load_into_a_merged_model_whose_remerge_is_refused_loads_every_layer()
 
 # ---- mixed batches ----
 
-def _mask2former(num_queries, target, saved=None):
-    import copy
-
+def _mask2former(tmp_path, num_queries, target, saved=None):
     import transformers as T
-    from peft import LoraConfig, get_peft_model
     sw = T.SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
                       window_size=2, out_features=["stage1", "stage2", "stage3", "stage4"])
     cfg = T.Mask2FormerConfig(backbone_config=sw, use_timm_backbone=False, use_pretrained_backbone=False,
@@ -279,20 +276,7 @@ def _mask2former(num_queries, target, saved=None):
                               encoder_layers=1, decoder_layers=2, num_attention_heads=4, dim_feedforward=64,
                               encoder_feedforward_dim=64, num_labels=5)
     torch.manual_seed(0)
-    base = T.Mask2FormerModel(cfg).eval()
-    model = copy.deepcopy(base)
-    for seed, name in enumerate(["a", "b"], 1):
-        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=target,
-                                                                    modules_to_save=saved))
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for n, p in peft_model.named_parameters():
-                if "lora_" in n or "modules_to_save" in n:
-                    p.normal_(0, 0.5)
-        path = os.path.join(_mask2former.dir, name)
-        peft_model.save_pretrained(path)
-        lora.load_peft_adapter(model, path, name, activate=False)
-    return model.eval()
+    return _two_peft_adapters(tmp_path, T.Mask2FormerModel(cfg).eval(), target, saved)
 
 
 @pytest.mark.parametrize("queries", [3, 6])
@@ -300,8 +284,7 @@ def test_mask2former_s_query_decoder_is_refused_in_mixed_batches(tmp_path, queri
     # its decoder layers run fc1/fc2 on (queries, images, d): with 3 queries for 3 images query q of every image got
     # row q's adapter (3.36, 4.41 and 3.03 off, the base row too); with 6 the refusal advised expand=2, which then
     # served 2.8 off
-    _mask2former.dir = str(tmp_path)
-    model = _mask2former(queries, r".*transformer_module\.decoder\.layers\.\d+\.fc[12]")
+    model = _mask2former(tmp_path, queries, r".*transformer_module\.decoder\.layers\.\d+\.fc[12]")
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         with pytest.raises(ValueError, match=r"is a Mask2FormerMaskedAttentionDecoderLayer, whose layers take "
@@ -336,8 +319,7 @@ def test_mask2former_s_decoder_norm_saved_whole_is_refused_and_its_mask_head_ser
     # the query decoder's final LayerNorm runs on (queries, images, d) beside the decoder layers: saved whole, with 3
     # queries for 3 images, query q of every image got row q's norm (1.62 off, r47). The mask head's LoRA layers take
     # batch-major inputs: served, each row as run alone
-    _mask2former.dir = str(tmp_path)
-    model = _mask2former(3, r".*mask_embedder\.\d\.0", saved)
+    model = _mask2former(tmp_path, 3, r".*mask_embedder\.\d\.0", saved)
     x = torch.randn(3, 3, 64, 64)
     rows = ["a", "b", "a"]
     with torch.no_grad():
@@ -452,7 +434,7 @@ def _two_peft_adapters(tmp_path, base, target, saved=None):
         torch.manual_seed(seed)
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
-                if "lora_" in n:
+                if "lora_" in n or "modules_to_save" in n:
                     p.normal_(0, 0.5)
         peft_model.save_pretrained(str(tmp_path / name))
         lora.load_peft_adapter(model, str(tmp_path / name), name, activate=False)
