@@ -325,7 +325,8 @@ def test_a_parametrized_module_is_refused_before_anything_changes(which):
 def test_a_layer_reached_through_a_second_name_of_its_parent_is_not_tied_to_itself():
     """m.alias = m.layers[0] before inject: the layer recorded its own second path as a module sharing its weight,
     so eval() never merged and merge_adapter / unload(merge=True) refused naming 'alias.q' (the layer itself). A
-    second module holding the weight (m.b = m.a) is still a tie."""
+    second module holding the weight (m.b, given m.a's weight) is still a tie; a second name of the module itself
+    (m.c = m.a) is replaced too (it used to stay the plain Linear: the forward through it served the base)."""
 
     class Block(nn.Module):
         def __init__(self):
@@ -338,14 +339,16 @@ def test_a_layer_reached_through_a_second_name_of_its_parent_is_not_tied_to_itse
             self.layers = nn.ModuleList([Block()])
             self.alias = self.layers[0]
             self.a = nn.Linear(4, 4)
-            self.b = self.a
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+            self.c = self.a
 
     torch.manual_seed(0)
     m = M()
     lora_ext.inject(m, ["q", "a"], r=2)
     layer = m.layers[0].q
     assert m.alias.q is layer and layer.merge_weights and not layer.__dict__.get("_tied_with")
-    assert m.a._tied_with == ["b"] and not m.a.merge_weights
+    assert m.a._tied_with == ["b"] and not m.a.merge_weights and m.c is m.a
     with torch.no_grad():
         layer.lora_B.normal_()
     W = layer.weight.detach().double() + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double()).detach()

@@ -360,7 +360,7 @@ def test_bridgetower_s_ln_post_saved_whole_is_refused(tmp_path):
         peft_model.save_pretrained(str(tmp_path / name))
         lora.load_peft_adapter(model, str(tmp_path / name), name, activate=False)
     model.eval()
-    with torch.no_grad(), pytest.raises(ValueError, match=r"'visual.ln_post' of the BridgeTowerVisionTransformer"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"'visual.ln_post' of the BridgeTowerVisionModel"):
         with lora.batch_adapters(model, ["a", "b", "a"]):
             model(torch.randn(3, 3, 16, 16))
 
@@ -466,7 +466,7 @@ def test_mlcd_attention_is_refused_in_mixed_batches(tmp_path):
     cfg = T.MLCDVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                              image_size=16, patch_size=8)
     model = _two_peft_adapters(tmp_path, T.MLCDVisionModel(cfg).eval(), ["out_proj"])
-    with torch.no_grad(), pytest.raises(ValueError, match="is a MLCDAttention, whose layers take time-major"):
+    with torch.no_grad(), pytest.raises(ValueError, match=r"self_attn.out_proj' of the MLCDAttention takes inputs"):
         with lora.batch_adapters(model, ["a", "b", None, "a", "b"]):
             model(pixel_values=torch.randn(5, 3, 16, 16))
 
@@ -598,3 +598,85 @@ def test_swap_into_a_float64_weight_computes_in_float64_and_bool_block_ids_are_r
     with pytest.raises(ValueError, match=r"block_ids must be block indices, got \[False, True\]"):
         ops.merge_(w, torch.randn(2, 4), torch.randn(4, 2), 1.0, num_blocks=2, block_ids=[False, True])
     assert not w.any()
+
+
+class _Held(nn.Module):
+    """A Linear registered as `proj`, also held as an alias, from a grandparent's plain list, a tuple and a list in a
+    dict; forward(x, how) runs it through one of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Module()
+        self.inner.proj = nn.Linear(8, 8)
+        self.alias = self.inner.proj  # (a second registered name)
+        self.fast = [self.inner.proj]
+        self.pair = (self.inner.proj, nn.Identity())
+        self.heads = {"x": [self.inner.proj]}
+
+    def forward(self, x, how="inner"):
+        return {"inner": self.inner.proj, "alias": self.alias, "fast": self.fast[0], "pair": self.pair[0],
+                "heads": self.heads["x"][0]}[how](x)
+
+
+@pytest.mark.parametrize("how", ["alias", "fast", "pair", "heads"])
+def test_a_module_held_elsewhere_in_the_model_is_replaced_there_too(how):
+    # only the parent's plain containers were looked at: an alias (4.09 off), a grandparent's list, a tuple, a list in
+    # a dict ran the plain Linear: the adapter did nothing unmerged, and a merged one served every row of a batch
+    torch.manual_seed(0)
+    model = _Held()
+    plain = model.inner.proj
+    lora.inject(model, ["inner.proj"], r=2, lora_alpha=2, merge_weights=False)
+    layer = model.inner.proj
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    want = x @ (plain.weight.detach().double() + layer.lora_B.detach().double() @ layer.lora_A.detach().double()).T \
+        + plain.bias.detach().double()
+    with torch.no_grad():
+        got = model(x.float(), how).double()
+    assert (got - want).abs().max() < 1e-5
+    assert model.alias is layer and model.fast[0] is layer and model.pair[0] is layer and model.heads["x"][0] is layer
+    lora.unload(model, merge=False)
+    assert all(m is model.inner.proj and not isinstance(m, lora.LoRALayer)
+               for m in (model.alias, model.fast[0], model.pair[0], model.heads["x"][0]))
+
+
+def test_common_batches_beside_the_refused_parts_are_served(tmp_path):
+    # MLCD's q_proj/v_proj take rows first (only out_proj is refused); BridgeTowerModel's ln_post runs rows first
+    # (forward_post): both were refused (r48)
+    import transformers as T
+    torch.manual_seed(0)
+    cfg = T.MLCDVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             image_size=16, patch_size=8)
+    model = _two_peft_adapters(tmp_path / "mlcd", T.MLCDVisionModel(cfg).eval(), ["q_proj", "v_proj"])
+    rows, px = ["a", "b", None, "a", "b"], torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        want = []
+        for i, name in enumerate(rows):
+            if name is None:
+                with lora.disable_adapter(model):
+                    want.append(model(pixel_values=px[i:i + 1]).last_hidden_state)
+            else:
+                lora.set_adapter(model, name)
+                want.append(model(pixel_values=px[i:i + 1]).last_hidden_state)
+        with lora.batch_adapters(model, rows):
+            got = model(pixel_values=px).last_hidden_state
+    assert (torch.cat(want) - got).abs().max() < 1e-4
+    vc = T.BridgeTowerVisionConfig(hidden_size=64, num_hidden_layers=2, num_channels=3, patch_size=8, image_size=16,
+                                   share_layernorm=True)
+    tc = T.BridgeTowerTextConfig(vocab_size=50, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=40)
+    cfg = T.BridgeTowerConfig(text_config=tc.to_dict(), vision_config=vc.to_dict(), hidden_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, share_cross_modal_transformer_layers=True)
+    cfg.vision_config.num_attention_heads = 2
+    model = _two_peft_adapters(tmp_path / "bt", T.BridgeTowerModel(cfg).eval(), r".*text_model.*(query|value)",
+                               ["ln_post"])
+    ids, px, rows = torch.randint(5, 50, (3, 6)), torch.randn(3, 3, 16, 16), ["a", "b", "a"]
+    with torch.no_grad():
+        want = []
+        for i, name in enumerate(rows):
+            lora.set_adapter(model, name)
+            want.append(model(input_ids=ids[i:i + 1], pixel_values=px[i:i + 1]).image_features)
+        with lora.batch_adapters(model, rows):
+            got = model(input_ids=ids, pixel_values=px).image_features
+    assert (torch.cat(want) - got).abs().max() < 1e-4 and (want[0] - want[1]).abs().max() > 0.1

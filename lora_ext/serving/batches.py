@@ -602,15 +602,15 @@ def _check_enabled(model, found, saved=()) -> None:
 _TIME_MAJOR = {"XLNetModel", "FSMTModel", "LongformerSelfAttention", "LEDEncoderSelfAttention",
                "Mask2FormerMaskedAttentionDecoderLayer", "OneFormerTransformerDecoderLayer",
                "OneFormerTransformerDecoderQueryTransformer", "OneFormerTextTransformer", "BridgeTowerTransformer",
-               # (u1) Bros's bbox embeddings run on (T, T, B, d), its relation extractors on (T, B, d) (4.3-15.5 off);
-               # MLCD's attention runs out_proj on (tokens, B, d) (4.4-10.2 off)
-               "BrosBboxEmbeddings", "BrosRelationExtractor", "MLCDAttention"}
+               # (u1) Bros's bbox embeddings run on (T, T, B, d), its relation extractors on (T, B, d) (4.3-15.5 off)
+               "BrosBboxEmbeddings", "BrosRelationExtractor"}
 # and the children of these that the module runs on such inputs beside batch-major ones: the query decoders' final
 # norms on (queries, B, d) (saved whole: 1.62 off, r47), BridgeTower's ln_post on (layers, B, tokens, d) (4.16 off)
-# (u1) Bros's entity head on (T, B, d) (0.98 off); OmDet-Turbo's task features on (tokens, B, d) and class features on
-# (classes, B, d) (0.13-14.4 off); VibeVoice's diffusion head on [speaking rows' conditions; their negatives]
+# (u1) Bros's entity head on (T, B, d) (0.98 off); MLCD's attention's out_proj on (tokens, B, d) (4.4-10.2 off; its
+# q/k/v_proj take rows first); OmDet-Turbo's task features on (tokens, B, d) and class features on (classes, B, d)
+# (0.13-14.4 off); VibeVoice's diffusion head on [speaking rows' conditions; their negatives]
 _TIME_MAJOR_PARTS = {"Mask2FormerMaskedAttentionDecoder": ("layernorm",), "OneFormerTransformerDecoder": ("decoder_norm",),
-                     "BridgeTowerVisionTransformer": ("ln_post",),
+                     "MLCDAttention": ("out_proj",),
                      "BrosSpadeEEForTokenClassification": ("initial_token_classifier",),
                      "OmDetTurboDecoder": ("task_encoder", "task_project", "encoder_class_head", "decoder_class_head"),
                      "VibeVoiceModel": ("diffusion_head",)}
@@ -723,7 +723,22 @@ def _served_inside(m) -> bool:
     return any(isinstance(sub, (LoRALayer, saved_modules.ModulesToSave)) for sub in m.modules())
 
 
+# parts of a model run so only when it is the model given (BridgeTowerVisionModel runs its tower's forward, whose ln_post
+# takes (layers, B, tokens, d): 4.16 off; BridgeTowerModel runs forward_post instead, rows first, r48)
+_ROOT_PARTS = {"BridgeTowerVisionModel": ("visual.ln_post",)}
+
+
 def _check_batch_major(model, expand=1):
+    root = unwrap(model)
+    for part in _ROOT_PARTS.get(type(root).__name__, ()):
+        try:
+            child = root.get_submodule(part)
+        except AttributeError:
+            continue
+        if _served_inside(child):
+            raise ValueError(f"batch_adapters: {part!r} of the {type(root).__name__} takes inputs whose first "
+                             f"dimension is not the batch's rows (layers first): a row of the batch cannot be told "
+                             f"there; serve it one adapter at a time")
     for path, m in model.named_modules():
         kind = type(m).__name__
         parts = [(f"{path}.{name}" if path else name, child) for name, child in m.named_children()
@@ -737,7 +752,7 @@ def _check_batch_major(model, expand=1):
                 raise ValueError(f"batch_adapters: {part!r} of the {kind} takes inputs whose first dimension is not "
                                  f"the batch's rows (tokens, queries or layers first): a row of the batch cannot be "
                                  f"told there; serve it one adapter at a time")
-        if expand > 1 and type(m).__name__ in _TILING:
+        if expand > 1 and kind in _TILING and _served_inside(m):  # (a tiling part the batch does not serve: r48)
             raise ValueError(f"batch_adapters: expand={expand}: {path or 'the model'!r} is a {type(m).__name__}, whose "
                              f"generate() stacks the batch twice for classifier-free guidance ([rows; rows]) rather "
                              f"than repeating each row in a run, as expand assumes; serve it one adapter at a time")

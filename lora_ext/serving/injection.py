@@ -8,6 +8,8 @@ projection named in `fused` -> MergedLinear(enable_lora=...). The new layers are
 and only the LoRA factors are allocated.
 """
 import ast
+import contextlib
+import contextvars
 import functools
 import inspect
 import math
@@ -17,7 +19,7 @@ import sys
 import textwrap
 import warnings
 import weakref
-from typing import List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -556,31 +558,94 @@ def _adopt(layer, module):
     return layer
 
 
-_MODULE_STATE = frozenset(nn.Module().__dict__)  # what every module holds (its _modules, hooks, ...)
+_MODULE_STATE = frozenset(nn.Module().__dict__) - {"_modules"}  # what every module holds (hooks, ...), bar its children
 
 
-def _set_submodule(model, name, module):
-    """Puts `module` at `name`, and where the parent holds the module it replaces in a plain list or dict too (as
-    Mask2Former's, MaskFormer's and OneFormer's prediction blocks hold their Linear layers in `self.layers`, which
-    their forward runs): there too. Else that forward ran the old module: the LoRA layer was never called, a merged
-    adapter served every row of a mixed batch (query masks 280 off) and an unmerged one nothing."""
+class _Holders:
+    """Every place a model holds each of its modules, by id: each name a module is registered under (an alias is a
+    second name, in the same parent or another) and each entry of a plain list, dict or tuple among a module's
+    attributes (Mask2Former's, MaskFormer's and OneFormer's prediction blocks run their Linear layers from
+    `self.layers`), nested up to _DEPTH containers deep. Entries: (holder, key, registered) with holder[key] the
+    module, or holder[key] a tuple holding it; registered: holder is a module's `_modules`."""
+
+    _DEPTH = 3
+
+    def __init__(self, model: nn.Module):
+        self.at: Dict[int, list] = {}
+        for m in model.modules():
+            for key, value in vars(m).items():
+                if key not in _MODULE_STATE:
+                    self._walk(vars(m), key, value, 0, set(), key == "_modules")
+
+    def _walk(self, holder, key, value, depth, seen, registry):
+        if isinstance(value, nn.Module):
+            self.at.setdefault(id(value), []).append((holder, key, registry and depth == 1))
+            return
+        if depth >= self._DEPTH or id(value) in seen:
+            return
+        if isinstance(value, (list, dict)):
+            seen.add(id(value))
+            for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+                self._walk(value, k, v, depth + 1, seen, registry)
+        elif isinstance(value, tuple):
+            for v in value:
+                if isinstance(v, nn.Module):
+                    self.at.setdefault(id(v), []).append((holder, key, False))
+
+    def replace(self, old: nn.Module, new: nn.Module, names: bool = True) -> None:
+        """`new` wherever the model held `old` (the name replaced is set by the caller); names=False: not at its other
+        registered names (each gets a wrapper of its own there, as peft wraps each name it saves whole)."""
+        held = self.at.pop(id(old), [])
+        moved = [e for e in held if names or not e[2]]
+        if len(moved) < len(held):
+            self.at[id(old)] = [e for e in held if e[2]]
+        for holder, key, _ in moved:
+            value = holder[key]
+            if value is old:
+                holder[key] = new
+            elif isinstance(value, tuple) and any(v is old for v in value):
+                parts = [new if v is old else v for v in value]
+                holder[key] = type(value)(*parts) if hasattr(value, "_fields") else tuple(parts)
+        self.at.setdefault(id(new), []).extend(moved)
+
+
+_HOLDERS: "contextvars.ContextVar[Optional[tuple]]" = contextvars.ContextVar("lora_ext_holders", default=None)
+
+
+@contextlib.contextmanager
+def holders_of(model: nn.Module) -> Iterator[None]:
+    """One index of where `model` holds its modules (_Holders) for the replacements of one change (inject, a load,
+    unload), made at its first replacement: a walk of the whole model for each would cost a load of hundreds of
+    modules seconds."""
+    token = _HOLDERS.set((model, None))
+    try:
+        yield
+    finally:
+        _HOLDERS.reset(token)
+
+
+def _set_submodule(model, name, module, names: bool = True):
+    """Puts `module` at `name`, and wherever else the model holds the module it replaces: its other names (aliases)
+    and plain lists, dicts and tuples in modules' attributes. Else a forward through those ran the old module: the
+    LoRA layer never called, an unmerged adapter did nothing and a merged one served every row of a mixed batch
+    (query masks 280 off, t4; an alias 4.09 off, r48). names=False: not at the module's other registered names (a
+    wrapper of a module saved whole: peft gives each name its own)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     old = parent._modules.get(child)
-    setattr(parent, child, module)
     if old is None or old is module:
+        setattr(parent, child, module)
         return
-    for key, value in vars(parent).items():
-        if key in _MODULE_STATE:
-            continue
-        if isinstance(value, list):
-            for i, entry in enumerate(value):
-                if entry is old:
-                    value[i] = module
-        elif isinstance(value, dict):
-            for k, entry in list(value.items()):
-                if entry is old:
-                    value[k] = module
+    current = _HOLDERS.get()
+    if current is not None and current[0] is model:
+        holders = current[1]
+        if holders is None:
+            holders = _Holders(model)
+            _HOLDERS.set((model, holders))
+    else:
+        holders = _Holders(model)
+    setattr(parent, child, module)
+    holders.replace(old, module, names)
 
 
 # models inside lora.disable_adapter blocks: {model: open blocks} (weak: a copy of the model is not in a block)
@@ -688,7 +753,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
                          + (f" in layers_to_transform {layers_to_transform!r}"
                             if filters_layers(layers_to_transform) else "")
                          + (f" that exclude_modules leaves: it excludes {excluded[:5]}" if excluded else ""))
-    with model_lock(model).write("inject"):  # the lock exists before the first switch: forwards in flight hold it
+    # (the lock exists before the first switch: forwards in flight hold it)
+    with model_lock(model).write("inject"), holders_of(model):
         check_enabled(model, "inject")  # (again: a disable_adapter may have begun since the first check)
         ties.known_plain(model)  # (a model built before lora_ext's import: its plain modules, for later ties)
         owners = parameter_owners(model)
@@ -829,7 +895,8 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
     if isinstance(model, (LoRALayer, ModulesToSave)):
         raise ValueError(f"unload: the model itself is a {type(model).__name__}; call unload on a model holding it")
     from .adapters import model_lock  # (adapters imports this module)
-    with model_lock(model).write("unload"):  # (the layers as they are once changes queued before this one are done)
+    # (the layers as they are once changes queued before this one are done)
+    with model_lock(model).write("unload"), holders_of(model):
         return _unload(model, merge)
 
 

@@ -787,7 +787,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # put back below
     # (add_adapter's warnings of Parameters it replaced are given once the load stands: taken back, it gives them back)
     with model_lock(model).write("hotswap_adapter" if _hotswap else "load_peft_adapter"), deferred_interrupt(), \
-            held_warnings() as replaced:
+            held_warnings() as replaced, _inject.holders_of(model):
         _inject.check_enabled(model, *refusal)  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
         undo = _undoing(model, adapter_name, plan, saved_plan, token_plan)
@@ -828,10 +828,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             for name, module, new in saved_plan:
                 if not isinstance(module, _saved.ModulesToSave):
                     wrapper = _saved.ModulesToSave(module).train(module.training)
-                    _inject._set_submodule(model, name, wrapper)
+                    _inject._set_submodule(model, name, wrapper, names=False)  # (each name its own, as peft)
                     module = wrapper
                 module.add(adapter_name, new)
-            _tokens.install(model, token_plan, adapter_name, _inject._set_submodule)
+            _tokens.install(model, token_plan, adapter_name,
+                            lambda m, n, w: _inject._set_submodule(m, n, w, names=False))
             if not held_layers:  # the model's first adapter: the base model is frozen (peft's from_pretrained)
                 own = {id(p) for _, m in lora_layers(model) for p in (m.lora_A, m.lora_B)}
                 own |= {id(p) for _, _, new in saved_plan for p in new.parameters()}
