@@ -680,3 +680,48 @@ def test_common_batches_beside_the_refused_parts_are_served(tmp_path):
         with lora.batch_adapters(model, rows):
             got = model(input_ids=ids, pixel_values=px).image_features
     assert (torch.cat(want) - got).abs().max() < 1e-4 and (want[0] - want[1]).abs().max() > 0.1
+
+
+def test_a_mixed_batch_over_a_module_saved_whole_compiles_with_fullgraph(tmp_path):
+    # the split of the rows by module (nonzero) stopped torch.compile(fullgraph=True) with a data-dependent guard
+    # that named no module (u5); traced, each module runs on every row and each row takes its own module's output
+    import copy
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.q(x)))
+
+    torch.manual_seed(0)
+    net = Net()
+    for name in ("a", "b"):
+        peft_model = get_peft_model(copy.deepcopy(net), LoraConfig(r=4, lora_alpha=8, target_modules=["q"],
+                                                                   modules_to_save=["head"]))
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.3)
+        peft_model.save_pretrained(str(tmp_path / name))
+    ref = PeftModel.from_pretrained(copy.deepcopy(net), str(tmp_path / "a"), adapter_name="a")
+    ref.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    ref.eval()
+    model = copy.deepcopy(net)
+    lora.load_peft_adapter(model, str(tmp_path / "a"), "a")
+    lora.load_peft_adapter(model, str(tmp_path / "b"), "b", activate=False)
+    model.eval()
+    x, rows = torch.randn(4, 16), ["a", "b", "b", "a"]
+    with torch.no_grad():
+        want = ref(x, adapter_names=rows)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    try:
+        with torch.no_grad(), lora.batch_adapters(model, rows):
+            got = compiled(x)
+    finally:
+        torch._dynamo.reset()
+    assert (got - want).abs().max() < 1e-5 and (want[0] - want[1]).abs().max() > 0.1

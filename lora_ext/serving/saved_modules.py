@@ -204,6 +204,9 @@ class SavedBatch:
                              f"adapter's own, but got ids of shape {tuple(x.shape)}"
                              f"{batch.hint(x.shape[0], x.shape, True)}")
         rows = batch.rows_for(x.shape[0]).to(x.device)
+        if torch.compiler.is_compiling():
+            out = self._masked(wrapper, groups, rows, args, kwargs)
+            return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
         parts = [(module, torch.isin(rows, torch.tensor(entries, device=x.device)).nonzero().squeeze(1))
                  for module, entries in groups.values()]
         parts = [(module, idx) for module, idx in parts if idx.numel()]
@@ -223,6 +226,27 @@ class SavedBatch:
             out.index_copy_(0, idx, y)
         return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
 
+
+    def _masked(self, wrapper: ModulesToSave, groups, rows, args, kwargs) -> Tensor:
+        """The traced form of the split (torch.compile): each module runs on every row and each row takes its own
+        module's output, so that no shape depends on the rows' adapters (the split's nonzero stopped a
+        fullgraph=True compile with a data-dependent guard, u5); the same values, every module's cost on every row.
+        The module's other arguments are refused as for the split (_check_shared)."""
+        x = args[0]
+        self._check_shared(wrapper, args[1:], kwargs)
+        out = None
+        for module, entries in groups.values():
+            y = module(*args, **kwargs)
+            if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
+                raise ValueError(f"batch_adapters: module {self.path!r} ({wrapper.what()}) returned "
+                                 f"{type(y).__name__ if not isinstance(y, Tensor) else tuple(y.shape)} for "
+                                 f"{x.shape[0]} rows; mixed batches split its rows, so it must return a tensor of rows")
+            if out is None:
+                out = y
+                continue
+            mine = torch.isin(rows, torch.tensor(entries, device=rows.device))
+            out = torch.where(mine.view(-1, *([1] * (y.dim() - 1))), y, out)
+        return out
 
     def _check_shared(self, wrapper: ModulesToSave, extra, kwargs) -> None:
         """Every part gets the module's other arguments whole. Refuses (before any part runs) an argument that may
