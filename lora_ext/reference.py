@@ -156,10 +156,10 @@ def swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, 
     k, r1, r2 = old_A.shape[1], old_A.shape[0] // n, new_A.shape[0] // n
     nb = old_B.shape[0] // n
     a_cat = torch.cat((new_A.to(cd).reshape(n, r2, k), old_A.to(cd).reshape(n, r1, k)), dim=1).reshape(-1, k)
-    b_cat = torch.empty(n, nb, r1 + r2, dtype=cd, device=old_B.device)
-    # (in cd: torch.mul of a 16-bit factor computes in its dtype, out= only casts the rounded product)
-    torch.mul(_as(new_B, cd).reshape(n, nb, r2), new_scale, out=b_cat[:, :, :r2])
-    torch.mul(_as(old_B, cd).reshape(n, nb, r1), -old_scale, out=b_cat[:, :, r2:])
+    # (each factor made cd first: a 16-bit factor's product would round in its dtype; out of place, so that autograd
+    # records it where the factors need grad: torch.mul(..., out=) refused them, r49)
+    b_cat = torch.cat((_as(new_B, cd).reshape(n, nb, r2) * new_scale, _as(old_B, cd).reshape(n, nb, r1) * -old_scale),
+                      dim=2)
     merge_(weight, a_cat, b_cat.reshape(n * nb, r1 + r2), 1.0, num_blocks, block_ids, transposed, once=True)
 
 

@@ -725,3 +725,86 @@ def test_a_mixed_batch_over_a_module_saved_whole_compiles_with_fullgraph(tmp_pat
     finally:
         torch._dynamo.reset()
     assert (got - want).abs().max() < 1e-5 and (want[0] - want[1]).abs().max() > 0.1
+
+
+class _Scaler(nn.Module):
+    """Reads its owner's gain through a back-reference kept in a list (so that it is not registered)."""
+
+    def __init__(self, owner):
+        super().__init__()
+        self._owner = [owner]
+
+    def forward(self, h):
+        return h * self._owner[0].gain
+
+
+class _Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.gain = nn.Linear(8, 3), nn.Parameter(torch.ones(3))
+        self.scaler = _Scaler(self)
+
+    def forward(self, h):
+        return self.scaler(self.lin(h))
+
+
+class _Route(tuple):
+    def run(self, x):
+        return sum(m(x) for m in self)
+
+
+def test_back_references_and_tuple_subclasses_are_left_as_they_are(tmp_path):
+    # the index rewrote a saved head's own child's back-reference to the wrapper, whose gain is the active copy's:
+    # with the adapter disabled the base served the copy's gain (2.52 off); and a tuple subclass holding a target was
+    # rebuilt as a plain tuple (its forward then raised) (r49)
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.head = nn.Linear(8, 8), _Head()
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.q(x)))
+
+    torch.manual_seed(0)
+    base = M()
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, lora_alpha=4, target_modules=["q"],
+                                                                 modules_to_save=["head"]))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n and "gain" in n:
+                p.fill_(5.0)
+    peft_model.save_pretrained(str(tmp_path / "ad"))
+    model = copy.deepcopy(base)
+    lora.load_peft_adapter(model, str(tmp_path / "ad"))
+    x = torch.randn(4, 8)
+    with torch.no_grad(), lora.disable_adapter(model):
+        assert torch.equal(model(x), base(x))
+    assert model.head.original_module.scaler._owner[0] is model.head.original_module
+
+    block = nn.Module()
+    block.q, block.k = nn.Linear(4, 4), nn.Linear(4, 4)
+    block.route = _Route((block.q, block.k))
+    lora.inject(block, ["q"], r=2)
+    assert type(block.route) is _Route
+    assert block.route.run(torch.randn(2, 4)).shape == (2, 4)
+
+
+def test_swap_with_factors_that_need_grad_is_differentiable():
+    # torch.mul(..., out=) in the reference's swap refused factors that need grad, on every device (r49)
+    from lora_ext import ops
+    torch.manual_seed(0)
+    W, A1, B1 = torch.randn(8, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64), \
+        torch.randn(8, 2, dtype=torch.float64)
+    A2 = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    B2 = torch.randn(8, 2, dtype=torch.float64, requires_grad=True)
+    w = W.clone()
+    ops.swap_(w, A1, B1, 0.5, A2, B2, 2.0)
+    w.square().sum().backward()
+    got = A2.grad.clone()
+    A2.grad = None
+    (W - 0.5 * B1 @ A1 + 2.0 * B2 @ A2).square().sum().backward()
+    assert torch.allclose(got, A2.grad)

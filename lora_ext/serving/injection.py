@@ -565,47 +565,55 @@ class _Holders:
     """Every place a model holds each of its modules, by id: each name a module is registered under (an alias is a
     second name, in the same parent or another) and each entry of a plain list, dict or tuple among a module's
     attributes (Mask2Former's, MaskFormer's and OneFormer's prediction blocks run their Linear layers from
-    `self.layers`), nested up to _DEPTH containers deep. Entries: (holder, key, registered) with holder[key] the
-    module, or holder[key] a tuple holding it; registered: holder is a module's `_modules`."""
+    `self.layers`), nested up to _DEPTH containers deep, of up to _LONGEST entries (a token table is no list of
+    modules). Entries: (owner, holder, key, registered) with holder[key] the module, or holder[key] a tuple (or a
+    namedtuple) holding it; owner: the module whose attribute it is; registered: holder is the owner's `_modules`."""
 
     _DEPTH = 3
+    _LONGEST = 4096
 
     def __init__(self, model: nn.Module):
         self.at: Dict[int, list] = {}
         for m in model.modules():
             for key, value in vars(m).items():
                 if key not in _MODULE_STATE:
-                    self._walk(vars(m), key, value, 0, set(), key == "_modules")
+                    self._walk(m, vars(m), key, value, 0, set(), key == "_modules")
 
-    def _walk(self, holder, key, value, depth, seen, registry):
+    def _walk(self, owner, holder, key, value, depth, seen, registry):
         if isinstance(value, nn.Module):
-            self.at.setdefault(id(value), []).append((holder, key, registry and depth == 1))
+            self.at.setdefault(id(value), []).append((owner, holder, key, registry and depth == 1))
             return
-        if depth >= self._DEPTH or id(value) in seen:
+        if depth >= self._DEPTH or id(value) in seen or (isinstance(value, (list, dict, tuple))
+                                                         and len(value) > self._LONGEST):
             return
         if isinstance(value, (list, dict)):
             seen.add(id(value))
             for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
-                self._walk(value, k, v, depth + 1, seen, registry)
-        elif isinstance(value, tuple):
+                self._walk(owner, value, k, v, depth + 1, seen, registry)
+        elif type(value) is tuple or (isinstance(value, tuple) and hasattr(value, "_make")):
+            # (not a tuple subclass of its own: it could not be built again as it is, r49)
             for v in value:
                 if isinstance(v, nn.Module):
-                    self.at.setdefault(id(v), []).append((holder, key, False))
+                    self.at.setdefault(id(v), []).append((owner, holder, key, False))
 
     def replace(self, old: nn.Module, new: nn.Module, names: bool = True) -> None:
-        """`new` wherever the model held `old` (the name replaced is set by the caller); names=False: not at its other
-        registered names (each gets a wrapper of its own there, as peft wraps each name it saves whole)."""
+        """`new` wherever the model held `old` (the name replaced is set by the caller), but in old's own children (a
+        back-reference to the module they belong to, which a wrapper keeps running as it is: pointed at the wrapper,
+        the base served the saved copy's values, r49); names=False: not at its other registered names (each gets a
+        wrapper of its own there, as peft wraps each name it saves whole)."""
         held = self.at.pop(id(old), [])
-        moved = [e for e in held if names or not e[2]]
-        if len(moved) < len(held):
-            self.at[id(old)] = [e for e in held if e[2]]
-        for holder, key, _ in moved:
+        inside = {id(m) for m in old.modules()}
+        moved = [e for e in held if (names or not e[3]) and id(e[0]) not in inside]
+        kept = [e for e in held if e not in moved]
+        if kept:
+            self.at[id(old)] = kept
+        for _, holder, key, _ in moved:
             value = holder[key]
             if value is old:
                 holder[key] = new
             elif isinstance(value, tuple) and any(v is old for v in value):
                 parts = [new if v is old else v for v in value]
-                holder[key] = type(value)(*parts) if hasattr(value, "_fields") else tuple(parts)
+                holder[key] = tuple(parts) if type(value) is tuple else type(value)._make(parts)
         self.at.setdefault(id(new), []).extend(moved)
 
 
