@@ -698,6 +698,15 @@ class NamedAdapters:
                              f"(an optimizer built over them would hold the old shapes); freeze them "
                              f"(requires_grad_(False)), reserve, then mark_only_lora_as_trainable and build the "
                              f"optimizer")
+        aside = [n for n in self.adapter_names if n != self.active_adapter
+                 and any(isinstance(t, Tensor) and t.requires_grad for t in self._adapter(n)[:2])]
+        if frozen and aside:  # (a trained adapter set aside by a switch keeps its own Parameters: padded in place,
+            # an optimizer over them crashed at its next step, u6)
+            raise ValueError(f"{self._describe()}: adapter {aside[0]!r}, set aside by a switch, holds factors that "
+                             f"require grad (its own Parameters, which an optimizer may hold), and reserve_rank gives "
+                             f"them another shape; freeze them (`for t in layer.get_adapter({aside[0]!r})[:2]: "
+                             f"t.requires_grad_(False)` in each layer, or set_adapter to it and freeze the model's "
+                             f"factors), then reserve")
         return held
 
     def _reserve(self, rank: int) -> None:

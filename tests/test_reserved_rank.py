@@ -223,6 +223,12 @@ def test_trainable_factors_are_refused_and_own_pairs_survive_a_reserve():
     assert layer.reserved_rank is None and layer.lora_A.shape == (2, 24) and own_b[0].shape == (3, 24)
     layer.lora_A.requires_grad_(False)
     layer.lora_B.requires_grad_(False)
+    # b's own pair, set aside by the switch, still requires grad (an optimizer may hold it): refused too
+    with pytest.raises(ValueError, match=r"adapter 'b', set aside by a switch, holds factors that require grad"):
+        layer.reserve_rank(4)
+    assert layer.reserved_rank is None and own_b[0].shape == (3, 24)
+    for t in layer.get_adapter("b")[:2]:
+        t.requires_grad_(False)
     layer.reserve_rank(4)
     assert (layer.lora_A, layer.lora_B) == own_default and layer.lora_A.shape == (4, 24)
     layer.set_adapter("b")  # a serving switch: b's values into the live pair, its own pair kept aside

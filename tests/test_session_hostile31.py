@@ -808,3 +808,125 @@ def test_swap_with_factors_that_need_grad_is_differentiable():
     A2.grad = None
     (W - 0.5 * B1 @ A1 + 2.0 * B2 @ A2).square().sum().backward()
     assert torch.allclose(got, A2.grad)
+
+
+def _saved_pair(tmp_path, net, save):
+    """`net` with peft adapters "a" and "b": LoRA on its `q`, `save` saved whole, every trainable value perturbed."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        peft_model = get_peft_model(copy.deepcopy(net), LoraConfig(r=4, lora_alpha=8, target_modules=["q"],
+                                                                   modules_to_save=list(save)))
+        with torch.no_grad():
+            for p in peft_model.parameters():
+                if p.requires_grad and p.is_floating_point():
+                    p.add_(torch.randn_like(p) * 0.3)
+        peft_model.save_pretrained(str(tmp_path / name))
+    model = copy.deepcopy(net)
+    for i, name in enumerate(("a", "b")):
+        lora.load_peft_adapter(model, str(tmp_path / name), name, activate=(i == 0))
+    return model
+
+
+def test_compiled_batches_over_saved_modules_run_only_the_modules_rows_take(tmp_path):
+    # traced, every group ran on every row, the base's original too: a saved BatchNorm in training mode took every
+    # row's statistics (2.70 off) and moved the original's running mean; a batch of one adapter's rows was refused
+    # for a keyword tensor that eager serves (r50)
+    import copy
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.bn, self.head = nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)
+
+        def forward(self, x, mask=None):
+            y = self.head(self.bn(self.q(x)))
+            return y if mask is None else y * mask
+
+    model = _saved_pair(tmp_path, Net(), ("bn", "head")).eval()
+    x, start = torch.randn(4, 16), copy.deepcopy(model.state_dict())
+
+    def run(fn, rows, train_bn=False, **kwargs):
+        model.load_state_dict(start)
+        model.bn.train(train_bn)
+        with torch.no_grad(), lora.batch_adapters(model, rows):
+            out = fn(x, **kwargs)
+        return out, model.bn.original_module.running_mean.clone()
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        for rows, train_bn, kwargs in ((["a", "b", "b", "a"], True, {}), (["a"] * 4, False, {"mask": torch.ones(4, 1)})):
+            want, want_mean = run(model, rows, train_bn, **kwargs)
+            got, got_mean = run(compiled, rows, train_bn, **kwargs)
+            assert (got - want).abs().max() < 1e-5 and torch.equal(got_mean, want_mean)
+        full = torch.compile(model, backend="eager", fullgraph=True)
+        want, _ = run(model, ["a"] * 4, mask=torch.ones(4, 1))
+        got, _ = run(full, ["a"] * 4, mask=torch.ones(4, 1))
+        assert (got - want).abs().max() < 1e-5
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_saved_module_s_attributes_inside_a_disable_block_are_the_original_s(tmp_path):
+    # `model.head.weight` (a tied read) gave the active copy's inside lora.disable_adapter, where the forward and
+    # peft's wrapper give the original's (2.29 off, r50)
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.q(x), self.head.weight)
+
+    net = Net()
+    original = net.head.weight.detach().clone()
+    model = _saved_pair(tmp_path, net, ("head",))
+    assert not torch.equal(model.head.weight, original)
+    with lora.disable_adapter(model):
+        assert torch.equal(model.head.weight, original)
+
+
+def test_long_containers_of_modules_and_frozen_holders(tmp_path):
+    # a dict of 4097 entries routing to two experts was skipped (the forward through it served the base, 8.49 off);
+    # a holder refusing writes (a frozen mapping) raised a raw TypeError with the model half injected (r50)
+    class Frozen(dict):
+        def __setitem__(self, key, value):
+            raise TypeError("Frozen is immutable")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.experts = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+            self.route = {t: self.experts[t % 2] for t in range(4097)}
+            self.reg = Frozen(p=self.experts[1])
+
+        def forward(self, x):
+            return self.route[0](x) + self.route[1](x)
+
+    torch.manual_seed(0)
+    model = Net()
+    lora.inject(model, ["experts.0", "experts.1"], r=2, merge_weights=False)
+    assert model.route[0] is model.experts[0] and model.route[4096] is model.experts[0]
+    assert model.route[1] is model.experts[1] and isinstance(model.experts[1], lora.LoRALayer)
+    assert not isinstance(model.reg["p"], lora.LoRALayer)  # (left as it is)
+
+
+def test_reserve_rank_refuses_a_trained_adapter_set_aside_by_a_switch():
+    # its own Parameters (which an optimizer holds) were padded in place: the optimizer's next step crashed (u6)
+    torch.manual_seed(0)
+    model = nn.Sequential(lora.Linear(8, 8, r=2))
+    model[0].add_adapter("y", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    opt = torch.optim.Adam([model[0].lora_A, model[0].lora_B], lr=0.01)
+    model(torch.randn(3, 8)).square().sum().backward()
+    opt.step()
+    lora.set_adapter(model, "y")
+    model.requires_grad_(False)
+    aside = model[0].get_adapter("default")[0]
+    assert aside.requires_grad and aside.shape == (2, 8)
+    with pytest.raises(ValueError, match=r"adapter 'default', set aside by a switch, holds factors that require grad"):
+        lora.reserve_rank(model, 4)
+    assert model[0].get_adapter("default")[0].shape == (2, 8) and model[0].reserved_rank is None
+    assert [tuple(p.shape) for p in opt.param_groups[0]["params"]] == [(2, 8), (8, 2)]

@@ -192,6 +192,9 @@ class Batch:
         self.expand = expand
         self.sizes = (self.n,) if expand == 1 else (self.n, self.n * expand)
         self._rows_of = {self.n: self.rows}
+        # the table entries some row takes (len(table): the base), read once as the batch opens: a module saved whole
+        # runs only those (traced, each runs on every row: SavedBatch._masked)
+        self.present = frozenset(torch.unique(self.rows).tolist()) if self.n else frozenset()
         self.thread = threading.get_ident()
         self.filled = set()
         self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds

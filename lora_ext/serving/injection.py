@@ -565,12 +565,12 @@ class _Holders:
     """Every place a model holds each of its modules, by id: each name a module is registered under (an alias is a
     second name, in the same parent or another) and each entry of a plain list, dict or tuple among a module's
     attributes (Mask2Former's, MaskFormer's and OneFormer's prediction blocks run their Linear layers from
-    `self.layers`), nested up to _DEPTH containers deep, of up to _LONGEST entries (a token table is no list of
-    modules). Entries: (owner, holder, key, registered) with holder[key] the module, or holder[key] a tuple (or a
+    `self.layers`), nested up to _DEPTH containers deep (a long container, a token table, is looked into only when its
+    entries' types include a module or a container). Entries: (owner, holder, key, registered) with holder[key] the module, or holder[key] a tuple (or a
     namedtuple) holding it; owner: the module whose attribute it is; registered: holder is the owner's `_modules`."""
 
     _DEPTH = 3
-    _LONGEST = 4096
+    _LONG = 4096  # entries past which a container's types are read first (at C speed: a 3M-int table 5x inject's time)
 
     def __init__(self, model: nn.Module):
         self.at: Dict[int, list] = {}
@@ -583,8 +583,11 @@ class _Holders:
         if isinstance(value, nn.Module):
             self.at.setdefault(id(value), []).append((owner, holder, key, registry and depth == 1))
             return
-        if depth >= self._DEPTH or id(value) in seen or (isinstance(value, (list, dict, tuple))
-                                                         and len(value) > self._LONGEST):
+        if depth >= self._DEPTH or id(value) in seen:
+            return
+        if isinstance(value, (list, dict, tuple)) and len(value) > self._LONG and not any(
+                issubclass(t, (nn.Module, list, dict, tuple))
+                for t in set(map(type, value.values() if isinstance(value, dict) else value))):
             return
         if isinstance(value, (list, dict)):
             seen.add(id(value))
@@ -607,13 +610,17 @@ class _Holders:
         kept = [e for e in held if e not in moved]
         if kept:
             self.at[id(old)] = kept
-        for _, holder, key, _ in moved:
+        for _, holder, key, registered in moved:
             value = holder[key]
-            if value is old:
-                holder[key] = new
-            elif isinstance(value, tuple) and any(v is old for v in value):
-                parts = [new if v is old else v for v in value]
-                holder[key] = tuple(parts) if type(value) is tuple else type(value)._make(parts)
+            try:
+                if value is old:
+                    holder[key] = new
+                elif isinstance(value, tuple) and any(v is old for v in value):
+                    parts = [new if v is old else v for v in value]
+                    holder[key] = tuple(parts) if type(value) is tuple else type(value)._make(parts)
+            except Exception:  # (a container that refuses writes, a frozen mapping: left as it is, as peft leaves
+                if registered:  # every container; the model's own registry must take it)
+                    raise
         self.at.setdefault(id(new), []).extend(moved)
 
 

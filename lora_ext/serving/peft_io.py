@@ -1031,7 +1031,9 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
             # (a hotswap is a serving operation: the storage a capture reads, no recompilation; a trained adapter's
             # new values go into its own Parameters through load_peft_adapter, where the optimizer keeps them)
             raise ValueError(f"{what}: layer {n!r} trains it (its factors require grad), and a hotswap swaps "
-                             f"serving adapters; freeze the factors (requires_grad_(False)) to hotswap, or "
+                             f"serving adapters; freeze the factors (requires_grad_(False); an adapter set aside by a "
+                             f"switch is not among the model's parameters: `for t in layer.get_adapter({name!r})[:2]: "
+                             f"t.requires_grad_(False)`) to hotswap, or "
                              f"load_peft_adapter to replace it (its values go into the adapter's own Parameters, "
                              f"which an optimizer built before keeps training)")
     return [m for _, m in zeroed]

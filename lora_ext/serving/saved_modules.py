@@ -80,7 +80,9 @@ class ModulesToSave(nn.Module):
         except AttributeError:
             if "_modules" not in self.__dict__ or "active_adapter" not in self.__dict__:
                 raise
-        return getattr(self.served(), name)
+        # (inside lora.disable_adapter, the original's, as the forward and peft's wrapper give: a tied read of the
+        # weight, `model.emb.weight`, read the active copy there, 2.29 off, r50)
+        return getattr(self._modules["original_module"] if self._adapter_disabled else self.served(), name)
 
     @property
     def adapter_names(self) -> List[str]:
@@ -179,6 +181,8 @@ class SavedBatch:
         batch = self.batch
         groups: Dict[int, Tuple[nn.Module, List[int]]] = {}
         for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
+            if entry not in batch.present:  # (no row of it: not run, traced either; r50)
+                continue
             module = wrapper.module_for(name)
             groups.setdefault(id(module), (module, []))[1].append(entry)
         if len(groups) == 1:  # one module serves every row (none of the batch's adapters has its own): no split
@@ -233,6 +237,14 @@ class SavedBatch:
         fullgraph=True compile with a data-dependent guard, u5); the same values, every module's cost on every row.
         The module's other arguments are refused as for the split (_check_shared)."""
         x = args[0]
+        for module, _ in groups.values():
+            norm = next((m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training),
+                        None)
+            if norm is not None:  # (the statistics of every row, not of its adapter's rows: 2.70 off, r50)
+                raise ValueError(f"batch_adapters: module {self.path!r} ({wrapper.what()}) holds a "
+                                 f"{type(norm).__name__} in training mode, whose statistics a compiled mixed batch "
+                                 f"would take over every row (it runs each module on every row); eval() it, or run "
+                                 f"the batch eagerly")
         self._check_shared(wrapper, args[1:], kwargs)
         out = None
         for module, entries in groups.values():
