@@ -930,3 +930,16 @@ def test_reserve_rank_refuses_a_trained_adapter_set_aside_by_a_switch():
         lora.reserve_rank(model, 4)
     assert model[0].get_adapter("default")[0].shape == (2, 8) and model[0].reserved_rank is None
     assert [tuple(p.shape) for p in opt.param_groups[0]["params"]] == [(2, 8), (8, 2)]
+
+
+def test_configure_slots_takes_any_integer_as_reserve_rank_does():
+    # np.int64(4) was refused ("must be a positive int") where reserve_rank takes it (u6)
+    import numpy as np
+    model = nn.Sequential(lora.Linear(8, 8, r=2))
+    lora.configure_slots(model, np.int64(3), max_rank=torch.tensor(4))
+    config = lora.slot_config(model)
+    assert (config["slots"], config["max_rank"]) == (3, 4) and type(config["slots"]) is int
+    with pytest.raises(ValueError, match=r"configure_slots: slots: expected a positive int, got 0"):
+        lora.configure_slots(model, 0)
+    with pytest.raises(ValueError, match=r"max_rank \(or None\): expected a positive int, got True"):
+        lora.configure_slots(model, 2, max_rank=True)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from .. import batched, sharded
 from ..layers import LoRALayer, meta_refusal
-from ..named_adapters import deferred_interrupt
+from ..named_adapters import check_rank, deferred_interrupt
 from ..utils import unwrap
 from . import injection, saved_modules
 from .adapters import _layers_or_raise, hold, lora_layers, model_lock
@@ -153,10 +153,9 @@ def configure_slots(model: nn.Module, slots: int, max_rank: Optional[int] = None
     layer (a MergedLinear's enabled blocks each count; a convolution's, its factors' shapes at max_rank, and slots *
     its weight's elements for the slots' delta weights). Replaces the slots the model had: a CUDA graph captured
     in a batch before must be captured again. Refused while a batch of the model is open."""
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise ValueError(f"configure_slots: slots must be a positive int, got {slots!r}")
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-        raise ValueError(f"configure_slots: max_rank must be a positive int or None, got {max_rank!r}")
+    # (any integer, a numpy one or a one-element tensor, as reserve_rank takes: u6)
+    slots = check_rank("configure_slots: slots", slots)
+    max_rank = None if max_rank is None else check_rank("configure_slots: max_rank (or None)", max_rank)
     with model_lock(model).write():
         found = _layers_or_raise(model)
         old = model.__dict__.get("_lora_ext_slot_pool")
