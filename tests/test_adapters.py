@@ -247,7 +247,11 @@ def _race(locked):
 
     def forwards():
         while not stop.is_set():
-            y = layer(x).detach()
+            try:
+                y = layer(x).detach()
+            except Exception as e:  # (without the lock a forward can also meet half-written bookkeeping and raise:
+                bad.append(repr(e))  # that thread died, no output was bad, and the strict xfail passed, flakily)
+                continue
             errs = {n: rel_err(y, v) for n, v in valid.items()}
             best = min(errs, key=errs.get)
             if errs[best] < 1e-5:
