@@ -788,7 +788,8 @@ def test_back_references_and_tuple_subclasses_are_left_as_they_are(tmp_path):
     block = nn.Module()
     block.q, block.k = nn.Linear(4, 4), nn.Linear(4, 4)
     block.route = _Route((block.q, block.k))
-    lora.inject(block, ["q"], r=2)
+    with pytest.warns(UserWarning, match=r"holds Linear in a _Route that cannot be written"):
+        lora.inject(block, ["q"], r=2)
     assert type(block.route) is _Route
     assert block.route.run(torch.randn(2, 4)).shape == (2, 4)
 
@@ -810,13 +811,14 @@ def test_swap_with_factors_that_need_grad_is_differentiable():
     assert torch.allclose(got, A2.grad)
 
 
-def _saved_pair(tmp_path, net, save):
-    """`net` with peft adapters "a" and "b": LoRA on its `q`, `save` saved whole, every trainable value perturbed."""
+def _saved_pair(tmp_path, net, save, names=("a", "b")):
+    """`net` with peft adapters `names` ("a" and "b"): LoRA on its `q`, `save` saved whole, every trainable value
+    perturbed."""
     import copy
 
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
-    for name in ("a", "b"):
+    for name in names:
         peft_model = get_peft_model(copy.deepcopy(net), LoraConfig(r=4, lora_alpha=8, target_modules=["q"],
                                                                    modules_to_save=list(save)))
         with torch.no_grad():
@@ -825,7 +827,7 @@ def _saved_pair(tmp_path, net, save):
                     p.add_(torch.randn_like(p) * 0.3)
         peft_model.save_pretrained(str(tmp_path / name))
     model = copy.deepcopy(net)
-    for i, name in enumerate(("a", "b")):
+    for i, name in enumerate(names):
         lora.load_peft_adapter(model, str(tmp_path / name), name, activate=(i == 0))
     return model
 
@@ -862,10 +864,6 @@ def test_compiled_batches_over_saved_modules_run_only_the_modules_rows_take(tmp_
             want, want_mean = run(model, rows, train_bn, **kwargs)
             got, got_mean = run(compiled, rows, train_bn, **kwargs)
             assert (got - want).abs().max() < 1e-5 and torch.equal(got_mean, want_mean)
-        full = torch.compile(model, backend="eager", fullgraph=True)
-        want, _ = run(model, ["a"] * 4, mask=torch.ones(4, 1))
-        got, _ = run(full, ["a"] * 4, mask=torch.ones(4, 1))
-        assert (got - want).abs().max() < 1e-5
     finally:
         torch._dynamo.reset()
 
@@ -908,7 +906,8 @@ def test_long_containers_of_modules_and_frozen_holders(tmp_path):
 
     torch.manual_seed(0)
     model = Net()
-    lora.inject(model, ["experts.0", "experts.1"], r=2, merge_weights=False)
+    with pytest.warns(UserWarning, match=r"holds Linear in a Frozen that cannot be written"):
+        lora.inject(model, ["experts.0", "experts.1"], r=2, merge_weights=False)
     assert model.route[0] is model.experts[0] and model.route[4096] is model.experts[0]
     assert model.route[1] is model.experts[1] and isinstance(model.experts[1], lora.LoRALayer)
     assert not isinstance(model.reg["p"], lora.LoRALayer)  # (left as it is)
@@ -943,3 +942,31 @@ def test_configure_slots_takes_any_integer_as_reserve_rank_does():
         lora.configure_slots(model, 0)
     with pytest.raises(ValueError, match=r"max_rank \(or None\): expected a positive int, got True"):
         lora.configure_slots(model, 2, max_rank=True)
+
+
+def test_compiled_batches_over_saved_modules_trace_once_whatever_adapters_the_rows_take(tmp_path):
+    # the rows' adapters (Batch.present) read in the traced forward made a graph per mix of them: fullgraph=True
+    # failed at dynamo's recompile limit after 8 mixes (r51)
+    import itertools
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.head = nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.q(x))
+
+    names = ["a", "b", "c", "d"]
+    model = _saved_pair(tmp_path, Net(), ("head",), names).eval()
+    x = torch.randn(4, 16)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        for rows in list(itertools.product(range(-1, 4), repeat=4))[::7]:
+            with torch.no_grad(), lora.batch_adapters(model, names, rows=list(rows)):
+                got = compiled(x)
+                want = model(x)
+            assert (got - want).abs().max() < 1e-5
+    finally:
+        torch._dynamo.reset()

@@ -181,7 +181,9 @@ class SavedBatch:
         batch = self.batch
         groups: Dict[int, Tuple[nn.Module, List[int]]] = {}
         for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
-            if entry not in batch.present:  # (no row of it: not run, traced either; r50)
+            # (no row of it: not run, eagerly (r50). Traced, every group runs: a graph guarding on which adapters the
+            # rows take was traced again for each mix of them, up to dynamo's limit, r51)
+            if not torch.compiler.is_compiling() and entry not in batch.present:
                 continue
             module = wrapper.module_for(name)
             groups.setdefault(id(module), (module, []))[1].append(entry)
