@@ -466,8 +466,8 @@ def unmerge_(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scale: float, *,
         merge_(weight, lora_A, lora_B, -scale, **layout)
         return
     _check_scale(scale)
-    args = (weight, lora_A, lora_B, float(scale), layout.get("num_blocks", 1), _block_list(layout.get("block_ids", (0,))),
-            bool(layout.get("transposed", False)))
+    args = (weight, lora_A, lora_B, float(scale), layout.get("num_blocks", 1),
+            _block_list(layout.get("block_ids", (0,))), bool(layout.get("transposed", False)))
     _check_merge_args(*args)
     _lossless_pass(weight, args[1:4], record, None, *args[4:], "unmerge_")
 

@@ -68,7 +68,8 @@ class ModelLock:
         self._torn = None  # a forked child's: why forwards are refused until set_adapter (after_fork)
         self._blocks = {}  # thread id -> disable_adapter / batch_adapters blocks of the model it has open (block())
         self._stuck = None  # a forked child's: why forwards are refused for good (after_fork)
-        self._reshaping = None  # the change that adds, replaces or removes modules or adapters, while it writes (write())
+        # the change that adds, replaces or removes modules or adapters, while it writes (write())
+        self._reshaping = None
         forks.track_model_lock(self)
 
     def block(self, delta: int, thread: Optional[int] = None) -> None:

@@ -611,7 +611,8 @@ _TIME_MAJOR = {"XLNetModel", "FSMTModel", "LongformerSelfAttention", "LEDEncoder
 # (u1) Bros's entity head on (T, B, d) (0.98 off); MLCD's attention's out_proj on (tokens, B, d) (4.4-10.2 off; its
 # q/k/v_proj take rows first); OmDet-Turbo's task features on (tokens, B, d) and class features on (classes, B, d)
 # (0.13-14.4 off); VibeVoice's diffusion head on [speaking rows' conditions; their negatives]
-_TIME_MAJOR_PARTS = {"Mask2FormerMaskedAttentionDecoder": ("layernorm",), "OneFormerTransformerDecoder": ("decoder_norm",),
+_TIME_MAJOR_PARTS = {"Mask2FormerMaskedAttentionDecoder": ("layernorm",),
+                     "OneFormerTransformerDecoder": ("decoder_norm",),
                      "MLCDAttention": ("out_proj",),
                      "BrosSpadeEEForTokenClassification": ("initial_token_classifier",),
                      "OmDetTurboDecoder": ("task_encoder", "task_project", "encoder_class_head", "decoder_class_head"),
@@ -639,8 +640,8 @@ _PACKED = {"Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPr
 # repeating each row in a run, which is what expand assumes
 _TILING = {"MusicgenForCausalLM", "MusicgenForConditionalGeneration", "MusicgenMelodyForCausalLM",
            "MusicgenMelodyForConditionalGeneration",
-           # (u1) Dia's guidance and Janus's image generation ([rows; rows]: 0.46 and 3.15 off with expand=2), VibeVoice's
-           # guidance, Qwen2.5-Omni's token2wav DiT (stacks its input twice inside its forward)
+           # (u1) Dia's guidance and Janus's image generation ([rows; rows]: 0.46 and 3.15 off with expand=2),
+           # VibeVoice's guidance, Qwen2.5-Omni's token2wav DiT (stacks its input twice inside its forward)
            "DiaForConditionalGeneration", "JanusForConditionalGeneration", "VibeVoiceForConditionalGeneration",
            "Qwen2_5OmniToken2WavDiTModel"}
 
@@ -725,8 +726,8 @@ def _served_inside(m) -> bool:
     return any(isinstance(sub, (LoRALayer, saved_modules.ModulesToSave)) for sub in m.modules())
 
 
-# parts of a model run so only when it is the model given (BridgeTowerVisionModel runs its tower's forward, whose ln_post
-# takes (layers, B, tokens, d): 4.16 off; BridgeTowerModel runs forward_post instead, rows first, r48)
+# parts of a model run so only when it is the model given (BridgeTowerVisionModel runs its tower's forward, whose
+# ln_post takes (layers, B, tokens, d): 4.16 off; BridgeTowerModel runs forward_post instead, rows first, r48)
 _ROOT_PARTS = {"BridgeTowerVisionModel": ("visual.ln_post",)}
 
 

@@ -15,7 +15,8 @@ import warnings
 
 
 # what follows the prefix in a temporary's name: the writer's pid, and tempfile's 8 characters. (Older releases wrote
-# names without the pid; those are left alone: `.merged.tmp-20261205` or `.merged.tmp-previous`, a user's, read the same.)
+# names without the pid; those are left alone: `.merged.tmp-20261205` or `.merged.tmp-previous`, a user's, reads the
+# same.)
 _TEMPORARY = re.compile(r"(\d+)-(?:old-)?[a-z0-9_]{8}")
 
 

@@ -567,8 +567,9 @@ class _Holders:
     attributes (Mask2Former's, MaskFormer's and OneFormer's prediction blocks run their Linear layers from
     `self.layers`), nested up to _DEPTH containers deep (a long container, a token table, is looked into only when its
     entries' types include a module: tokenizer merges of 2M tuples walked made inject 1.3 s slower, r51). A tuple
-    subclass of its own holding a module is noted as unreplaceable (`stuck`). Entries: (owner, holder, key, registered) with holder[key] the module, or holder[key] a tuple (or a
-    namedtuple) holding it; owner: the module whose attribute it is; registered: holder is the owner's `_modules`."""
+    subclass of its own holding a module is noted as unreplaceable (`stuck`). Entries: (owner, holder, key,
+    registered) with holder[key] the module, or holder[key] a tuple (or a namedtuple) holding it; owner: the module
+    whose attribute it is; registered: holder is the owner's `_modules`."""
 
     _DEPTH = 3
     _LONG = 4096  # entries past which a container's types are read first (at C speed: a 3M-int table 5x inject's time)
