@@ -259,7 +259,8 @@ def _traced_scale(scale, scale_tensor, *tensors):
 
 def _block_list(block_ids) -> list:
     """block_ids as a list, before any path reads it (the kernels' fast path leaves the other checks to the
-    launcher, which takes a bool as the int it is)."""
+    launcher, which takes a bool as the int it is). A bool is an int to Python: an enable_lora mask given by
+    mistake, [False, True], was read as blocks 0 and 1 (u4)."""
     ids = list(block_ids)
     if any(isinstance(e, bool) for e in ids):
         raise ValueError(f"block_ids must be block indices, got {ids} (an enable_lora mask? give the indices of "
@@ -273,10 +274,8 @@ def _check_blocks(num_blocks, block_ids, out_features):
     if out_features % num_blocks:
         raise ValueError(
             f"num_blocks ({num_blocks}) must divide the output features ({out_features})")
-    ids = list(block_ids)
-    # (a bool is an int to Python: an enable_lora mask given by mistake, [False, True], read as blocks 0 and 1, u4)
-    if ids != sorted(set(ids)) or any(not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < num_blocks
-                                      for e in ids):
+    ids = _block_list(block_ids)
+    if ids != sorted(set(ids)) or any(not isinstance(e, int) or not 0 <= e < num_blocks for e in ids):
         raise ValueError(
             f"block_ids must be increasing, distinct block indices in [0, {num_blocks}), got {ids}")
     return ids

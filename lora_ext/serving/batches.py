@@ -19,6 +19,7 @@ serving different batches of one model run concurrently. A thread started inside
 """
 import contextlib
 import contextvars
+import functools
 import inspect
 import threading
 import time
@@ -191,9 +192,6 @@ class Batch:
         self.expand = expand
         self.sizes = (self.n,) if expand == 1 else (self.n, self.n * expand)
         self._rows_of = {self.n: self.rows}
-        # the table entries some row takes (len(table): the base), read once as the batch opens: a module saved whole
-        # runs only those (traced, each runs on every row: SavedBatch._masked)
-        self.present = frozenset(torch.unique(self.rows).tolist()) if self.n else frozenset()
         self.thread = threading.get_ident()
         self.filled = set()
         self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds
@@ -206,6 +204,12 @@ class Batch:
         # Set when the block closes. A generator's block closed on another thread than the one it opened on
         # leaves its entries in the opening thread's context, where they must then count for nothing.
         self.closed = False
+
+    @functools.cached_property
+    def present(self) -> frozenset:
+        """The table entries some row takes (len(table): the base), read on first use (a device sync on CUDA): a
+        module saved whole runs only those, eagerly (traced, each runs on every row: SavedBatch._masked)."""
+        return frozenset(torch.unique(self.rows).tolist()) if self.n else frozenset()
 
     def rows_for(self, size: int) -> Tensor:
         """Each row's table entry for an input of `size` rows (one of self.sizes): the rows, or each repeated
@@ -731,6 +735,14 @@ def _served_inside(m) -> bool:
 _ROOT_PARTS = {"BridgeTowerVisionModel": ("visual.ln_post",)}
 
 
+def _refuse_not_rows_first(part, child, owner, first):
+    """Refuses a batch that serves a layer inside `child` (`part` of an `owner`), whose inputs put `first` first."""
+    if _served_inside(child):
+        raise ValueError(f"batch_adapters: {part!r} of the {owner} takes inputs whose first dimension is not the "
+                         f"batch's rows ({first} first): a row of the batch cannot be told there; serve it one "
+                         f"adapter at a time")
+
+
 def _check_batch_major(model, expand=1):
     root = unwrap(model)
     for part in _ROOT_PARTS.get(type(root).__name__, ()):
@@ -738,10 +750,7 @@ def _check_batch_major(model, expand=1):
             child = root.get_submodule(part)
         except AttributeError:
             continue
-        if _served_inside(child):
-            raise ValueError(f"batch_adapters: {part!r} of the {type(root).__name__} takes inputs whose first "
-                             f"dimension is not the batch's rows (layers first): a row of the batch cannot be told "
-                             f"there; serve it one adapter at a time")
+        _refuse_not_rows_first(part, child, type(root).__name__, "layers")
     for path, m in model.named_modules():
         kind = type(m).__name__
         parts = [(f"{path}.{name}" if path else name, child) for name, child in m.named_children()
@@ -751,10 +760,7 @@ def _check_batch_major(model, expand=1):
                              f"time-major inputs (tokens first, then rows): a row of the batch cannot be told from a "
                              f"token there; serve it one adapter at a time")
         for part, child in parts:
-            if _served_inside(child):
-                raise ValueError(f"batch_adapters: {part!r} of the {kind} takes inputs whose first dimension is not "
-                                 f"the batch's rows (tokens, queries or layers first): a row of the batch cannot be "
-                                 f"told there; serve it one adapter at a time")
+            _refuse_not_rows_first(part, child, kind, "tokens, queries or layers")
         if expand > 1 and kind in _TILING and _served_inside(m):  # (a tiling part the batch does not serve: r48)
             raise ValueError(f"batch_adapters: expand={expand}: {path or 'the model'!r} is a {type(m).__name__}, whose "
                              f"generate() stacks the batch twice for classifier-free guidance ([rows; rows]) rather "

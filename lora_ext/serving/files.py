@@ -56,15 +56,16 @@ def stale_temporaries(path):
         entries = os.listdir(parent)
     except OSError:
         return []
-    stale = []
+    pids = {}  # each candidate's pid
     for entry in sorted(entries):
-        if not entry.startswith(prefix):
-            continue
-        m = _TEMPORARY.fullmatch(entry[len(prefix):])
-        # (a number no process can have is a user's: `.merged.tmp-20261205-snapshot`, r47)
-        if m is not None and int(m.group(1)) <= _pid_max() and not _pid_alive(int(m.group(1))):
-            stale.append(os.path.join(parent, entry))
-    return stale
+        m = _TEMPORARY.fullmatch(entry[len(prefix):]) if entry.startswith(prefix) else None
+        if m is not None:
+            pids[entry] = int(m.group(1))
+    if not pids:
+        return []
+    # (a number no process can have is a user's: `.merged.tmp-20261205-snapshot`, r47)
+    top = _pid_max()
+    return [os.path.join(parent, e) for e, pid in pids.items() if pid <= top and not _pid_alive(pid)]
 
 
 def _remove(p):
