@@ -196,7 +196,7 @@ def test_rows_given_as_an_index_expand_too():
 @pytest.mark.parametrize("expand", [0, -2, True, 2.0, "2"])
 def test_a_bad_expand_is_refused_before_anything_opens(expand):
     layer, _ = _layer_and_oracle()
-    with pytest.raises(ValueError, match="expand must be a positive int"):
+    with pytest.raises(ValueError, match=r"expand \(generate\(\)'s num_beams\): expected a positive int"):
         with lora.batch_adapters(layer, ["a", "b"], expand=expand):
             pass
     assert not batched.ANY_OPEN

@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import operator
 import threading
 import time
 import weakref
@@ -386,9 +387,7 @@ def _rows(adapters, rows, held) -> tuple:
                                  f"{rows.dtype} of shape {tuple(rows.shape)}")
             index = rows.long()
         else:
-            if any(isinstance(i, bool) or not isinstance(i, int) for i in rows):
-                raise TypeError("batch_adapters: rows must be a 1-D int tensor or a list of ints")
-            index = torch.tensor(list(rows), dtype=torch.int64)
+            index = torch.tensor([_row_entry(i) for i in rows], dtype=torch.int64)
         label = lambda i: f"rows entry {i}"  # noqa: E731
         host = index.cpu()  # one sync, before anything is written
         bad = ((host < -1) | (host >= len(table))).nonzero()
@@ -743,6 +742,17 @@ def _refuse_not_rows_first(part, child, owner, first):
                          f"adapter at a time")
 
 
+def _row_entry(i) -> int:
+    """One entry of a `rows` list as an int: any integer (a numpy one too, r51), never a bool."""
+    try:
+        if isinstance(i, bool) or (isinstance(i, Tensor) and i.is_floating_point()):
+            raise TypeError
+        return operator.index(i)
+    except TypeError:
+        raise TypeError(f"batch_adapters: rows must be a 1-D int tensor or a list of ints, got an entry {i!r}") \
+            from None
+
+
 def _check_batch_major(model, expand=1):
     root = unwrap(model)
     for part in _ROOT_PARTS.get(type(root).__name__, ()):
@@ -789,8 +799,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         raise ValueError("batch_adapters: a batch of this model is already open in this context; close it first")
     found = _layers_or_raise(model)
     _check_enabled(model, found)
-    if isinstance(expand, bool) or not isinstance(expand, int) or expand < 1:
-        raise ValueError(f"batch_adapters: expand must be a positive int (generate()'s num_beams), got {expand!r}")
+    expand = check_rank("batch_adapters: expand (generate()'s num_beams)", expand)  # (numpy ints too, r51)
     _check_batch_major(model, expand)
     with hold(model):
         # the layers and names as of now, under the hold (a load or a delete may have landed before it: checked
