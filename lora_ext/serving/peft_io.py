@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .. import ddp_guard, layers, ops, sharded
 from ..layers import LoRALayer
-from ..named_adapters import check_adapter_name, deferred_interrupt, held_warnings
+from ..named_adapters import at_layer, check_adapter_name, deferred_interrupt, held_warnings
 from ..utils import _ddp_of, unwrap
 from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
@@ -798,14 +798,18 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
         try:
             # (a layer is listed before its write: one whose add_adapter raised after storing the values, in its
             # bookkeeping after the write, is put back too; putting back one refused before writing changes nothing)
+            # (a refusal names the layer's path: its own message names its constructor only, u6)
             for name, module, layer, fresh, A2, B2, scaling in plan:
                 if not fresh:
                     written.append((layer, _held(layer, adapter_name)))
-                    layer.add_adapter(adapter_name, A2, B2, scaling)
+                    with at_layer(name):
+                        layer.add_adapter(adapter_name, A2, B2, scaling)
+            paths = {layer: n for n, layer in held}
             for layer in zeroed:  # (hotswap) layers the old adapter targets and the new one does not: zeros, in place
                 written.append((layer, _held(layer, adapter_name)))
                 A, B, _ = layer.get_adapter(adapter_name)
-                layer.add_adapter(adapter_name, torch.zeros_like(A.detach()), torch.zeros_like(B.detach()), 1.0)
+                with at_layer(paths.get(layer)):
+                    layer.add_adapter(adapter_name, torch.zeros_like(A.detach()), torch.zeros_like(B.detach()), 1.0)
                 layer.__dict__.setdefault("_placeholders", set()).add(adapter_name)
             for name, module, layer, fresh, A2, B2, scaling in plan:
                 if fresh:
