@@ -1,8 +1,11 @@
 """Found by the thirty-ninth session's hostile helpers and reviews (v1, v2, ...) and the last note's leftovers; each
 test failed on the commit before its fix. Numbers are checked against float64 references written here."""
+import collections
+
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 import lora_ext as lora
 from lora_ext import batched
@@ -86,3 +89,69 @@ def test_hotswap_refusal_at_one_layer_names_its_path_and_changes_nothing(tmp_pat
         lora.hotswap_adapter(model, h)
     assert unchanged(model, before)
     assert torch.equal(model(ids).logits, out)
+
+
+# --- v1: the module index missed containers inside tuples and long lists of tuples or lists ---------------------
+
+_Pair = collections.namedtuple("_Pair", "first second")
+
+
+class _Point(tuple):  # a tuple subclass of its own: cannot be built again (left, warned), its lists can be written
+    pass
+
+
+_HOLDINGS = {
+    # name: (build the holder from the Linear, read the Linear back from the holder)
+    "tuple in tuple": (lambda m: ((m,),), lambda h: h[0][0]),
+    "list in tuple": (lambda m: ([m],), lambda h: h[0][0]),
+    "dict in tuple": (lambda m: ({"x": m},), lambda h: h[0]["x"]),
+    "namedtuple in tuple": (lambda m: (_Pair(m, m),), lambda h: h[0].second),
+    "tuple in list in tuple": (lambda m: ([("k", m)],), lambda h: h[0][0][1]),
+    "list in a tuple subclass": (lambda m: _Point(([m],)), lambda h: h[0][0]),
+    "long list of tuples": (lambda m: [("pad", nn.Identity())] * 5000 + [("x", m)], lambda h: h[-1][-1]),
+    "long list of lists": (lambda m: [[0]] * 5000 + [[m]], lambda h: h[-1][-1]),
+    "long dict of dicts": (lambda m: {i: {"k": i} for i in range(5000)} | {"x": {"k": m}}, lambda h: h["x"]["k"]),
+}
+
+
+@pytest.mark.parametrize("holding", list(_HOLDINGS))
+def test_inject_and_unload_reach_modules_nested_in_tuples_and_long_containers(holding):
+    build, read = _HOLDINGS[holding]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 6)
+            self.held = build(self.proj)
+
+        def forward(self, x):
+            return read(self.held)(x)  # the model runs it through the container, as Mask2Former runs self.layers
+
+    torch.manual_seed(0)
+    model = Net()
+    plain = model.proj
+    W, b = plain.weight.detach().double().clone(), plain.bias.detach().double().clone()
+    lora.inject(model, ["proj"], r=2, lora_alpha=4, merge_weights=False)
+    layer = model.proj
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert read(model.held) is layer
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        y = model(x)
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    want = x.double() @ W.T + b + 2.0 * (x.double() @ A.T @ B.T)
+    assert _rel(y, want) < 1e-6
+    lora.unload(model)
+    assert read(model.held) is model.proj and type(model.proj) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(model(x), torch.nn.functional.linear(x, plain.weight, plain.bias))
+
+
+def test_a_module_in_a_tuple_that_cannot_be_built_again_is_warned_about_even_nested():
+    block = nn.Module()
+    block.q = nn.Linear(4, 4)
+    block.held = ([torch.return_types.max((block.q, block.q))],)  # a structseq, not a namedtuple: no _make
+    with pytest.warns(UserWarning, match=r"holds Linear in a max that cannot be written"):
+        lora.inject(block, ["q"], r=2)
+    assert type(block.held[0][0]) is torch.return_types.max and type(block.held[0][0].values) is nn.Linear

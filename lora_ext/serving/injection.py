@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import itertools
 import math
 import numbers
 import re
@@ -565,10 +566,11 @@ class _Holders:
     """Every place a model holds each of its modules, by id: each name a module is registered under (an alias is a
     second name, in the same parent or another) and each entry of a plain list, dict or tuple among a module's
     attributes (Mask2Former's, MaskFormer's and OneFormer's prediction blocks run their Linear layers from
-    `self.layers`), nested up to _DEPTH containers deep (a long container, a token table, is looked into only when its
-    entries' types include a module: tokenizer merges of 2M tuples walked made inject 1.3 s slower, r51). A tuple
-    subclass of its own holding a module is noted as unreplaceable (`stuck`). Entries: (owner, holder, key,
-    registered) with holder[key] the module, or holder[key] a tuple (or a namedtuple) holding it; owner: the module
+    `self.layers`), nested up to _DEPTH containers deep, tuples too (rebuilt, being immutable: a tuple inside a
+    tuple, v1). A long container (a token table) is looked into only when it may hold a module (_may_hold_modules,
+    at C speed: tokenizer merges of 2M tuples walked made inject 1.3 s slower, r51). A tuple subclass of its own
+    holding a module is noted as unreplaceable (`stuck`). Entries: (owner, holder, key, registered, via) with
+    holder[key] the module, or, with `via` a path of tuple indices, holder[key][via[0]][via[1]]...; owner: the module
     whose attribute it is; registered: holder is the owner's `_modules`."""
 
     _DEPTH = 3
@@ -580,30 +582,29 @@ class _Holders:
         for m in model.modules():
             for key, value in vars(m).items():
                 if key not in _MODULE_STATE:
-                    self._walk(m, vars(m), key, value, 0, set(), key == "_modules")
+                    self._walk(m, vars(m), key, (), value, 0, set(), key == "_modules")
 
-    def _walk(self, owner, holder, key, value, depth, seen, registry):
+    def _walk(self, owner, holder, key, via, value, depth, seen, registry, stuck=None):
         if isinstance(value, nn.Module):
-            self.at.setdefault(id(value), []).append((owner, holder, key, registry and depth == 1))
+            if stuck is not None:
+                self.stuck.setdefault(id(value), []).append((owner, stuck))
+            else:
+                self.at.setdefault(id(value), []).append((owner, holder, key, registry and depth == 1 and not via,
+                                                          via))
             return
-        if depth >= self._DEPTH or id(value) in seen:
+        if depth >= self._DEPTH or id(value) in seen or not isinstance(value, (list, dict, tuple)):
             return
-        if isinstance(value, (list, dict, tuple)) and len(value) > self._LONG and not any(
-                issubclass(t, nn.Module) for t in set(map(type, value.values() if isinstance(value, dict) else value))):
+        if len(value) > self._LONG and not _may_hold_modules(value, self._DEPTH - depth):
             return
-        if isinstance(value, (list, dict)):
-            seen.add(id(value))
+        if isinstance(value, (list, dict)):  # (written in place: what holds it need not be)
+            seen.add(id(value))  # (a tuple is not: one held twice is rebuilt in each holder; a cycle needs a list)
             for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
-                self._walk(owner, value, k, v, depth + 1, seen, registry)
-        elif isinstance(value, tuple):
-            # (a tuple subclass of its own could not be built again as it is, r49: noted, not replaced)
-            rebuilt = type(value) is tuple or hasattr(value, "_make")
-            for v in value:
-                if isinstance(v, nn.Module):
-                    if rebuilt:
-                        self.at.setdefault(id(v), []).append((owner, holder, key, False))
-                    else:
-                        self.stuck.setdefault(id(v), []).append((owner, type(value).__name__))
+                self._walk(owner, value, k, (), v, depth + 1, seen, registry)
+            return
+        if stuck is None and not (type(value) is tuple or hasattr(value, "_make")):
+            stuck = type(value).__name__  # (a tuple subclass of its own cannot be built again as it is, r49)
+        for i, v in enumerate(value):  # (a plain tuple or a namedtuple: built again around the new module)
+            self._walk(owner, holder, key, (*via, i), v, depth + 1, seen, registry, stuck)
 
     def replace(self, old: nn.Module, new: nn.Module, names: bool = True) -> None:
         """`new` wherever the model held `old` (the name replaced is set by the caller), but in old's own children (a
@@ -617,14 +618,9 @@ class _Holders:
         if kept:
             self.at[id(old)] = kept
         stuck = [(owner, kind) for owner, kind in self.stuck.get(id(old), ()) if id(owner) not in inside]
-        for owner, holder, key, registered in moved:
-            value = holder[key]
+        for owner, holder, key, registered, via in moved:
             try:
-                if value is old:
-                    holder[key] = new
-                elif isinstance(value, tuple) and any(v is old for v in value):
-                    parts = [new if v is old else v for v in value]
-                    holder[key] = tuple(parts) if type(value) is tuple else type(value)._make(parts)
+                holder[key] = _replaced(holder[key], via, old, new)
             except Exception:  # (a container that refuses writes, a frozen mapping: left as it is, said below)
                 if registered:  # (the model's own registry must take it)
                     raise
@@ -634,6 +630,48 @@ class _Holders:
                           f"written, where it stays: a forward reaching it through that {kind} runs it without the "
                           f"adapter (as peft's would)", stacklevel=4)
         self.at.setdefault(id(new), []).extend(moved)
+
+
+def _replaced(value, via, old, new):
+    """`value` with `new` for `old` at the tuple path `via` (each tuple on the way built again, a namedtuple as one);
+    `value` as it is where it no longer holds `old` there."""
+    if not via:
+        return new if value is old else value
+    if not isinstance(value, tuple) or via[0] >= len(value):
+        return value
+    parts = list(value)
+    parts[via[0]] = _replaced(parts[via[0]], via[1:], old, new)
+    if all(a is b for a, b in zip(parts, value)):
+        return value
+    return tuple(parts) if type(value) is tuple else type(value)._make(parts)
+
+
+def _may_hold_modules(value, levels: int) -> bool:
+    """Whether a long container may hold a module within `levels` containers, read at C speed level by level while
+    its entries are all modules-free values or all sequences (or all dicts): a token table of tuples of strings
+    holds none. Entries mixing containers with other values are looked into one by one (True)."""
+    def entries(level):
+        items = value.values() if isinstance(value, dict) else value
+        for kind in level:
+            items = itertools.chain.from_iterable(map(dict.values, items) if kind is dict else items)
+        return items
+    level = []
+    for _ in range(levels):
+        types = set(map(type, entries(level)))
+        if any(issubclass(t, nn.Module) for t in types):
+            return True
+        inner = [t for t in types if issubclass(t, (list, tuple, dict))]
+        if not inner:
+            return False
+        if len(inner) < len(types):
+            return True
+        if all(issubclass(t, dict) for t in inner):
+            level.append(dict)
+        elif not any(issubclass(t, dict) for t in inner):
+            level.append(list)
+        else:
+            return True
+    return False
 
 
 _HOLDERS: "contextvars.ContextVar[Optional[tuple]]" = contextvars.ContextVar("lora_ext_holders", default=None)
