@@ -585,12 +585,16 @@ def _same_adapter_in_backward(layer, state):
     def check(grad):
         now = layer._served_state()
         if now != state:
-            (was, _, was_merged, _), (name, _, merged, _) = state, now
+            (was, was_scaling, was_merged, _), (name, scaling, merged, _) = state, now
             reset = sharded.reset_after_refused_backward(layer)
+            if name != was or merged != was_merged:
+                what = (f"{'switched to' if name != was else 'changed to'} {name!r}"
+                        f"{' merged' if merged else ' unmerged'}")
+            else:  # (add_adapter over it, or over it while another adapter was active, then switched back: v1)
+                what = f"given new {'values' if scaling == was_scaling else 'scaling'} (add_adapter)"
             raise RuntimeError(
                 f"{layer._describe()}: its forward served adapter {was!r}{' merged' if was_merged else ''}, and before "
-                f"this backward it was {'switched to' if name != was else 'changed to'} {name!r}"
-                f"{' merged' if merged else ' unmerged'} (or its scaling or values changed): FSDP2 gathers the weight "
+                f"this backward it was {what}: FSDP2 gathers the weight "
                 f"and factors again for the backward, which would compute the gradients of other values; run the "
                 f"backward first (an eval() or set_adapter after it), or switch back before it. "
                 + ("FSDP2's iteration state was reset (reset_iter_state()) and its unreduced gradients dropped: "
@@ -1037,9 +1041,11 @@ class LoRALayer(NamedAdapters):
     def _served_state(self) -> tuple:
         """What a forward computed with, as far as a backward under FSDP2 needs it unchanged
         (_same_adapter_in_backward):
-        the active adapter, its scaling, whether it was merged, and how many times add_adapter replaced it (not
-        check_values, which writes nothing: r46)."""
-        return self.active_adapter, self.scaling, bool(self.merged), self.__dict__.get("_active_replaced", 0)
+        the active adapter, its scaling, whether it was merged, and how many times add_adapter gave that name values
+        (replaced, or deleted and added again, while another adapter was active too: v1; not check_values, which
+        writes nothing: r46)."""
+        return (self.active_adapter, self.scaling, bool(self.merged),
+                self.__dict__.get("_generations", {}).get(self.active_adapter, 0))
 
     def reset_parameters(self) -> None:
         """The weight drawn afresh and the active adapter's factors initialised as loralib's (a zero update). A

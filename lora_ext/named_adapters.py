@@ -832,9 +832,12 @@ class NamedAdapters:
                 raise RuntimeError(f"{self._describe()}: add_adapter would replace adapter {name!r}, which the weight "
                                    f"holds merged, while a mixed batch (lora.batch_adapters) serves this layer: the "
                                    f"weight would change under the batch's rows; replace it after the block closes")
+            # (counted for every name, active or not, before the write: a backward under FSDP2 refuses after it, as
+            # after a switch, layers._served_state; an inactive adapter replaced, then switched back to, was
+            # let through and its gradients were the new factors' (46.5 off, v1))
+            generations = self.__dict__.setdefault("_generations", {})
+            generations[name] = generations.get(name, 0) + 1
             if name == self.active_adapter:
-                # (counted: a backward under FSDP2 refuses after it, as after a switch, layers._served_state)
-                self.__dict__["_active_replaced"] = self.__dict__.get("_active_replaced", 0) + 1
                 live, rank = self._parameters.get("lora_A"), self.r
                 with deferred_interrupt(), self._switch_write(name):
                     self._activate(name, lora_A, lora_B, float(scaling))  # which makes the live factors' own copy

@@ -534,6 +534,17 @@ def _between_forward_and_backward(rank, world, step):
             lora.set_adapter(seq, "b")
             seq(x)
             lora.set_adapter(seq, "default")
+    elif step in ("replaced while away", "deleted and added while away"):  # (let through: 46.5 off, v1)
+        with torch.no_grad():
+            lora.set_adapter(seq, "b")
+            seq(x)
+            for i in (0, 2):
+                scaling = seq[i].get_adapter("default")[2]  # (the same: the state a forward saw, but the values)
+                if step.startswith("deleted"):
+                    seq[i].delete_adapter("default")
+                seq[i].add_adapter("default", torch.randn(2, 8, dtype=torch.float64),
+                                   torch.randn(seq[i].out_features, 2, dtype=torch.float64), scaling)
+            lora.set_adapter(seq, "default")
     elif step == "check_values":  # (writes nothing: it was refused, r46)
         for i in (0, 2):
             seq[i].check_values("default")
@@ -548,7 +559,7 @@ def _between_forward_and_backward(rank, world, step):
 
 
 @pytest.mark.parametrize("step", ["eval", "switch", "add_adapter", "eval after another model died", "away and back",
-                                  "check_values"])
+                                  "check_values", "replaced while away", "deleted and added while away"])
 def test_fsdp2_refuses_a_backward_after_its_layers_merged_or_switched_since_the_forward(step):
     # FSDP2 gathers the weight and factors again for the backward: an eval() (a validation pass mid-step) or a switch
     # between forward and backward gave the gradients of other values, silently (0.81 and 22.6 off, review s6; one
@@ -571,10 +582,12 @@ def test_fsdp2_refuses_a_backward_after_its_layers_merged_or_switched_since_the_
             continue
         assert kind == "refused", got
         assert re.search(r"Linear\(8, \d\).*: its forward served adapter 'default', and before this backward it "
-                         + {"switch": r"was switched to 'b'", "add_adapter": r"was changed to 'default' unmerged"
+                         + {"switch": r"was switched to 'b'", "add_adapter": r"was given new values \(add_adapter\)",
+                            "replaced while away": r"was given new values \(add_adapter\)",
+                            "deleted and added while away": r"was given new values \(add_adapter\)",
                             }.get(step, r"was changed to 'default' merged"), got)
         assert "reset_iter_state()" in got
-        if step != "add_adapter":
+        if step not in ("add_adapter", "replaced while away", "deleted and added while away"):
             assert torch.allclose(next_out, after, rtol=0, atol=1e-12)
 
 
