@@ -208,8 +208,9 @@ class Batch:
 
     @functools.cached_property
     def present(self) -> frozenset:
-        """The table entries some row takes (len(table): the base), read on first use (a device sync on CUDA): a
-        module saved whole runs only those, eagerly (traced, each runs on every row: SavedBatch._masked)."""
+        """The table entries some row takes (len(table): the base): a module saved whole runs only those, eagerly
+        (traced, each runs on every row: SavedBatch._masked). Read as the batch opens where it has such modules
+        (a device sync on CUDA, outside any capture the block may hold: SavedBatch), else never."""
         return frozenset(torch.unique(self.rows).tolist()) if self.n else frozenset()
 
     def rows_for(self, size: int) -> Tensor:
@@ -877,7 +878,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 counted = True
                 batch.fill_existing()
                 layers = {m: batched.LayerBatch(batch, stacks) for m, stacks in views.items()}
-                layers.update({w: saved_modules.SavedBatch(batch, path) for path, w in saved})
+                layers.update({w: saved_modules.SavedBatch(batch, path, w) for path, w in saved})
                 tokens.append(batched.ACTIVE.set({**_open(batched.ACTIVE.get(), lambda v: v.batch), **layers}))
                 tokens.append(_MODELS.set({**_open(_MODELS.get()), model: batch}))
                 _install_check(model)

@@ -174,21 +174,36 @@ class SavedBatch:
     module, and the outputs go back to their rows (peft's mixed batches do the same). The module's first input
     must have the batch's rows as its first dimension."""
 
-    def __init__(self, batch, path: str):
+    def __init__(self, batch, path: str, wrapper: ModulesToSave):
         self.batch, self.path = batch, path
+        batch.present  # (read as the batch opens: a device sync, outside any CUDA graph capture in the block)
+        # traced: each table entry's module as an index into _modules(wrapper), a tensor, so that one graph serves
+        # every table of the batch's size (a graph reading the table's names guarded on them: a new one for each
+        # order of the adapters, and fullgraph=True failed at dynamo's limit after 8, v2)
+        copies = list(wrapper._modules["modules_to_save"]._modules)
+        self.pick = torch.tensor([1 + copies.index(name) if name in copies else 0 for name in [*batch.table, None]],
+                                 dtype=torch.int64, device=batch.rows.device)
+
+    @staticmethod
+    def _modules(wrapper: ModulesToSave) -> List[nn.Module]:
+        return [wrapper._modules["original_module"], *wrapper._modules["modules_to_save"]._modules.values()]
 
     def forward(self, wrapper: ModulesToSave, args, kwargs):
         batch = self.batch
+        traced = torch.compiler.is_compiling()
         groups: Dict[int, Tuple[nn.Module, List[int]]] = {}
-        for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
-            # (no row of it: not run, eagerly (r50). Traced, every group runs: a graph guarding on which adapters the
-            # rows take was traced again for each mix of them, up to dynamo's limit, r51)
-            if not torch.compiler.is_compiling() and entry not in batch.present:
-                continue
-            module = wrapper.module_for(name)
-            groups.setdefault(id(module), (module, []))[1].append(entry)
-        if len(groups) == 1:  # one module serves every row (none of the batch's adapters has its own): no split
-            return next(iter(groups.values()))[0](*args, **kwargs)
+        if traced:  # every module of the wrapper (the table's names are not read: see __init__)
+            modules = self._modules(wrapper)
+            if len(modules) == 1:
+                return modules[0](*args, **kwargs)
+        else:
+            for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
+                if entry not in batch.present:  # (no row of it: not run, r50)
+                    continue
+                module = wrapper.module_for(name)
+                groups.setdefault(id(module), (module, []))[1].append(entry)
+            if len(groups) == 1:  # one module serves every row (none of the batch's adapters has its own): no split
+                return next(iter(groups.values()))[0](*args, **kwargs)
         x = args[0] if args else None
         lead = None  # the leading dimensions a token layout flattens
         if isinstance(x, Tensor) and x.dim() > 1 and x.shape[0] != batch.n and batch.layout == "tokens" \
@@ -210,8 +225,8 @@ class SavedBatch:
                              f"adapter's own, but got ids of shape {tuple(x.shape)}"
                              f"{batch.hint(x.shape[0], x.shape, True)}")
         rows = batch.rows_for(x.shape[0]).to(x.device)
-        if torch.compiler.is_compiling():
-            out = self._masked(wrapper, groups, rows, args, kwargs)
+        if traced:
+            out = self._masked(wrapper, modules, rows, args, kwargs)
             return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
         parts = [(module, torch.isin(rows, torch.tensor(entries, device=x.device)).nonzero().squeeze(1))
                  for module, entries in groups.values()]
@@ -233,33 +248,33 @@ class SavedBatch:
         return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
 
 
-    def _masked(self, wrapper: ModulesToSave, groups, rows, args, kwargs) -> Tensor:
-        """The traced form of the split (torch.compile): each module runs on every row and each row takes its own
-        module's output, so that no shape depends on the rows' adapters (the split's nonzero stopped a
-        fullgraph=True compile with a data-dependent guard, u5); the same values, every module's cost on every row.
-        The module's other arguments are refused as for the split (_check_shared)."""
+    def _masked(self, wrapper: ModulesToSave, modules, rows, args, kwargs) -> Tensor:
+        """The traced form of the split (torch.compile): each of the wrapper's modules runs on every row (its own
+        copy of the first input: a module writing it in place changed the next one's, 0.39 off, v2) and each row
+        takes its own module's output, so that no shape depends on the rows' adapters (the split's nonzero stopped
+        a fullgraph=True compile with a data-dependent guard, u5); the same values, every module's cost on every
+        row. The module's other arguments are refused as for the split (_check_shared), and so are modules that
+        would take statistics over every row."""
         x = args[0]
-        for module, _ in groups.values():
-            norm = next((m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training),
-                        None)
-            if norm is not None:  # (the statistics of every row, not of its adapter's rows: 2.70 off, r50)
+        for module in modules:
+            norm = next((m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
+                         and (isinstance(m, nn.modules.batchnorm._BatchNorm) or m.track_running_stats)), None)
+            if norm is not None:  # (the statistics of every row, not of its adapter's rows: 2.70 off, r50; an
+                # InstanceNorm's running statistics, 0.12 off, v2)
                 raise ValueError(f"batch_adapters: module {self.path!r} ({wrapper.what()}) holds a "
                                  f"{type(norm).__name__} in training mode, whose statistics a compiled mixed batch "
                                  f"would take over every row (it runs each module on every row); eval() it, or run "
                                  f"the batch eagerly")
         self._check_shared(wrapper, args[1:], kwargs)
+        pick = self.pick[rows]
         out = None
-        for module, entries in groups.values():
-            y = module(*args, **kwargs)
+        for j, module in enumerate(modules):
+            y = module(x.clone(), *args[1:], **kwargs)
             if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
                 raise ValueError(f"batch_adapters: module {self.path!r} ({wrapper.what()}) returned "
                                  f"{type(y).__name__ if not isinstance(y, Tensor) else tuple(y.shape)} for "
                                  f"{x.shape[0]} rows; mixed batches split its rows, so it must return a tensor of rows")
-            if out is None:
-                out = y
-                continue
-            mine = torch.isin(rows, torch.tensor(entries, device=rows.device))
-            out = torch.where(mine.view(-1, *([1] * (y.dim() - 1))), y, out)
+            out = y if out is None else torch.where((pick == j).view(-1, *([1] * (y.dim() - 1))), y, out)
         return out
 
     def _check_shared(self, wrapper: ModulesToSave, extra, kwargs) -> None:
