@@ -8,6 +8,7 @@ projection named in `fused` -> MergedLinear(enable_lora=...). The new layers are
 and only the LoRA factors are allocated.
 """
 import ast
+import collections
 import contextlib
 import contextvars
 import functools
@@ -18,6 +19,7 @@ import numbers
 import re
 import sys
 import textwrap
+import types
 import warnings
 import weakref
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
@@ -562,6 +564,13 @@ def _adopt(layer, module):
 _MODULE_STATE = frozenset(nn.Module().__dict__) - {"_modules"}  # what every module holds (hooks, ...), bar its children
 
 
+# containers the module index looks into: written in place (a read-only mapping refuses, and is warned about),
+# tuples (built again), sets (nowhere to write: warned about)
+_MAPPINGS = (dict, types.MappingProxyType)
+_WRITTEN = (list, collections.deque, *_MAPPINGS)
+_CONTAINERS = (*_WRITTEN, tuple, set, frozenset)
+
+
 class _Holders:
     """Every place a model holds each of its modules, by id: each name a module is registered under (an alias is a
     second name, in the same parent or another) and each entry of a plain list, dict or tuple among a module's
@@ -592,14 +601,19 @@ class _Holders:
                 self.at.setdefault(id(value), []).append((owner, holder, key, registry and depth == 1 and not via,
                                                           via))
             return
-        if depth >= self._DEPTH or id(value) in seen or not isinstance(value, (list, dict, tuple)):
+        if depth >= self._DEPTH or id(value) in seen or not isinstance(value, _CONTAINERS):
             return
         if len(value) > self._LONG and not _may_hold_modules(value, self._DEPTH - depth):
             return
-        if isinstance(value, (list, dict)):  # (written in place: what holds it need not be)
+        if isinstance(value, _WRITTEN):  # (written in place: what holds it need not be; a read-only mapping's write
+            # fails, and is warned about)
             seen.add(id(value))  # (a tuple is not: one held twice is rebuilt in each holder; a cycle needs a list)
-            for k, v in (value.items() if isinstance(value, dict) else enumerate(value)):
+            for k, v in (value.items() if isinstance(value, _MAPPINGS) else enumerate(value)):
                 self._walk(owner, value, k, (), v, depth + 1, seen, registry)
+            return
+        if isinstance(value, (set, frozenset)):  # (no place to write a module into: warned about)
+            for v in value:
+                self._walk(owner, None, None, (), v, depth + 1, seen, registry, type(value).__name__)
             return
         if stuck is None and not (type(value) is tuple or hasattr(value, "_make")):
             stuck = type(value).__name__  # (a tuple subclass of its own cannot be built again as it is, r49)
@@ -627,8 +641,9 @@ class _Holders:
                 stuck.append((owner, type(holder).__name__))
         for owner, kind in stuck:  # (silently, a forward through it served the base: 3.46 off, r51)
             warnings.warn(f"lora_ext: a {type(owner).__name__} holds {type(old).__name__} in a {kind} that cannot be "
-                          f"written, where it stays: a forward reaching it through that {kind} runs it without the "
-                          f"adapter (as peft's would)", stacklevel=4)
+                          f"written, where it stays: a forward reaching it through that {kind} runs the plain module, "
+                          f"without the adapter while the layer is unmerged and with the merged adapter's weight for "
+                          f"every row (a mixed batch's too) once merged, as peft's would", stacklevel=4)
         self.at.setdefault(id(new), []).extend(moved)
 
 
@@ -651,23 +666,23 @@ def _may_hold_modules(value, levels: int) -> bool:
     its entries are all modules-free values or all sequences (or all dicts): a token table of tuples of strings
     holds none. Entries mixing containers with other values are looked into one by one (True)."""
     def entries(level):
-        items = value.values() if isinstance(value, dict) else value
+        items = value.values() if isinstance(value, _MAPPINGS) else value
         for kind in level:
             items = itertools.chain.from_iterable(map(dict.values, items) if kind is dict else items)
         return items
     level = []
     for _ in range(levels):
-        types = set(map(type, entries(level)))
-        if any(issubclass(t, nn.Module) for t in types):
+        kinds = set(map(type, entries(level)))
+        if any(issubclass(t, nn.Module) for t in kinds):
             return True
-        inner = [t for t in types if issubclass(t, (list, tuple, dict))]
+        inner = [t for t in kinds if issubclass(t, _CONTAINERS)]
         if not inner:
             return False
-        if len(inner) < len(types):
+        if len(inner) < len(kinds):
             return True
         if all(issubclass(t, dict) for t in inner):
             level.append(dict)
-        elif not any(issubclass(t, dict) for t in inner):
+        elif not any(issubclass(t, _MAPPINGS) for t in inner):
             level.append(list)
         else:
             return True
