@@ -6,6 +6,7 @@ simulator lora_ext._sim stands in for lora_ext._C, so their bodies run before a 
 that need the hardware itself (streams, graphs, memory statistics, timing) also carry
 `@pytest.mark.hardware("why")` and are skipped in a rehearsal, saying why, though still collected.
 """
+import gc
 import os
 import signal
 import sys
@@ -13,6 +14,11 @@ import sys
 # the tests never reach the network: a Hub id (lora_ext/serving/hub.py) resolves from the cache or fails at once
 # (huggingface_hub reads this when it is first imported)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread (here and in the processes the tests start), unless the caller chose: the tests' tensors are
+# tiny, and two OpenMP threads on a machine whose other core is busy (CI builds the kernels beside the tests) waited
+# for each other at every op: 10,000 switches of a 32 x 24 layer took 60 s instead of 7. Tests of threaded paths set
+# their own count (torch.set_num_threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -51,6 +57,14 @@ def pytest_report_header(config):
     if config._lora_ext_sim_as_cuda:
         return "lora_ext: --sim-as-cuda: gpu tests run on the CPU through lora_ext._sim (hardware tests skipped)"
     return None
+
+
+def pytest_collection_finish(session):
+    # Every test module is imported now, and with them torch, transformers and peft: hundreds of thousands of objects
+    # that live to the end. Frozen, the cyclic collector no longer walks them at each full collection (0.2-0.3 s
+    # each, and the tests trigger many) nor at each gc.collect() a test makes. Objects the tests make are collected
+    # as ever.
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)
