@@ -330,7 +330,8 @@ def each_or_none(layers, do, undo, paths=None) -> None:
 def check_rank(what: str, rank) -> int:
     """rank as a Python int: any integer (a numpy integer, a one-element integer tensor) of at least 1."""
     try:
-        if isinstance(rank, bool) or (isinstance(rank, torch.Tensor) and rank.is_floating_point()):
+        if isinstance(rank, bool) or (isinstance(rank, torch.Tensor) and (rank.is_floating_point()
+                                                                           or rank.dtype == torch.bool)):
             raise TypeError
         value = operator.index(rank)
     except TypeError:

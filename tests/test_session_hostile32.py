@@ -271,3 +271,82 @@ def test_a_module_held_where_it_cannot_be_written_is_warned_about_merged_or_not(
     with pytest.warns(UserWarning, match=r"holds Linear in a (set|frozenset|mappingproxy) that cannot be written, "
                                          r"where it stays: .*with the merged adapter's weight for every row"):
         lora.inject(block, ["q"], r=2)
+
+
+# --- r52: reviews of this session's changes -----------------------------------------------------------------------
+
+def test_a_compiled_batch_serves_the_copies_it_opened_with_after_a_delete_through_another_model(tmp_path):
+    # the traced split's indices into the wrapper's copies, made as the batch opened, went stale when a copy before
+    # them was deleted inside the block (through another model holding this one, which the block's hold does not
+    # stop): rows of b took c's copy, rows of c the original (2.70 off, silently; eager right) (r52)
+    from test_session_hostile31 import _saved_pair
+    model = _saved_pair(tmp_path, _QHead(nn.Linear(16, 4)), ("head",), ("a", "b", "c")).eval()
+    lora.set_adapter(model, "c")
+    outer = nn.ModuleDict({"inner": model})
+    names = ["b", None, "c", None]
+    x = torch.randn(4, 16)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad(), lora.batch_adapters(model, names):
+            lora.delete_adapter(outer, "a")
+            got = compiled(x)
+    finally:
+        torch._dynamo.reset()
+    assert (got - _alone(model, x, names)).abs().max() < 1e-5
+
+
+def test_a_compiled_batch_over_trainable_saved_copies_refuses_gradients(tmp_path):
+    # traced, every copy runs on every row: the copies of adapters no row takes got zero gradients, which AdamW's
+    # weight decay then applied (7.6e-4, silently; eager leaves them None) (r52)
+    from test_session_hostile31 import _saved_pair
+    model = _saved_pair(tmp_path, _QHead(nn.Linear(16, 4)), ("head",), ("a", "b", "c")).eval()
+    for copy_ in model.head.modules_to_save.values():
+        copy_.requires_grad_(True)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with lora.batch_adapters(model, ["b", None, "b", None]):
+            with pytest.raises(Exception, match=r"runs with gradients enabled in a compiled mixed batch"):
+                compiled(torch.randn(4, 16))
+    finally:
+        torch._dynamo.reset()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_module_index_keeps_shared_tuples_shared_namedtuple_attributes_and_read_only_views_quiet():
+    # a tuple two attributes shared became two; a namedtuple subclass's own attribute was dropped (its forward
+    # failed); a read-only view of a dict the index wrote was warned about as left plain (r52)
+    import types
+    import warnings
+
+    class Route(collections.namedtuple("Route", "first second")):
+        pass
+
+    block = nn.Module()
+    block.q, block.k = nn.Linear(4, 4), nn.Linear(4, 4)
+    block.pair = ((block.q, 1), (block.q, 2))
+    block.pair_alias = block.pair
+    route = Route(block.q, block.k)
+    route.scale = 0.5
+    block.route = route
+    block.table = {"q": block.q}
+    block.view = types.MappingProxyType(block.table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora.inject(block, ["q", "k"], r=2)
+    assert block.pair is block.pair_alias and block.pair[0][0] is block.q and block.pair[1][0] is block.q
+    assert block.route.first is block.q and block.route.second is block.k and block.route.scale == 0.5
+    assert block.view["q"] is block.q and isinstance(block.q, lora.LoRALayer)
+
+
+@pytest.mark.parametrize("bad", ["rows", "expand"])
+def test_bool_tensor_scalars_are_not_rows_or_expand(bad):
+    # operator.index takes a bool tensor scalar: rows=list(tensor([True, False])) served rows 1 and 0, expand=
+    # tensor(True) was 1 (r52)
+    layer, _ = _two_adapter_layer()
+    kwargs = {"rows": list(torch.tensor([True, False, True]))} if bad == "rows" else {"expand": torch.tensor(True)}
+    with pytest.raises((TypeError, ValueError), match=r"rows must be a 1-D int tensor|expected a positive int"):
+        with lora.batch_adapters(layer, ["a", "b"], **kwargs):
+            pass
+    assert not batched.ANY_OPEN

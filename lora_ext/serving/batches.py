@@ -746,7 +746,7 @@ def _refuse_not_rows_first(part, child, owner, first):
 def _row_entry(i) -> int:
     """One entry of a `rows` list as an int: any integer (a numpy one too, r51), never a bool."""
     try:
-        if isinstance(i, bool) or (isinstance(i, Tensor) and i.is_floating_point()):
+        if isinstance(i, bool) or (isinstance(i, Tensor) and (i.is_floating_point() or i.dtype == torch.bool)):
             raise TypeError
         return operator.index(i)
     except TypeError:

@@ -177,33 +177,30 @@ class SavedBatch:
     def __init__(self, batch, path: str, wrapper: ModulesToSave):
         self.batch, self.path = batch, path
         batch.present  # (read as the batch opens: a device sync, outside any CUDA graph capture in the block)
-        # traced: each table entry's module as an index into _modules(wrapper), a tensor, so that one graph serves
-        # every table of the batch's size (a graph reading the table's names guarded on them: a new one for each
-        # order of the adapters, and fullgraph=True failed at dynamo's limit after 8, v2)
-        copies = list(wrapper._modules["modules_to_save"]._modules)
-        self.pick = torch.tensor([1 + copies.index(name) if name in copies else 0 for name in [*batch.table, None]],
-                                 dtype=torch.int64, device=batch.rows.device)
-
-    @staticmethod
-    def _modules(wrapper: ModulesToSave) -> List[nn.Module]:
-        return [wrapper._modules["original_module"], *wrapper._modules["modules_to_save"]._modules.values()]
+        # the wrapper's modules as the batch opens (its original, then each copy), and each table entry's as an index
+        # into them, a list (eager) and a tensor (traced): a compiled forward then reads no adapter name (a graph
+        # reading the table's names guarded on them, a new one for each order of the adapters, and fullgraph=True
+        # failed at dynamo's limit after 8, v2), and a copy deleted during the block (through another model holding
+        # this one, which the block's hold does not stop) moves no row to another copy (2.70 off, r52): the batch
+        # serves the modules it opened with, as its layers serve the slots they loaded
+        self.modules = [wrapper._modules["original_module"], *wrapper._modules["modules_to_save"]._modules.values()]
+        ids = [id(m) for m in self.modules]
+        self.entries = [ids.index(id(wrapper.module_for(name))) for name in [*batch.table, None]]
+        self.pick = torch.tensor(self.entries, dtype=torch.int64, device=batch.rows.device)
 
     def forward(self, wrapper: ModulesToSave, args, kwargs):
         batch = self.batch
         traced = torch.compiler.is_compiling()
-        groups: Dict[int, Tuple[nn.Module, List[int]]] = {}
-        if traced:  # every module of the wrapper (the table's names are not read: see __init__)
-            modules = self._modules(wrapper)
-            if len(modules) == 1:
-                return modules[0](*args, **kwargs)
+        groups: Dict[int, List[int]] = {}  # module index -> the table entries it serves
+        if traced:  # every module the wrapper held (which adapters the rows take is not read: see __init__)
+            if len(self.modules) == 1:
+                return self.modules[0](*args, **kwargs)
         else:
-            for entry, name in enumerate([*batch.table, None]):  # batch.rows: len(table) for the base
-                if entry not in batch.present:  # (no row of it: not run, r50)
-                    continue
-                module = wrapper.module_for(name)
-                groups.setdefault(id(module), (module, []))[1].append(entry)
+            for entry, module in enumerate(self.entries):  # batch.rows: len(table) for the base
+                if entry in batch.present:  # (no row of it: not run, r50)
+                    groups.setdefault(module, []).append(entry)
             if len(groups) == 1:  # one module serves every row (none of the batch's adapters has its own): no split
-                return next(iter(groups.values()))[0](*args, **kwargs)
+                return self.modules[next(iter(groups))](*args, **kwargs)
         x = args[0] if args else None
         lead = None  # the leading dimensions a token layout flattens
         if isinstance(x, Tensor) and x.dim() > 1 and x.shape[0] != batch.n and batch.layout == "tokens" \
@@ -226,10 +223,10 @@ class SavedBatch:
                              f"{batch.hint(x.shape[0], x.shape, True)}")
         rows = batch.rows_for(x.shape[0]).to(x.device)
         if traced:
-            out = self._masked(wrapper, modules, rows, args, kwargs)
+            out = self._masked(wrapper, rows, args, kwargs)
             return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
-        parts = [(module, torch.isin(rows, torch.tensor(entries, device=x.device)).nonzero().squeeze(1))
-                 for module, entries in groups.values()]
+        parts = [(self.modules[module], torch.isin(rows, torch.tensor(entries, device=x.device)).nonzero().squeeze(1))
+                 for module, entries in groups.items()]
         parts = [(module, idx) for module, idx in parts if idx.numel()]
         if len(parts) == 1:
             out = parts[0][0](*args, **kwargs)
@@ -241,21 +238,27 @@ class SavedBatch:
             if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != idx.numel():
                 raise ValueError(f"batch_adapters: module {self.path!r} ({wrapper.what()}) returned "
                                  f"{type(y).__name__ if not isinstance(y, Tensor) else tuple(y.shape)} for "
-                                 f"{idx.numel()} rows; mixed batches split its rows, so it must return a tensor of rows")
+                                 f"{idx.numel()} rows; mixed batches split its rows, so it must return a tensor of "
+                                 f"rows")
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
             out.index_copy_(0, idx, y)
         return out.reshape(*lead, *out.shape[1:]) if lead is not None else out
 
-
-    def _masked(self, wrapper: ModulesToSave, modules, rows, args, kwargs) -> Tensor:
+    def _masked(self, wrapper: ModulesToSave, rows, args, kwargs) -> Tensor:
         """The traced form of the split (torch.compile): each of the wrapper's modules runs on every row (its own
         copy of the first input: a module writing it in place changed the next one's, 0.39 off, v2) and each row
         takes its own module's output, so that no shape depends on the rows' adapters (the split's nonzero stopped
         a fullgraph=True compile with a data-dependent guard, u5); the same values, every module's cost on every
         row. The module's other arguments are refused as for the split (_check_shared), and so are modules that
-        would take statistics over every row."""
-        x = args[0]
+        would take statistics over every row, and gradients (the copies of adapters no row takes would get zeros,
+        which an optimizer's weight decay then applies: r52)."""
+        x, modules = args[0], self.modules
+        trained = x.requires_grad or any(p.requires_grad for m in modules for p in m.parameters())
+        if torch.is_grad_enabled() and trained:
+            raise RuntimeError(f"batch_adapters: module {self.path!r} ({wrapper.what()}) runs with gradients enabled "
+                               f"in a compiled mixed batch, which runs every copy it holds on every row: run the batch "
+                               f"under torch.no_grad() or torch.inference_mode(), or eagerly")
         for module in modules:
             norm = next((m for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) and m.training
                          and (isinstance(m, nn.modules.batchnorm._BatchNorm) or m.track_running_stats)), None)
