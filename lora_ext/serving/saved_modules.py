@@ -269,7 +269,7 @@ class SavedBatch:
                                  f"would take over every row (it runs each module on every row); eval() it, or run "
                                  f"the batch eagerly")
         self._check_shared(wrapper, args[1:], kwargs)
-        pick = self.pick[rows]
+        pick = self.pick.to(rows.device)[rows]
         out = None
         for j, module in enumerate(modules):
             y = module(x.clone(), *args[1:], **kwargs)
