@@ -2380,7 +2380,15 @@ class MergedLinear(LoRALayer, nn.Linear):
         nn.Linear.__init__(self, in_features, out_features, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, lossless=lossless)
-        enable_lora = [bool(e) for e in enable_lora]
+        given = list(enable_lora)
+        # (loralib indexes its mask with the list: an int list [1, 0, 1] names blocks 1 and 0 there, while bool() of
+        # each reads blocks 0 and 2; a loralib checkpoint trained so loaded and updated other rows, w1)
+        odd = [e for e in given if not (isinstance(e, bool) or getattr(getattr(e, "dtype", None), "kind", None) == "b"
+                                        or (isinstance(e, torch.Tensor) and e.dtype == torch.bool and e.dim() == 0))]
+        if odd:
+            raise EnableLoraError(f"enable_lora must be a list of bools (one per output block), got {given!r}: loralib "
+                                  f"reads a list of ints as block indices, so its meaning would be ambiguous")
+        enable_lora = [bool(e) for e in given]
         if not enable_lora or out_features % len(enable_lora):
             raise EnableLoraError(
                 f"enable_lora must be a non-empty list whose length divides out_features ({out_features}), "
@@ -2471,6 +2479,10 @@ class ConvLoRA(LoRALayer, nn.Module):
                  lora_dropout: float = 0.0, merge_weights: bool = True, lossless: Optional[bool] = None,
                  **kwargs):
         nn.Module.__init__(self)
+        if isinstance(conv_module, type) and issubclass(conv_module, nn.modules.conv._ConvTransposeNd):
+            # (its forward failed with an AttributeError naming nothing, w1; loralib's returns None)
+            raise ValueError(f"ConvLoRA: {conv_module.__name__} is a transposed convolution, whose weight's layout "
+                             f"(in, out / groups, ...) the update does not follow; wrap Conv1d/2d/3d")
         self.conv = conv_module(in_channels, out_channels, kernel_size, **kwargs)
         LoRALayer.__init__(self, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                            merge_weights=merge_weights, lossless=lossless)

@@ -350,3 +350,29 @@ def test_bool_tensor_scalars_are_not_rows_or_expand(bad):
         with lora.batch_adapters(layer, ["a", "b"], **kwargs):
             pass
     assert not batched.ANY_OPEN
+
+
+# --- w1: loralib parity ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("enable", [[1, 0, 1], [1, 1, 0], [0.0, 1.0, 1.0]])
+def test_merged_linear_refuses_enable_lora_lists_loralib_reads_as_indices(enable):
+    # loralib indexes its mask with the list: [1, 0, 1] names blocks 1 and 0 there, bool() of each blocks 0 and 2;
+    # a loralib checkpoint trained so loaded strictly and updated other rows (w1)
+    import loralib
+    with pytest.raises(ValueError, match=r"enable_lora must be a list of bools"):
+        lora.MergedLinear(4, 6, r=1, enable_lora=enable)
+    if all(type(e) is int for e in enable):  # (what loralib does with it: by index)
+        ref = loralib.MergedLinear(4, 6, r=1, enable_lora=enable)
+        assert ref.lora_ind.view(3, -1)[:, 0].tolist() == [i in set(int(e) for e in enable) for i in range(3)]
+
+
+def test_merged_linear_takes_bools_of_every_kind():
+    for enable in ([True, False, True], list(np.array([True, False, True])), list(torch.tensor([True, False, True]))):
+        layer = lora.MergedLinear(4, 6, r=1, enable_lora=enable)
+        assert layer.enable_lora == [True, False, True] and layer.lora_A.shape == (2, 4)
+
+
+@pytest.mark.parametrize("conv", [nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d])
+def test_conv_lora_refuses_transposed_convolutions_as_it_is_built(conv):
+    with pytest.raises(ValueError, match=rf"ConvLoRA: {conv.__name__} is a transposed convolution"):
+        lora.ConvLoRA(conv, 3, 4, 3, r=2)
