@@ -162,7 +162,15 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     plain model (load into a wrapped one through its .module). The active adapter's copies of modules saved whole
     (peft's modules_to_save) are part of it: their whole state, under their keys in the model."""
     _check_bias(bias)
-    model = unwrap(model)
+    from .serving.adapters import hold  # (serving imports this module)
+    # one adapter throughout: model-level switches on other threads wait (each layer's lock alone gave a snapshot of
+    # adapter b at one layer and a at the others in 60-187 of 300 reads during switches, which a plain model then
+    # loaded without a word, w2), as save_peft_adapter holds it
+    with hold(model):
+        return _lora_state_dict(unwrap(model), bias)
+
+
+def _lora_state_dict(model: nn.Module, bias: str) -> dict:
     if any(sharded.fsdp1_flattened(m) for _, m in _lora_layers(model)):
         return _fsdp1_lora_state_dict(model, bias)
     out = collections.OrderedDict()

@@ -275,25 +275,37 @@ def test_a_module_held_where_it_cannot_be_written_is_warned_about_merged_or_not(
 
 # --- r52: reviews of this session's changes -----------------------------------------------------------------------
 
-def test_a_compiled_batch_serves_the_copies_it_opened_with_after_a_delete_through_another_model(tmp_path):
-    # the traced split's indices into the wrapper's copies, made as the batch opened, went stale when a copy before
-    # them was deleted inside the block (through another model holding this one, which the block's hold does not
-    # stop): rows of b took c's copy, rows of c the original (2.70 off, silently; eager right) (r52)
+@pytest.mark.parametrize("change", ["delete_adapter", "load_peft_adapter", "unload", "inject"])
+def test_changes_through_another_model_holding_a_batch_s_model_are_refused_inside_the_block(tmp_path, change):
+    # the block's hold is its own model's: through another model holding it, a delete moved a compiled batch's rows to
+    # other copies (2.70 off, r52), a load with activate=True made layers and modules the batch had not opened over,
+    # which served the new adapter to every row (4.50 off, r53); silently. Now refused, the batch serving on as opened
     from test_session_hostile31 import _saved_pair
     model = _saved_pair(tmp_path, _QHead(nn.Linear(16, 4)), ("head",), ("a", "b", "c")).eval()
     lora.set_adapter(model, "c")
-    outer = nn.ModuleDict({"inner": model})
+    lora.unmerge_adapter(model)
+    outer = nn.ModuleDict({"inner": model, "extra": nn.Linear(4, 4)})
+    lora.save_peft_adapter(outer, str(tmp_path / "outer_a"), "a")  # (keyed inner.*)
     names = ["b", None, "c", None]
     x = torch.randn(4, 16)
+    want = _alone(model, x, names)
+    lora.set_adapter(model, "c")
+    do = {"delete_adapter": lambda: lora.delete_adapter(outer, "a"),
+          "load_peft_adapter": lambda: lora.load_peft_adapter(outer, str(tmp_path / "outer_a"), "d", activate=True),
+          "unload": lambda: lora.unload(outer),
+          "inject": lambda: lora.inject(outer, ["extra"], r=2)}[change]
     torch._dynamo.reset()
     try:
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         with torch.no_grad(), lora.batch_adapters(model, names):
-            lora.delete_adapter(outer, "a")
-            got = compiled(x)
+            with pytest.raises(RuntimeError, match=rf"^{change}: (layer|module) '[\w.]+' is served by an open mixed "
+                                                   rf"batch"):
+                do()
+            got, eager = compiled(x), model(x)
     finally:
         torch._dynamo.reset()
-    assert (got - _alone(model, x, names)).abs().max() < 1e-5
+    assert (got - want).abs().max() < 1e-5 and (eager - want).abs().max() < 1e-5
+    assert sorted(lora.adapter_names(model)) == ["a", "b", "c"] and type(outer["extra"]) is nn.Linear
 
 
 def test_a_compiled_batch_over_trainable_saved_copies_refuses_gradients(tmp_path):
@@ -376,3 +388,47 @@ def test_merged_linear_takes_bools_of_every_kind():
 def test_conv_lora_refuses_transposed_convolutions_as_it_is_built(conv):
     with pytest.raises(ValueError, match=rf"ConvLoRA: {conv.__name__} is a transposed convolution"):
         lora.ConvLoRA(conv, 3, 4, 3, r=2)
+
+
+# --- w2: whole-model serving under concurrency --------------------------------------------------------------------
+
+def test_lora_state_dict_during_model_level_switches_holds_one_adapter(tmp_path):
+    # it read each layer under the layer's lock only: during set_adapter(model, ...) on another thread it gave adapter
+    # b's factors at one layer and a's at the others (60-187 of 300 reads), which a plain model loaded without a word
+    # (w2); it holds the model now, as save_peft_adapter does
+    import sys
+    import threading
+
+    from helpers import peft_with_adapters, save_random_peft
+    from tiny_models import llama
+    targets = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    model = llama()
+    for i, name in enumerate("ab"):
+        path = save_random_peft(peft_with_adapters(llama(), {"default": targets}), tmp_path / name, i, 0.3)
+        lora.load_peft_adapter(model, path, name, activate=(name == "a"))
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora.LoRALayer)]
+    own = {name: {n: m.get_adapter(name)[0].detach().clone() for n, m in layers} for name in "ab"}
+    stop = threading.Event()
+
+    def switcher():
+        while not stop.is_set():
+            lora.set_adapter(model, "b")
+            lora.set_adapter(model, "a")
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=switcher)
+    thread.start()
+    mixed = 0
+    try:
+        for _ in range(150):
+            sd = lora.lora_state_dict(model)
+            meta = {next(iter(sd._metadata[n].values())) for n, _ in layers}
+            values = {"a" if torch.equal(sd[n + ".lora_A"], own["a"][n]) else "b" for n, _ in layers}
+            mixed += len(meta) > 1 or len(values) > 1 or meta != values
+    finally:
+        stop.set()
+        thread.join(60)
+        sys.setswitchinterval(before)
+    assert not thread.is_alive()
+    assert mixed == 0, f"{mixed} of 150 snapshots mixed two adapters"

@@ -269,13 +269,16 @@ class ModelLock:
                 raise landed
 
     @contextlib.contextmanager
-    def write(self, reshaping: Optional[str] = None) -> Iterator[None]:
+    def write(self, reshaping: Optional[str] = None, model: Optional[nn.Module] = None) -> Iterator[None]:
         """The model-level change's writes: forwards wait for them, and they for forwards. `reshaping`: the name of a
         change that adds, replaces or removes modules or adapters (a load, unload, delete), which a child forked
-        half way through it cannot put right (after_fork)."""
+        half way through it cannot put right (after_fork), and which is refused while an open mixed batch serves
+        a module of `model` (given with it)."""
         with self.changing(), self._write():
             outer = self._reshaping
             if reshaping is not None and outer is None:
+                if model is not None:
+                    _refuse_in_open_batches(model, reshaping)
                 self._reshaping = reshaping
             try:
                 yield
@@ -424,6 +427,20 @@ def _read_after(module, args, output):
         lock = module.__dict__["_lora_ext_model_lock"]
         if lock.holds_read():
             lock.release_read()
+
+
+def _refuse_in_open_batches(model: nn.Module, what: str) -> None:
+    """Refuses a change that adds, replaces or removes modules or adapters while an open mixed batch serves a module
+    of the model: the batch of another model holding it (an outer container, which the batch's hold of its own model
+    does not stop) then served the modules it did not open over, or a layer taken out, with the new adapter for every
+    row (4.50 off, r53). A batch of this model itself holds it: its changes wait for the block (or are refused from
+    inside it)."""
+    for path, m in model.named_modules():
+        if m.__dict__.get("_open_batches"):
+            raise RuntimeError(f"{what}: {'layer' if isinstance(m, LoRALayer) else 'module'} {path or '(the model)'!r} "
+                               f"is served by an open mixed batch (lora.batch_adapters of a model holding it), which "
+                               f"would go on with the modules it opened over while the change adds or removes others; "
+                               f"change the adapters after the block closes")
 
 
 def model_lock(model: nn.Module) -> ModelLock:
@@ -648,7 +665,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     landed = None
     # (Ctrl-C and a timeout's SIGALRM held back from before the layers' locks are taken to after they are given back:
     # a handler raising inside _all_locks left a lock taken and never given back, or gave one back twice, r39)
-    with model_lock(model).write("delete_adapter"), deferred_interrupt(), contextlib.ExitStack() as locks:
+    with model_lock(model).write("delete_adapter", model), deferred_interrupt(), contextlib.ExitStack() as locks:
         found = _layers_or_raise(model)
         # every layer's lock, from the check to the last delete: a switch of one layer alone on another thread to the
         # adapter (layer.set_adapter, which takes no model lock) refused its delete after the layers before it had
@@ -753,7 +770,7 @@ def add_weighted_adapter(model: nn.Module, adapters: List[str], weights: List[fl
     factors to that quantile of their values; `svd_driver` picks a cuSOLVER method (CUDA factors);
     `svd_full_matrices` changes nothing in the result (the factors are truncated either way). Scaling 1; not made
     active. Every layer is planned (and checked) before the first one changes; see lora_ext/serving/weighted.py."""
-    with model_lock(model).write("add_weighted_adapter"):
+    with model_lock(model).write("add_weighted_adapter", model):
         found = _layers_or_raise(model)
         refuse_fsdp1(model, "add_weighted_adapter")  # (it reads the factors: FSDP1's shard pieces)
         weighted.apply(weighted.plan(model, found, adapters, weights, adapter_name, combination_type, svd_rank,

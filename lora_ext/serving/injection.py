@@ -857,7 +857,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
                             if filters_layers(layers_to_transform) else "")
                          + (f" that exclude_modules leaves: it excludes {excluded[:5]}" if excluded else ""))
     # (the lock exists before the first switch: forwards in flight hold it)
-    with model_lock(model).write("inject"), holders_of(model):
+    with model_lock(model).write("inject", model), holders_of(model):
         check_enabled(model, "inject")  # (again: a disable_adapter may have begun since the first check)
         ties.known_plain(model)  # (a model built before lora_ext's import: its plain modules, for later ties)
         owners = parameter_owners(model)
@@ -999,7 +999,7 @@ def unload(model: nn.Module, merge: bool = True) -> List[str]:
         raise ValueError(f"unload: the model itself is a {type(model).__name__}; call unload on a model holding it")
     from .adapters import model_lock  # (adapters imports this module)
     # (the layers as they are once changes queued before this one are done)
-    with model_lock(model).write("unload"), holders_of(model):
+    with model_lock(model).write("unload", model), holders_of(model):
         return _unload(model, merge)
 
 

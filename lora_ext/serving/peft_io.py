@@ -786,7 +786,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # whole, then the KeyboardInterrupt); what can still be refused (a switch of a merged weight, out of memory) is
     # put back below
     # (add_adapter's warnings of Parameters it replaced are given once the load stands: taken back, it gives them back)
-    with model_lock(model).write("hotswap_adapter" if _hotswap else "load_peft_adapter"), deferred_interrupt(), \
+    with model_lock(model).write("hotswap_adapter" if _hotswap else "load_peft_adapter", model), deferred_interrupt(), \
             held_warnings() as replaced, _inject.holders_of(model):
         _inject.check_enabled(model, *refusal)  # (again: a disable_adapter may have begun since)
         owners = _inject.parameter_owners(model)
