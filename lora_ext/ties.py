@@ -630,7 +630,19 @@ def _live_targets() -> List:
         if cls not in classes:
             classes.add(cls)
             todo += cls.__subclasses__()
-    return [obj for obj in gc.get_referrers(*classes) if type(obj) in classes and _is_plain(obj)]
+    # objects gc.freeze() moved to the permanent generation are not traversed: a module made, then frozen (a
+    # pre-fork server's heap), before lora_ext's import was missed, and a layer given its weight merged into an
+    # embedding still reading it (1.66 off, r53). They are unfrozen for the traversal and frozen again with it
+    # (with the objects made since the user's freeze, which the collector then skips too)
+    frozen = gc.get_freeze_count()
+    if frozen:
+        gc.unfreeze()
+    try:
+        referrers = gc.get_referrers(*classes)
+    finally:
+        if frozen:
+            gc.freeze()
+    return [obj for obj in referrers if type(obj) in classes and _is_plain(obj)]
 
 
 def replaced(module) -> None:
