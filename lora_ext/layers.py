@@ -2383,7 +2383,8 @@ class MergedLinear(LoRALayer, nn.Linear):
         given = list(enable_lora)
         # (loralib indexes its mask with the list: an int list [1, 0, 1] names blocks 1 and 0 there, while bool() of
         # each reads blocks 0 and 2; a loralib checkpoint trained so loaded and updated other rows, w1)
-        odd = [e for e in given if not (isinstance(e, bool) or getattr(getattr(e, "dtype", None), "kind", None) == "b"
+        odd = [e for e in given if not (isinstance(e, bool) or (getattr(getattr(e, "dtype", None), "kind", None) == "b"
+                                                                and getattr(e, "ndim", 0) == 0)
                                         or (isinstance(e, torch.Tensor) and e.dtype == torch.bool and e.dim() == 0))]
         if odd:
             raise EnableLoraError(f"enable_lora must be a list of bools (one per output block), got {given!r}: loralib "

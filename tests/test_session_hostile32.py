@@ -366,7 +366,7 @@ def test_bool_tensor_scalars_are_not_rows_or_expand(bad):
 
 # --- w1: loralib parity ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("enable", [[1, 0, 1], [1, 1, 0], [0.0, 1.0, 1.0]])
+@pytest.mark.parametrize("enable", [[1, 0, 1], [1, 1, 0], [0.0, 1.0, 1.0], np.ones((3, 2), dtype=bool)])
 def test_merged_linear_refuses_enable_lora_lists_loralib_reads_as_indices(enable):
     # loralib indexes its mask with the list: [1, 0, 1] names blocks 1 and 0 there, bool() of each blocks 0 and 2;
     # a loralib checkpoint trained so loaded strictly and updated other rows (w1)
