@@ -11,27 +11,10 @@ import lora_ext as lora
 from lora_ext import batched
 
 
-def _two_adapter_layer(seed=7):
-    """A Linear(16, 12) in eval holding adapters a (rank 2) and b (rank 4), a active, and the float64 oracle."""
-    g = torch.Generator().manual_seed(seed)
-    layer = lora.Linear(16, 12, r=2, lora_alpha=4)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(12, 16, generator=g))
-    adapters = {"a": (torch.randn(2, 16, generator=g), torch.randn(12, 2, generator=g), 0.5),
-                "b": (torch.randn(4, 16, generator=g), torch.randn(12, 4, generator=g), 1.5)}
-    for name, (A, B, s) in adapters.items():
-        layer.add_adapter(name, A, B, s)
-    layer.set_adapter("a")
-    W, bias = layer.weight.detach().double().clone(), layer.bias.detach().double().clone()
-    layer.eval()
-
-    def oracle(x, name):
-        y = x.double() @ W.T + bias
-        if name is not None:
-            A, B, s = adapters[name]
-            y += s * (x.double() @ A.double().T @ B.double().T)
-        return y
-    return layer, oracle
+def _two_adapter_layer():
+    """A Linear(16, 12) in eval holding adapters a (rank 2) and b (rank 4), a merged, and the float64 oracle."""
+    from test_batched_beams import _layer_and_oracle
+    return _layer_and_oracle()
 
 
 def _rel(a, b):
@@ -396,10 +379,7 @@ def test_lora_state_dict_during_model_level_switches_holds_one_adapter(tmp_path)
     # it read each layer under the layer's lock only: during set_adapter(model, ...) on another thread it gave adapter
     # b's factors at one layer and a's at the others (60-187 of 300 reads), which a plain model loaded without a word
     # (w2); it holds the model now, as save_peft_adapter does
-    import sys
-    import threading
-
-    from helpers import peft_with_adapters, save_random_peft
+    from helpers import peft_with_adapters, racing, save_random_peft
     from tiny_models import llama
     targets = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     model = llama()
@@ -408,29 +388,18 @@ def test_lora_state_dict_during_model_level_switches_holds_one_adapter(tmp_path)
         lora.load_peft_adapter(model, path, name, activate=(name == "a"))
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, lora.LoRALayer)]
     own = {name: {n: m.get_adapter(name)[0].detach().clone() for n, m in layers} for name in "ab"}
-    stop = threading.Event()
-
-    def switcher():
+    def switcher(stop):
         while not stop.is_set():
             lora.set_adapter(model, "b")
             lora.set_adapter(model, "a")
 
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    thread = threading.Thread(target=switcher)
-    thread.start()
     mixed = 0
-    try:
+    with racing(switcher, 1e-6):
         for _ in range(150):
             sd = lora.lora_state_dict(model)
             meta = {next(iter(sd._metadata[n].values())) for n, _ in layers}
             values = {"a" if torch.equal(sd[n + ".lora_A"], own["a"][n]) else "b" for n, _ in layers}
             mixed += len(meta) > 1 or len(values) > 1 or meta != values
-    finally:
-        stop.set()
-        thread.join(60)
-        sys.setswitchinterval(before)
-    assert not thread.is_alive()
     assert mixed == 0, f"{mixed} of 150 snapshots mixed two adapters"
 
 
