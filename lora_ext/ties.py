@@ -25,6 +25,7 @@ import gc
 import itertools
 import os
 import threading
+import warnings
 import weakref
 from typing import List
 
@@ -631,18 +632,16 @@ def _live_targets() -> List:
             classes.add(cls)
             todo += cls.__subclasses__()
     # objects gc.freeze() moved to the permanent generation are not traversed: a module made, then frozen (a
-    # pre-fork server's heap), before lora_ext's import was missed, and a layer given its weight merged into an
-    # embedding still reading it (1.66 off, r53). They are unfrozen for the traversal and frozen again with it
-    # (with the objects made since the user's freeze, which the collector then skips too)
+    # pre-fork server's heap), before lora_ext's import is missed, and a layer given its weight merged into an
+    # embedding still reading it (1.66 off, r53). Unfreezing them for the traversal and freezing again froze every
+    # object alive then, whose cycles then leaked (r54): said instead
     frozen = gc.get_freeze_count()
     if frozen:
-        gc.unfreeze()
-    try:
-        referrers = gc.get_referrers(*classes)
-    finally:
-        if frozen:
-            gc.freeze()
-    return [obj for obj in referrers if type(obj) in classes and _is_plain(obj)]
+        warnings.warn(f"lora_ext: {frozen} objects are frozen (gc.freeze()) as lora_ext looks for the modules made "
+                      f"before its import, which it cannot look through: such a module among them whose weight a "
+                      f"lora_ext layer is given is not seen as sharing it, and a merge would change that module's "
+                      f"outputs too; import lora_ext before making the model, or before gc.freeze()", stacklevel=2)
+    return [obj for obj in gc.get_referrers(*classes) if type(obj) in classes and _is_plain(obj)]
 
 
 def replaced(module) -> None:

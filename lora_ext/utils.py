@@ -4,6 +4,7 @@ import contextlib
 import warnings
 
 import torch.nn as nn
+from torch import Tensor
 
 from . import sharded
 from .layers import ADAPTER_METADATA, ConvLoRA, LoRALayer
@@ -162,12 +163,31 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     plain model (load into a wrapped one through its .module). The active adapter's copies of modules saved whole
     (peft's modules_to_save) are part of it: their whole state, under their keys in the model."""
     _check_bias(bias)
+    # one adapter throughout: each layer's lock alone gave a snapshot of adapter b at one layer and a at the others
+    # in 60-187 of 300 reads during model-level switches on other threads, which a plain model then loaded without a
+    # word (w2). Read again while a model-level write began or ran meanwhile; after a few tries, under hold(model),
+    # where the writes wait. (Not under hold from the start: a forward waiting on a worker that reads the state
+    # deadlocked, a new hold queueing behind a writer that waits for the forward, r54; and it gave a plain model the
+    # lock's hooks)
+    inner = unwrap(model)
+    for _ in range(_SNAPSHOT_TRIES):
+        lock = inner.__dict__.get("_lora_ext_model_lock")
+        before = None if lock is None else (lock.writes, lock._writer)
+        out = _lora_state_dict(inner, bias)
+        if inner.__dict__.get("_lora_ext_model_lock") is lock and (
+                lock is None or (before[1] is None and lock.writes == before[0] and lock._writer is None)):
+            return out
     from .serving.adapters import hold  # (serving imports this module)
-    # one adapter throughout: model-level switches on other threads wait (each layer's lock alone gave a snapshot of
-    # adapter b at one layer and a at the others in 60-187 of 300 reads during switches, which a plain model then
-    # loaded without a word, w2), as save_peft_adapter holds it
     with hold(model):
-        return _lora_state_dict(unwrap(model), bias)
+        return _lora_state_dict(inner, bias)
+
+
+_SNAPSHOT_TRIES = 8
+
+
+def _own(t: Tensor, live: Tensor) -> Tensor:
+    """`t`, a copy where it shares the live factor's storage (a gathered DTensor is a new tensor already)."""
+    return t.clone() if t.data_ptr() == sharded.local(live).data_ptr() else t
 
 
 def _lora_state_dict(model: nn.Module, bias: str) -> dict:
@@ -183,8 +203,11 @@ def _lora_state_dict(model: nn.Module, bias: str) -> dict:
         # layer alone on another thread gave one adapter's lora_A beside another's lora_B in 259 of 2000 reads)
         with m.__dict__.get("_lock") or contextlib.nullcontext():
             if m.has_lora:
-                out[prefix + "lora_A"] = sharded.full(m.lora_A.detach())  # FSDP2: gathered (every rank calls)
-                out[prefix + "lora_B"] = sharded.full(m.lora_B.detach())
+                # copies: a serving switch writes the next adapter into the live factors in place, so a dict of
+                # them changed under its metadata after it was returned (saved later, b's factors named a's: w2)
+                # (FSDP2: gathered, every rank calls)
+                out[prefix + "lora_A"] = _own(sharded.full(m.lora_A.detach()), m.lora_A)
+                out[prefix + "lora_B"] = _own(sharded.full(m.lora_B.detach()), m.lora_B)
                 out._metadata[prefix[:-1]] = {ADAPTER_METADATA: m.active_adapter}
         if bias == "lora_only":  # every LoRA layer's, as mark_only_lora_as_trainable trains them
             own = _layer_bias(m)

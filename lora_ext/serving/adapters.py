@@ -55,6 +55,7 @@ class ModelLock:
         self._holds = {}  # thread id -> reads held by hold(): never taken for left behind
         self._writer = None
         self._write_depth = 0
+        self.writes = 0  # writes begun (read without the mutex: lora_state_dict's optimistic snapshot)
         # the threads waiting, by kind (waiting writers first come first served): each enters its own inside the
         # try that takes it out, and a waiter that finds one whose thread is no longer waiting drops it (_drop_gone:
         # an exception Python raised between two statements of the bookkeeping, an asynchronous one, left it)
@@ -306,6 +307,7 @@ class ModelLock:
                     _discard(self._queue, me)
                     self._cond.notify_all()
                 self._writer, self._write_depth, depth = me, 1, 1
+                self.writes += 1
         try:
             yield
         finally:
