@@ -25,6 +25,7 @@ is the per-layer part: a layer's slots, and its forward in a batch.
 import contextvars
 import math
 import threading
+import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -67,6 +68,25 @@ def note_serving(modules, opened: bool) -> None:
     with _SERVING_LOCK:
         for m in modules:
             m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + (1 if opened else -1)
+            if opened:
+                _SERVED.add(m)
+
+
+_SERVED: "weakref.WeakSet" = weakref.WeakSet()  # modules note_serving counted a batch on (after_fork)
+
+
+def after_fork() -> None:
+    """In a forked child: the batches of the parent's other threads are not here, so each module counts only the
+    open batch of this thread's context that serves it (r54: the counts they left refused the child's loads, for
+    good), and a layer lists only that batch's slots."""
+    active = ACTIVE.get() or {}
+    for m in list(_SERVED):
+        view = active.get(m)
+        mine = view is not None and not view.batch.closed
+        m.__dict__["_open_batches"] = int(mine)
+        slots = m.__dict__.get("_open_slots")
+        if slots:
+            m.__dict__["_open_slots"] = [e for e in slots if mine and e[1] is view.batch]
 
 
 def note_slots(layer, stacks, batch) -> None:

@@ -71,6 +71,7 @@ def _after_in_child() -> None:
     ties._new_tokens()
     batched._open_count_lock = threading.RLock()
     batched._SERVING_LOCK = threading.RLock()  # (the open batches' counts: r42, 1 child of 23 hung on it)
+    batched.after_fork()
     ddp_guard._HOOK_LOCK = threading.Lock()
     adapters = sys.modules.get(__package__ + ".serving.adapters")
     if adapters is not None:  # (the disable blocks' counts: their lock, and the blocks of threads not here)

@@ -1,6 +1,7 @@
 """Found by the thirty-ninth session's hostile helpers and reviews (v1, v2, ...) and the last note's leftovers; each
 test failed on the commit before its fix. Numbers are checked against float64 references written here."""
 import collections
+import os
 
 import numpy as np
 import pytest
@@ -476,3 +477,45 @@ def test_modules_frozen_before_the_import_are_said_to_be_out_of_the_tie_search()
     assert still_frozen
     assert any("objects are frozen (gc.freeze()) as lora_ext looks for the modules made before its import" in w
                for w in caught), caught
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_child_forked_while_another_thread_holds_a_batch_open_may_change_its_models():
+    # the open-batch counts the parent's other threads left refused the child's structural changes through another
+    # model for good, naming a batch the child does not have; lora_state_dict of the model was refused too (r54)
+    import threading
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    lora.inject(model, ["0"], r=2)
+    outer = nn.ModuleDict({"inner": model, "extra": nn.Linear(4, 4)})
+    opened, done = threading.Event(), threading.Event()
+
+    def serve():
+        with torch.no_grad(), lora.batch_adapters(model, ["default", None]):
+            opened.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        assert opened.wait(30)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # (the child: os._exit, never pytest's teardown)
+            code = 1
+            try:
+                ok = len(lora.lora_state_dict(model)) == 2
+                ok = ok and lora.unload(outer) == ["inner.0"] and lora.inject(outer, ["extra"], r=2) == ["extra"]
+                code = 0 if ok else 2
+            except BaseException as err:  # noqa: BLE001
+                os.write(write, repr(err).encode()[:500])
+            finally:
+                os._exit(code)
+        os.close(write)
+        _, status = os.waitpid(pid, 0)
+        message = os.read(read, 600).decode()
+        os.close(read)
+    finally:
+        done.set()
+        thread.join(30)
+    assert os.waitstatus_to_exitcode(status) == 0, message
+    assert isinstance(model[0], lora.LoRALayer) and type(outer["extra"]) is nn.Linear  # (the parent's, unchanged)
