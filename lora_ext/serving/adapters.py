@@ -306,8 +306,8 @@ class ModelLock:
                 finally:
                     _discard(self._queue, me)
                     self._cond.notify_all()
+                self.writes += 1  # (before the writer is set: nothing may land between that and the try below)
                 self._writer, self._write_depth, depth = me, 1, 1
-                self.writes += 1
         try:
             yield
         finally:
