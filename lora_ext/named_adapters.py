@@ -327,13 +327,19 @@ def each_or_none(layers, do, undo, paths=None) -> None:
         raise
 
 
+def as_integer(value) -> int:
+    """`value` as a Python int: any integer (a numpy integer, a one-element integer tensor); TypeError for a bool (a
+    bool tensor too: operator.index takes one) and anything else."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (value.is_floating_point()
+                                                                         or value.dtype == torch.bool)):
+        raise TypeError(f"not an integer: {value!r}")
+    return operator.index(value)
+
+
 def check_rank(what: str, rank) -> int:
-    """rank as a Python int: any integer (a numpy integer, a one-element integer tensor) of at least 1."""
+    """rank as a Python int: any integer (as_integer) of at least 1."""
     try:
-        if isinstance(rank, bool) or (isinstance(rank, torch.Tensor) and (rank.is_floating_point()
-                                                                           or rank.dtype == torch.bool)):
-            raise TypeError
-        value = operator.index(rank)
+        value = as_integer(rank)
     except TypeError:
         value = None
     if value is None or value < 1:

@@ -21,7 +21,6 @@ import contextlib
 import contextvars
 import functools
 import inspect
-import operator
 import threading
 import time
 import weakref
@@ -33,7 +32,7 @@ from torch import Tensor
 
 from .. import batched, sharded
 from ..layers import LoRALayer, meta_refusal
-from ..named_adapters import check_rank, deferred_interrupt
+from ..named_adapters import as_integer, check_rank, deferred_interrupt
 from ..utils import unwrap
 from . import injection, saved_modules
 from .adapters import _layers_or_raise, hold, lora_layers, model_lock
@@ -746,9 +745,7 @@ def _refuse_not_rows_first(part, child, owner, first):
 def _row_entry(i) -> int:
     """One entry of a `rows` list as an int: any integer (a numpy one too, r51), never a bool."""
     try:
-        if isinstance(i, bool) or (isinstance(i, Tensor) and (i.is_floating_point() or i.dtype == torch.bool)):
-            raise TypeError
-        return operator.index(i)
+        return as_integer(i)
     except TypeError:
         raise TypeError(f"batch_adapters: rows must be a 1-D int tensor or a list of ints, got an entry {i!r}") \
             from None
