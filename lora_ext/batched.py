@@ -60,33 +60,159 @@ INPUT_READ = (f"it is read as {', '.join(INPUT_KEYWORDS)} or the first positiona
 _SERVING_LOCK = threading.RLock()
 
 
-def note_serving(modules, opened: bool) -> None:
+_SERVING_COND = threading.Condition(_SERVING_LOCK)  # (notified as a batch or a change of modules ends)
+
+
+class Serving:
+    """A mixed batch open on `model` (serving/batches.py: from before it reads the model's layers until its block
+    ends), on the thread that opened it; `modules`, `batch`: what note_serving counted it on, and the batch."""
+    __slots__ = ("model", "thread", "modules", "batch", "__weakref__")
+
+    def __init__(self, model, thread: int):
+        self.model, self.thread, self.modules, self.batch = model, thread, (), None
+
+
+class Reshaping:
+    """A change that adds, replaces or removes modules or adapters of `model` (a load, unload, inject, delete), made
+    by `thread` under the model lock `lock` (ModelLock.write)."""
+    __slots__ = ("model", "lock", "thread", "what")
+
+    def __init__(self, model, lock, thread: int, what: str):
+        self.model, self.lock, self.thread, self.what = model, lock, thread, what
+
+
+_OPEN: Dict[Serving, None] = {}  # the batches open in the process, any thread, any context (under _SERVING_LOCK)
+_RESHAPING: Dict[Reshaping, None] = {}  # the changes of modules under way (under _SERVING_LOCK)
+
+
+def _shared_module(model, other):
+    """(path in `model`, module) of the first module `model` and `other` both hold (themselves included), or
+    None."""
+    if model is other:
+        return "", model
+    held = {id(m) for m in other.modules()}
+    return next(((path, m) for path, m in model.named_modules() if id(m) in held), None)
+
+
+def open_serving(model) -> Serving:
+    """Registers a mixed batch of `model` (close_serving takes it off), before it reads the model's layers: a change
+    of the modules of a model that shares one with it (an outer model holding it, a part of it, a model sharing a
+    part) refuses while it is open (begin_reshaping), and one under way on another thread is waited for here (else
+    the batch would read the layers half way through it, or the change begin after the batch read them: its new
+    layers, which the batch did not open over, served the new adapter to every row, 10.3 off, h1). One under way
+    on this thread (the batch opened from inside it) is refused."""
+    me = threading.current_thread().ident  # (a thread threading did not start is listed from here on: _threads)
+    entry = Serving(model, me)
+    with _SERVING_COND:
+        while True:
+            threads = _threads() if _RESHAPING else ()
+            for change in [c for c in _RESHAPING if c.thread not in threads or c.lock._writer != c.thread]:
+                del _RESHAPING[change]  # (left by a change that ended without its end: an exception landing there)
+            clash = next(((c, found) for c in _RESHAPING for found in [_shared_module(c.model, model)] if found), None)
+            if clash is None:
+                break
+            if clash[0].thread == me:
+                raise RuntimeError(f"batch_adapters: opened on this thread from inside {clash[0].what}, whose model "
+                                   f"shares module {clash[1][0] or '(the model)'!r} with the batch's: the batch would "
+                                   f"wait for the change, which waits for it; open the batch after it")
+            _SERVING_COND.wait(_WAIT)
+        _OPEN[entry] = None
+    return entry
+
+
+def _threads() -> set:
+    """The idents of the threads alive (threading's list, not sys._current_frames: called by six threads opening
+    batches at once, that crashed CPython 3.11 in a few seconds)."""
+    return {t.ident for t in threading.enumerate()}
+
+
+_WAIT = 0.05  # seconds between looks at the changes a batch waits for (they notify as they end)
+
+
+def close_serving(entry: Serving) -> None:
+    with _SERVING_COND:
+        _OPEN.pop(entry, None)
+        _SERVING_COND.notify_all()
+
+
+def begin_reshaping(model, lock, what: str) -> Reshaping:
+    """Registers a change of `model`'s modules (end_reshaping takes it off), or refuses it (RuntimeError naming
+    `what` and the module) while an open mixed batch of any thread serves a model that shares a module with it: the
+    batch would go on with the modules it opened over while the change adds or removes others (a load through an
+    outer model, through a part of the batch's model, or through another model sharing a part of it made layers
+    the batch served with the new adapter for every row: 4.50 off, r53; 10.3 off, h1). A batch of this model itself
+    holds its lock: the change waits for the block (or is refused from inside it) before it comes here."""
+    with _SERVING_LOCK:
+        threads = _threads() if _OPEN else ()
+        for entry in [e for e in _OPEN if e.thread not in threads]:
+            del _OPEN[entry]  # (a thread that ended inside a block, a daemon thread at exit)
+        for entry in _OPEN:
+            found = _shared_module(model, entry.model)
+            if found is not None:
+                path, m = found
+                from .layers import LoRALayer
+                kind = "layer" if isinstance(m, LoRALayer) else "module"
+                raise RuntimeError(f"{what}: {kind} {path or '(the model)'!r} is served by an open mixed batch "
+                                   f"(lora.batch_adapters of a model holding it), which would go on with the "
+                                   f"modules it opened over while the change adds or removes others; change the "
+                                   f"adapters after the block closes")
+        change = Reshaping(model, lock, threading.current_thread().ident, what)
+        _RESHAPING[change] = None
+    return change
+
+
+def end_reshaping(change: Reshaping) -> None:
+    with _SERVING_COND:
+        _RESHAPING.pop(change, None)
+        _SERVING_COND.notify_all()
+
+
+def note_serving(modules, opened: bool, entry: Optional[Serving] = None) -> None:
     """Counts an open batch on each of `modules` (`_open_batches`: its layers and modules saved whole), or takes it
-    back (opened=False). Under one lock: unlocked, the count's read and write from threads opening and closing
-    batches of one model at once lost updates (6 threads x 4000 batches left a layer counting 2 open batches after
-    every one had closed, refusing its loads from then on)."""
+    back (opened=False); `entry`, the batch's registration (open_serving), keeps them for after_fork. Under one
+    lock: unlocked, the count's read and write from threads opening and closing batches of one model at once lost
+    updates (6 threads x 4000 batches left a layer counting 2 open batches after every one had closed, refusing its
+    loads from then on)."""
     with _SERVING_LOCK:
         for m in modules:
-            m.__dict__["_open_batches"] = m.__dict__.get("_open_batches", 0) + (1 if opened else -1)
-            if opened:
+            n = m.__dict__.get("_open_batches", 0) + (1 if opened else -1)
+            if n > 0:
+                m.__dict__["_open_batches"] = n
                 _SERVED.add(m)
+            else:
+                m.__dict__.pop("_open_batches", None)
+        if entry is not None:
+            entry.modules = tuple(modules) if opened else ()
 
 
 _SERVED: "weakref.WeakSet" = weakref.WeakSet()  # modules note_serving counted a batch on (after_fork)
 
 
 def after_fork() -> None:
-    """In a forked child: the batches of the parent's other threads are not here, so each module counts only the
-    open batch of this thread's context that serves it (r54: the counts they left refused the child's loads, for
-    good), and a layer lists only that batch's slots."""
-    active = ACTIVE.get() or {}
+    """In a forked child: the batches of the parent's other threads are not here, so the batches open are those
+    this thread opened (in any of its contexts: an asyncio task's, a generator's), each module counts those that
+    serve it (r54: the counts the others left refused the child's loads, for good; h1: one of another context of
+    this thread, left out, took the count below zero as it closed), and a layer lists only their slots."""
+    global _SERVING_LOCK, _SERVING_COND
+    _SERVING_LOCK = threading.RLock()  # (its holder may be a thread of the parent: r42, 1 child of 23 hung on it)
+    _SERVING_COND = threading.Condition(_SERVING_LOCK)
+    me = threading.get_ident()
+    for entry in [e for e in _OPEN if e.thread != me]:
+        del _OPEN[entry]
+    for change in [c for c in _RESHAPING if c.thread != me]:
+        del _RESHAPING[change]
+    counts, batches = {}, {e.batch for e in _OPEN if e.modules}
+    for entry in _OPEN:
+        for m in entry.modules:
+            counts[m] = counts.get(m, 0) + 1
     for m in list(_SERVED):
-        view = active.get(m)
-        mine = view is not None and not view.batch.closed
-        m.__dict__["_open_batches"] = int(mine)
+        if counts.get(m):
+            m.__dict__["_open_batches"] = counts[m]
+        else:
+            m.__dict__.pop("_open_batches", None)
         slots = m.__dict__.get("_open_slots")
         if slots:
-            m.__dict__["_open_slots"] = [e for e in slots if mine and e[1] is view.batch]
+            m.__dict__["_open_slots"] = [e for e in slots if e[1] in batches]
 
 
 def note_slots(layer, stacks, batch) -> None:

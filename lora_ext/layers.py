@@ -22,6 +22,7 @@ import copy
 import functools
 import itertools
 import math
+import numbers
 import os
 import sys
 import threading
@@ -623,12 +624,14 @@ class LoRALayer(NamedAdapters):
 
     def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
                  lossless: Optional[bool] = None):
-        if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        # (a numpy integer too, as loralib takes it; held as a Python int)
+        if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 0:
             raise ValueError(f"r must be a non-negative integer, got {r!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
-        self.r = r
-        self.lora_alpha = lora_alpha
+        self.r = int(r)
+        self.lora_alpha = lora_alpha if isinstance(lora_alpha, (int, float)) or not isinstance(
+            lora_alpha, numbers.Real) else float(lora_alpha)
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.merged = False
         self.merge_weights = merge_weights
@@ -2367,7 +2370,8 @@ class Linear(LoRALayer, nn.Linear):
 
     def _weight_forward(self, x):
         """The layer's output from its weight alone (the base, or the merged adapter with it)."""
-        return F.linear(x, self.weight.t() if self.fan_in_fan_out else self.weight, self.bias)
+        weight = ops.autocast_fresh(self.weight)  # (not autocast's cached cast of it: see there)
+        return F.linear(x, weight.t() if self.fan_in_fan_out else weight, self.bias)
 
 
 class MergedLinear(LoRALayer, nn.Linear):
@@ -2561,7 +2565,9 @@ class ConvLoRA(LoRALayer, nn.Module):
     def _weight_forward(self, x):
         """The layer's output from its weight alone (the base, or the merged adapter with it): lora.disable_adapter
         serves this (it raised an AttributeError for convolutions)."""
-        return self.conv(x)
+        conv = self.conv
+        weight = ops.autocast_fresh(conv.weight)  # (not autocast's cached cast of it: see there)
+        return conv(x) if weight is conv.weight else conv._conv_forward(x, weight, conv.bias)
 
 
 # The conv's own attributes, read through (transformers' ViT and CLIP read `patch_embedding.weight.dtype`, Whisper

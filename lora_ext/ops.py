@@ -1021,6 +1021,18 @@ def autocast_eligible(t) -> bool:
     return isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
 
 
+def autocast_fresh(weight: Tensor) -> Tensor:
+    """A layer's weight for a torch op under autocast: cast here (as autocast would) where autocast would take the
+    cast from its cache, a leaf that requires grad. Autocast keeps that cast for the whole block and never looks at
+    the tensor's version: a merged forward after a switch, a merge or a disable_adapter wrote the weight inside the
+    block served the cast made before it (the old adapter's, 15.9 off, h3), on any thread. Else `weight`."""
+    if weight.requires_grad and weight.is_leaf and autocast_eligible(weight):
+        dtype = _autocast_dtype(weight)
+        if dtype is not None and dtype != weight.dtype:
+            return weight.to(dtype)
+    return weight
+
+
 def _autocast_cast(dtype, tensors):
     """The tensors among `tensors` (x first) that autocast casts in dtype (floating ones, float64 excepted: torch's
     rule, so that a float64 layer computes in float64 under autocast, as F.linear does; and none where x is float64,

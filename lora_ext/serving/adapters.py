@@ -22,7 +22,7 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .. import ddp_guard, forks, sharded
+from .. import batched, ddp_guard, forks, sharded
 from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_one_name, check_rank, deferred_interrupt, each_or_none
 from ..utils import _ddp_of, _wrapped, under_ddp
@@ -176,12 +176,17 @@ class ModelLock:
                 _discard(waiting, ident)
         self._admit = min(self._admit, len(self._waiting))
 
-    def acquire_read(self, hold: bool = False) -> None:
-        """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s."""
+    def refuse_forked(self) -> None:
+        """Refuses (RuntimeError) a read of a model this forked child holds part way through another thread's change
+        (after_fork), until set_adapter puts it right (or for good)."""
         if self._stuck is not None:
             raise RuntimeError(self._stuck)
         if self._torn is not None and self._writer != threading.get_ident():
             raise RuntimeError(self._torn)
+
+    def acquire_read(self, hold: bool = False) -> None:
+        """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s."""
+        self.refuse_forked()
         me = threading.get_ident()
         with self._mutex:
             if (me in self._reads and self._queue and not self._holds.get(me) and self._writer != me
@@ -276,15 +281,17 @@ class ModelLock:
         half way through it cannot put right (after_fork), and which is refused while an open mixed batch serves
         a module of `model` (given with it)."""
         with self.changing(), self._write():
-            outer = self._reshaping
-            if reshaping is not None and outer is None:
-                if model is not None:
-                    _refuse_in_open_batches(model, reshaping)
-                self._reshaping = reshaping
+            outer, change = self._reshaping, None
             try:
+                if reshaping is not None and outer is None:
+                    if model is not None:  # (refused while an open batch serves a module of it)
+                        change = batched.begin_reshaping(model, self, reshaping)
+                    self._reshaping = reshaping
                 yield
             finally:
                 self._reshaping = outer
+                if change is not None:
+                    batched.end_reshaping(change)
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
@@ -429,20 +436,6 @@ def _read_after(module, args, output):
         lock = module.__dict__["_lora_ext_model_lock"]
         if lock.holds_read():
             lock.release_read()
-
-
-def _refuse_in_open_batches(model: nn.Module, what: str) -> None:
-    """Refuses a change that adds, replaces or removes modules or adapters while an open mixed batch serves a module
-    of the model: the batch of another model holding it (an outer container, which the batch's hold of its own model
-    does not stop) then served the modules it did not open over, or a layer taken out, with the new adapter for every
-    row (4.50 off, r53). A batch of this model itself holds it: its changes wait for the block (or are refused from
-    inside it)."""
-    for path, m in model.named_modules():
-        if m.__dict__.get("_open_batches"):
-            raise RuntimeError(f"{what}: {'layer' if isinstance(m, LoRALayer) else 'module'} {path or '(the model)'!r} "
-                               f"is served by an open mixed batch (lora.batch_adapters of a model holding it), which "
-                               f"would go on with the modules it opened over while the change adds or removes others; "
-                               f"change the adapters after the block closes")
 
 
 def model_lock(model: nn.Module) -> ModelLock:

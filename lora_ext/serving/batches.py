@@ -745,10 +745,14 @@ def _refuse_not_rows_first(part, child, owner, first):
 def _row_entry(i) -> int:
     """One entry of a `rows` list as an int: any integer (a numpy one too, r51), never a bool."""
     try:
-        return as_integer(i)
+        value = as_integer(i)
     except TypeError:
         raise TypeError(f"batch_adapters: rows must be a 1-D int tensor or a list of ints, got an entry {i!r}") \
             from None
+    if not -1 <= value < 2 ** 63:  # (beyond int64, torch's "Overflow when unpacking long long" named nothing, h1)
+        raise ValueError(f"batch_adapters: rows entry {value} indexes no adapter (entries index the adapters given, "
+                         f"-1: the base model)")
+    return value
 
 
 def _check_batch_major(model, expand=1):
@@ -799,7 +803,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
     _check_enabled(model, found)
     expand = check_rank("batch_adapters: expand (generate()'s num_beams)", expand)  # (numpy ints too, r51)
     _check_batch_major(model, expand)
-    with hold(model):
+    with hold(model), _serving(model) as registered:
         # the layers and names as of now, under the hold (a load or a delete may have landed before it: checked
         # before the hold, a deleted adapter's rows were served as the base)
         found = _layers_or_raise(model)
@@ -869,7 +873,8 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                 inner = unwrap(model)  # (a lone layer: its caller makes its input, beams' repeats too)
                 batch.generates = callable(getattr(inner, "generate", None)) or isinstance(inner, LoRALayer)
                 # (modules saved whole too: a disable_adapter block of another model holding one is refused, r38)
-                batched.note_serving([*views, *wrapped], opened=True)
+                registered.batch = batch
+                batched.note_serving([*views, *wrapped], opened=True, entry=registered)
                 serving = True
                 batched.note_batch(opened=True)
                 counted = True
@@ -900,7 +905,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                                 for stacks in views.values():
                                     stacks.used(slot_of.values())
                                 if serving:
-                                    batched.note_serving([*views, *wrapped], opened=False)
+                                    batched.note_serving([*views, *wrapped], opened=False, entry=registered)
                                 batched.forget_slots(views, batch)
                                 batch.close()
                         finally:
@@ -917,6 +922,20 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
                     landed = err
             if landed is not None:
                 raise landed
+
+
+@contextlib.contextmanager
+def _serving(model: nn.Module) -> Iterator[batched.Serving]:
+    """The batch's registration among the open ones (batched.open_serving), from before it reads the model's layers
+    to the end of its block (Ctrl-C held back while it registers, and raised after, inside the block)."""
+    entry = None
+    try:
+        with deferred_interrupt():
+            entry = batched.open_serving(model)
+        yield entry
+    finally:
+        if entry is not None:
+            batched.close_serving(entry)
 
 
 def _open(entries: Optional[Dict], batch_of=lambda v: v) -> Dict:

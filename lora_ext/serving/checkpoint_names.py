@@ -6,6 +6,7 @@ the model's names and renames transformers 4 adapters when it loads them; `lora-
 checkpoint) and `load_peft_adapter` use these to do the same. Some keys are converted rather than renamed (fused,
 split, permuted: NomicBert's q/k/v from one `Wqkv`, fused MoE experts): no tensor of the checkpoint is the model's
 weight then. Without the rules (older transformers) names are taken as they are."""
+import contextlib
 from typing import Dict, List, Sequence, Tuple
 
 import torch.nn as nn
@@ -90,3 +91,33 @@ def rename_adapter(where: str, model: nn.Module, factors: dict, base_weights: di
     return ({new(n): v for n, v in factors.items()},
             {(new(k[0]), k[1]) if isinstance(k, tuple) else new(k): v for k, v in base_weights.items()},
             {new(n): v for n, v in magnitudes.items()})
+
+
+def other_class_hint(model: nn.Module, modules: Sequence[str]) -> str:
+    """A sentence for a refusal of an adapter's saved modules or rows of tokens when its LoRA factors' modules
+    (`modules`, the names the file gives them) are another class's of the model (rename_adapter renames those, and
+    not the rest): '' when none is renamed."""
+    if model is None:
+        return ""
+    model_keys = _keys(model)
+    names, _, _ = model_names(model, [n + ".weight" for n in modules if n + ".weight" not in model_keys])
+    renamed = sorted((k[:-len(".weight")], v[:-len(".weight")]) for k, v in names.items() if v.endswith(".weight"))
+    if not renamed:
+        return ""
+    old, new = renamed[0]
+    return (f" (the adapter names its modules as another class of the model does: its {old!r} is this model's "
+            f"{new!r}; lora_ext renames such an adapter's LoRA factors, as peft does, but not the modules it saves "
+            f"whole nor its rows of tokens: use a model of the class it was trained on)")
+
+
+@contextlib.contextmanager
+def naming_another_class(model: nn.Module, modules: Sequence[str]):
+    """Inside: a ValueError (a refusal of the adapter's saved modules or rows of tokens) gets other_class_hint's
+    sentence for the adapter's factor `modules`, as the file names them."""
+    try:
+        yield
+    except ValueError as e:
+        hint = other_class_hint(model, modules) if e.args and isinstance(e.args[0], str) else ""
+        if hint:
+            e.args = (e.args[0] + hint, *e.args[1:])
+        raise

@@ -151,8 +151,8 @@ def check_patterns(option, patterns, rank):
         if not isinstance(key, str):
             raise ValueError(f"{option}: keys must be strings (regexes of module names), got {key!r}")
         _compile(f"{option} key {key!r}", rf"(.*\.)?({key})$")
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if rank and not (number and isinstance(value, int) and value >= 1):
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if rank and not (number and isinstance(value, numbers.Integral) and value >= 1):
             raise ValueError(f"{option}: {key!r} must map to a positive integer rank, got {value!r}")
         if not rank and not (number and math.isfinite(value)):
             raise ValueError(f"{option}: {key!r} must map to a finite number, got {value!r}")
@@ -243,13 +243,16 @@ def scaling_for(r, lora_alpha, use_rslora=False):
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
-def _check_options(r, lora_alpha, lora_dropout):
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+def _check_options(r, lora_alpha, lora_dropout) -> int:
+    """r as a Python int (a numpy integer too, as loralib takes), after checking the three."""
+    if not isinstance(r, numbers.Integral) or isinstance(r, bool) or r < 1:
         raise ValueError(f"r must be a positive integer, got {r!r}")
-    if not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha):
+    if not isinstance(lora_alpha, numbers.Real) or isinstance(lora_alpha, bool) \
+            or not math.isfinite(lora_alpha):
         raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
     if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+    return int(r)
 
 
 def check_lossless(lossless):
@@ -808,7 +811,7 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
     check_patterns("rank_pattern", rank_pattern, rank=True)
     check_patterns("alpha_pattern", alpha_pattern, rank=False)
     check_layers("inject", target_modules, layers_to_transform, layers_pattern)
-    _check_options(r, lora_alpha, lora_dropout)
+    r = _check_options(r, lora_alpha, lora_dropout)
     check_lossless(lossless)
     fused = dict(fused or {})
     plan = []
@@ -844,7 +847,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
                              f"float16, bfloat16 or float32 weights (set lossless=False or None)")
         rr = pattern_value(rank_pattern, name, r)
         alpha = pattern_value(alpha_pattern, name, lora_alpha)
-        _check_options(rr, alpha, lora_dropout)
+        rr = _check_options(rr, alpha, lora_dropout)
+        alpha = alpha if isinstance(alpha, (int, float)) else float(alpha)  # (a numpy number)
         if reserved is not None and rr > reserved:
             raise ValueError(f"r: module {name!r} would get rank {rr}, over the rank {reserved} that reserve_rank fixed "
                              f"for the model's layers (every adapter is held at that rank); reserve a rank of at least "

@@ -35,7 +35,7 @@ from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
 from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, base_weights_elsewhere, check_base_weight, is_lora_key,
-                      module_factors, module_rank_scaling, read_config, read_tensors)
+                      factor_modules, module_factors, module_rank_scaling, read_config, read_tensors)
 from .peft_io import _names as _name_list
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -372,8 +372,9 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     rows = {k: tensors.pop(k) for k in list(tensors) if k.startswith(PREFIX) and k.endswith(_tokens.DELTA_SUFFIX)}
     states, tensors = _saved.split_state(tensors, _saved_names(tensors, entries), PREFIX)
     magnitudes = {}
-    factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
     meta = _meta_model(base, base_dir)
+    with _names.naming_another_class(meta, factor_modules(tensors)):
+        factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
     trained = {}  # a renamed module's name as the adapter had it (rank_pattern / alpha_pattern match those)
     try:
         factors, base_weights, magnitudes = _names.rename_adapter(f"--adapter {adapter!r}", meta, factors, base_weights,
@@ -403,9 +404,11 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                                                            ck(f"{n}.{what}")) if f"{n}.{what}" in where else None)
     except ValueError as e:
         raise MergeError(str(e)) from None
-    replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta, ck, twice)
-    token_rows = _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice,
-                             out_dtype)
+    with _names.naming_another_class(meta, sorted(trained.get(n, n) for n in factors)):
+        replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta, ck,
+                                twice)
+        token_rows = _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice,
+                                 out_dtype)
     replace.update(token_rows)
     plan = {}
     kinds = _module_kinds(meta)  # a Linear or Conv1D's layout is not in its shape

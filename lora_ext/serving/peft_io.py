@@ -291,6 +291,12 @@ def is_lora_key(key) -> bool:
                                        or _factor_suffix(key) is not None)
 
 
+def factor_modules(tensors):
+    """The names of the modules `tensors` (peft keys) hold LoRA factors of, sorted."""
+    return sorted({key[len(PREFIX):-len(suffix)] for key in tensors
+                   if key.startswith(PREFIX) and (suffix := _factor_suffix(key)) is not None})
+
+
 def module_factors(tensors, where="adapter", magnitudes=None):
     """({module name: (lora_A, lora_B, is_embedding)}, {module name: base weight}) from peft keys; other
     keys raise ValueError. peft saves an embedding's (or output head's) whole base weight beside its factors
@@ -590,8 +596,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     to_save = _saved.find(model, entries, cfg_file)
     tensors = read_tensors(path, cfg)
     token_spec = _tokens.check_spec(cfg_file, cfg.get("trainable_token_indices"))
+    # (a refusal of the modules saved whole or of the rows of tokens says when the factors name another class's)
+    file_modules = factor_modules(tensors)
     # (rows of tokens: taken out of `tensors`, checked against the model; nothing changes yet)
-    token_plan = _tokens.plan(model, token_spec, tensors, PREFIX, weights_file, cfg_file) if token_spec else []
+    with _ckpt_names.naming_another_class(model, file_modules):
+        token_plan = _tokens.plan(model, token_spec, tensors, PREFIX, weights_file, cfg_file) if token_spec else []
     token_names = [n for names, _, _ in token_plan for n in names]
     for names, module, _ in token_plan:  # (the module whose output the rows replace: a wrapper's original)
         module = module._modules["original_module"] if isinstance(module, _tokens.TrainableTokens) else module
@@ -612,7 +621,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                             "embedding whole instead)" if tied else
                             "given rows of tokens (trainable_token_indices); peft refuses that, name it in one of them"))
     states, rest = _saved.split_state(tensors, [n for n, _ in to_save], PREFIX)
-    factors, base_weights = module_factors(rest, where=weights_file)
+    with _ckpt_names.naming_another_class(model, file_modules):
+        factors, base_weights = module_factors(rest, where=weights_file)
     if not factors:
         raise ValueError(f"{weights_file}: holds no LoRA factors")
     # an adapter made with transformers 4 may name modules as the checkpoint does (peft renames them alike)
@@ -632,8 +642,9 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             "tied to the embedding trainable_token_indices gives rows of tokens, so it would serve them too; "
             "lora_ext serves one or the other in a module (peft serves both there)" if tied else
             "given rows of tokens (trainable_token_indices); peft refuses that"))
-    saved_plan = [(name, module, _saved.check_state(weights_file, name, module, states.get(name), PREFIX))
-                  for name, module in to_save]
+    with _ckpt_names.naming_another_class(model, file_modules):
+        saved_plan = [(name, module, _saved.check_state(weights_file, name, module, states.get(name), PREFIX))
+                      for name, module in to_save]
     if (to_save or token_plan) and hasattr(nn.ModuleDict(), adapter_name):
         raise ValueError(f"adapter_name: {adapter_name!r} is an attribute of torch's ModuleDict, which holds the "
                          f"copies of the modules this adapter saves whole or gives rows of tokens "

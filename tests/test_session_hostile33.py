@@ -1,0 +1,427 @@
+"""Found by the fortieth session (its hostile helpers and the last note's leftovers); each test failed on the commit
+before its fix."""
+import copy
+import os
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+from peft import LoraConfig, get_peft_model
+
+import lora_ext as lora
+from lora_ext.cli import main
+from tiny_models import llama, randomize_lora, snapshot, unchanged
+
+# --- x1's leftover: an adapter trained on another class of the model, with modules saved whole or rows of tokens --
+# (its LoRA factors are renamed, LlamaModel's `layers.0...` to LlamaForCausalLM's `model.layers.0...`, as peft does;
+# its saved modules and rows of tokens are not, and the refusal blamed the file alone)
+
+HINT = "another class of the model does: its 'layers.0.self_attn.q_proj' is this model's 'model.layers.0.self_attn.q_proj'"
+EXTRAS = {"tokens": dict(trainable_token_indices={"embed_tokens": [1, 2]}), "saved": dict(modules_to_save=["norm"])}
+
+
+def _adapter(tmp_path, kind, inner):
+    model = llama(0)
+    peft_model = randomize_lora(get_peft_model(model.model if inner else model,
+                                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **EXTRAS[kind])))
+    path = str(tmp_path / "adapter")
+    peft_model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", sorted(EXTRAS))
+def test_another_class_adapter_refusal_says_so(tmp_path, kind):
+    path = _adapter(tmp_path, kind, inner=True)
+    model = llama(0)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=HINT):
+        lora.load_peft_adapter(model, path)
+    assert unchanged(model, snap) and not any(isinstance(m, lora.LoRALayer) for m in model.modules())
+
+
+@pytest.mark.parametrize("kind", sorted(EXTRAS))
+def test_another_class_adapter_refusal_says_so_in_the_merge_cli(tmp_path, capsys, kind):
+    path = _adapter(tmp_path, kind, inner=True)
+    base = str(tmp_path / "base")
+    llama(0).save_pretrained(base)
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--base", base, "--adapter", path, "--out", out]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert HINT in err and not os.path.exists(out)
+
+
+def test_an_adapter_of_this_class_is_not_said_to_be_another_s(tmp_path):
+    """The same refusal (the file lacks the rows of tokens) for an adapter of the model's own class: no such
+    sentence."""
+    path = _adapter(tmp_path, "tokens", inner=False)
+    from safetensors.torch import load_file, save_file
+    file = os.path.join(path, "adapter_model.safetensors")
+    tensors = {k: v for k, v in load_file(file).items() if "trainable_tokens" not in k}
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match="holds no .*trainable_tokens_delta") as info:
+        lora.load_peft_adapter(llama(0), path)
+    assert "another class" not in str(info.value)
+
+
+# --- h1: changes of modules while a mixed batch serves a model sharing one of them ---------------------------------
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class _Net(nn.Module):
+    def __init__(self, block, head=None):
+        super().__init__()
+        self.block, self.head = block, head
+
+    def forward(self, x):
+        y = self.block(x)
+        return y if self.head is None else self.head(y)
+
+
+def _served_net(tmp_path, into):
+    """(M1: a block and a LoRA head; M2 sharing M1's plain block; an adapter file for the block's fc, keyed as
+    `into` names it ("M2", "M1.block" or "outer": ModuleDict({"m": M1})); x; the rows ["default", None] of M1 as each
+    alone, float64)."""
+    torch.manual_seed(0)
+    block = _Block()
+    m1 = _Net(block, nn.Linear(8, 4)).double()
+    W0 = m1.head.weight.detach().clone()
+    lora.inject(m1, ["head"], r=2)
+    nn.init.normal_(m1.head.lora_B)
+    m1.eval()
+    m2 = _Net(block).eval()
+    source = {"M2": lambda: copy.deepcopy(m2), "M1.block": lambda: copy.deepcopy(block),
+              "outer": lambda: nn.ModuleDict({"m": copy.deepcopy(m1)})}[into]()
+    lora.inject(source, [n for n, m in source.named_modules() if n.endswith("fc")], r=2)
+    for m in source.modules():
+        if isinstance(m, lora.Linear) and m.in_features == 8 and m.out_features == 8:
+            nn.init.normal_(m.lora_A)
+            nn.init.normal_(m.lora_B)
+    lora.save_peft_adapter(source, str(tmp_path / "d"), "default")
+    x = torch.randn(2, 8, dtype=torch.float64)
+    with torch.no_grad():
+        h = torch.relu(x @ block.fc.weight.T + block.fc.bias)
+        W = W0 + m1.head.scaling * m1.head.lora_B @ m1.head.lora_A
+        want = torch.stack([(h[0] @ W.T + m1.head.bias), (h[1] @ W0.T + m1.head.bias)])
+    return m1, m2, x, want
+
+
+@pytest.mark.parametrize("into", ["M2", "M1.block"])
+def test_a_load_into_a_model_sharing_a_module_with_an_open_batch_s_model_is_refused(tmp_path, into):
+    # the refusal looked for the batch's marks on layers and modules saved whole only: a load into another model
+    # sharing a plain part of the batch's model, or into a part of it, made a layer the batch had not opened over,
+    # which served the new adapter to every row (10.32 off, h1), silently
+    m1, m2, x, want = _served_net(tmp_path, into)
+    target = {"M2": m2, "M1.block": m1.block}[into]
+    with torch.no_grad(), lora.batch_adapters(m1, ["default", None]):
+        with pytest.raises(RuntimeError, match=r"^load_peft_adapter: module '(block|\(the model\))' is served by an "
+                                               r"open mixed batch"):
+            lora.load_peft_adapter(target, str(tmp_path / "d"), "d", activate=True)
+        got = m1(x)
+    assert type(m1.block.fc) is nn.Linear and float((got - want).abs().max()) < 1e-12
+
+
+def test_a_batch_opening_while_a_change_through_an_outer_model_runs_waits_for_it(tmp_path, monkeypatch):
+    # the load's refusal was checked once, before the batch opened on another thread; the batch then read the layers
+    # before the load installed its own, which it served with the new adapter for every row (10.32 off, h1)
+    import threading
+    from lora_ext.serving import injection
+    m1, _, x, want = _served_net(tmp_path, "outer")
+    outer = nn.ModuleDict({"m": m1})
+    checked = threading.Event()
+    install = injection.install
+
+    def slow_install(*args, **kwargs):
+        checked.set()
+        time.sleep(0.5)  # (the batch below opens meanwhile)
+        return install(*args, **kwargs)
+    monkeypatch.setattr(injection, "install", slow_install)
+    errors = []
+
+    def load():
+        try:
+            lora.load_peft_adapter(outer, str(tmp_path / "d"), "d", activate=True)
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        assert checked.wait(60)
+        with torch.no_grad(), lora.batch_adapters(m1, ["default", None]):
+            assert isinstance(m1.block.fc, lora.Linear)  # (opened after the load)
+            got = m1(x)
+    finally:
+        loader.join(60)
+    assert not errors and m1.block.fc.active_adapter == "d"
+    assert float((got - want).abs().max()) < 1e-12  # (the fc holds no 'default': the base for both rows)
+
+
+def test_a_batch_opened_from_inside_a_change_of_a_model_holding_it_is_refused(tmp_path, monkeypatch):
+    from lora_ext.serving import injection
+    m1, _, x, _ = _served_net(tmp_path, "outer")
+    outer = nn.ModuleDict({"m": m1})
+    install = injection.install
+    seen = []
+
+    def install_opening_a_batch(*args, **kwargs):
+        with pytest.raises(RuntimeError, match=r"^batch_adapters: opened on this thread from inside "
+                                               r"load_peft_adapter, whose model shares module 'm' with the batch's"):
+            with torch.no_grad(), lora.batch_adapters(m1, ["default", None]):
+                pass
+        seen.append(True)
+        return install(*args, **kwargs)
+    monkeypatch.setattr(injection, "install", install_opening_a_batch)
+    lora.load_peft_adapter(outer, str(tmp_path / "d"), "d")
+    assert seen and isinstance(m1.block.fc, lora.Linear)
+
+
+# --- h1: lora_state_dict of an FSDP2 model during switches, and in a child forked part way through a switch -------
+
+def _fsdp2_snapshots(rank, world):
+    """FSDP2 over 6 layers with adapters 'default' and 'b'; 60 lora_state_dict reads while another thread switches
+    the model: how many mixed the two (by the factors' values or the names saved with them)."""
+    import threading
+    net = nn.Sequential(*[lora.Linear(16, 16, r=2, lora_alpha=4) for _ in range(6)])
+    g = torch.Generator().manual_seed(1)
+    for m in net:
+        with torch.no_grad():
+            m.lora_A.normal_(generator=g)
+            m.lora_B.normal_(generator=g)
+        m.add_adapter("b", torch.randn(2, 16, generator=g), torch.randn(16, 2, generator=g), 2.0)
+        m.requires_grad_(False)
+    own = {n: [m.get_adapter(n)[0].detach().clone() for m in net] for n in ("default", "b")}
+    from torch.distributed.fsdp import fully_shard
+    for m in net:
+        fully_shard(m)
+    fully_shard(net)
+    stop = threading.Event()
+
+    def switch():
+        while not stop.is_set():
+            lora.set_adapter(net, "b")
+            lora.set_adapter(net, "default")
+    switcher = threading.Thread(target=switch)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    switcher.start()
+    mixed = 0
+    try:
+        for _ in range(60):
+            state = lora.lora_state_dict(net)
+            names = {next(iter(state._metadata[str(i)].values())) for i in range(6)}
+            values = {n for i in range(6) for n in own if torch.equal(state[f"{i}.lora_A"], own[n][i])}
+            mixed += len(names) != 1 or names != values
+    finally:
+        stop.set()
+        switcher.join(60)
+        sys.setswitchinterval(interval)
+    return mixed
+
+
+def test_lora_state_dict_of_an_fsdp2_model_during_switches_holds_one_adapter():
+    # read once without the hold (the retries were taken out for sharded models, whose reads are collectives): 49 of
+    # 100 snapshots mixed two adapters, as the w2 bug did (h1)
+    from dist import run_ranks
+    assert run_ranks(_fsdp2_snapshots, world=1) == [0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_lora_state_dict_in_a_child_forked_part_way_through_a_switch_is_refused():
+    # the child's lock starts its write count again, so the optimistic read looked clean and returned layers 0-1 on
+    # 'b' and 2-3 on 'default' under their names, where forwards and save_peft_adapter are refused (h1)
+    import threading
+    model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)]).eval()
+    lora.inject(model, [str(i) for i in range(4)], r=2)
+    for m in model:
+        m.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    half, go = threading.Event(), threading.Event()
+    switch = type(model[2]).set_adapter
+
+    def slow(self, name):
+        if self is model[2]:
+            half.set()
+            go.wait(30)
+        return switch(self, name)
+    type(model[2]).set_adapter = slow
+    switcher = threading.Thread(target=lora.set_adapter, args=(model, "b"))
+    switcher.start()
+    try:
+        assert half.wait(30)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # (the child: os._exit, never pytest's teardown)
+            message = b"returned"
+            try:
+                lora.lora_state_dict(model)
+            except RuntimeError as err:
+                message = str(err).encode()[:300]
+            finally:
+                os.write(write, message)
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        message = os.read(read, 400).decode()
+        os.close(read)
+    finally:
+        go.set()
+        switcher.join(30)
+        type(model[2]).set_adapter = switch
+    assert message.startswith("this process was forked (os.fork) while another thread of its parent was changing"), \
+        message
+    assert [m.active_adapter for m in model] == ["b"] * 4
+
+
+# --- h1: a child forked while a batch of another context of the same thread is open ---------------------------
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_child_forked_with_a_batch_open_in_another_context_of_its_thread_counts_it():
+    # after_fork counted the forking context's batches only: in the child, a batch open in a generator run in
+    # another context (asyncio's tasks run so) counted 0 (a change of its model through an outer one let through
+    # inside it), and its close took the count to -1, which refused every later change and disable_adapter, for good
+    import contextvars
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    lora.inject(model, ["0"], r=2)
+    nn.init.normal_(model[0].lora_B)
+    outer = nn.ModuleDict({"inner": model, "extra": nn.Linear(4, 4)})
+    x = torch.randn(2, 8)
+
+    def serve():
+        with torch.no_grad(), lora.batch_adapters(model, ["default", None]):
+            yield model(x)
+            yield model(x)
+    context, rows = contextvars.copy_context(), serve()
+    first = context.run(next, rows)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        out = []
+        try:
+            try:
+                lora.inject(outer, ["extra"], r=2)
+                out.append("inside: let through")
+            except RuntimeError as err:
+                out.append("inside: refused" if "is served by an open mixed batch" in str(err) else repr(err))
+            out.append(f"same: {torch.equal(context.run(next, rows), first)}")
+            context.run(lambda: list(rows))
+            out.append(f"count: {model[0].__dict__.get('_open_batches')}")
+            out.append(f"inject: {lora.inject(outer, ['extra'], r=2)}")
+            with lora.disable_adapter(model):
+                out.append("disabled")
+        except BaseException as err:  # noqa: BLE001
+            out.append(repr(err)[:300])
+        finally:
+            os.write(write, "; ".join(out).encode())
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    message = os.read(read, 2000).decode()
+    os.close(read)
+    context.run(lambda: list(rows))
+    assert message == "inside: refused; same: True; count: None; inject: ['extra']; disabled", message
+    assert type(outer["extra"]) is nn.Linear
+
+
+# --- h1: ranks given as numpy integers (loralib takes them; lora_ext refused them in layers and inject) ----------
+
+def test_numpy_integer_ranks_build_layers_as_loralib_does():
+    import loralib
+    import numpy as np
+    torch.manual_seed(0)
+    for r, alpha in [(np.int64(4), np.int64(8)), (np.int32(2), np.float32(3.0))]:
+        ref = loralib.Linear(8, 6, r=r, lora_alpha=alpha).double()
+        got = lora.Linear(8, 6, r=r, lora_alpha=alpha).double()
+        assert type(got.r) is int and got.r == int(r) and type(got.scaling) is float
+        nn.init.normal_(ref.lora_B)
+        got.load_state_dict(ref.state_dict())
+        x = torch.randn(3, 8, dtype=torch.float64)
+        want = x @ (ref.weight + float(alpha) / int(r) * ref.lora_B @ ref.lora_A).T + ref.bias
+        with torch.no_grad():
+            assert float((got(x) - want).abs().max()) < 1e-12 and float((ref(x) - want).abs().max()) < 1e-12
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    lora.inject(model, ["0", "1"], r=np.int64(2), lora_alpha=np.int64(4), rank_pattern={"1": np.int64(3)})
+    assert [(type(m.r), m.r, type(m.scaling), m.scaling) for m in model] == [(int, 2, float, 2.0), (int, 3, float, 4 / 3)]
+    for bad in (True, np.True_, 2.0, np.float64(2.0), torch.tensor(2)):
+        with pytest.raises(ValueError, match="r must be a (non-negative|positive) integer"):
+            lora.Linear(8, 8, r=bad)
+        with pytest.raises(ValueError, match="r must be a positive integer"):
+            lora.inject(nn.Sequential(nn.Linear(8, 8)), ["0"], r=bad)
+
+
+# --- h3: a weight written inside one autocast block, after a merged forward --------------------------------------
+
+def _two_adapter(kind):
+    """A merged layer (eval) with adapters 'default' and 'b' whose float32 weight requires grad, its input, and
+    {adapter: the float64 output}."""
+    torch.manual_seed(0)
+    layer = {"linear": lambda: lora.Linear(32, 24, r=4, lora_alpha=8),
+             "fan_in_fan_out": lambda: lora.Linear(32, 24, r=4, lora_alpha=8, fan_in_fan_out=True),
+             "merged": lambda: lora.MergedLinear(32, 24, r=4, lora_alpha=8, enable_lora=[True, False, True]),
+             "conv": lambda: lora.Conv2d(3, 6, 3, r=2, lora_alpha=4)}[kind]()
+    nn.init.normal_(layer.lora_A, std=0.3)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    (ra, ca), (rb, cb) = layer.factor_shapes(layer.r)
+    layer.add_adapter("b", torch.randn(ra, ca) * 0.3, torch.randn(rb, cb) * 0.3, 2.0)
+    x = torch.randn(4, 3, 8, 8) if kind == "conv" else torch.randn(6, 32)
+    refs = {}
+    for name in ("default", "b", None):
+        layer.set_adapter(name or "default")
+        layer.train()
+        with torch.no_grad():
+            if name is None:
+                with lora.disable_adapter(layer):
+                    refs[name] = layer.double()(x.double()).detach()
+            else:
+                refs[name] = layer.double()(x.double()).detach()
+        layer.float()
+    layer.set_adapter("default")
+    layer.requires_grad_(True)  # (full fine-tuning: the weight a leaf that requires grad, which autocast caches)
+    return layer.eval(), x, refs
+
+
+def _off(y, ref):
+    return float((y.double() - ref).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("kind", ["linear", "fan_in_fan_out", "merged", "conv"])
+@pytest.mark.parametrize("change", ["set_adapter", "disable_adapter", "set_adapter on another thread"])
+def test_a_merged_forward_after_a_weight_write_inside_one_autocast_block_serves_the_write(kind, change):
+    # autocast caches its cast of a leaf that requires grad for the whole block and never checks the tensor's
+    # version: a merged forward after a switch wrote the weight in the block served the old adapter (15.9 off a
+    # Linear, 193 off a Conv2d, h3), silently; now the merged forward casts the weight itself there
+    import threading
+    layer, x, refs = _two_adapter(kind)
+    assert layer.merged and _off(refs["b"], refs["default"]) > 0.1 and _off(refs[None], refs["default"]) > 0.1
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        first = layer(x)
+        if change == "disable_adapter":
+            with lora.disable_adapter(layer):
+                second, want = layer(x), refs[None]
+        else:
+            if change == "set_adapter":
+                layer.set_adapter("b")
+            else:
+                switcher = threading.Thread(target=layer.set_adapter, args=("b",))
+                switcher.start()
+                switcher.join(60)
+            assert layer.merged and layer.active_adapter == "b"
+            second, want = layer(x), refs["b"]
+    assert first.dtype == second.dtype == torch.bfloat16
+    assert _off(first, refs["default"]) < 2e-2 and _off(second, want) < 2e-2, (_off(second, want),
+                                                                                _off(second, refs["default"]))
+
+
+def test_a_rows_entry_beyond_int64_is_refused_naming_it():
+    model = nn.Sequential(nn.Linear(8, 8)).eval()
+    lora.inject(model, ["0"], r=2)
+    for entry in (2 ** 64, -2 ** 70):
+        with pytest.raises(ValueError, match=rf"^batch_adapters: rows entry {entry} indexes no adapter"):
+            with torch.no_grad(), lora.batch_adapters(model, ["default"], rows=[entry, 0]):
+                pass
