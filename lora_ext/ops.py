@@ -1021,16 +1021,7 @@ def autocast_eligible(t) -> bool:
     return isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
 
 
-def autocast_fresh(weight: Tensor) -> Tensor:
-    """A layer's weight for a torch op under autocast: cast here (as autocast would) where autocast would take the
-    cast from its cache, a leaf that requires grad. Autocast keeps that cast for the whole block and never looks at
-    the tensor's version: a merged forward after a switch, a merge or a disable_adapter wrote the weight inside the
-    block served the cast made before it (the old adapter's, 15.9 off, h3), on any thread. Else `weight`."""
-    if weight.requires_grad and weight.is_leaf and autocast_eligible(weight):
-        dtype = _autocast_dtype(weight)
-        if dtype is not None and dtype != weight.dtype:
-            return weight.to(dtype)
-    return weight
+autocast_fresh = reference.autocast_fresh  # (the layers' merged forwards call it here)
 
 
 def _autocast_cast(dtype, tensors):
@@ -1449,4 +1440,5 @@ def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor
     if x_lora is x:
         return conv_module._conv_forward(x, (w.to(delta.dtype) + delta.view(w.shape)).to(w.dtype), conv_module.bias)
     delta = delta.to(w.dtype).view(w.shape)
-    return conv_module._conv_forward(x, w, conv_module.bias) + conv_module._conv_forward(x_lora, delta, None)
+    return (conv_module._conv_forward(x, reference.autocast_fresh(w), conv_module.bias)
+            + conv_module._conv_forward(x_lora, delta, None))

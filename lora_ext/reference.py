@@ -39,6 +39,21 @@ def _without_autocast(fn):
     return run
 
 
+def autocast_fresh(weight: torch.Tensor) -> torch.Tensor:
+    """A layer's weight for a torch op under autocast: cast here (as autocast would) where autocast would take the
+    cast from its cache, a leaf that requires grad. Autocast keeps that cast for the whole block and never looks at
+    the tensor's version: a merged forward after a switch, a merge or a disable_adapter wrote the weight inside the
+    block served the cast made before it (the old adapter's, 15.9 off, h3; a mixed batch's rows of a convolution
+    11.2 off, r2), on any thread. Else `weight`."""
+    if weight.requires_grad and weight.is_leaf and weight.is_floating_point() and weight.dtype != torch.float64:
+        device = "cuda" if weight.is_cuda else "cpu" if weight.is_cpu else None
+        if device is not None and torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            if dtype != weight.dtype:
+                return weight.to(dtype)
+    return weight
+
+
 def compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -404,7 +419,7 @@ def batched_conv(conv, x, deltas, scales, index, sub=None, grouped=None):
     (_add_updates)."""
     w, bias = conv.weight, conv.bias
     if index.device.type != "cpu" or torch.compiler.is_compiling():
-        out = conv._conv_forward(x, w, bias)
+        out = conv._conv_forward(x, autocast_fresh(w), bias)
         _add_updates(conv, out, x, deltas, scales, index, grouped)
         if sub is not None:
             _add_updates(conv, out, x, deltas, -scales, sub, grouped)
@@ -416,10 +431,10 @@ def batched_conv(conv, x, deltas, scales, index, sub=None, grouped=None):
         if pair != (-1, -1):
             groups.setdefault(pair, []).append(n)
     if sum(map(len, groups.values())) < len(adds):  # (rows of the plain convolution: the batch's, bit for bit)
-        out = conv._conv_forward(x, w, bias)
+        out = conv._conv_forward(x, autocast_fresh(w), bias)
     else:  # (an empty batch's convolution: the output's shape and dtype, autocast's too, and torch's refusals; with
         # a bias, which an empty batch's convolution checks the dtypes against, c2)
-        probe = conv._conv_forward(x[:0], w, bias if bias is not None else w.new_zeros(w.shape[0]))
+        probe = conv._conv_forward(x[:0], autocast_fresh(w), bias if bias is not None else w.new_zeros(w.shape[0]))
         out = probe.new_empty((x.shape[0], *probe.shape[1:]))
     cd = compute_dtype(out.dtype)
     base, bias_cd = w.to(cd), None if bias is None else bias.to(cd)  # (once: each group adds to a new tensor)

@@ -180,7 +180,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     for _ in range(_SNAPSHOT_TRIES):
         lock = inner.__dict__.get("_lora_ext_model_lock")
         if lock is not None:  # (a child forked part way through a switch: the counts below start again there, h1)
-            lock.refuse_forked()
+            lock.refuse_forked(state=True)
         before = None if lock is None else (lock.writes, lock._writer)
         out = _lora_state_dict(inner, bias)
         if inner.__dict__.get("_lora_ext_model_lock") is lock and (

@@ -404,12 +404,12 @@ def test_a_merged_switch_between_a_batchs_loads_and_its_counts_is_refused(monkey
         except ValueError as err:
             seen.append(str(err))
 
-    def late(modules, opened):
+    def late(modules, opened, **kwargs):
         if opened and not seen:
             t = threading.Thread(target=other_thread)
             t.start()
             t.join()
-        return real(modules, opened)
+        return real(modules, opened, **kwargs)
     monkeypatch.setattr(batched, "note_serving", late)
     with torch.no_grad(), lora.batch_adapters(layer, ["a", None, "default"]):
         pass

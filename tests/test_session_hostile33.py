@@ -425,3 +425,68 @@ def test_a_rows_entry_beyond_int64_is_refused_naming_it():
         with pytest.raises(ValueError, match=rf"^batch_adapters: rows entry {entry} indexes no adapter"):
             with torch.no_grad(), lora.batch_adapters(model, ["default"], rows=[entry, 0]):
                 pass
+
+
+# --- r2: the convolutions' other paths to autocast's cached cast (mixed batches, the dropout path) -------------------
+
+def test_a_mixed_conv_batch_after_a_merged_switch_inside_one_autocast_block_serves_the_switch():
+    # reference.batched_conv handed torch conv.weight itself: a batch after a merged switch in the same autocast
+    # block served the rows of the weight from the cast made before it (11.15 off, r2), silently
+    layer, x, refs = _two_adapter("conv")
+    rows = ["default", "b", None, "default"]
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        with lora.batch_adapters(layer, rows):
+            first = layer(x)
+        layer.set_adapter("b")
+        assert layer.merged
+        with lora.batch_adapters(layer, rows):
+            second = layer(x)
+    want = torch.stack([refs[r][i] for i, r in enumerate(rows)])
+    assert _off(first, want) < 2e-2 and _off(second, want) < 2e-2, (_off(first, want), _off(second, want))
+
+
+def test_a_conv_with_dropout_trained_then_merged_inside_one_autocast_block_serves_the_merge():
+    # ops.conv's dropout path cast conv.weight through autocast's cache: after eval() merged it in the same block, a
+    # mixed batch's adapter rows took the base (9.41 off, r2); the other way, a forward after train() unmerged took
+    # the merged weight and added the adapter again
+    torch.manual_seed(0)
+    layer = lora.Conv2d(3, 6, 3, r=2, lora_alpha=4, lora_dropout=0.5)
+    nn.init.normal_(layer.lora_A, std=0.3)
+    nn.init.normal_(layer.lora_B, std=0.3)
+    x = torch.randn(4, 3, 8, 8)
+    layer.double().eval()
+    with torch.no_grad():
+        adapted = layer(x.double())
+        with lora.disable_adapter(layer):
+            base = layer(x.double())
+    layer.float().train()
+    layer.requires_grad_(True)
+    rows = ["default", None, "default", None]
+    want = torch.stack([(adapted if r else base)[i] for i, r in enumerate(rows)])
+    with torch.autocast("cpu", torch.bfloat16):
+        layer(x).float().sum().backward()  # (the dropout path: the weight and the adapter's term apart)
+        layer.eval()
+        assert layer.merged
+        with torch.no_grad(), lora.batch_adapters(layer, rows):
+            got = layer(x)
+        layer.train()
+        with torch.no_grad():
+            layer.lora_dropout.eval()  # (dropout off, to compare with the float64 output)
+            trained = layer(x)
+    assert _off(got, want) < 2e-2 and _off(trained, adapted) < 2e-2, (_off(got, want), _off(trained, adapted))
+
+
+def test_a_damaged_factor_key_of_another_class_s_adapter_is_not_said_to_be_a_naming_matter(tmp_path):
+    # the sentence was added to every refusal of the factors' keys (r2: a damaged `lora_C` key), where loading into
+    # the class it was trained on is refused the same
+    from safetensors.torch import load_file, save_file
+    model = llama(0)
+    get_peft_model(model.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(
+        str(tmp_path / "a"))
+    file = str(tmp_path / "a" / "adapter_model.safetensors")
+    tensors = load_file(file)
+    tensors["base_model.model.layers.0.self_attn.q_proj.lora_C.weight"] = torch.zeros(4, 64)
+    save_file(tensors, file)
+    with pytest.raises(ValueError, match="unexpected key .*lora_C") as info:
+        lora.load_peft_adapter(llama(0), str(tmp_path / "a"))
+    assert "another class" not in str(info.value)

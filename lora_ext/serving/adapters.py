@@ -69,6 +69,7 @@ class ModelLock:
         self._torn = None  # a forked child's: why forwards are refused until set_adapter (after_fork)
         self._blocks = {}  # thread id -> disable_adapter / batch_adapters blocks of the model it has open (block())
         self._stuck = None  # a forked child's: why forwards are refused for good (after_fork)
+        self._stuck_changing = False  # and whether for a change half made (not for another thread's open block)
         # the change that adds, replaces or removes modules or adapters, while it writes (write())
         self._reshaping = None
         forks.track_model_lock(self)
@@ -98,6 +99,7 @@ class ModelLock:
                      "lora.disable_adapter or lora.batch_adapters block of the model, which never ends here (the "
                      "layers would serve the base, or keep the batch's slots): this copy of the model cannot serve; "
                      "load or build the model again in this process, or fork outside such blocks")
+        stuck_changing = self._stuck_changing
         if writer is not None and writer != me and reshaping is not None:
             # (set_adapter there would put each layer on one adapter, over modules and adapters half replaced: t1, a
             # load with 2 of 6 modules injected served 0.57 off after it, an unload or a hotswap 0.47 and 0.11 off)
@@ -105,13 +107,14 @@ class ModelLock:
                      f"on the model, which adds, replaces or removes modules or adapters layer by layer: this copy of "
                      f"the model holds part of that change and cannot serve; load or build the model again in this "
                      f"process, or fork when no other thread changes the model")
+            stuck_changing = True
         elif (writer is not None and writer != me) or not taken:
             torn = ("this process was forked (os.fork) while another thread of its parent was changing the model "
                     "(a model-level set_adapter, merge or load under way): its layers may serve different adapters "
                     "here; call lora.set_adapter(model, name) in this process first, or fork when no other thread "
                     "changes the model")
         self.__init__()
-        self._torn, self._stuck = torn, stuck
+        self._torn, self._stuck, self._stuck_changing = torn, stuck, stuck_changing
         if blocks:
             self._blocks[me] = blocks
         if reads:
@@ -176,10 +179,12 @@ class ModelLock:
                 _discard(waiting, ident)
         self._admit = min(self._admit, len(self._waiting))
 
-    def refuse_forked(self) -> None:
+    def refuse_forked(self, state: bool = False) -> None:
         """Refuses (RuntimeError) a read of a model this forked child holds part way through another thread's change
-        (after_fork), until set_adapter puts it right (or for good)."""
-        if self._stuck is not None:
+        (after_fork), until set_adapter puts it right (or for good). state=True: a read of the adapters' values
+        (lora_state_dict), which another thread's open disable or batch block does not change: refused only where
+        a change was half made."""
+        if self._stuck is not None and (self._stuck_changing or not state):
             raise RuntimeError(self._stuck)
         if self._torn is not None and self._writer != threading.get_ident():
             raise RuntimeError(self._torn)

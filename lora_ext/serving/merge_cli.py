@@ -373,7 +373,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     states, tensors = _saved.split_state(tensors, _saved_names(tensors, entries), PREFIX)
     magnitudes = {}
     meta = _meta_model(base, base_dir)
-    with _names.naming_another_class(meta, factor_modules(tensors)):
+    with _names.naming_another_class(meta, factor_modules(tensors) if entries else ()):  # (as load_peft_adapter)
         factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
     trained = {}  # a renamed module's name as the adapter had it (rank_pattern / alpha_pattern match those)
     try:

@@ -621,7 +621,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                             "embedding whole instead)" if tied else
                             "given rows of tokens (trainable_token_indices); peft refuses that, name it in one of them"))
     states, rest = _saved.split_state(tensors, [n for n, _ in to_save], PREFIX)
-    with _ckpt_names.naming_another_class(model, file_modules):
+    # (a key it refuses is one of a module saved whole only where the config saves some: r2, a damaged factor key)
+    with _ckpt_names.naming_another_class(model, file_modules if entries else ()):
         factors, base_weights = module_factors(rest, where=weights_file)
     if not factors:
         raise ValueError(f"{weights_file}: holds no LoRA factors")
