@@ -65,11 +65,13 @@ _SERVING_COND = threading.Condition(_SERVING_LOCK)  # (notified as a batch or a 
 
 class Serving:
     """A mixed batch open on `model` (serving/batches.py: from before it reads the model's layers until its block
-    ends), on the thread that opened it; `modules`, `batch`: what note_serving counted it on, and the batch."""
-    __slots__ = ("model", "thread", "modules", "batch", "__weakref__")
+    ends), on the thread that opened it; `ids`, the ids of the model's modules that a change would clash on
+    (_clashing); `modules`, `batch`: what note_serving counted it on, and the batch."""
+    __slots__ = ("model", "thread", "ids", "modules", "batch", "__weakref__")
 
     def __init__(self, model, thread: int):
         self.model, self.thread, self.modules, self.batch = model, thread, (), None
+        self.ids = frozenset(id(m) for m in model.modules() if _clashing(m))
 
 
 class Reshaping:
@@ -85,46 +87,44 @@ _OPEN: Dict[Serving, None] = {}  # the batches open in the process, any thread, 
 _RESHAPING: Dict[Reshaping, None] = {}  # the changes of modules under way (under _SERVING_LOCK)
 
 
-def _shared_module(model, other):
-    """(path in `model`, module) of the first module `model` and `other` both hold (themselves included), or
+def _clashing(m) -> bool:
+    """Whether a change of a model holding module `m` may change what a batch of another model holding it serves:
+    any module but a stateless leaf (an activation two models share: r1, a shared ReLU refused an inject into the
+    other model's own Linear)."""
+    return bool(m._modules) or any(t is not None for t in m._parameters.values()) \
+        or any(t is not None for t in m._buffers.values())
+
+
+def _shared_module(model, ids):
+    """(path in `model`, module) of the first module of `model` whose id is in `ids` (a batch's Serving.ids), or
     None."""
-    if model is other:
-        return "", model
-    held = {id(m) for m in other.modules()}
-    return next(((path, m) for path, m in model.named_modules() if id(m) in held), None)
+    return next(((path, m) for path, m in model.named_modules() if id(m) in ids), None)
 
 
-def open_serving(model) -> Serving:
-    """Registers a mixed batch of `model` (close_serving takes it off), before it reads the model's layers: a change
-    of the modules of a model that shares one with it (an outer model holding it, a part of it, a model sharing a
-    part) refuses while it is open (begin_reshaping), and one under way on another thread is waited for here (else
-    the batch would read the layers half way through it, or the change begin after the batch read them: its new
-    layers, which the batch did not open over, served the new adapter to every row, 10.3 off, h1). One under way
-    on this thread (the batch opened from inside it) is refused."""
-    me = threading.current_thread().ident  # (a thread threading did not start is listed from here on: _threads)
+def open_serving(model, opened: list) -> None:
+    """Registers a mixed batch of `model`, appending its Serving to `opened` first (close_serving takes it off): a
+    change of the modules of a model that shares one with it (an outer model holding it, a part of it, a model
+    sharing a part) is refused while it is open (begin_reshaping), and one under way on another thread is waited for
+    here (else the batch would read the layers half way through it, or the change begin after the batch read them:
+    its new layers, which the batch did not open over, served the new adapter to every row, 10.3 off, h1). One
+    under way on this thread (the batch opened from inside it) is refused."""
+    me = threading.get_ident()
     entry = Serving(model, me)
     with _SERVING_COND:
         while True:
-            threads = _threads() if _RESHAPING else ()
-            for change in [c for c in _RESHAPING if c.thread not in threads or c.lock._writer != c.thread]:
-                del _RESHAPING[change]  # (left by a change that ended without its end: an exception landing there)
-            clash = next(((c, found) for c in _RESHAPING for found in [_shared_module(c.model, model)] if found), None)
+            for change in [c for c in list(_RESHAPING) if c.lock._writer != c.thread]:
+                _RESHAPING.pop(change, None)  # (left by a change that ended without its end: an exception there)
+            clash = next(((c, found) for c in list(_RESHAPING) for found in [_shared_module(c.model, entry.ids)]
+                          if found), None)
             if clash is None:
                 break
             if clash[0].thread == me:
                 raise RuntimeError(f"batch_adapters: opened on this thread from inside {clash[0].what}, whose model "
                                    f"shares module {clash[1][0] or '(the model)'!r} with the batch's: the batch would "
                                    f"wait for the change, which waits for it; open the batch after it")
-            _SERVING_COND.wait(_WAIT)
+            _SERVING_COND.wait(_WAIT)  # (Ctrl-C lands here, before anything is registered)
+        opened.append(entry)
         _OPEN[entry] = None
-    return entry
-
-
-def _threads() -> set:
-    """The idents of the threads alive: threading's list (with sys._current_frames in its place, six threads opening
-    batches at once crashed the process, CPython 3.11.7, in 3 of 4 runs of test_session_hostile29's count test;
-    with this, none of 4)."""
-    return {t.ident for t in threading.enumerate()}
 
 
 _WAIT = 0.05  # seconds between looks at the changes a batch waits for (they notify as they end)
@@ -142,22 +142,22 @@ def begin_reshaping(model, lock, what: str) -> Reshaping:
     batch would go on with the modules it opened over while the change adds or removes others (a load through an
     outer model, through a part of the batch's model, or through another model sharing a part of it made layers
     the batch served with the new adapter for every row: 4.50 off, r53; 10.3 off, h1). A batch of this model itself
-    holds its lock: the change waits for the block (or is refused from inside it) before it comes here."""
+    holds its lock: the change waits for the block (or is refused from inside it) before it comes here. A batch
+    whose thread ended is still open where its block is (a suspended generator's): never dropped here (r1)."""
     with _SERVING_LOCK:
-        threads = _threads() if _OPEN else ()
-        for entry in [e for e in _OPEN if e.thread not in threads]:
-            del _OPEN[entry]  # (a thread that ended inside a block, a daemon thread at exit)
-        for entry in {id(e.model): e for e in _OPEN}.values():  # (each model once: threads serving one model)
-            found = _shared_module(model, entry.model)
-            if found is not None:
-                path, m = found
-                from .layers import LoRALayer
-                kind = "layer" if isinstance(m, LoRALayer) else "module"
-                raise RuntimeError(f"{what}: {kind} {path or '(the model)'!r} is served by an open mixed batch "
-                                   f"(lora.batch_adapters of a model holding it), which would go on with the "
-                                   f"modules it opened over while the change adds or removes others; change the "
-                                   f"adapters after the block closes")
-        change = Reshaping(model, lock, threading.current_thread().ident, what)
+        ids = set()
+        for entry in list(_OPEN):  # (a copy: the collector may close a generator's batch in the loop, r1)
+            ids |= entry.ids
+        found = _shared_module(model, ids) if ids else None
+        if found is not None:
+            path, m = found
+            from .layers import LoRALayer
+            kind = "layer" if isinstance(m, LoRALayer) else "module"
+            raise RuntimeError(f"{what}: {kind} {path or '(the model)'!r} is served by an open mixed batch "
+                               f"(lora.batch_adapters of a model holding it), which would go on with the modules it "
+                               f"opened over while the change adds or removes others; change the adapters after the "
+                               f"block closes")
+        change = Reshaping(model, lock, threading.get_ident(), what)
         _RESHAPING[change] = None
     return change
 

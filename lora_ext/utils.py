@@ -165,17 +165,19 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     _check_bias(bias)
     # one adapter throughout: each layer's lock alone gave a snapshot of adapter b at one layer and a at the others
     # in 60-187 of 300 reads during model-level switches on other threads, which a plain model then loaded without a
-    # word (w2). Read again while a model-level write began or ran meanwhile; after a few tries, under hold(model),
-    # where the writes wait. (Not under hold from the start: a forward waiting on a worker that reads the state
-    # deadlocked, a new hold queueing behind a writer that waits for the forward, r54; and it gave a plain model the
-    # lock's hooks)
+    # word (w2). Read again while a model-level write began or ran meanwhile; after a few tries, under the lock's
+    # read that waits for a write under way but not for the writes waiting (ModelLock.reading: under hold, a forward
+    # waiting on a worker that reads the state deadlocked, a new hold queueing behind a writer that waits for the
+    # forward, r54; and hold gave a plain model the lock's hooks)
     inner = unwrap(model)
-    from .serving.adapters import hold  # (serving imports this module)
-    # (sharded factors are gathered, a collective: one read, as every rank must make as many, under hold (ranks
+    from .serving.adapters import model_lock  # (serving imports this module)
+    # (sharded factors are gathered, a collective: one read, as every rank must make as many, under that read (ranks
     # seeing other writes on their own threads would otherwise read again a different number of times and hang;
-    # read once unheld, 49 of 100 snapshots of an FSDP2 model during switches mixed two adapters, h1)
+    # read once without it, 49 of 100 snapshots of an FSDP2 model during switches mixed two adapters, h1)
     if any(sharded.is_dtensor(m.lora_A) or sharded.fsdp1_flattened(m) for _, m in _lora_layers(inner) if m.has_lora):
-        with hold(model):
+        lock = model_lock(model)
+        lock.refuse_forked(state=True)
+        with lock.reading():
             return _lora_state_dict(inner, bias)
     for _ in range(_SNAPSHOT_TRIES):
         lock = inner.__dict__.get("_lora_ext_model_lock")
@@ -186,7 +188,7 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
         if inner.__dict__.get("_lora_ext_model_lock") is lock and (
                 lock is None or (before[1] is None and lock.writes == before[0] and lock._writer is None)):
             return out
-    with hold(model):
+    with model_lock(model).reading():  # (the model has one: the tries saw its writes)
         return _lora_state_dict(inner, bias)
 
 

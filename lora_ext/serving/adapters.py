@@ -221,6 +221,30 @@ class ModelLock:
                         self._cond.notify_all()
             self._reads[me] = self._reads.get(me, 0) + 1
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """A read that waits for a write under way only, not for the writes waiting (they wait for it, as for a
+        hold): lora_state_dict's. Queued behind a waiting writer as a new hold is, a worker reading the state for a
+        forward that the writer waits for deadlocked (r54, and r1 under FSDP2). Counted as a hold too: a waiting
+        writer never takes it for a read left behind."""
+        me, taken = threading.get_ident(), False
+        try:
+            with self._mutex:
+                while self._writer is not None and self._writer != me:
+                    self._wait(_POLL)
+                self._reads[me] = self._reads.get(me, 0) + 1
+                self._holds[me] = self._holds.get(me, 0) + 1
+                taken = True
+            yield
+        finally:
+            if taken:
+                with self._mutex:
+                    for counts in (self._reads, self._holds):
+                        n = counts.pop(me, 0)
+                        if n > 1:
+                            counts[me] = n - 1
+                    self._cond.notify_all()
+
     def holds_read(self) -> bool:
         return threading.get_ident() in self._reads
 

@@ -927,15 +927,26 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
 @contextlib.contextmanager
 def _serving(model: nn.Module) -> Iterator[batched.Serving]:
     """The batch's registration among the open ones (batched.open_serving), from before it reads the model's layers
-    to the end of its block (Ctrl-C held back while it registers, and raised after, inside the block)."""
-    entry = None
+    to the end of its block."""
+    opened, landed = [], None
     try:
-        with deferred_interrupt():
-            entry = batched.open_serving(model)
-        yield entry
+        batched.open_serving(model, opened)  # (lists its entry in `opened` before it registers it)
+        yield opened[0]
     finally:
-        if entry is not None:
-            batched.close_serving(entry)
+        # (as the batch's end: an exception landing here, Ctrl-C, runs it again and is raised after; left
+        # registered, the entry refused every change of the model's modules for good, r1)
+        while True:
+            try:
+                with deferred_interrupt():
+                    for entry in opened:
+                        batched.close_serving(entry)
+                break
+            except BaseException as err:
+                if landed is not None:
+                    raise
+                landed = err
+        if landed is not None:
+            raise landed
 
 
 def _open(entries: Optional[Dict], batch_of=lambda v: v) -> Dict:
