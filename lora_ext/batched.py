@@ -65,13 +65,19 @@ _SERVING_COND = threading.Condition(_SERVING_LOCK)  # (notified as a batch or a 
 
 class Serving:
     """A mixed batch open on `model` (serving/batches.py: from before it reads the model's layers until its block
-    ends), on the thread that opened it; `ids`, the ids of the model's modules that a change would clash on
-    (_clashing); `modules`, `batch`: what note_serving counted it on, and the batch."""
-    __slots__ = ("model", "thread", "ids", "modules", "batch", "__weakref__")
+    ends), on the thread that opened it; `modules`, `batch`: what note_serving counted it on, and the batch."""
+    __slots__ = ("model", "thread", "_ids", "modules", "batch", "__weakref__")
 
     def __init__(self, model, thread: int):
-        self.model, self.thread, self.modules, self.batch = model, thread, (), None
-        self.ids = frozenset(id(m) for m in model.modules() if _clashing(m))
+        self.model, self.thread, self.modules, self.batch, self._ids = model, thread, (), None, None
+
+    @property
+    def ids(self) -> frozenset:
+        """The ids of the model's modules, taken when a change first asks (not at every open: a walk of the model;
+        while the batch is open no change of its modules is let through, so they stay the modules it opened with)."""
+        if self._ids is None:
+            self._ids = frozenset(id(m) for m in self.model.modules())
+        return self._ids
 
 
 class Reshaping:
@@ -96,9 +102,9 @@ def _clashing(m) -> bool:
 
 
 def _shared_module(model, ids):
-    """(path in `model`, module) of the first module of `model` whose id is in `ids` (a batch's Serving.ids), or
-    None."""
-    return next(((path, m) for path, m in model.named_modules() if id(m) in ids), None)
+    """(path in `model`, module) of the first module of `model` whose id is in `ids` (a batch's Serving.ids) that
+    a change may clash on (_clashing), or None."""
+    return next(((path, m) for path, m in model.named_modules() if id(m) in ids and _clashing(m)), None)
 
 
 def open_serving(model, opened: list) -> None:
