@@ -627,3 +627,45 @@ def test_lora_state_dict_of_an_fsdp2_model_read_for_a_forward_a_switch_waits_on_
     from dist import run_ranks
     keys, switched, active = run_ranks(_state_read_under_a_waiting_switch, world=1)[0]
     assert keys == ["0.lora_A", "0.lora_B", "1.lora_A", "1.lora_B"] and switched and active == ["b", "b"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_lora_state_dict_in_a_child_forked_part_way_through_a_load_is_refused(tmp_path, monkeypatch):
+    # the child holds part of the load (some layers injected): its state is refused as its forwards are, where a
+    # child forked inside another thread's batch block reads (the factors are whole there)
+    import threading
+    from lora_ext.serving import injection
+    m1, _, _, _ = _served_net(tmp_path, "outer")
+    outer = nn.ModuleDict({"m": m1})
+    checked, go = threading.Event(), threading.Event()
+    install = injection.install
+
+    def slow_install(*args, **kwargs):
+        checked.set()
+        go.wait(60)
+        return install(*args, **kwargs)
+    monkeypatch.setattr(injection, "install", slow_install)
+    loader = threading.Thread(target=lambda: lora.load_peft_adapter(outer, str(tmp_path / "d"), "d"))
+    loader.start()
+    try:
+        assert checked.wait(60)
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # (the child: os._exit, never pytest's teardown)
+            message = b"returned"
+            try:
+                lora.lora_state_dict(outer)
+            except RuntimeError as err:
+                message = str(err).encode()[:300]
+            finally:
+                os.write(write, message)
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        message = os.read(read, 400).decode()
+        os.close(read)
+    finally:
+        go.set()
+        loader.join(60)
+    assert message.startswith("this process was forked (os.fork) while another thread of its parent was inside "
+                              "load_peft_adapter"), message
