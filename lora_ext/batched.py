@@ -95,10 +95,13 @@ _RESHAPING: Dict[Reshaping, None] = {}  # the changes of modules under way (unde
 
 def _clashing(m) -> bool:
     """Whether a change of a model holding module `m` may change what a batch of another model holding it serves:
-    any module but a stateless leaf (an activation two models share: r1, a shared ReLU refused an inject into the
-    other model's own Linear)."""
-    return bool(m._modules) or any(t is not None for t in m._parameters.values()) \
-        or any(t is not None for t in m._buffers.values())
+    any module but torch's own modules without parameters or buffers and with only such children (an activation,
+    a dropout, a Sequential of them, which two models may share: r1, a shared ReLU refused an inject into the other
+    model's own Linear). Another class's module may hold modules in plain attributes, which a change rewrites (r3)."""
+    if not type(m).__module__.startswith("torch.nn.modules."):
+        return True
+    return (any(t is not None for t in m._parameters.values()) or any(t is not None for t in m._buffers.values())
+            or any(c is not None and _clashing(c) for c in m._modules.values()))
 
 
 def _shared_module(model, ids):
@@ -129,6 +132,7 @@ def open_serving(model, opened: list) -> None:
                                    f"shares module {clash[1][0] or '(the model)'!r} with the batch's: the batch would "
                                    f"wait for the change, which waits for it; open the batch after it")
             _SERVING_COND.wait(_WAIT)  # (Ctrl-C lands here, before anything is registered)
+            entry._ids = None  # (taken part way through the change waited for: the modules it adds missing, r3)
         opened.append(entry)
         _OPEN[entry] = None
 

@@ -53,6 +53,7 @@ class ModelLock:
         self._cond = threading.Condition(self._mutex)
         self._reads = {}  # thread id -> reads it holds
         self._holds = {}  # thread id -> reads held by hold(): never taken for left behind
+        self._readings = {}  # thread id -> reads held by reading() (lora_state_dict's): never taken for left behind
         self._writer = None
         self._write_depth = 0
         self.writes = 0  # writes begun (read without the mutex: lora_state_dict's optimistic snapshot)
@@ -91,7 +92,7 @@ class ModelLock:
         change (set_adapter half way through the layers), forwards and holds are refused until set_adapter."""
         me = threading.get_ident()
         writer, changer = self._writer, self._changer
-        reads, holds = self._reads.get(me), self._holds.get(me)
+        reads, holds, readings = self._reads.get(me), self._holds.get(me), self._readings.get(me)
         write_depth, change_depth = self._write_depth, self._change_depth
         torn, stuck, blocks, reshaping = self._torn, self._stuck, self._blocks.get(me), self._reshaping
         if any(thread != me for thread in self._blocks):
@@ -121,6 +122,8 @@ class ModelLock:
             self._reads[me] = reads
         if holds:
             self._holds[me] = holds
+        if readings:
+            self._readings[me] = readings
         if writer == me:
             self._writer, self._write_depth = me, write_depth
         if changer == me:
@@ -150,7 +153,7 @@ class ModelLock:
     def _drop_left_reads(self) -> None:
         frames = sys._current_frames()
         for ident in list(self._reads):
-            if self._holds.get(ident):
+            if self._holds.get(ident) or self._readings.get(ident):
                 continue
             frame = frames.get(ident)
             if frame is None or not self._in_forward(frame):
@@ -194,8 +197,8 @@ class ModelLock:
         self.refuse_forked()
         me = threading.get_ident()
         with self._mutex:
-            if (me in self._reads and self._queue and not self._holds.get(me) and self._writer != me
-                    and not self._in_forward(sys._getframe(), outer=0 if hold else 1)):
+            if (me in self._reads and self._queue and not self._holds.get(me) and not self._readings.get(me)
+                    and self._writer != me and not self._in_forward(sys._getframe(), outer=0 if hold else 1)):
                 # not inside a forward or a hold of this thread: the read was left by a forward a KeyboardInterrupt
                 # stopped (its hook never ran). This read is a new one, and queues (else the thread, forwarding in
                 # a loop, would pass every waiting writer as a re-entrant read)
@@ -223,27 +226,42 @@ class ModelLock:
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
-        """A read that waits for a write under way only, not for the writes waiting (they wait for it, as for a
-        hold): lora_state_dict's. Queued behind a waiting writer as a new hold is, a worker reading the state for a
-        forward that the writer waits for deadlocked (r54, and r1 under FSDP2). Counted as a hold too: a waiting
-        writer never takes it for a read left behind."""
-        me, taken = threading.get_ident(), False
+        """A read of the adapters' state (lora_state_dict's): it waits for a write under way, and for a waiting
+        writer unless a read other than these is held (a forward or a hold the writer waits for, which may wait for
+        this read: queued behind the writer as a new hold is, a worker reading the state for such a forward
+        deadlocked, r54, and r1 under FSDP2; reads of the state alone, on a few threads in a loop, kept a switch out
+        for good, r3). A waiting writer never takes it for a read left behind (_drop_left_reads)."""
+        me, landed = threading.get_ident(), None
+        with self._mutex:
+            while self._writer != me and (self._writer is not None or (
+                    self._queue and me not in self._reads
+                    and all(n <= self._readings.get(t, 0) for t, n in self._reads.items()))):
+                self._wait(_POLL)
+            before = (self._reads.get(me, 0), self._readings.get(me, 0))
         try:
             with self._mutex:
-                while self._writer is not None and self._writer != me:
-                    self._wait(_POLL)
-                self._reads[me] = self._reads.get(me, 0) + 1
-                self._holds[me] = self._holds.get(me, 0) + 1
-                taken = True
+                self._reads[me] = before[0] + 1
+                self._readings[me] = before[1] + 1
             yield
         finally:
-            if taken:
-                with self._mutex:
-                    for counts in (self._reads, self._holds):
-                        n = counts.pop(me, 0)
-                        if n > 1:
-                            counts[me] = n - 1
-                    self._cond.notify_all()
+            # (the counts put back as they were: idempotent, so run again once when an exception lands in it, then
+            # raised; a read left taken kept every writer waiting for good, r3)
+            while True:
+                try:
+                    with self._mutex:
+                        for counts, n in zip((self._reads, self._readings), before):
+                            if n:
+                                counts[me] = n
+                            else:
+                                counts.pop(me, None)
+                        self._cond.notify_all()
+                    break
+                except BaseException as err:
+                    if landed is not None:
+                        raise
+                    landed = err
+            if landed is not None:
+                raise landed
 
     def holds_read(self) -> bool:
         return threading.get_ident() in self._reads
