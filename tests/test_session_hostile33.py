@@ -234,6 +234,26 @@ def test_lora_state_dict_of_an_fsdp2_model_during_switches_holds_one_adapter():
     assert run_ranks(_fsdp2_snapshots, world=1) == [0]
 
 
+def _state_dict_in_a_child(model) -> str:
+    """What lora_state_dict(model) does in a child forked now: 'returned', or its RuntimeError's message."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # (the child: os._exit, never pytest's teardown)
+        message = b"returned"
+        try:
+            lora.lora_state_dict(model)
+        except RuntimeError as err:
+            message = str(err).encode()[:300]
+        finally:
+            os.write(write, message)
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    message = os.read(read, 400).decode()
+    os.close(read)
+    return message
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
 def test_lora_state_dict_in_a_child_forked_part_way_through_a_switch_is_refused():
     # the child's lock starts its write count again, so the optimistic read looked clean and returned layers 0-1 on
@@ -256,21 +276,7 @@ def test_lora_state_dict_in_a_child_forked_part_way_through_a_switch_is_refused(
     switcher.start()
     try:
         assert half.wait(30)
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # (the child: os._exit, never pytest's teardown)
-            message = b"returned"
-            try:
-                lora.lora_state_dict(model)
-            except RuntimeError as err:
-                message = str(err).encode()[:300]
-            finally:
-                os.write(write, message)
-                os._exit(0)
-        os.close(write)
-        os.waitpid(pid, 0)
-        message = os.read(read, 400).decode()
-        os.close(read)
+        message = _state_dict_in_a_child(model)
     finally:
         go.set()
         switcher.join(30)
@@ -650,21 +656,7 @@ def test_lora_state_dict_in_a_child_forked_part_way_through_a_load_is_refused(tm
     loader.start()
     try:
         assert checked.wait(60)
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # (the child: os._exit, never pytest's teardown)
-            message = b"returned"
-            try:
-                lora.lora_state_dict(outer)
-            except RuntimeError as err:
-                message = str(err).encode()[:300]
-            finally:
-                os.write(write, message)
-                os._exit(0)
-        os.close(write)
-        os.waitpid(pid, 0)
-        message = os.read(read, 400).decode()
-        os.close(read)
+        message = _state_dict_in_a_child(outer)
     finally:
         go.set()
         loader.join(60)
