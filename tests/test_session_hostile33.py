@@ -1,6 +1,7 @@
 """Found by the fortieth session (its hostile helpers and the last note's leftovers); each test failed on the commit
 before its fix."""
 import collections
+import contextlib
 import copy
 import os
 import sys
@@ -539,14 +540,12 @@ def test_a_change_of_a_model_sharing_only_an_activation_with_a_batch_s_model_goe
             lora.inject(nn.Sequential(a[0], nn.Linear(4, 4)), ["1"], r=2)  # (a module with a weight: still a clash)
 
 
-def test_ctrl_c_while_a_batch_waits_for_a_change_lands_and_registers_nothing(tmp_path, monkeypatch):
-    # Ctrl-C was held back for the whole wait (14 s measured behind a slow change, r1)
-    import signal
+@contextlib.contextmanager
+def _a_load_held_at_install(tmp_path, monkeypatch, outer):
+    """Inside: a load of tmp_path/d into `outer` on another thread (yielded), held where it installs its layers (its
+    checks made, the change registered); it goes on as the block ends."""
     import threading
-    from lora_ext import batched
     from lora_ext.serving import injection
-    m1, _, x, want = _served_net(tmp_path, "outer")
-    outer = nn.ModuleDict({"m": m1})
     checked, go = threading.Event(), threading.Event()
     install = injection.install
 
@@ -559,6 +558,19 @@ def test_ctrl_c_while_a_batch_waits_for_a_change_lands_and_registers_nothing(tmp
     loader.start()
     try:
         assert checked.wait(60)
+        yield loader
+    finally:
+        go.set()
+        loader.join(60)
+
+
+def test_ctrl_c_while_a_batch_waits_for_a_change_lands_and_registers_nothing(tmp_path, monkeypatch):
+    # Ctrl-C was held back for the whole wait (14 s measured behind a slow change, r1)
+    import signal
+    import threading
+    from lora_ext import batched
+    m1, _, x, want = _served_net(tmp_path, "outer")
+    with _a_load_held_at_install(tmp_path, monkeypatch, nn.ModuleDict({"m": m1})) as loader:
         timer = threading.Timer(0.5, signal.raise_signal, (signal.SIGINT,))
         start = time.monotonic()
         timer.start()
@@ -567,9 +579,6 @@ def test_ctrl_c_while_a_batch_waits_for_a_change_lands_and_registers_nothing(tmp
                 pass
         assert time.monotonic() - start < 10 and loader.is_alive()
         assert not any(e.model is m1 for e in batched._OPEN)
-    finally:
-        go.set()
-        loader.join(60)
     with torch.no_grad(), lora.batch_adapters(m1, ["default", None]):
         assert float((m1(x) - want).abs().max()) < 1e-12
 
@@ -640,26 +649,10 @@ def test_lora_state_dict_of_an_fsdp2_model_read_for_a_forward_a_switch_waits_on_
 def test_lora_state_dict_in_a_child_forked_part_way_through_a_load_is_refused(tmp_path, monkeypatch):
     # the child holds part of the load (some layers injected): its state is refused as its forwards are, where a
     # child forked inside another thread's batch block reads (the factors are whole there)
-    import threading
-    from lora_ext.serving import injection
     m1, _, _, _ = _served_net(tmp_path, "outer")
     outer = nn.ModuleDict({"m": m1})
-    checked, go = threading.Event(), threading.Event()
-    install = injection.install
-
-    def slow_install(*args, **kwargs):
-        checked.set()
-        go.wait(60)
-        return install(*args, **kwargs)
-    monkeypatch.setattr(injection, "install", slow_install)
-    loader = threading.Thread(target=lambda: lora.load_peft_adapter(outer, str(tmp_path / "d"), "d"))
-    loader.start()
-    try:
-        assert checked.wait(60)
+    with _a_load_held_at_install(tmp_path, monkeypatch, outer):
         message = _state_dict_in_a_child(outer)
-    finally:
-        go.set()
-        loader.join(60)
     assert message.startswith("this process was forked (os.fork) while another thread of its parent was inside "
                               "load_peft_adapter"), message
 
