@@ -98,10 +98,19 @@ def _clashing(m) -> bool:
     any module but torch's own modules without parameters or buffers and with only such children (an activation,
     a dropout, a Sequential of them, which two models may share: r1, a shared ReLU refused an inject into the other
     model's own Linear). Another class's module may hold modules in plain attributes, which a change rewrites (r3)."""
-    if not type(m).__module__.startswith("torch.nn.modules."):
-        return True
+    if not type(m).__module__.startswith("torch.nn.modules.") or type(m) is torch.nn.Module \
+            or any(_holds_modules(v) for k, v in m.__dict__.items() if k != "_modules"):
+        return True  # (a bare nn.Module given a forward, or modules in plain attributes: r4, 29.81 off)
     return (any(t is not None for t in m._parameters.values()) or any(t is not None for t in m._buffers.values())
             or any(c is not None and _clashing(c) for c in m._modules.values()))
+
+
+def _holds_modules(value) -> bool:
+    """Whether an attribute's value is a module or a list, tuple or dict holding one (what a change rewrites)."""
+    if isinstance(value, torch.nn.Module):
+        return True
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+    return any(isinstance(v, torch.nn.Module) for v in items)
 
 
 def _shared_module(model, ids):

@@ -2138,6 +2138,15 @@ class LoRALayer(NamedAdapters):
         foreign = self._foreign_state(state_dict, prefix, local_metadata)
         if foreign is not None:
             raise RuntimeError(foreign)
+        whose = local_metadata.get(ADAPTER_METADATA) if isinstance(local_metadata, dict) else None
+        if isinstance(whose, str) and whose != self.active_adapter and not self.has_adapter(whose) \
+                and any(prefix + k in state_dict for k in ("lora_A", "lora_B")):
+            # (as loralib, into the live factors; but a stale state of a deleted adapter went into another without
+            # a word: h4. One message for every layer: Python shows it once)
+            warnings.warn(f"load_state_dict: lora_A / lora_B saved as adapter {whose!r}'s load into adapter "
+                          f"{self.active_adapter!r} of layers that hold no {whose!r} (state_dict() and lora_state_dict "
+                          f"hold the active adapter's factors); load adapters by name with load_peft_adapter to keep "
+                          f"them apart", UserWarning, stacklevel=2)
         if self._refuse_misfit_load(state_dict, prefix, *args):
             return
         with self._lock:

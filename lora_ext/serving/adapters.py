@@ -178,7 +178,8 @@ class ModelLock:
         short, delays the others by a poll at most."""
         frames = sys._current_frames()
         for waiting, code in ((self._waiting, _READ_CODE), (self._queue, _WRITE_CODE), (self._changers, _CHANGE_CODE)):
-            for ident in [i for i in waiting if not _inside(frames.get(i), code)]:
+            for ident in [i for i in waiting if not _inside(frames.get(i), code)
+                          and not (code is _READ_CODE and _inside(frames.get(i), _READING_CODE))]:
                 _discard(waiting, ident)
         self._admit = min(self._admit, len(self._waiting))
 
@@ -233,10 +234,24 @@ class ModelLock:
         for good, r3). A waiting writer never takes it for a read left behind (_drop_left_reads)."""
         me, landed = threading.get_ident(), None
         with self._mutex:
-            while self._writer != me and (self._writer is not None or (
-                    self._queue and me not in self._reads
-                    and all(n <= self._readings.get(t, 0) for t, n in self._reads.items()))):
-                self._wait(_POLL)
+            if self._writer != me and me not in self._reads:
+                # (waits as a reader does: let in ahead of the next writer when a write it waited for ends, _admit;
+                # else a thread switching in a loop re-queued before it woke, and kept it out for good)
+                try:
+                    self._waiting.append(me)
+                    while self._writer is not None or (
+                            self._queue and not self._admit
+                            and all(n <= self._readings.get(t, 0) for t, n in self._reads.items())):
+                        self._wait(_POLL)
+                finally:
+                    _discard(self._waiting, me)
+                if self._admit:
+                    self._admit -= 1
+                    if not self._admit:
+                        self._cond.notify_all()
+            else:
+                while self._writer != me and self._writer is not None:
+                    self._wait(_POLL)
             before = (self._reads.get(me, 0), self._readings.get(me, 0))
         try:
             with self._mutex:
@@ -434,6 +449,7 @@ def _after_fork() -> None:
         if not m._adapter_off:
             m.__dict__.pop("_pre_disable", None)
 _READ_CODE = ModelLock.acquire_read.__code__
+_READING_CODE = ModelLock.reading.__wrapped__.__code__
 _WRITE_CODE = ModelLock._write.__wrapped__.__code__
 _CHANGE_CODE = ModelLock.changing.__wrapped__.__code__
 
