@@ -105,12 +105,16 @@ def _clashing(m) -> bool:
             or any(c is not None and _clashing(c) for c in m._modules.values()))
 
 
-def _holds_modules(value) -> bool:
-    """Whether an attribute's value is a module or a list, tuple or dict holding one (what a change rewrites)."""
+def _holds_modules(value, depth: int = 0) -> bool:
+    """Whether an attribute's value is a module or holds one in the containers a change rewrites, as deep as it
+    looks (serving.injection's module index: lists, deques, dicts, tuples, sets..., three deep; one level only let a
+    `[[lin]]` through, 3.97 off, r5)."""
+    from .serving.injection import _CONTAINERS, _MAPPINGS, _Holders  # (serving imports this module)
     if isinstance(value, torch.nn.Module):
         return True
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
-    return any(isinstance(v, torch.nn.Module) for v in items)
+    if depth >= _Holders._DEPTH or not isinstance(value, _CONTAINERS):
+        return False
+    return any(_holds_modules(v, depth + 1) for v in (value.values() if isinstance(value, _MAPPINGS) else value))
 
 
 def _shared_module(model, ids):
