@@ -564,7 +564,7 @@ def _a_load_held_at_install(tmp_path, monkeypatch, outer):
         loader.join(60)
 
 
-def test_ctrl_c_while_a_batch_waits_for_a_change_lands_and_registers_nothing(tmp_path, monkeypatch):
+def test_ctrl_c_while_a_batch_waits_for_a_change_lands_and_registers_nothing(tmp_path, monkeypatch, python_sigint):
     # Ctrl-C was held back for the whole wait (14 s measured behind a slow change, r1)
     import signal
     import threading
