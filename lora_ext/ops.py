@@ -1006,21 +1006,8 @@ _LinearEager = _eager_autograd("linear", _linear_body, _linear_setup, _linear_ba
 # weight's dtype), and a convolution casts its own inputs.
 
 
-def _autocast_dtype(t) -> Optional[torch.dtype]:
-    """The dtype autocast gives matmuls on t's device now, or None where autocast is off."""
-    if not isinstance(t, Tensor):
-        return None
-    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else None  # (not t.device.type: see Kernels)
-    if device_type is None or not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def autocast_eligible(t) -> bool:
-    """Whether autocast casts tensor t (torch's rule: a floating tensor, float64 excepted)."""
-    return isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
-
-
+_autocast_dtype = reference.autocast_dtype
+autocast_eligible = reference.autocast_eligible
 autocast_fresh = reference.autocast_fresh  # (the layers' merged forwards call it here)
 
 

@@ -12,6 +12,7 @@ all backends share. Arguments arrive validated (see ops.py). Conventions:
 import contextlib
 import functools
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,18 +40,31 @@ def _without_autocast(fn):
     return run
 
 
+def autocast_dtype(t) -> Optional[torch.dtype]:
+    """The dtype autocast gives matmuls on t's device now, or None where autocast is off."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    device_type = "cuda" if t.is_cuda else "cpu" if t.is_cpu else None  # (not t.device.type: see ops' Kernels)
+    if device_type is None or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_eligible(t) -> bool:
+    """Whether autocast casts tensor t (torch's rule: a floating tensor, float64 excepted)."""
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+
+
 def autocast_fresh(weight: torch.Tensor) -> torch.Tensor:
     """A layer's weight for a torch op under autocast: cast here (as autocast would) where autocast would take the
     cast from its cache, a leaf that requires grad. Autocast keeps that cast for the whole block and never looks at
     the tensor's version: a merged forward after a switch, a merge or a disable_adapter wrote the weight inside the
     block served the cast made before it (the old adapter's, 15.9 off, h3; a mixed batch's rows of a convolution
     11.2 off, r2), on any thread. Else `weight`."""
-    if weight.requires_grad and weight.is_leaf and weight.is_floating_point() and weight.dtype != torch.float64:
-        device = "cuda" if weight.is_cuda else "cpu" if weight.is_cpu else None
-        if device is not None and torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            if dtype != weight.dtype:
-                return weight.to(dtype)
+    if weight.requires_grad and weight.is_leaf and autocast_eligible(weight):
+        dtype = autocast_dtype(weight)
+        if dtype is not None and dtype != weight.dtype:
+            return weight.to(dtype)
     return weight
 
 
