@@ -373,7 +373,8 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
     states, tensors = _saved.split_state(tensors, _saved_names(tensors, entries), PREFIX)
     magnitudes = {}
     meta = _meta_model(base, base_dir)
-    with _names.naming_another_class(meta, factor_modules(tensors) if entries else ()):  # (as load_peft_adapter)
+    file_modules = factor_modules(tensors)  # the names the adapter gave its modules (before any renaming below)
+    with _names.naming_another_class(meta, file_modules if entries else ()):  # (as load_peft_adapter)
         factors, base_weights = module_factors(tensors, where=f"--adapter {adapter!r}", magnitudes=magnitudes)
     trained = {}  # a renamed module's name as the adapter had it (rank_pattern / alpha_pattern match those)
     try:
@@ -404,7 +405,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
                                                            ck(f"{n}.{what}")) if f"{n}.{what}" in where else None)
     except ValueError as e:
         raise MergeError(str(e)) from None
-    with _names.naming_another_class(meta, sorted(trained.get(n, n) for n in factors)):
+    with _names.naming_another_class(meta, file_modules):
         replace = _replacements(base, base_dir, adapter, entries, states, factors, shapes, headers, where, meta, ck,
                                 twice)
         token_rows = _token_rows(base, adapter, cfg, rows, meta, factors, states, shapes, headers, where, ck, twice,
