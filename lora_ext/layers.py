@@ -630,8 +630,9 @@ class LoRALayer(NamedAdapters):
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self.r = int(r)
-        self.lora_alpha = lora_alpha if isinstance(lora_alpha, (int, float)) or not isinstance(
-            lora_alpha, numbers.Real) else float(lora_alpha)
+        # a numpy scalar or other Real held as a Python float (a Python int or float, and anything else, as given)
+        numpy_like = isinstance(lora_alpha, numbers.Real) and not isinstance(lora_alpha, (int, float))
+        self.lora_alpha = float(lora_alpha) if numpy_like else lora_alpha
         self.lora_dropout = nn.Dropout(p=lora_dropout) if lora_dropout > 0.0 else nn.Identity()
         self.merged = False
         self.merge_weights = merge_weights

@@ -168,7 +168,9 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict:
     # word (w2). Read again while a model-level write began or ran meanwhile; after a few tries, under the lock's
     # read that waits for a write under way but not for the writes waiting (ModelLock.reading: under hold, a forward
     # waiting on a worker that reads the state deadlocked, a new hold queueing behind a writer that waits for the
-    # forward, r54; and hold gave a plain model the lock's hooks)
+    # forward, r54). The optimistic reads take no lock, so a model that never had one gets none (and no lock hooks);
+    # the sharded read below does take one, which installs its hooks on a model that had none: harmless (the model
+    # holds lora_ext layers, and any model-level switch of it installs them too; r3)
     inner = unwrap(model)
     from .serving.adapters import model_lock  # (serving imports this module)
     # (sharded factors are gathered, a collective: one read, as every rank must make as many, under that read (ranks
