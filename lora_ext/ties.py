@@ -329,15 +329,26 @@ def _bytes_held_elsewhere(layer, p) -> bool:
     return False
 
 
-def names(layer) -> List[str]:
-    """What `layer`'s weight is tied to: injection's plain modules, then other lora_ext layers (described)."""
+def names(layer, model=None) -> List[str]:
+    """What `layer`'s weight is tied to: injection's plain modules, then other lora_ext layers (described, or by
+    their name in `model` where it holds them: a plain module injection recorded and later replaced by a lora_ext
+    layer is named once, h4)."""
     tied = list(layer.__dict__.get("_tied_with") or ())
     weight = layer._weight_or_none()
     if weight is None:  # computed by a parametrization: nothing registered to share (merge_refusal says so)
         return tied
     note(weight, layer)
-    return (tied + [f"a {type(g).__name__}'s 'weight' at 0x{id(g):x}" for g in givers(layer)]
-            + [other._describe() + f" at 0x{id(other):x}" for other in others(layer, weight)])
+    found = [(g, f"a {type(g).__name__}'s 'weight'") for g in givers(layer)]
+    found += [(other, other._describe()) for other in others(layer, weight)]
+    named = {}
+    if model is not None and found:
+        wanted = {id(m) for m, _ in found}
+        named = {id(m): n for n, m in model.named_modules(remove_duplicate=False) if id(m) in wanted}
+    for module, described in found:
+        name = named.get(id(module), f"{described} at 0x{id(module):x}")
+        if name not in tied:
+            tied.append(name)
+    return tied
 
 
 def _is_conv_layer(module) -> bool:

@@ -790,7 +790,7 @@ def merge_adapter(model: nn.Module) -> None:
         refuse_fsdp1(model, "merge_adapter")
         reshard_fsdp(model)
         for name, m in found:
-            check_mergeable(name, m)
+            check_mergeable(name, m, model)
             m._check_sound()  # (a broken layer: refused before the others merge and unmerge again)
             if not m.merged or m._merge_behind():
                 m._check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")

@@ -924,12 +924,12 @@ def refuse_fsdp1(model: nn.Module, what: str, hint: str = "") -> None:
             raise ValueError(f"{what}: layer {name!r}: {refusal}{hint}")
 
 
-def check_mergeable(name, layer):
+def check_mergeable(name, layer, model=None):
     refusal = layer.merge_refusal() if layer.has_lora else None
     if refusal is not None:
         hint = " (unload with merge=False)" if layer._weight_or_none() is not None else ""  # (see unload)
         raise ValueError(f"merge: {name!r}: {refusal}{hint}")
-    tied = ties.names(layer)  # plain modules (install's _tied_with) and other lora_ext layers
+    tied = ties.names(layer, model)  # plain modules (install's _tied_with) and other lora_ext layers
     if tied:
         raise ValueError(f"merge: the weight of {name!r} is tied to {tied}; merging the adapter into it would "
                          f"change those modules too (unload with merge=False, or untie the weights)")
@@ -1043,7 +1043,7 @@ def _unload(model: nn.Module, merge: bool) -> List[str]:
         check_carry(f"module {name!r}", wrapper, wrapper.put_back())
     if merge:
         for name, layer in found:
-            check_mergeable(name, layer)
+            check_mergeable(name, layer, model)
         for name, wrapper in wrappers(model):
             refusal = wrapper.merge_refusal(model, name)
             if refusal is not None:
