@@ -123,6 +123,12 @@ def _shared_module(model, ids):
     return next(((path, m) for path, m in model.named_modules() if id(m) in ids and _clashing(m)), None)
 
 
+def resized(error: RuntimeError) -> bool:
+    """Whether `error` is Python's refusal to go on iterating a dict, set or OrderedDict that changed meanwhile: a
+    walk of a model (named_modules) while a change on another thread adds or removes a module."""
+    return "changed size during iteration" in str(error) or "mutated during iteration" in str(error)
+
+
 def open_serving(model, opened: list) -> None:
     """Registers a mixed batch of `model`, appending its Serving to `opened` first (close_serving takes it off): a
     change of the modules of a model that shares one with it (an outer model holding it, a part of it, a model
@@ -136,11 +142,16 @@ def open_serving(model, opened: list) -> None:
         while True:
             for change in [c for c in list(_RESHAPING) if c.lock._writer != c.thread]:
                 _RESHAPING.pop(change, None)  # (left by a change that ended without its end: an exception there)
-            clash = next(((c, found) for c in list(_RESHAPING) for found in [_shared_module(c.model, entry.ids)]
-                          if found), None)
+            try:
+                clash = next(((c, found) for c in list(_RESHAPING) for found in [_shared_module(c.model, entry.ids)]
+                              if found), None)
+            except RuntimeError as e:  # (the walks met a change under way resizing a container: wait for it, r3)
+                if not resized(e):
+                    raise
+                clash = e
             if clash is None:
                 break
-            if clash[0].thread == me:
+            if not isinstance(clash, RuntimeError) and clash[0].thread == me:
                 raise RuntimeError(f"batch_adapters: opened on this thread from inside {clash[0].what}, whose model "
                                    f"shares module {clash[1][0] or '(the model)'!r} with the batch's: the batch would "
                                    f"wait for the change, which waits for it; open the batch after it")
