@@ -575,30 +575,45 @@ class _WriteMark:
         return sharded.version(watched[0]) != watched[1]
 
 
-def _same_adapter_in_backward(layer, state):
-    """A hook on a layer's output in a forward under FSDP2: the backward refuses when the layer merged, unmerged or
-    switched its adapter since that forward. FSDP2 gathers the weight and factors again for the backward (the
+def _in_checkpoint() -> bool:
+    """Whether torch.utils.checkpoint's non-reentrant forward runs (its saved-tensor hooks are the innermost): its
+    backward computes the forward again with what the layer serves then. (A reentrant checkpoint's first forward runs
+    without gradients, where no hook can be put on its output: README, Training setups.)"""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return bool(hooks) and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
+
+
+def _same_adapter_in_backward(layer, state, why: str):
+    """A hook on a layer's output in a forward whose backward computes it again (`why`: "fsdp2" or "checkpoint"):
+    the backward refuses when the layer merged, unmerged or switched its adapter, or entered or left a
+    disable_adapter block, since that forward. FSDP2 gathers the weight and factors again for the backward (the
     forward's copies are freed), so such a write between the two gave the gradients of other values, silently (a
-    validation eval() between forward and backward: 0.81 off; a switch: 22.6 off, s6), where one process's saved
-    tensors keep their values or torch's version counter refuses. A switch away and back (a reference adapter's
-    forward between the two) computes the same values, and is allowed. (A tensor hook, not an autograd Function: its
-    output would be a view, which an in-place write of the output may not change.)"""
+    validation eval() between forward and backward: 0.81 off; a switch: 22.6 off, s6); torch.utils.checkpoint's
+    non-reentrant recompute put the new adapter's gradients on the old one's Parameters (100.2 off, h5). Elsewhere
+    one process's saved tensors keep their values or torch's version counter refuses. A switch away and back (a
+    reference adapter's forward between the two) computes the same values, and is allowed. (A tensor hook, not an
+    autograd Function: its output would be a view, which an in-place write of the output may not change.)"""
     def check(grad):
         now = layer._served_state()
         if now != state:
-            (was, was_scaling, was_merged, _), (name, scaling, merged, _) = state, now
-            reset = sharded.reset_after_refused_backward(layer)
-            if name != was or merged != was_merged:
+            (was, was_scaling, was_merged, _, was_off), (name, scaling, merged, _, off) = state, now
+            reset = sharded.reset_after_refused_backward(layer) if why == "fsdp2" else False
+            if off != was_off:
+                what = f"{'inside' if off else 'out of'} a lora.disable_adapter block"
+            elif name != was or merged != was_merged:
                 what = (f"{'switched to' if name != was else 'changed to'} {name!r}"
                         f"{' merged' if merged else ' unmerged'}")
             else:  # (add_adapter over it, or over it while another adapter was active, then switched back: v1)
                 what = f"given new {'values' if scaling == was_scaling else 'scaling'} (add_adapter)"
+            served = "the base (inside lora.disable_adapter)" if was_off else f"adapter {was!r}"
+            again = ("FSDP2 gathers the weight and factors again for the backward" if why == "fsdp2" else
+                     "torch.utils.checkpoint computes the forward again in the backward")
             raise RuntimeError(
-                f"{layer._describe()}: its forward served adapter {was!r}{' merged' if was_merged else ''}, and before "
-                f"this backward it was {what}: FSDP2 gathers the weight "
-                f"and factors again for the backward, which would compute the gradients of other values; run the "
-                f"backward first (an eval() or set_adapter after it), or switch back before it. "
-                + ("FSDP2's iteration state was reset (reset_iter_state()) and its unreduced gradients dropped: "
+                f"{layer._describe()}: its forward served {served}{' merged' if was_merged and not was_off else ''}, "
+                f"and before this backward it was {what}: {again}, which would compute the gradients of other "
+                f"values; run the backward first (an eval() or set_adapter after it), or switch back before it. "
+                + ("" if why != "fsdp2" else
+                   "FSDP2's iteration state was reset (reset_iter_state()) and its unreduced gradients dropped: "
                    "zero the gradients (optimizer.zero_grad()) before the next step, since the modules the backward "
                    "had finished hold theirs in .grad" if reset
                    else "Call reset_iter_state() on the root FSDP module and zero the gradients before the next "
@@ -1030,26 +1045,33 @@ class LoRALayer(NamedAdapters):
                 batched.refuse_in_program(self._describe())
                 return served.forward(self, x)
             if self._adapter_disabled:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
-                return self._weight_forward(x)
+                return self._checked_in_backward(self._weight_forward(x))
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_or_none()):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
                 if self.__dict__.get("_tp") is None:
                     parallel.check_stock_style(self)
                 return parallel.forward(self, x)
-            out = self._forward(x)
-            if torch.is_grad_enabled() and not torch.compiler.is_compiling() and out.requires_grad \
-                    and sharded.fsdp2_owner(self):
-                out.register_hook(_same_adapter_in_backward(self, self._served_state()))
-            return out
+            return self._checked_in_backward(self._forward(x))
+
+    def _checked_in_backward(self, out: Tensor) -> Tensor:
+        """`out`, the forward's output, with a hook that refuses its backward if what the layer serves changed since
+        (_same_adapter_in_backward), where the backward computes the forward again: under FSDP2 (which gathers the
+        weight and factors again) and inside torch.utils.checkpoint's non-reentrant forward (which recomputes the
+        forward: a switch between the two put the new adapter's gradients on the old one's Parameters, 100.2 off,
+        h5). Elsewhere the saved tensors keep their values, and a switch before the backward is exact."""
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and out.requires_grad:
+            why = "fsdp2" if sharded.fsdp2_owner(self) else "checkpoint" if _in_checkpoint() else None
+            if why is not None:
+                out.register_hook(_same_adapter_in_backward(self, self._served_state(), why))
+        return out
 
     def _served_state(self) -> tuple:
-        """What a forward computed with, as far as a backward under FSDP2 needs it unchanged
-        (_same_adapter_in_backward):
-        the active adapter, its scaling, whether it was merged, and how many times add_adapter gave that name values
-        (replaced, or deleted and added again, while another adapter was active too: v1; not check_values, which
-        writes nothing: r46)."""
+        """What a forward computed with, as far as a backward that computes it again needs it unchanged
+        (_same_adapter_in_backward): the active adapter, its scaling, whether it was merged, how many times
+        add_adapter gave that name values (replaced, or deleted and added again, while another adapter was active
+        too: v1; not check_values, which writes nothing: r46), and whether adapters were off (lora.disable_adapter)."""
         return (self.active_adapter, self.scaling, bool(self.merged),
-                self.__dict__.get("_generations", {}).get(self.active_adapter, 0))
+                self.__dict__.get("_generations", {}).get(self.active_adapter, 0), bool(self._adapter_disabled))
 
     def reset_parameters(self) -> None:
         """The weight drawn afresh and the active adapter's factors initialised as loralib's (a zero update). A

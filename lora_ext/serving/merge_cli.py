@@ -35,7 +35,8 @@ from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
 from .peft_io import (CONFIG_NAME, MAGNITUDE_SUFFIX, PREFIX, base_weights_elsewhere, check_base_weight, is_lora_key,
-                      factor_modules, module_factors, module_rank_scaling, read_config, read_tensors)
+                      factor_modules, module_factors, module_rank_scaling, pattern_clash_warning, read_config,
+                      read_tensors)
 from .peft_io import _names as _name_list
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -418,6 +419,7 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         for mark in (".lora_A", ".lora_B", ".lora_embedding_A", ".lora_embedding_B"):
             if mark + "." in k or k.endswith(mark):
                 lora_keys.setdefault(k[:k.index(mark)], []).append(k)
+    pattern_clash_warning(cfg, [trained.get(n, n) for n in factors], os.path.join(adapter, CONFIG_NAME))
     for name, (A, B, embedding) in factors.items():
         key = name + ".weight"
         if name in lora_keys:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from .. import ddp_guard, layers, ops, sharded
 from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_adapter_name, deferred_interrupt, held_warnings
-from ..utils import _ddp_of, unwrap
+from ..utils import _ddp_of, _layer_bias, unwrap
 from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
 from . import saved_modules as _saved
@@ -415,6 +415,27 @@ def module_rank_scaling(cfg, name):
     return r, _inject.scaling_for(r, alpha, bool(cfg.get("use_rslora", False)))
 
 
+def pattern_clash_warning(cfg, names, where) -> None:
+    """Warns (once, naming `where`, the config file) when two keys of the config's rank_pattern or alpha_pattern
+    match one of the modules `names` (as the adapter names them) with different values. peft takes the first key in
+    the file, as module_rank_scaling does, but its save_pretrained writes the keys sorted: the first in the file may
+    not be the one the adapter trained with (h6: a layer trained at scaling 0.5 served at 7.5 by peft and lora_ext
+    alike, silently)."""
+    for option in ("rank_pattern", "alpha_pattern"):
+        patterns = cfg.get(option) or {}
+        if len(patterns) < 2:
+            continue
+        for name in names:
+            hits = [(k, v) for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)]
+            if len({repr(v) for _, v in hits}) > 1:
+                (first, value), (other, second) = hits[0], next(h for h in hits if h[1] != hits[0][1])
+                warnings.warn(f"{where}: {option} keys {first!r} ({value}) and {other!r} ({second}) both match module "
+                              f"{name!r}; the first in the file is taken, as peft takes it, but peft's "
+                              f"save_pretrained writes the keys sorted, which may not be the order the adapter trained "
+                              f"with: check the value", stacklevel=3)
+                return
+
+
 def _to_layer_layout(layer, name, A, B, where="adapter"):
     """peft's factors in the layer's layout (2-D; convolutions with groups == 1)."""
     if isinstance(layer, layers.MergedLinear):
@@ -676,6 +697,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                          f"target_modules / exclude_modules / layers_to_transform select ({cfg_file})")
     base_weights_elsewhere(weights_file, base_weights, factors, lambda n, what: _base_tensor(model, n, what))
     plan = []
+    pattern_clash_warning(cfg, [trained.get(name, name) for name, _ in targets], cfg_file)
     for name, module in targets:
         A, B, embedding = factors[name]
         label = f"{weights_file}: module {name!r}"
@@ -1223,6 +1245,15 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     r, alpha = ranks[first], alphas[first]
     # peft holds one lora_dropout per adapter: layers that train this one with others are named
     dropout = dropouts[min(dropouts)] if dropouts else 0.0
+    # biases trained beside the factors (mark_only_lora_as_trainable(bias="lora_only" / "all"): the weight frozen, the
+    # bias not) are the layer's own, not the adapter's; a peft file of lora_ext holds none (bias: "none"), so a save
+    # left them out without a word, and the reload served 8.9e-4 off (h5)
+    trained_biases = [n for n, m in found if (own := _layer_bias(m)) is not None and own[1].requires_grad
+                      and not getattr(m._weight_or_none(), "requires_grad", True)]
+    if trained_biases:
+        warnings.warn(f"save: the biases of {_names(trained_biases)} train (mark_only_lora_as_trainable's bias=) and "
+                      f"are not saved: a peft adapter file of lora_ext holds the factors only (bias: 'none'); keep them "
+                      f"with lora.lora_state_dict(model, bias=...) and load that after the adapter", stacklevel=2)
     if len(set(dropouts.values())) > 1:
         warnings.warn(f"save: the layers of adapter {adapter!r} train with different lora_dropout "
                       f"({', '.join(f'{n}: {p}' for n, p in sorted(dropouts.items()))}); peft's config holds one: "
