@@ -595,7 +595,7 @@ def _same_adapter_in_backward(layer, state, why: str):
     autograd Function: its output would be a view, which an in-place write of the output may not change.)"""
     def check(grad):
         now = layer._served_state()
-        if now != state:
+        if now != state:  # (disable_adapter refuses FSDP2's layers: its flag changes in a checkpoint only)
             (was, was_scaling, was_merged, _, was_off), (name, scaling, merged, _, off) = state, now
             reset = sharded.reset_after_refused_backward(layer) if why == "fsdp2" else False
             if off != was_off:
