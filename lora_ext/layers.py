@@ -575,49 +575,113 @@ class _WriteMark:
         return sharded.version(watched[0]) != watched[1]
 
 
-def _in_checkpoint() -> bool:
-    """Whether torch.utils.checkpoint's non-reentrant forward runs (its saved-tensor hooks are the innermost): its
-    backward computes the forward again with what the layer serves then. (A reentrant checkpoint's first forward runs
-    without gradients, where no hook can be put on its output: README, Training setups.)"""
+def _hook_closure(hook) -> Dict[str, Any]:
+    """The variables a saved-tensor hook function closes over, by name (torch.utils.checkpoint's hooks keep their
+    checkpoint frame there); {} where there are none to read."""
+    import inspect
+    fn = inspect.unwrap(hook)  # (the recomputation's pack hook is wrapped by torch._dynamo.disable)
+    names = getattr(getattr(fn, "__code__", None), "co_freevars", ())
+    found = {}
+    for name, cell in zip(names, getattr(fn, "__closure__", None) or ()):
+        try:
+            found[name] = cell.cell_contents
+        except ValueError:  # (an empty cell)
+            pass
+    return found
+
+
+def _checkpoint_phase():
+    """Where torch.utils.checkpoint's non-reentrant checkpoint is (its saved-tensor hooks are the innermost):
+    ("forward", frame) in the checkpointed forward, ("recompute", frame, gid) in its recomputation in the backward,
+    ("forward", None) in a forward whose frame is not found (another torch), else None. (A reentrant checkpoint's first
+    forward runs without gradients, where nothing can be checked: README, Training setups.)"""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return bool(hooks) and "_checkpoint_hook" in getattr(hooks[0], "__qualname__", "")
+    if not hooks:
+        return None
+    kind = getattr(hooks[0], "__qualname__", "")
+    if "_checkpoint_hook" in kind:
+        return "forward", _hook_closure(hooks[0]).get("frame")
+    if "_recomputation_hook" in kind:
+        seen = _hook_closure(hooks[0])
+        ref, gid = seen.get("target_frame_ref"), seen.get("gid")
+        frame = ref() if callable(ref) else None
+        return ("recompute", frame, gid) if frame is not None else None
+    return None
+
+
+def _changed_refusal(layer, state, now, again: str, after: str) -> RuntimeError:
+    """The refusal of a backward of a forward that served `state` (_served_state) when the layer serves `now`:
+    `again` says what computes with the layer's values again, `after` what to do after the refusal."""
+    (was, was_scaling, was_merged, _, was_off), (name, scaling, merged, _, off) = state, now
+    if off != was_off:
+        what = f"{'inside' if off else 'out of'} a lora.disable_adapter block"
+    elif name != was or merged != was_merged:
+        what = f"{'switched to' if name != was else 'changed to'} {name!r}{' merged' if merged else ' unmerged'}"
+    else:  # (add_adapter over it, or over it while another adapter was active, then switched back: v1)
+        what = f"given new {'values' if scaling == was_scaling else 'scaling'} (add_adapter)"
+    served = "the base (inside lora.disable_adapter)" if was_off else f"adapter {was!r}"
+    return RuntimeError(
+        f"{layer._describe()}: its forward served {served}{' merged' if was_merged and not was_off else ''}, and before "
+        f"this backward it was {what}: {again}, which would compute the gradients of other values; run the backward "
+        f"first (an eval() or set_adapter after it), or switch back before it. {after}")
+
+
+_CHECKPOINT_AGAIN = "torch.utils.checkpoint computes the forward again in the backward"
+_CHECKPOINT_AFTER = ("Zero the gradients (optimizer.zero_grad()) before the next step: the modules the backward had "
+                     "finished hold theirs in .grad")
+
+
+def _checkpoint_check(layer) -> bool:
+    """Under torch.utils.checkpoint (non-reentrant), with gradients on: in the checkpointed forward, notes in the
+    checkpoint's frame what the layer serves (True: a hook on the output checks it again in the backward); in the
+    recomputation the backward makes, refuses (before any gradient of the checkpointed region is computed) if the
+    layer serves something else now than at the forward it recomputes: the recomputation would serve the other
+    state, and a switch's would put the other adapter's gradients on the first one's Parameters (100.2 off), or
+    a trainable module after a frozen adapter get the gradients of the other adapter's outputs (5.5 off, r6)."""
+    phase = _checkpoint_phase()
+    if phase is None:
+        return False
+    if phase[0] == "forward":
+        frame = phase[1]
+        if frame is not None:
+            frame.__dict__.setdefault("_lora_ext_served", []).append((layer, layer._served_state()))
+        return True
+    _, frame, gid = phase
+    served = frame.__dict__.get("_lora_ext_served")
+    if served is None:  # (the forward ran before lora_ext's import, or under another hook)
+        return False
+    counts = frame.__dict__.setdefault("_lora_ext_recomputed", {})
+    i = counts[gid] = counts.get(gid, -1) + 1  # (the recomputation calls the layers in the forward's order)
+    if i < len(served) and served[i][0] is layer:
+        now = layer._served_state()
+        if now != served[i][1]:
+            raise _changed_refusal(layer, served[i][1], now, _CHECKPOINT_AGAIN, _CHECKPOINT_AFTER)
+    return False
 
 
 def _same_adapter_in_backward(layer, state, why: str):
-    """A hook on a layer's output in a forward whose backward computes it again (`why`: "fsdp2" or "checkpoint"):
-    the backward refuses when the layer merged, unmerged or switched its adapter, or entered or left a
-    disable_adapter block, since that forward. FSDP2 gathers the weight and factors again for the backward (the
-    forward's copies are freed), so such a write between the two gave the gradients of other values, silently (a
-    validation eval() between forward and backward: 0.81 off; a switch: 22.6 off, s6); torch.utils.checkpoint's
-    non-reentrant recompute put the new adapter's gradients on the old one's Parameters (100.2 off, h5). Elsewhere
-    one process's saved tensors keep their values or torch's version counter refuses. A switch away and back (a
-    reference adapter's forward between the two) computes the same values, and is allowed. (A tensor hook, not an
-    autograd Function: its output would be a view, which an in-place write of the output may not change.)"""
+    """A hook on a layer's output in a forward whose backward computes with the layer's values again (`why`: "fsdp2"
+    or "checkpoint"): the backward refuses when the layer merged, unmerged or switched its adapter, or entered or
+    left a disable_adapter block, since that forward. FSDP2 gathers the weight and factors again for the backward
+    (the forward's copies are freed), so such a write between the two gave the gradients of other values, silently
+    (a validation eval() between forward and backward: 0.81 off; a switch: 22.6 off, s6); torch.utils.checkpoint's
+    recomputation is checked as it runs (_checkpoint_check), and here again where the output needs a gradient.
+    Elsewhere one process's saved tensors keep their values or torch's version counter refuses. A switch away and
+    back (a reference adapter's forward between the two) computes the same values, and is allowed. (A tensor hook,
+    not an autograd Function: its output would be a view, which an in-place write of the output may not change.)"""
     def check(grad):
         now = layer._served_state()
         if now != state:  # (disable_adapter refuses FSDP2's layers: its flag changes in a checkpoint only)
-            (was, was_scaling, was_merged, _, was_off), (name, scaling, merged, _, off) = state, now
-            reset = sharded.reset_after_refused_backward(layer) if why == "fsdp2" else False
-            if off != was_off:
-                what = f"{'inside' if off else 'out of'} a lora.disable_adapter block"
-            elif name != was or merged != was_merged:
-                what = (f"{'switched to' if name != was else 'changed to'} {name!r}"
-                        f"{' merged' if merged else ' unmerged'}")
-            else:  # (add_adapter over it, or over it while another adapter was active, then switched back: v1)
-                what = f"given new {'values' if scaling == was_scaling else 'scaling'} (add_adapter)"
-            served = "the base (inside lora.disable_adapter)" if was_off else f"adapter {was!r}"
-            again = ("FSDP2 gathers the weight and factors again for the backward" if why == "fsdp2" else
-                     "torch.utils.checkpoint computes the forward again in the backward")
-            raise RuntimeError(
-                f"{layer._describe()}: its forward served {served}{' merged' if was_merged and not was_off else ''}, "
-                f"and before this backward it was {what}: {again}, which would compute the gradients of other "
-                f"values; run the backward first (an eval() or set_adapter after it), or switch back before it. "
-                + ("" if why != "fsdp2" else
-                   "FSDP2's iteration state was reset (reset_iter_state()) and its unreduced gradients dropped: "
-                   "zero the gradients (optimizer.zero_grad()) before the next step, since the modules the backward "
-                   "had finished hold theirs in .grad" if reset
-                   else "Call reset_iter_state() on the root FSDP module and zero the gradients before the next "
-                        "forward (torch's recovery after an exception in a backward)"))
+            if why != "fsdp2":
+                raise _changed_refusal(layer, state, now, _CHECKPOINT_AGAIN, _CHECKPOINT_AFTER)
+            reset = sharded.reset_after_refused_backward(layer)
+            raise _changed_refusal(
+                layer, state, now, "FSDP2 gathers the weight and factors again for the backward",
+                "FSDP2's iteration state was reset (reset_iter_state()) and its unreduced gradients dropped: zero the "
+                "gradients (optimizer.zero_grad()) before the next step, since the modules the backward had finished "
+                "hold theirs in .grad" if reset
+                else "Call reset_iter_state() on the root FSDP module and zero the gradients before the next forward "
+                     "(torch's recovery after an exception in a backward)")
     return check
 
 
@@ -1044,23 +1108,24 @@ class LoRALayer(NamedAdapters):
             if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
                 batched.refuse_in_program(self._describe())
                 return served.forward(self, x)
+            checkpointed = torch.is_grad_enabled() and not torch.compiler.is_compiling() and _checkpoint_check(self)
             if self._adapter_disabled:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
-                return self._checked_in_backward(self._weight_forward(x))
+                return self._checked_in_backward(self._weight_forward(x), checkpointed)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_or_none()):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
                 if self.__dict__.get("_tp") is None:
                     parallel.check_stock_style(self)
                 return parallel.forward(self, x)
-            return self._checked_in_backward(self._forward(x))
+            return self._checked_in_backward(self._forward(x), checkpointed)
 
-    def _checked_in_backward(self, out: Tensor) -> Tensor:
+    def _checked_in_backward(self, out: Tensor, checkpointed: bool = False) -> Tensor:
         """`out`, the forward's output, with a hook that refuses its backward if what the layer serves changed since
-        (_same_adapter_in_backward), where the backward computes the forward again: under FSDP2 (which gathers the
-        weight and factors again) and inside torch.utils.checkpoint's non-reentrant forward (which recomputes the
-        forward: a switch between the two put the new adapter's gradients on the old one's Parameters, 100.2 off,
-        h5). Elsewhere the saved tensors keep their values, and a switch before the backward is exact."""
+        (_same_adapter_in_backward), where the backward computes with the layer's values again: under FSDP2 (which
+        gathers the weight and factors again) and in torch.utils.checkpoint's non-reentrant forward (`checkpointed`:
+        which _checkpoint_check also checks as it recomputes). Elsewhere the saved tensors keep their values, and a
+        switch before the backward is exact."""
         if torch.is_grad_enabled() and not torch.compiler.is_compiling() and out.requires_grad:
-            why = "fsdp2" if sharded.fsdp2_owner(self) else "checkpoint" if _in_checkpoint() else None
+            why = "fsdp2" if sharded.fsdp2_owner(self) else "checkpoint" if checkpointed else None
             if why is not None:
                 out.register_hook(_same_adapter_in_backward(self, self._served_state(), why))
         return out

@@ -100,6 +100,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         p.requires_grad = trained
     for _, m in _lora_layers(model):  # the model frozen: unload gives the base weights back frozen (peft's unload)
         m.__dict__["_base_requires_grad"] = False
+        m.__dict__["_bias_trains"] = bias  # (save_peft_adapter names the biases this trains, which its file leaves out)
     from .serving.saved_modules import ModulesToSave
     for module in model.modules():  # adapters train: a switch puts the next adapter's copy (or rows) in training
         if isinstance(module, ModulesToSave):
@@ -131,11 +132,14 @@ def _check_ddp_flags(model: nn.Module, trained: dict, bias: str) -> None:
 
 
 def _wrapped(model: nn.Module):
-    """model, then each model inside it: DistributedDataParallel's .module, torch.compile's ._orig_mod."""
-    from torch.nn.parallel import DistributedDataParallel
+    """model, then each model inside it: DistributedDataParallel's and DataParallel's .module (r6: a save through
+    DataParallel named every module 'module.<name>', a file neither peft nor lora_ext loads), torch.compile's
+    ._orig_mod."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
     while isinstance(model, nn.Module):
         yield model
-        model = model.module if isinstance(model, DistributedDataParallel) else getattr(model, "_orig_mod", None)
+        model = (model.module if isinstance(model, (DistributedDataParallel, DataParallel))
+                 else getattr(model, "_orig_mod", None))
 
 
 def _ddp_of(model: nn.Module):

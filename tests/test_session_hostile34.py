@@ -183,22 +183,27 @@ def test_a_checkpointed_forward_with_no_change_or_a_switch_back_trains_exactly(k
 
 # (h5: biases trained with mark_only_lora_as_trainable(bias="lora_only") were left out of save_peft_adapter's file,
 # whose config says bias "none", without a word: the reload served 8.9e-4 off)
-@pytest.mark.parametrize("bias", ["lora_only", "all", "none"])
+# (r6: inject alone leaves a bias's requires_grad as it was, and the first version warned after it, in lora-ext demo too)
+@pytest.mark.parametrize("bias", ["lora_only", "all", "none", "inject only"])
 def test_a_save_says_that_trained_biases_are_not_in_the_adapter_file(tmp_path, bias):
     import warnings
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Conv1d(8, 4, 1), torch.nn.Linear(4, 4))
     lora.inject(net, ["0", "2"], r=2)
-    lora.mark_only_lora_as_trainable(net, bias=bias)
+    if bias != "inject only":
+        lora.mark_only_lora_as_trainable(net, bias=bias)
+    else:
+        assert net[0].bias.requires_grad
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         lora.save_peft_adapter(net, str(tmp_path / "a"))
     said = [str(w.message) for w in caught if "biases" in str(w.message)]
-    if bias == "none":
+    if bias in ("none", "inject only"):
         assert said == []
     else:
         assert len(said) == 1 and "'0', '2'" in said[0] and "lora_state_dict" in said[0], said
+        assert ("the other modules' biases too" in said[0]) == (bias == "all")
 
 
 # (h6: peft's save_pretrained writes adapter_config.json with sorted keys, and peft, as lora_ext, takes the first
@@ -207,6 +212,7 @@ def test_a_save_says_that_trained_biases_are_not_in_the_adapter_file(tmp_path, b
 @pytest.mark.parametrize("patterns, warned", [
     ({"q_proj": 2, "model.layers.1.self_attn.q_proj": 30}, True),
     ({"q_proj": 2, "model.layers.1.self_attn.q_proj": 2}, False),
+    ({"q_proj": 16, "model.layers.1.self_attn.q_proj": 16.0}, False),  # (r6: a bare StopIteration)
     ({"model.layers.1.self_attn.q_proj": 30}, False),
 ])
 def test_overlapping_pattern_keys_with_different_values_are_named_as_an_adapter_loads(tmp_path, capsys, patterns,
@@ -231,6 +237,8 @@ def test_overlapping_pattern_keys_with_different_values_are_named_as_an_adapter_
     if warned:
         assert "'model.layers.1.self_attn.q_proj'" in said[0] and "'q_proj' (2)" in said[0] and "(30)" in said[0]
         assert float(model.model.layers[1].self_attn.q_proj.scaling) == 30 / 4  # (what peft's reload serves)
+    else:
+        assert float(model.model.layers[1].self_attn.q_proj.scaling) == next(iter(patterns.values())) / 4
     base = tmp_path / "base"
     llama(0).save_pretrained(str(base))
     with warnings.catch_warnings(record=True) as caught:
@@ -238,3 +246,78 @@ def test_overlapping_pattern_keys_with_different_values_are_named_as_an_adapter_
         assert main(["merge", "--base", str(base), "--adapter", adapter, "--out", str(tmp_path / "out")]) == 0
     said = [str(w.message) for w in caught if "alpha_pattern keys" in str(w.message)]
     assert len(said) == int(warned), said
+
+
+# (r6: the check was a hook on the layer's output: a frozen adapter served before a trainable head inside the
+# checkpointed region needed no gradient, and a switch went through, the head's gradient 5.5 off; and where it did
+# refuse, modules whose backward ran first (another layer of the region, the head) already held gradients computed
+# from the switched recomputation. It now runs as the recomputation calls the layer, before any gradient of the region)
+@pytest.mark.parametrize("scene", ["frozen adapter, trainable head", "one layer of two switched"])
+def test_a_checkpointed_region_s_recomputation_is_refused_before_any_gradient_lands(scene):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    lora.inject(net, ["0"] if scene.startswith("frozen") else ["0", "2"], r=2)
+    for layer in [m for m in net if isinstance(m, lora.Linear)]:
+        torch.nn.init.normal_(layer.lora_B)
+        layer.add_adapter("b", torch.randn_like(layer.lora_A), torch.randn_like(layer.lora_B), 2.0)
+    if scene.startswith("frozen"):
+        net[0].requires_grad_(False)  # (served: its output needs no gradient; the head trains)
+    else:
+        lora.mark_only_lora_as_trainable(net)
+    net.train()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    y = checkpoint(net, x, use_reentrant=False)
+    net[0].set_adapter("b")  # (the first layer alone)
+    with pytest.raises(RuntimeError, match=r"Linear\(6, 6\): its forward served adapter 'default', and before this "
+                                           r"backward it was switched to 'b'.*Zero the gradients"):
+        y.pow(2).sum().backward()
+    assert [n for n, p in net.named_parameters() if p.grad is not None] == []
+
+
+def test_rank_and_alpha_pattern_clashes_are_each_named(tmp_path):
+    # (r6: the first version warned once in all, so a rank_pattern clash hid an alpha_pattern one)
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_models import llama
+    key = "model.layers.1.self_attn.q_proj"
+    peft_model = get_peft_model(llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                     rank_pattern={"q_proj": 2, key: 3},
+                                                     alpha_pattern={"q_proj": 2, key: 30}))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="has rank 2 .* but the config says r=3"):  # (the sorted keys: the warning
+            lora.load_peft_adapter(llama(0), str(tmp_path / "adapter"))  # says why)
+    said = sorted(str(w.message).split(": ", 1)[1][:16] for w in caught if "pattern keys" in str(w.message))
+    assert said == ["alpha_pattern ke", "rank_pattern key"], said
+
+
+# (r6: save_peft_adapter of nn.DataParallel(model) keyed every module 'module.<name>': a file neither peft nor lora_ext
+# loads; DataParallel is looked through as DistributedDataParallel is)
+def test_dataparallel_is_looked_through_as_ddp(tmp_path):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4)).double()
+    plain = [p.detach().clone() for p in net.parameters()]
+    lora.inject(net, ["0"], r=2)
+    torch.nn.init.normal_(net[0].lora_B)
+    wrapped = torch.nn.DataParallel(net)
+    lora.save_peft_adapter(wrapped, str(tmp_path / "a"))
+    assert sorted(load_file(str(tmp_path / "a" / "adapter_model.safetensors"))) == [
+        "base_model.model.0.lora_A.weight", "base_model.model.0.lora_B.weight"]
+    assert sorted(lora.lora_state_dict(wrapped)) == ["0.lora_A", "0.lora_B"]
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4)).double()
+    with torch.no_grad():
+        for p, v in zip(base.parameters(), plain):
+            p.copy_(v)
+    peft_model = PeftModel.from_pretrained(base, str(tmp_path / "a")).double().eval()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        want = x @ plain[0].T + plain[1] + net[0].scaling * (x @ net[0].lora_A.T @ net[0].lora_B.T)
+        assert (peft_model(x) - want).abs().max() < 1e-12

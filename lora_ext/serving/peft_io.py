@@ -416,7 +416,7 @@ def module_rank_scaling(cfg, name):
 
 
 def pattern_clash_warning(cfg, names, where) -> None:
-    """Warns (once, naming `where`, the config file) when two keys of the config's rank_pattern or alpha_pattern
+    """Warns (once per option, naming `where`, the config file) when two keys of the config's rank_pattern or alpha_pattern
     match one of the modules `names` (as the adapter names them) with different values. peft takes the first key in
     the file, as module_rank_scaling does, but its save_pretrained writes the keys sorted: the first in the file may
     not be the one the adapter trained with (h6: a layer trained at scaling 0.5 served at 7.5 by peft and lora_ext
@@ -427,13 +427,13 @@ def pattern_clash_warning(cfg, names, where) -> None:
             continue
         for name in names:
             hits = [(k, v) for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)]
-            if len({repr(v) for _, v in hits}) > 1:
-                (first, value), (other, second) = hits[0], next(h for h in hits if h[1] != hits[0][1])
-                warnings.warn(f"{where}: {option} keys {first!r} ({value}) and {other!r} ({second}) both match module "
-                              f"{name!r}; the first in the file is taken, as peft takes it, but peft's "
-                              f"save_pretrained writes the keys sorted, which may not be the order the adapter trained "
-                              f"with: check the value", stacklevel=3)
-                return
+            other = next((h for h in hits[1:] if h[1] != hits[0][1]), None)  # (16 and 16.0 agree, r6)
+            if other is not None:
+                warnings.warn(f"{where}: {option} keys {hits[0][0]!r} ({hits[0][1]}) and {other[0]!r} ({other[1]}) "
+                              f"both match module {name!r}; the first in the file is taken, as peft takes it, but "
+                              f"peft's save_pretrained writes the keys sorted, which may not be the order the adapter "
+                              f"trained with: check the value", stacklevel=3)
+                break  # (one warning per option)
 
 
 def _to_layer_layout(layer, name, A, B, where="adapter"):
@@ -1248,12 +1248,17 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # biases trained beside the factors (mark_only_lora_as_trainable(bias="lora_only" / "all"): the weight frozen, the
     # bias not) are the layer's own, not the adapter's; a peft file of lora_ext holds none (bias: "none"), so a save
     # left them out without a word, and the reload served 8.9e-4 off (h5)
-    trained_biases = [n for n, m in found if (own := _layer_bias(m)) is not None and own[1].requires_grad
-                      and not getattr(m._weight_or_none(), "requires_grad", True)]
+    # (those mark_only_lora_as_trainable made trainable: inject leaves a bias's flag as it was, r6)
+    modes = {n: m.__dict__.get("_bias_trains", "none") for n, m in found}
+    trained_biases = [n for n, m in found if modes[n] != "none" and (own := _layer_bias(m)) is not None
+                      and own[1].requires_grad]
     if trained_biases:
+        also = (" (with bias='all', the other modules' biases too)" if "all" in {modes[n] for n in trained_biases}
+                else "")
         warnings.warn(f"save: the biases of {_names(trained_biases)} train (mark_only_lora_as_trainable's bias=) and "
-                      f"are not saved: a peft adapter file of lora_ext holds the factors only (bias: 'none'); keep them "
-                      f"with lora.lora_state_dict(model, bias=...) and load that after the adapter", stacklevel=2)
+                      f"are not saved{also}: a peft adapter file of lora_ext holds the factors only (bias: 'none'); "
+                      f"keep them with lora.lora_state_dict(model, bias=...) and load that after the adapter",
+                      stacklevel=2)
     if len(set(dropouts.values())) > 1:
         warnings.warn(f"save: the layers of adapter {adapter!r} train with different lora_dropout "
                       f"({', '.join(f'{n}: {p}' for n, p in sorted(dropouts.items()))}); peft's config holds one: "
