@@ -321,3 +321,23 @@ def test_dataparallel_is_looked_through_as_ddp(tmp_path):
     with torch.no_grad():
         want = x @ plain[0].T + plain[1] + net[0].scaling * (x @ net[0].lora_A.T @ net[0].lora_B.T)
         assert (peft_model(x) - want).abs().max() < 1e-12
+
+
+def test_a_tie_to_the_model_inject_was_given_is_named_so():
+    # (r6: a module whose own parameter is its LoRA layer's weight was named '' in the refusal, inside an outer model too)
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 4)
+            self.weight = self.proj.weight
+
+        def forward(self, x):
+            return self.proj(x) + x @ self.weight
+
+    head = Head()
+    lora.inject(head, ["proj"], r=2)
+    torch.nn.init.normal_(head.proj.lora_B)
+    for model in (head, torch.nn.Sequential(head)):
+        with pytest.raises(ValueError, match=r"is tied to \['the model inject was given \(its own parameter\)'\]"):
+            lora.merge_adapter(model)
+    assert not head.proj.merged

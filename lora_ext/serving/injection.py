@@ -904,7 +904,8 @@ def install(model, name, module, layer, scaling, owners, adapter_name="default",
     tied = [n for n in owners_of_weight if n != name and not _leads_to(model, n, layer)]
     if tied:
         layer.merge_weights = False
-        layer._tied_with = tied
+        # (names in the model inject was given; '' is that model itself, r6)
+        layer._tied_with = [n or "the model inject was given (its own parameter)" for n in tied]
     return layer
 
 
