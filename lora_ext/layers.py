@@ -660,8 +660,8 @@ def _checkpoint_check(layer) -> bool:
 
 
 def _same_adapter_in_backward(layer, state, why: str):
-    """A hook on a layer's output in a forward whose backward computes with the layer's values again (`why`: "fsdp2"
-    or "checkpoint"): the backward refuses when the layer merged, unmerged or switched its adapter, or entered or
+    """A hook on a layer's output in a forward whose backward computes with the layer's values again (`why`: "fsdp2",
+    "checkpoint" or "tp"): the backward refuses when the layer merged, unmerged or switched its adapter, or entered or
     left a disable_adapter block, since that forward. FSDP2 gathers the weight and factors again for the backward
     (the forward's copies are freed), so such a write between the two gave the gradients of other values, silently
     (a validation eval() between forward and backward: 0.81 off; a switch: 22.6 off, s6); torch.utils.checkpoint's
@@ -672,6 +672,9 @@ def _same_adapter_in_backward(layer, state, why: str):
     def check(grad):
         now = layer._served_state()
         if now != state:  # (disable_adapter refuses FSDP2's layers: its flag changes in a checkpoint only)
+            if why == "tp":
+                raise _changed_refusal(layer, state, now, "under tensor parallel a switch writes the new adapter into "
+                                       "the live factors, which this backward reads", _CHECKPOINT_AFTER)
             if why != "fsdp2":
                 raise _changed_refusal(layer, state, now, _CHECKPOINT_AGAIN, _CHECKPOINT_AFTER)
             reset = sharded.reset_after_refused_backward(layer)
@@ -1115,17 +1118,19 @@ class LoRALayer(NamedAdapters):
                 from . import parallel  # tensor parallel (under FSDP2 a forward sees gathered plain tensors)
                 if self.__dict__.get("_tp") is None:
                     parallel.check_stock_style(self)
-                return parallel.forward(self, x)
+                return self._checked_in_backward(parallel.forward(self, x), checkpointed, tp=True)
             return self._checked_in_backward(self._forward(x), checkpointed)
 
-    def _checked_in_backward(self, out: Tensor, checkpointed: bool = False) -> Tensor:
+    def _checked_in_backward(self, out: Tensor, checkpointed: bool = False, tp: bool = False) -> Tensor:
         """`out`, the forward's output, with a hook that refuses its backward if what the layer serves changed since
         (_same_adapter_in_backward), where the backward computes with the layer's values again: under FSDP2 (which
-        gathers the weight and factors again) and in torch.utils.checkpoint's non-reentrant forward (`checkpointed`:
-        which _checkpoint_check also checks as it recomputes). Elsewhere the saved tensors keep their values, and a
-        switch before the backward is exact."""
+        gathers the weight and factors again), in torch.utils.checkpoint's non-reentrant forward (`checkpointed`:
+        which _checkpoint_check also checks as it recomputes), and under tensor parallel (`tp`: a switch writes the
+        live sharded factors the backward reads, which torch refused naming no layer, h7). Elsewhere the saved
+        tensors keep their values, and a switch before the backward is exact."""
         if torch.is_grad_enabled() and not torch.compiler.is_compiling() and out.requires_grad:
-            why = "fsdp2" if sharded.fsdp2_owner(self) else "checkpoint" if checkpointed else None
+            why = ("fsdp2" if sharded.fsdp2_owner(self) else "checkpoint" if checkpointed else "tp" if tp
+                   else None)
             if why is not None:
                 out.register_hook(_same_adapter_in_backward(self, self._served_state(), why))
         return out

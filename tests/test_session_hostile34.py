@@ -341,3 +341,56 @@ def test_a_tie_to_the_model_inject_was_given_is_named_so():
         with pytest.raises(ValueError, match=r"is tied to \['the model inject was given \(its own parameter\)'\]"):
             lora.merge_adapter(model)
     assert not head.proj.merged
+
+
+def _tp_layer():
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 4, r=2, lora_alpha=2).double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(4, 2, generator=g, dtype=torch.float64))
+    layer.add_adapter("b", 3 * torch.randn(2, 8, generator=g, dtype=torch.float64),
+                      3 * torch.randn(4, 2, generator=g, dtype=torch.float64), 1.0)
+    lora.mark_only_lora_as_trainable(layer)
+    return layer
+
+
+def _tp_switch_before_backward(rank, world, checkpointed, switch):
+    """On each rank: a RowwiseLoRA-parallel Linear, a forward (checkpointed or not), a switch to 'b' or none, the
+    backward: ('refused', message, grads landed) or ('grads', full lora_A and lora_B gradients)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+    from torch.utils.checkpoint import checkpoint
+
+    from lora_ext.parallel import RowwiseLoRA
+    layer = _tp_layer()
+    parallelize_module(layer, init_device_mesh("cpu", (world,)), RowwiseLoRA())
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
+    if switch:
+        layer.set_adapter("b")
+    try:
+        y.pow(2).sum().backward()
+    except RuntimeError as e:
+        return "refused", str(e), [n for n, p in layer.named_parameters() if p.grad is not None]
+    return "grads", [p.grad.full_tensor() for p in (layer.lora_A, layer.lora_B)], None
+
+
+# (h7: under tensor parallel a checkpointed forward's backward after a switch ran, the gradients of adapter b's values
+# on default's Parameters (250.9 off); without a checkpoint torch refused with "a view ... modified inplace", naming no
+# layer: the TP forward now takes the checks the other forwards take)
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_tensor_parallel_refuses_a_backward_after_a_switch_naming_the_layer(checkpointed):
+    from dist import run_ranks
+    layer = _tp_layer()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    A, B = (layer.lora_A.detach().clone().requires_grad_(True), layer.lora_B.detach().clone().requires_grad_(True))
+    (x @ layer.weight.T + layer.bias + layer.scaling * (x @ A.T @ B.T)).pow(2).sum().backward()  # float64, by hand
+    for kind, got, landed in run_ranks(_tp_switch_before_backward, checkpointed, True):
+        assert kind == "refused", got
+        assert re.search(r"Linear\(8, 4\): its forward served adapter 'default', and before this backward it was "
+                         r"switched to 'b'", got) and "Zero the gradients" in got, got
+        assert landed == []
+    for kind, got, _ in run_ranks(_tp_switch_before_backward, checkpointed, False):
+        assert kind == "grads"
+        assert (got[0] - A.grad).abs().max() < 1e-10 and (got[1] - B.grad).abs().max() < 1e-10
