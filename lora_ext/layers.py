@@ -621,9 +621,9 @@ def _changed_refusal(layer, state, now, again: str, after: str) -> RuntimeError:
         what = f"given new {'values' if scaling == was_scaling else 'scaling'} (add_adapter)"
     served = "the base (inside lora.disable_adapter)" if was_off else f"adapter {was!r}"
     return RuntimeError(
-        f"{layer._describe()}: its forward served {served}{' merged' if was_merged and not was_off else ''}, and before "
-        f"this backward it was {what}: {again}, which would compute the gradients of other values; run the backward "
-        f"first (an eval() or set_adapter after it), or switch back before it. {after}")
+        f"{layer._describe()}: its forward served {served}{' merged' if was_merged and not was_off else ''}, and "
+        f"before this backward it was {what}: {again}, which would compute the gradients of other values; run the "
+        f"backward first (an eval() or set_adapter after it), or switch back before it. {after}")
 
 
 _CHECKPOINT_AGAIN = "torch.utils.checkpoint computes the forward again in the backward"

@@ -183,7 +183,8 @@ def test_a_checkpointed_forward_with_no_change_or_a_switch_back_trains_exactly(k
 
 # (h5: biases trained with mark_only_lora_as_trainable(bias="lora_only") were left out of save_peft_adapter's file,
 # whose config says bias "none", without a word: the reload served 8.9e-4 off)
-# (r6: inject alone leaves a bias's requires_grad as it was, and the first version warned after it, in lora-ext demo too)
+# (r6: inject alone leaves a bias's requires_grad as it was, and the first version warned after it, in lora-ext demo
+# too)
 @pytest.mark.parametrize("bias", ["lora_only", "all", "none", "inject only"])
 def test_a_save_says_that_trained_biases_are_not_in_the_adapter_file(tmp_path, bias):
     import warnings
@@ -324,7 +325,8 @@ def test_dataparallel_is_looked_through_as_ddp(tmp_path):
 
 
 def test_a_tie_to_the_model_inject_was_given_is_named_so():
-    # (r6: a module whose own parameter is its LoRA layer's weight was named '' in the refusal, inside an outer model too)
+    # (r6: a module whose own parameter is its LoRA layer's weight was named '' in the refusal, inside an outer model
+    # too)
     class Head(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -394,3 +396,47 @@ def test_tensor_parallel_refuses_a_backward_after_a_switch_naming_the_layer(chec
     for kind, got, _ in run_ranks(_tp_switch_before_backward, checkpointed, False):
         assert kind == "grads"
         assert (got[0] - A.grad).abs().max() < 1e-10 and (got[1] - B.grad).abs().max() < 1e-10
+
+
+def _ddp_load_and_switch_back(rank, world, adapter):
+    """On each rank: a net training 'default' under DDP; a load of `adapter` through the DDP with activate=True (a
+    trainable switch); then the README's flow (a switch of ddp.module to it) and a switch back through the DDP, and one
+    training step: (the load's refusal or None, the switch back's refusal or None, 'default''s lora_B gradient)."""
+    from torch.nn.parallel import DistributedDataParallel
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+    lora.inject(net, ["0", "2"], r=2)
+    torch.nn.init.normal_(net[0].lora_B)
+    lora.mark_only_lora_as_trainable(net)
+    net.train()
+    ddp = DistributedDataParallel(net)
+    refusals = []
+    for step in (lambda: lora.load_peft_adapter(ddp, adapter, "x"),
+                 lambda: lora.load_peft_adapter(ddp, adapter, "x", activate=False),
+                 lambda: lora.set_adapter(ddp.module, "x"),
+                 lambda: lora.set_adapter(ddp, "default")):
+        try:
+            step()
+            refusals.append(None)
+        except ValueError as e:
+            refusals.append(str(e))
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    ddp(x).pow(2).sum().backward()
+    return refusals, net[0].active_adapter, net[0].lora_B.grad.clone()
+
+
+# (h7: a load through DDP with activate=True switched trainable factors, which set_adapter through DDP refuses (the next
+# forward refused); and the switch back to the adapter DDP was built with was refused as giving other Parameters)
+def test_ddp_refuses_a_load_s_trainable_activation_and_lets_the_switch_back_through(tmp_path):
+    from dist import run_ranks
+    torch.manual_seed(5)
+    src = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+    lora.inject(src, ["0", "2"], r=2)
+    torch.nn.init.normal_(src[0].lora_B)
+    lora.save_peft_adapter(src, str(tmp_path / "x"))
+    results = run_ranks(_ddp_load_and_switch_back, str(tmp_path / "x"))
+    for refusals, active, _ in results:
+        assert refusals[0] is not None and refusals[0].startswith("load_peft_adapter('x', activate=True): the model is "
+                                                                   "wrapped in DistributedDataParallel"), refusals
+        assert refusals[1:] == [None, None, None] and active == "default", refusals
+    assert torch.equal(results[0][2], results[1][2])  # (synchronised: the ranks' data differ)

@@ -657,27 +657,33 @@ def reserved_rank(model: nn.Module) -> Optional[int]:
 reshard_fsdp = sharded.reshard_fsdp  # (model-level writes reshard first)
 
 
-def _check_ddp_switch(model, found, name, trains):
+def _check_ddp_switch(model, found, name, trains, what="set_adapter", saved=True):
     """DistributedDataParallel holds the Parameters it was built with and synchronises only their gradients. A
     switch of trainable factors registers the new adapter's own Parameter pair (of its rank): refused under DDP,
-    before anything changes, with what to rebuild. Serving switches (factors that do not require grad) are not
-    DDP's business and go through."""
-    if not under_ddp(model):
+    before anything changes, with what to rebuild (`what`: the call; saved=False: the layers alone, for a load's
+    activation, whose modules saved whole are not there yet). A switch back to the Parameters DDP was built with
+    (after a switch of ddp.module) trains in step and goes through (h7: refused as giving other Parameters).
+    Serving switches (factors that do not require grad) are not DDP's business and go through."""
+    ddp = _ddp_of(model)
+    if ddp is None:
         return
+    known, changed = ddp_guard.synchronised(ddp)
     for layer_name, m in found:
         if name != m.active_adapter and m._trainable():
-            A = m.get_adapter(name)[0] if m.has_adapter(name) else m.lora_A  # (a stand-in: the live rank)
+            A, B = m._adapter(name)[:2] if m.has_adapter(name) else (m.lora_A, m.lora_B)  # (a stand-in: the live rank)
+            if known and changed is None and m.has_adapter(name) and {id(A), id(B)} <= known:
+                continue  # (back to the Parameters DDP was built with, after a switch of ddp.module: it trains in step)
             raise ValueError(
-                f"set_adapter: the model is wrapped in DistributedDataParallel, which synchronises the gradients of "
+                f"{what}: the model is wrapped in DistributedDataParallel, which synchronises the gradients of "
                 f"the Parameters it was built with; switching the trainable factors of {layer_name!r} from "
                 f"{m.active_adapter!r} (rank {m.r}) to {name!r} (rank {m.rank_of(A)}) gives the layer other "
                 f"Parameters, whose gradients it would not synchronise. Switch the inner model and wrap it again: "
                 f"lora.set_adapter(ddp.module, {name!r}); ddp = DistributedDataParallel(ddp.module, ...) (and an "
                 f"optimizer over the new adapter's parameters)")
-    for path, w in wrappers(model):
+    for path, w in wrappers(model) if saved else ():
         if w.trains_on_switch(name, trains):
             raise ValueError(
-                f"set_adapter: the model is wrapped in DistributedDataParallel, and module {path!r} "
+                f"{what}: the model is wrapped in DistributedDataParallel, and module {path!r} "
                 f"({'rows of tokens: trainable_token_indices' if isinstance(w, TrainableTokens) else 'saved whole: modules_to_save'}"
                 f") would compute with other trainable parameters for {name!r}, whose gradients DDP "
                 f"would not synchronise. Switch the inner model and wrap it again: lora.set_adapter(ddp.module, "

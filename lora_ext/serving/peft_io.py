@@ -28,7 +28,7 @@ from . import injection as _inject
 from . import saved_modules as _saved
 from . import tokens as _tokens
 from . import hub
-from .adapters import THROUGH_DDP, hold, lora_layers, model_lock, reserved_rank, set_adapter
+from .adapters import THROUGH_DDP, _check_ddp_switch, hold, lora_layers, model_lock, reserved_rank, set_adapter
 from .files import atomic_files, remove_stale_temporaries, torn_set
 
 CONFIG_NAME = "adapter_config.json"
@@ -416,11 +416,11 @@ def module_rank_scaling(cfg, name):
 
 
 def pattern_clash_warning(cfg, names, where) -> None:
-    """Warns (once per option, naming `where`, the config file) when two keys of the config's rank_pattern or alpha_pattern
-    match one of the modules `names` (as the adapter names them) with different values. peft takes the first key in
-    the file, as module_rank_scaling does, but its save_pretrained writes the keys sorted: the first in the file may
-    not be the one the adapter trained with (h6: a layer trained at scaling 0.5 served at 7.5 by peft and lora_ext
-    alike, silently)."""
+    """Warns (once per option, naming `where`, the config file) when two keys of the config's rank_pattern or
+    alpha_pattern match one of the modules `names` (as the adapter names them) with different values. peft takes the
+    first key in the file, as module_rank_scaling does, but its save_pretrained writes the keys sorted: the first in
+    the file may not be the one the adapter trained with (h6: a layer trained at scaling 0.5 served at 7.5 by peft
+    and lora_ext alike, silently)."""
     for option in ("rank_pattern", "alpha_pattern"):
         patterns = cfg.get(option) or {}
         if len(patterns) < 2:
@@ -775,6 +775,10 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     for _, m in lora_layers(model):  # the layers whose live factors this load writes (switches and the active adapter)
         if activate or m.active_adapter == adapter_name:
             m._check_plain_factors(f"{cfg_file}: adapter {adapter_name!r}")
+    if activate and ddp is not None and not _hotswap:  # (its activation is a switch: trainable, DDP cannot follow it;
+        # let through, the next forward refused, and the switch back was refused as giving other Parameters, h7)
+        _check_ddp_switch(ddp, lora_layers(model), adapter_name, None, saved=False,
+                          what=f"load_peft_adapter({adapter_name!r}, activate=True)")
     uncovered = [n for n, _ in held if n not in chosen and not _hotswap]
     uncovered += [n for n, w in _saved.wrappers(model) if adapter_name in w.adapter_names
                   and n not in {name for name, _ in to_save} and n not in token_names]
