@@ -46,6 +46,25 @@ def _layer_bias(module):
     return ("bias", bias) if isinstance(bias, nn.Parameter) else None
 
 
+def note_bias(layer, mode: str) -> None:
+    """Notes on a LoRA layer what mark_only_lora_as_trainable said of its bias (`mode`, or "inject": inject leaves the
+    bias as it was) and the bias's version now: save_peft_adapter, whose file holds no biases, names the biases that
+    train by mode or that were written since (an optimizer over every parameter that requires grad trains the bias
+    inject leaves trainable, r7), not those that only require grad (r6: lora-ext demo trains the factors alone)."""
+    own = _layer_bias(layer)
+    layer.__dict__["_bias_trains"] = (mode, None if own is None else (id(own[1]), getattr(own[1], "_version", None)))
+
+
+def trained_bias(layer) -> bool:
+    """Whether `layer`'s own bias trains (note_bias): it requires grad, and mark_only_lora_as_trainable's bias= made it
+    trainable, or it was written since the layer was injected or marked (or nothing was noted)."""
+    own = _layer_bias(layer)
+    if own is None or not own[1].requires_grad:
+        return False
+    mode, baseline = layer.__dict__.get("_bias_trains", (None, None))
+    return mode in ("lora_only", "all") or baseline != (id(own[1]), getattr(own[1], "_version", None))
+
+
 def _is_bias(name):
     """Whether a parameter is a bias for bias='all': its own name says so (bias, nn.MultiheadAttention's
     in_proj_bias, bias_k and bias_v, as loralib's rule picks them), whatever its modules are named."""
@@ -100,7 +119,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
         p.requires_grad = trained
     for _, m in _lora_layers(model):  # the model frozen: unload gives the base weights back frozen (peft's unload)
         m.__dict__["_base_requires_grad"] = False
-        m.__dict__["_bias_trains"] = bias  # (save_peft_adapter names the biases this trains, which its file leaves out)
+        note_bias(m, bias)  # (save_peft_adapter names the biases this trains, which its file leaves out)
     from .serving.saved_modules import ModulesToSave
     for module in model.modules():  # adapters train: a switch puts the next adapter's copy (or rows) in training
         if isinstance(module, ModulesToSave):

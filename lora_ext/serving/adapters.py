@@ -511,7 +511,9 @@ def model_lock(model: nn.Module) -> ModelLock:
     for m in reversed(list(_wrapped(model))):  # the model inside first: it holds the lock the wrappers share
         if lock is None:
             lock = m.__dict__.get("_lora_ext_model_lock") or ModelLock()
-        if m.__dict__.get("_lora_ext_model_lock") is None:
+        # (not nn.DataParallel's: its forward runs the replicas on worker threads, which take their reads through the
+        # inner model's hooks they copy; a read held around them made a switch queued meanwhile deadlock, r7)
+        if m.__dict__.get("_lora_ext_model_lock") is None and not isinstance(m, nn.DataParallel):
             m.register_forward_pre_hook(_read_before)
             m.register_forward_hook(_read_after, always_call=True)
         m.__dict__["_lora_ext_model_lock"] = lock

@@ -33,6 +33,7 @@ from .. import layers, ops, sharded, ties
 from ..layers import LoRALayer
 from ..lossless import RECORD_DTYPES
 from ..named_adapters import deferred_interrupt, each_or_none
+from ..utils import note_bias
 from .saved_modules import ModulesToSave, keeps_lora_off, wrappers
 
 _CONVS = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
@@ -898,6 +899,7 @@ def install(model, name, module, layer, scaling, owners, adapter_name="default",
         layer.add_adapter(adapter_name, *factors, scaling)
     # The mode only: the layer starts unmerged and merges at the next eval(), as loralib's layers do.
     nn.Module.train(layer, module.training)
+    note_bias(layer, "inject")  # (its bias as inject leaves it: save_peft_adapter names it if it trains)
     _set_submodule(model, name, layer)
     # tied: the names of other modules holding the weight; a name that now leads to the layer itself is the layer
     # reached through another name of a parent (m.decoder = m.model), not a tie

@@ -22,7 +22,7 @@ import torch.nn as nn
 from .. import ddp_guard, layers, ops, sharded
 from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_adapter_name, deferred_interrupt, held_warnings
-from ..utils import _ddp_of, _layer_bias, unwrap
+from ..utils import _ddp_of, _is_bias, _layer_bias, trained_bias, unwrap
 from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
 from . import saved_modules as _saved
@@ -1249,20 +1249,20 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     r, alpha = ranks[first], alphas[first]
     # peft holds one lora_dropout per adapter: layers that train this one with others are named
     dropout = dropouts[min(dropouts)] if dropouts else 0.0
-    # biases trained beside the factors (mark_only_lora_as_trainable(bias="lora_only" / "all"): the weight frozen, the
-    # bias not) are the layer's own, not the adapter's; a peft file of lora_ext holds none (bias: "none"), so a save
-    # left them out without a word, and the reload served 8.9e-4 off (h5)
-    # (those mark_only_lora_as_trainable made trainable: inject leaves a bias's flag as it was, r6)
-    modes = {n: m.__dict__.get("_bias_trains", "none") for n, m in found}
-    trained_biases = [n for n, m in found if modes[n] != "none" and (own := _layer_bias(m)) is not None
-                      and own[1].requires_grad]
+    # biases trained beside the factors are the layer's own, not the adapter's; a peft file of lora_ext holds none
+    # (bias: "none"), so a save left them out without a word, and the reload served 8.9e-4 off (h5): named where
+    # mark_only_lora_as_trainable's bias= trains them or they were written since (utils.trained_bias); with bias='all'
+    # the other modules' trainable biases too (r7: layers without biases of their own named none, 0.245 off)
+    trained_biases = [f"{n}.{_layer_bias(m)[0]}" for n, m in found if trained_bias(m)]
+    if any(m.__dict__.get("_bias_trains", ("",))[0] == "all" for _, m in found):
+        own = {id(_layer_bias(m)[1]) for _, m in found if _layer_bias(m) is not None}
+        trained_biases += [n for n, p in inner.named_parameters()
+                           if p.requires_grad and _is_bias(n) and id(p) not in own]
     if trained_biases:
-        also = (" (with bias='all', the other modules' biases too)" if "all" in {modes[n] for n in trained_biases}
-                else "")
-        warnings.warn(f"save: the biases of {_names(trained_biases)} train (mark_only_lora_as_trainable's bias=) and "
-                      f"are not saved{also}: a peft adapter file of lora_ext holds the factors only (bias: 'none'); "
-                      f"keep them with lora.lora_state_dict(model, bias=...) and load that after the adapter",
-                      stacklevel=2)
+        warnings.warn(f"save: the biases {_names(trained_biases)} train and are not saved: a peft adapter file of "
+                      f"lora_ext holds the factors only (bias: 'none'); keep them with lora.lora_state_dict(model, "
+                      f"bias=...) and load that after the adapter, or freeze them (mark_only_lora_as_trainable(model) "
+                      f"does)", stacklevel=2)
     if len(set(dropouts.values())) > 1:
         warnings.warn(f"save: the layers of adapter {adapter!r} train with different lora_dropout "
                       f"({', '.join(f'{n}: {p}' for n, p in sorted(dropouts.items()))}); peft's config holds one: "
