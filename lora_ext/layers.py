@@ -631,31 +631,34 @@ _CHECKPOINT_AFTER = ("Zero the gradients (optimizer.zero_grad()) before the next
                      "finished hold theirs in .grad")
 
 
-def _checkpoint_check(layer) -> bool:
+def checkpoint_check(owner) -> bool:
     """Under torch.utils.checkpoint (non-reentrant), with gradients on: in the checkpointed forward, notes in the
-    checkpoint's frame what the layer serves (True: a hook on the output checks it again in the backward); in the
-    recomputation the backward makes, refuses (before any gradient of the checkpointed region is computed) if the
-    layer serves something else now than at the forward it recomputes: the recomputation would serve the other
-    state, and a switch's would put the other adapter's gradients on the first one's Parameters (100.2 off), or
-    a trainable module after a frozen adapter get the gradients of the other adapter's outputs (5.5 off, r6)."""
+    checkpoint's frame what `owner` (a LoRA layer, a module saved whole) serves (`owner._served_state()`; True: the
+    caller may check it again in the backward); in the recomputation the backward makes, refuses
+    (`owner._recomputed_refusal(was, now)`) before any gradient of the checkpointed region is computed, if it serves
+    something else now than at the forward it recomputes: the recomputation would serve the other state, and a
+    switch's would put the other adapter's gradients on the first one's Parameters (100.2 off, h5), or a trainable
+    module after a frozen adapter get the gradients of the other adapter's outputs (5.5 off, r6). Each owner's calls
+    are counted apart (a recomputation calls each as the forward did, in order, and stops early where no more is
+    needed)."""
     phase = _checkpoint_phase()
     if phase is None:
         return False
     if phase[0] == "forward":
         frame = phase[1]
         if frame is not None:
-            frame.__dict__.setdefault("_lora_ext_served", []).append((layer, layer._served_state()))
+            frame.__dict__.setdefault("_lora_ext_served", {}).setdefault(id(owner), []).append(owner._served_state())
         return True
     _, frame, gid = phase
-    served = frame.__dict__.get("_lora_ext_served")
-    if served is None:  # (the forward ran before lora_ext's import, or under another hook)
+    noted = frame.__dict__.get("_lora_ext_served", {}).get(id(owner))
+    if noted is None:  # (its forward ran before lora_ext's import, or under another hook)
         return False
     counts = frame.__dict__.setdefault("_lora_ext_recomputed", {})
-    i = counts[gid] = counts.get(gid, -1) + 1  # (the recomputation calls the layers in the forward's order)
-    if i < len(served) and served[i][0] is layer:
-        now = layer._served_state()
-        if now != served[i][1]:
-            raise _changed_refusal(layer, served[i][1], now, _CHECKPOINT_AGAIN, _CHECKPOINT_AFTER)
+    i = counts[gid, id(owner)] = counts.get((gid, id(owner)), -1) + 1
+    if i < len(noted):
+        now = owner._served_state()
+        if now != noted[i]:
+            raise owner._recomputed_refusal(noted[i], now)
     return False
 
 
@@ -1111,7 +1114,7 @@ class LoRALayer(NamedAdapters):
             if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
                 batched.refuse_in_program(self._describe())
                 return served.forward(self, x)
-            checkpointed = torch.is_grad_enabled() and not torch.compiler.is_compiling() and _checkpoint_check(self)
+            checkpointed = torch.is_grad_enabled() and not torch.compiler.is_compiling() and checkpoint_check(self)
             if self._adapter_disabled:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
                 return self._checked_in_backward(self._weight_forward(x), checkpointed)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_or_none()):
@@ -1134,6 +1137,9 @@ class LoRALayer(NamedAdapters):
             if why is not None:
                 out.register_hook(_same_adapter_in_backward(self, self._served_state(), why))
         return out
+
+    def _recomputed_refusal(self, was: tuple, now: tuple) -> RuntimeError:
+        return _changed_refusal(self, was, now, _CHECKPOINT_AGAIN, _CHECKPOINT_AFTER)
 
     def _served_state(self) -> tuple:
         """What a forward computed with, as far as a backward that computes it again needs it unchanged

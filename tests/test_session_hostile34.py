@@ -503,3 +503,69 @@ def test_a_switch_queued_during_a_dataparallel_forward_on_replica_threads_does_n
     for t in threads:
         t.join(30)
     assert "y" in done and done.get("switched") and net[0].active_adapter == "b"
+
+
+# (r7: a module saved whole checkpointed alone (per-module checkpointing) was not checked: a switch between forward
+# and backward served b's copy in the recomputation, and the gradient into the modules before it was 2.87 off)
+@pytest.mark.parametrize("switch_to", ["b", "c", None])
+def test_a_module_saved_whole_checkpointed_alone_is_checked_as_it_recomputes(switch_to):
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    lora.inject(net, ["0"], r=2)
+    for name in ("b", "c"):
+        net[0].add_adapter(name, torch.randn_like(net[0].lora_A), torch.randn_like(net[0].lora_B), 2.0)
+    wrapper = lora.ModulesToSave(net[2])
+    net[2] = wrapper
+    wrapper.add("default", copy.deepcopy(wrapper.original_module))
+    other = copy.deepcopy(wrapper.original_module)
+    torch.nn.init.normal_(other.weight)
+    wrapper.add("b", other)  # ('c' has no copy: the original, as for the base)
+    lora.set_adapter(net, "default")
+    lora.mark_only_lora_as_trainable(net)
+    net.train()
+    copy_d = wrapper.modules_to_save["default"]
+    x = torch.randn(4, 6, dtype=torch.float64)
+    h = torch.tanh(x @ net[0].weight.T + net[0].bias).detach().requires_grad_(True)
+    W = copy_d.weight.detach().clone().requires_grad_(True)
+    (h @ W.T + copy_d.bias.detach()).pow(2).sum().backward()  # float64 by hand: default's copy
+    want_h, want_W = h.grad.clone(), W.grad.clone()
+    h.grad = None
+    y = checkpoint(wrapper, h, use_reentrant=False)
+    if switch_to is not None:
+        lora.set_adapter(net, switch_to)
+        with pytest.raises(RuntimeError, match=r"ModulesToSave\(Linear\), which is saved whole \(modules_to_save\): "
+                                               r"its forward under torch.utils.checkpoint served adapter 'default''s "
+                                               r"module, and as the backward computes that forward again it serves "
+                                               + ("adapter 'b''s module" if switch_to == "b" else "the original")):
+            y.pow(2).sum().backward()
+        assert h.grad is None and copy_d.weight.grad is None
+        return
+    y.pow(2).sum().backward()
+    assert (h.grad - want_h).abs().max() < 1e-12 and (copy_d.weight.grad - want_W).abs().max() < 1e-12
+
+
+def test_a_switch_between_adapters_without_copies_of_a_checkpointed_saved_module_is_let_through():
+    # (the module that computes is compared: two adapters without a copy of it both serve the original)
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+    lora.inject(net, ["0"], r=2)
+    for name in ("b", "c"):
+        net[0].add_adapter(name, torch.randn_like(net[0].lora_A), torch.randn_like(net[0].lora_B), 2.0)
+    wrapper = lora.ModulesToSave(net[2])
+    net[2] = wrapper
+    wrapper.add("default", copy.deepcopy(wrapper.original_module))
+    lora.set_adapter(net, "b")
+    lin = wrapper.original_module
+    h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = checkpoint(wrapper, h, use_reentrant=False)
+    lora.set_adapter(net, "c")
+    y.pow(2).sum().backward()
+    with torch.no_grad():
+        want = 2 * (h @ lin.weight.T + lin.bias) @ lin.weight  # d(sum(y^2))/dh by hand
+    assert (h.grad - want).abs().max() < 1e-12

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import batched, sharded
-from ..layers import LoRALayer
+from ..layers import LoRALayer, checkpoint_check
 
 # modules that compute each token alone: a token layout's leading dimensions may be flattened for them
 _TOKENWISE = (nn.Linear,)
@@ -70,9 +70,28 @@ class ModulesToSave(nn.Module):
         if served is not None and not served.batch.closed:
             batched.refuse_in_program(f"ModulesToSave({type(self._modules['original_module']).__name__})")
             return served.forward(self, args, kwargs)
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (a checkpoint's recomputation: r7)
+            checkpoint_check(self)
         if self._adapter_disabled:  # lora.disable_adapter: the model's own module, as peft's
             return self._modules["original_module"](*args, **kwargs)
         return self.served()(*args, **kwargs)
+
+    def _served_state(self) -> nn.Module:
+        """The module that computes (the active adapter's copy or rows; the original inside lora.disable_adapter, or
+        for an adapter without one), as far as a checkpoint's recomputation needs it unchanged
+        (layers.checkpoint_check)."""
+        return self._modules["original_module"] if self._adapter_disabled else self.served()
+
+    def _recomputed_refusal(self, was: nn.Module, now: nn.Module) -> RuntimeError:
+        def served(module):
+            name = next((n for n, m in self._modules["modules_to_save"]._modules.items() if m is module), None)
+            return "the original module" if name is None else f"adapter {name!r}'s module"
+        return RuntimeError(
+            f"{type(self).__name__}({type(self._modules['original_module']).__name__}), which {self.what()}: its "
+            f"forward under torch.utils.checkpoint served {served(was)}, and as the backward computes that forward "
+            f"again it serves {served(now)}, which would compute the gradients of other values; run the backward "
+            f"before switching, or switch back before it. Zero the gradients (optimizer.zero_grad()) before the next "
+            f"step: the modules the backward had finished hold theirs in .grad")
 
     def __getattr__(self, name: str):
         try:
