@@ -3,6 +3,7 @@ import collections
 import contextlib
 import warnings
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -47,22 +48,33 @@ def _layer_bias(module):
 
 
 def note_bias(layer, mode: str) -> None:
-    """Notes on a LoRA layer what mark_only_lora_as_trainable said of its bias (`mode`, or "inject": inject leaves the
-    bias as it was) and the bias's version now: save_peft_adapter, whose file holds no biases, names the biases that
-    train by mode or that were written since (an optimizer over every parameter that requires grad trains the bias
-    inject leaves trainable, r7), not those that only require grad (r6: lora-ext demo trains the factors alone)."""
+    """Notes on a LoRA layer what mark_only_lora_as_trainable said of its bias (`mode`), or, at inject (mode "inject":
+    inject leaves the bias as it was), a copy of its values: save_peft_adapter, whose file holds no biases, names
+    the biases that train by mode or whose values changed since inject (an optimizer over every parameter that
+    requires grad trains the bias inject leaves trainable, r7; frozen again before the save, r8), not those that
+    only require grad (r6: lora-ext demo trains the factors alone), nor those copied, pickled or sharded since."""
+    if mode != "inject":
+        layer.__dict__["_bias_mode"] = mode
+        return
     own = _layer_bias(layer)
-    layer.__dict__["_bias_trains"] = (mode, None if own is None else (id(own[1]), getattr(own[1], "_version", None)))
+    if own is not None and not own[1].is_meta and not sharded.is_dtensor(own[1]):
+        layer.__dict__["_bias_at_inject"] = own[1].detach().clone()
 
 
 def trained_bias(layer) -> bool:
-    """Whether `layer`'s own bias trains (note_bias): it requires grad, and mark_only_lora_as_trainable's bias= made it
-    trainable, or it was written since the layer was injected or marked (or nothing was noted)."""
+    """Whether `layer`'s own bias trains (note_bias): mark_only_lora_as_trainable's bias= made it trainable (and it
+    requires grad still), or its values differ from those it had at inject."""
     own = _layer_bias(layer)
-    if own is None or not own[1].requires_grad:
+    if own is None:
         return False
-    mode, baseline = layer.__dict__.get("_bias_trains", (None, None))
-    return mode in ("lora_only", "all") or baseline != (id(own[1]), getattr(own[1], "_version", None))
+    bias = own[1]
+    if bias.requires_grad and layer.__dict__.get("_bias_mode") in ("lora_only", "all"):
+        return True
+    before = layer.__dict__.get("_bias_at_inject")
+    if before is None or bias.is_meta or before.shape != bias.shape:
+        return False
+    now = sharded.full(bias.detach()) if sharded.is_dtensor(bias) else bias.detach()
+    return not torch.equal(before.to(device=now.device, dtype=now.dtype), now)
 
 
 def _is_bias(name):

@@ -195,18 +195,23 @@ def test_a_checkpointed_forward_with_no_change_or_a_switch_back_trains_exactly(k
     ("inject only", False, []),
     ("inject only", True, ["0.bias", "2.conv.bias"]),
     ("none, then one bias by hand", True, ["0.bias"]),
+    ("inject only, trained, frozen again", True, ["0.bias", "2.conv.bias"]),  # (r8: a frozen bias was not named)
+    ("inject only, copied", False, []),  # (r8: a deepcopy's bias, another tensor, was named)
 ])
 def test_a_save_says_that_trained_biases_are_not_in_the_adapter_file(tmp_path, bias, trained, named):
+    import copy
     import warnings
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Conv1d(8, 4, 1), torch.nn.Linear(4, 4))
     lora.inject(net, ["0", "2"], r=2)
+    if bias.endswith("copied"):
+        net = copy.deepcopy(net)
     if bias.startswith("none"):
         lora.mark_only_lora_as_trainable(net)
         if bias.endswith("by hand"):
             net[0].bias.requires_grad_(True)
-    elif bias != "inject only":
+    elif not bias.startswith("inject only"):
         lora.mark_only_lora_as_trainable(net, bias=bias)
     else:
         assert net[0].bias.requires_grad and not net[0].weight.requires_grad
@@ -214,6 +219,8 @@ def test_a_save_says_that_trained_biases_are_not_in_the_adapter_file(tmp_path, b
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
         net[3](net[2](net[1](net[0](torch.randn(2, 8))).unsqueeze(-1)).squeeze(-1)).sum().backward()
         opt.step()
+    if bias.endswith("frozen again"):
+        lora.mark_only_lora_as_trainable(net)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         lora.save_peft_adapter(net, str(tmp_path / "a"))
@@ -221,7 +228,7 @@ def test_a_save_says_that_trained_biases_are_not_in_the_adapter_file(tmp_path, b
     if not named:
         assert said == []
     else:
-        assert len(said) == 1 and f"save: the biases {', '.join(map(repr, named))} train" in said[0], said
+        assert len(said) == 1 and f"save: the biases {', '.join(map(repr, named))} are trained" in said[0], said
         assert "lora_state_dict" in said[0]
 
 

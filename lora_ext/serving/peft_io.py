@@ -1254,12 +1254,13 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # mark_only_lora_as_trainable's bias= trains them or they were written since (utils.trained_bias); with bias='all'
     # the other modules' trainable biases too (r7: layers without biases of their own named none, 0.245 off)
     trained_biases = [f"{n}.{_layer_bias(m)[0]}" for n, m in found if trained_bias(m)]
-    if any(m.__dict__.get("_bias_trains", ("",))[0] == "all" for _, m in found):
+    if any(m.__dict__.get("_bias_mode") == "all" for _, m in found):
         own = {id(_layer_bias(m)[1]) for _, m in found if _layer_bias(m) is not None}
         trained_biases += [n for n, p in inner.named_parameters()
                            if p.requires_grad and _is_bias(n) and id(p) not in own]
     if trained_biases:
-        warnings.warn(f"save: the biases {_names(trained_biases)} train and are not saved: a peft adapter file of "
+        warnings.warn(f"save: the biases {_names(trained_biases)} are trained (mark_only_lora_as_trainable's bias=, or "
+                      f"their values changed since inject) and are not saved: a peft adapter file of "
                       f"lora_ext holds the factors only (bias: 'none'); keep them with lora.lora_state_dict(model, "
                       f"bias=...) and load that after the adapter, or freeze them (mark_only_lora_as_trainable(model) "
                       f"does)", stacklevel=2)
