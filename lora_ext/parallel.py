@@ -331,6 +331,15 @@ def _blocks(layer):
     return [(0, 0, out)]
 
 
+def _factor(factor, **kwargs) -> torch.Tensor:
+    """A factor's local shard for a forward: a copy where gradients are recorded, which the backward reads (a switch
+    between the forward and its backward writes the live shards in place: a switch away and back, a reference
+    adapter's forward between the two, was refused by torch naming no layer, where one process is exact, r8; a switch
+    that stays is refused by the layer's own check, naming it)."""
+    local = factor.to_local(**kwargs)
+    return local.clone() if torch.is_grad_enabled() else local
+
+
 def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
     """A tensor-parallel layer's forward on the local shards (layer.__dict__["_tp"] set by a style)."""
     spec = layer.__dict__["_tp"]
@@ -352,8 +361,8 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
         y = F.embedding(x, w, layer.padding_idx, layer.max_norm, layer.norm_type, layer.scale_grad_by_freq,
                         layer.sparse)
         if lora_on:  # (the factors in the table's dtype, scale_grad_by_freq on lora_A's lookup: as in one process)
-            A = layer.lora_A.to_local(grad_placements=[Partial()])
-            B = layer.lora_B.to_local(grad_placements=[Partial()])
+            A = _factor(layer.lora_A, grad_placements=[Partial()])
+            B = _factor(layer.lora_B, grad_placements=[Partial()])
             t = F.embedding(x, A.t(), layer.padding_idx, None, 2.0, layer.scale_grad_by_freq)
             t, b = _low(y, t, B[spec.lo:spec.hi], autocast=False)  # (a lookup is not autocast: as one process)
             with _no_autocast(y):
@@ -367,8 +376,8 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
         bias = None if layer.bias is None else layer.bias.to_local(grad_placements=[Partial()])[spec.lo:spec.hi]
         y = F.linear(x, wl, bias)
         if lora_on:
-            A = layer.lora_A.to_local(grad_placements=[Partial()])
-            B = layer.lora_B.to_local(grad_placements=[Partial()])
+            A = _factor(layer.lora_A, grad_placements=[Partial()])
+            B = _factor(layer.lora_B, grad_placements=[Partial()])
             xl = layer.lora_dropout(x)
             r = A.shape[0] // len(_blocks(layer))
             for j, e, nb in _blocks(layer):
@@ -391,8 +400,8 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
     if layer.bias is not None:
         y = y + layer.bias.to_local().to(y.dtype)  # (under autocast y is in autocast's dtype, as F.linear's)
     if lora_on:
-        A = layer.lora_A.to_local(grad_placements=[Partial()])
-        B = layer.lora_B.to_local()
+        A = _factor(layer.lora_A, grad_placements=[Partial()])
+        B = _factor(layer.lora_B)
         xl = _dropout_slice(layer, x, spec)
         blocks = _blocks(layer)
         r = A.shape[0] // len(blocks)
@@ -422,8 +431,8 @@ def _strided_forward(layer, spec, x, wl, s, lora_on):
     y = F.linear(x, wl, bias)
     if not lora_on:
         return y
-    A = layer.lora_A.to_local(grad_placements=[Partial()])
-    B = layer.lora_B.to_local(grad_placements=[Partial()])
+    A = _factor(layer.lora_A, grad_placements=[Partial()])
+    B = _factor(layer.lora_B, grad_placements=[Partial()])
     xl = layer.lora_dropout(x)
     r = A.shape[0] // len(ids)
     parts = [y[..., e * nbl:(e + 1) * nbl] for e in range(nb)]
