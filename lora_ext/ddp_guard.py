@@ -17,19 +17,40 @@ one of them at a time. A forward that a BaseException ends (Ctrl-C) skips the po
 always_call hooks for Exception only): its entry goes when a DDP forward next enters on that thread outside any
 other, or when a layer runs with the attribute unset and the stack walk shows that forward is over.
 
-What DDP synchronises: the Parameters in `ddp._module_parameters` that require grad the first time the guard
-sees that DDP (DDP's reducer took those that required grad at construction and keeps no list of them: when
-their number, in DDP's logging data, differs from the number now, every trainable LoRA layer in its forward is
-refused), those of `delay_all_reduce_named_params`, and those marked `_ddp_ignored` (the user's own business).
-Not seen: forwards traced by torch.compile (the guard does not run there); a set of trainable Parameters
-changed after the wrap to another of the same number.
+What DDP synchronises: the Parameters its reducer took at construction, noted as DDP builds them
+(`_build_params_for_reducer`, wrapped once at import: DDP keeps no list of them), those of
+`delay_all_reduce_named_params`, and those marked `_ddp_ignored` (the user's own business). For a DDP built before
+lora_ext's import (or a torch without that method): the Parameters in `ddp._module_parameters` that require grad
+the first time the guard sees that DDP (when their number, in DDP's logging data, differs from the number of the
+construction, every trainable LoRA layer in its forward is refused; a set changed after the wrap to another of the
+same number is not seen there, r8: the ranks trained apart, 2.56e4 off). Not seen: forwards traced by
+torch.compile (the guard does not run there).
 """
+import functools
 import sys
 import threading
 import weakref
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
+
+def _noting_reducer_params(build):
+    """DDP's `_build_params_for_reducer`, noting on the DDP the ids of the Parameters it gives the reducer."""
+    @functools.wraps(build)
+    def built(self, *args, **kwargs):
+        out = build(self, *args, **kwargs)
+        try:
+            self.__dict__["_lora_ext_reducer_params"] = (id(self), frozenset(id(p) for p in out[0]))
+        except Exception:  # noqa: BLE001 - another torch's return: the guard falls back to the flags (above)
+            pass
+        return out
+    built._lora_ext_notes = True
+    return built
+
+
+_BUILD = getattr(DistributedDataParallel, "_build_params_for_reducer", None)
+if callable(_BUILD) and not getattr(_BUILD, "_lora_ext_notes", False):
+    DistributedDataParallel._build_params_for_reducer = _noting_reducer_params(_BUILD)
 
 _LOCAL = threading.local()  # .stack: the hooked DDPs whose forwards run on this thread, innermost last
 _HOOKED: "weakref.WeakSet" = weakref.WeakSet()
@@ -127,6 +148,10 @@ def synchronised(ddp):
     """(ids of the Parameters ddp synchronises, or None when this torch's DDP does not say; (how many Parameters
     its reducer took at construction, how many require grad now) when they differ). Kept per DDP once the two
     agree (the flags then are taken for the flags at construction); computed again at each call until then."""
+    noted = ddp.__dict__.get("_lora_ext_reducer_params")
+    if noted is not None and noted[0] == id(ddp):  # (not a copy's: deepcopy, pickle, whose Parameters are others)
+        delayed = getattr(ddp, "_delay_all_reduce_params", [])
+        return noted[1] | frozenset(id(p) for p in delayed), None
     known = ddp.__dict__.get("_lora_ext_synchronised")
     if known is not None and known[0] != id(ddp):  # a copy's (deepcopy, pickle): its Parameters are others
         known = None
