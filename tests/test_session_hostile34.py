@@ -615,3 +615,36 @@ def test_ddp_refuses_factors_it_does_not_synchronise_even_as_many_as_it_took():
     from dist import run_ranks
     for refusal in run_ranks(_ddp_flags_swapped):
         assert refusal is not None and "trainable factors that DDP does not synchronise" in refusal, refusal
+
+
+# (h8: svd_clamp without svd_rank took every direction up to the sum of the ranks: where the update's rank is lower
+# (an adapter combined with a copy of itself, a weight of 0), directions of rounding noise, arbitrary unit vectors,
+# weighed in the clamp's quantile: 0.284 off peft, and a weight 1 ulp away moved the result by 0.0165)
+def test_svd_clamp_without_svd_rank_keeps_the_update_s_own_directions(tmp_path):
+    import math
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from tiny_models import llama
+    source = get_peft_model(llama(0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_lora(source)
+    source.save_pretrained(str(tmp_path / "a"))
+    path = str(tmp_path / "a")
+
+    def ours(weights):
+        model = llama(0).double()
+        lora.load_peft_adapter(model, path, "a", activate=False)
+        lora.load_peft_adapter(model, path, "a2", activate=False)
+        lora.add_weighted_adapter(model, ["a", "a2"], weights, "w", combination_type="svd", svd_clamp=0.9)
+        layer = model.model.layers[0].self_attn.q_proj
+        A, B, s = layer.get_adapter("w")
+        return (s * B @ A).detach()
+
+    peft_model = PeftModel.from_pretrained(llama(0).double(), path, adapter_name="a")
+    peft_model.load_adapter(path, adapter_name="a2")
+    peft_model.add_weighted_adapter(["a", "a2"], [0.6, 0.4], "w", combination_type="svd", svd_clamp=0.9)
+    q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    theirs = (q.scaling["w"] * q.lora_B["w"].weight @ q.lora_A["w"].weight).detach()
+    mine = ours([0.6, 0.4])
+    assert (mine - theirs).abs().max() < 1e-6 * theirs.abs().max()
+    assert (ours([0.6, math.nextafter(0.4, 1)]) - mine).abs().max() < 1e-12

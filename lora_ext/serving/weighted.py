@@ -160,10 +160,11 @@ def _overflow(where: str, dtype) -> ValueError:
 
 
 def _svd(layer, parts, weights, rank: int, where: str, combination="svd", density=None, sign_method="total",
-         clamp=None, driver=None) -> Tuple[Tensor, Tensor]:
+         clamp=None, driver=None, exact_rank=False) -> Tuple[Tensor, Tensor]:
     """Each block's weighted update (sum_i w_i s_i B_i A_j; the _svd combinations prune and combine the updates
-    s_i B_i A_i, see _combine), truncated to the new rank by its SVD (lora_B = U S, lora_A = Vh); with `clamp`,
-    both clamped to the clamp quantile of their values' distribution, as peft's svd_clamp."""
+    s_i B_i A_i, see _combine), truncated to the new rank by its SVD (lora_B = U S, lora_A = Vh; `exact_rank`: at
+    most the update's numerical rank, the rows past it zeros); with `clamp`, both clamped to the clamp quantile of
+    their values' distribution, as peft's svd_clamp."""
     dtype = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32  # (peft: the factors' dtype)
     blocks = [_split(layer, A.to(dtype), B.to(dtype)) for A, B, _ in parts]
     (a_shape, b_shape) = layer.factor_shapes(rank)
@@ -187,6 +188,10 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
         # otherwise every direction up to the rank, as peft keeps them (a rank past the update's weighs
         # directions of singular values near 0 in svd_clamp's quantile, there as here)
         k = min(q, S.shape[0]) if S.numel() and float(S[0]) > 0 else 0
+        if k and exact_rank:  # no svd_rank: the update's own (numerical) rank, without directions of rounding noise
+            # (whose arbitrary unit vectors weighed in svd_clamp's quantile: the same adapter twice, or a weight of 0,
+            # clamped by an amount the noise chose, 0.284 off peft, and 1 ulp of a weight moved it by 0.0165, h8)
+            k = min(k, int((S > S[0] * max(update.shape) * torch.finfo(S.dtype).eps).sum()))
         B_k, A_k = U[:, :k] * S[:k], Vh[:k]
         if not (bool(torch.isfinite(B_k).all()) and bool(torch.isfinite(A_k).all())):
             raise _overflow(where, update.dtype)
@@ -353,7 +358,7 @@ def plan(model: nn.Module, found, adapters: Sequence[str], weights: Sequence[flo
         else:  # the exact update's rank without svd_rank (see the module's docstring); never past the shape's
             rank = sum(m.rank_of(A) for A, _, _ in parts) if svd_rank is None else svd_rank
             A_new, B_new = _svd(m, parts, w, min(rank, _max_rank(m)), where, combination_type, density, sign_method,
-                                None if svd_clamp is None else float(svd_clamp), svd_driver)
+                                None if svd_clamp is None else float(svd_clamp), svd_driver, svd_rank is None)
         dtype = m.lora_A.dtype
         A_new, B_new = A_new.to(dtype), B_new.to(dtype)
         if m.reserved_rank is not None and m.rank_of(A_new) > m.reserved_rank:
