@@ -520,13 +520,10 @@ def test_a_switch_queued_during_a_dataparallel_forward_on_replica_threads_does_n
     assert "y" in done and done.get("switched") and net[0].active_adapter == "b"
 
 
-# (r7: a module saved whole checkpointed alone (per-module checkpointing) was not checked: a switch between forward
-# and backward served b's copy in the recomputation, and the gradient into the modules before it was 2.87 off)
-@pytest.mark.parametrize("switch_to", ["b", "c", None])
-def test_a_module_saved_whole_checkpointed_alone_is_checked_as_it_recomputes(switch_to):
+def _net_with_a_saved_head():
+    """(a Linear with LoRA adapters default, b, c, then Tanh and a Linear saved whole, with default's copy; its
+    wrapper)."""
     import copy
-
-    from torch.utils.checkpoint import checkpoint
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
     lora.inject(net, ["0"], r=2)
@@ -535,6 +532,17 @@ def test_a_module_saved_whole_checkpointed_alone_is_checked_as_it_recomputes(swi
     wrapper = lora.ModulesToSave(net[2])
     net[2] = wrapper
     wrapper.add("default", copy.deepcopy(wrapper.original_module))
+    return net, wrapper
+
+
+# (r7: a module saved whole checkpointed alone (per-module checkpointing) was not checked: a switch between forward
+# and backward served b's copy in the recomputation, and the gradient into the modules before it was 2.87 off)
+@pytest.mark.parametrize("switch_to", ["b", "c", None])
+def test_a_module_saved_whole_checkpointed_alone_is_checked_as_it_recomputes(switch_to):
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+    net, wrapper = _net_with_a_saved_head()
     other = copy.deepcopy(wrapper.original_module)
     torch.nn.init.normal_(other.weight)
     wrapper.add("b", other)  # ('c' has no copy: the original, as for the base)
@@ -564,17 +572,8 @@ def test_a_module_saved_whole_checkpointed_alone_is_checked_as_it_recomputes(swi
 
 def test_a_switch_between_adapters_without_copies_of_a_checkpointed_saved_module_is_let_through():
     # (the module that computes is compared: two adapters without a copy of it both serve the original)
-    import copy
-
     from torch.utils.checkpoint import checkpoint
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
-    lora.inject(net, ["0"], r=2)
-    for name in ("b", "c"):
-        net[0].add_adapter(name, torch.randn_like(net[0].lora_A), torch.randn_like(net[0].lora_B), 2.0)
-    wrapper = lora.ModulesToSave(net[2])
-    net[2] = wrapper
-    wrapper.add("default", copy.deepcopy(wrapper.original_module))
+    net, wrapper = _net_with_a_saved_head()
     lora.set_adapter(net, "b")
     lin = wrapper.original_module
     h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
