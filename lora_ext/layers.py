@@ -668,7 +668,7 @@ def _same_adapter_in_backward(layer, state, why: str):
     left a disable_adapter block, since that forward. FSDP2 gathers the weight and factors again for the backward
     (the forward's copies are freed), so such a write between the two gave the gradients of other values, silently
     (a validation eval() between forward and backward: 0.81 off; a switch: 22.6 off, s6); torch.utils.checkpoint's
-    recomputation is checked as it runs (_checkpoint_check), and here again where the output needs a gradient.
+    recomputation is checked as it runs (checkpoint_check), and here again where the output needs a gradient.
     Elsewhere one process's saved tensors keep their values or torch's version counter refuses. A switch away and
     back (a reference adapter's forward between the two) computes the same values, and is allowed. (A tensor hook,
     not an autograd Function: its output would be a view, which an in-place write of the output may not change.)"""
@@ -1128,7 +1128,7 @@ class LoRALayer(NamedAdapters):
         """`out`, the forward's output, with a hook that refuses its backward if what the layer serves changed since
         (_same_adapter_in_backward), where the backward computes with the layer's values again: under FSDP2 (which
         gathers the weight and factors again), in torch.utils.checkpoint's non-reentrant forward (`checkpointed`:
-        which _checkpoint_check also checks as it recomputes), and under tensor parallel (`tp`: a switch writes the
+        which checkpoint_check also checks as it recomputes), and under tensor parallel (`tp`: a switch writes the
         live sharded factors the backward reads, which torch refused naming no layer, h7). Elsewhere the saved
         tensors keep their values, and a switch before the backward is exact."""
         if torch.is_grad_enabled() and not torch.compiler.is_compiling() and out.requires_grad:

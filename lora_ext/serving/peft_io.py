@@ -1251,8 +1251,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     dropout = dropouts[min(dropouts)] if dropouts else 0.0
     # biases trained beside the factors are the layer's own, not the adapter's; a peft file of lora_ext holds none
     # (bias: "none"), so a save left them out without a word, and the reload served 8.9e-4 off (h5): named where
-    # mark_only_lora_as_trainable's bias= trains them or they were written since (utils.trained_bias); with bias='all'
-    # the other modules' trainable biases too (r7: layers without biases of their own named none, 0.245 off)
+    # mark_only_lora_as_trainable's bias= trains them or their values changed since inject (utils.trained_bias); with
+    # bias='all' the other modules' trainable biases too (r7: layers without biases of their own named none, 0.245 off)
     trained_biases = [f"{n}.{_layer_bias(m)[0]}" for n, m in found if trained_bias(m)]
     if any(m.__dict__.get("_bias_mode") == "all" for _, m in found):
         own = {id(_layer_bias(m)[1]) for _, m in found if _layer_bias(m) is not None}
