@@ -1800,11 +1800,38 @@ class LoRALayer(NamedAdapters):
         adapter of 1e5 is inf in float16; a switch after .half() served it)."""
         self._check_unloaded()
         before = self._value_dtypes()
+        bias = self._bias_before_apply()
         module = self._apply_merged(fn, recurse)
         if self._value_dtypes() != before:
             self.__dict__.get("_finite_stamps", {}).clear()
+        if bias is not None:
+            self._bias_after_apply(*bias)
         self._note_factors(moved=True)  # (new storage: ties)
         return module
+
+    def _bias_before_apply(self):
+        """(the bias's dtype and a copy of its values) before a conversion, where inject noted its values; else None."""
+        if self.__dict__.get("_bias_at_inject") is None:
+            return None
+        from .utils import _layer_bias
+        own = _layer_bias(self)
+        if own is None or own[1].is_meta or sharded.is_dtensor(own[1]):
+            return None
+        return own[1].dtype, own[1].detach().clone()
+
+    def _bias_after_apply(self, dtype, values) -> None:
+        """After a conversion of the bias's dtype, its values at inject as the new dtype holds them (a round trip
+        through bfloat16 changed them: a bias never trained was named as trained, r9), or that it had trained
+        (utils.trained_bias)."""
+        from .utils import _layer_bias
+        own = _layer_bias(self)
+        if own is None or own[1].dtype == dtype:
+            return
+        noted = self.__dict__["_bias_at_inject"]
+        if not torch.equal(noted.to(device=values.device, dtype=values.dtype), values):
+            self.__dict__["_bias_trained"] = True
+        elif not own[1].is_meta and not sharded.is_dtensor(own[1]):
+            self.__dict__["_bias_at_inject"] = own[1].detach().clone()
 
     def _value_dtypes(self) -> tuple:
         """The dtypes an adapter's finite-value check depends on: the live factors' and the weight's."""

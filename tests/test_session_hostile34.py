@@ -197,6 +197,8 @@ def test_a_checkpointed_forward_with_no_change_or_a_switch_back_trains_exactly(k
     ("none, then one bias by hand", True, ["0.bias"]),
     ("inject only, trained, frozen again", True, ["0.bias", "2.conv.bias"]),  # (r8: a frozen bias was not named)
     ("inject only, copied", False, []),  # (r8: a deepcopy's bias, another tensor, was named)
+    ("none, bfloat16 and back", False, []),  # (r9: the round trip's rounding was taken for training)
+    ("inject only, bfloat16, trained, float32", True, ["0.bias", "2.conv.bias"]),
 ])
 def test_a_save_says_that_trained_biases_are_not_in_the_adapter_file(tmp_path, bias, trained, named):
     import copy
@@ -215,10 +217,17 @@ def test_a_save_says_that_trained_biases_are_not_in_the_adapter_file(tmp_path, b
         lora.mark_only_lora_as_trainable(net, bias=bias)
     else:
         assert net[0].bias.requires_grad and not net[0].weight.requires_grad
+    if "bfloat16" in bias:
+        net.to(torch.bfloat16)
+        if not trained:
+            net.to(torch.float32)
     if trained:  # (an optimizer over every parameter that requires grad, one step)
         opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
-        net[3](net[2](net[1](net[0](torch.randn(2, 8))).unsqueeze(-1)).squeeze(-1)).sum().backward()
+        x = torch.randn(2, 8, dtype=net[0].weight.dtype)
+        net[3](net[2](net[1](net[0](x)).unsqueeze(-1)).squeeze(-1)).sum().backward()
         opt.step()
+        if "bfloat16" in bias:
+            net.to(torch.float32)
     if bias.endswith("frozen again"):
         lora.mark_only_lora_as_trainable(net)
     with warnings.catch_warnings(record=True) as caught:
@@ -647,3 +656,39 @@ def test_svd_clamp_without_svd_rank_keeps_the_update_s_own_directions(tmp_path):
     mine = ours([0.6, 0.4])
     assert (mine - theirs).abs().max() < 1e-6 * theirs.abs().max()
     assert (ours([0.6, math.nextafter(0.4, 1)]) - mine).abs().max() < 1e-12
+
+
+def test_a_bias_injected_on_the_meta_device_and_trained_is_named(tmp_path):
+    # (r9: inject on the meta device (FSDP2's init) noted no values, and a trained bias was then never named)
+    import warnings
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    lora.inject(net, ["0"], r=2)
+    net.to_empty(device="cpu")
+    torch.nn.init.normal_(net[0].weight)
+    torch.nn.init.zeros_(net[0].bias)
+    torch.nn.init.normal_(net[0].lora_A)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    net(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora.save_peft_adapter(net, str(tmp_path / "a"))
+    assert any("save: the biases '0.bias' are trained" in str(w.message) for w in caught)
+
+
+def test_svd_without_svd_rank_keeps_every_direction_of_the_update():
+    # (r9: the first cut of h8's fix dropped directions above rounding but below n eps S0: 2.4e-5 of an 8e-3 update,
+    # 100 times svd_rank's error; unclamped, nothing is cut now, and clamped only the noise)
+    torch.manual_seed(0)
+    layer = lora.Linear(64, 32000, r=8)  # (float32: its eps times 32000 is above the smallest directions here)
+    for name in ("a", "b"):
+        U = torch.linalg.qr(torch.randn(32000, 8, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(64, 8, dtype=torch.float64))[0]
+        S = torch.logspace(0, -3, 8, dtype=torch.float64) * 1e-2
+        layer.add_adapter(name, V.T.float().contiguous(), (U * S).float().contiguous(), 1.0)
+    lora.add_weighted_adapter(layer, ["a", "b"], [1.0, 0.5], "w", combination_type="svd")
+    want = sum(w * layer.get_adapter(n)[1].double() @ layer.get_adapter(n)[0].double()
+               for n, w in (("a", 1.0), ("b", 0.5)))  # float64 by hand
+    A, B, s = layer.get_adapter("w")
+    assert (s * B.double() @ A.double() - want).abs().max() < 2e-4 * want.abs().max()  # (the cut: 4e-3 of it)

@@ -162,9 +162,9 @@ def _overflow(where: str, dtype) -> ValueError:
 def _svd(layer, parts, weights, rank: int, where: str, combination="svd", density=None, sign_method="total",
          clamp=None, driver=None, exact_rank=False) -> Tuple[Tensor, Tensor]:
     """Each block's weighted update (sum_i w_i s_i B_i A_j; the _svd combinations prune and combine the updates
-    s_i B_i A_i, see _combine), truncated to the new rank by its SVD (lora_B = U S, lora_A = Vh; `exact_rank`: at
-    most the update's numerical rank, the rows past it zeros); with `clamp`, both clamped to the clamp quantile of
-    their values' distribution, as peft's svd_clamp."""
+    s_i B_i A_i, see _combine), truncated to the new rank by its SVD (lora_B = U S, lora_A = Vh); with `clamp`,
+    both clamped to the clamp quantile of their values' distribution, as peft's svd_clamp (`exact_rank`, no svd_rank
+    given: over the directions above the rounding noise, the rows past them zeros)."""
     dtype = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32  # (peft: the factors' dtype)
     blocks = [_split(layer, A.to(dtype), B.to(dtype)) for A, B, _ in parts]
     (a_shape, b_shape) = layer.factor_shapes(rank)
@@ -188,10 +188,13 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
         # otherwise every direction up to the rank, as peft keeps them (a rank past the update's weighs
         # directions of singular values near 0 in svd_clamp's quantile, there as here)
         k = min(q, S.shape[0]) if S.numel() and float(S[0]) > 0 else 0
-        if k and exact_rank:  # no svd_rank: the update's own (numerical) rank, without directions of rounding noise
-            # (whose arbitrary unit vectors weighed in svd_clamp's quantile: the same adapter twice, or a weight of 0,
-            # clamped by an amount the noise chose, 0.284 off peft, and 1 ulp of a weight moved it by 0.0165, h8)
-            k = min(k, int((S > S[0] * max(update.shape) * torch.finfo(S.dtype).eps).sum()))
+        if k and exact_rank and clamp is not None:  # no svd_rank: without directions of rounding noise, whose
+            # arbitrary unit vectors weighed in svd_clamp's quantile (the same adapter twice, or a weight of 0: clamped
+            # by an amount the noise chose, 0.284 off peft, and 1 ulp of a weight moved it by 0.0165, h8); a floor of
+            # the noise's size (4 sqrt(n) eps S0: n eps S0 dropped real directions, 2.4e-5 of an 8e-3 update, r9),
+            # and only where the clamp would weigh them (unclamped, they add nothing but their rounding)
+            floor = float(S[0]) * 4 * math.sqrt(max(update.shape)) * torch.finfo(S.dtype).eps
+            k = min(k, int((S > floor).sum()))
         B_k, A_k = U[:, :k] * S[:k], Vh[:k]
         if not (bool(torch.isfinite(B_k).all()) and bool(torch.isfinite(A_k).all())):
             raise _overflow(where, update.dtype)
