@@ -223,14 +223,25 @@ def read_tensors(path, config=None):
     lives on, pid 1 in a container; a save by another process between the two reads; an edit of r, lora_alpha,
     the patterns or the targets since) are refused, naming the options."""
     st = os.path.join(path, WEIGHTS_NAME)
+    if os.path.lexists(st) and not os.path.isfile(st):  # (h9: a directory, a device, a FIFO or a dangling link there
+        # fell back to an older adapter_model.bin beside it without a word, 11705 off)
+        raise ValueError(f"{st}: not a regular file (a directory, a device, a FIFO or a dangling link: an incomplete "
+                         f"download?); the adapter's weights are read from it, never from {LEGACY_WEIGHTS_NAME} "
+                         f"beside it")
     if os.path.isfile(st):
-        from safetensors import safe_open
+        from safetensors.torch import load as load_safetensors
         with deferred_interrupt():
             try:
-                with safe_open(st, framework="pt") as f:
-                    saved = (f.metadata() or {}).get(SAVED_CONFIG)
-                    tensors = {k: f.get_tensor(k) for k in f.keys()}
-            except Exception as e:  # safetensors' SafetensorError, OSError, ...
+                # the header (with the options a lora_ext save bound the weights to) and the data from one read of
+                # one open file: safetensors' safe_open opens the name again for the data, so a save renamed in
+                # between paired one save's options with another's factors, which the check below then passed (h9:
+                # 19 of 2365 loads during two processes' saves served A's factors at B's lora_alpha, 2338 off)
+                with open(st, "rb") as f:
+                    data = f.read()
+                tensors = load_safetensors(data)
+                size = int.from_bytes(data[:8], "little")
+                saved = (json.loads(data[8:8 + size]).get("__metadata__") or {}).get(SAVED_CONFIG)
+            except Exception as e:  # safetensors' SafetensorError, OSError, a header that is not JSON ...
                 raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
         if saved is not None and config is not None:
             _check_saved_options(st, saved, config, path)
