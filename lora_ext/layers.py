@@ -1115,6 +1115,9 @@ class LoRALayer(NamedAdapters):
                 batched.refuse_in_program(self._describe())
                 return served.forward(self, x)
             checkpointed = torch.is_grad_enabled() and not torch.compiler.is_compiling() and checkpoint_check(self)
+            if not torch.compiler.is_compiling() and torch.is_grad_enabled() \
+                    and "_bias_at_inject" not in self.__dict__:  # (in this order: dynamo guards on none of it)
+                self._note_bias_at_first_training_forward()
             if self._adapter_disabled:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
                 return self._checked_in_backward(self._weight_forward(x), checkpointed)
             if self.__dict__.get("_tp") is not None or sharded.is_dtensor(self._weight_or_none()):
@@ -1809,6 +1812,15 @@ class LoRALayer(NamedAdapters):
         self._note_factors(moved=True)  # (new storage: ties)
         return module
 
+    def _note_bias_at_first_training_forward(self) -> None:
+        """The bias's values before the first forward with gradients, where inject noted none (a layer built by
+        hand, or injected on the meta device): save_peft_adapter names the bias if they change (utils.trained_bias;
+        r10: named because it required grad, untrained, a loralib checkpoint converted to peft's format)."""
+        from .utils import _layer_bias
+        own = _layer_bias(self) if self.__dict__.get("_modules", {}).get("conv", self) is not None else None
+        ok = own is not None and not own[1].is_meta and not sharded.is_dtensor(own[1])
+        self.__dict__["_bias_at_inject"] = own[1].detach().clone() if ok else None
+
     def _bias_before_apply(self):
         """(the bias's dtype and a copy of its values) before a conversion, where inject noted its values; else None."""
         if self.__dict__.get("_bias_at_inject") is None:
@@ -1827,11 +1839,12 @@ class LoRALayer(NamedAdapters):
         own = _layer_bias(self)
         if own is None or own[1].dtype == dtype:
             return
-        noted = self.__dict__["_bias_at_inject"]
-        if not torch.equal(noted.to(device=values.device, dtype=values.dtype), values):
+        held = [t for t in (self.__dict__["_bias_at_inject"], self.__dict__.get("_bias_converted")) if t is not None]
+        if not any(t.shape == values.shape and torch.equal(t.to(device=values.device, dtype=values.dtype), values)
+                   for t in held):
             self.__dict__["_bias_trained"] = True
         elif not own[1].is_meta and not sharded.is_dtensor(own[1]):
-            self.__dict__["_bias_at_inject"] = own[1].detach().clone()
+            self.__dict__["_bias_converted"] = own[1].detach().clone()
 
     def _value_dtypes(self) -> tuple:
         """The dtypes an adapter's finite-value check depends on: the live factors' and the weight's."""

@@ -64,8 +64,8 @@ def note_bias(layer, mode: str) -> None:
 def trained_bias(layer) -> bool:
     """Whether `layer`'s own bias trains (note_bias): mark_only_lora_as_trainable's bias= made it trainable (and it
     requires grad still), or its values differ from those it had at inject (kept through dtype conversions:
-    LoRALayer._apply). Without those values (a layer built by hand, or injected on the meta device: r9), while it
-    requires grad and the weight does not."""
+    LoRALayer._apply), or, where inject noted none (a layer built by hand, or injected on the meta device: r9, r10),
+    at its first forward with gradients (LoRALayer._note_bias_at_first_training_forward)."""
     own = _layer_bias(layer)
     if own is None:
         return False
@@ -74,13 +74,11 @@ def trained_bias(layer) -> bool:
                                                 and layer.__dict__.get("_bias_mode") in ("lora_only", "all")):
         return True
     before = layer.__dict__.get("_bias_at_inject")
-    if before is None or before.shape != bias.shape:
-        weight = layer._weight_or_none()
-        return bias.requires_grad and weight is not None and not weight.requires_grad
-    if bias.is_meta:
+    if before is None or bias.is_meta:  # (no values noted: never a forward with gradients since inject or building)
         return False
     now = sharded.full(bias.detach()) if sharded.is_dtensor(bias) else bias.detach()
-    return not torch.equal(before.to(device=now.device, dtype=now.dtype), now)
+    held = [t for t in (before, layer.__dict__.get("_bias_converted")) if t is not None and t.shape == now.shape]
+    return not any(torch.equal(t.to(device=now.device, dtype=now.dtype), now) for t in held)
 
 
 def _is_bias(name):

@@ -778,3 +778,54 @@ def test_a_weights_entry_that_is_not_a_file_is_refused_not_passed_over(tmp_path,
     with pytest.raises(ValueError, match=r"adapter_model.safetensors: not a regular file"):
         lora.load_peft_adapter(net, str(ad))
     assert type(net[0]) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_a_hand_built_layer_s_bias_is_named_only_when_it_trained(tmp_path, trained):
+    # (r10: with no values noted at inject, a bias that only required grad was named: a loralib model converted to
+    # peft's format; its values are noted at the first forward with gradients instead)
+    import warnings
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(lora.Linear(8, 8, r=2))
+    torch.nn.init.normal_(net[0].lora_B)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1 if trained else 0.0)
+    net(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora.save_peft_adapter(net, str(tmp_path / "a"))
+    said = [str(w.message) for w in caught if "biases" in str(w.message)]
+    assert len(said) == int(trained), said
+
+
+def test_a_bias_converted_there_and_back_then_given_its_values_again_is_not_named(tmp_path):
+    # (r10: the values noted at inject were replaced by the bfloat16 round trip's, so the original values loaded back
+    # were taken for training)
+    import warnings
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    lora.inject(net, ["0"], r=2)
+    net.bfloat16().float()
+    net.load_state_dict(original, strict=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora.save_peft_adapter(net, str(tmp_path / "a"))
+    assert [str(w.message) for w in caught if "biases" in str(w.message)] == []
+
+
+def test_svd_clamp_of_a_nearly_cancelling_sum_keeps_its_one_direction():
+    # (r10: the noise floor scaled by the result's largest singular value kept the rounding of terms 1000 times
+    # larger: 7 noise directions moved the clamp, 37% of the result off a float64 oracle)
+    torch.manual_seed(0)
+    layer = lora.Linear(64, 256, r=8)
+    U = torch.linalg.qr(torch.randn(256, 8, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(64, 8, dtype=torch.float64))[0]
+    S = torch.linspace(1, 0.2, 8, dtype=torch.float64)
+    S2 = S.clone()
+    S2[0] *= 1.001
+    layer.add_adapter("a", V.T.float().contiguous(), (U * S).float().contiguous(), 1.0)
+    layer.add_adapter("b", V.T.float().contiguous(), (U * S2).float().contiguous(), 1.0)
+    lora.add_weighted_adapter(layer, ["a", "b"], [-1.0, 1.0], "w", combination_type="svd", svd_clamp=0.9)
+    A, B, _ = layer.get_adapter("w")
+    assert int((B.abs().sum(0) > 0).sum()) == 1 and int((A.abs().sum(1) > 0).sum()) == 1

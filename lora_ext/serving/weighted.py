@@ -193,7 +193,12 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
             # by an amount the noise chose, 0.284 off peft, and 1 ulp of a weight moved it by 0.0165, h8); a floor of
             # the noise's size (4 sqrt(n) eps S0: n eps S0 dropped real directions, 2.4e-5 of an 8e-3 update, r9),
             # and only where the clamp would weigh them (unclamped, they add nothing but their rounding)
-            floor = float(S[0]) * 4 * math.sqrt(max(update.shape)) * torch.finfo(S.dtype).eps
+            size = float(S[0])
+            if combination == "svd":  # (the terms' size: a near-cancelling sum keeps their rounding, r10)
+                size = max(size, sum(abs(w * s) * float(torch.linalg.matrix_norm(blocks[i][j][1], 2))
+                                     * float(torch.linalg.matrix_norm(blocks[i][j][0], 2))
+                                     for i, ((_, _, s), w) in enumerate(zip(parts, weights))))
+            floor = size * 4 * math.sqrt(max(update.shape)) * torch.finfo(S.dtype).eps
             k = min(k, int((S > floor).sum()))
         B_k, A_k = U[:, :k] * S[:k], Vh[:k]
         if not (bool(torch.isfinite(B_k).all()) and bool(torch.isfinite(A_k).all())):
