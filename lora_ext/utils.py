@@ -65,7 +65,8 @@ def trained_bias(layer) -> bool:
     """Whether `layer`'s own bias trains (note_bias): mark_only_lora_as_trainable's bias= made it trainable (and it
     requires grad still), or its values differ from those it had at inject (kept through dtype conversions:
     LoRALayer._apply), or, where inject noted none (a layer built by hand, or injected on the meta device: r9, r10),
-    at its first forward with gradients (LoRALayer._note_bias_at_first_training_forward)."""
+    at its first eager forward with gradients (LoRALayer._note_bias_at_first_training_forward); where none were
+    noted at all, while it requires grad beside a frozen weight."""
     own = _layer_bias(layer)
     if own is None:
         return False
@@ -74,7 +75,12 @@ def trained_bias(layer) -> bool:
                                                 and layer.__dict__.get("_bias_mode") in ("lora_only", "all")):
         return True
     before = layer.__dict__.get("_bias_at_inject")
-    if before is None or bias.is_meta:  # (no values noted: never a forward with gradients since inject or building)
+    if before is None:  # no values noted (trained only under torch.compile, sharded, or never run with gradients):
+        # named while it requires grad beside a frozen weight, which may name one that never trained (r10), never
+        # leaves one out (r11: a bias trained through torch.compile went unnamed)
+        weight = layer._weight_or_none()
+        return bias.requires_grad and weight is not None and not weight.requires_grad
+    if bias.is_meta:
         return False
     now = sharded.full(bias.detach()) if sharded.is_dtensor(bias) else bias.detach()
     held = [t for t in (before, layer.__dict__.get("_bias_converted")) if t is not None and t.shape == now.shape]

@@ -76,6 +76,24 @@ def _remove(p):
             os.remove(p)
 
 
+def restore_kept_aside(path):
+    """Where a run was killed between moving the old `path` aside and renaming its new output in (atomic_path with
+    overwrite=True: kill -9, nothing can hold it back), `path` is missing and the old one lies aside
+    (`.<name>.tmp-<pid>-old-<random>`, its writer gone): puts it back (the newest, if several), so that `path` is as
+    it was before that run, and returns where it came from; else None. (h9: the next run removed both, the old output
+    and the complete new one beside it, as stale temporaries.)"""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        return None
+    prefix = _tmp_prefix(path)
+    kept = [p for p in stale_temporaries(path) if "-old-" in os.path.basename(p)[len(prefix):]]
+    if not kept:
+        return None
+    newest = max(kept, key=lambda p: os.lstat(p).st_mtime_ns)
+    os.replace(newest, path)
+    return newest
+
+
 def remove_stale_temporaries(path):
     """Removes stale_temporaries(path); returns the paths removed."""
     removed = []

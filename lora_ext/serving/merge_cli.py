@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from .. import ops
 from ..named_adapters import deferred_interrupt
-from .files import atomic_path, remove_stale_temporaries
+from .files import atomic_path, remove_stale_temporaries, restore_kept_aside
 from . import checkpoint_names as _names
 from . import hub as _hub
 from . import injection as _inject
@@ -347,6 +347,10 @@ def merge_checkpoint(base, adapter, out, device="cpu", dtype=None, progress=True
         adapter = _hub.resolve(adapter, revision, option="--adapter")
     except (OSError, ValueError) as e:
         raise MergeError(str(e) if str(e).startswith("--") else f"--{e}") from None
+    put_back = restore_kept_aside(out)  # (before the output is checked: as it was before a killed run)
+    if put_back is not None:
+        print(f"lora-ext merge: put back {out} from {put_back}, where an interrupted --force run had moved it aside",
+              file=log)
     check_output(base, adapter, out, force, base_is_file=os.path.isfile(base))
     files, index, base_dir = _input_files(base)
     if base_dir is not None:

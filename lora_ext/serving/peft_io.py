@@ -214,6 +214,15 @@ def _check_saved_options(st, saved, config, path):
                          "weights' metadata")
 
 
+def _replaced(path, opened: os.stat_result) -> bool:
+    """Whether `path` names another file now than `opened` (an os.fstat of it), or none."""
+    try:
+        now = os.stat(path)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)
+
+
 def read_tensors(path, config=None):
     """{key: tensor} of the adapter's weights file (safetensors, or adapter_model.bin with weights_only);
     a file that cannot be read raises ValueError naming it. Signals with Python handlers are held back while it is
@@ -229,20 +238,31 @@ def read_tensors(path, config=None):
                          f"download?); the adapter's weights are read from it, never from {LEGACY_WEIGHTS_NAME} "
                          f"beside it")
     if os.path.isfile(st):
-        from safetensors.torch import load as load_safetensors
+        from safetensors import safe_open
         with deferred_interrupt():
-            try:
-                # the header (with the options a lora_ext save bound the weights to) and the data from one read of
-                # one open file: safetensors' safe_open opens the name again for the data, so a save renamed in
-                # between paired one save's options with another's factors, which the check below then passed (h9:
-                # 19 of 2365 loads during two processes' saves served A's factors at B's lora_alpha, 2338 off)
-                with open(st, "rb") as f:
-                    data = f.read()
-                tensors = load_safetensors(data)
-                size = int.from_bytes(data[:8], "little")
-                saved = (json.loads(data[8:8 + size]).get("__metadata__") or {}).get(SAVED_CONFIG)
-            except Exception as e:  # safetensors' SafetensorError, OSError, a header that is not JSON ...
-                raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+            for _ in range(3):
+                try:
+                    # safetensors' safe_open opens the name twice (the header, with the options a lora_ext save
+                    # binds the weights to, then the data): another process's save renamed in between paired one
+                    # save's options with another's factors, which the check below then passed (h9: 19 of 2365 loads
+                    # during two processes' saves served A's factors at B's lora_alpha, 2338 off). The name's file is
+                    # taken before and after the read: the same one throughout, or read again (not into memory
+                    # whole: r11, twice the file's size)
+                    with open(st, "rb") as f:
+                        before = os.fstat(f.fileno())
+                        with safe_open(st, framework="pt") as g:
+                            saved = (g.metadata() or {}).get(SAVED_CONFIG)
+                            tensors = {k: g.get_tensor(k) for k in g.keys()}
+                        after = os.stat(st)
+                except Exception as e:  # safetensors' SafetensorError, OSError, ...
+                    if "before" in locals() and _replaced(st, before):  # (its data read from another save's file)
+                        continue
+                    raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+                if not _replaced(st, before):
+                    break
+            else:
+                raise ValueError(f"{st}: replaced while it was read, three times (another process saving there?); "
+                                 f"load it when the saves are done")
         if saved is not None and config is not None:
             _check_saved_options(st, saved, config, path)
         file = st

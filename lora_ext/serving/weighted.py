@@ -166,6 +166,8 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
     both clamped to the clamp quantile of their values' distribution, as peft's svd_clamp (`exact_rank`, no svd_rank
     given: over the directions above the rounding noise, the rows past them zeros)."""
     dtype = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32  # (peft: the factors' dtype)
+    if exact_rank and clamp is not None:  # (the cut below in float64: float32's rounding of terms that cancel,
+        dtype = torch.float64  # weighed against the terms' size, cut a whole real adapter beside them, r11)
     blocks = [_split(layer, A.to(dtype), B.to(dtype)) for A, B, _ in parts]
     (a_shape, b_shape) = layer.factor_shapes(rank)
     n = len(blocks[0])
@@ -194,7 +196,8 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
             # the noise's size (4 sqrt(n) eps S0: n eps S0 dropped real directions, 2.4e-5 of an 8e-3 update, r9),
             # and only where the clamp would weigh them (unclamped, they add nothing but their rounding)
             size = float(S[0])
-            if combination == "svd":  # (the terms' size: a near-cancelling sum keeps their rounding, r10)
+            if combination == "svd":  # (the terms' size: a near-cancelling sum keeps their rounding, r10; in float64
+                # that rounding is 1e-16 of them, below any direction float32 factors can hold beside them)
                 size = max(size, sum(abs(w * s) * float(torch.linalg.matrix_norm(blocks[i][j][1], 2))
                                      * float(torch.linalg.matrix_norm(blocks[i][j][0], 2))
                                      for i, ((_, _, s), w) in enumerate(zip(parts, weights))))
