@@ -659,9 +659,21 @@ def test_svd_clamp_without_svd_rank_keeps_the_update_s_own_directions(tmp_path):
     assert (ours([0.6, math.nextafter(0.4, 1)]) - mine).abs().max() < 1e-12
 
 
+def _step_and_save(net, run, tmp_path):
+    """One SGD step (lr 0.1) of every parameter of `net` that requires grad, through `run` (net, or a compiled net),
+    on an (2, 8) input; then save_peft_adapter's warnings, as strings."""
+    import warnings
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    run(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora.save_peft_adapter(net, str(tmp_path / "a"))
+    return [str(w.message) for w in caught]
+
+
 def test_a_bias_injected_on_the_meta_device_and_trained_is_named(tmp_path):
     # (r9: inject on the meta device (FSDP2's init) noted no values, and a trained bias was then never named)
-    import warnings
     with torch.device("meta"):
         net = torch.nn.Sequential(torch.nn.Linear(8, 8))
     lora.inject(net, ["0"], r=2)
@@ -669,13 +681,7 @@ def test_a_bias_injected_on_the_meta_device_and_trained_is_named(tmp_path):
     torch.nn.init.normal_(net[0].weight)
     torch.nn.init.zeros_(net[0].bias)
     torch.nn.init.normal_(net[0].lora_A)
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
-    net(torch.randn(2, 8)).sum().backward()
-    opt.step()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        lora.save_peft_adapter(net, str(tmp_path / "a"))
-    assert any("save: the biases '0.bias' are trained" in str(w.message) for w in caught)
+    assert any("save: the biases '0.bias' are trained" in w for w in _step_and_save(net, net, tmp_path))
 
 
 def test_svd_without_svd_rank_keeps_every_direction_of_the_update():
@@ -876,17 +882,10 @@ def test_a_merge_killed_between_its_renames_gets_the_old_output_back(tmp_path, c
 def test_a_bias_trained_only_through_torch_compile_is_named(tmp_path):
     # (r11: the values are noted at the first eager forward with gradients; a layer trained only through a compiled
     # forward had none, and its trained bias went unnamed)
-    import warnings
     torch.manual_seed(0)
     net = torch.nn.Sequential(lora.Linear(8, 8, r=2))
     compiled = torch.compile(net, backend="eager", fullgraph=True)
-    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
-    compiled(torch.randn(2, 8)).sum().backward()
-    opt.step()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        lora.save_peft_adapter(net, str(tmp_path / "a"))
-    assert any("save: the biases '0.bias' are trained" in str(w.message) for w in caught)
+    assert any("save: the biases '0.bias' are trained" in w for w in _step_and_save(net, compiled, tmp_path))
 
 
 def test_svd_clamp_beside_two_terms_that_cancel_keeps_the_third():
