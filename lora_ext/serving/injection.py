@@ -231,11 +231,17 @@ def select_targets(model, target_modules, exclude_modules=None, option="target_m
     return chosen
 
 
+def pattern_matches(key, name) -> bool:
+    """Whether a rank_pattern/alpha_pattern key matches the module name, as peft's get_pattern_key matches it (the
+    key as a regex matching the end of the name at a '.' boundary)."""
+    return re.match(rf"(.*\.)?({key})$", name) is not None
+
+
 def pattern_value(patterns, name, default):
     """The value of the first key of a rank_pattern/alpha_pattern-style dict matching the module name
-    (the key as a regex matching the end of the name at a '.' boundary), else default."""
+    (pattern_matches), else default."""
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if pattern_matches(key, name):
             return value
     return default
 

@@ -457,7 +457,7 @@ def pattern_clash_warning(cfg, names, where) -> None:
         if len(patterns) < 2:
             continue
         for name in names:
-            hits = [(k, v) for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", name)]
+            hits = [(k, v) for k, v in patterns.items() if _inject.pattern_matches(k, name)]
             other = next((h for h in hits[1:] if h[1] != hits[0][1]), None)  # (16 and 16.0 agree, r6)
             if other is not None:
                 warnings.warn(f"{where}: {option} keys {hits[0][0]!r} ({hits[0][1]}) and {other[0]!r} ({other[1]}) "
