@@ -627,7 +627,7 @@ def _changed_refusal(layer, state, now, again: str, after: str) -> RuntimeError:
 
 
 _CHECKPOINT_AGAIN = "torch.utils.checkpoint computes the forward again in the backward"
-_CHECKPOINT_AFTER = ("Zero the gradients (optimizer.zero_grad()) before the next step: the modules the backward had "
+CHECKPOINT_AFTER = ("Zero the gradients (optimizer.zero_grad()) before the next step: the modules the backward had "
                      "finished hold theirs in .grad")
 
 
@@ -677,9 +677,9 @@ def _same_adapter_in_backward(layer, state, why: str):
         if now != state:  # (disable_adapter refuses FSDP2's layers: its flag changes in a checkpoint only)
             if why == "tp":
                 raise _changed_refusal(layer, state, now, "under tensor parallel a switch writes the new adapter into "
-                                       "the live factors, which this backward reads", _CHECKPOINT_AFTER)
+                                       "the live factors, which this backward reads", CHECKPOINT_AFTER)
             if why != "fsdp2":
-                raise _changed_refusal(layer, state, now, _CHECKPOINT_AGAIN, _CHECKPOINT_AFTER)
+                raise _changed_refusal(layer, state, now, _CHECKPOINT_AGAIN, CHECKPOINT_AFTER)
             reset = sharded.reset_after_refused_backward(layer)
             raise _changed_refusal(
                 layer, state, now, "FSDP2 gathers the weight and factors again for the backward",
@@ -1142,7 +1142,7 @@ class LoRALayer(NamedAdapters):
         return out
 
     def _recomputed_refusal(self, was: tuple, now: tuple) -> RuntimeError:
-        return _changed_refusal(self, was, now, _CHECKPOINT_AGAIN, _CHECKPOINT_AFTER)
+        return _changed_refusal(self, was, now, _CHECKPOINT_AGAIN, CHECKPOINT_AFTER)
 
     def _served_state(self) -> tuple:
         """What a forward computed with, as far as a backward that computes it again needs it unchanged

@@ -241,6 +241,7 @@ def read_tensors(path, config=None):
         from safetensors import safe_open
         with deferred_interrupt():
             for _ in range(3):
+                before = None  # (the file opened, once it is)
                 try:
                     # safetensors' safe_open opens the name twice (the header, with the options a lora_ext save
                     # binds the weights to, then the data): another process's save renamed in between paired one
@@ -253,12 +254,12 @@ def read_tensors(path, config=None):
                         with safe_open(st, framework="pt") as g:
                             saved = (g.metadata() or {}).get(SAVED_CONFIG)
                             tensors = {k: g.get_tensor(k) for k in g.keys()}
-                        after = os.stat(st)
+                        replaced = _replaced(st, before)  # (while it is open: its inode number not yet free)
                 except Exception as e:  # safetensors' SafetensorError, OSError, ...
-                    if "before" in locals() and _replaced(st, before):  # (its data read from another save's file)
+                    if before is not None and _replaced(st, before):  # (its data read from another save's file)
                         continue
                     raise ValueError(f"{st}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-                if not _replaced(st, before):
+                if not replaced:
                     break
             else:
                 raise ValueError(f"{st}: replaced while it was read, three times (another process saving there?); "

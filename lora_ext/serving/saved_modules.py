@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import batched, sharded
-from ..layers import LoRALayer, checkpoint_check
+from ..layers import CHECKPOINT_AFTER, LoRALayer, checkpoint_check
 
 # modules that compute each token alone: a token layout's leading dimensions may be flattened for them
 _TOKENWISE = (nn.Linear,)
@@ -90,8 +90,7 @@ class ModulesToSave(nn.Module):
             f"{type(self).__name__}({type(self._modules['original_module']).__name__}), which {self.what()}: its "
             f"forward under torch.utils.checkpoint served {served(was)}, and as the backward computes that forward "
             f"again it serves {served(now)}, which would compute the gradients of other values; run the backward "
-            f"before switching, or switch back before it. Zero the gradients (optimizer.zero_grad()) before the next "
-            f"step: the modules the backward had finished hold theirs in .grad")
+            f"before switching, or switch back before it. {CHECKPOINT_AFTER}")
 
     def __getattr__(self, name: str):
         try:
