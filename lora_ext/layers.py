@@ -1812,24 +1812,27 @@ class LoRALayer(NamedAdapters):
         self._note_factors(moved=True)  # (new storage: ties)
         return module
 
+    def _bias_copy(self) -> Optional[Tensor]:
+        """A copy of the layer's own bias's values, where there are values to note (not on the meta device, not a
+        sharded DTensor, the conv of a convolution still there); else None."""
+        from .utils import _layer_bias
+        own = _layer_bias(self) if self.__dict__.get("_modules", {}).get("conv", self) is not None else None
+        if own is None or own[1].is_meta or sharded.is_dtensor(own[1]):
+            return None
+        return own[1].detach().clone()
+
     def _note_bias_at_first_training_forward(self) -> None:
         """The bias's values before the first forward with gradients, where inject noted none (a layer built by
         hand, or injected on the meta device): save_peft_adapter names the bias if they change (utils.trained_bias;
         r10: named because it required grad, untrained, a loralib checkpoint converted to peft's format)."""
-        from .utils import _layer_bias
-        own = _layer_bias(self) if self.__dict__.get("_modules", {}).get("conv", self) is not None else None
-        ok = own is not None and not own[1].is_meta and not sharded.is_dtensor(own[1])
-        self.__dict__["_bias_at_inject"] = own[1].detach().clone() if ok else None
+        self.__dict__["_bias_at_inject"] = self._bias_copy()
 
     def _bias_before_apply(self):
         """(the bias's dtype and a copy of its values) before a conversion, where inject noted its values; else None."""
         if self.__dict__.get("_bias_at_inject") is None:
             return None
-        from .utils import _layer_bias
-        own = _layer_bias(self)
-        if own is None or own[1].is_meta or sharded.is_dtensor(own[1]):
-            return None
-        return own[1].dtype, own[1].detach().clone()
+        values = self._bias_copy()
+        return None if values is None else (values.dtype, values)
 
     def _bias_after_apply(self, dtype, values) -> None:
         """After a conversion of the bias's dtype, its values at inject as the new dtype holds them (a round trip
@@ -1843,8 +1846,10 @@ class LoRALayer(NamedAdapters):
         if not any(t.shape == values.shape and torch.equal(t.to(device=values.device, dtype=values.dtype), values)
                    for t in held):
             self.__dict__["_bias_trained"] = True
-        elif not own[1].is_meta and not sharded.is_dtensor(own[1]):
-            self.__dict__["_bias_converted"] = own[1].detach().clone()
+        else:
+            converted = self._bias_copy()
+            if converted is not None:
+                self.__dict__["_bias_converted"] = converted
 
     def _value_dtypes(self) -> tuple:
         """The dtypes an adapter's finite-value check depends on: the live factors' and the weight's."""

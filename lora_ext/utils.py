@@ -56,9 +56,9 @@ def note_bias(layer, mode: str) -> None:
     if mode != "inject":
         layer.__dict__["_bias_mode"] = mode
         return
-    own = _layer_bias(layer)
-    if own is not None and not own[1].is_meta and not sharded.is_dtensor(own[1]):
-        layer.__dict__["_bias_at_inject"] = own[1].detach().clone()
+    values = layer._bias_copy()
+    if values is not None:  # (else noted at its first forward with gradients)
+        layer.__dict__["_bias_at_inject"] = values
 
 
 def trained_bias(layer) -> bool:
