@@ -1812,14 +1812,16 @@ class LoRALayer(NamedAdapters):
         self._note_factors(moved=True)  # (new storage: ties)
         return module
 
-    def _bias_copy(self) -> Optional[Tensor]:
+    def _bias_copy(self, clone: bool = True) -> Optional[Tensor]:
         """A copy of the layer's own bias's values, where there are values to note (not on the meta device, not a
-        sharded DTensor, the conv of a convolution still there); else None."""
+        sharded DTensor, the conv of a convolution still there); else None. clone=False: the values themselves
+        (a detached alias, which keeps the old storage through a conversion that gives the bias new storage)."""
         from .utils import _layer_bias
         own = _layer_bias(self) if self.__dict__.get("_modules", {}).get("conv", self) is not None else None
         if own is None or own[1].is_meta or sharded.is_dtensor(own[1]):
             return None
-        return own[1].detach().clone()
+        values = own[1].detach()
+        return values.clone() if clone else values
 
     def _note_bias_at_first_training_forward(self) -> None:
         """The bias's values before the first forward with gradients, where inject noted none (a layer built by
@@ -1828,10 +1830,13 @@ class LoRALayer(NamedAdapters):
         self.__dict__["_bias_at_inject"] = self._bias_copy()
 
     def _bias_before_apply(self):
-        """(the bias's dtype and a copy of its values) before a conversion, where inject noted its values; else None."""
+        """(the bias's dtype and its values) before a conversion, where inject noted its values; else None. No copy
+        (r10: a copy at every .to(), device moves included): a conversion of the dtype or the device gives the bias
+        new storage and leaves these values as they were; one that writes in place keeps the dtype, and
+        _bias_after_apply looks no further."""
         if self.__dict__.get("_bias_at_inject") is None:
             return None
-        values = self._bias_copy()
+        values = self._bias_copy(clone=False)
         return None if values is None else (values.dtype, values)
 
     def _bias_after_apply(self, dtype, values) -> None:
