@@ -52,6 +52,7 @@ def resolve(path, revision: Optional[str] = None, subfolder: Optional[str] = Non
     where = f"{path!r}" + (f" (revision {revision!r})" if revision else "") + (f", subfolder {subfolder!r}"
                                                                              if subfolder else "")
     fetch = lambda name: hf_hub_download(path, name, subfolder=subfolder, revision=revision)  # noqa: E731
+    config = None
     try:
         config = fetch(CONFIG_NAME)
         try:
@@ -63,7 +64,10 @@ def resolve(path, revision: Optional[str] = None, subfolder: Optional[str] = Non
                 raise e from None
     except Exception as e:
         missing = getattr(errors, "RemoteEntryNotFoundError", None)
-        if isinstance(e, errors.LocalEntryNotFoundError):  # (huggingface_hub 1.x: also an EntryNotFoundError)
+        if isinstance(e, errors.LocalEntryNotFoundError) and config is not None:  # (h9: was "not in the cache")
+            why = (f"its {CONFIG_NAME} is in the Hub cache but neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME} is, "
+                   f"and the Hub is not reachable (offline, or no network; a download cut short?)")
+        elif isinstance(e, errors.LocalEntryNotFoundError):  # (huggingface_hub 1.x: also an EntryNotFoundError)
             why = "it is neither in the Hub cache nor reachable on the Hub (offline, or no network)"
         elif isinstance(e, missing or errors.EntryNotFoundError):
             why = "the repo holds no peft adapter files there"

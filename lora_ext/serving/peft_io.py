@@ -130,6 +130,9 @@ def read_config(path, dora=False):
         torn = torn_set([os.path.join(path, WEIGHTS_NAME), file])
         if torn is not None:
             raise ValueError(torn)
+    if os.path.lexists(file) and not os.path.isfile(file):  # (h9: a FIFO there was reported as missing)
+        raise ValueError(f"{file}: not a regular file (a directory, a device, a FIFO or a dangling link: an incomplete "
+                         f"download?)")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"adapter: no {CONFIG_NAME} in {path!r}")
     try:
