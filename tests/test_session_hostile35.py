@@ -48,3 +48,42 @@ def test_a_hub_snapshot_without_its_weights_is_named_as_such(tmp_path, monkeypat
                                                 r"the Hub cache but neither adapter_model.safetensors nor "
                                                 r"adapter_model.bin is"):
         lora.load_peft_adapter(llama(), "owner/cut", "x")
+
+
+def test_merge_never_walks_into_a_link_back_up_the_base(tmp_path):
+    """h9: a link inside --base back up the tree (loop -> ., or a -> b with b/back -> a) was walked into
+    loop/loop/... until the system refused the path: the merge was refused with a 1.4 KB message of loop/loop/...,
+    and a loop beside no weights would have copied a side file at every depth. Now such links are not walked into;
+    two links to one directory elsewhere are both followed."""
+    from lora_ext.cli import main
+    from transformers import AutoModelForCausalLM
+    model = llama()
+    base = tmp_path / "base"
+    model.save_pretrained(str(base), max_shard_size="60KB")
+    os.symlink(".", base / "loop")
+    (base / "a").mkdir()
+    (base / "b").mkdir()
+    (base / "a" / "note.txt").write_text("a")
+    os.symlink("../a", base / "b" / "back")  # b/back -> a
+    os.symlink("../b", base / "a" / "down")  # a/down -> b: b/back/down/back/... would loop
+    shared = tmp_path / "shared_tok"
+    shared.mkdir()
+    (shared / "tokenizer.json").write_text("{}")
+    os.symlink(shared, base / "tok1")
+    os.symlink(shared, base / "tok2")
+    pm = get_peft_model(llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    torch.manual_seed(3)
+    randomize_lora(pm)
+    adapter = str(tmp_path / "adapter")
+    pm.save_pretrained(adapter)
+    out = tmp_path / "merged"
+    assert main(["merge", "--base", str(base), "--adapter", adapter, "--out", str(out), "--quiet"]) == 0
+    found = sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs)
+    side = [f for f in found if not f.startswith(("model", "config.json", "generation_config.json"))]
+    assert side == ["a/note.txt", "b/back/note.txt", "tok1/tokenizer.json",
+                    "tok2/tokenizer.json"], side
+    x = torch.randint(0, 32, (2, 5))
+    with torch.no_grad():
+        ref = pm.merge_and_unload()(x).logits
+        got = AutoModelForCausalLM.from_pretrained(str(out)).eval()(x).logits
+    assert (got - ref).abs().max().item() < 1e-5

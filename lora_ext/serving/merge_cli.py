@@ -204,9 +204,19 @@ def _input_files(base):
 
 def _side_files(base_dir):
     """Every file under the base directory (subfolders too: tokenizer/, original/; not hidden ones: .git, .cache),
-    symbolic links followed."""
+    symbolic links followed, but never into a directory the walk is already inside (h9: a link back up, loop -> .,
+    was walked into loop/loop/... until the system refused the path, and named or copied what it found at each
+    depth). Two links to one directory elsewhere are both followed."""
+    inside = {base_dir: frozenset([os.path.realpath(base_dir)])}  # {walked path: the real directories it lies in}
     for root, dirs, names in os.walk(base_dir, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        above = inside.pop(root)
+        kept = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(root, d))
+            if real not in above:
+                inside[os.path.join(root, d)] = above | {real}
+                kept.append(d)
+        dirs[:] = kept
         for name in sorted(names):
             if os.path.isfile(os.path.join(root, name)):
                 yield os.path.join(root, name)
