@@ -1228,6 +1228,14 @@ class LoRALayer(NamedAdapters):
         self._finite_stamps.pop(MERGED, None)
         self.merged = False
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this on every module it scripts: refused, naming the layer (P1: a Conv2d, which
+        loralib's scripts, failed on a property with "Expected a single top-level function"). A LoRA layer's forward
+        holds locks and Python-level state that TorchScript cannot compile."""
+        raise RuntimeError(f"{self._describe()}: a lora_ext layer cannot be compiled by torch.jit.script (its forward "
+                           f"takes locks and reads Python-level state); use torch.jit.trace, torch.export or "
+                           f"torch.compile, or lora_ext.unload(model) (it merges) to script the plain model")
+
     def _check_unloaded(self) -> None:
         """Refuses moves and loads of a layer unload took out (layers.unloaded), which would not say why otherwise (a
         load is how a layer left unsound comes back: not this one)."""

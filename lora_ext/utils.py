@@ -23,17 +23,19 @@ def _check_bias(bias):
         raise BiasModeError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}")
 
 
-def _lora_layers(model):
-    for name, module in model.named_modules():
+def _lora_layers(model, remove_duplicate=True):
+    """(name prefix, layer) of the model's LoRA layers; remove_duplicate=False: a layer registered under two names
+    (ALBERT's shared layers, `self.b = self.a`) under each, as model.state_dict() keys it."""
+    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
         if isinstance(module, LoRALayer):
             yield (name + "." if name else ""), module
 
 
-def _active_copies(model):
+def _active_copies(model, remove_duplicate=True):
     """(name prefix, module) of the active adapter's copy of every module saved whole (peft's modules_to_save):
-    trained and saved with the factors, as peft does."""
+    trained and saved with the factors, as peft does. remove_duplicate as _lora_layers'."""
     from .serving.saved_modules import ModulesToSave
-    for name, module in model.named_modules():
+    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
         if isinstance(module, ModulesToSave) and module.active_adapter is not None:
             yield f"{name + '.' if name else ''}modules_to_save.{module.active_adapter}.", module.served()
 
@@ -255,7 +257,8 @@ def _lora_state_dict(model: nn.Module, bias: str) -> dict:
     # another adapter it holds is refused
     out._metadata = {}
     sharded.reshard_fsdp(model)  # (FSDP2: gathered under a MixedPrecisionPolicy, factors are param_dtype's copies)
-    for prefix, m in _lora_layers(model):
+    for prefix, m in _lora_layers(model, remove_duplicate=False):  # (a layer under two names: under both, as
+        # model.state_dict() and loralib key it; P1: the second name was missing from a load with strict=False)
         # the factors and the name they are saved under read together, under the layer's lock (h38: a switch of the
         # layer alone on another thread gave one adapter's lora_A beside another's lora_B in 259 of 2000 reads)
         with m.__dict__.get("_lock") or contextlib.nullcontext():
@@ -271,9 +274,9 @@ def _lora_state_dict(model: nn.Module, bias: str) -> dict:
             if own is not None:
                 out[prefix + own[0]] = sharded.full(own[1].detach())
     if bias == "all":
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters(remove_duplicate=False):
             if _is_bias(name):
                 out[name] = sharded.full(p.detach())
-    for prefix, copy in _active_copies(model):
+    for prefix, copy in _active_copies(model, remove_duplicate=False):
         out.update({prefix + k: sharded.full(t.detach()) for k, t in copy.state_dict().items()})
     return out

@@ -87,3 +87,37 @@ def test_merge_never_walks_into_a_link_back_up_the_base(tmp_path):
         ref = pm.merge_and_unload()(x).logits
         got = AutoModelForCausalLM.from_pretrained(str(out)).eval()(x).logits
     assert (got - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_lora_state_dict_keys_a_layer_under_each_of_its_names(bias):
+    """P1: a LoRA layer registered twice (self.b = self.a) was saved under its first name only; a load with
+    strict=False (loralib's recipe) then reported b's factors missing. loralib and state_dict() key both."""
+    import loralib
+    import torch.nn as nn
+
+    def net(lib):
+        m = nn.Module()
+        m.a = lib.Linear(4, 4, r=2, lora_alpha=4)
+        m.b = m.a
+        m.c = lib.Linear(4, 4, r=2)
+        return m
+    ours, theirs = net(lora), net(loralib)
+    want = sorted(loralib.lora_state_dict(theirs, bias))
+    assert "b.lora_A" in want
+    sd = lora.lora_state_dict(ours, bias)
+    assert sorted(sd) == want
+    assert sd["b.lora_A"].data_ptr() != ours.a.lora_A.data_ptr() and torch.equal(sd["b.lora_A"], ours.a.lora_A)
+    res = net(lora).load_state_dict(sd, strict=False)
+    assert not [k for k in res.missing_keys if "lora_" in k]
+
+
+@pytest.mark.parametrize("build", [lambda: lora.Conv2d(3, 4, 3, r=2), lambda: lora.Linear(3, 4, r=2),
+                                   lambda: torch.nn.Sequential(torch.nn.ReLU(), lora.Embedding(5, 3, r=2))],
+                         ids=["conv2d", "linear", "inside-a-model"])
+def test_torch_jit_script_is_refused_naming_the_layer(build):
+    """P1: torch.jit.script of a Conv2d (which loralib's scripts) failed with "Expected a single top-level function",
+    naming nothing."""
+    with pytest.raises(RuntimeError, match=r"(Conv2d\(3, 4, kernel_size=\(3, 3\)\)|Linear\(3, 4\)|Embedding\(5, 3\)): "
+                                           r"a lora_ext layer cannot be compiled by torch.jit.script"):
+        torch.jit.script(build())
