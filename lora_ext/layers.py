@@ -2091,6 +2091,9 @@ class LoRALayer(NamedAdapters):
         refusal = sharded.fsdp1_refusal(self, "a merge")  # (merged before FSDP1 wrapped it, trained since)
         if refusal is not None:
             raise ValueError(refusal)
+        # FSDP2: write the shards, not an all-gathered copy (F1: after a forward that left them gathered, the next
+        # reshard dropped this merge, and train() took the trained factors out of the old one: the base 0.71 off)
+        sharded.reshard_if_gathered(self)
         self._check_values(self.active_adapter)
         self._swap_merged(*(sharded.full(t).detach() for t in (self.lora_A, self.lora_B)), self.scaling)
 

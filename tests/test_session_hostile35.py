@@ -121,3 +121,58 @@ def test_torch_jit_script_is_refused_naming_the_layer(build):
     with pytest.raises(RuntimeError, match=r"(Conv2d\(3, 4, kernel_size=\(3, 3\)\)|Linear\(3, 4\)|Embedding\(5, 3\)): "
                                            r"a lora_ext layer cannot be compiled by torch.jit.script"):
         torch.jit.script(build())
+
+
+def _eval_after_training_in_eval(rank, world, lossless, how):
+    """A merged model trained through its merge (eval mode), a no_grad forward, eval() (merges the trained factors),
+    train() (the base again): outputs and base weights (float64)."""
+    import torch.nn as nn
+    torch.manual_seed(0)
+    net = nn.Sequential(lora.Linear(8, 6, r=2, lora_alpha=4, lossless=lossless),
+                        lora.Linear(6, 4, r=2, lora_alpha=4, lossless=lossless))
+    for m in net:
+        nn.init.normal_(m.lora_B, std=0.3)
+    lora.mark_only_lora_as_trainable(net)
+    if world:
+        from torch.distributed.fsdp import fully_shard
+        if how == "keep":
+            for m in net:
+                fully_shard(m, reshard_after_forward=False)
+        fully_shard(net)  # (the root: its parameters stay gathered after a forward)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    net.eval()
+    net(x).square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        net(x)
+    net.eval()
+    with torch.no_grad():
+        y_eval = net(x).double()
+    net.train()
+    with torch.no_grad():
+        y_train = net(x).double()
+    for m in net.modules():
+        if hasattr(m, "reshard"):
+            m.reshard()
+    ws = [(m.weight.full_tensor() if hasattr(m.weight, "full_tensor") else m.weight).double() for m in net]
+    return y_eval, y_train, ws
+
+
+@pytest.mark.parametrize("lossless", [None, True], ids=["lossy", "lossless"])
+def test_fsdp2_eval_after_training_through_the_merge_writes_the_shards(lossless):
+    """F1: eval() of a layer merged and trained since (_merge_trained) wrote its merge into FSDP2's all-gathered
+    copy (a root-only fully_shard, or reshard_after_forward=False, after a forward), which the next reshard dropped;
+    train() then took the trained factors out of the old merge: the base 0.709 off for good, the outputs 2.43 off
+    one process. lossless=True raised an AttributeError naming nothing."""
+    from dist import run_ranks
+    torch.manual_seed(0)
+    w0 = [lora.Linear(8, 6, r=2), lora.Linear(6, 4, r=2)]  # (the same seed draws the same base weights)
+    w0 = [m.weight.detach().double() for m in w0]
+    one = _eval_after_training_in_eval(0, 0, lossless, "root")
+    assert max((w - b).abs().max().item() for w, b in zip(one[2], w0)) < 1e-6
+    for how in ("root", "keep"):
+        for y_eval, y_train, ws in run_ranks(_eval_after_training_in_eval, lossless, how):
+            assert (y_eval - one[0]).abs().max().item() < 1e-5, how
+            assert (y_train - one[1]).abs().max().item() < 1e-5, how
+            assert max((w - b).abs().max().item() for w, b in zip(ws, one[2])) < 1e-6, how
