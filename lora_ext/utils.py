@@ -23,11 +23,25 @@ def _check_bias(bias):
         raise BiasModeError(f"bias must be one of {', '.join(map(repr, BIAS_MODES))}, got {bias!r}")
 
 
+_WRAPPER_NAMES = ("_checkpoint_wrapped_module", "_fsdp_wrapped_module")
+
+
+def plain_name(name: str) -> str:
+    """A module's or tensor's name as the model without torch's wrappers has it: activation checkpointing's
+    (apply_activation_checkpointing: `_checkpoint_wrapped_module`) and FSDP1's (`_fsdp_wrapped_module`) path
+    segments left out, as their state_dict hooks and torch.distributed's clean_tensor_name leave them out (F1: a
+    lora_state_dict of a checkpoint-wrapped model kept them, and loralib's load of it with strict=False loaded
+    nothing). The wrappers hand attribute reads on to the module they wrap, so get_submodule finds the plain name."""
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_NAMES) if "_wrapped_module" in name else name
+
+
 def _lora_layers(model, remove_duplicate=True):
-    """(name prefix, layer) of the model's LoRA layers; remove_duplicate=False: a layer registered under two names
-    (ALBERT's shared layers, `self.b = self.a`) under each, as model.state_dict() keys it."""
+    """(name prefix, layer) of the model's LoRA layers, by their plain names (plain_name); remove_duplicate=False: a
+    layer registered under two names (ALBERT's shared layers, `self.b = self.a`) under each, as model.state_dict()
+    keys it."""
     for name, module in model.named_modules(remove_duplicate=remove_duplicate):
         if isinstance(module, LoRALayer):
+            name = plain_name(name)
             yield (name + "." if name else ""), module
 
 
@@ -37,6 +51,7 @@ def _active_copies(model, remove_duplicate=True):
     from .serving.saved_modules import ModulesToSave
     for name, module in model.named_modules(remove_duplicate=remove_duplicate):
         if isinstance(module, ModulesToSave) and module.active_adapter is not None:
+            name = plain_name(name)
             yield f"{name + '.' if name else ''}modules_to_save.{module.active_adapter}.", module.served()
 
 
@@ -276,7 +291,7 @@ def _lora_state_dict(model: nn.Module, bias: str) -> dict:
     if bias == "all":
         for name, p in model.named_parameters(remove_duplicate=False):
             if _is_bias(name):
-                out[name] = sharded.full(p.detach())
+                out[plain_name(name)] = sharded.full(p.detach())
     for prefix, copy in _active_copies(model, remove_duplicate=False):
         out.update({prefix + k: sharded.full(t.detach()) for k, t in copy.state_dict().items()})
     return out

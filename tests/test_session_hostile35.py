@@ -176,3 +176,44 @@ def test_fsdp2_eval_after_training_through_the_merge_writes_the_shards(lossless)
             assert (y_eval - one[0]).abs().max().item() < 1e-5, how
             assert (y_train - one[1]).abs().max().item() < 1e-5, how
             assert max((w - b).abs().max().item() for w, b in zip(ws, one[2])) < 1e-6, how
+
+
+def test_a_checkpoint_wrapped_model_saves_under_its_plain_names(tmp_path):
+    """F1: after torch's apply_activation_checkpointing (FSDP's recipe), lora_state_dict and save_peft_adapter kept
+    `_checkpoint_wrapped_module.` in their keys (and save_peft_adapter in target_modules), where state_dict(),
+    torch.distributed.checkpoint and loralib leave it out: loralib's load with strict=False loaded nothing (0.842
+    off), and the saved adapter matched no module of the plain model."""
+    import torch.nn as nn
+    from peft import PeftModel
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    x = torch.randint(0, 100, (2, 6))
+    torch.manual_seed(0)
+    model = llama()
+    lora.inject(model, ["q_proj", "v_proj"], r=2, lora_alpha=4)
+    for m in model.modules():
+        if isinstance(m, lora.LoRALayer):
+            nn.init.normal_(m.lora_B, std=0.5)
+    plain_keys = sorted(lora.lora_state_dict(model))
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, LlamaDecoderLayer))
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_modules())
+    sd = lora.lora_state_dict(model)
+    assert sorted(sd) == plain_keys and "model.layers.0.self_attn.q_proj.lora_A" in sd
+    with torch.no_grad():
+        ref = model.eval()(x).logits
+    fresh = llama()
+    lora.inject(fresh, ["q_proj", "v_proj"], r=2, lora_alpha=4)
+    res = fresh.load_state_dict(sd, strict=False)  # loralib's recipe
+    assert not res.unexpected_keys
+    with torch.no_grad():
+        assert (fresh.eval()(x).logits - ref).abs().max().item() < 1e-5
+    lora.save_peft_adapter(model, str(tmp_path / "ad"))
+    import json
+    cfg = json.load(open(tmp_path / "ad" / "adapter_config.json"))
+    assert "_checkpoint_wrapped_module" not in json.dumps(cfg)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(llama(), str(tmp_path / "ad")).eval()(x).logits
+        ours = llama()
+        lora.load_peft_adapter(ours, str(tmp_path / "ad"), "x")
+        ours = ours.eval()(x).logits
+    assert (theirs - ref).abs().max().item() < 1e-5 and (ours - ref).abs().max().item() < 1e-5

@@ -22,7 +22,7 @@ import torch.nn as nn
 from .. import ddp_guard, layers, ops, sharded
 from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_adapter_name, deferred_interrupt, held_warnings
-from ..utils import _ddp_of, _is_bias, _layer_bias, trained_bias, unwrap
+from ..utils import _ddp_of, _is_bias, _layer_bias, plain_name, trained_bias, unwrap
 from . import checkpoint_names as _ckpt_names
 from . import injection as _inject
 from . import saved_modules as _saved
@@ -1182,7 +1182,7 @@ def _saved_copies(model, found, adapter, tensors, every):
     under its name); returns their names, the modules_to_save peft needs to choose exactly those modules (by its
     string-suffix rule) among `every` (the plain model's names) and keep LoRA off them, refusing where no such
     list exists."""
-    saved = [(n, w) for n, w in _saved.wrappers(model) if adapter in w.adapter_names
+    saved = [(plain_name(n), w) for n, w in _saved.wrappers(model) if adapter in w.adapter_names
              and not isinstance(w, _tokens.TrainableTokens)]
     names = [n for n, _ in saved]
     for name, wrapper in saved:
@@ -1214,7 +1214,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                          "calls it), to save from the unwrapped model")
     # one adapter throughout: model-level switches on other threads (through the wrapper or the model) wait
     with hold(model), (hold(inner) if inner is not model else contextlib.nullcontext()):
-        found = lora_layers(inner)
+        found = [(plain_name(n), m) for n, m in lora_layers(inner)]  # (peft's keys: no wrapper names, F1)
         if not found:
             raise ValueError("save: model holds no lora_ext layer with an adapter")
         sharded.reshard_fsdp(inner)  # (FSDP2: gathered under a MixedPrecisionPolicy, factors are bfloat16 copies)
@@ -1276,7 +1276,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             p = layers.trained_dropout(layer, adapter)
             if p is not None:
                 dropouts[name] = p
-        every = _plain_names(inner)
+        every = sorted(set(map(plain_name, _plain_names(inner))))
         adapter = adapter_name if adapter_name is not None else wanted(found[0][1])
         saved = _saved_copies(inner, found, adapter, tensors, every)
         token_indices = _tokens.saved_rows(inner, adapter, PREFIX, tensors, every)
@@ -1291,7 +1291,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     trained_biases = [f"{n}.{_layer_bias(m)[0]}" for n, m in found if trained_bias(m)]
     if any(m.__dict__.get("_bias_mode") == "all" for _, m in found):
         own = {id(_layer_bias(m)[1]) for _, m in found if _layer_bias(m) is not None}
-        trained_biases += [n for n, p in inner.named_parameters()
+        trained_biases += [plain_name(n) for n, p in inner.named_parameters()
                            if p.requires_grad and _is_bias(n) and id(p) not in own]
     if trained_biases:
         warnings.warn(f"save: the biases {_names(trained_biases)} are trained (mark_only_lora_as_trainable's bias=, or "

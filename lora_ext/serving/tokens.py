@@ -369,8 +369,10 @@ def saved_rows(model: nn.Module, adapter: str, prefix: str, tensors: Dict[str, T
     """Puts adapter `adapter`'s rows of tokens into `tensors` under peft's keys; returns the config's
     trainable_token_indices (a list when only the input embedding's rows are saved, else a dict by module name;
     None when it holds none). ValueError where peft's name matching would choose other modules too."""
+    from ..utils import plain_name
     held = {}
     for n, m in model.named_modules():
+        n = plain_name(n)
         if isinstance(m, TrainableTokens) and adapter in m.adapter_names:
             rows = m.modules_to_save[adapter]
             if not rows.__dict__["tied"]:
@@ -384,6 +386,7 @@ def saved_rows(model: nn.Module, adapter: str, prefix: str, tensors: Dict[str, T
                              f"trainable_token_indices entry {n!r} would also choose {others[:3]} (their names end "
                              f"with it)")
         tensors[prefix + n + DELTA_SUFFIX] = file_copy(rows.trainable_tokens_delta)
-    if list(held) == [input_embedding_name(model)]:
+    emb = input_embedding_name(model)
+    if emb is not None and list(held) == [plain_name(emb)]:
         return next(iter(held.values())).indices
     return {n: rows.indices for n, rows in held.items()}
