@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .reference import compute_dtype
+from .reference import autocast_dtype, autocast_eligible, compute_dtype
 from .named_adapters import _data_ptr, _is, _stamp, _token, _unchanged
 
 # The batches open in this context: {layer: LayerBatch}; None when none is (a thread starts with none).
@@ -636,6 +636,16 @@ def layout_of(shape, n: int) -> Optional[str]:
     return "tokens" if batch_shape(shape, n, "tokens") is not None else None
 
 
+def _narrowed_by_autocast(layer, x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast would compute layer's matmul in, where it is narrower than the layer's weight's; else
+    None."""
+    dtype = autocast_dtype(x)
+    weight = layer.weight_2d()
+    if dtype is None or not autocast_eligible(weight) or weight.dtype == dtype:
+        return None
+    return dtype if torch.finfo(dtype).bits < torch.finfo(weight.dtype).bits else None
+
+
 class LayerBatch:
     """A layer's view of an open batch: its slots and the batch's index buffers."""
 
@@ -689,6 +699,20 @@ class LayerBatch:
         add, sub = batch.index(layer, x.device, merged, size)
         if conv:  # (one row per batch entry: its (channels, ...) are its features)
             return ops.batched_conv(layer.conv, x, self.slots.deltas, self.slots.scales, add, sub)
+        narrow = _narrowed_by_autocast(layer, x) if sub is not None and kind(layer) == "linear" else None
+        if narrow is not None:
+            # rows served relative to a merged adapter, under autocast to a narrower dtype than the weight's: the
+            # merged output rounded to it, and the merged update taken out of that, left the other rows the
+            # autocast dtype's rounding of |W + the merged update| (B1: 0.080 off float64 where the row alone was
+            # 0.0074). In the weight's dtype, then cast as autocast would: as the README says, the weight dtype's
+            device_type = "cuda" if x.is_cuda else "cpu"
+            with torch.autocast(device_type, enabled=False):
+                return self._forward_rows(layer, x.to(layer.weight_2d().dtype), add, sub, tokens).to(narrow)
+        return self._forward_rows(layer, x, add, sub, tokens)
+
+    def _forward_rows(self, layer, x: Tensor, add, sub, tokens) -> Tensor:
+        """A Linear's or an Embedding's output for the batch's rows: the weight's, each row's adapter added, the
+        merged one taken out (sub)."""
         out = layer._weight_forward(x)
         if not tokens or not out.numel():  # (no tokens, or no outputs: nothing to add)
             return out

@@ -217,3 +217,42 @@ def test_a_checkpoint_wrapped_model_saves_under_its_plain_names(tmp_path):
         lora.load_peft_adapter(ours, str(tmp_path / "ad"), "x")
         ours = ours.eval()(x).logits
     assert (theirs - ref).abs().max().item() < 1e-5 and (ours - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_mixed_batch_under_autocast_takes_the_merged_update_out_in_the_weights_dtype(seed):
+    """B1: a float32 layer merged with adapter a, served in a mixed batch under CPU autocast(bfloat16): the other
+    rows took a's update out of the merged output rounded to bfloat16, so they carried bfloat16's rounding of
+    |W + a's update| (a tiny Llama: 0.080 off float64, where the row served alone was 0.0074). Now they are within
+    what the same rows served unmerged (bfloat16 matmuls) are."""
+    torch.manual_seed(seed)
+    d, names = 128, ["a", "b", None, "b", "a"]
+    m = lora.Linear(d, d, r=8, bias=False)
+    with torch.no_grad():
+        m.weight.normal_(0, 0.002)  # the merged update ~100 times the weight
+    W0 = m.weight.detach().double().clone()
+    factors = {}
+    for name in ("a", "b"):
+        A, B = torch.randn(8, d) * 0.1, torch.randn(d, 8) * 0.1
+        m.add_adapter(name, A, B, 2.0)
+        factors[name] = (A.double(), B.double())
+    m.set_adapter("a")
+    m.eval()
+    assert m.merged
+    x = torch.randn(len(names), d)
+    ref = x.double() @ W0.t()
+    for i, name in enumerate(names):
+        if name is not None:
+            A, B = factors[name]
+            ref[i] += 2.0 * (x[i].double() @ A.t() @ B.t())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with lora.batch_adapters(m, names):
+            got = m(x)
+        m.unmerge()
+        with lora.batch_adapters(m, names):
+            unmerged = m(x)
+    assert got.dtype == torch.bfloat16  # (as autocast gives)
+    for i, name in enumerate(names):
+        err, base_err = ((t[i].double() - ref[i]).abs().max().item() for t in (got, unmerged))
+        # bfloat16's rounding of the row's own output (8 bits), where |W + a's update| rounded gave ~30x that
+        assert err <= 2 * base_err + 2 ** -8 * ref[i].abs().max().item(), (name, err, base_err)
