@@ -924,6 +924,7 @@ class NamedAdapters:
             self._finite_stamps.pop(name, None)
             self.__dict__.get("_placeholders", set()).discard(name)
             self.__dict__.get("_own_ranks", {}).pop(name, None)
+            self.__dict__.get("_kept_grads", {}).pop(name, None)  # (sharded.swap_grads)
             if self._owner == name:  # the live Parameters are the active adapter's from now on
                 self._owner = None
 
@@ -1257,6 +1258,8 @@ class NamedAdapters:
             sharded.copy_into(live_B, lora_B, check=False)
             self.scaling = scaling
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
+            if name != self.active_adapter and (live_A.requires_grad or live_B.requires_grad):
+                sharded.swap_grads(self, self.active_adapter, name)  # (each adapter's gradients its own)
 
     def settle_parameters(self) -> None:
         """When the factors are trainable but the live Parameters are another adapter's own (lent to the active

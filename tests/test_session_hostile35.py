@@ -256,3 +256,75 @@ def test_a_mixed_batch_under_autocast_takes_the_merged_update_out_in_the_weights
         err, base_err = ((t[i].double() - ref[i]).abs().max().item() for t in (got, unmerged))
         # bfloat16's rounding of the row's own output (8 bits), where |W + a's update| rounded gave ~30x that
         assert err <= 2 * base_err + 2 ** -8 * ref[i].abs().max().item(), (name, err, base_err)
+
+
+def _two_adapters():
+    import torch.nn as nn
+    torch.manual_seed(0)
+    net = nn.Sequential(lora.Linear(8, 6, r=2, lora_alpha=4), lora.Linear(6, 4, r=2, lora_alpha=4))
+    g = torch.Generator().manual_seed(1)
+    for m in net:
+        nn.init.normal_(m.lora_B, std=0.3)
+        m.add_adapter("b", torch.randn(2, m.lora_A.shape[1], generator=g) * 0.3,
+                      torch.randn(m.lora_B.shape[0], 2, generator=g) * 0.3, 2.0)
+    lora.mark_only_lora_as_trainable(net)
+    return net
+
+
+def _switch_with_gradients(rank, world, mode):
+    """FSDP2 (2 ranks, each half of the batch), mode "accumulate": a backward of 'default' without gradient sync, a
+    trainable switch to 'b', a backward of 'b', a step; "step-after": a backward of 'default', the switch, a step.
+    Then back to 'default' and a step. Each adapter's factors after."""
+    import torch.nn as nn
+    from torch.distributed.fsdp import fully_shard
+    net = _two_adapters()
+    for m in net:
+        fully_shard(m)
+    fully_shard(net)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 4, generator=g)
+    half = slice(rank * 2, rank * 2 + 2)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    net.set_requires_gradient_sync(mode != "accumulate")
+    nn.functional.mse_loss(net(x[0, half]), y[0, half]).backward()
+    net.set_requires_gradient_sync(True)
+    lora.set_adapter(net, "b")
+    if mode == "accumulate":
+        nn.functional.mse_loss(net(x[1, half]), y[1, half]).backward()
+    opt.step()
+    opt.zero_grad()
+    lora.set_adapter(net, "default")  # its gradient, kept through the switch, comes back
+    if mode == "accumulate":  # (never reduced: a backward with sync adding nothing reduces it)
+        (net(x[0, half]).sum() * 0).backward()
+    opt.step()
+    out = {}
+    for name in ("b", "default"):
+        lora.set_adapter(net, name)
+        out[name] = {k: v.double() for k, v in lora.lora_state_dict(net).items()}
+    return out
+
+
+def test_fsdp2_a_trainable_switch_keeps_each_adapters_gradients_with_it():
+    """F1: FSDP2 holds one pair of sharded live factors, which a switch writes the next adapter's values into: the
+    gradient of a backward (or of accumulation without sync) before the switch stayed on them, so 'b' stepped with
+    'default''s gradient (0.31 off) or accumulated onto it (1.35 off), on every rank alike. Now each adapter's
+    gradients go with it, as each adapter's own Parameters hold theirs in one process."""
+    import torch.nn as nn
+    from dist import run_ranks
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 4, generator=g)
+
+    def alone(name, batch):  # one process, the adapter trained alone on its micro-batch (the ranks' mean)
+        net = _two_adapters()
+        lora.set_adapter(net, name)
+        opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+        if batch is not None:
+            nn.functional.mse_loss(net(x[batch]), y[batch]).backward()
+            opt.step()
+        return {k: v.double() for k, v in lora.lora_state_dict(net).items()}
+    for mode in ("accumulate", "step-after"):
+        want = {"b": alone("b", 1 if mode == "accumulate" else None), "default": alone("default", 0)}
+        for out in run_ranks(_switch_with_gradients, mode):
+            for name in ("b", "default"):
+                err = max((out[name][k] - want[name][k]).abs().max().item() for k in want[name])
+                assert err < 1e-6, (mode, name, err)
