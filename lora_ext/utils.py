@@ -148,6 +148,10 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
     loralib; lora_state_dict saves the same biases).
     """
     _check_bias(bias)
+    # FSDP2: the flags go on the sharded Parameters, not on all-gathered copies (a forward leaves the root's, or
+    # those of reshard_after_forward=False, gathered) that the next reshard drops: the factors trained nothing,
+    # and an optimizer built over the gathered copies stepped tensors no forward reads (F1)
+    sharded.reshard_fsdp(model)
     lora = {id(p) for _, m in _lora_layers(model) if m.has_lora for p in (m.lora_A, m.lora_B)}
     lora |= {id(p) for _, copy in _active_copies(model) for p in copy.parameters()}
     if bias == "lora_only":

@@ -328,3 +328,48 @@ def test_fsdp2_a_trainable_switch_keeps_each_adapters_gradients_with_it():
             for name in ("b", "default"):
                 err = max((out[name][k] - want[name][k]).abs().max().item() for k in want[name])
                 assert err < 1e-6, (mode, name, err)
+
+
+def _unfreeze_after_a_gathered_forward(rank, world, how):
+    import torch.nn as nn
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    net = nn.Sequential(lora.Linear(8, 6, r=2, lora_alpha=4), lora.Linear(6, 4, r=2, lora_alpha=4))
+    for m in net:
+        nn.init.normal_(m.lora_B, std=0.3)
+    net.requires_grad_(False)  # served frozen first
+    if how == "per-layer":
+        for m in net:
+            fully_shard(m, reshard_after_forward=False)
+    fully_shard(net)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        net(x)  # leaves the parameters gathered
+    lora.mark_only_lora_as_trainable(net, bias="all")
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    net(x).square().mean().backward()
+    opt.step()
+    return {k: v.double() for k, v in lora.lora_state_dict(net).items()}
+
+
+def test_fsdp2_mark_only_lora_as_trainable_after_a_gathered_forward_trains_the_factors():
+    """F1: mark_only_lora_as_trainable after a forward that left FSDP2's parameters gathered set the flags on the
+    gathered copies, which the next reshard dropped: the factors never trained (the biases did, so nothing
+    raised)."""
+    import torch.nn as nn
+    from dist import run_ranks
+    torch.manual_seed(0)
+    net = nn.Sequential(lora.Linear(8, 6, r=2, lora_alpha=4), lora.Linear(6, 4, r=2, lora_alpha=4))
+    for m in net:
+        nn.init.normal_(m.lora_B, std=0.3)
+    lora.mark_only_lora_as_trainable(net, bias="all")
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.5)
+    x = torch.randn(4, 8, generator=torch.Generator().manual_seed(2))
+    before = {k: v.double().clone() for k, v in lora.lora_state_dict(net).items()}
+    net(x).square().mean().backward()
+    opt.step()
+    want = {k: v.double() for k, v in lora.lora_state_dict(net).items()}
+    assert max((want[k] - before[k]).abs().max().item() for k in want if "lora_" in k) > 1e-3
+    for how in ("root", "per-layer"):
+        for got in run_ranks(_unfreeze_after_a_gathered_forward, how):
+            assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6, how
