@@ -39,7 +39,7 @@ from torch.nn.modules import module as _nn_module
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import batched, ddp_guard, forks, lossless, ops, sharded, ties
-from .named_adapters import MERGED, NamedAdapters, deferred_interrupt, switch_started
+from .named_adapters import MERGED, NamedAdapters, _stamp, _unchanged, deferred_interrupt, switch_started
 from .streams import StreamOrder
 
 
@@ -1517,23 +1517,49 @@ class LoRALayer(NamedAdapters):
         return (f"{self._describe()}: its weight is not a registered parameter (a parametrization, weight_norm or "
                 f"pruning computes it); merges write the weight in place and cannot write through that: {remedy}")
 
-    def _fp16_room(self, *adapters):
-        """A float16 weight's range, checked at every write against what the weight holds now (value stamps
-        do not see W): max|W| plus the bounds |s| r max|A| max|B| of the adapters the write adds or takes out.
-        One device sync; float16 only, the one weight dtype narrow enough for realistic updates to leave."""
+    def _weight_room(self, *adapters, check: bool = True) -> Optional[float]:
+        """The weight's range, checked before a write that adds or takes out `adapters`: max|W| (its finite elements:
+        what is inf or NaN stays so) plus the bounds |s| r max|A| max|B| of the adapters. Returns a bound on max|W|
+        after the write, which the caller keeps once it wrote (_keep_weight_bound); check=False (an unmerge, which
+        gives the base back) only computes it. A float16 weight, the one dtype narrow enough for realistic updates to
+        leave, is looked at at every write (value stamps do not see writes through .data); the others where the
+        bound kept since lora_ext's last write is stale (another write since) or too large (L1: a bfloat16 or
+        float32 weight near its dtype's max merged to inf without a word, and a float32 unmerge of that left inf in
+        the base for good). One device sync."""
         w = self._weight_2d()
-        if w.dtype != torch.float16 or not w.numel():
-            return
-        tensors = [w] + [t for A, B, _ in adapters for t in (A, B)]
-        # W's finite elements: what is inf or NaN already stays so (a lossless merge keeps it as an exception)
-        maxes = torch.stack([sharded.abs_max(w, finite=True)] + [sharded.abs_max(t) for t in tensors[1:]]).tolist()
-        update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[1::2], maxes[2::2]))
-        if not maxes[0] + update <= torch.finfo(torch.float16).max:  # (a bound: each update's own max, s3)
+        if not w.is_floating_point() or not w.numel():
+            return None
+        fp16 = w.dtype == torch.float16
+        if fp16 and not check:
+            return None
+        kept = self.__dict__.get("_weight_bound")
+        weight = self._weight_param()
+        known = None if fp16 or kept is None or not _unchanged(kept[0], weight, weight) else kept[1]
+        factors = [t for A, B, _ in adapters for t in (A, B)]
+        looked = ([] if known is not None else [sharded.abs_max(w, finite=True)])
+        maxes = torch.stack(looked + [sharded.abs_max(t) for t in factors]).tolist() if looked or factors else []
+        top = torch.finfo(w.dtype).max
+        w_max = known if known is not None else maxes.pop(0)
+        update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[0::2], maxes[1::2]))
+        if not w_max + update <= top and known is not None:  # (the bound kept grew: W itself again)
+            w_max = float(sharded.abs_max(w, finite=True))
+        if not w_max + update <= top:  # (a bound: each update's own max, s3)
             update = sum(abs(s) * ops._update_max(A, B) for A, B, s in adapters)
-        if not maxes[0] + update <= torch.finfo(torch.float16).max:
+        if check and not w_max + update <= top:
             raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
-                             f"reach {update:.3g} on a weight of up to {maxes[0]:.3g}, beyond torch.float16's "
-                             f"range (6.55e+04)")
+                             f"reach {update:.3g} on a weight of up to {w_max:.3g}, beyond {w.dtype}'s range "
+                             f"({top:.3g}); nothing was written")
+        return w_max + update
+
+    def _keep_weight_bound(self, bound: Optional[float]) -> None:
+        """After lora_ext's write into the weight: _weight_room's bound on it, kept until the weight is written
+        otherwise (its version counter or storage changes)."""
+        weight = self._weight_param()
+        stamp = None if bound is None else _stamp(weight, weight)
+        if stamp is None:
+            self.__dict__.pop("_weight_bound", None)
+        else:
+            self.__dict__["_weight_bound"] = (stamp, bound)
 
     def _check_untied(self):
         """Refuses a merge into a weight other modules compute with (lora_ext.ties), before anything is written."""
@@ -1555,7 +1581,7 @@ class LoRALayer(NamedAdapters):
         if sharded.reshard_if_gathered(self) and not untied:
             self._check_untied()
         self._check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
-        self._fp16_room((self.lora_A, self.lora_B, self.scaling))
+        bound = self._weight_room((self.lora_A, self.lora_B, self.scaling))
         exact = self._lossless_now()
         self._streams.write(self._weight_2d().device)
         known = self._known_finite(self.active_adapter)
@@ -1575,6 +1601,7 @@ class LoRALayer(NamedAdapters):
             self._stamp_finite(MERGED, known)
             self.merged = True  # (in the bookkeeping: the callers' own assignment would come after the mark's end)
             written[0] = False
+        self._keep_weight_bound(bound)
 
     def _weight_param(self) -> Tensor:
         """The weight parameter, which merges write in place (ConvLoRA: its conv's). A KeyError naming the layer
@@ -1751,6 +1778,7 @@ class LoRALayer(NamedAdapters):
         self._see_new_memory()
         if self._merged_A is None:  # (taken as the base: nothing to take out)
             return
+        bound = self._weight_room((self._merged_A, self._merged_B, self._merged_scaling), check=False)
         self._streams.write(self._weight_2d().device)
         with deferred_interrupt(), self._writing("unmerge") as written:
             written.watch(target)
@@ -1766,6 +1794,7 @@ class LoRALayer(NamedAdapters):
             self._finite_stamps.pop(MERGED, None)
             self.merged = False  # (in the bookkeeping: see _merge)
             written[0] = False
+        self._keep_weight_bound(bound)
 
     def _swap_merged(self, lora_A: Tensor, lora_B: Tensor, scaling: float, name: Optional[str] = None):
         """When merged, replaces the merged adapter by (lora_A, lora_B, scaling) in one pass over the weight
@@ -1781,7 +1810,7 @@ class LoRALayer(NamedAdapters):
             return
         if not self._known_finite(MERGED):
             ops.check_finite("the merged adapter", self._merged_A, self._merged_B, self._merged_scaling)
-        self._fp16_room((self._merged_A, self._merged_B, self._merged_scaling), (lora_A, lora_B, scaling))
+        bound = self._weight_room((self._merged_A, self._merged_B, self._merged_scaling), (lora_A, lora_B, scaling))
         self._streams.write(self._weight_2d().device)
         snapshot = (lora_A.clone(), lora_B.clone(), scaling)
         with deferred_interrupt(), self._writing("switch") as written:
@@ -1804,6 +1833,7 @@ class LoRALayer(NamedAdapters):
             self._set_merged(*snapshot, record, weight=target)
             self._stamp_finite(MERGED)
             written[0] = False
+        self._keep_weight_bound(bound)
 
     def _apply(self, fn, recurse=True):
         """module.to(...) and the like (_apply_merged). A change of the live factors' or the weight's dtype forgets
@@ -1937,7 +1967,7 @@ class LoRALayer(NamedAdapters):
             refusal = self.merge_refusal()
             if refusal is None:
                 try:
-                    self._fp16_room((A, B, s))
+                    self._weight_room((A, B, s))
                 except ValueError as err:
                     refusal = str(err)
             if refusal is None:

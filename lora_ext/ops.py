@@ -622,7 +622,7 @@ def check_finite(name: str, lora_A: Tensor, lora_B: Tensor, scaling: float,
     scaling * lora_B stays finite in the compute precision. With weight_dtype, also unless the update
     scaling * B @ A is bounded within that dtype's range (|update| <= |scaling| * r * max|A| * max|B|, a bound
     that can refuse an update whose true values would fit). What the weight itself holds is the layers'
-    check at write time (layers.LoRALayer._fp16_room)."""
+    check at write time (layers.LoRALayer._weight_room)."""
     _check_finite_scaling(f"{name}: scaling", scaling)
     _check_values([(name, lora_A, lora_B, scaling)], weight_dtype)
 

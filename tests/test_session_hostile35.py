@@ -373,3 +373,60 @@ def test_fsdp2_mark_only_lora_as_trainable_after_a_gathered_forward_trains_the_f
     for how in ("root", "per-layer"):
         for got in run_ranks(_unfreeze_after_a_gathered_forward, how):
             assert max((got[k] - want[k]).abs().max().item() for k in want) < 1e-6, how
+
+
+def _near_the_top(dtype):
+    """Linear(4, 3) of `dtype`: W[0, 0] = 0.9 max, an adapter whose update is 0.2 max along row 0 (W + update
+    overflows there), and one whose update is 0.01 max along row 1 (W + update fits)."""
+    big = torch.finfo(dtype).max
+    layer = lora.Linear(4, 3, r=1, lora_alpha=1)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, 0] = big * 0.9
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.zero_()
+        layer.lora_B[1, 0] = big * 0.01
+        A = torch.ones(1, 4)
+        B = torch.zeros(3, 1)
+        B[0, 0] = big * 0.2
+    layer.add_adapter("over", A, B, 1.0)
+    return layer.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16], ids=str)
+def test_a_merge_past_the_weights_range_is_refused_before_it_writes(dtype):
+    """L1: a bfloat16 or float32 weight near its dtype's max merged an update that took it past: inf in the
+    weight without a word (the merged forward NaN), and a lossy float32 unmerge left inf in the base for good. Only
+    float16's range was checked. Now every dtype's is, before anything is written."""
+    layer = _near_the_top(dtype)
+    w0 = layer.weight.detach().clone()
+    layer.eval()  # 'default' fits: merged
+    assert layer.merged and torch.isfinite(layer.weight).all()
+    with pytest.raises(ValueError, match=rf"adapter 'default': the update scaling \* B @ A can reach .* beyond "
+                                         rf"{dtype}'s range .*nothing was written"):
+        layer.set_adapter("over")  # a merged switch past the range: refused, the weight as it was
+    assert layer.merged and layer.active_adapter == "default"
+    layer.train()
+    assert torch.equal(layer.weight.view(torch.uint8), w0.view(torch.uint8)) or dtype == torch.float32
+    assert (layer.weight.double() - w0.double()).abs().max().item() <= 1e-6 * w0.double().abs().max().item()
+    layer.set_adapter("over")
+    with pytest.raises(ValueError, match=rf"adapter 'over': the update .* beyond {dtype}'s range"):
+        layer.eval()
+    assert not layer.merged and torch.isfinite(layer.weight).all()
+
+
+def test_the_weights_kept_bound_is_forgotten_when_the_weight_is_written_otherwise():
+    """_weight_room keeps its bound on a bfloat16 or float32 weight between lora_ext's own writes; an optimizer's
+    step or an in-place write since is a write it did not make: the weight is looked at again."""
+    layer = _near_the_top(torch.float32)
+    with torch.no_grad():
+        layer.weight.zero_()
+    layer.eval()
+    layer.train()  # a bound kept: max|W| about 0.01 max
+    assert "_weight_bound" in layer.__dict__
+    with torch.no_grad():
+        layer.weight[0, 0] = torch.finfo(torch.float32).max * 0.9  # an in-place write: version counter
+    layer.set_adapter("over")
+    with pytest.raises(ValueError, match="beyond torch.float32's range"):
+        layer.eval()
+    assert torch.isfinite(layer.weight).all()
