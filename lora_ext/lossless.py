@@ -249,12 +249,17 @@ def _restore_rows(wp, d, packed, dtype, m, base_index, exc_index, exc_bits):
     an escape not in the list holds its base already). A coded element whose merged value is not finite keeps it:
     no merge codes such an element (it lists it), so the value was written into the merged weight, and it stays,
     as a lossy unmerge keeps it (inf - d = inf). (A finite merged value under a non-finite d is restored as any
-    other: that is another backend's merge, whose sum did not overflow where this one's did.)"""
+    other: that is another backend's merge, whose sum did not overflow where this one's did.) A coded element's base
+    is finite (no merge codes another): a restore past the dtype's largest value is of a value written into the
+    merged weight there, which is given its lossy unmerge T(c) (L1: a finite write at the top of float16's range came
+    back inf or NaN, one code step past it)."""
     cols = wp.shape[1]
     code = _unpack(packed, dtype, cols)
     c = wp.double() - d.double()
     it = _INT[dtype]
-    bits = torch.where(wp.isfinite(), _bits(_restore(c, code, dtype, m), it), wp.view(it))
+    restored = _bits(_restore(c, code, dtype, m), it)
+    restored = torch.where(restored.view(dtype).isfinite(), restored, c.float().to(dtype).view(it))
+    bits = torch.where(wp.isfinite(), restored, wp.view(it))
     esc = code == m
     if bool(esc.any()):
         flat = esc.reshape(-1).nonzero().squeeze(1)

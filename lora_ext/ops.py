@@ -690,6 +690,13 @@ def _update_max(lora_A: Tensor, lora_B: Tensor, elements: int = 1 << 22) -> floa
 
 
 def _swap_impl(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids, transposed):
+    small, large = sorted((abs(old_scale), abs(new_scale)))
+    if 0 < small < large * torch.finfo(torch.float32).tiny and _kernels.takes(weight, old_A, old_B, new_A, new_B):
+        # the kernel folds the smaller scale into a float32 multiplier of the other (merge_host.h apply_swap):
+        # below float32's normal range it lost its adapter's term (K1: scales 1e38 apart, 7.86 off): two merges
+        _merge_impl(weight, old_A, old_B, -old_scale, num_blocks, block_ids, transposed)
+        _merge_impl(weight, new_A, new_B, new_scale, num_blocks, block_ids, transposed)
+        return
     if _kernels.takes(weight, old_A, old_B, new_A, new_B):
         a1, b1, a2, b2 = _kernel_factors(weight.dtype, old_A, old_B, new_A, new_B)
         _writes_now(weight)  # (the statement before the launch)

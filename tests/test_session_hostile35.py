@@ -430,3 +430,92 @@ def test_the_weights_kept_bound_is_forgotten_when_the_weight_is_written_otherwis
     with pytest.raises(ValueError, match="beyond torch.float32's range"):
         layer.eval()
     assert torch.isfinite(layer.weight).all()
+
+
+def _written_at_the_top(dtype, unmerge, d_row0):
+    """An 8 x 8 weight of `dtype`, an adapter merged losslessly (d = s B A: d_row0 along row 0, 0.001 elsewhere),
+    rows 0 and 1 then written to the dtype's largest value, and unmerged by `unmerge`: (the base, rows 0-1 after,
+    d's rows 0-1), float64."""
+    from lora_ext import ops
+    torch.manual_seed(0)
+    w = torch.randn(8, 8).to(dtype)
+    w0 = w.double().clone()
+    A = torch.ones(1, 8)
+    B = torch.full((8, 1), 0.001)
+    B[0, 0] = d_row0
+    rec = ops.merge_(w, A, B, 1.0, lossless=True)
+    with torch.no_grad():
+        w[:2] = torch.finfo(dtype).max
+    unmerge(w, A, B, 1.0, rec)
+    return w0[:2], w[:2].double(), (B.double() @ A.double())[:2]
+
+
+def _cpu_unmerge(w, A, B, s, rec):
+    from lora_ext import ops
+    ops.unmerge_(w, A, B, s, record=rec)
+
+
+def _reference_unmerge(w, A, B, s, rec):
+    from unittest import mock
+
+    from lora_ext import lossless, ops
+    with mock.patch.object(lossless, "_pass", lossless._pass_reference):
+        ops.unmerge_(w, A, B, s, record=rec)
+
+
+def _sim_unmerge(w, A, B, s, rec):
+    from helpers import load_sim
+
+    from lora_ext import ops
+    with ops.use_kernels(load_sim(), "cpu"):
+        ops.unmerge_(w, A, B, s, record=rec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("unmerge", [_cpu_unmerge, _reference_unmerge, _sim_unmerge], ids=["cpu", "reference", "sim"])
+def test_a_finite_value_written_at_the_top_of_the_range_unmerges_as_a_lossy_unmerge_would(dtype, unmerge):
+    """L1: a merged float16/bfloat16 weight written with the dtype's largest value came back inf from a lossless
+    unmerge where the value minus d is finite (d > 0: 20 of 64 float16, 23 of 64 bfloat16 elements), and NaN
+    (bits 0x7c01) where it is past the top (d < 0), one code step past the largest value, on every backend. Such an
+    element takes its lossy unmerge, T(value - d): finite where that is, inf where that is, never NaN."""
+    if unmerge is _sim_unmerge:
+        from helpers import load_sim
+        if load_sim() is None:
+            pytest.skip("lora_ext._sim is not built")
+    top = torch.finfo(dtype).max
+    ulp = top * torch.finfo(dtype).eps
+    for d_row0 in (0.001, -20.0 if dtype == torch.float16 else -1e36):
+        base, rows, d = _written_at_the_top(dtype, unmerge, d_row0)
+        assert not rows.isnan().any(), (d_row0, rows)
+        lossy = (top - d).to(dtype).double()  # T(value - d): inf past the top
+        near = (rows - lossy).abs() <= ulp
+        same_inf = rows.isinf() & lossy.isinf() & (rows.sign() == lossy.sign())
+        escaped = rows == base  # (an escape holds its base bits in the record)
+        assert (near | same_inf | escaped).all(), (d_row0, rows, lossy)
+        if d_row0 > 0:
+            assert torch.isfinite(rows).all(), rows
+
+
+@pytest.mark.parametrize("old_scale", [1e-30, 1e-36])
+def test_a_kernel_swap_between_scales_far_apart_keeps_both_terms(old_scale):
+    """K1: the swap kernel folds the smaller scale into a float32 multiplier of the larger (merge_host.h): scales
+    more than float32's normal range apart made it subnormal or 0, and the old adapter's term was lost (old scale
+    1e-38 beside 1e10: 7.86 off float64, the whole term). Checked through the simulator standing in for the CUDA
+    kernels."""
+    from helpers import load_sim
+
+    from lora_ext import ops
+    sim = load_sim()
+    if sim is None:
+        pytest.skip("lora_ext._sim is not built")
+    torch.manual_seed(0)
+    w0 = torch.randn(16, 16)
+    a2, b2, new_scale = torch.randn(2, 16) * 1e-5, torch.randn(16, 2) * 1e-5, 1e10
+    fac = (1.0 / old_scale) ** 0.5
+    a1, b1 = torch.randn(2, 16) * fac, torch.randn(16, 2) * fac
+    ref = w0.double() - old_scale * (b1.double() @ a1.double()) + new_scale * (b2.double() @ a2.double())
+    assert (old_scale * (b1.double() @ a1.double())).abs().max().item() > 1  # the old term matters
+    w = w0.clone()
+    with ops.use_kernels(sim, "cpu"):
+        ops.swap_(w, a1, b1, old_scale, a2, b2, new_scale)
+    assert (w.double() - ref).abs().max().item() < 1e-6 * max(1.0, ref.abs().max().item())

@@ -294,6 +294,9 @@ LORA_INLINE int64_t restore_row(const RestoreArgs<K>& a) {
     float wpf = to_float<K>(wpb);
     double c = static_cast<double>(wpf) - static_cast<double>(df);
     uint32_t bits = restore_bits<K>(c, cd, cv);
+    // a coded element's base is finite: a restore past the largest value is of a value written into the merged
+    // weight, which takes its lossy unmerge T(c) (one code step past the top is inf or NaN)
+    bits = finite<K>(bits) ? bits : from_float<K>(static_cast<float>(c), cv);
     bool e = cd == Tr<K>::M;
     // a merged value that is not finite keeps its bits: no merge codes one, so it was written while merged
     bool keep = e | !(std::fabs(wpf) < HUGE_VALF);

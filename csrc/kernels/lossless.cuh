@@ -237,7 +237,12 @@ __device__ __forceinline__ void lossless_tile(const Args<T, Tab>& p) {
         const double cc = (double)to_float(wp) - (double)p.old_scale * (double)acc[q][v];
         if (code != kM) {
           // (a merged value that is not finite was written while merged, as no merge codes one: it stays)
-          if (finite((double)to_float(wp))) w[q].v[v] = from_ordinal<T>(restore<T>(cc, code));
+          // (a coded element's base is finite: a restore past the largest value is of a value written there,
+          // which takes its lossy unmerge T(c); one code step past the top is inf or NaN)
+          if (finite((double)to_float(wp))) {
+            const T r = from_ordinal<T>(restore<T>(cc, code));
+            w[q].v[v] = finite((double)to_float(r)) ? r : from_float<T>((float)cc);
+          }
         } else {
           const long long at = lookup(p.old_exc_index, p.old_count, index0 + (long long)row * n_total + v);
           if (at >= 0) w[q].v[v] = Tr::value(p.old_exc_bits[at]);
