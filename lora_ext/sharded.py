@@ -146,15 +146,18 @@ def abs_max(t: Tensor, finite: bool = False) -> Tensor:
     empty (FSDP2's dim-0 shards of a rank-r factor on more than r ranks, uneven tensor-parallel rows) gives 0,
     where DTensor's own amax raises on it."""
     x = local(t).detach()
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # (a float64 value past float32's range)
     if not x.numel():
-        m = x.new_zeros((), dtype=torch.float32)
+        m = x.new_zeros((), dtype=wide)
     else:  # (aminmax: one pass, no temporaries, about 10x abs().amax() on a CPU; NaN comes out as NaN)
-        lo, hi = torch.aminmax(x.float() if x.is_floating_point() and x.element_size() == 1 else x)
-        m = torch.maximum(-lo, hi).float()
+        if x.is_floating_point() and x.element_size() == 1:  # (float8: neither aminmax nor nan_to_num)
+            x = x.float()
+        lo, hi = torch.aminmax(x)
+        m = torch.maximum(-lo.to(wide), hi.to(wide))
         if finite and not bool(m.isfinite()):  # (inf or NaN in it: the finite elements' max, the slow way)
-            m = x.abs().nan_to_num(0.0, 0.0, 0.0).amax().float()
+            m = x.abs().nan_to_num(0.0, 0.0, 0.0).amax().to(wide)
         elif not finite:
-            m = m.nan_to_num(float("inf"))
+            m = m.nan_to_num(float("inf"), float("inf"))
     m = m.reshape(1)
     return (_max_over_mesh(m, t.device_mesh) if is_dtensor(t) else m)[0]
 

@@ -61,6 +61,7 @@ def test_merge_never_walks_into_a_link_back_up_the_base(tmp_path):
     base = tmp_path / "base"
     model.save_pretrained(str(base), max_shard_size="60KB")
     os.symlink(".", base / "loop")
+    os.symlink("..", base / "up")  # (r12: the parent was walked; it holds the adapter's weights, named as the base's)
     (base / "a").mkdir()
     (base / "b").mkdir()
     (base / "a" / "note.txt").write_text("a")
@@ -519,3 +520,24 @@ def test_a_kernel_swap_between_scales_far_apart_keeps_both_terms(old_scale):
     with ops.use_kernels(sim, "cpu"):
         ops.swap_(w, a1, b1, old_scale, a2, b2, new_scale)
     assert (w.double() - ref).abs().max().item() < 1e-6 * max(1.0, ref.abs().max().item())
+
+
+def test_a_float64_weight_past_float32s_range_merges():
+    """r12: the range check took max|W| in float32, so a float64 weight holding 1e300 was refused every merge
+    ("can reach 0.000456 on a weight of up to inf"); and sharded.abs_max gave 3.4e38 for inf with finite=False."""
+    from lora_ext import sharded
+    layer = lora.Linear(4, 3, r=1, lora_alpha=1).double()
+    with torch.no_grad():
+        layer.weight[0, 0] = 1e300
+        layer.lora_B.fill_(0.5)
+    w0 = layer.weight.detach().clone()
+    layer.eval()
+    assert layer.merged
+    want = w0 + layer.lora_B.detach() @ layer.lora_A.detach()
+    assert torch.equal(layer.weight, want)
+    assert sharded.abs_max(torch.tensor([1.0, float("inf")])).item() == float("inf")
+    assert sharded.abs_max(torch.tensor([1.0, float("nan")])).item() == float("inf")
+    assert sharded.abs_max(torch.tensor([-3.0, float("inf")]), finite=True).item() == 3.0
+    assert sharded.abs_max(torch.tensor([-2.0, 1e300], dtype=torch.float64)).item() == 1e300
+    f8 = torch.tensor([1.0, -4.0, float("nan")]).to(torch.float8_e5m2)
+    assert sharded.abs_max(f8, finite=True).item() == 4.0

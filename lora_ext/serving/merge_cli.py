@@ -204,16 +204,16 @@ def _input_files(base):
 
 def _side_files(base_dir):
     """Every file under the base directory (subfolders too: tokenizer/, original/; not hidden ones: .git, .cache),
-    symbolic links followed, but never into a directory the walk is already inside (h9: a link back up, loop -> .,
-    was walked into loop/loop/... until the system refused the path, and named or copied what it found at each
-    depth). Two links to one directory elsewhere are both followed."""
+    symbolic links followed, but never into a directory the walk is already inside, nor one holding it (h9: a link
+    back up, loop -> ., was walked into loop/loop/... until the system refused the path, and named or copied what it
+    found at each depth; r12: up -> .. walked the parent). Two links to one directory elsewhere are both followed."""
     inside = {base_dir: frozenset([os.path.realpath(base_dir)])}  # {walked path: the real directories it lies in}
     for root, dirs, names in os.walk(base_dir, followlinks=True):
         above = inside.pop(root)
         kept = []
         for d in sorted(d for d in dirs if not d.startswith(".")):
             real = os.path.realpath(os.path.join(root, d))
-            if real not in above:
+            if not any(_inside(a, real) for a in above):
                 inside[os.path.join(root, d)] = above | {real}
                 kept.append(d)
         dirs[:] = kept
