@@ -1258,8 +1258,8 @@ class NamedAdapters:
             sharded.copy_into(live_B, lora_B, check=False)
             self.scaling = scaling
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
-            if name != self.active_adapter and (live_A.requires_grad or live_B.requires_grad):
-                sharded.swap_grads(self, self.active_adapter, name)  # (each adapter's gradients its own)
+            if name != self.active_adapter:  # (each adapter's gradients its own; frozen too: r12)
+                sharded.swap_grads(self, self.active_adapter, name)
 
     def settle_parameters(self) -> None:
         """When the factors are trainable but the live Parameters are another adapter's own (lent to the active

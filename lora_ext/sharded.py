@@ -239,27 +239,95 @@ def reset_after_refused_backward(module) -> bool:
         return False
 
 
+_BY_MODULE = [None, {}]  # (the composable states it was found at, {id(module): {param name: FSDPParam}})
+
+
+def _fsdp_params_of(module) -> dict:
+    """{parameter name: FSDPParam} of the parameters FSDP2 manages for `module` itself: one dict lookup, the map
+    made again only when modules gain or lose a composable state (as fsdp2_owner's set; r12: a scan of every
+    parameter for each layer of a switch took 2.0 s at 256 layers)."""
+    if not _distributed():
+        return {}
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:
+        return {}
+    entries = getattr(_module_state_mapping, "data", None)
+    key = None if entries is None else (len(entries), next(reversed(entries), None))
+    if key is None or _BY_MODULE[0] != key:
+        found = {}
+        for _, p in _fsdp_params():
+            found.setdefault(id(p._module_info.module), {})[p._module_info.param_name] = p
+        if key is None:
+            return found.get(id(module), {})
+        _BY_MODULE[:] = [key, found]
+    return _BY_MODULE[1].get(id(module), {})
+
+
+# {id(live factor Parameter): (weak references to it and its .grad, that gradient's version)} as an optimizer's step
+# left it: a gradient a step consumed is not kept through a trainable switch (swap_grads). (Not a WeakKeyDictionary:
+# it compares tensors with ==)
+_STEPPED = {}
+
+
+def _note_stepped(optimizer, args, kwargs) -> None:
+    """After every optimizer's step (a global hook, registered at import): the sharded (DTensor) Parameters' gradients
+    it consumed. Distributed runs only; one pass over the optimizer's parameters."""
+    if not _distributed():
+        return
+    if len(_STEPPED) > 4096:  # (Parameters gone since: their entries)
+        for key in [k for k, v in _STEPPED.items() if v[0]() is None]:
+            del _STEPPED[key]
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            g = p.grad
+            if g is not None and is_dtensor(p):
+                _STEPPED[id(p)] = (weakref.ref(p), weakref.ref(g), g._version)
+
+
+def _register_step_hook() -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook  # (torch.optim deletes the name `optimizer`)
+    register_optimizer_step_post_hook(_note_stepped)
+
+
+_register_step_hook()
+
+
+def _unstepped(t: Tensor) -> Optional[Tensor]:
+    """t's gradient, or None where an optimizer's step consumed it as it is (not accumulated into since)."""
+    g = t.grad
+    if g is None:
+        return None
+    seen = _STEPPED.get(id(t))
+    return None if seen is not None and seen[0]() is t and seen[1]() is g and seen[2] == g._version else g
+
+
 def swap_grads(layer, old: str, new: str) -> None:
-    """A trainable switch of FSDP2's (or tensor parallel's) live factors from adapter `old` to `new`, which writes
-    `new`'s values into the same Parameters: their gradients stay with `old` (kept on the layer) and `new`'s kept
-    ones (none, where it has none) take their place, as each adapter's own Parameters hold theirs in one process
-    (F1: a backward of `old`, a switch, and the step gave `new` the gradient of `old`, 0.31 off, on every rank;
-    across gradient accumulation without sync, FSDP2's unreduced gradient of `old` went into `new`'s, 1.35 off). Each
-    gradient is FSDP2's sharded `.grad`, its unreduced accumulation and the gathered Parameter's `.grad`."""
+    """A switch of FSDP2's (or tensor parallel's) live factors from adapter `old` to `new`, which writes `new`'s values
+    into the same Parameters: their gradients stay with `old` (kept on the layer) and `new`'s kept ones (none, where
+    it has none) take their place, as each adapter's own Parameters hold theirs in one process (F1: a backward of
+    `old`, a switch, and the step gave `new` the gradient of `old`, 0.31 off, on every rank; across gradient
+    accumulation without sync, FSDP2's unreduced gradient of `old` went into `new`'s, 1.35 off; r12: frozen for the
+    switch, the same). Each gradient is FSDP2's sharded `.grad`, its unreduced accumulation and the gathered
+    Parameter's `.grad`. A gradient an optimizer's step consumed since it was written is not kept (r12: zeroed
+    through the next adapter's live factors, a stepped gradient came back and was added to, 0.157 off)."""
     live = [layer.lora_A, layer.lora_B]
-    params = {p._module_info.param_name: p for _, p in _fsdp_params()
-              if p._module_info.module is layer and p._module_info.param_name in ("lora_A", "lora_B")}
+    params = {n: p for n, p in _fsdp_params_of(layer).items() if n in ("lora_A", "lora_B")}
 
     def held(name):
-        p = params.get(name)
-        gathered = getattr(p, "_unsharded_param", None) if p is not None else None
-        return (getattr(p, "unsharded_accumulated_grad", None) if p is not None else None,
-                gathered.grad if gathered is not None else None)
+        p = params[name]
+        gathered = getattr(p, "_unsharded_param", None)
+        return (getattr(p, "unsharded_accumulated_grad", None), gathered.grad if gathered is not None else None)
     kept = layer.__dict__.setdefault("_kept_grads", {})
-    now = ([t.grad for t in live], {name: held(name) for name in params})
-    if new not in kept and all(g is None for g in now[0]) and all(g is None for gs in now[1].values() for g in gs):
-        return  # (nothing held, nothing to give back: the serving-like case of a trainable switch)
-    kept[old] = now
+    now = ([_unstepped(t) for t in live], {name: held(name) for name in params})
+    if all(g is None for g in now[0]) and all(g is None for gs in now[1].values() for g in gs):
+        kept.pop(old, None)
+        if new not in kept:
+            for t in live:
+                t.grad = None  # (a stepped gradient: the next adapter's are none)
+            return
+    else:
+        kept[old] = now
     grads, fsdp = kept.pop(new, ([None, None], {}))
     for t, g in zip(live, grads):
         t.grad = g

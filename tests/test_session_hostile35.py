@@ -274,7 +274,8 @@ def _two_adapters():
 
 def _switch_with_gradients(rank, world, mode):
     """FSDP2 (2 ranks, each half of the batch), mode "accumulate": a backward of 'default' without gradient sync, a
-    trainable switch to 'b', a backward of 'b', a step; "step-after": a backward of 'default', the switch, a step.
+    trainable switch to 'b', a backward of 'b', a step; "step-after": a backward of 'default', the switch, a step;
+    "frozen": a backward of 'default', the switch made while frozen, a backward of 'b', a step.
     Then back to 'default' and a step. Each adapter's factors after."""
     import torch.nn as nn
     from torch.distributed.fsdp import fully_shard
@@ -289,8 +290,12 @@ def _switch_with_gradients(rank, world, mode):
     net.set_requires_gradient_sync(mode != "accumulate")
     nn.functional.mse_loss(net(x[0, half]), y[0, half]).backward()
     net.set_requires_gradient_sync(True)
+    if mode == "frozen":
+        net.requires_grad_(False)  # (an evaluation between: the switch made frozen, r12)
     lora.set_adapter(net, "b")
-    if mode == "accumulate":
+    if mode == "frozen":
+        lora.mark_only_lora_as_trainable(net)
+    if mode in ("accumulate", "frozen"):
         nn.functional.mse_loss(net(x[1, half]), y[1, half]).backward()
     opt.step()
     opt.zero_grad()
@@ -308,8 +313,9 @@ def _switch_with_gradients(rank, world, mode):
 def test_fsdp2_a_trainable_switch_keeps_each_adapters_gradients_with_it():
     """F1: FSDP2 holds one pair of sharded live factors, which a switch writes the next adapter's values into: the
     gradient of a backward (or of accumulation without sync) before the switch stayed on them, so 'b' stepped with
-    'default''s gradient (0.31 off) or accumulated onto it (1.35 off), on every rank alike. Now each adapter's
-    gradients go with it, as each adapter's own Parameters hold theirs in one process."""
+    'default''s gradient (0.31 off) or accumulated onto it (1.35 off), on every rank alike; r12: a switch made while
+    the factors were frozen kept them there (0.0438 off). Now each adapter's gradients go with it, as each
+    adapter's own Parameters hold theirs in one process."""
     import torch.nn as nn
     from dist import run_ranks
     g = torch.Generator().manual_seed(2)
@@ -323,8 +329,8 @@ def test_fsdp2_a_trainable_switch_keeps_each_adapters_gradients_with_it():
             nn.functional.mse_loss(net(x[batch]), y[batch]).backward()
             opt.step()
         return {k: v.double() for k, v in lora.lora_state_dict(net).items()}
-    for mode in ("accumulate", "step-after"):
-        want = {"b": alone("b", 1 if mode == "accumulate" else None), "default": alone("default", 0)}
+    for mode in ("accumulate", "step-after", "frozen"):
+        want = {"b": alone("b", None if mode == "step-after" else 1), "default": alone("default", 0)}
         for out in run_ranks(_switch_with_gradients, mode):
             for name in ("b", "default"):
                 err = max((out[name][k] - want[name][k]).abs().max().item() for k in want[name])
@@ -541,3 +547,61 @@ def test_a_float64_weight_past_float32s_range_merges():
     assert sharded.abs_max(torch.tensor([-2.0, 1e300], dtype=torch.float64)).item() == 1e300
     f8 = torch.tensor([1.0, -4.0, float("nan")]).to(torch.float8_e5m2)
     assert sharded.abs_max(f8, finite=True).item() == 4.0
+
+
+_X3 = torch.randn(3, 4, 8, generator=torch.Generator().manual_seed(2))
+_Y3 = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(3))
+
+
+def _per_adapter_loop(net, opts, x, y, how):
+    """3 iterations; each: [both optimizers zeroed ("top")], then per adapter: switch, [its optimizer zeroed
+    ("each")], backward, step."""
+    import torch.nn as nn
+    for it in range(3):
+        if how == "top":
+            for o in opts.values():
+                o.zero_grad()
+        for name in ("default", "b"):
+            lora.set_adapter(net, name)
+            if how == "each":
+                opts[name].zero_grad()
+            nn.functional.mse_loss(net(x[it]), y[it]).backward()
+            opts[name].step()
+    out = {}
+    for name in ("b", "default"):
+        lora.set_adapter(net, name)
+        out[name] = {k: v.double().clone() for k, v in lora.lora_state_dict(net).items()}
+    return out
+
+
+def _per_adapter_ranks(rank, world, how):
+    from torch.distributed.fsdp import fully_shard
+    net = _two_adapters()
+    for m in net:
+        fully_shard(m)
+    fully_shard(net)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opts = {n: torch.optim.SGD(params, lr=0.05) for n in ("default", "b")}
+    half = slice(rank * 2, rank * 2 + 2)
+    return _per_adapter_loop(net, opts, _X3[:, half], _Y3[:, half], how)
+
+
+@pytest.mark.parametrize("how", ["top", "each"])
+def test_fsdp2_per_adapter_optimizers_train_as_in_one_process(how):
+    """r12 on swap_grads: an optimizer per adapter over FSDP2's live factors, each adapter stepped after its own
+    backward. Zeroed together at the top of each iteration ("top"), a gradient already stepped came back at the
+    switch and was added to (0.157 off). One process, each adapter its own Parameters and optimizer, is the
+    reference."""
+    from dist import run_ranks
+
+    def own(net, name):
+        lora.set_adapter(net, name)
+        lora.mark_only_lora_as_trainable(net)
+        return [p for n, p in net.named_parameters() if "lora_" in n]
+    net = _two_adapters()
+    want = _per_adapter_loop(net, {n: torch.optim.SGD(own(net, n), lr=0.05) for n in ("default", "b")},
+                             _X3, _Y3, how)
+    for out in run_ranks(_per_adapter_ranks, how):
+        for name in ("default", "b"):
+            err = max((out[name][k] - want[name][k]).abs().max().item() for k in want[name])
+            assert err < 1e-6, (how, name, err)
