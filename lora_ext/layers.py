@@ -1517,21 +1517,28 @@ class LoRALayer(NamedAdapters):
         return (f"{self._describe()}: its weight is not a registered parameter (a parametrization, weight_norm or "
                 f"pruning computes it); merges write the weight in place and cannot write through that: {remedy}")
 
-    def _weight_room(self, *adapters, check: bool = True) -> Optional[float]:
-        """The weight's range, checked before a write that adds or takes out `adapters`: max|W| (its finite elements:
-        what is inf or NaN stays so) plus the bounds |s| r max|A| max|B| of the adapters. Returns a bound on max|W|
-        after the write, which the caller keeps once it wrote (_keep_weight_bound); check=False (an unmerge, which
-        gives the base back) only computes it. A float16 weight, the one dtype narrow enough for realistic updates to
-        leave, is looked at at every write (value stamps do not see writes through .data); the others where the
-        bound kept since lora_ext's last write is stale (another write since) or too large (L1: a bfloat16 or
-        float32 weight near its dtype's max merged to inf without a word, and a float32 unmerge of that left inf in
-        the base for good). One device sync."""
+    def _weight_room(self, added, taken_out=None, check: bool = True) -> Optional[float]:
+        """The weight's range, checked before a write that adds adapter `added` (A, B, s) and takes out `taken_out`
+        (a switch; an unmerge takes out alone): max|W| (its finite elements: what is inf or NaN stays so) plus the
+        bounds |s| r max|A| max|B|, and where those reach past the dtype's range the sum itself, W + s B A element
+        by element in float64 (a W-sized copy; r12: a negative weight under a positive update was refused). Returns
+        a bound on max|W| after the write, which the caller keeps once it wrote (_keep_weight_bound); check=False
+        (an unmerge, which gives the base back) only computes it. A float16 weight, the one dtype narrow enough for
+        realistic updates to leave, is looked at at every write (value stamps do not see writes through .data); the
+        others where the bound kept since lora_ext's last write is stale (another write since) or too large (L1: a
+        bfloat16 or float32 weight near its dtype's max merged to inf without a word, and a float32 unmerge of that
+        left inf in the base for good). One device sync. (Not for tensor subclasses other than DTensor, whose values
+        cannot be read here, nor for sharded bfloat16 and float32 weights: as before, unchecked.)"""
         w = self._weight_2d()
-        if not w.is_floating_point() or not w.numel():
+        if not w.is_floating_point() or not w.numel() or not (type(w) in (Tensor, nn.Parameter)
+                                                               or sharded.is_dtensor(w)):
             return None
         fp16 = w.dtype == torch.float16
-        if fp16 and not check:
+        if (fp16 and not check) or (not fp16 and sharded.is_dtensor(w)):
+            # (a sharded weight's max is a collective: bfloat16 and float32 ones stay unchecked, as before, so that
+            # ranks that disagree meet the switch's own agreement first, not this one's reduction)
             return None
+        adapters = [a for a in (added, taken_out) if a is not None]
         kept = self.__dict__.get("_weight_bound")
         weight = self._weight_param()
         known = None if fp16 or kept is None or not _unchanged(kept[0], weight, weight) else kept[1]
@@ -1546,10 +1553,29 @@ class LoRALayer(NamedAdapters):
         if not w_max + update <= top:  # (a bound: each update's own max, s3)
             update = sum(abs(s) * ops._update_max(A, B) for A, B, s in adapters)
         if check and not w_max + update <= top:
+            summed = self._summed_max(added, taken_out)
+            if summed is not None and summed <= top:
+                return summed
+            reach = f"{summed:.3g}" if summed is not None else f"{update:.3g} on a weight of up to {w_max:.3g}"
             raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
-                             f"reach {update:.3g} on a weight of up to {w_max:.3g}, beyond {w.dtype}'s range "
-                             f"({top:.3g}); nothing was written")
+                             f"reach {reach}, beyond {w.dtype}'s range ({top:.3g}); nothing was written")
         return w_max + update
+
+    def _summed_max(self, added, taken_out) -> Optional[float]:
+        """max over W's finite elements of |W + s B A (- the adapter taken out)|, in float64 (a copy of W); None
+        for a sharded weight (its parts lie on other ranks)."""
+        w = self._weight_2d()
+        if sharded.is_dtensor(w):
+            return None
+        w64 = w.detach().double()
+        finite = torch.isfinite(w64)
+        with torch.no_grad():
+            for pair, sign in ((taken_out, -1.0), (added, 1.0)):
+                if pair is not None:
+                    A, B = _whole(*pair[:2])
+                    ops.merge_(w64, A.detach().double(), B.detach().double(), sign * pair[2], **self._layout())
+        values = w64[finite].abs()
+        return float(values.max()) if values.numel() else 0.0
 
     def _keep_weight_bound(self, bound: Optional[float]) -> None:
         """After lora_ext's write into the weight: _weight_room's bound on it, kept until the weight is written
@@ -1778,7 +1804,7 @@ class LoRALayer(NamedAdapters):
         self._see_new_memory()
         if self._merged_A is None:  # (taken as the base: nothing to take out)
             return
-        bound = self._weight_room((self._merged_A, self._merged_B, self._merged_scaling), check=False)
+        bound = self._weight_room(None, (self._merged_A, self._merged_B, self._merged_scaling), check=False)
         self._streams.write(self._weight_2d().device)
         with deferred_interrupt(), self._writing("unmerge") as written:
             written.watch(target)
@@ -1810,7 +1836,7 @@ class LoRALayer(NamedAdapters):
             return
         if not self._known_finite(MERGED):
             ops.check_finite("the merged adapter", self._merged_A, self._merged_B, self._merged_scaling)
-        bound = self._weight_room((self._merged_A, self._merged_B, self._merged_scaling), (lora_A, lora_B, scaling))
+        bound = self._weight_room((lora_A, lora_B, scaling), (self._merged_A, self._merged_B, self._merged_scaling))
         self._streams.write(self._weight_2d().device)
         snapshot = (lora_A.clone(), lora_B.clone(), scaling)
         with deferred_interrupt(), self._writing("switch") as written:

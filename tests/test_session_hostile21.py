@@ -92,9 +92,9 @@ def _served64(layer, base, x):
     return layer_forward64(layer, p, x.double(), layer.scaling)
 
 
-@pytest.mark.parametrize("where", ["_fp16_room", "_put_snapshot"])
+@pytest.mark.parametrize("where", ["_weight_room", "_put_snapshot"])
 def test_new_memory_landing_inside_a_merged_switch_is_judged_after_it(where):
-    # before the swap is written (_fp16_room) it served base + b - default, merged; after it, before the note
+    # before the swap is written (_weight_room) it served base + b - default, merged; after it, before the note
     # (_put_snapshot), the base alone, merged: train() then took b out of a base that never held it
     layer, base = _merged_pair()
     real = getattr(layer, where)
