@@ -706,6 +706,8 @@ class LoRALayer(NamedAdapters):
     # merges, unmerges and merged switches so far (_set_merged), as a string: a compiled forward under inductor's
     # freezing, which holds the weight as a constant, guards on it (_serves_merged; dynamo may make an int symbolic)
     _weight_writes: str = "0"
+    # the live factors' in-place writes (NamedAdapters._note_factor_write), as a string, for freezing's guard (_scales)
+    _factor_writes: str = "0"
 
     def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool,
                  lossless: Optional[bool] = None):
@@ -1694,6 +1696,8 @@ class LoRALayer(NamedAdapters):
                                     "hold the factors in the dtype of the layer and its input")
             return self.scaling, None
         if _freezing():
+            if self._factor_writes == "":  # (never: the comparison makes dynamo guard on the count, so that an in-place
+                raise AssertionError       # switch, whose factors freezing folded into constants, compiles anew)
             return self.scaling, None
         return t, None
 

@@ -474,6 +474,14 @@ class NamedAdapters:
     def _fill_pair_scales(self, param: Tensor, scaling: float) -> None:
         """The values of adapter (scaling) were written into `param`: its scale tensors hold that scaling."""
         _fill_scales(self._pair_scales(param), scaling)
+        self._note_factor_write()
+
+    def _note_factor_write(self) -> None:
+        """New values in the live factors or their scale tensor (a switch in place, a load): a count, as a string,
+        which a forward compiled under inductor's freezing guards on (layers.LoRALayer._scales: freezing folds what
+        aten ops compute from the factors into constants, a convolution's delta or autocast's casts of them; X1: a
+        compiled forward served the adapter switched away from, 101 off)."""
+        self.__dict__["_factor_writes"] = str(int(self.__dict__.get("_factor_writes", "0")) + 1)
 
     def _sync_scale_tensor(self) -> None:
         """`_scaling_t` made the live lora_A's scale tensor (see above) on its device, in the dtype the factors take
@@ -492,6 +500,7 @@ class NamedAdapters:
                 t = torch.full((1,), self.scaling, dtype=dtype, device=live.device)
             owned.append(t)
         _fill_scales(owned, self.scaling)
+        self._note_factor_write()
         self.__dict__.update(_scaling_t=t, _scale_owner=live)
 
     def _scale_owner_changed(self) -> bool:

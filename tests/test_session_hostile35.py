@@ -605,3 +605,54 @@ def test_fsdp2_per_adapter_optimizers_train_as_in_one_process(how):
         for name in ("default", "b"):
             err = max((out[name][k] - want[name][k]).abs().max().item() for k in want[name])
             assert err < 1e-6, (how, name, err)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "linear-autocast"])
+def test_an_in_place_switch_under_inductor_freezing_is_seen_unmerged(kind):
+    """X1: inductor's freezing folds what aten ops compute from the factors into constants: an unmerged
+    convolution's delta, and autocast's bfloat16 casts of a Linear's factors. An in-place switch to an adapter of
+    the same scaling then went on serving the adapter switched away from (a Conv2d 101 off, a Linear under autocast
+    45 off, a tiny GPT-2 0.98). The forward now guards on the count of the factors' in-place writes."""
+    import contextlib
+
+    import torch._inductor.config as inductor
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    if kind == "conv2d":
+        layer = lora.Conv2d(3, 4, 3, r=2, lora_alpha=4)
+        x = torch.randn(2, 3, 6, 6, generator=g)
+    else:
+        layer = lora.Linear(16, 8, r=4, lora_alpha=8)
+        x = torch.randn(3, 16, generator=g)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    A, B, s = layer.get_adapter(layer.active_adapter)
+    factors = {}
+    for name in ("a", "b"):
+        factors[name] = (torch.randn(A.shape, generator=g), torch.randn(B.shape, generator=g))
+        layer.add_adapter(name, factors[name][0].clone(), factors[name][1].clone(), s)  # (one scaling)
+    layer.requires_grad_(False)
+    layer.set_adapter("a")
+    conv = layer.conv if kind == "conv2d" else layer
+    W, bias = conv.weight.detach().double(), conv.bias.detach().double()
+
+    def want(name):
+        a, b = (t.double() for t in factors[name])
+        if kind == "conv2d":
+            return F.conv2d(x.double(), W + s * (b @ a).view(W.shape), bias)
+        return x.double() @ (W + s * b @ a).t() + bias
+    cast = torch.autocast("cpu", torch.bfloat16) if kind != "conv2d" else contextlib.nullcontext()
+    tol = 0.5 if kind != "conv2d" else 1e-4  # (bfloat16 rounding; the adapters' outputs are tens apart)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad(), inductor.patch(freezing=True), cast:
+            compiled = torch.compile(layer)
+            for name in ("a", "b", "a", "b"):
+                layer.set_adapter(name)
+                other = "a" if name == "b" else "b"
+                got = compiled(x).double()
+                assert (got - want(name)).abs().max().item() < tol, name
+                assert (got - want(other)).abs().max().item() > 10 * tol, name
+    finally:
+        torch._dynamo.reset()
