@@ -536,7 +536,8 @@ class LayerSlots:
         """A conv's slot: its B A from the factors just written, computed in float32 (float64 for float64 slots)."""
         if self.deltas is not None:
             cd = compute_dtype(self.dtype)
-            self.deltas[slot].copy_(torch.mm(self.b[slot].t().to(cd), self.a[slot].t().to(cd)))
+            with torch.autocast(self.deltas.device.type, enabled=False):  # (r13: opened under autocast, bf16)
+                self.deltas[slot].copy_(torch.mm(self.b[slot].t().to(cd), self.a[slot].t().to(cd)))
 
     def _ready(self, slot: int) -> None:
         """A batch found `slot` already holding its adapter: on CUDA its stream waits for that write, which

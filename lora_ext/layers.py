@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.nn.modules import module as _nn_module
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import batched, ddp_guard, forks, lossless, ops, sharded, ties
+from . import batched, ddp_guard, forks, lossless, ops, reference, sharded, ties
 from .named_adapters import MERGED, NamedAdapters, _stamp, _unchanged, deferred_interrupt, switch_started
 from .streams import StreamOrder
 
@@ -1532,9 +1532,10 @@ class LoRALayer(NamedAdapters):
         left inf in the base for good). One device sync. (Not for tensor subclasses other than DTensor, whose values
         cannot be read here, nor for sharded bfloat16 and float32 weights: as before, unchecked.)"""
         w = self._weight_2d()
-        if not w.is_floating_point() or not w.numel() or not (type(w) in (Tensor, nn.Parameter)
-                                                               or sharded.is_dtensor(w)):
-            return None
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+        if not w.is_floating_point() or not w.numel() or (is_traceable_wrapper_subclass(w)
+                                                           and not sharded.is_dtensor(w)):
+            return None  # (r13: a plain subclass of nn.Parameter, vLLM's, is checked)
         fp16 = w.dtype == torch.float16
         if (fp16 and not check) or (not fp16 and sharded.is_dtensor(w)):
             # (a sharded weight's max is a collective: bfloat16 and float32 ones stay unchecked, as before, so that
@@ -1549,6 +1550,15 @@ class LoRALayer(NamedAdapters):
         maxes = torch.stack(looked + [sharded.abs_max(t) for t in factors]).tolist() if looked or factors else []
         top = torch.finfo(w.dtype).max
         w_max = known if known is not None else maxes.pop(0)
+        if check:  # the product B @ A itself, before the scaling: in the factors' compute dtype (r13: 1e20 factors
+            # under a scaling of 1e-10 fit the range, and B @ A was inf: inf merged, NaN unmerged)
+            for (A, B, _), a, b in zip(adapters, maxes[0::2], maxes[1::2]):
+                room = torch.finfo(reference.compute_dtype(B.dtype)).max
+                if B.shape[1] * a * b > room and ops._update_max(A, B) > room:
+                    raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the factors' product "
+                                     f"B @ A (before the scaling) is past {reference.compute_dtype(B.dtype)}'s range, "
+                                     f"where the merge computes it; scale the factors (B by the scaling) first. "
+                                     f"Nothing was written")
         update = sum(abs(s) * B.shape[1] * a * b for (A, B, s), a, b in zip(adapters, maxes[0::2], maxes[1::2]))
         if not w_max + update <= top and known is not None:  # (the bound kept grew: W itself again)
             w_max = float(sharded.abs_max(w, finite=True))
@@ -1556,11 +1566,16 @@ class LoRALayer(NamedAdapters):
             update = sum(abs(s) * ops._update_max(A, B) for A, B, s in adapters)
         if check and not w_max + update <= top:
             summed = self._summed_max(added, taken_out)
-            if summed is not None and summed <= top:
-                return summed
-            reach = f"{summed:.3g}" if summed is not None else f"{update:.3g} on a weight of up to {w_max:.3g}"
-            raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the update scaling * B @ A can "
-                             f"reach {reach}, beyond {w.dtype}'s range ({top:.3g}); nothing was written")
+            # (what rounds to the largest value fits: below it plus half its ulp; r13: a switch at the top refused)
+            below = torch.nextafter(torch.tensor(top, dtype=w.dtype), torch.tensor(0.0, dtype=w.dtype)).item()
+            if summed is not None and summed < top + (top - below) / 2:
+                return min(summed, top)
+            reach = (f"the weight plus the update reaches {summed:.6g}" if summed is not None else
+                     f"the update scaling * B @ A can reach {update:.6g} on a weight of up to {w_max:.6g}")
+            who = (f"switching from adapter {self.active_adapter!r}" if taken_out is not None
+                   else f"adapter {self.active_adapter!r}")
+            raise ValueError(f"{self._describe()}, {who}: {reach}, beyond {w.dtype}'s range ({top:.6g}); nothing "
+                             f"was written")
         return w_max + update
 
     def _summed_max(self, added, taken_out) -> Optional[float]:
@@ -1569,15 +1584,14 @@ class LoRALayer(NamedAdapters):
         w = self._weight_2d()
         if sharded.is_dtensor(w):
             return None
-        w64 = w.detach().double()
-        finite = torch.isfinite(w64)
+        w64 = w.detach().double()  # (one copy, 8 bytes an element; a non-finite element stays so: 0 here, r13)
+        w64.nan_to_num_(0.0, 0.0, 0.0)
         with torch.no_grad():
             for pair, sign in ((taken_out, -1.0), (added, 1.0)):
                 if pair is not None:
                     A, B = _whole(*pair[:2])
                     ops.merge_(w64, A.detach().double(), B.detach().double(), sign * pair[2], **self._layout())
-        values = w64[finite].abs()
-        return float(values.max()) if values.numel() else 0.0
+        return float(w64.abs_().max())
 
     def _keep_weight_bound(self, bound: Optional[float]) -> None:
         """After lora_ext's write into the weight: _weight_room's bound on it, kept until the weight is written
@@ -2405,6 +2419,8 @@ class LoRALayer(NamedAdapters):
                                                     factors)
             live = (self._parameters.get("lora_A"), self._parameters.get("lora_B"))
             nn.Module._load_from_state_dict(self, state_dict, prefix, *args)
+            if any(prefix + k in state_dict for k in ("lora_A", "lora_B")):
+                self._note_factor_write()  # (r13: an in-place load of the live factors, for freezing's guard)
             if any(self._parameters.get(k) is not p for k, p in zip(("lora_A", "lora_B"), live)):
                 # assign=True: the loaded tensors are the active adapter's own Parameters now, lent to no one, with
                 # a scale tensor of their own (on their device: after a meta-device build too)

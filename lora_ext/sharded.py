@@ -282,15 +282,53 @@ def _note_stepped(optimizer, args, kwargs) -> None:
         for p in group["params"]:
             g = p.grad
             if g is not None and is_dtensor(p):
-                _STEPPED[id(p)] = (weakref.ref(p), weakref.ref(g), g._version)
+                _STEPPED[id(p)] = (weakref.ref(p), weakref.ref(g), _grad_version(g))
 
 
 def _register_step_hook() -> None:
     from torch.optim.optimizer import register_optimizer_step_post_hook  # (torch.optim deletes the name `optimizer`)
     register_optimizer_step_post_hook(_note_stepped)
+    zero_grad = torch.optim.Optimizer.zero_grad
+    if getattr(zero_grad, "_lora_ext", False):
+        return
+
+    @functools.wraps(zero_grad)
+    def wrapped(self, *args, **kwargs):
+        out = zero_grad(self, *args, **kwargs)
+        if _KEPT_BY_PARAM:
+            _forget_kept(self)
+        return out
+    wrapped._lora_ext = True
+    torch.optim.Optimizer.zero_grad = wrapped
+
+
+# {id(live factor Parameter): weak references to it and its layer} while the layer keeps other adapters' gradients
+# (swap_grads): an optimizer's zero_grad over those factors forgets them too
+_KEPT_BY_PARAM = {}
+
+
+def _forget_kept(optimizer) -> None:
+    """After `optimizer.zero_grad()`: the gradients swap_grads keeps for the other adapters of the layers whose live
+    factors it holds are dropped as well, as the optimizer built over the live factors (each adapter's, in one
+    process) would zero theirs (r13: zeroed while another adapter was live, a gradient never stepped, GradScaler's
+    skipped step, came back at the switch and was added to, 0.0394 off)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            refs = _KEPT_BY_PARAM.pop(id(p), None)
+            layer = refs[1]() if refs is not None and refs[0]() is p else None
+            if layer is not None:
+                layer.__dict__.get("_kept_grads", {}).clear()
+                for t in (layer.__dict__["_parameters"].get("lora_A"), layer.__dict__["_parameters"].get("lora_B")):
+                    if t is not None:
+                        _KEPT_BY_PARAM.pop(id(t), None)
 
 
 _register_step_hook()
+
+
+def _grad_version(g):
+    """g's version and its local shard's (FSDP2 accumulates with `grad._local_tensor += ...`, r13)."""
+    return (g._version, g._local_tensor._version if is_dtensor(g) else None)
 
 
 def _unstepped(t: Tensor) -> Optional[Tensor]:
@@ -299,7 +337,7 @@ def _unstepped(t: Tensor) -> Optional[Tensor]:
     if g is None:
         return None
     seen = _STEPPED.get(id(t))
-    return None if seen is not None and seen[0]() is t and seen[1]() is g and seen[2] == g._version else g
+    return None if seen is not None and seen[0]() is t and seen[1]() is g and seen[2] == _grad_version(g) else g
 
 
 def swap_grads(layer, old: str, new: str) -> None:
@@ -328,6 +366,8 @@ def swap_grads(layer, old: str, new: str) -> None:
             return
     else:
         kept[old] = now
+        for t in live:  # (an optimizer's zero_grad over them forgets what is kept: _forget_kept)
+            _KEPT_BY_PARAM[id(t)] = (weakref.ref(t), weakref.ref(layer))
     grads, fsdp = kept.pop(new, ([None, None], {}))
     for t, g in zip(live, grads):
         t.grad = g
