@@ -40,6 +40,10 @@ MERGED = object()  # the stamp key of the merged snapshot (the factors the weigh
 _HELD_WARNINGS: contextvars.ContextVar = contextvars.ContextVar("lora_ext_held_warnings", default=None)
 
 
+# the numbers of adapters' generations and value epochs (add_adapter, check_values), never reused in a process
+_EPOCHS = itertools.count(1)
+
+
 @contextlib.contextmanager
 def held_warnings():
     """Holds back, in this context, the warnings add_adapter gives about Parameters it replaces: yields their list
@@ -851,8 +855,10 @@ class NamedAdapters:
             # (counted for every name, active or not, before the write: a backward under FSDP2 refuses after it, as
             # after a switch, layers._served_state; an inactive adapter replaced, then switched back to, was
             # let through and its gradients were the new factors' (46.5 off, v1))
-            generations = self.__dict__.setdefault("_generations", {})
-            generations[name] = generations.get(name, 0) + 1
+            # (numbers of one process-wide count, never reused: a name deleted and added again gets a new one, so
+            # delete_adapter drops the name's entries; M1: kept, they grew by one a name ever held)
+            self.__dict__.setdefault("_generations", {})[name] = next(_EPOCHS)
+            self.__dict__.setdefault("_value_epochs", {})[name] = next(_EPOCHS)
             if name == self.active_adapter:
                 live, rank = self._parameters.get("lora_A"), self.r
                 with deferred_interrupt(), self._switch_write(name):
@@ -934,6 +940,8 @@ class NamedAdapters:
             self.__dict__.get("_placeholders", set()).discard(name)
             self.__dict__.get("_own_ranks", {}).pop(name, None)
             self.__dict__.get("_kept_grads", {}).pop(name, None)  # (sharded.swap_grads)
+            self.__dict__.get("_generations", {}).pop(name, None)  # (numbers never reused: see add_adapter)
+            self.__dict__.get("_value_epochs", {}).pop(name, None)
             if self._owner == name:  # the live Parameters are the active adapter's from now on
                 self._owner = None
 
@@ -1386,14 +1394,14 @@ class NamedAdapters:
         The ops themselves check an adapter when it comes in and after in-place writes (_check_values)."""
         with self._lock:
             self._finite_stamps.pop(name, None)
-            epochs = self.__dict__.setdefault("_value_epochs", {})
-            epochs[name] = epochs.get(name, 0) + 1
+            self.__dict__.setdefault("_value_epochs", {})[name] = next(_EPOCHS)
             self._check_values(name, label)
 
     def value_epoch(self, name: str) -> int:
-        """How many times check_values(name) was called on this layer, plus lora_ext's own in-place writes into its
-        inference tensors (_inference_values_written): a cache of adapter `name`'s values keyed by version counters
-        also keys on this, so that writes the counters miss reach it."""
+        """A number that grows at each check_values(name) on this layer and each add_adapter of `name` (from one
+        process-wide count), plus lora_ext's own in-place writes into its inference tensors
+        (_inference_values_written): a cache of adapter `name`'s values keyed by version counters also keys on this,
+        so that writes the counters miss reach it."""
         return self.__dict__.get("_value_epochs", {}).get(name, 0) + self.__dict__.get("_inference_epoch", 0)
 
     def _check_values(self, name: str, label: str = None) -> None:

@@ -239,7 +239,9 @@ def reset_after_refused_backward(module) -> bool:
         return False
 
 
-_BY_MODULE = [None, {}]  # (the composable states it was found at, {id(module): {param name: FSDPParam}})
+# (the composable states it was found at, {id(module): {param name: weak reference to its FSDPParam}}: an FSDPParam
+# holds its module, so strong ones kept a deleted model alive, M1)
+_BY_MODULE = [None, {}]
 
 
 def _fsdp_params_of(module) -> dict:
@@ -257,11 +259,15 @@ def _fsdp_params_of(module) -> dict:
     if key is None or _BY_MODULE[0] != key:
         found = {}
         for _, p in _fsdp_params():
-            found.setdefault(id(p._module_info.module), {})[p._module_info.param_name] = p
+            found.setdefault(id(p._module_info.module), {})[p._module_info.param_name] = weakref.ref(p)
         if key is None:
-            return found.get(id(module), {})
-        _BY_MODULE[:] = [key, found]
-    return _BY_MODULE[1].get(id(module), {})
+            _BY_MODULE[:] = [None, {}]
+        else:
+            _BY_MODULE[:] = [key, found]
+    else:
+        found = _BY_MODULE[1]
+    params = {name: ref() for name, ref in found.get(id(module), {}).items()}
+    return {name: p for name, p in params.items() if p is not None and p._module_info.module is module}
 
 
 # {id(live factor Parameter): (weak references to it and its .grad, that gradient's version)} as an optimizer's step
