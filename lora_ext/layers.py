@@ -39,7 +39,8 @@ from torch.nn.modules import module as _nn_module
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from . import batched, ddp_guard, forks, lossless, ops, reference, sharded, ties
-from .named_adapters import MERGED, NamedAdapters, _stamp, _unchanged, deferred_interrupt, switch_started
+from .named_adapters import (MERGED, NamedAdapters, _EPOCHS, _stamp, _unchanged, deferred_interrupt,
+                             switch_started)
 from .streams import StreamOrder
 
 
@@ -789,6 +790,10 @@ class LoRALayer(NamedAdapters):
         state.setdefault("_merged_record", None)
         state.pop("_lora_ext_token", None)  # (the original's: this copy gets its own, ties._token)
         state.pop("_sharded_clear", None)  # (a look at the original's factors: named_adapters._activate_sharded)
+        for key in ("_generations", "_value_epochs"):  # (numbers of this process's count, never one it gave yet: the
+            # original's came from another process's, and a new one here could equal one, r14: 9.6 off)
+            if isinstance(state.get(key), dict):
+                state[key] = {name: next(_EPOCHS) for name in state[key]}
         for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
             # (copy.copy hands over the original's own dicts: a copy's merge, switch or new buffer was the original's)
             if isinstance(state.get(key), (dict, set)):
@@ -1566,15 +1571,18 @@ class LoRALayer(NamedAdapters):
             update = sum(abs(s) * ops._update_max(A, B) for A, B, s in adapters)
         if check and not w_max + update <= top:
             summed = self._summed_max(added, taken_out)
-            # (what rounds to the largest value fits: below it plus half its ulp; r13: a switch at the top refused)
+            # (what rounds to the largest value fits, where the sum is made wider than the weight and rounded once:
+            # below it plus half its ulp, r13: a float16 switch at the top was refused; a float32 weight's own sum
+            # rounds its B @ A first, and half an ulp past took it to inf, r14)
+            wide = w.dtype in (torch.float16, torch.bfloat16)
             below = torch.nextafter(torch.tensor(top, dtype=w.dtype), torch.tensor(0.0, dtype=w.dtype)).item()
-            if summed is not None and summed < top + (top - below) / 2:
+            if summed is not None and (summed < top + (top - below) / 2 if wide else summed <= top):
                 return min(summed, top)
-            reach = (f"the weight plus the update reaches {summed:.6g}" if summed is not None else
+            reach = (f"the weight plus the update reaches {summed:.9g}" if summed is not None else
                      f"the update scaling * B @ A can reach {update:.6g} on a weight of up to {w_max:.6g}")
             who = (f"switching from adapter {self.active_adapter!r}" if taken_out is not None
                    else f"adapter {self.active_adapter!r}")
-            raise ValueError(f"{self._describe()}, {who}: {reach}, beyond {w.dtype}'s range ({top:.6g}); nothing "
+            raise ValueError(f"{self._describe()}, {who}: {reach}, beyond {w.dtype}'s range ({top:.9g}); nothing "
                              f"was written")
         return w_max + update
 
@@ -1584,7 +1592,8 @@ class LoRALayer(NamedAdapters):
         w = self._weight_2d()
         if sharded.is_dtensor(w):
             return None
-        w64 = w.detach().double()  # (one copy, 8 bytes an element; a non-finite element stays so: 0 here, r13)
+        # (one copy, 8 bytes an element, a copy of a float64 weight too, r14; a non-finite element stays so: 0 here)
+        w64 = w.detach().to(torch.float64, copy=True)
         w64.nan_to_num_(0.0, 0.0, 0.0)
         with torch.no_grad():
             for pair, sign in ((taken_out, -1.0), (added, 1.0)):

@@ -827,3 +827,50 @@ def test_fsdp2_a_model_is_freed_after_a_trainable_switch():
     its module: a deleted FSDP2 model stayed alive after a trainable switch."""
     from dist import run_ranks
     assert run_ranks(_freed_after_a_trainable_switch) == [True, True]
+
+
+def test_the_range_checks_float64_sum_is_a_copy_and_float32_takes_no_half_ulp():
+    """r14: the float64 sum of the range check was the weight itself for a float64 weight (.double() is no copy): the
+    check wrote into it, a refused merge too ("nothing was written" over a weight of inf); and the half-ulp allowance,
+    right where the sum is made wider than the weight and rounded once (float16, bfloat16), let a float32 merge whose
+    own B @ A rounds up write inf."""
+    top64 = torch.finfo(torch.float64).max
+    layer = lora.Linear(2, 1, r=1, lora_alpha=1, bias=False).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[top64, -3.0]], dtype=torch.float64))
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(top64)
+    w0 = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="beyond torch.float64's range"):
+        layer.eval()
+    assert torch.equal(layer.weight, w0) and not layer.merged
+    top = torch.finfo(torch.float32).max
+    layer = lora.Linear(2, 1, r=2, lora_alpha=2, bias=False)  # scaling 1
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, 0] = top
+        layer.lora_A.copy_(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+        layer.lora_B.copy_(torch.tensor([[2.0 ** 102, 2.0 ** 102 - 2.0 ** 78]]))
+    with pytest.raises(ValueError, match="beyond torch.float32's range"):
+        layer.eval()
+    assert torch.isfinite(layer.weight).all() and not layer.merged
+
+
+def test_an_unpickled_layer_takes_fresh_generations_and_value_epochs():
+    """r14: generations and value epochs are numbers of a process-wide count, pickled with the layer; the loading
+    process's count starts again, so a number it gave later could equal a pickled one (a mixed batch's slot kept
+    the values from before a .data write and check_values: 9.60 off; a checkpoint's backward check let a replaced
+    adapter through). An unpickled layer renumbers them from this process's count."""
+    import io
+    import pickle
+    layer = lora.Linear(4, 4, r=2)
+    layer.add_adapter("b", torch.randn(2, 4), torch.randn(4, 2), 1.0)
+    layer.check_values("b")
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    from lora_ext import named_adapters
+    given = next(named_adapters._EPOCHS)  # (the count's next number before the load)
+    buf.seek(0)
+    for copy in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(layer))):
+        assert copy._generations and all(v > given for v in copy._generations.values())
+        assert all(v > given for v in copy.__dict__["_value_epochs"].values())
