@@ -638,13 +638,14 @@ def layout_of(shape, n: int) -> Optional[str]:
 
 
 def _narrowed_by_autocast(layer, x: Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast would compute layer's matmul in, where it is narrower than the layer's weight's; else
+    """The dtype autocast would compute layer's matmul in, where it is less precise than the layer's weight's; else
     None."""
     dtype = autocast_dtype(x)
     weight = layer.weight_2d()
     if dtype is None or not autocast_eligible(weight) or weight.dtype == dtype:
         return None
-    return dtype if torch.finfo(dtype).bits < torch.finfo(weight.dtype).bits else None
+    # (by precision, not width: bfloat16 autocast over a float16 weight, r15)
+    return dtype if torch.finfo(dtype).eps > torch.finfo(weight.dtype).eps else None
 
 
 class LayerBatch:

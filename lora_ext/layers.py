@@ -791,9 +791,12 @@ class LoRALayer(NamedAdapters):
         state.pop("_lora_ext_token", None)  # (the original's: this copy gets its own, ties._token)
         state.pop("_sharded_clear", None)  # (a look at the original's factors: named_adapters._activate_sharded)
         for key in ("_generations", "_value_epochs"):  # (numbers of this process's count, never one it gave yet: the
-            # original's came from another process's, and a new one here could equal one, r14: 9.6 off)
+            # original's came from another process's, and a new one here could equal one, r14: 9.6 off. In place:
+            # copy.copy shares the original's dicts with its tensors, and a check_values through the copy must reach
+            # the original's mixed-batch slots, r15: 8.83 off)
             if isinstance(state.get(key), dict):
-                state[key] = {name: next(_EPOCHS) for name in state[key]}
+                for name in list(state[key]):
+                    state[key][name] = next(_EPOCHS)
         for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
             # (copy.copy hands over the original's own dicts: a copy's merge, switch or new buffer was the original's)
             if isinstance(state.get(key), (dict, set)):

@@ -874,3 +874,61 @@ def test_an_unpickled_layer_takes_fresh_generations_and_value_epochs():
     for copy in (torch.load(buf, weights_only=False), pickle.loads(pickle.dumps(layer))):
         assert copy._generations and all(v > given for v in copy._generations.values())
         assert all(v > given for v in copy.__dict__["_value_epochs"].values())
+
+
+def test_a_check_values_through_a_shallow_copy_reaches_the_originals_batch_slots():
+    """r15: the renumbering of an unpickled layer's value epochs (r14) built new dicts, and copy.copy, which shares
+    the original's dicts and tensors, then kept its own: a .data write and check_values through the copy left the
+    original's mixed-batch slot stale (8.83 off)."""
+    import copy
+    torch.manual_seed(0)
+    m = lora.Linear(8, 8, r=2, bias=False)
+    m.eval()
+    m.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        with lora.batch_adapters(m, ["b", None]):
+            m(x)
+        c = copy.copy(m)
+        c._adapter("b")[1].data.mul_(3.0)  # (a write the version counters miss)
+        c.check_values("b")
+        with lora.batch_adapters(m, ["b", None]):
+            y = m(x)
+    A, B, s = m._adapter("b")
+    want = x[0].double() @ m.weight.double().t() + s * (x[0].double() @ A.double().t() @ B.double().t())
+    assert (y[0].double() - want).abs().max().item() < 1e-5
+
+
+def test_a_float16_weight_in_a_mixed_batch_under_bfloat16_autocast_computes_in_float16():
+    """r15: the mixed batch's autocast path (B1) compared the dtypes' widths, 16 and 16 bits, so a merged float16
+    weight under bfloat16 autocast (8 significant bits to float16's 11) took the merged update out in bfloat16: the
+    base row 16x worse than unmerged (0.0062 against 0.00038)."""
+    torch.manual_seed(0)
+    d, names = 128, ["a", "b", None, "b", "a"]
+    m = lora.Linear(d, d, r=8, bias=False, lossless=False)
+    with torch.no_grad():
+        m.weight.normal_(0, 0.002)
+    factors = {}
+    for name in ("a", "b"):
+        A, B = torch.randn(8, d) * 0.1, torch.randn(d, 8) * 0.1
+        m.add_adapter(name, A, B, 2.0)
+        factors[name] = (A.double(), B.double())
+    m = m.half()
+    W0 = m.weight.detach().double().clone()
+    m.set_adapter("a")
+    m.eval()
+    x = torch.randn(len(names), d)
+    ref = x.double() @ W0.t()
+    for i, name in enumerate(names):
+        if name is not None:
+            A, B = factors[name]
+            ref[i] += 2.0 * (x[i].double() @ A.t() @ B.t())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with lora.batch_adapters(m, names):
+            got = m(x)
+        m.unmerge()
+        with lora.batch_adapters(m, names):
+            unmerged = m(x)
+    for i, name in enumerate(names):
+        err, base_err = ((t[i].double() - ref[i]).abs().max().item() for t in (got, unmerged))
+        assert err <= 2 * base_err + 2 ** -8 * ref[i].abs().max().item(), (name, err, base_err)
