@@ -221,22 +221,25 @@ def test_a_checkpoint_wrapped_model_saves_under_its_plain_names(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_a_mixed_batch_under_autocast_takes_the_merged_update_out_in_the_weights_dtype(seed):
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16], ids=str)
+def test_a_mixed_batch_under_autocast_takes_the_merged_update_out_in_the_weights_dtype(seed, weight_dtype):
     """B1: a float32 layer merged with adapter a, served in a mixed batch under CPU autocast(bfloat16): the other
     rows took a's update out of the merged output rounded to bfloat16, so they carried bfloat16's rounding of
     |W + a's update| (a tiny Llama: 0.080 off float64, where the row served alone was 0.0074). Now they are within
-    what the same rows served unmerged (bfloat16 matmuls) are."""
+    what the same rows served unmerged (bfloat16 matmuls) are. r15: a float16 weight (16 bits, as bfloat16, but 11
+    significant to its 8) was left out: the base row 16x worse than unmerged (0.0062 against 0.00038)."""
     torch.manual_seed(seed)
     d, names = 128, ["a", "b", None, "b", "a"]
-    m = lora.Linear(d, d, r=8, bias=False)
+    m = lora.Linear(d, d, r=8, bias=False, lossless=False)
     with torch.no_grad():
         m.weight.normal_(0, 0.002)  # the merged update ~100 times the weight
-    W0 = m.weight.detach().double().clone()
     factors = {}
     for name in ("a", "b"):
         A, B = torch.randn(8, d) * 0.1, torch.randn(d, 8) * 0.1
         m.add_adapter(name, A, B, 2.0)
         factors[name] = (A.double(), B.double())
+    m = m.to(weight_dtype)
+    W0 = m.weight.detach().double().clone()
     m.set_adapter("a")
     m.eval()
     assert m.merged
@@ -897,38 +900,3 @@ def test_a_check_values_through_a_shallow_copy_reaches_the_originals_batch_slots
     A, B, s = m._adapter("b")
     want = x[0].double() @ m.weight.double().t() + s * (x[0].double() @ A.double().t() @ B.double().t())
     assert (y[0].double() - want).abs().max().item() < 1e-5
-
-
-def test_a_float16_weight_in_a_mixed_batch_under_bfloat16_autocast_computes_in_float16():
-    """r15: the mixed batch's autocast path (B1) compared the dtypes' widths, 16 and 16 bits, so a merged float16
-    weight under bfloat16 autocast (8 significant bits to float16's 11) took the merged update out in bfloat16: the
-    base row 16x worse than unmerged (0.0062 against 0.00038)."""
-    torch.manual_seed(0)
-    d, names = 128, ["a", "b", None, "b", "a"]
-    m = lora.Linear(d, d, r=8, bias=False, lossless=False)
-    with torch.no_grad():
-        m.weight.normal_(0, 0.002)
-    factors = {}
-    for name in ("a", "b"):
-        A, B = torch.randn(8, d) * 0.1, torch.randn(d, 8) * 0.1
-        m.add_adapter(name, A, B, 2.0)
-        factors[name] = (A.double(), B.double())
-    m = m.half()
-    W0 = m.weight.detach().double().clone()
-    m.set_adapter("a")
-    m.eval()
-    x = torch.randn(len(names), d)
-    ref = x.double() @ W0.t()
-    for i, name in enumerate(names):
-        if name is not None:
-            A, B = factors[name]
-            ref[i] += 2.0 * (x[i].double() @ A.t() @ B.t())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        with lora.batch_adapters(m, names):
-            got = m(x)
-        m.unmerge()
-        with lora.batch_adapters(m, names):
-            unmerged = m(x)
-    for i, name in enumerate(names):
-        err, base_err = ((t[i].double() - ref[i]).abs().max().item() for t in (got, unmerged))
-        assert err <= 2 * base_err + 2 ** -8 * ref[i].abs().max().item(), (name, err, base_err)
