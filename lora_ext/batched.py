@@ -703,7 +703,7 @@ class LayerBatch:
             return ops.batched_conv(layer.conv, x, self.slots.deltas, self.slots.scales, add, sub)
         narrow = _narrowed_by_autocast(layer, x) if sub is not None and kind(layer) == "linear" else None
         if narrow is not None:
-            # rows served relative to a merged adapter, under autocast to a narrower dtype than the weight's: the
+            # rows served relative to a merged adapter, under autocast to a less precise dtype than the weight's: the
             # merged output rounded to it, and the merged update taken out of that, left the other rows the
             # autocast dtype's rounding of |W + the merged update| (B1: 0.080 off float64 where the row alone was
             # 0.0074). In the weight's dtype, then cast as autocast would: as the README says, the weight dtype's

@@ -115,7 +115,6 @@ def _fsdp1_lora_state_dict(model: nn.Module, bias: str) -> dict:
     from FSDP1's full state dict (whole tensors on every rank, its wrapper names left out; every rank calls it), as the
     layers hold flat shard pieces between forwards (they gave 1-D pieces under FSDP1's names)."""
     from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
-    from torch.distributed.fsdp._common_utils import clean_tensor_name
     if not FullyShardedDataParallel.fsdp_modules(model):
         flat = next(name for name, m in _lora_layers(model) if sharded.fsdp1_flattened(m))
         raise ValueError(f"lora_state_dict: FSDP1 (FullyShardedDataParallel) flattened layer {flat!r} into a flat "
@@ -126,15 +125,14 @@ def _fsdp1_lora_state_dict(model: nn.Module, bias: str) -> dict:
         with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT,
                                                       FullStateDictConfig(rank0_only=False)):
             state = model.state_dict()
-    buffers = {clean_tensor_name(name) for name, _ in model.named_buffers()}  # (bias="all": parameters only)
+    buffers = {plain_name(name) for name, _ in model.named_buffers()}  # (bias="all": parameters only)
     keep = set()
-    for prefix, m in _lora_layers(model):
-        prefix = clean_tensor_name(prefix)
+    for prefix, m in _lora_layers(model):  # (plain names, as FSDP1's state dict has them)
         if m.has_lora:
             keep.update((prefix + "lora_A", prefix + "lora_B"))
         if bias == "lora_only":  # (by key: with use_orig_params=False the bias is a view, not a Parameter)
             keep.add(prefix + ("conv.bias" if isinstance(m, ConvLoRA) else "bias"))
-    copies = tuple(clean_tensor_name(prefix) for prefix, _ in _active_copies(model))
+    copies = tuple(prefix for prefix, _ in _active_copies(model))
     return {k: t.detach() for k, t in state.items()
             if k in keep or (bias == "all" and _is_bias(k) and k not in buffers) or (copies and k.startswith(copies))}
 

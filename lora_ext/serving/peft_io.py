@@ -1169,12 +1169,13 @@ def _peft_conv_factors(layer, name, A, B, r):
 
 def _plain_names(model):
     """The model's module names as a model without lora_ext layers has them (the insides of its layers left out;
-    a module saved whole (ModulesToSave) has its original module's insides)."""
+    a module saved whole (ModulesToSave) has its original module's insides), without torch's wrapper names
+    (utils.plain_name), sorted."""
     inner = tuple(n + "." for n, m in model.named_modules() if n and isinstance(m, (LoRALayer, _saved.ModulesToSave)))
     names = [n for n, _ in model.named_modules() if n and not n.startswith(inner)]
     for n, wrapper in _saved.wrappers(model):
         names += [f"{n}.{c}" for c, _ in wrapper.original_module.named_modules() if c]
-    return names
+    return sorted(set(map(plain_name, names)))
 
 
 def _saved_copies(model, found, adapter, tensors, every):
@@ -1276,7 +1277,7 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             p = layers.trained_dropout(layer, adapter)
             if p is not None:
                 dropouts[name] = p
-        every = sorted(set(map(plain_name, _plain_names(inner))))
+        every = _plain_names(inner)
         adapter = adapter_name if adapter_name is not None else wanted(found[0][1])
         saved = _saved_copies(inner, found, adapter, tensors, every)
         token_indices = _tokens.saved_rows(inner, adapter, PREFIX, tensors, every)
