@@ -315,11 +315,31 @@ def _layer_shape(weight, transposed):
 # merge_: weight += scale * delta-W, in place
 
 
+def _rows_apart(w: Tensor) -> bool:
+    """Whether the merge kernels take W's layout: column stride 1, rows at least a row apart (merge_host.h)."""
+    return (w.size(1) <= 1 or w.stride(1) == 1) and (w.size(0) <= 1 or w.stride(0) >= w.size(1))
+
+
+def _kernel_layout(weight: Tensor, transposed: bool):
+    """(w, transposed, copied): the 2-D weight in a layout the merge kernels take. A column-major weight (a
+    transposed view, or a checkpoint assigned as one) goes as its row-major transpose with the layout flag flipped:
+    the same elements, each with the same sum. Another layout (every other column) goes as a contiguous copy, which
+    the caller writes back (copied True). (K1: both were refused on CUDA, where the CPU merged them.)"""
+    if _rows_apart(weight):
+        return weight, transposed, False
+    if _rows_apart(weight.t()):
+        return weight.t(), not transposed, False
+    return weight.contiguous(), transposed, True
+
+
 def _merge_impl(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed):
     if _kernels.takes(weight, lora_A, lora_B):
         factors = _kernel_factors(weight.dtype, lora_A, lora_B)
+        w, layout, copied = _kernel_layout(weight, transposed)
         _writes_now(weight)  # (the statement before the launch)
-        _kernels.module.merge_(weight, *factors, scale, num_blocks, block_ids, transposed)
+        _kernels.module.merge_(w, *factors, scale, num_blocks, block_ids, layout)
+        if copied:
+            weight.copy_(w)
     else:
         reference.merge_(weight, lora_A, lora_B, scale, num_blocks, block_ids, transposed, once=True)
 
@@ -699,8 +719,11 @@ def _swap_impl(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blo
         return
     if _kernels.takes(weight, old_A, old_B, new_A, new_B):
         a1, b1, a2, b2 = _kernel_factors(weight.dtype, old_A, old_B, new_A, new_B)
+        w, layout, copied = _kernel_layout(weight, transposed)
         _writes_now(weight)  # (the statement before the launch)
-        _kernels.module.swap_(weight, a1, b1, old_scale, a2, b2, new_scale, num_blocks, block_ids, transposed)
+        _kernels.module.swap_(w, a1, b1, old_scale, a2, b2, new_scale, num_blocks, block_ids, layout)
+        if copied:
+            weight.copy_(w)
     else:
         reference.swap_(weight, old_A, old_B, old_scale, new_A, new_B, new_scale, num_blocks, block_ids,
                         transposed)
