@@ -38,6 +38,7 @@ _holders = {}  # id(weight) -> WeakSet of the layers that took a weight of that 
 _prune_at = 1024  # the registry's size at which entries that no layer holds now are dropped
 _peers = weakref.WeakKeyDictionary()  # layer -> WeakSet of the layers that took a weight it took
 _by_storage = {}  # (device, storage address) -> WeakSet of the layers whose weight lay there when noted
+_storage_prune_at = 1024  # its size at which the layers whose weight lies elsewhere now are dropped
 _convs = weakref.WeakKeyDictionary()  # a ConvLoRA's inner conv -> WeakSet of the ConvLoRA layers holding it
 _plain = {}  # id(weight) -> WeakSet of the plain modules (_TIE_TARGETS) that took a weight of that id (candidates)
 _plain_storage = {}  # (device, storage address) -> WeakSet of the plain modules whose weight lay there when noted
@@ -85,9 +86,8 @@ def note(weight, layer) -> None:
                 pass
         span = _span(weight)
         if span is not None:
-            if len(_by_storage) > 4096:  # addresses whose layers are all gone
-                for key in [k for k, v in _by_storage.items() if not len(v)]:
-                    del _by_storage[key]
+            if len(_by_storage) >= _storage_prune_at:
+                _prune_storage()
             _by_storage.setdefault(span[:2], weakref.WeakSet()).add(layer)
         for other in list(holders):
             if other is not layer and _weight_of(other) is weight:  # (not a layer that held an earlier id's weight)
@@ -103,6 +103,29 @@ def _weight_of(layer):
         return layer._weight_or_none()
     except AttributeError:
         return None
+
+
+def _moved_out(registry, weight_of) -> None:
+    """Drops from a storage registry (_by_storage, _plain_storage) the modules whose weight lies elsewhere now (or
+    that are gone), and the addresses left with none: a live layer whose weight was assigned again and again (a
+    load_state_dict(assign=True) per reload) stayed under every address it ever lay at (M1: about 50 entries per
+    1,000 reloads, every one scanned at each note past 4,096). Lookups only take modules whose weight is there now.
+    Under _lock."""
+    for key, members in list(registry.items()):
+        for module in list(members):
+            weight = weight_of(module)
+            span = _span(weight) if weight is not None else None
+            if span is None or span[:2] != key:
+                members.discard(module)
+        if not len(members):
+            del registry[key]
+
+
+def _prune_storage() -> None:
+    """_by_storage pruned (_moved_out); the next pruning waits until it has doubled. Under _lock."""
+    global _storage_prune_at
+    _moved_out(_by_storage, _weight_of)
+    _storage_prune_at = max(1024, 2 * len(_by_storage))
 
 
 def _prune() -> None:
@@ -562,14 +585,14 @@ def _note_plain(module, weight, span="unknown") -> None:
 
 
 def _prune_plain() -> None:
-    """Drops the _plain entries whose modules hold a weight of that id no more, and the storages whose modules are
-    gone, once the registry reaches its pruning size (then doubled, as _prune). Under _lock."""
+    """Drops the _plain entries whose modules hold a weight of that id no more, and the storages whose modules hold
+    no weight there now (_moved_out), once the registry reaches its pruning size (then doubled, as _prune). Under
+    _lock."""
     global _plain_prune_at
     if len(_plain) + len(_plain_storage) >= _plain_prune_at:
         for key in [k for k, v in _plain.items() if not any(id(m._parameters.get("weight")) == k for m in v)]:
             del _plain[key]
-        for key in [k for k, v in _plain_storage.items() if not len(v)]:
-            del _plain_storage[key]
+        _moved_out(_plain_storage, lambda m: m._parameters.get("weight"))
         _plain_prune_at = max(1024, 2 * (len(_plain) + len(_plain_storage)))
 
 

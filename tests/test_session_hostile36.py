@@ -3,6 +3,7 @@ fails on the commit before its fix."""
 import pytest
 import torch
 
+import lora_ext as lora
 from helpers import load_sim
 
 
@@ -65,3 +66,28 @@ def test_the_merge_kernels_take_a_weight_in_any_layout(layout, transposed, dtype
     rows = out // nb
     assert torch.equal(as_rows(w)[rows:2 * rows], as_rows(base)[rows:2 * rows])  # block 1 disabled: untouched
     assert w.stride() == strides and w.data_ptr() == ptr
+
+
+def test_the_storage_registry_of_ties_forgets_where_a_live_layer_s_weight_lay_before():
+    """M1 (left alone last session): ties._by_storage kept a live layer under every address its weight ever lay at
+    (a weight assigned again per reload), pruned only when the layers were gone: 5,000 assignments left 5,000
+    entries, each scanned at every note past 4,096. Entries whose layer's weight lies elsewhere now are dropped;
+    a tie through shared storage is still seen after the pruning."""
+    from lora_ext import ties
+    layer = lora.Linear(4, 4, r=1)
+    kept = []  # (the old weights stay alive: their addresses are not reused)
+    for _ in range(5000):
+        kept.append(torch.nn.Parameter(torch.randn(4, 4)))
+        layer.weight = kept[-1]
+    with ties._lock:
+        where = [k for k, v in ties._by_storage.items() if layer in v]
+    assert len(where) <= 1025, len(where)
+    flat = torch.randn(32)
+    a, b = lora.Linear(4, 4, r=1), lora.Linear(4, 4, r=1)
+    a.weight = torch.nn.Parameter(flat[:16].view(4, 4))
+    b.weight = torch.nn.Parameter(flat[:16].view(4, 4))  # another Parameter over the same bytes
+    with ties._lock:
+        ties._prune_storage()
+        where = [k for k, v in ties._by_storage.items() if layer in v]
+    assert where == [ties._span(layer.weight)[:2]]
+    assert ties.others(a, a.weight) == [b]
