@@ -91,3 +91,62 @@ def test_the_storage_registry_of_ties_forgets_where_a_live_layer_s_weight_lay_be
         where = [k for k, v in ties._by_storage.items() if layer in v]
     assert where == [ties._span(layer.weight)[:2]]
     assert ties.others(a, a.weight) == [b]
+
+
+def test_a_thread_per_request_server_does_not_keep_each_thread_s_index_buffers(monkeypatch):
+    """M1 (left alone last session): the CUDA index buffers of mixed batches are kept per (thread, device, merged
+    adapter, rows) for the next batch's graph replay, and were never dropped: a server opening batch_adapters on
+    a thread per request kept a pair per request thread and size for the model's life (300 requests, 300 pairs).
+    The buffers of threads that have ended are dropped when a new one is made. (The pooled branch is taken on the
+    CPU here: it is CUDA's.)"""
+    import random
+    import threading
+
+    from lora_ext.serving import batches
+    monkeypatch.setattr(batches, "_pooled", lambda device: True)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    lora.inject(m, ["0", "2"], r=2)
+    for mod in m.modules():
+        if isinstance(mod, lora.LoRALayer):
+            for n in ("a", "b"):
+                mod.add_adapter(n, torch.randn(2, 16), torch.randn(16, 2), 1.0)
+    m.eval()
+    rng = random.Random(0)
+    x = torch.randn(8, 16)
+    names = [rng.choice(["a", "b", None]) for _ in range(8)]
+    with torch.no_grad():
+        expect = torch.cat([_served_alone(m, name, x[i:i + 1]) for i, name in enumerate(names)])
+    outs = []
+    together = threading.Barrier(5)
+
+    def request(n, wait=True):
+        with torch.no_grad(), lora.batch_adapters(m, names[:n]):
+            outs.append((n, m(x[:n])))
+            if wait:
+                together.wait(timeout=60)  # (alive together: five threads of five idents made buffers)
+
+    threads = [threading.Thread(target=request, args=(n,)) for n in (2, 3, 5, 7, 8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    pool = m.__dict__["_lora_ext_slot_pool"]
+    assert len({k[0] for k in pool.buffers}) == 5  # (the pooled branch was taken)
+    last = threading.Thread(target=request, args=(rng.randint(1, 8), False))
+    last.start()
+    last.join(timeout=120)
+    # the ended threads' buffers are gone; the last thread's stay (its ident may be an ended one's, reused: what
+    # that thread left is bounded by the sizes, and the last thread writes it before any use)
+    assert len({k[0] for k in pool.buffers}) == 1, list(pool.buffers)
+    assert len(outs) == 6
+    for n, y in outs:
+        assert (y.double() - expect[:n].double()).abs().max().item() < 1e-5
+
+
+def _served_alone(m, name, x):
+    if name is None:
+        with lora.disable_adapter(m):
+            return m(x)
+    lora.set_adapter(m, name)
+    return m(x)

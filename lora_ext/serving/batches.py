@@ -72,6 +72,14 @@ class SlotPool:
     def busy(self) -> int:
         return sum(1 for p in self.pins if p)
 
+    def drop_gone_threads(self) -> None:
+        """Drops the index buffers of threads that have ended (M1: a server opening batches on a thread per request
+        kept a pair per request thread and batch size for the model's life). Called before a buffer is made: a
+        thread's own buffers stay while it lives (a graph it captured reads them)."""
+        alive = {t.ident for t in threading.enumerate()}
+        for key in [k for k in list(self.buffers) if k[0] not in alive and k not in self.owners]:
+            self.buffers.pop(key, None)
+
     def assign(self, need: Sequence[str], merged: Sequence[str] = ()) -> Dict[str, int]:
         """A slot for each adapter in `need` (the caller holds self.lock), pinned until release(). When the
         slots are enough but other threads' open batches hold too many of them, waits up to WAIT_SECONDS for
@@ -175,6 +183,12 @@ def slot_config(model: nn.Module) -> Optional[Dict[str, object]]:
     return {"slots": pool.capacity, "max_rank": pool.max_rank, "adapters": list(pool.names)}
 
 
+def _pooled(device: torch.device) -> bool:
+    """Whether a batch's index buffers on `device` are kept in the pool per (thread, size) for the next batch: on
+    CUDA, where a captured graph replays the next batch through them."""
+    return device.type == "cuda"
+
+
 class Batch:
     """An open mixed batch: the rows (`table[rows[i]]` is row i's adapter, -1 the base), each adapter's slot,
     and the index buffers of the layers' forwards."""
@@ -192,7 +206,9 @@ class Batch:
         self.expand = expand
         self.sizes = (self.n,) if expand == 1 else (self.n, self.n * expand)
         self._rows_of = {self.n: self.rows}
-        self.thread = threading.get_ident()
+        # (current_thread: a thread that Python did not start is then listed by threading.enumerate, for good:
+        # SlotPool.drop_gone_threads never takes the buffers a graph it captured reads)
+        self.thread = threading.current_thread().ident
         self.filled = set()
         self.private: Dict[tuple, tuple] = {}  # buffers of keys another open batch of this thread holds
         self.layout: Optional[str] = None  # "rows" or "tokens", from the model's input when it is called
@@ -353,11 +369,12 @@ class Batch:
             with torch.inference_mode(False):
                 return (torch.empty(size, dtype=torch.int32, device=device),
                         torch.empty(size, dtype=torch.int32, device=device) if merged is not None else None)
-        if device.type != "cuda":  # no graph to replay: buffers of this batch's own (nothing kept per size)
+        if not _pooled(device):  # no graph to replay: buffers of this batch's own (nothing kept per size)
             buffers = self.private[key] = make()
         elif self.pool.owners.setdefault(key, self) is self:
             buffers = self.pool.buffers.get(key)
             if buffers is None:
+                self.pool.drop_gone_threads()
                 buffers = self.pool.buffers[key] = make()
         else:  # another open batch of this thread (an asyncio task) uses the pooled buffers: own ones
             buffers = self.private[key] = make()
