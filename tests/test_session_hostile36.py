@@ -150,3 +150,50 @@ def _served_alone(m, name, x):
             return m(x)
     lora.set_adapter(m, name)
     return m(x)
+
+
+def test_an_adapter_loads_into_a_checkpoint_wrapped_model_and_back(tmp_path):
+    """r12 (left alone last session): load_peft_adapter into a model under torch's activation checkpointing was
+    refused ("holds factors of module(s) ... that the config's target_modules ... do not select"), with or without
+    modules_to_save: the file names the modules without the wrapper's `_checkpoint_wrapped_module`, as peft and
+    state_dict() do, and as save_peft_adapter writes them from such a model. The load now finds them under the
+    wrappers (target_modules, rank_pattern and modules_to_save by either name); a save and a load again give the
+    same forward, and peft reads the save."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from tiny_models import llama
+
+    def wrapped():
+        m = llama()
+        apply_activation_checkpointing(m, check_fn=lambda mm: isinstance(mm, LlamaDecoderLayer))
+        assert any("_checkpoint_wrapped_module" in n for n, _ in m.named_modules())
+        return m
+
+    torch.manual_seed(1)
+    pm = get_peft_model(llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                            rank_pattern={"model.layers.1.self_attn.q_proj": 4},
+                                            modules_to_save=["post_attention_layernorm"], init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p))
+    pm.save_pretrained(str(tmp_path / "peft"))
+    x = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        ref = pm.eval()(x).logits.double()
+    ours = wrapped()
+    lora.load_peft_adapter(ours, str(tmp_path / "peft"), "x")
+    q1 = ours.get_submodule("model.layers.1._checkpoint_wrapped_module.self_attn.q_proj")
+    assert q1.r == 4  # (rank_pattern matched the name without the wrapper)
+    with torch.no_grad():
+        assert (ours.eval()(x).logits.double() - ref).abs().max().item() < 1e-5
+    lora.save_peft_adapter(ours, str(tmp_path / "ours"), adapter_name="x")
+    for again in (wrapped(), llama()):
+        lora.load_peft_adapter(again, str(tmp_path / "ours"), "y")
+        with torch.no_grad():
+            assert (again.eval()(x).logits.double() - ref).abs().max().item() < 1e-5
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(llama(), str(tmp_path / "ours")).eval()(x).logits.double()
+    assert (theirs - ref).abs().max().item() < 1e-5

@@ -33,7 +33,7 @@ from .. import layers, ops, sharded, ties
 from ..layers import LoRALayer
 from ..lossless import RECORD_DTYPES
 from ..named_adapters import deferred_interrupt, each_or_none
-from ..utils import note_bias
+from ..utils import note_bias, plain_name
 from .saved_modules import ModulesToSave, keeps_lora_off, wrappers
 
 _CONVS = {nn.Conv1d: layers.Conv1d, nn.Conv2d: layers.Conv2d, nn.Conv3d: layers.Conv3d}
@@ -211,10 +211,14 @@ def select_targets(model, target_modules, exclude_modules=None, option="target_m
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in inner):
             continue
-        if (exclude_modules and name_matches(exclude_modules, name)) or isinstance(module, ModulesToSave) \
-                or (modules_to_save and keeps_lora_off(modules_to_save, name)):
+        # (a module under wrappers, activation checkpointing's or FSDP1's, matches by its name with or without them:
+        # an adapter saved from such a model names it without, as peft and state_dict() do, r12)
+        names = (name,) if plain_name(name) == name else (name, plain_name(name))
+        if isinstance(module, ModulesToSave) or any((exclude_modules and name_matches(exclude_modules, n))
+                                                    or (modules_to_save and keeps_lora_off(modules_to_save, n))
+                                                    for n in names):
             excluded.append(name)
-        elif target_matches(spec, name, layers_to_transform, layers_pattern):
+        elif any(target_matches(spec, n, layers_to_transform, layers_pattern) for n in names):
             chosen.append((name, module))
         else:
             unmatched.append(name)

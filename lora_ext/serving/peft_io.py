@@ -676,7 +676,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                             "so it would serve them too; peft refuses that as well (untie them, or save the "
                             "embedding whole instead)" if tied else
                             "given rows of tokens (trainable_token_indices); peft refuses that, name it in one of them"))
-    states, rest = _saved.split_state(tensors, [n for n, _ in to_save], PREFIX)
+    # (the file's keys have no wrapper names: a module under activation checkpointing is found by its plain name)
+    states, rest = _saved.split_state(tensors, [plain_name(n) for n, _ in to_save], PREFIX)
     # (a key it refuses is one of a module saved whole only where the config saves some: r2, a damaged factor key)
     with _ckpt_names.naming_another_class(model, file_modules if entries else ()):
         factors, base_weights = module_factors(rest, where=weights_file)
@@ -685,6 +686,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # an adapter made with transformers 4 may name modules as the checkpoint does (peft renames them alike)
     trained = {}  # a renamed module's name as the adapter had it (rank_pattern / alpha_pattern match those)
     factors, base_weights, _ = _ckpt_names.rename_adapter(weights_file, model, factors, base_weights, trained=trained)
+    factors, base_weights = _under_wrappers(model, factors, base_weights, trained)
     if cfg.get("target_modules") is None:
         raise ValueError(f"{cfg_file}: target_modules is missing (peft would pick per-architecture defaults); "
                          f"lora_ext needs the adapted modules named")
@@ -700,8 +702,8 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
             "lora_ext serves one or the other in a module (peft serves both there)" if tied else
             "given rows of tokens (trainable_token_indices); peft refuses that"))
     with _ckpt_names.naming_another_class(model, file_modules):
-        saved_plan = [(name, module, _saved.check_state(weights_file, name, module, states.get(name), PREFIX))
-                      for name, module in to_save]
+        saved_plan = [(name, module, _saved.check_state(weights_file, name, module, states.get(plain_name(name)),
+                                                        PREFIX)) for name, module in to_save]
     if (to_save or token_plan) and hasattr(nn.ModuleDict(), adapter_name):
         raise ValueError(f"adapter_name: {adapter_name!r} is an attribute of torch's ModuleDict, which holds the "
                          f"copies of the modules this adapter saves whole or gives rows of tokens "
@@ -1165,6 +1167,24 @@ def _peft_conv_factors(layer, name, A, B, r):
         spread[:, q, q] = A
     return (spread.reshape(rank, c.in_channels, *c.kernel_size),
             B.reshape(out, k0, r * k0).transpose(1, 2).reshape(out, rank, *ones), rank)
+
+
+def _under_wrappers(model, factors: dict, base_weights: dict, trained: dict):
+    """(factors, base weights) with each module the file names as peft does, without wrapper names, renamed to its
+    name in the model where wrappers hold it (activation checkpointing's, FSDP1's: utils.plain_name); `trained`
+    given the file's name of each (the patterns match those). A load into a checkpoint-wrapped model was refused
+    ("factors ... that the config's target_modules ... do not select", r12), where save_peft_adapter writes such a
+    model's adapter without the wrapper names."""
+    wrapped = {}
+    for name, _ in model.named_modules():
+        if plain_name(name) != name:
+            wrapped.setdefault(plain_name(name), name)
+    if not wrapped:
+        return factors, base_weights
+    new = lambda n: wrapped.get(n, n)  # noqa: E731
+    trained.update({new(n): trained.get(n, n) for n in factors if new(n) != n})
+    return ({new(n): v for n, v in factors.items()},
+            {(new(k[0]), k[1]) if isinstance(k, tuple) else new(k): v for k, v in base_weights.items()})
 
 
 def _plain_names(model):

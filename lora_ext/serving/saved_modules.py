@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .. import batched, sharded
 from ..layers import CHECKPOINT_AFTER, LoRALayer, checkpoint_check
+from ..utils import plain_name
 
 # modules that compute each token alone: a token layout's leading dimensions may be flattened for them
 _TOKENWISE = (nn.Linear,)
@@ -383,7 +384,8 @@ def find(model: nn.Module, entries, option: str) -> List[Tuple[str, nn.Module]]:
             if n and isinstance(m, (LoRALayer, ModulesToSave))]
     found = []
     for name, module in model.named_modules(remove_duplicate=False):  # a module under two names: saved at both
-        if not name or _inside(name, skip) or not saved_match(entries, name):
+        if not name or _inside(name, skip) or not (saved_match(entries, name)
+                                                   or saved_match(entries, plain_name(name))):  # (r12: wrappers)
             continue
         if isinstance(module, LoRALayer):
             raise ValueError(f"{option}: modules_to_save matches {name!r}, a lora_ext layer (an adapter's LoRA "
