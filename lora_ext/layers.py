@@ -1527,7 +1527,8 @@ class LoRALayer(NamedAdapters):
         return (f"{self._describe()}: its weight is not a registered parameter (a parametrization, weight_norm or "
                 f"pruning computes it); merges write the weight in place and cannot write through that: {remedy}")
 
-    def _weight_room(self, added, taken_out=None, check: bool = True) -> Optional[float]:
+    def _weight_room(self, added, taken_out=None, check: bool = True, added_name: Optional[str] = None
+                     ) -> Optional[float]:
         """The weight's range, checked before a write that adds adapter `added` (A, B, s) and takes out `taken_out`
         (a switch; an unmerge takes out alone): max|W| (its finite elements: what is inf or NaN stays so) plus the
         bounds |s| r max|A| max|B|, and where those reach past the dtype's range the sum itself, W + s B A element
@@ -1538,7 +1539,8 @@ class LoRALayer(NamedAdapters):
         others where the bound kept since lora_ext's last write is stale (another write since) or too large (L1: a
         bfloat16 or float32 weight near its dtype's max merged to inf without a word, and a float32 unmerge of that
         left inf in the base for good). One device sync. (Not for tensor subclasses other than DTensor, whose values
-        cannot be read here, nor for sharded bfloat16 and float32 weights: as before, unchecked.)"""
+        cannot be read here, nor for sharded bfloat16 and float32 weights: as before, unchecked.) added_name: the
+        added adapter's name where it is not the active one (a switch: refusals name it)."""
         w = self._weight_2d()
         from torch.utils._python_dispatch import is_traceable_wrapper_subclass
         if not w.is_floating_point() or not w.numel() or (is_traceable_wrapper_subclass(w)
@@ -1560,10 +1562,11 @@ class LoRALayer(NamedAdapters):
         w_max = known if known is not None else maxes.pop(0)
         if check:  # the product B @ A itself, before the scaling: in the factors' compute dtype (r13: 1e20 factors
             # under a scaling of 1e-10 fit the range, and B @ A was inf: inf merged, NaN unmerged)
-            for (A, B, _), a, b in zip(adapters, maxes[0::2], maxes[1::2]):
+            names = ([added_name or self.active_adapter] if added is not None else []) + [self.active_adapter]
+            for (A, B, _), a, b, name in zip(adapters, maxes[0::2], maxes[1::2], names):
                 room = torch.finfo(reference.compute_dtype(B.dtype)).max
                 if B.shape[1] * a * b > room and ops._update_max(A, B) > room:
-                    raise ValueError(f"{self._describe()} adapter {self.active_adapter!r}: the factors' product "
+                    raise ValueError(f"{self._describe()} adapter {name!r}: the factors' product "
                                      f"B @ A (before the scaling) is past {reference.compute_dtype(B.dtype)}'s range, "
                                      f"where the merge computes it; scale the factors (B by the scaling) first. "
                                      f"Nothing was written")
@@ -1583,8 +1586,9 @@ class LoRALayer(NamedAdapters):
                 return min(summed, top)
             reach = (f"the weight plus the update reaches {summed:.9g}" if summed is not None else
                      f"the update scaling * B @ A can reach {update:.6g} on a weight of up to {w_max:.6g}")
-            who = (f"switching from adapter {self.active_adapter!r}" if taken_out is not None
-                   else f"adapter {self.active_adapter!r}")
+            who = (f"switching from adapter {self.active_adapter!r}"
+                   + (f" to {added_name!r}" if added_name not in (None, self.active_adapter) else "")
+                   if taken_out is not None else f"adapter {added_name or self.active_adapter!r}")
             raise ValueError(f"{self._describe()}, {who}: {reach}, beyond {w.dtype}'s range ({top:.9g}); nothing "
                              f"was written")
         return w_max + update
@@ -1852,13 +1856,14 @@ class LoRALayer(NamedAdapters):
             written[0] = False
         self._keep_weight_bound(bound)
 
-    def _swap_merged(self, lora_A: Tensor, lora_B: Tensor, scaling: float, name: Optional[str] = None):
+    def _swap_merged(self, lora_A: Tensor, lora_B: Tensor, scaling: float, name: Optional[str] = None,
+                     label: Optional[str] = None):
         """When merged, replaces the merged adapter by (lora_A, lora_B, scaling) in one pass over the weight
         (the caller holds the lock and has checked the new factors). A lossless merge stays lossless: the
         weight is then bit-identical to merging the new adapter once into the base. `name`: the new adapter's,
         when it is another than the active one (merged): the two go to ops.swap_ in the order of their names,
         the same for the switch back (a lossy switch back then rounds as its exact negation: no drift), without
-        reading the factors to order them."""
+        reading the factors to order them. label: the new adapter's name for refusals, where `name` is not given."""
         # (the memory written, pinned before it is looked at: see _unmerge)
         target = self._pinned_weight() if self.merged and self._merged_A is not None else None
         self._see_new_memory()
@@ -1866,7 +1871,8 @@ class LoRALayer(NamedAdapters):
             return
         if not self._known_finite(MERGED):
             ops.check_finite("the merged adapter", self._merged_A, self._merged_B, self._merged_scaling)
-        bound = self._weight_room((lora_A, lora_B, scaling), (self._merged_A, self._merged_B, self._merged_scaling))
+        bound = self._weight_room((lora_A, lora_B, scaling), (self._merged_A, self._merged_B, self._merged_scaling),
+                                  added_name=name or label)
         self._streams.write(self._weight_2d().device)
         snapshot = (lora_A.clone(), lora_B.clone(), scaling)
         with deferred_interrupt(), self._writing("switch") as written:

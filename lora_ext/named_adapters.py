@@ -1269,7 +1269,7 @@ class NamedAdapters:
                              f"writes them in place, which would switch that layer as well. Untie the factors before "
                              f"sharding (give each layer its own lora_A and lora_B), or switch before sharding; "
                              f"refused on every rank, nothing was written")
-        self._swap_merged(lora_A, lora_B, scaling)
+        self._swap_merged(lora_A, lora_B, scaling, label=name)
         with self._after_switch_write(name):  # (the weight holds the new adapter once merged)
             sharded.copy_into(live_A, lora_A, check=False)
             sharded.copy_into(live_B, lora_B, check=False)

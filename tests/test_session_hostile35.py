@@ -411,7 +411,7 @@ def test_a_merge_past_the_weights_range_is_refused_before_it_writes(dtype):
     w0 = layer.weight.detach().clone()
     layer.eval()  # 'default' fits: merged
     assert layer.merged and torch.isfinite(layer.weight).all()
-    with pytest.raises(ValueError, match=rf"switching from adapter 'default': the weight plus the update reaches "
+    with pytest.raises(ValueError, match=rf"switching from adapter 'default' to 'over': the weight plus the update reaches "
                                          rf".* beyond {dtype}'s range .*nothing was written"):
         layer.set_adapter("over")  # a merged switch past the range: refused, the weight as it was
     assert layer.merged and layer.active_adapter == "default"

@@ -197,3 +197,21 @@ def test_an_adapter_loads_into_a_checkpoint_wrapped_model_and_back(tmp_path):
     with torch.no_grad():
         theirs = PeftModel.from_pretrained(llama(), str(tmp_path / "ours")).eval()(x).logits.double()
     assert (theirs - ref).abs().max().item() < 1e-5
+
+
+def test_a_refused_switch_names_the_adapter_switched_to():
+    """Left alone last session: a switch refused for the new adapter's factors (their product B @ A past float32's
+    range, or the sum past the weight's) named the adapter switched from, whose factors were fine."""
+    layer = lora.Linear(2, 2, r=1, lora_alpha=1e-10, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(3e38)
+    layer.add_adapter("big", torch.full((1, 2), 1e20), torch.full((2, 1), 1e20), 1e-10)
+    layer.add_adapter("wide", torch.full((1, 2), 1e19), torch.full((2, 1), 1e19), 1.0)
+    layer.eval()
+    assert layer.merged and layer.active_adapter == "default"
+    before = layer.weight.clone()
+    with pytest.raises(ValueError, match=r"adapter 'big': the factors' product B @ A"):
+        layer.set_adapter("big")
+    with pytest.raises(ValueError, match=r"switching from adapter 'default' to 'wide': .* beyond torch.float32's range"):
+        layer.set_adapter("wide")
+    assert layer.active_adapter == "default" and layer.merged and torch.equal(layer.weight, before)
