@@ -215,3 +215,32 @@ def test_a_refused_switch_names_the_adapter_switched_to():
     with pytest.raises(ValueError, match=r"switching from adapter 'default' to 'wide': .* beyond torch.float32's range"):
         layer.set_adapter("wide")
     assert layer.active_adapter == "default" and layer.merged and torch.equal(layer.weight, before)
+
+
+def test_dare_svd_with_a_clamp_and_no_rank_draws_the_masks_peft_draws(monkeypatch):
+    """W1: dare_*_svd with svd_clamp and no svd_rank computes the updates in float64 (the cut of rounding noise), and
+    drew its random masks on them: torch.bernoulli takes other random values for float64 than for float32, so under
+    one seed the masks differed from peft's (drawn in the factors' float32) and from the same combination's with
+    svd_rank. They are drawn in the factors' dtype now: the same masks either way."""
+    drawn = []
+    real = torch.bernoulli
+
+    def spy(p, *args, **kwargs):
+        out = real(p, *args, **kwargs)
+        drawn[-1].append(out.clone())
+        return out
+    monkeypatch.setattr(torch, "bernoulli", spy)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10))
+    lora.inject(model, ["0"], r=2, lora_alpha=4)
+    layer = model[0]
+    for name in ("a", "b"):
+        layer.add_adapter(name, torch.randn(2, 12), torch.randn(10, 2), 2.0)
+    for kwargs in ({"svd_clamp": 0.99}, {"svd_clamp": 0.99, "svd_rank": 4}):
+        drawn.append([])
+        torch.manual_seed(5)
+        lora.add_weighted_adapter(model, ["a", "b"], [1.0, 0.5], f"w{len(drawn)}", combination_type="dare_linear_svd",
+                                  density=0.5, **kwargs)
+    assert len(drawn[0]) == len(drawn[1]) == 2
+    assert all(m.dtype == torch.float32 for m in drawn[0] + drawn[1]), [m.dtype for m in drawn[0]]
+    assert all(torch.equal(p, q) for p, q in zip(drawn[0], drawn[1]))

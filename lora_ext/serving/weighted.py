@@ -166,6 +166,7 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
     both clamped to the clamp quantile of their values' distribution, as peft's svd_clamp (`exact_rank`, no svd_rank
     given: over the directions above the rounding noise, the rows past them zeros)."""
     dtype = torch.float64 if parts[0][0].dtype == torch.float64 else torch.float32  # (peft: the factors' dtype)
+    held = dtype  # (the dare masks are drawn in it, as peft draws them, whatever dtype the update is computed in)
     if exact_rank and clamp is not None:  # (the cut below in float64: float32's rounding of terms that cancel,
         dtype = torch.float64  # weighed against the terms' size, cut a whole real adapter beside them, r11)
     blocks = [_split(layer, A.to(dtype), B.to(dtype)) for A, B, _ in parts]
@@ -181,7 +182,10 @@ def _svd(layer, parts, weights, rank: int, where: str, combination="svd", densit
         else:
             updates = [s * (blocks[i][j][1] @ blocks[i][j][0]) for i, (_, _, s) in enumerate(parts)]
             updates = [u.t().contiguous() for u in updates] if transposed else updates
-            update = _combine(_base(combination), updates, updates, weights, density, sign_method)
+            # (W1: with svd_clamp and no svd_rank the updates are float64, and masks drawn on them took other random
+            # values than peft's, and than the same combination's with svd_rank, under one seed)
+            likes = [u if u.dtype == held else torch.empty_like(u, dtype=held) for u in updates]
+            update = _combine(_base(combination), updates, likes, weights, density, sign_method)
             update = update.t() if transposed else update
         if not bool(torch.isfinite(update).all()):
             raise _overflow(where, update.dtype)
