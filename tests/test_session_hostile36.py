@@ -244,3 +244,64 @@ def test_dare_svd_with_a_clamp_and_no_rank_draws_the_masks_peft_draws(monkeypatc
     assert len(drawn[0]) == len(drawn[1]) == 2
     assert all(m.dtype == torch.float32 for m in drawn[0] + drawn[1]), [m.dtype for m in drawn[0]]
     assert all(torch.equal(p, q) for p, q in zip(drawn[0], drawn[1]))
+
+
+def _two_adapter_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    lora.inject(model, ["0", "1"], r=2)
+    for layer in model:
+        for name in ("a", "b"):
+            layer.add_adapter(name, torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    lora.set_adapter(model, "a")
+    return model
+
+
+def test_a_forward_whose_earlier_pre_hook_raises_does_not_end_a_hold():
+    """C1: lora_ext's forward hook runs for every call (always_call), and gave back "a read of this thread" even
+    where its pre-hook never took one, because a user's pre-hook ahead of it raised: inside lora.hold(model), a
+    forward whose input such a hook rejected gave back the hold's read, and a set_adapter on another thread then
+    ran inside the hold (its next forward served the other adapter, 0.82 off on a tiny Llama). The same gave back
+    the read of the forward around a nested one. A hook gives back only the read its own call's pre-hook took."""
+    import threading
+
+    from lora_ext.serving.adapters import hold, model_lock
+    model = _two_adapter_model()
+
+    def reject(module, args):
+        if args[0].shape[0] > 3:
+            raise ValueError("too many rows")
+    model.register_forward_pre_hook(reject, prepend=True)
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        served_a = model(x)
+    lock = model_lock(model)
+    with hold(model):
+        with pytest.raises(ValueError, match="too many rows"):
+            model(torch.randn(5, 8))
+        assert lock.holds_read()
+        switch = threading.Thread(target=lora.set_adapter, args=(model, "b"))
+        switch.start()
+        switch.join(1.0)
+        assert switch.is_alive()  # it waits for the hold
+        with torch.no_grad():
+            assert torch.equal(model(x), served_a)
+    switch.join(30)
+    assert not switch.is_alive() and lora.active_adapter(model) == "b"
+    assert not lock.holds_read()
+
+    # a forward inside a forward of the model (a module of it calling the whole model), whose pre-hook raises
+    lora.set_adapter(model, "a")
+    seen = {}
+
+    class Outer(torch.nn.Module):
+        def forward(self, x):
+            with pytest.raises(ValueError, match="too many rows"):
+                model(torch.randn(5, 8))
+            seen["held"] = lock.holds_read()
+            return x
+    outer = Outer()
+    model.insert(0, outer)
+    with torch.no_grad():
+        model(x)
+    assert seen["held"] and not lock.holds_read()

@@ -15,6 +15,7 @@ import random
 import sys
 import threading
 import time
+import types
 import warnings
 import weakref
 from typing import Iterator, List, Optional, Tuple
@@ -52,6 +53,7 @@ class ModelLock:
         self._mutex = threading.RLock()
         self._cond = threading.Condition(self._mutex)
         self._reads = {}  # thread id -> reads it holds
+        self._hook_reads = {}  # thread id -> the module calls whose pre-hook took a read (_read_before), innermost last
         self._holds = {}  # thread id -> reads held by hold(): never taken for left behind
         self._readings = {}  # thread id -> reads held by reading() (lora_state_dict's): never taken for left behind
         self._writer = None
@@ -93,6 +95,7 @@ class ModelLock:
         me = threading.get_ident()
         writer, changer = self._writer, self._changer
         reads, holds, readings = self._reads.get(me), self._holds.get(me), self._readings.get(me)
+        hook_reads = self._hook_reads.get(me)
         write_depth, change_depth = self._write_depth, self._change_depth
         torn, stuck, blocks, reshaping = self._torn, self._stuck, self._blocks.get(me), self._reshaping
         if any(thread != me for thread in self._blocks):
@@ -120,6 +123,8 @@ class ModelLock:
             self._blocks[me] = blocks
         if reads:
             self._reads[me] = reads
+        if hook_reads:
+            self._hook_reads[me] = hook_reads
         if holds:
             self._holds[me] = holds
         if readings:
@@ -488,17 +493,41 @@ def hold(model: nn.Module) -> Iterator[None]:
         lock.release_read()
 
 
+_CALL_INNER = next(c for c in nn.Module._call_impl.__code__.co_consts
+                   if isinstance(c, types.CodeType) and c.co_name == "inner")
+
+
+def _module_call():
+    """An id of the module call whose hook calls this (torch's _call_impl frame: its `inner` runs the pre-hooks
+    and the forward hooks, _call_impl itself the always-called ones after an exception)."""
+    frame = sys._getframe(2)
+    return id(frame.f_back if frame.f_code is _CALL_INNER else frame)
+
+
 def _read_before(module, args):
     if not torch.compiler.is_compiling():
-        module.__dict__["_lora_ext_model_lock"].acquire_read()
+        lock = module.__dict__["_lora_ext_model_lock"]
+        me = threading.get_ident()
+        calls = lock._hook_reads.get(me)
+        if calls is None or me not in lock._reads:  # (none held: what the list holds was left by a forward a
+            calls = lock._hook_reads[me] = []      # KeyboardInterrupt stopped, which skips the hooks)
+        lock.acquire_read()
+        calls.append(_module_call())
 
 
 def _read_after(module, args, output):
-    # only a read this thread's pre-hook took (the hooks may have been added while a forward was running)
+    # only the read this call's pre-hook took: not one whose pre-hook never ran, because the hooks were added while
+    # it ran, or because a pre-hook ahead of lora's raised (C1: it gave back the read of a hold() or of the forward
+    # around it, and a switch then ran inside the hold, serving another adapter to its next forward, 0.82 off)
     if not torch.compiler.is_compiling():
         lock = module.__dict__["_lora_ext_model_lock"]
-        if lock.holds_read():
-            lock.release_read()
+        calls = lock._hook_reads.get(threading.get_ident())
+        if calls and calls[-1] == _module_call():
+            calls.pop()
+            if not calls:
+                lock._hook_reads.pop(threading.get_ident(), None)
+            if lock.holds_read():
+                lock.release_read()
 
 
 def model_lock(model: nn.Module) -> ModelLock:
