@@ -99,9 +99,9 @@ def test_new_memory_landing_inside_a_merged_switch_is_judged_after_it(where):
     layer, base = _merged_pair()
     real = getattr(layer, where)
 
-    def assign_then(*args):
+    def assign_then(*args, **kwargs):
         layer.weight.data = base.clone()  # "the other thread"
-        return real(*args)
+        return real(*args, **kwargs)
 
     setattr(layer, where, assign_then)
     try:

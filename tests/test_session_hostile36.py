@@ -133,7 +133,7 @@ def test_a_thread_per_request_server_does_not_keep_each_thread_s_index_buffers(m
         th.join(timeout=120)
     pool = m.__dict__["_lora_ext_slot_pool"]
     assert len({k[0] for k in pool.buffers}) == 5  # (the pooled branch was taken)
-    last = threading.Thread(target=request, args=(rng.randint(1, 8), False))
+    last = threading.Thread(target=request, args=(4, False))  # (a size no ended thread used: a new pair is made)
     last.start()
     last.join(timeout=120)
     # the ended threads' buffers are gone; the last thread's stay (its ident may be an ended one's, reused: what
@@ -305,3 +305,74 @@ def test_a_forward_whose_earlier_pre_hook_raises_does_not_end_a_hold():
     with torch.no_grad():
         model(x)
     assert seen["held"] and not lock.holds_read()
+
+
+def test_a_forward_that_waits_for_a_forward_on_a_worker_does_not_deadlock_a_queued_switch(monkeypatch):
+    """C1: a forward of the model that runs another forward of it on a worker thread and waits for it (a hook, a
+    thread pool inside forward) hung for good once a model-level switch queued between the two: the worker's new
+    read waited behind the switch, the switch for the outer forward's read, the outer forward for the worker. A new
+    forward read passes a waiting switch after HOLD_QUEUE_SECONDS when another thread holds a read taken before the
+    switch came (as a new hold does); reads taken after it are never passed so."""
+    import threading
+    import time
+
+    from lora_ext.serving import adapters
+    model = _two_adapter_model()
+    x = torch.randn(2, 8)
+    lock = adapters.model_lock(model)
+    queued = threading.Event()
+    results = {}
+
+    def hook(module, args, output):
+        if threading.current_thread().name == "worker":
+            return None
+        deadline = time.monotonic() + 10
+        while not lock._queue and time.monotonic() < deadline:  # (the switch queues meanwhile)
+            time.sleep(0.01)
+        queued.set()
+        worker = threading.Thread(target=lambda: results.setdefault("inner", model(x)), name="worker")
+        worker.start()
+        worker.join()
+        return None
+    handle = model[0].register_forward_hook(hook)
+
+    def outer():
+        with torch.no_grad():
+            results["outer"] = model(x)
+    switch = threading.Thread(target=lambda: (time.sleep(0.2), lora.set_adapter(model, "b")), daemon=True)
+    first = threading.Thread(target=outer, daemon=True)
+    first.start()
+    switch.start()
+    first.join(30)
+    switch.join(30)
+    assert queued.is_set()
+    assert not first.is_alive() and not switch.is_alive()  # (it hung here)
+    assert torch.equal(results["inner"], results["outer"])  # both served adapter a
+    assert lora.active_adapter(model) == "b"
+    handle.remove()
+
+    # the rule does not let forwards taken after the switch came keep it out: two threads forwarding in turn, each
+    # forward three waits long and half a forward apart, while a switch waits (were every other thread's read
+    # passed, each thread would pass the switch in turn for good)
+    wait = 0.2
+    monkeypatch.setattr(adapters, "HOLD_QUEUE_SECONDS", wait)
+    slow = model[1].register_forward_hook(lambda m, a, o: time.sleep(3 * wait))
+    stop = threading.Event()
+
+    def loop():
+        with torch.no_grad():
+            while not stop.is_set():
+                model(x)
+    loops = [threading.Thread(target=loop, daemon=True) for _ in range(2)]
+    for t in loops:
+        t.start()
+        time.sleep(1.5 * wait)
+    switch = threading.Thread(target=lora.set_adapter, args=(model, "a"), daemon=True)
+    switch.start()
+    switch.join(15 * wait)
+    done = not switch.is_alive()
+    stop.set()
+    for t in loops + [switch]:
+        t.join(30)
+    slow.remove()
+    assert done

@@ -11,6 +11,7 @@ serialise. Under torch.compile the hooks do nothing (a compiled graph takes no P
 import collections
 import contextlib
 import contextvars
+import math
 import random
 import sys
 import threading
@@ -53,6 +54,8 @@ class ModelLock:
         self._mutex = threading.RLock()
         self._cond = threading.Condition(self._mutex)
         self._reads = {}  # thread id -> reads it holds
+        self._read_since = {}  # thread id -> when its outermost read was taken (acquire_read; stale once released)
+        self._queued_at = {}  # waiting writer's thread id -> when it queued
         self._hook_reads = {}  # thread id -> the module calls whose pre-hook took a read (_read_before), innermost last
         self._holds = {}  # thread id -> reads held by hold(): never taken for left behind
         self._readings = {}  # thread id -> reads held by reading() (lora_state_dict's): never taken for left behind
@@ -215,20 +218,36 @@ class ModelLock:
                 # that waited through a write (self._admit). A new hold queues too (holds on several threads in turn
                 # would starve the writers), for up to HOLD_QUEUE_SECONDS while another hold is open: it may be one
                 # that the open hold waits for (a hold on its worker thread), which must not wait for ever
+                # A forward's new read queues so too while another thread holds a forward's or hold's read taken
+                # before the first waiting writer came: that may be a forward waiting for this one (C1: a forward
+                # that runs the model on a worker thread and waits for it deadlocked against a switch queued
+                # meanwhile, which waited for the outer forward's read). Reads taken after the writer came are never
+                # passed so: forwards longer than the wait, on threads in turn, do not keep the writer out.
                 deadline = time.monotonic() + HOLD_QUEUE_SECONDS
                 try:
                     self._waiting.append(me)
                     while self._writer is not None or (
                             self._queue and not self._admit
-                            and (not self._holds or (hold and time.monotonic() < deadline))):
-                        self._wait(0.05 if hold and self._holds else _POLL)
+                            and ((hold and self._holds and time.monotonic() < deadline)
+                                 or (not self._holds and (hold or time.monotonic() < deadline
+                                                          or not self._read_before_writer(me))))):
+                        self._wait(0.05 if self._holds or (not hold and self._reads) else _POLL)
                 finally:
                     _discard(self._waiting, me)
                 if self._admit:
                     self._admit -= 1
                     if not self._admit:
                         self._cond.notify_all()
+            if me not in self._reads:
+                self._read_since[me] = time.monotonic()
             self._reads[me] = self._reads.get(me, 0) + 1
+
+    def _read_before_writer(self, me: int) -> bool:
+        """Whether a thread other than `me` holds a forward's or a hold's read (not only state reads) taken before
+        the first waiting writer queued. (The mutex held.)"""
+        came = self._queued_at.get(self._queue[0], math.inf) if self._queue else math.inf
+        return any(t != me and n > self._readings.get(t, 0) and self._read_since.get(t, 0.0) < came
+                   for t, n in self._reads.items())
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -371,6 +390,7 @@ class ModelLock:
                     self._refuse_from_inside(me)
                     del self._reads[me]  # left by a forward of this thread that was interrupted
                 try:
+                    self._queued_at[me] = time.monotonic()
                     self._queue.append(me)
                     while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
                         self._wait(_POLL, writer=True)
@@ -379,6 +399,7 @@ class ModelLock:
                         self._admit = min(self._admit, len(self._waiting))
                 finally:
                     _discard(self._queue, me)
+                    self._queued_at.pop(me, None)
                     self._cond.notify_all()
                 self.writes += 1  # (before the writer is set: nothing may land between that and the try below)
                 self._writer, self._write_depth, depth = me, 1, 1
