@@ -380,14 +380,22 @@ def forward(layer: LoRALayer, x: torch.Tensor) -> torch.Tensor:
             B = _factor(layer.lora_B, grad_placements=[Partial()])
             xl = layer.lora_dropout(x)
             r = A.shape[0] // len(_blocks(layer))
+            touched = False
             for j, e, nb in _blocks(layer):
                 a, b = max(spec.lo, e * nb), min(spec.hi, (e + 1) * nb)
                 if a < b:
+                    touched = True
                     xj, aj, bj = _low(xl, xl, A[j * r:(j + 1) * r], B[j * nb + a - e * nb:j * nb + b - e * nb])
                     with _no_autocast(xl):
                         upd = s * ((xj @ aj.t()) @ bj.t())
                         y = torch.cat([y[..., :a - spec.lo], _onto(y[..., a - spec.lo:b - spec.lo], upd),
                                        y[..., b - spec.lo:]], dim=-1)
+            if not touched and torch.is_grad_enabled() and (A.requires_grad or B.requires_grad):
+                # no enabled block in this rank's rows (a MergedLinear's disabled ones, fewer outputs than ranks):
+                # the factors still enter the graph, by an exact 0 from empty slices, so that this rank's gradients
+                # are zeros, not None (T1: None skipped the optimizer's collective over the Partial gradients here,
+                # and the other ranks hung in it)
+                y = y + (A[:0].sum() + B[:0].sum()).to(y.dtype)
         return y
     # rowwise
     width = layer.in_features

@@ -376,3 +376,47 @@ def test_a_forward_that_waits_for_a_forward_on_a_worker_does_not_deadlock_a_queu
         t.join(30)
     slow.remove()
     assert done
+
+
+def _colwise_without_rows_net(out_features, enable_lora):
+    torch.manual_seed(0)
+    last = (lora.MergedLinear(8, out_features, r=2, lora_alpha=4, enable_lora=enable_lora) if enable_lora
+            else lora.Linear(8, out_features, r=2, lora_alpha=4))
+    m = torch.nn.Sequential(lora.Linear(8, 8, r=2, lora_alpha=4), last)
+    for layer in m:
+        torch.nn.init.normal_(layer.lora_B, std=0.3)
+    lora.mark_only_lora_as_trainable(m)
+    g = torch.Generator().manual_seed(1)
+    return m, torch.randn(5, 8, generator=g), torch.randn(5, out_features, generator=g)
+
+
+def _colwise_without_rows_case(rank, world, out_features, enable_lora):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    from lora_ext.parallel import ColwiseLoRA
+    m, x, t = _colwise_without_rows_net(out_features, enable_lora)
+    parallelize_module(m, init_device_mesh("cpu", (world,)), {"1": ColwiseLoRA()})
+    y = m(x)
+    lo = -(-out_features // world) * rank  # (torch's Shard(0): the first ranks take the ceiling)
+    torch.nn.functional.mse_loss(y, t[:, lo:lo + y.shape[-1]], reduction="sum").backward()
+    none = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1).step()
+    return none, m[1].lora_A.full_tensor().detach(), m[1].lora_B.full_tensor().detach()
+
+
+@pytest.mark.parametrize("out_features, enable_lora", [(6, [True, False, False]), (1, None)],
+                         ids=["merged-block-on-rank-0", "one-output"])
+def test_a_colwise_rank_without_lora_rows_takes_part_in_the_step(out_features, enable_lora):
+    """T1: under ColwiseLoRA, a rank whose rows hold no enabled block (a MergedLinear's disabled blocks, or fewer
+    output features than ranks) never used the factors: their .grad stayed None there, the optimizer skipped them,
+    and the other ranks hung for good in the step's collective over their Partial gradients. The factors enter the
+    graph by an exact 0: zero gradients there, and the step matches one process."""
+    from dist import run_ranks
+    m, x, t = _colwise_without_rows_net(out_features, enable_lora)
+    torch.nn.functional.mse_loss(m(x), t, reduction="sum").backward()
+    torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1).step()
+    for none, A, B in run_ranks(_colwise_without_rows_case, out_features, enable_lora, timeout=120):
+        assert none == []
+        assert (A - m[1].lora_A.detach()).abs().max().item() < 1e-6
+        assert (B - m[1].lora_B.detach()).abs().max().item() < 1e-6
