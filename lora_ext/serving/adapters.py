@@ -557,16 +557,27 @@ def model_lock(model: nn.Module) -> ModelLock:
     the one inside them): changes through a wrapper and through the model are ordered, and a wrapper given to a
     lora_ext function gets the hooks too, so its forwards take the lock (a compiled wrapper's hooks run eagerly,
     around the compiled forward)."""
-    lock = None
+    lock, made = None, False
     for m in reversed(list(_wrapped(model))):  # the model inside first: it holds the lock the wrappers share
         if lock is None:
-            lock = m.__dict__.get("_lora_ext_model_lock") or ModelLock()
+            lock = m.__dict__.get("_lora_ext_model_lock")
+            if lock is None:
+                lock, made = ModelLock(), True
         # (not nn.DataParallel's: its forward runs the replicas on worker threads, which take their reads through the
         # inner model's hooks they copy; a read held around them made a switch queued meanwhile deadlock, r7)
         if m.__dict__.get("_lora_ext_model_lock") is None and not isinstance(m, nn.DataParallel):
             m.register_forward_pre_hook(_read_before)
             m.register_forward_hook(_read_after, always_call=True)
         m.__dict__["_lora_ext_model_lock"] = lock
+    if made:
+        # forwards already running (a model built by hand, its first model-level call) took no read: each counts as
+        # one, dropped once it ends (ModelLock._drop_left_reads), so the change that made the lock waits for them
+        # (C1: a first set_adapter during a forward served a mix of two adapters in 29 of 30 tries)
+        me, frames = threading.get_ident(), sys._current_frames()
+        with lock._mutex:
+            for ident, frame in frames.items():
+                if ident != me and lock._in_forward(frame):
+                    lock._reads[ident] = 1
     return lock
 
 
