@@ -113,9 +113,9 @@ def _moved_out(registry, weight_of) -> None:
     Under _lock."""
     for key, members in list(registry.items()):
         for module in list(members):
-            weight = weight_of(module)
-            span = _span(weight) if weight is not None else None
-            if span is None or span[:2] != key:
+            weights = weight_of(module)  # (a list: a parametrized plain module's sources, _weight_sources)
+            weights = weights if isinstance(weights, list) else [weights]
+            if not any(s is not None and s[:2] == key for s in (_span(w) for w in weights if w is not None)):
                 members.discard(module)
         if not len(members):
             del registry[key]
@@ -590,9 +590,11 @@ def _prune_plain() -> None:
     _lock."""
     global _plain_prune_at
     if len(_plain) + len(_plain_storage) >= _plain_prune_at:
-        for key in [k for k, v in _plain.items() if not any(id(m._parameters.get("weight")) == k for m in v)]:
+        # (a parametrized module holds its weight's sources, not a weight: R1, dropped, its tie to a layer given
+        # `parametrizations.weight.original` was missed, and the layer's merge wrote the module's weight, 0.99 off)
+        for key in [k for k, v in _plain.items() if not any(id(w) == k for m in v for w in _weight_sources(m))]:
             del _plain[key]
-        _moved_out(_plain_storage, lambda m: m._parameters.get("weight"))
+        _moved_out(_plain_storage, _weight_sources)
         _plain_prune_at = max(1024, 2 * (len(_plain) + len(_plain_storage)))
 
 

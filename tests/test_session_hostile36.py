@@ -473,3 +473,31 @@ def test_the_first_model_level_switch_of_a_hand_built_model_waits_for_the_forwar
             if min((y - s).abs().max().item() for s in served.values()) > 1e-4 * gap:
                 mixes += 1
     assert mixes == 0, mixes
+
+
+def test_a_parametrized_module_s_tie_is_seen_after_the_registry_is_pruned():
+    """R1 on this session's pruning: a plain module whose weight is parametrized holds no 'weight' Parameter, and the
+    pruning of ties' registries dropped it (its weight looked moved): a layer given `parametrizations.weight.original`
+    after 600 other modules were made no longer saw the tie, and its eval() merged into the embedding's weight (0.99
+    off). The pruning looks at the module's weight sources."""
+    import torch.nn.utils.parametrize as P
+
+    class Same(torch.nn.Module):
+        def forward(self, X):
+            return X
+
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 8)
+    P.register_parametrization(emb, "weight", Same())
+    keep = [torch.nn.Linear(2, 2) for _ in range(1200)]  # (past the registry's pruning size)
+    head = lora.Linear(8, 10, r=2, lora_alpha=2)
+    head.weight = emb.parametrizations.weight.original
+    with torch.no_grad():
+        head.lora_B.normal_()
+    ids = torch.arange(10)
+    before = emb(ids).detach().clone()
+    with pytest.warns(UserWarning):
+        head.eval()
+    assert not head.merged
+    assert torch.equal(emb(ids), before)
+    assert len(keep) == 1200
