@@ -1,5 +1,7 @@
 """Forty-third session: what the hostile rounds and the left-alone list of this session gave, each with a test that
 fails on the commit before its fix."""
+import contextlib
+
 import pytest
 import torch
 
@@ -307,42 +309,66 @@ def test_a_forward_whose_earlier_pre_hook_raises_does_not_end_a_hold():
     assert seen["held"] and not lock.holds_read()
 
 
-def test_a_forward_that_waits_for_a_forward_on_a_worker_does_not_deadlock_a_queued_switch(monkeypatch):
+@pytest.mark.parametrize("shape", ["worker", "worker-in-a-hold", "outer-let-in-by-a-hold"])
+def test_a_forward_that_waits_for_a_forward_on_a_worker_does_not_deadlock_a_queued_switch(shape, monkeypatch):
     """C1: a forward of the model that runs another forward of it on a worker thread and waits for it (a hook, a
     thread pool inside forward) hung for good once a model-level switch queued between the two: the worker's new
-    read waited behind the switch, the switch for the outer forward's read, the outer forward for the worker. A new
-    forward read passes a waiting switch after HOLD_QUEUE_SECONDS when another thread holds a read taken before the
-    switch came (as a new hold does); reads taken after it are never passed so."""
+    read waited behind the switch, the switch for the outer forward's read, the outer forward for the worker. R1:
+    the same with the worker's forward inside lora.hold(model), and where the outer forward got ahead of the switch
+    (a hold was open as it came). A new read passes a waiting switch after HOLD_QUEUE_SECONDS while another thread
+    that holds a read waits in a threading primitive (here: the join); threads computing are never passed so."""
     import threading
     import time
 
     from lora_ext.serving import adapters
+    monkeypatch.setattr(adapters, "HOLD_QUEUE_SECONDS", 0.3)
     model = _two_adapter_model()
     x = torch.randn(2, 8)
     lock = adapters.model_lock(model)
     queued = threading.Event()
     results = {}
 
+    def worker():
+        with adapters.hold(model) if shape == "worker-in-a-hold" else contextlib.nullcontext():
+            results["inner"] = model(x)
+
     def hook(module, args, output):
-        if threading.current_thread().name == "worker":
+        if threading.current_thread().name != "outer":
             return None
         deadline = time.monotonic() + 10
         while not lock._queue and time.monotonic() < deadline:  # (the switch queues meanwhile)
             time.sleep(0.01)
         queued.set()
-        worker = threading.Thread(target=lambda: results.setdefault("inner", model(x)), name="worker")
-        worker.start()
-        worker.join()
+        if shape == "outer-let-in-by-a-hold":
+            time.sleep(0.5)  # (the hold that let this forward in ends meanwhile)
+        w = threading.Thread(target=worker, name="worker")
+        w.start()
+        w.join()
         return None
     handle = model[0].register_forward_hook(hook)
 
     def outer():
         with torch.no_grad():
             results["outer"] = model(x)
-    switch = threading.Thread(target=lambda: (time.sleep(0.2), lora.set_adapter(model, "b")), daemon=True)
-    first = threading.Thread(target=outer, daemon=True)
-    first.start()
-    switch.start()
+    switch = threading.Thread(target=lora.set_adapter, args=(model, "b"), daemon=True)
+    first = threading.Thread(target=outer, name="outer", daemon=True)
+    if shape == "outer-let-in-by-a-hold":
+        opened = threading.Event()
+
+        def holder():
+            with adapters.hold(model):
+                opened.set()
+                time.sleep(0.2)
+        threading.Thread(target=holder, daemon=True).start()
+        opened.wait(10)
+        switch.start()  # (waits for the hold)
+        while not lock._queue:
+            time.sleep(0.01)
+        first.start()  # (a forward passes while a hold is open)
+    else:
+        first.start()
+        time.sleep(0.2)
+        switch.start()
     first.join(30)
     switch.join(30)
     assert queued.is_set()
@@ -350,12 +376,15 @@ def test_a_forward_that_waits_for_a_forward_on_a_worker_does_not_deadlock_a_queu
     assert torch.equal(results["inner"], results["outer"])  # both served adapter a
     assert lora.active_adapter(model) == "b"
     handle.remove()
+    if shape != "worker":
+        return
 
     # the rule does not let forwards taken after the switch came keep it out: two threads forwarding in turn, each
     # forward three waits long and half a forward apart, while a switch waits (were every other thread's read
     # passed, each thread would pass the switch in turn for good)
     wait = 0.2
     monkeypatch.setattr(adapters, "HOLD_QUEUE_SECONDS", wait)
+    lora.set_adapter(model, "a")
     slow = model[1].register_forward_hook(lambda m, a, o: time.sleep(3 * wait))
     stop = threading.Event()
 

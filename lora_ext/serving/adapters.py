@@ -11,7 +11,6 @@ serialise. Under torch.compile the hooks do nothing (a compiled graph takes no P
 import collections
 import contextlib
 import contextvars
-import math
 import random
 import sys
 import threading
@@ -54,8 +53,6 @@ class ModelLock:
         self._mutex = threading.RLock()
         self._cond = threading.Condition(self._mutex)
         self._reads = {}  # thread id -> reads it holds
-        self._read_since = {}  # thread id -> when its outermost read was taken (acquire_read; stale once released)
-        self._queued_at = {}  # waiting writer's thread id -> when it queued
         self._hook_reads = {}  # thread id -> the module calls whose pre-hook took a read (_read_before), innermost last
         self._holds = {}  # thread id -> reads held by hold(): never taken for left behind
         self._readings = {}  # thread id -> reads held by reading() (lora_state_dict's): never taken for left behind
@@ -217,37 +214,50 @@ class ModelLock:
                 # on other threads: a streamer's worker; the writer waits for the hold anyway) and for the readers
                 # that waited through a write (self._admit). A new hold queues too (holds on several threads in turn
                 # would starve the writers), for up to HOLD_QUEUE_SECONDS while another hold is open: it may be one
-                # that the open hold waits for (a hold on its worker thread), which must not wait for ever
-                # A forward's new read queues so too while another thread holds a forward's or hold's read taken
-                # before the first waiting writer came: that may be a forward waiting for this one (C1: a forward
-                # that runs the model on a worker thread and waits for it deadlocked against a switch queued
-                # meanwhile, which waited for the outer forward's read). Reads taken after the writer came are never
-                # passed so: forwards longer than the wait, on threads in turn, do not keep the writer out.
+                # that the open hold waits for (a hold on its worker thread), which must not wait for ever.
+                # Past that time, a new forward or hold also passes while another thread that holds a forward's or
+                # hold's read waits in a threading primitive (a join, a future, an event, a queue): it may wait for
+                # this read (C1: a forward that runs the model on a worker thread and joins it deadlocked against
+                # a switch queued meanwhile, which waited for the outer forward's read; R1: also where the outer
+                # read itself had got ahead of the switch). Threads computing are never passed so: forwards in
+                # turn on several threads, however long, do not keep the switch out.
                 deadline = time.monotonic() + HOLD_QUEUE_SECONDS
                 try:
                     self._waiting.append(me)
-                    while self._writer is not None or (
-                            self._queue and not self._admit
-                            and ((hold and self._holds and time.monotonic() < deadline)
-                                 or (not self._holds and (hold or time.monotonic() < deadline
-                                                          or not self._read_before_writer(me))))):
-                        self._wait(0.05 if self._holds or (not hold and self._reads) else _POLL)
+                    while self._queued_behind(me, hold, deadline):
+                        self._wait(0.05 if self._holds or self._reads else _POLL)
                 finally:
                     _discard(self._waiting, me)
                 if self._admit:
                     self._admit -= 1
                     if not self._admit:
                         self._cond.notify_all()
-            if me not in self._reads:
-                self._read_since[me] = time.monotonic()
             self._reads[me] = self._reads.get(me, 0) + 1
 
-    def _read_before_writer(self, me: int) -> bool:
-        """Whether a thread other than `me` holds a forward's or a hold's read (not only state reads) taken before
-        the first waiting writer queued. (The mutex held.)"""
-        came = self._queued_at.get(self._queue[0], math.inf) if self._queue else math.inf
-        return any(t != me and n > self._readings.get(t, 0) and self._read_since.get(t, 0.0) < came
-                   for t, n in self._reads.items())
+    def _queued_behind(self, me: int, hold: bool, deadline: float) -> bool:
+        """Whether a new read (a hold's with hold=True) waits on (acquire_read's rules; the mutex held)."""
+        if self._writer is not None:
+            return True
+        if not self._queue or self._admit:
+            return False
+        past = time.monotonic() >= deadline
+        if self._holds and (not hold or past):
+            return False
+        return not (past and self._reader_blocked(me))
+
+    def _reader_blocked(self, me: int) -> bool:
+        """Whether a thread other than `me` that holds a forward's or a hold's read (not only state reads) waits in
+        a threading primitive (its innermost frame in threading.py, outside this lock's own waits). (The mutex
+        held.)"""
+        frames = sys._current_frames()
+        for ident, n in self._reads.items():
+            frame = frames.get(ident)
+            if (ident != me and n > self._readings.get(ident, 0) and frame is not None
+                    and frame.f_code.co_filename == threading.__file__
+                    and not any(_inside(frame, code) for code in (_READ_CODE, _WRITE_CODE, _CHANGE_CODE,
+                                                                   _READING_CODE))):
+                return True
+        return False
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -390,7 +400,6 @@ class ModelLock:
                     self._refuse_from_inside(me)
                     del self._reads[me]  # left by a forward of this thread that was interrupted
                 try:
-                    self._queued_at[me] = time.monotonic()
                     self._queue.append(me)
                     while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
                         self._wait(_POLL, writer=True)
@@ -399,7 +408,6 @@ class ModelLock:
                         self._admit = min(self._admit, len(self._waiting))
                 finally:
                     _discard(self._queue, me)
-                    self._queued_at.pop(me, None)
                     self._cond.notify_all()
                 self.writes += 1  # (before the writer is set: nothing may land between that and the try below)
                 self._writer, self._write_depth, depth = me, 1, 1
