@@ -530,3 +530,42 @@ def test_a_parametrized_module_s_tie_is_seen_after_the_registry_is_pruned():
     assert not head.merged
     assert torch.equal(emb(ids), before)
     assert len(keep) == 1200
+
+
+def test_threads_making_a_model_s_first_calls_together_share_one_lock(monkeypatch):
+    """hostile33's flake, found: a model's lock is made at its first lora_ext call; two threads making their first
+    calls at once (lora_state_dict and set_adapter) each made a lock of their own, and the state read ran under one
+    while the switch wrote under the other: 3 of 60 snapshots of an FSDP2 model mixed two adapters, under load. The
+    lock is made once, under a process-wide lock."""
+    import sys
+    import threading
+    import time
+
+    from lora_ext.serving import adapters
+    real = adapters.ModelLock.__init__
+
+    def slow_init(self):  # (a thread switch inside the making, as load gives one)
+        real(self)
+        time.sleep(0.01)
+    monkeypatch.setattr(adapters.ModelLock, "__init__", slow_init)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for _ in range(5):
+            model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+            start = threading.Barrier(4)
+            got = []
+
+            def first_call():
+                start.wait(10)
+                got.append(adapters.model_lock(model))
+            threads = [threading.Thread(target=first_call) for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert len(got) == 4 and all(lock is got[0] for lock in got)
+            assert model.__dict__["_lora_ext_model_lock"] is got[0]
+            assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    finally:
+        sys.setswitchinterval(interval)

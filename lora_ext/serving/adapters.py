@@ -233,6 +233,8 @@ class ModelLock:
                     if not self._admit:
                         self._cond.notify_all()
             self._reads[me] = self._reads.get(me, 0) + 1
+            if hold:  # (counted with the read: a writer's _drop_left_reads in between took a hold's read for one left
+                self._holds[me] = self._holds.get(me, 0) + 1  # behind, outside any forward, and dropped it)
 
     def _queued_behind(self, me: int, hold: bool, deadline: float) -> bool:
         """Whether a new read (a hold's with hold=True) waits on (acquire_read's rules; the mutex held)."""
@@ -266,29 +268,30 @@ class ModelLock:
         this read: queued behind the writer as a new hold is, a worker reading the state for such a forward
         deadlocked, r54, and r1 under FSDP2; reads of the state alone, on a few threads in a loop, kept a switch out
         for good, r3). A waiting writer never takes it for a read left behind (_drop_left_reads)."""
-        me, landed = threading.get_ident(), None
-        with self._mutex:
-            if self._writer != me and me not in self._reads:
-                # (waits as a reader does: let in ahead of the next writer when a write it waited for ends, _admit;
-                # else a thread switching in a loop re-queued before it woke, and kept it out for good)
-                try:
-                    self._waiting.append(me)
-                    while self._writer is not None or (
-                            self._queue and not self._admit
-                            and all(n <= self._readings.get(t, 0) for t, n in self._reads.items())):
-                        self._wait(_POLL)
-                finally:
-                    _discard(self._waiting, me)
-                if self._admit:
-                    self._admit -= 1
-                    if not self._admit:
-                        self._cond.notify_all()
-            else:
-                while self._writer != me and self._writer is not None:
-                    self._wait(_POLL)
-            before = (self._reads.get(me, 0), self._readings.get(me, 0))
+        me, landed, before = threading.get_ident(), None, None
         try:
+            # (the wait and the count in one hold of the mutex: counted after it was let go, a writer came in between,
+            # and the state read ran inside its write: 3 of 60 FSDP2 snapshots mixed two adapters, hostile33)
             with self._mutex:
+                if self._writer != me and me not in self._reads:
+                    # (waits as a reader does: let in ahead of the next writer when a write it waited for ends,
+                    # _admit; else a thread switching in a loop re-queued before it woke, and kept it out for good)
+                    try:
+                        self._waiting.append(me)
+                        while self._writer is not None or (
+                                self._queue and not self._admit
+                                and all(n <= self._readings.get(t, 0) for t, n in self._reads.items())):
+                            self._wait(_POLL)
+                    finally:
+                        _discard(self._waiting, me)
+                    if self._admit:
+                        self._admit -= 1
+                        if not self._admit:
+                            self._cond.notify_all()
+                else:
+                    while self._writer != me and self._writer is not None:
+                        self._wait(_POLL)
+                before = (self._reads.get(me, 0), self._readings.get(me, 0))
                 self._reads[me] = before[0] + 1
                 self._readings[me] = before[1] + 1
             yield
@@ -297,13 +300,14 @@ class ModelLock:
             # raised; a read left taken kept every writer waiting for good, r3)
             while True:
                 try:
-                    with self._mutex:
-                        for counts, n in zip((self._reads, self._readings), before):
-                            if n:
-                                counts[me] = n
-                            else:
-                                counts.pop(me, None)
-                        self._cond.notify_all()
+                    if before is not None:  # (None: refused or stopped before it counted)
+                        with self._mutex:
+                            for counts, n in zip((self._reads, self._readings), before):
+                                if n:
+                                    counts[me] = n
+                                else:
+                                    counts.pop(me, None)
+                            self._cond.notify_all()
                     break
                 except BaseException as err:
                     if landed is not None:
@@ -509,10 +513,8 @@ def _discard(waiting, ident) -> None:
 def hold(model: nn.Module) -> Iterator[None]:
     """Holds the model's current adapter for a block of forwards (a whole `generate()`, say): model-level
     changes on other threads wait until the block ends. Changes from this thread inside it are refused."""
-    lock = model_lock(model)
-    lock.acquire_read(hold=True)
-    me = threading.get_ident()
-    lock._holds[me] = lock._holds.get(me, 0) + 1
+    lock, me = model_lock(model), threading.get_ident()
+    lock.acquire_read(hold=True)  # (counts the hold too)
     try:
         yield
     finally:
@@ -565,28 +567,44 @@ def model_lock(model: nn.Module) -> ModelLock:
     the one inside them): changes through a wrapper and through the model are ordered, and a wrapper given to a
     lora_ext function gets the hooks too, so its forwards take the lock (a compiled wrapper's hooks run eagerly,
     around the compiled forward)."""
-    lock, made = None, False
-    for m in reversed(list(_wrapped(model))):  # the model inside first: it holds the lock the wrappers share
-        if lock is None:
-            lock = m.__dict__.get("_lora_ext_model_lock")
-            if lock is None:
-                lock, made = ModelLock(), True
-        # (not nn.DataParallel's: its forward runs the replicas on worker threads, which take their reads through the
-        # inner model's hooks they copy; a read held around them made a switch queued meanwhile deadlock, r7)
-        if m.__dict__.get("_lora_ext_model_lock") is None and not isinstance(m, nn.DataParallel):
-            m.register_forward_pre_hook(_read_before)
-            m.register_forward_hook(_read_after, always_call=True)
-        m.__dict__["_lora_ext_model_lock"] = lock
-    if made:
-        # forwards already running (a model built by hand, its first model-level call) took no read: each counts as
-        # one, dropped once it ends (ModelLock._drop_left_reads), so the change that made the lock waits for them
-        # (C1: a first set_adapter during a forward served a mix of two adapters in 29 of 30 tries)
-        me, frames = threading.get_ident(), sys._current_frames()
-        with lock._mutex:
-            for ident, frame in frames.items():
-                if ident != me and lock._in_forward(frame):
-                    lock._reads[ident] = 1
+    chain = list(_wrapped(model))  # (outermost first)
+    lock = chain[-1].__dict__.get("_lora_ext_model_lock")
+    if lock is not None and all(m.__dict__.get("_lora_ext_model_lock") is lock for m in chain):
+        return lock
+    # Made once, under a process-wide lock: two threads making a model's first calls (a state read and a switch) each
+    # made a lock of their own, and the read ran under one while the switch wrote under the other (hostile33: 3 of 60
+    # FSDP2 snapshots mixed two adapters, under load)
+    with _MAKING:
+        lock = chain[-1].__dict__.get("_lora_ext_model_lock")
+        made = lock is None
+        if made:
+            lock = ModelLock()
+            lock._mutex.acquire()  # (no read of the new lock until the forwards running are counted, below)
+        try:
+            for m in reversed(chain):  # the model inside first: it holds the lock the wrappers share
+                hooked = m.__dict__.get("_lora_ext_model_lock") is not None
+                m.__dict__["_lora_ext_model_lock"] = lock  # (before the hooks, which read it)
+                # (not nn.DataParallel's: its forward runs the replicas on worker threads, which take their reads
+                # through the inner model's hooks they copy; a read held around them made a switch queued meanwhile
+                # deadlock, r7)
+                if not hooked and not isinstance(m, nn.DataParallel):
+                    m.register_forward_pre_hook(_read_before)
+                    m.register_forward_hook(_read_after, always_call=True)
+            if made:
+                # forwards already running (a model built by hand, its first model-level call) took no read: each
+                # counts as one, dropped once it ends (ModelLock._drop_left_reads), so the change that made the lock
+                # waits for them (C1: a first set_adapter during a forward served a mix of two adapters, 29 of 30)
+                me = threading.get_ident()
+                for ident, frame in sys._current_frames().items():
+                    if ident != me and ident not in lock._reads and lock._in_forward(frame):
+                        lock._reads[ident] = 1
+        finally:
+            if made:
+                lock._mutex.release()
     return lock
+
+
+_MAKING = threading.Lock()  # model_lock's, while it makes a model's lock
 
 
 def lora_layers(model: nn.Module) -> List[Tuple[str, LoRALayer]]:
