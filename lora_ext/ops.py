@@ -502,7 +502,9 @@ def _lossless_pass(weight, old, record, new, num_blocks, block_ids, transposed, 
         record.check_for(weight, num_blocks, block_ids, transposed, where)
     n, rows, cols, _ = lossless.region(weight, num_blocks, block_ids, transposed)
     limit = lossless.exception_limit(n * rows * cols)
-    if _kernels.takes(weight, *(t for pair in (old, new) if pair is not None for t in pair[:2])):
+    # (the lossless kernels take row-major weights only: another layout goes to the reference's pass, whose record is
+    # the same format; R1: a column-major weight was refused there, and the refusal left its layer refusing forwards)
+    if _kernels.takes(weight, *(t for pair in (old, new) if pair is not None for t in pair[:2])) and _rows_apart(weight):
         rec = _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed, limit, where)
     elif new is None:
         lossless.unmerge_(weight, *old, record, num_blocks, block_ids, transposed)
@@ -532,7 +534,8 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
     f_new = (factors[-2], factors[-1], new[2]) if new is not None else None
     if f_new is None:
         _writes_now(weight)
-        mod.unmerge_lossless_(weight, *f_old, *layout, record.codes, record.exc_index, record.exc_bits)
+        _unwritten_refusal(mod.unmerge_lossless_, weight, *f_old, *layout, record.codes, record.exc_index,
+                           record.exc_bits)
         return None
     n, rows, cols, _ = lossless.region(weight, *layout)
     cap = lossless.first_capacity(n * rows * cols, limit) if capacity is None else capacity
@@ -544,10 +547,11 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
     g = lossless.gamma(f_new[0].shape[0] // max(n, 1))
     _writes_now(weight)
     if f_old is None:
-        mod.merge_lossless_(weight, *f_new, *layout, ln, rn, g, codes, exc_index, exc_bits, counter)
+        _unwritten_refusal(mod.merge_lossless_, weight, *f_new, *layout, ln, rn, g, codes, exc_index, exc_bits,
+                           counter)
     else:
-        mod.swap_lossless_(weight, *f_old, record.codes, record.exc_index, record.exc_bits, *f_new, *layout, ln, rn,
-                           g, codes, exc_index, exc_bits, counter)
+        _unwritten_refusal(mod.swap_lossless_, weight, *f_old, record.codes, record.exc_index, record.exc_bits,
+                           *f_new, *layout, ln, rn, g, codes, exc_index, exc_bits, counter)
     try:  # the pass wrote W: an error from here on (out of memory in the sort, Ctrl-C) takes it back first
         count = int(counter.item())
         order = torch.argsort(exc_index[:min(count, cap)])
@@ -575,6 +579,17 @@ def _kernel_lossless(weight, old, record, new, num_blocks, block_ids, transposed
             lossless.put_back(err)
             if f_old is not None:
                 _merge_back(err, weight, old, layout, max(limit, record.exceptions), where)
+        raise
+
+
+def _unwritten_refusal(launcher, *args):
+    """launcher(*args), a lossless kernel's; its ValueError or TypeError (an argument check, made before anything is
+    launched) says the weight was not written (`weight_put_back`, as _launch's): else the layer took the refusal
+    for a write that failed part way, and refused every forward until a load."""
+    try:
+        launcher(*args)
+    except (ValueError, TypeError) as err:
+        err.weight_put_back = True
         raise
 
 

@@ -569,3 +569,62 @@ def test_threads_making_a_model_s_first_calls_together_share_one_lock(monkeypatc
             assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
     finally:
         sys.setswitchinterval(interval)
+
+
+def test_a_lossless_merge_on_the_kernels_takes_a_column_major_weight():
+    """R1 on K1: the lossy kernels took any layout, but the lossless ones (the default for bfloat16 and float16) still
+    refused a column-major weight ("W must have column stride 1"), and that refusal, raised inside the layer's write,
+    left the layer refusing every forward until a load. Such a weight takes the reference's lossless pass (the same
+    record format): merge, switch and unmerge give the base back bit for bit. Through the simulator."""
+    from lora_ext import ops
+    sim = _sim()
+    dt = torch.bfloat16
+    torch.manual_seed(0)
+    layer = lora.Linear(7, 12, r=2, lora_alpha=4).to(dt)
+    layer.weight = torch.nn.Parameter(layer.weight.data.t().contiguous().t(), requires_grad=False)
+    base = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_A.normal_()
+        layer.lora_B.normal_()
+    A_b, B_b = torch.randn(2, 7).to(dt), torch.randn(12, 2).to(dt)
+    layer.add_adapter("b", A_b, B_b, 1.0)
+    x = torch.randn(3, 7, dtype=dt)
+    with ops.use_kernels(sim, "cpu"):
+        layer.eval()
+        assert layer.merged
+        layer.set_adapter("b")
+        assert layer.merged and layer.active_adapter == "b"
+        ref = x.double() @ (base.double() + B_b.double() @ A_b.double()).t() + layer.bias.double()
+        assert (layer(x).double() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+        layer.train()
+    assert not layer.merged and torch.equal(layer.weight, base) and layer.weight.stride() == (1, 12)
+
+
+def test_a_lossless_kernel_s_argument_refusal_leaves_the_layer_serving():
+    """R1 on K1, the second half: a lossless kernel launcher's argument refusal (a ValueError, raised before anything
+    is launched) was taken for a write that failed part way: the layer refused every forward until a load. It says
+    the weight was not written, as the lossy launchers' refusals do: eval() leaves the layer unmerged, serving."""
+    import types
+
+    from lora_ext import ops
+    sim = _sim()
+
+    def refuse(*args):
+        raise ValueError("merge_lossless_: W has too many 64 x 128 tiles (a stand-in launcher refusal)")
+    proxy = types.SimpleNamespace(**{n: getattr(sim, n) for n in dir(sim) if not n.startswith("__")})
+    proxy.merge_lossless_ = refuse
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 6, r=2, lora_alpha=4).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    base = layer.weight.detach().clone()
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        unmerged = layer(x)
+    with ops.use_kernels(proxy, "cpu"), pytest.raises(ValueError, match="too many 64 x 128 tiles"):
+        layer.merge()
+    assert not layer.merged and torch.equal(layer.weight, base)
+    with torch.no_grad():
+        assert torch.equal(layer(x), unmerged)  # (serving: not refused)
+    layer.eval()  # (on the CPU pass: merges)
+    assert layer.merged
