@@ -628,3 +628,30 @@ def test_a_lossless_kernel_s_argument_refusal_leaves_the_layer_serving():
         assert torch.equal(layer(x), unmerged)  # (serving: not refused)
     layer.eval()  # (on the CPU pass: merges)
     assert layer.merged
+
+
+def test_inject_into_a_checkpoint_wrapped_model_takes_options_by_plain_names():
+    """R1: inject() into a model under torch's activation checkpointing matched rank_pattern, alpha_pattern and
+    exclude_modules given by the modules' plain names (as peft, state_dict() and saved adapters name them) against
+    the wrapped names only: the options were left out without a word (r 2 where 4 was asked, the excluded module
+    adapted). They match either name now, as in a plain model."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lora_ext.utils import plain_name
+    from tiny_models import llama
+
+    def adapted(wrap):
+        m = llama()
+        if wrap:
+            apply_activation_checkpointing(m, check_fn=lambda mm: isinstance(mm, LlamaDecoderLayer))
+        lora.inject(m, ["q_proj", "v_proj"], r=2, lora_alpha=4,
+                    rank_pattern={"model.layers.1.self_attn.q_proj": 4},
+                    alpha_pattern={"model.layers.1.self_attn.v_proj": 32},
+                    exclude_modules=["model.layers.0.self_attn.q_proj"])
+        return {plain_name(n): (l.r, l.scaling) for n, l in m.named_modules() if isinstance(l, lora.LoRALayer)}
+    plain, wrapped = adapted(False), adapted(True)
+    assert plain["model.layers.1.self_attn.q_proj"] == (4, 1.0)
+    assert plain["model.layers.1.self_attn.v_proj"] == (2, 16.0)
+    assert "model.layers.0.self_attn.q_proj" not in plain
+    assert wrapped == plain

@@ -243,9 +243,10 @@ def pattern_matches(key, name) -> bool:
 
 def pattern_value(patterns, name, default):
     """The value of the first key of a rank_pattern/alpha_pattern-style dict matching the module name
-    (pattern_matches), else default."""
+    (pattern_matches; `name` may be a tuple of a module's names: any of them), else default."""
+    names = name if isinstance(name, tuple) else (name,)
     for key, value in (patterns or {}).items():
-        if pattern_matches(key, name):
+        if any(pattern_matches(key, n) for n in names):
             return value
     return default
 
@@ -837,14 +838,17 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         # the insides of lora_ext layers (a ConvLoRA's conv) are never targets, as in select_targets
         if not name or any(name.startswith(p) for p in inner):
             continue
-        if name_matches(exclude_modules, name):
-            if target_matches(spec, name, layers_to_transform, layers_pattern):
+        # (by its name with or without wrappers' segments, as select_targets: R1, a checkpoint-wrapped model's
+        # rank_pattern, alpha_pattern and exclude_modules given by plain names were left out without a word)
+        names = (name,) if plain_name(name) == name else (name, plain_name(name))
+        if any(name_matches(exclude_modules, n) for n in names):
+            if any(target_matches(spec, n, layers_to_transform, layers_pattern) for n in names):
                 excluded.append(name)
             continue
         # (fused entries: the same layer filter as target_modules' names)
         enable = next((v for k, v in fused.items()
-                       if target_matches([k], name, layers_to_transform, layers_pattern)), None)
-        if enable is None and not target_matches(spec, name, layers_to_transform, layers_pattern):
+                       if any(target_matches([k], n, layers_to_transform, layers_pattern) for n in names)), None)
+        if enable is None and not any(target_matches(spec, n, layers_to_transform, layers_pattern) for n in names):
             continue
         if isinstance(module, LoRALayer):
             raise ValueError(f"target_modules: module {name!r} is already a lora_ext layer")
@@ -856,8 +860,8 @@ def inject(model: nn.Module, target_modules: Union[str, Sequence[str]], r: int =
         if lossless and isinstance(weight, torch.Tensor) and weight.dtype not in RECORD_DTYPES:
             raise ValueError(f"lossless=True: module {name!r} has a {weight.dtype} weight; lossless merges take "
                              f"float16, bfloat16 or float32 weights (set lossless=False or None)")
-        rr = pattern_value(rank_pattern, name, r)
-        alpha = pattern_value(alpha_pattern, name, lora_alpha)
+        rr = pattern_value(rank_pattern, names, r)
+        alpha = pattern_value(alpha_pattern, names, lora_alpha)
         rr = _check_options(rr, alpha, lora_dropout)
         alpha = alpha if isinstance(alpha, (int, float)) else float(alpha)  # (a numpy number)
         if reserved is not None and rr > reserved:
