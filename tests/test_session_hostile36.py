@@ -655,3 +655,88 @@ def test_inject_into_a_checkpoint_wrapped_model_takes_options_by_plain_names():
     assert plain["model.layers.1.self_attn.v_proj"] == (2, 16.0)
     assert "model.layers.0.self_attn.q_proj" not in plain
     assert wrapped == plain
+
+
+def test_a_shallow_copy_made_before_the_lock_shares_it():
+    """R2: copy.copy of a model made before its first lora_ext call shares the model's layers and hook dicts, not
+    its __dict__: once the model had its lock, a forward through the copy raised KeyError('_lora_ext_model_lock')
+    (the shared hooks read it), and after a lora_ext call on the copy it had a lock of its own: a switch through the
+    model during a forward through the copy mixed two adapters, 10 of 10. The copy takes the lock of the hooks it
+    shares."""
+    import copy
+    import threading
+    import time
+
+    from lora_ext.serving.adapters import model_lock
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(6):
+        layer = lora.Linear(16, 16, r=2, lora_alpha=2)
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.2)
+        layer.add_adapter("b", torch.randn(2, 16), torch.randn(16, 2) * 0.2, 1.0)
+        layers.append(layer)
+    model = torch.nn.Sequential(*layers).eval()
+    twin = copy.copy(model)
+    x = torch.randn(4, 16)
+    served = {}
+    for name in ("b", "default"):
+        lora.set_adapter(model, name)
+        with torch.no_grad():
+            served[name] = twin(x).double()  # (it raised KeyError here)
+    assert model_lock(twin) is model_lock(model)
+    layers[3].register_forward_hook(lambda m, a, o: time.sleep(0.05))
+    for trial in range(4):
+        out = {}
+
+        def forward():
+            with torch.no_grad():
+                out["y"] = twin(x).double()
+        t = threading.Thread(target=forward)
+        t.start()
+        time.sleep(0.02)
+        lora.set_adapter(model, "b" if trial % 2 == 0 else "default")
+        t.join(30)
+        assert min((out["y"] - s).abs().max().item() for s in served.values()) < 1e-6
+
+
+def test_an_exception_landing_in_a_hold_never_leaves_it_counted_or_lets_a_switch_in():
+    """R2: an exception landing between two statements of hold()'s end left the hold counted for good (every later
+    switch waited for ever), and one landing inside release_read as a forward inside a hold gave its read back lost
+    the hold's read with it (popped, then written back): a switch on another thread then ran inside the hold. The
+    hold puts its counts back in one hold of the mutex, run again once when an exception lands in it, and
+    release_read writes the count once."""
+    import threading
+
+    from test_session_hostile27 import _landing_at, _lines_of, _two_layer_model, _within
+
+    from lora_ext.serving.adapters import ModelLock, hold, model_lock
+    function = hold.__wrapped__
+
+    def held(model):
+        with hold(model):
+            model(torch.randn(2, 8))
+    model, _, _ = _two_layer_model()
+    lines = _lines_of(function, lambda: held(model))
+    assert len(lines) >= 5
+    for line in lines:
+        model, _, _ = _two_layer_model()
+        lock = model_lock(model)
+        assert _landing_at(function, line, lambda: held(model)), line
+        assert not lock._reads and not lock._holds, line
+        assert _within(lambda: lora.set_adapter(model, "b"), 10), f"line {line}: a change waits for ever"
+
+    release = ModelLock.release_read
+    lines = _lines_of(release, lambda: held(model))
+    for line in lines:
+        model, _, _ = _two_layer_model()
+        lock = model_lock(model)
+        with hold(model):
+            _landing_at(release, line, lambda: model(torch.randn(2, 8)))
+            assert lock._holds and lock.holds_read(), line
+            switch = threading.Thread(target=lora.set_adapter, args=(model, "b"), daemon=True)
+            switch.start()
+            switch.join(0.3)
+            assert switch.is_alive(), f"line {line}: the switch ran inside the hold"
+        switch.join(10)
+        assert not switch.is_alive() and not lock._reads and not lock._holds, line

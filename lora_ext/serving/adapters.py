@@ -198,8 +198,9 @@ class ModelLock:
         if self._torn is not None and self._writer != threading.get_ident():
             raise RuntimeError(self._torn)
 
-    def acquire_read(self, hold: bool = False) -> None:
-        """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s."""
+    def acquire_read(self, hold: bool = False) -> Tuple[int, int]:
+        """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s. Returns this thread's (reads,
+        holds) before it (hold() puts them back)."""
         self.refuse_forked()
         me = threading.get_ident()
         with self._mutex:
@@ -232,9 +233,12 @@ class ModelLock:
                     self._admit -= 1
                     if not self._admit:
                         self._cond.notify_all()
-            self._reads[me] = self._reads.get(me, 0) + 1
+            before = (self._reads.get(me, 0), self._holds.get(me, 0))
+            self._reads[me] = before[0] + 1
             if hold:  # (counted with the read: a writer's _drop_left_reads in between took a hold's read for one left
-                self._holds[me] = self._holds.get(me, 0) + 1  # behind, outside any forward, and dropped it)
+                self._holds[me] = before[1] + 1  # behind, outside any forward, and dropped it)
+        return before  # (after the block: a return inside it gave an exception landing before its exit a way out
+        #                 that skipped the mutex's release)
 
     def _queued_behind(self, me: int, hold: bool, deadline: float) -> bool:
         """Whether a new read (a hold's with hold=True) waits on (acquire_read's rules; the mutex held)."""
@@ -301,13 +305,7 @@ class ModelLock:
             while True:
                 try:
                     if before is not None:  # (None: refused or stopped before it counted)
-                        with self._mutex:
-                            for counts, n in zip((self._reads, self._readings), before):
-                                if n:
-                                    counts[me] = n
-                                else:
-                                    counts.pop(me, None)
-                            self._cond.notify_all()
+                        self.put_back(me, ((self._reads, before[0]), (self._readings, before[1])))
                     break
                 except BaseException as err:
                     if landed is not None:
@@ -322,9 +320,23 @@ class ModelLock:
     def release_read(self) -> None:
         me = threading.get_ident()
         with self._mutex:
-            n = self._reads.pop(me, 0)
+            # (one write of the count: popped first, a landing before the write back lost an open hold's read with
+            # it, and a switch ran inside the hold, R2)
+            n = self._reads.get(me, 0)
             if n > 1:
                 self._reads[me] = n - 1
+            else:
+                self._reads.pop(me, None)
+            self._cond.notify_all()
+
+    def put_back(self, me: int, counts) -> None:
+        """This thread's counts put back as they were: `counts` pairs (a dict of counts of this lock, the count)."""
+        with self._mutex:
+            for kind, n in counts:
+                if n:
+                    kind[me] = n
+                else:
+                    kind.pop(me, None)
             self._cond.notify_all()
 
     def _refuse_from_inside(self, me) -> None:
@@ -513,15 +525,26 @@ def _discard(waiting, ident) -> None:
 def hold(model: nn.Module) -> Iterator[None]:
     """Holds the model's current adapter for a block of forwards (a whole `generate()`, say): model-level
     changes on other threads wait until the block ends. Changes from this thread inside it are refused."""
-    lock, me = model_lock(model), threading.get_ident()
-    lock.acquire_read(hold=True)  # (counts the hold too)
+    lock, me, landed = model_lock(model), threading.get_ident(), None
+    # (this thread's counts before, read here: an exception landing in acquire_read after it counted, or as it
+    # returned, is put back too; another thread only drops reads of threads outside any forward and hold)
+    before = (lock._reads.get(me, 0), lock._holds.get(me, 0))
     try:
+        lock.acquire_read(hold=True)  # (counts the hold too)
         yield
     finally:
-        lock._holds[me] -= 1
-        if not lock._holds[me]:
-            del lock._holds[me]
-        lock.release_read()
+        # (the counts put back as they were, in one hold of the mutex, run again once when an exception lands in it,
+        # as reading()'s: three statements, a landing left the hold counted for good and every switch waited, R2)
+        while True:
+            try:
+                lock.put_back(me, ((lock._reads, before[0]), (lock._holds, before[1])))
+                break
+            except BaseException as err:
+                if landed is not None:
+                    raise
+                landed = err
+        if landed is not None:
+            raise landed
 
 
 _CALL_INNER = next(c for c in nn.Module._call_impl.__code__.co_consts
@@ -537,7 +560,7 @@ def _module_call():
 
 def _read_before(module, args):
     if not torch.compiler.is_compiling():
-        lock = module.__dict__["_lora_ext_model_lock"]
+        lock = module.__dict__.get("_lora_ext_model_lock") or model_lock(module)  # (a shallow copy's: see there)
         me = threading.get_ident()
         calls = lock._hook_reads.get(me)
         if calls is None or me not in lock._reads:  # (none held: what the list holds was left by a forward a
@@ -551,7 +574,7 @@ def _read_after(module, args, output):
     # it ran, or because a pre-hook ahead of lora's raised (C1: it gave back the read of a hold() or of the forward
     # around it, and a switch then ran inside the hold, serving another adapter to its next forward, 0.82 off)
     if not torch.compiler.is_compiling():
-        lock = module.__dict__["_lora_ext_model_lock"]
+        lock = module.__dict__.get("_lora_ext_model_lock") or model_lock(module)
         calls = lock._hook_reads.get(threading.get_ident())
         if calls and calls[-1] == _module_call():
             calls.pop()
@@ -575,14 +598,17 @@ def model_lock(model: nn.Module) -> ModelLock:
     # made a lock of their own, and the read ran under one while the switch wrote under the other (hostile33: 3 of 60
     # FSDP2 snapshots mixed two adapters, under load)
     with _MAKING:
-        lock = chain[-1].__dict__.get("_lora_ext_model_lock")
+        # (a shallow copy of the model made before its lock, copy.copy, shares its hooks but not its __dict__: it
+        # takes the lock of the hooks it shares, R2: it made a lock of its own, and a switch through the model
+        # during a forward through the copy mixed two adapters, 10 of 10)
+        lock = chain[-1].__dict__.get("_lora_ext_model_lock") or _lock_of_hooks(chain[-1])
         made = lock is None
         if made:
             lock = ModelLock()
             lock._mutex.acquire()  # (no read of the new lock until the forwards running are counted, below)
         try:
             for m in reversed(chain):  # the model inside first: it holds the lock the wrappers share
-                hooked = m.__dict__.get("_lora_ext_model_lock") is not None
+                hooked = m.__dict__.get("_lora_ext_model_lock") is not None or _lock_of_hooks(m) is not None
                 m.__dict__["_lora_ext_model_lock"] = lock  # (before the hooks, which read it)
                 # (not nn.DataParallel's: its forward runs the replicas on worker threads, which take their reads
                 # through the inner model's hooks they copy; a read held around them made a switch queued meanwhile
@@ -590,6 +616,12 @@ def model_lock(model: nn.Module) -> ModelLock:
                 if not hooked and not isinstance(m, nn.DataParallel):
                     m.register_forward_pre_hook(_read_before)
                     m.register_forward_hook(_read_after, always_call=True)
+                    hooks = m._forward_pre_hooks
+                    if len(_HOOKS_LOCK) >= _HOOKS_PRUNE[0]:
+                        for key in [k for k, (h, _) in _HOOKS_LOCK.items() if h() is None]:
+                            del _HOOKS_LOCK[key]
+                        _HOOKS_PRUNE[0] = max(256, 2 * len(_HOOKS_LOCK))
+                    _HOOKS_LOCK[id(hooks)] = (weakref.ref(hooks), lock)
             if made:
                 # forwards already running (a model built by hand, its first model-level call) took no read: each
                 # counts as one, dropped once it ends (ModelLock._drop_left_reads), so the change that made the lock
@@ -605,6 +637,16 @@ def model_lock(model: nn.Module) -> ModelLock:
 
 
 _MAKING = threading.Lock()  # model_lock's, while it makes a model's lock
+_HOOKS_LOCK = {}  # id(a module's _forward_pre_hooks that model_lock hooked) -> (weakref to that dict, the lock)
+_HOOKS_PRUNE = [256]  # its size at which the entries of dicts gone are dropped
+
+
+def _lock_of_hooks(module) -> Optional[ModelLock]:
+    """The lock whose hooks `module`'s forward pre-hooks dict holds (model_lock put them there, maybe through another
+    object sharing the dict: a shallow copy), or None."""
+    hooks = module.__dict__.get("_forward_pre_hooks")
+    entry = _HOOKS_LOCK.get(id(hooks))
+    return entry[1] if entry is not None and entry[0]() is hooks else None
 
 
 def lora_layers(model: nn.Module) -> List[Tuple[str, LoRALayer]]:
