@@ -198,9 +198,8 @@ class ModelLock:
         if self._torn is not None and self._writer != threading.get_ident():
             raise RuntimeError(self._torn)
 
-    def acquire_read(self, hold: bool = False) -> Tuple[int, int]:
-        """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s. Returns this thread's (reads,
-        holds) before it (hold() puts them back)."""
+    def acquire_read(self, hold: bool = False) -> None:
+        """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s (counted in _holds too)."""
         self.refuse_forked()
         me = threading.get_ident()
         with self._mutex:
@@ -233,12 +232,9 @@ class ModelLock:
                     self._admit -= 1
                     if not self._admit:
                         self._cond.notify_all()
-            before = (self._reads.get(me, 0), self._holds.get(me, 0))
-            self._reads[me] = before[0] + 1
+            self._reads[me] = self._reads.get(me, 0) + 1
             if hold:  # (counted with the read: a writer's _drop_left_reads in between took a hold's read for one left
-                self._holds[me] = before[1] + 1  # behind, outside any forward, and dropped it)
-        return before  # (after the block: a return inside it gave an exception landing before its exit a way out
-        #                 that skipped the mutex's release)
+                self._holds[me] = self._holds.get(me, 0) + 1  # behind, outside any forward, and dropped it)
 
     def _queued_behind(self, me: int, hold: bool, deadline: float) -> bool:
         """Whether a new read (a hold's with hold=True) waits on (acquire_read's rules; the mutex held)."""
@@ -628,7 +624,7 @@ def model_lock(model: nn.Module) -> ModelLock:
                 # waits for them (C1: a first set_adapter during a forward served a mix of two adapters, 29 of 30)
                 me = threading.get_ident()
                 for ident, frame in sys._current_frames().items():
-                    if ident != me and ident not in lock._reads and lock._in_forward(frame):
+                    if ident != me and lock._in_forward(frame):
                         lock._reads[ident] = 1
         finally:
             if made:
