@@ -94,6 +94,23 @@ def _remerge_after_load(module, incompatible_keys):
                                       f"{module.active_adapter!r} unmerged: {err}", stacklevel=_user_stacklevel())
 
 
+def _base_into_state(module, state, prefix, local_metadata):
+    """Every layer's first state_dict post-hook: LoRALayer._base_into_state."""
+    module._base_into_state(state, prefix, local_metadata)
+
+
+def _first_post_hook(module) -> None:
+    """_base_into_state first among the module's state_dict post-hooks (registered by __init__; a layer pickled
+    before it was, or whose hooks were rearranged, gets it back in front)."""
+    hooks = module._state_dict_hooks
+    if next(iter(hooks.values()), None) is _base_into_state:
+        return
+    rest = [(k, h) for k, h in hooks.items() if h is not _base_into_state]
+    hooks.clear()
+    module.register_state_dict_post_hook(_base_into_state)
+    hooks.update(rest)
+
+
 _OPERANDS = ("weight", "bias", "lora_A", "lora_B")
 
 
@@ -736,6 +753,7 @@ class LoRALayer(NamedAdapters):
         forks.track_layer(self)
         self._streams = StreamOrder()
         self.register_load_state_dict_post_hook(_remerge_after_load)
+        self.register_state_dict_post_hook(_base_into_state)
         self.__dict__["_load_state_dict_pre_hooks"] = _PreHooks(self._load_state_dict_pre_hooks)
 
     def __getstate__(self):
@@ -2204,13 +2222,18 @@ class LoRALayer(NamedAdapters):
             self._check_sound()  # (a weight no record describes would be saved as the base)
             self._see_new_memory()
             self._streams.read(self._weight_owner().weight.device)
-            state = nn.Module.state_dict(self, *args, **kwargs)
-            prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+            _first_post_hook(self)
+            return nn.Module.state_dict(self, *args, **kwargs)  # (the base goes in by _base_into_state)
+
+    def _base_into_state(self, state, prefix: str, local_metadata) -> None:
+        """The base in place of a merged weight in `state`, and the adapter's name in the state's metadata: from the
+        layer's first state_dict post-hook, so that the user's post-hooks see the state state_dict() returns (N1: they
+        saw the merged weight; a hook that cast its copy had the layer drop its lossless record for good)."""
+        with self._lock:
             # whose factors these are, in the state's metadata (no key of its own: loralib's keys stay as they are;
             # torch.save keeps it): a load into a layer serving another adapter it holds is refused (_load_whole)
-            entry = getattr(state, "_metadata", {}).get(prefix[:-1])
-            if isinstance(entry, dict):
-                entry[ADAPTER_METADATA] = self.active_adapter
+            if isinstance(local_metadata, dict):
+                local_metadata[ADAPTER_METADATA] = self.active_adapter
             if self.merged and self._merged_A is not None:
                 key = prefix + self._weight_key
                 if key not in state:  # a parametrization registered after the merge computes the weight now
@@ -2224,7 +2247,6 @@ class LoRALayer(NamedAdapters):
                 base._lora_ext_given_at = sharded.version(base)  # (written in place since: a loader's)
                 _given_bases[0] = True
                 state[key] = base
-            return state
 
     def _serves_merged(self) -> bool:
         """Whether the forward computes from the weight alone: merged, unless the weight it reads now is the base a

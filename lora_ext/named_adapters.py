@@ -637,12 +637,21 @@ class NamedAdapters:
                 ties.note_factor(t, self)
         return held
 
+    def _not_held(self, name: str) -> KeyError:
+        """The KeyError for an adapter this layer does not hold."""
+        msg = f"adapter {name!r} is not in this layer (it holds {self.adapter_names})"
+        if self.active_adapter in self._adapters:  # (the store holds the adapter this layer serves: another's)
+            msg = (f"adapter {name!r} is not in this layer: it shares its store of adapters with a copy of it "
+                   f"(copy.copy) that switched adapters (the store holds the copy's {sorted(self._adapters)}); "
+                   f"switch adapters in one of the two only")
+        return KeyError(msg)
+
     def _adapter(self, name: str) -> Adapter:
         """get_adapter without noting the tensors handed out (lora_ext's own reads)."""
         if name == self.active_adapter:
             return self.lora_A, self.lora_B, self.scaling
         if name not in self._adapters:
-            raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+            raise self._not_held(name)
         return self._adapters[name]
 
     # -- a reserved rank: every switch in the same storage ------------------------------------------------
@@ -932,7 +941,7 @@ class NamedAdapters:
             raise ValueError(f"adapter {name!r} is active; set another adapter active before deleting it")
         with self._lock:
             if name not in self._adapters:
-                raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+                raise self._not_held(name)
             del self._adapters[name]
             self.__dict__.get("_dropouts", {}).pop(name, None)
             self.__dict__.get("_config_dropouts", {}).pop(name, None)
@@ -953,7 +962,7 @@ class NamedAdapters:
             return
         check_one_name(name, "set_adapter")
         if not self.has_adapter(name):  # (active: another thread switched to it since the check above; see below)
-            raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+            raise self._not_held(name)
         self._check_plain_factors(f"set_adapter({name!r})")  # (before `old` below reads or writes any factor)
         with self._lock:
             if self.__dict__.get("_broken_factors"):  # (LoRALayer._switch_failed: the live factors are unknown, and
@@ -963,7 +972,7 @@ class NamedAdapters:
                 self.settle_parameters()
                 return
             if name not in self._adapters:  # (or deleted it)
-                raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+                raise self._not_held(name)
             sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
             self._check_values(name)
@@ -1037,7 +1046,7 @@ class NamedAdapters:
 
     def _check_holds(self, name: str) -> None:
         if name not in self.adapter_names:
-            raise KeyError(f"adapter {name!r} is not in this layer (it holds {self.adapter_names})")
+            raise self._not_held(name)
 
     def _switch_dropout(self, old_name: str, name: str) -> None:
         """After a switch from `old_name` to `name`: the module at `name`'s probability, the old one's kept. A
