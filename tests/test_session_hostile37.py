@@ -107,3 +107,217 @@ def test_a_shared_store_names_the_copy_that_switched():
     plain.add_adapter("b", torch.randn(2, 8), torch.randn(6, 2), 1.0)
     with pytest.raises(KeyError, match=r"'c' is not in this layer \(it holds \['default', 'b'\]\)"):
         plain.set_adapter("c")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# A1: the model lock where reads are not plain threads
+
+
+def _served_model(seed=0):
+    """Two unmerged Linear layers holding "default" and "b"; x; the float64 outputs of each adapter (from the
+    factors given, W + s * B @ A)."""
+    g = torch.Generator().manual_seed(seed)
+    model, weights = nn.Sequential(), {"default": [], "b": []}
+    for i in range(2):
+        layer = lora.Linear(8, 8, r=2, lora_alpha=2, bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(8, 8, generator=g))
+            layer.lora_A.copy_(torch.randn(2, 8, generator=g))
+            layer.lora_B.copy_(torch.randn(8, 2, generator=g))
+        a, b = torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g)
+        layer.add_adapter("b", a, b, 1.5)
+        w = layer.weight.double()
+        weights["default"].append(w + layer.lora_B.double() @ layer.lora_A.double())
+        weights["b"].append(w + 1.5 * b.double() @ a.double())
+        model.append(layer)
+    x = torch.randn(3, 8, generator=g)
+    refs = {}
+    for name, ws in weights.items():
+        h = x.double()
+        for w in ws:
+            h = h @ w.T
+        refs[name] = h
+    return model, x, refs
+
+
+def _serves(out, refs):
+    errs = {name: (out.double() - ref).abs().max().item() for name, ref in refs.items()}
+    name = min(errs, key=errs.get)
+    assert errs[name] < 1e-4, errs
+    return name
+
+
+def _switch_on_thread(model, name):
+    import threading
+    t = threading.Thread(target=lora.set_adapter, args=(model, name), daemon=True)
+    t.start()
+    return t
+
+
+def _holds_left(model):
+    from lora_ext.serving.adapters import model_lock
+    lock = model_lock(model)
+    return dict(lock._reads), dict(lock._holds), dict(lock._readings)
+
+
+def test_two_holds_of_one_thread_ending_out_of_order():
+    """A1: hold() ended by putting the thread's counts back as they were at its start. Two streaming generators on
+    one thread, each inside a hold, the first closed first: its end took the second's read too, a switch on another
+    thread ran inside the second's open hold (its next forward served "b"), and the second's end then put a read
+    back for good, so every later switch waited. Each hold now takes off only what it counted."""
+    model, x, refs = _served_model()
+
+    def stream():
+        with lora.hold(model):
+            while True:
+                yield _serves(model(x), refs)
+
+    g1, g2 = stream(), stream()
+    assert next(g1) == next(g2) == "default"
+    g1.close()
+    switch = _switch_on_thread(model, "b")
+    switch.join(1.0)
+    assert switch.is_alive(), "the switch ran inside the second stream's open hold"
+    assert next(g2) == "default"
+    g2.close()
+    switch.join(30)
+    assert not switch.is_alive() and _holds_left(model) == ({}, {}, {})
+    assert _serves(model(x), refs) == "b"
+    back = _switch_on_thread(model, "default")
+    back.join(30)
+    assert not back.is_alive(), "a read was left behind: the switch waits for good"
+
+
+def test_asyncio_tasks_holding_one_model():
+    """A1: the same with asyncio tasks on one event loop (the README's threads and asyncio tasks serving different
+    batches): the first task's hold ended, and the second's forwards inside its own hold served "default", then
+    "b"."""
+    import asyncio
+    model, x, refs = _served_model(seed=1)
+    served, switch = {1: [], 2: []}, []
+
+    async def task(n, first_steps, later_steps):
+        with lora.hold(model):
+            for _ in range(first_steps):
+                served[n].append(_serves(model(x), refs))
+                await asyncio.sleep(0)
+            if n == 2:  # task 1's hold has ended: a switch queued from another thread must wait for this one
+                switch.append(_switch_on_thread(model, "b"))
+                await asyncio.sleep(0.5)
+            for _ in range(later_steps):
+                served[n].append(_serves(model(x), refs))
+                await asyncio.sleep(0)
+
+    async def main():
+        await asyncio.gather(task(1, 2, 0), task(2, 3, 3))
+
+    asyncio.run(main())
+    assert served[1] == ["default"] * 2 and served[2] == ["default"] * 6
+    switch[0].join(30)
+    assert not switch[0].is_alive() and _holds_left(model) == ({}, {}, {})
+    assert _serves(model(x), refs) == "b"
+
+
+@pytest.mark.parametrize("where", ["changing", "_write"])
+def test_an_exception_as_the_lock_is_taken_gives_it_back(where):
+    """A1: an exception landing just after changing() (or _write()) made this thread the changer (writer), once the
+    mutex was let go and before the try whose finally gives it back (a signal handler's, a Ctrl-C), left the lock
+    held for good: every later switch on another thread waited (and every forward, for _write), even after the
+    exception was dropped."""
+    import gc
+    import sys
+    import threading
+
+    from lora_ext.serving.adapters import ModelLock, model_lock
+    model, x, refs = _served_model(seed=2)
+    lock = model_lock(model)
+    code = getattr(ModelLock, where).__wrapped__.__code__
+    taken = "self._changer, self._change_depth, depth = me, 1, 1" if where == "changing" else \
+        "self._writer, self._write_depth, depth = me, 1, 1"
+    import inspect
+    lines, start = inspect.getsourcelines(getattr(ModelLock, where).__wrapped__)
+    line = start + next(i for i, text in enumerate(lines) if taken in text)
+    state = {"armed": False, "landed": False}
+
+    class Landed(Exception):
+        pass
+
+    def local(frame, event, arg):
+        # (at the first instruction after the mutex was let go, where a signal handler's exception lands: the
+        # with statement's exit, after RLock.__exit__ returned; line events never stop there)
+        frame.f_trace_opcodes = True
+        if event == "line" and frame.f_lineno == line:
+            state["armed"] = True
+        elif event == "opcode" and state["armed"] and not state["landed"] and not lock._mutex._is_owned():
+            state["landed"] = True
+            raise Landed()
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+    try:
+        with pytest.raises(Landed):
+            lora.set_adapter(model, "b")
+    finally:
+        sys.settrace(None)
+    gc.collect()
+    assert state["landed"]
+    assert lock._changer is None and lock._writer is None
+    forward = threading.Thread(target=model, args=(x,), daemon=True)
+    forward.start()
+    forward.join(30)
+    switch = _switch_on_thread(model, "b")
+    switch.join(30)
+    assert not forward.is_alive() and not switch.is_alive()
+    assert _serves(model(x), refs) == "b"
+
+
+def test_a_call_whose_hooks_were_cut_short_gives_back_no_hold():
+    """A1's sweep, after the holds' fix: a forward whose forward hook an exception cut short left its entry in the
+    hook reads, and a switch dropped its read as left behind; a later forward inside a hold whose own pre-hook never
+    ran (a user's pre-hook ahead of lora_ext's raised) matched that entry by its frame's address, reused, and gave
+    back the hold's read: a switch ran inside the open hold. Entries are frames now, and a dropped read takes its
+    thread's entries with it."""
+    import sys
+
+    from lora_ext.serving import adapters
+    model, x, refs = _served_model(seed=3)
+    adapters.model_lock(model)
+    code = adapters._read_after.__code__
+
+    class Landed(Exception):
+        pass
+
+    for attempt in range(20):
+        state = {"landed": False}
+
+        def local(frame, event, arg):
+            if event == "line" and not state["landed"]:
+                state["landed"] = True
+                raise Landed()
+            return local
+
+        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+        try:
+            with pytest.raises(Landed):
+                model(x)
+        finally:
+            sys.settrace(None)
+        to_b = _switch_on_thread(model, "b" if attempt % 2 == 0 else "default")
+        to_b.join(30)  # (it drops the read the cut call left, after a poll)
+        assert not to_b.is_alive()
+
+        def refuse(module, args):
+            raise KeyError("a user's pre-hook refuses")
+
+        handle = model.register_forward_pre_hook(refuse, prepend=True)
+        with lora.hold(model):
+            with pytest.raises(KeyError):
+                model(x)
+            handle.remove()
+            before = _serves(model(x), refs)
+            switch = _switch_on_thread(model, "default" if before == "b" else "b")
+            switch.join(0.3)
+            assert switch.is_alive(), f"attempt {attempt}: the switch ran inside the open hold"
+            assert _serves(model(x), refs) == before
+        switch.join(30)
+        assert not switch.is_alive()

@@ -163,6 +163,7 @@ class ModelLock:
             frame = frames.get(ident)
             if frame is None or not self._in_forward(frame):
                 del self._reads[ident]
+                self._hook_reads.pop(ident, None)  # (the calls their hooks left: none runs now)
 
     def _wait(self, timeout: float, writer: bool = False) -> None:
         """Waits on the condition (the mutex held) for a notify or `timeout`; then, every _POLL seconds whatever woke
@@ -198,8 +199,9 @@ class ModelLock:
         if self._torn is not None and self._writer != threading.get_ident():
             raise RuntimeError(self._torn)
 
-    def acquire_read(self, hold: bool = False) -> None:
-        """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s (counted in _holds too)."""
+    def acquire_read(self, hold: bool = False, box: Optional[list] = None) -> None:
+        """A read: a forward's (from its pre-hook) or, with hold=True, a hold()'s (counted in _holds too, and marked
+        in `box`, a _box(), which give_back takes off by)."""
         self.refuse_forked()
         me = threading.get_ident()
         with self._mutex:
@@ -232,9 +234,10 @@ class ModelLock:
                     self._admit -= 1
                     if not self._admit:
                         self._cond.notify_all()
-            self._reads[me] = self._reads.get(me, 0) + 1
-            if hold:  # (counted with the read: a writer's _drop_left_reads in between took a hold's read for one left
-                self._holds[me] = self._holds.get(me, 0) + 1  # behind, outside any forward, and dropped it)
+            if hold:  # (the hold counted with the read: a writer's _drop_left_reads in between took a hold's read for
+                self._take(me, self._holds, box)  # one left behind, outside any forward, and dropped it)
+            else:
+                self._reads[me] = self._reads.get(me, 0) + 1
 
     def _queued_behind(self, me: int, hold: bool, deadline: float) -> bool:
         """Whether a new read (a hold's with hold=True) waits on (acquire_read's rules; the mutex held)."""
@@ -268,7 +271,7 @@ class ModelLock:
         this read: queued behind the writer as a new hold is, a worker reading the state for such a forward
         deadlocked, r54, and r1 under FSDP2; reads of the state alone, on a few threads in a loop, kept a switch out
         for good, r3). A waiting writer never takes it for a read left behind (_drop_left_reads)."""
-        me, landed, before = threading.get_ident(), None, None
+        me, landed, box = threading.get_ident(), None, self._box()
         try:
             # (the wait and the count in one hold of the mutex: counted after it was let go, a writer came in between,
             # and the state read ran inside its write: 3 of 60 FSDP2 snapshots mixed two adapters, hostile33)
@@ -291,17 +294,14 @@ class ModelLock:
                 else:
                     while self._writer != me and self._writer is not None:
                         self._wait(_POLL)
-                before = (self._reads.get(me, 0), self._readings.get(me, 0))
-                self._reads[me] = before[0] + 1
-                self._readings[me] = before[1] + 1
+                self._take(me, self._readings, box)
             yield
         finally:
-            # (the counts put back as they were: idempotent, so run again once when an exception lands in it, then
-            # raised; a read left taken kept every writer waiting for good, r3)
+            # (what it counted taken off: idempotent, so run again once when an exception lands in it, then raised; a
+            # read left taken kept every writer waiting for good, r3)
             while True:
                 try:
-                    if before is not None:  # (None: refused or stopped before it counted)
-                        self.put_back(me, ((self._reads, before[0]), (self._readings, before[1])))
+                    self.give_back(self._readings, box)
                     break
                 except BaseException as err:
                     if landed is not None:
@@ -325,21 +325,38 @@ class ModelLock:
                 self._reads.pop(me, None)
             self._cond.notify_all()
 
-    def put_back(self, me: int, counts) -> None:
-        """This thread's counts put back as they were: `counts` pairs (a dict of counts of this lock, the count)."""
+    @staticmethod
+    def _box() -> list:
+        """What a hold or state read counted, for give_back: [counted, thread]."""
+        return [False, threading.get_ident()]
+
+    def _take(self, me: int, kind: dict, box: list) -> None:
+        """One more read, and one more of `kind` (_holds or _readings), for thread `me`, marked in `box`: one statement
+        (an exception landing between statements would leave a count without the mark to take it off by, or a mark
+        over no count). The mutex held."""
+        self._reads[me], kind[me], box[:] = self._reads.get(me, 0) + 1, kind.get(me, 0) + 1, (True, me)
+
+    def give_back(self, kind: dict, box: list) -> None:
+        """Takes off the read and the `kind` count that _take marked in `box`, once (run again, it takes nothing off):
+        this one's, not the thread's counts put back as they were before it (A1: two holds of one thread that ended
+        out of order, asyncio tasks' or streaming generators', gave the other's read back with the first, so a
+        switch ran inside the open hold, then left it counted for good, and every switch after waited)."""
         with self._mutex:
-            for kind, n in counts:
-                if n:
-                    kind[me] = n
-                else:
-                    kind.pop(me, None)
+            me = box[1]
+            if box[0]:
+                reads, n = self._reads.get(me, 0) - 1, kind.get(me, 0) - 1
+                self._reads[me], kind[me], box[0] = reads, n, False  # (one statement, as _take's)
+            for counts in (self._reads, kind):  # (zeros: none left, the thread holds none)
+                if counts.get(me, 1) <= 0:
+                    del counts[me]
             self._cond.notify_all()
 
     def _refuse_from_inside(self, me) -> None:
         """A change from inside a forward or hold() of this model on this thread would wait for itself."""
         if me in self._reads and self._writer != me and (self._holds.get(me) or self._in_forward(sys._getframe())):
             raise RuntimeError("a model-level adapter change from inside a forward of the same model (or a hold() or "
-                               "lora.batch_adapters block of it) would wait for itself; make it outside")
+                               "lora.batch_adapters block of it, which another asyncio task or suspended generator "
+                               "on this thread may hold) would wait for itself; make it outside")
 
     @contextlib.contextmanager
     def changing(self) -> Iterator[None]:
@@ -348,21 +365,22 @@ class ModelLock:
         writes them, and another change between the two (a load injecting the same module, a delete, a switch
         half way through a layer a hotswap reads) would make the plan wrong. Forwards are not held up: only the
         writes (write(), which takes this too) wait for them."""
-        me, landed = threading.get_ident(), None
-        with self._mutex:
-            if self._changer == me:
-                depth = self._change_depth = self._change_depth + 1
-            else:
-                self._refuse_from_inside(me)
-                try:
-                    self._changers.append(me)
-                    while self._changer is not None or self._changers[0] != me:
-                        self._wait(_POLL)
-                finally:
-                    _discard(self._changers, me)
-                    self._cond.notify_all()
-                self._changer, self._change_depth, depth = me, 1, 1
-        try:
+        me, landed, depth = threading.get_ident(), None, None
+        try:  # (opened before the mutex: an exception landing as its block ended, a signal handler's run as the
+            # mutex was let go, left the change held for good, A1; depth None: nothing taken)
+            with self._mutex:
+                if self._changer == me:
+                    depth = self._change_depth = self._change_depth + 1
+                else:
+                    self._refuse_from_inside(me)
+                    try:
+                        self._changers.append(me)
+                        while self._changer is not None or self._changers[0] != me:
+                            self._wait(_POLL)
+                    finally:
+                        _discard(self._changers, me)
+                        self._cond.notify_all()
+                    self._changer, self._change_depth, depth = me, 1, 1
             yield
         finally:
             # (an exception landing in the release, an asynchronous one, releases again and is raised after: a
@@ -371,7 +389,7 @@ class ModelLock:
             while True:
                 try:
                     with self._mutex:
-                        if self._changer == me and self._change_depth == depth:
+                        if depth is not None and self._changer == me and self._change_depth == depth:
                             self._changer, self._change_depth = (None, 0) if depth == 1 else (me, depth - 1)
                         self._cond.notify_all()
                     break
@@ -403,33 +421,33 @@ class ModelLock:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
-        me, landed = threading.get_ident(), None
-        with self._mutex:
-            if self._writer == me:
-                depth = self._write_depth = self._write_depth + 1
-            else:
-                if me in self._reads:
-                    self._refuse_from_inside(me)
-                    del self._reads[me]  # left by a forward of this thread that was interrupted
-                try:
-                    self._queue.append(me)
-                    while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
-                        self._wait(_POLL, writer=True)
-                        # (readers let in that stopped waiting meanwhile: a reader leaves the wait and takes its
-                        # admission in one step under the condition's lock, so this never skips one)
-                        self._admit = min(self._admit, len(self._waiting))
-                finally:
-                    _discard(self._queue, me)
-                    self._cond.notify_all()
-                self.writes += 1  # (before the writer is set: nothing may land between that and the try below)
-                self._writer, self._write_depth, depth = me, 1, 1
-        try:
+        me, landed, depth = threading.get_ident(), None, None
+        try:  # (opened before the mutex, as changing()'s)
+            with self._mutex:
+                if self._writer == me:
+                    depth = self._write_depth = self._write_depth + 1
+                else:
+                    if me in self._reads:
+                        self._refuse_from_inside(me)
+                        del self._reads[me]  # left by a forward of this thread that was interrupted
+                    try:
+                        self._queue.append(me)
+                        while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
+                            self._wait(_POLL, writer=True)
+                            # (readers let in that stopped waiting meanwhile: a reader leaves the wait and takes its
+                            # admission in one step under the condition's lock, so this never skips one)
+                            self._admit = min(self._admit, len(self._waiting))
+                    finally:
+                        _discard(self._queue, me)
+                        self._cond.notify_all()
+                    self.writes += 1  # (before the writer is set: a write begun, for the optimistic state reads)
+                    self._writer, self._write_depth, depth = me, 1, 1
             yield
         finally:
             while True:  # (as changing's release)
                 try:
                     with self._mutex:
-                        if self._writer == me and self._write_depth == depth:
+                        if depth is not None and self._writer == me and self._write_depth == depth:
                             if depth == 1:
                                 self._admit = len(self._waiting)  # they go before the next writer
                             self._writer, self._write_depth = (None, 0) if depth == 1 else (me, depth - 1)
@@ -521,19 +539,17 @@ def _discard(waiting, ident) -> None:
 def hold(model: nn.Module) -> Iterator[None]:
     """Holds the model's current adapter for a block of forwards (a whole `generate()`, say): model-level
     changes on other threads wait until the block ends. Changes from this thread inside it are refused."""
-    lock, me, landed = model_lock(model), threading.get_ident(), None
-    # (this thread's counts before, read here: an exception landing in acquire_read after it counted, or as it
-    # returned, is put back too; another thread only drops reads of threads outside any forward and hold)
-    before = (lock._reads.get(me, 0), lock._holds.get(me, 0))
+    lock, landed = model_lock(model), None
+    box = lock._box()
     try:
-        lock.acquire_read(hold=True)  # (counts the hold too)
+        lock.acquire_read(hold=True, box=box)  # (counts the hold too)
         yield
     finally:
-        # (the counts put back as they were, in one hold of the mutex, run again once when an exception lands in it,
-        # as reading()'s: three statements, a landing left the hold counted for good and every switch waited, R2)
+        # (what it counted taken off, in one hold of the mutex, run again once when an exception lands in it, as
+        # reading()'s: a landing left the hold counted for good and every switch waited, R2)
         while True:
             try:
-                lock.put_back(me, ((lock._reads, before[0]), (lock._holds, before[1])))
+                lock.give_back(lock._holds, box)
                 break
             except BaseException as err:
                 if landed is not None:
@@ -548,10 +564,12 @@ _CALL_INNER = next(c for c in nn.Module._call_impl.__code__.co_consts
 
 
 def _module_call():
-    """An id of the module call whose hook calls this (torch's _call_impl frame: its `inner` runs the pre-hooks
-    and the forward hooks, _call_impl itself the always-called ones after an exception)."""
+    """The module call whose hook calls this: torch's _call_impl frame (its `inner` runs the pre-hooks and the forward
+    hooks, _call_impl itself the always-called ones after an exception). The frame object, not its id: an entry left
+    by a call whose hooks an exception cut short keeps its frame alive, so no later call's frame takes its address
+    (by id, a later call at the same depth matched it and gave back a read it never took: a hold's, A1's sweep)."""
     frame = sys._getframe(2)
-    return id(frame.f_back if frame.f_code is _CALL_INNER else frame)
+    return frame.f_back if frame.f_code is _CALL_INNER else frame
 
 
 def _read_before(module, args):
@@ -571,13 +589,18 @@ def _read_after(module, args, output):
     # around it, and a switch then ran inside the hold, serving another adapter to its next forward, 0.82 off)
     if not torch.compiler.is_compiling():
         lock = module.__dict__.get("_lora_ext_model_lock") or model_lock(module)
-        calls = lock._hook_reads.get(threading.get_ident())
-        if calls and calls[-1] == _module_call():
-            calls.pop()
+        me, call = threading.get_ident(), _module_call()
+        calls = lock._hook_reads.get(me) or ()
+        at = next((i for i in range(len(calls) - 1, -1, -1) if calls[i] is call), None)
+        if at is not None:
+            # (the entries after this call's: calls inside it whose hooks an exception cut short, each with its read)
+            n = len(calls) - at
+            del calls[at:]
             if not calls:
-                lock._hook_reads.pop(threading.get_ident(), None)
-            if lock.holds_read():
-                lock.release_read()
+                lock._hook_reads.pop(me, None)
+            for _ in range(n):
+                if lock.holds_read():
+                    lock.release_read()
 
 
 def model_lock(model: nn.Module) -> ModelLock:
