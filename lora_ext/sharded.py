@@ -446,12 +446,10 @@ def reshard_fsdp(model) -> None:
 def as_sharded(t: Tensor, owner, name: str) -> Tensor:
     """The sharded DTensor FSDP2 holds for `owner`'s parameter `name` while `t`, the parameter now, is its
     all-gathered plain copy (a refusal judges the placement a merge will write through, after resharding); else t."""
-    if is_dtensor(t) or not _distributed():
-        return t
-    for _, p in _fsdp_params():
-        if p._module_info.module is owner and p._module_info.param_name == name:
-            return p.sharded_param
-    return t
+    # (a DTensor too: after a forward with reshard_after_forward=<int> the parameter is FSDP2's 2-D post-forward copy,
+    # which a reshard replaces; judged as it was, a layer's eval() and merge() were refused as HSDP's 2-D mesh, F2)
+    p = _fsdp_params_of(owner).get(name)
+    return t if p is None else p.sharded_param
 
 
 def reshard_if_gathered(layer) -> bool:
@@ -616,6 +614,18 @@ def _header(op: str, tensors, scales) -> Tensor:
     for j, sc in enumerate(scales):
         acc[3] += float(sc) * (j + 1) * 1.618034
     return acc.nan_to_num(0.0, 0.0, 0.0)
+
+
+def refuse_alike(weight, err: Optional[BaseException], where: str) -> None:
+    """Raises this rank's refusal `err` (None: it has none) on every rank of the DTensor `weight`'s mesh alike, before
+    the write's collectives: a rank without one raises RuntimeError naming `where`. A check one rank failed alone (an
+    adapter it lacks, a NaN in its copy) sent it away while the others went on into the write's collectives, and they
+    waited for it until the process group's timeout (F2). One all-reduce; without a DTensor weight, just `err`."""
+    if weight is not None and is_dtensor(weight) and any_rank(weight, err is not None) and err is None:
+        raise RuntimeError(f"{where}: refused on another rank of the weight's mesh (that rank's error says why); "
+                           f"nothing was written on any rank")
+    if err is not None:
+        raise err
 
 
 def any_rank(weight: Tensor, flag: bool) -> bool:

@@ -321,3 +321,114 @@ def test_a_call_whose_hooks_were_cut_short_gives_back_no_hold():
             assert _serves(model(x), refs) == before
         switch.join(30)
         assert not switch.is_alive()
+
+
+# -------------------------------------------------------------------------------------------------------------
+# F2: FSDP2 refusals that one rank alone makes
+
+
+def _one_rank_refuses(rank, world, how):
+    import time
+
+    from torch.distributed.fsdp import fully_shard
+    from test_fsdp import build, layers
+    net = build()
+    g = torch.Generator().manual_seed(77)
+    for i, m in enumerate(layers(net)):
+        (ra, ca), (rb, cb) = m.factor_shapes(m.r)
+        a, b = torch.randn(ra, ca, generator=g) * 0.2, torch.randn(rb, cb, generator=g) * 0.2
+        if how == "missing" and rank == 1:
+            continue  # adapter "c" on rank 0 only
+        m.add_adapter("c", a, b, 0.9)
+        if how == "nan" and rank == 1 and i == 2:
+            with torch.no_grad():  # a NaN in rank 1's copy only, written after the add
+                m.get_adapter("c")[1][0, 0] = float("nan")
+    for m in layers(net):
+        fully_shard(m)
+    fully_shard(net)
+    net.eval()
+    before = [m.active_adapter for m in layers(net)]
+    start, err = time.monotonic(), None
+    try:
+        if how == "add_active_nan":
+            m = layers(net)[2]
+            (ra, ca), (rb, cb) = m.factor_shapes(m.r)
+            m.add_adapter("default", torch.full((ra, ca), 0.1),
+                          torch.full((rb, cb), float("nan") if rank == 1 else 0.1), 2.0)
+        else:
+            lora.set_adapter(net, "c")
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}"
+    secs = time.monotonic() - start
+    after = [m.active_adapter for m in layers(net)]
+    lora.set_adapter(net, "b")  # both ranks go on in step
+    return {"err": err, "secs": secs, "unchanged": after == before,
+            "then": sorted({m.active_adapter for m in layers(net)})}
+
+
+@pytest.mark.parametrize("how", ["missing", "nan", "add_active_nan"])
+def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(how):
+    """F2: a switch refused by a check that one rank alone failed (an adapter only rank 0 holds, a NaN in rank 1's copy
+    of it, a NaN in the active adapter one rank replaces) raised on that rank while the other went on into the
+    switch's collectives and waited there (25 s, until the refusing rank left; for good while it lives, or a gloo
+    abort when it ran on). Every rank now refuses before any collective of the write, and nothing is written."""
+    from dist import run_ranks
+    results = run_ranks(_one_rank_refuses, how, timeout=120)
+    for rank, r in enumerate(results):
+        assert r["err"] is not None, f"rank {rank} did not refuse"
+        assert r["secs"] < 15, f"rank {rank} waited {r['secs']:.1f} s"
+        assert r["unchanged"] and r["then"] == ["b"], r
+    assert "refused on another rank" in results[0 if how != "missing" else 1]["err"] or how == "missing"
+    if how == "missing":
+        assert "refused on another rank" in results[0]["err"] and "KeyError" in results[1]["err"]
+
+
+def _merges_after_a_post_forward(rank, world):
+    import warnings
+
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from test_fsdp import build, data, layers
+    ids, _ = data()
+    net = build()
+    base = {i: m.weight.detach().clone() for i, m in enumerate(layers(net))}
+    for m in layers(net):
+        fully_shard(m, reshard_after_forward=2)
+    fully_shard(net, reshard_after_forward=2)
+    with torch.no_grad():
+        net(ids[0])
+        layer = layers(net)[1]
+        placements = str(layer.weight.placements)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            layer.eval()
+        merged = layer.merged
+        net(ids[0])
+        layer.train()
+        layer.merge()
+        out = net(ids[0])
+        layer.train()
+    for module in net.modules():  # (full_tensor() of the post-forward 2-D copy is not the weight)
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    back = max((m.weight.full_tensor() - base[i]).abs().max().item() for i, m in enumerate(layers(net)))
+    return {"placements": placements, "merged": merged, "out": out, "back": back}
+
+
+def test_a_layer_merges_in_fsdp2s_post_forward_state():
+    """F2: with fully_shard(..., reshard_after_forward=2) on 4 ranks (a 1-D mesh), a forward leaves each parameter as
+    FSDP2's post-forward 2-D DTensor; a layer's eval() then warned that HSDP's 2-D mesh is not supported and stayed
+    unmerged, and merge() refused, where after a reshard() the same layer merged. Judged by the sharded parameter
+    the merge writes through, it merges, serves what one process serves, and gives the base back."""
+    from dist import run_ranks
+
+    from test_fsdp import build, data, layers
+    results = run_ranks(_merges_after_a_post_forward, world=4, timeout=240)
+    ids, _ = data()
+    net = build()
+    layers(net)[1].merge()
+    with torch.no_grad():
+        want = net(ids[0])
+    for r in results:
+        assert "Replicate" in r["placements"], r["placements"]  # (the post-forward state was reached)
+        assert r["merged"] and r["back"] < 1e-6  # (float32, lossy: the base back within a rounding)
+        assert (r["out"] - want).abs().max().item() < 1e-5
