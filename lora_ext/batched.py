@@ -301,7 +301,7 @@ def refuse_in_program(what: str) -> None:
     """A mixed batch's forward of `what` inside torch.jit.trace or torch.export: the program would record this
     batch's adapter of each row (and the slots it reads, which later batches rewrite) as its own; refused.
     (torch.compile is not a program that outlives the block: it guards on the batch's table and compiles anew.)"""
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+    if torch.jit.is_tracing() or ops.exporting():
         raise RuntimeError(f"{what}: {'torch.jit.trace' if torch.jit.is_tracing() else 'torch.export'} inside a "
                            f"lora.batch_adapters block would record this batch's adapter of each row as constants; "
                            f"trace or export outside the block (a traced program serves the active adapter)")

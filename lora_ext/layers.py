@@ -318,7 +318,7 @@ def _freezing() -> bool:
     tensor as the number it held when compiled, while the factors, which only lora_ext's ops read, stay live. A
     compiled forward then takes the scaling as a float, which dynamo guards on (a retrace per scaling). (The flag
     does not concern torch.export or torch.jit.trace.)"""
-    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not torch.compiler.is_compiling() or ops.exporting():
         return False
     inductor = sys.modules.get("torch._inductor.config")
     return bool(inductor is not None and inductor.freezing)
@@ -1730,7 +1730,7 @@ class LoRALayer(NamedAdapters):
                 if t is not None and (t.dtype is not torch.float32 or t.device != x.device):
                     t = None
                 return self.__dict__["_scaling"], t
-        program = not compiling or torch.compiler.is_exporting()  # (jit or export: holds the objects it reads)
+        program = not compiling or ops.exporting()  # (jit or export: holds the objects it reads)
         # (read here, past the eager path: nn.Module's attribute lookups cost host time)
         operands = tuple(o for o in (self._weight_or_none(), self.lora_A, self.lora_B) if o is not None)
         t = self._scale_tensor_for(x)
@@ -2294,14 +2294,18 @@ class LoRALayer(NamedAdapters):
         substituted = self._factors_substituted()
         if not substituted and not torch.is_grad_enabled():
             return False
-        if torch.jit.is_tracing() or torch.compiler.is_exporting():  # (a program of a merged model serves: from the
+        if torch.jit.is_tracing() or ops.exporting():  # (a program of a merged model serves: from the
             return False                                              # weight alone, as before, unless trained above)
         if substituted:
             return True
         if not any(t.requires_grad for t in self._live_factors()):
             return False
         if torch.compiler.is_compiling():  # (no hook in a traced graph, where it breaks it: marked by the forward)
-            self.__dict__.setdefault("_trained_merged", [False])[0] = True
+            mark = self.__dict__.get("_trained_merged")  # (not setdefault: torch 2.11's dynamo cannot trace it, and
+            if mark is not None:                        # fullgraph=True refused the forward)
+                mark[0] = True
+            else:
+                self.__dict__["_trained_merged"] = [True]
         return True
 
     def _factors_substituted(self) -> bool:
@@ -2364,7 +2368,7 @@ class LoRALayer(NamedAdapters):
             for t in (A, B):
                 if t.requires_grad:
                     t.register_hook(functools.partial(_mark_trained, self))
-        elif not torch.compiler.is_exporting():  # (no hook in a traced graph: marked at each run, through either
+        elif not ops.exporting():  # (no hook in a traced graph: marked at each run, through either
             if A.requires_grad:                   # factor that trains: LoRA-FA freezes A)
                 A = _mark_in_graph(self, A)
             elif B.requires_grad:

@@ -849,16 +849,9 @@ class NamedAdapters:
         stay (and, inactive, the dtype): the new values are written into them, so an optimizer built before trains
         the new values; otherwise (a rank change of the active, trainable adapter; a rank or dtype change of an
         inactive one's own pair) the adapter gets new Parameters, with a warning."""
-        refusal = None
-        try:
-            self._check_unloaded()
-            check_adapter_name(name)
-            self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
-        except Exception as err:
-            refusal = err
-        # (the active adapter's replacement writes through collectives on a sharded weight: refused on every rank alike)
-        weight = self._weight_or_none() if name == self.active_adapter else None
-        sharded.refuse_alike(weight, refusal, f"{self._describe()}: add_adapter({name!r})")
+        self._check_unloaded()
+        check_adapter_name(name)
+        self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
         own = self.rank_of(lora_A)
         if self.reserved_rank is not None:  # held at the reserved rank, zeros in the ranks it lacks
             lora_A, lora_B = self.pad_factors(lora_A.detach(), lora_B.detach(), self.reserved_rank)

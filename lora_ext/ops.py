@@ -111,6 +111,15 @@ def traced() -> bool:
     return torch.compiler.is_compiling() or torch._C._is_tracing()  # (torch.jit.is_tracing, without its wrapper)
 
 
+def exporting() -> bool:
+    """torch.compiler.is_exporting(), read from the flag torch.export sets: torch 2.11's dynamo folds is_exporting() to
+    True in every trace it makes, torch.compile's too (a compiled merged layer then traced the forward an exported
+    program serves, from the weight alone, and its factors got no gradient: training through the merge trained
+    nothing, silently); dynamo reads the flag itself as the value it holds, with a guard on it."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def _fast_path(t, differentiable=(), also=()):
     """The one fast-path predicate: an eager call (no tracer records it) whose tensor t the kernels take (with the
     tensors in `differentiable` and `also` beside it) and whose differentiable inputs need no gradient."""

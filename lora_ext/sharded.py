@@ -616,18 +616,6 @@ def _header(op: str, tensors, scales) -> Tensor:
     return acc.nan_to_num(0.0, 0.0, 0.0)
 
 
-def refuse_alike(weight, err: Optional[BaseException], where: str) -> None:
-    """Raises this rank's refusal `err` (None: it has none) on every rank of the DTensor `weight`'s mesh alike, before
-    the write's collectives: a rank without one raises RuntimeError naming `where`. A check one rank failed alone (an
-    adapter it lacks, a NaN in its copy) sent it away while the others went on into the write's collectives, and they
-    waited for it until the process group's timeout (F2). One all-reduce; without a DTensor weight, just `err`."""
-    if weight is not None and is_dtensor(weight) and any_rank(weight, err is not None) and err is None:
-        raise RuntimeError(f"{where}: refused on another rank of the weight's mesh (that rank's error says why); "
-                           f"nothing was written on any rank")
-    if err is not None:
-        raise err
-
-
 def any_rank(weight: Tensor, flag: bool) -> bool:
     """Whether `flag` holds on any rank of the DTensor `weight`'s mesh (one all-reduce per mesh dimension): a decision
     every rank must take alike, from facts one rank may see otherwise."""

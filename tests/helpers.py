@@ -11,6 +11,13 @@ import threading
 import pytest
 import torch
 
+# Compiled forwards inside an open mixed batch on torch before 2.14 (2.11 is the GPU machine's): its dynamo cannot trace
+# ContextVar.get, so such a forward breaks its graph there (an error under fullgraph=True), as the README says. Found by
+# scripts/rehearse_torch211.sh; 2.12 and 2.13 not checked.
+DYNAMO_CONTEXTVAR = pytest.mark.xfail(
+    tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14), strict=False,
+    reason="torch < 2.14's dynamo cannot trace ContextVar.get: a compiled forward breaks its graph in an open mixed batch")
+
 # ||out - ref|| / ||ref|| bounds by dtype, against a float64 oracle.
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2, torch.float64: 1e-12}
 

@@ -317,7 +317,7 @@ def test_a_jit_traced_layer_follows_a_switch_as_a_whole(kind):
     layer, x, g = _make(kind)
     made = _add_adapters(layer, g, [1.5, 6.0])
     layer.set_adapter("a0")
-    with pytest.warns(FutureWarning):  # torch.jit.trace is deprecated
+    with pytest.warns((FutureWarning, DeprecationWarning)):  # torch.jit.trace is deprecated
         traced = torch.jit.trace(layer, (x,), check_trace=False)
     for name in ("a1", "a0", "a1"):
         layer.set_adapter(name)
@@ -353,7 +353,7 @@ def test_an_exported_program_keeps_serving_the_trainable_adapter_it_holds_whole(
 
 def _programs(layer, x):
     """An exported and a jit-traced program of the layer as it is now."""
-    with pytest.warns(FutureWarning):  # torch.jit.trace is deprecated
+    with pytest.warns((FutureWarning, DeprecationWarning)):  # torch.jit.trace is deprecated
         traced = torch.jit.trace(layer, (x,), check_trace=False)
     return {"export": torch.export.export(layer, (x,)).module(), "jit": traced}
 
@@ -565,7 +565,7 @@ def test_float64_factors_on_a_float32_layer_compile_with_the_float_and_refuse_pr
         assert_close_rel(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), want, torch.float32)
         with pytest.raises(RuntimeError, match="float64 and other dtypes meet"):
             torch.export.export(layer, (x,))
-        with pytest.raises(RuntimeError, match="float64 and other dtypes meet"), pytest.warns(FutureWarning):
+        with pytest.raises(RuntimeError, match="float64 and other dtypes meet"), pytest.warns((FutureWarning, DeprecationWarning)):
             torch.jit.trace(layer, (x,), check_trace=False)
 
 
@@ -630,7 +630,7 @@ def test_factors_replaced_behind_the_layers_back_get_their_scale_tensor_before_a
             else:
                 layer._parameters[name] = p
         if how == "direct":
-            with pytest.raises(RuntimeError, match="replaced behind the layer's back"), pytest.warns(FutureWarning):
+            with pytest.raises(RuntimeError, match="replaced behind the layer's back"), pytest.warns((FutureWarning, DeprecationWarning)):
                 torch.jit.trace(layer, (x,), check_trace=False)
             with torch.no_grad():
                 layer(x)  # an eager forward syncs

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import lora_ext as lora
-from helpers import rel_err
+from helpers import DYNAMO_CONTEXTVAR, rel_err
 
 
 def _round_trip(obj):
@@ -144,6 +144,7 @@ def test_a_tie_made_in_a_deepcopy_is_seen():
     _check_tied(model)
 
 
+@DYNAMO_CONTEXTVAR
 @pytest.mark.parametrize("strict", [False, True])
 def test_export_inside_a_mixed_batch_is_refused(strict):
     # torch.export inside lora.batch_adapters recorded the block's adapter of each row (and its slots): outside the

@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora_ext as lora
+from helpers import DYNAMO_CONTEXTVAR
 
 
 def _served_then_unfrozen_by_hand():
@@ -270,6 +271,7 @@ def test_a_merged_switch_of_16_bit_factors_is_computed_in_float32(fdtype):
 
 # -- c33: a compiled forward in mixed batches of ever new row tables -------------------------------------------------
 
+@DYNAMO_CONTEXTVAR
 def test_a_compiled_layer_serves_new_row_tables_without_compiling_again():
     # c33: each new table (same size, same adapters) compiled a new graph; past dynamo's limit of 8 the forward ran
     # eagerly, and under fullgraph=True the ninth table raised

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import lora_ext as lora
+from helpers import DYNAMO_CONTEXTVAR
 from lora_ext.serving import files
 from test_session_hostile19 import _alpha_and_factor, _save_in_child
 
@@ -682,6 +683,7 @@ def test_common_batches_beside_the_refused_parts_are_served(tmp_path):
     assert (torch.cat(want) - got).abs().max() < 1e-4 and (want[0] - want[1]).abs().max() > 0.1
 
 
+@DYNAMO_CONTEXTVAR
 def test_a_mixed_batch_over_a_module_saved_whole_compiles_with_fullgraph(tmp_path):
     # the split of the rows by module (nonzero) stopped torch.compile(fullgraph=True) with a data-dependent guard
     # that named no module (u5); traced, each module runs on every row and each row takes its own module's output
@@ -944,6 +946,7 @@ def test_configure_slots_takes_any_integer_as_reserve_rank_does():
         lora.configure_slots(model, 2, max_rank=True)
 
 
+@DYNAMO_CONTEXTVAR
 def test_compiled_batches_over_saved_modules_trace_once_whatever_adapters_the_rows_take(tmp_path):
     # the rows' adapters (Batch.present) read in the traced forward made a graph per mix of them: fullgraph=True
     # failed at dynamo's recompile limit after 8 mixes (r51)

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import lora_ext as lora
+from helpers import DYNAMO_CONTEXTVAR
 from lora_ext import batched
 
 
@@ -179,6 +180,7 @@ def _alone(model, x, names):
     return torch.cat(outs)
 
 
+@DYNAMO_CONTEXTVAR
 @pytest.mark.parametrize("head", ["gain in place", "leaky relu in place"])
 def test_a_compiled_batch_gives_each_saved_copy_its_own_input(tmp_path, head):
     # traced, every copy ran on the same input tensor: one writing it in place changed what the next read (0.39 and
@@ -201,6 +203,7 @@ def test_a_compiled_batch_gives_each_saved_copy_its_own_input(tmp_path, head):
         torch._dynamo.reset()
 
 
+@DYNAMO_CONTEXTVAR
 def test_a_compiled_batch_over_a_saved_module_traces_once_for_every_order_of_the_adapters(tmp_path):
     # the traced split read the table's names (module_for(name)): a graph per order of the adapters, and
     # fullgraph=True failed at dynamo's recompile limit after 8 (v2; r51's test varied the rows of one table only)
@@ -221,6 +224,7 @@ def test_a_compiled_batch_over_a_saved_module_traces_once_for_every_order_of_the
         torch._dynamo.reset()
 
 
+@DYNAMO_CONTEXTVAR
 def test_a_compiled_batch_refuses_a_saved_instance_norm_that_tracks_statistics_in_training(tmp_path):
     # traced, every module runs on every row: an InstanceNorm's running statistics took every row's (0.12 off the
     # eager batch's, silently), as a BatchNorm's did before it was refused (v2)
@@ -259,6 +263,7 @@ def test_a_module_held_where_it_cannot_be_written_is_warned_about_merged_or_not(
 
 # --- r52: reviews of this session's changes -----------------------------------------------------------------------
 
+@DYNAMO_CONTEXTVAR
 @pytest.mark.parametrize("change", ["delete_adapter", "load_peft_adapter", "unload", "inject"])
 def test_changes_through_another_model_holding_a_batch_s_model_are_refused_inside_the_block(tmp_path, change):
     # the block's hold is its own model's: through another model holding it, a delete moved a compiled batch's rows to
@@ -292,6 +297,7 @@ def test_changes_through_another_model_holding_a_batch_s_model_are_refused_insid
     assert sorted(lora.adapter_names(model)) == ["a", "b", "c"] and type(outer["extra"]) is nn.Linear
 
 
+@DYNAMO_CONTEXTVAR
 def test_a_compiled_batch_over_trainable_saved_copies_refuses_gradients(tmp_path):
     # traced, every copy runs on every row: the copies of adapters no row takes got zero gradients, which AdamW's
     # weight decay then applied (7.6e-4, silently; eager leaves them None) (r52)
