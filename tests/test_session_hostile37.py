@@ -160,6 +160,17 @@ def _holds_left(model):
     return dict(lock._reads), dict(lock._holds), dict(lock._readings)
 
 
+def _raises_traced(code, local, landed, op):
+    """op() raises `landed`, with `local` tracing the frames of `code` (where it raises it)."""
+    import sys
+    sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+    try:
+        with pytest.raises(landed):
+            op()
+    finally:
+        sys.settrace(None)
+
+
 def test_two_holds_of_one_thread_ending_out_of_order():
     """A1: hold() ended by putting the thread's counts back as they were at its start. Two streaming generators on
     one thread, each inside a hold, the first closed first: its end took the second's read too, a switch on another
@@ -225,7 +236,6 @@ def test_an_exception_as_the_lock_is_taken_gives_it_back(where):
     held for good: every later switch on another thread waited (and every forward, for _write), even after the
     exception was dropped."""
     import gc
-    import sys
     import threading
 
     from lora_ext.serving.adapters import ModelLock, model_lock
@@ -254,12 +264,7 @@ def test_an_exception_as_the_lock_is_taken_gives_it_back(where):
             raise Landed()
         return local
 
-    sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
-    try:
-        with pytest.raises(Landed):
-            lora.set_adapter(model, "b")
-    finally:
-        sys.settrace(None)
+    _raises_traced(code, local, Landed, lambda: lora.set_adapter(model, "b"))
     gc.collect()
     assert state["landed"]
     assert lock._changer is None and lock._writer is None
@@ -278,7 +283,6 @@ def test_a_call_whose_hooks_were_cut_short_gives_back_no_hold():
     ran (a user's pre-hook ahead of lora_ext's raised) matched that entry by its frame's address, reused, and gave
     back the hold's read: a switch ran inside the open hold. Entries are frames now, and a dropped read takes its
     thread's entries with it."""
-    import sys
 
     from lora_ext.serving import adapters
     model, x, refs = _served_model(seed=3)
@@ -297,12 +301,7 @@ def test_a_call_whose_hooks_were_cut_short_gives_back_no_hold():
                 raise Landed()
             return local
 
-        sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
-        try:
-            with pytest.raises(Landed):
-                model(x)
-        finally:
-            sys.settrace(None)
+        _raises_traced(code, local, Landed, lambda: model(x))
         to_b = _switch_on_thread(model, "b" if attempt % 2 == 0 else "default")
         to_b.join(30)  # (it drops the read the cut call left, after a poll)
         assert not to_b.is_alive()
