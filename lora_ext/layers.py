@@ -105,10 +105,10 @@ def _first_post_hook(module) -> None:
     hooks = module._state_dict_hooks
     if next(iter(hooks.values()), None) is _base_into_state:
         return
-    rest = [(k, h) for k, h in hooks.items() if h is not _base_into_state]
-    hooks.clear()
-    module.register_state_dict_post_hook(_base_into_state)
-    hooks.update(rest)
+    for key in [k for k, h in hooks.items() if h is _base_into_state]:
+        del hooks[key]
+    handle = module.register_state_dict_post_hook(_base_into_state)
+    hooks.move_to_end(handle.id, last=False)  # (in place: the user's hooks stay, each under its handle's key)
 
 
 _OPERANDS = ("weight", "bias", "lora_A", "lora_B")
@@ -2294,8 +2294,8 @@ class LoRALayer(NamedAdapters):
         substituted = self._factors_substituted()
         if not substituted and not torch.is_grad_enabled():
             return False
-        if torch.jit.is_tracing() or ops.exporting():  # (a program of a merged model serves: from the
-            return False                                              # weight alone, as before, unless trained above)
+        if torch.jit.is_tracing() or ops.exporting():  # (a program of a merged model serves: from the weight
+            return False                                # alone, as before, unless trained above)
         if substituted:
             return True
         if not any(t.requires_grad for t in self._live_factors()):
@@ -2368,8 +2368,8 @@ class LoRALayer(NamedAdapters):
             for t in (A, B):
                 if t.requires_grad:
                     t.register_hook(functools.partial(_mark_trained, self))
-        elif not ops.exporting():  # (no hook in a traced graph: marked at each run, through either
-            if A.requires_grad:                   # factor that trains: LoRA-FA freezes A)
+        elif not ops.exporting():  # (no hook in a traced graph: marked at each run, through either factor that
+            if A.requires_grad:    # trains: LoRA-FA freezes A)
                 A = _mark_in_graph(self, A)
             elif B.requires_grad:
                 B = _mark_in_graph(self, B)

@@ -235,7 +235,8 @@ class ModelLock:
                     if not self._admit:
                         self._cond.notify_all()
             if hold:  # (the hold counted with the read: a writer's _drop_left_reads in between took a hold's read for
-                self._take(me, self._holds, box)  # one left behind, outside any forward, and dropped it)
+                self._take(me, self._holds, self._box() if box is None else box)  # one left behind, outside any
+                # forward, and dropped it)
             else:
                 self._reads[me] = self._reads.get(me, 0) + 1
 
