@@ -2525,6 +2525,15 @@ class LoRALayer(NamedAdapters):
         return True
 
 
+def _refill_buffer(layer: nn.Module, name: str, value: Optional[Tensor]) -> None:
+    """reset_parameters() puts a non-persistent buffer's value back (`value`, None: none kept): after a build on meta
+    and to_empty(), the buffer holds garbage that no state dict load restores (G3)."""
+    buffer = layer.__dict__.get("_buffers", {}).get(name)
+    if value is not None and buffer is not None and not buffer.is_meta:
+        with torch.no_grad():
+            buffer.copy_(value)
+
+
 class Embedding(LoRALayer, nn.Embedding):
     """loralib's Embedding. embed_scale (not in loralib) multiplies the output, adapter included, as the scaled
     word embeddings of transformers models do (Gemma's, BART's; peft scales its adapter's output alike): None (no
@@ -2550,9 +2559,19 @@ class Embedding(LoRALayer, nn.Embedding):
             if embed_scale.numel() != 1 or not embed_scale.is_floating_point():
                 raise ValueError(f"embed_scale must be a number or a floating-point tensor of one element, got "
                                  f"a {embed_scale.dtype} tensor of shape {tuple(embed_scale.shape)}")
+            if embed_scale.is_meta:  # (G3: to_empty() then filled the buffer with garbage, 3.9e24 off, silently)
+                raise ValueError("embed_scale is a meta tensor (made under torch.device('meta')?), whose value is "
+                                 "lost: a non-persistent buffer, no state dict restores it; pass a number, or a "
+                                 "tensor on a real device (torch.tensor(s, device='cpu'))")
             self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+            # (what reset_parameters() puts back: to_empty() after a build on meta leaves buffers uninitialised)
+            self._embed_scale_init = embed_scale.detach().to("cpu", copy=True)
         else:
             self.embed_scale = None if embed_scale is None else ops.finite_real("embed_scale", embed_scale)
+
+    def _reset_base(self) -> None:
+        super()._reset_base()
+        _refill_buffer(self, "embed_scale", self.__dict__.get("_embed_scale_init"))
 
     def output_scale(self) -> Union[None, float, Tensor]:
         """What the output is multiplied by: the embed_scale buffer, the number, or None (also for a layer
@@ -2692,12 +2711,20 @@ class MergedLinear(LoRALayer, nn.Linear):
         self._block_ids = [i for i, e in enumerate(enable_lora) if e]
         if r > 0 and any(enable_lora):
             self._create_factors(self.weight)
-            mask = torch.zeros(len(enable_lora), out_features // len(enable_lora), dtype=torch.bool)
-            mask[self._block_ids] = True
-            self.register_buffer("lora_ind", mask.view(-1), persistent=False)  # (before the snapshot's: see there)
+            self.register_buffer("lora_ind", self._rows_mask(), persistent=False)  # (before the snapshot's: see there)
         self.reset_parameters()
         if fan_in_fan_out:
             self.weight.data = self.weight.data.transpose(0, 1).contiguous()
+
+    def _rows_mask(self) -> Tensor:
+        """loralib's lora_ind: which of the out_features rows the enabled blocks' are."""
+        mask = torch.zeros(len(self.enable_lora), self.out_features // len(self.enable_lora), dtype=torch.bool)
+        mask[self._block_ids] = True
+        return mask.view(-1)
+
+    def _reset_base(self) -> None:
+        super()._reset_base()
+        _refill_buffer(self, "lora_ind", self._rows_mask() if hasattr(self, "_block_ids") else None)
 
     def _rank_rows(self):
         return len(self._block_ids)
@@ -2727,7 +2754,7 @@ class MergedLinear(LoRALayer, nn.Linear):
     def zero_pad(self, x: Tensor) -> Tensor:
         """x's rows (dim 0: the enabled blocks' output rows, in order) at their places among out_features rows,
         zeros in the disabled blocks' (loralib's zero_pad)."""
-        rows = self.lora_ind.nonzero().squeeze(1)
+        rows = self._rows_mask().nonzero().squeeze(1)  # (not the buffer: to_empty() leaves it uninitialised)
         if x.shape[0] != rows.numel():
             raise ValueError(f"{self._describe()}.zero_pad: x has {x.shape[0]} rows, the enabled blocks "
                              f"{self.enable_lora} have {rows.numel()}")

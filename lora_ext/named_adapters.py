@@ -1426,6 +1426,12 @@ class NamedAdapters:
         """Raises ValueError unless factors A, B (and scaling) are finite as given and as the live factors will hold
         them (cast to their dtype, which can overflow or lose the ranks below its range: _refuse_lost_ranks); the
         value check of check_adapter and check_values."""
+        meta = [n for n, t in (("lora_A", A), ("lora_B", B)) if t.is_meta]
+        if meta:  # (G1: torch's "Cannot copy out of meta tensor" from the value check, naming nothing)
+            raise ValueError(f"{label}: its {' and '.join(meta)} {'is' if len(meta) == 1 else 'are'} on the meta "
+                             f"device, with no values (a model built on meta, or loaded with map_location='meta', "
+                             f"whose state dict holds the active adapter only); add the adapter again "
+                             f"(add_adapter, load_peft_adapter) first")
         weight_dtype = self._weight_2d().dtype
         ops.check_finite(label, A, B, scaling, weight_dtype=weight_dtype)
         if A.dtype == self.lora_A.dtype and B.dtype == self.lora_B.dtype:

@@ -447,9 +447,23 @@ def given(module, name, param, plain=True) -> None:
     registration hook again under it, finding the giver unmerged): two layers given each other's weights on two
     threads would otherwise each hold its own lock and wait for the other's."""
     taken = _holders.get(id(param))  # (a dict lookup: this hook runs for every parameter any module registers)
-    if taken and (hasattr(module, "_weight_taken") or _is_plain(module)):
+    if not (hasattr(module, "_weight_taken") or _is_plain(module)):
+        return
+    if taken:
         for layer in list(taken):
             if layer is not module and _weight_of(layer) is param and layer._modules.get("conv") is not module:
+                layer._weight_taken(module, name, plain=plain)
+    if name == "weight" and _by_storage:
+        # another Parameter over a merged layer's bytes (nn.Embedding.from_pretrained(layer.weight), _weight=,
+        # nn.Parameter(layer.weight)): the new module would compute with the merged weight as its own (G3: 11.8 off
+        # the base, no warning, until the layer's next train()); a tie as the same Parameter is
+        span = _span(param)
+        if span is not None:
+            with _lock:
+                over = [layer for layer in _by_storage.get(span[:2], ())
+                        if layer is not module and layer.merged and _weight_of(layer) is not param
+                        and layer._modules.get("conv") is not module and _overlap(span, _span(_weight_of(layer)))]
+            for layer in over:
                 layer._weight_taken(module, name, plain=plain)
 
 

@@ -165,15 +165,16 @@ class ModelLock:
                 del self._reads[ident]
                 self._hook_reads.pop(ident, None)  # (the calls their hooks left: none runs now)
 
-    def _wait(self, timeout: float, writer: bool = False) -> None:
+    def _wait(self, timeout: float) -> None:
         """Waits on the condition (the mutex held) for a notify or `timeout`; then, every _POLL seconds whatever woke
-        it (forwards notify as they end: under load a wait never times out), drops the waiters left behind, and for
-        a writer the reads left behind."""
+        it (forwards notify as they end: under load a wait never times out), drops the waiters left behind, and while
+        a writer waits the reads left behind. (Any waiter's look, not the writer's alone: readers queued behind the
+        writer poll twice as often, took every look's turn, and a read left behind kept the writer out for good.)"""
         self._cond.wait(timeout=timeout)
         now = time.monotonic()
         if now >= self._look_at:
             self._look_at = now + _POLL
-            if writer:
+            if self._queue:
                 self._drop_left_reads()
             self._drop_gone()
 
@@ -434,7 +435,7 @@ class ModelLock:
                     try:
                         self._queue.append(me)
                         while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
-                            self._wait(_POLL, writer=True)
+                            self._wait(_POLL)
                             # (readers let in that stopped waiting meanwhile: a reader leaves the wait and takes its
                             # admission in one step under the condition's lock, so this never skips one)
                             self._admit = min(self._admit, len(self._waiting))
@@ -1022,7 +1023,9 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
     peft's: forwards on other threads see the base too, never a mix (the model's lock). Blocks nest and may end in
     any order. Refused before anything changes: with a mixed batch open on the model, and for tensor-parallel or
     FSDP2-sharded layers; inside it, load_peft_adapter, inject, unload and batch_adapters are refused. A copy made
-    inside (deepcopy, pickle) is not in the block. CUDA graphs captured outside the block replay the adapter."""
+    inside (deepcopy, pickle) is not in the block. CUDA graphs captured outside the block replay the adapter; a
+    program made inside it (export, jit.trace, a CUDA graph) of a merged model serves the adapter after it (the end
+    merges into the weight the program reads)."""
     from .injection import DISABLED
     began, landed, entered, held = False, None, False, None  # (the end's: see below)
 
