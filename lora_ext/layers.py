@@ -1144,7 +1144,9 @@ class LoRALayer(NamedAdapters):
                 return served.forward(self, x)
             checkpointed = torch.is_grad_enabled() and not torch.compiler.is_compiling() and checkpoint_check(self)
             if not torch.compiler.is_compiling() and torch.is_grad_enabled() \
-                    and "_bias_at_inject" not in self.__dict__:  # (in this order: dynamo guards on none of it)
+                    and "_bias_at_inject" not in self.__dict__ and not torch.jit.is_tracing():
+                # (in this order: dynamo guards on none of it; not in a jit trace, whose check run then recorded
+                # another graph without the copy and refused the trace, G1: noted at an eager forward)
                 self._note_bias_at_first_training_forward()
             if self._adapter_disabled:  # lora.disable_adapter: the base (unmerged on entry; merges wait)
                 return self._checked_in_backward(self._weight_forward(x), checkpointed)

@@ -143,3 +143,19 @@ def test_a_switch_to_an_adapter_a_meta_skeleton_never_got_names_it():
         lora.set_adapter(skeleton, "b")
     with torch.no_grad():
         assert (skeleton(x) - want).abs().max() < 1e-5 and skeleton[0].active_adapter == "default"
+
+
+def test_jit_trace_of_a_trainable_layer_with_its_default_check():
+    """G1: torch.jit.trace(layer, x) of a layer in training mode (check_trace on, its default) raised "Graphs differed
+    across invocations": the first forward with gradients copied the bias (a note for save_peft_adapter), recorded in
+    the first trace only. loralib's layer traces. Now the copy is never recorded; the trace serves the layer."""
+    torch.manual_seed(3)
+    layer = lora.Linear(6, 5, r=2)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 6)
+    traced = torch.jit.trace(layer, x)
+    with torch.no_grad():
+        assert (traced(x) - layer(x)).abs().max() < 1e-6
+    ref = x.double() @ (layer.weight.double() + 0.5 * layer.lora_B.double() @ layer.lora_A.double()).T
+    assert (traced(x).double() - ref - layer.bias.double()).abs().max() < 1e-5
