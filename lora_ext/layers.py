@@ -1658,6 +1658,7 @@ class LoRALayer(NamedAdapters):
             self._check_untied()
         if sharded.reshard_if_gathered(self) and not untied:
             self._check_untied()
+        self._agree_first("merge")
         self._check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         bound = self._weight_room((self.lora_A, self.lora_B, self.scaling))
         exact = self._lossless_now()
@@ -2206,8 +2207,16 @@ class LoRALayer(NamedAdapters):
         # FSDP2: write the shards, not an all-gathered copy (F1: after a forward that left them gathered, the next
         # reshard dropped this merge, and train() took the trained factors out of the old one: the base 0.71 off)
         sharded.reshard_if_gathered(self)
+        self._agree_first("switch")
         self._check_values(self.active_adapter)
         self._swap_merged(*(sharded.full(t).detach() for t in (self.lora_A, self.lora_B)), self.scaling)
+
+    def _agree_first(self, op: str) -> None:
+        """FSDP2: the ranks agree on the op before the value check gathers the live factors (sharded.agree: every
+        sharded write begins with one agreement, so that ranks at other writes, or a rank that refused alone, are
+        told there instead of pairing gathers with other collectives)."""
+        if sharded.is_dtensor(self.lora_A):
+            sharded.agree(self.lora_A, op, f"{self._describe()}: {op}", (self.lora_A, self.lora_B), (self.scaling,))
 
     def unmerge(self) -> None:
         """Restores the base weight now (forwards then add the adapter on the fly)."""

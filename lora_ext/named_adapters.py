@@ -849,9 +849,14 @@ class NamedAdapters:
         stay (and, inactive, the dtype): the new values are written into them, so an optimizer built before trains
         the new values; otherwise (a rank change of the active, trainable adapter; a rank or dtype change of an
         inactive one's own pair) the adapter gets new Parameters, with a warning."""
-        self._check_unloaded()
-        check_adapter_name(name)
-        self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
+        try:
+            self._check_unloaded()
+            check_adapter_name(name)
+            self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
+        except Exception as err:  # (the active adapter's replacement writes through collectives on a sharded
+            # weight: a refusal this rank alone makes is told to the others, whose write refuses then, F2)
+            sharded.refuse_alike(self._weight_or_none() if name == self.active_adapter else None, err,
+                                 f"{self._describe()}: add_adapter({name!r})")  # (raises err)
         own = self.rank_of(lora_A)
         if self.reserved_rank is not None:  # held at the reserved rank, zeros in the ranks it lacks
             lora_A, lora_B = self.pad_factors(lora_A.detach(), lora_B.detach(), self.reserved_rank)
@@ -975,7 +980,19 @@ class NamedAdapters:
                 raise self._not_held(name)
             sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
-            self._check_values(name)
+            if sharded.is_dtensor(self.lora_A):
+                # (first, before the gathers below: the ranks agree on the op, and on this rank's own check of the
+                # adapter's copy here, which another rank's may pass; F2: a rank that refused alone left the others
+                # waiting in the gathers until the process group's timeout)
+                refusal = None
+                try:
+                    self._check_values(name)
+                except Exception as err:
+                    refusal = err
+                sharded.agree(self.lora_A, "switch", f"{self._describe()}: set_adapter({name!r})", (lora_A, lora_B),
+                              (scaling,), refusal)
+            else:
+                self._check_values(name)
             refusal = self._batch_merge_refusal(name, (lora_A, lora_B, scaling)) if self.merged else None
             if refusal is not None:  # (a merged switch inside a mixed batch's block)
                 raise ValueError(refusal)

@@ -633,6 +633,7 @@ def _max_over_mesh(t: Tensor, mesh) -> Tensor:
 
 
 _OK, _REFUSED, _FAILED = 0, 1, 2  # a rank's outcome of its part of a write, agreed on as the worst (MAX)
+_REFUSAL = torch.full((_WIDTH,), -3.0, dtype=torch.float64)  # refuse_alike's fingerprint: agrees with no write's
 
 
 def _all_agree(weight: Tensor, fingerprint: Tensor, outcome: int = _OK):
@@ -662,14 +663,64 @@ def consensus(weight: Tensor, op: str, where: str, tensors, scales=()) -> list:
     if not (weight is not None and is_dtensor(weight)):
         return [full(t) for t in tensors]
     if any(is_dtensor(t) for t in tensors):
-        same, _ = _all_agree(weight, _header(op, tensors, scales))
-        if not same:
-            raise _disagree(where, op)
+        _agreed(weight, _header(op, tensors, scales), where, op)
     whole = [full(t) for t in tensors]
-    same, _ = _all_agree(weight, _fingerprint(op, whole, scales))
+    _agreed(weight, _fingerprint(op, whole, scales), where, op)
+    return whole
+
+
+def _agreed(weight: Tensor, fingerprint: Tensor, where: str, op: str, outcome: int = _OK) -> None:
+    """One agreement (consensus, agree): raises unless every rank passed the same fingerprint and no rank refused
+    there (agree, refuse_alike: a check that rank failed alone). With this rank's own refusal (`outcome`), the error
+    raised is marked refused_here (the caller raises its own)."""
+    same, worst = _all_agree(weight, fingerprint, outcome)
+    if worst != _OK:
+        err = RuntimeError(f"{where}: refused on another rank of the weight's mesh (that rank's error says why); "
+                           f"nothing was written on any rank")
+        err.refused_here = outcome != _OK
+        raise err
     if not same:
         raise _disagree(where, op)
-    return whole
+
+
+def agree(weight, op: str, where: str, tensors, scales=(), err: Optional[BaseException] = None) -> None:
+    """The first collective of a write whose next ones gather the live factors (FSDP2's switch and merge): every rank
+    agrees on the op and the shapes (_header) and on whether its own checks passed (`err`: this rank's refusal, raised
+    here on it, and on the others as one on another rank). Every sharded write then begins with one agreement of the
+    same size: two ranks at different writes (merges and switches called in another order) refuse there, before any
+    gather, and so do the others when one rank refuses alone (refuse_alike). Nothing without a DTensor `weight`
+    (`err` raised)."""
+    if not (weight is not None and is_dtensor(weight)):
+        if err is not None:
+            raise err
+        return
+    try:
+        _agreed(weight, _header(op, tensors, scales), where, op, _OK if err is None else _REFUSED)
+    except Exception as e:
+        if err is None:
+            raise
+        if not getattr(e, "refused_here", False):
+            err.add_note(f"lora_ext {where}: telling the other ranks of this refusal failed ({e!r})")
+    if err is not None:
+        raise err
+
+
+def refuse_alike(weight, err: Optional[BaseException], where: str) -> None:
+    """Raises `err`, this rank's refusal of a write that the other ranks may have passed their own checks for (an
+    adapter only some ranks hold, a NaN in one rank's copy): on a DTensor `weight`, first met with the agreement that
+    begins every sharded write on the other ranks (consensus: one _all_agree of the same size, marked refused), so
+    that they refuse there, before writing, instead of waiting in it until the process group's timeout (F2). No
+    collective when `err` is None: a rank that passed goes on into the write, whose first agreement tells it (an
+    agreement of its own before every model-level switch met other ranks' merges, called in another order, as a
+    mismatched collective)."""
+    if err is None:
+        return
+    if weight is not None and is_dtensor(weight):
+        try:
+            _all_agree(weight, _REFUSAL, _REFUSED)
+        except Exception as e:  # (the process group failing: this rank's own refusal still says why)
+            err.add_note(f"lora_ext {where}: telling the other ranks of this refusal failed ({e!r})")
+    raise err
 
 
 def _disagree(where: str, op: str) -> RuntimeError:

@@ -205,3 +205,109 @@ def test_holds_beside_a_hold_a_queued_switch_waits_for_pass_it_at_once():
         release.set()
         b.join(10)
     assert model[0].active_adapter == "b"
+
+
+# -------------------------------------------------------------------------------------------------------------
+# F2 (last session, left open): a refusal that one rank alone makes
+
+
+def _one_rank_refuses(rank, world, how, merged):
+    import time
+
+    from torch.distributed.fsdp import fully_shard
+    from test_fsdp import build, layers
+    net = build()
+    g = torch.Generator().manual_seed(77)
+    for i, m in enumerate(layers(net)):
+        (ra, ca), (rb, cb) = m.factor_shapes(m.r)
+        a, b = torch.randn(ra, ca, generator=g) * 0.2, torch.randn(rb, cb, generator=g) * 0.2
+        if how == "missing" and rank == 1:
+            continue  # adapter "c" on rank 0 only
+        m.add_adapter("c", a, b, 0.9)
+        if how == "nan" and rank == 1 and i == 2:
+            with torch.no_grad():  # a NaN in rank 1's copy only, written after the add
+                m.get_adapter("c")[1][0, 0] = float("nan")
+    for m in layers(net):
+        fully_shard(m)
+    fully_shard(net)
+    if merged:
+        net.eval()
+    before = [(m.active_adapter, m.merged) for m in layers(net)]
+    weights = [m.weight.full_tensor().clone() for m in layers(net)]
+    start, err = time.monotonic(), None
+    try:
+        if how == "add_active_nan":
+            m = layers(net)[2]
+            (ra, ca), (rb, cb) = m.factor_shapes(m.r)
+            m.add_adapter("default", torch.full((ra, ca), 0.1),
+                          torch.full((rb, cb), float("nan") if rank == 1 else 0.1), 2.0)
+        else:
+            lora.set_adapter(net, "c")
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}"
+    secs = time.monotonic() - start
+    after = [(m.active_adapter, m.merged) for m in layers(net)]
+    same = all(torch.equal(m.weight.full_tensor(), w) for m, w in zip(layers(net), weights))
+    lora.set_adapter(net, "b")  # both ranks go on in step
+    return {"err": err, "secs": secs, "unchanged": after == before and same,
+            "then": sorted({m.active_adapter for m in layers(net)})}
+
+
+@pytest.mark.parametrize("how,merged", [("missing", True), ("missing", False), ("nan", True), ("nan", False),
+                                        ("add_active_nan", True)])
+def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(how, merged):
+    """F2: a switch refused by a check that one rank alone failed (an adapter only rank 0 holds, a NaN in rank 1's copy
+    of it, a NaN in the active adapter one rank replaces) raised on that rank while the other went on into the
+    switch's first agreement and waited there (25 s, until the refusing rank left; for good while it lives, or a gloo
+    abort when it ran on). The refusing rank now meets that agreement, marked refused: every rank refuses, nothing is
+    written. (An agreement at the start of every switch, last session's fix, broke ranks calling merges and switches
+    in another order; this one adds no collective where no rank refuses.)"""
+    from dist import run_ranks
+    results = run_ranks(_one_rank_refuses, how, merged, timeout=120)
+    refusing = 1
+    for rank, r in enumerate(results):
+        assert r["err"] is not None, f"rank {rank} did not refuse"
+        assert r["secs"] < 15, f"rank {rank} waited {r['secs']:.1f} s"
+        assert r["unchanged"] and r["then"] == ["b"], r
+    assert "refused on another rank" in results[1 - refusing]["err"], results[1 - refusing]["err"]
+    want = "KeyError" if how == "missing" else "ValueError"
+    assert results[refusing]["err"].startswith(want), results[refusing]["err"]
+
+
+def _one_rank_refuses_tp(rank, world, merged):
+    import time
+
+    import test_distributed_hostile2 as h2
+    from helpers import lora_layers_of
+    net = h2.build()
+    if rank == 1:
+        with torch.no_grad():  # a NaN in rank 1's copy of adapter "b" only
+            lora_layers_of(net)[3].get_adapter("b")[1][0, 0] = float("nan")
+    net = h2.shard("tp", net, world)
+    if merged:
+        net.eval()
+    before = h2.outputs(net)
+    start, err = time.monotonic(), None
+    try:
+        lora.set_adapter(net, "b")
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}"
+    secs = time.monotonic() - start
+    after = h2.outputs(net)
+    same = all(torch.equal(a, b) for a, b in zip(before, after))
+    lora.set_adapter(net, "c")  # both ranks go on in step
+    return {"err": err, "secs": secs, "unchanged": same,
+            "then": sorted({m.active_adapter for m in lora_layers_of(net)})}
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["unmerged", "merged"])
+def test_a_refusal_on_one_rank_under_tensor_parallel(merged):
+    """As above, with lora_ext.parallel's styles: rank 1's copy of the adapter holds a NaN; both ranks refuse at
+    once, serving what they served."""
+    from dist import run_ranks
+    results = run_ranks(_one_rank_refuses_tp, merged, timeout=120)
+    for rank, r in enumerate(results):
+        assert r["err"] is not None and r["secs"] < 15, (rank, r)
+        assert r["unchanged"] and r["then"] == ["c"], r
+    assert "refused on another rank" in results[0]["err"], results[0]["err"]
+    assert results[1]["err"].startswith("ValueError"), results[1]["err"]

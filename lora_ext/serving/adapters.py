@@ -772,14 +772,15 @@ def set_adapter(model: nn.Module, name: str) -> None:
     with model_lock(model).write():  # the layers listed inside: a concurrent load may inject more
         found = _layers_or_raise(model)
         saved = wrappers(model)
+        reshard_fsdp(model)  # (first: a refusal below is told to the other ranks over the sharded weights' mesh)
         if not any(m.has_adapter(name) and not m.is_placeholder(name) for _, m in found) \
                 and not any(name in w.adapter_names for _, w in saved):
             held = sorted({n for _, m in found for n in m.adapter_names if not m.is_placeholder(n)})
-            raise KeyError(f"set_adapter: no lora_ext layer holds an adapter {name!r} (they hold {held})")
+            sharded.refuse_alike(_mesh_weight(found), KeyError(
+                f"set_adapter: no lora_ext layer holds an adapter {name!r} (they hold {held})"), f"set_adapter({name!r})")
         refuse_fsdp1(model, f"set_adapter({name!r})")
         trains = any(m._trainable() for _, m in found)  # (copies of a wrapper that never saw one train follow it)
         _check_ddp_switch(model, found, name, trains)
-        reshard_fsdp(model)
         lacking = [m for _, m in found if not m.has_adapter(name)]
         try:
             with deferred_interrupt():
@@ -906,14 +907,27 @@ def _set_adapter(found, name, settle=True, saved=(), trains=None):
         raise
 
 
+def _mesh_weight(found):
+    """The first DTensor weight of the layers `found` (FSDP2, tensor parallel), over whose mesh a rank's own refusal
+    is told to the others (sharded.refuse_alike); None without one."""
+    for _, m in found:
+        w = m._weight_or_none()
+        if w is not None and sharded.is_dtensor(w):
+            return w
+    return None
+
+
 def _switch_all(found, name, settle=True):
-    for layer_name, m in found:
-        if name not in m.adapter_names:
-            raise KeyError(f"set_adapter: layer {layer_name!r} holds no adapter {name!r} "
-                           f"(it holds {m.adapter_names})")
-        if name != m.active_adapter:
-            m._check_plain_factors(f"set_adapter({name!r}) at {layer_name!r}")  # (before any layer is written)
-            m._check_values(name, label=f"adapter {name!r} at {layer_name!r}")
+    try:  # (every layer checked before any is written; a refusal told to the other ranks of a sharded model, F2)
+        for layer_name, m in found:
+            if name not in m.adapter_names:
+                raise KeyError(f"set_adapter: layer {layer_name!r} holds no adapter {name!r} "
+                               f"(it holds {m.adapter_names})")
+            if name != m.active_adapter:
+                m._check_plain_factors(f"set_adapter({name!r}) at {layer_name!r}")
+                m._check_values(name, label=f"adapter {name!r} at {layer_name!r}")
+    except Exception as err:
+        sharded.refuse_alike(_mesh_weight(found), err, f"set_adapter({name!r})")  # (raises err)
     for layer_name, m in found:
         if settle or name != m.active_adapter:  # set_adapter of the active name may settle its Parameters
             with at_layer(layer_name):
