@@ -695,7 +695,7 @@ class LayerBatch:
                              f"(its weight holds the values from before, which the batch's rows would be served "
                              f"relative to); call eval() or merge() on the model first (it merges the trained values; "
                              f"inside an open batch that merge is refused: close the block first)")
-        if (merged is not None and merged in batch.slot_of and not torch.compiler.is_compiling()
+        if (merged is not None and merged in batch.slot_of and not ops.compiling()
                 and (layer._merged_A is None or layer._merged_A is not self.checked)):
             self._check_merged(layer, merged, where)  # (not in a traced forward: see README, torch.compile)
         add, sub = batch.index(layer, x.device, merged, size)

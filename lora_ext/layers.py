@@ -318,7 +318,7 @@ def _freezing() -> bool:
     tensor as the number it held when compiled, while the factors, which only lora_ext's ops read, stay live. A
     compiled forward then takes the scaling as a float, which dynamo guards on (a retrace per scaling). (The flag
     does not concern torch.export or torch.jit.trace.)"""
-    if not torch.compiler.is_compiling() or ops.exporting():
+    if not ops.compiling() or ops.exporting():
         return False
     inductor = sys.modules.get("torch._inductor.config")
     return bool(inductor is not None and inductor.freezing)
@@ -1115,7 +1115,7 @@ class LoRALayer(NamedAdapters):
 
     def _guard(self):
         # Under torch.compile there is no other thread to exclude within the traced graph.
-        return contextlib.nullcontext() if torch.compiler.is_compiling() else self._lock
+        return contextlib.nullcontext() if ops.compiling() else self._lock
 
     def forward(self, x: Tensor) -> Tensor:
         # mixed batches (lora_ext.batch_adapters) open in this context (ANY_OPEN first: see its comment)
@@ -1126,10 +1126,10 @@ class LoRALayer(NamedAdapters):
             if torch.is_grad_enabled() and not self._adapter_disabled and self.has_lora and self._trainable() \
                     and self._lent():  # (in this order: a serving forward reads neither of _lent's attributes, nor
                 # does dynamo guard on them). Under DDP the Parameters DDP was built with train, lent or not (README)
-                if torch.compiler.is_compiling() or (ddp_guard.running() is None
+                if ops.compiling() or (ddp_guard.running() is None
                                                       and not ddp_guard.keeps_parameters(self)):
                     self._refuse_lent_training()
-            if not torch.compiler.is_compiling():
+            if not ops.compiling():
                 ddp = ddp_guard.running()  # the DDP whose forward runs this one on this thread, if any
                 if ddp is not None:
                     ddp_guard.check(self, ddp)
@@ -1142,8 +1142,8 @@ class LoRALayer(NamedAdapters):
             if served is not None and not served.batch.closed:  # (a block closed on another thread leaves its entry)
                 batched.refuse_in_program(self._describe())
                 return served.forward(self, x)
-            checkpointed = torch.is_grad_enabled() and not torch.compiler.is_compiling() and checkpoint_check(self)
-            if not torch.compiler.is_compiling() and torch.is_grad_enabled() \
+            checkpointed = torch.is_grad_enabled() and not ops.compiling() and checkpoint_check(self)
+            if not ops.compiling() and torch.is_grad_enabled() \
                     and "_bias_at_inject" not in self.__dict__ and not torch.jit.is_tracing():
                 # (in this order: dynamo guards on none of it; not in a jit trace, whose check run then recorded
                 # another graph without the copy and refused the trace, G1: noted at an eager forward)
@@ -1164,7 +1164,7 @@ class LoRALayer(NamedAdapters):
         which checkpoint_check also checks as it recomputes), and under tensor parallel (`tp`: a switch writes the
         live sharded factors the backward reads, which torch refused naming no layer, h7). Elsewhere the saved
         tensors keep their values, and a switch before the backward is exact."""
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and out.requires_grad:
+        if torch.is_grad_enabled() and not ops.compiling() and out.requires_grad:
             why = ("fsdp2" if sharded.fsdp2_owner(self) else "checkpoint" if checkpointed else "tp" if tp
                    else None)
             if why is not None:
@@ -1226,7 +1226,7 @@ class LoRALayer(NamedAdapters):
         out of torch's set of non-persistent names, which state_dict and load_state_dict skip either way for None,
         but accelerate's offload_buffers=True moves every name in it (and fails on None)."""
         self._buffers["_merged_A"], self._buffers["_merged_B"] = lora_A, lora_B
-        if lora_A is not None and not torch.compiler.is_compiling():
+        if lora_A is not None and not ops.compiling():
             _mark_key(self)  # (made eagerly, before a compiled forward reads it)
         params = self._parameters  # (the factor objects merged: see _factors_substituted)
         self.__dict__["_merged_from"] = None if lora_A is None else (params.get("lora_A"), params.get("lora_B"))
@@ -1709,7 +1709,7 @@ class LoRALayer(NamedAdapters):
         DTensor factors, where float64 and other dtypes meet (the tensor is float64 only for float64 factors, and
         the ops take a float64 tensor only for float64 operands), and under inductor's freezing (_freezing).
         Eager: the float, and beside it the float32 tensor the CUDA kernels read (CUDA graphs)."""
-        compiling = torch.compiler.is_compiling()
+        compiling = ops.compiling()
         if not compiling:
             # eager, or torch.jit.trace: the Parameter's identity is checked here, not under dynamo (torch.compile
             # would guard on it; torch.export traces stand-ins for the Parameters). The eager path is kept short:
@@ -2267,7 +2267,7 @@ class LoRALayer(NamedAdapters):
         state_dict marks a base in this process, the flag alone (host time of every merged forward)."""
         if not self.merged:
             return False
-        if torch.compiler.is_compiling():
+        if ops.compiling():
             if _freezing() and self._weight_writes == "":  # (never: the comparison makes dynamo guard on the count,
                 raise AssertionError                       # so that a merged switch, which writes the weight a frozen
             return True                                  # graph holds as a constant, compiles anew)
@@ -2311,7 +2311,7 @@ class LoRALayer(NamedAdapters):
             return True
         if not any(t.requires_grad for t in self._live_factors()):
             return False
-        if torch.compiler.is_compiling():  # (no hook in a traced graph, where it breaks it: marked by the forward)
+        if ops.compiling():  # (no hook in a traced graph, where it breaks it: marked by the forward)
             mark = self.__dict__.get("_trained_merged")  # (not setdefault: torch 2.11's dynamo cannot trace it, and
             if mark is not None:                        # fullgraph=True refused the forward)
                 mark[0] = True
@@ -2373,7 +2373,7 @@ class LoRALayer(NamedAdapters):
             A = torch.cat([A.reshape(groups, A.shape[0] // groups, A.shape[-1]),
                            A0.reshape(groups, A0.shape[0] // groups, A0.shape[-1])], 1)
             B = torch.cat([B * self.scaling, B0 * -self._merged_scaling], 1)
-        if not torch.compiler.is_compiling():  # a backward through either: trained (see _trains_merged). Also when
+        if not ops.compiling():  # a backward through either: trained (see _trains_merged). Also when
             # marked already: a merge between this forward and its backward starts a new snapshot, unmarked
             self.__dict__.setdefault("_trained_merged", [False])  # (a layer pickled before the mark existed)
             for t in (A, B):

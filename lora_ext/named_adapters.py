@@ -855,8 +855,13 @@ class NamedAdapters:
             self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
         except Exception as err:  # (the active adapter's replacement writes through collectives on a sharded
             # weight: a refusal this rank alone makes is told to the others, whose write refuses then, F2)
-            sharded.refuse_alike(self._weight_or_none() if name == self.active_adapter else None, err,
-                                 f"{self._describe()}: add_adapter({name!r})")  # (raises err)
+            try:
+                weight = self._weight_or_none() if name == self.active_adapter else None
+            except AttributeError:  # (an unloaded ConvLoRA holds no conv: its own refusal above says so)
+                weight = None
+            if weight is not None and sharded.is_dtensor(weight):
+                sharded.refuse_alike(weight, err, f"{self._describe()}: add_adapter({name!r})")
+            raise
         own = self.rank_of(lora_A)
         if self.reserved_rank is not None:  # held at the reserved rank, zeros in the ranks it lacks
             lora_A, lora_B = self.pad_factors(lora_A.detach(), lora_B.detach(), self.reserved_rank)

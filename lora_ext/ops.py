@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from . import lossless, reference, sharded
+from .tracing import compiling, exporting as exporting  # (the op surface: ops.compiling(), ops.exporting())
 from .lossless import writes_now as _writes_now
 from .lossless import MergeRecord
 from .readable import plain, readable, transformed
@@ -98,7 +99,7 @@ def _needs_grad(*tensors):
     if not torch.is_grad_enabled():
         return False
     for t in tensors:
-        if isinstance(t, Tensor) and t.requires_grad and (torch.compiler.is_compiling() or not t.is_inference()):
+        if isinstance(t, Tensor) and t.requires_grad and (compiling() or not t.is_inference()):
             return True
     return False
 
@@ -108,16 +109,7 @@ def traced() -> bool:
     go through the custom ops, which the traces record as one call each: the kernels' pybind launchers are
     invisible to torch.jit.trace (it would record their output as a constant), and the reference's torch ops would
     bake a float scale in."""
-    return torch.compiler.is_compiling() or torch._C._is_tracing()  # (torch.jit.is_tracing, without its wrapper)
-
-
-def exporting() -> bool:
-    """torch.compiler.is_exporting(), read from the flag torch.export sets: torch 2.11's dynamo folds is_exporting() to
-    True in every trace it makes, torch.compile's too (a compiled merged layer then traced the forward an exported
-    program serves, from the weight alone, and its factors got no gradient: training through the merge trained
-    nothing, silently); dynamo reads the flag itself as the value it holds, with a guard on it."""
-    flag = getattr(torch.compiler, "_is_exporting_flag", None)
-    return torch.compiler.is_exporting() if flag is None else bool(flag)
+    return compiling() or torch._C._is_tracing()  # (torch.jit.is_tracing, without its wrapper)
 
 
 def _fast_path(t, differentiable=(), also=()):
@@ -131,7 +123,7 @@ def _functorch() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, functionalize) or forward-mode AD runs this eager call:
     the custom ops' autograd is not functorch-aware ("an autograd.Function ... must override setup_context") and
     has no forward-mode formula, so the ops run the reference's torch ops, which those see through."""
-    return not torch.compiler.is_compiling() and transformed()
+    return not compiling() and transformed()
 
 
 def _launch(impl: Callable, args: tuple, check: Callable):
@@ -209,7 +201,7 @@ def finite_real(label: str, value) -> float:
 def _check_scale(scale):
     # While tracing, after a recompile for a new value, dynamo may make the scale a symbolic float, which
     # math.isfinite cannot take; layers check their scaling when it is set, and eager calls check here.
-    if not torch.compiler.is_compiling():
+    if not compiling():
         finite_real("scale", scale)
 
 
@@ -261,7 +253,7 @@ def _traced_scale(scale, scale_tensor, *tensors):
     plain clone there, from the layer's tensor as a later switch has rewritten it; an opaque op that the forward
     consumes is neither moved nor recomputed. (torch.jit.trace runs the ops' autograd eagerly: the copy that
     _saved_scale takes then. A copy recorded in its trace would be folded into a constant.)"""
-    if scale is None and torch.compiler.is_compiling() and _needs_grad(*tensors):
+    if scale is None and compiling() and _needs_grad(*tensors):
         return _scale_copy(scale_tensor)
     return scale_tensor
 
@@ -378,7 +370,7 @@ def inference_writes(*tensors):
     (made under torch.inference_mode(): a model built, loaded or converted there) and inference mode is off, the
     only place torch lets one be written. Outside, torch raises after its kernel wrote (a view of) it, which would
     leave a tensor written under bookkeeping that says it was not (loralib's `.data` writes go through)."""
-    if torch.compiler.is_compiling():  # (the custom op's write, traced; dynamo refuses the checks below)
+    if compiling():  # (the custom op's write, traced; dynamo refuses the checks below)
         return _NO_CONTEXT
     for t in tensors:
         if isinstance(t, Tensor) and t.is_inference():
@@ -396,7 +388,7 @@ def overlap_refusal(weight) -> Optional[str]:
     0 over more than one element: an expand()ed tensor, which load_state_dict(assign=True) or a Parameter made from
     one puts in place). A merge would add one element's update into the others over the same memory (the lossless
     paths wrote it without a word; torch's own in-place add refuses)."""
-    if not isinstance(weight, Tensor) or torch.compiler.is_compiling():
+    if not isinstance(weight, Tensor) or compiling():
         return None
     local = sharded.local(weight)
     if local.is_meta:
@@ -1155,7 +1147,7 @@ def linear(x: Tensor, x_lora: Tensor, weight: Tensor, bias: Optional[Tensor], lo
     the caller keeps the two equal."""
     scale, scale_tensor = _scales(scale, scale_tensor, x, "x")
     cast = _autocast_dtype(x)
-    if cast is not None and not torch.compiler.is_compiling():
+    if cast is not None and not compiling():
         # as the registered autocast rule (below) does for the custom op, on every path: the floating inputs in
         # autocast's dtype, the op itself with autocast off
         tensors = _autocast_cast(cast, (x, x_lora, weight, bias, lora_A, lora_B))
@@ -1437,7 +1429,7 @@ def _check_batched_conv_args(conv, x, deltas, scales, index, sub):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (x.shape[0],):
             raise ValueError(f"{name} must be a 1-D int32 tensor of {x.shape[0]} entries (one per row), got "
                              f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}")
-        if not torch.compiler.is_compiling() and t.device.type == "cpu" and t.numel() \
+        if not compiling() and t.device.type == "cpu" and t.numel() \
                 and (int(t.min()) < -1 or int(t.max()) >= slots):
             raise ValueError(f"{name} entries must be slots in [0, {slots}) or -1, got {int(t.min())} to "
                              f"{int(t.max())}")
@@ -1473,7 +1465,7 @@ def conv(conv_module: torch.nn.Module, x: Tensor, x_lora: Tensor, lora_A: Tensor
         # in place (not in a torch.jit trace, which would fold a copy of the tensor into a constant)
         unscaled = delta_weight(lora_A, lora_B, 1.0, out_features=lora_B.shape[0],
                                 dtype=reference.compute_dtype(w.dtype))
-        if torch.compiler.is_compiling():
+        if compiling():
             scale_tensor = _traced_scale(None, scale_tensor, lora_A, lora_B)
         elif not torch.jit.is_tracing() and _needs_grad(lora_A, lora_B):
             scale_tensor = scale_tensor.clone()

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .readable import transformed
+from .tracing import compiling
 
 # Size of the fp32 staging buffer used to merge fp16/bf16 weights a few rows at a time.
 _STAGING_BYTES = 1 << 20
@@ -432,7 +433,7 @@ def batched_conv(conv, x, deltas, scales, index, sub=None, grouped=None):
     captured over it serves the rows of the index at replay) the plain convolution and then the updates
     (_add_updates)."""
     w, bias = conv.weight, conv.bias
-    if index.device.type != "cpu" or torch.compiler.is_compiling():
+    if index.device.type != "cpu" or compiling():
         out = conv._conv_forward(x, autocast_fresh(w), bias)
         _add_updates(conv, out, x, deltas, scales, index, grouped)
         if sub is not None:

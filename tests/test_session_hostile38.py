@@ -1,5 +1,6 @@
 """Forty-fifth session: what this session's hostile rounds and its own reading gave, each with a test that fails on
 the commit before its fix."""
+import contextlib
 import threading
 import time
 
@@ -311,3 +312,78 @@ def test_a_refusal_on_one_rank_under_tensor_parallel(merged):
         assert r["unchanged"] and r["then"] == ["c"], r
     assert "refused on another rank" in results[0]["err"], results[0]["err"]
     assert results[1]["err"].startswith("ValueError"), results[1]["err"]
+
+
+class _Slow(torch.nn.Module):
+    def forward(self, x):
+        time.sleep(0.5)
+        return x
+
+
+@contextlib.contextmanager
+def _another_thread_compiling(seconds=3.0):
+    """A torch.compile of an unrelated function on another thread, whose backend takes `seconds` (a large model's
+    compile): torch.compiler.is_compiling() is True on every thread meanwhile (one process-wide flag)."""
+    def slow_backend(gm, example_inputs):
+        time.sleep(seconds)
+        return gm.forward
+    torch._dynamo.reset()
+    thread = threading.Thread(target=lambda: torch.compile(lambda t: t * 2 + 1, backend=slow_backend)(torch.randn(4)),
+                              daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not torch.compiler.is_compiling() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert torch.compiler.is_compiling(), "the other thread's compile never began"
+    try:
+        yield
+    finally:
+        thread.join(30)
+
+
+def test_an_eager_forward_while_another_thread_compiles_keeps_the_lock():
+    """R4: torch.compiler.is_compiling() is one process-wide flag, True on every thread while any thread compiles; the
+    model lock's hooks took it for their own trace and took no read, so an eager forward on one thread while another
+    compiled something else ran with a switch inside it: layer 0 on 'default', layer 1 on 'b' (9.08 off 'default'
+    throughout). lora_ext now asks whether this thread traces (lora_ext.tracing)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(lora.Linear(8, 8, r=2), _Slow(), lora.Linear(8, 8, r=2))
+    refs = {}
+    for layer in (model[0], model[2]):
+        with torch.no_grad():
+            layer.lora_B.normal_(0, 0.5)
+        layer.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    model.requires_grad_(False)
+    x = torch.randn(3, 8)
+    for name in ("default", "b"):  # (before eval(): the base weights)
+        h = x.double()
+        for layer in (model[0], model[2]):
+            A, B, s = (layer.lora_A, layer.lora_B, layer.scaling) if name == "default" else layer.get_adapter(name)
+            W = layer.weight.double() + s * B.double() @ A.double()
+            h = h @ W.T + layer.bias.double()
+        refs[name] = h
+    model.eval()
+    out = []
+    with _another_thread_compiling():
+        forward = threading.Thread(target=lambda: out.append(model(x).double()), daemon=True)
+        forward.start()
+        time.sleep(0.1)
+        switch = threading.Thread(target=lambda: lora.set_adapter(model, "b"), daemon=True)
+        switch.start()
+        forward.join(10)
+        switch.join(10)
+    assert (out[0] - refs["default"]).abs().max() < 1e-4, "a switch ran inside the forward"  # (outputs up to 211)
+    with torch.no_grad():
+        assert (model(x).double() - refs["b"]).abs().max() < 1e-4
+
+
+def test_functional_call_of_a_merged_model_while_another_thread_compiles():
+    """R4: a merged layer's functional_call took the compiled branch (the adapter dropped: 0.443 off) while another
+    thread compiled."""
+    model, x = _two_adapter_model()
+    with torch.no_grad():
+        want = model(x)
+        state = dict(model.state_dict())
+        with _another_thread_compiling(2.0):
+            got = torch.func.functional_call(model, state, (x,))
+    assert (got - want).abs().max() < 1e-5

@@ -20,10 +20,9 @@ import warnings
 import weakref
 from typing import Iterator, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
-from .. import batched, ddp_guard, forks, sharded
+from .. import batched, ddp_guard, forks, ops, sharded
 from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_one_name, check_rank, deferred_interrupt, each_or_none
 from ..utils import _ddp_of, _wrapped, under_ddp
@@ -600,7 +599,7 @@ def _module_call():
 
 
 def _read_before(module, args):
-    if not torch.compiler.is_compiling():
+    if not ops.compiling():
         lock = module.__dict__.get("_lora_ext_model_lock") or model_lock(module)  # (a shallow copy's: see there)
         me = threading.get_ident()
         calls = lock._hook_reads.get(me)
@@ -632,7 +631,7 @@ def _read_after(module, args, output):
     # only the read this call's pre-hook took: not one whose pre-hook never ran, because the hooks were added while
     # it ran, or because a pre-hook ahead of lora's raised (C1: it gave back the read of a hold() or of the forward
     # around it, and a switch then ran inside the hold, serving another adapter to its next forward, 0.82 off)
-    if not torch.compiler.is_compiling():
+    if not ops.compiling():
         lock = module.__dict__.get("_lora_ext_model_lock") or model_lock(module)
         me, call = threading.get_ident(), _module_call()
         calls = lock._hook_reads.get(me) or ()

@@ -505,6 +505,12 @@ def check_replaceable(model, name, module, label=None):
                          f"module, hooks included, as base_layer); remove them, inject, then register them on the "
                          f"lora_ext layer")
     base = None if isinstance(module, LoRALayer) or scaled_embedding(module) is not None else overridden_base(module)
+    scale = getattr(module, "embed_scale", None) if base is nn.Embedding else None
+    if isinstance(scale, torch.Tensor) and scale.is_meta:  # (R4: refused below as a forward of its own, misleading)
+        raise ValueError(f"{label} is a {type(module).__name__} whose embed_scale is a meta tensor (built under "
+                         f"torch.device('meta') or init_empty_weights(include_buffers=True)): its value is lost, and "
+                         f"no state dict restores it (a non-persistent buffer); build the model with its buffers on a "
+                         f"real device (init_empty_weights(include_buffers=False), accelerate's default), then inject")
     if base is not None:
         raise ValueError(f"{label} is a {type(module).__name__}, a subclass of {base.__name__} with a forward of its "
                          f"own, which a lora_ext layer in its place would not run (peft keeps it); lora_ext adapts "

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .. import batched, sharded
+from .. import batched, ops, sharded
 from ..layers import CHECKPOINT_AFTER, LoRALayer, checkpoint_check
 from ..utils import plain_name
 
@@ -71,7 +71,7 @@ class ModulesToSave(nn.Module):
         if served is not None and not served.batch.closed:
             batched.refuse_in_program(f"ModulesToSave({type(self._modules['original_module']).__name__})")
             return served.forward(self, args, kwargs)
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # (a checkpoint's recomputation: r7)
+        if torch.is_grad_enabled() and not ops.compiling():  # (a checkpoint's recomputation: r7)
             checkpoint_check(self)
         if self._adapter_disabled:  # lora.disable_adapter: the model's own module, as peft's
             return self._modules["original_module"](*args, **kwargs)
@@ -209,7 +209,7 @@ class SavedBatch:
 
     def forward(self, wrapper: ModulesToSave, args, kwargs):
         batch = self.batch
-        traced = torch.compiler.is_compiling()
+        traced = ops.compiling()
         groups: Dict[int, List[int]] = {}  # module index -> the table entries it serves
         if traced:  # every module the wrapper held (which adapters the rows take is not read: see __init__)
             if len(self.modules) == 1:
