@@ -324,6 +324,10 @@ class _Slow(torch.nn.Module):
 def _another_thread_compiling(seconds=3.0):
     """A torch.compile of an unrelated function on another thread, whose backend takes `seconds` (a large model's
     compile): torch.compiler.is_compiling() is True on every thread meanwhile (one process-wide flag)."""
+    if not hasattr(torch.compiler, "_compile_session_context"):  # (torch 2.11's compile sets no process-wide flag,
+        # and compiling on one thread while another runs functional_call crashed it: nothing to show there)
+        pytest.skip("this torch's compile sets no process-wide is_compiling flag")
+
     def slow_backend(gm, example_inputs):
         time.sleep(seconds)
         return gm.forward
