@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.nn.modules import module as _nn_module
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from . import batched, ddp_guard, forks, lossless, ops, reference, sharded, ties
+from . import batched, ddp_guard, forks, lossless, ops, reference, sharded, ties, tracing
 from .named_adapters import (MERGED, NamedAdapters, _EPOCHS, _stamp, _unchanged, deferred_interrupt,
                              switch_started)
 from .streams import StreamOrder
@@ -1649,15 +1649,19 @@ class LoRALayer(NamedAdapters):
 
     def _merge(self, untied: bool = False):
         """Merges the active adapter (untied=True: the caller, holding the lock, has just asked ties.names)."""
-        refusal = self.merge_refusal()
-        if refusal is not None:  # before anything is written
-            raise ValueError(refusal)
-        # FSDP2: write the shards, not an all-gathered copy; ties are looked at before (a tie made between gathered
-        # Parameters) and after (gathered, each module holds a copy of its own of a sharded weight they share)
-        if not untied:
-            self._check_untied()
-        if sharded.reshard_if_gathered(self) and not untied:
-            self._check_untied()
+        try:  # (R5: a refusal this rank alone makes is told to the others at the merge's first agreement)
+            refusal = self.merge_refusal()
+            if refusal is not None:  # before anything is written
+                raise ValueError(refusal)
+            # FSDP2: write the shards, not an all-gathered copy; ties are looked at before (a tie made between
+            # gathered Parameters) and after (gathered, each module holds a copy of its own of a sharded weight)
+            if not untied:
+                self._check_untied()
+            if sharded.reshard_if_gathered(self) and not untied:
+                self._check_untied()
+        except Exception as err:
+            self._agree_first("merge", err)
+            raise
         self._agree_first("merge")
         self._check_values(self.active_adapter)  # before writing: non-finite or overflowing updates refused
         bound = self._weight_room((self.lora_A, self.lora_B, self.scaling))
@@ -2093,6 +2097,8 @@ class LoRALayer(NamedAdapters):
                 if not mode and self.has_lora and refusal is None and not tied \
                         and sharded.reshard_if_gathered(self):  # (FSDP2: ties between the sharded Parameters too)
                     tied = ties.names(self)
+                if (refusal is not None or tied) and not mode:
+                    self._agree_first("merge", skip=True)  # (FSDP2: the other ranks' eval() skips it too, R5)
                 if refusal is not None:
                     # as for a tied weight below: eval() of a model does not stop halfway at this layer
                     warnings.warn(f"eval() leaves adapter {self.active_adapter!r} unmerged: {refusal}", stacklevel=2)
@@ -2109,6 +2115,10 @@ class LoRALayer(NamedAdapters):
                     try:
                         self._merge(untied=True)
                         self.merged = True
+                    except RuntimeError as err:  # (FSDP2: a rank that may not merge this layer skipped it, R5)
+                        if not getattr(err, "refused_elsewhere", False):
+                            raise
+                        warnings.warn(f"eval() leaves adapter {self.active_adapter!r} unmerged: {err}", stacklevel=2)
                     except lossless.ExceptionOverflow as err:  # (refused before any write, or put back: else
                         if getattr(err, "weight_written", False):  # _writing marked the layer broken)
                             raise
@@ -2211,12 +2221,19 @@ class LoRALayer(NamedAdapters):
         self._check_values(self.active_adapter)
         self._swap_merged(*(sharded.full(t).detach() for t in (self.lora_A, self.lora_B)), self.scaling)
 
-    def _agree_first(self, op: str) -> None:
+    def _agree_first(self, op: str, err: Optional[BaseException] = None, skip: bool = False) -> None:
         """FSDP2: the ranks agree on the op before the value check gathers the live factors (sharded.agree: every
         sharded write begins with one agreement, so that ranks at other writes, or a rank that refused alone, are
-        told there instead of pairing gathers with other collectives)."""
-        if sharded.is_dtensor(self.lora_A):
-            sharded.agree(self.lora_A, op, f"{self._describe()}: {op}", (self.lora_A, self.lora_B), (self.scaling,))
+        told there instead of pairing gathers with other collectives). `err`: this rank's refusal (raised);
+        skip=True: this rank skips the write (eval()'s warned refusal), the others skip it too."""
+        if self.has_lora and sharded.is_dtensor(self.lora_A):
+            args = (self.lora_A, op, f"{self._describe()}: {op}", (self.lora_A, self.lora_B), (self.scaling,))
+            if skip:
+                sharded.refused(*args)
+            else:
+                sharded.agree(*args, err=err)
+        elif err is not None:
+            raise err
 
     def unmerge(self) -> None:
         """Restores the base weight now (forwards then add the adapter on the fly)."""
@@ -2534,6 +2551,11 @@ class LoRALayer(NamedAdapters):
             if key not in own and key in state_dict:
                 state_dict[key] = t
         return True
+
+
+# (their answers come from tracing.compiling(): never compiled as frames of their own, R5: _guard, compiled alone
+# under a compiled caller's eager part, gave no lock)
+tracing._eager_only(_freezing, LoRALayer._guard)
 
 
 def _refill_buffer(layer: nn.Module, name: str, value: Optional[Tensor]) -> None:

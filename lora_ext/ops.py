@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from . import lossless, reference, sharded
-from .tracing import compiling, exporting as exporting  # (the op surface: ops.compiling(), ops.exporting())
+from .tracing import _eager_only, compiling, exporting as exporting  # (the op surface: ops.compiling() ...)
 from .lossless import writes_now as _writes_now
 from .lossless import MergeRecord
 from .readable import plain, readable, transformed
@@ -124,6 +124,10 @@ def _functorch() -> bool:
     the custom ops' autograd is not functorch-aware ("an autograd.Function ... must override setup_context") and
     has no forward-mode formula, so the ops run the reference's torch ops, which those see through."""
     return not compiling() and transformed()
+
+
+# (their answers come from tracing.compiling(): never compiled as frames of their own either, R5)
+_eager_only(_needs_grad, traced, _functorch)
 
 
 def _launch(impl: Callable, args: tuple, check: Callable):

@@ -577,7 +577,7 @@ def parts(weight: Tensor, lora_A: Tensor, lora_B: Tensor, num_blocks: int = 1, b
     return out
 
 
-_OPS = {"merge": 1.0, "unmerge": 2.0, "switch": 3.0, "copy": 4.0}
+_OPS = {"merge": 1.0, "unmerge": 2.0, "switch": 3.0, "copy": 4.0, "merge_adapter": 5.0}
 _WIDTH = 4  # numbers per fingerprint: every agreement below is one all-reduce of the same size and kind, so two
             # ranks that reach different ones pair up and see the difference (instead of mismatched collectives)
 
@@ -678,6 +678,7 @@ def _agreed(weight: Tensor, fingerprint: Tensor, where: str, op: str, outcome: i
         err = RuntimeError(f"{where}: refused on another rank of the weight's mesh (that rank's error says why); "
                            f"nothing was written on any rank")
         err.refused_here = outcome != _OK
+        err.refused_elsewhere = outcome == _OK  # (eval() of a model warns and goes on, as the refusing rank does)
         raise err
     if not same:
         raise _disagree(where, op)
@@ -695,7 +696,7 @@ def agree(weight, op: str, where: str, tensors, scales=(), err: Optional[BaseExc
             raise err
         return
     try:
-        _agreed(weight, _header(op, tensors, scales), where, op, _OK if err is None else _REFUSED)
+        _agreed(weight, _begin(op, tensors, scales), where, op, _OK if err is None else _REFUSED)
     except Exception as e:
         if err is None:
             raise
@@ -703,6 +704,24 @@ def agree(weight, op: str, where: str, tensors, scales=(), err: Optional[BaseExc
             err.add_note(f"lora_ext {where}: telling the other ranks of this refusal failed ({e!r})")
     if err is not None:
         raise err
+
+
+def _begin(op: str, tensors, scales) -> Tensor:
+    """agree's fingerprint: the write's header, coded apart from the header consensus agrees on later in the same
+    write (a rank at one write's beginning and another at the middle of a write of the same op and layer refuse)."""
+    header = _header(op, tensors, scales)
+    header[0] += 100.0
+    return header
+
+
+def refused(weight, op: str, where: str, tensors, scales=()) -> None:
+    """This rank skips a write the others make (eval() of a layer it may not merge: a refusal it warns of): it meets
+    their first agreement (agree) marked refused, so that they skip it too. Nothing without a DTensor `weight`."""
+    if weight is not None and is_dtensor(weight):
+        try:
+            _agreed(weight, _begin(op, tensors, scales), where, op, _REFUSED)
+        except Exception:  # (refused here: the caller warns of its own refusal)
+            pass
 
 
 def refuse_alike(weight, err: Optional[BaseException], where: str) -> None:

@@ -391,3 +391,62 @@ def test_functional_call_of_a_merged_model_while_another_thread_compiles():
         with _another_thread_compiling(2.0):
             got = torch.func.functional_call(model, state, (x,))
     assert (got - want).abs().max() < 1e-5
+
+
+def _merges_one_rank_refuses(rank, world):
+    import time
+
+    from torch.distributed.fsdp import fully_shard
+    from test_fsdp import build, layers
+    out = {}
+
+    def fresh(refusing):
+        net = build()
+        for m in layers(net):
+            fully_shard(m)
+        fully_shard(net)
+        if refusing and rank == 1:
+            layers(net)[0].max_norm = 1e9  # (an Embedding that renormalises: its merge is refused, on rank 1 only)
+        return net
+
+    def attempt(label, fn):
+        start = time.monotonic()
+        try:
+            fn()
+            out[label] = ("ok", time.monotonic() - start)
+        except Exception as e:
+            out[label] = (f"{type(e).__name__}: {e}", time.monotonic() - start)
+    net = fresh(True)
+    attempt("layer_merge", lambda: layers(net)[0].merge())
+    attempt("merge_adapter", lambda: lora.merge_adapter(net))
+    out["after_refusals"] = [m.merged for m in layers(net)]
+    attempt("eval", lambda: net.eval())
+    out["after_eval"] = [m.merged for m in layers(net)]
+    attempt("switch", lambda: lora.set_adapter(net, "b"))
+    out["after_switch"] = sorted({m.active_adapter for m in layers(net)})
+    net = fresh(False)  # merge_adapter on one rank, set_adapter on the other
+    attempt("order", (lambda: lora.merge_adapter(net)) if rank == 0 else (lambda: lora.set_adapter(net, "b")))
+    attempt("then", lambda: lora.set_adapter(net, "b"))
+    out["then_flags"] = [(m.active_adapter, m.merged) for m in layers(net)]
+    return out
+
+
+def test_a_merge_one_rank_refuses_is_refused_on_every_rank():
+    """R5: under FSDP2 a merge one rank alone refuses (its Embedding has max_norm) raised there before the merge's first
+    agreement, and the other rank waited in it: layer.merge() until a later write met it (the ranks one collective
+    apart: the next switch timed out), merge_adapter until the timeout (its value checks gathered before any
+    agreement, so merge_adapter beside another rank's set_adapter hung too). Both now meet the agreement: the other
+    ranks refuse at once; eval(), which warns and goes on, skips that layer on every rank."""
+    from dist import run_ranks
+    results = run_ranks(_merges_one_rank_refuses, timeout=120)
+    for rank, r in enumerate(results):
+        for label in ("layer_merge", "merge_adapter", "eval", "switch", "order", "then"):
+            assert r[label][1] < 15, (rank, label, r[label])
+        assert r["after_refusals"] == [False] * len(r["after_refusals"]), (rank, r)
+        assert r["after_eval"][0] is False and all(r["after_eval"][1:]), (rank, r["after_eval"])
+        assert r["switch"][0] == "ok" and r["after_switch"] == ["b"], (rank, r)
+        assert r["order"][0].startswith("RuntimeError") and "disagree" in r["order"][0], (rank, r["order"])
+        assert r["then"][0] == "ok" and all(a == "b" for a, _ in r["then_flags"]), (rank, r)
+    assert "max_norm" in results[1]["layer_merge"][0] and "max_norm" in results[1]["merge_adapter"][0]
+    for label in ("layer_merge", "merge_adapter"):
+        assert "refused on another rank" in results[0][label][0], results[0][label]

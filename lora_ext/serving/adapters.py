@@ -1003,9 +1003,18 @@ def merge_adapter(model: nn.Module) -> None:
         found = _layers_or_raise(model)
         refuse_fsdp1(model, "merge_adapter")
         reshard_fsdp(model)
+        refusal = None
+        try:
+            for name, m in found:
+                check_mergeable(name, m, model)
+                m._check_sound()  # (a broken layer: refused before the others merge and unmerge again)
+        except Exception as err:
+            refusal = err
+        # (FSDP2: before the value checks gather the factors, the ranks agree, and on this rank's own refusal: R5, a
+        # rank refusing alone, or merge_adapter beside another rank's switch, left the ranks waiting until the timeout)
+        live = [t for _, m in found if m.has_lora for t in (m.lora_A, m.lora_B)]
+        sharded.agree(_mesh_weight(found), "merge_adapter", "merge_adapter", live, (), refusal)
         for name, m in found:
-            check_mergeable(name, m, model)
-            m._check_sound()  # (a broken layer: refused before the others merge and unmerge again)
             if not m.merged or m._merge_behind():
                 m._check_values(m.active_adapter, label=f"adapter {m.active_adapter!r} at {name!r}")
         # a refusal while writing (a lossless merge's exceptions), or Ctrl-C: all merged or none (a layer that
