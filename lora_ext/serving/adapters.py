@@ -910,7 +910,10 @@ def _mesh_weight(found):
     """The first DTensor weight of the layers `found` (FSDP2, tensor parallel), over whose mesh a rank's own refusal
     is told to the others (sharded.refuse_alike); None without one."""
     for _, m in found:
-        w = m._weight_or_none()
+        try:
+            w = m._weight_or_none()
+        except AttributeError:  # (an unloaded ConvLoRA holds no conv: its own refusal says so)
+            continue
         if w is not None and sharded.is_dtensor(w):
             return w
     return None
