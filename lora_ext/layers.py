@@ -1185,6 +1185,7 @@ class LoRALayer(NamedAdapters):
     def reset_parameters(self) -> None:
         """The weight drawn afresh and the active adapter's factors initialised as loralib's (a zero update). A
         merged layer forgets its merge: the fresh weight holds no adapter, so nothing is taken out of it later."""
+        self._check_unloaded()
         merged = self.__dict__.get("_buffers", {}).get("_merged_A") is not None  # (False, and no lock yet, while
         # nn.Linear.__init__ calls it); the weight and `merged` change together, as in train()
         with self._lock if merged else contextlib.nullcontext(), deferred_interrupt():
@@ -1701,8 +1702,9 @@ class LoRALayer(NamedAdapters):
 
     def _weight_or_none(self) -> Optional[Tensor]:
         """The weight parameter, or None where it is not a registered parameter (forwards read it as an
-        attribute then)."""
-        return self._weight_owner()._parameters.get("weight")
+        attribute then, and where a layer let go of its base module: layers.let_go)."""
+        owner = self._weight_owner()
+        return None if owner is None else owner._parameters.get("weight")
 
     def _scales(self, x: Tensor) -> Tuple[Union[float, Tensor], Optional[Tensor]]:
         """(scale, scale_tensor) for the unmerged forward's op. Traced (torch.compile, torch.export,
@@ -2148,6 +2150,7 @@ class LoRALayer(NamedAdapters):
 
     def merge(self) -> None:
         """Merges the active adapter into the weight now, whatever the train/eval mode."""
+        self._check_unloaded()
         with self._lock, deferred_interrupt():  # (as in train())
             # (under the lock: a disable_adapter block's entry, on another thread, disables the layer after its unmerge)
             if self._adapter_off and self.has_lora and not self.merged:
@@ -2237,6 +2240,7 @@ class LoRALayer(NamedAdapters):
 
     def unmerge(self) -> None:
         """Restores the base weight now (forwards then add the adapter on the fly)."""
+        self._check_unloaded()
         with self._lock, deferred_interrupt():  # (as in train())
             self._see_new_memory()
             if self.merged and self._merged_A is not None:

@@ -855,10 +855,7 @@ class NamedAdapters:
             self.check_adapter(lora_A, lora_B, scaling, name=repr(name))
         except Exception as err:  # (the active adapter's replacement writes through collectives on a sharded
             # weight: a refusal this rank alone makes is told to the others, whose write refuses then, F2)
-            try:
-                weight = self._weight_or_none() if name == self.active_adapter else None
-            except AttributeError:  # (an unloaded ConvLoRA holds no conv: its own refusal above says so)
-                weight = None
+            weight = self._weight_or_none() if name == self.active_adapter else None
             if weight is not None and sharded.is_dtensor(weight):
                 sharded.refuse_alike(weight, err, f"{self._describe()}: add_adapter({name!r})")
             raise
@@ -947,6 +944,7 @@ class NamedAdapters:
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
 
     def delete_adapter(self, name: str) -> None:
+        self._check_unloaded()
         if name == self.active_adapter:
             raise ValueError(f"adapter {name!r} is active; set another adapter active before deleting it")
         with self._lock:
@@ -967,6 +965,7 @@ class NamedAdapters:
     def set_adapter(self, name: str) -> None:
         """Makes a named adapter the active one; the previous one is kept under its name (moved back to
         where it was given). Merged: one pass over the weight, W += s2 B2 A2 - s1 B1 A1."""
+        self._check_unloaded()
         if name == self.active_adapter:
             self.settle_parameters()
             return

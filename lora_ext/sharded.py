@@ -406,7 +406,8 @@ def fsdp1_flattened(layer, names=("weight", "lora_A", "lora_B")) -> list:
     if not _distributed():
         return []
     def attribute(module, name):  # (a Parameter, or with use_orig_params=False a plain tensor set as an attribute)
-        return module.__dict__.get("_parameters", {}).get(name, module.__dict__.get(name))
+        d = getattr(module, "__dict__", {})  # (None: a layer that let go of its base module, layers.let_go)
+        return d.get("_parameters", {}).get(name, d.get(name))
     owner = layer._weight_owner() if hasattr(layer, "_weight_owner") else layer
     return [n for n in names if fsdp1_flat(attribute(owner if n in ("weight", "bias") else layer, n))]
 

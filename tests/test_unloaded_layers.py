@@ -51,6 +51,7 @@ def test_a_held_unloaded_layer_leaves_the_plain_weight_alone_and_refuses_use(kin
     _randomized(model)
     held = model[0]
     shapes = held.factor_shapes(2)
+    held.add_adapter("b", *[torch.randn(s) for s in shapes], 1.0)  # (an adapter to switch to, or delete)
     ref = _reference(held, x, merge)
     model.eval()
     lora_ext.unload(model, merge=merge)
@@ -73,7 +74,13 @@ def test_a_held_unloaded_layer_leaves_the_plain_weight_alone_and_refuses_use(kin
                 lambda: held.add_adapter("x", *[torch.zeros(s) for s in shapes], 1.0),
                 lambda: lora_ext.mark_only_lora_as_trainable(nn.Sequential(held), bias="lora_only"),
                 lambda: lora_ext.lora_state_dict(nn.Sequential(held), bias="lora_only"),
-                lambda: lora_ext.merge_adapter(nn.Sequential(held))):
+                lambda: lora_ext.merge_adapter(nn.Sequential(held)),
+                # (before: a merged layer's switch or unmerge said its weight was "not a registered parameter (a
+                # parametrization ...)", a ConvLoRA's raised AttributeError, an unmerged one's switched; reset raised
+                # AttributeError)
+                lambda: held.set_adapter("b"), lambda: lora_ext.set_adapter(nn.Sequential(held), "b"),
+                lambda: held.delete_adapter("b"), lambda: held.merge(), lambda: held.unmerge(),
+                lambda: lora_ext.unmerge_adapter(nn.Sequential(held)), lambda: held.reset_parameters()):
         with pytest.raises(RuntimeError, match="taken out of its model by lora_ext.unload"):
             use()
     assert torch.equal(model[0].weight if kind != "conv" else model[0].conv.weight, before)

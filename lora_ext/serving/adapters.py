@@ -910,10 +910,7 @@ def _mesh_weight(found):
     """The first DTensor weight of the layers `found` (FSDP2, tensor parallel), over whose mesh a rank's own refusal
     is told to the others (sharded.refuse_alike); None without one."""
     for _, m in found:
-        try:
-            w = m._weight_or_none()
-        except AttributeError:  # (an unloaded ConvLoRA holds no conv: its own refusal says so)
-            continue
+        w = m._weight_or_none()
         if w is not None and sharded.is_dtensor(w):
             return w
     return None
