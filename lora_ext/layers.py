@@ -2224,20 +2224,6 @@ class LoRALayer(NamedAdapters):
         self._check_values(self.active_adapter)
         self._swap_merged(*(sharded.full(t).detach() for t in (self.lora_A, self.lora_B)), self.scaling)
 
-    def _agree_first(self, op: str, err: Optional[BaseException] = None, skip: bool = False) -> None:
-        """FSDP2: the ranks agree on the op before the value check gathers the live factors (sharded.agree: every
-        sharded write begins with one agreement, so that ranks at other writes, or a rank that refused alone, are
-        told there instead of pairing gathers with other collectives). `err`: this rank's refusal (raised);
-        skip=True: this rank skips the write (eval()'s warned refusal), the others skip it too."""
-        if self.has_lora and sharded.is_dtensor(self.lora_A):
-            args = (self.lora_A, op, f"{self._describe()}: {op}", (self.lora_A, self.lora_B), (self.scaling,))
-            if skip:
-                sharded.refused(*args)
-            else:
-                sharded.agree(*args, err=err)
-        elif err is not None:
-            raise err
-
     def unmerge(self) -> None:
         """Restores the base weight now (forwards then add the adapter on the fly)."""
         self._check_unloaded()

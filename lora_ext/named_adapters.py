@@ -962,6 +962,23 @@ class NamedAdapters:
             if self._owner == name:  # the live Parameters are the active adapter's from now on
                 self._owner = None
 
+    def _agree_first(self, op: str, err: Optional[BaseException] = None, skip: bool = False,
+                     adapter: Optional[Tuple[Tensor, Tensor, float]] = None, call: Optional[str] = None) -> None:
+        """FSDP2: the ranks agree on the op (a switch, a merge) before its value checks or writes gather the live
+        factors (sharded.agree: every sharded write begins with one agreement, so that ranks at other writes, or a
+        rank that refused alone, are told there instead of pairing gathers with other collectives). `err`: this
+        rank's refusal (raised, on the others as one on another rank; raised alone without FSDP2); skip=True: this
+        rank skips the write (eval()'s warned refusal), the others skip it too. `adapter`: (lora_A, lora_B, scaling)
+        the write puts in (the live ones by default); `call`: the call named in errors (the op by default)."""
+        if self.has_lora and sharded.is_dtensor(self.lora_A):
+            if skip:
+                sharded.refused(self.lora_A)
+                return
+            lora_A, lora_B, scaling = adapter if adapter is not None else (self.lora_A, self.lora_B, self.scaling)
+            sharded.agree(self.lora_A, op, f"{self._describe()}: {call or op}", (lora_A, lora_B), (scaling,), err=err)
+        elif err is not None:
+            raise err
+
     def set_adapter(self, name: str) -> None:
         """Makes a named adapter the active one; the previous one is kept under its name (moved back to
         where it was given). Merged: one pass over the weight, W += s2 B2 A2 - s1 B1 A1."""
@@ -984,19 +1001,15 @@ class NamedAdapters:
                 raise self._not_held(name)
             sharded.reshard_if_gathered(self)  # FSDP2: the live factors as the shards, not an all-gathered copy
             lora_A, lora_B, scaling = self._adapters[name]  # shapes checked by add_adapter
-            if sharded.is_dtensor(self.lora_A):
-                # (first, before the gathers below: the ranks agree on the op, and on this rank's own check of the
-                # adapter's copy here, which another rank's may pass; F2: a rank that refused alone left the others
-                # waiting in the gathers until the process group's timeout)
-                refusal = None
-                try:
-                    self._check_values(name)
-                except Exception as err:
-                    refusal = err
-                sharded.agree(self.lora_A, "switch", f"{self._describe()}: set_adapter({name!r})", (lora_A, lora_B),
-                              (scaling,), refusal)
-            else:
+            refusal = None
+            try:
                 self._check_values(name)
+            except Exception as err:
+                refusal = err
+            # (FSDP2: before the gathers below, the ranks agree on the switch and on this rank's own check of the
+            # adapter's copy here, which another rank's may pass; F2: a rank that refused alone left the others
+            # waiting in the gathers until the process group's timeout)
+            self._agree_first("switch", refusal, adapter=(lora_A, lora_B, scaling), call=f"set_adapter({name!r})")
             refusal = self._batch_merge_refusal(name, (lora_A, lora_B, scaling)) if self.merged else None
             if refusal is not None:  # (a merged switch inside a mixed batch's block)
                 raise ValueError(refusal)

@@ -634,7 +634,7 @@ def _max_over_mesh(t: Tensor, mesh) -> Tensor:
 
 
 _OK, _REFUSED, _FAILED = 0, 1, 2  # a rank's outcome of its part of a write, agreed on as the worst (MAX)
-_REFUSAL = torch.full((_WIDTH,), -3.0, dtype=torch.float64)  # refuse_alike's fingerprint: agrees with no write's
+_REFUSAL = torch.full((_WIDTH,), -3.0, dtype=torch.float64)  # _tell_refused's fingerprint: agrees with no write's
 
 
 def _all_agree(weight: Tensor, fingerprint: Tensor, outcome: int = _OK):
@@ -670,16 +670,14 @@ def consensus(weight: Tensor, op: str, where: str, tensors, scales=()) -> list:
     return whole
 
 
-def _agreed(weight: Tensor, fingerprint: Tensor, where: str, op: str, outcome: int = _OK) -> None:
+def _agreed(weight: Tensor, fingerprint: Tensor, where: str, op: str) -> None:
     """One agreement (consensus, agree): raises unless every rank passed the same fingerprint and no rank refused
-    there (agree, refuse_alike: a check that rank failed alone). With this rank's own refusal (`outcome`), the error
-    raised is marked refused_here (the caller raises its own)."""
-    same, worst = _all_agree(weight, fingerprint, outcome)
+    there (_tell_refused: a check that rank failed alone)."""
+    same, worst = _all_agree(weight, fingerprint)
     if worst != _OK:
         err = RuntimeError(f"{where}: refused on another rank of the weight's mesh (that rank's error says why); "
                            f"nothing was written on any rank")
-        err.refused_here = outcome != _OK
-        err.refused_elsewhere = outcome == _OK  # (eval() of a model warns and goes on, as the refusing rank does)
+        err.refused_elsewhere = True  # (eval() of a model warns and goes on, as the refusing rank does)
         raise err
     if not same:
         raise _disagree(where, op)
@@ -687,24 +685,15 @@ def _agreed(weight: Tensor, fingerprint: Tensor, where: str, op: str, outcome: i
 
 def agree(weight, op: str, where: str, tensors, scales=(), err: Optional[BaseException] = None) -> None:
     """The first collective of a write whose next ones gather the live factors (FSDP2's switch and merge): every rank
-    agrees on the op and the shapes (_header) and on whether its own checks passed (`err`: this rank's refusal, raised
-    here on it, and on the others as one on another rank). Every sharded write then begins with one agreement of the
-    same size: two ranks at different writes (merges and switches called in another order) refuse there, before any
-    gather, and so do the others when one rank refuses alone (refuse_alike). Nothing without a DTensor `weight`
-    (`err` raised)."""
-    if not (weight is not None and is_dtensor(weight)):
-        if err is not None:
-            raise err
-        return
-    try:
-        _agreed(weight, _begin(op, tensors, scales), where, op, _OK if err is None else _REFUSED)
-    except Exception as e:
-        if err is None:
-            raise
-        if not getattr(e, "refused_here", False):
-            err.add_note(f"lora_ext {where}: telling the other ranks of this refusal failed ({e!r})")
+    agrees on the op and the shapes (_begin) and on whether its own checks passed (`err`: this rank's refusal, raised
+    here on it after refuse_alike told the others, whose agreement raises "refused on another rank"). Every sharded
+    write then begins with one agreement of the same size: two ranks at different writes (merges and switches called
+    in another order) refuse there, before any gather, and so do the others when one rank refuses alone. Nothing
+    without a DTensor `weight` (`err` raised)."""
     if err is not None:
-        raise err
+        refuse_alike(weight, err, where)
+    if weight is not None and is_dtensor(weight):
+        _agreed(weight, _begin(op, tensors, scales), where, op)
 
 
 def _begin(op: str, tensors, scales) -> Tensor:
@@ -715,31 +704,37 @@ def _begin(op: str, tensors, scales) -> Tensor:
     return header
 
 
-def refused(weight, op: str, where: str, tensors, scales=()) -> None:
-    """This rank skips a write the others make (eval() of a layer it may not merge: a refusal it warns of): it meets
-    their first agreement (agree) marked refused, so that they skip it too. Nothing without a DTensor `weight`."""
+def _tell_refused(weight) -> Optional[Exception]:
+    """This rank meets the other ranks' next agreement (every sharded write begins with one _all_agree of the same
+    size: agree, consensus) marked refused: they refuse there, before writing, whatever they were at (the worst
+    outcome wins over the fingerprints, so this one needs none of theirs). Returns the error of a process group
+    that failed, else None; nothing without a DTensor `weight`."""
     if weight is not None and is_dtensor(weight):
         try:
-            _agreed(weight, _begin(op, tensors, scales), where, op, _REFUSED)
-        except Exception:  # (refused here: the caller warns of its own refusal)
-            pass
+            _all_agree(weight, _REFUSAL, _REFUSED)
+        except Exception as e:
+            return e
+    return None
+
+
+def refused(weight) -> None:
+    """This rank skips a write the others make (eval() of a layer it may not merge: a refusal it warns of and goes
+    on): it meets their first agreement marked refused, so that they skip it too (_tell_refused)."""
+    _tell_refused(weight)
 
 
 def refuse_alike(weight, err: Optional[BaseException], where: str) -> None:
     """Raises `err`, this rank's refusal of a write that the other ranks may have passed their own checks for (an
     adapter only some ranks hold, a NaN in one rank's copy): on a DTensor `weight`, first met with the agreement that
-    begins every sharded write on the other ranks (consensus: one _all_agree of the same size, marked refused), so
-    that they refuse there, before writing, instead of waiting in it until the process group's timeout (F2). No
-    collective when `err` is None: a rank that passed goes on into the write, whose first agreement tells it (an
-    agreement of its own before every model-level switch met other ranks' merges, called in another order, as a
-    mismatched collective)."""
+    begins every sharded write on the other ranks, marked refused (_tell_refused), so that they refuse there, before
+    writing, instead of waiting in it until the process group's timeout (F2). No collective when `err` is None: a
+    rank that passed goes on into the write, whose first agreement tells it (an agreement of its own before every
+    model-level switch met other ranks' merges, called in another order, as a mismatched collective)."""
     if err is None:
         return
-    if weight is not None and is_dtensor(weight):
-        try:
-            _all_agree(weight, _REFUSAL, _REFUSED)
-        except Exception as e:  # (the process group failing: this rank's own refusal still says why)
-            err.add_note(f"lora_ext {where}: telling the other ranks of this refusal failed ({e!r})")
+    failed = _tell_refused(weight)
+    if failed is not None:  # (the process group failing: this rank's own refusal still says why)
+        err.add_note(f"lora_ext {where}: telling the other ranks of this refusal failed ({failed!r})")
     raise err
 
 
