@@ -450,3 +450,67 @@ def test_a_merge_one_rank_refuses_is_refused_on_every_rank():
     assert "max_norm" in results[1]["layer_merge"][0] and "max_norm" in results[1]["merge_adapter"][0]
     for label in ("layer_merge", "merge_adapter"):
         assert "refused on another rank" in results[0][label][0], results[0][label]
+
+
+# ---- forty-sixth session ----
+
+def test_two_saves_into_one_directory_at_once_leave_one_whole_pair(tmp_path, monkeypatch):
+    # G4: two saves into one directory interleaved their renames: the first save's weights were renamed, then the
+    # whole second save ran, then the first's config: its config (lora_alpha 8) beside the second's weights (64),
+    # both saves without an error (peft loads such a pair: 0.53 off either adapter's logits)
+    import json
+    import os
+
+    import torch.nn as nn
+    from safetensors import safe_open
+
+    from lora_ext.serving import files
+
+    def model(alpha, seed):
+        torch.manual_seed(seed)
+        m = nn.Sequential(nn.Linear(8, 8))
+        lora.inject(m, ["0"], r=2, lora_alpha=alpha)
+        with torch.no_grad():
+            m[0].lora_B.normal_()
+        return m
+
+    x_model, y_model = model(8.0, 1), model(64.0, 2)
+    out = str(tmp_path / "adapter")
+    between, y_done = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if threading.current_thread().name == "x" and str(dst).endswith(".safetensors"):
+            between.set()  # x renamed its weights, not its config yet: y saves now
+            y_done.wait(2.0)  # (with the lock y cannot finish before x: waited out)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    errors = []
+
+    def save(m, after=None):
+        try:
+            if after is not None:
+                assert after.wait(10)
+            lora.save_peft_adapter(m, out)
+        except BaseException as e:
+            errors.append(e)
+        finally:
+            y_done.set() if after is not None else None
+
+    x = threading.Thread(target=save, args=(x_model,), name="x")
+    y = threading.Thread(target=save, args=(y_model, between), name="y")
+    x.start()
+    y.start()
+    x.join(30)
+    y.join(30)
+    assert not errors and not x.is_alive() and not y.is_alive()
+    config_alpha = json.load(open(os.path.join(out, "adapter_config.json")))["lora_alpha"]
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "pt") as f:
+        saved_alpha = json.loads(f.metadata()["lora_ext_config"])["lora_alpha"]
+        b = f.get_tensor(next(k for k in f.keys() if "lora_B" in k))
+    assert config_alpha == saved_alpha == 64.0  # y's pair, whole (y renamed last)
+    assert torch.equal(b, y_model[0].lora_B.detach())
+    fresh = nn.Sequential(nn.Linear(8, 8))
+    lora.load_peft_adapter(fresh, out)  # (a torn pair is refused here, naming lora_alpha)
+    assert fresh[0].scaling == y_model[0].scaling

@@ -271,6 +271,32 @@ def _replace_existing(tmp, path, base):
 
 
 @contextlib.contextmanager
+def _renaming(paths):
+    """One writer at a time renames into the directories of `paths` (atomic_files): an exclusive flock on each
+    directory, taken in one order. Two processes saving into one directory at once (G4) interleaved their renames:
+    one save's weights beside the other's config, both saves exit 0 (peft loads the pair, 0.5 off either adapter's
+    logits). The kernel lets go of a killed writer's lock. Where a file system refuses flock on a directory (some
+    network ones), nothing is locked, as before."""
+    fds = []
+    try:
+        for d in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
+            try:
+                import fcntl
+                fd = os.open(d, os.O_RDONLY)
+            except (ImportError, OSError):  # (no fcntl: Windows)
+                continue
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:
+                pass
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # (the lock goes with the last descriptor of its open file)
+
+
+@contextlib.contextmanager
 def atomic_files(paths):
     """atomic_path for files that go together (an adapter's weights and its config): yields a temporary for each,
     and renames them into place only when every one is written; a rename that fails puts back those renamed
@@ -293,8 +319,8 @@ def atomic_files(paths):
             _synced(t)
         asides, renamed = [], []
         # (signals with Python handlers held back over the renames and their rollback: one landing between a
-        # rename and its note would leave a new file beside an old one)
-        with deferred_interrupt():
+        # rename and its note would leave a new file beside an old one; two writers of one set rename one at a time)
+        with _renaming(paths), deferred_interrupt():  # (the lock waited for where Ctrl-C still lands)
             try:
                 kept = []
                 for p in paths:
