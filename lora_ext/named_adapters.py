@@ -988,7 +988,8 @@ class NamedAdapters:
             return
         check_one_name(name, "set_adapter")
         if not self.has_adapter(name):  # (active: another thread switched to it since the check above; see below)
-            raise self._not_held(name)
+            # (FSDP2: an adapter only some ranks hold: the others are told at their switch's first agreement, R6)
+            self._agree_first("switch", self._not_held(name), call=f"set_adapter({name!r})")
         self._check_plain_factors(f"set_adapter({name!r})")  # (before `old` below reads or writes any factor)
         with self._lock:
             if self.__dict__.get("_broken_factors"):  # (LoRALayer._switch_failed: the live factors are unknown, and

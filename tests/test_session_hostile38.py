@@ -222,7 +222,7 @@ def _one_rank_refuses(rank, world, how, merged):
     for i, m in enumerate(layers(net)):
         (ra, ca), (rb, cb) = m.factor_shapes(m.r)
         a, b = torch.randn(ra, ca, generator=g) * 0.2, torch.randn(rb, cb, generator=g) * 0.2
-        if how == "missing" and rank == 1:
+        if how.startswith("missing") and rank == 1:
             continue  # adapter "c" on rank 0 only
         m.add_adapter("c", a, b, 0.9)
         if how == "nan" and rank == 1 and i == 2:
@@ -242,6 +242,8 @@ def _one_rank_refuses(rank, world, how, merged):
             (ra, ca), (rb, cb) = m.factor_shapes(m.r)
             m.add_adapter("default", torch.full((ra, ca), 0.1),
                           torch.full((rb, cb), float("nan") if rank == 1 else 0.1), 2.0)
+        elif how == "missing_layer":  # (R6: one layer's own set_adapter raised on rank 1 before any agreement; rank
+            layers(net)[2].set_adapter("c")  # 0 waited until the process group's timeout, which then broke it)
         else:
             lora.set_adapter(net, "c")
     except Exception as e:
@@ -255,7 +257,7 @@ def _one_rank_refuses(rank, world, how, merged):
 
 
 @pytest.mark.parametrize("how,merged", [("missing", True), ("missing", False), ("nan", True), ("nan", False),
-                                        ("add_active_nan", True)])
+                                        ("add_active_nan", True), ("missing_layer", True), ("missing_layer", False)])
 def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(how, merged):
     """F2: a switch refused by a check that one rank alone failed (an adapter only rank 0 holds, a NaN in rank 1's copy
     of it, a NaN in the active adapter one rank replaces) raised on that rank while the other went on into the
@@ -271,7 +273,7 @@ def test_a_refusal_on_one_rank_is_a_refusal_on_every_rank(how, merged):
         assert r["secs"] < 15, f"rank {rank} waited {r['secs']:.1f} s"
         assert r["unchanged"] and r["then"] == ["b"], r
     assert "refused on another rank" in results[1 - refusing]["err"], results[1 - refusing]["err"]
-    want = "KeyError" if how == "missing" else "ValueError"
+    want = "KeyError" if how.startswith("missing") else "ValueError"
     assert results[refusing]["err"].startswith(want), results[refusing]["err"]
 
 
@@ -514,3 +516,116 @@ def test_two_saves_into_one_directory_at_once_leave_one_whole_pair(tmp_path, mon
     fresh = nn.Sequential(nn.Linear(8, 8))
     lora.load_peft_adapter(fresh, out)  # (a torn pair is refused here, naming lora_alpha)
     assert fresh[0].scaling == y_model[0].scaling
+
+
+_SIGNAL_SAVE = r"""
+import faulthandler, os, signal, sys
+from lora_ext.serving import files
+d = sys.argv[1]
+paths = [os.path.join(d, "adapter_model.safetensors"), os.path.join(d, "adapter_config.json")]
+def save(tag):
+    with files.atomic_files(paths) as tmps:
+        for t in tmps:
+            with open(t, "w") as f:
+                f.write(tag)
+def on_term(sig, frame):
+    save("handler")
+signal.signal(signal.SIGTERM, on_term)
+real_replace, sent = os.replace, []
+def replace(a, b):
+    if not sent:  # a preemption's SIGTERM lands during the renames (held back until they are done)
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_replace(a, b)
+os.replace = replace
+faulthandler.dump_traceback_later(20, exit=True)
+save("first")
+print("saved", [open(p).read() for p in paths])
+"""
+
+
+def test_a_signal_handler_saving_into_the_directory_during_the_renames_does_not_wait_on_its_own_lock(tmp_path):
+    # R6: the signals held over the renames were delivered while the directory's flock was still held: a SIGTERM
+    # handler saving a checkpoint into the same directory waited for good on its own process's lock
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_SAVE, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "saved ['handler', 'handler']" in r.stdout, r.stdout  # (the handler ran after the first save, whole)
+
+
+def test_a_child_forked_during_a_save_does_not_keep_the_directory_locked(tmp_path, monkeypatch):
+    # R6: a flock belongs to the open file, which a child forked while another thread renamed (a DataLoader worker)
+    # shared: the parent's next save into that directory waited until the child exited
+    import os
+    import signal
+
+    import torch.nn as nn
+
+    from lora_ext.serving import files
+    model = nn.Sequential(nn.Linear(8, 8))
+    lora.inject(model, ["0"], r=2)
+    out = str(tmp_path / "adapter")
+    lora.save_peft_adapter(model, out)
+    between, forked = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        real_replace(src, dst, *args, **kwargs)
+        if threading.current_thread().name == "saver" and str(dst).endswith(".safetensors"):
+            between.set()
+            forked.wait(10)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    saver = threading.Thread(target=lora.save_peft_adapter, args=(model, out), name="saver")
+    saver.start()
+    assert between.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: lives on, as a worker would
+        time.sleep(30)
+        os._exit(0)
+    try:
+        forked.set()
+        saver.join(10)
+        assert not saver.is_alive()
+        again = threading.Thread(target=lora.save_peft_adapter, args=(model, out))
+        start = time.monotonic()
+        again.start()
+        again.join(10)
+        assert not again.is_alive() and time.monotonic() - start < 5, "the next save waits for the child"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.parametrize("call", ["delete_adapter", "unmerge_adapter", "set_adapter"])
+def test_a_model_holding_an_unloaded_layer_under_another_name_is_refused_before_any_layer_is_written(call):
+    # R6: model-level calls reached the held unloaded layer after the live layers before it were written:
+    # delete_adapter removed "c" from them, unmerge_adapter unmerged them (11.2 off), set_adapter rolled back inexactly
+    import torch.nn as nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    other = nn.Sequential(nn.Linear(8, 8))
+    for m in (model, other):
+        lora.inject(m, ["0"] if m is other else ["0", "1"], r=2)
+    for m in (model[0], model[1], other[0]):
+        for name in ("b", "c"):
+            m.add_adapter(name, *[torch.randn(s) for s in m.factor_shapes(2)], 1.0)
+        with torch.no_grad():
+            m.lora_B.normal_()
+    held = other[0]
+    other.eval()
+    lora.unload(other, merge=True)
+    model.eval()
+    model.alias = held  # after the live layers
+    before = {n: t.clone() for n, t in nn.Sequential(model[0], model[1]).state_dict().items()}
+    weights = [m.weight.detach().clone() for m in (model[0], model[1])]
+    state = [(m.active_adapter, m.merged, list(m.adapter_names)) for m in (model[0], model[1])]
+    with pytest.raises(RuntimeError, match="'alias'.*taken out of its model by lora_ext.unload"):
+        {"delete_adapter": lambda: lora.delete_adapter(model, "c"), "unmerge_adapter": lambda: lora.unmerge_adapter(
+            model), "set_adapter": lambda: lora.set_adapter(model, "b")}[call]()
+    assert [(m.active_adapter, m.merged, list(m.adapter_names)) for m in (model[0], model[1])] == state
+    assert all(torch.equal(m.weight, w) for m, w in zip((model[0], model[1]), weights))
+    del model.alias
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())

@@ -721,6 +721,11 @@ def _layers_or_raise(model):
     found = lora_layers(model)
     if not found:
         raise ValueError("model holds no lora_ext layer with an adapter (inject first)")
+    for layer_name, m in found:  # (R6: a layer lora_ext.unload took out, still in the model under another name:
+        # refused before any layer is written; model-level calls refused part way, or raised AttributeError, before)
+        why = m.__dict__.get("_unloaded")
+        if why is not None:
+            raise RuntimeError(f"module {layer_name!r}: {why}")
     return found
 
 

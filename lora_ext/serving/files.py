@@ -270,13 +270,29 @@ def _replace_existing(tmp, path, base):
     return aside
 
 
+_HELD = set()  # the directory descriptors _renaming holds now: a forked child closes its copies (register_at_fork)
+
+
+def _close_held_in_child():
+    for fd in list(_HELD):
+        _HELD.discard(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 @contextlib.contextmanager
 def _renaming(paths):
     """One writer at a time renames into the directories of `paths` (atomic_files): an exclusive flock on each
     directory, taken in one order. Two processes saving into one directory at once (G4) interleaved their renames:
     one save's weights beside the other's config, both saves exit 0 (peft loads the pair, 0.5 off either adapter's
-    logits). The kernel lets go of a killed writer's lock. Where a file system refuses flock on a directory (some
-    network ones), nothing is locked, as before."""
+    logits). The kernel lets go of a killed writer's lock. A flock belongs to the open file, which a forked child
+    shares: the child closes its copies at once (else the parent's next save waited until the child exited: a
+    DataLoader worker forked during a save on another thread, R6). Where a file system refuses flock on a directory
+    (some network ones), nothing is locked, as before."""
     fds = []
     try:
         for d in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
@@ -286,6 +302,7 @@ def _renaming(paths):
             except (ImportError, OSError):  # (no fcntl: Windows)
                 continue
             fds.append(fd)
+            _HELD.add(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:
@@ -293,6 +310,7 @@ def _renaming(paths):
         yield
     finally:
         for fd in fds:
+            _HELD.discard(fd)
             os.close(fd)  # (the lock goes with the last descriptor of its open file)
 
 
@@ -319,28 +337,36 @@ def atomic_files(paths):
             _synced(t)
         asides, renamed = [], []
         # (signals with Python handlers held back over the renames and their rollback: one landing between a
-        # rename and its note would leave a new file beside an old one; two writers of one set rename one at a time)
-        with _renaming(paths), deferred_interrupt():  # (the lock waited for where Ctrl-C still lands)
-            try:
-                kept = []
-                for p in paths:
-                    kept.append(_kept_aside(p) if os.path.lexists(p) else None)
-                    if kept[-1] is not None:
-                        asides.append(kept[-1])
-                for p, t, aside in zip(paths, tmps, kept):
-                    os.replace(t, p)
-                    renamed.append((p, aside))
-            except BaseException:
-                for p, aside in reversed(renamed):  # (each put back even when another cannot be)
-                    with contextlib.suppress(OSError):
-                        if aside is not None:
-                            os.replace(aside, p)
-                        else:  # (none was there)
-                            _remove(p)
-                raise
-            finally:
-                for a in asides:
-                    _remove(a)
+        # rename and its note would leave a new file beside an old one; two writers of one set rename one at a
+        # time. The lock is waited for where Ctrl-C still lands, and the signals held are delivered once it is let
+        # go: a SIGTERM handler that saves into this directory waited for good on the lock its own process held, R6)
+        hold = None
+        try:
+            with _renaming(paths):
+                hold = deferred_interrupt().__enter__()
+                try:
+                    kept = []
+                    for p in paths:
+                        kept.append(_kept_aside(p) if os.path.lexists(p) else None)
+                        if kept[-1] is not None:
+                            asides.append(kept[-1])
+                    for p, t, aside in zip(paths, tmps, kept):
+                        os.replace(t, p)
+                        renamed.append((p, aside))
+                except BaseException:
+                    for p, aside in reversed(renamed):  # (each put back even when another cannot be)
+                        with contextlib.suppress(OSError):
+                            if aside is not None:
+                                os.replace(aside, p)
+                            else:  # (none was there)
+                                _remove(p)
+                    raise
+                finally:
+                    for a in asides:
+                        _remove(a)
+        finally:
+            if hold is not None:
+                hold.deliver()
         _synced_entry(paths[0])
     except BaseException:
         with deferred_interrupt():
