@@ -704,8 +704,9 @@ def _same_adapter_in_backward(layer, state, why: str):
                 "FSDP2's iteration state was reset (reset_iter_state()) and its unreduced gradients dropped: zero the "
                 "gradients (optimizer.zero_grad()) before the next step, since the modules the backward had finished "
                 "hold theirs in .grad" if reset
-                else "Call reset_iter_state() on the root FSDP module and zero the gradients before the next forward "
-                     "(torch's recovery after an exception in a backward)")
+                else "FSDP2's iteration state could not be reset (reset_iter_state(), torch's recovery after an "
+                     "exception in a backward): the next backward may not reduce its gradients; shard the model "
+                     "again (or restart from a checkpoint) before training on")
     return check
 
 

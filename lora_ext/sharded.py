@@ -218,14 +218,19 @@ def reset_after_refused_backward(module) -> bool:
     """After a backward refused under FSDP2 (an exception inside it), torch's recovery: reset_iter_state() on the
     root FSDP module of `module`'s parameters (FSDP2 had already gathered the layer's weight and factors for the
     backward, and its next forward would use that copy: 0.22 off, r45), and the unreduced gradients dropped. False
-    where it cannot (torch without the method, or no root found)."""
+    where it cannot (no root found, or the reset failed). On a torch without reset_iter_state (2.11) its steps
+    (_reset_iter_state_before_it)."""
     try:
         owner = next((m for m, p in _fsdp_params() if p._module_info.module is module), None)
         if owner is None:
             return False
         states = owner._get_fsdp_state()._state_ctx.all_states
-        root = next(m for other in states if other._is_root for m in other._modules if hasattr(m, "reset_iter_state"))
-        root.reset_iter_state()
+        root = next((m for other in states if other._is_root for m in other._modules
+                     if hasattr(m, "reset_iter_state")), None)
+        if root is not None:
+            root.reset_iter_state()
+        else:  # (a torch without it, 2.11, the GPU machine's: its steps, on that torch's fields; h10)
+            _reset_iter_state_before_it(next(other for other in states if other._is_root))
         # the gradients FSDP2 holds unreduced (the refused backward's, and gradient accumulation's without sync),
         # which reset_iter_state leaves: the next reduce-scatter added them to the next step's, through zero_grad
         # (r46: 4.0 off)
@@ -237,6 +242,40 @@ def reset_after_refused_backward(module) -> bool:
         return True
     except Exception:
         return False
+
+
+def _reset_iter_state_before_it(root) -> None:
+    """torch's FSDPState._reset_iter_state for an FSDP2 without it (torch 2.11), on that torch's fields: without it
+    the refused backward left its final callback marked queued (it never ran), so the next backward never reduced
+    nor resharded, and the next step's gradients were the local unreduced ones (0.56 off a one-process reference on
+    2 gloo ranks, the parameters left unsharded), with no error. Waits for the collectives in flight, drops their
+    results, and puts every parameter group back sharded and idle."""
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+    stream, comm = root._device_handle.current_stream(), root._comm_ctx
+    for name in ("all_gather_state", "reduce_scatter_state"):
+        pending = getattr(comm, name, None)
+        if pending is not None and getattr(pending, "event", None) is not None:
+            stream.wait_event(pending.event)
+        setattr(comm, name, None)
+    comm.post_forward_order.clear()
+    for state in root._state_ctx.all_states:
+        state._modules_to_run_forward.clear()
+        state._training_state = TrainingState.IDLE
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:
+            groups = [g for g in (getattr(state, "_fsdp_param_group", None),) if g is not None]
+        for group in groups:
+            group.finalize_backward()  # (waits for its reductions; waits for and drops an all-gather's result)
+            event = getattr(group, "_reshard_after_forward_event", None)
+            if event is not None:
+                group._wait_all_gather_streams_on_event(event)
+                group._reshard_after_forward_event = None
+            if hasattr(group, "_partial_reduce_output"):  # (HSDP's partial reduction: the lost iteration's)
+                group._partial_reduce_output = None
+            group._training_state = TrainingState.IDLE
+            group.reshard()
+    root._state_ctx.iter_forward_root = None
+    root._state_ctx.post_backward_final_callback_queued = False
 
 
 # (the composable states it was found at, {id(module): {param name: weak reference to its FSDPParam}}: an FSDPParam
@@ -639,7 +678,8 @@ _REFUSAL = torch.full((_WIDTH,), -3.0, dtype=torch.float64)  # _tell_refused's f
 
 def _all_agree(weight: Tensor, fingerprint: Tensor, outcome: int = _OK):
     """(whether every rank of the weight's mesh passed the same fingerprint, the worst of the ranks' outcomes): one
-    all-reduce per mesh dimension (MAX of the fingerprint and of its negation, so the maximum and the minimum of each number)."""
+    all-reduce per mesh dimension (MAX of the fingerprint and of its negation, so the maximum and the minimum of
+    each number)."""
     dev = weight.device if weight.device.type != "cpu" else torch.device("cpu")
     v = fingerprint.to(dev)
     t = torch.cat([v, -v, v.new_tensor([float(outcome)])])

@@ -144,8 +144,8 @@ def test_a_tie_made_in_a_deepcopy_is_seen():
     _check_tied(model)
 
 
-@DYNAMO_CONTEXTVAR
-@pytest.mark.parametrize("strict", [False, True])
+# (non-strict export: no dynamo, so no ContextVar.get to fail on torch 2.11)
+@pytest.mark.parametrize("strict", [False, pytest.param(True, marks=DYNAMO_CONTEXTVAR)])
 def test_export_inside_a_mixed_batch_is_refused(strict):
     # torch.export inside lora.batch_adapters recorded the block's adapter of each row (and its slots): outside the
     # block the program served them, not the active adapter (3.3 off), and after another batch neither (3.6)

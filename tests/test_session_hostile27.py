@@ -19,7 +19,7 @@ import lora_ext as lora
 from lora_ext.named_adapters import deferred_interrupt
 from lora_ext.serving.adapters import ModelLock
 
-_NOP, _LOAD_CONST = dis.opmap["NOP"], dis.opmap["LOAD_CONST"]
+_NOP, _LOAD_CONST, _FOR_ITER = dis.opmap["NOP"], dis.opmap["LOAD_CONST"], dis.opmap["FOR_ITER"]
 
 
 def _between_statements(frame) -> bool:
@@ -30,6 +30,11 @@ def _between_statements(frame) -> bool:
     if op == _NOP:
         return False
     text = linecache.getline(frame.f_code.co_filename, frame.f_lineno).lstrip()
+    if op == _FOR_ITER and not text.startswith(("for ", "async for ")):
+        # a comprehension's loop, inlined into the function from Python 3.12 (PEP 709): there CPython unwinds a
+        # tracer's exception past the enclosing `with`/`try` handlers (no __exit__, no finally), which no real
+        # exception does (a signal handler's, at the loop's backward jump, runs them)
+        return False
     return not (op == _LOAD_CONST and text.startswith("with "))
 
 
