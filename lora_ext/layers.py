@@ -2617,6 +2617,7 @@ class Embedding(LoRALayer, nn.Embedding):
         return super().extra_repr() + ("" if scale is None else f", embed_scale={scale}")
 
     def reset_lora_parameters(self):
+        self._check_unloaded()
         if hasattr(self, "lora_A"):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)

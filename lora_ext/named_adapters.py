@@ -588,6 +588,7 @@ class NamedAdapters:
         weight.requires_grad = False
 
     def reset_lora_parameters(self) -> None:
+        self._check_unloaded()
         if hasattr(self, "lora_A"):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B)
@@ -1070,6 +1071,7 @@ class NamedAdapters:
     def set_adapter_dropout(self, name: str, p: float) -> None:
         """Adapter `name` trains with lora_dropout probability `p` (a peft adapter's): at once if it is active, else
         from its next activation."""
+        self._check_unloaded()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {p!r}")
         self._check_holds(name)
@@ -1436,6 +1438,7 @@ class NamedAdapters:
         after writing its factors through `.data` (or in place under torch.inference_mode), which version counters
         do not see. It also tells the layer's other caches of the values (mixed batches' slots) to take them again.
         The ops themselves check an adapter when it comes in and after in-place writes (_check_values)."""
+        self._check_unloaded()
         with self._lock:
             self._finite_stamps.pop(name, None)
             self.__dict__.setdefault("_value_epochs", {})[name] = next(_EPOCHS)

@@ -80,7 +80,10 @@ def test_a_held_unloaded_layer_leaves_the_plain_weight_alone_and_refuses_use(kin
                 # AttributeError)
                 lambda: held.set_adapter("b"), lambda: lora_ext.set_adapter(nn.Sequential(held), "b"),
                 lambda: held.delete_adapter("b"), lambda: held.merge(), lambda: held.unmerge(),
-                lambda: lora_ext.unmerge_adapter(nn.Sequential(held)), lambda: held.reset_parameters()):
+                lambda: lora_ext.unmerge_adapter(nn.Sequential(held)), lambda: held.reset_parameters(),
+                # (R6: these wrote the dead layer's factors, or raised AttributeError)
+                lambda: held.reset_lora_parameters(), lambda: held.set_adapter_dropout("b", 0.1),
+                lambda: held.check_values("b"), lambda: lora_ext.reserve_rank(nn.Sequential(held), 4)):
         with pytest.raises(RuntimeError, match="taken out of its model by lora_ext.unload"):
             use()
     assert torch.equal(model[0].weight if kind != "conv" else model[0].conv.weight, before)
