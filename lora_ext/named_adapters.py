@@ -15,6 +15,7 @@ version counters, as they bypass autograd's checks: after such writes, call `che
 """
 import contextlib
 import contextvars
+import os
 import itertools
 import math
 import operator
@@ -243,6 +244,31 @@ class deferred_interrupt:
         _deliver_all(caught, dict(self._previous), pending)
 
     __exit__ = deliver
+
+
+_FORKED_FROM_MAIN = [True]
+
+
+def _hold_before_fork():
+    _FORKED_FROM_MAIN[0] = threading.current_thread() is threading.main_thread()
+
+
+def _hold_after_fork_in_child():
+    """A child forked by another thread while the main thread held signals back (a DataLoader or multiprocessing
+    worker started during a merge, a switch or a save) has no holder to deliver them: its SIGINT and the other held
+    handlers stayed swapped for good (Ctrl-C and its SIGTERM handler ignored, R7), and every hold in it did nothing.
+    The handlers are put back there, and the parent's caught signals dropped. (A fork from the main thread inside a
+    hold carries that hold on: the child delivers at the block's end, as the parent does.)"""
+    held = deferred_interrupt._open
+    if held is not None and not _FORKED_FROM_MAIN[0]:
+        deferred_interrupt._open = None
+        with contextlib.suppress(BaseException):
+            _restore_catching(held._previous)
+        held._caught = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_hold_before_fork, after_in_child=_hold_after_fork_in_child)
 
 
 def _restore(previous) -> None:

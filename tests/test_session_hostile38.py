@@ -629,3 +629,87 @@ def test_a_model_holding_an_unloaded_layer_under_another_name_is_refused_before_
     del model.alias
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[n], t) for n, t in before.items())
+
+
+def test_a_child_forked_by_another_thread_during_a_signal_hold_gets_its_handlers_back():
+    # R7: a child forked by another thread (a DataLoader worker) while the main thread held signals back kept the
+    # hold's catcher as its SIGINT handler for good (Ctrl-C ignored, its SIGTERM handler never ran), every hold in it
+    # doing nothing
+    import os
+    import signal
+
+    from lora_ext.named_adapters import deferred_interrupt
+    assert threading.current_thread() is threading.main_thread()
+    r, w = os.pipe()
+    pids = []
+
+    def fork():
+        pid = os.fork()
+        if pid == 0:
+            ok = deferred_interrupt._open is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+        pids.append(pid)
+
+    with deferred_interrupt():
+        assert deferred_interrupt._open is not None
+        t = threading.Thread(target=fork)
+        t.start()
+        t.join(10)
+    os.waitpid(pids[0], 0)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    os.close(w)
+    assert deferred_interrupt._open is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_fork_between_the_directory_open_and_its_note_waits_for_the_note(tmp_path, monkeypatch):
+    # R7: a fork by another thread between _renaming's os.open of the directory and its note in _HELD (a thread
+    # switch) left the child a copy the parent then locked: the parent's next save waited until the child exited
+    import os
+    import signal
+
+    from lora_ext.serving import files
+    paths = [str(tmp_path / "adapter_model.safetensors"), str(tmp_path / "adapter_config.json")]
+
+    def save(tag):
+        with files.atomic_files(paths) as tmps:
+            for t in tmps:
+                with open(t, "w") as f:
+                    f.write(tag)
+
+    real_open, go, forked, child = os.open, threading.Event(), threading.Event(), []
+
+    def opener(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        if str(path) == str(tmp_path) and not child:  # the other thread runs right after the open returned
+            go.set()
+            forked.wait(1.0)  # (with the fix the fork waits for this open's note: waited out)
+        return fd
+
+    def worker():
+        go.wait(10)
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(30)  # a worker that lives on
+            os._exit(0)
+        child.append(pid)
+        forked.set()
+
+    monkeypatch.setattr(files.os, "open", opener)
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        save("first")
+        t.join(10)
+        monkeypatch.setattr(files.os, "open", real_open)
+        done = []
+        again = threading.Thread(target=lambda: (save("second"), done.append(1)), daemon=True)
+        start = time.monotonic()
+        again.start()
+        again.join(5)
+        assert done and time.monotonic() - start < 3, "the next save waits for the child"
+    finally:
+        for pid in child:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)

@@ -10,6 +10,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import warnings
 
@@ -271,9 +272,12 @@ def _replace_existing(tmp, path, base):
 
 
 _HELD = set()  # the directory descriptors _renaming holds now: a forked child closes its copies (register_at_fork)
+_OPENING = [threading.Lock()]  # over each open and its note in _HELD: a fork waits (R7: one between the two left
+# the child a copy of a descriptor the parent then locked)
 
 
 def _close_held_in_child():
+    _OPENING[0] = threading.Lock()
     for fd in list(_HELD):
         _HELD.discard(fd)
         with contextlib.suppress(OSError):
@@ -281,7 +285,8 @@ def _close_held_in_child():
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_held_in_child)
+    os.register_at_fork(before=lambda: _OPENING[0].acquire(), after_in_parent=lambda: _OPENING[0].release(),
+                        after_in_child=_close_held_in_child)
 
 
 @contextlib.contextmanager
@@ -298,11 +303,12 @@ def _renaming(paths):
         for d in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
             try:
                 import fcntl
-                fd = os.open(d, os.O_RDONLY)
+                with _OPENING[0]:
+                    fd = os.open(d, os.O_RDONLY)
+                    _HELD.add(fd)
+                    fds.append(fd)
             except (ImportError, OSError):  # (no fcntl: Windows)
                 continue
-            fds.append(fd)
-            _HELD.add(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:
