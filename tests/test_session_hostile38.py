@@ -713,3 +713,16 @@ def test_a_fork_between_the_directory_open_and_its_note_waits_for_the_note(tmp_p
         for pid in child:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
+
+
+def test_an_inactive_trainable_load_warns_that_the_active_adapter_trains_until_the_switch(tmp_path):
+    # G6: load_peft_adapter(..., is_trainable=True, activate=False) unfroze the layers' live factors, which serve the
+    # active adapter (loaded frozen): a training loop before set_adapter trained that adapter (0.26 off in the logits
+    # after 3 steps), with no word; peft trains the adapter loaded only. lora_ext's layers train whichever adapter is
+    # active, so the load now says so, naming the layers and the adapter they train until the switch
+    from test_peft import _trainable_adapters, llama
+    paths = _trainable_adapters(tmp_path)
+    model = llama()
+    lora.load_peft_adapter(model, paths["p"], "p")
+    with pytest.warns(UserWarning, match=r"activate=False.*train adapter \['p'\] until set_adapter\('c'\)"):
+        lora.load_peft_adapter(model, paths["c"], "c", is_trainable=True, activate=False)

@@ -840,6 +840,17 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # and rows of tokens must too
     held_layers = lora_layers(model)
     first = not activate and not held_layers
+    if is_trainable and not activate and not first and not _hotswap:
+        # (a layer's live factors train whichever adapter is active: those this load unfreezes, and those of the layers
+        # it injects, which serve the active adapter as zeros, train that adapter until the switch; peft trains the
+        # adapter loaded only, G6: the active adapter, loaded frozen, 0.26 off in the logits after 3 steps)
+        frozen = [name for name, _, layer, fresh, *_ in plan if fresh or not layer._trainable()]
+        if frozen:
+            warnings.warn(f"is_trainable=True with activate=False: lora_ext's layers train whichever adapter is "
+                          f"active, so the layers made trainable now ({_names(frozen)}) train adapter "
+                          f"{sorted({m.active_adapter for _, m in held_layers})} until set_adapter({adapter_name!r}) "
+                          f"(peft trains {adapter_name!r} only): switch before training, or load with activate=True",
+                          stacklevel=layers._user_stacklevel())
     # the layers this load creates (and its copies and rows) train when asked (peft's is_trainable) or when the
     # model's layers train already (a model in training); the model's first load freezes the rest of the model,
     # as peft's from_pretrained does
