@@ -640,14 +640,18 @@ def test_a_child_forked_by_another_thread_during_a_signal_hold_gets_its_handlers
 
     from lora_ext.named_adapters import deferred_interrupt
     assert threading.current_thread() is threading.main_thread()
+    assert deferred_interrupt._open is None, "a hold left open by an earlier test"
+    before = signal.getsignal(signal.SIGINT)
     r, w = os.pipe()
     pids = []
 
     def fork():
         pid = os.fork()
         if pid == 0:
-            ok = deferred_interrupt._open is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-            os.write(w, b"1" if ok else b"0")
+            handler = signal.getsignal(signal.SIGINT)
+            ok = deferred_interrupt._open is None and handler is before
+            os.write(w, (f"{'ok' if ok else 'no'} open={deferred_interrupt._open!r} handler={handler!r}"
+                         f" before={before!r}").encode()[:900])
             os._exit(0)
         pids.append(pid)
 
@@ -657,10 +661,11 @@ def test_a_child_forked_by_another_thread_during_a_signal_hold_gets_its_handlers
         t.start()
         t.join(10)
     os.waitpid(pids[0], 0)
-    assert os.read(r, 1) == b"1"
+    said = os.read(r, 1000).decode()
     os.close(r)
     os.close(w)
-    assert deferred_interrupt._open is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert said.startswith("ok "), said
+    assert deferred_interrupt._open is None and signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_fork_between_the_directory_open_and_its_note_waits_for_the_note(tmp_path, monkeypatch):
