@@ -731,3 +731,41 @@ def test_an_inactive_trainable_load_warns_that_the_active_adapter_trains_until_t
     lora.load_peft_adapter(model, paths["p"], "p")
     with pytest.warns(UserWarning, match=r"activate=False.*train adapter \['p'\] until set_adapter\('c'\)"):
         lora.load_peft_adapter(model, paths["c"], "c", is_trainable=True, activate=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_file_carrying_the_embedding_base_loads_into_a_half_model_merged_without_lossless(tmp_path, dtype):
+    # G6: peft saves embed_tokens' base weight with an adapter that targets it; into a bfloat16/float16 model merged
+    # with lossless=False, a hotswap or a second load compared that base with the one taken out of the merged weight
+    # (1.2e-4 off in bfloat16) at float32's tolerance (7.8e-7) and refused it as another model's
+    import os
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from tiny_models import llama, randomize_lora, tokens
+    paths = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        pm = randomize_lora(get_peft_model(llama(), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"])))
+        pm.save_pretrained(str(tmp_path / str(seed)))
+        paths.append(str(tmp_path / str(seed)))
+    assert any(k.endswith("embed_tokens.base_layer.weight") or "embed_tokens.weight" in k
+               for k in load_file(os.path.join(paths[0], "adapter_model.safetensors")))  # (the base it carries)
+    model = llama().to(dtype)
+    lora.load_peft_adapter(model, paths[0], lossless=False)
+    lora.merge_adapter(model)
+    lora.hotswap_adapter(model, paths[1])  # (refused before)
+    lora.load_peft_adapter(model, paths[0], "again", activate=False)  # (refused before)
+    ref = llama().double()  # the second adapter alone, in float64
+    lora.load_peft_adapter(ref, paths[1])
+    t = tokens()
+    with torch.no_grad():
+        got, want = model(t).logits.double(), ref(t).logits
+    assert (got - want).abs().max().item() < 2e-2  # (half precision: 2.6e-3 measured in bfloat16)
+    other = llama().to(dtype)  # a merged model whose embedding is not the file's: still refused, naming it
+    lora.load_peft_adapter(other, paths[0], lossless=False)
+    lora.merge_adapter(other)
+    with torch.no_grad():
+        other.model.embed_tokens.weight.add_(0.5)
+    with pytest.raises(ValueError, match="embed_tokens.*differs from the model's"):
+        lora.load_peft_adapter(other, paths[1], "x", activate=False)
