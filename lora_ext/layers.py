@@ -1268,12 +1268,13 @@ class LoRALayer(NamedAdapters):
                            f"takes locks and reads Python-level state); use torch.jit.trace, torch.export or "
                            f"torch.compile, or lora_ext.unload(model) (it merges) to script the plain model")
 
-    def _check_unloaded(self) -> None:
+    def _check_unloaded(self, where: Optional[str] = None) -> None:
         """Refuses moves and loads of a layer unload took out (layers.unloaded), which would not say why otherwise (a
-        load is how a layer left unsound comes back: not this one)."""
+        load is how a layer left unsound comes back: not this one). `where`: the module's path in a model, put before
+        the message."""
         why = self.__dict__.get("_unloaded")
         if why is not None:
-            raise RuntimeError(why)
+            raise RuntimeError(why if where is None else f"module {where!r}: {why}")
 
     def _check_sound(self) -> None:
         """Refuses to go on with a weight that a failed write left unknown (see _writing)."""

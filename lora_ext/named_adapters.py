@@ -982,6 +982,7 @@ class NamedAdapters:
             self.__dict__.get("_config_dropouts", {}).pop(name, None)
             self._finite_stamps.pop(name, None)
             self.__dict__.get("_placeholders", set()).discard(name)
+            self.__dict__.get("_marked_trains", set()).discard(name)
             self.__dict__.get("_own_ranks", {}).pop(name, None)
             self.__dict__.get("_kept_grads", {}).pop(name, None)  # (sharded.swap_grads)
             self.__dict__.get("_generations", {}).pop(name, None)  # (numbers never reused: see add_adapter)
@@ -999,7 +1000,7 @@ class NamedAdapters:
         the write puts in (the live ones by default); `call`: the call named in errors (the op by default)."""
         if self.has_lora and sharded.is_dtensor(self.lora_A):
             if skip:
-                sharded.refused(self.lora_A)
+                sharded.tell_refused(self.lora_A)  # (a failed group: eval() already warns of this rank's refusal)
                 return
             lora_A, lora_B, scaling = adapter if adapter is not None else (self.lora_A, self.lora_B, self.scaling)
             sharded.agree(self.lora_A, op, f"{self._describe()}: {call or op}", (lora_A, lora_B), (scaling,), err=err)
@@ -1066,6 +1067,7 @@ class NamedAdapters:
                     self.__dict__.update(active_adapter=name, _active_home=home)
                     self._stamp_finite(old_name, old_known)
                     self._switch_dropout(old_name, name)  # (the old adapter's probability filed under its name)
+                    self.__dict__.get("_marked_trains", set()).discard(name)  # (live now: the live flags say)
                 self._streams.retire(lora_A, lora_B)
 
     # -- each adapter's lora_dropout -------------------------------------------------------------------------
@@ -1246,14 +1248,16 @@ class NamedAdapters:
                    and lora_A.device == live_A.device and lora_A.dtype == live_A.dtype
                    and lora_B.device == live_B.device and lora_B.dtype == live_B.dtype)
         stored = (lora_A, lora_B) if has_own else None
-        own = has_own and self._trainable()
+        # an adapter marked to train (mark_trainable) while frozen live factors served another: it trains from now on
+        marked = not self._trainable() and self.marked_to_train(name)
+        own = has_own and (self._trainable() or marked)
         owner, home = self._owner, name == self._owner  # home: the live Parameters are this adapter's own
         if owner is None and name == self.active_adapter and live_A.shape == lora_A.shape \
                 and live_B.shape == lora_B.shape:
             # add_adapter replacing the active adapter's values (a reload): its own live Parameters, written in place,
             # as peft's load writes them (an optimizer built over them keeps training the adapter)
             home = True
-        serving = not own and (home or not self._trainable()) and live_A.shape == lora_A.shape \
+        serving = not own and not marked and (home or not self._trainable()) and live_A.shape == lora_A.shape \
             and live_B.shape == lora_B.shape  # a serving switch (or the live Parameters' own adapter)
         # live factors another layer holds too (`l2.lora_A = l1.lora_A`, a copy.copy): written in place they would
         # switch that layer as well; this layer takes Parameters of its own (its factors are untied from then on)
@@ -1274,7 +1278,7 @@ class NamedAdapters:
                     live_A.copy_(lora_A)
                     live_B.copy_(lora_B)
                 self._inference_values_written(live_A, live_B)
-            elif own or shared or (self._trainable() and not home):
+            elif own or shared or marked or (self._trainable() and not home):
                 if owner is not None and owner in self._adapters:
                     # the live Parameters go back to their adapter (an optimizer built for it holds them)
                     oA, oB, o_scaling = self._adapters[owner]
@@ -1282,11 +1286,11 @@ class NamedAdapters:
                     self._finite_stamps.pop(owner, None)
                 owner = None
                 if not own:
-                    lora_A = nn.Parameter(lora_A, requires_grad=live_A.requires_grad)
-                    lora_B = nn.Parameter(lora_B, requires_grad=live_B.requires_grad)
-                else:  # the live factors' trainability, whatever the stored pair's was
-                    lora_A.requires_grad_(live_A.requires_grad)
-                    lora_B.requires_grad_(live_B.requires_grad)
+                    lora_A = nn.Parameter(lora_A, requires_grad=marked or live_A.requires_grad)
+                    lora_B = nn.Parameter(lora_B, requires_grad=marked or live_B.requires_grad)
+                else:  # the live factors' trainability, whatever the stored pair's was (or the mark's)
+                    lora_A.requires_grad_(marked or live_A.requires_grad)
+                    lora_B.requires_grad_(marked or live_B.requires_grad)
                 self._parameters["lora_A"], self._parameters["lora_B"] = lora_A, lora_B
             else:
                 self._streams.retire(self.lora_A.data, self.lora_B.data)
@@ -1311,6 +1315,8 @@ class NamedAdapters:
         refused before anything changes). An optimizer built over them keeps its state across the switch:
         build one per adapter you train."""
         live_A, live_B = self.lora_A, self.lora_B
+        # an adapter marked to train (mark_trainable) makes frozen live factors train, as its own pair does unsharded
+        marked = not self._trainable() and self.marked_to_train(name)
         # in the live factors' dtype, as an unsharded switch makes them: a merged switch adds what the layer holds
         device = sharded.local(live_A).device
         lora_A = sharded.full(lora_A).detach().to(device, live_A.dtype)
@@ -1349,6 +1355,9 @@ class NamedAdapters:
             self._finite_stamps[name] = _stamp(self.lora_A, self.lora_B)
             if name != self.active_adapter:  # (each adapter's gradients its own; frozen too: r12)
                 sharded.swap_grads(self, self.active_adapter, name)
+            if marked:
+                live_A.requires_grad_(True)
+                live_B.requires_grad_(True)
 
     def settle_parameters(self) -> None:
         """When the factors are trainable but the live Parameters are another adapter's own (lent to the active
@@ -1436,10 +1445,31 @@ class NamedAdapters:
     def _trainable(self) -> bool:
         return self.lora_A.requires_grad or self.lora_B.requires_grad
 
-    def _serving_switch(self, lora_A: Tensor, lora_B: Tensor) -> bool:
-        live_A, live_B = self.lora_A, self.lora_B
-        return (not live_A.requires_grad and not live_B.requires_grad
-                and live_A.shape == lora_A.shape and live_B.shape == lora_B.shape)
+    def marked_to_train(self, name: str) -> bool:
+        """Whether inactive adapter `name` is marked to train once a switch makes it active (mark_trainable)."""
+        return name in self.__dict__.get("_marked_trains", ())
+
+    def trains_after_switch(self, name: str) -> bool:
+        """Whether the live factors train once adapter `name` is active: they train on (a switch keeps the live
+        factors' trainability), or the adapter is marked to train (mark_trainable)."""
+        return self._trainable() or (name != self.active_adapter and self.marked_to_train(name))
+
+    def mark_trainable(self, name: str, trains: bool = True) -> None:
+        """Marks inactive adapter `name` to train (trains=True) once a switch makes it active, or takes the mark back,
+        without touching the live factors, which serve the active adapter (load_peft_adapter(is_trainable=True,
+        activate=False): peft trains the adapter it loads only; unfreezing the live factors trained the active adapter
+        until the switch, G6). The switch to it gives it trainable Parameters of its own (its own pair, where it
+        trained before) and drops the mark: from then on the live factors' flags say whether it trains."""
+        with self._lock:
+            if name == self.active_adapter:
+                raise ValueError(f"{self._describe()}: mark_trainable({name!r}) of the active adapter: set "
+                                 f"requires_grad on lora_A/lora_B")
+            self._adapter(name)  # (one it holds)
+            marked = self.__dict__.setdefault("_marked_trains", set())
+            if trains:
+                marked.add(name)
+            else:
+                marked.discard(name)
 
     # -- finite-value stamps ----------------------------------------------------------------------------
 

@@ -673,7 +673,7 @@ def _max_over_mesh(t: Tensor, mesh) -> Tensor:
 
 
 _OK, _REFUSED, _FAILED = 0, 1, 2  # a rank's outcome of its part of a write, agreed on as the worst (MAX)
-_REFUSAL = torch.full((_WIDTH,), -3.0, dtype=torch.float64)  # _tell_refused's fingerprint: agrees with no write's
+_REFUSAL = torch.full((_WIDTH,), -3.0, dtype=torch.float64)  # tell_refused's fingerprint: agrees with no write's
 
 
 def _all_agree(weight: Tensor, fingerprint: Tensor, outcome: int = _OK):
@@ -712,7 +712,7 @@ def consensus(weight: Tensor, op: str, where: str, tensors, scales=()) -> list:
 
 def _agreed(weight: Tensor, fingerprint: Tensor, where: str, op: str) -> None:
     """One agreement (consensus, agree): raises unless every rank passed the same fingerprint and no rank refused
-    there (_tell_refused: a check that rank failed alone)."""
+    there (tell_refused: a check that rank failed alone)."""
     same, worst = _all_agree(weight, fingerprint)
     if worst != _OK:
         err = RuntimeError(f"{where}: refused on another rank of the weight's mesh (that rank's error says why); "
@@ -744,7 +744,7 @@ def _begin(op: str, tensors, scales) -> Tensor:
     return header
 
 
-def _tell_refused(weight) -> Optional[Exception]:
+def tell_refused(weight) -> Optional[Exception]:
     """This rank meets the other ranks' next agreement (every sharded write begins with one _all_agree of the same
     size: agree, consensus) marked refused: they refuse there, before writing, whatever they were at (the worst
     outcome wins over the fingerprints, so this one needs none of theirs). Returns the error of a process group
@@ -757,22 +757,16 @@ def _tell_refused(weight) -> Optional[Exception]:
     return None
 
 
-def refused(weight) -> None:
-    """This rank skips a write the others make (eval() of a layer it may not merge: a refusal it warns of and goes
-    on): it meets their first agreement marked refused, so that they skip it too (_tell_refused)."""
-    _tell_refused(weight)
-
-
 def refuse_alike(weight, err: Optional[BaseException], where: str) -> None:
     """Raises `err`, this rank's refusal of a write that the other ranks may have passed their own checks for (an
     adapter only some ranks hold, a NaN in one rank's copy): on a DTensor `weight`, first met with the agreement that
-    begins every sharded write on the other ranks, marked refused (_tell_refused), so that they refuse there, before
+    begins every sharded write on the other ranks, marked refused (tell_refused), so that they refuse there, before
     writing, instead of waiting in it until the process group's timeout (F2). No collective when `err` is None: a
     rank that passed goes on into the write, whose first agreement tells it (an agreement of its own before every
     model-level switch met other ranks' merges, called in another order, as a mismatched collective)."""
     if err is None:
         return
-    failed = _tell_refused(weight)
+    failed = tell_refused(weight)
     if failed is not None:  # (the process group failing: this rank's own refusal still says why)
         err.add_note(f"lora_ext {where}: telling the other ranks of this refusal failed ({failed!r})")
     raise err

@@ -336,14 +336,19 @@ def test_load_peft_adapter_is_trainable_gives_a_lent_layer_its_own_parameters(tm
     lora.load_peft_adapter(m, str(tmp_path / "b"), "b", activate=False)
     lora.set_adapter(m, "b")  # frozen (peft's default): a serving switch, 'a''s Parameters lent to 'b'
     a_values = [t.detach().clone() for t in m[0].get_adapter("a")[:2]]
+    b_values = [t.detach().clone() for t in (m[0].lora_A, m[0].lora_B)]
     lora.load_peft_adapter(m, str(tmp_path / "c"), "c", activate=False, is_trainable=True)
+    # (G6: the live factors serving 'b' stay frozen, as peft trains the adapter it loads only; 'c' trains once active)
+    assert not any(p.requires_grad for p in (m[0].lora_A, m[0].lora_B, m[2].lora_A, m[2].lora_B))
+    lora.set_adapter(m, "c")
     opt = torch.optim.SGD([m[0].lora_A, m[0].lora_B, m[2].lora_A, m[2].lora_B], lr=0.5)
     before = m[0].lora_B.detach().clone()
     m(torch.randn(4, 8)).pow(2).sum().backward()
     opt.step()
-    assert not torch.equal(m[0].lora_B.detach(), before)  # 'b' trained
-    for got, want in zip(m[0].get_adapter("a")[:2], a_values):  # and 'a' did not
-        assert torch.equal(got.detach(), want)
+    assert not torch.equal(m[0].lora_B.detach(), before)  # 'c' trained
+    for name, want in (("a", a_values), ("b", b_values)):  # and 'a' (whose Parameters 'b' was served by) and 'b' did not
+        for got, value in zip(m[0].get_adapter(name)[:2], want):
+            assert torch.equal(got.detach(), value)
 
 
 def _ddp_lent_case(rank, world):

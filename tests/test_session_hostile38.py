@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lora_ext as lora
-from lora_ext.serving.adapters import model_lock
+from lora_ext.serving.adapters import lora_layers, model_lock
 
 
 def _two_adapter_model():
@@ -720,17 +720,90 @@ def test_a_fork_between_the_directory_open_and_its_note_waits_for_the_note(tmp_p
             os.waitpid(pid, 0)
 
 
-def test_an_inactive_trainable_load_warns_that_the_active_adapter_trains_until_the_switch(tmp_path):
+def _trainable_live(model):  # (the live factors that train)
+    return [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+
+
+def test_an_inactive_trainable_load_trains_that_adapter_only_as_peft(tmp_path):
     # G6: load_peft_adapter(..., is_trainable=True, activate=False) unfroze the layers' live factors, which serve the
     # active adapter (loaded frozen): a training loop before set_adapter trained that adapter (0.26 off in the logits
-    # after 3 steps), with no word; peft trains the adapter loaded only. lora_ext's layers train whichever adapter is
-    # active, so the load now says so, naming the layers and the adapter they train until the switch
+    # after 3 steps), with no word (then a warning). peft trains the adapter loaded only: the load now marks it to
+    # train at the switch (its own Parameter pair), and the live factors stay as they were
+    import warnings
+
+    from peft import PeftModel
+    from test_peft import _trainable_adapters, llama, tokens
+    paths = _trainable_adapters(tmp_path)
+    x = tokens()
+    model = llama().double()
+    lora.load_peft_adapter(model, paths["p"], "p")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        lora.load_peft_adapter(model, paths["c"], "c", is_trainable=True, activate=False)
+    assert not _trainable_live(model)  # (p serves, frozen: a loop before the switch trains nothing of p)
+    ref = PeftModel.from_pretrained(llama().double(), paths["p"], adapter_name="p")
+    ref.load_adapter(paths["c"], "c", is_trainable=True)
+    lora.set_adapter(model, "c")
+    ref.set_adapter("c")
+    assert len(_trainable_live(model)) == 12  # (q, v, down_proj in 2 layers: c's own pairs)
+    for m in (model, ref):
+        m.train()
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).logits.square().mean().backward()
+            opt.step()
+        m.eval()
+    with torch.no_grad():
+        assert (model(x).logits - ref(x).logits).abs().max() < 1e-12  # c trained as peft trains it
+        lora.set_adapter(model, "p")
+        ref.set_adapter("p")
+        assert (model(x).logits - ref(x).logits).abs().max() < 1e-12  # p untouched
+
+
+def test_a_trainable_activated_load_leaves_the_adapter_set_aside_frozen(tmp_path):
+    # G6's knock-on: load_peft_adapter(is_trainable=True) unfroze the live factors before its switch, so the adapter it
+    # set aside kept them as its own trainable Parameters, and a later hotswap of it was refused as training it
     from test_peft import _trainable_adapters, llama
     paths = _trainable_adapters(tmp_path)
     model = llama()
     lora.load_peft_adapter(model, paths["p"], "p")
-    with pytest.warns(UserWarning, match=r"activate=False.*train adapter \['p'\] until set_adapter\('c'\)"):
+    lora.load_peft_adapter(model, paths["c"], "c", is_trainable=True)
+    assert len(_trainable_live(model)) == 12
+    lora.hotswap_adapter(model, paths["p"], "p")  # (refused before: "trains it")
+    assert not any(m.get_adapter("p")[0].requires_grad for _, m in lora_layers(model) if m.has_adapter("p"))
+
+
+def test_a_refused_trainable_load_leaves_the_adapter_frozen(tmp_path, monkeypatch):
+    # the mark a trainable load gives an inactive adapter goes with the load when it fails part way
+    from lora_ext.serving import peft_io
+    from test_peft import _trainable_adapters, llama
+    paths = _trainable_adapters(tmp_path)
+    model = llama()
+    lora.load_peft_adapter(model, paths["p"], "p")
+    lora.load_peft_adapter(model, paths["c"], "c", activate=False)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected after the marks")
+
+    monkeypatch.setattr(peft_io._tokens, "install", fail)
+    with pytest.raises(RuntimeError, match="injected after the marks"):
         lora.load_peft_adapter(model, paths["c"], "c", is_trainable=True, activate=False)
+    monkeypatch.undo()
+    assert not any(m.marked_to_train("c") for _, m in lora_layers(model))
+    lora.set_adapter(model, "c")
+    assert not _trainable_live(model)
+    lora.set_adapter(model, "p")
+    lora.load_peft_adapter(model, paths["c"], "c", is_trainable=True, activate=False)  # (and without the failure)
+    assert sum(m.marked_to_train("c") for _, m in lora_layers(model)) == 6
+    # a hotswap is a serving operation: an adapter marked to train is refused, as one whose factors require grad
+    lora.load_peft_adapter(model, paths["p"], "q", is_trainable=True, activate=False)
+    with pytest.raises(ValueError, match=r"trains it .*mark_trainable\('q', False\)"):
+        lora.hotswap_adapter(model, paths["p"], "q")
+    for _, m in lora_layers(model):
+        if m.has_adapter("q"):
+            m.mark_trainable("q", False)
+    lora.hotswap_adapter(model, paths["p"], "q")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -769,3 +842,91 @@ def test_a_file_carrying_the_embedding_base_loads_into_a_half_model_merged_witho
         other.model.embed_tokens.weight.add_(0.5)
     with pytest.raises(ValueError, match="embed_tokens.*differs from the model's"):
         lora.load_peft_adapter(other, paths[1], "x", activate=False)
+
+
+def _frozen_then_marked(net):
+    from test_fsdp import layers
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for m in layers(net):
+        m.mark_trainable("b")
+    lora.set_adapter(net, "b")
+    return net
+
+
+def _train_marked(net):
+    from test_fsdp import LR, STEPS, data
+    ids, ys = data()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=LR)
+    for i in range(STEPS):
+        opt.zero_grad()
+        (net(ids[i]) - ys[i]).pow(2).mean().backward()
+        opt.step()
+    return len(trainable), lora.lora_state_dict(net)
+
+
+def _fsdp_marked_case(rank, world):
+    from test_fsdp import build, shard
+    return _train_marked(_frozen_then_marked(shard(build())))
+
+
+def test_an_adapter_marked_to_train_trains_after_a_sharded_switch():
+    # the mark (load_peft_adapter(is_trainable=True, activate=False)) on FSDP2's sharded live factors: the switch
+    # writes the local shards and makes them train, as the one-process switch registers the adapter's own pair
+    from dist import run_ranks
+    from test_fsdp import build
+    n, want = _train_marked(_frozen_then_marked(build()))
+    untrained = lora.lora_state_dict(_frozen_then_marked(build()))
+    assert n == 12 and max((untrained[k] - want[k]).abs().max() for k in want) > 1e-3  # (it trained)
+    for got_n, got in run_ranks(_fsdp_marked_case):
+        assert got_n == n
+        assert max((got[k].double() - want[k].double()).abs().max() for k in want) < 1e-6
+
+
+def test_a_compiled_wrappers_first_call_waits_for_a_forward_already_running_through_it():
+    # G6: the model's lock existed (made by an earlier call on the model); a torch.compile wrapper's forward, which
+    # runs no lora_ext hook, was under way when the wrapper's first lora_ext call (a switch) hooked it: the lock counted
+    # forwards already running only when it was made, so the switch wrote between the forward's two layers (4 of 10
+    # trials tore one forward); now the wrapper's first call counts them too
+    import torch.nn as nn
+    started, go = threading.Event(), threading.Event()
+
+    class Block(nn.Module):  # (a graph break where the forward waits, between the two layers)
+        def forward(self, x):
+            if not started.is_set():
+                started.set()
+                go.wait(10)
+            return x
+
+    torch.manual_seed(0)
+    m = nn.Sequential(lora.Linear(8, 8, r=2), Block(), lora.Linear(8, 8, r=2))
+    for layer in (m[0], m[2]):
+        layer.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+        nn.init.normal_(layer.lora_B)
+        layer.requires_grad_(False)
+    x = torch.randn(3, 8)
+    want = {}
+    with torch.no_grad():
+        for name in ("b", "default"):  # (the model's lock made here)
+            lora.set_adapter(m, name)
+            want[name] = m(x).double()
+    started.set()
+    cm = torch.compile(m, backend="eager")
+    with torch.no_grad():
+        cm(x)
+    started.clear()
+    out, done = [], threading.Event()
+    forward = threading.Thread(target=lambda: out.append(cm(x).detach().double()))
+    forward.start()
+    try:
+        assert started.wait(10)
+        switch = threading.Thread(target=lambda: (lora.set_adapter(cm, "b"), done.set()))
+        switch.start()
+        assert not done.wait(0.5), "the switch wrote while a forward ran through the wrapper"
+    finally:
+        go.set()
+        forward.join(10)
+    switch.join(10)
+    assert done.is_set() and lora.active_adapter(m) == "b"
+    assert (out[0] - want["default"]).abs().max() < 1e-6 < (want["b"] - want["default"]).abs().max()

@@ -668,10 +668,13 @@ def model_lock(model: nn.Module) -> ModelLock:
         made = lock is None
         if made:
             lock = ModelLock()
-            lock._mutex.acquire()  # (no read of the new lock until the forwards running are counted, below)
+        # (no read of the lock until the forwards running are counted, below)
+        lock._mutex.acquire()
         try:
+            gained = False  # a wrapper hooked now (a torch.compile wrapper's first lora_ext call)
             for m in reversed(chain):  # the model inside first: it holds the lock the wrappers share
                 hooked = m.__dict__.get("_lora_ext_model_lock") is not None or _lock_of_hooks(m) is not None
+                gained |= not hooked
                 m.__dict__["_lora_ext_model_lock"] = lock  # (before the hooks, which read it)
                 # (not nn.DataParallel's: its forward runs the replicas on worker threads, which take their reads
                 # through the inner model's hooks they copy; a read held around them made a switch queued meanwhile
@@ -685,17 +688,19 @@ def model_lock(model: nn.Module) -> ModelLock:
                             del _HOOKS_LOCK[key]
                         _HOOKS_PRUNE[0] = max(256, 2 * len(_HOOKS_LOCK))
                     _HOOKS_LOCK[id(hooks)] = (weakref.ref(hooks), lock)
-            if made:
-                # forwards already running (a model built by hand, its first model-level call) took no read: each
-                # counts as one, dropped once it ends (ModelLock._drop_left_reads), so the change that made the lock
-                # waits for them (C1: a first set_adapter during a forward served a mix of two adapters, 29 of 30)
+            if made or gained:
+                # forwards already running (a model built by hand, its first model-level call; a wrapper's, whose
+                # compiled forward runs no lora_ext code, at the wrapper's first call) took no read: each counts as
+                # one, dropped once it ends (ModelLock._drop_left_reads), so the change that made the lock waits for
+                # them (C1: a first set_adapter during a forward served a mix of two adapters, 29 of 30; G6: a first
+                # hotswap through a compiled wrapper tore a forward already running through it, 4 of 10 trials).
+                # A thread holding a read already (through the hooks of the model inside) keeps its count.
                 me = threading.get_ident()
                 for ident, frame in sys._current_frames().items():
-                    if ident != me and lock._in_forward(frame):
+                    if ident != me and ident not in lock._reads and lock._in_forward(frame):
                         lock._reads[ident] = 1
         finally:
-            if made:
-                lock._mutex.release()
+            lock._mutex.release()
     return lock
 
 
@@ -723,9 +728,7 @@ def _layers_or_raise(model):
         raise ValueError("model holds no lora_ext layer with an adapter (inject first)")
     for layer_name, m in found:  # (R6: a layer lora_ext.unload took out, still in the model under another name:
         # refused before any layer is written; model-level calls refused part way, or raised AttributeError, before)
-        why = m.__dict__.get("_unloaded")
-        if why is not None:
-            raise RuntimeError(f"module {layer_name!r}: {why}")
+        m._check_unloaded(where=layer_name)
     return found
 
 
@@ -783,7 +786,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
             sharded.refuse_alike(_mesh_weight(found), KeyError(
                 f"set_adapter: no lora_ext layer holds an adapter {name!r} (they hold {held})"), f"set_adapter({name!r})")
         refuse_fsdp1(model, f"set_adapter({name!r})")
-        trains = any(m._trainable() for _, m in found)  # (copies of a wrapper that never saw one train follow it)
+        # (copies of a wrapper that never saw one train follow it; an adapter a load marked to train trains)
+        trains = any(m.trains_after_switch(name) for _, m in found)
         _check_ddp_switch(model, found, name, trains)
         lacking = [m for _, m in found if not m.has_adapter(name)]
         try:
@@ -869,7 +873,7 @@ def _check_ddp_switch(model, found, name, trains, what="set_adapter", saved=True
         return
     known, changed = ddp_guard.synchronised(ddp)
     for layer_name, m in found:
-        if name != m.active_adapter and m._trainable():
+        if name != m.active_adapter and m.trains_after_switch(name):
             A, B = m._adapter(name)[:2] if m.has_adapter(name) else (m.lora_A, m.lora_B)  # (a stand-in: the live rank)
             if known and changed is None and m.has_adapter(name) and {id(A), id(B)} <= known:
                 continue  # (back to the Parameters DDP was built with, after a switch of ddp.module: it trains in step)

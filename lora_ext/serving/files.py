@@ -298,16 +298,20 @@ def _renaming(paths):
     shares: the child closes its copies at once (else the parent's next save waited until the child exited: a
     DataLoader worker forked during a save on another thread, R6). Where a file system refuses flock on a directory
     (some network ones), nothing is locked, as before."""
+    try:
+        import fcntl
+    except ImportError:  # (no fcntl, Windows: nothing is locked)
+        yield
+        return
     fds = []
     try:
         for d in sorted({os.path.dirname(os.path.abspath(p)) for p in paths}):
             try:
-                import fcntl
                 with _OPENING[0]:
                     fd = os.open(d, os.O_RDONLY)
                     _HELD.add(fd)
                     fds.append(fd)
-            except (ImportError, OSError):  # (no fcntl: Windows)
+            except OSError:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)

@@ -848,21 +848,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # and rows of tokens must too
     held_layers = lora_layers(model)
     first = not activate and not held_layers
-    if is_trainable and not activate and not first and not _hotswap:
-        # (a layer's live factors train whichever adapter is active: those this load unfreezes, and those of the layers
-        # it injects, which serve the active adapter as zeros, train that adapter until the switch; peft trains the
-        # adapter loaded only, G6: the active adapter, loaded frozen, 0.26 off in the logits after 3 steps)
-        frozen = [name for name, _, layer, fresh, *_ in plan if fresh or not layer._trainable()]
-        if frozen:
-            warnings.warn(f"is_trainable=True with activate=False: lora_ext's layers train whichever adapter is "
-                          f"active, so the layers made trainable now ({_names(frozen)}) train adapter "
-                          f"{sorted({m.active_adapter for _, m in held_layers})} until set_adapter({adapter_name!r}) "
-                          f"(peft trains {adapter_name!r} only): switch before training, or load with activate=True",
-                          stacklevel=layers._user_stacklevel())
     # the layers this load creates (and its copies and rows) train when asked (peft's is_trainable) or when the
     # model's layers train already (a model in training); the model's first load freezes the rest of the model,
     # as peft's from_pretrained does
-    trains = is_trainable or any(m._trainable() for _, m in held_layers)
+    in_training = any(m._trainable() for _, m in held_layers)
+    trains = is_trainable or in_training
     convs = [name for name, _, layer, *_ in plan if isinstance(layer, layers.ConvLoRA) and layer.conv.kernel_size[0] > 1]
     if trains and convs:
         warnings.warn(f"{cfg_file}: the convolutions {_names(convs)} train in loralib's ConvLoRA layout (B of r*k0 "
@@ -915,14 +905,22 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                         layer._reserve(reserved)
                     if placeholder is not None:
                         layer.add_placeholder(placeholder)
-                        layer.set_adapter(placeholder)
+                        layer.set_adapter(placeholder)  # (the adapter's own Parameters set aside)
+                        if trains and not in_training:  # the stand-in trains only as the model does; the adapter
+                            layer.lora_A.requires_grad_(False)  # trains once a switch makes it active
+                            layer.lora_B.requires_grad_(False)
+                            layer.mark_trainable(adapter_name)
                 else:
                     if lossless is not None:
                         layer.lossless = lossless  # from the next merge on
-                    if is_trainable:  # (the layer's live factors: they train whichever adapter is active)
+                    if is_trainable and layer.active_adapter == adapter_name:  # (its live factors)
                         layer.lora_A.requires_grad_(True)
                         layer.lora_B.requires_grad_(True)
                         unfrozen.append(layer)
+                    elif is_trainable:  # the adapter trains once a switch makes it active: the live factors, which
+                        # serve another adapter, stay as they are (peft trains the adapter it loads only; unfrozen,
+                        # they trained the active adapter until the switch, G6: 0.26 off in the logits after 3 steps)
+                        layer.mark_trainable(adapter_name)
             for name, module, new in saved_plan:
                 if not isinstance(module, _saved.ModulesToSave):
                     wrapper = _saved.ModulesToSave(module).train(module.training)
@@ -1031,7 +1029,8 @@ def _held(layer, name):
     # replaces them
     pair = (A, B) if (isinstance(A, nn.Parameter) and isinstance(B, nn.Parameter)
                       and (name != layer.active_adapter or layer.__dict__.get("_owner") is None)) else None
-    return A.detach().clone(), B.detach().clone(), scaling, layer.is_placeholder(name), own, pair
+    return A.detach().clone(), B.detach().clone(), scaling, layer.is_placeholder(name), own, pair, \
+        layer.marked_to_train(name)
 
 
 def _put_back(layer, name, held) -> None:
@@ -1040,13 +1039,15 @@ def _put_back(layer, name, held) -> None:
         if name in layer.adapter_names:
             layer.delete_adapter(name)
         return
-    A, B, scaling, placeholder, own, pair = held
+    A, B, scaling, placeholder, own, pair, trains = held
     layer.add_adapter(name, A, B, scaling)
     if pair is not None and layer.get_adapter(name)[0] is not pair[0]:  # (the load gave it factors of another rank)
         if name == layer.active_adapter:
             layer.put_live_pair(name, pair)
         else:
             layer.put_own_pair(name, pair)
+    if name != layer.active_adapter and layer.marked_to_train(name) != trains:  # (is_trainable marked it)
+        layer.mark_trainable(name, trains)
     if placeholder:
         layer.__dict__.setdefault("_placeholders", set()).add(name)
     else:
@@ -1124,14 +1125,15 @@ def _check_hotswap(model, name, plan, held, chosen, to_save, token_plan, cfg_fil
     written = zeroed + [(n, layer) for n, _, layer, *_ in plan]
     for n, m in written:
         held_A = m.get_adapter(name)[0] if m.has_adapter(name) else None
-        if (m.active_adapter == name and m._trainable()) or (
+        if (m.active_adapter == name and m._trainable()) or m.marked_to_train(name) or (
                 isinstance(held_A, nn.Parameter) and held_A.requires_grad):
             # (a hotswap is a serving operation: the storage a capture reads, no recompilation; a trained adapter's
             # new values go into its own Parameters through load_peft_adapter, where the optimizer keeps them)
             raise ValueError(f"{what}: layer {n!r} trains it (its factors require grad), and a hotswap swaps "
                              f"serving adapters; freeze the factors (requires_grad_(False); an adapter set aside by a "
                              f"switch is not among the model's parameters: `for t in layer.get_adapter({name!r})[:2]: "
-                             f"t.requires_grad_(False)`) to hotswap, or "
+                             f"t.requires_grad_(False)`; one a load marked to train: `layer.mark_trainable("
+                             f"{name!r}, False)`) to hotswap, or "
                              f"load_peft_adapter to replace it (its values go into the adapter's own Parameters, "
                              f"which an optimizer built before keeps training)")
     return [m for _, m in zeroed]
