@@ -6,6 +6,7 @@ import warnings
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from . import sharded
 from .layers import ADAPTER_METADATA, ConvLoRA, LoRALayer
@@ -195,7 +196,6 @@ def _wrapped(model: nn.Module):
     """model, then each model inside it: DistributedDataParallel's and DataParallel's .module (r6: a save through
     DataParallel named every module 'module.<name>', a file neither peft nor lora_ext loads), torch.compile's
     ._orig_mod."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
     while isinstance(model, nn.Module):
         yield model
         model = (model.module if isinstance(model, (DistributedDataParallel, DataParallel))
@@ -204,7 +204,6 @@ def _wrapped(model: nn.Module):
 
 def _ddp_of(model: nn.Module):
     """The DistributedDataParallel that `model` is or that a torch.compile wrapper of it holds, else None."""
-    from torch.nn.parallel import DistributedDataParallel
     return next((m for m in _wrapped(model) if isinstance(m, DistributedDataParallel)), None)
 
 

@@ -148,8 +148,9 @@ class ModelLock:
         forward)."""
         found = 0
         while frame is not None:
-            if frame.f_code.co_name == "_call_impl":
-                owner = getattr(frame.f_locals.get("self"), "__dict__", {})
+            code = frame.f_code
+            if code.co_name == "_call_impl" or code is _LOCKED_CODE:  # (_LOCKED_CODE: a module compiled in place)
+                owner = getattr(frame.f_locals.get("self" if code is not _LOCKED_CODE else "module"), "__dict__", {})
                 if owner.get("_lora_ext_model_lock") is self:
                     found += 1
                     if found > outer:
@@ -652,10 +653,14 @@ def model_lock(model: nn.Module) -> ModelLock:
     on first use. One lock for a model and its DistributedDataParallel and torch.compile wrappers (the model's own,
     the one inside them): changes through a wrapper and through the model are ordered, and a wrapper given to a
     lora_ext function gets the hooks too, so its forwards take the lock (a compiled wrapper's hooks run eagerly,
-    around the compiled forward)."""
+    around the compiled forward). So does every torch.compile wrapper of the model made since lora_ext was imported,
+    given to lora_ext or not (_compiled_wrappers)."""
     chain = list(_wrapped(model))  # (outermost first)
+    compiled = _compiled_wrappers(chain)
     lock = chain[-1].__dict__.get("_lora_ext_model_lock")
-    if lock is not None and all(m.__dict__.get("_lora_ext_model_lock") is lock for m in chain):
+    if lock is not None and all(m.__dict__.get("_lora_ext_model_lock") is lock for m in chain) \
+            and all(w.__dict__.get("_lora_ext_model_lock") is lock for w in compiled) \
+            and not any(_compiled_in_place(m) for m in chain):
         return lock
     # Made once, under a process-wide lock: two threads making a model's first calls (a state read and a switch) each
     # made a lock of their own, and the read ran under one while the switch wrote under the other (hostile33: 3 of 60
@@ -672,9 +677,14 @@ def model_lock(model: nn.Module) -> ModelLock:
         lock._mutex.acquire()
         try:
             gained = False  # a wrapper hooked now (a torch.compile wrapper's first lora_ext call)
-            for m in reversed(chain):  # the model inside first: it holds the lock the wrappers share
+            # the model inside first: it holds the lock the wrappers share (its compiled wrappers last)
+            for m in [*reversed(chain), *compiled]:
                 hooked = m.__dict__.get("_lora_ext_model_lock") is not None or _lock_of_hooks(m) is not None
                 gained |= not hooked
+                in_place = _compiled_in_place(m)
+                if in_place is not None:  # (model.compile(): its hooks run inside the compiled call)
+                    m.__dict__["_compiled_call_impl"] = _LockedCall(m, in_place)
+                    gained = True
                 m.__dict__["_lora_ext_model_lock"] = lock  # (before the hooks, which read it)
                 # (not nn.DataParallel's: its forward runs the replicas on worker threads, which take their reads
                 # through the inner model's hooks they copy; a read held around them made a switch queued meanwhile
@@ -705,6 +715,91 @@ def model_lock(model: nn.Module) -> ModelLock:
 
 
 _MAKING = threading.Lock()  # model_lock's, while it makes a model's lock
+
+# The torch.compile wrappers of each module (weak references), noted as they are made. A compiled wrapper's forward
+# runs the model's forward hooks inside the compiled code, where lora_ext's lock hooks do nothing (they cannot wait
+# in a graph): a wrapper no lora_ext function was given took no read, and a switch through the model tore its
+# forwards (G6: 1,675 of 4,213 while hotswapping). model_lock hooks every wrapper noted here, whose own hooks run
+# eagerly around the compiled forward.
+_COMPILED = weakref.WeakKeyDictionary()
+_COMPILED_LOCK = threading.Lock()
+
+
+def _note_compiled_wrapper(parent, name, module):
+    """A global module-registration hook (every submodule assignment calls it): notes `parent` when it is a
+    torch.compile wrapper registering the module it compiles (OptimizedModule's `_orig_mod`). Returns None (the
+    module is registered as it is)."""
+    if name != "_orig_mod" or module is None:
+        return None
+    frames = sys.modules.get("torch._dynamo.eval_frame")
+    wrapper = getattr(frames, "OptimizedModule", None)
+    if wrapper is None or not isinstance(parent, wrapper):
+        return None
+    try:
+        with _COMPILED_LOCK:
+            refs = [r for r in _COMPILED.get(module, ()) if r() is not None]
+            refs.append(weakref.ref(parent))
+            _COMPILED[module] = refs
+    except TypeError:  # (a module that cannot be referenced weakly, or hashed: not noted)
+        pass
+    return None
+
+
+nn.modules.module.register_module_module_registration_hook(_note_compiled_wrapper)
+
+
+def _compiled_in_place(module):
+    """The compiled call of a module compiled in place (`module.compile()`, torch's `_compiled_call_impl`) that takes
+    no lock yet, else None."""
+    call = module.__dict__.get("_compiled_call_impl")
+    return None if call is None or isinstance(call, _LockedCall) else call
+
+
+class _LockedCall:
+    """A module compiled in place (`model.compile()`) runs its hooks, lora_ext's lock hooks among them, inside the
+    compiled call, where they do nothing: the forward took no read, and a switch tore it (as through a torch.compile
+    wrapper no lora_ext function was given). model_lock puts this around the compiled call: the read is taken
+    eagerly, around it (_locked_compiled_call). Pickles and deep copies drop it with the compiled call (torch's
+    Module.__getstate__)."""
+    __slots__ = ("module", "call")
+
+    def __init__(self, module, call):
+        self.module, self.call = module, call
+
+    def __call__(self, *args, **kwargs):
+        return _locked_compiled_call(self.module, self.call, args, kwargs)
+
+
+def _locked_compiled_call(module, call, args, kwargs):
+    if ops.compiling():  # (traced inside an outer compiled region: no lock there)
+        return call(*args, **kwargs)
+    lock = module.__dict__.get("_lora_ext_model_lock") or model_lock(module)
+    lock.acquire_read()
+    try:
+        return call(*args, **kwargs)
+    finally:
+        lock.release_read()
+
+
+_LOCKED_CODE = _locked_compiled_call.__code__
+
+
+def _compiled_wrappers(chain) -> List[nn.Module]:
+    """The live torch.compile wrappers noted (_note_compiled_wrapper) of the modules in `chain`, not in it."""
+    if not _COMPILED:
+        return []
+    found = []
+    with _COMPILED_LOCK:
+        for m in chain:
+            try:
+                refs = _COMPILED.get(m, ())
+            except TypeError:
+                continue
+            for r in refs:
+                w = r()
+                if w is not None and all(w is not c for c in chain) and all(w is not f for f in found):
+                    found.append(w)
+    return found
 _HOOKS_LOCK = {}  # id(a module's _forward_pre_hooks that model_lock hooked) -> (weakref to that dict, the lock)
 _HOOKS_PRUNE = [256]  # its size at which the entries of dicts gone are dropped
 
