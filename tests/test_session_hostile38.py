@@ -741,6 +741,9 @@ def test_an_inactive_trainable_load_trains_that_adapter_only_as_peft(tmp_path):
         warnings.simplefilter("error", UserWarning)
         lora.load_peft_adapter(model, paths["c"], "c", is_trainable=True, activate=False)
     assert not _trainable_live(model)  # (p serves, frozen: a loop before the switch trains nothing of p)
+    # nothing of c is a trainable Parameter of the model before the switch: its saved lm_head copy alone reached an
+    # optimizer built then, which trained it and not c's factors (0.36 off peft, S1); now such an optimizer is refused
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
     ref = PeftModel.from_pretrained(llama().double(), paths["p"], adapter_name="p")
     ref.load_adapter(paths["c"], "c", is_trainable=True)
     lora.set_adapter(model, "c")
@@ -772,6 +775,20 @@ def test_a_trainable_activated_load_leaves_the_adapter_set_aside_frozen(tmp_path
     assert len(_trainable_live(model)) == 12
     lora.hotswap_adapter(model, paths["p"], "p")  # (refused before: "trains it")
     assert not any(m.get_adapter("p")[0].requires_grad for _, m in lora_layers(model) if m.has_adapter("p"))
+
+
+def test_an_adapter_marked_to_train_is_held_alike_in_new_and_old_layers(tmp_path):
+    # S1: in the layers the load created (down_proj) the marked adapter was set aside as trainable Parameters, in the
+    # others as frozen copies: reserve_rank refused it there as "set aside by a switch" with factors that require grad
+    from test_peft import _trainable_adapters, llama
+    paths = _trainable_adapters(tmp_path)
+    model = llama()
+    lora.load_peft_adapter(model, paths["p"], "p")
+    lora.load_peft_adapter(model, paths["c"], "c", is_trainable=True, activate=False)
+    assert all(not t.requires_grad for _, m in lora_layers(model) for t in m.get_adapter("c")[:2])
+    lora.reserve_rank(model, 8)
+    lora.set_adapter(model, "c")
+    assert len(_trainable_live(model)) == 12 and all(m.r == 8 for _, m in lora_layers(model))
 
 
 def test_a_refused_trainable_load_leaves_the_adapter_frozen(tmp_path, monkeypatch):
@@ -1014,3 +1031,87 @@ def test_a_switch_through_the_model_waits_for_forwards_of_a_compiled_model_lora_
             assert "_compiled_call_impl" not in again.__dict__
             with torch.no_grad():
                 assert torch.equal(again(x), plain(x))
+
+
+def _one_layer_model():
+    import torch.nn as nn
+    m = nn.Sequential(lora.Linear(8, 8, r=2))
+    m[0].add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
+    m.requires_grad_(False)
+    return m
+
+
+def _until(condition, what, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def test_hooking_a_wrapper_does_not_count_a_forward_waiting_for_its_read():
+    # S1: a wrapper's first model_lock call (a torch.compile wrapper noted, or given) counts the forwards already
+    # running as reads; it counted a forward waiting in its read hook behind a queued switch too, and the switch then
+    # waited for that read, the forward for the switch: both hung for good (3 of 3 runs of S1's stress)
+    m, x, _, started, go = _blocking_model()
+    lock = model_lock(m)
+    started.clear()
+    go.clear()
+    threads = [threading.Thread(target=lambda: m(x), daemon=True)]  # a forward holding its read, waiting inside
+    threads[0].start()
+    try:
+        assert started.wait(10)
+        threads.append(threading.Thread(target=lambda: lora.set_adapter(m, "b"), daemon=True))
+        threads[-1].start()
+        _until(lambda: lock._queue, "the switch to queue behind the forward")
+        threads.append(threading.Thread(target=lambda: m(x), daemon=True))
+        threads[-1].start()
+        _until(lambda: threads[-1].ident in lock._waiting, "the second forward to wait behind the switch")
+        wrapper = torch.compile(m, backend="eager")  # (noted: the next model_lock call hooks it)
+        assert model_lock(m) is lock and model_lock(wrapper) is lock
+        assert threads[-1].ident not in lock._reads  # (it takes its own read once the switch is done)
+    finally:
+        go.set()
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive(), "a thread hung: the switch behind a read it waited for"
+    assert lora.active_adapter(m) == "b" and not lock._reads
+
+
+def test_a_child_forked_while_a_thread_makes_a_models_lock_makes_its_own():
+    # S1: model_lock holds a process-wide lock (_MAKING) while it makes a model's lock or hooks a wrapper; a child
+    # forked meanwhile kept it held for good, and its first model-level call of any new model hung
+    import os
+    import signal
+    from lora_ext.serving import adapters
+    taken, release = threading.Event(), threading.Event()
+
+    def maker():
+        with adapters._MAKING:
+            taken.set()
+            release.wait(10)
+
+    t = threading.Thread(target=maker, daemon=True)
+    t.start()
+    try:
+        assert taken.wait(10)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                lora.set_adapter(_one_layer_model(), "b")
+                os._exit(0)
+            except BaseException:
+                os._exit(3)
+        deadline = time.monotonic() + 20
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError("the child hung in its first set_adapter")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        t.join(10)

@@ -530,8 +530,10 @@ def _after_fork() -> None:
     here, so each module's count loses them. A layer they alone disabled serves its adapter again, unmerged (its
     `merged` says so; eval() merges it). The models the blocks were opened on refuse to serve (ModelLock.after_fork);
     another model sharing the layer served the base for good, silently."""
-    global _DISABLE_COUNTS
+    global _DISABLE_COUNTS, _MAKING, _COMPILED_LOCK
     _DISABLE_COUNTS = threading.RLock()  # (a thread of the parent may have held it: r42, 2 children of 2 hung)
+    _MAKING = threading.Lock()  # (held by a thread of the parent making or hooking a lock: S1, 3 children of 3 hung)
+    _COMPILED_LOCK = threading.Lock()  # (_note_compiled_wrapper's, as briefly)
     me = threading.get_ident()
     for m in list(_IN_BLOCKS):
         for thread, n in list(m.__dict__.get("_disable_openers", {}).items()):
@@ -610,6 +612,9 @@ def _read_before(module, args):
             _drop_ended(lock, calls)
         lock.acquire_read()
         calls.append(_module_call())
+
+
+_READ_BEFORE_CODE = _read_before.__code__
 
 
 def _drop_ended(lock, calls) -> None:
@@ -704,10 +709,14 @@ def model_lock(model: nn.Module) -> ModelLock:
                 # one, dropped once it ends (ModelLock._drop_left_reads), so the change that made the lock waits for
                 # them (C1: a first set_adapter during a forward served a mix of two adapters, 29 of 30; G6: a first
                 # hotswap through a compiled wrapper tore a forward already running through it, 4 of 10 trials).
-                # A thread holding a read already (through the hooks of the model inside) keeps its count.
+                # A thread holding a read already (through the hooks of the model inside) keeps its count, and one
+                # taking a read (in a read hook, or waiting for one: inside a forward too) takes its own: counted here,
+                # a read it waits for behind a writer kept that writer waiting for it, for good (S1: 3 of 3 runs hung)
                 me = threading.get_ident()
                 for ident, frame in sys._current_frames().items():
-                    if ident != me and ident not in lock._reads and lock._in_forward(frame):
+                    if ident != me and ident not in lock._reads and ident not in lock._waiting \
+                            and not _inside(frame, _READ_CODE) and not _inside(frame, _READ_BEFORE_CODE) \
+                            and lock._in_forward(frame):
                         lock._reads[ident] = 1
         finally:
             lock._mutex.release()

@@ -862,10 +862,15 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
     # the adapter's copies of the modules it saves whole, made before the model changes (a copy can fail: memory)
     saved_plan = [(name, module, _saved.make_copy(weights_file, name, module, state))
                   for name, module, state in saved_plan]
+    # an adapter loaded trainable while another is served (activate=False) trains from its switch on, every part of it
+    # alike: its LoRA factors become Parameters of the model at the switch (mark_trainable), and so its copies and rows
+    # train from then on too (trainable now, they alone reached an optimizer built before the switch, which trained
+    # them and not the factors: 0.36 off peft after 3 steps, S1; frozen, such an optimizer gets nothing, and says so)
+    served = activate or first or in_training or any(m.active_adapter == adapter_name for _, m in held_layers)
     for _, _, copy in saved_plan:
-        _saved._train(copy, trains)
+        _saved._train(copy, trains and served)
     for _, _, rows in token_plan:
-        rows.trainable_tokens_delta.requires_grad_(trains)
+        rows.trainable_tokens_delta.requires_grad_(trains and served)
     # the model changes, atomically for forwards on other threads (Ctrl-C held back to the end: the adapter lands
     # whole, then the KeyboardInterrupt); what can still be refused (a switch of a merged weight, out of memory) is
     # put back below
@@ -907,9 +912,11 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                         layer.add_placeholder(placeholder)
                         layer.set_adapter(placeholder)  # (the adapter's own Parameters set aside)
                         if trains and not in_training:  # the stand-in trains only as the model does; the adapter
-                            layer.lora_A.requires_grad_(False)  # trains once a switch makes it active
-                            layer.lora_B.requires_grad_(False)
-                            layer.mark_trainable(adapter_name)
+                            layer.lora_A.requires_grad_(False)  # trains once a switch makes it active, as in the layers
+                            layer.lora_B.requires_grad_(False)  # already there: held frozen, marked (reserve_rank
+                            layer.mark_trainable(adapter_name)  # refused its set-aside trainable pair, S1)
+                            for t in layer.get_adapter(adapter_name)[:2]:
+                                t.requires_grad_(False)
                 else:
                     if lossless is not None:
                         layer.lossless = lossless  # from the next merge on
