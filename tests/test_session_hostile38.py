@@ -906,47 +906,13 @@ def test_a_compiled_wrappers_first_call_waits_for_a_forward_already_running_thro
     # runs no lora_ext hook, was under way when the wrapper's first lora_ext call (a switch) hooked it: the lock counted
     # forwards already running only when it was made, so the switch wrote between the forward's two layers (4 of 10
     # trials tore one forward); now the wrapper's first call counts them too
-    import torch.nn as nn
-    started, go = threading.Event(), threading.Event()
-
-    class Block(nn.Module):  # (a graph break where the forward waits, between the two layers)
-        def forward(self, x):
-            if not started.is_set():
-                started.set()
-                go.wait(10)
-            return x
-
-    torch.manual_seed(0)
-    m = nn.Sequential(lora.Linear(8, 8, r=2), Block(), lora.Linear(8, 8, r=2))
-    for layer in (m[0], m[2]):
-        layer.add_adapter("b", torch.randn(2, 8), torch.randn(8, 2), 1.0)
-        nn.init.normal_(layer.lora_B)
-        layer.requires_grad_(False)
-    x = torch.randn(3, 8)
-    want = {}
-    with torch.no_grad():
-        for name in ("b", "default"):  # (the model's lock made here)
-            lora.set_adapter(m, name)
-            want[name] = m(x).double()
-    started.set()
+    m, x, want, started, go = _blocking_model()
     cm = torch.compile(m, backend="eager")
     with torch.no_grad():
         cm(x)
-    started.clear()
-    out, done = [], threading.Event()
-    forward = threading.Thread(target=lambda: out.append(cm(x).detach().double()))
-    forward.start()
-    try:
-        assert started.wait(10)
-        switch = threading.Thread(target=lambda: (lora.set_adapter(cm, "b"), done.set()))
-        switch.start()
-        assert not done.wait(0.5), "the switch wrote while a forward ran through the wrapper"
-    finally:
-        go.set()
-        forward.join(10)
-    switch.join(10)
-    assert done.is_set() and lora.active_adapter(m) == "b"
-    assert (out[0] - want["default"]).abs().max() < 1e-6 < (want["b"] - want["default"]).abs().max()
+    waited, out = _switch_during_a_forward(cm, cm, "b", started, go, x)
+    assert waited, "the switch wrote while a forward ran through the wrapper"
+    assert (out - want["default"]).abs().max() < 1e-6 < (want["b"] - want["default"]).abs().max()
 
 
 def _blocking_model():
