@@ -20,7 +20,9 @@ import warnings
 import weakref
 from typing import Iterator, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .. import batched, ddp_guard, forks, ops, sharded
 from ..layers import LoRALayer
@@ -532,8 +534,8 @@ def _after_fork() -> None:
     another model sharing the layer served the base for good, silently."""
     global _DISABLE_COUNTS, _MAKING, _COMPILED_LOCK
     _DISABLE_COUNTS = threading.RLock()  # (a thread of the parent may have held it: r42, 2 children of 2 hung)
-    _MAKING = threading.Lock()  # (held by a thread of the parent making or hooking a lock: S1, 3 children of 3 hung)
-    _COMPILED_LOCK = threading.Lock()  # (_note_compiled_wrapper's, as briefly)
+    _MAKING = threading.RLock()  # (held by a thread of the parent making or hooking a lock: S1, 3 children of 3 hung)
+    _COMPILED_LOCK = threading.RLock()  # (_note_compiled_wrapper's, as briefly)
     me = threading.get_ident()
     for m in list(_IN_BLOCKS):
         for thread, n in list(m.__dict__.get("_disable_openers", {}).items()):
@@ -653,6 +655,8 @@ def _read_after(module, args, output):
                     lock.release_read()
 
 
+@torch.compiler.disable  # (called inside a compiled forward, lora.hold(model) say: run eagerly, S2; traced, dynamo
+# failed on its reads of the wrappers' __dict__ with an internal error)
 def model_lock(model: nn.Module) -> ModelLock:
     """The model's lock, created (with its forward hooks, module-level functions: the model still pickles)
     on first use. One lock for a model and its DistributedDataParallel and torch.compile wrappers (the model's own,
@@ -660,7 +664,11 @@ def model_lock(model: nn.Module) -> ModelLock:
     lora_ext function gets the hooks too, so its forwards take the lock (a compiled wrapper's hooks run eagerly,
     around the compiled forward). So does every torch.compile wrapper of the model made since lora_ext was imported,
     given to lora_ext or not (_compiled_wrappers)."""
-    chain = list(_wrapped(model))  # (outermost first)
+    return _chain_lock(list(_wrapped(model)))
+
+
+def _chain_lock(chain) -> ModelLock:
+    """model_lock of `chain`: a model and the models inside it, outermost first (_wrapped)."""
     compiled = _compiled_wrappers(chain)
     lock = chain[-1].__dict__.get("_lora_ext_model_lock")
     if lock is not None and all(m.__dict__.get("_lora_ext_model_lock") is lock for m in chain) \
@@ -723,7 +731,8 @@ def model_lock(model: nn.Module) -> ModelLock:
     return lock
 
 
-_MAKING = threading.Lock()  # model_lock's, while it makes a model's lock
+_MAKING = threading.RLock()  # model_lock's, while it makes a model's lock or hooks a wrapper (re-entrant: see
+# _COMPILED_LOCK)
 
 # The torch.compile wrappers of each module (weak references), noted as they are made. A compiled wrapper's forward
 # runs the model's forward hooks inside the compiled code, where lora_ext's lock hooks do nothing (they cannot wait
@@ -731,26 +740,43 @@ _MAKING = threading.Lock()  # model_lock's, while it makes a model's lock
 # forwards (G6: 1,675 of 4,213 while hotswapping). model_lock hooks every wrapper noted here, whose own hooks run
 # eagerly around the compiled forward.
 _COMPILED = weakref.WeakKeyDictionary()
-_COMPILED_LOCK = threading.Lock()
+# (re-entrant: a garbage collection starting under it, at any allocation, may end a lora_ext block of an abandoned
+# generator, whose end takes a model's lock, which reads _COMPILED: with a plain Lock that thread hung, and every
+# model-level call and torch.compile after it, S2)
+_COMPILED_LOCK = threading.RLock()
 
 
 def _note_compiled_wrapper(parent, name, module):
     """A global module-registration hook (every submodule assignment calls it): notes `parent` when it is a
-    torch.compile wrapper registering the module it compiles (OptimizedModule's `_orig_mod`). Returns None (the
+    torch.compile wrapper registering the module it compiles (OptimizedModule's `_orig_mod`), or a
+    DistributedDataParallel registering its module (so that torch.compile(DDP(model)) is found from the model). A
+    wrapper of a model that has a lock already is hooked at once (model_lock): a switch waiting for the lock when
+    the wrapper was made would not look for it again (S2: it tore the wrapper's first forward). Returns None (the
     module is registered as it is)."""
-    if name != "_orig_mod" or module is None:
+    if module is None or (name != "_orig_mod" and name != "module"):
         return None
-    frames = sys.modules.get("torch._dynamo.eval_frame")
-    wrapper = getattr(frames, "OptimizedModule", None)
-    if wrapper is None or not isinstance(parent, wrapper):
-        return None
+    if name == "module":
+        if not isinstance(parent, DistributedDataParallel):
+            return None
+    else:
+        frames = sys.modules.get("torch._dynamo.eval_frame")
+        wrapper = getattr(frames, "OptimizedModule", None)
+        if wrapper is None or not isinstance(parent, wrapper):
+            return None
     try:
         with _COMPILED_LOCK:
             refs = [r for r in _COMPILED.get(module, ()) if r() is not None]
             refs.append(weakref.ref(parent))
             _COMPILED[module] = refs
     except TypeError:  # (a module that cannot be referenced weakly, or hashed: not noted)
-        pass
+        return None
+    if name == "_orig_mod":
+        inside = list(_wrapped(module))
+        if inside[-1].__dict__.get("_lora_ext_model_lock") is not None:
+            try:  # (the wrapper does not hold `module` yet: torch registers it after this hook)
+                _chain_lock([parent, *inside])
+            except Exception:  # (hooked at the next lora_ext call instead: the compile goes on)
+                pass
     return None
 
 
@@ -794,20 +820,25 @@ _LOCKED_CODE = _locked_compiled_call.__code__
 
 
 def _compiled_wrappers(chain) -> List[nn.Module]:
-    """The live torch.compile wrappers noted (_note_compiled_wrapper) of the modules in `chain`, not in it."""
+    """The live torch.compile wrappers noted (_note_compiled_wrapper) of the modules in `chain` and, through the
+    DistributedDataParallel and compiled wrappers noted of those, of theirs; not those in `chain`."""
     if not _COMPILED:
         return []
-    found = []
+    seen, found = list(chain), []
     with _COMPILED_LOCK:
-        for m in chain:
+        i = 0
+        while i < len(seen):
+            m, i = seen[i], i + 1
             try:
                 refs = _COMPILED.get(m, ())
             except TypeError:
                 continue
             for r in refs:
                 w = r()
-                if w is not None and all(w is not c for c in chain) and all(w is not f for f in found):
-                    found.append(w)
+                if w is not None and all(w is not c for c in seen):
+                    seen.append(w)
+                    if not isinstance(w, DistributedDataParallel):  # (its forward runs the hooks of the model inside)
+                        found.append(w)
     return found
 _HOOKS_LOCK = {}  # id(a module's _forward_pre_hooks that model_lock hooked) -> (weakref to that dict, the lock)
 _HOOKS_PRUNE = [256]  # its size at which the entries of dicts gone are dropped
