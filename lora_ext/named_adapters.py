@@ -1248,8 +1248,7 @@ class NamedAdapters:
                    and lora_A.device == live_A.device and lora_A.dtype == live_A.dtype
                    and lora_B.device == live_B.device and lora_B.dtype == live_B.dtype)
         stored = (lora_A, lora_B) if has_own else None
-        # an adapter marked to train (mark_trainable) while frozen live factors served another: it trains from now on
-        marked = not self._trainable() and self.marked_to_train(name)
+        marked = self._marked_switch(name)
         own = has_own and (self._trainable() or marked)
         owner, home = self._owner, name == self._owner  # home: the live Parameters are this adapter's own
         if owner is None and name == self.active_adapter and live_A.shape == lora_A.shape \
@@ -1315,8 +1314,7 @@ class NamedAdapters:
         refused before anything changes). An optimizer built over them keeps its state across the switch:
         build one per adapter you train."""
         live_A, live_B = self.lora_A, self.lora_B
-        # an adapter marked to train (mark_trainable) makes frozen live factors train, as its own pair does unsharded
-        marked = not self._trainable() and self.marked_to_train(name)
+        marked = self._marked_switch(name)  # (the live shards train from now on, as its own pair does unsharded)
         # in the live factors' dtype, as an unsharded switch makes them: a merged switch adds what the layer holds
         device = sharded.local(live_A).device
         lora_A = sharded.full(lora_A).detach().to(device, live_A.dtype)
@@ -1448,6 +1446,11 @@ class NamedAdapters:
     def marked_to_train(self, name: str) -> bool:
         """Whether inactive adapter `name` is marked to train once a switch makes it active (mark_trainable)."""
         return name in self.__dict__.get("_marked_trains", ())
+
+    def _marked_switch(self, name: str) -> bool:
+        """Whether a switch to `name` makes it train by its mark alone: marked (mark_trainable) while frozen live factors
+        served another adapter; it trains from the switch on."""
+        return not self._trainable() and self.marked_to_train(name)
 
     def trains_after_switch(self, name: str) -> bool:
         """Whether the live factors train once adapter `name` is active: they train on (a switch keeps the live

@@ -11,6 +11,7 @@ serialise. Under torch.compile the hooks do nothing (a compiled graph takes no P
 import collections
 import contextlib
 import contextvars
+import functools
 import random
 import sys
 import threading
@@ -699,6 +700,7 @@ def _chain_lock(chain) -> ModelLock:
                     m.__dict__["_compiled_call_impl"] = _LockedCall(m, in_place)
                     gained = True
                 m.__dict__["_lora_ext_model_lock"] = lock  # (before the hooks, which read it)
+                _lock_generate_compiles(type(m))
                 # (not nn.DataParallel's: its forward runs the replicas on worker threads, which take their reads
                 # through the inner model's hooks they copy; a read held around them made a switch queued meanwhile
                 # deadlock, r7)
@@ -817,6 +819,33 @@ def _locked_compiled_call(module, call, args, kwargs):
 
 
 _LOCKED_CODE = _locked_compiled_call.__code__
+
+
+def _lock_generate_compiles(cls) -> None:
+    """transformers' generate() compiles the model's `__call__` itself for its decode steps (with a static cache:
+    `get_compiled_call`, on a GPU by default): a function, not a module, so nothing notes it, and the model's forward
+    hooks, lora_ext's lock hooks among them, run inside the compiled code, where they do nothing: the decode steps took
+    no read, and a switch meanwhile wrote in the middle of them (S2: one read for six tokens, the prefill's). Each
+    class of `cls`'s MRO that defines get_compiled_call gets it wrapped, once: for a model that has a lock, the
+    compiled call comes back under a _LockedCall (the read taken eagerly, around each decode step), as for a model
+    compiled in place. Other models of the class get theirs as before. A class, not the model's __dict__: a wrapper
+    there would be shared by a copy.copy of the model, whose generate would then decode with the original's weights."""
+    for klass in cls.__mro__:
+        original = klass.__dict__.get("get_compiled_call")
+        if isinstance(original, types.FunctionType) and not getattr(original, "_lora_ext_locks", False):
+            setattr(klass, "get_compiled_call", _locking_get_compiled_call(original))
+
+
+def _locking_get_compiled_call(original):
+    @functools.wraps(original)
+    def get_compiled_call(self, *args, **kwargs):
+        call = original(self, *args, **kwargs)
+        if self.__dict__.get("_lora_ext_model_lock") is None or isinstance(call, _LockedCall) \
+                or getattr(call, "__self__", None) is self:  # (its own __call__, not compiled: the hooks run)
+            return call
+        return _LockedCall(self, call)
+    get_compiled_call._lora_ext_locks = True
+    return get_compiled_call
 
 
 def _compiled_wrappers(chain) -> List[nn.Module]:

@@ -911,7 +911,7 @@ def load_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                     if placeholder is not None:
                         layer.add_placeholder(placeholder)
                         layer.set_adapter(placeholder)  # (the adapter's own Parameters set aside)
-                        if trains and not in_training:  # the stand-in trains only as the model does; the adapter
+                        if is_trainable and not in_training:  # the stand-in trains only as the model does; the adapter
                             layer.lora_A.requires_grad_(False)  # trains once a switch makes it active, as in the layers
                             layer.lora_B.requires_grad_(False)  # already there: held frozen, marked (reserve_rank
                             layer.mark_trainable(adapter_name)  # refused its set-aside trainable pair, S1)
