@@ -198,8 +198,10 @@ def _wrapped(model: nn.Module):
     ._orig_mod."""
     while isinstance(model, nn.Module):
         yield model
+        # (torch.compile's wrapper registers the model as its child `_orig_mod`; a lookup in _modules spares the
+        # AttributeError nn.Module.__getattr__ raises for every other module, most of model_lock's fast path)
         model = (model.module if isinstance(model, (DistributedDataParallel, DataParallel))
-                 else getattr(model, "_orig_mod", None))
+                 else model.__dict__.get("_modules", {}).get("_orig_mod"))
 
 
 def _ddp_of(model: nn.Module):
