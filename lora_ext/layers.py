@@ -1119,6 +1119,8 @@ class LoRALayer(NamedAdapters):
         return contextlib.nullcontext() if ops.compiling() else self._lock
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_nested:
+            return _nested_forward(self, x)
         # mixed batches (lora_ext.batch_adapters) open in this context (ANY_OPEN first: see its comment)
         batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
         with self._guard():
@@ -3040,12 +3042,39 @@ def unloaded(layer: "LoRALayer") -> None:
         layer.__dict__.update(_broken=why, _unloaded=why)
 
 
+def _calls_its_layers(module, args) -> None:
+    """A forward pre-hook that does nothing: its presence is what counts (keep_layers_called)."""
+    return None
+
+
+def keep_layers_called(parent: nn.Module, layer: "LoRALayer") -> None:
+    """torch's nn.TransformerEncoderLayer has a fast path (eval, no grad: torch._transformer_encoder_layer_fwd) that
+    reads linear1's and linear2's weights and never calls them: a lora_ext layer there was skipped, its adapter
+    unmerged or a mixed batch's rows served what the weight holds (U1: 3.8 off unmerged, 1.0-1.2 off the rows of a
+    mixed batch; peft's layers are skipped alike). The fast path is not taken while any module inside has a forward
+    hook: the layer gets one that does nothing (lora_ext's: unload does not carry it to the module put back)."""
+    if isinstance(parent, nn.TransformerEncoderLayer) and isinstance(layer, LoRALayer) \
+            and not any(h is _calls_its_layers for h in layer._forward_pre_hooks.values()):
+        layer.register_forward_pre_hook(_calls_its_layers)
+
+
+def _nested_forward(layer: "LoRALayer", x: Tensor) -> Tensor:
+    """torch's nn.TransformerEncoder runs its layers on nested tensors (a padding mask, in eval under no grad): the
+    rows, padded with zeros, go through the layer's forward (a mixed batch's rows stay its rows; each token is computed
+    on its own) and each row's own tokens come back nested, as they came."""
+    sizes = [t.shape for t in x.unbind()]
+    y = layer.forward(torch.nested.to_padded_tensor(x, 0.0))
+    return torch.nested.as_nested_tensor([y[i][tuple(slice(0, n) for n in size[:-1])] for i, size in enumerate(sizes)],
+                                         layout=x.layout)
+
+
 def _on_child(parent: nn.Module, name: str, new: Optional[nn.Module]) -> None:
     """torch calls this before any module is set as a child. A lora_ext layer holding an adapter replaced by a module
     that is not a lora_ext layer and does not hold it (transformers' resize_token_embeddings puts a fresh nn.Linear in
     place of a LoRA head; a user's `model.q_proj = nn.Linear(...)`) takes its adapters out of the model with nothing
     said: this warns, naming the layer, its adapters and, when merged, that a weight copied from it holds the adapter
     for good. Wrappers that hold the layer (FSDP, checkpoint wrappers, torch.compile's) and lora_ext's unload pass."""
+    keep_layers_called(parent, new)
     old = parent.__dict__.get("_modules", {}).get(name)
     if not isinstance(old, LoRALayer) or isinstance(new, LoRALayer) or not old.has_lora \
             or getattr(_taking_out, "depth", 0):

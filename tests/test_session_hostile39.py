@@ -1,5 +1,6 @@
 """Forty-eighth session: what this session's hostile rounds and its own reading gave, each with a test that fails on
 the commit before its fix."""
+import contextlib
 import threading
 
 import pytest
@@ -69,3 +70,69 @@ def test_a_switch_during_a_compiled_decode_step_waits_for_it():
     assert waited, "the switch wrote in the middle of a compiled decode step"
     assert not t.is_alive() and model.model.layers[0].self_attn.q_proj.active_adapter == "default"
     assert steps[:2] == ["b", "b"] and steps[-1] == "default"  # it landed between two steps
+
+
+def _encoder_with_adapters(batch_first=True):
+    """torch's nn.TransformerEncoder (2 layers) with lora_ext in linear1/linear2 (adapters "default" and "b", random),
+    float64, and for each adapter and the base a plain copy whose weights hold that adapter, merged by the test."""
+    import copy
+    torch.manual_seed(0)
+    plain = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                                         batch_first=batch_first), 2)
+    plain = plain.double().eval()
+    enc = copy.deepcopy(plain)
+    lora.inject(enc, ["linear1", "linear2"], r=2)
+    refs = {None: plain, "default": copy.deepcopy(plain), "b": copy.deepcopy(plain)}
+    for path, m in enc.named_modules():
+        if isinstance(m, lora.LoRALayer):
+            with torch.no_grad():
+                m.lora_B.normal_()
+                m.add_adapter("b", torch.randn(2, m.in_features, dtype=torch.float64),
+                              torch.randn(m.out_features, 2, dtype=torch.float64), 0.5)
+                for name in ("default", "b"):
+                    A, B, scaling = m.get_adapter(name)
+                    refs[name].get_submodule(path).weight += scaling * B.double() @ A.double()
+    return enc.eval(), refs
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padding_mask"])
+@pytest.mark.parametrize("how", ["unmerged", "merged", "mixed_batch"])
+def test_torch_transformer_encoder_layers_run_their_lora_layers(how, padded):
+    # U1: in eval under no grad, nn.TransformerEncoderLayer's fast path reads linear1/linear2's weights and never calls
+    # them: lora_ext's layers there were skipped (unmerged: the base served, 3.8 off; a mixed batch's rows all served
+    # what the weight held, 1.0-1.2 off); with a padding mask nn.TransformerEncoder hands the layers nested tensors
+    enc, refs = _encoder_with_adapters()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    kwargs = {"src_key_padding_mask": torch.tensor([[False] * 5, [False] * 3 + [True] * 2,
+                                                    [False] * 4 + [True]])} if padded else {}
+    names = ["b", None, "default"] if how == "mixed_batch" else ["default"] * 3
+    if how == "unmerged":
+        lora.unmerge_adapter(enc)
+    assert enc.layers[0].linear1.merged == (how != "unmerged")
+    with torch.no_grad():
+        expected = torch.cat([refs[n](x[i:i + 1], **{k: v[i:i + 1] for k, v in kwargs.items()})
+                              for i, n in enumerate(names)])
+        with lora.batch_adapters(enc, names) if how == "mixed_batch" else contextlib.nullcontext():
+            out = enc(x, **kwargs)
+    assert not out.is_nested and out.shape == expected.shape
+    assert (out - expected).abs().max().item() < 1e-10
+    # the base and the adapters differ there: the test can fail
+    assert min((refs[n](x) - refs[None](x)).abs().max().item() for n in ("default", "b")) > 0.1
+
+
+def test_a_mixed_batch_of_time_major_torch_transformer_layers_is_refused():
+    # U1: batch_first=False (torch's default): the layers run on (tokens, rows, d); with as many tokens as rows a batch
+    # served token t of every row with row t's adapter (0.49-1.12 off), silently
+    enc, _ = _encoder_with_adapters(batch_first=False)
+    x = torch.randn(3, 3, 16, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(ValueError, match="'layers.0' is a TransformerEncoderLayer.*time-major.*"
+                                                          "batch_first=False"):
+        with lora.batch_adapters(enc, ["b", None, "default"]):
+            enc(x)
+    # one adapter at a time is served (and unload takes lora_ext's hook away with the layers)
+    with torch.no_grad():
+        out = enc(x)
+    lora.unload(enc, merge=True)
+    assert all(not m._forward_pre_hooks for m in enc.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        assert (enc(x) - out).abs().max().item() < 1e-10

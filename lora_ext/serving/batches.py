@@ -784,16 +784,24 @@ def _check_batch_major(model, expand=1):
         kind = type(m).__name__
         parts = [(f"{path}.{name}" if path else name, child) for name, child in m.named_children()
                  if name in _TIME_MAJOR_PARTS.get(kind, ())]
-        if kind in _TIME_MAJOR and _served_inside(m):
+        if (kind in _TIME_MAJOR or _torch_time_major(m)) and _served_inside(m):
             raise ValueError(f"batch_adapters: {path or 'the model'!r} is a {kind}, whose layers take "
-                             f"time-major inputs (tokens first, then rows): a row of the batch cannot be told from a "
-                             f"token there; serve it one adapter at a time")
+                             f"time-major inputs (tokens first, then rows"
+                             f"{', batch_first=False' if _torch_time_major(m) else ''}): a row of the batch cannot be "
+                             f"told from a token there; serve it one adapter at a time")
         for part, child in parts:
             _refuse_not_rows_first(part, child, kind, "tokens, queries or layers")
         if expand > 1 and kind in _TILING and _served_inside(m):  # (a tiling part the batch does not serve: r48)
             raise ValueError(f"batch_adapters: expand={expand}: {path or 'the model'!r} is a {type(m).__name__}, whose "
                              f"generate() stacks the batch twice for classifier-free guidance ([rows; rows]) rather "
                              f"than repeating each row in a run, as expand assumes; serve it one adapter at a time")
+
+
+def _torch_time_major(m) -> bool:
+    """torch's own transformer layers built with batch_first=False (their default): they run their linear layers on
+    (tokens, rows, d), and with as many tokens as rows a batch served token t of every row with row t's adapter (U1:
+    0.49-1.12 off)."""
+    return isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)) and not m.self_attn.batch_first
 
 
 def _early_refusals(model) -> None:
