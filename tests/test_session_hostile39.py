@@ -136,3 +136,20 @@ def test_a_mixed_batch_of_time_major_torch_transformer_layers_is_refused():
     assert all(not m._forward_pre_hooks for m in enc.modules() if isinstance(m, torch.nn.Linear))
     with torch.no_grad():
         assert (enc(x) - out).abs().max().item() < 1e-10
+
+
+def test_an_adapter_targeting_only_a_module_another_saves_whole_is_refused_naming_it(tmp_path):
+    # U1: the refusal said target_modules "matches no module of the model"
+    peft = pytest.importorskip("peft")
+    model = hf_model("llama")
+    config = model.config
+    for name, cfg in {"a": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+                      "c": dict(target_modules=["embed_tokens"])}.items():
+        torch.manual_seed(1)
+        pm = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(r=2, **cfg))
+        pm.save_pretrained(str(tmp_path / name))
+    lora.load_peft_adapter(model, str(tmp_path / "a"), "a", activate=False)
+    with pytest.raises(ValueError, match=r"matches only modules that other adapters save whole or replace token rows "
+                                         r"of .*'model.embed_tokens' \(by adapter\(s\) \['a'\]\)"):
+        lora.load_peft_adapter(model, str(tmp_path / "c"), "c", activate=False)
+    assert "c" not in lora.adapter_names(model)

@@ -207,7 +207,7 @@ def select_targets(model, target_modules, exclude_modules=None, option="target_m
     check_layers(option, target_modules, layers_to_transform, layers_pattern)
     spec = resolve_targets(model, target_modules, task_type)
     inner = [n + "." for n, m in model.named_modules() if n and isinstance(m, (LoRALayer, ModulesToSave))]
-    chosen, excluded, unmatched = [], [], []
+    chosen, excluded, unmatched, saved = [], [], [], []
     for name, module in model.named_modules():
         if not name or any(name.startswith(p) for p in inner):
             continue
@@ -218,11 +218,19 @@ def select_targets(model, target_modules, exclude_modules=None, option="target_m
                                                     or (modules_to_save and keeps_lora_off(modules_to_save, n))
                                                     for n in names):
             excluded.append(name)
+            if isinstance(module, ModulesToSave) and any(target_matches(spec, n, layers_to_transform, layers_pattern)
+                                                         for n in names):
+                saved.append(f"{name!r} (by adapter(s) {list(module.adapter_names)!r})")
         elif any(target_matches(spec, n, layers_to_transform, layers_pattern) for n in names):
             chosen.append((name, module))
         else:
             unmatched.append(name)
     if not chosen:
+        if saved:  # (U1: it said "matches no module", where it matched one another adapter saves whole)
+            raise ValueError(f"{option}: target_modules {target_modules!r} matches only modules that other adapters "
+                             f"save whole or replace token rows of (modules_to_save, trainable_token_indices): "
+                             f"{', '.join(saved)}; lora_ext puts no LoRA on such a module (peft refuses such a "
+                             f"target): serve the adapters from models of their own")
         if excluded and not unmatched:
             raise ValueError(f"{option}: exclude_modules {exclude_modules!r} excludes every module")
         raise ValueError(f"{option}: target_modules {target_modules!r} matches no module of the model"
