@@ -52,6 +52,99 @@ def test_static_cache_generate_decode_steps_take_the_models_read():
     assert calls and "_lora_ext_model_lock" not in plain.__dict__
 
 
+def test_an_unpickled_model_decodes_under_its_lock_in_a_fresh_process(tmp_path):
+    # T2: the model came with its lock, so no lock was made there and nothing wrapped its class's get_compiled_call:
+    # the decode steps took no read and a switch tore them (3 of 3; spawned workers alike)
+    import subprocess
+    import sys
+    model = hf_model("llama").eval()
+    lora.set_adapter(model, "b")
+    torch.save(model, tmp_path / "model.pt")
+    script = f"""
+import torch, transformers
+import lora_ext as lora
+from lora_ext.serving.adapters import model_lock
+model = torch.load({str(tmp_path / "model.pt")!r}, weights_only=False)
+lock = model_lock(model)
+held = []
+def backend(gm, example_inputs):
+    def run(*args):
+        held.append(lock.holds_read())
+        return gm.forward(*args)
+    return run
+config = transformers.CompileConfig(backend=backend, fullgraph=False, mode=None)
+config._compile_all_devices = True
+model.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=4, do_sample=False, cache_implementation="static",
+               compile_config=config)
+print("HELD", held)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    held = eval(out.stdout.split("HELD", 1)[1])
+    assert len(held) >= 3 and all(held), held
+
+
+def test_a_deep_copy_of_a_model_that_generated_compiled_decodes_with_its_own_weights():
+    # T2: transformers keeps the compiled call in the model's __dict__: the copy's generate ran the original's
+    # (0.557 off the copy's eager logits, other tokens), under the copy's lock
+    import copy
+    model = hf_model("llama").eval()
+    config = _compile_config(lambda: None)
+    _static_generate(model, config)
+    twin = copy.deepcopy(model)
+    lora.set_adapter(twin, "b")  # (the original serves "default")
+    want = twin.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=5, do_sample=False,
+                         cache_implementation="static", output_logits=True, return_dict_in_generate=True)
+    got = twin.generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=5, do_sample=False,
+                        cache_implementation="static", output_logits=True, return_dict_in_generate=True,
+                        compile_config=config)
+    assert torch.equal(got.sequences, want.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(got.logits, want.logits)) < 1e-5
+    original = _static_generate(model, None)
+    assert not torch.equal(original, want.sequences) or \
+        (model(want.sequences).logits - twin(want.sequences).logits).abs().max().item() > 1e-3  # (the test can fail)
+
+
+def test_compiled_decode_steps_take_the_read_of_the_part_lora_ext_was_given():
+    # T2: lora_ext given model.model (inject, set_adapter): its hooks took its read in eager forwards of the whole
+    # model, but the compiled decode steps took none, and a switch of model.model tore them
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=40, max_position_embeddings=16)).eval()
+    lora.inject(model.model, ["q_proj", "v_proj"], r=2)
+    for m in [m for m in model.modules() if isinstance(m, lora.LoRALayer)]:
+        m.add_adapter("b", torch.randn(2, m.in_features), torch.randn(m.out_features, 2), 1.0)
+    lora.set_adapter(model.model, "b")
+    lock = model_lock(model.model)
+    assert "_lora_ext_model_lock" not in model.__dict__
+    held = []
+    _static_generate(model, _compile_config(lambda: held.append(lock.holds_read())))
+    assert len(held) >= 4 and all(held), held
+
+
+def test_vibevoices_negative_branch_compiles_under_the_lock():
+    # T2: VibeVoice compiles its classifier-free guidance's negative branch apart (_get_negative_compiled_call)
+    if not hasattr(transformers, "VibeVoiceForConditionalGeneration"):
+        pytest.skip("this transformers has no VibeVoice")
+    cfg = transformers.VibeVoiceConfig(
+        text_config=dict(model_type="qwen2", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, vocab_size=151700),
+        audio_config=dict(model_type="vibevoice_acoustic_tokenizer", hidden_size=8, n_filters=4, depths=[1, 1],
+                          downsampling_ratios=[2]),
+        semantic_model_config=dict(model_type="vibevoice_acoustic_tokenizer_encoder", hidden_size=8, n_filters=4,
+                                   depths=[1, 1], downsampling_ratios=[2]),
+        diffusion_head_config=dict(num_head_layers=1, intermediate_size=16))
+    model = transformers.VibeVoiceForConditionalGeneration(cfg).eval()
+    lora.inject(model, ["q_proj", "v_proj"], r=2)
+    lock = model_lock(model)
+    held = []
+    negative = model._get_negative_compiled_call(_compile_config(lambda: held.append(lock.holds_read())))
+    with torch.no_grad():
+        negative(input_ids=torch.tensor([[1, 2, 3]]))
+    assert held == [True]
+
+
 def test_a_switch_during_a_compiled_decode_step_waits_for_it():
     model = hf_model("llama").eval()
     lora.set_adapter(model, "b")

@@ -144,6 +144,7 @@ class ModelLock:
 
     def __setstate__(self, state):
         self.__init__()
+        _lock_loaded_generate_compiles()  # (a model unpickled with its lock: its class's generate compiles, T2)
 
     def _in_forward(self, frame, outer: int = 0) -> bool:
         """Whether the stack holds a forward of a module with this lock (the model, or a shallow copy of it,
@@ -821,29 +822,73 @@ def _locked_compiled_call(module, call, args, kwargs):
 _LOCKED_CODE = _locked_compiled_call.__code__
 
 
+# transformers' methods that compile the model's __call__ for generate()'s decode steps, and the attribute of the model
+# that each keeps the compiled call in (VibeVoice compiles its classifier-free guidance's negative branch apart)
+_GENERATE_COMPILES = {"get_compiled_call": "_compiled_call", "_get_negative_compiled_call": "_negative_compiled_call"}
+
+
 def _lock_generate_compiles(cls) -> None:
     """transformers' generate() compiles the model's `__call__` itself for its decode steps (with a static cache:
     `get_compiled_call`, on a GPU by default): a function, not a module, so nothing notes it, and the model's forward
     hooks, lora_ext's lock hooks among them, run inside the compiled code, where they do nothing: the decode steps took
     no read, and a switch meanwhile wrote in the middle of them (S2: one read for six tokens, the prefill's). Each
-    class of `cls`'s MRO that defines get_compiled_call gets it wrapped, once: for a model that has a lock, the
-    compiled call comes back under a _LockedCall (the read taken eagerly, around each decode step), as for a model
-    compiled in place. Other models of the class get theirs as before. A class, not the model's __dict__: a wrapper
-    there would be shared by a copy.copy of the model, whose generate would then decode with the original's weights."""
-    for klass in cls.__mro__:
-        original = klass.__dict__.get("get_compiled_call")
-        if isinstance(original, types.FunctionType) and not getattr(original, "_lora_ext_locks", False):
-            setattr(klass, "get_compiled_call", _locking_get_compiled_call(original))
+    class of `cls`'s MRO that defines such a method (_GENERATE_COMPILES) gets it wrapped, once: for a model that has a
+    lock, or holds models that have one, the compiled call comes back under their _LockedCalls (the reads taken
+    eagerly, around each decode step), as for a model compiled in place. Other models of the class get theirs as
+    before. A class, not the model's __dict__: a wrapper there would be shared by a copy.copy of the model, whose
+    generate would then decode with the original's weights."""
+    with _MAKING:
+        for klass in cls.__mro__:
+            for name, attr in _GENERATE_COMPILES.items():
+                original = klass.__dict__.get(name)
+                if isinstance(original, types.FunctionType) and not getattr(original, "_lora_ext_locks", False):
+                    setattr(klass, name, _locking_compiled_call(original, attr))
 
 
-def _locking_get_compiled_call(original):
+def _lock_loaded_generate_compiles() -> None:
+    """_lock_generate_compiles of every transformers model class loaded: a model unpickled (or deep-copied) with its
+    lock, in a process where no lock was made, generates before any lora_ext call (T2: its decode steps took no read,
+    and a switch tore them, 3 of 3; in spawned workers too)."""
+    base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    todo, seen = [base] if isinstance(base, type) else [], set()
+    while todo:
+        klass = todo.pop()
+        if klass not in seen:
+            seen.add(klass)
+            _lock_generate_compiles(klass)
+            todo.extend(klass.__subclasses__())
+
+
+def _locked_inside(model) -> List[nn.Module]:
+    """`model` if it has a lock, else the outermost modules inside it that have one (lora_ext was given a part of the
+    model, `model.model`: its hooks take its read in eager forwards of the whole, not in compiled ones, T2)."""
+    if "_lora_ext_model_lock" in model.__dict__:
+        return [model]
+    found, inside = [], []
+    for name, m in model.named_modules():
+        if "_lora_ext_model_lock" in m.__dict__ and not any(name.startswith(p) for p in inside):
+            found.append(m)
+            inside.append(name + ".")
+    return found
+
+
+def _locking_compiled_call(original, attr):
     @functools.wraps(original)
     def get_compiled_call(self, *args, **kwargs):
         call = original(self, *args, **kwargs)
-        if self.__dict__.get("_lora_ext_model_lock") is None or isinstance(call, _LockedCall) \
-                or getattr(call, "__self__", None) is self:  # (its own __call__, not compiled: the hooks run)
-            return call
-        return _LockedCall(self, call)
+        locked = _locked_inside(self)
+        if not locked or isinstance(call, _LockedCall) or getattr(call, "__self__", None) is self:
+            return call  # (no lock; or its own __call__, not compiled: the hooks run)
+        target = getattr(call, "_torchdynamo_orig_callable", None)
+        if getattr(target, "__self__", self) is not self and self.__dict__.get(attr) is call:
+            # transformers keeps the compiled call in the model's __dict__: a copy (copy.deepcopy, copy.copy) of a model
+            # that generated compiled holds the original's, and decoded with the original's weights under the copy's
+            # lock (T2: 0.557 off, other tokens); compiled again, for this model
+            del self.__dict__[attr]
+            call = original(self, *args, **kwargs)
+        for m in reversed(locked):
+            call = _LockedCall(m, call)
+        return call
     get_compiled_call._lora_ext_locks = True
     return get_compiled_call
 
