@@ -246,3 +246,65 @@ def test_an_adapter_targeting_only_a_module_another_saves_whole_is_refused_namin
                                          r"of .*'model.embed_tokens' \(by adapter\(s\) \['a'\]\)"):
         lora.load_peft_adapter(model, str(tmp_path / "c"), "c", activate=False)
     assert "c" not in lora.adapter_names(model)
+
+
+def _path_read_model(kind):
+    """Tiny transformers models whose parent modules compute with a module's weight without calling it on one path
+    (V1: float64, the adapter unmerged against it merged by hand, off by the numbers in each refusal's comment)."""
+    T = transformers
+    torch.manual_seed(0)
+    if kind == "recurrent_gemma":  # a cached decode step: 0.54 off
+        return T.RecurrentGemmaForCausalLM(T.RecurrentGemmaConfig(
+            num_hidden_layers=2, vocab_size=100, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, lru_width=32, attention_window_size=16, conv1d_width=4,
+            block_types=["recurrent", "attention"])), ["conv_1d"], "cached decode steps"
+    if kind == "reformer":  # a cached decode step: 0.55 off
+        return T.ReformerModelWithLMHead(T.ReformerConfig(
+            vocab_size=100, hidden_size=32, num_attention_heads=2, attention_head_size=16, feed_forward_size=64,
+            attn_layers=["lsh", "local"], axial_pos_embds=False, max_position_embeddings=64, is_decoder=True,
+            lsh_attn_chunk_length=8, local_attn_chunk_length=8, num_buckets=4)), ["query_key"], "cached decode steps"
+    if kind == "clip":  # interpolate_pos_encoding=True: the adapter dropped whole, 0.96 off
+        return T.CLIPVisionModel(T.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                    num_attention_heads=2, image_size=32, patch_size=8)), \
+            ["position_embedding"], "interpolate_pos_encoding=True"
+    if kind in ("bloom_tp", "bloom"):  # pretraining_tp > 1 with slow_but_exact: 0.36 off
+        return T.BloomForCausalLM(T.BloomConfig(vocab_size=100, hidden_size=32, n_layer=1, n_head=4, pretraining_tp=2,
+                                                slow_but_exact=kind == "bloom_tp")), ["dense"], "pretraining_tp"
+    if kind == "sam":  # point prompts: self.point_embed[i].weight, never called: 0.31 off
+        from transformers.models.sam.modeling_sam import SamPromptEncoder
+        holder = torch.nn.Module()
+        holder.prompt_encoder = SamPromptEncoder(T.SamConfig())
+        return holder, ["point_embed.0"], r"the module 'prompt_encoder' \(SamPromptEncoder\)"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["recurrent_gemma", "reformer", "clip", "bloom_tp", "sam"])
+def test_a_module_its_parent_reads_uncalled_on_one_path_is_refused_naming_the_path(kind, tmp_path):
+    # V1: an adapter on these modules was served on one path and skipped on another (peft's too), silently
+    model, targets, path = _path_read_model(kind)
+    with pytest.raises(ValueError, match=f"{path}.*reads its weight without calling it" if kind == "sam" else
+                       f"reads its weight without calling it.*{path}"):
+        lora.inject(model, targets, r=2)
+    assert not any(isinstance(m, lora.LoRALayer) for m in model.modules())
+
+
+def test_bloom_without_its_sliced_path_takes_an_adapter_on_dense():
+    model, targets, _ = _path_read_model("bloom")
+    lora.inject(model, targets, r=2)
+    assert isinstance(model.transformer.h[0].self_attention.dense, lora.LoRALayer)
+
+
+def test_a_module_its_parent_skips_in_training_only_is_injected_with_a_warning():
+    # V1: Gemma3n's AltUp computes with correction_coefs' clamped weight in training forwards and calls it in eval:
+    # "all-linear" chooses it, and its adapter got no gradient (peft's neither), silently
+    T = transformers
+    torch.manual_seed(0)
+    model = T.Gemma3nForCausalLM(T.Gemma3nTextConfig(
+        vocab_size=100, vocab_size_per_layer_input=100, hidden_size=32, hidden_size_per_layer_input=8,
+        intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        laurel_rank=4, num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0],
+        layer_types=["sliding_attention", "full_attention"], sliding_window=8))
+    with pytest.warns(UserWarning, match=r"correction_coefs'.*\(Gemma3nTextAltUp\) computes with its weight without "
+                                         r"calling it in training forwards"):
+        lora.inject(model, ["correction_coefs"], r=2)
+    assert isinstance(model.model.layers[0].altup.correction_coefs, lora.LoRALayer)

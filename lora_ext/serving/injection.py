@@ -387,24 +387,65 @@ def scaled_embedding(module):
     return (scale, number) if looked else None
 
 
-def read_without_call(model, name):
-    """Whether the module that holds module `name` reads its weight or bias (other than their dtype, device or shape)
-    and never calls it: nn.MultiheadAttention's out_proj, WavLM's attention projections, Mamba's dt_proj, ... An
-    adapter there does nothing unmerged and everything merged (peft's too). Told from the source of the parent's
-    classes (read_not_called); a class whose source cannot be read counts as calling its modules."""
+def read_without_call(model, name) -> Optional[str]:
+    """_reader's path (below), or None."""
+    return _reader(model, name)[0]
+
+
+def _reader(model, name) -> tuple:
+    """Where the module that holds module `name` computes with its weight or bias (other than their dtype, device or
+    shape) without calling it, else None: "always" where no method calls it (nn.MultiheadAttention's out_proj, WavLM's
+    attention projections, SAM's point embeddings, read as `self.point_embed[i].weight`), else the path that reads it
+    (_PATH_READS, _PATH_READ_METHODS: a cached decode step, interpolate_pos_encoding, a CUDA kernel path). An adapter
+    there changes nothing unmerged on that path and everything merged (peft's too). Told from the source of the
+    parent's classes (read_not_called, reads_by_method); a class whose source cannot be read counts as calling its
+    modules. Returns (the path or None, the reader's name)."""
     parent, _, child = name.rpartition(".")
     holder = model.get_submodule(parent)
-    return child in read_not_called(type(holder)) or child in _KERNEL_PATH_READS.get(type(holder).__name__, ())
+    if child in read_not_called(type(holder)):
+        return "always", parent
+    if isinstance(holder, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) and parent:  # (self.x[i].weight)
+        outer, _, held = parent.rpartition(".")
+        if held in read_not_called(type(model.get_submodule(outer)), items=True):
+            return "always", outer
+    path = _PATH_READS.get(type(holder).__name__, {}).get(child)
+    if isinstance(path, tuple):  # (a path the parent takes only as it is configured)
+        path = path[0] if path[1](holder) else None
+    if path is None:
+        path = next((why for method, why in _PATH_READ_METHODS.items()
+                     if method in reads_by_method(type(holder)).get(child, ())), None)
+    return path, parent
 
 
-# transformers' state-space mixers whose CUDA kernel path (mamba_ssm) reads these modules' weights, where the torch
-# path calls them: an adapter there would be served on a CPU and not on a GPU unmerged (peft refuses out_proj too)
-_KERNEL_PATH_READS = {
-    "MambaMixer": {"x_proj", "dt_proj", "out_proj"}, "FalconMambaMixer": {"x_proj", "dt_proj", "out_proj"},
-    "JambaMambaMixer": {"dt_proj"}, "Mamba2Mixer": {"out_proj"}, "BambaMixer": {"out_proj"},
-    "FalconH1Mixer": {"out_proj"}, "NemotronHMamba2Mixer": {"out_proj"}, "Zamba2MambaMixer": {"out_proj"},
-    "GraniteMoeHybridMambaLayer": {"out_proj"},
+# transformers modules whose parent computes with their weight on one path and calls them on another (peft's adapters
+# are skipped there alike; V1, float64 against the adapter merged by hand): an adapter there would be served on one path
+# and not on the other, unmerged. {the parent's class: {the module: the path, or (the path, whether the parent takes
+# it)}}. The state-space mixers' CUDA kernel path (mamba_ssm) reads them where the torch path calls them: served on a CPU
+# and not on a GPU (peft refuses out_proj too)
+_KERNEL = "its CUDA kernel path (mamba_ssm, on a GPU)"
+_DECODE = "its cached decode steps (generate() after the prefill)"
+_BLOOM_TP = ("its pretraining_tp slices (pretraining_tp > 1 with slow_but_exact=True)",
+             lambda m: getattr(m, "pretraining_tp", 1) > 1 and getattr(m, "slow_but_exact", False))
+_PATH_READS = {
+    "MambaMixer": dict.fromkeys(("x_proj", "dt_proj", "out_proj"), _KERNEL),
+    "FalconMambaMixer": dict.fromkeys(("x_proj", "dt_proj", "out_proj"), _KERNEL),
+    "JambaMambaMixer": {"dt_proj": _KERNEL}, "Mamba2Mixer": {"out_proj": _KERNEL}, "BambaMixer": {"out_proj": _KERNEL},
+    "FalconH1Mixer": {"out_proj": _KERNEL}, "NemotronHMamba2Mixer": {"out_proj": _KERNEL},
+    "Zamba2MambaMixer": {"out_proj": _KERNEL}, "GraniteMoeHybridMambaLayer": {"out_proj": _KERNEL},
+    "RecurrentGemmaRecurrentBlock": {"conv_1d": _DECODE},  # (0.54 off on every decode step)
+    "LSHSelfAttention": {"query_key": _DECODE, "value": _DECODE},  # (Reformer: 0.55, 0.94 off)
+    "DiffusionGemmaDecoderModel": {"embed_tokens": "its self-conditioning (the logits' softmax times the embedding's "
+                                                   "weight, every denoising step after the first)"},
+    "BloomAttention": {"dense": _BLOOM_TP}, "BloomMLP": {"dense_4h_to_h": _BLOOM_TP},  # (0.36, 0.54 off)
 }
+# methods of any parent class whose read of a module's weight is such a path: CLIP's and its kin's vision embeddings
+# (about 20 classes: the adapter dropped whole, 0.96 off) and SAM2's and its kin's prompt encoders (box corners)
+_PATH_READ_METHODS = {"interpolate_pos_encoding": "interpolate_pos_encoding=True for images of another size",
+                      "_embed_boxes": "its box prompts"}
+# and modules whose parent skips them in training forwards only, where the adapter would not train (a warning):
+# Gemma3n's AltUp computes with correction_coefs' clamped weight in training, calls it in eval ("all-linear" chooses
+# it; peft's lora_B gets no gradient there either)
+_TRAINING_READS = {"Gemma3nTextAltUp": {"correction_coefs"}}
 
 
 _HARMLESS = {"dtype", "device", "shape", "size", "ndim", "dim", "numel", "is_cuda", "requires_grad", "is_meta"}
@@ -412,10 +453,11 @@ _INITIALISER = re.compile(r"(^|_)(init|reset|tie)")
 
 
 @functools.lru_cache(maxsize=None)
-def read_not_called(cls) -> frozenset:
-    """Names x of `self.x` whose `.weight` or `.bias` the methods of `cls` (its own and its bases', nn.Module's
-    aside; initialisers aside) read for their values, where no method calls `self.x(...)`."""
-    reads, calls = set(), set()
+def _uses(cls) -> tuple:
+    """What the methods of `cls` (its own and its bases', nn.Module's aside; initialisers aside) do with its modules:
+    ({x: methods reading `self.x.weight`/`.bias` for their values}, {x called: `self.x(...)`}, {x whose items'
+    weights are read: `self.x[i].weight`}, {x whose items are called: `self.x[i](...)`})."""
+    reads, calls, item_reads, item_calls = {}, set(), set(), set()
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             continue
@@ -433,14 +475,38 @@ def read_not_called(cls) -> frozenset:
                 elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                       and node.func.attr in ("forward", "__call__") and _self_attribute(node.func.value)):
                     calls.add(node.func.value.attr)  # self.x.forward(...)
-                if (isinstance(node, ast.Attribute) and node.attr in ("weight", "bias") and _self_attribute(node.value)
+                elif isinstance(node, ast.Call) and _self_item(node.func):
+                    item_calls.add(node.func.value.attr)  # self.x[i](...)
+                if (isinstance(node, ast.Attribute) and node.attr in ("weight", "bias")
                         and getattr(parents.get(id(node)), "attr", None) not in _HARMLESS):
-                    reads.add(node.value.attr)
-    return frozenset(reads - calls)
+                    if _self_attribute(node.value):
+                        reads.setdefault(node.value.attr, set()).add(fn.name)
+                    elif _self_item(node.value):
+                        item_reads.add(node.value.value.attr)
+    return ({x: frozenset(m) for x, m in reads.items()}, frozenset(calls), frozenset(item_reads),
+            frozenset(item_calls))
+
+
+def read_not_called(cls, items: bool = False) -> frozenset:
+    """Names x of `self.x` whose `.weight` or `.bias` the methods of `cls` (its own and its bases', nn.Module's
+    aside; initialisers aside) read for their values, where no method calls `self.x(...)`; items=True: of the
+    containers x whose items' weights are read, `self.x[i].weight`, where no method calls `self.x[i](...)` (SAM's
+    point embeddings: V1, the adapter did nothing unmerged, 0.31 off)."""
+    reads, calls, item_reads, item_calls = _uses(cls)
+    return item_reads - item_calls if items else frozenset(reads) - calls
+
+
+def reads_by_method(cls) -> dict:
+    """{x: the methods of `cls` that read `self.x.weight` (or `.bias`) for their values}."""
+    return _uses(cls)[0]
 
 
 def _self_attribute(node):
     return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+
+
+def _self_item(node):
+    return isinstance(node, ast.Subscript) and _self_attribute(node.value)
 
 
 def check_carry(label, src, dst) -> None:
@@ -524,11 +590,19 @@ def check_replaceable(model, name, module, label=None):
                          f"own, which a lora_ext layer in its place would not run (peft keeps it); lora_ext adapts "
                          f"{base.__name__} itself only, and a scaled word embedding whose forward is the lookup "
                          f"times its embed_scale")
-    if read_without_call(model, name):
-        parent = name.rpartition(".")[0]
-        raise ValueError(f"{label}: its parent {parent!r} ({type(model.get_submodule(parent)).__name__}) reads its "
-                         f"weight without calling it: an adapter there would change nothing unmerged (as in peft) and "
-                         f"the outputs once merged")
+    path, reader = _reader(model, name)
+    if path is not None:
+        raise ValueError(f"{label}: {'its parent' if reader == name.rpartition('.')[0] else 'the module'} {reader!r} "
+                         f"({type(model.get_submodule(reader)).__name__}) reads its weight without calling it"
+                         f"{'' if path == 'always' else f' on one path, {path}'}: an adapter there would change "
+                         f"nothing{'' if path == 'always' else ' on that path'} unmerged (as in peft) and the outputs "
+                         f"once merged")
+    parent = name.rpartition(".")[0]
+    holder = type(model.get_submodule(parent)).__name__
+    if name.rpartition(".")[2] in _TRAINING_READS.get(holder, ()):
+        warnings.warn(f"{label}: its parent {parent!r} ({holder}) computes with its weight without calling it in "
+                      f"training forwards (it calls it in eval): an adapter there is served in eval, but skipped in "
+                      f"training, where it gets no gradient (as in peft)", stacklevel=3)
 
 
 def replacement(module, name, r, lora_alpha, lora_dropout, merge_weights, enable_lora, lossless=None):
