@@ -837,12 +837,18 @@ def _lock_generate_compiles(cls) -> None:
     eagerly, around each decode step), as for a model compiled in place. Other models of the class get theirs as
     before. A class, not the model's __dict__: a wrapper there would be shared by a copy.copy of the model, whose
     generate would then decode with the original's weights."""
+    if cls in _GENERATE_LOCKED:
+        return
     with _MAKING:
         for klass in cls.__mro__:
             for name, attr in _GENERATE_COMPILES.items():
                 original = klass.__dict__.get(name)
                 if isinstance(original, types.FunctionType) and not getattr(original, "_lora_ext_locks", False):
                     setattr(klass, name, _locking_compiled_call(original, attr))
+        _GENERATE_LOCKED.add(cls)
+
+
+_GENERATE_LOCKED = set()  # the classes _lock_generate_compiles went through (their MROs)
 
 
 def _lock_loaded_generate_compiles() -> None:
