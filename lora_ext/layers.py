@@ -717,6 +717,7 @@ class LoRALayer(NamedAdapters):
     active adapter, and the snapshot of what it holds (`_merged_A`, `_merged_B`, `_merged_scaling`)."""
 
     _weight_key = "weight"
+    _parent_must_call = True  # a parent's fast path that reads the weight uncalled is left (keep_layers_called)
     _broken: Optional[str] = None  # why the weight is unknown (see _writing); set in the instance's __dict__
     # open lora.disable_adapter blocks over this layer, and whether there is one (what forwards read: torch.compile
     # guards on the attribute, and on a count's value it compiled a graph for each depth of nested blocks, r41)
@@ -753,6 +754,7 @@ class LoRALayer(NamedAdapters):
         self._lock = threading.RLock()
         forks.track_layer(self)
         self._streams = StreamOrder()
+        self.__dict__["_fast_paths_seen"] = True  # (keep_layers_called: layers pickled before it get its hook)
         self.register_load_state_dict_post_hook(_remerge_after_load)
         self.register_state_dict_post_hook(_base_into_state)
         self.__dict__["_load_state_dict_pre_hooks"] = _PreHooks(self._load_state_dict_pre_hooks)
@@ -827,6 +829,11 @@ class LoRALayer(NamedAdapters):
         self._restore_adapters(state)
         self._adopt_scale_tensor()
         self._lock = threading.RLock()
+        if "_fast_paths_seen" not in state:  # pickled before keep_layers_called: a parent's fast path that reads its
+            # weight (nn.TransformerEncoderLayer's) is not known here, so the layer takes the hook wherever it is
+            # (W2: a model pickled so skipped its adapter on load, 3.3 off)
+            self.__dict__["_fast_paths_seen"] = True
+            keep_layers_called(nn.TransformerEncoderLayer, self)
         forks.track_layer(self)
         self._streams = StreamOrder()
         if self.__dict__.get("_buffers", {}).get("_merged_A") is not None:
@@ -1120,7 +1127,7 @@ class LoRALayer(NamedAdapters):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.is_nested:
-            return _nested_forward(self, x)
+            return nested_forward(self, x)
         # mixed batches (lora_ext.batch_adapters) open in this context (ANY_OPEN first: see its comment)
         batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
         with self._guard():
@@ -3047,23 +3054,27 @@ def _calls_its_layers(module, args) -> None:
     return None
 
 
-def keep_layers_called(parent: nn.Module, layer: "LoRALayer") -> None:
+def keep_layers_called(parent, layer: nn.Module) -> None:
     """torch's nn.TransformerEncoderLayer has a fast path (eval, no grad: torch._transformer_encoder_layer_fwd) that
     reads linear1's and linear2's weights and never calls them: a lora_ext layer there was skipped, its adapter
     unmerged or a mixed batch's rows served what the weight holds (U1: 3.8 off unmerged, 1.0-1.2 off the rows of a
     mixed batch; peft's layers are skipped alike). The fast path is not taken while any module inside has a forward
-    hook: the layer gets one that does nothing (lora_ext's: unload does not carry it to the module put back)."""
-    if isinstance(parent, nn.TransformerEncoderLayer) and isinstance(layer, LoRALayer) \
+    hook: the layer gets one that does nothing (lora_ext's: unload does not carry it to the module put back); so does
+    a module saved whole (ModulesToSave, W2: the fast path read the active adapter's copy for every row of a mixed
+    batch, 2.5-3.2 off). `parent`: the module or its class."""
+    if (parent is nn.TransformerEncoderLayer or isinstance(parent, nn.TransformerEncoderLayer)) \
+            and getattr(layer, "_parent_must_call", False) \
             and not any(h is _calls_its_layers for h in layer._forward_pre_hooks.values()):
         layer.register_forward_pre_hook(_calls_its_layers)
 
 
-def _nested_forward(layer: "LoRALayer", x: Tensor) -> Tensor:
+def nested_forward(module: nn.Module, x: Tensor) -> Tensor:
     """torch's nn.TransformerEncoder runs its layers on nested tensors (a padding mask, in eval under no grad): the
-    rows, padded with zeros, go through the layer's forward (a mixed batch's rows stay its rows; each token is computed
-    on its own) and each row's own tokens come back nested, as they came."""
+    rows, padded with zeros, go through the module's forward (a lora_ext layer's, a module saved whole's: a mixed
+    batch's rows stay its rows; each token is computed on its own) and each row's own tokens come back nested, as they
+    came."""
     sizes = [t.shape for t in x.unbind()]
-    y = layer.forward(torch.nested.to_padded_tensor(x, 0.0))
+    y = module.forward(torch.nested.to_padded_tensor(x, 0.0))
     return torch.nested.as_nested_tensor([y[i][tuple(slice(0, n) for n in size[:-1])] for i, size in enumerate(sizes)],
                                          layout=x.layout)
 

@@ -308,3 +308,87 @@ def test_a_module_its_parent_skips_in_training_only_is_injected_with_a_warning()
                                          r"calling it in training forwards"):
         lora.inject(model, ["correction_coefs"], r=2)
     assert isinstance(model.model.layers[0].altup.correction_coefs, lora.LoRALayer)
+
+
+def test_a_layer_pickled_before_the_fast_path_hook_gets_it_on_load(tmp_path):
+    # W2: unpickling does not set children, so a model pickled before keep_layers_called loaded without the hook and
+    # its encoder layers took the fast path (3.3 off unmerged, 3.65 off a mixed batch)
+    enc, refs = _encoder_with_adapters()
+    lora.unmerge_adapter(enc)
+    for m in enc.modules():
+        if isinstance(m, lora.LoRALayer):  # (what the older code pickled: no hook, no mark)
+            m._forward_pre_hooks.clear()
+            del m.__dict__["_fast_paths_seen"]
+    torch.save(enc, tmp_path / "enc.pt")
+    loaded = torch.load(tmp_path / "enc.pt", weights_only=False)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert (loaded(x) - refs["default"](x)).abs().max().item() < 1e-10
+        with lora.batch_adapters(loaded, ["b", None, "default"]):
+            out = loaded(x)
+        expected = torch.cat([refs[n](x[i:i + 1]) for i, n in enumerate(["b", None, "default"])])
+    assert (out - expected).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padding_mask"])
+@pytest.mark.parametrize("lora_on", ["head", "linear1"])
+def test_a_module_saved_whole_inside_a_torch_encoder_layer_serves_each_row(tmp_path, padded, lora_on):
+    # W2: the fast path read the active adapter's copy of a module saved whole for every row of a mixed batch
+    # (2.5-3.2 off); with a LoRA layer beside it (the fast path left) the copy got nested tensors and raised
+    import copy
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                                                   batch_first=True), 1)
+            self.head = torch.nn.Linear(16, 4)
+
+        def forward(self, x, mask=None):
+            return self.head(self.enc(x, src_key_padding_mask=mask))
+    base = Net().double().eval()
+    cfg = dict(r=2, lora_alpha=4, target_modules=[lora_on], modules_to_save=["linear2"], init_lora_weights=False)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    pm.add_adapter("b", peft.LoraConfig(**cfg))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p))
+    pm.save_pretrained(str(tmp_path))
+    refs = {None: base}
+    for name in ("default", "b"):
+        merged = copy.deepcopy(pm)
+        merged.set_adapter(name)
+        refs[name] = merged.merge_and_unload().eval()
+    model = copy.deepcopy(base)
+    lora.load_peft_adapter(model, str(tmp_path), "default")
+    lora.load_peft_adapter(model, str(tmp_path / "b"), "b", activate=False)
+    model.eval()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]]) if padded else None
+    names = ["b", None, "default"]
+    with torch.no_grad():
+        expected = torch.cat([refs[n](x[i:i + 1], None if mask is None else mask[i:i + 1])
+                              for i, n in enumerate(names)])
+        with lora.batch_adapters(model, names):
+            out = model(x, mask)
+    assert (out - expected).abs().max().item() < 1e-10
+    assert (refs["b"](x) - refs["default"](x)).abs().max().item() > 0.1  # (the test can fail)
+
+
+def test_a_vq_codebook_is_refused_and_an_interpolation_no_method_calls_is_not():
+    # W2: Chameleon's quantizer computes its nearest codes from the codebook's weight, uncalled (25.4 off unmerged);
+    # Phi-4's vision embeddings define interpolate_pos_encoding and never call it (refused, wrongly)
+    from transformers.models.chameleon.modeling_chameleon import ChameleonVQVAEVectorQuantizer
+    holder = torch.nn.Module()
+    holder.quantize = ChameleonVQVAEVectorQuantizer(transformers.ChameleonVQVAEConfig(num_embeddings=32, embed_dim=8))
+    with pytest.raises(ValueError, match="ChameleonVQVAEVectorQuantizer.*nearest-code search"):
+        lora.inject(holder, ["embedding"], r=2)
+    from transformers.models.phi4_multimodal.configuration_phi4_multimodal import Phi4MultimodalVisionConfig
+    from transformers.models.phi4_multimodal.modeling_phi4_multimodal import Phi4MultimodalVisionEmbeddings
+    holder = torch.nn.Module()
+    holder.embeddings = Phi4MultimodalVisionEmbeddings(Phi4MultimodalVisionConfig(hidden_size=16, image_size=28,
+                                                                                  patch_size=14, num_channels=3))
+    assert lora.inject(holder, ["position_embedding"], r=2) == ["embeddings.position_embedding"]

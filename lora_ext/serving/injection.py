@@ -411,9 +411,10 @@ def _reader(model, name) -> tuple:
     path = _PATH_READS.get(type(holder).__name__, {}).get(child)
     if isinstance(path, tuple):  # (a path the parent takes only as it is configured)
         path = path[0] if path[1](holder) else None
-    if path is None:
+    if path is None:  # (a method the class calls: Phi-4's interpolate_pos_encoding is never called, W2)
         path = next((why for method, why in _PATH_READ_METHODS.items()
-                     if method in reads_by_method(type(holder)).get(child, ())), None)
+                     if method in reads_by_method(type(holder)).get(child, ()) and method in _uses(type(holder))[1]),
+                    None)
     return path, parent
 
 
@@ -426,6 +427,9 @@ _KERNEL = "its CUDA kernel path (mamba_ssm, on a GPU)"
 _DECODE = "its cached decode steps (generate() after the prefill)"
 _BLOOM_TP = ("its pretraining_tp slices (pretraining_tp > 1 with slow_but_exact=True)",
              lambda m: getattr(m, "pretraining_tp", 1) > 1 and getattr(m, "slow_but_exact", False))
+_NEAREST = "its nearest-code search (the distances to the codebook's weight)"
+_ORDERED = ("its ordered embeddings (use_ordered_embeddings: logits from the head's weight)",
+            lambda m: getattr(getattr(m, "config", None), "use_ordered_embeddings", False))
 _PATH_READS = {
     "MambaMixer": dict.fromkeys(("x_proj", "dt_proj", "out_proj"), _KERNEL),
     "FalconMambaMixer": dict.fromkeys(("x_proj", "dt_proj", "out_proj"), _KERNEL),
@@ -437,6 +441,11 @@ _PATH_READS = {
     "DiffusionGemmaDecoderModel": {"embed_tokens": "its self-conditioning (the logits' softmax times the embedding's "
                                                    "weight, every denoising step after the first)"},
     "BloomAttention": {"dense": _BLOOM_TP}, "BloomMLP": {"dense_4h_to_h": _BLOOM_TP},  # (0.36, 0.54 off)
+    # (W2) the VQ-VAE quantizers' nearest-code search (distances to the codebook's weight), then the lookup calls it:
+    # 25.4 off unmerged; the Gemma 4 assistants' ordered embeddings (logits from the head's weight, uncalled)
+    "ChameleonVQVAEVectorQuantizer": {"embedding": _NEAREST}, "JanusVQVAEVectorQuantizer": {"embedding": _NEAREST},
+    "DacVectorQuantize": {"codebook": _NEAREST},
+    "Gemma4AssistantForCausalLM": {"lm_head": _ORDERED}, "Gemma4UnifiedAssistantForCausalLM": {"lm_head": _ORDERED},
 }
 # methods of any parent class whose read of a module's weight is such a path: CLIP's and its kin's vision embeddings
 # (about 20 classes: the adapter dropped whole, 0.96 off) and SAM2's and its kin's prompt encoders (box corners)

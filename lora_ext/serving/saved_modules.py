@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import batched, ops, sharded
-from ..layers import CHECKPOINT_AFTER, LoRALayer, checkpoint_check
+from ..layers import CHECKPOINT_AFTER, LoRALayer, checkpoint_check, nested_forward
 from ..utils import plain_name
 
 # modules that compute each token alone: a token layout's leading dimensions may be flattened for them
@@ -39,6 +39,7 @@ class ModulesToSave(nn.Module):
 
     _adapter_off = 0  # open lora.disable_adapter blocks (a class default: torch.compile guards on the attribute)
     _adapter_disabled = False  # whether there is one (what forward reads: see LoRALayer's)
+    _parent_must_call = True  # (layers.keep_layers_called: a fast path read the active copy's weight for every row)
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -64,6 +65,8 @@ class ModulesToSave(nn.Module):
         return copies[adapter] if adapter is not None and adapter in copies else self._modules["original_module"]
 
     def forward(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_nested:
+            return nested_forward(self, args[0])  # (nn.TransformerEncoder's, under a padding mask)
         # mixed batches (lora_ext.batch_adapters) open in this context: each row computes with its adapter's module
         # (before a disable_adapter block of another model holding this module: see LoRALayer.forward)
         batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
