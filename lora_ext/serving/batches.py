@@ -472,6 +472,19 @@ def _check_layers(found, saved=(), need=()) -> None:
                              f"{meta_refusal(m)}")
 
 
+def _check_saved_read(model, saved, need) -> None:
+    """Refuses modules saved whole that the batch's adapters save, where the parent computes with the module's weight
+    without calling it (nn.MultiheadAttention's out_proj): the weight it reads is the active adapter's copy, served to
+    every row (X2: 1.94 off; one adapter at a time is served, the wrapper handing over the active copy's weight)."""
+    for path, m in saved:
+        how = injection.read_without_call(model, path) if _targeted(m, need) else None
+        if how is not None:
+            raise ValueError(f"batch_adapters: module {path!r} is saved whole (modules_to_save) by adapter(s) "
+                             f"{_targeted(m, need)}, and its parent computes with its weight without calling it"
+                             f"{'' if how == 'always' else ' on ' + how}: every row would get the active adapter's "
+                             f"copy; serve it one adapter at a time")
+
+
 def _check_input(module, args, kwargs):
     """Forward pre-hook of a model with batches: its first input must have the batch's rows. It stays on the model
     after its batches close, so it reads the context only while one is open somewhere (see batched.ANY_OPEN)."""
@@ -851,6 +864,7 @@ def batch_adapters(model: nn.Module, adapters: Sequence[Optional[str]],
         merged = list(dict.fromkeys(m.active_adapter for _, m in found if m.merged))
         need = list(dict.fromkeys([t for t in table if t is not None] + merged))
         _check_layers(found, saved, need)
+        _check_saved_read(model, saved, need)
         _check_row_lookups(found, saved, need)
         enclosing = _inside(model, _PACKED | _FLATTENS_ROWS)  # (one walk for both)
         _check_packed(found, saved, need, enclosing)

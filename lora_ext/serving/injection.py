@@ -601,8 +601,10 @@ def check_replaceable(model, name, module, label=None):
                          f"times its embed_scale")
     path, reader = _reader(model, name)
     if path is not None:
-        raise ValueError(f"{label}: {'its parent' if reader == name.rpartition('.')[0] else 'the module'} {reader!r} "
-                         f"({type(model.get_submodule(reader)).__name__}) reads its weight without calling it"
+        who = f"{'its parent' if reader == name.rpartition('.')[0] else 'the module'} {reader!r}" if reader else \
+            "the model"  # (X2: it named '')
+        raise ValueError(f"{label}: {who} ({type(model.get_submodule(reader)).__name__}) reads its weight without "
+                         f"calling it"
                          f"{'' if path == 'always' else f' on one path, {path}'}: an adapter there would change "
                          f"nothing{'' if path == 'always' else ' on that path'} unmerged (as in peft) and the outputs "
                          f"once merged")

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import batched, ops, sharded
-from ..layers import CHECKPOINT_AFTER, LoRALayer, checkpoint_check, nested_forward
+from ..layers import CHECKPOINT_AFTER, LoRALayer, checkpoint_check, keep_layers_called, nested_forward
 from ..utils import plain_name
 
 # modules that compute each token alone: a token layout's leading dimensions may be flattened for them
@@ -41,6 +41,12 @@ class ModulesToSave(nn.Module):
     _adapter_disabled = False  # whether there is one (what forward reads: see LoRALayer's)
     _parent_must_call = True  # (layers.keep_layers_called: a fast path read the active copy's weight for every row)
 
+    def __setstate__(self, state):
+        nn.Module.__setstate__(self, state)
+        if "_fast_paths_seen" not in state:  # (pickled before keep_layers_called: as LoRALayer.__setstate__, X2)
+            self.__dict__["_fast_paths_seen"] = True
+            keep_layers_called(nn.TransformerEncoderLayer, self)
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_adapter_off", None)  # a copy made inside lora.disable_adapter is not in the block
@@ -54,6 +60,7 @@ class ModulesToSave(nn.Module):
         self.original_module = module
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: Optional[str] = None  # whose copy computes; None: the original module
+        self.__dict__["_fast_paths_seen"] = True  # (see __setstate__)
 
     def served(self) -> nn.Module:
         """The module that computes now."""
@@ -213,6 +220,13 @@ class SavedBatch:
     def forward(self, wrapper: ModulesToSave, args, kwargs):
         batch = self.batch
         traced = ops.compiling()
+        if any(isinstance(t, Tensor) and t.is_nested for t in (*args, *kwargs.values())):
+            # (a module saved whole taking more than one nested input, or keywords: a whole encoder layer under
+            # nn.TransformerEncoder's padding mask, X2; padded, its attention would see the padding)
+            kind = type(wrapper._modules["original_module"]).__name__
+            raise ValueError(f"batch_adapters: a module saved whole ({kind}) was given nested tensors "
+                             f"(nn.TransformerEncoder under a padding mask); build the encoder with "
+                             f"enable_nested_tensor=False, or serve it one adapter at a time")
         groups: Dict[int, List[int]] = {}  # module index -> the table entries it serves
         if traced:  # every module the wrapper held (which adapters the rows take is not read: see __init__)
             if len(self.modules) == 1:
