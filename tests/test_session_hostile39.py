@@ -385,11 +385,11 @@ _MASK = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "padding_mask"])
-@pytest.mark.parametrize("lora_on", ["head", "linear1"])
-def test_a_module_saved_whole_inside_a_torch_encoder_layer_serves_each_row(tmp_path, padded, lora_on):
+@pytest.mark.parametrize("lora_on,saved", [("head", "linear2"), ("linear1", "linear2"), ("linear1", "norm2")])
+def test_a_module_saved_whole_inside_a_torch_encoder_layer_serves_each_row(tmp_path, padded, lora_on, saved):
     # W2: the fast path read the active adapter's copy of a module saved whole for every row of a mixed batch
     # (2.5-3.2 off); with a LoRA layer beside it (the fast path left) the copy got nested tensors and raised
-    model, refs = _encoder_net_with_saved(tmp_path, lora_on, "linear2")
+    model, refs = _encoder_net_with_saved(tmp_path, lora_on, saved)
     assert _mixed_against_peft(model, refs, _MASK if padded else None) < 1e-10
 
 

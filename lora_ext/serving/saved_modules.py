@@ -28,6 +28,8 @@ from ..utils import plain_name
 
 # modules that compute each token alone: a token layout's leading dimensions may be flattened for them
 _TOKENWISE = (nn.Linear,)
+# and those computing each token alone over its last dimension: a nested input is computed padded (nested_forward)
+_PER_TOKEN = (nn.Linear, nn.LayerNorm, nn.RMSNorm)
 # containers peft refuses to wrap (they have no forward of their own)
 _CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 
@@ -72,8 +74,9 @@ class ModulesToSave(nn.Module):
         return copies[adapter] if adapter is not None and adapter in copies else self._modules["original_module"]
 
     def forward(self, *args, **kwargs):
-        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_nested:
-            return nested_forward(self, args[0])  # (nn.TransformerEncoder's, under a padding mask)
+        if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) and args[0].is_nested \
+                and isinstance(self._modules["original_module"], _PER_TOKEN):
+            return nested_forward(self, args[0])  # (nn.TransformerEncoder's, under a padding mask: padded, per token)
         # mixed batches (lora_ext.batch_adapters) open in this context: each row computes with its adapter's module
         # (before a disable_adapter block of another model holding this module: see LoRALayer.forward)
         batches = batched.ACTIVE.get() if batched.ANY_OPEN else None
