@@ -829,11 +829,7 @@ class LoRALayer(NamedAdapters):
         self._restore_adapters(state)
         self._adopt_scale_tensor()
         self._lock = threading.RLock()
-        if "_fast_paths_seen" not in state:  # pickled before keep_layers_called: a parent's fast path that reads its
-            # weight (nn.TransformerEncoderLayer's) is not known here, so the layer takes the hook wherever it is
-            # (W2: a model pickled so skipped its adapter on load, 3.3 off)
-            self.__dict__["_fast_paths_seen"] = True
-            keep_layers_called(nn.TransformerEncoderLayer, self)
+        keep_called_if_pickled_before(self, state)  # (W2: a model pickled so skipped its adapter on load, 3.3 off)
         forks.track_layer(self)
         self._streams = StreamOrder()
         if self.__dict__.get("_buffers", {}).get("_merged_A") is not None:
@@ -3066,6 +3062,15 @@ def keep_layers_called(parent, layer: nn.Module) -> None:
             and getattr(layer, "_parent_must_call", False) \
             and not any(h is _calls_its_layers for h in layer._forward_pre_hooks.values()):
         layer.register_forward_pre_hook(_calls_its_layers)
+
+
+def keep_called_if_pickled_before(module: nn.Module, state: dict) -> None:
+    """A module unpickled from a state without the `_fast_paths_seen` mark was pickled before keep_layers_called:
+    a parent's fast path that reads its weight (nn.TransformerEncoderLayer's) is not known at unpickling, so it takes
+    the hook wherever it is (a no-op call per forward)."""
+    if "_fast_paths_seen" not in state:
+        module.__dict__["_fast_paths_seen"] = True
+        keep_layers_called(nn.TransformerEncoderLayer, module)
 
 
 def nested_forward(module: nn.Module, x: Tensor) -> Tensor:

@@ -882,9 +882,11 @@ def _locking_compiled_call(original, attr):
     @functools.wraps(original)
     def get_compiled_call(self, *args, **kwargs):
         call = original(self, *args, **kwargs)
-        locked = _locked_inside(self)
-        if not locked or isinstance(call, _LockedCall) or getattr(call, "__self__", None) is self:
-            return call  # (no lock; or its own __call__, not compiled: the hooks run)
+        if isinstance(call, _LockedCall) or getattr(call, "__self__", None) is self:
+            return call  # (its own __call__, not compiled: the hooks run)
+        locked = _locked_inside(self)  # (a walk of the model's modules where it has no lock of its own)
+        if not locked:
+            return call
         target = getattr(call, "_torchdynamo_orig_callable", None)
         if getattr(target, "__self__", self) is not self and self.__dict__.get(attr) is call:
             # transformers keeps the compiled call in the model's __dict__: a copy (copy.deepcopy, copy.copy) of a model

@@ -23,7 +23,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .. import batched, ops, sharded
-from ..layers import CHECKPOINT_AFTER, LoRALayer, checkpoint_check, keep_layers_called, nested_forward
+from ..layers import CHECKPOINT_AFTER, LoRALayer, checkpoint_check, keep_called_if_pickled_before, nested_forward
 from ..utils import plain_name
 
 # modules that compute each token alone: a token layout's leading dimensions may be flattened for them
@@ -45,9 +45,7 @@ class ModulesToSave(nn.Module):
 
     def __setstate__(self, state):
         nn.Module.__setstate__(self, state)
-        if "_fast_paths_seen" not in state:  # (pickled before keep_layers_called: as LoRALayer.__setstate__, X2)
-            self.__dict__["_fast_paths_seen"] = True
-            keep_layers_called(nn.TransformerEncoderLayer, self)
+        keep_called_if_pickled_before(self, state)  # (X2: a mixed batch over one pickled so, 2.18 off)
 
     def __getstate__(self):
         state = dict(self.__dict__)
