@@ -675,7 +675,7 @@ def _chain_lock(chain) -> ModelLock:
     lock = chain[-1].__dict__.get("_lora_ext_model_lock")
     if lock is not None and all(m.__dict__.get("_lora_ext_model_lock") is lock for m in chain) \
             and all(w.__dict__.get("_lora_ext_model_lock") is lock for w in compiled) \
-            and not any(_compiled_in_place(m) for m in chain):
+            and "_lora_ext_parts_locked" in chain[-1].__dict__ and not any(_compiled_in_place(m) for m in chain):
         return lock
     # Made once, under a process-wide lock: two threads making a model's first calls (a state read and a switch) each
     # made a lock of their own, and the read ran under one while the switch wrote under the other (hostile33: 3 of 60
@@ -692,8 +692,8 @@ def _chain_lock(chain) -> ModelLock:
         lock._mutex.acquire()
         try:
             gained = False  # a wrapper hooked now (a torch.compile wrapper's first lora_ext call)
-            # the model inside first: it holds the lock the wrappers share (its compiled wrappers last)
-            for m in [*reversed(chain), *compiled]:
+            # the model inside first: it holds the lock the wrappers share (its compiled wrappers, then its parts, last)
+            for m in [*reversed(chain), *compiled, *_parts(chain[-1], lock)]:
                 hooked = m.__dict__.get("_lora_ext_model_lock") is not None or _lock_of_hooks(m) is not None
                 gained |= not hooked
                 in_place = _compiled_in_place(m)
@@ -729,9 +729,26 @@ def _chain_lock(chain) -> ModelLock:
                             and not _inside(frame, _READ_CODE) and not _inside(frame, _READ_BEFORE_CODE) \
                             and lock._in_forward(frame):
                         lock._reads[ident] = 1
+            chain[-1].__dict__["_lora_ext_parts_locked"] = True  # (pickled with it; one loaded from before, unmarked,
+            # has its parts hooked at its first lora_ext call)
         finally:
             lock._mutex.release()
     return lock
+
+
+def _parts(model: nn.Module, lock: ModelLock) -> List[nn.Module]:
+    """The transformers models inside `model` (not `model`), without a lock of their own: model_lock gives them the
+    model's lock and its hooks. transformers' generate() runs some of them itself, outside the model's forward: an
+    encoder-decoder's encoder pass (T5, BART, Whisper), a part's whole generate() (BLIP-2's language model, CSM's
+    depth decoder, Bark, the Omni models); their forwards took no read of the model's lock, and a switch meanwhile
+    tore them (X2, 3 of 3: one adapter in a layer's q_proj, another in its v_proj). With the model's hooks each such
+    pass takes the read as a forward of the model does (re-entrant inside it), and a switch lands between two
+    passes, never inside one."""
+    base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
+    if not isinstance(base, type):
+        return []
+    return [m for m in model.modules() if m is not model and isinstance(m, base)
+            and m.__dict__.get("_lora_ext_model_lock") in (None, lock) and _lock_of_hooks(m) in (None, lock)]
 
 
 _MAKING = threading.RLock()  # model_lock's, while it makes a model's lock or hooks a wrapper (re-entrant: see
