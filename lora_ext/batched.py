@@ -676,6 +676,12 @@ class LayerBatch:
                              f"first, no row dimension): a mixed batch needs the batch row first")
         lead = x.shape[:-1] if kind(layer) == "linear" else x.shape[:1] if conv else x.shape
         fit = batch.fit(lead, layer)
+        alike = fit is None and not conv and batch.serves_base(layer)
+        if alike:
+            # every row gets the base here (no adapter of the batch targets the layer): any input, a broadcast one
+            # (GPT-2's position ids, (1, T)) too, is served as one row (U1: every mixed batch of a model that held an
+            # adapter with LoRA on GPT-2's wpe was refused, even where no row took that adapter)
+            fit = (None, lead.numel())
         if fit is None:
             if batch.expand > 1:
                 how = (f"its first dimension must be the {batch.n} rows or their {batch.n * batch.expand} repeats "
@@ -698,7 +704,7 @@ class LayerBatch:
         if (merged is not None and merged in batch.slot_of and not ops.compiling()
                 and (layer._merged_A is None or layer._merged_A is not self.checked)):
             self._check_merged(layer, merged, where)  # (not in a traced forward: see README, torch.compile)
-        add, sub = batch.index(layer, x.device, merged, size)
+        add, sub = batch.base_index(layer, x.device, merged) if alike else batch.index(layer, x.device, merged, size)
         if conv:  # (one row per batch entry: its (channels, ...) are its features)
             return ops.batched_conv(layer.conv, x, self.slots.deltas, self.slots.scales, add, sub)
         narrow = _narrowed_by_autocast(layer, x) if sub is not None and kind(layer) == "linear" else None

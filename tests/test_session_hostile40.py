@@ -101,36 +101,214 @@ def test_a_parts_generate_takes_the_whole_models_read(compiled):
     assert seen[-1] == ("v", "b") and not t.is_alive()  # (it landed between two steps)
 
 
-def test_a_part_shares_the_models_lock():
-    # a switch through a part (model.language_model) did not wait for the model's forwards; it takes the same lock
+def test_a_part_keeps_its_own_lock():
+    # Y1: a part given the model's lock (an earlier form of this fix) refused a DPO-style reference pass inside the
+    # forward of a wrapper given to lora_ext (`lora.disable_adapter(self.lm)`: "a change from inside a forward"); the
+    # part takes the wrapper's read in its hooks and keeps a lock of its own
+    torch.manual_seed(0)
+
+    class Policy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+                vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1)).double().eval()
+
+        def forward(self, ids):
+            with lora.disable_adapter(self.lm):
+                reference = self.lm(ids).logits
+            return self.lm(ids).logits, reference
+
+    policy = Policy()
+    lora.inject(policy, ["q_proj", "v_proj"], r=2)
+    for m in policy.modules():
+        if isinstance(m, lora.LoRALayer):
+            torch.nn.init.normal_(m.lora_B)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        logits, reference = policy(ids)
+        with lora.disable_adapter(policy):
+            base = policy.lm(ids).logits
+    assert torch.allclose(reference, base, atol=1e-12, rtol=0) and (logits - base).abs().max() > 1e-2
+    assert model_lock(policy.lm) is not model_lock(policy)
+    assert policy.lm.__dict__["_lora_ext_part_of"] is model_lock(policy)
+
+
+def test_a_part_given_to_lora_ext_first_takes_the_whole_models_read_too():
+    # Y1: lora_ext given model.language_model first (its own lock), the whole model after: a switch through the model
+    # tore the language model's decode steps (3 of 3), which took the part's lock only
     model = _blip2()
-    assert model_lock(model.language_model) is model_lock(model)
-    assert model_lock(model.vision_model) is model_lock(model)
-    with lora.hold(model.language_model):
-        with pytest.raises(RuntimeError, match="would wait for itself"):
-            lora.set_adapter(model, "b")
+    lora.set_adapter(model.language_model, "default")
+    lock = model_lock(model)
+    held = []
+    attn = model.language_model.model.decoder.layers[1].self_attn
+    attn.k_proj.register_forward_pre_hook(lambda m, args: held.append(lock.holds_read()))
+    seen, switch = _switch_inside(model, attn, at=3)
+    model.generate(input_ids=torch.tensor([[99, 99, 5, 6, 7]]), pixel_values=torch.randn(1, 3, 16, 16),
+                   max_new_tokens=4, do_sample=False)
+    t, waited = switch[0]
+    t.join(10)
+    assert held and all(held) and waited and not _torn(seen), (held, seen)
+
+
+def test_modules_generate_runs_outside_the_forward_take_the_read():
+    # Y1: FSMT's encoder (a plain module, which generate() runs through get_encoder()) and Kosmos-2's
+    # image_to_text_projection (a child of the model that generate() calls itself) took no read: torn, 3 of 3
+    torch.manual_seed(0)
+    fsmt = transformers.FSMTForConditionalGeneration(transformers.FSMTConfig(
+        langs=["en", "de"], src_vocab_size=40, tgt_vocab_size=40, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=48, decoder_ffn_dim=48,
+        max_position_embeddings=32, decoder_start_token_id=2, pad_token_id=1, eos_token_id=2,
+        bos_token_id=0)).eval()
+    lora.inject(fsmt, ["q_proj", "v_proj"], r=2)
+    _second_adapter(fsmt)
+    # (FSMT's attention calls v_proj before q_proj: the switch starts at the first layer of the pass)
+    seen, switch = _switch_inside(fsmt, fsmt.model.encoder.layers[0].self_attn, q="v_proj", v="q_proj")
+    fsmt.generate(input_ids=torch.tensor([[5, 6, 7, 2]]), max_new_tokens=2, do_sample=False)
+    t, waited = switch[0]
+    t.join(10)
+    assert waited and seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen)
+    assert lora.active_adapter(fsmt) == "b"
 
 
 def test_a_models_parts_pickled_without_hooks_get_them_at_the_next_call():
     # a model pickled with its lock before parts were hooked (no mark, no hooks on its parts) gets them at its next
-    # lora_ext call, once
+    # lora_ext call
     model = _blip2()
     model_lock(model)
-    for part in [model.vision_model, model.qformer, model.language_model, model.language_model.model,
-                 model.language_model.model.decoder]:
-        part._forward_pre_hooks.clear()
-        part._forward_hooks.clear()
-        part._forward_hooks_always_called.clear()
-        del part.__dict__["_lora_ext_model_lock"]
-    del model.__dict__["_lora_ext_parts_locked"]  # (the model keeps its lock and hooks)
+    for part in model.__dict__.pop("_lora_ext_parts_locked"):
+        for hooks in (part._forward_pre_hooks, part._forward_hooks):
+            for key in [k for k, h in hooks.items() if h.__name__.startswith("_part_read")]:
+                del hooks[key]
+        del part.__dict__["_lora_ext_part_of"]
+    assert "_lora_ext_part_of" not in model.language_model.__dict__
     loaded = pickle.loads(pickle.dumps(model))
     lora.set_adapter(loaded, "b")
-    assert model_lock(loaded.language_model) is model_lock(loaded)
-    assert len(loaded.language_model._forward_pre_hooks) == 1
     lock = model_lock(loaded)
+    assert loaded.language_model.__dict__["_lora_ext_part_of"] is lock
     held = []
     loaded.language_model.model.decoder.layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda m, args: held.append(lock.holds_read()))
     loaded.generate(input_ids=torch.tensor([[99, 99, 5]]), pixel_values=torch.randn(1, 3, 16, 16), max_new_tokens=2,
                     do_sample=False)
     assert held == [True, True]
+
+
+def test_a_mixed_batch_over_a_broadcast_lookup_no_row_adapts_is_served():
+    # U1: an adapter with LoRA on GPT-2's wpe (position ids broadcast, (1, T)) made every mixed batch refuse ("got
+    # (1, 7)"), even one where no row's adapter targets wpe: every row gets the base there
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
+                                                                 n_positions=16)).double()
+    lora.inject(model, ["c_attn", "wpe"], r=2)
+    for m in model.modules():
+        if isinstance(m, lora.LoRALayer):
+            m.lora_B.data.normal_()
+            if m is not model.transformer.wpe:  # ("a": c_attn only)
+                m.add_adapter("a", torch.randn(2, m.in_features, dtype=torch.float64),
+                              torch.randn(m.out_features, 2, dtype=torch.float64), 1.0)
+    model.eval()
+    x = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        lora.set_adapter(model, "a")
+        alone = model(x).logits
+        with lora.disable_adapter(model):
+            base = model(x).logits
+        lora.set_adapter(model, "default")
+        with lora.batch_adapters(model, ["a", None, "a"]):
+            mixed = model(x).logits
+    assert (alone - base).abs().max() > 1e-2  # (the test can fail)
+    assert torch.allclose(mixed[0], alone[0], atol=1e-10, rtol=0) and torch.allclose(mixed[2], alone[2], atol=1e-10,
+                                                                                      rtol=0)
+    assert torch.allclose(mixed[1], base[1], atol=1e-10, rtol=0)
+    with torch.no_grad(), pytest.raises(ValueError, match="wpe"):  # (a row of "default", which targets wpe: refused)
+        with lora.batch_adapters(model, ["a", "default", None]):
+            model(x)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
+def test_a_nested_input_to_a_mixed_batch_is_served_row_by_row(layout):
+    # W2: a lone layer given a nested tensor inside batch_adapters raised torch's "Internal error: NestedTensorImpl
+    # doesn't support sizes" (the batch read the input's shape): each of its tensors is a row
+    torch.manual_seed(0)
+    layer = lora.Linear(8, 6, r=2).double().eval()
+    a, b = torch.randn(2, 8, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    layer.add_adapter("b", a, b, 0.7)
+    rows = [torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 8, dtype=torch.float64)]
+    w, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    with torch.no_grad(), lora.batch_adapters(layer, ["b", None]):
+        y = layer(torch.nested.nested_tensor(rows, layout=layout))
+    assert y.is_nested
+    got = y.unbind()
+    assert torch.allclose(got[1], rows[1] @ w.T + bias, atol=1e-12, rtol=0)
+    assert torch.allclose(got[0], rows[0] @ w.T + bias + 0.7 * rows[0] @ a.T @ b.T, atol=1e-12, rtol=0)
+    with torch.no_grad(), pytest.raises(ValueError, match="nested input of 2 rows"):
+        with lora.batch_adapters(layer, ["b", None, "b"]):
+            layer(torch.nested.nested_tensor(rows, layout=layout))
+
+
+def test_a_save_refused_for_a_layer_read_uncalled_names_the_path(tmp_path):
+    # the save's refusal of a layer whose parent reads its weight uncalled said only "reads its weight without calling
+    # it", also where the parent does so on one path (Mamba's CUDA kernel path); it names the path, as inject does
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(
+        vocab_size=97, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=3,
+        time_step_rank=4)).eval()
+    mixer = model.backbone.layers[0].mixer
+    placed = lora.Linear(mixer.x_proj.in_features, mixer.x_proj.out_features, r=2, bias=False)
+    placed.weight.data.copy_(mixer.x_proj.weight)
+    mixer.x_proj = placed  # (by hand: inject refuses it)
+    with pytest.raises(ValueError, match=r"save: layer 'backbone\.layers\.0\.mixer\.x_proj': its parent "
+                                         r"'backbone\.layers\.0\.mixer' \(MambaMixer\) reads its weight without "
+                                         r"calling it on one path, its CUDA kernel path \(mamba_ssm, on a GPU\): peft "
+                                         r"would serve the model without the adapter on that path"):
+        lora.save_peft_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    attention = torch.nn.Module()
+    attention.att = torch.nn.MultiheadAttention(8, 2)
+    attention.att.out_proj = lora.Linear(8, 8, r=2)
+    with pytest.raises(ValueError, match=r"'att' \(MultiheadAttention\) reads its weight without calling it: peft "
+                                         r"would serve the model without the adapter$"):
+        lora.save_peft_adapter(attention, tmp_path / "b")
+
+
+@pytest.mark.parametrize("kind", ["DebertaV2", "Deberta"])
+def test_debertas_masked_lm_head_reading_the_word_embeddings_is_refused(kind):
+    # V1: DeBERTa's masked-LM head (legacy=False) computes the logits from word_embeddings' weight, handed to it
+    # uncalled by the model (a class above the embeddings' parent): merged and unmerged served 0.78 / 0.90 apart
+    config = getattr(transformers, f"{kind}Config")
+    cls = getattr(transformers, f"{kind}ForMaskedLM")
+    for legacy in (False, True):
+        model = cls(config(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=48, legacy=legacy)).eval()
+        if legacy:  # (the legacy head has a decoder of its own: the embeddings are only looked up)
+            lora.inject(model, ["word_embeddings"], r=2)
+            assert isinstance(model.deberta.embeddings.word_embeddings, lora.Embedding)
+            continue
+        with pytest.raises(ValueError, match=rf"'deberta\.embeddings\.word_embeddings': the model \({kind}ForMaskedLM\) "
+                                             r"reads its weight without calling it on one path, its masked-LM head"):
+            lora.inject(model, ["word_embeddings"], r=2)
+        assert not any(isinstance(m, lora.LoRALayer) for m in model.modules())
+        lora.inject(model, ["query_proj" if kind == "DebertaV2" else "in_proj"], r=2)  # (other targets: taken)
+
+
+def test_a_child_generate_calls_itself_takes_the_read():
+    # Y1: Kosmos-2's generate() runs image_to_text_projection (a child of the model, not a transformers model, with an
+    # attention of its own) itself, outside the model's forward: torn, 3 of 3
+    torch.manual_seed(0)
+    model = transformers.Kosmos2ForConditionalGeneration(transformers.Kosmos2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=16, patch_size=8),
+        text_config=dict(embed_dim=32, ffn_dim=48, layers=1, attention_heads=2, vocab_size=100,
+                         max_position_embeddings=64),
+        latent_query_num=2)).eval()
+    lora.inject(model, ["q_proj", "v_proj"], r=2)
+    _second_adapter(model)
+    inner = model.model if hasattr(model, "model") else model
+    seen, switch = _switch_inside(model, inner.image_to_text_projection.x_attn)
+    model.generate(pixel_values=torch.randn(1, 3, 16, 16), input_ids=torch.tensor([[0, 5, 5, 7, 8]]),
+                   image_embeds_position_mask=torch.tensor([[0, 1, 1, 0, 0]]).bool(), max_new_tokens=2,
+                   do_sample=False)
+    t, waited = switch[0]
+    t.join(10)
+    assert waited and seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen)

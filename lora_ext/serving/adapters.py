@@ -155,7 +155,7 @@ class ModelLock:
             code = frame.f_code
             if code.co_name == "_call_impl" or code is _LOCKED_CODE:  # (_LOCKED_CODE: a module compiled in place)
                 owner = getattr(frame.f_locals.get("self" if code is not _LOCKED_CODE else "module"), "__dict__", {})
-                if owner.get("_lora_ext_model_lock") is self:
+                if owner.get("_lora_ext_model_lock") is self or owner.get("_lora_ext_part_of") is self:  # (_parts)
                     found += 1
                     if found > outer:
                         return True
@@ -443,6 +443,10 @@ class ModelLock:
                         change = batched.begin_reshaping(model, self, reshaping)
                     self._reshaping = reshaping
                 yield
+                if reshaping is not None and outer is None and model is not None:
+                    # (modules and adapters added or taken out: the parts that hold adapters are found again, _parts)
+                    list(_wrapped(model))[-1].__dict__.pop("_lora_ext_parts_locked", None)
+                    model_lock(model)
             finally:
                 self._reshaping = outer
                 if change is not None:
@@ -607,18 +611,29 @@ def _module_call():
 
 def _read_before(module, args):
     if not ops.compiling():
-        lock = module.__dict__.get("_lora_ext_model_lock") or model_lock(module)  # (a shallow copy's: see there)
-        me = threading.get_ident()
-        calls = lock._hook_reads.get(me)
-        if calls is None or me not in lock._reads:  # (none held: what the list holds was left by a forward a
-            calls = lock._hook_reads[me] = []      # KeyboardInterrupt stopped, which skips the hooks)
-        elif calls:
-            _drop_ended(lock, calls)
-        lock.acquire_read()
-        calls.append(_module_call())
+        # (a shallow copy's: see model_lock)
+        _take_hook_read(module.__dict__.get("_lora_ext_model_lock") or model_lock(module), _module_call())
 
 
-_READ_BEFORE_CODE = _read_before.__code__
+def _part_read_before(module, args):
+    """The pre-hook of a part of a model (_parts): the read of the model's lock."""
+    lock = module.__dict__.get("_lora_ext_part_of")
+    if lock is not None and not ops.compiling():
+        _take_hook_read(lock, _module_call())
+
+
+def _take_hook_read(lock, call):
+    me = threading.get_ident()
+    calls = lock._hook_reads.get(me)
+    if calls is None or me not in lock._reads:  # (none held: what the list holds was left by a forward a
+        calls = lock._hook_reads[me] = []      # KeyboardInterrupt stopped, which skips the hooks)
+    elif calls:
+        _drop_ended(lock, calls)
+    lock.acquire_read()
+    calls.append(call)
+
+
+_READ_BEFORE_CODE = _take_hook_read.__code__
 
 
 def _drop_ended(lock, calls) -> None:
@@ -642,19 +657,28 @@ def _read_after(module, args, output):
     # it ran, or because a pre-hook ahead of lora's raised (C1: it gave back the read of a hold() or of the forward
     # around it, and a switch then ran inside the hold, serving another adapter to its next forward, 0.82 off)
     if not ops.compiling():
-        lock = module.__dict__.get("_lora_ext_model_lock") or model_lock(module)
-        me, call = threading.get_ident(), _module_call()
-        calls = lock._hook_reads.get(me) or ()
-        at = next((i for i in range(len(calls) - 1, -1, -1) if calls[i] is call), None)
-        if at is not None:
-            # (the entries after this call's: calls inside it whose hooks an exception cut short, each with its read)
-            n = len(calls) - at
-            del calls[at:]
-            if not calls:
-                lock._hook_reads.pop(me, None)
-            for _ in range(n):
-                if lock.holds_read():
-                    lock.release_read()
+        _give_hook_read(module.__dict__.get("_lora_ext_model_lock") or model_lock(module), _module_call())
+
+
+def _part_read_after(module, args, output):
+    lock = module.__dict__.get("_lora_ext_part_of")
+    if lock is not None and not ops.compiling():
+        _give_hook_read(lock, _module_call())
+
+
+def _give_hook_read(lock, call):
+    me = threading.get_ident()
+    calls = lock._hook_reads.get(me) or ()
+    at = next((i for i in range(len(calls) - 1, -1, -1) if calls[i] is call), None)
+    if at is not None:
+        # (the entries after this call's: calls inside it whose hooks an exception cut short, each with its read)
+        n = len(calls) - at
+        del calls[at:]
+        if not calls:
+            lock._hook_reads.pop(me, None)
+        for _ in range(n):
+            if lock.holds_read():
+                lock.release_read()
 
 
 @torch.compiler.disable  # (called inside a compiled forward, lora.hold(model) say: run eagerly, S2; traced, dynamo
@@ -673,9 +697,11 @@ def _chain_lock(chain) -> ModelLock:
     """model_lock of `chain`: a model and the models inside it, outermost first (_wrapped)."""
     compiled = _compiled_wrappers(chain)
     lock = chain[-1].__dict__.get("_lora_ext_model_lock")
-    if lock is not None and all(m.__dict__.get("_lora_ext_model_lock") is lock for m in chain) \
+    parts = chain[-1].__dict__.get("_lora_ext_parts_locked")  # (_parts, as last found)
+    if lock is not None and parts is not None and all(m.__dict__.get("_lora_ext_model_lock") is lock for m in chain) \
             and all(w.__dict__.get("_lora_ext_model_lock") is lock for w in compiled) \
-            and "_lora_ext_parts_locked" in chain[-1].__dict__ and not any(_compiled_in_place(m) for m in chain):
+            and not any(_compiled_in_place(m) for m in chain) \
+            and not any(_compiled_in_place(m) for m in parts if m.__dict__.get("_lora_ext_part_of") is lock):
         return lock
     # Made once, under a process-wide lock: two threads making a model's first calls (a state read and a switch) each
     # made a lock of their own, and the read ran under one while the switch wrote under the other (hostile33: 3 of 60
@@ -692,8 +718,8 @@ def _chain_lock(chain) -> ModelLock:
         lock._mutex.acquire()
         try:
             gained = False  # a wrapper hooked now (a torch.compile wrapper's first lora_ext call)
-            # the model inside first: it holds the lock the wrappers share (its compiled wrappers, then its parts, last)
-            for m in [*reversed(chain), *compiled, *_parts(chain[-1], lock)]:
+            # the model inside first: it holds the lock the wrappers share (its compiled wrappers last)
+            for m in [*reversed(chain), *compiled]:
                 hooked = m.__dict__.get("_lora_ext_model_lock") is not None or _lock_of_hooks(m) is not None
                 gained |= not hooked
                 in_place = _compiled_in_place(m)
@@ -714,6 +740,22 @@ def _chain_lock(chain) -> ModelLock:
                             del _HOOKS_LOCK[key]
                         _HOOKS_PRUNE[0] = max(256, 2 * len(_HOOKS_LOCK))
                     _HOOKS_LOCK[id(hooks)] = (weakref.ref(hooks), lock)
+            parts = _parts(chain[-1])
+            for m in parts:
+                if m.__dict__.get("_lora_ext_part_of") is None and m.__dict__.get("_lora_ext_model_lock") is not lock:
+                    m.__dict__["_lora_ext_part_of"] = lock  # (a part's first: the lock of the outermost model given)
+                    _lock_generate_compiles(type(m))
+                    if not any(h is _part_read_before for h in m._forward_pre_hooks.values()):
+                        # (first: the model's read before the part's own lock's, if it has one, as the model's
+                        # forward takes them; taken in the other order, two threads could wait for each other)
+                        m.register_forward_pre_hook(_part_read_before, prepend=True)
+                        m.register_forward_hook(_part_read_after, always_call=True)
+                    gained = True
+                in_place = _compiled_in_place(m)
+                if in_place is not None and m.__dict__.get("_lora_ext_part_of") is lock:
+                    m.__dict__["_compiled_call_impl"] = _LockedCall(m, in_place, part=True)
+            chain[-1].__dict__["_lora_ext_parts_locked"] = tuple(parts)  # (pickled with it: one loaded from before,
+            # without it, has its parts found at its next lora_ext call; so does one a load or inject changed, write())
             if made or gained:
                 # forwards already running (a model built by hand, its first model-level call; a wrapper's, whose
                 # compiled forward runs no lora_ext code, at the wrapper's first call) took no read: each counts as
@@ -729,26 +771,53 @@ def _chain_lock(chain) -> ModelLock:
                             and not _inside(frame, _READ_CODE) and not _inside(frame, _READ_BEFORE_CODE) \
                             and lock._in_forward(frame):
                         lock._reads[ident] = 1
-            chain[-1].__dict__["_lora_ext_parts_locked"] = True  # (pickled with it; one loaded from before, unmarked,
-            # has its parts hooked at its first lora_ext call)
         finally:
             lock._mutex.release()
     return lock
 
 
-def _parts(model: nn.Module, lock: ModelLock) -> List[nn.Module]:
-    """The transformers models inside `model` (not `model`), without a lock of their own: model_lock gives them the
-    model's lock and its hooks. transformers' generate() runs some of them itself, outside the model's forward: an
-    encoder-decoder's encoder pass (T5, BART, Whisper), a part's whole generate() (BLIP-2's language model, CSM's
-    depth decoder, Bark, the Omni models); their forwards took no read of the model's lock, and a switch meanwhile
-    tore them (X2, 3 of 3: one adapter in a layer's q_proj, another in its v_proj). With the model's hooks each such
-    pass takes the read as a forward of the model does (re-entrant inside it), and a switch lands between two
-    passes, never inside one."""
-    base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
-    if not isinstance(base, type):
+def _parts(model: nn.Module) -> List[nn.Module]:
+    """The modules inside `model` that transformers' generate() may run outside the model's forward, and that hold an
+    adapter inside them (a lora_ext layer or a module saved whole): the children of each transformers model that
+    generates (GenerationMixin: the model, or one inside it), those inside it, and their encoders (get_encoder()).
+    generate() runs an encoder-decoder's encoder pass itself (T5, BART, Whisper, FSMT), a part's whole generate()
+    (BLIP-2's language model, CSM's depth decoder, Bark, the Omni models) and modules of the model directly (Kosmos-2's
+    image_to_text_projection, CLVP's conditioning encoder): their forwards took no read of the model's lock, and a
+    switch meanwhile tore them (X2, Y1, 3 of 3: one adapter in a layer's q_proj, another in its v_proj). model_lock
+    gives each of them hooks that take the model's read (_part_read_before: re-entrant inside the model's forward),
+    so a switch lands between two such passes, never inside one. A part keeps its own lock, if it has or gets one
+    (lora_ext given the part: a switch through it does not wait for the whole model's forwards, as before)."""
+    mixin = getattr(sys.modules.get("transformers.generation.utils"), "GenerationMixin", None)
+    if not isinstance(mixin, type):
         return []
-    return [m for m in model.modules() if m is not model and isinstance(m, base)
-            and m.__dict__.get("_lora_ext_model_lock") in (None, lock) and _lock_of_hooks(m) in (None, lock)]
+    held = set()  # the names of the modules that hold an adapter inside (not the layers and saved modules themselves:
+    # a layer's forward takes the layer's lock, and a saved module's serves one copy)
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALayer) or type(m).__name__ == "ModulesToSave":
+            pieces = name.split(".")
+            held.update(".".join(pieces[:i]) for i in range(1, len(pieces)))
+    if not held:
+        return []
+    named = {id(m): name for name, m in model.named_modules()}
+    found = {}
+    for name, g in model.named_modules():
+        if not isinstance(g, mixin):  # (a model that does not generate runs no part outside its forward)
+            continue
+        here = [m for m in g.children() if not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+        if g is not model:
+            here.append(g)
+        get_encoder = getattr(g, "get_encoder", None)
+        if callable(get_encoder):
+            try:
+                encoder = get_encoder()
+            except Exception:  # (a model whose get_encoder does not apply to it)
+                encoder = None
+            if isinstance(encoder, nn.Module) and encoder is not g:
+                here.append(encoder)
+        for m in here:
+            if named.get(id(m)) in held and m is not model:
+                found.setdefault(id(m), m)
+    return list(found.values())
 
 
 _MAKING = threading.RLock()  # model_lock's, while it makes a model's lock or hooks a wrapper (re-entrant: see
@@ -816,19 +885,20 @@ class _LockedCall:
     wrapper no lora_ext function was given). model_lock puts this around the compiled call: the read is taken
     eagerly, around it (_locked_compiled_call). Pickles and deep copies drop it with the compiled call (torch's
     Module.__getstate__)."""
-    __slots__ = ("module", "call")
+    __slots__ = ("module", "call", "part")
 
-    def __init__(self, module, call):
-        self.module, self.call = module, call
+    def __init__(self, module, call, part: bool = False):
+        self.module, self.call, self.part = module, call, part  # part: the lock of the model it is a part of (_parts)
 
     def __call__(self, *args, **kwargs):
-        return _locked_compiled_call(self.module, self.call, args, kwargs)
+        return _locked_compiled_call(self.module, self.call, args, kwargs, self.part)
 
 
-def _locked_compiled_call(module, call, args, kwargs):
+def _locked_compiled_call(module, call, args, kwargs, part=False):
     if ops.compiling():  # (traced inside an outer compiled region: no lock there)
         return call(*args, **kwargs)
-    lock = module.__dict__.get("_lora_ext_model_lock") or model_lock(module)
+    lock = module.__dict__.get("_lora_ext_part_of") if part else None
+    lock = lock or module.__dict__.get("_lora_ext_model_lock") or model_lock(module)
     lock.acquire_read()
     try:
         return call(*args, **kwargs)
@@ -882,15 +952,18 @@ def _lock_loaded_generate_compiles() -> None:
             todo.extend(klass.__subclasses__())
 
 
-def _locked_inside(model) -> List[nn.Module]:
-    """`model` if it has a lock, else the outermost modules inside it that have one (lora_ext was given a part of the
-    model, `model.model`: its hooks take its read in eager forwards of the whole, not in compiled ones, T2)."""
+def _locked_inside(model) -> List[Tuple[nn.Module, bool]]:
+    """(module, whether its lock is the one it is a part of) for the locks a compiled call of `model` takes, outermost
+    first: the lock of the model it is a part of (_parts, BLIP-2's language model), then its own, else those of the
+    outermost modules inside it that have one (lora_ext was given a part of the model, `model.model`: its hooks take
+    its read in eager forwards of the whole, not in compiled ones, T2)."""
+    found = [(model, True)] if "_lora_ext_part_of" in model.__dict__ else []
     if "_lora_ext_model_lock" in model.__dict__:
-        return [model]
-    found, inside = [], []
+        return [*found, (model, False)]
+    inside = []
     for name, m in model.named_modules():
         if "_lora_ext_model_lock" in m.__dict__ and not any(name.startswith(p) for p in inside):
-            found.append(m)
+            found.append((m, False))
             inside.append(name + ".")
     return found
 
@@ -911,8 +984,8 @@ def _locking_compiled_call(original, attr):
             # lock (T2: 0.557 off, other tokens); compiled again, for this model
             del self.__dict__[attr]
             call = original(self, *args, **kwargs)
-        for m in reversed(locked):
-            call = _LockedCall(m, call)
+        for m, part in reversed(locked):
+            call = _LockedCall(m, call, part)
         return call
     get_compiled_call._lora_ext_locks = True
     return get_compiled_call

@@ -310,6 +310,10 @@ class Batch:
             return " (a broadcast input, such as position ids of shape (1, T), cannot carry per-row adapters)"
         return ""
 
+    def serves_base(self, layer) -> bool:
+        """Whether no adapter of the table has factors at `layer` (every row gets the base there)."""
+        return not _targeted(layer, [name for name in self.table if name is not None])
+
     def where(self, layer) -> str:
         path = self.paths.get(layer, "?")
         return f"layer {path!r} ({type(layer).__name__})" if path else f"the {type(layer).__name__} layer"
@@ -353,14 +357,28 @@ class Batch:
         for key in [k for k, owner in self.pool.owners.items() if owner is self]:
             del self.pool.owners[key]
 
-    def index(self, layer, device, merged: Optional[str], size: Optional[int] = None):
-        """(adding index, subtracting index or None) for a layer on `device` whose weight holds `merged`, for an
-        input of `size` rows (one of self.sizes; default the batch's)."""
-        if merged is not None and merged not in self.slot_of:
+    def _merged_slot(self, layer, merged: Optional[str]) -> int:
+        """The slot of the adapter `layer`'s weight holds merged (-1: none), which the batch must have."""
+        if merged is None:
+            return -1
+        if merged not in self.slot_of:
             raise ValueError(f"batch_adapters: {self.where(layer)} was merged with adapter {merged!r} after the "
                              f"batch was opened (or as it chose its adapters: a switch of the layer alone on another "
                              f"thread), which has no slot in it; open the batch again once the layer holds the adapter "
                              f"it will serve")
+        return self.slot_of[merged]
+
+    def base_index(self, layer, device, merged: Optional[str]):
+        """index()'s for an input served as one row, the base (serves_base): nothing added, the merged adapter, if any,
+        taken out. Made at each call (a fill, which a CUDA graph captures)."""
+        slot = self._merged_slot(layer, merged)
+        add = torch.full((1,), -1, dtype=torch.int32, device=device)
+        return add, (None if merged is None else torch.full((1,), slot, dtype=torch.int32, device=device))
+
+    def index(self, layer, device, merged: Optional[str], size: Optional[int] = None):
+        """(adding index, subtracting index or None) for a layer on `device` whose weight holds `merged`, for an
+        input of `size` rows (one of self.sizes; default the batch's)."""
+        self._merged_slot(layer, merged)
         size = self.n if size is None else size
         key = (self.thread, device, merged, size)
         if key in self.filled:
@@ -499,6 +517,14 @@ def _check_input(module, args, kwargs):
     if batch.outside_text is not None:
         _check_media(module, batch, args, kwargs)
     if x is None:
+        return
+    if x.is_nested:  # (rows of their own lengths: each a row, served padded, layers.nested_forward; its shape raised
+        # torch's "Internal error: NestedTensorImpl doesn't support sizes", W2)
+        rows = x.size(0)
+        if rows not in batch.sizes:
+            raise ValueError(f"batch_adapters: {batch.rows_text()} for a nested input of {rows} rows: each of its "
+                             f"tensors is a row")
+        batch.layout, batch.tokens_per_row, batch.input_rows = "rows", None, rows
         return
     lead = x.shape[:-1] if x.is_floating_point() else x.shape
     if batch.expand > 1:  # beams: the row layout, the model's input holding the rows or each repeated

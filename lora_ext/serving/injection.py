@@ -392,6 +392,17 @@ def read_without_call(model, name) -> Optional[str]:
     return _reader(model, name)[0]
 
 
+def read_without_call_text(model, name) -> Optional[str]:
+    """Who reads module `name`'s weight without calling it, and on which path (_reader), in words, or None."""
+    path, reader = _reader(model, name)
+    if path is None:
+        return None
+    who = f"{'its parent' if reader == name.rpartition('.')[0] else 'the module'} {reader!r}" if reader else \
+        "the model"  # (X2: it named '')
+    return (f"{who} ({type(model.get_submodule(reader)).__name__}) reads its weight without calling it"
+            f"{'' if path == 'always' else f' on one path, {path}'}")
+
+
 def _reader(model, name) -> tuple:
     """Where the module that holds module `name` computes with its weight or bias (other than their dtype, device or
     shape) without calling it, else None: "always" where no method calls it (nn.MultiheadAttention's out_proj, WavLM's
@@ -415,6 +426,13 @@ def _reader(model, name) -> tuple:
         path = next((why for method, why in _PATH_READ_METHODS.items()
                      if method in reads_by_method(type(holder)).get(child, ()) and method in _uses(type(holder))[1]),
                     None)
+    if path is None and _DEEP_READS:  # (a class above the parent: _DEEP_READS)
+        parts = name.split(".")
+        for i in range(len(parts) - 1):
+            above = ".".join(parts[:i])
+            entry = _DEEP_READS.get(type(model.get_submodule(above)).__name__, {}).get(".".join(parts[i:]))
+            if entry is not None and entry[1](model.get_submodule(above)):
+                return entry[0], above
     return path, parent
 
 
@@ -447,6 +465,13 @@ _PATH_READS = {
     "DacVectorQuantize": {"codebook": _NEAREST},
     "Gemma4AssistantForCausalLM": {"lm_head": _ORDERED}, "Gemma4UnifiedAssistantForCausalLM": {"lm_head": _ORDERED},
 }
+# and modules whose weight a class above their parent reads (a path inside it, relative to it): DeBERTa's masked-LM
+# head with legacy=False computes the logits from the word embeddings' weight, handed to it uncalled (V1: merged and
+# unmerged 0.78 / 0.90 apart; peft's adapter is skipped there too)
+_DEBERTA_HEAD = {"deberta.embeddings.word_embeddings": (
+    "its masked-LM head's logits (legacy=False: computed from the word embeddings' weight)",
+    lambda model: not getattr(model, "legacy", True))}
+_DEEP_READS = {"DebertaForMaskedLM": _DEBERTA_HEAD, "DebertaV2ForMaskedLM": _DEBERTA_HEAD}
 # methods of any parent class whose read of a module's weight is such a path: CLIP's and its kin's vision embeddings
 # (about 20 classes: the adapter dropped whole, 0.96 off) and SAM2's and its kin's prompt encoders (box corners)
 _PATH_READ_METHODS = {"interpolate_pos_encoding": "interpolate_pos_encoding=True for images of another size",
@@ -599,15 +624,12 @@ def check_replaceable(model, name, module, label=None):
                          f"own, which a lora_ext layer in its place would not run (peft keeps it); lora_ext adapts "
                          f"{base.__name__} itself only, and a scaled word embedding whose forward is the lookup "
                          f"times its embed_scale")
-    path, reader = _reader(model, name)
-    if path is not None:
-        who = f"{'its parent' if reader == name.rpartition('.')[0] else 'the module'} {reader!r}" if reader else \
-            "the model"  # (X2: it named '')
-        raise ValueError(f"{label}: {who} ({type(model.get_submodule(reader)).__name__}) reads its weight without "
-                         f"calling it"
-                         f"{'' if path == 'always' else f' on one path, {path}'}: an adapter there would change "
-                         f"nothing{'' if path == 'always' else ' on that path'} unmerged (as in peft) and the outputs "
-                         f"once merged")
+    read = read_without_call_text(model, name)
+    if read is not None:
+        path = read_without_call(model, name)
+        raise ValueError(f"{label}: {read}: an adapter there would change nothing"
+                         f"{'' if path == 'always' else ' on that path'} unmerged (as in peft) and the outputs once "
+                         f"merged")
     parent = name.rpartition(".")[0]
     holder = type(model.get_submodule(parent)).__name__
     if name.rpartition(".")[2] in _TRAINING_READS.get(holder, ()):

@@ -1298,11 +1298,10 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                 raise ValueError(f"save: layer {name!r} is an Embedding with max_norm={layer.max_norm}: peft would "
                                  f"renormalise the adapter's per-token vectors (columns of lora_embedding_A) too, and "
                                  f"serve other outputs")
-            if _inject.read_without_call(inner, name):
-                parent = name.rpartition(".")[0]
-                raise ValueError(f"save: layer {name!r}: its parent {parent!r} "
-                                 f"({type(inner.get_submodule(parent)).__name__}) reads its weight without calling it: "
-                                 f"peft would serve the model without the adapter")
+            read = _inject.read_without_call_text(inner, name)
+            if read is not None:
+                raise ValueError(f"save: layer {name!r}: {read}: peft would serve the model without the adapter"
+                                 f"{'' if read.endswith('calling it') else ' on that path'}")
             why = conv_refusal(layer.conv) if isinstance(layer, layers.ConvLoRA) else None
             if why is not None:
                 raise ValueError(f"save: layer {name!r} is a convolution with {why}")
