@@ -312,3 +312,39 @@ def test_a_child_generate_calls_itself_takes_the_read():
     t, waited = switch[0]
     t.join(10)
     assert waited and seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen)
+
+
+def test_a_nested_hook_read_drops_only_calls_that_ended():
+    # a part's hook inside the model's forward looks for the innermost call it holds on the stack (not a whole stack
+    # walk per nested call); calls a KeyboardInterrupt stopped are still dropped, with their reads
+    from lora_ext.serving import adapters
+
+    class Root(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.part = torch.nn.Sequential(lora.Linear(4, 4, r=2))
+
+        def forward(self, x):
+            return self.part(x)
+
+    root = Root()
+    lock = model_lock(root)
+    root.part.__dict__["_lora_ext_part_of"] = lock
+    root.part.register_forward_pre_hook(adapters._part_read_before, prepend=True)
+    root.part.register_forward_hook(adapters._part_read_after, always_call=True)
+    stop, seen = [True], []
+
+    def interrupt(module, args):
+        seen.append(len(lock._hook_reads.get(threading.get_ident(), ())))
+        if stop[0]:
+            raise KeyboardInterrupt
+    root.part[0].register_forward_pre_hook(interrupt)
+    x = torch.randn(2, 4)
+    for _ in range(3):
+        with pytest.raises(KeyboardInterrupt):
+            root(x)
+    stop[0] = False
+    root(x)
+    me = threading.get_ident()
+    assert seen == [2, 2, 2, 2]  # (the root's call and the part's, each time: those left behind dropped)
+    assert not lock._hook_reads.get(me) and not lock._reads.get(me)
