@@ -676,11 +676,11 @@ class LayerBatch:
                              f"first, no row dimension): a mixed batch needs the batch row first")
         lead = x.shape[:-1] if kind(layer) == "linear" else x.shape[:1] if conv else x.shape
         fit = batch.fit(lead, layer)
-        alike = fit is None and not conv and batch.serves_base(layer)
-        if alike:
-            # every row gets the base here (no adapter of the batch targets the layer): any input, a broadcast one
-            # (GPT-2's position ids, (1, T)) too, is served as one row (U1: every mixed batch of a model that held an
-            # adapter with LoRA on GPT-2's wpe was refused, even where no row took that adapter)
+        alike = batch.alike_slot(layer) if fit is None and not conv else None
+        if alike is not None:
+            # every row gets the same here (no adapter of the batch targets the layer, or one adapter is every row's):
+            # any input, a broadcast one (GPT-2's position ids, (1, T)) too, is served as one row (U1: every mixed
+            # batch of a model that held an adapter with LoRA on GPT-2's wpe was refused, even where no row took it)
             fit = (None, lead.numel())
         if fit is None:
             if batch.expand > 1:
@@ -692,6 +692,9 @@ class LayerBatch:
                     batch.layout, f"its first dimension must be the batch row (or, for a 1-D leading shape, its "
                                   f"tokens the rows; the model's input, which decides, was not seen: {INPUT_READ})")
             hint = batch.hint(lead[0], lead, kind(layer) == "embedding") if len(lead) else ""
+            if batch.nested_input and len(lead) == 1:
+                how, hint = ("the model's input was a nested tensor, whose rows' tokens, flattened into one "
+                             "dimension, cannot be told apart: give the layer the nested tensor or its padded rows"), ""
             raise ValueError(f"batch_adapters: {batch.rows_text()}, but {where} got an input of shape "
                              f"{tuple(x.shape)}: {how}{hint}")
         size, tokens = fit
@@ -704,7 +707,8 @@ class LayerBatch:
         if (merged is not None and merged in batch.slot_of and not ops.compiling()
                 and (layer._merged_A is None or layer._merged_A is not self.checked)):
             self._check_merged(layer, merged, where)  # (not in a traced forward: see README, torch.compile)
-        add, sub = batch.base_index(layer, x.device, merged) if alike else batch.index(layer, x.device, merged, size)
+        add, sub = (batch.index(layer, x.device, merged, size) if alike is None
+                    else batch.alike_index(layer, x.device, merged, alike))
         if conv:  # (one row per batch entry: its (channels, ...) are its features)
             return ops.batched_conv(layer.conv, x, self.slots.deltas, self.slots.scales, add, sub)
         narrow = _narrowed_by_autocast(layer, x) if sub is not None and kind(layer) == "linear" else None

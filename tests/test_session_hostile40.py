@@ -224,6 +224,22 @@ def test_a_mixed_batch_over_a_broadcast_lookup_no_row_adapts_is_served():
     with torch.no_grad(), pytest.raises(ValueError, match="wpe"):  # (a row of "default", which targets wpe: refused)
         with lora.batch_adapters(model, ["a", "default", None]):
             model(x)
+    # every row the same adapter, which targets wpe: the merged one, and another one ("w", all layers)
+    for m in model.modules():
+        if isinstance(m, lora.LoRALayer):
+            a_shape, b_shape = m.factor_shapes(2)
+            m.add_adapter("w", torch.randn(a_shape, dtype=torch.float64), torch.randn(b_shape, dtype=torch.float64), 0.5)
+    with torch.no_grad():
+        refs = {}
+        for name in ("default", "w"):
+            lora.set_adapter(model, name)
+            refs[name] = model(x).logits
+        lora.set_adapter(model, "default")
+        assert model.transformer.wpe.merged
+        for name in ("default", "w"):
+            with lora.batch_adapters(model, [name] * 3):
+                assert torch.allclose(model(x).logits, refs[name], atol=1e-10, rtol=0), name
+    assert (refs["w"] - refs["default"]).abs().max() > 1e-2
 
 
 @pytest.mark.parametrize("layout", [torch.strided, torch.jagged])
@@ -348,3 +364,75 @@ def test_a_nested_hook_read_drops_only_calls_that_ended():
     me = threading.get_ident()
     assert seen == [2, 2, 2, 2]  # (the root's call and the part's, each time: those left behind dropped)
     assert not lock._hook_reads.get(me) and not lock._reads.get(me)
+
+
+def test_a_stand_in_given_values_is_not_served_as_the_base_in_a_broadcast_lookup():
+    # Z1: set_adapter's stand-in of zeros at wpe, given values since (as load_state_dict or an optimizer would):
+    # the batch took it for the base there (0.42 off); its rows get different things: refused (the values are read)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
+                                                                 n_positions=16)).double().eval()
+    lora.inject(model, ["c_attn", "wpe"], r=2)
+    wpe = model.transformer.wpe
+    for m in model.modules():
+        if isinstance(m, lora.LoRALayer) and m is not wpe:
+            m.add_adapter("a", torch.randn(*m.lora_A.shape, dtype=torch.float64),
+                          torch.randn(*m.lora_B.shape, dtype=torch.float64), 1.0)
+    lora.set_adapter(model, "a")
+    assert wpe.is_stand_in("a")
+    with torch.no_grad():
+        wpe.lora_A.normal_()
+        wpe.lora_B.normal_()
+    assert wpe.is_placeholder("a") and not wpe.is_stand_in("a")
+    lora.set_adapter(model, "default")
+    with torch.no_grad(), pytest.raises(ValueError, match="'transformer.wpe' .* got an input of shape \\(1, 7\\)"):
+        with lora.batch_adapters(model, ["a", None, "a"]):
+            model(torch.randint(0, 50, (3, 7)))
+
+
+def test_a_nested_inputs_flattened_tokens_are_refused():
+    # Z1: a model that runs its layer on a jagged input's values() (rows of 2, 0 and 1 tokens: 3, as many as the rows)
+    # had each token read as one row: token 1, row 0's, got row 1's adapter (1.31 off)
+    torch.manual_seed(0)
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1 = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.l1(x.values())
+
+    model = Flat().double().eval()
+    lora.inject(model, ["l1"], r=2)
+    _second_adapter(model)
+    x = torch.nested.nested_tensor([torch.randn(2, 8, dtype=torch.float64), torch.randn(0, 8, dtype=torch.float64),
+                                    torch.randn(1, 8, dtype=torch.float64)], layout=torch.jagged)
+    with torch.no_grad(), pytest.raises(ValueError, match="nested tensor, whose rows' tokens, flattened"):
+        with lora.batch_adapters(model, ["b", None, "default"]):
+            model(x)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "shared"])
+def test_a_part_moved_from_another_model_takes_this_models_read(how):
+    # Z1: model A's encoder (marked a part of A's lock), deep-copied or shared into model B: B's lock left it A's
+    # mark, and a switch of B tore B's encoder pass in generate() (3 of 3)
+    import copy
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2,
+                                decoder_start_token_id=0)
+    a = transformers.T5ForConditionalGeneration(cfg).eval()
+    lora.inject(a, ["q", "v"], r=2)
+    _second_adapter(a)
+    model_lock(a)
+    b = transformers.T5ForConditionalGeneration(cfg).eval()
+    b.encoder, b.decoder = (copy.deepcopy(a.encoder), copy.deepcopy(a.decoder)) if how == "deepcopy" else \
+        (a.encoder, a.decoder)
+    b.shared = b.encoder.embed_tokens
+    lora.set_adapter(b, "default")
+    assert b.encoder.__dict__["_lora_ext_part_of"] is model_lock(b)
+    seen, switch = _switch_inside(b, b.encoder.block[1].layer[0].SelfAttention, "q", "v")
+    b.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    t, waited = switch[0]
+    t.join(10)
+    assert waited and seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen)

@@ -754,9 +754,16 @@ def _chain_lock(chain) -> ModelLock:
                         _HOOKS_PRUNE[0] = max(256, 2 * len(_HOOKS_LOCK))
                     _HOOKS_LOCK[id(hooks)] = (weakref.ref(hooks), lock)
             parts = _parts(chain[-1])
+            # the locks of the models inside this one: a part's mark from one of them stays (the first lock a part
+            # is given: the outermost model's); another's (a part moved or deep-copied from a model given to lora_ext
+            # into this one, or shared with it) is replaced, else this model's switches tore its passes (Z1: 3 of 3)
+            inner = {id(m.__dict__["_lora_ext_model_lock"]) for m in chain[-1].modules()
+                     if "_lora_ext_model_lock" in m.__dict__} if parts else set()
             for m in parts:
-                if m.__dict__.get("_lora_ext_part_of") is None and m.__dict__.get("_lora_ext_model_lock") is not lock:
-                    m.__dict__["_lora_ext_part_of"] = lock  # (a part's first: the lock of the outermost model given)
+                mark = m.__dict__.get("_lora_ext_part_of")
+                if (mark is None or (mark is not lock and id(mark) not in inner)) \
+                        and m.__dict__.get("_lora_ext_model_lock") is not lock:
+                    m.__dict__["_lora_ext_part_of"] = lock
                     _lock_generate_compiles(type(m))
                     if not any(h is _part_read_before for h in m._forward_pre_hooks.values()):
                         # (first: the model's read before the part's own lock's, if it has one, as the model's

@@ -220,6 +220,8 @@ class Batch:
         # Set when the block closes. A generator's block closed on another thread than the one it opened on
         # leaves its entries in the opening thread's context, where they must then count for nothing.
         self.closed = False
+        self._alike: Dict[nn.Module, Optional[int]] = {}  # alike_slot's, per layer
+        self.nested_input = False  # whether the model's input was a nested tensor (_check_input)
 
     @functools.cached_property
     def present(self) -> frozenset:
@@ -242,6 +244,10 @@ class Batch:
         repeating each row's entry `expand` times serves alike. A layer of self.flattens may take the model input's
         rows x tokens in one dimension, row after row."""
         layout = "rows" if self.expand > 1 else self.layout
+        if self.nested_input and len(lead) == 1:
+            # a nested input's tokens, flattened (its values()): rows of their own lengths, which one dimension cannot
+            # show (Z1: read as one token per row where as many as the rows, a token served another row's adapter)
+            return None
         if layout is None and len(lead) > 1:
             # the model's input was not seen (a keyword _check_input does not know, a submodule called in the
             # block): several leading dimensions are rows first, never tokens (GPT-2's broadcast position ids,
@@ -310,9 +316,22 @@ class Batch:
             return " (a broadcast input, such as position ids of shape (1, T), cannot carry per-row adapters)"
         return ""
 
-    def serves_base(self, layer) -> bool:
-        """Whether no adapter of the table has factors at `layer` (every row gets the base there)."""
-        return not _targeted(layer, [name for name in self.table if name is not None])
+    def alike_slot(self, layer) -> Optional[int]:
+        """The slot every row takes at `layer` (-1: the base) where the table's entries give them all the same there
+        (no adapter of the table serves values there, or one adapter is every entry), else None. A stand-in of zeros
+        serves none, but one given values since (load_state_dict, an optimizer) does (Z1: taken for the base, 0.42
+        off): its factors are read, a device sync, once per batch and layer (not while a CUDA graph is captured:
+        then not alike)."""
+        if layer in self._alike:
+            return self._alike[layer]
+        names = [name for name in self.table if name is not None and layer.has_adapter(name)]
+        if any(layer.is_placeholder(n) for n in names) and torch.cuda.is_available() \
+                and torch.cuda.is_current_stream_capturing():
+            return None
+        serving = {n for n in names if not layer.is_stand_in(n)}
+        effects = {self.slot_of[name] if name in serving else -1 for name in self.table}
+        alike = self._alike[layer] = next(iter(effects)) if len(effects) == 1 else None
+        return alike
 
     def where(self, layer) -> str:
         path = self.paths.get(layer, "?")
@@ -368,12 +387,12 @@ class Batch:
                              f"it will serve")
         return self.slot_of[merged]
 
-    def base_index(self, layer, device, merged: Optional[str]):
-        """index()'s for an input served as one row, the base (serves_base): nothing added, the merged adapter, if any,
-        taken out. Made at each call (a fill, which a CUDA graph captures)."""
-        slot = self._merged_slot(layer, merged)
-        add = torch.full((1,), -1, dtype=torch.int32, device=device)
-        return add, (None if merged is None else torch.full((1,), slot, dtype=torch.int32, device=device))
+    def alike_index(self, layer, device, merged: Optional[str], slot: int):
+        """index()'s for an input served as one row taking `slot` (alike_slot): that slot added, the merged adapter, if
+        any, taken out, unless it is that slot. Made at each call (a fill, which a CUDA graph captures)."""
+        own = self._merged_slot(layer, merged)
+        add = torch.full((1,), -1 if slot == own else slot, dtype=torch.int32, device=device)
+        return add, (None if merged is None or slot == own else torch.full((1,), own, dtype=torch.int32, device=device))
 
     def index(self, layer, device, merged: Optional[str], size: Optional[int] = None):
         """(adding index, subtracting index or None) for a layer on `device` whose weight holds `merged`, for an
@@ -524,8 +543,9 @@ def _check_input(module, args, kwargs):
         if rows not in batch.sizes:
             raise ValueError(f"batch_adapters: {batch.rows_text()} for a nested input of {rows} rows: each of its "
                              f"tensors is a row")
-        batch.layout, batch.tokens_per_row, batch.input_rows = "rows", None, rows
+        batch.layout, batch.tokens_per_row, batch.input_rows, batch.nested_input = "rows", None, rows, True
         return
+    batch.nested_input = False
     lead = x.shape[:-1] if x.is_floating_point() else x.shape
     if batch.expand > 1:  # beams: the row layout, the model's input holding the rows or each repeated
         size = next((size for size in batch.sizes if batched.batch_shape(lead, size, "rows")), None)
