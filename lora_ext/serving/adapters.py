@@ -30,7 +30,7 @@ from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_one_name, check_rank, deferred_interrupt, each_or_none
 from ..utils import _ddp_of, _wrapped, under_ddp
 from .injection import check_mergeable, refuse_fsdp1
-from .saved_modules import wrappers
+from .saved_modules import ModulesToSave, wrappers
 from .tokens import TrainableTokens
 from . import weighted
 
@@ -813,7 +813,7 @@ def _parts(model: nn.Module) -> List[nn.Module]:
     held = set()  # the names of the modules that hold an adapter inside (not the layers and saved modules themselves:
     # a layer's forward takes the layer's lock, and a saved module's serves one copy)
     for name, m in model.named_modules():
-        if isinstance(m, LoRALayer) or type(m).__name__ == "ModulesToSave":
+        if isinstance(m, (LoRALayer, ModulesToSave)):
             pieces = name.split(".")
             held.update(".".join(pieces[:i]) for i in range(1, len(pieces)))
     if not held:

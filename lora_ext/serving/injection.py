@@ -22,7 +22,7 @@ import textwrap
 import types
 import warnings
 import weakref
-from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -392,15 +392,16 @@ def read_without_call(model, name) -> Optional[str]:
     return _reader(model, name)[0]
 
 
-def read_without_call_text(model, name) -> Optional[str]:
-    """Who reads module `name`'s weight without calling it, and on which path (_reader), in words, or None."""
+def read_without_call_text(model, name) -> Optional[Tuple[str, str]]:
+    """(who reads module `name`'s weight without calling it, and on which path, in words; " on that path", or "" where
+    it always does) from _reader, or None."""
     path, reader = _reader(model, name)
     if path is None:
         return None
     who = f"{'its parent' if reader == name.rpartition('.')[0] else 'the module'} {reader!r}" if reader else \
         "the model"  # (X2: it named '')
     return (f"{who} ({type(model.get_submodule(reader)).__name__}) reads its weight without calling it"
-            f"{'' if path == 'always' else f' on one path, {path}'}")
+            f"{'' if path == 'always' else f' on one path, {path}'}", "" if path == "always" else " on that path")
 
 
 def _reader(model, name) -> tuple:
@@ -626,10 +627,8 @@ def check_replaceable(model, name, module, label=None):
                          f"times its embed_scale")
     read = read_without_call_text(model, name)
     if read is not None:
-        path = read_without_call(model, name)
-        raise ValueError(f"{label}: {read}: an adapter there would change nothing"
-                         f"{'' if path == 'always' else ' on that path'} unmerged (as in peft) and the outputs once "
-                         f"merged")
+        raise ValueError(f"{label}: {read[0]}: an adapter there would change nothing{read[1]} unmerged (as in peft) "
+                         f"and the outputs once merged")
     parent = name.rpartition(".")[0]
     holder = type(model.get_submodule(parent)).__name__
     if name.rpartition(".")[2] in _TRAINING_READS.get(holder, ()):

@@ -1300,8 +1300,8 @@ def save_peft_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_n
                                  f"serve other outputs")
             read = _inject.read_without_call_text(inner, name)
             if read is not None:
-                raise ValueError(f"save: layer {name!r}: {read}: peft would serve the model without the adapter"
-                                 f"{'' if read.endswith('calling it') else ' on that path'}")
+                raise ValueError(f"save: layer {name!r}: {read[0]}: peft would serve the model without the adapter"
+                                 f"{read[1]}")
             why = conv_refusal(layer.conv) if isinstance(layer, layers.ConvLoRA) else None
             if why is not None:
                 raise ValueError(f"save: layer {name!r} is a convolution with {why}")
