@@ -436,3 +436,28 @@ def test_a_part_moved_from_another_model_takes_this_models_read(how):
     t, waited = switch[0]
     t.join(10)
     assert waited and seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen)
+
+
+@pytest.mark.parametrize("part_first", [False, True])
+def test_a_hold_of_a_part_holds_the_model_it_is_a_part_of(part_first):
+    # Z1: `lora.hold(model.language_model)` kept the part's own lock only: a switch through the whole model landed
+    # inside the hold, and the part's next forward served another adapter
+    model = _blip2()
+    if part_first:
+        lora.set_adapter(model.language_model, "default")
+    lora.set_adapter(model, "default")
+    q = model.language_model.model.decoder.layers[0].self_attn.q_proj
+    seen = []
+    with lora.hold(model.language_model), torch.no_grad():
+        model.language_model(input_ids=torch.tensor([[1, 2, 3]]))
+        seen.append(q.active_adapter)
+        t = threading.Thread(target=lambda: lora.set_adapter(model, "b"), daemon=True)
+        t.start()
+        t.join(0.5)
+        seen.append(t.is_alive())
+        model.language_model(input_ids=torch.tensor([[1, 2, 3]]))
+        seen.append(q.active_adapter)
+        with pytest.raises(RuntimeError, match="would wait for itself"):
+            lora.set_adapter(model, "default")
+    t.join(10)
+    assert seen == ["default", True, "default"] and not t.is_alive() and q.active_adapter == "b"

@@ -575,8 +575,22 @@ def _discard(waiting, ident) -> None:
 @contextlib.contextmanager
 def hold(model: nn.Module) -> Iterator[None]:
     """Holds the model's current adapter for a block of forwards (a whole `generate()`, say): model-level
-    changes on other threads wait until the block ends. Changes from this thread inside it are refused."""
-    lock, landed = model_lock(model), None
+    changes on other threads wait until the block ends. Changes from this thread inside it are refused. A part of a
+    model (_parts: `model.language_model`) holds the model it is a part of too (Z1: a switch through the model
+    landed inside a hold of the part, which kept the part's own lock only)."""
+    lock = model_lock(model)
+    outer = list(_wrapped(model))[-1].__dict__.get("_lora_ext_part_of")
+    if outer is None or outer is lock:
+        with _hold(lock):
+            yield
+    else:
+        with _hold(outer), _hold(lock):  # (the model's first, as its forwards take them)
+            yield
+
+
+@contextlib.contextmanager
+def _hold(lock: ModelLock) -> Iterator[None]:
+    landed = None
     box = lock._box()
     try:
         lock.acquire_read(hold=True, box=box)  # (counts the hold too)
