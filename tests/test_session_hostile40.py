@@ -131,7 +131,7 @@ def test_a_part_keeps_its_own_lock():
             base = policy.lm(ids).logits
     assert torch.allclose(reference, base, atol=1e-12, rtol=0) and (logits - base).abs().max() > 1e-2
     assert model_lock(policy.lm) is not model_lock(policy)
-    assert policy.lm.__dict__["_lora_ext_part_of"] is model_lock(policy)
+    assert policy.lm.__dict__["_lora_ext_part_of"] == (model_lock(policy),)
 
 
 def test_a_part_given_to_lora_ext_first_takes_the_whole_models_read_too():
@@ -185,7 +185,7 @@ def test_a_models_parts_pickled_without_hooks_get_them_at_the_next_call():
     loaded = pickle.loads(pickle.dumps(model))
     lora.set_adapter(loaded, "b")
     lock = model_lock(loaded)
-    assert loaded.language_model.__dict__["_lora_ext_part_of"] is lock
+    assert loaded.language_model.__dict__["_lora_ext_part_of"] == (lock,)
     held = []
     loaded.language_model.model.decoder.layers[0].self_attn.q_proj.register_forward_pre_hook(
         lambda m, args: held.append(lock.holds_read()))
@@ -345,7 +345,7 @@ def test_a_nested_hook_read_drops_only_calls_that_ended():
 
     root = Root()
     lock = model_lock(root)
-    root.part.__dict__["_lora_ext_part_of"] = lock
+    root.part.__dict__["_lora_ext_part_of"] = (lock,)
     root.part.register_forward_pre_hook(adapters._part_read_before, prepend=True)
     root.part.register_forward_hook(adapters._part_read_after, always_call=True)
     stop, seen = [True], []
@@ -430,7 +430,8 @@ def test_a_part_moved_from_another_model_takes_this_models_read(how):
         (a.encoder, a.decoder)
     b.shared = b.encoder.embed_tokens
     lora.set_adapter(b, "default")
-    assert b.encoder.__dict__["_lora_ext_part_of"] is model_lock(b)
+    assert any(mark is model_lock(b) for mark in b.encoder.__dict__["_lora_ext_part_of"])
+    assert all(mark is not model_lock(a) for mark in b.encoder.__dict__["_lora_ext_part_of"])
     seen, switch = _switch_inside(b, b.encoder.block[1].layer[0].SelfAttention, "q", "v")
     b.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
     t, waited = switch[0]
@@ -461,3 +462,78 @@ def test_a_hold_of_a_part_holds_the_model_it_is_a_part_of(part_first):
             lora.set_adapter(model, "default")
     t.join(10)
     assert seen == ["default", True, "default"] and not t.is_alive() and q.active_adapter == "b"
+
+
+def _t5():
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2, decoder_start_token_id=0)).eval()
+
+
+def _encoder_pass_waits(model, switch_through, t5):
+    """generate() on t5 with a switch of `switch_through` to "b" from another thread inside the encoder pass: whether
+    the switch waited for the pass, and no pass was torn."""
+    seen, switch = _switch_inside(switch_through, t5.encoder.block[1].layer[0].SelfAttention, "q", "v")
+    t5.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    t, waited = switch[0]
+    t.join(10)
+    return waited and seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen) and not t.is_alive()
+
+
+def test_an_adapter_injected_into_a_part_after_the_models_lock_is_covered():
+    # A2: the model's lock made with LoRA in the decoder only, then lora.inject(model.encoder, ...): the encoder (no
+    # adapter when the model's parts were found) took no read of the model's lock, and a switch tore its pass (3 of 3)
+    model = _t5()
+    lora.inject(model, r"decoder\..*\.(q|v)", r=2)
+    model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=1, do_sample=False)
+    lora.inject(model.encoder, r".*\.(q|v)", r=2)
+    _second_adapter(model)
+    assert _encoder_pass_waits(model, model, model)
+
+
+@pytest.mark.parametrize("inner_first", [False, True])
+def test_a_part_of_a_model_inside_a_wrapper_takes_both_reads(inner_first):
+    # A2: a wrapper holding a T5, both given to lora_ext: T5's encoder kept one lock (the first it was given), and a
+    # switch through the other tore its pass in t5.generate() (3 of 3, either order)
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t5 = _t5()
+
+    w = Wrapper()
+    lora.inject(w, ["q", "v"], r=2)
+    _second_adapter(w)
+    first, second = (w.t5, w) if inner_first else (w, w.t5)
+    lora.set_adapter(first, "default")
+    lora.set_adapter(second, "default")
+    assert w.t5.encoder.__dict__["_lora_ext_part_of"] == (model_lock(w), model_lock(w.t5))  # (the outer first)
+    assert _encoder_pass_waits(w, w, w.t5)
+    lora.set_adapter(w, "default")
+    assert _encoder_pass_waits(w, w.t5, w.t5)
+
+
+def test_a_switch_after_an_interrupted_forward_drops_its_calls_frames():
+    # A2: a KeyboardInterrupt inside T5's encoder pass, then a switch from the same thread: the read left behind was
+    # dropped, but the hook's list of calls kept the interrupted calls' frames (and what they reference)
+    import gc
+    import weakref
+    model = _t5()
+    lora.inject(model, ["q", "v"], r=2)
+    _second_adapter(model)
+    lock = model_lock(model)
+    kept, fired = [], []
+
+    def boom(module, args):
+        if not fired:
+            fired.append(True)
+            raise KeyboardInterrupt
+    hooks = [model.encoder.block[0].register_forward_hook(lambda m, a, o: kept.append(weakref.ref(o[0]))),
+             model.encoder.block[1].register_forward_pre_hook(boom)]
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        model.generate(input_ids=torch.randint(3, 60, (2, 16)), max_new_tokens=2, do_sample=False)
+    for h in hooks:
+        h.remove()
+    assert lock._hook_reads.get(threading.get_ident())  # (left by the interrupted calls)
+    lora.set_adapter(model, "b")
+    gc.collect()
+    assert not lock._hook_reads.get(threading.get_ident()) and kept[0]() is None

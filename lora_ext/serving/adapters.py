@@ -80,6 +80,7 @@ class ModelLock:
         self._stuck_changing = False  # and whether for a change half made (not for another thread's open block)
         # the change that adds, replaces or removes modules or adapters, while it writes (write())
         self._reshaping = None
+        self._root = None  # a weak reference to the model whose lock this is (_chain_lock; _marked)
         forks.track_model_lock(self)
 
     def block(self, delta: int, thread: Optional[int] = None) -> None:
@@ -155,7 +156,8 @@ class ModelLock:
             code = frame.f_code
             if code.co_name == "_call_impl" or code is _LOCKED_CODE:  # (_LOCKED_CODE: a module compiled in place)
                 owner = getattr(frame.f_locals.get("self" if code is not _LOCKED_CODE else "module"), "__dict__", {})
-                if owner.get("_lora_ext_model_lock") is self or owner.get("_lora_ext_part_of") is self:  # (_parts)
+                if owner.get("_lora_ext_model_lock") is self \
+                        or any(mark is self for mark in owner.get("_lora_ext_part_of", ())):  # (_parts)
                     found += 1
                     if found > outer:
                         return True
@@ -219,6 +221,7 @@ class ModelLock:
                 # stopped (its hook never ran). This read is a new one, and queues (else the thread, forwarding in
                 # a loop, would pass every waiting writer as a re-entrant read)
                 del self._reads[me]
+                self._hook_reads.pop(me, None)  # (its calls' frames: A2)
             if me not in self._reads and self._writer != me:
                 # waiting writers go first, except for forwards while a hold() is open (they may be the hold's, run
                 # on other threads: a streamer's worker; the writer waits for the hold anyway) and for the readers
@@ -463,6 +466,7 @@ class ModelLock:
                     if me in self._reads:
                         self._refuse_from_inside(me)
                         del self._reads[me]  # left by a forward of this thread that was interrupted
+                        self._hook_reads.pop(me, None)
                     try:
                         self._queued_at[me] = self._taken
                         self._queue.append(me)
@@ -579,13 +583,11 @@ def hold(model: nn.Module) -> Iterator[None]:
     model (_parts: `model.language_model`) holds the model it is a part of too (Z1: a switch through the model
     landed inside a hold of the part, which kept the part's own lock only)."""
     lock = model_lock(model)
-    outer = list(_wrapped(model))[-1].__dict__.get("_lora_ext_part_of")
-    if outer is None or outer is lock:
-        with _hold(lock):
-            yield
-    else:
-        with _hold(outer), _hold(lock):  # (the model's first, as its forwards take them)
-            yield
+    locks = [m for m in list(_wrapped(model))[-1].__dict__.get("_lora_ext_part_of", ()) if m is not lock] + [lock]
+    with contextlib.ExitStack() as stack:  # (the models' first, as their forwards take them)
+        for each in locks:
+            stack.enter_context(_hold(each))
+        yield
 
 
 @contextlib.contextmanager
@@ -630,10 +632,12 @@ def _read_before(module, args):
 
 
 def _part_read_before(module, args):
-    """The pre-hook of a part of a model (_parts): the read of the model's lock."""
-    lock = module.__dict__.get("_lora_ext_part_of")
-    if lock is not None and not ops.compiling():
-        _take_hook_read(lock, _module_call())
+    """The pre-hook of a part of models (_parts): the reads of their locks, the outermost model's first."""
+    locks = module.__dict__.get("_lora_ext_part_of")
+    if locks and not ops.compiling():
+        call = _module_call()
+        for lock in locks:
+            _take_hook_read(lock, call)
 
 
 def _take_hook_read(lock, call):
@@ -688,9 +692,11 @@ def _read_after(module, args, output):
 
 
 def _part_read_after(module, args, output):
-    lock = module.__dict__.get("_lora_ext_part_of")
-    if lock is not None and not ops.compiling():
-        _give_hook_read(lock, _module_call())
+    locks = module.__dict__.get("_lora_ext_part_of")
+    if locks and not ops.compiling():
+        call = _module_call()
+        for lock in reversed(locks):
+            _give_hook_read(lock, call)
 
 
 def _give_hook_read(lock, call):
@@ -728,7 +734,9 @@ def _chain_lock(chain) -> ModelLock:
     if lock is not None and parts is not None and all(m.__dict__.get("_lora_ext_model_lock") is lock for m in chain) \
             and all(w.__dict__.get("_lora_ext_model_lock") is lock for w in compiled) \
             and not any(_compiled_in_place(m) for m in chain) \
-            and not any(_compiled_in_place(m) for m in parts if m.__dict__.get("_lora_ext_part_of") is lock):
+            and not any(_compiled_in_place(m) for m in parts if m.__dict__.get("_lora_ext_part_of")):
+        if lock._root is None:  # (unpickled: see _marked)
+            lock._root = weakref.ref(chain[-1])
         return lock
     # Made once, under a process-wide lock: two threads making a model's first calls (a state read and a switch) each
     # made a lock of their own, and the read ran under one while the switch wrote under the other (hostile33: 3 of 60
@@ -767,26 +775,21 @@ def _chain_lock(chain) -> ModelLock:
                             del _HOOKS_LOCK[key]
                         _HOOKS_PRUNE[0] = max(256, 2 * len(_HOOKS_LOCK))
                     _HOOKS_LOCK[id(hooks)] = (weakref.ref(hooks), lock)
+            lock._root = weakref.ref(chain[-1])
             parts = _parts(chain[-1])
-            # the locks of the models inside this one: a part's mark from one of them stays (the first lock a part
-            # is given: the outermost model's); another's (a part moved or deep-copied from a model given to lora_ext
-            # into this one, or shared with it) is replaced, else this model's switches tore its passes (Z1: 3 of 3)
-            inner = {id(m.__dict__["_lora_ext_model_lock"]) for m in chain[-1].modules()
-                     if "_lora_ext_model_lock" in m.__dict__} if parts else set()
             for m in parts:
-                mark = m.__dict__.get("_lora_ext_part_of")
-                if (mark is None or (mark is not lock and id(mark) not in inner)) \
-                        and m.__dict__.get("_lora_ext_model_lock") is not lock:
-                    m.__dict__["_lora_ext_part_of"] = lock
+                marks = m.__dict__.get("_lora_ext_part_of", ())
+                if all(mark is not lock for mark in marks) and m.__dict__.get("_lora_ext_model_lock") is not lock:
+                    m.__dict__["_lora_ext_part_of"] = _marked(m, marks, lock, chain[-1])
                     _lock_generate_compiles(type(m))
                     if not any(h is _part_read_before for h in m._forward_pre_hooks.values()):
-                        # (first: the model's read before the part's own lock's, if it has one, as the model's
-                        # forward takes them; taken in the other order, two threads could wait for each other)
+                        # (first: the models' reads before the part's own lock's, if it has one, as the models'
+                        # forwards take them; taken in the other order, two threads could wait for each other)
                         m.register_forward_pre_hook(_part_read_before, prepend=True)
                         m.register_forward_hook(_part_read_after, always_call=True)
                     gained = True
                 in_place = _compiled_in_place(m)
-                if in_place is not None and m.__dict__.get("_lora_ext_part_of") is lock:
+                if in_place is not None and any(mark is lock for mark in m.__dict__.get("_lora_ext_part_of", ())):
                     m.__dict__["_compiled_call_impl"] = _LockedCall(m, in_place, part=True)
             chain[-1].__dict__["_lora_ext_parts_locked"] = tuple(parts)  # (pickled with it: one loaded from before,
             # without it, has its parts found at its next lora_ext call; so does one a load or inject changed, write())
@@ -811,9 +814,9 @@ def _chain_lock(chain) -> ModelLock:
 
 
 def _parts(model: nn.Module) -> List[nn.Module]:
-    """The modules inside `model` that transformers' generate() may run outside the model's forward, and that hold an
-    adapter inside them (a lora_ext layer or a module saved whole): the children of each transformers model that
-    generates (GenerationMixin: the model, or one inside it), those inside it, and their encoders (get_encoder()).
+    """The modules inside `model` that transformers' generate() may run outside the model's forward, with modules inside
+    them: the children of each transformers model that generates (GenerationMixin: the model, or one inside it), those
+    inside it, and their encoders (get_encoder()).
     generate() runs an encoder-decoder's encoder pass itself (T5, BART, Whisper, FSMT), a part's whole generate()
     (BLIP-2's language model, CSM's depth decoder, Bark, the Omni models) and modules of the model directly (Kosmos-2's
     image_to_text_projection, CLVP's conditioning encoder): their forwards took no read of the model's lock, and a
@@ -824,15 +827,6 @@ def _parts(model: nn.Module) -> List[nn.Module]:
     mixin = getattr(sys.modules.get("transformers.generation.utils"), "GenerationMixin", None)
     if not isinstance(mixin, type):
         return []
-    held = set()  # the names of the modules that hold an adapter inside (not the layers and saved modules themselves:
-    # a layer's forward takes the layer's lock, and a saved module's serves one copy)
-    for name, m in model.named_modules():
-        if isinstance(m, (LoRALayer, ModulesToSave)):
-            pieces = name.split(".")
-            held.update(".".join(pieces[:i]) for i in range(1, len(pieces)))
-    if not held:
-        return []
-    named = {id(m): name for name, m in model.named_modules()}
     found = {}
     for name, g in model.named_modules():
         if not isinstance(g, mixin):  # (a model that does not generate runs no part outside its forward)
@@ -849,9 +843,38 @@ def _parts(model: nn.Module) -> List[nn.Module]:
             if isinstance(encoder, nn.Module) and encoder is not g:
                 here.append(encoder)
         for m in here:
-            if named.get(id(m)) in held and m is not model:
+            # (not a module without children, nor a layer or module saved whole: no adapter inside it, and an
+            # inject replaces it; a layer's forward takes its own lock, and a saved module's serves one copy. Those
+            # without an adapter yet are taken too: one injected into a part later, lora.inject(model.encoder, ...),
+            # is not seen by the model, A2)
+            if m is not model and m._modules and not isinstance(m, (LoRALayer, ModulesToSave)):
                 found.setdefault(id(m), m)
     return list(found.values())
+
+
+def _marked(part, marks, lock, root) -> tuple:
+    """The locks `part` takes the reads of (its `_lora_ext_part_of`) once it is a part of `root`, whose lock is `lock`:
+    those of the models that still hold it, `lock` among them, the outermost model's first (each model's forward
+    takes them in that order). A part of a model and of a wrapper holding it takes both (A2: it kept the first lock it
+    was given, and a switch through the other tore its passes); one moved or deep-copied from a model given to
+    lora_ext into this one drops that model's (Z1: this model's switches tore its passes), and so does one shared
+    with a model that neither holds this one nor is held by it (taken in both models' orders, two threads could wait
+    for each other: that model's switches do not wait for its passes, README). A lock whose model is not known
+    (unpickled, not yet used) is kept."""
+    inside = {id(m) for m in root.modules()}
+    kept = []
+    for mark in marks:
+        owner = mark._root() if mark._root is not None else None
+        if mark._root is None or (owner is not None and owner is not root and any(m is part for m in owner.modules())
+                                  and (id(owner) in inside or any(m is root for m in owner.modules()))):
+            kept.append((mark, owner))
+    at = len(kept)
+    for i, (mark, owner) in enumerate(kept):
+        if owner is not None and id(owner) in inside:
+            at = i  # (root holds that mark's model: its lock goes first)
+            break
+    kept.insert(at, (lock, root))
+    return tuple(mark for mark, _ in kept)
 
 
 _MAKING = threading.RLock()  # model_lock's, while it makes a model's lock or hooks a wrapper (re-entrant: see
@@ -931,13 +954,19 @@ class _LockedCall:
 def _locked_compiled_call(module, call, args, kwargs, part=False):
     if ops.compiling():  # (traced inside an outer compiled region: no lock there)
         return call(*args, **kwargs)
-    lock = module.__dict__.get("_lora_ext_part_of") if part else None
-    lock = lock or module.__dict__.get("_lora_ext_model_lock") or model_lock(module)
-    lock.acquire_read()
+    if not part:
+        locks = (module.__dict__.get("_lora_ext_model_lock") or model_lock(module),)
+    else:  # (the locks of the models it is a part of)
+        locks = module.__dict__.get("_lora_ext_part_of", ())
+    taken = 0
     try:
+        for lock in locks:
+            lock.acquire_read()
+            taken += 1
         return call(*args, **kwargs)
     finally:
-        lock.release_read()
+        for lock in reversed(locks[:taken]):
+            lock.release_read()
 
 
 _LOCKED_CODE = _locked_compiled_call.__code__
