@@ -43,22 +43,30 @@ def _torn(seen):
     return [(q[1], v[1]) for q, v in zip(seen[0::2], seen[1::2]) if q[1] != v[1]]
 
 
+def _t5():
+    torch.manual_seed(0)
+    return transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2, decoder_start_token_id=0)).eval()
+
+
+def _encoder_pass_waits(switch_through, t5):
+    """generate() on t5 with a switch of `switch_through` to "b" from another thread inside the encoder pass: whether
+    the switch waited for the pass, and no pass was torn."""
+    seen, switch = _switch_inside(switch_through, t5.encoder.block[1].layer[0].SelfAttention, "q", "v")
+    t5.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
+    t, waited = switch[0]
+    t.join(10)
+    return waited and seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen) and not t.is_alive()
+
+
 def test_an_encoder_decoders_encoder_pass_in_generate_takes_the_models_read():
     # generate() runs the encoder itself (before the decode steps), outside the model's forward: the pass took no
     # read, and a switch from another thread wrote in the middle of it (q with one adapter, v with the other)
-    torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2,
-                                decoder_start_token_id=0)
-    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    model = _t5()
     lora.inject(model, ["q", "v"], r=2)
     _second_adapter(model)
-    seen, switch = _switch_inside(model, model.encoder.block[1].layer[0].SelfAttention, "q", "v")
-    model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
-    t, waited = switch[0]
-    t.join(10)
-    assert waited, "the switch wrote in the middle of the encoder pass"
-    assert seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen)
-    assert not t.is_alive() and lora.active_adapter(model) == "b"
+    assert _encoder_pass_waits(model, model), "the switch wrote in the middle of the encoder pass"
+    assert lora.active_adapter(model) == "b"
 
 
 def _blip2():
@@ -418,25 +426,18 @@ def test_a_part_moved_from_another_model_takes_this_models_read(how):
     # Z1: model A's encoder (marked a part of A's lock), deep-copied or shared into model B: B's lock left it A's
     # mark, and a switch of B tore B's encoder pass in generate() (3 of 3)
     import copy
-    torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2,
-                                decoder_start_token_id=0)
-    a = transformers.T5ForConditionalGeneration(cfg).eval()
+    a = _t5()
     lora.inject(a, ["q", "v"], r=2)
     _second_adapter(a)
     model_lock(a)
-    b = transformers.T5ForConditionalGeneration(cfg).eval()
+    b = _t5()
     b.encoder, b.decoder = (copy.deepcopy(a.encoder), copy.deepcopy(a.decoder)) if how == "deepcopy" else \
         (a.encoder, a.decoder)
     b.shared = b.encoder.embed_tokens
     lora.set_adapter(b, "default")
     assert any(mark is model_lock(b) for mark in b.encoder.__dict__["_lora_ext_part_of"])
     assert all(mark is not model_lock(a) for mark in b.encoder.__dict__["_lora_ext_part_of"])
-    seen, switch = _switch_inside(b, b.encoder.block[1].layer[0].SelfAttention, "q", "v")
-    b.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
-    t, waited = switch[0]
-    t.join(10)
-    assert waited and seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen)
+    assert _encoder_pass_waits(b, b)
 
 
 @pytest.mark.parametrize("part_first", [False, True])
@@ -464,22 +465,6 @@ def test_a_hold_of_a_part_holds_the_model_it_is_a_part_of(part_first):
     assert seen == ["default", True, "default"] and not t.is_alive() and q.active_adapter == "b"
 
 
-def _t5():
-    torch.manual_seed(0)
-    return transformers.T5ForConditionalGeneration(transformers.T5Config(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2, decoder_start_token_id=0)).eval()
-
-
-def _encoder_pass_waits(model, switch_through, t5):
-    """generate() on t5 with a switch of `switch_through` to "b" from another thread inside the encoder pass: whether
-    the switch waited for the pass, and no pass was torn."""
-    seen, switch = _switch_inside(switch_through, t5.encoder.block[1].layer[0].SelfAttention, "q", "v")
-    t5.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2, do_sample=False)
-    t, waited = switch[0]
-    t.join(10)
-    return waited and seen[:2] == [("q", "default"), ("v", "default")] and not _torn(seen) and not t.is_alive()
-
-
 def test_an_adapter_injected_into_a_part_after_the_models_lock_is_covered():
     # A2: the model's lock made with LoRA in the decoder only, then lora.inject(model.encoder, ...): the encoder (no
     # adapter when the model's parts were found) took no read of the model's lock, and a switch tore its pass (3 of 3)
@@ -488,7 +473,7 @@ def test_an_adapter_injected_into_a_part_after_the_models_lock_is_covered():
     model.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=1, do_sample=False)
     lora.inject(model.encoder, r".*\.(q|v)", r=2)
     _second_adapter(model)
-    assert _encoder_pass_waits(model, model, model)
+    assert _encoder_pass_waits(model, model)
 
 
 @pytest.mark.parametrize("inner_first", [False, True])
@@ -507,9 +492,9 @@ def test_a_part_of_a_model_inside_a_wrapper_takes_both_reads(inner_first):
     lora.set_adapter(first, "default")
     lora.set_adapter(second, "default")
     assert w.t5.encoder.__dict__["_lora_ext_part_of"] == (model_lock(w), model_lock(w.t5))  # (the outer first)
-    assert _encoder_pass_waits(w, w, w.t5)
+    assert _encoder_pass_waits(w, w.t5)
     lora.set_adapter(w, "default")
-    assert _encoder_pass_waits(w, w.t5, w.t5)
+    assert _encoder_pass_waits(w.t5, w.t5)
 
 
 def test_a_switch_after_an_interrupted_forward_drops_its_calls_frames():
