@@ -522,3 +522,66 @@ def test_a_switch_after_an_interrupted_forward_drops_its_calls_frames():
     lora.set_adapter(model, "b")
     gc.collect()
     assert not lock._hook_reads.get(threading.get_ident()) and kept[0]() is None
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+@pytest.mark.parametrize("outer_first", [False, True])
+def test_a_wrapper_inside_a_wrapper_forwarded_directly_takes_the_outer_read_first(outer_first):
+    # B3: W2 holds W1 holds a T5, all given to lora_ext; a forward of W1 called directly took W1's read, then (in the
+    # T5's part hook) W2's, while a forward of W2 took them in the other order: with a switch through each queued,
+    # the four threads waited for each other for good (4 of 8 free-running trials)
+    t5 = _t5()
+    w1 = _Wrapper(t5)
+    w2 = _Wrapper(w1)
+    lora.inject(w2, ["q", "v"], r=2)
+    _second_adapter(w2)
+    for m in ((w2, w1, t5) if outer_first else (t5, w1, w2)):
+        lora.set_adapter(m, "default")
+    l2, l1, l0 = model_lock(w2), model_lock(w1), model_lock(t5)
+    assert w1.__dict__["_lora_ext_part_of"] == (l2,) and t5.__dict__["_lora_ext_part_of"] == (l2, l1)
+    assert t5.encoder.__dict__["_lora_ext_part_of"] == (l2, l1, l0)
+    assert next(iter(w1._forward_pre_hooks.values())).__name__ == "_part_read_before"  # (before its own lock's)
+    x, d = torch.tensor([[5, 6, 7]]), torch.tensor([[0, 3]])
+
+    def forwards(model):
+        with torch.no_grad():
+            for _ in range(20):
+                model(input_ids=x, decoder_input_ids=d)
+
+    def switches(model):
+        for i in range(20):
+            lora.set_adapter(model, "b" if i % 2 == 0 else "default")
+    threads = [threading.Thread(target=forwards, args=(w1,), daemon=True),
+               threading.Thread(target=forwards, args=(w2,), daemon=True),
+               threading.Thread(target=switches, args=(w2,), daemon=True),
+               threading.Thread(target=switches, args=(w1,), daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "the threads waited for each other"
+
+
+def test_a_shallow_copy_does_not_take_over_the_models_lock_in_the_parts_marks():
+    # B3: copy.copy(t5) made before its lock, then set_adapter through both: the copy's call made it the lock's
+    # model, and a wrapper given to lora_ext after dropped the T5's lock from the encoder's marks (the copy neither
+    # holds the wrapper nor is held by it): a switch through t5 tore its own encoder pass (3 of 3)
+    import copy
+    t5 = _t5()
+    twin = copy.copy(t5)
+    lora.inject(t5, ["q", "v"], r=2)
+    _second_adapter(t5)
+    lora.set_adapter(t5, "default")
+    lora.set_adapter(twin, "default")
+    w = _Wrapper(t5)
+    lora.set_adapter(w, "default")
+    assert t5.encoder.__dict__["_lora_ext_part_of"] == (model_lock(w), model_lock(t5))
+    assert _encoder_pass_waits(t5, t5)

@@ -735,7 +735,7 @@ def _chain_lock(chain) -> ModelLock:
             and all(w.__dict__.get("_lora_ext_model_lock") is lock for w in compiled) \
             and not any(_compiled_in_place(m) for m in chain) \
             and not any(_compiled_in_place(m) for m in parts if m.__dict__.get("_lora_ext_part_of")):
-        if lock._root is None:  # (unpickled: see _marked)
+        if lock._root is None or lock._root() is None:  # (unpickled, or its model gone: see _marked)
             lock._root = weakref.ref(chain[-1])
         return lock
     # Made once, under a process-wide lock: two threads making a model's first calls (a state read and a switch) each
@@ -775,12 +775,32 @@ def _chain_lock(chain) -> ModelLock:
                             del _HOOKS_LOCK[key]
                         _HOOKS_PRUNE[0] = max(256, 2 * len(_HOOKS_LOCK))
                     _HOOKS_LOCK[id(hooks)] = (weakref.ref(hooks), lock)
-            lock._root = weakref.ref(chain[-1])
+            if lock._root is None or lock._root() is None:  # (not a shallow copy's, which shares the lock: B3)
+                lock._root = weakref.ref(chain[-1])
             parts = _parts(chain[-1])
+            # (the modules inside with locks of their own, given to lora_ext: their forwards, called directly, take
+            # this model's read before their own, as this model's forward does, else two threads could wait for each
+            # other, B3: a wrapper inside a wrapper, forwarded directly, took its lock, then the outer one's in a part)
+            parts += [m for m in chain[-1].modules() if m is not chain[-1] and "_lora_ext_model_lock" in m.__dict__
+                      and m.__dict__["_lora_ext_model_lock"] is not lock and all(m is not p for p in parts)]
+            # and this model takes the reads of the models outside it that its parts take (given to lora_ext before
+            # it): before its own, for the same reason
+            outer = [mark for p in parts for mark in p.__dict__.get("_lora_ext_part_of", ()) if _holds(mark, chain[-1])]
+            if outer:
+                parts.append(chain[-1])
             for m in parts:
                 marks = m.__dict__.get("_lora_ext_part_of", ())
-                if all(mark is not lock for mark in marks) and m.__dict__.get("_lora_ext_model_lock") is not lock:
-                    m.__dict__["_lora_ext_part_of"] = _marked(m, marks, lock, chain[-1])
+                if m is chain[-1]:
+                    new = marks
+                    for mark in outer:
+                        if all(mark is not each for each in new):
+                            new = _marked(m, new, mark, mark._root())
+                elif all(mark is not lock for mark in marks) and m.__dict__.get("_lora_ext_model_lock") is not lock:
+                    new = _marked(m, marks, lock, chain[-1])
+                else:
+                    new = marks
+                if new is not marks:
+                    m.__dict__["_lora_ext_part_of"] = new
                     _lock_generate_compiles(type(m))
                     if not any(h is _part_read_before for h in m._forward_pre_hooks.values()):
                         # (first: the models' reads before the part's own lock's, if it has one, as the models'
@@ -791,8 +811,9 @@ def _chain_lock(chain) -> ModelLock:
                 in_place = _compiled_in_place(m)
                 if in_place is not None and any(mark is lock for mark in m.__dict__.get("_lora_ext_part_of", ())):
                     m.__dict__["_compiled_call_impl"] = _LockedCall(m, in_place, part=True)
-            chain[-1].__dict__["_lora_ext_parts_locked"] = tuple(parts)  # (pickled with it: one loaded from before,
-            # without it, has its parts found at its next lora_ext call; so does one a load or inject changed, write())
+            # (pickled with it: one loaded from before, without it, has its parts found at its next lora_ext call; so
+            # does one a load or inject changed, write())
+            chain[-1].__dict__["_lora_ext_parts_locked"] = tuple(m for m in parts if m is not chain[-1])
             if made or gained:
                 # forwards already running (a model built by hand, its first model-level call; a wrapper's, whose
                 # compiled forward runs no lora_ext code, at the wrapper's first call) took no read: each counts as
@@ -850,6 +871,12 @@ def _parts(model: nn.Module) -> List[nn.Module]:
             if m is not model and m._modules and not isinstance(m, (LoRALayer, ModulesToSave)):
                 found.setdefault(id(m), m)
     return list(found.values())
+
+
+def _holds(mark, model) -> bool:
+    """Whether the model whose lock is `mark` holds `model` (and is not it)."""
+    owner = mark._root() if mark._root is not None else None
+    return owner is not None and owner is not model and any(m is model for m in owner.modules())
 
 
 def _marked(part, marks, lock, root) -> tuple:
