@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .. import batched, ddp_guard, forks, ops, sharded
 from ..layers import LoRALayer
 from ..named_adapters import at_layer, check_one_name, check_rank, deferred_interrupt, each_or_none
-from ..utils import _ddp_of, _wrapped, under_ddp
+from ..utils import _ddp_of, _wrapped, under_ddp, unwrap
 from .injection import check_mergeable, refuse_fsdp1
 from .saved_modules import ModulesToSave, wrappers
 from .tokens import TrainableTokens
@@ -447,8 +447,8 @@ class ModelLock:
                     self._reshaping = reshaping
                 yield
                 if reshaping is not None and outer is None and model is not None:
-                    # (modules and adapters added or taken out: the parts that hold adapters are found again, _parts)
-                    list(_wrapped(model))[-1].__dict__.pop("_lora_ext_parts_locked", None)
+                    # (modules added, replaced or taken out: the parts are found again, _parts)
+                    unwrap(model).__dict__.pop("_lora_ext_parts_locked", None)
                     model_lock(model)
             finally:
                 self._reshaping = outer
@@ -583,7 +583,7 @@ def hold(model: nn.Module) -> Iterator[None]:
     model (_parts: `model.language_model`) holds the model it is a part of too (Z1: a switch through the model
     landed inside a hold of the part, which kept the part's own lock only)."""
     lock = model_lock(model)
-    locks = [m for m in list(_wrapped(model))[-1].__dict__.get("_lora_ext_part_of", ()) if m is not lock] + [lock]
+    locks = [m for m in unwrap(model).__dict__.get("_lora_ext_part_of", ()) if m is not lock] + [lock]
     with contextlib.ExitStack() as stack:  # (the models' first, as their forwards take them)
         for each in locks:
             stack.enter_context(_hold(each))
@@ -873,9 +873,14 @@ def _parts(model: nn.Module) -> List[nn.Module]:
     return list(found.values())
 
 
+def _owner(mark) -> Optional[nn.Module]:
+    """The model whose lock is `mark` (its `_root`), or None: not known (unpickled, not yet used) or gone."""
+    return mark._root() if mark._root is not None else None
+
+
 def _holds(mark, model) -> bool:
     """Whether the model whose lock is `mark` holds `model` (and is not it)."""
-    owner = mark._root() if mark._root is not None else None
+    owner = _owner(mark)
     return owner is not None and owner is not model and any(m is model for m in owner.modules())
 
 
@@ -891,9 +896,9 @@ def _marked(part, marks, lock, root) -> tuple:
     inside = {id(m) for m in root.modules()}
     kept = []
     for mark in marks:
-        owner = mark._root() if mark._root is not None else None
-        if mark._root is None or (owner is not None and owner is not root and any(m is part for m in owner.modules())
-                                  and (id(owner) in inside or any(m is root for m in owner.modules()))):
+        owner = _owner(mark)
+        if mark._root is None or (owner is not root and _holds(mark, part)
+                                  and (id(owner) in inside or _holds(mark, root))):
             kept.append((mark, owner))
     at = len(kept)
     for i, (mark, owner) in enumerate(kept):
@@ -972,7 +977,7 @@ class _LockedCall:
     __slots__ = ("module", "call", "part")
 
     def __init__(self, module, call, part: bool = False):
-        self.module, self.call, self.part = module, call, part  # part: the lock of the model it is a part of (_parts)
+        self.module, self.call, self.part = module, call, part  # part: the locks of the models it is a part of
 
     def __call__(self, *args, **kwargs):
         return _locked_compiled_call(self.module, self.call, args, kwargs, self.part)
