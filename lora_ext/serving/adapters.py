@@ -12,6 +12,7 @@ import collections
 import contextlib
 import contextvars
 import functools
+import inspect
 import random
 import sys
 import threading
@@ -145,7 +146,7 @@ class ModelLock:
 
     def __setstate__(self, state):
         self.__init__()
-        _lock_loaded_generate_compiles()  # (a model unpickled with its lock: its class's generate compiles, T2)
+        _lock_loaded_classes()  # (a model unpickled with its lock: its class's generate compiles, T2, and entries)
 
     def _in_forward(self, frame, outer: int = 0) -> bool:
         """Whether the stack holds a forward of a module with this lock (the model, or a shallow copy of it,
@@ -154,8 +155,12 @@ class ModelLock:
         found = 0
         while frame is not None:
             code = frame.f_code
-            if code.co_name == "_call_impl" or code is _LOCKED_CODE:  # (_LOCKED_CODE: a module compiled in place)
-                owner = getattr(frame.f_locals.get("self" if code is not _LOCKED_CODE else "module"), "__dict__", {})
+            # (a module's call, or one that takes its reads around it: a compiled call, an entry method; by identity,
+            # not a dict lookup: a code object is hashed by its constants, and dynamo's hold dicts, unhashable)
+            local = "self" if code.co_name == "_call_impl" or code is _ENTRY_CODE else \
+                "module" if code is _COMPILED_CALL_CODE else None
+            if local is not None:
+                owner = getattr(frame.f_locals.get(local), "__dict__", {})
                 if owner.get("_lora_ext_model_lock") is self \
                         or any(mark is self for mark in owner.get("_lora_ext_part_of", ())):  # (_parts)
                     found += 1
@@ -762,7 +767,7 @@ def _chain_lock(chain) -> ModelLock:
                     m.__dict__["_compiled_call_impl"] = _LockedCall(m, in_place)
                     gained = True
                 m.__dict__["_lora_ext_model_lock"] = lock  # (before the hooks, which read it)
-                _lock_generate_compiles(type(m))
+                _lock_class(type(m))
                 # (not nn.DataParallel's: its forward runs the replicas on worker threads, which take their reads
                 # through the inner model's hooks they copy; a read held around them made a switch queued meanwhile
                 # deadlock, r7)
@@ -801,7 +806,7 @@ def _chain_lock(chain) -> ModelLock:
                     new = marks
                 if new is not marks:
                     m.__dict__["_lora_ext_part_of"] = new
-                    _lock_generate_compiles(type(m))
+                    _lock_class(type(m))
                     if not any(h is _part_read_before for h in m._forward_pre_hooks.values()):
                         # (first: the models' reads before the part's own lock's, if it has one, as the models'
                         # forwards take them; taken in the other order, two threads could wait for each other)
@@ -990,6 +995,14 @@ def _locked_compiled_call(module, call, args, kwargs, part=False):
         locks = (module.__dict__.get("_lora_ext_model_lock") or model_lock(module),)
     else:  # (the locks of the models it is a part of)
         locks = module.__dict__.get("_lora_ext_part_of", ())
+    return _under_reads(locks, call, args, kwargs)
+
+
+def _under_reads(locks, call, args, kwargs):
+    """call(*args, **kwargs) under a read of each lock in `locks`, taken in their order (outermost model first): a
+    call that runs a module's modules outside their hooks (a compiled call, an entry method). Its caller's frame counts
+    as a forward of the module's locks (_COMPILED_CALL_CODE, _ENTRY_CODE: ModelLock._in_forward): a read it holds is not one left behind,
+    and a change from inside it is refused."""
     taken = 0
     try:
         for lock in locks:
@@ -1001,25 +1014,29 @@ def _locked_compiled_call(module, call, args, kwargs, part=False):
             lock.release_read()
 
 
-_LOCKED_CODE = _locked_compiled_call.__code__
-
-
 # transformers' methods that compile the model's __call__ for generate()'s decode steps, and the attribute of the model
 # that each keeps the compiled call in (VibeVoice compiles its classifier-free guidance's negative branch apart)
 _GENERATE_COMPILES = {"get_compiled_call": "_compiled_call", "_get_negative_compiled_call": "_negative_compiled_call"}
 
 
-def _lock_generate_compiles(cls) -> None:
-    """transformers' generate() compiles the model's `__call__` itself for its decode steps (with a static cache:
-    `get_compiled_call`, on a GPU by default): a function, not a module, so nothing notes it, and the model's forward
-    hooks, lora_ext's lock hooks among them, run inside the compiled code, where they do nothing: the decode steps took
-    no read, and a switch meanwhile wrote in the middle of them (S2: one read for six tokens, the prefill's). Each
-    class of `cls`'s MRO that defines such a method (_GENERATE_COMPILES) gets it wrapped, once: for a model that has a
-    lock, or holds models that have one, the compiled call comes back under their _LockedCalls (the reads taken
-    eagerly, around each decode step), as for a model compiled in place. Other models of the class get theirs as
-    before. A class, not the model's __dict__: a wrapper there would be shared by a copy.copy of the model, whose
-    generate would then decode with the original's weights."""
-    if cls in _GENERATE_LOCKED:
+def _lock_class(cls) -> None:
+    """Wraps, once, the methods of each class of `cls`'s MRO through which a model runs its modules where their forward
+    hooks take no read of its lock: a class, not the model's __dict__ (a wrapper there would be shared by a copy.copy
+    of the model, whose calls would then run the original's). Models of the class without a lock run them as before.
+
+    - transformers' generate() compiles the model's `__call__` itself for its decode steps (with a static cache:
+      `get_compiled_call`, on a GPU by default, _GENERATE_COMPILES): a function, not a module, so nothing notes it,
+      and the model's forward hooks, lora_ext's lock hooks among them, run inside the compiled code, where they do
+      nothing: the decode steps took no read, and a switch meanwhile wrote in the middle of them (S2: one read for six
+      tokens, the prefill's). For a model that has a lock, or holds models that have one, the compiled call comes back
+      under their _LockedCalls (the reads taken eagerly, around each decode step), as for a model compiled in place.
+    - The entry methods (_entry_method: `get_text_features`, a codec's `decode`) run the model's modules from outside
+      its forward, called by users (CLIP's text embeddings) or by generate() (CSM's, MusicGen's and Bark's codec
+      decode): the modules they run took no read, or one per part, and a switch from another thread tore them (CLIP's
+      get_text_features: q_proj of one adapter, v_proj of the other, 1 of 1; Z1: CSM's codec decode, 3 of 3). For a
+      model that has a lock, or a part of models that have one (_parts), each call takes their reads around it (the
+      outermost model's first, its own last), as its forward does."""
+    if cls in _CLASSES_LOCKED:
         return
     with _MAKING:
         for klass in cls.__mro__:
@@ -1027,23 +1044,63 @@ def _lock_generate_compiles(cls) -> None:
                 original = klass.__dict__.get(name)
                 if isinstance(original, types.FunctionType) and not getattr(original, "_lora_ext_locks", False):
                     setattr(klass, name, _locking_compiled_call(original, attr))
-        _GENERATE_LOCKED.add(cls)
+            if klass is nn.Module or not issubclass(klass, nn.Module):
+                continue
+            for name, original in list(klass.__dict__.items()):
+                if _entry_method(name, original):
+                    setattr(klass, name, _locking_entry(original))
+        _CLASSES_LOCKED.add(cls)
 
 
-_GENERATE_LOCKED = set()  # the classes _lock_generate_compiles went through (their MROs)
+_CLASSES_LOCKED = set()  # the classes _lock_class went through (their MROs)
 
 
-def _lock_loaded_generate_compiles() -> None:
-    """_lock_generate_compiles of every transformers model class loaded: a model unpickled (or deep-copied) with its
-    lock, in a process where no lock was made, generates before any lora_ext call (T2: its decode steps took no read,
-    and a switch tore them, 3 of 3; in spawned workers too)."""
+def _entry_method(name: str, original) -> bool:
+    """Whether `original`, defined as `name` by a module class, is an entry method that _lock_class wraps: a plain
+    function (not a generator's, whose body runs after the call returns, nor a static or class method) named
+    `get_<x>_features` (transformers' get_text_features, get_image_features, get_audio_features, get_video_features),
+    `get_image_embeddings` or `get_prompt_embeddings` (SAM's), `encode`, `decode`, `encode_<x>` or `decode_<x>`
+    (codecs, VQ models, autoencoders: transformers' EncodecModel, MimiModel, Emu3's decode_image_tokens)."""
+    if not isinstance(original, types.FunctionType) or getattr(original, "_lora_ext_locks", False) \
+            or original.__code__.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR):
+        return False
+    return (name in ("encode", "decode", "get_image_embeddings", "get_prompt_embeddings")
+            or name.startswith(("encode_", "decode_")) or (name.startswith("get_") and name.endswith("_features")))
+
+
+def _locking_entry(original):
+    @functools.wraps(original)
+    def entry(self, *args, **kwargs):
+        state = getattr(self, "__dict__", None)
+        if state is None or ops.compiling():  # (traced inside a compiled region: no lock there)
+            return original(self, *args, **kwargs)
+        locks = state.get("_lora_ext_part_of", ())
+        own = state.get("_lora_ext_model_lock")
+        if own is not None:
+            locks = (*locks, own)
+        if not locks:
+            return original(self, *args, **kwargs)
+        return _under_reads(locks, original, (self, *args), kwargs)
+    entry._lora_ext_locks = True
+    return entry
+
+
+# the calls that take a module's reads around it (ModelLock._in_forward: the module is their local `module`, `self`)
+_COMPILED_CALL_CODE = _locked_compiled_call.__code__
+_ENTRY_CODE = _locking_entry(_module_call).__code__
+
+
+def _lock_loaded_classes() -> None:
+    """_lock_class of every transformers model class loaded: a model unpickled (or deep-copied) with its lock, in a
+    process where no lock was made, generates before any lora_ext call (T2: its decode steps took no read, and a
+    switch tore them, 3 of 3; in spawned workers too)."""
     base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
     todo, seen = [base] if isinstance(base, type) else [], set()
     while todo:
         klass = todo.pop()
         if klass not in seen:
             seen.add(klass)
-            _lock_generate_compiles(klass)
+            _lock_class(klass)
             todo.extend(klass.__subclasses__())
 
 
