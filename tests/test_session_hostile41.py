@@ -1,0 +1,274 @@
+"""Fiftieth session: entry methods (a model's methods other than forward that run its modules: CLIP's
+get_text_features, a codec's decode) under the model's lock; each test fails on the commit before its fix unless it
+says otherwise."""
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora_ext as lora
+from lora_ext.serving.adapters import model_lock
+
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+
+def _second_adapter(model, r=2):
+    """Adds adapter "b" (random factors) to every lora_ext layer of the model."""
+    for m in model.modules():
+        if isinstance(m, lora.LoRALayer):
+            m.add_adapter("b", torch.randn(r, m.in_features), torch.randn(m.out_features, r), 1.0)
+
+
+def _switch_inside(model, q, v, to="b"):
+    """Hooks layers q and v of one pass: at q's first call, a switch of `model` to `to` from another thread, given
+    0.5 s. Returns (seen, switch): each call's (which layer, its active adapter), and [(thread, still waiting after
+    0.5 s)]."""
+    seen, switch = [], []
+
+    def on_q(m, args):
+        seen.append(("q", m.active_adapter))
+        if not switch:
+            t = threading.Thread(target=lambda: lora.set_adapter(model, to), daemon=True)
+            t.start()
+            t.join(0.5)
+            switch.append((t, t.is_alive()))
+    q.register_forward_pre_hook(on_q)
+    v.register_forward_pre_hook(lambda m, args: seen.append(("v", m.active_adapter)))
+    return seen, switch
+
+
+def _clip():
+    torch.manual_seed(0)
+    layers = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
+    cfg = transformers.CLIPConfig(text_config=dict(vocab_size=99, eos_token_id=2, **layers),
+                                  vision_config=dict(image_size=16, patch_size=8, **layers), projection_dim=16)
+    model = transformers.CLIPModel(cfg).eval()
+    lora.inject(model, ["q_proj", "v_proj"], r=2)
+    _second_adapter(model)
+    return model
+
+
+def _waited_untorn(model, call, q, v):
+    seen, switch = _switch_inside(model, q, v)
+    with torch.no_grad():
+        call()
+    t, waited = switch[0]
+    t.join(10)
+    assert not t.is_alive()
+    return waited, seen
+
+
+@pytest.mark.parametrize("which", ["text", "image"])
+def test_clips_feature_methods_take_the_models_read(which):
+    # get_text_features / get_image_features run the text or vision tower and the projection outside the model's
+    # forward: the tower's layers took their own locks only, and a switch from another thread landed between q_proj
+    # and v_proj of one layer (1 of 1)
+    model = _clip()
+    if which == "text":
+        attn = model.text_model.encoder.layers[1].self_attn
+        call = lambda: model.get_text_features(input_ids=torch.tensor([[5, 6, 7, 2]]))  # noqa: E731
+    else:
+        attn = model.vision_model.encoder.layers[1].self_attn
+        call = lambda: model.get_image_features(pixel_values=torch.randn(1, 3, 16, 16))  # noqa: E731
+    waited, seen = _waited_untorn(model, call, attn.q_proj, attn.v_proj)
+    assert waited, "the switch did not wait for the call"
+    assert seen == [("q", "default"), ("v", "default")], seen
+    assert lora.active_adapter(model) == "b"
+
+
+class _Codec(nn.Module):
+    """An autoencoder whose encode/decode run its modules outside forward (as transformers' codecs do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+        self.dec = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8))
+
+    def encode(self, x):
+        return self.enc(x)
+
+    def decode(self, z):
+        return self.dec(z)
+
+    def decode_twice(self, z):
+        return self.dec(self.dec[0](self.dec[2](self.dec(z))[:, :4]))
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+
+def _codec():
+    torch.manual_seed(0)
+    model = _Codec().double()
+    lora.inject(model, ["dec.0", "dec.2"], r=2)
+    _second_adapter(model)
+    return model
+
+
+def test_a_user_models_decode_takes_the_models_read():
+    # a user's autoencoder given to lora_ext: its decode, called directly, took no read (1 of 1 torn)
+    model = _codec()
+    waited, seen = _waited_untorn(model, lambda: model.decode(torch.randn(3, 4, dtype=torch.float64)),
+                                  model.dec[0], model.dec[2])
+    assert waited and seen == [("q", "default"), ("v", "default")], seen
+
+
+def test_a_switch_from_inside_an_entry_method_is_refused():
+    # from inside decode on the same thread a switch would wait for itself: refused, as inside a forward (before, it
+    # ran, and the call's second layer served the other adapter)
+    model = _codec()
+    errors, seen = [], []
+
+    def switch(m, args):
+        try:
+            lora.set_adapter(model, "b")
+        except RuntimeError as err:
+            errors.append(str(err))
+    model.dec[0].register_forward_pre_hook(switch)
+    model.dec[2].register_forward_pre_hook(lambda m, args: seen.append(m.active_adapter))
+    model.decode(torch.randn(2, 4, dtype=torch.float64))
+    assert errors and "from inside a forward of the same model" in errors[0], errors
+    assert seen == ["default"] and lora.active_adapter(model) == "default"
+
+
+def test_an_interrupted_entry_method_leaves_no_read():
+    # a KeyboardInterrupt inside decode: the read is given back, and a switch from another thread goes through
+    # (passes before too, where decode took no read: it guards the wrapper's release)
+    model = _codec()
+    handle = model.dec[2].register_forward_pre_hook(lambda m, args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        model.decode(torch.randn(2, 4, dtype=torch.float64))
+    handle.remove()
+    assert not model_lock(model).holds_read()
+    t = threading.Thread(target=lambda: lora.set_adapter(model, "b"), daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and lora.active_adapter(model) == "b"
+
+
+def test_an_entry_method_of_a_model_without_lock_runs_as_before():
+    # the class's methods are wrapped once for all its models: one never given to lora_ext takes no lock and gets
+    # the same values as the unwrapped method
+    locked = _codec()
+    assert getattr(_Codec.decode, "_lora_ext_locks", False)  # (wrapped at the lock's making)
+    torch.manual_seed(1)
+    plain = _Codec().double()
+    z = torch.randn(3, 4, dtype=torch.float64)
+    expected = plain.dec(z)
+    assert torch.equal(plain.decode(z), expected)
+    assert "_lora_ext_model_lock" not in plain.__dict__
+    assert torch.equal(locked.forward(z[:, :4].repeat(1, 2)), locked.decode(locked.encode(z[:, :4].repeat(1, 2))))
+
+
+class _Streaming(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def decode(self, chunks):  # a generator: its body runs after the call returns, not under a read taken around it
+        for c in chunks:
+            yield self.proj(c)
+
+    @staticmethod
+    def encode(x):
+        return x
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_generator_and_static_methods_are_not_wrapped():
+    # (passes before too, where nothing was wrapped: it guards the rule, _entry_method)
+    original_decode, original_encode = _Streaming.__dict__["decode"], _Streaming.__dict__["encode"]
+    model = _Streaming()
+    lora.inject(model, ["proj"], r=2)
+    model_lock(model)
+    assert _Streaming.__dict__["decode"] is original_decode and _Streaming.__dict__["encode"] is original_encode
+    out = list(model.decode([torch.randn(1, 4)]))
+    assert len(out) == 1 and out[0].shape == (1, 4)
+
+
+def test_a_compiled_forward_calling_an_entry_method_traces_it_whole():
+    # the wrapper does nothing inside a compiled region (no graph break: fullgraph holds), and the values are those
+    # of the eager forward (passes before too: it guards the wrapper)
+    model = _codec()
+    x = torch.randn(3, 8, dtype=torch.float64)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def _csm():
+    torch.manual_seed(0)
+    nc = 4
+    dd = dict(num_codebooks=nc, backbone_hidden_size=32, vocab_size=64, hidden_size=32, intermediate_size=48,
+              num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=nc + 1)
+    cfg = transformers.CsmConfig(
+        num_codebooks=nc, vocab_size=64, text_vocab_size=100, hidden_size=32, intermediate_size=48,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        pad_token_id=90, codebook_pad_token_id=63, codebook_eos_token_id=0, bos_token_id=91, audio_token_id=92,
+        audio_eos_token_id=93, depth_decoder_config=dd)
+    cfg.codec_config = transformers.MimiConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+        intermediate_size=48, num_quantizers=nc, codebook_size=64, codebook_dim=32, num_filters=4,
+        upsampling_ratios=[2, 2], sliding_window=16, max_position_embeddings=64, upsample_groups=32,
+        vector_quantization_hidden_dimension=32)
+    model = transformers.CsmForConditionalGeneration(cfg).eval()
+    lora.inject(model, ["q_proj", "v_proj"], r=2)
+    _second_adapter(model)
+    return model
+
+
+def test_csms_codec_decode_in_generate_takes_the_models_read():
+    # generate(output_audio=True) decodes the codes with codec_model.decode(), a method of a part: no hook ran, and a
+    # switch through the model tore the codec's pass (Z1: 3 of 3)
+    model = _csm()
+    attn = model.codec_model.decoder_transformer.layers[0].self_attn
+    seen, switch = _switch_inside(model, attn.q_proj, attn.v_proj)
+    torch.manual_seed(1)
+    out = model.generate(input_ids=torch.tensor([[91, 5, 6, 7]]), max_new_tokens=2, do_sample=True,
+                         output_audio=True)
+    t, waited = switch[0]
+    t.join(10)
+    assert out and not t.is_alive()
+    assert waited and seen[:2] == [("q", "default"), ("v", "default")], seen
+
+
+_UNPICKLED = r"""
+import pickle, sys, threading, torch
+sys.path.insert(0, sys.argv[2])
+import test_session_hostile41 as h
+model = pickle.load(open(sys.argv[1], "rb"))  # (no lora_ext call before the feature call)
+attn = model.text_model.encoder.layers[1].self_attn
+import lora_ext as lora
+seen, switch = h._switch_inside(model, attn.q_proj, attn.v_proj)
+with torch.no_grad():
+    model.get_text_features(input_ids=torch.tensor([[5, 6, 7, 2]]))
+t, waited = switch[0]
+t.join(10)
+print("RESULT", waited, seen)
+"""
+
+
+def test_an_unpickled_models_entry_methods_take_its_read_before_any_lora_ext_call(tmp_path):
+    # in a fresh process, a model unpickled with its lock: its class's entry methods are wrapped as the lock loads
+    # (as its generate compiles are), not at the first lora_ext call
+    model = _clip()
+    model_lock(model)
+    path = tmp_path / "clip.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(model, f)
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _UNPICKLED, str(path), here], capture_output=True, text=True,
+                          timeout=300, env=env)
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
+    assert done.returncode == 0 and line, done.stderr[-3000:]
+    assert line[0] == "RESULT True [('q', 'default'), ('v', 'default')]", line[0]
