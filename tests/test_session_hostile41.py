@@ -1,6 +1,7 @@
 """Fiftieth session: entry methods (a model's methods other than forward that run its modules: CLIP's
 get_text_features, a codec's decode) under the model's lock; each test fails on the commit before its fix unless it
 says otherwise."""
+import copy
 import os
 import pickle
 import subprocess
@@ -43,14 +44,15 @@ def _switch_inside(model, q, v, to="b"):
     return seen, switch
 
 
-def _clip():
+def _clip(inject=True):
     torch.manual_seed(0)
     layers = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2)
     cfg = transformers.CLIPConfig(text_config=dict(vocab_size=99, eos_token_id=2, **layers),
                                   vision_config=dict(image_size=16, patch_size=8, **layers), projection_dim=16)
     model = transformers.CLIPModel(cfg).eval()
-    lora.inject(model, ["q_proj", "v_proj"], r=2)
-    _second_adapter(model)
+    if inject:
+        lora.inject(model, ["q_proj", "v_proj"], r=2)
+        _second_adapter(model)
     return model
 
 
@@ -269,6 +271,120 @@ def test_an_unpickled_models_entry_methods_take_its_read_before_any_lora_ext_cal
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", _UNPICKLED, str(path), here], capture_output=True, text=True,
                           timeout=300, env=env)
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
+    assert done.returncode == 0 and line, done.stderr[-3000:]
+    assert line[0] == "RESULT True [('q', 'default'), ('v', 'default')]", line[0]
+
+
+class _Speech(nn.Module):
+    """A model whose codec_decode runs its codec's modules itself, not through the codec's decode (Bark's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.codec = _Codec()
+
+    def codec_decode(self, z):
+        return self.codec.dec[2](torch.tanh(self.codec.dec[0](z)))
+
+    def forward(self, x):
+        return self.codec(x)
+
+
+def test_a_models_codec_decode_takes_its_read():
+    # Bark's generate() ends with its own codec_decode(), which calls its codec's decoder directly: neither the model's
+    # forward nor the codec's decode ran, and a switch tore the codec's pass (C2: 3 of 3)
+    torch.manual_seed(0)
+    model = _Speech().double()
+    lora.inject(model, ["codec.dec.0", "codec.dec.2"], r=2)
+    _second_adapter(model)
+    waited, seen = _waited_untorn(model, lambda: model.codec_decode(torch.randn(3, 4, dtype=torch.float64)),
+                                  model.codec.dec[0], model.codec.dec[2])
+    assert waited and seen == [("q", "default"), ("v", "default")], seen
+
+
+class _EncodeMixin:  # (not a module class)
+    def encode(self, x):
+        return self.dec[2](torch.tanh(self.dec[0](x)))
+
+
+class _MixedCodec(_EncodeMixin, nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dec = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8))
+
+    def forward(self, x):
+        return self.encode(x)
+
+
+def test_an_entry_method_of_a_mixin_takes_the_models_read():
+    # an entry defined on a mixin that is not a module class (class Model(Mixin, nn.Module)) was skipped (C2: 1 of 1)
+    torch.manual_seed(0)
+    model = _MixedCodec().double()
+    lora.inject(model, ["dec.0", "dec.2"], r=2)
+    _second_adapter(model)
+    waited, seen = _waited_untorn(model, lambda: model.encode(torch.randn(3, 4, dtype=torch.float64)),
+                                  model.dec[0], model.dec[2])
+    assert waited and seen == [("q", "default"), ("v", "default")], seen
+
+
+def test_a_shallow_copy_made_before_the_lock_takes_its_read_in_an_entry():
+    # copy.copy before lora_ext's first call shares the model's hooks and modules, not its __dict__: its forward took
+    # the lock (through the hooks), its decode, before any forward of the copy, none (C2: 3 of 3)
+    torch.manual_seed(0)
+    model = _Codec().double()
+    twin = copy.copy(model)
+    lora.inject(model, ["dec.0", "dec.2"], r=2)
+    _second_adapter(model)
+    assert "_lora_ext_model_lock" not in twin.__dict__
+    waited, seen = _waited_untorn(model, lambda: twin.decode(torch.randn(3, 4, dtype=torch.float64)),
+                                  model.dec[0], model.dec[2])
+    assert waited and seen == [("q", "default"), ("v", "default")], seen
+
+
+def test_a_models_entry_methods_inside_a_wrapper_take_the_wrappers_read():
+    # lora_ext given a wrapper holding a CLIP: wrapper.clip.get_text_features took no read (C2: 1 of 1); the CLIP, a
+    # module with entry methods, is a part of the wrapper now
+    class Holder(nn.Module):
+        def __init__(self, clip):
+            super().__init__()
+            self.clip = clip
+
+        def forward(self, ids):
+            return self.clip.get_text_features(input_ids=ids)
+    clip = _clip(inject=False)
+    holder = Holder(clip)
+    lora.inject(holder, ["q_proj", "v_proj"], r=2)  # (the CLIP itself is not given to lora_ext)
+    _second_adapter(holder)
+    assert "_lora_ext_model_lock" not in clip.__dict__
+    attn = clip.text_model.encoder.layers[1].self_attn
+    waited, seen = _waited_untorn(holder, lambda: holder.clip.get_text_features(input_ids=torch.tensor([[5, 6, 2]])),
+                                  attn.q_proj, attn.v_proj)
+    assert waited and seen == [("q", "default"), ("v", "default")], seen
+
+
+_UNPICKLED_CODEC = r"""
+import pickle, sys, torch
+sys.path[:0] = sys.argv[2:]
+model = pickle.load(open(sys.argv[1], "rb"))  # (no lora_ext call before decode)
+h = sys.modules[type(model).__module__]
+seen, switch = h._switch_inside(model, model.dec[0], model.dec[2])
+model.decode(torch.randn(2, 4, dtype=torch.float64))
+t, waited = switch[0]
+t.join(10)
+print("RESULT", waited, seen)
+"""
+
+
+def test_an_unpickled_user_models_entry_methods_take_its_read(tmp_path):
+    # a user's model (not transformers') unpickled in a fresh process: its decode was never wrapped there, not even
+    # after lora_ext calls (the lock's fast path; C2: 3 of 3)
+    model = _codec()
+    path = tmp_path / "codec.pkl"
+    with open(path, "wb") as f:
+        pickle.dump(model, f)
+    here = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", _UNPICKLED_CODEC, str(path), os.path.dirname(here), here],
+                          capture_output=True, text=True, timeout=300)
     line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
     assert done.returncode == 0 and line, done.stderr[-3000:]
     assert line[0] == "RESULT True [('q', 'default'), ('v', 'default')]", line[0]

@@ -849,14 +849,18 @@ def _parts(model: nn.Module) -> List[nn.Module]:
     switch meanwhile tore them (X2, Y1, 3 of 3: one adapter in a layer's q_proj, another in its v_proj). model_lock
     gives each of them hooks that take the model's read (_part_read_before: re-entrant inside the model's forward),
     so a switch lands between two such passes, never inside one. A part keeps its own lock, if it has or gets one
-    (lora_ext given the part: a switch through it does not wait for the whole model's forwards, as before)."""
+    (lora_ext given the part: a switch through it does not wait for the whole model's forwards, as before).
+    Modules inside the model whose classes have entry methods (_entry_method: a CLIP inside a wrapper, a codec's
+    quantizer) are parts too: users call those methods, which take the reads of a part's marks (_locking_entry)."""
     mixin = getattr(sys.modules.get("transformers.generation.utils"), "GenerationMixin", None)
-    if not isinstance(mixin, type):
-        return []
     found = {}
     for name, g in model.named_modules():
-        if not isinstance(g, mixin):  # (a model that does not generate runs no part outside its forward)
-            continue
+        if g is not model and g._modules and _has_entry(type(g)) and not isinstance(g, (LoRALayer, ModulesToSave)):
+            # (a module with entry methods, which users call: a CLIP inside a wrapper, `wrapper.clip.get_text_features`
+            # took no read, C2; its entries take the reads of its marks, and so does its forward)
+            found.setdefault(id(g), g)
+        if not isinstance(mixin, type) or not isinstance(g, mixin):
+            continue  # (a model that does not generate runs no part outside its forward)
         here = [m for m in g.children() if not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
         if g is not model:
             here.append(g)
@@ -1039,20 +1043,46 @@ def _lock_class(cls) -> None:
     if cls in _CLASSES_LOCKED:
         return
     with _MAKING:
-        for klass in cls.__mro__:
+        for klass in cls.__mro__:  # (each class once: a class's own methods only are wrapped)
+            if klass in _CLASSES_LOCKED:
+                continue
             for name, attr in _GENERATE_COMPILES.items():
                 original = klass.__dict__.get(name)
                 if isinstance(original, types.FunctionType) and not getattr(original, "_lora_ext_locks", False):
                     setattr(klass, name, _locking_compiled_call(original, attr))
-            if klass is nn.Module or not issubclass(klass, nn.Module):
+            if not _own_class(klass):
                 continue
+            # (a mixin's too, not a module class itself: C2, `class VAE(EncodeMixin, nn.Module)`)
             for name, original in list(klass.__dict__.items()):
                 if _entry_method(name, original):
                     setattr(klass, name, _locking_entry(original))
+            _CLASSES_LOCKED.add(klass)
         _CLASSES_LOCKED.add(cls)
 
 
-_CLASSES_LOCKED = set()  # the classes _lock_class went through (their MROs)
+_CLASSES_LOCKED = set()  # the classes _lock_class went through (with those of their MROs)
+
+
+def _own_class(klass) -> bool:
+    """Whether `klass` may hold entry methods: not torch's classes (nn.Module, nn.Sequential), nor Python's."""
+    module = getattr(klass, "__module__", None) or ""
+    return klass is not object and module != "builtins" and module != "torch" and not module.startswith("torch.")
+
+
+def _has_entry(cls) -> bool:
+    """Whether a class of `cls`'s MRO defines an entry method (_entry_method), cached per class."""
+    found = _HAS_ENTRY.get(cls)
+    if found is None:
+        found = any(_own_class(k) and any(_entry_method(n, f) or getattr(f, "_lora_ext_entry", False)
+                                          for n, f in list(k.__dict__.items())) for k in cls.__mro__)
+        try:
+            _HAS_ENTRY[cls] = found
+        except TypeError:
+            pass
+    return found
+
+
+_HAS_ENTRY = weakref.WeakKeyDictionary()  # class -> _has_entry's answer
 
 
 def _entry_method(name: str, original) -> bool:
@@ -1065,7 +1095,8 @@ def _entry_method(name: str, original) -> bool:
             or original.__code__.co_flags & (inspect.CO_GENERATOR | inspect.CO_COROUTINE | inspect.CO_ASYNC_GENERATOR):
         return False
     return (name in ("encode", "decode", "get_image_embeddings", "get_prompt_embeddings")
-            or name.startswith(("encode_", "decode_")) or (name.startswith("get_") and name.endswith("_features")))
+            or name.startswith(("encode_", "decode_")) or (name.endswith(("_encode", "_decode")) and name[0] != "_")
+            or (name.startswith("get_") and name.endswith("_features")))
 
 
 def _locking_entry(original):
@@ -1076,12 +1107,16 @@ def _locking_entry(original):
             return original(self, *args, **kwargs)
         locks = state.get("_lora_ext_part_of", ())
         own = state.get("_lora_ext_model_lock")
+        if own is None and _lock_of_hooks(self) is not None:
+            # (a shallow copy made before the lock, which shares the model's hooks: its lock, as its forward takes;
+            # C2: an entry of the copy before its first forward took none, torn 3 of 3)
+            own = model_lock(self)
         if own is not None:
             locks = (*locks, own)
         if not locks:
             return original(self, *args, **kwargs)
         return _under_reads(locks, original, (self, *args), kwargs)
-    entry._lora_ext_locks = True
+    entry._lora_ext_locks = entry._lora_ext_entry = True
     return entry
 
 
@@ -1091,16 +1126,18 @@ _ENTRY_CODE = _locking_entry(_module_call).__code__
 
 
 def _lock_loaded_classes() -> None:
-    """_lock_class of every transformers model class loaded: a model unpickled (or deep-copied) with its lock, in a
-    process where no lock was made, generates before any lora_ext call (T2: its decode steps took no read, and a
-    switch tore them, 3 of 3; in spawned workers too)."""
-    base = getattr(sys.modules.get("transformers.modeling_utils"), "PreTrainedModel", None)
-    todo, seen = [base] if isinstance(base, type) else [], set()
+    """_lock_class of every module class loaded (not torch's own): a model unpickled (or deep-copied) with its lock,
+    in a process where no lock was made, generates or calls its entry methods before any lora_ext call (T2: its decode
+    steps took no read, and a switch tore them, 3 of 3; in spawned workers too; C2: a user's autoencoder's decode, torn
+    3 of 3, and for good: the lock's fast path never wrapped it). About 8 ms for 7,800 classes (every transformers model
+    loaded), once per unpickled lock; each class's methods are looked at once."""
+    todo, seen = [nn.Module], set()
     while todo:
         klass = todo.pop()
         if klass not in seen:
             seen.add(klass)
-            _lock_class(klass)
+            if _own_class(klass):
+                _lock_class(klass)
             todo.extend(klass.__subclasses__())
 
 
