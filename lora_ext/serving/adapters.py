@@ -805,14 +805,14 @@ def _chain_lock(chain) -> ModelLock:
                 else:
                     new = marks
                 if new is not marks:
-                    m.__dict__["_lora_ext_part_of"] = new
-                    _lock_class(type(m))
-                    if not any(h is _part_read_before for h in m._forward_pre_hooks.values()):
-                        # (first: the models' reads before the part's own lock's, if it has one, as the models'
-                        # forwards take them; taken in the other order, two threads could wait for each other)
-                        m.register_forward_pre_hook(_part_read_before, prepend=True)
-                        m.register_forward_hook(_part_read_after, always_call=True)
+                    _mark_part(m, new)
                     gained = True
+                # (its torch.compile wrappers, which run its hooks inside the compiled code, where they do nothing:
+                # `model.encoder = torch.compile(model.encoder)`, which generate() runs; D2: torn 3 of 3)
+                for w in _compiled_wrappers([m]) if new else ():
+                    if w.__dict__.get("_lora_ext_part_of") is not new:
+                        _mark_part(w, new)
+                        gained = True
                 in_place = _compiled_in_place(m)
                 if in_place is not None and any(mark is lock for mark in m.__dict__.get("_lora_ext_part_of", ())):
                     m.__dict__["_compiled_call_impl"] = _LockedCall(m, in_place, part=True)
@@ -837,6 +837,17 @@ def _chain_lock(chain) -> ModelLock:
         finally:
             lock._mutex.release()
     return lock
+
+
+def _mark_part(m: nn.Module, marks: tuple) -> None:
+    """Makes `m` a part of the models whose locks are `marks` (_marked's order): its forwards take their reads."""
+    m.__dict__["_lora_ext_part_of"] = marks
+    _lock_class(type(m))
+    if not any(h is _part_read_before for h in m._forward_pre_hooks.values()):
+        # (first: the models' reads before the part's own lock's, if it has one, as the models' forwards take them;
+        # taken in the other order, two threads could wait for each other)
+        m.register_forward_pre_hook(_part_read_before, prepend=True)
+        m.register_forward_hook(_part_read_after, always_call=True)
 
 
 def _parts(model: nn.Module) -> List[nn.Module]:
@@ -959,6 +970,10 @@ def _note_compiled_wrapper(parent, name, module):
         return None
     if name == "_orig_mod":
         inside = list(_wrapped(module))
+        marks = inside[-1].__dict__.get("_lora_ext_part_of")
+        if marks:  # (a wrapper of a part: it takes the part's reads, D2; before its own lock's, if it has one)
+            with _MAKING:
+                _mark_part(parent, marks)
         if inside[-1].__dict__.get("_lora_ext_model_lock") is not None:
             try:  # (the wrapper does not hold `module` yet: torch registers it after this hook)
                 _chain_lock([parent, *inside])
