@@ -423,3 +423,47 @@ def test_a_compiled_wrapper_of_a_part_takes_the_models_read(order):
     t.join(10)
     assert not t.is_alive()
     assert waited and seen[:2] == [("q", "default"), ("v", "default")], seen
+
+
+class _Pipeline(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+
+    def encode_prompt(self, x, adapter):  # (not an entry name: it switches its own model first)
+        lora.set_adapter(self, adapter)
+        return self.enc(x)
+
+    def forward(self, x):
+        return self.enc(x)
+
+
+def test_a_user_method_that_switches_its_own_model_is_not_an_entry():
+    # E2: under a name pattern (encode_<x>) this method held the model's read around its body, and its own switch was
+    # refused as a change from inside a forward; entries are a list of names now
+    torch.manual_seed(0)
+    model = _Pipeline().double()
+    lora.inject(model, ["enc"], r=2)
+    _second_adapter(model)
+    model.encode_prompt(torch.randn(1, 4, dtype=torch.float64), "b")
+    assert lora.active_adapter(model) == "b"
+
+
+def test_a_module_with_entry_methods_is_a_part_only_once_it_holds_an_adapter():
+    # E2: a codec's quantizers (entry methods, no adapter) became parts, 35 in Mimi, whose hooks cost 8% of its
+    # forward; a module with entries that holds an adapter is one (its entries take the model's read)
+    from lora_ext.serving.adapters import _parts
+
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.codec, self.head = _Codec(), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.head(self.codec(x))
+    model = Holder()
+    lora.inject(model, ["head"], r=2)
+    assert all(p is not model.codec for p in _parts(model))
+    lora.inject(model, ["codec.dec.0"], r=2)
+    assert any(p is model.codec for p in _parts(model))
+    assert model_lock(model) in model.codec.__dict__.get("_lora_ext_part_of", ())
