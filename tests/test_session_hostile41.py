@@ -514,3 +514,36 @@ def test_a_switch_through_an_inner_model_waits_for_a_switch_through_the_outer():
     assert waited, "the inner switch wrote in the middle of the outer one"
     assert [m.active_adapter for m in model.inner.ls] == ["default"] * 6
     assert model.head.active_adapter == "b"
+
+
+def test_a_change_through_the_outer_model_waiting_for_an_older_hold_inside_that_waits_for_it_is_refused():
+    # a hold of the model inside, opened before the outer model was given to lora_ext, holds the inner read without
+    # the outer one; a forward of the outer model inside it waits for a change through the outer, which (taking the
+    # inner write too) waits for the hold: refused, instead of both waiting for good
+    torch.manual_seed(0)
+    model = _Outer().double()
+    lora.inject(model.inner, ["ls.%d" % i for i in range(6)], r=2)
+    _second_adapter(model)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    errors, out = [], []
+
+    def switch():
+        try:
+            lora.set_adapter(model, "b")
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    def holder():
+        with torch.no_grad(), lora.hold(model.inner):
+            lora.adapter_names(model)  # (the outer model's lock, made inside the hold)
+            t = threading.Thread(target=switch, daemon=True)
+            t.start()
+            t.join(0.3)
+            out.append(model(x))
+            t.join(10)
+    z = threading.Thread(target=holder, daemon=True)
+    z.start()
+    z.join(30)
+    assert not z.is_alive(), "the forward and the change waited for each other"
+    assert out and errors and "would wait for each other" in errors[0], errors
+    assert [m.active_adapter for m in model.inner.ls] == ["default"] * 6  # (nothing written)

@@ -483,11 +483,13 @@ class ModelLock:
         with contextlib.ExitStack() as stack:
             for lock in inner:
                 stack.enter_context(lock.changing())
-                stack.enter_context(lock._write())
+                stack.enter_context(lock._write(outer=self))
             yield
 
     @contextlib.contextmanager
-    def _write(self) -> Iterator[None]:
+    def _write(self, outer: Optional["ModelLock"] = None) -> Iterator[None]:
+        """The writer's exclusion (re-entrant per thread). `outer`: the lock of a model holding this one, whose write
+        this thread holds (_inner_writes)."""
         me, landed, depth = threading.get_ident(), None, None
         try:  # (opened before the mutex, as changing()'s)
             with self._mutex:
@@ -506,6 +508,8 @@ class ModelLock:
                             # (readers let in that stopped waiting meanwhile: a reader leaves the wait and takes its
                             # admission in one step under the condition's lock, so this never skips one)
                             self._admit = min(self._admit, len(self._waiting))
+                            if outer is not None:
+                                _refuse_waiting_for(outer, self)
                     finally:
                         _discard(self._queue, me)
                         self._queued_at.pop(me, None)
@@ -529,6 +533,20 @@ class ModelLock:
                     landed = err
             if landed is not None:
                 raise landed
+
+
+def _refuse_waiting_for(outer: ModelLock, inner: ModelLock) -> None:
+    """Refuses (RuntimeError) the change whose thread holds `outer`'s write and waits for `inner`'s (_inner_writes),
+    where a thread holding a read of `inner` waits for `outer` (a read, a change): they would wait for each other for
+    good. Such a read was taken without `outer`'s, before it (a hold or batch block of the model inside, opened before
+    the outer model was given to lora_ext; later ones take the outer read first, _marked). Nothing was written yet."""
+    waiting = set(outer._waiting) | set(outer._queue) | set(outer._changers)
+    if any(ident in waiting for ident in inner._reads):
+        raise RuntimeError(
+            "a model-level change of the model would wait for a thread that holds a read of a model given to lora_ext "
+            "inside it (a lora.hold or batch_adapters block of it, opened before the outer model was given to "
+            "lora_ext) while that thread waits for this model: they would wait for each other; refused, nothing was "
+            "written. End that block first, or make the change through the model inside")
 
 
 _POLL = 0.1  # seconds between a waiter's looks for waiters left behind (ModelLock._drop_gone)
