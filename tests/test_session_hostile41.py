@@ -66,6 +66,22 @@ def _waited_untorn(model, call, q, v):
     return waited, seen
 
 
+def _serves_one_adapter(model, call, q, v):
+    """call() with a switch of `model` from another thread at q's first call: it waited, and q and v served the
+    first adapter."""
+    waited, seen = _waited_untorn(model, call, q, v)
+    assert waited and seen == [("q", "default"), ("v", "default")], seen
+
+
+def _built(cls, targets):
+    """A float64 `cls()` with adapters "default" and "b" at `targets`."""
+    torch.manual_seed(0)
+    model = cls().double()
+    lora.inject(model, targets, r=2)
+    _second_adapter(model)
+    return model
+
+
 @pytest.mark.parametrize("which", ["text", "image"])
 def test_clips_feature_methods_take_the_models_read(which):
     # get_text_features / get_image_features run the text or vision tower and the projection outside the model's
@@ -78,9 +94,7 @@ def test_clips_feature_methods_take_the_models_read(which):
     else:
         attn = model.vision_model.encoder.layers[1].self_attn
         call = lambda: model.get_image_features(pixel_values=torch.randn(1, 3, 16, 16))  # noqa: E731
-    waited, seen = _waited_untorn(model, call, attn.q_proj, attn.v_proj)
-    assert waited, "the switch did not wait for the call"
-    assert seen == [("q", "default"), ("v", "default")], seen
+    _serves_one_adapter(model, call, attn.q_proj, attn.v_proj)
     assert lora.active_adapter(model) == "b"
 
 
@@ -106,19 +120,13 @@ class _Codec(nn.Module):
 
 
 def _codec():
-    torch.manual_seed(0)
-    model = _Codec().double()
-    lora.inject(model, ["dec.0", "dec.2"], r=2)
-    _second_adapter(model)
-    return model
+    return _built(_Codec, ["dec.0", "dec.2"])
 
 
 def test_a_user_models_decode_takes_the_models_read():
     # a user's autoencoder given to lora_ext: its decode, called directly, took no read (1 of 1 torn)
     model = _codec()
-    waited, seen = _waited_untorn(model, lambda: model.decode(torch.randn(3, 4, dtype=torch.float64)),
-                                  model.dec[0], model.dec[2])
-    assert waited and seen == [("q", "default"), ("v", "default")], seen
+    _serves_one_adapter(model, lambda: model.decode(torch.randn(3, 4, dtype=torch.float64)), model.dec[0], model.dec[2])
 
 
 def test_a_switch_from_inside_an_entry_method_is_refused():
@@ -293,13 +301,9 @@ class _Speech(nn.Module):
 def test_a_models_codec_decode_takes_its_read():
     # Bark's generate() ends with its own codec_decode(), which calls its codec's decoder directly: neither the model's
     # forward nor the codec's decode ran, and a switch tore the codec's pass (C2: 3 of 3)
-    torch.manual_seed(0)
-    model = _Speech().double()
-    lora.inject(model, ["codec.dec.0", "codec.dec.2"], r=2)
-    _second_adapter(model)
-    waited, seen = _waited_untorn(model, lambda: model.codec_decode(torch.randn(3, 4, dtype=torch.float64)),
-                                  model.codec.dec[0], model.codec.dec[2])
-    assert waited and seen == [("q", "default"), ("v", "default")], seen
+    model = _built(_Speech, ["codec.dec.0", "codec.dec.2"])
+    _serves_one_adapter(model, lambda: model.codec_decode(torch.randn(3, 4, dtype=torch.float64)),
+                        model.codec.dec[0], model.codec.dec[2])
 
 
 class _EncodeMixin:  # (not a module class)
@@ -318,13 +322,8 @@ class _MixedCodec(_EncodeMixin, nn.Module):
 
 def test_an_entry_method_of_a_mixin_takes_the_models_read():
     # an entry defined on a mixin that is not a module class (class Model(Mixin, nn.Module)) was skipped (C2: 1 of 1)
-    torch.manual_seed(0)
-    model = _MixedCodec().double()
-    lora.inject(model, ["dec.0", "dec.2"], r=2)
-    _second_adapter(model)
-    waited, seen = _waited_untorn(model, lambda: model.encode(torch.randn(3, 4, dtype=torch.float64)),
-                                  model.dec[0], model.dec[2])
-    assert waited and seen == [("q", "default"), ("v", "default")], seen
+    model = _built(_MixedCodec, ["dec.0", "dec.2"])
+    _serves_one_adapter(model, lambda: model.encode(torch.randn(3, 4, dtype=torch.float64)), model.dec[0], model.dec[2])
 
 
 def test_a_shallow_copy_made_before_the_lock_takes_its_read_in_an_entry():
@@ -336,9 +335,7 @@ def test_a_shallow_copy_made_before_the_lock_takes_its_read_in_an_entry():
     lora.inject(model, ["dec.0", "dec.2"], r=2)
     _second_adapter(model)
     assert "_lora_ext_model_lock" not in twin.__dict__
-    waited, seen = _waited_untorn(model, lambda: twin.decode(torch.randn(3, 4, dtype=torch.float64)),
-                                  model.dec[0], model.dec[2])
-    assert waited and seen == [("q", "default"), ("v", "default")], seen
+    _serves_one_adapter(model, lambda: twin.decode(torch.randn(3, 4, dtype=torch.float64)), model.dec[0], model.dec[2])
 
 
 def test_a_models_entry_methods_inside_a_wrapper_take_the_wrappers_read():
@@ -357,9 +354,8 @@ def test_a_models_entry_methods_inside_a_wrapper_take_the_wrappers_read():
     _second_adapter(holder)
     assert "_lora_ext_model_lock" not in clip.__dict__
     attn = clip.text_model.encoder.layers[1].self_attn
-    waited, seen = _waited_untorn(holder, lambda: holder.clip.get_text_features(input_ids=torch.tensor([[5, 6, 2]])),
-                                  attn.q_proj, attn.v_proj)
-    assert waited and seen == [("q", "default"), ("v", "default")], seen
+    _serves_one_adapter(holder, lambda: holder.clip.get_text_features(input_ids=torch.tensor([[5, 6, 2]])),
+                        attn.q_proj, attn.v_proj)
 
 
 _UNPICKLED_CODEC = r"""

@@ -1070,8 +1070,8 @@ def _locked_compiled_call(module, call, args, kwargs, part=False):
 def _under_reads(locks, call, args, kwargs):
     """call(*args, **kwargs) under a read of each lock in `locks`, taken in their order (outermost model first): a
     call that runs a module's modules outside their hooks (a compiled call, an entry method). Its caller's frame counts
-    as a forward of the module's locks (_COMPILED_CALL_CODE, _ENTRY_CODE: ModelLock._in_forward): a read it holds is not one left behind,
-    and a change from inside it is refused."""
+    as a forward of the module's locks (_COMPILED_CALL_CODE, _ENTRY_CODE: ModelLock._in_forward): a read it holds is
+    not one left behind, and a change from inside it is refused."""
     taken = 0
     try:
         for lock in locks:
