@@ -98,7 +98,7 @@ def test_a_batch_waiting_for_a_change_whose_walk_meets_a_resized_container_waits
     monkeypatch.setattr(adapters, "_marked", lambda part, marks, lock, root: marks)
     # (and since the fiftieth session a change of the outer model takes the write of the model inside it too, which
     # the batch waits for on that lock: not taken here, for the same reason)
-    monkeypatch.setattr(adapters.ModelLock, "_inner_writes", lambda self: contextlib.nullcontext())
+    monkeypatch.setattr(adapters.ModelLock, "_take_inner_writes", lambda self: contextlib.ExitStack())
     shared = batched._shared_module
     walks = []
 
