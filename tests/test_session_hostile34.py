@@ -1,6 +1,5 @@
 """Hostile finds of the forty-first session, each failing on the commit before its fix."""
 import ast
-import contextlib
 import os
 import re
 import time
@@ -96,9 +95,6 @@ def test_a_batch_waiting_for_a_change_whose_walk_meets_a_resized_container_waits
     # (since the parts session the model inside takes the outer model's read, so its batch waits for the load on the
     # lock, before any walk; unlinked so, as models that only share a module are, the walk below is what orders them)
     monkeypatch.setattr(adapters, "_marked", lambda part, marks, lock, root: marks)
-    # (and since the fiftieth session a change of the outer model takes the write of the model inside it too, which
-    # the batch waits for on that lock: not taken here, for the same reason)
-    monkeypatch.setattr(adapters.ModelLock, "_take_inner_writes", lambda self: contextlib.ExitStack())
     shared = batched._shared_module
     walks = []
 

@@ -396,13 +396,12 @@ class ModelLock:
                                "on this thread may hold) would wait for itself; make it outside")
 
     @contextlib.contextmanager
-    def changing(self, deadline: Optional[float] = None) -> Iterator[None]:
+    def changing(self) -> Iterator[None]:
         """One model-level change at a time, first come first served, from its first check to its last write
         (re-entrant per thread): a load plans its layers (which modules are new, which adapters they hold) and then
         writes them, and another change between the two (a load injecting the same module, a delete, a switch
         half way through a layer a hotswap reads) would make the plan wrong. Forwards are not held up: only the
-        writes (write(), which takes this too) wait for them. `deadline` (time.monotonic()): raises _Busy, nothing
-        taken, when not taken by then (_take_inner_writes)."""
+        writes (write(), which takes this too) wait for them."""
         me, landed, depth = threading.get_ident(), None, None
         try:  # (opened before the mutex: an exception landing as its block ended, a signal handler's run as the
             # mutex was let go, left the change held for good, A1; depth None: nothing taken)
@@ -414,7 +413,7 @@ class ModelLock:
                     try:
                         self._changers.append(me)
                         while self._changer is not None or self._changers[0] != me:
-                            self._wait(_until(deadline))
+                            self._wait(_POLL)
                     finally:
                         _discard(self._changers, me)
                         self._cond.notify_all()
@@ -443,81 +442,26 @@ class ModelLock:
         """The model-level change's writes: forwards wait for them, and they for forwards. `reshaping`: the name of a
         change that adds, replaces or removes modules or adapters (a load, unload, delete), which a child forked
         half way through it cannot put right (after_fork), and which is refused while an open mixed batch serves
-        a module of `model` (given with it).
-
-        The change and write of each model given to lora_ext inside this one are taken too (_take_inner_writes): this
-        change writes their layers, and a change through one of them meanwhile, under its own lock only, interleaved
-        its layer writes with this one's (a switch through the outer model to "b" and through the inner to "default"
-        at once: the inner model's layers held both adapters, under a hold of it, 872 of 1,115 looks, and after both
-        had ended; E2: 57 mixed results of 788). Taken whole or not at all: where one is not free within a moment this
-        model's write is let go and the whole tried again, so that a thread holding a read of a model inside and
-        waiting for this model's (a hold opened before this model was given to lora_ext, a forward of this model
-        inside it, on its own thread or a worker's), or a change through a model inside that takes them in another
-        order (a module shared inside), goes on (F3: 3 ways to a hang when taken one by one)."""
-        delay = 0.001
-        with self.changing():
-            while True:
-                done = False
-                with self._write():
-                    outer, change = self._reshaping, None
-                    try:
-                        if reshaping is not None and outer is None:
-                            if model is not None:  # (refused while an open batch serves a module of it)
-                                change = batched.begin_reshaping(model, self, reshaping)
-                            self._reshaping = reshaping
-                        inner = self._take_inner_writes()
-                        if inner is not None:
-                            with inner:
-                                yield
-                                if reshaping is not None and outer is None and model is not None:
-                                    # (modules added, replaced or taken out: the parts are found again, _parts)
-                                    unwrap(model).__dict__.pop("_lora_ext_parts_locked", None)
-                                    model_lock(model)
-                            done = True
-                    finally:
-                        self._reshaping = outer
-                        if change is not None:
-                            batched.end_reshaping(change)
-                if done:
-                    return
-                time.sleep(random.uniform(0, delay))  # (this model's forwards go on meanwhile)
-                delay = min(delay * 2, 0.05)
-
-    def _take_inner_writes(self) -> Optional[contextlib.ExitStack]:
-        """The changes and writes of the locks of the models inside this lock's model that have their own (a model
-        given to lora_ext inside another, a part given to lora_ext), outermost first, in an ExitStack; None, nothing
-        taken, when one is not free within _INNER_WAIT seconds (write())."""
-        root = _owner(self)
-        inner, models = [], []
-        for m in root.modules() if root is not None else ():
-            lock = m.__dict__.get("_lora_ext_model_lock")
-            if lock is not None and lock is not self and all(lock is not each for each in inner):
-                inner.append(lock)
-                models.append(m)
-        if len(inner) > 1:
-            # (a model inside another one inside before it, whatever the order the walk met them in: a module shared
-            # inside, met first through this model, was taken before the model holding it, whose changes take them
-            # the other way round; F3: this model's switches then came through 2 of 2,400)
-            held = [{id(m) for m in model.modules()} for model in models]
-            depth = [sum(id(model) in others for others in held) - 1 for model in models]
-            inner = [lock for _, _, lock in sorted(zip(depth, range(len(inner)), inner))]
-        stack = contextlib.ExitStack()
-        try:
-            for lock in inner:
-                deadline = time.monotonic() + _INNER_WAIT
-                stack.enter_context(lock.changing(deadline))
-                stack.enter_context(lock._write(deadline))
-        except _Busy:
-            stack.close()
-            return None
-        except BaseException:
-            stack.close()
-            raise
-        return stack
+        a module of `model` (given with it)."""
+        with self.changing(), self._write():
+            outer, change = self._reshaping, None
+            try:
+                if reshaping is not None and outer is None:
+                    if model is not None:  # (refused while an open batch serves a module of it)
+                        change = batched.begin_reshaping(model, self, reshaping)
+                    self._reshaping = reshaping
+                yield
+                if reshaping is not None and outer is None and model is not None:
+                    # (modules added, replaced or taken out: the parts are found again, _parts)
+                    unwrap(model).__dict__.pop("_lora_ext_parts_locked", None)
+                    model_lock(model)
+            finally:
+                self._reshaping = outer
+                if change is not None:
+                    batched.end_reshaping(change)
 
     @contextlib.contextmanager
-    def _write(self, deadline: Optional[float] = None) -> Iterator[None]:
-        """The writer's exclusion (re-entrant per thread). `deadline`: as changing()'s."""
+    def _write(self) -> Iterator[None]:
         me, landed, depth = threading.get_ident(), None, None
         try:  # (opened before the mutex, as changing()'s)
             with self._mutex:
@@ -532,7 +476,7 @@ class ModelLock:
                         self._queued_at[me] = self._taken
                         self._queue.append(me)
                         while self._writer is not None or self._reads or self._admit or self._queue[0] != me:
-                            self._wait(_until(deadline))
+                            self._wait(_POLL)
                             # (readers let in that stopped waiting meanwhile: a reader leaves the wait and takes its
                             # admission in one step under the condition's lock, so this never skips one)
                             self._admit = min(self._admit, len(self._waiting))
@@ -561,22 +505,7 @@ class ModelLock:
                 raise landed
 
 
-class _Busy(Exception):
-    """A lock not taken by its deadline (ModelLock.changing, _write): nothing taken."""
-
-
-def _until(deadline: Optional[float]) -> float:
-    """How long a wait for a lock may last before its next look: _POLL, or less to `deadline` (raising _Busy past it)."""
-    if deadline is None:
-        return _POLL
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise _Busy()
-    return min(_POLL, left)
-
-
 _POLL = 0.1  # seconds between a waiter's looks for waiters left behind (ModelLock._drop_gone)
-_INNER_WAIT = 0.05  # seconds a change waits for each lock inside its model before trying again (ModelLock.write)
 # guards the layers' and saved modules' counts of open disable_adapter blocks (`_adapter_off`) and their first block's
 # state (`_pre_disable`): blocks of two models sharing a layer take only their own model's lock, and the count's read
 # and write lost updates (r41: two threads x 3000 blocks left a layer counting 3 blocks, or -4, after all had ended: the
