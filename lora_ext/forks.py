@@ -42,6 +42,11 @@ def track_model_lock(lock) -> None:
     _model_locks.add(lock)
 
 
+def model_locks() -> list:
+    """Every model lock alive in this process."""
+    return list(_model_locks)
+
+
 def _locks():
     from . import ties  # (last: a thread holding it may wait for nothing else of these)
     return ([layer.__dict__.get("_lock") for layer in list(_layers)]

@@ -483,13 +483,10 @@ class _Outer(nn.Module):
         return self.head(self.inner(x))
 
 
-@pytest.mark.xfail(strict=True, reason="known: a switch through a model inside another, both given to lora_ext, "
-                   "does not wait for a switch through the outer one (README); taking the inner write hung or starved")
 def test_a_switch_through_an_inner_model_waits_for_a_switch_through_the_outer():
-    # both given to lora_ext: a switch through the outer model writes the inner's layers under the outer's lock only,
-    # and a switch through the inner meanwhile, under its own, interleaves with it: the inner's layers hold two
-    # adapters after both have ended (E2: 57 mixed results of 788; under a hold of the inner, 872 of 1,115 looks).
-    # Taking the inner write in the outer change deadlocked three ways (F3) and, retried, starved (G7): reverted
+    # both given to lora_ext: a switch through the outer model wrote the inner's layers under the outer's lock only,
+    # and a switch through the inner meanwhile, under its own, interleaved with it: the inner's layers held two
+    # adapters after both had ended (E2: 57 mixed results of 788; under a hold of the inner, 872 of 1,115 looks)
     torch.manual_seed(0)
     model = _Outer().double()
     lora.inject(model, ["inner.ls.%d" % i for i in range(6)] + ["head"], r=2)

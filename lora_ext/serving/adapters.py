@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import functools
 import inspect
+import itertools
 import random
 import sys
 import threading
@@ -36,6 +37,7 @@ from .tokens import TrainableTokens
 from . import weighted
 
 
+_SERIALS = itertools.count()  # the order of the model locks (ModelLock._serial)
 HOLD_QUEUE_SECONDS = 1.0  # how long a new hold() waits behind waiting writers while another hold is open
 
 
@@ -82,6 +84,12 @@ class ModelLock:
         # the change that adds, replaces or removes modules or adapters, while it writes (write())
         self._reshaping = None
         self._root = None  # a weak reference to the model whose lock this is (_chain_lock; _marked)
+        # the thread writing the layers of this lock's model (a change through it, or through a model holding it:
+        # _layer_writes), and how deep; and this lock's place in the order such writes take several in
+        self._layers_writer = None
+        self._layers_depth = 0
+        self._layers_queue = collections.deque()  # threads waiting to write them, first come first served
+        self._serial = next(_SERIALS)
         forks.track_model_lock(self)
 
     def block(self, delta: int, thread: Optional[int] = None) -> None:
@@ -104,6 +112,7 @@ class ModelLock:
         reads, holds, readings = self._reads.get(me), self._holds.get(me), self._readings.get(me)
         hook_reads = self._hook_reads.get(me)
         write_depth, change_depth = self._write_depth, self._change_depth
+        layers_writer, layers_depth = self._layers_writer, self._layers_depth
         torn, stuck, blocks, reshaping = self._torn, self._stuck, self._blocks.get(me), self._reshaping
         if any(thread != me for thread in self._blocks):
             stuck = ("this process was forked (os.fork) while another thread of its parent was inside a "
@@ -119,7 +128,7 @@ class ModelLock:
                      f"the model holds part of that change and cannot serve; load or build the model again in this "
                      f"process, or fork when no other thread changes the model")
             stuck_changing = True
-        elif (writer is not None and writer != me) or not taken:
+        elif (writer is not None and writer != me) or (layers_writer is not None and layers_writer != me) or not taken:
             torn = ("this process was forked (os.fork) while another thread of its parent was changing the model "
                     "(a model-level set_adapter, merge or load under way): its layers may serve different adapters "
                     "here; call lora.set_adapter(model, name) in this process first, or fork when no other thread "
@@ -140,6 +149,8 @@ class ModelLock:
             self._writer, self._write_depth = me, write_depth
         if changer == me:
             self._changer, self._change_depth = me, change_depth
+        if layers_writer == me:
+            self._layers_writer, self._layers_depth = me, layers_depth
 
     def __getstate__(self):
         return {}  # a deep-copied or unpickled model (its own layers) starts with a free lock
@@ -198,7 +209,8 @@ class ModelLock:
         waiter calls it every _POLL seconds (_wait; the mutex held): a left waiter, or a notify an exception cut
         short, delays the others by a poll at most."""
         frames = sys._current_frames()
-        for waiting, code in ((self._waiting, _READ_CODE), (self._queue, _WRITE_CODE), (self._changers, _CHANGE_CODE)):
+        for waiting, code in ((self._waiting, _READ_CODE), (self._queue, _WRITE_CODE), (self._changers, _CHANGE_CODE),
+                              (self._layers_queue, _LAYER_WRITES_CODE)):
             for ident in [i for i in waiting if not _inside(frames.get(i), code)
                           and not (code is _READ_CODE and _inside(frames.get(i), _READING_CODE))]:
                 _discard(waiting, ident)
@@ -295,7 +307,7 @@ class ModelLock:
             if (ident != me and n > self._readings.get(ident, 0) and frame is not None
                     and frame.f_code.co_filename == threading.__file__
                     and not any(_inside(frame, code) for code in (_READ_CODE, _WRITE_CODE, _CHANGE_CODE,
-                                                                   _READING_CODE))):
+                                                                   _READING_CODE, _LAYER_WRITES_CODE))):
                 return True
         return False
 
@@ -392,8 +404,9 @@ class ModelLock:
         """A change from inside a forward or hold() of this model on this thread would wait for itself."""
         if me in self._reads and self._writer != me and (self._holds.get(me) or self._in_forward(sys._getframe())):
             raise RuntimeError("a model-level adapter change from inside a forward of the same model (or a hold() or "
-                               "lora.batch_adapters block of it, which another asyncio task or suspended generator "
-                               "on this thread may hold) would wait for itself; make it outside")
+                               "lora.batch_adapters block of it, or of a model inside it given to lora_ext, which "
+                               "another asyncio task or suspended generator on this thread may hold) would wait for "
+                               "itself; make it outside")
 
     @contextlib.contextmanager
     def changing(self) -> Iterator[None]:
@@ -450,7 +463,8 @@ class ModelLock:
                     if model is not None:  # (refused while an open batch serves a module of it)
                         change = batched.begin_reshaping(model, self, reshaping)
                     self._reshaping = reshaping
-                yield
+                with self._layer_writes():
+                    yield
                 if reshaping is not None and outer is None and model is not None:
                     # (modules added, replaced or taken out: the parts are found again, _parts)
                     unwrap(model).__dict__.pop("_lora_ext_parts_locked", None)
@@ -459,6 +473,64 @@ class ModelLock:
                 self._reshaping = outer
                 if change is not None:
                     batched.end_reshaping(change)
+
+    def _layer_locks(self) -> List["ModelLock"]:
+        """This lock and those of the models inside its model that have their own (given to lora_ext themselves), in
+        the one order every thread takes them in (_layer_writes)."""
+        locks, root = [self], _owner(self)
+        for m in root.modules() if root is not None else ():
+            lock = m.__dict__.get("_lora_ext_model_lock")
+            if lock is not None and all(lock is not each for each in locks):
+                locks.append(lock)
+        return sorted(locks, key=lambda lock: lock._serial)
+
+    @contextlib.contextmanager
+    def _layer_writes(self) -> Iterator[None]:
+        """The layer writes of a change (inside its write): of this lock's model, and of each model inside it given to
+        lora_ext itself, one change at a time. A change through the outer model and one through the inner, each under
+        its own lock, interleaved their writes of the inner model's layers, which then held two adapters after both
+        had ended (E2: 57 mixed results of 788; under a hold of the inner, 872 of 1,115 looks). Taken once the
+        change's own write is (its forwards ended), and held only while the change writes, which waits for no
+        forward or hold meanwhile: a change waiting here waits for writes under way only. (Taking the inner models'
+        whole writes instead, which wait for their forwards and holds, deadlocked three ways, F3, and retried,
+        starved, G7.)"""
+        me, landed = threading.get_ident(), None
+        entries = [[lock, False] for lock in self._layer_locks()]  # [lock, taken by this call]
+        try:
+            for entry in entries:
+                lock = entry[0]
+                with lock._mutex:
+                    if lock._layers_writer != me:
+                        # (first come first served: a thread switching the outer model in a loop took the inner
+                        # model's writes back before a switch through the inner woke, 10,069 times to 1 in 8 s)
+                        try:
+                            lock._layers_queue.append(me)
+                            while lock._layers_writer is not None or lock._layers_queue[0] != me:
+                                lock._wait(_POLL)
+                        finally:
+                            _discard(lock._layers_queue, me)
+                            lock._cond.notify_all()
+                    # (taken and marked in one statement: an exception landing between the two would leave it held)
+                    lock._layers_writer, lock._layers_depth, entry[1] = me, lock._layers_depth + 1, True
+            yield
+        finally:
+            while True:  # (as changing's release: each given back once, whatever lands)
+                try:
+                    for entry in reversed(entries):
+                        lock = entry[0]
+                        with lock._mutex:
+                            if entry[1]:
+                                depth = lock._layers_depth - 1
+                                lock._layers_writer, lock._layers_depth, entry[1] = (me if depth else None), depth, \
+                                    False
+                            lock._cond.notify_all()
+                    break
+                except BaseException as err:
+                    if landed is not None:
+                        raise
+                    landed = err
+            if landed is not None:
+                raise landed
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
@@ -562,6 +634,7 @@ _READ_CODE = ModelLock.acquire_read.__code__
 _READING_CODE = ModelLock.reading.__wrapped__.__code__
 _WRITE_CODE = ModelLock._write.__wrapped__.__code__
 _CHANGE_CODE = ModelLock.changing.__wrapped__.__code__
+_LAYER_WRITES_CODE = ModelLock._layer_writes.__wrapped__.__code__
 
 
 def _inside(frame, code) -> bool:
@@ -791,6 +864,11 @@ def _chain_lock(chain) -> ModelLock:
             # and this model takes the reads of the models outside it that its parts take (given to lora_ext before
             # it): before its own, for the same reason
             outer = [mark for p in parts for mark in p.__dict__.get("_lora_ext_part_of", ()) if _holds(mark, chain[-1])]
+            # and of the models given to lora_ext before it that hold it, parts or not (F3: given after the model
+            # holding it, a model without parts took its own read only: a switch through the outer model wrote its
+            # layers inside its holds, its forwards, its open batches)
+            outer += [mark for mark in forks.model_locks() if mark is not lock and _holds(mark, chain[-1])
+                      and all(mark is not each for each in outer)]
             if outer:
                 parts.append(chain[-1])
             for m in parts:
