@@ -214,7 +214,7 @@ class ModelLock:
         frames = sys._current_frames()
         for waiting, code in ((self._waiting, _READ_CODE), (self._queue, _WRITE_CODE), (self._changers, _CHANGE_CODE),
                               (self._layers_queue, _LAYER_WRITES_CODE)):
-            for ident in [i for i in waiting if not _inside(frames.get(i), code)
+            for ident in [i for i in list(waiting) if not _inside(frames.get(i), code)
                           and not (code is _READ_CODE and _inside(frames.get(i), _READING_CODE))]:
                 _discard(waiting, ident)
         self._admit = min(self._admit, len(self._waiting))
@@ -403,9 +403,14 @@ class ModelLock:
             self._hold_boxes.pop(id(box), None)
             self._cond.notify_all()
 
+    def _inside(self, me) -> bool:
+        """Whether thread `me` (this one) is inside a forward or hold() of this model, which a change would wait for."""
+        return me in self._reads and self._writer != me and bool(self._holds.get(me)
+                                                                 or self._in_forward(sys._getframe()))
+
     def _refuse_from_inside(self, me) -> None:
         """A change from inside a forward or hold() of this model on this thread would wait for itself."""
-        if me in self._reads and self._writer != me and (self._holds.get(me) or self._in_forward(sys._getframe())):
+        if self._inside(me):
             raise RuntimeError("a model-level adapter change from inside a forward of the same model (or a hold() or "
                                "lora.batch_adapters block of it, or of a model inside it given to lora_ext, which "
                                "another asyncio task or suspended generator on this thread may hold) would wait for "
@@ -486,7 +491,11 @@ class ModelLock:
         kept = self._inner_locks
         if kept is not None and kept[0] == tree and kept[1] is root:
             return kept[2]
-        locks = [self]
+        # and those of the models holding it (its marks): a first switch through the inner model, whose lock was made
+        # while a switch through the outer one wrote (after it had listed the locks inside), interleaved with it (J1:
+        # 11 to 25 of 200 left the inner layers on two adapters)
+        locks = [self, *(m for m in (root.__dict__.get("_lora_ext_part_of", ()) if root is not None else ())
+                         if m is not self)]
         for m in root.modules() if root is not None else ():
             lock = m.__dict__.get("_lora_ext_model_lock")
             if lock is not None and all(lock is not each for each in locks):
@@ -646,6 +655,7 @@ _READING_CODE = ModelLock.reading.__wrapped__.__code__
 _WRITE_CODE = ModelLock._write.__wrapped__.__code__
 _CHANGE_CODE = ModelLock.changing.__wrapped__.__code__
 _LAYER_WRITES_CODE = ModelLock._layer_writes.__wrapped__.__code__
+_WAITING_CODES = (_READ_CODE, _READING_CODE, _WRITE_CODE, _CHANGE_CODE, _LAYER_WRITES_CODE)
 
 
 def _inside(frame, code) -> bool:
@@ -1046,7 +1056,8 @@ def _note_compiled_wrapper(parent, name, module):
     wrapper of a model that has a lock already is hooked at once (model_lock): a switch waiting for the lock when
     the wrapper was made would not look for it again (S2: it tore the wrapper's first forward). Returns None (the
     module is registered as it is)."""
-    _TREE[0] += 1  # (a module registered: the inner locks a model's writes take are found again, _layer_locks)
+    if not ops.compiling():  # (traced, the count's write made dynamo run generate()'s compiled decode steps eagerly)
+        _TREE[0] += 1  # (a module registered: the inner locks a model's writes take are found again, _layer_locks)
     if module is None or (name != "_orig_mod" and name != "module"):
         return None
     if name == "module":
@@ -1589,6 +1600,40 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             raise landed
 
 
+def _waits_for_itself(lock) -> bool:
+    """Whether a change under `lock` on this thread now would wait for itself: the thread is inside a forward or hold
+    of its model (refused as a change), or makes another model's change or writes (that change's writes, or a forward
+    inside it, may be what the other waits for). Where the garbage collector closes a generator suspended in a block
+    of the model (a disable_adapter block's end, which is a change): J1, the end refused inside a forward of a model
+    inside it left the model disabled for good; run inside a switch through a model holding it, it waited for the
+    inner model's change, which waited for that switch's writes, for good."""
+    me = threading.get_ident()
+    if lock._inside(me) or any(other is not lock and me in (other._writer, other._changer, other._layers_writer)
+                               for other in forks.model_locks()):
+        return True
+    # or it waits for a lock (a collection inside the wait's bookkeeping: the end's change, re-entering the mutex, queued
+    # inside the wait and mutated the queue the wait was reading, J1)
+    frame = sys._getframe(1)
+    while frame is not None:
+        if any(frame.f_code is code for code in _WAITING_CODES):  # (by identity: see _in_forward)
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _end_later(lock, end, model) -> None:
+    """Runs a block's `end` under the model's write on a thread of its own (_waits_for_itself): once the forwards and
+    changes that this thread is inside have ended. A warning says so."""
+    warnings.warn(f"a lora_ext block of {type(model).__name__} ended inside a forward or change that its end (a "
+                  f"change) would wait for (a generator holding the block closed there, by the garbage collector or "
+                  f"by hand): it ends on a thread of its own once they have", RuntimeWarning, stacklevel=3)
+
+    def run():
+        with lock.write():
+            end()
+    threading.Thread(target=run, name="lora_ext block end", daemon=True).start()
+
+
 def _release(locks) -> None:
     for lock in reversed(locks):
         lock.release()
@@ -1785,9 +1830,14 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
             while True:
                 try:
                     if entered:  # (inside the try: a landing on it is caught too)
-                        with deferred_interrupt(), model_lock(model).write():
+                        lock = model_lock(model)
+                        if _waits_for_itself(lock):
                             began = True
-                            end()
+                            _end_later(lock, end, model)
+                        else:
+                            with deferred_interrupt(), lock.write():
+                                began = True
+                                end()
                     break
                 except BaseException as err:
                     if began or landed is not None:
