@@ -47,6 +47,11 @@ def model_locks() -> list:
     return list(_model_locks)
 
 
+def model_lock_count() -> int:
+    """How many model locks are alive in this process (at most)."""
+    return len(_model_locks)
+
+
 def _locks():
     from . import ties  # (last: a thread holding it may wait for nothing else of these)
     return ([layer.__dict__.get("_lock") for layer in list(_layers)]
@@ -90,6 +95,8 @@ def _after_in_child() -> None:
         layer._forked_while_held()  # (held by a thread of the parent, which this process does not have)
     for model_lock in list(_model_locks):
         model_lock.after_fork(id(model_lock.__dict__.get("_mutex")) in taken)
+    if adapters is not None:  # (the block ends the parent had not run: after the locks are reset)
+        adapters._restart_ends()
 
 
 if hasattr(os, "register_at_fork"):

@@ -8,16 +8,19 @@ reader-writer lock, taken for reading by a forward pre-hook on the model (releas
 runs even when the forward raises) and for writing by those changes, which wait for the forwards in flight
 and hold new ones back until every layer has changed. Forwards run concurrently with each other; changes
 serialise. Under torch.compile the hooks do nothing (a compiled graph takes no Python locks)."""
+import atexit
 import collections
 import contextlib
 import contextvars
 import functools
 import inspect
 import itertools
+import queue
 import random
 import sys
 import threading
 import time
+import traceback
 import types
 import warnings
 import weakref
@@ -38,7 +41,6 @@ from . import weighted
 
 
 _SERIALS = itertools.count()  # the order of the model locks (ModelLock._serial)
-_TREE = [0]  # counts the module registrations and locks made (_note_compiled_wrapper): a model's inner locks kept
 HOLD_QUEUE_SECONDS = 1.0  # how long a new hold() waits behind waiting writers while another hold is open
 
 
@@ -90,9 +92,11 @@ class ModelLock:
         self._layers_writer = None
         self._layers_depth = 0
         self._layers_queue = collections.deque()  # threads waiting to write them, first come first served
+        # the ends of blocks of the model run later (_end_later), not yet run, as (id of the entry, the thread that
+        # ended the block). (Reads do not wait for them: held back, new reads of every thread, or of the thread that
+        # ended the block, deadlocked under the collector, L3's c6: 2 of 5 and 6 of 6 runs)
+        self._ends_pending = collections.deque()
         self._serial = next(_SERIALS)
-        self._inner_locks = None  # (_TREE when found, the model, the locks): _layer_locks's
-        _TREE[0] += 1  # (a lock made: the models holding its model find it)
         forks.track_model_lock(self)
 
     def block(self, delta: int, thread: Optional[int] = None) -> None:
@@ -116,6 +120,7 @@ class ModelLock:
         hook_reads = self._hook_reads.get(me)
         write_depth, change_depth = self._write_depth, self._change_depth
         layers_writer, layers_depth = self._layers_writer, self._layers_depth
+        ends_pending = list(self._ends_pending)
         torn, stuck, blocks, reshaping = self._torn, self._stuck, self._blocks.get(me), self._reshaping
         if any(thread != me for thread in self._blocks):
             stuck = ("this process was forked (os.fork) while another thread of its parent was inside a "
@@ -154,6 +159,8 @@ class ModelLock:
             self._changer, self._change_depth = me, change_depth
         if layers_writer == me:
             self._layers_writer, self._layers_depth = me, layers_depth
+        # (those this process's worker runs: _after_fork, which ran before, kept them; not those begun in the parent)
+        self._ends_pending.extend(e for e in ends_pending if any(id(entry) == e[0] for entry in _ENDS_PENDING))
 
     def __getstate__(self):
         return {}  # a deep-copied or unpickled model (its own layers) starts with a free lock
@@ -476,7 +483,6 @@ class ModelLock:
                 if reshaping is not None and outer is None and model is not None:
                     # (modules added, replaced or taken out: the parts are found again, _parts)
                     unwrap(model).__dict__.pop("_lora_ext_parts_locked", None)
-                    _TREE[0] += 1  # (and the inner locks, _layer_locks)
                     model_lock(model)
             finally:
                 self._reshaping = outer
@@ -485,12 +491,13 @@ class ModelLock:
 
     def _layer_locks(self) -> List["ModelLock"]:
         """This lock and those of the models inside its model that have their own (given to lora_ext themselves), in
-        the one order every thread takes them in (_layer_writes). Kept until a module is registered anywhere or a lock
-        made (_TREE): the walk cost a switch of a 32-layer Llama about 270 us (3%)."""
-        root, tree = _owner(self), _TREE[0]
-        kept = self._inner_locks
-        if kept is not None and kept[0] == tree and kept[1] is root:
-            return kept[2]
+        the one order every thread takes them in (_layer_writes). Found at each change, by a walk of the model (about
+        270 us for a 32-layer Llama, 3% of a switch on a CPU), unless this lock is the only one alive. (Kept between
+        changes until a module was registered, the list missed a model put inside by `Sequential.insert`,
+        `ModuleList.insert` or `_modules[name] = ...`, which register none: L3, 10 to 27 of 300 mixed.)"""
+        root = _owner(self)
+        if root is None or forks.model_lock_count() <= 1:
+            return [self]
         # and those of the models holding it (its marks): a first switch through the inner model, whose lock was made
         # while a switch through the outer one wrote (after it had listed the locks inside), interleaved with it (J1:
         # 11 to 25 of 200 left the inner layers on two adapters)
@@ -501,7 +508,6 @@ class ModelLock:
             if lock is not None and all(lock is not each for each in locks):
                 locks.append(lock)
         locks.sort(key=lambda lock: lock._serial)
-        self._inner_locks = (tree, root, locks)
         return locks
 
     @contextlib.contextmanager
@@ -643,6 +649,9 @@ def _after_fork() -> None:
     _DISABLE_COUNTS = threading.RLock()  # (a thread of the parent may have held it: r42, 2 children of 2 hung)
     _MAKING = threading.RLock()  # (held by a thread of the parent making or hooking a lock: S1, 3 children of 3 hung)
     _COMPILED_LOCK = threading.RLock()  # (_note_compiled_wrapper's, as briefly)
+    # the block ends the parent's worker had not begun: this process's worker runs them (L3: a child forked while one
+    # waited served the base for good)
+    _ENDS_PENDING[:] = [entry for entry in _ENDS_PENDING if not entry[3]]  # (run by _restart_ends)
     me = threading.get_ident()
     for m in list(_IN_BLOCKS):
         for thread, n in list(m.__dict__.get("_disable_openers", {}).items()):
@@ -1056,8 +1065,6 @@ def _note_compiled_wrapper(parent, name, module):
     wrapper of a model that has a lock already is hooked at once (model_lock): a switch waiting for the lock when
     the wrapper was made would not look for it again (S2: it tore the wrapper's first forward). Returns None (the
     module is registered as it is)."""
-    if not ops.compiling():  # (traced, the count's write made dynamo run generate()'s compiled decode steps eagerly)
-        _TREE[0] += 1  # (a module registered: the inner locks a model's writes take are found again, _layer_locks)
     if module is None or (name != "_orig_mod" and name != "module"):
         return None
     if name == "module":
@@ -1600,38 +1607,138 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             raise landed
 
 
-def _waits_for_itself(lock) -> bool:
+def _waits_for_itself(lock, closing: bool = False) -> bool:
     """Whether a change under `lock` on this thread now would wait for itself: the thread is inside a forward or hold
-    of its model (refused as a change), or makes another model's change or writes (that change's writes, or a forward
-    inside it, may be what the other waits for). Where the garbage collector closes a generator suspended in a block
+    of its model (refused as a change), or writes layers this change's writes take, or waits for a lock, or (closing)
+    holds a read of any model. Where the garbage collector closes a generator suspended in a block
     of the model (a disable_adapter block's end, which is a change): J1, the end refused inside a forward of a model
     inside it left the model disabled for good; run inside a switch through a model holding it, it waited for the
     inner model's change, which waited for that switch's writes, for good."""
-    me = threading.get_ident()
-    if lock._inside(me) or any(other is not lock and me in (other._writer, other._changer, other._layers_writer)
-                               for other in forks.model_locks()):
-        return True
-    # or it waits for a lock (a collection inside the wait's bookkeeping: the end's change, re-entering the mutex, queued
-    # inside the wait and mutated the queue the wait was reading, J1)
+    # First (and with no call of sys._current_frames before it): whether it waits for a lock (a collection inside the
+    # wait's bookkeeping: the end's change, re-entering the mutex, queued inside the wait and mutated the queue the wait
+    # was reading, J1) or runs inside one of lora_ext's calls of sys._current_frames (a collection there: a second call
+    # waits for the lock the first holds, with the interpreter's lock held, and the process froze, L3), or inside
+    # another end run later (the collector closing a block on that end's thread: it runs on its own)
+    codes = (*_WAITING_CODES, _chain_lock.__code__, ModelLock._drop_left_reads.__code__,
+             ModelLock._drop_gone.__code__, ModelLock._reader_blocked.__code__, _run_end.__code__)
     frame = sys._getframe(1)
     while frame is not None:
-        if any(frame.f_code is code for code in _WAITING_CODES):  # (by identity: see _in_forward)
+        if any(frame.f_code is code for code in codes):  # (by identity: see _in_forward)
             return True
         frame = frame.f_back
+    me = threading.get_ident()
+    # (or it makes a change of a model inside this one or holding it, or writes layers this change's writes take: a
+    # change through a model holding this one, whose writes hold this model's layer writes, while another thread's
+    # change of this model waits for them, J1; a disable block's entry on the inner model, whose write held back a read
+    # of it that a forward of this model waited for, which this model's change waited for, L3. Not any other model's
+    # change: the end of an unrelated model's block inside another's end runs here, hostile29)
+    if lock._inside(me) or any(me == other._layers_writer or (other is not lock and me in (other._writer,
+                                                                                          other._changer))
+                               for other in lock._layer_locks()):
+        return True
+    # closing: a generator suspended in the block closed (GeneratorExit: by the collector, anywhere, or by hand); where
+    # the thread holds a read of any model (a collection as a hold of another model gave its read back: the end waited
+    # for a change that waited for that read, L3), it runs later too
+    if closing and any(me in other._reads for other in forks.model_locks()):
+        return True
+    # or a thread holding a read waits in a join or a future: maybe for this one, a forward's worker (L3: the end waited
+    # for the forward that joined it, for good). (Not waiting for the mutex: the collector may run this anywhere)
+    if lock._mutex.acquire(blocking=False):
+        try:
+            return lock._reader_blocked(me)
+        finally:
+            lock._mutex.release()
     return False
 
 
+# The ends of blocks that would wait for their own thread (_end_later), handed to one worker thread, started at a
+# block's entry (_start_ends_worker), which starts a thread for each: not at the end, which the garbage collector may
+# run where starting a thread hangs the process (L3: inside sys._current_frames(), 4 of 5 runs froze with the GIL
+# held). A SimpleQueue's put is reentrant (made for destructors). Each entry: [lock, end, model, started, the thread
+# that ended it]; listed in _ENDS_PENDING until run, so a child forked meanwhile runs those its parent had not begun
+# (_after_fork).
+_ENDS = [queue.SimpleQueue()]
+_ENDS_PENDING = []
+_ENDS_WORKER = [None]
+
+
+def _start_ends_worker() -> None:
+    worker = _ENDS_WORKER[0]
+    if worker is None or not worker.is_alive():
+        with _DISABLE_COUNTS:
+            worker = _ENDS_WORKER[0]
+            if worker is None or not worker.is_alive():
+                worker = threading.Thread(target=_run_ends, args=(_ENDS[0],), name="lora_ext block ends",
+                                          daemon=True)
+                worker.start()
+                _ENDS_WORKER[0] = worker
+
+
+def _join_ends(seconds: float = 10.0) -> None:
+    """At the interpreter's exit: waits (up to `seconds`) for the block ends still to run (a daemon thread writing at
+    exit aborted the process: "terminate called without an active exception", hostile29's subprocess)."""
+    deadline = time.monotonic() + seconds
+    while _ENDS_PENDING and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+atexit.register(_join_ends)
+
+
+def _restart_ends() -> None:
+    """In a forked child, once its model locks are reset (forks.py): a worker, as in the parent (an end the collector
+    queues here could not start one), given the ends the parent had not begun."""
+    started = _ENDS_WORKER[0] is not None
+    _ENDS[0], _ENDS_WORKER[0] = queue.SimpleQueue(), None
+    for entry in _ENDS_PENDING:
+        _ENDS[0].put(entry)
+    if _ENDS_PENDING or started:
+        _start_ends_worker()
+
+
+def _run_ends(ends) -> None:
+    """The worker: each end on a thread of its own (started here, not where the collector runs), so that ends of
+    different models do not wait for each other (L3: one waiting for a forward of the outer model that waited for a
+    read of the inner one, which waited for the inner model's end queued behind it)."""
+    while True:
+        entry = ends.get()
+        try:
+            threading.Thread(target=_run_end, args=(entry,), name="lora_ext block end", daemon=True).start()
+        except BaseException:  # (no thread to be had: run here)
+            _run_end(entry)
+
+
+def _run_end(entry) -> None:
+    lock, end, model = entry[:3]
+    try:
+        with lock.write():
+            if not entry[3]:
+                entry[3] = True
+                end()
+    except BaseException as err:  # (reported, as a thread's: a merge refused at the end)
+        print(f"lora_ext: the end of a block of {type(model).__name__} run later failed:", file=sys.stderr)
+        traceback.print_exception(err, file=sys.stderr)
+    finally:
+        with lock._mutex:
+            _discard(lock._ends_pending, (id(entry), entry[4]))
+            lock._cond.notify_all()
+        _discard(_ENDS_PENDING, entry)
+
+
 def _end_later(lock, end, model) -> None:
-    """Runs a block's `end` under the model's write on a thread of its own (_waits_for_itself): once the forwards and
-    changes that this thread is inside have ended. A warning says so."""
+    """Has the worker run a block's `end` under the model's write (_waits_for_itself): once the forwards and changes
+    that this thread is inside have ended. Until it has, the model serves the base, on every thread (L3: a forward
+    right after the hold the block's generator was closed in, 300 of 300; reads held back for it deadlocked, see
+    ModelLock._ends_pending). A warning says so, after the end is queued (raised as an error, `-W error`, the end still
+    runs: L3)."""
+    entry = [lock, end, model, False, threading.get_ident()]
+    lock._ends_pending.append((id(entry), entry[4]))  # (appends: atomic, as the collector may run this anywhere)
+    _ENDS_PENDING.append(entry)
+    _ENDS[0].put(entry)
     warnings.warn(f"a lora_ext block of {type(model).__name__} ended inside a forward or change that its end (a "
                   f"change) would wait for (a generator holding the block closed there, by the garbage collector or "
-                  f"by hand): it ends on a thread of its own once they have", RuntimeWarning, stacklevel=3)
-
-    def run():
-        with lock.write():
-            end()
-    threading.Thread(target=run, name="lora_ext block end", daemon=True).start()
+                  f"by hand): it ends on a thread of its own once they have, and the model serves the base until "
+                  f"then", RuntimeWarning, stacklevel=3)
 
 
 def _release(locks) -> None:
@@ -1776,6 +1883,7 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                           f"none is (they serve their adapter unmerged): {e}",) + tuple(e.args[1:])
                 raise
 
+    _start_ends_worker()  # (for an end that must run later: _end_later)
     try:
         with model_lock(model).write():
             # Ctrl-C is held back over the whole entry and lands inside the block's try, so the block's end undoes it
@@ -1831,7 +1939,7 @@ def disable_adapter(model: nn.Module) -> Iterator[None]:
                 try:
                     if entered:  # (inside the try: a landing on it is caught too)
                         lock = model_lock(model)
-                        if _waits_for_itself(lock):
+                        if _waits_for_itself(lock, isinstance(sys.exc_info()[1], GeneratorExit)):
                             began = True
                             _end_later(lock, end, model)
                         else:
