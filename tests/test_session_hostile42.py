@@ -197,23 +197,30 @@ def test_a_switch_through_the_outer_model_waits_for_a_hold_of_the_inner_with_an_
     assert outs[-1] == {"default"} and _actives(model.inner) == {"b"}
 
 
+def _outer_switch_paused_in_the_inner(model):
+    """Starts a switch of `model` to "b" on a thread and pauses it at its write of model.inner.ls[3] (half way through
+    the inner model's layers) until the returned event is set. Returns (the thread, the event)."""
+    layer, paused, go = model.inner.ls[3], threading.Event(), threading.Event()
+    original = layer.set_adapter
+
+    def set_adapter(name, *args, **kwargs):
+        if name == "b" and not paused.is_set():
+            paused.set()
+            go.wait(10)
+        return original(name, *args, **kwargs)
+    layer.set_adapter = set_adapter
+    switch = threading.Thread(target=lora.set_adapter, args=(model, "b"), daemon=True)
+    switch.start()
+    assert paused.wait(10)
+    return switch, go
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
 def test_a_child_forked_while_an_outer_switch_writes_the_inner_model_refuses_its_forwards():
     # the inner model's own lock was free while a switch through the outer model wrote its layers: a child forked then
     # served the inner model (forwarded directly) half switched; now its forwards are refused until set_adapter
     model = _nested("outer first")
-    layer, paused, forked = model.inner.ls[3], threading.Event(), threading.Event()
-    original = layer.set_adapter
-
-    def set_adapter(name, *args, **kwargs):
-        if name == "b":  # (the outer switch's write of this layer, half way through the inner model)
-            paused.set()
-            forked.wait(10)
-        return original(name, *args, **kwargs)
-    layer.set_adapter = set_adapter
-    s = threading.Thread(target=lora.set_adapter, args=(model, "b"), daemon=True)
-    s.start()
-    assert paused.wait(10)
+    s, forked = _outer_switch_paused_in_the_inner(model)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: a forward of the inner model, then the switch that puts it right
@@ -273,18 +280,7 @@ def test_a_first_switch_through_the_inner_model_during_a_switch_through_the_oute
     lora.inject(model, ["inner.ls.%d" % i for i in range(6)] + ["head"], r=2)
     _two_adapters(model)
     lora.set_adapter(model, "default")
-    layer, paused, go = model.inner.ls[3], threading.Event(), threading.Event()
-    original = layer.set_adapter
-
-    def set_adapter(name, *args, **kwargs):
-        if name == "b" and not paused.is_set():  # (the outer switch, half way through the inner layers)
-            paused.set()
-            go.wait(10)
-        return original(name, *args, **kwargs)
-    layer.set_adapter = set_adapter
-    outer = threading.Thread(target=lora.set_adapter, args=(model, "b"), daemon=True)
-    outer.start()
-    assert paused.wait(10)
+    outer, go = _outer_switch_paused_in_the_inner(model)
     first = threading.Thread(target=lora.set_adapter, args=(model.inner, "default"), daemon=True)  # (its lock made)
     first.start()
     first.join(0.5)
