@@ -494,3 +494,57 @@ def test_a_child_forked_while_a_block_end_waits_runs_it():
     assert said == "True True False", said
     from lora_ext.serving.injection import DISABLED
     assert _until(lambda: model not in DISABLED)
+
+
+@pytest.mark.parametrize("waits_in", ["hold", "forward"])
+def test_a_block_ending_normally_while_another_thread_holding_the_model_waits_ends_before_its_with_returns(waits_in):
+    # N2: another thread holding the model (a hold, or a forward whose hook waits) and waiting in an Event made an
+    # ordinary block's end run later: the `with` returned with the model disabled and the next forward served the base
+    # (3 of 3); it waits for that thread, as before
+    from lora_ext.serving.injection import DISABLED
+    model = _nested("inner first")
+    x = torch.randn(2, 8, dtype=torch.float64)
+    on, _ = _disabled_and_served(model, x)
+    inside, release = threading.Event(), threading.Event()
+
+    def other():
+        if waits_in == "hold":
+            with lora.hold(model):
+                inside.set()
+                release.wait(1.0)
+        else:
+            hook = model.head.register_forward_pre_hook(lambda m, args: (inside.set(), release.wait(1.0)))
+            try:
+                with torch.no_grad():
+                    model(x)
+            finally:
+                hook.remove()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with lora.disable_adapter(model):
+            t = threading.Thread(target=other, daemon=True)
+            t.start()
+            assert inside.wait(10)
+        assert model not in DISABLED, "the block's end did not run before its with returned"
+    t.join(10)
+    with torch.no_grad():
+        assert torch.equal(model(x), on)
+    assert not any("ends on a thread of its own" in str(w.message) for w in seen)
+
+
+def test_a_block_closed_by_hand_inside_a_hold_of_an_unrelated_model_ends_at_once():
+    # N2: closed inside a hold of another model (neither holding the other), the end ran later, the model disabled
+    # after close(); it runs at once, as before
+    from lora_ext.serving.injection import DISABLED
+    model, unrelated = _nested("inner first"), _nested("inner first")
+    x = torch.randn(2, 8, dtype=torch.float64)
+    on, _ = _disabled_and_served(model, x)
+    gen = _suspended_disable_block(model)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with lora.hold(unrelated):
+            gen.close()
+            assert model not in DISABLED
+    with torch.no_grad():
+        assert torch.equal(model(x), on)
+    assert not any("ends on a thread of its own" in str(w.message) for w in seen)

@@ -1609,8 +1609,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def _waits_for_itself(lock, closing: bool = False) -> bool:
     """Whether a change under `lock` on this thread now would wait for itself: the thread is inside a forward or hold
-    of its model (refused as a change), or writes layers this change's writes take, or waits for a lock, or (closing)
-    holds a read of any model. Where the garbage collector closes a generator suspended in a block
+    of its model (refused as a change), or writes layers this change's writes take, or waits for a lock, or (closing:
+    a generator suspended in the block closed) holds a read of this model or of one inside or holding it, or another
+    thread holding a read of it waits in a join. Where the garbage collector closes a generator suspended in a block
     of the model (a disable_adapter block's end, which is a change): J1, the end refused inside a forward of a model
     inside it left the model disabled for good; run inside a switch through a model holding it, it waited for the
     inner model's change, which waited for that switch's writes, for good."""
@@ -1618,9 +1619,9 @@ def _waits_for_itself(lock, closing: bool = False) -> bool:
     # wait's bookkeeping: the end's change, re-entering the mutex, queued inside the wait and mutated the queue the wait
     # was reading, J1) or runs inside one of lora_ext's calls of sys._current_frames (a collection there: a second call
     # waits for the lock the first holds, with the interpreter's lock held, and the process froze, L3), or inside
-    # another end run later (the collector closing a block on that end's thread: it runs on its own)
+    # the worker that hands ends on (which must not wait)
     codes = (*_WAITING_CODES, _chain_lock.__code__, ModelLock._drop_left_reads.__code__,
-             ModelLock._drop_gone.__code__, ModelLock._reader_blocked.__code__, _run_end.__code__)
+             ModelLock._drop_gone.__code__, ModelLock._reader_blocked.__code__, _run_ends.__code__)
     frame = sys._getframe(1)
     while frame is not None:
         if any(frame.f_code is code for code in codes):  # (by identity: see _in_forward)
@@ -1636,13 +1637,17 @@ def _waits_for_itself(lock, closing: bool = False) -> bool:
                                                                                           other._changer))
                                for other in lock._layer_locks()):
         return True
+    if not closing:  # (a block's end reached as its `with` ends: it waits for the other threads, N2)
+        return False
     # closing: a generator suspended in the block closed (GeneratorExit: by the collector, anywhere, or by hand); where
-    # the thread holds a read of any model (a collection as a hold of another model gave its read back: the end waited
-    # for a change that waited for that read, L3), it runs later too
-    if closing and any(me in other._reads for other in forks.model_locks()):
+    # the thread holds a read of this model or of one inside it or holding it (a collection as a hold of the outer
+    # model gave its read back: the end waited for a change that waited for that read, L3), it runs later too
+    if any(me in other._reads for other in lock._layer_locks()):
         return True
     # or a thread holding a read waits in a join or a future: maybe for this one, a forward's worker (L3: the end waited
-    # for the forward that joined it, for good). (Not waiting for the mutex: the collector may run this anywhere)
+    # for the forward that joined it, for good; not for an ordinary block's end, which another thread's hold waiting in
+    # an Event made run later, the model serving the base after its `with`, N2: 3 of 3). (Not waiting for the mutex:
+    # the collector may run this anywhere)
     if lock._mutex.acquire(blocking=False):
         try:
             return lock._reader_blocked(me)
@@ -1738,7 +1743,7 @@ def _end_later(lock, end, model) -> None:
     warnings.warn(f"a lora_ext block of {type(model).__name__} ended inside a forward or change that its end (a "
                   f"change) would wait for (a generator holding the block closed there, by the garbage collector or "
                   f"by hand): it ends on a thread of its own once they have, and the model serves the base until "
-                  f"then", RuntimeWarning, stacklevel=3)
+                  f"then", RuntimeWarning, stacklevel=4)  # (the block's `with`, past contextlib's __exit__)
 
 
 def _release(locks) -> None:
