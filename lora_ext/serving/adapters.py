@@ -92,10 +92,6 @@ class ModelLock:
         self._layers_writer = None
         self._layers_depth = 0
         self._layers_queue = collections.deque()  # threads waiting to write them, first come first served
-        # the ends of blocks of the model run later (_end_later), not yet run, as (id of the entry, the thread that
-        # ended the block). (Reads do not wait for them: held back, new reads of every thread, or of the thread that
-        # ended the block, deadlocked under the collector, L3's c6: 2 of 5 and 6 of 6 runs)
-        self._ends_pending = collections.deque()
         self._serial = next(_SERIALS)
         forks.track_model_lock(self)
 
@@ -120,7 +116,6 @@ class ModelLock:
         hook_reads = self._hook_reads.get(me)
         write_depth, change_depth = self._write_depth, self._change_depth
         layers_writer, layers_depth = self._layers_writer, self._layers_depth
-        ends_pending = list(self._ends_pending)
         torn, stuck, blocks, reshaping = self._torn, self._stuck, self._blocks.get(me), self._reshaping
         if any(thread != me for thread in self._blocks):
             stuck = ("this process was forked (os.fork) while another thread of its parent was inside a "
@@ -159,8 +154,6 @@ class ModelLock:
             self._changer, self._change_depth = me, change_depth
         if layers_writer == me:
             self._layers_writer, self._layers_depth = me, layers_depth
-        # (those this process's worker runs: _after_fork, which ran before, kept them; not those begun in the parent)
-        self._ends_pending.extend(e for e in ends_pending if any(id(entry) == e[0] for entry in _ENDS_PENDING))
 
     def __getstate__(self):
         return {}  # a deep-copied or unpickled model (its own layers) starts with a free lock
@@ -1659,9 +1652,8 @@ def _waits_for_itself(lock, closing: bool = False) -> bool:
 # The ends of blocks that would wait for their own thread (_end_later), handed to one worker thread, started at a
 # block's entry (_start_ends_worker), which starts a thread for each: not at the end, which the garbage collector may
 # run where starting a thread hangs the process (L3: inside sys._current_frames(), 4 of 5 runs froze with the GIL
-# held). A SimpleQueue's put is reentrant (made for destructors). Each entry: [lock, end, model, started, the thread
-# that ended it]; listed in _ENDS_PENDING until run, so a child forked meanwhile runs those its parent had not begun
-# (_after_fork).
+# held). A SimpleQueue's put is reentrant (made for destructors). Each entry: [lock, end, model, started]; listed in
+# _ENDS_PENDING until run, so a child forked meanwhile runs those its parent had not begun (_after_fork).
 _ENDS = [queue.SimpleQueue()]
 _ENDS_PENDING = []
 _ENDS_WORKER = [None]
@@ -1724,21 +1716,17 @@ def _run_end(entry) -> None:
         print(f"lora_ext: the end of a block of {type(model).__name__} run later failed:", file=sys.stderr)
         traceback.print_exception(err, file=sys.stderr)
     finally:
-        with lock._mutex:
-            _discard(lock._ends_pending, (id(entry), entry[4]))
-            lock._cond.notify_all()
         _discard(_ENDS_PENDING, entry)
 
 
 def _end_later(lock, end, model) -> None:
     """Has the worker run a block's `end` under the model's write (_waits_for_itself): once the forwards and changes
     that this thread is inside have ended. Until it has, the model serves the base, on every thread (L3: a forward
-    right after the hold the block's generator was closed in, 300 of 300; reads held back for it deadlocked, see
-    ModelLock._ends_pending). A warning says so, after the end is queued (raised as an error, `-W error`, the end still
+    right after the hold the block's generator was closed in, 300 of 300; new reads held back for it, of every thread
+    or of the thread that ended the block, deadlocked under the collector, L3's c6: 2 of 5 and 6 of 6 runs). A warning says so, after the end is queued (raised as an error, `-W error`, the end still
     runs: L3)."""
-    entry = [lock, end, model, False, threading.get_ident()]
-    lock._ends_pending.append((id(entry), entry[4]))  # (appends: atomic, as the collector may run this anywhere)
-    _ENDS_PENDING.append(entry)
+    entry = [lock, end, model, False]
+    _ENDS_PENDING.append(entry)  # (an append: atomic, as the collector may run this anywhere)
     _ENDS[0].put(entry)
     warnings.warn(f"a lora_ext block of {type(model).__name__} ended inside a forward or change that its end (a "
                   f"change) would wait for (a generator holding the block closed there, by the garbage collector or "
